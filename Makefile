@@ -34,7 +34,7 @@ venv: $(BIN)/.installed
 ## The main job: prepare the real instruction mix, import SmolLM2-135M-Instruct, fine-tune a few
 ## steps with DeepSpeed on CPU, evaluate, save a checkpoint and a run report.
 demo: venv
-	$(BIN)/python -m ds_sft.demo --out $(DEMO_OUT)
+	$(BIN)/python -m ds_sft.demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,60 @@
+"""Install smoke: the package imports, and every command has a real --help."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from ds_sft.cli import build_parser
+from ds_sft.command import COMMANDS
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_command_is_registered():
+    assert set(_subparsers(build_parser())) == set(COMMANDS) == {"prepare", "train", "eval", "export", "bench"}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_flag_has_help(command):
+    parser = _subparsers(build_parser())[command]
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert flags, f"{command} defines no flags"
+    missing = [a.option_strings[0] for a in flags if not (a.help and a.help.strip()) and a.help != argparse.SUPPRESS]
+    assert not missing, f"{command}: flags without help: {missing}"
+
+
+@pytest.mark.parametrize("argv", [[], *[[c] for c in sorted(COMMANDS)]])
+def test_help_runs_as_a_console_command(argv):
+    result = subprocess.run(
+        [sys.executable, "-m", "ds_sft.cli", *argv, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+    if argv:
+        assert f"ds-sft {argv[0]}" in result.stdout
+
+
+def test_help_does_not_import_heavy_libraries():
+    """`ds-sft --help` must answer instantly: no torch/deepspeed/datasets at import time."""
+    code = (
+        "import sys; from ds_sft.cli import build_parser; build_parser(); "
+        "heavy = [m for m in ('deepspeed', 'datasets', 'transformers') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_trainer_runs_as_a_module_for_launchers():
+    result = subprocess.run(
+        [sys.executable, "-m", "ds_sft.train", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--local_rank" in result.stdout
