@@ -1,0 +1,164 @@
+"""GSM8K accuracy: greedy chain-of-thought answers scored by exact numeric match.
+
+A GSM8K reference answer is a worked solution ending in ``#### 18``. A model trained on that format
+writes the same marker; a model that was not (the instruct base) usually ends with a sentence such
+as "... so she makes $18." So the predicted answer is the number after the *last* ``####`` when the
+completion has one, else the last number anywhere in it. Both sides are parsed to exact decimals
+("1,000" == "1000", "18.00" == "18", "-3" stays negative) and compared for equality; a completion
+without any number counts as wrong.
+
+Which problems: the whole test split (1,319), or ``limit`` of them drawn with a seeded shuffle so
+that two models compared with the same seed answer the same problems.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from ds_sft.errors import UserError
+from ds_sft.paths import shared_dir
+
+HUB_ID = "openai/gsm8k"
+
+# A number as people write it: digits, or digits grouped in threes by commas ("1,234"), with optional
+# decimals. A minus sign is a sign only where it cannot be a subtraction ("-3" yes, "16-3" no).
+_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+_ANSWER_MARK = "####"
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str  # the reference solution, ending in "#### N"
+
+    @property
+    def target(self) -> Decimal:
+        number = extract_answer(self.answer)
+        if number is None:
+            raise UserError(f"GSM8K reference answer has no number after '####': {self.answer[-80:]!r}")
+        return number
+
+
+def parse_number(text: str) -> Decimal | None:
+    """``"1,234.50"`` -> ``Decimal("1234.50")``; ``None`` when ``text`` is not a number."""
+    try:
+        return Decimal(text.replace(",", ""))
+    except InvalidOperation:
+        return None
+
+
+def find_numbers(text: str) -> list[str]:
+    """Every number in ``text`` in order, as written (commas kept)."""
+    return _NUMBER.findall(text)
+
+
+def extract_answer(completion: str) -> Decimal | None:
+    """The number a completion commits to: the first after the last ``####``, else the last one."""
+    if _ANSWER_MARK in completion:
+        after_mark = find_numbers(completion.rsplit(_ANSWER_MARK, 1)[1])
+        if after_mark:
+            return parse_number(after_mark[0])
+    numbers = find_numbers(completion)
+    return parse_number(numbers[-1]) if numbers else None
+
+
+def is_correct(completion: str, target: Decimal) -> bool:
+    predicted = extract_answer(completion)
+    return predicted is not None and predicted == target
+
+
+def select(problems: Sequence[Problem], limit: int | None, seed: int) -> list[Problem]:
+    """All problems in file order, or ``limit`` of them from a seeded shuffle (same seed, same set)."""
+    if limit is None or limit >= len(problems):
+        return list(problems)
+    if limit <= 0:
+        raise UserError(f"--gsm8k_limit must be positive, got {limit}")
+    order = list(range(len(problems)))
+    random.Random(seed).shuffle(order)
+    return [problems[i] for i in sorted(order[:limit])]
+
+
+def read_jsonl(path: Path) -> list[Problem]:
+    problems = []
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                problems.append(Problem(question=row["question"], answer=row["answer"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise UserError(
+                    f"{path}:{line_number}: not a GSM8K row ({err}); expected JSON lines with "
+                    "'question' and 'answer' fields"
+                ) from err
+    if not problems:
+        raise UserError(f"{path} holds no GSM8K problems")
+    return problems
+
+
+def load_test_set(path: str | Path | None = None) -> tuple[list[Problem], str]:
+    """The GSM8K test split and where it came from.
+
+    Looked for in order: ``path`` (``--gsm8k_test``), ``shared/data/gsm8k/test.jsonl``, the hub
+    dataset ``openai/gsm8k`` (main, test) when the hub is reachable.
+    """
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--gsm8k_test {path} does not exist: pass the GSM8K test.jsonl")
+        return read_jsonl(path), str(path)
+    shared = shared_dir()
+    if shared is not None and (shared / "data" / "gsm8k" / "test.jsonl").is_file():
+        local = shared / "data" / "gsm8k" / "test.jsonl"
+        return read_jsonl(local), str(local)
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(HUB_ID, "main", split="test")
+    except Exception as err:  # offline, hub error, missing config: all mean "not available here"
+        raise UserError(
+            f"no GSM8K test set: pass --gsm8k_test PATH/test.jsonl, or --no_gsm8k to skip it "
+            f"(loading {HUB_ID} from the hub failed: {type(err).__name__})"
+        ) from err
+    return [Problem(row["question"], row["answer"]) for row in rows], f"hub:{HUB_ID}"
+
+
+@dataclass
+class Score:
+    correct: int
+    total: int
+    samples: list[dict]  # question, target, completion, predicted, correct: one per problem
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def score(problems: Sequence[Problem], answer_fn: Callable[[list[str]], list[str]], batch_size: int) -> Score:
+    """Ask ``answer_fn`` (a batch of questions -> completions) every problem and count exact matches."""
+    from tqdm import tqdm
+
+    samples = []
+    with tqdm(total=len(problems), desc="gsm8k", unit="problem") as progress:
+        for start in range(0, len(problems), batch_size):
+            batch = problems[start : start + batch_size]
+            for problem, completion in zip(batch, answer_fn([p.question for p in batch]), strict=True):
+                predicted = extract_answer(completion)
+                samples.append(
+                    {
+                        "question": problem.question,
+                        "target": str(problem.target),
+                        "completion": completion,
+                        "predicted": None if predicted is None else str(predicted),
+                        "correct": predicted is not None and predicted == problem.target,
+                    }
+                )
+            progress.update(len(batch))
+    return Score(correct=sum(s["correct"] for s in samples), total=len(samples), samples=samples)

@@ -1,0 +1,130 @@
+"""Write what an evaluation measured: ``eval.json`` (everything), ``eval.md`` (tables) and a bar chart.
+
+One writer serves one model and ``--compare A B`` alike: every table has one column per model, in
+the order given, so "base vs SFT" reads left to right. The result of one model is a plain dict::
+
+    {"label": "base", "model": "smollm2-135m-instruct",
+     "val": {"overall": {"loss", "perplexity", "token_accuracy", "tokens"}, "by_source": {name: {...}}},
+     "gsm8k": {"accuracy", "correct", "total", "samples": [...]},        # or None when skipped
+     "generations": [{"name", "category", "prompt", "completion"}, ...],  # or None when skipped
+     "seconds": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+CHART_NAME = "val_loss_by_source.png"
+
+
+def write_report(out_dir: Path, results: Sequence[dict], meta: dict) -> dict[str, Path]:
+    """Write eval.json, eval.md and the chart (when there are val losses) under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md"}
+    paths["json"].write_text(json.dumps({**meta, "models": list(results)}, indent=2) + "\n")
+    chart = None
+    if any(result.get("val") for result in results):
+        chart = paths["chart"] = plot_val_loss(results, out_dir / CHART_NAME)
+    paths["md"].write_text(render_markdown(results, meta, chart_name=chart.name if chart else None))
+    return paths
+
+
+def _source_rows(results: Sequence[dict]) -> list[str]:
+    """Sources in first-seen order across models, then "overall"."""
+    names: list[str] = []
+    for result in results:
+        for name in (result.get("val") or {}).get("by_source", {}):
+            if name not in names:
+                names.append(name)
+    return [*names, "overall"]
+
+
+def _val_metrics(result: dict, source: str) -> dict | None:
+    val = result.get("val") or {}
+    return val.get("overall") if source == "overall" else val.get("by_source", {}).get(source)
+
+
+def _cell(metrics: dict | None, key: str, fmt: str) -> str:
+    return "—" if metrics is None else format(metrics[key], fmt)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def render_markdown(results: Sequence[dict], meta: dict, chart_name: str | None = None) -> str:
+    labels = [result["label"] for result in results]
+    lines = ["# Evaluation", ""]
+    lines += [f"- {key}: `{value}`" for key, value in meta.items() if not isinstance(value, dict | list)]
+    lines += [f"- {result['label']}: `{result['model']}`" for result in results]
+
+    if any(result.get("val") for result in results):
+        lines += ["", "## Validation loss, perplexity and next-token accuracy", ""]
+        header = ["source", "tokens"]
+        for metric in ("loss", "ppl", "acc"):
+            header += [f"{metric} {label}" for label in labels]
+        rows = []
+        for source in _source_rows(results):
+            per_model = [_val_metrics(result, source) for result in results]
+            tokens = next((m["tokens"] for m in per_model if m), 0)
+            row = [source, f"{tokens:,}"]
+            row += [_cell(m, "loss", ".4f") for m in per_model]
+            row += [_cell(m, "perplexity", ".2f") for m in per_model]
+            row += [_cell(m, "token_accuracy", ".2%") for m in per_model]
+            rows.append(row)
+        lines += _table(header, rows)
+        if chart_name:
+            lines += ["", f"![validation loss by source]({chart_name})"]
+
+    if any(result.get("gsm8k") for result in results):
+        lines += ["", "## GSM8K test accuracy (greedy, exact numeric match)", ""]
+        rows = []
+        for result in results:
+            gsm8k = result.get("gsm8k")
+            if gsm8k:
+                rows.append(
+                    [result["label"], f"{gsm8k['accuracy']:.1%}", f"{gsm8k['correct']}/{gsm8k['total']}"]
+                )
+        lines += _table(["model", "accuracy", "correct"], rows)
+
+    generated = [result for result in results if result.get("generations")]
+    if generated:
+        lines += ["", "## Generations for the fixed prompts (greedy)"]
+        for index, first in enumerate(generated[0]["generations"]):
+            lines += ["", f"### {first['name']} ({first['category']})", "", _quote(first["prompt"])]
+            for result in generated:
+                completion = result["generations"][index]["completion"]
+                lines += ["", f"**{result['label']}**:", "", _quote(completion or "(empty)")]
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line if line else ">" for line in text.strip().splitlines())
+
+
+def plot_val_loss(results: Sequence[dict], path: Path) -> Path:
+    """Grouped bars: validation loss per source (and overall), one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = _source_rows(results)
+    width = 0.8 / len(results)
+    figure, axes = plt.subplots(figsize=(max(5.0, 1.3 * len(sources) + 2), 3.6))
+    for offset, result in enumerate(results):
+        xs = [i + (offset - (len(results) - 1) / 2) * width for i in range(len(sources))]
+        losses = [(m["loss"] if (m := _val_metrics(result, s)) else float("nan")) for s in sources]
+        bars = axes.bar(xs, losses, width, label=result["label"])
+        axes.bar_label(bars, fmt="%.2f", fontsize=7)
+    axes.set_xticks(range(len(sources)), sources)
+    axes.set_ylabel("validation loss (nats/token)")
+    axes.set_title("Validation loss by source")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

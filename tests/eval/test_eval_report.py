@@ -1,0 +1,59 @@
+"""eval.json / eval.md / chart writer: one column per model, nothing lost."""
+
+from __future__ import annotations
+
+import json
+
+from ds_sft.eval.report import CHART_NAME, write_report
+
+
+def _result(label, shift, gsm8k_correct, sources=("alpaca", "gsm8k")):
+    by_source = {
+        name: {
+            "loss": 1.0 + i + shift,
+            "perplexity": 2.718 * (i + 1),
+            "token_accuracy": 0.5,
+            "tokens": 100 * (i + 1),
+        }
+        for i, name in enumerate(sources)
+    }
+    return {
+        "label": label,
+        "model": f"/models/{label}",
+        "val": {
+            "overall": {"loss": 1.5 + shift, "perplexity": 4.48, "token_accuracy": 0.5, "tokens": 300},
+            "by_source": by_source,
+        },
+        "gsm8k": {"accuracy": gsm8k_correct / 20, "correct": gsm8k_correct, "total": 20, "samples": []},
+        "generations": [
+            {"name": "math", "category": "math", "prompt": "2+2?", "completion": f"{label} says 4"}
+        ],
+    }
+
+
+def test_compare_report_has_a_column_per_model(tmp_path):
+    results = [_result("base", 0.5, 3), _result("sft", 0.0, 7, sources=("alpaca", "gsm8k", "dolly"))]
+    paths = write_report(tmp_path, results, {"data_dir": "/data", "gsm8k_seed": 0})
+
+    stored = json.loads(paths["json"].read_text())
+    assert stored["models"] == results and stored["data_dir"] == "/data"
+
+    md = paths["md"].read_text()
+    assert "| source | tokens | loss base | loss sft | ppl base | ppl sft | acc base | acc sft |" in md
+    assert "| alpaca | 100 | 1.5000 | 1.0000 |" in md
+    assert "| dolly | 300 | — | 3.0000 |" in md  # a source one model lacks shows a dash
+    assert "| overall | 300 | 2.0000 | 1.5000 |" in md
+    assert "| base | 15.0% | 3/20 |" in md and "| sft | 35.0% | 7/20 |" in md
+    assert "> base says 4" in md and "> sft says 4" in md
+    assert f"]({CHART_NAME})" in md
+
+    png = paths["chart"].read_bytes()
+    assert paths["chart"].name == CHART_NAME and png.startswith(b"\x89PNG")
+
+
+def test_report_without_val_or_gsm8k_has_no_chart(tmp_path):
+    result = {"label": "m", "model": "m", "val": None, "gsm8k": None, "generations": None}
+    paths = write_report(tmp_path, [result], {})
+    assert "chart" not in paths and not (tmp_path / CHART_NAME).exists()
+    md = paths["md"].read_text()
+    assert "Validation" not in md and "GSM8K" not in md

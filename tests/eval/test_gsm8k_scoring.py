@@ -1,0 +1,109 @@
+"""GSM8K answer extraction and scoring, against hand-worked completions."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from ds_sft.errors import UserError
+from ds_sft.eval import gsm8k
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 18", "18"),
+        ("The answer is 1,234.", "1234"),
+        ("So the total is $1,234.50 dollars.", "1234.50"),
+        ("The temperature drops to -3 degrees.", "-3"),
+        ("16-3=13", "13"),  # a subtraction, not a negative 3
+        ("#### 1,000\nThen she buys 5 more.", "1000"),  # the marked answer wins over the last number
+        ("first #### 7 then a correction #### 8", "8"),  # the last marker wins
+        ("#### \nso it is 12", "12"),  # a marker without a number falls back to the last number
+        ("It costs 0.5 each", "0.5"),
+        ("lists 1,2,3", "3"),  # commas not in thousands groups separate numbers
+    ],
+)
+def test_extract_answer(completion, expected):
+    assert gsm8k.extract_answer(completion) == Decimal(expected)
+
+
+def test_no_number_is_none_and_wrong():
+    assert gsm8k.extract_answer("I don't know.") is None
+    assert not gsm8k.is_correct("I don't know.", Decimal(5))
+
+
+@pytest.mark.parametrize(
+    ("completion", "target", "correct"),
+    [
+        ("#### 18", "18", True),
+        ("#### 18.00", "18", True),  # numeric, not string, equality
+        ("The answer is 1,000", "1000", True),
+        ("#### 18", "-18", False),
+        ("#### 180", "18", False),
+        ("The answer is 17.5", "17", False),
+    ],
+)
+def test_is_correct_is_exact_numeric_match(completion, target, correct):
+    assert gsm8k.is_correct(completion, Decimal(target)) is correct
+
+
+def _problems(n):
+    return [gsm8k.Problem(question=f"q{i}", answer=f"work\n#### {i}") for i in range(n)]
+
+
+def test_select_is_seeded_subset_in_file_order():
+    problems = _problems(50)
+    first = gsm8k.select(problems, limit=10, seed=3)
+    assert first == gsm8k.select(problems, limit=10, seed=3)
+    assert first != gsm8k.select(problems, limit=10, seed=4)
+    assert len(first) == len(set(p.question for p in first)) == 10
+    indices = [int(p.question[1:]) for p in first]
+    assert indices == sorted(indices)
+    assert gsm8k.select(problems, limit=None, seed=0) == problems
+    assert gsm8k.select(problems, limit=500, seed=0) == problems
+    with pytest.raises(UserError):
+        gsm8k.select(problems, limit=0, seed=0)
+
+
+def test_score_counts_exact_matches_per_batch():
+    problems = _problems(5)  # targets 0..4
+    calls = []
+
+    def answer(questions):
+        calls.append(len(questions))
+        # right for even targets, a wrong number for odd ones
+        return [f"#### {int(q[1:]) if int(q[1:]) % 2 == 0 else 99}" for q in questions]
+
+    result = gsm8k.score(problems, answer, batch_size=2)
+    assert calls == [2, 2, 1]
+    assert (result.correct, result.total) == (3, 5)
+    assert result.accuracy == pytest.approx(0.6)
+    assert [s["correct"] for s in result.samples] == [True, False, True, False, True]
+    assert result.samples[1]["predicted"] == "99" and result.samples[1]["target"] == "1"
+
+
+def test_load_test_set_from_path(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n\n")
+    problems, origin = gsm8k.load_test_set(path)
+    assert origin == str(path)
+    assert problems[0].target == Decimal(2)
+
+
+def test_load_test_set_errors_name_the_fix(tmp_path):
+    with pytest.raises(UserError, match="--gsm8k_test"):
+        gsm8k.load_test_set(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(UserError, match="bad.jsonl:1"):
+        gsm8k.load_test_set(bad)
+
+
+def test_real_test_set_targets_all_parse(shared):
+    problems, _ = gsm8k.load_test_set(shared / "data" / "gsm8k" / "test.jsonl")
+    assert len(problems) == 1319
+    # every reference solution scores as correct against its own target
+    assert all(gsm8k.is_correct(p.answer, p.target) for p in problems)
