@@ -44,20 +44,15 @@ class TokenTotals:
         )
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, source_ids: torch.Tensor) -> None:
-        """Fold one batch in: ``logits`` [..., V], ``labels`` and ``source_ids`` [...]."""
-        trained = labels != IGNORE_INDEX
-        if bool((source_ids[trained] < 0).any()):
+        """Fold in trained positions: ``logits`` [N, V], ``labels`` and ``source_ids`` [N]."""
+        if bool((source_ids < 0).any()):
             raise ValueError("a trained token (label != -100) has no source (source_id -1)")
-        logits, labels, sources = logits[trained], labels[trained], source_ids[trained].cpu()
-        for start in range(0, labels.numel(), CE_CHUNK_TOKENS):
-            chunk = logits[start : start + CE_CHUNK_TOKENS].float()
-            targets = labels[start : start + CE_CHUNK_TOKENS]
-            chunk_sources = sources[start : start + CE_CHUNK_TOKENS]
-            losses = F.cross_entropy(chunk, targets, reduction="none").double().cpu()
-            hits = (chunk.argmax(dim=-1) == targets).long().cpu()
-            self.loss_sum.index_add_(0, chunk_sources, losses)
-            self.correct.index_add_(0, chunk_sources, hits)
-            self.tokens.index_add_(0, chunk_sources, torch.ones_like(hits))
+        losses = F.cross_entropy(logits.float(), labels, reduction="none").double().cpu()
+        hits = (logits.argmax(dim=-1) == labels).long().cpu()
+        sources = source_ids.cpu()
+        self.loss_sum.index_add_(0, sources, losses)
+        self.correct.index_add_(0, sources, hits)
+        self.tokens.index_add_(0, sources, torch.ones_like(hits))
 
     def summary(self, sources: list[str]) -> dict:
         """``{"overall": metrics, "by_source": {name: metrics}}``; sources without tokens are left out."""
@@ -95,8 +90,12 @@ def validation_metrics(model, dataset, batch_size: int, max_rows: int | None = N
     for start in tqdm(range(0, rows, batch_size), desc="val", unit="batch"):
         items = [dataset[i] for i in range(start, min(start + batch_size, rows))]
         batch = {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
-        logits = model(
+        hidden = model.hidden_states(
             batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"]
         )
-        totals.add(logits, batch["labels"], batch["source_ids"])
+        trained = batch["labels"] != IGNORE_INDEX
+        hidden, labels, sources = hidden[trained], batch["labels"][trained], batch["source_ids"][trained]
+        for chunk in range(0, labels.numel(), CE_CHUNK_TOKENS):
+            window = slice(chunk, chunk + CE_CHUNK_TOKENS)
+            totals.add(model.logits(hidden[window]), labels[window], sources[window])
     return {**totals.summary(list(dataset.sources)), "rows": rows}

@@ -41,7 +41,7 @@ FIXED_PROMPTS: tuple[FixedPrompt, ...] = (
     FixedPrompt(
         name="classification",
         category="classification",
-        instruction="Classify each of these as a fruit or a vegetable: apple, carrot, banana, spinach, mango.",
+        instruction="Classify each as a fruit or a vegetable: apple, carrot, banana, spinach, mango.",
     ),
     FixedPrompt(
         name="information_extraction",

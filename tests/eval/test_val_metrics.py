@@ -49,15 +49,14 @@ def _batch(generator, batch=3, seq=37, vocab=23, n_sources=3):
     return logits, labels, source_ids
 
 
-@pytest.mark.parametrize("chunk", [5, 2048])
-def test_totals_match_token_by_token_reference(monkeypatch, chunk):
-    monkeypatch.setattr(evaluate, "CE_CHUNK_TOKENS", chunk)
+def test_totals_match_token_by_token_reference():
     generator = torch.Generator().manual_seed(0)
     sources = ["alpaca", "dolly", "gsm8k", "unused"]
     totals = TokenTotals.zeros(len(sources))
     batches = [_batch(generator) for _ in range(2)]
     for logits, labels, source_ids in batches:
-        totals.add(logits.to(torch.bfloat16), labels, source_ids)
+        trained = labels != IGNORE_INDEX
+        totals.add(logits.to(torch.bfloat16)[trained], labels[trained], source_ids[trained])
     summary = totals.summary(sources)
 
     logits = torch.cat([b[0].to(torch.bfloat16).float() for b in batches])
@@ -66,10 +65,8 @@ def test_totals_match_token_by_token_reference(monkeypatch, chunk):
     )
     assert "unused" not in summary["by_source"]
     assert summary["by_source"].keys() == by_source.keys()
-    for got, want in [
-        (summary["overall"], overall),
-        *((summary["by_source"][k], by_source[k]) for k in by_source),
-    ]:
+    pairs = [(summary["overall"], overall), *((summary["by_source"][k], by_source[k]) for k in by_source)]
+    for got, want in pairs:
         assert got["tokens"] == want["tokens"]
         assert got["token_accuracy"] == pytest.approx(want["token_accuracy"])
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
@@ -80,7 +77,7 @@ def test_totals_match_token_by_token_reference(monkeypatch, chunk):
 def test_trained_token_without_source_is_an_error():
     totals = TokenTotals.zeros(1)
     with pytest.raises(ValueError, match="no source"):
-        totals.add(torch.zeros(1, 2, 4), torch.tensor([[1, 2]]), torch.tensor([[0, -1]]))
+        totals.add(torch.zeros(2, 4), torch.tensor([1, 2]), torch.tensor([0, -1]))
 
 
 class _ToyDataset:
@@ -112,23 +109,37 @@ class _ToyDataset:
 
 
 class _Bigram(torch.nn.Module):
+    """The two methods of LlamaModel that evaluation uses: hidden states, then logits."""
+
     def __init__(self):
         super().__init__()
-        self.table = torch.nn.Embedding(11, 11)
+        self.embed = torch.nn.Embedding(11, 5)
+        self.head = torch.nn.Linear(5, 11)
         self.seen = []
+        self.logit_rows = []
 
-    def forward(self, input_ids, position_ids=None, document_ids=None):
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None):
         self.seen.append(input_ids.shape)
-        return self.table(input_ids)
+        return self.embed(input_ids)
+
+    def logits(self, hidden):
+        self.logit_rows.append(hidden.shape[0])
+        return self.head(hidden)
+
+    def forward(self, input_ids):
+        return self.logits(self.embed(input_ids))
 
 
-def test_validation_metrics_batches_rows_and_respects_max_rows():
+@pytest.mark.parametrize("chunk", [4, 2048])
+def test_validation_metrics_batches_rows_and_respects_max_rows(monkeypatch, chunk):
+    monkeypatch.setattr(evaluate, "CE_CHUNK_TOKENS", chunk)
     generator = torch.Generator().manual_seed(1)
     dataset, model = _ToyDataset(generator), _Bigram()
     result = evaluate.validation_metrics(model, dataset, batch_size=2, max_rows=3)
     assert model.seen == [torch.Size([2, 9]), torch.Size([1, 9])]
+    assert max(model.logit_rows) <= chunk and sum(model.logit_rows) == 3 * 6  # trained positions only
     with torch.no_grad():
-        logits = torch.stack([model.table(r["input_ids"]) for r in dataset.rows])
+        logits = torch.stack([model(r["input_ids"]) for r in dataset.rows])
     overall, by_source = _reference(
         logits,
         torch.stack([r["labels"] for r in dataset.rows]),
