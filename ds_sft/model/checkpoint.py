@@ -1,0 +1,436 @@
+"""Weights in and out: every checkpoint format ds-sft reads becomes one :class:`LlamaModel`.
+
+``load_model(spec)`` accepts, in the order it tries them:
+
+- a model alias (``smollm2-135m-instruct``, see :mod:`ds_sft.paths`), resolved to its file;
+- a ds-sft directory written by :func:`save_model` (``model.safetensors`` + ``model_config.json``),
+  or a training run directory (its ``final/``);
+- a Hugging Face LLaMA directory (``config.json`` + weights), read through transformers;
+- a GGUF file, read through transformers (which dequantizes it and un-permutes llama.cpp's Q/K
+  rows back into the rotate-half layout; needs the ``gguf`` and ``accelerate`` packages);
+- a ``.safetensors`` file (config from a ``model_config.json`` / ``config.json`` beside it, else
+  inferred from the tensor shapes);
+- a torch file (``.pt``/``.pth``/``.bin``) as nanoGPT-style trainers save it: ``{"model": state_dict,
+  "model_args": {...}, "config": {...}, ...}`` or a bare state dict. It is always opened with
+  ``torch.load(weights_only=True)``: a pickle naming arbitrary Python objects is refused.
+
+Every state dict goes through :func:`canonical_state_dict`, which accepts the key names of the
+common LLaMA codebases (prefixes and renames are listed in :data:`PREFIXES` and :data:`RENAMES`):
+
+    ds-sft / this project     wte  layers.N.attn.{q,k,v,o}_proj  layers.N.mlp.{gate,up,down}_proj
+                              layers.N.{attn_norm,mlp_norm}  norm  lm_head
+    Hugging Face              model.embed_tokens  model.layers.N.self_attn.*  input_layernorm
+                              post_attention_layernorm  model.norm
+    Meta / torchtune style    tok_embeddings  layers.N.attention.{wq,wk,wv,wo}
+                              feed_forward.{w1 (gate), w3 (up), w2 (down)}  attention_norm  ffn_norm  output
+    nanoGPT style             transformer.h.N.  ln_1  ln_2  ln_f  attn.c_attn (fused qkv)  attn.c_proj
+    wrappers                  _orig_mod. (torch.compile)  module. (DDP / DeepSpeed)
+    fused layouts             attn.{qkv,c_attn,wqkv} rows [q; k; v]; mlp.{gate_up_proj,w12,fc1} [gate; up]
+
+Transformer Engine ``*._extra_state`` entries (fp8 scaling metadata) are set aside on
+``model.fp8_extra_state`` (canonical module name -> state) for the fp8 path. Buffers that are
+recomputed from the config (``rope_cache``, nanoGPT's causal ``attn.bias``, ``inv_freq`` ...) are
+dropped and counted in the log. Anything else that does not fit is one :class:`UserError` listing the
+missing keys, unexpected keys and shape mismatches.
+
+``save_model`` writes the ds-sft layout; ``to_hf_state_dict`` + ``hf_config`` give the Hugging Face
+LLaMA layout that ``ds-sft export`` writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ds_sft.errors import UserError
+from ds_sft.model.config import PRESETS, ModelConfig
+from ds_sft.model.llama import LlamaModel
+from ds_sft.paths import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+
+PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "model.", "transformer.")
+
+# (pattern, replacement), applied in order to each prefix-stripped key.
+RENAMES: list[tuple[str, str]] = [
+    (r"^(?:embed_tokens|tok_embeddings|token_embedding|embedding)\.", "wte."),
+    (r"^(?:h|blocks|layer)\.(\d+)\.", r"layers.\1."),
+    (r"\.(?:self_attn|attention)\.", ".attn."),
+    (r"\.(?:feed_forward|ffn)\.", ".mlp."),
+    (r"\.(?:input_layernorm|attention_norm|ln_1)\.", ".attn_norm."),
+    (r"\.(?:post_attention_layernorm|ffn_norm|ln_2)\.", ".mlp_norm."),
+    (r"\.attn\.(?:wq|q)\.", ".attn.q_proj."),
+    (r"\.attn\.(?:wk|k)\.", ".attn.k_proj."),
+    (r"\.attn\.(?:wv|v)\.", ".attn.v_proj."),
+    (r"\.attn\.(?:wo|c_proj|out_proj)\.", ".attn.o_proj."),
+    (r"\.attn\.(?:c_attn|qkv|wqkv|Wqkv)\.", ".attn.qkv_proj."),
+    (r"\.mlp\.w1\.", ".mlp.gate_proj."),
+    (r"\.mlp\.w3\.", ".mlp.up_proj."),
+    (r"\.mlp\.(?:w2|c_proj)\.", ".mlp.down_proj."),
+    (r"\.mlp\.(?:w12|fc1)\.", ".mlp.gate_up_proj."),
+    (r"^(?:ln_f|norm_f|final_norm|final_layernorm)\.", "norm."),
+    (r"^output\.", "lm_head."),
+    (r"norm\.scale$", "norm.weight"),
+]
+
+# Buffers that the model recomputes from its config.
+RECOMPUTED_BUFFERS = re.compile(
+    r"(?:^|\.)(?:rope_cache|freqs_cis|inv_freq|cos_cached|sin_cached|attn\.bias|masked_bias)$"
+)
+
+# Names that other trainers give to the fields of ModelConfig (model_args, config.json, ...).
+CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
+    "vocab_size": ("vocab_size", "padded_vocab_size", "n_vocab"),
+    "d_model": ("d_model", "n_embd", "dim", "hidden_size"),
+    "n_layers": ("n_layers", "n_layer", "num_hidden_layers"),
+    "n_heads": ("n_heads", "n_head", "num_attention_heads"),
+    "n_kv_heads": ("n_kv_heads", "n_kv_head", "num_key_value_heads", "n_query_groups"),
+    "ffn_hidden": ("ffn_hidden", "intermediate_size", "hidden_dim", "ffn_dim", "mlp_hidden"),
+    "max_seq_len": ("max_seq_len", "block_size", "max_position_embeddings", "seq_len"),
+    "rope_theta": ("rope_theta", "rope_base", "theta"),
+    "norm_eps": ("norm_eps", "rms_norm_eps", "layer_norm_eps"),
+    "tie_embeddings": ("tie_embeddings", "tie_word_embeddings", "tie_weights"),
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(
+    spec: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    config_overrides: dict[str, Any] | None = None,
+) -> LlamaModel:
+    """Build a :class:`LlamaModel` from any supported checkpoint (see the module docstring)."""
+    path = resolve_model_path(str(spec))
+    state, config_hints, tie_hint = _read_checkpoint(path)
+    state, extra_state = canonical_state_dict(state)
+    config = infer_config(state, config_hints, tie_hint, config_overrides or {})
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    _check_keys(model, state, path)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.fp8_extra_state = extra_state
+    return _materialise_buffers(model).to(device=device, dtype=dtype)
+
+
+def save_model(model: LlamaModel, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` + ``model_config.json`` (what :func:`load_model` reads back)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    save_file(state, str(directory / MODEL_FILE), metadata={"format": "pt"})
+    model.config.save(directory / CONFIG_FILE)
+    return directory
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool | None]:
+    """(raw state dict, config fields found beside it, tie_embeddings if the source says so)."""
+    if path.is_dir():
+        if (path / "final" / CONFIG_FILE).exists():  # a training run directory
+            path = path / "final"
+        if (path / CONFIG_FILE).exists():
+            return _read_safetensors(path / MODEL_FILE), json.loads((path / CONFIG_FILE).read_text()), None
+        if (path / "config.json").exists():
+            return _read_transformers(path)
+        raise UserError(
+            f"{path} is neither a ds-sft checkpoint ({CONFIG_FILE}) nor a Hugging Face model (config.json)"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".gguf":
+        return _read_transformers(path.parent, gguf_file=path.name)
+    if suffix == ".safetensors":
+        return _read_safetensors(path), _config_beside(path), None
+    if suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        return _read_torch_file(path)
+    raise UserError(
+        f"unknown checkpoint type {path.name!r}: expected a directory, .pt/.pth/.bin, .safetensors or .gguf"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise UserError(
+            f"{path} is missing: a ds-sft checkpoint directory holds {MODEL_FILE} and {CONFIG_FILE}"
+        )
+    return load_file(str(path))
+
+
+def _config_beside(path: Path) -> dict[str, Any]:
+    for name in (CONFIG_FILE, "config.json"):
+        if (path.parent / name).exists():
+            return json.loads((path.parent / name).read_text())
+    return {}
+
+
+def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool | None]:
+    try:
+        # Old Transformer Engine versions pickle their fp8 metadata as io.BytesIO: harmless bytes.
+        with torch.serialization.safe_globals([io.BytesIO]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"{path} holds Python objects other than tensors and plain containers, and ds-sft only loads "
+            f"checkpoints with torch.load(weights_only=True) ({reason}); re-save it as a plain state dict "
+            "or .safetensors"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(
+            f"{path} holds a {type(checkpoint).__name__}, not a state dict or a dict with a 'model' key"
+        )
+    for key in ("model", "state_dict", "model_state_dict", "module"):
+        if isinstance(checkpoint.get(key), dict):
+            hints = {}
+            for config_key in ("config", "model_config", "model_args"):  # later ones take precedence
+                if isinstance(checkpoint.get(config_key), dict):
+                    hints.update(checkpoint[config_key])
+            return checkpoint[key], hints, None
+    return checkpoint, {}, None
+
+
+def _read_transformers(directory: Path, gguf_file: str | None = None):
+    """Load through transformers (HF directory or GGUF) and return its state dict and config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        hf_cfg = AutoConfig.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"transformers cannot read {directory / (gguf_file or '')}: {err}") from None
+    if hf_cfg.model_type != "llama":
+        raise UserError(
+            f"{directory}: model_type {hf_cfg.model_type!r} is not a LLaMA model; ds-sft reads LLaMA only"
+        )
+    if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
+        raise UserError(f"{directory}: the model has biases; ds-sft's LLaMA has none")
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+    return hf_model.state_dict(), config_from_hf(hf_cfg).to_dict(), bool(hf_cfg.tie_word_embeddings)
+
+
+# ----------------------------------------------------------------------------- key names
+
+
+def canonical_key(key: str) -> str:
+    """The ds-sft name of a parameter from any of the supported layouts."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix) :], True
+    for pattern, replacement in RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def canonical_state_dict(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Rename keys, split fused qkv / gate-up weights, set aside fp8 extra state, drop buffers."""
+    out: dict[str, torch.Tensor] = {}
+    extra_state: dict[str, Any] = {}
+    dropped: list[str] = []
+    for raw_key, value in state.items():
+        key = canonical_key(raw_key)
+        if key.endswith("_extra_state"):
+            extra_state[key.rsplit(".", 1)[0]] = value
+        elif RECOMPUTED_BUFFERS.search(key):
+            dropped.append(raw_key)
+        elif key.endswith("mlp.gate_up_proj.weight"):
+            gate, up = value.chunk(2, dim=0)
+            out[key.replace("gate_up_proj", "gate_proj")] = gate
+            out[key.replace("gate_up_proj", "up_proj")] = up
+        else:
+            out[key] = value
+    if dropped:
+        log.info("ignored %d buffers recomputed from the config (e.g. %s)", len(dropped), dropped[0])
+    if extra_state:
+        log.info("kept Transformer Engine _extra_state of %d modules for the fp8 path", len(extra_state))
+    return out, extra_state
+
+
+def _split_fused_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Split each ``attn.qkv_proj.weight`` (rows ordered q, k, v) into the three projections."""
+    kv = config.n_kv_heads * config.head_dim
+    for key in [k for k in state if k.endswith("attn.qkv_proj.weight")]:
+        q, k, v = state.pop(key).split([config.d_model, kv, kv], dim=0)
+        for name, tensor in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+            state[key.replace("qkv_proj", name)] = tensor
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def infer_config(
+    state: dict[str, torch.Tensor], hints: dict[str, Any], tie_hint: bool | None, overrides: dict[str, Any]
+) -> ModelConfig:
+    """Config from the checkpoint's own fields, corrected by the tensor shapes, then ``overrides``.
+
+    Shapes decide the sizes; the fields decide what shapes cannot tell (heads, RoPE theta, eps).
+    Splits fused qkv weights in ``state`` once the head layout is known.
+    """
+    fields: dict[str, Any] = {}
+    for name, aliases in CONFIG_ALIASES.items():
+        for alias in aliases:
+            if hints.get(alias) is not None:
+                fields[name] = hints[alias]
+                break
+    if isinstance(hints.get("kernels"), str):
+        fields["kernels"] = hints["kernels"]
+    if "wte.weight" not in state:
+        raise UserError(
+            f"no token embedding among the checkpoint's keys ({_preview(sorted(state))}); see "
+            "ds_sft.model.checkpoint for the key names it accepts"
+        )
+    fields["vocab_size"], fields["d_model"] = state["wte.weight"].shape
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
+    fields["n_layers"] = max(layers) + 1 if layers else 0
+    if "layers.0.mlp.gate_proj.weight" in state:
+        fields["ffn_hidden"] = state["layers.0.mlp.gate_proj.weight"].shape[0]
+    fields["tie_embeddings"] = "lm_head.weight" not in state if tie_hint is None else tie_hint
+    fields.update(overrides)
+    if "n_heads" not in fields:
+        fields["n_heads"] = _guess_heads(fields)
+    if "n_kv_heads" not in fields and "layers.0.attn.k_proj.weight" in state:
+        head_dim = fields["d_model"] // fields["n_heads"]
+        fields["n_kv_heads"] = state["layers.0.attn.k_proj.weight"].shape[0] // head_dim
+    fields = {k: v for k, v in fields.items() if k in ModelConfig.__dataclass_fields__}
+    config = ModelConfig(**fields)
+    _split_fused_qkv(state, config)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # a tied model saved with both names (HF's state_dict)
+    return config
+
+
+def _guess_heads(fields: dict[str, Any]) -> int:
+    for preset in PRESETS.values():
+        if (preset["d_model"], preset["n_layers"]) == (fields["d_model"], fields["n_layers"]):
+            return preset["n_heads"]
+    log.warning(
+        "the checkpoint does not say its number of heads: assuming head_dim 64 "
+        "(pass config_overrides={'n_heads': ...} if that is wrong)"
+    )
+    return max(1, fields["d_model"] // 64)
+
+
+def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} != {expected[k]}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != expected[k]
+    ]
+    if missing or unexpected or shapes:
+        problems = [
+            f"{label} ({len(items)}): {_preview(items)}"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatches", shapes),
+            )
+            if items
+        ]
+        raise UserError(
+            f"{path} does not fit ds-sft's LLaMA {model.config.to_dict()}: " + "; ".join(problems)
+        )
+
+
+def _preview(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _materialise_buffers(model: LlamaModel) -> LlamaModel:
+    from ds_sft.model.llama import rope_table
+
+    c = model.config
+    model.rope_cache = rope_table(c.head_dim, c.max_seq_len, c.rope_theta)
+    return model
+
+
+# ----------------------------------------------------------------------------- Hugging Face layout
+
+
+HF_RENAMES: list[tuple[str, str]] = [
+    (r"^wte\.", "model.embed_tokens."),
+    (r"^layers\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
+    (r"^layers\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
+    (r"^norm\.", "model.norm."),
+]
+
+
+def to_hf_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
+    """The model's weights under transformers' ``LlamaForCausalLM`` names (tied head omitted)."""
+    out = {}
+    for key, tensor in model.state_dict().items():
+        for pattern, replacement in HF_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        out[key] = tensor
+    return out
+
+
+def hf_config(config: ModelConfig, **token_ids: Any):
+    """A ``transformers.LlamaConfig`` describing the same network (``bos_token_id=...`` etc. passed on)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.ffn_hidden,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_seq_len,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings,
+        initializer_range=config.init_std,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        architectures=["LlamaForCausalLM"],
+        **token_ids,
+    )
+
+
+def config_from_hf(hf_cfg) -> ModelConfig:
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default" or getattr(hf_cfg, "rope_scaling", None):
+        raise UserError(f"RoPE scaling {rope or hf_cfg.rope_scaling} is not supported by ds-sft's LLaMA")
+    head_dim = getattr(hf_cfg, "head_dim", None)
+    if head_dim and head_dim * hf_cfg.num_attention_heads != hf_cfg.hidden_size:
+        raise UserError(
+            f"head_dim {head_dim} x {hf_cfg.num_attention_heads} heads != hidden_size; not supported"
+        )
+    return ModelConfig(
+        vocab_size=hf_cfg.vocab_size,
+        d_model=hf_cfg.hidden_size,
+        n_layers=hf_cfg.num_hidden_layers,
+        n_heads=hf_cfg.num_attention_heads,
+        n_kv_heads=hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads,
+        ffn_hidden=hf_cfg.intermediate_size,
+        max_seq_len=hf_cfg.max_position_embeddings,
+        rope_theta=float(rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))),
+        norm_eps=hf_cfg.rms_norm_eps,
+        tie_embeddings=bool(hf_cfg.tie_word_embeddings),
+        init_std=hf_cfg.initializer_range,
+    )

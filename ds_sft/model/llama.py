@@ -1,0 +1,271 @@
+"""A LLaMA-style decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU, no biases.
+
+One block is ``x = x + attn(attn_norm(x)); x = x + mlp(mlp_norm(x))``. The parameter names follow
+the Hugging Face LLaMA layout one to one (``q_proj`` ... ``down_proj``), so import and export are a
+rename, and every projection is a plain ``nn.Linear`` that the fp8 path can swap by name.
+
+Rotary embeddings use the "rotate half" layout of Hugging Face (not Meta's interleaved pairs): the
+first and second halves of each head's features form the rotated (x1, x2) pairs. GGUF files store
+Q/K in the interleaved layout and transformers un-permutes them on load, so importing through
+transformers lands in this layout.
+
+Packed rows. A training row holds several documents back to back. ``document_ids`` (0, 1, 2 ... per
+document, -1 on padding) restrict attention to the query's own document (a block-diagonal causal
+mask), and ``position_ids`` restart at 0 per document, so each document is computed exactly as if it
+were alone in the row. On CPU the mask is an explicit boolean ``[B, 1, Tq, Tk]`` for
+``scaled_dot_product_attention``; on CUDA ``flex_attention`` skips the masked-out blocks instead.
+Left-padded generation is the same mechanism: the padding is document -1, the prompt document 0,
+and a :class:`KVCache` remembers the document id of every cached key.
+
+The loss never materialises the ``[tokens, vocab]`` logits: with ``labels`` the model hands its final
+hidden states and the LM-head weight to ``kernels.linear_cross_entropy`` and returns the **sum** of
+token losses (the trainer divides by the trained-token count of the whole global batch).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from ds_sft.model.config import ModelConfig
+
+try:  # flex_attention (torch >= 2.5) runs block-sparse document masks on CUDA without a dense mask.
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - old torch: the dense-mask path is used everywhere
+    BlockMask = create_block_mask = flex_attention = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, backend: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps, backend=self.backend)
+
+
+def rope_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+    """``[max_seq_len, 2, head_dim // 2]``: cos and sin of ``position * theta^(-2i / head_dim)``."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=1).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the (first half, second half) feature pairs of ``x [B, H, T, D]`` by the angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return rotated.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, plus each key's document id.
+
+    Preallocated to ``max_len`` so decoding appends in place; ``length`` counts filled positions.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device) -> None:
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.document_ids = torch.full((batch_size, max_len), -2, dtype=torch.long, device=device)
+        self.length = 0
+
+    def append_documents(self, document_ids: torch.Tensor) -> None:
+        """Record the new tokens' document ids; call once per forward, before the layers run."""
+        end = self.length + document_ids.shape[1]
+        self.document_ids[:, self.length : end] = document_ids
+        self.length = end
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's ``k, v [B, Hkv, T, D]`` for ``layer``; return all keys and values so far."""
+        start = self.length - k.shape[2]
+        self.keys[layer, :, :, start : self.length] = k
+        self.values[layer, :, :, start : self.length] = v
+        return self.keys[layer, :, :, : self.length], self.values[layer, :, :, : self.length]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        d, kv = config.d_model, config.n_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
+        groups = self.n_heads // self.n_kv_heads
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            y = _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=groups > 1)
+        else:
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps, config.kernels)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, config.kernels)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps, config.kernels)
+        self.lm_head = (
+            None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
+        # Recomputed from the config, never loaded: base checkpoints that carry one are tolerated.
+        table = rope_table(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cache", table, persistent=False)
+        # Transformer Engine fp8 metadata found in a loaded checkpoint (module name -> state); the fp8
+        # path restores it into its layers, everything else ignores it.
+        self.fp8_extra_state: dict[str, object] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, init_std); residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.config.init_std
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(param, std=std)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The final-normed hidden states ``[B, T, d_model]`` (what the LM head reads)."""
+        B, T = input_ids.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        rope = self.rope_cache[position_ids]  # [B, T, 2, D/2]
+        cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]  # [B, 1, T, D/2], broadcast over heads
+        mask = self._attention_mask(input_ids, document_ids, kv_cache)
+
+        x = self.wte(input_ids)
+        for block in self.layers:
+            if self.config.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, kv_cache)
+        return self.norm(x)
+
+    def _attention_mask(self, input_ids, document_ids, kv_cache):
+        """None (plain causal), a dense boolean mask, or a flex_attention BlockMask."""
+        if kv_cache is None and document_ids is None:
+            return None
+        B, T = input_ids.shape
+        if document_ids is None:
+            document_ids = torch.zeros_like(input_ids)
+        if kv_cache is None:
+            if input_ids.is_cuda and create_block_mask is not None:
+                return _document_block_mask(document_ids)
+            key_documents, offset = document_ids, 0
+        else:
+            offset = kv_cache.length
+            kv_cache.append_documents(document_ids)
+            key_documents = kv_cache.document_ids[:, : kv_cache.length]
+        query_pos = torch.arange(offset, offset + T, device=input_ids.device)
+        key_pos = torch.arange(key_documents.shape[1], device=input_ids.device)
+        causal = key_pos[None, :] <= query_pos[:, None]  # [Tq, Tk]
+        same_document = document_ids[:, :, None] == key_documents[:, None, :]  # [B, Tq, Tk]
+        return (causal & same_document)[:, None]  # [B, 1, Tq, Tk]; padding (-1) attends to padding
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, T, vocab]``, or with ``labels`` the fp32 sum of token losses (``-100`` ignored)."""
+        hidden = self.hidden_states(input_ids, position_ids, document_ids, kv_cache)
+        if labels is None:
+            return self.logits(hidden)
+        return kernels.linear_cross_entropy(
+            hidden,
+            self.lm_head_weight,
+            labels,
+            ignore_index=-100,
+            reduction="sum",
+            backend=self.config.kernels,
+        )
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention is only fast compiled; compiled once, on first use (importing dynamo is slow)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _document_block_mask(document_ids: torch.Tensor):
+    """A flex_attention BlockMask for causal attention within each packed document."""
+    B, T = document_ids.shape
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
