@@ -2,27 +2,96 @@
 
 Public API (what ``ds_sft.model`` calls)::
 
-    rms_norm(x, weight, eps, backend="auto")
-    linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="sum", backend="auto")
+    rms_norm(x, weight, eps, backend="auto")                          -> y
+    rms_norm_residual(x, residual, weight, eps, backend="auto")       -> (y, x + residual)
+    cross_entropy(logits, labels, ignore_index=-100, reduction="sum",
+                  label_smoothing=0.0, z_loss=0.0, backend="auto")    -> fp32 loss
+    linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="sum",
+                         label_smoothing=0.0, z_loss=0.0, chunk_size=1024, backend="auto")
 
-``backend``: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the same
-chunked algorithm in plain PyTorch), ``"eager"`` (the reference), ``"auto"`` (triton on CUDA,
-torch elsewhere).
+``backend``:
+
+- ``"triton"``: the Triton kernels (``rmsnorm.py``, ``cross_entropy.py``, and the chunked
+  ``fused_linear_cross_entropy.py`` on top of the CE kernel). CUDA, or CPU through the interpreter
+  when ``TRITON_INTERPRET=1`` was set before the first kernel was imported (tests only: ~1000x slower).
+- ``"torch"``: plain PyTorch. ``linear_cross_entropy`` runs the same chunked algorithm as Triton
+  (the memory win on CPU); RMSNorm and a standalone cross-entropy have nothing to fuse without a
+  kernel, so they are the references.
+- ``"eager"``: the references in ``reference.py`` (full logits), differentiated by autograd.
+- ``"auto"``: ``"triton"`` for CUDA tensors when Triton is installed, ``"torch"`` otherwise.
+
+Importing this package is cheap and needs no Triton: the kernel modules load on first use.
+Losses are fp32; ``reduction="mean"`` divides by the non-ignored count (0 when all are ignored).
+Under DeepSpeed ZeRO-3, see ``fused_linear_cross_entropy.py`` for where to call
+``linear_cross_entropy`` so the sharded lm_head weight is gathered.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
-import torch.nn.functional as F
+
+from kernels.fused_linear_cross_entropy import DEFAULT_CHUNK_SIZE, LinearCrossEntropyFunction
+from kernels.reference import (
+    cross_entropy_reference,
+    linear_cross_entropy_reference,
+    rms_norm_reference,
+    rms_norm_residual_reference,
+)
 
 BACKENDS = ("auto", "triton", "torch", "eager")
 
+__all__ = ["BACKENDS", "cross_entropy", "linear_cross_entropy", "resolve_backend", "rms_norm", "rms_norm_residual"]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"`` -> the concrete backend for ``device``; validates the others."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernels backend must be one of {BACKENDS}, got {backend!r}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if backend == "triton" and not has_triton:
+        raise RuntimeError("backend='triton' needs the triton package: pip install 'ds-sft[triton]', or use 'torch'")
+    return backend
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
-    """``y = x / sqrt(mean(x^2) + eps) * weight``, statistics in fp32."""
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    """``y = x / sqrt(mean(x^2) + eps) * weight``, statistics in fp32, result in ``x.dtype``."""
+    if resolve_backend(backend, x.device) == "triton":
+        from kernels.rmsnorm import RMSNormFunction
+
+        return RMSNormFunction.apply(x, None, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def rms_norm_residual(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual; return rms_norm(s, weight), s`` — one pass over the row with Triton."""
+    if resolve_backend(backend, x.device) == "triton":
+        from kernels.rmsnorm import RMSNormFunction
+
+        return RMSNormFunction.apply(x, residual, weight, eps)
+    return rms_norm_residual_reference(x, residual, weight, eps)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Token cross-entropy of ``logits [..., V]`` vs ``labels [...]`` (definition: ``reference.py``)."""
+    if resolve_backend(backend, logits.device) == "triton":
+        from kernels.cross_entropy import CrossEntropyFunction
+
+        return CrossEntropyFunction.apply(logits, labels, ignore_index, reduction, label_smoothing, z_loss)
+    return cross_entropy_reference(logits, labels, ignore_index, reduction, label_smoothing, z_loss)
 
 
 def linear_cross_entropy(
@@ -31,8 +100,18 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     ignore_index: int = -100,
     reduction: str = "sum",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Cross-entropy of ``hidden @ weight.T`` against ``labels`` (fp32 result)."""
-    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
-    return F.cross_entropy(logits.float(), labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+    """Cross-entropy of ``hidden [..., H] @ weight[V, H].T`` against ``labels [...]``, fp32 result.
+
+    ``"triton"`` and ``"torch"`` never hold more than ``chunk_size`` tokens of logits.
+    """
+    resolved = resolve_backend(backend, hidden.device)
+    if resolved == "eager":
+        return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss)
+    return LinearCrossEntropyFunction.apply(
+        hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, resolved
+    )

@@ -1,0 +1,178 @@
+"""Fused linear + cross-entropy: the LM-head loss without ever holding the full logits.
+
+The eager loss materialises ``logits = hidden @ weight.T`` (``N x V``: 8,192 tokens x 50,304 =
+1.6 GB in fp32), an fp32 copy for the softmax, and the same again for its gradient. Here the tokens
+go through in chunks of ``chunk_size``; for each chunk::
+
+    logits  = h_c @ W.T                           (chunk x V, the only large buffer)
+    loss_c, dlogits = CE loss and gradient        (Triton kernel or plain PyTorch, written over logits)
+    grad_h[c]   = dlogits @ W
+    grad_W     += dlogits.T @ h_c                 (fp32 accumulator, whatever the weight dtype)
+
+so the gradients are complete when the forward returns and the backward only scales them by the
+upstream gradient. Peak extra memory is one logits chunk plus ``grad_W`` instead of ``O(N x V)``;
+1,024 tokens x 50,304 x 4 bytes = 206 MB per chunk. The loss is accumulated in fp32.
+
+``reduction="none"`` is different: each token's upstream gradient is unknown until the backward, and
+``grad_W`` sums over tokens, so it cannot be precomputed. The forward then computes losses only and
+the backward runs the chunk loop again with each row scaled by its own upstream gradient.
+
+ZeRO-3: the lm_head weight is partitioned (``numel() == 0``) except while the forward of the module
+that owns it runs. Call ``linear_cross_entropy(hidden, self.lm_head.weight, labels)`` from inside
+that module's ``forward`` (for tied embeddings register the weight as an external parameter of the
+calling module with ``deepspeed.zero.register_external_parameter``), or wrap the call in
+``deepspeed.zero.GatheredParameters(weight)``. The weight is an argument of the autograd function,
+so the gradient returned for it flows through DeepSpeed's usual reduce-scatter hooks. Use
+``reduction="sum"`` or ``"mean"`` there: ``"none"`` re-reads the weight in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import REDUCTIONS
+
+# 1,024 tokens x V 50,304: a 206 MB fp32 logits chunk. Measured on 2 CPU cores: as fast as the
+# eager loss at a tenth of its peak memory (bench/kernels.py).
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def cross_entropy_loss_and_grad_torch(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    n_valid: torch.Tensor | None = None,
+    compute_grad: bool = True,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Plain-PyTorch twin of ``kernels.cross_entropy.cross_entropy_loss_and_grad`` (same contract).
+
+    The softmax is computed in place over one fp32 buffer (the logits themselves when they are fp32
+    and ``inplace``), so a chunk costs one ``rows x V`` fp32 buffer.
+    """
+    x = logits.to(torch.float32, copy=not inplace)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0).unsqueeze(1)
+    lse = torch.logsumexp(x, dim=-1)
+    loss = lse - (1.0 - label_smoothing) * x.gather(1, safe_labels).squeeze(1)
+    if label_smoothing:
+        loss -= label_smoothing * x.mean(dim=-1)
+    if z_loss:
+        loss += z_loss * lse.square()
+    loss = torch.where(valid, loss, 0.0)
+    if not compute_grad:
+        return loss, None
+
+    grad = x.sub_(lse.unsqueeze(1)).exp_()  # softmax
+    if z_loss:
+        grad.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(1))
+    if label_smoothing:
+        grad.sub_(label_smoothing / x.shape[-1])
+    grad.scatter_add_(1, safe_labels, grad.new_full(safe_labels.shape, -(1.0 - label_smoothing)))
+    row_scale = valid.to(torch.float32)
+    if n_valid is not None:
+        row_scale /= n_valid.clamp(min=1)
+    grad.mul_(row_scale.unsqueeze(1))
+    return loss, grad.to(logits.dtype)
+
+
+def _loss_and_grad_for(backend: str):
+    if backend == "triton":
+        from kernels.cross_entropy import cross_entropy_loss_and_grad
+
+        return cross_entropy_loss_and_grad
+    return cross_entropy_loss_and_grad_torch
+
+
+def _chunked_loss_and_grads(hidden, weight, labels, loss_and_grad, options, chunk_size, need_hidden, need_weight,
+                            n_valid=None, row_scale=None):  # fmt: skip
+    """The chunk loop: summed fp32 loss, ``grad_hidden`` and fp32 ``grad_weight`` (None where not needed).
+
+    ``row_scale`` (one value per token) multiplies each token's gradient: the backward of ``"none"``.
+    """
+    compute_grad = need_hidden or need_weight
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        h = hidden[rows]
+        loss, dlogits = loss_and_grad(
+            h @ weight.t(), labels[rows], n_valid=n_valid, compute_grad=compute_grad, inplace=True, **options
+        )
+        total += loss.sum()
+        if not compute_grad:
+            continue
+        if row_scale is not None:
+            dlogits.mul_(row_scale[rows].unsqueeze(1))
+        if need_hidden:
+            torch.mm(dlogits, weight, out=grad_hidden[rows])
+        if need_weight:
+            if dlogits.dtype == grad_weight.dtype:
+                grad_weight.addmm_(dlogits.t(), h)
+            else:  # bf16 matmul, fp32 accumulation across chunks
+                grad_weight += dlogits.t() @ h
+    return total, grad_hidden, grad_weight
+
+
+def _chunked_losses(hidden, weight, labels, loss_and_grad, options, chunk_size):
+    """Per-token fp32 losses, chunk by chunk, no gradients (the forward of ``"none"``)."""
+    losses = [
+        loss_and_grad(hidden[s : s + chunk_size] @ weight.t(), labels[s : s + chunk_size],
+                      compute_grad=False, inplace=True, **options)[0]
+        for s in range(0, hidden.shape[0], chunk_size)
+    ]  # fmt: skip
+    return torch.cat(losses)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """``apply(hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, backend)``.
+
+    ``backend`` is ``"triton"`` (the CE kernel per chunk) or ``"torch"`` (its PyTorch twin).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, backend):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        loss_and_grad = _loss_and_grad_for(backend)
+        options = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss}
+        hidden2d = hidden.reshape(-1, hidden.shape[-1])
+        labels1d = labels.reshape(-1).contiguous()
+        ctx.hidden_shape = hidden.shape
+        ctx.weight_dtype = weight.dtype
+        ctx.reduction = reduction
+
+        if reduction == "none":
+            ctx.recompute = (loss_and_grad, options, chunk_size)
+            ctx.save_for_backward(hidden2d, weight, labels1d)
+            return _chunked_losses(hidden2d, weight, labels1d, loss_and_grad, options, chunk_size).view(labels.shape)
+
+        n_valid = (labels1d != ignore_index).sum() if reduction == "mean" else None
+        total, grad_hidden, grad_weight = _chunked_loss_and_grads(
+            hidden2d, weight, labels1d, loss_and_grad, options, chunk_size,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], n_valid=n_valid,
+        )  # fmt: skip
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / n_valid.clamp(min=1) if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.reduction == "none":
+            hidden2d, weight, labels1d = ctx.saved_tensors
+            loss_and_grad, options, chunk_size = ctx.recompute
+            _, grad_hidden, grad_weight = _chunked_loss_and_grads(
+                hidden2d, weight, labels1d, loss_and_grad, options, chunk_size,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[1], row_scale=grad_output.reshape(-1).float(),
+            )  # fmt: skip
+            scale = None
+        else:
+            grad_hidden, grad_weight = ctx.saved_tensors
+            scale = grad_output
+        if grad_hidden is not None:
+            grad_hidden = (grad_hidden if scale is None else grad_hidden * scale).view(ctx.hidden_shape)
+        if grad_weight is not None:
+            grad_weight = (grad_weight if scale is None else grad_weight * scale).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
