@@ -1,0 +1,376 @@
+"""fp8 matmuls for the attention and MLP projections: Transformer Engine on Hopper, an emulation anywhere.
+
+An fp8 number has 8 bits for everything, so it cannot hold a tensor's values as they are: it holds
+``x * scale``, one fp32 ``scale`` per tensor chosen so the largest magnitude (the *amax*) lands near
+the format's maximum, and the matmul multiplies the result by ``1 / scale`` again. Two formats:
+
+- **e4m3** (max 448, 3 mantissa bits): precision first; weights and activations in the forward.
+- **e5m2** (max 57344, 2 mantissa bits): range first; gradients, whose magnitudes swing over many
+  orders. The ``HYBRID`` recipe uses e4m3 forward and e5m2 backward; ``E4M3`` uses e4m3 for both.
+
+**Delayed scaling** (Transformer Engine's ``DelayedScaling``): measuring a tensor's amax and then
+casting it costs an extra pass over memory, so the cast uses a scale computed from the amaxes of
+*earlier* steps. Every cast records its amax in row 0 of an ``[amax_history_len]`` history; then the
+scale becomes ``(fp8_max / amax) / 2**margin`` with ``amax`` the history's max (``"max"``) or the
+value just recorded (``"most_recent"``), and the history rolls one slot (the oldest falls out).
+A fresh layer starts at scale 1, which is why seeding the history from the fp8-pretrained base
+checkpoint's Transformer Engine ``_extra_state`` matters.
+
+**torch._scaled_mm(a, b, scale_a, scale_b, out_dtype)** computes ``(a * scale_a) @ (b * scale_b)``
+with fp8 ``a`` and ``b``, accumulating in fp32 (``scale_*`` are the *inverse* scales). cuBLAS wants
+``a`` row-major and ``b`` column-major, so ``x @ w.T`` passes ``w.t()`` (a column-major view of the
+row-major weight for free) and the backward's ``dY @ W`` and ``dY.T @ X`` transpose copies of
+``W`` and ``X``. On CUDA every dimension must be a multiple of 16 -- the token count too, since it is
+the inner dimension of the weight gradient. On CPU it runs any shape, and its fp32 output equals an
+fp32 matmul of the dequantized operands, which is what the tests check against.
+
+Modes of :func:`apply_fp8`: ``"off"``; ``"emulated"`` swaps each projection for :class:`Float8Linear`
+(same ``weight`` Parameter, so state-dict keys and ZeRO sharding do not change, plus two persistent
+fp32 buffers of scaling state that checkpoints resume); ``"te"`` swaps in ``transformer_engine``'s
+``te.Linear`` (weights copied) and the trainer wraps forward in :func:`fp8_autocast`. Swapped:
+``q/k/v/o_proj`` and ``gate/up/down_proj``. The LM head stays in bf16: its matmul lives in the fused
+loss, and fp8 logits lose too much. Both dimensions of a swapped linear must be multiples of 16;
+the vocabulary is the model config's business (the presets pad it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ds_sft.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODES = ("off", "emulated", "te")
+FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Checkpoints of other trainers fuse projections; their TE state seeds each part (same input).
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+INPUT, WEIGHT, GRAD = 0, 1, 2  # columns of Float8Linear's scaling state
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """Delayed-scaling settings; the ``fp8`` section of the DeepSpeed JSON, TE's defaults."""
+
+    format: str = "HYBRID"  # HYBRID: e4m3 forward, e5m2 gradients; E4M3: e4m3 everywhere
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"  # or "most_recent"
+    margin: int = 0  # scale down by 2**margin for headroom
+
+    def __post_init__(self) -> None:
+        checks = {
+            "format": self.format in ("HYBRID", "E4M3"),
+            "amax_history_len": isinstance(self.amax_history_len, int) and self.amax_history_len >= 1,
+            "amax_compute_algo": self.amax_compute_algo in ("max", "most_recent"),
+            "margin": isinstance(self.margin, int) and self.margin >= 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise UserError(f"fp8.{key} = {getattr(self, key)!r} is invalid: format HYBRID|E4M3, "
+                                "amax_history_len an int >= 1, amax_compute_algo max|most_recent, "
+                                "margin an int >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fp8Recipe:
+        """From the JSON ``fp8`` section; keys starting with ``_`` are comments."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known and not key.startswith("_"):
+                raise UserError(f"unknown key fp8.{key} in the DeepSpeed config; known keys: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        return E5M2 if self.format == "HYBRID" else E4M3
+
+    def to_te(self):
+        """The same recipe as ``transformer_engine.common.recipe.DelayedScaling``."""
+        _import_te()
+        from transformer_engine.common.recipe import DelayedScaling, Format
+
+        return DelayedScaling(fp8_format=Format[self.format], amax_history_len=self.amax_history_len,
+                              amax_compute_algo=self.amax_compute_algo, margin=self.margin)
+
+
+# ----------------------------------------------------------------------------- the emulated path
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous().t()
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """``y = x @ w.T`` with x, w in e4m3 and the output gradient in the recipe's gradient format."""
+
+    @staticmethod
+    def forward(ctx, x, weight, layer, out_dtype):
+        x8, x_inv = layer.cast(x.reshape(-1, x.shape[-1]), INPUT)
+        w8, w_inv = layer.cast(weight, WEIGHT)
+        y = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
+        ctx.save_for_backward(x8, w8, x_inv, w_inv)
+        ctx.layer, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = layer, x.shape, x.dtype, weight.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x8, w8, x_inv, w_inv = ctx.saved_tensors
+        g8, g_inv = ctx.layer.cast(grad_y.reshape(-1, grad_y.shape[-1]), GRAD)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # dX [M, K] = dY [M, N] @ W [N, K]
+            grad_x = torch._scaled_mm(g8, _column_major(w8), scale_a=g_inv, scale_b=w_inv,
+                                      out_dtype=ctx.x_dtype)
+            grad_x = grad_x.reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:  # dW [N, K] = dY.T [N, M] @ X [M, K]
+            grad_w = torch._scaled_mm(g8.t().contiguous(), _column_major(x8), scale_a=g_inv, scale_b=x_inv,
+                                      out_dtype=ctx.w_dtype)
+        return grad_x, grad_w, None, None
+
+
+class Float8Linear(nn.Module):
+    """A bias-free ``nn.Linear`` whose matmuls run in fp8 on ``torch._scaled_mm``, with delayed scaling.
+
+    Owns the replaced linear's ``weight`` Parameter (fp32 or bf16 master) and two persistent fp32
+    buffers, ``fp8_amax_history [amax_history_len, 3]`` and ``fp8_scale [3]`` (columns: input,
+    weight, output gradient). A state dict without them (a checkpoint written without fp8) loads
+    with fresh scaling state; a history of another length is cut or zero-padded, as TE does.
+    """
+
+    def __init__(self, linear: nn.Linear, recipe: Fp8Recipe) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.recipe = linear.in_features, linear.out_features, recipe
+        self.weight = linear.weight
+        device = linear.weight.device
+        self.register_buffer("fp8_amax_history", torch.zeros(recipe.amax_history_len, 3, device=device))
+        self.register_buffer("fp8_scale", torch.ones(3, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return _Float8Matmul.apply(x, self.weight, self, out_dtype)
+
+    def cast(self, t: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` in fp8 with the current scale, and the inverse scale; then the scaling state steps."""
+        dtype = self.recipe.grad_dtype if column == GRAD else E4M3
+        fp8_max = torch.finfo(dtype).max
+        scale = self.fp8_scale[column].clone()
+        # Saturate: out-of-range values would become NaN (e4m3fn has no inf) or inf (e5m2).
+        t8 = (t.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
+        # Activation checkpointing re-runs forward inside backward: step the state only once per use.
+        if torch._C._current_graph_task_id() == -1 or column == GRAD:
+            self._step_scaling(column, t.detach().abs().amax().float(), fp8_max)
+        return t8, scale.reciprocal()
+
+    @torch.no_grad()
+    def _step_scaling(self, column: int, amax: torch.Tensor, fp8_max: float) -> None:
+        history = self.fp8_amax_history[:, column]
+        history[0] = amax
+        amax = history.max() if self.recipe.amax_compute_algo == "max" else history[0]
+        new_scale = fp8_max / amax / 2**self.recipe.margin
+        usable = (amax > 0) & torch.isfinite(amax)  # all-zero or overflowed tensors keep the old scale
+        self.fp8_scale[column] = torch.where(usable, new_scale, self.fp8_scale[column])
+        history.copy_(history.roll(-1))
+        history[0] = 0
+
+    def seed(self, state: dict[str, torch.Tensor], gemm: int = 0) -> None:
+        """Start from Transformer Engine scaling state (see :func:`decode_te_extra_state`)."""
+        fwd, bwd = state["amax_history_fwd"], state["amax_history_bwd"]
+        columns = {INPUT: (fwd, 3 * gemm), WEIGHT: (fwd, 3 * gemm + 1), GRAD: (bwd, 2 * gemm)}
+        scales = {INPUT: state["scale_fwd"][3 * gemm], WEIGHT: state["scale_fwd"][3 * gemm + 1],
+                  GRAD: state["scale_bwd"][2 * gemm]}
+        with torch.no_grad():
+            for column, (history, index) in columns.items():
+                self.fp8_amax_history[:, column] = _fit_rows(history[:, index], len(self.fp8_amax_history))
+                self.fp8_scale[column] = scales[column]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
+        history_key = prefix + "fp8_amax_history"
+        if history_key in state_dict:
+            state_dict[history_key] = _fit_rows(state_dict[history_key], len(self.fp8_amax_history))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        for name in ("fp8_amax_history", "fp8_scale"):
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe}"
+
+
+def _fit_rows(history: torch.Tensor, rows: int) -> torch.Tensor:
+    """An amax history cut or zero-padded to ``rows`` entries."""
+    if len(history) >= rows:
+        return history[:rows]
+    return torch.cat([history, history.new_zeros(rows - len(history), *history.shape[1:])])
+
+
+# ----------------------------------------------------------------------------- Transformer Engine
+
+
+def _import_te():
+    """``transformer_engine.pytorch``, or one UserError saying why fp8 ``te`` cannot run here."""
+    hint = "use --fp8 emulated (runs anywhere) or --fp8 off"
+    if not torch.cuda.is_available():
+        raise UserError(f"--fp8 te needs a CUDA GPU with fp8 tensor cores, none is visible; {hint}")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise UserError(f"--fp8 te needs compute capability >= 8.9 (Ada/Hopper), this GPU has "
+                        f"{major}.{minor}; {hint}")
+    try:
+        import transformer_engine.pytorch as te
+    except (ImportError, RuntimeError) as err:  # without CUDA libraries the import raises RuntimeError
+        raise UserError(f"--fp8 te needs transformer-engine[pytorch] ({type(err).__name__}: {err}); "
+                        f"pip install 'ds-sft[gpu]', or {hint}") from None
+    return te
+
+
+def fp8_autocast(mode: str, recipe: Fp8Recipe | None = None):
+    """The context the trainer wraps around forward: TE's ``fp8_autocast`` in mode ``te``, else nothing."""
+    if mode != "te":
+        return contextlib.nullcontext()
+    return _import_te().fp8_autocast(enabled=True, fp8_recipe=(recipe or Fp8Recipe()).to_te())
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles TE's state (tensors, dicts, its recipe object) and refuses every other object."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return torch._utils._rebuild_tensor_v2
+        if (module, name) == ("torch.storage", "_load_from_bytes"):  # how pickle.dumps stores a storage
+            return lambda b: torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module.startswith("transformer_engine.common.recipe"):
+            return _Opaque  # the DelayedScaling recipe and its enums: only the tensors matter here
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+class _Opaque:
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def decode_te_extra_state(blob: Any) -> dict[str, torch.Tensor] | None:
+    """TE's ``_extra_state`` -> ``{scale_fwd, amax_history_fwd, scale_bwd, amax_history_bwd}`` or None.
+
+    TE >= 1.12 stores ``pickle.dumps(state)`` as a uint8 tensor, older versions ``torch.save(state)``
+    in an ``io.BytesIO``; ``state`` is None (fp8 never ran) or a dict whose ``amax_history_fwd`` is
+    ``[history, 3 * gemms]`` (input, weight, output per GEMM), ``amax_history_bwd`` is
+    ``[history, 2 * gemms]`` (output gradient, input gradient) and ``scale_*`` match the columns.
+    Only tensors and plain containers are accepted: a pickle naming anything else is refused.
+    """
+    if isinstance(blob, io.BytesIO):
+        blob = blob.getvalue()
+    if isinstance(blob, torch.Tensor):
+        blob = blob.detach().cpu().numpy().tobytes()
+    if not blob:
+        return None
+    try:
+        if blob[:2] == b"PK":  # torch.save's zip format
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        else:
+            state = _RestrictedUnpickler(io.BytesIO(blob)).load()
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"cannot read a Transformer Engine _extra_state entry ({err}); re-save the "
+                        "checkpoint without it or use --fp8 off") from None
+    keys = ("scale_fwd", "amax_history_fwd", "scale_bwd", "amax_history_bwd")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), torch.Tensor) for k in keys):
+        return None  # no delayed-scaling state (fp8 never ran, or another TE recipe)
+    return {k: state[k].float() for k in keys}
+
+
+def encode_te_extra_state(state: dict[str, torch.Tensor], gemm: int, recipe: Fp8Recipe) -> torch.Tensor:
+    """One GEMM's slice of ``state`` as a single-GEMM ``te.Linear`` loads it (``set_extra_state``)."""
+    fwd, bwd = slice(3 * gemm, 3 * gemm + 3), slice(2 * gemm, 2 * gemm + 2)
+    out = {"recipe": recipe.to_te(), "extra_fp8_variables": {"num_gemms": 1}}
+    for suffix, columns in (("fwd", fwd), ("bwd", bwd)):
+        scale = state[f"scale_{suffix}"][columns].clone()
+        out[f"scale_{suffix}"], out[f"scale_inv_{suffix}"] = scale, scale.reciprocal()
+        history = state[f"amax_history_{suffix}"][:, columns]
+        out[f"amax_history_{suffix}"] = _fit_rows(history, recipe.amax_history_len)
+    return torch.frombuffer(bytearray(pickle.dumps(out)), dtype=torch.uint8)
+
+
+def _te_linear(te, linear: nn.Linear) -> nn.Module:
+    layer = te.Linear(linear.in_features, linear.out_features, bias=False, params_dtype=linear.weight.dtype,
+                      device=linear.weight.device)
+    with torch.no_grad():
+        layer.weight.copy_(linear.weight)
+    return layer
+
+
+# ----------------------------------------------------------------------------- the switch
+
+
+def fp8_linear_names(model: nn.Module) -> list[str]:
+    """The replacement map: names of the ``nn.Linear`` modules that fp8 swaps."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in FP8_LINEARS]
+
+
+def _seed_targets(extra_state: dict[str, Any], swapped: set[str]) -> dict[str, tuple[dict, int]]:
+    """Module name -> (decoded TE state, GEMM index) for every swapped linear the checkpoint has state for."""
+    targets, unused = {}, []
+    for name, blob in extra_state.items():
+        parent, _, leaf = name.rpartition(".")
+        parts = [name] if name in swapped else [f"{parent}.{p}" for p in FUSED_PARTS.get(leaf, ())]
+        state = decode_te_extra_state(blob) if parts else None
+        if state is None or not set(parts) <= swapped:
+            unused.append(name)
+            continue
+        targets.update({part: (state, 0) for part in parts})
+    if unused:
+        log.info("fp8: %d TE _extra_state entries seed nothing (no fp8 state, or no swapped linear): %s",
+                 len(unused), ", ".join(unused[:4]))
+    return targets
+
+
+def apply_fp8(model: nn.Module, mode: str, recipe: Fp8Recipe | None = None) -> nn.Module:
+    """Swap the attention and MLP projections for fp8 layers (in place; returns ``model``).
+
+    Seeds the scaling state from ``model.fp8_extra_state`` (TE ``_extra_state`` of a loaded base
+    checkpoint, by canonical module name; fused ``qkv_proj`` / ``gate_up_proj`` seed their parts).
+    """
+    if mode not in MODES:
+        raise UserError(f"--fp8 {mode!r} is unknown; choose one of {', '.join(MODES)}")
+    if mode == "off":
+        return model
+    recipe = recipe or Fp8Recipe()
+    names = fp8_linear_names(model)
+    for name in names:
+        linear = model.get_submodule(name)
+        if linear.bias is not None or linear.in_features % 16 or linear.out_features % 16:
+            raise UserError(f"fp8 needs bias-free linears with both dimensions multiples of 16; {name} "
+                            f"is {linear.in_features} -> {linear.out_features}: choose sizes that are, "
+                            "or --fp8 off")
+    te = _import_te() if mode == "te" else None
+    seeds = _seed_targets(getattr(model, "fp8_extra_state", {}), set(names))
+    for name in names:
+        linear = model.get_submodule(name)
+        if te is None:
+            layer = Float8Linear(linear, recipe)
+            if name in seeds:
+                layer.seed(*seeds[name])
+        else:
+            layer = _te_linear(te, linear)
+            if name in seeds:
+                layer.set_extra_state(encode_te_extra_state(*seeds[name], recipe))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, layer)
+    log.info("fp8 %s: swapped %d linears (%d seeded from TE state)", mode, len(names), len(seeds))
+    return model
