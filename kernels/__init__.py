@@ -42,7 +42,14 @@ from kernels.reference import (
 
 BACKENDS = ("auto", "triton", "torch", "eager")
 
-__all__ = ["BACKENDS", "cross_entropy", "linear_cross_entropy", "resolve_backend", "rms_norm", "rms_norm_residual"]
+__all__ = [
+    "BACKENDS",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "resolve_backend",
+    "rms_norm",
+    "rms_norm_residual",
+]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -53,7 +60,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and has_triton else "torch"
     if backend == "triton" and not has_triton:
-        raise RuntimeError("backend='triton' needs the triton package: pip install 'ds-sft[triton]', or use 'torch'")
+        raise RuntimeError(
+            "backend='triton' needs the triton package: pip install 'ds-sft[triton]', or use 'torch'"
+        )
     return backend
 
 
@@ -111,7 +120,9 @@ def linear_cross_entropy(
     """
     resolved = resolve_backend(backend, hidden.device)
     if resolved == "eager":
-        return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss)
+        return linear_cross_entropy_reference(
+            hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss
+        )
     return LinearCrossEntropyFunction.apply(
         hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, resolved
     )

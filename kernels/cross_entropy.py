@@ -141,7 +141,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         labels1d = labels.reshape(-1).contiguous()
         n_valid = (labels1d != ignore_index).sum() if reduction == "mean" else None
         loss, grad = cross_entropy_loss_and_grad(
-            logits2d, labels1d, ignore_index, label_smoothing, z_loss, n_valid, compute_grad=logits.requires_grad
+            logits2d,
+            labels1d,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            n_valid,
+            compute_grad=logits.requires_grad,
         )
         ctx.reduction = reduction
         ctx.logits_shape = logits.shape

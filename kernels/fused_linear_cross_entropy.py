@@ -86,15 +86,27 @@ def _loss_and_grad_for(backend: str):
     return cross_entropy_loss_and_grad_torch
 
 
-def _chunked_loss_and_grads(hidden, weight, labels, loss_and_grad, options, chunk_size, need_hidden, need_weight,
-                            n_valid=None, row_scale=None):  # fmt: skip
+def _chunked_loss_and_grads(
+    hidden,
+    weight,
+    labels,
+    loss_and_grad,
+    options,
+    chunk_size,
+    need_hidden,
+    need_weight,
+    n_valid=None,
+    row_scale=None,
+):
     """The chunk loop: summed fp32 loss, ``grad_hidden`` and fp32 ``grad_weight`` (None where not needed).
 
     ``row_scale`` (one value per token) multiplies each token's gradient: the backward of ``"none"``.
     """
     compute_grad = need_hidden or need_weight
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    grad_weight = (
+        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    )
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
@@ -128,13 +140,16 @@ def _chunked_losses(hidden, weight, labels, loss_and_grad, options, chunk_size):
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """``apply(hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, backend)``.
+    """The chunked loss; ``apply(hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss,
+    chunk_size, backend)``.
 
     ``backend`` is ``"triton"`` (the CE kernel per chunk) or ``"torch"`` (its PyTorch twin).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, backend):
+    def forward(
+        ctx, hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, backend
+    ):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         loss_and_grad = _loss_and_grad_for(backend)
@@ -148,7 +163,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "none":
             ctx.recompute = (loss_and_grad, options, chunk_size)
             ctx.save_for_backward(hidden2d, weight, labels1d)
-            return _chunked_losses(hidden2d, weight, labels1d, loss_and_grad, options, chunk_size).view(labels.shape)
+            return _chunked_losses(hidden2d, weight, labels1d, loss_and_grad, options, chunk_size).view(
+                labels.shape
+            )
 
         n_valid = (labels1d != ignore_index).sum() if reduction == "mean" else None
         total, grad_hidden, grad_weight = _chunked_loss_and_grads(

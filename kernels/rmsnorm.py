@@ -84,7 +84,7 @@ def _rms_norm_backward_kernel(
 
 
 def rms_norm_forward(x2d, residual2d, weight, eps):
-    """Launch the forward on ``[rows, hidden]`` views; returns ``(y, s, rstd)`` (``s`` is None without residual)."""
+    """Launch the forward on ``[rows, hidden]`` views: ``(y, s, rstd)``, ``s`` None without residual."""
     check_launchable(_rms_norm_forward_kernel, x2d.device)
     n_rows, n_cols = x2d.shape
     block = row_block(n_cols)
@@ -119,7 +119,7 @@ def rms_norm_backward(dy2d, ds2d, x2d, weight, rstd):
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """``RMSNormFunction.apply(x, residual, weight, eps)``: ``y`` or, with a residual, ``(y, x + residual)``."""
+    """``apply(x, residual, weight, eps)``: ``y``, or ``(y, x + residual)`` when ``residual`` is given."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
@@ -140,4 +140,3 @@ class RMSNormFunction(torch.autograd.Function):
         dx = dx.view(dy.shape)
         # d(x + residual)/dx = d(x + residual)/dresidual = 1: both inputs receive the same gradient.
         return dx, (dx if ctx.has_residual else None), dw, None
-
