@@ -1,0 +1,573 @@
+"""Is ds-sft's training step fast? Three ratios, each measured side by side in one process.
+
+    python bench/train_throughput.py                  # 112m preset, seq 512 x 4, bf16
+    python bench/train_throughput.py --quick          # tiny sizes: a smoke test, not a measurement
+    python bench/train_throughput.py --parts a,c --preset smollm2-135m --steps 8
+
+(a) Step speed against peers. The ds-sft step (the DeepSpeed engine, ZeRO-2, bf16, packed rows with
+    document-isolated attention) against ``transformers.LlamaForCausalLM`` of the same config in a
+    plain PyTorch AdamW loop under bf16 autocast, on the same token rows. A third row runs the
+    ds-sft model in that same plain loop, which separates "the model is faster" from "the engine
+    costs something". The contenders take turns step by step (A B C A B C ...), so a neighbour
+    stealing the CPU for a while slows all of them alike; the figure is the median step.
+
+(b) Packing against padding, in *trained* tokens per second (tokens whose loss counts). The same
+    documents are laid out three ways and trained on with the ds-sft model: packed rows (what
+    ``prepare`` writes), one document per row padded to ``seq_len`` (DeepSpeed-Chat), and micro-
+    batches padded to their longest document (Hugging Face's collator). Packed and pad-to-seq_len
+    rows cost the same per step, so their ratio is the token efficiency; pad-to-longest steps are
+    shorter, so it has to be measured. The documents come from a prepared data dir (``--data_dir``),
+    else a synthetic mix with the shared mix's length profile (flagged in the JSON).
+
+(c) How close to the machine the step runs: achieved FLOP/s of the ds-sft step, counting
+    ``6 N + 12 L d T`` FLOPs per token (forward + backward of every weight, plus attention scores
+    and values over a context of T), divided by the FLOP/s of one large bf16 matrix multiply measured
+    in this run (the practical ceiling of these cores). On a GPU it is also divided by the device's
+    datasheet bf16 peak: the MFU that papers quote.
+
+Prints a table and writes ``bench/results/train_throughput[.quick].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
+
+from ds_sft.model.config import ModelConfig  # noqa: E402
+from ds_sft.model.llama import LlamaModel  # noqa: E402
+
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+IGNORE_INDEX = -100
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, no sparsity).
+GPU_BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+
+# Document lengths of the shared mix with the GPT-2 tokenizer (FACTS.md: mean 191, p95 410, max
+# 3,078 tokens, 54% of them response tokens), for when no prepared data dir is given. Lengths are
+# scaled by seq_len / 1024 so that a short --quick row sees the same packing problem.
+SYNTHETIC_MEAN_TOKENS, SYNTHETIC_SIGMA, SYNTHETIC_RESPONSE_SHARE = 191, 0.65, 0.54
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes for CI: checks it runs, measures nothing"
+    )
+    parser.add_argument("--parts", default="a,b,c", help="comma-separated parts to run: a, b, c")
+    parser.add_argument("--preset", default="112m", help="model preset for (a) and (c) (ds_sft.model.config)")
+    parser.add_argument("--seq_len", type=int, default=512, help="row length for (a) and (c)")
+    parser.add_argument("--micro_batch", type=int, default=4, help="rows per step")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per contender (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per contender first")
+    parser.add_argument("--b_preset", default=None, help="model preset for (b); default: --preset")
+    parser.add_argument("--b_seq_len", type=int, default=1024, help="row length for (b)")
+    parser.add_argument("--b_rows", type=int, default=8, help="packed rows whose documents (b) trains on")
+    parser.add_argument(
+        "--data_dir", default=None, help="a prepared data dir for (b)'s documents (train split)"
+    )
+    parser.add_argument(
+        "--gemm_size", type=int, default=None, help="n of the n x n x n bf16 GEMM (default 4096)"
+    )
+    parser.add_argument(
+        "--kernels", default="auto", help="ds-sft kernels backend: auto, triton, torch, eager"
+    )
+    parser.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, tokens and document order")
+    parser.add_argument(
+        "--out", default=None, help="JSON path; default bench/results/train_throughput[.quick].json"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.seq_len, args.micro_batch, args.steps, args.warmup = "tiny", 64, 2, 2, 1
+        args.b_seq_len, args.b_rows, args.gemm_size = 128, 4, args.gemm_size or 256
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if unknown := set(args.parts) - {"a", "b", "c"}:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from a, b, c")
+    return args
+
+
+# ----------------------------------------------------------------------------- rows of tokens
+
+
+@dataclass
+class Document:
+    input_ids: torch.Tensor  # [n]
+    labels: torch.Tensor  # [n], already shifted, -100 where nothing is trained
+
+
+def synthetic_documents(
+    count: int, vocab_size: int, max_len: int, generator: random.Random
+) -> list[Document]:
+    """Documents with the shared mix's length profile (for rows of ``max_len``): prompt, then response."""
+    import math
+
+    docs = []
+    mean = SYNTHETIC_MEAN_TOKENS * max_len / 1024
+    mu = math.log(mean) - SYNTHETIC_SIGMA**2 / 2  # lognormal with that mean
+    for _ in range(count):
+        length = max(4, min(max_len, round(generator.lognormvariate(mu, SYNTHETIC_SIGMA))))
+        ids = torch.tensor([generator.randrange(vocab_size) for _ in range(length)])
+        prompt = round(length * (1 - SYNTHETIC_RESPONSE_SHARE))
+        labels = torch.cat([ids[1:], torch.tensor([IGNORE_INDEX])])
+        labels[:prompt] = IGNORE_INDEX
+        docs.append(Document(ids, labels))
+    return docs
+
+
+def documents_from_rows(rows: list[dict]) -> list[Document]:
+    """Cut packed rows back into their documents (``document_ids`` >= 0)."""
+    docs = []
+    for row in rows:
+        for doc in row["document_ids"].unique().tolist():
+            if doc < 0:
+                continue
+            where = row["document_ids"] == doc
+            docs.append(Document(row["input_ids"][where], row["labels"][where]))
+    return docs
+
+
+def pack_rows(docs: list[Document], seq_len: int) -> list[dict]:
+    """Best-fit decreasing into rows of ``seq_len`` (for synthetic documents; real ones come packed)."""
+    rows: list[list[Document]] = []
+    space: list[int] = []
+    for doc in sorted(docs, key=lambda d: -len(d.input_ids)):
+        fits = [i for i, free in enumerate(space) if free >= len(doc.input_ids)]
+        if fits:
+            best = min(fits, key=lambda i: space[i])
+            rows[best].append(doc)
+            space[best] -= len(doc.input_ids)
+        else:
+            rows.append([doc])
+            space.append(seq_len - len(doc.input_ids))
+    return [layout_row(row, seq_len) for row in rows]
+
+
+def layout_row(docs: list[Document], length: int) -> dict:
+    """One row in the dataset contract's layout: documents back to back, then padding."""
+    row = {
+        "input_ids": torch.zeros(length, dtype=torch.long),
+        "labels": torch.full((length,), IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.zeros(length, dtype=torch.long),
+        "document_ids": torch.full((length,), -1, dtype=torch.long),
+    }
+    start = 0
+    for index, doc in enumerate(docs):
+        end = start + len(doc.input_ids)
+        row["input_ids"][start:end] = doc.input_ids
+        row["labels"][start:end] = doc.labels
+        row["position_ids"][start:end] = torch.arange(end - start)
+        row["document_ids"][start:end] = index
+        start = end
+    return row
+
+
+def stack(rows: list[dict]) -> dict:
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def batches_of(rows: list[dict], size: int) -> list[dict]:
+    return [stack(rows[i : i + size]) for i in range(0, len(rows), size)]
+
+
+def padded_layouts(docs: list[Document], seq_len: int, micro_batch: int, seed: int) -> dict[str, list[dict]]:
+    """The same documents as micro-batches: one per row padded to seq_len, or to the batch's longest."""
+    shuffled = docs[:]
+    random.Random(seed).shuffle(shuffled)
+    pad_to_seq = batches_of([layout_row([d], seq_len) for d in shuffled], micro_batch)
+    pad_to_longest = []
+    for i in range(0, len(shuffled), micro_batch):
+        group = shuffled[i : i + micro_batch]
+        longest = max(len(d.input_ids) for d in group)
+        pad_to_longest.append(stack([layout_row([d], longest) for d in group]))
+    return {"pad_to_seq_len": pad_to_seq, "pad_to_longest": pad_to_longest}
+
+
+def token_counts(batches: list[dict]) -> dict:
+    slots = sum(b["input_ids"].numel() for b in batches)
+    real = sum(int((b["document_ids"] >= 0).sum()) for b in batches)
+    trained = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    return {
+        "batches": len(batches),
+        "slots": slots,
+        "tokens": real,
+        "trained_tokens": trained,
+        "token_efficiency": real / slots,
+    }
+
+
+# ----------------------------------------------------------------------------- contenders
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def plain_dssft_step(config: ModelConfig, device: torch.device, lr: float = 1e-4) -> Callable[[dict], float]:
+    """The ds-sft model in a plain AdamW loop under bf16 autocast."""
+    model = LlamaModel(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+
+    def step(batch: dict) -> float:
+        trained = (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+        with _autocast(device):
+            loss = model(
+                batch["input_ids"], batch["position_ids"], batch["document_ids"], labels=batch["labels"]
+            )
+        (loss / trained).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item() / trained.item()
+
+    return step
+
+
+def hf_step(config: ModelConfig, device: torch.device, lr: float = 1e-4) -> Callable[[dict], float]:
+    """transformers' LlamaForCausalLM of the same shape, plain AdamW, bf16 autocast, its own loss."""
+    from transformers import LlamaForCausalLM
+
+    from ds_sft.model.checkpoint import hf_config
+
+    hf_cfg = hf_config(config)
+    hf_cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(hf_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+
+    def step(batch: dict) -> float:
+        # HF shifts labels itself: give it the unshifted ids, masked where the ds-sft labels are.
+        labels = batch["input_ids"].clone()
+        labels[:, 1:][batch["labels"][:, :-1] == IGNORE_INDEX] = IGNORE_INDEX
+        labels[:, 0] = IGNORE_INDEX
+        with _autocast(device):
+            loss = model(input_ids=batch["input_ids"], labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def _ensure_single_process_env() -> None:
+    """DeepSpeed's init reads the torchrun variables; a plain ``python`` process sets them itself."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+
+
+def deepspeed_step(config: ModelConfig, device: torch.device, micro_batch: int, lr: float = 1e-4):
+    """The ds-sft training step: the DeepSpeed engine (ZeRO-2, bf16) around the ds-sft model."""
+    import deepspeed
+
+    _ensure_single_process_env()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 2},
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
+        "steps_per_print": 10**9,
+    }
+    model = LlamaModel(config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+
+    def step(batch: dict) -> float:
+        trained = (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+        loss = engine(
+            batch["input_ids"], batch["position_ids"], batch["document_ids"], labels=batch["labels"]
+        )
+        engine.backward(loss / trained)
+        engine.step()
+        return loss.item() / trained.item()
+
+    step.engine = engine
+    return step
+
+
+def measure_round_robin(
+    contenders: dict[str, Callable], batches: list[dict], device, warmup: int, steps: int
+):
+    """Median seconds per step of each contender, taking turns one step at a time."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    losses: dict[str, float] = {}
+    for i in range(warmup + steps):
+        batch = {k: v.to(device) for k, v in batches[i % len(batches)].items()}
+        for name, step in contenders.items():
+            _sync(device)
+            start = time.perf_counter()
+            losses[name] = step(batch)
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, losses
+
+
+def time_layouts(step: Callable, layouts: dict[str, list[dict]], device) -> dict[str, float]:
+    """Total seconds for one step on every batch of each layout, the layouts taking turns."""
+    step({k: v.to(device) for k, v in next(iter(layouts.values()))[0].items()})  # warm-up, unmeasured
+    totals = dict.fromkeys(layouts, 0.0)
+    for i in range(max(len(batches) for batches in layouts.values())):
+        for name, batches in layouts.items():
+            if i >= len(batches):
+                continue
+            batch = {k: v.to(device) for k, v in batches[i].items()}
+            _sync(device)
+            start = time.perf_counter()
+            step(batch)
+            _sync(device)
+            totals[name] += time.perf_counter() - start
+    return totals
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """6 N (forward + backward through every weight) + 12 L d T (attention scores and values)."""
+    return 6 * config.num_parameters() + 12 * config.n_layers * config.d_model * seq_len
+
+
+def gemm_flops(n: int, device: torch.device, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n bf16 matrix multiply: the practical ceiling of this device."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    torch.mm(a, b)
+    timings = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        timings.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(timings)
+
+
+def gpu_peak(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return platform.processor() or platform.machine(), None
+    name = torch.cuda.get_device_name(device)
+    peak = next((flops for key, flops in GPU_BF16_PEAK.items() if key in name), None)
+    return name, peak
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def part_a(args, config: ModelConfig, device, batches) -> dict:
+    contenders = {
+        "hf_llama_adamw": hf_step(config, device),
+        "dssft_model_adamw": plain_dssft_step(config, device),
+        "dssft_deepspeed_zero2": deepspeed_step(config, device, args.micro_batch),
+    }
+    seconds, losses = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
+    tokens = args.micro_batch * args.seq_len
+    rows = {
+        name: {"step_s": s, "tokens_per_s": tokens / s, "last_loss": losses[name]}
+        for name, s in seconds.items()
+    }
+    contenders["dssft_deepspeed_zero2"].engine.destroy()
+    baseline = rows["hf_llama_adamw"]["tokens_per_s"]
+    return {
+        "rows": rows,
+        "speedup_vs_hf": {name: row["tokens_per_s"] / baseline for name, row in rows.items()},
+        "tokens_per_step": tokens,
+        "target_speedup": 1.3,
+    }
+
+
+def part_b(args, device) -> dict:
+    config = ModelConfig.preset(
+        args.b_preset or args.preset, max_seq_len=max(args.b_seq_len, 128), kernels=args.kernels
+    )
+    generator = random.Random(args.seed)
+    if args.data_dir:
+        from ds_sft.data.shards import PackedDataset
+
+        dataset = PackedDataset(args.data_dir, "train")
+        if dataset.seq_len != args.b_seq_len:
+            print(
+                f"(b): {args.data_dir} is packed at {dataset.seq_len}; using that instead of {args.b_seq_len}"
+            )
+        seq_len = dataset.seq_len
+        packed_rows = [dataset[i] for i in range(min(args.b_rows, len(dataset)))]
+        packed_rows = [
+            {k: row[k] for k in ("input_ids", "labels", "position_ids", "document_ids")}
+            for row in packed_rows
+        ]
+        docs = documents_from_rows(packed_rows)
+        origin = str(args.data_dir)
+    else:
+        seq_len = args.b_seq_len
+        docs = []
+        # draw documents until best-fit packing fills the requested number of rows
+        while not docs or len(pack_rows(docs, seq_len)) < args.b_rows:
+            docs += synthetic_documents(8, config.vocab_size, seq_len, generator)
+        packed_rows = pack_rows(docs, seq_len)
+        origin = "synthetic (no --data_dir): lognormal lengths like the shared mix"
+    layouts = {
+        "packed": batches_of(packed_rows, args.micro_batch),
+        **padded_layouts(docs, seq_len, args.micro_batch, args.seed),
+    }
+
+    torch.manual_seed(args.seed)
+    step = plain_dssft_step(config, device)
+    seconds = time_layouts(step, layouts, device)
+    results = {}
+    for name, batches in layouts.items():
+        counts = token_counts(batches)
+        results[name] = {
+            **counts,
+            "seconds": seconds[name],
+            "trained_tokens_per_s": counts["trained_tokens"] / seconds[name],
+        }
+    packed = results["packed"]["trained_tokens_per_s"]
+    return {
+        "documents": len(docs),
+        "documents_from": origin,
+        "seq_len": seq_len,
+        "model": args.b_preset or args.preset,
+        "layouts": results,
+        "packing_speedup": {
+            name: packed / r["trained_tokens_per_s"] for name, r in results.items() if name != "packed"
+        },
+        "targets": {"pad_to_seq_len": 5.0, "pad_to_longest": 2.4},
+    }
+
+
+def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) -> dict:
+    if a_result is None:  # (c) alone: time the ds-sft step by itself
+        step = deepspeed_step(config, device, args.micro_batch)
+        seconds, _ = measure_round_robin(
+            {"dssft_deepspeed_zero2": step}, batches, device, args.warmup, args.steps
+        )
+        step.engine.destroy()
+        tokens_per_s = args.micro_batch * args.seq_len / seconds["dssft_deepspeed_zero2"]
+    else:
+        tokens_per_s = a_result["rows"]["dssft_deepspeed_zero2"]["tokens_per_s"]
+    gemm_n = args.gemm_size or (8192 if device.type == "cuda" else 4096)
+    gemm = gemm_flops(gemm_n, device)
+    per_token = flops_per_token(config, args.seq_len)
+    achieved = tokens_per_s * per_token
+    device_name, peak = gpu_peak(device)
+    return {
+        "flops_per_token": per_token,
+        "tokens_per_s": tokens_per_s,
+        "achieved_flops": achieved,
+        "gemm_n": gemm_n,
+        "gemm_bf16_flops": gemm,
+        "fraction_of_gemm": achieved / gemm,
+        "device_bf16_peak": peak,
+        "mfu": achieved / peak if peak else None,
+        "device": device_name,
+        "targets": {"fraction_of_gemm": 0.75, "mfu_gpu": 0.45},
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def print_tables(result: dict) -> None:
+    if "a" in result:
+        a = result["a"]
+        steps = result["config"]["steps"]
+        print(f"\n(a) train step, {a['tokens_per_step']} tokens/step, median of {steps} steps")
+        print(f"{'contender':<24}{'step s':>10}{'tokens/s':>12}{'vs HF':>8}")
+        for name, row in a["rows"].items():
+            print(
+                f"{name:<24}{row['step_s']:>10.3f}{row['tokens_per_s']:>12.0f}{a['speedup_vs_hf'][name]:>7.2f}x"
+            )
+    if "b" in result:
+        b = result["b"]
+        print(f"\n(b) {b['documents']} documents at seq {b['seq_len']} ({b['documents_from']})")
+        print(f"{'layout':<18}{'batches':>8}{'efficiency':>12}{'trained tok/s':>15}{'packing gain':>14}")
+        for name, row in b["layouts"].items():
+            gain = b["packing_speedup"].get(name)
+            gain_text = f"{gain:.2f}x" if gain else "-"
+            print(
+                f"{name:<18}{row['batches']:>8}{row['token_efficiency']:>12.1%}"
+                f"{row['trained_tokens_per_s']:>15.0f}{gain_text:>14}"
+            )
+    if "c" in result:
+        c = result["c"]
+        giga = 1e9
+        print(
+            f"\n(c) {c['flops_per_token'] / giga:.3f} GFLOP/token x {c['tokens_per_s']:.0f} tokens/s"
+            f" = {c['achieved_flops'] / giga:.1f} GFLOP/s; bf16 GEMM {c['gemm_n']}^3"
+            f" {c['gemm_bf16_flops'] / giga:.1f} GFLOP/s -> {c['fraction_of_gemm']:.1%} of GEMM"
+        )
+        if c["mfu"] is not None:
+            peak = c["device_bf16_peak"] / 1e12
+            print(f"    MFU vs {c['device']} bf16 peak {peak:.0f} TFLOP/s: {c['mfu']:.1%}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    config = ModelConfig.preset(args.preset, max_seq_len=max(args.seq_len, 128), kernels=args.kernels)
+    device_name, _ = gpu_peak(device)
+    result = {
+        "benchmark": "train_throughput",
+        "quick": args.quick,
+        "machine": {
+            "device": device_name,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+        },
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "model_parameters": config.num_parameters(),
+    }
+    generator = random.Random(args.seed)
+    docs = synthetic_documents(args.micro_batch * 16, config.vocab_size, args.seq_len, generator)
+    batches = batches_of(pack_rows(docs, args.seq_len), args.micro_batch)
+    batches = [b for b in batches if b["input_ids"].shape[0] == args.micro_batch] or batches
+    if "a" in args.parts:
+        result["a"] = part_a(args, config, device, batches)
+        gc.collect()
+    if "c" in args.parts:
+        result["c"] = part_c(args, config, device, result.get("a"), batches)
+    if "b" in args.parts:
+        result["b"] = part_b(args, device)
+    print_tables(result)
+    out = (
+        Path(args.out) if args.out else RESULTS_DIR / f"train_throughput{'.quick' if args.quick else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(result, tmp, indent=2)
+    os.replace(tmp.name, out)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
