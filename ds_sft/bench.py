@@ -1,0 +1,102 @@
+"""``ds-sft bench``: run the benchmark scripts in ``bench/`` and collect their tables.
+
+    ds-sft bench --quick                 # every script in smoke-test sizes (what CI runs)
+    ds-sft bench --only train_throughput # one script, full size
+
+Each script in ``bench/`` stands alone (``python bench/<name>.py [--quick]``), measures its ratios
+side by side in one process, prints a table and writes JSON under ``bench/results/``. This command
+runs each in its own subprocess, so one script's threads, memory or DeepSpeed process group cannot
+disturb the next, streams its output, and writes ``bench/results/summary[.quick].json``: per script,
+the exit code, the wall time and the JSON files it wrote. It fails when any script fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ds_sft.errors import UserError
+from ds_sft.paths import REPO_ROOT
+
+BENCH_DIR = REPO_ROOT / "bench"
+# The order they run in: the cheap data and kernel figures first, the long training steps last.
+SCRIPTS = ("prepare_speed", "kernels", "fp8", "train_throughput")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="pass --quick to every script (tiny sizes, CI)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"run only this script (repeatable): {', '.join(SCRIPTS)}",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds each script may run before it is stopped"
+    )
+    parser.add_argument(
+        "--results_dir",
+        default=str(BENCH_DIR / "results"),
+        help="where the scripts' JSON is collected and summary.json is written",
+    )
+
+
+def available_scripts(only: list[str]) -> list[Path]:
+    """The scripts to run, in :data:`SCRIPTS` order; the named ones must exist."""
+    if not BENCH_DIR.is_dir():
+        raise UserError(f"{BENCH_DIR} not found: ds-sft bench runs from a source checkout of ds-sft")
+    unknown = sorted(set(only) - set(SCRIPTS))
+    if unknown:
+        raise UserError(f"unknown benchmark {unknown}; choose from {', '.join(SCRIPTS)}")
+    names = [name for name in SCRIPTS if not only or name in only]
+    missing = [name for name in names if only and not (BENCH_DIR / f"{name}.py").is_file()]
+    if missing:
+        raise UserError(f"bench/{missing[0]}.py does not exist in this checkout")
+    return [BENCH_DIR / f"{name}.py" for name in names if (BENCH_DIR / f"{name}.py").is_file()]
+
+
+def run_script(script: Path, quick: bool, timeout: float | None, results_dir: Path) -> dict:
+    """Run one script, its output streaming through; report exit code, time and new JSON files."""
+    command = [sys.executable, str(script), *(["--quick"] if quick else [])]
+    print(f"\n=== {script.stem}: {' '.join(command[1:])}", flush=True)
+    started = time.time()
+    try:
+        code = subprocess.run(command, cwd=REPO_ROOT, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        code = None
+        print(f"=== {script.stem}: stopped after {timeout:.0f} s", flush=True)
+    written = sorted(
+        str(path)
+        for path in results_dir.glob("*.json")
+        if path.stat().st_mtime >= started and not path.name.startswith("summary")
+    )
+    return {"returncode": code, "seconds": round(time.time() - started, 1), "results": written}
+
+
+def run(args: argparse.Namespace) -> int:
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    scripts = available_scripts(args.only)
+    if not scripts:
+        raise UserError(f"no benchmark scripts in {BENCH_DIR}")
+    summary = {script.stem: run_script(script, args.quick, args.timeout, results_dir) for script in scripts}
+
+    path = results_dir / f"summary{'.quick' if args.quick else ''}.json"
+    path.write_text(json.dumps({"quick": args.quick, "scripts": summary}, indent=2) + "\n")
+    print("\n=== ds-sft bench" + (" --quick" if args.quick else ""))
+    for name, entry in summary.items():
+        status = "ok" if entry["returncode"] == 0 else f"FAILED ({entry['returncode']})"
+        print(f"{name:<18} {status:<12} {entry['seconds']:>7.1f} s  {', '.join(entry['results']) or '-'}")
+    print(f"wrote {path}")
+    return 0 if all(entry["returncode"] == 0 for entry in summary.values()) else 1
+
+
+if __name__ == "__main__":
+    from ds_sft.command import main_for
+
+    sys.exit(main_for("bench"))

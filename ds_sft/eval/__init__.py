@@ -1,0 +1,1 @@
+"""Evaluation: validation loss per source, GSM8K accuracy, fixed-prompt generations (``ds-sft eval``)."""
