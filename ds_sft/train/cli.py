@@ -1,0 +1,218 @@
+"""Fine-tune a LLaMA-style model on a prepared data directory with the DeepSpeed engine.
+
+The same command runs in one process (``ds-sft train ...``) or several
+(``deepspeed --num_gpus 2 -m ds_sft.train ...``, ``torchrun --nproc_per_node 2 -m ds_sft.train ...``,
+Slurm: see launch/). Settings layer as built-in defaults <- --deepspeed_config JSON <- flags; the
+flags below left unset take the JSON's value (printed as an override when a flag changes it).
+
+    ds-sft train --data_dir data_sft --base_model smollm2-135m-instruct \\
+        --deepspeed_config ds_configs/zero2.json --micro_batch_size 2 --grad_accum 2 --max_iters 10
+
+Writes OUT_DIR/effective_config.json, checkpoints/, metrics.jsonl, final/ (fp32 safetensors +
+tokenizer, for `ds-sft export` / `ds-sft eval`), report.md and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from ds_sft.train.config import DEFAULTS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+
+    def flag(group, name, help, **kwargs):
+        default = d.get(name.lstrip("-"))
+        suffix = "" if default is None else f" (default: {default})"
+        group.add_argument(name, default=None, help=help + suffix, **kwargs)
+
+    io = parser.add_argument_group("data, model and output")
+    flag(io, "--data_dir", "prepared data directory (written by `ds-sft prepare`)")
+    flag(
+        io,
+        "--base_model",
+        "weights to start from: a checkpoint file or directory, GGUF, or an alias "
+        "such as smollm2-135m-instruct",
+    )
+    flag(io, "--model", "random init from a preset instead (tiny, 112m, smollm2-135m)")
+    flag(io, "--out_dir", "run directory for checkpoints, metrics, final weights and the report")
+    flag(
+        io,
+        "--fp8",
+        "fp8 matmuls for the projections: off, emulated (torch._scaled_mm) or te "
+        '(Transformer Engine); the JSON\'s "fp8" section is the recipe',
+        choices=["off", "emulated", "te"],
+    )
+    flag(io, "--compile", "torch.compile the engine's module", action="store_const", const=True)
+    flag(
+        io,
+        "--activation_checkpointing",
+        "recompute each block in backward to save activation memory",
+        action="store_const",
+        const=True,
+    )
+
+    eng = parser.add_argument_group("engine")
+    eng.add_argument(
+        "--deepspeed_config",
+        default=None,
+        help="DeepSpeed JSON (default: ds_configs/zero2.json; see ds_configs/ for zero0-3, "
+        "offload, bf16 and the seed recipe)",
+    )
+    flag(eng, "--zero_stage", "ZeRO stage 0-3 (zero_optimization.stage)", type=int)
+    flag(eng, "--precision", "fp32 or bf16 (bf16.enabled)", choices=["fp32", "bf16"])
+    flag(eng, "--micro_batch_size", "rows per rank per micro-step (train_micro_batch_size_per_gpu)", type=int)
+    flag(eng, "--grad_accum", "micro-steps per optimizer step (gradient_accumulation_steps)", type=int)
+    eng.add_argument(
+        "--local_rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; the LOCAL_RANK environment variable is what is used",
+    )
+
+    opt = parser.add_argument_group("optimization")
+    flag(opt, "--learning_rate", "peak AdamW learning rate (optimizer.params.lr)", type=float)
+    flag(opt, "--min_lr", "learning rate at the last step, after the cosine decay", type=float)
+    flag(opt, "--warmup_iters", "steps of linear warmup to the peak", type=int)
+    flag(opt, "--max_iters", "optimizer steps in the run", type=int)
+    flag(opt, "--weight_decay", "AdamW decay on the q/k/v/o and gate/up/down weights (others: 0)", type=float)
+    flag(opt, "--grad_clip", "clip the global gradient norm to this (gradient_clipping; 0 = off)", type=float)
+    flag(opt, "--seed", "seed for the model init and the data order", type=int)
+
+    ev = parser.add_argument_group("evaluation, logging and alarms")
+    flag(ev, "--eval_interval", "evaluate every N steps (and at the last step)", type=int)
+    flag(ev, "--eval_iters", "val batches (of micro_batch_size x world size rows) per evaluation", type=int)
+    flag(ev, "--log_interval", "print a log line every N steps", type=int)
+    flag(ev, "--wandb_project", "wandb project name (default: ds-sft)")
+    flag(
+        ev,
+        "--wandb_mode",
+        "offline, online or disabled (default: $WANDB_MODE, else online when "
+        "WANDB_API_KEY is set, else offline)",
+        choices=["offline", "online", "disabled"],
+    )
+    flag(ev, "--alarm_rising_evals", "warn when val loss rises for this many evals in a row", type=int)
+    flag(ev, "--alarm_gap", "warn when val loss exceeds the recent train loss by more than this", type=float)
+    flag(
+        ev,
+        "--max_nan_steps",
+        "stop after this many non-finite-loss steps in a row (each is skipped)",
+        type=int,
+    )
+
+    ck = parser.add_argument_group("checkpoints")
+    flag(ck, "--save_interval", "save a checkpoint every N steps (and at the end, and on SIGTERM)", type=int)
+    flag(ck, "--keep_last", "keep this many recent checkpoints (plus the best)", type=int)
+    ck.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue a run: alone, from OUT_DIR/checkpoints/latest (fresh start when there is "
+        "none); or from the given checkpoint directory",
+    )
+
+
+def build_model(s):
+    """The model on CPU in fp32 (the engine moves and casts it), fp8 layers swapped in if asked."""
+    import torch
+
+    from ds_sft.model.checkpoint import load_model
+    from ds_sft.model.config import ModelConfig
+    from ds_sft.model.llama import LlamaModel
+
+    torch.manual_seed(s.seed)  # every rank builds identical weights
+    model = load_model(s.base_model) if s.base_model is not None else LlamaModel(ModelConfig.preset(s.model))
+    model.config.activation_checkpointing = bool(s.activation_checkpointing)
+    if s.fp8 != "off":
+        from ds_sft.model.fp8 import Fp8Recipe, apply_fp8
+
+        apply_fp8(model, s.fp8, Fp8Recipe.from_dict(s.fp8_recipe) if s.fp8_recipe else None)
+    return model
+
+
+def make_sampler(dataset, seed: int):
+    import torch.distributed as dist
+
+    from ds_sft.data.sampler import ResumableSampler
+
+    return ResumableSampler(len(dataset), seed=seed, rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def save_final(engine, run_dir: Path, tokenizer_dir) -> Path | None:
+    """Consolidated fp32 weights (every rank takes part; rank 0 writes) -> RUN/final."""
+    import torch.distributed as dist
+
+    from ds_sft.model.checkpoint import save_model
+    from ds_sft.model.llama import LlamaModel
+    from ds_sft.train.checkpointing import consolidated_state_dict
+
+    state = consolidated_state_dict(engine)
+    final = run_dir / "final"
+    if dist.get_rank() == 0:
+        model = LlamaModel(engine.module.config)
+        model.load_state_dict(state, strict=True)
+        save_model(model, final)
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            shutil.copytree(tokenizer_dir, final / "tokenizer", dirs_exist_ok=True)
+        print(f"final fp32 weights: {final}")
+    dist.barrier()
+    return final
+
+
+def run(args: argparse.Namespace) -> int:
+    from ds_sft.train import config as config_module
+
+    ds_config, s, overrides = config_module.resolve(args)  # every check before anything heavy
+
+    import torch.distributed as dist
+
+    from ds_sft.data.shards import PackedDataset
+    from ds_sft.train.engine import init_distributed
+    from ds_sft.train.loop import train
+    from ds_sft.train.report import write_report
+
+    rank, world = init_distributed()
+    run_dir = Path(s.out_dir)
+    effective = config_module.effective_config(ds_config, s)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for line in overrides:
+            print(line)
+        print("effective config:\n" + json.dumps(effective, indent=2))
+        (run_dir / "effective_config.json").write_text(json.dumps(effective, indent=2) + "\n")
+    dist.barrier()
+
+    train_set = PackedDataset(s.data_dir, "train")
+    val_set = PackedDataset(s.data_dir, "val")
+    model = build_model(s)
+    sampler = make_sampler(train_set, s.seed)
+    summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
+    engine = summary["engine"]
+    if summary["status"] == "finished":
+        save_final(engine, run_dir, train_set.tokenizer_dir)
+    if rank == 0:
+        print(f"report: {write_report(run_dir, effective, summary)}")
+    engine.destroy()
+    if world > 1:
+        shutdown_multiprocess()
+    return 0
+
+
+def shutdown_multiprocess() -> None:
+    """Leave without running interpreter teardown: with several ranks, DeepSpeed 0.19.8 on CPU sometimes
+    aborts in it ("terminate called without an active exception") after the work is done; flushing and
+    ``os._exit(0)`` after the process group is gone made 16/16 runs exit 0 (shared/FACTS.md)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

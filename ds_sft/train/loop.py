@@ -1,0 +1,399 @@
+"""The run loop: one optimizer step = ``grad_accum`` micro-batches on each of ``world`` ranks.
+
+Token-normalized loss. The model returns the *sum* of token losses of a micro-batch. The loss we
+want is ``sum over the global batch of token losses / trained tokens in the global batch``: a mean of
+micro-batch means would weight a token in a short micro-batch more than one in a long one. So:
+
+1. Before the first forward of a step, all-reduce the number of trained tokens ``N`` of this step's
+   micro-batches over all ranks (labels are known up front).
+2. Each micro-step backpropagates ``loss_sum * world / N`` with ``scale_wrt_gas=False``: the engine
+   then does not divide by the accumulation steps, and its data-parallel *averaging* (a division by
+   ``world``) cancels the ``world``. The gradient left in the engine is exactly
+   ``d(sum of token losses) / d(theta) / N``, whatever the accumulation or world size.
+
+The engine still owns accumulation (it steps only at the boundary), clipping and the update.
+
+Non-finite loss. A ZeRO optimizer (and DeepSpeed's bf16 stage-0 wrapper) checks the gradients for
+inf/NaN and skips the update by itself; the plain torch AdamW of fp32 stage 0 would apply it, so
+there the gradients are dropped (``grad = None``, which torch optimizers skip) before the step.
+After ``--max_nan_steps`` non-finite steps in a row the run stops with a clear message.
+
+Preemption: SIGTERM/SIGINT set a flag; at the end of the step every rank agrees (all-reduce) to
+save a checkpoint and leave, so no rank is caught half-way through a collective.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from ds_sft.errors import UserError
+from ds_sft.train import checkpointing
+from ds_sft.train.engine import build_engine, format_group_table, lr_at, set_lr
+from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration, peak_flops
+
+MODEL_INPUTS = ("input_ids", "position_ids", "document_ids", "labels")
+IGNORE_INDEX = -100
+
+
+def collate(rows: list[dict]) -> dict:
+    import torch
+
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def micro_batches(dataset, sampler, micro_batch_size: int):
+    """Endless stream of this rank's micro-batches, epoch after epoch, in the sampler's order."""
+    rows = []
+    while True:
+        for index in sampler:
+            rows.append(dataset[index])
+            if len(rows) == micro_batch_size:
+                yield collate(rows)
+                rows = []
+
+
+def model_inputs(batch: dict, device) -> dict:
+    return {key: batch[key].to(device) for key in MODEL_INPUTS if key in batch}
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def local_grad_norm(engine) -> float:
+    """2-norm of the (already data-parallel averaged) gradients, for stage 0 where the engine has none."""
+    import torch
+
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+def train_step(engine, batches: list[dict], world_size: int) -> dict:
+    """Forward/backward every micro-batch of one optimizer step and let the engine update.
+
+    Returns the global token-normalized loss, the trained-token count and the pre-clip grad norm.
+    """
+    (trained_tokens,) = all_reduce_sum([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)])
+    scale = world_size / max(trained_tokens, 1.0)
+    local_loss_sum = 0.0
+    own_norm = None
+    for i, batch in enumerate(batches):
+        loss_sum = engine(**model_inputs(batch, engine.device))
+        engine.backward(loss_sum * scale, scale_wrt_gas=False)
+        local_loss_sum += loss_sum.item()
+        if i == len(batches) - 1:
+            (global_loss_sum,) = all_reduce_sum([local_loss_sum])
+            finite = math.isfinite(global_loss_sum)
+            if not hasattr(engine.optimizer, "overflow"):  # plain torch optimizer: stage 0, fp32
+                if finite:
+                    own_norm = local_grad_norm(engine)
+                else:
+                    for param in engine.module.parameters():
+                        param.grad = None
+        engine.step()
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = own_norm if grad_norm is None else float(grad_norm)
+    return {
+        "loss": global_loss_sum / max(trained_tokens, 1.0),
+        "trained_tokens": int(trained_tokens),
+        "grad_norm": grad_norm if finite else None,
+        "finite": finite,
+    }
+
+
+def evaluate(engine, dataset, micro_batch_size: int, eval_iters: int) -> dict:
+    """Loss, perplexity and next-token accuracy on the first ``eval_iters`` global batches of ``dataset``,
+    overall and per source. Every rank runs the same number of forwards (ZeRO 3 gathers weights
+    collectively inside each one)."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows_per_rank = min(len(dataset), eval_iters * micro_batch_size * world) // world
+    if rows_per_rank == 0:
+        raise UserError(
+            f"the val split has {len(dataset)} rows, fewer than the world size {world}: "
+            "prepare with a larger val split"
+        )
+    n_sources = len(dataset.sources)
+    # per source: [loss sum, trained tokens, correct predictions]
+    totals = torch.zeros(n_sources, 3, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, rows_per_rank, micro_batch_size):
+            indices = [rank + world * i for i in range(start, min(start + micro_batch_size, rows_per_rank))]
+            batch = collate([dataset[i] for i in indices])
+            inputs = model_inputs(batch, engine.device)
+            labels = inputs.pop("labels")
+            logits = engine(**inputs).float()
+            trained = labels != IGNORE_INDEX
+            losses = F.cross_entropy(logits[trained], labels[trained], reduction="none").double()
+            correct = (logits[trained].argmax(-1) == labels[trained]).double()
+            sources = batch["source_ids"].to(labels.device)[trained]
+            totals[:, 0].index_add_(0, sources.cpu(), losses.cpu())
+            totals[:, 1].index_add_(0, sources.cpu(), torch.ones_like(losses).cpu())
+            totals[:, 2].index_add_(0, sources.cpu(), correct.cpu())
+    engine.train()
+    dist.all_reduce(totals)
+
+    def summary(loss_sum, tokens, correct):
+        loss = loss_sum / max(tokens, 1.0)
+        return {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)),
+            "acc": correct / max(tokens, 1.0),
+            "tokens": int(tokens),
+        }
+
+    overall = summary(*totals.sum(0).tolist())
+    return {
+        "val_loss": overall["loss"],
+        "val_ppl": overall["ppl"],
+        "val_acc": overall["acc"],
+        "val_tokens": overall["tokens"],
+        "per_source": {
+            name: summary(*totals[i].tolist()) for i, name in enumerate(dataset.sources) if totals[i, 1] > 0
+        },
+    }
+
+
+class Alarms:
+    """Warnings about the run's health: val loss rising for N evals, train/val gap over a threshold."""
+
+    def __init__(self, rising_evals: int, max_gap: float):
+        self.rising_evals, self.max_gap = rising_evals, max_gap
+
+    def check(self, val_history: list[float], recent_train_loss: float | None) -> list[str]:
+        messages = []
+        last = val_history[-(self.rising_evals + 1) :]
+        if len(last) == self.rising_evals + 1 and all(b > a for a, b in zip(last, last[1:], strict=False)):
+            messages.append(
+                f"val loss rose for {self.rising_evals} evals in a row "
+                f"({' -> '.join(f'{v:.4f}' for v in last)}): overfitting or lr too high?"
+            )
+        if recent_train_loss is not None and val_history[-1] - recent_train_loss > self.max_gap:
+            messages.append(
+                f"val loss {val_history[-1]:.4f} exceeds train loss {recent_train_loss:.4f} by more "
+                f"than {self.max_gap}: overfitting?"
+            )
+        return messages
+
+
+@contextmanager
+def preemption_flag():
+    """SIGTERM / SIGINT set ``flag['stop']`` instead of killing the process mid-step."""
+    import threading
+
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def request_stop(signum, frame):
+        flag["stop"] = True
+        print(
+            f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting",
+            flush=True,
+        )
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler) -> dict:
+    """Build the engine, resume if asked, run to ``s.max_iters`` (or preemption). Returns a summary:
+    {"engine", "status": "finished" | "preempted", "step", "last_eval", "alarms", "records"}."""
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
+    say = print if is_main else (lambda *a, **k: None)
+    ckpt_dir = run_dir / "checkpoints"
+
+    tag_dir = checkpointing.find_checkpoint(s.resume, run_dir)
+    state = {
+        "step": 0,
+        "best_val": None,
+        "best_tag": None,
+        "val_history": [],
+        "nan_streak": 0,
+        "train_tokens": 0,
+        "elapsed_s": 0.0,
+    }
+    universal = False
+    if tag_dir is not None:
+        saved = checkpointing.read_trainer_state(tag_dir)
+        universal = checkpointing.needs_universal(saved, world)
+        if universal:
+            ds_config = {
+                **ds_config,
+                "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True},
+            }
+
+    engine, group_table = build_engine(model, ds_config, s.weight_decay)
+    if s.compile:
+        engine.compile()
+    say("parameter groups:\n" + format_group_table(group_table))
+    if tag_dir is not None:
+        state = checkpointing.load(engine, tag_dir, universal=universal)
+        sampler.load_state_dict(state["sampler"])
+        say(
+            f"resumed from {tag_dir} at step {state['step']}"
+            + (
+                f" (saved by {saved['world_size']} ranks; loaded via a universal checkpoint)"
+                if universal
+                else ""
+            )
+        )
+    elif s.resume == "auto":
+        say(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
+
+    config = model.config
+    bf16 = ds_config.get("bf16", {}).get("enabled", False)
+    peak, peak_source = peak_flops(bf16)
+    flops_token = flops_per_token(config.num_parameters(), config.n_layers, config.d_model, train_set.seq_len)
+    say(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per rank ({peak_source}); {flops_token / 1e6:.1f} MFLOP/token")
+    sink = MetricsSink(run_dir, is_main, s.wandb_project, s.wandb_mode, config=vars(s))
+    alarms = Alarms(s.alarm_rising_evals, s.alarm_gap)
+    alarm_log: list[dict] = []
+
+    stream = micro_batches(train_set, sampler, s.micro_batch_size)
+    tokens_per_step = s.micro_batch_size * s.grad_accum * world * train_set.seq_len
+    first_step, last_eval, recent_train = state["step"], None, []
+    run_start = time.perf_counter()
+    status = "finished"
+    progress = tqdm(
+        total=s.max_iters,
+        initial=first_step,
+        disable=not is_main,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+
+    def save(step):
+        trainer_state = {
+            **state,
+            "sampler": sampler.state_dict(),
+            "world_size": world,
+            "zero_stage": engine.zero_optimization_stage(),
+        }
+        tag = checkpointing.save(engine, ckpt_dir, step, trainer_state, s.keep_last)
+        say(f"saved checkpoint {ckpt_dir / tag}")
+
+    with preemption_flag() as flag:
+        for step in range(first_step, s.max_iters):
+            lr = lr_at(step, s.learning_rate, s.min_lr, s.warmup_iters, s.max_iters)
+            set_lr(engine, lr)
+            start = time.perf_counter()
+            result = train_step(engine, [next(stream) for _ in range(s.grad_accum)], world)
+            step_time = time.perf_counter() - start
+            done = step + 1
+            state["step"] = done
+            state["train_tokens"] += result["trained_tokens"]
+            state["elapsed_s"] += step_time
+            tokens_per_s = tokens_per_step / step_time
+            elapsed = time.perf_counter() - run_start
+            eta = elapsed / (done - first_step) * (s.max_iters - done)
+            record = {
+                "type": "train",
+                "step": done,
+                "loss": result["loss"],
+                "lr": lr,
+                "grad_norm": result["grad_norm"],
+                "tokens_per_s": tokens_per_s,
+                "trained_tokens": result["trained_tokens"],
+                "mfu": flops_token * tokens_per_s / (peak * world),
+                "elapsed_s": elapsed,
+                "eta_s": eta,
+            }
+            if not result["finite"]:
+                state["nan_streak"] += 1
+                record["skipped"] = True
+                message = (
+                    f"step {done}: non-finite loss ({result['loss']}), update skipped "
+                    f"({state['nan_streak']}/{s.max_nan_steps} in a row)"
+                )
+                say(message)
+                alarm_log.append({"step": done, "message": message})
+                if state["nan_streak"] >= s.max_nan_steps:
+                    sink.log(record)
+                    sink.close()
+                    progress.close()
+                    engine.destroy()
+                    raise UserError(
+                        f"loss was NaN/inf for {state['nan_streak']} steps in a row (last at step "
+                        f"{done}): lower --learning_rate, check the data, or resume from "
+                        f"{ckpt_dir / 'latest'}"
+                    )
+            else:
+                state["nan_streak"] = 0
+                recent_train.append(result["loss"])
+            sink.log(record)
+            progress.update(1)
+            progress.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}")
+            if is_main and (done % s.log_interval == 0 or done == s.max_iters):
+                norm = "n/a" if result["grad_norm"] is None else f"{result['grad_norm']:.3f}"
+                progress.write(
+                    f"step {done:>6}/{s.max_iters} | loss {result['loss']:.4f} | lr {lr:.3e} | "
+                    f"grad norm {norm} | {tokens_per_s:,.0f} tok/s | MFU {record['mfu']:.1%} | "
+                    f"{format_duration(elapsed)} elapsed, ETA {format_duration(eta)}"
+                )
+
+            if done % s.eval_interval == 0 or done == s.max_iters:
+                last_eval = evaluate(engine, val_set, s.micro_batch_size, s.eval_iters)
+                state["val_history"].append(last_eval["val_loss"])
+                if state["best_val"] is None or last_eval["val_loss"] < state["best_val"]:
+                    state["best_val"], state["best_tag"] = last_eval["val_loss"], checkpointing.tag_for(done)
+                train_mean = sum(recent_train) / len(recent_train) if recent_train else None
+                sink.log({"type": "eval", "step": done, **last_eval, "train_loss": train_mean})
+                per_source = ", ".join(f"{k} {v['loss']:.4f}" for k, v in last_eval["per_source"].items())
+                if is_main:
+                    progress.write(
+                        f"eval step {done}: val loss {last_eval['val_loss']:.4f} | ppl "
+                        f"{last_eval['val_ppl']:.2f} | acc {last_eval['val_acc']:.3f} | {per_source}"
+                    )
+                for message in alarms.check(state["val_history"], train_mean):
+                    say(f"ALARM step {done}: {message}")
+                    alarm_log.append({"step": done, "message": message})
+                    sink.log({"type": "alarm", "step": done, "message": message})
+                recent_train = []
+                is_best = state["best_tag"] == checkpointing.tag_for(done)
+                if is_best and done % s.save_interval != 0 and done != s.max_iters:
+                    save(done)  # keep the best weights even between save intervals
+
+            (stop,) = all_reduce_sum([1.0 if flag["stop"] else 0.0])
+            if stop:
+                save(done)
+                status = "preempted"
+                break
+            if done % s.save_interval == 0 or done == s.max_iters:
+                save(done)
+    progress.close()
+    sink.close()
+    return {
+        "engine": engine,
+        "status": status,
+        "step": state["step"],
+        "last_eval": last_eval,
+        "alarms": alarm_log,
+        "records": sink.records,
+        "best_val": state["best_val"],
+        "best_tag": state["best_tag"],
+        "peak_flops_source": peak_source,
+    }

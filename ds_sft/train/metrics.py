@@ -1,0 +1,120 @@
+"""Throughput, MFU and where metrics go (console, ``metrics.jsonl``, wandb).
+
+MFU (model FLOPs utilization) = achieved model FLOP/s / peak FLOP/s. Training a decoder costs
+``6 N`` FLOPs per token for the weight matmuls (2 forward + 4 backward per parameter) plus
+``12 L d T`` for attention scores and values (PaLM, appendix B), with N parameters, L layers,
+width d and sequence length T. Peak: the datasheet dense number for known GPUs; on a CPU, what a
+large matmul in the run's dtype actually reaches here (measured once at start), so CPU MFU reads
+as "fraction of this machine's GEMM rate".
+
+Only rank 0 writes; other ranks get a sink that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+# Dense peak FLOP/s per GPU (no sparsity) by name fragment: (bf16, fp32 via TF32).
+GPU_PEAK_FLOPS = {
+    "H200": (989e12, 494e12),
+    "H100": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "A10G": (70e12, 35e12),
+    "L4": (121e12, 60e12),
+    "V100": (125e12, 15.7e12),
+}
+
+
+def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
+    return 6 * n_params + 12 * n_layers * d_model * seq_len
+
+
+def measure_matmul_flops(dtype, size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a ``size``-cube matmul on the CPU, best of ``repeats``."""
+    import torch
+
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: first call pays for allocation and thread start
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(bf16: bool) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for fragment, (peak_bf16, peak_fp32) in GPU_PEAK_FLOPS.items():
+            if fragment in name:
+                return (peak_bf16 if bf16 else peak_fp32), f"{name} datasheet"
+        return 312e12, f"{name} unknown: assumed A100 bf16 peak"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return measure_matmul_flops(dtype), f"CPU {dtype} 1024^3 matmul measured"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class MetricsSink:
+    """Rank 0's console lines, ``metrics.jsonl`` and (optional) wandb run. Other ranks: no-ops."""
+
+    def __init__(
+        self, run_dir: Path, enabled: bool, wandb_project: str | None, wandb_mode: str | None, config: dict
+    ):
+        self.enabled = enabled
+        self.records: list[dict] = []
+        self.wandb = None
+        if not enabled:
+            return
+        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives as long as the run
+        mode = (
+            wandb_mode
+            or os.environ.get("WANDB_MODE")
+            or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        )
+        if mode != "disabled":
+            try:
+                import wandb
+            except ImportError:
+                print("wandb is not installed: logging to metrics.jsonl only")
+            else:
+                self.wandb = wandb.init(
+                    project=wandb_project or "ds-sft",
+                    mode=mode,
+                    dir=str(run_dir),
+                    config=config,
+                    name=run_dir.name,
+                )
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            for source, values in record.get("per_source", {}).items():
+                flat.update({f"{source}/{k}": v for k, v in values.items()})
+            self.wandb.log(flat, step=record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,119 @@
+"""``RUN/report.md`` and its plots, written by rank 0 from the run's metric records."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def plot(records: list[dict], run_dir: Path) -> list[str]:
+    """One PNG per curve; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+
+    def series(rows, key, transform=lambda v: v):
+        points = [
+            (r["step"], transform(r[key])) for r in rows if r.get(key) is not None and math.isfinite(r[key])
+        ]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    charts = {
+        "loss.png": (
+            "loss",
+            [("train", series(train, "loss")), ("val", series(evals, "val_loss"))]
+            + [
+                (f"val {name}", ([r["step"] for r in evals], [r["per_source"][name]["loss"] for r in evals]))
+                for name in (evals[-1]["per_source"] if evals else {})
+                if all(name in r["per_source"] for r in evals)
+            ],
+        ),
+        "perplexity.png": (
+            "perplexity",
+            [
+                ("train", series(train, "loss", lambda v: math.exp(min(v, 50)))),
+                ("val", series(evals, "val_ppl")),
+            ],
+        ),
+        "lr.png": ("learning rate", [("lr", series(train, "lr"))]),
+        "grad_norm.png": ("grad norm (pre-clip)", [("grad norm", series(train, "grad_norm"))]),
+        "tokens_per_s.png": ("tokens/s", [("tokens/s", series(train, "tokens_per_s"))]),
+    }
+    written = []
+    for filename, (ylabel, lines) in charts.items():
+        if not any(xs for _, (xs, _) in lines):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for label, (xs, ys) in lines:
+            if xs:
+                ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(run_dir / filename, dpi=100)
+        plt.close(fig)
+        written.append(filename)
+    return written
+
+
+def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
+    records = summary["records"]
+    train = [r for r in records if r["type"] == "train"]
+    finite = [r for r in train if r.get("loss") is not None and math.isfinite(r["loss"])]
+    images = plot(records, run_dir)
+    lines = [
+        f"# Training report: {run_dir.name}",
+        "",
+        f"Status: **{summary['status']}** at step {summary['step']}.",
+        "",
+    ]
+    if finite:
+        tps = sorted(r["tokens_per_s"] for r in train)
+        lines += [
+            "## Final metrics",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| train loss (last step) | {finite[-1]['loss']:.4f} |",
+            f"| train loss (first step) | {finite[0]['loss']:.4f} |",
+            f"| tokens/s (median) | {tps[len(tps) // 2]:,.0f} |",
+            f"| MFU (last step; peak: {summary['peak_flops_source']}) | {train[-1]['mfu']:.1%} |",
+            f"| wall time | {train[-1]['elapsed_s']:.0f} s |",
+        ]
+        if summary.get("best_val") is not None:
+            lines.append(f"| best val loss | {summary['best_val']:.4f} ({summary['best_tag']}) |")
+        lines.append("")
+    last_eval = summary.get("last_eval")
+    if last_eval:
+        lines += [
+            "## Validation (last eval)",
+            "",
+            "| source | loss | perplexity | token accuracy | tokens |",
+            "|---|---|---|---|---|",
+        ]
+        for name, v in {
+            **last_eval["per_source"],
+            "**all**": {
+                "loss": last_eval["val_loss"],
+                "ppl": last_eval["val_ppl"],
+                "acc": last_eval["val_acc"],
+                "tokens": last_eval["val_tokens"],
+            },
+        }.items():
+            lines.append(f"| {name} | {v['loss']:.4f} | {v['ppl']:.2f} | {v['acc']:.3f} | {v['tokens']:,} |")
+        lines.append("")
+    lines += ["## Alarms", ""]
+    lines += [f"- step {a['step']}: {a['message']}" for a in summary["alarms"]] or ["None."]
+    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
+    lines += ["", "## Effective config", "", "```json", json.dumps(effective_config, indent=2), "```", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
