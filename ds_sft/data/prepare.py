@@ -1,0 +1,499 @@
+"""ds-sft prepare: turn instruction files into packed, loss-masked token shards for training.
+
+    ds-sft prepare --alpaca alpaca_data_cleaned.json --gsm8k train-00000-of-00001.parquet \\
+        --dolly databricks-dolly-15k.jsonl --output_dir data_sft_enhanced --max_examples 80000
+
+Stages, in order (every dropped row is counted by source and reason in manifest.json):
+  load      json / jsonl / parquet through HF datasets (or a hub id); any one source alone is a valid run
+  clean     NFC + whitespace normalization; Alpaca "<noinput>"-style inputs emptied; GSM8K calculator
+            annotations <<48/2=24>> stripped (the final "#### N" line is kept); empty rows dropped
+  dedup     exact and case/punctuation/whitespace-folded duplicates, across all sources
+  decontam  rows sharing >= --decontam_threshold of their 13-grams with the GSM8K test set dropped;
+            then the val split is cut per source and train rows overlapping val rows are dropped
+  tokenize  prompt and response tokenized apart: the loss covers exactly response + EOS
+  mix       --mix weights upsample sources by whole epochs plus a seeded fraction; --max_examples caps
+  pack      best-fit-decreasing into rows of --seq_len (or --no_pack: one padded row per example)
+  write     DIR/train, DIR/val (memmap shards), DIR/tokenizer, DIR/manifest.json, DIR/lengths.png
+
+With no source flag, the offline ../shared/data mix is used when present. Re-running with the same
+inputs and flags reuses DIR (the manifest holds a hash of both); --force redoes it.
+Generic sources: --source NAME=PATH reads instruction/input/output, Dolly, GSM8K, prompt/completion or
+chat `messages` columns, found automatically, or mapped explicitly with
+--field_map NAME:instruction=COL,input=COL,response=COL (or NAME:messages=COL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ds_sft.errors import UserError
+
+FORMAT_VERSION = 1  # bump when the output layout or a cleaning rule changes: old outputs are then redone
+
+DROP_REASON_TOO_LONG = {1: "longer_than_seq_len", 2: "prompt_fills_seq_len"}
+SHARED_FILES = {
+    "alpaca": "alpaca/alpaca_cleaned_first5k.json",
+    "gsm8k": "gsm8k/train.jsonl",
+    "dolly": "dolly/dolly_5k_instruction_input_output.jsonl",
+}
+SHARED_GSM8K_TEST = "gsm8k/test.jsonl"
+NOT_IN_CACHE_KEY = {"output_dir", "force", "alpaca", "gsm8k", "dolly", "source", "from_shared", "command"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ds_sft.data.sources import HUB_IDS
+
+    src = parser.add_argument_group("sources (any one alone is a valid run)")
+    for kind, (hub_id, _) in HUB_IDS.items():
+        src.add_argument(
+            f"--{kind}",
+            nargs="?",
+            const=hub_id,
+            metavar="PATH_OR_HUB_ID",
+            help=f"{kind} data: a .json/.jsonl/.parquet file, or a hub id (bare flag: {hub_id})",
+        )
+    src.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another source (repeatable): its columns are detected (instruction/input/output, Dolly, "
+        "question/answer, prompt/completion, messages) or mapped with --field_map",
+    )
+    src.add_argument(
+        "--field_map",
+        action="append",
+        default=[],
+        metavar="NAME:FIELD=COL,...",
+        help="column mapping for --source NAME, e.g. mydata:instruction=q,input=ctx,response=a "
+        "or mydata:messages=conversation (fields: instruction, input, response, category, messages)",
+    )
+    src.add_argument(
+        "--from_shared",
+        action="store_true",
+        help="add the ../shared/data mix (Alpaca 5k, GSM8K train, Dolly 5k) for sources not given; "
+        "the default when no source flag is passed",
+    )
+    src.add_argument(
+        "--gsm8k_test",
+        metavar="PATH",
+        help="the GSM8K test set to decontaminate against (default: ../shared/data/gsm8k/test.jsonl, "
+        "a test file beside --gsm8k, or openai/gsm8k's test split when online)",
+    )
+
+    tok = parser.add_argument_group("tokenization")
+    tok.add_argument(
+        "--tokenizer",
+        help="tokenizer.json, a tokenizer directory, a .gguf file, 'gpt2' or a model alias (default: gpt2)",
+    )
+    tok.add_argument(
+        "--base_model", help="use this model's tokenizer (a path or alias, e.g. smollm2-135m-instruct)"
+    )
+    tok.add_argument(
+        "--template",
+        default="auto",
+        choices=["auto", "alpaca", "chat"],
+        help="prompt format: alpaca, the tokenizer's chat template, or auto (chat if the tokenizer has one)",
+    )
+    tok.add_argument("--seq_len", type=int, default=1024, help="tokens per packed row (default: 1024)")
+    tok.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut examples longer than --seq_len at the end of their response instead of dropping them",
+    )
+
+    mix = parser.add_argument_group("mixing, split and packing")
+    mix.add_argument(
+        "--mix",
+        default="",
+        metavar="NAME=W,...",
+        help="per-source weights, e.g. alpaca=1,gsm8k=2,dolly=1 (whole epochs + a seeded share; default 1)",
+    )
+    mix.add_argument(
+        "--max_examples",
+        type=int,
+        help="cap on training examples after mixing; every source is scaled down by the same factor",
+    )
+    mix.add_argument(
+        "--val_fraction",
+        type=float,
+        default=0.02,
+        help="share of each source held out for validation (default: 0.02)",
+    )
+    mix.add_argument(
+        "--min_val_rows",
+        type=int,
+        default=20,
+        help="at least this many val rows per source, never more than half of it (default: 20)",
+    )
+    mix.add_argument("--seed", type=int, default=1234, help="seed of the split, the mix and its fractions")
+    mix.add_argument("--no_pack", action="store_true", help="one example per row, padded (for comparison)")
+    mix.add_argument(
+        "--decontam_threshold",
+        type=float,
+        default=0.1,
+        help="drop a row when this share of its 13-grams occurs in the GSM8K test set or in val rows "
+        "(default: 0.1; 0 turns decontamination off)",
+    )
+
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--output_dir", default="data_sft", help="where to write the prepared data (default: data_sft)"
+    )
+    out.add_argument(
+        "--force", action="store_true", help="redo the output even when inputs and flags are unchanged"
+    )
+    out.add_argument(
+        "--skip_bad_rows",
+        action="store_true",
+        help="drop malformed JSON lines (counted in the manifest) instead of stopping at the first one",
+    )
+
+
+# --- sources ---------------------------------------------------------------------------------------
+
+
+def collect_sources(args: argparse.Namespace) -> list:
+    """The sources to read, in order: --alpaca, --gsm8k, --dolly, each --source, then shared ones."""
+    from ds_sft.data.sources import HUB_IDS, SourceSpec, parse_field_map
+    from ds_sft.paths import shared_dir
+
+    field_maps = dict(parse_field_map(text) for text in args.field_map)
+    specs = [SourceSpec(kind, kind, getattr(args, kind)) for kind in HUB_IDS if getattr(args, kind)]
+    for item in args.source:
+        name, eq, location = item.partition("=")
+        if not eq or not name or not location:
+            raise UserError(f"--source {item!r}: expected NAME=PATH, e.g. --source mydata=rows.jsonl")
+        specs.append(SourceSpec(name, "generic", location, field_maps.pop(name, {})))
+    if field_maps:
+        raise UserError(f"--field_map given for {sorted(field_maps)} but no --source with that name")
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise UserError(f"source names must be unique, got {names}")
+    for spec in specs:
+        if not spec.is_local and not spec.is_hub_id:
+            raise UserError(
+                f"--{spec.name if spec.kind != 'generic' else 'source'}: {spec.location}: no such file"
+            )
+    shared = shared_dir()
+    if args.from_shared or not specs:
+        if shared is None and args.from_shared:
+            raise UserError(
+                "--from_shared: ../shared/data is absent; pass --alpaca/--gsm8k/--dolly PATH instead"
+            )
+        if shared is not None:
+            specs += [
+                SourceSpec(kind, kind, str(shared / "data" / rel))
+                for kind, rel in SHARED_FILES.items()
+                if kind not in names
+            ]
+    if not specs:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise UserError(
+                "no data source: pass --alpaca/--gsm8k/--dolly PATH or --source NAME=PATH "
+                "(../shared/data is absent and HF_HUB_OFFLINE=1 rules out the hub)"
+            )
+        specs = [SourceSpec(kind, kind, hub_id) for kind, (hub_id, _) in HUB_IDS.items()]
+    return specs
+
+
+def gsm8k_test_reference(args: argparse.Namespace, specs: list) -> tuple[list[str], dict]:
+    """GSM8K test texts (question + cleaned answer) to decontaminate against, and where they came from."""
+    from ds_sft.data.clean import Drops, clean_records
+    from ds_sft.data.sources import SourceSpec, load_source
+    from ds_sft.paths import shared_dir
+
+    candidates = [args.gsm8k_test] if args.gsm8k_test else []
+    shared = shared_dir()
+    if shared is not None:
+        candidates.append(str(shared / "data" / SHARED_GSM8K_TEST))
+    for spec in specs:
+        if spec.kind == "gsm8k" and spec.is_local:
+            folder = Path(spec.location).expanduser().parent
+            candidates += [str(folder / "test.jsonl"), str(folder / "test-00000-of-00001.parquet")]
+    location = next((path for path in candidates if Path(path).expanduser().is_file()), None)
+    if args.gsm8k_test and location != args.gsm8k_test:
+        raise UserError(f"--gsm8k_test {args.gsm8k_test}: no such file")
+    if location is None:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            return [], {"reference": None, "note": "no GSM8K test set found offline; pass --gsm8k_test PATH"}
+        location = "openai/gsm8k"
+    try:
+        records, info = load_source(SourceSpec("gsm8k_test", "gsm8k", location), False, Drops(), split="test")
+    except UserError as err:
+        return [], {"reference": None, "note": f"GSM8K test set unavailable ({err}); pass --gsm8k_test PATH"}
+    records = clean_records(records, Drops())
+    return [f"{r['instruction']}\n{r['response']}" for r in records], {"reference": info}
+
+
+# --- mixing and splitting --------------------------------------------------------------------------
+
+
+def source_rng(seed: int, name: str) -> np.random.Generator:
+    """A generator per (seed, source name): one source's draws do not shift when another changes."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def parse_mix(text: str, names: list[str]) -> dict[str, float]:
+    weights = dict.fromkeys(names, 1.0)
+    for pair in filter(None, text.split(",")):
+        name, eq, value = pair.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not eq or name.strip() not in weights or weight < 0:
+            raise UserError(f"--mix {text!r}: expected NAME=WEIGHT pairs (weights >= 0) over sources {names}")
+        weights[name.strip()] = weight
+    return weights
+
+
+def split_val(
+    records: list[dict], names: list[str], args: argparse.Namespace
+) -> tuple[list[dict], list[dict]]:
+    """Hold out ``val_fraction`` of each source (at least ``min_val_rows``, at most half), seeded."""
+    train, val = [], []
+    for name in names:
+        rows = [r for r in records if r["source"] == name]
+        n_val = max(round(args.val_fraction * len(rows)), args.min_val_rows) if args.val_fraction > 0 else 0
+        n_val = min(n_val, len(rows) // 2)
+        order = source_rng(args.seed, name).permutation(len(rows))
+        val += [rows[i] for i in sorted(order[:n_val])]
+        train += [rows[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def mix_indices(source_ids: np.ndarray, names: list[str], weights: dict[str, float], args) -> np.ndarray:
+    """Document indices of the training mix: ``w`` copies of a source = floor(w) epochs + a seeded share."""
+    chosen = []
+    for sid, name in enumerate(names):
+        members = np.flatnonzero(source_ids == sid)
+        rng = source_rng(args.seed, name)
+        whole, frac = divmod(weights[name], 1.0)
+        extra = rng.choice(members, size=round(frac * len(members)), replace=False)
+        picked = np.concatenate([np.tile(members, int(whole)), np.sort(extra)])
+        chosen.append(picked[rng.permutation(len(picked))])
+    total = sum(map(len, chosen))
+    if args.max_examples is not None and total > args.max_examples:
+        # the same scale for every source; the remainder goes to the largest fractional shares
+        exact = np.array([len(c) for c in chosen]) * args.max_examples / total
+        counts = np.floor(exact).astype(int)
+        counts[np.argsort(counts - exact, kind="stable")[: args.max_examples - counts.sum()]] += 1
+        chosen = [c[:n] for c, n in zip(chosen, counts, strict=True)]
+    return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+
+def cache_key(args: argparse.Namespace, inputs: list[dict], tokenizer_hash: str, reference: dict) -> str:
+    # source locations enter through their content hashes (``inputs``), not their paths
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_CACHE_KEY}
+    blob = json.dumps(
+        [FORMAT_VERSION, config, inputs, tokenizer_hash, reference], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def input_fingerprints(specs: list) -> list[dict]:
+    from ds_sft.data.sources import sha256_file
+
+    return [
+        {"name": s.name, "sha256": sha256_file(Path(s.location).expanduser())}
+        if s.is_local
+        else {"name": s.name, "hub_id": s.location}
+        for s in specs
+    ]
+
+
+def length_stats(lengths: np.ndarray) -> dict:
+    if not len(lengths):
+        return {"count": 0}
+    p50, p95 = np.percentile(lengths, [50, 95])
+    return {
+        "count": int(len(lengths)),
+        "mean": round(float(lengths.mean()), 1),
+        "p50": float(p50),
+        "p95": float(p95),
+        "max": int(lengths.max()),
+    }
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        if not (final / "manifest.json").is_file() and any(final.iterdir()):
+            raise UserError(f"{final} exists and is not a prepared data dir; choose another --output_dir")
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ds_sft.data.clean import Drops, clean_records, decontaminate, dedup, record_text
+    from ds_sft.data.pack import best_fit_decreasing, efficiency, one_per_row, pack_rows
+    from ds_sft.data.shards import plot_lengths, write_split
+    from ds_sft.data.sources import load_source
+    from ds_sft.data.templates import resolve_template
+    from ds_sft.data.tokenize import fit_to_length, tokenize_records
+    from ds_sft.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    if args.tokenizer and args.base_model:
+        raise UserError("pass --tokenizer or --base_model, not both")
+    if args.seq_len < 8:
+        raise UserError(f"--seq_len {args.seq_len} is too small; use at least 8 (typically 512-4096)")
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val_fraction {args.val_fraction} must be in [0, 1)")
+    specs = collect_sources(args)
+    names = [spec.name for spec in specs]
+    weights = parse_mix(args.mix, names)
+    tokenizer = load_tokenizer(args.tokenizer or args.base_model or "gpt2")
+    template = resolve_template(args.template, tokenizer)
+    reference, reference_info = gsm8k_test_reference(args, specs) if args.decontam_threshold > 0 else ([], {})
+
+    output_dir = Path(args.output_dir)
+    key = cache_key(args, input_fingerprints(specs), tokenizer_fingerprint(tokenizer), reference_info)
+    manifest_path = output_dir / "manifest.json"
+    if manifest_path.is_file() and not args.force:
+        previous = json.loads(manifest_path.read_text())
+        if previous.get("key") == key:
+            print(f"{output_dir}: up to date (same inputs and flags); reusing it. Pass --force to redo.")
+            return 0
+
+    drops = Drops()
+    records, inputs, rows_in = [], [], {}
+    for spec in specs:
+        loaded, info = load_source(spec, args.skip_bad_rows, drops)
+        inputs.append(info)
+        rows_in[spec.name] = info["rows"]
+        records += clean_records(loaded, drops, gsm8k=spec.kind == "gsm8k")
+    records = dedup(records, drops)
+    threshold = args.decontam_threshold
+    if threshold > 0:
+        records = decontaminate(records, reference, threshold, "overlaps_gsm8k_test", drops)
+    train_records, val_records = split_val(records, names, args)
+    if threshold > 0 and val_records:
+        train_records = decontaminate(
+            train_records, [record_text(r) for r in val_records], threshold, "overlaps_val", drops
+        )
+
+    source_index = {name: i for i, name in enumerate(names)}
+    all_records = train_records + val_records
+    docs = tokenize_records(all_records, tokenizer, template, source_index)
+    raw_lengths = docs.lengths
+    docs, reasons = fit_to_length(docs, args.seq_len, args.truncate)
+    for record, code in zip(all_records, reasons.tolist(), strict=True):
+        if code:
+            drops.add(record["source"], DROP_REASON_TOO_LONG[code])
+    kept = reasons == 0
+    is_val = np.zeros(len(all_records), dtype=bool)
+    is_val[len(train_records) :] = True
+    n_train_kept = int(kept[: len(train_records)].sum())
+    train_docs = docs.select(np.arange(n_train_kept))
+    val_docs = docs.select(np.arange(n_train_kept, len(docs)))
+    train_docs = train_docs.select(mix_indices(train_docs.source_ids, names, weights, args))
+    if not len(train_docs):
+        raise UserError(
+            "no training examples left after cleaning; see the drop counts above or raise --seq_len"
+        )
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    vocab_size = len(tokenizer)
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    splits = {}
+    for split, split_docs in (("train", train_docs), ("val", val_docs)):
+        layout = (
+            one_per_row(len(split_docs))
+            if args.no_pack
+            else best_fit_decreasing(split_docs.lengths, args.seq_len)
+        )
+        packed = pack_rows(split_docs, layout, args.seq_len, pad_id)
+        write_split(tmp / split, packed, vocab_size)
+        splits[split] = {
+            "rows": len(layout),
+            "documents": len(split_docs),
+            "tokens": int(split_docs.offsets[-1]),
+            "trained_tokens": int(split_docs.offsets[-1] - split_docs.prompt_lens.sum()),
+            "documents_per_source": {n: int((split_docs.source_ids == i).sum()) for i, n in enumerate(names)},
+            "efficiency": efficiency(split_docs, len(layout), args.seq_len),
+        }
+    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+
+    counts, token_lengths, raw_by_source = {}, {}, {}
+    dropped = drops.by_source()
+    record_sources = np.array([source_index[r["source"]] for r in all_records], dtype=np.int16)
+    for i, name in enumerate(names):
+        mine = record_sources == i
+        counts[name] = {
+            "rows_in": rows_in[name],
+            "kept": int((kept & mine).sum()),
+            "train": int((kept & mine & ~is_val).sum()),
+            "val": int((kept & mine & is_val).sum()),
+            "train_after_mix": splits["train"]["documents_per_source"][name],
+            "weight": weights[name],
+            "dropped": dropped.get(name, {}),
+        }
+        token_lengths[name] = length_stats(raw_lengths[mine & kept])
+        raw_by_source[name] = raw_lengths[mine]
+    manifest = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "sources": names,
+        "seq_len": args.seq_len,
+        "template": template,
+        "packing": "none (--no_pack)" if args.no_pack else "best-fit-decreasing",
+        "tokenizer": {
+            "spec": args.tokenizer or args.base_model or "gpt2",
+            "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+            "sha256": tokenizer_fingerprint(tokenizer),
+            "vocab_size": vocab_size,
+            "eos_token": tokenizer.eos_token,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": pad_id,
+        },
+        "inputs": inputs,
+        "decontamination": {"ngram": 13, "threshold": threshold, **reference_info},
+        "counts": counts,
+        "token_lengths": token_lengths,
+        "splits": splits,
+        "config": {k: v for k, v in sorted(vars(args).items()) if k != "command"},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    plot_lengths(tmp / "lengths.png", raw_by_source, args.seq_len)
+    _replace_dir(tmp, output_dir)
+    print_summary(manifest, output_dir)
+    return 0
+
+
+def print_summary(manifest: dict, output_dir: Path) -> None:
+    print(f"prepared {output_dir}  (template {manifest['template']}, seq_len {manifest['seq_len']})")
+    print(f"{'source':<12}{'rows in':>9}{'kept':>8}{'train':>8}{'val':>6}{'mixed':>8}  dropped")
+    for name, c in manifest["counts"].items():
+        dropped = ", ".join(f"{reason} {n}" for reason, n in c["dropped"].items()) or "-"
+        print(
+            f"{name:<12}{c['rows_in']:>9,}{c['kept']:>8,}{c['train']:>8,}{c['val']:>6,}"
+            f"{c['train_after_mix']:>8,}  {dropped}"
+        )
+    for split, s in manifest["splits"].items():
+        eff = s["efficiency"]
+        print(
+            f"{split}: {s['rows']:,} rows of {manifest['seq_len']}, {s['documents']:,} examples, "
+            f"{s['tokens']:,} tokens; row fill {eff['real_tokens']:.2%} (trained {eff['trained_tokens']:.2%})"
+        )
+    if manifest["decontamination"].get("note"):
+        print(f"note: {manifest['decontamination']['note']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from ds_sft.command import main_for
+
+    sys.exit(main_for("prepare"))

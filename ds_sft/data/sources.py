@@ -1,0 +1,326 @@
+"""Instruction data in, normalized records out.
+
+Every dataset ds-sft reads, whatever its columns, becomes a list of plain dicts with one shape::
+
+    {"id": "gsm8k:41", "source": "gsm8k", "category": "math",
+     "instruction": "...", "input": "...", "response": "...", "history": []}
+
+``history`` holds the earlier turns of a chat-style ``messages`` row (system prompt, previous
+user/assistant turns); only the final assistant turn is trained.
+
+A *schema* maps record fields to a file's columns. The known ones cover Alpaca
+(instruction/input/output), GSM8K (question/answer), Dolly in its own schema
+(instruction/context/response/category) and in the renamed one (which is Alpaca's), prompt/completion
+files and chat ``messages`` lists. ``--source NAME=PATH`` picks the first schema whose required
+columns the file has, or uses an explicit ``--field_map``.
+
+Files are read through HF ``datasets`` (json / jsonl / parquet by extension). JSON text is checked
+line by line first, because Arrow's own parse error names neither the file nor the line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ds_sft.data.clean import Drops
+from ds_sft.errors import UserError
+
+# record field -> column; "instruction" and "response" are required, the rest optional.
+SCHEMAS: dict[str, dict[str, str]] = {
+    "alpaca": {"instruction": "instruction", "input": "input", "response": "output"},
+    "dolly": {
+        "instruction": "instruction",
+        "input": "context",
+        "response": "response",
+        "category": "category",
+    },
+    "gsm8k": {"instruction": "question", "response": "answer"},
+    "prompt_completion": {"instruction": "prompt", "response": "completion"},
+    "messages": {"messages": "messages"},
+}
+REQUIRED = ("instruction", "response")
+REQUIRED_BY_SCHEMA = {name: ("messages",) if "messages" in m else REQUIRED for name, m in SCHEMAS.items()}
+
+# Which schemas each source flag accepts, in the order they are tried. Dolly comes in its own
+# schema and in a renamed one that is Alpaca's (instruction/input/output).
+KIND_SCHEMAS = {
+    "alpaca": ["alpaca"],
+    "gsm8k": ["gsm8k"],
+    "dolly": ["dolly", "alpaca"],
+    "generic": ["messages", "alpaca", "dolly", "gsm8k", "prompt_completion"],
+}
+DEFAULT_CATEGORY = {"gsm8k": "math"}  # everything else without a category column is "general"
+
+HUB_IDS = {
+    "alpaca": ("yahma/alpaca-cleaned", None),
+    "gsm8k": ("openai/gsm8k", "main"),
+    "dolly": ("databricks/databricks-dolly-15k", None),
+}
+
+EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@dataclass
+class SourceSpec:
+    """One source to read: a name (``alpaca``, ``gsm8k``, ``dolly`` or the user's), a kind, a location."""
+
+    name: str
+    kind: str  # a key of KIND_SCHEMAS
+    location: str  # a local path or a hub id
+    field_map: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.location).expanduser().exists()
+
+    @property
+    def is_hub_id(self) -> bool:
+        """``owner/name`` without a data-file extension, and no such local path."""
+        return (
+            not self.is_local
+            and HUB_ID.fullmatch(self.location) is not None
+            and Path(self.location).suffix.lower() not in EXTENSIONS
+        )
+
+
+def parse_field_map(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME:instruction=q,input=ctx,response=a`` -> ("NAME", {"instruction": "q", ...})."""
+    name, sep, pairs = text.partition(":")
+    allowed = {"instruction", "input", "response", "category", "messages"}
+    mapping = {}
+    for pair in filter(None, pairs.split(",")):
+        key, eq, column = pair.partition("=")
+        if not sep or not eq or key.strip() not in allowed:
+            raise UserError(
+                f"--field_map {text!r}: expected NAME:field=column[,field=column...] with fields from "
+                f"{sorted(allowed)}, e.g. mydata:instruction=question,response=answer"
+            )
+        mapping[key.strip()] = column.strip()
+    if not mapping:
+        raise UserError(
+            f"--field_map {text!r} maps no field; e.g. mydata:instruction=question,response=answer"
+        )
+    return name.strip(), mapping
+
+
+# --- reading a file --------------------------------------------------------------------------------
+
+
+def _check_json_lines(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> Path:
+    """Validate a JSONL file line by line; return the file to hand to ``datasets``.
+
+    A bad line raises ``UserError("file:line: ...")`` or, with ``--skip_bad_rows``, is counted as a
+    drop and left out of a cleaned temporary copy.
+    """
+    good: list[bytes] = []
+    bad = 0
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            reason, detail = None, ""
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                if not isinstance(row, dict):
+                    reason, detail = "not_an_object", f"expected a JSON object, got {type(row).__name__}"
+            except UnicodeDecodeError as err:
+                reason, detail = "non_utf8", f"not UTF-8 ({err.reason} at byte {err.start})"
+            except json.JSONDecodeError as err:
+                reason, detail = "malformed_json", f"malformed JSON ({err.msg}, column {err.colno})"
+            if reason is None:
+                good.append(raw if raw.endswith(b"\n") else raw + b"\n")
+                continue
+            if not skip_bad_rows:
+                raise UserError(f"{path}:{lineno}: {detail}; fix the line or pass --skip_bad_rows to drop it")
+            drops.add(source, reason)
+            bad += 1
+    if not good:
+        raise UserError(f"{path}: no valid JSON rows; check that it is the right file")
+    if not bad:
+        return path
+    cleaned = Path(tempfile.mkdtemp(prefix="ds_sft_rows_")) / path.name
+    cleaned.write_bytes(b"".join(good))
+    return cleaned
+
+
+def _check_json_document(path: Path) -> None:
+    """A ``.json`` file must parse as a whole (a JSON array or JSON Lines); name the line if not."""
+    text = path.read_bytes()
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = text[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 ({err.reason}); re-encode the file as UTF-8") from None
+    try:
+        json.loads(decoded)
+    except json.JSONDecodeError as err:
+        if decoded.lstrip().startswith("{") and "\n" in decoded.strip():
+            return  # JSON Lines saved as .json: checked line by line by the caller
+        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+
+
+def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> dict[str, list]:
+    """Read a json / jsonl / parquet file through ``datasets`` into columns (name -> list of values)."""
+    import datasets
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    builder = EXTENSIONS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"{path}: unknown extension {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}")
+    if path.stat().st_size == 0 or (builder == "json" and not path.read_bytes().strip()):
+        raise UserError(f"{path}: the file is empty")
+    if builder == "json":
+        lines = path.suffix.lower() == ".jsonl" or path.read_bytes().lstrip()[:1] == b"{"
+        if not lines:
+            _check_json_document(path)
+        else:
+            path = _check_json_lines(path, skip_bad_rows, drops, source)
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # Arrow and datasets raise many types; the user needs the file and the cause
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: could not be read as {builder}: {first}") from None
+    if table.num_rows == 0:
+        raise UserError(f"{path}: the file has no rows")
+    return table.to_dict()
+
+
+def read_hub(spec: SourceSpec, split: str = "train") -> dict[str, list]:
+    """Load a split of a hub dataset; one clear line when offline or unknown."""
+    import datasets
+
+    hub_id = spec.location
+    config = "main" if hub_id == "openai/gsm8k" else None  # GSM8K has two configs; "main" is the standard one
+    try:
+        table = datasets.load_dataset(hub_id, config, split=split)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        flag = "--source NAME=PATH" if spec.kind == "generic" else f"--{spec.kind} PATH"
+        raise UserError(
+            f"could not load {hub_id!r} from the Hugging Face hub ({first}); pass a local file: {flag}"
+        ) from None
+    return table.to_dict()
+
+
+# --- columns -> records ----------------------------------------------------------------------------
+
+
+def choose_schema(spec: SourceSpec, columns: list[str]) -> dict[str, str]:
+    """The field -> column mapping for this file, or a UserError naming what is missing."""
+    if spec.field_map:
+        mapping = spec.field_map
+        missing = [col for col in mapping.values() if col not in columns]
+        if missing:
+            raise UserError(
+                f"{spec.location}: --field_map names missing column(s) {missing}; columns are {columns}"
+            )
+        if "messages" not in mapping and not all(key in mapping for key in REQUIRED):
+            raise UserError(f"--field_map for {spec.name} must map instruction and response (or messages)")
+        return mapping
+    candidates = KIND_SCHEMAS[spec.kind]
+    needed = {name: [SCHEMAS[name][key] for key in REQUIRED_BY_SCHEMA[name]] for name in candidates}
+    for name in candidates:
+        if all(col in columns for col in needed[name]):
+            return SCHEMAS[name]
+    expected = " or ".join(f"{name} ({', '.join(SCHEMAS[name].values())})" for name in candidates)
+    closest = max(candidates, key=lambda name: sum(col in columns for col in needed[name]))
+    missing = [col for col in needed[closest] if col not in columns]
+    raise UserError(
+        f"{spec.location}: missing required field(s) {missing}; expected the {expected} schema, "
+        f"found columns {columns}; map yours with --field_map {spec.name}:instruction=COL,response=COL"
+    )
+
+
+def _from_messages(messages) -> tuple[str, str, list[dict], str | None]:
+    """Split a chat into (last user turn, final assistant turn, earlier turns); reason when unusable."""
+    if not isinstance(messages, list) or not messages:
+        return "", "", [], "bad_messages"
+    for turn in messages:
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("role"), str)
+            or not isinstance(turn.get("content"), str)
+        ):
+            return "", "", [], "bad_messages"
+    if messages[-1]["role"] != "assistant" or len(messages) < 2 or messages[-2]["role"] != "user":
+        return "", "", [], "messages_not_user_then_assistant"
+    history = [{"role": t["role"], "content": t["content"]} for t in messages[:-2]]
+    return messages[-2]["content"], messages[-1]["content"], history, None
+
+
+def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list[dict]:
+    """Map a table to records; rows with nulls or non-string fields are dropped and counted."""
+    schema = choose_schema(spec, list(columns))
+    n_rows = len(next(iter(columns.values())))
+    default_category = DEFAULT_CATEGORY.get(spec.name, DEFAULT_CATEGORY.get(spec.kind, "general"))
+    records = []
+    for i in range(n_rows):
+        history: list[dict] = []
+        if "messages" in schema:
+            instruction, response, history, reason = _from_messages(columns[schema["messages"]][i])
+            extra = ""
+        else:
+            values = {key: columns[col][i] for key, col in schema.items()}
+            reason = None
+            for key, value in values.items():
+                if value is None and key in REQUIRED:
+                    reason = f"null_{key}"
+                elif value is not None and not isinstance(value, str):
+                    reason = f"non_string_{key}"
+                if reason:
+                    break
+            instruction, response = values.get("instruction"), values.get("response")
+            extra = values.get("input") or ""
+        if reason:
+            drops.add(spec.name, reason)
+            continue
+        category = (columns[schema["category"]][i] if "category" in schema else None) or default_category
+        records.append(
+            {
+                "id": f"{spec.name}:{i}",
+                "source": spec.name,
+                "category": category,
+                "instruction": instruction,
+                "input": extra,
+                "response": response,
+                "history": history,
+            }
+        )
+    return records
+
+
+def load_source(
+    spec: SourceSpec, skip_bad_rows: bool, drops: Drops, split: str = "train"
+) -> tuple[list[dict], dict]:
+    """Read one source -> (records, input description for the manifest: location, sha256, rows).
+
+    ``split`` applies to hub ids only (a local file is one split).
+    """
+    if spec.is_local:
+        path = Path(spec.location).expanduser()
+        columns = read_table(path, skip_bad_rows, drops, spec.name)
+        info = {"path": str(path.resolve()), "sha256": sha256_file(path)}
+    else:
+        columns = read_hub(spec, split)
+        info = {"hub_id": spec.location, "split": split}
+    bad_lines = drops.total(spec.name)
+    records = to_records(spec, columns, drops)
+    info.update(name=spec.name, rows=len(next(iter(columns.values()))) + bad_lines)
+    return records, info
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,100 @@
+"""Find the tokenizer of a base model, whatever form it comes in.
+
+``load_tokenizer(spec)`` accepts
+
+- ``gpt2``: the GPT-2 byte-level BPE in ``../shared/tokenizers/gpt2`` when present (else the hub's),
+- a ``tokenizer.json`` file (the ``tokenizers`` library's format),
+- a directory: a Hugging Face tokenizer (``save_pretrained`` layout), or one holding ``tokenizer/``
+  (a prepared data dir, a training run's ``final/``),
+- a ``.gguf`` file (the tokenizer and chat template live in its metadata),
+- a model alias such as ``smollm2-135m-instruct`` (see :func:`ds_sft.paths.resolve_model_path`),
+
+and returns a fast ``transformers`` tokenizer with an EOS token: training appends EOS to every
+response, so a tokenizer without one is refused. A bare ``tokenizer.json`` carries no special-token
+roles, so EOS is taken from the well-known end-of-text tokens it contains.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ds_sft.errors import UserError
+from ds_sft.paths import MODEL_ALIASES, resolve_model_path, shared_dir
+
+# End-of-text tokens of common vocabularies, tried in order when a tokenizer does not name its EOS.
+KNOWN_EOS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>")
+
+
+def _from_file(tokenizer_file: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+
+
+def _from_pretrained(directory: Path, **kwargs):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        if (directory / "tokenizer.json").is_file() and not kwargs:
+            return _from_file(directory / "tokenizer.json")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load a tokenizer from {directory}: {first}") from None
+
+
+def _gpt2():
+    shared = shared_dir()
+    if shared is not None and (shared / "tokenizers" / "gpt2" / "tokenizer.json").is_file():
+        return _from_pretrained(shared / "tokenizers" / "gpt2")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained("gpt2")
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"the GPT-2 tokenizer is not available offline ({first}); pass --tokenizer PATH"
+        ) from None
+
+
+def _load(spec: str):
+    if spec.lower() == "gpt2":
+        return _gpt2()
+    if spec.lower() in MODEL_ALIASES:
+        path = resolve_model_path(spec)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise UserError(
+                f"tokenizer {spec!r} not found: pass a tokenizer.json, a tokenizer directory, a .gguf file, "
+                f"'gpt2', or a model alias ({', '.join(MODEL_ALIASES)})"
+            )
+    if path.is_dir():
+        return _from_pretrained(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
+    if path.suffix == ".gguf":
+        return _from_pretrained(path.parent, gguf_file=path.name)
+    if path.suffix == ".json":
+        return _from_file(path)
+    raise UserError(f"{path}: not a tokenizer; pass a tokenizer.json, a directory, a .gguf file or 'gpt2'")
+
+
+def load_tokenizer(spec: str):
+    """Load the tokenizer named by ``spec`` (see the module docstring) and make sure it has an EOS."""
+    tokenizer = _load(str(spec))
+    if tokenizer.eos_token_id is None:
+        vocab = tokenizer.get_vocab()
+        found = next((token for token in KNOWN_EOS if token in vocab), None)
+        if found is None:
+            raise UserError(f"tokenizer {spec!r} has no EOS token and none of {KNOWN_EOS}; use one that does")
+        tokenizer.eos_token = found
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full JSON (vocab, merges, special tokens), EOS and chat template."""
+    import hashlib
+
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(f"{tokenizer.eos_token}\x00{tokenizer.chat_template or ''}".encode())
+    return digest.hexdigest()
