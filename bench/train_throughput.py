@@ -4,9 +4,10 @@
     python bench/train_throughput.py --quick          # tiny sizes: a smoke test, not a measurement
     python bench/train_throughput.py --parts a,c --preset smollm2-135m --steps 8
 
-(a) Step speed against peers. The ds-sft step (the DeepSpeed engine, ZeRO-2, bf16, packed rows with
-    document-isolated attention) against ``transformers.LlamaForCausalLM`` of the same config in a
-    plain PyTorch AdamW loop under bf16 autocast, on the same token rows. A third row runs the
+(a) Step speed against peers. The ds-sft step (the trainer's DeepSpeed engine and step function,
+    ``ds_configs/zero2.json`` with bf16, packed rows with document-isolated attention) against
+    ``transformers.LlamaForCausalLM`` of the same config in a plain PyTorch AdamW loop under bf16
+    autocast, on the same token rows. A third row runs the
     ds-sft model in that same plain loop, which separates "the model is faster" from "the engine
     costs something". The contenders take turns step by step (A B C A B C ...), so a neighbour
     stealing the CPU for a while slows all of them alike; the figure is the median step.
@@ -36,7 +37,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -271,42 +271,24 @@ def hf_step(config: ModelConfig, device: torch.device, lr: float = 1e-4) -> Call
     return step
 
 
-def _ensure_single_process_env() -> None:
-    """DeepSpeed's init reads the torchrun variables; a plain ``python`` process sets them itself."""
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
+def deepspeed_step(config: ModelConfig, micro_batch: int):
+    """The ds-sft training step itself: ``ds_configs/zero2.json`` with bf16 on, the trainer's engine
+    (parameter groups, ``deepspeed.initialize``) and its token-normalized ``train_step``."""
+    from ds_sft.train.config import read_json
+    from ds_sft.train.engine import build_engine, init_distributed
+    from ds_sft.train.loop import train_step
+
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
-
-
-def deepspeed_step(config: ModelConfig, device: torch.device, micro_batch: int, lr: float = 1e-4):
-    """The ds-sft training step: the DeepSpeed engine (ZeRO-2, bf16) around the ds-sft model."""
-    import deepspeed
-
-    _ensure_single_process_env()
+    _, world_size = init_distributed()
     ds_config = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "bf16": {"enabled": True},
-        "zero_optimization": {"stage": 2},
-        "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
-        "steps_per_print": 10**9,
+        k: v for k, v in read_json(REPO_ROOT / "ds_configs" / "zero2.json").items() if k != "_comment"
     }
-    model = LlamaModel(config)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    ds_config.update(train_micro_batch_size_per_gpu=micro_batch, steps_per_print=10**9)
+    ds_config["bf16"] = {"enabled": True}
+    engine, _ = build_engine(LlamaModel(config), ds_config, weight_decay=0.05)
 
     def step(batch: dict) -> float:
-        trained = (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
-        loss = engine(
-            batch["input_ids"], batch["position_ids"], batch["document_ids"], labels=batch["labels"]
-        )
-        engine.backward(loss / trained)
-        engine.step()
-        return loss.item() / trained.item()
+        return train_step(engine, [batch], world_size)["loss"]
 
     step.engine = engine
     return step
@@ -385,7 +367,7 @@ def part_a(args, config: ModelConfig, device, batches) -> dict:
     contenders = {
         "hf_llama_adamw": hf_step(config, device),
         "dssft_model_adamw": plain_dssft_step(config, device),
-        "dssft_deepspeed_zero2": deepspeed_step(config, device, args.micro_batch),
+        "dssft_deepspeed_zero2": deepspeed_step(config, args.micro_batch),
     }
     seconds, losses = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
     tokens = args.micro_batch * args.seq_len
@@ -464,7 +446,7 @@ def part_b(args, device) -> dict:
 
 def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) -> dict:
     if a_result is None:  # (c) alone: time the ds-sft step by itself
-        step = deepspeed_step(config, device, args.micro_batch)
+        step = deepspeed_step(config, args.micro_batch)
         seconds, _ = measure_round_robin(
             {"dssft_deepspeed_zero2": step}, batches, device, args.warmup, args.steps
         )

@@ -23,6 +23,7 @@ from ds_sft.errors import UserError
 from ds_sft.paths import REPO_ROOT
 
 BENCH_DIR = REPO_ROOT / "bench"
+RESULTS_DIR = BENCH_DIR / "results"  # where every script writes its JSON
 # The order they run in: the cheap data and kernel figures first, the long training steps last.
 SCRIPTS = ("prepare_speed", "kernels", "fp8", "train_throughput")
 
@@ -38,11 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout", type=float, default=None, help="seconds each script may run before it is stopped"
-    )
-    parser.add_argument(
-        "--results_dir",
-        default=str(BENCH_DIR / "results"),
-        help="where the scripts' JSON is collected and summary.json is written",
     )
 
 
@@ -60,7 +56,7 @@ def available_scripts(only: list[str]) -> list[Path]:
     return [BENCH_DIR / f"{name}.py" for name in names if (BENCH_DIR / f"{name}.py").is_file()]
 
 
-def run_script(script: Path, quick: bool, timeout: float | None, results_dir: Path) -> dict:
+def run_script(script: Path, quick: bool, timeout: float | None) -> dict:
     """Run one script, its output streaming through; report exit code, time and new JSON files."""
     command = [sys.executable, str(script), *(["--quick"] if quick else [])]
     print(f"\n=== {script.stem}: {' '.join(command[1:])}", flush=True)
@@ -72,21 +68,20 @@ def run_script(script: Path, quick: bool, timeout: float | None, results_dir: Pa
         print(f"=== {script.stem}: stopped after {timeout:.0f} s", flush=True)
     written = sorted(
         str(path)
-        for path in results_dir.glob("*.json")
+        for path in RESULTS_DIR.glob("*.json")
         if path.stat().st_mtime >= started and not path.name.startswith("summary")
     )
     return {"returncode": code, "seconds": round(time.time() - started, 1), "results": written}
 
 
 def run(args: argparse.Namespace) -> int:
-    results_dir = Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     scripts = available_scripts(args.only)
     if not scripts:
         raise UserError(f"no benchmark scripts in {BENCH_DIR}")
-    summary = {script.stem: run_script(script, args.quick, args.timeout, results_dir) for script in scripts}
+    summary = {script.stem: run_script(script, args.quick, args.timeout) for script in scripts}
 
-    path = results_dir / f"summary{'.quick' if args.quick else ''}.json"
+    path = RESULTS_DIR / f"summary{'.quick' if args.quick else ''}.json"
     path.write_text(json.dumps({"quick": args.quick, "scripts": summary}, indent=2) + "\n")
     print("\n=== ds-sft bench" + (" --quick" if args.quick else ""))
     for name, entry in summary.items():

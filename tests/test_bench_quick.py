@@ -1,0 +1,60 @@
+"""``ds-sft bench --quick`` runs every benchmark script that exists and each writes its JSON.
+
+A smoke test only: it asserts that the scripts run and report what they promise, never a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ds_sft.bench import BENCH_DIR, RESULTS_DIR, SCRIPTS
+
+# Keys each script's quick JSON must hold (scripts not listed are only required to exit 0).
+EXPECTED_KEYS = {
+    "train_throughput": {"machine", "config", "a", "b", "c"},
+}
+
+
+@pytest.fixture(scope="module")
+def quick_summary():
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(BENCH_DIR.parent / ".cache" / "torch_extensions")}
+    result = subprocess.run(
+        [sys.executable, "-m", "ds_sft.cli", "bench", "--quick", "--timeout", "300"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((RESULTS_DIR / "summary.quick.json").read_text())
+
+
+@pytest.mark.slow
+def test_every_existing_script_runs_quick(quick_summary):
+    present = [name for name in SCRIPTS if (BENCH_DIR / f"{name}.py").is_file()]
+    assert quick_summary["quick"] is True
+    assert list(quick_summary["scripts"]) == present
+    for name, entry in quick_summary["scripts"].items():
+        assert entry["returncode"] == 0, name
+        assert entry["results"], f"{name} wrote no JSON under bench/results/"
+
+
+@pytest.mark.slow
+def test_train_throughput_quick_json_has_every_part(quick_summary):
+    if "train_throughput" not in quick_summary["scripts"]:
+        pytest.skip("bench/train_throughput.py is absent")
+    data = json.loads((RESULTS_DIR / "train_throughput.quick.json").read_text())
+    assert EXPECTED_KEYS["train_throughput"] <= data.keys()
+    assert set(data["a"]["rows"]) == {"hf_llama_adamw", "dssft_model_adamw", "dssft_deepspeed_zero2"}
+    assert all(row["tokens_per_s"] > 0 for row in data["a"]["rows"].values())
+    layouts = data["b"]["layouts"]
+    assert set(layouts) == {"packed", "pad_to_seq_len", "pad_to_longest"}
+    # the same documents in every layout; padding to the batch's longest never takes more slots
+    assert len({(layout["tokens"], layout["trained_tokens"]) for layout in layouts.values()}) == 1
+    assert layouts["pad_to_longest"]["slots"] <= layouts["pad_to_seq_len"]["slots"]
+    assert data["c"]["fraction_of_gemm"] > 0 and data["c"]["gemm_bf16_flops"] > 0
