@@ -1,0 +1,125 @@
+"""Batched text generation with a KV cache: greedy, or temperature + nucleus (top-p) sampling.
+
+Prompts of different lengths share one batch by *left* padding, so every row's next token sits in
+the last column. The padding must not change the answer, which takes two things:
+
+- attention: the padding is its own document (``document_ids = -1``, the prompt and its completion
+  are document 0), so no real token attends to it (see :mod:`ds_sft.model.llama`);
+- positions: each row counts from its own first real token (padding gets position 0, unused).
+
+A :class:`~ds_sft.model.llama.KVCache` keeps every layer's keys and values, so after one forward
+over the prompts (the "prefill") each new token costs one forward of a single column. A row stops at
+one of ``eos_ids``, or when its decoded completion contains one of ``stop_strings``; the batch stops
+when every row has, or after ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ds_sft.errors import UserError
+from ds_sft.model.llama import KVCache, LlamaModel
+
+
+@torch.no_grad()
+def generate(
+    model: LlamaModel,
+    prompts_ids: Sequence[Sequence[int]],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    decode: Callable[[list[int]], str] | None = None,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Complete each prompt; return the new token ids of each (without the EOS that ended it).
+
+    ``temperature == 0`` is greedy. ``stop_strings`` need ``decode`` (token ids -> text); a
+    completion stopped by one ends with the token that completed it (cut the text with
+    :func:`cut_at_stop_string`). ``use_cache=False`` recomputes the whole sequence at every step
+    (the reference the cache is tested against).
+    """
+    if stop_strings and decode is None:
+        raise UserError("stop strings need a decode function (token ids -> text)")
+    if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
+        raise UserError("generate needs at least one prompt, and every prompt at least one token")
+    device = next(model.parameters()).device
+    batch, width = len(prompts_ids), max(len(p) for p in prompts_ids)
+    if width + max_new_tokens > model.config.max_seq_len:
+        raise UserError(
+            f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_seq_len {model.config.max_seq_len}: shorten the prompt or lower max_new_tokens"
+        )
+
+    ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+    documents = torch.full((batch, width), -1, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts_ids):
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), device=device)
+        documents[row, width - len(prompt) :] = 0
+    lengths = torch.tensor([len(p) for p in prompts_ids], device=device)
+    positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)
+
+    model.eval()
+    cache = (
+        KVCache(model.config, batch, width + max_new_tokens, model.wte.weight.dtype, device)
+        if use_cache
+        else None
+    )
+    step_ids, step_positions, step_documents = ids, positions, documents
+    completions: list[list[int]] = [[] for _ in range(batch)]
+    finished = [False] * batch
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        hidden = model.hidden_states(step_ids, step_positions, step_documents, kv_cache=cache)
+        next_ids = sample(model.logits(hidden[:, -1]).float(), temperature, top_p, generator)
+        is_eos = torch.isin(next_ids, eos).tolist()
+        for row, token in enumerate(next_ids.tolist()):
+            if finished[row]:
+                continue
+            if is_eos[row]:
+                finished[row] = True
+                continue
+            completions[row].append(token)
+            finished[row] = bool(stop_strings) and _ends_with_stop(completions[row], stop_strings, decode)
+        if all(finished):
+            break
+        new_positions = (lengths + step)[:, None]
+        new_documents = torch.zeros_like(new_positions)
+        if cache is not None:  # feed only the new column
+            step_ids, step_positions, step_documents = next_ids[:, None], new_positions, new_documents
+        else:  # feed everything again
+            step_ids = torch.cat([step_ids, next_ids[:, None]], dim=1)
+            step_positions = torch.cat([step_positions, new_positions], dim=1)
+            step_documents = torch.cat([step_documents, new_documents], dim=1)
+    return completions
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``: argmax, or a draw from the top-p nucleus at ``temperature``."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _ends_with_stop(tokens: list[int], stop_strings: Sequence[str], decode) -> bool:
+    """Did the last token complete a stop string? Decodes only a tail long enough to hold one."""
+    tail = max(len(s) for s in stop_strings) + 2  # every token is at least one character (or a byte of one)
+    return any(s in decode(tokens[-tail:]) for s in stop_strings)
+
+
+def cut_at_stop_string(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to (not including) the first stop string in it."""
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
+    return text[:cut]

@@ -1,0 +1,92 @@
+"""Generation: the KV cache and left padding change nothing; EOS, stop strings and top-p behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds_sft.errors import UserError
+from ds_sft.model.checkpoint import hf_config, to_hf_state_dict
+from ds_sft.model.config import ModelConfig
+from ds_sft.model.generate import cut_at_stop_string, generate, sample
+from ds_sft.model.llama import LlamaModel
+
+PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 2], [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211]]
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaModel:
+    torch.manual_seed(0)
+    # a larger init spreads the logits, so greedy choices are not near-ties that rounding could flip
+    return LlamaModel(ModelConfig.preset("tiny", kernels="eager", init_std=0.2)).eval()
+
+
+def test_batched_kv_cache_greedy_equals_each_prompt_alone_without_cache(model):
+    batched = generate(model, PROMPTS, max_new_tokens=12)
+    alone = [generate(model, [p], max_new_tokens=12, use_cache=False)[0] for p in PROMPTS]
+    assert batched == alone
+    assert generate(model, PROMPTS, max_new_tokens=12, use_cache=False) == batched
+    assert all(len(c) == 12 for c in batched)
+
+
+def test_greedy_equals_transformers_generate_with_left_padding(model):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM(hf_config(model.config))
+    hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    out = hf.eval().generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    assert generate(model, PROMPTS, max_new_tokens=10) == out[:, width:].tolist()
+
+
+def test_eos_and_stop_strings_end_a_row(model):
+    free = generate(model, PROMPTS, max_new_tokens=8)
+    eos = free[1][3]
+    stopped = generate(model, PROMPTS, max_new_tokens=8, eos_ids=[eos])
+    for row, completion in enumerate(free):
+        expected = completion[: completion.index(eos)] if eos in completion else completion
+        assert stopped[row] == expected
+
+    def decode(ids):
+        return "".join(f"<{i}>" for i in ids)
+
+    stop = f"<{free[0][1]}><{free[0][2]}>"
+    by_string = generate(model, PROMPTS[:1], max_new_tokens=8, stop_strings=[stop], decode=decode)
+    assert by_string == [free[0][:3]]
+    assert cut_at_stop_string(decode(by_string[0]), [stop, "never"]) == f"<{free[0][0]}>"
+    with pytest.raises(UserError, match="decode"):
+        generate(model, PROMPTS, stop_strings=["x"])
+
+
+def test_prompt_longer_than_the_rope_table_is_refused(model):
+    with pytest.raises(UserError, match="max_seq_len 128"):
+        generate(model, [[1] * 100], max_new_tokens=29)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
+    generator = torch.Generator().manual_seed(0)
+    assert set(sample(logits, 1.0, 0.7, generator).tolist()) == {0, 1}
+    assert set(sample(logits, 1.0, 0.85, generator).tolist()) == {0, 1, 2}
+    draws = sample(logits, 1.0, 1.0, generator)
+    frequencies = torch.bincount(draws, minlength=4) / draws.numel()
+    torch.testing.assert_close(frequencies, torch.tensor([0.5, 0.3, 0.15, 0.05]), rtol=0, atol=0.03)
+    assert sample(logits[:3], 0.0, 0.1).tolist() == [0, 0, 0]
+
+
+def test_seeded_sampling_is_reproducible(model):
+    runs = [
+        generate(model, PROMPTS, max_new_tokens=6, temperature=0.8, top_p=0.9,
+                 generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]  # fmt: skip
+    assert runs[0] == runs[1]
