@@ -1,72 +1,12 @@
-"""Fixtures for the trainer tests: a one-rank process group, tiny packed rows, settings.
-
-The rows follow the ``PackedDataset`` item contract (docs/ARCHITECTURE.md): shifted labels with -100
-on untrained positions, position ids restarting per document, document ids (-1 on padding), source
-ids. Trained-token counts differ from row to row on purpose: that is what separates a
-token-normalized loss from a mean of micro-batch means.
-"""
+"""Fixtures for the trainer tests: a one-rank process group shared by the whole session."""
 
 from __future__ import annotations
 
-import copy
 import os
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
-
-SEQ_LEN = 64
-VOCAB = 256  # the tiny preset's
-
-
-class TinyPacked:
-    """``rows`` packed rows of 1-3 documents each, seeded; the map-style dataset the trainer reads."""
-
-    sources = ["alpaca", "dolly", "gsm8k"]
-    seq_len = SEQ_LEN
-    tokenizer_dir = None
-
-    def __init__(self, rows: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.items = [self._row(g) for _ in range(rows)]
-
-    def _row(self, g) -> dict:
-        T = SEQ_LEN
-        input_ids = torch.randint(0, VOCAB, (T,), generator=g)
-        labels = torch.full((T,), -100)
-        position_ids = torch.zeros(T, dtype=torch.long)
-        document_ids = torch.full((T,), -1)
-        source_ids = torch.full((T,), -1)
-        pos = 0
-        for doc in range(int(torch.randint(1, 4, (), generator=g))):
-            length = int(torch.randint(6, 24, (), generator=g))
-            if pos + length > T:
-                break
-            prompt = int(torch.randint(1, length - 2, (), generator=g))
-            span = slice(pos, pos + length)
-            position_ids[span] = torch.arange(length)
-            document_ids[span] = doc
-            source_ids[span] = int(torch.randint(0, 3, (), generator=g))
-            # targets: the next token inside the document, after the prompt; not the last token
-            labels[pos + prompt : pos + length - 1] = input_ids[pos + prompt + 1 : pos + length]
-            pos += length
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": position_ids,
-            "document_ids": document_ids,
-            "source_ids": source_ids,
-        }
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return copy.deepcopy(self.items[i])
+import tests.train.helpers  # noqa: F401  (sets TORCH_EXTENSIONS_DIR before DeepSpeed loads)
 
 
 @pytest.fixture(scope="session")
@@ -77,60 +17,3 @@ def dist_env():
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.setdefault(key, "0" if key != "WORLD_SIZE" else "1")
     return init_distributed()
-
-
-def settings(**overrides) -> SimpleNamespace:
-    """Trainer settings as `ds-sft train` would resolve them, for the tiny model on TinyPacked."""
-    from ds_sft.train.config import DEFAULTS
-
-    values = {
-        **DEFAULTS,
-        "model": "tiny",
-        "micro_batch_size": 2,
-        "grad_accum": 2,
-        "learning_rate": 3e-3,
-        "min_lr": 3e-4,
-        "warmup_iters": 3,
-        "max_iters": 12,
-        "eval_interval": 6,
-        "eval_iters": 2,
-        "save_interval": 100,
-        "wandb_mode": "disabled",
-        "log_interval": 100,
-        "fp8_recipe": {},
-    }
-    values.update(overrides)
-    return SimpleNamespace(**values)
-
-
-def ds_config(s: SimpleNamespace, world_size: int = 1, **extra) -> dict:
-    """The DeepSpeed dict the config layer would produce for settings ``s``."""
-    config = {
-        "train_micro_batch_size_per_gpu": s.micro_batch_size,
-        "gradient_accumulation_steps": s.grad_accum,
-        "train_batch_size": s.micro_batch_size * s.grad_accum * world_size,
-        "gradient_clipping": s.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": s.learning_rate,
-                "betas": [0.9, 0.95],
-                "eps": 1e-8,
-                "weight_decay": s.weight_decay,
-                "torch_adam": True,
-            },
-        },
-        "zero_optimization": {"stage": s.zero_stage},
-        "bf16": {"enabled": s.precision == "bf16"},
-        "steps_per_print": 2**31 - 1,
-    }
-    config.update(extra)
-    return config
-
-
-def tiny_model(seed: int = 0):
-    from ds_sft.model.config import ModelConfig
-    from ds_sft.model.llama import LlamaModel
-
-    torch.manual_seed(seed)
-    return LlamaModel(ModelConfig.preset("tiny", kernels="torch"))

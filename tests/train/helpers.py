@@ -1,0 +1,149 @@
+"""Helpers for the trainer tests: tiny packed rows, settings and the DeepSpeed dict for them.
+
+The rows follow the ``PackedDataset`` item contract (docs/ARCHITECTURE.md): shifted labels with -100
+on untrained positions, position ids restarting per document, document ids (-1 on padding), source
+ids. Trained-token counts differ from row to row on purpose: that is what separates a
+token-normalized loss from a mean of micro-batch means.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+
+SEQ_LEN = 64
+VOCAB = 256  # the tiny preset's
+
+
+class TinyPacked:
+    """``rows`` packed rows of 1-3 documents each, seeded; the map-style dataset the trainer reads.
+    Padding keeps token 0 (labels -100, document -1, source -1)."""
+
+    sources = ["alpaca", "dolly", "gsm8k"]
+    seq_len = SEQ_LEN
+    tokenizer_dir = None
+
+    def __init__(self, rows: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.items = [self._row(g) for _ in range(rows)]
+
+    def _row(self, g) -> dict:
+        T = SEQ_LEN
+        # each document counts up from a random token in a random stride: learnable within a few steps
+        input_ids = torch.zeros(T, dtype=torch.long)
+        labels = torch.full((T,), -100)
+        position_ids = torch.zeros(T, dtype=torch.long)
+        document_ids = torch.full((T,), -1)
+        source_ids = torch.full((T,), -1)
+        pos = 0
+        for doc in range(int(torch.randint(1, 4, (), generator=g))):
+            length = int(torch.randint(6, 24, (), generator=g))
+            if pos + length > T:
+                break
+            prompt = int(torch.randint(1, length - 2, (), generator=g))
+            span = slice(pos, pos + length)
+            start, stride = torch.randint(0, VOCAB, (2,), generator=g).tolist()
+            input_ids[span] = (start + (stride % 4 + 1) * torch.arange(length)) % VOCAB
+            position_ids[span] = torch.arange(length)
+            document_ids[span] = doc
+            source_ids[span] = int(torch.randint(0, 3, (), generator=g))
+            # targets: the next token inside the document, after the prompt; not the last token
+            labels[pos + prompt : pos + length - 1] = input_ids[pos + prompt + 1 : pos + length]
+            pos += length
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "document_ids": document_ids,
+            "source_ids": source_ids,
+        }
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return copy.deepcopy(self.items[i])
+
+
+def settings(**overrides) -> SimpleNamespace:
+    """Trainer settings as `ds-sft train` would resolve them, for the tiny model on TinyPacked."""
+    from ds_sft.train.config import DEFAULTS
+
+    values = {
+        **DEFAULTS,
+        "model": "tiny",
+        "micro_batch_size": 2,
+        "grad_accum": 2,
+        "learning_rate": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_iters": 3,
+        "max_iters": 12,
+        "eval_interval": 6,
+        "eval_iters": 2,
+        "save_interval": 100,
+        "wandb_mode": "disabled",
+        "log_interval": 100,
+        "fp8_recipe": {},
+    }
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def ds_config(s: SimpleNamespace, world_size: int = 1, **extra) -> dict:
+    """The DeepSpeed dict the config layer would produce for settings ``s``."""
+    config = {
+        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "gradient_accumulation_steps": s.grad_accum,
+        "train_batch_size": s.micro_batch_size * s.grad_accum * world_size,
+        "gradient_clipping": s.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": s.learning_rate,
+                "betas": [0.9, 0.95],
+                "eps": 1e-8,
+                "weight_decay": s.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "zero_optimization": {"stage": s.zero_stage},
+        "bf16": {"enabled": s.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,
+    }
+    config.update(extra)
+    return config
+
+
+def tiny_model(seed: int = 0):
+    from ds_sft.model.config import ModelConfig
+    from ds_sft.model.llama import LlamaModel
+
+    torch.manual_seed(seed)
+    return LlamaModel(ModelConfig.preset("tiny", kernels="torch"))
+
+
+class InOrder:
+    """Rows 0, 1, 2, ... split over ranks as the real sampler does (rank r takes i % W == r), so a
+    plain-PyTorch reference can consume the very same rows; resumable like the real one."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.n, self.rank, self.world_size, self.consumed = n, rank, world_size, 0
+
+    def __iter__(self):
+        while self.consumed + self.world_size <= self.n:
+            self.consumed += self.world_size
+            yield self.consumed - self.world_size + self.rank
+        self.consumed = 0
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = state["consumed_samples"]
