@@ -11,7 +11,7 @@ Public API (what ``ds_sft.model`` calls)::
 
 ``backend``:
 
-- ``"triton"``: the Triton kernels (``rmsnorm.py``, ``cross_entropy.py``, and the chunked
+- ``"triton"``: the Triton kernels (``rmsnorm.py``, ``cross_entropy_kernel.py``, and the chunked
   ``fused_linear_cross_entropy.py`` on top of the CE kernel). CUDA, or CPU through the interpreter
   when ``TRITON_INTERPRET=1`` was set before the first kernel was imported (tests only: ~1000x slower).
 - ``"torch"``: plain PyTorch. ``linear_cross_entropy`` runs the same chunked algorithm as Triton
@@ -19,6 +19,9 @@ Public API (what ``ds_sft.model`` calls)::
   kernel, so they are the references.
 - ``"eager"``: the references in ``reference.py`` (full logits), differentiated by autograd.
 - ``"auto"``: ``"triton"`` for CUDA tensors when Triton is installed, ``"torch"`` otherwise.
+
+The CE kernel module is ``cross_entropy_kernel.py``, not ``cross_entropy.py``: importing a submodule
+sets it as an attribute of the package, which would shadow the ``cross_entropy`` function below.
 
 Importing this package is cheap and needs no Triton: the kernel modules load on first use.
 Losses are fp32; ``reduction="mean"`` divides by the non-ignored count (0 when all are ignored).
@@ -97,7 +100,7 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Token cross-entropy of ``logits [..., V]`` vs ``labels [...]`` (definition: ``reference.py``)."""
     if resolve_backend(backend, logits.device) == "triton":
-        from kernels.cross_entropy import CrossEntropyFunction
+        from kernels.cross_entropy_kernel import CrossEntropyFunction
 
         return CrossEntropyFunction.apply(logits, labels, ignore_index, reduction, label_smoothing, z_loss)
     return cross_entropy_reference(logits, labels, ignore_index, reduction, label_smoothing, z_loss)

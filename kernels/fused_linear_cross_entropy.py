@@ -47,7 +47,7 @@ def cross_entropy_loss_and_grad_torch(
     compute_grad: bool = True,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Plain-PyTorch twin of ``kernels.cross_entropy.cross_entropy_loss_and_grad`` (same contract).
+    """Plain-PyTorch twin of ``kernels.cross_entropy_kernel.cross_entropy_loss_and_grad`` (same contract).
 
     The softmax is computed in place over one fp32 buffer (the logits themselves when they are fp32
     and ``inplace``), so a chunk costs one ``rows x V`` fp32 buffer.
@@ -80,7 +80,7 @@ def cross_entropy_loss_and_grad_torch(
 
 def _loss_and_grad_for(backend: str):
     if backend == "triton":
-        from kernels.cross_entropy import cross_entropy_loss_and_grad
+        from kernels.cross_entropy_kernel import cross_entropy_loss_and_grad
 
         return cross_entropy_loss_and_grad
     return cross_entropy_loss_and_grad_torch

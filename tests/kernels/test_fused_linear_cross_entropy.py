@@ -1,0 +1,114 @@
+"""The chunked linear cross-entropy (Triton CE kernel per chunk, and its plain-PyTorch twin)
+against the eager reference that materialises the full logits: loss, ``grad_hidden`` and
+``grad_weight`` for every reduction, chunk sizes that do not divide the token count, label
+smoothing and z-loss, ignored tokens, bf16; the PyTorch path at full model size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels.reference import linear_cross_entropy_reference
+
+IGNORE = -100
+
+
+def _inputs(tokens, hidden, vocab, device, dtype=torch.float32, seed=0, ignored=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, hidden, generator=gen)
+    w = torch.randn(vocab, hidden, generator=gen) / hidden**0.5 * 3
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    labels[torch.rand(tokens, generator=gen) < ignored] = IGNORE
+    return h.to(device, dtype), w.to(device, dtype), labels.to(device)
+
+
+def _run(fn, hidden, weight, labels, upstream, **options):
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss = fn(h, w, labels, **options)
+    loss.backward(upstream)
+    return loss, h.grad, w.grad
+
+
+def _check(hidden, weight, labels, backend, reduction="sum", chunk_size=16, tol=None, **options):
+    tol = tol or {"atol": 1e-5, "rtol": 1e-4}
+    gen = torch.Generator().manual_seed(1)
+    upstream = torch.randn(labels.shape if reduction == "none" else (), generator=gen).to(hidden.device)
+    loss, gh, gw = _run(
+        kernels.linear_cross_entropy, hidden, weight, labels, upstream,
+        reduction=reduction, chunk_size=chunk_size, backend=backend, **options,
+    )  # fmt: skip
+    # The reference in fp32 whatever the inputs: the chunked loss accumulates in fp32 too.
+    loss_ref, gh_ref, gw_ref = _run(
+        linear_cross_entropy_reference, hidden.float(), weight.float(), labels, upstream,
+        reduction=reduction, **options,
+    )  # fmt: skip
+    assert loss.dtype == torch.float32 and loss.shape == loss_ref.shape
+    assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
+    torch.testing.assert_close(loss, loss_ref, **tol)
+    torch.testing.assert_close(gh.float(), gh_ref, **tol)
+    torch.testing.assert_close(gw.float(), gw_ref, **tol)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize(("tokens", "hidden"), [(1, 64), (5, 576), (123, 64)])
+def test_matches_reference(tokens, hidden, reduction, backend, device):
+    h, w, labels = _inputs(tokens, hidden, 1000, device, seed=tokens)
+    _check(h, w, labels, backend, reduction, chunk_size=16)
+
+
+def test_triton_full_vocabulary(device):
+    h, w, labels = _inputs(4, 768, 50304, device, ignored=0.0)
+    _check(h, w, labels, "triton", "mean", chunk_size=3, label_smoothing=0.1, z_loss=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_label_smoothing_and_z_loss(backend, reduction, device):
+    h, w, labels = _inputs(37, 64, 1000, device, seed=3)
+    _check(h, w, labels, backend, reduction, chunk_size=16, label_smoothing=0.1, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_all_ignored_gives_zero_loss_and_gradients(backend, reduction, device):
+    h, w, labels = _inputs(7, 64, 1000, device)
+    labels[:] = IGNORE
+    upstream = torch.ones(labels.shape if reduction == "none" else (), device=device)
+    loss, gh, gw = _run(
+        kernels.linear_cross_entropy, h, w, labels, upstream, reduction=reduction, backend=backend
+    )
+    assert torch.all(loss == 0) and torch.all(gh == 0) and torch.all(gw == 0)
+
+
+def test_triton_bf16(device):
+    h, w, labels = _inputs(37, 64, 1000, device, dtype=torch.bfloat16, seed=5)
+    _check(h, w, labels, "triton", "sum", chunk_size=16, tol={"atol": 5e-2, "rtol": 2e-2})
+
+
+def test_leading_dimensions_and_hidden_only_gradient(device):
+    """[B, T, H] hidden with [B, T] labels; a frozen weight gets no gradient computed."""
+    h, w, labels = _inputs(12, 64, 1000, device, seed=6)
+    hb, lb = h.view(3, 4, 64).requires_grad_(), labels.view(3, 4)
+    loss = kernels.linear_cross_entropy(hb, w, lb, reduction="mean", chunk_size=5, backend="torch")
+    loss.backward()
+    h_ref = h.detach().clone().view(3, 4, 64).requires_grad_()
+    linear_cross_entropy_reference(h_ref, w, lb, reduction="mean").backward()
+    assert w.grad is None and hb.grad.shape == (3, 4, 64)
+    torch.testing.assert_close(hb.grad, h_ref.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores, most of it in the eager reference
+def test_torch_path_full_size_fp32():
+    """The CPU path at the model's size: 2,048 tokens, hidden 768, vocabulary 50,304; the last of the
+    1,000-token chunks is partial."""
+    h, w, labels = _inputs(2048, 768, 50304, "cpu", seed=8)
+    _check(h, w, labels, "torch", "sum", chunk_size=1000, tol={"atol": 1e-4, "rtol": 1e-4})
+
+
+@pytest.mark.slow  # ~25 s
+def test_torch_path_full_size_bf16():
+    h, w, labels = _inputs(2048, 768, 50304, "cpu", dtype=torch.bfloat16, seed=9)
+    _check(h, w, labels, "torch", "sum", chunk_size=1024, tol={"atol": 2e-2, "rtol": 2e-2})
