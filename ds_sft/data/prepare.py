@@ -179,11 +179,6 @@ def collect_sources(args: argparse.Namespace) -> list:
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise UserError(f"source names must be unique, got {names}")
-    for spec in specs:
-        if not spec.is_local and not spec.is_hub_id:
-            raise UserError(
-                f"--{spec.name if spec.kind != 'generic' else 'source'}: {spec.location}: no such file"
-            )
     shared = shared_dir()
     if args.from_shared or not specs:
         if shared is None and args.from_shared:

@@ -303,6 +303,8 @@ def load_source(
 
     ``split`` applies to hub ids only (a local file is one split).
     """
+    if not spec.is_local and not spec.is_hub_id:
+        raise UserError(f"{spec.location}: no such file (source {spec.name!r})")
     if spec.is_local:
         path = Path(spec.location).expanduser()
         columns = read_table(path, skip_bad_rows, drops, spec.name)

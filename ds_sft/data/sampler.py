@@ -1,0 +1,115 @@
+"""A sample order that survives restarts and changes of world size.
+
+Think of training as reading one infinite *global stream* of dataset indices: epoch 0's seeded
+permutation, then epoch 1's, and so on (``permutation(seed, epoch)``, no dependence on the number of
+ranks). Position ``p`` of the stream is dataset index ``perm[p // n][p % n]``.
+
+- Rank ``r`` of ``W`` reads stream positions ``p`` with ``p % W == r``, counted from
+  ``consumed_samples`` (a multiple of ``W`` whenever the global batch is).
+- The only state is how many stream positions all ranks together have consumed
+  (``consumed_samples``). Saving it and loading it, on any world size, continues the same stream.
+- An optimizer step with ``micro_batch`` rows per rank and ``grad_accum`` micro-steps consumes
+  ``global_batch = micro_batch * grad_accum * W`` positions. Step ``k`` covers positions
+  ``[k * global_batch, (k + 1) * global_batch)`` (counted from where the sampler started), so
+  2 ranks x 4 accumulation steps and 1 rank x 8 see the same rows in every step.
+
+Trainer API (see :meth:`ResumableSampler.step_indices`)::
+
+    sampler = ResumableSampler(len(dataset), rank=r, world_size=W, seed=seed)
+    sampler.load_state_dict(ckpt["sampler"])                 # on resume; any W
+    for step in range(start_step, total_steps):
+        for micro in sampler.step_indices(micro_batch, grad_accum):   # [grad_accum, micro_batch]
+            batch = collate([dataset[i] for i in micro])
+            ...
+        sampler.advance(micro_batch * grad_accum * W)          # after the optimizer step
+    ckpt["sampler"] = sampler.state_dict()
+
+It is also an ordinary ``torch.utils.data.Sampler``-compatible iterable: ``iter(sampler)`` yields this
+rank's indices from ``consumed_samples`` to the end of the current epoch (a ``DataLoader`` with
+``batch_size=micro_batch`` over it gives the same batches as :meth:`step_indices`); the caller still
+calls :meth:`advance` after each step, since a DataLoader prefetches ahead of what was trained.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ResumableSampler:
+    """Deterministic, resumable, distributed sampler over ``num_samples`` rows (see module docstring)."""
+
+    def __init__(
+        self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError("ResumableSampler needs at least one sample")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.num_samples = num_samples
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.consumed_samples = 0  # global stream positions consumed by all ranks together
+        self._cached_epoch: tuple[int, np.ndarray] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed_samples // self.num_samples
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The global order of epoch ``epoch`` (cached: one epoch is reused by many steps)."""
+        if self._cached_epoch is None or self._cached_epoch[0] != epoch:
+            order = (
+                np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+                if self.shuffle
+                else np.arange(self.num_samples)
+            )
+            self._cached_epoch = (epoch, order)
+        return self._cached_epoch[1]
+
+    def global_indices(self, start: int, stop: int) -> np.ndarray:
+        """Dataset indices at global stream positions ``start .. stop - 1`` (may span epochs)."""
+        positions = np.arange(start, stop)
+        out = np.empty(len(positions), dtype=np.int64)
+        epochs = positions // self.num_samples
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            out[here] = self.permutation(int(epoch))[positions[here] % self.num_samples]
+        return out
+
+    def step_indices(self, micro_batch: int, grad_accum: int = 1, step: int = 0) -> np.ndarray:
+        """This rank's dataset indices for optimizer step ``step`` after ``consumed_samples``.
+
+        Returns an int64 array ``[grad_accum, micro_batch]``: row ``a`` is micro-step ``a``. With
+        ``G = micro_batch * grad_accum * world_size``, the step reads global positions
+        ``consumed_samples + step * G + j * world_size + rank`` for ``j = 0 .. G / world_size - 1``.
+        """
+        global_batch = micro_batch * grad_accum * self.world_size
+        start = self.consumed_samples + step * global_batch
+        mine = self.global_indices(start, start + global_batch)[self.rank :: self.world_size]
+        return mine.reshape(grad_accum, micro_batch)
+
+    def advance(self, num_global_samples: int) -> None:
+        """Record that all ranks together trained ``num_global_samples`` more stream positions."""
+        self.consumed_samples += int(num_global_samples)
+
+    def __iter__(self):
+        end_of_epoch = (self.epoch + 1) * self.num_samples
+        yield from self.global_indices(self.consumed_samples, end_of_epoch)[
+            self.rank :: self.world_size
+        ].tolist()
+
+    def __len__(self) -> int:
+        remaining = (self.epoch + 1) * self.num_samples - self.consumed_samples
+        return max(0, -(-(remaining - self.rank) // self.world_size))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed_samples": self.consumed_samples, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"sampler state has seed {state['seed']}, this sampler {self.seed}: orders would differ"
+            )
+        self.consumed_samples = int(state["consumed_samples"])

@@ -1,0 +1,42 @@
+"""Small synthetic rows and helpers shared by the data tests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ds_sft.data.prepare import add_arguments
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def alpaca_rows(n: int, offset: int = 0) -> list[dict]:
+    return [
+        {
+            "instruction": f"Describe item number {i} in one sentence.",
+            "input": "" if i % 2 else f"Item {i} is red and weighs {i} grams.",
+            "output": f"Item {i} is a small red object of {i} grams, used as example {i}.",
+        }
+        for i in range(offset, offset + n)
+    ]
+
+
+def gsm8k_rows(n: int, offset: int = 0) -> list[dict]:
+    return [
+        {
+            "question": f"Sam has {i} apples and buys {i + 3} more apples at the shop today. How many now?",
+            "answer": f"Sam has {i} + {i + 3} = <<{i}+{i + 3}={2 * i + 3}>>{2 * i + 3} apples."
+            f"\n#### {2 * i + 3}",
+        }
+        for i in range(offset, offset + n)
+    ]
+
+
+def parse_prepare_args(argv: list[str]):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)

@@ -1,0 +1,89 @@
+"""Cleaning, dedup and decontamination, each checked against hand-made rows with a known answer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ds_sft.data.clean import Drops, NgramIndex, clean_records, decontaminate, dedup, normalize_text
+
+
+def record(instruction, response, source="s", extra=""):
+    return {"id": "x", "source": source, "category": "general", "instruction": instruction, "input": extra,
+            "response": response, "history": []}  # fmt: skip
+
+
+def test_normalize_text():
+    decomposed = "cafe\u0301"  # e + combining acute -> NFC single code point
+    assert normalize_text(f"  {decomposed}\r\nline two   \r\n\r\n\r\n\r\nend\u00a0here\u200b  ") == (
+        "caf\u00e9\nline two\n\nend here"
+    )
+    code = "def f():\n    return 1\n"
+    assert normalize_text(code) == "def f():\n    return 1"  # indentation is kept
+
+
+def test_alpaca_noinput_markers_and_empty_rows_dropped():
+    drops = Drops()
+    rows = [
+        record("Say hi", "hi", extra="<noinput>"),
+        record("Say ho", "ho", extra="N/A"),
+        record("Say he", "he", extra="No input"),
+        record("   ", "x"),
+        record("y", " \n "),
+    ]
+    kept = clean_records(rows, drops)
+    assert [r["input"] for r in kept] == ["", "", ""]
+    assert drops.by_source() == {"s": {"empty_instruction": 1, "empty_response": 1}}
+
+
+def test_gsm8k_annotations_stripped_final_line_kept():
+    answer = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    drops = Drops()
+    kept = clean_records([record("q", answer), record("q2", "no final line")], drops, gsm8k=True)
+    assert kept[0]["response"] == "Natalia sold 48/2 = 24 clips in May.\nIn all 48+24 = 72 clips.\n#### 72"
+    assert drops.by_source() == {"s": {"no_final_answer_line": 1}}
+
+
+def test_real_gsm8k_answers_lose_every_annotation(shared):
+    rows = [json.loads(line) for line in (shared / "data/gsm8k/train.jsonl").open()][:500]
+    kept = clean_records([record(r["question"], r["answer"]) for r in rows], Drops(), gsm8k=True)
+    assert len(kept) == 500
+    for row, cleaned in zip(rows, kept, strict=True):
+        assert "<<" not in cleaned["response"] and ">>" not in cleaned["response"]
+        assert cleaned["response"].splitlines()[-1] == row["answer"].splitlines()[-1]  # "#### N"
+
+
+def test_dedup_exact_and_normalized_across_sources():
+    rows = [
+        record("What is 2+2?", "4", source="a"),
+        record("What is 2+2?", "4", source="b"),  # exact duplicate from another source
+        record("what is 2 + 2", "4.", source="b"),  # same after case/punctuation/space folding
+        record("What is 3+3?", "6", source="b"),
+    ]
+    drops = Drops()
+    kept = dedup(rows, drops)
+    assert [r["instruction"] for r in kept] == ["What is 2+2?", "What is 3+3?"]
+    assert drops.by_source() == {"b": {"duplicate_exact": 1, "duplicate_normalized": 1}}
+
+
+def test_ngram_overlap_matches_hand_count():
+    words = [f"w{i}" for i in range(20)]
+    reference = [" ".join(words[:15])]  # 3 thirteen-grams: starting at w0, w1, w2
+    text = " ".join(words[2:20])  # 6 thirteen-grams starting at w2..w7; only the one at w2 is shared
+    short = "too few words"
+    scores = NgramIndex().overlap([text, short, reference[0]], reference)
+    np.testing.assert_allclose(scores, [1 / 6, 0.0, 1.0])
+
+
+def test_decontamination_catches_planted_test_questions(shared):
+    test_rows = [json.loads(line) for line in (shared / "data/gsm8k/test.jsonl").open()]
+    reference = [f"{r['question']}\n{r['answer']}" for r in test_rows]
+    planted = [
+        record(test_rows[i]["question"], "I think the answer is 12.", source="alpaca") for i in (0, 7, 99)
+    ]
+    clean = [record(f"Write a haiku about autumn number {i}.", "Leaves fall slowly down.") for i in range(50)]
+    drops = Drops()
+    kept = decontaminate(clean + planted, reference, 0.1, "overlaps_gsm8k_test", drops)
+    assert len(kept) == 50
+    assert drops.by_source() == {"alpaca": {"overlaps_gsm8k_test": 3}}
