@@ -30,7 +30,8 @@ common LLaMA codebases (prefixes and renames are listed in :data:`PREFIXES` and 
 Transformer Engine ``*._extra_state`` entries (fp8 scaling metadata) are set aside on
 ``model.fp8_extra_state`` (canonical module name -> state) for the fp8 path. Buffers that are
 recomputed from the config (``rope_cache``, nanoGPT's causal ``attn.bias``, ``inv_freq`` ...) are
-dropped and counted in the log. Anything else that does not fit is one :class:`UserError` listing the
+dropped and listed in the log. RoPE comes in two feature layouts that no weight shape reveals; see
+``rope_layout`` of :func:`load_model`. Anything else that does not fit is one :class:`UserError` listing the
 missing keys, unexpected keys and shape mismatches.
 
 ``save_model`` writes the ds-sft layout; ``to_hf_state_dict`` + ``hf_config`` give the Hugging Face
@@ -111,12 +112,27 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     config_overrides: dict[str, Any] | None = None,
+    rope_layout: str = "auto",
 ) -> LlamaModel:
-    """Build a :class:`LlamaModel` from any supported checkpoint (see the module docstring)."""
+    """Build a :class:`LlamaModel` from any supported checkpoint (see the module docstring).
+
+    ``rope_layout``: how the checkpoint's trainer paired the rotary features. ``"half"`` (Hugging
+    Face, this model: feature i with i + head_dim/2) or ``"interleaved"`` (Meta's original code:
+    features 2i and 2i+1), whose Q/K rows are permuted into the half layout on load. ``"auto"``
+    takes interleaved when the checkpoint carries Meta's complex ``freqs_cis`` table, else half.
+    The two give equally plausible weights and different outputs, so nothing else can tell them
+    apart: check a base model's loss on real text after loading it.
+    """
+    if rope_layout not in ("auto", "half", "interleaved"):
+        raise UserError(f"rope_layout {rope_layout!r}: choose auto, half or interleaved")
     path = resolve_model_path(str(spec))
     state, config_hints, tie_hint = _read_checkpoint(path)
-    state, extra_state = canonical_state_dict(state)
+    state, extra_state, buffers = canonical_state_dict(state)
     config = infer_config(state, config_hints, tie_hint, config_overrides or {})
+    if rope_layout == "interleaved" or (
+        rope_layout == "auto" and any(b.is_complex() for b in buffers.values())
+    ):
+        _interleaved_to_half_rope(state, config)
     with torch.device("meta"):
         model = LlamaModel(config)
     _check_keys(model, state, path)
@@ -239,28 +255,33 @@ def canonical_key(key: str) -> str:
     return key
 
 
-def canonical_state_dict(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Rename keys, split fused qkv / gate-up weights, set aside fp8 extra state, drop buffers."""
+def canonical_state_dict(
+    state: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Rename keys, split fused gate-up weights, set aside fp8 extra state and recomputed buffers.
+
+    Returns (weights, TE extra state by module name, buffers the model recomputes).
+    """
     out: dict[str, torch.Tensor] = {}
     extra_state: dict[str, Any] = {}
-    dropped: list[str] = []
+    buffers: dict[str, Any] = {}
     for raw_key, value in state.items():
         key = canonical_key(raw_key)
         if key.endswith("_extra_state"):
             extra_state[key.rsplit(".", 1)[0]] = value
         elif RECOMPUTED_BUFFERS.search(key):
-            dropped.append(raw_key)
+            buffers[key] = value
         elif key.endswith("mlp.gate_up_proj.weight"):
             gate, up = value.chunk(2, dim=0)
             out[key.replace("gate_up_proj", "gate_proj")] = gate
             out[key.replace("gate_up_proj", "up_proj")] = up
         else:
             out[key] = value
-    if dropped:
-        log.info("ignored %d buffers recomputed from the config (e.g. %s)", len(dropped), dropped[0])
+    if buffers:
+        log.info("ignored %d buffers recomputed from the config: %s", len(buffers), _preview(sorted(buffers)))
     if extra_state:
         log.info("kept Transformer Engine _extra_state of %d modules for the fp8 path", len(extra_state))
-    return out, extra_state
+    return out, extra_state, buffers
 
 
 def _split_fused_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
@@ -270,6 +291,21 @@ def _split_fused_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> Non
         q, k, v = state.pop(key).split([config.d_model, kv, kv], dim=0)
         for name, tensor in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
             state[key.replace("qkv_proj", name)] = tensor
+
+
+def _interleaved_to_half_rope(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Reorder each head's Q and K rows from (0, 1), (2, 3) ... pairs to (i, i + head_dim/2) pairs.
+
+    New row i is old row 2i and new row head_dim/2 + i old row 2i + 1: the same rotation, with the
+    features laid out the way :func:`ds_sft.model.llama.apply_rope` pairs them. Q and K move alike,
+    so every q.k product (and the attention) is unchanged.
+    """
+    for name, heads in (("q_proj", config.n_heads), ("k_proj", config.n_kv_heads)):
+        for key in [k for k in state if k.endswith(f"attn.{name}.weight")]:
+            weight = state[key]
+            rows = weight.view(heads, config.head_dim // 2, 2, weight.shape[1])
+            state[key] = rows.transpose(1, 2).reshape(weight.shape)
+    log.info("permuted Q/K rows from the interleaved RoPE layout to the half layout")
 
 
 # ----------------------------------------------------------------------------- config

@@ -173,3 +173,28 @@ def test_smollm2_gguf_import_matches_transformers(smollm2_gguf):
     ids = torch.randint(0, 49152, (2, 33))
     with torch.no_grad():
         assert (ours(ids) - theirs.eval()(ids).logits).abs().max().item() <= 1e-4
+
+
+def interleaved_rope(x, cos, sin):
+    """Meta's original RoPE: features (2i, 2i+1) form the rotated pairs."""
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2).to(x.dtype)
+
+
+def test_interleaved_rope_checkpoint_is_permuted_into_the_half_layout(tmp_path, monkeypatch):
+    import ds_sft.model.llama as llama
+
+    trained = tiny()  # its weights, read as a network with interleaved RoPE
+    ids = torch.randint(0, 256, (2, 23))
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(llama, "apply_rope", interleaved_rope)
+        reference = trained(ids)
+    c = trained.config
+    freqs_cis = torch.polar(
+        torch.ones(c.max_seq_len, c.head_dim // 2), torch.zeros(c.max_seq_len, c.head_dim // 2)
+    )
+    state = {"model": {**trained.state_dict(), "freqs_cis": freqs_cis}, "model_args": {"n_heads": 4}}
+    torch.save(state, tmp_path / "meta.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "meta.pt")(ids), reference, rtol=0, atol=1e-5)
+        assert (load_model(tmp_path / "meta.pt", rope_layout="half")(ids) - reference).abs().max() > 1e-3
