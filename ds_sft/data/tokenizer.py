@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ds_sft import paths
 from ds_sft.errors import UserError
-from ds_sft.paths import MODEL_ALIASES, resolve_model_path, shared_dir
 
 # End-of-text tokens of common vocabularies, tried in order when a tokenizer does not name its EOS.
 KNOWN_EOS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>")
@@ -44,7 +44,7 @@ def _from_pretrained(directory: Path, **kwargs):
 
 
 def _gpt2():
-    shared = shared_dir()
+    shared = paths.shared_dir()
     if shared is not None and (shared / "tokenizers" / "gpt2" / "tokenizer.json").is_file():
         return _from_pretrained(shared / "tokenizers" / "gpt2")
     from transformers import AutoTokenizer
@@ -61,14 +61,14 @@ def _gpt2():
 def _load(spec: str):
     if spec.lower() == "gpt2":
         return _gpt2()
-    if spec.lower() in MODEL_ALIASES:
-        path = resolve_model_path(spec)
+    if spec.lower() in paths.MODEL_ALIASES:
+        path = paths.resolve_model_path(spec)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
             raise UserError(
                 f"tokenizer {spec!r} not found: pass a tokenizer.json, a tokenizer directory, a .gguf file, "
-                f"'gpt2', or a model alias ({', '.join(MODEL_ALIASES)})"
+                f"'gpt2', or a model alias ({', '.join(paths.MODEL_ALIASES)})"
             )
     if path.is_dir():
         return _from_pretrained(path / "tokenizer" if (path / "tokenizer").is_dir() else path)

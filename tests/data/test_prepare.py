@@ -1,0 +1,172 @@
+"""``ds-sft prepare`` end to end: counts balance, items are right, outputs are deterministic and reused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ds_sft.data.shards import PackedDataset
+from ds_sft.errors import UserError
+from tests.data.helpers import alpaca_rows, gsm8k_rows, write_jsonl
+
+
+@pytest.fixture
+def sources(tmp_path) -> dict[str, Path]:
+    """60 Alpaca rows (+ 2 planted duplicates, 1 planted GSM8K test question), 40 GSM8K rows, a test set"""
+    test_set = gsm8k_rows(5, offset=1000)
+    alpaca = alpaca_rows(60)
+    alpaca += [dict(alpaca[3]), {**alpaca[4], "instruction": alpaca[4]["instruction"].upper()}]
+    alpaca.append({"instruction": test_set[2]["question"], "input": "", "output": "It is 2005."})
+    return {
+        "alpaca": write_jsonl(tmp_path / "alpaca.jsonl", alpaca),
+        "gsm8k": write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(40)),
+        "test": write_jsonl(tmp_path / "test.jsonl", test_set),
+    }
+
+
+def base_flags(sources, out) -> list[str]:
+    files = ["--alpaca", sources["alpaca"], "--gsm8k", sources["gsm8k"], "--gsm8k_test", sources["test"]]
+    return [*map(str, files), "--output_dir", str(out), "--min_val_rows", "4"]
+
+
+def test_counts_balance_and_planted_rows_are_dropped(run_prepare, sources, tmp_path):
+    manifest = run_prepare(base_flags(sources, tmp_path / "out"))
+    alpaca, gsm8k = manifest["counts"]["alpaca"], manifest["counts"]["gsm8k"]
+    assert alpaca["rows_in"] == 63 and gsm8k["rows_in"] == 40
+    assert alpaca["dropped"] == {"duplicate_exact": 1, "duplicate_normalized": 1, "overlaps_gsm8k_test": 1}
+    for counts in manifest["counts"].values():
+        assert counts["rows_in"] == counts["kept"] + sum(counts["dropped"].values())
+        assert counts["kept"] == counts["train"] + counts["val"] and counts["val"] == 4
+    assert manifest["splits"]["train"]["documents"] == 56 + 36
+    assert manifest["sources"] == ["alpaca", "gsm8k"] and manifest["template"] == "alpaca"
+    out = tmp_path / "out"
+    assert (out / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_items_shift_labels_and_restart_positions(run_prepare, sources, tmp_path, tiny_tokenizer):
+    import torch
+
+    run_prepare(base_flags(sources, tmp_path / "out"))
+    expected = {r["output"] for r in alpaca_rows(60)} | {
+        r["answer"].replace(f"<<{i}+{i + 3}={2 * i + 3}>>", "") for i, r in enumerate(gsm8k_rows(40))
+    }
+    eos = tiny_tokenizer.eos_token_id
+    found = []
+    for split in ("train", "val"):
+        data = PackedDataset(tmp_path / "out", split)
+        assert data.seq_len == 256 and data.sources == ["alpaca", "gsm8k"]
+        for i in range(len(data)):
+            item = data[i]
+            assert set(item) == {"input_ids", "labels", "position_ids", "document_ids", "source_ids"}
+            assert all(v.dtype == torch.int64 and tuple(v.shape) == (256,) for v in item.values())
+            ids, labels = item["input_ids"].numpy(), item["labels"].numpy()
+            docs, pos = item["document_ids"].numpy(), item["position_ids"].numpy()
+            for d in range(docs.max() + 1):
+                where = np.flatnonzero(docs == d)
+                assert (np.diff(where) == 1).all()  # a document is contiguous in its row
+                np.testing.assert_array_equal(pos[where], np.arange(len(where)))  # positions restart at 0
+                trained = labels[where] != -100
+                # labels are the next tokens: label[t] == input_ids[t + 1] wherever trained
+                np.testing.assert_array_equal(labels[where][trained], ids[where[trained] + 1])
+                assert labels[where[-1]] == -100 and labels[where][trained][-1] == eos
+                found.append(tiny_tokenizer.decode(labels[where][trained][:-1].tolist()))
+            padding = docs == -1
+            assert (labels[padding] == -100).all() and (item["source_ids"].numpy()[padding] == -1).all()
+    assert sorted(found) == sorted(expected)  # every kept response exactly once, none split or lost
+
+
+def test_same_seed_gives_byte_identical_shards(run_prepare, sources, tmp_path):
+    run_prepare(base_flags(sources, tmp_path / "a"))
+    run_prepare(base_flags(sources, tmp_path / "b"))
+    run_prepare([*base_flags(sources, tmp_path / "c"), "--seed", "99"])
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.npy"))
+    assert files and all(
+        (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files
+    )
+    assert any((tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes() for f in files)
+
+
+def test_rerun_reuses_output_and_force_redoes_it(run_prepare, sources, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_prepare(base_flags(sources, out))
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    run_prepare(base_flags(sources, out))
+    assert "up to date" in capsys.readouterr().out and (out / "manifest.json").stat().st_mtime_ns == stamp
+    run_prepare([*base_flags(sources, out), "--force"])
+    assert (out / "manifest.json").stat().st_mtime_ns != stamp
+
+
+def test_no_pack_mix_and_max_examples(run_prepare, sources, tmp_path):
+    manifest = run_prepare([*base_flags(sources, tmp_path / "p"), "--no_pack", "--mix", "gsm8k=2.5"])
+    train = manifest["splits"]["train"]
+    assert train["rows"] == train["documents"] == 56 + 90  # 36 GSM8K rows x 2.5
+    assert manifest["counts"]["gsm8k"]["train_after_mix"] == 90
+    capped = run_prepare([*base_flags(sources, tmp_path / "q"), "--mix", "gsm8k=2.5", "--max_examples", "73"])
+    per_source = capped["splits"]["train"]["documents_per_source"]
+    assert per_source == {"alpaca": 28, "gsm8k": 45}  # both halved
+
+
+def test_too_long_rows_counted_or_truncated(run_prepare, sources, tmp_path):
+    long_rows = alpaca_rows(4) + [{"instruction": "Tell a long story.", "input": "", "output": "word " * 800}]
+    path = write_jsonl(tmp_path / "long.jsonl", long_rows)
+    flags = ["--alpaca", str(path), "--val_fraction", "0", "--decontam_threshold", "0"]
+    dropped = run_prepare([*flags, "--output_dir", str(tmp_path / "d")])
+    assert dropped["counts"]["alpaca"]["dropped"] == {"longer_than_seq_len": 1}
+    kept = run_prepare([*flags, "--output_dir", str(tmp_path / "t"), "--truncate"])
+    assert kept["counts"]["alpaca"]["kept"] == 5 and kept["token_lengths"]["alpaca"]["max"] > 256
+    data = PackedDataset(tmp_path / "t", "train")
+    assert max(int(data[i]["position_ids"].max()) for i in range(len(data))) == 255
+
+
+def test_no_source_at_all_says_what_to_pass(run_prepare, tmp_path):
+    with pytest.raises(
+        UserError, match="no data source: pass --alpaca/--gsm8k/--dolly PATH or --source NAME=PATH"
+    ):
+        run_prepare(["--output_dir", str(tmp_path / "x")])
+
+
+def test_generic_source_with_field_map(run_prepare, tmp_path):
+    rows = [{"q": f"Question {i} about cats?", "a": f"Answer {i}: cats purr."} for i in range(12)]
+    path = write_jsonl(tmp_path / "mine.jsonl", rows)
+    flags = ["--source", f"mine={path}", "--field_map", "mine:instruction=q,response=a"]
+    manifest = run_prepare([*flags, "--output_dir", str(tmp_path / "g"), "--min_val_rows", "2"])
+    assert manifest["counts"]["mine"]["kept"] == 12 and manifest["counts"]["mine"]["val"] == 2
+
+
+@pytest.fixture(scope="module")
+def shared_mix(shared, tmp_path_factory):
+    """The whole shared mix prepared once with the GPT-2 tokenizer at seq 1024 (~20 s on 2 cores)."""
+    from ds_sft.command import main_for
+
+    out = tmp_path_factory.mktemp("shared_mix") / "data"
+    assert main_for("prepare", ["--from_shared", "--tokenizer", "gpt2", "--output_dir", str(out)]) == 0
+    return out
+
+
+def test_shared_mix_packs_above_99_5_percent_with_balanced_counts(shared_mix):
+    manifest = json.loads((shared_mix / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["efficiency"]["real_tokens"] >= 0.995
+    rows_in = {name: c["rows_in"] for name, c in manifest["counts"].items()}
+    assert rows_in == {"alpaca": 5000, "gsm8k": 7473, "dolly": 5000}
+    for counts in manifest["counts"].values():
+        assert counts["rows_in"] == counts["kept"] + sum(counts["dropped"].values())
+    assert manifest["decontamination"]["reference"]["rows"] == 1319
+
+
+def test_shared_mix_masks_start_after_the_response_header(shared_mix):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    data = PackedDataset(shared_mix, "val")
+    tokenizer = load_tokenizer(str(data.tokenizer_dir))
+    for i in range(len(data)):
+        item = data[i]
+        ids, labels, docs = item["input_ids"].numpy(), item["labels"].numpy(), item["document_ids"].numpy()
+        for d in range(docs.max() + 1):
+            where = np.flatnonzero(docs == d)
+            first_target = where[np.argmax(labels[where] != -100)]
+            assert tokenizer.decode(ids[where[0] : first_target + 1].tolist()).endswith("### Response:\n")
+            assert labels[where][labels[where] != -100][-1] == tokenizer.eos_token_id
