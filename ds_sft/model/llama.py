@@ -217,7 +217,7 @@ class LlamaModel(nn.Module):
         if document_ids is None:
             document_ids = torch.zeros_like(input_ids)
         if kv_cache is None:
-            if input_ids.is_cuda and create_block_mask is not None:
+            if use_flex_attention(input_ids.device):
                 return _document_block_mask(document_ids)
             key_documents, offset = document_ids, 0
         else:
@@ -253,6 +253,11 @@ class LlamaModel(nn.Module):
             reduction="sum",
             backend=self.config.kernels,
         )
+
+
+def use_flex_attention(device: torch.device) -> bool:
+    """flex_attention for packed rows on CUDA; on CPU the dense mask is faster than its fallback."""
+    return device.type == "cuda" and create_block_mask is not None
 
 
 @functools.cache

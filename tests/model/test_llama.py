@@ -137,3 +137,21 @@ def test_compiled_model_equals_eager():
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+def test_flex_attention_path_equals_the_dense_mask(monkeypatch):
+    """The CUDA path for packed rows (a flex_attention BlockMask), run here with eager flex_attention."""
+    import ds_sft.model.llama as llama
+
+    if llama.flex_attention is None:
+        pytest.skip("this torch has no flex_attention")
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 40))
+    documents = torch.tensor([[0] * 10 + [1] * 25 + [-1] * 5, [0] * 40])
+    positions = torch.cat([torch.arange(10), torch.arange(25), torch.arange(5)]).expand(2, 40)
+    with torch.no_grad():
+        dense = model(ids, positions, documents)
+        monkeypatch.setattr(llama, "use_flex_attention", lambda device: True)
+        monkeypatch.setattr(llama, "_compiled_flex_attention", lambda: llama.flex_attention)
+        flex = model(ids, positions, documents)
+    torch.testing.assert_close(flex, dense, rtol=0, atol=1e-5)
