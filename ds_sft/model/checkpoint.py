@@ -142,12 +142,24 @@ def load_model(
 
 
 def save_model(model: LlamaModel, directory: str | Path) -> Path:
-    """Write ``model.safetensors`` + ``model_config.json`` (what :func:`load_model` reads back)."""
+    """Write ``model.safetensors`` + ``model_config.json`` (what :func:`load_model` reads back).
+
+    Only the LLaMA weights are written: state that layer swaps add (fp8 scaling buffers, TE extra
+    state) belongs to training checkpoints, not to the final weights.
+    """
     from safetensors.torch import save_file
 
+    with torch.device("meta"):
+        weight_names = set(LlamaModel(model.config).state_dict())
+    state = {
+        name: tensor.detach().contiguous().cpu()
+        for name, tensor in model.state_dict().items()
+        if name in weight_names
+    }
+    if set(state) != weight_names:
+        raise ValueError(f"save_model: the model lacks {_preview(sorted(weight_names - set(state)))}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     save_file(state, str(directory / MODEL_FILE), metadata={"format": "pt"})
     model.config.save(directory / CONFIG_FILE)
     return directory

@@ -198,3 +198,13 @@ def test_interleaved_rope_checkpoint_is_permuted_into_the_half_layout(tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "meta.pt")(ids), reference, rtol=0, atol=1e-5)
         assert (load_model(tmp_path / "meta.pt", rope_layout="half")(ids) - reference).abs().max() > 1e-3
+
+
+def test_save_model_writes_only_the_llama_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny()
+    model.layers[0].attn.q_proj.register_buffer("fp8_scale", torch.ones(3))  # what an fp8 swap adds
+    save_model(model, tmp_path)
+    assert "layers.0.attn.q_proj.fp8_scale" not in load_file(tmp_path / "model.safetensors")
+    same_logits(model, load_model(tmp_path))
