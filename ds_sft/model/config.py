@@ -23,6 +23,9 @@ from typing import Any
 
 from ds_sft.errors import UserError
 
+# kernels.BACKENDS, repeated here so that reading a config does not import torch
+KERNEL_BACKENDS = ("auto", "triton", "torch", "eager")
+
 
 @dataclass
 class ModelConfig:
@@ -47,6 +50,8 @@ class ModelConfig:
             raise UserError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.kernels not in KERNEL_BACKENDS:
+            raise UserError(f"kernels {self.kernels!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
         if self.head_dim % 2:
             raise UserError(f"head_dim {self.head_dim} must be even for rotary embeddings")
 

@@ -115,7 +115,9 @@ class Attention(nn.Module):
         # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
         groups = self.n_heads // self.n_kv_heads
         if BlockMask is not None and isinstance(mask, BlockMask):
-            y = _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=groups > 1)
+            # inside a compiled model dynamo compiles flex_attention with the rest of the graph
+            attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
+            y = attend(q, k, v, block_mask=mask, enable_gqa=groups > 1)
         else:
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ds_sft.errors import UserError
 from ds_sft.model.checkpoint import hf_config, to_hf_state_dict
-from ds_sft.model.config import PRESETS, ModelConfig
+from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig
 from ds_sft.model.llama import LlamaModel
 
 TINY_VARIANTS = {
@@ -155,3 +156,17 @@ def test_flex_attention_path_equals_the_dense_mask(monkeypatch):
         monkeypatch.setattr(llama, "_compiled_flex_attention", lambda: llama.flex_attention)
         flex = model(ids, positions, documents)
     torch.testing.assert_close(flex, dense, rtol=0, atol=1e-5)
+
+
+def test_config_errors_name_the_problem():
+    import kernels
+
+    assert kernels.BACKENDS == KERNEL_BACKENDS
+    with pytest.raises(UserError, match="n_kv_heads"):
+        ModelConfig.preset("tiny", n_kv_heads=3)
+    with pytest.raises(UserError, match="kernels 'cuda'"):
+        ModelConfig.preset("tiny", kernels="cuda")
+    with pytest.raises(UserError, match="unknown model config fields"):
+        ModelConfig.from_dict({"n_layer": 2})
+    with pytest.raises(UserError, match="unknown model preset"):
+        ModelConfig.preset("7b")
