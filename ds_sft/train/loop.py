@@ -45,17 +45,6 @@ def collate(rows: list[dict]) -> dict:
     return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
-def micro_batches(dataset, sampler, micro_batch_size: int):
-    """Endless stream of this rank's micro-batches, epoch after epoch, in the sampler's order."""
-    rows = []
-    while True:
-        for index in sampler:
-            rows.append(dataset[index])
-            if len(rows) == micro_batch_size:
-                yield collate(rows)
-                rows = []
-
-
 def model_inputs(batch: dict, device) -> dict:
     return {key: batch[key].to(device) for key in MODEL_INPUTS if key in batch}
 
@@ -85,21 +74,22 @@ def train_step(engine, batches: list[dict], world_size: int) -> dict:
     (trained_tokens,) = all_reduce_sum([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)])
     scale = world_size / max(trained_tokens, 1.0)
     local_loss_sum = 0.0
-    own_norm = None
     for i, batch in enumerate(batches):
         loss_sum = engine(**model_inputs(batch, engine.device))
         engine.backward(loss_sum * scale, scale_wrt_gas=False)
         local_loss_sum += loss_sum.item()
-        if i == len(batches) - 1:
-            (global_loss_sum,) = all_reduce_sum([local_loss_sum])
-            finite = math.isfinite(global_loss_sum)
-            if not hasattr(engine.optimizer, "overflow"):  # plain torch optimizer: stage 0, fp32
-                if finite:
-                    own_norm = local_grad_norm(engine)
-                else:
-                    for param in engine.module.parameters():
-                        param.grad = None
-        engine.step()
+        if i < len(batches) - 1:
+            engine.step()  # not a boundary: the engine only counts the micro-step
+    # The boundary: gradients are complete (and averaged over ranks) until engine.step() updates.
+    (global_loss_sum,) = all_reduce_sum([local_loss_sum])
+    finite = math.isfinite(global_loss_sum)
+    own_norm = None
+    if not hasattr(engine.optimizer, "overflow"):  # torch's AdamW itself (stage 0, fp32)
+        if finite:
+            own_norm = local_grad_norm(engine)
+        else:
+            skip_next_update(engine.optimizer)
+    engine.step()
     grad_norm = engine.get_global_grad_norm()
     grad_norm = own_norm if grad_norm is None else float(grad_norm)
     return {
@@ -108,6 +98,16 @@ def train_step(engine, batches: list[dict], world_size: int) -> dict:
         "grad_norm": grad_norm if finite else None,
         "finite": finite,
     }
+
+
+def skip_next_update(optimizer) -> None:
+    """Make the optimizer's next ``step()`` a no-op (no moments, no step count, no weights touched);
+    the engine clears the gradients after it as usual."""
+
+    def skip(*args, **kwargs):
+        del optimizer.step  # the class's step is back for the next update
+
+    optimizer.step = skip
 
 
 def evaluate(engine, dataset, micro_batch_size: int, eval_iters: int) -> dict:
@@ -224,6 +224,8 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     ckpt_dir = run_dir / "checkpoints"
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     tag_dir = checkpointing.find_checkpoint(s.resume, run_dir)
     state = {
@@ -272,7 +274,6 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
     alarms = Alarms(s.alarm_rising_evals, s.alarm_gap)
     alarm_log: list[dict] = []
 
-    stream = micro_batches(train_set, sampler, s.micro_batch_size)
     tokens_per_step = s.micro_batch_size * s.grad_accum * world * train_set.seq_len
     first_step, last_eval, recent_train = state["step"], None, []
     run_start = time.perf_counter()
@@ -301,7 +302,10 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             lr = lr_at(step, s.learning_rate, s.min_lr, s.warmup_iters, s.max_iters)
             set_lr(engine, lr)
             start = time.perf_counter()
-            result = train_step(engine, [next(stream) for _ in range(s.grad_accum)], world)
+            rows = sampler.step_indices(s.micro_batch_size, s.grad_accum)  # [grad_accum, micro_batch]
+            batches = [collate([train_set[int(i)] for i in micro]) for micro in rows]
+            result = train_step(engine, batches, world)
+            sampler.advance(s.micro_batch_size * s.grad_accum * world)
             step_time = time.perf_counter() - start
             done = step + 1
             state["step"] = done

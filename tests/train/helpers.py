@@ -127,23 +127,3 @@ def tiny_model(seed: int = 0):
 
     torch.manual_seed(seed)
     return LlamaModel(ModelConfig.preset("tiny", kernels="torch"))
-
-
-class InOrder:
-    """Rows 0, 1, 2, ... split over ranks as the real sampler does (rank r takes i % W == r), so a
-    plain-PyTorch reference can consume the very same rows; resumable like the real one."""
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        self.n, self.rank, self.world_size, self.consumed = n, rank, world_size, 0
-
-    def __iter__(self):
-        while self.consumed + self.world_size <= self.n:
-            self.consumed += self.world_size
-            yield self.consumed - self.world_size + self.rank
-        self.consumed = 0
-
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed = state["consumed_samples"]

@@ -1,8 +1,9 @@
 """ds-sft on the DeepSpeed engine == a plain-PyTorch AdamW loop, at every ZeRO stage (fp32, 1 process).
 
 The reference is written from the definitions, not from ds-sft's code: the same rows in the same
-order, decay only on ``*_proj.weight``, the token-normalized loss (sum of token losses over the
-global batch / its trained tokens), ``clip_grad_norm_`` and ``torch.optim.AdamW``.
+order (the sampler without shuffling), decay only on ``*_proj.weight``, the token-normalized loss
+(sum of token losses over the global batch / its trained tokens), ``clip_grad_norm_`` and
+``torch.optim.AdamW``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ds_sft.data.sampler import ResumableSampler
 from ds_sft.train.engine import lr_at
 from ds_sft.train.loop import train
-from tests.train.helpers import InOrder, TinyPacked, ds_config, settings, tiny_model
+from tests.train.helpers import TinyPacked, ds_config, settings, tiny_model
 
 
 def reference_losses(s, dataset) -> tuple[list[float], list[float]]:
@@ -51,7 +53,13 @@ def reference_losses(s, dataset) -> tuple[list[float], list[float]]:
 
 def ds_sft_losses(s, dataset, run_dir) -> tuple[list[float], list[float]]:
     summary = train(
-        s, ds_config(s), tiny_model(), dataset, TinyPacked(8, seed=99), run_dir, InOrder(len(dataset))
+        s,
+        ds_config(s),
+        tiny_model(),
+        dataset,
+        TinyPacked(8, seed=99),
+        run_dir,
+        ResumableSampler(len(dataset), shuffle=False),
     )
     summary["engine"].destroy()
     steps = [r for r in summary["records"] if r["type"] == "train"]

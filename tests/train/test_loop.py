@@ -1,0 +1,131 @@
+"""The run loop in one process: accumulation equivalence, NaN skipping, SIGTERM + exact resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from ds_sft.data.sampler import ResumableSampler
+from ds_sft.errors import UserError
+from ds_sft.train.checkpointing import consolidated_state_dict
+from ds_sft.train.loop import train
+from tests.train.helpers import TinyPacked, ds_config, settings, tiny_model
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning"
+)  # torch.distributed deprecations in DeepSpeed
+VAL = TinyPacked(8, seed=99)
+
+
+def run(s, dataset, run_dir, model=None):
+    """Train; returns (per-step train records, final fp32 weights)."""
+    summary = train(
+        s,
+        ds_config(s),
+        model or tiny_model(),
+        dataset,
+        VAL,
+        run_dir,
+        ResumableSampler(len(dataset), seed=s.seed),
+    )
+    weights = consolidated_state_dict(summary["engine"])
+    summary["engine"].destroy()
+    return [r for r in summary["records"] if r["type"] == "train"], weights, summary
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_micro2_accum4_equals_micro8_accum1(stage, dist_env, tmp_path):
+    dataset = TinyPacked(48, seed=3)
+    counts = {int((dataset[i]["labels"] != -100).sum()) for i in range(len(dataset))}
+    assert len(counts) > 5  # rows really differ in trained tokens
+    accumulated, w_acc, _ = run(
+        settings(zero_stage=stage, micro_batch_size=2, grad_accum=4, max_iters=6), dataset, tmp_path / "acc"
+    )
+    single, w_single, _ = run(
+        settings(zero_stage=stage, micro_batch_size=8, grad_accum=1, max_iters=6),
+        dataset,
+        tmp_path / "single",
+    )
+    assert [r["loss"] for r in accumulated] == pytest.approx([r["loss"] for r in single], abs=1e-6)
+    assert [r["trained_tokens"] for r in accumulated] == [r["trained_tokens"] for r in single]
+    # Weights: looser, because Adam divides by sqrt(v): on an element whose gradients are ~0, fp32
+    # summation-order noise (2 rows at a time vs 8) moves the update by ~1e-6 of lr-sized steps.
+    for name in w_acc:
+        torch.testing.assert_close(w_acc[name], w_single[name], atol=1e-5, rtol=0)
+
+
+def poisoned(model, calls_to_poison):
+    """Make the model's summed loss NaN on the given (1-based) forward calls."""
+    original, count = model.forward, {"n": 0}
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        count["n"] += 1
+        return out * math.nan if count["n"] in calls_to_poison else out
+
+    model.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nan_step_is_skipped_without_touching_weights(stage, dist_env, tmp_path):
+    # Warmup longer than the run: the lr of step k does not depend on max_iters, so "3 steps with
+    # step 3 poisoned" must end with exactly the weights of "2 clean steps".
+    dataset = TinyPacked(32, seed=4)
+    s3 = settings(zero_stage=stage, max_iters=3, warmup_iters=10)
+    records, w_skipped, summary = run(s3, dataset, tmp_path / "nan", poisoned(tiny_model(), {5}))
+    _, w_clean, _ = run(settings(zero_stage=stage, max_iters=2, warmup_iters=10), dataset, tmp_path / "clean")
+    assert records[2].get("skipped") and not math.isfinite(records[2]["loss"])
+    assert all(math.isfinite(r["loss"]) for r in records[:2])
+    assert "non-finite loss" in summary["alarms"][0]["message"]
+    for name in w_clean:
+        assert torch.equal(w_skipped[name], w_clean[name]), name
+
+
+def test_nan_streak_aborts_with_a_clear_message(dist_env, tmp_path):
+    s = settings(zero_stage=0, max_iters=8, max_nan_steps=3)
+    with pytest.raises(UserError, match="NaN/inf for 3 steps in a row"):
+        run(s, TinyPacked(32, seed=5), tmp_path, poisoned(tiny_model(), set(range(3, 100))))
+
+
+class SigtermAfter:
+    """The dataset, sending this process SIGTERM when its ``rows``-th row is read (mid-step)."""
+
+    def __init__(self, dataset, rows: int):
+        self.dataset, self.rows, self.reads = dataset, rows, 0
+        self.sources, self.seq_len, self.tokenizer_dir = dataset.sources, dataset.seq_len, None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.rows:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.dataset[i]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_sigterm_then_resume_is_bitwise_identical(stage, dist_env, tmp_path):
+    dataset = TinyPacked(20, seed=6)  # 5 steps x 4 rows: the second epoch starts mid-run
+    s = settings(zero_stage=stage, max_iters=8, eval_interval=4)
+    uninterrupted, w_full, _ = run(s, dataset, tmp_path / "full")
+
+    # SIGTERM arrives while step 3 reads its rows: step 3 finishes, is saved, and the run stops.
+    first, _, summary = run(s, SigtermAfter(dataset, rows=2 * 4 + 2), tmp_path / "cut")
+    assert summary["status"] == "preempted" and len(first) == 3
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step_000003"
+    resumed, w_resumed, _ = run(
+        settings(zero_stage=stage, max_iters=8, eval_interval=4, resume="auto"),
+        dataset,
+        tmp_path / "cut",
+        model=tiny_model(seed=123),
+    )
+    assert [r["step"] for r in resumed] == list(range(4, 9))
+    assert [r["loss"] for r in first + resumed] == [r["loss"] for r in uninterrupted]
+    for name in w_full:
+        assert torch.equal(w_full[name], w_resumed[name]), name
