@@ -253,18 +253,22 @@ def parse_mix(text: str, names: list[str]) -> dict[str, float]:
 
 
 def split_val(
-    records: list[dict], names: list[str], args: argparse.Namespace
-) -> tuple[list[dict], list[dict]]:
-    """Hold out ``val_fraction`` of each source (at least ``min_val_rows``, at most half), seeded."""
-    train, val = [], []
+    records: list[dict], candidates: np.ndarray, names: list[str], args: argparse.Namespace
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``val_fraction`` of each source (at least ``min_val_rows``, at most half), seeded.
+
+    ``candidates`` are indices into ``records``; returns (train indices, val indices).
+    """
+    sources = np.array([records[i]["source"] for i in candidates.tolist()], dtype=object)
+    train, val = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for name in names:
-        rows = [r for r in records if r["source"] == name]
+        rows = candidates[sources == name]
         n_val = max(round(args.val_fraction * len(rows)), args.min_val_rows) if args.val_fraction > 0 else 0
-        n_val = min(n_val, len(rows) // 2)
         order = source_rng(args.seed, name).permutation(len(rows))
-        val += [rows[i] for i in sorted(order[:n_val])]
-        train += [rows[i] for i in sorted(order[n_val:])]
-    return train, val
+        n_val = min(n_val, len(rows) // 2)
+        val.append(np.sort(rows[order[:n_val]]))
+        train.append(np.sort(rows[order[n_val:]]))
+    return np.concatenate(train), np.concatenate(val)
 
 
 def mix_indices(source_ids: np.ndarray, names: list[str], weights: dict[str, float], args) -> np.ndarray:
@@ -332,7 +336,15 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ds_sft.data.clean import Drops, clean_records, decontaminate, dedup, record_text
+    from ds_sft.data.clean import (
+        Drops,
+        NgramSet,
+        clean_records,
+        decontaminate,
+        dedup,
+        ngram_hashes,
+        record_text,
+    )
     from ds_sft.data.pack import best_fit_decreasing, efficiency, one_per_row, pack_rows
     from ds_sft.data.shards import plot_lengths, write_split
     from ds_sft.data.sources import load_source
@@ -370,14 +382,20 @@ def run(args: argparse.Namespace) -> int:
         rows_in[spec.name] = info["rows"]
         records += clean_records(loaded, drops, gsm8k=spec.kind == "gsm8k")
     records = dedup(records, drops)
+    candidates = np.arange(len(records))
     threshold = args.decontam_threshold
-    if threshold > 0:
-        records = decontaminate(records, reference, threshold, "overlaps_gsm8k_test", drops)
-    train_records, val_records = split_val(records, names, args)
-    if threshold > 0 and val_records:
-        train_records = decontaminate(
-            train_records, [record_text(r) for r in val_records], threshold, "overlaps_val", drops
+    if threshold > 0:  # hash every row's 13-grams once; query them against the test set, then val
+        grams = NgramSet([record_text(r) for r in records])
+        test_hashes = ngram_hashes(reference)[0]
+        candidates = decontaminate(
+            records, grams, candidates, test_hashes, threshold, "overlaps_gsm8k_test", drops
         )
+    train_index, val_index = split_val(records, candidates, names, args)
+    if threshold > 0 and len(val_index):
+        val_hashes = grams.of(val_index)
+        train_index = decontaminate(records, grams, train_index, val_hashes, threshold, "overlaps_val", drops)
+    train_records = [records[i] for i in train_index.tolist()]
+    val_records = [records[i] for i in val_index.tolist()]
 
     source_index = {name: i for i, name in enumerate(names)}
     all_records = train_records + val_records

@@ -6,7 +6,16 @@ import json
 
 import numpy as np
 
-from ds_sft.data.clean import Drops, NgramIndex, clean_records, decontaminate, dedup, normalize_text
+from ds_sft.data.clean import (
+    Drops,
+    NgramSet,
+    clean_records,
+    decontaminate,
+    dedup,
+    ngram_hashes,
+    normalize_text,
+    record_text,
+)
 
 
 def record(instruction, response, source="s", extra=""):
@@ -72,8 +81,10 @@ def test_ngram_overlap_matches_hand_count():
     reference = [" ".join(words[:15])]  # 3 thirteen-grams: starting at w0, w1, w2
     text = " ".join(words[2:20])  # 6 thirteen-grams starting at w2..w7; only the one at w2 is shared
     short = "too few words"
-    scores = NgramIndex().overlap([text, short, reference[0]], reference)
-    np.testing.assert_allclose(scores, [1 / 6, 0.0, 1.0])
+    grams = NgramSet([text, short, reference[0]])
+    np.testing.assert_array_equal(grams.counts, [6, 0, 3])
+    np.testing.assert_allclose(grams.overlap(ngram_hashes(reference)[0]), [1 / 6, 0.0, 1.0])
+    np.testing.assert_allclose(grams.overlap(grams.of(np.array([0]))), [1.0, 0.0, 1 / 3])
 
 
 def test_decontamination_catches_planted_test_questions(shared):
@@ -83,7 +94,11 @@ def test_decontamination_catches_planted_test_questions(shared):
         record(test_rows[i]["question"], "I think the answer is 12.", source="alpaca") for i in (0, 7, 99)
     ]
     clean = [record(f"Write a haiku about autumn number {i}.", "Leaves fall slowly down.") for i in range(50)]
+    rows = clean + planted
     drops = Drops()
-    kept = decontaminate(clean + planted, reference, 0.1, "overlaps_gsm8k_test", drops)
-    assert len(kept) == 50
+    grams = NgramSet([record_text(r) for r in rows])
+    kept = decontaminate(
+        rows, grams, np.arange(len(rows)), ngram_hashes(reference)[0], 0.1, "overlaps_gsm8k_test", drops
+    )
+    np.testing.assert_array_equal(kept, np.arange(50))
     assert drops.by_source() == {"alpaca": {"overlaps_gsm8k_test": 3}}
