@@ -13,6 +13,8 @@ casting it costs an extra pass over memory, so the cast uses a scale computed fr
 *earlier* steps. Every cast records its amax in row 0 of an ``[amax_history_len]`` history; then the
 scale becomes ``(fp8_max / amax) / 2**margin`` with ``amax`` the history's max (``"max"``) or the
 value just recorded (``"most_recent"``), and the history rolls one slot (the oldest falls out).
+Here that update runs just before the next cast rather than right after this one: the same scales,
+but a forward replayed by activation checkpointing casts exactly as the original did.
 A fresh layer starts at scale 1, which is why seeding the history from the fp8-pretrained base
 checkpoint's Transformer Engine ``_extra_state`` matters.
 
@@ -159,26 +161,35 @@ class Float8Linear(nn.Module):
         return _Float8Matmul.apply(x, self.weight, self, out_dtype)
 
     def cast(self, t: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``t`` in fp8 with the current scale, and the inverse scale; then the scaling state steps."""
+        """``t`` in fp8 and the inverse scale it was cast with; records ``t``'s amax for later steps."""
         dtype = self.recipe.grad_dtype if column == GRAD else E4M3
         fp8_max = torch.finfo(dtype).max
-        scale = self.fp8_scale[column].clone()
+        # Activation checkpointing re-runs the forward inside backward: that replay must cast with
+        # the same scale as the original forward and record nothing (gradients are never replayed).
+        replay = column != GRAD and torch._C._current_graph_task_id() != -1
+        if not replay:
+            self._step_scaling(column, fp8_max)
+        scale = self.fp8_scale[column]
         # Saturate: out-of-range values would become NaN (e4m3fn has no inf) or inf (e5m2).
         t8 = (t.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
-        # Activation checkpointing re-runs forward inside backward: step the state only once per use.
-        if torch._C._current_graph_task_id() == -1 or column == GRAD:
-            self._step_scaling(column, t.detach().abs().amax().float(), fp8_max)
+        if not replay:
+            self.fp8_amax_history[0, column] = t.detach().abs().amax().float()
         return t8, scale.reciprocal()
 
     @torch.no_grad()
-    def _step_scaling(self, column: int, amax: torch.Tensor, fp8_max: float) -> None:
+    def _step_scaling(self, column: int, fp8_max: float) -> None:
+        """TE's update after a cast, deferred to just before the next one (same scales, replay-safe).
+
+        Row 0 holds the amax recorded by the previous cast (0 when none was: a fresh or TE-seeded
+        layer, or an all-zero tensor, leaves the state as it is).
+        """
         history = self.fp8_amax_history[:, column]
-        history[0] = amax
+        recorded = history[0] > 0
         amax = history.max() if self.recipe.amax_compute_algo == "max" else history[0]
         new_scale = fp8_max / amax / 2**self.recipe.margin
-        usable = (amax > 0) & torch.isfinite(amax)  # all-zero or overflowed tensors keep the old scale
+        usable = recorded & torch.isfinite(amax)  # an overflowed tensor keeps the old scale
         self.fp8_scale[column] = torch.where(usable, new_scale, self.fp8_scale[column])
-        history.copy_(history.roll(-1))
+        history.copy_(torch.where(recorded, history.roll(-1), history))  # the oldest amax falls out
         history[0] = 0
 
     def seed(self, state: dict[str, torch.Tensor], gemm: int = 0) -> None:
