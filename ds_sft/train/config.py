@@ -219,6 +219,14 @@ def layer(args, ds_json: dict) -> tuple[dict, dict, list[str]]:
         settings[flag] = value
         if flag in FLAG_TO_DS_KEY:
             set_path(ds_config, FLAG_TO_DS_KEY[flag], flag_value_to_ds(flag, value))
+    warmup_given = args.warmup_iters is not None or "warmup_iters" in own
+    if not warmup_given and settings["warmup_iters"] > settings["max_iters"]:
+        # a short run (--max_iters 4) should not fail on a default it never asked for
+        settings["warmup_iters"] = settings["max_iters"]
+        overrides.append(
+            f"note: --warmup_iters default {DEFAULTS['warmup_iters']} capped at --max_iters "
+            f"{settings['max_iters']}"
+        )
     return ds_config, settings, overrides
 
 

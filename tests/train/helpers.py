@@ -127,3 +127,36 @@ def tiny_model(seed: int = 0):
 
     torch.manual_seed(seed)
     return LlamaModel(ModelConfig.preset("tiny", kernels="torch"))
+
+
+def write_data_dir(directory: Path, train_rows: int = 48, val_rows: int = 8, seed: int = 1) -> Path:
+    """A prepared data directory (manifest + train/val shards) holding TinyPacked rows, for the CLI."""
+    import json
+
+    import numpy as np
+
+    from ds_sft.data.shards import write_split
+
+    for split, rows, split_seed in (("train", train_rows, seed), ("val", val_rows, seed + 1000)):
+        items = TinyPacked(rows, split_seed).items
+        tokens = np.stack([item["input_ids"].numpy() for item in items])
+        loss_mask = np.zeros_like(tokens, dtype=np.uint8)
+        lengths, sources, offsets = [], [], [0]
+        for r, item in enumerate(items):
+            loss_mask[r, 1:] = (item["labels"][:-1] != -100).numpy()  # token t+1 is a target of t
+            docs = item["document_ids"]
+            for doc in range(int(docs.max()) + 1):
+                where = (docs == doc).nonzero().flatten()
+                lengths.append(len(where))
+                sources.append(int(item["source_ids"][where[0]]))
+            offsets.append(len(lengths))
+        packed = {
+            "tokens": tokens,
+            "loss_mask": loss_mask,
+            "doc_lengths": np.array(lengths),
+            "doc_sources": np.array(sources),
+            "row_offsets": np.array(offsets, dtype=np.int64),
+        }
+        write_split(directory / split, packed, vocab_size=VOCAB)
+    (directory / "manifest.json").write_text(json.dumps({"sources": TinyPacked.sources}))
+    return directory

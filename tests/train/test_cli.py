@@ -1,0 +1,195 @@
+"""`ds-sft train` as a user runs it: config layering, one-line errors, and a whole run's outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from ds_sft.cli import main
+from ds_sft.train import config
+from ds_sft.train.cli import add_arguments
+from tests.train.helpers import REPO_ROOT, write_data_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_data_dir(tmp_path_factory.mktemp("data"))
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def write_config(tmp_path, **entries) -> str:
+    base = json.loads((REPO_ROOT / "ds_configs" / "zero2.json").read_text())
+    base.update(entries)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(base))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO_ROOT / "ds_configs").glob("*.json")))
+def test_every_shipped_config_validates_and_explains_itself(name, data_dir):
+    path = REPO_ROOT / "ds_configs" / f"{name}.json"
+    assert "Launch:" in json.loads(path.read_text())["_comment"]
+    ds_config, s, _ = config.resolve(
+        parse("--data_dir", str(data_dir), "--model", "tiny", "--deepspeed_config", str(path))
+    )
+    assert ds_config["train_batch_size"] == s.micro_batch_size * s.grad_accum
+    assert "ds_sft" not in ds_config and "fp8" not in ds_config  # ds-sft's own sections stay out
+    params = ds_config["optimizer"]["params"]
+    assert params.get("torch_adam") or "offload_optimizer" in ds_config["zero_optimization"]
+
+
+def test_seed_recipe_numbers(data_dir):
+    ds_config, s, _ = config.resolve(
+        parse(
+            "--data_dir", str(data_dir), "--model", "tiny", "--deepspeed_config", "ds_configs/sft_recipe.json"
+        )
+    )
+    assert (s.micro_batch_size, s.grad_accum, s.grad_clip) == (16, 16, 1.0)
+    assert (s.learning_rate, s.weight_decay, s.warmup_iters, s.min_lr) == (7e-5, 0.05, 10, 1e-5)
+    assert ds_config["optimizer"]["params"]["betas"] == [0.9, 0.95]
+
+
+def test_flags_override_the_json_and_say_so(data_dir):
+    ds_config, s, overrides = config.resolve(
+        parse(
+            "--data_dir",
+            str(data_dir),
+            "--model",
+            "tiny",
+            "--deepspeed_config",
+            "ds_configs/sft_recipe.json",
+            "--micro_batch_size",
+            "2",
+            "--grad_accum",
+            "2",
+            "--learning_rate",
+            "1e-4",
+            "--precision",
+            "fp32",
+            "--warmup_iters",
+            "3",
+        )
+    )
+    assert ds_config["train_micro_batch_size_per_gpu"] == 2 and ds_config["gradient_accumulation_steps"] == 2
+    assert ds_config["optimizer"]["params"]["lr"] == 1e-4 and ds_config["bf16"]["enabled"] is False
+    assert ds_config["train_batch_size"] == 4 and s.warmup_iters == 3 and s.min_lr == 1e-5
+    assert "override gradient_accumulation_steps: 16 -> 2 (--grad_accum)" in overrides
+    assert "override ds_sft.warmup_iters: 10 -> 3 (--warmup_iters)" in overrides
+    assert len(overrides) == 5
+
+
+@pytest.mark.parametrize(
+    ("entries", "flags", "message"),
+    [
+        (
+            {"train_batch_size": 64},
+            [],
+            "train_batch_size 64 != micro_batch_size 4 x grad_accum 1 x world size 1",
+        ),
+        ({"gradient_acumulation_steps": 4}, [], "did you mean 'gradient_accumulation_steps'"),
+        ({"zero_optimization": {"stage": 2, "overlap_com": True}}, [], "did you mean 'overlap_comm'"),
+        ({"ds_sft": {"warmup_iter": 5}}, [], "did you mean 'warmup_iters'"),
+        ({"scheduler": {"type": "WarmupLR"}}, [], "ds-sft owns the lr schedule"),
+        ({}, ["--warmup_iters", "500"], "--warmup_iters (500) must be between 0 and --max_iters (100)"),
+        ({}, ["--base_model", "smollm2-135m-instruct"], "pass exactly one of --base_model"),
+        ({}, ["--resume", "/nonexistent/ckpt"], "--resume /nonexistent/ckpt does not exist"),
+    ],
+)
+def test_contradictions_are_one_line_errors(entries, flags, message, data_dir, tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "--data_dir",
+            str(data_dir),
+            "--model",
+            "tiny",
+            "--out_dir",
+            str(tmp_path / "run"),
+            "--deepspeed_config",
+            write_config(tmp_path, **entries),
+            *flags,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_missing_files_are_one_line_errors(data_dir, tmp_path, capsys):
+    assert main(["train", "--data_dir", str(tmp_path), "--model", "tiny"]) == 2
+    assert "has no manifest.json: run `ds-sft prepare`" in capsys.readouterr().err
+    assert (
+        main(["train", "--data_dir", str(data_dir), "--model", "tiny", "--deepspeed_config", "nope.json"])
+        == 2
+    )
+    assert "DeepSpeed config 'nope.json' not found" in capsys.readouterr().err
+
+
+def test_whole_run_writes_every_artifact(data_dir, tmp_path, dist_env):
+    from ds_sft.model.checkpoint import load_model
+
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--data_dir",
+            str(data_dir),
+            "--model",
+            "tiny",
+            "--out_dir",
+            str(out),
+            "--deepspeed_config",
+            "ds_configs/zero2.json",
+            "--micro_batch_size",
+            "2",
+            "--grad_accum",
+            "2",
+            "--max_iters",
+            "4",
+            "--eval_interval",
+            "2",
+            "--eval_iters",
+            "2",
+            "--save_interval",
+            "2",
+            "--keep_last",
+            "1",
+            "--wandb_mode",
+            "disabled",
+            "--learning_rate",
+            "3e-3",
+        ]
+    )
+    assert code == 0
+    effective = json.loads((out / "effective_config.json").read_text())
+    assert effective["gradient_accumulation_steps"] == 2 and effective["ds_sft"]["max_iters"] == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4] and set(evals[-1]["per_source"]) <= {
+        "alpaca",
+        "dolly",
+        "gsm8k",
+    }
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_000004"
+    kept = sorted(p.name for p in ckpts.iterdir() if p.is_dir())
+    assert kept == sorted({"step_000004", (ckpts / "best").read_text()})  # keep_last 1 + the best
+    assert (out / "report.md").read_text().count("![") >= 4 and (out / "loss.png").is_file()
+    # final weights load back through the model package and match the last checkpoint's weights
+    final = load_model(out / "final")
+    engine_state = torch.load(ckpts / "step_000004" / "mp_rank_00_model_states.pt", weights_only=False)[
+        "module"
+    ]
+    for name, tensor in final.state_dict().items():
+        assert torch.equal(tensor, engine_state[name].float()), name
