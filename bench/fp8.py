@@ -1,0 +1,148 @@
+"""Does fp8 pay? Prints side-by-side ratios and writes bench/results/fp8.json.
+
+    python bench/fp8.py            # GPU: 112m and a d_model-2048 model; CPU: emulated overhead
+    python bench/fp8.py --quick    # fewer steps and smaller shapes: a smoke test
+
+GPU (CUDA present): training tokens/s (forward + backward + AdamW, bf16 autocast, fp32 master
+weights) of the whole model with the projections in bf16 (``--fp8 off``), in Transformer Engine fp8
+(``te``; skipped with the reason when TE cannot run) and in the emulated fp8 linear, whose
+``torch._scaled_mm`` runs on the fp8 tensor cores of Hopper too. Two widths: the ``112m`` preset
+(d_model 768) and ``wide`` (d_model 2048, 8 layers): fp8 halves the GEMM time but adds casts and
+amax reductions per tensor, so it pays only once the GEMMs dominate, which at d_model 768 they
+barely do. The ratio column says which way it went on this card.
+
+CPU: the emulated linear (forward + backward) against ``nn.Linear`` under bf16 autocast, same
+shapes, the two alternating in one loop so machine load hits both alike. There is no fp8 arithmetic
+on CPU: the ratio is the price of running the fp8 path's numerics in tests, not a speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from ds_sft.errors import UserError  # noqa: E402
+from ds_sft.model.config import ModelConfig  # noqa: E402
+from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, apply_fp8, fp8_autocast  # noqa: E402
+from ds_sft.model.llama import LlamaModel  # noqa: E402
+
+# name -> (config overrides of the 112m preset, micro-batch); 16 x 1024 tokens = 16,384 per step.
+GPU_MODELS = {
+    "112m": ({}, 16),
+    "wide": (dict(d_model=2048, n_heads=16, n_layers=8, ffn_hidden=5632), 8),  # ~514M parameters
+}
+
+
+def gpu_tokens_per_s(name: str, mode: str, args) -> dict:
+    overrides, micro_batch = GPU_MODELS[name]
+    config = ModelConfig.preset("112m", kernels=args.kernels, **overrides)
+    model = LlamaModel(config).cuda().train()
+    recipe = Fp8Recipe()
+    try:
+        apply_fp8(model, "off" if mode == "bf16" else mode, recipe)
+    except UserError as err:
+        return {"model": name, "mode": mode, "skipped": str(err)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, config.vocab_size, (micro_batch, args.seq_len + 1), device="cuda")
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16), fp8_autocast(mode, recipe):
+            loss = model(inputs, labels=labels) / labels.numel()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step_time = statistics.median(times)
+    tokens = labels.numel()
+    result = {"model": name, "mode": mode, "d_model": config.d_model, "parameters": config.num_parameters(),
+              "tokens_per_step": tokens, "step_s": step_time, "tokens_per_s": tokens / step_time,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss.item()}
+    del model, optimizer, loss
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def cpu_overhead(tokens: int, d_in: int, d_out: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    plain = nn.Linear(d_in, d_out, bias=False)
+    emulated = Float8Linear(nn.Linear(d_in, d_out, bias=False), Fp8Recipe())
+    x = torch.randn(tokens, d_in, requires_grad=True)
+    times = {"bf16": [], "fp8_emulated": []}
+    for _ in range(repeats):
+        for label, layer in (("bf16", plain), ("fp8_emulated", emulated)):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+            y.float().sum().backward()
+            times[label].append(time.perf_counter() - start)
+    medians = {label: statistics.median(t) for label, t in times.items()}
+    return {"shape": [tokens, d_in, d_out], **{f"{k}_ms": v * 1e3 for k, v in medians.items()},
+            "ratio": medians["fp8_emulated"] / medians["bf16"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and smaller shapes (a smoke test)")
+    parser.add_argument("--seq-len", type=int, default=1024, help="GPU: tokens per row")
+    parser.add_argument("--steps", type=int, default=20, help="GPU: timed steps per mode (median reported)")
+    parser.add_argument("--warmup", type=int, default=5, help="GPU: untimed steps first (TE, cuBLAS warm-up)")
+    parser.add_argument("--kernels", default="auto", help="model kernels: auto | triton | torch | eager")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fp8.json",
+                        help="where the JSON report goes")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.seq_len = 3, 2, min(args.seq_len, 256)
+
+    report = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()}
+    cpu_shapes = [(256, 256, 256)] if args.quick else [(256, 256, 256), (512, 768, 768), (512, 768, 2048)]
+    report["cpu"] = [cpu_overhead(*shape, repeats=3 if args.quick else 10) for shape in cpu_shapes]
+    print("CPU, forward + backward of one linear (bf16 autocast): emulated fp8 vs nn.Linear")
+    for row in report["cpu"]:
+        print(f"  tokens x in x out {row['shape']}: {row['bf16_ms']:8.2f} ms vs "
+              f"{row['fp8_emulated_ms']:8.2f} ms  -> {row['ratio']:.2f}x the time")
+
+    if torch.cuda.is_available():
+        report["device"] = torch.cuda.get_device_name()
+        report["gpu"] = []
+        print(f"GPU {report['device']}: training tokens/s, seq {args.seq_len}")
+        for name in GPU_MODELS:
+            baseline = None
+            for mode in ("bf16", "te", "emulated"):
+                row = gpu_tokens_per_s(name, mode, args)
+                report["gpu"].append(row)
+                if "skipped" in row:
+                    print(f"  {name:5s} {mode:9s} skipped: {row['skipped']}")
+                    continue
+                baseline = baseline or row["tokens_per_s"]
+                row["vs_bf16"] = row["tokens_per_s"] / baseline
+                print(f"  {name:5s} {mode:9s} {row['tokens_per_s']:10.0f} tok/s  {row['vs_bf16']:.2f}x bf16"
+                      f"  peak {row['peak_gib']:.1f} GiB  loss {row['loss']:.3f}")
+    else:
+        print("GPU: no CUDA device here; the tokens/s comparison runs where one is")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
