@@ -49,32 +49,38 @@ def cross_entropy_loss_and_grad_torch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Plain-PyTorch twin of ``kernels.cross_entropy_kernel.cross_entropy_loss_and_grad`` (same contract).
 
-    The softmax is computed in place over one fp32 buffer (the logits themselves when they are fp32
-    and ``inplace``), so a chunk costs one ``rows x V`` fp32 buffer.
+    Works in place over one fp32 buffer (the logits themselves when they are fp32 and ``inplace``):
+    ``x -> exp(x - max)``, then scaled into the gradient. Five passes over the chunk and no
+    temporaries of its size, where ``torch.logsumexp`` + softmax would allocate two.
     """
     x = logits.to(torch.float32, copy=not inplace)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, 0).unsqueeze(1)
-    lse = torch.logsumexp(x, dim=-1)
-    loss = lse - (1.0 - label_smoothing) * x.gather(1, safe_labels).squeeze(1)
+    loss = -(1.0 - label_smoothing) * x.gather(1, safe_labels).squeeze(1)
     if label_smoothing:
         loss -= label_smoothing * x.mean(dim=-1)
+    row_max = x.amax(dim=-1, keepdim=True)
+    x.sub_(row_max).exp_()
+    sum_exp = x.sum(dim=-1)
+    lse = row_max.squeeze(1) + sum_exp.log()
+    loss += lse
     if z_loss:
         loss += z_loss * lse.square()
     loss = torch.where(valid, loss, 0.0)
     if not compute_grad:
         return loss, None
 
-    grad = x.sub_(lse.unsqueeze(1)).exp_()  # softmax
-    if z_loss:
-        grad.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(1))
-    if label_smoothing:
-        grad.sub_(label_smoothing / x.shape[-1])
-    grad.scatter_add_(1, safe_labels, grad.new_full(safe_labels.shape, -(1.0 - label_smoothing)))
+    # dloss/dx = softmax * (1 + 2 z lse) - s / V - (1 - s) [j == label], times the row's scale.
     row_scale = valid.to(torch.float32)
     if n_valid is not None:
         row_scale /= n_valid.clamp(min=1)
-    grad.mul_(row_scale.unsqueeze(1))
+    softmax_scale = row_scale / sum_exp
+    if z_loss:
+        softmax_scale *= 1.0 + 2.0 * z_loss * lse
+    grad = x.mul_(softmax_scale.unsqueeze(1))
+    if label_smoothing:
+        grad.sub_((label_smoothing / x.shape[-1] * row_scale).unsqueeze(1))
+    grad.scatter_add_(1, safe_labels, (-(1.0 - label_smoothing) * row_scale).unsqueeze(1))
     return loss, grad.to(logits.dtype)
 
 
@@ -120,7 +126,7 @@ def _chunked_loss_and_grads(
         if row_scale is not None:
             dlogits.mul_(row_scale[rows].unsqueeze(1))
         if need_hidden:
-            torch.mm(dlogits, weight, out=grad_hidden[rows])
+            grad_hidden[rows] = dlogits @ weight  # not mm(out=): under autocast dlogits @ weight is bf16
         if need_weight:
             if dlogits.dtype == grad_weight.dtype:
                 grad_weight.addmm_(dlogits.t(), h)

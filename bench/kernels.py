@@ -1,0 +1,291 @@
+"""Benchmark the kernels against their eager references; prints ratios, writes bench/results/kernels.json.
+
+    python bench/kernels.py            # CPU: 16 x 512 tokens, hidden 768, vocab 50,304 (about 2 minutes)
+    python bench/kernels.py --quick    # small shapes: a smoke test for CI
+
+CPU: peak memory and time of the loss (forward + backward) — the chunked ``linear_cross_entropy``
+(``backend="torch"``) against eager logits + cross-entropy (``kernels.reference``), fp32 and bf16.
+Memory: each case runs in a fresh process: peak RSS is a per-process high-water mark, and torch's
+CPU allocator keeps nothing cached, so the growth of ``VmHWM`` over the RSS before the step is the
+memory the loss needs (the inputs' gradients included, the same for both). Time: eager and chunked
+steps alternate in one process (median of ``--repeats``), so load from other work hits both alike.
+
+GPU (only where CUDA is present): RMSNorm and cross-entropy, forward + backward, Triton kernels vs
+torch eager, ``torch.compile`` and Liger-Kernel when installed; achieved bandwidth as a fraction of
+the device's peak (compulsory traffic only: each input read once, each output written once). Then
+the fused linear cross-entropy vs eager: time and peak ``max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `kernels` is importable
+
+import kernels  # noqa: E402
+from kernels.reference import (  # noqa: E402
+    cross_entropy_reference,
+    linear_cross_entropy_reference,
+    rms_norm_reference,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Peak HBM bandwidth in bytes/s by device-name fragment, most specific first (vendor datasheets).
+PEAK_BANDWIDTH = [
+    ("H200", 4.8e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),  # SXM5, HBM3
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100", 1.555e12),
+]
+
+
+# ---------------------------------------------------------------- CPU: one case per fresh process
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+METHODS = ("eager", "chunked")
+
+
+def _loss_inputs(dtype: str, tokens: int, hidden: int, vocab: int):
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden).to(DTYPES[dtype]).requires_grad_()
+    w = (torch.randn(vocab, hidden) / hidden**0.5).to(DTYPES[dtype]).requires_grad_()
+    return h, w, torch.randint(0, vocab, (tokens,))
+
+
+def _loss_step(method: str, h, w, labels, chunk_size: int) -> float:
+    """Forward + backward of the summed loss, from fresh gradients."""
+    h.grad = w.grad = None
+    if method == "eager":
+        loss = linear_cross_entropy_reference(h, w, labels)
+    else:
+        loss = kernels.linear_cross_entropy(h, w, labels, chunk_size=chunk_size, backend="torch")
+    loss.backward()
+    return loss.item()
+
+
+def run_memory_case(method: str, dtype: str, tokens: int, hidden: int, vocab: int, chunk_size: int) -> dict:
+    """In a fresh process: the growth of peak RSS over one forward + backward, after a warm-up."""
+    h, w, labels = _loss_inputs(dtype, tokens, hidden, vocab)
+    _loss_step(method, h, w, labels, chunk_size)  # thread pools, first touch of the weights
+    h.grad = w.grad = None
+    baseline_kib = _proc_status_kib("VmRSS")
+    _reset_peak_rss()
+    loss = _loss_step(method, h, w, labels, chunk_size)
+    return {"loss": loss, "peak_mb": (_proc_status_kib("VmHWM") - baseline_kib) / 1024}
+
+
+def run_timing_case(dtype: str, tokens: int, hidden: int, vocab: int, chunk_size: int, repeats: int) -> dict:
+    """Eager and chunked steps alternated in one process, so a busy machine slows both alike."""
+    h, w, labels = _loss_inputs(dtype, tokens, hidden, vocab)
+    times = {method: [] for method in METHODS}
+    for repeat in range(repeats + 1):
+        for method in METHODS:
+            start = time.perf_counter()
+            _loss_step(method, h, w, labels, chunk_size)
+            if repeat:  # the first round is the warm-up
+                times[method].append(time.perf_counter() - start)
+    return times
+
+
+def _in_fresh_process(function: str, *args):
+    command = [sys.executable, __file__, "--case", json.dumps([function, *args])]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{function}{args} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_benchmarks(args) -> list[dict]:
+    shape = f"{args.tokens} tokens x hidden {args.hidden} x vocab {args.vocab}"
+    threads = torch.get_num_threads()
+    print(f"CPU loss forward+backward, {shape}, {args.chunk_size}-token chunks, {threads} threads")
+    print(f"{'dtype':<9} {'method':<8} {'peak MB':>9} {'time s':>8}   chunked / eager")
+    results = []
+    for dtype in DTYPES:
+        sizes = (args.tokens, args.hidden, args.vocab, args.chunk_size)
+        row = {"dtype": dtype}
+        for method in METHODS:
+            row[method] = _in_fresh_process("run_memory_case", method, dtype, *sizes)
+        times = _in_fresh_process("run_timing_case", dtype, *sizes, args.repeats)
+        for method in METHODS:
+            row[method].update(time_s=statistics.median(times[method]), times_s=times[method])
+        row["memory_ratio"] = row["chunked"]["peak_mb"] / row["eager"]["peak_mb"]
+        row["time_ratio"] = row["chunked"]["time_s"] / row["eager"]["time_s"]
+        for method in METHODS:
+            ratio = (
+                f"   memory {row['memory_ratio']:.3f}x, time {row['time_ratio']:.2f}x"
+                if method == "chunked"
+                else ""
+            )
+            print(
+                f"{dtype:<9} {method:<8} {row[method]['peak_mb']:>9.0f} {row[method]['time_s']:>8.3f}{ratio}"
+            )
+        results.append(row)
+    return results
+
+
+# ---------------------------------------------------------------- GPU
+
+
+def _liger():
+    """Liger-Kernel's functional RMSNorm and cross-entropy, or None when it is not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy, liger_rms_norm
+    except ImportError:
+        return None
+    return {"rms_norm": liger_rms_norm, "cross_entropy": liger_cross_entropy}
+
+
+def _peak_bandwidth(name: str) -> float | None:
+    return next((peak for fragment, peak in PEAK_BANDWIDTH if fragment in name), None)
+
+
+def _rms_norm_cases(record, rows, hidden, device, dtype, compiled_norm, liger):
+    x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+    w = torch.ones(hidden, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+    providers = {
+        "eager": lambda: rms_norm_reference(x, w, 1e-6),
+        "compile": lambda: compiled_norm(x, w, 1e-6),
+        "triton": lambda: kernels.rms_norm(x, w, 1e-6, backend="triton"),
+    }
+    if liger:
+        providers["liger"] = lambda: liger["rms_norm"](x, w, 1e-6)
+    size = rows * hidden * x.element_size()
+    for provider, fn in providers.items():
+        record(f"rms_norm fwd {rows}x{hidden}", provider, fn, 2 * size)  # read x, write y
+        # + backward: read dy and x, write dx
+        record(f"rms_norm fwd+bwd {rows}x{hidden}", provider, lambda fn=fn: fn().backward(dy), 5 * size)
+
+
+def gpu_benchmarks(args) -> dict:
+    from triton.testing import do_bench
+
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    peak = _peak_bandwidth(name)
+    liger = _liger()
+    dtype = torch.bfloat16
+    rows = args.tokens
+    peak_tbs = peak / 1e12 if peak else float("nan")
+    print(f"\nGPU {name}: peak bandwidth {peak_tbs:.2f} TB/s; Liger-Kernel installed: {liger is not None}")
+    print(f"{'op':<28} {'provider':<9} {'ms':>8} {'GB/s':>8} {'of peak':>8}")
+    table = []
+
+    def record(op, provider, fn, nbytes):
+        ms = do_bench(fn)
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        frac = gbs * 1e9 / peak if peak else float("nan")
+        table.append({"op": op, "provider": provider, "ms": ms, "GB/s": gbs, "fraction_of_peak": frac})
+        print(f"{op:<28} {provider:<9} {ms:>8.3f} {gbs:>8.0f} {frac:>8.1%}")
+
+    compiled_norm = torch.compile(rms_norm_reference)
+    for hidden in (768, 4096):
+        _rms_norm_cases(record, rows, hidden, device, dtype, compiled_norm, liger)
+
+    compiled_ce = torch.compile(cross_entropy_reference)
+    logits = torch.randn(rows, args.vocab, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, args.vocab, (rows,), device=device)
+    providers = {
+        "eager": lambda: cross_entropy_reference(logits, labels, reduction="mean"),
+        "compile": lambda: compiled_ce(logits, labels, reduction="mean"),
+        "triton": lambda: kernels.cross_entropy(logits, labels, reduction="mean", backend="triton"),
+    }
+    if liger:  # Liger overwrites its input with the gradient: give it its own copy
+        liger_logits = logits.detach().clone().requires_grad_()
+        providers["liger"] = lambda: liger["cross_entropy"](liger_logits, labels)
+    for provider, fn in providers.items():
+        # compulsory traffic: read the logits once, write their gradient once
+        record(f"cross_entropy fwd+bwd {rows}x{args.vocab}", provider, lambda fn=fn: fn().backward(),
+               2 * logits.numel() * logits.element_size())  # fmt: skip
+
+    hidden = torch.randn(rows, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    weight = (
+        (torch.randn(args.vocab, args.hidden, device=device) / args.hidden**0.5).to(dtype).requires_grad_()
+    )
+    fused = {}
+    for provider, fn in {
+        "eager": lambda: linear_cross_entropy_reference(hidden, weight, labels),
+        "triton": lambda: kernels.linear_cross_entropy(
+            hidden, weight, labels, chunk_size=args.chunk_size, backend="triton"
+        ),
+    }.items():
+        hidden.grad = weight.grad = None  # each provider's peak counts its own gradients
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn().backward()
+        torch.cuda.synchronize()
+        peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+        ms = do_bench(lambda fn=fn: fn().backward())
+        fused[provider] = {"ms": ms, "peak_mb": peak_mb}
+        print(f"linear_cross_entropy {provider:<8} {ms:8.2f} ms  peak +{peak_mb:,.0f} MB")
+    fused["memory_ratio"] = fused["triton"]["peak_mb"] / fused["eager"]["peak_mb"]
+    fused["time_ratio"] = fused["triton"]["ms"] / fused["eager"]["ms"]
+    memory, speed = fused["memory_ratio"], fused["time_ratio"]
+    print(f"linear_cross_entropy triton / eager: memory {memory:.3f}x, time {speed:.2f}x")
+    return {"device": name, "peak_bandwidth": peak, "ops": table, "linear_cross_entropy": fused}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes and one repeat (CI smoke test)")
+    parser.add_argument("--tokens", type=int, default=16 * 512, help="tokens per batch (default 16 x 512)")
+    parser.add_argument("--hidden", type=int, default=768, help="hidden size of the LM head input")
+    parser.add_argument("--vocab", type=int, default=50304, help="vocabulary size (GPT-2 padded to 128)")
+    parser.add_argument("--chunk-size", type=int, default=kernels.DEFAULT_CHUNK_SIZE, help="tokens per chunk")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward steps per CPU method")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU cases (GPU only)")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / "kernels.json", help="JSON out"
+    )
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: [function, *args] of one CPU case
+    args = parser.parse_args()
+
+    if args.case:
+        function, *case_args = json.loads(args.case)
+        print(json.dumps(globals()[function](*case_args)))
+        return
+    if args.quick:
+        args.tokens, args.hidden, args.vocab, args.chunk_size, args.repeats = 1024, 256, 8192, 256, 1
+
+    config = {k: v for k, v in vars(args).items() if k not in ("case", "out")}
+    results = {"config": config, "host": platform.node(), "torch": torch.__version__, "time": time.time()}
+    if not args.no_cpu:
+        results["cpu"] = cpu_benchmarks(args)
+    if torch.cuda.is_available():
+        results["gpu"] = gpu_benchmarks(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {os.path.relpath(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
