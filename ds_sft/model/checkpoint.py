@@ -45,6 +45,7 @@ import json
 import logging
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -190,13 +191,17 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.exists():
         raise UserError(
             f"{path} is missing: a ds-sft checkpoint directory holds {MODEL_FILE} and {CONFIG_FILE}"
         )
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise _damaged(path, err) from None
 
 
 def _config_beside(path: Path) -> dict[str, Any]:
@@ -209,15 +214,23 @@ def _config_beside(path: Path) -> dict[str, Any]:
 def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool | None]:
     try:
         # Old Transformer Engine versions pickle their fp8 metadata as io.BytesIO: harmless bytes.
+        # mmap needs torch's zip format; files from torch < 1.6 (and bare pickles) are read whole.
         with torch.serialization.safe_globals([io.BytesIO]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            zipped = zipfile.is_zipfile(path)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        named = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = (
+            f"holds Python objects other than tensors and plain containers (it names {named.group(1)})"
+            if named
+            else f"is truncated, corrupted or a pickle of Python objects ({_first_line(err)})"
+        )
         raise UserError(
-            f"{path} holds Python objects other than tensors and plain containers, and ds-sft only loads "
-            f"checkpoints with torch.load(weights_only=True) ({reason}); re-save it as a plain state dict "
-            "or .safetensors"
+            f"{path} {what}, and ds-sft only loads checkpoints with torch.load(weights_only=True); "
+            "re-save it as a plain state dict or .safetensors"
         ) from None
+    except (RuntimeError, EOFError, OSError) as err:  # torch's reader on a cut-off or garbled file
+        raise _damaged(path, err) from None
     if not isinstance(checkpoint, dict):
         raise UserError(
             f"{path} holds a {type(checkpoint).__name__}, not a state dict or a dict with a 'model' key"
@@ -397,6 +410,14 @@ def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor], path: Path) -
         raise UserError(
             f"{path} does not fit ds-sft's LLaMA {model.config.to_dict()}: " + "; ".join(problems)
         )
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _damaged(path: Path, err: Exception) -> UserError:
+    return UserError(f"{path} is truncated or corrupted ({_first_line(err)}); write or copy it again")
 
 
 def _preview(items: list[str], limit: int = 6) -> str:
