@@ -152,7 +152,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
                 num_merge_workers=1,
                 keep_temp_folder=False,
                 strict=True,
-                inject_missing_state=False,
+                inject_missing_state=True,
             )
         )
         # ds_to_universal leaves out the client state; the model-states file carries it.
