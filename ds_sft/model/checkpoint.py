@@ -344,14 +344,12 @@ def infer_config(
     Shapes decide the sizes; the fields decide what shapes cannot tell (heads, RoPE theta, eps).
     Splits fused qkv weights in ``state`` once the head layout is known.
     """
-    fields: dict[str, Any] = {}
+    known = ModelConfig.__dataclass_fields__
+    fields = {name: value for name, value in hints.items() if name in known and value is not None}
     for name, aliases in CONFIG_ALIASES.items():
-        for alias in aliases:
-            if hints.get(alias) is not None:
-                fields[name] = hints[alias]
-                break
-    if isinstance(hints.get("kernels"), str):
-        fields["kernels"] = hints["kernels"]
+        found = [hints[alias] for alias in aliases if hints.get(alias) is not None]
+        if name not in fields and found:
+            fields[name] = found[0]
     if "wte.weight" not in state:
         raise UserError(
             f"no token embedding among the checkpoint's keys ({_preview(sorted(state))}); see "
@@ -369,7 +367,6 @@ def infer_config(
     if "n_kv_heads" not in fields and "layers.0.attn.k_proj.weight" in state:
         head_dim = fields["d_model"] // fields["n_heads"]
         fields["n_kv_heads"] = state["layers.0.attn.k_proj.weight"].shape[0] // head_dim
-    fields = {k: v for k, v in fields.items() if k in ModelConfig.__dataclass_fields__}
     config = ModelConfig(**fields)
     _split_fused_qkv(state, config)
     if config.tie_embeddings:

@@ -27,7 +27,7 @@ def same_logits(a: LlamaModel, b: LlamaModel, atol: float = 0.0) -> None:
 
 
 def test_save_load_round_trip_and_run_directory(tmp_path):
-    model = tiny(tie_embeddings=False, rope_theta=1234.0)
+    model = tiny(tie_embeddings=False, rope_theta=1234.0, init_std=0.01, activation_checkpointing=True)
     save_model(model, tmp_path / "run" / "final")
     for spec in (tmp_path / "run" / "final", tmp_path / "run"):
         loaded = load_model(spec)
