@@ -318,8 +318,10 @@ def encode_te_extra_state(state: dict[str, torch.Tensor], gemm: int, recipe: Fp8
 
 
 def _te_linear(te, linear: nn.Linear) -> nn.Module:
+    # TE layers live on the GPU whatever device the model was built on (the trainer builds on CPU and
+    # lets the engine move it); the weight is copied, so the optimizer must be made afterwards.
     layer = te.Linear(linear.in_features, linear.out_features, bias=False, params_dtype=linear.weight.dtype,
-                      device=linear.weight.device)
+                      device="cuda")
     with torch.no_grad():
         layer.weight.copy_(linear.weight)
     return layer

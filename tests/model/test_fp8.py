@@ -283,8 +283,8 @@ def fake_te_modules() -> dict[str, types.ModuleType]:
 
     class Linear(nn.Linear):
         def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
-            super().__init__(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
-            self.loaded_extra_state = None
+            super().__init__(in_features, out_features, bias=bias, dtype=params_dtype)  # on CPU here
+            self.requested_device, self.loaded_extra_state = device, None
 
         def set_extra_state(self, state):
             self.loaded_extra_state = state
@@ -402,6 +402,7 @@ def test_te_path_replaces_projections_and_carries_extra_state(fake_te):
 
     swapped = {name for name, m in model.named_modules() if isinstance(m, te.Linear)}
     assert swapped == {f"layers.{i}.{p}" for i in range(2) for p in PROJECTIONS}
+    assert {m.requested_device for m in model.modules() if isinstance(m, te.Linear)} == {"cuda"}
     assert model.lm_head is None and isinstance(model.wte, nn.Embedding)  # stays high precision
     after = dict(model.named_parameters())
     assert after.keys() == before.keys()
