@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,6 +72,7 @@ FLAG_TO_DS_KEY: dict[str, tuple[str, ...]] = {
 }
 
 OWN_SECTIONS = ("ds_sft", "fp8")
+SECTIONS = ("optimizer", "zero_optimization", "bf16", "fp16", *OWN_SECTIONS)  # must be JSON objects
 
 # DeepSpeed's top-level keys (deepspeed/runtime/constants.py and the config docs) that a run may set.
 KNOWN_DS_KEYS = {
@@ -160,7 +162,9 @@ def resolve_config_path(spec: str) -> Path:
 
 def read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}): save it as UTF-8") from None
     except json.JSONDecodeError as err:
         raise UserError(
             f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
@@ -230,11 +234,66 @@ def layer(args, ds_json: dict) -> tuple[dict, dict, list[str]]:
     return ds_config, settings, overrides
 
 
+def check_sections(ds_json: dict) -> None:
+    """The sections ds-sft and DeepSpeed read into must be JSON objects (checked before layering)."""
+    sections = {key: ds_json[key] for key in SECTIONS if key in ds_json}
+    if isinstance(ds_json.get("optimizer"), dict) and "params" in ds_json["optimizer"]:
+        sections["optimizer.params"] = ds_json["optimizer"]["params"]
+    for where, section in sections.items():
+        if not isinstance(section, dict):
+            shown = json.dumps(section)
+            raise UserError(f'"{where}" in the DeepSpeed config must be a JSON object, not {shown}')
+    for key in ("bf16", "fp16"):
+        enabled = get_path(ds_json, (key, "enabled"))
+        if enabled is not None and not isinstance(enabled, bool):
+            raise UserError(f'"{key}.enabled" in the DeepSpeed config must be true or false, got {enabled!r}')
+
+
+def check_types(s: dict) -> None:
+    """Every setting has its default's type, whichever layer gave it: JSON writes ``"4"`` or ``true``
+    where an int belongs, and NaN or infinity where a number does; none of them may reach the run."""
+    for flag, default in DEFAULTS.items():
+        value = s[flag]
+        if value is None and default is None:
+            continue
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            kind = "a finite number"
+        else:
+            ok, kind = isinstance(value, str) and value.strip() != "", "a non-empty string"
+        if not ok:
+            where = ".".join(FLAG_TO_DS_KEY.get(flag, ("ds_sft", flag)))
+            raise UserError(f"--{flag} ({where} in the DeepSpeed config) must be {kind}, got {value!r}")
+    for flag in ("weight_decay", "grad_clip", "alarm_gap", "seed"):
+        if s[flag] < 0:
+            raise UserError(f"--{flag} must be >= 0, got {s[flag]}")
+
+
+def check_optimizer_params(params: dict) -> None:
+    """AdamW's own arguments only (DeepSpeed passes them on to the optimizer after building the model)."""
+    import inspect
+
+    import torch
+
+    known = set(inspect.signature(torch.optim.AdamW).parameters) - {"params"}
+    check_keys('"optimizer.params"', params, known | {"torch_adam", "adam_w_mode", "bias_correction"})
+    betas = params.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, int | float) for b in betas)
+            and all(0 <= b < 1 for b in betas)):  # fmt: skip
+        raise UserError(f'"optimizer.params.betas" must be two numbers in [0, 1), got {json.dumps(betas)}')
+
+
 def validate(ds_config: dict, s: dict, world_size: int) -> None:
     """Every contradiction a run could trip over later, caught before anything heavy is loaded."""
     check_keys("the DeepSpeed config", ds_config, KNOWN_DS_KEYS)
     check_keys('"zero_optimization"', ds_config.get("zero_optimization", {}), zero_keys())
     check_keys('"optimizer"', ds_config.get("optimizer", {}), KNOWN_OPTIMIZER_KEYS)
+    check_optimizer_params(ds_config.get("optimizer", {}).get("params", {}))
+    check_types(s)
     if "scheduler" in ds_config:
         raise UserError(
             'remove "scheduler" from the DeepSpeed config: ds-sft owns the lr schedule '
@@ -283,6 +342,10 @@ def validate(ds_config: dict, s: dict, world_size: int) -> None:
             "DeepSpeed config or make the three agree"
         )
     ds_config["train_batch_size"] = expected
+    if s["fp8"] not in ("off", "emulated", "te"):
+        raise UserError(f"--fp8 must be off, emulated or te, got {s['fp8']!r}")
+    if s["wandb_mode"] not in (None, "offline", "online", "disabled"):
+        raise UserError(f"--wandb_mode must be offline, online or disabled, got {s['wandb_mode']!r}")
     if (s["base_model"] is None) == (s["model"] is None):
         raise UserError("pass exactly one of --base_model (load weights) or --model PRESET (random init)")
     if s["data_dir"] is None:
@@ -300,8 +363,6 @@ def validate(ds_config: dict, s: dict, world_size: int) -> None:
             ModelConfig.preset(s["model"])
         except (KeyError, ValueError) as err:
             raise UserError(f"--model {s['model']!r} is not a preset: {err}") from None
-    if s["fp8"] not in ("off", "emulated", "te"):
-        raise UserError(f"--fp8 must be off, emulated or te, got {s['fp8']!r}")
     if s["resume"] not in (None, "auto") and not Path(s["resume"]).exists():
         raise UserError(
             f"--resume {s['resume']} does not exist: pass a checkpoint directory, or --resume alone "
@@ -313,6 +374,7 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
     """Read, layer and validate. Returns (DeepSpeed config, settings, override lines)."""
     path = resolve_config_path(args.deepspeed_config or "ds_configs/zero2.json")
     ds_json = read_json(path)
+    check_sections(ds_json)
     # A config without an optimizer gets the recipe's AdamW; torch's implementation, because
     # DeepSpeed's FusedAdam JIT-compiles for half a minute (and needs CUDA to be worth it).
     ds_json.setdefault("optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.95], "torch_adam": True}})
