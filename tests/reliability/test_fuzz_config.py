@@ -1,0 +1,241 @@
+"""Config fuzzing: a wrong DeepSpeed JSON or flag is one line naming the key, before anything heavy.
+
+``ds-sft train`` layers built-in defaults <- the DeepSpeed JSON <- flags (:mod:`ds_sft.train.config`).
+A mistake found only after the model is loaded and the shards are mapped costs minutes on a big run
+(hours in a queue); a mistake DeepSpeed finds prints a page of pydantic traceback. So every
+invalid value must stop the command with exit code 2 and one line that names the key, and must do
+so before the process group, the data or the model is touched.
+
+How "before anything heavy" is checked: the first heavy call of ``ds_sft.train.cli.run`` (joining
+the process group) is replaced by a tripwire, and ``--data_dir`` points at a directory that does not
+exist. A valid configuration therefore ends with the data-dir error (the last check), and an
+invalid one must end earlier, with its own message.
+
+The oracle is written here, per key: which values are valid (e.g. a micro-batch is an int >= 1,
+not ``true``, not ``"4"``). Hypothesis draws values of every JSON type for a random key, and the
+command must accept exactly the valid ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from ds_sft.cli import main
+
+MISSING_DATA = "/nonexistent/ds-sft-fuzz/data"
+
+
+class Tripwire(Exception):
+    """Raised by the first heavy step: the configuration was accepted."""
+
+
+@pytest.fixture(autouse=True)
+def tripwire(monkeypatch):
+    import ds_sft.train.engine
+
+    def heavy(*args, **kwargs):
+        raise Tripwire
+
+    monkeypatch.setattr(ds_sft.train.engine, "init_distributed", heavy)
+
+
+BASE = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 1.0,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.05, "torch_adam": True}},
+    "zero_optimization": {"stage": 2},
+    "bf16": {"enabled": False},
+    "ds_sft": {"max_iters": 20, "warmup_iters": 2, "min_lr": 1e-5, "out_dir": "runs/fuzz"},
+}
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(value) -> bool:
+    return _int(value) and value >= 1
+
+
+# key path -> (is the value valid, everything else as in BASE?, names the message may use). A null
+# setting counts as unset (the default applies); a null section is invalid.
+ORACLE = {
+    ("train_micro_batch_size_per_gpu",): (positive_int, ["micro_batch_size"]),  # also in the JSON key
+    ("gradient_accumulation_steps",): (positive_int, ["gradient_accumulation_steps", "grad_accum"]),
+    ("gradient_clipping",): (lambda v: _number(v) and v >= 0, ["gradient_clipping", "grad_clip"]),
+    ("zero_optimization", "stage"): (lambda v: _int(v) and v in (0, 1, 2, 3), ["stage", "zero_stage"]),
+    ("optimizer", "params", "lr"): (lambda v: _number(v) and v >= 1e-5, ["lr", "learning_rate"]),
+    ("optimizer", "params", "weight_decay"): (lambda v: _number(v) and v >= 0, ["weight_decay"]),
+    ("optimizer", "type"): (lambda v: isinstance(v, str) and v.lower() in ("adamw", "adam"), ["optimizer"]),
+    ("bf16", "enabled"): (lambda v: isinstance(v, bool), ["bf16", "precision"]),
+    ("ds_sft", "max_iters"): (lambda v: positive_int(v) and v >= 2, ["max_iters", "warmup_iters"]),
+    ("ds_sft", "warmup_iters"): (lambda v: _int(v) and 0 <= v <= 20, ["warmup_iters"]),
+    ("ds_sft", "min_lr"): (lambda v: _number(v) and 0 <= v <= 1e-3, ["min_lr"]),  # <= BASE's lr
+    ("ds_sft", "seed"): (lambda v: _int(v) and 0 <= v < 2**63, ["seed"]),
+    ("ds_sft", "eval_interval"): (positive_int, ["eval_interval"]),
+    ("ds_sft", "eval_iters"): (positive_int, ["eval_iters"]),
+    ("ds_sft", "save_interval"): (positive_int, ["save_interval"]),
+    ("ds_sft", "keep_last"): (positive_int, ["keep_last"]),
+    ("ds_sft", "max_nan_steps"): (positive_int, ["max_nan_steps"]),
+    ("ds_sft", "alarm_gap"): (lambda v: _number(v) and v >= 0, ["alarm_gap"]),
+    ("ds_sft", "out_dir"): (lambda v: isinstance(v, str) and v.strip() != "", ["out_dir"]),
+    ("ds_sft", "fp8"): (lambda v: v in ("off", "emulated", "te"), ["fp8"]),
+    ("ds_sft", "compile"): (lambda v: isinstance(v, bool), ["compile"]),
+    ("ds_sft", "wandb_mode"): (lambda v: v is None or v in ("offline", "online", "disabled"), ["wandb_mode"]),
+    # whole sections: random dicts hold unknown keys, so only these few are valid
+    ("zero_optimization",): (lambda v: v in ({}, *({"stage": s} for s in range(4))), ["zero_optimization"]),
+    ("optimizer",): (lambda v: False, ["optimizer"]),  # no AdamW type in a random value
+    ("optimizer", "params"): (lambda v: v == {}, ["params", "optimizer"]),
+    ("bf16",): (lambda v: isinstance(v, dict) and isinstance(v.get("enabled", False), bool), ["bf16"]),
+    ("ds_sft",): (lambda v: v == {}, ["ds_sft"]),
+}
+
+# no default to fall back to: a null here is an error
+REQUIRED = {("zero_optimization",), ("optimizer",), ("optimizer", "params"), ("optimizer", "type"), ("bf16",),
+            ("ds_sft",)}  # fmt: skip
+
+json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**40), 2**40),
+        st.sampled_from([0, 1, 2, 3, 5, -1, 20, 21, 1e-3, 1e-5, 0.5, 2.5, -0.1]),
+        st.floats(allow_nan=False, allow_infinity=False),  # JSON cannot carry NaN/inf portably
+        st.text(max_size=8),
+        st.sampled_from(["4", "2", "AdamW", "sgd", "off", "te", "fp4", "", "1e-3", "runs/x"]),
+    ),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=5), inner, max_size=2),
+    max_leaves=3,
+)
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> dict:
+    tree = json.loads(json.dumps(tree))
+    node = tree
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return tree
+
+
+def run_train(capsys, tmp_path, config: dict | bytes, *flags: str):
+    """Run ``ds-sft train`` in this process; returns (exit code or "accepted", stderr lines)."""
+    path = tmp_path / "ds.json"
+    path.write_bytes(config if isinstance(config, bytes) else json.dumps(config).encode())
+    argv = ["train", "--deepspeed_config", str(path), "--model", "tiny", "--data_dir", MISSING_DATA, *flags]
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except Tripwire:
+        code = "accepted"
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_refused(code, lines, names, context):
+    assert code == 2, f"{context}: expected exit 2, got {code!r}; stderr: {lines}"
+    assert len(lines) == 1, f"{context}: the error must be one line, got {lines}"
+    assert lines[0].startswith("ds-sft train: error:"), (context, lines)
+    assert "data_dir" not in lines[0] or "data_dir" in names, f"{context}: a later check fired: {lines[0]}"
+    assert any(name in lines[0] for name in names), f"{context}: the message names none of {names}: {lines}"
+
+
+def test_the_base_config_is_valid_and_the_missing_data_dir_is_what_stops_it(capsys, tmp_path):
+    code, lines = run_train(capsys, tmp_path, BASE)
+    assert_refused(code, lines, ["data_dir"], "base config")
+    assert "manifest.json" in lines[0]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(sorted(ORACLE)), value=json_values)
+def test_every_json_value_is_accepted_or_refused_by_name(capsys, tmp_path, path, value):
+    valid, names = ORACLE[path]
+    code, lines = run_train(capsys, tmp_path, set_path(BASE, path, value))
+    context = f"{'.'.join(path)} = {value!r}"
+    unset = value is None and path not in REQUIRED  # a null setting means "not set here": the default applies
+    if unset or valid(value):
+        event("valid value")
+        assert code == 2 and len(lines) == 1 and "manifest.json" in lines[0], f"{context} refused: {lines}"
+    else:
+        event("invalid value")
+        assert_refused(code, lines, names, context)
+
+
+CONTRADICTIONS = {
+    "unknown top-level key (typo)": ({"gradient_acumulation_steps": 2}, [], ["gradient_acumulation_steps"]),
+    "unknown ZeRO key": ({"zero_optimization": {"stage": 2, "overlap_com": True}}, [], ["overlap_com"]),
+    "unknown optimizer key": ({"optimizer": {"type": "AdamW", "param": {}}}, [], ["param"]),
+    "unknown ds_sft flag": ({"ds_sft": {"max_iter": 5}}, [], ["max_iter"]),
+    "train_batch_size disagrees": ({"train_batch_size": 7}, [], ["train_batch_size"]),
+    "fp16 and bf16": ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, [], ["fp16"]),
+    "a DeepSpeed scheduler": ({"scheduler": {"type": "WarmupLR"}}, [], ["scheduler"]),
+    "SGD": ({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, [], ["SGD", "sgd", "optimizer"]),
+    "unknown optimizer param": ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betaz": [0.9, 0.9]}}},
+                                [], ["betaz"]),  # fmt: skip
+    "optimizer betas not a pair": ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": 0.9}}},
+                                   [], ["betas"]),  # fmt: skip
+    "warmup longer than the run": ({}, ["--warmup_iters", "50", "--max_iters", "10"], ["warmup_iters"]),
+    "min_lr above the peak": ({}, ["--min_lr", "1", "--learning_rate", "0.1"], ["min_lr"]),
+    "zero micro-batch": ({}, ["--micro_batch_size", "0"], ["micro_batch_size"]),
+    "negative accumulation": ({}, ["--grad_accum", "-1"], ["grad_accum"]),
+    "ZeRO stage 4": ({}, ["--zero_stage", "4"], ["zero_stage", "stage"]),
+    "infinite learning rate": ({}, ["--learning_rate", "inf"], ["learning_rate"]),
+    "NaN learning rate": ({}, ["--learning_rate", "nan"], ["learning_rate", "min_lr"]),
+    "NaN weight decay": ({}, ["--weight_decay", "nan"], ["weight_decay"]),
+    "negative grad clip": ({}, ["--grad_clip", "-1"], ["grad_clip"]),
+    "model and base_model": ({}, ["--base_model", "/nonexistent/model.pt"], ["base_model"]),
+    "zero save interval": ({}, ["--save_interval", "0"], ["save_interval"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTRADICTIONS))
+def test_contradictions_are_one_line_naming_the_key(capsys, tmp_path, case):
+    changes, flags, names = CONTRADICTIONS[case]
+    config = json.loads(json.dumps(BASE))
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if key == "ds_sft" else value
+    code, lines = run_train(capsys, tmp_path, config, *flags)
+    assert_refused(code, lines, names, case)
+
+
+BROKEN_FILES = {
+    "not JSON": b"{ 'single': quotes }",
+    "truncated": json.dumps(BASE).encode()[:40],
+    "a list": b"[1, 2]",
+    "empty": b"",
+    "invalid UTF-8": b'{"_comment": "caf\xe9"}',  # Latin-1 from an old editor
+    "NaN literal": b'{"train_micro_batch_size_per_gpu": NaN}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FILES))
+def test_broken_config_files_are_one_line_naming_the_file(capsys, tmp_path, case):
+    code, lines = run_train(capsys, tmp_path, BROKEN_FILES[case])
+    names = ["ds.json", "micro_batch_size"] if case == "NaN literal" else ["ds.json"]
+    assert_refused(code, lines, names, case)
+
+
+def test_config_error_wins_over_missing_model_and_data_in_a_real_process(tmp_path):
+    """End to end through the console script: exit 2, one line, no model or data touched."""
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({**BASE, "zero_optimization": {"stage": 2, "overlap_com": True}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "ds_sft.train", "--deepspeed_config", str(config), "--base_model",
+         "/nonexistent/model.pt", "--data_dir", MISSING_DATA, "--out_dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert lines[-1].startswith("ds-sft train: error:") and "overlap_com" in lines[-1], lines
+    assert not (tmp_path / "run").exists(), "the run directory was created before the config was checked"
