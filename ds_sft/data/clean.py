@@ -32,8 +32,9 @@ _ODD_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")  # no-break
 _INVISIBLE = re.compile(r"[\u200b\u2060\ufeff]")  # zero-width space, word joiner, stray BOM
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n{3,}")
-# n-gram words: ASCII punctuation becomes a separator (str.translate is ~2x faster than a \w+ regex)
-_PUNCTUATION_TO_SPACE = str.maketrans(string.punctuation, " " * len(string.punctuation))
+# Words for dedup keys and n-grams: UTF-8 bytes, ASCII-lowercased, ASCII punctuation as a separator.
+# bytes.lower/translate/split run on 256-entry tables: ~2x faster than a str regex or casefold.
+_PUNCTUATION_TO_SPACE = bytes.maketrans(string.punctuation.encode(), b" " * len(string.punctuation))
 
 
 class Drops:
@@ -98,20 +99,20 @@ def record_text(record: dict) -> str:
     return "\n".join(filter(None, [*turns, record["instruction"], record["input"], record["response"]]))
 
 
-def words(text: str) -> list[str]:
-    """Lowercase words with ASCII punctuation as separators (``str.translate`` + ``split``: fast)."""
-    return text.casefold().translate(_PUNCTUATION_TO_SPACE).split()
+def words(text: str) -> list[bytes]:
+    """Lowercased words (ASCII case folding) with ASCII punctuation as separators, as UTF-8 bytes."""
+    return text.encode().lower().translate(_PUNCTUATION_TO_SPACE).split()
 
 
-def fold(text: str) -> str:
+def fold(text: str) -> bytes:
     """Case-, punctuation- and whitespace-folded text: the key of a near-exact duplicate."""
-    return " ".join(words(text))
+    return b" ".join(words(text))
 
 
 def dedup(records: list[dict], drops: Drops) -> list[dict]:
     """Keep the first of each exact duplicate, then of each folded duplicate (across all sources)."""
     exact: set[str] = set()
-    folded: set[str] = set()
+    folded: set[bytes] = set()
     kept = []
     for record in records:
         fields = (record["instruction"], record["input"], record["response"], repr(record.get("history", [])))
@@ -120,7 +121,7 @@ def dedup(records: list[dict], drops: Drops) -> list[dict]:
             drops.add(record["source"], "duplicate_exact")
             continue
         exact.add(exact_key)
-        folded_key = "\x00".join(map(fold, fields))
+        folded_key = b"\x00".join(map(fold, fields))
         if folded_key in folded:
             drops.add(record["source"], "duplicate_normalized")
             continue
@@ -135,7 +136,7 @@ _HASH_BASE = np.uint64(0x100000001B3)  # an odd 64-bit multiplier; arithmetic wr
 def ngram_hashes(texts: list[str], n: int = NGRAM) -> tuple[np.ndarray, np.ndarray]:
     """All word n-gram hashes of ``texts`` and, for each, the index of the text it came from.
 
-    Words are keyed by Python's string hash: randomized per process, but only equality within one
+    Words are keyed by Python's bytes hash: randomized per process, but only equality within one
     run matters, and a 64-bit collision changing a decision has probability ~1e-10.
     """
     split = [words(text) for text in texts]

@@ -1,0 +1,218 @@
+"""How long `ds-sft prepare` takes on the shared mix, against TRL's own dataset preparation.
+
+    python bench/prepare_speed.py                 # 1x, 2x, 4x the mix; TRL on 1x
+    python bench/prepare_speed.py --copies 1 --trl_copies 1 2
+
+What is timed (imports excluded, all in this one process, one after the other):
+- ds-sft: the whole `prepare` command (load, clean, dedup, 13-gram decontamination against the GSM8K
+  test set and val, tokenization, BFD packing, shards, manifest, tokenizer, histogram) on the shared
+  mix (Alpaca 5k + GSM8K train + Dolly 5k = 17,473 rows), GPT-2 tokenizer, seq 1024; then on the mix
+  replicated 2x and 4x (each copy's instructions are tagged so dedup keeps them): time should grow
+  linearly.
+- TRL: `SFTTrainer._prepare_dataset` on the same rows as prompt/completion pairs (the prompt rendered
+  with the same Alpaca template), packing with its BFD at max_length 1024: what `SFTTrainer(...)`
+  runs before training. Needs `pip install -e .[bench]`; without TRL the bench says so and keeps the
+  next line.
+- plain: `encode_batch` of prompts and responses + ds-sft's numpy BFD, nothing else: the floor.
+
+The machine is shared and busy machines measure slower: compare ratios from the same run only.
+Results go to bench/results/prepare_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEQ_LEN = 1024
+
+
+def shared_mix_rows(shared: Path) -> dict[str, list[dict]]:
+    def jsonl(path):
+        return [json.loads(line) for line in path.open()]
+
+    data = shared / "data"
+    return {
+        "alpaca": json.loads((data / "alpaca/alpaca_cleaned_first5k.json").read_text()),
+        "gsm8k": jsonl(data / "gsm8k/train.jsonl"),
+        "dolly": jsonl(data / "dolly/dolly_5k_instruction_input_output.jsonl"),
+    }
+
+
+def replicate(rows: dict[str, list[dict]], copies: int) -> dict[str, list[dict]]:
+    """``copies`` versions of every row; copy k > 0 tags its instruction so dedup keeps it."""
+    key = {"alpaca": "instruction", "gsm8k": "question", "dolly": "instruction"}
+    return {
+        name: [
+            {**row, key[name]: row[key[name]] + (f" (variant {k})" if k else "")}
+            for k in range(copies)
+            for row in source_rows
+        ]
+        for name, source_rows in rows.items()
+    }
+
+
+def prompt_completion_pairs(rows: dict[str, list[dict]]) -> list[tuple[str, str]]:
+    from ds_sft.data.templates import render_prompt
+
+    pairs = []
+    for row in rows["alpaca"] + rows["dolly"]:
+        pairs.append(
+            (
+                render_prompt({"instruction": row["instruction"], "input": row["input"]}, "alpaca"),
+                row["output"],
+            )
+        )
+    for row in rows["gsm8k"]:
+        pairs.append((render_prompt({"instruction": row["question"], "input": ""}, "alpaca"), row["answer"]))
+    return pairs
+
+
+def time_ds_sft(rows: dict[str, list[dict]], shared: Path, workdir: Path) -> dict:
+    from ds_sft.command import main_for
+
+    args = []
+    for name, source_rows in rows.items():
+        path = workdir / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in source_rows))
+        args += [f"--{name}", str(path)]
+    out = workdir / "prepared"
+    argv = [
+        *args,
+        "--gsm8k_test",
+        str(shared / "data/gsm8k/test.jsonl"),
+        "--tokenizer",
+        "gpt2",
+        "--output_dir",
+        str(out),
+    ]
+    start = time.perf_counter()
+    assert main_for("prepare", [*argv, "--force", "--seq_len", str(SEQ_LEN)]) == 0
+    seconds = time.perf_counter() - start
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"seconds": seconds, "efficiency": manifest["splits"]["train"]["efficiency"]["real_tokens"]}
+
+
+def time_trl(pairs: list[tuple[str, str]], tokenizer_dir: Path) -> dict:
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.eos_token = tokenizer.pad_token = "<|endoftext|>"
+    dataset = datasets.Dataset.from_dict(
+        {"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]}
+    )
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_length=SEQ_LEN,
+        packing=True,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+    )
+    # What SFTTrainer.__init__ sets before it prepares the dataset; no model needed for this part.
+    trainer_state = types.SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=True)
+    start = time.perf_counter()
+    packed = SFTTrainer._prepare_dataset(trainer_state, dataset, tokenizer, config, True, None, "train")
+    seconds = time.perf_counter() - start
+    tokens = sum(map(len, packed["input_ids"]))
+    return {"seconds": seconds, "efficiency": tokens / (len(packed) * SEQ_LEN)}
+
+
+def time_plain(pairs: list[tuple[str, str]], tokenizer_dir: Path) -> dict:
+    from tokenizers import Tokenizer
+
+    from ds_sft.data.pack import best_fit_decreasing
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    start = time.perf_counter()
+    prompts = tokenizer.encode_batch([p for p, _ in pairs], add_special_tokens=False)
+    answers = tokenizer.encode_batch([c for _, c in pairs], add_special_tokens=False)
+    lengths = np.array([len(p.ids) + len(a.ids) + 1 for p, a in zip(prompts, answers, strict=True)])
+    lengths = lengths[lengths <= SEQ_LEN]
+    rows = best_fit_decreasing(lengths, SEQ_LEN)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "efficiency": lengths.sum() / (len(rows) * SEQ_LEN)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--copies", type=int, nargs="+", default=[1, 2, 4], help="mix replications for ds-sft"
+    )
+    parser.add_argument("--trl_copies", type=int, nargs="*", default=[1], help="replications to run TRL on")
+    args = parser.parse_args()
+
+    import datasets  # noqa: F401  (imports are excluded from every timing)
+    import matplotlib.pyplot  # noqa: F401
+    import transformers  # noqa: F401
+
+    from ds_sft.paths import shared_dir
+
+    datasets.disable_progress_bars()
+    shared = shared_dir()
+    if shared is None:
+        raise SystemExit("bench/prepare_speed.py needs ../shared (the real data and GPT-2 tokenizer)")
+    tokenizer_dir = shared / "tokenizers" / "gpt2"
+    try:
+        import trl  # noqa: F401
+
+        trl_note = None
+    except ImportError:
+        trl_note = "TRL is not installed (pip install -e .[bench]); compared with the plain baseline only"
+        print(trl_note)
+    base = shared_mix_rows(shared)
+    results = []
+    for copies in sorted(set(args.copies) | set(args.trl_copies)):
+        rows = replicate(base, copies)
+        pairs = prompt_completion_pairs(rows)
+        entry = {"copies": copies, "rows": len(pairs)}
+        if copies in args.copies:
+            with tempfile.TemporaryDirectory() as workdir:
+                entry["ds_sft"] = time_ds_sft(rows, shared, Path(workdir))
+        entry["plain"] = time_plain(pairs, tokenizer_dir)
+        if copies in args.trl_copies and trl_note is None:
+            entry["trl"] = time_trl(pairs, tokenizer_dir)
+        results.append(entry)
+
+    columns = {"ds_sft": "ds-sft", "trl": "TRL", "plain": "plain"}
+    print(
+        f"\n{'copies':>6}{'rows':>8}" + "".join(f"{name + ' s':>10}{'fill':>8}" for name in columns.values())
+    )
+    for e in results:
+        line = f"{e['copies']:>6}{e['rows']:>8,}"
+        for key in columns:
+            line += (
+                f"{e[key]['seconds']:>10.2f}{e[key]['efficiency']:>8.2%}"
+                if key in e
+                else f"{'-':>10}{'-':>8}"
+            )
+        if "ds_sft" in e and "trl" in e:
+            line += f"   TRL / ds-sft = {e['trl']['seconds'] / e['ds_sft']['seconds']:.2f}x"
+        print(line)
+    timed = [e for e in results if "ds_sft" in e]
+    if len(timed) > 1:
+        per_row = [e["ds_sft"]["seconds"] / e["rows"] * 1e6 for e in timed]
+        print(
+            "ds-sft microseconds per row: "
+            + ", ".join(f"{e['copies']}x {t:.0f}" for e, t in zip(timed, per_row, strict=True))
+        )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "prepare_speed.json").write_text(
+        json.dumps({"seq_len": SEQ_LEN, "note": trl_note, "results": results}, indent=2)
+    )
+    print(f"wrote {RESULTS / 'prepare_speed.json'}")
+
+
+if __name__ == "__main__":
+    main()
