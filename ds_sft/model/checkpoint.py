@@ -53,7 +53,7 @@ import torch
 
 from ds_sft.errors import UserError
 from ds_sft.model.config import PRESETS, ModelConfig
-from ds_sft.model.llama import LlamaModel
+from ds_sft.model.llama import LlamaModel, rope_table
 from ds_sft.paths import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,8 @@ def load_model(
     _check_keys(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
     model.fp8_extra_state = extra_state
-    return _materialise_buffers(model).to(device=device, dtype=dtype)
+    model.rope_cache = rope_table(config.head_dim, config.max_seq_len, config.rope_theta)  # was on meta
+    return model.to(device=device, dtype=dtype)
 
 
 def save_model(model: LlamaModel, directory: str | Path) -> Path:
@@ -175,6 +176,11 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             return _read_safetensors(path / MODEL_FILE), json.loads((path / CONFIG_FILE).read_text()), None
         if (path / "config.json").exists():
             return _read_transformers(path)
+        if (path / "checkpoints").is_dir():
+            raise UserError(
+                f"{path} is a training run without final/ weights yet: let it finish (or resume it to "
+                "the end), which writes final/"
+            )
         raise UserError(
             f"{path} is neither a ds-sft checkpoint ({CONFIG_FILE}) nor a Hugging Face model (config.json)"
         )
@@ -420,14 +426,6 @@ def _damaged(path: Path, err: Exception) -> UserError:
 def _preview(items: list[str], limit: int = 6) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... {len(items) - limit} more" if len(items) > limit else "")
-
-
-def _materialise_buffers(model: LlamaModel) -> LlamaModel:
-    from ds_sft.model.llama import rope_table
-
-    c = model.config
-    model.rope_cache = rope_table(c.head_dim, c.max_seq_len, c.rope_theta)
-    return model
 
 
 # ----------------------------------------------------------------------------- Hugging Face layout

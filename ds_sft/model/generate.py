@@ -15,6 +15,7 @@ when every row has, or after ``max_new_tokens``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -56,47 +57,65 @@ def generate(
             f"max_seq_len {model.config.max_seq_len}: shorten the prompt or lower max_new_tokens"
         )
 
-    ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
-    documents = torch.full((batch, width), -1, dtype=torch.long, device=device)
+    ids, positions, documents = left_pad(prompts_ids, pad_id, device)
+    lengths = torch.tensor([len(p) for p in prompts_ids], device=device)
+    with _eval_mode(model):  # train mode would checkpoint activations around the cache
+        cache = (
+            KVCache(model.config, batch, width + max_new_tokens, model.wte.weight.dtype, device)
+            if use_cache
+            else None
+        )
+        step_ids, step_positions, step_documents = ids, positions, documents
+        completions: list[list[int]] = [[] for _ in range(batch)]
+        finished = [False] * batch
+        eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+        for step in range(max_new_tokens):
+            hidden = model.hidden_states(step_ids, step_positions, step_documents, kv_cache=cache)
+            next_ids = sample(model.logits(hidden[:, -1]).float(), temperature, top_p, generator)
+            is_eos = torch.isin(next_ids, eos).tolist()
+            for row, token in enumerate(next_ids.tolist()):
+                if finished[row]:
+                    continue
+                if is_eos[row]:
+                    finished[row] = True
+                    continue
+                completions[row].append(token)
+                finished[row] = bool(stop_strings) and _ends_with_stop(completions[row], stop_strings, decode)
+            if all(finished):
+                break
+            new_positions = (lengths + step)[:, None]
+            new_documents = torch.zeros_like(new_positions)
+            if cache is not None:  # feed only the new column
+                step_ids, step_positions, step_documents = next_ids[:, None], new_positions, new_documents
+            else:  # feed everything again
+                step_ids = torch.cat([step_ids, next_ids[:, None]], dim=1)
+                step_positions = torch.cat([step_positions, new_positions], dim=1)
+                step_documents = torch.cat([step_documents, new_documents], dim=1)
+        return completions
+
+
+def left_pad(prompts_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """``(input_ids, position_ids, document_ids)`` of the prompts right-aligned in one batch."""
+    width = max(len(p) for p in prompts_ids)
+    ids = torch.full((len(prompts_ids), width), pad_id, dtype=torch.long, device=device)
+    documents = torch.full_like(ids, -1)
     for row, prompt in enumerate(prompts_ids):
         ids[row, width - len(prompt) :] = torch.tensor(list(prompt), device=device)
         documents[row, width - len(prompt) :] = 0
-    lengths = torch.tensor([len(p) for p in prompts_ids], device=device)
-    positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)
+    padding = (documents < 0).sum(dim=1, keepdim=True)
+    positions = (torch.arange(width, device=device) - padding).clamp(min=0)
+    return ids, positions, documents
 
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode for the duration, then the mode the model had."""
+    was_training = model.training
     model.eval()
-    cache = (
-        KVCache(model.config, batch, width + max_new_tokens, model.wte.weight.dtype, device)
-        if use_cache
-        else None
-    )
-    step_ids, step_positions, step_documents = ids, positions, documents
-    completions: list[list[int]] = [[] for _ in range(batch)]
-    finished = [False] * batch
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    for step in range(max_new_tokens):
-        hidden = model.hidden_states(step_ids, step_positions, step_documents, kv_cache=cache)
-        next_ids = sample(model.logits(hidden[:, -1]).float(), temperature, top_p, generator)
-        is_eos = torch.isin(next_ids, eos).tolist()
-        for row, token in enumerate(next_ids.tolist()):
-            if finished[row]:
-                continue
-            if is_eos[row]:
-                finished[row] = True
-                continue
-            completions[row].append(token)
-            finished[row] = bool(stop_strings) and _ends_with_stop(completions[row], stop_strings, decode)
-        if all(finished):
-            break
-        new_positions = (lengths + step)[:, None]
-        new_documents = torch.zeros_like(new_positions)
-        if cache is not None:  # feed only the new column
-            step_ids, step_positions, step_documents = next_ids[:, None], new_positions, new_documents
-        else:  # feed everything again
-            step_ids = torch.cat([step_ids, next_ids[:, None]], dim=1)
-            step_positions = torch.cat([step_positions, new_positions], dim=1)
-            step_documents = torch.cat([step_documents, new_documents], dim=1)
-    return completions
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:

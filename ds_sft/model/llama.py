@@ -205,7 +205,7 @@ class LlamaModel(nn.Module):
 
         x = self.wte(input_ids)
         for block in self.layers:
-            if self.config.activation_checkpointing and self.training:
+            if self.config.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, kv_cache)

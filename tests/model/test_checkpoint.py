@@ -208,3 +208,9 @@ def test_save_model_writes_only_the_llama_weights(tmp_path):
     save_model(model, tmp_path)
     assert "layers.0.attn.q_proj.fp8_scale" not in load_file(tmp_path / "model.safetensors")
     same_logits(model, load_model(tmp_path))
+
+
+def test_unfinished_run_directory_says_so(tmp_path):
+    (tmp_path / "checkpoints" / "step_10").mkdir(parents=True)
+    with pytest.raises(UserError, match="training run without final/"):
+        load_model(tmp_path)

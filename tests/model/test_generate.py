@@ -90,3 +90,15 @@ def test_seeded_sampling_is_reproducible(model):
         for _ in range(2)
     ]  # fmt: skip
     assert runs[0] == runs[1]
+
+
+def test_generate_during_training_restores_train_mode(model):
+    expected = generate(model, PROMPTS, max_new_tokens=5)
+    model.config.activation_checkpointing = True
+    model.train()
+    try:
+        assert generate(model, PROMPTS, max_new_tokens=5) == expected
+        assert model.training
+    finally:
+        model.config.activation_checkpointing = False
+        model.eval()
