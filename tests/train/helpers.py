@@ -160,3 +160,45 @@ def write_data_dir(directory: Path, train_rows: int = 48, val_rows: int = 8, see
         write_split(directory / split, packed, vocab_size=VOCAB)
     (directory / "manifest.json").write_text(json.dumps({"sources": TinyPacked.sources}))
     return directory
+
+
+def reference_losses(
+    s, dataset, order, world_size: int = 1, seed: int = 0
+) -> tuple[list[float], list[float]]:
+    """A plain-PyTorch AdamW loop written from the definitions (not from ds-sft's code): decay only on
+    ``*_proj.weight``, loss = sum of token losses over the global batch / its trained tokens,
+    ``clip_grad_norm_``. Step k trains rows ``order[k * G : (k + 1) * G]``, G = micro x accum x
+    ``world_size``. Returns (losses, pre-clip grad norms) per step."""
+    from ds_sft.train.engine import lr_at
+
+    model = tiny_model(seed)
+    decay = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("proj.weight")]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=s.learning_rate,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    rows_per_step = s.micro_batch_size * s.grad_accum * world_size
+    losses, norms = [], []
+    for step in range(s.max_iters):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, s.learning_rate, s.min_lr, s.warmup_iters, s.max_iters)
+        rows = [dataset[int(i)] for i in order[step * rows_per_step : (step + 1) * rows_per_step]]
+        trained = sum(int((r["labels"] != -100).sum()) for r in rows)
+        total = 0.0
+        for start in range(0, rows_per_step, s.micro_batch_size):
+            batch = {
+                k: torch.stack([r[k] for r in rows[start : start + s.micro_batch_size]]) for k in rows[0]
+            }
+            loss_sum = model(
+                batch["input_ids"], batch["position_ids"], batch["document_ids"], batch["labels"]
+            )
+            (loss_sum / trained).backward()
+            total += loss_sum.item()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(total / trained)
+    return losses, norms

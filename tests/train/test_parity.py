@@ -9,46 +9,10 @@ order (the sampler without shuffling), decay only on ``*_proj.weight``, the toke
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ds_sft.data.sampler import ResumableSampler
-from ds_sft.train.engine import lr_at
 from ds_sft.train.loop import train
-from tests.train.helpers import TinyPacked, ds_config, settings, tiny_model
-
-
-def reference_losses(s, dataset) -> tuple[list[float], list[float]]:
-    model = tiny_model()
-    decay = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
-    rest = [p for n, p in model.named_parameters() if not n.endswith("proj.weight")]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=s.learning_rate,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-    )
-    rows_per_step = s.micro_batch_size * s.grad_accum
-    losses, norms = [], []
-    for step in range(s.max_iters):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, s.learning_rate, s.min_lr, s.warmup_iters, s.max_iters)
-        rows = [dataset[i] for i in range(step * rows_per_step, (step + 1) * rows_per_step)]
-        trained = sum(int((r["labels"] != -100).sum()) for r in rows)
-        total = 0.0
-        for start in range(0, rows_per_step, s.micro_batch_size):
-            batch = {
-                k: torch.stack([r[k] for r in rows[start : start + s.micro_batch_size]]) for k in rows[0]
-            }
-            loss_sum = model(
-                batch["input_ids"], batch["position_ids"], batch["document_ids"], batch["labels"]
-            )
-            (loss_sum / trained).backward()
-            total += loss_sum.item()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip).item())
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(total / trained)
-    return losses, norms
+from tests.train.helpers import TinyPacked, ds_config, reference_losses, settings, tiny_model
 
 
 def ds_sft_losses(s, dataset, run_dir) -> tuple[list[float], list[float]]:
@@ -70,7 +34,7 @@ def ds_sft_losses(s, dataset, run_dir) -> tuple[list[float], list[float]]:
 def test_zero_stage_matches_plain_pytorch(stage, dist_env, tmp_path):
     s = settings(zero_stage=stage, max_iters=12, eval_interval=12)
     dataset = TinyPacked(s.max_iters * s.micro_batch_size * s.grad_accum, seed=1)
-    expected_losses, expected_norms = reference_losses(s, dataset)
+    expected_losses, expected_norms = reference_losses(s, dataset, range(len(dataset)))
     losses, norms = ds_sft_losses(s, dataset, tmp_path)
     assert losses == pytest.approx(expected_losses, abs=1e-5)
     assert norms == pytest.approx(expected_norms, rel=1e-4)

@@ -1,0 +1,166 @@
+"""Two real processes on CPU (gloo): torchrun and the deepspeed launcher, then a 2 -> 1 rank resume.
+
+Each launch runs the ``python -m ds_sft.train`` entry point as a user would and must exit 0 (DeepSpeed
+on CPU sometimes aborts at interpreter exit after a multi-process run; ds-sft leaves through
+``os._exit(0)`` once everything is flushed). The losses must equal a plain-PyTorch loop over the same
+global batches: the sampler's global order, each step's rows split over the two ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ds_sft.data.sampler import ResumableSampler
+from ds_sft.data.shards import PackedDataset
+from ds_sft.train.engine import free_port
+from tests.train.helpers import REPO_ROOT, reference_losses, settings, write_data_dir
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+S = settings(
+    micro_batch_size=2, grad_accum=2, max_iters=6, learning_rate=3e-3, warmup_iters=2, min_lr=3e-4, seed=0
+)
+FLAGS = [
+    "--model",
+    "tiny",
+    "--micro_batch_size",
+    "2",
+    "--max_iters",
+    "6",
+    "--learning_rate",
+    "3e-3",
+    "--warmup_iters",
+    "2",
+    "--min_lr",
+    "3e-4",
+    "--seed",
+    "0",
+    "--eval_interval",
+    "3",
+    "--eval_iters",
+    "2",
+    "--save_interval",
+    "3",
+    "--wandb_mode",
+    "disabled",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_data_dir(tmp_path_factory.mktemp("data"), train_rows=6 * 8)  # one epoch of 2 x 2 x 2
+
+
+@pytest.fixture(scope="module")
+def expected(data_dir):
+    dataset = PackedDataset(data_dir, "train")
+    order = ResumableSampler(len(dataset), seed=0).global_indices(0, len(dataset))
+    return reference_losses(S, dataset, order, world_size=2, seed=0)[0]
+
+
+def launch(command: list[str]) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(REPO_ROOT / ".cache" / "torch_extensions"))
+    done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+
+
+def test_torchrun_two_ranks_then_resume_on_one(data_dir, expected, tmp_path, dist_env):
+    from ds_sft.cli import main
+
+    run_dir = tmp_path / "two"
+    launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "ds_sft.train",
+            "--data_dir",
+            str(data_dir),
+            "--out_dir",
+            str(run_dir),
+            "--zero_stage",
+            "2",
+            "--grad_accum",
+            "2",
+            *FLAGS,
+        ]
+    )
+    two = train_losses(run_dir)
+    assert list(two.values()) == pytest.approx(expected, abs=1e-5)
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+    # The 2-rank run "crashed" after step 3; continue it in this single process. ZeRO 2 shards the
+    # optimizer state by rank, so ds-sft goes through DeepSpeed's universal checkpoint.
+    resumed_dir = tmp_path / "one"
+    shutil.copytree(run_dir / "checkpoints", resumed_dir / "checkpoints")
+    shutil.rmtree(resumed_dir / "checkpoints" / "step_000006")
+    (resumed_dir / "checkpoints" / "latest").write_text("step_000003")
+    assert (
+        main(
+            [
+                "train",
+                "--data_dir",
+                str(data_dir),
+                "--out_dir",
+                str(resumed_dir),
+                "--zero_stage",
+                "2",
+                "--resume",
+                "--grad_accum",
+                "4",
+                *FLAGS,
+            ]
+        )
+        == 0
+    )  # 1 rank x accum 4: the same 8 rows
+    one = train_losses(resumed_dir)
+    assert sorted(one) == [4, 5, 6]
+    assert [one[k] for k in (4, 5, 6)] == pytest.approx([two[k] for k in (4, 5, 6)], abs=1e-5)
+
+
+def test_deepspeed_launcher_two_ranks_zero3(data_dir, expected, tmp_path):
+    run_dir = tmp_path / "ds"
+    launch(
+        [
+            str(Path(sys.executable).with_name("deepspeed")),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "ds_sft.train",
+            "--data_dir",
+            str(data_dir),
+            "--out_dir",
+            str(run_dir),
+            "--zero_stage",
+            "3",
+            "--grad_accum",
+            "2",
+            *FLAGS,
+        ]
+    )
+    assert list(train_losses(run_dir).values()) == pytest.approx(expected, abs=1e-5)
+    assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "report.md").is_file()
