@@ -192,16 +192,15 @@ class Float8Linear(nn.Module):
         history.copy_(torch.where(recorded, history.roll(-1), history))  # the oldest amax falls out
         history[0] = 0
 
-    def seed(self, state: dict[str, torch.Tensor], gemm: int = 0) -> None:
-        """Start from Transformer Engine scaling state (see :func:`decode_te_extra_state`)."""
-        fwd, bwd = state["amax_history_fwd"], state["amax_history_bwd"]
-        columns = {INPUT: (fwd, 3 * gemm), WEIGHT: (fwd, 3 * gemm + 1), GRAD: (bwd, 2 * gemm)}
-        scales = {INPUT: state["scale_fwd"][3 * gemm], WEIGHT: state["scale_fwd"][3 * gemm + 1],
-                  GRAD: state["scale_bwd"][2 * gemm]}
-        with torch.no_grad():
-            for column, (history, index) in columns.items():
-                self.fp8_amax_history[:, column] = _fit_rows(history[:, index], len(self.fp8_amax_history))
-                self.fp8_scale[column] = scales[column]
+    @torch.no_grad()
+    def seed(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from a TE layer's scaling state (:func:`decode_te_extra_state`; its first GEMM)."""
+        # TE's columns: forward (input, weight, output), backward (output gradient, input gradient).
+        sources = {INPUT: ("fwd", 0), WEIGHT: ("fwd", 1), GRAD: ("bwd", 0)}
+        for column, (direction, index) in sources.items():
+            history = state[f"amax_history_{direction}"][:, index]
+            self.fp8_amax_history[:, column] = _fit_rows(history, len(self.fp8_amax_history))
+            self.fp8_scale[column] = state[f"scale_{direction}"][index]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
         history_key = prefix + "fp8_amax_history"
@@ -266,8 +265,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 class _Opaque:
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
+    """Stands in for TE's recipe objects while unpickling: takes their fields and drops them."""
 
     def __init__(self, *args, **kwargs) -> None:
         pass
@@ -305,15 +303,15 @@ def decode_te_extra_state(blob: Any) -> dict[str, torch.Tensor] | None:
     return {k: state[k].float() for k in keys}
 
 
-def encode_te_extra_state(state: dict[str, torch.Tensor], gemm: int, recipe: Fp8Recipe) -> torch.Tensor:
-    """One GEMM's slice of ``state`` as a single-GEMM ``te.Linear`` loads it (``set_extra_state``)."""
-    fwd, bwd = slice(3 * gemm, 3 * gemm + 3), slice(2 * gemm, 2 * gemm + 2)
+def encode_te_extra_state(state: dict[str, torch.Tensor], recipe: Fp8Recipe) -> torch.Tensor:
+    """The first GEMM of ``state`` as a single-GEMM ``te.Linear`` loads it (``set_extra_state``), its
+    history fitted to the recipe's length (TE >= 2 copies it into a buffer of that length)."""
     out = {"recipe": recipe.to_te(), "extra_fp8_variables": {"num_gemms": 1}}
-    for suffix, columns in (("fwd", fwd), ("bwd", bwd)):
-        scale = state[f"scale_{suffix}"][columns].clone()
-        out[f"scale_{suffix}"], out[f"scale_inv_{suffix}"] = scale, scale.reciprocal()
-        history = state[f"amax_history_{suffix}"][:, columns]
-        out[f"amax_history_{suffix}"] = _fit_rows(history, recipe.amax_history_len)
+    for direction, columns in (("fwd", 3), ("bwd", 2)):
+        scale = state[f"scale_{direction}"][:columns].clone()
+        out[f"scale_{direction}"], out[f"scale_inv_{direction}"] = scale, scale.reciprocal()
+        history = state[f"amax_history_{direction}"][:, :columns]
+        out[f"amax_history_{direction}"] = _fit_rows(history, recipe.amax_history_len)
     return torch.frombuffer(bytearray(pickle.dumps(out)), dtype=torch.uint8)
 
 
@@ -336,8 +334,8 @@ def fp8_linear_names(model: nn.Module) -> list[str]:
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in FP8_LINEARS]
 
 
-def _seed_targets(extra_state: dict[str, Any], swapped: set[str]) -> dict[str, tuple[dict, int]]:
-    """Module name -> (decoded TE state, GEMM index) for every swapped linear the checkpoint has state for."""
+def _seed_targets(extra_state: dict[str, Any], swapped: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Module name -> decoded TE state, for every swapped linear the checkpoint has state for."""
     targets, unused = {}, []
     for name, blob in extra_state.items():
         parent, _, leaf = name.rpartition(".")
@@ -346,7 +344,7 @@ def _seed_targets(extra_state: dict[str, Any], swapped: set[str]) -> dict[str, t
         if state is None or not set(parts) <= swapped:
             unused.append(name)
             continue
-        targets.update({part: (state, 0) for part in parts})
+        targets.update(dict.fromkeys(parts, state))
     if unused:
         log.info("fp8: %d TE _extra_state entries seed nothing (no fp8 state, or no swapped linear): %s",
                  len(unused), ", ".join(unused[:4]))
@@ -378,11 +376,11 @@ def apply_fp8(model: nn.Module, mode: str, recipe: Fp8Recipe | None = None) -> n
         if te is None:
             layer = Float8Linear(linear, recipe)
             if name in seeds:
-                layer.seed(*seeds[name])
+                layer.seed(seeds[name])
         else:
             layer = _te_linear(te, linear)
             if name in seeds:
-                layer.set_extra_state(encode_te_extra_state(*seeds[name], recipe))
+                layer.set_extra_state(encode_te_extra_state(seeds[name], recipe))
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, layer)
     log.info("fp8 %s: swapped %d linears (%d seeded from TE state)", mode, len(names), len(seeds))
