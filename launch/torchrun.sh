@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# ds-sft training under torchrun: one node (default) or several with a c10d rendezvous.
+#
+#   launch/torchrun.sh [--dry-run] [--nproc N] [--nnodes N] [--rdzv HOST:PORT] -- <ds-sft train flags>
+#
+# One node: launch/torchrun.sh --nproc 2 -- --data_dir data_sft --model tiny (N defaults to the GPU
+# count, or 2 processes on a CPU-only machine). Several nodes: run the same line on every node with
+# --nnodes and the same --rdzv (any node's address). torchrun forwards SIGTERM to the ranks, which
+# save a checkpoint and exit; rerun with --resume. --dry-run prints the exact command and exits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dry_run=0
+procs=""
+nnodes=1
+rdzv=127.0.0.1:29500
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --dry-run) dry_run=1; shift ;;
+        --nproc) procs=$2; shift 2 ;;
+        --nnodes) nnodes=$2; shift 2 ;;
+        --rdzv) rdzv=$2; shift 2 ;;
+        --) shift; break ;;
+        *) echo "unknown option $1 (train flags go after --)" >&2; exit 2 ;;
+    esac
+done
+
+if [[ -z $procs ]]; then  # one process per GPU; 2 on a CPU-only machine
+    procs=$(python3 -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
+fi
+if [[ $nnodes -eq 1 ]]; then
+    rendezvous=(--standalone)
+else
+    rendezvous=(--nnodes "$nnodes" --rdzv_backend c10d --rdzv_endpoint "$rdzv" --rdzv_id ds-sft)
+fi
+command=(torchrun "${rendezvous[@]}" --nproc_per_node "$procs" -m ds_sft.train "$@")
+if [[ $dry_run -eq 1 ]]; then
+    printf '%q ' "${command[@]}"; echo
+    exit 0
+fi
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+# Each rank gets its share of the cores, not all of them (torchrun's default of 1 is too few on CPU).
+cores=$(nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / procs > 0 ? cores / procs : 1 ))}
+exec "${command[@]}"
