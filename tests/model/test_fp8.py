@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ds_sft.errors import UserError
+from ds_sft.model import fp8
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, apply_fp8, decode_te_extra_state, fp8_autocast
 from ds_sft.model.llama import LlamaModel
@@ -75,6 +76,24 @@ def assert_fp32_matmul_of(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -
     exact, bound = a @ b, a.shape[1] * 2.0**-23 * (a.abs() @ b.abs())
     error = (out.double() - exact).abs()
     assert (error <= bound + 1e-30).all(), f"max error {error.max():.3g} exceeds the fp32 rounding bound"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with fp8 (cuBLAS) matmuls")
+def test_forward_and_backward_on_cuda_match_the_reference():
+    """The same check on the GPU, where _scaled_mm needs row-major x column-major operands."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("torch._scaled_mm needs compute capability >= 8.9")
+    torch.manual_seed(0)
+    layer = Float8Linear(nn.Linear(64, 32, bias=False), Fp8Recipe()).cuda()
+    layer.fp8_scale.copy_(torch.tensor([37.0, 3000.5, 0.75]))
+    x = (torch.randn(2, 16, 64, device="cuda") * 4).requires_grad_()
+    grad_y = torch.randn(2, 16, 32, device="cuda") * 100
+    layer(x).backward(grad_y)
+    xq = quantize_dequantize(x.detach().reshape(-1, 64), 37.0, E4M3)
+    wq = quantize_dequantize(layer.weight.detach(), 3000.5, E4M3)
+    gq = quantize_dequantize(grad_y.reshape(-1, 32), 0.75, E5M2)
+    assert_fp32_matmul_of(x.grad.reshape(-1, 64), gq, wq)
+    assert_fp32_matmul_of(layer.weight.grad, gq.T, xq)
 
 
 def test_output_follows_autocast_dtype_and_rounds_once():
@@ -391,6 +410,32 @@ def test_te_extra_state_seeds_the_emulated_path(monkeypatch):
     assert torch.equal(model.layers[1].attn.q_proj.fp8_scale, torch.ones(3))
 
 
+def test_base_checkpoint_extra_state_reaches_the_emulated_layers(tmp_path, monkeypatch):
+    """The contract with ``checkpoint.load_model``: TE entries of a base ``.pt`` (torch.load with
+    weights_only=True) end up on ``model.fp8_extra_state`` and seed the swapped layers."""
+    from ds_sft.model.checkpoint import load_model
+
+    modules = fake_te_modules()
+    install(monkeypatch, modules)
+    new_format, old_format = te_state(seed=3), te_state(seed=4)
+    legacy = io.BytesIO()
+    torch.save(old_format, legacy)
+    base = tiny_model()
+    state = {f"_orig_mod.{k}": v for k, v in base.state_dict().items()}
+    recipe_module = modules["transformer_engine.common.recipe"]
+    state["_orig_mod.layers.0.attn.o_proj._extra_state"] = te_blob(new_format, recipe_module)
+    state["_orig_mod.layers.1.mlp.up_proj._extra_state"] = legacy
+    torch.save({"model": state, "model_args": base.config.to_dict()}, tmp_path / "base.pt")
+    for name in modules:
+        monkeypatch.delitem(sys.modules, name)
+
+    model = apply_fp8(load_model(tmp_path / "base.pt"), "emulated", Fp8Recipe(amax_history_len=5))
+    o_proj, up_proj = model.layers[0].attn.o_proj, model.layers[1].mlp.up_proj
+    assert torch.equal(o_proj.fp8_amax_history[:, 0], new_format["amax_history_fwd"][:, 0])
+    assert torch.equal(up_proj.fp8_scale[2], old_format["scale_bwd"][0])
+    assert torch.equal(model.layers[0].attn.q_proj.fp8_scale, torch.ones(3))
+
+
 def test_te_path_replaces_projections_and_carries_extra_state(fake_te):
     recipe_module, te = fake_te["transformer_engine.common.recipe"], fake_te["transformer_engine.pytorch"]
     state = te_state(history_len=4, gemms=2)  # e.g. a LayerNormMLP-style 2-GEMM module: GEMM 0 is used
@@ -447,6 +492,24 @@ def test_te_needs_a_hopper_class_gpu(fake_te, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="CUDA GPU.*--fp8 emulated"):
         apply_fp8(tiny_model(), "te")
+
+
+def test_real_transformer_engine_trains_like_bf16():
+    """Runs where TE can (a Hopper/Ada GPU with transformer-engine installed); skips elsewhere."""
+    try:
+        fp8._import_te()
+    except UserError as err:
+        pytest.skip(str(err))
+    ids = torch.randint(0, 256, (4, 64), device="cuda")
+    losses = {}
+    for mode in ("off", "te"):
+        model = apply_fp8(tiny_model().cuda(), mode).train()
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.bfloat16), fp8_autocast(mode):
+                loss = model(ids, labels=ids) / ids.numel()
+            loss.backward()
+        losses[mode] = loss.item()
+    assert abs(losses["te"] - losses["off"]) < 0.05, losses
 
 
 # ----------------------------------------------------------------------------- DeepSpeed ZeRO
