@@ -321,8 +321,8 @@ def length_stats(lengths: np.ndarray) -> dict:
     return {
         "count": int(len(lengths)),
         "mean": round(float(lengths.mean()), 1),
-        "p50": float(p50),
-        "p95": float(p95),
+        "p50": round(float(p50), 1),
+        "p95": round(float(p95), 1),
         "max": int(lengths.max()),
     }
 

@@ -170,3 +170,63 @@ def test_shared_mix_masks_start_after_the_response_header(shared_mix):
             first_target = where[np.argmax(labels[where] != -100)]
             assert tokenizer.decode(ids[where[0] : first_target + 1].tolist()).endswith("### Response:\n")
             assert labels[where][labels[where] != -100][-1] == tokenizer.eos_token_id
+
+
+def test_seed_command_works_as_written(tiny_tokenizer_file, tmp_path, monkeypatch):
+    """The seed's flags and file names: a JSON array, a GSM8K parquet, Dolly's own JSONL schema."""
+    import datasets
+
+    from ds_sft.command import main_for
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    Path("alpaca_data_cleaned.json").write_text(json.dumps(alpaca_rows(30)))
+    datasets.Dataset.from_list(gsm8k_rows(30)).to_parquet("train-00000-of-00001.parquet")
+    dolly = [
+        {
+            "instruction": f"Name colour {i}.",
+            "context": "",
+            "response": f"Colour {i} is blue.",
+            "category": "open_qa",
+        }
+        for i in range(30)
+    ]
+    write_jsonl(Path("databricks-dolly-15k.jsonl"), dolly)
+    seed_command = (
+        "--alpaca alpaca_data_cleaned.json --gsm8k train-00000-of-00001.parquet "
+        "--dolly databricks-dolly-15k.jsonl --output_dir data_sft_enhanced --max_examples 80000"
+    )
+    argv = seed_command.split()
+    assert main_for("prepare", [*argv, "--tokenizer", str(tiny_tokenizer_file), "--seq_len", "256"]) == 0
+    manifest = json.loads(Path("data_sft_enhanced/manifest.json").read_text())
+    assert {name: c["kept"] for name, c in manifest["counts"].items()} == {
+        "alpaca": 30,
+        "gsm8k": 30,
+        "dolly": 30,
+    }
+    assert len(PackedDataset("data_sft_enhanced", "train")) == manifest["splits"]["train"]["rows"]
+
+
+def test_user_errors_exit_2_with_one_line(tiny_tokenizer_file, tmp_path, capsys):
+    from ds_sft.command import main_for
+
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4))
+    flags = ["--alpaca", str(path), "--output_dir", str(tmp_path / "o")]
+    assert main_for("prepare", [*flags, "--tokenizer", str(tiny_tokenizer_file), "--base_model", "x"]) == 2
+    assert main_for("prepare", [*flags, "--tokenizer", str(tiny_tokenizer_file), "--mix", "nope=2"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [
+        "ds-sft prepare: error: pass --tokenizer or --base_model, not both",
+        "ds-sft prepare: error: --mix 'nope=2': expected NAME=WEIGHT pairs (weights >= 0) "
+        "over sources ['alpaca']",
+    ]
+
+
+def test_runs_as_python_module():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "ds_sft.data.prepare", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "--skip_bad_rows" in result.stdout
