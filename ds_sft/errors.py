@@ -9,3 +9,9 @@ ds-sft and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input, config or environment, reported as one line."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of a third-party exception's message (or its type name), to quote in a UserError."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
