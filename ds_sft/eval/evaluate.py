@@ -17,11 +17,16 @@ logits of a whole batch at a 49k-50k vocabulary would be gigabytes.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ds_sft.errors import UserError
 
 IGNORE_INDEX = -100
 CE_CHUNK_TOKENS = 2048
@@ -99,3 +104,144 @@ def validation_metrics(model, dataset, batch_size: int, max_rows: int | None = N
             window = slice(chunk, chunk + CE_CHUNK_TOKENS)
             totals.add(model.logits(hidden[window]), labels[window], sources[window])
     return {**totals.summary(list(dataset.sources)), "rows": rows}
+
+
+# Where an Alpaca-format completion has run on into a new, invented turn.
+ALPACA_STOP_STRINGS = ("### Instruction:", "### Input:", "### Response:")
+
+
+@dataclass
+class EvalData:
+    """What a prepared data dir fixes for evaluation: the val split, the tokenizer, the template."""
+
+    data_dir: Path
+    template: str
+    tokenizer: object
+    val: object | None  # a PackedDataset, or None when the val pass is skipped
+
+    @classmethod
+    def open(cls, data_dir: Path, need_val: bool) -> EvalData:
+        from ds_sft.data.shards import PackedDataset
+        from ds_sft.data.tokenizer import load_tokenizer
+
+        manifest_path = data_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise UserError(f"{data_dir} has no manifest.json: pass a dir written by `ds-sft prepare`")
+        manifest = json.loads(manifest_path.read_text())
+        val = PackedDataset(data_dir, "val") if need_val else None
+        if val is not None and len(val) == 0:
+            raise UserError(
+                f"{data_dir} has an empty val split: re-run prepare with --val_fraction > 0, or --no_val"
+            )
+        return cls(data_dir, manifest["template"], load_tokenizer(str(data_dir)), val)
+
+    def prompt_ids(self, record: dict) -> list[int]:
+        """Token ids of ``record``'s prompt, exactly as ``prepare`` tokenized training prompts."""
+        from ds_sft.data.templates import render_prompt
+
+        text = render_prompt(record, self.template, self.tokenizer)
+        # An Alpaca prompt takes the tokenizer's post-processor (BOS where it wants one); a chat
+        # template already writes its special tokens into the text (ds_sft.data.tokenize).
+        encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=self.template == "alpaca")
+        return encoding.ids
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return ALPACA_STOP_STRINGS if self.template == "alpaca" else ()
+
+
+def complete(model, data: EvalData, records: list[dict], max_new_tokens: int) -> list[str]:
+    """Greedy completions of ``records`` (one batch), as text cut at any stop string."""
+    from ds_sft.model.generate import cut_at_stop_string, generate
+
+    tokenizer = data.tokenizer
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    outputs = generate(
+        model,
+        [data.prompt_ids(record) for record in records],
+        max_new_tokens=max_new_tokens,
+        eos_ids=[tokenizer.eos_token_id],
+        stop_strings=data.stop_strings,
+        decode=decode,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    return [cut_at_stop_string(decode(ids), data.stop_strings).strip() for ids in outputs]
+
+
+def check_vocabulary(model, data: EvalData, spec: str) -> None:
+    """The data dir's token ids must index this model's embedding."""
+    tokens = len(data.tokenizer)
+    if tokens > model.config.vocab_size:
+        raise UserError(
+            f"{spec} has a {model.config.vocab_size:,}-token vocabulary but {data.data_dir} was tokenized "
+            f"with {tokens:,} tokens: prepare the data with this model's tokenizer "
+            f"(ds-sft prepare --base_model {spec})"
+        )
+
+
+def evaluate_model(
+    spec: str,
+    data: EvalData,
+    problems: list,
+    *,
+    device,
+    dtype,
+    batch_size: int,
+    max_new_tokens: int,
+    val_rows: int | None,
+    run_val: bool,
+    run_generations: bool,
+) -> dict:
+    """Everything ``ds-sft eval`` measures for one model: val metrics, GSM8K, fixed-prompt answers."""
+    from ds_sft.eval import gsm8k
+    from ds_sft.eval.prompts import FIXED_PROMPTS
+    from ds_sft.model.checkpoint import load_model
+
+    seconds = {}
+    start = time.perf_counter()
+    model = load_model(spec, dtype=dtype, device=device).eval()
+    check_vocabulary(model, data, spec)
+    seconds["load"] = time.perf_counter() - start
+    result = {"parameters": model.num_parameters(), "val": None, "gsm8k": None, "generations": None}
+
+    if run_val:
+        start = time.perf_counter()
+        result["val"] = validation_metrics(model, data.val, batch_size, val_rows)
+        seconds["val"] = time.perf_counter() - start
+
+    if problems:
+        start = time.perf_counter()
+
+        def answer(questions: list[str]) -> list[str]:
+            return complete(model, data, [{"instruction": q, "input": ""} for q in questions], max_new_tokens)
+
+        score = gsm8k.score(problems, answer, batch_size)
+        result["gsm8k"] = {
+            "accuracy": score.accuracy,
+            "correct": score.correct,
+            "total": score.total,
+            "samples": score.samples,
+        }
+        seconds["gsm8k"] = time.perf_counter() - start
+
+    if run_generations:
+        start = time.perf_counter()
+        records = [prompt.as_record() for prompt in FIXED_PROMPTS]
+        texts = []
+        for first in range(0, len(records), batch_size):
+            texts += complete(model, data, records[first : first + batch_size], max_new_tokens)
+        result["generations"] = [
+            {"name": p.name, "category": p.category, "prompt": _user_text(p), "completion": text}
+            for p, text in zip(FIXED_PROMPTS, texts, strict=True)
+        ]
+        seconds["generations"] = time.perf_counter() - start
+
+    result["seconds"] = {name: round(value, 1) for name, value in seconds.items()}
+    return result
+
+
+def _user_text(prompt) -> str:
+    return f"{prompt.instruction}\n\n{prompt.input}" if prompt.input else prompt.instruction

@@ -1,0 +1,209 @@
+"""``ds-sft eval`` end to end on a tiny model and a tiny prepared data dir.
+
+The val loss is checked against the model's own summed loss (the fused-kernel path the trainer
+uses), so per-source bookkeeping and chunked logits must add up to the same number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from ds_sft.errors import UserError
+from ds_sft.eval import cli
+from ds_sft.eval.prompts import FIXED_PROMPTS
+from ds_sft.model.checkpoint import save_model
+from ds_sft.model.config import ModelConfig
+from ds_sft.model.llama import LlamaModel
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, gpt2_tokenizer_dir):
+    """Alpaca + GSM8K rows prepared with the GPT-2 tokenizer into 128-token packed rows."""
+    from ds_sft.data import prepare
+
+    root = tmp_path_factory.mktemp("eval_data")
+    alpaca = root / "alpaca.json"
+    alpaca.write_text(
+        json.dumps(
+            [
+                {
+                    "instruction": f"Name a colour number {i}.",
+                    "input": "",
+                    "output": f"Colour {i} is blue {i}.",
+                }
+                for i in range(40)
+            ]
+        )
+    )
+    gsm8k = _write_jsonl(
+        root / "gsm8k.jsonl",
+        [
+            {"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}
+            for i in range(40)
+        ],
+    )
+    test = _write_jsonl(
+        root / "test.jsonl",
+        [
+            {"question": f"A farmer has {i} cows and buys 3 more. How many?", "answer": f"#### {i + 3}"}
+            for i in range(6)
+        ],
+    )
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    out = root / "data"
+    args = parser.parse_args(
+        [
+            "--alpaca",
+            str(alpaca),
+            "--gsm8k",
+            str(gsm8k),
+            "--gsm8k_test",
+            str(test),
+            "--tokenizer",
+            str(gpt2_tokenizer_dir),
+            "--seq_len",
+            "128",
+            "--val_fraction",
+            "0.25",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    prepare.run(args)
+    return out, test
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = LlamaModel(ModelConfig.preset("tiny", vocab_size=50304, max_seq_len=512))
+    return save_model(model, tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _independent_val_loss(model_path, data_path):
+    """Mean token loss over the val split through the model's own ``labels=`` loss."""
+    from ds_sft.data.shards import PackedDataset
+    from ds_sft.model.checkpoint import load_model
+
+    model = load_model(str(model_path), dtype=torch.float32)
+    dataset = PackedDataset(data_path, "val")
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            row = {k: v[None] for k, v in dataset[i].items()}
+            total += model(
+                row["input_ids"], row["position_ids"], row["document_ids"], labels=row["labels"]
+            ).item()
+            tokens += int((row["labels"] != -100).sum())
+    return total / tokens, tokens
+
+
+def test_eval_writes_every_measure(data_dir, model_dir, tmp_path):
+    data_path, test = data_dir
+    out = tmp_path / "eval"
+    args = _parse(
+        [
+            "--model",
+            str(model_dir),
+            "--data_dir",
+            str(data_path),
+            "--gsm8k_test",
+            str(test),
+            "--gsm8k_limit",
+            "4",
+            "--max_new_tokens",
+            "4",
+            "--batch_size",
+            "3",
+            "--dtype",
+            "float32",
+            "--out",
+            str(out),
+        ]
+    )
+    assert cli.run(args) == 0
+
+    report = json.loads((out / "eval.json").read_text())
+    (result,) = report["models"]
+    val = result["val"]
+    loss, tokens = _independent_val_loss(model_dir, data_path)
+    assert val["overall"]["tokens"] == tokens
+    assert val["overall"]["loss"] == pytest.approx(loss, rel=1e-4)
+    assert set(val["by_source"]) == {"alpaca", "gsm8k"}
+    assert sum(m["tokens"] for m in val["by_source"].values()) == tokens
+    assert val["overall"]["perplexity"] == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-4)
+
+    assert result["gsm8k"]["total"] == 4 and len(result["gsm8k"]["samples"]) == 4
+    assert [g["name"] for g in result["generations"]] == [p.name for p in FIXED_PROMPTS]
+    assert report["template"] == "alpaca" and report["gsm8k_test"] == str(test)
+    md = (out / "eval.md").read_text()
+    assert "| overall |" in md and "GSM8K" in md and (out / "val_loss_by_source.png").is_file()
+
+
+def test_compare_puts_two_models_side_by_side(data_dir, model_dir, tmp_path):
+    data_path, _ = data_dir
+    out = tmp_path / "compare"
+    args = _parse(
+        [
+            "--compare",
+            str(model_dir),
+            str(model_dir),
+            "--data_dir",
+            str(data_path),
+            "--no_gsm8k",
+            "--no_generate",
+            "--val_rows",
+            "2",
+            "--dtype",
+            "float32",
+            "--out",
+            str(out),
+        ]
+    )
+    assert cli.run(args) == 0
+    first, second = json.loads((out / "eval.json").read_text())["models"]
+    assert (first["label"], second["label"]) == ("A:tiny", "B:tiny")
+    assert first["val"] == second["val"] and first["val"]["rows"] == 2
+    assert first["gsm8k"] is None and first["generations"] is None
+    assert "loss A:tiny | loss B:tiny" in (out / "eval.md").read_text()
+
+
+def test_model_with_a_smaller_vocabulary_is_refused(data_dir, tmp_path):
+    data_path, _ = data_dir
+    small = save_model(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "small")
+    args = _parse(["--model", str(small), "--data_dir", str(data_path), "--no_gsm8k", "--no_generate"])
+    with pytest.raises(UserError, match="256-token vocabulary"):
+        cli.run(args)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data_dir", "/nonexistent"], "ds-sft prepare"),
+        (["--data_dir", ".", "--gsm8k_limit", "0"], "--gsm8k_limit must be positive"),
+    ],
+)
+def test_bad_arguments_are_user_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        cli.run(_parse(["--model", "x", *argv]))
+
+
+def test_labels_name_run_dirs_not_final():
+    assert cli._labels(["smollm2-135m-instruct", "runs/sft/final"]) == ["smollm2-135m-instruct", "sft"]
+    assert cli._labels(["a/m", "b/m"]) == ["A:m", "B:m"]
