@@ -7,7 +7,8 @@ Each script in ``bench/`` stands alone (``python bench/<name>.py [--quick]``), m
 side by side in one process, prints a table and writes JSON under ``bench/results/``. This command
 runs each in its own subprocess, so one script's threads, memory or DeepSpeed process group cannot
 disturb the next, streams its output, and writes ``bench/results/summary[.quick].json``: per script,
-the exit code, the wall time and the JSON files it wrote. It fails when any script fails.
+the exit code, the wall time and the JSON files it wrote. It fails when any script fails. With
+``--quick``, a script that has no ``--quick`` flag is skipped and listed as skipped.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from ds_sft.paths import REPO_ROOT
 
 BENCH_DIR = REPO_ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"  # where every script writes its JSON
-# The order they run in: the cheap data and kernel figures first, the long training steps last.
-SCRIPTS = ("prepare_speed", "kernels", "fp8", "train_throughput")
+# The order they run in: the cheap data and kernel figures first, the long training steps last;
+# scripts not named here run in between, alphabetically.
+FIRST = ("prepare_speed", "kernels", "fp8")
+LAST = ("train_throughput",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help=f"run only this script (repeatable): {', '.join(SCRIPTS)}",
+        help="run only this script of bench/ (repeatable), e.g. train_throughput",
     )
     parser.add_argument(
         "--timeout", type=float, default=None, help="seconds each script may run before it is stopped"
@@ -43,17 +46,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def available_scripts(only: list[str]) -> list[Path]:
-    """The scripts to run, in :data:`SCRIPTS` order; the named ones must exist."""
+    """The scripts in ``bench/`` in running order; those named by ``--only`` must exist."""
     if not BENCH_DIR.is_dir():
         raise UserError(f"{BENCH_DIR} not found: ds-sft bench runs from a source checkout of ds-sft")
-    unknown = sorted(set(only) - set(SCRIPTS))
-    if unknown:
-        raise UserError(f"unknown benchmark {unknown}; choose from {', '.join(SCRIPTS)}")
-    names = [name for name in SCRIPTS if not only or name in only]
-    missing = [name for name in names if only and not (BENCH_DIR / f"{name}.py").is_file()]
+    found = {path.stem: path for path in BENCH_DIR.glob("*.py") if not path.name.startswith("_")}
+    missing = sorted(set(only) - set(found))
     if missing:
-        raise UserError(f"bench/{missing[0]}.py does not exist in this checkout")
-    return [BENCH_DIR / f"{name}.py" for name in names if (BENCH_DIR / f"{name}.py").is_file()]
+        raise UserError(f"no benchmark {missing[0]!r} in {BENCH_DIR}; there are: {', '.join(sorted(found))}")
+
+    def order(name: str) -> tuple:
+        if name in FIRST:
+            return (0, FIRST.index(name))
+        return (2, LAST.index(name)) if name in LAST else (1, name)
+
+    return [found[name] for name in sorted(found, key=order) if not only or name in only]
+
+
+def has_quick_mode(script: Path) -> bool:
+    return '"--quick"' in script.read_text()
 
 
 def run_script(script: Path, quick: bool, timeout: float | None) -> dict:
@@ -79,16 +89,29 @@ def run(args: argparse.Namespace) -> int:
     scripts = available_scripts(args.only)
     if not scripts:
         raise UserError(f"no benchmark scripts in {BENCH_DIR}")
-    summary = {script.stem: run_script(script, args.quick, args.timeout) for script in scripts}
+    summary = {}
+    for script in scripts:
+        if args.quick and not has_quick_mode(script):
+            print(f"\n=== {script.stem}: skipped (no --quick mode)", flush=True)
+            summary[script.stem] = {
+                "returncode": None,
+                "skipped": "no --quick mode",
+                "seconds": 0,
+                "results": [],
+            }
+        else:
+            summary[script.stem] = run_script(script, args.quick, args.timeout)
 
     path = RESULTS_DIR / f"summary{'.quick' if args.quick else ''}.json"
     path.write_text(json.dumps({"quick": args.quick, "scripts": summary}, indent=2) + "\n")
     print("\n=== ds-sft bench" + (" --quick" if args.quick else ""))
     for name, entry in summary.items():
         status = "ok" if entry["returncode"] == 0 else f"FAILED ({entry['returncode']})"
+        status = "skipped" if entry.get("skipped") else status
         print(f"{name:<18} {status:<12} {entry['seconds']:>7.1f} s  {', '.join(entry['results']) or '-'}")
     print(f"wrote {path}")
-    return 0 if all(entry["returncode"] == 0 for entry in summary.values()) else 1
+    ran = [entry for entry in summary.values() if not entry.get("skipped")]
+    return 0 if all(entry["returncode"] == 0 for entry in ran) else 1
 
 
 if __name__ == "__main__":
