@@ -1,18 +1,23 @@
-"""Validation loss, perplexity and next-token accuracy, per source and overall.
+"""What ``ds-sft eval`` measures on one model: val metrics per source, GSM8K, fixed-prompt answers.
 
-The val split is the packed rows ``prepare`` wrote: each row holds several documents, each token
-knows its source (``source_ids``) and its target (``labels``, already shifted, ``-100`` where
-nothing is trained). The model's own loss is one sum over all sources, so here the logits come back
-and the cross-entropy of every trained token is computed in fp32 and summed into per-source
-buckets:
+Validation. The val split is the packed rows ``prepare`` wrote: each row holds several documents,
+each token knows its source (``source_ids``) and its target (``labels``, already shifted, ``-100``
+where nothing is trained). The model's own loss is one sum over all sources, so here the final
+hidden states come back and the cross-entropy of every trained token is computed in fp32 and summed
+into per-source buckets:
 
     loss(s)       = sum of -log p(label) over trained tokens of source s / their count
     perplexity(s) = exp(loss(s))
     accuracy(s)   = share of those tokens where argmax(logits) == label
 
 "overall" pools every trained token, so it weighs sources by their tokens (like training does),
-not by a plain mean over sources. Cross-entropy runs over a few thousand positions at a time: fp32
-logits of a whole batch at a 49k-50k vocabulary would be gigabytes.
+not by a plain mean over sources. Logits are made only for trained positions, a few thousand at a
+time: fp32 logits of a whole batch at a 49k-50k vocabulary would be gigabytes.
+
+Generation. GSM8K questions and the fixed prompts are rendered with the data dir's template and
+tokenizer (:class:`EvalData`), exactly as ``prepare`` rendered training prompts, and answered
+greedily with the KV cache until EOS (or, for the Alpaca template, until the model starts inventing
+a new "### Instruction:" turn).
 """
 
 from __future__ import annotations
