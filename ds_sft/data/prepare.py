@@ -335,19 +335,63 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ds_sft.data.clean import (
-        Drops,
-        NgramSet,
-        clean_records,
-        decontaminate,
-        dedup,
-        ngram_hashes,
-        record_text,
-    )
-    from ds_sft.data.pack import best_fit_decreasing, efficiency, one_per_row, pack_rows
-    from ds_sft.data.shards import plot_lengths, write_split
+def load_records(specs: list, skip_bad_rows: bool, drops) -> tuple[list[dict], list[dict]]:
+    """Read and clean every source -> (records in source order, input descriptions for the manifest)."""
+    from ds_sft.data.clean import clean_records
     from ds_sft.data.sources import load_source
+
+    records, inputs = [], []
+    for spec in specs:
+        loaded, info = load_source(spec, skip_bad_rows, drops)
+        inputs.append(info)
+        records += clean_records(loaded, drops, gsm8k=spec.kind == "gsm8k")
+    return records, inputs
+
+
+def select_rows(records: list[dict], names: list[str], reference: list[str], args, drops):
+    """Dedup, decontaminate against the GSM8K test set, split val, decontaminate train against val.
+
+    Every row's 13-grams are hashed once and queried against both references.
+    Returns (train records, val records).
+    """
+    from ds_sft.data.clean import NgramSet, decontaminate, dedup, ngram_hashes, record_text
+
+    records = dedup(records, drops)
+    candidates = np.arange(len(records))
+    threshold = args.decontam_threshold
+    if threshold > 0:
+        grams = NgramSet([record_text(r) for r in records])
+        test_hashes = ngram_hashes(reference)[0]
+        candidates = decontaminate(
+            records, grams, candidates, test_hashes, threshold, "overlaps_gsm8k_test", drops
+        )
+    train_index, val_index = split_val(records, candidates, names, args)
+    if threshold > 0 and len(val_index):
+        val_hashes = grams.of(val_index)
+        train_index = decontaminate(records, grams, train_index, val_hashes, threshold, "overlaps_val", drops)
+    return [records[i] for i in train_index.tolist()], [records[i] for i in val_index.tolist()]
+
+
+def write_documents(directory: Path, docs, args, pad_id: int, vocab_size: int, names: list[str]) -> dict:
+    """Pack (or pad, with --no_pack) one split's documents into rows, write its shards, describe it."""
+    from ds_sft.data.pack import best_fit_decreasing, efficiency, one_per_row, pack_rows
+    from ds_sft.data.shards import write_split
+
+    layout = one_per_row(len(docs)) if args.no_pack else best_fit_decreasing(docs.lengths, args.seq_len)
+    write_split(directory, pack_rows(docs, layout, args.seq_len, pad_id), vocab_size)
+    return {
+        "rows": len(layout),
+        "documents": len(docs),
+        "tokens": int(docs.offsets[-1]),
+        "trained_tokens": int(docs.offsets[-1] - docs.prompt_lens.sum()),
+        "documents_per_source": {name: int((docs.source_ids == i).sum()) for i, name in enumerate(names)},
+        "efficiency": efficiency(docs, len(layout), args.seq_len),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from ds_sft.data.clean import NGRAM, Drops
+    from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
     from ds_sft.data.tokenize import fit_to_length, tokenize_records
     from ds_sft.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -375,27 +419,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
 
     drops = Drops()
-    records, inputs, rows_in = [], [], {}
-    for spec in specs:
-        loaded, info = load_source(spec, args.skip_bad_rows, drops)
-        inputs.append(info)
-        rows_in[spec.name] = info["rows"]
-        records += clean_records(loaded, drops, gsm8k=spec.kind == "gsm8k")
-    records = dedup(records, drops)
-    candidates = np.arange(len(records))
-    threshold = args.decontam_threshold
-    if threshold > 0:  # hash every row's 13-grams once; query them against the test set, then val
-        grams = NgramSet([record_text(r) for r in records])
-        test_hashes = ngram_hashes(reference)[0]
-        candidates = decontaminate(
-            records, grams, candidates, test_hashes, threshold, "overlaps_gsm8k_test", drops
-        )
-    train_index, val_index = split_val(records, candidates, names, args)
-    if threshold > 0 and len(val_index):
-        val_hashes = grams.of(val_index)
-        train_index = decontaminate(records, grams, train_index, val_hashes, threshold, "overlaps_val", drops)
-    train_records = [records[i] for i in train_index.tolist()]
-    val_records = [records[i] for i in val_index.tolist()]
+    records, inputs = load_records(specs, args.skip_bad_rows, drops)
+    rows_in = {info["name"]: info["rows"] for info in inputs}
+    train_records, val_records = select_rows(records, names, reference, args, drops)
 
     source_index = {name: i for i, name in enumerate(names)}
     all_records = train_records + val_records
@@ -413,32 +439,17 @@ def run(args: argparse.Namespace) -> int:
     val_docs = docs.select(np.arange(n_train_kept, len(docs)))
     train_docs = train_docs.select(mix_indices(train_docs.source_ids, names, weights, args))
     if not len(train_docs):
-        raise UserError(
-            "no training examples left after cleaning; see the drop counts above or raise --seq_len"
-        )
+        raise UserError(f"no training examples left; rows dropped by reason: {drops.by_source()}")
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vocab_size = len(tokenizer)
     tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    splits = {}
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        layout = (
-            one_per_row(len(split_docs))
-            if args.no_pack
-            else best_fit_decreasing(split_docs.lengths, args.seq_len)
-        )
-        packed = pack_rows(split_docs, layout, args.seq_len, pad_id)
-        write_split(tmp / split, packed, vocab_size)
-        splits[split] = {
-            "rows": len(layout),
-            "documents": len(split_docs),
-            "tokens": int(split_docs.offsets[-1]),
-            "trained_tokens": int(split_docs.offsets[-1] - split_docs.prompt_lens.sum()),
-            "documents_per_source": {n: int((split_docs.source_ids == i).sum()) for i, n in enumerate(names)},
-            "efficiency": efficiency(split_docs, len(layout), args.seq_len),
-        }
+    splits = {
+        split: write_documents(tmp / split, split_docs, args, pad_id, vocab_size, names)
+        for split, split_docs in (("train", train_docs), ("val", val_docs))
+    }
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
 
     counts, token_lengths, raw_by_source = {}, {}, {}
@@ -474,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
             "pad_token_id": pad_id,
         },
         "inputs": inputs,
-        "decontamination": {"ngram": 13, "threshold": threshold, **reference_info},
+        "decontamination": {"ngram": NGRAM, "threshold": args.decontam_threshold, **reference_info},
         "counts": counts,
         "token_lengths": token_lengths,
         "splits": splits,

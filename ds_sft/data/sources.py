@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_sft.data.clean import Drops
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, first_line
 
 # record field -> column; "instruction" and "response" are required, the rest optional.
 SCHEMAS: dict[str, dict[str, str]] = {
@@ -111,11 +111,11 @@ def parse_field_map(text: str) -> tuple[str, dict[str, str]]:
 # --- reading a file --------------------------------------------------------------------------------
 
 
-def _check_json_lines(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> Path:
-    """Validate a JSONL file line by line; return the file to hand to ``datasets``.
+def _valid_json_lines(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> list[bytes] | None:
+    """Check a JSON Lines file line by line: ``None`` when every line is a JSON object, else the good lines.
 
     A bad line raises ``UserError("file:line: ...")`` or, with ``--skip_bad_rows``, is counted as a
-    drop and left out of a cleaned temporary copy.
+    drop by reason (malformed_json, non_utf8, not_an_object) and left out.
     """
     good: list[bytes] = []
     bad = 0
@@ -141,55 +141,62 @@ def _check_json_lines(path: Path, skip_bad_rows: bool, drops: Drops, source: str
             bad += 1
     if not good:
         raise UserError(f"{path}: no valid JSON rows; check that it is the right file")
-    if not bad:
-        return path
-    cleaned = Path(tempfile.mkdtemp(prefix="ds_sft_rows_")) / path.name
-    cleaned.write_bytes(b"".join(good))
-    return cleaned
+    return good if bad else None
 
 
-def _check_json_document(path: Path) -> None:
-    """A ``.json`` file must parse as a whole (a JSON array or JSON Lines); name the line if not."""
-    text = path.read_bytes()
+def _check_json_document(path: Path, text: bytes) -> None:
+    """A JSON document (e.g. Alpaca's array) must parse as a whole; name the line where it does not."""
     try:
-        decoded = text.decode("utf-8")
+        json.loads(text.decode("utf-8"))
     except UnicodeDecodeError as err:
         line = text[: err.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 ({err.reason}); re-encode the file as UTF-8") from None
-    try:
-        json.loads(decoded)
     except json.JSONDecodeError as err:
-        if decoded.lstrip().startswith("{") and "\n" in decoded.strip():
-            return  # JSON Lines saved as .json: checked line by line by the caller
         raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
 
 
-def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> dict[str, list]:
-    """Read a json / jsonl / parquet file through ``datasets`` into columns (name -> list of values)."""
+def _load_with_datasets(builder: str, path: Path, **kwargs) -> dict[str, list]:
     import datasets
 
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as err:  # Arrow and datasets raise many types; the user needs the file and the cause
+        raise UserError(f"{path}: could not be read as {builder}: {first_line(err)}") from None
+    if table.num_rows == 0:
+        raise UserError(f"{path}: the file has no rows")
+    return table.to_dict()
+
+
+def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> dict[str, list]:
+    """Read a json / jsonl / parquet file through ``datasets`` into columns (name -> list of values).
+
+    JSON text is checked first, since Arrow's parse errors name neither the file nor the line. A
+    ``.json`` file starting with ``{`` is JSON Lines (as ``datasets`` treats it too).
+    """
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     builder = EXTENSIONS.get(path.suffix.lower())
     if builder is None:
         raise UserError(f"{path}: unknown extension {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}")
-    if path.stat().st_size == 0 or (builder == "json" and not path.read_bytes().strip()):
+    if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty")
-    if builder == "json":
-        lines = path.suffix.lower() == ".jsonl" or path.read_bytes().lstrip()[:1] == b"{"
-        if not lines:
-            _check_json_document(path)
-        else:
-            path = _check_json_lines(path, skip_bad_rows, drops, source)
-    datasets.disable_progress_bars()
-    try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as err:  # Arrow and datasets raise many types; the user needs the file and the cause
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: could not be read as {builder}: {first}") from None
-    if table.num_rows == 0:
-        raise UserError(f"{path}: the file has no rows")
-    return table.to_dict()
+    if builder == "parquet":
+        return _load_with_datasets(builder, path)
+    text = path.read_bytes()
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty")
+    if path.suffix.lower() == ".json" and text.lstrip()[:1] != b"{":
+        _check_json_document(path, text)
+        return _load_with_datasets(builder, path)
+    good_lines = _valid_json_lines(path, skip_bad_rows, drops, source)
+    if good_lines is None:
+        return _load_with_datasets(builder, path)
+    # load just the good lines, from a temporary copy whose datasets cache goes away with it
+    with tempfile.TemporaryDirectory(prefix="ds_sft_rows_") as tmp:
+        cleaned = Path(tmp) / path.name
+        cleaned.write_bytes(b"".join(good_lines))
+        return _load_with_datasets(builder, cleaned, cache_dir=str(Path(tmp) / "cache"))
 
 
 def read_hub(spec: SourceSpec, split: str = "train") -> dict[str, list]:
@@ -200,11 +207,11 @@ def read_hub(spec: SourceSpec, split: str = "train") -> dict[str, list]:
     config = "main" if hub_id == "openai/gsm8k" else None  # GSM8K has two configs; "main" is the standard one
     try:
         table = datasets.load_dataset(hub_id, config, split=split)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # offline, unknown id, gated, ...: all end the same way for the user
         flag = "--source NAME=PATH" if spec.kind == "generic" else f"--{spec.kind} PATH"
+        reason = first_line(err)
         raise UserError(
-            f"could not load {hub_id!r} from the Hugging Face hub ({first}); pass a local file: {flag}"
+            f"could not load {hub_id!r} from the Hugging Face hub ({reason}); pass a local file: {flag}"
         ) from None
     return table.to_dict()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ds_sft import paths
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, first_line
 
 # End-of-text tokens of common vocabularies, tried in order when a tokenizer does not name its EOS.
 KNOWN_EOS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>")
@@ -39,8 +39,7 @@ def _from_pretrained(directory: Path, **kwargs):
     except (OSError, ValueError, KeyError) as err:
         if (directory / "tokenizer.json").is_file() and not kwargs:
             return _from_file(directory / "tokenizer.json")
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not load a tokenizer from {directory}: {first}") from None
+        raise UserError(f"could not load a tokenizer from {directory}: {first_line(err)}") from None
 
 
 def _gpt2():
@@ -52,9 +51,8 @@ def _gpt2():
     try:
         return AutoTokenizer.from_pretrained("gpt2")
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"the GPT-2 tokenizer is not available offline ({first}); pass --tokenizer PATH"
+            f"the GPT-2 tokenizer is not available offline ({first_line(err)}); pass --tokenizer PATH"
         ) from None
 
 
