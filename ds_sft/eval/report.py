@@ -66,6 +66,9 @@ def render_markdown(results: Sequence[dict], meta: dict, chart_name: str | None 
         header = ["source", "tokens"]
         for metric in ("loss", "ppl", "acc"):
             header += [f"{metric} {label}" for label in labels]
+        side_by_side = len(results) == 2  # base vs SFT: say how much the loss moved
+        if side_by_side:
+            header.append(f"loss change {labels[1]} - {labels[0]}")
         rows = []
         for source in _source_rows(results):
             per_model = [_val_metrics(result, source) for result in results]
@@ -74,6 +77,9 @@ def render_markdown(results: Sequence[dict], meta: dict, chart_name: str | None 
             row += [_cell(m, "loss", ".4f") for m in per_model]
             row += [_cell(m, "perplexity", ".2f") for m in per_model]
             row += [_cell(m, "token_accuracy", ".2%") for m in per_model]
+            if side_by_side:
+                both = all(per_model)
+                row.append(f"{per_model[1]['loss'] - per_model[0]['loss']:+.4f}" if both else "—")
             rows.append(row)
         lines += _table(header, rows)
         if chart_name:
@@ -114,7 +120,7 @@ def plot_val_loss(results: Sequence[dict], path: Path) -> Path:
 
     sources = _source_rows(results)
     width = 0.8 / len(results)
-    figure, axes = plt.subplots(figsize=(max(5.0, 1.3 * len(sources) + 2), 3.6))
+    figure, axes = plt.subplots(figsize=(max(5.0, 1.3 * len(sources) + 2), 4.0))
     for offset, result in enumerate(results):
         xs = [i + (offset - (len(results) - 1) / 2) * width for i in range(len(sources))]
         losses = [(m["loss"] if (m := _val_metrics(result, s)) else float("nan")) for s in sources]
@@ -123,7 +129,8 @@ def plot_val_loss(results: Sequence[dict], path: Path) -> Path:
     axes.set_xticks(range(len(sources)), sources)
     axes.set_ylabel("validation loss (nats/token)")
     axes.set_title("Validation loss by source")
-    axes.legend()
+    axes.margins(y=0.12)  # room for the value labels
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(results), frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -39,9 +39,13 @@ def test_compare_report_has_a_column_per_model(tmp_path):
     assert stored["models"] == results and stored["data_dir"] == "/data"
 
     md = paths["md"].read_text()
-    assert "| source | tokens | loss base | loss sft | ppl base | ppl sft | acc base | acc sft |" in md
-    assert "| alpaca | 100 | 1.5000 | 1.0000 |" in md
-    assert "| dolly | 300 | — | 3.0000 |" in md  # a source one model lacks shows a dash
+    header = (
+        "| source | tokens | loss base | loss sft | ppl base | ppl sft | acc base | acc sft "
+        "| loss change sft - base |"
+    )
+    assert header in md
+    assert "| alpaca | 100 | 1.5000 | 1.0000 |" in md and "| 50.00% | 50.00% | -0.5000 |" in md
+    assert "| dolly | 300 | — | 3.0000 |" in md and md.count("| — |") == 4  # dolly: loss, ppl, acc, change
     assert "| overall | 300 | 2.0000 | 1.5000 |" in md
     assert "| base | 15.0% | 3/20 |" in md and "| sft | 35.0% | 7/20 |" in md
     assert "> base says 4" in md and "> sft says 4" in md
