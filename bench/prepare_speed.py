@@ -13,9 +13,10 @@ What is timed (imports excluded, all in this one process, one after the other):
   with the same Alpaca template), packing with its BFD at max_length 1024: what `SFTTrainer(...)`
   runs before training. Needs `pip install -e .[bench]`; without TRL the bench says so and keeps the
   next line.
-- plain: `encode_batch` of prompts and responses + ds-sft's numpy BFD, nothing else: the floor.
+- plain: `encode_batch_fast` of prompts and responses + ds-sft's numpy BFD, nothing else: the floor.
 
-The machine is shared and busy machines measure slower: compare ratios from the same run only.
+Wall and CPU seconds are both reported: on a shared, busy machine wall time stretches with other
+people's jobs, CPU time much less. Compare ratios from the same run only.
 Results go to bench/results/prepare_speed.json.
 """
 
@@ -32,6 +33,25 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEQ_LEN = 1024
+
+
+class Clock:
+    """Wall seconds and CPU seconds of this process (all its threads) over a ``with`` block.
+
+    CPU seconds matter on a shared machine: when other jobs hold the cores, wall time stretches for
+    reasons unrelated to the code under test, while the CPU work each pipeline needs stays put.
+    """
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+    def result(self, efficiency: float) -> dict:
+        return {"seconds": self.wall, "cpu_seconds": self.cpu, "efficiency": float(efficiency)}
 
 
 def shared_mix_rows(shared: Path) -> dict[str, list[dict]]:
@@ -93,11 +113,10 @@ def time_ds_sft(rows: dict[str, list[dict]], shared: Path, workdir: Path) -> dic
         "--output_dir",
         str(out),
     ]
-    start = time.perf_counter()
-    assert main_for("prepare", [*argv, "--force", "--seq_len", str(SEQ_LEN)]) == 0
-    seconds = time.perf_counter() - start
+    with Clock() as clock:
+        assert main_for("prepare", [*argv, "--force", "--seq_len", str(SEQ_LEN)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"seconds": seconds, "efficiency": manifest["splits"]["train"]["efficiency"]["real_tokens"]}
+    return clock.result(manifest["splits"]["train"]["efficiency"]["real_tokens"])
 
 
 def time_trl(pairs: list[tuple[str, str]], tokenizer_dir: Path) -> dict:
@@ -120,11 +139,10 @@ def time_trl(pairs: list[tuple[str, str]], tokenizer_dir: Path) -> dict:
     )
     # What SFTTrainer.__init__ sets before it prepares the dataset; no model needed for this part.
     trainer_state = types.SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=True)
-    start = time.perf_counter()
-    packed = SFTTrainer._prepare_dataset(trainer_state, dataset, tokenizer, config, True, None, "train")
-    seconds = time.perf_counter() - start
+    with Clock() as clock:
+        packed = SFTTrainer._prepare_dataset(trainer_state, dataset, tokenizer, config, True, None, "train")
     tokens = sum(map(len, packed["input_ids"]))
-    return {"seconds": seconds, "efficiency": tokens / (len(packed) * SEQ_LEN)}
+    return clock.result(tokens / (len(packed) * SEQ_LEN))
 
 
 def time_plain(pairs: list[tuple[str, str]], tokenizer_dir: Path) -> dict:
@@ -133,14 +151,13 @@ def time_plain(pairs: list[tuple[str, str]], tokenizer_dir: Path) -> dict:
     from ds_sft.data.pack import best_fit_decreasing
 
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    start = time.perf_counter()
-    prompts = tokenizer.encode_batch([p for p, _ in pairs], add_special_tokens=False)
-    answers = tokenizer.encode_batch([c for _, c in pairs], add_special_tokens=False)
-    lengths = np.array([len(p.ids) + len(a.ids) + 1 for p, a in zip(prompts, answers, strict=True)])
-    lengths = lengths[lengths <= SEQ_LEN]
-    rows = best_fit_decreasing(lengths, SEQ_LEN)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "efficiency": lengths.sum() / (len(rows) * SEQ_LEN)}
+    with Clock() as clock:
+        prompts = tokenizer.encode_batch_fast([p for p, _ in pairs], add_special_tokens=False)
+        answers = tokenizer.encode_batch_fast([c for _, c in pairs], add_special_tokens=False)
+        lengths = np.array([len(p.ids) + len(a.ids) + 1 for p, a in zip(prompts, answers, strict=True)])
+        lengths = lengths[lengths <= SEQ_LEN]
+        rows = best_fit_decreasing(lengths, SEQ_LEN)
+    return clock.result(lengths.sum() / (len(rows) * SEQ_LEN))
 
 
 def main() -> None:
@@ -186,25 +203,25 @@ def main() -> None:
         results.append(entry)
 
     columns = {"ds_sft": "ds-sft", "trl": "TRL", "plain": "plain"}
-    print(
-        f"\n{'copies':>6}{'rows':>8}" + "".join(f"{name + ' s':>10}{'fill':>8}" for name in columns.values())
-    )
+    print(f"\n{'':>14}" + "".join(f"{name:>26}" for name in columns.values()))
+    print(f"{'copies':>6}{'rows':>8}" + f"{'wall s':>10}{'cpu s':>8}{'fill':>8}" * len(columns))
     for e in results:
         line = f"{e['copies']:>6}{e['rows']:>8,}"
         for key in columns:
+            r = e.get(key)
             line += (
-                f"{e[key]['seconds']:>10.2f}{e[key]['efficiency']:>8.2%}"
-                if key in e
-                else f"{'-':>10}{'-':>8}"
+                f"{r['seconds']:>10.2f}{r['cpu_seconds']:>8.2f}{r['efficiency']:>8.2%}" if r else f"{'-':>26}"
             )
-        if "ds_sft" in e and "trl" in e:
-            line += f"   TRL / ds-sft = {e['trl']['seconds'] / e['ds_sft']['seconds']:.2f}x"
         print(line)
+        if "ds_sft" in e and "trl" in e:
+            wall = e["trl"]["seconds"] / e["ds_sft"]["seconds"]
+            cpu = e["trl"]["cpu_seconds"] / e["ds_sft"]["cpu_seconds"]
+            print(f"{'':>14}TRL / ds-sft: {wall:.2f}x wall, {cpu:.2f}x CPU")
     timed = [e for e in results if "ds_sft" in e]
     if len(timed) > 1:
-        per_row = [e["ds_sft"]["seconds"] / e["rows"] * 1e6 for e in timed]
+        per_row = [e["ds_sft"]["cpu_seconds"] / e["rows"] * 1e6 for e in timed]
         print(
-            "ds-sft microseconds per row: "
+            "ds-sft CPU microseconds per row (flat = linear cost): "
             + ", ".join(f"{e['copies']}x {t:.0f}" for e, t in zip(timed, per_row, strict=True))
         )
     RESULTS.mkdir(exist_ok=True)

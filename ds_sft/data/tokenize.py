@@ -58,9 +58,11 @@ class Documents:
 
 
 def _encode(backend, texts: list[str], add_special_tokens: bool, progress) -> list[list[int]]:
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets nobody here reads
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
     ids: list[list[int]] = []
     for start in range(0, len(texts), CHUNK):
-        batch = backend.encode_batch(texts[start : start + CHUNK], add_special_tokens=add_special_tokens)
+        batch = encode_batch(texts[start : start + CHUNK], add_special_tokens=add_special_tokens)
         ids.extend(encoding.ids for encoding in batch)
         progress.update(len(batch))
     return ids
