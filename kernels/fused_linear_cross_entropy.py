@@ -17,12 +17,15 @@ upstream gradient. Peak extra memory is one logits chunk plus ``grad_W`` instead
 ``grad_W`` sums over tokens, so it cannot be precomputed. The forward then computes losses only and
 the backward runs the chunk loop again with each row scaled by its own upstream gradient.
 
-ZeRO-3: the lm_head weight is partitioned (``numel() == 0``) except while the forward of the module
-that owns it runs. Call ``linear_cross_entropy(hidden, self.lm_head.weight, labels)`` from inside
-that module's ``forward`` (for tied embeddings register the weight as an external parameter of the
-calling module with ``deepspeed.zero.register_external_parameter``), or wrap the call in
-``deepspeed.zero.GatheredParameters(weight)``. The weight is an argument of the autograd function,
-so the gradient returned for it flows through DeepSpeed's usual reduce-scatter hooks. Use
+ZeRO-3: the lm_head weight is partitioned (``numel() == 0``) except while a forward that uses it
+runs. Fetch it by attribute inside the model's forward under the engine, e.g.
+``linear_cross_entropy(hidden, self.lm_head.weight, labels)`` in the forward of the module that owns
+it, or ``self.wte.weight`` (tied head) in the parent's forward: DeepSpeed gathers a partitioned
+parameter on attribute access during a forward and registers it as an external parameter of the
+running module (``tests/kernels/test_zero3.py`` checks both). Outside the engine's forward (a loss
+computed after ``engine(...)`` returns, or a weight reference cached earlier) it arrives empty: wrap
+such a call in ``deepspeed.zero.GatheredParameters(weight)``. The weight is an argument of the
+autograd function, so its gradient flows through DeepSpeed's usual reduce-scatter hooks. Use
 ``reduction="sum"`` or ``"mean"`` there: ``"none"`` re-reads the weight in the backward.
 """
 

@@ -15,6 +15,16 @@ from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A tiny model gains nothing from a second thread and, on a busy machine, loses a lot: every op
+    waits for both threads to be scheduled."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _batches(steps, batch, seq, vocab, seed=0):
     """Learnable data: each row counts up from a random start (mod vocab); the first quarter of every
     row is prompt (-100), as in SFT."""
@@ -41,9 +51,16 @@ def _train(backend, steps, batch=4, seq=32):
     return torch.tensor(curve)
 
 
-@pytest.mark.parametrize(("backend", "steps"), [("torch", 30), ("triton", 10)])
-def test_loss_curve_matches_eager(backend, steps):
-    eager = _train("eager", steps)
-    curve = _train(backend, steps)
+def test_chunked_loss_curve_matches_eager():
+    eager = _train("eager", steps=30)
+    chunked = _train("torch", steps=30)
     assert eager[-3:].mean() < eager[:3].mean() - 0.1, f"the eager run did not learn: {eager.tolist()}"
-    torch.testing.assert_close(curve, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chunked, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_loss_curve_matches_eager():
+    """A few steps only: the interpreter is ~1000x slower than PyTorch."""
+    eager = _train("eager", steps=4, batch=2, seq=16)
+    triton = _train("triton", steps=4, batch=2, seq=16)
+    assert eager[-1] < eager[0], f"the eager run did not learn: {eager.tolist()}"
+    torch.testing.assert_close(triton, eager, atol=1e-4, rtol=1e-4)
