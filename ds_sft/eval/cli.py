@@ -50,7 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     val = parser.add_argument_group("validation loss")
     val.add_argument("--no_val", action="store_true", help="skip the validation loss / perplexity pass")
-    val.add_argument("--val_rows", type=int, default=None, help="evaluate only the first N packed val rows")
+    val.add_argument(
+        "--val_rows",
+        type=int,
+        default=None,
+        help="evaluate N packed val rows spread evenly over the split (default: all)",
+    )
 
     gsm8k = parser.add_argument_group("GSM8K")
     gsm8k.add_argument("--no_gsm8k", action="store_true", help="skip GSM8K accuracy")

@@ -88,17 +88,27 @@ class TokenTotals:
         return {"overall": overall, "by_source": by_source}
 
 
+def spread_rows(total: int, count: int | None) -> list[int]:
+    """``count`` row indices spread evenly over ``range(total)`` (all of them when ``count`` is None).
+
+    Packing places long documents first, so the first rows alone would be a biased sample.
+    """
+    if count is None or count >= total:
+        return list(range(total))
+    return [i * total // count for i in range(count)]
+
+
 @torch.no_grad()
 def validation_metrics(model, dataset, batch_size: int, max_rows: int | None = None) -> dict:
     """Per-source and overall loss / perplexity / accuracy of ``model`` on a ``PackedDataset``."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
-    rows = len(dataset) if max_rows is None else min(max_rows, len(dataset))
+    rows = spread_rows(len(dataset), max_rows)
     totals = TokenTotals.zeros(len(dataset.sources))
     model.eval()
-    for start in tqdm(range(0, rows, batch_size), desc="val", unit="batch"):
-        items = [dataset[i] for i in range(start, min(start + batch_size, rows))]
+    for start in tqdm(range(0, len(rows), batch_size), desc="val", unit="batch"):
+        items = [dataset[i] for i in rows[start : start + batch_size]]
         batch = {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
         hidden = model.hidden_states(
             batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"]
@@ -108,7 +118,7 @@ def validation_metrics(model, dataset, batch_size: int, max_rows: int | None = N
         for chunk in range(0, labels.numel(), CE_CHUNK_TOKENS):
             window = slice(chunk, chunk + CE_CHUNK_TOKENS)
             totals.add(model.logits(hidden[window]), labels[window], sources[window])
-    return {**totals.summary(list(dataset.sources)), "rows": rows}
+    return {**totals.summary(list(dataset.sources)), "rows": len(rows)}
 
 
 # Where an Alpaca-format completion has run on into a new, invented turn.

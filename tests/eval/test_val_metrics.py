@@ -150,3 +150,10 @@ def test_validation_metrics_batches_rows_and_respects_max_rows(monkeypatch, chun
     assert result["by_source"]["b"]["tokens"] == by_source["b"]["tokens"] == 9
     assert result["rows"] == 3
     assert evaluate.validation_metrics(model, dataset, batch_size=2, max_rows=1)["rows"] == 1
+
+
+def test_spread_rows_cover_the_split_evenly():
+    assert evaluate.spread_rows(10, None) == list(range(10))
+    assert evaluate.spread_rows(10, 20) == list(range(10))
+    assert evaluate.spread_rows(10, 3) == [0, 3, 6]
+    assert evaluate.spread_rows(1000, 4) == [0, 250, 500, 750]
