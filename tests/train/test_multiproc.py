@@ -140,6 +140,7 @@ def test_torchrun_two_ranks_then_resume_on_one(data_dir, expected, tmp_path, dis
     assert [one[k] for k in (4, 5, 6)] == pytest.approx([two[k] for k in (4, 5, 6)], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_two_ranks_zero3(data_dir, expected, tmp_path):
     run_dir = tmp_path / "ds"
     launch(
