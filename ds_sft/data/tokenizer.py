@@ -8,6 +8,7 @@
   (a prepared data dir, a training run's ``final/``),
 - a ``.gguf`` file (the tokenizer and chat template live in its metadata),
 - a model alias such as ``smollm2-135m-instruct`` (see :func:`ds_sft.paths.resolve_model_path`),
+- bare weights without a tokenizer (a nanoGPT-style ``.pt``, a checkpoint dir): GPT-2's, with a note,
 
 and returns a fast ``transformers`` tokenizer with an EOS token: training appends EOS to every
 response, so a tokenizer without one is refused. A bare ``tokenizer.json`` carries no special-token
@@ -23,6 +24,8 @@ from ds_sft.errors import UserError, first_line
 
 # End-of-text tokens of common vocabularies, tried in order when a tokenizer does not name its EOS.
 KNOWN_EOS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>")
+# Bare weights (a nanoGPT-style base .pt, a ds-sft checkpoint) carry no tokenizer: those models use GPT-2's.
+WEIGHT_FILES = (".pt", ".bin", ".safetensors")
 
 
 def _from_file(tokenizer_file: Path):
@@ -68,8 +71,13 @@ def _load(spec: str):
                 f"tokenizer {spec!r} not found: pass a tokenizer.json, a tokenizer directory, a .gguf file, "
                 f"'gpt2', or a model alias ({', '.join(paths.MODEL_ALIASES)})"
             )
+    if path.is_dir() and (path / "tokenizer").is_dir():
+        path = path / "tokenizer"
+    if path.suffix in WEIGHT_FILES or (path.is_dir() and not any(path.glob("tokenizer*"))):
+        print(f"note: no tokenizer found with {path}; using GPT-2's (pass --tokenizer to choose another)")
+        return _gpt2()
     if path.is_dir():
-        return _from_pretrained(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
+        return _from_pretrained(path)
     if path.suffix == ".gguf":
         return _from_pretrained(path.parent, gguf_file=path.name)
     if path.suffix == ".json":

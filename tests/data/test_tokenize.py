@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ds_sft.data.templates import ALPACA_PROMPT, render_prompt, resolve_template
+from ds_sft.data.templates import ALPACA_PROMPT, answer_ids, render_prompt, resolve_template
 from ds_sft.data.tokenize import fit_to_length, tokenize_records
 from ds_sft.data.tokenizer import load_tokenizer
 from ds_sft.errors import UserError
@@ -84,3 +84,10 @@ def test_too_long_dropped_or_truncated(tiny_tokenizer):
     assert reasons.tolist() == [0, 0, 2]
     assert kept.lengths.tolist() == [docs.lengths[0], seq_len]
     np.testing.assert_array_equal(kept.tokens[kept.offsets[1] :], docs.tokens[docs.offsets[1] :][:seq_len])
+
+
+def test_answer_ids_are_the_trained_tokens(tiny_tokenizer):
+    """The answer convention eval relies on: response ids then EOS, exactly what training masks in."""
+    record = make_record("Say hi", "Hi there!\n#### 4")
+    docs = tokenize_records([record], tiny_tokenizer, "alpaca", {"a": 0})
+    assert docs.tokens[docs.prompt_lens[0] :].tolist() == answer_ids(tiny_tokenizer, record["response"])
