@@ -1,0 +1,110 @@
+"""Alarms, MFU arithmetic, the metric sinks and the report, on hand-made records."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ds_sft.train.loop import Alarms
+from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration
+from ds_sft.train.report import write_report
+
+
+def test_flops_per_token_counts_weights_and_attention():
+    # 124M-style model, seq 1024: 6 * N for the weight matmuls + 12 * L * d * T for attention
+    assert flops_per_token(124_000_000, 12, 768, 1024) == 6 * 124_000_000 + 12 * 12 * 768 * 1024
+
+
+@pytest.mark.parametrize(
+    ("history", "train_loss", "expected"),
+    [
+        ([2.0, 1.9, 1.8, 1.7], 1.6, []),
+        ([1.7, 1.8, 1.9, 2.0], 1.95, ["rose for 3 evals in a row (1.7000 -> 1.8000 -> 1.9000 -> 2.0000)"]),
+        ([1.8, 1.9, 2.0], 1.95, []),  # only 2 rises
+        ([2.0, 1.9, 1.8], 1.2, ["exceeds train loss 1.2000 by more than 0.5"]),
+    ],
+)
+def test_alarms(history, train_loss, expected):
+    messages = Alarms(rising_evals=3, max_gap=0.5).check(history, train_loss)
+    assert len(messages) == len(expected)
+    for message, fragment in zip(messages, expected, strict=True):
+        assert fragment in message
+
+
+def test_format_duration():
+    assert format_duration(75) == "1:15" and format_duration(3 * 3600 + 62) == "3:01:02"
+
+
+def records():
+    train = [
+        {
+            "type": "train",
+            "step": k,
+            "loss": 3.0 - 0.1 * k,
+            "lr": 1e-4,
+            "grad_norm": 1.0 / k,
+            "tokens_per_s": 500.0 + k,
+            "mfu": 0.1,
+            "elapsed_s": 2.0 * k,
+            "eta_s": 0.0,
+        }
+        for k in range(1, 7)
+    ]
+    train[2].update(loss=math.nan, grad_norm=None, skipped=True)
+    per_source = {
+        "alpaca": {"loss": 2.6, "ppl": 13.5, "acc": 0.4, "tokens": 100},
+        "gsm8k": {"loss": 2.2, "ppl": 9.0, "acc": 0.5, "tokens": 80},
+    }
+    evals = [
+        {
+            "type": "eval",
+            "step": k,
+            "val_loss": 2.5 - 0.01 * k,
+            "val_ppl": 12.0,
+            "val_acc": 0.45,
+            "val_tokens": 180,
+            "per_source": per_source,
+            "train_loss": 2.6,
+        }
+        for k in (3, 6)
+    ]
+    return train + evals
+
+
+def test_sink_writes_jsonl_and_an_offline_wandb_run(tmp_path):
+    sink = MetricsSink(
+        tmp_path, enabled=True, wandb_project="ds-sft-test", wandb_mode="offline", config={"max_iters": 6}
+    )
+    for record in records():
+        sink.log(record)
+    sink.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["per_source"]["gsm8k"]["acc"] == 0.5 and len(lines) == 8
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    sink = MetricsSink(tmp_path, enabled=False, wandb_project=None, wandb_mode=None, config={})
+    sink.log(records()[0])
+    sink.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_has_metrics_table_plots_and_config(tmp_path):
+    summary = {
+        "records": records(),
+        "status": "finished",
+        "step": 6,
+        "alarms": [{"step": 3, "message": "x"}],
+        "last_eval": records()[-1],
+        "best_val": 2.44,
+        "best_tag": "step_000006",
+        "peak_flops_source": "test",
+    }
+    text = write_report(tmp_path, {"zero_optimization": {"stage": 2}}, summary).read_text()
+    assert "| gsm8k | 2.2000 | 9.00 | 0.500 | 80 |" in text and "- step 3: x" in text
+    assert '"stage": 2' in text
+    for name in ("loss.png", "perplexity.png", "lr.png", "grad_norm.png", "tokens_per_s.png"):
+        assert (tmp_path / name).stat().st_size > 1000 and f"![{name}]({name})" in text
