@@ -179,7 +179,9 @@ def _rms_norm_cases(record, rows, hidden, device, dtype, compiled_norm, liger):
     for provider, fn in providers.items():
         record(f"rms_norm fwd {rows}x{hidden}", provider, fn, 2 * size)  # read x, write y
         # + backward: read dy and x, write dx
-        record(f"rms_norm fwd+bwd {rows}x{hidden}", provider, lambda fn=fn: fn().backward(dy), 5 * size)
+        record(
+            f"rms_norm fwd+bwd {rows}x{hidden}", provider, lambda fn=fn: fn().backward(dy), 5 * size, [x, w]
+        )
 
 
 def gpu_benchmarks(args) -> dict:
@@ -196,8 +198,13 @@ def gpu_benchmarks(args) -> dict:
     print(f"{'op':<28} {'provider':<9} {'ms':>8} {'GB/s':>8} {'of peak':>8}")
     table = []
 
-    def record(op, provider, fn, nbytes):
-        ms = do_bench(fn)
+    def record(op, provider, fn, nbytes, grad_to_none=None):
+        try:
+            ms = do_bench(fn, grad_to_none=grad_to_none)
+        except Exception as error:  # e.g. an installed Liger with another signature: report, go on
+            table.append({"op": op, "provider": provider, "error": repr(error)})
+            print(f"{op:<28} {provider:<9} failed: {error!r}")
+            return
         gbs = nbytes / (ms * 1e-3) / 1e9
         frac = gbs * 1e9 / peak if peak else float("nan")
         table.append({"op": op, "provider": provider, "ms": ms, "GB/s": gbs, "fraction_of_peak": frac})
@@ -215,13 +222,14 @@ def gpu_benchmarks(args) -> dict:
         "compile": lambda: compiled_ce(logits, labels, reduction="mean"),
         "triton": lambda: kernels.cross_entropy(logits, labels, reduction="mean", backend="triton"),
     }
-    if liger:  # Liger overwrites its input with the gradient: give it its own copy
-        liger_logits = logits.detach().clone().requires_grad_()
+    liger_logits = logits.detach().clone().requires_grad_()  # Liger overwrites its input with the gradient
+    if liger:
         providers["liger"] = lambda: liger["cross_entropy"](liger_logits, labels)
     for provider, fn in providers.items():
         # compulsory traffic: read the logits once, write their gradient once
-        record(f"cross_entropy fwd+bwd {rows}x{args.vocab}", provider, lambda fn=fn: fn().backward(),
-               2 * logits.numel() * logits.element_size())  # fmt: skip
+        nbytes = 2 * logits.numel() * logits.element_size()
+        record(f"cross_entropy fwd+bwd {rows}x{args.vocab}", provider, lambda fn=fn: fn().backward(), nbytes,
+               [logits, liger_logits])  # fmt: skip
 
     hidden = torch.randn(rows, args.hidden, device=device, dtype=dtype, requires_grad=True)
     weight = (
@@ -241,7 +249,7 @@ def gpu_benchmarks(args) -> dict:
         fn().backward()
         torch.cuda.synchronize()
         peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-        ms = do_bench(lambda fn=fn: fn().backward())
+        ms = do_bench(lambda fn=fn: fn().backward(), grad_to_none=[hidden, weight])
         fused[provider] = {"ms": ms, "peak_mb": peak_mb}
         print(f"linear_cross_entropy {provider:<8} {ms:8.2f} ms  peak +{peak_mb:,.0f} MB")
     fused["memory_ratio"] = fused["triton"]["peak_mb"] / fused["eager"]["peak_mb"]

@@ -112,3 +112,16 @@ def test_torch_path_full_size_fp32():
 def test_torch_path_full_size_bf16():
     h, w, labels = _inputs(2048, 768, 50304, "cpu", dtype=torch.bfloat16, seed=9)
     _check(h, w, labels, "torch", "sum", chunk_size=1024, tol={"atol": 2e-2, "rtol": 2e-2})
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_under_autocast(backend, device):
+    """fp32 parameters under bf16 autocast: the chunk matmuls run in bf16 like the eager logits do,
+    and the gradients come back in fp32."""
+    h, w, labels = _inputs(37, 64, 1000, device, seed=10)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss, gh, gw = _run(kernels.linear_cross_entropy, h, w, labels, None, chunk_size=16, backend=backend)
+        loss_ref, gh_ref, gw_ref = _run(linear_cross_entropy_reference, h, w, labels, None)
+    assert gh.dtype == gw.dtype == torch.float32
+    for ours, ref in ((loss, loss_ref), (gh, gh_ref), (gw, gw_ref)):
+        torch.testing.assert_close(ours, ref, atol=5e-2, rtol=2e-2)
