@@ -270,11 +270,13 @@ def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list
     records = []
     for i in range(n_rows):
         history: list[dict] = []
+        values: dict = {}
         if "messages" in schema:
             instruction, response, history, reason = _from_messages(columns[schema["messages"]][i])
             extra = ""
         else:
-            values = {key: columns[col][i] for key, col in schema.items()}
+            # optional columns (input, category) may be absent; choose_schema checked the required ones
+            values = {key: columns[col][i] for key, col in schema.items() if col in columns}
             reason = None
             for key, value in values.items():
                 if value is None and key in REQUIRED:
@@ -288,7 +290,7 @@ def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list
         if reason:
             drops.add(spec.name, reason)
             continue
-        category = (columns[schema["category"]][i] if "category" in schema else None) or default_category
+        category = values.get("category") or default_category
         records.append(
             {
                 "id": f"{spec.name}:{i}",
