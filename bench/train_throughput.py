@@ -201,6 +201,27 @@ def padded_layouts(docs: list[Document], seq_len: int, micro_batch: int, seed: i
     return {"pad_to_seq_len": pad_to_seq, "pad_to_longest": pad_to_longest}
 
 
+def split_efficiency(dataset, micro_batch: int, seed: int) -> dict:
+    """Token efficiency of the three layouts over a whole prepared split, from its document lengths."""
+    import numpy as np
+
+    lengths = []
+    for i in range(len(dataset)):
+        document_ids = dataset.row_arrays(i)["document_ids"]
+        lengths += np.bincount(document_ids[document_ids >= 0]).tolist()
+    random.Random(seed).shuffle(lengths)
+    tokens = sum(lengths)
+    result = {
+        "documents": len(lengths),
+        "packed": tokens / (len(dataset) * dataset.seq_len),
+        "pad_to_seq_len": tokens / (len(lengths) * dataset.seq_len),
+    }
+    for batch in sorted({micro_batch, 16}):
+        groups = [lengths[i : i + batch] for i in range(0, len(lengths), batch)]
+        result[f"pad_to_longest_batch_{batch}"] = tokens / sum(max(g) * len(g) for g in groups)
+    return result
+
+
 def token_counts(batches: list[dict]) -> dict:
     slots = sum(b["input_ids"].numel() for b in batches)
     real = sum(int((b["document_ids"] >= 0).sum()) for b in batches)
@@ -386,34 +407,33 @@ def part_a(args, config: ModelConfig, device, batches) -> dict:
 
 
 def part_b(args, device) -> dict:
-    config = ModelConfig.preset(
-        args.b_preset or args.preset, max_seq_len=max(args.b_seq_len, 128), kernels=args.kernels
-    )
-    generator = random.Random(args.seed)
+    preset = ModelConfig.preset(args.b_preset or args.preset, kernels=args.kernels).to_dict()
+    whole_split = None
     if args.data_dir:
         from ds_sft.data.shards import PackedDataset
 
         dataset = PackedDataset(args.data_dir, "train")
-        if dataset.seq_len != args.b_seq_len:
-            print(
-                f"(b): {args.data_dir} is packed at {dataset.seq_len}; using that instead of {args.b_seq_len}"
-            )
         seq_len = dataset.seq_len
-        packed_rows = [dataset[i] for i in range(min(args.b_rows, len(dataset)))]
-        packed_rows = [
-            {k: row[k] for k in ("input_ids", "labels", "position_ids", "document_ids")}
-            for row in packed_rows
-        ]
+        whole_split = split_efficiency(dataset, args.micro_batch, args.seed)
+        # rows spread over the split: packing puts the longest documents into the first rows
+        picked = [i * len(dataset) // args.b_rows for i in range(min(args.b_rows, len(dataset)))]
+        keys = ("input_ids", "labels", "position_ids", "document_ids")
+        packed_rows = [{k: dataset[i][k] for k in keys} for i in picked]
         docs = documents_from_rows(packed_rows)
         origin = str(args.data_dir)
+        # the data's tokenizer may outgrow the preset's vocabulary (GPT-2's 50,257 ids fit 112m's 50,304)
+        largest_id = max(int(row["input_ids"].max()) for row in packed_rows)
+        preset["vocab_size"] = max(preset["vocab_size"], (largest_id // 128 + 1) * 128)
     else:
         seq_len = args.b_seq_len
         docs = []
+        generator = random.Random(args.seed)
         # draw documents until best-fit packing fills the requested number of rows
         while not docs or len(pack_rows(docs, seq_len)) < args.b_rows:
-            docs += synthetic_documents(8, config.vocab_size, seq_len, generator)
+            docs += synthetic_documents(8, preset["vocab_size"], seq_len, generator)
         packed_rows = pack_rows(docs, seq_len)
         origin = "synthetic (no --data_dir): lognormal lengths like the shared mix"
+    config = ModelConfig.from_dict({**preset, "max_seq_len": max(seq_len, preset["max_seq_len"])})
     layouts = {
         "packed": batches_of(packed_rows, args.micro_batch),
         **padded_layouts(docs, seq_len, args.micro_batch, args.seed),
@@ -437,6 +457,7 @@ def part_b(args, device) -> dict:
         "seq_len": seq_len,
         "model": args.b_preset or args.preset,
         "layouts": results,
+        "token_efficiency_whole_split": whole_split,
         "packing_speedup": {
             name: packed / r["trained_tokens_per_s"] for name, r in results.items() if name != "packed"
         },
@@ -489,6 +510,10 @@ def print_tables(result: dict) -> None:
     if "b" in result:
         b = result["b"]
         print(f"\n(b) {b['documents']} documents at seq {b['seq_len']} ({b['documents_from']})")
+        if b["token_efficiency_whole_split"]:
+            whole = b["token_efficiency_whole_split"]
+            shares = ", ".join(f"{k} {v:.1%}" for k, v in whole.items() if k != "documents")
+            print(f"    token efficiency, whole train split ({whole['documents']:,} documents): {shares}")
         print(f"{'layout':<18}{'batches':>8}{'efficiency':>12}{'trained tok/s':>15}{'packing gain':>14}")
         for name, row in b["layouts"].items():
             gain = b["packing_speedup"].get(name)
