@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=dtype,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
-            val_rows=None if args.no_val else args.val_rows,
+            val_rows=args.val_rows,
             run_val=not args.no_val,
             run_generations=not args.no_generate,
         )
@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "data_dir": str(args.data_dir),
         "template": data.template,
+        "val_rows": "all" if args.val_rows is None else args.val_rows,
         "gsm8k_test": gsm8k_origin,
         "gsm8k_seed": args.seed,
         "gsm8k_limit": args.gsm8k_limit,
