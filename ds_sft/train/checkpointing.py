@@ -12,6 +12,15 @@ Layout::
 ``save_checkpoint`` and passed a barrier, so a run killed mid-save resumes from the previous one.
 Older tags beyond ``--keep_last`` are deleted, except the best.
 
+Integrity: ``trainer_state.json`` is written last and lists every file of the tag with its size and
+sha256 (rank 0 hashes them; checkpoints live on a filesystem every rank sees, as DeepSpeed's own
+resume assumes). Before resuming, the files are checked against it: a truncated or corrupted file
+(a disk that filled, a copy cut short, a flipped bit) is named in one line. ``--resume`` alone then
+falls back to the newest intact checkpoint, saying which it skipped and why; ``--resume TAG_DIR``
+asked for that one checkpoint and stops instead. A disk error while saving (full, read-only) stops
+the run with one line saying so and that the previous checkpoint, which ``latest`` still names, is
+intact.
+
 Exact resume needs everything that shapes the next step: weights, optimizer moments and step
 counts (the engine), the position in the data stream (the sampler state), the RNG of every rank
 (gathered to rank 0 into the client state), and the step counter (which fixes the lr).
@@ -29,10 +38,13 @@ DeepSpeed's ``zero_to_fp32`` does not handle stage 0 at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -77,17 +89,75 @@ def gather_rng_states() -> list[dict]:
     return states
 
 
+def file_digests(tag_dir: Path) -> dict:
+    """{file name: {"bytes", "sha256"}} for every file DeepSpeed wrote into ``tag_dir``."""
+    files = sorted(p for p in tag_dir.iterdir() if p.is_file() and p.name != STATE_FILE)
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(tag_dir: Path) -> str | None:
+    """Why ``tag_dir`` cannot be resumed from (missing, truncated or corrupted files), or None."""
+    if not (tag_dir / STATE_FILE).is_file():
+        return f"it has no {STATE_FILE} (the save never completed)"
+    try:
+        expected = read_trainer_state(tag_dir).get("files", {})
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"its {STATE_FILE} is corrupted"
+    for name, digest in expected.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != digest["bytes"]:
+            return f"{name} is truncated or overwritten ({size:,} bytes, {digest['bytes']:,} when saved)"
+        if sha256(path) != digest["sha256"]:
+            return f"{name} is corrupted (its sha256 differs from the one recorded when saved)"
+    return None
+
+
+@contextmanager
+def disk_errors(ckpt_dir: Path, tag: str):
+    """Turn a failed write (disk full, read-only, no permission) into one line that says what is safe."""
+    from ds_sft.errors import UserError
+
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        # torch's zip writer reports a full disk as a RuntimeError from inline_container.cc
+        if isinstance(err, RuntimeError) and "inline_container" not in str(err):
+            raise
+        reason = str(err).strip().splitlines()[0]
+        free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else 0.0
+        latest = ckpt_dir / "latest"
+        kept = f"{latest.read_text().strip()} (named by {latest})" if latest.is_file() else "nothing earlier"
+        raise UserError(
+            f"could not write checkpoint {ckpt_dir / tag} ({reason}; {free:.0f} MiB free there): "
+            f"{kept} is intact; free space or fix permissions, then rerun with --resume"
+        ) from None
+
+
 def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int) -> str:
     """Save a complete checkpoint for ``step`` on every rank; move ``latest`` once all are done."""
     import torch.distributed as dist
 
     tag = tag_for(step)
     client_state = {"trainer": trainer_state, "rng": gather_rng_states()}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    with disk_errors(ckpt_dir, tag):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        write_atomic(ckpt_dir / tag / STATE_FILE, json.dumps(trainer_state, indent=2))
-        write_atomic(ckpt_dir / "latest", tag)
+        with disk_errors(ckpt_dir, tag):
+            state = {**trainer_state, "files": file_digests(ckpt_dir / tag)}
+            write_atomic(ckpt_dir / tag / STATE_FILE, json.dumps(state, indent=2))
+            write_atomic(ckpt_dir / "latest", tag)
         if trainer_state.get("best_tag"):
             write_atomic(ckpt_dir / "best", trainer_state["best_tag"])
         prune(ckpt_dir, keep_last, trainer_state.get("best_tag"))
@@ -108,22 +178,44 @@ def prune(ckpt_dir: Path, keep_last: int, best_tag: str | None) -> None:
 
 
 def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
-    """The tag directory to resume from: ``--resume`` alone means OUT_DIR/checkpoints/latest if any."""
-    if resume is None:
-        return None
-    path = out_dir / "checkpoints" if resume == "auto" else Path(resume)
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    if (path / STATE_FILE).is_file():
-        return path
-    if resume == "auto":
-        return None
+    """The tag directory to resume from, checked intact (see the module docstring).
+
+    ``--resume`` alone: OUT_DIR/checkpoints/latest, else the newest intact older tag (None when there
+    is no checkpoint at all). ``--resume PATH``: that tag directory (or its ``latest``), or an error.
+    """
     from ds_sft.errors import UserError
 
-    raise UserError(
-        f"--resume {resume}: no complete checkpoint there (expected a tag directory with "
-        f"{STATE_FILE}, or a checkpoints directory with a 'latest' file)"
-    )
+    if resume is None:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if (path / "latest").is_file():
+            path = path / (path / "latest").read_text().strip()
+        if not (path / STATE_FILE).is_file():
+            raise UserError(
+                f"--resume {resume}: no complete checkpoint there (expected a tag directory with "
+                f"{STATE_FILE}, or a checkpoints directory with a 'latest' file)"
+            )
+        problem = damage(path)
+        if problem:
+            raise UserError(f"--resume {path}: {problem}; pass another checkpoint, or --resume alone "
+                            "to fall back to the newest intact one")  # fmt: skip
+        return path
+    ckpt_dir = out_dir / "checkpoints"
+    latest = ckpt_dir / "latest"
+    named = [ckpt_dir / latest.read_text().strip()] if latest.is_file() else []
+    older = sorted((p for p in ckpt_dir.glob("step_*") if (p / STATE_FILE).is_file()), reverse=True)
+    skipped = []
+    for path in dict.fromkeys(named + older):  # latest first, then newest to oldest, each once
+        problem = damage(path)
+        if problem is None:
+            for line in skipped:
+                print(f"warning: {line}", file=sys.stderr, flush=True)
+            return path
+        skipped.append(f"skipping checkpoint {path}: {problem}")
+    if skipped:
+        raise UserError(f"no intact checkpoint in {ckpt_dir} to resume from ({'; '.join(skipped)})")
+    return None
 
 
 def read_trainer_state(tag_dir: Path) -> dict:

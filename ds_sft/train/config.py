@@ -382,6 +382,10 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
     validate(ds_config, settings, int(os.environ.get("WORLD_SIZE", "1")))
     settings["deepspeed_config"] = str(path)
     settings["fp8_recipe"] = ds_json.get("fp8", {})
+    if settings["fp8_recipe"]:
+        from ds_sft.model.fp8 import Fp8Recipe
+
+        Fp8Recipe.from_dict(settings["fp8_recipe"])  # its own one-line errors for unknown keys
     # ds-sft prints its own progress; DeepSpeed's every-10-steps line would interleave with the bar.
     ds_config.setdefault("steps_per_print", 2**31 - 1)
     return ds_config, SimpleNamespace(**settings), overrides

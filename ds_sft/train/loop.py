@@ -24,10 +24,11 @@ save a checkpoint and leave, so no rank is caught half-way through a collective.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from ds_sft.errors import UserError
@@ -66,8 +67,9 @@ def local_grad_norm(engine) -> float:
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
-def train_step(engine, batches: list[dict], world_size: int) -> dict:
+def train_step(engine, batches: list[dict], world_size: int, forward_context=contextlib.nullcontext) -> dict:
     """Forward/backward every micro-batch of one optimizer step and let the engine update.
+    ``forward_context``: what each forward runs inside (Transformer Engine's fp8 autocast for --fp8 te).
 
     Returns the global token-normalized loss, the trained-token count and the pre-clip grad norm.
     """
@@ -75,7 +77,8 @@ def train_step(engine, batches: list[dict], world_size: int) -> dict:
     scale = world_size / max(trained_tokens, 1.0)
     local_loss_sum = 0.0
     for i, batch in enumerate(batches):
-        loss_sum = engine(**model_inputs(batch, engine.device))
+        with forward_context():
+            loss_sum = engine(**model_inputs(batch, engine.device))
         engine.backward(loss_sum * scale, scale_wrt_gas=False)
         local_loss_sum += loss_sum.item()
         if i < len(batches) - 1:
@@ -110,7 +113,9 @@ def skip_next_update(optimizer) -> None:
     optimizer.step = skip
 
 
-def evaluate(engine, dataset, micro_batch_size: int, eval_iters: int) -> dict:
+def evaluate(
+    engine, dataset, micro_batch_size: int, eval_iters: int, forward_context=contextlib.nullcontext
+) -> dict:
     """Loss, perplexity and next-token accuracy on the first ``eval_iters`` global batches of ``dataset``,
     overall and per source. Every rank runs the same number of forwards (ZeRO 3 gathers weights
     collectively inside each one)."""
@@ -135,7 +140,8 @@ def evaluate(engine, dataset, micro_batch_size: int, eval_iters: int) -> dict:
             batch = collate([dataset[i] for i in indices])
             inputs = model_inputs(batch, engine.device)
             labels = inputs.pop("labels")
-            logits = engine(**inputs).float()
+            with forward_context():
+                logits = engine(**inputs).float()
             trained = labels != IGNORE_INDEX
             losses = F.cross_entropy(logits[trained], labels[trained], reduction="none").double()
             correct = (logits[trained].argmax(-1) == labels[trained]).double()
@@ -189,7 +195,7 @@ class Alarms:
         return messages
 
 
-@contextmanager
+@contextlib.contextmanager
 def preemption_flag():
     """SIGTERM / SIGINT set ``flag['stop']`` instead of killing the process mid-step."""
     import threading
@@ -265,6 +271,11 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
     elif s.resume == "auto":
         say(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
 
+    forward_context = contextlib.nullcontext
+    if s.fp8 != "off":
+        from ds_sft.model.fp8 import Fp8Recipe, fp8_autocast
+
+        forward_context = functools.partial(fp8_autocast, s.fp8, Fp8Recipe.from_dict(s.fp8_recipe or {}))
     config = model.config
     bf16 = ds_config.get("bf16", {}).get("enabled", False)
     peak, peak_source = peak_flops(bf16)
@@ -304,7 +315,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             start = time.perf_counter()
             rows = sampler.step_indices(s.micro_batch_size, s.grad_accum)  # [grad_accum, micro_batch]
             batches = [collate([train_set[int(i)] for i in micro]) for micro in rows]
-            result = train_step(engine, batches, world)
+            result = train_step(engine, batches, world, forward_context)
             sampler.advance(s.micro_batch_size * s.grad_accum * world)
             step_time = time.perf_counter() - start
             done = step + 1
@@ -360,7 +371,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
                 )
 
             if done % s.eval_interval == 0 or done == s.max_iters:
-                last_eval = evaluate(engine, val_set, s.micro_batch_size, s.eval_iters)
+                last_eval = evaluate(engine, val_set, s.micro_batch_size, s.eval_iters, forward_context)
                 state["val_history"].append(last_eval["val_loss"])
                 if state["best_val"] is None or last_eval["val_loss"] < state["best_val"]:
                     state["best_val"], state["best_tag"] = last_eval["val_loss"], checkpointing.tag_for(done)
