@@ -149,3 +149,15 @@ def test_emulated_fp8_trains_through_the_engine(dist_env, tmp_path):
     records, weights, _ = run(s, TinyPacked(16, seed=8), tmp_path, model)
     assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
     assert "layers.0.attn.q_proj.weight" in weights  # the final weights keep plain-linear names
+
+
+def test_activation_checkpointing_flag_recomputes_with_identical_losses(dist_env, tmp_path):
+    from ds_sft.train.cli import build_model
+
+    dataset = TinyPacked(16, seed=9)
+    s = settings(zero_stage=0, max_iters=3, seed=0)
+    recomputed = build_model(settings(seed=0, activation_checkpointing=True))
+    assert recomputed.config.activation_checkpointing
+    plain, _, _ = run(s, dataset, tmp_path / "plain")
+    checkpointed, _, _ = run(s, dataset, tmp_path / "recompute", recomputed)
+    assert [r["loss"] for r in checkpointed] == pytest.approx([r["loss"] for r in plain], abs=1e-6)
