@@ -222,7 +222,8 @@ def preemption_flag():
 
 def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler) -> dict:
     """Build the engine, resume if asked, run to ``s.max_iters`` (or preemption). Returns a summary:
-    {"engine", "status": "finished" | "preempted", "step", "last_eval", "alarms", "records"}."""
+    {"engine", "status": "finished" | "preempted", "step", "last_eval", "alarms", "records", ...}
+    (alarms and records of this process's segment; the report reads metrics.jsonl for the whole run)."""
     import torch.distributed as dist
     from tqdm import tqdm
 
@@ -346,6 +347,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
                 )
                 say(message)
                 alarm_log.append({"step": done, "message": message})
+                sink.log({"type": "alarm", "step": done, "message": message})
                 if state["nan_streak"] >= s.max_nan_steps:
                     sink.log(record)
                     sink.close()

@@ -1,4 +1,4 @@
-"""``RUN/report.md`` and its plots, written by rank 0 from the run's metric records."""
+"""``RUN/report.md`` and its plots, written by rank 0 from ``RUN/metrics.jsonl`` (all resumed segments)."""
 
 from __future__ import annotations
 
@@ -64,8 +64,18 @@ def plot(records: list[dict], run_dir: Path) -> list[str]:
     return written
 
 
+def read_records(run_dir: Path) -> list[dict]:
+    """Every record of ``metrics.jsonl`` across resumed segments; a step redone after a crash keeps
+    its last record."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    latest = {(r["type"], r["step"], r.get("message")): r for r in records}
+    return sorted(latest.values(), key=lambda r: r["step"])
+
+
 def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
-    records = summary["records"]
+    records = read_records(run_dir)
+    alarms = [r for r in records if r["type"] == "alarm"]
     train = [r for r in records if r["type"] == "train"]
     finite = [r for r in train if r.get("loss") is not None and math.isfinite(r["loss"])]
     images = plot(records, run_dir)
@@ -111,7 +121,7 @@ def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
             lines.append(f"| {name} | {v['loss']:.4f} | {v['ppl']:.2f} | {v['acc']:.3f} | {v['tokens']:,} |")
         lines.append("")
     lines += ["## Alarms", ""]
-    lines += [f"- step {a['step']}: {a['message']}" for a in summary["alarms"]] or ["None."]
+    lines += [f"- step {a['step']}: {a['message']}" for a in alarms] or ["None."]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
     lines += ["", "## Effective config", "", "```json", json.dumps(effective_config, indent=2), "```", ""]
     path = run_dir / "report.md"

@@ -9,7 +9,7 @@ import pytest
 
 from ds_sft.train.loop import Alarms
 from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration
-from ds_sft.train.report import write_report
+from ds_sft.train.report import read_records, write_report
 
 
 def test_flops_per_token_counts_weights_and_attention():
@@ -93,11 +93,13 @@ def test_other_ranks_write_nothing(tmp_path):
 
 
 def test_report_has_metrics_table_plots_and_config(tmp_path):
+    # a crash after step 4 and a resume from step 3: step 4 was logged twice, the report keeps the last
+    lines = records()[:4] + [{**records()[3], "loss": 9.0}] + records()[4:]
+    lines.append({"type": "alarm", "step": 3, "message": "x"})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     summary = {
-        "records": records(),
         "status": "finished",
         "step": 6,
-        "alarms": [{"step": 3, "message": "x"}],
         "last_eval": records()[-1],
         "best_val": 2.44,
         "best_tag": "step_000006",
@@ -105,6 +107,8 @@ def test_report_has_metrics_table_plots_and_config(tmp_path):
     }
     text = write_report(tmp_path, {"zero_optimization": {"stage": 2}}, summary).read_text()
     assert "| gsm8k | 2.2000 | 9.00 | 0.500 | 80 |" in text and "- step 3: x" in text
-    assert '"stage": 2' in text
+    assert '"stage": 2' in text and "| train loss (first step) | 2.9000 |" in text
+    train = [r for r in read_records(tmp_path) if r["type"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and train[3]["loss"] == 9.0
     for name in ("loss.png", "perplexity.png", "lr.png", "grad_norm.png", "tokens_per_s.png"):
         assert (tmp_path / name).stat().st_size > 1000 and f"![{name}]({name})" in text
