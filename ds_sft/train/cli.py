@@ -21,6 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ds_sft.errors import UserError
 from ds_sft.train.config import DEFAULTS
 
 
@@ -192,6 +193,13 @@ def run(args: argparse.Namespace) -> int:
     train_set = PackedDataset(s.data_dir, "train")
     val_set = PackedDataset(s.data_dir, "val")
     model = build_model(s)
+    data_vocab = train_set.manifest.get("tokenizer", {}).get("vocab_size")
+    if data_vocab is not None and data_vocab > model.config.vocab_size:
+        raise UserError(
+            f"{s.data_dir} was tokenized with a {data_vocab:,}-token vocabulary but the model has "
+            f"{model.config.vocab_size:,} embeddings: prepare the data with the model's tokenizer "
+            "(`ds-sft prepare --base_model ...`)"
+        )
     sampler = make_sampler(train_set, s.seed)
     summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
     engine = summary["engine"]

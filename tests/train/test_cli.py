@@ -193,3 +193,15 @@ def test_whole_run_writes_every_artifact(data_dir, tmp_path, dist_env):
     ]
     for name, tensor in final.state_dict().items():
         assert torch.equal(tensor, engine_state[name].float()), name
+
+
+def test_data_tokenized_for_a_larger_vocabulary_is_refused(tmp_path, capsys, dist_env):
+    data = write_data_dir(tmp_path / "data", train_rows=8)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": {"vocab_size": 50257}}))
+    assert (
+        main(["train", "--data_dir", str(data), "--model", "tiny", "--out_dir", str(tmp_path / "run")]) == 2
+    )
+    assert (
+        "tokenized with a 50,257-token vocabulary but the model has 256 embeddings" in capsys.readouterr().err
+    )
