@@ -18,8 +18,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def ds_env() -> dict[str, str]:
+def single_rank_env() -> dict[str, str]:
     """Environment for a subprocess that is a whole DeepSpeed world on its own (rank 0 of 1).
 
     Without RANK / WORLD_SIZE / MASTER_* DeepSpeed falls back to MPI discovery and fails; the JIT
@@ -35,3 +34,47 @@ def ds_env() -> dict[str, str]:
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR)),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     }
+
+
+@pytest.fixture
+def ds_env() -> dict[str, str]:
+    return single_rank_env()
+
+
+@pytest.fixture(scope="module")
+def ds_env_module() -> dict[str, str]:
+    return single_rank_env()
+
+
+def write_tiny_data_dir(path: Path, train_rows=48, val_rows=8, seq_len=32, seed=0):
+    """A prepared data directory for the ``tiny`` model preset (vocabulary 256), written in seconds.
+
+    ``ds-sft prepare`` needs a real tokenizer whose ids would not fit the tiny model's embedding, so
+    the documents here are random token ids, laid out by the same packer and shard writer that
+    ``prepare`` uses: the trainer reads it exactly as it reads a real one.
+    """
+    import json
+
+    import numpy as np
+
+    from ds_sft.data.pack import best_fit_decreasing, pack_rows
+    from ds_sft.data.shards import write_split
+    from ds_sft.data.tokenize import Documents
+
+    rng = np.random.default_rng(seed)
+    sources = ["alpaca", "dolly", "gsm8k"]
+    splits = {}
+    for split, rows in (("train", train_rows), ("val", val_rows)):
+        lengths = rng.integers(6, seq_len + 1, size=rows * 2)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        docs = Documents(
+            tokens=rng.integers(1, 256, size=int(offsets[-1])).astype(np.int32),
+            offsets=offsets,
+            prompt_lens=(lengths // 3).astype(np.int32),
+            source_ids=rng.integers(0, len(sources), size=len(lengths)).astype(np.int16),
+        )
+        packed = pack_rows(docs, best_fit_decreasing(docs.lengths, seq_len), seq_len, pad_id=0)
+        splits[split] = write_split(path / split, packed, vocab_size=256)
+    manifest = {"sources": sources, "seq_len": seq_len, "splits": splits, "note": "synthetic, for tests"}
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return path

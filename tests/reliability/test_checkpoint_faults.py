@@ -1,0 +1,166 @@
+"""Checkpoints under damage: a crash mid-save, torn and corrupted files, a full or read-only disk.
+
+Each case runs the real trainer as a subprocess (:mod:`runs`) on the tiny model for 60 steps with a
+checkpoint every 20, breaks something, and checks three things: the failure is named in one line,
+``latest`` (or the fallback) names a checkpoint that is intact, and continuing from it ends with the
+very weights of the clean 60-step run, bit for bit. What counts as intact is decided by
+``ds_sft.train.checkpointing.damage`` (sizes and sha256 recorded at save time).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ds_sft.train import checkpointing
+
+from .conftest import write_tiny_data_dir
+from .runs import SAVE_EVERY, assert_same_weights, final_weights, run, train_flags, trajectory
+
+pytestmark = pytest.mark.multiproc
+
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, ds_env_module):
+    """The uninterrupted 60-step run every case is compared with (and copied from)."""
+    root = tmp_path_factory.mktemp("clean")
+    data = write_tiny_data_dir(root / "data")
+    result = run(train_flags(data, root / "run", STEPS, "--keep_last", "3"), ds_env_module)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return data, root / "run"
+
+
+def copy_of(clean_run, tmp_path: Path) -> Path:
+    """A copy of the clean run's directory with its final weights removed (resuming rewrites them)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(clean_run[1], run_dir)
+    shutil.rmtree(run_dir / "final")
+    return run_dir
+
+
+def error_line(stderr: str) -> str:
+    """The one error line, from ``ds-sft train: error:`` to its end."""
+    lines = [line[line.index(ERROR) :] for line in stderr.splitlines() if ERROR in line]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+ERROR = "ds-sft train: error:"
+
+
+def test_crash_mid_save_leaves_latest_on_the_previous_complete_checkpoint(clean_run, ds_env, tmp_path):
+    data, clean = clean_run
+    run_dir = tmp_path / "run"
+    killed = run(train_flags(data, run_dir, STEPS), ds_env, fault="save@40")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    ckpt_dir = run_dir / "checkpoints"
+    assert (ckpt_dir / "latest").read_text().strip() == "step_000020"
+    assert checkpointing.damage(ckpt_dir / "step_000020") is None
+    assert checkpointing.damage(ckpt_dir / "step_000040") is not None  # the torn one is recognisably so
+
+    resumed = run(train_flags(data, run_dir, STEPS), ds_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_000020" in resumed.stdout
+    assert trajectory(run_dir) == trajectory(clean)
+    assert_same_weights(final_weights(clean), final_weights(run_dir))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("damage", "word"), [(truncate, "truncated"), (flip_a_byte, "corrupted")])
+def test_damaged_latest_falls_back_to_the_previous_checkpoint(clean_run, ds_env, tmp_path, damage, word):
+    data, clean = clean_run
+    run_dir = copy_of(clean_run, tmp_path)
+    victim = next((run_dir / "checkpoints" / "step_000060").glob("*optim_states.pt"))
+    damage(victim)
+
+    resumed = run(train_flags(data, run_dir, STEPS), ds_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    warning = next(line for line in resumed.stderr.splitlines() if line.startswith("warning: skipping"))
+    assert "step_000060" in warning and victim.name in warning and word in warning
+    assert "resumed from" in resumed.stdout and "step_000040" in resumed.stdout
+    assert_same_weights(final_weights(clean), final_weights(run_dir))
+
+
+def test_asking_for_a_damaged_checkpoint_stops_with_one_line(clean_run, ds_env, tmp_path):
+    data, _ = clean_run
+    run_dir = copy_of(clean_run, tmp_path)
+    tag_dir = run_dir / "checkpoints" / "step_000060"
+    victim = next(tag_dir.glob("*model_states.pt"))
+    truncate(victim)
+    flags = train_flags(data, run_dir, STEPS)
+    flags[flags.index("--resume")] = f"--resume={tag_dir}"
+    result = run(flags, ds_env)
+    assert result.returncode == 2
+    line = error_line(result.stderr)
+    assert victim.name in line and "truncated" in line
+    assert not (run_dir / "final").exists()
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(clean_run, ds_env, tmp_path):
+    data, _ = clean_run
+    run_dir = copy_of(clean_run, tmp_path)
+    for tag_dir in (run_dir / "checkpoints").glob("step_*"):
+        truncate(next(tag_dir.glob("*model_states.pt")))
+    result = run(train_flags(data, run_dir, STEPS), ds_env)
+    assert result.returncode == 2
+    assert "no intact checkpoint" in error_line(result.stderr)
+    assert len(trajectory(run_dir)) == STEPS and "resumed" not in result.stdout
+
+
+def test_read_only_disk_at_save_is_one_line_and_the_run_continues_later(clean_run, ds_env, tmp_path):
+    data, clean = clean_run
+    run_dir = tmp_path / "run"
+    failed = run(train_flags(data, run_dir, STEPS), ds_env, fault="read_only@40")
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    line = error_line(failed.stderr)
+    assert "step_000040" in line and "Read-only file system" in line
+    assert "step_000020" in line and "intact" in line
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000020"
+
+    resumed = run(train_flags(data, run_dir, STEPS), ds_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(final_weights(clean), final_weights(run_dir))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2.5 MiB tmpfs: room for the run's first checkpoint (1.6 MiB) but not its second."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_at_save_is_one_line_and_the_run_goes_on_once_there_is_room(clean_run, ds_env, small_disk):
+    data, clean = clean_run
+    run_dir = small_disk / "run"
+    failed = run(train_flags(data, run_dir, STEPS), ds_env)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    line = error_line(failed.stderr)
+    assert f"step_{2 * SAVE_EVERY:06d}" in line and "MiB free" in line and "step_000020" in line, line
+    assert checkpointing.find_checkpoint("auto", run_dir).name == "step_000020"
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    resumed = run(train_flags(data, run_dir, STEPS), ds_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(final_weights(clean), final_weights(run_dir))
