@@ -84,6 +84,8 @@ def cross_entropy_loss_and_grad_torch(
     if label_smoothing:
         grad.sub_((label_smoothing / x.shape[-1] * row_scale).unsqueeze(1))
     grad.scatter_add_(1, safe_labels, (-(1.0 - label_smoothing) * row_scale).unsqueeze(1))
+    if inplace and grad is not logits:  # bf16 logits: round the gradient back into their buffer
+        return loss, logits.copy_(grad)
     return loss, grad.to(logits.dtype)
 
 
@@ -135,6 +137,7 @@ def _chunked_loss_and_grads(
                 grad_weight.addmm_(dlogits.t(), h)
             else:  # bf16 matmul, fp32 accumulation across chunks
                 grad_weight += dlogits.t() @ h
+        del dlogits  # before the next chunk's logits exist: one chunk alive at a time
     return total, grad_hidden, grad_weight
 
 
@@ -181,7 +184,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             hidden2d, weight, labels1d, loss_and_grad, options, chunk_size,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1], n_valid=n_valid,
         )  # fmt: skip
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        # Kept on ctx rather than saved: the backward scales them in place and hands them over, so
+        # no second weight-sized buffer appears (a second backward through this graph is refused).
+        ctx.grads = (grad_hidden, grad_weight)
         return total / n_valid.clamp(min=1) if reduction == "mean" else total
 
     @staticmethod
@@ -193,12 +198,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 hidden2d, weight, labels1d, loss_and_grad, options, chunk_size,
                 ctx.needs_input_grad[0], ctx.needs_input_grad[1], row_scale=grad_output.reshape(-1).float(),
             )  # fmt: skip
-            scale = None
         else:
-            grad_hidden, grad_weight = ctx.saved_tensors
-            scale = grad_output
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "linear_cross_entropy computes its gradients in the forward: backward runs once"
+                )
+            grad_hidden, grad_weight = ctx.grads
+            ctx.grads = None
+            for grad in (grad_hidden, grad_weight):
+                if grad is not None:
+                    grad.mul_(grad_output)
         if grad_hidden is not None:
-            grad_hidden = (grad_hidden if scale is None else grad_hidden * scale).view(ctx.hidden_shape)
+            grad_hidden = grad_hidden.view(ctx.hidden_shape)
         if grad_weight is not None:
-            grad_weight = (grad_weight if scale is None else grad_weight * scale).to(ctx.weight_dtype)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None

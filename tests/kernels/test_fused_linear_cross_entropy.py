@@ -125,3 +125,12 @@ def test_under_autocast(backend, device):
     assert gh.dtype == gw.dtype == torch.float32
     for ours, ref in ((loss, loss_ref), (gh, gh_ref), (gw, gw_ref)):
         torch.testing.assert_close(ours, ref, atol=5e-2, rtol=2e-2)
+
+
+def test_second_backward_is_refused():
+    """The gradients are scaled in place and handed over: a retained graph must not reuse them."""
+    h, w, labels = _inputs(7, 64, 1000, "cpu")
+    loss = kernels.linear_cross_entropy(h.requires_grad_(), w, labels, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
