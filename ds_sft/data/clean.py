@@ -121,7 +121,7 @@ def dedup(records: list[dict], drops: Drops) -> list[dict]:
             drops.add(record["source"], "duplicate_exact")
             continue
         exact.add(exact_key)
-        folded_key = b"\x00".join(map(fold, fields))
+        folded_key = fold("\n\x01\n".join(fields))  # \x01 survives folding as a field separator
         if folded_key in folded:
             drops.add(record["source"], "duplicate_normalized")
             continue

@@ -138,16 +138,19 @@ def plot_lengths(path: Path, lengths_by_source: dict[str, np.ndarray], seq_len: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.12)  # fixed margins: no layout solver
     top = max([seq_len] + [int(lengths.max()) for lengths in lengths_by_source.values() if len(lengths)])
-    bins = np.linspace(0, top, 60)
+    edges = np.linspace(0, top, 61)
     for source, lengths in lengths_by_source.items():
-        ax.hist(lengths, bins=bins, histtype="step", linewidth=1.5, label=f"{source} (n={len(lengths):,})")
+        # np.histogram + stairs draws one line per source; ax.hist would build a patch per bin
+        ax.stairs(
+            np.histogram(lengths, bins=edges)[0], edges, linewidth=1.5, label=f"{source} (n={len(lengths):,})"
+        )
     ax.axvline(seq_len, color="black", linestyle="--", linewidth=1, label=f"seq_len {seq_len}")
     ax.set_xlabel("tokens per example (prompt + response + EOS)")
     ax.set_ylabel("examples")
     ax.set_yscale("log")
     ax.set_title("Token lengths per source")
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

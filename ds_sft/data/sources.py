@@ -14,8 +14,9 @@ A *schema* maps record fields to a file's columns. The known ones cover Alpaca
 files and chat ``messages`` lists. ``--source NAME=PATH`` picks the first schema whose required
 columns the file has, or uses an explicit ``--field_map``.
 
-Files are read through HF ``datasets`` (json / jsonl / parquet by extension). JSON text is checked
-line by line first, because Arrow's own parse error names neither the file nor the line.
+Files are read through HF ``datasets`` (json / jsonl / parquet by extension). When Arrow refuses a
+JSON file, it is re-read line by line to name the bad line, because Arrow's own parse error names
+neither; ``--skip_bad_rows`` then counts and leaves out the bad lines instead.
 """
 
 from __future__ import annotations
@@ -171,8 +172,9 @@ def _load_with_datasets(builder: str, path: Path, **kwargs) -> dict[str, list]:
 def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> dict[str, list]:
     """Read a json / jsonl / parquet file through ``datasets`` into columns (name -> list of values).
 
-    JSON text is checked first, since Arrow's parse errors name neither the file nor the line. A
-    ``.json`` file starting with ``{`` is JSON Lines (as ``datasets`` treats it too).
+    When Arrow refuses JSON text, the file is checked line by line to name the bad line (or, with
+    ``skip_bad_rows``, to count and leave out the bad lines). A ``.json`` file starting with ``{`` is
+    JSON Lines (as ``datasets`` treats it too).
     """
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -186,12 +188,17 @@ def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> di
     text = path.read_bytes()
     if not text.strip():
         raise UserError(f"{path}: the file is empty")
-    if path.suffix.lower() == ".json" and text.lstrip()[:1] != b"{":
-        _check_json_document(path, text)
+    try:
         return _load_with_datasets(builder, path)
-    good_lines = _valid_json_lines(path, skip_bad_rows, drops, source)
-    if good_lines is None:
-        return _load_with_datasets(builder, path)
+    except UserError:
+        # Arrow's parse errors name neither the line nor the cause: find them (only on failure, so a
+        # clean file is parsed once, by Arrow)
+        if path.suffix.lower() == ".json" and text.lstrip()[:1] != b"{":
+            _check_json_document(path, text)
+            raise  # valid JSON that Arrow still refuses: its own message is the best there is
+        good_lines = _valid_json_lines(path, skip_bad_rows, drops, source)
+        if good_lines is None:
+            raise
     # load just the good lines, from a temporary copy whose datasets cache goes away with it
     with tempfile.TemporaryDirectory(prefix="ds_sft_rows_") as tmp:
         cleaned = Path(tmp) / path.name
