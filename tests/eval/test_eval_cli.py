@@ -156,14 +156,18 @@ def test_eval_writes_every_measure(data_dir, model_dir, tmp_path):
     assert "| overall |" in md and "GSM8K" in md and (out / "val_loss_by_source.png").is_file()
 
 
-def test_compare_puts_two_models_side_by_side(data_dir, model_dir, tmp_path):
+def test_compare_puts_a_model_and_a_run_dir_side_by_side(data_dir, model_dir, tmp_path):
+    from ds_sft.model.checkpoint import load_model
+
     data_path, _ = data_dir
+    run_dir = tmp_path / "run"  # what `ds-sft train` leaves: RUN/final/ in the save_model layout
+    save_model(load_model(str(model_dir)), run_dir / "final")
     out = tmp_path / "compare"
     args = _parse(
         [
             "--compare",
             str(model_dir),
-            str(model_dir),
+            str(run_dir),
             "--data_dir",
             str(data_path),
             "--no_gsm8k",
@@ -178,10 +182,10 @@ def test_compare_puts_two_models_side_by_side(data_dir, model_dir, tmp_path):
     )
     assert cli.run(args) == 0
     first, second = json.loads((out / "eval.json").read_text())["models"]
-    assert (first["label"], second["label"]) == ("A:tiny", "B:tiny")
-    assert first["val"] == second["val"] and first["val"]["rows"] == 2
+    assert (first["label"], second["label"]) == ("tiny", "run")
+    assert first["val"] == second["val"] and first["val"]["rows"] == 2  # the same weights
     assert first["gsm8k"] is None and first["generations"] is None
-    assert "loss A:tiny | loss B:tiny" in (out / "eval.md").read_text()
+    assert "| loss tiny | loss run |" in (out / "eval.md").read_text()
 
 
 def test_model_with_a_smaller_vocabulary_is_refused(data_dir, tmp_path):
