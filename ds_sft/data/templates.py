@@ -53,19 +53,26 @@ def render_prompt(record: dict, template: str, tokenizer=None) -> str:
     ``template`` is ``alpaca`` or ``chat`` (resolve ``auto`` first with :func:`resolve_template`);
     ``chat`` needs the tokenizer whose chat template renders it.
     """
-    history = record.get("history") or []
     if template == "chat":
-        messages = [*history, {"role": "user", "content": _user_turn(record)}]
+        messages = [*(record.get("history") or []), {"role": "user", "content": _user_turn(record)}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if template != "alpaca":
         raise UserError(f"unknown template {template!r}; choose alpaca or chat")
+    fmt, values = alpaca_fields(record)
+    return fmt.format(**values)
+
+
+def alpaca_fields(record: dict) -> tuple[str, dict[str, str]]:
+    """The Alpaca format string that fits ``record`` and the values of its fields."""
     context = record.get("input") or ""
-    if history:  # earlier chat turns become a transcript in the input section
-        transcript = "\n".join(f"{turn['role'].capitalize()}: {turn['content']}" for turn in history)
+    if record.get("history"):  # earlier chat turns become a transcript in the input section
+        transcript = "\n".join(
+            f"{turn['role'].capitalize()}: {turn['content']}" for turn in record["history"]
+        )
         context = f"{transcript}\n\n{context}".strip()
     if context:
-        return ALPACA_PROMPT.format(instruction=record["instruction"], input=context)
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=record["instruction"])
+        return ALPACA_PROMPT, {"instruction": record["instruction"], "input": context}
+    return ALPACA_PROMPT_NO_INPUT, {"instruction": record["instruction"]}
 
 
 def answer_ids(tokenizer, response: str) -> list[int]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ds_sft.data.templates import ALPACA_PROMPT, answer_ids, render_prompt, resolve_template
-from ds_sft.data.tokenize import fit_to_length, tokenize_records
+from ds_sft.data.tokenize import AlpacaPrompts, fit_to_length, splits_cleanly_at_newlines, tokenize_records
 from ds_sft.data.tokenizer import load_tokenizer
 from ds_sft.errors import UserError
 
@@ -91,3 +91,24 @@ def test_answer_ids_are_the_trained_tokens(tiny_tokenizer):
     record = make_record("Say hi", "Hi there!\n#### 4")
     docs = tokenize_records([record], tiny_tokenizer, "alpaca", {"a": 0})
     assert docs.tokens[docs.prompt_lens[0] :].tolist() == answer_ids(tiny_tokenizer, record["response"])
+
+
+def test_spliced_alpaca_prompts_equal_whole_prompt_tokenization(shared):
+    """GPT-2's template text is tokenized once and spliced around the fields: same ids, every row."""
+    from ds_sft.data.clean import Drops, clean_records
+    from ds_sft.data.sources import SourceSpec, load_source
+
+    tokenizer = load_tokenizer("gpt2")
+    backend = tokenizer.backend_tokenizer
+    assert splits_cleanly_at_newlines(backend)
+    records = []
+    for name, rel in [
+        ("alpaca", "alpaca/alpaca_cleaned_first5k.json"),
+        ("dolly", "dolly/dolly_5k_instruction_input_output.jsonl"),
+    ]:
+        loaded, _ = load_source(SourceSpec(name, name, str(shared / "data" / rel)), False, Drops())
+        records += clean_records(loaded, Drops())[:1500]
+    splice = AlpacaPrompts(records, backend)
+    spliced = splice.assemble([e.ids for e in backend.encode_batch(splice.fields, add_special_tokens=False)])
+    whole = [e.ids for e in backend.encode_batch([render_prompt(r, "alpaca") for r in records])]
+    assert spliced == whole
