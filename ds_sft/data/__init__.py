@@ -4,6 +4,7 @@
 
     sources   files or hub ids -> normalized records {id, source, category, instruction, input, response}
     clean     text normalization, counted drops, dedup, 13-gram decontamination
+    tokenizer the base model's tokenizer from tokenizer.json / HF dir / GGUF / "gpt2" / an alias
     templates a record -> prompt text (Alpaca-style or the tokenizer's chat template)
     tokenize  prompt and response tokenized apart -> ids + loss mask by construction
     pack      best-fit-decreasing packing of documents into rows of seq_len
