@@ -373,9 +373,18 @@ def gemm_flops(n: int, device: torch.device, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(timings)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def gpu_peak(device: torch.device) -> tuple[str, float | None]:
+    """The device's name and its datasheet bf16 peak (None on CPU or an unknown GPU)."""
     if device.type != "cuda":
-        return platform.processor() or platform.machine(), None
+        return cpu_name(), None
     name = torch.cuda.get_device_name(device)
     peak = next((flops for key, flops in GPU_BF16_PEAK.items() if key in name), None)
     return name, peak
@@ -549,6 +558,8 @@ def main(argv=None) -> int:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "cpu_count": os.cpu_count(),
+            # these machines are shared: a busy neighbour shows here, and scales every absolute figure
+            "load_average_1min_at_start": os.getloadavg()[0],
         },
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "model_parameters": config.num_parameters(),
@@ -564,7 +575,11 @@ def main(argv=None) -> int:
         result["c"] = part_c(args, config, device, result.get("a"), batches)
     if "b" in args.parts:
         result["b"] = part_b(args, device)
+    result["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
     print_tables(result)
+    machine = result["machine"]
+    start_load, end_load = machine["load_average_1min_at_start"], machine["load_average_1min_at_end"]
+    print(f"\n{machine['device']}, {machine['threads']} threads, load {start_load:.1f} -> {end_load:.1f}")
     out = (
         Path(args.out) if args.out else RESULTS_DIR / f"train_throughput{'.quick' if args.quick else ''}.json"
     )
