@@ -12,6 +12,7 @@ Only rank 0 writes; other ranks get a sink that does nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -49,8 +50,9 @@ def measure_matmul_flops(dtype, size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
+@functools.cache
 def peak_flops(bf16: bool) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number comes from)."""
+    """(peak FLOP/s of one device, where the number comes from); measured once per process."""
     import torch
 
     if torch.cuda.is_available():
