@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(eng, "--precision", "fp32 or bf16 (bf16.enabled)", choices=["fp32", "bf16"])
     flag(eng, "--micro_batch_size", "rows per rank per micro-step (train_micro_batch_size_per_gpu)", type=int)
     flag(eng, "--grad_accum", "micro-steps per optimizer step (gradient_accumulation_steps)", type=int)
+    flag(
+        eng,
+        "--dist_timeout",
+        "seconds a collective waits for the other ranks before the run fails: a dead or frozen rank "
+        "then stops the job instead of hanging it",
+        type=int,
+    )
     eng.add_argument(
         "--local_rank",
         type=int,
@@ -179,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.train.loop import train
     from ds_sft.train.report import write_report
 
-    rank, world = init_distributed()
+    rank, world = init_distributed(timeout_s=s.dist_timeout)
     run_dir = Path(s.out_dir)
     effective = config_module.effective_config(ds_config, s)
     if rank == 0:

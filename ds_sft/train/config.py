@@ -47,6 +47,7 @@ DEFAULTS: dict = {
     "weight_decay": 0.05,
     "grad_clip": 1.0,
     "seed": 1337,
+    "dist_timeout": 600,
     "eval_interval": 10,
     "eval_iters": 8,
     "log_interval": 1,
@@ -322,6 +323,7 @@ def validate(ds_config: dict, s: dict, world_size: int) -> None:
         "keep_last",
         "max_nan_steps",
         "alarm_rising_evals",
+        "dist_timeout",
     ):
         if not isinstance(s[flag], int) or s[flag] < 1:
             raise UserError(f"--{flag} must be a positive integer, got {s[flag]!r}")

@@ -16,6 +16,7 @@ engine's job, configured by the JSON.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import math
 import os
@@ -99,8 +100,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
     """Join (or, for a plain ``python``, create) the process group. Returns (rank, world size).
+
+    ``timeout_s`` bounds every collective (None: DeepSpeed's default, $DEEPSPEED_TIMEOUT minutes).
 
     The deepspeed launcher and torchrun export RANK / WORLD_SIZE / LOCAL_RANK; Slurm's ``srun``
     exports SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID instead; a plain process gets a one-rank
@@ -118,7 +121,14 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        if timeout:
+            # DeepSpeed builds its data-parallel groups with dist.new_group(ranks), which takes torch's
+            # module default (30 min) rather than the world group's timeout: make that default ours.
+            import torch.distributed.distributed_c10d as c10d
+
+            c10d.default_pg_timeout = timeout["timeout"]
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
