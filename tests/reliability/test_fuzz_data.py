@@ -163,3 +163,35 @@ def test_alpaca_template_keeps_every_character(instruction, extra, history):
     assert instruction in prompt
     assert extra in prompt
     assert all(content in prompt for _, content in history)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(file=instruction_files(), skip_bad_rows=st.booleans())
+def test_prepare_manifest_accounts_for_every_row(gpt2_tokenizer_dir, file, skip_bad_rows):
+    """The whole ``ds-sft prepare`` command: exit 0 with a manifest whose counts add up, or exit 2."""
+    import contextlib
+    import io
+
+    from ds_sft.cli import main
+
+    suffix, data, n_rows = file
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"rows{suffix}"
+        path.write_bytes(data)
+        argv = ["prepare", "--source", f"fuzz={path}", "--tokenizer", str(gpt2_tokenizer_dir),
+                "--seq_len", "256", "--output_dir", str(Path(tmp) / "out"), "--force"]  # fmt: skip
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv + (["--skip_bad_rows"] if skip_bad_rows else []))
+        if code != 0:
+            prefix = "ds-sft prepare: error: "
+            errors = [line for line in stderr.getvalue().splitlines() if line.startswith(prefix)]
+            assert code == 2 and len(errors) == 1, stderr.getvalue()[-2000:]
+            event(f"refused: {errors[0][len(prefix) :][:40]}")
+            return
+        counts = json.loads((Path(tmp) / "out" / "manifest.json").read_text())["counts"]["fuzz"]
+    event(f"prepared: {counts['kept']} of {counts['rows_in']} kept")
+    is_array = data.lstrip(b"\xef\xbb\xbf \n").startswith(b"[")
+    if not is_array:
+        assert counts["rows_in"] == n_rows
+    assert counts["rows_in"] == counts["kept"] + sum(counts["dropped"].values()), counts
