@@ -309,7 +309,8 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
         tag = checkpointing.save(engine, ckpt_dir, step, trainer_state, s.keep_last)
         say(f"saved checkpoint {ckpt_dir / tag}")
 
-    with preemption_flag() as flag:
+    # `progress` as a context: an error closes the bar first, so its message gets a line of its own
+    with preemption_flag() as flag, progress:
         for step in range(first_step, s.max_iters):
             lr = lr_at(step, s.learning_rate, s.min_lr, s.warmup_iters, s.max_iters)
             set_lr(engine, lr)
