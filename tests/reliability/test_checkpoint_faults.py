@@ -44,13 +44,10 @@ def copy_of(clean_run, tmp_path: Path) -> Path:
 
 
 def error_line(stderr: str) -> str:
-    """The one error line, from ``ds-sft train: error:`` to its end."""
-    lines = [line[line.index(ERROR) :] for line in stderr.splitlines() if ERROR in line]
-    assert len(lines) == 1, stderr[-3000:]
+    """The one error line, on a line of its own (not glued to the end of a progress bar)."""
+    lines = [line for line in stderr.splitlines() if "ds-sft train: error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("ds-sft train: error:"), stderr[-3000:]
     return lines[0]
-
-
-ERROR = "ds-sft train: error:"
 
 
 def test_crash_mid_save_leaves_latest_on_the_previous_complete_checkpoint(clean_run, ds_env, tmp_path):
