@@ -62,3 +62,15 @@ def test_train_throughput_quick_json_has_every_part(quick_summary):
     assert len({(layout["tokens"], layout["trained_tokens"]) for layout in layouts.values()}) == 1
     assert layouts["pad_to_longest"]["slots"] <= layouts["pad_to_seq_len"]["slots"]
     assert data["c"]["fraction_of_gemm"] > 0 and data["c"]["gemm_bf16_flops"] > 0
+
+
+def test_scripts_run_in_order_and_unknown_names_are_refused():
+    from ds_sft.errors import UserError
+
+    names = [script.stem for script in available_scripts([])]
+    assert names[-1] == "train_throughput"  # the longest runs last
+    known_first = [name for name in ("prepare_speed", "kernels", "fp8") if name in names]
+    assert names[: len(known_first)] == known_first
+    assert [s.stem for s in available_scripts(["train_throughput"])] == ["train_throughput"]
+    with pytest.raises(UserError, match="no benchmark 'nope'"):
+        available_scripts(["nope"])
