@@ -21,6 +21,12 @@ asked for that one checkpoint and stops instead. A disk error while saving (full
 the run with one line saying so and that the previous checkpoint, which ``latest`` still names, is
 intact.
 
+Pickled code: DeepSpeed unpickles its checkpoint files with ``torch.load(weights_only=False)``, which
+runs whatever a tampered file names. So before it does, every ``.pt`` of the tag is scanned (torch's
+``get_unsafe_globals_in_checkpoint`` reads the pickle's opcodes without executing them) and refused,
+like a damaged file, if it names anything beyond :data:`CHECKPOINT_GLOBALS`: the few classes that
+DeepSpeed's ZeRO 0-3 fp32/bf16 checkpoints and our numpy RNG state hold.
+
 Exact resume needs everything that shapes the next step: weights, optimizer moments and step
 counts (the engine), the position in the data stream (the sampler state), the RNG of every rank
 (gathered to rank 0 into the client state), and the step counter (which fixes the lr).
@@ -50,6 +56,19 @@ from pathlib import Path
 import numpy as np
 
 STATE_FILE = "trainer_state.json"
+
+# Everything a ds-sft checkpoint pickles beyond tensors and plain containers (collected from ZeRO 0-3
+# checkpoints in fp32 and bf16; numpy's _reconstruct moved to numpy._core in numpy 2).
+CHECKPOINT_GLOBALS = {
+    "numpy.dtype",
+    "numpy.ndarray",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray._reconstruct",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+}
 
 
 def tag_for(step: int) -> str:
@@ -104,7 +123,7 @@ def sha256(path: Path) -> str:
 
 
 def damage(tag_dir: Path) -> str | None:
-    """Why ``tag_dir`` cannot be resumed from (missing, truncated or corrupted files), or None."""
+    """Why ``tag_dir`` cannot be resumed from (missing, truncated, corrupted or code-carrying files)."""
     if not (tag_dir / STATE_FILE).is_file():
         return f"it has no {STATE_FILE} (the save never completed)"
     try:
@@ -120,6 +139,23 @@ def damage(tag_dir: Path) -> str | None:
             return f"{name} is truncated or overwritten ({size:,} bytes, {digest['bytes']:,} when saved)"
         if sha256(path) != digest["sha256"]:
             return f"{name} is corrupted (its sha256 differs from the one recorded when saved)"
+    return pickled_code(tag_dir)
+
+
+def pickled_code(tag_dir: Path) -> str | None:
+    """Which ``.pt`` file of ``tag_dir`` names Python objects a checkpoint never holds, or None."""
+    import pickle
+
+    import torch
+
+    for path in sorted(tag_dir.glob("*.pt")):
+        try:
+            named = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            unexpected = sorted(set(named) - CHECKPOINT_GLOBALS)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as err:
+            return f"{path.name} cannot be checked for pickled code ({str(err).strip().splitlines()[0]})"
+        if unexpected:
+            return f"{path.name} names Python objects no checkpoint holds ({', '.join(unexpected)})"
     return None
 
 
