@@ -9,6 +9,7 @@ very weights of the clean 60-step run, bit for bit. What counts as intact is dec
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from ds_sft.train import checkpointing
 
-from .conftest import write_tiny_data_dir
+from .conftest import Payload, write_tiny_data_dir
 from .runs import SAVE_EVERY, assert_same_weights, final_weights, run, train_flags, trajectory
 
 pytestmark = pytest.mark.multiproc
@@ -88,6 +89,30 @@ def test_damaged_latest_falls_back_to_the_previous_checkpoint(clean_run, ds_env,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     warning = next(line for line in resumed.stderr.splitlines() if line.startswith("warning: skipping"))
     assert "step_000060" in warning and victim.name in warning and word in warning
+    assert "resumed from" in resumed.stdout and "step_000040" in resumed.stdout
+    assert_same_weights(final_weights(clean), final_weights(run_dir))
+
+
+def test_checkpoint_carrying_pickled_code_is_never_unpickled(clean_run, ds_env, tmp_path):
+    """DeepSpeed loads with weights_only=False: the trainer must refuse a tampered file before it does."""
+    import torch
+
+    data, clean = clean_run
+    run_dir = copy_of(clean_run, tmp_path)
+    tag_dir = run_dir / "checkpoints" / "step_000060"
+    victim = next(tag_dir.glob("*model_states.pt"))
+    sentinel = tmp_path / "payload_ran"
+    torch.save({**torch.load(victim, weights_only=False), "hook": Payload(sentinel)}, victim)
+    # the attacker rewrites the recorded digests too, so only the pickle scan stands in the way
+    state_file = tag_dir / checkpointing.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "files": checkpointing.file_digests(tag_dir)}))
+
+    resumed = run(train_flags(data, run_dir, STEPS), ds_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not sentinel.exists(), "resuming ran code from the checkpoint"
+    warning = next(line for line in resumed.stderr.splitlines() if line.startswith("warning: skipping"))
+    assert "step_000060" in warning and victim.name in warning and "io.open" in warning
     assert "resumed from" in resumed.stdout and "step_000040" in resumed.stdout
     assert_same_weights(final_weights(clean), final_weights(run_dir))
 

@@ -20,15 +20,7 @@ from ds_sft.model.checkpoint import load_model, save_model
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
 
-
-class _Payload:
-    """Unpickling this object opens (creates) ``path``: harmless, and visible if it ever ran."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
+from .conftest import Payload
 
 
 def _tiny_state() -> dict[str, torch.Tensor]:
@@ -56,7 +48,7 @@ WRITERS = {"zip": _write_zip, "legacy": _write_legacy, "raw-pickle": _write_raw_
 def test_pickled_code_is_refused_and_never_runs(tmp_path, writer, suffix):
     sentinel = tmp_path / "payload_ran"
     path = tmp_path / f"evil{suffix}"
-    WRITERS[writer](path, {"model": _tiny_state(), "trainer": _Payload(sentinel)})
+    WRITERS[writer](path, {"model": _tiny_state(), "trainer": Payload(sentinel)})
 
     with pytest.raises(UserError) as err:
         load_model(path)
@@ -68,7 +60,7 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path, writer, suffix):
 
 def test_refusal_names_the_offending_global(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"model": _tiny_state(), "trainer": _Payload(tmp_path / "ran")}, path)
+    torch.save({"model": _tiny_state(), "trainer": Payload(tmp_path / "ran")}, path)
     with pytest.raises(UserError, match=r"(io|builtins)\.open"):
         load_model(path)
 
