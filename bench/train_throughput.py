@@ -88,6 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--gemm_size", type=int, default=None, help="n of the n x n x n bf16 GEMM (default 4096)"
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add a contender: the ds-sft step under torch.compile (ds-sft train --compile); its first "
+        "steps compile (~30 s on CPU), so raise --warmup",
+    )
+    parser.add_argument(
         "--kernels", default="auto", help="ds-sft kernels backend: auto, triton, torch, eager"
     )
     parser.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
@@ -292,9 +298,10 @@ def hf_step(config: ModelConfig, device: torch.device, lr: float = 1e-4) -> Call
     return step
 
 
-def deepspeed_step(config: ModelConfig, micro_batch: int):
+def deepspeed_step(config: ModelConfig, micro_batch: int, compile: bool = False):
     """The ds-sft training step itself: ``ds_configs/zero2.json`` with bf16 on, the trainer's engine
-    (parameter groups, ``deepspeed.initialize``) and its token-normalized ``train_step``."""
+    (parameter groups, ``deepspeed.initialize``) and its token-normalized ``train_step``; with
+    ``compile`` the engine's module goes through ``torch.compile`` as ``ds-sft train --compile`` does."""
     from ds_sft.train.config import read_json
     from ds_sft.train.engine import build_engine, init_distributed
     from ds_sft.train.loop import train_step
@@ -307,6 +314,8 @@ def deepspeed_step(config: ModelConfig, micro_batch: int):
     ds_config.update(train_micro_batch_size_per_gpu=micro_batch, steps_per_print=10**9)
     ds_config["bf16"] = {"enabled": True}
     engine, _ = build_engine(LlamaModel(config), ds_config, weight_decay=0.05)
+    if compile:
+        engine.compile()
 
     def step(batch: dict) -> float:
         return train_step(engine, [batch], world_size)["loss"]
@@ -399,13 +408,17 @@ def part_a(args, config: ModelConfig, device, batches) -> dict:
         "dssft_model_adamw": plain_dssft_step(config, device),
         "dssft_deepspeed_zero2": deepspeed_step(config, args.micro_batch),
     }
+    if args.compile:
+        contenders["dssft_deepspeed_zero2_compiled"] = deepspeed_step(config, args.micro_batch, compile=True)
     seconds, losses = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
     tokens = args.micro_batch * args.seq_len
     rows = {
         name: {"step_s": s, "tokens_per_s": tokens / s, "last_loss": losses[name]}
         for name, s in seconds.items()
     }
-    contenders["dssft_deepspeed_zero2"].engine.destroy()
+    for name, step in contenders.items():
+        if name.startswith("dssft_deepspeed"):
+            step.engine.destroy()
     baseline = rows["hf_llama_adamw"]["tokens_per_s"]
     return {
         "rows": rows,
@@ -475,21 +488,22 @@ def part_b(args, device) -> dict:
 
 
 def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) -> dict:
+    """FLOP/s of the ds-sft step (compiled when ``--compile``) against the GEMM and the GPU peak."""
+    name = "dssft_deepspeed_zero2_compiled" if args.compile else "dssft_deepspeed_zero2"
     if a_result is None:  # (c) alone: time the ds-sft step by itself
-        step = deepspeed_step(config, args.micro_batch)
-        seconds, _ = measure_round_robin(
-            {"dssft_deepspeed_zero2": step}, batches, device, args.warmup, args.steps
-        )
+        step = deepspeed_step(config, args.micro_batch, compile=args.compile)
+        seconds, _ = measure_round_robin({name: step}, batches, device, args.warmup, args.steps)
         step.engine.destroy()
-        tokens_per_s = args.micro_batch * args.seq_len / seconds["dssft_deepspeed_zero2"]
+        tokens_per_s = args.micro_batch * args.seq_len / seconds[name]
     else:
-        tokens_per_s = a_result["rows"]["dssft_deepspeed_zero2"]["tokens_per_s"]
+        tokens_per_s = a_result["rows"][name]["tokens_per_s"]
     gemm_n = args.gemm_size or (8192 if device.type == "cuda" else 4096)
     gemm = gemm_flops(gemm_n, device)
     per_token = flops_per_token(config, args.seq_len)
     achieved = tokens_per_s * per_token
     device_name, peak = gpu_peak(device)
     return {
+        "step": name,
         "flops_per_token": per_token,
         "tokens_per_s": tokens_per_s,
         "achieved_flops": achieved,
@@ -511,10 +525,10 @@ def print_tables(result: dict) -> None:
         a = result["a"]
         steps = result["config"]["steps"]
         print(f"\n(a) train step, {a['tokens_per_step']} tokens/step, median of {steps} steps")
-        print(f"{'contender':<24}{'step s':>10}{'tokens/s':>12}{'vs HF':>8}")
+        print(f"{'contender':<32}{'step s':>10}{'tokens/s':>12}{'vs HF':>8}")
         for name, row in a["rows"].items():
             print(
-                f"{name:<24}{row['step_s']:>10.3f}{row['tokens_per_s']:>12.0f}{a['speedup_vs_hf'][name]:>7.2f}x"
+                f"{name:<32}{row['step_s']:>10.3f}{row['tokens_per_s']:>12.0f}{a['speedup_vs_hf'][name]:>7.2f}x"
             )
     if "b" in result:
         b = result["b"]
