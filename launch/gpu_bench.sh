@@ -68,7 +68,7 @@ step "ds-sft bench" "$OUT/bench.txt" "$PY" -m ds_sft.cli bench
 # 4. Training throughput at GPU sizes: 112m (the MFU target) and SmolLM2-135M, 16 x 1024 rows.
 for preset in 112m smollm2-135m; do
     step "train_throughput $preset" "$OUT/train_throughput_$preset.txt" \
-        "$PY" bench/train_throughput.py --preset "$preset" --seq_len 1024 --micro_batch 16 --steps 20 \
+        "$PY" bench/train_throughput.py --preset "$preset" --seq_len 1024 --micro_batch 16 --steps 20 --compile \
         --warmup 3 --b_rows 64 "${DATA_FLAG[@]}" --out "$OUT/train_throughput_$preset.json"
 done
 
