@@ -35,8 +35,9 @@ import torch
 
 from kernels.reference import REDUCTIONS
 
-# 1,024 tokens x V 50,304: a 206 MB fp32 logits chunk. Measured on 2 CPU cores: as fast as the
-# eager loss at a tenth of its peak memory (bench/kernels.py).
+# 1,024 tokens x V 50,304: a 206 MB fp32 logits chunk. Measured on 2 busy CPU cores at 8,192 tokens,
+# hidden 768 (bench/kernels.py): peak +368 MB fp32 / +467 MB bf16 against eager's +4.7 GB (0.08x /
+# 0.10x), at 0.97x / 0.83x its time.
 DEFAULT_CHUNK_SIZE = 1024
 
 
