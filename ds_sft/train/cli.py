@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '(Transformer Engine); the JSON\'s "fp8" section is the recipe',
         choices=["off", "emulated", "te"],
     )
+    flag(
+        io,
+        "--kernels",
+        "RMSNorm and loss kernels: auto (Triton on CUDA, chunked PyTorch elsewhere), triton, torch "
+        "(chunked, never holds the full logits) or eager (the reference)",
+        choices=["auto", "triton", "torch", "eager"],
+    )
     flag(io, "--compile", "torch.compile the engine's module", action="store_const", const=True)
     flag(
         io,
@@ -136,7 +143,10 @@ def build_model(s):
     from ds_sft.model.llama import LlamaModel
 
     torch.manual_seed(s.seed)  # every rank builds identical weights
-    model = load_model(s.base_model) if s.base_model is not None else LlamaModel(ModelConfig.preset(s.model))
+    if s.base_model is not None:
+        model = load_model(s.base_model, config_overrides={"kernels": s.kernels})
+    else:
+        model = LlamaModel(ModelConfig.preset(s.model, kernels=s.kernels))
     model.config.activation_checkpointing = bool(s.activation_checkpointing)
     if s.fp8 != "off":
         from ds_sft.model.fp8 import Fp8Recipe, apply_fp8

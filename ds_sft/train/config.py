@@ -34,6 +34,7 @@ DEFAULTS: dict = {
     "model": None,
     "out_dir": "runs/train",
     "fp8": "off",
+    "kernels": "auto",
     "compile": False,
     "activation_checkpointing": False,
     "zero_stage": 2,
@@ -346,6 +347,8 @@ def validate(ds_config: dict, s: dict, world_size: int) -> None:
     ds_config["train_batch_size"] = expected
     if s["fp8"] not in ("off", "emulated", "te"):
         raise UserError(f"--fp8 must be off, emulated or te, got {s['fp8']!r}")
+    if s["kernels"] not in ("auto", "triton", "torch", "eager"):
+        raise UserError(f"--kernels must be auto, triton, torch or eager, got {s['kernels']!r}")
     if s["wandb_mode"] not in (None, "offline", "online", "disabled"):
         raise UserError(f"--wandb_mode must be offline, online or disabled, got {s['wandb_mode']!r}")
     if (s["base_model"] is None) == (s["model"] is None):

@@ -92,6 +92,7 @@ ORACLE = {
     ("ds_sft", "alarm_gap"): (lambda v: _number(v) and v >= 0, ["alarm_gap"]),
     ("ds_sft", "out_dir"): (lambda v: isinstance(v, str) and v.strip() != "", ["out_dir"]),
     ("ds_sft", "fp8"): (lambda v: v in ("off", "emulated", "te"), ["fp8"]),
+    ("ds_sft", "kernels"): (lambda v: v in ("auto", "triton", "torch", "eager"), ["kernels"]),
     ("ds_sft", "compile"): (lambda v: isinstance(v, bool), ["compile"]),
     ("ds_sft", "wandb_mode"): (lambda v: v is None or v in ("offline", "online", "disabled"), ["wandb_mode"]),
     # whole sections: random dicts hold unknown keys, so only these few are valid

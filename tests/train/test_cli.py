@@ -205,3 +205,21 @@ def test_data_tokenized_for_a_larger_vocabulary_is_refused(tmp_path, capsys, dis
     assert (
         "tokenized with a 50,257-token vocabulary but the model has 256 embeddings" in capsys.readouterr().err
     )
+
+
+def test_chunked_kernels_train_like_the_eager_reference(data_dir, tmp_path, dist_env):
+    """``--kernels torch`` (chunked loss, logits never whole) follows ``--kernels eager`` step by step."""
+
+    def losses(kernels: str) -> list[float]:
+        out = tmp_path / kernels
+        flags = ["--data_dir", str(data_dir), "--model", "tiny", "--out_dir", str(out), "--kernels", kernels]
+        flags += ["--micro_batch_size", "2", "--grad_accum", "2", "--max_iters", "30"]
+        flags += ["--eval_interval", "30"]
+        flags += ["--eval_iters", "1", "--save_interval", "1000", "--wandb_mode", "disabled"]
+        assert main(["train", *flags, "--learning_rate", "3e-3", "--zero_stage", "0"]) == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if r["type"] == "train"]
+
+    eager, chunked = losses("eager"), losses("torch")
+    assert len(eager) == 30 and eager[-1] < eager[0]
+    assert chunked == pytest.approx(eager, abs=1e-5)
