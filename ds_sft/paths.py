@@ -6,6 +6,7 @@ machine without hub access still has a real pretrained LLaMA-architecture model.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -46,3 +47,12 @@ def resolve_model_path(spec: str) -> Path:
         aliases = ", ".join(MODEL_ALIASES)
         raise UserError(f"model {spec!r} not found: pass an existing path or one of the aliases: {aliases}")
     return path
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks (inputs and checkpoints can be gigabytes)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

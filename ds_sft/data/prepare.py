@@ -304,7 +304,7 @@ def cache_key(args: argparse.Namespace, inputs: list[dict], tokenizer_hash: str,
 
 
 def input_fingerprints(specs: list) -> list[dict]:
-    from ds_sft.data.sources import sha256_file
+    from ds_sft.paths import sha256_file
 
     return [
         {"name": s.name, "sha256": sha256_file(Path(s.location).expanduser())}

@@ -44,7 +44,6 @@ DeepSpeed's ``zero_to_fp32`` does not handle stage 0 at all.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -54,6 +53,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from ds_sft.paths import sha256_file
 
 STATE_FILE = "trainer_state.json"
 
@@ -111,15 +112,7 @@ def gather_rng_states() -> list[dict]:
 def file_digests(tag_dir: Path) -> dict:
     """{file name: {"bytes", "sha256"}} for every file DeepSpeed wrote into ``tag_dir``."""
     files = sorted(p for p in tag_dir.iterdir() if p.is_file() and p.name != STATE_FILE)
-    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
 def damage(tag_dir: Path) -> str | None:
@@ -137,7 +130,7 @@ def damage(tag_dir: Path) -> str | None:
         size = path.stat().st_size
         if size != digest["bytes"]:
             return f"{name} is truncated or overwritten ({size:,} bytes, {digest['bytes']:,} when saved)"
-        if sha256(path) != digest["sha256"]:
+        if sha256_file(path) != digest["sha256"]:
             return f"{name} is corrupted (its sha256 differs from the one recorded when saved)"
     return pickled_code(tag_dir)
 
