@@ -85,6 +85,11 @@ class KVCache:
         self.document_ids[:, self.length : end] = document_ids
         self.length = end
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch ``rows`` (indices, in order): generation drops the rows that finished."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        self.document_ids = self.document_ids[rows]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's ``k, v [B, Hkv, T, D]`` for ``layer``; return all keys and values so far."""
         start = self.length - k.shape[2]
@@ -119,9 +124,15 @@ class Attention(nn.Module):
             attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
             y = attend(q, k, v, block_mask=mask, enable_gqa=groups > 1)
         else:
-            if groups > 1:
+            # Generation: enable_gqa reads each cached key/value head in place instead of copying it
+            # per query head (on CPU those copies cost more than the attention). Training keeps the
+            # copies, which every SDPA backend accepts.
+            share_kv = kv_cache is not None and groups > 1
+            if groups > 1 and not share_kv:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=share_kv
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
