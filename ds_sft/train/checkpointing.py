@@ -35,6 +35,9 @@ Resuming on a different world size: ZeRO 1-3 shard the optimizer state by rank a
 refuses to re-partition it, so the checkpoint is converted once to DeepSpeed's *universal* format
 (``ds_to_universal``: one fp32 file per parameter, optimizer moments included) and loaded with
 ``checkpoint.load_universal``; the continuation keeps the optimizer state, not just the weights.
+At ZeRO 3, DeepSpeed 0.19.8's universal load shares one Adam step counter among the parameter
+groups and gives every group the first group's weight decay: :func:`repair_zero3_universal_load`
+puts both right, and the continuation then matches the uninterrupted run.
 
 Final weights: :func:`consolidated_state_dict` asks each parameter for its fp32 master copy
 (``safe_get_full_fp32_param``, which gathers ZeRO partitions), falling back to the bf16 optimizer's
@@ -295,11 +298,42 @@ def load(engine, tag_dir: Path, universal: bool = False) -> dict:
     )
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+    if universal and engine.zero_optimization_stage() == 3:
+        repair_zero3_universal_load(engine.optimizer, tag_dir)
     rng_states = client_state["rng"]
     rank = dist.get_rank()
     if rank < len(rng_states):  # on a larger world, the new ranks keep their fresh seeds
         set_rng_state(rng_states[rank])
     return client_state["trainer"]
+
+
+def repair_zero3_universal_load(zero3_optimizer, universal_dir: Path) -> None:
+    """Undo two mistakes of DeepSpeed 0.19.8's ZeRO-3 universal load (``stage3.py``,
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``); ZeRO 1/2 load each group on its own.
+
+    1. ``state_step = optim_sd[...]['state'][0]['step']`` (line 3664), then
+       ``self.optimizer.state[fp32_param]['step'] = state_step`` for every sub-group (line 3681): one
+       tensor object shared by all of them. torch's Adam increments ``step`` *in place* once per
+       group it updates, so with two groups the counter runs ahead twice as fast and every group
+       after the first applies the wrong bias correction from the first update on. The first resumed
+       loss is computed before that update, so the drift shows from the second (tiny model, 2 ranks
+       -> 1: 2.4e-3, then 5.0e-3). Each sub-group gets its own copy back.
+    2. The loop at line 3687 copies ``param_groups[0]``'s hyperparameters onto every group, so the
+       no-decay group (norms, embeddings) decays like the projections. Each group gets its own saved
+       hyperparameters back (the lr is rewritten before every step anyway).
+    """
+    import torch
+
+    inner = zero3_optimizer.optimizer
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    # Written by convert_to_universal from an intact, pickle-checked checkpoint; DeepSpeed has just
+    # unpickled this same file the same way.
+    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", weights_only=False)
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    for group, saved_group in zip(inner.param_groups, saved_groups, strict=True):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
 
 
 def consolidated_state_dict(engine) -> dict:

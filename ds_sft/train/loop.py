@@ -260,11 +260,6 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
     say("parameter groups:\n" + format_group_table(group_table))
     if tag_dir is not None:
         state = checkpointing.load(engine, tag_dir, universal=universal)
-        if universal:
-            # DeepSpeed's ZeRO-3 universal load copies group 0's hyperparameters onto every group,
-            # weight decay included (measured: norms and embeddings then decay): put ours back.
-            for group, row in zip(engine.optimizer.param_groups, group_table, strict=True):
-                group["weight_decay"] = row["weight_decay"]
         sampler.load_state_dict(state["sampler"])
         say(
             f"resumed from {tag_dir} at step {state['step']}"
