@@ -11,6 +11,12 @@ A :class:`~ds_sft.model.llama.KVCache` keeps every layer's keys and values, so a
 over the prompts (the "prefill") each new token costs one forward of a single column. A row stops at
 one of ``eos_ids``, or when its decoded completion contains one of ``stop_strings``; the batch stops
 when every row has, or after ``max_new_tokens``.
+
+A finished row would otherwise keep costing a full share of every step (its cache is read by the
+attention like any other row's) while the slowest row is still writing. So once a quarter of the
+rows still computed have finished, those rows leave the batch: their cache rows are dropped and the
+step shrinks. Shrinking in quarters copies the cache only a logarithmic number of times. Each row's
+tokens do not depend on its neighbours, so the answers are the same either way.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ import torch
 from ds_sft.errors import UserError
 from ds_sft.model.llama import KVCache, LlamaModel
 
+# Drop the finished rows from the batch once at most this share of it is still writing.
+SHRINK_AT = 0.75
 
-@torch.no_grad()
+
+@torch.inference_mode()
 def generate(
     model: LlamaModel,
     prompts_ids: Sequence[Sequence[int]],
@@ -59,6 +68,7 @@ def generate(
 
     ids, positions, documents = left_pad(prompts_ids, pad_id, device)
     lengths = torch.tensor([len(p) for p in prompts_ids], device=device)
+    rows = torch.arange(batch, device=device)  # the prompt each batch row still computed answers
     with _eval_mode(model):  # train mode would checkpoint activations around the cache
         cache = (
             KVCache(model.config, batch, width + max_new_tokens, model.wte.weight.dtype, device)
@@ -73,16 +83,27 @@ def generate(
             hidden = model.hidden_states(step_ids, step_positions, step_documents, kv_cache=cache)
             next_ids = sample(model.logits(hidden[:, -1]).float(), temperature, top_p, generator)
             is_eos = torch.isin(next_ids, eos).tolist()
-            for row, token in enumerate(next_ids.tolist()):
-                if finished[row]:
+            for prompt, token, ends in zip(rows.tolist(), next_ids.tolist(), is_eos, strict=True):
+                if finished[prompt]:
                     continue
-                if is_eos[row]:
-                    finished[row] = True
+                if ends:
+                    finished[prompt] = True
                     continue
-                completions[row].append(token)
-                finished[row] = bool(stop_strings) and _ends_with_stop(completions[row], stop_strings, decode)
-            if all(finished):
+                completion = completions[prompt]
+                completion.append(token)
+                finished[prompt] = bool(stop_strings) and _ends_with_stop(completion, stop_strings, decode)
+            live = [i for i, prompt in enumerate(rows.tolist()) if not finished[prompt]]
+            if not live:
                 break
+            if len(live) <= SHRINK_AT * len(rows):
+                keep = torch.tensor(live, device=device)
+                rows, lengths, next_ids = rows[keep], lengths[keep], next_ids[keep]
+                if cache is not None:
+                    cache.keep_rows(keep)
+                else:
+                    step_ids, step_positions, step_documents = (
+                        t[keep] for t in (step_ids, step_positions, step_documents)
+                    )
             new_positions = (lengths + step)[:, None]
             new_documents = torch.zeros_like(new_positions)
             if cache is not None:  # feed only the new column

@@ -30,14 +30,10 @@ def test_batched_kv_cache_greedy_equals_each_prompt_alone_without_cache(model):
 
 
 def test_greedy_equals_transformers_generate_with_left_padding(model):
-    from transformers import LlamaForCausalLM
-
-    hf = LlamaForCausalLM(hf_config(model.config))
-    hf.load_state_dict(to_hf_state_dict(model), strict=False)
     width = max(map(len, PROMPTS))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
-    out = hf.eval().generate(
+    out = _hf_twin(model).generate(
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=10,
@@ -46,6 +42,47 @@ def test_greedy_equals_transformers_generate_with_left_padding(model):
         eos_token_id=None,
     )
     assert generate(model, PROMPTS, max_new_tokens=10) == out[:, width:].tolist()
+
+
+def _hf_twin(model):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM(hf_config(model.config))
+    hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    return hf.eval()
+
+
+def test_rows_that_finish_leave_the_batch_without_changing_the_others(model):
+    prompts = PROMPTS + [[7] * 5, [11, 12], list(range(30, 40)), [250] * 9, [1]]
+    free = generate(model, prompts, max_new_tokens=16)
+    # one end token from each of four rows, at different steps: rows end at different times
+    eos = [free[row][3 + 3 * row] for row in range(4)]
+    ends = [min((c.index(e) for e in eos if e in c), default=None) for c in free]
+    # several rows leave, at different steps, so the batch shrinks more than once
+    assert sum(e is not None for e in ends) >= 4 and len(set(ends)) >= 4
+
+    stopped = generate(model, prompts, max_new_tokens=16, eos_ids=eos)
+    assert stopped == [c[:e] if e is not None else c for c, e in zip(free, ends, strict=True)]
+    alone = [generate(model, [p], max_new_tokens=16, eos_ids=eos, use_cache=False)[0] for p in prompts]
+    assert stopped == alone
+    assert generate(model, prompts, max_new_tokens=16, eos_ids=eos, use_cache=False) == stopped
+
+    width = max(map(len, prompts))
+    out = _hf_twin(model).generate(
+        input_ids=torch.tensor([[0] * (width - len(p)) + p for p in prompts]),
+        attention_mask=torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+        max_new_tokens=16,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=eos,
+    )
+    # transformers keeps finished rows in its batch and pads them after their end token
+    hf_rows = [_cut_at_first(row, eos) for row in out[:, width:].tolist()]
+    assert stopped == hf_rows
+
+
+def _cut_at_first(tokens: list[int], ends: list[int]) -> list[int]:
+    return next((tokens[:i] for i, token in enumerate(tokens) if token in ends), tokens)
 
 
 def test_eos_and_stop_strings_end_a_row(model):
