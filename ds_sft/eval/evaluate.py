@@ -205,6 +205,7 @@ def evaluate_model(
     device,
     dtype,
     batch_size: int,
+    generate_batch_size: int,
     max_new_tokens: int,
     val_rows: int | None,
     run_val: bool,
@@ -233,7 +234,7 @@ def evaluate_model(
         def answer(questions: list[str]) -> list[str]:
             return complete(model, data, [{"instruction": q, "input": ""} for q in questions], max_new_tokens)
 
-        score = gsm8k.score(problems, answer, batch_size)
+        score = gsm8k.score(problems, answer, generate_batch_size)
         result["gsm8k"] = {
             "accuracy": score.accuracy,
             "correct": score.correct,
@@ -246,8 +247,8 @@ def evaluate_model(
         start = time.perf_counter()
         records = [prompt.as_record() for prompt in FIXED_PROMPTS]
         texts = []
-        for first in range(0, len(records), batch_size):
-            texts += complete(model, data, records[first : first + batch_size], max_new_tokens)
+        for first in range(0, len(records), generate_batch_size):
+            texts += complete(model, data, records[first : first + generate_batch_size], max_new_tokens)
         result["generations"] = [
             {"name": p.name, "category": p.category, "prompt": _user_text(p), "completion": text}
             for p, text in zip(FIXED_PROMPTS, texts, strict=True)

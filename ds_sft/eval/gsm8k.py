@@ -142,23 +142,32 @@ class Score:
 
 
 def score(problems: Sequence[Problem], answer_fn: Callable[[list[str]], list[str]], batch_size: int) -> Score:
-    """Ask ``answer_fn`` (a batch of questions -> completions) every problem and count exact matches."""
+    """Ask ``answer_fn`` (a batch of questions -> completions) every problem and count exact matches.
+
+    Batches hold questions of similar length (asked shortest first), so a batch of prompts needs
+    little left padding; the samples come back in the order of ``problems``.
+    """
     from tqdm import tqdm
 
-    samples = []
+    order = sorted(range(len(problems)), key=lambda i: len(problems[i].question))
+    completions: list[str] = [""] * len(problems)
     with tqdm(total=len(problems), desc="gsm8k", unit="problem") as progress:
-        for start in range(0, len(problems), batch_size):
-            batch = problems[start : start + batch_size]
-            for problem, completion in zip(batch, answer_fn([p.question for p in batch]), strict=True):
-                predicted = extract_answer(completion)
-                samples.append(
-                    {
-                        "question": problem.question,
-                        "target": str(problem.target),
-                        "completion": completion,
-                        "predicted": None if predicted is None else str(predicted),
-                        "correct": predicted is not None and predicted == problem.target,
-                    }
-                )
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            answers = answer_fn([problems[i].question for i in batch])
+            for i, completion in zip(batch, answers, strict=True):
+                completions[i] = completion
             progress.update(len(batch))
+    samples = []
+    for problem, completion in zip(problems, completions, strict=True):
+        predicted = extract_answer(completion)
+        samples.append(
+            {
+                "question": problem.question,
+                "target": str(problem.target),
+                "completion": completion,
+                "predicted": None if predicted is None else str(predicted),
+                "correct": predicted is not None and predicted == problem.target,
+            }
+        )
     return Score(correct=sum(s["correct"] for s in samples), total=len(samples), samples=samples)

@@ -131,6 +131,8 @@ def test_eval_writes_every_measure(data_dir, model_dir, tmp_path):
             "4",
             "--batch_size",
             "3",
+            "--generate_batch_size",
+            "3",
             "--dtype",
             "float32",
             "--out",
@@ -201,6 +203,8 @@ def test_model_with_a_smaller_vocabulary_is_refused(data_dir, tmp_path):
     [
         (["--data_dir", "/nonexistent"], "ds-sft prepare"),
         (["--data_dir", ".", "--gsm8k_limit", "0"], "--gsm8k_limit must be positive"),
+        (["--data_dir", ".", "--generate_batch_size", "0"], "--generate_batch_size must be positive"),
+        (["--data_dir", ".", "--threads", "-1"], "--threads must be positive"),
     ],
 )
 def test_bad_arguments_are_user_errors(argv, message):

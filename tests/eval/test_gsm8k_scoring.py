@@ -69,18 +69,22 @@ def test_select_is_seeded_subset_in_file_order():
 
 
 def test_score_counts_exact_matches_per_batch():
-    problems = _problems(5)  # targets 0..4
-    calls = []
+    questions = ["q0?????", "q1?", "q2?????", "q3?", "q4???"]  # of different lengths; target = the digit
+    problems = [gsm8k.Problem(question=q, answer=f"w\n#### {i}") for i, q in enumerate(questions)]
+    batches = []
 
     def answer(questions):
-        calls.append(len(questions))
+        batches.append(questions)
         # right for even targets, a wrong number for odd ones
-        return [f"#### {int(q[1:]) if int(q[1:]) % 2 == 0 else 99}" for q in questions]
+        return [f"#### {int(q[1]) if int(q[1]) % 2 == 0 else 99}" for q in questions]
 
     result = gsm8k.score(problems, answer, batch_size=2)
-    assert calls == [2, 2, 1]
+    # asked shortest first (ties in file order), so a batch pads little
+    assert batches == [["q1?", "q3?"], ["q4???", "q0?????"], ["q2?????"]]
     assert (result.correct, result.total) == (3, 5)
     assert result.accuracy == pytest.approx(0.6)
+    # the samples come back in the problems' own order
+    assert [s["question"] for s in result.samples] == [p.question for p in problems]
     assert [s["correct"] for s in result.samples] == [True, False, True, False, True]
     assert result.samples[1]["predicted"] == "99" and result.samples[1]["target"] == "1"
 
