@@ -1,0 +1,168 @@
+"""How fast does ``ds-sft eval`` answer GSM8K? The current code next to an earlier revision.
+
+    python bench/generate_speed.py                       # 16 problems, 160 new tokens, vs ff50485
+    python bench/generate_speed.py --problems 32 --threads 1
+    python bench/generate_speed.py --baseline HEAD~3 --model smollm2-135m-instruct
+
+Both contenders run the same entry point, ``ds_sft.eval.evaluate.evaluate_model`` with only GSM8K
+switched on, on the same model, data dir and problems; each in its own process, importing ``ds_sft``
+from its own source tree (the baseline's is ``git archive``'d into a temporary folder), one after
+the other. The baseline answers in batches of ``--batch_size`` (it had one batch size for
+everything); the current code also runs at that batch size, to separate the gain of the batch size
+from the rest, and at ``--generate_batch_size``. Greedy answers should not change: the table counts
+the completions equal to the baseline's (in bf16 a different batch composition may still round a
+near-tie the other way). Prints a table with the ratios and writes
+``bench/results/generate_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+DEFAULT_BASELINE = "ff50485"  # the last commit before generation was reworked (issue 8)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="runs/demo/run", help="model spec (default: runs/demo/run)")
+    parser.add_argument(
+        "--data_dir", default="runs/demo/data", help="prepared data dir (default: runs/demo/data)"
+    )
+    parser.add_argument(
+        "--problems", type=int, default=16, help="GSM8K test problems (seeded subset; default 16)"
+    )
+    parser.add_argument(
+        "--max_new_tokens", type=int, default=160, help="longest answer (default: 160, the demo's)"
+    )
+    parser.add_argument("--batch_size", type=int, default=8, help="the baseline's batch size (default: 8)")
+    parser.add_argument(
+        "--generate_batch_size", type=int, default=32, help="the current code's batch size (default: 32)"
+    )
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32 (default: bfloat16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--baseline", default=DEFAULT_BASELINE, help=f"git revision (default: {DEFAULT_BASELINE})"
+    )
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: source tree to time
+    parser.add_argument("--worker_batch", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Time ``evaluate_model``'s GSM8K pass with the ``ds_sft`` of ``args.worker``; print JSON."""
+    sys.path.insert(0, args.worker)
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    import ds_sft
+    from ds_sft.eval import evaluate, gsm8k
+
+    if not Path(ds_sft.__file__).resolve().is_relative_to(Path(args.worker).resolve()):
+        raise SystemExit(f"imported {ds_sft.__file__}, not the tree under test {args.worker}")
+    data = evaluate.EvalData.open(Path(args.data_dir), need_val=False)
+    problems = gsm8k.select(gsm8k.load_test_set()[0], args.problems, seed=0)
+    options = dict(batch_size=args.worker_batch, max_new_tokens=args.max_new_tokens, val_rows=None)
+    if "generate_batch_size" in inspect.signature(evaluate.evaluate_model).parameters:
+        options["generate_batch_size"] = args.worker_batch
+    result = evaluate.evaluate_model(
+        args.model,
+        data,
+        problems,
+        device=torch.device("cpu"),
+        dtype=getattr(torch, args.dtype),
+        run_val=False,
+        run_generations=False,
+        **options,
+    )
+    score = result["gsm8k"]
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "seconds": result["seconds"]["gsm8k"],
+                "correct": score["correct"],
+                "completions": [s["completion"] for s in score["samples"]],
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+def time_tree(args: argparse.Namespace, tree: Path, batch: int) -> dict:
+    command = [sys.executable, __file__, "--worker", str(tree), "--worker_batch", str(batch)]
+    for flag in ("model", "data_dir", "problems", "max_new_tokens", "dtype", "threads"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag}", str(getattr(args, flag))]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"worker for {tree} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main() -> int:
+    args = parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="generate_speed_") as tmp:
+        baseline_tree = Path(tmp)
+        archive = subprocess.run(
+            ["git", "archive", args.baseline], cwd=REPO_ROOT, capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(baseline_tree)], input=archive.stdout, check=True)
+        contenders = [
+            (f"baseline {args.baseline}", baseline_tree, args.batch_size),
+            ("current", REPO_ROOT, args.batch_size),
+            ("current", REPO_ROOT, args.generate_batch_size),
+        ]
+        rows = []
+        for name, tree, batch in contenders:
+            print(f"timing {name}, batch {batch} ...", flush=True)
+            rows.append({"name": name, "batch": batch, **time_tree(args, tree, batch)})
+
+    base = rows[0]
+    print(
+        f"\nGSM8K, {args.problems} problems, {args.max_new_tokens} new tokens max, {args.dtype}, "
+        f"{rows[0]['threads']} threads, model {args.model}"
+    )
+    header = ("contender", "batch", "seconds", "problems/s", "speedup", "same text", "correct")
+    print(("{:<20}" + " {:>10}" * 6).format(*header))
+    for row in rows:
+        row["speedup"] = base["seconds"] / row["seconds"]
+        same = sum(a == b for a, b in zip(row["completions"], base["completions"], strict=True))
+        row["same_completions"] = same
+        cells = (row["batch"], f"{row['seconds']:.1f}", f"{args.problems / row['seconds']:.3f}")
+        cells += (f"{row['speedup']:.2f}x", f"{same}/{args.problems}", row["correct"])
+        print(("{:<20}" + " {:>10}" * 6).format(row["name"], *cells))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / "generate_speed.json"
+    config = {k: v for k, v in vars(args).items() if not k.startswith("worker")}
+    record = {
+        "config": config,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "results": rows,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
