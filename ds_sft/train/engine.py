@@ -148,4 +148,20 @@ def build_engine(model, ds_config: dict, weight_decay: float):
 
     groups, table = parameter_groups(model, weight_decay)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    if engine.zero_optimization_stage() == 3:
+        register_lm_head(engine.module)
     return engine, table
+
+
+def register_lm_head(model) -> None:
+    """Tell ZeRO 3 that the model's own forward reads the LM-head weight (the embedding when tied).
+
+    ZeRO 3 gathers a parameter around the forward of the module that owns it; the loss reads the
+    weight directly, outside ``wte``'s (or ``lm_head``'s) forward. Eager code gets it anyway, fetched
+    on access through ZeRO's parameter dict, but under ``torch.compile`` that access is traced as a
+    plain read of the empty partition. Registered on the model, the weight is gathered around the
+    model's own forward and backward in both modes."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    owner = model.wte if model.lm_head is None else model.lm_head
+    register_external_parameter(model, owner.weight)
