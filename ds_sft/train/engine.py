@@ -10,6 +10,9 @@
    optimizer's groups before each update, so resuming needs nothing but the step counter.
 3. **How gradients are scaled** (see :mod:`ds_sft.train.loop`).
 
+At ZeRO 3 it also tells the engine that the model's own forward reads the LM-head weight
+(:func:`register_lm_head`), which ``--compile`` needs.
+
 Everything else (ZeRO partitioning, accumulation, clipping, the optimizer step, checkpoints) is the
 engine's job, configured by the JSON.
 """
