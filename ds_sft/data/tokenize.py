@@ -10,7 +10,8 @@ Speed: both halves go through the ``tokenizers`` library's ``encode_batch`` (Rus
 chunks, and documents are kept as one flat int32 array plus offsets, so selecting, repeating and
 packing them are numpy gathers rather than Python loops over lists of lists. For GPT-2-style
 byte-level tokenizers the Alpaca template's fixed text (~40 tokens a row) is tokenized once and
-spliced around the tokenized fields (:class:`AlpacaPrompts`): the same ids, less work.
+spliced around the tokenized fields (:class:`AlpacaPrompts`): the same ids, less work. And the BPE
+word cache is widened (:data:`BPE_CACHE_WORDS`) so that each distinct word is merged about once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import numpy as np
 from ds_sft.data.templates import alpaca_fields, render_prompt
 
 CHUNK = 2048  # rows per encode_batch call: large enough for the Rust threads, small enough for a progress bar
+# A BPE model caches the merges of the words it has seen, 10,000 words by default: fewer than the
+# distinct words of an instruction mix (59k GPT-2 pre-tokens in the shared one), so most words were
+# merged again at each occurrence. 100k entries (a few MB) cut encode CPU time by ~20% on the shared mix.
+BPE_CACHE_WORDS = 100_000
 
 
 @dataclass
@@ -76,10 +81,10 @@ def splits_cleanly_at_newlines(backend) -> bool:
     """Whether ``ids(a + b) == ids(a) + ids(b)`` whenever one side of the cut is a newline and the other
     a non-space character: true of GPT-2's byte-level BPE (no normalizer, its regex pre-tokenizer, no
     prefix space), whose pre-tokens never span such a cut, so BPE never merges across it."""
-    config = json.loads(backend.to_str())
-    pre = config.get("pre_tokenizer") or {}
+    # the pre-tokenizer's own JSON: the whole tokenizer's (vocab and merges) takes ~0.1 s to dump and parse
+    pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
     return (
-        config.get("normalizer") is None
+        backend.normalizer is None
         and pre.get("type") == "ByteLevel"
         and pre.get("use_regex", True)
         and not pre.get("add_prefix_space", False)
@@ -134,6 +139,9 @@ def tokenize_records(
     from tqdm.auto import tqdm
 
     backend = tokenizer.backend_tokenizer
+    resize_cache = getattr(backend.model, "_resize_cache", None)  # BPE models; a speed setting, same ids
+    if resize_cache is not None:
+        resize_cache(BPE_CACHE_WORDS)
     splice = None
     if template == "alpaca" and splits_cleanly_at_newlines(backend):
         splice = AlpacaPrompts(records, backend)
