@@ -67,7 +67,13 @@ def normalize_text(text: str) -> str:
         text = _INVISIBLE.sub("", _ODD_SPACES.sub(" ", text))
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return _BLANK_LINES.sub("\n\n", _TRAILING_SPACE.sub("", text)).strip()
+    # the substring tests skip the regexes for the many texts that do not need them; spaces at the
+    # very end need no regex either, as strip() removes them
+    if " \n" in text or "\t\n" in text:
+        text = _TRAILING_SPACE.sub("", text)
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
+    return text.strip()
 
 
 def clean_records(records: list[dict], drops: Drops, gsm8k: bool = False) -> list[dict]:
@@ -94,9 +100,10 @@ def clean_records(records: list[dict], drops: Drops, gsm8k: bool = False) -> lis
     return kept
 
 
-def record_text(record: dict) -> str:
+def text_fields(record: dict) -> list[str]:
+    """A record's texts in reading order: earlier chat turns, instruction, input, response."""
     turns = [turn["content"] for turn in record.get("history", ())]
-    return "\n".join(filter(None, [*turns, record["instruction"], record["input"], record["response"]]))
+    return [*turns, record["instruction"], record["input"], record["response"]]
 
 
 def words(text: str) -> list[bytes]:
@@ -104,63 +111,87 @@ def words(text: str) -> list[bytes]:
     return text.encode().lower().translate(_PUNCTUATION_TO_SPACE).split()
 
 
-def fold(text: str) -> bytes:
-    """Case-, punctuation- and whitespace-folded text: the key of a near-exact duplicate."""
-    return b" ".join(words(text))
+def record_words(records: list[dict]) -> list[list[list[bytes]]]:
+    """Per record, the :func:`words` of each of its :func:`text_fields`: split once, then used both
+    for the folded dedup key and for the record's n-grams."""
+    return [[words(text) for text in text_fields(record)] for record in records]
 
 
-def dedup(records: list[dict], drops: Drops) -> list[dict]:
-    """Keep the first of each exact duplicate, then of each folded duplicate (across all sources)."""
+def unique_rows(records: list[dict], fields: list[list[list[bytes]]], drops: Drops) -> list[int]:
+    """Indices of the first of each exact duplicate, then of each folded duplicate (across sources).
+
+    ``fields`` is :func:`record_words` of ``records``. The folded key joins each field's words with
+    spaces and the fields with a 0xFF byte, which UTF-8 text never contains.
+    """
     exact: set[str] = set()
     folded: set[bytes] = set()
     kept = []
-    for record in records:
-        fields = (record["instruction"], record["input"], record["response"], repr(record.get("history", [])))
-        exact_key = "\x00".join(fields)
+    for index, (record, field_words) in enumerate(zip(records, fields, strict=True)):
+        history = record.get("history", [])
+        exact_key = "\x00".join((record["instruction"], record["input"], record["response"], repr(history)))
         if exact_key in exact:
             drops.add(record["source"], "duplicate_exact")
             continue
         exact.add(exact_key)
-        folded_key = fold("\n\x01\n".join(fields))  # \x01 survives folding as a field separator
+        folded_key = b"\xff".join([b" ".join(w) for w in field_words] + [b" ".join(_roles(history))])
         if folded_key in folded:
             drops.add(record["source"], "duplicate_normalized")
             continue
         folded.add(folded_key)
-        kept.append(record)
+        kept.append(index)
     return kept
+
+
+def _roles(history: list[dict]) -> list[bytes]:
+    return [turn["role"].encode() for turn in history]
+
+
+def dedup(records: list[dict], drops: Drops) -> list[dict]:
+    """The records left by :func:`unique_rows`, for callers that have not split them into words."""
+    return [records[i] for i in unique_rows(records, record_words(records), drops)]
 
 
 _HASH_BASE = np.uint64(0x100000001B3)  # an odd 64-bit multiplier; arithmetic wraps modulo 2**64
 
 
-def ngram_hashes(texts: list[str], n: int = NGRAM) -> tuple[np.ndarray, np.ndarray]:
-    """All word n-gram hashes of ``texts`` and, for each, the index of the text it came from.
+def ngram_hashes(docs: list[list[bytes]], n: int = NGRAM) -> tuple[np.ndarray, np.ndarray]:
+    """All word n-gram hashes of ``docs`` (each a list of :func:`words`) and, for each, the index of
+    the document it came from.
 
     Words are keyed by Python's bytes hash: randomized per process, but only equality within one
     run matters, and a 64-bit collision changing a decision has probability ~1e-10.
     """
-    split = [words(text) for text in texts]
-    lengths = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
     total = int(lengths.sum())
-    flat = np.fromiter(map(hash, itertools.chain.from_iterable(split)), dtype=np.int64, count=total)
+    flat = np.fromiter(map(hash, itertools.chain.from_iterable(docs)), dtype=np.int64, count=total)
     flat = flat.view(np.uint64)
-    owner = np.repeat(np.arange(len(texts)), lengths)
+    owner = np.repeat(np.arange(len(docs)), lengths)
     windows = total - n + 1
     if windows <= 0:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)
     hashed = np.zeros(windows, dtype=np.uint64)
     for k in range(n):  # polynomial rolling hash: 13 vectorized multiply-adds over all windows at once
         hashed = hashed * _HASH_BASE + flat[k : k + windows]
-    inside_one_text = owner[:windows] == owner[n - 1 :]
-    return hashed[inside_one_text], owner[:windows][inside_one_text]
+    inside_one_doc = owner[:windows] == owner[n - 1 :]
+    return hashed[inside_one_doc], owner[:windows][inside_one_doc]
+
+
+def text_ngram_hashes(texts: list[str], n: int = NGRAM) -> np.ndarray:
+    """The n-gram hashes of plain texts (a reference set such as the GSM8K test set)."""
+    return ngram_hashes([words(text) for text in texts], n)[0]
 
 
 class NgramSet:
-    """The hashed n-grams of a list of texts: hashed once, then queried against several references."""
+    """The hashed n-grams of documents (word lists): hashed once, then queried against several references."""
 
-    def __init__(self, texts: list[str], n: int = NGRAM) -> None:
-        self.hashes, self.owner = ngram_hashes(texts, n)
-        self.counts = np.bincount(self.owner, minlength=len(texts))
+    def __init__(self, docs: list[list[bytes]], n: int = NGRAM) -> None:
+        self.hashes, self.owner = ngram_hashes(docs, n)
+        self.counts = np.bincount(self.owner, minlength=len(docs))
+
+    @classmethod
+    def of_records(cls, fields: list[list[list[bytes]]], n: int = NGRAM) -> NgramSet:
+        """From :func:`record_words`: a record's n-grams run across its fields, in reading order."""
+        return cls([list(itertools.chain.from_iterable(field_words)) for field_words in fields], n)
 
     def of(self, index: np.ndarray) -> np.ndarray:
         """The n-gram hashes of texts ``index`` (to serve as a reference for the others)."""

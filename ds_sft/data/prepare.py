@@ -351,17 +351,20 @@ def load_records(specs: list, skip_bad_rows: bool, drops) -> tuple[list[dict], l
 def select_rows(records: list[dict], names: list[str], reference: list[str], args, drops):
     """Dedup, decontaminate against the GSM8K test set, split val, decontaminate train against val.
 
-    Every row's 13-grams are hashed once and queried against both references.
+    Every row is split into words once (for its folded dedup key and its 13-grams), and its 13-grams
+    are hashed once and queried against both references.
     Returns (train records, val records).
     """
-    from ds_sft.data.clean import NgramSet, decontaminate, dedup, ngram_hashes, record_text
+    from ds_sft.data.clean import NgramSet, decontaminate, record_words, text_ngram_hashes, unique_rows
 
-    records = dedup(records, drops)
+    fields = record_words(records)
+    unique = unique_rows(records, fields, drops)
+    records = [records[i] for i in unique]
     candidates = np.arange(len(records))
     threshold = args.decontam_threshold
     if threshold > 0:
-        grams = NgramSet([record_text(r) for r in records])
-        test_hashes = ngram_hashes(reference)[0]
+        grams = NgramSet.of_records([fields[i] for i in unique])
+        test_hashes = text_ngram_hashes(reference)
         candidates = decontaminate(
             records, grams, candidates, test_hashes, threshold, "overlaps_gsm8k_test", drops
         )
@@ -410,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
     reference, reference_info = gsm8k_test_reference(args, specs) if args.decontam_threshold > 0 else ([], {})
 
     output_dir = Path(args.output_dir)
-    key = cache_key(args, input_fingerprints(specs), tokenizer_fingerprint(tokenizer), reference_info)
+    tokenizer_hash = tokenizer_fingerprint(tokenizer)
+    key = cache_key(args, input_fingerprints(specs), tokenizer_hash, reference_info)
     manifest_path = output_dir / "manifest.json"
     if manifest_path.is_file() and not args.force:
         previous = json.loads(manifest_path.read_text())
@@ -478,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
         "tokenizer": {
             "spec": args.tokenizer or args.base_model or "gpt2",
             "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
-            "sha256": tokenizer_fingerprint(tokenizer),
+            "sha256": tokenizer_hash,
             "vocab_size": vocab_size,
             "eos_token": tokenizer.eos_token,
             "eos_token_id": tokenizer.eos_token_id,
