@@ -111,6 +111,7 @@ def ds_config(s: SimpleNamespace, world_size: int = 1, **extra) -> dict:
                 "eps": 1e-8,
                 "weight_decay": s.weight_decay,
                 "torch_adam": True,
+                "fused": True,  # as the shipped configs (the reference loop keeps torch's default)
             },
         },
         "zero_optimization": {"stage": s.zero_stage},

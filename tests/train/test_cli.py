@@ -45,7 +45,10 @@ def test_every_shipped_config_validates_and_explains_itself(name, data_dir):
     assert ds_config["train_batch_size"] == s.micro_batch_size * s.grad_accum
     assert "ds_sft" not in ds_config and "fp8" not in ds_config  # ds-sft's own sections stay out
     params = ds_config["optimizer"]["params"]
-    assert params.get("torch_adam") or "offload_optimizer" in ds_config["zero_optimization"]
+    # torch's fused AdamW, or DeepSpeed's CPU Adam when the optimizer is offloaded
+    assert (params.get("torch_adam") and params.get("fused")) or "offload_optimizer" in ds_config[
+        "zero_optimization"
+    ]
 
 
 def test_seed_recipe_numbers(data_dir):

@@ -9,6 +9,7 @@ order (the sampler without shuffling), decay only on ``*_proj.weight``, the toke
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ds_sft.data.sampler import ResumableSampler
 from ds_sft.train.loop import train
@@ -25,7 +26,10 @@ def ds_sft_losses(s, dataset, run_dir) -> tuple[list[float], list[float]]:
         run_dir,
         ResumableSampler(len(dataset), shuffle=False),
     )
-    summary["engine"].destroy()
+    engine = summary["engine"]
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's AdamW
+    assert isinstance(inner, torch.optim.AdamW) and inner.defaults["fused"]  # what the configs ship
+    engine.destroy()
     steps = [r for r in summary["records"] if r["type"] == "train"]
     return [r["loss"] for r in steps], [r["grad_norm"] for r in steps]
 
