@@ -7,10 +7,11 @@
 (a) Step speed against peers. The ds-sft step (the trainer's DeepSpeed engine and step function,
     ``ds_configs/zero2.json`` with bf16, packed rows with document-isolated attention) against
     ``transformers.LlamaForCausalLM`` of the same config in a plain PyTorch AdamW loop under bf16
-    autocast, on the same token rows. A third row runs the
-    ds-sft model in that same plain loop, which separates "the model is faster" from "the engine
-    costs something". The contenders take turns step by step (A B C A B C ...), so a neighbour
-    stealing the CPU for a while slows all of them alike; the figure is the median step.
+    autocast, on the same token rows, with torch's fused AdamW (what the Hugging Face Trainer uses
+    by default since torch 2.8). A third row runs the ds-sft model in that same plain loop, which
+    separates "the model is faster" from "the engine costs something". The contenders take turns
+    step by step (A B C A B C ...), so a neighbour stealing the CPU for a while slows all of them
+    alike; the figure is the median step.
 
 (b) Packing against padding, in *trained* tokens per second (tokens whose loss counts). The same
     documents are laid out three ways and trained on with the ds-sft model: packed rows (what
@@ -22,8 +23,9 @@
 
 (c) How close to the machine the step runs: achieved FLOP/s of the ds-sft step, counting
     ``6 N + 12 L d T`` FLOPs per token (forward + backward of every weight, plus attention scores
-    and values over a context of T), divided by the FLOP/s of one large bf16 matrix multiply measured
-    in this run (the practical ceiling of these cores). On a GPU it is also divided by the device's
+    and values over a context of T), divided by the FLOP/s of one large bf16 matrix multiply (the
+    practical ceiling of these cores). The multiply takes its turn in the same round robin as the
+    steps, so both see the same neighbours. On a GPU the step is also divided by the device's
     datasheet bf16 peak: the MFU that papers quote.
 
 Prints a table and writes ``bench/results/train_throughput[.quick].json``.
@@ -256,7 +258,7 @@ def _autocast(device: torch.device):
 def plain_dssft_step(config: ModelConfig, device: torch.device, lr: float = 1e-4) -> Callable[[dict], float]:
     """The ds-sft model in a plain AdamW loop under bf16 autocast."""
     model = LlamaModel(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
 
     def step(batch: dict) -> float:
         trained = (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
@@ -281,7 +283,7 @@ def hf_step(config: ModelConfig, device: torch.device, lr: float = 1e-4) -> Call
     hf_cfg = hf_config(config)
     hf_cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(hf_cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
 
     def step(batch: dict) -> float:
         # HF shifts labels itself: give it the unshifted ids, masked where the ds-sft labels are.
@@ -367,19 +369,21 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * config.num_parameters() + 12 * config.n_layers * config.d_model * seq_len
 
 
-def gemm_flops(n: int, device: torch.device, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n bf16 matrix multiply: the practical ceiling of this device."""
+GEMM = "gemm"  # the round robin's entry for the reference matrix multiply of (c)
+
+
+def gemm_step(n: int, device: torch.device) -> Callable[[dict], float]:
+    """One n x n x n bf16 matrix multiply (2 n^3 FLOPs), shaped like a contender so that it takes
+    its turn between the training steps; the batch is ignored."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    torch.mm(a, b)
-    timings = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+
+    def step(batch: dict) -> float:
         torch.mm(a, b)
-        _sync(device)
-        timings.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(timings)
+        return 0.0
+
+    step.flops = 2 * n**3
+    return step
 
 
 def cpu_name() -> str:
@@ -402,7 +406,12 @@ def gpu_peak(device: torch.device) -> tuple[str, float | None]:
 # ----------------------------------------------------------------------------- parts
 
 
-def part_a(args, config: ModelConfig, device, batches) -> dict:
+def gemm_size(args, device: torch.device) -> int:
+    return args.gemm_size or (8192 if device.type == "cuda" else 4096)
+
+
+def part_a(args, config: ModelConfig, device, batches, gemm: Callable | None) -> dict:
+    """The step contenders side by side; ``gemm`` (for (c)) takes its turn with them."""
     contenders = {
         "hf_llama_adamw": hf_step(config, device),
         "dssft_model_adamw": plain_dssft_step(config, device),
@@ -410,7 +419,10 @@ def part_a(args, config: ModelConfig, device, batches) -> dict:
     }
     if args.compile:
         contenders["dssft_deepspeed_zero2_compiled"] = deepspeed_step(config, args.micro_batch, compile=True)
-    seconds, losses = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
+    seconds, losses = measure_round_robin(
+        {**contenders, **({GEMM: gemm} if gemm else {})}, batches, device, args.warmup, args.steps
+    )
+    gemm_s = seconds.pop(GEMM, None)
     tokens = args.micro_batch * args.seq_len
     rows = {
         name: {"step_s": s, "tokens_per_s": tokens / s, "last_loss": losses[name]}
@@ -424,6 +436,7 @@ def part_a(args, config: ModelConfig, device, batches) -> dict:
         "rows": rows,
         "speedup_vs_hf": {name: row["tokens_per_s"] / baseline for name, row in rows.items()},
         "tokens_per_step": tokens,
+        "gemm_s": gemm_s,
         "target_speedup": 1.3,
     }
 
@@ -490,15 +503,16 @@ def part_b(args, device) -> dict:
 def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) -> dict:
     """FLOP/s of the ds-sft step (compiled when ``--compile``) against the GEMM and the GPU peak."""
     name = "dssft_deepspeed_zero2_compiled" if args.compile else "dssft_deepspeed_zero2"
-    if a_result is None:  # (c) alone: time the ds-sft step by itself
+    gemm_n = gemm_size(args, device)
+    if a_result is None:  # (c) alone: the ds-sft step and the GEMM take turns
         step = deepspeed_step(config, args.micro_batch, compile=args.compile)
-        seconds, _ = measure_round_robin({name: step}, batches, device, args.warmup, args.steps)
+        contenders = {name: step, GEMM: gemm_step(gemm_n, device)}
+        seconds, _ = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
         step.engine.destroy()
-        tokens_per_s = args.micro_batch * args.seq_len / seconds[name]
+        tokens_per_s, gemm_s = args.micro_batch * args.seq_len / seconds[name], seconds[GEMM]
     else:
-        tokens_per_s = a_result["rows"][name]["tokens_per_s"]
-    gemm_n = args.gemm_size or (8192 if device.type == "cuda" else 4096)
-    gemm = gemm_flops(gemm_n, device)
+        tokens_per_s, gemm_s = a_result["rows"][name]["tokens_per_s"], a_result["gemm_s"]
+    gemm = 2 * gemm_n**3 / gemm_s
     per_token = flops_per_token(config, args.seq_len)
     achieved = tokens_per_s * per_token
     device_name, peak = gpu_peak(device)
@@ -583,7 +597,8 @@ def main(argv=None) -> int:
     batches = batches_of(pack_rows(docs, args.seq_len), args.micro_batch)
     batches = [b for b in batches if b["input_ids"].shape[0] == args.micro_batch] or batches
     if "a" in args.parts:
-        result["a"] = part_a(args, config, device, batches)
+        gemm = gemm_step(gemm_size(args, device), device) if "c" in args.parts else None
+        result["a"] = part_a(args, config, device, batches, gemm)
         gc.collect()
     if "c" in args.parts:
         result["c"] = part_c(args, config, device, result.get("a"), batches)
