@@ -25,6 +25,7 @@ chat `messages` columns, found automatically, or mapped explicitly with
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -393,6 +394,20 @@ def write_documents(directory: Path, docs, args, pad_id: int, vocab_size: int, n
 
 
 def run(args: argparse.Namespace) -> int:
+    # The pipeline holds ~10^5 containers to its end (records, per-field word lists, token id lists)
+    # and makes no reference cycles, so the cyclic GC's repeated scans of them find nothing: ~0.5 s
+    # of CPU on the shared mix. Reference counting still frees everything; the GC is back on after.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return prepare(args)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """The command's work (see the module docstring); :func:`run` calls it with the cyclic GC paused."""
     from ds_sft.data.clean import NGRAM, Drops
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
