@@ -1,7 +1,7 @@
 """How long `ds-sft prepare` takes on the shared mix, against TRL's own dataset preparation.
 
-    python bench/prepare_speed.py                 # 1x, 2x, 4x the mix; TRL on 1x
-    python bench/prepare_speed.py --copies 1 --trl_copies 1 2
+    python bench/prepare_speed.py                 # 1x, 2x, 4x the mix; TRL on 1x; best of 3 runs
+    python bench/prepare_speed.py --copies 1 --trl_copies 1 2 --repeat 5
 
 What is timed (imports excluded, all in this one process, one after the other):
 - ds-sft: the whole `prepare` command (load, clean, dedup, 13-gram decontamination against the GSM8K
@@ -15,15 +15,19 @@ What is timed (imports excluded, all in this one process, one after the other):
   next line.
 - plain: `encode_batch_fast` of prompts and responses + ds-sft's numpy BFD, nothing else: the floor.
 
-Wall and CPU seconds are both reported: on a shared, busy machine wall time stretches with other
-people's jobs, CPU time much less. Compare ratios from the same run only.
-Results go to bench/results/prepare_speed.json.
+Each pipeline runs ``--repeat`` times, interleaved (ds-sft, plain, TRL, ds-sft, ...), and the best
+run of each counts: on a shared machine the fastest run is the one least slowed by other jobs. Wall
+and CPU seconds are both reported (wall stretches with other people's jobs, CPU time much less), with
+the load average. Every ds-sft run is cold: fresh input files and an empty ``datasets`` cache, so no
+Arrow file of an earlier run (not even of the GSM8K test set) is reused. Compare ratios from the same
+run only. Results go to bench/results/prepare_speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 import types
@@ -96,7 +100,11 @@ def prompt_completion_pairs(rows: dict[str, list[dict]]) -> list[tuple[str, str]
 
 
 def time_ds_sft(rows: dict[str, list[dict]], shared: Path, workdir: Path) -> dict:
+    import datasets.config
+
     from ds_sft.command import main_for
+
+    datasets.config.HF_DATASETS_CACHE = workdir / "hf_datasets_cache"  # empty: a cold run
 
     args = []
     for name, source_rows in rows.items():
@@ -160,6 +168,16 @@ def time_plain(pairs: list[tuple[str, str]], tokenizer_dir: Path) -> dict:
     return clock.result(lengths.sum() / (len(rows) * SEQ_LEN))
 
 
+def best_of(runs: list[dict]) -> dict:
+    """The fastest wall time and the least CPU time over ``runs`` (each run's figures kept too)."""
+    return {
+        "seconds": min(r["seconds"] for r in runs),
+        "cpu_seconds": min(r["cpu_seconds"] for r in runs),
+        "efficiency": runs[0]["efficiency"],  # the same output every run
+        "runs": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -168,6 +186,9 @@ def main() -> None:
         "--copies", type=int, nargs="+", default=[1, 2, 4], help="mix replications for ds-sft"
     )
     parser.add_argument("--trl_copies", type=int, nargs="*", default=[1], help="replications to run TRL on")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each pipeline, interleaved; the best one counts"
+    )
     args = parser.parse_args()
 
     # Imports are excluded from every timing, including the lazy ones each pipeline triggers.
@@ -193,17 +214,22 @@ def main() -> None:
         print(trl_note)
     base = shared_mix_rows(shared)
     results = []
+    load_before = os.getloadavg()
     for copies in sorted(set(args.copies) | set(args.trl_copies)):
         rows = replicate(base, copies)
         pairs = prompt_completion_pairs(rows)
+        runs: dict[str, list[dict]] = {"ds_sft": [], "trl": [], "plain": []}
+        for _ in range(args.repeat):
+            if copies in args.copies:
+                with tempfile.TemporaryDirectory() as workdir:
+                    runs["ds_sft"].append(time_ds_sft(rows, shared, Path(workdir)))
+            runs["plain"].append(time_plain(pairs, tokenizer_dir))
+            if copies in args.trl_copies and trl_note is None:
+                runs["trl"].append(time_trl(pairs, tokenizer_dir))
         entry = {"copies": copies, "rows": len(pairs)}
-        if copies in args.copies:
-            with tempfile.TemporaryDirectory() as workdir:
-                entry["ds_sft"] = time_ds_sft(rows, shared, Path(workdir))
-        entry["plain"] = time_plain(pairs, tokenizer_dir)
-        if copies in args.trl_copies and trl_note is None:
-            entry["trl"] = time_trl(pairs, tokenizer_dir)
+        entry.update({name: best_of(timed) for name, timed in runs.items() if timed})
         results.append(entry)
+    load = {"before": load_before, "after": os.getloadavg()}
 
     columns = {"ds_sft": "ds-sft", "trl": "TRL", "plain": "plain"}
     print(f"\n{'':>14}" + "".join(f"{name:>26}" for name in columns.values()))
@@ -222,15 +248,17 @@ def main() -> None:
             print(f"{'':>14}TRL / ds-sft: {wall:.2f}x wall, {cpu:.2f}x CPU")
     timed = [e for e in results if "ds_sft" in e]
     if len(timed) > 1:
-        per_row = [e["ds_sft"]["cpu_seconds"] / e["rows"] * 1e6 for e in timed]
-        print(
-            "ds-sft CPU microseconds per row (flat = linear cost): "
-            + ", ".join(f"{e['copies']}x {t:.0f}" for e, t in zip(timed, per_row, strict=True))
-        )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prepare_speed.json").write_text(
-        json.dumps({"seq_len": SEQ_LEN, "note": trl_note, "results": results}, indent=2)
+        print("ds-sft microseconds per row (flat = linear cost):")
+        for kind, key in (("wall", "seconds"), ("CPU", "cpu_seconds")):
+            per_row = ", ".join(f"{e['copies']}x {e['ds_sft'][key] / e['rows'] * 1e6:.0f}" for e in timed)
+            print(f"  {kind:<5}{per_row}")
+    print(
+        f"best of {args.repeat} runs each; ds-sft runs cold (fresh files, empty datasets cache); "
+        f"load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after (1 min)"
     )
+    RESULTS.mkdir(exist_ok=True)
+    summary = {"seq_len": SEQ_LEN, "repeat": args.repeat, "load_average": load, "note": trl_note}
+    (RESULTS / "prepare_speed.json").write_text(json.dumps({**summary, "results": results}, indent=2))
     print(f"wrote {RESULTS / 'prepare_speed.json'}")
 
 
