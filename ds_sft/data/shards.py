@@ -132,12 +132,12 @@ class PackedDataset:
 
 def plot_lengths(path: Path, lengths_by_source: dict[str, np.ndarray], seq_len: int) -> None:
     """A PNG of token-length histograms per source, with the row length marked."""
-    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # A bare Figure (no pyplot state to register and close) drawn by the Agg canvas it creates
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
     fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.12)  # fixed margins: no layout solver
     top = max([seq_len] + [int(lengths.max()) for lengths in lengths_by_source.values() if len(lengths)])
     edges = np.linspace(0, top, 61)
@@ -150,7 +150,8 @@ def plot_lengths(path: Path, lengths_by_source: dict[str, np.ndarray], seq_len: 
     ax.set_xlabel("tokens per example (prompt + response + EOS)")
     ax.set_ylabel("examples")
     ax.set_yscale("log")
-    ax.set_title("Token lengths per source")
-    ax.legend()
+    ax.yaxis.set_minor_locator(NullLocator())  # unlabelled log minor ticks cost more to draw than the data
+    # a figure-level title: an axes title is re-positioned against the tick labels' extents at each draw
+    fig.text(0.5, 0.95, "Token lengths per source", ha="center", va="bottom", fontsize="large")
+    ax.legend(loc="upper right")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
