@@ -333,5 +333,3 @@ def load_source(
     records = to_records(spec, columns, drops)
     info.update(name=spec.name, rows=len(next(iter(columns.values()))) + bad_lines)
     return records, info
-
-
