@@ -121,7 +121,7 @@ def unique_rows(records: list[dict], fields: list[list[list[bytes]]], drops: Dro
     """Indices of the first of each exact duplicate, then of each folded duplicate (across sources).
 
     ``fields`` is :func:`record_words` of ``records``. The folded key joins each field's words with
-    spaces and the fields with a 0xFF byte, which UTF-8 text never contains.
+    spaces, and the fields and then the chat turns' roles with a 0xFF byte, which UTF-8 never contains.
     """
     exact: set[str] = set()
     folded: set[bytes] = set()
@@ -133,17 +133,14 @@ def unique_rows(records: list[dict], fields: list[list[list[bytes]]], drops: Dro
             drops.add(record["source"], "duplicate_exact")
             continue
         exact.add(exact_key)
-        folded_key = b"\xff".join([b" ".join(w) for w in field_words] + [b" ".join(_roles(history))])
+        roles = " ".join(turn["role"] for turn in history).encode()
+        folded_key = b"\xff".join([b" ".join(w) for w in field_words] + [roles])
         if folded_key in folded:
             drops.add(record["source"], "duplicate_normalized")
             continue
         folded.add(folded_key)
         kept.append(index)
     return kept
-
-
-def _roles(history: list[dict]) -> list[bytes]:
-    return [turn["role"].encode() for turn in history]
 
 
 def dedup(records: list[dict], drops: Drops) -> list[dict]:
