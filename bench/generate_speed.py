@@ -1,18 +1,19 @@
 """How fast does ``ds-sft eval`` answer GSM8K? The current code next to an earlier revision.
 
     python bench/generate_speed.py                       # 16 problems, 160 new tokens, vs ff50485
-    python bench/generate_speed.py --problems 32 --threads 1
+    python bench/generate_speed.py --problems 48 --threads 1 --dtype float32
     python bench/generate_speed.py --baseline HEAD~3 --model smollm2-135m-instruct
 
 Both contenders run the same entry point, ``ds_sft.eval.evaluate.evaluate_model`` with only GSM8K
 switched on, on the same model, data dir and problems; each in its own process, importing ``ds_sft``
 from its own source tree (the baseline's is ``git archive``'d into a temporary folder), one after
-the other. The baseline answers in batches of ``--batch_size`` (it had one batch size for
-everything); the current code also runs at that batch size, to separate the gain of the batch size
-from the rest, and at ``--generate_batch_size``. Greedy answers should not change: the table counts
-the completions equal to the baseline's (in bf16 a different batch composition may still round a
-near-tie the other way). Prints a table with the ratios and writes
-``bench/results/generate_speed.json``.
+the other. Both run at ``--batch_size`` (the baseline's default; it had one batch size for
+everything) and at ``--generate_batch_size``, which separates the gain of the batch size from the
+rest. Greedy answers should not change: the table counts the completions equal to the first row's.
+In bf16 they do change with the *batch composition* (other rows, other padding widths round a
+near-tie the other way), in the baseline as well: its second row measures that floor, so compare
+"same text" in float32 (``--dtype float32``). Prints a table with the ratios and writes
+``bench/results/generate_speed[.float32].json``.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main() -> int:
         subprocess.run(["tar", "-x", "-C", str(baseline_tree)], input=archive.stdout, check=True)
         contenders = [
             (f"baseline {args.baseline}", baseline_tree, args.batch_size),
+            (f"baseline {args.baseline}", baseline_tree, args.generate_batch_size),
             ("current", REPO_ROOT, args.batch_size),
             ("current", REPO_ROOT, args.generate_batch_size),
         ]
@@ -151,7 +153,7 @@ def main() -> int:
         cells += (f"{row['speedup']:.2f}x", f"{same}/{args.problems}", row["correct"])
         print(("{:<20}" + " {:>10}" * 6).format(row["name"], *cells))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / "generate_speed.json"
+    path = RESULTS_DIR / f"generate_speed{'' if args.dtype == 'bfloat16' else '.' + args.dtype}.json"
     config = {k: v for k, v in vars(args).items() if not k.startswith("worker")}
     record = {
         "config": config,
