@@ -192,7 +192,9 @@ class NgramSet:
 
     def of(self, index: np.ndarray) -> np.ndarray:
         """The n-gram hashes of texts ``index`` (to serve as a reference for the others)."""
-        return self.hashes[np.isin(self.owner, index)]
+        chosen = np.zeros(len(self.counts), dtype=bool)
+        chosen[index] = True
+        return self.hashes[chosen[self.owner]]
 
     def overlap(self, reference_hashes: np.ndarray) -> np.ndarray:
         """Per text, the fraction of its n-grams found in ``reference_hashes`` (0 when it has none)."""
