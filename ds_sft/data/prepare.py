@@ -10,7 +10,8 @@ Stages, in order (every dropped row is counted by source and reason in manifest.
   dedup     exact and case/punctuation/whitespace-folded duplicates, across all sources
   decontam  rows sharing >= --decontam_threshold of their 13-grams with the GSM8K test set dropped;
             then the val split is cut per source and train rows overlapping val rows are dropped
-  tokenize  prompt and response tokenized apart: the loss covers exactly response + EOS
+  tokenize  prompt and response tokenized apart: the loss covers exactly response + EOS (this runs on
+            a worker thread alongside dedup and decontam, and the rows they keep are then taken)
   mix       --mix weights upsample sources by whole epochs plus a seeded fraction; --max_examples caps
   pack      best-fit-decreasing into rows of --seq_len (or --no_pack: one padded row per example)
   write     DIR/train, DIR/val (memmap shards), DIR/tokenizer, DIR/manifest.json, DIR/lengths.png
