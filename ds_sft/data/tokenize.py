@@ -28,7 +28,7 @@ from ds_sft.data.templates import alpaca_fields, render_prompt
 CHUNK = 2048  # rows per encode_batch call: large enough for the Rust threads, small enough for a progress bar
 # A BPE model caches the merges of the words it has seen, 10,000 words by default: fewer than the
 # distinct words of an instruction mix (59k GPT-2 pre-tokens in the shared one), so most words were
-# merged again at each occurrence. 100k entries (a few MB) cut encode CPU time by ~20% on the shared mix.
+# merged again at each occurrence. 100k entries (a few MB) cut encode CPU time by 10-20% on the shared mix.
 BPE_CACHE_WORDS = 100_000
 
 
