@@ -72,9 +72,17 @@ def gpu_tokens_per_s(name: str, mode: str, args) -> dict:
             times.append(time.perf_counter() - start)
     step_time = statistics.median(times)
     tokens = labels.numel()
-    result = {"model": name, "mode": mode, "d_model": config.d_model, "parameters": config.num_parameters(),
-              "tokens_per_step": tokens, "step_s": step_time, "tokens_per_s": tokens / step_time,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss.item()}
+    result = {
+        "model": name,
+        "mode": mode,
+        "d_model": config.d_model,
+        "parameters": config.num_parameters(),
+        "tokens_per_step": tokens,
+        "step_s": step_time,
+        "tokens_per_s": tokens / step_time,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss": loss.item(),
+    }
     del model, optimizer, loss
     gc.collect()
     torch.cuda.empty_cache()
@@ -95,8 +103,11 @@ def cpu_overhead(tokens: int, d_in: int, d_out: int, repeats: int) -> dict:
             y.float().sum().backward()
             times[label].append(time.perf_counter() - start)
     medians = {label: statistics.median(t) for label, t in times.items()}
-    return {"shape": [tokens, d_in, d_out], **{f"{k}_ms": v * 1e3 for k, v in medians.items()},
-            "ratio": medians["fp8_emulated"] / medians["bf16"]}
+    return {
+        "shape": [tokens, d_in, d_out],
+        **{f"{k}_ms": v * 1e3 for k, v in medians.items()},
+        "ratio": medians["fp8_emulated"] / medians["bf16"],
+    }
 
 
 def main() -> None:
@@ -106,8 +117,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="GPU: timed steps per mode (median reported)")
     parser.add_argument("--warmup", type=int, default=5, help="GPU: untimed steps first (TE, cuBLAS warm-up)")
     parser.add_argument("--kernels", default="auto", help="model kernels: auto | triton | torch | eager")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fp8.json",
-                        help="where the JSON report goes")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / "fp8.json", help="where the JSON report goes"
+    )
     args = parser.parse_args()
     if args.quick:
         args.steps, args.warmup, args.seq_len = 3, 2, min(args.seq_len, 256)
@@ -117,8 +129,10 @@ def main() -> None:
     report["cpu"] = [cpu_overhead(*shape, repeats=3 if args.quick else 10) for shape in cpu_shapes]
     print("CPU, forward + backward of one linear (bf16 autocast): emulated fp8 vs nn.Linear")
     for row in report["cpu"]:
-        print(f"  tokens x in x out {row['shape']}: {row['bf16_ms']:8.2f} ms vs "
-              f"{row['fp8_emulated_ms']:8.2f} ms  -> {row['ratio']:.2f}x the time")
+        print(
+            f"  tokens x in x out {row['shape']}: {row['bf16_ms']:8.2f} ms vs "
+            f"{row['fp8_emulated_ms']:8.2f} ms  -> {row['ratio']:.2f}x the time"
+        )
 
     if torch.cuda.is_available():
         report["device"] = torch.cuda.get_device_name()
@@ -134,8 +148,10 @@ def main() -> None:
                     continue
                 baseline = baseline or row["tokens_per_s"]
                 row["vs_bf16"] = row["tokens_per_s"] / baseline
-                print(f"  {name:5s} {mode:9s} {row['tokens_per_s']:10.0f} tok/s  {row['vs_bf16']:.2f}x bf16"
-                      f"  peak {row['peak_gib']:.1f} GiB  loss {row['loss']:.3f}")
+                print(
+                    f"  {name:5s} {mode:9s} {row['tokens_per_s']:10.0f} tok/s  {row['vs_bf16']:.2f}x bf16"
+                    f"  peak {row['peak_gib']:.1f} GiB  loss {row['loss']:.3f}"
+                )
     else:
         print("GPU: no CUDA device here; the tokens/s comparison runs where one is")
 

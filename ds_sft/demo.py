@@ -60,22 +60,67 @@ def run(args: argparse.Namespace) -> int:
     timings = {
         "prepare": _stage(
             "prepare the instruction mix",
-            ["prepare", *sources, "--base_model", args.base_model, "--output_dir", str(data_dir),
-             "--max_examples", str(args.max_examples), "--seq_len", str(args.seq_len)],
+            [
+                "prepare",
+                *sources,
+                "--base_model",
+                args.base_model,
+                "--output_dir",
+                str(data_dir),
+                "--max_examples",
+                str(args.max_examples),
+                "--seq_len",
+                str(args.seq_len),
+            ],
         ),
         "train": _stage(
             "fine-tune with DeepSpeed ZeRO-2 on CPU",
-            ["train", "--data_dir", str(data_dir), "--base_model", args.base_model,
-             "--deepspeed_config", "ds_configs/zero2.json", "--micro_batch_size", "4", "--grad_accum", "2",
-             "--precision", "bf16", "--max_iters", str(args.max_iters), "--warmup_iters", "2",
-             "--eval_interval", str(max(1, args.max_iters // 2)), "--eval_iters", "4",
-             "--learning_rate", "7e-5", "--out_dir", str(run_dir)],
+            [
+                "train",
+                "--data_dir",
+                str(data_dir),
+                "--base_model",
+                args.base_model,
+                "--deepspeed_config",
+                "ds_configs/zero2.json",
+                "--micro_batch_size",
+                "4",
+                "--grad_accum",
+                "2",
+                "--precision",
+                "bf16",
+                "--max_iters",
+                str(args.max_iters),
+                "--warmup_iters",
+                "2",
+                "--eval_interval",
+                str(max(1, args.max_iters // 2)),
+                "--eval_iters",
+                "4",
+                "--learning_rate",
+                "7e-5",
+                "--out_dir",
+                str(run_dir),
+            ],
         ),
         "eval": _stage(
             "evaluate base vs fine-tuned",
-            ["eval", "--compare", args.base_model, str(run_dir), "--data_dir", str(data_dir),
-             "--val_rows", "32", "--gsm8k_limit", str(args.gsm8k_limit), "--max_new_tokens", "160",
-             "--out", str(eval_dir)],
+            [
+                "eval",
+                "--compare",
+                args.base_model,
+                str(run_dir),
+                "--data_dir",
+                str(data_dir),
+                "--val_rows",
+                "32",
+                "--gsm8k_limit",
+                str(args.gsm8k_limit),
+                "--max_new_tokens",
+                "160",
+                "--out",
+                str(eval_dir),
+            ],
         ),
     }
     print("\n=== demo finished: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
@@ -87,8 +132,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m ds_sft.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ds_sft.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     return run(parser.parse_args())
 

@@ -78,9 +78,11 @@ class Fp8Recipe:
         }
         for key, ok in checks.items():
             if not ok:
-                raise UserError(f"fp8.{key} = {getattr(self, key)!r} is invalid: format HYBRID|E4M3, "
-                                "amax_history_len an int >= 1, amax_compute_algo max|most_recent, "
-                                "margin an int >= 0")
+                raise UserError(
+                    f"fp8.{key} = {getattr(self, key)!r} is invalid: format HYBRID|E4M3, "
+                    "amax_history_len an int >= 1, amax_compute_algo max|most_recent, "
+                    "margin an int >= 0"
+                )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fp8Recipe:
@@ -100,8 +102,12 @@ class Fp8Recipe:
         _import_te()
         from transformer_engine.common.recipe import DelayedScaling, Format
 
-        return DelayedScaling(fp8_format=Format[self.format], amax_history_len=self.amax_history_len,
-                              amax_compute_algo=self.amax_compute_algo, margin=self.margin)
+        return DelayedScaling(
+            fp8_format=Format[self.format],
+            amax_history_len=self.amax_history_len,
+            amax_compute_algo=self.amax_compute_algo,
+            margin=self.margin,
+        )
 
 
 # ----------------------------------------------------------------------------- the emulated path
@@ -129,12 +135,14 @@ class _Float8Matmul(torch.autograd.Function):
         g8, g_inv = ctx.layer.cast(grad_y.reshape(-1, grad_y.shape[-1]), GRAD)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # dX [M, K] = dY [M, N] @ W [N, K]
-            grad_x = torch._scaled_mm(g8, _column_major(w8), scale_a=g_inv, scale_b=w_inv,
-                                      out_dtype=ctx.x_dtype)
+            grad_x = torch._scaled_mm(
+                g8, _column_major(w8), scale_a=g_inv, scale_b=w_inv, out_dtype=ctx.x_dtype
+            )
             grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # dW [N, K] = dY.T [N, M] @ X [M, K]
-            grad_w = torch._scaled_mm(g8.t().contiguous(), _column_major(x8), scale_a=g_inv, scale_b=x_inv,
-                                      out_dtype=ctx.w_dtype)
+            grad_w = torch._scaled_mm(
+                g8.t().contiguous(), _column_major(x8), scale_a=g_inv, scale_b=x_inv, out_dtype=ctx.w_dtype
+            )
         return grad_x, grad_w, None, None
 
 
@@ -232,13 +240,16 @@ def _import_te():
         raise UserError(f"--fp8 te needs a CUDA GPU with fp8 tensor cores, none is visible; {hint}")
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 9):
-        raise UserError(f"--fp8 te needs compute capability >= 8.9 (Ada/Hopper), this GPU has "
-                        f"{major}.{minor}; {hint}")
+        raise UserError(
+            f"--fp8 te needs compute capability >= 8.9 (Ada/Hopper), this GPU has {major}.{minor}; {hint}"
+        )
     try:
         import transformer_engine.pytorch as te
     except (ImportError, RuntimeError) as err:  # without CUDA libraries the import raises RuntimeError
-        raise UserError(f"--fp8 te needs transformer-engine[pytorch] ({type(err).__name__}: {err}); "
-                        f"pip install 'ds-sft[gpu]', or {hint}") from None
+        raise UserError(
+            f"--fp8 te needs transformer-engine[pytorch] ({type(err).__name__}: {err}); "
+            f"pip install 'ds-sft[gpu]', or {hint}"
+        ) from None
     return te
 
 
@@ -295,8 +306,10 @@ def decode_te_extra_state(blob: Any) -> dict[str, torch.Tensor] | None:
         else:
             state = _RestrictedUnpickler(io.BytesIO(blob)).load()
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"cannot read a Transformer Engine _extra_state entry ({err}); re-save the "
-                        "checkpoint without it or use --fp8 off") from None
+        raise UserError(
+            f"cannot read a Transformer Engine _extra_state entry ({err}); re-save the "
+            "checkpoint without it or use --fp8 off"
+        ) from None
     keys = ("scale_fwd", "amax_history_fwd", "scale_bwd", "amax_history_bwd")
     if not isinstance(state, dict) or not all(isinstance(state.get(k), torch.Tensor) for k in keys):
         return None  # no delayed-scaling state (fp8 never ran, or another TE recipe)
@@ -318,8 +331,9 @@ def encode_te_extra_state(state: dict[str, torch.Tensor], recipe: Fp8Recipe) -> 
 def _te_linear(te, linear: nn.Linear) -> nn.Module:
     # TE layers live on the GPU whatever device the model was built on (the trainer builds on CPU and
     # lets the engine move it); the weight is copied, so the optimizer must be made afterwards.
-    layer = te.Linear(linear.in_features, linear.out_features, bias=False, params_dtype=linear.weight.dtype,
-                      device="cuda")
+    layer = te.Linear(
+        linear.in_features, linear.out_features, bias=False, params_dtype=linear.weight.dtype, device="cuda"
+    )
     with torch.no_grad():
         layer.weight.copy_(linear.weight)
     return layer
@@ -330,8 +344,11 @@ def _te_linear(te, linear: nn.Linear) -> nn.Module:
 
 def fp8_linear_names(model: nn.Module) -> list[str]:
     """The replacement map: names of the ``nn.Linear`` modules that fp8 swaps."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in FP8_LINEARS]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in FP8_LINEARS
+    ]
 
 
 def _seed_targets(extra_state: dict[str, Any], swapped: set[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -346,8 +363,11 @@ def _seed_targets(extra_state: dict[str, Any], swapped: set[str]) -> dict[str, d
             continue
         targets.update(dict.fromkeys(parts, state))
     if unused:
-        log.info("fp8: %d TE _extra_state entries seed nothing (no fp8 state, or no swapped linear): %s",
-                 len(unused), ", ".join(unused[:4]))
+        log.info(
+            "fp8: %d TE _extra_state entries seed nothing (no fp8 state, or no swapped linear): %s",
+            len(unused),
+            ", ".join(unused[:4]),
+        )
     return targets
 
 
@@ -366,9 +386,11 @@ def apply_fp8(model: nn.Module, mode: str, recipe: Fp8Recipe | None = None) -> n
     for name in names:
         linear = model.get_submodule(name)
         if linear.bias is not None or linear.in_features % 16 or linear.out_features % 16:
-            raise UserError(f"fp8 needs bias-free linears with both dimensions multiples of 16; {name} "
-                            f"is {linear.in_features} -> {linear.out_features}: choose sizes that are, "
-                            "or --fp8 off")
+            raise UserError(
+                f"fp8 needs bias-free linears with both dimensions multiples of 16; {name} "
+                f"is {linear.in_features} -> {linear.out_features}: choose sizes that are, "
+                "or --fp8 off"
+            )
     te = _import_te() if mode == "te" else None
     seeds = _seed_targets(getattr(model, "fp8_extra_state", {}), set(names))
     for name in names:

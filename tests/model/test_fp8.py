@@ -29,8 +29,15 @@ from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, apply_fp8, decode_te_extra
 from ds_sft.model.llama import LlamaModel
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-PROJECTIONS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-               "mlp.down_proj")
+PROJECTIONS = (
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def quantize_dequantize(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -119,11 +126,14 @@ def hand_rolled_scales(amaxes, history_len, algo, margin, fp8_max=448.0):
     return scales
 
 
-@pytest.mark.parametrize("history_len,algo,margin", [(3, "max", 0), (3, "max", 2), (1, "max", 0),
-                                                     (4, "most_recent", 1)])
+@pytest.mark.parametrize(
+    "history_len,algo,margin", [(3, "max", 0), (3, "max", 2), (1, "max", 0), (4, "most_recent", 1)]
+)
 def test_scales_follow_the_amax_history(history_len, algo, margin):
-    layer = Float8Linear(nn.Linear(16, 16, bias=False), Fp8Recipe(amax_history_len=history_len,
-                                                                  amax_compute_algo=algo, margin=margin))
+    layer = Float8Linear(
+        nn.Linear(16, 16, bias=False),
+        Fp8Recipe(amax_history_len=history_len, amax_compute_algo=algo, margin=margin),
+    )
     amaxes = [2.0, 8.0, 1.0, 0.5, 0.0, 0.25, 4.0, 0.125, 0.125, 0.125]
     used = []
     for amax in amaxes:
@@ -225,8 +235,13 @@ def test_amax_history_of_another_length_is_cut_or_padded():
 
 
 def test_recipe_from_dict_validates_and_names_the_bad_key():
-    section = {"format": "E4M3", "amax_history_len": 16, "amax_compute_algo": "most_recent", "margin": 1,
-               "_comment": "ignored"}
+    section = {
+        "format": "E4M3",
+        "amax_history_len": 16,
+        "amax_compute_algo": "most_recent",
+        "margin": 1,
+        "_comment": "ignored",
+    }
     recipe = Fp8Recipe.from_dict(section)
     assert recipe == Fp8Recipe("E4M3", 16, "most_recent", 1)
     assert Fp8Recipe.from_dict({}) == Fp8Recipe("HYBRID", 1024, "max", 0)
@@ -321,8 +336,12 @@ def fake_te_modules() -> dict[str, types.ModuleType]:
     common.recipe = recipe
     package = types.ModuleType("transformer_engine")
     package.common, package.pytorch = common, pytorch
-    return {"transformer_engine": package, "transformer_engine.common": common,
-            "transformer_engine.common.recipe": recipe, "transformer_engine.pytorch": pytorch}
+    return {
+        "transformer_engine": package,
+        "transformer_engine.common": common,
+        "transformer_engine.common.recipe": recipe,
+        "transformer_engine.pytorch": pytorch,
+    }
 
 
 def install(monkeypatch, modules: dict[str, types.ModuleType]) -> None:
@@ -394,15 +413,19 @@ def test_te_extra_state_seeds_the_emulated_path(monkeypatch):
     recipe_module = modules["transformer_engine.common.recipe"]
     fused, single = te_state(history_len=5, seed=1), te_state(history_len=5, seed=2)
     model = tiny_model()
-    model.fp8_extra_state = {"layers.0.attn.qkv_proj": te_blob(fused, recipe_module),
-                             "layers.1.mlp.down_proj": te_blob(single, recipe_module),
-                             "layers.1.attn.rotary": te_blob(single, recipe_module)}  # no such linear: logged
+    model.fp8_extra_state = {
+        "layers.0.attn.qkv_proj": te_blob(fused, recipe_module),
+        "layers.1.mlp.down_proj": te_blob(single, recipe_module),
+        "layers.1.attn.rotary": te_blob(single, recipe_module),
+    }  # no such linear: logged
     apply_fp8(model, "emulated", Fp8Recipe(amax_history_len=8))
 
     for name in ("q_proj", "k_proj", "v_proj"):
         layer = getattr(model.layers[0].attn, name)
-        assert torch.equal(layer.fp8_scale, torch.stack([fused["scale_fwd"][0], fused["scale_fwd"][1],
-                                                         fused["scale_bwd"][0]]))
+        assert torch.equal(
+            layer.fp8_scale,
+            torch.stack([fused["scale_fwd"][0], fused["scale_fwd"][1], fused["scale_bwd"][0]]),
+        )
         assert torch.equal(layer.fp8_amax_history[:5, 1], fused["amax_history_fwd"][:, 1])
         assert torch.equal(layer.fp8_amax_history[5:], torch.zeros(3, 3))
     down = model.layers[1].mlp.down_proj
@@ -460,8 +483,9 @@ def test_te_path_replaces_projections_and_carries_extra_state(fake_te):
     assert model.layers[0].attn.q_proj.loaded_extra_state is None
 
     te_recipe = recipe.to_te()
-    assert te_recipe == recipe_module.DelayedScaling(fp8_format=recipe_module.Format.E4M3, amax_history_len=6,
-                                                     amax_compute_algo="most_recent", margin=2)
+    assert te_recipe == recipe_module.DelayedScaling(
+        fp8_format=recipe_module.Format.E4M3, amax_history_len=6, amax_compute_algo="most_recent", margin=2
+    )
     with fp8_autocast("te", recipe):
         pass
     assert te.autocast_calls == [{"enabled": True, "fp8_recipe": te_recipe}]
@@ -524,14 +548,24 @@ def free_port() -> int:
 @pytest.mark.parametrize("stage", [2, 3])  # 3: the very weight Parameter is partitioned
 def test_emulated_fp8_under_deepspeed_zero_saves_and_resumes_fp8_state(stage, tmp_path, monkeypatch):
     deepspeed = pytest.importorskip("deepspeed")
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())}.items():
+    for key, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }.items():
         monkeypatch.setenv(key, value)
     if "TORCH_EXTENSIONS_DIR" not in os.environ:  # DeepSpeed JIT-builds its CPU comm op once, here
         cache = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
         monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(cache))
-    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-              "bf16": {"enabled": True}, "zero_optimization": {"stage": stage}, "steps_per_print": 1000}
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 1000,
+    }
 
     def engine():
         model = apply_fp8(tiny_model(), "emulated", Fp8Recipe(amax_history_len=8))

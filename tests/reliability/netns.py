@@ -131,8 +131,12 @@ def run_two_nodes(
                     proc.wait()
         logs = [Path(tmp) / f"node{rank}" for rank in range(len(procs))]
         return [
-            subprocess.CompletedProcess(proc.args, proc.returncode, log.with_suffix(".out").read_text(),
-                                        log.with_suffix(".err").read_text())  # fmt: skip
+            subprocess.CompletedProcess(
+                proc.args,
+                proc.returncode,
+                log.with_suffix(".out").read_text(),
+                log.with_suffix(".err").read_text(),
+            )  # fmt: skip
             for proc, log in zip(procs, logs, strict=True)
         ]
 

@@ -182,10 +182,16 @@ CONTRADICTIONS = {
     "fp16 and bf16": ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, [], ["fp16"]),
     "a DeepSpeed scheduler": ({"scheduler": {"type": "WarmupLR"}}, [], ["scheduler"]),
     "SGD": ({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, [], ["SGD", "sgd", "optimizer"]),
-    "unknown optimizer param": ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betaz": [0.9, 0.9]}}},
-                                [], ["betaz"]),  # fmt: skip
-    "optimizer betas not a pair": ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": 0.9}}},
-                                   [], ["betas"]),  # fmt: skip
+    "unknown optimizer param": (
+        {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betaz": [0.9, 0.9]}}},
+        [],
+        ["betaz"],
+    ),  # fmt: skip
+    "optimizer betas not a pair": (
+        {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": 0.9}}},
+        [],
+        ["betas"],
+    ),  # fmt: skip
     "warmup longer than the run": ({}, ["--warmup_iters", "50", "--max_iters", "10"], ["warmup_iters"]),
     "min_lr above the peak": ({}, ["--min_lr", "1", "--learning_rate", "0.1"], ["min_lr"]),
     "zero micro-batch": ({}, ["--micro_batch_size", "0"], ["micro_batch_size"]),
