@@ -166,5 +166,4 @@ def register_lm_head(model) -> None:
     model's own forward and backward in both modes."""
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-    owner = model.wte if model.lm_head is None else model.lm_head
-    register_external_parameter(model, owner.weight)
+    register_external_parameter(model, model.lm_head_weight)
