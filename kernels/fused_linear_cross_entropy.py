@@ -10,7 +10,10 @@ go through in chunks of ``chunk_size``; for each chunk::
     grad_W     += dlogits.T @ h_c                 (fp32 accumulator, whatever the weight dtype)
 
 so the gradients are complete when the forward returns and the backward only scales them by the
-upstream gradient. Peak extra memory is one logits chunk plus ``grad_W`` instead of ``O(N x V)``;
+upstream gradient. Only the trained tokens (label != ``ignore_index``) go through the loop: an SFT
+row's prompt and padding have no loss, and skipping their logits saves their share of the head.
+
+Peak extra memory is one logits chunk plus ``grad_W`` instead of ``O(N x V)``;
 1,024 tokens x 50,304 x 4 bytes = 206 MB per chunk. The loss is accumulated in fp32.
 
 ``reduction="none"`` is different: each token's upstream gradient is unknown until the backward, and
@@ -149,7 +152,19 @@ def _chunked_losses(hidden, weight, labels, loss_and_grad, options, chunk_size):
                       compute_grad=False, inplace=True, **options)[0]
         for s in range(0, hidden.shape[0], chunk_size)
     ]  # fmt: skip
-    return torch.cat(losses)
+    return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``x[rows]``; ``rows=None`` means every row."""
+    return x if rows is None else x[rows]
+
+
+def _scatter_rows(x: torch.Tensor, rows: torch.Tensor | None, total: int) -> torch.Tensor:
+    """The inverse of :func:`_gather_rows`: ``x`` placed at ``rows`` of a zero tensor of ``total`` rows."""
+    if rows is None:
+        return x
+    return x.new_zeros((total, *x.shape[1:])).index_copy_(0, rows, x)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -167,20 +182,26 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         loss_and_grad = _loss_and_grad_for(backend)
         options = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss}
-        hidden2d = hidden.reshape(-1, hidden.shape[-1])
-        labels1d = labels.reshape(-1).contiguous()
         ctx.hidden_shape = hidden.shape
         ctx.weight_dtype = weight.dtype
         ctx.reduction = reduction
+        # Only trained tokens reach the LM head. An ignored token (prompt, padding: about half of an
+        # SFT row) has no loss and no gradient, yet its logits cost as much as a trained token's, and
+        # the head is a third of a small model's FLOPs. The chunk loop runs on the trained rows;
+        # their hidden gradients are scattered back into a zero gradient for the whole input.
+        hidden2d = hidden.reshape(-1, hidden.shape[-1])
+        labels1d = labels.reshape(-1)
+        trained = labels1d != ignore_index
+        ctx.trained_rows = rows = None if bool(trained.all()) else trained.nonzero().squeeze(1)
+        hidden2d, labels1d = _gather_rows(hidden2d, rows), _gather_rows(labels1d, rows).contiguous()
 
         if reduction == "none":
             ctx.recompute = (loss_and_grad, options, chunk_size)
             ctx.save_for_backward(hidden2d, weight, labels1d)
-            return _chunked_losses(hidden2d, weight, labels1d, loss_and_grad, options, chunk_size).view(
-                labels.shape
-            )
+            losses = _chunked_losses(hidden2d, weight, labels1d, loss_and_grad, options, chunk_size)
+            return _scatter_rows(losses, ctx.trained_rows, labels.numel()).view(labels.shape)
 
-        n_valid = (labels1d != ignore_index).sum() if reduction == "mean" else None
+        n_valid = trained.sum() if reduction == "mean" else None
         total, grad_hidden, grad_weight = _chunked_loss_and_grads(
             hidden2d, weight, labels1d, loss_and_grad, options, chunk_size,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1], n_valid=n_valid,
@@ -197,7 +218,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             loss_and_grad, options, chunk_size = ctx.recompute
             _, grad_hidden, grad_weight = _chunked_loss_and_grads(
                 hidden2d, weight, labels1d, loss_and_grad, options, chunk_size,
-                ctx.needs_input_grad[0], ctx.needs_input_grad[1], row_scale=grad_output.reshape(-1).float(),
+                ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                row_scale=_gather_rows(grad_output.reshape(-1).float(), ctx.trained_rows),
             )  # fmt: skip
         else:
             if ctx.grads is None:
@@ -210,7 +232,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if grad is not None:
                     grad.mul_(grad_output)
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.view(ctx.hidden_shape)
+            rows = ctx.hidden_shape.numel() // ctx.hidden_shape[-1]
+            grad_hidden = _scatter_rows(grad_hidden, ctx.trained_rows, rows).view(ctx.hidden_shape)
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None

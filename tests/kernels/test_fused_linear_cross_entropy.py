@@ -134,3 +134,23 @@ def test_second_backward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward runs once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_head_runs_only_on_trained_tokens(reduction, monkeypatch):
+    """Ignored tokens never reach the LM head: the per-chunk loss sees 40 rows of logits when 40 of
+    100 tokens are trained (twice for "none", whose backward recomputes them), and the result is
+    still the reference's."""
+    import kernels.fused_linear_cross_entropy as flce
+
+    rows_seen, loss_and_grad = [], flce.cross_entropy_loss_and_grad_torch
+
+    def counting(logits, labels, **options):
+        rows_seen.append(logits.shape[0])
+        return loss_and_grad(logits, labels, **options)
+
+    monkeypatch.setattr(flce, "cross_entropy_loss_and_grad_torch", counting)
+    h, w, labels = _inputs(100, 64, 1000, "cpu", ignored=0.0)
+    labels[torch.randperm(100, generator=torch.Generator().manual_seed(0))[:60]] = IGNORE
+    _check(h, w, labels, "torch", reduction, chunk_size=16)
+    assert sum(rows_seen) == 40 * (2 if reduction == "none" else 1)
