@@ -1,0 +1,143 @@
+"""Causal attention within each packed document that computes only the tiles a document can see (CPU).
+
+A packed row of ``T`` tokens holds several documents back to back, and a query may attend only to
+earlier keys of its own document: the ``[T, T]`` mask is block-diagonal causal. Dense-mask
+``scaled_dot_product_attention`` computes all ``T^2`` query-key pairs and throws most away: with
+documents of ~90 tokens in a 512-token row, about 90 % of the pairs are masked out.
+
+Tiles. Cut the row into query tiles of ``tile`` tokens. Documents are contiguous runs, so the keys that
+tile ``i`` needs start at the first token of the document holding the tile's *first* query (the later
+queries' documents start no earlier) and end at the tile's last query: the key tiles ``first .. i``, a
+window of ``w = i - first + 1`` tiles. Inside the window a ``[tile, w * tile]`` mask (same document,
+key position <= query position) keeps the result exact.
+
+Buckets. A batched matmul needs one shape, so the query tiles are grouped by window width: all tiles
+of width ``w``, from every row, gather into one ``[H, m, tile, D]`` batch against their
+``[H, m, w * tile, D]`` key/value windows. That is at most ``T / tile`` buckets of a few large ops
+each, where one SDPA call per document pays a per-call overhead that made it slower than the dense
+mask. Exact widths beat widths rounded up to powers of two (fewer buckets, up to 2x more pairs):
+the pairs cost more than the buckets. Keys and values are left-padded with zero tiles of document
+``-2`` (matching no query) so that gathering stays a single ``index_select`` per tensor.
+
+Cost model. The work is the score matrix, ``tile * w * tile`` pairs per query tile: about
+``T * (L + tile)`` pairs per row for documents of ``L`` tokens, against ``T^2`` dense. On CPU these
+are memory-bound passes over materialised scores (bf16 for bf16 inputs), so :class:`_MaskedAttention`
+makes as few as it can; the dense flash kernel keeps its scores in cache, which is why the gain is
+~3x rather than ``T / L``. ``tile=64`` measured best (32: more, smaller ops; 128: more wasted pairs
+at the document edges). A row holding one ``T``-token document degrades to causal tiles: about half
+the dense pairs.
+
+The gathers and the scatter are ``index_select`` / ``index_copy_`` (backward: ``index_add``), so
+autograd gives the gradients. The bucket sizes depend on the data, hence ``torch.compiler.disable``:
+under ``torch.compile`` the graph breaks around each call and this runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.compiler.disable
+def document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor, tile: int = 64
+) -> torch.Tensor:
+    """Attention within documents: ``q, k, v [B, H, T, D]`` (k, v expanded to H heads) -> ``[B, H, T, D]``.
+
+    ``document_ids [B, T]``: 0, 1, 2 ... per document, each document one contiguous run, -1 on
+    trailing padding. On every non-padding query this equals ``scaled_dot_product_attention`` with
+    the mask ``same document & key <= query``. Padding queries get finite values that nothing should
+    read: zeros in a tile that is all padding, else attention over the padding run (as the dense mask
+    gives). ``T`` need not be a multiple of ``tile``.
+    """
+    B, H, T, D = q.shape
+    if document_ids.shape != (B, T):
+        raise ValueError(f"document_ids {tuple(document_ids.shape)} should be [batch, seq] = {(B, T)}")
+    n_tiles = -(-T // tile)
+    padded = n_tiles * tile
+    documents = F.pad(document_ids, (0, padded - T), value=-1)  # [B, padded]: the tail is padding
+
+    # Where each token's document starts: the last position at or before it where the id changed.
+    position = torch.arange(padded, device=q.device)
+    starts_document = torch.ones_like(documents, dtype=torch.bool)
+    starts_document[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    document_start = torch.where(starts_document, position, 0).cummax(dim=1).values
+    tile_index = torch.arange(n_tiles, device=q.device)
+    width = tile_index - document_start[:, ::tile] // tile + 1  # [B, n_tiles] key tiles per query tile
+    active = documents.view(B, n_tiles, tile).amax(dim=-1) >= 0  # tiles with at least one real query
+    if not active.any():
+        return q * 0  # nothing but padding: zeros, still connected to the graph
+
+    lookback = int(width.max()) - 1  # zero key tiles prepended: every window starts inside the keys
+    keys_per_row = lookback + n_tiles
+    # Head-major tiles [H, B * tiles, tile, D]: a window's w key tiles are w consecutive rows of dim 1,
+    # so one index_select gathers it already laid out as [H, m, w * tile, D] for the matmuls.
+    query_tiles = _head_major_tiles(q, 0, padded - T, tile)
+    key_tiles = _head_major_tiles(k, lookback * tile, padded - T, tile)
+    value_tiles = _head_major_tiles(v, lookback * tile, padded - T, tile)
+    query_documents = documents.view(B * n_tiles, tile)
+    key_documents = F.pad(documents, (lookback * tile, 0), value=-2).view(B * keys_per_row, tile)
+
+    query_index, key_index, blocked = [], [], []  # per bucket
+    for w in width[active].unique().tolist():
+        rows, tiles = torch.nonzero(active & (width == w), as_tuple=True)
+        queries = rows * n_tiles + tiles
+        first_key = rows * keys_per_row + tiles + lookback - w + 1  # the window ends with the query tile
+        keys = (first_key[:, None] + torch.arange(w, device=q.device)).flatten()
+        key_document = key_documents.index_select(0, keys).view(len(queries), 1, w * tile)
+        other_document = key_document != query_documents.index_select(0, queries)[:, :, None]
+        # the window ends with the query tile, so causality is one [tile, w * tile] pattern
+        future = position[: w * tile] > position[:tile, None] + (w - 1) * tile
+        query_index.append(queries)
+        key_index.append(keys)
+        blocked.append(other_document | future)  # [m, tile, w * tile], broadcast over heads
+
+    # One gather per tensor for all buckets: the backward is one index_add into one zero buffer.
+    q_buckets = query_tiles.index_select(1, torch.cat(query_index)).split([len(i) for i in query_index], 1)
+    key_sizes = [len(i) for i in key_index]
+    k_buckets = key_tiles.index_select(1, torch.cat(key_index)).split(key_sizes, 1)
+    v_buckets = value_tiles.index_select(1, torch.cat(key_index)).split(key_sizes, 1)
+    out = q.new_zeros(H, B * n_tiles, tile, D)  # all-padding tiles stay zero
+    for queries, q_b, k_b, v_b, mask in zip(
+        query_index, q_buckets, k_buckets, v_buckets, blocked, strict=True
+    ):
+        m = len(queries)
+        k_b, v_b = k_b.reshape(H, m, -1, D), v_b.reshape(H, m, -1, D)  # [H, m, w * tile, D], views
+        out.index_copy_(1, queries, _MaskedAttention.apply(q_b, k_b, v_b, mask))
+    return out.view(H, B, padded, D)[:, :, :T].transpose(0, 1)
+
+
+def _head_major_tiles(x: torch.Tensor, before: int, after: int, tile: int) -> torch.Tensor:
+    """``[B, H, T, D]``, zero-padded by ``before`` / ``after`` tokens -> ``[H, B * tiles, tile, D]``."""
+    H, D = x.shape[1], x.shape[3]
+    return F.pad(x.transpose(0, 1), (0, 0, before, after)).reshape(H, -1, tile, D)
+
+
+class _MaskedAttention(torch.autograd.Function):
+    """``softmax(q k^T / sqrt(D) with blocked = -inf) v``, in few passes over the scores.
+
+    The ``[.., tile, span]`` scores are the big tensor here (the windows are ``D / tile`` of it), and
+    memory traffic, not the matmuls, bounds this on CPU. So the mask is applied in place, softmax
+    reads the scores once in the input dtype (it accumulates in fp32 internally: for bf16 this is the
+    precision of Hugging Face's eager attention), and backward keeps only the probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocked):
+        scale = q.shape[-1] ** -0.5
+        q = q * scale  # scaling a tile of queries is cheaper than scaling the span-wide scores
+        scores = torch.matmul(q, k.transpose(-1, -2)).masked_fill_(blocked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.scale = scale
+        return torch.matmul(probs, v)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs = ctx.saved_tensors
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)  # q carries the scale already
+        return grad_q, grad_k, grad_v, None
