@@ -126,6 +126,11 @@ def linear_cross_entropy(
         return linear_cross_entropy_reference(
             hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss
         )
-    return LinearCrossEntropyFunction.apply(
+    chunked = LinearCrossEntropyFunction.apply
+    if torch.compiler.is_compiling():
+        # The chunk loop keeps only the trained rows, a data-dependent shape: under torch.compile it
+        # runs eagerly after the model's graph instead of breaking the graph half-way through.
+        chunked = torch.compiler.disable(chunked, reason="the LM-head loss selects the trained rows")
+    return chunked(
         hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, resolved
     )
