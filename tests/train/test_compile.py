@@ -31,14 +31,15 @@ def fresh_dynamo():
 def train(data_dir, out_dir, zero_stage: int, *flags: str) -> dict[int, float]:
     """Run ``ds-sft train`` on the tiny preset (fp32); returns {step: loss}. Asserts that a
     ``--compile`` run really compiled a graph."""
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # AOTAutograd's "ok" counts graphs compiled for forward and backward (not an eager fallback).
+    graphs = torch._dynamo.utils.counters["aot_autograd"]["ok"]
     argv = ["train", "--data_dir", str(data_dir), "--model", "tiny", "--out_dir", str(out_dir)]
     argv += ["--zero_stage", str(zero_stage), "--precision", "fp32"]
     argv += ["--micro_batch_size", "2", "--grad_accum", "2"]
     argv += ["--max_iters", "4", "--learning_rate", "3e-3", "--eval_interval", "1000", "--eval_iters", "1"]
     argv += ["--save_interval", "2", "--wandb_mode", "disabled", *flags]
     assert main(argv) == 0
-    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    compiled = torch._dynamo.utils.counters["aot_autograd"]["ok"] > graphs
     assert compiled == ("--compile" in flags)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
@@ -58,12 +59,12 @@ def test_compiled_run_trains_like_eager_and_resumes(zero_stage, tmp_path, dist_e
     data_dir = write_data_dir(tmp_path / "data", train_rows=32)
     eager = train(data_dir, tmp_path / "eager", zero_stage)
     compiled = train(data_dir, tmp_path / "compiled", zero_stage, "--compile")
-    # Inductor fuses the norms, SwiGLU and attention and sums fp32 in another order: measured
-    # <= 7.3e-7 from eager over these 4 steps. 1e-5 (the eager parity bound) leaves 10x room, while
-    # a real fault (a lost gradient, a wrong lr) moves the loss by > 1e-3 within a step at lr 3e-3.
+    # Inductor may fuse the norms, SwiGLU and attention and sum fp32 in another order (measured
+    # <= 7.3e-7 from eager over these 4 steps while the loss was in the graph; equal since the loss
+    # runs eagerly after it). 1e-5 (the eager parity bound) leaves room, while a real fault (a lost
+    # gradient, a wrong lr) moves the loss by > 1e-3 within a step at lr 3e-3.
     assert list(compiled) == [1, 2, 3, 4]
     assert list(compiled.values()) == pytest.approx(list(eager.values()), abs=1e-5)
-    assert list(compiled.values()) != list(eager.values())  # it did run other kernels
 
     names = saved_names(tmp_path / "compiled", "step_000002")
     assert not [n for n in names if "_orig_mod" in n]
