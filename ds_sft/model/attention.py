@@ -16,8 +16,8 @@ of width ``w``, from every row, gather into one ``[H, m, tile, D]`` batch agains
 ``[H, m, w * tile, D]`` key/value windows. That is at most ``T / tile`` buckets of a few large ops
 each, where one SDPA call per document pays a per-call overhead that made it slower than the dense
 mask. Exact widths beat widths rounded up to powers of two (fewer buckets, up to 2x more pairs):
-the pairs cost more than the buckets. Keys and values are left-padded with zero tiles of document
-``-2`` (matching no query) so that gathering stays a single ``index_select`` per tensor.
+the pairs cost more than the buckets. And an exact window starts at a document start, never before
+the row, so no window needs padding keys.
 
 Cost model. The work is the score matrix, ``tile * w * tile`` pairs per query tile: about
 ``T * (L + tile)`` pairs per row for documents of ``L`` tokens, against ``T^2`` dense. On CPU these
@@ -68,24 +68,19 @@ def document_attention(
     if not active.any():
         return q * 0  # nothing but padding: zeros, still connected to the graph
 
-    lookback = int(width.max()) - 1  # zero key tiles prepended: every window starts inside the keys
-    keys_per_row = lookback + n_tiles
-    # Head-major tiles [H, B * tiles, tile, D]: a window's w key tiles are w consecutive rows of dim 1,
-    # so one index_select gathers it already laid out as [H, m, w * tile, D] for the matmuls.
-    query_tiles = _head_major_tiles(q, 0, padded - T, tile)
-    key_tiles = _head_major_tiles(k, lookback * tile, padded - T, tile)
-    value_tiles = _head_major_tiles(v, lookback * tile, padded - T, tile)
-    query_documents = documents.view(B * n_tiles, tile)
-    key_documents = F.pad(documents, (lookback * tile, 0), value=-2).view(B * keys_per_row, tile)
+    # Head-major tiles [H, B * n_tiles, tile, D]: a window's w key tiles are w consecutive rows of
+    # dim 1, so one index_select gathers it already laid out as [H, m, w * tile, D] for the matmuls.
+    query_tiles, key_tiles, value_tiles = (_head_major_tiles(x, padded, tile) for x in (q, k, v))
+    tile_documents = documents.view(B * n_tiles, tile)
 
     query_index, key_index, blocked = [], [], []  # per bucket
     for w in width[active].unique().tolist():
         rows, tiles = torch.nonzero(active & (width == w), as_tuple=True)
         queries = rows * n_tiles + tiles
-        first_key = rows * keys_per_row + tiles + lookback - w + 1  # the window ends with the query tile
+        first_key = queries - w + 1  # the window ends with the query tile
         keys = (first_key[:, None] + torch.arange(w, device=q.device)).flatten()
-        key_document = key_documents.index_select(0, keys).view(len(queries), 1, w * tile)
-        other_document = key_document != query_documents.index_select(0, queries)[:, :, None]
+        key_document = tile_documents.index_select(0, keys).view(len(queries), 1, w * tile)
+        other_document = key_document != tile_documents.index_select(0, queries)[:, :, None]
         # the window ends with the query tile, so causality is one [tile, w * tile] pattern
         future = position[: w * tile] > position[:tile, None] + (w - 1) * tile
         query_index.append(queries)
@@ -107,10 +102,10 @@ def document_attention(
     return out.view(H, B, padded, D)[:, :, :T].transpose(0, 1)
 
 
-def _head_major_tiles(x: torch.Tensor, before: int, after: int, tile: int) -> torch.Tensor:
-    """``[B, H, T, D]``, zero-padded by ``before`` / ``after`` tokens -> ``[H, B * tiles, tile, D]``."""
-    H, D = x.shape[1], x.shape[3]
-    return F.pad(x.transpose(0, 1), (0, 0, before, after)).reshape(H, -1, tile, D)
+def _head_major_tiles(x: torch.Tensor, padded: int, tile: int) -> torch.Tensor:
+    """``[B, H, T, D]``, zero-padded to ``padded`` tokens -> ``[H, B * padded / tile, tile, D]``."""
+    H, T, D = x.shape[1:]
+    return F.pad(x.transpose(0, 1), (0, 0, 0, padded - T)).reshape(H, -1, tile, D)
 
 
 class _MaskedAttention(torch.autograd.Function):
