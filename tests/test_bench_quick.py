@@ -74,3 +74,30 @@ def test_scripts_run_in_order_and_unknown_names_are_refused():
     assert [s.stem for s in available_scripts(["train_throughput"])] == ["train_throughput"]
     with pytest.raises(UserError, match="no benchmark 'nope'"):
         available_scripts(["nope"])
+
+
+def test_useful_flops_counts_real_tokens_trained_logits_and_in_document_pairs():
+    """bench/train_throughput.py (c): the second FLOP count, checked by hand on one small row."""
+    import importlib.util
+
+    import torch
+
+    from ds_sft.model.config import ModelConfig
+
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH_DIR / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = ModelConfig.preset("tiny")
+    # documents of 3 and 2 tokens, then a padding slot; 3 of the 5 real tokens are trained
+    batch = {
+        "document_ids": torch.tensor([[0, 0, 0, 1, 1, -1]]),
+        "labels": torch.tensor([[5, -100, 7, -100, 9, -100]]),
+    }
+    head = config.vocab_size * config.d_model
+    causal_pairs = 3 * 4 // 2 + 2 * 3 // 2
+    expected = (
+        6 * (config.num_parameters() - head) * 5
+        + 6 * head * 3
+        + 12 * config.n_layers * config.d_model * causal_pairs
+    )
+    assert bench.useful_flops(config, batch) == expected
