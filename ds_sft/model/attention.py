@@ -87,25 +87,66 @@ def document_attention(
         key_index.append(keys)
         blocked.append(other_document | future)  # [m, tile, w * tile], broadcast over heads
 
-    # One gather per tensor for all buckets: the backward is one index_add into one zero buffer.
-    q_buckets = query_tiles.index_select(1, torch.cat(query_index)).split([len(i) for i in query_index], 1)
-    key_sizes = [len(i) for i in key_index]
-    k_buckets = key_tiles.index_select(1, torch.cat(key_index)).split(key_sizes, 1)
-    v_buckets = value_tiles.index_select(1, torch.cat(key_index)).split(key_sizes, 1)
-    out = q.new_zeros(H, B * n_tiles, tile, D)  # all-padding tiles stay zero
-    for queries, q_b, k_b, v_b, mask in zip(
-        query_index, q_buckets, k_buckets, v_buckets, blocked, strict=True
-    ):
-        m = len(queries)
-        k_b, v_b = k_b.reshape(H, m, -1, D), v_b.reshape(H, m, -1, D)  # [H, m, w * tile, D], views
-        out.index_copy_(1, queries, _MaskedAttention.apply(q_b, k_b, v_b, mask))
+    q_buckets = _GatherTiles.apply(query_tiles, *query_index)
+    k_buckets = _GatherTiles.apply(key_tiles, *key_index)
+    v_buckets = _GatherTiles.apply(value_tiles, *key_index)
+    out_buckets = [
+        _MaskedAttention.apply(q_b, k_b.view(H, len(i), -1, D), v_b.view(H, len(i), -1, D), mask)
+        for i, q_b, k_b, v_b, mask in zip(query_index, q_buckets, k_buckets, v_buckets, blocked, strict=True)
+    ]
+    out = _ScatterTiles.apply(B * n_tiles, query_index, *out_buckets)  # all-padding tiles are zero
     return out.view(H, B, padded, D)[:, :, :T].transpose(0, 1)
 
 
 def _head_major_tiles(x: torch.Tensor, padded: int, tile: int) -> torch.Tensor:
     """``[B, H, T, D]``, zero-padded to ``padded`` tokens -> ``[H, B * padded / tile, tile, D]``."""
     H, T, D = x.shape[1:]
-    return F.pad(x.transpose(0, 1), (0, 0, 0, padded - T)).reshape(H, -1, tile, D)
+    x = x.transpose(0, 1)
+    if padded > T:
+        x = F.pad(x, (0, 0, 0, padded - T))
+    return x.reshape(H, -1, tile, D)  # the one copy
+
+
+class _GatherTiles(torch.autograd.Function):
+    """``source.index_select(1, index)`` for each bucket's index, with one gradient buffer for all.
+
+    Autograd would give each gather its own zero-filled, source-sized gradient and then add them up;
+    here every bucket's gradient lands in the same buffer. Each output is contiguous, so the matmuls
+    read it without a copy.
+    """
+
+    @staticmethod
+    def forward(ctx, source, *indices):
+        ctx.save_for_backward(*indices)
+        ctx.source_shape = source.shape
+        return tuple(source.index_select(1, index) for index in indices)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad_source = grads[0].new_zeros(ctx.source_shape)
+        for index, grad in zip(ctx.saved_tensors, grads, strict=True):
+            grad_source.index_add_(1, index, grad)
+        return grad_source, *(None for _ in grads)
+
+
+class _ScatterTiles(torch.autograd.Function):
+    """The inverse of :class:`_GatherTiles`: bucket outputs back to their tile rows (the rest zero).
+
+    Built from a chain of ``index_copy_``, autograd would clone the whole gradient once per bucket.
+    """
+
+    @staticmethod
+    def forward(ctx, n_rows, indices, *tiles):
+        ctx.save_for_backward(*indices)
+        H, _, tile, D = tiles[0].shape
+        out = tiles[0].new_zeros(H, n_rows, tile, D)
+        for index, t in zip(indices, tiles, strict=True):
+            out.index_copy_(1, index, t)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return None, None, *(grad_out.index_select(1, index) for index in ctx.saved_tensors)
 
 
 class _MaskedAttention(torch.autograd.Function):
