@@ -13,23 +13,28 @@ key position <= query position) keeps the result exact.
 
 Buckets. A batched matmul needs one shape, so the query tiles are grouped by window width: all tiles
 of width ``w``, from every row, gather into one ``[H, m, tile, D]`` batch against their
-``[H, m, w * tile, D]`` key/value windows. That is at most ``T / tile`` buckets of a few large ops
+``[H, m, w * tile, D]`` key/value windows. That is at most ``T / tile`` buckets of a dozen large ops
 each, where one SDPA call per document pays a per-call overhead that made it slower than the dense
-mask. Exact widths beat widths rounded up to powers of two (fewer buckets, up to 2x more pairs):
-the pairs cost more than the buckets. And an exact window starts at a document start, never before
-the row, so no window needs padding keys.
+mask. Exact widths beat widths rounded up to powers of two (fewer buckets, up to 2x more pairs), and
+an exact window starts at a document start, never before the row, so it needs no padding keys.
 
-Cost model. The work is the score matrix, ``tile * w * tile`` pairs per query tile: about
-``T * (L + tile)`` pairs per row for documents of ``L`` tokens, against ``T^2`` dense. On CPU these
-are memory-bound passes over materialised scores (bf16 for bf16 inputs), so :class:`_MaskedAttention`
-makes as few as it can; the dense flash kernel keeps its scores in cache, which is why the gain is
-~3x rather than ``T / L``. ``tile=64`` measured best (32: more, smaller ops; 128: more wasted pairs
-at the document edges). A row holding one ``T``-token document degrades to causal tiles: about half
-the dense pairs.
+Cost model. The work is the score matrix, ``tile * w * tile`` pairs per query tile. A tile's first
+query sits on average ~L/2 into its document (L length-weighted) and the window also reaches back to
+the tile boundary, so a row costs about ``T * (L / 2 + 1.5 * tile)`` pairs against ``T^2`` dense:
+3x fewer at T=512, L~90 and 4.6x at T=1024, L~190 (counted on the bench layouts: 3.6x and 5.0x).
+A row holding one ``T``-token document degrades to causal tiles, about half the dense pairs. On CPU
+the pairs are memory-bound passes over materialised scores, so :class:`_MaskedAttention` makes as
+few as it can (SDPA's flash kernel per bucket was slower: its backward is poor on short key spans).
+``tile=64`` measured best: 32 makes more, smaller ops; 128 wastes more pairs at document edges.
 
-The gathers and the scatter are ``index_select`` / ``index_copy_`` (backward: ``index_add``), so
-autograd gives the gradients. The bucket sizes depend on the data, hence ``torch.compiler.disable``:
-under ``torch.compile`` the graph breaks around each call and this runs eagerly.
+Gathering tiles and scattering the outputs back are small autograd Functions (``index_select`` /
+``index_copy_`` forward, the reverse backward) that keep one gradient buffer for all buckets. The
+bucket sizes depend on the data, hence ``torch.compiler.disable``: under ``torch.compile`` the graph
+breaks around each call and this runs eagerly.
+
+Each op here is parallel over 2 threads; when another process holds a core, every parallel region
+waits for the descheduled thread, and a hundred ops suffer where one dense kernel does not: measure
+on a quiet machine (``bench/attention.py``).
 """
 
 from __future__ import annotations
