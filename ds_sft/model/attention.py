@@ -128,11 +128,15 @@ class _GatherTiles(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        H, n_tiles = ctx.source_shape[:2]
         grad_source = grads[0].new_zeros(ctx.source_shape)
+        # index_add_ along dim 0 of [H * n_tiles, tile * D], one index per (head, tile): measured 2x
+        # faster than along dim 1 and 4x faster than index_put_(accumulate) (2 threads, quiet machine);
+        # along dim 1 it also stalled 100x when another process held a core
+        rows = grad_source.view(H * n_tiles, -1)
+        head_offset = torch.arange(H, device=rows.device)[:, None] * n_tiles
         for index, grad in zip(ctx.saved_tensors, grads, strict=True):
-            # index_put_(accumulate) rather than index_add_(1, ...): with 2 threads on a busy machine
-            # index_add_ along dim 1 was measured 100x slower (1.4 s vs 26 ms for 200 of 256 tiles)
-            grad_source.transpose(0, 1).index_put_((index,), grad.transpose(0, 1), accumulate=True)
+            rows.index_add_(0, (head_offset + index).flatten(), grad.reshape(H * len(index), -1))
         return grad_source, *(None for _ in grads)
 
 
