@@ -163,10 +163,11 @@ class _ScatterTiles(torch.autograd.Function):
 class _MaskedAttention(torch.autograd.Function):
     """``softmax(q k^T / sqrt(D) with blocked = -inf) v``, in few passes over the scores.
 
-    The ``[.., tile, span]`` scores are the big tensor here (the windows are ``D / tile`` of it), and
-    memory traffic, not the matmuls, bounds this on CPU. So the mask is applied in place, softmax
-    reads the scores once in the input dtype (it accumulates in fp32 internally: for bf16 this is the
-    precision of Hugging Face's eager attention), and backward keeps only the probabilities.
+    The ``[.., tile, span]`` scores are as big as a key window (at ``D == tile``) and, unlike the
+    windows, cross memory in every elementwise step, which bounds this on CPU more than the matmuls.
+    So the mask is applied in place, softmax reads the scores once in the input dtype (it accumulates
+    in fp32 internally: for bf16 this is the precision of Hugging Face's eager attention), and
+    backward keeps only the probabilities.
     """
 
     @staticmethod
