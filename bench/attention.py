@@ -16,9 +16,10 @@ the same q, k, v and document ids. The layouts:
   Hugging Face collator feeds), padding as document -1.
 
 The implementations take turns step by step (A B C A B C ...), so a neighbour stealing the CPU slows
-both alike; each figure is the median after one untimed step. The table also gives the largest
-output difference on non-padding positions (bf16 rounding, ~1e-2). Writes
-``bench/results/attention.json``.
+them alike; each figure is the median after one untimed step. But a busy machine hurts
+``document_attention`` (a hundred ops, each waiting for a descheduled thread) far more than the one
+dense kernel: compare on a quiet one. The table also gives the largest output difference on
+non-padding positions (bf16 rounding, ~1e-2). Writes ``bench/results/attention.json``.
 """
 
 from __future__ import annotations
