@@ -1,4 +1,4 @@
-"""Document attention on CPU: dense-mask SDPA (llama.py today) vs ``document_attention``, fwd + bwd.
+"""Document attention on CPU: dense-mask SDPA (what llama.py used before) vs ``document_attention``.
 
     python bench/attention.py                # three layouts, 5 timed steps each (about a minute)
     python bench/attention.py --repeats 9    # steadier medians on a noisy machine
