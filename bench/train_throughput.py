@@ -16,10 +16,12 @@
 (b) Packing against padding, in *trained* tokens per second (tokens whose loss counts). The same
     documents are laid out three ways and trained on with the ds-sft model: packed rows (what
     ``prepare`` writes), one document per row padded to ``seq_len`` (DeepSpeed-Chat), and micro-
-    batches padded to their longest document (Hugging Face's collator). Packed and pad-to-seq_len
-    rows cost the same per step, so their ratio is the token efficiency; pad-to-longest steps are
-    shorter, so it has to be measured. The documents come from a prepared data dir (``--data_dir``),
-    else a synthetic mix with the shared mix's length profile (flagged in the JSON).
+    batches padded to their longest document (Hugging Face's collator). The ds-sft model skips most
+    of padding's cost (no LM head on untrained tokens, no attention tiles made only of padding), so
+    within ds-sft padding costs less than the token efficiency says; the two padded layouts are also
+    trained by ``transformers.LlamaForCausalLM``, as the frameworks that pad run them (logits and
+    attention for every slot). The documents come from a prepared data dir (``--data_dir``), else a
+    synthetic mix with the shared mix's length profile (flagged in the JSON).
 
 (c) How close to the machine the step runs: achieved FLOP/s of the ds-sft step, counting
     ``6 N + 12 L d T`` FLOPs per token (forward + backward of every weight, plus attention scores
@@ -276,8 +278,14 @@ def plain_dssft_step(config: ModelConfig, device: torch.device, lr: float = 1e-4
     return step
 
 
-def hf_step(config: ModelConfig, device: torch.device, lr: float = 1e-4) -> Callable[[dict], float]:
-    """transformers' LlamaForCausalLM of the same shape, plain AdamW, bf16 autocast, its own loss."""
+def hf_step(
+    config: ModelConfig, device: torch.device, lr: float = 1e-4, rows_per_pass: int | None = None
+) -> Callable[[dict], float]:
+    """transformers' LlamaForCausalLM of the same shape, plain AdamW, bf16 autocast, its own loss.
+
+    ``rows_per_pass`` splits a batch into forward/backward passes of that many rows before the one
+    update (the same slots and FLOPs): its full logits would not fit in memory at 16 x 1024.
+    """
     from transformers import LlamaForCausalLM
 
     from ds_sft.model.checkpoint import hf_config
@@ -292,12 +300,18 @@ def hf_step(config: ModelConfig, device: torch.device, lr: float = 1e-4) -> Call
         labels = batch["input_ids"].clone()
         labels[:, 1:][batch["labels"][:, :-1] == IGNORE_INDEX] = IGNORE_INDEX
         labels[:, 0] = IGNORE_INDEX
-        with _autocast(device):
-            loss = model(input_ids=batch["input_ids"], labels=labels).loss
-        loss.backward()
+        trained = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        total = 0.0
+        for rows in torch.split(torch.arange(len(labels)), rows_per_pass or len(labels)):
+            with _autocast(device):
+                loss = model(input_ids=batch["input_ids"][rows], labels=labels[rows]).loss
+            # a pass's mean, weighted by its share of the batch's trained tokens
+            loss = loss * (labels[rows] != IGNORE_INDEX).sum() / trained
+            loss.backward()
+            total += loss.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return total
 
     return step
 
@@ -346,21 +360,26 @@ def measure_round_robin(
     return {name: statistics.median(t) for name, t in times.items()}, losses
 
 
-def time_layouts(step: Callable, layouts: dict[str, list[dict]], device) -> dict[str, float]:
-    """Total seconds for one step on every batch of each layout.
+def time_layouts(runs: dict[str, tuple[Callable, list[dict]]], device) -> dict[str, float]:
+    """Total seconds for one step on every batch of each run (a step function and its batches).
 
-    The layouts have different batch counts (packing needs ~5x fewer), so their steps are spread
-    evenly over the run in proportion: batch k of a layout with n batches runs at (k + 1/2) / n of
+    The runs have different batch counts (packing needs ~5x fewer), so their steps are spread
+    evenly over the run in proportion: batch k of a run with n batches runs at (k + 1/2) / n of
     the way through. A neighbour that wakes up for a while then slows every layout alike, instead
     of landing on whichever layout happened to be running then.
     """
-    step({k: v.to(device) for k, v in next(iter(layouts.values()))[0].items()})  # warm-up, unmeasured
+    first_batch = next(iter(runs.values()))[1][0]
+    for step in {step for step, _ in runs.values()}:  # warm-up, unmeasured
+        step({k: v.to(device) for k, v in first_batch.items()})
     schedule = sorted(
-        ((k + 0.5) / len(batches), name, k) for name, batches in layouts.items() for k in range(len(batches))
+        ((k + 0.5) / len(batches), name, k)
+        for name, (_, batches) in runs.items()
+        for k in range(len(batches))
     )
-    totals = dict.fromkeys(layouts, 0.0)
+    totals = dict.fromkeys(runs, 0.0)
     for _, name, k in schedule:
-        batch = {key: value.to(device) for key, value in layouts[name][k].items()}
+        step, batches = runs[name]
+        batch = {key: value.to(device) for key, value in batches[k].items()}
         _sync(device)
         start = time.perf_counter()
         step(batch)
@@ -469,6 +488,9 @@ def part_a(args, config: ModelConfig, device, batches, gemm: Callable | None) ->
     }
 
 
+HF_SUFFIX = "_hf"  # (b): a padded layout trained by transformers' LlamaForCausalLM
+
+
 def part_b(args, device) -> dict:
     preset = ModelConfig.preset(args.b_preset or args.preset, kernels=args.kernels).to_dict()
     whole_split = None
@@ -503,10 +525,15 @@ def part_b(args, device) -> dict:
     }
 
     torch.manual_seed(args.seed)
-    step = plain_dssft_step(config, device)
-    seconds = time_layouts(step, layouts, device)
+    dssft = plain_dssft_step(config, device)
+    runs = {name: (dssft, batches) for name, batches in layouts.items()}
+    # The padded layouts as the frameworks that use them train: Hugging Face's model computes logits
+    # and attention for padding too, where the ds-sft model skips both.
+    hf = hf_step(config, device, rows_per_pass=4)
+    runs.update({f"{name}{HF_SUFFIX}": (hf, layouts[name]) for name in layouts if name != "packed"})
+    seconds = time_layouts(runs, device)
     results = {}
-    for name, batches in layouts.items():
+    for name, (_, batches) in runs.items():
         counts = token_counts(batches)
         results[name] = {
             **counts,
@@ -519,7 +546,8 @@ def part_b(args, device) -> dict:
         "documents_from": origin,
         "seq_len": seq_len,
         "model": args.b_preset or args.preset,
-        "layouts": results,
+        "layouts": {name: r for name, r in results.items() if not name.endswith(HF_SUFFIX)},
+        "hf_padded": {n.removesuffix(HF_SUFFIX): r for n, r in results.items() if n.endswith(HF_SUFFIX)},
         "token_efficiency_whole_split": whole_split,
         "packing_speedup": {
             name: packed / r["trained_tokens_per_s"] for name, r in results.items() if name != "packed"
@@ -583,12 +611,14 @@ def print_tables(result: dict) -> None:
             whole = b["token_efficiency_whole_split"]
             shares = ", ".join(f"{k} {v:.1%}" for k, v in whole.items() if k != "documents")
             print(f"    token efficiency, whole train split ({whole['documents']:,} documents): {shares}")
-        print(f"{'layout':<18}{'batches':>8}{'efficiency':>12}{'trained tok/s':>15}{'packing gain':>14}")
-        for name, row in b["layouts"].items():
-            gain = b["packing_speedup"].get(name)
+        print(f"{'layout':<29}{'batches':>8}{'efficiency':>12}{'trained tok/s':>15}{'packing gain':>14}")
+        rows = [(name, row, name) for name, row in b["layouts"].items()]
+        rows += [(f"{name} (HF model)", row, name + HF_SUFFIX) for name, row in b["hf_padded"].items()]
+        for label, row, key in rows:
+            gain = b["packing_speedup"].get(key)
             gain_text = f"{gain:.2f}x" if gain else "-"
             print(
-                f"{name:<18}{row['batches']:>8}{row['token_efficiency']:>12.1%}"
+                f"{label:<29}{row['batches']:>8}{row['token_efficiency']:>12.1%}"
                 f"{row['trained_tokens_per_s']:>15.0f}{gain_text:>14}"
             )
     if "c" in result:

@@ -61,6 +61,10 @@ def test_train_throughput_quick_json_has_every_part(quick_summary):
     # the same documents in every layout; padding to the batch's longest never takes more slots
     assert len({(layout["tokens"], layout["trained_tokens"]) for layout in layouts.values()}) == 1
     assert layouts["pad_to_longest"]["slots"] <= layouts["pad_to_seq_len"]["slots"]
+    # the padded layouts again through transformers' model, on the very same batches
+    for name, row in data["b"]["hf_padded"].items():
+        assert row["slots"] == layouts[name]["slots"] and row["trained_tokens_per_s"] > 0
+    assert set(data["b"]["hf_padded"]) == {"pad_to_seq_len", "pad_to_longest"}
     assert data["c"]["fraction_of_gemm"] > 0 and data["c"]["gemm_bf16_flops"] > 0
 
 
