@@ -119,7 +119,8 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden [..., H] @ weight[V, H].T`` against ``labels [...]``, fp32 result.
 
-    ``"triton"`` and ``"torch"`` never hold more than ``chunk_size`` tokens of logits.
+    ``"triton"`` and ``"torch"`` compute logits only for the trained tokens (label != ``ignore_index``),
+    never more than ``chunk_size`` of them at a time.
     """
     resolved = resolve_backend(backend, hidden.device)
     if resolved == "eager":
