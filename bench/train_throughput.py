@@ -58,6 +58,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
 from ds_sft.model.config import ModelConfig  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
+from ds_sft.train.metrics import flops_per_token  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 IGNORE_INDEX = -100
@@ -391,18 +392,13 @@ def time_layouts(runs: dict[str, tuple[Callable, list[dict]]], device) -> dict[s
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """6 N (forward + backward through every weight) + 12 L d T (attention scores and values)."""
-    return 6 * config.num_parameters() + 12 * config.n_layers * config.d_model * seq_len
-
-
 def useful_flops(config: ModelConfig, batch: dict) -> float:
     """The FLOPs a step on ``batch`` cannot avoid: every weight for each real token (not padding), the
     LM head only for trained tokens, and attention only over the causal pairs inside a document.
 
-    :func:`flops_per_token` (the usual MFU count) charges the head to every token and attention to
-    ``T`` keys per query; a step that skips prompt logits and masked-out pairs does less than that, so
-    this count is the honest numerator for "how busy were the cores".
+    ``flops_per_token`` (the trainer's MFU count, 6 N + 12 L d T) charges the head to every token
+    and attention to ``T`` keys per query; a step that skips prompt logits and masked-out pairs does
+    less than that, so this count is the honest numerator for "how busy were the cores".
     """
     head = config.vocab_size * config.d_model
     documents = batch["document_ids"]
@@ -569,7 +565,7 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
     else:
         tokens_per_s, gemm_s = a_result["rows"][name]["tokens_per_s"], a_result["gemm_s"]
     gemm = 2 * gemm_n**3 / gemm_s
-    per_token = flops_per_token(config, args.seq_len)
+    per_token = flops_per_token(config.num_parameters(), config.n_layers, config.d_model, args.seq_len)
     achieved = tokens_per_s * per_token
     tokens_per_step = args.micro_batch * args.seq_len
     useful = statistics.mean(useful_flops(config, b) for b in batches) * tokens_per_s / tokens_per_step
