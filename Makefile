@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= true
 
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test venv lint bench clean
+.PHONY: demo test fuzz venv lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+## Exploration, not CI: every property-based test, round after round with fresh random examples, for
+## FUZZ_SECONDS (default 10 minutes). Failures are kept in .hypothesis/ and replayed first next time;
+## turn each into an explicit @example so that `make test` replays it on every run.
+FUZZ_SECONDS ?= 600
+fuzz: venv
+	@end=$$(( $$(date +%s) + $(FUZZ_SECONDS) )); round=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+		round=$$((round + 1)); echo "fuzz round $$round"; \
+		HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -x -m "hypothesis and not slow" -p no:cacheprovider || exit 1; \
+	done; echo "fuzz: $$round rounds, no failure"
 
 lint: venv
 	$(BIN)/ruff check .

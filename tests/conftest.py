@@ -1,7 +1,13 @@
-"""Shared test fixtures.
+"""Shared test fixtures, and the Hypothesis profiles.
 
 Triton kernels run on CPU only through the interpreter, and ``TRITON_INTERPRET`` must be set before
 the module defining them is imported, so it is set here, before any test module loads.
+
+Hypothesis: ``make test`` (and CI) must give the same verdict on every run, so the default profile
+``ci`` is derandomized (each test's examples follow from its own source), keeps no example
+database, and has no deadline or speed health check (these machines are noisy). Exploration is
+``make fuzz``: profile ``fuzz`` draws fresh random examples on every round and keeps what fails in
+``.hypothesis/``; each failure it finds becomes an ``@example`` in the test, so CI replays it.
 """
 
 from __future__ import annotations
@@ -15,10 +21,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
 
 from ds_sft.paths import shared_dir  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "fuzz",
+    derandomize=False,
+    database=DirectoryBasedExampleDatabase(str(REPO_ROOT / ".hypothesis" / "examples")),
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")
