@@ -32,6 +32,8 @@ LAST = ("train_throughput",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ds_sft.options import Float
+
     parser.add_argument("--quick", action="store_true", help="pass --quick to every script (tiny sizes, CI)")
     parser.add_argument(
         "--only",
@@ -41,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run only this script of bench/ (repeatable), e.g. train_throughput",
     )
     parser.add_argument(
-        "--timeout", type=float, default=None, help="seconds each script may run before it is stopped"
+        "--timeout",
+        type=Float(0, 7 * 24 * 3600, min_open=True),
+        default=None,
+        help="seconds each script may run before it is stopped",
     )
 
 

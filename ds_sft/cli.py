@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 from ds_sft import __version__
 from ds_sft.command import COMMANDS, execute, load_command
+from ds_sft.options import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ds-sft",
         description="Supervised fine-tuning of small LLaMA-style models with DeepSpeed.",
         epilog="Run 'ds-sft COMMAND --help' for a command's flags.",

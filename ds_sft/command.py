@@ -49,8 +49,10 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
 
 def main_for(name: str, argv: Sequence[str] | None = None) -> int:
     """Entry point for ``python -m <command module>``: parse that command's flags and run it."""
+    from ds_sft.options import OneLineParser
+
     module = load_command(name)
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=f"python -m {COMMANDS[name][0]}",
         description=module.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

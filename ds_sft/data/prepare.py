@@ -54,6 +54,7 @@ NOT_IN_CACHE_KEY = {"output_dir", "force", "alpaca", "gsm8k", "dolly", "source",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ds_sft.data.sources import HUB_IDS
+    from ds_sft.options import INT32_MAX, INT64_MAX, Float, Int, Weights
 
     src = parser.add_argument_group("sources (any one alone is a valid run)")
     for kind, (hub_id, _) in HUB_IDS.items():
@@ -107,7 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "alpaca", "chat"],
         help="prompt format: alpaca, the tokenizer's chat template, or auto (chat if the tokenizer has one)",
     )
-    tok.add_argument("--seq_len", type=int, default=1024, help="tokens per packed row (default: 1024)")
+    tok.add_argument(
+        "--seq_len", type=Int(8, 2**20), default=1024, help="tokens per packed row (default: 1024)"
+    )
     tok.add_argument(
         "--truncate",
         action="store_true",
@@ -117,32 +120,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mix = parser.add_argument_group("mixing, split and packing")
     mix.add_argument(
         "--mix",
+        type=Weights(Float(0, 1000)),
         default="",
         metavar="NAME=W,...",
         help="per-source weights, e.g. alpaca=1,gsm8k=2,dolly=1 (whole epochs + a seeded share; default 1)",
     )
     mix.add_argument(
         "--max_examples",
-        type=int,
+        type=Int(1, INT64_MAX),
         help="cap on training examples after mixing; every source is scaled down by the same factor",
     )
     mix.add_argument(
         "--val_fraction",
-        type=float,
+        type=Float(0, 1, max_open=True),
         default=0.02,
         help="share of each source held out for validation (default: 0.02)",
     )
     mix.add_argument(
         "--min_val_rows",
-        type=int,
+        type=Int(0, INT32_MAX),
         default=20,
         help="at least this many val rows per source, never more than half of it (default: 20)",
     )
-    mix.add_argument("--seed", type=int, default=1234, help="seed of the split, the mix and its fractions")
+    mix.add_argument(
+        "--seed", type=Int(0, 2**32 - 1), default=1234, help="seed of the split, the mix and its fractions"
+    )
     mix.add_argument("--no_pack", action="store_true", help="one example per row, padded (for comparison)")
     mix.add_argument(
         "--decontam_threshold",
-        type=float,
+        type=Float(0, 1),
         default=0.1,
         help="drop a row when this share of its 13-grams occurs in the GSM8K test set or in val rows "
         "(default: 0.1; 0 turns decontamination off)",

@@ -28,6 +28,8 @@ from ds_sft.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ds_sft.options import INT32_MAX, INT64_MAX, Int
+
     which = parser.add_argument_group("what to evaluate")
     models = which.add_mutually_exclusive_group(required=True)
     models.add_argument(
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument("--no_val", action="store_true", help="skip the validation loss / perplexity pass")
     val.add_argument(
         "--val_rows",
-        type=int,
+        type=Int(1, INT64_MAX),
         default=None,
         help="evaluate N packed val rows spread evenly over the split (default: all)",
     )
@@ -61,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gsm8k.add_argument("--no_gsm8k", action="store_true", help="skip GSM8K accuracy")
     gsm8k.add_argument(
         "--gsm8k_limit",
-        type=int,
+        type=Int(1, INT32_MAX),
         default=None,
         help="score a seeded subset of N test problems instead of all 1,319 (a 135M model on 2 busy CPU "
         "cores answers ~0.35 problems per second at --max_new_tokens 256)",
@@ -72,28 +74,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="GSM8K test.jsonl (question/answer rows); default: ../shared/data/gsm8k/test.jsonl, "
         "else the hub's openai/gsm8k",
     )
-    gsm8k.add_argument("--seed", type=int, default=0, help="seed of the GSM8K subset drawn by --gsm8k_limit")
+    gsm8k.add_argument(
+        "--seed", type=Int(0, 2**32 - 1), default=0, help="seed of the GSM8K subset drawn by --gsm8k_limit"
+    )
 
     generation = parser.add_argument_group("generation")
     generation.add_argument(
         "--no_generate", action="store_true", help="skip the generations for the fixed prompt set"
     )
     generation.add_argument(
-        "--max_new_tokens", type=int, default=256, help="longest greedy answer (GSM8K and fixed prompts)"
+        "--max_new_tokens",
+        type=Int(1, 2**20),
+        default=256,
+        help="longest greedy answer (GSM8K and fixed prompts)",
     )
 
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--batch_size", type=int, default=8, help="packed rows per val forward")
+    runtime.add_argument("--batch_size", type=Int(1, 2**16), default=8, help="packed rows per val forward")
     runtime.add_argument(
         "--generate_batch_size",
-        type=int,
+        type=Int(1, 2**16),
         default=32,
         help="prompts generated together (GSM8K, fixed prompts); a decode step costs about the same for "
         "8 rows as for 32, so larger batches answer faster until attention over the cache dominates",
     )
     runtime.add_argument(
         "--threads",
-        type=int,
+        type=Int(1, 4096),
         default=None,
         help="torch CPU threads (default: torch's choice); 1 is often fastest on a machine shared with "
         "other jobs, where multithreaded small ops wait on descheduled threads",

@@ -22,15 +22,19 @@ import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.train.config import DEFAULTS
+from ds_sft.options import Int
+from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = DEFAULTS
-
     def flag(group, name, help, **kwargs):
-        default = d.get(name.lstrip("-"))
+        """A setting of OPTIONS: its domain checks the value (one line, exit 2), unset means "not given"."""
+        default, domain = OPTIONS[name.lstrip("-")]
         suffix = "" if default is None else f" (default: {default})"
+        if kwargs.get("action") is None:
+            kwargs["type"] = domain
+            if hasattr(domain, "values"):
+                kwargs["metavar"] = "{" + ",".join(map(str, domain.values)) + "}"
         group.add_argument(name, default=None, help=help + suffix, **kwargs)
 
     io = parser.add_argument_group("data, model and output")
@@ -46,16 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(
         io,
         "--fp8",
-        "fp8 matmuls for the projections: off, emulated (torch._scaled_mm) or te "
-        '(Transformer Engine); the JSON\'s "fp8" section is the recipe',
-        choices=["off", "emulated", "te"],
+        "fp8 matmuls for the projections: auto (fp8 where the GPU has fp8 tensor cores and the GEMM "
+        "is large enough to gain), torch (torch._scaled_mm; a quantize-dequantize emulation elsewhere), "
+        'te (Transformer Engine) or off; the JSON\'s "fp8" section is the recipe',
     )
     flag(
         io,
         "--kernels",
         "RMSNorm and loss kernels: auto (Triton on CUDA, chunked PyTorch elsewhere), triton, torch "
         "(chunked, never holds the full logits) or eager (the reference)",
-        choices=["auto", "triton", "torch", "eager"],
     )
     flag(io, "--compile", "torch.compile the engine's module", action="store_const", const=True)
     flag(
@@ -70,62 +73,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument(
         "--deepspeed_config",
         default=None,
-        help="DeepSpeed JSON (default: ds_configs/zero2.json; see ds_configs/ for zero0-3, "
-        "offload, bf16 and the seed recipe)",
+        help=f"DeepSpeed JSON (default: ds_configs/{DEFAULT_CONFIG}, the seed recipe; see ds_configs/ "
+        "for zero0-3, offload and bf16)",
     )
-    flag(eng, "--zero_stage", "ZeRO stage 0-3 (zero_optimization.stage)", type=int)
-    flag(eng, "--precision", "fp32 or bf16 (bf16.enabled)", choices=["fp32", "bf16"])
-    flag(eng, "--micro_batch_size", "rows per rank per micro-step (train_micro_batch_size_per_gpu)", type=int)
-    flag(eng, "--grad_accum", "micro-steps per optimizer step (gradient_accumulation_steps)", type=int)
+    flag(eng, "--zero_stage", "ZeRO stage 0-3 (zero_optimization.stage)")
+    flag(
+        eng,
+        "--precision",
+        "bf16, fp32, or auto: bf16 where the hardware computes in it (CUDA with bf16, a CPU with "
+        "avx512_bf16 or AMX), else fp32 (bf16.enabled)",
+    )
+    flag(eng, "--micro_batch_size", "rows per rank per micro-step (train_micro_batch_size_per_gpu)")
+    flag(
+        eng,
+        "--grad_accum",
+        "micro-steps per optimizer step (gradient_accumulation_steps); default: the JSON's "
+        f"train_batch_size (the recipe: {ROWS_PER_STEP} rows per step over all ranks) / (micro x ranks)",
+    )
     flag(
         eng,
         "--dist_timeout",
         "seconds a collective waits for the other ranks before the run fails: a dead or frozen rank "
         "then stops the job instead of hanging it",
-        type=int,
     )
     eng.add_argument(
         "--local_rank",
-        type=int,
+        type=Int(0, 2**16),
         default=None,
         help="set by the deepspeed launcher; the LOCAL_RANK environment variable is what is used",
     )
 
     opt = parser.add_argument_group("optimization")
-    flag(opt, "--learning_rate", "peak AdamW learning rate (optimizer.params.lr)", type=float)
-    flag(opt, "--min_lr", "learning rate at the last step, after the cosine decay", type=float)
-    flag(opt, "--warmup_iters", "steps of linear warmup to the peak", type=int)
-    flag(opt, "--max_iters", "optimizer steps in the run", type=int)
-    flag(opt, "--weight_decay", "AdamW decay on the q/k/v/o and gate/up/down weights (others: 0)", type=float)
-    flag(opt, "--grad_clip", "clip the global gradient norm to this (gradient_clipping; 0 = off)", type=float)
-    flag(opt, "--seed", "seed for the model init and the data order", type=int)
+    flag(opt, "--learning_rate", "peak AdamW learning rate (optimizer.params.lr)")
+    flag(opt, "--min_lr", "learning rate at the last step, after the cosine decay")
+    flag(opt, "--warmup_iters", "steps of linear warmup to the peak")
+    flag(opt, "--max_iters", "optimizer steps in the run")
+    flag(opt, "--weight_decay", "AdamW decay on the q/k/v/o and gate/up/down weights (others: 0)")
+    flag(opt, "--grad_clip", "clip the global gradient norm to this (gradient_clipping; 0 = off)")
+    flag(opt, "--seed", "seed for the model init and the data order")
 
     ev = parser.add_argument_group("evaluation, logging and alarms")
-    flag(ev, "--eval_interval", "evaluate every N steps (and at the last step)", type=int)
-    flag(ev, "--eval_iters", "val batches (of micro_batch_size x world size rows) per evaluation", type=int)
-    flag(ev, "--log_interval", "print a log line every N steps", type=int)
+    flag(ev, "--eval_interval", "evaluate every N steps (and at the last step)")
+    flag(ev, "--eval_iters", "val batches (of micro_batch_size x world size rows) per evaluation")
+    flag(ev, "--log_interval", "print a log line every N steps")
     flag(ev, "--wandb_project", "wandb project name (default: ds-sft)")
     flag(
         ev,
         "--wandb_mode",
         "offline, online or disabled (default: $WANDB_MODE, else online when "
         "WANDB_API_KEY is set, else offline)",
-        choices=["offline", "online", "disabled"],
     )
-    flag(ev, "--alarm_rising_evals", "warn when val loss rises for this many evals in a row", type=int)
-    flag(ev, "--alarm_gap", "warn when val loss exceeds the recent train loss by more than this", type=float)
-    flag(
-        ev,
-        "--max_nan_steps",
-        "stop after this many non-finite-loss steps in a row (each is skipped)",
-        type=int,
-    )
+    flag(ev, "--alarm_rising_evals", "warn when val loss rises for this many evals in a row")
+    flag(ev, "--alarm_gap", "warn when val loss exceeds the recent train loss by more than this")
+    flag(ev, "--max_nan_steps", "stop after this many non-finite-loss steps in a row (each is skipped)")
 
     ck = parser.add_argument_group("checkpoints")
-    flag(ck, "--save_interval", "save a checkpoint every N steps (and at the end, and on SIGTERM)", type=int)
-    flag(ck, "--keep_last", "keep this many recent checkpoints (plus the best)", type=int)
+    flag(ck, "--save_interval", "save a checkpoint every N steps (and at the end, and on SIGTERM)")
+    flag(ck, "--keep_last", "keep this many recent checkpoints (plus the best)")
     ck.add_argument(
         "--resume",
+        type=OPTIONS["resume"][1],
         nargs="?",
         const="auto",
         default=None,

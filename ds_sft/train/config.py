@@ -24,42 +24,70 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ds_sft.errors import UserError
-from ds_sft.paths import REPO_ROOT
+from ds_sft.options import INT32_MAX, INT64_MAX, Bool, Choice, Float, Int, OutOfDomain, Pair, Text
 
-# Used when neither the JSON nor the command line sets a value. The optimizer numbers are the seed
-# recipe's (AdamW 7e-5, betas 0.9/0.95, wd 0.05, clip 1.0, warmup 10, cosine to 1e-5).
-DEFAULTS: dict = {
-    "data_dir": None,
-    "base_model": None,
-    "model": None,
-    "out_dir": "runs/train",
-    "fp8": "off",
-    "kernels": "auto",
-    "compile": False,
-    "activation_checkpointing": False,
-    "zero_stage": 2,
-    "precision": "fp32",
-    "micro_batch_size": 4,
-    "grad_accum": 1,
-    "learning_rate": 7e-5,
-    "min_lr": 1e-5,
-    "warmup_iters": 10,
-    "max_iters": 100,
-    "weight_decay": 0.05,
-    "grad_clip": 1.0,
-    "seed": 1337,
-    "dist_timeout": 600,
-    "eval_interval": 10,
-    "eval_iters": 8,
-    "log_interval": 1,
-    "save_interval": 50,
-    "keep_last": 2,
-    "resume": None,
-    "wandb_project": None,
-    "wandb_mode": None,
-    "alarm_rising_evals": 3,
-    "alarm_gap": 0.5,
-    "max_nan_steps": 5,
+# Every `ds-sft train` setting: (built-in default, domain). The defaults are the seed recipe: AdamW 7e-5
+# betas 0.9/0.95, wd 0.05 on linear weights, clip 1.0, warmup 10, cosine to 1e-5, micro-batch 16 and
+# ROWS_PER_STEP rows per optimizer step, ZeRO-2, bf16 where the hardware has it, fp8 where it pays.
+# The domain checks a flag (as argparse's type=) and a JSON value alike (see ds_sft/options.py).
+OPTIONS: dict[str, tuple] = {
+    "data_dir": (None, Text()),
+    "base_model": (None, Text()),
+    "model": (None, Text()),
+    "out_dir": ("runs/train", Text()),
+    "fp8": ("auto", Choice("off", "auto", "torch", "te")),
+    "kernels": ("auto", Choice("auto", "triton", "torch", "eager")),
+    "compile": (False, Bool()),
+    "activation_checkpointing": (False, Bool()),
+    "zero_stage": (2, Int(0, 3)),
+    "precision": ("auto", Choice("auto", "bf16", "fp32")),
+    "micro_batch_size": (16, Int(1, 2**16)),
+    "grad_accum": (None, Int(1, 2**16)),  # None: ROWS_PER_STEP / (micro x ranks)
+    "learning_rate": (7e-5, Float(0, 10, min_open=True)),
+    "min_lr": (1e-5, Float(0, 10)),
+    "warmup_iters": (10, Int(0, INT32_MAX)),
+    "max_iters": (100, Int(1, INT32_MAX)),
+    "weight_decay": (0.05, Float(0, 10)),
+    "grad_clip": (1.0, Float(0, 1e6)),
+    "seed": (1337, Int(0, 2**32 - 1)),  # torch and numpy both take it, and it fits any int64 tensor
+    "dist_timeout": (600, Int(1, 7 * 24 * 3600)),  # a week; timedelta(seconds=1e20) overflows
+    "eval_interval": (10, Int(1, INT32_MAX)),
+    "eval_iters": (8, Int(1, INT32_MAX)),
+    "log_interval": (1, Int(1, INT32_MAX)),
+    "save_interval": (50, Int(1, INT32_MAX)),
+    "keep_last": (2, Int(1, 10**6)),
+    "resume": (None, Text()),
+    "wandb_project": (None, Text()),
+    "wandb_mode": (None, Choice("offline", "online", "disabled")),
+    "alarm_rising_evals": (3, Int(1, INT32_MAX)),
+    "alarm_gap": (0.5, Float(0, 1e6)),
+    "max_nan_steps": (5, Int(1, INT32_MAX)),
+}
+DEFAULTS: dict = {flag: default for flag, (default, _) in OPTIONS.items()}
+DOMAINS = {flag: domain for flag, (_, domain) in OPTIONS.items()}
+
+# The recipe's global batch: rows per optimizer step over all ranks together. Accumulation is
+# derived from it (ROWS_PER_STEP / (micro x ranks)) unless --grad_accum or the JSON sets it.
+ROWS_PER_STEP = 256
+DEFAULT_CONFIG = "sft_recipe.json"  # in ds_configs/ (package data: found without a checkout)
+
+# Numbers DeepSpeed and torch take from the JSON as they are: their domains, so that a bad value is
+# one line now instead of a traceback after the model is loaded. Bucket sizes are elements; 2**36 is
+# 256 GiB of fp32, beyond any device. Any other number anywhere in the JSON must at least be finite
+# and fit an int64; the other ZeRO keys get the bounds of DeepSpeed's own pydantic model (zero_domains).
+BUCKET = Int(1, 2**36)
+DS_DOMAINS: dict[tuple[str, ...], object] = {
+    ("train_batch_size",): Int(1, INT32_MAX),
+    ("steps_per_print",): Int(1, INT64_MAX),
+    ("gradient_predivide_factor",): Float(0, 1e6, min_open=True),
+    ("optimizer", "params", "eps"): Float(0, 1, min_open=True),
+    ("optimizer", "params", "betas"): Pair(Float(0, 1, max_open=True)),
+    ("zero_optimization", "reduce_bucket_size"): BUCKET,
+    ("zero_optimization", "allgather_bucket_size"): BUCKET,
+    ("zero_optimization", "sub_group_size"): BUCKET,
+    ("zero_optimization", "stage3_prefetch_bucket_size"): Int(0, 2**36),
+    ("zero_optimization", "prefetch_bucket_size"): Int(0, 2**36),
+    ("zero_optimization", "zero_hpz_partition_size"): Int(1, 2**16),
 }
 
 # flag -> its place in the DeepSpeed JSON.
@@ -146,19 +174,42 @@ def check_keys(where: str, keys, known) -> None:
             raise UserError(f"unknown key {key!r} in {where}{did_you_mean(key, known)}")
 
 
-def zero_keys() -> set[str]:
-    """Every key DeepSpeed's ZeRO config accepts, aliases included (read from its pydantic model)."""
+def zero_fields() -> dict:
+    """DeepSpeed's ZeRO config fields by every name they answer to (aliases included)."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     fields = DeepSpeedZeroConfig.model_fields
-    return set(fields) | {f.alias for f in fields.values() if f.alias}
+    return {**fields, **{f.alias: f for f in fields.values() if f.alias}}
+
+
+def zero_domains() -> dict[tuple[str, ...], object]:
+    """A domain for each scalar ZeRO key, from the pydantic model's own types and ``ge``/``gt`` bounds
+    (which pydantic checks only when the engine is built, as a page of traceback); ours are tighter."""
+    domains = {}
+    for name, field in zero_fields().items():
+        if field.annotation in (bool, bool | None):
+            domains[("zero_optimization", name)] = Bool()
+        elif field.annotation is int:
+            low = -INT64_MAX
+            for bound in field.metadata:
+                low = getattr(bound, "ge", None) if getattr(bound, "ge", None) is not None else low
+                low = bound.gt + 1 if getattr(bound, "gt", None) is not None else low
+            domains[("zero_optimization", name)] = Int(low, INT64_MAX)
+    domains[("zero_optimization", "stage")] = DOMAINS["zero_stage"]
+    return {**domains, **{k: v for k, v in DS_DOMAINS.items() if k[0] == "zero_optimization"}}
 
 
 def resolve_config_path(spec: str) -> Path:
-    """A config path as given, or relative to the project root (so the default works from anywhere)."""
-    for candidate in (Path(spec).expanduser(), REPO_ROOT / spec):
-        if candidate.is_file():
-            return candidate
+    """A config path as given, else a config shipped in ``ds_configs`` (``zero2.json``,
+    ``ds_configs/zero2.json``): package data, so the default works from any folder, installed or not."""
+    from importlib.resources import files
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    shipped = files("ds_configs") / Path(spec).name
+    if Path(spec).parent in (Path("."), Path("ds_configs")) and shipped.is_file():
+        return Path(str(shipped))
     raise UserError(f"DeepSpeed config {spec!r} not found: pass an existing JSON file (see ds_configs/)")
 
 
@@ -171,6 +222,8 @@ def read_json(path: Path) -> dict:
         raise UserError(
             f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
         ) from None
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be a DeepSpeed config") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object at the top level")
     return data
@@ -191,49 +244,142 @@ def set_path(tree: dict, keys: tuple[str, ...], value) -> None:
 
 
 def ds_value_to_flag(flag: str, value):
-    return ("bf16" if value else "fp32") if flag == "precision" else value
+    if flag == "precision" and isinstance(value, bool):
+        return "bf16" if value else "fp32"
+    return value
 
 
 def flag_value_to_ds(flag: str, value):
     return (value == "bf16") if flag == "precision" else value
 
 
-def layer(args, ds_json: dict) -> tuple[dict, dict, list[str]]:
-    """Merge defaults <- JSON <- CLI. Returns (DeepSpeed dict, ds-sft settings, override lines)."""
+def hardware_bf16() -> tuple[bool, str]:
+    """Whether this machine computes in bf16 natively, and why: a CUDA GPU that supports it (Ampere
+    and later), or a CPU with AVX-512 BF16 or AMX (``/proc/cpuinfo`` flags; elsewhere bf16 is emulated
+    and slower than fp32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name()} {'supports' if ok else 'lacks'} bf16"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if found or "AMX" in torch.backends.cpu.get_cpu_capability():
+        return True, f"this CPU has {', '.join(found) or 'AMX'}"
+    return False, "this CPU has neither avx512_bf16 nor amx_bf16"
+
+
+def check_domain(flag_or_path, value, domain, source: str):
+    """``value`` if it lies in ``domain``, else one UserError line naming the key (and its flag)."""
+    try:
+        return domain.check(value)
+    except OutOfDomain as err:
+        if isinstance(flag_or_path, str):
+            where = ".".join(FLAG_TO_DS_KEY.get(flag_or_path, ("ds_sft", flag_or_path)))
+            raise UserError(f"--{flag_or_path} ({where} in {source}) {err}") from None
+        raise UserError(f'"{".".join(flag_or_path)}" in {source} {err}') from None
+
+
+def check_numbers(tree, source: str, path: tuple[str, ...] = ()) -> None:
+    """The floor for every number of the JSON, declared or not: finite, and within an int64
+    (Python's JSON reader accepts NaN, Infinity and integers of any length; DeepSpeed does not)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            check_numbers(value, source, (*path, str(key)))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            check_numbers(value, source, (*path, str(i)))
+    elif (
+        isinstance(tree, float)
+        and not math.isfinite(tree)
+        or (isinstance(tree, int) and not isinstance(tree, bool) and abs(tree) > INT64_MAX)
+    ):
+        raise UserError(f'"{".".join(path)}" in {source} must be a finite number within int64, got {tree!r}')
+
+
+def layer(args, ds_json: dict, source: str) -> tuple[dict, dict, list[str]]:
+    """Merge defaults <- JSON <- CLI. Returns (DeepSpeed dict, ds-sft settings, lines to print)."""
     ds_config = copy.deepcopy({k: v for k, v in ds_json.items() if k not in OWN_SECTIONS})
     own = ds_json.get("ds_sft", {})
     if not isinstance(own, dict):
         raise UserError('the "ds_sft" section of the DeepSpeed config must be a JSON object of flag: value')
     check_keys('the "ds_sft" section', own, set(DEFAULTS))
-    settings, overrides = {}, []
+    settings, notes = {}, []
     for flag, default in DEFAULTS.items():
         from_cli = getattr(args, flag, None)
-        if flag in FLAG_TO_DS_KEY:
+        if flag in FLAG_TO_DS_KEY:  # a DeepSpeed key; "ds_sft" may repeat it (effective_config.json does)
             from_json = get_path(ds_config, FLAG_TO_DS_KEY[flag])
             from_json = None if from_json is None else ds_value_to_flag(flag, from_json)
             where = ".".join(FLAG_TO_DS_KEY[flag])
+            repeated = own.get(flag)
+            if repeated is not None:
+                check_domain(flag, repeated, DOMAINS[flag], source)
+                if from_json is not None and repeated != from_json:
+                    raise UserError(
+                        f'"ds_sft.{flag}" ({repeated!r}) contradicts "{where}" ({from_json!r}) in {source}: '
+                        "keep one"
+                    )
+                from_json = repeated
         else:
             from_json = own.get(flag)
             where = f"ds_sft.{flag}"
         value = default
         if from_json is not None:
-            value = from_json
-        if from_cli is not None:
+            value = check_domain(flag, from_json, DOMAINS[flag], source)
+        if from_cli is not None:  # argparse checked it against the same domain
             if from_json is not None and from_cli != from_json:
-                overrides.append(f"override {where}: {from_json} -> {from_cli} (--{flag})")
+                notes.append(f"override {where}: {from_json} -> {from_cli} (--{flag})")
             value = from_cli
+        if flag == "precision" and value == "auto":
+            bf16, why = hardware_bf16()
+            value = "bf16" if bf16 else "fp32"
+            notes.append(f"precision auto -> {value} ({why})")
         settings[flag] = value
-        if flag in FLAG_TO_DS_KEY:
+        if flag in FLAG_TO_DS_KEY and value is not None:
             set_path(ds_config, FLAG_TO_DS_KEY[flag], flag_value_to_ds(flag, value))
     warmup_given = args.warmup_iters is not None or "warmup_iters" in own
     if not warmup_given and settings["warmup_iters"] > settings["max_iters"]:
         # a short run (--max_iters 4) should not fail on a default it never asked for
         settings["warmup_iters"] = settings["max_iters"]
-        overrides.append(
+        notes.append(
             f"note: --warmup_iters default {DEFAULTS['warmup_iters']} capped at --max_iters "
             f"{settings['max_iters']}"
         )
-    return ds_config, settings, overrides
+    return ds_config, settings, notes
+
+
+def rows_per_step(ds_config: dict, s: dict, world: int, batch_from_cli: bool) -> str:
+    """Settle micro x accumulation x ranks = rows per optimizer step (all ranks together), write it into
+    ``ds_config`` and return the rule as the line printed at start.
+
+    Accumulation unset: derived from the rows per step (the JSON's ``train_batch_size``, else the
+    recipe's 256), so a run keeps its global batch on any number of ranks. Set: rows = micro x accum x
+    ranks, and a ``train_batch_size`` in the same JSON must agree (a flag replaces it)."""
+    micro, declared = s["micro_batch_size"], ds_config.get("train_batch_size")
+    if s["grad_accum"] is None:
+        rows = ROWS_PER_STEP if declared is None else declared
+        accum, rest = divmod(rows, micro * world)
+        if rest or accum == 0:
+            raise UserError(
+                f"{rows} rows per step do not divide into micro-batches of {micro} on {world} rank(s): "
+                "pass --grad_accum N (rows per step = micro x accum x ranks) or a --micro_batch_size "
+                f"that divides {rows // world if rows % world == 0 else rows}"
+            )
+        s["grad_accum"] = accum
+        ds_config["gradient_accumulation_steps"] = accum
+    expected = micro * s["grad_accum"] * world
+    if declared is not None and declared != expected and not batch_from_cli:
+        raise UserError(
+            f"train_batch_size {declared} != micro_batch_size {micro} x grad_accum {s['grad_accum']} x "
+            f"world size {world} = {expected}: drop train_batch_size from the DeepSpeed config or make "
+            "the three agree"
+        )
+    ds_config["train_batch_size"] = expected
+    ranks = "rank" if world == 1 else "ranks"
+    return f"{expected} rows per step = {micro} micro x {s['grad_accum']} accum x {world} {ranks}"
 
 
 def check_sections(ds_json: dict) -> None:
@@ -251,30 +397,6 @@ def check_sections(ds_json: dict) -> None:
             raise UserError(f'"{key}.enabled" in the DeepSpeed config must be true or false, got {enabled!r}')
 
 
-def check_types(s: dict) -> None:
-    """Every setting has its default's type, whichever layer gave it: JSON writes ``"4"`` or ``true``
-    where an int belongs, and NaN or infinity where a number does; none of them may reach the run."""
-    for flag, default in DEFAULTS.items():
-        value = s[flag]
-        if value is None and default is None:
-            continue
-        if isinstance(default, bool):
-            ok, kind = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        elif isinstance(default, float):
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            kind = "a finite number"
-        else:
-            ok, kind = isinstance(value, str) and value.strip() != "", "a non-empty string"
-        if not ok:
-            where = ".".join(FLAG_TO_DS_KEY.get(flag, ("ds_sft", flag)))
-            raise UserError(f"--{flag} ({where} in the DeepSpeed config) must be {kind}, got {value!r}")
-    for flag in ("weight_decay", "grad_clip", "alarm_gap", "seed"):
-        if s[flag] < 0:
-            raise UserError(f"--{flag} must be >= 0, got {s[flag]}")
-
-
 def check_optimizer_params(params: dict) -> None:
     """AdamW's own arguments only (DeepSpeed passes them on to the optimizer after building the model)."""
     import inspect
@@ -283,19 +405,28 @@ def check_optimizer_params(params: dict) -> None:
 
     known = set(inspect.signature(torch.optim.AdamW).parameters) - {"params"}
     check_keys('"optimizer.params"', params, known | {"torch_adam", "adam_w_mode", "bias_correction"})
-    betas = params.get("betas", [0.9, 0.999])
-    if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, int | float) for b in betas)
-            and all(0 <= b < 1 for b in betas)):  # fmt: skip
-        raise UserError(f'"optimizer.params.betas" must be two numbers in [0, 1), got {json.dumps(betas)}')
 
 
-def validate(ds_config: dict, s: dict, world_size: int) -> None:
+def check_ds_numbers(ds_config: dict, source: str) -> None:
+    """Every DeepSpeed key with a declared domain, then the floor for all other numbers."""
+    domains = {**DS_DOMAINS, **zero_domains()}
+    for name in ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "torch_adam",
+                 "adam_w_mode", "bias_correction"):  # fmt: skip
+        domains[("optimizer", "params", name)] = Bool()
+    for path, domain in domains.items():
+        value = get_path(ds_config, path)
+        if value is not None:
+            check_domain(path, value, domain, source)
+    check_numbers(ds_config, source)
+
+
+def validate(ds_config: dict, s: dict, source: str) -> None:
     """Every contradiction a run could trip over later, caught before anything heavy is loaded."""
     check_keys("the DeepSpeed config", ds_config, KNOWN_DS_KEYS)
-    check_keys('"zero_optimization"', ds_config.get("zero_optimization", {}), zero_keys())
+    check_keys('"zero_optimization"', ds_config.get("zero_optimization", {}), set(zero_fields()))
     check_keys('"optimizer"', ds_config.get("optimizer", {}), KNOWN_OPTIMIZER_KEYS)
     check_optimizer_params(ds_config.get("optimizer", {}).get("params", {}))
-    check_types(s)
+    check_ds_numbers(ds_config, source)
     if "scheduler" in ds_config:
         raise UserError(
             'remove "scheduler" from the DeepSpeed config: ds-sft owns the lr schedule '
@@ -309,25 +440,6 @@ def validate(ds_config: dict, s: dict, world_size: int) -> None:
         )
     if ds_config.get("fp16", {}).get("enabled") and ds_config.get("bf16", {}).get("enabled"):
         raise UserError('both "fp16" and "bf16" are enabled in the DeepSpeed config: enable one')
-    if s["zero_stage"] not in (0, 1, 2, 3):
-        raise UserError(f"ZeRO stage must be 0, 1, 2 or 3, got {s['zero_stage']}")
-    if s["precision"] not in ("fp32", "bf16"):
-        raise UserError(f"--precision must be fp32 or bf16, got {s['precision']!r}")
-    for flag in (
-        "micro_batch_size",
-        "grad_accum",
-        "max_iters",
-        "eval_interval",
-        "eval_iters",
-        "log_interval",
-        "save_interval",
-        "keep_last",
-        "max_nan_steps",
-        "alarm_rising_evals",
-        "dist_timeout",
-    ):
-        if not isinstance(s[flag], int) or s[flag] < 1:
-            raise UserError(f"--{flag} must be a positive integer, got {s[flag]!r}")
     if not 0 <= s["warmup_iters"] <= s["max_iters"]:
         raise UserError(
             f"--warmup_iters ({s['warmup_iters']}) must be between 0 and --max_iters ({s['max_iters']})"
@@ -336,21 +448,10 @@ def validate(ds_config: dict, s: dict, world_size: int) -> None:
         raise UserError(
             f"--min_lr ({s['min_lr']}) must be between 0 and --learning_rate ({s['learning_rate']})"
         )
-    expected = s["micro_batch_size"] * s["grad_accum"] * world_size
-    declared = ds_config.get("train_batch_size")
-    if declared is not None and declared != expected:
-        raise UserError(
-            f"train_batch_size {declared} != micro_batch_size {s['micro_batch_size']} x grad_accum "
-            f"{s['grad_accum']} x world size {world_size} = {expected}: drop train_batch_size from the "
-            "DeepSpeed config or make the three agree"
-        )
-    ds_config["train_batch_size"] = expected
-    if s["fp8"] not in ("off", "emulated", "te"):
-        raise UserError(f"--fp8 must be off, emulated or te, got {s['fp8']!r}")
-    if s["kernels"] not in ("auto", "triton", "torch", "eager"):
-        raise UserError(f"--kernels must be auto, triton, torch or eager, got {s['kernels']!r}")
-    if s["wandb_mode"] not in (None, "offline", "online", "disabled"):
-        raise UserError(f"--wandb_mode must be offline, online or disabled, got {s['wandb_mode']!r}")
+
+
+def check_inputs(s: dict) -> None:
+    """The model and the data exist (checked last: a config mistake is reported before a path one)."""
     if (s["base_model"] is None) == (s["model"] is None):
         raise UserError("pass exactly one of --base_model (load weights) or --model PRESET (random init)")
     if s["data_dir"] is None:
@@ -376,8 +477,9 @@ def validate(ds_config: dict, s: dict, world_size: int) -> None:
 
 
 def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
-    """Read, layer and validate. Returns (DeepSpeed config, settings, override lines)."""
-    path = resolve_config_path(args.deepspeed_config or "ds_configs/zero2.json")
+    """Read, layer and validate. Returns (DeepSpeed config, settings, lines to print at start)."""
+    path = resolve_config_path(args.deepspeed_config or DEFAULT_CONFIG)
+    source = f"the DeepSpeed config {path.name}"
     ds_json = read_json(path)
     check_sections(ds_json)
     # A config without an optimizer gets the recipe's AdamW: torch's fused one, because DeepSpeed's
@@ -385,17 +487,22 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
     ds_json.setdefault(
         "optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.95], "torch_adam": True, "fused": True}}
     )
-    ds_config, settings, overrides = layer(args, ds_json)
-    validate(ds_config, settings, int(os.environ.get("WORLD_SIZE", "1")))
+    ds_config, settings, notes = layer(args, ds_json, source)
+    validate(ds_config, settings, source)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch_from_cli = args.grad_accum is not None or args.micro_batch_size is not None
+    notes.append(rows_per_step(ds_config, settings, world, batch_from_cli))
+    check_inputs(settings)
     settings["deepspeed_config"] = str(path)
     settings["fp8_recipe"] = ds_json.get("fp8", {})
     if settings["fp8_recipe"]:
         from ds_sft.model.fp8 import Fp8Recipe
 
+        check_numbers(settings["fp8_recipe"], source, ("fp8",))
         Fp8Recipe.from_dict(settings["fp8_recipe"])  # its own one-line errors for unknown keys
     # ds-sft prints its own progress; DeepSpeed's every-10-steps line would interleave with the bar.
     ds_config.setdefault("steps_per_print", 2**31 - 1)
-    return ds_config, SimpleNamespace(**settings), overrides
+    return ds_config, SimpleNamespace(**settings), notes
 
 
 def effective_config(ds_config: dict, settings: SimpleNamespace) -> dict:

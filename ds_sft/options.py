@@ -1,0 +1,241 @@
+"""The domain of every number, choice and name a user can pass, declared once and checked in one place.
+
+Each option declares its domain (``Int(1, 2**31 - 1)``, ``Float(0, 1)``, ``Choice("off", "auto")``)
+and the same object checks it wherever the value comes from:
+
+* as argparse's ``type=``: ``--max_examples -5`` stops in the parser, one line, exit 2
+  (``ds-sft prepare: error: argument --max_examples: must be an integer from 1 to ...``);
+* as a JSON value (``ds-sft train``'s DeepSpeed config and its ``"ds_sft"`` section):
+  :meth:`Domain.check` returns the value or raises :class:`OutOfDomain` with the same words, which the
+  caller turns into a :class:`~ds_sft.errors.UserError` naming the key.
+
+A domain is the set of values the program can actually run with, not a style rule: the bounds are
+where a value stops making sense (a threshold outside [0, 1]), where a later library rejects it with a
+traceback (AdamW's ``eps <= 0``) or where it overflows (a seed above 2**63 - 1 in ``torch.manual_seed``).
+NaN and infinity are outside every numeric domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
+
+
+class OutOfDomain(ValueError):
+    """A value outside its option's domain; the message says what the domain is."""
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _bound(x) -> str:
+    if isinstance(x, float) and not x.is_integer():
+        return f"{x:g}"
+    x = int(x)
+    for power in (63, 31):
+        if x == 2**power - 1:
+            return f"2**{power}-1"
+    return f"{x:,}"
+
+
+class Domain:
+    """A set of valid values: ``parse`` reads a command-line string, ``check`` validates a JSON value."""
+
+    def parse(self, text: str):
+        raise NotImplementedError
+
+    def check(self, value):
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def refuse(self, value) -> OutOfDomain:
+        return OutOfDomain(f"must be {self.describe()}, got {_show(value)}")
+
+    def __call__(self, text: str):
+        """argparse ``type=``: the parsed value, or an ArgumentTypeError argparse prints in one line."""
+        try:
+            return self.check(self.parse(text))
+        except OutOfDomain as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    def __repr__(self) -> str:  # argparse names the type in some messages
+        return self.describe()
+
+
+@dataclass(frozen=True, repr=False)
+class Int(Domain):
+    """An integer in ``[min, max]`` (booleans and floats are not integers)."""
+
+    min: int = 0
+    max: int = INT64_MAX
+
+    def describe(self) -> str:
+        return f"an integer from {_bound(self.min)} to {_bound(self.max)}"
+
+    def parse(self, text: str):
+        try:
+            return int(text.strip(), 10)
+        except ValueError:
+            raise self.refuse(text) from None
+
+    def check(self, value):
+        if isinstance(value, bool) or not isinstance(value, int) or not self.min <= value <= self.max:
+            raise self.refuse(value)
+        return value
+
+
+@dataclass(frozen=True, repr=False)
+class Float(Domain):
+    """A finite number in ``[min, max]``; ``min_open`` / ``max_open`` exclude the bound itself
+    (a step size > 0, a momentum < 1)."""
+
+    min: float = 0.0
+    max: float = 1.0
+    min_open: bool = False
+    max_open: bool = False
+
+    def describe(self) -> str:
+        low = f"> {_bound(self.min)}" if self.min_open else f">= {_bound(self.min)}"
+        high = f"< {_bound(self.max)}" if self.max_open else f"<= {_bound(self.max)}"
+        return f"a finite number {low} and {high}"
+
+    def parse(self, text: str):
+        try:
+            return float(text)
+        except ValueError:
+            raise self.refuse(text) from None
+
+    def check(self, value):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok:
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float's range
+                raise self.refuse(value) from None
+            ok = math.isfinite(number) and self.min <= number <= self.max
+            ok = ok and not (self.min_open and number == self.min)
+            ok = ok and not (self.max_open and number == self.max)
+        if not ok:
+            raise self.refuse(value)
+        return value
+
+
+@dataclass(frozen=True, repr=False)
+class Choice(Domain):
+    """One of a few named values."""
+
+    values: tuple
+
+    def __init__(self, *values):
+        object.__setattr__(self, "values", values)
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(str(v) for v in self.values)
+
+    def parse(self, text: str):
+        return text
+
+    def check(self, value):
+        if isinstance(value, bool) or value not in self.values:
+            raise self.refuse(value)
+        return value
+
+
+@dataclass(frozen=True, repr=False)
+class Text(Domain):
+    """A non-empty string (a path or a name: whether it exists is checked where it is used)."""
+
+    def describe(self) -> str:
+        return "a non-empty string"
+
+    def parse(self, text: str):
+        return text
+
+    def check(self, value):
+        if not isinstance(value, str) or not value.strip() or "\0" in value:
+            raise self.refuse(value)
+        return value
+
+
+@dataclass(frozen=True, repr=False)
+class Bool(Domain):
+    """true or false (JSON only: on the command line a switch is a flag without a value)."""
+
+    def describe(self) -> str:
+        return "true or false"
+
+    def parse(self, text: str):
+        return {"true": True, "false": False}.get(text.strip().lower(), text)
+
+    def check(self, value):
+        if not isinstance(value, bool):
+            raise self.refuse(value)
+        return value
+
+
+@dataclass(frozen=True, repr=False)
+class Pair(Domain):
+    """Two values of one domain, e.g. AdamW's betas ``[0.9, 0.95]``."""
+
+    item: Domain
+
+    def describe(self) -> str:
+        return f"two values, each {self.item.describe()}"
+
+    def parse(self, text: str):
+        return [self.item.parse(part) for part in text.split(",")]
+
+    def check(self, value):
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise self.refuse(value)
+        try:
+            for item in value:
+                self.item.check(item)
+        except OutOfDomain:
+            raise self.refuse(value) from None
+        return value
+
+
+@dataclass(frozen=True, repr=False)
+class Weights(Domain):
+    """``NAME=W,NAME=W`` with each weight in ``weight``'s domain (the names are checked by the command)."""
+
+    weight: Domain
+
+    def describe(self) -> str:
+        return f"NAME=WEIGHT pairs separated by commas, each weight {self.weight.describe()}"
+
+    def parse(self, text: str):
+        return text
+
+    def check(self, value):
+        if not isinstance(value, str):
+            raise self.refuse(value)
+        for pair in filter(None, value.split(",")):
+            name, eq, weight = pair.partition("=")
+            if not eq or not name.strip():
+                raise self.refuse(value)
+            try:
+                self.weight.check(self.weight.parse(weight))
+            except OutOfDomain as err:
+                raise OutOfDomain(f"{name.strip()}: {err}") from None
+        return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser that reports a bad flag in one line, exit 2 (its subparsers do too).
+
+    argparse prints its usage block first; a user who mistyped one number needs the one line that
+    names the flag and its domain (``--help`` shows the usage).
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
