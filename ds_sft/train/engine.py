@@ -74,6 +74,10 @@ def format_group_table(table: list[dict]) -> str:
             f"{row['group']:<9} {row['weight_decay']:>6g} {row['tensors']:>8} "
             f"{row['parameters']:>13,}  {summary(row['names'])}"
         )
+    lines.append(
+        "decay on the q/k/v/o and gate/up/down weights only; an untied lm_head is an output embedding "
+        "(a row per token, rare rows would shrink between updates), so it gets none, as wte does"
+    )
     return "\n".join(lines)
 
 

@@ -51,6 +51,53 @@ def test_every_shipped_config_validates_and_explains_itself(name, data_dir):
     ]
 
 
+SEED_TRAIN = "train --data_dir {data} --model tiny --learning_rate 7e-5 --max_iters 100 --eval_interval 10"
+
+
+@pytest.mark.parametrize(
+    ("world", "flags", "rule"),
+    [
+        (1, [], "256 rows per step = 16 micro x 16 accum x 1 rank"),
+        (2, [], "256 rows per step = 16 micro x 8 accum x 2 ranks"),
+        (16, [], "256 rows per step = 16 micro x 1 accum x 16 ranks"),
+        (4, ["--micro_batch_size", "8"], "256 rows per step = 8 micro x 8 accum x 4 ranks"),
+        (3, ["--grad_accum", "5"], "240 rows per step = 16 micro x 5 accum x 3 ranks"),
+        (3, [], "256 rows per step do not divide into micro-batches of 16 on 3 rank(s): pass --grad_accum"),
+        (32, [], "256 rows per step do not divide into micro-batches of 16 on 32 rank(s)"),
+    ],
+)
+def test_the_recipe_is_256_rows_per_step_globally(world, flags, rule, data_dir, monkeypatch, capsys):
+    """The seed's train command with no config: accumulation = 256 / (16 x ranks), printed as a rule."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    args = parse(*SEED_TRAIN.format(data=data_dir).split()[1:], *flags)
+    try:
+        ds_config, s, notes = config.resolve(args)
+    except config.UserError as err:
+        assert rule in str(err) and "\n" not in str(err)
+        return
+    assert rule in notes
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    assert ds_config["train_batch_size"] == micro * accum * world == int(rule.split()[0])
+
+
+def test_the_seed_command_as_written_resolves_to_the_recipe(data_dir):
+    ds_config, s, notes = config.resolve(parse(*SEED_TRAIN.format(data=data_dir).split()[1:]))
+    assert s.deepspeed_config.endswith("sft_recipe.json")
+    assert (s.micro_batch_size, s.grad_accum, ds_config["train_batch_size"]) == (16, 16, 256)
+    assert (s.warmup_iters, s.min_lr, s.grad_clip, s.weight_decay) == (10, 1e-5, 1.0, 0.05)
+    assert (s.zero_stage, s.fp8) == (2, "auto") and ds_config["zero_optimization"]["stage"] == 2
+    bf16, _ = config.hardware_bf16()
+    assert s.precision == ("bf16" if bf16 else "fp32") and ds_config["bf16"]["enabled"] is bf16
+    assert any(line.startswith("precision auto -> ") for line in notes)
+
+
+def test_fp8_emulated_is_refused_naming_torch(data_dir, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--data_dir", str(data_dir), "--model", "tiny", "--fp8", "emulated"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "--fp8" in err[0] and "torch" in err[0], err
+
+
 def test_seed_recipe_numbers(data_dir):
     ds_config, s, _ = config.resolve(
         parse(
@@ -86,9 +133,9 @@ def test_flags_override_the_json_and_say_so(data_dir):
     assert ds_config["train_micro_batch_size_per_gpu"] == 2 and ds_config["gradient_accumulation_steps"] == 2
     assert ds_config["optimizer"]["params"]["lr"] == 1e-4 and ds_config["bf16"]["enabled"] is False
     assert ds_config["train_batch_size"] == 4 and s.warmup_iters == 3 and s.min_lr == 1e-5
-    assert "override gradient_accumulation_steps: 16 -> 2 (--grad_accum)" in overrides
-    assert "override ds_sft.warmup_iters: 10 -> 3 (--warmup_iters)" in overrides
-    assert len(overrides) == 5
+    assert "override train_micro_batch_size_per_gpu: 16 -> 2 (--micro_batch_size)" in overrides
+    assert "4 rows per step = 2 micro x 2 accum x 1 rank" in overrides  # the recipe's 256 gives way
+    assert len(overrides) == 3
 
 
 @pytest.mark.parametrize(
@@ -226,3 +273,31 @@ def test_chunked_kernels_train_like_the_eager_reference(data_dir, tmp_path, dist
     eager, chunked = losses("eager"), losses("torch")
     assert len(eager) == 30 and eager[-1] < eager[0]
     assert chunked == pytest.approx(eager, abs=1e-5)
+
+
+@pytest.mark.slow  # ~60 s on 2 busy cores: 2 steps of 256 rows
+def test_the_seed_train_command_runs_the_recipe_with_no_config_flag(data_dir, tmp_path, dist_env, capsys):
+    """The done-when of the recipe: the README's train command, tiny model, CPU, two steps."""
+    out = tmp_path / "run"
+    argv = SEED_TRAIN.format(data=data_dir).split() + ["--max_iters", "2", "--out_dir", str(out)]
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    effective = json.loads((out / "effective_config.json").read_text())
+    assert effective["train_batch_size"] == 256
+    assert (effective["train_micro_batch_size_per_gpu"], effective["gradient_accumulation_steps"]) == (16, 16)
+    assert "256 rows per step = 16 micro x 16 accum x 1 rank" in log
+    assert effective["gradient_clipping"] == 1.0 and effective["zero_optimization"]["stage"] == 2
+    own = effective["ds_sft"]
+    assert (own["min_lr"], own["learning_rate"], own["weight_decay"]) == (1e-5, 7e-5, 0.05)
+    # the recipe's warmup is 10 steps; a two-step run caps it and says so
+    assert own["warmup_iters"] == 2 and "--warmup_iters default 10 capped at --max_iters 2" in log
+    assert "ETA " in log.split("step      1/2")[0]  # measured on the first micro-step, before step 1 ends
+    table = log.split("parameter groups:\n")[1].split("\n")
+    decay = next(row for row in table if row.startswith("decay "))
+    no_decay = next(row for row in table if row.startswith("no_decay "))
+    assert all(f"{p}.weight" in decay for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"))
+    assert " 0.05 " in decay and "wte.weight" in no_decay and "norm" in no_decay and "lm_head" not in decay
+    assert "untied lm_head is an output embedding" in log
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and train[0]["lr"] == pytest.approx(7e-5 / 2)
