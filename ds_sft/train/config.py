@@ -488,6 +488,7 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
         "optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.95], "torch_adam": True, "fused": True}}
     )
     ds_config, settings, notes = layer(args, ds_json, source)
+    notes.insert(0, f"DeepSpeed config: {path}")
     validate(ds_config, settings, source)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     batch_from_cli = args.grad_accum is not None or args.micro_batch_size is not None

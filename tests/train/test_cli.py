@@ -135,7 +135,7 @@ def test_flags_override_the_json_and_say_so(data_dir):
     assert ds_config["train_batch_size"] == 4 and s.warmup_iters == 3 and s.min_lr == 1e-5
     assert "override train_micro_batch_size_per_gpu: 16 -> 2 (--micro_batch_size)" in overrides
     assert "4 rows per step = 2 micro x 2 accum x 1 rank" in overrides  # the recipe's 256 gives way
-    assert len(overrides) == 3
+    assert len(overrides) == 4 and overrides[0].endswith("sft_recipe.json")
 
 
 @pytest.mark.parametrize(
