@@ -201,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.data.shards import PackedDataset
     from ds_sft.train.engine import init_distributed
     from ds_sft.train.loop import train
+    from ds_sft.train.memory import check_fits
     from ds_sft.train.report import write_report
 
     rank, world = init_distributed(timeout_s=s.dist_timeout)
@@ -224,6 +225,13 @@ def run(args: argparse.Namespace) -> int:
             f"{model.config.vocab_size:,} embeddings: prepare the data with the model's tokenizer "
             "(`ds-sft prepare --base_model ...`)"
         )
+    check_fits(
+        model.config,
+        train_set.seq_len,
+        s.micro_batch_size,
+        s.precision == "bf16",
+        model.config.activation_checkpointing,
+    )
     sampler = make_sampler(train_set, s.seed)
     summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
     engine = summary["engine"]
