@@ -126,10 +126,7 @@ def _labels(specs: list[str]) -> list[str]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for flag in ("batch_size", "generate_batch_size", "threads", "max_new_tokens", "val_rows", "gsm8k_limit"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise UserError(f"--{flag} must be positive, got {value}")
+    # numbers are checked by their declared domains in add_arguments (ds_sft/options.py)
     if not Path(args.data_dir).is_dir():
         raise UserError(f"--data_dir {args.data_dir} does not exist: run `ds-sft prepare` first")
 

@@ -202,10 +202,7 @@ def test_model_with_a_smaller_vocabulary_is_refused(data_dir, tmp_path):
     ("argv", "message"),
     [
         (["--data_dir", "/nonexistent"], "ds-sft prepare"),
-        (["--data_dir", ".", "--gsm8k_limit", "0"], "--gsm8k_limit must be positive"),
-        (["--data_dir", ".", "--generate_batch_size", "0"], "--generate_batch_size must be positive"),
-        (["--data_dir", ".", "--threads", "-1"], "--threads must be positive"),
-    ],
+    ],  # numbers out of their domain stop in the parser: tests/reliability/test_fuzz_config.py
 )
 def test_bad_arguments_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
