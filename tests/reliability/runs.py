@@ -23,7 +23,7 @@ def train_flags(data_dir: Path, out_dir: Path, max_steps: int, *extra: str) -> l
         "--max_iters", str(max_steps), "--save_interval", str(SAVE_EVERY), "--keep_last", "2",
         "--eval_interval", str(max_steps), "--eval_iters", "1", "--log_interval", "100",
         "--micro_batch_size", "2", "--grad_accum", "1", "--learning_rate", "1e-3", "--min_lr", "1e-4",
-        "--warmup_iters", "5", "--wandb_mode", "disabled", "--resume", *extra,
+        "--warmup_iters", "5", "--wandb_mode", "disabled", "--precision", "fp32", "--resume", *extra,
     ]  # fmt: skip
 
 

@@ -89,7 +89,8 @@ def test_trainer_two_nodes_match_one_process(tmp_path, ds_env):
     data = write_tiny_data_dir(tmp_path / "data")
     flags = ["--model", "tiny", "--data_dir", str(data), "--max_iters", "10", "--save_interval", "100",
              "--eval_interval", "10", "--eval_iters", "1", "--grad_accum", "1", "--learning_rate", "1e-3",
-             "--min_lr", "1e-4", "--warmup_iters", "2", "--wandb_mode", "disabled"]  # fmt: skip
+             "--min_lr", "1e-4", "--warmup_iters", "2", "--wandb_mode", "disabled",
+             "--precision", "fp32"]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": ds_env["TORCH_EXTENSIONS_DIR"],
            "PYTHONPATH": ds_env["PYTHONPATH"]}  # fmt: skip
     one = tmp_path / "one"

@@ -28,6 +28,8 @@ S = settings(
     micro_batch_size=2, grad_accum=2, max_iters=6, learning_rate=3e-3, warmup_iters=2, min_lr=3e-4, seed=0
 )
 FLAGS = [
+    "--precision",  # the reference losses are fp32; the default is bf16 where the CPU has it
+    "fp32",
     "--model",
     "tiny",
     "--micro_batch_size",
