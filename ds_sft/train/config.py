@@ -10,7 +10,14 @@ bf16). ds-sft adds two sections of its own that DeepSpeed never sees:
 Several flags are DeepSpeed keys under another name (``--grad_accum`` is
 ``gradient_accumulation_steps``); :data:`FLAG_TO_DS_KEY` is that table. A flag given on the command
 line wins and the override is printed. Everything is checked here, before a model or a shard is
-loaded, and every problem is one :class:`UserError` line that says how to fix it.
+loaded, and every problem is one :class:`UserError` line that says how to fix it: each setting has
+a declared domain (:data:`OPTIONS`, :data:`DS_DOMAINS`, DeepSpeed's own ZeRO bounds), and the same
+domain object checks the flag (as argparse's ``type=``) and the JSON value (:mod:`ds_sft.options`).
+
+With no ``--deepspeed_config`` the run is the seed recipe (``ds_configs/sft_recipe.json``), and a run
+is always ``rows per step = micro x accumulation x ranks``, all ranks together: an accumulation
+nobody set is derived from the rows per step (:func:`rows_per_step`), so 256 stays 256 on any number
+of ranks.
 """
 
 from __future__ import annotations
