@@ -14,7 +14,6 @@ at the first step; :func:`check_model_fits` refuses them, and token ids past the
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -66,7 +65,6 @@ def model_tokenizer_identity(where: Path) -> str:
     return found or tokenizer_identity(load_tokenizer(str(where)))
 
 
-@functools.lru_cache(maxsize=8)
 def data_tokenizer_identity(data_dir: str) -> str | None:
     """:func:`tokenizer_identity` of ``DATA/tokenizer`` (None when the data dir holds no tokenizer)."""
     from ds_sft.data.tokenizer import load_tokenizer
@@ -86,6 +84,16 @@ def model_tokenizer_dir(spec: str) -> Path | None:
     if (path / "tokenizer").is_dir():
         return path / "tokenizer"
     return path if any(path.glob("tokenizer*.json")) else None
+
+
+def gpt2_identity() -> str | None:
+    """:func:`identity` of GPT-2's tokenizer, the one bare weights are assumed to use (None offline)."""
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    try:
+        return tokenizer_identity(load_tokenizer("gpt2"))
+    except UserError:
+        return None
 
 
 def read_manifest(data_dir: str | Path) -> dict:
@@ -110,7 +118,7 @@ def check_tokenizer(spec: str, data_dir: str | Path) -> None:
     manifest = read_manifest(data_dir)
     where = model_tokenizer_dir(spec)
     if where is None:
-        if manifest.get("tokenizer", {}).get("spec", "gpt2") != "gpt2":
+        if data_identity != gpt2_identity():
             print(
                 f"note: {spec} carries no tokenizer to compare with {data_dir}'s, {describe(manifest)}: "
                 "make sure the model was trained with that one"
