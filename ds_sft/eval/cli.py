@@ -134,6 +134,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ds_sft.data.model_match import check_tokenizer
     from ds_sft.eval import evaluate, gsm8k
     from ds_sft.eval.report import write_report
 
@@ -145,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     data = evaluate.EvalData.open(Path(args.data_dir), need_val=not args.no_val)
+    for spec in specs:  # before any weights load: a model with another tokenizer is refused in one line
+        check_tokenizer(spec, args.data_dir)
     problems, gsm8k_origin = [], None
     if not args.no_gsm8k:
         all_problems, gsm8k_origin = gsm8k.load_test_set(args.gsm8k_test)

@@ -186,17 +186,6 @@ def complete(model, data: EvalData, records: list[dict], max_new_tokens: int) ->
     return [cut_at_stop_string(decode(ids), data.stop_strings).strip() for ids in outputs]
 
 
-def check_vocabulary(model, data: EvalData, spec: str) -> None:
-    """The data dir's token ids must index this model's embedding."""
-    tokens = len(data.tokenizer)
-    if tokens > model.config.vocab_size:
-        raise UserError(
-            f"{spec} has a {model.config.vocab_size:,}-token vocabulary but {data.data_dir} was tokenized "
-            f"with {tokens:,} tokens: prepare the data with this model's tokenizer "
-            f"(ds-sft prepare --base_model {spec})"
-        )
-
-
 def evaluate_model(
     spec: str,
     data: EvalData,
@@ -212,6 +201,7 @@ def evaluate_model(
     run_generations: bool,
 ) -> dict:
     """Everything ``ds-sft eval`` measures for one model: val metrics, GSM8K, fixed-prompt answers."""
+    from ds_sft.data.model_match import check_model_fits
     from ds_sft.eval import gsm8k
     from ds_sft.eval.prompts import FIXED_PROMPTS
     from ds_sft.model.checkpoint import load_model
@@ -219,7 +209,7 @@ def evaluate_model(
     seconds = {}
     start = time.perf_counter()
     model = load_model(spec, dtype=dtype, device=device).eval()
-    check_vocabulary(model, data, spec)
+    check_model_fits(spec, model.config, data.data_dir, data.val.seq_len if data.val is not None else None)
     seconds["load"] = time.perf_counter() - start
     result = {"parameters": model.num_parameters(), "val": None, "gsm8k": None, "generations": None}
 

@@ -21,7 +21,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from ds_sft.errors import UserError
 from ds_sft.options import Int
 from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 
@@ -199,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from ds_sft.data.shards import PackedDataset
+    from ds_sft.train import compatibility
     from ds_sft.train.engine import init_distributed
     from ds_sft.train.loop import train
     from ds_sft.train.memory import check_fits
@@ -218,13 +218,7 @@ def run(args: argparse.Namespace) -> int:
     train_set = PackedDataset(s.data_dir, "train")
     val_set = PackedDataset(s.data_dir, "val")
     model = build_model(s)
-    data_vocab = train_set.manifest.get("tokenizer", {}).get("vocab_size")
-    if data_vocab is not None and data_vocab > model.config.vocab_size:
-        raise UserError(
-            f"{s.data_dir} was tokenized with a {data_vocab:,}-token vocabulary but the model has "
-            f"{model.config.vocab_size:,} embeddings: prepare the data with the model's tokenizer "
-            "(`ds-sft prepare --base_model ...`)"
-        )
+    compatibility.check_fresh(s, model, train_set)
     check_fits(
         model.config,
         train_set.seq_len,

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.train import checkpointing
+from ds_sft.train import checkpointing, compatibility
 from ds_sft.train.engine import build_engine, format_group_table, lr_at, set_lr
 from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration, peak_flops
 
@@ -256,6 +256,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
         run_dir.mkdir(parents=True, exist_ok=True)
 
     tag_dir = checkpointing.find_checkpoint(s.resume, run_dir)
+    identity = compatibility.run_identity(s, model, train_set, world)
     state = {
         "step": 0,
         "best_val": None,
@@ -268,6 +269,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
     universal = False
     if tag_dir is not None:
         saved = checkpointing.read_trainer_state(tag_dir)
+        compatibility.check_resume(tag_dir, saved, identity)
         universal = checkpointing.needs_universal(saved, world)
         if universal:
             ds_config = {
@@ -327,6 +329,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             "sampler": sampler.state_dict(),
             "world_size": world,
             "zero_stage": engine.zero_optimization_stage(),
+            "run": identity,
         }
         tag = checkpointing.save(engine, ckpt_dir, step, trainer_state, s.keep_last)
         say(f"saved checkpoint {ckpt_dir / tag}")

@@ -1,0 +1,149 @@
+"""Does a model belong with a prepared data directory? Same tokenizer, enough embeddings and positions.
+
+Token ids only mean something together with the tokenizer that produced them: data prepared with
+another tokenizer of the same vocabulary size trains without an error, just badly (tiny model on
+the shared mix: loss 5.9 instead of 4.0). So ``train`` and ``eval`` compare the tokenizer a model
+carries (a Hugging Face folder, a GGUF's metadata, a ds-sft run's ``final/tokenizer``) with the one
+``prepare`` saved in ``DATA/tokenizer``, by :func:`tokenizer_identity`: a hash of what decides the
+ids, not of file bytes, so the same tokenizer read from a GGUF, a ``tokenizer.json`` or a
+``save_pretrained`` folder hashes the same.
+
+Rows longer than the model's positions (its RoPE table, ``max_seq_len``) would index past the table
+at the first step; :func:`check_model_fits` refuses them, and token ids past the embedding, first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ds_sft import paths
+from ds_sft.errors import UserError
+
+
+def identity(model_type: str | None, vocab: list[str], merges: list, eos_token_id: int | None) -> str:
+    """sha256 of what turns text into ids and back: the model type, every token by id (added tokens
+    included), the merges in priority order, and the EOS id."""
+    # merges are "a b" strings in older tokenizer.json files and GGUF, [a, b] pairs in newer files
+    pairs = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges]
+    canonical = {"type": model_type, "vocab": vocab, "merges": pairs, "eos_token_id": eos_token_id}
+    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """:func:`identity` of a loaded tokenizer. Formatting, normalizer options that files spell
+    differently, chat templates and special-token flags are left out."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    vocab = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    return identity(model.get("type"), vocab, model.get("merges") or [], tokenizer.eos_token_id)
+
+
+def gguf_identity(path: Path) -> str | None:
+    """:func:`identity` read straight from a GGUF's metadata, for BPE vocabularies (``gpt2``), in
+    ~1/5 of the time transformers takes to build the tokenizer; None for other kinds."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+
+    def strings(name: str) -> list[str]:
+        field = fields[name]
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+    if "tokenizer.ggml.model" not in fields or strings("tokenizer.ggml.model") != ["gpt2"]:
+        return None
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    eos_id = int(eos.parts[eos.data[0]][0]) if eos is not None else None
+    return identity("BPE", strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges"), eos_id)
+
+
+def model_tokenizer_identity(where: Path) -> str:
+    """:func:`identity` of the tokenizer at ``where`` (a folder, or a GGUF)."""
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    found = gguf_identity(where) if where.is_file() else None
+    return found or tokenizer_identity(load_tokenizer(str(where)))
+
+
+def data_tokenizer_identity(data_dir: str) -> str | None:
+    """:func:`tokenizer_identity` of ``DATA/tokenizer`` (None when the data dir holds no tokenizer)."""
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    folder = Path(data_dir) / "tokenizer"
+    return tokenizer_identity(load_tokenizer(str(folder))) if folder.is_dir() else None
+
+
+def model_tokenizer_dir(spec: str) -> Path | None:
+    """Where the tokenizer stored with model ``spec`` lives, or None when it carries none (a
+    nanoGPT-style ``.pt``, a bare ``.safetensors``, a ds-sft weights folder without ``tokenizer/``)."""
+    path = paths.resolve_model_path(spec)
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if (path / "final").is_dir():  # a training run directory
+        path = path / "final"
+    if (path / "tokenizer").is_dir():
+        return path / "tokenizer"
+    return path if any(path.glob("tokenizer*.json")) else None
+
+
+def gpt2_identity() -> str | None:
+    """:func:`identity` of GPT-2's tokenizer, the one bare weights are assumed to use (None offline)."""
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    try:
+        return tokenizer_identity(load_tokenizer("gpt2"))
+    except UserError:
+        return None
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def describe(manifest: dict) -> str:
+    tokenizer = manifest.get("tokenizer", {})
+    name = tokenizer.get("spec") or tokenizer.get("name_or_path") or "an unrecorded tokenizer"
+    size = tokenizer.get("vocab_size")
+    return f"{name} ({size:,} tokens)" if size else name
+
+
+def check_tokenizer(spec: str, data_dir: str | Path) -> None:
+    """Refuse a model whose own tokenizer differs from the one ``data_dir`` was tokenized with.
+    Nothing to compare when either side has none; a note then, if the data's is not GPT-2's (the one
+    bare nanoGPT-style weights assume)."""
+    data_identity = data_tokenizer_identity(str(data_dir))
+    if data_identity is None:
+        return
+    manifest = read_manifest(data_dir)
+    where = model_tokenizer_dir(spec)
+    if where is None:
+        if data_identity != gpt2_identity():
+            print(
+                f"note: {spec} carries no tokenizer to compare with {data_dir}'s, {describe(manifest)}: "
+                "make sure the model was trained with that one"
+            )
+        return
+    if model_tokenizer_identity(where) != data_identity:
+        raise UserError(
+            f"{data_dir} was tokenized with {describe(manifest)} but {spec} uses another tokenizer "
+            f"(from {where}): the ids would mean other tokens; prepare the data with the model's "
+            f"tokenizer (`ds-sft prepare --base_model {spec} ...`)"
+        )
+
+
+def check_model_fits(spec: str, config, data_dir: str | Path, seq_len: int | None) -> None:
+    """Refuse data whose token ids or row length the model ``config`` cannot take (its embedding
+    rows, its rotary table of ``max_seq_len`` positions). ``seq_len`` None: no rows to check."""
+    data_vocab = read_manifest(data_dir).get("tokenizer", {}).get("vocab_size")
+    if data_vocab is not None and data_vocab > config.vocab_size:
+        raise UserError(
+            f"{data_dir} was tokenized with a {data_vocab:,}-token vocabulary but the model has "
+            f"{config.vocab_size:,} embeddings ({spec}: a {config.vocab_size:,}-token vocabulary): prepare "
+            "the data with the model's tokenizer (`ds-sft prepare --base_model ...`)"
+        )
+    if seq_len is not None and seq_len > config.max_seq_len:
+        raise UserError(
+            f"{data_dir} holds rows of {seq_len:,} tokens but {spec} has {config.max_seq_len:,} positions "
+            f"(max_seq_len): prepare the data with --seq_len {config.max_seq_len} or less"
+        )

@@ -1,0 +1,101 @@
+"""Refuse, before the engine is built, a run whose parts don't belong together.
+
+A fresh run: the data's tokenizer must be the base model's own (when the base model carries one),
+its ids must fit the embedding and its rows the model's positions (:mod:`ds_sft.data.model_match`).
+
+A resume: every checkpoint records :func:`run_identity`, the settings that fix what the next step
+computes (seed, ZeRO stage, precision, fp8, micro-batch, global batch, data, tokenizer, model). On
+``--resume`` the saved table is compared key by key with the one this run would write; a key that
+differs is refused in one line naming the saved and the new value, unless it is in :data:`RESUMABLE`.
+World size is not a key: at the same global batch it resumes exactly (see
+``checkpointing.needs_universal``), so ``grad_accum`` is not one either, only the global batch it makes.
+"""
+
+from __future__ import annotations
+
+from ds_sft.data.model_match import check_model_fits, check_tokenizer, data_tokenizer_identity
+from ds_sft.errors import UserError
+
+# Keys that may differ between the checkpoint and the resumed run (elastic resume adds those it makes
+# exact). Every other key of run_identity must be equal.
+RESUMABLE: frozenset[str] = frozenset()
+
+# How to resume when a key differs: the flag that puts it back, formatted with the saved value.
+HOW_TO_RESUME = {
+    "seed": "pass --seed {saved}",
+    "zero_stage": "pass --zero_stage {saved}",
+    "precision": "pass --precision {saved}",
+    "fp8": "pass --fp8 {saved}",
+    "micro_batch_size": "pass --micro_batch_size {saved}",
+    "global_batch": "keep micro_batch_size x grad_accum x ranks = {saved} rows",
+    "data": "pass the --data_dir the run was started with",
+    "seq_len": "pass the --data_dir the run was started with",
+    "tokenizer": "pass data prepared with the run's tokenizer",
+    "model": "pass the --model or --base_model the run was started with",
+}
+
+# Model config fields that do not change what a resumed step computes: how it runs, and the init
+# (a checkpoint's weights replace it).
+NOT_COMPARED_FIELDS = ("kernels", "activation_checkpointing", "init_std")
+
+
+def check_fresh(s, model, train_set) -> None:
+    """The data belongs with the model: same tokenizer, ids within the embedding, rows within positions."""
+    spec = s.base_model if s.base_model is not None else f"the {s.model} preset"
+    check_model_fits(spec, model.config, s.data_dir, train_set.seq_len)
+    if s.base_model is not None:
+        check_tokenizer(s.base_model, s.data_dir)
+
+
+def run_identity(s, model, train_set, world_size: int) -> dict:
+    """What a checkpoint records about the run that wrote it (compared on resume)."""
+    manifest = getattr(train_set, "manifest", {})
+    config = {k: v for k, v in model.config.to_dict().items() if k not in NOT_COMPARED_FIELDS}
+    return {
+        "seed": s.seed,
+        "zero_stage": s.zero_stage,
+        "precision": s.precision,
+        "fp8": s.fp8,
+        "micro_batch_size": s.micro_batch_size,
+        "global_batch": s.micro_batch_size * s.grad_accum * world_size,
+        "data": manifest.get("key"),
+        "seq_len": train_set.seq_len,
+        "tokenizer": data_tokenizer_identity(str(s.data_dir)) if s.data_dir is not None else None,
+        "model": config,
+    }
+
+
+def saved_identity(trainer_state: dict) -> dict:
+    """The checkpoint's table; the ZeRO stage is also read where older checkpoints kept it."""
+    return {"zero_stage": trainer_state.get("zero_stage"), **trainer_state.get("run", {})}
+
+
+def differences(saved: dict, now: dict, allowed=RESUMABLE) -> dict:
+    """{key: (saved, now)} for every recorded key that differs and may not."""
+    return {
+        key: (saved[key], value)
+        for key, value in now.items()
+        if key in saved and saved[key] != value and key not in allowed
+    }
+
+
+def show(key: str, saved, now) -> str:
+    """One difference as text: model configs by the fields that differ, hashes shortened."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        fields = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        return f"{key} " + ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in fields)
+    short = [v[:12] if isinstance(v, str) and len(v) == 64 else v for v in (saved, now)]
+    return f"{key} {short[0]} -> {short[1]}"
+
+
+def check_resume(tag_dir, trainer_state: dict, now: dict, allowed=RESUMABLE) -> None:
+    """Refuse to resume ``tag_dir`` when the run differs from the one that saved it (one line)."""
+    changed = differences(saved_identity(trainer_state), now, allowed)
+    if changed:
+        what = "; ".join(show(key, *values) for key, values in changed.items())
+        fixes = (HOW_TO_RESUME[key].format(saved=saved) for key, (saved, _) in changed.items())
+        how = "; ".join(dict.fromkeys(fixes))  # data and seq_len share a fix: say it once
+        raise UserError(
+            f"--resume {tag_dir}: this run differs from the checkpoint's (saved -> now: {what}); to resume, "
+            f"{how}; or start a new run with another --out_dir"
+        )

@@ -1,0 +1,176 @@
+"""``ds-sft train`` refuses parts that don't belong together, in one line, before the engine is built.
+
+Fresh runs: data tokenized with another tokenizer of the same size than the base model's own, and rows
+longer than the model's positions. Resumes: every key of the run's identity table, changed alone,
+is named with its saved and new value (exit 2, no traceback, the checkpoint untouched); nothing
+changed resumes; a new world size at the same global batch is not a difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from ds_sft.cli import main
+from ds_sft.train import compatibility
+from tests.data.match_helpers import prepare, tiny_model_dir, two_tokenizers
+from tests.train.helpers import TinyPacked, settings, tiny_model
+
+FLAGS = [
+    "--micro_batch_size", "2", "--grad_accum", "2", "--zero_stage", "2", "--precision", "fp32",
+    "--seed", "1", "--learning_rate", "1e-3", "--warmup_iters", "1", "--eval_interval", "100",
+    "--eval_iters", "1", "--save_interval", "1", "--wandb_mode", "disabled", "--kernels", "torch",
+]  # fmt: skip
+
+
+def fp8_mode_on() -> str:
+    """An fp8 mode that runs on CPU, whatever the --fp8 choices are called."""
+    from ds_sft.train import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    choices = next(a.choices for a in parser._actions if a.dest == "fp8")
+    return next(c for c in choices if c not in ("off", "auto", "te"))
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("match")
+    a, b = two_tokenizers(root / "tokenizers")
+    return SimpleNamespace(
+        root=root,
+        data_a=prepare(root / "data_a", a),
+        data_a_other_rows=prepare(root / "data_a_other_rows", a, offset=100),
+        data_a_128=prepare(root / "data_a_128", a, seq_len=128),
+        data_b=prepare(root / "data_b", b),
+        model_a=tiny_model_dir(root / "model_a", a),
+        model_b={
+            layout: tiny_model_dir(root / f"model_b_{layout}", b, layout)
+            for layout in ("folder", "root", "run")
+        },
+        bare=tiny_model_dir(root / "bare"),
+        bare_one_layer=tiny_model_dir(root / "bare_one_layer", n_layers=1),
+        short=tiny_model_dir(root / "short", a, max_seq_len=32),
+    )
+
+
+def train(data, base, out, *extra: str, max_iters: int = 2) -> int:
+    flags = ["--data_dir", str(data), "--base_model", str(base), "--out_dir", str(out)]
+    return main(["train", *flags, *FLAGS, "--max_iters", str(max_iters), *extra])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("ds-sft train: error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("layout", ["folder", "root", "run"])
+def test_data_from_another_tokenizer_of_the_same_size_is_refused(parts, layout, tmp_path, capsys, dist_env):
+    model_b = parts.model_b[layout]
+    assert train(parts.data_a, model_b, tmp_path / "run") == 2
+    line = one_line_error(capsys)
+    assert f"{parts.data_a} was tokenized with" in line and f"but {model_b} uses another tokenizer" in line
+    assert "420 tokens" in line and "ds-sft prepare --base_model" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_data_from_the_model_tokenizer_trains(parts, tmp_path, capsys, dist_env):
+    assert train(parts.data_a, parts.model_a, tmp_path / "run", max_iters=1) == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_rows_longer_than_the_model_positions_are_refused(parts, tmp_path, capsys, dist_env):
+    assert train(parts.data_a, parts.short, tmp_path / "run") == 2
+    line = one_line_error(capsys)
+    assert "rows of 256 tokens" in line and "32 positions" in line and "--seq_len 32" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def saved_run(parts, dist_env):
+    """Two steps of the bare base model on data_a, a checkpoint after each."""
+    run = parts.root / "saved_run"
+    assert train(parts.data_a, parts.bare, run) == 0
+    return run
+
+
+def changes(parts) -> dict[str, tuple[list[str], dict]]:
+    """key of the identity table -> (flags that change it alone, replacements for data / base model)."""
+    return {
+        "seed": (["--seed", "7"], {}),
+        "zero_stage to 0": (["--zero_stage", "0"], {}),
+        "zero_stage to 3": (["--zero_stage", "3"], {}),
+        "precision": (["--precision", "bf16"], {}),
+        "fp8": (["--fp8", fp8_mode_on()], {}),
+        "micro_batch_size": (["--micro_batch_size", "4", "--grad_accum", "1"], {}),  # same global batch
+        "global_batch": (["--grad_accum", "4"], {}),
+        "data": ([], {"data": parts.data_a_other_rows}),
+        "seq_len": ([], {"data": parts.data_a_128}),
+        "tokenizer": ([], {"data": parts.data_b}),
+        "model": ([], {"base": parts.bare_one_layer}),
+    }
+
+
+CELLS = ["seed", "zero_stage to 0", "zero_stage to 3", "precision", "fp8", "micro_batch_size"]
+CELLS += ["global_batch", "data", "seq_len", "tokenizer", "model"]
+
+
+def test_the_matrix_changes_every_key_of_the_table(saved_run):
+    state = json.loads((saved_run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert {cell.split(" to ")[0] for cell in CELLS} == set(state["run"]) == set(compatibility.HOW_TO_RESUME)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_resume_refuses_each_difference_in_one_line(parts, saved_run, cell, tmp_path, capsys, dist_env):
+    key = cell.split(" to ")[0]
+    flags, swap = changes(parts)[cell]
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    capsys.readouterr()
+    data, base = swap.get("data", parts.data_a), swap.get("base", parts.bare)
+    assert train(data, base, run, "--resume", *flags, max_iters=3) == 2
+    line = one_line_error(capsys)
+    assert line.startswith("ds-sft train: error: --resume ")
+    assert re.search(rf"[:;] {key} .*? -> ", line), line  # the key, saved value -> value now
+    assert "to resume, " in line and "another --out_dir" in line
+    assert (run / "checkpoints" / "latest").read_text() == "step_000002"
+    assert not (run / "checkpoints" / "step_000003").exists()
+
+
+def test_resume_with_nothing_changed_continues(parts, saved_run, tmp_path, capsys, dist_env):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    assert train(parts.data_a, parts.bare, run, "--resume", max_iters=3) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert (run / "checkpoints" / "latest").read_text() == "step_000003"
+
+
+def test_a_new_world_size_at_the_same_global_batch_is_no_difference():
+    model = tiny_model()
+    saved = compatibility.run_identity(settings(grad_accum=2), model, TinyPacked(2, 0), world_size=2)
+    same_batch = compatibility.run_identity(settings(grad_accum=4), model, TinyPacked(2, 0), world_size=1)
+    half_batch = compatibility.run_identity(settings(grad_accum=2), model, TinyPacked(2, 0), world_size=1)
+    assert compatibility.differences(saved, same_batch) == {}
+    assert compatibility.differences(saved, half_batch) == {"global_batch": (8, 4)}
+
+
+def test_only_recorded_keys_are_compared_and_allowed_keys_may_change():
+    now = compatibility.run_identity(settings(), tiny_model(), TinyPacked(2, 0), world_size=1)
+    older_checkpoint = {"step": 4, "world_size": 1, "zero_stage": 3}  # saved before the table existed
+    assert compatibility.differences(compatibility.saved_identity(older_checkpoint), now) == {
+        "zero_stage": (3, 2)
+    }
+    saved = {**now, "seed": 5, "precision": "bf16"}
+    assert set(compatibility.differences(saved, now)) == {"seed", "precision"}
+    assert set(compatibility.differences(saved, now, allowed={"seed"})) == {"precision"}
