@@ -484,6 +484,8 @@ def load(engine, tag_dir: Path, universal: bool = False) -> dict:
             if client_state is not None and universal and engine.zero_optimization_stage() == 3:
                 repair_zero3_universal_load(engine.optimizer, source)
         except Exception as err:
+            if universal and dist.get_rank() == 0:
+                shutil.rmtree(source.parent, ignore_errors=True)
             message = unsafe_pickle_message(tag_dir, err)
             if message is None:
                 raise

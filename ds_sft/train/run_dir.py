@@ -11,7 +11,7 @@ with the old ones. So before any work:
    verdict is broadcast, so every rank stops, or goes on, together.
 2. **A finished run stays** unless the user says what to do with it: ``--resume`` continues it,
    ``--overwrite`` replaces it (removing what the old run wrote: its checkpoints, ``final/`` and
-   ``metrics.jsonl``, and nothing else), and without either the run stops in one line saying so.
+   ``metrics.jsonl``, and nothing it did not write), and without either the run stops in one line saying so.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from pathlib import Path
 from ds_sft.errors import UserError
 
 LOCK_FILE = ".lock"
-# What a previous run leaves that a new one would mix with (the report and plots are rewritten whole).
-RUN_OUTPUTS = ("final", "metrics.jsonl", "checkpoints")
+# What a previous run leaves that a new one would mix with (the report and plots are rewritten whole):
+# RUN/final/, RUN/metrics.jsonl, and in RUN/checkpoints/ the tags, the universal conversion's folders
+# and these files (the last three written by DeepSpeed).
+CHECKPOINT_FILES = ("latest", "best", "latest_universal", "zero_to_fp32.py", "zero_to_torch.py")
 
 
 class RunLock:
@@ -88,13 +90,24 @@ def previous_run(run_dir: Path) -> list[str]:
 
 
 def remove_previous_run(run_dir: Path) -> None:
-    """``--overwrite``: remove what an earlier run wrote (:data:`RUN_OUTPUTS`); nothing else in the folder."""
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
+    """``--overwrite``: remove what an earlier run wrote (see :data:`CHECKPOINT_FILES`), nothing else."""
+    from ds_sft.train.checkpointing import is_tag
+
+    ckpt_dir = run_dir / "checkpoints"
+    ours = [run_dir / "final", run_dir / "metrics.jsonl"]
+    if ckpt_dir.is_dir():
+        ours += [
+            path
+            for path in ckpt_dir.iterdir()
+            if is_tag(path.name) or path.name in CHECKPOINT_FILES or path.name.startswith(".universal-")
+        ]
+    for path in ours:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+    if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
+        ckpt_dir.rmdir()
 
 
 def claim_run_dir(run_dir: Path, resume, overwrite: bool) -> RunLock:

@@ -114,6 +114,7 @@ def test_a_finished_run_is_continued_or_replaced_only_when_asked(data, ds_env, t
     out = tmp_path / "run"
     assert run(train_flags(data, out, 4), ds_env).returncode == 0
     (out / "notes.txt").write_text("the user's own file")
+    (out / "checkpoints" / "step_000004_universal").mkdir()  # not written by ds-sft either
     final = (out / "final" / "model.safetensors").read_bytes()
     before = tree(out)
 
@@ -128,6 +129,7 @@ def test_a_finished_run_is_continued_or_replaced_only_when_asked(data, ds_env, t
     assert [r["step"] for r in train_records(out)] == [1, 2]  # the old run's 4 records are gone
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000002"]
     assert (out / "notes.txt").read_text() == "the user's own file"
+    assert (out / "checkpoints" / "step_000004_universal").is_dir()
 
     resumed = run(train_flags(data, out, 3, "--resume"), ds_env)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
