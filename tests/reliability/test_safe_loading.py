@@ -403,7 +403,9 @@ def test_latest_names_a_tag_or_nothing(checkpoints, tmp_path, latest):
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
-def test_a_base_model_pt_carrying_code_is_one_line_in_every_command(tmp_path, capsys, dist_env, payload):
+def test_a_base_model_pt_carrying_code_is_one_line_in_every_command(
+    tmp_path, capsys, dist_env, gpt2_tokenizer_dir, payload
+):
     """``--base_model`` / ``--model`` of train, eval and export: load_model's weights_only load."""
     from ds_sft.cli import main
 
@@ -413,12 +415,16 @@ def test_a_base_model_pt_carrying_code_is_one_line_in_every_command(tmp_path, ca
     evil = tmp_path / "base.pt"
     torch.save({"model": _tiny_state(), "config": PAYLOADS[payload](marker)}, evil)
     data = write_tiny_data_dir(tmp_path / "data")
+    shutil.copytree(gpt2_tokenizer_dir, data / "tokenizer")  # eval reads prompts with the data's tokenizer
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "template": "alpaca"}))
     commands = {
         "train": ["train", "--base_model", str(evil), "--data_dir", str(data),
                   "--out_dir", str(tmp_path / "run")],
         "eval": ["eval", "--model", str(evil), "--data_dir", str(data), "--no_gsm8k", "--no_generate",
                  "--out", str(tmp_path / "eval")],
-        "export": ["export", "--base_model", str(evil), "--tokenizer", "gpt2", "--hf", str(tmp_path / "hf")],
+        "export": ["export", "--base_model", str(evil), "--tokenizer", str(gpt2_tokenizer_dir),
+                   "--hf", str(tmp_path / "hf")],
     }  # fmt: skip
     for name, argv in commands.items():
         assert main(argv) == 2, name
