@@ -8,7 +8,7 @@ with the old ones. So before any work:
    start time) into it. The kernel drops the lock when its process dies, however it dies, so a lock
    file left by a dead process is simply taken over; a live holder makes the new run stop in one line
    naming it. Only rank 0 locks (the other ranks of the same run write into the folder too); its
-   verdict is broadcast, so every rank stops, or goes on, together.
+   verdict is broadcast, so every rank stops (rank 0 saying why, once), or goes on, together.
 2. **A finished run stays** unless the user says what to do with it: ``--resume`` continues it,
    ``--overwrite`` replaces it (removing what the old run wrote: its checkpoints, ``final/`` and
    ``metrics.jsonl``, and nothing it did not write), and without either the run stops in one line saying so.
@@ -59,7 +59,13 @@ def lock(run_dir: Path) -> RunLock:
     """Take ``RUN/.lock`` or raise a UserError naming its live holder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_path = run_dir / LOCK_FILE
-    handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the whole run
+    try:  # never through a symlink: truncating it would clobber whatever it points to
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise UserError(
+            f"cannot open {lock_path} ({err.strerror}): remove it if it is not a plain file"
+        ) from None
+    handle = os.fdopen(fd, "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -112,7 +118,7 @@ def remove_previous_run(run_dir: Path) -> None:
 
 def claim_run_dir(run_dir: Path, resume, overwrite: bool) -> RunLock:
     """Rank 0 locks ``run_dir`` and decides whether this run may write there; every rank gets the
-    verdict before any work and raises the same UserError if it is no."""
+    verdict before any work. If it is no, rank 0 raises the UserError and the others exit with 2."""
     import torch
     import torch.distributed as dist
 
@@ -136,5 +142,7 @@ def claim_run_dir(run_dir: Path, resume, overwrite: bool) -> RunLock:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     dist.broadcast_object_list(verdict, src=0, device=device)
     if verdict[0] is not None:
+        if dist.get_rank() > 0:
+            raise SystemExit(2)  # rank 0 prints the one line; the others stop with the same exit status
         raise UserError(verdict[0])
     return held

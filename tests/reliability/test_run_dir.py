@@ -72,6 +72,20 @@ def test_a_second_lock_on_a_live_run_is_refused_naming_the_holder(tmp_path):
     lock(tmp_path).release()  # free again once released
 
 
+@pytest.mark.parametrize("kind", ["symlink", "folder"])
+def test_a_lock_file_that_is_not_a_plain_file_is_one_line_and_nothing_is_followed(tmp_path, kind):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "run").mkdir()
+    if kind == "symlink":
+        (tmp_path / "run" / LOCK_FILE).symlink_to(victim)
+    else:
+        (tmp_path / "run" / LOCK_FILE).mkdir()
+    with pytest.raises(UserError, match=r"cannot open .*\.lock .*remove it"):
+        lock(tmp_path / "run")
+    assert victim.read_text() == "precious"
+
+
 @pytest.mark.multiproc
 def test_two_concurrent_trainers_into_one_folder(data, ds_env, tmp_path):
     out = tmp_path / "run"
@@ -91,6 +105,31 @@ def test_two_concurrent_trainers_into_one_folder(data, ds_env, tmp_path):
     assert first.returncode == 0, first_err[-3000:]
     steps = [r["step"] for r in train_records(out)]
     assert steps == sorted(set(steps)), "two writers interleaved their metrics"
+
+
+@pytest.mark.multiproc
+def test_every_rank_of_a_second_run_stops_before_any_work(data, tmp_path):
+    """Two ranks under torchrun: rank 0 finds the folder locked; rank 1 must stop too, not wait in a
+    collective or start writing."""
+    from .conftest import free_port, single_rank_env
+
+    out = tmp_path / "run"
+    held = lock(out)
+    env = {
+        k: v
+        for k, v in single_rank_env().items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "ds_sft.train", *train_flags(data, out, 2)]  # fmt: skip
+    try:
+        done = subprocess.run(command, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+    finally:
+        held.release()
+    (line,) = error_lines(done.stderr)  # rank 0 says it; rank 1 stops without a word
+    assert done.returncode != 0 and f"pid {os.getpid()} on " in line, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
 
 
 @pytest.mark.multiproc
