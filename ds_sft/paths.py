@@ -66,6 +66,8 @@ def writable_dir(path: str | Path, flag: str) -> Path:
     FIFO, device, broken symlink) where the folder should be or anywhere above it, and a folder that
     cannot be written (permissions, read-only filesystem).
     """
+    if not isinstance(path, str | os.PathLike) or str(path).strip() == "":
+        raise UserError(f"{flag} {path!r}: pass the path of a folder")
     path = Path(path).expanduser()
     existing = path
     while not (existing.exists() or existing.is_symlink()):

@@ -250,6 +250,12 @@ def test_writable_dir_agrees_with_really_writing_and_touches_nothing(tmp_path, k
         assert "\n" not in message and message.startswith(f"--out {path}:")
 
 
+@pytest.mark.parametrize("value", ["", "  ", 5, None, ["runs"]])
+def test_writable_dir_refuses_what_is_not_a_path(value):
+    with pytest.raises(UserError, match="pass the path of a folder"):
+        writable_dir(value, "--out_dir")
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A read-only tmpfs (root ignores permission bits, not a read-only filesystem)."""
