@@ -207,11 +207,11 @@ def damage(tag_dir: Path) -> str | None:
 
 
 def _is_int(value, low: int, high: int = 2**62) -> bool:
-    return type(value) is int and low <= value <= high
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _is_number(value) -> bool:
-    return type(value) in (int, float)
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _field_problems(state: dict) -> dict[str, bool]:
