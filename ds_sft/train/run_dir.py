@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError
@@ -74,6 +75,9 @@ def lock(run_dir: Path) -> RunLock:
             f"{run_dir} is in use by another training run ({holder(lock_path)}): wait for it to end, "
             "stop it, or pass another --out_dir"
         ) from None
+    except OSError as err:  # a filesystem without locks (some FUSE mounts): run, but say it is unguarded
+        print(f"warning: cannot lock {lock_path} ({err.strerror}): nothing stops a second run from "
+              "writing into this folder", file=sys.stderr)  # fmt: skip
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     handle.seek(0)
     handle.truncate()

@@ -72,6 +72,18 @@ def test_a_second_lock_on_a_live_run_is_refused_naming_the_holder(tmp_path):
     lock(tmp_path).release()  # free again once released
 
 
+def test_a_filesystem_without_locks_runs_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock(tmp_path).release()
+    assert "warning: cannot lock" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["symlink", "folder"])
 def test_a_lock_file_that_is_not_a_plain_file_is_one_line_and_nothing_is_followed(tmp_path, kind):
     victim = tmp_path / "victim.txt"
