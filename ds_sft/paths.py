@@ -56,3 +56,36 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def writable_dir(path: str | Path, flag: str) -> Path:
+    """``path`` if it is, or can become, a folder this process may write into; else one UserError.
+
+    For an output flag (``--out_dir``, ``--out``, ``--hf``, ``--output_dir``), checked before any work,
+    so a refusal costs nothing and leaves nothing behind: nothing is created here. Refused: a file (or
+    FIFO, device, broken symlink) where the folder should be or anywhere above it, and a folder that
+    cannot be written (permissions, read-only filesystem).
+    """
+    if not isinstance(path, str | os.PathLike) or str(path).strip() == "":
+        raise UserError(f"{flag} {path!r}: pass the path of a folder")
+    path = Path(path).expanduser()
+    existing = path
+    while not (existing.exists() or existing.is_symlink()):
+        existing = existing.parent  # ends at "." or "/", which exist
+    if not existing.is_dir():
+        kind = (
+            "a broken symlink"
+            if not existing.exists()
+            else "a file"
+            if existing.is_file()
+            else "not a folder"
+        )
+        where = f"{existing} is {kind}" if existing == path else f"{existing}, above it, is {kind}"
+        raise UserError(f"{flag} {path}: {where}; pass a folder (it is created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == path else f"{existing}, the nearest existing folder above it,"
+        raise UserError(
+            f"{flag} {path}: {where} cannot be written (permissions or a read-only filesystem); "
+            "pass another folder"
+        )
+    return path

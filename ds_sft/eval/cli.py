@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.paths import writable_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +130,7 @@ def _check_args(args: argparse.Namespace) -> None:
     # numbers are checked by their declared domains in add_arguments (ds_sft/options.py)
     if not Path(args.data_dir).is_dir():
         raise UserError(f"--data_dir {args.data_dir} does not exist: run `ds-sft prepare` first")
+    writable_dir(args.out, "--out")
 
 
 def run(args: argparse.Namespace) -> int:

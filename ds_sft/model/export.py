@@ -53,12 +53,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ds_sft.model.checkpoint import load_model
-    from ds_sft.paths import resolve_model_path
+    from ds_sft.paths import resolve_model_path, writable_dir
 
+    out = writable_dir(args.hf, "--hf")
     source = resolve_model_path(args.base_model)
     tokenizer = _load_tokenizer(args.tokenizer, source)
     model = load_model(source, dtype=torch.float32)
-    out = export_hf(model, tokenizer, Path(args.hf), dtype=getattr(torch, args.dtype))
+    out = export_hf(model, tokenizer, out, dtype=getattr(torch, args.dtype))
     print(f"wrote {out} ({model.num_parameters():,} parameters, {args.dtype})")
     if args.verify:
         diff = max_logit_difference(model, out)

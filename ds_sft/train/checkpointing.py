@@ -21,20 +21,30 @@ asked for that one checkpoint and stops instead. A disk error while saving (full
 the run with one line saying so and that the previous checkpoint, which ``latest`` still names, is
 intact.
 
-Pickled code: DeepSpeed unpickles its checkpoint files with ``torch.load(weights_only=False)``, which
-runs whatever a tampered file names. So before it does, every ``.pt`` of the tag is scanned (torch's
-``get_unsafe_globals_in_checkpoint`` reads the pickle's opcodes without executing them) and refused,
-like a damaged file, if it names anything beyond :data:`CHECKPOINT_GLOBALS`: the few classes that
-DeepSpeed's ZeRO 0-3 fp32/bf16 checkpoints and our numpy RNG state hold.
+Pickled code: a ``.pt`` file is a pickle, and unpickling can call any importable function. DeepSpeed
+loads its files with ``torch.load(weights_only=False)`` (the engine, ``ds_to_universal``, the ZeRO-3
+universal load), so every load from a checkpoint runs inside :func:`weights_only_unpickling`, which
+forces torch's ``weights_only`` unpickler on every ``torch.load`` of the process (and of any worker
+process it starts) and allows nothing beyond :data:`CHECKPOINT_GLOBALS`: the few classes that
+DeepSpeed's ZeRO 0-3 fp32/bf16 checkpoints and our numpy RNG state hold. A file naming anything else
+is refused, never executed. Before the engine exists, the same list is checked against the opcodes of
+every ``.pt`` of a tag (:func:`pickled_code`, nothing executed), so ``--resume`` can fall back to an
+older checkpoint instead of stopping. The sha256 manifest only detects damage: whoever can plant a
+file can rewrite the manifest too. ``trainer_state.json`` decides the path a resume takes (which tag,
+universal or not), so its contents are checked field by field (:func:`trainer_state_problem`): a
+hostile one can only pick among safe paths.
 
 Exact resume needs everything that shapes the next step: weights, optimizer moments and step
 counts (the engine), the position in the data stream (the sampler state), the RNG of every rank
 (gathered to rank 0 into the client state), and the step counter (which fixes the lr).
 
 Resuming on a different world size: ZeRO 1-3 shard the optimizer state by rank and DeepSpeed
-refuses to re-partition it, so the checkpoint is converted once to DeepSpeed's *universal* format
+refuses to re-partition it, so the checkpoint is converted to DeepSpeed's *universal* format
 (``ds_to_universal``: one fp32 file per parameter, optimizer moments included) and loaded with
-``checkpoint.load_universal``; the continuation keeps the optimizer state, not just the weights.
+``checkpoint.load_universal``; the continuation keeps the optimizer state, not just the weights. The
+conversion is rebuilt at every such resume into a fresh folder that ds-sft creates
+(``checkpoints/.universal-XXXX/``) and removes once loaded: a ``<tag>_universal/`` folder
+found beside a checkpoint is never loaded, and never deleted (ds-sft did not write it).
 At ZeRO 3, DeepSpeed 0.19.8's universal load shares one Adam step counter among the parameter
 groups and gives every group the first group's weight decay: :func:`repair_zero3_universal_load`
 puts both right, and the continuation then matches the uninterrupted run.
@@ -50,6 +60,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from contextlib import contextmanager
@@ -57,22 +68,67 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_sft.errors import UserError, first_line
 from ds_sft.paths import sha256_file
 
 STATE_FILE = "trainer_state.json"
 
-# Everything a ds-sft checkpoint pickles beyond tensors and plain containers (collected from ZeRO 0-3
-# checkpoints in fp32 and bf16; numpy's _reconstruct moved to numpy._core in numpy 2).
+# Everything a ds-sft checkpoint pickles beyond tensors and plain containers, as the pickle names it
+# (collected from ZeRO 0-3 checkpoints in fp32 and bf16; numpy's _reconstruct moved to numpy._core in
+# numpy 2, and a numpy 2 dtype is rebuilt as its own class, e.g. numpy.dtypes.UInt32DType for the RNG).
 CHECKPOINT_GLOBALS = {
     "numpy.dtype",
     "numpy.ndarray",
     "numpy._core.multiarray._reconstruct",
     "numpy.core.multiarray._reconstruct",
+    "numpy.dtypes.UInt32DType",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.utils.tensor_fragment.fragment_address",
 }
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by torch.load at every call
+TAG_PATTERN = re.compile(r"step_\d{6,}")
+
+
+def allowed_globals() -> list[tuple[object, str]]:
+    """:data:`CHECKPOINT_GLOBALS` as (object, pickled name) pairs for ``torch.serialization.safe_globals``."""
+    import importlib
+
+    pairs = []
+    for name in sorted(CHECKPOINT_GLOBALS):
+        module, _, attr = name.rpartition(".")
+        if module == "numpy.core.multiarray":  # numpy 1's name; importing numpy.core warns in numpy 2
+            module = "numpy._core.multiarray"
+        pairs.append((getattr(importlib.import_module(module), attr), name))
+    return pairs
+
+
+@contextmanager
+def weights_only_unpickling():
+    """Inside: every ``torch.load`` (ours, DeepSpeed's, a worker process's) unpickles with torch's
+    ``weights_only`` unpickler, allowing tensors, plain containers and :data:`CHECKPOINT_GLOBALS` only.
+
+    DeepSpeed passes ``weights_only=False`` explicitly; torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
+    overrides even that, at every call and in every child process, so no DeepSpeed code path (engine,
+    ``ds_to_universal`` and its extraction workers, the ZeRO-3 universal load) can unpickle code. A
+    spawned worker does not inherit the allowlist: it refuses DeepSpeed's classes instead of running
+    anything.
+    """
+    import torch
+
+    saved = {
+        key: os.environ.pop(key, None) for key in (FORCE_WEIGHTS_ONLY, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    }
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
 
 
 def tag_for(step: int) -> str:
@@ -119,13 +175,18 @@ def file_digests(tag_dir: Path) -> dict:
 
 
 def damage(tag_dir: Path) -> str | None:
-    """Why ``tag_dir`` cannot be resumed from (missing, truncated, corrupted or code-carrying files)."""
+    """Why ``tag_dir`` cannot be resumed from (malformed state, missing, truncated, corrupted, foreign
+    or code-carrying files), or None."""
     if not (tag_dir / STATE_FILE).is_file():
         return f"it has no {STATE_FILE} (the save never completed)"
     try:
-        expected = read_trainer_state(tag_dir).get("files", {})
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = read_trainer_state(tag_dir)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return f"its {STATE_FILE} is corrupted"
+    problem = trainer_state_problem(state, with_files=True)
+    if problem:
+        return f"its {STATE_FILE} is malformed ({problem})"
+    expected = state["files"]
     for name, digest in expected.items():
         path = tag_dir / name
         if not path.is_file():
@@ -135,7 +196,81 @@ def damage(tag_dir: Path) -> str | None:
             return f"{name} is truncated or overwritten ({size:,} bytes, {digest['bytes']:,} when saved)"
         if sha256_file(path) != digest["sha256"]:
             return f"{name} is corrupted (its sha256 differs from the one recorded when saved)"
+    foreign = sorted(
+        p.name for p in tag_dir.iterdir() if p.is_file() and p.name not in {*expected, STATE_FILE}
+    )
+    if foreign:
+        return (
+            f"{', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not part of it when it was saved"
+        )
     return pickled_code(tag_dir)
+
+
+def _is_int(value, low: int, high: int = 2**62) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _field_problems(state: dict) -> dict[str, bool]:
+    """{field: is it wrong} for every field ds-sft reads back from a trainer state."""
+    sampler = state.get("sampler")
+    return {
+        "step": not _is_int(state.get("step"), 0),
+        "world_size": not _is_int(state.get("world_size"), 1, 2**20),
+        "zero_stage": not _is_int(state.get("zero_stage"), 0, 3),
+        "nan_streak": not _is_int(state.get("nan_streak"), 0),
+        "train_tokens": not _is_int(state.get("train_tokens"), 0),
+        "elapsed_s": not (_is_number(state.get("elapsed_s")) and 0 <= state["elapsed_s"] < float("inf")),
+        "best_val": not (state.get("best_val") is None or _is_number(state["best_val"])),
+        "best_tag": not (state.get("best_tag") is None or is_tag(state["best_tag"])),
+        "val_history": not (
+            isinstance(state.get("val_history"), list) and all(map(_is_number, state["val_history"]))
+        ),
+        "sampler": not (
+            isinstance(sampler, dict)
+            and _is_int(sampler.get("epoch"), 0)
+            and _is_int(sampler.get("consumed_samples"), 0)
+            and _is_int(sampler.get("seed"), -(2**63), 2**64)
+        ),
+    }
+
+
+def trainer_state_problem(state, with_files: bool = False) -> str | None:
+    """What is wrong with a trainer state (``trainer_state.json``, or the client state's copy), or None.
+
+    Every field ds-sft reads back is checked for its type and range, so the state can only choose among
+    the paths a genuine one could (which tag, universal or not); fields it does not read are left
+    alone. ``with_files``: also the ``files`` manifest, whose names must be plain file names of the tag.
+    """
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__} instead of an object"
+    wrong = [field for field, bad in _field_problems(state).items() if bad]
+    if with_files:
+        files = state.get("files")
+        if not (
+            isinstance(files, dict)
+            and all(
+                isinstance(name, str)
+                and name not in ("", ".", "..", STATE_FILE)
+                and "/" not in name
+                and "\\" not in name
+                and isinstance(digest, dict)
+                and _is_int(digest.get("bytes"), 0)
+                and isinstance(digest.get("sha256"), str)
+                and re.fullmatch(r"[0-9a-f]{64}", digest["sha256"]) is not None
+                for name, digest in files.items()
+            )
+        ):
+            wrong.append("files")
+    return f"bad or missing {', '.join(wrong)}" if wrong else None
+
+
+def is_tag(name) -> bool:
+    """True for a checkpoint tag as :func:`tag_for` writes it (so it names a folder beside ``latest``)."""
+    return isinstance(name, str) and TAG_PATTERN.fullmatch(name) is not None
 
 
 def pickled_code(tag_dir: Path) -> str | None:
@@ -158,7 +293,6 @@ def pickled_code(tag_dir: Path) -> str | None:
 @contextmanager
 def disk_errors(ckpt_dir: Path, tag: str):
     """Turn a failed write (disk full, read-only, no permission) into one line that says what is safe."""
-    from ds_sft.errors import UserError
 
     try:
         yield
@@ -199,14 +333,11 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int)
 
 def prune(ckpt_dir: Path, keep_last: int, best_tag: str | None) -> None:
     tags = sorted(
-        p.name
-        for p in ckpt_dir.iterdir()
-        if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).is_file()
+        p.name for p in ckpt_dir.iterdir() if p.is_dir() and is_tag(p.name) and (p / STATE_FILE).is_file()
     )
     for tag in tags[:-keep_last]:
         if tag != best_tag:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-            shutil.rmtree(ckpt_dir / f"{tag}_universal", ignore_errors=True)
 
 
 def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
@@ -215,14 +346,18 @@ def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
     ``--resume`` alone: OUT_DIR/checkpoints/latest, else the newest intact older tag (None when there
     is no checkpoint at all). ``--resume PATH``: that tag directory (or its ``latest``), or an error.
     """
-    from ds_sft.errors import UserError
 
     if resume is None:
         return None
     if resume != "auto":
         path = Path(resume)
         if (path / "latest").is_file():
-            path = path / (path / "latest").read_text().strip()
+            named = latest_tag(path)
+            if named is None:
+                raise UserError(
+                    f"--resume {resume}: its 'latest' file does not name a checkpoint tag (step_N)"
+                )
+            path = path / named
         if not (path / STATE_FILE).is_file():
             raise UserError(
                 f"--resume {resume}: no complete checkpoint there (expected a tag directory with "
@@ -234,9 +369,9 @@ def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
                             "to fall back to the newest intact one")  # fmt: skip
         return path
     ckpt_dir = out_dir / "checkpoints"
-    latest = ckpt_dir / "latest"
-    named = [ckpt_dir / latest.read_text().strip()] if latest.is_file() else []
-    older = sorted((p for p in ckpt_dir.glob("step_*") if (p / STATE_FILE).is_file()), reverse=True)
+    named = [ckpt_dir / latest_tag(ckpt_dir)] if latest_tag(ckpt_dir) else []
+    older = sorted((p for p in ckpt_dir.glob("step_*") if is_tag(p.name) and (p / STATE_FILE).is_file()),
+                   reverse=True)  # fmt: skip
     skipped = []
     for path in dict.fromkeys(named + older):  # latest first, then newest to oldest, each once
         problem = damage(path)
@@ -250,7 +385,17 @@ def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
     return None
 
 
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag ``ckpt_dir/latest`` names, if it is one (never a path that leads elsewhere)."""
+    try:
+        tag = (ckpt_dir / "latest").read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return tag if is_tag(tag) else None
+
+
 def read_trainer_state(tag_dir: Path) -> dict:
+    """``trainer_state.json`` as saved; :func:`damage` has checked it before a resume reads it."""
     return json.loads((tag_dir / STATE_FILE).read_text())
 
 
@@ -258,53 +403,116 @@ def needs_universal(trainer_state: dict, world_size: int) -> bool:
     return trainer_state["world_size"] != world_size and trainer_state["zero_stage"] > 0
 
 
-def convert_to_universal(tag_dir: Path) -> Path:
-    """Rank 0 converts ``tag_dir`` once to DeepSpeed's universal format beside it; all ranks wait."""
+def convert_to_universal(tag_dir: Path, device) -> Path:
+    """Rank 0 converts ``tag_dir`` to DeepSpeed's universal format in a fresh folder of its own making
+    beside it (never one that already exists: ``.universal-XXXX/<tag>/``, where DeepSpeed's
+    ``latest_universal`` lands too); every rank gets the path. :func:`remove_universal` removes it."""
+    import tempfile
+
     import torch.distributed as dist
 
-    out = tag_dir.with_name(tag_dir.name + "_universal")
-    if dist.get_rank() == 0 and not (out / "zero").is_dir():
-        from argparse import Namespace
+    verdict = [None, None]  # [folder, error]
+    if dist.get_rank() == 0:
+        out = Path(tempfile.mkdtemp(prefix=".universal-", dir=tag_dir.parent)) / tag_dir.name
+        verdict[0] = str(out)
+        try:
+            from argparse import Namespace
 
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-        ds_to_universal(
-            Namespace(
-                input_folder=str(tag_dir),
-                output_folder=str(out),
-                num_extract_workers=1,
-                num_merge_workers=1,
-                keep_temp_folder=False,
-                strict=True,
-                inject_missing_state=True,
+            ds_to_universal(
+                Namespace(
+                    input_folder=str(tag_dir),
+                    output_folder=str(out),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=True,
+                )
             )
-        )
-        # ds_to_universal leaves out the client state; the model-states file carries it.
-        for name in os.listdir(tag_dir):
-            if name.endswith("model_states.pt") and not (out / name).exists():
-                shutil.copy2(tag_dir / name, out / name)
+            # ds_to_universal leaves out the client state; the model-states file carries it.
+            for name in os.listdir(tag_dir):
+                if name.endswith("model_states.pt"):
+                    shutil.copy2(tag_dir / name, out / name)
+        except Exception as err:  # every rank must hear of it, not wait at a collective for rank 0
+            shutil.rmtree(out.parent, ignore_errors=True)
+            verdict[1] = unsafe_pickle_message(tag_dir, err) or f"{type(err).__name__}: {first_line(err)}"
+    dist.broadcast_object_list(verdict, src=0, device=device)
+    if verdict[1] is not None:
+        raise UserError(f"could not convert {tag_dir} to a universal checkpoint: {verdict[1]}")
+    return Path(verdict[0])
+
+
+def remove_universal(folder: Path) -> None:
+    """Rank 0 removes the folder :func:`convert_to_universal` made, once every rank has loaded it."""
+    import torch.distributed as dist
+
     dist.barrier()
-    return out
+    if dist.get_rank() == 0:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def unsafe_pickle_message(tag_dir: Path, err: BaseException) -> str | None:
+    """The one line for torch's weights_only refusal of a file of ``tag_dir``; None for other errors."""
+    import pickle
+
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    named = re.search(r"GLOBAL ([\w.]+)", str(err))
+    what = f"names {named.group(1)}" if named else f"is not a plain checkpoint ({first_line(err)})"
+    return (
+        f"a file of {tag_dir} {what}, which no checkpoint holds; ds-sft loads checkpoints only with torch's "
+        "weights_only unpickler and ran nothing from it: pass another checkpoint"
+    )
 
 
 def load(engine, tag_dir: Path, universal: bool = False) -> dict:
-    """Load weights, optimizer and client state; restore this rank's RNG. Returns the trainer state."""
+    """Load weights, optimizer and client state, never unpickling code (:func:`weights_only_unpickling`);
+    restore this rank's RNG. Returns the trainer state."""
     import torch.distributed as dist
 
+    with weights_only_unpickling():
+        source = convert_to_universal(tag_dir, engine.device) if universal else tag_dir
+        try:
+            _, client_state = engine.load_checkpoint(
+                str(source.parent),
+                tag=source.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+            if client_state is not None and universal and engine.zero_optimization_stage() == 3:
+                repair_zero3_universal_load(engine.optimizer, source)
+        except Exception as err:
+            if universal and dist.get_rank() == 0:
+                shutil.rmtree(source.parent, ignore_errors=True)
+            message = unsafe_pickle_message(tag_dir, err)
+            if message is None:
+                raise
+            raise UserError(message) from None
     if universal:
-        tag_dir = convert_to_universal(tag_dir)
-    _, client_state = engine.load_checkpoint(
-        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+        remove_universal(source)
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
-    if universal and engine.zero_optimization_stage() == 3:
-        repair_zero3_universal_load(engine.optimizer, tag_dir)
-    rng_states = client_state["rng"]
+    trainer = client_state.get("trainer")
+    problem = trainer_state_problem(trainer)
+    rng_states = client_state.get("rng")
+    if problem is None and not isinstance(rng_states, list):
+        problem = "no list of RNG states"
+    if problem:
+        raise UserError(
+            f"the client state saved in {tag_dir} is malformed ({problem}): pass another checkpoint"
+        )
     rank = dist.get_rank()
     if rank < len(rng_states):  # on a larger world, the new ranks keep their fresh seeds
-        set_rng_state(rng_states[rank])
-    return client_state["trainer"]
+        try:
+            set_rng_state(rng_states[rank])
+        except (TypeError, ValueError, KeyError, RuntimeError) as err:
+            raise UserError(
+                f"the RNG state of rank {rank} saved in {tag_dir} is malformed ({first_line(err)}): "
+                "pass another checkpoint"
+            ) from None
+    return trainer
 
 
 def repair_zero3_universal_load(zero3_optimizer, universal_dir: Path) -> None:
@@ -328,9 +536,8 @@ def repair_zero3_universal_load(zero3_optimizer, universal_dir: Path) -> None:
     for state in inner.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    # Written by convert_to_universal from an intact, pickle-checked checkpoint; DeepSpeed has just
-    # unpickled this same file the same way.
-    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", weights_only=False)
+    # load() runs this inside weights_only_unpickling, as DeepSpeed's own load of the same file.
+    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", weights_only=True)
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     for group, saved_group in zip(inner.param_groups, saved_groups, strict=True):
         group.update({key: value for key, value in saved_group.items() if key != "params"})

@@ -21,7 +21,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from ds_sft.errors import UserError
 from ds_sft.options import Int
+from ds_sft.paths import writable_dir
 from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 
 
@@ -138,6 +140,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue a run: alone, from OUT_DIR/checkpoints/latest (fresh start when there is "
         "none); or from the given checkpoint directory",
     )
+    ck.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in OUT_DIR (its checkpoints, final/ and metrics.jsonl are removed); "
+        "without it or --resume, a run directory that holds a run is refused",
+    )
 
 
 def build_model(s):
@@ -194,6 +202,11 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.train import config as config_module
 
     ds_config, s, overrides = config_module.resolve(args)  # every check before anything heavy
+    run_dir = writable_dir(s.out_dir, "--out_dir")
+    if s.resume is not None and args.overwrite:
+        raise UserError(
+            "--resume continues the run in --out_dir and --overwrite replaces it: pass one of them"
+        )
 
     import torch.distributed as dist
 
@@ -203,9 +216,10 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.train.loop import train
     from ds_sft.train.memory import check_fits
     from ds_sft.train.report import write_report
+    from ds_sft.train.run_dir import claim_run_dir
 
     rank, world = init_distributed(timeout_s=s.dist_timeout)
-    run_dir = Path(s.out_dir)
+    run_lock = claim_run_dir(run_dir, s.resume, args.overwrite)  # before any work, on every rank
     effective = config_module.effective_config(ds_config, s)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         print(f"report: {write_report(run_dir, effective, summary)}")
     engine.destroy()
+    run_lock.release()
     if world > 1:
         shutdown_multiprocess()
     return 0

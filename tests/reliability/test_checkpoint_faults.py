@@ -186,3 +186,31 @@ def test_full_disk_at_save_is_one_line_and_the_run_goes_on_once_there_is_room(cl
     resumed = run(train_flags(data, run_dir, STEPS), ds_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(final_weights(clean), final_weights(run_dir))
+
+
+def test_a_planted_universal_folder_never_runs_on_resume(clean_run, ds_env, tmp_path):
+    """The reported attack: a ``<tag>_universal/`` folder beside the latest tag, and a trainer state
+    whose world size sends the resume through the universal conversion. ds-sft converts afresh into
+    a folder of its own, so the planted one is neither loaded nor deleted."""
+    import torch
+
+    data, _ = clean_run
+    run_dir = copy_of(clean_run, tmp_path)
+    tag_dir = run_dir / "checkpoints" / "step_000060"
+    sentinel = tmp_path / "payload_ran"
+    planted = tag_dir.with_name("step_000060_universal")
+    (planted / "zero" / "wte.weight").mkdir(parents=True)
+    for path in [planted / "zero" / "optimizer_state.pt", planted / "zero" / "wte.weight" / "fp32.pt",
+                 *(planted / p.name for p in tag_dir.glob("*model_states.pt"))]:  # fmt: skip
+        torch.save({"hook": Payload(sentinel)}, path)
+    state_file = tag_dir / checkpointing.STATE_FILE
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
+    planted_files = sorted(planted.rglob("*"))
+
+    resumed = run(train_flags(data, run_dir, STEPS), ds_env)
+    assert not sentinel.exists(), "resuming ran code from the planted universal folder"
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "loaded via a universal checkpoint" in resumed.stdout
+    assert sorted(planted.rglob("*")) == planted_files  # not ds-sft's: left as it was
+    assert not list((run_dir / "checkpoints").glob(".universal-*"))  # ds-sft's own: removed
+    assert (run_dir / "final" / "model.safetensors").is_file()

@@ -9,8 +9,12 @@ sentinel file if executed, so "it did not run" is checked, not assumed.
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -109,3 +113,321 @@ def test_damaged_checkpoint_files_are_one_clear_error(tmp_path):
         message = str(err.value)
         assert "\n" not in message, label
         assert str(path) in message and ("corrupt" in message or "truncated" in message), (label, message)
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+#
+# DeepSpeed unpickles its own files with weights_only=False. Every file a resume loads (model states,
+# optimizer states, the universal conversion's files, the ZeRO-3 repair file) must go through torch's
+# weights_only unpickler all the same. The payloads below are the usual tricks; each would create a
+# marker file if it ever ran.
+
+
+def _reduce_to(call, *args):
+    """An object whose unpickling calls ``call(*args)``."""
+    return type("Evil", (), {"__reduce__": lambda self: (call, args)})()
+
+
+def _code(marker: Path) -> str:
+    return f"open({str(marker)!r}, 'w').close()"
+
+
+def _partial_payload(marker: Path):
+    """functools.partial built by one reduce, then called by another: no single global looks like code."""
+    import functools
+
+    return _reduce_to(functools.partial(open, str(marker), "w"))
+
+
+def _numpy_payload(marker: Path):
+    from numpy.testing._private.utils import runstring  # exec()s a string; its name looks like numpy
+
+    return _reduce_to(runstring, _code(marker), {})
+
+
+def _torch_payload(marker: Path):
+    from torch.fx.graph_module import _exec_with_source  # exec()s a string; its name looks like torch
+
+    return _reduce_to(_exec_with_source, _code(marker), {})
+
+
+PAYLOADS = {
+    "os.system": lambda marker: _reduce_to(__import__("os").system, f"touch {marker}"),
+    "subprocess.Popen": lambda marker: _reduce_to(__import__("subprocess").Popen, ["touch", str(marker)]),
+    "builtins.eval": lambda marker: _reduce_to(eval, _code(marker)),
+    "builtins.exec": lambda marker: _reduce_to(exec, _code(marker)),
+    "builtins.open": lambda marker: Payload(marker),
+    "functools.partial": _partial_payload,
+    "numpy-looking": _numpy_payload,
+    "torch-looking": _torch_payload,
+}
+
+
+def _nest(obj, payload, depth: int = 0):
+    """Put ``payload`` as deep inside ``obj``'s dicts as they go (optimizer state sits 3-4 levels down)."""
+    inner = [v for v in (obj.values() if isinstance(obj, dict) else obj) if isinstance(v, dict | list)]
+    if inner and depth < 6:
+        _nest(inner[-1], payload, depth + 1)
+    elif isinstance(obj, dict):
+        obj["payload"] = payload
+    else:
+        obj.append(payload)
+
+
+def _plant(path: Path, payload) -> None:
+    """Rewrite a genuine checkpoint file (trusted here: the test wrote it) with ``payload`` nested in it."""
+    state = torch.load(path, weights_only=False)
+    _nest(state, payload)
+    torch.save(state, path)
+
+
+@pytest.fixture(scope="module")
+def dist_env():
+    from ds_sft.train.engine import init_distributed
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    return init_distributed()
+
+
+def _engine(stage: int, universal: bool = False):
+    from ds_sft.train.engine import build_engine
+    from tests.train.helpers import ds_config, settings, tiny_model
+
+    s = settings(zero_stage=stage)
+    extra = {"checkpoint": {"load_universal": True}} if universal else {}
+    return build_engine(tiny_model(), ds_config(s, **extra), s.weight_decay)[0]
+
+
+TRAINER_STATE = {
+    "step": 1,
+    "best_val": None,
+    "best_tag": None,
+    "val_history": [],
+    "nan_streak": 0,
+    "train_tokens": 64,
+    "elapsed_s": 0.5,
+    "sampler": {"epoch": 0, "consumed_samples": 4, "seed": 0},
+    "world_size": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, dist_env):
+    """{stage: tag dir} of a genuine one-step ZeRO 1/2/3 checkpoint each, saved the trainer's way."""
+    from ds_sft.train import checkpointing
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    tags = {}
+    for stage in (1, 2, 3):
+        engine = _engine(stage)
+        for _ in range(engine.gradient_accumulation_steps()):  # one optimizer step: moments exist
+            ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(stage))
+            engine.backward(engine(ids, labels=ids.roll(-1, dims=1)))
+            engine.step()
+        assert engine.global_steps == 1
+        ckpt_dir = root / f"zero{stage}" / "checkpoints"
+        ckpt_dir.mkdir(parents=True)
+        tag = checkpointing.save(engine, ckpt_dir, 1, {**TRAINER_STATE, "zero_stage": stage}, keep_last=2)
+        engine.destroy()
+        tags[stage] = ckpt_dir / tag
+    return tags
+
+
+def _try_load(stage: int, tag_dir: Path, universal: bool):
+    """What ``checkpointing.load`` gives on a fresh engine: the trainer state, or the exception it raised."""
+    from ds_sft.train import checkpointing
+
+    engine = _engine(stage, universal=universal)
+    try:
+        return checkpointing.load(engine, tag_dir, universal=universal)
+    except Exception as err:  # the caller checks the marker first, then what was raised
+        return err
+    finally:
+        engine.destroy()
+
+
+def _copy_tag(tag_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "checkpoints" / tag_dir.name
+    shutil.copytree(tag_dir, copy)
+    return copy
+
+
+def _bless(tag_dir: Path) -> None:
+    """Rewrite the sha256 manifest over planted files, as an attacker with write access would."""
+    from ds_sft.train import checkpointing
+
+    state = checkpointing.read_trainer_state(tag_dir)
+    state["files"] = checkpointing.file_digests(tag_dir)
+    (tag_dir / checkpointing.STATE_FILE).write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_no_payload_in_any_checkpoint_file_runs_under_the_resume_unpickler(
+    checkpoints, tmp_path, stage, payload
+):
+    """Every file of a ZeRO 1/2/3 tag x every payload: the opcode scan names it, the loader refuses it."""
+    from ds_sft.train import checkpointing
+
+    marker = tmp_path / "payload_ran"
+    for genuine in sorted(checkpoints[stage].glob("*.pt")):
+        tag_dir = _copy_tag(checkpoints[stage], tmp_path / genuine.name)
+        victim = tag_dir / genuine.name
+        _plant(victim, PAYLOADS[payload](marker))
+        _bless(tag_dir)
+        problem = checkpointing.damage(tag_dir)
+        assert problem is not None and victim.name in problem and "no checkpoint holds" in problem, problem
+        with checkpointing.weights_only_unpickling(), pytest.raises(pickle.UnpicklingError):
+            torch.load(victim, weights_only=False)  # what DeepSpeed passes
+        assert not marker.exists(), f"{payload} in {victim.name} ran"
+
+
+POSITIONS = ["model_states", "optim_states", "optim_states via ds_to_universal"]
+
+
+@pytest.mark.parametrize("payload", ["os.system", "functools.partial"])
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_engine_load_never_unpickles_code(checkpoints, tmp_path, stage, position, payload):
+    """checkpointing.load itself, without the opcode scan in front: DeepSpeed's loads are weights_only."""
+
+    marker = tmp_path / "payload_ran"
+    tag_dir = _copy_tag(checkpoints[stage], tmp_path)
+    victim = next(tag_dir.glob(f"*{position.split()[0]}.pt"))
+    _plant(victim, PAYLOADS[payload](marker))
+    outcome = _try_load(stage, tag_dir, universal="universal" in position)
+    assert not marker.exists(), f"{payload} in {victim.name} ran"
+    assert isinstance(outcome, UserError), outcome
+    message = str(outcome)
+    assert "\n" not in message and str(tag_dir) in message and "weights_only" in message, message
+    assert not list(tag_dir.parent.glob(".universal-*")), "the conversion's folder was left behind"
+
+
+def _plant_universal_folder(tag_dir: Path, marker: Path) -> Path:
+    """A ``<tag>_universal/`` beside the tag, as old ds-sft versions kept it, every file booby-trapped."""
+    planted = tag_dir.with_name(tag_dir.name + "_universal")
+    (planted / "zero" / "wte.weight").mkdir(parents=True)
+    for name in ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt"):
+        torch.save({"param": PAYLOADS["os.system"](marker)}, planted / "zero" / "wte.weight" / name)
+    torch.save(
+        {"optimizer_state_dict": PAYLOADS["os.system"](marker)}, planted / "zero" / "optimizer_state.pt"
+    )
+    for model_states in tag_dir.glob("*model_states.pt"):
+        torch.save({"module": PAYLOADS["os.system"](marker)}, planted / model_states.name)
+    return planted
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_planted_universal_folder_is_neither_loaded_nor_deleted(checkpoints, tmp_path, stage):
+    """A resume on another world size rebuilds the conversion in a fresh folder of its own (and removes
+    that one); the folder it did not write stays as it was, unread."""
+
+    marker = tmp_path / "payload_ran"
+    tag_dir = _copy_tag(checkpoints[stage], tmp_path)
+    planted = _plant_universal_folder(tag_dir, marker)
+    before = sorted(p.relative_to(planted) for p in planted.rglob("*"))
+    state = _try_load(stage, tag_dir, universal=True)
+    assert not marker.exists(), "the planted universal folder was unpickled"
+    assert isinstance(state, dict) and state["step"] == 1, state
+    assert sorted(p.relative_to(planted) for p in planted.rglob("*")) == before
+    assert sorted(p.name for p in tag_dir.parent.iterdir()) == [tag_dir.name, planted.name]
+
+
+def test_the_zero3_repair_file_is_read_with_the_weights_only_unpickler(tmp_path):
+    from ds_sft.train import checkpointing
+
+    marker = tmp_path / "payload_ran"
+    for payload in PAYLOADS.values():
+        (tmp_path / "zero").mkdir(exist_ok=True)
+        torch.save({"optimizer_state_dict": payload(marker)}, tmp_path / "zero" / "optimizer_state.pt")
+        optimizer = SimpleNamespace(optimizer=SimpleNamespace(state={}, param_groups=[]))
+        with checkpointing.weights_only_unpickling(), pytest.raises(pickle.UnpicklingError):
+            checkpointing.repair_zero3_universal_load(optimizer, tmp_path)
+        assert not marker.exists()
+
+
+HOSTILE_STATES = {
+    "step is a string": {"step": "1"},
+    "negative step": {"step": -1},
+    "world size 0": {"world_size": 0},
+    "world size a float": {"world_size": 2.0},
+    "zero stage 4": {"zero_stage": 4},
+    "zero stage a bool": {"zero_stage": True},
+    "best tag leads elsewhere": {"best_tag": "../../elsewhere"},
+    "sampler a list": {"sampler": [0, 4, 0]},
+    "negative consumed samples": {"sampler": {"epoch": 0, "consumed_samples": -4, "seed": 0}},
+    "val history of strings": {"val_history": ["1.0"]},
+    "elapsed infinite": {"elapsed_s": float("inf")},
+    "a file outside the tag": {"files": {"../latest": {"bytes": 1, "sha256": "0" * 64}}},
+    "a digest that is not hex": {"files": {"x.pt": {"bytes": 1, "sha256": "zz"}}},
+    "files a list": {"files": ["x.pt"]},
+    "not an object": None,
+}
+
+
+@pytest.mark.parametrize("change", HOSTILE_STATES)
+def test_a_hostile_trainer_state_is_refused_as_malformed(checkpoints, tmp_path, change):
+    from ds_sft.train import checkpointing
+
+    tag_dir = _copy_tag(checkpoints[2], tmp_path)
+    state_file = tag_dir / checkpointing.STATE_FILE
+    state = json.loads(state_file.read_text())
+    hostile = None if HOSTILE_STATES[change] is None else {**state, **HOSTILE_STATES[change]}
+    state_file.write_text(json.dumps(hostile))
+    problem = checkpointing.damage(tag_dir)
+    assert problem is not None and "malformed" in problem, (change, problem)
+    with pytest.raises(UserError, match="malformed") as err:
+        checkpointing.find_checkpoint(str(tag_dir), tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_genuine_trainer_state_passes_and_an_unlisted_file_does_not(checkpoints, tmp_path):
+    from ds_sft.train import checkpointing
+
+    tag_dir = _copy_tag(checkpoints[3], tmp_path)
+    assert checkpointing.damage(tag_dir) is None
+    (tag_dir / "extra_optim_states.pt").write_bytes(b"")
+    assert "extra_optim_states.pt was not part of it" in checkpointing.damage(tag_dir)
+
+
+@pytest.mark.parametrize("latest", ["../../elsewhere/step_000001", "/tmp", "step_1; rm", ""])
+def test_latest_names_a_tag_or_nothing(checkpoints, tmp_path, latest):
+    from ds_sft.train import checkpointing
+
+    tag_dir = _copy_tag(checkpoints[1], tmp_path)
+    (tag_dir.parent / "latest").write_text(latest)
+    assert checkpointing.find_checkpoint("auto", tmp_path) == tag_dir  # the tags themselves are scanned
+    with pytest.raises(UserError, match="does not name a checkpoint tag"):
+        checkpointing.find_checkpoint(str(tag_dir.parent), tmp_path)
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_a_base_model_pt_carrying_code_is_one_line_in_every_command(
+    tmp_path, capsys, dist_env, gpt2_tokenizer_dir, payload
+):
+    """``--base_model`` / ``--model`` of train, eval and export: load_model's weights_only load."""
+    from ds_sft.cli import main
+
+    from .conftest import write_tiny_data_dir
+
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "base.pt"
+    torch.save({"model": _tiny_state(), "config": PAYLOADS[payload](marker)}, evil)
+    data = write_tiny_data_dir(tmp_path / "data")
+    shutil.copytree(gpt2_tokenizer_dir, data / "tokenizer")  # eval reads prompts with the data's tokenizer
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "template": "alpaca"}))
+    commands = {
+        "train": ["train", "--base_model", str(evil), "--data_dir", str(data),
+                  "--out_dir", str(tmp_path / "run")],
+        "eval": ["eval", "--model", str(evil), "--data_dir", str(data), "--no_gsm8k", "--no_generate",
+                 "--out", str(tmp_path / "eval")],
+        "export": ["export", "--base_model", str(evil), "--tokenizer", str(gpt2_tokenizer_dir),
+                   "--hf", str(tmp_path / "hf")],
+    }  # fmt: skip
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and str(evil) in lines[0] and "weights_only" in lines[0], (name, lines)
+        assert not marker.exists(), f"{payload} ran in {name}"

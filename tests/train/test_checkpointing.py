@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -36,9 +38,21 @@ def test_bf16_consolidation_returns_the_fp32_master_weights(stage, dist_env):
 
 
 def make_tags(ckpt_dir, steps):
+    """Tags holding only a well-formed trainer state (an empty file manifest)."""
     for step in steps:
+        state = {
+            "step": step,
+            "world_size": 1,
+            "zero_stage": 2,
+            "nan_streak": 0,
+            "train_tokens": 0,
+            "elapsed_s": 0.0,
+            "val_history": [],
+            "sampler": {"epoch": 0, "consumed_samples": 0, "seed": 0},
+            "files": {},
+        }
         (ckpt_dir / f"step_{step:06d}").mkdir(parents=True)
-        (ckpt_dir / f"step_{step:06d}" / STATE_FILE).write_text("{}")
+        (ckpt_dir / f"step_{step:06d}" / STATE_FILE).write_text(json.dumps(state))
     (ckpt_dir / "latest").write_text(f"step_{steps[-1]:06d}")
 
 
