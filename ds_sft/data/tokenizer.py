@@ -31,7 +31,10 @@ WEIGHT_FILES = (".pt", ".bin", ".safetensors")
 def _from_file(tokenizer_file: Path):
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+    except Exception as err:  # the tokenizers library raises plain Exceptions for a malformed file
+        raise UserError(f"{tokenizer_file}: not a tokenizer.json ({first_line(err)})") from None
 
 
 def _from_pretrained(directory: Path, **kwargs):
@@ -78,6 +81,8 @@ def _load(spec: str):
         return _gpt2()
     if path.is_dir():
         return _from_pretrained(path)
+    if path.suffix in (".gguf", ".json"):  # a FIFO or a device would hang or crash the reader
+        paths.require_regular_file(path, "tokenizer")
     if path.suffix == ".gguf":
         return _from_pretrained(path.parent, gguf_file=path.name)
     if path.suffix == ".json":
