@@ -5,13 +5,14 @@ manifest lists every other file in it with size and sha256 (``files``). That lis
 ds-sft ever deletes:
 
 - :func:`check_output_dir`, before any work, refuses a path that is a file (or lies under one), the
-  current folder or a folder above it, a folder holding an input, and a folder holding anything its
-  manifest does not list (a README, a ``src/`` tree, a symlink), or with no ds-sft manifest at all;
+  current folder or a folder above it, a folder holding an input, a folder holding anything its
+  manifest does not list (a README, a ``src/`` tree, a symlink) or a listed file whose bytes changed
+  (ds-sft cannot tell it from a user's), and a folder with no ds-sft manifest at all;
 - the new output is written into a fresh temporary sibling and swapped in by one atomic rename
   (:func:`replace_output`; Linux ``renameat2(RENAME_EXCHANGE)``, two renames where that is missing);
 - the old output is then removed file by file (:func:`remove_listed`): only paths its manifest
   lists, only while they still hold the recorded bytes, never through a symlink or outside the
-  folder. Anything else is left where it is, and reported.
+  folder. Anything else (say, a file someone added meanwhile) is left where it is, and reported.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ctypes
 import json
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from ds_sft.errors import UserError
@@ -65,14 +67,19 @@ def _plain_file(folder: Path, name: str) -> Path | None:
     return path if stat.S_ISREG(mode) else None
 
 
-def changed_files(folder: Path, files: dict[str, dict]) -> list[str]:
-    """The listed files that are missing or no longer hold the recorded size and sha256."""
-    changed = []
+def missing_files(folder: Path, files: dict[str, dict]) -> list[str]:
+    """The listed files that are gone (a deleted shard: the output is then not up to date)."""
+    return [name for name in files if _plain_file(folder, name) is None]
+
+
+def altered_files(folder: Path, files: dict[str, dict]) -> list[str]:
+    """The listed files present with other bytes than recorded: ds-sft cannot tell them from a user's."""
+    altered = []
     for name, record in files.items():
         path = _plain_file(folder, name)
-        if path is None or path.stat().st_size != record.get("bytes") or file_record(path) != record:
-            changed.append(name)
-    return changed
+        if path is not None and (path.stat().st_size != record.get("bytes") or file_record(path) != record):
+            altered.append(name)
+    return altered
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -142,13 +149,26 @@ def check_output_dir(output_dir: Path, inputs: list[Path]) -> tuple[Path, dict |
             f"{flag}: its manifest.json lists paths outside the folder or malformed entries, so it is not "
             "one ds-sft wrote; choose another --output_dir"
         )
-    foreign = _foreign_entries(out, files)
+    foreign = _foreign_entries(out, files) or altered_files(out, files)
     if foreign:
         raise UserError(
-            f"{flag} holds {len(foreign)} thing(s) that ds-sft did not write (first: {foreign[0]}); prepare "
-            "replaces the whole folder, so choose another --output_dir or move them out"
+            f"{flag} holds {len(foreign)} file(s) not as ds-sft wrote them (first: {foreign[0]}); "
+            "prepare replaces the whole folder, so choose another --output_dir or move them out"
         )
     return out, manifest
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh, empty sibling of ``out`` to build the new output in (same filesystem: renames are atomic)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    except OSError as err:
+        raise UserError(f"--output_dir {out}: cannot write there ({err.strerror})") from None
+    umask = os.umask(0o022)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output folder's mode
+    return staging
 
 
 def _exchange(a: Path, b: Path) -> None:

@@ -4,7 +4,8 @@
         --dolly databricks-dolly-15k.jsonl --output_dir data_sft_enhanced --max_examples 80000
 
 Stages, in order (every dropped row is counted by source and reason in manifest.json):
-  load      json / jsonl / parquet through HF datasets (or a hub id); any one source alone is a valid run
+  load      json / jsonl (parsed here) / parquet, regular files only (or a hub id); any one source alone
+            is a valid run
   clean     NFC + whitespace normalization; Alpaca "<noinput>"-style inputs emptied; GSM8K calculator
             annotations <<48/2=24>> stripped (the final "#### N" line is kept); empty rows dropped
   dedup     exact and case/punctuation/whitespace-folded duplicates, across all sources
@@ -14,10 +15,13 @@ Stages, in order (every dropped row is counted by source and reason in manifest.
             a worker thread alongside dedup and decontam, and the rows they keep are then taken)
   mix       --mix weights upsample sources by whole epochs plus a seeded fraction; --max_examples caps
   pack      best-fit-decreasing into rows of --seq_len (or --no_pack: one padded row per example)
-  write     DIR/train, DIR/val (memmap shards), DIR/tokenizer, DIR/manifest.json, DIR/lengths.png
+  write     DIR/train, DIR/val (memmap shards), DIR/tokenizer, DIR/manifest.json, DIR/lengths.png, built
+            in a temporary sibling and swapped in atomically; of an old DIR only the files its manifest
+            lists are deleted, and a DIR holding anything else is refused before any work (data/output.py)
 
 With no source flag, the offline ../shared/data mix is used when present. Re-running with the same
-inputs and flags reuses DIR (the manifest holds a hash of both); --force redoes it.
+inputs and flags reuses DIR (the manifest holds a hash of both, and the size and sha256 of every file,
+checked before reuse); --force redoes it.
 Generic sources: --source NAME=PATH reads instruction/input/output, Dolly, GSM8K, prompt/completion or
 chat `messages` columns, found automatically, or mapped explicitly with
 --field_map NAME:instruction=COL,input=COL,response=COL (or NAME:messages=COL).
@@ -32,7 +36,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -414,7 +417,14 @@ def run(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace) -> int:
     """The command's work (see the module docstring); :func:`run` calls it with the cyclic GC paused."""
     from ds_sft.data.clean import NGRAM, Drops
-    from ds_sft.data.output import MANIFEST, changed_files, check_output_dir, list_files, replace_output
+    from ds_sft.data.output import (
+        MANIFEST,
+        check_output_dir,
+        list_files,
+        missing_files,
+        replace_output,
+        staging_dir,
+    )
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
     from ds_sft.data.tokenize import fit_to_length, tokenize_records
@@ -433,6 +443,8 @@ def prepare(args: argparse.Namespace) -> int:
     if args.gsm8k_test:
         input_paths.append(Path(args.gsm8k_test).expanduser())
     output_dir, previous = check_output_dir(Path(args.output_dir), input_paths)
+    drops = Drops()
+    records, inputs = load_records(specs, args.skip_bad_rows, drops)  # a bad file fails here, in a second
     tokenizer = load_tokenizer(args.tokenizer or args.base_model or "gpt2")
     template = resolve_template(args.template, tokenizer)
     reference, reference_info = gsm8k_test_reference(args, specs) if args.decontam_threshold > 0 else ([], {})
@@ -440,16 +452,11 @@ def prepare(args: argparse.Namespace) -> int:
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     key = cache_key(args, input_fingerprints(specs), tokenizer_hash, reference_info)
     if previous is not None and previous.get("key") == key and not args.force:
-        changed = changed_files(output_dir, previous["files"])
-        if not changed:
+        missing = missing_files(output_dir, previous["files"])
+        if not missing:  # check_output_dir found every present listed file intact
             print(f"{args.output_dir}: up to date (same inputs and flags); reusing it. Pass --force to redo.")
             return 0
-        print(
-            f"{args.output_dir}: {len(changed)} file(s) missing or changed (first: {changed[0]}); redoing it"
-        )
-
-    drops = Drops()
-    records, inputs = load_records(specs, args.skip_bad_rows, drops)
+        print(f"{args.output_dir}: {len(missing)} file(s) missing (first: {missing[0]}); redoing it")
     rows_in = {info["name"]: info["rows"] for info in inputs}
     source_index = {name: i for i, name in enumerate(names)}
     # Every cleaned row is tokenized on a worker thread while this one dedups and decontaminates: the
@@ -533,11 +540,7 @@ def prepare(args: argparse.Namespace) -> int:
         "config": {k: v for k, v in sorted(vars(args).items()) if k != "command"},
     }
 
-    try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.new-", dir=output_dir.parent))
-    except OSError as err:
-        raise UserError(f"--output_dir {args.output_dir}: cannot write there ({err.strerror})") from None
+    tmp = staging_dir(output_dir)
     try:
         manifest["splits"] = {
             split: write_documents(tmp / split, split_docs, args, pad_id, vocab_size, names)
