@@ -134,9 +134,12 @@ def check_output_dir(output_dir: Path, inputs: list[Path]) -> tuple[Path, dict |
         return out, None
     manifest = _read_manifest(out)
     if manifest is None or "files" not in manifest:
-        why = (
-            "no ds-sft manifest.json" if manifest is None else "its manifest lists no files (an older ds-sft)"
-        )
+        if manifest is None:
+            why = "no ds-sft manifest.json"
+        elif {"key", "sources", "splits"} <= manifest.keys():
+            why = "its manifest lists no files: an older ds-sft wrote it"
+        else:
+            why = "its manifest.json is not one ds-sft writes"
         raise UserError(
             f"{flag} holds files that prepare cannot prove it wrote ({why}); choose another --output_dir, "
             "or empty that folder yourself"
@@ -187,7 +190,7 @@ def _exchange(a: Path, b: Path) -> None:
 
 def remove_listed(folder: Path, files: dict[str, dict]) -> list[str]:
     """Delete the listed files that still hold their recorded bytes, the manifest, then the folders
-    left empty. Returns what remains under ``folder`` (relative paths; the folder is gone when none)."""
+    left empty. Returns the files that remain under ``folder`` (the folder is gone when none do)."""
     manifest = _plain_file(folder, MANIFEST)
     for name, record in files.items():
         path = _plain_file(folder, name) if is_safe_name(name) else None
@@ -198,7 +201,11 @@ def remove_listed(folder: Path, files: dict[str, dict]) -> list[str]:
     for root, _, _ in os.walk(folder, topdown=False):
         with contextlib.suppress(OSError):  # not empty: something there is not ours to delete
             os.rmdir(root)
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) if folder.exists() else []
+    if not folder.exists():
+        return []
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink() or not p.is_dir()
+    )
 
 
 def replace_output(new: Path, out: Path, old_files: dict[str, dict]) -> list[str]:
