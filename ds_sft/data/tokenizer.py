@@ -101,6 +101,12 @@ def load_tokenizer(spec: str):
         if found is None:
             raise UserError(f"tokenizer {spec!r} has no EOS token and none of {KNOWN_EOS}; use one that does")
         tokenizer.eos_token = found
+    # Register the special tokens in the backend as save_pretrained does; without this a tokenizer and
+    # its saved copy (DATA/tokenizer, RUN/final) split a literal "<|endoftext|>" in text differently.
+    from tokenizers import AddedToken
+
+    specials = [AddedToken(token, special=True, normalized=False) for token in tokenizer.all_special_tokens]
+    tokenizer.backend_tokenizer.add_special_tokens(specials)
     return tokenizer
 
 
