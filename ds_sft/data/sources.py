@@ -137,6 +137,23 @@ def parse_json(text: bytes) -> tuple[object, str | None, str, int | None]:
         return None, "malformed_json", f"unreadable JSON ({first_line(err)})", None
 
 
+# A \u escape of a UTF-16 surrogate: json.loads pairs them up, and leaves a lone one in the string,
+# where it is no text (UTF-8 cannot encode it). Only rows whose bytes hold one are checked for it.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def row_problem(row: object, may_hold_surrogates: bool) -> tuple[str, str] | None:
+    """Why a parsed JSON value cannot be a row: (drop reason, what is wrong), or None when it can."""
+    if not isinstance(row, dict):
+        return "not_an_object", f"expected a JSON object, got {JSON_TYPE_NAMES[type(row)]}"
+    if may_hold_surrogates:
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return "lone_surrogate", "a \\u escape holds half a UTF-16 surrogate pair, which is not text"
+    return None
+
+
 def _json_lines(path: Path, text: bytes, skip_bad_rows: bool, drops: Drops, source: str) -> list[dict]:
     """JSON Lines: one object per non-blank line. A bad line raises ``UserError("file:line: ...")``,
     or with ``--skip_bad_rows`` is counted as a drop by reason and left out."""
@@ -145,8 +162,8 @@ def _json_lines(path: Path, text: bytes, skip_bad_rows: bool, drops: Drops, sour
         if not raw.strip():
             continue
         row, reason, detail, _ = parse_json(raw)
-        if reason is None and not isinstance(row, dict):
-            reason, detail = "not_an_object", f"expected a JSON object, got {JSON_TYPE_NAMES[type(row)]}"
+        if reason is None:
+            reason, detail = row_problem(row, SURROGATE_ESCAPE.search(raw) is not None) or (None, "")
         if reason is None:
             rows.append(row)
         elif skip_bad_rows:
@@ -161,21 +178,21 @@ def _json_lines(path: Path, text: bytes, skip_bad_rows: bool, drops: Drops, sour
 
 def _json_array(path: Path, text: bytes, skip_bad_rows: bool, drops: Drops, source: str) -> list[dict]:
     """A JSON array of objects (Alpaca's layout). It parses as a whole or not at all; an element that
-    is not an object is refused, or with ``--skip_bad_rows`` counted and left out."""
+    cannot be a row (see :func:`row_problem`) is refused, or with ``--skip_bad_rows`` counted and left out."""
     rows, reason, detail, line = parse_json(text)
     if reason is not None:
         where = f"{path}:{line}" if line else str(path)
         raise UserError(f"{where}: {detail}; a JSON array is read as a whole, so fix the file")
-    objects = [row for row in rows if isinstance(row, dict)]
-    if len(objects) < len(rows):
-        if not skip_bad_rows:
-            first = next(i for i, row in enumerate(rows) if not isinstance(row, dict))
-            got = JSON_TYPE_NAMES[type(rows[first])]
-            raise UserError(
-                f"{path}: element {first} of the array is {got}, not a JSON object; "
-                "fix it or pass --skip_bad_rows to drop such elements"
-            )
-        drops.add(source, "not_an_object", len(rows) - len(objects))
+    may_hold_surrogates = SURROGATE_ESCAPE.search(text) is not None
+    objects = []
+    for i, row in enumerate(rows):
+        problem = row_problem(row, may_hold_surrogates)
+        if problem is None:
+            objects.append(row)
+        elif skip_bad_rows:
+            drops.add(source, problem[0])
+        else:
+            raise UserError(f"{path}: element {i} of the array: {problem[1]}; fix it or pass --skip_bad_rows")
     if not objects:
         raise UserError(f"{path}: no JSON objects in the array; check that it is the right file")
     return objects
