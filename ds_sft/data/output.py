@@ -130,8 +130,11 @@ def check_output_dir(output_dir: Path, inputs: list[Path]) -> tuple[Path, dict |
     for path in inputs:
         if Path(os.path.realpath(path)).is_relative_to(out):
             raise UserError(f"{flag} holds the input {path}; prepare replaces that folder: choose another")
-    if not out.exists() or not any(out.iterdir()):
-        return out, None
+    try:
+        if not out.exists() or not any(out.iterdir()):
+            return out, None
+    except OSError as err:
+        raise UserError(f"{flag} cannot be listed ({err.strerror}); pass a folder you can read") from None
     manifest = _read_manifest(out)
     if manifest is None or "files" not in manifest:
         if manifest is None:
