@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import stat
 from pathlib import Path
 
 from ds_sft.errors import UserError
@@ -89,3 +90,33 @@ def writable_dir(path: str | Path, flag: str) -> Path:
             "pass another folder"
         )
     return path
+
+
+_FILE_KINDS = [
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+]
+
+
+def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
+    """Refuse anything but a regular file (after symlinks), before it is opened, in one line.
+
+    Opening a FIFO blocks until a writer comes, ``/dev/zero`` never ends, and a directory named
+    ``x.json`` fails deep inside a reader: ``os.stat`` tells them apart without opening anything.
+    """
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        broken = " (a symlink to a missing file)" if path.is_symlink() else ""
+        raise UserError(f"{path}: no such file{broken}; pass the {what} file's path") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror}); pass a readable {what} file") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "a special file")
+        target = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
+        raise UserError(f"{path}: is {kind}{target}, not a regular file; pass the {what} file itself")
+    return info

@@ -4,7 +4,8 @@
         --dolly databricks-dolly-15k.jsonl --output_dir data_sft_enhanced --max_examples 80000
 
 Stages, in order (every dropped row is counted by source and reason in manifest.json):
-  load      json / jsonl / parquet through HF datasets (or a hub id); any one source alone is a valid run
+  load      json / jsonl (parsed here) / parquet, regular files only (or a hub id); any one source alone
+            is a valid run
   clean     NFC + whitespace normalization; Alpaca "<noinput>"-style inputs emptied; GSM8K calculator
             annotations <<48/2=24>> stripped (the final "#### N" line is kept); empty rows dropped
   dedup     exact and case/punctuation/whitespace-folded duplicates, across all sources
@@ -14,10 +15,13 @@ Stages, in order (every dropped row is counted by source and reason in manifest.
             a worker thread alongside dedup and decontam, and the rows they keep are then taken)
   mix       --mix weights upsample sources by whole epochs plus a seeded fraction; --max_examples caps
   pack      best-fit-decreasing into rows of --seq_len (or --no_pack: one padded row per example)
-  write     DIR/train, DIR/val (memmap shards), DIR/tokenizer, DIR/manifest.json, DIR/lengths.png
+  write     DIR/train, DIR/val (memmap shards), DIR/tokenizer, DIR/manifest.json, DIR/lengths.png, built
+            in a temporary sibling and swapped in atomically; of an old DIR only the files its manifest
+            lists are deleted, and a DIR holding anything else is refused before any work (data/output.py)
 
 With no source flag, the offline ../shared/data mix is used when present. Re-running with the same
-inputs and flags reuses DIR (the manifest holds a hash of both); --force redoes it.
+inputs and flags reuses DIR (the manifest holds a hash of both, and the size and sha256 of every file,
+checked before reuse); --force redoes it.
 Generic sources: --source NAME=PATH reads instruction/input/output, Dolly, GSM8K, prompt/completion or
 chat `messages` columns, found automatically, or mapped explicitly with
 --field_map NAME:instruction=COL,input=COL,response=COL (or NAME:messages=COL).
@@ -40,7 +44,7 @@ import numpy as np
 
 from ds_sft.errors import UserError
 
-FORMAT_VERSION = 1  # bump when the output layout or a cleaning rule changes: old outputs are then redone
+FORMAT_VERSION = 2  # bump when the output layout or a cleaning rule changes: old outputs are then redone
 
 DROP_REASON_TOO_LONG = {1: "longer_than_seq_len", 2: "prompt_fills_seq_len"}
 SHARED_FILES = {
@@ -174,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def collect_sources(args: argparse.Namespace) -> list:
     """The sources to read, in order: --alpaca, --gsm8k, --dolly, each --source, then shared ones."""
     from ds_sft.data.sources import HUB_IDS, SourceSpec, parse_field_map
-    from ds_sft.paths import shared_dir
+    from ds_sft.paths import require_regular_file, shared_dir
 
     field_maps = dict(parse_field_map(text) for text in args.field_map)
     specs = [SourceSpec(kind, kind, getattr(args, kind)) for kind in HUB_IDS if getattr(args, kind)]
@@ -200,6 +204,9 @@ def collect_sources(args: argparse.Namespace) -> list:
                 for kind, rel in SHARED_FILES.items()
                 if kind not in names
             ]
+    for spec in specs:
+        if spec.is_local:  # a FIFO, a device or a folder is refused here, before anything opens it
+            require_regular_file(Path(spec.location).expanduser(), f"{spec.name} data")
     if not specs:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise UserError(
@@ -214,9 +221,11 @@ def gsm8k_test_reference(args: argparse.Namespace, specs: list) -> tuple[list[st
     """GSM8K test texts (question + cleaned answer) to decontaminate against, and where they came from."""
     from ds_sft.data.clean import Drops, clean_records
     from ds_sft.data.sources import SourceSpec, load_source
-    from ds_sft.paths import shared_dir
+    from ds_sft.paths import require_regular_file, shared_dir
 
     candidates = [args.gsm8k_test] if args.gsm8k_test else []
+    if args.gsm8k_test:
+        require_regular_file(Path(args.gsm8k_test).expanduser(), "--gsm8k_test")
     shared = shared_dir()
     if shared is not None:
         candidates.append(str(shared / "data" / SHARED_GSM8K_TEST))
@@ -280,8 +289,13 @@ def split_val(
     return np.concatenate(train), np.concatenate(val)
 
 
-def mix_indices(source_ids: np.ndarray, names: list[str], weights: dict[str, float], args) -> np.ndarray:
-    """Document indices of the training mix: ``w`` copies of a source = floor(w) epochs + a seeded share."""
+def mix_indices(
+    source_ids: np.ndarray, names: list[str], weights: dict[str, float], args
+) -> tuple[np.ndarray, int]:
+    """Document indices of the training mix: ``w`` copies of a source = floor(w) epochs + a seeded share.
+
+    Returns (the indices, capped to ``--max_examples``; how many the mix held before the cap).
+    """
     chosen = []
     for sid, name in enumerate(names):
         members = np.flatnonzero(source_ids == sid)
@@ -297,7 +311,7 @@ def mix_indices(source_ids: np.ndarray, names: list[str], weights: dict[str, flo
         counts = np.floor(exact).astype(int)
         counts[np.argsort(counts - exact, kind="stable")[: args.max_examples - counts.sum()]] += 1
         chosen = [c[:n] for c, n in zip(chosen, counts, strict=True)]
-    return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+    return (np.concatenate(chosen) if chosen else np.zeros(0, np.int64)), total
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -334,14 +348,6 @@ def length_stats(lengths: np.ndarray) -> dict:
         "p95": round(float(p95), 1),
         "max": int(lengths.max()),
     }
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        if not (final / "manifest.json").is_file() and any(final.iterdir()):
-            raise UserError(f"{final} exists and is not a prepared data dir; choose another --output_dir")
-        shutil.rmtree(final)
-    tmp.rename(final)
 
 
 def load_records(specs: list, skip_bad_rows: bool, drops) -> tuple[list[dict], list[dict]]:
@@ -417,6 +423,14 @@ def run(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace) -> int:
     """The command's work (see the module docstring); :func:`run` calls it with the cyclic GC paused."""
     from ds_sft.data.clean import NGRAM, Drops
+    from ds_sft.data.output import (
+        MANIFEST,
+        check_output_dir,
+        list_files,
+        missing_files,
+        replace_output,
+        staging_dir,
+    )
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
     from ds_sft.data.tokenize import fit_to_length, tokenize_records
@@ -431,22 +445,24 @@ def prepare(args: argparse.Namespace) -> int:
     specs = collect_sources(args)
     names = [spec.name for spec in specs]
     weights = parse_mix(args.mix, names)
+    input_paths = [Path(spec.location).expanduser() for spec in specs if spec.is_local]
+    if args.gsm8k_test:
+        input_paths.append(Path(args.gsm8k_test).expanduser())
+    output_dir, previous = check_output_dir(Path(args.output_dir), input_paths)
+    drops = Drops()
+    records, inputs = load_records(specs, args.skip_bad_rows, drops)  # a bad file fails here, in a second
     tokenizer = load_tokenizer(args.tokenizer or args.base_model or "gpt2")
     template = resolve_template(args.template, tokenizer)
     reference, reference_info = gsm8k_test_reference(args, specs) if args.decontam_threshold > 0 else ([], {})
 
-    output_dir = Path(args.output_dir)
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     key = cache_key(args, input_fingerprints(specs), tokenizer_hash, reference_info)
-    manifest_path = output_dir / "manifest.json"
-    if manifest_path.is_file() and not args.force:
-        previous = json.loads(manifest_path.read_text())
-        if previous.get("key") == key:
-            print(f"{output_dir}: up to date (same inputs and flags); reusing it. Pass --force to redo.")
+    if previous is not None and previous.get("key") == key and not args.force:
+        missing = missing_files(output_dir, previous["files"])
+        if not missing:  # check_output_dir found every present listed file intact
+            print(f"{args.output_dir}: up to date (same inputs and flags); reusing it. Pass --force to redo.")
             return 0
-
-    drops = Drops()
-    records, inputs = load_records(specs, args.skip_bad_rows, drops)
+        print(f"{args.output_dir}: {len(missing)} file(s) missing (first: {missing[0]}); redoing it")
     rows_in = {info["name"]: info["rows"] for info in inputs}
     source_index = {name: i for i, name in enumerate(names)}
     # Every cleaned row is tokenized on a worker thread while this one dedups and decontaminates: the
@@ -470,24 +486,24 @@ def prepare(args: argparse.Namespace) -> int:
     n_train_kept = int(kept[:n_train].sum())
     train_docs = docs.select(np.arange(n_train_kept))
     val_docs = docs.select(np.arange(n_train_kept, len(docs)))
-    train_docs = train_docs.select(mix_indices(train_docs.source_ids, names, weights, args))
+    mixed, n_mixed = mix_indices(train_docs.source_ids, names, weights, args)
+    train_docs = train_docs.select(mixed)
     if not len(train_docs):
         raise UserError(f"no training examples left; rows dropped by reason: {drops.by_source()}")
+    short_note = None
+    if args.max_examples is not None and n_mixed < args.max_examples:
+        short_note = (
+            f"--max_examples {args.max_examples:,} is more than the {n_mixed:,} training examples left after "
+            "cleaning, dedup, decontamination, the val split and --mix: all of them are used"
+        )
+        print(f"note: {short_note}", file=sys.stderr)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vocab_size = len(tokenizer)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    splits = {
-        split: write_documents(tmp / split, split_docs, args, pad_id, vocab_size, names)
-        for split, split_docs in (("train", train_docs), ("val", val_docs))
-    }
-    tokenizer.save_pretrained(str(tmp / "tokenizer"))
-
     counts, token_lengths, raw_by_source = {}, {}, {}
     dropped = drops.by_source()
     record_sources = np.array([source_index[r["source"]] for r in all_records], dtype=np.int16)
+    train_after_mix = np.bincount(train_docs.source_ids, minlength=len(names))
     for i, name in enumerate(names):
         mine = record_sources == i
         counts[name] = {
@@ -495,7 +511,7 @@ def prepare(args: argparse.Namespace) -> int:
             "kept": int((kept & mine).sum()),
             "train": int((kept & mine & ~is_val).sum()),
             "val": int((kept & mine & is_val).sum()),
-            "train_after_mix": splits["train"]["documents_per_source"][name],
+            "train_after_mix": int(train_after_mix[i]),
             "weight": weights[name],
             "dropped": dropped.get(name, {}),
         }
@@ -521,13 +537,36 @@ def prepare(args: argparse.Namespace) -> int:
         "decontamination": {"ngram": NGRAM, "threshold": args.decontam_threshold, **reference_info},
         "counts": counts,
         "token_lengths": token_lengths,
-        "splits": splits,
+        "max_examples": {
+            "requested": args.max_examples,
+            "available": n_mixed,
+            "used": len(train_docs),
+            "note": short_note,
+        },
         "config": {k: v for k, v in sorted(vars(args).items()) if k != "command"},
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    plot_lengths(tmp / "lengths.png", raw_by_source, args.seq_len)
-    _replace_dir(tmp, output_dir)
-    print_summary(manifest, output_dir)
+
+    tmp = staging_dir(output_dir)
+    try:
+        manifest["splits"] = {
+            split: write_documents(tmp / split, split_docs, args, pad_id, vocab_size, names)
+            for split, split_docs in (("train", train_docs), ("val", val_docs))
+        }
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        plot_lengths(tmp / "lengths.png", raw_by_source, args.seq_len)
+        manifest["files"] = list_files(tmp)  # what a later run may delete, and checks before reusing
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a fresh folder of ours: nothing else is in it
+        raise
+    left = replace_output(tmp, output_dir, previous["files"] if previous else {})
+    print_summary(manifest, Path(args.output_dir))
+    if left:
+        print(
+            f"note: kept {len(left)} file(s) of the old output that changed since ds-sft wrote them or "
+            f"that it did not write (first: {left[0]}), in {tmp}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -14,22 +14,22 @@ A *schema* maps record fields to a file's columns. The known ones cover Alpaca
 files and chat ``messages`` lists. ``--source NAME=PATH`` picks the first schema whose required
 columns the file has, or uses an explicit ``--field_map``.
 
-Files are read through HF ``datasets`` (json / jsonl / parquet by extension). When Arrow refuses a
-JSON file, it is re-read line by line to name the bad line, because Arrow's own parse error names
-neither; ``--skip_bad_rows`` then counts and leaves out the bad lines instead.
+Local files are read by extension: JSON and JSON Lines with Python's own parser (every refusal names
+the file and the line; ``--skip_bad_rows`` counts and leaves out bad lines instead), parquet with
+pyarrow. Only regular files are opened. Hub ids go through HF ``datasets``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_sft.data.clean import Drops
 from ds_sft.errors import UserError, first_line
-from ds_sft.paths import sha256_file
+from ds_sft.paths import require_regular_file, sha256_file
 
 # record field -> column; "instruction" and "response" are required, the rest optional.
 SCHEMAS: dict[str, dict[str, str]] = {
@@ -112,99 +112,130 @@ def parse_field_map(text: str) -> tuple[str, dict[str, str]]:
 
 # --- reading a file --------------------------------------------------------------------------------
 
+UTF8_BOM = b"\xef\xbb\xbf"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+JSON_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+                   str: "a string", list: "an array"}  # fmt: skip
 
-def _valid_json_lines(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> list[bytes] | None:
-    """Check a JSON Lines file line by line: ``None`` when every line is a JSON object, else the good lines.
 
-    A bad line raises ``UserError("file:line: ...")`` or, with ``--skip_bad_rows``, is counted as a
-    drop by reason (malformed_json, non_utf8, not_an_object) and left out.
+def parse_json(text: bytes) -> tuple[object, str | None, str, int | None]:
+    """One JSON text -> (value, None, "", None), or (None, drop reason, what is wrong, line) when bad.
+
+    Every way Python's parser can refuse bytes is a reason here: not UTF-8, malformed, nested past
+    the interpreter's recursion limit, an integer of more digits than ``int()`` converts.
     """
-    good: list[bytes] = []
-    bad = 0
-    with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            reason, detail = None, ""
-            try:
-                row = json.loads(raw.decode("utf-8"))
-                if not isinstance(row, dict):
-                    reason, detail = "not_an_object", f"expected a JSON object, got {type(row).__name__}"
-            except UnicodeDecodeError as err:
-                reason, detail = "non_utf8", f"not UTF-8 ({err.reason} at byte {err.start})"
-            except json.JSONDecodeError as err:
-                reason, detail = "malformed_json", f"malformed JSON ({err.msg}, column {err.colno})"
-            if reason is None:
-                good.append(raw if raw.endswith(b"\n") else raw + b"\n")
-                continue
-            if not skip_bad_rows:
-                raise UserError(f"{path}:{lineno}: {detail}; fix the line or pass --skip_bad_rows to drop it")
-            drops.add(source, reason)
-            bad += 1
-    if not good:
-        raise UserError(f"{path}: no valid JSON rows; check that it is the right file")
-    return good if bad else None
-
-
-def _check_json_document(path: Path, text: bytes) -> None:
-    """A JSON document (e.g. Alpaca's array) must parse as a whole; name the line where it does not."""
     try:
-        json.loads(text.decode("utf-8"))
+        return json.loads(text.decode("utf-8")), None, "", None
     except UnicodeDecodeError as err:
         line = text[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 ({err.reason}); re-encode the file as UTF-8") from None
+        return None, "non_utf8", f"not UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8", line
+    except RecursionError:
+        return None, "nested_too_deeply", f"JSON nested over ~{sys.getrecursionlimit()} levels deep", None
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+        return None, "malformed_json", f"malformed JSON ({err.msg}, column {err.colno})", err.lineno
+    except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        return None, "malformed_json", f"unreadable JSON ({first_line(err)})", None
 
 
-def _load_with_datasets(builder: str, path: Path, **kwargs) -> dict[str, list]:
-    import datasets
+# A \u escape of a UTF-16 surrogate: json.loads pairs them up, and leaves a lone one in the string,
+# where it is no text (UTF-8 cannot encode it). Only rows whose bytes hold one are checked for it.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
-    datasets.disable_progress_bars()
+
+def row_problem(row: object, may_hold_surrogates: bool) -> tuple[str, str] | None:
+    """Why a parsed JSON value cannot be a row: (drop reason, what is wrong), or None when it can."""
+    if not isinstance(row, dict):
+        return "not_an_object", f"expected a JSON object, got {JSON_TYPE_NAMES[type(row)]}"
+    if may_hold_surrogates:
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return "lone_surrogate", "a \\u escape holds half a UTF-16 surrogate pair, which is not text"
+    return None
+
+
+def _json_lines(path: Path, text: bytes, skip_bad_rows: bool, drops: Drops, source: str) -> list[dict]:
+    """JSON Lines: one object per non-blank line. A bad line raises ``UserError("file:line: ...")``,
+    or with ``--skip_bad_rows`` is counted as a drop by reason and left out."""
+    rows = []
+    for lineno, raw in enumerate(text.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        row, reason, detail, _ = parse_json(raw)
+        if reason is None:
+            reason, detail = row_problem(row, SURROGATE_ESCAPE.search(raw) is not None) or (None, "")
+        if reason is None:
+            rows.append(row)
+        elif skip_bad_rows:
+            drops.add(source, reason)
+        else:
+            raise UserError(f"{path}:{lineno}: {detail}; fix the line or pass --skip_bad_rows to drop it")
+    if not rows:
+        bad = ", ".join(f"{n} {reason}" for reason, n in drops.by_source().get(source, {}).items())
+        raise UserError(f"{path}: no valid JSON rows (dropped: {bad}); check that it is the right file")
+    return rows
+
+
+def _json_array(path: Path, text: bytes, skip_bad_rows: bool, drops: Drops, source: str) -> list[dict]:
+    """A JSON array of objects (Alpaca's layout). It parses as a whole or not at all; an element that
+    cannot be a row (see :func:`row_problem`) is refused, or with ``--skip_bad_rows`` counted and left out."""
+    rows, reason, detail, line = parse_json(text)
+    if reason is not None:
+        where = f"{path}:{line}" if line else str(path)
+        raise UserError(f"{where}: {detail}; a JSON array is read as a whole, so fix the file")
+    may_hold_surrogates = SURROGATE_ESCAPE.search(text) is not None
+    objects = []
+    for i, row in enumerate(rows):
+        problem = row_problem(row, may_hold_surrogates)
+        if problem is None:
+            objects.append(row)
+        elif skip_bad_rows:
+            drops.add(source, problem[0])
+        else:
+            raise UserError(f"{path}: element {i} of the array: {problem[1]}; fix it or pass --skip_bad_rows")
+    if not objects:
+        raise UserError(f"{path}: no JSON objects in the array; check that it is the right file")
+    return objects
+
+
+def _read_parquet(path: Path) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
     try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    except Exception as err:  # Arrow and datasets raise many types; the user needs the file and the cause
-        raise UserError(f"{path}: could not be read as {builder}: {first_line(err)}") from None
+        table = pq.read_table(str(path))
+    except Exception as err:  # Arrow raises many types; the user needs the file and the cause
+        raise UserError(f"{path}: could not be read as parquet: {first_line(err)}") from None
     if table.num_rows == 0:
         raise UserError(f"{path}: the file has no rows")
-    return table.to_dict()
+    return table.to_pydict()
 
 
 def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> dict[str, list]:
-    """Read a json / jsonl / parquet file through ``datasets`` into columns (name -> list of values).
+    """Read a .json / .jsonl / .parquet file into columns (name -> list of values, None where absent).
 
-    When Arrow refuses JSON text, the file is checked line by line to name the bad line (or, with
-    ``skip_bad_rows``, to count and leave out the bad lines). A ``.json`` file starting with ``{`` is
-    JSON Lines (as ``datasets`` treats it too).
+    JSON is parsed here, not by Arrow: Arrow's reader crashes the process on a file holding only
+    ``null`` (pyarrow 26 segfaults) and its errors name neither the line nor the cause. A ``.json``
+    file starting with ``[`` is an array of objects; any other .json or .jsonl file is JSON Lines.
+    Only a regular file is opened, and no more than the size ``stat`` gave is read.
     """
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    builder = EXTENSIONS.get(path.suffix.lower())
-    if builder is None:
+    size = require_regular_file(path).st_size
+    if path.suffix.lower() not in EXTENSIONS:
         raise UserError(f"{path}: unknown extension {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: the file is empty")
-    if builder == "parquet":
-        return _load_with_datasets(builder, path)
-    text = path.read_bytes()
+    if EXTENSIONS[path.suffix.lower()] == "parquet":
+        return _read_parquet(path)
+    with path.open("rb") as handle:
+        text = handle.read(size)
+    if text.startswith(UTF16_BOMS):
+        raise UserError(
+            f"{path}: UTF-16 text (it opens with a UTF-16 byte-order mark); re-encode it as UTF-8"
+        )
+    text = text.removeprefix(UTF8_BOM)
     if not text.strip():
         raise UserError(f"{path}: the file is empty")
-    try:
-        return _load_with_datasets(builder, path)
-    except UserError:
-        # Arrow's parse errors name neither the line nor the cause: find them (only on failure, so a
-        # clean file is parsed once, by Arrow)
-        if path.suffix.lower() == ".json" and text.lstrip()[:1] != b"{":
-            _check_json_document(path, text)
-            raise  # valid JSON that Arrow still refuses: its own message is the best there is
-        good_lines = _valid_json_lines(path, skip_bad_rows, drops, source)
-        if good_lines is None:
-            raise
-    # load just the good lines, from a temporary copy whose datasets cache goes away with it
-    with tempfile.TemporaryDirectory(prefix="ds_sft_rows_") as tmp:
-        cleaned = Path(tmp) / path.name
-        cleaned.write_bytes(b"".join(good_lines))
-        return _load_with_datasets(builder, cleaned, cache_dir=str(Path(tmp) / "cache"))
+    is_array = path.suffix.lower() == ".json" and text.lstrip()[:1] == b"["
+    rows = (_json_array if is_array else _json_lines)(path, text, skip_bad_rows, drops, source)
+    names = dict.fromkeys(name for row in rows for name in row)  # every column, in first-seen order
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def read_hub(spec: SourceSpec, split: str = "train") -> dict[str, list]:

@@ -26,12 +26,17 @@ from ds_sft.errors import UserError, first_line
 KNOWN_EOS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>")
 # Bare weights (a nanoGPT-style base .pt, a ds-sft checkpoint) carry no tokenizer: those models use GPT-2's.
 WEIGHT_FILES = (".pt", ".bin", ".safetensors")
+# The parts of a tokenizer.json that decide which ids a text becomes (padding/truncation do not).
+ID_DEFINING_PARTS = ("model", "normalizer", "pre_tokenizer", "post_processor", "decoder")
 
 
 def _from_file(tokenizer_file: Path):
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+    except Exception as err:  # the tokenizers library raises plain Exceptions for a malformed file
+        raise UserError(f"{tokenizer_file}: not a tokenizer.json ({first_line(err)})") from None
 
 
 def _from_pretrained(directory: Path, **kwargs):
@@ -78,6 +83,8 @@ def _load(spec: str):
         return _gpt2()
     if path.is_dir():
         return _from_pretrained(path)
+    if path.suffix in (".gguf", ".json"):  # a FIFO or a device would hang or crash the reader
+        paths.require_regular_file(path, "tokenizer")
     if path.suffix == ".gguf":
         return _from_pretrained(path.parent, gguf_file=path.name)
     if path.suffix == ".json":
@@ -94,13 +101,34 @@ def load_tokenizer(spec: str):
         if found is None:
             raise UserError(f"tokenizer {spec!r} has no EOS token and none of {KNOWN_EOS}; use one that does")
         tokenizer.eos_token = found
+    # Register the special tokens in the backend as save_pretrained does; without this a tokenizer and
+    # its saved copy (DATA/tokenizer, RUN/final) split a literal "<|endoftext|>" in text differently.
+    from tokenizers import AddedToken
+
+    specials = [AddedToken(token, special=True, normalized=False) for token in tokenizer.all_special_tokens]
+    tokenizer.backend_tokenizer.add_special_tokens(specials)
     return tokenizer
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's full JSON (vocab, merges, special tokens), EOS and chat template."""
-    import hashlib
+    """sha256 of what decides the ids: the model (vocab, merges), normalizer, pre-tokenizer, post-processor,
+    decoder, the added and special tokens with their ids, EOS and the chat template.
 
-    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(f"{tokenizer.eos_token}\x00{tokenizer.chat_template or ''}".encode())
-    return digest.hexdigest()
+    Canonical, so a tokenizer and its ``save_pretrained`` copy (the one in a prepared DATA dir or a
+    run's ``final/``) hash the same: saving writes the EOS into ``added_tokens`` and drops padding
+    and truncation settings, neither of which changes an id. Recorded as the manifest's
+    ``tokenizer.sha256``.
+    """
+    import hashlib
+    import json
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    added = {(t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens", [])}
+    special = {(tokenizer.convert_tokens_to_ids(t), t, True) for t in tokenizer.all_special_tokens}
+    canonical = {
+        **{key: spec.get(key) for key in ID_DEFINING_PARTS},
+        "added_tokens": sorted(added | special),
+        "eos_token": tokenizer.eos_token,
+        "chat_template": tokenizer.chat_template or "",
+    }
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()

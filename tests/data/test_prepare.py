@@ -110,6 +110,20 @@ def test_no_pack_mix_and_max_examples(run_prepare, sources, tmp_path):
     assert per_source == {"alpaca": 28, "gsm8k": 45}  # both halved
 
 
+def test_max_examples_above_the_data_is_said_and_recorded(run_prepare, sources, tmp_path, capsys):
+    """Issue 16: the seed's --max_examples 80000 against fewer rows is one note, and in the manifest."""
+    manifest = run_prepare([*base_flags(sources, tmp_path / "m"), "--max_examples", "80000"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--max_examples" in line]
+    assert notes == [
+        "note: --max_examples 80,000 is more than the 92 training examples left after cleaning, dedup, "
+        "decontamination, the val split and --mix: all of them are used"
+    ]
+    assert manifest["max_examples"] == {"requested": 80000, "available": 92, "used": 92, "note": notes[0][6:]}
+    capped = run_prepare([*base_flags(sources, tmp_path / "c"), "--max_examples", "50"])
+    assert capped["max_examples"] == {"requested": 50, "available": 92, "used": 50, "note": None}
+    assert "--max_examples" not in capsys.readouterr().err
+
+
 def test_too_long_rows_counted_or_truncated(run_prepare, sources, tmp_path):
     long_rows = alpaca_rows(4) + [{"instruction": "Tell a long story.", "input": "", "output": "word " * 800}]
     path = write_jsonl(tmp_path / "long.jsonl", long_rows)

@@ -24,6 +24,29 @@ def test_saved_dir_and_data_dir_round_trip(tiny_tokenizer, tmp_path):
         assert again("Hello world")["input_ids"] == tiny_tokenizer("Hello world")["input_ids"]
 
 
+def test_fingerprint_survives_save_pretrained(shared, tmp_path):
+    """GPT-2's own files lack EOS in added_tokens and its saved copy has it: the ids, and the hash, agree."""
+    gpt2 = load_tokenizer("gpt2")
+    gpt2.save_pretrained(str(tmp_path / "tokenizer"))
+    again = load_tokenizer(str(tmp_path))
+    assert tokenizer_fingerprint(again) == tokenizer_fingerprint(gpt2)
+    text = "Hello <|endoftext|> world"
+    assert again(text)["input_ids"] == gpt2(text)["input_ids"]
+
+
+def test_fingerprint_tells_tokenizers_of_one_vocab_size_apart(tiny_tokenizer, tmp_path):
+    """Class 5's case: another tokenizer of the same size (two merges swapped) hashes differently."""
+    import json
+
+    spec = json.loads(tiny_tokenizer.backend_tokenizer.to_str())
+    merges = spec["model"]["merges"]
+    merges[0], merges[1] = merges[1], merges[0]
+    (tmp_path / "other.json").write_text(json.dumps(spec))
+    other = load_tokenizer(str(tmp_path / "other.json"))
+    assert len(other) == len(tiny_tokenizer)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tiny_tokenizer)
+
+
 def test_gpt2_and_bare_weights_fall_back_to_gpt2(shared, tmp_path, capsys):
     gpt2 = load_tokenizer("gpt2")
     assert gpt2.backend_tokenizer.encode("Hello world").ids == [15496, 995]

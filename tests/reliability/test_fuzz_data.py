@@ -2,27 +2,36 @@
 
 Hypothesis writes instruction files full of what real scraped data holds: nulls, numbers, NaN,
 nested objects, control characters, lone UTF-16 surrogates (half an emoji), huge strings, duplicate
-keys, invalid UTF-8 bytes, non-object lines, a byte-order mark, a file cut off mid-row. Each file
-goes through the front half of ``prepare`` (read -> records -> clean -> dedup -> template ->
-tokenize), and two properties must hold:
+keys, invalid UTF-8 bytes at any place, non-object lines, a file that is only ``null`` or another
+scalar, nesting past the parser's recursion limit, integers longer than ``int()`` converts, UTF-8 and
+UTF-16 byte-order marks, a file cut off mid-row. Each file goes through the front half of
+``prepare`` (read -> records -> clean -> dedup -> template -> tokenize), and two properties must hold:
 
 - the only exception that may escape is :class:`UserError`, in one line (a traceback is a bug);
 - every row is accounted for: ``rows_in == kept + dropped (by reason)``, where ``rows_in`` is counted
   here from the bytes written (non-blank lines, or the array's length), not taken from the code
   under test.
 
-Example counts are modest (each example reads a file through ``datasets``), so this stays a
-few-second test; raise ``max_examples`` locally to hunt harder.
+Then the whole command, ``python -m ds_sft.cli prepare`` in a subprocess, over a matrix of the
+files that crashed or hung it (SIGSEGV on ``null``, UnicodeDecodeError tracebacks, RecursionError, a
+FIFO, ``/dev/zero``, a folder named ``x.json``, symlinks to them): exit 2, stderr exactly one line
+naming the file, no traceback, no hang, and no output folder written.
+
+Example counts are modest, so this stays a few-second test; ``make fuzz`` hunts harder.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from ds_sft.data.clean import Drops, clean_records, dedup, normalize_text
@@ -38,6 +47,8 @@ COLUMNS = ["instruction", "input", "output", "context", "response", "category", 
 NASTY = ["\x00", "\x1b[31m", "\u202e", "\ufeff", "\r\n", "\r", "\u2028", "\x85", "\ud83d", "\udc00",
          "{instruction}", "{0}", "%s", "### Response:", "<|endoftext|>", "<<48/2=24>>", "\n#### 42",
          "<noinput>", "   ", "\t\t"]  # fmt: skip
+
+BOMS = [b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff"]  # UTF-8, UTF-16 LE, UTF-16 BE
 
 texts = st.one_of(
     st.text(max_size=40),
@@ -79,7 +90,8 @@ def instruction_files(draw) -> tuple[str, bytes, int]:
     lines = [_utf8(line) for line in dumps]
     for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2, 3]))):
         at = draw(st.integers(0, len(lines) - 1))
-        kind = draw(st.sampled_from(["invalid_utf8", "duplicate_key", "not_object", "blank", "garbage"]))
+        kind = draw(st.sampled_from(["invalid_utf8", "duplicate_key", "not_object", "blank", "garbage",
+                                     "deep", "huge_int"]))  # fmt: skip
         if kind == "invalid_utf8":
             cut = draw(st.integers(0, len(lines[at])))
             bad = draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"]))
@@ -90,16 +102,24 @@ def instruction_files(draw) -> tuple[str, bytes, int]:
             lines[at] = b"{" + _utf8(f"{json.dumps(key)}: {value}, ") + lines[at][1:]
         elif kind == "not_object":
             lines[at] = draw(st.sampled_from([b"[1, 2]", b"42", b'"text"', b"null"]))
+        elif kind == "deep":  # past the parser's recursion limit, as a value or as the whole line
+            depth = draw(st.sampled_from([900, 5_000, 100_000]))
+            nested = b"[" * depth + b"]" * depth
+            lines[at] = draw(st.sampled_from([nested, b'{"instruction": ' + nested + b', "output": "x"}']))
+        elif kind == "huge_int":  # int() refuses over 4,300 digits: a ValueError, not a JSONDecodeError
+            lines[at] = b'{"instruction": ' + b"7" * 5_000 + b', "output": "x"}'
         elif kind == "garbage":
             lines[at] = lines[at][: draw(st.integers(0, len(lines[at])))]  # a row cut short
         else:
             lines.insert(at, b"   ")
     data = b"\n".join(lines) + draw(st.sampled_from([b"\n", b""]))
-    if draw(st.integers(0, 5)) == 0:
-        data = b"\xef\xbb\xbf" + data
+    if draw(st.integers(0, 9)) == 0:  # the whole file one JSON scalar: pyarrow segfaulted on "null"
+        data = draw(st.sampled_from([b"null", b"null\n", b"42", b'"text"', b"true", b"[]", b"{}"]))
+    if draw(st.integers(0, 4)) == 0:
+        data = draw(st.sampled_from(BOMS)) + data
     if draw(st.integers(0, 7)) == 0:
         data = data[: draw(st.integers(1, len(data)))]  # the whole file cut off mid-write
-    n_rows = sum(1 for line in data.split(b"\n") if line.strip())
+    n_rows = sum(1 for line in data.removeprefix(BOMS[0]).split(b"\n") if line.strip())
     return (".jsonl" if layout == "jsonl" else ".json"), data, n_rows
 
 
@@ -115,7 +135,34 @@ def tokenizer(gpt2_tokenizer_dir):
     return load_tokenizer(str(gpt2_tokenizer_dir))
 
 
+# Files that crashed the reader before it parsed JSON itself (pyarrow / datasets), one per class
+OK_LINE = b'{"instruction": "ok", "output": "x"}\n'
+NULL_FILE = (".json", b"null", 1)  # pyarrow 26's read_json: SIGSEGV
+LONE_SURROGATE = (".jsonl", OK_LINE * 2 + b'{"instruction": "x", "output": "y", "input": "\\ud83d"}\n', 3)
+REGRESSIONS = [
+    NULL_FILE,
+    (".jsonl", b"null\nnull\n", 2),
+    (".json", BOMS[0] + b'[{"instruction": "caf\xe9", "output": "x"}]', 1),  # UnicodeDecodeError
+    (".jsonl", OK_LINE + b'{"instruction": "a\xff", "output": "b"}\n', 2),
+    (".jsonl", OK_LINE + b"[" * 100_000 + b"]" * 100_000 + b"\n", 2),  # RecursionError
+    (".jsonl", OK_LINE + b'{"instruction": ' + b"7" * 5_000 + b"}\n", 2),  # int() digit limit
+    (".json", '[{"instruction": "a", "output": "b"}]'.encode("utf-16"), 1),
+    (".json", b'[{"instruction": "a", "output": "b"}, 42, null]', 3),
+    LONE_SURROGATE,
+    (".json", b'[{"instruction": "a", "output": "b"}, {"instruction": "\\udc00", "output": "b"}]', 2),
+]
+
+
+def with_regressions(test):
+    """Replay every regression file, with and without --skip_bad_rows, before any generated one."""
+    for file in REGRESSIONS:
+        for skip in (False, True):
+            test = example(file=file, kind="alpaca", skip_bad_rows=skip)(test)
+    return test
+
+
 @FUZZ
+@with_regressions
 @given(
     file=instruction_files(),
     kind=st.sampled_from(["alpaca", "dolly", "gsm8k", "generic"]),
@@ -166,6 +213,8 @@ def test_alpaca_template_keeps_every_character(instruction, extra, history):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(file=NULL_FILE, skip_bad_rows=False)  # killed the whole command with SIGSEGV
+@example(file=LONE_SURROGATE, skip_bad_rows=False)  # UnicodeEncodeError in dedup, once JSON was parsed here
 @given(file=instruction_files(), skip_bad_rows=st.booleans())
 def test_prepare_manifest_accounts_for_every_row(gpt2_tokenizer_dir, file, skip_bad_rows):
     """The whole ``ds-sft prepare`` command: exit 0 with a manifest whose counts add up, or exit 2."""
@@ -195,3 +244,78 @@ def test_prepare_manifest_accounts_for_every_row(gpt2_tokenizer_dir, file, skip_
     if not is_array:
         assert counts["rows_in"] == n_rows
     assert counts["rows_in"] == counts["kept"] + sum(counts["dropped"].values()), counts
+
+
+# --- the command end to end, in a subprocess: a crash, a hang or a traceback cannot hide ----------
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONTENT = {  # file name -> bytes; each is run with and without --skip_bad_rows
+    "null.json": b"null",
+    "null.jsonl": b"null\n",
+    "scalar.json": b"42",
+    "empty_array.json": b"[]",
+    "bad_utf8.json": b'[{"instruction": "caf\xe9", "output": "x"}]',
+    "bad_utf8_bom.json": BOMS[0] + b'[{"instruction": "caf\xe9", "output": "x"}]',
+    "bad_utf8.jsonl": b'{"instruction": "a\xff", "output": "b"}\n',
+    "bad_utf8_bom.jsonl": BOMS[0] + b'{"instruction": "a\xff", "output": "b"}\n',
+    "deep.json": b"[" * 100_000 + b"]" * 100_000,
+    "deep.jsonl": b'{"instruction": ' + b"[" * 100_000 + b"]" * 100_000 + b', "output": "x"}\n',
+    "huge_int.jsonl": b'{"instruction": ' + b"7" * 5_000 + b', "output": "x"}\n',
+    "utf16.json": '[{"instruction": "a", "output": "b"}]'.encode("utf-16"),
+}
+SPECIAL = ["dir.json", "fifo.jsonl", "/dev/null", "/dev/zero", "link_to_zero.json", "link_to_fifo.jsonl",
+           "link_to_dir.json", "broken_link.json"]  # fmt: skip
+MATRIX = [(name, skip) for name in CONTENT for skip in (False, True)] + [(name, False) for name in SPECIAL]
+
+
+def make_input(root: Path, name: str) -> Path:
+    if name.startswith("/dev/"):
+        return Path(name)
+    path = root / name
+    if name in CONTENT:
+        path.write_bytes(CONTENT[name])
+    elif name == "dir.json":
+        path.mkdir()
+    elif name == "fifo.jsonl":
+        os.mkfifo(path)
+    elif name == "link_to_zero.json":
+        path.symlink_to("/dev/zero")
+    elif name == "link_to_fifo.jsonl":
+        path.symlink_to(make_input(root, "fifo.jsonl"))
+    elif name == "link_to_dir.json":
+        path.symlink_to(make_input(root, "dir.json"))
+    else:
+        path.symlink_to(root / "gone.json")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> dict:
+    """Every case of MATRIX through ``python -m ds_sft.cli prepare``, four at a time (each ~0.3 s of CPU)."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
+
+    def run(case):
+        name, skip = case
+        root = tmp_path_factory.mktemp("cli")
+        path = make_input(root, name)
+        argv = [sys.executable, "-m", "ds_sft.cli", "prepare", "--source", f"fuzz={path}",
+                "--output_dir", str(root / "out")] + (["--skip_bad_rows"] if skip else [])  # fmt: skip
+        try:
+            done = subprocess.run(argv, capture_output=True, env=env, timeout=120)
+        except subprocess.TimeoutExpired:
+            return path, root, None, "hung for 120 s"
+        return path, root, done.returncode, done.stderr.decode(errors="replace")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(MATRIX, pool.map(run, MATRIX), strict=True))
+
+
+@pytest.mark.parametrize(("name", "skip_bad_rows"), MATRIX)
+def test_cli_refuses_malformed_and_special_files_in_one_line(cli_runs, name, skip_bad_rows):
+    path, root, code, stderr = cli_runs[(name, skip_bad_rows)]
+    lines = stderr.strip().splitlines()
+    assert code == 2 and "Traceback" not in stderr, f"exit {code}: {stderr[-1500:]}"
+    assert len(lines) == 1 and lines[0].startswith("ds-sft prepare: error: "), stderr
+    assert str(path) in lines[0], f"the error does not name {path}: {lines[0]}"
+    assert not (root / "out").exists() and not list(root.glob(".out.new-*")), "an output was left behind"

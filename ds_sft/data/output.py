@@ -1,0 +1,224 @@
+"""The output folder of ``prepare``: what it may replace, and how, without losing a byte it did not write.
+
+``prepare`` writes a whole folder (manifest.json, train/, val/, tokenizer/, lengths.png), and its
+manifest lists every other file in it with size and sha256 (``files``). That list is the only thing
+ds-sft ever deletes:
+
+- :func:`check_output_dir`, before any work, refuses a path that is a file (or lies under one), the
+  current folder or a folder above it, a folder holding an input, a folder holding anything its
+  manifest does not list (a README, a ``src/`` tree, a symlink) or a listed file whose bytes changed
+  (ds-sft cannot tell it from a user's), and a folder with no ds-sft manifest at all;
+- the new output is written into a fresh temporary sibling and swapped in by one atomic rename
+  (:func:`replace_output`; Linux ``renameat2(RENAME_EXCHANGE)``, two renames where that is missing);
+- the old output is then removed file by file (:func:`remove_listed`): only paths its manifest
+  lists, only while they still hold the recorded bytes, never through a symlink or outside the
+  folder. Anything else (say, a file someone added meanwhile) is left where it is, and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from ds_sft.errors import UserError
+from ds_sft.paths import sha256_file
+
+MANIFEST = "manifest.json"
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
+
+
+def file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def list_files(folder: Path) -> dict[str, dict]:
+    """``{relative path: {bytes, sha256}}`` of every file under ``folder`` but its manifest."""
+    files = (path for path in sorted(folder.rglob("*")) if path.is_file())
+    return {p.relative_to(folder).as_posix(): file_record(p) for p in files if p != folder / MANIFEST}
+
+
+def is_safe_name(name: object) -> bool:
+    """A listed name is a plain relative path that stays inside the folder: no ``..``, no ``/x``."""
+    return (
+        isinstance(name, str)
+        and name != MANIFEST
+        and "\x00" not in name
+        and not name.startswith("/")
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    )
+
+
+def _plain_file(folder: Path, name: str) -> Path | None:
+    """``folder/name`` when it is a regular file reached through real folders only, else None."""
+    path = folder
+    for part in name.split("/"):
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return None
+        if stat.S_ISLNK(mode):
+            return None
+    return path if stat.S_ISREG(mode) else None
+
+
+def missing_files(folder: Path, files: dict[str, dict]) -> list[str]:
+    """The listed files that are gone (a deleted shard: the output is then not up to date)."""
+    return [name for name in files if _plain_file(folder, name) is None]
+
+
+def altered_files(folder: Path, files: dict[str, dict]) -> list[str]:
+    """The listed files present with other bytes than recorded: ds-sft cannot tell them from a user's."""
+    altered = []
+    for name, record in files.items():
+        path = _plain_file(folder, name)
+        if path is not None and (path.stat().st_size != record.get("bytes") or file_record(path) != record):
+            altered.append(name)
+    return altered
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    """The folder's manifest when it is a regular file holding a JSON object, else None."""
+    path = _plain_file(folder, MANIFEST)
+    if path is None:
+        return None
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _foreign_entries(folder: Path, files: dict[str, dict]) -> list[str]:
+    """Everything under ``folder`` that is not a listed regular file, its manifest or a folder of them."""
+    listed_dirs = {"/".join(name.split("/")[:i]) for name in files for i in range(1, name.count("/") + 1)}
+    foreign = []
+    for root, dirnames, filenames in os.walk(folder):  # never descends into a symlinked folder
+        for entry in sorted(dirnames + filenames):
+            path = Path(root) / entry
+            name = path.relative_to(folder).as_posix()
+            mode = os.lstat(path).st_mode
+            expected = listed_dirs if stat.S_ISDIR(mode) else {*files, MANIFEST}
+            if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)) or name not in expected:
+                foreign.append(name)
+        dirnames[:] = [d for d in dirnames if (Path(root) / d).relative_to(folder).as_posix() in listed_dirs]
+    return foreign
+
+
+def check_output_dir(output_dir: Path, inputs: list[Path]) -> tuple[Path, dict | None]:
+    """Refuse, before any work, an ``--output_dir`` that prepare could not replace without loss.
+
+    Returns (the folder with symlinks resolved, the manifest of the ds-sft output already there or
+    None); a returned manifest's ``files`` names are all safe (:func:`is_safe_name`).
+    """
+    flag = f"--output_dir {output_dir}"
+    out = Path(os.path.realpath(output_dir))
+    existing = next(p for p in (out, *out.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        where = "" if existing == out else f" ({existing} is a file)"
+        raise UserError(f"{flag} is not a folder{where}; pass a folder path, e.g. --output_dir data_sft")
+    if Path.cwd().resolve().is_relative_to(out):
+        raise UserError(
+            f"{flag} is the current folder or holds it; prepare replaces its output folder as a whole, "
+            "so name a new one, e.g. --output_dir data_sft"
+        )
+    for path in inputs:
+        if Path(os.path.realpath(path)).is_relative_to(out):
+            raise UserError(f"{flag} holds the input {path}; prepare replaces that folder: choose another")
+    try:
+        if not out.exists() or not any(out.iterdir()):
+            return out, None
+    except OSError as err:
+        raise UserError(f"{flag} cannot be listed ({err.strerror}); pass a folder you can read") from None
+    manifest = _read_manifest(out)
+    if manifest is None or "files" not in manifest:
+        if manifest is None:
+            why = "no ds-sft manifest.json"
+        elif {"key", "sources", "splits"} <= manifest.keys():
+            why = "its manifest lists no files: an older ds-sft wrote it"
+        else:
+            why = "its manifest.json is not one ds-sft writes"
+        raise UserError(
+            f"{flag} holds files that prepare cannot prove it wrote ({why}); choose another --output_dir, "
+            "or empty that folder yourself"
+        )
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(
+        is_safe_name(n) and isinstance(r, dict) for n, r in files.items()
+    ):
+        raise UserError(
+            f"{flag}: its manifest.json lists paths outside the folder or malformed entries, so it is not "
+            "one ds-sft wrote; choose another --output_dir"
+        )
+    foreign = _foreign_entries(out, files) or altered_files(out, files)
+    if foreign:
+        raise UserError(
+            f"{flag} holds {len(foreign)} file(s) not as ds-sft wrote them (first: {foreign[0]}); "
+            "prepare replaces the whole folder, so choose another --output_dir or move them out"
+        )
+    return out, manifest
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh, empty sibling of ``out`` to build the new output in (same filesystem: renames are atomic)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    except OSError as err:
+        raise UserError(f"--output_dir {out}: cannot write there ({err.strerror})") from None
+    umask = os.umask(0o022)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output folder's mode
+    return staging
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths in one atomic step (renameat2 RENAME_EXCHANGE); two renames where it is missing."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if (
+        renameat2 is not None
+        and renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+    ):
+        return
+    aside = a.with_name(a.name + "-swap")
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
+def remove_listed(folder: Path, files: dict[str, dict]) -> list[str]:
+    """Delete the listed files that still hold their recorded bytes, the manifest, then the folders
+    left empty. Returns the files that remain under ``folder`` (the folder is gone when none do)."""
+    manifest = _plain_file(folder, MANIFEST)
+    for name, record in files.items():
+        path = _plain_file(folder, name) if is_safe_name(name) else None
+        if path is not None and path.stat().st_size == record.get("bytes") and file_record(path) == record:
+            path.unlink()
+    if manifest is not None:
+        manifest.unlink()
+    for root, _, _ in os.walk(folder, topdown=False):
+        with contextlib.suppress(OSError):  # not empty: something there is not ours to delete
+            os.rmdir(root)
+    if not folder.exists():
+        return []
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink() or not p.is_dir()
+    )
+
+
+def replace_output(new: Path, out: Path, old_files: dict[str, dict]) -> list[str]:
+    """Put the finished folder ``new`` at ``out``; remove the old output's listed files.
+
+    Returns what was left of the old output (now under ``new``'s path): files that changed since
+    prepare wrote them, or that someone added meanwhile. Nothing there is deleted.
+    """
+    if not os.path.lexists(out):
+        os.rename(new, out)
+        return []
+    _exchange(new, out)
+    return remove_listed(new, old_files)
