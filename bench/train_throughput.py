@@ -322,7 +322,8 @@ def deepspeed_step(config: ModelConfig, micro_batch: int, compile: bool = False)
     (parameter groups, ``deepspeed.initialize``) and its token-normalized ``train_step``; with
     ``compile`` the engine's module goes through ``torch.compile`` as ``ds-sft train --compile`` does."""
     from ds_sft.train.config import read_json
-    from ds_sft.train.engine import build_engine, init_distributed
+    from ds_sft.train.distributed import init_distributed
+    from ds_sft.train.engine import build_engine
     from ds_sft.train.loop import train_step
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
