@@ -81,8 +81,9 @@ def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     if torch.cuda.is_available():
-        # before the group: NCCL's communicator and all_gather_object use the current device
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # before the group: NCCL's communicator and all_gather_object use the current device. Modulo
+        # the visible count: Slurm's --gpus-per-task shows each task its one GPU as device 0.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     if not dist.is_initialized():
         timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         if timeout:
