@@ -45,7 +45,9 @@ BUDGET_S=${BUDGET_S:-$((470 * SLOW))}
 FP8_MODE=${FP8_MODE:-torch}
 rm -rf "$WORK" && mkdir -p "$WORK" "$out"
 export PYTHONPATH=$REPO PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
+# DeepSpeed's CPU accelerator JIT-builds its shm_comm op at start (minutes on a busy machine, once):
+# keep it where the Makefile does, across rehearsals. (CUDA runs build nothing at start.)
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}
 for need in "$CARRY/wheelhouse" "$CARRY/data/manifest.json"; do
     [ -e "$need" ] || { echo "gpu_check: $need is missing: run 'make gpu-carry' first (and carry gpu_carry)" >&2; exit 2; }
 done
