@@ -130,6 +130,12 @@ else
     skip "gpu tests" "no CUDA"
 fi
 
+if [ "$has_cuda" = 0 ]; then  # once, and outside the train steps' timeouts (a killed build leaves a lock)
+    step "deepspeed cpu op" 150 "$PY" -c "
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+fi
+
 # --- ds-sft train: 112m, ZeRO-2, bf16 and fp8 (--cpu: the tiny preset, a few short steps)
 if [ "$has_cuda" = 1 ]; then
     size=(--model 112m --micro_batch_size 16 --max_iters 30 --learning_rate 6e-4 --warmup_iters 5 --min_lr 6e-5)
