@@ -71,8 +71,7 @@ def train_run(run_dir: Path) -> dict | None:
     if not train:
         return None
     settings = json.loads(config_file.read_text()).get("ds_sft", {})
-    manifest = json.loads((Path(settings["data_dir"]) / "manifest.json").read_text())
-    seq_len = int(manifest.get("seq_len", 1024))
+    seq_len = json.loads((Path(settings["data_dir"]) / "train" / "index.json").read_text())["seq_len"]
     config = ModelConfig.preset(settings.get("model") or "112m")
     losses = [r["loss"] for r in train]
     speeds = [r["tokens_per_s"] for r in train[WARMUP_STEPS:]] or [r["tokens_per_s"] for r in train]

@@ -130,6 +130,12 @@ else
     skip "gpu tests" "no CUDA"
 fi
 
+step "carried data" 30 "$PY" -c "
+import sys; from ds_sft.data.shards import PackedDataset; from ds_sft.model.config import ModelConfig
+train = PackedDataset(sys.argv[1], 'train')
+vocab = train.manifest['tokenizer']['vocab_size']
+print(f'{len(train)} rows of {train.seq_len} tokens, vocab {vocab}, sources {train.sources}')
+assert train.seq_len == 1024 and vocab <= ModelConfig.preset('112m').vocab_size" "$CARRY/data"
 if [ "$has_cuda" = 0 ]; then  # once, and outside the train steps' timeouts (a killed build leaves a lock)
     step "deepspeed cpu op" 150 "$PY" -c "
 from deepspeed.accelerator import get_accelerator
@@ -138,13 +144,20 @@ fi
 
 # --- ds-sft train: 112m, ZeRO-2, bf16 and fp8 (--cpu: the tiny preset, a few short steps)
 if [ "$has_cuda" = 1 ]; then
-    size=(--model 112m --micro_batch_size 16 --max_iters 30 --learning_rate 6e-4 --warmup_iters 5 --min_lr 6e-5)
+    size=(--data_dir "$CARRY/data" --model 112m --micro_batch_size 16 --max_iters 30 --learning_rate 6e-4
+          --warmup_iters 5 --min_lr 6e-5)
     train_s=100
 else
-    size=(--model tiny --micro_batch_size 2 --max_iters 6 --learning_rate 3e-3 --warmup_iters 2 --min_lr 3e-4)
+    # The 112m preset on the carried GPT-2 data is minutes per step on CPU (fp8 emulated far more):
+    # the rehearsal wires the same command to the tiny preset on the test suite's rows (vocab 256).
+    data=$WORK/data_tiny
+    "$PY" -c "import sys; from pathlib import Path; from tests.train.helpers import write_data_dir
+write_data_dir(Path(sys.argv[1]), train_rows=48, val_rows=8)" "$data" || exit 2
+    size=(--data_dir "$data" --model tiny --micro_batch_size 2 --max_iters 6 --learning_rate 3e-3
+          --warmup_iters 2 --min_lr 3e-4)
     train_s=60
 fi
-train=("$PY" -m ds_sft.cli train --data_dir "$CARRY/data" "${size[@]}" --zero_stage 2 --precision bf16
+train=("$PY" -m ds_sft.cli train "${size[@]}" --zero_stage 2 --precision bf16
        --grad_accum 1 --eval_interval 1000 --eval_iters 2 --save_interval 1000 --log_interval 5
        --wandb_mode disabled --seed 0)
 step "train bf16" "$train_s" "${train[@]}" --out_dir "$WORK/train_bf16"
