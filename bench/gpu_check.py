@@ -149,8 +149,15 @@ def kernels_section(work: Path) -> list[str]:
         if "memory_ratio" in fused:
             memory, speed = fused["memory_ratio"], fused["time_ratio"]
             lines.append(f"\ntriton / eager: memory {memory:.3f}x (target <= 0.1), time {speed:.2f}x")
-    for row in result.get("cpu") or []:
-        lines.append(f"- cpu: `{json.dumps(row)[:200]}`")
+    cpu = result.get("cpu") or []
+    if cpu:
+        lines += ["CPU, fused loss forward+backward:", "", "| dtype | method | peak MB | s |"]
+        lines.append("|---|---|---:|---:|")
+        for row in cpu:
+            for method in ("eager", "chunked"):
+                if method in row:
+                    peak, seconds = row[method]["peak_mb"], row[method]["time_s"]
+                    lines.append(f"| {row['dtype']} | {method} | {peak:,.0f} | {seconds:.3f} |")
     return lines
 
 

@@ -103,6 +103,7 @@ gpu = f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}, CUDA {torch
 print(f"{gpu}; torch {torch.__version__}; python {platform.python_version()}; {platform.node()} {platform.machine()}")
 EOF
 )
+[ "$mode" = cpu ] && machine="$machine (--cpu rehearsal: tiny sizes, CUDA-only steps skipped)"
 echo "$machine" | tee "$WORK/machine.txt"
 has_cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1
