@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= true
 
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test fuzz venv lint bench clean
+.PHONY: demo test fuzz venv lint bench clean wheelhouse gpu-data gpu-carry gpu-check-cpu
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,51 @@ lint: venv
 
 bench: venv
 	$(BIN)/ds-sft bench --quick
+
+## What travels to a bare GPU machine without network (launch/gpu_check.sh; git-ignored, carried):
+## gpu_carry/wheelhouse holds the wheels its image lacks, gpu_carry/data a few MB of the shared mix.
+GPU_CARRY ?= gpu_carry
+CARRY_LIMIT_MIB ?= 48
+DEEPSPEED_VERSION ?= 0.19.8
+# The image has torch, triton, transformers, numpy, pandas, pyarrow, fsspec, huggingface-hub, xxhash,
+# pyyaml, requests, tqdm, psutil, msgpack, py-cpuinfo, ninja, einops (launch/gpu_image.txt): these
+# are what deepspeed (hjson, pydantic), datasets (dill, multiprocess) and the Liger baseline add.
+# Transformer Engine is not carried: its CUDA-13 wheels are hundreds of MB, over the 64 MiB carry
+# limit; fp8 is checked through torch._scaled_mm.
+GPU_WHEELS ?= hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5
+# cp312: the GPU image's python; cp311: this machine's, for the --cpu rehearsal.
+WHEEL_PYTHONS ?= 3.12 3.11
+
+wheelhouse: venv
+	rm -rf $(GPU_CARRY)/wheelhouse && mkdir -p $(GPU_CARRY)/wheelhouse
+	# deepspeed ships as an sdist: a pure-Python wheel, no op prebuilt (CUDA ops JIT-build on use)
+	DS_BUILD_OPS=0 $(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w $(GPU_CARRY)/wheelhouse \
+		deepspeed==$(DEEPSPEED_VERSION)
+	for py in $(WHEEL_PYTHONS); do \
+		$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version $$py --implementation cp \
+			--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+			-d $(GPU_CARRY)/wheelhouse $(GPU_WHEELS) || exit 1; \
+	done
+	du -sh $(GPU_CARRY)/wheelhouse
+
+## A few MB of the shared mix, prepared here with the GPT-2 tokenizer (the GPU machine needs no
+## datasets to prepare, and no network for a tokenizer).
+gpu-data: venv
+	$(BIN)/python -m ds_sft.cli prepare --tokenizer gpt2 --seq_len 1024 --max_examples 6000 \
+		--output_dir $(GPU_CARRY)/data
+
+## Both, and what would travel (tracked and untracked files that git does not ignore + gpu_carry)
+## checked against the limit.
+gpu-carry: wheelhouse gpu-data
+	@tree=$$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1); \
+	carry=$$(du -sb $(GPU_CARRY) | cut -f1); total=$$(( (tree + carry) / 1048576 )); \
+	echo "travels: working tree $$((tree / 1048576)) MiB + $(GPU_CARRY) $$((carry / 1048576)) MiB = $$total MiB (limit 64)"; \
+	[ $$total -le $(CARRY_LIMIT_MIB) ] || { echo "over $(CARRY_LIMIT_MIB) MiB: carry less" >&2; exit 1; }
+
+## The rehearsal of launch/gpu_check.sh on this machine (a clean venv, --no-index install, tiny sizes).
+gpu-check-cpu: gpu-carry
+	bash launch/gpu_check.sh --cpu
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache

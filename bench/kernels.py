@@ -152,12 +152,21 @@ def cpu_benchmarks(args) -> list[dict]:
 
 
 def _liger():
-    """Liger-Kernel's functional RMSNorm and cross-entropy, or None when it is not installed."""
+    """Liger-Kernel's functional RMSNorm, cross-entropy and fused linear cross-entropy, or None when it
+    is not installed."""
     try:
-        from liger_kernel.transformers.functional import liger_cross_entropy, liger_rms_norm
+        from liger_kernel.transformers.functional import (
+            liger_cross_entropy,
+            liger_fused_linear_cross_entropy,
+            liger_rms_norm,
+        )
     except ImportError:
         return None
-    return {"rms_norm": liger_rms_norm, "cross_entropy": liger_cross_entropy}
+    return {
+        "rms_norm": liger_rms_norm,
+        "cross_entropy": liger_cross_entropy,
+        "fused_linear_cross_entropy": liger_fused_linear_cross_entropy,
+    }
 
 
 def _peak_bandwidth(name: str) -> float | None:
@@ -235,27 +244,38 @@ def gpu_benchmarks(args) -> dict:
     weight = (
         (torch.randn(args.vocab, args.hidden, device=device) / args.hidden**0.5).to(dtype).requires_grad_()
     )
-    fused = {}
-    for provider, fn in {
+    compiled_lce = torch.compile(linear_cross_entropy_reference)
+    providers = {
         "eager": lambda: linear_cross_entropy_reference(hidden, weight, labels),
+        "compile": lambda: compiled_lce(hidden, weight, labels),
         "triton": lambda: kernels.linear_cross_entropy(
             hidden, weight, labels, chunk_size=args.chunk_size, backend="triton"
         ),
-    }.items():
+    }
+    if liger:
+        providers["liger"] = lambda: liger["fused_linear_cross_entropy"](hidden, weight, labels)
+    fused = {}
+    for provider, fn in providers.items():
         hidden.grad = weight.grad = None  # each provider's peak counts its own gradients
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        fn().backward()
-        torch.cuda.synchronize()
-        peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-        ms = do_bench(lambda fn=fn: fn().backward(), grad_to_none=[hidden, weight])
+        try:
+            fn().backward()
+            torch.cuda.synchronize()
+            peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+            ms = do_bench(lambda fn=fn: fn().backward(), grad_to_none=[hidden, weight])
+        except Exception as error:  # a contender that fails is reported, the others still run
+            fused[provider] = {"error": repr(error)}
+            print(f"linear_cross_entropy {provider:<8} failed: {error!r}")
+            continue
         fused[provider] = {"ms": ms, "peak_mb": peak_mb}
         print(f"linear_cross_entropy {provider:<8} {ms:8.2f} ms  peak +{peak_mb:,.0f} MB")
-    fused["memory_ratio"] = fused["triton"]["peak_mb"] / fused["eager"]["peak_mb"]
-    fused["time_ratio"] = fused["triton"]["ms"] / fused["eager"]["ms"]
-    memory, speed = fused["memory_ratio"], fused["time_ratio"]
-    print(f"linear_cross_entropy triton / eager: memory {memory:.3f}x, time {speed:.2f}x")
+    if "ms" in fused["triton"] and "ms" in fused["eager"]:
+        fused["memory_ratio"] = fused["triton"]["peak_mb"] / fused["eager"]["peak_mb"]
+        fused["time_ratio"] = fused["triton"]["ms"] / fused["eager"]["ms"]
+        memory, speed = fused["memory_ratio"], fused["time_ratio"]
+        print(f"linear_cross_entropy triton / eager: memory {memory:.3f}x, time {speed:.2f}x")
     return {"device": name, "peak_bandwidth": peak, "ops": table, "linear_cross_entropy": fused}
 
 

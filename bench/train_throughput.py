@@ -38,6 +38,7 @@ Prints a table and writes ``bench/results/train_throughput[.quick].json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -104,6 +105,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--kernels", default="auto", help="ds-sft kernels backend: auto, triton, torch, eager"
     )
     parser.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
+    parser.add_argument(
+        "--fp8", default="off", help="fp8 mode of the (c) step, as `ds-sft train --fp8` (default off)"
+    )
+    parser.add_argument(
+        "--override",
+        default="",
+        help="model config overrides KEY=VALUE,... e.g. d_model=2048,n_heads=16,ffn_hidden=5504",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, tokens and document order")
     parser.add_argument(
         "--out", default=None, help="JSON path; default bench/results/train_throughput[.quick].json"
@@ -317,12 +326,16 @@ def hf_step(
     return step
 
 
-def deepspeed_step(config: ModelConfig, micro_batch: int, compile: bool = False):
+def deepspeed_step(config: ModelConfig, micro_batch: int, compile: bool = False, fp8: str = "off"):
     """The ds-sft training step itself: ``ds_configs/zero2.json`` with bf16 on, the trainer's engine
     (parameter groups, ``deepspeed.initialize``) and its token-normalized ``train_step``; with
-    ``compile`` the engine's module goes through ``torch.compile`` as ``ds-sft train --compile`` does."""
+    ``compile`` the engine's module goes through ``torch.compile`` as ``ds-sft train --compile`` does,
+    with ``fp8`` other than off its projections run the fp8 matmuls of ``ds-sft train --fp8``."""
+    import contextlib
+
     from ds_sft.train.config import read_json
-    from ds_sft.train.engine import build_engine, init_distributed
+    from ds_sft.train.distributed import init_distributed
+    from ds_sft.train.engine import build_engine
     from ds_sft.train.loop import train_step
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
@@ -332,12 +345,18 @@ def deepspeed_step(config: ModelConfig, micro_batch: int, compile: bool = False)
     }
     ds_config.update(train_micro_batch_size_per_gpu=micro_batch, steps_per_print=10**9)
     ds_config["bf16"] = {"enabled": True}
-    engine, _ = build_engine(LlamaModel(config), ds_config, weight_decay=0.05)
+    model, forward_context = LlamaModel(config), contextlib.nullcontext
+    if fp8 != "off":
+        from ds_sft.model.fp8 import Fp8Recipe, apply_fp8, fp8_autocast
+
+        apply_fp8(model, fp8, None)
+        forward_context = functools.partial(fp8_autocast, fp8, Fp8Recipe())
+    engine, _ = build_engine(model, ds_config, weight_decay=0.05)
     if compile:
         engine.compile()
 
     def step(batch: dict) -> float:
-        return train_step(engine, [batch], world_size)["loss"]
+        return train_step(engine, [batch], world_size, forward_context)["loss"]
 
     step.engine = engine
     return step
@@ -557,7 +576,7 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
     name = "dssft_deepspeed_zero2_compiled" if args.compile else "dssft_deepspeed_zero2"
     gemm_n = gemm_size(args, device)
     if a_result is None:  # (c) alone: the ds-sft step and the GEMM take turns
-        step = deepspeed_step(config, args.micro_batch, compile=args.compile)
+        step = deepspeed_step(config, args.micro_batch, compile=args.compile, fp8=args.fp8)
         contenders = {name: step, GEMM: gemm_step(gemm_n, device)}
         seconds, _ = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
         step.engine.destroy()
@@ -638,7 +657,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
-    config = ModelConfig.preset(args.preset, max_seq_len=max(args.seq_len, 128), kernels=args.kernels)
+    overrides = {}
+    for item in filter(None, args.override.split(",")):
+        key, value = item.split("=", 1)
+        overrides[key] = json.loads(value)  # numbers, true/false, null
+    config = ModelConfig.preset(
+        args.preset, max_seq_len=max(args.seq_len, 128), kernels=args.kernels, **overrides
+    )
     device_name, _ = gpu_peak(device)
     result = {
         "benchmark": "train_throughput",

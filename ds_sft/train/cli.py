@@ -200,7 +200,9 @@ def save_final(engine, run_dir: Path, tokenizer_dir) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     from ds_sft.train import config as config_module
+    from ds_sft.train.distributed import use_slurm_environment
 
+    use_slurm_environment()  # srun without torchrun: WORLD_SIZE & co. before the config checks read them
     ds_config, s, overrides = config_module.resolve(args)  # every check before anything heavy
     run_dir = writable_dir(s.out_dir, "--out_dir")
     if s.resume is not None and args.overwrite:
@@ -212,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ds_sft.data.shards import PackedDataset
     from ds_sft.train import compatibility
-    from ds_sft.train.engine import init_distributed
+    from ds_sft.train.distributed import init_distributed
     from ds_sft.train.loop import train
     from ds_sft.train.memory import check_fits
     from ds_sft.train.report import write_report

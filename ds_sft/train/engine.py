@@ -13,17 +13,14 @@
 At ZeRO 3 it also tells the engine that the model's own forward reads the LM-head weight
 (:func:`register_lm_head`), which ``--compile`` needs.
 
-Everything else (ZeRO partitioning, accumulation, clipping, the optimizer step, checkpoints) is the
-engine's job, configured by the JSON.
+The process group is :mod:`ds_sft.train.distributed`'s. Everything else (ZeRO partitioning,
+accumulation, clipping, the optimizer step, checkpoints) is the engine's job, configured by the JSON.
 """
 
 from __future__ import annotations
 
-import datetime
 import functools
 import math
-import os
-import socket
 
 DECAYED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -99,46 +96,6 @@ def set_lr(engine, lr: float) -> None:
     """Write ``lr`` into every optimizer group (ZeRO wrappers expose the inner optimizer's groups)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
-    """Join (or, for a plain ``python``, create) the process group. Returns (rank, world size).
-
-    ``timeout_s`` bounds every collective (None: DeepSpeed's default, $DEEPSPEED_TIMEOUT minutes).
-
-    The deepspeed launcher and torchrun export RANK / WORLD_SIZE / LOCAL_RANK; Slurm's ``srun``
-    exports SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID instead; a plain process gets a one-rank
-    group on a free local port (without these variables DeepSpeed falls back to MPI discovery).
-    """
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if not dist.is_initialized():
-        timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-        if timeout:
-            # DeepSpeed builds its data-parallel groups with dist.new_group(ranks), which takes torch's
-            # module default (30 min) rather than the world group's timeout: make that default ours.
-            import torch.distributed.distributed_c10d as c10d
-
-            c10d.default_pg_timeout = timeout["timeout"]
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **timeout)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return dist.get_rank(), dist.get_world_size()
 
 
 def enable_activation_checkpointing(model) -> None:

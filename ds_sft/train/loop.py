@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ds_sft.errors import UserError
 from ds_sft.train import checkpointing, compatibility
+from ds_sft.train.distributed import all_reduce_sum, any_rank
 from ds_sft.train.engine import build_engine, format_group_table, lr_at, set_lr
 from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration, peak_flops
 
@@ -47,16 +48,19 @@ def collate(rows: list[dict]) -> dict:
 
 
 def model_inputs(batch: dict, device) -> dict:
-    return {key: batch[key].to(device) for key in MODEL_INPUTS if key in batch}
+    """The model's tensors of ``batch`` on ``device``.
 
-
-def all_reduce_sum(values: list[float]) -> list[float]:
+    On CUDA they go through pinned memory with ``non_blocking``: a plain copy from pageable memory
+    makes the host wait until the GPU has finished all queued work (the previous micro-batch's
+    backward) before it can queue the next forward; this one just takes its place in the queue.
+    Safe: the pinned copy is a fresh tensor nobody writes, and torch keeps its block until the copy
+    has run."""
     import torch
-    import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+    keys = [key for key in MODEL_INPUTS if key in batch]
+    if torch.device(device).type == "cuda":
+        return {key: batch[key].pin_memory().to(device, non_blocking=True) for key in keys}
+    return {key: batch[key].to(device) for key in keys}
 
 
 def local_grad_norm(engine) -> float:
@@ -73,18 +77,24 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
 
     Returns the global token-normalized loss, the trained-token count and the pre-clip grad norm.
     """
-    (trained_tokens,) = all_reduce_sum([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)])
-    scale = world_size / max(trained_tokens, 1.0)
-    local_loss_sum = 0.0
+    import torch
+
+    device = engine.device
+    local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)  # labels are on the host
+    trained_tokens = all_reduce_sum([local_tokens], device)
+    scale = (world_size / trained_tokens.clamp(min=1.0)).float()
+    # the loss sum stays on the device: no host sync per micro-batch, one read at the boundary
+    local_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         with forward_context():
-            loss_sum = engine(**model_inputs(batch, engine.device))
+            loss_sum = engine(**model_inputs(batch, device))
         engine.backward(loss_sum * scale, scale_wrt_gas=False)
-        local_loss_sum += loss_sum.item()
+        local_loss_sum += loss_sum.detach().double()
         if i < len(batches) - 1:
             engine.step()  # not a boundary: the engine only counts the micro-step
     # The boundary: gradients are complete (and averaged over ranks) until engine.step() updates.
-    (global_loss_sum,) = all_reduce_sum([local_loss_sum])
+    global_loss_sum = all_reduce_sum(local_loss_sum.reshape(1), device)
+    global_loss_sum, trained_tokens = torch.cat([global_loss_sum, trained_tokens]).tolist()
     finite = math.isfinite(global_loss_sum)
     own_norm = None
     if not hasattr(engine.optimizer, "overflow"):  # torch's AdamW itself (stage 0, fp32)
@@ -421,8 +431,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
                 if is_best and done % s.save_interval != 0 and done != s.max_iters:
                     save(done)  # keep the best weights even between save intervals
 
-            (stop,) = all_reduce_sum([1.0 if flag["stop"] else 0.0])
-            if stop:
+            if any_rank(flag["stop"], engine.device):
                 save(done)
                 status = "preempted"
                 break

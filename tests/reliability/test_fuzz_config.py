@@ -38,12 +38,12 @@ class Tripwire(Exception):
 
 @pytest.fixture(autouse=True)
 def tripwire(monkeypatch):
-    import ds_sft.train.engine
+    import ds_sft.train.distributed
 
     def heavy(*args, **kwargs):
         raise Tripwire
 
-    monkeypatch.setattr(ds_sft.train.engine, "init_distributed", heavy)
+    monkeypatch.setattr(ds_sft.train.distributed, "init_distributed", heavy)
 
 
 BASE = {

@@ -183,7 +183,7 @@ def _plant(path: Path, payload) -> None:
 
 @pytest.fixture(scope="module")
 def dist_env():
-    from ds_sft.train.engine import init_distributed
+    from ds_sft.train.distributed import init_distributed
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)

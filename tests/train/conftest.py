@@ -12,7 +12,7 @@ import tests.train.helpers  # noqa: F401  (sets TORCH_EXTENSIONS_DIR before Deep
 @pytest.fixture(scope="session")
 def dist_env():
     """A one-rank gloo process group for the whole session (DeepSpeed needs one; tests share it)."""
-    from ds_sft.train.engine import init_distributed
+    from ds_sft.train.distributed import init_distributed
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.setdefault(key, "0" if key != "WORLD_SIZE" else "1")

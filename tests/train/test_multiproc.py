@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from ds_sft.data.sampler import ResumableSampler
 from ds_sft.data.shards import PackedDataset
-from ds_sft.train.engine import free_port
+from ds_sft.train.distributed import free_port, slurm_master_port
 from tests.train.helpers import REPO_ROOT, reference_losses, settings, write_data_dir
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -171,3 +172,47 @@ def test_deepspeed_launcher_two_ranks_zero3(data_dir, expected, tmp_path):
     )
     assert list(train_losses(run_dir).values()) == pytest.approx(expected, abs=1e-5)
     assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "report.md").is_file()
+
+
+def job_id_with_a_free_port() -> str:
+    """A Slurm job id whose derived MASTER_PORT is free on this machine now."""
+    for job_id in range(os.getpid(), os.getpid() + 1000):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", slurm_master_port(str(job_id))))
+            except OSError:
+                continue
+            return str(job_id)
+    raise RuntimeError("no free port in 1000 job ids")
+
+
+def test_srun_without_torchrun(data_dir, expected, tmp_path):
+    """``srun python -m ds_sft.train``: two processes that know only Slurm's variables (no RANK,
+    WORLD_SIZE or MASTER_*) form one group on one port and train as torchrun's two ranks do."""
+    run_dir = tmp_path / "srun"
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("SLURM_")}
+    env.update(
+        OMP_NUM_THREADS="1",
+        TORCH_EXTENSIONS_DIR=str(REPO_ROOT / ".cache" / "torch_extensions"),
+        SLURM_NTASKS="2",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_JOB_ID=job_id_with_a_free_port(),
+    )
+    command = [sys.executable, "-m", "ds_sft.train", "--data_dir", str(data_dir), "--out_dir", str(run_dir)]
+    command += ["--zero_stage", "2", "--grad_accum", "2", "--dist_timeout", "60", *FLAGS]
+    ranks = [
+        subprocess.Popen(
+            command,
+            env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [rank.communicate(timeout=400)[0] for rank in ranks]
+    for rank, output in zip(ranks, outputs, strict=True):
+        assert rank.returncode == 0, f"exit {rank.returncode}\n{output[-3000:]}"
+    assert list(train_losses(run_dir).values()) == pytest.approx(expected, abs=1e-5)

@@ -1,0 +1,224 @@
+"""The numbers and the one page of ``launch/gpu_check.sh``: a bf16 GEMM timed in the same run, the
+two training runs checked against each other, and SUMMARY.md.
+
+    python bench/gpu_check.py gemm --out WORK/gemm.json
+    python bench/gpu_check.py summary --work WORK --out OUT/SUMMARY.md
+
+``summary`` reads WORK/steps.tsv (name, status, seconds, log per line, written by the shell script),
+WORK/machine.txt, the runs' metrics.jsonl and the benchmarks' JSON, and writes tables:
+
+- steps: pass / FAIL / skipped with the time each took;
+- training (112m, ZeRO-2, bf16 and fp8): the loss at the start and the end (mean of the first and
+  last 5 steps), median tokens/s after the warm-up steps, and MFU as the fraction of the bf16 GEMM's
+  FLOP/s achieved by the step (``6 N + 12 L d T`` FLOPs per token, the trainer's count); checks that
+  the loss falls and that fp8 ends within ``FP8_TOLERANCE`` of bf16;
+- kernels (bench/kernels.py) and the train step at other sizes (bench/train_throughput.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
+
+FP8_TOLERANCE = 0.05  # |end loss fp8 - bf16| / bf16
+WARMUP_STEPS = 3  # the first steps compile and allocate: left out of tokens/s
+
+
+def time_gemm(n: int, repeats: int = 20) -> dict:
+    """FLOP/s of an n x n x n bf16 matrix product on random data (CUDA events; CPU: wall clock)."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / repeats
+    else:
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        seconds = (time.perf_counter() - begin) / repeats
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    return {"device": name, "n": n, "seconds": seconds, "flops": 2 * n**3 / seconds}
+
+
+def train_run(run_dir: Path) -> dict | None:
+    """Loss at the start and end, median tokens/s after warm-up, and the model's FLOPs per token."""
+    from ds_sft.model.config import ModelConfig
+    from ds_sft.train.metrics import flops_per_token
+
+    metrics = run_dir / "metrics.jsonl"
+    config_file = run_dir / "effective_config.json"
+    if not metrics.is_file() or not config_file.is_file():
+        return None
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("type") == "train"]
+    if not train:
+        return None
+    settings = json.loads(config_file.read_text()).get("ds_sft", {})
+    seq_len = json.loads((Path(settings["data_dir"]) / "train" / "index.json").read_text())["seq_len"]
+    config = ModelConfig.preset(settings.get("model") or "112m")
+    losses = [r["loss"] for r in train]
+    speeds = [r["tokens_per_s"] for r in train[WARMUP_STEPS:]] or [r["tokens_per_s"] for r in train]
+    head = min(5, len(losses))
+    return {
+        "steps": len(train),
+        "loss_start": statistics.mean(losses[:head]),
+        "loss_end": statistics.mean(losses[-head:]),
+        "tokens_per_s": statistics.median(speeds),
+        "flops_per_token": flops_per_token(config.num_parameters(), config.n_layers, config.d_model, seq_len),
+    }
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def training_section(work: Path, gemm: dict | None) -> tuple[list[str], list[tuple[str, bool, str]]]:
+    lines, checks = ["## Training: `ds-sft train`, ZeRO-2, one device", ""], []
+    lines += ["| run | steps | loss start -> end | tokens/s | MFU vs bf16 GEMM |", "|---|---:|---|---:|---:|"]
+    runs = {name: train_run(work / f"train_{name}") for name in ("bf16", "fp8")}
+    for name, run in runs.items():
+        if run is None:
+            lines.append(f"| {name} | - | no metrics | - | - |")
+            continue
+        mfu = run["tokens_per_s"] * run["flops_per_token"] / gemm["flops"] if gemm else None
+        lines.append(
+            f"| {name} | {run['steps']} | {run['loss_start']:.3f} -> {run['loss_end']:.3f} | "
+            f"{run['tokens_per_s']:,.0f} | {'-' if mfu is None else f'{mfu:.1%}'} |"
+        )
+        checks.append(
+            (
+                f"{name}: loss falls",
+                run["loss_end"] < run["loss_start"],
+                f"{run['loss_start']:.3f} -> {run['loss_end']:.3f}",
+            )
+        )
+    if runs["bf16"] and runs["fp8"]:
+        gap = abs(runs["fp8"]["loss_end"] - runs["bf16"]["loss_end"]) / runs["bf16"]["loss_end"]
+        checks.append(
+            (f"fp8 end loss within {FP8_TOLERANCE:.0%} of bf16", gap <= FP8_TOLERANCE, f"{gap:.2%} apart")
+        )
+        speedup = runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"]
+        lines.append(f"\nfp8 / bf16 step speed: {speedup:.2f}x")
+    if gemm:
+        lines.append(
+            f"\nbf16 GEMM {gemm['n']}^3 on {gemm['device']}: {gemm['flops'] / 1e12:.1f} TFLOP/s (same run)"
+        )
+    return lines, checks
+
+
+def kernels_section(work: Path) -> list[str]:
+    result = read_json(work / "kernels.json")
+    if result is None:
+        return ["## Kernels", "", "no results"]
+    lines = ["## Kernels: ds-sft Triton vs eager vs torch.compile vs Liger", ""]
+    gpu = result.get("gpu")
+    if gpu:
+        lines += [f"device {gpu['device']}", "", "| op | provider | ms | GB/s |", "|---|---|---:|---:|"]
+        for row in gpu["ops"]:
+            if "error" in row:
+                lines.append(f"| {row['op']} | {row['provider']} | failed | {row['error'][:60]} |")
+            else:
+                lines.append(f"| {row['op']} | {row['provider']} | {row['ms']:.3f} | {row['GB/s']:,.0f} |")
+        lines += ["", "| linear cross-entropy | ms | peak MB |", "|---|---:|---:|"]
+        for provider, row in gpu["linear_cross_entropy"].items():
+            if isinstance(row, dict) and "ms" in row:
+                lines.append(f"| {provider} | {row['ms']:.2f} | {row['peak_mb']:,.0f} |")
+            elif isinstance(row, dict):
+                lines.append(f"| {provider} | failed | {row.get('error', '')[:60]} |")
+        fused = gpu["linear_cross_entropy"]
+        if "memory_ratio" in fused:
+            memory, speed = fused["memory_ratio"], fused["time_ratio"]
+            lines.append(f"\ntriton / eager: memory {memory:.3f}x (target <= 0.1), time {speed:.2f}x")
+    cpu = result.get("cpu") or []
+    if cpu:
+        lines += ["CPU, fused loss forward+backward:", "", "| dtype | method | peak MB | s |"]
+        lines.append("|---|---|---:|---:|")
+        for row in cpu:
+            for method in ("eager", "chunked"):
+                if method in row:
+                    peak, seconds = row[method]["peak_mb"], row[method]["time_s"]
+                    lines.append(f"| {row['dtype']} | {method} | {peak:,.0f} | {seconds:.3f} |")
+    return lines
+
+
+def throughput_section(work: Path) -> list[str]:
+    lines = ["## Train step at other sizes (bench/train_throughput.py part c)", ""]
+    lines += ["| run | parameters | tokens/s | of bf16 GEMM | MFU vs peak |", "|---|---:|---:|---:|---:|"]
+    for path in sorted(work.glob("throughput_*.json")):
+        result = read_json(path)
+        c = (result or {}).get("c")
+        if not c:
+            lines.append(f"| {path.stem} | - | no result | - | - |")
+            continue
+        mfu = "-" if c.get("mfu") is None else f"{c['mfu']:.1%}"
+        lines.append(
+            f"| {path.stem.removeprefix('throughput_')} | {result['model_parameters']:,} | "
+            f"{c['tokens_per_s']:,.0f} | {c['fraction_of_gemm']:.1%} | {mfu} |"
+        )
+    return lines
+
+
+def summary(work: Path, out: Path) -> int:
+    steps = [line.split("\t") for line in (work / "steps.tsv").read_text().splitlines() if line.strip()]
+    gemm = read_json(work / "gemm.json")
+    train_lines, checks = training_section(work, gemm)
+    failed = [name for name, status, *_ in steps if status == "FAIL"]
+    failed += [name for name, ok, _ in checks if not ok]
+    machine = (work / "machine.txt").read_text().strip() if (work / "machine.txt").is_file() else "unknown"
+    lines = [
+        f"# gpu_check {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"machine: {machine}",
+        "",
+    ]
+    lines += ["## Steps", "", "| step | result | seconds |", "|---|---|---:|"]
+    lines += [f"| {name} | {status} | {seconds} |" for name, status, seconds, *_ in steps]
+    lines += ["", "## Checks", "", "| check | result | detail |", "|---|---|---|"]
+    lines += [f"| {name} | {'pass' if ok else 'FAIL'} | {detail} |" for name, ok, detail in checks]
+    lines += ["", *train_lines, "", *kernels_section(work), "", *throughput_section(work), ""]
+    lines.append(f"failed: {', '.join(failed) if failed else 'none'}")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gemm = sub.add_parser("gemm", help="time a bf16 GEMM and write its FLOP/s as JSON")
+    gemm.add_argument("--n", type=int, default=8192)
+    gemm.add_argument("--out", type=Path, required=True)
+    report = sub.add_parser("summary", help="write SUMMARY.md from a gpu_check work folder")
+    report.add_argument("--work", type=Path, required=True)
+    report.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "gemm":
+        result = time_gemm(args.n)
+        args.out.write_text(json.dumps(result) + "\n")
+        print(f"bf16 GEMM {args.n}^3 on {result['device']}: {result['flops'] / 1e12:.2f} TFLOP/s")
+        return 0
+    return summary(args.work, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

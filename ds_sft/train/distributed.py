@@ -1,0 +1,116 @@
+"""The process group, and the few collectives the training loop makes itself.
+
+**Every tensor handed to torch.distributed lives on the engine's device.** On GPUs the process group
+runs NCCL, and NCCL serves CUDA tensors only: an all-reduce of a CPU tensor raises ("No backend type
+associated with device type cpu"). Torch could give the group a second backend for CPU tensors
+(``"cpu:gloo,cuda:nccl"``), but then each small collective would copy its values to the host first
+and wait for the GPU to finish, every micro-batch; keeping the values on the device lets the loop
+queue its work without waiting (the loss sum of a step is a device tensor, read once per step, not
+``.item()``-ed per micro-batch). So the helpers here take the device explicitly, and nothing in
+ds-sft builds a collective tensor without one. Object collectives (``all_gather_object``) pick
+their device themselves: the current CUDA device, which is why :func:`init_distributed` sets it
+before the group exists.
+
+Launchers: the deepspeed launcher and torchrun export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*.
+Slurm's ``srun`` exports SLURM_* instead; :func:`use_slurm_environment` translates them, and must
+run before anything reads WORLD_SIZE (``ds-sft train`` calls it first thing). A plain process gets
+a one-rank group on a free local port.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 15000  # below Linux's ephemeral range (32768-60999)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list, compact or not: ``gpu[007-009,12],cpu1`` -> ``gpu007``.
+
+    The same host ``scontrol show hostnames`` prints first, without needing scontrol on the node."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist.strip())
+    prefix, ranges, suffix = match.groups()
+    if ranges is None:
+        return prefix + suffix
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def slurm_master_port(job_id: str) -> int:
+    """The port every rank of Slurm job ``job_id`` derives alike (29500 when the id is not a number)."""
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN if job_id.isdigit() else 29500
+
+
+def use_slurm_environment(environ=os.environ) -> bool:
+    """Under ``srun`` without torchrun, set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
+    from SLURM_*. Returns whether it did. Variables a launcher already set are kept.
+
+    Every rank derives the same port from the job id (a random free port would differ per rank and
+    the group would never form); MASTER_ADDR is the first host of the job's node list."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+        return False
+    environ["RANK"] = environ["SLURM_PROCID"]
+    environ["WORLD_SIZE"] = environ["SLURM_NTASKS"]
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+    environ.setdefault("MASTER_ADDR", first_host(nodelist) if nodelist else "127.0.0.1")
+    environ.setdefault("MASTER_PORT", str(slurm_master_port(environ.get("SLURM_JOB_ID", ""))))
+    return True
+
+
+def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
+    """Join (or, for a plain ``python``, create) the process group. Returns (rank, world size).
+
+    ``timeout_s`` bounds every collective (None: DeepSpeed's default, $DEEPSPEED_TIMEOUT minutes).
+    Without RANK & co. DeepSpeed would fall back to MPI discovery, hence the one-rank defaults.
+    """
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    use_slurm_environment()
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if torch.cuda.is_available():
+        # before the group: NCCL's communicator and all_gather_object use the current device. Modulo
+        # the visible count: Slurm's --gpus-per-task shows each task its one GPU as device 0.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    if not dist.is_initialized():
+        timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        if timeout:
+            # DeepSpeed builds its data-parallel groups with dist.new_group(ranks), which takes torch's
+            # module default (30 min) rather than the world group's timeout: make that default ours.
+            import torch.distributed.distributed_c10d as c10d
+
+            c10d.default_pg_timeout = timeout["timeout"]
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(values, device):
+    """Sum ``values`` (a list of numbers or a tensor) over all ranks.
+
+    Returns a new float64 tensor on ``device``; the caller reads it when it needs the numbers
+    (``.tolist()``, one host sync)."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
+    if tensor is values:
+        tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (e.g. a SIGTERM that reached one rank)."""
+    return all_reduce_sum([1.0 if flag else 0.0], device).item() > 0

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# One command proves every GPU path of ds-sft on a bare single-GPU machine without network, in < 8 min.
+#
+# On the lent H200 (the device tool; the carried folder holds the wheelhouse and the prepared data):
+#     run(command="bash launch/gpu_check.sh --out $OUT", carry=["gpu_carry"], timeout_s=540)
+# Here, first (CPU machine, network for pip):
+#     make gpu-carry                     # gpu_carry/wheelhouse (+ size check) and gpu_carry/data
+#     bash launch/gpu_check.sh --cpu     # the rehearsal: same steps, tiny sizes, CUDA-only ones skipped
+#
+# Steps, each under its own timeout (a failing step is recorded and the rest still run):
+#   install      the wheelhouse (deepspeed without prebuilt ops, datasets' missing dependencies,
+#                liger-kernel) with pip --no-index into this python (--cpu: into a clean venv that
+#                stands in for the GPU image: torch from the local wheel + launch/gpu_image.txt)
+#   imports      deepspeed, datasets, liger_kernel import; versions into the summary
+#   gpu tests    compiled Triton RMSNorm / cross-entropy / fused linear CE against their references,
+#                flex_attention document masks against dense SDPA, fp8 GEMMs (DS_SFT_GPU_TESTS=1)
+#   train bf16   ds-sft train, 112m preset, ZeRO-2, 30 steps of 16 x 1024 tokens on the carried data
+#   train fp8    the same with --fp8 $FP8_MODE (default torch: torch._scaled_mm on Hopper)
+#   gemm         a bf16 GEMM timed in this run: the ceiling MFU is measured against
+#   kernels      bench/kernels.py: Triton vs eager vs torch.compile vs Liger (time, peak memory)
+#   step d2048   bench/train_throughput.py part c at d_model 2048, bf16 and fp8
+# Writes OUT/SUMMARY.md (tables, pass/fail per step, the machine line) and OUT/logs.tar.gz (every log
+# and JSON; checkpoints stay in the work folder). Exit 1 when a step or a check failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+mode=gpu
+out=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --cpu) mode=cpu ;;
+        --out) out=$2; shift ;;
+        *) echo "usage: bash launch/gpu_check.sh [--cpu] [--out DIR]" >&2; exit 2 ;;
+    esac
+    shift
+done
+CARRY=${GPU_CARRY:-$REPO/gpu_carry}
+out=${out:-$REPO/bench/results/gpu_check_$mode}
+WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_$mode}
+# Every step's timeout is cut to what is left of the budget. The CPU rehearsal runs tiny sizes on
+# a slow, shared machine: its timeouts are SLOW times the GPU ones.
+SLOW=$([ $mode = cpu ] && echo 4 || echo 1)
+BUDGET_S=${BUDGET_S:-$((470 * SLOW))}
+FP8_MODE=${FP8_MODE:-torch}
+rm -rf "$WORK" && mkdir -p "$WORK" "$out"
+export PYTHONPATH=$REPO PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# DeepSpeed's CPU accelerator JIT-builds its shm_comm op at start (minutes on a busy machine, once):
+# keep it where the Makefile does, across rehearsals. (CUDA runs build nothing at start.)
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}
+for need in "$CARRY/wheelhouse" "$CARRY/data/manifest.json"; do
+    [ -e "$need" ] || { echo "gpu_check: $need is missing: run 'make gpu-carry' first (and carry gpu_carry)" >&2; exit 2; }
+done
+
+start=$SECONDS
+step() {  # step NAME TIMEOUT_S COMMAND...: run with a timeout, log to WORK/NAME.log, record the result
+    local name=$1 limit=$(($2 * SLOW)) left=$((BUDGET_S - (SECONDS - start)))
+    shift 2
+    local log="$WORK/${name// /_}.log" began=$SECONDS rc
+    if [ "$left" -lt 10 ]; then
+        echo "=== $name: skipped: out of time"
+        printf '%s\tskipped: out of time\t0\n' "$name" >> "$WORK/steps.tsv"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== $name (timeout ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" > "$log" 2>&1
+    rc=$?
+    tail -n 15 "$log"
+    local status=pass
+    [ $rc -eq 124 ] && status="FAIL" && echo "--- $name: timed out after ${limit}s"
+    [ $rc -ne 0 ] && status="FAIL"
+    echo "--- $name: $status (exit $rc, $((SECONDS - began)) s)"
+    printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - began))" >> "$WORK/steps.tsv"
+}
+skip() {  # skip NAME REASON
+    echo "=== $1: skipped: $2"
+    printf '%s\tskipped: %s\t0\n' "$1" "$2" >> "$WORK/steps.tsv"
+}
+
+# --- the interpreter: the GPU image's python3, or (--cpu) a clean venv standing in for it
+wheel_names=$(ls "$CARRY"/wheelhouse/*.whl | xargs -n1 basename | sed 's/-.*//' | sort -u)
+if [ "$mode" = cpu ]; then
+    VENV=${GPU_CHECK_VENV:-$REPO/.cache/gpu_check_venv}
+    if [ ! -x "$VENV/bin/python" ] || [ launch/gpu_image.txt -nt "$VENV/.image" ]; then
+        # The image: torch from this machine's local wheel, the rest of launch/gpu_image.txt from the
+        # index (network; once). No ds-sft dependency that the wheelhouse carries is in this list.
+        rm -rf "$VENV" && python3 -m venv "$VENV" || exit 2
+        "$VENV/bin/pip" install -q torch==2.13.0 && "$VENV/bin/pip" install -q -r launch/gpu_image.txt 2>&1 |
+            grep -v "is ignored" || true
+        "$VENV/bin/python" -c "import torch, transformers" || exit 2
+        touch "$VENV/.image"
+    fi
+    # Only the image is kept between rehearsals: the wheelhouse goes in anew each time.
+    "$VENV/bin/pip" uninstall -q -y $wheel_names > /dev/null 2>&1
+    PY=$VENV/bin/python
+else
+    PY=${PYTHON:-python3}
+fi
+machine=$("$PY" - <<'EOF' 2>&1
+import platform, torch
+gpu = f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}, CUDA {torch.version.cuda}" if torch.cuda.is_available() else "no CUDA"
+print(f"{gpu}; torch {torch.__version__}; python {platform.python_version()}; {platform.node()} {platform.machine()}")
+EOF
+)
+[ "$mode" = cpu ] && machine="$machine (--cpu rehearsal: tiny sizes, CUDA-only steps skipped)"
+echo "$machine" | tee "$WORK/machine.txt"
+has_cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1
+
+step "install" 90 "$PY" -m pip install --no-index --no-deps --no-cache-dir --find-links "$CARRY/wheelhouse" $wheel_names
+step "imports" 60 "$PY" -c "
+import deepspeed, datasets, liger_kernel.transformers.functional, importlib.metadata as m
+print(', '.join(f'{n} {m.version(n)}' for n in ('deepspeed', 'datasets', 'liger-kernel', 'torch', 'triton', 'transformers')))"
+
+# --- GPU tests: the kernel tests on CUDA (not the Triton interpreter), flex_attention, fp8 GEMMs
+gpu_tests=(tests/kernels/test_rmsnorm.py tests/kernels/test_cross_entropy_kernel.py
+           tests/kernels/test_fused_linear_cross_entropy.py tests/kernels/test_dispatch.py
+           tests/model/test_gpu_paths.py)
+fp8_tests=(tests/model/test_fp8.py -k "cuda or real_transformer_engine")  # the file's CPU tests run in CI
+gpu_pytest() {  # gpu_pytest [PYTEST FLAGS...]: both selections, failing when either fails
+    "$PY" -m pytest -q -p no:cacheprovider "$@" "${gpu_tests[@]}"
+    local rc=$?
+    "$PY" -m pytest -q -p no:cacheprovider "$@" "${fp8_tests[@]}" || rc=1
+    return $rc
+}
+if [ "$has_cuda" = 1 ]; then
+    step "gpu tests" 150 env DS_SFT_GPU_TESTS=1 bash -c "$(declare -f gpu_pytest); $(declare -p PY gpu_tests fp8_tests); gpu_pytest"
+else
+    step "gpu tests: collect" 30 bash -c "$(declare -f gpu_pytest); $(declare -p PY gpu_tests fp8_tests); gpu_pytest --collect-only"
+    skip "gpu tests" "no CUDA"
+fi
+
+step "carried data" 30 "$PY" -c "
+import sys; from ds_sft.data.shards import PackedDataset; from ds_sft.model.config import ModelConfig
+train = PackedDataset(sys.argv[1], 'train')
+vocab = train.manifest['tokenizer']['vocab_size']
+print(f'{len(train)} rows of {train.seq_len} tokens, vocab {vocab}, sources {train.sources}')
+assert train.seq_len == 1024 and vocab <= ModelConfig.preset('112m').vocab_size" "$CARRY/data"
+if [ "$has_cuda" = 0 ]; then  # once, and outside the train steps' timeouts (a killed build leaves a lock)
+    step "deepspeed cpu op" 150 "$PY" -c "
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+fi
+
+# --- ds-sft train: 112m, ZeRO-2, bf16 and fp8 (--cpu: the tiny preset, a few short steps)
+if [ "$has_cuda" = 1 ]; then
+    size=(--data_dir "$CARRY/data" --model 112m --micro_batch_size 16 --max_iters 30 --learning_rate 6e-4
+          --warmup_iters 5 --min_lr 6e-5)
+    train_s=100
+else
+    # The 112m preset on the carried GPT-2 data is minutes per step on CPU (fp8 emulated far more):
+    # the rehearsal wires the same command to the tiny preset on the test suite's rows (vocab 256).
+    data=$WORK/data_tiny
+    "$PY" -c "import sys; from pathlib import Path; from tests.train.helpers import write_data_dir
+write_data_dir(Path(sys.argv[1]), train_rows=48, val_rows=8)" "$data" || exit 2
+    size=(--data_dir "$data" --model tiny --micro_batch_size 2 --max_iters 6 --learning_rate 3e-3
+          --warmup_iters 2 --min_lr 3e-4)
+    train_s=60
+fi
+train=("$PY" -m ds_sft.cli train "${size[@]}" --zero_stage 2 --precision bf16
+       --grad_accum 1 --eval_interval 1000 --eval_iters 2 --save_interval 1000 --log_interval 5
+       --wandb_mode disabled --seed 0)
+step "train bf16" "$train_s" "${train[@]}" --out_dir "$WORK/train_bf16"
+step "train fp8" "$train_s" "${train[@]}" --out_dir "$WORK/train_fp8" --fp8 "$FP8_MODE"
+step "gemm" 30 "$PY" bench/gpu_check.py gemm --n "$([ "$has_cuda" = 1 ] && echo 8192 || echo 512)" --out "$WORK/gemm.json"
+
+# --- benchmarks side by side
+if [ "$has_cuda" = 1 ]; then
+    step "kernels" 90 "$PY" bench/kernels.py --no-cpu --out "$WORK/kernels.json"
+    d2048=(--parts c --preset 112m --override d_model=2048,n_heads=16,ffn_hidden=5504,n_layers=8
+           --seq_len 1024 --micro_batch 8 --steps 6 --warmup 2 --gemm_size 8192)
+else
+    step "kernels" 60 "$PY" bench/kernels.py --quick --out "$WORK/kernels.json"
+    d2048=(--parts c --quick)
+fi
+for fp8 in off "$FP8_MODE"; do
+    label=$([ "$fp8" = off ] && echo bf16 || echo fp8)
+    step "step d2048 $label" 60 "$PY" bench/train_throughput.py "${d2048[@]}" --fp8 "$fp8" \
+        --out "$WORK/throughput_d2048_$label.json"
+done
+
+# --- one page, and the logs in one file (the device tool returns at most 8 files)
+"$PY" bench/gpu_check.py summary --work "$WORK" --out "$out/SUMMARY.md" > "$WORK/summary.log" 2>&1
+status=$?
+if [ ! -s "$out/SUMMARY.md" ]; then  # the summary itself broke: still leave a page
+    { echo "# gpu_check ($mode): the summary failed"; echo; echo "machine: $machine"; echo '```';
+      cat "$WORK/steps.tsv" "$WORK/summary.log"; echo '```'; } > "$out/SUMMARY.md"
+    status=1
+fi
+tar -czf "$out/logs.tar.gz" -C "$WORK" --exclude='checkpoints' --exclude='final' --exclude='torch_extensions' .
+cat "$out/SUMMARY.md"
+echo "gpu_check ($mode): $((SECONDS - start)) s; wrote $out/SUMMARY.md and $out/logs.tar.gz"
+exit $status

@@ -1,0 +1,115 @@
+"""Every tensor the trainer hands to torch.distributed lives on the engine's device.
+
+NCCL serves CUDA tensors only, so a collective tensor built on the host crashes the first GPU step;
+gloo on CPU would never show it. These tests run the trainer's collectives under
+:class:`tests.train.fake_accelerator.FakeAccelerator`: the engine's device is a second device and
+the process group serves that device alone, as NCCL does on a GPU.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ds_sft.train import checkpointing
+from ds_sft.train.distributed import all_reduce_sum, any_rank
+from ds_sft.train.loop import IGNORE_INDEX, train_step
+from tests.train.fake_accelerator import DEVICE, FakeAccelerator
+
+pytestmark = pytest.mark.usefixtures("dist_env")
+
+
+class FakeEngine:
+    """The surface of a DeepSpeed engine that ``train_step`` uses, on ``DEVICE``. Its loss sum is a
+    fixed function of the tokens (0.001 x the sum of the trained tokens' ids), computed where the
+    inputs are, so the test knows the right answer."""
+
+    device = DEVICE
+
+    def __init__(self):
+        self.optimizer = SimpleNamespace(overflow=False, param_groups=[])  # a ZeRO optimizer
+        self.backward_losses, self.steps = [], 0
+
+    def __call__(self, input_ids, labels, **inputs):
+        for tensor in (input_ids, labels, *inputs.values()):
+            assert tensor.device == self.device, "train_step must move every input to the engine's device"
+        return ((labels != IGNORE_INDEX) * input_ids).sum().float() * 1e-3
+
+    def backward(self, loss, scale_wrt_gas):
+        assert not scale_wrt_gas
+        self.backward_losses.append(loss)
+
+    def step(self):
+        self.steps += 1
+
+    def get_global_grad_norm(self):
+        return 1.0
+
+
+def make_batches(shapes: list[tuple[int, int]], ignore_every: int) -> list[dict]:
+    batches, offset = [], 0
+    for rows, length in shapes:
+        ids = torch.arange(offset, offset + rows * length).view(rows, length) % 97 + 1
+        labels = ids.clone()
+        labels.view(-1)[::ignore_every] = IGNORE_INDEX
+        offset += rows * length
+        batches.append(
+            {"input_ids": ids, "labels": labels, "position_ids": torch.arange(length).expand(rows, length)}
+        )
+    return batches
+
+
+@settings(max_examples=25)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 9)), min_size=1, max_size=4),
+    ignore_every=st.integers(1, 5),
+)
+def test_train_step_collectives_run_on_the_engine_device(shapes, ignore_every):
+    batches = make_batches(shapes, ignore_every)
+    trained = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    loss_sum = sum(float(((b["labels"] != IGNORE_INDEX) * b["input_ids"]).sum()) * 1e-3 for b in batches)
+    engine = FakeEngine()
+    with FakeAccelerator():
+        result = train_step(engine, batches, world_size=1)
+    assert result["trained_tokens"] == trained
+    assert result["loss"] == pytest.approx(loss_sum / max(trained, 1), rel=1e-6)
+    assert result["finite"] and engine.steps == len(batches)
+    assert all(loss.device == DEVICE for loss in engine.backward_losses)
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_stop_flag_agreement_runs_on_the_engine_device(flag):
+    with FakeAccelerator():
+        assert any_rank(flag, DEVICE) is flag
+
+
+VALUES = [[0.0], [1.5, -2.0, 3.25], torch.arange(6, dtype=torch.float64).view(2, 3)]
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_all_reduce_sum_returns_a_new_tensor_on_the_device(values):
+    with FakeAccelerator():
+        source = values.to(DEVICE) if isinstance(values, torch.Tensor) else values
+        total = all_reduce_sum(source, DEVICE)
+        assert total.device == DEVICE and total is not source
+        assert total.cpu().tolist() == torch.as_tensor(values, dtype=torch.float64).tolist()  # one rank
+
+
+def test_rng_states_gather_through_the_device_backend():
+    expected = checkpointing.rng_state()
+    with FakeAccelerator():
+        (gathered,) = checkpointing.gather_rng_states()
+    assert torch.equal(gathered["torch"], expected["torch"])
+    assert gathered["python"] == expected["python"]
+
+
+def test_the_fake_backend_refuses_host_tensors():
+    """The harness itself: a CPU tensor in a collective raises, as under NCCL (else the tests above
+    would pass on code that builds its collective tensors on the host)."""
+    with FakeAccelerator(), pytest.raises(RuntimeError, match="device type cpu"):
+        dist.all_reduce(torch.ones(2, dtype=torch.float64))

@@ -1,0 +1,101 @@
+"""Slurm's variables become torch's before anything reads them (pure functions, no process group)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ds_sft.train.distributed import first_host, slurm_master_port, use_slurm_environment
+
+names = st.from_regex(r"[a-z][a-z0-9\-]{0,8}[a-z]", fullmatch=True)
+
+
+@st.composite
+def nodelists(draw):
+    """A compact Slurm node list and its first host, built from the hosts it stands for."""
+    groups, first = [], None
+    for _ in range(draw(st.integers(1, 3))):
+        prefix = draw(names)
+        if draw(st.booleans()):  # a plain host name
+            groups.append(prefix)
+            first = first or prefix
+            continue
+        width = draw(st.integers(1, 4))
+        ranges = []
+        for _ in range(draw(st.integers(1, 3))):
+            start = draw(st.integers(0, 10**width - 2))
+            end = draw(st.integers(start, 10**width - 1))
+            ranges.append(f"{start:0{width}d}" if start == end else f"{start:0{width}d}-{end:0{width}d}")
+        suffix = draw(st.sampled_from(["", "-ib"]))
+        groups.append(f"{prefix}[{','.join(ranges)}]{suffix}")
+        first = first or f"{prefix}{ranges[0].split('-')[0]}{suffix}"
+    return ",".join(groups), first
+
+
+@given(nodelists())
+def test_first_host_of_a_compact_node_list(case):
+    nodelist, expected = case
+    assert first_host(nodelist) == expected
+
+
+@given(
+    ntasks=st.integers(1, 64),
+    data=st.data(),
+    job_id=st.integers(1, 10**8),
+    nodelist=nodelists(),
+)
+def test_every_rank_derives_the_same_group(ntasks, data, job_id, nodelist):
+    ranks = []
+    for procid in sorted(set(data.draw(st.lists(st.integers(0, ntasks - 1), min_size=1, max_size=4)))):
+        env = {
+            "SLURM_PROCID": str(procid),
+            "SLURM_NTASKS": str(ntasks),
+            "SLURM_LOCALID": str(procid % 8),
+            "SLURM_JOB_ID": str(job_id),
+            "SLURM_JOB_NODELIST": nodelist[0],
+        }
+        assert use_slurm_environment(env)
+        expected = {"RANK": str(procid), "WORLD_SIZE": str(ntasks), "LOCAL_RANK": str(procid % 8)}
+        assert {k: env[k] for k in expected} == expected
+        ranks.append((env["MASTER_ADDR"], env["MASTER_PORT"]))
+    assert len(set(ranks)) == 1, "all ranks must meet at one address and port"
+    address, port = ranks[0]
+    assert address == nodelist[1] and int(port) == slurm_master_port(str(job_id))
+    assert 1024 < int(port) < 32768  # a fixed port outside Linux's ephemeral range
+
+
+def test_a_launcher_that_set_rank_wins():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "MASTER_PORT": "1234"}
+    before = dict(env)
+    assert not use_slurm_environment(env)
+    assert env == before
+
+
+def test_train_translates_slurm_before_the_config_reads_world_size(monkeypatch):
+    """``ds-sft train`` under srun: the config check must already see SLURM_NTASKS as WORLD_SIZE."""
+    from ds_sft.train import cli
+    from ds_sft.train import config as config_module
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def resolve(args):
+        seen.update(world=os.environ.get("WORLD_SIZE"), rank=os.environ.get("RANK"))
+        raise Stop
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # records the value to restore: run() writes these
+        monkeypatch.delenv(key)
+    slurm = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-2]"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(config_module, "resolve", resolve)
+    with pytest.raises(Stop):
+        cli.run(argparse.Namespace())
+    assert seen == {"world": "2", "rank": "1"}
