@@ -1,18 +1,9 @@
 """What ``ds-sft eval`` measures on one model: val metrics per source, GSM8K, fixed-prompt answers.
 
-Validation. The val split is the packed rows ``prepare`` wrote: each row holds several documents,
-each token knows its source (``source_ids``) and its target (``labels``, already shifted, ``-100``
-where nothing is trained). The model's own loss is one sum over all sources, so here the final
-hidden states come back and the cross-entropy of every trained token is computed in fp32 and summed
-into per-source buckets:
-
-    loss(s)       = sum of -log p(label) over trained tokens of source s / their count
-    perplexity(s) = exp(loss(s))
-    accuracy(s)   = share of those tokens where argmax(logits) == label
-
-"overall" pools every trained token, so it weighs sources by their tokens (like training does),
-not by a plain mean over sources. Logits are made only for trained positions, a few thousand at a
-time: fp32 logits of a whole batch at a 49k-50k vocabulary would be gigabytes.
+Validation. The val split is the packed rows ``prepare`` wrote; the metrics per source (loss,
+perplexity, next-token accuracy, token counts) come from the evaluator the trainer uses too
+(:mod:`ds_sft.model.scoring`), on every row or on the stratified sample of ``--val_rows`` rows
+(:mod:`ds_sft.data.val_sample`), so a trainer's eval and ``ds-sft eval`` agree on the same rows.
 
 Generation. GSM8K questions and the fixed prompts are rendered with the data dir's template and
 tokenizer (:class:`EvalData`), exactly as ``prepare`` rendered training prompts, and answered
@@ -23,102 +14,24 @@ a new "### Instruction:" turn).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from ds_sft.errors import UserError
 
-IGNORE_INDEX = -100
-CE_CHUNK_TOKENS = 2048
 
-
-@dataclass
-class TokenTotals:
-    """Running sums per source: summed loss, correct predictions, trained tokens."""
-
-    loss_sum: torch.Tensor  # float64 [num_sources]
-    correct: torch.Tensor  # int64 [num_sources]
-    tokens: torch.Tensor  # int64 [num_sources]
-
-    @classmethod
-    def zeros(cls, num_sources: int) -> TokenTotals:
-        return cls(
-            torch.zeros(num_sources, dtype=torch.float64),
-            torch.zeros(num_sources, dtype=torch.int64),
-            torch.zeros(num_sources, dtype=torch.int64),
-        )
-
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, source_ids: torch.Tensor) -> None:
-        """Fold in trained positions: ``logits`` [N, V], ``labels`` and ``source_ids`` [N]."""
-        if bool((source_ids < 0).any()):
-            raise ValueError("a trained token (label != -100) has no source (source_id -1)")
-        losses = F.cross_entropy(logits.float(), labels, reduction="none").double().cpu()
-        hits = (logits.argmax(dim=-1) == labels).long().cpu()
-        sources = source_ids.cpu()
-        self.loss_sum.index_add_(0, sources, losses)
-        self.correct.index_add_(0, sources, hits)
-        self.tokens.index_add_(0, sources, torch.ones_like(hits))
-
-    def summary(self, sources: list[str]) -> dict:
-        """``{"overall": metrics, "by_source": {name: metrics}}``; sources without tokens are left out."""
-
-        def metrics(loss_sum: float, correct: int, tokens: int) -> dict:
-            loss = loss_sum / tokens
-            return {
-                "loss": loss,
-                "perplexity": math.exp(loss),
-                "token_accuracy": correct / tokens,
-                "tokens": tokens,
-            }
-
-        by_source = {
-            name: metrics(self.loss_sum[i].item(), int(self.correct[i]), int(self.tokens[i]))
-            for i, name in enumerate(sources)
-            if self.tokens[i] > 0
-        }
-        total = int(self.tokens.sum())
-        if total == 0:
-            raise ValueError("no trained tokens in the evaluated rows")
-        overall = metrics(self.loss_sum.sum().item(), int(self.correct.sum()), total)
-        return {"overall": overall, "by_source": by_source}
-
-
-def spread_rows(total: int, count: int | None) -> list[int]:
-    """``count`` row indices spread evenly over ``range(total)`` (all of them when ``count`` is None).
-
-    Packing places long documents first, so the first rows alone would be a biased sample.
-    """
-    if count is None or count >= total:
-        return list(range(total))
-    return [i * total // count for i in range(count)]
-
-
-@torch.no_grad()
 def validation_metrics(model, dataset, batch_size: int, max_rows: int | None = None) -> dict:
-    """Per-source and overall loss / perplexity / accuracy of ``model`` on a ``PackedDataset``."""
-    from tqdm import tqdm
+    """Per-source and overall loss / perplexity / accuracy of ``model`` on a ``PackedDataset``:
+    every row, or the stratified sample of ``max_rows``."""
+    from ds_sft.data.val_sample import stratified_rows, trained_tokens_by_source
+    from ds_sft.model.scoring import score_rows, summarize
 
     device = next(model.parameters()).device
-    rows = spread_rows(len(dataset), max_rows)
-    totals = TokenTotals.zeros(len(dataset.sources))
+    rows = stratified_rows(trained_tokens_by_source(dataset), max_rows)
     model.eval()
-    for start in tqdm(range(0, len(rows), batch_size), desc="val", unit="batch"):
-        items = [dataset[i] for i in rows[start : start + batch_size]]
-        batch = {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
-        hidden = model.hidden_states(
-            batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"]
-        )
-        trained = batch["labels"] != IGNORE_INDEX
-        hidden, labels, sources = hidden[trained], batch["labels"][trained], batch["source_ids"][trained]
-        for chunk in range(0, labels.numel(), CE_CHUNK_TOKENS):
-            window = slice(chunk, chunk + CE_CHUNK_TOKENS)
-            totals.add(model.logits(hidden[window]), labels[window], sources[window])
-    return {**totals.summary(list(dataset.sources)), "rows": len(rows)}
+    totals = score_rows(model, dataset, rows, batch_size, device)
+    return {**summarize(totals, list(dataset.sources)), "rows": len(rows)}
 
 
 # Where an Alpaca-format completion has run on into a new, invented turn.
