@@ -7,8 +7,8 @@ perplexity, next-token accuracy, token counts) come from the evaluator the train
 
 Generation. GSM8K questions and the fixed prompts are rendered with the data dir's template and
 tokenizer (:class:`EvalData`), exactly as ``prepare`` rendered training prompts, and answered
-greedily with the KV cache until EOS (or, for the Alpaca template, until the model starts inventing
-a new "### Instruction:" turn).
+greedily with the KV cache until EOS or the template's end-of-turn token (or, for the Alpaca
+template, until the model starts inventing a new "### Instruction:" turn).
 """
 
 from __future__ import annotations
@@ -77,8 +77,38 @@ class EvalData:
     def stop_strings(self) -> tuple[str, ...]:
         return ALPACA_STOP_STRINGS if self.template == "alpaca" else ()
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """The tokens that end an answer: EOS, and with the chat template its end-of-turn token."""
+        ids = [self.tokenizer.eos_token_id]
+        if self.template == "chat":
+            ids += [i for i in end_of_turn_ids(self.tokenizer) if i not in ids]
+        return ids
 
-def complete(model, data: EvalData, records: list[dict], max_new_tokens: int) -> list[str]:
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token(s) the chat template writes right after an assistant message
+    (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...): where a chat model ends its answer,
+    whether or not the tokenizer's EOS is that token."""
+    marker = "\u2063answer\u2063"  # text no template rewrites
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if marker not in text:
+        return []
+    after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return after[:1] if after and after[0] in special else []
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # cut at any stop string, stripped
+    hit_max_new_tokens: bool  # ran out of tokens before EOS / end of turn / a stop string
+
+
+def complete(
+    model, data: EvalData, records: list[dict], max_new_tokens: int, repetition_penalty: float = 1.0
+) -> list[Completion]:
     """Greedy completions of ``records`` (one batch), as text cut at any stop string."""
     from ds_sft.model.generate import cut_at_stop_string, generate
 
@@ -91,12 +121,19 @@ def complete(model, data: EvalData, records: list[dict], max_new_tokens: int) ->
         model,
         [data.prompt_ids(record) for record in records],
         max_new_tokens=max_new_tokens,
-        eos_ids=[tokenizer.eos_token_id],
+        eos_ids=data.stop_ids,
         stop_strings=data.stop_strings,
         decode=decode,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        repetition_penalty=repetition_penalty,
     )
-    return [cut_at_stop_string(decode(ids), data.stop_strings).strip() for ids in outputs]
+    completions = []
+    for ids in outputs:
+        text = decode(ids)
+        cut = cut_at_stop_string(text, data.stop_strings)
+        # a stop token ends a row without being returned, so only a full-length row can have run out
+        completions.append(Completion(cut.strip(), len(ids) >= max_new_tokens and cut == text))
+    return completions
 
 
 def check_vocabulary(model, data: EvalData, spec: str) -> None:
@@ -123,10 +160,15 @@ def evaluate_model(
     val_rows: int | None,
     run_val: bool,
     run_generations: bool,
+    repetition_penalty: float = 1.0,
+    harness: dict | None = None,
 ) -> dict:
-    """Everything ``ds-sft eval`` measures for one model: val metrics, GSM8K, fixed-prompt answers."""
+    """Everything ``ds-sft eval`` measures for one model: val metrics, GSM8K, fixed-prompt answers,
+    and with ``harness`` (``{"label", "configs", "doc_ids"}``: task configs and the test-file rows of
+    ``problems``) the lm-evaluation-harness on the same model and its cross-check against GSM8K."""
     from ds_sft.eval import gsm8k
     from ds_sft.eval.prompts import FIXED_PROMPTS
+    from ds_sft.eval.stats import accuracy_summary
     from ds_sft.model.checkpoint import load_model
 
     seconds = {}
@@ -144,14 +186,17 @@ def evaluate_model(
     if problems:
         start = time.perf_counter()
 
-        def answer(questions: list[str]) -> list[str]:
-            return complete(model, data, [{"instruction": q, "input": ""} for q in questions], max_new_tokens)
+        def answer(questions: list[str]) -> list[tuple[str, bool]]:
+            records = [{"instruction": q, "input": ""} for q in questions]
+            return [
+                (c.text, c.hit_max_new_tokens)
+                for c in complete(model, data, records, max_new_tokens, repetition_penalty)
+            ]
 
         score = gsm8k.score(problems, answer, generate_batch_size)
         result["gsm8k"] = {
-            "accuracy": score.accuracy,
-            "correct": score.correct,
-            "total": score.total,
+            **accuracy_summary(score.correct, score.total),
+            "hit_max_new_tokens": sum(sample["hit_max_new_tokens"] for sample in score.samples),
             "samples": score.samples,
         }
         seconds["gsm8k"] = time.perf_counter() - start
@@ -159,14 +204,53 @@ def evaluate_model(
     if run_generations:
         start = time.perf_counter()
         records = [prompt.as_record() for prompt in FIXED_PROMPTS]
-        texts = []
+        completions = []
         for first in range(0, len(records), generate_batch_size):
-            texts += complete(model, data, records[first : first + generate_batch_size], max_new_tokens)
+            batch = records[first : first + generate_batch_size]
+            completions += complete(model, data, batch, max_new_tokens, repetition_penalty)
         result["generations"] = [
-            {"name": p.name, "category": p.category, "prompt": _user_text(p), "completion": text}
-            for p, text in zip(FIXED_PROMPTS, texts, strict=True)
+            {
+                "name": p.name,
+                "category": p.category,
+                "prompt": _user_text(p),
+                "completion": c.text,
+                "hit_max_new_tokens": c.hit_max_new_tokens,
+            }
+            for p, c in zip(FIXED_PROMPTS, completions, strict=True)
         ]
         seconds["generations"] = time.perf_counter() - start
+
+    if harness:
+        from ds_sft.eval.harness import cross_check, harness_scores, run_harness
+
+        start = time.perf_counter()
+        gsm8k_task = any(config["task"] == "gsm8k" for config in harness["configs"])
+        output = run_harness(
+            model,
+            data.tokenizer,
+            harness["configs"],
+            samples={"gsm8k": harness["doc_ids"]} if gsm8k_task else None,
+            chat_template=data.template == "chat",
+            batch_size=generate_batch_size,
+            device=device,
+        )
+        result["harness"] = {
+            "version": output["version"],
+            "results": output["results"],
+            "scores": harness_scores(harness["label"], output),
+            "cross_check": (
+                cross_check(
+                    harness["label"],
+                    result["gsm8k"]["samples"],
+                    harness["doc_ids"],
+                    output["samples"]["gsm8k"],
+                )
+                if gsm8k_task and result["gsm8k"]
+                else []
+            ),
+            "samples": output["samples"],
+        }
+        seconds["harness"] = time.perf_counter() - start
 
     result["seconds"] = {name: round(value, 1) for name, value in seconds.items()}
     return result
