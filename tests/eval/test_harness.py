@@ -83,3 +83,15 @@ def test_gsm8k_task_keeps_the_harness_semantics_on_local_data():
 def test_unknown_harness_task_is_a_user_error():
     with pytest.raises(UserError, match="not fetched from the hub"):
         harness.task_configs(["hellaswag"], "/data/test.jsonl", 16)
+
+
+def test_other_tasks_come_from_a_local_task_config_yaml(tmp_path):
+    """Any task besides gsm8k is a task config file naming local data; it is passed on as written."""
+    import yaml
+
+    config = {**harness.gsm8k_task_config(str(tmp_path / "mine.jsonl"), 32), "task": "my_arithmetic"}
+    path = tmp_path / "my_arithmetic.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert harness.task_configs([str(path)], None, 64) == [config]
+    with pytest.raises(UserError, match="--gsm8k_test"):
+        harness.task_configs(["gsm8k"], None, 64)
