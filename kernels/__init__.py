@@ -35,7 +35,7 @@ import importlib.util
 
 import torch
 
-from kernels.fused_linear_cross_entropy import DEFAULT_CHUNK_SIZE, LinearCrossEntropyFunction
+from kernels.fused_linear_cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy_chunked
 from kernels.reference import (
     cross_entropy_reference,
     linear_cross_entropy_reference,
@@ -127,7 +127,7 @@ def linear_cross_entropy(
         return linear_cross_entropy_reference(
             hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss
         )
-    chunked = LinearCrossEntropyFunction.apply
+    chunked = linear_cross_entropy_chunked
     if torch.compiler.is_compiling():
         # The chunk loop keeps only the trained rows, a data-dependent shape: under torch.compile it
         # runs eagerly after the model's graph instead of breaking the graph half-way through.

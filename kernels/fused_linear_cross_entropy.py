@@ -16,6 +16,11 @@ row's prompt and padding have no loss, and skipping their logits saves their sha
 Peak extra memory is one logits chunk plus ``grad_W`` instead of ``O(N x V)``;
 1,024 tokens x 50,304 x 4 bytes = 206 MB per chunk. The loss is accumulated in fp32.
 
+No gradient is wanted under ``torch.no_grad`` / ``inference_mode`` (an evaluation) or when neither
+``hidden`` nor ``weight`` requires one: then the loop computes losses only. The autograd function
+cannot see that by itself (its forward always runs with grad disabled, and ``needs_input_grad``
+follows ``requires_grad`` alone), so :func:`linear_cross_entropy_chunked` tells it.
+
 ``reduction="none"`` is different: each token's upstream gradient is unknown until the backward, and
 ``grad_W`` sums over tokens, so it cannot be precomputed. The forward then computes losses only and
 the backward runs the chunk loop again with each row scaled by its own upstream gradient.
@@ -167,16 +172,45 @@ def _scatter_rows(x: torch.Tensor, rows: torch.Tensor | None, total: int) -> tor
     return x.new_zeros((total, *x.shape[1:])).index_copy_(0, rows, x)
 
 
+def linear_cross_entropy_chunked(
+    hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, backend
+):
+    """The chunked loss, with its gradients precomputed only when a backward can follow."""
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return LinearCrossEntropyFunction.apply(
+        hidden,
+        weight,
+        labels,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        chunk_size,
+        backend,
+        wants_grad,
+    )
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """The chunked loss; ``apply(hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss,
-    chunk_size, backend)``.
+    chunk_size, backend, wants_grad)`` (call it through :func:`linear_cross_entropy_chunked`).
 
     ``backend`` is ``"triton"`` (the CE kernel per chunk) or ``"torch"`` (its PyTorch twin).
     """
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, backend
+        ctx,
+        hidden,
+        weight,
+        labels,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        chunk_size,
+        backend,
+        wants_grad,
     ):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -197,14 +231,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
         if reduction == "none":
             ctx.recompute = (loss_and_grad, options, chunk_size)
-            ctx.save_for_backward(hidden2d, weight, labels1d)
+            if wants_grad:
+                ctx.save_for_backward(hidden2d, weight, labels1d)
             losses = _chunked_losses(hidden2d, weight, labels1d, loss_and_grad, options, chunk_size)
             return _scatter_rows(losses, ctx.trained_rows, labels.numel()).view(labels.shape)
 
         n_valid = trained.sum() if reduction == "mean" else None
         total, grad_hidden, grad_weight = _chunked_loss_and_grads(
             hidden2d, weight, labels1d, loss_and_grad, options, chunk_size,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1], n_valid=n_valid,
+            wants_grad and ctx.needs_input_grad[0], wants_grad and ctx.needs_input_grad[1], n_valid=n_valid,
         )  # fmt: skip
         # Kept on ctx rather than saved: the backward scales them in place and hands them over, so
         # no second weight-sized buffer appears (a second backward through this graph is refused).
@@ -236,4 +271,4 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_hidden = _scatter_rows(grad_hidden, ctx.trained_rows, rows).view(ctx.hidden_shape)
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None

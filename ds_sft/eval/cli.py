@@ -10,7 +10,13 @@ For each model, in this order:
 2. GSM8K test accuracy: greedy chain-of-thought answers with the KV cache, scored by exact numeric
    match of the final number (``--gsm8k_limit N``: a seeded subset, the same for every model);
 3. greedy answers to a fixed set of prompts (one per Dolly category, a math problem, an open
-   question), printed side by side in the report.
+   question), printed side by side in the report;
+4. with ``--harness gsm8k`` (or task config YAMLs): EleutherAI's lm-evaluation-harness on the same
+   model and problems, offline, cross-checked against ds-sft's own GSM8K score (ds_sft.eval.harness).
+
+Every accuracy comes with its sample size and 95% Wilson interval; ``--compare`` adds an exact
+paired (McNemar) test on the problems both models answered: at n = 10, 1/10 against 0/10 is "not
+significant" (ds_sft.eval.stats).
 
 Prompts are rendered with the template recorded in the data dir's ``manifest.json`` and tokenized
 with the data dir's tokenizer: the model is asked in exactly the format it was trained on. The
@@ -29,7 +35,7 @@ from ds_sft.paths import writable_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ds_sft.options import INT32_MAX, INT64_MAX, Int
+    from ds_sft.options import INT32_MAX, INT64_MAX, Float, Int
 
     which = parser.add_argument_group("what to evaluate")
     models = which.add_mutually_exclusive_group(required=True)
@@ -89,6 +95,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="longest greedy answer (GSM8K and fixed prompts)",
     )
+    generation.add_argument(
+        "--repetition_penalty",
+        type=Float(0.0, 100.0, min_open=True),
+        default=1.0,
+        help="divide the logits of tokens already in the prompt or answer by this (1.0 = off; 1.2 breaks "
+        "loops)",
+    )
+
+    harness = parser.add_argument_group("lm-evaluation-harness (pip install 'ds-sft[eval]')")
+    harness.add_argument(
+        "--harness",
+        default=None,
+        metavar="TASKS",
+        help="comma-separated harness tasks run offline on the same model: gsm8k (the GSM8K test file "
+        "above, same problems, cross-checked against ds-sft's score) or task config .yaml paths with "
+        "local data",
+    )
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch_size", type=Int(1, 2**16), default=8, help="packed rows per val forward")
@@ -139,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.data.model_match import check_tokenizer
     from ds_sft.eval import evaluate, gsm8k
     from ds_sft.eval.report import write_report
+    from ds_sft.eval.stats import paired_comparison
 
     _check_args(args)
     specs = list(args.compare) if args.compare else [args.model]
@@ -150,10 +174,12 @@ def run(args: argparse.Namespace) -> int:
     data = evaluate.EvalData.open(Path(args.data_dir), need_val=not args.no_val)
     for spec in specs:  # before any weights load: a model with another tokenizer is refused in one line
         check_tokenizer(spec, args.data_dir)
-    problems, gsm8k_origin = [], None
+    problems, gsm8k_origin, doc_ids = [], None, []
     if not args.no_gsm8k:
         all_problems, gsm8k_origin = gsm8k.load_test_set(args.gsm8k_test)
-        problems = gsm8k.select(all_problems, args.gsm8k_limit, args.seed)
+        doc_ids = gsm8k.select_indices(len(all_problems), args.gsm8k_limit, args.seed)
+        problems = [all_problems[i] for i in doc_ids]
+    harness_configs = _harness_configs(args, gsm8k_origin)
 
     results = []
     for spec, label in zip(specs, _labels(specs), strict=True):
@@ -170,6 +196,10 @@ def run(args: argparse.Namespace) -> int:
             val_rows=args.val_rows,
             run_val=not args.no_val,
             run_generations=not args.no_generate,
+            repetition_penalty=args.repetition_penalty,
+            harness={"label": label, "configs": harness_configs, "doc_ids": doc_ids}
+            if harness_configs
+            else None,
         )
         results.append({"label": label, "model": spec, **result})
 
@@ -181,25 +211,64 @@ def run(args: argparse.Namespace) -> int:
         "gsm8k_seed": args.seed,
         "gsm8k_limit": args.gsm8k_limit,
         "max_new_tokens": args.max_new_tokens,
+        "repetition_penalty": args.repetition_penalty,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "device": str(device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+    graded = [result for result in results if result.get("gsm8k")]
+    if len(graded) == 2:
+        meta["gsm8k_paired"] = paired_comparison(
+            *([s["correct"] for s in result["gsm8k"]["samples"]] for result in graded),
+            labels=(graded[0]["label"], graded[1]["label"]),
+        )
+    if harness_configs:
+        meta["harness"] = {
+            "version": results[0]["harness"]["version"],
+            "task_configs": harness_configs,
+            "scores": [row for result in results for row in result["harness"]["scores"]],
+            "cross_check": [check for result in results for check in result["harness"]["cross_check"]],
+        }
     paths = write_report(Path(args.out), results, meta)
-    _print_summary(results)
+    _print_summary(results, meta)
     print("wrote " + ", ".join(str(path) for path in paths.values()))
     return 0
 
 
-def _print_summary(results: list[dict]) -> None:
+def _harness_configs(args: argparse.Namespace, gsm8k_origin: str | None) -> list[dict]:
+    """The ``--harness`` task configs; gsm8k must read the same local test file as ds-sft."""
+    from ds_sft.eval import harness
+
+    if not args.harness:
+        return []
+    tasks = [task.strip() for task in args.harness.split(",") if task.strip()]
+    if "gsm8k" in tasks and (args.no_gsm8k or gsm8k_origin is None or gsm8k_origin.startswith("hub:")):
+        raise UserError(
+            "--harness gsm8k scores the same problems as ds-sft's GSM8K: drop --no_gsm8k and give the "
+            "test set as a local file (--gsm8k_test PATH/test.jsonl)"
+        )
+    harness.version()  # a missing lm-eval is one line, before any model loads
+    return harness.task_configs(tasks, gsm8k_origin, args.max_new_tokens)
+
+
+def _print_summary(results: list[dict], meta: dict) -> None:
+    from ds_sft.eval.report import truncation_warnings
+    from ds_sft.eval.stats import format_accuracy
+
     for result in results:
         parts = [result["label"]]
         if result.get("val"):
             overall = result["val"]["overall"]
-            parts.append(f"val loss {overall['loss']:.4f} ppl {overall['perplexity']:.2f}")
+            loss, ppl, tokens = overall["loss"], overall["perplexity"], overall["tokens"]
+            parts.append(f"val loss {loss:.4f} ppl {ppl:.2f} ({tokens:,} tokens)")
             parts += [f"{name} {m['loss']:.3f}" for name, m in result["val"]["by_source"].items()]
         if result.get("gsm8k"):
-            g = result["gsm8k"]
-            parts.append(f"gsm8k {g['accuracy']:.1%} ({g['correct']}/{g['total']})")
+            parts.append(f"gsm8k {format_accuracy(result['gsm8k'])}")
         print(" | ".join(parts))
+    if meta.get("gsm8k_paired"):
+        print(f"gsm8k paired: {meta['gsm8k_paired']['summary']}")
+    for check in (meta.get("harness") or {}).get("cross_check", []):
+        print(f"cross-check {check['label']}: {check['summary']}")
+    for line in truncation_warnings(results, meta.get("max_new_tokens")):
+        print(f"WARNING: {line}")

@@ -1,124 +1,37 @@
 """What ``ds-sft eval`` measures on one model: val metrics per source, GSM8K, fixed-prompt answers.
 
-Validation. The val split is the packed rows ``prepare`` wrote: each row holds several documents,
-each token knows its source (``source_ids``) and its target (``labels``, already shifted, ``-100``
-where nothing is trained). The model's own loss is one sum over all sources, so here the final
-hidden states come back and the cross-entropy of every trained token is computed in fp32 and summed
-into per-source buckets:
-
-    loss(s)       = sum of -log p(label) over trained tokens of source s / their count
-    perplexity(s) = exp(loss(s))
-    accuracy(s)   = share of those tokens where argmax(logits) == label
-
-"overall" pools every trained token, so it weighs sources by their tokens (like training does),
-not by a plain mean over sources. Logits are made only for trained positions, a few thousand at a
-time: fp32 logits of a whole batch at a 49k-50k vocabulary would be gigabytes.
+Validation. The val split is the packed rows ``prepare`` wrote; the metrics per source (loss,
+perplexity, next-token accuracy, token counts) come from the evaluator the trainer uses too
+(:mod:`ds_sft.model.scoring`), on every row or on the stratified sample of ``--val_rows`` rows
+(:mod:`ds_sft.data.val_sample`), so a trainer's eval and ``ds-sft eval`` agree on the same rows.
 
 Generation. GSM8K questions and the fixed prompts are rendered with the data dir's template and
 tokenizer (:class:`EvalData`), exactly as ``prepare`` rendered training prompts, and answered
-greedily with the KV cache until EOS (or, for the Alpaca template, until the model starts inventing
-a new "### Instruction:" turn).
+greedily with the KV cache until EOS or the template's end-of-turn token (or, for the Alpaca
+template, until the model starts inventing a new "### Instruction:" turn).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from ds_sft.errors import UserError
 
-IGNORE_INDEX = -100
-CE_CHUNK_TOKENS = 2048
 
-
-@dataclass
-class TokenTotals:
-    """Running sums per source: summed loss, correct predictions, trained tokens."""
-
-    loss_sum: torch.Tensor  # float64 [num_sources]
-    correct: torch.Tensor  # int64 [num_sources]
-    tokens: torch.Tensor  # int64 [num_sources]
-
-    @classmethod
-    def zeros(cls, num_sources: int) -> TokenTotals:
-        return cls(
-            torch.zeros(num_sources, dtype=torch.float64),
-            torch.zeros(num_sources, dtype=torch.int64),
-            torch.zeros(num_sources, dtype=torch.int64),
-        )
-
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, source_ids: torch.Tensor) -> None:
-        """Fold in trained positions: ``logits`` [N, V], ``labels`` and ``source_ids`` [N]."""
-        if bool((source_ids < 0).any()):
-            raise ValueError("a trained token (label != -100) has no source (source_id -1)")
-        losses = F.cross_entropy(logits.float(), labels, reduction="none").double().cpu()
-        hits = (logits.argmax(dim=-1) == labels).long().cpu()
-        sources = source_ids.cpu()
-        self.loss_sum.index_add_(0, sources, losses)
-        self.correct.index_add_(0, sources, hits)
-        self.tokens.index_add_(0, sources, torch.ones_like(hits))
-
-    def summary(self, sources: list[str]) -> dict:
-        """``{"overall": metrics, "by_source": {name: metrics}}``; sources without tokens are left out."""
-
-        def metrics(loss_sum: float, correct: int, tokens: int) -> dict:
-            loss = loss_sum / tokens
-            return {
-                "loss": loss,
-                "perplexity": math.exp(loss),
-                "token_accuracy": correct / tokens,
-                "tokens": tokens,
-            }
-
-        by_source = {
-            name: metrics(self.loss_sum[i].item(), int(self.correct[i]), int(self.tokens[i]))
-            for i, name in enumerate(sources)
-            if self.tokens[i] > 0
-        }
-        total = int(self.tokens.sum())
-        if total == 0:
-            raise ValueError("no trained tokens in the evaluated rows")
-        overall = metrics(self.loss_sum.sum().item(), int(self.correct.sum()), total)
-        return {"overall": overall, "by_source": by_source}
-
-
-def spread_rows(total: int, count: int | None) -> list[int]:
-    """``count`` row indices spread evenly over ``range(total)`` (all of them when ``count`` is None).
-
-    Packing places long documents first, so the first rows alone would be a biased sample.
-    """
-    if count is None or count >= total:
-        return list(range(total))
-    return [i * total // count for i in range(count)]
-
-
-@torch.no_grad()
 def validation_metrics(model, dataset, batch_size: int, max_rows: int | None = None) -> dict:
-    """Per-source and overall loss / perplexity / accuracy of ``model`` on a ``PackedDataset``."""
-    from tqdm import tqdm
+    """Per-source and overall loss / perplexity / accuracy of ``model`` on a ``PackedDataset``:
+    every row, or the stratified sample of ``max_rows``."""
+    from ds_sft.data.val_sample import stratified_rows, trained_tokens_by_source
+    from ds_sft.model.scoring import score_rows, summarize
 
     device = next(model.parameters()).device
-    rows = spread_rows(len(dataset), max_rows)
-    totals = TokenTotals.zeros(len(dataset.sources))
+    rows = stratified_rows(trained_tokens_by_source(dataset), max_rows)
     model.eval()
-    for start in tqdm(range(0, len(rows), batch_size), desc="val", unit="batch"):
-        items = [dataset[i] for i in rows[start : start + batch_size]]
-        batch = {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
-        hidden = model.hidden_states(
-            batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"]
-        )
-        trained = batch["labels"] != IGNORE_INDEX
-        hidden, labels, sources = hidden[trained], batch["labels"][trained], batch["source_ids"][trained]
-        for chunk in range(0, labels.numel(), CE_CHUNK_TOKENS):
-            window = slice(chunk, chunk + CE_CHUNK_TOKENS)
-            totals.add(model.logits(hidden[window]), labels[window], sources[window])
-    return {**totals.summary(list(dataset.sources)), "rows": len(rows)}
+    totals = score_rows(model, dataset, rows, batch_size, device)
+    return {**summarize(totals, list(dataset.sources)), "rows": len(rows)}
 
 
 # Where an Alpaca-format completion has run on into a new, invented turn.
@@ -164,8 +77,38 @@ class EvalData:
     def stop_strings(self) -> tuple[str, ...]:
         return ALPACA_STOP_STRINGS if self.template == "alpaca" else ()
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """The tokens that end an answer: EOS, and with the chat template its end-of-turn token."""
+        ids = [self.tokenizer.eos_token_id]
+        if self.template == "chat":
+            ids += [i for i in end_of_turn_ids(self.tokenizer) if i not in ids]
+        return ids
 
-def complete(model, data: EvalData, records: list[dict], max_new_tokens: int) -> list[str]:
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token(s) the chat template writes right after an assistant message
+    (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...): where a chat model ends its answer,
+    whether or not the tokenizer's EOS is that token."""
+    marker = "\u2063answer\u2063"  # text no template rewrites
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if marker not in text:
+        return []
+    after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return after[:1] if after and after[0] in special else []
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # cut at any stop string, stripped
+    hit_max_new_tokens: bool  # ran out of tokens before EOS / end of turn / a stop string
+
+
+def complete(
+    model, data: EvalData, records: list[dict], max_new_tokens: int, repetition_penalty: float = 1.0
+) -> list[Completion]:
     """Greedy completions of ``records`` (one batch), as text cut at any stop string."""
     from ds_sft.model.generate import cut_at_stop_string, generate
 
@@ -178,12 +121,19 @@ def complete(model, data: EvalData, records: list[dict], max_new_tokens: int) ->
         model,
         [data.prompt_ids(record) for record in records],
         max_new_tokens=max_new_tokens,
-        eos_ids=[tokenizer.eos_token_id],
+        eos_ids=data.stop_ids,
         stop_strings=data.stop_strings,
         decode=decode,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        repetition_penalty=repetition_penalty,
     )
-    return [cut_at_stop_string(decode(ids), data.stop_strings).strip() for ids in outputs]
+    completions = []
+    for ids in outputs:
+        text = decode(ids)
+        cut = cut_at_stop_string(text, data.stop_strings)
+        # a stop token ends a row without being returned, so only a full-length row can have run out
+        completions.append(Completion(cut.strip(), len(ids) >= max_new_tokens and cut == text))
+    return completions
 
 
 def evaluate_model(
@@ -199,11 +149,16 @@ def evaluate_model(
     val_rows: int | None,
     run_val: bool,
     run_generations: bool,
+    repetition_penalty: float = 1.0,
+    harness: dict | None = None,
 ) -> dict:
-    """Everything ``ds-sft eval`` measures for one model: val metrics, GSM8K, fixed-prompt answers."""
+    """Everything ``ds-sft eval`` measures for one model: val metrics, GSM8K, fixed-prompt answers,
+    and with ``harness`` (``{"label", "configs", "doc_ids"}``: task configs and the test-file rows of
+    ``problems``) the lm-evaluation-harness on the same model and its cross-check against GSM8K."""
     from ds_sft.data.model_match import check_model_fits
     from ds_sft.eval import gsm8k
     from ds_sft.eval.prompts import FIXED_PROMPTS
+    from ds_sft.eval.stats import accuracy_summary
     from ds_sft.model.checkpoint import load_model
 
     seconds = {}
@@ -221,14 +176,17 @@ def evaluate_model(
     if problems:
         start = time.perf_counter()
 
-        def answer(questions: list[str]) -> list[str]:
-            return complete(model, data, [{"instruction": q, "input": ""} for q in questions], max_new_tokens)
+        def answer(questions: list[str]) -> list[tuple[str, bool]]:
+            records = [{"instruction": q, "input": ""} for q in questions]
+            return [
+                (c.text, c.hit_max_new_tokens)
+                for c in complete(model, data, records, max_new_tokens, repetition_penalty)
+            ]
 
         score = gsm8k.score(problems, answer, generate_batch_size)
         result["gsm8k"] = {
-            "accuracy": score.accuracy,
-            "correct": score.correct,
-            "total": score.total,
+            **accuracy_summary(score.correct, score.total),
+            "hit_max_new_tokens": sum(sample["hit_max_new_tokens"] for sample in score.samples),
             "samples": score.samples,
         }
         seconds["gsm8k"] = time.perf_counter() - start
@@ -236,14 +194,53 @@ def evaluate_model(
     if run_generations:
         start = time.perf_counter()
         records = [prompt.as_record() for prompt in FIXED_PROMPTS]
-        texts = []
+        completions = []
         for first in range(0, len(records), generate_batch_size):
-            texts += complete(model, data, records[first : first + generate_batch_size], max_new_tokens)
+            batch = records[first : first + generate_batch_size]
+            completions += complete(model, data, batch, max_new_tokens, repetition_penalty)
         result["generations"] = [
-            {"name": p.name, "category": p.category, "prompt": _user_text(p), "completion": text}
-            for p, text in zip(FIXED_PROMPTS, texts, strict=True)
+            {
+                "name": p.name,
+                "category": p.category,
+                "prompt": _user_text(p),
+                "completion": c.text,
+                "hit_max_new_tokens": c.hit_max_new_tokens,
+            }
+            for p, c in zip(FIXED_PROMPTS, completions, strict=True)
         ]
         seconds["generations"] = time.perf_counter() - start
+
+    if harness:
+        from ds_sft.eval.harness import cross_check, harness_scores, run_harness
+
+        start = time.perf_counter()
+        gsm8k_task = any(config["task"] == "gsm8k" for config in harness["configs"])
+        output = run_harness(
+            model,
+            data.tokenizer,
+            harness["configs"],
+            samples={"gsm8k": harness["doc_ids"]} if gsm8k_task else None,
+            chat_template=data.template == "chat",
+            batch_size=generate_batch_size,
+            device=device,
+        )
+        result["harness"] = {
+            "version": output["version"],
+            "results": output["results"],
+            "scores": harness_scores(harness["label"], output),
+            "cross_check": (
+                cross_check(
+                    harness["label"],
+                    result["gsm8k"]["samples"],
+                    harness["doc_ids"],
+                    output["samples"]["gsm8k"],
+                )
+                if gsm8k_task and result["gsm8k"]
+                else []
+            ),
+            "samples": output["samples"],
+        }
+        seconds["harness"] = time.perf_counter() - start
 
     result["seconds"] = {name: round(value, 1) for name, value in seconds.items()}
     return result

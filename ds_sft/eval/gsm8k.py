@@ -73,15 +73,20 @@ def is_correct(completion: str, target: Decimal) -> bool:
     return predicted is not None and predicted == target
 
 
-def select(problems: Sequence[Problem], limit: int | None, seed: int) -> list[Problem]:
-    """All problems in file order, or ``limit`` of them from a seeded shuffle (same seed, same set)."""
-    if limit is None or limit >= len(problems):
-        return list(problems)
+def select_indices(count: int, limit: int | None, seed: int) -> list[int]:
+    """Positions in the test file: all in order, or ``limit`` of them from a seeded shuffle (sorted)."""
+    if limit is None or limit >= count:
+        return list(range(count))
     if limit <= 0:
         raise UserError(f"--gsm8k_limit must be positive, got {limit}")
-    order = list(range(len(problems)))
+    order = list(range(count))
     random.Random(seed).shuffle(order)
-    return [problems[i] for i in sorted(order[:limit])]
+    return sorted(order[:limit])
+
+
+def select(problems: Sequence[Problem], limit: int | None, seed: int) -> list[Problem]:
+    """All problems in file order, or ``limit`` of them from a seeded shuffle (same seed, same set)."""
+    return [problems[i] for i in select_indices(len(problems), limit, seed)]
 
 
 def read_jsonl(path: Path) -> list[Problem]:
@@ -134,15 +139,18 @@ def load_test_set(path: str | Path | None = None) -> tuple[list[Problem], str]:
 class Score:
     correct: int
     total: int
-    samples: list[dict]  # question, target, completion, predicted, correct: one per problem
+    samples: list[dict]  # question, target, completion, predicted, correct, hit_max_new_tokens: per problem
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
 
-def score(problems: Sequence[Problem], answer_fn: Callable[[list[str]], list[str]], batch_size: int) -> Score:
-    """Ask ``answer_fn`` (a batch of questions -> completions) every problem and count exact matches.
+def score(
+    problems: Sequence[Problem], answer_fn: Callable[[list[str]], list[tuple[str, bool]]], batch_size: int
+) -> Score:
+    """Ask ``answer_fn`` (a batch of questions -> (completion, hit max_new_tokens) pairs) every
+    problem and count exact matches.
 
     Batches hold questions of similar length (asked shortest first), so a batch of prompts needs
     little left padding; the samples come back in the order of ``problems``.
@@ -150,7 +158,7 @@ def score(problems: Sequence[Problem], answer_fn: Callable[[list[str]], list[str
     from tqdm import tqdm
 
     order = sorted(range(len(problems)), key=lambda i: len(problems[i].question))
-    completions: list[str] = [""] * len(problems)
+    completions: list[tuple[str, bool]] = [("", False)] * len(problems)
     with tqdm(total=len(problems), desc="gsm8k", unit="problem") as progress:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
@@ -159,7 +167,7 @@ def score(problems: Sequence[Problem], answer_fn: Callable[[list[str]], list[str
                 completions[i] = completion
             progress.update(len(batch))
     samples = []
-    for problem, completion in zip(problems, completions, strict=True):
+    for problem, (completion, hit_limit) in zip(problems, completions, strict=True):
         predicted = extract_answer(completion)
         samples.append(
             {
@@ -168,6 +176,7 @@ def score(problems: Sequence[Problem], answer_fn: Callable[[list[str]], list[str
                 "completion": completion,
                 "predicted": None if predicted is None else str(predicted),
                 "correct": predicted is not None and predicted == problem.target,
+                "hit_max_new_tokens": hit_limit,
             }
         )
     return Score(correct=sum(s["correct"] for s in samples), total=len(samples), samples=samples)

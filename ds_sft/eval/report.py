@@ -5,9 +5,16 @@ the order given, so "base vs SFT" reads left to right. The result of one model i
 
     {"label": "base", "model": "smollm2-135m-instruct",
      "val": {"overall": {"loss", "perplexity", "token_accuracy", "tokens"}, "by_source": {name: {...}}},
-     "gsm8k": {"accuracy", "correct", "total", "samples": [...]},        # or None when skipped
-     "generations": [{"name", "category", "prompt", "completion"}, ...],  # or None when skipped
+     "gsm8k": {"accuracy", "correct", "total", "ci95": [low, high], "hit_max_new_tokens",
+               "samples": [...]},                                       # or None when skipped
+     "generations": [{"name", "category", "prompt", "completion", "hit_max_new_tokens"}, ...],
      "seconds": {...}}
+
+Every accuracy is shown with its sample size and 95% Wilson interval; with two models on the same
+GSM8K problems, ``meta["gsm8k_paired"]`` (:func:`ds_sft.eval.stats.paired_comparison`) says whether
+their difference is significant. A model that ran out of ``max_new_tokens`` on more than
+:data:`TRUNCATION_WARNING_SHARE` of its completions gets a one-line warning: its answers loop or
+ramble, and its accuracy counts cut-off answers as wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 CHART_NAME = "val_loss_by_source.png"
+TRUNCATION_WARNING_SHARE = 0.2
 
 
 def write_report(out_dir: Path, results: Sequence[dict], meta: dict) -> dict[str, Path]:
@@ -91,10 +99,25 @@ def render_markdown(results: Sequence[dict], meta: dict, chart_name: str | None 
         for result in results:
             gsm8k = result.get("gsm8k")
             if gsm8k:
+                low, high = gsm8k["ci95"]
                 rows.append(
-                    [result["label"], f"{gsm8k['accuracy']:.1%}", f"{gsm8k['correct']}/{gsm8k['total']}"]
+                    [
+                        result["label"],
+                        f"{gsm8k['accuracy']:.1%}",
+                        f"{gsm8k['correct']}/{gsm8k['total']}",
+                        f"{low:.1%} - {high:.1%}",
+                        f"{gsm8k['hit_max_new_tokens']}/{gsm8k['total']}",
+                    ]
                 )
-        lines += _table(["model", "accuracy", "correct"], rows)
+        lines += _table(["model", "accuracy", "correct", "95% CI (Wilson)", "hit max_new_tokens"], rows)
+        if meta.get("gsm8k_paired"):
+            lines += ["", f"Paired on the same problems: {meta['gsm8k_paired']['summary']}."]
+        harness = meta.get("harness")
+        if harness:
+            lines += harness_lines(harness)
+    warnings = truncation_warnings(results, meta.get("max_new_tokens"))
+    if warnings:
+        lines += ["", *(f"**Warning:** {line}" for line in warnings)]
 
     generated = [result for result in results if result.get("generations")]
     if generated:
@@ -105,6 +128,45 @@ def render_markdown(results: Sequence[dict], meta: dict, chart_name: str | None 
                 completion = result["generations"][index]["completion"]
                 lines += ["", f"**{result['label']}**:", "", _quote(completion or "(empty)")]
     return "\n".join(lines) + "\n"
+
+
+def truncation_warnings(results: Sequence[dict], max_new_tokens) -> list[str]:
+    """One line per model whose completions ran out of tokens more often than the set share."""
+    lines = []
+    for result in results:
+        completions = [
+            *((result.get("gsm8k") or {}).get("samples") or []),
+            *(result.get("generations") or []),
+        ]
+        cut = sum(bool(c.get("hit_max_new_tokens")) for c in completions)
+        if completions and cut / len(completions) > TRUNCATION_WARNING_SHARE:
+            lines.append(
+                f"{result['label']}: {cut} of {len(completions)} completions hit max_new_tokens "
+                f"({max_new_tokens}) before ending: answers that loop or ramble (try --repetition_penalty "
+                "1.2, or a larger --max_new_tokens)"
+            )
+    return lines
+
+
+def harness_lines(harness: dict) -> list[str]:
+    """The lm-evaluation-harness section: its scores with intervals and the cross-check."""
+    lines = ["", f"### lm-evaluation-harness {harness['version']} (same model, same problems)", ""]
+    rows = []
+    for row in harness["scores"]:
+        low, high = row["ci95"]
+        rows.append(
+            [row["label"], row["task"], row["metric"], f"{row['accuracy']:.1%}",
+             f"{row['correct']}/{row['total']}", f"{low:.1%} - {high:.1%}"]
+        )  # fmt: skip
+    lines += _table(["model", "task", "metric", "accuracy", "correct", "95% CI (Wilson)"], rows)
+    for check in harness.get("cross_check", []):
+        lines += ["", f"Cross-check ({check['label']}): {check['summary']}"]
+        if check["differences"]:
+            lines += [""] + _table(
+                ["problem", "ds-sft", "harness", "why"],
+                [[str(d["index"]), d["ds_sft"], d["harness"], d["why"]] for d in check["differences"]],
+            )
+    return lines
 
 
 def _quote(text: str) -> str:

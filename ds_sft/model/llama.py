@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 from ds_sft.model.attention import document_attention
 from ds_sft.model.config import ModelConfig
+from ds_sft.model.scoring import token_scores
 
 try:  # flex_attention (torch >= 2.5) runs block-sparse document masks on CUDA without a dense mask.
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -266,11 +267,16 @@ class LlamaModel(nn.Module):
         document_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Logits ``[B, T, vocab]``, or with ``labels`` the fp32 sum of token losses (``-100`` ignored)."""
+        scores: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, T, vocab]``, or with ``labels`` the fp32 sum of token losses (``-100`` ignored),
+        or with ``labels`` and ``scores=True`` each trained token's loss and hit (the evaluator's
+        :func:`ds_sft.model.scoring.token_scores`)."""
         hidden = self.hidden_states(input_ids, position_ids, document_ids, kv_cache)
         if labels is None:
             return self.logits(hidden)
+        if scores:
+            return token_scores(hidden, self.lm_head_weight, labels)
         return kernels.linear_cross_entropy(
             hidden,
             self.lm_head_weight,

@@ -115,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     ev = parser.add_argument_group("evaluation, logging and alarms")
     flag(ev, "--eval_interval", "evaluate every N steps (and at the last step)")
-    flag(ev, "--eval_iters", "val batches (of micro_batch_size x world size rows) per evaluation")
+    flag(ev, "--eval_iters", "val sample of eval_iters x micro_batch_size rows (stratified; any world size)")
     flag(ev, "--log_interval", "print a log line every N steps")
     flag(ev, "--wandb_project", "wandb project name (default: ds-sft)")
     flag(

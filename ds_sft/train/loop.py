@@ -31,6 +31,7 @@ import signal
 import time
 from pathlib import Path
 
+from ds_sft.data.val_sample import stratified_rows, trained_tokens_by_source
 from ds_sft.errors import UserError
 from ds_sft.train import checkpointing, compatibility
 from ds_sft.train.distributed import all_reduce_sum, any_rank
@@ -124,62 +125,39 @@ def skip_next_update(optimizer) -> None:
 
 
 def evaluate(
-    engine, dataset, micro_batch_size: int, eval_iters: int, forward_context=contextlib.nullcontext
+    engine, dataset, rows: list[int], micro_batch_size: int, forward_context=contextlib.nullcontext
 ) -> dict:
-    """Loss, perplexity and next-token accuracy on the first ``eval_iters`` global batches of ``dataset``,
-    overall and per source. Every rank runs the same number of forwards (ZeRO 3 gathers weights
-    collectively inside each one)."""
-    import torch
+    """Loss, perplexity and next-token accuracy on the fixed val sample ``rows``
+    (:mod:`ds_sft.data.val_sample`), overall and per source, by the one evaluator
+    (:mod:`ds_sft.model.scoring`) that ``ds-sft eval`` uses too. Rank ``r`` of ``W`` scores
+    ``rows[r::W]``; every rank runs the same number of forwards (ZeRO 3 gathers weights
+    collectively inside each one), and the per-source sums meet in one all-reduce."""
     import torch.distributed as dist
-    import torch.nn.functional as F
+
+    from ds_sft.model.scoring import score_rows, summarize
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    rows_per_rank = min(len(dataset), eval_iters * micro_batch_size * world) // world
-    if rows_per_rank == 0:
-        raise UserError(
-            f"the val split has {len(dataset)} rows, fewer than the world size {world}: "
-            "prepare with a larger val split"
-        )
-    n_sources = len(dataset.sources)
-    # per source: [loss sum, trained tokens, correct predictions]
-    totals = torch.zeros(n_sources, 3, dtype=torch.float64)
+    forwards = math.ceil(math.ceil(len(rows) / world) / micro_batch_size)
     engine.eval()
-    with torch.no_grad():
-        for start in range(0, rows_per_rank, micro_batch_size):
-            indices = [rank + world * i for i in range(start, min(start + micro_batch_size, rows_per_rank))]
-            batch = collate([dataset[i] for i in indices])
-            inputs = model_inputs(batch, engine.device)
-            labels = inputs.pop("labels")
-            with forward_context():
-                logits = engine(**inputs).float()
-            trained = labels != IGNORE_INDEX
-            losses = F.cross_entropy(logits[trained], labels[trained], reduction="none").double()
-            correct = (logits[trained].argmax(-1) == labels[trained]).double()
-            sources = batch["source_ids"].to(labels.device)[trained]
-            totals[:, 0].index_add_(0, sources.cpu(), losses.cpu())
-            totals[:, 1].index_add_(0, sources.cpu(), torch.ones_like(losses).cpu())
-            totals[:, 2].index_add_(0, sources.cpu(), correct.cpu())
+    totals = score_rows(
+        engine, dataset, rows[rank::world], micro_batch_size, engine.device, forward_context, forwards
+    )
     engine.train()
     dist.all_reduce(totals)
+    summary = summarize(totals, list(dataset.sources))
 
-    def summary(loss_sum, tokens, correct):
-        loss = loss_sum / max(tokens, 1.0)
+    def record(metrics: dict) -> dict:
         return {
-            "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)),
-            "acc": correct / max(tokens, 1.0),
-            "tokens": int(tokens),
+            "loss": metrics["loss"],
+            "ppl": metrics["perplexity"],
+            "acc": metrics["token_accuracy"],
+            "tokens": metrics["tokens"],
         }
 
-    overall = summary(*totals.sum(0).tolist())
+    overall = record(summary["overall"])
     return {
-        "val_loss": overall["loss"],
-        "val_ppl": overall["ppl"],
-        "val_acc": overall["acc"],
-        "val_tokens": overall["tokens"],
-        "per_source": {
-            name: summary(*totals[i].tolist()) for i, name in enumerate(dataset.sources) if totals[i, 1] > 0
-        },
+        **{f"val_{key}": value for key, value in overall.items()},
+        "per_source": {name: record(metrics) for name, metrics in summary["by_source"].items()},
     }
 
 
@@ -344,8 +322,35 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
         tag = checkpointing.save(engine, ckpt_dir, step, trainer_state, s.keep_last)
         say(f"saved checkpoint {ckpt_dir / tag}")
 
+    val_rows = stratified_rows(trained_tokens_by_source(val_set), s.eval_iters * s.micro_batch_size)
+    if not val_rows:
+        raise UserError(f"{s.data_dir} has an empty val split: prepare it with --val_fraction > 0")
+    say(f"val sample: {len(val_rows)} of {len(val_set)} val rows, stratified by source (any world size)")
+
+    def run_eval(done: int) -> dict:
+        """Evaluate the val sample, then log, print and check the alarms; step 0 = before any update."""
+        nonlocal recent_train
+        result = evaluate(engine, val_set, val_rows, s.micro_batch_size, forward_context)
+        state["val_history"].append(result["val_loss"])
+        train_mean = sum(recent_train) / len(recent_train) if recent_train else None
+        sink.log({"type": "eval", "step": done, **result, "train_loss": train_mean})
+        per_source = ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["per_source"].items())
+        if is_main:
+            progress.write(
+                f"eval step {done}: val loss {result['val_loss']:.4f} | ppl "
+                f"{result['val_ppl']:.2f} | acc {result['val_acc']:.3f} | {per_source}"
+            )
+        for message in alarms.check(state["val_history"], train_mean):
+            say(f"ALARM step {done}: {message}")
+            alarm_log.append({"step": done, "message": message})
+            sink.log({"type": "alarm", "step": done, "message": message})
+        recent_train = []
+        return result
+
     # `progress` as a context: an error closes the bar first, so its message gets a line of its own
     with preemption_flag() as flag, progress:
+        if first_step == 0:
+            last_eval = run_eval(0)  # the baseline every later "val loss fell" is measured against
         for step in range(first_step, s.max_iters):
             lr = lr_at(step, s.learning_rate, s.min_lr, s.warmup_iters, s.max_iters)
             set_lr(engine, lr)
@@ -410,23 +415,9 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
                 )
 
             if done % s.eval_interval == 0 or done == s.max_iters:
-                last_eval = evaluate(engine, val_set, s.micro_batch_size, s.eval_iters, forward_context)
-                state["val_history"].append(last_eval["val_loss"])
+                last_eval = run_eval(done)
                 if state["best_val"] is None or last_eval["val_loss"] < state["best_val"]:
                     state["best_val"], state["best_tag"] = last_eval["val_loss"], checkpointing.tag_for(done)
-                train_mean = sum(recent_train) / len(recent_train) if recent_train else None
-                sink.log({"type": "eval", "step": done, **last_eval, "train_loss": train_mean})
-                per_source = ", ".join(f"{k} {v['loss']:.4f}" for k, v in last_eval["per_source"].items())
-                if is_main:
-                    progress.write(
-                        f"eval step {done}: val loss {last_eval['val_loss']:.4f} | ppl "
-                        f"{last_eval['val_ppl']:.2f} | acc {last_eval['val_acc']:.3f} | {per_source}"
-                    )
-                for message in alarms.check(state["val_history"], train_mean):
-                    say(f"ALARM step {done}: {message}")
-                    alarm_log.append({"step": done, "message": message})
-                    sink.log({"type": "alarm", "step": done, "message": message})
-                recent_train = []
                 is_best = state["best_tag"] == checkpointing.tag_for(done)
                 if is_best and done % s.save_interval != 0 and done != s.max_iters:
                     save(done)  # keep the best weights even between save intervals

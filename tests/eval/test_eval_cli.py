@@ -212,3 +212,89 @@ def test_bad_arguments_are_user_errors(argv, message):
 def test_labels_name_run_dirs_not_final():
     assert cli._labels(["smollm2-135m-instruct", "runs/sft/final"]) == ["smollm2-135m-instruct", "sft"]
     assert cli._labels(["a/m", "b/m"]) == ["A:m", "B:m"]
+
+
+def test_compare_says_whether_the_gsm8k_difference_is_significant(data_dir, tmp_path, monkeypatch, capsys):
+    """The demo's case, 1/10 for the base model and 0/10 after fine-tuning on the same problems:
+    intervals in the table and the paired test's verdict, in eval.md, eval.json and on stdout."""
+    from ds_sft.eval import evaluate
+    from ds_sft.eval.stats import accuracy_summary
+
+    def fake_evaluate_model(spec, data, problems, **kwargs):
+        right = 1 if spec == "base" else 0
+        samples = [{"correct": i < right, "hit_max_new_tokens": False} for i in range(10)]
+        gsm8k = {**accuracy_summary(right, 10), "hit_max_new_tokens": 0, "samples": samples}
+        return {"parameters": 1, "val": None, "gsm8k": gsm8k, "generations": None, "seconds": {}}
+
+    monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate_model)
+    data_path, test = data_dir
+    out = tmp_path / "compare"
+    argv = ["--compare", "base", "sft", "--data_dir", str(data_path), "--gsm8k_test", str(test)]
+    assert cli.run(_parse([*argv, "--no_val", "--no_generate", "--out", str(out)])) == 0
+    md = (out / "eval.md").read_text()
+    assert "| base | 10.0% | 1/10 | 1.8% - 40.4% |" in md and "| sft | 0.0% | 0/10 | 0.0% - 27.8% |" in md
+    assert "exact McNemar p = 1: not significant at 5%" in md
+    paired = json.loads((out / "eval.json").read_text())["gsm8k_paired"]
+    assert (paired["only_a"], paired["only_b"], paired["significant"]) == (1, 0, False)
+    assert "not significant" in capsys.readouterr().out
+    # what `make demo` prints last
+    from ds_sft.demo import gsm8k_lines
+
+    assert gsm8k_lines(out / "eval.json") == [
+        "GSM8K base: 10.0% (1/10, 95% CI 1.8%-40.4%)",
+        "GSM8K sft: 0.0% (0/10, 95% CI 0.0%-27.8%)",
+        f"GSM8K paired: {paired['summary']}",
+    ]
+
+
+def test_harness_gsm8k_runs_offline_on_the_same_problems_and_cross_checks(data_dir, model_dir, tmp_path):
+    """``--harness gsm8k`` on a slice of a local test file, tiny random model: the harness scores
+    exactly ds-sft's problems, its version and task config are recorded, and the cross-check lists
+    every problem the two score differently."""
+    pytest.importorskip(
+        "lm_eval", reason="the harness is the optional extra ds-sft[eval] (pip install lm-eval)"
+    )
+    from importlib.metadata import version
+
+    from ds_sft.eval.gsm8k import select_indices
+
+    data_path, test = data_dir
+    out = tmp_path / "harness"
+    argv = ["--model", str(model_dir), "--data_dir", str(data_path), "--gsm8k_test", str(test)]
+    options = ["--gsm8k_limit", "3", "--max_new_tokens", "6", "--harness", "gsm8k", "--dtype", "float32"]
+    assert cli.run(_parse([*argv, *options, "--no_val", "--no_generate", "--out", str(out)])) == 0
+
+    report = json.loads((out / "eval.json").read_text())
+    harness = report["harness"]
+    assert harness["version"] == version("lm_eval")
+    (config,) = harness["task_configs"]
+    assert config["dataset_kwargs"]["data_files"]["test"] == str(test) and config["num_fewshot"] == 0
+    (result,) = report["models"]
+    doc_ids = select_indices(6, 3, 0)
+    scored = result["harness"]["samples"]["gsm8k"]
+    assert sorted({s["doc_id"] for s in scored}) == doc_ids
+    assert [c["filter"] for c in harness["cross_check"]] == ["strict-match", "flexible-extract"]
+    ours = [s["correct"] for s in result["gsm8k"]["samples"]]
+    for check in harness["cross_check"]:
+        theirs = {s["doc_id"]: bool(s["exact_match"]) for s in scored if s["filter"] == check["filter"]}
+        differing = [d for d, right in zip(doc_ids, ours, strict=True) if theirs[d] != right]
+        assert [d["index"] for d in check["differences"]] == differing
+        assert check["harness"]["correct"] == sum(theirs.values()) and check["ds_sft"]["total"] == 3
+    assert "lm-evaluation-harness" in (out / "eval.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repetition_penalty", "0"], "--repetition_penalty must be positive"),
+        (["--harness", "gsm8k", "--no_gsm8k"], "--harness gsm8k scores the same problems"),
+        (["--harness", "hellaswag"], "tasks are not fetched from the hub"),
+    ],
+)
+def test_bad_eval_options_are_user_errors(data_dir, argv, message):
+    if "hellaswag" in argv:
+        pytest.importorskip("lm_eval", reason="the harness is the optional extra ds-sft[eval]")
+    data_path, test = data_dir
+    base = ["--model", "x", "--data_dir", str(data_path), "--gsm8k_test", str(test)]
+    with pytest.raises(UserError, match=message):
+        cli.run(_parse([*base, *argv]))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 from ds_sft.eval.report import CHART_NAME, write_report
+from ds_sft.eval.stats import accuracy_summary, paired_comparison
 
 
-def _result(label, shift, gsm8k_correct, sources=("alpaca", "gsm8k")):
+def _result(label, shift, gsm8k_correct, sources=("alpaca", "gsm8k"), cut=0):
     by_source = {
         name: {
             "loss": 1.0 + i + shift,
@@ -24,16 +25,30 @@ def _result(label, shift, gsm8k_correct, sources=("alpaca", "gsm8k")):
             "overall": {"loss": 1.5 + shift, "perplexity": 4.48, "token_accuracy": 0.5, "tokens": 300},
             "by_source": by_source,
         },
-        "gsm8k": {"accuracy": gsm8k_correct / 20, "correct": gsm8k_correct, "total": 20, "samples": []},
+        "gsm8k": {
+            **accuracy_summary(gsm8k_correct, 20),
+            "hit_max_new_tokens": cut,
+            "samples": [{"correct": i < gsm8k_correct, "hit_max_new_tokens": i < cut} for i in range(20)],
+        },
         "generations": [
-            {"name": "math", "category": "math", "prompt": "2+2?", "completion": f"{label} says 4"}
+            {
+                "name": "math",
+                "category": "math",
+                "prompt": "2+2?",
+                "completion": f"{label} says 4",
+                "hit_max_new_tokens": False,
+            }
         ],
     }
 
 
 def test_compare_report_has_a_column_per_model(tmp_path):
-    results = [_result("base", 0.5, 3), _result("sft", 0.0, 7, sources=("alpaca", "gsm8k", "dolly"))]
-    paths = write_report(tmp_path, results, {"data_dir": "/data", "gsm8k_seed": 0})
+    results = [_result("base", 0.5, 3), _result("sft", 0.0, 7, sources=("alpaca", "gsm8k", "dolly"), cut=6)]
+    paired = paired_comparison(
+        *([x["correct"] for x in r["gsm8k"]["samples"]] for r in results), labels=("base", "sft")
+    )
+    meta = {"data_dir": "/data", "gsm8k_seed": 0, "max_new_tokens": 64, "gsm8k_paired": paired}
+    paths = write_report(tmp_path, results, meta)
 
     stored = json.loads(paths["json"].read_text())
     assert stored["models"] == results and stored["data_dir"] == "/data"
@@ -47,7 +62,12 @@ def test_compare_report_has_a_column_per_model(tmp_path):
     assert "| alpaca | 100 | 1.5000 | 1.0000 |" in md and "| 50.00% | 50.00% | -0.5000 |" in md
     assert "| dolly | 300 | — | 3.0000 |" in md and md.count("| — |") == 4  # dolly: loss, ppl, acc, change
     assert "| overall | 300 | 2.0000 | 1.5000 |" in md
-    assert "| base | 15.0% | 3/20 |" in md and "| sft | 35.0% | 7/20 |" in md
+    # every accuracy with its n and Wilson interval; the paired test on the same problems
+    assert "| base | 15.0% | 3/20 | 5.2% - 36.0% | 0/20 |" in md
+    assert "| sft | 35.0% | 7/20 | 18.1% - 56.7% | 6/20 |" in md
+    assert "sft right only: 4 of 20 problems; exact McNemar p = 0.125: not significant at 5%" in md
+    # sft ran out of tokens on 6 of its 21 completions (> 20%): one warning line, none for base
+    assert md.count("**Warning:**") == 1 and "sft: 6 of 21 completions hit max_new_tokens (64)" in md
     assert "> base says 4" in md and "> sft says 4" in md
     assert f"]({CHART_NAME})" in md
 

@@ -76,7 +76,7 @@ def test_score_counts_exact_matches_per_batch():
     def answer(questions):
         batches.append(questions)
         # right for even targets, a wrong number for odd ones
-        return [f"#### {int(q[1]) if int(q[1]) % 2 == 0 else 99}" for q in questions]
+        return [(f"#### {int(q[1]) if int(q[1]) % 2 == 0 else 99}", q == "q3?") for q in questions]
 
     result = gsm8k.score(problems, answer, batch_size=2)
     # asked shortest first (ties in file order), so a batch pads little
@@ -87,6 +87,7 @@ def test_score_counts_exact_matches_per_batch():
     assert [s["question"] for s in result.samples] == [p.question for p in problems]
     assert [s["correct"] for s in result.samples] == [True, False, True, False, True]
     assert result.samples[1]["predicted"] == "99" and result.samples[1]["target"] == "1"
+    assert [s["hit_max_new_tokens"] for s in result.samples] == [False, False, False, True, False]
 
 
 def test_load_test_set_from_path(tmp_path):

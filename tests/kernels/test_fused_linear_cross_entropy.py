@@ -154,3 +154,49 @@ def test_head_runs_only_on_trained_tokens(reduction, monkeypatch):
     labels[torch.randperm(100, generator=torch.Generator().manual_seed(0))[:60]] = IGNORE
     _check(h, w, labels, "torch", reduction, chunk_size=16)
     assert sum(rows_seen) == 40 * (2 if reduction == "none" else 1)
+
+
+def _spy_gradient_work(monkeypatch):
+    """Record, per chunk-loop call, whether it computed grad_hidden / grad_weight."""
+    import kernels.fused_linear_cross_entropy as fused
+
+    calls, loop = [], fused._chunked_loss_and_grads
+
+    def spy(*args, **kwargs):
+        total, grad_hidden, grad_weight = loop(*args, **kwargs)
+        calls.append((grad_hidden is not None, grad_weight is not None))
+        return total, grad_hidden, grad_weight
+
+    monkeypatch.setattr(fused, "_chunked_loss_and_grads", spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_requires_grad"])
+def test_no_gradient_work_without_grad(mode, reduction, backend, device, monkeypatch):
+    """An evaluation forward (no_grad, inference_mode, or inputs that need no gradient) allocates no
+    grad_hidden / fp32 grad_weight and keeps nothing for a backward; the loss still equals the
+    reference's."""
+    h, w, labels = _inputs(37, 64, 1000, device, seed=3)
+    calls = _spy_gradient_work(monkeypatch)
+    if mode != "no_requires_grad":
+        h, w = h.requires_grad_(), w.requires_grad_()
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, torch.enable_grad)
+    with context():
+        loss = kernels.linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=16, backend=backend)
+    assert not loss.requires_grad and loss.grad_fn is None
+    assert all(call == (False, False) for call in calls)
+    reference = linear_cross_entropy_reference(h.detach(), w.detach(), labels, reduction=reduction)
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_gradient_work_when_grad_is_wanted(reduction, device, monkeypatch):
+    """The control of the test above: with grad enabled the forward precomputes both gradients."""
+    h, w, labels = _inputs(37, 64, 1000, device, seed=3)
+    calls = _spy_gradient_work(monkeypatch)
+    loss = kernels.linear_cross_entropy(
+        h.requires_grad_(), w.requires_grad_(), labels, reduction=reduction, chunk_size=16, backend="torch"
+    )
+    assert loss.requires_grad and calls == [(True, True)]

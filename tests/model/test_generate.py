@@ -139,3 +139,52 @@ def test_generate_during_training_restores_train_mode(model):
     finally:
         model.config.activation_checkpointing = False
         model.eval()
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7, 2.0])
+def test_repetition_penalty_equals_transformers_generate(model, penalty):
+    """Greedy with a repetition penalty, token for token against transformers' generate (its
+    RepetitionPenaltyLogitsProcessor) on the same weights; prompts of one length, because
+    transformers also penalizes the left padding tokens."""
+    prompts = [[5, 17, 99, 5, 5, 40], [3, 1, 4, 1, 5, 9]]
+    out = _hf_twin(model).generate(
+        input_ids=torch.tensor(prompts),
+        attention_mask=torch.ones(2, 6, dtype=torch.long),
+        max_new_tokens=14,
+        do_sample=False,
+        repetition_penalty=penalty,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    ours = generate(model, prompts, max_new_tokens=14, repetition_penalty=penalty)
+    assert ours == out[:, 6:].tolist()
+    assert ours != generate(model, prompts, max_new_tokens=14)  # the penalty changed the answers
+    alone = [
+        generate(model, [p], max_new_tokens=14, repetition_penalty=penalty, use_cache=False)[0]
+        for p in prompts
+    ]
+    assert alone == ours
+
+
+def test_repetition_penalty_ignores_left_padding_and_follows_shrinking_batches(model):
+    """A row's penalty sees only its own tokens: batched with padding (and rows leaving the batch
+    early) equals each prompt alone."""
+    batched = generate(model, PROMPTS, max_new_tokens=12, repetition_penalty=1.5, eos_ids=[7, 77, 177])
+    alone = [
+        generate(model, [p], max_new_tokens=12, repetition_penalty=1.5, eos_ids=[7, 77, 177])[0]
+        for p in PROMPTS
+    ]
+    assert batched == alone
+
+
+def test_repetition_penalty_formula():
+    from ds_sft.model.generate import penalize_repetitions
+
+    logits = torch.tensor([[2.0, -2.0, 3.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert penalize_repetitions(logits, seen, 2.0).tolist() == [[1.0, -4.0, 3.0, -1.0]]
+
+
+def test_nonpositive_repetition_penalty_is_refused(model):
+    with pytest.raises(UserError, match="repetition penalty"):
+        generate(model, PROMPTS, max_new_tokens=2, repetition_penalty=0.0)

@@ -226,7 +226,7 @@ def test_whole_run_writes_every_artifact(data_dir, tmp_path, dist_env):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
     evals = [r for r in records if r["type"] == "eval"]
-    assert [r["step"] for r in evals] == [2, 4] and set(evals[-1]["per_source"]) <= {
+    assert [r["step"] for r in evals] == [0, 2, 4] and set(evals[-1]["per_source"]) <= {
         "alpaca",
         "dolly",
         "gsm8k",

@@ -59,11 +59,13 @@ def test_micro2_accum4_equals_micro8_accum1(stage, dist_env, tmp_path):
 
 
 def poisoned(model, calls_to_poison):
-    """Make the model's summed loss NaN on the given (1-based) forward calls."""
+    """Make the model's summed loss NaN on the given (1-based) training forward calls."""
     original, count = model.forward, {"n": 0}
 
     def forward(*args, **kwargs):
         out = original(*args, **kwargs)
+        if kwargs.get("scores"):  # an eval forward (step 0 and every eval_interval)
+            return out
         count["n"] += 1
         return out * math.nan if count["n"] in calls_to_poison else out
 

@@ -1,0 +1,249 @@
+"""``ds-sft eval --harness TASKS``: EleutherAI's lm-evaluation-harness on the same model, offline.
+
+ds-sft scores GSM8K its own way (:mod:`ds_sft.eval.gsm8k`: the data dir's prompt template, greedy
+until EOS / end of turn, the number after ``####`` else the last number). The field reports the
+harness's ``gsm8k`` (``"Question: ...\\nAnswer:"``, greedy until ``Question:``, exact match after a
+``strict-match`` regex on ``#### N`` or a ``flexible-extract`` of the last number). Running both on
+the same model and the same problems shows whether our number is comparable with theirs, and where
+it is not, why (:func:`cross_check`).
+
+How it runs: the model is written in the Hugging Face layout (``ds-sft export``'s
+:func:`~ds_sft.model.export.export_hf`) into a temporary folder and loaded by the harness's ``HFLM``
+in this process. Nothing comes from the hub: ``gsm8k`` is the harness's own task config (prompt,
+stops, filters, metric) with its data pointed at the local GSM8K test file, zero-shot (no train split
+needed), the chat template applied when the data dir uses it; any other task is a path to a task
+config YAML whose ``dataset_path`` / ``dataset_kwargs`` name local files (``dataset_path: json``,
+``dataset_kwargs: {data_files: {test: /path/test.jsonl}}``). The harness version and every task
+config go into ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ds_sft.errors import UserError
+
+# The harness's gsm8k.yaml (lm-eval 0.4.x) with its data pointed at a local file, zero-shot.
+GSM8K_FILTERS = ("strict-match", "flexible-extract")
+
+
+def gsm8k_task_config(test_path: str, max_new_tokens: int) -> dict:
+    """The harness's ``gsm8k`` task on a local GSM8K ``test.jsonl`` (question/answer rows)."""
+    return {
+        "task": "gsm8k",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(test_path)}},
+        "output_type": "generate_until",
+        "test_split": "test",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_target": "{{answer}}",
+        "metric_list": [
+            {
+                "metric": "exact_match",
+                "aggregation": "mean",
+                "higher_is_better": True,
+                "ignore_case": True,
+                "ignore_punctuation": False,
+                "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"],
+            }
+        ],
+        "generation_kwargs": {
+            "until": ["Question:", "</s>", "<|im_end|>"],
+            "do_sample": False,
+            "temperature": 0.0,
+            "max_gen_toks": max_new_tokens,
+        },
+        "repeats": 1,
+        "num_fewshot": 0,
+        "filter_list": [
+            {
+                "name": "strict-match",
+                "filter": [
+                    {"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
+                    {"function": "take_first"},
+                ],
+            },
+            {
+                "name": "flexible-extract",
+                "filter": [
+                    {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                    {"function": "take_first"},
+                ],
+            },
+        ],
+        "metadata": {"version": 3.0},
+    }
+
+
+def task_configs(tasks: list[str], gsm8k_test: str | None, max_new_tokens: int) -> list[dict]:
+    """``--harness`` names -> task config dicts: ``gsm8k`` (local data) or a task config YAML path."""
+    import yaml
+
+    configs = []
+    for task in tasks:
+        if task == "gsm8k":
+            if gsm8k_test is None:
+                raise UserError(
+                    "--harness gsm8k needs the GSM8K test set as a local file (--gsm8k_test PATH)"
+                )
+            configs.append(gsm8k_task_config(gsm8k_test, max_new_tokens))
+        elif Path(task).suffix in (".yaml", ".yml") and Path(task).is_file():
+            configs.append(yaml.safe_load(Path(task).read_text()))
+        else:
+            raise UserError(
+                f"--harness {task}: pass gsm8k or a task config .yaml whose data are local files "
+                "(dataset_path: json, dataset_kwargs: {data_files: {test: PATH}}); tasks are not fetched "
+                "from the hub"
+            )
+    return configs
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as installed
+
+        return installed("lm_eval")
+    except Exception as err:
+        raise UserError(
+            "--harness needs EleutherAI's lm-evaluation-harness: pip install 'ds-sft[eval]' (lm-eval)"
+        ) from err
+
+
+def run_harness(
+    model,
+    tokenizer,
+    configs: list[dict],
+    *,
+    samples: dict[str, list[int]] | None,
+    chat_template: bool,
+    batch_size: int,
+    device,
+) -> dict:
+    """Run the harness on ``model`` (a ``LlamaModel``) through a temporary HF export.
+
+    ``samples``: per task, the document indices to score (the same GSM8K problems ds-sft scored).
+    Returns the harness's results (``results``, ``samples`` per task) and its version.
+    """
+    harness_version = version()
+    # offline, whatever the caller's environment says: the data are local files by construction
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from ds_sft.model.export import export_hf
+
+    with tempfile.TemporaryDirectory(prefix="ds_sft_harness_") as folder:
+        export_hf(model, tokenizer, Path(folder))
+        lm = HFLM(pretrained=folder, device=str(device), batch_size=batch_size, dtype=model.wte.weight.dtype)
+        output = simple_evaluate(
+            model=lm,
+            tasks=configs,
+            samples=samples,
+            apply_chat_template=chat_template,
+            log_samples=True,
+            bootstrap_iters=0,
+        )
+    return {"version": harness_version, "results": output["results"], "samples": output["samples"]}
+
+
+def harness_scores(label: str, output: dict) -> list[dict]:
+    """One row per (task, filter) of 0/1 per-problem metrics: accuracy with its n and Wilson interval."""
+    from ds_sft.eval.stats import accuracy_summary
+
+    rows = []
+    for task, samples in output["samples"].items():
+        by_key: dict[tuple[str, str], list[float]] = {}
+        for sample in samples:
+            for metric in sample.get("metrics", []):
+                by_key.setdefault((sample.get("filter", "none"), metric), []).append(float(sample[metric]))
+        for (filter_name, metric), values in by_key.items():
+            if all(value in (0.0, 1.0) for value in values):
+                summary = accuracy_summary(int(sum(values)), len(values))
+                rows.append({"label": label, "task": task, "metric": f"{metric} ({filter_name})", **summary})
+    return rows
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _why(ds_sample: dict, harness_text: str, harness_answer: str, harness_right: bool) -> str:
+    """Why ds-sft and the harness disagree on one problem: extraction, stops/length, or the prompt."""
+    from decimal import Decimal
+
+    from ds_sft.eval.gsm8k import extract_answer
+
+    ours_on_theirs = extract_answer(harness_text)
+    ours_right_on_theirs = ours_on_theirs is not None and ours_on_theirs == Decimal(ds_sample["target"])
+    if ours_right_on_theirs != harness_right:
+        return (
+            f"extraction: on the harness's completion ds-sft reads {ours_on_theirs}, the harness's filter "
+            f"{harness_answer!r}"
+        )
+    ours, theirs = _normalized(ds_sample["completion"]), _normalized(harness_text)
+    if ours and theirs and (ours.startswith(theirs) or theirs.startswith(ours)):
+        return "stop sequence / length: one completion is the other cut shorter"
+    if ds_sample.get("hit_max_new_tokens"):
+        return "length: ds-sft's completion hit max_new_tokens; different prompt template, different text"
+    return "template: different prompts (data-dir template vs 'Question: ... Answer:'), different answers"
+
+
+def cross_check(
+    label: str, ds_samples: list[dict], doc_ids: list[int], harness_samples: list[dict]
+) -> list[dict]:
+    """ds-sft's GSM8K verdicts against the harness's (per filter) on the same problems.
+
+    ``ds_samples[i]`` is ds-sft's sample for test-file row ``doc_ids[i]``. Per filter: both
+    accuracies with Wilson intervals, whether the intervals overlap ("agree"), the exact paired
+    test, and every problem scored differently with the likely reason.
+    """
+    from ds_sft.eval.stats import accuracy_summary, format_accuracy, paired_comparison
+
+    checks = []
+    for filter_name in GSM8K_FILTERS:
+        theirs = {s["doc_id"]: s for s in harness_samples if s.get("filter") == filter_name}
+        missing = [d for d in doc_ids if d not in theirs]
+        if missing:
+            raise ValueError(f"the harness did not score problems {missing[:5]} ({filter_name})")
+        ours_right = [bool(s["correct"]) for s in ds_samples]
+        theirs_right = [bool(theirs[d]["exact_match"]) for d in doc_ids]
+        ours_acc, theirs_acc = (accuracy_summary(sum(r), len(r)) for r in (ours_right, theirs_right))
+        overlap = (
+            ours_acc["ci95"][0] <= theirs_acc["ci95"][1] and theirs_acc["ci95"][0] <= ours_acc["ci95"][1]
+        )
+        paired = paired_comparison(ours_right, theirs_right, ("ds-sft", f"harness {filter_name}"))
+        differences = []
+        for index, (doc_id, sample, right) in enumerate(zip(doc_ids, ds_samples, theirs_right, strict=True)):
+            if bool(sample["correct"]) == right:
+                continue
+            harness = theirs[doc_id]
+            text, answer = harness["resps"][0][0], str(harness["filtered_resps"][0])
+            differences.append(
+                {
+                    "index": doc_id,
+                    "position": index,
+                    "ds_sft": f"{'right' if sample['correct'] else 'wrong'} ({sample['predicted']})",
+                    "harness": f"{'right' if right else 'wrong'} ({answer})",
+                    "why": _why(sample, text, answer, right),
+                }
+            )
+        verdict = "agree within their 95% intervals" if overlap else "DISAGREE: the intervals do not overlap"
+        checks.append(
+            {
+                "label": f"{label}, {filter_name}",
+                "filter": filter_name,
+                "ds_sft": ours_acc,
+                "harness": theirs_acc,
+                "agree": overlap,
+                "paired": paired,
+                "differences": differences,
+                "summary": (
+                    f"ds-sft {format_accuracy(ours_acc)} vs harness {filter_name} "
+                    f"{format_accuracy(theirs_acc)}: {verdict}; {paired['summary']}"
+                ),
+            }
+        )
+    return checks
