@@ -29,8 +29,9 @@ the inner dimension of the weight gradient. Where there are no fp8 tensor cores 
 compute capability 8.9) the same product is computed *dequantized*: every fp8 value is exact in bf16
 and fp32, so a matmul of the fp8 operands converted to the model's compute dtype, with the product
 of the inverse scales applied to the fp32 accumulator (``addmm``'s ``alpha``), is ``_scaled_mm``'s
-result -- same roundings, same scales -- at the speed of an ordinary matmul (on CPU, ``_scaled_mm``
-itself runs a slow reference kernel: SmolLM2-135M spent 889 s in its first step).
+result up to the last bit of a rare output -- same casts, same scales, same delayed-scaling state --
+at the speed of an ordinary matmul (on CPU, ``_scaled_mm`` itself dequantizes into fp32 matmuls:
+SmolLM2-135M spent 889 s in its first step).
 
 Modes of :func:`apply_fp8`: ``"off"``; ``"torch"`` swaps each projection for :class:`Float8Linear`
 (same ``weight`` Parameter, so state-dict keys and ZeRO sharding do not change, plus two persistent
@@ -136,51 +137,60 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
-def _fp8_gemm(a8, b8, a_inv, b_inv, out_dtype, compute_dtype, scaled_mm: bool) -> torch.Tensor:
-    """``(a8 * a_inv) @ (b8 * b_inv)``, accumulated in fp32 and rounded once to ``out_dtype``.
+def _scaled_mm(a8, b8, a_inv, b_inv, out_dtype) -> torch.Tensor:
+    """``(a8 * a_inv) @ (b8 * b_inv)`` on fp8 tensor cores (cuBLAS wants ``a`` row-major, ``b``
+    column-major), accumulated in fp32 and rounded once to ``out_dtype``."""
+    # Outside autocast: CPU's _scaled_mm is fp32 matmuls of dequantized operands, which autocast would
+    # round to bf16 first (on CUDA the op is not autocast's business, so this changes nothing).
+    with torch.autocast(a8.device.type, enabled=False):
+        return torch._scaled_mm(
+            a8.contiguous(), _column_major(b8), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype
+        )
 
-    ``scaled_mm``: on fp8 tensor cores (cuBLAS wants ``a`` row-major, ``b`` column-major). Otherwise
-    dequantized: the fp8 values are exact in ``compute_dtype`` (bf16 or wider), and ``alpha`` scales
-    the fp32 accumulator before the output is rounded -- bit for bit ``_scaled_mm``'s result when
-    ``out_dtype`` is ``compute_dtype`` (a wider ``out_dtype`` gets the ``compute_dtype`` rounding).
-    """
-    if scaled_mm:
-        # Outside autocast: CPU's _scaled_mm is fp32 matmuls of dequantized operands, which autocast
-        # would round to bf16 first (on CUDA the op is not autocast's business, so this changes nothing).
-        with torch.autocast(a8.device.type, enabled=False):
-            return torch._scaled_mm(
-                a8.contiguous(), _column_major(b8), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype
-            )
-    a, b = a8.to(compute_dtype), b8.to(compute_dtype)
+
+def _dequantized_mm(a, b, a_inv, b_inv, out_dtype) -> torch.Tensor:
+    """The same product from fp8 values held in the compute dtype (bf16 or wider, where they are
+    exact): their products are summed in fp32 and ``alpha`` scales the sum before the output is
+    rounded, as cuBLAS applies the scales in its epilogue. (CPU's ``_scaled_mm`` scales the operands
+    in fp32 instead, so the two differ in a rare last bit.) A wider ``out_dtype`` gets the compute
+    dtype's rounding, like the weight gradient of an ``nn.Linear`` under autocast."""
     # .item(): alpha is a Python number; a host value on CPU, one sync per GEMM on a pre-fp8 GPU.
-    out = torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=(a_inv * b_inv).item())
-    return out.to(out_dtype)
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=(a_inv * b_inv).item()).to(out_dtype)
 
 
 class _Float8Matmul(torch.autograd.Function):
-    """``y = x @ w.T`` with x, w in e4m3 and the output gradient in the recipe's gradient format."""
+    """``y = x @ w.T`` with x, w in e4m3 and the output gradient in the recipe's gradient format.
+
+    Without fp8 tensor cores the operands are converted to the compute dtype once, in forward, and
+    saved that way (the memory of a bf16 linear's saved tensors instead of half of it)."""
 
     @staticmethod
     def forward(ctx, x, weight, layer, compute_dtype, record):
         x8, x_inv = layer.cast(x.reshape(-1, x.shape[-1]), INPUT, record)
         w8, w_inv = layer.cast(weight, WEIGHT, record)
-        scaled_mm = layer.uses_scaled_mm(x.device)
-        y = _fp8_gemm(x8, w8.t(), x_inv, w_inv, compute_dtype, compute_dtype, scaled_mm)
+        ctx.scaled_mm = layer.uses_scaled_mm(x.device)
+        if ctx.scaled_mm:
+            y = _scaled_mm(x8, w8.t(), x_inv, w_inv, compute_dtype)
+        else:
+            x8, w8 = x8.to(compute_dtype), w8.to(compute_dtype)
+            y = _dequantized_mm(x8, w8.t(), x_inv, w_inv, compute_dtype)
         ctx.save_for_backward(x8, w8, x_inv, w_inv)
         ctx.layer, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = layer, x.shape, x.dtype, weight.dtype
-        ctx.compute_dtype, ctx.scaled_mm, ctx.record = compute_dtype, scaled_mm, record
+        ctx.compute_dtype, ctx.record = compute_dtype, record
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         x8, w8, x_inv, w_inv = ctx.saved_tensors
         g8, g_inv = ctx.layer.cast(grad_y.reshape(-1, grad_y.shape[-1]), GRAD, ctx.record)
+        mm = _scaled_mm if ctx.scaled_mm else _dequantized_mm
+        if not ctx.scaled_mm:
+            g8 = g8.to(ctx.compute_dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # dX [M, K] = dY [M, N] @ W [N, K]
-            grad_x = _fp8_gemm(g8, w8, g_inv, w_inv, ctx.x_dtype, ctx.compute_dtype, ctx.scaled_mm)
-            grad_x = grad_x.reshape(ctx.x_shape)
+            grad_x = mm(g8, w8, g_inv, w_inv, ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # dW [N, K] = dY.T [N, M] @ X [M, K]
-            grad_w = _fp8_gemm(g8.t(), x8, g_inv, x_inv, ctx.w_dtype, ctx.compute_dtype, ctx.scaled_mm)
+            grad_w = mm(g8.t(), x8, g_inv, x_inv, ctx.w_dtype)
         return grad_x, grad_w, None, None, None
 
 
@@ -226,9 +236,9 @@ class Float8Linear(nn.Module):
         if record:
             self._step_scaling(column, fp8_max)
         scale = self.fp8_scale[column]
-        # One fp32 temporary, scaled and saturated in place (out-of-range values would become NaN in
-        # e4m3fn, which has no inf, or inf in e5m2), then rounded to fp8.
-        t8 = t.to(torch.float32, copy=True).mul_(scale).clamp_(-fp8_max, fp8_max).to(dtype)
+        # Scaled in fp32 (one rounding, to fp8), saturated in place (out-of-range values would become
+        # NaN in e4m3fn, which has no inf, or inf in e5m2), then rounded to fp8.
+        t8 = (t.float() * scale).clamp_(-fp8_max, fp8_max).to(dtype)
         if record:
             low, high = torch.aminmax(t.detach())
             self.fp8_amax_history[0, column] = torch.maximum(-low, high).float()
