@@ -71,6 +71,8 @@ FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 INPUT, WEIGHT, GRAD = 0, 1, 2  # columns of Float8Linear's scaling state
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# (mantissa bits, exponent of the smallest normal) of each format: its grid of representable values
+FP8_GRID = {E4M3: (3, -6), E5M2: (2, -14)}
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,16 @@ def has_fp8_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def fp8_grid(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``v.to(dtype).float()`` for an fp32 ``v`` within the format's range, in place and without fp8
+    conversions (scalar code on CPU, 2x slower): rounds half to even to the spacing of ``v``'s binade,
+    ``2**(max(exponent, smallest normal exponent) - mantissa bits)``, whose bits are built directly."""
+    mantissa, min_exponent = FP8_GRID[dtype]
+    exponent = (v.view(torch.int32) >> 23) & 0xFF  # biased by 127
+    spacing = ((exponent.clamp_(min=min_exponent + 127) - mantissa) << 23).view(torch.float32)
+    return v.div_(spacing).round_().mul_(spacing)
+
+
 def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
@@ -161,19 +173,17 @@ def _dequantized_mm(a, b, a_inv, b_inv, out_dtype) -> torch.Tensor:
 class _Float8Matmul(torch.autograd.Function):
     """``y = x @ w.T`` with x, w in e4m3 and the output gradient in the recipe's gradient format.
 
-    Without fp8 tensor cores the operands are converted to the compute dtype once, in forward, and
-    saved that way (the memory of a bf16 linear's saved tensors instead of half of it)."""
+    Without fp8 tensor cores the fp8 values are held in the compute dtype from the cast on, and saved
+    that way (the memory of a bf16 linear's saved tensors instead of half of it)."""
 
     @staticmethod
     def forward(ctx, x, weight, layer, compute_dtype, record):
-        x8, x_inv = layer.cast(x.reshape(-1, x.shape[-1]), INPUT, record)
-        w8, w_inv = layer.cast(weight, WEIGHT, record)
         ctx.scaled_mm = layer.uses_scaled_mm(x.device)
-        if ctx.scaled_mm:
-            y = _scaled_mm(x8, w8.t(), x_inv, w_inv, compute_dtype)
-        else:
-            x8, w8 = x8.to(compute_dtype), w8.to(compute_dtype)
-            y = _dequantized_mm(x8, w8.t(), x_inv, w_inv, compute_dtype)
+        held_in = None if ctx.scaled_mm else compute_dtype
+        x8, x_inv = layer.cast(x.reshape(-1, x.shape[-1]), INPUT, record, held_in)
+        w8, w_inv = layer.cast(weight, WEIGHT, record, held_in)
+        mm = _scaled_mm if ctx.scaled_mm else _dequantized_mm
+        y = mm(x8, w8.t(), x_inv, w_inv, compute_dtype)
         ctx.save_for_backward(x8, w8, x_inv, w_inv)
         ctx.layer, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = layer, x.shape, x.dtype, weight.dtype
         ctx.compute_dtype, ctx.record = compute_dtype, record
@@ -182,10 +192,9 @@ class _Float8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x8, w8, x_inv, w_inv = ctx.saved_tensors
-        g8, g_inv = ctx.layer.cast(grad_y.reshape(-1, grad_y.shape[-1]), GRAD, ctx.record)
+        held_in = None if ctx.scaled_mm else ctx.compute_dtype
+        g8, g_inv = ctx.layer.cast(grad_y.reshape(-1, grad_y.shape[-1]), GRAD, ctx.record, held_in)
         mm = _scaled_mm if ctx.scaled_mm else _dequantized_mm
-        if not ctx.scaled_mm:
-            g8 = g8.to(ctx.compute_dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # dX [M, K] = dY [M, N] @ W [N, K]
             grad_x = mm(g8, w8, g_inv, w_inv, ctx.x_dtype).reshape(ctx.x_shape)
@@ -224,9 +233,12 @@ class Float8Linear(nn.Module):
     def uses_scaled_mm(self, device: torch.device) -> bool:
         return has_fp8_tensor_cores(device) if self.scaled_mm is None else self.scaled_mm
 
-    def cast(self, t: torch.Tensor, column: int, record: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``t`` in fp8 and the inverse scale it was cast with; ``record``: step the scaling state
-        and keep ``t``'s amax for later steps (training steps only)."""
+    def cast(
+        self, t: torch.Tensor, column: int, record: bool, held_in: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` in fp8 (or its fp8 values held in ``held_in``, where they are exact) and the inverse
+        scale it was cast with; ``record``: step the scaling state and keep ``t``'s amax for later
+        steps (training steps only)."""
         dtype = self.recipe.grad_dtype if column == GRAD else E4M3
         fp8_max = torch.finfo(dtype).max
         # Activation checkpointing re-runs the forward inside backward: that replay must cast with
@@ -238,7 +250,8 @@ class Float8Linear(nn.Module):
         scale = self.fp8_scale[column]
         # Scaled in fp32 (one rounding, to fp8), saturated in place (out-of-range values would become
         # NaN in e4m3fn, which has no inf, or inf in e5m2), then rounded to fp8.
-        t8 = (t.float() * scale).clamp_(-fp8_max, fp8_max).to(dtype)
+        scaled = (t.float() * scale).clamp_(-fp8_max, fp8_max)
+        t8 = scaled.to(dtype) if held_in is None else fp8_grid(scaled, dtype).to(held_in)
         if record:
             low, high = torch.aminmax(t.detach())
             self.fp8_amax_history[0, column] = torch.maximum(-low, high).float()

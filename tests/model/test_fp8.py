@@ -104,6 +104,29 @@ def test_forward_and_backward_on_cuda_match_the_reference():
     assert_fp32_matmul_of(layer.weight.grad, gq.T, xq)
 
 
+def grid_inputs(dtype: torch.dtype) -> torch.Tensor:
+    """Every finite bf16 value, fp32 values over 20 binades and the format's edges, within its range."""
+    fp8_max = torch.finfo(dtype).max
+    every_bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(200_000, generator=g) * torch.logspace(-8, 4, 200_000, base=2.0)
+    tiny = torch.finfo(dtype).tiny
+    edges = torch.tensor(
+        [0.0, -0.0, fp8_max, tiny, tiny / 2, tiny / 8 * 1.5, tiny / 16, 1.0625, 1.1875, 3.75]
+    )
+    values = torch.cat([every_bf16[torch.isfinite(every_bf16)], spread, edges, -edges])
+    return values.clamp(-fp8_max, fp8_max)
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_fp8_grid_rounds_exactly_like_the_fp8_cast(dtype):
+    values = grid_inputs(dtype)
+    expected = values.to(dtype).float()
+    got = fp8.fp8_grid(values.clone(), dtype)
+    assert torch.equal(got, expected)
+    assert torch.equal(torch.signbit(got), torch.signbit(expected))  # -0.0 stays -0.0
+
+
 def twin_layers(k: int, n: int, dtype: torch.dtype, fmt: str) -> tuple[Float8Linear, Float8Linear]:
     """Two identical layers with awkward scales: one on torch._scaled_mm, one dequantized."""
     layers = []
