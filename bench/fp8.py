@@ -1,19 +1,22 @@
 """Does fp8 pay? Prints side-by-side ratios and writes bench/results/fp8.json.
 
-    python bench/fp8.py            # GPU: 112m and a d_model-2048 model; CPU: emulated overhead
+    python bench/fp8.py            # GPU: 112m and a d_model-2048 model; CPU: the 112m step, fp8 vs bf16
     python bench/fp8.py --quick    # fewer steps and smaller shapes: a smoke test
 
 GPU (CUDA present): training tokens/s (forward + backward + AdamW, bf16 autocast, fp32 master
 weights) of the whole model with the projections in bf16 (``--fp8 off``), in Transformer Engine fp8
-(``te``; skipped with the reason when TE cannot run) and in the emulated fp8 linear, whose
-``torch._scaled_mm`` runs on the fp8 tensor cores of Hopper too. Two widths: the ``112m`` preset
-(d_model 768) and ``wide`` (d_model 2048, 8 layers): fp8 halves the GEMM time but adds casts and
-amax reductions per tensor, so it pays only once the GEMMs dominate, which at d_model 768 they
-barely do. The ratio column says which way it went on this card.
+(``te``; skipped with the reason when TE cannot run) and in ``--fp8 torch`` (``torch._scaled_mm``
+on the fp8 tensor cores), each with every projection in fp8 (``select all``) and with the roofline's
+choice (``select auto``). Two widths: the ``112m`` preset (d_model 768) and ``wide`` (d_model 2048,
+8 layers): fp8 halves the GEMM time but adds casts and amax reductions per tensor, so it pays only
+once the GEMMs dominate, which at d_model 768 they barely do. The ratio column says which way it
+went on this card.
 
-CPU: the emulated linear (forward + backward) against ``nn.Linear`` under bf16 autocast, same
-shapes, the two alternating in one loop so machine load hits both alike. There is no fp8 arithmetic
-on CPU: the ratio is the price of running the fp8 path's numerics in tests, not a speed-up.
+CPU: there is no fp8 arithmetic, so ``--fp8 torch`` runs its numerics dequantized (the same
+roundings and scales, bf16 GEMMs). (1) One training step of the 112m preset (``tiny`` with
+``--quick``), fp8 against bf16, the two alternating so machine load hits both alike: the price of
+fp8 numerics on CPU, which should stay under 2x. (2) One linear, forward + backward, in
+``nn.Linear``, the dequantized fp8 path and ``torch._scaled_mm`` itself (CPU's reference kernel).
 """
 
 from __future__ import annotations
@@ -45,15 +48,25 @@ GPU_MODELS = {
 }
 
 
-def gpu_tokens_per_s(name: str, mode: str, args) -> dict:
+# (row label, --fp8 mode, recipe select)
+GPU_MODES = [
+    ("bf16", "off", "all"),
+    ("te", "te", "all"),
+    ("te auto", "te", "auto"),
+    ("torch", "torch", "all"),
+    ("torch auto", "torch", "auto"),
+]
+
+
+def gpu_tokens_per_s(name: str, label: str, mode: str, select: str, args) -> dict:
     overrides, micro_batch = GPU_MODELS[name]
     config = ModelConfig.preset("112m", kernels=args.kernels, **overrides)
     model = LlamaModel(config).cuda().train()
-    recipe = Fp8Recipe()
+    recipe = Fp8Recipe(select=select)
     try:
-        apply_fp8(model, "off" if mode == "bf16" else mode, recipe)
+        apply_fp8(model, mode, recipe, tokens=micro_batch * args.seq_len, say=print)
     except UserError as err:
-        return {"model": name, "mode": mode, "skipped": str(err)}
+        return {"model": name, "mode": label, "skipped": str(err)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, config.vocab_size, (micro_batch, args.seq_len + 1), device="cuda")
     inputs, labels = ids[:, :-1], ids[:, 1:]
@@ -74,7 +87,7 @@ def gpu_tokens_per_s(name: str, mode: str, args) -> dict:
     tokens = labels.numel()
     result = {
         "model": name,
-        "mode": mode,
+        "mode": label,
         "d_model": config.d_model,
         "parameters": config.num_parameters(),
         "tokens_per_step": tokens,
@@ -89,25 +102,55 @@ def gpu_tokens_per_s(name: str, mode: str, args) -> dict:
     return result
 
 
-def cpu_overhead(tokens: int, d_in: int, d_out: int, repeats: int) -> dict:
+def cpu_step_ratio(preset: str, micro_batch: int, seq_len: int, repeats: int) -> dict:
+    """Median seconds of one training step (forward, backward, AdamW; bf16 autocast over fp32 master
+    weights) with the projections in bf16 and in ``--fp8 torch``, the two alternating."""
+    models = {}
+    for label, mode in (("bf16", "off"), ("fp8_torch", "torch")):
+        torch.manual_seed(0)
+        model = apply_fp8(LlamaModel(ModelConfig.preset(preset)), mode, Fp8Recipe()).train()
+        models[label] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    vocab = models["bf16"][0].config.vocab_size
+    ids = torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    times = {label: [] for label in models}
+    for step in range(repeats + 1):  # the first round warms both up
+        for label, (model, optimizer) in models.items():
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(inputs, labels=labels) / labels.numel()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step:
+                times[label].append(time.perf_counter() - start)
+    medians = {label: statistics.median(t) for label, t in times.items()}
+    return {
+        "preset": preset,
+        "tokens_per_step": micro_batch * seq_len,
+        **{f"{label}_step_s": value for label, value in medians.items()},
+        "ratio": medians["fp8_torch"] / medians["bf16"],
+    }
+
+
+def cpu_linear(tokens: int, d_in: int, d_out: int, repeats: int) -> dict:
+    """Forward + backward of one linear under bf16 autocast: nn.Linear, dequantized fp8, _scaled_mm."""
     torch.manual_seed(0)
-    plain = nn.Linear(d_in, d_out, bias=False)
-    emulated = Float8Linear(nn.Linear(d_in, d_out, bias=False), Fp8Recipe())
+    layers = {"bf16": nn.Linear(d_in, d_out, bias=False)}
+    for label, scaled_mm in (("fp8_dequantized", False), ("fp8_scaled_mm", True)):
+        layers[label] = Float8Linear(nn.Linear(d_in, d_out, bias=False), Fp8Recipe())
+        layers[label].scaled_mm = scaled_mm
     x = torch.randn(tokens, d_in, requires_grad=True)
-    times = {"bf16": [], "fp8_emulated": []}
+    times = {label: [] for label in layers}
     for _ in range(repeats):
-        for label, layer in (("bf16", plain), ("fp8_emulated", emulated)):
+        for label, layer in layers.items():
             start = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = layer(x)
             y.float().sum().backward()
             times[label].append(time.perf_counter() - start)
     medians = {label: statistics.median(t) for label, t in times.items()}
-    return {
-        "shape": [tokens, d_in, d_out],
-        **{f"{k}_ms": v * 1e3 for k, v in medians.items()},
-        "ratio": medians["fp8_emulated"] / medians["bf16"],
-    }
+    return {"shape": [tokens, d_in, d_out], **{f"{k}_ms": v * 1e3 for k, v in medians.items()}}
 
 
 def main() -> None:
@@ -125,13 +168,22 @@ def main() -> None:
         args.steps, args.warmup, args.seq_len = 3, 2, min(args.seq_len, 256)
 
     report = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()}
+    preset, micro_batch, seq_len = ("tiny", 2, 64) if args.quick else ("112m", 2, 256)
+    step = report["cpu_step"] = cpu_step_ratio(preset, micro_batch, seq_len, repeats=1 if args.quick else 3)
+    print(
+        f"CPU, one training step of {preset} ({micro_batch} x {seq_len} tokens, bf16 autocast): "
+        f"bf16 {step['bf16_step_s']:.2f} s, fp8 torch {step['fp8_torch_step_s']:.2f} s "
+        f"-> fp8 takes {step['ratio']:.2f}x the bf16 step (target <= 2x)"
+    )
     cpu_shapes = [(256, 256, 256)] if args.quick else [(256, 256, 256), (512, 768, 768), (512, 768, 2048)]
-    report["cpu"] = [cpu_overhead(*shape, repeats=3 if args.quick else 10) for shape in cpu_shapes]
-    print("CPU, forward + backward of one linear (bf16 autocast): emulated fp8 vs nn.Linear")
-    for row in report["cpu"]:
+    report["cpu_linear"] = [cpu_linear(*shape, repeats=3 if args.quick else 10) for shape in cpu_shapes]
+    print(
+        "CPU, forward + backward of one linear (bf16 autocast), ms: nn.Linear | fp8 dequantized | _scaled_mm"
+    )
+    for row in report["cpu_linear"]:
         print(
-            f"  tokens x in x out {row['shape']}: {row['bf16_ms']:8.2f} ms vs "
-            f"{row['fp8_emulated_ms']:8.2f} ms  -> {row['ratio']:.2f}x the time"
+            f"  tokens x in x out {row['shape']}: {row['bf16_ms']:8.2f} | {row['fp8_dequantized_ms']:8.2f} | "
+            f"{row['fp8_scaled_mm_ms']:8.2f}"
         )
 
     if torch.cuda.is_available():
@@ -140,16 +192,16 @@ def main() -> None:
         print(f"GPU {report['device']}: training tokens/s, seq {args.seq_len}")
         for name in GPU_MODELS:
             baseline = None
-            for mode in ("bf16", "te", "emulated"):
-                row = gpu_tokens_per_s(name, mode, args)
+            for label, mode, select in GPU_MODES:
+                row = gpu_tokens_per_s(name, label, mode, select, args)
                 report["gpu"].append(row)
                 if "skipped" in row:
-                    print(f"  {name:5s} {mode:9s} skipped: {row['skipped']}")
+                    print(f"  {name:5s} {label:10s} skipped: {row['skipped']}")
                     continue
                 baseline = baseline or row["tokens_per_s"]
                 row["vs_bf16"] = row["tokens_per_s"] / baseline
                 print(
-                    f"  {name:5s} {mode:9s} {row['tokens_per_s']:10.0f} tok/s  {row['vs_bf16']:.2f}x bf16"
+                    f"  {name:5s} {label:10s} {row['tokens_per_s']:10.0f} tok/s  {row['vs_bf16']:.2f}x bf16"
                     f"  peak {row['peak_gib']:.1f} GiB  loss {row['loss']:.3f}"
                 )
     else:

@@ -1,4 +1,4 @@
-"""fp8 matmuls for the attention and MLP projections: Transformer Engine on Hopper, an emulation anywhere.
+"""fp8 matmuls for the attention and MLP projections: Transformer Engine or torch._scaled_mm on Hopper.
 
 An fp8 number has 8 bits for everything, so it cannot hold a tensor's values as they are: it holds
 ``x * scale``, one fp32 ``scale`` per tensor chosen so the largest magnitude (the *amax*) lands near
@@ -14,7 +14,9 @@ casting it costs an extra pass over memory, so the cast uses a scale computed fr
 scale becomes ``(fp8_max / amax) / 2**margin`` with ``amax`` the history's max (``"max"``) or the
 value just recorded (``"most_recent"``), and the history rolls one slot (the oldest falls out).
 Here that update runs just before the next cast rather than right after this one: the same scales,
-but a forward replayed by activation checkpointing casts exactly as the original did.
+but a forward replayed by activation checkpointing casts exactly as the original did. Only training
+steps record (``module.training`` and grad mode on): an evaluation casts with the current scales and
+leaves the history as it found it.
 A fresh layer starts at scale 1, which is why seeding the history from the fp8-pretrained base
 checkpoint's Transformer Engine ``_extra_state`` matters.
 
@@ -23,16 +25,24 @@ with fp8 ``a`` and ``b``, accumulating in fp32 (``scale_*`` are the *inverse* sc
 ``a`` row-major and ``b`` column-major, so ``x @ w.T`` passes ``w.t()`` (a column-major view of the
 row-major weight for free) and the backward's ``dY @ W`` and ``dY.T @ X`` transpose copies of
 ``W`` and ``X``. On CUDA every dimension must be a multiple of 16 -- the token count too, since it is
-the inner dimension of the weight gradient. On CPU it runs any shape, and its fp32 output equals an
-fp32 matmul of the dequantized operands, which is what the tests check against.
+the inner dimension of the weight gradient. Where there are no fp8 tensor cores (a CPU, a GPU below
+compute capability 8.9) the same product is computed *dequantized*: every fp8 value is exact in bf16
+and fp32, so a matmul of the fp8 operands converted to the model's compute dtype, with the product
+of the inverse scales applied to the fp32 accumulator (``addmm``'s ``alpha``), is ``_scaled_mm``'s
+result up to the last bit of a rare output -- same casts, same scales, same delayed-scaling state --
+at the speed of an ordinary matmul (on CPU, ``_scaled_mm`` itself dequantizes into fp32 matmuls:
+SmolLM2-135M spent 889 s in its first step).
 
-Modes of :func:`apply_fp8`: ``"off"``; ``"emulated"`` swaps each projection for :class:`Float8Linear`
+Modes of :func:`apply_fp8`: ``"off"``; ``"torch"`` swaps each projection for :class:`Float8Linear`
 (same ``weight`` Parameter, so state-dict keys and ZeRO sharding do not change, plus two persistent
 fp32 buffers of scaling state that checkpoints resume); ``"te"`` swaps in ``transformer_engine``'s
-``te.Linear`` (weights copied) and the trainer wraps forward in :func:`fp8_autocast`. Swapped:
-``q/k/v/o_proj`` and ``gate/up/down_proj``. The LM head stays in bf16: its matmul lives in the fused
-loss, and fp8 logits lose too much. Both dimensions of a swapped linear must be multiples of 16;
-the vocabulary is the model config's business (the presets pad it).
+``te.Linear`` (weights copied) and the trainer wraps forward in :func:`fp8_autocast`; ``"auto"`` is
+whichever of these the device can run (:func:`resolve_fp8_mode`). Swapped: ``q/k/v/o_proj`` and
+``gate/up/down_proj`` -- all of them (recipe ``select: "all"``), or only those whose GEMMs the
+roofline of :mod:`ds_sft.model.fp8_roofline` says are faster in fp8 (``select: "auto"``). The LM
+head stays in bf16: its matmul lives in the fused loss, and fp8 logits lose too much. Both
+dimensions of a swapped linear must be multiples of 16; the vocabulary is the model config's
+business (the presets pad it).
 """
 
 from __future__ import annotations
@@ -49,15 +59,20 @@ import torch
 from torch import nn
 
 from ds_sft.errors import UserError
+from ds_sft.model.fp8_roofline import Roofline, roofline_for
 
 log = logging.getLogger(__name__)
 
-MODES = ("off", "emulated", "te")
+MODES = ("off", "auto", "torch", "te")
+RENAMED_MODES = {"emulated": "torch"}  # the torch path's old name, refused with a pointer to the new one
+SELECT = ("all", "auto")
 FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Checkpoints of other trainers fuse projections; their TE state seeds each part (same input).
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 INPUT, WEIGHT, GRAD = 0, 1, 2  # columns of Float8Linear's scaling state
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# (mantissa bits, exponent of the smallest normal) of each format: its grid of representable values
+FP8_GRID = {E4M3: (3, -6), E5M2: (2, -14)}
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,7 @@ class Fp8Recipe:
     amax_history_len: int = 1024
     amax_compute_algo: str = "max"  # or "most_recent"
     margin: int = 0  # scale down by 2**margin for headroom
+    select: str = "all"  # which projections run in fp8: all, or auto (those the roofline says pay)
 
     def __post_init__(self) -> None:
         checks = {
@@ -75,13 +91,14 @@ class Fp8Recipe:
             "amax_history_len": isinstance(self.amax_history_len, int) and self.amax_history_len >= 1,
             "amax_compute_algo": self.amax_compute_algo in ("max", "most_recent"),
             "margin": isinstance(self.margin, int) and self.margin >= 0,
+            "select": self.select in SELECT,
         }
         for key, ok in checks.items():
             if not ok:
                 raise UserError(
                     f"fp8.{key} = {getattr(self, key)!r} is invalid: format HYBRID|E4M3, "
                     "amax_history_len an int >= 1, amax_compute_algo max|most_recent, "
-                    "margin an int >= 0"
+                    "margin an int >= 0, select all|auto"
                 )
 
     @classmethod
@@ -110,78 +127,134 @@ class Fp8Recipe:
         )
 
 
-# ----------------------------------------------------------------------------- the emulated path
+# ----------------------------------------------------------------------------- the torch path
+
+
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    """True on CUDA GPUs of compute capability >= 8.9 (Ada, Hopper and later), where fp8 GEMMs are fast."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_grid(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``v.to(dtype).float()`` for an fp32 ``v`` within the format's range, in place and without fp8
+    conversions (scalar code on CPU, 2x slower): rounds half to even to the spacing of ``v``'s binade,
+    ``2**(max(exponent, smallest normal exponent) - mantissa bits)``, whose bits are built directly."""
+    mantissa, min_exponent = FP8_GRID[dtype]
+    exponent = (v.view(torch.int32) >> 23) & 0xFF  # biased by 127
+    spacing = ((exponent.clamp_(min=min_exponent + 127) - mantissa) << 23).view(torch.float32)
+    return v.div_(spacing).round_().mul_(spacing)
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
+def _scaled_mm(a8, b8, a_inv, b_inv, out_dtype) -> torch.Tensor:
+    """``(a8 * a_inv) @ (b8 * b_inv)`` on fp8 tensor cores (cuBLAS wants ``a`` row-major, ``b``
+    column-major), accumulated in fp32 and rounded once to ``out_dtype``."""
+    # Outside autocast: CPU's _scaled_mm is fp32 matmuls of dequantized operands, which autocast would
+    # round to bf16 first (on CUDA the op is not autocast's business, so this changes nothing).
+    with torch.autocast(a8.device.type, enabled=False):
+        return torch._scaled_mm(
+            a8.contiguous(), _column_major(b8), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype
+        )
+
+
+def _dequantized_mm(a, b, a_inv, b_inv, out_dtype) -> torch.Tensor:
+    """The same product from fp8 values held in the compute dtype (bf16 or wider, where they are
+    exact): their products are summed in fp32 and ``alpha`` scales the sum before the output is
+    rounded, as cuBLAS applies the scales in its epilogue. (CPU's ``_scaled_mm`` scales the operands
+    in fp32 instead, so the two differ in a rare last bit.) A wider ``out_dtype`` gets the compute
+    dtype's rounding, like the weight gradient of an ``nn.Linear`` under autocast."""
+    # .item(): alpha is a Python number; a host value on CPU, one sync per GEMM on a pre-fp8 GPU.
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=(a_inv * b_inv).item()).to(out_dtype)
+
+
 class _Float8Matmul(torch.autograd.Function):
-    """``y = x @ w.T`` with x, w in e4m3 and the output gradient in the recipe's gradient format."""
+    """``y = x @ w.T`` with x, w in e4m3 and the output gradient in the recipe's gradient format.
+
+    Without fp8 tensor cores the fp8 values are held in the compute dtype from the cast on, and saved
+    that way (the memory of a bf16 linear's saved tensors instead of half of it)."""
 
     @staticmethod
-    def forward(ctx, x, weight, layer, out_dtype):
-        x8, x_inv = layer.cast(x.reshape(-1, x.shape[-1]), INPUT)
-        w8, w_inv = layer.cast(weight, WEIGHT)
-        y = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
+    def forward(ctx, x, weight, layer, compute_dtype, record):
+        ctx.scaled_mm = layer.uses_scaled_mm(x.device)
+        held_in = None if ctx.scaled_mm else compute_dtype
+        x8, x_inv = layer.cast(x.reshape(-1, x.shape[-1]), INPUT, record, held_in)
+        w8, w_inv = layer.cast(weight, WEIGHT, record, held_in)
+        mm = _scaled_mm if ctx.scaled_mm else _dequantized_mm
+        y = mm(x8, w8.t(), x_inv, w_inv, compute_dtype)
         ctx.save_for_backward(x8, w8, x_inv, w_inv)
         ctx.layer, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = layer, x.shape, x.dtype, weight.dtype
+        ctx.compute_dtype, ctx.record = compute_dtype, record
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         x8, w8, x_inv, w_inv = ctx.saved_tensors
-        g8, g_inv = ctx.layer.cast(grad_y.reshape(-1, grad_y.shape[-1]), GRAD)
+        held_in = None if ctx.scaled_mm else ctx.compute_dtype
+        g8, g_inv = ctx.layer.cast(grad_y.reshape(-1, grad_y.shape[-1]), GRAD, ctx.record, held_in)
+        mm = _scaled_mm if ctx.scaled_mm else _dequantized_mm
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # dX [M, K] = dY [M, N] @ W [N, K]
-            grad_x = torch._scaled_mm(
-                g8, _column_major(w8), scale_a=g_inv, scale_b=w_inv, out_dtype=ctx.x_dtype
-            )
-            grad_x = grad_x.reshape(ctx.x_shape)
+            grad_x = mm(g8, w8, g_inv, w_inv, ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # dW [N, K] = dY.T [N, M] @ X [M, K]
-            grad_w = torch._scaled_mm(
-                g8.t().contiguous(), _column_major(x8), scale_a=g_inv, scale_b=x_inv, out_dtype=ctx.w_dtype
-            )
-        return grad_x, grad_w, None, None
+            grad_w = mm(g8.t(), x8, g_inv, x_inv, ctx.w_dtype)
+        return grad_x, grad_w, None, None, None
 
 
 class Float8Linear(nn.Module):
-    """A bias-free ``nn.Linear`` whose matmuls run in fp8 on ``torch._scaled_mm``, with delayed scaling.
+    """A bias-free ``nn.Linear`` whose matmuls run in fp8 with delayed scaling (``--fp8 torch``).
 
     Owns the replaced linear's ``weight`` Parameter (fp32 or bf16 master) and two persistent fp32
     buffers, ``fp8_amax_history [amax_history_len, 3]`` and ``fp8_scale [3]`` (columns: input,
     weight, output gradient). A state dict without them (a checkpoint written without fp8) loads
     with fresh scaling state; a history of another length is cut or zero-padded, as TE does.
+    ``scaled_mm``: None runs ``torch._scaled_mm`` where there are fp8 tensor cores and the
+    dequantized GEMM elsewhere; True or False forces one (tests compare the two on CPU).
     """
 
     def __init__(self, linear: nn.Linear, recipe: Fp8Recipe) -> None:
         super().__init__()
         self.in_features, self.out_features, self.recipe = linear.in_features, linear.out_features, recipe
         self.weight = linear.weight
+        self.scaled_mm: bool | None = None
         device = linear.weight.device
         self.register_buffer("fp8_amax_history", torch.zeros(recipe.amax_history_len, 3, device=device))
         self.register_buffer("fp8_scale", torch.ones(3, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return _Float8Matmul.apply(x, self.weight, self, out_dtype)
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        # Decided here: inside an autograd Function's forward, grad mode is always off.
+        record = self.training and torch.is_grad_enabled()
+        return _Float8Matmul.apply(x, self.weight, self, compute_dtype, record)
 
-    def cast(self, t: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``t`` in fp8 and the inverse scale it was cast with; records ``t``'s amax for later steps."""
+    def uses_scaled_mm(self, device: torch.device) -> bool:
+        return has_fp8_tensor_cores(device) if self.scaled_mm is None else self.scaled_mm
+
+    def cast(
+        self, t: torch.Tensor, column: int, record: bool, held_in: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` in fp8 (or its fp8 values held in ``held_in``, where they are exact) and the inverse
+        scale it was cast with; ``record``: step the scaling state and keep ``t``'s amax for later
+        steps (training steps only)."""
         dtype = self.recipe.grad_dtype if column == GRAD else E4M3
         fp8_max = torch.finfo(dtype).max
         # Activation checkpointing re-runs the forward inside backward: that replay must cast with
         # the same scale as the original forward and record nothing (gradients are never replayed).
         replay = column != GRAD and torch._C._current_graph_task_id() != -1
-        if not replay:
+        record = record and not replay
+        if record:
             self._step_scaling(column, fp8_max)
         scale = self.fp8_scale[column]
-        # Saturate: out-of-range values would become NaN (e4m3fn has no inf) or inf (e5m2).
-        t8 = (t.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
-        if not replay:
-            self.fp8_amax_history[0, column] = t.detach().abs().amax().float()
+        # Scaled in fp32 (one rounding, to fp8), saturated in place (out-of-range values would become
+        # NaN in e4m3fn, which has no inf, or inf in e5m2), then rounded to fp8.
+        scaled = (t.float() * scale).clamp_(-fp8_max, fp8_max)
+        t8 = scaled.to(dtype) if held_in is None else fp8_grid(scaled, dtype).to(held_in)
+        if record:
+            low, high = torch.aminmax(t.detach())
+            self.fp8_amax_history[0, column] = torch.maximum(-low, high).float()
         return t8, scale.reciprocal()
 
     @torch.no_grad()
@@ -235,7 +308,7 @@ def _fit_rows(history: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _import_te():
     """``transformer_engine.pytorch``, or one UserError saying why fp8 ``te`` cannot run here."""
-    hint = "use --fp8 emulated (runs anywhere) or --fp8 off"
+    hint = "use --fp8 torch (runs anywhere) or --fp8 off"
     if not torch.cuda.is_available():
         raise UserError(f"--fp8 te needs a CUDA GPU with fp8 tensor cores, none is visible; {hint}")
     major, minor = torch.cuda.get_device_capability()
@@ -254,7 +327,10 @@ def _import_te():
 
 
 def fp8_autocast(mode: str, recipe: Fp8Recipe | None = None):
-    """The context the trainer wraps around forward: TE's ``fp8_autocast`` in mode ``te``, else nothing."""
+    """The context the trainer wraps around forward: TE's ``fp8_autocast`` in mode ``te`` (or ``auto``
+    where that resolves to ``te``), else nothing."""
+    if check_mode(mode) == "auto":
+        mode = resolve_fp8_mode(mode, _default_device())
     if mode != "te":
         return contextlib.nullcontext()
     return _import_te().fp8_autocast(enabled=True, fp8_recipe=(recipe or Fp8Recipe()).to_te())
@@ -371,14 +447,109 @@ def _seed_targets(extra_state: dict[str, Any], swapped: set[str]) -> dict[str, d
     return targets
 
 
-def apply_fp8(model: nn.Module, mode: str, recipe: Fp8Recipe | None = None) -> nn.Module:
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`MODES`, else one UserError (naming the new name of a renamed one)."""
+    if mode in RENAMED_MODES:
+        raise UserError(
+            f"--fp8 {mode} was renamed: use --fp8 {RENAMED_MODES[mode]} (torch._scaled_mm on fp8 GPUs, "
+            "the same fp8 numerics emulated elsewhere)"
+        )
+    if mode not in MODES:
+        raise UserError(f"--fp8 {mode!r} is unknown; choose one of {', '.join(MODES)}")
+    return mode
+
+
+def _default_device() -> torch.device:
+    """The device the trainer runs on: this rank's GPU when there is one."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_fp8_mode(mode: str, device: torch.device) -> str:
+    """What ``mode`` runs as on ``device``: ``auto`` is ``te`` on fp8 tensor cores (compute capability
+    >= 8.9) when Transformer Engine imports, ``torch`` there without it, and ``off`` elsewhere (a CPU
+    or an older GPU trains the fp8-pretrained model in bf16). Other modes are themselves."""
+    if check_mode(mode) != "auto":
+        return mode
+    if not has_fp8_tensor_cores(device):
+        return "off"
+    try:
+        _import_te()
+    except UserError:
+        return "torch"
+    return "te"
+
+
+def _why_auto(resolved: str, device: torch.device) -> str:
+    if resolved == "off":
+        what = "a CPU"
+        if device.type == "cuda":
+            what = "compute capability {}.{}".format(*torch.cuda.get_device_capability(device))
+        return f"--fp8 auto: off ({what} has no fp8 tensor cores); the projections train in bf16"
+    engine = (
+        "Transformer Engine" if resolved == "te" else "torch._scaled_mm; Transformer Engine does not import"
+    )
+    return f"--fp8 auto: {resolved} ({torch.cuda.get_device_name(device)}, {engine})"
+
+
+def select_fp8_linears(
+    model: nn.Module, mode: str, recipe: Fp8Recipe, tokens: int | None, roofline: Roofline
+) -> dict[str, bool]:
+    """Module name -> whether it runs in fp8: every projection (``select: "all"``), or those whose
+    GEMMs with ``tokens`` rows per micro-batch are estimated faster in fp8 (``select: "auto"``)."""
+    names = fp8_linear_names(model)
+    if recipe.select == "all":
+        return dict.fromkeys(names, True)
+    if not tokens:
+        raise ValueError("fp8 select auto needs the tokens per micro-batch")
+    chosen = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        chosen[name] = roofline.speedup(tokens, linear.in_features, linear.out_features, mode) > 1.0
+    return chosen
+
+
+def describe_selection(
+    model: nn.Module, chosen: dict[str, bool], mode: str, select: str, tokens: int | None, roofline: Roofline
+) -> list[str]:
+    """One line per projection kind and shape: how many run in fp8, and the roofline's estimate."""
+    rows: dict[tuple[str, int, int], list[bool]] = {}
+    for name, fp8 in chosen.items():
+        linear = model.get_submodule(name)
+        rows.setdefault((name.rsplit(".", 1)[-1], linear.in_features, linear.out_features), []).append(fp8)
+    head = f"fp8 {mode}: {sum(chosen.values())} of {len(chosen)} projections in fp8 (select {select}"
+    if tokens:
+        head += f"; {tokens} tokens per micro-batch, roofline of {roofline.name}: {roofline.source}"
+    lines = [head + ")"]
+    for (kind, k, n), flags in rows.items():
+        line = f"  {kind:10s} {k:6d} -> {n:<6d} fp8 in {sum(flags):3d} of {len(flags):3d} layers"
+        if tokens:
+            line += f", estimated {roofline.speedup(tokens, k, n, mode):.2f}x the bf16 speed"
+        lines.append(line)
+    return lines
+
+
+def apply_fp8(
+    model: nn.Module,
+    mode: str,
+    recipe: Fp8Recipe | None = None,
+    *,
+    tokens: int | None = None,
+    device: torch.device | None = None,
+    say=log.info,
+) -> nn.Module:
     """Swap the attention and MLP projections for fp8 layers (in place; returns ``model``).
 
+    ``mode`` ``auto`` is resolved for ``device`` (default: the trainer's); ``tokens`` (rows per
+    micro-batch) feeds ``select: "auto"``; ``say`` gets the resolution and the per-kind table.
     Seeds the scaling state from ``model.fp8_extra_state`` (TE ``_extra_state`` of a loaded base
     checkpoint, by canonical module name; fused ``qkv_proj`` / ``gate_up_proj`` seed their parts).
     """
-    if mode not in MODES:
-        raise UserError(f"--fp8 {mode!r} is unknown; choose one of {', '.join(MODES)}")
+    if check_mode(mode) == "auto":
+        device = device or _default_device()
+        mode = resolve_fp8_mode("auto", device)
+        say(_why_auto(mode, device))
     if mode == "off":
         return model
     recipe = recipe or Fp8Recipe()
@@ -392,6 +563,12 @@ def apply_fp8(model: nn.Module, mode: str, recipe: Fp8Recipe | None = None) -> n
                 "or --fp8 off"
             )
     te = _import_te() if mode == "te" else None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    roofline = roofline_for(gpu)
+    chosen = select_fp8_linears(model, mode, recipe, tokens, roofline)
+    for line in describe_selection(model, chosen, mode, recipe.select, tokens, roofline):
+        say(line)
+    names = [name for name in names if chosen[name]]
     seeds = _seed_targets(getattr(model, "fp8_extra_state", {}), set(names))
     for name in names:
         linear = model.get_submodule(name)

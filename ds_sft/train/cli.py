@@ -148,8 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_model(s):
-    """The model on CPU in fp32 (the engine moves and casts it), fp8 layers swapped in if asked."""
+def build_model(s, tokens_per_micro_batch: int | None = None):
+    """The model on CPU in fp32 (the engine moves and casts it), fp8 layers swapped in if asked
+    (``tokens_per_micro_batch``: the GEMM height that fp8 ``select: "auto"`` weighs)."""
     import torch
 
     from ds_sft.model.checkpoint import load_model
@@ -163,9 +164,14 @@ def build_model(s):
         model = LlamaModel(ModelConfig.preset(s.model, kernels=s.kernels))
     model.config.activation_checkpointing = bool(s.activation_checkpointing)
     if s.fp8 != "off":
+        import torch.distributed as dist
+
         from ds_sft.model.fp8 import Fp8Recipe, apply_fp8
 
-        apply_fp8(model, s.fp8, Fp8Recipe.from_dict(s.fp8_recipe) if s.fp8_recipe else None)
+        recipe = Fp8Recipe.from_dict(s.fp8_recipe) if s.fp8_recipe else None
+        quiet = dist.is_initialized() and dist.get_rank() != 0
+        say = (lambda line: None) if quiet else print  # what auto resolved to, which layers run in fp8
+        apply_fp8(model, s.fp8, recipe, tokens=tokens_per_micro_batch, say=say)
     return model
 
 
@@ -233,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
 
     train_set = PackedDataset(s.data_dir, "train")
     val_set = PackedDataset(s.data_dir, "val")
-    model = build_model(s)
+    model = build_model(s, tokens_per_micro_batch=s.micro_batch_size * train_set.seq_len)
     compatibility.check_fresh(s, model, train_set)
     check_fits(
         model.config,

@@ -1,7 +1,8 @@
-"""fp8 on CPU: the emulated linear against a quantize-dequantize reference, delayed scaling against a
-hand-rolled amax window, fp8 state in checkpoints, a tiny model trained in fp8 vs bf16, and the
-Transformer Engine wiring against a stand-in ``transformer_engine`` package (the real one cannot be
-imported without CUDA)."""
+"""fp8 on CPU: the torch-path linear against a quantize-dequantize reference, its dequantized GEMM
+against ``torch._scaled_mm`` (which runs on CPU at small sizes), delayed scaling against a
+hand-rolled amax window, fp8 state in checkpoints and evaluation, a tiny model trained in fp8 vs
+bf16, mode resolution, the roofline that selects layers, and the Transformer Engine wiring against a
+stand-in ``transformer_engine`` package (the real one cannot be imported without CUDA)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def tiny_model(seed: int = 0) -> LlamaModel:
     return LlamaModel(ModelConfig.preset("tiny", kernels="eager"))
 
 
-# ----------------------------------------------------------------------------- the emulated linear
+# ----------------------------------------------------------------------------- the torch-path linear
 
 
 @pytest.mark.parametrize("fmt,grad_dtype", [("HYBRID", E5M2), ("E4M3", E4M3)])
@@ -101,6 +102,116 @@ def test_forward_and_backward_on_cuda_match_the_reference():
     gq = quantize_dequantize(grad_y.reshape(-1, 32), 0.75, E5M2)
     assert_fp32_matmul_of(x.grad.reshape(-1, 64), gq, wq)
     assert_fp32_matmul_of(layer.weight.grad, gq.T, xq)
+
+
+def grid_inputs(dtype: torch.dtype) -> torch.Tensor:
+    """Every finite bf16 value, fp32 values over 20 binades and the format's edges, within its range."""
+    fp8_max = torch.finfo(dtype).max
+    every_bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(200_000, generator=g) * torch.logspace(-8, 4, 200_000, base=2.0)
+    tiny = torch.finfo(dtype).tiny
+    edges = torch.tensor(
+        [0.0, -0.0, fp8_max, tiny, tiny / 2, tiny / 8 * 1.5, tiny / 16, 1.0625, 1.1875, 3.75]
+    )
+    values = torch.cat([every_bf16[torch.isfinite(every_bf16)], spread, edges, -edges])
+    return values.clamp(-fp8_max, fp8_max)
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_fp8_grid_rounds_exactly_like_the_fp8_cast(dtype):
+    values = grid_inputs(dtype)
+    expected = values.to(dtype).float()
+    got = fp8.fp8_grid(values.clone(), dtype)
+    assert torch.equal(got, expected)
+    assert torch.equal(torch.signbit(got), torch.signbit(expected))  # -0.0 stays -0.0
+
+
+def twin_layers(k: int, n: int, dtype: torch.dtype, fmt: str) -> tuple[Float8Linear, Float8Linear]:
+    """Two identical layers with awkward scales: one on torch._scaled_mm, one dequantized."""
+    layers = []
+    for scaled_mm in (True, False):
+        torch.manual_seed(k + n)
+        recipe = Fp8Recipe(format=fmt, amax_history_len=4)
+        layer = Float8Linear(nn.Linear(k, n, bias=False, dtype=dtype), recipe)
+        layer.fp8_scale.copy_(torch.tensor([37.0, 3000.5, 0.75]))
+        layer.scaled_mm = scaled_mm
+        layers.append(layer)
+    return layers[0], layers[1]
+
+
+# (param dtype, input dtype, autocast dtype or None): fp32 throughout, bf16 autocast over fp32
+# master weights (the trainer without DeepSpeed), bf16 weights and inputs (DeepSpeed's bf16 engine).
+DTYPES = [
+    (torch.float32, torch.float32, None),
+    (torch.float32, torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16, None),
+]
+
+
+@pytest.mark.parametrize("fmt", ["HYBRID", "E4M3"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=["fp32", "autocast-bf16", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 8, 64, 32), (3, 5, 48, 16), (1, 33, 96, 80), (4, 16, 16, 128)])
+def test_dequantized_gemm_matches_scaled_mm(fmt, dtypes, shape):
+    """Forward and both gradients of the dequantized path equal torch._scaled_mm's, up to the one
+    rounding of a wider output (fp32 gradients of a bf16 computation) and fp32 summation order."""
+    B, T, K, N = shape
+    param_dtype, input_dtype, autocast = dtypes
+    reference, dequantized = twin_layers(K, N, param_dtype, fmt)
+    x = (torch.randn(B, T, K) * 4).to(input_dtype)
+    grad_y = torch.randn(B, T, N) * 100
+    outputs = []
+    for layer in (reference, dequantized):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            y = layer(xi)
+        y.backward(grad_y.to(y.dtype))
+        outputs.append((y, xi.grad, layer.weight.grad))
+        layer(x)  # a second step: the scales move from the first step's amaxes
+    compute = autocast or input_dtype
+    # One bf16 ulp (a sum that lands next to a rounding boundary may round the other way after
+    # another summation order; CPU's _scaled_mm sums in fp32 too) / a few fp32 ulps.
+    tolerance = 2.0**-7 if compute == torch.bfloat16 else 2.0**-20
+    for name, want, got in zip(("y", "grad x", "grad w"), *outputs, strict=True):
+        assert got.dtype == want.dtype, name
+        error = (got.double() - want.double()).abs()
+        bound = tolerance * want.double().abs() + 1e-6 * want.double().abs().max()
+        assert (error <= bound).all(), f"{name}: max error {error.max():.3g}"
+    for buffer in ("fp8_scale", "fp8_amax_history"):
+        assert torch.equal(getattr(reference, buffer), getattr(dequantized, buffer)), buffer
+
+
+def test_dequantized_gemm_is_the_default_without_fp8_tensor_cores():
+    layer = Float8Linear(nn.Linear(16, 16, bias=False), Fp8Recipe())
+    assert not layer.uses_scaled_mm(torch.device("cpu"))
+    layer.scaled_mm = True
+    assert layer.uses_scaled_mm(torch.device("cpu"))
+
+
+def test_evaluation_leaves_the_scaling_state_alone():
+    """Only training steps (module.training and grad mode on) advance the amax history."""
+    torch.manual_seed(0)
+    model = apply_fp8(tiny_model(), "torch", Fp8Recipe(amax_history_len=4))
+    ids = torch.randint(0, 256, (2, 16))
+    model.train()
+    model(ids, labels=ids).backward()  # one step: the history holds amaxes, the scales are fresh
+
+    def state():
+        return {name: b.clone() for name, b in model.named_buffers() if "fp8" in name}
+
+    before = state()
+    with torch.no_grad():  # the evaluator's way: train mode, no grad
+        logits_no_grad = model(ids)
+    model.eval()  # and eval mode with grad on (as generation code may run)
+    logits_eval = model(ids)
+    model(ids, labels=ids).backward()
+    after = state()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    torch.testing.assert_close(logits_no_grad, logits_eval)
+    model.train()
+    model(ids, labels=ids).backward()
+    assert any(not torch.equal(before[name], b) for name, b in state().items())
 
 
 def test_output_follows_autocast_dtype_and_rounds_once():
@@ -161,7 +272,7 @@ def test_activation_checkpointing_steps_the_scaling_state_once():
     checkpointed.config.activation_checkpointing = True
     ids = torch.randint(0, 256, (2, 16))
     for model in (plain, checkpointed):
-        apply_fp8(model, "emulated", Fp8Recipe(amax_history_len=4)).train()
+        apply_fp8(model, "torch", Fp8Recipe(amax_history_len=4)).train()
         for _ in range(2):
             model(ids, labels=ids).backward()
     for (name, a), (_, b) in zip(plain.named_buffers(), checkpointed.named_buffers(), strict=True):
@@ -175,7 +286,7 @@ def test_activation_checkpointing_steps_the_scaling_state_once():
 def test_apply_fp8_swaps_the_projections_and_keeps_parameters():
     model = tiny_model()
     weights = {name: p for name, p in model.named_parameters()}
-    apply_fp8(model, "emulated")
+    apply_fp8(model, "torch")
     swapped = {name for name, m in model.named_modules() if isinstance(m, Float8Linear)}
     assert swapped == {f"layers.{i}.{p}" for i in range(2) for p in PROJECTIONS}
     # The very same Parameter objects: DeepSpeed shards them and optimizers keep their state.
@@ -187,14 +298,14 @@ def test_dimensions_not_multiple_of_16_are_refused():
     model = nn.Sequential()
     model.add_module("q_proj", nn.Linear(64, 40, bias=False))
     with pytest.raises(UserError, match="q_proj is 64 -> 40"):
-        apply_fp8(model, "emulated")
+        apply_fp8(model, "torch")
     with pytest.raises(UserError, match="unknown"):
         apply_fp8(tiny_model(), "fp4")
 
 
 def test_state_dict_round_trip_resumes_fp8_state():
     torch.manual_seed(0)
-    model = apply_fp8(tiny_model(), "emulated", Fp8Recipe(amax_history_len=8))
+    model = apply_fp8(tiny_model(), "torch", Fp8Recipe(amax_history_len=8))
     ids = torch.randint(0, 256, (2, 16))
     for _ in range(3):
         model(ids, labels=ids).backward()
@@ -202,7 +313,7 @@ def test_state_dict_round_trip_resumes_fp8_state():
     assert state["layers.0.attn.q_proj.fp8_scale"].dtype == torch.float32
     assert (state["layers.0.attn.q_proj.fp8_amax_history"] > 0).any()
 
-    resumed = apply_fp8(tiny_model(seed=1), "emulated", Fp8Recipe(amax_history_len=8))
+    resumed = apply_fp8(tiny_model(seed=1), "torch", Fp8Recipe(amax_history_len=8))
     resumed.load_state_dict(state)
     fp8_buffers = {name: b for name, b in resumed.named_buffers() if "fp8" in name}
     assert len(fp8_buffers) == 2 * 14
@@ -213,7 +324,7 @@ def test_state_dict_round_trip_resumes_fp8_state():
 
 def test_non_fp8_checkpoint_loads_into_fp8_model_with_fresh_state():
     base = tiny_model()
-    model = apply_fp8(tiny_model(seed=1), "emulated", Fp8Recipe(amax_history_len=8))
+    model = apply_fp8(tiny_model(seed=1), "torch", Fp8Recipe(amax_history_len=8))
     model.load_state_dict(base.state_dict())  # strict: the fp8 buffers may be missing, nothing else
     assert torch.equal(model.layers[0].attn.q_proj.weight, base.layers[0].attn.q_proj.weight)
     assert torch.equal(model.layers[0].attn.q_proj.fp8_scale, torch.ones(3))
@@ -266,9 +377,13 @@ def make_batches(steps: int, batch: int = 8, seq: int = 32, seed: int = 0):
         yield ids[:, :-1], ids[:, 1:]
 
 
-def train_losses(fp8_mode: str, steps: int = 50) -> list[float]:
+def train_losses(
+    fp8_mode: str, steps: int = 50, scaled_mm: bool | None = None, lr: float = 3e-3
+) -> list[float]:
     model = apply_fp8(tiny_model(), fp8_mode, Fp8Recipe(amax_history_len=16)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for layer in fp8_layers(model):
+        layer.scaled_mm = scaled_mm
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     for inputs, labels in make_batches(steps):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -280,11 +395,33 @@ def train_losses(fp8_mode: str, steps: int = 50) -> list[float]:
     return losses
 
 
+def fp8_layers(model: nn.Module) -> list[Float8Linear]:
+    return [m for m in model.modules() if isinstance(m, Float8Linear)]
+
+
+def test_tiny_model_losses_match_the_scaled_mm_path():
+    """The dequantized GEMM (CPU default) trains like torch._scaled_mm itself (forced on CPU).
+
+    The two differ only in where fp32 rounds (the scales on the accumulator vs on the operands) and
+    so in a rare last bf16 bit, but fp8 training is chaotic: a changed amax moves a scale, which
+    moves every rounding. Measured (torch 2.13, 20 steps at lr 1e-3): 6.8e-4 apart, against 1.0e-3
+    for bf16 vs _scaled_mm and 1.1e-2 for E4M3 gradients instead of e5m2. At lr 3e-3 even a rare
+    bit grows to ~3e-3 within 20 steps, as bf16 vs fp8 does, so that rate cannot tell paths apart.
+    """
+    dequantized = train_losses("torch", steps=20, lr=1e-3)
+    scaled_mm = train_losses("torch", steps=20, lr=1e-3, scaled_mm=True)
+    gaps = [abs(a - b) for a, b in zip(dequantized, scaled_mm, strict=True)]
+    print(f"dequantized vs _scaled_mm: max loss gap {max(gaps):.2e} over 20 steps")
+    assert gaps[0] == 0.0  # the first forward: same casts, same scales, same bf16 outputs here
+    assert max(gaps) < 1e-3
+    assert dequantized[-1] < dequantized[0] - 0.3, "and it learns"
+
+
 def test_tiny_model_trains_in_fp8_like_bf16():
-    bf16, emulated = train_losses("off"), train_losses("emulated")
-    gaps = [abs(a - b) for a, b in zip(bf16, emulated, strict=True)]
-    print(f"fp8 emulated vs bf16: max loss gap {max(gaps):.4f}, final {emulated[-1]:.4f} vs {bf16[-1]:.4f}")
-    assert emulated[-1] < emulated[0] - 1.0, "fp8 training should learn"
+    bf16, fp8_losses = train_losses("off"), train_losses("torch")
+    gaps = [abs(a - b) for a, b in zip(bf16, fp8_losses, strict=True)]
+    print(f"fp8 torch vs bf16: max loss gap {max(gaps):.4f}, final {fp8_losses[-1]:.4f} vs {bf16[-1]:.4f}")
+    assert fp8_losses[-1] < fp8_losses[0] - 1.0, "fp8 training should learn"
     # Measured on CPU (torch 2.13): max gap 0.012 over the 50 steps (loss 5.57 -> 2.43); 4x headroom.
     assert max(gaps) < 0.05
 
@@ -355,6 +492,8 @@ def fake_te(monkeypatch):
     install(monkeypatch, modules)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     return modules
 
 
@@ -407,7 +546,7 @@ def test_extra_state_refuses_arbitrary_pickles():
         decode_te_extra_state(blob)
 
 
-def test_te_extra_state_seeds_the_emulated_path(monkeypatch):
+def test_te_extra_state_seeds_the_torch_path(monkeypatch):
     modules = fake_te_modules()
     install(monkeypatch, modules)
     recipe_module = modules["transformer_engine.common.recipe"]
@@ -418,7 +557,7 @@ def test_te_extra_state_seeds_the_emulated_path(monkeypatch):
         "layers.1.mlp.down_proj": te_blob(single, recipe_module),
         "layers.1.attn.rotary": te_blob(single, recipe_module),
     }  # no such linear: logged
-    apply_fp8(model, "emulated", Fp8Recipe(amax_history_len=8))
+    apply_fp8(model, "torch", Fp8Recipe(amax_history_len=8))
 
     for name in ("q_proj", "k_proj", "v_proj"):
         layer = getattr(model.layers[0].attn, name)
@@ -433,7 +572,7 @@ def test_te_extra_state_seeds_the_emulated_path(monkeypatch):
     assert torch.equal(model.layers[1].attn.q_proj.fp8_scale, torch.ones(3))
 
 
-def test_base_checkpoint_extra_state_reaches_the_emulated_layers(tmp_path, monkeypatch):
+def test_base_checkpoint_extra_state_reaches_the_torch_path_layers(tmp_path, monkeypatch):
     """The contract with ``checkpoint.load_model``: TE entries of a base ``.pt`` (torch.load with
     weights_only=True) end up on ``model.fp8_extra_state`` and seed the swapped layers."""
     from ds_sft.model.checkpoint import load_model
@@ -452,7 +591,7 @@ def test_base_checkpoint_extra_state_reaches_the_emulated_layers(tmp_path, monke
     for name in modules:
         monkeypatch.delitem(sys.modules, name)
 
-    model = apply_fp8(load_model(tmp_path / "base.pt"), "emulated", Fp8Recipe(amax_history_len=5))
+    model = apply_fp8(load_model(tmp_path / "base.pt"), "torch", Fp8Recipe(amax_history_len=5))
     o_proj, up_proj = model.layers[0].attn.o_proj, model.layers[1].mlp.up_proj
     assert torch.equal(o_proj.fp8_amax_history[:, 0], new_format["amax_history_fwd"][:, 0])
     assert torch.equal(up_proj.fp8_scale[2], old_format["scale_bwd"][0])
@@ -489,7 +628,7 @@ def test_te_path_replaces_projections_and_carries_extra_state(fake_te):
     with fp8_autocast("te", recipe):
         pass
     assert te.autocast_calls == [{"enabled": True, "fp8_recipe": te_recipe}]
-    assert isinstance(fp8_autocast("emulated", recipe), contextlib.nullcontext)
+    assert isinstance(fp8_autocast("torch", recipe), contextlib.nullcontext)
 
 
 def test_te_import_failure_gives_one_clear_error(fake_te, monkeypatch):
@@ -501,21 +640,58 @@ def test_te_import_failure_gives_one_clear_error(fake_te, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", failing_import)
-    with pytest.raises(UserError, match=r"transformer-engine\[pytorch\].*cudnn.*--fp8 emulated"):
+    with pytest.raises(UserError, match=r"transformer-engine\[pytorch\].*cudnn.*--fp8 torch"):
         apply_fp8(tiny_model(), "te")
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # not installed: ImportError
     monkeypatch.setattr(builtins, "__import__", real_import)
-    with pytest.raises(UserError, match="--fp8 emulated"):
+    with pytest.raises(UserError, match="--fp8 torch"):
         fp8_autocast("te", Fp8Recipe())
 
 
 def test_te_needs_a_hopper_class_gpu(fake_te, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    with pytest.raises(UserError, match="8.9.*8.0.*--fp8 emulated"):
+    with pytest.raises(UserError, match="8.9.*8.0.*--fp8 torch"):
         apply_fp8(tiny_model(), "te")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UserError, match="CUDA GPU.*--fp8 emulated"):
+    with pytest.raises(UserError, match="CUDA GPU.*--fp8 torch"):
         apply_fp8(tiny_model(), "te")
+
+
+def test_the_old_mode_name_is_refused_naming_the_new_one():
+    for call in (lambda: apply_fp8(tiny_model(), "emulated"), lambda: fp8_autocast("emulated")):
+        with pytest.raises(UserError, match=r"^--fp8 emulated was renamed: use --fp8 torch \("):
+            call()
+    with pytest.raises(UserError, match="choose one of off, auto, torch, te"):
+        fp8.resolve_fp8_mode("fp4", torch.device("cpu"))
+
+
+def test_auto_is_off_on_cpu_and_says_so():
+    lines = []
+    model = apply_fp8(tiny_model(), "auto", say=lines.append)
+    assert not fp8_layers(model)
+    assert lines == ["--fp8 auto: off (a CPU has no fp8 tensor cores); the projections train in bf16"]
+    assert isinstance(fp8_autocast("auto", Fp8Recipe()), contextlib.nullcontext)
+    for mode in ("off", "torch", "te"):
+        assert fp8.resolve_fp8_mode(mode, torch.device("cpu")) == mode  # explicit modes are kept
+
+
+def test_auto_resolves_by_compute_capability_and_transformer_engine(fake_te, monkeypatch):
+    gpu = torch.device("cuda", 0)
+    assert fp8.resolve_fp8_mode("auto", gpu) == "te"
+    lines = []
+    model = apply_fp8(tiny_model(), "auto", say=lines.append)
+    assert lines[0] == "--fp8 auto: te (NVIDIA H200, Transformer Engine)"
+    assert isinstance(model.layers[0].attn.q_proj, fake_te["transformer_engine.pytorch"].Linear)
+    with fp8_autocast("auto", Fp8Recipe()):  # the trainer's forward context follows the same answer
+        pass
+    assert len(fake_te["transformer_engine.pytorch"].autocast_calls) == 1
+
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # TE absent: torch._scaled_mm
+    assert fp8.resolve_fp8_mode("auto", gpu) == "torch"
+    assert isinstance(fp8_autocast("auto", Fp8Recipe()), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    assert fp8.resolve_fp8_mode("auto", gpu) == "off"
+    assert fp8.resolve_fp8_mode("auto", torch.device("cpu")) == "off"
 
 
 def test_real_transformer_engine_trains_like_bf16():
@@ -546,7 +722,7 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("stage", [2, 3])  # 3: the very weight Parameter is partitioned
-def test_emulated_fp8_under_deepspeed_zero_saves_and_resumes_fp8_state(stage, tmp_path, monkeypatch):
+def test_torch_fp8_under_deepspeed_zero_saves_and_resumes_fp8_state(stage, tmp_path, monkeypatch):
     deepspeed = pytest.importorskip("deepspeed")
     for key, value in {
         "RANK": "0",
@@ -568,7 +744,7 @@ def test_emulated_fp8_under_deepspeed_zero_saves_and_resumes_fp8_state(stage, tm
     }
 
     def engine():
-        model = apply_fp8(tiny_model(), "emulated", Fp8Recipe(amax_history_len=8))
+        model = apply_fp8(tiny_model(), "torch", Fp8Recipe(amax_history_len=8))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
 

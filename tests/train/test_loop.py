@@ -142,12 +142,12 @@ def test_sigterm_then_resume_is_bitwise_identical(stage, precision, dist_env, tm
         assert torch.equal(w_full[name], w_resumed[name]), name
 
 
-def test_emulated_fp8_trains_through_the_engine(dist_env, tmp_path):
+def test_torch_fp8_trains_through_the_engine(dist_env, tmp_path):
     from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, apply_fp8
 
-    model = apply_fp8(tiny_model(), "emulated", Fp8Recipe())
+    model = apply_fp8(tiny_model(), "torch", Fp8Recipe())
     assert isinstance(model.layers[0].attn.q_proj, Float8Linear)
-    s = settings(zero_stage=2, max_iters=4, fp8="emulated")
+    s = settings(zero_stage=2, max_iters=4, fp8="torch")
     records, weights, _ = run(s, TinyPacked(16, seed=8), tmp_path, model)
     assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
     assert "layers.0.attn.q_proj.weight" in weights  # the final weights keep plain-linear names
