@@ -526,7 +526,7 @@ def describe_selection(
     for (kind, k, n), flags in rows.items():
         line = f"  {kind:10s} {k:6d} -> {n:<6d} fp8 in {sum(flags):3d} of {len(flags):3d} layers"
         if tokens:
-            line += f", estimated {roofline.speedup(tokens, k, n, mode):.2f}x the bf16 speed"
+            line += f", estimated {roofline.speedup(tokens, k, n, mode):.2g}x the bf16 speed"
         lines.append(line)
     return lines
 
