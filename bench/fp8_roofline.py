@@ -4,6 +4,8 @@
     python bench/fp8_roofline.py --write    # and replace this GPU's entry in the JSON (commit it)
     python bench/fp8_roofline.py --quick    # smaller sizes (a smoke test; on CPU: print the table)
 
+Writes what it measured and the stored table to bench/results/fp8_roofline[.quick].json.
+
 Measures what ``select: "auto"`` weighs (see :mod:`ds_sft.model.fp8_roofline`): the bf16 and fp8
 (``torch._scaled_mm``) GEMM rates at 8192^3, the HBM bandwidth of a large copy, and for the
 ``torch`` path the traffic of one cast (its time x bandwidth / elements: cast, saturate, amax and
@@ -101,10 +103,13 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help=f"replace this GPU's entry in {TABLE.name}")
     args = parser.parse_args()
     table = load_table()
+    out = ROOT / "bench" / "results" / f"fp8_roofline{'.quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         print(f"no CUDA device: nothing to calibrate; {TABLE} holds:")
         for name, entry in table["devices"].items():
             print(f"  {name}: {json.dumps(entry)}")
+        out.write_text(json.dumps({"device": None, "measured": None, "stored": table}, indent=2) + "\n")
         return
     device = torch.cuda.get_device_name()
     name = next((key for key in table["devices"] if key in device), device)
@@ -129,6 +134,7 @@ def main() -> None:
     entry["source"] = f"measured on {device} with torch {torch.__version__}, {day}; {te_note}"
     print(f"{name}: {json.dumps(entry, indent=2)}")
     print(f"stored: {json.dumps(table['devices'].get(name))}")
+    out.write_text(json.dumps({"device": device, "measured": entry, "stored": table}, indent=2) + "\n")
     if args.write and not args.quick:
         table["devices"][name] = entry
         TABLE.write_text(json.dumps(table, indent=2) + "\n")

@@ -103,7 +103,7 @@ def test_select_auto_swaps_only_the_projections_that_pay(monkeypatch):
     table = {line.split()[0]: line for line in lines[1:]}
     assert table.keys() == {"q_proj", "o_proj", "up_proj"}
     assert "fp8 in   0 of   2 layers" in table["q_proj"] and "fp8 in   2 of   2 layers" in table["up_proj"]
-    assert f"{SPEC.speedup(16384, 8192, 8192, 'torch'):.2f}x" in table["up_proj"]
+    assert f"estimated {SPEC.speedup(16384, 8192, 8192, 'torch'):.2g}x" in table["up_proj"]
 
     model = apply_fp8(projections(shapes), "torch", Fp8Recipe(select="all"), tokens=16384, say=lines.append)
     assert sum(isinstance(m, Float8Linear) for m in model.modules()) == 6
