@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,gguf,triton
+EXTRAS ?= dev,gguf,triton,eval
 BIN := $(VENV)/bin
 
 # DeepSpeed JIT-builds its CPU ops (shm_comm, ~16 s once) into this cache; keep it in the project

@@ -16,6 +16,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("DS_SFT_GPU_TESTS") else "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402

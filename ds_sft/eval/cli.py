@@ -172,14 +172,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     data = evaluate.EvalData.open(Path(args.data_dir), need_val=not args.no_val)
-    for spec in specs:  # before any weights load: a model with another tokenizer is refused in one line
-        check_tokenizer(spec, args.data_dir)
     problems, gsm8k_origin, doc_ids = [], None, []
     if not args.no_gsm8k:
         all_problems, gsm8k_origin = gsm8k.load_test_set(args.gsm8k_test)
         doc_ids = gsm8k.select_indices(len(all_problems), args.gsm8k_limit, args.seed)
         problems = [all_problems[i] for i in doc_ids]
     harness_configs = _harness_configs(args, gsm8k_origin)
+    for spec in specs:  # before any weights load: a model with another tokenizer is refused in one line
+        check_tokenizer(spec, args.data_dir)
 
     results = []
     for spec, label in zip(specs, _labels(specs), strict=True):

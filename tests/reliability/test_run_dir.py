@@ -54,9 +54,9 @@ def tree(root: Path) -> list[str]:
 
 
 def test_resume_and_overwrite_together_are_refused_before_any_work(data, tmp_path, capsys, monkeypatch):
-    import ds_sft.train.engine
+    import ds_sft.train.distributed
 
-    monkeypatch.setattr(ds_sft.train.engine, "init_distributed", None)  # not reached
+    monkeypatch.setattr(ds_sft.train.distributed, "init_distributed", None)  # not reached
     flags = train_flags(data, tmp_path / "run", 2, "--resume", "--overwrite")
     assert main(["train", *flags]) == 2
     (line,) = error_lines(capsys.readouterr().err)
@@ -308,12 +308,12 @@ def _commands(data: Path, tmp_path: Path) -> dict[str, list[str]]:
 def test_each_command_refuses_a_bad_output_folder_before_any_work(
     data, tmp_path, capsys, monkeypatch, flag, kind
 ):
-    import ds_sft.train.engine
+    import ds_sft.train.distributed
 
     def no_work(*args, **kwargs):
         raise AssertionError("train started its work (the process group) before checking --out_dir")
 
-    monkeypatch.setattr(ds_sft.train.engine, "init_distributed", no_work)
+    monkeypatch.setattr(ds_sft.train.distributed, "init_distributed", no_work)
     (tmp_path / "layout").mkdir()
     out = _layout(tmp_path / "layout", kind)
     before = tree(tmp_path)
