@@ -24,7 +24,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from ds_sft.cli import main
@@ -65,15 +65,19 @@ def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def positive_int(value) -> bool:
-    return _int(value) and value >= 1
+def int_in(low: int, high: int):
+    """An integer setting's documented range (ds_sft/train/config.py states the same bounds)."""
+    return lambda value: _int(value) and low <= value <= high
+
+
+INT32_MAX = 2**31 - 1
 
 
 # key path -> (is the value valid, everything else as in BASE?, names the message may use). A null
 # setting counts as unset (the default applies); a null section is invalid.
 ORACLE = {
-    ("train_micro_batch_size_per_gpu",): (positive_int, ["micro_batch_size"]),  # also in the JSON key
-    ("gradient_accumulation_steps",): (positive_int, ["gradient_accumulation_steps", "grad_accum"]),
+    ("train_micro_batch_size_per_gpu",): (int_in(1, 2**16), ["micro_batch_size"]),  # also in the JSON key
+    ("gradient_accumulation_steps",): (int_in(1, 2**16), ["gradient_accumulation_steps", "grad_accum"]),
     ("gradient_clipping",): (lambda v: _number(v) and 0 <= v <= 1e6, ["gradient_clipping", "grad_clip"]),
     ("zero_optimization", "stage"): (lambda v: _int(v) and v in (0, 1, 2, 3), ["stage", "zero_stage"]),
     ("optimizer", "params", "lr"): (lambda v: _number(v) and 1e-5 <= v <= 10, ["lr", "learning_rate"]),
@@ -100,7 +104,7 @@ ORACLE = {
     ("optimizer", "params", "weight_decay"): (lambda v: _number(v) and 0 <= v <= 10, ["weight_decay"]),
     ("optimizer", "type"): (lambda v: isinstance(v, str) and v.lower() in ("adamw", "adam"), ["optimizer"]),
     ("bf16", "enabled"): (lambda v: isinstance(v, bool), ["bf16", "precision"]),
-    ("ds_sft", "max_iters"): (lambda v: positive_int(v) and v >= 2, ["max_iters", "warmup_iters"]),
+    ("ds_sft", "max_iters"): (int_in(2, INT32_MAX), ["max_iters", "warmup_iters"]),
     ("ds_sft", "warmup_iters"): (lambda v: _int(v) and 0 <= v <= 20, ["warmup_iters"]),
     ("ds_sft", "min_lr"): (lambda v: _number(v) and 0 <= v <= 1e-3, ["min_lr"]),  # <= BASE's lr
     ("ds_sft", "seed"): (lambda v: _int(v) and 0 <= v < 2**32, ["seed"]),
@@ -108,11 +112,11 @@ ORACLE = {
     # DeepSpeed keys repeated in "ds_sft" (as effective_config.json does) must agree with BASE's
     ("ds_sft", "grad_clip"): (lambda v: _number(v) and v == 1.0, ["grad_clip"]),
     ("ds_sft", "precision"): (lambda v: v == "fp32", ["precision"]),
-    ("ds_sft", "eval_interval"): (positive_int, ["eval_interval"]),
-    ("ds_sft", "eval_iters"): (positive_int, ["eval_iters"]),
-    ("ds_sft", "save_interval"): (positive_int, ["save_interval"]),
-    ("ds_sft", "keep_last"): (positive_int, ["keep_last"]),
-    ("ds_sft", "max_nan_steps"): (positive_int, ["max_nan_steps"]),
+    ("ds_sft", "eval_interval"): (int_in(1, INT32_MAX), ["eval_interval"]),
+    ("ds_sft", "eval_iters"): (int_in(1, INT32_MAX), ["eval_iters"]),
+    ("ds_sft", "save_interval"): (int_in(1, INT32_MAX), ["save_interval"]),
+    ("ds_sft", "keep_last"): (int_in(1, 10**6), ["keep_last"]),
+    ("ds_sft", "max_nan_steps"): (int_in(1, INT32_MAX), ["max_nan_steps"]),
     ("ds_sft", "alarm_gap"): (lambda v: _number(v) and 0 <= v <= 1e6, ["alarm_gap"]),
     ("ds_sft", "out_dir"): (lambda v: isinstance(v, str) and v.strip() != "", ["out_dir"]),
     ("ds_sft", "fp8"): (lambda v: v in ("off", "auto", "torch", "te"), ["fp8"]),
@@ -191,6 +195,12 @@ def test_the_base_config_is_valid_and_the_missing_data_dir_is_what_stops_it(caps
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(sorted(ORACLE)), value=json_values)
+# found by `make fuzz` (the oracle had no upper bounds), and the other bounds beside them
+@example(path=("gradient_accumulation_steps",), value=65537)
+@example(path=("gradient_accumulation_steps",), value=65536)
+@example(path=("train_micro_batch_size_per_gpu",), value=65537)
+@example(path=("ds_sft", "keep_last"), value=10**6 + 1)
+@example(path=("ds_sft", "eval_interval"), value=2**31)
 def test_every_json_value_is_accepted_or_refused_by_name(capsys, tmp_path, path, value):
     valid, names = ORACLE[path]
     code, lines = run_train(capsys, tmp_path, set_path(BASE, path, value))
