@@ -151,10 +151,11 @@ class Choice(Domain):
 
 @dataclass(frozen=True, repr=False)
 class Text(Domain):
-    """A non-empty string (a path or a name: whether it exists is checked where it is used)."""
+    """A non-empty string without NUL bytes (a path or a name: whether it exists is checked where it
+    is used; no path can hold a NUL)."""
 
     def describe(self) -> str:
-        return "a non-empty string"
+        return "a non-empty string without NUL bytes"
 
     def parse(self, text: str):
         return text

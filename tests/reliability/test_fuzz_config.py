@@ -362,7 +362,7 @@ def valid_text(domain, text: str) -> bool:
             for p in pairs
         )
     if isinstance(domain, Text):
-        return bool(text.strip())
+        return bool(text.strip()) and "\0" not in text  # no path or name holds a NUL byte
     raise AssertionError(f"no oracle for {domain!r}")
 
 
@@ -409,6 +409,17 @@ def test_every_flag_accepts_exactly_its_domain_in_one_line(capsys, data):
         assert code == 2, f"{context}: expected exit 2, got {code!r}; stderr: {lines}"
         assert len(lines) == 1, f"{context}: the error must be one line, got {lines}"
         assert lines[0].startswith(f"ds-sft {command}: error: argument {flag}"), (context, lines)
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"), [(c, f) for c, f, d in FLAGS if type(d).__name__ == "Text"], ids=lambda x: str(x)
+)
+@pytest.mark.parametrize("text", ["\0", "runs/a\0b"])
+def test_a_nul_byte_in_a_text_flag_is_one_line(capsys, command, flag, text):
+    """Found by `make fuzz`: the oracle took "\\0" for a valid path; the validator rightly refuses it."""
+    code, lines = run_cli(capsys, [command, *REQUIRED_ARGS.get(command, []), f"{flag}={text}"])
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"ds-sft {command}: error: argument {flag}"), lines
 
 
 # --- numbers a JSON can hold that no flag can: NaN, Infinity, integers beyond int64 ------------------
