@@ -35,8 +35,10 @@ from ds_sft.data.val_sample import stratified_rows, trained_tokens_by_source
 from ds_sft.errors import UserError
 from ds_sft.train import checkpointing, compatibility
 from ds_sft.train.distributed import all_reduce_sum, any_rank
-from ds_sft.train.engine import build_engine, format_group_table, lr_at, set_lr
+from ds_sft.train.engine import build_engine
 from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration, peak_flops
+from ds_sft.train.param_groups import format_group_table
+from ds_sft.train.schedule import lr_at, set_lr
 
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids", "labels")
 IGNORE_INDEX = -100
