@@ -33,15 +33,13 @@ from pathlib import Path
 
 from ds_sft.data.val_sample import stratified_rows, trained_tokens_by_source
 from ds_sft.errors import UserError
+from ds_sft.labels import IGNORE_INDEX
 from ds_sft.train import checkpointing, compatibility
 from ds_sft.train.distributed import all_reduce_sum, any_rank
 from ds_sft.train.engine import build_engine
 from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration, peak_flops
 from ds_sft.train.param_groups import format_group_table
 from ds_sft.train.schedule import lr_at, set_lr
-
-MODEL_INPUTS = ("input_ids", "position_ids", "document_ids", "labels")
-IGNORE_INDEX = -100
 
 
 def collate(rows: list[dict]) -> dict:
@@ -59,6 +57,8 @@ def model_inputs(batch: dict, device) -> dict:
     Safe: the pinned copy is a fresh tensor nobody writes, and torch keeps its block until the copy
     has run."""
     import torch
+
+    from ds_sft.model.scoring import MODEL_INPUTS
 
     keys = [key for key in MODEL_INPUTS if key in batch]
     if torch.device(device).type == "cuda":
