@@ -29,6 +29,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.labels import IGNORE_INDEX  # noqa: E402
 from ds_sft.model.checkpoint import hf_config, to_hf_state_dict  # noqa: E402
 from ds_sft.model.config import ModelConfig  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> int:
     theirs.load_state_dict(to_hf_state_dict(ours), strict=False)
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
     labels = ids.roll(-1, dims=1)
-    labels[:, -1] = -100
+    labels[:, -1] = IGNORE_INDEX
 
     def ours_step():
         ours(ids, labels=labels).backward()

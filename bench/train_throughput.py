@@ -57,12 +57,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.labels import IGNORE_INDEX  # noqa: E402
 from ds_sft.model.config import ModelConfig  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
 from ds_sft.train.metrics import flops_per_token  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-IGNORE_INDEX = -100
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, no sparsity).
 GPU_BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}

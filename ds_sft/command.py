@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("ds_sft.data.prepare", "clean, dedup, decontaminate, tokenize, pack, split a mix"),
     "train": ("ds_sft.train.cli", "fine-tune with the DeepSpeed engine (1 process, launcher, torchrun)"),
     "eval": ("ds_sft.eval.cli", "val loss / perplexity per source, GSM8K accuracy, sample generations"),
-    "export": ("ds_sft.model.export", "write a checkpoint as a Hugging Face LLaMA model"),
+    "export": ("ds_sft.export", "write a checkpoint as a Hugging Face LLaMA model"),
     "bench": ("ds_sft.bench", "run the side-by-side benchmarks in bench/ and print their ratios"),
 }
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +61,22 @@ def test_trainer_runs_as_a_module_for_launchers():
     )
     assert result.returncode == 0, result.stderr
     assert "--local_rank" in result.stdout
+
+
+def _documented_module_entry_points() -> list[tuple[str, str]]:
+    """(command, module) for each `python -m MODULE` in docs/ARCHITECTURE.md's command table."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    return re.findall(r"^\| (\w+) \| `[\w.]+` \| `python -m ([\w.]+)`", doc, flags=re.MULTILINE)
+
+
+def test_the_command_table_lists_every_command():
+    assert {command for command, _ in _documented_module_entry_points()} == set(COMMANDS)
+
+
+@pytest.mark.parametrize(("command", "module"), _documented_module_entry_points())
+def test_documented_python_m_entry_points_run(command, module):
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ds_sft.errors import UserError
+from ds_sft.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ROWS_PER_SHARD = 16384  # 16M tokens (32 MB of uint16) per shard at seq_len 1024
 
 

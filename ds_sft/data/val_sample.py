@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ds_sft.data.shards import IGNORE_INDEX
+from ds_sft.labels import IGNORE_INDEX
 
 
 def trained_tokens_by_source(dataset) -> np.ndarray:

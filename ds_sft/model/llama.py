@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from ds_sft.labels import IGNORE_INDEX
 from ds_sft.model.attention import document_attention
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.scoring import token_scores
@@ -281,7 +282,7 @@ class LlamaModel(nn.Module):
             hidden,
             self.lm_head_weight,
             labels,
-            ignore_index=-100,
+            ignore_index=IGNORE_INDEX,
             reduction="sum",
             backend=self.config.kernels,
         )

@@ -26,7 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ds_sft.labels import IGNORE_INDEX
+
 SCORE_CHUNK_TOKENS = 2048
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids", "labels")
 

@@ -5,7 +5,13 @@ optimizer step, checkpoints); ds-sft owns what DeepSpeed cannot know: the token-
 the learning-rate schedule, which parameters get weight decay, evaluation per source, and resume.
 
     config.py         DeepSpeed JSON <- CLI flags, validated before anything heavy is loaded
-    engine.py         distributed init, parameter groups, lr schedule, deepspeed.initialize
+    memory.py         will a micro-batch fit? checked before anything is allocated
+    run_dir.py        one writer per run directory (lock, --resume / --overwrite)
+    compatibility.py  refuse a data/model/checkpoint mix that does not belong together
+    distributed.py    the process group (torchrun, deepspeed launcher, Slurm) and its collectives
+    param_groups.py   which parameters AdamW decays, and the table that shows it
+    schedule.py       the learning rate at every step (warmup, cosine to min_lr)
+    engine.py         deepspeed.initialize with those groups (+ the ZeRO-3 LM-head registration)
     loop.py           the training step, evaluation, alarms, preemption
     checkpointing.py  save / resume / consolidate final fp32 weights
     metrics.py        tokens/s, MFU, console + metrics.jsonl + wandb

@@ -20,6 +20,11 @@ After ``--max_nan_steps`` non-finite steps in a row the run stops with a clear m
 
 Preemption: SIGTERM/SIGINT set a flag; at the end of the step every rank agrees (all-reduce) to
 save a checkpoint and leave, so no rank is caught half-way through a collective.
+
+Top to bottom: one step (:func:`train_step`), evaluation, alarms; then the run's phases, each in its
+own function: set-up and resume (:func:`start_engine`), a step's numbers (:class:`StepMeter`) and
+where they go (:class:`RunLog`), skipped steps, the best checkpoint; :func:`train` strings them
+together and saves.
 """
 
 from __future__ import annotations
@@ -33,13 +38,13 @@ from pathlib import Path
 
 from ds_sft.data.val_sample import stratified_rows, trained_tokens_by_source
 from ds_sft.errors import UserError
+from ds_sft.labels import IGNORE_INDEX
 from ds_sft.train import checkpointing, compatibility
 from ds_sft.train.distributed import all_reduce_sum, any_rank
-from ds_sft.train.engine import build_engine, format_group_table, lr_at, set_lr
+from ds_sft.train.engine import build_engine
 from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration, peak_flops
-
-MODEL_INPUTS = ("input_ids", "position_ids", "document_ids", "labels")
-IGNORE_INDEX = -100
+from ds_sft.train.param_groups import format_group_table
+from ds_sft.train.schedule import lr_at, set_lr
 
 
 def collate(rows: list[dict]) -> dict:
@@ -57,6 +62,8 @@ def model_inputs(batch: dict, device) -> dict:
     Safe: the pinned copy is a fresh tensor nobody writes, and torch keeps its block until the copy
     has run."""
     import torch
+
+    from ds_sft.model.scoring import MODEL_INPUTS
 
     keys = [key for key in MODEL_INPUTS if key in batch]
     if torch.device(device).type == "cuda":
@@ -229,23 +236,9 @@ def preemption_flag():
             signal.signal(sig, handler)
 
 
-def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler) -> dict:
-    """Build the engine, resume if asked, run to ``s.max_iters`` (or preemption). Returns a summary:
-    {"engine", "status": "finished" | "preempted", "step", "last_eval", "alarms", "records", ...}
-    (alarms and records of this process's segment; the report reads metrics.jsonl for the whole run)."""
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    is_main = rank == 0
-    say = print if is_main else (lambda *a, **k: None)
-    ckpt_dir = run_dir / "checkpoints"
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    tag_dir = checkpointing.find_checkpoint(s.resume, run_dir)
-    identity = compatibility.run_identity(s, model, train_set, world)
-    state = {
+def fresh_state() -> dict:
+    """The trainer state of a run at step 0 (a resume reads it back from the checkpoint)."""
+    return {
         "step": 0,
         "best_val": None,
         "best_tag": None,
@@ -254,6 +247,16 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
         "train_tokens": 0,
         "elapsed_s": 0.0,
     }
+
+
+def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, world: int, say):
+    """Build the engine and, with ``--resume``, load the checkpoint into it and into ``sampler``.
+
+    Returns (engine, trainer state, run identity). The identity (``compatibility.run_identity``) is
+    checked against the checkpoint's before the engine exists and saved with every checkpoint."""
+    tag_dir = checkpointing.find_checkpoint(s.resume, run_dir)
+    identity = compatibility.run_identity(s, model, train_set, world)
+    state = fresh_state()
     universal = False
     if tag_dir is not None:
         saved = checkpointing.read_trainer_state(tag_dir)
@@ -281,37 +284,188 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             )
         )
     elif s.resume == "auto":
-        say(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
+        say(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+    return engine, state, identity
 
-    forward_context = contextlib.nullcontext
-    if s.fp8 != "off":
-        from ds_sft.model.fp8 import Fp8Recipe, fp8_autocast
 
-        forward_context = functools.partial(fp8_autocast, s.fp8, Fp8Recipe.from_dict(s.fp8_recipe or {}))
-    config = model.config
-    bf16 = ds_config.get("bf16", {}).get("enabled", False)
-    peak, peak_source = peak_flops(bf16)
-    flops_token = flops_per_token(config.num_parameters(), config.n_layers, config.d_model, train_set.seq_len)
-    say(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per rank ({peak_source}); {flops_token / 1e6:.1f} MFLOP/token")
-    sink = MetricsSink(run_dir, is_main, s.wandb_project, s.wandb_mode, config=vars(s))
-    alarms = Alarms(s.alarm_rising_evals, s.alarm_gap)
-    alarm_log: list[dict] = []
+def fp8_forward_context(s):
+    """What every forward runs inside: ``fp8_autocast`` with ``--fp8`` on (mode ``te`` needs it)."""
+    if s.fp8 == "off":
+        return contextlib.nullcontext
+    from ds_sft.model.fp8 import Fp8Recipe, fp8_autocast
 
-    tokens_per_step = s.micro_batch_size * s.grad_accum * world * train_set.seq_len
-    first_step, last_eval, recent_train = state["step"], None, []
-    run_start = time.perf_counter()
-    eta_context = announce_eta(forward_context, s.max_iters - first_step, s.grad_accum, say)
-    status = "finished"
-    progress = tqdm(
-        total=s.max_iters,
-        initial=first_step,
-        disable=not is_main,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
+    return functools.partial(fp8_autocast, s.fp8, Fp8Recipe.from_dict(s.fp8_recipe or {}))
+
+
+class StepMeter:
+    """Tokens/s, MFU and ETA of each optimizer step of this process's segment of the run."""
+
+    def __init__(self, s, ds_config: dict, model_config, seq_len: int, world: int, first_step: int, say):
+        bf16 = ds_config.get("bf16", {}).get("enabled", False)
+        self.peak, self.peak_source = peak_flops(bf16)
+        self.flops_token = flops_per_token(
+            model_config.num_parameters(), model_config.n_layers, model_config.d_model, seq_len
+        )
+        say(
+            f"MFU peak: {self.peak / 1e12:.2f} TFLOP/s per rank ({self.peak_source}); "
+            f"{self.flops_token / 1e6:.1f} MFLOP/token"
+        )
+        self.tokens_per_step = s.micro_batch_size * s.grad_accum * world * seq_len
+        self.world, self.first_step, self.max_iters = world, first_step, s.max_iters
+        self.run_start = None
+
+    def start(self) -> None:
+        self.run_start = time.perf_counter()
+
+    def record(self, done: int, lr: float, result: dict, step_time: float) -> dict:
+        """The ``train`` record of step ``done`` (metrics.jsonl), from ``train_step``'s result."""
+        tokens_per_s = self.tokens_per_step / step_time
+        elapsed = time.perf_counter() - self.run_start
+        return {
+            "type": "train",
+            "step": done,
+            "loss": result["loss"],
+            "lr": lr,
+            "grad_norm": result["grad_norm"],
+            "tokens_per_s": tokens_per_s,
+            "trained_tokens": result["trained_tokens"],
+            "mfu": self.flops_token * tokens_per_s / (self.peak * self.world),
+            "elapsed_s": elapsed,
+            "eta_s": elapsed / (done - self.first_step) * (self.max_iters - done),
+        }
+
+
+class RunLog:
+    """Where the run's numbers go: metrics.jsonl (+ wandb), the progress bar and console, the alarms."""
+
+    def __init__(self, s, run_dir: Path, is_main: bool, say):
+        self.s, self.is_main, self.say = s, is_main, say
+        self.sink = MetricsSink(run_dir, is_main, s.wandb_project, s.wandb_mode, config=vars(s))
+        self.alarms = Alarms(s.alarm_rising_evals, s.alarm_gap)
+        self.alarm_log: list[dict] = []
+        self.recent_train: list[float] = []  # train losses since the last evaluation
+        self.progress = None
+
+    def open_progress(self, first_step: int):
+        from tqdm import tqdm
+
+        self.progress = tqdm(
+            total=self.s.max_iters,
+            initial=first_step,
+            disable=not self.is_main,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        return self.progress
+
+    def alarm(self, step: int, message: str, line: str) -> None:
+        """Print ``line``, and keep ``message`` in the run's alarms and metrics.jsonl."""
+        self.say(line)
+        self.alarm_log.append({"step": step, "message": message})
+        self.sink.log({"type": "alarm", "step": step, "message": message})
+
+    def step(self, record: dict) -> None:
+        """Log one optimizer step; print its line every ``--log_interval`` steps and at the last."""
+        s, done = self.s, record["step"]
+        if not record.get("skipped"):
+            self.recent_train.append(record["loss"])
+        self.sink.log(record)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if self.is_main and (done % s.log_interval == 0 or done == s.max_iters):
+            norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
+            self.progress.write(
+                f"step {done:>6}/{s.max_iters} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                f"grad norm {norm} | {record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.1%} | "
+                f"{format_duration(record['elapsed_s'])} elapsed, ETA {format_duration(record['eta_s'])}"
+            )
+
+    def evaluation(self, done: int, result: dict, val_history: list[float]) -> None:
+        """Log and print an evaluation against the mean train loss since the last one, then check
+        the alarms."""
+        recent = self.recent_train
+        train_mean = sum(recent) / len(recent) if recent else None
+        self.sink.log({"type": "eval", "step": done, **result, "train_loss": train_mean})
+        per_source = ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["per_source"].items())
+        if self.is_main:
+            self.progress.write(
+                f"eval step {done}: val loss {result['val_loss']:.4f} | ppl "
+                f"{result['val_ppl']:.2f} | acc {result['val_acc']:.3f} | {per_source}"
+            )
+        for message in self.alarms.check(val_history, train_mean):
+            self.alarm(done, message, f"ALARM step {done}: {message}")
+        self.recent_train = []
+
+    def close(self) -> None:
+        self.progress.close()
+        self.sink.close()
+
+
+def count_skipped_step(s, state: dict, record: dict, log: RunLog, engine, ckpt_dir: Path) -> None:
+    """A non-finite loss: the engine skipped the update. Alarm, and stop after ``--max_nan_steps``
+    in a row."""
+    done = record["step"]
+    state["nan_streak"] += 1
+    record["skipped"] = True
+    message = (
+        f"step {done}: non-finite loss ({record['loss']}), update skipped "
+        f"({state['nan_streak']}/{s.max_nan_steps} in a row)"
     )
+    log.alarm(done, message, message)
+    if state["nan_streak"] >= s.max_nan_steps:
+        log.sink.log(record)
+        log.sink.close()
+        log.progress.close()
+        engine.destroy()
+        raise UserError(
+            f"loss was NaN/inf for {state['nan_streak']} steps in a row (last at step "
+            f"{done}): lower --learning_rate, check the data, or resume from "
+            f"{ckpt_dir / 'latest'}"
+        )
 
-    def save(step):
+
+def keep_if_best(state: dict, done: int, val_loss: float) -> bool:
+    """Record step ``done``'s val loss as the best when it is lower; True when it is the best."""
+    if state["best_val"] is None or val_loss < state["best_val"]:
+        state["best_val"], state["best_tag"] = val_loss, checkpointing.tag_for(done)
+    return state["best_tag"] == checkpointing.tag_for(done)
+
+
+def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler) -> dict:
+    """Build the engine, resume if asked, run to ``s.max_iters`` (or preemption). Returns a summary:
+    {"engine", "status": "finished" | "preempted", "step", "last_eval", "alarms", "records", ...}
+    (alarms and records of this process's segment; the report reads metrics.jsonl for the whole run)."""
+    import torch.distributed as dist
+
+    world, is_main = dist.get_world_size(), dist.get_rank() == 0
+    say = print if is_main else (lambda *a, **k: None)
+    ckpt_dir = run_dir / "checkpoints"
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    # set-up: engine (resumed or fresh), fp8, meters, logs, the val sample
+    engine, state, identity = start_engine(s, ds_config, model, train_set, run_dir, sampler, world, say)
+    forward_context = fp8_forward_context(s)
+    first_step, last_eval, status = state["step"], None, "finished"
+    meter = StepMeter(s, ds_config, model.config, train_set.seq_len, world, first_step, say)
+    log = RunLog(s, run_dir, is_main, say)
+    meter.start()
+    eta_context = announce_eta(forward_context, s.max_iters - first_step, s.grad_accum, say)
+    progress = log.open_progress(first_step)
+    val_rows = stratified_rows(trained_tokens_by_source(val_set), s.eval_iters * s.micro_batch_size)
+    if not val_rows:
+        raise UserError(f"{s.data_dir} has an empty val split: prepare it with --val_fraction > 0")
+    say(f"val sample: {len(val_rows)} of {len(val_set)} val rows, stratified by source (any world size)")
+
+    def evaluate_and_alarm(done: int) -> dict:
+        """Evaluate the val sample, then log, print and check the alarms; step 0 = before any update."""
+        result = evaluate(engine, val_set, val_rows, s.micro_batch_size, forward_context)
+        state["val_history"].append(result["val_loss"])
+        log.evaluation(done, result, state["val_history"])
+        return result
+
+    def save(done: int) -> None:
         trainer_state = {
             **state,
             "sampler": sampler.state_dict(),
@@ -319,39 +473,15 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             "zero_stage": engine.zero_optimization_stage(),
             "run": identity,
         }
-        tag = checkpointing.save(engine, ckpt_dir, step, trainer_state, s.keep_last)
+        tag = checkpointing.save(engine, ckpt_dir, done, trainer_state, s.keep_last)
         say(f"saved checkpoint {ckpt_dir / tag}")
-
-    val_rows = stratified_rows(trained_tokens_by_source(val_set), s.eval_iters * s.micro_batch_size)
-    if not val_rows:
-        raise UserError(f"{s.data_dir} has an empty val split: prepare it with --val_fraction > 0")
-    say(f"val sample: {len(val_rows)} of {len(val_set)} val rows, stratified by source (any world size)")
-
-    def run_eval(done: int) -> dict:
-        """Evaluate the val sample, then log, print and check the alarms; step 0 = before any update."""
-        nonlocal recent_train
-        result = evaluate(engine, val_set, val_rows, s.micro_batch_size, forward_context)
-        state["val_history"].append(result["val_loss"])
-        train_mean = sum(recent_train) / len(recent_train) if recent_train else None
-        sink.log({"type": "eval", "step": done, **result, "train_loss": train_mean})
-        per_source = ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["per_source"].items())
-        if is_main:
-            progress.write(
-                f"eval step {done}: val loss {result['val_loss']:.4f} | ppl "
-                f"{result['val_ppl']:.2f} | acc {result['val_acc']:.3f} | {per_source}"
-            )
-        for message in alarms.check(state["val_history"], train_mean):
-            say(f"ALARM step {done}: {message}")
-            alarm_log.append({"step": done, "message": message})
-            sink.log({"type": "alarm", "step": done, "message": message})
-        recent_train = []
-        return result
 
     # `progress` as a context: an error closes the bar first, so its message gets a line of its own
     with preemption_flag() as flag, progress:
         if first_step == 0:
-            last_eval = run_eval(0)  # the baseline every later "val loss fell" is measured against
+            last_eval = evaluate_and_alarm(0)  # the baseline every later "val loss fell" is measured against
         for step in range(first_step, s.max_iters):
+            # one optimizer step
             lr = lr_at(step, s.learning_rate, s.min_lr, s.warmup_iters, s.max_iters)
             set_lr(engine, lr)
             start = time.perf_counter()
@@ -361,83 +491,42 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             result = train_step(engine, batches, world, context)
             sampler.advance(s.micro_batch_size * s.grad_accum * world)
             step_time = time.perf_counter() - start
+
+            # its bookkeeping
             done = step + 1
             state["step"] = done
             state["train_tokens"] += result["trained_tokens"]
             state["elapsed_s"] += step_time
-            tokens_per_s = tokens_per_step / step_time
-            elapsed = time.perf_counter() - run_start
-            eta = elapsed / (done - first_step) * (s.max_iters - done)
-            record = {
-                "type": "train",
-                "step": done,
-                "loss": result["loss"],
-                "lr": lr,
-                "grad_norm": result["grad_norm"],
-                "tokens_per_s": tokens_per_s,
-                "trained_tokens": result["trained_tokens"],
-                "mfu": flops_token * tokens_per_s / (peak * world),
-                "elapsed_s": elapsed,
-                "eta_s": eta,
-            }
-            if not result["finite"]:
-                state["nan_streak"] += 1
-                record["skipped"] = True
-                message = (
-                    f"step {done}: non-finite loss ({result['loss']}), update skipped "
-                    f"({state['nan_streak']}/{s.max_nan_steps} in a row)"
-                )
-                say(message)
-                alarm_log.append({"step": done, "message": message})
-                sink.log({"type": "alarm", "step": done, "message": message})
-                if state["nan_streak"] >= s.max_nan_steps:
-                    sink.log(record)
-                    sink.close()
-                    progress.close()
-                    engine.destroy()
-                    raise UserError(
-                        f"loss was NaN/inf for {state['nan_streak']} steps in a row (last at step "
-                        f"{done}): lower --learning_rate, check the data, or resume from "
-                        f"{ckpt_dir / 'latest'}"
-                    )
-            else:
+            record = meter.record(done, lr, result, step_time)
+            if result["finite"]:
                 state["nan_streak"] = 0
-                recent_train.append(result["loss"])
-            sink.log(record)
-            progress.update(1)
-            progress.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}")
-            if is_main and (done % s.log_interval == 0 or done == s.max_iters):
-                norm = "n/a" if result["grad_norm"] is None else f"{result['grad_norm']:.3f}"
-                progress.write(
-                    f"step {done:>6}/{s.max_iters} | loss {result['loss']:.4f} | lr {lr:.3e} | "
-                    f"grad norm {norm} | {tokens_per_s:,.0f} tok/s | MFU {record['mfu']:.1%} | "
-                    f"{format_duration(elapsed)} elapsed, ETA {format_duration(eta)}"
-                )
+            else:
+                count_skipped_step(s, state, record, log, engine, ckpt_dir)
+            log.step(record)
 
+            # evaluate, and keep the best weights even between save intervals
             if done % s.eval_interval == 0 or done == s.max_iters:
-                last_eval = run_eval(done)
-                if state["best_val"] is None or last_eval["val_loss"] < state["best_val"]:
-                    state["best_val"], state["best_tag"] = last_eval["val_loss"], checkpointing.tag_for(done)
-                is_best = state["best_tag"] == checkpointing.tag_for(done)
+                last_eval = evaluate_and_alarm(done)
+                is_best = keep_if_best(state, done, last_eval["val_loss"])
                 if is_best and done % s.save_interval != 0 and done != s.max_iters:
-                    save(done)  # keep the best weights even between save intervals
+                    save(done)
 
+            # save: on preemption (then stop), every --save_interval steps and at the end
             if any_rank(flag["stop"], engine.device):
                 save(done)
                 status = "preempted"
                 break
             if done % s.save_interval == 0 or done == s.max_iters:
                 save(done)
-    progress.close()
-    sink.close()
+    log.close()
     return {
         "engine": engine,
         "status": status,
         "step": state["step"],
         "last_eval": last_eval,
-        "alarms": alarm_log,
-        "records": sink.records,
+        "alarms": log.alarm_log,
+        "records": log.sink.records,
         "best_val": state["best_val"],
         "best_tag": state["best_tag"],
-        "peak_flops_source": peak_source,
+        "peak_flops_source": meter.peak_source,
     }

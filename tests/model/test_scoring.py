@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ds_sft.labels import IGNORE_INDEX
 from ds_sft.model import scoring
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
-from ds_sft.model.scoring import IGNORE_INDEX
 
 SOURCES = ["alpaca", "dolly", "gsm8k", "unused"]
 

@@ -170,7 +170,7 @@ def reference_losses(
     ``*_proj.weight``, loss = sum of token losses over the global batch / its trained tokens,
     ``clip_grad_norm_``. Step k trains rows ``order[k * G : (k + 1) * G]``, G = micro x accum x
     ``world_size``. Returns (losses, pre-clip grad norms) per step."""
-    from ds_sft.train.engine import lr_at
+    from ds_sft.train.schedule import lr_at
 
     model = tiny_model(seed)
     decay = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]

@@ -16,9 +16,10 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ds_sft.labels import IGNORE_INDEX
 from ds_sft.train import checkpointing
 from ds_sft.train.distributed import all_reduce_sum, any_rank
-from ds_sft.train.loop import IGNORE_INDEX, train_step
+from ds_sft.train.loop import train_step
 from tests.train.fake_accelerator import DEVICE, FakeAccelerator
 
 pytestmark = pytest.mark.usefixtures("dist_env")
