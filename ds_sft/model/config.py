@@ -25,6 +25,9 @@ from ds_sft.errors import UserError
 
 # kernels.BACKENDS, repeated here so that reading a config does not import torch
 KERNEL_BACKENDS = ("auto", "triton", "torch", "eager")
+# Fields that say how a run computes, not what the model is: set for a run, never saved with the
+# weights (a checkpoint trained with activation checkpointing is the same model without it).
+RUN_SETTINGS = ("kernels", "activation_checkpointing")
 
 
 @dataclass
@@ -70,6 +73,10 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def architecture(self) -> dict[str, Any]:
+        """The fields that describe the model (what :meth:`save` writes): all but :data:`RUN_SETTINGS`."""
+        return {key: value for key, value in self.to_dict().items() if key not in RUN_SETTINGS}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -79,7 +86,7 @@ class ModelConfig:
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(self.architecture(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:

@@ -34,9 +34,9 @@ HOW_TO_RESUME = {
     "model": "pass the --model or --base_model the run was started with",
 }
 
-# Model config fields that do not change what a resumed step computes: how it runs, and the init
-# (a checkpoint's weights replace it).
-NOT_COMPARED_FIELDS = ("kernels", "activation_checkpointing", "init_std")
+# The init does not change what a resumed step computes (a checkpoint's weights replace it); the run
+# settings (kernels, activation checkpointing) are not part of the model's architecture at all.
+NOT_COMPARED_FIELDS = ("init_std",)
 
 
 def check_fresh(s, model, train_set) -> None:
@@ -50,7 +50,7 @@ def check_fresh(s, model, train_set) -> None:
 def run_identity(s, model, train_set, world_size: int) -> dict:
     """What a checkpoint records about the run that wrote it (compared on resume)."""
     manifest = getattr(train_set, "manifest", {})
-    config = {k: v for k, v in model.config.to_dict().items() if k not in NOT_COMPARED_FIELDS}
+    config = {k: v for k, v in model.config.architecture().items() if k not in NOT_COMPARED_FIELDS}
     return {
         "seed": s.seed,
         "zero_stage": s.zero_stage,
