@@ -118,7 +118,10 @@ def test_preset_parameter_counts(name):
 def test_config_json_round_trip(tmp_path):
     config = ModelConfig.preset("smollm2-135m", kernels="torch", activation_checkpointing=True)
     config.save(tmp_path / "c.json")
-    assert ModelConfig.load(tmp_path / "c.json") == config
+    loaded = ModelConfig.load(tmp_path / "c.json")
+    assert loaded.architecture() == config.architecture()
+    # the run settings are not saved: a loaded config has the defaults until a run sets its own
+    assert (loaded.kernels, loaded.activation_checkpointing) == ("auto", False)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
