@@ -6,7 +6,8 @@ the shared mix: loss 5.9 instead of 4.0). So ``train`` and ``eval`` compare the 
 carries (a Hugging Face folder, a GGUF's metadata, a ds-sft run's ``final/tokenizer``) with the one
 ``prepare`` saved in ``DATA/tokenizer``, by :func:`tokenizer_identity`: a hash of what decides the
 ids, not of file bytes, so the same tokenizer read from a GGUF, a ``tokenizer.json`` or a
-``save_pretrained`` folder hashes the same.
+``save_pretrained`` folder hashes the same. It is the one tokenizer hash of ds-sft: ``prepare`` records
+it in the manifest (``tokenizer.identity``) and a run's checkpoints in their run identity.
 
 Rows longer than the model's positions (its RoPE table, ``max_seq_len``) would index past the table
 at the first step; :func:`check_model_fits` refuses them, and token ids past the embedding, first.
@@ -66,11 +67,26 @@ def model_tokenizer_identity(where: Path) -> str:
 
 
 def data_tokenizer_identity(data_dir: str) -> str | None:
-    """:func:`tokenizer_identity` of ``DATA/tokenizer`` (None when the data dir holds no tokenizer)."""
+    """:func:`tokenizer_identity` of ``DATA/tokenizer``, computed from the folder, never read from the
+    manifest (None when the data dir holds no tokenizer).
+
+    The identity ``prepare`` recorded (``tokenizer.identity``) must agree, or the folder is not the
+    tokenizer the shards were made with. Manifests written before it was recorded hold another hash
+    (``tokenizer.sha256``, of the tokenizer's files as parsed) that nothing compares: the folder decides.
+    """
     from ds_sft.data.tokenizer import load_tokenizer
 
     folder = Path(data_dir) / "tokenizer"
-    return tokenizer_identity(load_tokenizer(str(folder))) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    found = tokenizer_identity(load_tokenizer(str(folder)))
+    recorded = read_manifest(data_dir).get("tokenizer", {}).get("identity")
+    if recorded is not None and recorded != found:
+        raise UserError(
+            f"{folder} is not the tokenizer {data_dir} was prepared with (manifest.json records another "
+            "tokenizer identity): run `ds-sft prepare` again for this folder"
+        )
+    return found
 
 
 def model_tokenizer_dir(spec: str) -> Path | None:

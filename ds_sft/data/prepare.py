@@ -317,11 +317,11 @@ def mix_indices(
 # --- the command -----------------------------------------------------------------------------------
 
 
-def cache_key(args: argparse.Namespace, inputs: list[dict], tokenizer_hash: str, reference: dict) -> str:
+def cache_key(args: argparse.Namespace, inputs: list[dict], tokenizer_parts: list, reference: dict) -> str:
     # source locations enter through their content hashes (``inputs``), not their paths
     config = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_CACHE_KEY}
     blob = json.dumps(
-        [FORMAT_VERSION, config, inputs, tokenizer_hash, reference], sort_keys=True, default=str
+        [FORMAT_VERSION, config, inputs, tokenizer_parts, reference], sort_keys=True, default=str
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -423,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace) -> int:
     """The command's work (see the module docstring); :func:`run` calls it with the cyclic GC paused."""
     from ds_sft.data.clean import NGRAM, Drops
+    from ds_sft.data.model_match import tokenizer_identity
     from ds_sft.data.output import (
         MANIFEST,
         check_output_dir,
@@ -434,7 +435,7 @@ def prepare(args: argparse.Namespace) -> int:
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
     from ds_sft.data.tokenize import fit_to_length, tokenize_records
-    from ds_sft.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from ds_sft.data.tokenizer import load_tokenizer
 
     if args.tokenizer and args.base_model:
         raise UserError("pass --tokenizer or --base_model, not both")
@@ -455,8 +456,11 @@ def prepare(args: argparse.Namespace) -> int:
     template = resolve_template(args.template, tokenizer)
     reference, reference_info = gsm8k_test_reference(args, specs) if args.decontam_threshold > 0 else ([], {})
 
-    tokenizer_hash = tokenizer_fingerprint(tokenizer)
-    key = cache_key(args, input_fingerprints(specs), tokenizer_hash, reference_info)
+    identity = tokenizer_identity(tokenizer)
+    # the key takes the whole tokenizer: what its ids mean, and its text pipeline and chat template
+    # (which ids a row gets)
+    tokenizer_parts = [identity, tokenizer.backend_tokenizer.to_str(), tokenizer.chat_template]
+    key = cache_key(args, input_fingerprints(specs), tokenizer_parts, reference_info)
     if previous is not None and previous.get("key") == key and not args.force:
         missing = missing_files(output_dir, previous["files"])
         if not missing:  # check_output_dir found every present listed file intact
@@ -527,7 +531,7 @@ def prepare(args: argparse.Namespace) -> int:
         "tokenizer": {
             "spec": args.tokenizer or args.base_model or "gpt2",
             "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
-            "sha256": tokenizer_hash,
+            "identity": identity,
             "vocab_size": vocab_size,
             "eos_token": tokenizer.eos_token,
             "eos_token_id": tokenizer.eos_token_id,

@@ -26,8 +26,6 @@ from ds_sft.errors import UserError, first_line
 KNOWN_EOS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>")
 # Bare weights (a nanoGPT-style base .pt, a ds-sft checkpoint) carry no tokenizer: those models use GPT-2's.
 WEIGHT_FILES = (".pt", ".bin", ".safetensors")
-# The parts of a tokenizer.json that decide which ids a text becomes (padding/truncation do not).
-ID_DEFINING_PARTS = ("model", "normalizer", "pre_tokenizer", "post_processor", "decoder")
 
 
 def _from_file(tokenizer_file: Path):
@@ -108,27 +106,3 @@ def load_tokenizer(spec: str):
     specials = [AddedToken(token, special=True, normalized=False) for token in tokenizer.all_special_tokens]
     tokenizer.backend_tokenizer.add_special_tokens(specials)
     return tokenizer
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of what decides the ids: the model (vocab, merges), normalizer, pre-tokenizer, post-processor,
-    decoder, the added and special tokens with their ids, EOS and the chat template.
-
-    Canonical, so a tokenizer and its ``save_pretrained`` copy (the one in a prepared DATA dir or a
-    run's ``final/``) hash the same: saving writes the EOS into ``added_tokens`` and drops padding
-    and truncation settings, neither of which changes an id. Recorded as the manifest's
-    ``tokenizer.sha256``.
-    """
-    import hashlib
-    import json
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    added = {(t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens", [])}
-    special = {(tokenizer.convert_tokens_to_ids(t), t, True) for t in tokenizer.all_special_tokens}
-    canonical = {
-        **{key: spec.get(key) for key in ID_DEFINING_PARTS},
-        "added_tokens": sorted(added | special),
-        "eos_token": tokenizer.eos_token,
-        "chat_template": tokenizer.chat_template or "",
-    }
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()

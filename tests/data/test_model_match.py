@@ -4,19 +4,22 @@ changes which ids mean which text; and where a model keeps its tokenizer."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from ds_sft.data.model_match import (
     check_tokenizer,
+    data_tokenizer_identity,
     gguf_identity,
     model_tokenizer_dir,
     model_tokenizer_identity,
     tokenizer_identity,
 )
 from ds_sft.data.tokenizer import load_tokenizer
-from tests.data.match_helpers import VOCAB, tiny_model_dir, two_tokenizers
+from ds_sft.errors import UserError
+from tests.data.match_helpers import VOCAB, prepare, tiny_model_dir, two_tokenizers
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +140,74 @@ def test_bare_weights_get_a_note_only_when_the_data_is_not_gpt2(
     assert capsys.readouterr().out == ""
     check_tokenizer(str(bare), data_dir_with(tokenizers[0], tmp_path / "a_data"))
     assert capsys.readouterr().out.startswith(f"note: {bare} carries no tokenizer to compare with")
+
+
+# ----------------------------------------------------------------------------- the manifest's identity
+
+
+@pytest.fixture(scope="module")
+def prepared(tokenizers, tmp_path_factory) -> dict[str, Path]:
+    """Data prepared with tokenizer A and with B (the same vocabulary size)."""
+    root = tmp_path_factory.mktemp("prepared")
+    return {name: prepare(root / name, source) for name, source in zip("ab", tokenizers, strict=True)}
+
+
+def recorded_identity(data: Path) -> str:
+    return json.loads((data / "manifest.json").read_text())["tokenizer"]["identity"]
+
+
+def test_prepare_records_the_one_identity_of_its_tokenizer(tokenizers, prepared):
+    """The manifest's identity is the tokenizer's, read from its tokenizer.json or from DATA/tokenizer;
+    another tokenizer of the same size records another."""
+    for name, source in zip("ab", tokenizers, strict=True):
+        data = prepared[name]
+        assert recorded_identity(data) == identity_of(source) == data_tokenizer_identity(str(data))
+    assert recorded_identity(prepared["a"]) != recorded_identity(prepared["b"])
+
+
+@pytest.mark.parametrize("source", ["gpt2 folder", pytest.param("smollm2 gguf", marks=pytest.mark.slow)])
+def test_prepare_records_the_same_identity_for_every_tokenizer_form(source, request, tmp_path):
+    tokenizer = request.getfixturevalue("gpt2_tokenizer_dir" if source == "gpt2 folder" else "smollm2_gguf")
+    data = prepare(tmp_path / "data", tokenizer)
+    expected = gguf_identity(tokenizer) if tokenizer.is_file() else identity_of(tokenizer / "tokenizer.json")
+    assert recorded_identity(data) == expected == data_tokenizer_identity(str(data))
+
+
+def with_manifest(data: Path, out: Path, change) -> Path:
+    """A copy of prepared ``data`` whose manifest's tokenizer entry went through ``change``."""
+    shutil.copytree(data, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    change(manifest["tokenizer"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def old_style(entry: dict) -> None:
+    """As ds-sft wrote it before the identity was recorded: another hash, under ``sha256``."""
+    entry["sha256"] = "5" * 64
+    del entry["identity"]
+
+
+def test_an_old_style_manifest_is_judged_by_its_tokenizer_folder(tokenizers, prepared, tmp_path):
+    old = with_manifest(prepared["a"], tmp_path / "old", old_style)
+    assert data_tokenizer_identity(str(old)) == identity_of(tokenizers[0])
+    check_tokenizer(str(tiny_model_dir(tmp_path / "model_a", tokenizers[0])), old)
+    with pytest.raises(UserError, match="uses another tokenizer"):
+        check_tokenizer(str(tiny_model_dir(tmp_path / "model_b", tokenizers[1])), old)
+
+
+def test_a_tokenizer_folder_that_is_not_the_recorded_one_is_refused(prepared, tmp_path):
+    """DATA/tokenizer replaced after prepare (or a manifest recording another identity): the shards'
+    ids would be judged by the wrong tokenizer, so neither side is trusted."""
+    swapped = with_manifest(prepared["a"], tmp_path / "swapped", lambda entry: None)
+    shutil.rmtree(swapped / "tokenizer")
+    shutil.copytree(prepared["b"] / "tokenizer", swapped / "tokenizer")
+    relabelled = with_manifest(
+        prepared["a"],
+        tmp_path / "relabelled",
+        lambda entry: entry.update(identity=recorded_identity(prepared["b"])),
+    )
+    for data in (swapped, relabelled):
+        with pytest.raises(UserError, match="is not the tokenizer .* was prepared with") as error:
+            data_tokenizer_identity(str(data))
+        assert "\n" not in str(error.value) and "ds-sft prepare" in str(error.value)

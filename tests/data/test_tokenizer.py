@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ds_sft.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from ds_sft.data.model_match import tokenizer_identity
+from ds_sft.data.tokenizer import load_tokenizer
 from ds_sft.errors import UserError
 
 
@@ -20,21 +21,21 @@ def test_saved_dir_and_data_dir_round_trip(tiny_tokenizer, tmp_path):
     tiny_tokenizer.save_pretrained(str(tmp_path / "data" / "tokenizer"))
     for spec in (tmp_path / "data" / "tokenizer", tmp_path / "data"):  # a prepared DATA dir works too
         again = load_tokenizer(str(spec))
-        assert tokenizer_fingerprint(again) == tokenizer_fingerprint(tiny_tokenizer)
+        assert tokenizer_identity(again) == tokenizer_identity(tiny_tokenizer)
         assert again("Hello world")["input_ids"] == tiny_tokenizer("Hello world")["input_ids"]
 
 
-def test_fingerprint_survives_save_pretrained(shared, tmp_path):
+def test_identity_survives_save_pretrained(shared, tmp_path):
     """GPT-2's own files lack EOS in added_tokens and its saved copy has it: the ids, and the hash, agree."""
     gpt2 = load_tokenizer("gpt2")
     gpt2.save_pretrained(str(tmp_path / "tokenizer"))
     again = load_tokenizer(str(tmp_path))
-    assert tokenizer_fingerprint(again) == tokenizer_fingerprint(gpt2)
+    assert tokenizer_identity(again) == tokenizer_identity(gpt2)
     text = "Hello <|endoftext|> world"
     assert again(text)["input_ids"] == gpt2(text)["input_ids"]
 
 
-def test_fingerprint_tells_tokenizers_of_one_vocab_size_apart(tiny_tokenizer, tmp_path):
+def test_identity_tells_tokenizers_of_one_vocab_size_apart(tiny_tokenizer, tmp_path):
     """Class 5's case: another tokenizer of the same size (two merges swapped) hashes differently."""
     import json
 
@@ -44,7 +45,7 @@ def test_fingerprint_tells_tokenizers_of_one_vocab_size_apart(tiny_tokenizer, tm
     (tmp_path / "other.json").write_text(json.dumps(spec))
     other = load_tokenizer(str(tmp_path / "other.json"))
     assert len(other) == len(tiny_tokenizer)
-    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tiny_tokenizer)
+    assert tokenizer_identity(other) != tokenizer_identity(tiny_tokenizer)
 
 
 def test_gpt2_and_bare_weights_fall_back_to_gpt2(shared, tmp_path, capsys):
