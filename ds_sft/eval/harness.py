@@ -21,12 +21,48 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from ds_sft.errors import UserError
 
 # The harness's gsm8k.yaml (lm-eval 0.4.x) with its data pointed at a local file, zero-shot.
 GSM8K_FILTERS = ("strict-match", "flexible-extract")
+# Offline switches of the libraries the harness drives: environment variables that each library reads
+# once, when imported, into a module attribute (which is what it consults afterwards).
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+OFFLINE_ATTRIBUTES = (
+    ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+    ("datasets.config", "HF_HUB_OFFLINE"),
+    ("datasets.config", "HF_DATASETS_OFFLINE"),
+)
+
+
+@contextmanager
+def offline():
+    """The hub and ``datasets`` offline inside the block, whatever the caller's environment says, and
+    exactly as they were after it, also on an error: the rest of the process (``eval``'s own steps, a
+    test session, a notebook) keeps its own setting. Both the variables and the attributes read from
+    them are set, since a library imported earlier no longer looks at the variables."""
+    import importlib
+
+    # imported before the variables change, so that a first import reads the caller's environment
+    modules = {name: importlib.import_module(name) for name, _ in OFFLINE_ATTRIBUTES}
+    saved_variables = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
+    saved_attributes = {(module, name): getattr(modules[module], name) for module, name in OFFLINE_ATTRIBUTES}
+    try:
+        os.environ.update(dict.fromkeys(OFFLINE_VARIABLES, "1"))
+        for module, name in OFFLINE_ATTRIBUTES:
+            setattr(modules[module], name, True)
+        yield
+    finally:
+        for name, value in saved_variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for (module, name), value in saved_attributes.items():
+            setattr(modules[module], name, value)
 
 
 def gsm8k_task_config(test_path: str, max_new_tokens: int) -> dict:
@@ -127,15 +163,13 @@ def run_harness(
     Returns the harness's results (``results``, ``samples`` per task) and its version.
     """
     harness_version = version()
-    # offline, whatever the caller's environment says: the data are local files by construction
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
     from ds_sft.model.export import export_hf
 
-    with tempfile.TemporaryDirectory(prefix="ds_sft_harness_") as folder:
+    # offline: the data are local files by construction
+    with offline(), tempfile.TemporaryDirectory(prefix="ds_sft_harness_") as folder:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
         export_hf(model, tokenizer, Path(folder))
         lm = HFLM(pretrained=folder, device=str(device), batch_size=batch_size, dtype=model.wte.weight.dtype)
         output = simple_evaluate(

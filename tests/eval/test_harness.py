@@ -4,7 +4,11 @@ accuracies agree within their intervals. The task config keeps the harness's gsm
 
 from __future__ import annotations
 
+import os
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from ds_sft.errors import UserError
 from ds_sft.eval import harness
@@ -95,3 +99,62 @@ def test_other_tasks_come_from_a_local_task_config_yaml(tmp_path):
     assert harness.task_configs([str(path)], None, 64) == [config]
     with pytest.raises(UserError, match="--gsm8k_test"):
         harness.task_configs(["gsm8k"], None, 64)
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+@pytest.mark.parametrize("datasets_offline", [None, "0", "1"])
+@pytest.mark.parametrize("hub_offline", [None, "0", "1"])
+def test_the_harness_runs_offline_and_leaves_the_process_setting_alone(
+    hub_offline, datasets_offline, fails, monkeypatch
+):
+    """Offline inside the call whatever the caller's setting (the variables, and the attributes the
+    libraries read them into when imported before); the caller's setting back after, also on error."""
+    import datasets.config
+    import huggingface_hub.constants
+    import lm_eval
+    import lm_eval.models.huggingface
+
+    import ds_sft.model.export
+
+    for name, value in (("HF_HUB_OFFLINE", hub_offline), ("HF_DATASETS_OFFLINE", datasets_offline)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    caller_online = (hub_offline or "0") == "0"  # as imported by a caller whose hub is online, or not
+    attributes = [(huggingface_hub.constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                  (datasets.config, "HF_DATASETS_OFFLINE")]  # fmt: skip
+    for module, name in attributes:
+        monkeypatch.setattr(module, name, not caller_online)
+    before = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
+    seen = {}
+
+    def simple_evaluate(**kwargs):
+        seen["variables"] = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
+        seen["attributes"] = [getattr(module, name) for module, name in attributes]
+        if fails:
+            raise RuntimeError("the harness failed")
+        return {"results": {}, "samples": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    monkeypatch.setattr(lm_eval.models.huggingface, "HFLM", lambda **kwargs: None)
+    monkeypatch.setattr(ds_sft.model.export, "export_hf", lambda model, tokenizer, folder: None)
+    model = SimpleNamespace(wte=SimpleNamespace(weight=torch.zeros(1)))
+
+    def run():
+        return harness.run_harness(
+            model, None, [], samples=None, chat_template=False, batch_size=1, device="cpu"
+        )
+
+    if fails:
+        with pytest.raises(RuntimeError, match="the harness failed"):
+            run()
+    else:
+        assert run()["results"] == {}
+    assert seen["variables"] == dict.fromkeys(OFFLINE_VARIABLES, "1")
+    assert seen["attributes"] == [True, True, True]
+    assert {name: os.environ.get(name) for name in OFFLINE_VARIABLES} == before
+    assert [getattr(module, name) for module, name in attributes] == [not caller_online] * 3
