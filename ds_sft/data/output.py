@@ -4,7 +4,8 @@
 manifest lists every other file in it with size and sha256 (``files``). That list is the only thing
 ds-sft ever deletes:
 
-- :func:`check_output_dir`, before any work, refuses a path that is a file (or lies under one), the
+- :func:`check_output_dir`, before any work, refuses what no output flag takes
+  (:func:`ds_sft.paths.writable_dir`: a file or a path under one, a folder that cannot be written), the
   current folder or a folder above it, a folder holding an input, a folder holding anything its
   manifest does not list (a README, a ``src/`` tree, a symlink) or a listed file whose bytes changed
   (ds-sft cannot tell it from a user's), and a folder with no ds-sft manifest at all;
@@ -26,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.paths import sha256_file
+from ds_sft.paths import sha256_file, writable_dir
 
 MANIFEST = "manifest.json"
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
@@ -110,18 +111,14 @@ def _foreign_entries(folder: Path, files: dict[str, dict]) -> list[str]:
     return foreign
 
 
-def check_output_dir(output_dir: Path, inputs: list[Path]) -> tuple[Path, dict | None]:
+def check_output_dir(output_dir: str | Path, inputs: list[Path]) -> tuple[Path, dict | None]:
     """Refuse, before any work, an ``--output_dir`` that prepare could not replace without loss.
 
     Returns (the folder with symlinks resolved, the manifest of the ds-sft output already there or
     None); a returned manifest's ``files`` names are all safe (:func:`is_safe_name`).
     """
     flag = f"--output_dir {output_dir}"
-    out = Path(os.path.realpath(output_dir))
-    existing = next(p for p in (out, *out.parents) if os.path.lexists(p))
-    if not existing.is_dir():
-        where = "" if existing == out else f" ({existing} is a file)"
-        raise UserError(f"{flag} is not a folder{where}; pass a folder path, e.g. --output_dir data_sft")
+    out = Path(os.path.realpath(writable_dir(output_dir, "--output_dir")))
     if Path.cwd().resolve().is_relative_to(out):
         raise UserError(
             f"{flag} is the current folder or holds it; prepare replaces its output folder as a whole, "

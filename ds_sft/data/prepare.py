@@ -439,17 +439,13 @@ def prepare(args: argparse.Namespace) -> int:
 
     if args.tokenizer and args.base_model:
         raise UserError("pass --tokenizer or --base_model, not both")
-    if args.seq_len < 8:
-        raise UserError(f"--seq_len {args.seq_len} is too small; use at least 8 (typically 512-4096)")
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val_fraction {args.val_fraction} must be in [0, 1)")
     specs = collect_sources(args)
     names = [spec.name for spec in specs]
     weights = parse_mix(args.mix, names)
     input_paths = [Path(spec.location).expanduser() for spec in specs if spec.is_local]
     if args.gsm8k_test:
         input_paths.append(Path(args.gsm8k_test).expanduser())
-    output_dir, previous = check_output_dir(Path(args.output_dir), input_paths)
+    output_dir, previous = check_output_dir(args.output_dir, input_paths)
     drops = Drops()
     records, inputs = load_records(specs, args.skip_bad_rows, drops)  # a bad file fails here, in a second
     tokenizer = load_tokenizer(args.tokenizer or args.base_model or "gpt2")

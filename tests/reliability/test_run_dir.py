@@ -300,11 +300,13 @@ def _commands(data: Path, tmp_path: Path) -> dict[str, list[str]]:
         "--out_dir": ["train", "--data_dir", str(data), "--model", "tiny", "--max_iters", "2"],
         "--out": ["eval", "--model", missing, "--data_dir", str(data), "--no_gsm8k"],
         "--hf": ["export", "--base_model", missing, "--tokenizer", "gpt2"],
+        # any regular file passes as the source: it is read only after the output folder is checked
+        "--output_dir": ["prepare", "--alpaca", str(data / "manifest.json"), "--tokenizer", "gpt2"],
     }
 
 
 @pytest.mark.parametrize("kind", ["file", "under a file", "fifo", "broken symlink", "deep under a file"])
-@pytest.mark.parametrize("flag", ["--out_dir", "--out", "--hf"])
+@pytest.mark.parametrize("flag", ["--out_dir", "--out", "--hf", "--output_dir"])
 def test_each_command_refuses_a_bad_output_folder_before_any_work(
     data, tmp_path, capsys, monkeypatch, flag, kind
 ):
