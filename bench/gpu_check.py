@@ -121,7 +121,7 @@ def training_section(work: Path, gemm: dict | None) -> tuple[list[str], list[tup
         lines.append(f"\nfp8 / bf16 step speed: {speedup:.2f}x")
     if gemm:
         lines.append(
-            f"\nbf16 GEMM {gemm['n']}^3 on {gemm['device']}: {gemm['flops'] / 1e12:.1f} TFLOP/s (same run)"
+            f"\nbf16 GEMM {gemm['n']}^3 on {gemm['device']}: {gemm['flops'] / 1e12:.3g} TFLOP/s (same run)"
         )
     return lines, checks
 

@@ -113,11 +113,15 @@ step "imports" 60 "$PY" -c "
 import deepspeed, datasets, liger_kernel.transformers.functional, importlib.metadata as m
 print(', '.join(f'{n} {m.version(n)}' for n in ('deepspeed', 'datasets', 'liger-kernel', 'torch', 'triton', 'transformers')))"
 
-# --- GPU tests: the kernel tests on CUDA (not the Triton interpreter), flex_attention, fp8 GEMMs
-gpu_tests=(tests/kernels/test_rmsnorm.py tests/kernels/test_cross_entropy_kernel.py
-           tests/kernels/test_fused_linear_cross_entropy.py tests/kernels/test_dispatch.py
-           tests/model/test_gpu_paths.py)
-fp8_tests=(tests/model/test_fp8.py -k "cuda or real_transformer_engine")  # the file's CPU tests run in CI
+# --- GPU tests: the kernel tests on CUDA (not the Triton interpreter), flex_attention, fp8 GEMMs.
+# Found by pattern, so a new test needs no edit here: every CUDA-only file (tests/**/test_gpu_*.py,
+# skipped without DS_SFT_GPU_TESTS=1), every kernel test file whose tests take the `device` fixture
+# (tests/kernels/conftest.py: CUDA under DS_SFT_GPU_TESTS=1), and fp8's CUDA tests (the file's CPU
+# tests run in CI).
+shopt -s globstar nullglob
+gpu_tests=(tests/**/test_gpu_*.py $(grep -lE '^def test_\w*\(.*\bdevice\b' tests/kernels/test_*.py))
+shopt -u globstar nullglob
+fp8_tests=(tests/model/test_fp8.py -k "cuda or real_transformer_engine")
 gpu_pytest() {  # gpu_pytest [PYTEST FLAGS...]: both selections, failing when either fails
     "$PY" -m pytest -q -p no:cacheprovider "$@" "${gpu_tests[@]}"
     local rc=$?
