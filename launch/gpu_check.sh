@@ -25,13 +25,24 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
+# The GPU tests: the kernel tests on CUDA (not the Triton interpreter), flex_attention, fp8 GEMMs.
+# Found by pattern, so a new test needs no edit here: every CUDA-only file (tests/**/test_gpu_*.py,
+# skipped without DS_SFT_GPU_TESTS=1), every kernel test file whose tests take the `device` fixture
+# (tests/kernels/conftest.py: CUDA under DS_SFT_GPU_TESTS=1), and fp8's CUDA tests (the file's CPU
+# tests run in CI).
+shopt -s globstar nullglob
+gpu_tests=(tests/**/test_gpu_*.py $(grep -lE '^def test_\w*\(.*\bdevice\b' tests/kernels/test_*.py))
+shopt -u globstar nullglob
+fp8_tests=(tests/model/test_fp8.py -k "cuda or real_transformer_engine")
+
 mode=gpu
 out=""
 while [ $# -gt 0 ]; do
     case $1 in
         --cpu) mode=cpu ;;
         --out) out=$2; shift ;;
-        *) echo "usage: bash launch/gpu_check.sh [--cpu] [--out DIR]" >&2; exit 2 ;;
+        --list-tests) printf '%s\n' "${gpu_tests[@]}" "${fp8_tests[0]}"; exit 0 ;;  # the files
+        *) echo "usage: bash launch/gpu_check.sh [--cpu] [--out DIR] [--list-tests]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -113,15 +124,7 @@ step "imports" 60 "$PY" -c "
 import deepspeed, datasets, liger_kernel.transformers.functional, importlib.metadata as m
 print(', '.join(f'{n} {m.version(n)}' for n in ('deepspeed', 'datasets', 'liger-kernel', 'torch', 'triton', 'transformers')))"
 
-# --- GPU tests: the kernel tests on CUDA (not the Triton interpreter), flex_attention, fp8 GEMMs.
-# Found by pattern, so a new test needs no edit here: every CUDA-only file (tests/**/test_gpu_*.py,
-# skipped without DS_SFT_GPU_TESTS=1), every kernel test file whose tests take the `device` fixture
-# (tests/kernels/conftest.py: CUDA under DS_SFT_GPU_TESTS=1), and fp8's CUDA tests (the file's CPU
-# tests run in CI).
-shopt -s globstar nullglob
-gpu_tests=(tests/**/test_gpu_*.py $(grep -lE '^def test_\w*\(.*\bdevice\b' tests/kernels/test_*.py))
-shopt -u globstar nullglob
-fp8_tests=(tests/model/test_fp8.py -k "cuda or real_transformer_engine")
+# --- GPU tests (selected above)
 gpu_pytest() {  # gpu_pytest [PYTEST FLAGS...]: both selections, failing when either fails
     "$PY" -m pytest -q -p no:cacheprovider "$@" "${gpu_tests[@]}"
     local rc=$?
