@@ -10,11 +10,45 @@ A record ``{instruction, input, response}`` is trained as ``prompt_ids + respons
 
 Evaluation builds its prompts with the same :func:`render_prompt` (e.g. a GSM8K question is
 ``{"instruction": question, "input": ""}``) and generates until EOS.
+
+A **conversation** (a ``messages`` row: optional system turn, then user/assistant turns, ending with
+an assistant turn) trained on every assistant turn is :func:`conversation_segments`: one pair
+(text not trained, assistant content) per assistant turn, trained as
+``ids(text_1) + ids(content_1) + [EOS] + ids(text_2) + ids(content_2) + [EOS] ...``, so each
+assistant turn follows the answer convention above and nothing else is ever trained:
+
+- ``chat``: the tokenizer's template renders every prefix of the conversation that ends at an
+  assistant turn, with the generation prompt (``P_k``) and with the turn itself (``F_k``). They must
+  grow by appending: ``F_k`` starts with ``P_k + content_k``, and ``P_{k+1}`` starts with ``F_k``.
+  ``text_k`` is what ``P_k`` adds to what came before; the template's end-of-turn text after a
+  content is kept (untrained) except a leading EOS token text, which the EOS id replaces. A template
+  that rewrites earlier turns once the conversation goes on (e.g. one that strips the reasoning of
+  past answers, or changes the final answer's markup) breaks that chain and is refused in one line:
+  such turns have no single transcript to train; ``--train_on last`` trains the final turn only.
+- ``alpaca`` (tokenizers without a chat template): a plain-text transcript that extends the Alpaca
+  prompt, so a one-turn conversation is exactly an Alpaca row::
+
+      Below is an instruction that describes a task. Write a response that appropriately ...
+
+      ### System:                  (only with a system turn)
+      {system}
+
+      ### Instruction:
+      {user 1}
+
+      ### Response:
+      {assistant 1}<EOS>
+
+      ### Instruction:
+      {user 2}
+
+      ### Response:
+      {assistant 2}<EOS>
 """
 
 from __future__ import annotations
 
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, first_line
 
 TEMPLATES = ("alpaca", "chat", "auto")
 
@@ -24,11 +58,15 @@ ALPACA_PROMPT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-ALPACA_PROMPT_NO_INPUT = (
+ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+ALPACA_TURN = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_NO_INPUT = ALPACA_PREAMBLE + ALPACA_TURN
+# The plain-text conversation transcript (module docstring): a system turn, and what follows an answer.
+ALPACA_SYSTEM = "### System:\n{system}\n\n"
+ALPACA_NEXT_TURN = "\n\n" + ALPACA_TURN
 
 
 def resolve_template(name: str, tokenizer) -> str:
@@ -80,3 +118,70 @@ def answer_ids(tokenizer, response: str) -> list[int]:
     return tokenizer.backend_tokenizer.encode(response, add_special_tokens=False).ids + [
         tokenizer.eos_token_id
     ]
+
+
+def conversation(record: dict) -> list[dict]:
+    """The whole chat of a ``messages`` record: its earlier turns, the user turn, the final answer."""
+    return [
+        *(record.get("history") or []),
+        {"role": "user", "content": _user_turn(record)},
+        {"role": "assistant", "content": record["response"]},
+    ]
+
+
+def conversation_segments(record: dict, template: str, tokenizer) -> list[tuple[str, str]]:
+    """(text not trained, assistant content) per assistant turn of ``record``; see the module docstring.
+
+    The conversation is well formed (``ds_sft.data.sources`` checked it): an optional system turn,
+    then user and assistant turns alternating, ending with an assistant turn.
+    """
+    messages = conversation(record)
+    if template == "alpaca":
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        first = ALPACA_PREAMBLE + (ALPACA_SYSTEM.format(system=system) if system is not None else "")
+        texts = [first + ALPACA_TURN.format(instruction=users[0])]
+        texts += [ALPACA_NEXT_TURN.format(instruction=user) for user in users[1:]]
+        return list(zip(texts, answers, strict=True))
+    if template != "chat":
+        raise UserError(f"unknown template {template!r}; choose alpaca or chat")
+    return _chat_segments(messages, tokenizer, record.get("id", "a conversation"))
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as err:  # a template's own raise_exception(), or any Jinja error
+        raise UserError(
+            f"{where}: the chat template refused the conversation ({first_line(err)}); "
+            "fix the row, or pass --train_on last or --template alpaca"
+        ) from None
+
+
+def _chat_segments(messages: list[dict], tokenizer, where: str) -> list[tuple[str, str]]:
+    eos_text = tokenizer.eos_token
+    segments = []
+    previous_full, emitted = "", 0  # the last F_k, and how much of it the segments so far hold
+    for turn, i in enumerate([i for i, m in enumerate(messages) if m["role"] == "assistant"], start=1):
+        content = messages[i]["content"]
+        prompt = _render(tokenizer, messages[:i], True, where)
+        full = _render(tokenizer, messages[: i + 1], False, where)
+        if not prompt.startswith(previous_full):
+            problem = "renders the earlier turns differently once the conversation goes on"
+        elif not full.startswith(prompt + content):
+            problem = "does not render the answer verbatim right after the generation prompt"
+        else:
+            problem = None
+        if problem:
+            raise UserError(
+                f"{where}: the chat template {problem} (assistant turn {turn}), so the turns cannot be "
+                "masked by construction; pass --train_on last (final turn only) or --template alpaca"
+            )
+        segments.append((prompt[emitted:], content))
+        end_of_turn = full[len(prompt) + len(content) :]
+        emitted = len(prompt) + len(content) + (len(eos_text) if end_of_turn.startswith(eos_text) else 0)
+        previous_full = full
+    return segments
