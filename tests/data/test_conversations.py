@@ -50,6 +50,7 @@ STRIPS_REASONING = (
 )
 EOS = "<|endoftext|>"  # GPT-2's
 TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "default_system": DEFAULT_SYSTEM}
+TURN_ENDS_WITH_EOS = {"chatml": False, "llama3": True, "default_system": True}
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +99,15 @@ def trained_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
-def check_against_reference(messages: list[dict], tokenizer, render_prompt_k) -> None:
+def check_against_reference(
+    messages: list[dict], tokenizer, render_prompt_k, turn_ends_with_eos: bool
+) -> None:
     """The document of ``messages`` trains exactly answer_k + EOS, preceded by exactly ``P_k``.
 
     ``render_prompt_k(messages[:i])`` is the reference text before assistant turn ``messages[i]``.
-    Where the template's turn end is not the EOS text, the EOS ids the answer convention adds are
-    the only difference, so they are taken out of both sides before comparing the prompt text.
+    Where the template's turn end is the EOS text, the EOS id stands for it and the texts are equal;
+    where it is not, the EOS ids the answer convention adds are the only difference: they are
+    counted, then taken out of both sides before comparing the prompt text.
     """
     docs = tokenize_records([record_of(messages)], tokenizer, "chat", {"chat": 0})
     tokens, mask = docs.tokens, docs.loss_mask()
@@ -117,7 +121,12 @@ def check_against_reference(messages: list[dict], tokenizer, render_prompt_k) ->
             decode(tokens[start:end].tolist(), skip_special_tokens=False) == messages[i]["content"] + eos_text
         )
         before = decode(tokens[:start].tolist(), skip_special_tokens=False)
-        assert before.replace(eos_text, "") == render_prompt_k(messages[:i]).replace(eos_text, "")
+        reference = render_prompt_k(messages[:i])
+        if turn_ends_with_eos:
+            assert before == reference
+        else:
+            assert before.replace(eos_text, "") == reference.replace(eos_text, "")
+            assert before.count(eos_text) == reference.count(eos_text) + answers.index(i)
     assert end == len(tokens)  # the document ends with the last answer's EOS
 
 
@@ -167,7 +176,7 @@ def sharegpt(messages: list[dict], plain_names: bool) -> list[dict]:
 @example(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}])
 def test_masks_match_the_chat_template_reference(chat_tokenizers, name, messages):
     tokenizer = chat_tokenizers[name]
-    check_against_reference(messages, tokenizer, chat_reference(tokenizer))
+    check_against_reference(messages, tokenizer, chat_reference(tokenizer), TURN_ENDS_WITH_EOS[name])
 
 
 @given(messages=conversations())
@@ -206,7 +215,9 @@ def test_smollm2_template_masks_every_turn(smollm2):
     ]
     for with_system in (False, True):
         convo = ([{"role": "system", "content": "Be terse."}] if with_system else []) + messages
-        check_against_reference(convo, smollm2, chat_reference(smollm2))
+        check_against_reference(
+            convo, smollm2, chat_reference(smollm2), turn_ends_with_eos=True
+        )  # <|im_end|>
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_in_one_line(gpt2):
