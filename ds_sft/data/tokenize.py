@@ -170,13 +170,13 @@ def tokenize_records(
         else None
         for record in records
     ]
-    single = [record for record, pairs in zip(records, turns, strict=True) if pairs is None]
+    one_turn = [record for record, pairs in zip(records, turns, strict=True) if pairs is None]
     splice = None
     if template == "alpaca" and splits_cleanly_at_newlines(backend):
-        splice = AlpacaPrompts(single, backend)
+        splice = AlpacaPrompts(one_turn, backend)
         if not all(text and text == text.strip() for text in splice.fields):
             splice = None  # uncleaned fields (edge whitespace) could merge with the template's newlines
-    prompts = [render_prompt(record, template, tokenizer) for record in single] if splice is None else []
+    prompts = [render_prompt(record, template, tokenizer) for record in one_turn] if splice is None else []
     chat_heads = [pairs[0][0] for pairs in turns if pairs is not None]
     later_texts = [text for pairs in turns if pairs is not None for text, _ in pairs[1:]]
     answers = [
@@ -189,7 +189,7 @@ def tokenize_records(
             prompt_ids = _encode(backend, prompts, template == "alpaca", progress)
         else:
             prompt_ids = splice.assemble(_encode(backend, splice.fields, False, progress))
-            check = single[:64]
+            check = one_turn[:64]
             full = [e.ids for e in backend.encode_batch([render_prompt(r, "alpaca") for r in check])]
             if full != prompt_ids[: len(check)]:
                 raise RuntimeError("spliced Alpaca prompts differ from whole-prompt tokenization")
@@ -198,13 +198,13 @@ def tokenize_records(
         answer_ids = _encode(backend, answers, False, progress)
     # lay each document out as pieces: head, answer, EOS, [text, answer, EOS]...
     eos = [tokenizer.eos_token_id]
-    singles, heads, laters, answers_it = iter(prompt_ids), iter(head_ids), iter(later_ids), iter(answer_ids)
+    one_turns, heads, laters, answers_it = iter(prompt_ids), iter(head_ids), iter(later_ids), iter(answer_ids)
     pieces: list[list[int]] = []
     trained: list[int] = []
     first_piece = np.zeros(len(records) + 1, dtype=np.int64)
     for i, pairs in enumerate(turns):
         if pairs is None:
-            pieces += [next(singles), next(answers_it), eos]
+            pieces += [next(one_turns), next(answers_it), eos]
             trained += [0, 1, 1]
         else:
             pieces.append(next(heads))
