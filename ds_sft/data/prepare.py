@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=PATH",
         help="another source (repeatable): its columns are detected (instruction/input/output, Dolly, "
-        "question/answer, prompt/completion, messages) or mapped with --field_map",
+        "question/answer, prompt/completion, chat messages or ShareGPT conversations) or mapped "
+        "with --field_map",
     )
     src.add_argument(
         "--field_map",
