@@ -49,6 +49,12 @@ STRIPS_REASONING = (
     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
 )
 EOS = "<|endoftext|>"  # GPT-2's
+# The final answer gets markup the earlier ones do not (as Qwen3's empty <think></think> block).
+MARKS_FINAL_ANSWER = (
+    "{% for m in messages %}{{ m['role'] + ': ' }}{% if m['role'] == 'assistant' and loop.last %}"
+    "{{ '<think></think>' }}{% endif %}{{ m['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
 TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "default_system": DEFAULT_SYSTEM}
 TURN_ENDS_WITH_EOS = {"chatml": False, "llama3": True, "default_system": True}
 
@@ -220,15 +226,22 @@ def test_smollm2_template_masks_every_turn(smollm2):
         )  # <|im_end|>
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused_in_one_line(gpt2):
-    tokenizer = with_template(gpt2, STRIPS_REASONING)
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        (STRIPS_REASONING, "renders the earlier turns differently"),
+        (MARKS_FINAL_ANSWER, "does not render the answer verbatim"),
+    ],
+)
+def test_a_template_that_rewrites_turns_is_refused_in_one_line(gpt2, template, problem):
+    tokenizer = with_template(gpt2, template)
     messages = [
         {"role": "user", "content": "2+2?"},
         {"role": "assistant", "content": "<think>add</think>4"},
         {"role": "user", "content": "3+3?"},
         {"role": "assistant", "content": "6"},
     ]
-    with pytest.raises(UserError, match=r"renders the earlier turns differently.*--train_on last") as err:
+    with pytest.raises(UserError, match=rf"{problem}.*--train_on last") as err:
         tokenize_records([record_of(messages)], tokenizer, "chat", {"chat": 0})
     assert "\n" not in str(err.value)
     docs = tokenize_records([record_of(messages)], tokenizer, "chat", {"chat": 0}, train_on="last")
