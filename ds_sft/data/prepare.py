@@ -445,7 +445,7 @@ def prepare(args: argparse.Namespace) -> int:
     )
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
-    from ds_sft.data.tokenize import fit_to_length, tokenize_records
+    from ds_sft.data.tokenize import ROUTES, fit_to_length, tokenize_records
     from ds_sft.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     if args.tokenizer and args.base_model:
@@ -516,6 +516,7 @@ def prepare(args: argparse.Namespace) -> int:
     dropped = drops.by_source()
     record_sources = np.array([source_index[r["source"]] for r in all_records], dtype=np.int16)
     train_after_mix = np.bincount(train_docs.source_ids, minlength=len(names))
+    kept_routes, kept_sources = docs.routes, record_sources[kept]  # docs: the kept ones, in record order
     for i, name in enumerate(names):
         mine = record_sources == i
         counts[name] = {
@@ -526,6 +527,12 @@ def prepare(args: argparse.Namespace) -> int:
             "train_after_mix": int(train_after_mix[i]),
             "weight": weights[name],
             "dropped": dropped.get(name, {}),
+            # kept conversations trained on every turn, by how their turns were masked (tokenize.ROUTES)
+            "turns_masked_by": {
+                route: int((kept_routes[kept_sources == i] == code).sum())
+                for code, route in enumerate(ROUTES)
+                if code
+            },
         }
         token_lengths[name] = length_stats(raw_lengths[mine & kept])
         raw_by_source[name] = raw_lengths[mine]

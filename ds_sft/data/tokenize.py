@@ -33,6 +33,9 @@ CHUNK = 2048  # rows per encode_batch call: large enough for the Rust threads, s
 # distinct words of an instruction mix (59k GPT-2 pre-tokens in the shared one), so most words were
 # merged again at each occurrence. 100k entries (a few MB) cut encode CPU time by 10-20% on the shared mix.
 BPE_CACHE_WORDS = 100_000
+# How a document's trained turns were found: one trained answer (not a conversation trained on every
+# turn), or a conversation's turns by prefix renders or located in its whole render (templates.py).
+ROUTES = ("one_turn", "prefix", "located")
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Documents:
     offsets: np.ndarray  # int64 [n + 1]
     trained: np.ndarray  # uint8 [total tokens]: 1 on the trained targets (answers and their EOS)
     source_ids: np.ndarray  # int16 [n]
+    routes: np.ndarray | None = None  # int8 [n]: index in ROUTES of how each document's turns were masked
 
     @classmethod
     def with_prompts(cls, tokens, offsets, prompt_lens, source_ids) -> Documents:
@@ -78,7 +82,8 @@ class Documents:
         # token j of the output comes from old start of its document + its position inside it
         within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
         gather = np.repeat(self.offsets[:-1][index], lengths) + within
-        return Documents(self.tokens[gather], offsets, self.trained[gather], self.source_ids[index])
+        routes = None if self.routes is None else self.routes[index]
+        return Documents(self.tokens[gather], offsets, self.trained[gather], self.source_ids[index], routes)
 
     def loss_mask(self) -> np.ndarray:
         """uint8 per token: 1 on answer and EOS tokens (the trained targets), 0 elsewhere."""
@@ -163,13 +168,15 @@ def tokenize_records(
     resize_cache = getattr(backend.model, "_resize_cache", None)  # BPE models; a speed setting, same ids
     if resize_cache is not None:
         resize_cache(BPE_CACHE_WORDS)
-    # per record: (untrained text, answer) per trained turn; one pair for all but multi-turn chats
-    turns = [
+    # per record: (untrained text, answer) per trained turn, and its route; None for all but multi-turn chats
+    segmented = [
         conversation_segments(record, template, tokenizer)
         if train_on == "all" and record.get("history")
-        else None
+        else (None, "one_turn")
         for record in records
     ]
+    turns = [pairs for pairs, _ in segmented]
+    routes = np.array([ROUTES.index(route) for _, route in segmented], dtype=np.int8)
     one_turn = [record for record, pairs in zip(records, turns, strict=True) if pairs is None]
     splice = None
     if template == "alpaca" and splits_cleanly_at_newlines(backend):
@@ -221,7 +228,7 @@ def tokenize_records(
     tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(offsets[-1]))
     mask = np.repeat(np.array(trained, dtype=np.uint8), piece_lens)
     sources = np.array([source_index[record["source"]] for record in records], dtype=np.int16)
-    return Documents(tokens, offsets, mask, sources)
+    return Documents(tokens, offsets, mask, sources, routes)
 
 
 def fit_to_length(docs: Documents, seq_len: int, truncate: bool) -> tuple[Documents, np.ndarray]:
@@ -243,4 +250,6 @@ def fit_to_length(docs: Documents, seq_len: int, truncate: bool) -> tuple[Docume
     np.cumsum(cut, out=offsets[1:])
     within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], cut)
     gather = np.repeat(kept.offsets[:-1], cut) + within
-    return Documents(kept.tokens[gather], offsets, kept.trained[gather], kept.source_ids), reasons
+    return Documents(
+        kept.tokens[gather], offsets, kept.trained[gather], kept.source_ids, kept.routes
+    ), reasons

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from ds_sft.data.clean import Drops, normalize_text
 from ds_sft.data.sources import SourceSpec, conversation_problem, to_records
 from ds_sft.data.templates import ALPACA_PREAMBLE
-from ds_sft.data.tokenize import tokenize_records
+from ds_sft.data.tokenize import ROUTES, tokenize_records
 from ds_sft.errors import UserError
 from tests.data.helpers import parse_prepare_args, write_jsonl
 
@@ -53,6 +53,43 @@ EOS = "<|endoftext|>"  # GPT-2's
 MARKS_FINAL_ANSWER = (
     "{% for m in messages %}{{ m['role'] + ': ' }}{% if m['role'] == 'assistant' and loop.last %}"
     "{{ '<think></think>' }}{% endif %}{{ m['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+# Qwen3's own chat template (Qwen/Qwen3-0.6B's, tools left out): answers before the last user query
+# lose their reasoning, the answer after it gets a <think> block (an empty one when it has none).
+QWEN3 = (
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if ns.multi_step_tool and message.role == 'user' and message.content is string and not"
+    "(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}"
+    "{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.content is string %}{%- set content = message.content %}"
+    "{%- else %}{%- set content = '' %}{%- endif %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{%- set reasoning_content = '' %}"
+    "{%- if message.reasoning_content is string %}{%- set reasoning_content = message.reasoning_content %}"
+    "{%- else %}{%- if '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n')"
+    ".split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query_index %}{%- if loop.last or (not loop.last and reasoning_content) %}"
+    "{{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n')"
+    " + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+# Rewrites the answers themselves: no route can find them, so it is refused.
+UPPERCASES_ANSWERS = (
+    "{% for m in messages %}{{ m['role'] + ': ' }}{% if m['role'] == 'assistant' %}{{ m['content'] | upper }}"
+    "{% else %}{{ m['content'] }}{% endif %}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
 )
 TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "default_system": DEFAULT_SYSTEM}
@@ -159,11 +196,11 @@ contents = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max
 
 
 @st.composite
-def conversations(draw, nonempty_answers: bool = False):
+def conversations(draw, nonempty_answers: bool = False, min_exchanges: int = 1):
     """An optional system turn, then 1-4 user/assistant exchanges; contents may be empty or unicode."""
     answer = contents.filter(bool) if nonempty_answers else contents
     messages = [{"role": "system", "content": draw(contents)}] if draw(st.booleans()) else []
-    for _ in range(draw(st.integers(1, 4))):
+    for _ in range(draw(st.integers(min_exchanges, 4))):
         messages += [
             {"role": "user", "content": draw(contents)},
             {"role": "assistant", "content": draw(answer)},
@@ -226,22 +263,114 @@ def test_smollm2_template_masks_every_turn(smollm2):
         )  # <|im_end|>
 
 
-@pytest.mark.parametrize(
-    ("template", "problem"),
-    [
-        (STRIPS_REASONING, "renders the earlier turns differently"),
-        (MARKS_FINAL_ANSWER, "does not render the answer verbatim"),
-    ],
-)
-def test_a_template_that_rewrites_turns_is_refused_in_one_line(gpt2, template, problem):
-    tokenizer = with_template(gpt2, template)
-    messages = [
-        {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "<think>add</think>4"},
-        {"role": "user", "content": "3+3?"},
-        {"role": "assistant", "content": "6"},
-    ]
-    with pytest.raises(UserError, match=rf"{problem}.*--train_on last") as err:
+# --- templates that rewrite turns: each answer located in the whole render -------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3(gpt2):
+    """GPT-2 with Qwen3's template and its turn markers as special tokens, ``<|im_end|>`` as EOS."""
+    tokenizer = with_template(gpt2, QWEN3)
+    tokenizer.add_special_tokens(
+        {"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+    )
+    return tokenizer
+
+
+def qwen3_shown(content: str, final: bool) -> tuple[str, str]:
+    """(markup before the answer, the answer) as Qwen3's template shows a cleaned assistant turn:
+    the answer after the last user query as ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}`` (the
+    markup when it has no reasoning), the earlier ones without their reasoning."""
+    reasoning, think, answer = content.partition("</think>")
+    if not think:
+        return ("<think>\n\n</think>\n\n" if final else ""), content
+    return "", (f"<think>\n{reasoning.removeprefix('<think>')}\n</think>\n\n{answer}" if final else answer)
+
+
+def strips_reasoning_shown(content: str, final: bool) -> tuple[str, str]:
+    return "", content if final else content.split("</think>")[-1]
+
+
+def marks_final_answer_shown(content: str, final: bool) -> tuple[str, str]:
+    return ("<think></think>" if final else ""), content
+
+
+def check_located(messages: list[dict], tokenizer, shown) -> None:
+    """The document of ``messages`` is the whole conversation as the template renders it (up to what
+    follows the final turn end), and trains exactly each answer as shown + EOS, each after exactly
+    ``P_k`` and the template's markup before that answer (``shown(content, final)``)."""
+    docs = tokenize_records([record_of(messages)], tokenizer, "chat", {"chat": 0})
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    # the prefix route is taken wherever it holds: here when no earlier answer has its reasoning stripped
+    rewritten = shown is not strips_reasoning_shown or any(
+        "</think>" in messages[i]["content"] for i in answers[:-1]
+    )
+    assert docs.routes.tolist() == [ROUTES.index("located" if rewritten else "prefix")]
+    tokens, decode = docs.tokens.tolist(), tokenizer.backend_tokenizer.decode
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = decode(tokens, skip_special_tokens=False)
+    assert whole.startswith(text) and not whole[len(text) :].strip()
+    runs = trained_runs(docs.loss_mask())
+    assert len(runs) == len(answers)
+    for (start, end), i in zip(runs, answers, strict=True):
+        markup, answer = shown(messages[i]["content"], i == answers[-1])
+        assert decode(tokens[start:end], skip_special_tokens=False) == answer + tokenizer.eos_token
+        assert (
+            decode(tokens[:start], skip_special_tokens=False)
+            == chat_reference(tokenizer)(messages[:i]) + markup
+        )
+
+
+@st.composite
+def reasoning_conversations(draw):
+    """Conversations of 2-4 exchanges (a single exchange is a one-turn record, prompt + answer) whose
+    answers may carry reasoning: ``<think>{reasoning}</think>{answer}``."""
+    messages = draw(conversations(nonempty_answers=True, min_exchanges=2))
+    for m in messages:
+        if m["role"] == "assistant" and draw(st.booleans()):
+            m["content"] = f"<think>{draw(contents)}</think>{m['content']}"
+    return messages
+
+
+THINKING = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "<think>add two and two</think>4"},
+    {"role": "user", "content": "Say think."},
+    {"role": "assistant", "content": "think"},
+]  # fmt: skip
+
+
+@given(messages=reasoning_conversations())
+@example(messages=THINKING)
+@example(messages=[*THINKING[1:4], {"role": "assistant", "content": "<think>3+3</think>6"}])
+def test_qwen3_template_masks_every_turn_in_the_whole_render(qwen3, messages):
+    check_located(messages, qwen3, qwen3_shown)
+
+
+REWRITING = {"strips_reasoning": (STRIPS_REASONING, strips_reasoning_shown),
+             "marks_final_answer": (MARKS_FINAL_ANSWER, marks_final_answer_shown)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rewriting_tokenizers(gpt2):
+    return {name: with_template(gpt2, template) for name, (template, _) in REWRITING.items()}
+
+
+@pytest.mark.parametrize("name", list(REWRITING))
+@given(messages=reasoning_conversations())
+@example(messages=THINKING)
+def test_templates_that_rewrite_turns_mask_every_turn_in_the_whole_render(
+    rewriting_tokenizers, name, messages
+):
+    check_located(messages, rewriting_tokenizers[name], REWRITING[name][1])
+
+
+def test_a_template_that_rewrites_answers_is_refused_in_one_line(gpt2):
+    tokenizer = with_template(gpt2, UPPERCASES_ANSWERS)
+    messages = THINKING[1:] + [{"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Bye."}]
+    with pytest.raises(
+        UserError, match=r"turn 2's content is not in the whole render.*--train_on last.*--template alpaca"
+    ) as err:
         tokenize_records([record_of(messages)], tokenizer, "chat", {"chat": 0})
     assert "\n" not in str(err.value)
     docs = tokenize_records([record_of(messages)], tokenizer, "chat", {"chat": 0}, train_on="last")
