@@ -483,6 +483,29 @@ def test_train_on_last_is_todays_output_byte_for_byte(gpt2, template, tmp_path, 
     assert outputs["all"]["train"]["trained_tokens"] > 2 * outputs["last"]["train"]["trained_tokens"]
 
 
+def test_manifest_counts_how_each_conversation_was_masked(gpt2, qwen3, tmp_path, monkeypatch):
+    import ds_sft.paths
+    from ds_sft.data import prepare
+
+    monkeypatch.setattr(ds_sft.paths, "shared_dir", lambda: None)
+    rows = fixture_rows()
+    # conversations with turns before the last exchange (a system turn counts); a lone user + assistant
+    # pair is a one-turn record (prompt, answer), whatever --train_on says
+    multi_turn = sum(len(row["messages"]) > 2 for row in rows)
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    for name, tokenizer, route in (
+        ("chatml", with_template(gpt2, CHATML), "prefix"),
+        ("qwen3", qwen3, "located"),
+    ):
+        tokenizer.save_pretrained(str(tmp_path / name))
+        argv = ["--source", f"chat={path}", "--tokenizer", str(tmp_path / name), "--seq_len", "256",
+                "--decontam_threshold", "0", "--output_dir", str(tmp_path / f"out_{name}")]  # fmt: skip
+        prepare.run(parse_prepare_args(argv))
+        counts = json.loads((tmp_path / f"out_{name}" / "manifest.json").read_text())["counts"]["chat"]
+        assert counts["kept"] == len(rows)
+        assert counts["turns_masked_by"] == {"prefix": 0, "located": 0, route: multi_turn}
+
+
 # --- one multi-turn file through prepare -> train -> eval ------------------------------------------
 
 
