@@ -6,6 +6,10 @@ template, and the document's tokens before the k-th trained run must decode to `
 system and user text so far), the run itself to exactly the answer + EOS. Templates: SmolLM2's own
 (from the shared GGUF), and ChatML-like, Llama-3-like (headers, ``trim``) and default-system-prompt
 ones written here as Jinja on the GPT-2 tokenizer, whose turn ends are or are not its EOS text.
+Templates that rewrite turns (Qwen3's own, one that strips past reasoning, one that marks the final
+answer) are checked against the whole render instead: the document is that render, and each trained
+run is the answer as the template shows it (computed here from the template's own rules) + EOS,
+after exactly ``P_k`` and the markup the template puts before that answer.
 """
 
 from __future__ import annotations
