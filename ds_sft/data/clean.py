@@ -76,11 +76,16 @@ def normalize_text(text: str) -> str:
     return text.strip()
 
 
-def clean_records(records: list[dict], drops: Drops, gsm8k: bool = False) -> list[dict]:
+def clean_records(
+    records: list[dict], drops: Drops, gsm8k: bool = False, every_turn: bool = False
+) -> list[dict]:
     """Normalize every text field; drop rows with an empty instruction or response.
 
     ``gsm8k``: the source is GSM8K-shaped, so its answers must end with the ``#### N`` line the
     GSM8K evaluation reads (rows without it are dropped).
+    ``every_turn``: every assistant turn of a conversation is trained (``--train_on all``), so the
+    earlier turns are normalized too, and a conversation with an empty answer is dropped; with
+    ``--train_on last`` they are prompt text, kept as they came.
     """
     kept = []
     for record in records:
@@ -89,14 +94,19 @@ def clean_records(records: list[dict], drops: Drops, gsm8k: bool = False) -> lis
         if extra.lower() in NO_INPUT_MARKERS:
             extra = ""
         response = normalize_text(CALCULATOR_ANNOTATION.sub("", record["response"]))
+        history = record.get("history", [])
+        if every_turn and history:
+            history = [{**turn, "content": normalize_text(turn["content"])} for turn in history]
+        empty_answer = every_turn and any(t["role"] == "assistant" and not t["content"] for t in history)
         if not instruction:
             drops.add(record["source"], "empty_instruction")
-        elif not response:
+        elif not response or empty_answer:
             drops.add(record["source"], "empty_response")
         elif gsm8k and not GSM8K_FINAL_ANSWER.search(response):
             drops.add(record["source"], "no_final_answer_line")
         else:
-            kept.append({**record, "instruction": instruction, "input": extra, "response": response})
+            cleaned = {"instruction": instruction, "input": extra, "response": response, "history": history}
+            kept.append({**record, **cleaned})
     return kept
 
 

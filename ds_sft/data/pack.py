@@ -93,5 +93,5 @@ def efficiency(docs: Documents, n_rows: int, seq_len: int) -> dict[str, float]:
     """Share of row capacity holding real tokens, and holding trained (response + EOS) tokens."""
     capacity = max(n_rows * seq_len, 1)
     real = int(docs.offsets[-1])
-    trained = real - int(docs.prompt_lens.sum())
+    trained = int(docs.trained.sum(dtype=np.int64))
     return {"real_tokens": real / capacity, "trained_tokens": trained / capacity}

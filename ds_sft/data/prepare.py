@@ -12,7 +12,8 @@ Stages, in order (every dropped row is counted by source and reason in manifest.
   decontam  rows sharing >= --decontam_threshold of their 13-grams with the GSM8K test set dropped;
             then the val split is cut per source and train rows overlapping val rows are dropped
   tokenize  prompt and response tokenized apart: the loss covers exactly response + EOS (this runs on
-            a worker thread alongside dedup and decontam, and the rows they keep are then taken)
+            a worker thread alongside dedup and decontam, and the rows they keep are then taken);
+            a conversation trains every assistant turn (--train_on all) or its last (--train_on last)
   mix       --mix weights upsample sources by whole epochs plus a seeded fraction; --max_examples caps
   pack      best-fit-decreasing into rows of --seq_len (or --no_pack: one padded row per example)
   write     DIR/train, DIR/val (memmap shards), DIR/tokenizer, DIR/manifest.json, DIR/lengths.png, built
@@ -23,7 +24,8 @@ With no source flag, the offline ../shared/data mix is used when present. Re-run
 inputs and flags reuses DIR (the manifest holds a hash of both, and the size and sha256 of every file,
 checked before reuse); --force redoes it.
 Generic sources: --source NAME=PATH reads instruction/input/output, Dolly, GSM8K, prompt/completion or
-chat `messages` columns, found automatically, or mapped explicitly with
+chat `messages` (OpenAI role/content) / `conversations` (ShareGPT from/value) columns, found
+automatically, or mapped explicitly with
 --field_map NAME:instruction=COL,input=COL,response=COL (or NAME:messages=COL).
 """
 
@@ -58,7 +60,7 @@ NOT_IN_CACHE_KEY = {"output_dir", "force", "alpaca", "gsm8k", "dolly", "source",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ds_sft.data.sources import HUB_IDS
-    from ds_sft.options import INT32_MAX, INT64_MAX, Float, Int, Weights
+    from ds_sft.options import INT32_MAX, INT64_MAX, Choice, Float, Int, Weights
 
     src = parser.add_argument_group("sources (any one alone is a valid run)")
     for kind, (hub_id, _) in HUB_IDS.items():
@@ -75,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=PATH",
         help="another source (repeatable): its columns are detected (instruction/input/output, Dolly, "
-        "question/answer, prompt/completion, messages) or mapped with --field_map",
+        "question/answer, prompt/completion, chat messages or ShareGPT conversations) or mapped "
+        "with --field_map",
     )
     src.add_argument(
         "--field_map",
@@ -114,6 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     tok.add_argument(
         "--seq_len", type=Int(8, 2**20), default=1024, help="tokens per packed row (default: 1024)"
+    )
+    tok.add_argument(
+        "--train_on",
+        type=Choice("all", "last"),
+        default="all",
+        help="which assistant turns of a conversation (messages) row are trained: all of them "
+        "(default), or only the last one, the earlier turns being prompt",
     )
     tok.add_argument(
         "--truncate",
@@ -350,7 +360,9 @@ def length_stats(lengths: np.ndarray) -> dict:
     }
 
 
-def load_records(specs: list, skip_bad_rows: bool, drops) -> tuple[list[dict], list[dict]]:
+def load_records(
+    specs: list, skip_bad_rows: bool, drops, train_on: str = "all"
+) -> tuple[list[dict], list[dict]]:
     """Read and clean every source -> (records in source order, input descriptions for the manifest)."""
     from ds_sft.data.clean import clean_records
     from ds_sft.data.sources import load_source
@@ -359,7 +371,7 @@ def load_records(specs: list, skip_bad_rows: bool, drops) -> tuple[list[dict], l
     for spec in specs:
         loaded, info = load_source(spec, skip_bad_rows, drops)
         inputs.append(info)
-        records += clean_records(loaded, drops, gsm8k=spec.kind == "gsm8k")
+        records += clean_records(loaded, drops, gsm8k=spec.kind == "gsm8k", every_turn=train_on == "all")
     return records, inputs
 
 
@@ -401,7 +413,7 @@ def write_documents(directory: Path, docs, args, pad_id: int, vocab_size: int, n
         "rows": len(layout),
         "documents": len(docs),
         "tokens": int(docs.offsets[-1]),
-        "trained_tokens": int(docs.offsets[-1] - docs.prompt_lens.sum()),
+        "trained_tokens": int(docs.trained.sum(dtype=np.int64)),
         "documents_per_source": {name: int((docs.source_ids == i).sum()) for i, name in enumerate(names)},
         "efficiency": efficiency(docs, len(layout), args.seq_len),
     }
@@ -434,7 +446,7 @@ def prepare(args: argparse.Namespace) -> int:
     )
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
-    from ds_sft.data.tokenize import fit_to_length, tokenize_records
+    from ds_sft.data.tokenize import ROUTES, fit_to_length, tokenize_records
     from ds_sft.data.tokenizer import load_tokenizer
 
     if args.tokenizer and args.base_model:
@@ -447,7 +459,7 @@ def prepare(args: argparse.Namespace) -> int:
         input_paths.append(Path(args.gsm8k_test).expanduser())
     output_dir, previous = check_output_dir(args.output_dir, input_paths)
     drops = Drops()
-    records, inputs = load_records(specs, args.skip_bad_rows, drops)  # a bad file fails here, in a second
+    records, inputs = load_records(specs, args.skip_bad_rows, drops, args.train_on)  # a bad file fails here
     tokenizer = load_tokenizer(args.tokenizer or args.base_model or "gpt2")
     template = resolve_template(args.template, tokenizer)
     reference, reference_info = gsm8k_test_reference(args, specs) if args.decontam_threshold > 0 else ([], {})
@@ -469,7 +481,7 @@ def prepare(args: argparse.Namespace) -> int:
     # Rust encoder releases the GIL, so the two overlap (~0.3 s of ~4 on the shared mix, two cores).
     # The rows dropped meanwhile (<1%) are tokenized for nothing, which costs less than waiting.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        tokenized = pool.submit(tokenize_records, records, tokenizer, template, source_index)
+        tokenized = pool.submit(tokenize_records, records, tokenizer, template, source_index, args.train_on)
         train_index, val_index = select_rows(records, names, reference, args, drops)
         chosen = np.concatenate([train_index, val_index])
         docs = tokenized.result().select(chosen)
@@ -504,6 +516,7 @@ def prepare(args: argparse.Namespace) -> int:
     dropped = drops.by_source()
     record_sources = np.array([source_index[r["source"]] for r in all_records], dtype=np.int16)
     train_after_mix = np.bincount(train_docs.source_ids, minlength=len(names))
+    kept_routes, kept_sources = docs.routes, record_sources[kept]  # docs: the kept ones, in record order
     for i, name in enumerate(names):
         mine = record_sources == i
         counts[name] = {
@@ -514,6 +527,12 @@ def prepare(args: argparse.Namespace) -> int:
             "train_after_mix": int(train_after_mix[i]),
             "weight": weights[name],
             "dropped": dropped.get(name, {}),
+            # kept conversations trained on every turn, by how their turns were masked (tokenize.ROUTES)
+            "turns_masked_by": {
+                route: int((kept_routes[kept_sources == i] == code).sum())
+                for code, route in enumerate(ROUTES)
+                if code
+            },
         }
         token_lengths[name] = length_stats(raw_lengths[mine & kept])
         raw_by_source[name] = raw_lengths[mine]

@@ -5,8 +5,15 @@ Every dataset ds-sft reads, whatever its columns, becomes a list of plain dicts 
     {"id": "gsm8k:41", "source": "gsm8k", "category": "math",
      "instruction": "...", "input": "...", "response": "...", "history": []}
 
-``history`` holds the earlier turns of a chat-style ``messages`` row (system prompt, previous
-user/assistant turns); only the final assistant turn is trained.
+A conversation (a ``messages`` row) becomes the same shape: ``instruction`` is its last user turn,
+``response`` its final assistant turn, ``history`` the turns before them (``{"role", "content"}``:
+the system prompt, earlier user/assistant turns). ``prepare --train_on all`` (the default) trains
+every assistant turn, ``--train_on last`` the final one (``ds_sft.data.templates``). Two shapes are
+read: OpenAI's ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}`` and
+ShareGPT's ``{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}]}`` (``from`` may
+also say ``user``/``assistant``). A conversation is an optional system turn, then user and assistant
+turns alternating, ending with an assistant turn; any other row is dropped and counted by reason
+(:func:`conversation_problem`).
 
 A *schema* maps record fields to a file's columns. The known ones cover Alpaca
 (instruction/input/output), GSM8K (question/answer), Dolly in its own schema
@@ -43,6 +50,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "gsm8k": {"instruction": "question", "response": "answer"},
     "prompt_completion": {"instruction": "prompt", "response": "completion"},
     "messages": {"messages": "messages"},
+    "sharegpt": {"messages": "conversations"},
 }
 REQUIRED = ("instruction", "response")
 REQUIRED_BY_SCHEMA = {name: ("messages",) if "messages" in m else REQUIRED for name, m in SCHEMAS.items()}
@@ -53,7 +61,7 @@ KIND_SCHEMAS = {
     "alpaca": ["alpaca"],
     "gsm8k": ["gsm8k"],
     "dolly": ["dolly", "alpaca"],
-    "generic": ["messages", "alpaca", "dolly", "gsm8k", "prompt_completion"],
+    "generic": ["messages", "sharegpt", "alpaca", "dolly", "gsm8k", "prompt_completion"],
 }
 DEFAULT_CATEGORY = {"gsm8k": "math"}  # everything else without a category column is "general"
 
@@ -284,21 +292,37 @@ def choose_schema(spec: SourceSpec, columns: list[str]) -> dict[str, str]:
     )
 
 
-def _from_messages(messages) -> tuple[str, str, list[dict], str | None]:
-    """Split a chat into (last user turn, final assistant turn, earlier turns); reason when unusable."""
+# Conversation turns: OpenAI's role/content keys or ShareGPT's from/value, and each role's names.
+TURN_KEYS = (("role", "content"), ("from", "value"))
+ROLE_NAMES = {"system": "system", "user": "user", "human": "user",
+              "assistant": "assistant", "gpt": "assistant"}  # fmt: skip
+
+
+def conversation_problem(messages) -> tuple[list[dict], str | None]:
+    """A conversation in either shape -> (its turns as ``{"role", "content"}``, None), or ([], the
+    drop reason): ``empty_conversation``, ``bad_turn`` (not an object with a role and a content),
+    ``non_string_content``, ``unknown_role``, ``roles_out_of_order`` (an optional system turn, then
+    user and assistant alternating from a user turn), ``no_final_assistant_turn``."""
     if not isinstance(messages, list) or not messages:
-        return "", "", [], "bad_messages"
+        return [], "empty_conversation"
+    turns = []
     for turn in messages:
-        if (
-            not isinstance(turn, dict)
-            or not isinstance(turn.get("role"), str)
-            or not isinstance(turn.get("content"), str)
-        ):
-            return "", "", [], "bad_messages"
-    if messages[-1]["role"] != "assistant" or len(messages) < 2 or messages[-2]["role"] != "user":
-        return "", "", [], "messages_not_user_then_assistant"
-    history = [{"role": t["role"], "content": t["content"]} for t in messages[:-2]]
-    return messages[-2]["content"], messages[-1]["content"], history, None
+        keys = next((k for k in TURN_KEYS if isinstance(turn, dict) and k[0] in turn and k[1] in turn), None)
+        if keys is None:
+            return [], "bad_turn"
+        role, content = turn[keys[0]], turn[keys[1]]
+        if not isinstance(content, str):
+            return [], "non_string_content"
+        if not isinstance(role, str) or role not in ROLE_NAMES:
+            return [], "unknown_role"
+        turns.append({"role": ROLE_NAMES[role], "content": content})
+    roles = [turn["role"] for turn in turns]
+    body = roles[1:] if roles[0] == "system" else roles
+    if any(role != ("user", "assistant")[i % 2] for i, role in enumerate(body)):
+        return [], "roles_out_of_order"
+    if roles[-1] != "assistant":
+        return [], "no_final_assistant_turn"
+    return turns, None
 
 
 def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list[dict]:
@@ -311,7 +335,9 @@ def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list
         history: list[dict] = []
         values: dict = {}
         if "messages" in schema:
-            instruction, response, history, reason = _from_messages(columns[schema["messages"]][i])
+            turns, reason = conversation_problem(columns[schema["messages"]][i])
+            history = turns[:-2]
+            instruction, response = (turns[-2]["content"], turns[-1]["content"]) if turns else ("", "")
             extra = ""
         else:
             # optional columns (input, category) may be absent; choose_schema checked the required ones

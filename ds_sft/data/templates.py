@@ -10,11 +10,56 @@ A record ``{instruction, input, response}`` is trained as ``prompt_ids + respons
 
 Evaluation builds its prompts with the same :func:`render_prompt` (e.g. a GSM8K question is
 ``{"instruction": question, "input": ""}``) and generates until EOS.
+
+A **conversation** (a ``messages`` row: optional system turn, then user/assistant turns, ending with
+an assistant turn) trained on every assistant turn is :func:`conversation_segments`: one pair
+(text not trained, assistant content) per assistant turn, trained as
+``ids(text_1) + ids(content_1) + [EOS] + ids(text_2) + ids(content_2) + [EOS] ...``, so each
+assistant turn follows the answer convention above and nothing else is ever trained:
+
+- ``chat``: the tokenizer's template renders every prefix of the conversation that ends at an
+  assistant turn, with the generation prompt (``P_k``) and with the turn itself (``F_k``). They must
+  grow by appending: ``F_k`` starts with ``P_k + content_k``, and ``P_{k+1}`` starts with ``F_k``.
+  ``text_k`` is what ``P_k`` adds to what came before; the template's end-of-turn text after a
+  content is kept (untrained) except a leading EOS token text, which the EOS id replaces. This is
+  the ``prefix`` route, taken wherever it holds: every trained answer follows exactly the text the
+  template renders for that point of the conversation.
+  A template that rewrites earlier turns once the conversation goes on (Qwen3's strips the reasoning
+  of past answers and gives the final answer a ``<think>`` block, empty when it has none) breaks that
+  chain; such a conversation takes the ``located`` route instead: the whole conversation is rendered
+  once (what the model sees for the full chat) and each answer is located in it, in order, as the
+  template shows it (the content up to whitespace, or for a past turn its answer after
+  ``</think>``), followed by the template's turn end; the document is that render, the located
+  answers and their EOS trained, the rest (markup such as an empty think block included) not. An
+  answer that cannot be located (a template that rewrites the content itself) is refused in one
+  line naming ``--train_on last`` (the final turn only) and ``--template alpaca``. The manifest
+  counts, per source, the conversations each route masked (``turns_masked_by``).
+- ``alpaca`` (tokenizers without a chat template): a plain-text transcript that extends the Alpaca
+  prompt, so a one-turn conversation is exactly an Alpaca row::
+
+      Below is an instruction that describes a task. Write a response that appropriately ...
+
+      ### System:                  (only with a system turn)
+      {system}
+
+      ### Instruction:
+      {user 1}
+
+      ### Response:
+      {assistant 1}<EOS>
+
+      ### Instruction:
+      {user 2}
+
+      ### Response:
+      {assistant 2}<EOS>
 """
 
 from __future__ import annotations
 
-from ds_sft.errors import UserError
+import re
+
+from ds_sft.errors import UserError, first_line
 
 TEMPLATES = ("alpaca", "chat", "auto")
 
@@ -24,11 +69,15 @@ ALPACA_PROMPT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-ALPACA_PROMPT_NO_INPUT = (
+ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+ALPACA_TURN = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_NO_INPUT = ALPACA_PREAMBLE + ALPACA_TURN
+# The plain-text conversation transcript (module docstring): a system turn, and what follows an answer.
+ALPACA_SYSTEM = "### System:\n{system}\n\n"
+ALPACA_NEXT_TURN = "\n\n" + ALPACA_TURN
 
 
 def resolve_template(name: str, tokenizer) -> str:
@@ -80,3 +129,120 @@ def answer_ids(tokenizer, response: str) -> list[int]:
     return tokenizer.backend_tokenizer.encode(response, add_special_tokens=False).ids + [
         tokenizer.eos_token_id
     ]
+
+
+def conversation(record: dict) -> list[dict]:
+    """The whole chat of a ``messages`` record: its earlier turns, the user turn, the final answer."""
+    return [
+        *(record.get("history") or []),
+        {"role": "user", "content": _user_turn(record)},
+        {"role": "assistant", "content": record["response"]},
+    ]
+
+
+def conversation_segments(record: dict, template: str, tokenizer) -> tuple[list[tuple[str, str]], str]:
+    """(text not trained, trained answer text) per assistant turn of ``record``, and the route that
+    masked them (``prefix`` or ``located``; the alpaca transcript is ``prefix`` by construction); see
+    the module docstring.
+
+    The conversation is well formed (``ds_sft.data.sources`` checked it): an optional system turn,
+    then user and assistant turns alternating, ending with an assistant turn.
+    """
+    messages = conversation(record)
+    if template == "alpaca":
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        first = ALPACA_PREAMBLE + (ALPACA_SYSTEM.format(system=system) if system is not None else "")
+        texts = [first + ALPACA_TURN.format(instruction=users[0])]
+        texts += [ALPACA_NEXT_TURN.format(instruction=user) for user in users[1:]]
+        return list(zip(texts, answers, strict=True)), "prefix"
+    if template != "chat":
+        raise UserError(f"unknown template {template!r}; choose alpaca or chat")
+    where = record.get("id", "a conversation")
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    prompts = [_render(tokenizer, messages[:i], True, where) for i in answers]  # P_k
+    segments, problem = _prefix_segments(messages, answers, prompts, tokenizer, where)
+    if segments is not None:
+        return segments, "prefix"
+    segments, located_problem = _located_segments(messages, answers, prompts, tokenizer, where)
+    if segments is not None:
+        return segments, "located"
+    raise UserError(
+        f"{where}: the chat template {problem}, and {located_problem}, so the turns cannot be masked "
+        "by construction; pass --train_on last (final turn only) or --template alpaca"
+    )
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as err:  # a template's own raise_exception(), or any Jinja error
+        raise UserError(
+            f"{where}: the chat template refused the conversation ({first_line(err)}); "
+            "fix the row, or pass --train_on last or --template alpaca"
+        ) from None
+
+
+def _prefix_segments(messages, answers, prompts, tokenizer, where) -> tuple[list | None, str | None]:
+    """The ``prefix`` route: (segments, None), or (None, what breaks the chain of prefix renders)."""
+    eos_text = tokenizer.eos_token
+    segments = []
+    previous_full, emitted = "", 0  # the last F_k, and how much of it the segments so far hold
+    for turn, (i, prompt) in enumerate(zip(answers, prompts, strict=True), start=1):
+        content = messages[i]["content"]
+        full = _render(tokenizer, messages[: i + 1], False, where)
+        if not prompt.startswith(previous_full):
+            return None, f"renders the earlier turns differently once the conversation goes on (turn {turn})"
+        if not full.startswith(prompt + content):
+            return None, f"does not render assistant turn {turn} verbatim right after the generation prompt"
+        segments.append((prompt[emitted:], content))
+        end_of_turn = full[len(prompt) + len(content) :]
+        emitted = len(prompt) + len(content) + (len(eos_text) if end_of_turn.startswith(eos_text) else 0)
+        previous_full = full
+    return segments, None
+
+
+def _located_segments(messages, answers, prompts, tokenizer, where) -> tuple[list | None, str | None]:
+    """The ``located`` route: (segments, None), or (None, why an answer cannot be located).
+
+    The whole conversation ``W`` is rendered once. Each ``P_k`` must be a prefix of ``W`` (so the
+    text before each answer is exactly the model's context at inference), and the turn end ``E`` is
+    what the template writes after an answer (found by rendering the conversation with a probe as
+    its final answer). Assistant turn ``k`` is then the leftmost span after ``P_k`` (and before
+    ``P_{k+1}``; for the final turn, the end of ``W``) that is immediately followed by ``E`` and
+    shows the content as given up to whitespace (the same non-space characters in order, any
+    whitespace between them: trimmed, reflowed ``<think>`` blocks), or else the content's answer
+    after its last ``</think>`` up to whitespace (templates that drop the reasoning of past turns).
+    """
+    eos_text = tokenizer.eos_token
+    whole = _render(tokenizer, messages, False, where)
+    # a probe answer no template rewrites (a private-use character the conversation does not hold:
+    # no letters, whitespace or markup); what follows it is the turn end
+    probe = next(chr(code) for code in range(0xE000, 0xF900) if chr(code) not in whole)
+    probed = _render(tokenizer, [*messages[:-1], {"role": "assistant", "content": probe}], False, where)
+    if probed.count(probe) != 1:
+        return None, "it does not show a probe answer once as given"
+    end_of_turn = probed[probed.index(probe) + 1 :]
+    segments, emitted = [], 0
+    for turn, (i, prompt) in enumerate(zip(answers, prompts, strict=True), start=1):
+        final = turn == len(answers)
+        if not whole.startswith(prompt) or len(prompt) < emitted:
+            return None, f"the whole conversation does not start with its render up to assistant turn {turn}"
+        content = messages[i]["content"]
+        forms = [content] + ([content.rsplit("</think>", 1)[-1]] if "</think>" in content else [])
+        limit = len(whole) if final else len(prompts[turn])
+        for form in forms:
+            shown = r"\s*".join(re.escape(char) for char in form if not char.isspace())
+            pattern = f"({shown}){re.escape(end_of_turn)}" + (r"\Z" if final else "")
+            found = re.compile(pattern).search(whole, len(prompt), limit)
+            if found:
+                break
+        else:
+            return None, f"assistant turn {turn}'s content is not in the whole render before its turn end"
+        start, end = found.span(1)
+        segments.append((whole[emitted:start], whole[start:end]))
+        emitted = end + (len(eos_text) if whole.startswith(eos_text, end) else 0)
+    return segments, None

@@ -5,6 +5,9 @@ Each document is ``prompt_ids + response_ids + [EOS]``, the prompt and the respo
 searching the token stream for a "### Response:" marker, which silently masks everything when the
 marker tokenizes differently in context. (With byte-level BPE, tokenizing apart gives the same ids
 as tokenizing the joined text for these templates, since the prompt ends in a newline.)
+A conversation trained on every assistant turn (``train_on="all"``) is the same thing repeated:
+``text_1 + answer_1 + [EOS] + text_2 + answer_2 + [EOS] ...``, each piece tokenized apart
+(:func:`ds_sft.data.templates.conversation_segments`), the answers and EOS ids trained, the texts not.
 
 Speed: both halves go through the ``tokenizers`` library's ``encode_batch`` (Rust, all cores) in
 chunks, and documents are kept as one flat int32 array plus offsets, so selecting, repeating and
@@ -23,13 +26,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ds_sft.data.templates import alpaca_fields, render_prompt
+from ds_sft.data.templates import alpaca_fields, conversation_segments, render_prompt
 
 CHUNK = 2048  # rows per encode_batch call: large enough for the Rust threads, small enough for a progress bar
 # A BPE model caches the merges of the words it has seen, 10,000 words by default: fewer than the
 # distinct words of an instruction mix (59k GPT-2 pre-tokens in the shared one), so most words were
 # merged again at each occurrence. 100k entries (a few MB) cut encode CPU time by 10-20% on the shared mix.
 BPE_CACHE_WORDS = 100_000
+# How a document's trained turns were found: one trained answer (not a conversation trained on every
+# turn), or a conversation's turns by prefix renders or located in its whole render (templates.py).
+ROUTES = ("one_turn", "prefix", "located")
 
 
 @dataclass
@@ -38,15 +44,34 @@ class Documents:
 
     tokens: np.ndarray  # int32 [total tokens]
     offsets: np.ndarray  # int64 [n + 1]
-    prompt_lens: np.ndarray  # int32 [n]: the first prompt_lens[i] tokens are not trained
+    trained: np.ndarray  # uint8 [total tokens]: 1 on the trained targets (answers and their EOS)
     source_ids: np.ndarray  # int16 [n]
+    routes: np.ndarray | None = None  # int8 [n]: index in ROUTES of how each document's turns were masked
+
+    @classmethod
+    def with_prompts(cls, tokens, offsets, prompt_lens, source_ids) -> Documents:
+        """Documents whose first ``prompt_lens[i]`` tokens are not trained and the rest are."""
+        lengths = np.diff(offsets)
+        within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+        trained = (within >= np.repeat(prompt_lens, lengths)).astype(np.uint8)
+        return cls(tokens, offsets, trained, source_ids)
 
     def __len__(self) -> int:
-        return len(self.prompt_lens)
+        return len(self.source_ids)
 
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    @property
+    def prompt_lens(self) -> np.ndarray:
+        """Per document, the tokens before its first trained one (its length when none is trained)."""
+        if not len(self):
+            return np.zeros(0, np.int64)
+        lengths = self.lengths
+        within = np.arange(self.offsets[-1]) - np.repeat(self.offsets[:-1], lengths)
+        first = np.minimum.reduceat(np.where(self.trained == 1, within, lengths.max()), self.offsets[:-1])
+        return np.minimum(first, lengths)
 
     def select(self, index: np.ndarray) -> Documents:
         """Documents ``index`` (any order, repeats allowed), as a new contiguous set."""
@@ -57,13 +82,12 @@ class Documents:
         # token j of the output comes from old start of its document + its position inside it
         within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
         gather = np.repeat(self.offsets[:-1][index], lengths) + within
-        return Documents(self.tokens[gather], offsets, self.prompt_lens[index], self.source_ids[index])
+        routes = None if self.routes is None else self.routes[index]
+        return Documents(self.tokens[gather], offsets, self.trained[gather], self.source_ids[index], routes)
 
     def loss_mask(self) -> np.ndarray:
-        """uint8 per token: 1 on response and EOS tokens (the trained targets), 0 on the prompt."""
-        lengths = self.lengths
-        within = np.arange(self.offsets[-1]) - np.repeat(self.offsets[:-1], lengths)
-        return (within >= np.repeat(self.prompt_lens, lengths)).astype(np.uint8)
+        """uint8 per token: 1 on answer and EOS tokens (the trained targets), 0 elsewhere."""
+        return self.trained
 
 
 def _encode(backend, texts: list[str], add_special_tokens: bool, progress) -> list[list[int]]:
@@ -129,12 +153,14 @@ class AlpacaPrompts:
 
 
 def tokenize_records(
-    records: list[dict], tokenizer, template: str, source_index: dict[str, int]
+    records: list[dict], tokenizer, template: str, source_index: dict[str, int], train_on: str = "all"
 ) -> Documents:
     """Tokenize every record into a document (prompt, response, EOS); see the module docstring.
 
-    The Alpaca prompt goes through the tokenizer's post-processor (which adds BOS for tokenizers
-    that want one); a chat-template prompt already holds its special tokens as text.
+    ``train_on="all"``: a ``messages`` record with earlier turns trains every assistant turn;
+    ``"last"``: its earlier turns are prompt only. The first text of a document goes through the
+    tokenizer's post-processor for the Alpaca template (which adds BOS for tokenizers that want one);
+    a chat template's text already holds its special tokens.
     """
     from tqdm.auto import tqdm
 
@@ -142,33 +168,67 @@ def tokenize_records(
     resize_cache = getattr(backend.model, "_resize_cache", None)  # BPE models; a speed setting, same ids
     if resize_cache is not None:
         resize_cache(BPE_CACHE_WORDS)
+    # per record: (untrained text, answer) per trained turn, and its route; None for all but multi-turn chats
+    segmented = [
+        conversation_segments(record, template, tokenizer)
+        if train_on == "all" and record.get("history")
+        else (None, "one_turn")
+        for record in records
+    ]
+    turns = [pairs for pairs, _ in segmented]
+    routes = np.array([ROUTES.index(route) for _, route in segmented], dtype=np.int8)
+    one_turn = [record for record, pairs in zip(records, turns, strict=True) if pairs is None]
     splice = None
     if template == "alpaca" and splits_cleanly_at_newlines(backend):
-        splice = AlpacaPrompts(records, backend)
+        splice = AlpacaPrompts(one_turn, backend)
         if not all(text and text == text.strip() for text in splice.fields):
             splice = None  # uncleaned fields (edge whitespace) could merge with the template's newlines
-    prompts = [render_prompt(record, template, tokenizer) for record in records] if splice is None else []
-    responses = [record["response"] for record in records]
-    texts = len(splice.fields) if splice else len(prompts)
-    with tqdm(total=texts + len(responses), desc="tokenize", unit="text", leave=False) as progress:
+    prompts = [render_prompt(record, template, tokenizer) for record in one_turn] if splice is None else []
+    chat_heads = [pairs[0][0] for pairs in turns if pairs is not None]
+    later_texts = [text for pairs in turns if pairs is not None for text, _ in pairs[1:]]
+    answers = [
+        answer for record, pairs in zip(records, turns, strict=True)
+        for answer in ([record["response"]] if pairs is None else [a for _, a in pairs])
+    ]  # fmt: skip
+    texts = (len(splice.fields) if splice else len(prompts)) + len(chat_heads) + len(later_texts)
+    with tqdm(total=texts + len(answers), desc="tokenize", unit="text", leave=False) as progress:
         if splice is None:
             prompt_ids = _encode(backend, prompts, template == "alpaca", progress)
         else:
             prompt_ids = splice.assemble(_encode(backend, splice.fields, False, progress))
-            check = records[:64]
+            check = one_turn[:64]
             full = [e.ids for e in backend.encode_batch([render_prompt(r, "alpaca") for r in check])]
             if full != prompt_ids[: len(check)]:
                 raise RuntimeError("spliced Alpaca prompts differ from whole-prompt tokenization")
-        response_ids = _encode(backend, responses, False, progress)
+        head_ids = _encode(backend, chat_heads, template == "alpaca", progress)
+        later_ids = _encode(backend, later_texts, False, progress)
+        answer_ids = _encode(backend, answers, False, progress)
+    # lay each document out as pieces: head, answer, EOS, [text, answer, EOS]...
     eos = [tokenizer.eos_token_id]
-    prompt_lens = np.fromiter(map(len, prompt_ids), dtype=np.int32, count=len(records))
-    lengths = prompt_lens + np.fromiter(map(len, response_ids), dtype=np.int32, count=len(records)) + 1
-    offsets = np.zeros(len(records) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    pieces = itertools.chain.from_iterable(zip(prompt_ids, response_ids, itertools.repeat(eos)))
+    one_turns, heads, laters, answers_it = iter(prompt_ids), iter(head_ids), iter(later_ids), iter(answer_ids)
+    pieces: list[list[int]] = []
+    trained: list[int] = []
+    first_piece = np.zeros(len(records) + 1, dtype=np.int64)
+    for i, pairs in enumerate(turns):
+        if pairs is None:
+            pieces += [next(one_turns), next(answers_it), eos]
+            trained += [0, 1, 1]
+        else:
+            pieces.append(next(heads))
+            trained.append(0)
+            for turn in range(len(pairs)):
+                if turn:
+                    pieces.append(next(laters))
+                    trained.append(0)
+                pieces += [next(answers_it), eos]
+                trained += [1, 1]
+        first_piece[i + 1] = len(pieces)
+    piece_lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    offsets = np.concatenate([[0], np.cumsum(piece_lens)])[first_piece]
     tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(offsets[-1]))
+    mask = np.repeat(np.array(trained, dtype=np.uint8), piece_lens)
     sources = np.array([source_index[record["source"]] for record in records], dtype=np.int16)
-    return Documents(tokens, offsets, prompt_lens, sources)
+    return Documents(tokens, offsets, mask, sources, routes)
 
 
 def fit_to_length(docs: Documents, seq_len: int, truncate: bool) -> tuple[Documents, np.ndarray]:
@@ -189,5 +249,7 @@ def fit_to_length(docs: Documents, seq_len: int, truncate: bool) -> tuple[Docume
     offsets = np.zeros(len(kept) + 1, dtype=np.int64)
     np.cumsum(cut, out=offsets[1:])
     within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], cut)
-    tokens = kept.tokens[np.repeat(kept.offsets[:-1], cut) + within]
-    return Documents(tokens, offsets, kept.prompt_lens, kept.source_ids), reasons
+    gather = np.repeat(kept.offsets[:-1], cut) + within
+    return Documents(
+        kept.tokens[gather], offsets, kept.trained[gather], kept.source_ids, kept.routes
+    ), reasons

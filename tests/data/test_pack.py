@@ -54,7 +54,9 @@ def test_bfd_rejects_documents_longer_than_a_row():
 def make_docs(lengths, prompt_lens, sources):
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = np.arange(offsets[-1], dtype=np.int32) + 1  # token value = flat position + 1
-    return Documents(tokens, offsets, np.array(prompt_lens, np.int32), np.array(sources, np.int16))
+    return Documents.with_prompts(
+        tokens, offsets, np.array(prompt_lens, np.int32), np.array(sources, np.int16)
+    )
 
 
 def test_pack_rows_layout():

@@ -89,7 +89,7 @@ def test_messages_keep_history_and_train_last_turn(tmp_path):
     assert len(records) == 1
     assert (records[0]["instruction"], records[0]["response"]) == ("2+2?", "4")
     assert records[0]["history"] == chat[:3]
-    assert drops.by_source() == {"chat": {"messages_not_user_then_assistant": 1}}
+    assert drops.by_source() == {"chat": {"no_final_assistant_turn": 1}}
 
 
 def test_malformed_json_line_names_file_and_line(tmp_path):

@@ -77,7 +77,7 @@ def write_tiny_data_dir(path: Path, train_rows=48, val_rows=8, seq_len=32, seed=
     for split, rows in (("train", train_rows), ("val", val_rows)):
         lengths = rng.integers(6, seq_len + 1, size=rows * 2)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        docs = Documents(
+        docs = Documents.with_prompts(
             tokens=rng.integers(1, 256, size=int(offsets[-1])).astype(np.int32),
             offsets=offsets,
             prompt_lens=(lengths // 3).astype(np.int32),
