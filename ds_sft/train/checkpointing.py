@@ -403,6 +403,11 @@ def needs_universal(trainer_state: dict, world_size: int) -> bool:
     return trainer_state["world_size"] != world_size and trainer_state["zero_stage"] > 0
 
 
+def with_universal_load(ds_config: dict) -> dict:
+    """``ds_config`` telling the engine to load a universal checkpoint (:func:`convert_to_universal`)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
 def convert_to_universal(tag_dir: Path, device) -> Path:
     """Rank 0 converts ``tag_dir`` to DeepSpeed's universal format in a fresh folder of its own making
     beside it (never one that already exists: ``.universal-XXXX/<tag>/``, where DeepSpeed's
