@@ -263,13 +263,13 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
         compatibility.check_resume(tag_dir, saved, identity)
         universal = checkpointing.needs_universal(saved, world)
         changed = state_transfer.changes(compatibility.saved_identity(saved), identity)
-        if changed:  # another ZeRO stage or precision: load in the checkpoint's own kind of engine
-            kind = {key: saved_value for key, (saved_value, _) in changed.items()}
-            kind = {"zero_stage": s.zero_stage, "precision": s.precision, **kind}
-            carried = state_transfer.load_saved_kind(
+        if changed:  # another ZeRO stage or precision: loaded by an engine of the checkpoint's kind
+            kind = {"zero_stage": s.zero_stage, "precision": s.precision}
+            kind.update({key: old for key, (old, _) in changed.items()})
+            carried, state, rng = state_transfer.load_saved_kind(
                 model, ds_config, s.weight_decay, tag_dir, kind, universal
             )
-            state_transfer.load_weights(model, carried[0])
+            state_transfer.load_weights(model, carried)
         elif universal:
             ds_config = checkpointing.with_universal_load(ds_config)
 
@@ -278,15 +278,13 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
         engine.compile()
     say("parameter groups:\n" + format_group_table(group_table))
     if carried is not None:
-        carried_state, state, rng = carried
-        state_transfer.write_state(engine, carried_state)
+        state_transfer.write_state(engine, carried)
         checkpointing.set_rng_state(rng)
-        sampler.load_state_dict(state["sampler"])
         say(f"resuming {state_transfer.describe(changed)}")
     elif tag_dir is not None:
         state = checkpointing.load(engine, tag_dir, universal=universal)
-        sampler.load_state_dict(state["sampler"])
     if tag_dir is not None:
+        sampler.load_state_dict(state["sampler"])
         say(
             f"resumed from {tag_dir} at step {state['step']}"
             + (

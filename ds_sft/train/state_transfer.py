@@ -108,9 +108,10 @@ def _link_fragments(engine) -> None:
         optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def read_state(engine) -> dict:
+def read_state(engine, moments: bool = True) -> dict:
     """{"step": Adam's step count, "params": {name: {"fp32", "exp_avg", "exp_avg_sq"}}}, full fp32
-    tensors on the CPU, the same on every rank (a collective at ZeRO 1-3: every rank calls it)."""
+    tensors on the CPU, the same on every rank (a collective at ZeRO 1-3: every rank calls it).
+    ``moments=False``: the fp32 master weights only (the final weights of a run)."""
     import torch
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -130,10 +131,12 @@ def read_state(engine) -> dict:
         if masters is not None:
             master = masters[id(param)]
             entry = {"fp32": host(master)}
-            entry.update({key: host(inner.state[master][key]) for key in MOMENTS if steps})
+            entry.update({key: host(inner.state[master][key]) for key in MOMENTS if steps and moments})
         else:
             entry = {"fp32": host(safe_get_full_fp32_param(param))}
-            entry.update({key: host(safe_get_full_optimizer_state(param, key)) for key in MOMENTS if steps})
+            entry.update(
+                {key: host(safe_get_full_optimizer_state(param, key)) for key in MOMENTS if steps and moments}
+            )
         params[name] = entry
     return {"step": int(steps.pop()) if steps else 0, "params": params}
 
