@@ -184,3 +184,34 @@ def test_two_ranks(before, after, data_dir, tmp_path, process_group):
     """Stage and world size change together: a ZeRO 1-3 checkpoint of 2 ranks goes through DeepSpeed's
     universal format into the checkpoint's kind of engine on the new world size, then converts."""
     check(data_dir, tmp_path, before, after)
+
+
+def test_the_conversion_never_unpickles_code(data_dir, tmp_path, process_group):
+    """A resume with another stage loads the checkpoint through the same weights-only unpickler as any
+    resume: a payload planted in its optimizer file (the opcode scan in front of it left out) is
+    refused in one line and never runs; no folder of the conversion is left behind."""
+    import torch
+
+    from ds_sft.errors import UserError
+    from ds_sft.train.checkpointing import STATE_FILE
+    from ds_sft.train.state_transfer import load_saved_kind
+    from tests.train.helpers import ds_config, settings, tiny_model
+
+    from .conftest import Payload
+
+    source = uninterrupted(data_dir, tmp_path.parent, 3, "fp32", 2)  # 2 ranks: the universal path too
+    tag_dir = tmp_path / "checkpoints" / f"step_{K:06d}"
+    shutil.copytree(source / "checkpoints" / tag_dir.name, tag_dir)
+    marker = tmp_path / "payload_ran"
+    victim = sorted(tag_dir.glob("*optim_states.pt"))[0]
+    planted = torch.load(victim, weights_only=False)  # the test's own file
+    planted["optimizer_state_dict"]["payload"] = Payload(marker)
+    torch.save(planted, victim)
+    s = settings(zero_stage=0, precision="fp32")
+    with pytest.raises(UserError) as refused:
+        load_saved_kind(tiny_model(), ds_config(s), s.weight_decay, tag_dir, {"zero_stage": 3,
+                        "precision": "fp32"}, universal=True)  # fmt: skip
+    assert not marker.exists(), "the planted payload ran"
+    assert "\n" not in str(refused.value) and "weights_only" in str(refused.value)
+    assert sorted(p.name for p in tag_dir.parent.iterdir()) == [tag_dir.name]
+    assert (tag_dir / STATE_FILE).is_file()
