@@ -49,9 +49,14 @@ At ZeRO 3, DeepSpeed 0.19.8's universal load shares one Adam step counter among 
 groups and gives every group the first group's weight decay: :func:`repair_zero3_universal_load`
 puts both right, and the continuation then matches the uninterrupted run.
 
+Resuming with another ZeRO stage or precision: DeepSpeed loads a checkpoint only into an engine of
+its own kind, so the checkpoint is loaded into one (by :func:`load`, universal included) and its fp32
+master weights, Adam moments and step are carried by parameter name into the new engine
+(:mod:`ds_sft.train.state_transfer`), bit for bit.
+
 Final weights: :func:`consolidated_state_dict` asks each parameter for its fp32 master copy
-(``safe_get_full_fp32_param``, which gathers ZeRO partitions), falling back to the bf16 optimizer's
-fp32 groups at stage 0 and to the parameter itself in fp32 stage 0, where no master copy exists;
+(``safe_get_full_fp32_param``, which gathers ZeRO partitions), taking the bf16 optimizer's
+fp32 copies at stage 0 and the parameter itself in fp32 stage 0, where no master copy exists;
 DeepSpeed's ``zero_to_fp32`` does not handle stage 0 at all.
 """
 
@@ -403,6 +408,11 @@ def needs_universal(trainer_state: dict, world_size: int) -> bool:
     return trainer_state["world_size"] != world_size and trainer_state["zero_stage"] > 0
 
 
+def with_universal_load(ds_config: dict) -> dict:
+    """``ds_config`` telling the engine to load a universal checkpoint (:func:`convert_to_universal`)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
 def convert_to_universal(tag_dir: Path, device) -> Path:
     """Rank 0 converts ``tag_dir`` to DeepSpeed's universal format in a fresh folder of its own making
     beside it (never one that already exists: ``.universal-XXXX/<tag>/``, where DeepSpeed's
@@ -544,20 +554,8 @@ def repair_zero3_universal_load(zero3_optimizer, universal_dir: Path) -> None:
 
 
 def consolidated_state_dict(engine) -> dict:
-    """Full fp32 weights by parameter name, on every rank (a collective at ZeRO 3)."""
-    import torch
-    from deepspeed.utils import safe_get_full_fp32_param
+    """Full fp32 weights by parameter name, on every rank (a collective at ZeRO 3): the fp32 masters,
+    read as a change of ZeRO stage or precision reads them (:func:`state_transfer.read_state`)."""
+    from ds_sft.train.state_transfer import read_state
 
-    optimizer = engine.optimizer
-    stage0_master = {}
-    if engine.zero_optimization_stage() == 0 and hasattr(optimizer, "fp32_groups"):
-        for low, master in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
-            stage0_master.update({id(p): m for p, m in zip(low, master, strict=True)})
-    state = {}
-    for name, param in engine.module.named_parameters():
-        if engine.zero_optimization_stage() > 0:
-            full = safe_get_full_fp32_param(param)
-        else:
-            full = stage0_master.get(id(param), param)
-        state[name] = full.detach().to(device="cpu", dtype=torch.float32).clone()
-    return state
+    return {name: entry["fp32"] for name, entry in read_state(engine, moments=False)["params"].items()}

@@ -18,7 +18,7 @@ from ds_sft.errors import UserError
 
 # Keys that may differ between the checkpoint and the resumed run (elastic resume adds those it makes
 # exact). Every other key of run_identity must be equal.
-RESUMABLE: frozenset[str] = frozenset()
+RESUMABLE: frozenset[str] = frozenset({"zero_stage", "precision"})
 
 # How to resume when a key differs: the flag that puts it back, formatted with the saved value.
 HOW_TO_RESUME = {

@@ -39,7 +39,7 @@ from pathlib import Path
 from ds_sft.data.val_sample import stratified_rows, trained_tokens_by_source
 from ds_sft.errors import UserError
 from ds_sft.labels import IGNORE_INDEX
-from ds_sft.train import checkpointing, compatibility
+from ds_sft.train import checkpointing, compatibility, state_transfer
 from ds_sft.train.distributed import all_reduce_sum, any_rank
 from ds_sft.train.engine import build_engine
 from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration, peak_flops
@@ -257,23 +257,33 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
     tag_dir = checkpointing.find_checkpoint(s.resume, run_dir)
     identity = compatibility.run_identity(s, model, train_set, world)
     state = fresh_state()
-    universal = False
+    universal, changed, carried = False, {}, None
     if tag_dir is not None:
         saved = checkpointing.read_trainer_state(tag_dir)
         compatibility.check_resume(tag_dir, saved, identity)
         universal = checkpointing.needs_universal(saved, world)
-        if universal:
-            ds_config = {
-                **ds_config,
-                "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True},
-            }
+        changed = state_transfer.changes(compatibility.saved_identity(saved), identity)
+        if changed:  # another ZeRO stage or precision: loaded by an engine of the checkpoint's kind
+            kind = {"zero_stage": s.zero_stage, "precision": s.precision}
+            kind.update({key: old for key, (old, _) in changed.items()})
+            carried, state, rng = state_transfer.load_saved_kind(
+                model, ds_config, s.weight_decay, tag_dir, kind, universal
+            )
+            state_transfer.load_weights(model, carried)
+        elif universal:
+            ds_config = checkpointing.with_universal_load(ds_config)
 
     engine, group_table = build_engine(model, ds_config, s.weight_decay)
     if s.compile:
         engine.compile()
     say("parameter groups:\n" + format_group_table(group_table))
-    if tag_dir is not None:
+    if carried is not None:
+        state_transfer.write_state(engine, carried)
+        checkpointing.set_rng_state(rng)
+        say(f"resuming {state_transfer.describe(changed)}")
+    elif tag_dir is not None:
         state = checkpointing.load(engine, tag_dir, universal=universal)
+    if tag_dir is not None:
         sampler.load_state_dict(state["sampler"])
         say(
             f"resumed from {tag_dir} at step {state['step']}"
