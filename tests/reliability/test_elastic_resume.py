@@ -18,7 +18,6 @@ them); the rest of the matrix and the 4 -> 2 -> 1 -> 3 sequences are ``slow``.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -94,7 +93,9 @@ def launch(shape: Shape, flags: list[str]) -> str:
         results = run_two_nodes(["--module", *module[1:]], timeout=900, slots=2,
                                 env={key: env[key] for key in keep})  # fmt: skip
         for rank, result in enumerate(results):
-            assert result.returncode == 0, f"node {rank} failed:\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
+            output = result.stdout + result.stderr
+            assert result.returncode == 0, f"node {rank} failed:\n{output[-4000:]}"
+            assert f"nnodes=2, num_local_procs=2, node_rank={rank}" in output
         return "".join(result.stdout + result.stderr for result in results)
     if shape.ranks > 1:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -108,11 +109,12 @@ def launch(shape: Shape, flags: list[str]) -> str:
     return done.stdout + done.stderr
 
 
-def train(shape: Shape, data_dir: Path, out_dir: Path, resume: Path | None = None, *extra: str) -> str:
+def train(
+    shape: Shape, data_dir: Path, out_dir: Path, resume: Path | None = None, save_interval: int = 1
+) -> str:
     """Train ``shape`` to :data:`STEPS` in ``out_dir``; from the checkpoint ``resume`` (a tag folder,
     copied in alone, as a new job would find it) when given."""
-    save_interval = 1 if resume is None else STEPS
-    flags = common_flags(data_dir, out_dir, save_interval) + shape.flags() + list(extra)
+    flags = common_flags(data_dir, out_dir, save_interval) + shape.flags()
     if resume is not None:
         shutil.copytree(resume, out_dir / "checkpoints" / resume.name)
         (out_dir / "checkpoints" / "latest").write_text(resume.name)
@@ -170,7 +172,7 @@ def record(name: str, loss: float, weight: float) -> None:
 
 
 def check_resumed(reference_run: Path, first: Shape, then: Shape, out: Path, data_dir: Path) -> None:
-    output = train(then, data_dir, out, reference_run / "checkpoints" / tag(CHANGE_AT))
+    output = train(then, data_dir, out, reference_run / "checkpoints" / tag(CHANGE_AT), save_interval=STEPS)
     assert f"resumed from {out / 'checkpoints' / tag(CHANGE_AT)} at step {CHANGE_AT}" in output
     loss, weight = max_differences(reference_run, out, range(CHANGE_AT + 1, STEPS + 1))
     record(f"{first} -> {then}", loss, weight)
@@ -187,13 +189,14 @@ slow = pytest.mark.slow
 CELLS = [
     # world size, at each stage
     (S(2, 0), S(1, 0, micro=4)),
-    (S(2, 1), S(1, 1, micro=6)),
-    (S(1, 2, micro=4), S(2, 2)),
+    pytest.param(S(2, 1), S(1, 1, micro=6), marks=slow),
+    pytest.param(S(1, 2, micro=4), S(2, 2), marks=slow),
     (S(2, 3), S(1, 3, micro=3)),
     pytest.param(S(4, 2), S(1, 2, micro=6), marks=slow),
     pytest.param(S(1, 3), S(4, 3), marks=slow),
     pytest.param(S(4, 1), S(3, 1, micro=2), marks=slow),
-    # bf16 world size
+    # bf16 world size (and, for scale, a bf16 resume on the same shape)
+    pytest.param(S(1, 2, "bf16", micro=4), S(1, 2, "bf16", micro=4), marks=slow),
     (S(2, 2, "bf16"), S(1, 2, "bf16", micro=6)),
     pytest.param(S(1, 0, "bf16"), S(2, 0, "bf16"), marks=slow),
     pytest.param(S(1, 1, "bf16"), S(4, 1, "bf16"), marks=slow),
@@ -217,3 +220,35 @@ CELLS = [
 @pytest.mark.parametrize(("first", "then"), CELLS, ids=lambda shape: str(shape))
 def test_resume_on_another_shape_continues_the_uninterrupted_run(first, then, reference, data_dir, tmp_path):
     check_resumed(reference(first), first, then, tmp_path / "resumed", data_dir)
+
+
+# 4 -> 2 -> 1 -> 3 ranks: a resume at steps 3, 5 and 7, each from the checkpoint the previous shape wrote.
+SEQUENCE = (4, 2, 1, 3)
+SWITCH_AT = (3, 5, 7)
+
+
+@pytest.mark.parametrize(
+    ("stage", "precision"),
+    [(2, "fp32")] + [pytest.param(*cell, marks=slow) for cell in [(0, "fp32"), (1, "fp32"), (3, "fp32"),
+                                                                   (0, "bf16"), (2, "bf16"), (3, "bf16")]],
+)  # fmt: skip
+def test_a_sequence_of_world_sizes_continues_the_uninterrupted_run(
+    stage, precision, reference, data_dir, tmp_path
+):
+    shapes = [Shape(ranks, stage, precision, GLOBAL_BATCH // (ranks * 3) or 1) for ranks in SEQUENCE]
+    runs = [reference(shapes[0])]
+    for shape, step in zip(shapes[1:], SWITCH_AT, strict=True):
+        runs.append(tmp_path / f"{len(runs)}-{shape}")
+        train(shape, data_dir, runs[-1], runs[-2] / "checkpoints" / tag(step))
+    # the steps each segment trained before the next one took over, the last one's weights
+    ends = (*SWITCH_AT[1:], STEPS)
+    want = trajectory(runs[0])
+    got = {s: trajectory(run)[s] for run, start, end in zip(runs[1:], SWITCH_AT, ends, strict=True)
+           for s in range(start + 1, end + 1)}  # fmt: skip
+    assert sorted(got) == list(range(SWITCH_AT[0] + 1, STEPS + 1))
+    loss = max(abs(got[s] - want[s]) for s in got)
+    a, b = final_weights(runs[0]), final_weights(runs[-1])
+    weight = max(float((a[name] - b[name]).abs().max()) for name in a)
+    record(" -> ".join(map(str, shapes)), loss, weight)
+    loss_tol, weight_tol = tolerances(*shapes)
+    assert loss <= loss_tol and weight <= weight_tol, (loss, weight)
