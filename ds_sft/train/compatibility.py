@@ -6,11 +6,12 @@ its ids must fit the embedding and its rows the model's positions (:mod:`ds_sft.
 A resume: every checkpoint records :func:`run_identity`, the settings that fix what the next step
 computes (seed, ZeRO stage, precision, fp8, micro-batch, global batch, data, tokenizer, model). On
 ``--resume`` the saved table is compared key by key with the one this run would write. A key in
-:data:`RESUMABLE` may change and the run continues exactly (the uninterrupted run's steps, up to
-summation order); a key the user names with ``--allow_change`` may change and the run continues
-from the same step and the same position of the data stream, but it is another run from there on;
-any other difference is refused in one line naming the saved and the new value. Every change let
-through is printed and kept in the trainer state, ``metrics.jsonl`` and the report: nothing silent.
+:data:`RESUMABLE` may change and the run continues as if uninterrupted (exactly, up to summation
+order, or within a stated tolerance where the arithmetic itself changes); a key the user names with
+``--allow_change`` may change and the run goes on from the same step and the same position of the
+data stream, but it is another run from there on; any other difference is refused in one line
+naming the saved and the new value. Every change let through is printed and kept in the trainer
+state, ``metrics.jsonl`` and the report: nothing silent.
 
 World size is not a key: at the same global batch it resumes exactly (the sampler's cursor counts
 global samples, and ``checkpointing.needs_universal`` re-partitions the optimizer), so ``grad_accum``
@@ -103,8 +104,8 @@ def check_resume(tag_dir, trainer_state: dict, now: dict, allow=(), model=None) 
     """Refuse to resume ``tag_dir`` when the run differs from the one that saved it (one line), except
     in :data:`RESUMABLE` keys and the keys of ``allow`` (``--allow_change``).
 
-    Returns the changes let through, each ``{"key", "saved", "now", "how"}`` with ``how`` "exact"
-    (:data:`RESUMABLE`) or "allowed". ``model``: this run's model, whose weights must have the
+    Returns the changes let through, each ``{"key", "saved", "now", "how"}`` with ``how``
+    "resumable" (:data:`RESUMABLE`) or "allowed". ``model``: this run's model, whose weights must have the
     checkpoint's names and shapes for an allowed model change (the engine loads them as they are)."""
     saved = saved_identity(trainer_state)
     changed = differences(saved, now, RESUMABLE | set(allow))
@@ -118,7 +119,7 @@ def check_resume(tag_dir, trainer_state: dict, now: dict, allow=(), model=None) 
             "in the run's report); or start a new run with another --out_dir"
         )
     changes = [
-        {"key": key, "saved": saved[key], "now": value, "how": "exact" if key in RESUMABLE else "allowed"}
+        {"key": key, "saved": saved[key], "now": value, "how": "resumable" if key in RESUMABLE else "allowed"}
         for key, value in now.items()
         if key in saved and saved[key] != value
     ]
@@ -151,8 +152,8 @@ def check_same_weights(tag_dir, saved_config: dict, model) -> None:
 
 def describe(change: dict) -> str:
     """The line printed at resume (and kept in the report) for one change let through."""
-    if change["how"] == "exact":
-        why = "exact: the same global batch, split otherwise"
+    if change["how"] == "resumable":
+        why = "resumable: the checkpoint's state carries over, no flag needed"
     else:
         why = "allowed by --allow_change: the run goes on from the same step and data position, not exactly"
     return f"{show(change['key'], change['saved'], change['now'])} ({why})"
@@ -167,7 +168,7 @@ def recorded_changes(trainer_state: dict, tag_dir) -> list[dict]:
         and set(c) == {"step", "key", "saved", "now", "how"}
         and isinstance(c["step"], int)
         and c["key"] in IDENTITY_KEYS
-        and c["how"] in ("exact", "allowed")
+        and c["how"] in ("resumable", "allowed")
         for c in changes
     )
     if not fine:

@@ -65,7 +65,7 @@ OPTIONS: dict[str, tuple] = {
     "save_interval": (50, Int(1, INT32_MAX)),
     "keep_last": (2, Int(1, 10**6)),
     "resume": (None, Text()),
-    "allow_change": (None, Names(*IDENTITY_KEYS)),  # keys of the run identity a resume may change (None: none)
+    "allow_change": (None, Names(*IDENTITY_KEYS)),  # run identity keys a resume may change
     "wandb_project": (None, Text()),
     "wandb_mode": (None, Choice("offline", "online", "disabled")),
     "alarm_rising_evals": (3, Int(1, INT32_MAX)),

@@ -163,11 +163,12 @@ def test_a_new_world_size_at_the_same_global_batch_is_no_difference():
 def test_only_recorded_keys_are_compared_and_allowed_keys_may_change():
     now = compatibility.run_identity(settings(), tiny_model(), TinyPacked(2, 0), world_size=1)
     older_checkpoint = {"step": 4, "world_size": 1, "zero_stage": 3}  # saved before the table existed
-    assert compatibility.differences(compatibility.saved_identity(older_checkpoint), now) == {
+    assert compatibility.differences(compatibility.saved_identity(older_checkpoint), now, set()) == {
         "zero_stage": (3, 2)
     }
     saved = {**now, "seed": 5, "precision": "bf16"}
-    assert set(compatibility.differences(saved, now)) == {"seed", "precision"}
+    assert set(compatibility.differences(saved, now)) == {"seed", "precision"} - compatibility.RESUMABLE
+    assert set(compatibility.differences(saved, now, set())) == {"seed", "precision"}
     assert set(compatibility.differences(saved, now, allowed={"seed"})) == {"precision"}
 
 
@@ -182,10 +183,10 @@ def test_a_new_micro_batch_at_the_same_global_batch_resumes_without_a_flag(
     shutil.copytree(saved_run, run)
     assert train(parts.data_a, parts.bare, run, "--resume", "--micro_batch_size", "4", "--grad_accum", "1",
                  max_iters=3) == 0  # fmt: skip
-    assert "resume changes micro_batch_size 2 -> 4 (exact" in capsys.readouterr().out
+    assert "resume changes micro_batch_size 2 -> 4 (resumable" in capsys.readouterr().out
     (change,) = records(run, "change")
     assert change | {"message": None} == {"type": "change", "step": 2, "key": "micro_batch_size", "saved": 2,
-                                          "now": 4, "how": "exact", "message": None}  # fmt: skip
+                                          "now": 4, "how": "resumable", "message": None}  # fmt: skip
 
 
 # Changes an --allow_change lets through, with the other keys they change: other data of another
