@@ -198,10 +198,13 @@ ALLOWED = {
     "seq_len": {"seq_len", "data"},
     "tokenizer": {"tokenizer", "data"},
     "model": {"model"},
+    "fp8": {"fp8"},
 }
 
 
-@pytest.mark.parametrize("key", ALLOWED)
+@pytest.mark.parametrize(
+    "key", [pytest.param(key, marks=pytest.mark.slow) if key == "fp8" else key for key in ALLOWED]
+)  # fp8 torch on CPU: a minute of dequantized matmuls
 def test_allow_change_resumes_and_records_the_change(parts, saved_run, key, tmp_path, capsys, dist_env):
     flags, swap = changes(parts)[key]
     swap = {"base": parts.bare_theta} if key == "model" else swap  # n_layers would change the weights
