@@ -39,10 +39,13 @@ CHANGE_AT = 3  # the step whose checkpoint is resumed on the new shape
 STEPS = CHANGE_AT + 10  # 10 steps compared after the change
 FP32_LOSS_TOL = 1e-6
 FP32_WEIGHT_TOL = 1e-6
-# bf16: measured (see the report of this change), the largest differences over the matrix were
-# ... set below from measurement.
-BF16_LOSS_TOL = 5e-3
-BF16_WEIGHT_TOL = 5e-3
+# bf16: a resume on the same shape is bit-exact (measured: 0, a cell below); another split of the same
+# rows (ranks or micro-batches) rounds the bf16 gradients differently, and two *uninterrupted* bf16
+# runs on two shapes differ by as much (test_bf16_tolerance_is_what_a_shape_costs_without_any_resume).
+# Measured over the matrix on the tiny preset (2026-12-01): <= 1.0e-4 in the loss, <= 1.1e-4 in the
+# weights after 10 steps; the tolerance leaves a factor of ~10 for other machines' kernels.
+BF16_LOSS_TOL = 1e-3
+BF16_WEIGHT_TOL = 1e-3
 
 
 @dataclass(frozen=True)
