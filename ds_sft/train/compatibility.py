@@ -23,7 +23,7 @@ trained tokens over all ranks, however they are split into micro-batches.
 from __future__ import annotations
 
 from ds_sft.data.model_match import check_model_fits, check_tokenizer, data_tokenizer_identity
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, first_line
 
 # Keys that may differ between the checkpoint and the resumed run and still give the uninterrupted
 # run's steps. Every other key of run_identity must be equal, unless --allow_change names it.
@@ -136,9 +136,16 @@ def check_same_weights(tag_dir, saved_config: dict, model) -> None:
     from ds_sft.model.config import ModelConfig
     from ds_sft.model.llama import LlamaModel
 
-    with torch.device("meta"):
-        before = LlamaModel(ModelConfig.from_dict(saved_config))
-    shapes = [{name: tuple(p.shape) for name, p in m.state_dict().items()} for m in (before, model)]
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init
+            before = LlamaModel(ModelConfig.from_dict(saved_config))
+    except (TypeError, ValueError) as err:
+        message = (
+            f"the model config saved in {tag_dir} is malformed ({first_line(err)}): pass another checkpoint"
+        )
+        raise UserError(message) from None
+    # parameters, not buffers: fp8 scaling state and RoPE tables are not weights
+    shapes = [{name: tuple(p.shape) for name, p in m.named_parameters()} for m in (before, model)]
     if shapes[0] != shapes[1]:
         name = next(
             n for n in sorted(shapes[0].keys() | shapes[1].keys()) if shapes[0].get(n) != shapes[1].get(n)

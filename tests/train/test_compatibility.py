@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from ds_sft.cli import main
+from ds_sft.errors import UserError
 from ds_sft.train import compatibility
 from tests.data.match_helpers import prepare, tiny_model_dir, two_tokenizers
 from tests.train.helpers import TinyPacked, settings, tiny_model
@@ -265,3 +266,50 @@ def test_allow_change_of_an_unknown_key_lists_the_keys(value, capsys):
     line = capsys.readouterr().err.strip()
     assert "\n" not in line and "argument --allow_change:" in line and "'nonsense'" in line
     assert all(key in line for key in compatibility.IDENTITY_KEYS)
+
+
+def test_check_resume_lets_through_resumable_and_allowed_keys_and_names_the_rest():
+    now = compatibility.run_identity(settings(), tiny_model(), TinyPacked(2, 0), world_size=1)
+    saved = {**now, "micro_batch_size": 1, "seed": 5, "global_batch": 2}
+    state = {"zero_stage": now["zero_stage"], "run": saved}
+    with pytest.raises(UserError) as refused:
+        compatibility.check_resume("CKPT", state, now, allow=["seed"])
+    line = str(refused.value)
+    assert "global_batch 2 -> 4" in line and "--allow_change global_batch " in line and "seed 5" not in line
+    changes = compatibility.check_resume("CKPT", state, now, allow=["seed", "global_batch"])
+    assert changes == [
+        {"key": "seed", "saved": 5, "now": now["seed"], "how": "allowed"},
+        {"key": "micro_batch_size", "saved": 1, "now": 2, "how": "resumable"},
+        {"key": "global_batch", "saved": 2, "now": 4, "how": "allowed"},
+    ]
+    assert (
+        compatibility.check_resume("CKPT", {"run": now}, now, allow=list(compatibility.IDENTITY_KEYS)) == []
+    )
+
+
+def test_an_allowed_model_change_must_keep_every_weight_shape():
+    model = tiny_model()
+    config = {
+        k: v for k, v in model.config.architecture().items() if k not in compatibility.NOT_COMPARED_FIELDS
+    }
+    compatibility.check_same_weights("CKPT", {**config, "rope_theta": 5e5}, model)  # same shapes: fine
+    for change in ({"n_layers": config["n_layers"] + 1}, {"ffn_hidden": 8}, {"tie_embeddings": False}):
+        with pytest.raises(UserError, match="do not fit this model"):
+            compatibility.check_same_weights("CKPT", {**config, **change}, model)
+    with pytest.raises(UserError, match="malformed"):
+        compatibility.check_same_weights("CKPT", {**config, "n_heads": "four"}, model)
+
+
+GOOD_CHANGE = {"step": 3, "key": "seed", "saved": 1, "now": 2, "how": "allowed"}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, [1], [{**GOOD_CHANGE, "key": "lr"}], [{**GOOD_CHANGE, "how": "silent"}],
+     [{**GOOD_CHANGE, "step": "3"}], [{k: v for k, v in GOOD_CHANGE.items() if k != "now"}]],
+)  # fmt: skip
+def test_recorded_changes_are_checked_before_they_are_carried_on(changes):
+    assert compatibility.recorded_changes({}, "CKPT") == []  # a checkpoint from before the records
+    assert compatibility.recorded_changes({"changes": [GOOD_CHANGE]}, "CKPT") == [GOOD_CHANGE]
+    with pytest.raises(UserError, match="malformed changes"):
+        compatibility.recorded_changes({"changes": changes}, "CKPT")
