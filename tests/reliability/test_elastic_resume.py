@@ -41,9 +41,10 @@ FP32_LOSS_TOL = 1e-6
 FP32_WEIGHT_TOL = 1e-6
 # bf16: a resume on the same shape is bit-exact (measured: 0, a cell below); another split of the same
 # rows (ranks or micro-batches) rounds the bf16 gradients differently, and two *uninterrupted* bf16
-# runs on two shapes differ by as much (test_bf16_tolerance_is_what_a_shape_costs_without_any_resume).
-# Measured over the matrix on the tiny preset (2026-12-01): <= 1.0e-4 in the loss, <= 1.1e-4 in the
-# weights after 10 steps; the tolerance leaves a factor of ~10 for other machines' kernels.
+# runs on two shapes differ by more (test_bf16_tolerance_is_what_a_shape_costs_without_any_resume:
+# 1.2e-4 loss, 1.5e-3 weights). Measured over the matrix on the tiny preset (2026-12-01): <= 1.0e-4
+# in the loss, <= 1.1e-4 in the weights after 10 steps (a precision change, fp32 <-> bf16: 1.5e-4,
+# 1.6e-4); the tolerance leaves a factor of ~6 for other machines' kernels.
 BF16_LOSS_TOL = 1e-3
 BF16_WEIGHT_TOL = 1e-3
 
@@ -174,13 +175,16 @@ def record(name: str, loss: float, weight: float) -> None:
     print(f"elastic {name}: max loss difference {loss:.3g}, max weight difference {weight:.3g}")
 
 
-def check_resumed(reference_run: Path, first: Shape, then: Shape, out: Path, data_dir: Path) -> None:
+def check_resumed(
+    reference_run: Path, first: Shape, then: Shape, out: Path, data_dir: Path
+) -> tuple[float, float]:
     output = train(then, data_dir, out, reference_run / "checkpoints" / tag(CHANGE_AT), save_interval=STEPS)
     assert f"resumed from {out / 'checkpoints' / tag(CHANGE_AT)} at step {CHANGE_AT}" in output
     loss, weight = max_differences(reference_run, out, range(CHANGE_AT + 1, STEPS + 1))
     record(f"{first} -> {then}", loss, weight)
     loss_tol, weight_tol = tolerances(first, then)
     assert loss <= loss_tol and weight <= weight_tol, (loss, weight)
+    return loss, weight
 
 
 def S(ranks, stage, precision="fp32", micro=1) -> Shape:
@@ -259,13 +263,14 @@ def test_a_sequence_of_world_sizes_continues_the_uninterrupted_run(
 
 @slow
 def test_bf16_tolerance_is_what_a_shape_costs_without_any_resume(reference, data_dir, tmp_path):
-    """Where the bf16 tolerance comes from: two *uninterrupted* bf16 runs on two shapes already differ
-    by about as much as a resume from one shape to the other (bf16 rounds the reduced gradients
-    differently with another split); a bf16 resume on the same shape is bit-exact (a cell above)."""
+    """Where the bf16 tolerance comes from: an *uninterrupted* bf16 run on the new shape differs from the
+    reference at least as much as the resumed one does (bf16 rounds another split of the same rows
+    differently; the resume itself adds nothing: on the same shape it is bit-exact, a cell above).
+    Measured: uninterrupted 1.2e-4 (loss) and 1.5e-3 (weights), resumed 9.9e-5 and 1.0e-4."""
     first, then = S(2, 2, "bf16"), S(1, 2, "bf16", micro=6)
     alone = tmp_path / "uninterrupted"
     train(then, data_dir, alone, save_interval=STEPS)
-    check_resumed(reference(first), first, then, tmp_path / "resumed", data_dir)
-    loss, weight = max_differences(reference(first), alone, range(CHANGE_AT + 1, STEPS + 1))
-    record(f"uninterrupted {first} vs {then}", loss, weight)
-    assert loss <= BF16_LOSS_TOL and weight <= BF16_WEIGHT_TOL
+    resumed = check_resumed(reference(first), first, then, tmp_path / "resumed", data_dir)
+    uninterrupted = max_differences(reference(first), alone, range(CHANGE_AT + 1, STEPS + 1))
+    record(f"uninterrupted {first} vs {then}", *uninterrupted)
+    assert resumed[0] <= 2 * uninterrupted[0] and resumed[1] <= 2 * uninterrupted[1], (resumed, uninterrupted)
