@@ -150,6 +150,31 @@ class Choice(Domain):
 
 
 @dataclass(frozen=True, repr=False)
+class Names(Domain):
+    """Some of a few named values: ``a,b`` on the command line (a repeated flag adds more), a list of
+    names in JSON. The value is the list of names, each once, in the order given."""
+
+    values: tuple
+
+    def __init__(self, *values):
+        object.__setattr__(self, "values", values)
+
+    def describe(self) -> str:
+        return "names separated by commas, each one of " + ", ".join(map(str, self.values))
+
+    def parse(self, text: str):
+        return [name.strip() for name in text.split(",") if name.strip()]
+
+    def check(self, value):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise self.refuse(value)
+        unknown = [name for name in value if name not in self.values]
+        if unknown:
+            raise OutOfDomain(f"must be {self.describe()}, got {_show(unknown[0])}")
+        return list(dict.fromkeys(value))
+
+
+@dataclass(frozen=True, repr=False)
 class Text(Domain):
     """A non-empty string without NUL bytes (a path or a name: whether it exists is checked where it
     is used; no path can hold a NUL)."""

@@ -11,7 +11,10 @@ ranks). Position ``p`` of the stream is dataset index ``perm[p // n][p % n]``.
 - An optimizer step with ``micro_batch`` rows per rank and ``grad_accum`` micro-steps consumes
   ``global_batch = micro_batch * grad_accum * W`` positions. Step ``k`` covers positions
   ``[k * global_batch, (k + 1) * global_batch)`` (counted from where the sampler started), so
-  2 ranks x 4 accumulation steps and 1 rank x 8 see the same rows in every step.
+  2 ranks x 4 accumulation steps, 1 rank x 8 and 1 rank x 2 micro-batches of 4 see the same rows
+  in every step: a resume may change world size, micro-batch and accumulation freely as long as the
+  global batch stays. A resume that changes the global batch (allowed by ``--allow_change``) goes on
+  from the same position with steps of the new size: no row is skipped or repeated.
 
 Trainer API (see :meth:`ResumableSampler.step_indices`)::
 
@@ -107,8 +110,10 @@ class ResumableSampler:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed_samples": self.consumed_samples, "seed": self.seed}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seed", self.seed) != self.seed:
+    def load_state_dict(self, state: dict, reseed: bool = False) -> None:
+        """Continue from ``state``'s position of the stream. Its seed must be this sampler's, unless
+        ``reseed`` (an allowed seed change): then the position is kept and the order is this seed's."""
+        if not reseed and state.get("seed", self.seed) != self.seed:
             raise ValueError(
                 f"sampler state has seed {state['seed']}, this sampler {self.seed}: orders would differ"
             )

@@ -140,6 +140,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue a run: alone, from OUT_DIR/checkpoints/latest (fresh start when there is "
         "none); or from the given checkpoint directory",
     )
+    flag(
+        ck,
+        "--allow_change",
+        "with --resume: continue although these keys of the run differ from the checkpoint's (repeat the "
+        "flag or separate by commas; keys: " + ", ".join(OPTIONS["allow_change"][1].values) + "); the run "
+        "goes on from the same step and data position, prints each change and records it in its report. "
+        "A new world size, or micro-batch at the same global batch, needs no flag: it resumes exactly",
+        action="extend",
+        type=OPTIONS["allow_change"][1],
+        metavar="KEY[,KEY]",
+    )
     ck.add_argument(
         "--overwrite",
         action="store_true",

@@ -5,20 +5,30 @@ its ids must fit the embedding and its rows the model's positions (:mod:`ds_sft.
 
 A resume: every checkpoint records :func:`run_identity`, the settings that fix what the next step
 computes (seed, ZeRO stage, precision, fp8, micro-batch, global batch, data, tokenizer, model). On
-``--resume`` the saved table is compared key by key with the one this run would write; a key that
-differs is refused in one line naming the saved and the new value, unless it is in :data:`RESUMABLE`.
-World size is not a key: at the same global batch it resumes exactly (see
-``checkpointing.needs_universal``), so ``grad_accum`` is not one either, only the global batch it makes.
+``--resume`` the saved table is compared key by key with the one this run would write. A key in
+:data:`RESUMABLE` may change and the run continues as if uninterrupted (exactly, up to summation
+order, or within a stated tolerance where the arithmetic itself changes); a key the user names with
+``--allow_change`` may change and the run goes on from the same step and the same position of the
+data stream, but it is another run from there on; any other difference is refused in one line
+naming the saved and the new value. Every change let through is printed and kept in the trainer
+state, ``metrics.jsonl`` and the report: nothing silent.
+
+World size is not a key: at the same global batch it resumes exactly (the sampler's cursor counts
+global samples, and ``checkpointing.needs_universal`` re-partitions the optimizer), so ``grad_accum``
+is not one either, only the global batch it makes. For the same reason the micro-batch may change
+when the global batch stays: each step reads the same rows, and the loss is normalized by the step's
+trained tokens over all ranks, however they are split into micro-batches.
 """
 
 from __future__ import annotations
 
 from ds_sft.data.model_match import check_model_fits, check_tokenizer, data_tokenizer_identity
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, first_line
 
-# Keys that may differ between the checkpoint and the resumed run (elastic resume adds those it makes
-# exact). Every other key of run_identity must be equal.
-RESUMABLE: frozenset[str] = frozenset({"zero_stage", "precision"})
+# Keys that may differ between the checkpoint and the resumed run and still continue the uninterrupted
+# run (exactly, or within the tolerance its tests state). Every other key of run_identity must be equal,
+# unless --allow_change names it.
+RESUMABLE: frozenset[str] = frozenset({"micro_batch_size", "zero_stage", "precision"})
 
 # How to resume when a key differs: the flag that puts it back, formatted with the saved value.
 HOW_TO_RESUME = {
@@ -33,6 +43,9 @@ HOW_TO_RESUME = {
     "tokenizer": "pass data prepared with the run's tokenizer",
     "model": "pass the --model or --base_model the run was started with",
 }
+
+# The keys of run_identity, in its order: what --allow_change accepts.
+IDENTITY_KEYS = tuple(HOW_TO_RESUME)
 
 # The init does not change what a resumed step computes (a checkpoint's weights replace it); the run
 # settings (kernels, activation checkpointing) are not part of the model's architecture at all.
@@ -88,14 +101,86 @@ def show(key: str, saved, now) -> str:
     return f"{key} {short[0]} -> {short[1]}"
 
 
-def check_resume(tag_dir, trainer_state: dict, now: dict, allowed=RESUMABLE) -> None:
-    """Refuse to resume ``tag_dir`` when the run differs from the one that saved it (one line)."""
-    changed = differences(saved_identity(trainer_state), now, allowed)
+def check_resume(tag_dir, trainer_state: dict, now: dict, allow=(), model=None) -> list[dict]:
+    """Refuse to resume ``tag_dir`` when the run differs from the one that saved it (one line), except
+    in :data:`RESUMABLE` keys and the keys of ``allow`` (``--allow_change``).
+
+    Returns the changes let through, each ``{"key", "saved", "now", "how"}`` with ``how``
+    "resumable" (:data:`RESUMABLE`) or "allowed". ``model``: this run's model, whose weights must have the
+    checkpoint's names and shapes for an allowed model change (the engine loads them as they are)."""
+    saved = saved_identity(trainer_state)
+    changed = differences(saved, now, RESUMABLE | set(allow))
     if changed:
         what = "; ".join(show(key, *values) for key, values in changed.items())
         fixes = (HOW_TO_RESUME[key].format(saved=saved) for key, (saved, _) in changed.items())
         how = "; ".join(dict.fromkeys(fixes))  # data and seq_len share a fix: say it once
         raise UserError(
             f"--resume {tag_dir}: this run differs from the checkpoint's (saved -> now: {what}); to resume, "
-            f"{how}; or start a new run with another --out_dir"
+            f"{how}; or continue with the change by --allow_change {','.join(changed)} (not exact: recorded "
+            "in the run's report); or start a new run with another --out_dir"
         )
+    changes = [
+        {"key": key, "saved": saved[key], "now": value, "how": "resumable" if key in RESUMABLE else "allowed"}
+        for key, value in now.items()
+        if key in saved and saved[key] != value
+    ]
+    if model is not None and any(change["key"] == "model" for change in changes):
+        check_same_weights(tag_dir, saved["model"], model)
+    return changes
+
+
+def check_same_weights(tag_dir, saved_config: dict, model) -> None:
+    """An allowed model change must keep every weight's name and shape (rope_theta, max_seq_len, ...):
+    the checkpoint's tensors are loaded as they are."""
+    import torch
+
+    from ds_sft.model.config import ModelConfig
+    from ds_sft.model.llama import LlamaModel
+
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init
+            before = LlamaModel(ModelConfig.from_dict(saved_config))
+    except (TypeError, ValueError) as err:
+        message = (
+            f"the model config saved in {tag_dir} is malformed ({first_line(err)}): pass another checkpoint"
+        )
+        raise UserError(message) from None
+    # parameters, not buffers: fp8 scaling state and RoPE tables are not weights
+    shapes = [{name: tuple(p.shape) for name, p in m.named_parameters()} for m in (before, model)]
+    if shapes[0] != shapes[1]:
+        name = next(
+            n for n in sorted(shapes[0].keys() | shapes[1].keys()) if shapes[0].get(n) != shapes[1].get(n)
+        )
+        raise UserError(
+            f"--allow_change model: the weights of {tag_dir} do not fit this model ({name}: "
+            f"{shapes[0].get(name, 'absent')} saved, {shapes[1].get(name, 'absent')} now); only a change "
+            "that keeps every weight's shape can continue a run: start a new run with --base_model instead"
+        )
+
+
+def describe(change: dict) -> str:
+    """The line printed at resume (and kept in the report) for one change let through."""
+    if change["how"] == "resumable":
+        why = "resumable: the checkpoint's state carries over, no flag needed"
+    else:
+        why = "allowed by --allow_change: the run goes on from the same step and data position, not exactly"
+    return f"{show(change['key'], change['saved'], change['now'])} ({why})"
+
+
+def recorded_changes(trainer_state: dict, tag_dir) -> list[dict]:
+    """The changes earlier resumes recorded in a trainer state (none in older checkpoints), checked
+    before they are carried on: ``[{"step", "key", "saved", "now", "how"}]``."""
+    changes = trainer_state.get("changes", [])
+    fine = isinstance(changes, list) and all(
+        isinstance(c, dict)
+        and set(c) == {"step", "key", "saved", "now", "how"}
+        and isinstance(c["step"], int)
+        and c["key"] in IDENTITY_KEYS
+        and c["how"] in ("resumable", "allowed")
+        for c in changes
+    )
+    if not fine:
+        raise UserError(
+            f"the trainer state saved in {tag_dir} has malformed changes: pass another checkpoint"
+        )
+    return changes

@@ -31,7 +31,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ds_sft.errors import UserError
-from ds_sft.options import INT32_MAX, INT64_MAX, Bool, Choice, Float, Int, OutOfDomain, Pair, Text
+from ds_sft.options import INT32_MAX, INT64_MAX, Bool, Choice, Float, Int, Names, OutOfDomain, Pair, Text
+from ds_sft.train.compatibility import IDENTITY_KEYS
 
 # Every `ds-sft train` setting: (built-in default, domain). The defaults are the seed recipe: AdamW 7e-5
 # betas 0.9/0.95, wd 0.05 on linear weights, clip 1.0, warmup 10, cosine to 1e-5, micro-batch 16 and
@@ -64,6 +65,7 @@ OPTIONS: dict[str, tuple] = {
     "save_interval": (50, Int(1, INT32_MAX)),
     "keep_last": (2, Int(1, 10**6)),
     "resume": (None, Text()),
+    "allow_change": (None, Names(*IDENTITY_KEYS)),  # run identity keys a resume may change
     "wandb_project": (None, Text()),
     "wandb_mode": (None, Choice("offline", "online", "disabled")),
     "alarm_rising_evals": (3, Int(1, INT32_MAX)),

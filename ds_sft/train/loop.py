@@ -246,6 +246,7 @@ def fresh_state() -> dict:
         "nan_streak": 0,
         "train_tokens": 0,
         "elapsed_s": 0.0,
+        "changes": [],  # what resumes changed ({"step", "key", "saved", "now", "how"}: compatibility)
     }
 
 
@@ -257,10 +258,10 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
     tag_dir = checkpointing.find_checkpoint(s.resume, run_dir)
     identity = compatibility.run_identity(s, model, train_set, world)
     state = fresh_state()
-    universal, changed, carried = False, {}, None
+    universal, changes, changed, carried = False, [], {}, None
     if tag_dir is not None:
         saved = checkpointing.read_trainer_state(tag_dir)
-        compatibility.check_resume(tag_dir, saved, identity)
+        changes = compatibility.check_resume(tag_dir, saved, identity, s.allow_change or (), model)
         universal = checkpointing.needs_universal(saved, world)
         changed = state_transfer.changes(compatibility.saved_identity(saved), identity)
         if changed:  # another ZeRO stage or precision: loaded by an engine of the checkpoint's kind
@@ -284,7 +285,8 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
     elif tag_dir is not None:
         state = checkpointing.load(engine, tag_dir, universal=universal)
     if tag_dir is not None:
-        sampler.load_state_dict(state["sampler"])
+        reseed = any(change["key"] == "seed" for change in changes)  # allowed: the new seed's order
+        sampler.load_state_dict(state["sampler"], reseed=reseed)
         say(
             f"resumed from {tag_dir} at step {state['step']}"
             + (
@@ -293,6 +295,10 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
                 else ""
             )
         )
+        for change in changes:
+            say(f"resume changes {compatibility.describe(change)}")
+        earlier = compatibility.recorded_changes(state, tag_dir)
+        state["changes"] = earlier + [{"step": state["step"], **change} for change in changes]
     elif s.resume == "auto":
         say(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
     return engine, state, identity
@@ -460,6 +466,9 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
     first_step, last_eval, status = state["step"], None, "finished"
     meter = StepMeter(s, ds_config, model.config, train_set.seq_len, world, first_step, say)
     log = RunLog(s, run_dir, is_main, say)
+    for change in state["changes"]:
+        if change["step"] == first_step:  # this resume's (earlier ones are in metrics.jsonl already)
+            log.sink.log({"type": "change", **change, "message": compatibility.describe(change)})
     meter.start()
     eta_context = announce_eta(forward_context, s.max_iters - first_step, s.grad_accum, say)
     progress = log.open_progress(first_step)

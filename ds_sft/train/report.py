@@ -120,6 +120,10 @@ def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
         }.items():
             lines.append(f"| {name} | {v['loss']:.4f} | {v['ppl']:.2f} | {v['acc']:.3f} | {v['tokens']:,} |")
         lines.append("")
+    changes = [r for r in records if r["type"] == "change"]
+    if changes:  # what resumes changed (compatibility.check_resume): resumable, or allowed by the user
+        lines += ["## Changes at resume", ""]
+        lines += [f"- step {c['step']}: {c['message']}" for c in changes] + [""]
     lines += ["## Alarms", ""]
     lines += [f"- step {a['step']}: {a['message']}" for a in alarms] or ["None."]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]

@@ -99,9 +99,15 @@ def deepspeed_command(node_rank: int, hostfile: Path, master_port: int, script: 
 
 
 def run_two_nodes(
-    script: Sequence[str], *, timeout: float, env: dict[str, str] | None = None, master_port: int = 29577
+    script: Sequence[str],
+    *,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    master_port: int = 29577,
+    slots: int = 1,
 ) -> list[subprocess.CompletedProcess]:
-    """Launch ``script`` (a path or ``--module name`` plus its arguments) as a 2-node x 1-process job.
+    """Launch ``script`` (a path or ``--module name`` plus its arguments) as a 2-node x ``slots``-process
+    job.
 
     Returns both launchers' completed processes (node 0 first). Raises
     :class:`NamespacesUnavailable` when the namespaces cannot be created, and
@@ -109,7 +115,7 @@ def run_two_nodes(
     """
     with two_namespaces() as nodes, tempfile.TemporaryDirectory(prefix="dssft-2node-") as tmp:
         hostfile = Path(tmp) / "hostfile"
-        hostfile.write_text("".join(f"{node.address} slots=1\n" for node in nodes))
+        hostfile.write_text("".join(f"{node.address} slots={slots}\n" for node in nodes))
         procs = []
         try:
             for rank, node in enumerate(nodes):

@@ -339,8 +339,10 @@ ODD_TEXT = ["nan", "NaN", "inf", "-inf", "1e400", "", " ", "abc", "1.5", "0x10",
 
 def valid_text(domain, text: str) -> bool:
     """The independent oracle: is ``text`` a value of ``domain``?"""
-    from ds_sft.options import Choice, Float, Int, Text, Weights
+    from ds_sft.options import Choice, Float, Int, Names, Text, Weights
 
+    if isinstance(domain, Names):
+        return all(name.strip() in domain.values for name in text.split(",") if name.strip())
     if isinstance(domain, Int):
         stripped = text.strip()
         digits = stripped.lstrip("+-")
@@ -368,7 +370,7 @@ def valid_text(domain, text: str) -> bool:
 
 def texts_for(domain):
     """Values on both sides of the domain's edges, overflow, NaN/inf, and strings of every kind."""
-    from ds_sft.options import Choice, Float, Int, Weights
+    from ds_sft.options import Choice, Float, Int, Names, Weights
 
     edges: list = []
     if isinstance(domain, Int):
@@ -377,6 +379,8 @@ def texts_for(domain):
         edges = [domain.min, domain.max, domain.min - 0.5, domain.max * 2 + 1, -1e-9, 0.5, 1e300]
     elif isinstance(domain, Choice):
         edges = [*domain.values, "emulated", "AUTO"]
+    elif isinstance(domain, Names):
+        edges = [*domain.values, ",".join(domain.values), f"{domain.values[0]},,x", " , ", "SEED", "a,b"]
     elif isinstance(domain, Weights):
         return st.sampled_from(["a=1", "a=nan", "a=-1", "a=inf", "a=1,b=2", "a=1e400", "=1", "a", "a=x",
                                 "a=0", "a=2000", "a=1000"])  # fmt: skip

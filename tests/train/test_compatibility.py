@@ -2,8 +2,10 @@
 
 Fresh runs: data tokenized with another tokenizer of the same size than the base model's own, and rows
 longer than the model's positions. Resumes: every key of the run's identity table, changed alone,
-is named with its saved and new value (exit 2, no traceback, the checkpoint untouched); nothing
-changed resumes; a new world size at the same global batch is not a difference.
+is named with its saved and new value (exit 2, no traceback, the checkpoint untouched) unless
+``--allow_change KEY`` lets it through, printed and recorded in trainer_state.json, metrics.jsonl and
+report.md; nothing changed resumes; a new world size or micro-batch at the same global batch is not a
+difference that needs a flag.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from ds_sft.cli import main
+from ds_sft.errors import UserError
 from ds_sft.train import compatibility
 from tests.data.match_helpers import prepare, tiny_model_dir, two_tokenizers
 from tests.train.helpers import TinyPacked, settings, tiny_model
@@ -44,6 +47,7 @@ def parts(tmp_path_factory):
         },
         bare=tiny_model_dir(root / "bare"),
         bare_one_layer=tiny_model_dir(root / "bare_one_layer", n_layers=1),
+        bare_theta=tiny_model_dir(root / "bare_theta", rope_theta=5e5),  # the same weights' shapes
         short=tiny_model_dir(root / "short", a, max_seq_len=32),
     )
 
@@ -111,13 +115,15 @@ def changes(parts) -> dict[str, tuple[list[str], dict]]:
     }
 
 
-# ZeRO stage and precision resume (tests/reliability/test_resume_stage.py); every other key is refused
-CELLS = ["seed", "fp8", "micro_batch_size", "global_batch", "data", "seq_len", "tokenizer", "model"]
+CELLS = ["seed", "zero_stage to 0", "zero_stage to 3", "precision", "fp8"]
+CELLS += ["global_batch", "data", "seq_len", "tokenizer", "model"]
+CELLS = [cell for cell in CELLS if cell.split(" to ")[0] not in compatibility.RESUMABLE]
 
 
 def test_the_matrix_changes_every_key_of_the_table(saved_run):
     state = json.loads((saved_run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
-    assert set(CELLS) | compatibility.RESUMABLE == set(state["run"]) == set(compatibility.HOW_TO_RESUME)
+    keys = {cell.split(" to ")[0] for cell in CELLS} | compatibility.RESUMABLE
+    assert keys == set(state["run"]) == set(compatibility.HOW_TO_RESUME) == set(compatibility.IDENTITY_KEYS)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -133,6 +139,7 @@ def test_resume_refuses_each_difference_in_one_line(parts, saved_run, cell, tmp_
     assert line.startswith("ds-sft train: error: --resume ")
     assert re.search(rf"[:;] {key} .*? -> ", line), line  # the key, saved value -> value now
     assert "to resume, " in line and "another --out_dir" in line
+    assert re.search(rf"or continue with the change by --allow_change (\w+,)*{key}\b", line), line
     assert (run / "checkpoints" / "latest").read_text() == "step_000002"
     assert not (run / "checkpoints" / "step_000003").exists()
 
@@ -161,6 +168,148 @@ def test_only_recorded_keys_are_compared_and_allowed_keys_may_change():
         "zero_stage": (3, 2)
     }
     saved = {**now, "seed": 5, "precision": "bf16"}
-    assert set(compatibility.differences(saved, now)) == {"seed"}  # precision is RESUMABLE
+    assert set(compatibility.differences(saved, now)) == {"seed", "precision"} - compatibility.RESUMABLE
     assert set(compatibility.differences(saved, now, set())) == {"seed", "precision"}
     assert set(compatibility.differences(saved, now, allowed={"seed"})) == {"precision"}
+
+
+def records(run, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def test_a_new_micro_batch_at_the_same_global_batch_resumes_without_a_flag(
+    parts, saved_run, tmp_path, capsys, dist_env
+):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    assert train(parts.data_a, parts.bare, run, "--resume", "--micro_batch_size", "4", "--grad_accum", "1",
+                 max_iters=3) == 0  # fmt: skip
+    assert "resume changes micro_batch_size 2 -> 4 (resumable" in capsys.readouterr().out
+    (change,) = records(run, "change")
+    assert change | {"message": None} == {"type": "change", "step": 2, "key": "micro_batch_size", "saved": 2,
+                                          "now": 4, "how": "resumable", "message": None}  # fmt: skip
+
+
+# Changes an --allow_change lets through, with the other keys they change: other data of another
+# seq_len or tokenizer is also other data. Each runs on.
+ALLOWED = {
+    "seed": {"seed"},
+    "global_batch": {"global_batch"},
+    "data": {"data"},
+    "seq_len": {"seq_len", "data"},
+    "tokenizer": {"tokenizer", "data"},
+    "model": {"model"},
+    "fp8": {"fp8"},
+}
+
+
+@pytest.mark.parametrize(
+    "key", [pytest.param(key, marks=pytest.mark.slow) if key == "fp8" else key for key in ALLOWED]
+)  # fp8 torch on CPU: a minute of dequantized matmuls
+def test_allow_change_resumes_and_records_the_change(parts, saved_run, key, tmp_path, capsys, dist_env):
+    flags, swap = changes(parts)[key]
+    swap = {"base": parts.bare_theta} if key == "model" else swap  # n_layers would change the weights
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    capsys.readouterr()
+    data, base = swap.get("data", parts.data_a), swap.get("base", parts.bare)
+    allow = ",".join(sorted(ALLOWED[key]))
+    assert train(data, base, run, "--resume", "--allow_change", f"fp8,{allow}", *flags, max_iters=3) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((saved_run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())["run"]
+    now = json.loads((run / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    changed = [k for k in saved if saved[k] != now["run"][k]]
+    assert set(changed) == ALLOWED[key]  # the change, and only it
+    expected = [
+        {"step": 2, "key": k, "saved": saved[k], "now": now["run"][k], "how": "allowed"} for k in changed
+    ]
+    assert now["changes"] == expected
+    report = (run / "report.md").read_text()
+    for change, record in zip(expected, records(run, "change"), strict=True):
+        line = (
+            f"{compatibility.show(change['key'], change['saved'], change['now'])} (allowed by --allow_change"
+        )
+        assert f"resume changes {line}" in out
+        assert (
+            record == {"type": "change", **change, "message": record["message"]} and line in record["message"]
+        )
+        assert f"- step 2: {line}" in report
+
+
+def test_allow_change_of_the_global_batch_continues_the_data_stream(parts, saved_run, tmp_path, dist_env):
+    """Steps of 4 rows, then (allowed) of 16: the sampler's cursor goes on from row 8, no row twice."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    assert train(parts.data_a, parts.bare, run, "--resume", "--allow_change", "global_batch",
+                 "--grad_accum", "8", max_iters=4) == 0  # fmt: skip
+    states = [json.loads((run / "checkpoints" / f"step_00000{s}" / "trainer_state.json").read_text())
+              for s in (3, 4)]  # fmt: skip
+    assert [s["sampler"]["consumed_samples"] for s in states] == [2 * 4 + 16, 2 * 4 + 32]
+    assert all(s["run"]["global_batch"] == 16 for s in states)
+
+
+def test_allow_change_cannot_load_weights_of_another_shape(parts, saved_run, tmp_path, capsys, dist_env):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    capsys.readouterr()
+    assert train(parts.data_a, parts.bare_one_layer, run, "--resume", "--allow_change", "model") == 2
+    line = one_line_error(capsys)
+    assert "--allow_change model: the weights of" in line and "layers.1." in line and "absent now" in line
+    assert (run / "checkpoints" / "latest").read_text() == "step_000002"
+
+
+@pytest.mark.parametrize("value", ["nonsense", "seed,nonsense"])
+def test_allow_change_of_an_unknown_key_lists_the_keys(value, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--allow_change", value])
+    assert exit.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "argument --allow_change:" in line and "'nonsense'" in line
+    assert all(key in line for key in compatibility.IDENTITY_KEYS)
+
+
+def test_check_resume_lets_through_resumable_and_allowed_keys_and_names_the_rest():
+    now = compatibility.run_identity(settings(), tiny_model(), TinyPacked(2, 0), world_size=1)
+    saved = {**now, "micro_batch_size": 1, "seed": 5, "global_batch": 2}
+    state = {"zero_stage": now["zero_stage"], "run": saved}
+    with pytest.raises(UserError) as refused:
+        compatibility.check_resume("CKPT", state, now, allow=["seed"])
+    line = str(refused.value)
+    assert "global_batch 2 -> 4" in line and "--allow_change global_batch " in line and "seed 5" not in line
+    changes = compatibility.check_resume("CKPT", state, now, allow=["seed", "global_batch"])
+    assert changes == [
+        {"key": "seed", "saved": 5, "now": now["seed"], "how": "allowed"},
+        {"key": "micro_batch_size", "saved": 1, "now": 2, "how": "resumable"},
+        {"key": "global_batch", "saved": 2, "now": 4, "how": "allowed"},
+    ]
+    assert (
+        compatibility.check_resume("CKPT", {"run": now}, now, allow=list(compatibility.IDENTITY_KEYS)) == []
+    )
+
+
+def test_an_allowed_model_change_must_keep_every_weight_shape():
+    model = tiny_model()
+    config = {
+        k: v for k, v in model.config.architecture().items() if k not in compatibility.NOT_COMPARED_FIELDS
+    }
+    compatibility.check_same_weights("CKPT", {**config, "rope_theta": 5e5}, model)  # same shapes: fine
+    for change in ({"n_layers": config["n_layers"] + 1}, {"ffn_hidden": 8}, {"tie_embeddings": False}):
+        with pytest.raises(UserError, match="do not fit this model"):
+            compatibility.check_same_weights("CKPT", {**config, **change}, model)
+    with pytest.raises(UserError, match="malformed"):
+        compatibility.check_same_weights("CKPT", {**config, "n_heads": "four"}, model)
+
+
+GOOD_CHANGE = {"step": 3, "key": "seed", "saved": 1, "now": 2, "how": "allowed"}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, [1], [{**GOOD_CHANGE, "key": "lr"}], [{**GOOD_CHANGE, "how": "silent"}],
+     [{**GOOD_CHANGE, "step": "3"}], [{k: v for k, v in GOOD_CHANGE.items() if k != "now"}]],
+)  # fmt: skip
+def test_recorded_changes_are_checked_before_they_are_carried_on(changes):
+    assert compatibility.recorded_changes({}, "CKPT") == []  # a checkpoint from before the records
+    assert compatibility.recorded_changes({"changes": [GOOD_CHANGE]}, "CKPT") == [GOOD_CHANGE]
+    with pytest.raises(UserError, match="malformed changes"):
+        compatibility.recorded_changes({"changes": changes}, "CKPT")
