@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= true
 
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test fuzz venv lint bench clean wheelhouse gpu-data gpu-carry gpu-check-cpu
+.PHONY: demo test test-matrix fuzz venv lint bench clean wheelhouse gpu-data gpu-carry gpu-check-cpu
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,12 @@ demo: venv
 	$(BIN)/python -m ds_sft.demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not matrix"
+
+## The full elastic-resume matrices (every stage, world size, precision and split change; about an
+## hour on 2 cores). `make test` runs a representative cell of each kind.
+test-matrix: venv
+	$(BIN)/python -m pytest -q -m matrix
 
 ## Exploration, not CI: every property-based test, round after round with fresh random examples, for
 ## FUZZ_SECONDS (default 10 minutes). Failures are kept in .hypothesis/ and replayed first next time;

@@ -13,7 +13,7 @@ shape for the 10 steps after it. The uninterrupted run on the first shape is the
 - bf16: within :data:`BF16_LOSS_TOL` / :data:`BF16_WEIGHT_TOL`, measured (see the constants).
 
 The default run holds a representative subset (every kind of change once, a 4-rank cell among
-them); the rest of the matrix and the 4 -> 2 -> 1 -> 3 sequences are ``slow``.
+them); the rest of the matrix and the 4 -> 2 -> 1 -> 3 sequences are ``matrix`` (``make test-matrix``).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def S(ranks, stage, precision="fp32", micro=1) -> Shape:
     return Shape(ranks, stage, precision, micro)
 
 
-slow = pytest.mark.slow
+matrix = pytest.mark.matrix
 # A ZeRO stage or precision change resumes where those keys are RESUMABLE (the "stage" work); until
 # then the trainer refuses it in one line, as tests/train/test_compatibility.py checks.
 needs_stage = pytest.mark.skipif(
@@ -200,35 +200,35 @@ needs_stage = pytest.mark.skipif(
     reason="zero_stage and precision are not in compatibility.RESUMABLE: such a resume is refused",
 )
 # (first shape, resumed shape): every kind of change once by default (three of them resume the same
-# uninterrupted run, trained once), the rest slow.
+# uninterrupted run, trained once), the rest under the matrix marker.
 CELLS = [
     # world size, at each stage
     (S(2, 0), S(1, 0, micro=4)),
-    pytest.param(S(2, 1), S(1, 1, micro=6), marks=slow),
-    pytest.param(S(1, 2, micro=4), S(2, 2), marks=slow),
+    pytest.param(S(2, 1), S(1, 1, micro=6), marks=matrix),
+    pytest.param(S(1, 2, micro=4), S(2, 2), marks=matrix),
     (S(2, 3), S(1, 3, micro=3)),
-    pytest.param(S(4, 2), S(1, 2, micro=6), marks=slow),
-    pytest.param(S(1, 3), S(4, 3), marks=slow),
-    pytest.param(S(4, 1), S(3, 1, micro=2), marks=slow),
+    pytest.param(S(4, 2), S(1, 2, micro=6), marks=matrix),
+    pytest.param(S(1, 3), S(4, 3), marks=matrix),
+    pytest.param(S(4, 1), S(3, 1, micro=2), marks=matrix),
     # bf16 world size (and, for scale, a bf16 resume on the same shape)
-    pytest.param(S(1, 2, "bf16", micro=4), S(1, 2, "bf16", micro=4), marks=slow),
+    pytest.param(S(1, 2, "bf16", micro=4), S(1, 2, "bf16", micro=4), marks=matrix),
     (S(2, 2, "bf16"), S(1, 2, "bf16", micro=6)),
-    pytest.param(S(1, 0, "bf16"), S(2, 0, "bf16"), marks=slow),
-    pytest.param(S(1, 1, "bf16"), S(4, 1, "bf16"), marks=slow),
-    pytest.param(S(2, 3, "bf16"), S(1, 3, "bf16", micro=3), marks=slow),
+    pytest.param(S(1, 0, "bf16"), S(2, 0, "bf16"), marks=matrix),
+    pytest.param(S(1, 1, "bf16"), S(4, 1, "bf16"), marks=matrix),
+    pytest.param(S(2, 3, "bf16"), S(1, 3, "bf16", micro=3), marks=matrix),
     # micro-batch x accumulation at the same global batch (and ranks)
-    pytest.param(S(1, 2, micro=2), S(1, 2, micro=12), marks=slow),
-    pytest.param(S(2, 0, micro=6), S(2, 0, micro=1), marks=slow),
+    pytest.param(S(1, 2, micro=2), S(1, 2, micro=12), marks=matrix),
+    pytest.param(S(2, 0, micro=6), S(2, 0, micro=1), marks=matrix),
     (S(2, 3, micro=1), S(2, 3, micro=3)),
-    pytest.param(S(1, 1, "bf16", micro=3), S(1, 1, "bf16", micro=4), marks=slow),
+    pytest.param(S(1, 1, "bf16", micro=3), S(1, 1, "bf16", micro=4), marks=matrix),
     # all at once
-    pytest.param(S(4, 3, micro=3), S(1, 3, micro=2), marks=slow),
+    pytest.param(S(4, 3, micro=3), S(1, 3, micro=2), marks=matrix),
     # ZeRO stage and precision: with world size and split too
-    pytest.param(S(1, 2, micro=4), S(1, 3, micro=4), marks=[slow, needs_stage]),
+    pytest.param(S(1, 2, micro=4), S(1, 3, micro=4), marks=[matrix, needs_stage]),
     pytest.param(S(2, 3), S(1, 0, micro=2), marks=needs_stage),
-    pytest.param(S(1, 0, micro=4), S(2, 1), marks=[slow, needs_stage]),
-    pytest.param(S(1, 2, micro=4), S(1, 2, "bf16", micro=4), marks=[slow, needs_stage]),
-    pytest.param(S(2, 2, "bf16"), S(1, 3, micro=4), marks=[slow, needs_stage]),
+    pytest.param(S(1, 0, micro=4), S(2, 1), marks=[matrix, needs_stage]),
+    pytest.param(S(1, 2, micro=4), S(1, 2, "bf16", micro=4), marks=[matrix, needs_stage]),
+    pytest.param(S(2, 2, "bf16"), S(1, 3, micro=4), marks=[matrix, needs_stage]),
 ]
 
 
@@ -244,7 +244,7 @@ SWITCH_AT = (3, 5, 7)
 
 @pytest.mark.parametrize(
     ("stage", "precision"),
-    [(2, "fp32")] + [pytest.param(*cell, marks=slow) for cell in [(0, "fp32"), (1, "fp32"), (3, "fp32"),
+    [(2, "fp32")] + [pytest.param(*cell, marks=matrix) for cell in [(0, "fp32"), (1, "fp32"), (3, "fp32"),
                                                                    (0, "bf16"), (2, "bf16"), (3, "bf16")]],
 )  # fmt: skip
 def test_a_sequence_of_world_sizes_continues_the_uninterrupted_run(
@@ -269,7 +269,7 @@ def test_a_sequence_of_world_sizes_continues_the_uninterrupted_run(
     assert loss <= loss_tol and weight <= weight_tol, (loss, weight)
 
 
-@slow
+@matrix
 def test_bf16_tolerance_is_what_a_shape_costs_without_any_resume(reference, data_dir, tmp_path):
     """Where the bf16 tolerance comes from: an *uninterrupted* bf16 run on the new shape differs from the
     reference at least as much as the resumed one does (bf16 rounds another split of the same rows

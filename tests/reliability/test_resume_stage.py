@@ -137,7 +137,7 @@ ALL_STAGES = [(a, b) for a in range(4) for b in range(4) if a != b]
 
 @pytest.mark.parametrize(
     "before,after",
-    [pytest.param(a, b, marks=[] if (a, b) in FAST_STAGES else pytest.mark.slow) for a, b in ALL_STAGES],
+    [pytest.param(a, b, marks=[] if (a, b) in FAST_STAGES else pytest.mark.matrix) for a, b in ALL_STAGES],
 )
 def test_fp32_resume_on_another_zero_stage_matches_the_uninterrupted_run(
     before, after, data_dir, tmp_path, process_group
@@ -147,11 +147,11 @@ def test_fp32_resume_on_another_zero_stage_matches_the_uninterrupted_run(
 
 PRECISION_CELLS = [
     pytest.param((2, "bf16"), (2, "fp32"), id="zero2-bf16-to-fp32"),
-    pytest.param((1, "fp32"), (3, "bf16"), id="zero1-fp32-to-zero3-bf16", marks=pytest.mark.slow),
-    pytest.param((2, "fp32"), (2, "bf16"), id="zero2-fp32-to-bf16", marks=pytest.mark.slow),
-    pytest.param((0, "bf16"), (3, "fp32"), id="zero0-bf16-to-zero3-fp32", marks=pytest.mark.slow),
-    pytest.param((3, "bf16"), (0, "fp32"), id="zero3-bf16-to-zero0-fp32", marks=pytest.mark.slow),
-    pytest.param((0, "fp32"), (1, "bf16"), id="zero0-fp32-to-zero1-bf16", marks=pytest.mark.slow),
+    pytest.param((1, "fp32"), (3, "bf16"), id="zero1-fp32-to-zero3-bf16", marks=pytest.mark.matrix),
+    pytest.param((2, "fp32"), (2, "bf16"), id="zero2-fp32-to-bf16", marks=pytest.mark.matrix),
+    pytest.param((0, "bf16"), (3, "fp32"), id="zero0-bf16-to-zero3-fp32", marks=pytest.mark.matrix),
+    pytest.param((3, "bf16"), (0, "fp32"), id="zero3-bf16-to-zero0-fp32", marks=pytest.mark.matrix),
+    pytest.param((0, "fp32"), (1, "bf16"), id="zero0-fp32-to-zero1-bf16", marks=pytest.mark.matrix),
 ]
 
 
@@ -173,12 +173,12 @@ def test_the_resume_says_what_changed(data_dir, tmp_path, process_group, capsys)
     "before,after",
     [
         pytest.param((3, "fp32", 2), (0, "fp32", 1), id="zero3-2ranks-to-zero0-1rank"),
-        pytest.param((1, "fp32", 2), (2, "fp32", 2), id="zero1-to-zero2-2ranks", marks=pytest.mark.slow),
+        pytest.param((1, "fp32", 2), (2, "fp32", 2), id="zero1-to-zero2-2ranks", marks=pytest.mark.matrix),
         pytest.param(
-            (2, "fp32", 2), (3, "fp32", 1), id="zero2-2ranks-to-zero3-1rank", marks=pytest.mark.slow
+            (2, "fp32", 2), (3, "fp32", 1), id="zero2-2ranks-to-zero3-1rank", marks=pytest.mark.matrix
         ),
         pytest.param(
-            (0, "bf16", 2), (3, "fp32", 2), id="zero0-bf16-to-zero3-fp32-2ranks", marks=pytest.mark.slow
+            (0, "bf16", 2), (3, "fp32", 2), id="zero0-bf16-to-zero3-fp32-2ranks", marks=pytest.mark.matrix
         ),
     ],
 )

@@ -124,7 +124,7 @@ def trained(kind) -> tuple[dict, list[float]]:
 def pair_params(pairs):
     fast = [pytest.param(a, b, id=f"zero{a[0]}-{a[1]}-to-zero{b[0]}-{b[1]}") for a, b in pairs]
     slow = [
-        pytest.param(a, b, id=f"zero{a[0]}-{a[1]}-to-zero{b[0]}-{b[1]}", marks=pytest.mark.slow)
+        pytest.param(a, b, id=f"zero{a[0]}-{a[1]}-to-zero{b[0]}-{b[1]}", marks=pytest.mark.matrix)
         for a in KINDS
         for b in KINDS
         if a != b and (a, b) not in pairs
