@@ -139,7 +139,7 @@ def load_model(
     _check_keys(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
     model.fp8_extra_state = extra_state
-    model.rope_cache = rope_table(config.head_dim, config.max_seq_len, config.rope_theta)  # was on meta
+    model.rope_cache = rope_table(config)  # was on meta
     return model.to(device=device, dtype=dtype)
 
 
