@@ -95,6 +95,7 @@ def hub_snapshot(repo_id: str, revision: str | None = None, what: str = "model")
     from huggingface_hub import constants, errors, snapshot_download
 
     spec = repo_id + (f"@{revision}" if revision else "")
+    download = f"`hf download {repo_id}{f' --revision {revision}' if revision else ''}`"
     offline = constants.HF_HUB_OFFLINE
     try:
         folder = snapshot_download(
@@ -122,11 +123,20 @@ def hub_snapshot(repo_id: str, revision: str | None = None, what: str = "model")
         raise UserError(
             f"{what} {spec!r} is not a local path and {cached} in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}), and {why}: pass a local folder instead, or download it once "
-            f"online (`hf download {repo_id}{f' --revision {revision}' if revision else ''}`)"
+            f"online ({download})"
         ) from None
     except errors.HfHubHTTPError as err:
         raise UserError(f"{what} {spec!r}: the Hugging Face Hub answered {first_line(err)}") from None
-    return Path(folder)
+    folder = Path(folder)
+    # A snapshot that another tool filled with a few files (a tokenizer, a config) holds no model.
+    missing = [name for name in ("config.json", "*.safetensors") if not any(folder.glob(name))]
+    if what == "model" and missing:
+        raise UserError(
+            f"model {spec!r}: its snapshot in the Hugging Face cache ({folder}) has no "
+            f"{' and no '.join(missing)} (ds-sft reads safetensors weights): run {download} online, "
+            "or pass a local folder"
+        )
+    return folder
 
 
 def sha256_file(path: Path) -> str:

@@ -159,6 +159,22 @@ def test_a_partly_cached_snapshot_is_one_line(tmp_path, monkeypatch):
         resolve_model_path(REPO)
 
 
+def test_a_snapshot_without_weights_is_no_model_but_still_a_tokenizer(tmp_path, monkeypatch):
+    """What a tokenizer download alone leaves in the cache: the model spec is refused in one line."""
+    from huggingface_hub import constants
+
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    folder = tmp_path / "saved"
+    _tokenizer().save_pretrained(folder)
+    publish(tmp_path / "hub", REPO, folder, COMMIT_MAIN)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"has no config.json and no \*.safetensors .* `hf download "):
+        resolve_model_path(REPO)
+    assert load_tokenizer(REPO)("the dog ran")["input_ids"] == [2, 8, 9]
+
+
 NOT_REPO_IDS = [
     "missing-model",  # no owner: a local name, as before
     "a/b/c",
