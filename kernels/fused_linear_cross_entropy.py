@@ -47,16 +47,16 @@ import torch
 from kernels.reference import REDUCTIONS
 
 # The fp32 logits of one chunk. The chunk is what the loss adds to the gradients it must hold anyway
-# (grad_W alone is V x H x 4 bytes: 467 MB at V 151,936, H 768), so it is kept well under them; a
-# matmul of a few hundred rows still runs near the GEMM rate. Measured (bench/kernels.py, 2 busy CPU
-# cores, hidden 768): see the figures in bench/kernels.py's docstring.
-CHUNK_LOGITS_BYTES = 64 * 2**20
+# (grad_W alone is V x H x 4 bytes: 467 MB at V 151,936, H 768), so it is kept well under them; but
+# each chunk re-reads W and grad_W, so chunks of ~100 tokens are memory-bound (1.5x eager's time at
+# V 151,936 on 2 CPU cores, 110 tokens) where ~250 keep up. Figures: BENCHMARKS.md, bench/kernels.py.
+CHUNK_LOGITS_BYTES = 128 * 2**20
 MIN_CHUNK_TOKENS = 32  # below this the per-chunk passes over W and grad_W dominate the time
 
 
 def default_chunk_size(vocab_size: int) -> int:
     """Tokens per chunk whose fp32 logits take :data:`CHUNK_LOGITS_BYTES` (at least ``MIN_CHUNK_TOKENS``):
-    334 tokens at V = 50,304, 130 at 128,256, 110 at 151,936."""
+    667 tokens at V = 50,304, 261 at 128,256, 220 at 151,936."""
     return max(MIN_CHUNK_TOKENS, CHUNK_LOGITS_BYTES // (4 * max(vocab_size, 1)))
 
 

@@ -121,11 +121,12 @@ def test_torch_path_full_size_bf16():
                                               (151936, torch.bfloat16)])  # fmt: skip
 def test_torch_path_large_vocabularies_default_chunks(vocab, dtype, reduction):
     """Qwen's and Llama 3's vocabularies with the default chunking (sized by the vocabulary), forward and
-    backward: 300 tokens make three chunks at these sizes, the last one partial."""
+    backward: 600 tokens make three chunks at these sizes, the last one partial."""
     chunk = default_chunk_size(vocab)
-    assert 300 // chunk >= 2 and 300 % chunk, "300 tokens must make several chunks, the last one partial"
-    h, w, labels = _inputs(300, 64, vocab, "cpu", dtype=dtype, seed=vocab % 97)
-    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    assert 600 // chunk >= 2 and 600 % chunk, "600 tokens must make several chunks, the last one partial"
+    h, w, labels = _inputs(600, 64, vocab, "cpu", dtype=dtype, seed=vocab % 97)
+    # sums over 10^5 logits in another order: the full-size tests' tolerances
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
     _check(h, w, labels, "torch", reduction, chunk_size=None, tol=tol)
 
 
