@@ -51,6 +51,7 @@ from kernels.reference import REDUCTIONS
 # each chunk re-reads W and grad_W, so chunks of ~100 tokens are memory-bound (1.5x eager's time at
 # V 151,936 on 2 CPU cores, 110 tokens) where ~250 keep up. Figures: BENCHMARKS.md, bench/kernels.py.
 CHUNK_LOGITS_BYTES = 128 * 2**20
+WEIGHT_BLOCK_ROWS = 16384  # rows of grad_W updated at a time when the chunk's product is not fp32
 MIN_CHUNK_TOKENS = 32  # below this the per-chunk passes over W and grad_W dominate the time
 
 
@@ -155,8 +156,10 @@ def _chunked_loss_and_grads(
         if need_weight:
             if dlogits.dtype == grad_weight.dtype:
                 grad_weight.addmm_(dlogits.t(), h)
-            else:  # bf16 matmul, fp32 accumulation across chunks
-                grad_weight += dlogits.t() @ h
+            else:  # bf16 matmul, fp32 accumulation across chunks, by blocks of vocabulary rows: the
+                # product of the whole chunk would be one more weight-sized (V x H) buffer
+                for v in range(0, grad_weight.shape[0], WEIGHT_BLOCK_ROWS):
+                    grad_weight[v : v + WEIGHT_BLOCK_ROWS] += dlogits[:, v : v + WEIGHT_BLOCK_ROWS].t() @ h
         del dlogits  # before the next chunk's logits exist: one chunk alive at a time
     return total, grad_hidden, grad_weight
 
