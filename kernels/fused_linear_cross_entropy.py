@@ -13,8 +13,11 @@ so the gradients are complete when the forward returns and the backward only sca
 upstream gradient. Only the trained tokens (label != ``ignore_index``) go through the loop: an SFT
 row's prompt and padding have no loss, and skipping their logits saves their share of the head.
 
-Peak extra memory is one logits chunk plus ``grad_W`` instead of ``O(N x V)``;
-1,024 tokens x 50,304 x 4 bytes = 206 MB per chunk. The loss is accumulated in fp32.
+Peak extra memory is one logits chunk plus ``grad_W`` instead of ``O(N x V)``. The chunk is sized in
+bytes, not tokens (:func:`default_chunk_size`): a fixed token count would grow the chunk with the
+vocabulary (1,024 tokens are 206 MB of fp32 logits at GPT-2's 50,304 entries, 622 MB at Qwen's
+151,936), while the default keeps it at :data:`CHUNK_LOGITS_BYTES` whatever ``V``. The loss is
+accumulated in fp32.
 
 No gradient is wanted under ``torch.no_grad`` / ``inference_mode`` (an evaluation) or when neither
 ``hidden`` nor ``weight`` requires one: then the loop computes losses only. The autograd function
@@ -43,10 +46,19 @@ import torch
 
 from kernels.reference import REDUCTIONS
 
-# 1,024 tokens x V 50,304: a 206 MB fp32 logits chunk. Measured on 2 busy CPU cores at 8,192 tokens,
-# hidden 768 (bench/kernels.py): peak +368 MB fp32 / +467 MB bf16 against eager's +4.7 GB (0.08x /
-# 0.10x), at 0.97x / 0.83x its time.
-DEFAULT_CHUNK_SIZE = 1024
+# The fp32 logits of one chunk. The chunk is what the loss adds to the gradients it must hold anyway
+# (grad_W alone is V x H x 4 bytes: 467 MB at V 151,936, H 768), so it is kept well under them; but
+# each chunk re-reads W and grad_W, so chunks of ~100 tokens are memory-bound (1.5x eager's time at
+# V 151,936 on 2 CPU cores, 110 tokens) where ~250 keep up. Figures: BENCHMARKS.md, bench/kernels.py.
+CHUNK_LOGITS_BYTES = 128 * 2**20
+WEIGHT_BLOCK_ROWS = 16384  # rows of grad_W updated at a time when the chunk's product is not fp32
+MIN_CHUNK_TOKENS = 32  # below this the per-chunk passes over W and grad_W dominate the time
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk whose fp32 logits take :data:`CHUNK_LOGITS_BYTES` (at least ``MIN_CHUNK_TOKENS``):
+    667 tokens at V = 50,304, 261 at 128,256, 220 at 151,936."""
+    return max(MIN_CHUNK_TOKENS, CHUNK_LOGITS_BYTES // (4 * max(vocab_size, 1)))
 
 
 def cross_entropy_loss_and_grad_torch(
@@ -144,8 +156,10 @@ def _chunked_loss_and_grads(
         if need_weight:
             if dlogits.dtype == grad_weight.dtype:
                 grad_weight.addmm_(dlogits.t(), h)
-            else:  # bf16 matmul, fp32 accumulation across chunks
-                grad_weight += dlogits.t() @ h
+            else:  # bf16 matmul, fp32 accumulation across chunks, by blocks of vocabulary rows: the
+                # product of the whole chunk would be one more weight-sized (V x H) buffer
+                for v in range(0, grad_weight.shape[0], WEIGHT_BLOCK_ROWS):
+                    grad_weight[v : v + WEIGHT_BLOCK_ROWS] += dlogits[:, v : v + WEIGHT_BLOCK_ROWS].t() @ h
         del dlogits  # before the next chunk's logits exist: one chunk alive at a time
     return total, grad_hidden, grad_weight
 
@@ -175,7 +189,11 @@ def _scatter_rows(x: torch.Tensor, rows: torch.Tensor | None, total: int) -> tor
 def linear_cross_entropy_chunked(
     hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, backend
 ):
-    """The chunked loss, with its gradients precomputed only when a backward can follow."""
+    """The chunked loss, with its gradients precomputed only when a backward can follow.
+
+    ``chunk_size=None``: :func:`default_chunk_size` of the vocabulary (``weight``'s rows).
+    """
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return LinearCrossEntropyFunction.apply(
         hidden,

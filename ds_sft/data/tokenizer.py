@@ -7,7 +7,8 @@
 - a directory: a Hugging Face tokenizer (``save_pretrained`` layout), or one holding ``tokenizer/``
   (a prepared data dir, a training run's ``final/``),
 - a ``.gguf`` file (the tokenizer and chat template live in its metadata),
-- a model alias such as ``smollm2-135m-instruct`` (see :func:`ds_sft.paths.resolve_model_path`),
+- a model alias such as ``smollm2-135m-instruct`` or a Hugging Face id such as ``Qwen/Qwen3-0.6B``
+  (see :func:`ds_sft.paths.resolve_model_path`),
 - bare weights without a tokenizer (a nanoGPT-style ``.pt``, a checkpoint dir): GPT-2's, with a note,
 
 and returns a fast ``transformers`` tokenizer with an EOS token: training appends EOS to every
@@ -65,15 +66,8 @@ def _gpt2():
 def _load(spec: str):
     if spec.lower() == "gpt2":
         return _gpt2()
-    if spec.lower() in paths.MODEL_ALIASES:
-        path = paths.resolve_model_path(spec)
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise UserError(
-                f"tokenizer {spec!r} not found: pass a tokenizer.json, a tokenizer directory, a .gguf file, "
-                f"'gpt2', or a model alias ({', '.join(paths.MODEL_ALIASES)})"
-            )
+    forms = "a tokenizer.json, a tokenizer directory, a .gguf file, 'gpt2'"
+    path = paths.resolve_model_path(spec, what="tokenizer", forms=forms)
     if path.is_dir() and (path / "tokenizer").is_dir():
         path = path / "tokenizer"
     if path.suffix in WEIGHT_FILES or (path.is_dir() and not any(path.glob("tokenizer*"))):

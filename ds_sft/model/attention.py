@@ -11,6 +11,12 @@ queries' documents start no earlier) and end at the tile's last query: the key t
 window of ``w = i - first + 1`` tiles. Inside the window a ``[tile, w * tile]`` mask (same document,
 key position <= query position) keeps the result exact.
 
+Sliding windows. With a ``window`` a query sees only its own document's ``window`` latest keys
+(itself included), so the tile's first query needs keys from ``max(document start, query - window + 1)``
+on: the window of key tiles starts there, and tiles wholly before it are skipped like other
+documents' tiles. One more condition in the ``[tile, w * tile]`` pattern (query - key < window) keeps
+the result exact.
+
 Buckets. A batched matmul needs one shape, so the query tiles are grouped by window width: all tiles
 of width ``w``, from every row, gather into one ``[H, m, tile, D]`` batch against their
 ``[H, m, w * tile, D]`` key/value windows. That is at most ``T / tile`` buckets of a dozen large ops
@@ -45,13 +51,19 @@ import torch.nn.functional as F
 
 @torch.compiler.disable
 def document_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor, tile: int = 64
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    document_ids: torch.Tensor,
+    tile: int = 64,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention within documents: ``q, k, v [B, H, T, D]`` (k, v expanded to H heads) -> ``[B, H, T, D]``.
 
     ``document_ids [B, T]``: 0, 1, 2 ... per document, each document one contiguous run, -1 on
     trailing padding. On every non-padding query this equals ``scaled_dot_product_attention`` with
-    the mask ``same document & key <= query``. Padding queries get finite values that nothing should
+    the mask ``same document & key <= query`` (``& query - key < window`` with a sliding ``window``).
+    Padding queries get finite values that nothing should
     read: zeros in a tile that is all padding, else attention over the padding run (as the dense mask
     gives). ``T`` need not be a multiple of ``tile``.
     """
@@ -68,7 +80,10 @@ def document_attention(
     starts_document[:, 1:] = documents[:, 1:] != documents[:, :-1]
     document_start = torch.where(starts_document, position, 0).cummax(dim=1).values
     tile_index = torch.arange(n_tiles, device=q.device)
-    width = tile_index - document_start[:, ::tile] // tile + 1  # [B, n_tiles] key tiles per query tile
+    earliest_key = document_start[:, ::tile]  # [B, n_tiles]: what each tile's first query sees first
+    if window is not None:
+        earliest_key = earliest_key.clamp(min=tile_index * tile - window + 1)
+    width = tile_index - earliest_key // tile + 1  # [B, n_tiles] key tiles per query tile
     active = documents.view(B, n_tiles, tile).amax(dim=-1) >= 0  # tiles with at least one real query
     if not active.any():
         return q * 0  # nothing but padding: zeros, still connected to the graph
@@ -87,7 +102,10 @@ def document_attention(
         key_document = tile_documents.index_select(0, keys).view(len(queries), 1, w * tile)
         other_document = key_document != tile_documents.index_select(0, queries)[:, :, None]
         # the window ends with the query tile, so causality is one [tile, w * tile] pattern
-        future = position[: w * tile] > position[:tile, None] + (w - 1) * tile
+        query_position = position[:tile, None] + (w - 1) * tile
+        future = position[: w * tile] > query_position
+        if window is not None:
+            future |= query_position - position[: w * tile] >= window  # slid out of the window
         query_index.append(queries)
         key_index.append(keys)
         blocked.append(other_document | future)  # [m, tile, w * tile], broadcast over heads

@@ -5,7 +5,8 @@
 - a model alias (``smollm2-135m-instruct``, see :mod:`ds_sft.paths`), resolved to its file;
 - a ds-sft directory written by :func:`save_model` (``model.safetensors`` + ``model_config.json``),
   or a training run directory (its ``final/``);
-- a Hugging Face LLaMA directory (``config.json`` + weights), read through transformers;
+- a Hugging Face directory (``config.json`` + weights) of a supported family (``model_type`` llama,
+  qwen2, qwen3, mistral or smollm3), read through transformers;
 - a GGUF file, read through transformers (which dequantizes it and un-permutes llama.cpp's Q/K
   rows back into the rotate-half layout; needs the ``gguf`` and ``accelerate`` packages);
 - a ``.safetensors`` file (config from a ``model_config.json`` / ``config.json`` beside it, else
@@ -35,7 +36,8 @@ dropped and listed in the log. RoPE comes in two feature layouts that no weight 
 missing keys, unexpected keys and shape mismatches.
 
 ``save_model`` writes the ds-sft layout; ``to_hf_state_dict`` + ``hf_config`` give the Hugging Face
-LLaMA layout that ``ds-sft export`` writes.
+layout of the model's family (``LlamaForCausalLM``, ``Qwen3ForCausalLM`` ...) that ``ds-sft export``
+writes.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from typing import Any
 import torch
 
 from ds_sft.errors import UserError
-from ds_sft.model.config import PRESETS, ModelConfig
+from ds_sft.model.config import FAMILIES, PRESETS, ModelConfig
 from ds_sft.model.llama import LlamaModel, rope_table
 from ds_sft.paths import resolve_model_path
 
@@ -139,7 +141,7 @@ def load_model(
     _check_keys(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
     model.fp8_extra_state = extra_state
-    model.rope_cache = rope_table(config.head_dim, config.max_seq_len, config.rope_theta)  # was on meta
+    model.rope_cache = rope_table(config)  # was on meta
     return model.to(device=device, dtype=dtype)
 
 
@@ -213,7 +215,13 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _config_beside(path: Path) -> dict[str, Any]:
     for name in (CONFIG_FILE, "config.json"):
         if (path.parent / name).exists():
-            return json.loads((path.parent / name).read_text())
+            values = json.loads((path.parent / name).read_text())
+            if values.get("model_type") in FAMILIES:  # a transformers config: read as transformers does
+                from transformers import AutoConfig
+
+                hf_cfg = AutoConfig.for_model(**values)
+                return config_from_hf(hf_cfg, where=f"{path.parent / name}: ").architecture()
+            return values
     return {}
 
 
@@ -260,14 +268,9 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
         hf_cfg = AutoConfig.from_pretrained(directory, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise UserError(f"transformers cannot read {directory / (gguf_file or '')}: {err}") from None
-    if hf_cfg.model_type != "llama":
-        raise UserError(
-            f"{directory}: model_type {hf_cfg.model_type!r} is not a LLaMA model; ds-sft reads LLaMA only"
-        )
-    if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
-        raise UserError(f"{directory}: the model has biases; ds-sft's LLaMA has none")
+    config = config_from_hf(hf_cfg, where=f"{directory}: ")
     hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
-    return hf_model.state_dict(), config_from_hf(hf_cfg).to_dict(), bool(hf_cfg.tie_word_embeddings)
+    return hf_model.state_dict(), config.to_dict(), bool(hf_cfg.tie_word_embeddings)
 
 
 # ----------------------------------------------------------------------------- key names
@@ -331,11 +334,12 @@ def _interleaved_to_half_rope(state: dict[str, torch.Tensor], config: ModelConfi
     features laid out the way :func:`ds_sft.model.llama.apply_rope` pairs them. Q and K move alike,
     so every q.k product (and the attention) is unchanged.
     """
-    for name, heads in (("q_proj", config.n_heads), ("k_proj", config.n_kv_heads)):
-        for key in [k for k in state if k.endswith(f"attn.{name}.weight")]:
-            weight = state[key]
-            rows = weight.view(heads, config.head_dim // 2, 2, weight.shape[1])
-            state[key] = rows.transpose(1, 2).reshape(weight.shape)
+    kinds = [("q_proj", config.n_heads), ("k_proj", config.n_kv_heads), ("q_norm", 1), ("k_norm", 1)]
+    for name, heads in kinds:  # weights, biases, and the per-feature gains of the q/k norms
+        for key in [k for k in state if re.search(rf"attn\.{name}\.(?:weight|bias)$", k)]:
+            tensor = state[key]
+            rows = tensor.reshape(heads, config.head_dim // 2, 2, -1)
+            state[key] = rows.transpose(1, 2).reshape(tensor.shape)
     log.info("permuted Q/K rows from the interleaved RoPE layout to the half layout")
 
 
@@ -367,6 +371,11 @@ def infer_config(
     if "layers.0.mlp.gate_proj.weight" in state:
         fields["ffn_hidden"] = state["layers.0.mlp.gate_proj.weight"].shape[0]
     fields["tie_embeddings"] = "lm_head.weight" not in state if tie_hint is None else tie_hint
+    # the family switches that weights reveal (a bare state dict says nothing else)
+    fields.setdefault("attention_bias", "layers.0.attn.q_proj.bias" in state)
+    fields.setdefault("qk_norm", "layers.0.attn.q_norm.weight" in state)
+    if "family" not in fields:
+        fields["family"] = "qwen3" if fields["qk_norm"] else "qwen2" if fields["attention_bias"] else "llama"
     fields.update(overrides)
     if "n_heads" not in fields:
         fields["n_heads"] = _guess_heads(fields)
@@ -442,7 +451,8 @@ HF_RENAMES: list[tuple[str, str]] = [
 
 
 def to_hf_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
-    """The model's weights under transformers' ``LlamaForCausalLM`` names (tied head omitted)."""
+    """The model's weights under transformers' names (every family's, ``LlamaForCausalLM``'s; tied
+    head omitted)."""
     out = {}
     for key, tensor in model.state_dict().items():
         for pattern, replacement in HF_RENAMES:
@@ -451,11 +461,24 @@ def to_hf_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def hf_config(config: ModelConfig, **token_ids: Any):
-    """A ``transformers.LlamaConfig`` describing the same network (``bos_token_id=...`` etc. passed on)."""
-    from transformers import LlamaConfig
+# Each family's transformers config and model class.
+HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"),
+}
 
-    return LlamaConfig(
+
+def hf_config(config: ModelConfig, **token_ids: Any):
+    """The transformers config of the model's family describing the same network (``LlamaConfig``,
+    ``Qwen3Config`` ...; ``bos_token_id=...`` etc. passed on)."""
+    import transformers
+
+    config_class, model_class = HF_CLASSES[config.family]
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
+    fields = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.d_model,
         intermediate_size=config.ffn_hidden,
@@ -464,28 +487,60 @@ def hf_config(config: ModelConfig, **token_ids: Any):
         num_key_value_heads=config.n_kv_heads,
         head_dim=config.head_dim,
         max_position_embeddings=config.max_seq_len,
-        rope_theta=config.rope_theta,
+        rope_parameters=rope,
         rms_norm_eps=config.norm_eps,
         tie_word_embeddings=config.tie_embeddings,
         initializer_range=config.init_std,
         hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        architectures=["LlamaForCausalLM"],
+        architectures=[model_class],
         **token_ids,
     )
+    window = config.sliding_window
+    layer_types = [
+        ("full_attention", "sliding_attention")[config.layer_window(i) is not None]
+        for i in range(config.n_layers)
+    ]
+    if config.family in ("llama", "qwen3", "smollm3"):
+        fields.update(attention_bias=False, mlp_bias=False)
+    if config.family == "mistral":
+        fields.update(sliding_window=window)
+    elif config.family in ("qwen2", "qwen3", "smollm3"):
+        fields.update(use_sliding_window=window is not None, sliding_window=window, layer_types=layer_types)
+    if config.family == "smollm3":
+        fields.update(no_rope_layers=[int(config.layer_uses_rope(i)) for i in range(config.n_layers)])
+    if config.family in ("qwen2", "qwen3"):
+        fields.update(max_window_layers=config.n_layers)  # layer_types decides; this only documents
+    return getattr(transformers, config_class)(**fields)
 
 
-def config_from_hf(hf_cfg) -> ModelConfig:
+def config_from_hf(hf_cfg, where: str = "") -> ModelConfig:
+    """The :class:`ModelConfig` of a transformers config of a supported family (one line if not)."""
+    family = hf_cfg.model_type
+    if family not in FAMILIES:
+        raise UserError(
+            f"{where}model_type {family!r} is not supported; ds-sft reads {', '.join(FAMILIES)} models"
+        )
     # transformers >= 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta / rope_scaling.
     rope = getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"RoPE scaling {rope} is not supported by ds-sft's LLaMA (plain RoPE only)")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise UserError(
+            f"{where}RoPE scaling {rope_type!r} is not supported (ds-sft knows plain RoPE and 'llama3')"
+        )
     head_dim = getattr(hf_cfg, "head_dim", None)
     if head_dim and head_dim * hf_cfg.num_attention_heads != hf_cfg.hidden_size:
         raise UserError(
-            f"head_dim {head_dim} x {hf_cfg.num_attention_heads} heads != hidden_size; not supported"
+            f"{where}head_dim {head_dim} x {hf_cfg.num_attention_heads} heads != hidden_size "
+            f"{hf_cfg.hidden_size}; not supported"
         )
+    if getattr(hf_cfg, "mlp_bias", False) or (family != "qwen2" and getattr(hf_cfg, "attention_bias", False)):
+        raise UserError(
+            f"{where}the model has MLP or output-projection biases; ds-sft supports q/k/v biases only"
+        )
+    window = getattr(hf_cfg, "sliding_window", None)
+    if family in ("qwen2", "qwen3", "smollm3") and not getattr(hf_cfg, "use_sliding_window", False):
+        window = None
+    layer_types = getattr(hf_cfg, "layer_types", None) if family != "mistral" else None
     return ModelConfig(
         vocab_size=hf_cfg.vocab_size,
         d_model=hf_cfg.hidden_size,
@@ -498,4 +553,11 @@ def config_from_hf(hf_cfg) -> ModelConfig:
         norm_eps=hf_cfg.rms_norm_eps,
         tie_embeddings=bool(hf_cfg.tie_word_embeddings),
         init_std=hf_cfg.initializer_range,
+        family=family,
+        attention_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        rope_scaling=dict(rope) if rope_type == "llama3" else None,
+        sliding_window=window,
+        layer_types=list(layer_types) if window is not None and layer_types is not None else None,
+        no_rope_layers=list(hf_cfg.no_rope_layers) if family == "smollm3" else None,
     )

@@ -11,6 +11,20 @@ Presets (parameter counts are exact; see ``ModelConfig.num_parameters``):
   RMSNorm eps 1e-5: **134,515,008** parameters.
 - ``tiny``: 2 layers of d_model 64 with GQA (4 / 2 heads), SwiGLU 160, a 256-token vocabulary, for
   tests: **102,720** parameters.
+
+Families. The small models people fine-tune differ from LLaMA-2 in a few switches, so each is this
+one config with some of them set (``family`` names the transformers class that export writes):
+
+- ``llama``: Llama 2 and 3.x, SmolLM2; Llama 3.1+ sets ``rope_scaling`` (the ``llama3`` rule).
+- ``qwen2``: Qwen2 / Qwen2.5: ``attention_bias`` (biases on q, k and v; o has none); sliding
+  windows on the layers ``layer_types`` marks, when the checkpoint enables them.
+- ``qwen3``: ``qk_norm`` (an RMSNorm over each head's q and k before RoPE), no biases.
+- ``mistral``: ``sliding_window`` on every layer (a query sees itself and the window - 1 keys before).
+- ``smollm3``: ``no_rope_layers`` (1 = the layer rotates q and k, 0 = it uses no positions at all).
+
+Every switch off (the defaults) is exactly the LLaMA model, at the same speed. Fields added with the
+families are saved only when they differ from their defaults, so a LLaMA config reads (and compares on
+resume) as it did before them.
 """
 
 from __future__ import annotations
@@ -28,6 +42,20 @@ KERNEL_BACKENDS = ("auto", "triton", "torch", "eager")
 # Fields that say how a run computes, not what the model is: set for a run, never saved with the
 # weights (a checkpoint trained with activation checkpointing is the same model without it).
 RUN_SETTINGS = ("kernels", "activation_checkpointing")
+# Which transformers class each family is (what export writes and import accepts as model_type).
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# The fields that the families added: written only when set (see the module docstring).
+FAMILY_FIELDS = (
+    "family",
+    "attention_bias",
+    "qk_norm",
+    "rope_scaling",
+    "sliding_window",
+    "layer_types",
+    "no_rope_layers",
+)
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -45,6 +73,13 @@ class ModelConfig:
     init_std: float = 0.02
     kernels: str = "auto"  # kernels backend for RMSNorm and the loss: auto | triton | torch | eager
     activation_checkpointing: bool = False  # recompute each block in backward to save activations
+    family: str = "llama"  # the transformers class: llama | qwen2 | qwen3 | mistral | smollm3
+    attention_bias: bool = False  # biases on q, k and v (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    rope_scaling: dict[str, Any] | None = None  # Llama 3's "llama3" frequency rule (LLAMA3_ROPE_KEYS)
+    sliding_window: int | None = None  # keys a query sees on a sliding layer, itself included
+    layer_types: list[str] | None = None  # per layer: LAYER_TYPES; None = all sliding if a window is set
+    no_rope_layers: list[int] | None = None  # per layer: 1 = RoPE, 0 = no positions (SmolLM3)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -57,6 +92,71 @@ class ModelConfig:
             raise UserError(f"kernels {self.kernels!r}: choose one of {', '.join(KERNEL_BACKENDS)}")
         if self.head_dim % 2:
             raise UserError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """The family switches are well formed and the family's transformers class can express them."""
+        if self.family not in FAMILIES:
+            raise UserError(f"family {self.family!r}: choose one of {', '.join(FAMILIES)}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = _llama3_rope_scaling(self.rope_scaling)
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool)
+            or not isinstance(self.sliding_window, int)
+            or self.sliding_window < 1
+        ):
+            raise UserError(f"sliding_window {self.sliding_window!r} must be a positive number of tokens")
+        for name, allowed in (("layer_types", LAYER_TYPES), ("no_rope_layers", (0, 1))):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if (
+                not isinstance(values, list)
+                or len(values) != self.n_layers
+                or any(isinstance(v, bool) or v not in allowed for v in values)
+            ):
+                raise UserError(
+                    f"{name} must list one of {', '.join(map(str, allowed))} for each of the {self.n_layers} "
+                    f"layers, got {values!r}"
+                )
+        if (
+            self.layer_types is not None
+            and "sliding_attention" in self.layer_types
+            and self.sliding_window is None
+        ):
+            raise UserError("layer_types has sliding_attention layers but sliding_window is not set")
+        rules = FAMILY_RULES[self.family]
+        for name in ("attention_bias", "qk_norm"):
+            if getattr(self, name) != rules[name]:
+                needs = [f for f in FAMILIES if FAMILY_RULES[f][name] == getattr(self, name)]
+                raise UserError(
+                    f"{name}={getattr(self, name)} is not the {self.family} family's ({rules[name]}): "
+                    f"set family to {' or '.join(needs)}, or {name} to {rules[name]}"
+                )
+        windows = {self.layer_window(i) for i in range(self.n_layers)}
+        if self.sliding_window is not None and rules["windows"] == "none":
+            raise UserError(
+                f"the {self.family} family has no sliding windows: drop sliding_window or set family to "
+                "mistral, qwen2, qwen3 or smollm3"
+            )
+        if len(windows) > 1 and rules["windows"] != "per_layer":
+            raise UserError(
+                f"the {self.family} family slides on every layer or none: drop layer_types or set family "
+                "to qwen2, qwen3 or smollm3"
+            )
+        if self.no_rope_layers is not None and self.family != "smollm3":
+            raise UserError("no_rope_layers is SmolLM3's: set family to smollm3 or drop no_rope_layers")
+
+    def layer_window(self, layer: int) -> int | None:
+        """How many keys (itself included) a query of ``layer`` sees; None = every earlier key."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def layer_uses_rope(self, layer: int) -> bool:
+        return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +166,7 @@ class ModelConfig:
         """Trainable parameters, counting a tied embedding once."""
         d, kv = self.d_model, self.n_kv_heads * self.head_dim
         attention = d * d * 2 + d * kv * 2  # q, o and k, v
+        attention += (d + 2 * kv) * self.attention_bias + 2 * self.head_dim * self.qk_norm
         block = attention + 3 * d * self.ffn_hidden + 2 * d  # + SwiGLU + two norms
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return embeddings + self.n_layers * block + d
@@ -74,8 +175,14 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def architecture(self) -> dict[str, Any]:
-        """The fields that describe the model (what :meth:`save` writes): all but :data:`RUN_SETTINGS`."""
-        return {key: value for key, value in self.to_dict().items() if key not in RUN_SETTINGS}
+        """The fields that describe the model (what :meth:`save` writes): all but :data:`RUN_SETTINGS`,
+        and the :data:`FAMILY_FIELDS` only where they differ from their defaults."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {
+            key: value
+            for key, value in self.to_dict().items()
+            if key not in RUN_SETTINGS and not (key in FAMILY_FIELDS and value == defaults[key])
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -97,6 +204,35 @@ class ModelConfig:
         if name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
+
+
+# What each family's transformers class can express: its fixed switches and where it slides.
+FAMILY_RULES: dict[str, dict[str, Any]] = {
+    "llama": dict(attention_bias=False, qk_norm=False, windows="none"),
+    "qwen2": dict(attention_bias=True, qk_norm=False, windows="per_layer"),
+    "qwen3": dict(attention_bias=False, qk_norm=True, windows="per_layer"),
+    "mistral": dict(attention_bias=False, qk_norm=False, windows="all_layers"),
+    "smollm3": dict(attention_bias=False, qk_norm=False, windows="per_layer"),
+}
+
+
+def _llama3_rope_scaling(values: Any) -> dict[str, Any]:
+    """``rope_scaling`` checked and normalised: ``{"rope_type": "llama3", factor, ... }``."""
+    if not isinstance(values, dict):
+        raise UserError(f"rope_scaling must be a mapping, got {values!r}")
+    kind = values.get("rope_type", values.get("type"))
+    if kind != "llama3":
+        raise UserError(
+            f"rope_scaling type {kind!r} is not supported: ds-sft knows Llama 3's 'llama3' rule only"
+        )
+    missing = [k for k in LLAMA3_ROPE_KEYS if not isinstance(values.get(k), (int, float)) or values[k] <= 0]
+    if missing:
+        raise UserError(f"rope_scaling 'llama3' needs positive {', '.join(missing)}, got {values!r}")
+    if values["high_freq_factor"] <= values["low_freq_factor"]:
+        raise UserError(f"rope_scaling: high_freq_factor must exceed low_freq_factor, got {values!r}")
+    scaling = {"rope_type": "llama3", **{k: values[k] for k in LLAMA3_ROPE_KEYS}}
+    scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+    return scaling
 
 
 PRESETS: dict[str, dict[str, Any]] = {

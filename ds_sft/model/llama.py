@@ -1,5 +1,12 @@
 """A LLaMA-style decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU, no biases.
 
+The families (Qwen2/2.5, Qwen3, Mistral, SmolLM3, Llama 3.x) are switches of this one model, set in
+:class:`ModelConfig` (see :mod:`ds_sft.model.config`): q/k/v biases, an RMSNorm on each head's q and k
+(``q_norm``/``k_norm``, before RoPE), Llama 3's RoPE frequency scaling (in :func:`rope_table`), a
+sliding window per layer (in every attention path: the window is one more condition of the mask,
+``query - key < window``, beside same-document and causal) and layers without RoPE. A switch that is
+off adds no module and no op.
+
 One block is ``x = x + attn(attn_norm(x)); x = x + mlp(mlp_norm(x))``. The parameter names follow
 the Hugging Face LLaMA layout one to one (``q_proj`` ... ``down_proj``), so import and export are a
 rename, and every projection is a plain ``nn.Linear`` that the fp8 path can swap by name.
@@ -48,9 +55,11 @@ except ImportError:  # pragma: no cover - old torch: the dense-mask path is used
 
 
 class PackedDocuments(NamedTuple):
-    """The attention "mask" of packed training rows on CPU: their ``document_ids [B, T]``."""
+    """The attention "mask" of packed training rows on CPU: their ``document_ids [B, T]`` and the
+    layer's sliding window (None = none)."""
 
     document_ids: torch.Tensor
+    window: int | None = None
 
 
 class RMSNorm(nn.Module):
@@ -64,11 +73,40 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
 
-def rope_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
-    """``[max_seq_len, 2, head_dim // 2]``: cos and sin of ``position * theta^(-2i / head_dim)``."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+def rope_table(config: ModelConfig) -> torch.Tensor:
+    """``[max_seq_len, 2, head_dim // 2]``: cos and sin of ``position * theta^(-2i / head_dim)``
+    (the frequencies rescaled by :func:`llama3_frequencies` when the config sets ``rope_scaling``)."""
+    head_dim = config.head_dim
+    inv_freq = config.rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if config.rope_scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, **config.rope_scaling)
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64), inv_freq)
     return torch.stack([angles.cos(), angles.sin()], dim=1).float()
+
+
+def llama3_frequencies(
+    inv_freq: torch.Tensor,
+    rope_type: str,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
+    """Llama 3.1's long-context RoPE: slow rotations are slowed further, fast ones kept.
+
+    A frequency whose wavelength exceeds ``original / low_freq_factor`` positions is divided by
+    ``factor``; one shorter than ``original / high_freq_factor`` stays; in between the two are blended
+    linearly in ``original / wavelength`` (transformers' ``_compute_llama3_parameters``).
+    """
+    assert rope_type == "llama3"
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original_max_position_embeddings / wavelength - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    low = wavelength > original_max_position_embeddings / low_freq_factor
+    high = wavelength < original_max_position_embeddings / high_freq_factor
+    return torch.where(low, inv_freq / factor, torch.where(high, inv_freq, blended))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -115,18 +153,28 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        d, kv = config.d_model, config.n_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, kv, bias=False)
-        self.v_proj = nn.Linear(d, kv, bias=False)
+        d, kv, bias = config.d_model, config.n_kv_heads * config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.k_proj = nn.Linear(d, kv, bias=bias)
+        self.v_proj = nn.Linear(d, kv, bias=bias)
         self.o_proj = nn.Linear(d, d, bias=False)
+        if config.qk_norm:  # one gain per head feature, shared by the heads (Qwen3)
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.kernels)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.kernels)
+        self.qk_norm = config.qk_norm
+        self.use_rope = config.layer_uses_rope(layer)
+        self.window = config.layer_window(layer)  # the key of this layer's mask in LlamaModel.masks
 
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
@@ -143,7 +191,7 @@ class Attention(nn.Module):
             if groups > 1 and not share_kv:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             if isinstance(mask, PackedDocuments):
-                y = document_attention(q, k, v, mask.document_ids)
+                y = document_attention(q, k, v, mask.document_ids, window=mask.window)
             else:
                 y = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=share_kv
@@ -188,8 +236,9 @@ class LlamaModel(nn.Module):
             None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
         # Recomputed from the config, never loaded: base checkpoints that carry one are tolerated.
-        table = rope_table(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cache", table, persistent=False)
+        self.register_buffer("rope_cache", rope_table(config), persistent=False)
+        # the distinct sliding windows of the layers (None = full attention): one mask per window
+        self.windows = tuple(dict.fromkeys(block.attn.window for block in self.layers))
         # Transformer Engine fp8 metadata found in a loaded checkpoint (module name -> state); the fp8
         # path restores it into its layers, everything else ignores it.
         self.fp8_extra_state: dict[str, object] = {}
@@ -199,10 +248,12 @@ class LlamaModel(nn.Module):
         """GPT-2 init: N(0, init_std); residual output projections scaled by 1/sqrt(2 * n_layers)."""
         std = self.config.init_std
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):  # RMSNorm gains, q_norm and k_norm included
                 nn.init.ones_(param)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
+            elif name.endswith(".bias"):
+                nn.init.zeros_(param)
             else:
                 nn.init.normal_(param, std=std)
 
@@ -227,36 +278,45 @@ class LlamaModel(nn.Module):
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         rope = self.rope_cache[position_ids]  # [B, T, 2, D/2]
         cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]  # [B, 1, T, D/2], broadcast over heads
-        mask = self._attention_mask(input_ids, document_ids, kv_cache)
+        if kv_cache is not None:
+            kv_cache.append_documents(torch.zeros_like(input_ids) if document_ids is None else document_ids)
+        masks = {
+            window: self._attention_mask(input_ids, document_ids, kv_cache, window) for window in self.windows
+        }
 
         x = self.wte(input_ids)
         for block in self.layers:
+            mask = masks[block.attn.window]
             if self.config.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, kv_cache)
         return self.norm(x)
 
-    def _attention_mask(self, input_ids, document_ids, kv_cache):
-        """None (plain causal), a flex_attention BlockMask or :class:`PackedDocuments` (packed rows),
-        or with a KV cache a dense boolean mask over the cached keys."""
+    def _attention_mask(self, input_ids, document_ids, kv_cache, window):
+        """None (plain causal), a flex_attention BlockMask or :class:`PackedDocuments` (packed rows, or
+        any row under a sliding ``window``), or with a KV cache (its documents already appended) a
+        dense boolean mask over the cached keys."""
         if kv_cache is None:
             if document_ids is None:
-                return None
+                if window is None:
+                    return None
+                document_ids = torch.zeros_like(input_ids)  # one document: the block-sparse paths slide
             if use_flex_attention(input_ids.device):
-                return _document_block_mask(document_ids)
-            return PackedDocuments(document_ids)
+                return _document_block_mask(document_ids, window)
+            return PackedDocuments(document_ids, window)
         B, T = input_ids.shape
         if document_ids is None:
             document_ids = torch.zeros_like(input_ids)
-        offset = kv_cache.length
-        kv_cache.append_documents(document_ids)
         key_documents = kv_cache.document_ids[:, : kv_cache.length]
-        query_pos = torch.arange(offset, offset + T, device=input_ids.device)
+        query_pos = torch.arange(kv_cache.length - T, kv_cache.length, device=input_ids.device)
         key_pos = torch.arange(key_documents.shape[1], device=input_ids.device)
-        causal = key_pos[None, :] <= query_pos[:, None]  # [Tq, Tk]
+        visible = key_pos[None, :] <= query_pos[:, None]  # [Tq, Tk] causal
+        if window is not None:
+            # a document's tokens sit in consecutive cache slots, so slots count positions back
+            visible = visible & (query_pos[:, None] - key_pos[None, :] < window)
         same_document = document_ids[:, :, None] == key_documents[:, None, :]  # [B, Tq, Tk]
-        return (causal & same_document)[:, None]  # [B, 1, Tq, Tk]; padding (-1) attends to padding
+        return (visible & same_document)[:, None]  # [B, 1, Tq, Tk]; padding (-1) attends to padding
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_weight)
@@ -299,11 +359,16 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _document_block_mask(document_ids: torch.Tensor):
-    """A flex_attention BlockMask for causal attention within each packed document."""
+def _document_block_mask(document_ids: torch.Tensor, window: int | None = None):
+    """A flex_attention BlockMask for causal attention within each packed document (and, with a
+    ``window``, to the ``window`` latest keys); blocks wholly outside are never computed."""
     B, T = document_ids.shape
 
     def same_document_causal(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
 
-    return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
+    def same_document_window(b, h, q_idx, kv_idx):
+        return same_document_causal(b, h, q_idx, kv_idx) & (q_idx - kv_idx < window)
+
+    mask_mod = same_document_causal if window is None else same_document_window
+    return create_block_mask(mask_mod, B, None, T, T, device=document_ids.device)

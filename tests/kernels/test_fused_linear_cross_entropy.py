@@ -1,7 +1,8 @@
 """The chunked linear cross-entropy (Triton CE kernel per chunk, and its plain-PyTorch twin)
 against the eager reference that materialises the full logits: loss, ``grad_hidden`` and
 ``grad_weight`` for every reduction, chunk sizes that do not divide the token count, label
-smoothing and z-loss, ignored tokens, bf16; the PyTorch path at full model size.
+smoothing and z-loss, ignored tokens, bf16; the PyTorch path at full model size and at Qwen's and
+Llama 3's vocabularies with the default (vocabulary-sized) chunks.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import kernels
+from kernels.fused_linear_cross_entropy import default_chunk_size
 from kernels.reference import linear_cross_entropy_reference
 
 IGNORE = -100
@@ -112,6 +114,20 @@ def test_torch_path_full_size_fp32():
 def test_torch_path_full_size_bf16():
     h, w, labels = _inputs(2048, 768, 50304, "cpu", dtype=torch.bfloat16, seed=9)
     _check(h, w, labels, "torch", "sum", chunk_size=1024, tol={"atol": 2e-2, "rtol": 2e-2})
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize(("vocab", "dtype"), [(151936, torch.float32), (128256, torch.float32),
+                                              (151936, torch.bfloat16)])  # fmt: skip
+def test_torch_path_large_vocabularies_default_chunks(vocab, dtype, reduction):
+    """Qwen's and Llama 3's vocabularies with the default chunking (sized by the vocabulary), forward and
+    backward: 600 tokens make three chunks at these sizes, the last one partial."""
+    chunk = default_chunk_size(vocab)
+    assert 600 // chunk >= 2 and 600 % chunk, "600 tokens must make several chunks, the last one partial"
+    h, w, labels = _inputs(600, 64, vocab, "cpu", dtype=dtype, seed=vocab % 97)
+    # sums over 10^5 logits in another order: the full-size tests' tolerances
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
+    _check(h, w, labels, "torch", reduction, chunk_size=None, tol=tol)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -1,5 +1,6 @@
 """document_attention against dense-mask scaled_dot_product_attention (what llama.py runs on CPU):
-outputs and q/k/v gradients on every non-padding position, eager and under torch.compile."""
+outputs and q/k/v gradients on every non-padding position, eager and under torch.compile, with and
+without a sliding window."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ds_sft.model import attention
 from ds_sft.model.attention import document_attention
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -20,9 +22,11 @@ def row_documents(lengths: list[int], seq_len: int) -> torch.Tensor:
     return ids[:seq_len]
 
 
-def dense_reference(q, k, v, document_ids):
+def dense_reference(q, k, v, document_ids, window=None):
     position = torch.arange(q.shape[2])
     causal = position[None, :] <= position[:, None]
+    if window is not None:
+        causal &= position[:, None] - position[None, :] < window
     same_document = document_ids[:, :, None] == document_ids[:, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=(causal & same_document)[:, None])
 
@@ -36,14 +40,16 @@ def output_and_grads(attention, q, k, v, document_ids, weights, **kwargs):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def assert_matches_dense(layouts: list[list[int]], seq_len: int, tile: int, dtype=torch.float32, heads=2):
+def assert_matches_dense(
+    layouts: list[list[int]], seq_len: int, tile: int, dtype=torch.float32, heads=2, window=None
+):
     document_ids = torch.stack([row_documents(lengths, seq_len) for lengths in layouts])
     generator = torch.Generator().manual_seed(len(layouts) * 1000 + seq_len)
     shape = (len(layouts), heads, seq_len, 8)
     q, k, v, weights = (torch.randn(shape, generator=generator).to(dtype) for _ in range(4))
 
-    ours = output_and_grads(document_attention, q, k, v, document_ids, weights, tile=tile)
-    reference = output_and_grads(dense_reference, q, k, v, document_ids, weights)
+    ours = output_and_grads(document_attention, q, k, v, document_ids, weights, tile=tile, window=window)
+    reference = output_and_grads(dense_reference, q, k, v, document_ids, weights, window=window)
 
     assert torch.isfinite(ours[0]).all()  # padding queries too
     real = (document_ids >= 0)[:, None, :, None]
@@ -83,6 +89,39 @@ def test_matches_dense_mask(case, dtype):
 )
 def test_random_layouts_match_dense_mask(tile, seq_len, rows):
     assert_matches_dense(rows, seq_len, tile)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tile=st.sampled_from([4, 8, 16]),
+    window=st.integers(1, 45),
+    seq_len=st.integers(1, 70),
+    rows=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=8), min_size=1, max_size=3),
+)
+def test_sliding_windows_match_dense_mask(tile, window, seq_len, rows):
+    """Windows shorter, equal and longer than tiles and documents: same-document, causal, in-window."""
+    assert_matches_dense(rows, seq_len, tile, window=window)
+
+
+@pytest.mark.parametrize("window", [1, 16, 17, 40])
+def test_sliding_windows_in_bfloat16(window):
+    assert_matches_dense([[5, 70, 3, 18], [96]], 96, 16, torch.bfloat16, window=window)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 33])
+def test_sliding_window_skips_the_tiles_before_it(window, monkeypatch):
+    """A query tile reads at most the key tiles that its window reaches: ceil((window - 1) / tile) + 1."""
+    spans = []
+    apply = attention._MaskedAttention.apply
+
+    def counting(q, k, v, blocked):
+        spans.append(k.shape[2])
+        return apply(q, k, v, blocked)
+
+    monkeypatch.setattr(attention._MaskedAttention, "apply", counting)
+    q = torch.randn(1, 2, 128, 8)
+    document_attention(q, q, q, torch.zeros(1, 128, dtype=torch.long), tile=16, window=window)
+    assert max(spans) == 16 * (-(-(window - 1) // 16) + 1)
 
 
 def test_tiles_of_padding_output_zeros_and_all_padding_is_finite():

@@ -13,26 +13,14 @@ from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
 
 
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4, "again": 5}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
 @pytest.mark.parametrize("tied", [True, False])
-def test_export_run_directory_loads_in_transformers_with_the_same_logits(tmp_path, tied):
+def test_export_run_directory_loads_in_transformers_with_the_same_logits(tmp_path, tied, word_tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     model = LlamaModel(ModelConfig.preset("tiny", tie_embeddings=tied, rope_theta=3000.0)).eval()
     save_model(model, tmp_path / "run" / "final")
-    word_tokenizer().save_pretrained(tmp_path / "run" / "final" / "tokenizer")
+    word_tokenizer.save_pretrained(tmp_path / "run" / "final" / "tokenizer")
 
     assert (
         main_for("export", ["--base_model", str(tmp_path / "run"), "--hf", str(tmp_path / "hf"), "--verify"])

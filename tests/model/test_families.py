@@ -1,0 +1,315 @@
+"""Every family against transformers' own class: random-init tiny configs, no download.
+
+For each family (Llama 3 with ``llama3`` RoPE scaling, tied and untied; Qwen2 with biases, with and
+without sliding windows; Qwen3's q/k norms; Mistral's sliding window shorter than the sequence;
+SmolLM3's no-RoPE layers) a transformers model with every parameter randomised (biases and norm gains
+too, which transformers initialises to 0 and 1) is saved and imported through ``load_model``; then
+
+- fp32 logits agree with transformers' forward within 1e-4,
+- a packed row of documents computes each document as if it were alone,
+- KV-cache greedy generation gives transformers' ``generate(do_sample=False)`` tokens,
+- ``export_hf`` writes the family's own class, and ``AutoModelForCausalLM`` loads the same logits.
+
+The Hypothesis tests cover classes of inputs: sliding windows against document lengths (packing
+isolation) and per-layer patterns of sliding and no-RoPE layers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ds_sft.errors import UserError
+from ds_sft.model.checkpoint import config_from_hf, hf_config, load_model
+from ds_sft.model.config import ModelConfig
+from ds_sft.model.export import export_hf
+from ds_sft.model.generate import generate
+from ds_sft.model.llama import LlamaModel
+
+VOCAB, SEQ = 256, 40
+LLAMA3 = dict(
+    rope_type="llama3",
+    rope_theta=10000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    # at head_dim 16 the wavelengths (6.3 ... 19,869 positions) fall in all three bands
+    original_max_position_embeddings=64,
+)
+
+# family id -> (transformers config class, its arguments beyond the common tiny shape)
+FAMILIES = {
+    "llama3-tied": ("LlamaConfig", dict(rope_parameters=LLAMA3, tie_word_embeddings=True)),
+    "llama3-untied": ("LlamaConfig", dict(rope_parameters=LLAMA3, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen2-sliding": (
+        "Qwen2Config",
+        dict(use_sliding_window=True, sliding_window=7, max_window_layers=1, tie_word_embeddings=False),
+    ),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=6, tie_word_embeddings=False)),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0, 1], tie_word_embeddings=True)),
+    "smollm3-sliding": (
+        "SmolLM3Config",
+        dict(no_rope_layers=[0, 1, 0], use_sliding_window=True, sliding_window=5, tie_word_embeddings=True),
+    ),
+}
+# what each must import as: a field of ModelConfig that the family switches on
+EXPECTED = {
+    "llama3-tied": dict(family="llama", rope_scaling={**LLAMA3, "rope_theta": None}),
+    "llama3-untied": dict(family="llama", tie_embeddings=False),
+    "qwen2": dict(family="qwen2", attention_bias=True, sliding_window=None),
+    "qwen2-sliding": dict(
+        family="qwen2", sliding_window=7, layer_types=["full_attention"] + ["sliding_attention"] * 2
+    ),
+    "qwen3": dict(family="qwen3", qk_norm=True, attention_bias=False),
+    "mistral": dict(family="mistral", sliding_window=6, layer_types=None),
+    "smollm3": dict(family="smollm3", no_rope_layers=[1, 0, 1], sliding_window=None),
+    "smollm3-sliding": dict(
+        family="smollm3",
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+}
+
+
+def hf_tiny_config(family: str):
+    import transformers
+
+    config_class, extra = FAMILIES[family]
+    return getattr(transformers, config_class)(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=None,  # generation runs to max_new_tokens in both implementations
+        pad_token_id=0,
+        **extra,
+    )
+
+
+def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter drawn at random: biases away from 0, norm gains away from 1, so each one matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.2 * noise if "norm" in name else 0.08 * noise)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request, tmp_path_factory):
+    """(family id, transformers model, ds-sft model imported from its saved folder)."""
+    from transformers import AutoModelForCausalLM
+
+    family = request.param
+    seed = list(FAMILIES).index(family)
+    hf = randomized(AutoModelForCausalLM.from_config(hf_tiny_config(family), dtype=torch.float32), seed)
+    folder = tmp_path_factory.mktemp(family)
+    hf.save_pretrained(folder)
+    return family, hf, load_model(folder).eval()
+
+
+def random_ids(rows: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_import_sets_the_family_switches(pair):
+    family, hf, ours = pair
+    for field, value in EXPECTED[family].items():
+        if field == "rope_scaling":
+            value = {k: v for k, v in value.items() if k != "rope_theta"}
+        assert getattr(ours.config, field) == value, field
+    assert ours.num_parameters() == sum(p.numel() for p in hf.parameters()) == ours.config.num_parameters()
+
+
+def test_logits_match_transformers(pair):
+    family, hf, ours = pair
+    ids = random_ids(2, SEQ, 1)  # longer than every sliding window
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("lengths", [[13, 20, 7], [40], [1, 38, 1], [6, 6, 6, 6, 6, 6, 4]], ids=str)
+def test_packed_row_equals_each_document_alone(pair, lengths):
+    family, hf, ours = pair
+    ids = random_ids(1, sum(lengths), 2)
+    documents = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = ours(ids, positions, documents)
+        start = 0
+        for n in lengths:
+            alone = hf(ids[:, start : start + n]).logits
+            assert (packed[:, start : start + n] - alone).abs().max().item() <= 1e-4
+            start += n
+
+
+def test_kv_cache_greedy_generation_matches_transformers(pair):
+    family, hf, ours = pair
+    prompts = [random_ids(1, 9, 3)[0].tolist(), random_ids(1, 4, 4)[0].tolist()]  # left-padded together
+    ours_tokens = generate(ours, prompts, max_new_tokens=24)  # prompt + 24 > every window
+    for prompt, tokens in zip(prompts, ours_tokens, strict=True):
+        theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, min_new_tokens=24)
+        assert tokens == theirs[0, len(prompt) :].tolist()
+
+
+def test_export_writes_the_same_transformers_class(pair, tmp_path, word_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    family, hf, ours = pair
+    export_hf(ours, word_tokenizer, tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert written["architectures"] == [type(hf).__name__]
+    assert written["model_type"] == hf.config.model_type
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(reloaded) is type(hf)
+    ids = random_ids(2, SEQ, 5)
+    with torch.no_grad():
+        assert (ours(ids) - reloaded(ids).logits).abs().max().item() <= 1e-4
+    assert load_model(tmp_path / "hf").config.architecture() == ours.config.architecture()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_config_round_trips_through_transformers(family):
+    config = config_from_hf(hf_tiny_config(family))
+    assert config_from_hf(hf_config(config)).to_dict() == config.to_dict()
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.architecture()))) == config
+
+
+# ----------------------------------------------------------------------------- classes of inputs
+
+
+def tiny_family(**switches) -> LlamaModel:
+    torch.manual_seed(0)
+    config = ModelConfig.preset("tiny", n_layers=3, max_seq_len=96, **switches)
+    return randomized(LlamaModel(config), 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    window=st.integers(1, 40),
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=5),
+    layer_types=st.lists(st.sampled_from(["full_attention", "sliding_attention"]), min_size=3, max_size=3),
+)
+def test_sliding_windows_keep_packed_documents_apart(window, lengths, layer_types):
+    """Any window against any document lengths, any per-layer pattern: packed == each document alone."""
+    model = tiny_family(family="qwen2", attention_bias=True, sliding_window=window, layer_types=layer_types)
+    ids = random_ids(1, sum(lengths), len(lengths))
+    documents = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = model(ids, positions, documents)
+        start = 0
+        for n in lengths:
+            alone = model(ids[:, start : start + n])
+            torch.testing.assert_close(packed[:, start : start + n], alone, rtol=0, atol=1e-5)
+            start += n
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    window=st.integers(1, 30),
+    layer_types=st.lists(st.sampled_from(["full_attention", "sliding_attention"]), min_size=3, max_size=3),
+    no_rope=st.lists(st.sampled_from([0, 1]), min_size=3, max_size=3),
+)
+def test_kv_cache_equals_recomputing_for_any_layer_pattern(window, layer_types, no_rope):
+    """The dense KV-cache mask slides like the training paths: cached generation == no cache."""
+    model = tiny_family(
+        family="smollm3", sliding_window=window, layer_types=layer_types, no_rope_layers=no_rope
+    )
+    prompts = [random_ids(1, 11, 7)[0].tolist(), random_ids(1, 3, 8)[0].tolist()]
+    cached = generate(model, prompts, max_new_tokens=20)
+    assert cached == generate(model, prompts, max_new_tokens=20, use_cache=False)
+
+
+def test_flex_attention_block_mask_slides_like_document_attention(monkeypatch):
+    """The CUDA path's BlockMask (run here with eager flex_attention) against the CPU tiles."""
+    import ds_sft.model.llama as llama
+
+    if llama.flex_attention is None:
+        pytest.skip("this torch has no flex_attention")
+    model = tiny_family(family="mistral", sliding_window=9)
+    ids = random_ids(2, 40, 9)
+    documents = torch.tensor([[0] * 10 + [1] * 25 + [-1] * 5, [0] * 40])
+    positions = torch.cat([torch.arange(10), torch.arange(25), torch.arange(5)]).expand(2, 40)
+    with torch.no_grad():
+        tiles = model(ids, positions, documents)
+        plain = model(ids)  # no documents: one document, slid the same way
+        monkeypatch.setattr(llama, "use_flex_attention", lambda device: True)
+        monkeypatch.setattr(llama, "_compiled_flex_attention", lambda: llama.flex_attention)
+        torch.testing.assert_close(model(ids, positions, documents), tiles, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(ids), plain, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(family="gpt2"), "family 'gpt2': choose one of llama, qwen2"),
+        (dict(qk_norm=True), "set family to qwen3"),
+        (dict(family="qwen2"), "attention_bias=False is not the qwen2 family's"),
+        (dict(sliding_window=8), "the llama family has no sliding windows"),
+        (dict(family="mistral", sliding_window=0), "sliding_window 0 must be a positive"),
+        (
+            dict(family="mistral", sliding_window=8, layer_types=["full_attention", "sliding_attention"]),
+            "slides on every layer or none",
+        ),
+        (
+            dict(family="qwen3", qk_norm=True, layer_types=["sliding_attention"] * 2),
+            "sliding_window is not set",
+        ),
+        (
+            dict(family="smollm3", no_rope_layers=[1]),
+            "no_rope_layers must list one of 0, 1 for each of the 2",
+        ),
+        (dict(no_rope_layers=[1, 0]), "no_rope_layers is SmolLM3's"),
+        (
+            dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+            "rope_scaling type 'yarn' is not supported",
+        ),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "needs positive low_freq_factor"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_config_mistakes_are_one_line(fields, message):
+    with pytest.raises(UserError, match=message):
+        ModelConfig.preset("tiny", **fields)
+
+
+def test_configs_saved_before_the_families_load_as_llama(tmp_path):
+    """A model_config.json without the family fields (every checkpoint before them) is a LLaMA, and a
+    LLaMA config still saves without them (so resuming compares equal)."""
+    old = ModelConfig.preset("tiny").architecture()
+    assert not {"family", "qk_norm", "sliding_window"} & set(old)
+    (tmp_path / "model_config.json").write_text(json.dumps(old))
+    loaded = ModelConfig.load(tmp_path / "model_config.json")
+    assert (loaded.family, loaded.attention_bias, loaded.qk_norm, loaded.rope_scaling) == (
+        "llama",
+        False,
+        False,
+        None,
+    )
+    assert ModelConfig.preset("tiny", family="qwen3", qk_norm=True).architecture()["family"] == "qwen3"
+
+
+def test_unsupported_model_type_names_the_supported_ones():
+    from transformers import GPT2Config
+
+    with pytest.raises(
+        UserError, match="model_type 'gpt2' is not supported; ds-sft reads llama, qwen2, qwen3"
+    ):
+        config_from_hf(GPT2Config())
