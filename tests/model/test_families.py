@@ -218,9 +218,9 @@ def test_sliding_windows_keep_packed_documents_apart(window, lengths, layer_type
             start += n
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
-    window=st.integers(1, 30),
+    window=st.integers(1, 20),  # the longest row holds 11 + 14 tokens: every window slides
     layer_types=st.lists(st.sampled_from(["full_attention", "sliding_attention"]), min_size=3, max_size=3),
     no_rope=st.lists(st.sampled_from([0, 1]), min_size=3, max_size=3),
 )
@@ -230,8 +230,8 @@ def test_kv_cache_equals_recomputing_for_any_layer_pattern(window, layer_types, 
         family="smollm3", sliding_window=window, layer_types=layer_types, no_rope_layers=no_rope
     )
     prompts = [random_ids(1, 11, 7)[0].tolist(), random_ids(1, 3, 8)[0].tolist()]
-    cached = generate(model, prompts, max_new_tokens=20)
-    assert cached == generate(model, prompts, max_new_tokens=20, use_cache=False)
+    cached = generate(model, prompts, max_new_tokens=14)
+    assert cached == generate(model, prompts, max_new_tokens=14, use_cache=False)
 
 
 def test_flex_attention_block_mask_slides_like_document_attention(monkeypatch):
