@@ -110,7 +110,8 @@ def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def pair(request, tmp_path_factory):
-    """(family id, transformers model, ds-sft model imported from its saved folder)."""
+    """(family id, transformers model, ds-sft model imported from its saved folder); the folder is
+    ``ours.source``."""
     from transformers import AutoModelForCausalLM
 
     family = request.param
@@ -118,7 +119,9 @@ def pair(request, tmp_path_factory):
     hf = randomized(AutoModelForCausalLM.from_config(hf_tiny_config(family), dtype=torch.float32), seed)
     folder = tmp_path_factory.mktemp(family)
     hf.save_pretrained(folder)
-    return family, hf, load_model(folder).eval()
+    ours = load_model(folder).eval()
+    ours.source = folder
+    return family, hf, ours
 
 
 def random_ids(rows: int, length: int, seed: int) -> torch.Tensor:
@@ -132,6 +135,8 @@ def test_import_sets_the_family_switches(pair):
             value = {k: v for k, v in value.items() if k != "rope_theta"}
         assert getattr(ours.config, field) == value, field
     assert ours.num_parameters() == sum(p.numel() for p in hf.parameters()) == ours.config.num_parameters()
+    # the weights file alone, its config.json beside it read as transformers reads it
+    assert load_model(ours.source / "model.safetensors").config.to_dict() == ours.config.to_dict()
 
 
 def test_logits_match_transformers(pair):
