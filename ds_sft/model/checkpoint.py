@@ -322,7 +322,7 @@ def _split_fused_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> Non
     """Split each ``attn.qkv_proj.weight`` (rows ordered q, k, v) into the three projections."""
     kv = config.n_kv_heads * config.head_dim
     for key in [k for k in state if k.endswith("attn.qkv_proj.weight")]:
-        q, k, v = state.pop(key).split([config.d_model, kv, kv], dim=0)
+        q, k, v = state.pop(key).split([config.n_heads * config.head_dim, kv, kv], dim=0)
         for name, tensor in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
             state[key.replace("qkv_proj", name)] = tensor
 
@@ -379,8 +379,10 @@ def infer_config(
     fields.update(overrides)
     if "n_heads" not in fields:
         fields["n_heads"] = _guess_heads(fields)
+    if "head_dim" not in fields and "layers.0.attn.q_proj.weight" in state:
+        fields["head_dim"] = state["layers.0.attn.q_proj.weight"].shape[0] // fields["n_heads"]
     if "n_kv_heads" not in fields and "layers.0.attn.k_proj.weight" in state:
-        head_dim = fields["d_model"] // fields["n_heads"]
+        head_dim = fields.get("head_dim") or fields["d_model"] // fields["n_heads"]
         fields["n_kv_heads"] = state["layers.0.attn.k_proj.weight"].shape[0] // head_dim
     config = ModelConfig(**fields)
     _split_fused_qkv(state, config)
@@ -527,12 +529,6 @@ def config_from_hf(hf_cfg, where: str = "") -> ModelConfig:
         raise UserError(
             f"{where}RoPE scaling {rope_type!r} is not supported (ds-sft knows plain RoPE and 'llama3')"
         )
-    head_dim = getattr(hf_cfg, "head_dim", None)
-    if head_dim and head_dim * hf_cfg.num_attention_heads != hf_cfg.hidden_size:
-        raise UserError(
-            f"{where}head_dim {head_dim} x {hf_cfg.num_attention_heads} heads != hidden_size "
-            f"{hf_cfg.hidden_size}; not supported"
-        )
     if getattr(hf_cfg, "mlp_bias", False) or (family != "qwen2" and getattr(hf_cfg, "attention_bias", False)):
         raise UserError(
             f"{where}the model has MLP or output-projection biases; ds-sft supports q/k/v biases only"
@@ -547,6 +543,7 @@ def config_from_hf(hf_cfg, where: str = "") -> ModelConfig:
         n_layers=hf_cfg.num_hidden_layers,
         n_heads=hf_cfg.num_attention_heads,
         n_kv_heads=hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads,
+        head_dim=getattr(hf_cfg, "head_dim", None) or None,
         ffn_hidden=hf_cfg.intermediate_size,
         max_seq_len=hf_cfg.max_position_embeddings,
         rope_theta=float(rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))),

@@ -22,6 +22,9 @@ one config with some of them set (``family`` names the transformers class that e
 - ``mistral``: ``sliding_window`` on every layer (a query sees itself and the window - 1 keys before).
 - ``smollm3``: ``no_rope_layers`` (1 = the layer rotates q and k, 0 = it uses no positions at all).
 
+Any family may set ``head_dim`` apart from ``d_model / n_heads`` (Qwen3-0.6B: 16 heads of 128 over
+d_model 1024): q and o are then ``n_heads * head_dim`` wide, k and v ``n_kv_heads * head_dim``.
+
 Every switch off (the defaults) is exactly the LLaMA model, at the same speed. Fields added with the
 families are saved only when they differ from their defaults, so a LLaMA config reads (and compares on
 resume) as it did before them.
@@ -65,6 +68,7 @@ class ModelConfig:
     n_layers: int = 12
     n_heads: int = 12
     n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention); fewer = GQA
+    head_dim: int | None = None  # width of each head; None = d_model // n_heads (Qwen3 sets 128)
     ffn_hidden: int = 1632  # SwiGLU inner width
     max_seq_len: int = 2048  # length of the precomputed RoPE table
     rope_theta: float = 10000.0
@@ -84,8 +88,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.d_model % self.n_heads:
-            raise UserError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise UserError(
+                    f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}: set head_dim"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 1:
+            raise UserError(f"head_dim {self.head_dim!r} must be a positive whole number")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.kernels not in KERNEL_BACKENDS:
@@ -159,14 +169,15 @@ class ModelConfig:
         return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def derived_head_dim(self) -> int | None:
+        """``d_model // n_heads`` where it divides: the head width when ``head_dim`` is not given."""
+        return None if self.d_model % self.n_heads else self.d_model // self.n_heads
 
     def num_parameters(self) -> int:
         """Trainable parameters, counting a tied embedding once."""
-        d, kv = self.d_model, self.n_kv_heads * self.head_dim
-        attention = d * d * 2 + d * kv * 2  # q, o and k, v
-        attention += (d + 2 * kv) * self.attention_bias + 2 * self.head_dim * self.qk_norm
+        d, q, kv = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attention = d * q * 2 + d * kv * 2  # q, o and k, v
+        attention += (q + 2 * kv) * self.attention_bias + 2 * self.head_dim * self.qk_norm
         block = attention + 3 * d * self.ffn_hidden + 2 * d  # + SwiGLU + two norms
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return embeddings + self.n_layers * block + d
@@ -176,12 +187,15 @@ class ModelConfig:
 
     def architecture(self) -> dict[str, Any]:
         """The fields that describe the model (what :meth:`save` writes): all but :data:`RUN_SETTINGS`,
-        and the :data:`FAMILY_FIELDS` only where they differ from their defaults."""
+        the :data:`FAMILY_FIELDS` only where they differ from their defaults, and ``head_dim`` only
+        where it is not ``d_model // n_heads``."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults["head_dim"] = self.derived_head_dim
+        optional = (*FAMILY_FIELDS, "head_dim")
         return {
             key: value
             for key, value in self.to_dict().items()
-            if key not in RUN_SETTINGS and not (key in FAMILY_FIELDS and value == defaults[key])
+            if key not in RUN_SETTINGS and not (key in optional and value == defaults[key])
         }
 
     @classmethod

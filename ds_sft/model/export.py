@@ -1,9 +1,9 @@
-"""A ds-sft model in the Hugging Face LLaMA layout, which ``AutoModelForCausalLM`` loads as it is.
+"""A ds-sft model in the Hugging Face layout of its family, which ``AutoModelForCausalLM`` loads as it is.
 
-:func:`export_hf` writes ``config.json`` (a ``LlamaConfig``), ``model.safetensors``,
-``generation_config.json`` and the tokenizer files; :func:`max_logit_difference` reloads such a
-folder with transformers and compares its logits with ds-sft's. The ``ds-sft export`` command around
-them is :mod:`ds_sft.export`.
+:func:`export_hf` writes ``config.json`` (the family's: ``LlamaConfig``, ``Qwen3Config`` ...),
+``model.safetensors``, ``generation_config.json`` and the tokenizer files; :func:`max_logit_difference`
+reloads such a folder with transformers and compares its logits with ds-sft's. The ``ds-sft export``
+command around them is :mod:`ds_sft.export`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ds_sft.errors import UserError
 
 
 def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
-    """Write ``model`` (+ ``tokenizer``) into ``out`` in the Hugging Face LLaMA layout."""
+    """Write ``model`` (+ ``tokenizer``) into ``out`` in the Hugging Face layout of its family."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 

@@ -205,7 +205,8 @@ class _Float8Matmul(torch.autograd.Function):
 
 
 class Float8Linear(nn.Module):
-    """A bias-free ``nn.Linear`` whose matmuls run in fp8 with delayed scaling (``--fp8 torch``).
+    """An ``nn.Linear`` whose matmuls run in fp8 with delayed scaling (``--fp8 torch``); a bias (Qwen2's
+    q/k/v) stays in its own precision and is added to the GEMM's output, as Transformer Engine does.
 
     Owns the replaced linear's ``weight`` Parameter (fp32 or bf16 master) and two persistent fp32
     buffers, ``fp8_amax_history [amax_history_len, 3]`` and ``fp8_scale [3]`` (columns: input,
@@ -218,7 +219,7 @@ class Float8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, recipe: Fp8Recipe) -> None:
         super().__init__()
         self.in_features, self.out_features, self.recipe = linear.in_features, linear.out_features, recipe
-        self.weight = linear.weight
+        self.weight, self.bias = linear.weight, linear.bias
         self.scaled_mm: bool | None = None
         device = linear.weight.device
         self.register_buffer("fp8_amax_history", torch.zeros(recipe.amax_history_len, 3, device=device))
@@ -229,7 +230,8 @@ class Float8Linear(nn.Module):
         compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         # Decided here: inside an autograd Function's forward, grad mode is always off.
         record = self.training and torch.is_grad_enabled()
-        return _Float8Matmul.apply(x, self.weight, self, compute_dtype, record)
+        y = _Float8Matmul.apply(x, self.weight, self, compute_dtype, record)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def uses_scaled_mm(self, device: torch.device) -> bool:
         return has_fp8_tensor_cores(device) if self.scaled_mm is None else self.scaled_mm
@@ -408,11 +410,14 @@ def encode_te_extra_state(state: dict[str, torch.Tensor], recipe: Fp8Recipe) -> 
 def _te_linear(te, linear: nn.Linear) -> nn.Module:
     # TE layers live on the GPU whatever device the model was built on (the trainer builds on CPU and
     # lets the engine move it); the weight is copied, so the optimizer must be made afterwards.
+    bias = linear.bias is not None
     layer = te.Linear(
-        linear.in_features, linear.out_features, bias=False, params_dtype=linear.weight.dtype, device="cuda"
+        linear.in_features, linear.out_features, bias=bias, params_dtype=linear.weight.dtype, device="cuda"
     )
     with torch.no_grad():
         layer.weight.copy_(linear.weight)
+        if bias:
+            layer.bias.copy_(linear.bias)
     return layer
 
 
@@ -557,9 +562,9 @@ def apply_fp8(
     names = fp8_linear_names(model)
     for name in names:
         linear = model.get_submodule(name)
-        if linear.bias is not None or linear.in_features % 16 or linear.out_features % 16:
+        if linear.in_features % 16 or linear.out_features % 16:
             raise UserError(
-                f"fp8 needs bias-free linears with both dimensions multiples of 16; {name} "
+                f"fp8 needs linears with both dimensions multiples of 16; {name} "
                 f"is {linear.in_features} -> {linear.out_features}: choose sizes that are, "
                 "or --fp8 off"
             )

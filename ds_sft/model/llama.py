@@ -153,11 +153,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        d, kv, bias = config.d_model, config.n_kv_heads * config.head_dim, config.attention_bias
-        self.q_proj = nn.Linear(d, d, bias=bias)
+        d, bias = config.d_model, config.attention_bias
+        q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(d, q, bias=bias)
         self.k_proj = nn.Linear(d, kv, bias=bias)
         self.v_proj = nn.Linear(d, kv, bias=bias)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(q, d, bias=False)
         if config.qk_norm:  # one gain per head feature, shared by the heads (Qwen3)
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.kernels)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.kernels)

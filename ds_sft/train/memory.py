@@ -19,8 +19,8 @@ from ds_sft.errors import UserError
 
 def activation_bytes(config, seq_len: int, micro_batch: int, bf16: bool, checkpointing: bool) -> int:
     """Lower bound on the bytes one micro-batch's saved activations take (see the module docstring)."""
-    kv = config.n_kv_heads * config.head_dim
-    per_layer = 4 * config.d_model + 2 * kv + 3 * config.ffn_hidden  # values per token
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    per_layer = 2 * config.d_model + 2 * q + 2 * kv + 3 * config.ffn_hidden  # values per token
     kept = config.n_layers * config.d_model + per_layer if checkpointing else config.n_layers * per_layer
     return micro_batch * seq_len * kept * (2 if bf16 else 4)
 

@@ -1,10 +1,11 @@
 """Which parameters AdamW decays, and the table that shows it.
 
 AdamW's weight decay pulls weights towards zero. That is a useful prior for the projection matrices
-(q/k/v/o, gate/up/down), and harmful for RMSNorm gains (their neutral value is 1, not 0) and token
-embeddings (rare tokens would shrink between their few updates); with tied weights the lm_head *is*
-the embedding. So two groups: decay on projection weights, 0.0 on everything else. Buffers such as
-a RoPE cache are not parameters at all.
+(q/k/v/o, gate/up/down), and harmful for RMSNorm gains (their neutral value is 1, not 0; Qwen3's
+per-head ``q_norm``/``k_norm`` too), biases (Qwen2's q/k/v: an offset, not a weight to keep small)
+and token embeddings (rare tokens would shrink between their few updates); with tied weights the
+lm_head *is* the embedding. So two groups: decay on projection weights, 0.0 on everything else.
+Buffers such as a RoPE cache are not parameters at all.
 """
 
 from __future__ import annotations

@@ -294,6 +294,52 @@ def test_apply_fp8_swaps_the_projections_and_keeps_parameters():
     assert apply_fp8(tiny_model(), "off").layers[0].attn.q_proj.__class__ is nn.Linear
 
 
+def qwen2_tiny_model(seed: int = 0) -> LlamaModel:
+    """Tiny, with q/k/v biases (the Qwen2 family), the biases drawn away from their zero init."""
+    torch.manual_seed(seed)
+    model = LlamaModel(ModelConfig.preset("tiny", kernels="eager", family="qwen2", attention_bias=True))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(std=0.5)
+    return model
+
+
+def test_a_biased_projection_adds_its_bias_to_the_fp8_product():
+    torch.manual_seed(0)
+    biased = nn.Linear(32, 16)
+    layer = Float8Linear(biased, Fp8Recipe())
+    assert layer.bias is biased.bias  # the same Parameter, as for the weight
+    unbiased = Float8Linear(nn.Linear(32, 16, bias=False), Fp8Recipe())
+    unbiased.weight = layer.weight
+    x, grad_y = torch.randn(3, 5, 32), torch.randn(3, 5, 16)
+    y = layer(x)
+    y.backward(grad_y)
+    torch.testing.assert_close(y, unbiased(x) + biased.bias, rtol=0, atol=0)
+    torch.testing.assert_close(layer.bias.grad, grad_y.sum(dim=(0, 1)))
+    assert set(layer.state_dict()) == {"weight", "bias", "fp8_amax_history", "fp8_scale"}
+
+
+def test_torch_fp8_trains_a_model_with_attention_biases():
+    """Qwen2-style q/k/v biases under --fp8 torch: kept, trained, and close to the bf16 model's output."""
+    reference, model = qwen2_tiny_model(), apply_fp8(qwen2_tiny_model(), "torch")
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert biases == {f"layers.{i}.attn.{p}_proj.bias" for i in range(2) for p in "qkv"}
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        fp8_logits, logits = model(ids), reference(ids)
+    assert (fp8_logits - logits).abs().max() < 0.1 * logits.abs().max()
+    without_bias = {n: p.detach().clone() for n, p in model.named_parameters() if n in biases}
+    with torch.no_grad():
+        for name in biases:
+            model.get_parameter(name).zero_()
+        assert (model(ids) - fp8_logits).abs().max() > 1e-3  # the biases take part
+        for name in biases:
+            model.get_parameter(name).copy_(without_bias[name])
+    model(ids, labels=ids.roll(-1, 1)).backward()
+    assert all(model.get_parameter(name).grad.abs().sum() > 0 for name in biases)
+
+
 def test_dimensions_not_multiple_of_16_are_refused():
     model = nn.Sequential()
     model.add_module("q_proj", nn.Linear(64, 40, bias=False))
@@ -629,6 +675,17 @@ def test_te_path_replaces_projections_and_carries_extra_state(fake_te):
         pass
     assert te.autocast_calls == [{"enabled": True, "fp8_recipe": te_recipe}]
     assert isinstance(fp8_autocast("torch", recipe), contextlib.nullcontext)
+
+
+def test_te_path_passes_the_biases(fake_te):
+    te = fake_te["transformer_engine.pytorch"]
+    model = qwen2_tiny_model()
+    biases = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".bias")}
+    apply_fp8(model, "te")
+    for name, value in biases.items():
+        layer = model.get_submodule(name.removesuffix(".bias"))
+        assert isinstance(layer, te.Linear) and torch.equal(layer.bias, value)
+    assert model.layers[0].attn.o_proj.bias is None and model.layers[0].mlp.up_proj.bias is None
 
 
 def test_te_import_failure_gives_one_clear_error(fake_te, monkeypatch):

@@ -2,7 +2,8 @@
 
 On CUDA, packed rows attend through ``flex_attention`` with a block mask (``_document_block_mask``);
 the reference is the same model with the dense boolean mask (causal and same document) through
-SDPA, the path every device can run. Forward loss and every parameter's gradient must agree.
+SDPA, the path every device can run. Forward loss and every parameter's gradient must agree, also
+for sliding windows (the BlockMask's mask_mod against the dense mask with the window).
 ``launch/gpu_check.sh`` runs this file with the kernel tests on CUDA; on CPU it is skipped.
 """
 
@@ -47,10 +48,12 @@ def packed_batch(rows: int, seq_len: int, vocab: int, seed: int) -> dict:
     return dict(input_ids=input_ids, position_ids=position_ids, document_ids=document_ids, labels=labels)
 
 
-def dense_document_mask(self, input_ids, document_ids, kv_cache):
-    """The reference mask: causal within each document, as a dense [B, 1, T, T] boolean for SDPA."""
+def dense_document_mask(self, input_ids, document_ids, kv_cache, window=None):
+    """The reference mask: causal within each document (and the window), a dense [B, 1, T, T] boolean."""
     T = input_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+    if window is not None:
+        causal = causal.triu(-(window - 1))  # query - key < window
     same = document_ids[:, :, None] == document_ids[:, None, :]
     return (causal & same)[:, None]
 
@@ -69,8 +72,35 @@ CASES = [(torch.float32, 1024, 0), (torch.bfloat16, 200, 1), (torch.bfloat16, 10
 
 @pytest.mark.parametrize("dtype,seq_len,seed", CASES, ids=str)
 def test_flex_attention_document_mask_matches_dense_sdpa(dtype, seq_len, seed, monkeypatch):
+    assert_flex_matches_dense(ModelConfig.preset("tiny", kernels="torch"), dtype, seq_len, seed, monkeypatch)
+
+
+# windows below, across and above the 128-token block, on every layer (Mistral) or some (Qwen2)
+WINDOWS = [
+    (dict(family="mistral", sliding_window=100), torch.float32, 1024, 3),
+    (dict(family="mistral", sliding_window=300), torch.bfloat16, 1024, 4),
+    (
+        dict(
+            family="qwen2",
+            attention_bias=True,
+            sliding_window=37,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        torch.bfloat16,
+        200,
+        5,
+    ),
+]
+
+
+@pytest.mark.parametrize("switches,dtype,seq_len,seed", WINDOWS, ids=str)
+def test_flex_attention_sliding_window_matches_dense_sdpa(switches, dtype, seq_len, seed, monkeypatch):
+    config = ModelConfig.preset("tiny", kernels="torch", max_seq_len=1024, **switches)
+    assert_flex_matches_dense(config, dtype, seq_len, seed, monkeypatch)
+
+
+def assert_flex_matches_dense(config, dtype, seq_len, seed, monkeypatch):
     torch.manual_seed(seed)
-    config = ModelConfig.preset("tiny", kernels="torch")
     model = LlamaModel(config).cuda().to(dtype)
     batch = {k: v.cuda() for k, v in packed_batch(3, seq_len, config.vocab_size, seed).items()}
     assert llama.use_flex_attention(batch["input_ids"].device)

@@ -43,3 +43,23 @@ def test_untied_lm_head_is_not_decayed():
     _, table = parameter_groups(model, weight_decay=0.1)
     no_decay = next(row for row in table if row["group"] == "no_decay")
     assert "lm_head.weight" in no_decay["names"]
+
+
+def test_biases_and_q_k_norms_are_not_decayed():
+    """Qwen2's q/k/v biases and Qwen3's q_norm/k_norm gains join the norms in the no-decay group."""
+    from ds_sft.model.config import ModelConfig
+    from ds_sft.model.llama import LlamaModel
+
+    for family, switch, parts in (
+        ("qwen2", "attention_bias", ("attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias")),
+        ("qwen3", "qk_norm", ("attn.q_norm.weight", "attn.k_norm.weight")),
+    ):
+        model = LlamaModel(ModelConfig.preset("tiny", family=family, **{switch: True}))
+        groups, table = parameter_groups(model, weight_decay=0.1)
+        names = {row["group"]: set(row["names"]) for row in table}
+        added = {f"layers.{i}.{part}" for i in range(2) for part in parts}
+        assert added <= names["no_decay"] and not added & names["decay"], family
+        assert len(names["decay"]) == 14  # the projection weights, as without the switch
+        assert sum(row["parameters"] for row in table) == model.config.num_parameters()
+        no_decay_line = format_group_table(table).splitlines()[2]
+        assert all(".".join(p for p in n.split(".") if not p.isdigit()) in no_decay_line for n in added)
