@@ -232,7 +232,7 @@ def test_resuming_an_older_tag_rewrites_the_newer_tags_whole(ds_env, tmp_path):
     partition, listed in the new manifest as if it were part of the save), and ``prune`` ranked the
     first run's steps 6 and 8 above the step 4 just saved and deleted it under ``latest``. Now each
     save replaces its tag whole, the first run's later tags go at the first save of the new one, and
-    the continuation equals the uninterrupted two-rank run.
+    the continuation equals the uninterrupted two-rank run, on one rank and on two.
     """
     data = write_tiny_data_dir(tmp_path / "data", train_rows=64)
     run_dir = tmp_path / "run"
@@ -269,3 +269,14 @@ def test_resuming_an_older_tag_rewrites_the_newer_tags_whole(ds_env, tmp_path):
     best = (ckpt_dir / "best").read_text().strip() if (ckpt_dir / "best").is_file() else None
     kept = {"step_000006", "step_000008"} | ({best} if best else set())
     assert {p.name for p in ckpt_dir.iterdir() if checkpointing.is_tag(p.name)} == kept
+
+    # The re-written step 6 on two ranks again (a universal conversion, which reads every partition
+    # file of the tag): on the old code rank 1's stale partition made it fail ("shape '[64]' is invalid
+    # for input of size 128").
+    again = tmp_path / "again"
+    shutil.copytree(ckpt_dir / "step_000006", again / "checkpoints" / "step_000006")
+    (again / "checkpoints" / "latest").write_text("step_000006")
+    train_two_ranks(
+        train_flags(data, again, 8, "--zero_stage", "2", "--save_interval", "2", "--grad_accum", "1")
+    )
+    assert [trajectory(again)[step] for step in (7, 8)] == pytest.approx([two[7], two[8]], abs=1e-5)
