@@ -8,9 +8,16 @@ Layout::
     RUN/checkpoints/latest           the tag of the newest *complete* checkpoint
     RUN/checkpoints/best             the tag with the lowest val loss
 
-``latest`` is rewritten (atomically, by rank 0) only after every rank has returned from
-``save_checkpoint`` and passed a barrier, so a run killed mid-save resumes from the previous one.
-Older tags beyond ``--keep_last`` are deleted, except the best.
+Every rank writes into ``RUN/checkpoints/.partial/<tag>/``; once all have returned from
+``save_checkpoint`` and passed a barrier, rank 0 writes the manifest, moves the folder to its tag,
+and only then rewrites ``latest`` (atomically), so a run killed mid-save resumes from the previous
+checkpoint and a tag folder is only ever a complete save. A run resumed from an older checkpoint
+saves steps the first run saved too: the new tag *replaces* the old one whole (the old folder is
+moved aside, then deleted; a symlink is unlinked, never followed), so no file of the first run (such
+as another world size's ZeRO partitions) stays beside the new ones. Tags later than the one just
+saved belong to the run this one branched from: they are deleted before the new tag takes its place
+(a crash then falls back to this run's own checkpoints, never the other run's), then older tags
+beyond ``--keep_last``, except the best.
 
 Integrity: ``trainer_state.json`` is written last and lists every file of the tag with its size and
 sha256 (rank 0 hashes them; checkpoints live on a filesystem every rank sees, as DeepSpeed's own
@@ -94,6 +101,8 @@ CHECKPOINT_GLOBALS = {
 }
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by torch.load at every call
 TAG_PATTERN = re.compile(r"step_\d{6,}")
+PARTIAL = ".partial"  # where every rank writes a checkpoint before it takes its tag's place
+REPLACED = ".replaced"  # where an earlier run's folder of the same tag waits to be deleted
 
 
 def allowed_globals() -> list[tuple[object, str]]:
@@ -297,7 +306,8 @@ def pickled_code(tag_dir: Path) -> str | None:
 
 @contextmanager
 def disk_errors(ckpt_dir: Path, tag: str):
-    """Turn a failed write (disk full, read-only, no permission) into one line that says what is safe."""
+    """Turn a failed write (disk full, read-only, no permission) into one line that says what is safe;
+    the half-written save is deleted first, so the space it took is free again."""
 
     try:
         yield
@@ -305,6 +315,7 @@ def disk_errors(ckpt_dir: Path, tag: str):
         # torch's zip writer reports a full disk as a RuntimeError from inline_container.cc
         if isinstance(err, RuntimeError) and "inline_container" not in str(err):
             raise
+        remove(ckpt_dir / PARTIAL, missing_ok=True)
         reason = str(err).strip().splitlines()[0]
         free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else 0.0
         latest = ckpt_dir / "latest"
@@ -315,25 +326,69 @@ def disk_errors(ckpt_dir: Path, tag: str):
         ) from None
 
 
+def remove(path: Path, missing_ok: bool = False) -> None:
+    """Delete ``path``: a folder with everything in it, a file, or a symlink itself (never its target;
+    ``shutil.rmtree`` unlinks the symlinks it meets inside a folder, never follows them)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=missing_ok)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
 def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int) -> str:
-    """Save a complete checkpoint for ``step`` on every rank; move ``latest`` once all are done."""
+    """Save a complete checkpoint for ``step`` on every rank, replacing any earlier folder of its tag;
+    move ``latest`` once all are done (see the module docstring)."""
     import torch.distributed as dist
 
     tag = tag_for(step)
+    partial = ckpt_dir / PARTIAL
     client_state = {"trainer": trainer_state, "rng": gather_rng_states()}
+    if dist.get_rank() == 0:
+        remove(partial, missing_ok=True)  # what a save killed mid-way left
+    dist.barrier()
     with disk_errors(ckpt_dir, tag):
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
         with disk_errors(ckpt_dir, tag):
-            state = {**trainer_state, "files": file_digests(ckpt_dir / tag)}
-            write_atomic(ckpt_dir / tag / STATE_FILE, json.dumps(state, indent=2))
+            state = {**trainer_state, "files": file_digests(partial / tag)}
+            write_atomic(partial / tag / STATE_FILE, json.dumps(state, indent=2))
+            drop_later_tags(ckpt_dir, step)
+            replace_tag(partial / tag, ckpt_dir / tag)
             write_atomic(ckpt_dir / "latest", tag)
+            for script in partial.glob("zero_to_*.py"):  # DeepSpeed's recovery scripts, kept beside the tags
+                os.replace(script, ckpt_dir / script.name)
+            partial.rmdir()
         if trainer_state.get("best_tag"):
             write_atomic(ckpt_dir / "best", trainer_state["best_tag"])
+        else:  # an earlier run's, which this one (resumed from before that run's best) never had
+            remove(ckpt_dir / "best", missing_ok=True)
         prune(ckpt_dir, keep_last, trainer_state.get("best_tag"))
     dist.barrier()
     return tag
+
+
+def drop_later_tags(ckpt_dir: Path, step: int) -> None:
+    """Delete the tags of steps after ``step``: saved by a run this one branched from (by resuming one
+    of its earlier checkpoints), so not part of this run's history."""
+    for path in ckpt_dir.iterdir():
+        if is_tag(path.name) and int(path.name.removeprefix("step_")) > step:
+            remove(path)
+
+
+def replace_tag(new: Path, tag_dir: Path) -> None:
+    """Move the complete checkpoint ``new`` to ``tag_dir``; an earlier run's folder there is moved
+    aside first and deleted once the new one is in place (a rename cannot replace a folder)."""
+    replaced = tag_dir.with_name(REPLACED)
+    remove(replaced, missing_ok=True)
+    if tag_dir.is_symlink() or tag_dir.exists():
+        os.replace(tag_dir, replaced)  # renames a symlink itself, never its target
+    os.replace(new, tag_dir)
+    remove(replaced, missing_ok=True)
 
 
 def prune(ckpt_dir: Path, keep_last: int, best_tag: str | None) -> None:

@@ -7,6 +7,7 @@ Shared by the chaos-resume and checkpoint-fault tests: the tiny model on the syn
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,21 @@ def run(flags: list[str], env: dict, fault: str | None = None, timeout: float = 
     proc = launch(flags, env, fault)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def train_two_ranks(argv: list[str]) -> None:
+    """``ds-sft train`` as two gloo ranks under torchrun."""
+    from ds_sft.train.distributed import free_port
+
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(
+        OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), "-m", "ds_sft.train", *argv]  # fmt: skip
+    done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 def train_records(out_dir: Path) -> list[dict]:

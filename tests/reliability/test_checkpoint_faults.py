@@ -19,7 +19,15 @@ import pytest
 from ds_sft.train import checkpointing
 
 from .conftest import Payload, write_tiny_data_dir
-from .runs import SAVE_EVERY, assert_same_weights, final_weights, run, train_flags, trajectory
+from .runs import (
+    SAVE_EVERY,
+    assert_same_weights,
+    final_weights,
+    run,
+    train_flags,
+    train_two_ranks,
+    trajectory,
+)
 
 pytestmark = pytest.mark.multiproc
 
@@ -214,3 +222,61 @@ def test_a_planted_universal_folder_never_runs_on_resume(clean_run, ds_env, tmp_
     assert sorted(planted.rglob("*")) == planted_files  # not ds-sft's: left as it was
     assert not list((run_dir / "checkpoints").glob(".universal-*"))  # ds-sft's own: removed
     assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_resuming_an_older_tag_rewrites_the_newer_tags_whole(ds_env, tmp_path):
+    """Two ranks save steps 2-8; one rank resumes step 2 in the same folder and is killed in step 7,
+    having re-written steps 4 and 6 over the first run's; ``--resume`` then continues from step 6.
+
+    On the old code a re-written tag kept the first run's files beside the new ones (rank 1's ZeRO
+    partition, listed in the new manifest as if it were part of the save), and ``prune`` ranked the
+    first run's steps 6 and 8 above the step 4 just saved and deleted it under ``latest``. Now each
+    save replaces its tag whole, the first run's later tags go at the first save of the new one, and
+    the continuation equals the uninterrupted two-rank run, on one rank and on two.
+    """
+    data = write_tiny_data_dir(tmp_path / "data", train_rows=64)
+    run_dir = tmp_path / "run"
+    ckpt_dir = run_dir / "checkpoints"
+
+    def flags(keep_last: int, accum: int, *resume: str) -> list[str]:
+        return train_flags(data, run_dir, 8, *resume, "--zero_stage", "2", "--save_interval", "2",
+                           "--keep_last", str(keep_last), "--grad_accum", str(accum))  # fmt: skip
+
+    train_two_ranks(flags(4, 1))  # 2 ranks x 2 rows, or 1 rank x 2 x 2: the same rows per step
+    two = trajectory(run_dir)
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if checkpointing.is_tag(p.name))
+    assert tags == [checkpointing.tag_for(step) for step in (2, 4, 6, 8)]
+
+    killed = run(flags(2, 2, str(ckpt_dir / "step_000002")), ds_env, fault="step@7")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (ckpt_dir / "latest").read_text().strip() == "step_000006"
+    assert sorted(p.name for p in ckpt_dir.iterdir() if checkpointing.is_tag(p.name)) == [
+        "step_000004",
+        "step_000006",
+    ]
+
+    resumed = run(flags(2, 2), ds_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipping checkpoint" not in resumed.stderr
+    one = trajectory(run_dir)
+    assert [one[step] for step in (7, 8)] == pytest.approx([two[step] for step in (7, 8)], abs=1e-5)
+    for tag in ("step_000006", "step_000008"):
+        assert checkpointing.damage(ckpt_dir / tag) is None
+        state = checkpointing.read_trainer_state(ckpt_dir / tag)
+        assert state["world_size"] == 1
+        assert not [name for name in state["files"] if "rank_1" in name], f"{tag} holds rank 1's files"
+    assert (ckpt_dir / "latest").read_text().strip() == "step_000008"
+    best = (ckpt_dir / "best").read_text().strip() if (ckpt_dir / "best").is_file() else None
+    kept = {"step_000006", "step_000008"} | ({best} if best else set())
+    assert {p.name for p in ckpt_dir.iterdir() if checkpointing.is_tag(p.name)} == kept
+
+    # The re-written step 6 on two ranks again (a universal conversion, which reads every partition
+    # file of the tag): on the old code rank 1's stale partition made it fail ("shape '[64]' is invalid
+    # for input of size 128").
+    again = tmp_path / "again"
+    shutil.copytree(ckpt_dir / "step_000006", again / "checkpoints" / "step_000006")
+    (again / "checkpoints" / "latest").write_text("step_000006")
+    train_two_ranks(
+        train_flags(data, again, 8, "--zero_stage", "2", "--save_interval", "2", "--grad_accum", "1")
+    )
+    assert [trajectory(again)[step] for step in (7, 8)] == pytest.approx([two[7], two[8]], abs=1e-5)

@@ -18,16 +18,13 @@ new engine holds the saved fp32 masters, Adam moments and step bit for bit.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO_ROOT, write_tiny_data_dir
-from .runs import final_weights, train_flags, trajectory
+from .conftest import write_tiny_data_dir
+from .runs import final_weights, train_flags, train_two_ranks, trajectory
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -65,21 +62,6 @@ def train_here(argv: list[str]) -> None:
     from ds_sft.cli import main
 
     assert main(["train", *argv]) == 0
-
-
-def train_two_ranks(argv: list[str]) -> None:
-    """``ds-sft train`` as two gloo ranks under torchrun."""
-    from ds_sft.train.distributed import free_port
-
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env.update(
-        OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    )
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), "-m", "ds_sft.train", *argv]  # fmt: skip
-    done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 RUNS: dict[tuple, Path] = {}  # (stage, precision, ranks) -> the uninterrupted run, trained once

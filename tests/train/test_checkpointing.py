@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from ds_sft.errors import UserError
-from ds_sft.train.checkpointing import STATE_FILE, consolidated_state_dict, find_checkpoint, prune
+from ds_sft.train.checkpointing import (
+    STATE_FILE,
+    consolidated_state_dict,
+    drop_later_tags,
+    find_checkpoint,
+    prune,
+    replace_tag,
+)
 from ds_sft.train.engine import build_engine
 from ds_sft.train.state_transfer import load_weights, read_state, write_state
 from tests.train.helpers import TinyPacked, ds_config, settings, tiny_model
@@ -69,6 +76,53 @@ def test_prune_keeps_the_last_k_and_the_best(tmp_path):
         "step_000040",
         "step_000050",
     ]
+
+
+@pytest.mark.parametrize("earlier", ["folder", "symlink", "file", "none"])
+def test_replace_tag_swaps_in_the_new_folder_and_never_follows_a_symlink(tmp_path, earlier):
+    """Whatever an earlier run left under the tag's name goes (a symlink itself, never its target);
+    the new folder takes its place whole, and nothing else in the folder moves."""
+    ckpt_dir, outside = tmp_path / "checkpoints", tmp_path / "outside"
+    make_tags(ckpt_dir, [2, 4])
+    outside.mkdir()
+    (outside / "keep.pt").write_text("not ds-sft's")
+    tag_dir = ckpt_dir / "step_000006"
+    if earlier == "folder":
+        tag_dir.mkdir()
+        (tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_text("stale")
+    elif earlier == "symlink":
+        tag_dir.symlink_to(outside, target_is_directory=True)
+    elif earlier == "file":
+        tag_dir.write_text("stale")
+    new = ckpt_dir / ".partial" / "step_000006"
+    new.mkdir(parents=True)
+    (new / "mp_rank_00_model_states.pt").write_text("new")
+    replace_tag(new, tag_dir)
+    assert not tag_dir.is_symlink() and sorted(p.name for p in tag_dir.iterdir()) == [
+        "mp_rank_00_model_states.pt"
+    ]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        ".partial",
+        "latest",
+        "step_000002",
+        "step_000004",
+        "step_000006",
+    ]
+    assert (outside / "keep.pt").read_text() == "not ds-sft's"
+
+
+def test_drop_later_tags_removes_only_later_tags(tmp_path):
+    """Tags after the step just saved go (folders, incomplete ones, symlinks without their targets);
+    earlier tags and anything not named like a tag stay."""
+    ckpt_dir, outside = tmp_path / "checkpoints", tmp_path / "outside"
+    make_tags(ckpt_dir, [2, 4, 6, 8])
+    (ckpt_dir / "step_000010").mkdir()  # a save the first run never finished
+    outside.mkdir()
+    (ckpt_dir / "step_000012").symlink_to(outside, target_is_directory=True)
+    (ckpt_dir / "step_9").mkdir()  # not a tag ds-sft writes
+    drop_later_tags(ckpt_dir, 4)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest", "step_000002", "step_000004", "step_9"]
+    assert outside.is_dir()
 
 
 def test_find_checkpoint(tmp_path):
