@@ -81,7 +81,9 @@ def train_run(run_dir: Path) -> dict | None:
         "loss_start": statistics.mean(losses[:head]),
         "loss_end": statistics.mean(losses[-head:]),
         "tokens_per_s": statistics.median(speeds),
-        "flops_per_token": flops_per_token(config.num_parameters(), config.n_layers, config.d_model, seq_len),
+        "flops_per_token": flops_per_token(
+            config.num_parameters(), config.n_layers, config.n_heads * config.head_dim, seq_len
+        ),
     }
 
 

@@ -99,6 +99,7 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "n_layers": ("n_layers", "n_layer", "num_hidden_layers"),
     "n_heads": ("n_heads", "n_head", "num_attention_heads"),
     "n_kv_heads": ("n_kv_heads", "n_kv_head", "num_key_value_heads", "n_query_groups"),
+    "head_dim": ("head_dim", "head_size"),
     "ffn_hidden": ("ffn_hidden", "intermediate_size", "hidden_dim", "ffn_dim", "mlp_hidden"),
     "max_seq_len": ("max_seq_len", "block_size", "max_position_embeddings", "seq_len"),
     "rope_theta": ("rope_theta", "rope_base", "theta"),
@@ -379,8 +380,8 @@ def infer_config(
     fields.update(overrides)
     if "n_heads" not in fields:
         fields["n_heads"] = _guess_heads(fields)
-    if "head_dim" not in fields and "layers.0.attn.q_proj.weight" in state:
-        fields["head_dim"] = state["layers.0.attn.q_proj.weight"].shape[0] // fields["n_heads"]
+    if "head_dim" not in fields:
+        fields["head_dim"] = _head_dim_from_weights(state, fields)
     if "n_kv_heads" not in fields and "layers.0.attn.k_proj.weight" in state:
         head_dim = fields.get("head_dim") or fields["d_model"] // fields["n_heads"]
         fields["n_kv_heads"] = state["layers.0.attn.k_proj.weight"].shape[0] // head_dim
@@ -389,6 +390,17 @@ def infer_config(
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)  # a tied model saved with both names (HF's state_dict)
     return config
+
+
+def _head_dim_from_weights(state: dict[str, torch.Tensor], fields: dict[str, Any]) -> int | None:
+    """The head width that q's rows reveal (q alone, or q, k and v fused when the key/value heads are
+    known); None = d_model // n_heads."""
+    if "layers.0.attn.q_proj.weight" in state:
+        return state["layers.0.attn.q_proj.weight"].shape[0] // fields["n_heads"]
+    if "layers.0.attn.qkv_proj.weight" in state and "n_kv_heads" in fields:
+        heads = fields["n_heads"] + 2 * fields["n_kv_heads"]
+        return state["layers.0.attn.qkv_proj.weight"].shape[0] // heads
+    return None
 
 
 def _guess_heads(fields: dict[str, Any]) -> int:

@@ -320,7 +320,10 @@ class StepMeter:
         bf16 = ds_config.get("bf16", {}).get("enabled", False)
         self.peak, self.peak_source = peak_flops(bf16)
         self.flops_token = flops_per_token(
-            model_config.num_parameters(), model_config.n_layers, model_config.d_model, seq_len
+            model_config.num_parameters(),
+            model_config.n_layers,
+            model_config.n_heads * model_config.head_dim,
+            seq_len,
         )
         say(
             f"MFU peak: {self.peak / 1e12:.2f} TFLOP/s per rank ({self.peak_source}); "

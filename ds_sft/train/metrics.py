@@ -3,7 +3,8 @@
 MFU (model FLOPs utilization) = achieved model FLOP/s / peak FLOP/s. Training a decoder costs
 ``6 N`` FLOPs per token for the weight matmuls (2 forward + 4 backward per parameter) plus
 ``12 L d T`` for attention scores and values (PaLM, appendix B), with N parameters, L layers,
-width d and sequence length T. Peak: the datasheet dense number for known GPUs; on a CPU, what a
+attention width d (n_heads x head_dim: d_model in LLaMA, twice it in Qwen3-0.6B) and sequence
+length T. Peak: the datasheet dense number for known GPUs; on a CPU, what a
 large matmul in the run's dtype actually reaches here (measured once at start), so CPU MFU reads
 as "fraction of this machine's GEMM rate".
 
@@ -31,8 +32,8 @@ GPU_PEAK_FLOPS = {
 }
 
 
-def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
-    return 6 * n_params + 12 * n_layers * d_model * seq_len
+def flops_per_token(n_params: int, n_layers: int, attention_width: int, seq_len: int) -> float:
+    return 6 * n_params + 12 * n_layers * attention_width * seq_len
 
 
 def measure_matmul_flops(dtype, size: int = 1024, repeats: int = 5) -> float:

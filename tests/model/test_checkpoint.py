@@ -65,8 +65,9 @@ def nanogpt_style_checkpoint(model: LlamaModel) -> dict:
             "config": {"learning_rate": 6e-4, "n_layer": c.n_layers}}  # fmt: skip
 
 
-def test_base_pt_with_prefixes_fused_qkv_and_extra_state(tmp_path):
-    model = tiny(rope_theta=777.0)
+@pytest.mark.parametrize("head_dim", [None, 8, 32])
+def test_base_pt_with_prefixes_fused_qkv_and_extra_state(tmp_path, head_dim):
+    model = tiny(rope_theta=777.0, head_dim=head_dim)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -74,16 +75,19 @@ def test_base_pt_with_prefixes_fused_qkv_and_extra_state(tmp_path):
     torch.save(nanogpt_style_checkpoint(model), tmp_path / "base.pt")
     loaded = load_model(tmp_path / "base.pt")
     assert loaded.config.n_kv_heads == 2 and loaded.config.rope_theta == 777.0
+    assert loaded.config.head_dim == model.config.head_dim  # from the fused rows: nothing says it
     same_logits(model, loaded)
     assert loaded.fp8_extra_state["layers.1.attn.qkv_proj"].getvalue() == b"te fp8 meta qkv 1"
     torch.testing.assert_close(loaded.fp8_extra_state["layers.0.attn.o_proj"], torch.tensor([1.0, 2.0, 0.0]))
 
 
-def test_ddp_prefix_bare_state_dict_with_config_override(tmp_path):
-    model = tiny()
+@pytest.mark.parametrize("head_dim", [None, 8, 32])
+def test_ddp_prefix_bare_state_dict_with_config_override(tmp_path, head_dim):
+    model = tiny(head_dim=head_dim)
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")
     # a bare state dict does not say how many heads: the caller does
     loaded = load_model(tmp_path / "ddp.pt", config_overrides={"n_heads": 4, "max_seq_len": 128})
+    assert loaded.config.architecture() == model.config.architecture()  # head_dim, n_kv_heads: q, k rows
     same_logits(model, loaded)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import dataclasses
 import enum
 import io
@@ -347,6 +348,27 @@ def test_dimensions_not_multiple_of_16_are_refused():
         apply_fp8(model, "torch")
     with pytest.raises(UserError, match="unknown"):
         apply_fp8(tiny_model(), "fp4")
+
+
+@pytest.mark.parametrize("head_dim, n_heads, n_kv_heads", [(8, 4, 2), (32, 4, 1), (16, 3, 1), (128, 2, 2)])
+def test_fp8_projections_are_as_wide_as_the_heads(head_dim, n_heads, n_kv_heads):
+    """q/o are n_heads x head_dim wide, k/v n_kv_heads x head_dim, not d_model (Qwen3's head_dim)."""
+    torch.manual_seed(0)
+    heads = dict(head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+    config = ModelConfig.preset("tiny", kernels="eager", **heads)
+    reference = LlamaModel(config)
+    model = apply_fp8(copy.deepcopy(reference), "torch")
+    assert model.layers[0].attn.o_proj.weight.shape == (64, n_heads * head_dim)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        fp8_logits, logits = model(ids), reference(ids)
+    assert (fp8_logits - logits).abs().max() < 0.1 * logits.abs().max()
+
+
+def test_fp8_refuses_heads_whose_widths_are_not_multiples_of_16():
+    model = LlamaModel(ModelConfig.preset("tiny", kernels="eager", head_dim=6))  # q: 4 x 6 = 24
+    with pytest.raises(UserError, match="q_proj is 64 -> 24"):
+        apply_fp8(model, "torch")
 
 
 def test_state_dict_round_trip_resumes_fp8_state():

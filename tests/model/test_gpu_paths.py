@@ -99,6 +99,12 @@ def test_flex_attention_sliding_window_matches_dense_sdpa(switches, dtype, seq_l
     assert_flex_matches_dense(config, dtype, seq_len, seed, monkeypatch)
 
 
+def test_flex_attention_heads_wider_than_d_model_over_n_heads(monkeypatch):
+    """Qwen3's head_dim apart from d_model / n_heads (4 heads of 32 over d_model 64) in flex_attention."""
+    config = ModelConfig.preset("tiny", kernels="torch", family="qwen3", qk_norm=True, head_dim=32)
+    assert_flex_matches_dense(config, torch.bfloat16, 200, 6, monkeypatch)
+
+
 def assert_flex_matches_dense(config, dtype, seq_len, seed, monkeypatch):
     torch.manual_seed(seed)
     model = LlamaModel(config).cuda().to(dtype)
