@@ -101,7 +101,7 @@ def previous_run(run_dir: Path) -> list[str]:
 
 def remove_previous_run(run_dir: Path) -> None:
     """``--overwrite``: remove what an earlier run wrote (see :data:`CHECKPOINT_FILES`), nothing else."""
-    from ds_sft.train.checkpointing import is_tag
+    from ds_sft.train.checkpointing import PARTIAL, REPLACED, is_tag
 
     ckpt_dir = run_dir / "checkpoints"
     ours = [run_dir / "final", run_dir / "metrics.jsonl"]
@@ -109,7 +109,9 @@ def remove_previous_run(run_dir: Path) -> None:
         ours += [
             path
             for path in ckpt_dir.iterdir()
-            if is_tag(path.name) or path.name in CHECKPOINT_FILES or path.name.startswith(".universal-")
+            if is_tag(path.name)
+            or path.name in (*CHECKPOINT_FILES, PARTIAL, REPLACED)  # the last two: a save cut short
+            or path.name.startswith(".universal-")
         ]
     for path in ours:
         if path.is_dir() and not path.is_symlink():

@@ -166,6 +166,8 @@ def test_a_finished_run_is_continued_or_replaced_only_when_asked(data, ds_env, t
     assert run(train_flags(data, out, 4), ds_env).returncode == 0
     (out / "notes.txt").write_text("the user's own file")
     (out / "checkpoints" / "step_000004_universal").mkdir()  # not written by ds-sft either
+    (out / "checkpoints" / ".partial" / "step_000006").mkdir(parents=True)  # ds-sft's: a save cut short
+    (out / "checkpoints" / ".replaced").mkdir()
     final = (out / "final" / "model.safetensors").read_bytes()
     before = tree(out)
 
