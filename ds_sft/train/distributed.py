@@ -79,7 +79,9 @@ def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
     use_slurm_environment()
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # One rank: nobody else connects, so the store binds any free port itself (port 0). A port picked
+    # in advance could be taken by another process before the store listens on it (EADDRINUSE).
+    os.environ.setdefault("MASTER_PORT", "0" if os.environ["WORLD_SIZE"] == "1" else str(free_port()))
     if torch.cuda.is_available():
         # before the group: NCCL's communicator and all_gather_object use the current device. Modulo
         # the visible count: Slurm's --gpus-per-task shows each task its one GPU as device 0.

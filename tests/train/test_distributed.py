@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given
@@ -99,3 +101,20 @@ def test_train_translates_slurm_before_the_config_reads_world_size(monkeypatch):
     with pytest.raises(Stop):
         cli.run(argparse.Namespace())
     assert seen == {"world": "2", "rank": "1"}
+
+
+def test_one_rank_lets_the_store_pick_its_port():
+    """A plain ``python`` run is one rank: the store binds a free port itself (MASTER_PORT 0), so no
+    other process can take a port picked in advance before the store listens on it (EADDRINUSE)."""
+    code = (
+        "import os\n"
+        "from ds_sft.train.distributed import init_distributed\n"
+        "print(init_distributed(), os.environ['MASTER_PORT'])\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "0" and "(0, 1)" in done.stdout
