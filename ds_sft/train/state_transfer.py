@@ -30,21 +30,16 @@ own partition (``safe_set_local_*``).
 
 from __future__ import annotations
 
+from ds_sft.train.compatibility import differences
+
 MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's, the optimizer ds-sft configures
-
-
-def engine_kind(stage: int, precision: str) -> str:
-    return f"ZeRO {stage} {precision}"
+CONVERTED = ("zero_stage", "precision")  # the run-identity keys whose change this module carries over
 
 
 def changes(saved: dict, now: dict) -> dict:
     """{key: (saved, now)} for the ZeRO stage and precision, where they differ (a checkpoint from
     before precision was recorded counts as this run's)."""
-    return {
-        key: (saved[key], now[key])
-        for key in ("zero_stage", "precision")
-        if saved.get(key, now[key]) != now[key]
-    }
+    return {key: pair for key, pair in differences(saved, now, allowed=()).items() if key in CONVERTED}
 
 
 def describe(changed: dict) -> str:
