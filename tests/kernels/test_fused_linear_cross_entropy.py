@@ -216,3 +216,73 @@ def test_gradient_work_when_grad_is_wanted(reduction, device, monkeypatch):
         h.requires_grad_(), w.requires_grad_(), labels, reduction=reduction, chunk_size=16, backend="torch"
     )
     assert loss.requires_grad and calls == [(True, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_one_chunk_of_logits_alive_at_a_time(dtype, reduction, monkeypatch):
+    """When a chunk's logits are computed, no earlier chunk's logits are still referenced (fp32 on CPU
+    gets a fresh oneDNN product per chunk, bf16 a view of one reused buffer): the peak holds one
+    chunk, whatever the path. The result is still the reference's."""
+    import weakref
+
+    import kernels.fused_linear_cross_entropy as fused
+
+    vocab, product = 1000, fused._matmul_transposed
+    alive_at_each_chunk, earlier = [], []
+
+    def tracking(a, b, out=None):
+        result = product(a, b, out)
+        if result.shape[-1] == vocab:  # a chunk's logits (not dlogits @ W)
+            alive_at_each_chunk.append(sum(ref() is not None for ref in earlier))
+            earlier.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(fused, "_matmul_transposed", tracking)
+    h, w, labels = _inputs(100, 64, vocab, "cpu", dtype=dtype, ignored=0.0, seed=12)
+    tol = None if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
+    _check(h, w, labels, "torch", reduction, chunk_size=16, tol=tol)
+    chunks = 7 * (2 if reduction == "none" else 1)  # "none" recomputes them in the backward
+    assert alive_at_each_chunk == [0] * chunks
+
+
+def test_logits_chunks_share_one_buffer_off_onednn():
+    """bf16 (and anything not on oneDNN) writes every chunk's logits into one buffer: one allocation,
+    not one per chunk; each chunk's values are still ``h_c @ W.T``."""
+    import kernels.fused_linear_cross_entropy as fused
+
+    h, w, _ = _inputs(50, 64, 300, "cpu", dtype=torch.bfloat16, seed=13)
+    storages, chunks = set(), 0
+    for rows, h_c, logits in fused._logits_chunks(h, w, 16):
+        torch.testing.assert_close(logits, h[rows] @ w.t())
+        assert h_c.data_ptr() == h[rows].data_ptr()
+        storages.add(logits.untyped_storage().data_ptr())
+        chunks += 1
+    assert chunks == 4 and len(storages) == 1
+
+
+SHAPES = [(0, 64, 300), (1, 1, 1), (37, 64, 1000), (220, 768, 2049)]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize(("rows", "inner", "cols"), SHAPES)
+@pytest.mark.parametrize("transposed_b", [False, True])
+def test_cpu_fp32_products_run_on_onednn(rows, inner, cols, transposed_b):
+    """fp32 products on CPU go through oneDNN's linear (the private op must exist in this torch, or the
+    CPU loss loses its speed silently) and are exact to fp32 rounding: odd shapes, no rows, and ``b``
+    given as a transposed view (``dlogits @ W`` is ``dlogits @ (W.T).T``); bf16 takes torch's matmul."""
+    import kernels.fused_linear_cross_entropy as fused
+
+    gen = torch.Generator().manual_seed(rows + cols)
+    a = torch.randn(rows, inner, generator=gen)
+    shape = (inner, cols) if transposed_b else (cols, inner)
+    b = torch.randn(shape, generator=gen)
+    b = b.t() if transposed_b else b
+    assert fused._ONEDNN_LINEAR is not None
+    assert fused._on_onednn(a, b) and not fused._on_onednn(a.bfloat16(), b.bfloat16())
+    result = fused._matmul_transposed(a, b)
+    assert result.shape == (rows, cols) and result.dtype == torch.float32
+    # fp32's worst-case error bound for a sum of `inner` products, whatever the order (K u |a||b|): a
+    # product computed through bf16 or tf32 would break it by orders of magnitude
+    bound = inner * 2.0**-24 * a.double().abs().mm(b.double().abs().t())
+    assert bool(((result.double() - a.double().mm(b.double().t())).abs() <= bound).all())
