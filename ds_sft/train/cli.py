@@ -226,6 +226,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             "--resume continues the run in --out_dir and --overwrite replaces it: pass one of them"
         )
+    if s.allow_change and s.resume is None:  # a fresh run has nothing to change: the user meant a resume
+        raise UserError(
+            f"--allow_change {','.join(s.allow_change)} lets a resume change its settings, but this run "
+            "starts fresh: add --resume (or drop --allow_change)"
+        )
 
     import torch.distributed as dist
 

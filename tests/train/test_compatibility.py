@@ -268,6 +268,18 @@ def test_allow_change_of_an_unknown_key_lists_the_keys(value, capsys):
     assert all(key in line for key in compatibility.IDENTITY_KEYS)
 
 
+@pytest.mark.parametrize("keys", [["seed"], ["zero_stage", "precision"]])
+def test_allow_change_without_resume_is_refused_before_any_work(parts, keys, tmp_path, capsys, monkeypatch):
+    """A fresh run has no saved settings to change: the flag means the user forgot --resume."""
+    import ds_sft.train.distributed
+
+    monkeypatch.setattr(ds_sft.train.distributed, "init_distributed", None)  # not reached
+    assert train(parts.data_a, parts.bare, tmp_path / "run", "--allow_change", ",".join(keys)) == 2
+    line = one_line_error(capsys)
+    assert f"--allow_change {','.join(keys)}" in line and "add --resume" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_check_resume_lets_through_resumable_and_allowed_keys_and_names_the_rest():
     now = compatibility.run_identity(settings(), tiny_model(), TinyPacked(2, 0), world_size=1)
     saved = {**now, "micro_batch_size": 1, "seed": 5, "global_batch": 2}
