@@ -15,6 +15,7 @@ at the first step; :func:`check_model_fits` refuses them, and token ids past the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -74,12 +75,10 @@ def data_tokenizer_identity(data_dir: str) -> str | None:
     tokenizer the shards were made with. Manifests written before it was recorded hold another hash
     (``tokenizer.sha256``, of the tokenizer's files as parsed) that nothing compares: the folder decides.
     """
-    from ds_sft.data.tokenizer import load_tokenizer
-
     folder = Path(data_dir) / "tokenizer"
     if not folder.is_dir():
         return None
-    found = tokenizer_identity(load_tokenizer(str(folder)))
+    found = _folder_identity(str(folder.resolve()), _folder_stamp(folder))
     recorded = read_manifest(data_dir).get("tokenizer", {}).get("identity")
     if recorded is not None and recorded != found:
         raise UserError(
@@ -87,6 +86,23 @@ def data_tokenizer_identity(data_dir: str) -> str | None:
             "tokenizer identity): run `ds-sft prepare` again for this folder"
         )
     return found
+
+
+def _folder_stamp(folder: Path) -> tuple:
+    """Name, inode, size and change times of each file: a file rewritten or replaced in between (even
+    by a copy that keeps the old modification time) stamps differently."""
+    stats = ((p.name, p.stat()) for p in folder.iterdir())
+    return tuple(sorted((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats))
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_identity(folder: str, stamp: tuple) -> str:
+    """:func:`tokenizer_identity` of a tokenizer folder, once per folder and stamp: a fresh ``train``
+    asks for it twice (the model check, then the run identity), and a 150k-entry vocabulary takes
+    seconds to load and hash."""
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    return tokenizer_identity(load_tokenizer(folder))
 
 
 def model_tokenizer_dir(spec: str) -> Path | None:

@@ -211,3 +211,25 @@ def test_a_tokenizer_folder_that_is_not_the_recorded_one_is_refused(prepared, tm
         with pytest.raises(UserError, match="is not the tokenizer .* was prepared with") as error:
             data_tokenizer_identity(str(data))
         assert "\n" not in str(error.value) and "ds-sft prepare" in str(error.value)
+
+
+def test_the_data_tokenizer_is_hashed_once_until_its_folder_changes(
+    tokenizers, prepared, tmp_path, monkeypatch
+):
+    """A fresh ``train`` asks twice (model check, run identity): one load of the tokenizer. Replacing
+    the folder's files at the same path (a copy keeping their modification times) is seen."""
+    import ds_sft.data.tokenizer
+
+    loads, load = [], ds_sft.data.tokenizer.load_tokenizer
+    monkeypatch.setattr(
+        ds_sft.data.tokenizer, "load_tokenizer", lambda path: loads.append(path) or load(path)
+    )
+    data = with_manifest(prepared["a"], tmp_path / "data", lambda entry: entry.pop("identity"))
+    assert (
+        data_tokenizer_identity(str(data)) == data_tokenizer_identity(str(data)) == identity_of(tokenizers[0])
+    )
+    assert len(loads) == 1
+    shutil.rmtree(data / "tokenizer")
+    shutil.copytree(prepared["b"] / "tokenizer", data / "tokenizer")
+    assert data_tokenizer_identity(str(data)) == identity_of(tokenizers[1])
+    assert len(loads) == 2
