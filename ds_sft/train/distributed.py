@@ -63,8 +63,8 @@ def use_slurm_environment(environ=os.environ) -> bool:
 
 
 def master_port(environ=os.environ) -> str:
-    """The port rank 0's store listens on (every other rank connects to it): MASTER_PORT, or for one
-    rank alone ``"0"``, which lets the store bind a free port itself.
+    """The port of the store the ranks meet at (rank 0's, or their launcher's): MASTER_PORT, or for
+    one rank alone ``"0"``, which lets its store bind a free port itself.
 
     Several ranks need MASTER_PORT from their launcher: a port each rank picked alone would differ
     (they would wait for each other until the timeout), and a fixed default (torch's 29500) could
