@@ -14,7 +14,8 @@ before the group exists.
 Launchers: the deepspeed launcher and torchrun export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*.
 Slurm's ``srun`` exports SLURM_* instead; :func:`use_slurm_environment` translates them, and must
 run before anything reads WORLD_SIZE (``ds-sft train`` calls it first thing). A plain process gets
-a one-rank group on a free local port.
+a one-rank group whose store binds a free local port itself. Several ranks must all be told one port
+(:func:`master_port`): nothing here picks one for them.
 """
 
 from __future__ import annotations
@@ -22,15 +23,10 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import socket
+
+from ds_sft.errors import UserError
 
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 15000  # below Linux's ephemeral range (32768-60999)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def first_host(nodelist: str) -> str:
@@ -66,22 +62,43 @@ def use_slurm_environment(environ=os.environ) -> bool:
     return True
 
 
+def master_port(environ=os.environ) -> str:
+    """The port of the store the ranks meet at (rank 0's, or their launcher's): MASTER_PORT, or for
+    one rank alone ``"0"``, which lets its store bind a free port itself.
+
+    Several ranks need MASTER_PORT from their launcher: a port each rank picked alone would differ
+    (they would wait for each other until the timeout), and a fixed default (torch's 29500) could
+    be taken by another job, whose store the other ranks would then join."""
+    world, port = int(environ["WORLD_SIZE"]), environ.get("MASTER_PORT")
+    if port is not None and not (re.fullmatch("[0-9]{1,5}", port) and int(port) < 2**16):
+        raise UserError(f"MASTER_PORT={port!r} is not a port: set a number from 1 to 65535, or unset it")
+    if world == 1:
+        return port or "0"
+    if port is None or int(port) == 0:
+        given = "is not set" if port is None else "is 0, which only a one-rank run may use"
+        raise UserError(
+            f"WORLD_SIZE={world} but MASTER_PORT {given}: the ranks have no port to meet at; start them "
+            f"with `torchrun --standalone --nproc_per_node {world} -m ds_sft.train ...` or the deepspeed "
+            "launcher, or give every rank the same MASTER_ADDR and MASTER_PORT"
+        )
+    return port
+
+
 def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
     """Join (or, for a plain ``python``, create) the process group. Returns (rank, world size).
 
     ``timeout_s`` bounds every collective (None: DeepSpeed's default, $DEEPSPEED_TIMEOUT minutes).
     Without RANK & co. DeepSpeed would fall back to MPI discovery, hence the one-rank defaults.
     """
+    use_slurm_environment()
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ["MASTER_PORT"] = master_port()  # before the imports: a launch mistake fails at once
+
     import deepspeed
     import torch
     import torch.distributed as dist
 
-    use_slurm_environment()
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    # One rank: nobody else connects, so the store binds any free port itself (port 0). A port picked
-    # in advance could be taken by another process before the store listens on it (EADDRINUSE).
-    os.environ.setdefault("MASTER_PORT", "0" if os.environ["WORLD_SIZE"] == "1" else str(free_port()))
     if torch.cuda.is_available():
         # before the group: NCCL's communicator and all_gather_object use the current device. Modulo
         # the visible count: Slurm's --gpus-per-task shows each task its one GPU as device 0.

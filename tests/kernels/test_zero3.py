@@ -10,8 +10,6 @@ that even these tiny parameters are really partitioned.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from torch import nn
@@ -56,17 +54,12 @@ class TiedNet(nn.Module):
         return kernels.linear_cross_entropy(hidden, self.wte.weight, labels, chunk_size=7, backend=backend)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def deepspeed(monkeypatch):
     deepspeed = pytest.importorskip("deepspeed")
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    for key, value in {**env, "MASTER_PORT": str(_free_port())}.items():
+    # one rank: MASTER_PORT 0 lets its store bind a free port itself (no port picked in advance)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
     return deepspeed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,17 +21,12 @@ class Payload:
         return (open, (self.path, "w"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def single_rank_env() -> dict[str, str]:
     """Environment for a subprocess that is a whole DeepSpeed world on its own (rank 0 of 1).
 
-    Without RANK / WORLD_SIZE / MASTER_* DeepSpeed falls back to MPI discovery and fails; the JIT
-    cache lives in the project so its ~16 s shm_comm build happens once.
+    Without RANK / WORLD_SIZE / MASTER_* DeepSpeed falls back to MPI discovery and fails; MASTER_PORT 0
+    lets the one rank's store bind a free port itself (nobody else has to find it). The JIT cache
+    lives in the project so its ~16 s shm_comm build happens once.
     """
     return {
         **os.environ,
@@ -40,7 +34,7 @@ def single_rank_env() -> dict[str, str]:
         "WORLD_SIZE": "1",
         "LOCAL_RANK": "0",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
+        "MASTER_PORT": "0",
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR)),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     }

@@ -103,6 +103,8 @@ def run_two_nodes(
     *,
     timeout: float,
     env: dict[str, str] | None = None,
+    # A fixed port is safe here, unlike on the host: the master listens inside namespace A, made for
+    # this run, where no other process has a socket that could hold it.
     master_port: int = 29577,
     slots: int = 1,
 ) -> list[subprocess.CompletedProcess]:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.rendezvous import without_launcher_variables
+
 from .conftest import REPO_ROOT
 
 SAVE_EVERY = 20
@@ -32,7 +34,6 @@ def launch(flags: list[str], env: dict, fault: str | None = None) -> subprocess.
     """Start the trainer; ``fault`` is a :mod:`faulty_train` point such as ``save@40``."""
     # One thread: the runs compared bit for bit then sum in the same order whatever the machine's load.
     env = {**env, "DS_SFT_FAULT": fault or "", "OMP_NUM_THREADS": "1"}
-    env.pop("MASTER_PORT", None)  # each process picks a free port
     return subprocess.Popen([sys.executable, str(FAULTY_TRAIN), *flags], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
@@ -45,16 +46,13 @@ def run(flags: list[str], env: dict, fault: str | None = None, timeout: float = 
 
 
 def train_two_ranks(argv: list[str]) -> None:
-    """``ds-sft train`` as two gloo ranks under torchrun."""
-    from ds_sft.train.distributed import free_port
-
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    """``ds-sft train`` as two gloo ranks under torchrun (``--standalone``: its store binds a free port)."""
+    env = without_launcher_variables()
     env.update(
         OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), "-m", "ds_sft.train", *argv]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ds_sft.train", *argv]  # fmt: skip
     done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 

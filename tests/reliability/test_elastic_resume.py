@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from ds_sft.train.compatibility import RESUMABLE
-from ds_sft.train.distributed import free_port
+from tests.rendezvous import without_launcher_variables
 
 from .conftest import single_rank_env, write_tiny_data_dir
 from .netns import NamespacesUnavailable, run_two_nodes, two_namespaces
@@ -102,11 +102,10 @@ def launch(shape: Shape, flags: list[str]) -> str:
             assert result.returncode == 0, f"node {rank} failed:\n{output[-4000:]}"
             assert f"nnodes=2, num_local_procs=2, node_rank={rank}" in output
         return "".join(result.stdout + result.stderr for result in results)
-    if shape.ranks > 1:
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(shape.ranks),
-                   "--master_port", str(free_port()), *module]  # fmt: skip
+    if shape.ranks > 1:  # torchrun's store binds a free port itself
+        env = without_launcher_variables(env)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(shape.ranks), *module]  # fmt: skip
     else:
         command = [sys.executable, *module]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)

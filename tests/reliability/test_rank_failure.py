@@ -2,7 +2,8 @@
 
 The two ranks are started as plain processes (RANK / WORLD_SIZE / MASTER_* set by hand), without
 a launcher, because a launcher kills the survivors itself when one child dies and would hide what
-this checks: that the surviving rank does not wait forever in its next collective.
+this checks: that the surviving rank does not wait forever in its next collective. They meet at a
+store this test holds (:func:`tests.rendezvous.rendezvous`), one per launch.
 
 - SIGKILL: the dead rank's sockets close; the survivor's collective fails at once.
 - SIGSTOP: the frozen rank's sockets stay open, so only the collective timeout (``--dist_timeout``)
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port, write_tiny_data_dir
+from tests.rendezvous import rendezvous, without_launcher_variables
+
+from .conftest import write_tiny_data_dir
 from .runs import train_flags, train_records
 
 pytestmark = pytest.mark.multiproc
@@ -31,13 +34,13 @@ STEPS = 100
 TIMEOUT_S = 15  # --dist_timeout: well under the 60 s the survivor is allowed
 
 
-def start_ranks(data: Path, out_dir: Path, env: dict) -> list[subprocess.Popen]:
-    port = str(free_port())
+def start_ranks(data: Path, out_dir: Path, env: dict, store: dict) -> list[subprocess.Popen]:
+    """The two ranks, meeting at the held ``store`` (the variables :func:`rendezvous` yields)."""
     flags = train_flags(data, out_dir, STEPS, "--micro_batch_size", "1", "--dist_timeout", str(TIMEOUT_S))
     procs = []
     for rank in range(2):
-        rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
+        rank_env = {**env, **store, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                    "OMP_NUM_THREADS": "1"}  # fmt: skip
         procs.append(subprocess.Popen([sys.executable, "-m", "ds_sft.train", *flags], env=rank_env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
     return procs
@@ -68,25 +71,27 @@ def kill_all(procs: list[subprocess.Popen]) -> None:
 def test_survivor_fails_within_60s_and_the_job_resumes(tmp_path, ds_env, how):
     data = write_tiny_data_dir(tmp_path / "data")
     out_dir = tmp_path / "run"
-    env = {k: v for k, v in ds_env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    procs = start_ranks(data, out_dir, env)
-    try:
-        wait_for_step(out_dir, 25, procs)  # past the first checkpoint (step 20)
-        procs[1].send_signal(how)
+    env = without_launcher_variables(ds_env)
+    with rendezvous() as store:
+        procs = start_ranks(data, out_dir, env, store)
         try:
-            procs[0].wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"rank 0 still running 60 s after rank 1 got {how.name}: it hangs in a collective")
-        assert procs[0].returncode != 0
-    finally:
-        kill_all(procs)
+            wait_for_step(out_dir, 25, procs)  # past the first checkpoint (step 20)
+            procs[1].send_signal(how)
+            try:
+                procs[0].wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank 0 runs 60 s after rank 1 got {how.name}: it hangs in a collective")
+            assert procs[0].returncode != 0
+        finally:
+            kill_all(procs)
     last = (out_dir / "checkpoints" / "latest").read_text().strip()
 
-    resumed = start_ranks(data, out_dir, env)
-    try:
-        outputs = [proc.communicate(timeout=600)[0] for proc in resumed]
-    finally:
-        kill_all(resumed)
+    with rendezvous() as store:
+        resumed = start_ranks(data, out_dir, env, store)
+        try:
+            outputs = [proc.communicate(timeout=600)[0] for proc in resumed]
+        finally:
+            kill_all(resumed)
     assert [proc.returncode for proc in resumed] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert f"resumed from {out_dir / 'checkpoints' / last}" in outputs[0]
     assert max(r["step"] for r in train_records(out_dir)) == STEPS

@@ -24,8 +24,9 @@ from ds_sft.cli import main
 from ds_sft.errors import UserError
 from ds_sft.paths import writable_dir
 from ds_sft.train.run_dir import LOCK_FILE, lock
+from tests.rendezvous import without_launcher_variables
 
-from .conftest import write_tiny_data_dir
+from .conftest import single_rank_env, write_tiny_data_dir
 from .runs import launch, run, train_records
 
 FLAGS = ["--model", "tiny", "--micro_batch_size", "2", "--grad_accum", "1", "--eval_iters", "1",
@@ -123,17 +124,11 @@ def test_two_concurrent_trainers_into_one_folder(data, ds_env, tmp_path):
 def test_every_rank_of_a_second_run_stops_before_any_work(data, tmp_path):
     """Two ranks under torchrun: rank 0 finds the folder locked; rank 1 must stop too, not wait in a
     collective or start writing."""
-    from .conftest import free_port, single_rank_env
-
     out = tmp_path / "run"
     held = lock(out)
-    env = {
-        k: v
-        for k, v in single_rank_env().items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "ds_sft.train", *train_flags(data, out, 2)]  # fmt: skip
+    env = without_launcher_variables(single_rank_env())
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ds_sft.train", *train_flags(data, out, 2)]  # fmt: skip
     try:
         done = subprocess.run(command, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                               timeout=600)  # fmt: skip

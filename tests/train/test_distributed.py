@@ -1,4 +1,5 @@
-"""Slurm's variables become torch's before anything reads them (pure functions, no process group)."""
+"""Where the ranks meet: Slurm's variables become torch's before anything reads them, and MASTER_PORT
+is the launcher's (one rank alone: 0, its store picks); pure functions, and plain processes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ds_sft.train.distributed import first_host, slurm_master_port, use_slurm_environment
+from ds_sft.errors import UserError
+from ds_sft.train.distributed import first_host, master_port, slurm_master_port, use_slurm_environment
+from tests.rendezvous import without_launcher_variables
+from tests.train.helpers import REPO_ROOT, write_data_dir
 
 names = st.from_regex(r"[a-z][a-z0-9\-]{0,8}[a-z]", fullmatch=True)
 
@@ -118,3 +122,80 @@ def test_one_rank_lets_the_store_pick_its_port():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-1] == "0" and "(0, 1)" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("world", "port", "expected"),
+    [
+        (1, None, "0"),  # one rank alone: its store binds a free port itself
+        (1, "0", "0"),
+        (1, "29500", "29500"),
+        (2, "29500", "29500"),  # a launcher's port is every rank's
+        (64, "1", "1"),
+        (8, "65535", "65535"),
+        (2, None, "MASTER_PORT is not set"),
+        (4, "0", "MASTER_PORT is 0"),
+        (1, "", "is not a port"),
+        (2, "65536", "is not a port"),
+        (1, "-1", "is not a port"),
+        (2, "29500 ", "is not a port"),
+        (1, "\u0663", "is not a port"),  # a digit to str.isdigit, not to int()
+    ],
+)
+def test_master_port(world, port, expected):
+    env = {"WORLD_SIZE": str(world), **({} if port is None else {"MASTER_PORT": port})}
+    if expected[0].isdigit():
+        assert master_port(env) == expected
+    else:
+        with pytest.raises(UserError, match=expected):
+            master_port(env)
+
+
+ports = st.one_of(st.none(), st.text(max_size=7), st.integers(-5, 70000).map(str))
+
+
+@given(world=st.integers(1, 64), port=ports)
+def test_master_port_is_a_port_the_ranks_share_or_one_line(world, port):
+    """Whatever the variables: a port torch's ``env://`` reads (0 for one rank only), or one line."""
+    env = {"WORLD_SIZE": str(world), **({} if port is None else {"MASTER_PORT": port})}
+    try:
+        chosen = master_port(env)
+    except UserError as err:
+        assert "\n" not in str(err) and "MASTER_PORT" in str(err)
+        return
+    assert 0 <= int(chosen) < 2**16 and chosen == (port or "0")
+    assert world == 1 or int(chosen) > 0
+
+
+def test_ranks_without_master_port_stop_in_one_line(tmp_path):
+    """Two ranks started with only RANK and WORLD_SIZE have no port in common: each stops at once in one
+    line saying how to launch (each picking its own free port, they waited for each other until the
+    collective timeout)."""
+    data = write_data_dir(tmp_path / "data")
+    env = {k: v for k, v in without_launcher_variables().items() if not k.startswith("SLURM_")}
+    run = ["--data_dir", str(data), "--out_dir", str(tmp_path / "run"), "--model", "tiny", "--max_iters", "1"]
+    command = [sys.executable, "-m", "ds_sft.train", *run, "--wandb_mode", "disabled"]
+    ranks = [
+        subprocess.Popen(
+            command,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"},
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [rank.communicate(timeout=180) for rank in ranks]
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two ranks still wait for each other after 180 s")
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.communicate()
+    for rank, (_, err) in zip(ranks, outputs, strict=True):
+        assert rank.returncode == 2, err[-3000:]
+        (line,) = err.strip().splitlines()
+        assert line.startswith("ds-sft train: error: WORLD_SIZE=2 but MASTER_PORT is not set"), line
+        assert "torchrun --standalone --nproc_per_node 2" in line

@@ -8,10 +8,10 @@ global batches: the sampler's global order, each step's rows split over the two 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +20,8 @@ import pytest
 
 from ds_sft.data.sampler import ResumableSampler
 from ds_sft.data.shards import PackedDataset
-from ds_sft.train.distributed import free_port, slurm_master_port
+from ds_sft.train.distributed import slurm_master_port
+from tests.rendezvous import rendezvous, without_launcher_variables
 from tests.train.helpers import REPO_ROOT, reference_losses, settings, write_data_dir
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -68,12 +69,10 @@ def expected(data_dir):
     return reference_losses(S, dataset, order, world_size=2, seed=0)[0]
 
 
-def launch(command: list[str]) -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
+def launch(command: list[str], store: dict[str, str] | None = None) -> None:
+    """Run a launcher ``command``; ``store``: the variables of a :func:`rendezvous` it meets at."""
+    env = without_launcher_variables()
+    env.update(store or {})
     env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(REPO_ROOT / ".cache" / "torch_extensions"))
     done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -94,10 +93,9 @@ def test_torchrun_two_ranks_then_resume_on_one(zero_stage, data_dir, expected, t
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # its store binds a free port itself
             "--nproc_per_node",
             "2",
-            "--master_port",
-            str(free_port()),
             "-m",
             "ds_sft.train",
             "--data_dir",
@@ -149,70 +147,75 @@ def test_torchrun_two_ranks_then_resume_on_one(zero_stage, data_dir, expected, t
 
 @pytest.mark.slow
 def test_deepspeed_launcher_two_ranks_zero3(data_dir, expected, tmp_path):
+    """The deepspeed launcher hands its ranks the environment it gets: they meet at a held store."""
     run_dir = tmp_path / "ds"
-    launch(
-        [
-            str(Path(sys.executable).with_name("deepspeed")),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "--module",
-            "ds_sft.train",
-            "--data_dir",
-            str(data_dir),
-            "--out_dir",
-            str(run_dir),
-            "--zero_stage",
-            "3",
-            "--grad_accum",
-            "2",
-            *FLAGS,
-        ]
-    )
+    with rendezvous() as store:
+        launch(
+            [
+                str(Path(sys.executable).with_name("deepspeed")),
+                "--num_gpus",
+                "2",
+                "--master_port",
+                store["MASTER_PORT"],
+                "--module",
+                "ds_sft.train",
+                "--data_dir",
+                str(data_dir),
+                "--out_dir",
+                str(run_dir),
+                "--zero_stage",
+                "3",
+                "--grad_accum",
+                "2",
+                *FLAGS,
+            ],
+            store,
+        )
     assert list(train_losses(run_dir).values()) == pytest.approx(expected, abs=1e-5)
     assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "report.md").is_file()
 
 
-def job_id_with_a_free_port() -> str:
-    """A Slurm job id whose derived MASTER_PORT is free on this machine now."""
+def slurm_job_with_a_held_port(held: contextlib.ExitStack) -> str:
+    """A Slurm job id whose derived MASTER_PORT this process listens on, through a :func:`rendezvous`
+    store kept until ``held`` closes: the port cannot be taken before the ranks connect to it."""
     for job_id in range(os.getpid(), os.getpid() + 1000):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", slurm_master_port(str(job_id))))
-            except OSError:
-                continue
-            return str(job_id)
-    raise RuntimeError("no free port in 1000 job ids")
+        try:
+            held.enter_context(rendezvous(port=slurm_master_port(str(job_id))))
+        except RuntimeError:  # torch's DistNetworkError: that port is in use
+            continue
+        return str(job_id)
+    raise RuntimeError("no job id in 1000 whose port is free")
 
 
 def test_srun_without_torchrun(data_dir, expected, tmp_path):
     """``srun python -m ds_sft.train``: two processes that know only Slurm's variables (no RANK,
-    WORLD_SIZE or MASTER_*) form one group on one port and train as torchrun's two ranks do."""
+    WORLD_SIZE or MASTER_*) form one group on the port they derive from the job id, and train as
+    torchrun's two ranks do. This test holds the store on that port; the ranks connect to it."""
     run_dir = tmp_path / "srun"
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("SLURM_")}
+    env = {k: v for k, v in without_launcher_variables().items() if not k.startswith("SLURM_")}
     env.update(
         OMP_NUM_THREADS="1",
         TORCH_EXTENSIONS_DIR=str(REPO_ROOT / ".cache" / "torch_extensions"),
         SLURM_NTASKS="2",
         SLURM_JOB_NODELIST="localhost",
-        SLURM_JOB_ID=job_id_with_a_free_port(),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # every rank a client of the held store
     )
     command = [sys.executable, "-m", "ds_sft.train", "--data_dir", str(data_dir), "--out_dir", str(run_dir)]
     command += ["--zero_stage", "2", "--grad_accum", "2", "--dist_timeout", "60", *FLAGS]
-    ranks = [
-        subprocess.Popen(
-            command,
-            env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = [rank.communicate(timeout=400)[0] for rank in ranks]
+    with contextlib.ExitStack() as held:
+        env["SLURM_JOB_ID"] = slurm_job_with_a_held_port(held)
+        ranks = [
+            subprocess.Popen(
+                command,
+                env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+                cwd=REPO_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for rank in range(2)
+        ]
+        outputs = [rank.communicate(timeout=400)[0] for rank in ranks]
     for rank, output in zip(ranks, outputs, strict=True):
         assert rank.returncode == 0, f"exit {rank.returncode}\n{output[-3000:]}"
     assert list(train_losses(run_dir).values()) == pytest.approx(expected, abs=1e-5)
