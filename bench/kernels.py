@@ -12,7 +12,7 @@ per-process high-water mark, and torch's CPU allocator keeps nothing cached, so 
 ``VmHWM`` over the RSS before the step is the memory the loss needs (the inputs' gradients included,
 the same for both). Time: eager and chunked steps alternate in one process (median of ``--repeats``),
 so load from other work hits both alike. The chunk size defaults to the kernel's own choice for each
-vocabulary (``default_chunk_size``: 128 MB of fp32 logits).
+vocabulary (``default_chunk_size``: whole 32-token blocks within 128 MB of fp32 logits).
 
 GPU (only where CUDA is present): RMSNorm and cross-entropy, forward + backward, Triton kernels vs
 torch eager, ``torch.compile`` and Liger-Kernel when installed; achieved bandwidth as a fraction of

@@ -120,8 +120,8 @@ def linear_cross_entropy(
     """Cross-entropy of ``hidden [..., H] @ weight[V, H].T`` against ``labels [...]``, fp32 result.
 
     ``"triton"`` and ``"torch"`` compute logits only for the trained tokens (label != ``ignore_index``),
-    never more than ``chunk_size`` of them at a time (default: as many as fit 128 MB of fp32 logits,
-    ``fused_linear_cross_entropy.default_chunk_size``).
+    never more than ``chunk_size`` of them at a time (default: as many whole 32-token blocks as fit
+    128 MB of fp32 logits, ``fused_linear_cross_entropy.default_chunk_size``).
     """
     resolved = resolve_backend(backend, hidden.device)
     if resolved == "eager":

@@ -57,13 +57,19 @@ from kernels.reference import REDUCTIONS
 # each chunk re-reads W and grad_W, so chunks of ~100 tokens are memory-bound (1.5x eager's time at
 # V 151,936 on 2 CPU cores, 110 tokens) where ~250 keep up. Figures: BENCHMARKS.md, bench/kernels.py.
 CHUNK_LOGITS_BYTES = 128 * 2**20
+# Chunks are a whole number of matmul row blocks: a ragged last block costs far more than its share.
+# On 2 CPU cores (oneDNN), 4,096 tokens: fp32 at V 151,936 took 0.98x eager's time in 220-token
+# chunks, 0.89x in 192 or 224; bf16 at 128,256 1.01x in 261, 0.81x in 256 (bench/kernels.py).
+CHUNK_TOKEN_MULTIPLE = 32
 MIN_CHUNK_TOKENS = 32  # below this the per-chunk passes over W and grad_W dominate the time
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk whose fp32 logits take :data:`CHUNK_LOGITS_BYTES` (at least ``MIN_CHUNK_TOKENS``):
-    667 tokens at V = 50,304, 261 at 128,256, 220 at 151,936."""
-    return max(MIN_CHUNK_TOKENS, CHUNK_LOGITS_BYTES // (4 * max(vocab_size, 1)))
+    """The most tokens, in multiples of :data:`CHUNK_TOKEN_MULTIPLE`, whose fp32 logits fit in
+    :data:`CHUNK_LOGITS_BYTES` (at least ``MIN_CHUNK_TOKENS``): 640 at V = 50,304, 256 at 128,256,
+    192 at 151,936."""
+    fitting = CHUNK_LOGITS_BYTES // (4 * max(vocab_size, 1))
+    return max(MIN_CHUNK_TOKENS, fitting // CHUNK_TOKEN_MULTIPLE * CHUNK_TOKEN_MULTIPLE)
 
 
 def cross_entropy_loss_and_grad_torch(
@@ -210,8 +216,8 @@ def _matmul_transposed(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | Non
     """``a @ b.T`` (into ``out`` where the product is not oneDNN's).
 
     fp32 on CPU goes through oneDNN: torch's own fp32 matmul calls MKL's sgemm, which on the AMD EPYC
-    (AVX-512) this project measures on takes 1.6x oneDNN's time for the logits product of a 220-token
-    chunk (8.9 s against 5.6 s over 4,096 tokens at V 151,936) and 1.1x for ``dlogits @ W``. Same fp32
+    (AVX-512) this project measures on takes 1.6x oneDNN's time for the logits product of 220-token
+    chunks (8.9 s against 5.6 s over 4,096 tokens at V 151,936) and 1.1x for ``dlogits @ W``. Same fp32
     arithmetic, no reduced precision. bf16 matmuls already reach oneDNN through torch.
     """
     if _on_onednn(a, b):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import kernels
 from kernels.fused_linear_cross_entropy import default_chunk_size
@@ -286,3 +288,14 @@ def test_cpu_fp32_products_run_on_onednn(rows, inner, cols, transposed_b):
     # product computed through bf16 or tf32 would break it by orders of magnitude
     bound = inner * 2.0**-24 * a.double().abs().mm(b.double().abs().t())
     assert bool(((result.double() - a.double().mm(b.double().t())).abs() <= bound).all())
+
+
+@given(vocab=st.integers(min_value=1, max_value=4_000_000))
+def test_default_chunks_are_the_most_whole_row_blocks_that_fit(vocab):
+    """A whole number of row blocks, as many as fit the logits budget (the minimum where none fit)."""
+    import kernels.fused_linear_cross_entropy as fused
+
+    chunk, multiple = default_chunk_size(vocab), fused.CHUNK_TOKEN_MULTIPLE
+    assert chunk % multiple == 0 and chunk >= fused.MIN_CHUNK_TOKENS
+    assert chunk == fused.MIN_CHUNK_TOKENS or 4 * vocab * chunk <= fused.CHUNK_LOGITS_BYTES
+    assert 4 * vocab * (chunk + multiple) > fused.CHUNK_LOGITS_BYTES
