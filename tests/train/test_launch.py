@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -42,3 +44,19 @@ def test_dry_run_prints_the_command(script, options, expected):
     assert done.stdout.rstrip().endswith(r"--data_dir data\ dir --model tiny")  # flags passed through, quoted
     if script == "slurm.sbatch":
         assert "-m ds_sft.train --resume" in done.stdout  # a requeued job continues
+
+
+@pytest.mark.parametrize("job_id", ["12345", "7", "987654321", ""])
+def test_slurm_rendezvous_port_is_derived_from_the_job_id(job_id):
+    """Every node of one job computes the same port, and jobs sharing a head node get different ones
+    (the srun rule, ``slurm_master_port``), not a fixed 29500."""
+    from ds_sft.train.distributed import slurm_master_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"SLURM_JOB_ID": job_id}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # this test's python3
+    done = subprocess.run(
+        ["bash", str(REPO_ROOT / "launch" / "slurm.sbatch"), "--dry-run", "--model", "tiny"],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"--rdzv_endpoint localhost:{slurm_master_port(job_id)} " in done.stdout
