@@ -27,7 +27,9 @@ BASE_MODEL = "smollm2-135m-instruct"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for the data, the run and the eval")
-    parser.add_argument("--base_model", default=BASE_MODEL, help="base model: a path or an alias")
+    parser.add_argument(
+        "--base_model", default=BASE_MODEL, help="base model: a path, a hub id (owner/name) or an alias"
+    )
     parser.add_argument(
         "--source",
         action="append",

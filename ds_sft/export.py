@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--base_model",
         required=True,
         help="checkpoint to export: run dir, ds-sft checkpoint dir, .pt, .safetensors, HF dir, "
-        ".gguf, or an alias such as smollm2-135m-instruct",
+        ".gguf, a Hugging Face id (owner/name[@revision]), or an alias such as smollm2-135m-instruct",
     )
     parser.add_argument(
         "--hf", required=True, metavar="OUT", help="output directory (created; files overwritten)"

@@ -107,7 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokenizer.json, a tokenizer directory, a .gguf file, 'gpt2' or a model alias (default: gpt2)",
     )
     tok.add_argument(
-        "--base_model", help="use this model's tokenizer (a path or alias, e.g. smollm2-135m-instruct)"
+        "--base_model",
+        help="use this model's tokenizer (a path, a Hugging Face id owner/name[@revision], or an "
+        "alias, e.g. smollm2-135m-instruct)",
     )
     tok.add_argument(
         "--template",

@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models = which.add_mutually_exclusive_group(required=True)
     models.add_argument(
         "--model",
-        help="a training run dir, ds-sft/HF model dir, .safetensors/.pt/.gguf file, or an alias "
-        "(smollm2-135m-instruct)",
+        help="a training run dir, ds-sft/HF model dir, .safetensors/.pt/.gguf file, a Hugging Face id "
+        "(owner/name[@revision]), or an alias (smollm2-135m-instruct)",
     )
     models.add_argument(
         "--compare",

@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(
         io,
         "--base_model",
-        "weights to start from: a checkpoint file or directory, GGUF, or an alias "
-        "such as smollm2-135m-instruct",
+        "weights to start from: a checkpoint file or directory, GGUF, a Hugging Face id "
+        "(owner/name[@revision], e.g. Qwen/Qwen3-0.6B), or an alias such as smollm2-135m-instruct",
     )
     flag(io, "--model", "random init from a preset instead (tiny, 112m, smollm2-135m)")
     flag(io, "--out_dir", "run directory for checkpoints, metrics, final weights and the report")
