@@ -151,19 +151,26 @@ def test_logits_match_transformers(pair):
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("lengths", [[13, 20, 7], [40], [1, 38, 1], [6, 6, 6, 6, 6, 6, 4]], ids=str)
-def test_packed_row_equals_each_document_alone(pair, lengths):
-    family, hf, ours = pair
-    ids = random_ids(1, sum(lengths), 2)
+def assert_packed_equals_alone(packed_model, alone_model, ids, lengths: list[int], atol: float) -> None:
+    """``packed_model`` on one row of documents of ``lengths`` (positions restart, attention stays
+    inside each) gives each document's logits as ``alone_model`` computes them on it alone."""
     documents = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     with torch.no_grad():
-        packed = ours(ids, positions, documents)
+        packed = packed_model(ids, positions, documents)
         start = 0
         for n in lengths:
-            alone = hf(ids[:, start : start + n]).logits
-            assert (packed[:, start : start + n] - alone).abs().max().item() <= 1e-4
+            alone = alone_model(ids[:, start : start + n])
+            torch.testing.assert_close(packed[:, start : start + n], alone, rtol=0, atol=atol)
             start += n
+
+
+@pytest.mark.parametrize("lengths", [[13, 20, 7], [40], [1, 38, 1], [6, 6, 6, 6, 6, 6, 4]], ids=str)
+def test_packed_row_equals_each_document_alone(pair, lengths):
+    family, hf, ours = pair
+    assert_packed_equals_alone(
+        ours, lambda ids: hf(ids).logits, random_ids(1, sum(lengths), 2), lengths, 1e-4
+    )
 
 
 def test_kv_cache_greedy_generation_matches_transformers(pair):
@@ -216,16 +223,7 @@ def tiny_family(**switches) -> LlamaModel:
 def test_sliding_windows_keep_packed_documents_apart(window, lengths, layer_types):
     """Any window against any document lengths, any per-layer pattern: packed == each document alone."""
     model = tiny_family(family="qwen2", attention_bias=True, sliding_window=window, layer_types=layer_types)
-    ids = random_ids(1, sum(lengths), len(lengths))
-    documents = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    with torch.no_grad():
-        packed = model(ids, positions, documents)
-        start = 0
-        for n in lengths:
-            alone = model(ids[:, start : start + n])
-            torch.testing.assert_close(packed[:, start : start + n], alone, rtol=0, atol=1e-5)
-            start += n
+    assert_packed_equals_alone(model, model, random_ids(1, sum(lengths), len(lengths)), lengths, 1e-5)
 
 
 @settings(max_examples=12, deadline=None)

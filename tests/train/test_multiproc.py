@@ -78,6 +78,14 @@ def launch(command: list[str], store: dict[str, str] | None = None) -> None:
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
+def train_args(data_dir: Path, run_dir: Path, zero_stage: int, grad_accum: int) -> list[str]:
+    """``ds_sft.train``'s flags for one run of this file's shared setup."""
+    return [
+        "--data_dir", str(data_dir), "--out_dir", str(run_dir), "--zero_stage", str(zero_stage),
+        "--grad_accum", str(grad_accum), *FLAGS,
+    ]  # fmt: skip
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
@@ -98,15 +106,7 @@ def test_torchrun_two_ranks_then_resume_on_one(zero_stage, data_dir, expected, t
             "2",
             "-m",
             "ds_sft.train",
-            "--data_dir",
-            str(data_dir),
-            "--out_dir",
-            str(run_dir),
-            "--zero_stage",
-            str(zero_stage),
-            "--grad_accum",
-            "2",
-            *FLAGS,
+            *train_args(data_dir, run_dir, zero_stage, grad_accum=2),
         ]
     )
     two = train_losses(run_dir)
@@ -123,22 +123,7 @@ def test_torchrun_two_ranks_then_resume_on_one(zero_stage, data_dir, expected, t
     shutil.rmtree(resumed_dir / "checkpoints" / "step_000006")
     (resumed_dir / "checkpoints" / "latest").write_text("step_000003")
     assert (
-        main(
-            [
-                "train",
-                "--data_dir",
-                str(data_dir),
-                "--out_dir",
-                str(resumed_dir),
-                "--zero_stage",
-                str(zero_stage),
-                "--resume",
-                "--grad_accum",
-                "4",
-                *FLAGS,
-            ]
-        )
-        == 0
+        main(["train", "--resume", *train_args(data_dir, resumed_dir, zero_stage, grad_accum=4)]) == 0
     )  # 1 rank x accum 4: the same 8 rows
     one = train_losses(resumed_dir)
     assert sorted(one) == [4, 5, 6]
@@ -159,15 +144,7 @@ def test_deepspeed_launcher_two_ranks_zero3(data_dir, expected, tmp_path):
                 store["MASTER_PORT"],
                 "--module",
                 "ds_sft.train",
-                "--data_dir",
-                str(data_dir),
-                "--out_dir",
-                str(run_dir),
-                "--zero_stage",
-                "3",
-                "--grad_accum",
-                "2",
-                *FLAGS,
+                *train_args(data_dir, run_dir, zero_stage=3, grad_accum=2),
             ],
             store,
         )
@@ -200,8 +177,13 @@ def test_srun_without_torchrun(data_dir, expected, tmp_path):
         SLURM_JOB_NODELIST="localhost",
         TORCHELASTIC_USE_AGENT_STORE="True",  # every rank a client of the held store
     )
-    command = [sys.executable, "-m", "ds_sft.train", "--data_dir", str(data_dir), "--out_dir", str(run_dir)]
-    command += ["--zero_stage", "2", "--grad_accum", "2", "--dist_timeout", "60", *FLAGS]
+    command = [
+        sys.executable,
+        "-m",
+        "ds_sft.train",
+        *train_args(data_dir, run_dir, zero_stage=2, grad_accum=2),
+    ]
+    command += ["--dist_timeout", "60"]
     with contextlib.ExitStack() as held:
         env["SLURM_JOB_ID"] = slurm_job_with_a_held_port(held)
         ranks = [
