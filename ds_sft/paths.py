@@ -209,3 +209,22 @@ def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
         target = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
         raise UserError(f"{path}: is {kind}{target}, not a regular file; pass the {what} file itself")
     return info
+
+
+def read_gguf(path: Path, what: str = "model"):
+    """A GGUF file's ``gguf.GGUFReader``: its metadata parsed and every tensor's extent checked.
+
+    transformers parses GGUF with the same reader but lets its errors out as tracebacks (a truncated
+    file raises ``struct.error``); reading it here first turns a damaged file into one line."""
+    require_regular_file(path, what)
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise UserError(f"{path}: reading GGUF needs the gguf package: pip install 'ds-sft[gguf]'") from None
+    try:
+        return GGUFReader(str(path))
+    except Exception as err:  # struct.error, ValueError, IndexError...: whatever the parse met
+        raise UserError(
+            f"{path}: not a readable GGUF file, truncated or corrupt ({first_line(err)}); "
+            f"download or export the {what} again"
+        ) from None

@@ -27,6 +27,8 @@ from ds_sft.errors import UserError, first_line
 KNOWN_EOS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>")
 # Bare weights (a nanoGPT-style base .pt, a ds-sft checkpoint) carry no tokenizer: those models use GPT-2's.
 WEIGHT_FILES = (".pt", ".bin", ".safetensors")
+# GGUF metadata keys (tokenizer.ggml.<key>_token_id) and the tokenizer attributes they name.
+GGUF_SPECIAL_TOKENS = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
 
 
 def _from_file(tokenizer_file: Path):
@@ -47,6 +49,40 @@ def _from_pretrained(directory: Path, **kwargs):
         if (directory / "tokenizer.json").is_file() and not kwargs:
             return _from_file(directory / "tokenizer.json")
         raise UserError(f"could not load a tokenizer from {directory}: {first_line(err)}") from None
+
+
+def gguf_special_token_ids(fields) -> dict[str, int]:
+    """The special tokens a GGUF's metadata names, by tokenizer attribute: ``{"eos_token": 2, ...}``.
+    ``fields`` is ``gguf.GGUFReader(path).fields``."""
+    found = {}
+    for key, attribute in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None and field.data:
+            found[attribute] = int(field.parts[field.data[0]][0])
+    return found
+
+
+def _from_gguf(path: Path):
+    """The tokenizer in a GGUF's metadata, its special tokens set from the ids the file records.
+
+    The ids win over transformers' converter because some releases get them wrong: 5.17's llama
+    converter swaps BOS and EOS, which would train ``<|im_start|>`` as the end of every response.
+    They are checked first, as transformers indexes its token list with them unchecked."""
+    fields = paths.read_gguf(path, "tokenizer").fields
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise UserError(f"{path}: this GGUF holds no tokenizer; pass --tokenizer with the model's own")
+    special = gguf_special_token_ids(fields)
+    for attribute, token_id in special.items():
+        if not 0 <= token_id < len(tokens.data):
+            raise UserError(
+                f"{path}: its metadata names token id {token_id} as {attribute}, but the vocabulary has "
+                f"{len(tokens.data)} tokens; the file is damaged: export it again"
+            )
+    tokenizer = _from_pretrained(path.parent, gguf_file=path.name)
+    for attribute, token_id in special.items():
+        setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
+    return tokenizer
 
 
 def _gpt2():
@@ -78,7 +114,7 @@ def _load(spec: str):
     if path.suffix in (".gguf", ".json"):  # a FIFO or a device would hang or crash the reader
         paths.require_regular_file(path, "tokenizer")
     if path.suffix == ".gguf":
-        return _from_pretrained(path.parent, gguf_file=path.name)
+        return _from_gguf(path)
     if path.suffix == ".json":
         return _from_file(path)
     raise UserError(f"{path}: not a tokenizer; pass a tokenizer.json, a directory, a .gguf file or 'gpt2'")

@@ -56,7 +56,7 @@ import torch
 from ds_sft.errors import UserError
 from ds_sft.model.config import FAMILIES, PRESETS, ModelConfig
 from ds_sft.model.llama import LlamaModel, rope_table
-from ds_sft.paths import resolve_model_path
+from ds_sft.paths import read_gguf, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         )
     suffix = path.suffix.lower()
     if suffix == ".gguf":
+        read_gguf(path)
         return _read_transformers(path.parent, gguf_file=path.name)
     if suffix == ".safetensors":
         return _read_safetensors(path), _config_beside(path), None
