@@ -23,16 +23,17 @@ checkpoint's Transformer Engine ``_extra_state`` matters.
 **torch._scaled_mm(a, b, scale_a, scale_b, out_dtype)** computes ``(a * scale_a) @ (b * scale_b)``
 with fp8 ``a`` and ``b``, accumulating in fp32 (``scale_*`` are the *inverse* scales). cuBLAS wants
 ``a`` row-major and ``b`` column-major, so ``x @ w.T`` passes ``w.t()`` (a column-major view of the
-row-major weight for free) and the backward's ``dY @ W`` and ``dY.T @ X`` transpose copies of
-``W`` and ``X``. On CUDA every dimension must be a multiple of 16 -- the token count too, since it is
-the inner dimension of the weight gradient. Where there are no fp8 tensor cores (a CPU, a GPU below
-compute capability 8.9) the same product is computed *dequantized*: every fp8 value is exact in bf16
-and fp32, so a matmul of the fp8 values held in the model's compute dtype (the cast rounds to the
-fp8 grid in fp32 arithmetic, :func:`fp8_grid`, bit for bit the fp8 cast), with the product of the
-inverse scales applied to the fp32 accumulator (``addmm``'s ``alpha``), is ``_scaled_mm``'s result
-up to the last bit of a rare output -- same casts, same scales, same delayed-scaling state -- near
-bf16 speed (``bench/fp8.py``: a 112m training step on CPU in 1.4x the bf16 step; ``_scaled_mm``
-itself dequantizes into fp32 matmuls there, and SmolLM2-135M spent 889 s in its first step).
+row-major weight for free) and the backward's ``dY @ W`` and ``dY.T @ X`` transpose copies of ``W``
+and ``X``. On CUDA every dimension must be a multiple of 16 -- the token count too, since it is the
+inner dimension of the weight gradient: zero tokens pad it to one. Where there are no fp8 tensor
+cores (a CPU, a GPU below compute capability 8.9) the same product is computed *dequantized*: every
+fp8 value is exact in bf16 and fp32, so a matmul of the fp8 values held in the model's compute dtype
+(the cast rounds to the fp8 grid in fp32 arithmetic, :func:`fp8_grid`, bit for bit the fp8 cast),
+with the product of the inverse scales applied to the fp32 accumulator (``addmm``'s ``alpha``), is
+``_scaled_mm``'s result up to the last bit of a rare output -- same casts, same scales, same
+delayed-scaling state -- near bf16 speed (``bench/fp8.py``: a 112m training step on CPU in 1.4x the
+bf16 step; ``_scaled_mm`` itself dequantizes into fp32 matmuls there, and SmolLM2-135M spent 889 s
+in its first step).
 
 Modes of :func:`apply_fp8`: ``"off"``; ``"torch"`` swaps each projection for :class:`Float8Linear`
 (same ``weight`` Parameter, so state-dict keys and ZeRO sharding do not change, plus two persistent
@@ -171,20 +172,33 @@ def _dequantized_mm(a, b, a_inv, b_inv, out_dtype) -> torch.Tensor:
     return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=(a_inv * b_inv).item()).to(out_dtype)
 
 
+def _pad_tokens(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t [M, ...]`` with zero rows appended up to ``rows``."""
+    return t if t.shape[0] == rows else torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[0]))
+
+
 class _Float8Matmul(torch.autograd.Function):
     """``y = x @ w.T`` with x, w in e4m3 and the output gradient in the recipe's gradient format.
 
     Without fp8 tensor cores the fp8 values are held in the compute dtype from the cast on, and saved
-    that way (the memory of a bf16 linear's saved tensors instead of half of it)."""
+    that way (the memory of a bf16 linear's saved tensors instead of half of it).
+
+    On fp8 tensor cores the token count M is the inner dimension of the weight gradient's GEMM,
+    which cuBLAS wants a multiple of 16 like every other: ``x`` and the output gradient get zero
+    tokens up to one (before their casts, which the zeros leave alone: the amax is a max of |values|),
+    which add nothing to ``dW`` and are cut from ``y`` and ``dX``."""
 
     @staticmethod
     def forward(ctx, x, weight, layer, compute_dtype, record):
         ctx.scaled_mm = layer.uses_scaled_mm(x.device)
         held_in = None if ctx.scaled_mm else compute_dtype
-        x8, x_inv = layer.cast(x.reshape(-1, x.shape[-1]), INPUT, record, held_in)
+        x2d = x.reshape(-1, x.shape[-1])
+        tokens = x2d.shape[0]
+        ctx.tokens, ctx.padded_tokens = tokens, -(-tokens // 16) * 16 if ctx.scaled_mm else tokens
+        x8, x_inv = layer.cast(_pad_tokens(x2d, ctx.padded_tokens), INPUT, record, held_in)
         w8, w_inv = layer.cast(weight, WEIGHT, record, held_in)
         mm = _scaled_mm if ctx.scaled_mm else _dequantized_mm
-        y = mm(x8, w8.t(), x_inv, w_inv, compute_dtype)
+        y = mm(x8, w8.t(), x_inv, w_inv, compute_dtype)[:tokens]
         ctx.save_for_backward(x8, w8, x_inv, w_inv)
         ctx.layer, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = layer, x.shape, x.dtype, weight.dtype
         ctx.compute_dtype, ctx.record = compute_dtype, record
@@ -194,11 +208,12 @@ class _Float8Matmul(torch.autograd.Function):
     def backward(ctx, grad_y):
         x8, w8, x_inv, w_inv = ctx.saved_tensors
         held_in = None if ctx.scaled_mm else ctx.compute_dtype
-        g8, g_inv = ctx.layer.cast(grad_y.reshape(-1, grad_y.shape[-1]), GRAD, ctx.record, held_in)
+        grad_y2d = _pad_tokens(grad_y.reshape(-1, grad_y.shape[-1]), ctx.padded_tokens)
+        g8, g_inv = ctx.layer.cast(grad_y2d, GRAD, ctx.record, held_in)
         mm = _scaled_mm if ctx.scaled_mm else _dequantized_mm
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # dX [M, K] = dY [M, N] @ W [N, K]
-            grad_x = mm(g8, w8, g_inv, w_inv, ctx.x_dtype).reshape(ctx.x_shape)
+            grad_x = mm(g8, w8, g_inv, w_inv, ctx.x_dtype)[: ctx.tokens].reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # dW [N, K] = dY.T [N, M] @ X [M, K]
             grad_w = mm(g8.t(), x8, g_inv, x_inv, ctx.w_dtype)
         return grad_x, grad_w, None, None, None

@@ -56,19 +56,24 @@ def collate(rows: list[dict]) -> dict:
 def model_inputs(batch: dict, device) -> dict:
     """The model's tensors of ``batch`` on ``device``.
 
-    On CUDA they go through pinned memory with ``non_blocking``: a plain copy from pageable memory
-    makes the host wait until the GPU has finished all queued work (the previous micro-batch's
-    backward) before it can queue the next forward; this one just takes its place in the queue.
-    Safe: the pinned copy is a fresh tensor nobody writes, and torch keeps its block until the copy
-    has run."""
+    Host tensors bound for CUDA go through pinned memory with ``non_blocking``: a plain copy from
+    pageable memory makes the host wait until the GPU has finished all queued work (the previous
+    micro-batch's backward) before it can queue the next forward; this one just takes its place in
+    the queue. Safe: the pinned copy is a fresh tensor nobody writes, and torch keeps its block until
+    the copy has run. Only host tensors can be pinned ("only dense CPU tensors can be pinned"): a
+    batch already on a device (the benchmarks move theirs first) goes by a plain ``.to``."""
     import torch
 
     from ds_sft.model.scoring import MODEL_INPUTS
 
-    keys = [key for key in MODEL_INPUTS if key in batch]
-    if torch.device(device).type == "cuda":
-        return {key: batch[key].pin_memory().to(device, non_blocking=True) for key in keys}
-    return {key: batch[key].to(device) for key in keys}
+    to_cuda = torch.device(device).type == "cuda"
+
+    def move(tensor):
+        if to_cuda and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device)
+
+    return {key: move(batch[key]) for key in MODEL_INPUTS if key in batch}
 
 
 def local_grad_norm(engine) -> float:

@@ -11,7 +11,6 @@ workspace come on top) is compared with the memory available now; above it, the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ds_sft.errors import UserError
@@ -26,11 +25,14 @@ def activation_bytes(config, seq_len: int, micro_batch: int, bf16: bool, checkpo
 
 
 def available_bytes() -> tuple[int | None, str]:
-    """Free memory of the device this rank trains on: the GPU's, else the machine's MemAvailable."""
+    """Free memory of the device this rank trains on: the GPU's, else the machine's MemAvailable.
+
+    The GPU is the current device, which ``init_distributed`` set: not ``LOCAL_RANK`` itself, which
+    names no device where each rank sees only its own GPU (Slurm's ``--gpus-per-task``)."""
     import torch
 
     if torch.cuda.is_available():
-        device = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.cuda.current_device()
         return torch.cuda.mem_get_info(device)[0], f"free on cuda:{device}"
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from ds_sft.errors import UserError
@@ -149,12 +151,55 @@ DTYPES = [
 ]
 
 
+@pytest.fixture
+def cuda_scaled_mm_rules(monkeypatch):
+    """``torch._scaled_mm`` refusing, as on CUDA, what CPU's accepts: the checks of the CUDA branch of
+    torch 2.11's ``_check_scaled_mm_sizes`` (torch/_meta_registrations.py) for tensorwise scales, plus
+    Blas.cpp's refusal of two e5m2 operands."""
+    real = torch._scaled_mm
+
+    def checked(a, b, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None, use_fast_accum=False):
+        assert a.dim() == b.dim() == 2 and {a.dtype, b.dtype} <= {E4M3, E5M2}
+        assert not (a.dtype == b.dtype == E5M2), "Multiplication of two Float8_e5m2 matrices is not supported"
+        assert a.stride(0) > a.stride(1) == 1, f"self must be row_major, got stride {a.stride()}"
+        assert b.stride(0) == 1 < b.stride(1), f"mat2 must be col_major, got stride {b.stride()}"
+        assert a.size(1) % 16 == 0, f"Expected self.size(1) to be divisible by 16, but got {a.size(1)}"
+        assert b.size(0) % 16 == b.size(1) % 16 == 0, (
+            f"Expected both dimensions of mat2 divisible by 16: {b.shape}"
+        )
+        assert scale_a.numel() == scale_b.numel() == 1 and scale_a.dtype == scale_b.dtype == torch.float32
+        return real(a, b, scale_a, scale_b, bias, scale_result, out_dtype, use_fast_accum)
+
+    monkeypatch.setattr(torch, "_scaled_mm", checked)
+
+
 @pytest.mark.parametrize("fmt", ["HYBRID", "E4M3"])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=["fp32", "autocast-bf16", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 8, 64, 32), (3, 5, 48, 16), (1, 33, 96, 80), (4, 16, 16, 128)])
+@pytest.mark.usefixtures("cuda_scaled_mm_rules")
 def test_dequantized_gemm_matches_scaled_mm(fmt, dtypes, shape):
     """Forward and both gradients of the dequantized path equal torch._scaled_mm's, up to the one
-    rounding of a wider output (fp32 gradients of a bf16 computation) and fp32 summation order."""
+    rounding of a wider output (fp32 gradients of a bf16 computation) and fp32 summation order; every
+    _scaled_mm call is one CUDA would take, whatever the token count (15 and 33 here)."""
+    assert_scaled_mm_matches_dequantized(fmt, dtypes, shape)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    tokens=st.integers(1, 70),
+    k=st.sampled_from([16, 48, 96]),
+    n=st.sampled_from([16, 32, 80]),
+    fmt=st.sampled_from(["HYBRID", "E4M3"]),
+    dtypes=st.sampled_from(DTYPES),
+)
+@pytest.mark.usefixtures("cuda_scaled_mm_rules")  # stateless: shared by the examples
+def test_any_token_count_runs_on_fp8_tensor_cores(tokens, k, n, fmt, dtypes):
+    """cuBLAS wants the weight gradient's inner dimension, the token count, a multiple of 16 too: every
+    count trains (zero tokens pad it, and change nothing of the result or the scaling state)."""
+    assert_scaled_mm_matches_dequantized(fmt, dtypes, (1, tokens, k, n))
+
+
+def assert_scaled_mm_matches_dequantized(fmt, dtypes, shape):
     B, T, K, N = shape
     param_dtype, input_dtype, autocast = dtypes
     reference, dequantized = twin_layers(K, N, param_dtype, fmt)

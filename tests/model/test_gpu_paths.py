@@ -4,7 +4,10 @@ On CUDA, packed rows attend through ``flex_attention`` with a block mask (``_doc
 the reference is the same model with the dense boolean mask (causal and same document) through
 SDPA, the path every device can run. Forward loss and every parameter's gradient must agree, also
 for sliding windows (the BlockMask's mask_mod against the dense mask with the window).
-``launch/gpu_check.sh`` runs this file with the kernel tests on CUDA; on CPU it is skipped.
+``launch/gpu_check.sh`` runs this file with the kernel tests on CUDA. On CPU the same cases run the
+CPU path (``document_attention``) against the same reference: that checks the cases themselves
+before a GPU sees them (a position past the RoPE table is an IndexError on CPU, but a device-side
+assert on CUDA, which fails every later test of the run).
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ from ds_sft.model import llama
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
 
-pytestmark = pytest.mark.skipif(
+gpu = pytest.mark.skipif(
     not os.environ.get("DS_SFT_GPU_TESTS"), reason="GPU test: set DS_SFT_GPU_TESTS=1 on a CUDA machine"
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cuda():
+@pytest.fixture(scope="module")
+def cuda() -> torch.device:
     if not torch.cuda.is_available():
         pytest.fail("DS_SFT_GPU_TESTS is set but CUDA is not available")
+    return torch.device("cuda")
 
 
 def packed_batch(rows: int, seq_len: int, vocab: int, seed: int) -> dict:
@@ -66,13 +70,15 @@ def loss_and_grads(model, batch):
 
 
 # each shape and dtype compiles flex_attention once (seconds): three cases cover both dtypes, a length
-# that is not a multiple of the 128-token block, and the training length
+# that is not a multiple of the 128-token block, and the training length (the tiny preset's RoPE table
+# holds 128 positions: the rows' documents reach past 300 tokens)
 CASES = [(torch.float32, 1024, 0), (torch.bfloat16, 200, 1), (torch.bfloat16, 1024, 2)]
 
 
+@gpu
 @pytest.mark.parametrize("dtype,seq_len,seed", CASES, ids=str)
-def test_flex_attention_document_mask_matches_dense_sdpa(dtype, seq_len, seed, monkeypatch):
-    assert_flex_matches_dense(ModelConfig.preset("tiny", kernels="torch"), dtype, seq_len, seed, monkeypatch)
+def test_flex_attention_document_mask_matches_dense_sdpa(dtype, seq_len, seed, cuda, monkeypatch):
+    assert_packed_matches_dense(tiny(), dtype, seq_len, seed, cuda, monkeypatch)
 
 
 # windows below, across and above the 128-token block, on every layer (Mistral) or some (Qwen2)
@@ -93,23 +99,42 @@ WINDOWS = [
 ]
 
 
+@gpu
 @pytest.mark.parametrize("switches,dtype,seq_len,seed", WINDOWS, ids=str)
-def test_flex_attention_sliding_window_matches_dense_sdpa(switches, dtype, seq_len, seed, monkeypatch):
-    config = ModelConfig.preset("tiny", kernels="torch", max_seq_len=1024, **switches)
-    assert_flex_matches_dense(config, dtype, seq_len, seed, monkeypatch)
+def test_flex_attention_sliding_window_matches_dense_sdpa(switches, dtype, seq_len, seed, cuda, monkeypatch):
+    assert_packed_matches_dense(tiny(**switches), dtype, seq_len, seed, cuda, monkeypatch)
 
 
-def test_flex_attention_heads_wider_than_d_model_over_n_heads(monkeypatch):
-    """Qwen3's head_dim apart from d_model / n_heads (4 heads of 32 over d_model 64) in flex_attention."""
-    config = ModelConfig.preset("tiny", kernels="torch", family="qwen3", qk_norm=True, head_dim=32)
-    assert_flex_matches_dense(config, torch.bfloat16, 200, 6, monkeypatch)
+# Qwen3's head_dim apart from d_model / n_heads (4 heads of 32 over d_model 64)
+WIDE_HEADS = (dict(family="qwen3", qk_norm=True, head_dim=32), torch.bfloat16, 200, 6)
 
 
-def assert_flex_matches_dense(config, dtype, seq_len, seed, monkeypatch):
+@gpu
+def test_flex_attention_heads_wider_than_d_model_over_n_heads(cuda, monkeypatch):
+    switches, dtype, seq_len, seed = WIDE_HEADS
+    assert_packed_matches_dense(tiny(**switches), dtype, seq_len, seed, cuda, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "switches,dtype,seq_len,seed", [({}, *case) for case in CASES] + WINDOWS + [WIDE_HEADS], ids=str
+)
+def test_the_gpu_cases_on_the_cpu_path(switches, dtype, seq_len, seed, monkeypatch):
+    """Every case above through the CPU's packed attention: the cases are valid inputs of their model."""
+    assert_packed_matches_dense(tiny(**switches), dtype, seq_len, seed, torch.device("cpu"), monkeypatch)
+
+
+def tiny(**switches) -> ModelConfig:
+    """The tiny preset with RoPE positions for every case's rows."""
+    return ModelConfig.preset("tiny", kernels="torch", max_seq_len=1024, **switches)
+
+
+def assert_packed_matches_dense(config, dtype, seq_len, seed, device, monkeypatch):
+    """The model's packed-row attention on ``device`` (flex_attention on CUDA) against the dense mask."""
     torch.manual_seed(seed)
-    model = LlamaModel(config).cuda().to(dtype)
-    batch = {k: v.cuda() for k, v in packed_batch(3, seq_len, config.vocab_size, seed).items()}
-    assert llama.use_flex_attention(batch["input_ids"].device)
+    model = LlamaModel(config).to(device, dtype)
+    batch = {k: v.to(device) for k, v in packed_batch(3, seq_len, config.vocab_size, seed).items()}
+    assert int(batch["position_ids"].max()) < config.max_seq_len, "positions past the RoPE table"
+    assert llama.use_flex_attention(device) == (device.type == "cuda")
     flex_loss, flex_grads = loss_and_grads(model, batch)
     monkeypatch.setattr(LlamaModel, "_attention_mask", dense_document_mask)
     dense_loss, dense_grads = loss_and_grads(model, batch)

@@ -8,6 +8,7 @@ the process group serves that device alone, as NCCL does on a GPU.
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -17,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ds_sft.labels import IGNORE_INDEX
+from ds_sft.model.scoring import MODEL_INPUTS
 from ds_sft.train import checkpointing
 from ds_sft.train.distributed import all_reduce_sum, any_rank
-from ds_sft.train.loop import train_step
+from ds_sft.train.loop import model_inputs, train_step
 from tests.train.fake_accelerator import DEVICE, FakeAccelerator
 
 pytestmark = pytest.mark.usefixtures("dist_env")
@@ -114,3 +116,39 @@ def test_the_fake_backend_refuses_host_tensors():
     would pass on code that builds its collective tensors on the host)."""
     with FakeAccelerator(), pytest.raises(RuntimeError, match="device type cpu"):
         dist.all_reduce(torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("target", ["cuda", "cpu", DEVICE.type])
+@pytest.mark.parametrize("on_host", list(itertools.product([True, False], repeat=len(MODEL_INPUTS))))
+def test_model_inputs_pin_only_host_tensors(on_host, target, monkeypatch):
+    """Bound for CUDA, a host tensor goes through pinned memory (non_blocking), a tensor already on a
+    device by a plain ``.to``: pinning it raises "only dense CPU tensors can be pinned", which is what
+    ``bench/train_throughput.py`` (whose batches are on the GPU before ``train_step``) met. No CUDA
+    here: pinning a host tensor and every copy are stand-ins that record what was asked; pinning a
+    device (meta) tensor is torch's own."""
+    real_pin, pinned, moved = torch.Tensor.pin_memory, [], []
+
+    def pin(self):
+        if self.device.type != "cpu":
+            return real_pin(self)  # raises, as for a CUDA tensor
+        pinned.append(self)
+        return self
+
+    def to(self, device, non_blocking=False):
+        moved.append((self.device.type, torch.device(device).type, non_blocking))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    batch = {
+        key: torch.zeros(2, 3, dtype=torch.long, device="cpu" if host else DEVICE)
+        for key, host in zip(MODEL_INPUTS, on_host, strict=True)
+    }
+    batch["source_ids"] = torch.zeros(2, 3, dtype=torch.long)  # not a model input: left behind
+    inputs = model_inputs(batch, torch.device(target))
+    assert list(inputs) == list(MODEL_INPUTS)
+    to_pin = [target == "cuda" and host for host in on_host]
+    assert [any(t is batch[key] for t in pinned) for key in MODEL_INPUTS] == to_pin
+    assert moved == [
+        ("cpu" if host else DEVICE.type, target, pin) for host, pin in zip(on_host, to_pin, strict=True)
+    ]

@@ -65,3 +65,24 @@ def test_a_micro_batch_that_cannot_fit_is_one_line_before_the_engine(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--micro_batch_size" in err[0] and "--seq_len" in err[0], err
     assert "GiB is available in this test" in err[0]
+
+
+@pytest.mark.parametrize(("local_rank", "visible", "current"), [(0, 1, 0), (1, 1, 0), (3, 4, 3), (5, 4, 1)])
+def test_free_memory_is_read_on_the_rank_s_own_gpu(local_rank, visible, current, monkeypatch):
+    """The GPU ``init_distributed`` made current (``LOCAL_RANK`` modulo the visible GPUs), not
+    ``LOCAL_RANK`` itself: with one GPU per rank (Slurm's --gpus-per-task) rank 1 sees only device 0,
+    and ``mem_get_info(1)`` is an invalid device ordinal. No GPU here: the CUDA calls are stand-ins."""
+    asked = []
+
+    def mem_get_info(device):
+        assert 0 <= device < visible, f"invalid device ordinal {device}"
+        asked.append(device)
+        return 7 * 2**30, 80 * 2**30
+
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: local_rank % visible)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    assert memory.available_bytes() == (7 * 2**30, f"free on cuda:{current}")
+    assert asked == [current]
