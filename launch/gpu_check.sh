@@ -10,7 +10,7 @@
 # Steps, each under its own timeout (a failing step is recorded and the rest still run):
 #   install      the wheelhouse (deepspeed without prebuilt ops, datasets' missing dependencies,
 #                liger-kernel) with pip --no-index into this python (--cpu: into a clean venv that
-#                stands in for the GPU image: torch from the local wheel + launch/gpu_image.txt)
+#                stands in for the GPU image: launch/gpu_image.txt, its torch and Triton versions included)
 #   imports      deepspeed, datasets, liger_kernel import; versions into the summary
 #   gpu tests    compiled Triton RMSNorm / cross-entropy / fused linear CE against their references,
 #                flex_attention document masks against dense SDPA, fp8 GEMMs (DS_SFT_GPU_TESTS=1)
@@ -94,11 +94,10 @@ wheel_names=$(ls "$CARRY"/wheelhouse/*.whl | xargs -n1 basename | sed 's/-.*//' 
 if [ "$mode" = cpu ]; then
     VENV=${GPU_CHECK_VENV:-$REPO/.cache/gpu_check_venv}
     if [ ! -x "$VENV/bin/python" ] || [ launch/gpu_image.txt -nt "$VENV/.image" ]; then
-        # The image: torch from this machine's local wheel, the rest of launch/gpu_image.txt from the
-        # index (network; once). No ds-sft dependency that the wheelhouse carries is in this list.
+        # The image: launch/gpu_image.txt from the index (network; once), torch and Triton at the
+        # image's versions. No ds-sft dependency that the wheelhouse carries is in this list.
         rm -rf "$VENV" && python3 -m venv "$VENV" || exit 2
-        "$VENV/bin/pip" install -q torch==2.13.0 && "$VENV/bin/pip" install -q -r launch/gpu_image.txt 2>&1 |
-            grep -v "is ignored" || true
+        "$VENV/bin/pip" install -q -r launch/gpu_image.txt 2>&1 | grep -v "is ignored" || true
         "$VENV/bin/python" -c "import torch, transformers" || exit 2
         touch "$VENV/.image"
     fi
@@ -126,13 +125,15 @@ print(', '.join(f'{n} {m.version(n)}' for n in ('deepspeed', 'datasets', 'liger-
 
 # --- GPU tests (selected above)
 gpu_pytest() {  # gpu_pytest [PYTEST FLAGS...]: both selections, failing when either fails
-    "$PY" -m pytest -q -p no:cacheprovider "$@" "${gpu_tests[@]}"
+    # not slow: the files' slow tests are CPU-path checks at full size, already run by CI
+    "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "$@" "${gpu_tests[@]}"
     local rc=$?
-    "$PY" -m pytest -q -p no:cacheprovider "$@" "${fp8_tests[@]}" || rc=1
+    "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "$@" "${fp8_tests[@]}" || rc=1
     return $rc
 }
 if [ "$has_cuda" = 1 ]; then
-    step "gpu tests" 150 env DS_SFT_GPU_TESTS=1 bash -c "$(declare -f gpu_pytest); $(declare -p PY gpu_tests fp8_tests); gpu_pytest"
+    # 200 s: seven cold flex_attention compiles (forward and backward) and the Triton builds
+    step "gpu tests" 200 env DS_SFT_GPU_TESTS=1 bash -c "$(declare -f gpu_pytest); $(declare -p PY gpu_tests fp8_tests); gpu_pytest"
 else
     step "gpu tests: collect" 30 bash -c "$(declare -f gpu_pytest); $(declare -p PY gpu_tests fp8_tests); gpu_pytest --collect-only"
     skip "gpu tests" "no CUDA"
