@@ -57,8 +57,9 @@ FP8_MODE=${FP8_MODE:-torch}
 rm -rf "$WORK" && mkdir -p "$WORK" "$out"
 export PYTHONPATH=$REPO PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # DeepSpeed's CPU accelerator JIT-builds its shm_comm op at start (minutes on a busy machine, once):
-# keep it where the Makefile does, across rehearsals. (CUDA runs build nothing at start.)
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}
+# keep it across rehearsals, apart from the dev venv's build (another torch: each would rebuild over
+# the other's). CUDA runs build nothing at start.
+export TORCH_EXTENSIONS_DIR=${GPU_CHECK_TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions_gpu_check}
 for need in "$CARRY/wheelhouse" "$CARRY/data/manifest.json"; do
     [ -e "$need" ] || { echo "gpu_check: $need is missing: run 'make gpu-carry' first (and carry gpu_carry)" >&2; exit 2; }
 done
