@@ -1,6 +1,6 @@
 """A GGUF's tokenizer carries the special tokens its metadata names, whatever transformers' converter
 guessed (5.17's llama converter swaps BOS and EOS: transformers/integrations/ggml.py there sets
-``eos_token = bos_token``). The files are written here with the ``gguf`` package, a few KB each."""
+``eos_token = bos_token``). The files come from :func:`tests.gguf_files.write_gguf`."""
 
 from __future__ import annotations
 
@@ -12,36 +12,9 @@ from ds_sft.data import tokenizer as tokenizer_module
 from ds_sft.data.model_match import gguf_identity, tokenizer_identity
 from ds_sft.data.tokenizer import load_tokenizer
 from ds_sft.errors import UserError
+from tests.gguf_files import SPECIAL, TOKENS, write_gguf
 
-gguf = pytest.importorskip("gguf", reason="GGUF files need the gguf package (pip install -e '.[gguf]')")
-
-TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *"abcdefgh", "ab", "abc"]
-SPECIAL = 3  # the first three are special (token type 3 = control)
 ROLES = {"bos": "bos_token", "eos": "eos_token", "pad": "pad_token"}
-
-
-def write_gguf(path, **ids: int):
-    """A llama GGUF holding only a small BPE tokenizer; ``ids`` as ``bos=1, eos=2, pad=...``."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(64)
-    writer.add_embedding_length(8)
-    writer.add_block_count(1)
-    writer.add_feed_forward_length(16)
-    writer.add_head_count(2)
-    writer.add_head_count_kv(2)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(TOKENS)
-    writer.add_token_types([3] * SPECIAL + [1] * (len(TOKENS) - SPECIAL))
-    writer.add_token_merges(["a b", "ab c"])
-    for role, token_id in ids.items():
-        getattr(writer, f"add_{role}_token_id")(token_id)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def roles_of(tokenizer, ids):
@@ -54,7 +27,7 @@ special_ids = st.integers(0, SPECIAL - 1)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=st.fixed_dictionaries({"bos": special_ids, "eos": special_ids}, optional={"pad": special_ids}))
 def test_special_tokens_are_the_ones_the_metadata_names(tmp_path, ids):
-    path = write_gguf(tmp_path / "model.gguf", **ids)
+    path = write_gguf(tmp_path / "model.gguf", ids)
     tokenizer = load_tokenizer(str(path))
     assert roles_of(tokenizer, ids) == {role: TOKENS[token_id] for role, token_id in ids.items()}
     assert tokenizer_identity(tokenizer) == gguf_identity(path)
@@ -70,7 +43,7 @@ def test_a_converter_that_swaps_bos_and_eos_is_overruled(tmp_path, monkeypatch):
         return tokenizer
 
     monkeypatch.setattr(tokenizer_module, "_from_pretrained", swapping)
-    path = write_gguf(tmp_path / "model.gguf", bos=1, eos=2)
+    path = write_gguf(tmp_path / "model.gguf", {"bos": 1, "eos": 2})
     assert swapping(tmp_path, gguf_file=path.name).eos_token == "<|im_start|>"  # the converter's guess
     tokenizer = load_tokenizer(str(path))
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
@@ -81,26 +54,20 @@ def test_a_converter_that_swaps_bos_and_eos_is_overruled(tmp_path, monkeypatch):
 @pytest.mark.parametrize("token_id", [len(TOKENS), len(TOKENS) + 7, 2**31 - 1])
 def test_a_special_token_id_outside_the_vocabulary_is_one_line(tmp_path, role, token_id):
     ids = {"bos": 1, "eos": 2, role: token_id}
-    path = write_gguf(tmp_path / "model.gguf", **ids)
+    path = write_gguf(tmp_path / "model.gguf", ids)
     expected = rf"names token id {token_id} as {ROLES[role]}, but the vocabulary has {len(TOKENS)} tokens"
     with pytest.raises(UserError, match=expected):
         load_tokenizer(str(path))
 
 
 def test_a_gguf_without_a_tokenizer_is_one_line(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "weights.gguf"), "llama")
-    writer.add_block_count(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
     with pytest.raises(UserError, match="holds no tokenizer"):
-        load_tokenizer(str(tmp_path / "weights.gguf"))
+        load_tokenizer(str(write_gguf(tmp_path / "weights.gguf")))
 
 
 @pytest.mark.parametrize("kept", [0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, "all but 40 bytes"])
 def test_a_truncated_gguf_is_one_line(tmp_path, kept):
-    data = write_gguf(tmp_path / "whole.gguf", bos=1, eos=2).read_bytes()
+    data = write_gguf(tmp_path / "whole.gguf", {"bos": 1, "eos": 2}).read_bytes()
     path = tmp_path / "cut.gguf"
     # The metadata ends in up to 31 bytes of alignment padding: 40 bytes off always cut into it.
     path.write_bytes(data[: len(data) - 40] if isinstance(kept, str) else data[: int(len(data) * kept)])

@@ -24,6 +24,7 @@ from ds_sft.errors import UserError
 from ds_sft.model.checkpoint import load_model, save_model
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
+from tests.gguf_files import write_gguf
 
 from .conftest import Payload
 
@@ -116,23 +117,12 @@ def test_damaged_checkpoint_files_are_one_clear_error(tmp_path):
         assert str(path) in message and ("corrupt" in message or "truncated" in message), (label, message)
 
 
-def _gguf_with_a_tensor(path: Path) -> Path:
-    gguf = pytest.importorskip("gguf", reason="GGUF files need the gguf package (pip install -e '.[gguf]')")
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.arange(4096, dtype=np.float32).reshape(64, 64))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.mark.parametrize("kept", [0.0, 0.001, 0.01, 0.05, 0.2, 0.5, 0.9, 0.999])
 def test_a_truncated_gguf_is_one_clear_error(tmp_path, kept):
     """transformers parses GGUF without catching: cut in the header, the metadata, the tensor list or
     the data, it raised struct.error, IndexError or ValueError tracebacks."""
-    data = _gguf_with_a_tensor(tmp_path / "whole.gguf").read_bytes()
+    tensors = {"token_embd.weight": np.arange(4096, dtype=np.float32).reshape(64, 64)}
+    data = write_gguf(tmp_path / "whole.gguf", tensors=tensors).read_bytes()
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[: int(len(data) * kept)])
     expected = r"cut\.gguf: not a readable GGUF file, truncated or corrupt \(.*\); download"
