@@ -97,7 +97,7 @@ def read_json(path: Path) -> dict | None:
 def training_section(work: Path, gemm: dict | None) -> tuple[list[str], list[tuple[str, bool, str]]]:
     lines, checks = ["## Training: `ds-sft train`, ZeRO-2, one device", ""], []
     lines += ["| run | steps | loss start -> end | tokens/s | MFU vs bf16 GEMM |", "|---|---:|---|---:|---:|"]
-    runs = {name: train_run(work / f"train_{name}") for name in ("bf16", "fp8")}
+    runs = {name: train_run(work / f"train_{name}") for name in ("bf16", "fp8", "bf16_compile")}
     for name, run in runs.items():
         if run is None:
             lines.append(f"| {name} | - | no metrics | - | - |")
@@ -121,6 +121,9 @@ def training_section(work: Path, gemm: dict | None) -> tuple[list[str], list[tup
         )
         speedup = runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"]
         lines.append(f"\nfp8 / bf16 step speed: {speedup:.2f}x")
+    if runs["bf16"] and runs["bf16_compile"]:
+        speedup = runs["bf16_compile"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"]
+        lines.append(f"\n--compile / eager bf16 step speed: {speedup:.2f}x")
     if gemm:
         lines.append(
             f"\nbf16 GEMM {gemm['n']}^3 on {gemm['device']}: {gemm['flops'] / 1e12:.3g} TFLOP/s (same run)"

@@ -19,6 +19,7 @@
 #   gemm         a bf16 GEMM timed in this run: the ceiling MFU is measured against
 #   kernels      bench/kernels.py: Triton vs eager vs torch.compile vs Liger (time, peak memory)
 #   step d2048   bench/train_throughput.py part c at d_model 2048, bf16 and fp8
+#   train bf16 compile   the bf16 training again with --compile (torch.compile on the GPU)
 # Writes OUT/SUMMARY.md (tables, pass/fail per step, the machine line) and OUT/logs.tar.gz (every log
 # and JSON; checkpoints stay in the work folder). Exit 1 when a step or a check failed.
 set -uo pipefail
@@ -188,6 +189,10 @@ for fp8 in off "$FP8_MODE"; do
     step "step d2048 $label" 60 "$PY" bench/train_throughput.py "${d2048[@]}" --fp8 "$fp8" \
         --out "$WORK/throughput_d2048_$label.json"
 done
+
+# --- ds-sft train --compile (torch.compile of the engine's module; half again the time for the
+# cold compile): last, on the time left
+step "train bf16 compile" "$((train_s * 3 / 2))" "${train[@]}" --out_dir "$WORK/train_bf16_compile" --compile
 
 # --- one page, and the logs in one file (the device tool returns at most 8 files)
 "$PY" bench/gpu_check.py summary --work "$WORK" --out "$out/SUMMARY.md" > "$WORK/summary.log" 2>&1
