@@ -111,11 +111,10 @@ def _load(spec: str):
         return _gpt2()
     if path.is_dir():
         return _from_pretrained(path)
-    if path.suffix in (".gguf", ".json"):  # a FIFO or a device would hang or crash the reader
-        paths.require_regular_file(path, "tokenizer")
     if path.suffix == ".gguf":
-        return _from_gguf(path)
+        return _from_gguf(path)  # paths.read_gguf refuses anything but a regular file
     if path.suffix == ".json":
+        paths.require_regular_file(path, "tokenizer")  # a FIFO or a device would hang the reader
         return _from_file(path)
     raise UserError(f"{path}: not a tokenizer; pass a tokenizer.json, a directory, a .gguf file or 'gpt2'")
 

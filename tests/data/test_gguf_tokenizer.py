@@ -80,3 +80,28 @@ def test_a_file_that_is_not_gguf_is_one_line(tmp_path):
     path.write_text('{"this": "is json"}\n' * 50)
     with pytest.raises(UserError, match="not a readable GGUF file, truncated or corrupt"):
         load_tokenizer(str(path))
+
+
+def test_one_parse_per_file_version(tmp_path, monkeypatch):
+    """The tokenizer and its identity share one parse of the file; a file rewritten in place (a new
+    version at the same path) is parsed again, and its new ids are the ones used. (transformers
+    parses the file again inside its own tokenizer load: those parses count here too.)"""
+    import gguf
+
+    parses = []
+    reader = gguf.GGUFReader
+
+    def counting(path, *args, **kwargs):
+        parses.append(path)
+        return reader(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    path = write_gguf(tmp_path / "model.gguf", {"bos": 1, "eos": 2})
+    assert load_tokenizer(str(path)).eos_token == "<|im_end|>"
+    after_load = len(parses)
+    gguf_identity(path)
+    assert len(parses) == after_load
+    write_gguf(path, {"bos": 1, "eos": 0})
+    gguf_identity(path)
+    assert len(parses) == after_load + 1
+    assert load_tokenizer(str(path)).eos_token == "<|endoftext|>"
