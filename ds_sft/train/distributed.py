@@ -84,6 +84,11 @@ def master_port(environ=os.environ) -> str:
     return port
 
 
+def backend_for(device_type: str) -> str:
+    """The process group's backend for a trainer on ``device_type``: NCCL on CUDA, gloo elsewhere."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
 def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
     """Join (or, for a plain ``python``, create) the process group. Returns (rank, world size).
 
@@ -111,7 +116,8 @@ def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
             import torch.distributed.distributed_c10d as c10d
 
             c10d.default_pg_timeout = timeout["timeout"]
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **timeout)
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        deepspeed.init_distributed(dist_backend=backend_for(device_type), **timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -1,0 +1,126 @@
+"""``bench/gpu_check.py``: the collectives probe, and the page that judges a GPU run.
+
+The GPU run happens rarely and its minutes are scarce, so its verdict is tested here: every failed
+step, every failed collective of the backend the trainer uses, a loss that does not fall and an fp8
+run too far from bf16 must each turn the page to FAIL, and nothing else may.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+spec = importlib.util.spec_from_file_location("gpu_check", REPO_ROOT / "bench" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+
+
+def test_every_collective_runs_over_gloo_on_cpu(tmp_path):
+    out = tmp_path / "collectives.json"
+    run = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "collectives", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and "nccl" not in result
+    assert result["gloo"] == dict.fromkeys(gpu_check.COLLECTIVES, "ok")
+
+
+def collectives(device: str, **outcomes: dict) -> dict:
+    return {
+        "device": device,
+        **{b: {**dict.fromkeys(gpu_check.COLLECTIVES, "ok"), **o} for b, o in outcomes.items()},
+    }
+
+
+@pytest.mark.parametrize("operation", gpu_check.COLLECTIVES)
+def test_a_failed_collective_of_the_trainers_backend_fails_the_check(tmp_path, operation):
+    error = "DistBackendError: NCCL error: unhandled system error"
+    (tmp_path / "collectives.json").write_text(
+        json.dumps(collectives("cuda:0", gloo={}, nccl={operation: error}))
+    )
+    lines, [(name, ok, detail)] = gpu_check.collectives_section(tmp_path)
+    assert not ok and name == "collectives over nccl" and operation in detail
+    assert any(error in line and line.startswith(f"| {operation} |") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "result,passes",
+    [
+        (collectives("cpu", gloo={}), True),
+        (collectives("cpu", gloo={"barrier": "RuntimeError: x"}), False),
+        # gloo on CUDA tensors is informative only: the trainer uses NCCL there
+        (collectives("cuda:0", gloo={"reduce_scatter_tensor": "RuntimeError: x"}, nccl={}), True),
+        # NCCL's group could not even be made: only gloo's results exist
+        ({**collectives("cuda:0", gloo={}), "nccl": {"new_group": "RuntimeError: x"}}, False),
+        ({**collectives("cuda:0", gloo={})}, False),
+    ],
+)
+def test_the_check_follows_the_trainers_backend(tmp_path, result, passes):
+    (tmp_path / "collectives.json").write_text(json.dumps(result))
+    _, [(_, ok, _)] = gpu_check.collectives_section(tmp_path)
+    assert ok == passes
+
+
+def write_run(work: Path, name: str, losses: list[float], data_dir: Path) -> None:
+    run = work / f"train_{name}"
+    run.mkdir(parents=True)
+    settings = {"data_dir": str(data_dir), "model": "tiny"}
+    (run / "effective_config.json").write_text(json.dumps({"ds_sft": settings}))
+    records = [
+        {"type": "train", "step": i, "loss": loss, "tokens_per_s": 1000.0} for i, loss in enumerate(losses)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def falling(start: float, end: float, steps: int = 12) -> list[float]:
+    return [start + (end - start) * i / (steps - 1) for i in range(steps)]
+
+
+def work_folder(tmp_path: Path, steps: list[tuple[str, str]], bf16: list[float], fp8: list[float]) -> Path:
+    work, data = tmp_path / "work", tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "index.json").write_text(json.dumps({"seq_len": 64}))
+    work.mkdir()
+    (work / "steps.tsv").write_text("".join(f"{name}\t{status}\t3\n" for name, status in steps))
+    (work / "machine.txt").write_text("test machine\n")
+    (work / "collectives.json").write_text(json.dumps(collectives("cpu", gloo={})))
+    (work / "gemm.json").write_text(json.dumps({"device": "cpu", "n": 64, "seconds": 1.0, "flops": 1e12}))
+    write_run(work, "bf16", bf16, data)
+    write_run(work, "fp8", fp8, data)
+    return work
+
+
+PASSED = [("install", "pass"), ("train bf16", "pass"), ("gpu tests", "skipped: no CUDA")]
+
+
+@pytest.mark.parametrize(
+    "steps,bf16,fp8,failed",
+    [
+        (PASSED, falling(5.0, 3.0), falling(5.0, 3.05), None),
+        (PASSED + [("kernels", "FAIL")], falling(5.0, 3.0), falling(5.0, 3.05), "kernels"),
+        (PASSED, falling(5.0, 3.0), falling(5.0, 3.3), "fp8 end loss within 5% of bf16"),
+        (PASSED, falling(5.0, 3.0), falling(3.0, 5.0), "fp8: loss falls"),
+        (PASSED, falling(3.0, 3.0), falling(3.0, 3.0), "bf16: loss falls"),
+    ],
+)
+def test_the_page_fails_exactly_when_a_step_or_check_fails(tmp_path, steps, bf16, fp8, failed):
+    work = work_folder(tmp_path, steps, bf16, fp8)
+    page = tmp_path / "SUMMARY.md"
+    status = gpu_check.summary(work, page)
+    text = page.read_text()
+    assert status == (0 if failed is None else 1)
+    last = text.strip().splitlines()[-1]
+    assert last == "failed: none" if failed is None else failed in last
+    assert "machine: test machine" in text and "| all_reduce | ok |" in text
