@@ -170,6 +170,39 @@ def test_flex_attention_path_equals_the_dense_mask(monkeypatch):
     torch.testing.assert_close(flex, dense, rtol=0, atol=1e-5)
 
 
+def test_a_new_batchs_document_mask_reuses_the_compiled_flex_attention():
+    """Every batch packs its documents differently, so every step builds a new BlockMask whose
+    mask_mod closes over new document ids. Were dynamo to guard on that closure, each step would
+    recompile, and after its recompile limit (8) fall back to eager flex_attention for good: correct,
+    silent, and many times slower on the GPU. One compile per mask kind (causal, sliding window)."""
+    import torch._dynamo
+
+    import ds_sft.model.llama as llama
+
+    if llama.flex_attention is None:
+        pytest.skip("this torch has no flex_attention")
+    torch._dynamo.reset()
+    llama._compiled_flex_attention.cache_clear()
+    attend = llama._compiled_flex_attention()
+    generator = torch.Generator().manual_seed(0)
+    B, H, T, D = 2, 2, 256, 16
+    q, k, v = (torch.randn(B, H, T, D, generator=generator) for _ in range(3))
+
+    def batch_documents():
+        starts = torch.randint(1, T, (B, 4), generator=generator)
+        documents = (torch.arange(T)[None, :, None] >= starts[:, None, :]).sum(-1)
+        documents[:, T - int(torch.randint(0, 30, (), generator=generator)) :] = -1  # padding
+        return documents
+
+    with torch.no_grad():
+        for window in (None, 64):  # the first batch of each kind compiles
+            attend(q, k, v, block_mask=llama._document_block_mask(batch_documents(), window))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(3):
+                for window in (None, 64):
+                    attend(q, k, v, block_mask=llama._document_block_mask(batch_documents(), window))
+
+
 def test_config_errors_name_the_problem():
     import kernels
 
