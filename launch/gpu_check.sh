@@ -159,18 +159,22 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 step "collectives" 60 "$PY" bench/gpu_check.py collectives --out "$WORK/collectives.json"
 
 # --- GPU tests (selected above)
+# Their time is cold compiles (Triton kernels, seven flex_attention shapes forward and backward), on
+# the CPU: with pytest-xdist (the image has it) GPU_TEST_WORKERS processes share the GPU and the cores.
+workers=()
+"$PY" -c "import xdist" 2> /dev/null && workers=(-n "${GPU_TEST_WORKERS:-4}")
 gpu_pytest() {  # gpu_pytest [PYTEST FLAGS...]: both selections, failing when either fails
     # not slow: the files' slow tests are CPU-path checks at full size, already run by CI
-    "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "$@" "${gpu_tests[@]}"
+    "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "${workers[@]}" "$@" "${gpu_tests[@]}"
     local rc=$?
-    "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "$@" "${fp8_tests[@]}" || rc=1
+    "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "${workers[@]}" "$@" "${fp8_tests[@]}" || rc=1
     return $rc
 }
+gpu_pytest_env="$(declare -f gpu_pytest); $(declare -p PY gpu_tests fp8_tests workers)"
 if [ "$has_cuda" = 1 ]; then
-    # 200 s: seven cold flex_attention compiles (forward and backward) and the Triton builds
-    step "gpu tests" 200 env DS_SFT_GPU_TESTS=1 bash -c "$(declare -f gpu_pytest); $(declare -p PY gpu_tests fp8_tests); gpu_pytest"
+    step "gpu tests" 200 env DS_SFT_GPU_TESTS=1 bash -c "$gpu_pytest_env; gpu_pytest"
 else
-    step "gpu tests: collect" 30 bash -c "$(declare -f gpu_pytest); $(declare -p PY gpu_tests fp8_tests); gpu_pytest --collect-only"
+    step "gpu tests: collect" 30 bash -c "$gpu_pytest_env; gpu_pytest --collect-only"
     skip "gpu tests" "no CUDA"
 fi
 
