@@ -109,6 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fp8", default="off", help="fp8 mode of the (c) step, as `ds-sft train --fp8` (default off)"
     )
     parser.add_argument(
+        "--fp8_select",
+        default="all",
+        choices=("all", "auto"),
+        help='which projections run in fp8, as the recipe\'s "fp8": {"select": ...}: all, or those the '
+        "roofline (ds_sft/model/fp8_roofline.json) says are faster at micro_batch x seq_len tokens",
+    )
+    parser.add_argument(
         "--override",
         default="",
         help="model config overrides KEY=VALUE,... e.g. d_model=2048,n_heads=16,ffn_hidden=5504",
@@ -326,11 +333,19 @@ def hf_step(
     return step
 
 
-def deepspeed_step(config: ModelConfig, micro_batch: int, compile: bool = False, fp8: str = "off"):
+def deepspeed_step(
+    config: ModelConfig,
+    micro_batch: int,
+    compile: bool = False,
+    fp8: str = "off",
+    fp8_select: str = "all",
+    tokens: int | None = None,
+):
     """The ds-sft training step itself: ``ds_configs/zero2.json`` with bf16 on, the trainer's engine
     (parameter groups, ``deepspeed.initialize``) and its token-normalized ``train_step``; with
     ``compile`` the engine's module goes through ``torch.compile`` as ``ds-sft train --compile`` does,
-    with ``fp8`` other than off its projections run the fp8 matmuls of ``ds-sft train --fp8``."""
+    with ``fp8`` other than off its projections (``fp8_select``: all, or those the roofline picks
+    for ``tokens`` rows per micro-batch) run the fp8 matmuls of ``ds-sft train --fp8``."""
     import contextlib
 
     from ds_sft.train.config import read_json
@@ -346,11 +361,16 @@ def deepspeed_step(config: ModelConfig, micro_batch: int, compile: bool = False,
     ds_config.update(train_micro_batch_size_per_gpu=micro_batch, steps_per_print=10**9)
     ds_config["bf16"] = {"enabled": True}
     model, forward_context = LlamaModel(config), contextlib.nullcontext
+    fp8_projections = "none"
     if fp8 != "off":
-        from ds_sft.model.fp8 import Fp8Recipe, apply_fp8, fp8_autocast
+        from ds_sft.model.fp8 import Fp8Recipe, apply_fp8, fp8_autocast, fp8_linear_names
 
-        apply_fp8(model, fp8, None)
-        forward_context = functools.partial(fp8_autocast, fp8, Fp8Recipe())
+        recipe = Fp8Recipe(select=fp8_select)
+        projections = fp8_linear_names(model)
+        apply_fp8(model, fp8, recipe, tokens=tokens, say=print)  # prints which projections run in fp8
+        swapped = sum(not isinstance(model.get_submodule(name), torch.nn.Linear) for name in projections)
+        fp8_projections = f"{swapped} of {len(projections)}"
+        forward_context = functools.partial(fp8_autocast, fp8, recipe)
     engine, _ = build_engine(model, ds_config, weight_decay=0.05)
     if compile:
         engine.compile()
@@ -358,7 +378,7 @@ def deepspeed_step(config: ModelConfig, micro_batch: int, compile: bool = False,
     def step(batch: dict) -> float:
         return train_step(engine, [batch], world_size, forward_context)["loss"]
 
-    step.engine = engine
+    step.engine, step.fp8_projections = engine, fp8_projections
     return step
 
 
@@ -575,12 +595,22 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
     """FLOP/s of the ds-sft step (compiled when ``--compile``) against the GEMM and the GPU peak."""
     name = "dssft_deepspeed_zero2_compiled" if args.compile else "dssft_deepspeed_zero2"
     gemm_n = gemm_size(args, device)
-    if a_result is None:  # (c) alone: the ds-sft step and the GEMM take turns
-        step = deepspeed_step(config, args.micro_batch, compile=args.compile, fp8=args.fp8)
+    fp8_projections = "none"
+    # (a) measured the bf16 step: (c) reuses it unless it was asked for another (fp8)
+    if a_result is None or args.fp8 != "off":  # the ds-sft step and the GEMM take turns
+        step = deepspeed_step(
+            config,
+            args.micro_batch,
+            compile=args.compile,
+            fp8=args.fp8,
+            fp8_select=args.fp8_select,
+            tokens=args.micro_batch * args.seq_len,
+        )
         contenders = {name: step, GEMM: gemm_step(gemm_n, device)}
         seconds, _ = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
         step.engine.destroy()
         tokens_per_s, gemm_s = args.micro_batch * args.seq_len / seconds[name], seconds[GEMM]
+        fp8_projections = step.fp8_projections
     else:
         tokens_per_s, gemm_s = a_result["rows"][name]["tokens_per_s"], a_result["gemm_s"]
     gemm = 2 * gemm_n**3 / gemm_s
@@ -592,6 +622,9 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
     device_name, peak = gpu_peak(device)
     return {
         "step": name,
+        "fp8": args.fp8,
+        "fp8_select": args.fp8_select,
+        "fp8_projections": fp8_projections,  # how many of the projections ran in fp8
         "flops_per_token": per_token,
         "tokens_per_s": tokens_per_s,
         "achieved_flops": achieved,

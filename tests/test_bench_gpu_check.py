@@ -124,3 +124,55 @@ def test_the_page_fails_exactly_when_a_step_or_check_fails(tmp_path, steps, bf16
     last = text.strip().splitlines()[-1]
     assert last == "failed: none" if failed is None else failed in last
     assert "machine: test machine" in text and "| all_reduce | ok |" in text
+
+
+def write_targets_inputs(work: Path, tmp_path: Path, **figures) -> None:
+    """A GPU run's files holding the given figures: mfu, memory_ratio, time_ratio, liger_speed (Liger
+    ms / Triton ms), fp8 speed-ups d768 and d2048."""
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "index.json").write_text(json.dumps({"seq_len": 64}))
+    write_run(work, "bf16", falling(5.0, 3.0), data)
+    per_token = gpu_check.train_run(work / "train_bf16")["flops_per_token"]
+    # tokens/s is 1000 in write_run: the GEMM's FLOP/s that make the run's MFU the figure asked for
+    (work / "gemm.json").write_text(json.dumps({"flops": 1000.0 * per_token / figures["mfu"], "n": 1}))
+    ops = [
+        {"op": "rms_norm fwd+bwd 16384x768", "provider": "triton", "ms": 1.0},
+        {"op": "rms_norm fwd+bwd 16384x768", "provider": "liger", "ms": figures["liger_speed"]},
+    ]
+    fused = {"memory_ratio": figures["memory_ratio"], "time_ratio": figures["time_ratio"]}
+    (work / "kernels.json").write_text(json.dumps({"gpu": {"ops": ops, "linear_cross_entropy": fused}}))
+    for size in ("d768", "d2048"):
+        for run, speed in (("bf16", 1000.0), ("fp8_auto", 1000.0 * figures[size])):
+            (work / f"throughput_{size}_{run}.json").write_text(json.dumps({"c": {"tokens_per_s": speed}}))
+
+
+MET = {"mfu": 0.5, "memory_ratio": 0.05, "time_ratio": 0.9, "liger_speed": 1.2, "d768": 1.05, "d2048": 1.2}
+MISSED = {"mfu": 0.4, "memory_ratio": 0.2, "time_ratio": 1.1, "liger_speed": 0.8, "d768": 0.95, "d2048": 1.1}
+TARGET_ROWS = {
+    "mfu": "MFU >= 45%",
+    "memory_ratio": "peak memory <= 0.1x",
+    "time_ratio": "time <= 1.0x",
+    "liger_speed": "Triton / Liger speed >= 1",
+    "d768": "d768: fp8 select auto",
+    "d2048": "d2048: fp8 select auto",
+}
+
+
+@pytest.mark.parametrize("missed", [None, *MISSED])
+def test_each_target_is_met_or_missed_by_its_own_figure(tmp_path, missed):
+    work = tmp_path / "work"
+    work.mkdir()
+    write_targets_inputs(work, tmp_path, **{**MET, **({missed: MISSED[missed]} if missed else {})})
+    rows = [
+        line for line in gpu_check.targets_section(work) if line.startswith("| ") and "figure" not in line
+    ]
+    assert len(rows) == len(TARGET_ROWS)
+    for key, words in TARGET_ROWS.items():
+        [row] = [r for r in rows if words in r]
+        assert row.endswith("| MISSED |" if key == missed else "| met |"), row
+
+
+def test_targets_without_their_files_are_not_measured(tmp_path):
+    rows = [line for line in gpu_check.targets_section(tmp_path) if line.endswith("|")][2:]
+    assert rows and all(row.endswith("| - | not measured |") for row in rows)
