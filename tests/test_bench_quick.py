@@ -105,3 +105,19 @@ def test_useful_flops_counts_real_tokens_trained_logits_and_in_document_pairs():
         + 12 * config.n_layers * config.d_model * causal_pairs
     )
     assert bench.useful_flops(config, batch) == expected
+
+
+@pytest.mark.parametrize("parts,select,projections", [("a,c", "all", "14 of 14"), ("c", "auto", "0 of 14")])
+def test_train_throughput_fp8_step_is_measured_in_fp8(tmp_path, parts, select, projections):
+    """(c) in fp8 is its own measurement even when (a) measured the bf16 step (it used to reuse
+    (a)'s); ``--fp8_select auto`` asks the roofline, which at the quick size (128 tokens per
+    micro-batch) keeps every projection in bf16."""
+    out = tmp_path / "throughput.json"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(BENCH_DIR.parent / ".cache" / "torch_extensions")}
+    command = [sys.executable, str(BENCH_DIR / "train_throughput.py"), "--quick", "--parts", parts]
+    command += ["--fp8", "torch", "--fp8_select", select, "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    c = json.loads(out.read_text())["c"]
+    assert (c["fp8"], c["fp8_select"], c["fp8_projections"]) == ("torch", select, projections)
+    assert c["tokens_per_s"] > 0
