@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 BASE_MODEL = "smollm2-135m-instruct"
+# Left in OUT when the demo makes its run folder: a rerun replaces that run (train --overwrite), and
+# only that one; a run folder the demo did not make is refused by train, as any other would be.
+DEMO_MARK = ".ds-sft-demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +60,15 @@ def _stage(title: str, argv: list[str]) -> float:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data_dir, run_dir, eval_dir = out / "data", out / "run", out / "eval"
+    mark = out / DEMO_MARK
+    if run_dir.exists() and not mark.is_file():
+        raise SystemExit(
+            f"demo: {run_dir} exists and the demo did not make it: move it away, or give the demo "
+            "another folder (make demo DEMO_ARGS='--out runs/demo2', or python -m ds_sft.demo --out ...)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    mark.write_text("ds-sft demo: run/ here is the demo's own run; the next `make demo` replaces it\n")
+    replace_run = ["--overwrite"] if run_dir.exists() else []
     sources = []
     for item in args.source:
         flag, _, path = item.partition("=")
@@ -105,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                 "7e-5",
                 "--out_dir",
                 str(run_dir),
+                *replace_run,
             ],
         ),
         "eval": _stage(

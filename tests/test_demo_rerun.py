@@ -1,0 +1,65 @@
+"""``make demo`` runs again: the demo replaces the run it made itself, and only that one.
+
+The stages are replaced by a recorder that does what ``ds-sft train`` does to its folder (it refuses
+an existing run without ``--overwrite``), so the demo's own choice of flags is what is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from ds_sft import demo
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    calls: list[list[str]] = []
+
+    def stage(title: str, argv: list[str]) -> float:
+        calls.append(argv)
+        if argv[0] == "train":
+            run_dir = demo.Path(argv[argv.index("--out_dir") + 1])
+            if (run_dir / "metrics.jsonl").exists() and "--overwrite" not in argv:
+                raise SystemExit(f"ds-sft train: error: {run_dir} already holds a training run")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.jsonl").write_text("{}\n")
+        if argv[0] == "eval":
+            eval_dir = demo.Path(argv[argv.index("--out") + 1])
+            eval_dir.mkdir(parents=True, exist_ok=True)
+            (eval_dir / "eval.json").write_text('{"models": []}')
+        return 0.0
+
+    monkeypatch.setattr(demo, "_stage", stage)
+    return calls
+
+
+def demo_args(out) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return parser.parse_args(["--out", str(out)])
+
+
+def train_argv(calls: list[list[str]]) -> list[str]:
+    return [argv for argv in calls if argv[0] == "train"][-1]
+
+
+def test_the_demo_runs_again_over_its_own_run(tmp_path, stages):
+    out = tmp_path / "demo"
+    for _ in range(3):
+        assert demo.run(demo_args(out)) == 0
+    trains = [argv for argv in stages if argv[0] == "train"]
+    assert ["--overwrite" in argv for argv in trains] == [False, True, True]
+
+
+@pytest.mark.parametrize("made_by", ["the user", "an older demo"])
+def test_a_run_the_demo_did_not_make_is_left_alone(tmp_path, stages, made_by):
+    out = tmp_path / "demo"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "metrics.jsonl").write_text(f"made by {made_by}\n")
+    with pytest.raises(SystemExit, match="the demo did not make it.*DEMO_ARGS='--out"):
+        demo.run(demo_args(out))
+    assert stages == [], "refused before any stage ran"
+    assert (out / "run" / "metrics.jsonl").read_text() == f"made by {made_by}\n"
+    assert not (out / demo.DEMO_MARK).exists()
