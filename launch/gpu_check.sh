@@ -76,7 +76,17 @@ WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_$mode}
 SLOW=$([ $mode = cpu ] && echo 4 || echo 1)
 BUDGET_S=${BUDGET_S:-$((470 * SLOW))}
 FP8_MODE=${FP8_MODE:-torch}
-rm -rf "$WORK" && mkdir -p "$WORK" "$out"
+# The folders this script replaces (the work dir; the --cpu venv) are removed only when gpu_check
+# made them (they hold its mark) or they are empty: pointed at anything else, it refuses.
+replaceable() {  # replaceable DIR MARK VARIABLE
+    if [ -e "$1" ] && [ ! -e "$1/$2" ] && [ -n "$(ls -A "$1" 2> /dev/null)" ]; then
+        echo "gpu_check: $1 is not empty and gpu_check did not make it (no $2 in it): leaving it;" \
+            "set $3 to a new or empty folder" >&2
+        return 1
+    fi
+}
+replaceable "$WORK" .gpu_check_work GPU_CHECK_WORK || exit 2
+rm -rf "$WORK" && mkdir -p "$WORK" "$out" && touch "$WORK/.gpu_check_work"
 # The carried wheels go here (step "install"), ahead of the interpreter's own packages.
 SITE=$WORK/site
 export PYTHONPATH=$SITE:$REPO PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -127,7 +137,8 @@ if [ "$mode" = cpu ]; then
         || [ "$(cat "$VENV/.image" 2> /dev/null)" != "$want" ]; then
         # The image: launch/gpu_image.txt from the index (network; once), torch and Triton at the
         # image's versions. No ds-sft dependency that the wheelhouse carries is in this list.
-        rm -rf "$VENV" && "$base" -m venv "$VENV" || exit 2
+        replaceable "$VENV" .image GPU_CHECK_VENV || exit 2
+        rm -rf "$VENV" && "$base" -m venv "$VENV" && touch "$VENV/.image" || exit 2  # .image: mark now, version later
         "$VENV/bin/pip" install -q -r launch/gpu_image.txt 2>&1 | grep -v "is ignored" || true
         "$VENV/bin/python" -c "import torch, transformers" || exit 2
         echo "$want" > "$VENV/.image"

@@ -10,8 +10,12 @@ without editing the script, and the script must list nothing else.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -49,3 +53,50 @@ def test_every_gpu_test_file_is_run_and_nothing_else():
     )
     assert sorted(listed) == expected
     assert "tests/model/test_gpu_paths.py" in listed and "tests/kernels/test_rmsnorm.py" in listed
+
+
+def run_gpu_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """``gpu_check.sh --cpu`` with a stand-in carry (one empty wheel, a manifest): enough to reach its
+    folders, never its steps (each case below stops at a folder)."""
+    carry = tmp_path / "carry"
+    (carry / "wheelhouse").mkdir(parents=True)
+    (carry / "wheelhouse" / "stand_in-1.0-py3-none-any.whl").write_bytes(b"")
+    (carry / "data").mkdir()
+    (carry / "data" / "manifest.json").write_text("{}")
+    variables = {"GPU_CARRY": str(carry), "IMAGE_PYTHON": sys.executable, **env}
+    command = ["bash", "launch/gpu_check.sh", "--cpu", "--out", str(tmp_path / "out")]
+    return subprocess.run(
+        command, cwd=REPO_ROOT, env={**os.environ, **variables}, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("variable", ["GPU_CHECK_WORK", "GPU_CHECK_VENV"])
+@pytest.mark.parametrize("content", ["notes.txt", "bin/python", ".image.bak"])
+def test_a_folder_gpu_check_did_not_make_is_never_removed(tmp_path, variable, content):
+    """Both folders the script replaces are user-settable: pointed at someone's files (a project, a
+    venv), it refuses in one line and leaves them as they were."""
+    theirs = tmp_path / "theirs"
+    (theirs / content).parent.mkdir(parents=True, exist_ok=True)
+    (theirs / content).write_text("keep me")
+    env = {variable: str(theirs)}
+    if variable == "GPU_CHECK_VENV":
+        env["GPU_CHECK_WORK"] = str(tmp_path / "work")
+    result = run_gpu_check(tmp_path, **env)
+    assert result.returncode == 2
+    assert f"{theirs} is not empty and gpu_check did not make it" in result.stderr
+    assert f"set {variable} to a new or empty folder" in result.stderr
+    assert (theirs / content).read_text() == "keep me"
+    assert {f.relative_to(theirs).as_posix() for f in theirs.rglob("*") if f.is_file()} == {content}
+
+
+def test_its_own_work_folder_is_replaced(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".gpu_check_work").touch()
+    (work / "old.log").write_text("an earlier check")
+    # stops at the venv: GPU_CHECK_VENV names a folder it did not make
+    venv = tmp_path / "venv"
+    (venv / "keep").mkdir(parents=True)
+    result = run_gpu_check(tmp_path, GPU_CHECK_WORK=str(work), GPU_CHECK_VENV=str(venv))
+    assert result.returncode == 2 and "GPU_CHECK_VENV" in result.stderr
+    assert not (work / "old.log").exists() and (work / ".gpu_check_work").exists()
