@@ -57,13 +57,22 @@ def test_every_gpu_test_file_is_run_and_nothing_else():
 
 def run_gpu_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """``gpu_check.sh --cpu`` with a stand-in carry (one empty wheel, a manifest): enough to reach its
-    folders, never its steps (each case below stops at a folder)."""
+    folders, never its steps (each case below stops at a folder). Should a case not stop, it still
+    touches nothing outside ``tmp_path``: its own venv folder, and pip without an index."""
     carry = tmp_path / "carry"
     (carry / "wheelhouse").mkdir(parents=True)
     (carry / "wheelhouse" / "stand_in-1.0-py3-none-any.whl").write_bytes(b"")
     (carry / "data").mkdir()
     (carry / "data" / "manifest.json").write_text("{}")
-    variables = {"GPU_CARRY": str(carry), "IMAGE_PYTHON": sys.executable, **env}
+    variables = {
+        "GPU_CARRY": str(carry),
+        "GPU_CHECK_WORK": str(tmp_path / "work"),
+        "GPU_CHECK_VENV": str(tmp_path / "venv"),
+        "GPU_CHECK_TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
+        "IMAGE_PYTHON": sys.executable,
+        "PIP_NO_INDEX": "1",
+        **env,
+    }
     command = ["bash", "launch/gpu_check.sh", "--cpu", "--out", str(tmp_path / "out")]
     return subprocess.run(
         command, cwd=REPO_ROOT, env={**os.environ, **variables}, capture_output=True, text=True, timeout=60
@@ -78,10 +87,7 @@ def test_a_folder_gpu_check_did_not_make_is_never_removed(tmp_path, variable, co
     theirs = tmp_path / "theirs"
     (theirs / content).parent.mkdir(parents=True, exist_ok=True)
     (theirs / content).write_text("keep me")
-    env = {variable: str(theirs)}
-    if variable == "GPU_CHECK_VENV":
-        env["GPU_CHECK_WORK"] = str(tmp_path / "work")
-    result = run_gpu_check(tmp_path, **env)
+    result = run_gpu_check(tmp_path, **{variable: str(theirs)})
     assert result.returncode == 2
     assert f"{theirs} is not empty and gpu_check did not make it" in result.stderr
     assert f"set {variable} to a new or empty folder" in result.stderr
