@@ -33,6 +33,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.errors import first_line  # noqa: E402
 from ds_sft.train.distributed import backend_for  # noqa: E402  (the trainer's choice, checked here)
 
 FP8_TOLERANCE = 0.05  # |end loss fp8 - bf16| / bf16
@@ -93,7 +94,7 @@ def try_collectives(store_path: Path) -> dict:
             groups["nccl"] = dist.new_group([0], backend="nccl")
             results["nccl_version"] = ".".join(map(str, torch.cuda.nccl.version()))
         except Exception as error:  # reported, not raised: the gloo results still stand
-            results["nccl"] = {"new_group": first_line(error)}
+            results["nccl"] = {"new_group": describe(error)}
     for backend, group in groups.items():
         outcome = results.setdefault(backend, {})
         for operation in COLLECTIVES:
@@ -101,7 +102,7 @@ def try_collectives(store_path: Path) -> dict:
                 run_collective(operation, group, device)
                 outcome[operation] = "ok"
             except Exception as error:
-                outcome[operation] = first_line(error)
+                outcome[operation] = describe(error)
             print(f"{backend} {operation} on {device}: {outcome[operation]}", flush=True)
     dist.destroy_process_group()
     return results
@@ -119,11 +120,11 @@ def run_collective(operation: str, group, device) -> None:
     if "_object" in operation:
         # picklable objects, moved through the group's device (NCCL: the current CUDA device)
         sent = {"step": 7, "path": "runs/x"}
-        received = [None]
         if operation == "all_gather_object":
+            received = [None]
             dist.all_gather_object(received, sent, group=group)
         else:
-            received = [sent]
+            received = [dict(sent)]
             dist.broadcast_object_list(received, src=0, group=group)
         if received != [sent]:
             raise AssertionError(f"{operation} returned {received}")
@@ -144,9 +145,17 @@ def run_collective(operation: str, group, device) -> None:
         raise AssertionError(f"{operation} returned {out.tolist()}")
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {first_line(error)}"[:200]
+
+
+def trainer_backend_failures(result: dict) -> tuple[str, list[str]]:
+    """The backend the trainer uses on the probed device, and its operations that did not succeed
+    (``new_group`` when its group could not be made)."""
+    used = backend_for(result["device"].split(":")[0])
+    if used not in result:
+        return used, ["every operation (never tried)"]
+    return used, [op for op, outcome in result[used].items() if outcome != "ok"]
 
 
 def train_run(run_dir: Path) -> dict | None:
@@ -332,10 +341,9 @@ def collectives_section(work: Path) -> tuple[list[str], list[tuple[str, bool, st
     lines += ["| operation | " + " | ".join(backends) + " |", "|---|" + "---|" * len(backends)]
     operations = dict.fromkeys(op for b in backends for op in result[b])
     lines += [f"| {op} | " + " | ".join(result[b].get(op, "-") for b in backends) + " |" for op in operations]
-    used = backend_for(result["device"].split(":")[0])
-    failed = [op for op, outcome in result.get(used, {}).items() if outcome != "ok"]
+    used, failed = trainer_backend_failures(result)
     detail = f"{used}: " + (", ".join(failed) + " failed" if failed else "all ok")
-    return lines, [(f"collectives over {used}", used in result and not failed, detail)]
+    return lines, [(f"collectives over {used}", not failed, detail)]
 
 
 def summary(work: Path, out: Path) -> int:
@@ -391,8 +399,7 @@ def main(argv=None) -> int:
     if args.command == "collectives":
         result = try_collectives(args.out.with_suffix(".store"))
         args.out.write_text(json.dumps(result, indent=1) + "\n")
-        used = backend_for(result["device"].split(":")[0])
-        return 0 if set(result.get(used, {}).values()) == {"ok"} else 1
+        return 1 if trainer_backend_failures(result)[1] else 0
     if args.command == "gemm":
         result = time_gemm(args.n)
         args.out.write_text(json.dumps(result) + "\n")

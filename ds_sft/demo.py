@@ -24,7 +24,7 @@ from pathlib import Path
 
 BASE_MODEL = "smollm2-135m-instruct"
 # Left in OUT when the demo makes its run folder: a rerun replaces that run (train --overwrite), and
-# only that one; a run folder the demo did not make is refused by train, as any other would be.
+# only that one; a run folder the demo did not make is refused before any stage runs.
 DEMO_MARK = ".ds-sft-demo"
 
 

@@ -143,9 +143,6 @@ if [ "$mode" = cpu ]; then
         "$VENV/bin/python" -c "import torch, transformers" || exit 2
         echo "$want" > "$VENV/.image"
     fi
-    # The stand-in holds the image's packages only (older rehearsals installed the wheelhouse into
-    # it), so that the imports step proves the carried folder serves them.
-    "$VENV/bin/pip" uninstall -q -y $wheel_names > /dev/null 2>&1
     PY=$VENV/bin/python
 else
     PY=${PYTHON:-python3}
