@@ -17,7 +17,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, os_error_line
 
 # name -> (module, one-line summary). Modules are imported only when their command is used.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,11 +35,17 @@ def load_command(name: str):
 
 
 def execute(prog: str, module, args: argparse.Namespace) -> int:
-    """Run ``module.run(args)``, turning a :class:`UserError` into one line on stderr and exit 2."""
+    """Run ``module.run(args)``, turning a :class:`UserError`, or an ``OSError`` the system raised
+    for a path (permissions, disk full...), into one line on stderr and exit 2."""
     try:
         code = module.run(args)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno is None:  # raised by a library with a message of its own: a bug to look at
+            raise
+        print(f"{prog}: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -78,9 +79,17 @@ def altered_files(folder: Path, files: dict[str, dict]) -> list[str]:
     altered = []
     for name, record in files.items():
         path = _plain_file(folder, name)
-        if path is not None and (path.stat().st_size != record.get("bytes") or file_record(path) != record):
+        if path is not None and not _holds(path, record):
             altered.append(name)
     return altered
+
+
+def _holds(path: Path, record: dict) -> bool:
+    """Whether ``path`` still holds the recorded bytes (a file it cannot read does not prove it)."""
+    try:
+        return path.stat().st_size == record.get("bytes") and file_record(path) == record
+    except OSError:
+        return False
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -99,7 +108,11 @@ def _foreign_entries(folder: Path, files: dict[str, dict]) -> list[str]:
     """Everything under ``folder`` that is not a listed regular file, its manifest or a folder of them."""
     listed_dirs = {"/".join(name.split("/")[:i]) for name in files for i in range(1, name.count("/") + 1)}
     foreign = []
-    for root, dirnames, filenames in os.walk(folder):  # never descends into a symlinked folder
+
+    def unreadable(err: OSError) -> None:  # its contents cannot be checked, so it cannot be replaced
+        foreign.append(Path(err.filename).relative_to(folder).as_posix())
+
+    for root, dirnames, filenames in os.walk(folder, onerror=unreadable):  # never follows a symlink
         for entry in sorted(dirnames + filenames):
             path = Path(root) / entry
             name = path.relative_to(folder).as_posix()
@@ -127,6 +140,17 @@ def check_output_dir(output_dir: str | Path, inputs: list[Path]) -> tuple[Path, 
     for path in inputs:
         if Path(os.path.realpath(path)).is_relative_to(out):
             raise UserError(f"{flag} holds the input {path}; prepare replaces that folder: choose another")
+    if out.exists():
+        if os.path.ismount(out):
+            raise UserError(
+                f"{flag} is a mount point; prepare swaps in its output folder by renaming, which a mount "
+                "point refuses: pass a folder inside it"
+            )
+        if not os.access(out.parent, os.W_OK | os.X_OK):
+            raise UserError(
+                f"{flag}: prepare builds the new output beside it, in {out.parent}, which cannot be "
+                "written; pass a folder whose parent you can write"
+            )
     try:
         if not out.exists() or not any(out.iterdir()):
             return out, None
@@ -168,9 +192,13 @@ def staging_dir(out: Path) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     except OSError as err:
         raise UserError(f"--output_dir {out}: cannot write there ({err.strerror})") from None
-    umask = os.umask(0o022)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output folder's mode
+    if out.is_dir():  # it is swapped for the staging folder: keep the mode and ACLs the user gave it
+        shutil.copystat(out, staging)
+        os.utime(staging)
+    else:  # mkdtemp's 0700 would otherwise become the output folder's mode
+        umask = os.umask(0o022)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
     return staging
 
 
@@ -184,7 +212,11 @@ def _exchange(a: Path, b: Path) -> None:
         return
     aside = a.with_name(a.name + "-swap")
     os.rename(b, aside)
-    os.rename(a, b)
+    try:
+        os.rename(a, b)
+    except OSError:
+        os.rename(aside, b)  # the old output back where it was
+        raise
     os.rename(aside, a)
 
 
@@ -194,7 +226,7 @@ def remove_listed(folder: Path, files: dict[str, dict]) -> list[str]:
     manifest = _plain_file(folder, MANIFEST)
     for name, record in files.items():
         path = _plain_file(folder, name) if is_safe_name(name) else None
-        if path is not None and path.stat().st_size == record.get("bytes") and file_record(path) == record:
+        if path is not None and _holds(path, record):
             path.unlink()
     if manifest is not None:
         manifest.unlink()
@@ -214,8 +246,14 @@ def replace_output(new: Path, out: Path, old_files: dict[str, dict]) -> list[str
     Returns what was left of the old output (now under ``new``'s path): files that changed since
     prepare wrote them, or that someone added meanwhile. Nothing there is deleted.
     """
-    if not os.path.lexists(out):
-        os.rename(new, out)
-        return []
-    _exchange(new, out)
+    try:
+        if not os.path.lexists(out):
+            os.rename(new, out)
+            return []
+        _exchange(new, out)
+    except OSError as err:
+        raise UserError(
+            f"--output_dir {out}: could not be replaced ({err.strerror}); the finished output is in {new}: "
+            "move it there yourself, or run again with another --output_dir"
+        ) from None
     return remove_listed(new, old_files)

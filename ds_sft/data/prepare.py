@@ -37,14 +37,16 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, as_os_error
 
 FORMAT_VERSION = 2  # bump when the output layout or a cleaning rule changes: old outputs are then redone
 
@@ -193,6 +195,9 @@ def collect_sources(args: argparse.Namespace) -> list:
     from ds_sft.paths import require_regular_file, shared_dir
 
     field_maps = dict(parse_field_map(text) for text in args.field_map)
+    for kind in HUB_IDS:
+        if getattr(args, kind) is not None and not getattr(args, kind).strip():
+            raise UserError(f"--{kind} is empty (an unset shell variable?): pass a file path or a hub id")
     specs = [SourceSpec(kind, kind, getattr(args, kind)) for kind in HUB_IDS if getattr(args, kind)]
     for item in args.source:
         name, eq, location = item.partition("=")
@@ -255,6 +260,8 @@ def gsm8k_test_reference(args: argparse.Namespace, specs: list) -> tuple[list[st
     try:
         records, info = load_source(SourceSpec("gsm8k_test", "gsm8k", location), False, Drops(), split="test")
     except UserError as err:
+        if args.gsm8k_test:
+            raise UserError(f"--gsm8k_test: {err}") from None
         return [], {"reference": None, "note": f"GSM8K test set unavailable ({err}); pass --gsm8k_test PATH"}
     records = clean_records(records, Drops())
     return [f"{r['instruction']}\n{r['response']}" for r in records], {"reference": info}
@@ -427,11 +434,23 @@ def run(args: argparse.Namespace) -> int:
     # of CPU on the shared mix. Reference counting still frees everything; the GC is back on after.
     was_enabled = gc.isenabled()
     gc.disable()
+    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the half-written staging folder
+    # is removed on the way out instead of staying beside the output.
+    terminate = signal.getsignal(signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return prepare(args)
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, terminate)
         if was_enabled:
             gc.enable()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -573,7 +592,10 @@ def prepare(args: argparse.Namespace) -> int:
             split: write_documents(tmp / split, split_docs, args, pad_id, vocab_size, names)
             for split, split_docs in (("train", train_docs), ("val", val_docs))
         }
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        try:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        except Exception as err:  # disk full: tokenizers says so in a plain Exception
+            raise as_os_error(err, output_dir) from err
         plot_lengths(tmp / "lengths.png", raw_by_source, args.seq_len)
         manifest["files"] = list_files(tmp)  # what a later run may delete, and checks before reusing
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

@@ -215,7 +215,10 @@ def _read_parquet(path: Path) -> dict[str, list]:
         raise UserError(f"{path}: could not be read as parquet: {first_line(err)}") from None
     if table.num_rows == 0:
         raise UserError(f"{path}: the file has no rows")
-    return table.to_pydict()
+    try:
+        return table.to_pydict()
+    except Exception as err:  # a value Python cannot hold, e.g. a date32 past year 9999 (OverflowError)
+        raise UserError(f"{path}: a column holds values Python cannot read: {first_line(err)}") from None
 
 
 def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> dict[str, list]:

@@ -104,7 +104,7 @@ def render_prompt(record: dict, template: str, tokenizer=None) -> str:
     """
     if template == "chat":
         messages = [*(record.get("history") or []), {"role": "user", "content": _user_turn(record)}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return _render(tokenizer, messages, True, record.get("id", "a row"))
     if template != "alpaca":
         raise UserError(f"unknown template {template!r}; choose alpaca or chat")
     fmt, values = alpaca_fields(record)
@@ -221,7 +221,9 @@ def _located_segments(messages, answers, prompts, tokenizer, where) -> tuple[lis
     whole = _render(tokenizer, messages, False, where)
     # a probe answer no template rewrites (a private-use character the conversation does not hold:
     # no letters, whitespace or markup); what follows it is the turn end
-    probe = next(chr(code) for code in range(0xE000, 0xF900) if chr(code) not in whole)
+    probe = next((chr(code) for code in range(0xE000, 0xF900) if chr(code) not in whole), None)
+    if probe is None:
+        return None, "the conversation holds every private-use character, so no probe answer is free"
     probed = _render(tokenizer, [*messages[:-1], {"role": "assistant", "content": probe}], False, where)
     if probed.count(probe) != 1:
         return None, "it does not show a probe answer once as given"

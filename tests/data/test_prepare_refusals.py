@@ -1,0 +1,263 @@
+"""``prepare`` given what a careless or hostile user hands over: one line each, nothing lost or left.
+
+Found by red-teaming the command (2026-12-02); every case here ended in a traceback, a silent
+fallback or a leftover folder before its fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+
+from ds_sft.data.templates import conversation_segments, render_prompt
+from ds_sft.errors import UserError
+from tests.data.helpers import alpaca_rows, gsm8k_rows, write_jsonl
+
+FLAGS = ["--val_fraction", "0", "--decontam_threshold", "0"]
+
+# Chat templates that fail while rendering: the sandbox refusing attribute access, the template's own
+# raise_exception(), an undefined name, a template that is not text, a syntax error.
+FAILING_TEMPLATES = {
+    "sandbox": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "raise_exception": "{{ raise_exception('this template wants a system turn') }}",
+    "undefined": "{{ messages[0].content.nothing.deeper }}",
+    "not_text": 12345,
+    "syntax": "{% for m in messages %}{{ m.content }}",
+}
+
+
+@pytest.fixture(params=sorted(FAILING_TEMPLATES))
+def failing_template(request, tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = FAILING_TEMPLATES[request.param]
+    return tokenizer
+
+
+def test_a_failing_chat_template_is_one_line_for_one_turn_prompts(failing_template):
+    with pytest.raises(UserError, match=r"^row-7: the chat template refused the conversation \("):
+        render_prompt({"id": "row-7", "instruction": "Add 2 and 2."}, "chat", failing_template)
+
+
+def test_a_failing_chat_template_is_one_line_for_conversations(failing_template):
+    record = {"history": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+              "instruction": "and now?", "response": "bye"}  # fmt: skip
+    with pytest.raises(UserError, match="the chat template refused the conversation"):
+        conversation_segments(record, "chat", failing_template)
+
+
+# Renders one turn as written (so the prefix route works) except that it drops the reasoning of an
+# answer that is not the last: the located route, which needs a private-use character as a probe.
+DROPS_PAST_REASONING = (
+    "{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' and not loop.last %}"
+    "{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_a_conversation_holding_every_private_use_character_is_refused_in_one_line(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = DROPS_PAST_REASONING
+    every_probe = "".join(chr(code) for code in range(0xE000, 0xF900))
+    history = [
+        {"role": "user", "content": every_probe},
+        {"role": "assistant", "content": "<think>a</think>b"},
+    ]
+    with pytest.raises(UserError, match="every private-use character"):
+        conversation_segments({"history": history, "instruction": "more", "response": "c"}, "chat", tokenizer)
+
+
+def test_parquet_values_python_cannot_hold_are_one_line(run_prepare, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = alpaca_rows(3)
+    table = pa.table(
+        {
+            **{key: [row[key] for row in rows] for key in rows[0]},
+            "when": pa.array([2**31 - 1] * 3, type=pa.date32()),  # a day past year 9999
+        }
+    )
+    pq.write_table(table, tmp_path / "rows.parquet")
+    with pytest.raises(UserError, match=r"rows\.parquet: a column holds values Python cannot read"):
+        run_prepare(
+            ["--source", f"mine={tmp_path / 'rows.parquet'}", *FLAGS, "--output_dir", str(tmp_path / "out")]
+        )
+
+
+@pytest.mark.parametrize("kind", ["alpaca", "gsm8k", "dolly"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_source_flag_is_refused_not_read_as_absent(kind, value, run_prepare, tmp_path):
+    """``--alpaca "$UNSET"`` used to train on the whole shared mix instead, without a word."""
+    with pytest.raises(UserError, match=f"^--{kind} is empty"):
+        run_prepare([f"--{kind}", value, *FLAGS, "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("content", ["not json at all\n", '{"instruction": "a", "output": "b"}\n', ""])
+def test_a_named_gsm8k_test_set_that_cannot_be_used_is_refused(content, run_prepare, tmp_path):
+    """Before: exit 0 with decontamination off, and a note asking for the flag the user had passed."""
+    test_set = tmp_path / "test.jsonl"
+    test_set.write_text(content)
+    train = write_jsonl(tmp_path / "train.jsonl", gsm8k_rows(8))
+    argv = ["--gsm8k", str(train), "--gsm8k_test", str(test_set), "--val_fraction", "0"]
+    with pytest.raises(UserError, match="^--gsm8k_test: "):
+        run_prepare([*argv, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def prepare_argv(tmp_path: Path, out: Path) -> list[str]:
+    rows = tmp_path / "alpaca.jsonl"
+    if not rows.exists():
+        write_jsonl(rows, alpaca_rows(12))
+    return ["--alpaca", str(rows), *FLAGS, "--output_dir", str(out)]
+
+
+def staging_left(root: Path) -> list[Path]:
+    return list(root.rglob(".*.new-*"))
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o750, 0o2775])
+def test_the_output_folder_keeps_the_mode_the_user_gave_it(mode, run_prepare, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(mode)
+    run_prepare(prepare_argv(tmp_path, out))
+    assert stat.S_IMODE(out.stat().st_mode) == mode  # an empty folder swapped for a new one
+    run_prepare([*prepare_argv(tmp_path, out), "--force"])
+    assert stat.S_IMODE(out.stat().st_mode) == mode  # and ds-sft's own output replaced
+
+
+def test_a_sigterm_while_writing_leaves_no_staging_folder(run_prepare, tmp_path, monkeypatch):
+    """A scheduler's kill unwinds like Ctrl-C: the half-written folder goes, the old output stays."""
+    from ds_sft.data import prepare
+
+    real_write = prepare.write_documents
+
+    def write_then_get_killed(directory, *args):
+        result = real_write(directory, *args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(prepare, "write_documents", write_then_get_killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(prepare_argv(tmp_path, tmp_path / "out"))
+    assert not staging_left(tmp_path) and not (tmp_path / "out").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.usefixtures("run_prepare")  # its setting: no ../shared, hub offline
+def test_a_full_disk_while_saving_the_tokenizer_is_one_line(
+    tiny_tokenizer_file, tmp_path, monkeypatch, capsys
+):
+    """tokenizers reports a full disk as a plain Exception; it reaches the user as the OSError it is."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ds_sft.command import execute
+    from ds_sft.data import prepare
+    from tests.data.helpers import parse_prepare_args
+
+    def disk_full(self, *args, **kwargs):
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", disk_full)
+    argv = [
+        "--tokenizer",
+        str(tiny_tokenizer_file),
+        "--seq_len",
+        "256",
+        *prepare_argv(tmp_path, tmp_path / "out"),
+    ]
+    assert execute("ds-sft prepare", prepare, parse_prepare_args(argv)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the bars
+    assert errors == [f"ds-sft prepare: error: {tmp_path / 'out'}: No space left on device; "
+                      "free some space there, or write somewhere else"]  # fmt: skip
+    assert not staging_left(tmp_path) and not (tmp_path / "out").exists()
+
+
+def test_a_mount_point_is_refused_before_any_work(run_prepare, tmp_path, monkeypatch):
+    """The swap renames the output folder, which a mount point refuses (EBUSY) after all the work."""
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == out)
+    with pytest.raises(UserError, match="is a mount point"):
+        run_prepare(prepare_argv(tmp_path, out))
+    assert not staging_left(tmp_path) and list(out.iterdir()) == []
+
+
+def test_a_refused_swap_says_where_the_finished_output_is(run_prepare, tmp_path, monkeypatch):
+    from ds_sft.data import output
+
+    out = tmp_path / "out"
+    run_prepare(prepare_argv(tmp_path, out))
+    first = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    def busy(a, b):
+        raise OSError(16, os.strerror(16), str(b))
+
+    monkeypatch.setattr(output, "_exchange", busy)
+    with pytest.raises(
+        UserError, match=r"could not be replaced \(Device or resource busy\); the finished output is in"
+    ) as err:
+        run_prepare([*prepare_argv(tmp_path, out), "--force"])
+    finished = Path(str(err.value).split("the finished output is in ")[1].split(": move it")[0])
+    assert (finished / "manifest.json").is_file() and finished.parent == tmp_path
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == first  # the old output untouched
+
+
+def run_unprivileged_prepare(tmp_path: Path, out: Path, tokenizer: Path):
+    import subprocess
+    import sys
+
+    from tests.train.helpers import REPO_ROOT
+    from tests.unprivileged import unprivileged
+
+    argv = ["--tokenizer", str(tokenizer), "--seq_len", "256", *prepare_argv(tmp_path, out), "--force"]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+        "DS_SFT_SHARED": str(tmp_path / "none"),
+    }
+    return subprocess.run(
+        [*unprivileged(), sys.executable, "-m", "ds_sft.cli", "prepare", *argv],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def test_an_output_whose_parent_cannot_be_written_is_refused_before_any_work(tiny_tokenizer_file, tmp_path):
+    """The new output is built beside the old one: a writable folder in a read-only parent fails late."""
+    parent = tmp_path / "parent"
+    (parent / "out").mkdir(parents=True)
+    parent.chmod(0o555)
+    try:
+        result = run_unprivileged_prepare(tmp_path, parent / "out", tiny_tokenizer_file)
+    finally:
+        parent.chmod(0o755)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(err) == 1 and "prepare builds the new output beside it" in err[0], (
+        err
+    )
+    assert list((parent / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("hidden", ["train", "train/index.json"])
+def test_an_old_output_with_unreadable_parts_is_refused_not_half_checked(
+    hidden, run_prepare, tiny_tokenizer_file, tmp_path
+):
+    """What ds-sft cannot read it cannot prove it wrote: before, an unreadable train/ was skipped by
+    the check and left behind unreported, and an unreadable file ended in a traceback."""
+    out = tmp_path / "out"
+    run_prepare(prepare_argv(tmp_path, out))
+    (out / hidden).chmod(0)
+    try:
+        result = run_unprivileged_prepare(tmp_path, out, tiny_tokenizer_file)
+    finally:
+        (out / hidden).chmod(0o755)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(err) == 1, result.stderr[-2000:]
+    assert "not as ds-sft wrote them" in err[0] and hidden in err[0]
+    assert not staging_left(tmp_path) and (out / "manifest.json").is_file()
