@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from ds_sft import paths
+from ds_sft.data.shards import PackedDataset, read_manifest
 from ds_sft.errors import UserError
 
 
@@ -127,11 +128,6 @@ def gpt2_identity() -> str | None:
         return None
 
 
-def read_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def describe(manifest: dict) -> str:
     tokenizer = manifest.get("tokenizer", {})
     name = tokenizer.get("spec") or tokenizer.get("name_or_path") or "an unrecorded tokenizer"
@@ -167,7 +163,15 @@ def check_model_fits(spec: str, config, data_dir: str | Path, seq_len: int | Non
     """Refuse data whose token ids or row length the model ``config`` cannot take (its embedding
     rows, its rotary table of ``max_seq_len`` positions). ``seq_len`` None: no rows to check."""
     data_vocab = read_manifest(data_dir).get("tokenizer", {}).get("vocab_size")
-    if data_vocab is not None and data_vocab > config.vocab_size:
+    if data_vocab is None:  # nothing recorded (a hand-made data dir): the ids the rows hold decide
+        splits = [split for split in ("train", "val") if (Path(data_dir) / split / "index.json").is_file()]
+        largest = max((PackedDataset(data_dir, split).largest_token_id for split in splits), default=-1)
+        if largest >= config.vocab_size:
+            raise UserError(
+                f"{data_dir} holds token id {largest:,} but the model has {config.vocab_size:,} embeddings "
+                f"({spec}): prepare the data with the model's tokenizer (`ds-sft prepare --base_model ...`)"
+            )
+    elif data_vocab > config.vocab_size:
         raise UserError(
             f"{data_dir} was tokenized with a {data_vocab:,}-token vocabulary but the model has "
             f"{config.vocab_size:,} embeddings ({spec}: a {config.vocab_size:,}-token vocabulary): prepare "

@@ -11,11 +11,18 @@ Layout of one split (``DATA/train`` or ``DATA/val``)::
 All ``.npy`` files open with ``np.load(mmap_mode="r")``: a reader touches only the rows it serves.
 Everything a training step needs (shifted labels, per-document position ids, document ids, source
 ids) is derived from these in :meth:`PackedDataset.__getitem__`, so the files hold each fact once.
+
+A data dir may come from anyone, damaged or forged, so the reader trusts none of it: the manifest
+and index are checked key by key (:func:`read_json_object`), and every shard once, when the dataset
+opens (:meth:`PackedDataset.check_shard`): shapes, dtypes, document offsets and lengths, source ids,
+and token ids below the recorded vocabulary (an id past the embedding is a device-side assert on a
+GPU). A bad file is one line naming it, before the first step rather than in the middle of a run.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +31,45 @@ from ds_sft.errors import UserError
 from ds_sft.labels import IGNORE_INDEX
 
 ROWS_PER_SHARD = 16384  # 16M tokens (32 MB of uint16) per shard at seq_len 1024
+SHARD_NAME = re.compile(r"shard_\d{5,}")  # what write_split names them; nothing that leaves the folder
+REPREPARE = "run `ds-sft prepare` again to rebuild it"
+
+
+def read_json_object(path: Path, required: dict[str, type | tuple[type, ...]]) -> dict:
+    """The JSON object in ``path`` with each ``required`` key present and of its type; else one
+    UserError naming the file and the fault (a bool is not accepted as an int)."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise UserError(f"{path}: not readable JSON ({str(err).splitlines()[0]}); {REPREPARE}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: holds {type(value).__name__}, not a JSON object; {REPREPARE}")
+    for key, kind in required.items():
+        field = value.get(key)
+        if not isinstance(field, kind) or isinstance(field, bool):
+            raise UserError(f"{path}: {key!r} is missing or not {_type_name(kind)}; {REPREPARE}")
+    return value
+
+
+def _type_name(kind) -> str:
+    names = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
+    return " or ".join(names[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def read_manifest(data_dir: str | Path, required: dict[str, type | tuple[type, ...]] | None = None) -> dict:
+    """``DATA/manifest.json``, checked: ``sources`` (a list of names) always, plus ``required``."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise UserError(
+            f"{data_dir}: no manifest.json, so not a prepared data dir; run `ds-sft prepare --output_dir DIR`"
+        )
+    manifest = read_json_object(path, {"sources": list, **(required or {})})
+    if not manifest["sources"] or not all(isinstance(name, str) for name in manifest["sources"]):
+        raise UserError(f"{path}: 'sources' must name each source; {REPREPARE}")
+    tokenizer = manifest.get("tokenizer", {})
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("vocab_size", 1), int):
+        raise UserError(f"{path}: 'tokenizer' must be an object with an integer vocab_size; {REPREPARE}")
+    return manifest
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -69,14 +115,32 @@ class PackedDataset:
             raise UserError(
                 f"{self.data_dir}: no prepared {split!r} split here; run `ds-sft prepare --output_dir DIR`"
             )
-        self.manifest = json.loads(manifest_path.read_text())
-        self.index = json.loads(index_path.read_text())
+        self.manifest = read_manifest(self.data_dir)
+        self.index = read_json_object(index_path, {"seq_len": int, "rows": int, "shards": list})
         self.split = split
         self.seq_len: int = self.index["seq_len"]
         self.sources: list[str] = self.manifest["sources"]
         self.tokenizer_dir = self.data_dir / "tokenizer"
-        self._first_rows = np.cumsum([0] + [shard["rows"] for shard in self.index["shards"]])
+        shards = self.index["shards"]
+        if (
+            self.seq_len < 2
+            or not all(
+                isinstance(shard, dict)
+                and isinstance(shard.get("name"), str)
+                and SHARD_NAME.fullmatch(shard["name"])
+                and type(shard.get("rows")) is int
+                and shard["rows"] >= 0
+                for shard in shards
+            )
+            or sum(shard["rows"] for shard in shards) != self.index["rows"]
+        ):
+            raise UserError(f"{index_path}: its seq_len, rows or shard list is malformed; {REPREPARE}")
+        self._first_rows = np.cumsum([0] + [shard["rows"] for shard in shards])
         self._open: dict[int, dict[str, np.ndarray]] = {}
+        self.largest_token_id = -1  # over every row; set by the checks
+        for number in range(len(shards)):
+            self.check_shard(number)
+        self._open.clear()  # the checks read every shard; serving opens them again, lazily
 
     def __len__(self) -> int:
         return int(self.index["rows"])
@@ -90,6 +154,53 @@ class PackedDataset:
                 for part in ("tokens", "loss_mask", "documents", "row_offsets")
             }
         return self._open[number]
+
+    def check_shard(self, number: int) -> None:
+        """Refuse, in one line, a shard whose arrays do not describe ``rows`` packed rows of this
+        split: unreadable, of another shape or dtype, offsets or lengths that do not add up, source
+        ids outside the manifest's, token ids at or past the manifest's vocabulary."""
+        name = self.index["shards"][number]["name"]
+        rows = self.index["shards"][number]["rows"]
+        where = f"{self.data_dir / self.split / name}.*.npy"
+        try:
+            shard = self._shard(number)
+        except ValueError as err:  # truncated, not .npy, or objects (which would need pickle)
+            raise UserError(f"{where}: unreadable ({str(err).splitlines()[0]}); {REPREPARE}") from None
+        tokens, mask, documents, offsets = (
+            shard[part] for part in ("tokens", "loss_mask", "documents", "row_offsets")
+        )
+        vocab = self.manifest.get("tokenizer", {}).get("vocab_size")
+        integer = all(
+            np.issubdtype(a.dtype, np.integer) or a.dtype == bool for a in (tokens, mask, documents, offsets)
+        )
+        fault = (
+            "of another dtype"
+            if not integer
+            else "of another shape"
+            if tokens.shape != (rows, self.seq_len)
+            or mask.shape != tokens.shape
+            or documents.ndim != 2
+            or documents.shape[1] != 2
+            or offsets.shape != (rows + 1,)
+            else None
+        )
+        if fault is None and rows:
+            self.largest_token_id = max(self.largest_token_id, int(tokens.max()))
+            lengths, sources = documents[:, 0].astype(np.int64), documents[:, 1].astype(np.int64)
+            ends = np.concatenate([[0], np.cumsum(lengths)])
+            fault = (
+                "with row offsets that do not index its documents"
+                if offsets[0] != 0 or offsets[-1] != len(documents) or (np.diff(offsets) < 0).any()
+                else "with a document of no tokens, or rows overfull"
+                if (lengths < 1).any() or (ends[offsets[1:]] - ends[offsets[:-1]] > self.seq_len).any()
+                else "with a source id the manifest does not list"
+                if ((sources < 0) | (sources >= len(self.sources))).any()
+                else f"with token ids past the vocabulary of {vocab}"
+                if vocab is not None and self.largest_token_id >= vocab
+                else None
+            )
+        if fault is not None:
+            raise UserError(f"{where}: arrays {fault}; {REPREPARE}")
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}}

@@ -13,7 +13,6 @@ template, until the model starts inventing a new "### Instruction:" turn).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +48,10 @@ class EvalData:
 
     @classmethod
     def open(cls, data_dir: Path, need_val: bool) -> EvalData:
-        from ds_sft.data.shards import PackedDataset
+        from ds_sft.data.shards import PackedDataset, read_manifest
         from ds_sft.data.tokenizer import load_tokenizer
 
-        manifest_path = data_dir / "manifest.json"
-        if not manifest_path.is_file():
-            raise UserError(f"{data_dir} has no manifest.json: pass a dir written by `ds-sft prepare`")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(data_dir, {"template": str})
         val = PackedDataset(data_dir, "val") if need_val else None
         if val is not None and len(val) == 0:
             raise UserError(

@@ -128,7 +128,9 @@ def test_a_gguf_and_its_saved_tokenizer_folder_match(smollm2_gguf, tmp_path):
 def data_dir_with(tokenizer: Path, out: Path) -> Path:
     """As much of a prepared dir as the tokenizer check reads: DATA/tokenizer and the manifest."""
     load_tokenizer(str(tokenizer)).save_pretrained(str(out / "tokenizer"))
-    (out / "manifest.json").write_text(json.dumps({"tokenizer": {"spec": str(tokenizer), "vocab_size": 1}}))
+    (out / "manifest.json").write_text(
+        json.dumps({"sources": ["mine"], "tokenizer": {"spec": str(tokenizer), "vocab_size": 1}})
+    )
     return out
 
 

@@ -1,0 +1,163 @@
+"""A prepared data dir that is damaged or forged is refused in one line before the first step.
+
+Before, each damage below ended in a traceback (JSONDecodeError, KeyError, IndexError in the middle
+of a step; token ids past the embedding, which on a GPU is a device-side assert), or trained on
+garbage offsets without a word.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ds_sft.data.shards import PackedDataset
+from ds_sft.errors import UserError
+from tests.train.helpers import write_data_dir
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return write_data_dir(tmp_path_factory.mktemp("pristine"))
+
+
+def edit_json(path: Path, change) -> None:
+    value = json.loads(path.read_text())
+    path.write_text(json.dumps(change(value)))
+
+
+def shard(data: Path, part: str) -> Path:
+    return data / "train" / f"shard_00000.{part}.npy"
+
+
+def resave(data: Path, part: str, change) -> None:
+    np.save(shard(data, part), change(np.load(shard(data, part))))
+
+
+DAMAGES = {
+    "manifest not json": lambda d: (d / "manifest.json").write_text("{oops"),
+    "manifest not utf-8": lambda d: (d / "manifest.json").write_bytes(b'{"sources": ["\xff"]}'),
+    "manifest an array": lambda d: (d / "manifest.json").write_text("[1, 2]"),
+    "manifest without sources": lambda d: edit_json(d / "manifest.json", lambda m: {}),
+    "sources a number": lambda d: edit_json(d / "manifest.json", lambda m: {**m, "sources": 3}),
+    "sources not names": lambda d: edit_json(d / "manifest.json", lambda m: {**m, "sources": [1, None]}),
+    "tokenizer a string": lambda d: edit_json(d / "manifest.json", lambda m: {**m, "tokenizer": "x"}),
+    "vocab_size a string": lambda d: edit_json(
+        d / "manifest.json", lambda m: {**m, "tokenizer": {"vocab_size": "9"}}
+    ),
+    "index not json": lambda d: (d / "train" / "index.json").write_text("]"),
+    "index without shards": lambda d: edit_json(d / "train" / "index.json", lambda i: {**i, "shards": None}),
+    "rows a string": lambda d: edit_json(d / "train" / "index.json", lambda i: {**i, "rows": "many"}),
+    "rows a boolean": lambda d: edit_json(d / "train" / "index.json", lambda i: {**i, "rows": True}),
+    "rows more than the shards": lambda d: edit_json(
+        d / "train" / "index.json", lambda i: {**i, "rows": 10**6}
+    ),
+    "seq_len negative": lambda d: edit_json(d / "train" / "index.json", lambda i: {**i, "seq_len": -5}),
+    "shard name leaving the folder": lambda d: edit_json(
+        d / "train" / "index.json", lambda i: {**i, "shards": [{**i["shards"][0], "name": "../../x"}]}
+    ),
+    "shard truncated": lambda d: shard(d, "tokens").write_bytes(shard(d, "tokens").read_bytes()[:300]),
+    "shard of python objects": lambda d: np.save(shard(d, "tokens"), np.array([{}] * 4), allow_pickle=True),
+    "tokens of another shape": lambda d: resave(d, "tokens", lambda t: t[:, :5]),
+    "tokens of floats": lambda d: resave(d, "tokens", lambda t: t.astype(np.float32)),
+    "loss mask of another shape": lambda d: resave(d, "loss_mask", lambda m: m[:3]),
+    "offsets past the documents": lambda d: resave(d, "row_offsets", lambda o: np.full_like(o, 10**9)),
+    "offsets decreasing": lambda d: resave(d, "row_offsets", lambda o: o[::-1].copy()),
+    "documents overfull": lambda d: resave(
+        d, "documents", lambda docs: np.stack([docs[:, 0] * 1000, docs[:, 1]], 1)
+    ),
+    "documents of no tokens": lambda d: resave(
+        d, "documents", lambda docs: np.stack([docs[:, 0] * 0, docs[:, 1]], 1)
+    ),
+    "source id unknown": lambda d: resave(
+        d, "documents", lambda docs: np.stack([docs[:, 0], docs[:, 1] + 99], 1)
+    ),
+    "tokens past the recorded vocabulary": lambda d: (
+        edit_json(d / "manifest.json", lambda m: {**m, "tokenizer": {"vocab_size": 10}}),
+        resave(d, "tokens", lambda t: np.full_like(t, 10)),
+    ),
+}
+
+
+@pytest.fixture
+def damaged(pristine, tmp_path, request) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(pristine, data)
+    DAMAGES[request.param](data)
+    return data
+
+
+@pytest.mark.parametrize("damaged", sorted(DAMAGES), indirect=True)
+def test_a_damaged_data_dir_is_refused_in_one_line_naming_the_file(damaged):
+    with pytest.raises(UserError) as err:
+        PackedDataset(damaged, "train")
+    message = str(err.value)
+    assert "\n" not in message and str(damaged) in message and "ds-sft prepare" in message
+
+
+def test_the_pristine_data_dir_opens(pristine):
+    assert len(PackedDataset(pristine, "train")) == 48
+
+
+@pytest.mark.parametrize("damaged", ["tokens past the recorded vocabulary", "shard truncated"], indirect=True)
+def test_train_refuses_a_damaged_data_dir_before_the_first_step(damaged, tmp_path, capsys):
+    from ds_sft.command import main_for
+
+    argv = [
+        "--data_dir",
+        str(damaged),
+        "--model",
+        "tiny",
+        "--max_iters",
+        "1",
+        "--out_dir",
+        str(tmp_path / "run"),
+    ]
+    assert main_for("train", [*argv, "--wandb_mode", "disabled"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"ds-sft train: error: {damaged}"), errors
+
+
+def test_token_ids_past_the_embedding_are_refused_when_the_manifest_records_no_vocabulary(pristine, tmp_path):
+    """A hand-made data dir: the ids the rows hold are compared with the model's embedding rows."""
+    from ds_sft.data.model_match import check_model_fits
+    from ds_sft.model.config import ModelConfig
+
+    data = tmp_path / "data"
+    shutil.copytree(pristine, data)
+    tiny = ModelConfig.preset("tiny")
+    check_model_fits("tiny", tiny, data, None)  # the fixture's ids fit
+    resave(data, "tokens", lambda t: np.full_like(t, tiny.vocab_size))
+    with pytest.raises(UserError, match=f"holds token id {tiny.vocab_size:,} but the model has"):
+        check_model_fits("tiny", tiny, data, None)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    file=st.sampled_from(["manifest.json", "train/index.json"]),
+    key=st.sampled_from(["sources", "tokenizer", "template", "seq_len", "rows", "shards", "dtype", "new"]),
+    value=JSON_VALUES,
+)
+def test_any_forged_json_field_opens_or_is_one_user_error(pristine, tmp_path_factory, file, key, value):
+    data = tmp_path_factory.mktemp("forged") / "data"
+    shutil.copytree(pristine, data)
+    edit_json(data / file, lambda d: {**d, key: value})
+    try:
+        dataset = PackedDataset(data, "train")
+    except UserError as err:
+        assert "\n" not in str(err)
+        return
+    for i in range(len(dataset)):  # what opened serves every row
+        dataset[i]
