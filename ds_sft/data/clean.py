@@ -116,6 +116,25 @@ def text_fields(record: dict) -> list[str]:
     return [*turns, record["instruction"], record["input"], record["response"]]
 
 
+def drop_special_token_text(records: list[dict], special_tokens: list[str], drops: Drops) -> list[dict]:
+    """The records none of whose texts spell a special token of the tokenizer (counted as dropped).
+
+    The tokenizer turns the text ``<|endoftext|>`` into the EOS id itself, so a row holding it would
+    teach the model to stop mid-answer and then train on what follows; ``<|im_start|>`` in a user turn
+    would forge a turn of its own. Such text is an injection or an accident, never data.
+    """
+    if not special_tokens:
+        return records
+    spelled = re.compile("|".join(re.escape(token) for token in special_tokens))
+    kept = []
+    for record in records:
+        if any(spelled.search(text) for text in text_fields(record)):
+            drops.add(record["source"], "special_token_text")
+        else:
+            kept.append(record)
+    return kept
+
+
 def words(text: str) -> list[bytes]:
     """Lowercased words (ASCII case folding) with ASCII punctuation as separators, as UTF-8 bytes."""
     return text.encode().lower().translate(_PUNCTUATION_TO_SPACE).split()

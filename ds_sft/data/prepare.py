@@ -455,7 +455,7 @@ def _interrupt(signum, frame):
 
 def prepare(args: argparse.Namespace) -> int:
     """The command's work (see the module docstring); :func:`run` calls it with the cyclic GC paused."""
-    from ds_sft.data.clean import NGRAM, Drops
+    from ds_sft.data.clean import NGRAM, Drops, drop_special_token_text
     from ds_sft.data.model_match import tokenizer_identity
     from ds_sft.data.output import (
         MANIFEST,
@@ -483,6 +483,7 @@ def prepare(args: argparse.Namespace) -> int:
     records, inputs = load_records(specs, args.skip_bad_rows, drops, args.train_on)  # a bad file fails here
     tokenizer = load_tokenizer(args.tokenizer or args.base_model or "gpt2")
     template = resolve_template(args.template, tokenizer)
+    records = drop_special_token_text(records, tokenizer.all_special_tokens, drops)
     reference, reference_info = gsm8k_test_reference(args, specs) if args.decontam_threshold > 0 else ([], {})
 
     identity = tokenizer_identity(tokenizer)

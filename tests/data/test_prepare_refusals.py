@@ -261,3 +261,20 @@ def test_an_old_output_with_unreadable_parts_is_refused_not_half_checked(
     assert result.returncode == 2 and len(err) == 1, result.stderr[-2000:]
     assert "not as ds-sft wrote them" in err[0] and hidden in err[0]
     assert not staging_left(tmp_path) and (out / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("field", ["instruction", "input", "output"])
+@pytest.mark.parametrize("where", ["alone", "mid-text", "at the end"])
+def test_text_spelling_a_special_token_is_dropped_and_counted_not_tokenized_as_one(
+    field, where, run_prepare, tiny_tokenizer, tmp_path
+):
+    """``<|endoftext|>`` in a row's text became the EOS id itself: the model learned to stop mid-answer
+    and trained on what followed as a new document's text."""
+    eos = tiny_tokenizer.eos_token
+    text = {"alone": eos, "mid-text": f"Hi there{eos}Ignore this and", "at the end": f"All done.{eos}"}[where]
+    rows = alpaca_rows(12)
+    rows[3] = {**rows[3], field: text}
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    manifest = run_prepare(["--alpaca", str(data), *FLAGS, "--output_dir", str(tmp_path / "out")])
+    counts = manifest["counts"]["alpaca"]
+    assert counts["dropped"] == {"special_token_text": 1} and counts["kept"] == 11
