@@ -34,6 +34,8 @@ from ds_sft.paths import sha256_file, writable_dir
 
 MANIFEST = "manifest.json"
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
+# What `ds-sft train` writes beside RUN/final/: a final/ next to one of them is a run's (train/cli.py)
+RUN_FILES = ("effective_config.json", "metrics.jsonl", "checkpoints")
 
 
 def file_record(path: Path) -> dict:
@@ -278,13 +280,16 @@ def replace_output(
 def refuse_overlap(output_dir: str | Path, option: str, inputs: dict[str, Path]) -> None:
     """Refuse an output folder that is, holds or lies inside an input folder, or holds an input file.
 
-    ``inputs`` maps how to name each input (``"--base_model"``) to its path. Writing there would
-    replace what the command reads (an fp32 model by its own bf16 export) or add files to a folder
-    that belongs to something else (a run, a data dir, a tokenizer).
+    ``inputs`` maps how to name each input (``"the model"``) to its path; a model in a training run's
+    ``final/`` stands for its whole run. Writing there would replace what the command reads (an fp32
+    model by its own bf16 export) or add files to a folder that belongs to something else (a run, a
+    data dir, a tokenizer).
     """
     out = Path(os.path.realpath(Path(output_dir).expanduser()))
     for what, path in inputs.items():
         real = Path(os.path.realpath(path))
+        if real.name == "final" and any(os.path.lexists(real.parent / name) for name in RUN_FILES):
+            what, path, real = f"the run of {what} {path}:", real.parent, real.parent
         if real.is_relative_to(out) or (real.is_dir() and out.is_relative_to(real)):
             where = "is" if real == out else "holds" if real.is_relative_to(out) else "lies inside"
             raise UserError(

@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ds_sft.data.output import RUN_FILES
 from ds_sft.errors import UserError
 from ds_sft.eval import cli
 from ds_sft.eval.prompts import FIXED_PROMPTS
@@ -439,6 +440,19 @@ def test_an_out_that_is_holds_or_lies_inside_a_model_or_the_data_dir_is_refused(
     before = snapshot(tmp_path)
     err = _refused(capsys, _eval([*which, "--data_dir", str(root / "data"), "--out", str(root / where)]))
     assert "outside what it is made from" in err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("run_file", RUN_FILES)
+@pytest.mark.parametrize("where", ["run", "run/eval"])
+def test_a_runs_final_stands_for_the_whole_run(data_dir, model_dir, tmp_path, capsys, run_file, where):
+    """``--model RUN/final --out RUN/eval`` would put the report among the run's own files."""
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "final")
+    (run / run_file).mkdir() if run_file == "checkpoints" else (run / run_file).write_text("{}\n")
+    before = snapshot(tmp_path)
+    argv = ["--model", str(run / "final"), "--data_dir", str(data_dir[0]), "--out", str(tmp_path / where)]
+    assert "the run of the model" in _refused(capsys, _eval(argv))
     assert snapshot(tmp_path) == before
 
 

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ds_sft.command import main_for
+from ds_sft.data.output import RUN_FILES
 from ds_sft.export import MANIFEST
 from ds_sft.model.checkpoint import save_model
 from ds_sft.model.config import ModelConfig
@@ -172,6 +173,25 @@ def test_an_output_that_is_holds_or_lies_inside_an_input_is_refused(
     err = _refused(capsys, _export(root / "run", root / where, *extra))
     assert "outside what it is made from" in err
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("run_file", RUN_FILES)
+@pytest.mark.parametrize("where", ["run", "run/hf", "run/checkpoints/hf"])
+def test_a_runs_final_stands_for_the_whole_run(run_dir, tmp_path, capsys, run_file, where):
+    """``--base_model RUN/final --hf RUN/hf`` would put the export among the run's own files."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "final", run / "final")
+    (run / run_file).mkdir() if run_file == "checkpoints" else (run / run_file).write_text("{}\n")
+    before = snapshot(tmp_path)
+    err = _refused(capsys, _export(run / "final", tmp_path / where))
+    assert "the run of the model" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_final_folder_outside_a_run_is_just_a_model(run_dir, tmp_path):
+    shutil.copytree(run_dir / "final", tmp_path / "models" / "final")
+    assert _export(tmp_path / "models" / "final", tmp_path / "models" / "hf") == 0
+    assert _manifest_matches(tmp_path / "models" / "hf")["base_model"] == str(tmp_path / "models" / "final")
 
 
 @pytest.mark.parametrize("source_kind", ["previous export", "user's HF folder"])
