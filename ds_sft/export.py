@@ -10,7 +10,14 @@ tokenizer files. The tokenizer comes from ``--tokenizer`` if given, else from th
 ``tokenizer/`` folder of a checkpoint directory (``RUN/final/tokenizer``) or beside a ``.pt``, the
 GGUF metadata, or the HF directory. ``--verify`` reloads the export with transformers and compares
 its logits with ds-sft's on a few random tokens. The writing itself is
-:func:`ds_sft.model.export.export_hf`; this module finds the model and its tokenizer.
+:func:`ds_sft.model.export.export_hf`; this module finds the model and its tokenizer, and guards the
+output folder.
+
+``--hf`` must be a new or empty folder, or one holding a previous export: export lists what it
+writes (size and sha256) in ``OUT/ds_sft_export.json`` and replaces only those files, unchanged,
+building the new export in a sibling folder swapped in at the end (a failed export leaves the old one
+as it was). A folder holding anything else, and one that is, holds or lies inside the model or
+tokenizer it reads, is refused before any work (:mod:`ds_sft.data.output`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import argparse
 from pathlib import Path
 
 from ds_sft.errors import UserError
+
+MANIFEST = "ds_sft_export.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ".gguf, a Hugging Face id (owner/name[@revision]), or an alias such as smollm2-135m-instruct",
     )
     parser.add_argument(
-        "--hf", required=True, metavar="OUT", help="output directory (created; files overwritten)"
+        "--hf",
+        required=True,
+        metavar="OUT",
+        help="output folder: a new or empty one, or a previous export's (only the files export wrote there "
+        "are replaced); never the model's or the tokenizer's folder",
     )
     parser.add_argument(
         "--tokenizer",
@@ -53,15 +66,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ds_sft.data.output import building_output, check_output_dir, refuse_overlap
+    from ds_sft.data.tokenizer import load_tokenizer
     from ds_sft.model.checkpoint import load_model
     from ds_sft.model.export import export_hf, max_logit_difference
     from ds_sft.paths import resolve_model_path, writable_dir
 
-    out = writable_dir(args.hf, "--hf")
+    writable_dir(args.hf, "--hf")
     source = resolve_model_path(args.base_model)
-    tokenizer = _load_tokenizer(args.tokenizer, source)
+    tokenizer_spec, tokenizer_path = _find_tokenizer(args.tokenizer, source)
+    inputs = {"the model": source} | ({"the tokenizer": tokenizer_path} if tokenizer_path else {})
+    refuse_overlap(args.hf, "--hf", inputs)
+    out, previous = check_output_dir(args.hf, [], "--hf", "export", MANIFEST)
+    tokenizer = load_tokenizer(tokenizer_spec)
     model = load_model(source, dtype=torch.float32)
-    out = export_hf(model, tokenizer, out, dtype=getattr(torch, args.dtype))
+    old_files = previous["files"] if previous else {}
+    manifest = {"written_by": "ds-sft export", "base_model": args.base_model, "dtype": args.dtype}
+    with building_output(out, old_files, "--hf", manifest, MANIFEST) as staging:
+        export_hf(model, tokenizer, staging, dtype=getattr(torch, args.dtype))
     print(f"wrote {out} ({model.num_parameters():,} parameters, {args.dtype})")
     if args.verify:
         diff = max_logit_difference(model, out)
@@ -71,19 +93,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_tokenizer(spec: str | None, source: Path):
-    from ds_sft.data.tokenizer import load_tokenizer
-
+def _find_tokenizer(spec: str | None, source: Path) -> tuple[str, Path | None]:
+    """(what to load the tokenizer from, the file or folder it is read from; None for a name like gpt2)."""
     if spec is not None:
-        return load_tokenizer(spec)
+        path = Path(spec).expanduser()
+        return spec, path if path.exists() else None
     candidates = [source / "final", source] if source.is_dir() else [source, source.parent]
     for candidate in candidates:
-        if (
-            candidate.suffix == ".gguf"
-            or (candidate / "tokenizer").is_dir()
-            or (candidate / "tokenizer.json").exists()
-        ):
-            return load_tokenizer(str(candidate))
+        if candidate.suffix == ".gguf":
+            return str(candidate), candidate
+        for found in (candidate / "tokenizer", candidate / "tokenizer.json"):
+            if found.exists():
+                return str(candidate), found
     raise UserError(
         f"no tokenizer found with {source}: pass --tokenizer (e.g. gpt2 for the GPT-2 vocabulary)"
     )

@@ -1,4 +1,5 @@
-"""The output folder of ``prepare``: what it may replace, and how, without losing a byte it did not write.
+"""The output folder of ``prepare`` (and of ``export`` and ``eval``, each with its own manifest name):
+what it may replace, and how, without losing a byte it did not write.
 
 ``prepare`` writes a whole folder (manifest.json, train/, val/, tokenizer/, lengths.png), and its
 manifest lists every other file in it with size and sha256 (``files``). That list is the only thing
@@ -24,6 +25,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,23 +34,25 @@ from ds_sft.paths import sha256_file, writable_dir
 
 MANIFEST = "manifest.json"
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
+# What `ds-sft train` writes beside RUN/final/: a final/ next to one of them is a run's (train/cli.py)
+RUN_FILES = ("effective_config.json", "metrics.jsonl", "checkpoints")
 
 
 def file_record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def list_files(folder: Path) -> dict[str, dict]:
+def list_files(folder: Path, manifest_name: str = MANIFEST) -> dict[str, dict]:
     """``{relative path: {bytes, sha256}}`` of every file under ``folder`` but its manifest."""
     files = (path for path in sorted(folder.rglob("*")) if path.is_file())
-    return {p.relative_to(folder).as_posix(): file_record(p) for p in files if p != folder / MANIFEST}
+    return {p.relative_to(folder).as_posix(): file_record(p) for p in files if p != folder / manifest_name}
 
 
-def is_safe_name(name: object) -> bool:
+def is_safe_name(name: object, manifest_name: str = MANIFEST) -> bool:
     """A listed name is a plain relative path that stays inside the folder: no ``..``, no ``/x``."""
     return (
         isinstance(name, str)
-        and name != MANIFEST
+        and name != manifest_name
         and "\x00" not in name
         and not name.startswith("/")
         and all(part not in ("", ".", "..") for part in name.split("/"))
@@ -92,9 +96,9 @@ def _holds(path: Path, record: dict) -> bool:
         return False
 
 
-def _read_manifest(folder: Path) -> dict | None:
+def _read_manifest(folder: Path, manifest_name: str = MANIFEST) -> dict | None:
     """The folder's manifest when it is a regular file holding a JSON object, else None."""
-    path = _plain_file(folder, MANIFEST)
+    path = _plain_file(folder, manifest_name)
     if path is None:
         return None
     try:
@@ -104,7 +108,7 @@ def _read_manifest(folder: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def _foreign_entries(folder: Path, files: dict[str, dict]) -> list[str]:
+def _foreign_entries(folder: Path, files: dict[str, dict], manifest_name: str = MANIFEST) -> list[str]:
     """Everything under ``folder`` that is not a listed regular file, its manifest or a folder of them."""
     listed_dirs = {"/".join(name.split("/")[:i]) for name in files for i in range(1, name.count("/") + 1)}
     foreign = []
@@ -117,38 +121,46 @@ def _foreign_entries(folder: Path, files: dict[str, dict]) -> list[str]:
             path = Path(root) / entry
             name = path.relative_to(folder).as_posix()
             mode = os.lstat(path).st_mode
-            expected = listed_dirs if stat.S_ISDIR(mode) else {*files, MANIFEST}
+            expected = listed_dirs if stat.S_ISDIR(mode) else {*files, manifest_name}
             if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)) or name not in expected:
                 foreign.append(name)
         dirnames[:] = [d for d in dirnames if (Path(root) / d).relative_to(folder).as_posix() in listed_dirs]
     return foreign
 
 
-def check_output_dir(output_dir: str | Path, inputs: list[Path]) -> tuple[Path, dict | None]:
-    """Refuse, before any work, an ``--output_dir`` that prepare could not replace without loss.
+def check_output_dir(
+    output_dir: str | Path,
+    inputs: list[Path],
+    option: str = "--output_dir",
+    command: str = "prepare",
+    manifest_name: str = MANIFEST,
+) -> tuple[Path, dict | None]:
+    """Refuse, before any work, an output folder (``option``) that ``command`` could not replace without loss.
 
-    Returns (the folder with symlinks resolved, the manifest of the ds-sft output already there or
-    None); a returned manifest's ``files`` names are all safe (:func:`is_safe_name`).
+    ``manifest_name`` is the file in which ``command`` lists what it wrote there (each command its
+    own: one command's output is never taken for another's). Returns (the folder with symlinks
+    resolved, the manifest of the ds-sft output already there or None); a returned manifest's
+    ``files`` names are all safe (:func:`is_safe_name`).
     """
-    flag = f"--output_dir {output_dir}"
-    out = Path(os.path.realpath(writable_dir(output_dir, "--output_dir")))
+    flag = f"{option} {output_dir}"
+    out = Path(os.path.realpath(writable_dir(output_dir, option)))
     if Path.cwd().resolve().is_relative_to(out):
         raise UserError(
-            f"{flag} is the current folder or holds it; prepare replaces its output folder as a whole, "
-            "so name a new one, e.g. --output_dir data_sft"
+            f"{flag} is the current folder or holds it; {command} replaces its output folder as a whole, "
+            "so name a new one"
         )
     for path in inputs:
         if Path(os.path.realpath(path)).is_relative_to(out):
-            raise UserError(f"{flag} holds the input {path}; prepare replaces that folder: choose another")
+            raise UserError(f"{flag} holds the input {path}; {command} replaces that folder: choose another")
     if out.exists():
         if os.path.ismount(out):
             raise UserError(
-                f"{flag} is a mount point; prepare swaps in its output folder by renaming, which a mount "
+                f"{flag} is a mount point; {command} swaps in its output folder by renaming, which a mount "
                 "point refuses: pass a folder inside it"
             )
         if not os.access(out.parent, os.W_OK | os.X_OK):
             raise UserError(
-                f"{flag}: prepare builds the new output beside it, in {out.parent}, which cannot be "
+                f"{flag}: {command} builds the new output beside it, in {out.parent}, which cannot be "
                 "written; pass a folder whose parent you can write"
             )
     try:
@@ -156,42 +168,42 @@ def check_output_dir(output_dir: str | Path, inputs: list[Path]) -> tuple[Path, 
             return out, None
     except OSError as err:
         raise UserError(f"{flag} cannot be listed ({err.strerror}); pass a folder you can read") from None
-    manifest = _read_manifest(out)
+    manifest = _read_manifest(out, manifest_name)
     if manifest is None or "files" not in manifest:
         if manifest is None:
-            why = "no ds-sft manifest.json"
+            why = f"no ds-sft {manifest_name}"
         elif {"key", "sources", "splits"} <= manifest.keys():
             why = "its manifest lists no files: an older ds-sft wrote it"
         else:
-            why = "its manifest.json is not one ds-sft writes"
+            why = f"its {manifest_name} is not one ds-sft writes"
         raise UserError(
-            f"{flag} holds files that prepare cannot prove it wrote ({why}); choose another --output_dir, "
+            f"{flag} holds files that {command} cannot prove it wrote ({why}); choose another {option}, "
             "or empty that folder yourself"
         )
     files = manifest["files"]
     if not isinstance(files, dict) or not all(
-        is_safe_name(n) and isinstance(r, dict) for n, r in files.items()
+        is_safe_name(n, manifest_name) and isinstance(r, dict) for n, r in files.items()
     ):
         raise UserError(
-            f"{flag}: its manifest.json lists paths outside the folder or malformed entries, so it is not "
-            "one ds-sft wrote; choose another --output_dir"
+            f"{flag}: its {manifest_name} lists paths outside the folder or malformed entries, so it is not "
+            f"one ds-sft wrote; choose another {option}"
         )
-    foreign = _foreign_entries(out, files) or altered_files(out, files)
+    foreign = _foreign_entries(out, files, manifest_name) or altered_files(out, files)
     if foreign:
         raise UserError(
             f"{flag} holds {len(foreign)} file(s) not as ds-sft wrote them (first: {foreign[0]}); "
-            "prepare replaces the whole folder, so choose another --output_dir or move them out"
+            f"{command} replaces the whole folder, so choose another {option} or move them out"
         )
     return out, manifest
 
 
-def staging_dir(out: Path) -> Path:
+def staging_dir(out: Path, option: str = "--output_dir") -> Path:
     """A fresh, empty sibling of ``out`` to build the new output in (same filesystem: renames are atomic)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     except OSError as err:
-        raise UserError(f"--output_dir {out}: cannot write there ({err.strerror})") from None
+        raise UserError(f"{option} {out}: cannot write there ({err.strerror})") from None
     if out.is_dir():  # it is swapped for the staging folder: keep the mode and ACLs the user gave it
         shutil.copystat(out, staging)
         os.utime(staging)
@@ -220,12 +232,12 @@ def _exchange(a: Path, b: Path) -> None:
     os.rename(aside, a)
 
 
-def remove_listed(folder: Path, files: dict[str, dict]) -> list[str]:
+def remove_listed(folder: Path, files: dict[str, dict], manifest_name: str = MANIFEST) -> list[str]:
     """Delete the listed files that still hold their recorded bytes, the manifest, then the folders
     left empty. Returns the files that remain under ``folder`` (the folder is gone when none do)."""
-    manifest = _plain_file(folder, MANIFEST)
+    manifest = _plain_file(folder, manifest_name)
     for name, record in files.items():
-        path = _plain_file(folder, name) if is_safe_name(name) else None
+        path = _plain_file(folder, name) if is_safe_name(name, manifest_name) else None
         if path is not None and _holds(path, record):
             path.unlink()
     if manifest is not None:
@@ -240,7 +252,13 @@ def remove_listed(folder: Path, files: dict[str, dict]) -> list[str]:
     )
 
 
-def replace_output(new: Path, out: Path, old_files: dict[str, dict]) -> list[str]:
+def replace_output(
+    new: Path,
+    out: Path,
+    old_files: dict[str, dict],
+    option: str = "--output_dir",
+    manifest_name: str = MANIFEST,
+) -> list[str]:
     """Put the finished folder ``new`` at ``out``; remove the old output's listed files.
 
     Returns what was left of the old output (now under ``new``'s path): files that changed since
@@ -253,7 +271,51 @@ def replace_output(new: Path, out: Path, old_files: dict[str, dict]) -> list[str
         _exchange(new, out)
     except OSError as err:
         raise UserError(
-            f"--output_dir {out}: could not be replaced ({err.strerror}); the finished output is in {new}: "
-            "move it there yourself, or run again with another --output_dir"
+            f"{option} {out}: could not be replaced ({err.strerror}); the finished output is in {new}: "
+            f"move it there yourself, or run again with another {option}"
         ) from None
-    return remove_listed(new, old_files)
+    return remove_listed(new, old_files, manifest_name)
+
+
+def refuse_overlap(output_dir: str | Path, option: str, inputs: dict[str, Path]) -> None:
+    """Refuse an output folder that is, holds or lies inside an input folder, or holds an input file.
+
+    ``inputs`` maps how to name each input (``"the model"``) to its path; a model in a training run's
+    ``final/`` stands for its whole run. Writing there would replace what the command reads (an fp32
+    model by its own bf16 export) or add files to a folder that belongs to something else (a run, a
+    data dir, a tokenizer).
+    """
+    out = Path(os.path.realpath(Path(output_dir).expanduser()))
+    for what, path in inputs.items():
+        real = Path(os.path.realpath(path))
+        if real.name == "final" and any(os.path.lexists(real.parent / name) for name in RUN_FILES):
+            what, path, real = f"the run of {what} {path}:", real.parent, real.parent
+        if real.is_relative_to(out) or (real.is_dir() and out.is_relative_to(real)):
+            where = "is" if real == out else "holds" if real.is_relative_to(out) else "lies inside"
+            raise UserError(
+                f"{option} {output_dir} {where} {what} {path}; write the output to a folder of its own, "
+                "outside what it is made from"
+            )
+
+
+@contextlib.contextmanager
+def building_output(out: Path, old_files: dict[str, dict], option: str, manifest: dict, manifest_name: str):
+    """Yield a fresh staging folder to write the new output into; on success list every file in it
+    under ``manifest["files"]``, write ``manifest`` as ``manifest_name`` and swap the folder in for
+    ``out`` (:func:`replace_output`), so a failure leaves the old output as it was. ``old_files``: the
+    previous output's listed files (``check_output_dir``'s manifest), the only ones deleted."""
+    staging = staging_dir(out, option)
+    try:
+        yield staging
+        manifest["files"] = list_files(staging, manifest_name)
+        (staging / manifest_name).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a fresh folder of ours: nothing else is in it
+        raise
+    left = replace_output(staging, out, old_files, option, manifest_name)
+    if left:
+        print(
+            f"note: kept {len(left)} file(s) of the old output that changed since ds-sft wrote them or "
+            f"that it did not write (first: {left[0]}), in {staging}",
+            file=sys.stderr,
+        )

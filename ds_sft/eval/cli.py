@@ -1,7 +1,7 @@
 """``ds-sft eval``: how good is a checkpoint, and is it better than another one?
 
     ds-sft eval --model runs/sft --data_dir data_sft --gsm8k_limit 100
-    ds-sft eval --compare smollm2-135m-instruct runs/sft --data_dir data_sft --out runs/sft/eval
+    ds-sft eval --compare smollm2-135m-instruct runs/sft --data_dir data_sft --out runs/sft-eval
 
 For each model, in this order:
 
@@ -21,7 +21,11 @@ significant" (ds_sft.eval.stats).
 Prompts are rendered with the template recorded in the data dir's ``manifest.json`` and tokenized
 with the data dir's tokenizer: the model is asked in exactly the format it was trained on. The
 results go to ``OUT/eval.json`` (everything, including every GSM8K completion), ``OUT/eval.md``
-(tables) and ``OUT/val_loss_by_source.png``.
+(tables) and ``OUT/val_loss_by_source.png``, listed with their size and sha256 in
+``OUT/ds_sft_eval.json``. ``--out`` must be a new or empty folder or a previous eval's, of which only
+those listed files are replaced (the new report is built beside it and swapped in); a folder holding
+anything else, or one that is, holds or lies inside a model or the data dir, is refused before any
+model loads (:mod:`ds_sft.data.output`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.paths import writable_dir
+
+MANIFEST = "ds_sft_eval.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="a prepared data dir (ds-sft prepare): its val split, tokenizer and prompt template are used",
     )
-    which.add_argument("--out", default="runs/eval", help="folder for eval.json, eval.md and the chart")
+    which.add_argument(
+        "--out",
+        default="runs/eval",
+        help="folder for eval.json, eval.md and the chart: a new or empty one, or a previous eval's (only "
+        "the files eval wrote there are replaced); never inside a model or the data dir",
+    )
 
     val = parser.add_argument_group("validation loss")
     val.add_argument("--no_val", action="store_true", help="skip the validation loss / perplexity pass")
@@ -149,23 +159,36 @@ def _labels(specs: list[str]) -> list[str]:
     return names
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict]:
+    """Refuse bad folders before any work; returns (--out resolved, the previous eval's listed files)."""
+    from ds_sft.data.output import check_output_dir, refuse_overlap
+    from ds_sft.paths import writable_dir
+
     # numbers are checked by their declared domains in add_arguments (ds_sft/options.py)
     if not Path(args.data_dir).is_dir():
         raise UserError(f"--data_dir {args.data_dir} does not exist: run `ds-sft prepare` first")
     writable_dir(args.out, "--out")
+    inputs = {"the data dir": Path(args.data_dir)}
+    names = ["the model"] if len(specs) == 1 else ["model A", "model B"]
+    for name, spec in zip(names, specs, strict=True):  # a hub id or an alias lives in a cache, not here
+        if Path(spec).expanduser().exists():
+            inputs[name] = Path(spec).expanduser()
+    refuse_overlap(args.out, "--out", inputs)
+    out, previous = check_output_dir(args.out, [], "--out", "eval", MANIFEST)
+    return out, previous["files"] if previous else {}
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ds_sft.data.model_match import check_tokenizer
+    from ds_sft.data.output import building_output
     from ds_sft.eval import evaluate, gsm8k
     from ds_sft.eval.report import write_report
     from ds_sft.eval.stats import paired_comparison
 
-    _check_args(args)
     specs = list(args.compare) if args.compare else [args.model]
+    out, old_files = _check_args(args, specs)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
     if args.threads is not None:
@@ -230,9 +253,10 @@ def run(args: argparse.Namespace) -> int:
             "scores": [row for result in results for row in result["harness"]["scores"]],
             "cross_check": [check for result in results for check in result["harness"]["cross_check"]],
         }
-    paths = write_report(Path(args.out), results, meta)
+    with building_output(out, old_files, "--out", {"written_by": "ds-sft eval"}, MANIFEST) as staging:
+        written = write_report(staging, results, meta)
     _print_summary(results, meta)
-    print("wrote " + ", ".join(str(path) for path in paths.values()))
+    print("wrote " + ", ".join(str(Path(args.out) / path.name) for path in written.values()))
     return 0
 
 

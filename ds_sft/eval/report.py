@@ -20,17 +20,24 @@ ramble, and its accuracy counts cut-off answers as wrong.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from ds_sft.errors import UserError
 
 CHART_NAME = "val_loss_by_source.png"
 TRUNCATION_WARNING_SHARE = 0.2
 
 
 def write_report(out_dir: Path, results: Sequence[dict], meta: dict) -> dict[str, Path]:
-    """Write eval.json, eval.md and the chart (when there are val losses) under ``out_dir``."""
+    """Write eval.json, eval.md and the chart (when there are val losses) under ``out_dir``, never over
+    a file already there (``ds-sft eval`` writes into a fresh folder and swaps it in: eval/cli.py)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md"}
+    taken = [path for path in (*paths.values(), out_dir / CHART_NAME) if os.path.lexists(path)]
+    if taken:
+        raise UserError(f"{taken[0]} exists: the eval report is written into a new or empty folder only")
     paths["json"].write_text(json.dumps({**meta, "models": list(results)}, indent=2) + "\n")
     chart = None
     if any(result.get("val") for result in results):

@@ -14,7 +14,9 @@ from ds_sft.errors import UserError
 
 
 def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
-    """Write ``model`` (+ ``tokenizer``) into ``out`` in the Hugging Face layout of its family."""
+    """Write ``model`` (+ ``tokenizer``) into ``out``, a new or empty folder, in the Hugging Face layout
+    of its family. Never into a folder holding anything: every file here would replace one of the same
+    name (replacing a previous export is the command's job: :mod:`ds_sft.export`)."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -26,6 +28,8 @@ def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
             "embeddings: pass the tokenizer the model was trained with (--tokenizer)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise UserError(f"{out} is not empty: export writes into a new or empty folder only")
     dtype = dtype or model.wte.weight.dtype
     token_ids = {
         "bos_token_id": tokenizer.bos_token_id,

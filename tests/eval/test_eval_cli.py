@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from ds_sft.data.output import RUN_FILES
 from ds_sft.errors import UserError
 from ds_sft.eval import cli
 from ds_sft.eval.prompts import FIXED_PROMPTS
+from ds_sft.eval.report import CHART_NAME
 from ds_sft.model.checkpoint import save_model
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
+from tests.data.test_output_dir import snapshot
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -299,3 +308,204 @@ def test_bad_eval_options_are_user_errors(data_dir, argv, message):
     base = ["--model", "x", "--data_dir", str(data_path), "--gsm8k_test", str(test)]
     with pytest.raises(UserError, match=message):
         cli.run(_parse([*base, *argv]))
+
+
+# --out: eval replaces only the files a previous eval listed in OUT/ds_sft_eval.json. Every refusal test
+# snapshots every byte under its root (tests/data/test_output_dir.py's snapshot) and checks exit 2, one
+# line on stderr, and the same bytes after.
+
+OUT_NAMES = ["eval.json", "eval.md", CHART_NAME, cli.MANIFEST, "manifest.json", "README.md", "old/eval.md"]
+
+
+def _eval(argv: list[str]) -> int:
+    from ds_sft.command import main_for
+
+    return main_for("eval", [*argv, "--no_gsm8k", "--no_generate", "--val_rows", "2", "--dtype", "float32"])
+
+
+def _refused(capsys, code: int) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.dictionaries(st.sampled_from(OUT_NAMES), st.binary(max_size=64), min_size=1))
+def test_a_folder_of_the_users_is_refused_and_left_as_it_was(data_dir, model_dir, capsys, files):
+    """F8: a folder holding the user's eval.md and eval.json (or anything else) is not eval's to replace."""
+    root = Path(tempfile.mkdtemp())
+    try:
+        out = root / "userdir4"
+        for name, data in files.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(data)
+        before = snapshot(root)
+        err = _refused(
+            capsys, _eval(["--model", str(model_dir), "--data_dir", str(data_dir[0]), "--out", str(out)])
+        )
+        assert "cannot prove it wrote" in err or "not as ds-sft wrote them" in err
+        assert snapshot(root) == before
+    finally:
+        shutil.rmtree(root)
+
+
+@pytest.fixture(scope="module")
+def previous_eval(data_dir, model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("previous") / "eval"
+    assert _eval(["--model", str(model_dir), "--data_dir", str(data_dir[0]), "--out", str(out)]) == 0
+    return out
+
+
+def _add_file(out):
+    (out / "notes.md").write_text("mine\n")
+
+
+def _edit_report(out):
+    (out / "eval.md").write_text("# my edits\n")
+
+
+def _add_symlink(out):
+    (out / "eval.txt").symlink_to(out.parent / "victim.txt")
+
+
+def _forge_listing(out):
+    manifest = json.loads((out / cli.MANIFEST).read_text())
+    manifest["files"]["../victim.txt"] = {"bytes": 0, "sha256": "0" * 64}
+    (out / cli.MANIFEST).write_text(json.dumps(manifest))
+
+
+def _drop_manifest(out):
+    (out / cli.MANIFEST).unlink()
+
+
+def _garble_manifest(out):
+    (out / cli.MANIFEST).write_text("[1, 2]")
+
+
+def _export_manifest_instead(out):  # another command's manifest is not eval's
+    (out / cli.MANIFEST).rename(out / "ds_sft_export.json")
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        _add_file,
+        _edit_report,
+        _add_symlink,
+        _forge_listing,
+        _drop_manifest,
+        _garble_manifest,
+        _export_manifest_instead,
+    ],
+)
+def test_a_previous_eval_with_anything_not_as_eval_wrote_it_is_refused(
+    data_dir, model_dir, previous_eval, tmp_path, capsys, mutate
+):
+    (tmp_path / "victim.txt").write_text("the user's only copy\n")
+    out = tmp_path / "eval"
+    shutil.copytree(previous_eval, out, symlinks=True)
+    mutate(out)
+    before = snapshot(tmp_path)
+    _refused(capsys, _eval(["--model", str(model_dir), "--data_dir", str(data_dir[0]), "--out", str(out)]))
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("where", "models"),
+    [
+        ("data", "model"),  # the data dir itself
+        ("data/eval", "model"),
+        ("data/train/eval", "model"),
+        (".", "model"),  # the folder holding the data dir and the models
+        ("model", "model"),  # a ds-sft model folder
+        ("model/eval", "model"),
+        ("run", "run"),  # a training run
+        ("run/eval", "run"),
+        ("run/final", "run"),
+        ("run/eval", "compare"),  # the second model of --compare
+    ],
+)
+def test_an_out_that_is_holds_or_lies_inside_a_model_or_the_data_dir_is_refused(
+    data_dir, model_dir, tmp_path, capsys, where, models
+):
+    root = tmp_path / "root"
+    shutil.copytree(data_dir[0], root / "data")
+    shutil.copytree(model_dir, root / "model")
+    shutil.copytree(model_dir, root / "run" / "final")
+    which = {
+        "model": ["--model", str(root / "model")],
+        "run": ["--model", str(root / "run")],
+        "compare": ["--compare", str(root / "model"), str(root / "run")],
+    }[models]
+    before = snapshot(tmp_path)
+    err = _refused(capsys, _eval([*which, "--data_dir", str(root / "data"), "--out", str(root / where)]))
+    assert "outside what it is made from" in err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("run_file", RUN_FILES)
+@pytest.mark.parametrize("where", ["run", "run/eval"])
+def test_a_runs_final_stands_for_the_whole_run(data_dir, model_dir, tmp_path, capsys, run_file, where):
+    """``--model RUN/final --out RUN/eval`` would put the report among the run's own files."""
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "final")
+    (run / run_file).mkdir() if run_file == "checkpoints" else (run / run_file).write_text("{}\n")
+    before = snapshot(tmp_path)
+    argv = ["--model", str(run / "final"), "--data_dir", str(data_dir[0]), "--out", str(tmp_path / where)]
+    assert "the run of the model" in _refused(capsys, _eval(argv))
+    assert snapshot(tmp_path) == before
+
+
+def _manifest_matches(out) -> dict:
+    from ds_sft.paths import sha256_file
+
+    manifest = json.loads((out / cli.MANIFEST).read_text())
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sorted([*manifest["files"], cli.MANIFEST]) == on_disk
+    for name, record in manifest["files"].items():
+        assert record == {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+    return manifest
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "previous eval"])
+def test_eval_writes_a_new_or_empty_folder_and_replaces_a_previous_eval(
+    data_dir, model_dir, previous_eval, tmp_path, state
+):
+    out = tmp_path / "eval"
+    if state == "empty":
+        out.mkdir()
+    elif state == "previous eval":
+        shutil.copytree(previous_eval, out)
+    (tmp_path / "beside.txt").write_text("not eval's\n")
+
+    assert (
+        _eval(
+            ["--compare", str(model_dir), str(model_dir), "--data_dir", str(data_dir[0]), "--out", str(out)]
+        )
+        == 0
+    )
+
+    manifest = _manifest_matches(out)
+    assert set(manifest["files"]) == {"eval.json", "eval.md", CHART_NAME}
+    assert len(json.loads((out / "eval.json").read_text())["models"]) == 2  # the new report, not the old
+    assert (tmp_path / "beside.txt").read_text() == "not eval's\n"
+    assert sorted(os.listdir(tmp_path)) == ["beside.txt", "eval"]  # no staging folder left
+
+
+def test_a_failed_eval_leaves_the_previous_one_as_it_was(
+    data_dir, model_dir, previous_eval, tmp_path, monkeypatch, capsys
+):
+    from ds_sft.eval import report
+
+    out = tmp_path / "eval"
+    shutil.copytree(previous_eval, out)
+    before = snapshot(tmp_path)
+    real = report.write_report
+
+    def write_then_fail(out_dir, results, meta):
+        real(out_dir, results, meta)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", write_then_fail)
+    _refused(capsys, _eval(["--model", str(model_dir), "--data_dir", str(data_dir[0]), "--out", str(out)]))
+    assert snapshot(tmp_path) == before  # the old report, and no staging folder beside it

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from ds_sft.errors import UserError
 from ds_sft.eval.report import CHART_NAME, write_report
 from ds_sft.eval.stats import accuracy_summary, paired_comparison
 
@@ -81,3 +84,12 @@ def test_report_without_val_or_gsm8k_has_no_chart(tmp_path):
     assert "chart" not in paths and not (tmp_path / CHART_NAME).exists()
     md = paths["md"].read_text()
     assert "Validation" not in md and "GSM8K" not in md
+
+
+@pytest.mark.parametrize("name", ["eval.json", "eval.md", CHART_NAME])
+def test_report_is_never_written_over_a_file(tmp_path, name):
+    result = {"label": "m", "model": "m", "val": None, "gsm8k": None, "generations": None}
+    (tmp_path / name).write_text("the user's\n")
+    with pytest.raises(UserError, match=f"{name} exists"):
+        write_report(tmp_path, [result], {})
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_text() == "the user's\n"

@@ -7,6 +7,10 @@ import pytest
 
 @pytest.fixture
 def word_tokenizer():
+    return make_word_tokenizer()
+
+
+def make_word_tokenizer():
     """A six-word tokenizer (``<s>`` 1, ``</s>`` 2): export needs one, and every model fits it."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
