@@ -275,11 +275,11 @@ def is_marked(run_dir: Path) -> bool:
 def only_copied_checkpoints(run_dir: Path, found: list[Path]) -> bool:
     """Whether ``found`` (the folder's entries) is a ``checkpoints/`` of ds-sft's alone (and a lock),
     with at least one tag, the files of each exactly those its ``trainer_state.json`` lists."""
+    from ds_sft.train.checkpointing import is_tag
+
     names = {path.name for path in found} - {LOCK_FILE}
     if names != {"checkpoints"} or kind(run_dir / "checkpoints") != "folder":
         return False
-    from ds_sft.train.checkpointing import is_tag
-
     ckpt_dir = run_dir / "checkpoints"
     ours, problems = checkpoint_entries(ckpt_dir, run_dir)
     tags = [path for path in ours if is_tag(path.name)]  # each proven by its trainer_state.json
