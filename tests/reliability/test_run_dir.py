@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from ds_sft.cli import main
@@ -548,10 +548,18 @@ def _add(out: Path, victim: Path, name: str, how: str) -> None:
         path.symlink_to(victim / name.replace("/", "_"))
 
 
-@given(added=st.sets(st.sampled_from(sorted(ADDITIONS)), max_size=4))
-def test_overwrite_removes_only_what_the_run_wrote(one_rank, genuine_run, tmp_path_factory, added):
+def additions(*outcomes: str):
+    """Sets of the additions that lead to one of ``outcomes``."""
+    return st.sets(st.sampled_from(sorted(name for name, (_, then) in ADDITIONS.items() if then in outcomes)))
+
+
+@given(harmless=additions("kept", "removed"), blocking=st.one_of(st.just(set()), additions("refused")))
+def test_overwrite_removes_only_what_the_run_wrote(
+    one_rank, genuine_run, tmp_path_factory, harmless, blocking
+):
     """F6: whatever is added to a finished run, --overwrite deletes nothing but the run's own files,
     never through a symlink, and refuses when what it would remove holds anything else."""
+    added = harmless | blocking
     root = tmp_path_factory.mktemp("overwrite")
     out = copy_run(genuine_run, root / "run")
     victim = root / "victim"
@@ -570,6 +578,7 @@ def test_overwrite_removes_only_what_the_run_wrote(one_rank, genuine_run, tmp_pa
         _add(out, victim, name, ADDITIONS[name][0])
     before, victim_before = snapshot(out), snapshot(victim)
     refused = any(ADDITIONS[name][1] == "refused" for name in added)
+    event("refused" if refused else "replaced")  # both outcomes are drawn (--hypothesis-show-statistics)
     if refused:
         with pytest.raises(UserError) as err:
             claim_run_dir(out, None, overwrite=True)
