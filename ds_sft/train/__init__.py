@@ -6,7 +6,7 @@ the learning-rate schedule, which parameters get weight decay, evaluation per so
 
     config.py         DeepSpeed JSON <- CLI flags, validated before anything heavy is loaded
     memory.py         will a micro-batch fit? checked before anything is allocated
-    run_dir.py        one writer per run directory (lock, --resume / --overwrite)
+    run_dir.py        the run directory: ds-sft's own, apart from its inputs, one writer, --overwrite
     compatibility.py  refuse a data/model/checkpoint mix that does not belong together
     distributed.py    the process group (torchrun, deepspeed launcher, Slurm) and its collectives
     param_groups.py   which parameters AdamW decays, and the table that shows it

@@ -25,6 +25,7 @@ from ds_sft.errors import UserError
 from ds_sft.options import Int
 from ds_sft.paths import writable_dir
 from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
+from ds_sft.train.run_dir import check_inputs_outside
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,8 +138,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const="auto",
         default=None,
-        help="continue a run: alone, from OUT_DIR/checkpoints/latest (fresh start when there is "
-        "none); or from the given checkpoint directory",
+        help="continue a run: alone, from OUT_DIR/checkpoints/latest (a fresh start when OUT_DIR holds "
+        "no run yet; refused when it holds one without a checkpoint); or from the given checkpoint "
+        "directory (one of another folder only into an OUT_DIR that holds no run)",
     )
     flag(
         ck,
@@ -154,7 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ck.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the run already in OUT_DIR (its checkpoints, final/ and metrics.jsonl are removed); "
+        help="replace the run already in OUT_DIR (its checkpoints, final/, metrics.jsonl, report and plots "
+        "are removed; other files are kept, and anything else inside what it removes is refused); "
         "without it or --resume, a run directory that holds a run is refused",
     )
 
@@ -222,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     use_slurm_environment()  # srun without torchrun: WORLD_SIZE & co. before the config checks read them
     ds_config, s, overrides = config_module.resolve(args)  # every check before anything heavy
     run_dir = writable_dir(s.out_dir, "--out_dir")
+    check_inputs_outside(run_dir, s)
     if s.resume is not None and args.overwrite:
         raise UserError(
             "--resume continues the run in --out_dir and --overwrite replaces it: pass one of them"

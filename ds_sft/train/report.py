@@ -6,6 +6,9 @@ import json
 import math
 from pathlib import Path
 
+# Every plot :func:`plot` may write (run_dir.py removes the earlier run's at --overwrite).
+PLOT_FILES = ("loss.png", "perplexity.png", "lr.png", "grad_norm.png", "tokens_per_s.png")
+
 
 def plot(records: list[dict], run_dir: Path) -> list[str]:
     """One PNG per curve; returns the file names written."""
@@ -45,7 +48,7 @@ def plot(records: list[dict], run_dir: Path) -> list[str]:
         "tokens_per_s.png": ("tokens/s", [("tokens/s", series(train, "tokens_per_s"))]),
     }
     written = []
-    for filename, (ylabel, lines) in charts.items():
+    for filename, (ylabel, lines) in charts.items():  # keyed by PLOT_FILES
         if not any(xs for _, (xs, _) in lines):
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))

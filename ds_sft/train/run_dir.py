@@ -1,17 +1,31 @@
-"""One writer per run directory, and a finished run replaced only when asked.
+"""The run folder (``--out_dir``): claimed only when it is ds-sft's, replaced only when asked.
 
-Two ``train`` processes writing into one ``--out_dir`` would interleave their metrics and overwrite
-each other's checkpoints, and a new run started where an old one finished would mix its checkpoints
-with the old ones. So before any work:
+``train`` writes into its run folder for hours and, with ``--overwrite``, deletes an earlier run
+there, so before any work (nothing is created, written or deleted before a refusal):
 
-1. **Lock.** Rank 0 takes an exclusive ``flock`` on ``RUN/.lock`` and writes who holds it (pid, host,
+1. **Inputs stay outside.** The run folder may not be, hold or lie inside the ``--data_dir``, the
+   ``--base_model`` path, the ``--deepspeed_config`` file or a ``--resume`` checkpoint of another
+   folder (symlinks resolved): training would write into its own inputs, and ``--overwrite`` would
+   delete them before they are read (:func:`check_inputs_outside`). The one exception is the run's own
+   ``effective_config.json`` passed back as ``--deepspeed_config``, which the run rewrites itself.
+2. **The folder is ds-sft's.** A run folder proves it by :data:`MARKER`, written when a run first
+   claims it. A folder that is missing, empty, or holds only copied-in checkpoints (each tag exactly
+   as its ``trainer_state.json`` lists it: how a new job continues a run elsewhere) becomes a run
+   folder; any other folder is refused, naming what is in it (:func:`check_is_run_folder`). In a run
+   folder, a path a run writes must be what a run writes there: a regular file or a real folder,
+   never a symlink, so nothing is ever written through one (:func:`wrong_kinds`).
+3. **Lock.** Rank 0 takes an exclusive ``flock`` on ``RUN/.lock`` and writes who holds it (pid, host,
    start time) into it. The kernel drops the lock when its process dies, however it dies, so a lock
    file left by a dead process is simply taken over; a live holder makes the new run stop in one line
    naming it. Only rank 0 locks (the other ranks of the same run write into the folder too); its
    verdict is broadcast, so every rank stops (rank 0 saying why, once), or goes on, together.
-2. **A finished run stays** unless the user says what to do with it: ``--resume`` continues it,
-   ``--overwrite`` replaces it (removing what the old run wrote: its checkpoints, ``final/`` and
-   ``metrics.jsonl``, and nothing it did not write), and without either the run stops in one line saying so.
+4. **A run there stays** unless the user says what to do with it: ``--resume`` continues it (refused
+   when it has no checkpoint to continue from, or when the checkpoint comes from another folder),
+   ``--overwrite`` replaces it, and without either the run stops in one line saying so. ``--overwrite``
+   removes what a run wrote (:func:`removable`): ``final/`` holding only the weights, config and
+   tokenizer, tags holding only the files their ``trainer_state.json`` lists, ``latest``/``best``,
+   ``metrics.jsonl``, the report and plots, never through a symlink; it refuses when any of them holds
+   anything else. Files with other names (notes, ``eval/``, ``wandb/``) are kept where they are.
 """
 
 from __future__ import annotations
@@ -22,16 +36,26 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.train.report import PLOT_FILES
 
 LOCK_FILE = ".lock"
-# What a previous run leaves that a new one would mix with (the report and plots are rewritten whole):
-# RUN/final/, RUN/metrics.jsonl, and in RUN/checkpoints/ the tags, the universal conversion's folders
-# and these files (the last three written by DeepSpeed).
-CHECKPOINT_FILES = ("latest", "best", "latest_universal", "zero_to_fp32.py", "zero_to_torch.py")
+MARKER = "ds_sft_run.json"  # {"format": RUN_FORMAT, "created": ...}: this folder is a ds-sft run
+RUN_FORMAT = "ds-sft training run"
+CONFIG_FILE = "effective_config.json"
+# What a run writes at the top of its folder (wandb/ is wandb's: kept at --overwrite, never checked).
+RUN_FILES = {MARKER, LOCK_FILE, CONFIG_FILE, "metrics.jsonl", "report.md", *PLOT_FILES}
+RUN_FOLDERS = {"final", "checkpoints", "wandb"}
+# What an earlier run leaves that a new one would mix with, removed by --overwrite (the marker, the lock
+# and effective_config.json stay: the new run holds, keeps and rewrites them).
+OVERWRITTEN = ("final", "checkpoints", "metrics.jsonl", "report.md", *PLOT_FILES)
+# Files beside the tags in RUN/checkpoints/: latest, best (+ write_atomic's .tmp), and DeepSpeed's.
+CHECKPOINT_FILES = ("latest", "best", "latest.tmp", "best.tmp", "latest_universal", "zero_to_fp32.py",
+                    "zero_to_torch.py")  # fmt: skip
 
 
 class RunLock:
@@ -78,53 +102,333 @@ def lock(run_dir: Path) -> RunLock:
     except OSError as err:  # a filesystem without locks (some FUSE mounts): run, but say it is unguarded
         print(f"warning: cannot lock {lock_path} ({err.strerror}): nothing stops a second run from "
               "writing into this folder", file=sys.stderr)  # fmt: skip
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     handle.seek(0)
     handle.truncate()
-    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}) + "\n")
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now()}) + "\n")
     handle.flush()
     return RunLock(handle)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# ----------------------------------------------------------------------------- inputs outside the run
+
+
+def real(path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_inputs_outside(run_dir: Path, s) -> None:
+    """Refuse a run folder that is, holds or lies inside one of the run's inputs (symlinks resolved)."""
+    out = real(run_dir)
+    inputs = {"--data_dir": s.data_dir, "--deepspeed_config": s.deepspeed_config}
+    if s.base_model is not None and Path(s.base_model).expanduser().exists():  # not an alias or hub id
+        inputs["--base_model"] = s.base_model
+    if s.resume not in (None, "auto") and not real(s.resume).is_relative_to(out / "checkpoints"):
+        inputs["--resume"] = s.resume  # a checkpoint of another folder (this run's own may be anywhere in it)
+    if real(s.deepspeed_config) == out / CONFIG_FILE:  # passed back: the run reads it, then rewrites it
+        del inputs["--deepspeed_config"]
+    for flag, path in inputs.items():
+        where = real(path)
+        if out == where:
+            how = "is"
+        elif out.is_relative_to(where):
+            how = "lies inside"
+        elif where.is_relative_to(out):
+            how = "holds"
+        else:
+            continue
+        raise UserError(
+            f"--out_dir {run_dir} {how} {flag} {path}: a run writes into its folder (and --overwrite "
+            "deletes there), so it would change its own input; pass an --out_dir apart from every input"
+        )
+
+
+# ----------------------------------------------------------------------------- what is in the folder
+
+
+def kind(path: Path) -> str:
+    """'file', 'folder', 'symlink', 'missing' or 'special' (a FIFO, socket, device), never following."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "special"
+
+
+def entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as err:
+        raise UserError(f"{folder} cannot be listed ({err.strerror}): pass a folder you can read") from None
+
+
+def relative(path: Path, run_dir: Path) -> str:
+    return path.relative_to(run_dir).as_posix() + ("/" if kind(path) == "folder" else "")
+
+
+def checkpoint_entry_kind(name: str) -> str | None:
+    """The kind a ds-sft checkpoint folder's entry ``name`` has, or None when it is not one of its names."""
+    from ds_sft.train.checkpointing import PARTIAL, REPLACED, is_tag
+
+    if name in CHECKPOINT_FILES:
+        return "file"
+    if is_tag(name) or name in (PARTIAL, REPLACED) or name.startswith(".universal-"):
+        return "folder"
+    return None
+
+
+def wrong_kinds(run_dir: Path) -> list[str]:
+    """Paths a run writes (top level, checkpoints/) holding something of another kind (a symlink, a
+    folder where a file goes...): a run would write through it, or fail on it."""
+    wrong = []
+    for path in entries(run_dir):
+        expected = "file" if path.name in RUN_FILES else "folder" if path.name in RUN_FOLDERS else None
+        if expected and kind(path) != expected:
+            wrong.append(f"{path.name} is a {kind(path)}, where a run writes a {expected}")
+    ckpt_dir = run_dir / "checkpoints"
+    if kind(ckpt_dir) == "folder":
+        for path in entries(ckpt_dir):
+            expected = checkpoint_entry_kind(path.name)
+            if expected and kind(path) != expected:
+                wrong.append(f"checkpoints/{path.name} is a {kind(path)}, where a run writes a {expected}")
+    return wrong
+
+
+def plain_tree_problem(folder: Path, run_dir: Path) -> str | None:
+    """The first thing under ``folder`` that is not a regular file or a real folder, or None."""
+    for root, dirnames, filenames in os.walk(folder):  # never follows a symlink
+        for name in sorted(dirnames + filenames):
+            path = Path(root) / name
+            if kind(path) not in ("file", "folder"):
+                return f"{relative(path, run_dir)} is a {kind(path)}"
+    return None
+
+
+def tag_problem(tag_dir: Path, run_dir: Path) -> str | None:
+    """Why ``tag_dir`` is not a checkpoint tag as ds-sft writes it (exactly the files its
+    ``trainer_state.json`` lists, plus that file, all regular), or None. Nothing is hashed."""
+    from ds_sft.train.checkpointing import STATE_FILE, read_trainer_state, trainer_state_problem
+
+    where = relative(tag_dir, run_dir)
+    if kind(tag_dir / STATE_FILE) != "file":
+        return f"{where} has no {STATE_FILE} listing its files"
+    try:
+        state = read_trainer_state(tag_dir)
+    except (OSError, ValueError, RecursionError):
+        return f"{where}{STATE_FILE} cannot be read"
+    if trainer_state_problem(state, with_files=True):
+        return f"{where}{STATE_FILE} is not one ds-sft writes"
+    for path in entries(tag_dir):
+        if path.name not in {*state["files"], STATE_FILE} or kind(path) != "file":
+            return f"{relative(path, run_dir)} is not among the files of the checkpoint"
+    return None
+
+
+def final_problem(final: Path, run_dir: Path) -> str | None:
+    """Why ``final/`` is not as ``save_final`` writes it (weights, their config, tokenizer/), or None."""
+    from ds_sft.model.checkpoint import CONFIG_FILE as MODEL_CONFIG
+    from ds_sft.model.checkpoint import MODEL_FILE
+
+    for path in entries(final):
+        expected = {MODEL_FILE: "file", MODEL_CONFIG: "file", "tokenizer": "folder"}.get(path.name)
+        if kind(path) != expected:
+            return f"{relative(path, run_dir)} is not part of the final weights"
+    return plain_tree_problem(final / "tokenizer", run_dir) if (final / "tokenizer").is_dir() else None
+
+
+def checkpoint_entries(ckpt_dir: Path, run_dir: Path) -> tuple[list[Path], list[str]]:
+    """(the entries of ``checkpoints/`` that ds-sft wrote, why others bearing its names are not as it
+    writes them); entries with other names are in neither list."""
+    from ds_sft.train.checkpointing import is_tag
+
+    ours, problems = [], []
+    for path in entries(ckpt_dir):
+        expected = checkpoint_entry_kind(path.name)
+        if expected is None:
+            continue
+        if kind(path) != expected:
+            problem = f"{relative(path, run_dir)} is a {kind(path)}"
+        elif is_tag(path.name):
+            problem = tag_problem(path, run_dir)
+        else:
+            problem = plain_tree_problem(path, run_dir) if expected == "folder" else None
+        (problems.append(problem) if problem else ours.append(path))
+    return ours, problems
+
+
+def is_marked(run_dir: Path) -> bool:
+    """Whether ``run_dir`` carries ds-sft's run marker (a regular file holding :data:`RUN_FORMAT`)."""
+    if kind(run_dir / MARKER) != "file":
+        return False
+    try:
+        marker = json.loads((run_dir / MARKER).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == RUN_FORMAT
+
+
+def only_copied_checkpoints(run_dir: Path, found: list[Path]) -> bool:
+    """Whether ``found`` (the folder's entries) is a ``checkpoints/`` of ds-sft's alone (and a lock),
+    with at least one tag, the files of each exactly those its ``trainer_state.json`` lists."""
+    from ds_sft.train.checkpointing import is_tag
+
+    names = {path.name for path in found} - {LOCK_FILE}
+    if names != {"checkpoints"} or kind(run_dir / "checkpoints") != "folder":
+        return False
+    ckpt_dir = run_dir / "checkpoints"
+    ours, problems = checkpoint_entries(ckpt_dir, run_dir)
+    tags = [path for path in ours if is_tag(path.name)]  # each proven by its trainer_state.json
+    return bool(tags) and not problems and len(ours) == len(entries(ckpt_dir))
+
+
+def check_is_run_folder(run_dir: Path) -> None:
+    """Refuse, before anything is written there, a folder that is not (and cannot become) a ds-sft run's."""
+    if kind(run_dir) == "missing":
+        return
+    found = entries(run_dir)
+    fresh = all(path.name == LOCK_FILE and kind(path) == "file" for path in found)
+    if not (fresh or is_marked(run_dir) or only_copied_checkpoints(run_dir, found)):
+        names = [relative(path, run_dir) for path in found]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise UserError(
+            f"--out_dir {run_dir} is not empty and not a ds-sft run folder (it holds {shown}; a run "
+            f"folder has {MARKER}): pass a new or empty --out_dir, e.g. --out_dir runs/NAME"
+        )
+    wrong = wrong_kinds(run_dir)
+    if wrong:
+        raise UserError(
+            f"--out_dir {run_dir}: {wrong[0]}; ds-sft writes nothing through or over what it did not "
+            "make: move it away, or pass another --out_dir"
+        )
+
+
+def mark(run_dir: Path) -> None:
+    """Write :data:`MARKER` into a folder this run claims (once; a copied run keeps its own)."""
+    if is_marked(run_dir):
+        return
+    fd = os.open(run_dir / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps({"format": RUN_FORMAT, "created": now()}) + "\n")
+
+
+# ----------------------------------------------------------------------------- an earlier run
 
 
 def previous_run(run_dir: Path) -> list[str]:
     """What an earlier run left in ``run_dir`` (empty for a fresh folder)."""
     found = []
-    if (run_dir / "final").exists():
+    if os.path.lexists(run_dir / "final"):
         found.append("final/ weights")
     ckpt_dir = run_dir / "checkpoints"
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         found.append("checkpoints")
-    if (run_dir / "metrics.jsonl").exists():
+    if os.path.lexists(run_dir / "metrics.jsonl"):
         found.append("metrics.jsonl")
     return found
 
 
-def remove_previous_run(run_dir: Path) -> None:
-    """``--overwrite``: remove what an earlier run wrote (see :data:`CHECKPOINT_FILES`), nothing else."""
-    from ds_sft.train.checkpointing import PARTIAL, REPLACED, is_tag
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``RUN/checkpoints`` has a tag ``--resume`` would try (``latest``'s, or any complete one)."""
+    from ds_sft.train.checkpointing import STATE_FILE, is_tag, latest_tag
 
     ckpt_dir = run_dir / "checkpoints"
-    ours = [run_dir / "final", run_dir / "metrics.jsonl"]
-    if ckpt_dir.is_dir():
-        ours += [
-            path
-            for path in ckpt_dir.iterdir()
-            if is_tag(path.name)
-            or path.name in (*CHECKPOINT_FILES, PARTIAL, REPLACED)  # the last two: a save cut short
-            or path.name.startswith(".universal-")
-        ]
-    for path in ours:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
+    if not ckpt_dir.is_dir():
+        return False
+    return latest_tag(ckpt_dir) is not None or any(
+        is_tag(path.name) and (path / STATE_FILE).is_file() for path in ckpt_dir.iterdir()
+    )
+
+
+def removable(run_dir: Path) -> list[Path]:
+    """``--overwrite``: the paths of the earlier run to remove, each exactly as a run writes it; a
+    UserError naming the first that holds anything else (nothing is removed then)."""
+    paths, problems = [], []
+    for name in OVERWRITTEN:
+        path = run_dir / name
+        if name == "checkpoints" and kind(path) == "folder":
+            ours, wrong = checkpoint_entries(path, run_dir)
+            paths += ours
+            problems += wrong
+        elif name == "final" and kind(path) == "folder":
+            problem = final_problem(path, run_dir)
+            (problems.append(problem) if problem else paths.append(path))
+        elif kind(path) == "file":
+            paths.append(path)
+        elif kind(path) != "missing":
+            problems.append(f"{name} is a {kind(path)}")
+    if problems:
+        raise UserError(
+            f"--overwrite: {run_dir} holds what a ds-sft run does not write ({problems[0]}), so it cannot "
+            "be replaced without deleting it: move it out, or pass another --out_dir"
+        )
+    return paths
+
+
+def remove_previous_run(run_dir: Path, doomed: list[Path]) -> None:
+    """``--overwrite``: remove ``doomed`` (:func:`removable`), then ``checkpoints/`` if that emptied it."""
+    for path in doomed:
+        shutil.rmtree(path) if kind(path) == "folder" else path.unlink()
+    ckpt_dir = run_dir / "checkpoints"
+    if kind(ckpt_dir) == "folder" and not any(ckpt_dir.iterdir()):
         ckpt_dir.rmdir()
 
 
+def check_previous_run(run_dir: Path, resume, overwrite: bool) -> list[Path]:
+    """Refuse to start beside (or over) what an earlier run left when the flags do not say what to do
+    with it, or when it cannot be done; returns what ``--overwrite`` is to remove (else nothing)."""
+    found = previous_run(run_dir)
+    if not found:
+        return []
+    held = ", ".join(found)
+    if resume is None and not overwrite:
+        raise UserError(
+            f"{run_dir} already holds a training run ({held}): pass --resume to continue it, --overwrite "
+            "to replace it, or another --out_dir"
+        )
+    if resume is None:
+        return removable(run_dir)
+    if resume != "auto" and not real(resume).is_relative_to(real(run_dir) / "checkpoints"):
+        raise UserError(
+            f"{run_dir} already holds a training run ({held}); continuing --resume {resume} there would "
+            "mix the two: pass a new --out_dir"
+        )
+    if not has_checkpoint(run_dir):
+        raise UserError(
+            f"{run_dir} holds a training run ({held}) but no checkpoint to continue it from: pass "
+            "--overwrite to start it again, or another --out_dir"
+        )
+    return []
+
+
+def claim(run_dir: Path, resume, overwrite: bool) -> RunLock:
+    """Rank 0's decision: check, lock and mark ``run_dir`` for this run (removing the earlier run's
+    files at ``--overwrite``), or raise the UserError with nothing written (not even the lock file)."""
+    check_is_run_folder(run_dir)
+    if not os.path.lexists(run_dir / LOCK_FILE):  # refuse before the lock file is made; a live run
+        check_previous_run(run_dir, resume, overwrite)  # holding one is named first (lock, below)
+    held = lock(run_dir)
+    try:  # again under the lock: a run that held it a moment ago may have changed the folder
+        check_is_run_folder(run_dir)
+        doomed = check_previous_run(run_dir, resume, overwrite)
+        if doomed:
+            found = ", ".join(previous_run(run_dir))
+            remove_previous_run(run_dir, doomed)
+            print(f"--overwrite: removed the previous run's {found} (and its report) from {run_dir}")
+        mark(run_dir)
+    except UserError:
+        held.release()
+        raise
+    return held
+
+
 def claim_run_dir(run_dir: Path, resume, overwrite: bool) -> RunLock:
-    """Rank 0 locks ``run_dir`` and decides whether this run may write there; every rank gets the
-    verdict before any work. If it is no, rank 0 raises the UserError and the others exit with 2."""
+    """Rank 0 claims ``run_dir`` (:func:`claim`); every rank gets the verdict before any work. If it is
+    no, rank 0 raises the UserError and the others exit with 2."""
     import torch
     import torch.distributed as dist
 
@@ -132,18 +436,8 @@ def claim_run_dir(run_dir: Path, resume, overwrite: bool) -> RunLock:
     held = RunLock()
     if dist.get_rank() == 0:
         try:
-            held = lock(run_dir)
-            found = previous_run(run_dir)
-            if found and resume is None:
-                if not overwrite:
-                    raise UserError(
-                        f"{run_dir} already holds a training run ({', '.join(found)}): pass --resume to "
-                        "continue it, --overwrite to replace it, or another --out_dir"
-                    )
-                remove_previous_run(run_dir)
-                print(f"--overwrite: removed the previous run's {', '.join(found)} from {run_dir}")
+            held = claim(run_dir, resume, overwrite)
         except UserError as err:
-            held.release()
             verdict[0] = str(err)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     dist.broadcast_object_list(verdict, src=0, device=device)

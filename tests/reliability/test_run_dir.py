@@ -3,6 +3,10 @@
 - One writer per ``--out_dir``: a second ``ds-sft train`` into a live run's folder stops in one line
   naming the holder; a lock file left by a dead process is taken over.
 - A folder holding a run is continued only with ``--resume`` and replaced only with ``--overwrite``.
+- The run folder never overlaps an input (data, base model, DeepSpeed config, a checkpoint of another
+  folder); a folder that is not a ds-sft run's is never claimed; ``--overwrite`` removes only what a
+  run wrote, never through a symlink; ``--resume`` never restarts over a run it cannot continue. Each
+  refusal leaves every byte of every folder as it was (compared against a snapshot taken before).
 - ``--out_dir`` / ``--out`` / ``--hf`` that cannot become a writable folder: one line, before any work,
   nothing created. :func:`ds_sft.paths.writable_dir` is checked against an independent reference:
   actually creating the folder and a file in it, in a twin of the same layout.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,14 +24,16 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from ds_sft.cli import main
 from ds_sft.errors import UserError
 from ds_sft.paths import writable_dir
-from ds_sft.train.run_dir import LOCK_FILE, lock
+from ds_sft.train.run_dir import LOCK_FILE, claim_run_dir, lock
 from tests.rendezvous import without_launcher_variables
 
-from .conftest import single_rank_env, write_tiny_data_dir
+from .conftest import REPO_ROOT, single_rank_env, write_tiny_data_dir
 from .runs import launch, run, train_records
 
 FLAGS = ["--model", "tiny", "--micro_batch_size", "2", "--grad_accum", "1", "--eval_iters", "1",
@@ -322,3 +329,356 @@ def test_each_command_refuses_a_bad_output_folder_before_any_work(
     (line,) = error_lines(err)
     assert f"error: {flag} {out}:" in line and "pass a folder" in line, line
     assert tree(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- whose folder it is
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under ``root`` with its kind and bytes (a symlink: its target), never following one.
+    The lock file's contents are left out: a claim rewrites them (its holder), and they are ds-sft's."""
+    found = {}
+    for folder, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                found[rel] = ("symlink", os.readlink(path))
+            elif path.is_dir():
+                found[rel] = ("folder",)
+            else:
+                found[rel] = ("file", None if name == LOCK_FILE else path.read_bytes())
+    return found
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-rank process group in this process: what claim_run_dir broadcasts its verdict over."""
+    from ds_sft.train.distributed import init_distributed
+
+    for key, value in single_rank_env().items():
+        if key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "TORCH_EXTENSIONS_DIR"):
+            os.environ.setdefault(key, value)
+    return init_distributed()
+
+
+@pytest.fixture(scope="module")
+def genuine_run(data, tmp_path_factory):
+    """A finished run of two steps, checkpointed at both: the folder every test below copies."""
+    out = tmp_path_factory.mktemp("genuine") / "run"
+    done = run(train_flags(data, out, 2, "--save_interval", "1"), single_rank_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def copy_run(genuine_run: Path, where: Path) -> Path:
+    return Path(shutil.copytree(genuine_run, where, symlinks=True))
+
+
+def test_a_whole_run_writes_only_what_the_run_folder_layout_names(genuine_run):
+    """The layout run_dir.py checks and removes is the one train writes (plots included)."""
+    from ds_sft.train.run_dir import RUN_FILES, RUN_FOLDERS, check_is_run_folder, is_marked, removable
+
+    names = {path.name for path in genuine_run.iterdir()}
+    assert (
+        names <= RUN_FILES | RUN_FOLDERS and {"final", "checkpoints", "metrics.jsonl", "report.md"} <= names
+    )
+    assert is_marked(genuine_run)
+    check_is_run_folder(genuine_run)
+    ckpt = genuine_run / "checkpoints"
+    expected = {genuine_run / "final", genuine_run / "metrics.jsonl", *ckpt.iterdir()}
+    expected |= {genuine_run / name for name in names if name.endswith(".png") or name == "report.md"}
+    assert set(removable(genuine_run)) == expected
+
+
+# Inputs of a run, each as (flag, a folder or file of the test's making).
+INPUTS = ["--data_dir", "--base_model (a run folder)", "--base_model (a file)", "--deepspeed_config",
+          "--resume (a checkpoint of another folder)"]  # fmt: skip
+RELATIONS = ["is", "lies inside", "holds", "holds, through a symlink", "is, through a symlink", "apart"]
+# A run folder can hold a file, or stand apart from it, but neither be one nor lie inside one.
+FILE_INPUTS = ("--base_model (a file)", "--deepspeed_config")
+HOLDS_OR_APART = ("holds", "holds, through a symlink", "apart")
+OVERLAPS = [(kind, relation) for kind in INPUTS for relation in RELATIONS
+            if kind not in FILE_INPUTS or relation in HOLDS_OR_APART]  # fmt: skip
+
+
+def _input(kind: str, place: Path, data: Path, genuine_run: Path) -> tuple[str, Path]:
+    flag = kind.split()[0]
+    if flag == "--data_dir":
+        return flag, Path(shutil.copytree(data, place / "data"))
+    if kind == "--base_model (a run folder)":
+        return flag, copy_run(genuine_run, place / "base")
+    if kind == "--base_model (a file)":
+        folder = copy_run(genuine_run, place / "base")
+        return flag, folder / "final" / "model.safetensors"
+    if flag == "--deepspeed_config":
+        (place / "cfg").mkdir()
+        return flag, Path(shutil.copy(REPO_ROOT / "ds_configs" / "zero2.json", place / "cfg" / "ds.json"))
+    tag = sorted((genuine_run / "checkpoints").glob("step_*"))[-1]
+    return flag, Path(shutil.copytree(tag, place / "ckpt" / tag.name))
+
+
+def _out_dir(relation: str, path: Path, root: Path) -> Path:
+    """The --out_dir standing in ``relation`` to the input ``path``."""
+    if relation == "is":
+        return path
+    if relation == "lies inside":
+        return path / "sub" / "run"
+    if relation == "holds":
+        return path.parent
+    if relation == "holds, through a symlink":
+        (root / "link").symlink_to(path.parent)
+        return root / "link"
+    if relation == "is, through a symlink":
+        (root / "link").symlink_to(path)
+        return root / "link"
+    return root / "apart" / "run"
+
+
+class WorkStarted(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("kind", "relation"), OVERLAPS)
+def test_a_run_folder_overlapping_an_input_is_refused_before_anything_is_touched(
+    data, genuine_run, tmp_path, capsys, monkeypatch, kind, relation
+):
+    """F5/F9: `cp -r run1 run8; train --base_model run8 --out_dir run8 --overwrite` deleted the only copy
+    of the weights before loading them; --out_dir = --data_dir made the data dir unrecognisable."""
+    import ds_sft.train.distributed
+
+    def work(*args, **kwargs):
+        raise WorkStarted
+
+    monkeypatch.setattr(ds_sft.train.distributed, "init_distributed", work)
+    (tmp_path / "inputs").mkdir()
+    flag, path = _input(kind, tmp_path / "inputs", data, genuine_run)
+    out = _out_dir(relation, path, tmp_path)
+    argv = ["train", "--data_dir", str(data), "--out_dir", str(out), "--max_iters", "2"]
+    argv += [] if kind.startswith("--base_model") else ["--model", "tiny"]
+    argv += [] if flag == "--resume" else ["--overwrite"]  # the sharpest case: a run that deletes first
+    argv += [flag, str(path)]
+    before = snapshot(tmp_path)
+    if relation == "apart":
+        with pytest.raises(WorkStarted):
+            main(argv)
+        return
+    assert main(argv) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"--out_dir {out} " in line and f"{flag} {path}" in line and "apart from every input" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_the_runs_own_effective_config_may_be_passed_back(data, genuine_run, tmp_path, monkeypatch):
+    """The documented way to rerun a run's settings: --deepspeed_config RUN/effective_config.json."""
+    import ds_sft.train.distributed
+
+    def work(*args, **kwargs):
+        raise WorkStarted
+
+    monkeypatch.setattr(ds_sft.train.distributed, "init_distributed", work)
+    out = copy_run(genuine_run, tmp_path / "run")
+    argv = ["train", "--deepspeed_config", str(out / "effective_config.json"), "--resume"]
+    with pytest.raises(WorkStarted):
+        main(argv)
+
+
+# Paths of a folder ds-sft did not make: a user's own files, some named like a run's.
+USER_FILES = ["report.md", "loss.png", "lr.png", "effective_config.json", "metrics.jsonl", "notes.txt",
+              "final/thesis.tex", "final/model.safetensors", "checkpoints/best/model.pt",
+              "checkpoints/latest", "checkpoints/step_000001/notes", "src/main.py",
+              "wandb/run.log"]  # fmt: skip
+
+
+@given(files=st.sets(st.sampled_from(USER_FILES), min_size=1), extra=st.sampled_from(["", LOCK_FILE, "dir/"]))
+@pytest.mark.parametrize("mode", ["fresh", "--overwrite", "--resume"])
+def test_a_folder_that_is_not_a_ds_sft_run_is_never_claimed(one_rank, tmp_path_factory, mode, files, extra):
+    """F4/F6: a user's folder holding report.md, loss.png, lr.png, effective_config.json, notes.txt was
+    claimed and four of its files replaced; --overwrite deleted final/thesis.tex and checkpoints/best."""
+    out = tmp_path_factory.mktemp("user") / "mine"
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        if not (out / name).is_dir():
+            (out / name).write_text(f"the user's {name}")
+    if extra:
+        (out / extra).mkdir(exist_ok=True) if extra.endswith("/") else (out / extra).write_text("{}")
+    before = snapshot(out)
+    with pytest.raises(UserError) as refused:
+        claim_run_dir(out, "auto" if mode == "--resume" else None, mode == "--overwrite")
+    message = str(refused.value)
+    assert (
+        "\n" not in message and "not a ds-sft run folder" in message and "new or empty --out_dir" in message
+    )
+    assert snapshot(out) == before
+
+
+# What may be added to a finished run's folder: (path, how), and whether --overwrite must then refuse
+# (it would delete or write through what the run did not write) or keep it and go on.
+ADDITIONS = {
+    "notes.txt": ("file", "kept"),
+    "eval/eval.json": ("file", "kept"),
+    "checkpoints/step_000002_universal/x.pt": ("file", "kept"),
+    "checkpoints/README": ("file", "kept"),
+    "final/thesis.tex": ("file", "refused"),
+    "checkpoints/step_000002/notes.txt": ("file", "refused"),
+    "checkpoints/.partial/step_000003/x.pt": ("file", "removed"),  # a save cut short: ds-sft's
+    "checkpoints/best": ("folder", "refused"),
+    "report.md": ("folder", "refused"),
+    "metrics.jsonl": ("symlink", "refused"),
+    "final/model.safetensors": ("symlink", "refused"),
+    "checkpoints/latest": ("symlink", "refused"),
+    "checkpoints/step_000001": ("symlink", "refused"),
+    "checkpoints/.partial/evil": ("symlink", "refused"),
+    "checkpoints": ("symlink", "refused"),
+    "final": ("symlink", "refused"),
+}
+
+
+def _add(out: Path, victim: Path, name: str, how: str) -> None:
+    path = out / name
+    if os.path.lexists(path):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if how == "file":
+        path.write_text(f"the user's {name}")
+    elif how == "folder":
+        (path / "mine").mkdir(parents=True)
+        (path / "mine" / "data").write_text("the user's")
+    else:  # to the victim's copy of what was there, so a run would read and write through it
+        path.symlink_to(victim / name.replace("/", "_"))
+
+
+def additions(*outcomes: str):
+    """Sets of the additions that lead to one of ``outcomes``."""
+    return st.sets(st.sampled_from(sorted(name for name, (_, then) in ADDITIONS.items() if then in outcomes)))
+
+
+@given(harmless=additions("kept", "removed"), blocking=st.one_of(st.just(set()), additions("refused")))
+def test_overwrite_removes_only_what_the_run_wrote(
+    one_rank, genuine_run, tmp_path_factory, harmless, blocking
+):
+    """F6: whatever is added to a finished run, --overwrite deletes nothing but the run's own files,
+    never through a symlink, and refuses when what it would remove holds anything else."""
+    added = harmless | blocking
+    root = tmp_path_factory.mktemp("overwrite")
+    out = copy_run(genuine_run, root / "run")
+    victim = root / "victim"
+    victim.mkdir()
+    for name in sorted(added):
+        if ADDITIONS[name][0] == "symlink":
+            source = genuine_run / name
+            target = victim / name.replace("/", "_")
+            if source.is_dir():
+                shutil.copytree(source, target)
+            elif source.exists():
+                shutil.copy(source, target)
+            else:
+                target.mkdir()
+    for name in sorted(added, key=lambda n: -n.count("/")):  # a folder's symlink last
+        _add(out, victim, name, ADDITIONS[name][0])
+    before, victim_before = snapshot(out), snapshot(victim)
+    refused = any(ADDITIONS[name][1] == "refused" for name in added)
+    event("refused" if refused else "replaced")  # both outcomes are drawn (--hypothesis-show-statistics)
+    if refused:
+        with pytest.raises(UserError) as err:
+            claim_run_dir(out, None, overwrite=True)
+        assert "\n" not in str(err.value) and "--out_dir" in str(err.value)
+        assert snapshot(out) == before and snapshot(victim) == victim_before
+        return
+    claim_run_dir(out, None, overwrite=True).release()
+    after = snapshot(out)
+    assert snapshot(victim) == victim_before
+    kept = [name for name in added if ADDITIONS[name][1] == "kept"]
+    assert all(after[name] == before[name] for name in kept)
+    # of the old run's files nothing is left: only the kept additions (and the folders holding them)
+    kept_paths = {"/".join(name.split("/")[:i]) for name in kept for i in range(1, name.count("/") + 2)}
+    assert {name for name in after if is_old_run(name)} == {name for name in kept_paths if is_old_run(name)}
+
+
+def is_old_run(name: str) -> bool:
+    """Whether a path of the run folder is (or is inside) one that a finished run leaves."""
+    top = name.split("/")[0]
+    return top in ("final", "checkpoints", "metrics.jsonl", "report.md") or top.endswith(".png")
+
+
+# A run folder's states, and what --resume (alone, or naming a tag here or elsewhere) may do there.
+STATES = ["missing", "fresh run folder", "checkpoints intact", "finished, checkpoints deleted",
+          "stopped before its first checkpoint", "checkpoints copied into a new folder"]  # fmt: skip
+RESUMES = ["alone", "a tag of this folder", "a tag of another folder"]
+CONTINUES = {  # (state, resume) -> may it go on (a fresh start where there is nothing to continue)
+    ("missing", "alone"): True,
+    ("missing", "a tag of another folder"): True,
+    ("fresh run folder", "alone"): True,
+    ("fresh run folder", "a tag of another folder"): True,
+    ("checkpoints intact", "alone"): True,
+    ("checkpoints intact", "a tag of this folder"): True,
+    ("checkpoints intact", "a tag of another folder"): False,  # would mix two runs' checkpoints
+    ("finished, checkpoints deleted", "alone"): False,  # would restart from step 0 over final/ and metrics
+    ("finished, checkpoints deleted", "a tag of another folder"): False,
+    ("stopped before its first checkpoint", "alone"): False,
+    ("stopped before its first checkpoint", "a tag of another folder"): False,
+    ("checkpoints copied into a new folder", "alone"): True,
+    ("checkpoints copied into a new folder", "a tag of this folder"): True,
+    ("checkpoints copied into a new folder", "a tag of another folder"): False,
+}
+
+
+def _state(genuine_run: Path, out: Path, state: str) -> None:
+    if state == "missing":
+        return
+    if state == "checkpoints copied into a new folder":
+        shutil.copytree(genuine_run / "checkpoints", out / "checkpoints")
+        return
+    copy_run(genuine_run, out)
+    if state == "fresh run folder":
+        for name in (
+            "final",
+            "checkpoints",
+            "metrics.jsonl",
+            "report.md",
+            *(p.name for p in out.glob("*.png")),
+        ):
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    elif state == "finished, checkpoints deleted":
+        shutil.rmtree(out / "checkpoints")
+    elif state == "stopped before its first checkpoint":
+        shutil.rmtree(out / "checkpoints")
+        shutil.rmtree(out / "final")
+
+
+@pytest.mark.parametrize(("state", "resume"), sorted(CONTINUES))
+def test_resume_continues_a_run_or_starts_a_fresh_folder_and_refuses_the_rest(
+    one_rank, genuine_run, tmp_path, state, resume
+):
+    """F12: --resume on a finished run whose checkpoints/ was deleted restarted at step 0, rewrote
+    final/ and appended duplicate steps to its metrics.jsonl."""
+    out = tmp_path / "run"
+    _state(genuine_run, out, state)
+    tag = sorted((genuine_run / "checkpoints").glob("step_*"))[0].name
+    other = copy_run(genuine_run, tmp_path / "other")
+    spec = {"alone": "auto", "a tag of this folder": str(out / "checkpoints" / tag),
+            "a tag of another folder": str(other / "checkpoints" / tag)}[resume]  # fmt: skip
+    before = snapshot(tmp_path)
+    if CONTINUES[(state, resume)]:
+        claim_run_dir(out, spec, overwrite=False).release()
+        after = snapshot(tmp_path)
+        assert {k: v for k, v in after.items() if k in before} == before  # nothing changed, a marker added
+        return
+    with pytest.raises(UserError) as refused:
+        claim_run_dir(out, spec, overwrite=False)
+    message = str(refused.value)
+    assert "\n" not in message and "holds a training run" in message and "--out_dir" in message
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.multiproc
+def test_resume_of_a_finished_run_without_checkpoints_is_refused_end_to_end(
+    data, genuine_run, tmp_path, ds_env
+):
+    out = copy_run(genuine_run, tmp_path / "run")
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    done = run(train_flags(data, out, 4, "--resume"), ds_env)
+    (line,) = error_lines(done.stderr)
+    assert done.returncode == 2 and "no checkpoint to continue it from" in line and "--overwrite" in line
+    assert snapshot(out) == before
