@@ -26,13 +26,13 @@ import copy
 import difflib
 import json
 import math
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
 from ds_sft.errors import UserError
 from ds_sft.options import INT32_MAX, INT64_MAX, Bool, Choice, Float, Int, Names, OutOfDomain, Pair, Text
 from ds_sft.train.compatibility import IDENTITY_KEYS
+from ds_sft.train.distributed import launch_environment
 
 # Every `ds-sft train` setting: (built-in default, domain). The defaults are the seed recipe: AdamW 7e-5
 # betas 0.9/0.95, wd 0.05 on linear weights, clip 1.0, warmup 10, cosine to 1e-5, micro-batch 16 and
@@ -598,7 +598,7 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
     ds_config, settings, notes = layer(args, ds_json, source)
     notes.insert(0, f"DeepSpeed config: {path}")
     validate(ds_config, settings, source)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_environment()[1]
     batch_from_cli = args.grad_accum is not None or args.micro_batch_size is not None
     notes.append(rows_per_step(ds_config, settings, world, batch_from_cli))
     check_inputs(settings)
