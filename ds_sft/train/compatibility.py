@@ -43,6 +43,7 @@ HOW_TO_RESUME = {
     "seq_len": "pass the --data_dir the run was started with",
     "tokenizer": "pass data prepared with the run's tokenizer",
     "model": "pass the --model or --base_model the run was started with",
+    "base_weights": "pass the --base_model the run was started with",
 }
 
 # The keys of run_identity, in its order: what --allow_change accepts.
@@ -70,8 +71,30 @@ def check_fresh(s, model, train_set) -> None:
         check_tokenizer(s.base_model, s.data_dir)
 
 
+def weights_fingerprint(model) -> str:
+    """A digest of the weights a run starts from: names, shapes and a strided sample of each tensor
+    (about 4096 values). The checkpoint's weights replace them on resume, but the run is the
+    fine-tune of its base model: another base of the same shape (a fine-tune of it, another seed)
+    would be recorded as the run's base without a word. A sample, not every byte: any two trained
+    models differ throughout, and hashing a large model on every start would cost seconds."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            flat = weight.detach().flatten()
+            # rounded to bf16: the same digest for the weights in fp32 or cast to bf16
+            sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.bfloat16).float()
+            digest.update(f"{name}{tuple(weight.shape)}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def run_identity(s, model, train_set, world_size: int) -> dict:
-    """What a checkpoint records about the run that wrote it (compared on resume)."""
+    """What a checkpoint records about the run that wrote it (compared on resume). ``base_weights``:
+    :func:`weights_fingerprint` of a --base_model (a preset's random init is not compared)."""
     manifest = getattr(train_set, "manifest", {})
     config = {k: v for k, v in model.config.architecture().items() if k not in NOT_COMPARED_FIELDS}
     return {
@@ -85,6 +108,7 @@ def run_identity(s, model, train_set, world_size: int) -> dict:
         "seq_len": train_set.seq_len,
         "tokenizer": data_tokenizer_identity(str(s.data_dir)) if s.data_dir is not None else None,
         "model": config,
+        "base_weights": weights_fingerprint(model) if s.base_model is not None else None,
     }
 
 

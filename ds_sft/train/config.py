@@ -535,6 +535,11 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
     check_keys('"optimizer"', ds_config.get("optimizer", {}), KNOWN_OPTIMIZER_KEYS)
     check_optimizer_params(ds_config.get("optimizer", {}).get("params", {}))
     check_ds_numbers(ds_config, source)
+    if get_path(ds_config, ("checkpoint", "load_universal")):
+        raise UserError(
+            'remove "checkpoint.load_universal" from the DeepSpeed config: ds-sft loads a checkpoint saved '
+            "on another number of ranks through a universal one of its own making, when it needs one"
+        )
     if "scheduler" in ds_config:
         raise UserError(
             'remove "scheduler" from the DeepSpeed config: ds-sft owns the lr schedule '

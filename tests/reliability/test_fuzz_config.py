@@ -219,6 +219,9 @@ CONTRADICTIONS = {
     "unknown ZeRO key": ({"zero_optimization": {"stage": 2, "overlap_com": True}}, [], ["overlap_com"]),
     "unknown optimizer key": ({"optimizer": {"type": "AdamW", "param": {}}}, [], ["param"]),
     "unknown ds_sft flag": ({"ds_sft": {"max_iter": 5}}, [], ["max_iter"]),
+    # ds-sft converts a checkpoint to DeepSpeed's universal format itself, on a new world size; asked
+    # for in the JSON, DeepSpeed looked for a universal checkpoint that was never made (AssertionError)
+    "load_universal": ({"checkpoint": {"load_universal": True}}, [], ["checkpoint.load_universal"]),
     "train_batch_size disagrees": ({"train_batch_size": 7}, [], ["train_batch_size"]),
     "fp16 and bf16": ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, [], ["fp16"]),
     "a DeepSpeed scheduler": ({"scheduler": {"type": "WarmupLR"}}, [], ["scheduler"]),

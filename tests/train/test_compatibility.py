@@ -50,7 +50,18 @@ def parts(tmp_path_factory):
         bare_one_layer=tiny_model_dir(root / "bare_one_layer", n_layers=1),
         bare_theta=tiny_model_dir(root / "bare_theta", rope_theta=5e5),  # the same weights' shapes
         short=tiny_model_dir(root / "short", a, max_seq_len=32),
+        bare_other_weights=other_weights(root / "bare", root / "bare_other_weights"),
     )
+
+
+def other_weights(model_dir, out):
+    """A copy of ``model_dir`` with other weights of the same shapes (a fine-tune of it, say)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = load_file(str(out / "model.safetensors"))
+    save_file({name: tensor * 1.5 for name, tensor in weights.items()}, str(out / "model.safetensors"))
+    return out
 
 
 def train(data, base, out, *extra: str, max_iters: int = 2) -> int:
@@ -113,11 +124,12 @@ def changes(parts) -> dict[str, tuple[list[str], dict]]:
         "seq_len": ([], {"data": parts.data_a_128}),
         "tokenizer": ([], {"data": parts.data_b}),
         "model": ([], {"base": parts.bare_one_layer}),
+        "base_weights": ([], {"base": parts.bare_other_weights}),
     }
 
 
 CELLS = ["seed", "zero_stage to 0", "zero_stage to 3", "precision", "fp8"]
-CELLS += ["global_batch", "data", "seq_len", "tokenizer", "model"]
+CELLS += ["global_batch", "data", "seq_len", "tokenizer", "model", "base_weights"]
 CELLS = [cell for cell in CELLS if cell.split(" to ")[0] not in compatibility.RESUMABLE]
 
 
@@ -201,6 +213,7 @@ ALLOWED = {
     "tokenizer": {"tokenizer", "data"},
     "model": {"model"},
     "fp8": {"fp8"},
+    "base_weights": {"base_weights"},
 }
 
 
@@ -253,7 +266,8 @@ def test_allow_change_cannot_load_weights_of_another_shape(parts, saved_run, tmp
     run = tmp_path / "run"
     shutil.copytree(saved_run, run)
     capsys.readouterr()
-    assert train(parts.data_a, parts.bare_one_layer, run, "--resume", "--allow_change", "model") == 2
+    allow = ["--allow_change", "model,base_weights"]  # another shape: other weights too
+    assert train(parts.data_a, parts.bare_one_layer, run, "--resume", *allow) == 2
     line = one_line_error(capsys)
     assert "--allow_change model: the weights of" in line and "layers.1." in line and "absent now" in line
     assert (run / "checkpoints" / "latest").read_text() == "step_000002"
@@ -467,3 +481,14 @@ def test_recorded_optimizer_changes_are_checked_like_the_others(change, fine):
     else:
         with pytest.raises(UserError, match="malformed changes"):
             compatibility.recorded_changes(state, "CKPT")
+
+
+def test_the_base_weights_fingerprint_sees_the_weights_not_their_precision():
+    model = tiny_model()
+    same = compatibility.weights_fingerprint(model)
+    assert compatibility.weights_fingerprint(tiny_model()) == same  # the same seed: the same weights
+    with torch.no_grad():
+        as_bf16 = tiny_model().to(torch.bfloat16)
+        assert compatibility.weights_fingerprint(as_bf16) == same
+        model.layers[0].attn.q_proj.weight[0, 0] += 1.0  # the first value of a tensor is in the sample
+    assert compatibility.weights_fingerprint(model) != same
