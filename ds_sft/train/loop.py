@@ -292,6 +292,10 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
         state_transfer.write_state(engine, carried)
         checkpointing.set_rng_state(rng)
         say(f"resuming {state_transfer.describe(changed)}")
+        recorded = saved.get("optimizer")  # the settings the checkpoint trained with (older ones: none)
+        if isinstance(recorded, dict):
+            requested = compatibility.optimizer_settings(optimizer_groups(engine))
+            changes += compatibility.optimizer_changes(tag_dir, recorded, requested)
     elif tag_dir is not None:
         requested = compatibility.optimizer_settings(optimizer_groups(engine))
         state = checkpointing.load(engine, tag_dir, universal=universal)
@@ -511,6 +515,8 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             "world_size": world,
             "zero_stage": engine.zero_optimization_stage(),
             "run": identity,
+            # what a resume compares when it carries the state into an engine of another kind
+            "optimizer": compatibility.optimizer_settings(optimizer_groups(engine)),
         }
         tag = checkpointing.save(engine, ckpt_dir, done, trainer_state, s.keep_last)
         say(f"saved checkpoint {ckpt_dir / tag}")

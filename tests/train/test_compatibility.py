@@ -432,6 +432,24 @@ def test_a_resume_trains_with_this_runs_optimizer_settings_and_records_them(
         assert record == {"type": "change", **change, "message": record["message"]}
 
 
+def test_a_resume_into_another_zero_stage_records_the_optimizer_change_too(
+    parts, saved_runs, tmp_path, monkeypatch, dist_env
+):
+    """The state carried into an engine of another kind (state_transfer) is compared with the settings
+    the checkpoint recorded in its trainer state."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_runs(2), run)
+    seen = capture_engine(monkeypatch)
+    flags = ["--resume", "--zero_stage", "0", "--weight_decay", "0.5"]
+    assert train(parts.data_a, parts.bare, run, *flags, max_iters=3) == 0
+    inner = seen["engine"].optimizer
+    assert [g["weight_decay"] for g in getattr(inner, "optimizer", inner).param_groups] == [0.5, 0.0]
+    state = json.loads((run / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert {(c["key"], c["how"]) for c in state["changes"]} == {("zero_stage", "resumable"),
+                                                                ("weight_decay", "optimizer")}  # fmt: skip
+    assert state["optimizer"]["weight_decay"] == [0.5, 0.0]
+
+
 def test_a_resumed_step_decays_by_this_runs_weight_decay(parts, saved_runs, tmp_path, dist_env):
     """The reference: AdamW's decoupled decay. Two resumes of the same checkpoint, weight decay 0.05
     (the saved run's) and 5, see the same gradients at step 3; torch's AdamW makes
