@@ -171,7 +171,8 @@ def train_run(run_dir: Path) -> dict | None:
     train = [r for r in records if r.get("type") == "train"]
     if not train:
         return None
-    settings = json.loads(config_file.read_text()).get("ds_sft", {})
+    effective = json.loads(config_file.read_text())
+    settings = {**effective.get("ds_sft", {}), **effective.get("run", {})}  # "run": the path flags
     seq_len = json.loads((Path(settings["data_dir"]) / "train" / "index.json").read_text())["seq_len"]
     config = ModelConfig.preset(settings.get("model") or "112m")
     losses = [r["loss"] for r in train]

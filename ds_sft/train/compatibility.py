@@ -10,8 +10,9 @@ computes (seed, ZeRO stage, precision, fp8, micro-batch, global batch, data, tok
 order, or within a stated tolerance where the arithmetic itself changes); a key the user names with
 ``--allow_change`` may change and the run goes on from the same step and the same position of the
 data stream, but it is another run from there on; any other difference is refused in one line
-naming the saved and the new value. Every change let through is printed and kept in the trainer
-state, ``metrics.jsonl`` and the report: nothing silent.
+naming the saved and the new value. The optimizer's settings (weight decay, betas, eps) are this
+run's, applied over the checkpoint's (:data:`OPTIMIZER_KEYS`). Every change let through is printed and
+kept in the trainer state, ``metrics.jsonl`` and the report: nothing silent.
 
 World size is not a key: at the same global batch it resumes exactly (the sampler's cursor counts
 global samples, and ``checkpointing.needs_universal`` re-partitions the optimizer), so ``grad_accum``
@@ -42,10 +43,20 @@ HOW_TO_RESUME = {
     "seq_len": "pass the --data_dir the run was started with",
     "tokenizer": "pass data prepared with the run's tokenizer",
     "model": "pass the --model or --base_model the run was started with",
+    "base_weights": "pass the --base_model the run was started with",
 }
 
 # The keys of run_identity, in its order: what --allow_change accepts.
 IDENTITY_KEYS = tuple(HOW_TO_RESUME)
+
+# AdamW's settings per parameter group that this run's flags and JSON decide (--weight_decay, the
+# JSON's betas and eps). A resume trains with this run's: DeepSpeed's load_checkpoint puts the saved
+# param_groups back over the ones the engine was built with, so the loop puts these back after it
+# (:func:`optimizer_changes`) and records each change like an allowed one. The moments carry over as
+# they are. The lr is not among them: the schedule sets it before every step.
+OPTIMIZER_KEYS = ("weight_decay", "betas", "eps")
+# Settings whose change AdamW's saved state cannot follow (amsgrad keeps a third moment): refused.
+FIXED_OPTIMIZER_KEYS = ("amsgrad", "maximize")
 
 # The init does not change what a resumed step computes (a checkpoint's weights replace it); the run
 # settings (kernels, activation checkpointing) are not part of the model's architecture at all.
@@ -60,8 +71,30 @@ def check_fresh(s, model, train_set) -> None:
         check_tokenizer(s.base_model, s.data_dir)
 
 
+def weights_fingerprint(model) -> str:
+    """A digest of the weights a run starts from: names, shapes and a strided sample of each tensor
+    (about 4096 values). The checkpoint's weights replace them on resume, but the run is the
+    fine-tune of its base model: another base of the same shape (a fine-tune of it, another seed)
+    would be recorded as the run's base without a word. A sample, not every byte: any two trained
+    models differ throughout, and hashing a large model on every start would cost seconds."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            flat = weight.detach().flatten()
+            # rounded to bf16: the same digest for the weights in fp32 or cast to bf16
+            sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.bfloat16).float()
+            digest.update(f"{name}{tuple(weight.shape)}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def run_identity(s, model, train_set, world_size: int) -> dict:
-    """What a checkpoint records about the run that wrote it (compared on resume)."""
+    """What a checkpoint records about the run that wrote it (compared on resume). ``base_weights``:
+    :func:`weights_fingerprint` of a --base_model (a preset's random init is not compared)."""
     manifest = getattr(train_set, "manifest", {})
     config = {k: v for k, v in model.config.architecture().items() if k not in NOT_COMPARED_FIELDS}
     return {
@@ -75,6 +108,7 @@ def run_identity(s, model, train_set, world_size: int) -> dict:
         "seq_len": train_set.seq_len,
         "tokenizer": data_tokenizer_identity(str(s.data_dir)) if s.data_dir is not None else None,
         "model": config,
+        "base_weights": weights_fingerprint(model) if s.base_model is not None else None,
     }
 
 
@@ -158,10 +192,47 @@ def check_same_weights(tag_dir, saved_config: dict, model) -> None:
         )
 
 
+def optimizer_settings(param_groups) -> dict:
+    """{key: [its value in each parameter group]} for :data:`OPTIMIZER_KEYS` and
+    :data:`FIXED_OPTIMIZER_KEYS`, as JSON holds them (betas as a list)."""
+    keys = (*OPTIMIZER_KEYS, *FIXED_OPTIMIZER_KEYS)
+    return {
+        key: [list(group[key]) if isinstance(group[key], tuple) else group[key] for group in param_groups]
+        for key in keys
+        if all(key in group for group in param_groups)
+    }
+
+
+def apply_optimizer_settings(param_groups, settings: dict) -> None:
+    """Write :func:`optimizer_settings`' values of :data:`OPTIMIZER_KEYS` into ``param_groups``."""
+    for key in OPTIMIZER_KEYS:
+        for group, value in zip(param_groups, settings[key], strict=True):
+            group[key] = tuple(value) if isinstance(value, list) else value
+
+
+def optimizer_changes(tag_dir, saved: dict, now: dict) -> list[dict]:
+    """The optimizer settings this resume changes (``how`` "optimizer": this run's apply), as
+    :func:`check_resume`'s changes; one line for a setting AdamW's saved state cannot follow."""
+    for key in FIXED_OPTIMIZER_KEYS:
+        if saved.get(key) != now.get(key):
+            raise UserError(
+                f"--resume {tag_dir}: the optimizer's {key} was {saved.get(key)} and is {now.get(key)} now; "
+                f"AdamW's saved state cannot follow that change: keep {key} as it was, or start a new run "
+                "with another --out_dir"
+            )
+    return [
+        {"key": key, "saved": saved[key], "now": now[key], "how": "optimizer"}
+        for key in OPTIMIZER_KEYS
+        if key in saved and saved[key] != now[key]
+    ]
+
+
 def describe(change: dict) -> str:
     """The line printed at resume (and kept in the report) for one change let through."""
     if change["how"] == "resumable":
         why = "resumable: the checkpoint's state carries over, no flag needed"
+    elif change["how"] == "optimizer":
+        why = "this run's optimizer setting, per parameter group; the moments carry over"
     else:
         why = "allowed by --allow_change: the run goes on from the same step and data position, not exactly"
     return f"{show(change['key'], change['saved'], change['now'])} ({why})"
@@ -175,8 +246,9 @@ def recorded_changes(trainer_state: dict, tag_dir) -> list[dict]:
         isinstance(c, dict)
         and set(c) == {"step", "key", "saved", "now", "how"}
         and isinstance(c["step"], int)
-        and c["key"] in IDENTITY_KEYS
-        and c["how"] in ("resumable", "allowed")
+        and (c["key"], c["how"])
+        in {(key, "optimizer") for key in OPTIMIZER_KEYS}
+        | {(key, how) for key in IDENTITY_KEYS for how in ("resumable", "allowed")}
         for c in changes
     )
     if not fine:

@@ -26,13 +26,13 @@ import copy
 import difflib
 import json
 import math
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
 from ds_sft.errors import UserError
 from ds_sft.options import INT32_MAX, INT64_MAX, Bool, Choice, Float, Int, Names, OutOfDomain, Pair, Text
 from ds_sft.train.compatibility import IDENTITY_KEYS
+from ds_sft.train.distributed import launch_environment
 
 # Every `ds-sft train` setting: (built-in default, domain). The defaults are the seed recipe: AdamW 7e-5
 # betas 0.9/0.95, wd 0.05 on linear weights, clip 1.0, warmup 10, cosine to 1e-5, micro-batch 16 and
@@ -110,8 +110,48 @@ FLAG_TO_DS_KEY: dict[str, tuple[str, ...]] = {
     "precision": ("bf16", "enabled"),  # "bf16" <-> true
 }
 
-OWN_SECTIONS = ("ds_sft", "fp8")
+# "run" is where the run that wrote an effective_config.json read and wrote (its path flags): a record,
+# never applied when the file is passed back (see PATH_FLAGS).
+OWN_SECTIONS = ("ds_sft", "fp8", "run")
 SECTIONS = ("optimizer", "zero_optimization", "bf16", "fp16", *OWN_SECTIONS)  # must be JSON objects
+
+# The flags that name what a run reads and where it writes come from the command line only. A DeepSpeed
+# JSON is a recipe, shared between runs and people: one that chose the run folder or the resume point
+# would send a run into someone else's folder (or resume it from there) without a word on the command
+# line, so the "ds_sft" section refuses them.
+PATH_FLAGS = ("data_dir", "base_model", "out_dir", "resume")
+
+# DeepSpeed keys that name a place DeepSpeed itself writes (read from DeepSpeed 0.19.8's
+# monitor/config.py, profiling/config.py, autotuning/config.py, runtime/zero/offload_config.py and
+# runtime/data_pipeline/constants.py; comms_logger and dump_state only print, and nebula is refused by
+# DeepSpeed itself). They are refused, not redirected into the run folder: the run folder holds only
+# files ds-sft writes and knows, so --overwrite and resume account for every one, and rewriting a path
+# the recipe named would silently change what it asked for. ds-sft records what the monitors would
+# (metrics.jsonl, report.md, --wandb_project). NVMe offload's swap folder is emptied by DeepSpeed
+# (shutil.rmtree in runtime/swap_tensor), so it may not point anywhere at all.
+DS_WRITER_PATHS: dict[tuple[str, ...], str] = {
+    ("flops_profiler", "output_file"): "leave it out: the profile is printed to the log",
+    ("tensorboard", "output_path"): "ds-sft logs to metrics.jsonl and --wandb_project",
+    ("csv_monitor", "output_path"): "ds-sft logs to metrics.jsonl",
+    ("autotuning", "results_dir"): "ds-sft does not run DeepSpeed's autotuner",
+    ("autotuning", "exps_dir"): "ds-sft does not run DeepSpeed's autotuner",
+    ("autotuning", "metric_path"): "ds-sft does not run DeepSpeed's autotuner",
+    ("autotuning", "model_info_path"): "ds-sft does not run DeepSpeed's autotuner",
+    ("zero_optimization", "offload_optimizer", "nvme_path"): "DeepSpeed empties its swap folder there",
+    ("zero_optimization", "offload_param", "nvme_path"): "DeepSpeed empties its swap folder there",
+    ("data_efficiency", "data_sampling", "curriculum_learning", "data_cluster_path"): (
+        "ds-sft batches its own data; DeepSpeed's sampler is not used"
+    ),
+}
+# DeepSpeed writers that, enabled without a path, write into the working directory (wandb and comet
+# through their own clients).
+DS_WRITERS = {
+    "tensorboard": "ds-sft logs to metrics.jsonl and --wandb_project",
+    "csv_monitor": "ds-sft logs to metrics.jsonl",
+    "wandb": "use --wandb_project (ds-sft's own wandb run)",
+    "comet": "ds-sft logs to metrics.jsonl and --wandb_project",
+    "autotuning": "ds-sft does not run DeepSpeed's autotuner",
+}
 
 # DeepSpeed's top-level keys (deepspeed/runtime/constants.py and the config docs) that a run may set.
 KNOWN_DS_KEYS = {
@@ -222,9 +262,40 @@ def resolve_config_path(spec: str) -> Path:
     raise UserError(f"DeepSpeed config {spec!r} not found: pass an existing JSON file (see ds_configs/)")
 
 
+class KeyedTwice(dict):
+    """A JSON object that held ``key`` more than once (Python's reader would keep the last value)."""
+
+    def __init__(self, pairs, key):
+        super().__init__(pairs)
+        self.key = key
+
+
+def refuse_duplicates(pairs: list) -> dict:
+    """``object_pairs_hook`` of :func:`read_json`: mark an object with a repeated key. JSON allows the
+    repeat, and readers disagree on which value wins; a recipe that says two things says neither."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            return KeyedTwice(pairs, key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def find_duplicate(tree, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The full key path of the first repeated key in ``tree`` (the hook sees one object at a time)."""
+    if isinstance(tree, KeyedTwice):
+        return (*path, tree.key)
+    children = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in children:
+        found = find_duplicate(value, (*path, str(key)))
+        if found:
+            return found
+    return None
+
+
 def read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=refuse_duplicates)
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}): save it as UTF-8") from None
     except json.JSONDecodeError as err:
@@ -235,6 +306,9 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path} is nested too deeply to be a DeepSpeed config") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object at the top level")
+    repeated = find_duplicate(data)
+    if repeated:
+        raise UserError(f'{path} sets "{".".join(repeated)}" twice: keep one')
     return data
 
 
@@ -316,7 +390,15 @@ def layer(args, ds_json: dict, source: str) -> tuple[dict, dict, list[str]]:
     if not isinstance(own, dict):
         raise UserError('the "ds_sft" section of the DeepSpeed config must be a JSON object of flag: value')
     check_keys('the "ds_sft" section', own, set(DEFAULTS))
+    for flag in PATH_FLAGS:
+        if own.get(flag) is not None:  # null is unset, as for every setting
+            raise UserError(
+                f'remove "ds_sft.{flag}" from {source} and pass --{flag} on the command line: a shared '
+                "config does not choose what a run reads or where it writes"
+            )
     settings, notes = {}, []
+    if "run" in ds_json:
+        notes.append(f'note: the "run" section of {source} is a record of another run; not applied')
     for flag, default in DEFAULTS.items():
         from_cli = getattr(args, flag, None)
         if flag in FLAG_TO_DS_KEY:  # a DeepSpeed key; "ds_sft" may repeat it (effective_config.json does)
@@ -429,13 +511,35 @@ def check_ds_numbers(ds_config: dict, source: str) -> None:
     check_numbers(ds_config, source)
 
 
+def check_writers(ds_config: dict, source: str) -> None:
+    """No DeepSpeed key may make DeepSpeed write outside the run folder (:data:`DS_WRITER_PATHS`)."""
+    for path, instead in DS_WRITER_PATHS.items():
+        if get_path(ds_config, path) not in (None, ""):
+            raise UserError(
+                f'remove "{".".join(path)}" from {source}: DeepSpeed would write there, outside the run '
+                f"folder ({instead})"
+            )
+    for section, instead in DS_WRITERS.items():
+        if get_path(ds_config, (section, "enabled")):
+            raise UserError(
+                f'set "{section}.enabled" to false in {source}: DeepSpeed would write its files into the '
+                f"working directory, outside the run folder ({instead})"
+            )
+
+
 def validate(ds_config: dict, s: dict, source: str) -> None:
     """Every contradiction a run could trip over later, caught before anything heavy is loaded."""
     check_keys("the DeepSpeed config", ds_config, KNOWN_DS_KEYS)
+    check_writers(ds_config, source)
     check_keys('"zero_optimization"', ds_config.get("zero_optimization", {}), set(zero_fields()))
     check_keys('"optimizer"', ds_config.get("optimizer", {}), KNOWN_OPTIMIZER_KEYS)
     check_optimizer_params(ds_config.get("optimizer", {}).get("params", {}))
     check_ds_numbers(ds_config, source)
+    if get_path(ds_config, ("checkpoint", "load_universal")):
+        raise UserError(
+            'remove "checkpoint.load_universal" from the DeepSpeed config: ds-sft loads a checkpoint saved '
+            "on another number of ranks through a universal one of its own making, when it needs one"
+        )
     if "scheduler" in ds_config:
         raise UserError(
             'remove "scheduler" from the DeepSpeed config: ds-sft owns the lr schedule '
@@ -499,7 +603,7 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
     ds_config, settings, notes = layer(args, ds_json, source)
     notes.insert(0, f"DeepSpeed config: {path}")
     validate(ds_config, settings, source)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_environment()[1]
     batch_from_cli = args.grad_accum is not None or args.micro_batch_size is not None
     notes.append(rows_per_step(ds_config, settings, world, batch_from_cli))
     check_inputs(settings)
@@ -516,6 +620,8 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
 
 
 def effective_config(ds_config: dict, settings: SimpleNamespace) -> dict:
-    """What ``RUN/effective_config.json`` holds: the engine config plus ds-sft's own sections."""
-    own = {k: v for k, v in vars(settings).items() if k in DEFAULTS}
-    return {**ds_config, "ds_sft": own, "fp8": settings.fp8_recipe}
+    """What ``RUN/effective_config.json`` holds: the engine config plus ds-sft's own sections; the path
+    flags go to "run", a record that passing the file back does not apply (:data:`PATH_FLAGS`)."""
+    own = {k: v for k, v in vars(settings).items() if k in DEFAULTS and k not in PATH_FLAGS}
+    run = {k: getattr(settings, k) for k in PATH_FLAGS}
+    return {**ds_config, "ds_sft": own, "fp8": settings.fp8_recipe, "run": run}

@@ -62,6 +62,43 @@ def use_slurm_environment(environ=os.environ) -> bool:
     return True
 
 
+MAX_WORLD_SIZE = 2**20  # the most ranks a checkpoint's trainer state may record
+
+
+def launch_environment(environ=os.environ) -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as the launcher set them (unset: one rank, 0 / 1 / 0), or one line.
+
+    Checked before any group is formed: torch reads them with ``int()`` deep inside its rendezvous (a
+    traceback), and a rank outside the world (RANK=5 of 2, RANK=-1) joins a store where it waits for
+    ranks that never come, until the collective timeout."""
+    values = {}
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        text = environ.get(key, default)
+        if not re.fullmatch("-?[0-9]{1,18}", text):  # ASCII digits, as every launcher writes them
+            raise UserError(
+                f"{key}={text!r} is not an integer (ASCII digits, at most 18): the launcher sets it "
+                "(torchrun, the deepspeed launcher, srun); unset RANK, WORLD_SIZE and LOCAL_RANK for one rank"
+            )
+        values[key] = int(text)
+    rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if not 1 <= world <= MAX_WORLD_SIZE:
+        raise UserError(
+            f"WORLD_SIZE={world} is not a number of ranks (1 to {MAX_WORLD_SIZE}): launch with torchrun "
+            "--nproc_per_node N or the deepspeed launcher, or unset it for a one-rank run"
+        )
+    if not 0 <= rank < world:
+        raise UserError(
+            f"RANK={rank} is not a rank of WORLD_SIZE={world} (0 to {world - 1}): each process of a run "
+            "needs its own RANK below WORLD_SIZE; let torchrun or the deepspeed launcher set them"
+        )
+    if not 0 <= local < world:
+        raise UserError(
+            f"LOCAL_RANK={local} is not a rank on this node (0 to {world - 1} at WORLD_SIZE={world}): let "
+            "torchrun or the deepspeed launcher set it"
+        )
+    return rank, world, local
+
+
 def master_port(environ=os.environ) -> str:
     """The port of the store the ranks meet at (rank 0's, or their launcher's): MASTER_PORT, or for
     one rank alone ``"0"``, which lets its store bind a free port itself.
@@ -69,7 +106,7 @@ def master_port(environ=os.environ) -> str:
     Several ranks need MASTER_PORT from their launcher: a port each rank picked alone would differ
     (they would wait for each other until the timeout), and a fixed default (torch's 29500) could
     be taken by another job, whose store the other ranks would then join."""
-    world, port = int(environ["WORLD_SIZE"]), environ.get("MASTER_PORT")
+    world, port = launch_environment(environ)[1], environ.get("MASTER_PORT")
     if port is not None and not (re.fullmatch("[0-9]{1,5}", port) and int(port) < 2**16):
         raise UserError(f"MASTER_PORT={port!r} is not a port: set a number from 1 to 65535, or unset it")
     if world == 1:
@@ -98,7 +135,8 @@ def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
     use_slurm_environment()
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ["MASTER_PORT"] = master_port()  # before the imports: a launch mistake fails at once
+    launch_environment()  # before the imports and the group: a launch mistake fails at once
+    os.environ["MASTER_PORT"] = master_port()
 
     import deepspeed
     import torch
@@ -107,7 +145,7 @@ def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
     if torch.cuda.is_available():
         # before the group: NCCL's communicator and all_gather_object use the current device. Modulo
         # the visible count: Slurm's --gpus-per-task shows each task its one GPU as device 0.
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        torch.cuda.set_device(launch_environment()[2] % torch.cuda.device_count())
     if not dist.is_initialized():
         timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         if timeout:

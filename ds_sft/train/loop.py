@@ -255,6 +255,11 @@ def fresh_state() -> dict:
     }
 
 
+def optimizer_groups(engine) -> list[dict]:
+    """The param_groups of the torch optimizer that steps (inside DeepSpeed's ZeRO or bf16 wrapper)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
+
+
 def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, world: int, say):
     """Build the engine and, with ``--resume``, load the checkpoint into it and into ``sampler``.
 
@@ -283,12 +288,23 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
     if s.compile:
         engine.compile()
     say("parameter groups:\n" + format_group_table(group_table))
-    if carried is not None:
+    if carried is not None:  # an engine of this run's settings given the saved state: nothing to put back
         state_transfer.write_state(engine, carried)
         checkpointing.set_rng_state(rng)
         say(f"resuming {state_transfer.describe(changed)}")
+        recorded = saved.get("optimizer")  # the settings the checkpoint trained with (older ones: none)
+        if isinstance(recorded, dict):
+            requested = compatibility.optimizer_settings(optimizer_groups(engine))
+            changes += compatibility.optimizer_changes(tag_dir, recorded, requested)
     elif tag_dir is not None:
+        requested = compatibility.optimizer_settings(optimizer_groups(engine))
         state = checkpointing.load(engine, tag_dir, universal=universal)
+        # load_checkpoint put the saved param_groups (new dicts) over this run's: train with this run's
+        loaded = optimizer_groups(engine)
+        changes += compatibility.optimizer_changes(
+            tag_dir, compatibility.optimizer_settings(loaded), requested
+        )
+        compatibility.apply_optimizer_settings(loaded, requested)
     if tag_dir is not None:
         reseed = any(change["key"] == "seed" for change in changes)  # allowed: the new seed's order
         sampler.load_state_dict(state["sampler"], reseed=reseed)
@@ -499,6 +515,8 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             "world_size": world,
             "zero_stage": engine.zero_optimization_stage(),
             "run": identity,
+            # what a resume compares when it carries the state into an engine of another kind
+            "optimizer": compatibility.optimizer_settings(optimizer_groups(engine)),
         }
         tag = checkpointing.save(engine, ckpt_dir, done, trainer_state, s.keep_last)
         say(f"saved checkpoint {ckpt_dir / tag}")

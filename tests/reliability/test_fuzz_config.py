@@ -53,7 +53,7 @@ BASE = {
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.05, "torch_adam": True}},
     "zero_optimization": {"stage": 2},
     "bf16": {"enabled": False},
-    "ds_sft": {"max_iters": 20, "warmup_iters": 2, "min_lr": 1e-5, "out_dir": "runs/fuzz"},
+    "ds_sft": {"max_iters": 20, "warmup_iters": 2, "min_lr": 1e-5},
 }
 
 
@@ -118,7 +118,7 @@ ORACLE = {
     ("ds_sft", "keep_last"): (int_in(1, 10**6), ["keep_last"]),
     ("ds_sft", "max_nan_steps"): (int_in(1, INT32_MAX), ["max_nan_steps"]),
     ("ds_sft", "alarm_gap"): (lambda v: _number(v) and 0 <= v <= 1e6, ["alarm_gap"]),
-    ("ds_sft", "out_dir"): (lambda v: isinstance(v, str) and v.strip() != "", ["out_dir"]),
+    ("ds_sft", "out_dir"): (lambda v: False, ["out_dir"]),  # a path: flags only
     ("ds_sft", "fp8"): (lambda v: v in ("off", "auto", "torch", "te"), ["fp8"]),
     ("ds_sft", "kernels"): (lambda v: v in ("auto", "triton", "torch", "eager"), ["kernels"]),
     ("ds_sft", "compile"): (lambda v: isinstance(v, bool), ["compile"]),
@@ -219,6 +219,9 @@ CONTRADICTIONS = {
     "unknown ZeRO key": ({"zero_optimization": {"stage": 2, "overlap_com": True}}, [], ["overlap_com"]),
     "unknown optimizer key": ({"optimizer": {"type": "AdamW", "param": {}}}, [], ["param"]),
     "unknown ds_sft flag": ({"ds_sft": {"max_iter": 5}}, [], ["max_iter"]),
+    # ds-sft converts a checkpoint to DeepSpeed's universal format itself, on a new world size; asked
+    # for in the JSON, DeepSpeed looked for a universal checkpoint that was never made (AssertionError)
+    "load_universal": ({"checkpoint": {"load_universal": True}}, [], ["checkpoint.load_universal"]),
     "train_batch_size disagrees": ({"train_batch_size": 7}, [], ["train_batch_size"]),
     "fp16 and bf16": ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, [], ["fp16"]),
     "a DeepSpeed scheduler": ({"scheduler": {"type": "WarmupLR"}}, [], ["scheduler"]),
@@ -488,3 +491,151 @@ def test_a_flag_and_its_json_key_get_the_same_check_and_words(capsys, tmp_path, 
     assert by_flag[0] == by_json[0] == 2, (by_flag, by_json)
     rule = by_flag[1][0].split(f"argument {flag}: ")[1].split(", got")[0]  # the value prints as typed
     assert rule in by_json[1][0], (by_flag, by_json)
+
+
+# Every DeepSpeed 0.19.8 key that names a place DeepSpeed writes (read from its config code:
+# profiling/config.py, monitor/config.py, autotuning/config.py, runtime/zero/offload_config.py,
+# runtime/data_pipeline/data_sampling/data_sampler.py). A recipe may not make DeepSpeed write outside
+# the run folder: the flops profiler's output_file overwrote any file the user could write.
+DS_WRITER_KEYS = [
+    ("flops_profiler", "output_file"),
+    ("tensorboard", "output_path"),
+    ("csv_monitor", "output_path"),
+    ("autotuning", "results_dir"),
+    ("autotuning", "exps_dir"),
+    ("autotuning", "metric_path"),
+    ("autotuning", "model_info_path"),
+    ("zero_optimization", "offload_optimizer", "nvme_path"),
+    ("zero_optimization", "offload_param", "nvme_path"),
+    ("data_efficiency", "data_sampling", "curriculum_learning", "data_cluster_path"),
+]
+# paths DeepSpeed only reads (the outputs of its offline data analyzer)
+DS_READ_KEYS = {"index_to_metric_path", "index_to_sample_path", "metrics_path", "data_cluster_paths"}
+# monitors that write into the working directory when enabled without a path
+DS_WRITERS = ["tensorboard", "csv_monitor", "wandb", "comet", "autotuning"]
+
+
+def nested(path: tuple[str, ...], value) -> dict:
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+def merged(base: dict, extra: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
+
+
+@pytest.mark.parametrize("path", DS_WRITER_KEYS, ids=".".join)
+@pytest.mark.parametrize("target", ["victim.txt", "/tmp/ds-sft-victim/x", "."])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_deepspeed_key_that_writes_a_path_is_refused(capsys, tmp_path, path, target, enabled):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    value = str(tmp_path / target) if target == "victim.txt" else target
+    config = merged(BASE, nested(path, value))
+    if path[0] != "zero_optimization":
+        config = merged(config, {path[0]: {"enabled": enabled}})
+    code, lines = run_train(capsys, tmp_path, config)
+    assert_refused(code, lines, [".".join(path)], path)
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("section", DS_WRITERS)
+@pytest.mark.parametrize("enabled", [True, False])
+def test_an_enabled_deepspeed_monitor_is_refused(capsys, tmp_path, section, enabled):
+    code, lines = run_train(capsys, tmp_path, merged(BASE, {section: {"enabled": enabled}}))
+    if enabled:
+        assert_refused(code, lines, [f"{section}.enabled"], section)
+    else:  # disabled, it writes nothing: the run goes on to the missing data dir
+        assert_refused(code, lines, ["data_dir"], section)
+
+
+def test_every_path_valued_deepspeed_key_is_refused_or_only_read():
+    """DeepSpeed's own declarations of path keys (constants named *_PATH/*_DIR/*_FILE, pydantic fields
+    named *_path/*_file/*_dir): each is in the refused list above or is read-only. A DeepSpeed upgrade
+    that adds a writer fails here until it is looked at."""
+    import re
+    from pathlib import Path
+
+    import deepspeed
+    from deepspeed.monitor import config as monitor
+    from deepspeed.runtime.zero import offload_config
+
+    root = Path(deepspeed.__file__).parent
+    names = set()
+    for constants in root.rglob("constants.py"):
+        declared = r"^[A-Z_]+_(?:PATHS?|DIR|FILE)\s*=\s*['\"](\w+)['\"]"
+        names |= set(re.findall(declared, constants.read_text(), re.M))
+    for module in (monitor, offload_config):
+        for model in vars(module).values():
+            for field in getattr(model, "model_fields", {}):
+                if re.search(r"_(path|file|dir)$", field):
+                    names.add(field)
+    assert "output_file" in names and "nvme_path" in names  # the scan sees the known ones
+    refused = {path[-1] for path in DS_WRITER_KEYS}
+    assert names - refused - DS_READ_KEYS == set()
+
+
+@pytest.mark.parametrize("flag", ["out_dir", "resume", "data_dir", "base_model"])
+@pytest.mark.parametrize("value", ["/tmp/someone-else", "auto", "runs/x"])
+def test_the_json_does_not_choose_what_a_run_reads_or_where_it_writes(capsys, tmp_path, flag, value):
+    code, lines = run_train(capsys, tmp_path, merged(BASE, {"ds_sft": {flag: value}}))
+    assert_refused(code, lines, [flag], flag)
+    assert f'"ds_sft.{flag}"' in lines[0] and f"--{flag}" in lines[0]
+
+
+DUPLICATES = {
+    "top level": ('{"gradient_clipping": 1.0, "gradient_clipping": 0}', "gradient_clipping"),
+    "optimizer params": (
+        '{"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.05, "weight_decay": 3.0}}}',
+        "optimizer.params.weight_decay",
+    ),
+    "ds_sft": ('{"ds_sft": {"learning_rate": 1e-4, "learning_rate": 5.0}}', "ds_sft.learning_rate"),
+    "in a list": ('{"x": [{"a": 1}, {"b": 1, "b": 1}]}', "x.1.b"),
+    "same value": ('{"zero_optimization": {"stage": 2, "stage": 2}}', "zero_optimization.stage"),
+    "three times": ('{"bf16": {"enabled": false, "enabled": true, "enabled": false}}', "bf16.enabled"),
+}
+
+
+@pytest.mark.parametrize("case", DUPLICATES)
+def test_a_key_given_twice_is_refused_naming_it(capsys, tmp_path, case):
+    text, name = DUPLICATES[case]
+    code, lines = run_train(capsys, tmp_path, text.encode())
+    assert_refused(code, lines, [f'"{name}" twice'], case)
+
+
+KEYS = st.sampled_from(["a", "b", "ds_sft", "bf16"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.lists(KEYS, min_size=1, max_size=4), value=json_values)
+def test_a_repeated_key_at_any_depth_is_refused(capsys, tmp_path, path, value):
+    inner = json.dumps(value)
+    text = f'{{"{path[-1]}": {inner}, "{path[-1]}": {inner}}}'
+    for key in reversed(path[:-1]):
+        text = f'{{"{key}": {text}}}'
+    code, lines = run_train(capsys, tmp_path, text.encode())
+    assert_refused(code, lines, [f'"{".".join(path)}" twice'], path)
+
+
+def test_effective_config_records_the_paths_and_passes_back_without_them(capsys, tmp_path):
+    """RUN/effective_config.json keeps the path flags in "run" (a record), so the file still works as
+    another run's --deepspeed_config and does not send that run into the first run's folder."""
+    from types import SimpleNamespace
+
+    from ds_sft.train.config import DEFAULTS, effective_config
+
+    own = {"micro_batch_size": 2, "grad_accum": 1, "grad_clip": 1.0, "learning_rate": 1e-3, "zero_stage": 2,
+           "precision": "fp32", **BASE["ds_sft"]}  # fmt: skip
+    paths = {"out_dir": str(tmp_path / "first"), "resume": "auto", "data_dir": "/d", "base_model": None}
+    settings = SimpleNamespace(**{**DEFAULTS, **own, **paths, "model": "tiny", "fp8_recipe": {}})
+    engine = {k: v for k, v in BASE.items() if k != "ds_sft"}
+    written = json.loads(json.dumps(effective_config(engine, settings)))
+    assert written["run"] == paths and not set(paths) & set(written["ds_sft"])
+    code, lines = run_train(capsys, tmp_path, written)
+    assert_refused(code, lines, ["data_dir"], "effective config passed back")  # accepted up to the data
+    assert MISSING_DATA in lines[0]

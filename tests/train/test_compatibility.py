@@ -16,6 +16,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from ds_sft.cli import main
 from ds_sft.errors import UserError
@@ -49,7 +50,18 @@ def parts(tmp_path_factory):
         bare_one_layer=tiny_model_dir(root / "bare_one_layer", n_layers=1),
         bare_theta=tiny_model_dir(root / "bare_theta", rope_theta=5e5),  # the same weights' shapes
         short=tiny_model_dir(root / "short", a, max_seq_len=32),
+        bare_other_weights=other_weights(root / "bare", root / "bare_other_weights"),
     )
+
+
+def other_weights(model_dir, out):
+    """A copy of ``model_dir`` with other weights of the same shapes (a fine-tune of it, say)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = load_file(str(out / "model.safetensors"))
+    save_file({name: tensor * 1.5 for name, tensor in weights.items()}, str(out / "model.safetensors"))
+    return out
 
 
 def train(data, base, out, *extra: str, max_iters: int = 2) -> int:
@@ -112,11 +124,12 @@ def changes(parts) -> dict[str, tuple[list[str], dict]]:
         "seq_len": ([], {"data": parts.data_a_128}),
         "tokenizer": ([], {"data": parts.data_b}),
         "model": ([], {"base": parts.bare_one_layer}),
+        "base_weights": ([], {"base": parts.bare_other_weights}),
     }
 
 
 CELLS = ["seed", "zero_stage to 0", "zero_stage to 3", "precision", "fp8"]
-CELLS += ["global_batch", "data", "seq_len", "tokenizer", "model"]
+CELLS += ["global_batch", "data", "seq_len", "tokenizer", "model", "base_weights"]
 CELLS = [cell for cell in CELLS if cell.split(" to ")[0] not in compatibility.RESUMABLE]
 
 
@@ -200,6 +213,7 @@ ALLOWED = {
     "tokenizer": {"tokenizer", "data"},
     "model": {"model"},
     "fp8": {"fp8"},
+    "base_weights": {"base_weights"},
 }
 
 
@@ -252,7 +266,8 @@ def test_allow_change_cannot_load_weights_of_another_shape(parts, saved_run, tmp
     run = tmp_path / "run"
     shutil.copytree(saved_run, run)
     capsys.readouterr()
-    assert train(parts.data_a, parts.bare_one_layer, run, "--resume", "--allow_change", "model") == 2
+    allow = ["--allow_change", "model,base_weights"]  # another shape: other weights too
+    assert train(parts.data_a, parts.bare_one_layer, run, "--resume", *allow) == 2
     line = one_line_error(capsys)
     assert "--allow_change model: the weights of" in line and "layers.1." in line and "absent now" in line
     assert (run / "checkpoints" / "latest").read_text() == "step_000002"
@@ -325,3 +340,173 @@ def test_recorded_changes_are_checked_before_they_are_carried_on(changes):
     assert compatibility.recorded_changes({"changes": [GOOD_CHANGE]}, "CKPT") == [GOOD_CHANGE]
     with pytest.raises(UserError, match="malformed changes"):
         compatibility.recorded_changes({"changes": changes}, "CKPT")
+
+
+# ----------------------------------------------------------------------------- optimizer settings
+# A resume trains with this run's weight decay, betas and eps (the saved moments carry over), and
+# records each change. DeepSpeed's load_checkpoint used to put the checkpoint's param_groups back over
+# them while the log and effective_config.json showed the new values.
+
+SAVED = {"weight_decay": [0.05, 0.0], "betas": [[0.9, 0.95]] * 2, "eps": [1e-8] * 2}  # the recipe's
+
+
+@pytest.fixture(scope="module")
+def saved_runs(parts, dist_env):
+    """ZeRO stage -> two steps of the bare base model at that stage, a checkpoint after each."""
+    runs = {}
+
+    def get(stage: int):
+        if stage not in runs:
+            runs[stage] = parts.root / f"saved_stage{stage}"
+            assert train(parts.data_a, parts.bare, runs[stage], "--zero_stage", str(stage)) == 0
+        return runs[stage]
+
+    return get
+
+
+def capture_engine(monkeypatch) -> dict:
+    """{"engine": the engine the run trained with}, once the run has started."""
+    from ds_sft.train import loop
+
+    seen, start = {}, loop.start_engine
+
+    def start_and_keep(*args, **kwargs):
+        engine, state, identity = start(*args, **kwargs)
+        seen["engine"] = engine
+        return engine, state, identity
+
+    monkeypatch.setattr(loop, "start_engine", start_and_keep)
+    return seen
+
+
+def recipe_with(tmp_path, **params) -> str:
+    """The shipped recipe with other AdamW params (a JSON the user would pass on resume)."""
+    from importlib.resources import files
+
+    config = json.loads((files("ds_configs") / "sft_recipe.json").read_text())
+    config["optimizer"]["params"].update(params)
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+OPTIMIZER_CASES = {  # flags, JSON params -> the settings the resumed optimizer must hold
+    "weight_decay": (["--weight_decay", "0.5"], {}, {"weight_decay": [0.5, 0.0]}),
+    "betas": ([], {"betas": [0.5, 0.6]}, {"betas": [[0.5, 0.6]] * 2}),
+    "eps": ([], {"eps": 1e-3}, {"eps": [1e-3] * 2}),
+    "all three": (["--weight_decay", "0.2"], {"betas": [0.8, 0.9], "eps": 1e-6},
+                  {"weight_decay": [0.2, 0.0], "betas": [[0.8, 0.9]] * 2, "eps": [1e-6] * 2}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stage", "case"), [(2, case) for case in OPTIMIZER_CASES] + [(0, "all three"), (3, "all three")]
+)
+def test_a_resume_trains_with_this_runs_optimizer_settings_and_records_them(
+    parts, saved_runs, stage, case, tmp_path, capsys, monkeypatch, dist_env
+):
+    flags, params, changed = OPTIMIZER_CASES[case]
+    run = tmp_path / "run"
+    shutil.copytree(saved_runs(stage), run)
+    seen = capture_engine(monkeypatch)
+    config = ["--deepspeed_config", recipe_with(tmp_path, **params)]
+    assert train(parts.data_a, parts.bare, run, "--resume", "--zero_stage", str(stage), *config, *flags,
+                 max_iters=3) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    inner = seen["engine"].optimizer
+    groups = getattr(inner, "optimizer", inner).param_groups
+    now = {**SAVED, **changed}
+    held = {key: [list(g[key]) if key == "betas" else g[key] for g in groups] for key in SAVED}
+    assert held == now
+    expected = [
+        {"step": 2, "key": key, "saved": SAVED[key], "now": changed[key], "how": "optimizer"}
+        for key in SAVED
+        if key in changed
+    ]
+    state = json.loads((run / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert state["changes"] == expected
+    report = (run / "report.md").read_text()
+    for change, record in zip(expected, records(run, "change"), strict=True):
+        line = compatibility.show(change["key"], change["saved"], change["now"])
+        assert f"resume changes {line}" in out and f"- step 2: {line}" in report
+        assert record == {"type": "change", **change, "message": record["message"]}
+
+
+def test_a_resume_into_another_zero_stage_records_the_optimizer_change_too(
+    parts, saved_runs, tmp_path, monkeypatch, dist_env
+):
+    """The state carried into an engine of another kind (state_transfer) is compared with the settings
+    the checkpoint recorded in its trainer state."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_runs(2), run)
+    seen = capture_engine(monkeypatch)
+    flags = ["--resume", "--zero_stage", "0", "--weight_decay", "0.5"]
+    assert train(parts.data_a, parts.bare, run, *flags, max_iters=3) == 0
+    inner = seen["engine"].optimizer
+    assert [g["weight_decay"] for g in getattr(inner, "optimizer", inner).param_groups] == [0.5, 0.0]
+    state = json.loads((run / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert {(c["key"], c["how"]) for c in state["changes"]} == {("zero_stage", "resumable"),
+                                                                ("weight_decay", "optimizer")}  # fmt: skip
+    assert state["optimizer"]["weight_decay"] == [0.5, 0.0]
+
+
+def test_a_resumed_step_decays_by_this_runs_weight_decay(parts, saved_runs, tmp_path, dist_env):
+    """The reference: AdamW's decoupled decay. Two resumes of the same checkpoint, weight decay 0.05
+    (the saved run's) and 5, see the same gradients at step 3; torch's AdamW makes
+    p (1 - lr wd) - lr m / (sqrt(v) + eps), so their weights differ by -lr (5 - 0.05) p on the decayed
+    weights and not at all on the others (lr held at 1e-3 so that the difference stands far above
+    fp32 rounding)."""
+    from safetensors.torch import load_file
+
+    finals = {}
+    for wd in ("0.05", "5"):
+        run = tmp_path / wd
+        shutil.copytree(saved_runs(2), run)
+        flags = ["--resume", "--weight_decay", wd, "--min_lr", "1e-3"]
+        assert train(parts.data_a, parts.bare, run, *flags, max_iters=3) == 0
+        finals[wd] = load_file(str(run / "final" / "model.safetensors"))
+    lr = next(r["lr"] for r in records(tmp_path / "5", "train") if r["step"] == 3)
+    assert lr == 1e-3
+    before = load_file(str(saved_runs(2) / "final" / "model.safetensors"))
+    decayed = set()
+    for name, p in before.items():
+        difference = finals["5"][name] - finals["0.05"][name]
+        if difference.abs().max() > 0:
+            decayed.add(name)
+            assert torch.allclose(difference, -lr * 4.95 * p, rtol=1e-3, atol=1e-8), name
+    assert decayed and decayed == {name for name in before if name.endswith("_proj.weight")}
+
+
+@pytest.mark.parametrize("key", compatibility.FIXED_OPTIMIZER_KEYS)
+def test_an_optimizer_setting_adams_state_cannot_follow_is_refused(key):
+    saved = {**SAVED, key: [False, False]}
+    message = f"the optimizer's {key} was \\[False, False\\] and is \\[True, True\\]"
+    with pytest.raises(UserError, match=message):
+        compatibility.optimizer_changes("CKPT", saved, {**saved, key: [True, True]})
+    assert compatibility.optimizer_changes("CKPT", saved, saved) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "fine"),
+    [({"key": "betas", "how": "optimizer"}, True), ({"key": "weight_decay", "how": "optimizer"}, True),
+     ({"key": "seed", "how": "optimizer"}, False), ({"key": "betas", "how": "allowed"}, False),
+     ({"key": "lr", "how": "optimizer"}, False)],
+)  # fmt: skip
+def test_recorded_optimizer_changes_are_checked_like_the_others(change, fine):
+    state = {"changes": [{**GOOD_CHANGE, **change}]}
+    if fine:
+        assert compatibility.recorded_changes(state, "CKPT") == state["changes"]
+    else:
+        with pytest.raises(UserError, match="malformed changes"):
+            compatibility.recorded_changes(state, "CKPT")
+
+
+def test_the_base_weights_fingerprint_sees_the_weights_not_their_precision():
+    model = tiny_model()
+    same = compatibility.weights_fingerprint(model)
+    assert compatibility.weights_fingerprint(tiny_model()) == same  # the same seed: the same weights
+    with torch.no_grad():
+        as_bf16 = tiny_model().to(torch.bfloat16)
+        assert compatibility.weights_fingerprint(as_bf16) == same
+        model.layers[0].attn.q_proj.weight[0, 0] += 1.0  # the first value of a tensor is in the sample
+    assert compatibility.weights_fingerprint(model) != same

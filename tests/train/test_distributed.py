@@ -199,3 +199,91 @@ def test_ranks_without_master_port_stop_in_one_line(tmp_path):
         (line,) = err.strip().splitlines()
         assert line.startswith("ds-sft train: error: WORLD_SIZE=2 but MASTER_PORT is not set"), line
         assert "torchrun --standalone --nproc_per_node 2" in line
+
+
+# ----------------------------------------------------------------------------- RANK, WORLD_SIZE, LOCAL_RANK
+
+LAUNCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+launch_values = st.one_of(
+    st.none(),  # unset
+    st.integers(-3, 12).map(str),
+    st.sampled_from(["abc", "", " 1", "1 ", "+1", "1.0", "1e3", "0x1", "\u0661", "1_0", "--1", "00"]),
+    st.just("2" * 25),
+    st.text(max_size=4),
+)
+
+
+def oracle(env: dict) -> tuple[int, int, int] | str:
+    """The variables as a launcher means them, or the name of one that no launcher would set."""
+    values = {}
+    for key, default in zip(LAUNCH_KEYS, (0, 1, 0), strict=True):
+        text = env.get(key)
+        digits = text[1:] if text and text.startswith("-") else text
+        if text is not None and not (digits and digits.isascii() and digits.isdigit() and len(digits) <= 18):
+            return key
+        values[key] = default if text is None else int(text)
+    rank, world, local = (values[key] for key in LAUNCH_KEYS)
+    if not 1 <= world <= 2**20:
+        return "WORLD_SIZE"
+    if not 0 <= rank < world:
+        return "RANK"
+    return "LOCAL_RANK" if not 0 <= local < world else (rank, world, local)
+
+
+@given(rank=launch_values, world=launch_values, local=launch_values)
+def test_the_launch_variables_are_a_rank_of_the_world_or_one_line(rank, world, local):
+    from ds_sft.train.distributed import launch_environment
+
+    env = {k: v for k, v in zip(LAUNCH_KEYS, (rank, world, local), strict=True) if v is not None}
+    expected = oracle(env)
+    if isinstance(expected, tuple):
+        assert launch_environment(env) == expected
+        return
+    with pytest.raises(UserError) as refused:
+        launch_environment(env)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{expected}="), (env, message)
+
+
+LAUNCH_MISTAKES = {  # the red team's: a traceback, a hang, or a message blaming MASTER_PORT
+    "WORLD_SIZE abc": ({"WORLD_SIZE": "abc", "RANK": "0"}, "WORLD_SIZE='abc' is not an integer"),
+    "RANK abc": ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not an integer"),
+    "LOCAL_RANK abc": ({"LOCAL_RANK": "abc"}, "LOCAL_RANK='abc' is not an integer"),
+    "RANK 5 of 2": ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 is not a rank of WORLD_SIZE=2"),
+    "RANK -1": ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1 is not a rank"),
+    "RANK 1 of 1": ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 is not a rank of WORLD_SIZE=1"),
+    "WORLD_SIZE 0": ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE=0 is not a number of ranks"),
+    "WORLD_SIZE -1": ({"WORLD_SIZE": "-1", "RANK": "0"}, "WORLD_SIZE=-1 is not a number of ranks"),
+}
+
+
+def test_a_launch_mistake_stops_each_process_in_one_line_before_any_group(tmp_path):
+    """Real processes, with a MASTER_PORT (so nothing stops them at the port check): each mistake ends
+    at once in one line naming the variable; before, they ended in tracebacks or waited for ranks
+    that never came."""
+    data = write_data_dir(tmp_path / "data")
+    env = {k: v for k, v in without_launcher_variables().items() if not k.startswith("SLURM_")}
+    processes = {}
+    for name, (variables, _) in LAUNCH_MISTAKES.items():
+        out = tmp_path / name.replace(" ", "_")
+        run = ["--data_dir", str(data), "--out_dir", str(out), "--model", "tiny"]
+        processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "ds_sft.train", *run, "--max_iters", "1", "--wandb_mode", "disabled"],
+            env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", **variables},
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        outputs = {name: process.communicate(timeout=240) for name, process in processes.items()}
+    except subprocess.TimeoutExpired:
+        pytest.fail("a process still runs after 240 s: it waits for ranks that never come")
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.communicate()
+    for name, (_, err) in outputs.items():
+        assert processes[name].returncode == 2, (name, err[-3000:])
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"ds-sft train: error: {LAUNCH_MISTAKES[name][1]}"), (name, line)
