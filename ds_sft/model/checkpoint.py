@@ -56,7 +56,7 @@ import torch
 from ds_sft.errors import UserError
 from ds_sft.model.config import FAMILIES, PRESETS, ModelConfig
 from ds_sft.model.llama import LlamaModel, rope_table
-from ds_sft.paths import read_gguf, resolve_model_path
+from ds_sft.paths import read_gguf, refuse_remote_code, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +265,19 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
     """Load through transformers (HF directory or GGUF) and return its state dict and config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if gguf_file is None:
+        refuse_remote_code(directory)
+    # trust_remote_code=False: never import a folder's own Python, and never ask whether to
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        hf_cfg = AutoConfig.from_pretrained(directory, **kwargs)
+        hf_cfg = AutoConfig.from_pretrained(directory, trust_remote_code=False, **kwargs)
     except (OSError, ValueError, ImportError) as err:
-        raise UserError(f"transformers cannot read {directory / (gguf_file or '')}: {err}") from None
+        where = directory / (gguf_file or "")
+        raise UserError(f"transformers cannot read {where}: {_first_line(err)}") from None
     config = config_from_hf(hf_cfg, where=f"{directory}: ")
-    hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, trust_remote_code=False, **kwargs
+    )
     return hf_model.state_dict(), config.to_dict(), bool(hf_cfg.tie_word_embeddings)
 
 
