@@ -118,7 +118,8 @@ def _load(spec: str):
     if path.is_dir() and (path / "tokenizer").is_dir():
         path = path / "tokenizer"
     if path.suffix in WEIGHT_FILES or (path.is_dir() and not any(path.glob("tokenizer*"))):
-        print(f"note: no tokenizer found with {path}; using GPT-2's (pass --tokenizer to choose another)")
+        # the note cannot know which flag named the path: it says what happens, not which flag to change
+        print(f"note: no tokenizer files in {path}; using GPT-2's, the one bare nanoGPT-style weights use")
         return _gpt2()
     if path.is_dir():
         return _from_pretrained(path)
