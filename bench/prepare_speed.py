@@ -132,7 +132,7 @@ def time_trl(pairs: list[tuple[str, str]], tokenizer_dir: Path) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
     tokenizer.eos_token = tokenizer.pad_token = "<|endoftext|>"
     dataset = datasets.Dataset.from_dict(
         {"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]}

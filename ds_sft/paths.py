@@ -9,9 +9,11 @@ there when offline (``HF_HUB_OFFLINE=1``) or when the hub cannot be reached.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import stat
@@ -62,6 +64,13 @@ def resolve_model_path(spec: str, what: str = "model", forms: str = "an existing
     path = Path(spec).expanduser()
     if path.exists():
         return path
+    if path.is_symlink():  # a link that leads nowhere is the user's path, not a hub id to look up
+        try:
+            os.stat(path)
+        except OSError as err:
+            loop = err.errno == errno.ELOOP
+            kind = "a symlink loop" if loop else f"a broken symlink (to {os.readlink(path)})"
+            raise UserError(f"{what} {spec!r} is {kind}; pass {forms}") from None
     hub = hub_id(spec)
     if hub is not None:
         return hub_snapshot(*hub, what=what)
@@ -210,6 +219,39 @@ def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
         target = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
         raise UserError(f"{path}: is {kind}{target}, not a regular file; pass the {what} file itself")
     return info
+
+
+# Files of a model folder whose ``auto_map`` would make transformers import the folder's own Python.
+REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+
+
+def read_json_object(path: Path, what: str = "config") -> dict:
+    """The JSON object in ``path``; anything else (a FIFO, invalid JSON, a list) is one UserError."""
+    require_regular_file(path, what)
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({first_line(err)}); repair or replace the {what}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: holds a JSON {type(values).__name__}, not the object a {what} is")
+    return values
+
+
+def refuse_remote_code(directory: Path) -> None:
+    """Refuse a model or tokenizer folder whose configs name Python classes of its own (``auto_map``).
+
+    transformers would import the folder's ``*.py`` for them (after a [y/N] prompt, or at once with
+    ``trust_remote_code=True``): code from a download. ds-sft also passes ``trust_remote_code=False`` to
+    every ``from_pretrained``; this check says why in one line instead of transformers' paragraph, and
+    before a caller could fall back to a part of the folder (its ``tokenizer.json`` alone).
+    """
+    for name in REMOTE_CODE_CONFIGS:
+        config = Path(directory) / name
+        if (config.exists() or config.is_symlink()) and "auto_map" in read_json_object(config, name):
+            raise UserError(
+                f"{directory}: its {name} asks to run its own Python code (auto_map); ds-sft never runs "
+                "code from a model folder: use a model transformers supports natively"
+            )
 
 
 def read_gguf(path: Path, what: str = "model"):

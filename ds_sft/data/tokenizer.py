@@ -41,12 +41,23 @@ def _from_file(tokenizer_file: Path):
 
 
 def _from_pretrained(directory: Path, **kwargs):
+    """A tokenizer folder (or ``gguf_file=`` in it) through transformers, never running its code.
+
+    A folder whose configs transformers cannot read falls back to its ``tokenizer.json`` alone, with
+    a note: that loses the chat template and the special-token roles the config gave."""
     from transformers import AutoTokenizer
 
+    if not kwargs:
+        paths.refuse_remote_code(directory)
     try:
-        return AutoTokenizer.from_pretrained(str(directory), **kwargs)
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         if (directory / "tokenizer.json").is_file() and not kwargs:
+            print(
+                f"note: transformers cannot read the tokenizer in {directory} ({first_line(err)}); "
+                "using its tokenizer.json alone, without the chat template and special-token roles "
+                "of its tokenizer_config.json"
+            )
             return _from_file(directory / "tokenizer.json")
         raise UserError(f"could not load a tokenizer from {directory}: {first_line(err)}") from None
 
@@ -92,7 +103,7 @@ def _gpt2():
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained("gpt2")
+        return AutoTokenizer.from_pretrained("gpt2", trust_remote_code=False)
     except Exception as err:
         raise UserError(
             f"the GPT-2 tokenizer is not available offline ({first_line(err)}); pass --tokenizer PATH"
@@ -107,7 +118,8 @@ def _load(spec: str):
     if path.is_dir() and (path / "tokenizer").is_dir():
         path = path / "tokenizer"
     if path.suffix in WEIGHT_FILES or (path.is_dir() and not any(path.glob("tokenizer*"))):
-        print(f"note: no tokenizer found with {path}; using GPT-2's (pass --tokenizer to choose another)")
+        # the note cannot know which flag named the path: it says what happens, not which flag to change
+        print(f"note: no tokenizer files in {path}; using GPT-2's, the one bare nanoGPT-style weights use")
         return _gpt2()
     if path.is_dir():
         return _from_pretrained(path)

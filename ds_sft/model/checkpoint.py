@@ -43,7 +43,6 @@ writes.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import pickle
 import re
@@ -53,10 +52,16 @@ from typing import Any
 
 import torch
 
-from ds_sft.errors import UserError
-from ds_sft.model.config import FAMILIES, PRESETS, ModelConfig
+from ds_sft.errors import UserError, first_line
+from ds_sft.model.config import FAMILIES, PRESETS, ModelConfig, check_field
 from ds_sft.model.llama import LlamaModel, rope_table
-from ds_sft.paths import read_gguf, resolve_model_path
+from ds_sft.paths import (
+    read_gguf,
+    read_json_object,
+    refuse_remote_code,
+    require_regular_file,
+    resolve_model_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +136,18 @@ def load_model(
         raise UserError(f"rope_layout {rope_layout!r}: choose auto, half or interleaved")
     path = resolve_model_path(str(spec))
     state, config_hints, tie_hint = _read_checkpoint(path)
-    state, extra_state, buffers = canonical_state_dict(state)
-    config = infer_config(state, config_hints, tie_hint, config_overrides or {})
+    try:  # every refusal below is about this file: name it
+        state, extra_state, buffers = canonical_state_dict(state)
+        config = infer_config(state, config_hints, tie_hint, config_overrides or {})
+        with torch.device("meta"):
+            model = LlamaModel(config)
+        _check_keys(model, state)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
     if rope_layout == "interleaved" or (
         rope_layout == "auto" and any(b.is_complex() for b in buffers.values())
     ):
         _interleaved_to_half_rope(state, config)
-    with torch.device("meta"):
-        model = LlamaModel(config)
-    _check_keys(model, state, path)
     model.load_state_dict(state, strict=True, assign=True)
     model.fp8_extra_state = extra_state
     model.rope_cache = rope_table(config)  # was on meta
@@ -176,7 +184,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         if (path / "final" / CONFIG_FILE).exists():  # a training run directory
             path = path / "final"
         if (path / CONFIG_FILE).exists():
-            return _read_safetensors(path / MODEL_FILE), json.loads((path / CONFIG_FILE).read_text()), None
+            hints = read_json_object(path / CONFIG_FILE, "ds-sft model config")
+            return _read_safetensors(path / MODEL_FILE), hints, None
         if (path / "config.json").exists():
             return _read_transformers(path)
         if (path / "checkpoints").is_dir():
@@ -208,6 +217,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(
             f"{path} is missing: a ds-sft checkpoint directory holds {MODEL_FILE} and {CONFIG_FILE}"
         )
+    require_regular_file(path, "checkpoint")
     try:
         return load_file(str(path))
     except SafetensorError as err:
@@ -217,17 +227,23 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _config_beside(path: Path) -> dict[str, Any]:
     for name in (CONFIG_FILE, "config.json"):
         if (path.parent / name).exists():
-            values = json.loads((path.parent / name).read_text())
+            values = read_json_object(path.parent / name, "model config")
+            if "auto_map" in values:
+                refuse_remote_code(path.parent)
             if values.get("model_type") in FAMILIES:  # a transformers config: read as transformers does
                 from transformers import AutoConfig
 
-                hf_cfg = AutoConfig.for_model(**values)
+                try:
+                    hf_cfg = AutoConfig.for_model(**values)
+                except Exception as err:  # noqa: BLE001  transformers' validators raise anything
+                    raise UserError(f"{path.parent / name}: not a valid config ({first_line(err)})") from None
                 return config_from_hf(hf_cfg, where=f"{path.parent / name}: ").architecture()
             return values
     return {}
 
 
 def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool | None]:
+    require_regular_file(path, "checkpoint")  # a FIFO would hang torch.load, /dev/zero fill the memory
     try:
         # Old Transformer Engine versions pickle their fp8 metadata as io.BytesIO: harmless bytes.
         # mmap needs torch's zip format; files from torch < 1.6 (and bare pickles) are read whole.
@@ -235,17 +251,8 @@ def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             zipped = zipfile.is_zipfile(path)
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as err:
-        named = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = (
-            f"holds Python objects other than tensors and plain containers (it names {named.group(1)})"
-            if named
-            else f"is truncated, corrupted or a pickle of Python objects ({_first_line(err)})"
-        )
-        raise UserError(
-            f"{path} {what}, and ds-sft only loads checkpoints with torch.load(weights_only=True); "
-            "re-save it as a plain state dict or .safetensors"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:  # torch's reader on a cut-off or garbled file
+        raise _pickle_refusal(path, err) from None
+    except Exception as err:  # noqa: BLE001  torch's reader on a cut-off or garbled file raises anything
         raise _damaged(path, err) from None
     if not isinstance(checkpoint, dict):
         raise UserError(
@@ -265,13 +272,47 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
     """Load through transformers (HF directory or GGUF) and return its state dict and config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if gguf_file is None:
+        refuse_remote_code(directory)
+        if "quantization_config" in read_json_object(directory / "config.json", "config.json"):
+            raise UserError(
+                f"{directory}: its weights are quantized (quantization_config); ds-sft trains full "
+                "weights: use the model's unquantized release"
+            )
+    # trust_remote_code=False: never import a folder's own Python, and never ask whether to
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        hf_cfg = AutoConfig.from_pretrained(directory, **kwargs)
-    except (OSError, ValueError, ImportError) as err:
-        raise UserError(f"transformers cannot read {directory / (gguf_file or '')}: {err}") from None
+        hf_cfg = AutoConfig.from_pretrained(directory, trust_remote_code=False, **kwargs)
+    except Exception as err:  # noqa: BLE001  a hostile config.json makes transformers raise anything
+        where = directory / (gguf_file or "")
+        why = (
+            first_line(err)
+            if isinstance(err, OSError | ValueError)
+            else f"{type(err).__name__}: {first_line(err)}"
+        )
+        raise UserError(f"transformers cannot read {where}: {why}") from None
     config = config_from_hf(hf_cfg, where=f"{directory}: ")
-    hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+    try:
+        hf_model, loading = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, trust_remote_code=False, output_loading_info=True, **kwargs
+        )
+    except pickle.UnpicklingError as err:
+        raise _pickle_refusal(directory, err) from None
+    except (OSError, ValueError, ImportError, RuntimeError) as err:
+        raise UserError(f"transformers cannot load the weights in {directory}: {first_line(err)}") from None
+    # transformers fills a weight the files lack with random values and only logs it: a base model
+    # missing one would train from noise, so every weight must come from the files.
+    problems = [
+        f"{label} {_preview(sorted(map(str, loading.get(key) or [])))}"
+        for key, label in (
+            ("missing_keys", "missing"),
+            ("unexpected_keys", "unexpected"),
+            ("mismatched_keys", "wrong shape:"),
+        )
+        if loading.get(key)
+    ]
+    if problems:
+        raise UserError(f"{directory}: its weights do not fit its config.json: " + "; ".join(problems))
     return hf_model.state_dict(), config.to_dict(), bool(hf_cfg.tie_word_embeddings)
 
 
@@ -302,7 +343,9 @@ def canonical_state_dict(
     extra_state: dict[str, Any] = {}
     buffers: dict[str, Any] = {}
     for raw_key, value in state.items():
-        key = canonical_key(raw_key)
+        key = canonical_key(str(raw_key))
+        if not key.endswith("_extra_state") and not isinstance(value, torch.Tensor):
+            raise UserError(f"its entry {raw_key!r} is a {type(value).__name__}, not a tensor")
         if key.endswith("_extra_state"):
             extra_state[key.rsplit(".", 1)[0]] = value
         elif RECOMPUTED_BUFFERS.search(key):
@@ -323,8 +366,11 @@ def canonical_state_dict(
 def _split_fused_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
     """Split each ``attn.qkv_proj.weight`` (rows ordered q, k, v) into the three projections."""
     kv = config.n_kv_heads * config.head_dim
+    rows = [config.n_heads * config.head_dim, kv, kv]
     for key in [k for k in state if k.endswith("attn.qkv_proj.weight")]:
-        q, k, v = state.pop(key).split([config.n_heads * config.head_dim, kv, kv], dim=0)
+        if state[key].ndim != 2 or state[key].shape[0] != sum(rows):
+            raise UserError(f"{key} {tuple(state[key].shape)} is not q, k and v of {rows} rows fused")
+        q, k, v = state.pop(key).split(rows, dim=0)
         for name, tensor in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
             state[key.replace("qkv_proj", name)] = tensor
 
@@ -367,6 +413,10 @@ def infer_config(
             f"no token embedding among the checkpoint's keys ({_preview(sorted(state))}); see "
             "ds_sft.model.checkpoint for the key names it accepts"
         )
+    if state["wte.weight"].ndim != 2:
+        raise UserError(
+            f"its token embedding has shape {tuple(state['wte.weight'].shape)}, not (vocab_size, d_model)"
+        )
     fields["vocab_size"], fields["d_model"] = state["wte.weight"].shape
     layers = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
     fields["n_layers"] = max(layers) + 1 if layers else 0
@@ -379,13 +429,16 @@ def infer_config(
     if "family" not in fields:
         fields["family"] = "qwen3" if fields["qk_norm"] else "qwen2" if fields["attention_bias"] else "llama"
     fields.update(overrides)
+    for name, value in fields.items():  # before the sizes below are computed from them
+        check_field(name, value)
     if "n_heads" not in fields:
         fields["n_heads"] = _guess_heads(fields)
     if "head_dim" not in fields:
         fields["head_dim"] = _head_dim_from_weights(state, fields)
-    if "n_kv_heads" not in fields and "layers.0.attn.k_proj.weight" in state:
-        head_dim = fields.get("head_dim") or fields["d_model"] // fields["n_heads"]
-        fields["n_kv_heads"] = state["layers.0.attn.k_proj.weight"].shape[0] // head_dim
+    head_dim = fields.get("head_dim") or fields["d_model"] // fields["n_heads"]
+    k_proj = state.get("layers.0.attn.k_proj.weight")
+    if "n_kv_heads" not in fields and k_proj is not None and k_proj.ndim == 2 and head_dim:
+        fields["n_kv_heads"] = k_proj.shape[0] // head_dim
     config = ModelConfig(**fields)
     _split_fused_qkv(state, config)
     if config.tie_embeddings:
@@ -396,11 +449,11 @@ def infer_config(
 def _head_dim_from_weights(state: dict[str, torch.Tensor], fields: dict[str, Any]) -> int | None:
     """The head width that q's rows reveal (q alone, or q, k and v fused when the key/value heads are
     known); None = d_model // n_heads."""
-    if "layers.0.attn.q_proj.weight" in state:
-        return state["layers.0.attn.q_proj.weight"].shape[0] // fields["n_heads"]
-    if "layers.0.attn.qkv_proj.weight" in state and "n_kv_heads" in fields:
-        heads = fields["n_heads"] + 2 * fields["n_kv_heads"]
-        return state["layers.0.attn.qkv_proj.weight"].shape[0] // heads
+    q, qkv = state.get("layers.0.attn.q_proj.weight"), state.get("layers.0.attn.qkv_proj.weight")
+    if q is not None and q.ndim == 2:
+        return q.shape[0] // fields["n_heads"] or None
+    if qkv is not None and qkv.ndim == 2 and "n_kv_heads" in fields:
+        return qkv.shape[0] // (fields["n_heads"] + 2 * fields["n_kv_heads"]) or None
     return None
 
 
@@ -415,7 +468,8 @@ def _guess_heads(fields: dict[str, Any]) -> int:
     return max(1, fields["d_model"] // 64)
 
 
-def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor], path: Path) -> None:
+def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor]) -> None:
+    """Every weight of ``model`` present in ``state`` as a floating tensor of its shape, and no other."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -424,27 +478,44 @@ def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor], path: Path) -
         for k in sorted(set(expected) & set(state))
         if tuple(state[k].shape) != expected[k]
     ]
-    if missing or unexpected or shapes:
+    dtypes = [
+        f"{k} {state[k].dtype}"
+        for k in sorted(set(expected) & set(state))
+        if not state[k].is_floating_point()
+    ]
+    if missing or unexpected or shapes or dtypes:
         problems = [
             f"{label} ({len(items)}): {_preview(items)}"
             for label, items in (
                 ("missing", missing),
                 ("unexpected", unexpected),
                 ("shape mismatches", shapes),
+                ("not floating point", dtypes),
             )
             if items
         ]
-        raise UserError(
-            f"{path} does not fit ds-sft's LLaMA {model.config.to_dict()}: " + "; ".join(problems)
-        )
+        raise UserError(f"does not fit ds-sft's LLaMA {model.config.to_dict()}: " + "; ".join(problems))
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def _pickle_refusal(path: Path, err: pickle.UnpicklingError) -> UserError:
+    """The refusal of a pickle that torch's weights_only unpickler rejected, with its reason only: the
+    rest of torch's message advises weights_only=False, which runs whatever the file names."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(err))
+    reason = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
+    what = (
+        f"holds Python objects other than tensors and plain containers (it names {named.group(1)})"
+        if named
+        else "is truncated, corrupted or a pickle of Python objects"
+        + (f" ({reason.group(1).strip()})" if reason and reason.group(1).strip() else "")
+    )
+    return UserError(
+        f"{path} {what}, and ds-sft only loads checkpoints with torch.load(weights_only=True); "
+        "re-save it as a plain state dict or .safetensors"
+    )
 
 
 def _damaged(path: Path, err: Exception) -> UserError:
-    return UserError(f"{path} is truncated or corrupted ({_first_line(err)}); write or copy it again")
+    return UserError(f"{path} is truncated or corrupted ({first_line(err)}); write or copy it again")
 
 
 def _preview(items: list[str], limit: int = 6) -> str:
@@ -550,24 +621,29 @@ def config_from_hf(hf_cfg, where: str = "") -> ModelConfig:
     if family in ("qwen2", "qwen3", "smollm3") and not getattr(hf_cfg, "use_sliding_window", False):
         window = None
     layer_types = getattr(hf_cfg, "layer_types", None) if family != "mistral" else None
-    return ModelConfig(
-        vocab_size=hf_cfg.vocab_size,
-        d_model=hf_cfg.hidden_size,
-        n_layers=hf_cfg.num_hidden_layers,
-        n_heads=hf_cfg.num_attention_heads,
-        n_kv_heads=hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads,
-        head_dim=getattr(hf_cfg, "head_dim", None) or None,
-        ffn_hidden=hf_cfg.intermediate_size,
-        max_seq_len=hf_cfg.max_position_embeddings,
-        rope_theta=float(rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))),
-        norm_eps=hf_cfg.rms_norm_eps,
-        tie_embeddings=bool(hf_cfg.tie_word_embeddings),
-        init_std=hf_cfg.initializer_range,
-        family=family,
-        attention_bias=family == "qwen2",
-        qk_norm=family == "qwen3",
-        rope_scaling=dict(rope) if rope_type == "llama3" else None,
-        sliding_window=window,
-        layer_types=list(layer_types) if window is not None and layer_types is not None else None,
-        no_rope_layers=list(hf_cfg.no_rope_layers) if family == "smollm3" else None,
-    )
+    try:
+        return ModelConfig(
+            vocab_size=hf_cfg.vocab_size,
+            d_model=hf_cfg.hidden_size,
+            n_layers=hf_cfg.num_hidden_layers,
+            n_heads=hf_cfg.num_attention_heads,
+            n_kv_heads=hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads,
+            head_dim=getattr(hf_cfg, "head_dim", None) or None,
+            ffn_hidden=hf_cfg.intermediate_size,
+            max_seq_len=hf_cfg.max_position_embeddings,
+            rope_theta=float(rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))),
+            norm_eps=hf_cfg.rms_norm_eps,
+            tie_embeddings=bool(hf_cfg.tie_word_embeddings),
+            init_std=hf_cfg.initializer_range,
+            family=family,
+            attention_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
+            rope_scaling=dict(rope) if rope_type == "llama3" else None,
+            sliding_window=window,
+            layer_types=list(layer_types) if window is not None and layer_types is not None else None,
+            no_rope_layers=list(hf_cfg.no_rope_layers) if family == "smollm3" else None,
+        )
+    except UserError as err:
+        raise UserError(f"{where}{err}") from None
+    except (TypeError, ValueError, AttributeError) as err:  # fields of the wrong type in config.json
+        raise UserError(f"{where}config.json is not a valid {family} config ({first_line(err)})") from None

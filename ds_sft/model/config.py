@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_sft.errors import UserError
+from ds_sft.paths import read_json_object
 
 # kernels.BACKENDS, repeated here so that reading a config does not import torch
 KERNEL_BACKENDS = ("auto", "triton", "torch", "eager")
@@ -59,6 +60,41 @@ FAMILY_FIELDS = (
     "no_rope_layers",
 )
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# The range of each number in a config: far beyond any model ds-sft trains, near enough that a typo or
+# a hostile file cannot make it allocate the machine (the RoPE table alone is max_seq_len x head_dim).
+WHOLE_NUMBERS = {
+    "vocab_size": (1, 1 << 22),
+    "d_model": (1, 1 << 16),
+    "n_layers": (1, 1024),
+    "n_heads": (1, 1024),
+    "n_kv_heads": (1, 1024),
+    "head_dim": (2, 1024),
+    "ffn_hidden": (1, 1 << 18),
+    "max_seq_len": (1, 1 << 20),
+    "sliding_window": (1, 1 << 20),
+}
+POSITIVE_NUMBERS = {"rope_theta": 1e12, "norm_eps": 0.5, "init_std": 1.0}  # (0, largest]
+SWITCHES = ("tie_embeddings", "activation_checkpointing", "attention_bias", "qk_norm")
+ROPE_TABLE_LIMIT = 1 << 27  # max_seq_len x head_dim: Qwen2.5-1M's 1M positions x 128
+
+
+OPTIONAL_NUMBERS = ("n_kv_heads", "head_dim", "sliding_window")  # None = derived, or off
+
+
+def check_field(name: str, value: Any) -> None:
+    """One UserError naming ``name`` unless ``value`` has its type and lies in its range."""
+    if value is None and name in OPTIONAL_NUMBERS:
+        return
+    if name in WHOLE_NUMBERS:
+        low, high = WHOLE_NUMBERS[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise UserError(f"{name} {value!r} must be a whole number from {low} to {high}")
+    elif name in POSITIVE_NUMBERS:
+        high = POSITIVE_NUMBERS[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= high:
+            raise UserError(f"{name} {value!r} must be a number above 0 and at most {high:g}")
+    elif name in SWITCHES and not isinstance(value, bool):
+        raise UserError(f"{name} {value!r} must be true or false")
 
 
 @dataclass
@@ -86,6 +122,8 @@ class ModelConfig:
     no_rope_layers: list[int] | None = None  # per layer: 1 = RoPE, 0 = no positions (SmolLM3)
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # types and ranges first: everything below computes
+            check_field(field.name, getattr(self, field.name))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -94,8 +132,12 @@ class ModelConfig:
                     f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}: set head_dim"
                 )
             self.head_dim = self.d_model // self.n_heads
-        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 1:
-            raise UserError(f"head_dim {self.head_dim!r} must be a positive whole number")
+            check_field("head_dim", self.head_dim)
+        if self.max_seq_len * self.head_dim > ROPE_TABLE_LIMIT:
+            raise UserError(
+                f"max_seq_len {self.max_seq_len} x head_dim {self.head_dim} exceeds {ROPE_TABLE_LIMIT} "
+                "RoPE table entries: lower max_seq_len"
+            )
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.kernels not in KERNEL_BACKENDS:
@@ -110,12 +152,6 @@ class ModelConfig:
             raise UserError(f"family {self.family!r}: choose one of {', '.join(FAMILIES)}")
         if self.rope_scaling is not None:
             self.rope_scaling = _llama3_rope_scaling(self.rope_scaling)
-        if self.sliding_window is not None and (
-            isinstance(self.sliding_window, bool)
-            or not isinstance(self.sliding_window, int)
-            or self.sliding_window < 1
-        ):
-            raise UserError(f"sliding_window {self.sliding_window!r} must be a positive number of tokens")
         for name, allowed in (("layer_types", LAYER_TYPES), ("no_rope_layers", (0, 1))):
             values = getattr(self, name)
             if values is None:
@@ -211,7 +247,11 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        values = read_json_object(Path(path), "model config")
+        try:
+            return cls.from_dict(values)
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -239,7 +279,13 @@ def _llama3_rope_scaling(values: Any) -> dict[str, Any]:
         raise UserError(
             f"rope_scaling type {kind!r} is not supported: ds-sft knows Llama 3's 'llama3' rule only"
         )
-    missing = [k for k in LLAMA3_ROPE_KEYS if not isinstance(values.get(k), (int, float)) or values[k] <= 0]
+    missing = [
+        k
+        for k in LLAMA3_ROPE_KEYS
+        if isinstance(values.get(k), bool)
+        or not isinstance(values.get(k), int | float)
+        or not 0 < values[k] < float("inf")
+    ]
     if missing:
         raise UserError(f"rope_scaling 'llama3' needs positive {', '.join(missing)}, got {values!r}")
     if values["high_freq_factor"] <= values["low_freq_factor"]:

@@ -271,7 +271,7 @@ def test_flex_attention_block_mask_slides_like_document_attention(monkeypatch):
         (dict(qk_norm=True), "set family to qwen3"),
         (dict(family="qwen2"), "attention_bias=False is not the qwen2 family's"),
         (dict(sliding_window=8), "the llama family has no sliding windows"),
-        (dict(family="mistral", sliding_window=0), "sliding_window 0 must be a positive"),
+        (dict(family="mistral", sliding_window=0), "sliding_window 0 must be a whole number from 1 to"),
         (
             dict(family="mistral", sliding_window=8, layer_types=["full_attention", "sliding_attention"]),
             "slides on every layer or none",
@@ -286,7 +286,7 @@ def test_flex_attention_block_mask_slides_like_document_attention(monkeypatch):
         ),
         (dict(no_rope_layers=[1, 0]), "no_rope_layers is SmolLM3's"),
         (dict(n_heads=3, n_kv_heads=1), "d_model 64 is not divisible by n_heads 3: set head_dim"),
-        (dict(head_dim=0), "head_dim 0 must be a positive whole number"),
+        (dict(head_dim=0), "head_dim 0 must be a whole number from 2 to"),
         (dict(head_dim=15), "head_dim 15 must be even"),
         (
             dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),

@@ -46,6 +46,16 @@ def ds_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
+def dist_env():
+    """This process as rank 0 of a one-process world (what the in-process commands need)."""
+    from ds_sft.train.distributed import init_distributed
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    return init_distributed()
+
+
+@pytest.fixture(scope="module")
 def ds_env_module() -> dict[str, str]:
     return single_rank_env()
 

@@ -10,7 +10,6 @@ sentinel file if executed, so "it did not run" is checked, not assumed.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -194,15 +193,6 @@ def _plant(path: Path, payload) -> None:
     state = torch.load(path, weights_only=False)
     _nest(state, payload)
     torch.save(state, path)
-
-
-@pytest.fixture(scope="module")
-def dist_env():
-    from ds_sft.train.distributed import init_distributed
-
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        os.environ.setdefault(key, value)
-    return init_distributed()
 
 
 def _engine(stage: int, universal: bool = False):

@@ -1,0 +1,365 @@
+"""A checkpoint that lies (about its config, its tensors, or what kind of file it is) is one line.
+
+Every model command reads ``--base_model`` / ``--model`` through ``load_model``: a config field of the
+wrong type, sign or size, a state dict entry that is not a floating tensor of the expected shape, a
+file that is not a regular file, or a Hugging Face folder whose weights do not match its config must
+end in one :class:`UserError` naming the file (and the field), never a traceback, a hang, a huge
+allocation or a model that silently trains from random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ds_sft.errors import UserError
+from ds_sft.model.checkpoint import hf_config, load_model, save_model
+from ds_sft.model.config import ModelConfig
+from ds_sft.model.llama import LlamaModel
+
+TINY = ModelConfig.preset("tiny")
+WHOLE = [
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "ffn_hidden",
+    "max_seq_len",
+]
+POSITIVE = ["rope_theta", "norm_eps", "init_std"]
+SWITCHES = ["tie_embeddings", "attention_bias", "qk_norm", "activation_checkpointing"]
+# Fields that the tensor shapes decide on load: a checkpoint's own value of them is never used.
+SHAPE_DECIDED = {
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "ffn_hidden",
+    "tie_embeddings",
+    "attention_bias",
+    "qk_norm",
+}
+
+# Values wrong for any field of the kind, whatever its exact bounds.
+NOT_A_NUMBER = st.one_of(
+    st.text(max_size=4),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers()),
+)
+BAD_WHOLE = st.one_of(
+    NOT_A_NUMBER,
+    st.booleans(),
+    st.integers(max_value=0),
+    st.integers(min_value=1 << 40),
+    st.floats().filter(lambda x: not (math.isfinite(x) and x.is_integer() and 0 < x < 1 << 40))
+    | st.just(4.0),
+)
+BAD_POSITIVE = st.one_of(
+    NOT_A_NUMBER,
+    st.booleans(),
+    st.integers(max_value=0),
+    st.floats(max_value=0.0),
+    st.sampled_from([math.nan, math.inf, 1e300]),
+)
+BAD_SWITCH = st.one_of(NOT_A_NUMBER, st.integers(), st.floats(allow_nan=False), st.none())
+BAD = {
+    **{name: BAD_WHOLE for name in WHOLE},
+    **{name: BAD_POSITIVE for name in POSITIVE},
+    **{name: BAD_SWITCH for name in SWITCHES},
+}
+
+
+def _field_and_bad_value(names) -> st.SearchStrategy:
+    return st.one_of(*(st.tuples(st.just(name), BAD[name]) for name in names))
+
+
+def _assert_one_line(err: pytest.ExceptionInfo, *names: str) -> None:
+    message = str(err.value)
+    assert "\n" not in message and message
+    for name in names:
+        assert name in message, (name, message)
+
+
+@given(_field_and_bad_value(BAD))
+def test_every_bad_model_config_field_is_refused_naming_field_and_file(tmp_path_factory, bad):
+    """model_config.json: each field of the wrong type, sign or size, alone in an otherwise good config."""
+    name, value = bad
+    path = tmp_path_factory.mktemp("cfg") / "model_config.json"
+    path.write_text(json.dumps({**TINY.architecture(), name: value}))
+    with pytest.raises(UserError) as err:
+        ModelConfig.load(path)
+    _assert_one_line(err, name, str(path))
+
+
+@given(_field_and_bad_value([name for name in BAD if name not in SHAPE_DECIDED]))
+def test_every_bad_config_hint_of_a_torch_checkpoint_is_refused(tmp_path_factory, bad):
+    """A nanoGPT-style ``.pt`` whose ``config`` lies: refused before any size is computed from it."""
+    name, value = bad
+    if value is None:
+        return  # a hint of None is "not given": the value is taken from the weights
+    path = tmp_path_factory.mktemp("pt") / "base.pt"
+    torch.save({"model": _tiny_state(), "config": {"n_heads": 4, "n_kv_heads": 2, name: value}}, path)
+    with pytest.raises(UserError) as err:
+        load_model(path)
+    _assert_one_line(err, name, str(path))
+
+
+def test_a_1m_token_rope_table_of_wide_heads_is_refused():
+    with pytest.raises(UserError, match="max_seq_len 1048576 x head_dim 1024 exceeds"):
+        ModelConfig.preset("tiny", n_heads=1, n_kv_heads=1, head_dim=1024, max_seq_len=1 << 20)
+
+
+def _tiny_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return LlamaModel(TINY).state_dict()
+
+
+def _without(key: str):
+    return lambda s: {k: v for k, v in s.items() if k != key}
+
+
+# name -> a change to the tiny model's state dict that no LLaMA of any config fits
+STATE_CHANGES = {
+    "a weight that is an int": lambda s: {**s, "wte.weight": 5},
+    "a weight that is a string": lambda s: {**s, "norm.weight": "abc"},
+    "a weight that is a list": lambda s: {**s, "layers.0.attn.q_proj.weight": [1.0, 2.0]},
+    "1-D embedding": lambda s: {**s, "wte.weight": torch.zeros(10)},
+    "3-D embedding": lambda s: {**s, "wte.weight": torch.zeros(3, 4, 5)},
+    "0-D embedding": lambda s: {**s, "wte.weight": torch.tensor(1.0)},
+    "int64 weights": lambda s: {k: v.long() for k, v in s.items()},
+    "one bool weight": lambda s: {**s, "norm.weight": s["norm.weight"] > 0},
+    "layer 99999": lambda s: {**s, "layers.99999.attn_norm.weight": torch.ones(64)},
+    "layer 1023 only": lambda s: {**s, "layers.1023.attn_norm.weight": torch.ones(64)},
+    "no embedding": _without("wte.weight"),
+    "no final norm": _without("norm.weight"),
+    "an extra weight": lambda s: {**s, "layers.0.attn.extra.weight": torch.ones(2, 2)},
+    "a transposed projection": lambda s: {
+        **s,
+        "layers.0.mlp.down_proj.weight": s["layers.0.mlp.down_proj.weight"].t().contiguous(),
+    },
+    "a fused qkv of the wrong height": lambda s: {
+        **_without("layers.0.attn.q_proj.weight")(s),
+        "layers.0.attn.qkv_proj.weight": torch.zeros(7, 64),
+    },
+    "a fused qkv that is 1-D": lambda s: {**s, "layers.0.attn.qkv_proj.weight": torch.zeros(128)},
+    "a 1-D q projection": lambda s: {**s, "layers.0.attn.q_proj.weight": torch.zeros(64)},
+    "a q projection narrower than the heads": lambda s: {
+        **s,
+        "layers.0.attn.q_proj.weight": torch.zeros(2, 64),
+    },
+    "an empty embedding": lambda s: {**s, "wte.weight": torch.zeros(0, 64)},
+}
+
+
+NOT_TENSORS = {"a weight that is an int", "a weight that is a string", "a weight that is a list"}
+
+
+@pytest.mark.parametrize(
+    "change, suffix",
+    [(change, ".pt") for change in STATE_CHANGES]
+    + [(change, ".safetensors") for change in STATE_CHANGES if change not in NOT_TENSORS],  # tensors only
+)
+def test_every_malformed_state_dict_is_one_line_naming_the_file(tmp_path, change, suffix):
+    state = STATE_CHANGES[change](_tiny_state())
+    path = tmp_path / f"base{suffix}"
+    if suffix == ".pt":
+        torch.save({"model": state, "config": {"n_heads": 4, "n_kv_heads": 2}}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(UserError) as err:
+        load_model(path, config_overrides={} if suffix == ".pt" else {"n_heads": 4, "n_kv_heads": 2})
+    _assert_one_line(err, str(path))
+
+
+# ----------------------------------------------------------------------------- files and folders
+
+
+def _hf_folder(root: Path, name: str) -> Path:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = root / name
+    LlamaForCausalLM(hf_config(TINY)).save_pretrained(folder)
+    return folder
+
+
+def _edit_config(folder: Path, **changes) -> Path:
+    values = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**values, **changes}))
+    return folder
+
+
+def _drop_weight(folder: Path, key: str) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights[key]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def _pickled_bin(folder: Path, marker: Path) -> Path:
+    from safetensors.torch import load_file
+
+    from tests.reliability.conftest import Payload
+
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save({**weights, "evil": Payload(marker)}, folder / "pytorch_model.bin")
+    return folder
+
+
+def _ds_dir(root: Path, config_text: str | None) -> Path:
+    folder = save_model(LlamaModel(TINY), root / "ds")
+    if config_text is None:
+        (folder / "model_config.json").unlink()
+        (folder / "model_config.json").mkdir()
+    else:
+        (folder / "model_config.json").write_text(config_text)
+    return folder
+
+
+def _safetensors_beside(root: Path, config_text: str) -> Path:
+    folder = save_model(LlamaModel(TINY), root / "st")
+    (folder / "model_config.json").unlink()
+    (folder / "config.json").write_text(config_text)
+    return folder / "model.safetensors"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _unlink(path: Path) -> Path:
+    path.unlink()
+    return path.parent
+
+
+def _fifo(root: Path) -> Path:
+    os.mkfifo(root / "x.pt")
+    return root / "x.pt"
+
+
+def _link(root: Path, name: str, target: str) -> Path:
+    (root / name).symlink_to(target)
+    return root / name
+
+
+def _loop(root: Path) -> Path:
+    (root / "loop_a").symlink_to(root / "loop_b")
+    (root / "loop_b").symlink_to(root / "loop_a")
+    return root / "loop_a"
+
+
+def _protocol_pickle(root: Path, protocol: int) -> Path:
+    (root / "p.pt").write_bytes(pickle.dumps({"wte.weight": [1.0, 2.0]}, protocol=protocol))
+    return root / "p.pt"
+
+
+# name -> (make the file under a folder, words the one line must hold)
+HOSTILE_FILES = {
+    "plain text .pt": (lambda r: _write(r / "t.pt", "hello world\n" * 50), "corrupt"),
+    "FIFO named .pt": (_fifo, "FIFO"),
+    "/dev/zero as .pt": (lambda r: _link(r, "z.pt", "/dev/zero"), "character device"),
+    "/dev/zero as .safetensors": (lambda r: _link(r, "z.safetensors", "/dev/zero"), "character device"),
+    "broken symlink": (lambda r: _link(r, "gone.pt", str(r / "nowhere.pt")), "broken symlink"),
+    "symlink loop": (_loop, "symlink loop"),
+    "protocol-2 pickle": (lambda r: _protocol_pickle(r, 2), "corrupt|weights_only=True"),
+    "protocol-4 pickle": (lambda r: _protocol_pickle(r, 4), "corrupt|weights_only=True"),
+    "protocol-5 pickle": (lambda r: _protocol_pickle(r, 5), "corrupt|weights_only=True"),
+    "model_config.json invalid": (lambda r: _ds_dir(r, "{oops"), "not valid JSON"),
+    "model_config.json a list": (lambda r: _ds_dir(r, "[]"), "JSON list"),
+    "model_config.json a directory": (lambda r: _ds_dir(r, None), "is a directory"),
+    "model_config.json n_heads 0": (
+        lambda r: _ds_dir(r, json.dumps({**TINY.architecture(), "n_heads": 0})),
+        "n_heads 0",
+    ),
+    "config.json beside .safetensors invalid": (lambda r: _safetensors_beside(r, "{oops"), "not valid JSON"),
+    "config.json beside .safetensors a list": (lambda r: _safetensors_beside(r, "[1]"), "JSON list"),
+    "config.json beside .safetensors hidden_size str": (
+        lambda r: _safetensors_beside(r, json.dumps({**hf_config(TINY).to_dict(), "hidden_size": "64"})),
+        "config.json",
+    ),
+    "HF folder without weights": (
+        lambda r: _unlink(_hf_folder(r, "hf") / "model.safetensors"),
+        "model.safetensors",
+    ),
+    "HF config.json invalid": (
+        lambda r: _write(_hf_folder(r, "hf") / "config.json", "{oops").parent,
+        "not valid JSON",
+    ),
+    "HF hidden_size str": (lambda r: _edit_config(_hf_folder(r, "hf"), hidden_size="64"), "hidden_size"),
+    "HF num_attention_heads 0": (
+        lambda r: _edit_config(_hf_folder(r, "hf"), num_attention_heads=0),
+        "transformers cannot read",
+    ),
+    "HF vocab_size 0": (lambda r: _edit_config(_hf_folder(r, "hf"), vocab_size=0), "vocab_size"),
+    "HF num_hidden_layers -1": (
+        lambda r: _edit_config(_hf_folder(r, "hf"), num_hidden_layers=-1),
+        "n_layers -1",
+    ),
+    "HF max_position_embeddings huge": (
+        lambda r: _edit_config(_hf_folder(r, "hf"), max_position_embeddings=10**10),
+        "max_seq_len",
+    ),
+    "HF rms_norm_eps negative": (lambda r: _edit_config(_hf_folder(r, "hf"), rms_norm_eps=-1.0), "norm_eps"),
+    "HF quantization_config": (
+        lambda r: _edit_config(_hf_folder(r, "hf"), quantization_config={"quant_method": "bitsandbytes"}),
+        "quantized",
+    ),
+    "HF missing final norm": (lambda r: _drop_weight(_hf_folder(r, "hf"), "model.norm.weight"), "model.norm"),
+    "HF missing a layer weight": (
+        lambda r: _drop_weight(_hf_folder(r, "hf"), "model.layers.1.mlp.down_proj.weight"),
+        "down_proj",
+    ),
+    "HF pickled pytorch_model.bin": (
+        lambda r: _pickled_bin(_hf_folder(r, "hf"), r / "ran"),
+        "weights_only=True",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_FILES)
+def test_every_hostile_base_model_is_one_line_exit_2_through_export(
+    name, tmp_path, capsys, gpt2_tokenizer_dir
+):
+    """The real command (``export --base_model X``, the loader of train and eval too)."""
+    from ds_sft.cli import main
+
+    root = tmp_path / "in"
+    root.mkdir()
+    make, words = HOSTILE_FILES[name]
+    path = make(root)
+    code = main(["export", "--base_model", str(path), "--tokenizer", str(gpt2_tokenizer_dir),
+                 "--hf", str(tmp_path / "hf_out")])  # fmt: skip
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1, (name, code, err[-2000:])  # an exception would have raised
+    named = str(path) in lines[0] or str(path.with_name("config.json")) in lines[0]  # or the config beside
+    assert re.search(words, lines[0]) and named, (name, lines[0])
+    assert "weights_only=False" not in lines[0] and "hf download" not in lines[0], lines[0]
+    assert not (root / "ran").exists()
+
+
+def test_an_honest_hf_folder_still_loads_with_its_tied_head(tmp_path):
+    """The positive control of the weights check: nothing missing, nothing unexpected."""
+    folder = _hf_folder(tmp_path, "hf")
+    model = load_model(folder)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "model.safetensors"))
+    torch.testing.assert_close(model.norm.weight, saved["model.norm.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(model.wte.weight, saved["model.embed_tokens.weight"], rtol=0, atol=0)
