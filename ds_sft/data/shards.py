@@ -13,7 +13,7 @@ Everything a training step needs (shifted labels, per-document position ids, doc
 ids) is derived from these in :meth:`PackedDataset.__getitem__`, so the files hold each fact once.
 
 A data dir may come from anyone, damaged or forged, so the reader trusts none of it: the manifest
-and index are checked key by key (:func:`read_json_object`), and every shard once, when the dataset
+and index are checked key by key (:func:`read_checked_json`), and every shard once, when the dataset
 opens (:meth:`PackedDataset.check_shard`): shapes, dtypes, document offsets and lengths, source ids,
 and token ids below the recorded vocabulary (an id past the embedding is a device-side assert on a
 GPU). A bad file is one line naming it, before the first step rather than in the middle of a run.
@@ -29,21 +29,17 @@ import numpy as np
 
 from ds_sft.errors import UserError
 from ds_sft.labels import IGNORE_INDEX
+from ds_sft.paths import read_json_object
 
 ROWS_PER_SHARD = 16384  # 16M tokens (32 MB of uint16) per shard at seq_len 1024
 SHARD_NAME = re.compile(r"shard_\d{5,}")  # what write_split names them; nothing that leaves the folder
 REPREPARE = "run `ds-sft prepare` again to rebuild it"
 
 
-def read_json_object(path: Path, required: dict[str, type | tuple[type, ...]]) -> dict:
-    """The JSON object in ``path`` with each ``required`` key present and of its type; else one
-    UserError naming the file and the fault (a bool is not accepted as an int)."""
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise UserError(f"{path}: not readable JSON ({str(err).splitlines()[0]}); {REPREPARE}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: holds {type(value).__name__}, not a JSON object; {REPREPARE}")
+def read_checked_json(path: Path, required: dict[str, type | tuple[type, ...]]) -> dict:
+    """The JSON object in ``path`` (:func:`ds_sft.paths.read_json_object`) with each ``required`` key
+    present and of its type; else one UserError naming the file and the key (a bool is no int)."""
+    value = read_json_object(path, "prepared data file")
     for key, kind in required.items():
         field = value.get(key)
         if not isinstance(field, kind) or isinstance(field, bool):
@@ -63,7 +59,7 @@ def read_manifest(data_dir: str | Path, required: dict[str, type | tuple[type, .
         raise UserError(
             f"{data_dir}: no manifest.json, so not a prepared data dir; run `ds-sft prepare --output_dir DIR`"
         )
-    manifest = read_json_object(path, {"sources": list, **(required or {})})
+    manifest = read_checked_json(path, {"sources": list, **(required or {})})
     if not manifest["sources"] or not all(isinstance(name, str) for name in manifest["sources"]):
         raise UserError(f"{path}: 'sources' must name each source; {REPREPARE}")
     tokenizer = manifest.get("tokenizer", {})
@@ -116,7 +112,7 @@ class PackedDataset:
                 f"{self.data_dir}: no prepared {split!r} split here; run `ds-sft prepare --output_dir DIR`"
             )
         self.manifest = read_manifest(self.data_dir)
-        self.index = read_json_object(index_path, {"seq_len": int, "rows": int, "shards": list})
+        self.index = read_checked_json(index_path, {"seq_len": int, "rows": int, "shards": list})
         self.split = split
         self.seq_len: int = self.index["seq_len"]
         self.sources: list[str] = self.manifest["sources"]
