@@ -470,7 +470,8 @@ def test_a_run_folder_overlapping_an_input_is_refused_before_anything_is_touched
 
 
 def test_the_runs_own_effective_config_may_be_passed_back(data, genuine_run, tmp_path, monkeypatch):
-    """The documented way to rerun a run's settings: --deepspeed_config RUN/effective_config.json."""
+    """The documented way to rerun a run's settings: --deepspeed_config RUN/effective_config.json, with
+    the paths given as flags (the file records them, and a config never sets them)."""
     import ds_sft.train.distributed
 
     def work(*args, **kwargs):
@@ -478,7 +479,8 @@ def test_the_runs_own_effective_config_may_be_passed_back(data, genuine_run, tmp
 
     monkeypatch.setattr(ds_sft.train.distributed, "init_distributed", work)
     out = copy_run(genuine_run, tmp_path / "run")
-    argv = ["train", "--deepspeed_config", str(out / "effective_config.json"), "--resume"]
+    argv = ["train", "--deepspeed_config", str(out / "effective_config.json"), "--resume",
+            "--data_dir", str(data), "--out_dir", str(out)]  # fmt: skip
     with pytest.raises(WorkStarted):
         main(argv)
 
