@@ -66,6 +66,14 @@ def run(args: argparse.Namespace) -> int:
             f"demo: {run_dir} exists and the demo did not make it: move it away, or give the demo "
             "another folder (make demo DEMO_ARGS='--out runs/demo2', or python -m ds_sft.demo --out ...)"
         )
+    from ds_sft.train.run_dir import MARKER
+
+    if run_dir.exists() and not (run_dir / MARKER).exists():
+        # an older ds-sft's demo: its run and eval folders carry no record train and eval could trust
+        raise SystemExit(
+            f"demo: {out} was made by an older ds-sft, whose run folder has no {MARKER}: remove it "
+            f"(rm -r {out}), or give the demo another folder (make demo DEMO_ARGS='--out runs/demo2')"
+        )
     out.mkdir(parents=True, exist_ok=True)
     mark.write_text("ds-sft demo: run/ here is the demo's own run; the next `make demo` replaces it\n")
     replace_run = ["--overwrite"] if run_dir.exists() else []

@@ -11,6 +11,7 @@ import argparse
 import pytest
 
 from ds_sft import demo
+from ds_sft.train.run_dir import MARKER
 
 
 @pytest.fixture
@@ -25,6 +26,7 @@ def stages(monkeypatch):
                 raise SystemExit(f"ds-sft train: error: {run_dir} already holds a training run")
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "metrics.jsonl").write_text("{}\n")
+            (run_dir / MARKER).write_text("{}\n")
         if argv[0] == "eval":
             eval_dir = demo.Path(argv[argv.index("--out") + 1])
             eval_dir.mkdir(parents=True, exist_ok=True)
@@ -63,3 +65,14 @@ def test_a_run_the_demo_did_not_make_is_left_alone(tmp_path, stages, made_by):
     assert stages == [], "refused before any stage ran"
     assert (out / "run" / "metrics.jsonl").read_text() == f"made by {made_by}\n"
     assert not (out / demo.DEMO_MARK).exists()
+
+
+def test_an_older_ds_sfts_demo_folder_is_refused_with_what_to_do(tmp_path, stages):
+    """Its run folder has no ownership marker, which train now requires: say so before any stage."""
+    out = tmp_path / "demo"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "metrics.jsonl").write_text("an older run\n")
+    (out / demo.DEMO_MARK).write_text("made by an older demo\n")
+    with pytest.raises(SystemExit, match="made by an older ds-sft.*rm -r .*DEMO_ARGS='--out"):
+        demo.run(demo_args(out))
+    assert stages == [] and (out / "run" / "metrics.jsonl").read_text() == "an older run\n"
