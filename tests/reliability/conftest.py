@@ -60,14 +60,19 @@ def ds_env_module() -> dict[str, str]:
     return single_rank_env()
 
 
-def write_tiny_data_dir(path: Path, train_rows=48, val_rows=8, seq_len=32, seed=0):
+def write_tiny_data_dir(
+    path: Path, train_rows=48, val_rows=8, seq_len=32, seed=0, tokenizer: Path | None = None
+):
     """A prepared data directory for the ``tiny`` model preset (vocabulary 256), written in seconds.
 
     ``ds-sft prepare`` needs a real tokenizer whose ids would not fit the tiny model's embedding, so
     the documents here are random token ids, laid out by the same packer and shard writer that
-    ``prepare`` uses: the trainer reads it exactly as it reads a real one.
+    ``prepare`` uses: the trainer reads it exactly as it reads a real one. With ``tokenizer`` (a
+    tokenizer or model folder) the directory also holds that tokenizer and names the alpaca
+    template, as eval needs to read prompts.
     """
     import json
+    import shutil
 
     import numpy as np
 
@@ -90,5 +95,9 @@ def write_tiny_data_dir(path: Path, train_rows=48, val_rows=8, seq_len=32, seed=
         packed = pack_rows(docs, best_fit_decreasing(docs.lengths, seq_len), seq_len, pad_id=0)
         splits[split] = write_split(path / split, packed, vocab_size=256)
     manifest = {"sources": sources, "seq_len": seq_len, "splits": splits, "note": "synthetic, for tests"}
+    if tokenizer is not None:
+        not_tokenizer = shutil.ignore_patterns("*.safetensors", "config.json")
+        shutil.copytree(tokenizer, path / "tokenizer", ignore=not_tokenizer)
+        manifest["template"] = "alpaca"
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return path

@@ -88,10 +88,7 @@ def _evil_folder(clean: Path, tmp_path: Path, name: str) -> tuple[Path, Path]:
 
 
 def _commands(folder: Path, clean: Path, tmp_path: Path) -> dict[str, list[str]]:
-    data = write_tiny_data_dir(tmp_path / "data")
-    shutil.copytree(clean, data / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    manifest = json.loads((data / "manifest.json").read_text())
-    (data / "manifest.json").write_text(json.dumps({**manifest, "template": "alpaca"}))
+    data = write_tiny_data_dir(tmp_path / "data", tokenizer=clean)
     rows = tmp_path / "alpaca.jsonl"
     rows.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."}) + "\n")
     prepare = ["prepare", "--alpaca", str(rows), "--output_dir", str(tmp_path / "prepared")]

@@ -419,10 +419,7 @@ def test_a_base_model_pt_carrying_code_is_one_line_in_every_command(
     marker = tmp_path / "payload_ran"
     evil = tmp_path / "base.pt"
     torch.save({"model": _tiny_state(), "config": PAYLOADS[payload](marker)}, evil)
-    data = write_tiny_data_dir(tmp_path / "data")
-    shutil.copytree(gpt2_tokenizer_dir, data / "tokenizer")  # eval reads prompts with the data's tokenizer
-    manifest = json.loads((data / "manifest.json").read_text())
-    (data / "manifest.json").write_text(json.dumps({**manifest, "template": "alpaca"}))
+    data = write_tiny_data_dir(tmp_path / "data", tokenizer=gpt2_tokenizer_dir)
     commands = {
         "train": ["train", "--base_model", str(evil), "--data_dir", str(data),
                   "--out_dir", str(tmp_path / "run")],
