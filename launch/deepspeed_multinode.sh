@@ -13,6 +13,8 @@
 #              --base_model smollm2-135m-instruct --deepspeed_config ds_configs/sft_recipe.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
+launcher=launch/deepspeed_multinode.sh
+source launch/options.sh
 
 dry_run=0
 hostfile=launch/hostfile
@@ -22,13 +24,14 @@ launcher_extra=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) dry_run=1; shift ;;
-        --hostfile) hostfile=$2; shift 2 ;;
-        --master_addr) master_addr=$2; shift 2 ;;
-        --master_port) master_port=$2; shift 2 ;;
+        --hostfile) hostfile=$(value_of "$@"); shift 2 ;;
+        --master_addr) master_addr=$(value_of "$@"); host --master_addr "$master_addr"; shift 2 ;;
+        --master_port) master_port=$(value_of "$@"); count --master_port "$master_port" 1 65535; shift 2 ;;
         --no_ssh) launcher_extra+=(--no_ssh); shift ;;
-        --node_rank) launcher_extra+=(--node_rank "$2"); shift 2 ;;
+        --node_rank) node_rank=$(value_of "$@"); count --node_rank "$node_rank" 0 65535
+                     launcher_extra+=(--node_rank "$node_rank"); shift 2 ;;
         --) shift; break ;;
-        *) echo "unknown option $1 (train flags go after --)" >&2; exit 2 ;;
+        *) refuse "unknown option $1 (train flags go after --)" ;;
     esac
 done
 
@@ -39,8 +42,7 @@ if [[ $dry_run -eq 1 ]]; then
     exit 0
 fi
 if [[ ! -f $hostfile ]]; then
-    echo "hostfile $hostfile not found: copy launch/hostfile.example and list your nodes" >&2
-    exit 2
+    refuse "hostfile $hostfile not found: copy launch/hostfile.example and list your nodes"
 fi
 # DeepSpeed JIT-builds its ops once into this cache; keep it where every node sees the same path.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}

@@ -9,6 +9,8 @@
 # save a checkpoint and exit; rerun with --resume. --dry-run prints the exact command and exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+launcher=launch/torchrun.sh
+source launch/options.sh
 
 dry_run=0
 procs=""
@@ -17,11 +19,11 @@ rdzv=127.0.0.1:29500
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) dry_run=1; shift ;;
-        --nproc) procs=$2; shift 2 ;;
-        --nnodes) nnodes=$2; shift 2 ;;
-        --rdzv) rdzv=$2; shift 2 ;;
+        --nproc) procs=$(value_of "$@"); count --nproc "$procs" 1 4096; shift 2 ;;
+        --nnodes) nnodes=$(value_of "$@"); count --nnodes "$nnodes" 1 65536; shift 2 ;;
+        --rdzv) rdzv=$(value_of "$@"); endpoint --rdzv "$rdzv"; shift 2 ;;
         --) shift; break ;;
-        *) echo "unknown option $1 (train flags go after --)" >&2; exit 2 ;;
+        *) refuse "unknown option $1 (train flags go after --)" ;;
     esac
 done
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -60,3 +61,92 @@ def test_slurm_rendezvous_port_is_derived_from_the_job_id(job_id):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert f"--rdzv_endpoint localhost:{slurm_master_port(job_id)} " in done.stdout
+
+
+BAD_OPTIONS = [
+    ("torchrun.sh", ["--nproc", "0"]),
+    ("torchrun.sh", ["--nproc", "-3"]),
+    ("torchrun.sh", ["--nproc", "abc"]),
+    ("torchrun.sh", ["--nproc", "2.5"]),
+    ("torchrun.sh", ["--nproc", "99999999999999999999"]),
+    ("torchrun.sh", ["--nproc", ""]),
+    ("torchrun.sh", ["--nproc"]),
+    ("torchrun.sh", ["--nproc", "--"]),
+    ("torchrun.sh", ["--nnodes", "x"]),
+    ("torchrun.sh", ["--nnodes", "0"]),
+    ("torchrun.sh", ["--rdzv", "node-01"]),
+    ("torchrun.sh", ["--rdzv", "node-01:0"]),
+    ("torchrun.sh", ["--rdzv", "node-01:65536"]),
+    ("torchrun.sh", ["--rdzv", "node 01:29400"]),
+    ("torchrun.sh", ["--rdzv", "a;touch x:29400"]),
+    ("torchrun.sh", ["--rdzv", ":29400"]),
+    ("torchrun.sh", ["--bogus"]),
+    ("deepspeed_multinode.sh", ["--master_port", "0"]),
+    ("deepspeed_multinode.sh", ["--master_port", "70000"]),
+    ("deepspeed_multinode.sh", ["--master_port", "port"]),
+    ("deepspeed_multinode.sh", ["--master_addr"]),
+    ("deepspeed_multinode.sh", ["--master_addr", "a b"]),
+    ("deepspeed_multinode.sh", ["--master_addr", "$(reboot)"]),
+    ("deepspeed_multinode.sh", ["--node_rank", "-1"]),
+    ("deepspeed_multinode.sh", ["--node_rank", "one"]),
+    ("deepspeed_multinode.sh", ["--hostfile"]),
+    ("deepspeed_multinode.sh", ["--bogus"]),
+]
+
+
+def _dry_run(script: str, options: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(REPO_ROOT / "launch" / script), "--dry-run", *options, "--", "--model", "tiny"],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("script", "options"), BAD_OPTIONS)
+def test_a_wrong_launcher_option_stops_in_one_line_before_any_launcher(script, options):
+    """Unchecked, these reached torchrun (a bare AssertionError traceback for --nproc 0) or bash's
+    "unbound variable"; now the script names the option and starts nothing."""
+    done = _dry_run(script, options)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stdout == ""  # no command printed: nothing would have started
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"launch/{script}: "), done.stderr
+    assert options[0] in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("script", "option", "low", "high"),
+    [
+        ("torchrun.sh", "--nproc", 1, 4096),
+        ("torchrun.sh", "--nnodes", 1, 65536),
+        ("deepspeed_multinode.sh", "--master_port", 1, 65535),
+        ("deepspeed_multinode.sh", "--node_rank", 0, 65535),
+    ],
+)
+def test_launcher_counts_are_accepted_exactly_inside_their_range(script, option, low, high):
+    for value in (low - 1, low, low + 1, high - 1, high, high + 1, 10 * high):
+        done = _dry_run(script, [option, str(value)])
+        inside = low <= value <= high
+        assert (done.returncode == 0) == inside, (value, done.stderr)
+        if inside and (option, value) != ("--nnodes", 1):  # one node runs --standalone
+            assert f" {value} " in done.stdout
+
+
+def _readme_launcher_lines() -> list[str]:
+    readme = (REPO_ROOT / "README.md").read_text()
+    return [line for line in readme.splitlines() if line.startswith("launch/")]
+
+
+@pytest.mark.parametrize("line", _readme_launcher_lines())
+def test_the_readme_launcher_commands_are_accepted(line):
+    """The README once showed torchrun.sh options it never had (--node_rank, --master_addr)."""
+    script, *words = shlex.split(line)
+    done = subprocess.run(
+        ["bash", str(REPO_ROOT / script), "--dry-run", *words],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_readme_shows_every_launcher():
+    shown = {shlex.split(line)[0] for line in _readme_launcher_lines()}
+    assert shown == {"launch/torchrun.sh", "launch/deepspeed_multinode.sh"}

@@ -1,0 +1,37 @@
+# The launch scripts' own options, checked before any launcher starts: a wrong value stops in one
+# line naming the option, exit 2. Unchecked, torchrun answers `--nproc 0` with a bare AssertionError
+# traceback and bash's `set -u` answers a missing value with "unbound variable".
+#
+# Sourced by launch/torchrun.sh and launch/deepspeed_multinode.sh, which set $launcher first.
+
+refuse() {
+    echo "$launcher: $*" >&2
+    exit 2
+}
+
+# value_of OPTION [NEXT...]: OPTION's value, the next word, which must be there and not be an option
+# (a negative number is a value, for count to refuse by name).
+value_of() {
+    [[ $# -ge 2 && ( $2 != -* || $2 =~ ^-[0-9] ) ]] || refuse "$1 needs a value (see the usage at the top of $launcher)"
+    printf '%s' "$2"
+}
+
+# count OPTION VALUE MIN MAX: VALUE is a whole number from MIN to MAX (at most 9 digits, so bash's
+# 64-bit arithmetic cannot wrap).
+count() {
+    [[ $2 =~ ^[0-9]{1,9}$ ]] && (( 10#$2 >= $3 && 10#$2 <= $4 )) \
+        || refuse "$1 must be a whole number from $3 to $4, got '$2'"
+}
+
+# host OPTION VALUE: a host name or address, optionally [IPv6]; no spaces or shell metacharacters.
+host() {
+    [[ $2 =~ ^([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])$ ]] \
+        || refuse "$1 must be a host name or address (node-01, 10.0.0.1, [fd00::1]), got '$2'"
+}
+
+# endpoint OPTION VALUE: HOST:PORT, the form torchrun's c10d rendezvous takes.
+endpoint() {
+    [[ $2 == *:* ]] || refuse "$1 must be HOST:PORT (e.g. node-01:29400), got '$2'"
+    host "$1" "${2%:*}"
+    count "$1's port" "${2##*:}" 1 65535
+}
