@@ -177,16 +177,30 @@ class Names(Domain):
 @dataclass(frozen=True, repr=False)
 class Text(Domain):
     """A non-empty string without NUL bytes (a path or a name: whether it exists is checked where it
-    is used; no path can hold a NUL)."""
+    is used; no path can hold a NUL). ``forbidden`` characters and ``max_length`` narrow it for a name
+    another library checks only later (wandb refuses a project name with ``/`` when the run starts,
+    after the model has loaded)."""
+
+    forbidden: str = ""
+    max_length: int | None = None
 
     def describe(self) -> str:
-        return "a non-empty string without NUL bytes"
+        text = "a non-empty string without NUL bytes"
+        if self.forbidden:
+            text += " or any of " + " ".join(self.forbidden)
+        if self.max_length is not None:
+            text += f", at most {self.max_length} characters"
+        return text
 
     def parse(self, text: str):
         return text
 
     def check(self, value):
         if not isinstance(value, str) or not value.strip() or "\0" in value:
+            raise self.refuse(value)
+        if any(char in value for char in self.forbidden):
+            raise self.refuse(value)
+        if self.max_length is not None and len(value) > self.max_length:
             raise self.refuse(value)
         return value
 

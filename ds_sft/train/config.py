@@ -33,6 +33,7 @@ from ds_sft.errors import UserError
 from ds_sft.options import INT32_MAX, INT64_MAX, Bool, Choice, Float, Int, Names, OutOfDomain, Pair, Text
 from ds_sft.train.compatibility import IDENTITY_KEYS
 from ds_sft.train.distributed import launch_environment
+from ds_sft.train.metrics import WANDB_MODES, resolve_wandb_mode
 
 # Every `ds-sft train` setting: (built-in default, domain). The defaults are the seed recipe: AdamW 7e-5
 # betas 0.9/0.95, wd 0.05 on linear weights, clip 1.0, warmup 10, cosine to 1e-5, micro-batch 16 and
@@ -66,8 +67,8 @@ OPTIONS: dict[str, tuple] = {
     "keep_last": (2, Int(1, 10**6)),
     "resume": (None, Text()),
     "allow_change": (None, Names(*IDENTITY_KEYS)),  # run identity keys a resume may change
-    "wandb_project": (None, Text()),
-    "wandb_mode": (None, Choice("offline", "online", "disabled")),
+    "wandb_project": (None, Text(forbidden="/\\#?%:", max_length=128)),  # wandb's rule for project names
+    "wandb_mode": (None, Choice(*WANDB_MODES)),
     "alarm_rising_evals": (3, Int(1, INT32_MAX)),
     "alarm_gap": (0.5, Float(0, 1e6)),
     "max_nan_steps": (5, Int(1, INT32_MAX)),
@@ -561,6 +562,7 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
         raise UserError(
             f"--min_lr ({s['min_lr']}) must be between 0 and --learning_rate ({s['learning_rate']})"
         )
+    resolve_wandb_mode(s["wandb_mode"])  # checks $WANDB_MODE now, not when wandb starts after the model loads
 
 
 def check_inputs(s: dict) -> None:

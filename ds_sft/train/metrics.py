@@ -20,6 +20,8 @@ import os
 import time
 from pathlib import Path
 
+from ds_sft.errors import UserError, first_line
+
 # Dense peak FLOP/s per GPU (no sparsity) by name fragment: (bf16, fp32 via TF32).
 GPU_PEAK_FLOPS = {
     "H200": (989e12, 494e12),
@@ -72,6 +74,39 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def resolve_wandb_mode(flag: str | None, environ=os.environ) -> str:
+    """The wandb mode of a run: --wandb_mode, else $WANDB_MODE, else online when WANDB_API_KEY is set
+    (a user with a key wants their runs on the server), else offline."""
+    if flag is not None:
+        return flag
+    mode = environ.get("WANDB_MODE")
+    if mode is None:
+        return "online" if environ.get("WANDB_API_KEY") else "offline"
+    if mode not in WANDB_MODES:
+        raise UserError(
+            f"WANDB_MODE={mode!r} is not a wandb mode ds-sft runs with: set it to one of "
+            f"{', '.join(WANDB_MODES)}, unset it, or pass --wandb_mode"
+        )
+    return mode
+
+
+def start_wandb(wandb, project: str | None, mode: str, run_dir: Path, config: dict):
+    """wandb's run for this training run, or one line saying why wandb refused to start one (a key
+    it rejects, no server within its timeout, a name it does not take)."""
+    try:
+        return wandb.init(
+            project=project or "ds-sft", mode=mode, dir=str(run_dir), config=config, name=run_dir.name
+        )
+    except wandb.errors.Error as err:
+        raise UserError(
+            f"wandb could not start the run in {mode} mode ({first_line(err)}): fix WANDB_API_KEY or the "
+            "network, or pass --wandb_mode offline (sync later with `wandb sync`) or --wandb_mode disabled"
+        ) from None
+
+
 class MetricsSink:
     """Rank 0's console lines, ``metrics.jsonl`` and (optional) wandb run. Other ranks: no-ops."""
 
@@ -84,24 +119,14 @@ class MetricsSink:
         if not enabled:
             return
         self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives as long as the run
-        mode = (
-            wandb_mode
-            or os.environ.get("WANDB_MODE")
-            or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        )
+        mode = resolve_wandb_mode(wandb_mode)
         if mode != "disabled":
             try:
                 import wandb
             except ImportError:
                 print("wandb is not installed: logging to metrics.jsonl only")
             else:
-                self.wandb = wandb.init(
-                    project=wandb_project or "ds-sft",
-                    mode=mode,
-                    dir=str(run_dir),
-                    config=config,
-                    name=run_dir.name,
-                )
+                self.wandb = start_wandb(wandb, wandb_project, mode, run_dir, config)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -6,9 +6,19 @@ import json
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from ds_sft.errors import UserError
+from ds_sft.train.config import OPTIONS
 from ds_sft.train.loop import Alarms
-from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration
+from ds_sft.train.metrics import (
+    MetricsSink,
+    flops_per_token,
+    format_duration,
+    resolve_wandb_mode,
+    start_wandb,
+)
 from ds_sft.train.report import read_records, write_report
 
 
@@ -83,6 +93,65 @@ def test_sink_writes_jsonl_and_an_offline_wandb_run(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["per_source"]["gsm8k"]["acc"] == 0.5 and len(lines) == 8
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize(
+    ("flag", "environ", "expected"),
+    [
+        ("disabled", {"WANDB_MODE": "online", "WANDB_API_KEY": "k"}, "disabled"),  # the flag wins
+        (None, {"WANDB_MODE": "disabled", "WANDB_API_KEY": "k"}, "disabled"),  # then $WANDB_MODE
+        (None, {"WANDB_API_KEY": "k"}, "online"),  # a key: the user wants the server
+        (None, {}, "offline"),
+        (None, {"WANDB_API_KEY": ""}, "offline"),
+    ],
+)
+def test_wandb_mode_comes_from_the_flag_then_the_environment(flag, environ, expected):
+    assert resolve_wandb_mode(flag, environ) == expected
+
+
+@given(st.text(max_size=12).filter(lambda mode: mode not in ("offline", "online", "disabled")))
+def test_a_wandb_mode_variable_wandb_would_refuse_stops_in_one_line(mode):
+    """wandb raised a pydantic traceback for WANDB_MODE=bogus at its first step, after the model loaded."""
+    with pytest.raises(UserError, match="WANDB_MODE=") as refused:
+        resolve_wandb_mode(None, {"WANDB_MODE": mode})
+    assert "\n" not in str(refused.value)
+
+
+@given(st.text(min_size=1, max_size=140).filter(lambda name: name.strip() and "\0" not in name))
+def test_the_project_name_domain_is_wandbs_own_rule(name):
+    """--wandb_project is refused in the parser exactly when wandb would refuse it at the first step."""
+    from wandb.errors import UsageError
+    from wandb.sdk.wandb_settings import Settings
+
+    try:
+        Settings(project=name)
+        wandb_takes_it = True
+    except UsageError:
+        wandb_takes_it = False
+    domain = OPTIONS["wandb_project"][1]
+    try:
+        domain.check(name)
+        ours = True
+    except ValueError:
+        ours = False
+    assert ours == wandb_takes_it
+
+
+@pytest.mark.parametrize(
+    ("project", "mode", "environ"),
+    [
+        ("a/b", "offline", {}),  # a name wandb refuses (the parser refuses it first; this is the net)
+        ("ds-sft", "online", {"WANDB_API_KEY": "xyz"}),  # a key wandb rejects without asking its server
+    ],
+)
+def test_wandb_refusing_to_start_is_one_line(tmp_path, monkeypatch, project, mode, environ):
+    import wandb
+
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match="wandb could not start the run") as refused:
+        start_wandb(wandb, project, mode, tmp_path, {})
+    assert "--wandb_mode offline" in str(refused.value)
 
 
 def test_other_ranks_write_nothing(tmp_path):
