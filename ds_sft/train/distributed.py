@@ -63,6 +63,8 @@ def use_slurm_environment(environ=os.environ) -> bool:
 
 
 MAX_WORLD_SIZE = 2**20  # the most ranks a checkpoint's trainer state may record
+SLURM_SOURCES = {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "LOCAL_RANK": "SLURM_LOCALID"}
+HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}|\[?[0-9A-Fa-f:.]+\]?")  # a name, IPv4 or IPv6
 
 
 def launch_environment(environ=os.environ) -> tuple[int, int, int]:
@@ -75,8 +77,10 @@ def launch_environment(environ=os.environ) -> tuple[int, int, int]:
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         text = environ.get(key, default)
         if not re.fullmatch("-?[0-9]{1,18}", text):  # ASCII digits, as every launcher writes them
+            slurm = SLURM_SOURCES[key]
+            shown = f" (srun's {slurm})" if environ.get(slurm) == text else ""
             raise UserError(
-                f"{key}={text!r} is not an integer (ASCII digits, at most 18): the launcher sets it "
+                f"{key}={text!r}{shown} is not an integer (ASCII digits, at most 18): the launcher sets it "
                 "(torchrun, the deepspeed launcher, srun); unset RANK, WORLD_SIZE and LOCAL_RANK for one rank"
             )
         values[key] = int(text)
@@ -97,6 +101,20 @@ def launch_environment(environ=os.environ) -> tuple[int, int, int]:
             "torchrun or the deepspeed launcher set it"
         )
     return rank, world, local
+
+
+def master_addr(environ=os.environ) -> str:
+    """The host of the store the ranks meet at, checked: a name no resolver can answer (a mangled
+    Slurm node list, a pasted URL) would leave every rank retrying until the collective timeout."""
+    addr = environ.get("MASTER_ADDR", "127.0.0.1")
+    if not HOST.fullmatch(addr):
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+        shown = f" (the first host of srun's node list {nodelist!r})" if nodelist else ""
+        raise UserError(
+            f"MASTER_ADDR={addr!r}{shown} is not a host name or address: set it to rank 0's host "
+            "(node-01, 10.0.0.1), or let torchrun or the deepspeed launcher set it"
+        )
+    return addr
 
 
 def master_port(environ=os.environ) -> str:
@@ -136,6 +154,7 @@ def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     launch_environment()  # before the imports and the group: a launch mistake fails at once
+    master_addr()
     os.environ["MASTER_PORT"] = master_port()
 
     import deepspeed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -254,6 +255,10 @@ LAUNCH_MISTAKES = {  # the red team's: a traceback, a hang, or a message blaming
     "RANK 1 of 1": ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 is not a rank of WORLD_SIZE=1"),
     "WORLD_SIZE 0": ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE=0 is not a number of ranks"),
     "WORLD_SIZE -1": ({"WORLD_SIZE": "-1", "RANK": "0"}, "WORLD_SIZE=-1 is not a number of ranks"),
+    "MASTER_ADDR [[[": (
+        {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "[[["},
+        "MASTER_ADDR='[[[' is not a host name",
+    ),
 }
 
 
@@ -287,3 +292,56 @@ def test_a_launch_mistake_stops_each_process_in_one_line_before_any_group(tmp_pa
         assert processes[name].returncode == 2, (name, err[-3000:])
         (line,) = err.strip().splitlines()
         assert line.startswith(f"ds-sft train: error: {LAUNCH_MISTAKES[name][1]}"), (name, line)
+
+
+GOOD_HOSTS = [
+    "node-01",
+    "gpu007.cluster.local",
+    "10.0.0.1",
+    "127.0.0.1",
+    "::1",
+    "fd00::1",
+    "[fd00::1]",
+    "n" * 253,
+]
+BAD_HOSTS = ["", " ", "[[[", "a b", "http://node-01", "node-01:29500", "-node", "n" * 254, "node;rm", "nöde"]
+
+
+@pytest.mark.parametrize("host", GOOD_HOSTS)
+def test_master_addr_takes_host_names_and_addresses(host):
+    from ds_sft.train.distributed import master_addr
+
+    assert master_addr({"MASTER_ADDR": host}) == host
+
+
+@pytest.mark.parametrize("host", BAD_HOSTS)
+def test_a_master_addr_no_resolver_answers_stops_in_one_line(host):
+    """Before, the ranks retried such a host until the collective timeout (10 minutes by default)."""
+    from ds_sft.train.distributed import master_addr
+
+    with pytest.raises(UserError) as refused:
+        master_addr({"MASTER_ADDR": host})
+    assert str(refused.value).startswith(f"MASTER_ADDR={host!r} is not a host name or address")
+
+
+@pytest.mark.parametrize("nodelist", ["[[[", "gpu[", ",node", "a b[1-2]"])
+def test_a_mangled_slurm_node_list_is_named(nodelist):
+    from ds_sft.train.distributed import master_addr, use_slurm_environment
+
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": nodelist}
+    assert use_slurm_environment(env)
+    with pytest.raises(UserError, match=re.escape(f"srun's node list {nodelist!r}")):
+        master_addr(env)
+
+
+@pytest.mark.parametrize(("slurm", "key"), [("SLURM_PROCID", "RANK"), ("SLURM_NTASKS", "WORLD_SIZE"),
+                                            ("SLURM_LOCALID", "LOCAL_RANK")])  # fmt: skip
+def test_a_bad_slurm_variable_is_named_with_the_one_it_became(slurm, key):
+    """Under srun the user never set RANK: the message names the SLURM variable it came from."""
+    from ds_sft.train.distributed import launch_environment, use_slurm_environment
+
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", slurm: "x1"}
+    use_slurm_environment(env)
+    with pytest.raises(UserError) as refused:
+        launch_environment(env)
+    assert str(refused.value).startswith(f"{key}='x1' (srun's {slurm}) is not an integer")
