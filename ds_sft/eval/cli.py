@@ -40,7 +40,7 @@ MANIFEST = "ds_sft_eval.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ds_sft.options import INT32_MAX, INT64_MAX, Float, Int
+    from ds_sft.options import INT32_MAX, INT64_MAX, Device, Float, Int
 
     which = parser.add_argument_group("what to evaluate")
     models = which.add_mutually_exclusive_group(required=True)
@@ -145,7 +145,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="bfloat16",
         help="weights and activations dtype (logits are upcast to fp32 for the loss either way)",
     )
-    runtime.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
+    runtime.add_argument(
+        "--device",
+        type=Device(),
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)",
+    )
 
 
 def _labels(specs: list[str]) -> list[str]:
@@ -186,10 +191,11 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.eval import evaluate, gsm8k
     from ds_sft.eval.report import write_report
     from ds_sft.eval.stats import paired_comparison
+    from ds_sft.options import available_device
 
     specs = list(args.compare) if args.compare else [args.model]
     out, old_files = _check_args(args, specs)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = available_device(args.device)
     dtype = getattr(torch, args.dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -117,7 +117,8 @@ def load_test_set(path: str | Path | None = None) -> tuple[list[Problem], str]:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"--gsm8k_test {path} does not exist: pass the GSM8K test.jsonl")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise UserError(f"--gsm8k_test {path} {what}: pass the GSM8K test.jsonl")
         return read_jsonl(path), str(path)
     shared = shared_dir()
     if shared is not None and (shared / "data" / "gsm8k" / "test.jsonl").is_file():

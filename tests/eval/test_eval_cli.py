@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -216,6 +217,51 @@ def test_model_with_a_smaller_vocabulary_is_refused(data_dir, tmp_path):
 def test_bad_arguments_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
         cli.run(_parse(["--model", "x", *argv]))
+
+
+NOT_DEVICES = ["mps", "xla", "meta", "bogus", "cuda:", "cuda:-1", "cpu:3", "", "CUDA", "cuda:1a"]
+NOT_DEVICES += ["cuda:12345", "cuda 0", "cuda:0,1"]
+
+
+@pytest.mark.parametrize("device", NOT_DEVICES)
+def test_a_device_ds_sft_does_not_run_on_stops_in_the_parser(device, capsys):
+    """torch's own parser took these and failed later with a traceback (or, for meta, mid-eval)."""
+    from ds_sft.command import main_for
+
+    with pytest.raises(SystemExit) as exited:
+        main_for("eval", ["--model", "x", "--data_dir", "d", "--device", device])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "argument --device: must be cpu, cuda or cuda:N" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "gpus", "expected"),
+    [
+        (None, 0, "cpu"),
+        (None, 2, "cuda"),
+        ("cpu", 2, "cpu"),
+        ("cuda", 1, "cuda"),
+        ("cuda:1", 2, "cuda:1"),
+        ("cuda", 0, "torch sees no CUDA device"),
+        ("cuda:0", 0, "torch sees no CUDA device"),
+        ("cuda:2", 2, "has 2 CUDA device(s): cuda:0 to cuda:1"),
+        ("cuda:9999", 8, "has 8 CUDA device(s)"),
+    ],
+)
+def test_the_device_is_one_this_machine_has(monkeypatch, name, gpus, expected):
+    """Before, --device cuda on a machine without a GPU ended in torch's AssertionError traceback."""
+    import torch
+
+    from ds_sft.options import available_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    if expected.startswith(("cpu", "cuda")):
+        assert available_device(name) == torch.device(expected)
+    else:
+        with pytest.raises(UserError, match=re.escape(expected)):
+            available_device(name)
 
 
 def test_labels_name_run_dirs_not_final():

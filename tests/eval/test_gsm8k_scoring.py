@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -99,8 +100,11 @@ def test_load_test_set_from_path(tmp_path):
 
 
 def test_load_test_set_errors_name_the_fix(tmp_path):
-    with pytest.raises(UserError, match="--gsm8k_test"):
+    with pytest.raises(UserError, match="--gsm8k_test .* does not exist"):
         gsm8k.load_test_set(tmp_path / "missing.jsonl")
+    for not_a_file in (tmp_path, Path("/dev/zero")):  # it exists: "does not exist" misled
+        with pytest.raises(UserError, match="--gsm8k_test .* is not a regular file"):
+            gsm8k.load_test_set(not_a_file)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(UserError, match="bad.jsonl:1"):
