@@ -318,3 +318,13 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def _get_values(self, action, arg_strings):
+        # An empty value is far more often an unset shell variable (--output_dir "$OUT") than a choice,
+        # and to a path flag "" means the working directory.
+        if action.option_strings and any(not text.strip() for text in arg_strings):
+            self.error(
+                f"argument {action.option_strings[0]}: the value is empty (an unset shell variable?): "
+                "pass a value, or leave the flag out"
+            )
+        return super()._get_values(action, arg_strings)

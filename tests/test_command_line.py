@@ -80,3 +80,27 @@ def test_documented_python_m_entry_points_run(command, module):
     )
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+def _value_flags() -> list[tuple[str, str]]:
+    return [
+        (command, action.option_strings[0])
+        for command, parser in sorted(_subparsers(build_parser()).items())
+        for action in parser._actions
+        if action.option_strings and action.nargs != 0 and action.dest != "help"
+    ]
+
+
+@pytest.mark.parametrize(("command", "flag"), _value_flags())
+@pytest.mark.parametrize("empty", ["", " ", "\t"])
+def test_an_empty_value_stops_in_one_line_naming_the_flag(command, flag, empty, capsys):
+    """Every flag that takes a value, of every command: "" (an unset shell variable) named the working
+    directory to a path flag (export --hf "" wrote to ".", its refusal blamed the tokenizer folder)."""
+    parser = build_parser()
+    action = next(a for a in _subparsers(parser)[command]._actions if a.option_strings[:1] == [flag])
+    values = [empty] * (action.nargs if isinstance(action.nargs, int) else 1)
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args([command, flag, *values])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"argument {flag}: the value is empty" in err

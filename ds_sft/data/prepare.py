@@ -195,9 +195,6 @@ def collect_sources(args: argparse.Namespace) -> list:
     from ds_sft.paths import require_regular_file, shared_dir
 
     field_maps = dict(parse_field_map(text) for text in args.field_map)
-    for kind in HUB_IDS:
-        if getattr(args, kind) is not None and not getattr(args, kind).strip():
-            raise UserError(f"--{kind} is empty (an unset shell variable?): pass a file path or a hub id")
     specs = [SourceSpec(kind, kind, getattr(args, kind)) for kind in HUB_IDS if getattr(args, kind)]
     for item in args.source:
         name, eq, location = item.partition("=")

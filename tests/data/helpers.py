@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from ds_sft.data.prepare import add_arguments
+from ds_sft.options import OneLineParser
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -37,6 +37,6 @@ def gsm8k_rows(n: int, offset: int = 0) -> list[dict]:
 
 
 def parse_prepare_args(argv: list[str]):
-    parser = argparse.ArgumentParser()
+    parser = OneLineParser()  # the command line's parser: its checks run here too
     add_arguments(parser)
     return parser.parse_args(argv)

@@ -219,7 +219,7 @@ def test_bad_arguments_are_user_errors(argv, message):
         cli.run(_parse(["--model", "x", *argv]))
 
 
-NOT_DEVICES = ["mps", "xla", "meta", "bogus", "cuda:", "cuda:-1", "cpu:3", "", "CUDA", "cuda:1a"]
+NOT_DEVICES = ["mps", "xla", "meta", "bogus", "cuda:", "cuda:-1", "cpu:3", "CUDA", "cuda:1a"]
 NOT_DEVICES += ["cuda:12345", "cuda 0", "cuda:0,1"]
 
 

@@ -342,8 +342,16 @@ ODD_TEXT = ["nan", "NaN", "inf", "-inf", "1e400", "", " ", "abc", "1.5", "0x10",
 
 def valid_text(domain, text: str) -> bool:
     """The independent oracle: is ``text`` a value of ``domain``?"""
-    from ds_sft.options import Choice, Float, Int, Names, Text, Weights
+    from ds_sft.options import Choice, Device, Float, Int, Names, Text, Weights
 
+    if not text.strip():
+        return False  # an empty value is an unset shell variable, for every flag
+    if isinstance(domain, Device):
+        name = text.strip()
+        index = name.removeprefix("cuda:")
+        return name in ("cpu", "cuda") or (
+            index != name and index.isascii() and index.isdigit() and len(index) <= 4
+        )
     if isinstance(domain, Names):
         return all(name.strip() in domain.values for name in text.split(",") if name.strip())
     if isinstance(domain, Int):
@@ -367,13 +375,16 @@ def valid_text(domain, text: str) -> bool:
             for p in pairs
         )
     if isinstance(domain, Text):
-        return bool(text.strip()) and "\0" not in text  # no path or name holds a NUL byte
+        too_long = domain.max_length is not None and len(text) > domain.max_length
+        return (
+            "\0" not in text and not set(domain.forbidden) & set(text) and not too_long
+        )  # no path holds a NUL
     raise AssertionError(f"no oracle for {domain!r}")
 
 
 def texts_for(domain):
     """Values on both sides of the domain's edges, overflow, NaN/inf, and strings of every kind."""
-    from ds_sft.options import Choice, Float, Int, Names, Weights
+    from ds_sft.options import Choice, Device, Float, Int, Names, Text, Weights
 
     edges: list = []
     if isinstance(domain, Int):
@@ -382,6 +393,25 @@ def texts_for(domain):
         edges = [domain.min, domain.max, domain.min - 0.5, domain.max * 2 + 1, -1e-9, 0.5, 1e300]
     elif isinstance(domain, Choice):
         edges = [*domain.values, "emulated", "AUTO"]
+    elif isinstance(domain, Device):
+        edges = [
+            "cpu",
+            "cuda",
+            "cuda:0",
+            " cuda:7 ",
+            "cuda:9999",
+            "cuda:10000",
+            "cuda:",
+            "mps",
+            "CPU",
+            "cuda:x",
+        ]
+    elif isinstance(domain, Text) and domain.max_length is not None:
+        edges = [
+            "x" * domain.max_length,
+            "x" * (domain.max_length + 1),
+            *(f"a{c}b" for c in domain.forbidden),
+        ]
     elif isinstance(domain, Names):
         edges = [*domain.values, ",".join(domain.values), f"{domain.values[0]},,x", " , ", "SEED", "a,b"]
     elif isinstance(domain, Weights):
