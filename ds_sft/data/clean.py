@@ -6,13 +6,18 @@ a row leaves the pipeline only through :meth:`Drops.add`, with a reason.
 Decontamination follows the 13-gram overlap test of the GPT-3 paper: split text into lowercase word
 tokens, hash every run of 13 consecutive words, and drop a training row when the share of its
 13-grams that also occur in the reference set (the GSM8K test set, the held-out val rows) reaches
-``threshold``. The hashing is vectorized: words become integer ids, and a 13-term polynomial rolling
-hash over the concatenated id array is 13 numpy multiply-adds, so millions of n-grams cost well
-under a second.
+``threshold``. A 13-gram found in many distinct documents (:data:`COMMON_NGRAM_DOCS`) is boilerplate,
+not contamination: a system prompt or instruction preamble every row repeats would otherwise make
+the rows overlap each other and the val split. Such n-grams are left out of the share altogether,
+so a row is judged on its own text.
+
+The hashing is vectorized: words become integer ids, and a 13-term polynomial rolling hash over the
+concatenated id array is 13 numpy multiply-adds, so millions of n-grams cost well under a second.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import string
@@ -22,6 +27,12 @@ from collections import Counter
 import numpy as np
 
 NGRAM = 13
+# An n-gram held by more than this many distinct documents on one side (the training rows, or the
+# reference) is boilerplate: a shared system prompt, an instruction template, a stock phrase. 10 is
+# the cut lm-evaluation-harness and NeMo Curator (max_matches=10) use for 13-gram decontamination;
+# a val or test question copied into as many as 9 other rows is still caught. Text shared by
+# 10 rows or fewer counts as copied, so a tiny dataset (under ~20 rows) keeps the plain behavior.
+COMMON_NGRAM_DOCS = 10
 
 # Alpaca's placeholders for "this instruction has no input".
 NO_INPUT_MARKERS = {"<noinput>", "<no input>", "noinput", "no input", "no input.", "n/a", "n/a."}
@@ -202,60 +213,97 @@ def ngram_hashes(docs: list[list[bytes]], n: int = NGRAM) -> tuple[np.ndarray, n
     return hashed[inside_one_doc], owner[:windows][inside_one_doc]
 
 
-def text_ngram_hashes(texts: list[str], n: int = NGRAM) -> np.ndarray:
-    """The n-gram hashes of plain texts (a reference set such as the GSM8K test set)."""
-    return ngram_hashes([words(text) for text in texts], n)[0]
+def _member(values: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Which ``values`` are in ``members`` (sorted, unique), as a boolean mask.
+
+    Nearly every n-gram is in no reference. A bit table over the low hash bits, 1/16 full, rules those
+    out with one gather; only the ~6% that pass pay for a binary search (10x faster than searching
+    them all: a random probe into a large sorted array misses the cache at every step)."""
+    inside = np.zeros(len(values), dtype=bool)
+    if not len(members):
+        return inside
+    bits = max(16, (16 * len(members)).bit_length())
+    low = np.uint64((1 << bits) - 1)
+    maybe_in = np.zeros(1 << bits, dtype=bool)
+    maybe_in[members & low] = True
+    probe = np.flatnonzero(maybe_in[values & low])
+    where = np.minimum(np.searchsorted(members, values[probe]), len(members) - 1)
+    inside[probe[members[where] == values[probe]]] = True
+    return inside
+
+
+def _more_than(sorted_hashes: np.ndarray, times: int) -> np.ndarray:
+    """The distinct values of ``sorted_hashes`` that occur in it more than ``times`` times."""
+    starts = np.flatnonzero(np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]])
+    occurrences = np.diff(np.r_[starts, len(sorted_hashes)])
+    return sorted_hashes[starts[occurrences > times]]
 
 
 class NgramSet:
-    """The hashed n-grams of documents (word lists): hashed once, then queried against several references."""
+    """The hashed n-grams of documents, each with the index of its document (``owner``)."""
 
-    def __init__(self, docs: list[list[bytes]], n: int = NGRAM) -> None:
-        self.hashes, self.owner = ngram_hashes(docs, n)
-        self.counts = np.bincount(self.owner, minlength=len(docs))
+    def __init__(self, hashes: np.ndarray, owner: np.ndarray, n_docs: int) -> None:
+        self.hashes, self.owner, self.n_docs = hashes, owner, n_docs
+
+    @classmethod
+    def of_docs(cls, docs: list[list[bytes]], n: int = NGRAM) -> NgramSet:
+        """From documents given as :func:`words` lists."""
+        return cls(*ngram_hashes(docs, n), len(docs))
+
+    @classmethod
+    def of_texts(cls, texts: list[str], n: int = NGRAM) -> NgramSet:
+        """From plain texts (a reference set such as the GSM8K test set)."""
+        return cls.of_docs([words(text) for text in texts], n)
 
     @classmethod
     def of_records(cls, fields: list[list[list[bytes]]], n: int = NGRAM) -> NgramSet:
         """From :func:`record_words`: a record's n-grams run across its fields, in reading order."""
-        return cls([list(itertools.chain.from_iterable(field_words)) for field_words in fields], n)
+        return cls.of_docs([list(itertools.chain.from_iterable(field_words)) for field_words in fields], n)
 
-    def of(self, index: np.ndarray) -> np.ndarray:
-        """The n-gram hashes of texts ``index`` (to serve as a reference for the others)."""
-        chosen = np.zeros(len(self.counts), dtype=bool)
+    def of(self, index: np.ndarray) -> NgramSet:
+        """The n-grams of documents ``index`` only (to serve as a reference for the others)."""
+        chosen = np.zeros(self.n_docs, dtype=bool)
         chosen[index] = True
-        return self.hashes[chosen[self.owner]]
+        keep = chosen[self.owner]
+        return NgramSet(self.hashes[keep], self.owner[keep], self.n_docs)
 
-    def overlap(self, reference_hashes: np.ndarray) -> np.ndarray:
-        """Per text, the fraction of its n-grams found in ``reference_hashes`` (0 when it has none)."""
-        reference = np.unique(reference_hashes)
-        if not len(reference):
-            return np.zeros(len(self.counts))
-        # Nearly every n-gram is in no reference. A bit table over the low hash bits, 1/16 full, rules
-        # those out with one gather; only the ~6% that pass pay for a binary search (10x faster than
-        # searching them all: a random probe into a large sorted array misses the cache at every step).
-        bits = max(16, (16 * len(reference)).bit_length())
-        low = np.uint64((1 << bits) - 1)
-        maybe_in = np.zeros(1 << bits, dtype=bool)
-        maybe_in[reference & low] = True
-        probe = np.flatnonzero(maybe_in[self.hashes & low])
-        where = np.minimum(np.searchsorted(reference, self.hashes[probe]), len(reference) - 1)
-        found = probe[reference[where] == self.hashes[probe]]
-        hits = np.bincount(self.owner[found], minlength=len(self.counts))
-        return np.divide(hits, self.counts, out=np.zeros(len(self.counts)), where=self.counts > 0)
+    @functools.cached_property
+    def common(self) -> np.ndarray:
+        """The n-grams (sorted hashes) held by more than :data:`COMMON_NGRAM_DOCS` distinct documents."""
+        # Only an n-gram occurring that often at all can be; the distinct documents are then counted
+        # for those few (a sort of all hashes is 3x cheaper than the argsort the exact count needs).
+        frequent = _more_than(np.sort(self.hashes), COMMON_NGRAM_DOCS)
+        chosen = _member(self.hashes, frequent)
+        # one (n-gram, document) pair per document, whatever the n-gram's repeats inside it
+        pairs = np.unique(np.stack([self.hashes[chosen], self.owner[chosen].astype(np.uint64)]), axis=1)
+        return _more_than(pairs[0], COMMON_NGRAM_DOCS)
+
+    def overlap(self, reference: NgramSet) -> np.ndarray:
+        """Per document, the share of its distinctive n-grams found in ``reference`` (0 when it has none).
+
+        An n-gram common among these documents or among the reference's (:attr:`common`) is
+        boilerplate: it counts neither as a hit nor toward the document's n-grams, so a row of a
+        20-word shared preamble and a 10-word question is judged on its question alone."""
+        boilerplate = np.union1d(self.common, reference.common)
+        distinctive = ~_member(self.hashes, boilerplate)
+        found = distinctive & _member(self.hashes, np.unique(reference.hashes))
+        hits = np.bincount(self.owner[found], minlength=self.n_docs)
+        total = np.bincount(self.owner[distinctive], minlength=self.n_docs)
+        return np.divide(hits, total, out=np.zeros(self.n_docs), where=total > 0)
 
 
 def decontaminate(
     records: list[dict],
     grams: NgramSet,
     candidates: np.ndarray,
-    reference_hashes: np.ndarray,
+    reference: NgramSet,
     threshold: float,
     reason: str,
     drops: Drops,
 ) -> np.ndarray:
     """The ``candidates`` (indices into ``records``/``grams``) whose n-gram overlap with the
     reference stays below ``threshold``; the others are dropped and counted under ``reason``."""
-    scores = grams.overlap(reference_hashes)[candidates]
+    scores = grams.overlap(reference)[candidates]
     for index in candidates[scores >= threshold].tolist():
         drops.add(records[index]["source"], reason)
     return candidates[scores < threshold]

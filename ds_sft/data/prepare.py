@@ -391,7 +391,7 @@ def select_rows(records: list[dict], names: list[str], reference: list[str], arg
     are hashed once and queried against both references.
     Returns (train indices, val indices) into ``records``.
     """
-    from ds_sft.data.clean import NgramSet, decontaminate, record_words, text_ngram_hashes, unique_rows
+    from ds_sft.data.clean import NgramSet, decontaminate, record_words, unique_rows
 
     fields = record_words(records)
     unique = np.array(unique_rows(records, fields, drops), dtype=np.int64)
@@ -400,14 +400,14 @@ def select_rows(records: list[dict], names: list[str], reference: list[str], arg
     threshold = args.decontam_threshold
     if threshold > 0:
         grams = NgramSet.of_records([fields[i] for i in unique.tolist()])
-        test_hashes = text_ngram_hashes(reference)
+        test_grams = NgramSet.of_texts(reference)
         candidates = decontaminate(
-            rows, grams, candidates, test_hashes, threshold, "overlaps_gsm8k_test", drops
+            rows, grams, candidates, test_grams, threshold, "overlaps_gsm8k_test", drops
         )
     train_index, val_index = split_val(rows, candidates, names, args)
     if threshold > 0 and len(val_index):
-        val_hashes = grams.of(val_index)
-        train_index = decontaminate(rows, grams, train_index, val_hashes, threshold, "overlaps_val", drops)
+        val_grams = grams.of(val_index)
+        train_index = decontaminate(rows, grams, train_index, val_grams, threshold, "overlaps_val", drops)
     return unique[train_index], unique[val_index]
 
 

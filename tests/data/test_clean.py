@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import string
+from collections import Counter
 
 import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ds_sft.data.clean import (
     Drops,
@@ -14,7 +20,6 @@ from ds_sft.data.clean import (
     dedup,
     normalize_text,
     record_words,
-    text_ngram_hashes,
     unique_rows,
     words,
 )
@@ -113,8 +118,8 @@ def test_record_ngrams_are_those_of_the_joined_text():
     joined = ["\n".join(filter(None, [*(t["content"] for t in r["history"]), r["instruction"], r["input"],
                                        r["response"]])) for r in rows]  # fmt: skip
     grams = NgramSet.of_records(record_words(rows))
-    np.testing.assert_array_equal(grams.hashes, text_ngram_hashes(joined))
-    np.testing.assert_array_equal(grams.counts, [4 + 9 + 2 + 30 - 12, 0])
+    np.testing.assert_array_equal(grams.hashes, NgramSet.of_texts(joined).hashes)
+    np.testing.assert_array_equal(np.bincount(grams.owner, minlength=2), [4 + 9 + 2 + 30 - 12, 0])
 
 
 def test_ngram_overlap_matches_hand_count():
@@ -122,9 +127,9 @@ def test_ngram_overlap_matches_hand_count():
     reference = [" ".join(vocabulary[:15])]  # 3 thirteen-grams: starting at w0, w1, w2
     text = " ".join(vocabulary[2:20])  # 6 thirteen-grams starting at w2..w7; only the one at w2 is shared
     short = "too few words"
-    grams = NgramSet([words(text), words(short), words(reference[0])])
-    np.testing.assert_array_equal(grams.counts, [6, 0, 3])
-    np.testing.assert_allclose(grams.overlap(text_ngram_hashes(reference)), [1 / 6, 0.0, 1.0])
+    grams = NgramSet.of_docs([words(text), words(short), words(reference[0])])
+    np.testing.assert_array_equal(np.bincount(grams.owner, minlength=3), [6, 0, 3])
+    np.testing.assert_allclose(grams.overlap(NgramSet.of_texts(reference)), [1 / 6, 0.0, 1.0])
     np.testing.assert_allclose(grams.overlap(grams.of(np.array([0]))), [1.0, 0.0, 1 / 3])
 
 
@@ -139,7 +144,125 @@ def test_decontamination_catches_planted_test_questions(shared):
     drops = Drops()
     grams = NgramSet.of_records(record_words(rows))
     kept = decontaminate(
-        rows, grams, np.arange(len(rows)), text_ngram_hashes(reference), 0.1, "overlaps_gsm8k_test", drops
+        rows, grams, np.arange(len(rows)), NgramSet.of_texts(reference), 0.1, "overlaps_gsm8k_test", drops
     )
     np.testing.assert_array_equal(kept, np.arange(50))
     assert drops.by_source() == {"alpaca": {"overlaps_gsm8k_test": 3}}
+
+
+# --- boilerplate is not contamination ------------------------------------------------------------
+
+
+def reference_overlap(docs: list[str], reference: list[str], n: int = 13, common: int = 10) -> list[float]:
+    """An independent plain-Python overlap: word tuples, sets and counters, no hashing.
+
+    An n-gram in more than ``common`` distinct documents of ``docs`` or of ``reference`` is ignored;
+    a document's score is the share of its other n-gram positions that occur in ``reference``."""
+    punctuation = re.compile(f"[{re.escape(string.punctuation)}]")
+
+    def grams(text):
+        tokens = punctuation.sub(" ", text.lower()).split()
+        return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+    doc_grams, ref_grams = [grams(d) for d in docs], [grams(r) for r in reference]
+
+    def frequent(gram_lists):
+        held_by = Counter(g for gram_list in gram_lists for g in set(gram_list))
+        return {g for g, k in held_by.items() if k > common}
+
+    boilerplate = frequent(doc_grams) | frequent(ref_grams)
+    in_reference = {g for gram_list in ref_grams for g in gram_list}
+    scores = []
+    for gram_list in doc_grams:
+        mine = [g for g in gram_list if g not in boilerplate]
+        scores.append(sum(g in in_reference for g in mine) / len(mine) if mine else 0.0)
+    return scores
+
+
+def joined(row: dict) -> str:
+    return "\n".join(filter(None, [row["instruction"], row["input"], row["response"]]))
+
+
+@st.composite
+def preamble_datasets(draw):
+    """Rows of distinct questions behind one shared preamble (0-40 words), the first ``n_val`` held out
+    as val, then planted copies of val questions (with or without the preamble), each with its own
+    answer. Returns (rows, val indices, the planted copies' question lengths)."""
+    preamble = [f"p{k}" for k in range(draw(st.integers(0, 40)))]
+    n_rows = draw(st.integers(12, 40))
+    questions = [[f"q{i}x{k}" for k in range(draw(st.integers(4, 30)))] for i in range(n_rows)]
+    rows = [
+        record(" ".join(preamble + question), " ".join(f"a{i}x{k}" for k in range(draw(st.integers(1, 30)))))
+        for i, question in enumerate(questions)
+    ]
+    n_val = draw(st.integers(2, n_rows // 2))
+    copies = draw(st.lists(st.tuples(st.integers(0, n_val - 1), st.booleans()), max_size=6))
+    for j, (copied, with_preamble) in enumerate(copies):
+        rows.append(
+            record(" ".join((preamble if with_preamble else []) + questions[copied]), f"c{j} d{j} e{j}")
+        )
+    return rows, np.arange(n_val), [len(questions[copied]) for copied, _ in copies]
+
+
+@given(preamble_datasets())
+@settings(max_examples=60)
+def test_shared_preamble_is_not_contamination_but_copied_questions_are(dataset):
+    """The val split's class: every row repeats one preamble. Scores equal the plain reference's;
+    rows of distinct questions all stay; val questions copied into train go (those of 20+ words:
+    a shorter one holds few or no 13-grams of its own)."""
+    rows, val, copy_lengths = dataset
+    grams = NgramSet.of_records(record_words(rows))
+    texts = [joined(row) for row in rows]
+    np.testing.assert_allclose(
+        grams.overlap(grams.of(val)), reference_overlap(texts, [texts[i] for i in val.tolist()]), atol=1e-12
+    )
+    drops = Drops()
+    train = np.arange(len(val), len(rows))
+    kept = decontaminate(rows, grams, train, grams.of(val), 0.1, "overlaps_val", drops)
+    originals = len(rows) - len(copy_lengths)
+    assert kept[kept < originals].tolist() == list(range(len(val), originals))  # nothing distinct lost
+    long_copies = {originals + j for j, length in enumerate(copy_lengths) if length >= 20}
+    assert not long_copies & set(kept.tolist())
+    assert drops.by_source().get("s", {}).get("overlaps_val", 0) == len(train) - len(kept)
+
+
+@pytest.mark.parametrize("preamble_words", [0, 8, 13, 20, 60])
+def test_gsm8k_test_questions_are_caught_behind_a_shared_preamble(shared, preamble_words):
+    """The GSM8K test-set decontamination of the shared data: planted test questions go, with or
+    without the preamble every row carries, and the 60 clean rows behind it all stay."""
+    test_rows = [json.loads(line) for line in (shared / "data/gsm8k/test.jsonl").open()]
+    reference = [f"{r['question']}\n{r['answer']}" for r in test_rows]
+    preamble = " ".join(f"Follow rule {k} carefully." for k in range(preamble_words // 4)) + " "
+    clean = [
+        record(f"{preamble}Write a haiku about autumn, number {i} of sixty.", f"Leaves fall {i}.")
+        for i in range(60)
+    ]
+    planted = [
+        record(preamble + test_rows[i]["question"], "I think the answer is 12.", source="p")
+        for i in (0, 7, 99, 512)
+    ]
+    rows = clean + planted
+    grams = NgramSet.of_records(record_words(rows))
+    test_grams = NgramSet.of_texts(reference)
+    np.testing.assert_allclose(
+        grams.overlap(test_grams), reference_overlap([joined(r) for r in rows], reference)
+    )
+    drops = Drops()
+    kept = decontaminate(rows, grams, np.arange(len(rows)), test_grams, 0.1, "overlaps_gsm8k_test", drops)
+    np.testing.assert_array_equal(kept, np.arange(60))
+    assert drops.by_source() == {"p": {"overlaps_gsm8k_test": 4}}
+
+
+def test_text_shared_by_few_rows_still_counts_as_copied():
+    """The boilerplate cut counts distinct documents: a 30-word passage held by 10 rows (the val row
+    among them) is copied text, held by 11 it is boilerplate. One of the holders repeats it three
+    times, which must count once (as occurrences, 10 holders would make 12 and pass the cut)."""
+    passage = " ".join(f"w{k}" for k in range(30))
+    for holders, dropped in ((10, 9), (11, 0)):
+        rows = [record(passage, f"answer{i}") for i in range(holders - 1)]
+        rows.append(record(f"{passage} {passage} {passage}", "tripled"))
+        rows += [record(" ".join(f"r{i}x{k}" for k in range(20)), "own") for i in range(20)]
+        grams = NgramSet.of_records(record_words(rows))
+        train = np.arange(1, len(rows))
+        kept = decontaminate(rows, grams, train, grams.of(np.array([0])), 0.1, "overlaps_val", Drops())
+        assert len(train) - len(kept) == dropped
