@@ -266,3 +266,22 @@ def test_text_shared_by_few_rows_still_counts_as_copied():
         train = np.arange(1, len(rows))
         kept = decontaminate(rows, grams, train, grams.of(np.array([0])), 0.1, "overlaps_val", Drops())
         assert len(train) - len(kept) == dropped
+
+
+@pytest.mark.parametrize("preamble_words", [13, 20, 40])
+def test_prepare_keeps_every_row_behind_a_shared_system_prompt(run_prepare, tmp_path, preamble_words):
+    """End to end, the red team's case: 200 chat rows under one system prompt lost up to 77% as
+    `overlaps_val`; none is dropped now."""
+    system = " ".join(f"Rule {k}: be exact." for k in range(preamble_words // 4))
+    questions = [" ".join(f"q{i}w{k}" for k in range(12)) for i in range(200)]
+    rows = [
+        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question},
+                      {"role": "assistant", "content": f"Answer {i} is {i * 7}."}]}
+        for i, question in enumerate(questions)
+    ]  # fmt: skip
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    manifest = run_prepare(
+        ["--source", f"chat={path}", "--seq_len", "1024", "--output_dir", str(tmp_path / "out")]
+    )
+    assert manifest["counts"]["chat"]["dropped"] == {}
