@@ -19,7 +19,8 @@ A *schema* maps record fields to a file's columns. The known ones cover Alpaca
 (instruction/input/output), GSM8K (question/answer), Dolly in its own schema
 (instruction/context/response/category) and in the renamed one (which is Alpaca's), prompt/completion
 files and chat ``messages`` lists. ``--source NAME=PATH`` picks the first schema whose required
-columns the file has, or uses an explicit ``--field_map``.
+columns the file has, or uses an explicit ``--field_map``; a file whose rows are of several schemas is
+refused, with the count of each (:func:`choose_schema`).
 
 Local files are read by extension: JSON and JSON Lines with Python's own parser (every refusal names
 the file and the line; ``--skip_bad_rows`` counts and leaves out bad lines instead), parquet with
@@ -269,29 +270,83 @@ def read_hub(spec: SourceSpec, split: str = "train") -> dict[str, list]:
 # --- columns -> records ----------------------------------------------------------------------------
 
 
-def choose_schema(spec: SourceSpec, columns: list[str]) -> dict[str, str]:
-    """The field -> column mapping for this file, or a UserError naming what is missing."""
+def rows_by_schema(columns: dict[str, list], schemas: list[str]) -> dict[str, list[int]]:
+    """The row indices of each schema: a row is of the first of ``schemas`` whose required columns
+    it fills (present and not null); a row of none is in no list."""
+    needed = [[SCHEMAS[name][key] for key in REQUIRED_BY_SCHEMA[name]] for name in schemas]
+    filled = [zip(*(columns[col] for col in cols), strict=True) for cols in needed]
+    rows_of: dict[str, list[int]] = {}
+    for i, values in enumerate(zip(*filled, strict=True)):
+        schema = next((name for name, row in zip(schemas, values, strict=True) if None not in row), None)
+        if schema is not None:
+            rows_of.setdefault(schema, []).append(i)
+    return rows_of
+
+
+def choose_schema(spec: SourceSpec, columns: dict[str, list]) -> dict[str, str]:
+    """The field -> column mapping of this table, or a UserError saying what is wrong.
+
+    The first schema the source's kind reads (:data:`KIND_SCHEMAS`) whose columns the table has. A
+    table whose rows are of two or more known schemas (say a chat file appended to an Alpaca one) is
+    refused with the count of each: read with one schema, the rows of the others would all be
+    dropped as null fields, and read each with its own, a mistake would pass unseen. Rows of no
+    schema stay, and are dropped later as ``null_<field>``. ``--field_map`` is taken as given.
+    """
+    names = list(columns)
     if spec.field_map:
         mapping = spec.field_map
         missing = [col for col in mapping.values() if col not in columns]
         if missing:
             raise UserError(
-                f"{spec.location}: --field_map names missing column(s) {missing}; columns are {columns}"
+                f"{spec.location}: --field_map names missing column(s) {missing}; columns are {names}"
             )
         if "messages" not in mapping and not all(key in mapping for key in REQUIRED):
             raise UserError(f"--field_map for {spec.name} must map instruction and response (or messages)")
         return mapping
     candidates = KIND_SCHEMAS[spec.kind]
-    needed = {name: [SCHEMAS[name][key] for key in REQUIRED_BY_SCHEMA[name]] for name in candidates}
-    for name in candidates:
-        if all(col in columns for col in needed[name]):
-            return SCHEMAS[name]
+    # every known schema, the kind's own first: rows of a schema the kind does not read are seen too
+    known = candidates + [name for name in SCHEMAS if name not in candidates]
+    needed = {name: [SCHEMAS[name][key] for key in REQUIRED_BY_SCHEMA[name]] for name in known}
+    present = [name for name in known if all(col in columns for col in needed[name])]
+    rows_of = rows_by_schema(columns, present) if len(present) > 1 else {}
+    if len(rows_of) > 1:
+        raise mixed_schemas_error(spec, rows_of)
+    usable = [name for name in candidates if name in (rows_of or present)]
+    if usable:
+        return SCHEMAS[usable[0]]
     expected = " or ".join(f"{name} ({', '.join(SCHEMAS[name].values())})" for name in candidates)
+    if rows_of:  # the kind's columns are there but empty; every row is of another schema
+        raise UserError(
+            f"{spec.location}: its rows are of the {next(iter(rows_of))} schema, not the {expected} "
+            f"schema that --{spec.kind} reads; pass the file as --source NAME=PATH"
+        )
     closest = max(candidates, key=lambda name: sum(col in columns for col in needed[name]))
     missing = [col for col in needed[closest] if col not in columns]
     raise UserError(
         f"{spec.location}: missing required field(s) {missing}; expected the {expected} schema, "
-        f"found columns {columns}; map yours with --field_map {spec.name}:instruction=COL,response=COL"
+        f"found columns {names}; map yours with --field_map {spec.name}:instruction=COL,response=COL"
+    )
+
+
+def mixed_schemas_error(spec: SourceSpec, rows_of: dict[str, list[int]]) -> UserError:
+    """The one-line refusal of a table whose rows are of several schemas: the count of each, its
+    first row, and the fix."""
+    counts = ", ".join(
+        f"{len(rows)} {name} ({', '.join(SCHEMAS[name][key] for key in REQUIRED_BY_SCHEMA[name])}; "
+        f"first at row {rows[0] + 1})"
+        for name, rows in rows_of.items()
+    )
+    if spec.kind == "generic":
+        most = max(rows_of, key=lambda name: len(rows_of[name]))
+        mapping = ",".join(f"{key}={SCHEMAS[most][key]}" for key in REQUIRED_BY_SCHEMA[most])
+        fix = (
+            f"split the file into one per schema (each its own --source), or read one schema with "
+            f"e.g. --field_map {spec.name}:{mapping} (the other rows are then dropped)"
+        )
+    else:
+        fix = f"split the file into one per schema: --{spec.kind} for its own, --source NAME=PATH for others"
+    return UserError(
+        f"{spec.location}: rows of {len(rows_of)} schemas: {counts}; a source has one schema: {fix}"
     )
 
 
@@ -330,7 +385,7 @@ def conversation_problem(messages) -> tuple[list[dict], str | None]:
 
 def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list[dict]:
     """Map a table to records; rows with nulls or non-string fields are dropped and counted."""
-    schema = choose_schema(spec, list(columns))
+    schema = choose_schema(spec, columns)
     n_rows = len(next(iter(columns.values())))
     default_category = DEFAULT_CATEGORY.get(spec.name, DEFAULT_CATEGORY.get(spec.kind, "general"))
     records = []

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ds_sft.data.clean import Drops
-from ds_sft.data.sources import SourceSpec, load_source, parse_field_map
+from ds_sft.data.sources import KIND_SCHEMAS, SourceSpec, load_source, parse_field_map, to_records
 from ds_sft.errors import UserError
 from tests.data.helpers import alpaca_rows, write_jsonl
 
@@ -153,3 +156,74 @@ def test_hub_id_offline_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"could not load 'yahma/alpaca-cleaned'.*--alpaca PATH"):
         load_source(SourceSpec("alpaca", "alpaca", "yahma/alpaca-cleaned"), False, Drops())
+
+
+# --- one schema per source ----------------------------------------------------------------------
+
+# A row of each known schema, by the schema it must be read with (the only columns it has).
+ROW_OF_SCHEMA = {
+    "alpaca": lambda i: {"instruction": f"Do {i}", "input": "", "output": f"Done {i}"},
+    "dolly": lambda i: {"instruction": f"Ask {i}", "context": "", "response": f"Said {i}", "category": "qa"},
+    "gsm8k": lambda i: {"question": f"What is {i}+1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"},
+    "prompt_completion": lambda i: {"prompt": f"P{i}", "completion": f"C{i}"},
+    "messages": lambda i: {"messages": [{"role": "user", "content": f"u{i}"},
+                                        {"role": "assistant", "content": f"a{i}"}]},
+    "sharegpt": lambda i: {"conversations": [{"from": "human", "value": f"h{i}"},
+                                             {"from": "gpt", "value": f"g{i}"}]},
+}  # fmt: skip
+
+
+def table(rows: list[dict]) -> dict[str, list]:
+    """Columns as read_table gives them: every key in first-seen order, None where a row lacks it."""
+    names = dict.fromkeys(name for row in rows for name in row)
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+@given(
+    kind=st.sampled_from(sorted(KIND_SCHEMAS)),
+    schemas=st.lists(st.sampled_from(sorted(ROW_OF_SCHEMA)), min_size=1, max_size=40),
+    nulls=st.integers(0, 3),
+)
+def test_a_table_of_several_schemas_is_refused_with_each_count(kind, schemas, nulls):
+    """Rows are of known schemas in any interleaving (plus rows with a null required field, which
+    are no schema's). One schema: every row is read with it (or the kind refuses it by name).
+    Several: one line naming each schema's count and first row, where the old reader kept one
+    schema's rows and dropped the rest as null fields."""
+    rows = [ROW_OF_SCHEMA[name](i) for i, name in enumerate(schemas)]
+    rows += [{**ROW_OF_SCHEMA[schemas[0]](99), **dict.fromkeys(ROW_OF_SCHEMA[schemas[0]](99), None)}] * nulls
+    spec = SourceSpec("mine", kind, "rows.jsonl")
+    drops = Drops()
+    expected = dict.fromkeys(name for name in schemas)  # first-seen order
+    if len(expected) > 1:
+        with pytest.raises(UserError) as info:
+            to_records(spec, table(rows), drops)
+        message = str(info.value)
+        assert "\n" not in message and f"rows of {len(expected)} schemas" in message
+        for name in expected:
+            assert f"{schemas.count(name)} {name} (" in message
+            assert f"first at row {schemas.index(name) + 1})" in message
+        return
+    (schema,) = expected
+    if schema not in KIND_SCHEMAS[kind]:
+        with pytest.raises(UserError, match=f"missing required|not the .* schema that --{kind} reads"):
+            to_records(spec, table(rows), drops)
+        return
+    records = to_records(spec, table(rows), drops)
+    assert len(records) == len(schemas) and sum(drops.by_source().get("mine", {}).values()) == nulls
+
+
+def test_mixed_file_through_prepare_is_one_line(run_prepare, tmp_path):
+    """The red team's file: 200 Alpaca rows, then 3 chat rows (3 of 203 were kept). Refused, and the
+    suggested --field_map reads the Alpaca rows, counting the chat rows as dropped."""
+    rows = [ROW_OF_SCHEMA["alpaca"](i) for i in range(200)] + [ROW_OF_SCHEMA["messages"](i) for i in range(3)]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    flags = ["--source", f"d={path}", "--output_dir", str(tmp_path / "out"), "--decontam_threshold", "0"]
+    with pytest.raises(
+        UserError, match=r"200 alpaca .*first at row 1\), 3 messages .*first at row 201\)"
+    ) as info:
+        run_prepare(flags)
+    field_map = re.search(r"--field_map (\S+)", str(info.value))[1]
+    manifest = run_prepare([*flags, "--field_map", field_map])
+    assert manifest["counts"]["d"]["rows_in"] == 203 and manifest["counts"]["d"]["dropped"] == {
+        "null_instruction": 3
+    }
