@@ -43,9 +43,15 @@ _ODD_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")  # no-break
 _INVISIBLE = re.compile(r"[\u200b\u2060\ufeff]")  # zero-width space, word joiner, stray BOM
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n{3,}")
-# Words for dedup keys and n-grams: UTF-8 bytes, ASCII-lowercased, ASCII punctuation as a separator.
+# Words for n-grams: UTF-8 bytes, ASCII-lowercased, ASCII punctuation as a separator.
 # bytes.lower/translate/split run on 256-entry tables: ~2x faster than a str regex or casefold.
 _PUNCTUATION_TO_SPACE = bytes.maketrans(string.punctuation.encode(), b" " * len(string.punctuation))
+# Dedup keys: words and runs of punctuation, so spacing around a mark does not matter ("2 + 2" is
+# "2+2") but the marks do ("2+2" is not "2*2", "f(x)" is not "f[x]", "x == 1" is not "x = = 1").
+_WORDS_AND_MARKS = re.compile(r"\w+|[^\w\s]+")
+# A field's closing marks say nothing ("Paris." is "Paris", "What is 2+2?" is "what is 2 + 2"),
+# except exclamation marks right after a digit: "5!" is a factorial.
+CLOSING_MARKS = ".?!"
 
 
 class Drops:
@@ -147,45 +153,57 @@ def drop_special_token_text(records: list[dict], special_tokens: list[str], drop
 
 
 def words(text: str) -> list[bytes]:
-    """Lowercased words (ASCII case folding) with ASCII punctuation as separators, as UTF-8 bytes."""
+    """Lowercased words (ASCII case folding) with ASCII punctuation as separators, as UTF-8 bytes:
+    the units of the decontamination n-grams."""
     return text.encode().lower().translate(_PUNCTUATION_TO_SPACE).split()
 
 
 def record_words(records: list[dict]) -> list[list[list[bytes]]]:
-    """Per record, the :func:`words` of each of its :func:`text_fields`: split once, then used both
-    for the folded dedup key and for the record's n-grams."""
+    """Per record, the :func:`words` of each of its :func:`text_fields`."""
     return [[words(text) for text in text_fields(record)] for record in records]
 
 
-def unique_rows(records: list[dict], fields: list[list[list[bytes]]], drops: Drops) -> list[int]:
+def folded(text: str) -> str:
+    """A text's dedup form: lowercased, its closing ``.``/``?``/``!`` dropped, words and punctuation
+    marks one space apart. Only differences that leave the meaning alone fold: case, spacing, a final
+    period. ``2+2`` and ``2*2``, ``x = 1`` and ``x == 1``, ``5!`` and ``5`` stay apart."""
+    text = text.lower().rstrip()
+    body = text.rstrip(CLOSING_MARKS)
+    if body[-1:].isdigit():
+        closing = text[len(body) :]
+        body += closing[: len(closing) - len(closing.lstrip("!"))]  # a factorial stays
+    return " ".join(_WORDS_AND_MARKS.findall(body))
+
+
+def unique_rows(records: list[dict], drops: Drops) -> list[int]:
     """Indices of the first of each exact duplicate, then of each folded duplicate (across sources).
 
-    ``fields`` is :func:`record_words` of ``records``. The folded key joins each field's words with
-    spaces, and the fields and then the chat turns' roles with a 0xFF byte, which UTF-8 never contains.
+    The folded key is each field's :func:`folded` form, then the chat turns' roles, joined by 0x1F:
+    a whitespace character to ``\\s``, so no folded text holds one and no two keys run together.
     """
     exact: set[str] = set()
-    folded: set[bytes] = set()
+    folded_keys: set[str] = set()
     kept = []
-    for index, (record, field_words) in enumerate(zip(records, fields, strict=True)):
+    for index, record in enumerate(records):
         history = record.get("history", [])
         exact_key = "\x00".join((record["instruction"], record["input"], record["response"], repr(history)))
         if exact_key in exact:
             drops.add(record["source"], "duplicate_exact")
             continue
         exact.add(exact_key)
-        roles = " ".join(turn["role"] for turn in history).encode()
-        folded_key = b"\xff".join([b" ".join(w) for w in field_words] + [roles])
-        if folded_key in folded:
+        roles = " ".join(turn["role"] for turn in history)
+        folded_key = "\x1f".join([*map(folded, text_fields(record)), roles])
+        if folded_key in folded_keys:
             drops.add(record["source"], "duplicate_normalized")
             continue
-        folded.add(folded_key)
+        folded_keys.add(folded_key)
         kept.append(index)
     return kept
 
 
 def dedup(records: list[dict], drops: Drops) -> list[dict]:
-    """The records left by :func:`unique_rows`, for callers that have not split them into words."""
-    return [records[i] for i in unique_rows(records, record_words(records), drops)]
+    """The records left by :func:`unique_rows`."""
+    return [records[i] for i in unique_rows(records, drops)]
 
 
 _HASH_BASE = np.uint64(0x100000001B3)  # an odd 64-bit multiplier; arithmetic wraps modulo 2**64

@@ -8,7 +8,7 @@ Stages, in order (every dropped row is counted by source and reason in manifest.
             is a valid run
   clean     NFC + whitespace normalization; Alpaca "<noinput>"-style inputs emptied; GSM8K calculator
             annotations <<48/2=24>> stripped (the final "#### N" line is kept); empty rows dropped
-  dedup     exact and case/punctuation/whitespace-folded duplicates, across all sources
+  dedup     exact and case/spacing/final-period-folded duplicates, across all sources
   decontam  rows sharing >= --decontam_threshold of their 13-grams with the GSM8K test set dropped;
             then the val split is cut per source and train rows overlapping val rows are dropped
   tokenize  prompt and response tokenized apart: the loss covers exactly response + EOS (this runs on
@@ -48,7 +48,7 @@ import numpy as np
 
 from ds_sft.errors import UserError, as_os_error
 
-FORMAT_VERSION = 2  # bump when the output layout or a cleaning rule changes: old outputs are then redone
+FORMAT_VERSION = 3  # bump when the output layout or a cleaning rule changes: old outputs are then redone
 
 DROP_REASON_TOO_LONG = {1: "longer_than_seq_len", 2: "prompt_fills_seq_len"}
 SHARED_FILES = {
@@ -387,19 +387,17 @@ def load_records(
 def select_rows(records: list[dict], names: list[str], reference: list[str], args, drops):
     """Dedup, decontaminate against the GSM8K test set, split val, decontaminate train against val.
 
-    Every row is split into words once (for its folded dedup key and its 13-grams), and its 13-grams
-    are hashed once and queried against both references.
+    Every row's 13-grams are hashed once and queried against both references.
     Returns (train indices, val indices) into ``records``.
     """
     from ds_sft.data.clean import NgramSet, decontaminate, record_words, unique_rows
 
-    fields = record_words(records)
-    unique = np.array(unique_rows(records, fields, drops), dtype=np.int64)
+    unique = np.array(unique_rows(records, drops), dtype=np.int64)
     rows = [records[i] for i in unique.tolist()]  # the indices below are into these, until the return
     candidates = np.arange(len(rows))
     threshold = args.decontam_threshold
     if threshold > 0:
-        grams = NgramSet.of_records([fields[i] for i in unique.tolist()])
+        grams = NgramSet.of_records(record_words(rows))
         test_grams = NgramSet.of_texts(reference)
         candidates = decontaminate(
             rows, grams, candidates, test_grams, threshold, "overlaps_gsm8k_test", drops

@@ -94,6 +94,74 @@ def test_dedup_exact_and_normalized_across_sources():
     assert drops.by_source() == {"b": {"duplicate_exact": 1, "duplicate_normalized": 1}}
 
 
+# Pairs of texts that differ only where the meaning does not: case, spacing, closing marks.
+MUST_COLLIDE = [
+    ("What is 2+2?", "what is 2 + 2"),
+    ("Paris.", "Paris"),
+    ("It is 4.", "it is 4"),
+    ("Why?", "why"),
+    ("Wow!!", "wow"),
+    ("Hello   world", "hello world"),
+    ("Line one\nLine two", "line one line two"),
+    ("f( x )", "f(x)"),
+    ("a , b", "a, b"),
+    ("x = 1", "x=1"),
+    ("Done...", "done"),
+]
+# Pairs whose punctuation carries the meaning (math, code, units, a factorial): never duplicates.
+MUST_NOT_COLLIDE = [
+    ("2+2", "2*2"), ("2+2", "2-2"), ("2+2", "2/2"), ("2^2", "2*2"), ("a < b", "a > b"),
+    ("x = 1", "x == 1"), ("f(x)", "f[x]"), ("i++", "i--"), ("5!", "5"), ("What is 5!", "What is 5"),
+    ("$5", "5"), ("50%", "50"), ("3.14", "314"), ("a.b", "ab"), ("a.b", "a b"), ("-5", "5"),
+    ("a && b", "a || b"), ("C++", "C"), ("C#", "C"), ("#include", "include"), ("x.y()", "x.y"),
+    ("a_b", "ab"), ("a - -b", "a --b"), ("x == 1", "x = = 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("a", "b"), MUST_COLLIDE + MUST_NOT_COLLIDE)
+def test_dedup_folds_only_what_leaves_the_meaning(a, b):
+    """Each pair as instructions of otherwise equal rows, and as their responses."""
+    for rows in ([record(a, "same"), record(b, "same")], [record("same", a), record("same", b)]):
+        drops = Drops()
+        assert len(dedup(rows, drops)) == (1 if (a, b) in MUST_COLLIDE else 2)
+
+
+PUNCTUATION = [mark for mark in string.punctuation if mark != "_"]  # "_" is a word character
+word = st.text(alphabet=string.ascii_letters + string.digits, min_size=1, max_size=6)
+mark = st.text(alphabet=PUNCTUATION, min_size=1, max_size=3)
+
+
+@given(
+    parts=st.lists(st.tuples(word, st.one_of(st.just(" "), mark)), min_size=1, max_size=8),
+    last=word,
+    spacing=st.lists(st.sampled_from(["", " ", "  ", "\n", "\t "]), min_size=20, max_size=20),
+    closing=st.sampled_from(["", ".", "?", "!", "...", "?!"]),
+    swap=st.tuples(st.integers(0, 7), mark),
+    data=st.data(),
+)
+def test_generated_texts_fold_case_spacing_and_closing_marks_only(parts, last, spacing, closing, swap, data):
+    """Texts of words and punctuation runs: a variant with other case, spacing around the marks and
+    a closing mark is a duplicate; one with a mark changed, added or removed between words is not."""
+    canonical = "".join(w + m for w, m in parts) + last
+    pieces = []
+    for k, (w, m) in enumerate(parts):
+        w = w.upper() if data.draw(st.booleans()) else w.lower()
+        pieces.append(f"{w}{spacing[k]}{m}{spacing[k + 8]}" if m != " " else f"{w} {spacing[k].strip()}")
+    if last[-1].isdigit() and closing.startswith("!"):
+        closing = "."  # "5!" is a factorial, not a closing mark
+    variant = "".join(pieces) + last.swapcase() + closing
+    rows = [record(canonical, "r"), record(variant, "r")]
+    assert len(dedup(rows, Drops())) == 1, (canonical, variant)
+    k, other = swap
+    k %= len(parts)
+    if parts[k][1] == other:
+        return
+    changed = list(parts)
+    changed[k] = (parts[k][0], other)
+    text = "".join(w + m for w, m in changed) + last
+    assert len(dedup([record(canonical, "r"), record(text, "r")], Drops())) == 2, (canonical, text)
+
+
 def test_folded_key_keeps_field_boundaries_and_chat_roles():
     rows = [
         record("Name a colour", "blue green"),
@@ -103,7 +171,7 @@ def test_folded_key_keeps_field_boundaries_and_chat_roles():
         {**record("AND NOW", "red!"), "history": [{"role": "user", "content": "hi."}]},  # folded copy of 3rd
     ]
     drops = Drops()
-    assert unique_rows(rows, record_words(rows), drops) == [0, 1, 2, 3]
+    assert unique_rows(rows, drops) == [0, 1, 2, 3]
     assert drops.by_source() == {"s": {"duplicate_normalized": 1}}
 
 
