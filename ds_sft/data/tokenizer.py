@@ -50,7 +50,7 @@ def _from_pretrained(directory: Path, **kwargs):
     if not kwargs:
         paths.refuse_remote_code(directory)
     try:
-        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         if (directory / "tokenizer.json").is_file() and not kwargs:
             print(
@@ -60,6 +60,32 @@ def _from_pretrained(directory: Path, **kwargs):
             )
             return _from_file(directory / "tokenizer.json")
         raise UserError(f"could not load a tokenizer from {directory}: {first_line(err)}") from None
+    if not kwargs and (directory / "tokenizer.json").is_file():
+        refuse_special_tokens_outside_vocab(tokenizer, directory / "tokenizer.json")
+    return tokenizer
+
+
+def refuse_special_tokens_outside_vocab(tokenizer, tokenizer_file: Path) -> None:
+    """Refuse a tokenizer whose config names special tokens its ``tokenizer.json`` does not hold.
+
+    transformers adds such a token as a new id past the vocabulary, silently: an EOS the model never
+    saw (it would not learn to stop), a pad id past its embedding table. A typo in the config, not a
+    choice, so the user fixes the config or passes the model's own tokenizer.
+    """
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
+    named = [(role, token) for role, token in tokenizer.special_tokens_map.items() if isinstance(token, str)]
+    with_role = {token for _, token in named}
+    named += [("special token", token) for token in tokenizer.all_special_tokens if token not in with_role]
+    outside = ", ".join(f"{role} {token!r}" for role, token in named if token not in vocab)
+    if outside:
+        raise UserError(
+            f"{tokenizer_file.parent}: its tokenizer config names {outside}, which {tokenizer_file.name} "
+            f"does not hold ({len(vocab)} tokens), so each would become a new id the model never saw; "
+            "correct the name in tokenizer_config.json (or special_tokens_map.json), or pass the "
+            "model's own tokenizer"
+        )
 
 
 def gguf_special_token_ids(fields) -> dict[str, int]:
