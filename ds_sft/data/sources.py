@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ds_sft.data.clean import Drops
 from ds_sft.errors import UserError, first_line
-from ds_sft.paths import require_regular_file, sha256_file
+from ds_sft.paths import hub_id, require_regular_file, sha256_file
 
 # record field -> column; "instruction" and "response" are required, the rest optional.
 SCHEMAS: dict[str, dict[str, str]] = {
@@ -73,7 +73,9 @@ HUB_IDS = {
 }
 
 EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# Endings of data files, read here or not: a location ending so is a file path, never a hub id.
+DATA_FILE_SUFFIXES = (*EXTENSIONS, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip",
+                      ".tar")  # fmt: skip
 
 
 @dataclass
@@ -87,15 +89,25 @@ class SourceSpec:
 
     @property
     def is_local(self) -> bool:
-        return Path(self.location).expanduser().exists()
+        """Something is at the location on disk (a file, a folder, one ``stat`` may not look at)."""
+        try:
+            return Path(self.location).expanduser().exists()
+        except PermissionError:  # there, behind a folder without search permission: its reader says so
+            return True
+        except (OSError, RuntimeError, ValueError):  # a name too long, "~user/" of no user, a NUL byte
+            return False
 
     @property
     def is_hub_id(self) -> bool:
-        """``owner/name`` without a data-file extension, and no such local path."""
+        """A hub dataset id: ``owner/name`` as the hub spells repo ids (letters, digits, ``_.-``, no
+        ``--`` or ``..``, neither part starting or ending with ``.`` or ``-``: so nothing that starts
+        ``./``, ``../``, ``/`` or ``~``), no ``@revision``, not ending like a data file (``.json``,
+        ``.csv``, ...: a mistyped path) and no such local path. Anything else is a missing file."""
+        if self.is_local:
+            return False
+        found = hub_id(self.location)
         return (
-            not self.is_local
-            and HUB_ID.fullmatch(self.location) is not None
-            and Path(self.location).suffix.lower() not in EXTENSIONS
+            found is not None and found[1] is None and not self.location.lower().endswith(DATA_FILE_SUFFIXES)
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -227,3 +228,93 @@ def test_mixed_file_through_prepare_is_one_line(run_prepare, tmp_path):
     assert manifest["counts"]["d"]["rows_in"] == 203 and manifest["counts"]["d"]["dropped"] == {
         "null_instruction": 3
     }
+
+
+# --- a missing path is a missing file, a hub id goes to the hub ------------------------------------
+
+HUB_DATASETS = [
+    "yahma/alpaca-cleaned",
+    "openai/gsm8k",
+    "databricks/databricks-dolly-15k",
+    "teknium/OpenHermes-2.5",
+    "HuggingFaceH4/ultrachat_200k",
+    "tatsu-lab/alpaca",
+    "a/b",
+    "data/train",
+]
+MISSING_PATHS = ["./typo", "../typo", "./typo.json", "mydata/train.jsonl", "data/train.json", "/abs/missing",
+                 "~/missing-hH-file", "~no_such_user_hH/x.json", "a/b/c", "a/", "/a", ".hidden/x", "x/.y",
+                 "a--b/c", "a/b.parquet", "A/B.JSONL", "owner/name@main", "x/y.csv", "x/y.jsonl.gz",
+                 "with space/x", "a\0b/c", "x" * 300 + "/y", "typo", "typo.json", "-a/b", "a/b-",
+                 "a/b."]  # fmt: skip
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """read_hub replaced by a local table (three Alpaca rows): the ids it was asked for are listed."""
+    from ds_sft.data import sources
+
+    asked = []
+
+    def read_hub(spec, split="train"):
+        asked.append(spec.location)
+        return table(alpaca_rows(3))
+
+    monkeypatch.setattr(sources, "read_hub", read_hub)
+    return asked
+
+
+def where_it_goes(location: str, asked: list[str]) -> str:
+    """ "hub" when load_source read ``location`` from the hub, "missing" for the one-line refusal."""
+    try:
+        records, info = load_source(SourceSpec("x", "alpaca", location), False, Drops())
+    except UserError as err:
+        assert str(err) == f"{location}: no such file (source 'x')" and not asked
+        return "missing"
+    assert asked == [location] and info["hub_id"] == location and len(records) == 3
+    return "hub"
+
+
+@pytest.mark.parametrize("location", HUB_DATASETS + MISSING_PATHS)
+def test_hub_ids_go_to_the_hub_and_missing_paths_are_missing_files(hub, location, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert where_it_goes(location, hub) == ("hub" if location in HUB_DATASETS else "missing")
+
+
+segment = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}", fullmatch=True).filter(lambda s: "--" not in s)
+
+
+@given(
+    owner=segment,
+    name=segment,
+    version=st.one_of(st.just(""), st.from_regex(r"\.[0-9]{1,2}|\.v[0-9]", fullmatch=True)),
+    prefix=st.sampled_from(["./", "../", "/", "~/", "~hH_nobody/", "../../", "/tmp/hH-missing/"]),
+    suffix=st.sampled_from([".json", ".jsonl", ".parquet", ".JSON", ".csv", ".jsonl.gz", ".txt"]),
+)
+def test_generated_locations_are_told_apart(tmp_path_factory, owner, name, version, prefix, suffix):
+    """owner/name ids of the hub's alphabet go to the hub; the same with a path prefix or a data
+    file ending (the mistyped paths the old code looked up on the hub) are missing files."""
+    asked: list[str] = []
+    from ds_sft.data import sources
+
+    original = sources.read_hub
+    sources.read_hub = lambda spec, split="train": asked.append(spec.location) or table(alpaca_rows(3))
+    try:
+        with contextlib.chdir(tmp_path_factory.mktemp("cwd")):
+            assert where_it_goes(f"{owner}/{name}{version}", asked) == "hub"
+            asked.clear()
+            assert where_it_goes(f"{prefix}{owner}/{name}{version}", asked) == "missing"
+            assert where_it_goes(f"{owner}/{name}{version}{suffix}", asked) == "missing"
+            assert where_it_goes(f"{prefix}{owner}", asked) == "missing"
+    finally:
+        sources.read_hub = original
+
+
+def test_a_local_path_spelled_like_a_hub_id_wins(hub, tmp_path, monkeypatch):
+    """./openai/gsm8k on disk is that file (refused for its missing extension), not the hub's."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "openai").mkdir()
+    write_jsonl(tmp_path / "openai" / "gsm8k", alpaca_rows(2))
+    with pytest.raises(UserError, match="unknown extension"):
+        load_source(SourceSpec("x", "gsm8k", "openai/gsm8k"), False, Drops())
+    assert not hub
