@@ -11,6 +11,7 @@ Stages, in order (every dropped row is counted by source and reason in manifest.
   dedup     exact and case/spacing/final-period-folded duplicates, across all sources
   decontam  rows sharing >= --decontam_threshold of their 13-grams with the GSM8K test set dropped;
             then the val split is cut per source and train rows overlapping val rows are dropped
+            (a 13-gram in more than 10 rows, or 10 test documents, is boilerplate and not counted)
   tokenize  prompt and response tokenized apart: the loss covers exactly response + EOS (this runs on
             a worker thread alongside dedup and decontam, and the rows they keep are then taken);
             a conversation trains every assistant turn (--train_on all) or its last (--train_on last)
@@ -168,7 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decontam_threshold",
         type=Float(0, 1),
         default=0.1,
-        help="drop a row when this share of its 13-grams occurs in the GSM8K test set or in val rows "
+        help="drop a row when this share of its 13-grams occurs in the GSM8K test set or in val rows; "
+        "13-grams shared by more than 10 rows (a common preamble) are not counted "
         "(default: 0.1; 0 turns decontamination off)",
     )
 
