@@ -30,8 +30,8 @@ NGRAM = 13
 # An n-gram held by more than this many distinct documents on one side (the training rows, or the
 # reference) is boilerplate: a shared system prompt, an instruction template, a stock phrase. 10 is
 # the cut lm-evaluation-harness and NeMo Curator (max_matches=10) use for 13-gram decontamination;
-# a val or test question copied into as many as 9 other rows is still caught. Text shared by
-# 10 rows or fewer counts as copied, so a tiny dataset (under ~20 rows) keeps the plain behavior.
+# a val or test question copied into as many as 9 other rows is still caught. Text shared by 10
+# rows or fewer counts as copied: in a dataset of 10 rows or fewer a shared preamble still overlaps.
 COMMON_NGRAM_DOCS = 10
 
 # Alpaca's placeholders for "this instruction has no input".

@@ -55,6 +55,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
 }
 REQUIRED = ("instruction", "response")
 REQUIRED_BY_SCHEMA = {name: ("messages",) if "messages" in m else REQUIRED for name, m in SCHEMAS.items()}
+# each schema's required columns: a row that fills them all is of that schema
+REQUIRED_COLUMNS = {name: [SCHEMAS[name][key] for key in keys] for name, keys in REQUIRED_BY_SCHEMA.items()}
 
 # Which schemas each source flag accepts, in the order they are tried. Dolly comes in its own
 # schema and in a renamed one that is Alpaca's (instruction/input/output).
@@ -285,8 +287,7 @@ def read_hub(spec: SourceSpec, split: str = "train") -> dict[str, list]:
 def rows_by_schema(columns: dict[str, list], schemas: list[str]) -> dict[str, list[int]]:
     """The row indices of each schema: a row is of the first of ``schemas`` whose required columns
     it fills (present and not null); a row of none is in no list."""
-    needed = [[SCHEMAS[name][key] for key in REQUIRED_BY_SCHEMA[name]] for name in schemas]
-    filled = [zip(*(columns[col] for col in cols), strict=True) for cols in needed]
+    filled = [zip(*(columns[col] for col in REQUIRED_COLUMNS[name]), strict=True) for name in schemas]
     rows_of: dict[str, list[int]] = {}
     for i, values in enumerate(zip(*filled, strict=True)):
         schema = next((name for name, row in zip(schemas, values, strict=True) if None not in row), None)
@@ -318,8 +319,7 @@ def choose_schema(spec: SourceSpec, columns: dict[str, list]) -> dict[str, str]:
     candidates = KIND_SCHEMAS[spec.kind]
     # every known schema, the kind's own first: rows of a schema the kind does not read are seen too
     known = candidates + [name for name in SCHEMAS if name not in candidates]
-    needed = {name: [SCHEMAS[name][key] for key in REQUIRED_BY_SCHEMA[name]] for name in known}
-    present = [name for name in known if all(col in columns for col in needed[name])]
+    present = [name for name in known if all(col in columns for col in REQUIRED_COLUMNS[name])]
     rows_of = rows_by_schema(columns, present) if len(present) > 1 else {}
     if len(rows_of) > 1:
         raise mixed_schemas_error(spec, rows_of)
@@ -332,8 +332,8 @@ def choose_schema(spec: SourceSpec, columns: dict[str, list]) -> dict[str, str]:
             f"{spec.location}: its rows are of the {next(iter(rows_of))} schema, not the {expected} "
             f"schema that --{spec.kind} reads; pass the file as --source NAME=PATH"
         )
-    closest = max(candidates, key=lambda name: sum(col in columns for col in needed[name]))
-    missing = [col for col in needed[closest] if col not in columns]
+    closest = max(candidates, key=lambda name: sum(col in columns for col in REQUIRED_COLUMNS[name]))
+    missing = [col for col in REQUIRED_COLUMNS[closest] if col not in columns]
     raise UserError(
         f"{spec.location}: missing required field(s) {missing}; expected the {expected} schema, "
         f"found columns {names}; map yours with --field_map {spec.name}:instruction=COL,response=COL"
@@ -344,8 +344,7 @@ def mixed_schemas_error(spec: SourceSpec, rows_of: dict[str, list[int]]) -> User
     """The one-line refusal of a table whose rows are of several schemas: the count of each, its
     first row, and the fix."""
     counts = ", ".join(
-        f"{len(rows)} {name} ({', '.join(SCHEMAS[name][key] for key in REQUIRED_BY_SCHEMA[name])}; "
-        f"first at row {rows[0] + 1})"
+        f"{len(rows)} {name} ({', '.join(REQUIRED_COLUMNS[name])}; first at row {rows[0] + 1})"
         for name, rows in rows_of.items()
     )
     if spec.kind == "generic":
