@@ -8,8 +8,8 @@ tokens, hash every run of 13 consecutive words, and drop a training row when the
 13-grams that also occur in the reference set (the GSM8K test set, the held-out val rows) reaches
 ``threshold``. A 13-gram found in many distinct documents (:data:`COMMON_NGRAM_DOCS`) is boilerplate,
 not contamination: a system prompt or instruction preamble every row repeats would otherwise make
-the rows overlap each other and the val split. Such n-grams are left out of the share altogether,
-so a row is judged on its own text.
+the rows overlap each other and the val split. Its words are left out of the share altogether (every
+n-gram touching them), so a row is judged on its own text.
 
 The hashing is vectorized: words become integer ids, and a 13-term polynomial rolling hash over the
 concatenated id array is 13 numpy multiply-adds, so millions of n-grams cost well under a second.
@@ -257,16 +257,32 @@ def _more_than(sorted_hashes: np.ndarray, times: int) -> np.ndarray:
     return sorted_hashes[starts[occurrences > times]]
 
 
-class NgramSet:
-    """The hashed n-grams of documents, each with the index of its document (``owner``)."""
+def _near(mask: np.ndarray, owner: np.ndarray, reach: int) -> np.ndarray:
+    """Which entries have a true ``mask`` entry at most ``reach`` places away within their own run
+    of ``owner`` (sorted): for one document's consecutive n-grams, those sharing a word with a masked one."""
+    if not len(mask):
+        return mask.copy()
+    new_run = np.r_[True, owner[1:] != owner[:-1]]
+    starts = np.flatnonzero(new_run)
+    run = np.cumsum(new_run) - 1
+    index = np.arange(len(mask))
+    low = np.maximum(index - reach, starts[run])
+    high = np.minimum(index + reach, np.r_[starts[1:], len(mask)][run] - 1)
+    seen = np.r_[0, np.cumsum(mask)]
+    return seen[high + 1] > seen[low]
 
-    def __init__(self, hashes: np.ndarray, owner: np.ndarray, n_docs: int) -> None:
-        self.hashes, self.owner, self.n_docs = hashes, owner, n_docs
+
+class NgramSet:
+    """The hashed ``n``-grams of documents, each with the index of its document (``owner``), in
+    document and then reading order."""
+
+    def __init__(self, hashes: np.ndarray, owner: np.ndarray, n_docs: int, n: int) -> None:
+        self.hashes, self.owner, self.n_docs, self.n = hashes, owner, n_docs, n
 
     @classmethod
     def of_docs(cls, docs: list[list[bytes]], n: int = NGRAM) -> NgramSet:
         """From documents given as :func:`words` lists."""
-        return cls(*ngram_hashes(docs, n), len(docs))
+        return cls(*ngram_hashes(docs, n), len(docs), n)
 
     @classmethod
     def of_texts(cls, texts: list[str], n: int = NGRAM) -> NgramSet:
@@ -283,7 +299,7 @@ class NgramSet:
         chosen = np.zeros(self.n_docs, dtype=bool)
         chosen[index] = True
         keep = chosen[self.owner]
-        return NgramSet(self.hashes[keep], self.owner[keep], self.n_docs)
+        return NgramSet(self.hashes[keep], self.owner[keep], self.n_docs, self.n)
 
     @functools.cached_property
     def common(self) -> np.ndarray:
@@ -299,11 +315,14 @@ class NgramSet:
     def overlap(self, reference: NgramSet) -> np.ndarray:
         """Per document, the share of its distinctive n-grams found in ``reference`` (0 when it has none).
 
-        An n-gram common among these documents or among the reference's (:attr:`common`) is
-        boilerplate: it counts neither as a hit nor toward the document's n-grams, so a row of a
-        20-word shared preamble and a 10-word question is judged on its question alone."""
-        boilerplate = np.union1d(self.common, reference.common)
-        distinctive = ~_member(self.hashes, boilerplate)
+        The words of an n-gram common among these documents or among the reference's (:attr:`common`)
+        are boilerplate, and an n-gram with a boilerplate word in it is not distinctive: it counts
+        neither as a hit nor toward the document's n-grams. A row of a 20-word shared preamble and a
+        20-word question is judged on its question alone, as if the preamble were not there; n-grams
+        running from the preamble into the question would tie every row opening with "Rewrite the
+        following sentence" to the val row that does."""
+        common = _member(self.hashes, np.union1d(self.common, reference.common))
+        distinctive = ~_near(common, self.owner, self.n - 1)
         found = distinctive & _member(self.hashes, np.unique(reference.hashes))
         hits = np.bincount(self.owner[found], minlength=self.n_docs)
         total = np.bincount(self.owner[distinctive], minlength=self.n_docs)

@@ -224,8 +224,9 @@ def test_decontamination_catches_planted_test_questions(shared):
 def reference_overlap(docs: list[str], reference: list[str], n: int = 13, common: int = 10) -> list[float]:
     """An independent plain-Python overlap: word tuples, sets and counters, no hashing.
 
-    An n-gram in more than ``common`` distinct documents of ``docs`` or of ``reference`` is ignored;
-    a document's score is the share of its other n-gram positions that occur in ``reference``."""
+    An n-gram in more than ``common`` distinct documents of ``docs`` or of ``reference`` is
+    boilerplate, and so is each word of it in a document; a document's score is the share of its
+    n-grams free of boilerplate words that occur in ``reference``."""
     punctuation = re.compile(f"[{re.escape(string.punctuation)}]")
 
     def grams(text):
@@ -242,7 +243,8 @@ def reference_overlap(docs: list[str], reference: list[str], n: int = 13, common
     in_reference = {g for gram_list in ref_grams for g in gram_list}
     scores = []
     for gram_list in doc_grams:
-        mine = [g for g in gram_list if g not in boilerplate]
+        boilerplate_words = {i + k for i, g in enumerate(gram_list) if g in boilerplate for k in range(n)}
+        mine = [g for i, g in enumerate(gram_list) if not boilerplate_words & set(range(i, i + n))]
         scores.append(sum(g in in_reference for g in mine) / len(mine) if mine else 0.0)
     return scores
 
@@ -251,14 +253,26 @@ def joined(row: dict) -> str:
     return "\n".join(filter(None, [row["instruction"], row["input"], row["response"]]))
 
 
+# Openings many instructions share ("Rewrite the following sentence ...").
+OPENINGS = [["rewrite", "the", "following", "sentence", "using"], ["what", "is", "the", "capital", "of"], []]
+
+
 @st.composite
 def preamble_datasets(draw):
-    """Rows of distinct questions behind one shared preamble (0-40 words), the first ``n_val`` held out
-    as val, then planted copies of val questions (with or without the preamble), each with its own
-    answer. Returns (rows, val indices, the planted copies' question lengths)."""
+    """Rows of distinct questions behind one shared preamble (0-40 words), some opening with the same
+    few words, the first ``n_val`` held out as val, then planted copies of val questions (with or
+    without the preamble), each with its own answer. Returns (rows, val indices, the planted copies'
+    question lengths).
+
+    A preamble of 1-12 words holds no 13-gram of its own, so it cannot be told from copied text;
+    its rows get no shared openings (a 13-gram of it and an opening would tie them together)."""
     preamble = [f"p{k}" for k in range(draw(st.integers(0, 40)))]
+    openings = OPENINGS if len(preamble) in (0, *range(13, 41)) else [[]]
     n_rows = draw(st.integers(12, 40))
-    questions = [[f"q{i}x{k}" for k in range(draw(st.integers(4, 30)))] for i in range(n_rows)]
+    questions = [
+        draw(st.sampled_from(openings)) + [f"q{i}x{k}" for k in range(draw(st.integers(4, 30)))]
+        for i in range(n_rows)
+    ]
     rows = [
         record(" ".join(preamble + question), " ".join(f"a{i}x{k}" for k in range(draw(st.integers(1, 30)))))
         for i, question in enumerate(questions)
