@@ -13,7 +13,8 @@
 
 and returns a fast ``transformers`` tokenizer with an EOS token: training appends EOS to every
 response, so a tokenizer without one is refused. A bare ``tokenizer.json`` carries no special-token
-roles, so EOS is taken from the well-known end-of-text tokens it contains.
+roles, so EOS is taken from the well-known end-of-text tokens it contains. A folder whose config
+names a special token its vocabulary lacks is refused too: transformers would add it as a new id.
 """
 
 from __future__ import annotations
