@@ -91,9 +91,11 @@ class SourceSpec:
 
     @property
     def is_local(self) -> bool:
-        """Something is at the location on disk (a file, a folder, one ``stat`` may not look at)."""
+        """Something is at the location on disk: a file, a folder, one ``stat`` may not look at, or a
+        link that leads nowhere (the user's path, refused as such by the reader, not a hub id)."""
         try:
-            return Path(self.location).expanduser().exists()
+            path = Path(self.location).expanduser()
+            return path.exists() or path.is_symlink()
         except PermissionError:  # there, behind a folder without search permission: its reader says so
             return True
         except (OSError, RuntimeError, ValueError):  # a name too long, "~user/" of no user, a NUL byte

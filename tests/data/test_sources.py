@@ -318,3 +318,14 @@ def test_a_local_path_spelled_like_a_hub_id_wins(hub, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="unknown extension"):
         load_source(SourceSpec("x", "gsm8k", "openai/gsm8k"), False, Drops())
     assert not hub
+
+
+@pytest.mark.parametrize("location", ["data.json", "owner/name", "./typo"])
+def test_a_link_that_leads_nowhere_is_the_users_path(hub, tmp_path, monkeypatch, location):
+    """Even spelled like a hub id, a dangling symlink is a local path: refused as a broken link."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / location).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / location).symlink_to(tmp_path / "gone.json")
+    with pytest.raises(UserError, match="a symlink to a missing file"):
+        load_source(SourceSpec("x", "alpaca", location), False, Drops())
+    assert not hub
