@@ -336,9 +336,12 @@ def choose_schema(spec: SourceSpec, columns: dict[str, list]) -> dict[str, str]:
         )
     closest = max(candidates, key=lambda name: sum(col in columns for col in REQUIRED_COLUMNS[name]))
     missing = [col for col in REQUIRED_COLUMNS[closest] if col not in columns]
+    # --field_map maps the columns of a --source only
+    source = spec.name if spec.kind == "generic" else "NAME"
+    fix = "" if spec.kind == "generic" else f"pass the file as --source {source}=PATH and "
     raise UserError(
         f"{spec.location}: missing required field(s) {missing}; expected the {expected} schema, "
-        f"found columns {names}; map yours with --field_map {spec.name}:instruction=COL,response=COL"
+        f"found columns {names}; {fix}map yours with --field_map {source}:instruction=COL,response=COL"
     )
 
 

@@ -329,3 +329,23 @@ def test_a_link_that_leads_nowhere_is_the_users_path(hub, tmp_path, monkeypatch,
     with pytest.raises(UserError, match="a symlink to a missing file"):
         load_source(SourceSpec("x", "alpaca", location), False, Drops())
     assert not hub
+
+
+@pytest.mark.parametrize("kind", ["alpaca", "gsm8k", "dolly", "source"])
+def test_the_fix_a_missing_field_refusal_suggests_works(run_prepare, tmp_path, kind):
+    """Columns of no known schema: the refusal's --field_map (through --source for a --alpaca,
+    --gsm8k or --dolly file, as only a --source takes one) reads the file."""
+    path = write_jsonl(
+        tmp_path / "qa.jsonl", [{"q": f"Question {i}?", "a": f"Answer {i}."} for i in range(30)]
+    )
+    out = ["--output_dir", str(tmp_path / "out"), "--decontam_threshold", "0"]
+    flag = ["--source", f"mine={path}"] if kind == "source" else [f"--{kind}", str(path)]
+    with pytest.raises(UserError, match="missing required field") as info:
+        run_prepare([*flag, *out])
+    fix = re.search(r"--field_map (\S+):instruction=COL,response=COL", str(info.value))
+    name = fix[1].replace("NAME", "mine")
+    assert ("--source NAME=PATH" in str(info.value)) == (kind != "source")
+    manifest = run_prepare(
+        ["--source", f"{name}={path}", "--field_map", f"{name}:instruction=q,response=a", *out]
+    )
+    assert manifest["counts"][name]["rows_in"] == 30 and manifest["counts"][name]["dropped"] == {}
