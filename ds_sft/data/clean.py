@@ -6,13 +6,18 @@ a row leaves the pipeline only through :meth:`Drops.add`, with a reason.
 Decontamination follows the 13-gram overlap test of the GPT-3 paper: split text into lowercase word
 tokens, hash every run of 13 consecutive words, and drop a training row when the share of its
 13-grams that also occur in the reference set (the GSM8K test set, the held-out val rows) reaches
-``threshold``. The hashing is vectorized: words become integer ids, and a 13-term polynomial rolling
-hash over the concatenated id array is 13 numpy multiply-adds, so millions of n-grams cost well
-under a second.
+``threshold``. A 13-gram found in many distinct documents (:data:`COMMON_NGRAM_DOCS`) is boilerplate,
+not contamination: a system prompt or instruction preamble every row repeats would otherwise make
+the rows overlap each other and the val split. Its words are left out of the share altogether (every
+n-gram touching them), so a row is judged on its own text.
+
+The hashing is vectorized: words become integer ids, and a 13-term polynomial rolling hash over the
+concatenated id array is 13 numpy multiply-adds, so millions of n-grams cost well under a second.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import string
@@ -22,6 +27,12 @@ from collections import Counter
 import numpy as np
 
 NGRAM = 13
+# An n-gram held by more than this many distinct documents on one side (the training rows, or the
+# reference) is boilerplate: a shared system prompt, an instruction template, a stock phrase. 10 is
+# the cut lm-evaluation-harness and NeMo Curator (max_matches=10) use for 13-gram decontamination;
+# a val or test question copied into as many as 9 other rows is still caught. Text shared by 10
+# rows or fewer counts as copied: in a dataset of 10 rows or fewer a shared preamble still overlaps.
+COMMON_NGRAM_DOCS = 10
 
 # Alpaca's placeholders for "this instruction has no input".
 NO_INPUT_MARKERS = {"<noinput>", "<no input>", "noinput", "no input", "no input.", "n/a", "n/a."}
@@ -32,9 +43,15 @@ _ODD_SPACES = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f\u3000]")  # no-break
 _INVISIBLE = re.compile(r"[\u200b\u2060\ufeff]")  # zero-width space, word joiner, stray BOM
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n{3,}")
-# Words for dedup keys and n-grams: UTF-8 bytes, ASCII-lowercased, ASCII punctuation as a separator.
+# Words for n-grams: UTF-8 bytes, ASCII-lowercased, ASCII punctuation as a separator.
 # bytes.lower/translate/split run on 256-entry tables: ~2x faster than a str regex or casefold.
 _PUNCTUATION_TO_SPACE = bytes.maketrans(string.punctuation.encode(), b" " * len(string.punctuation))
+# Dedup keys: words and runs of punctuation, so spacing around a mark does not matter ("2 + 2" is
+# "2+2") but the marks do ("2+2" is not "2*2", "f(x)" is not "f[x]", "x == 1" is not "x = = 1").
+_WORDS_AND_MARKS = re.compile(r"\w+|[^\w\s]+")
+# A field's closing marks say nothing ("Paris." is "Paris", "What is 2+2?" is "what is 2 + 2"),
+# except exclamation marks right after a digit: "5!" is a factorial.
+CLOSING_MARKS = ".?!"
 
 
 class Drops:
@@ -136,45 +153,57 @@ def drop_special_token_text(records: list[dict], special_tokens: list[str], drop
 
 
 def words(text: str) -> list[bytes]:
-    """Lowercased words (ASCII case folding) with ASCII punctuation as separators, as UTF-8 bytes."""
+    """Lowercased words (ASCII case folding) with ASCII punctuation as separators, as UTF-8 bytes:
+    the units of the decontamination n-grams."""
     return text.encode().lower().translate(_PUNCTUATION_TO_SPACE).split()
 
 
 def record_words(records: list[dict]) -> list[list[list[bytes]]]:
-    """Per record, the :func:`words` of each of its :func:`text_fields`: split once, then used both
-    for the folded dedup key and for the record's n-grams."""
+    """Per record, the :func:`words` of each of its :func:`text_fields`."""
     return [[words(text) for text in text_fields(record)] for record in records]
 
 
-def unique_rows(records: list[dict], fields: list[list[list[bytes]]], drops: Drops) -> list[int]:
+def folded(text: str) -> str:
+    """A text's dedup form: lowercased, its closing ``.``/``?``/``!`` dropped, words and punctuation
+    marks one space apart. Only differences that leave the meaning alone fold: case, spacing, a final
+    period. ``2+2`` and ``2*2``, ``x = 1`` and ``x == 1``, ``5!`` and ``5`` stay apart."""
+    text = text.lower().rstrip()
+    body = text.rstrip(CLOSING_MARKS)
+    if body[-1:].isdigit():
+        closing = text[len(body) :]
+        body += closing[: len(closing) - len(closing.lstrip("!"))]  # a factorial stays
+    return " ".join(_WORDS_AND_MARKS.findall(body))
+
+
+def unique_rows(records: list[dict], drops: Drops) -> list[int]:
     """Indices of the first of each exact duplicate, then of each folded duplicate (across sources).
 
-    ``fields`` is :func:`record_words` of ``records``. The folded key joins each field's words with
-    spaces, and the fields and then the chat turns' roles with a 0xFF byte, which UTF-8 never contains.
+    The folded key is each field's :func:`folded` form, then the chat turns' roles, joined by 0x1F:
+    a whitespace character to ``\\s``, so no folded text holds one and no two keys run together.
     """
     exact: set[str] = set()
-    folded: set[bytes] = set()
+    folded_keys: set[str] = set()
     kept = []
-    for index, (record, field_words) in enumerate(zip(records, fields, strict=True)):
+    for index, record in enumerate(records):
         history = record.get("history", [])
         exact_key = "\x00".join((record["instruction"], record["input"], record["response"], repr(history)))
         if exact_key in exact:
             drops.add(record["source"], "duplicate_exact")
             continue
         exact.add(exact_key)
-        roles = " ".join(turn["role"] for turn in history).encode()
-        folded_key = b"\xff".join([b" ".join(w) for w in field_words] + [roles])
-        if folded_key in folded:
+        roles = " ".join(turn["role"] for turn in history)
+        folded_key = "\x1f".join([*map(folded, text_fields(record)), roles])
+        if folded_key in folded_keys:
             drops.add(record["source"], "duplicate_normalized")
             continue
-        folded.add(folded_key)
+        folded_keys.add(folded_key)
         kept.append(index)
     return kept
 
 
 def dedup(records: list[dict], drops: Drops) -> list[dict]:
-    """The records left by :func:`unique_rows`, for callers that have not split them into words."""
-    return [records[i] for i in unique_rows(records, record_words(records), drops)]
+    """The records left by :func:`unique_rows`."""
+    return [records[i] for i in unique_rows(records, drops)]
 
 
 _HASH_BASE = np.uint64(0x100000001B3)  # an odd 64-bit multiplier; arithmetic wraps modulo 2**64
@@ -202,60 +231,116 @@ def ngram_hashes(docs: list[list[bytes]], n: int = NGRAM) -> tuple[np.ndarray, n
     return hashed[inside_one_doc], owner[:windows][inside_one_doc]
 
 
-def text_ngram_hashes(texts: list[str], n: int = NGRAM) -> np.ndarray:
-    """The n-gram hashes of plain texts (a reference set such as the GSM8K test set)."""
-    return ngram_hashes([words(text) for text in texts], n)[0]
+def _member(values: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Which ``values`` are in ``members`` (sorted, unique), as a boolean mask.
+
+    Nearly every n-gram is in no reference. A bit table over the low hash bits, 1/16 full, rules those
+    out with one gather; only the ~6% that pass pay for a binary search (10x faster than searching
+    them all: a random probe into a large sorted array misses the cache at every step)."""
+    inside = np.zeros(len(values), dtype=bool)
+    if not len(members):
+        return inside
+    bits = max(16, (16 * len(members)).bit_length())
+    low = np.uint64((1 << bits) - 1)
+    maybe_in = np.zeros(1 << bits, dtype=bool)
+    maybe_in[members & low] = True
+    probe = np.flatnonzero(maybe_in[values & low])
+    where = np.minimum(np.searchsorted(members, values[probe]), len(members) - 1)
+    inside[probe[members[where] == values[probe]]] = True
+    return inside
+
+
+def _more_than(sorted_hashes: np.ndarray, times: int) -> np.ndarray:
+    """The distinct values of ``sorted_hashes`` that occur in it more than ``times`` times."""
+    starts = np.flatnonzero(np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]])
+    occurrences = np.diff(np.r_[starts, len(sorted_hashes)])
+    return sorted_hashes[starts[occurrences > times]]
+
+
+def _near(mask: np.ndarray, owner: np.ndarray, reach: int) -> np.ndarray:
+    """Which entries have a true ``mask`` entry at most ``reach`` places away within their own run
+    of ``owner`` (sorted): for one document's consecutive n-grams, those sharing a word with a masked one."""
+    if not len(mask):
+        return mask.copy()
+    new_run = np.r_[True, owner[1:] != owner[:-1]]
+    starts = np.flatnonzero(new_run)
+    run = np.cumsum(new_run) - 1
+    index = np.arange(len(mask))
+    low = np.maximum(index - reach, starts[run])
+    high = np.minimum(index + reach, np.r_[starts[1:], len(mask)][run] - 1)
+    seen = np.r_[0, np.cumsum(mask)]
+    return seen[high + 1] > seen[low]
 
 
 class NgramSet:
-    """The hashed n-grams of documents (word lists): hashed once, then queried against several references."""
+    """The hashed ``n``-grams of documents, each with the index of its document (``owner``), in
+    document and then reading order."""
 
-    def __init__(self, docs: list[list[bytes]], n: int = NGRAM) -> None:
-        self.hashes, self.owner = ngram_hashes(docs, n)
-        self.counts = np.bincount(self.owner, minlength=len(docs))
+    def __init__(self, hashes: np.ndarray, owner: np.ndarray, n_docs: int, n: int) -> None:
+        self.hashes, self.owner, self.n_docs, self.n = hashes, owner, n_docs, n
+
+    @classmethod
+    def of_docs(cls, docs: list[list[bytes]], n: int = NGRAM) -> NgramSet:
+        """From documents given as :func:`words` lists."""
+        return cls(*ngram_hashes(docs, n), len(docs), n)
+
+    @classmethod
+    def of_texts(cls, texts: list[str], n: int = NGRAM) -> NgramSet:
+        """From plain texts (a reference set such as the GSM8K test set)."""
+        return cls.of_docs([words(text) for text in texts], n)
 
     @classmethod
     def of_records(cls, fields: list[list[list[bytes]]], n: int = NGRAM) -> NgramSet:
         """From :func:`record_words`: a record's n-grams run across its fields, in reading order."""
-        return cls([list(itertools.chain.from_iterable(field_words)) for field_words in fields], n)
+        return cls.of_docs([list(itertools.chain.from_iterable(field_words)) for field_words in fields], n)
 
-    def of(self, index: np.ndarray) -> np.ndarray:
-        """The n-gram hashes of texts ``index`` (to serve as a reference for the others)."""
-        chosen = np.zeros(len(self.counts), dtype=bool)
+    def of(self, index: np.ndarray) -> NgramSet:
+        """The n-grams of documents ``index`` only (to serve as a reference for the others)."""
+        chosen = np.zeros(self.n_docs, dtype=bool)
         chosen[index] = True
-        return self.hashes[chosen[self.owner]]
+        keep = chosen[self.owner]
+        return NgramSet(self.hashes[keep], self.owner[keep], self.n_docs, self.n)
 
-    def overlap(self, reference_hashes: np.ndarray) -> np.ndarray:
-        """Per text, the fraction of its n-grams found in ``reference_hashes`` (0 when it has none)."""
-        reference = np.unique(reference_hashes)
-        if not len(reference):
-            return np.zeros(len(self.counts))
-        # Nearly every n-gram is in no reference. A bit table over the low hash bits, 1/16 full, rules
-        # those out with one gather; only the ~6% that pass pay for a binary search (10x faster than
-        # searching them all: a random probe into a large sorted array misses the cache at every step).
-        bits = max(16, (16 * len(reference)).bit_length())
-        low = np.uint64((1 << bits) - 1)
-        maybe_in = np.zeros(1 << bits, dtype=bool)
-        maybe_in[reference & low] = True
-        probe = np.flatnonzero(maybe_in[self.hashes & low])
-        where = np.minimum(np.searchsorted(reference, self.hashes[probe]), len(reference) - 1)
-        found = probe[reference[where] == self.hashes[probe]]
-        hits = np.bincount(self.owner[found], minlength=len(self.counts))
-        return np.divide(hits, self.counts, out=np.zeros(len(self.counts)), where=self.counts > 0)
+    @functools.cached_property
+    def common(self) -> np.ndarray:
+        """The n-grams (sorted hashes) held by more than :data:`COMMON_NGRAM_DOCS` distinct documents."""
+        # Only an n-gram occurring that often at all can be; the distinct documents are then counted
+        # for those few (a sort of all hashes is 3x cheaper than the argsort the exact count needs).
+        frequent = _more_than(np.sort(self.hashes), COMMON_NGRAM_DOCS)
+        chosen = _member(self.hashes, frequent)
+        # one (n-gram, document) pair per document, whatever the n-gram's repeats inside it
+        pairs = np.unique(np.stack([self.hashes[chosen], self.owner[chosen].astype(np.uint64)]), axis=1)
+        return _more_than(pairs[0], COMMON_NGRAM_DOCS)
+
+    def overlap(self, reference: NgramSet) -> np.ndarray:
+        """Per document, the share of its distinctive n-grams found in ``reference`` (0 when it has none).
+
+        The words of an n-gram common among these documents or among the reference's (:attr:`common`)
+        are boilerplate, and an n-gram with a boilerplate word in it is not distinctive: it counts
+        neither as a hit nor toward the document's n-grams. A row of a 20-word shared preamble and a
+        20-word question is judged on its question alone, as if the preamble were not there; n-grams
+        running from the preamble into the question would tie every row opening with "Rewrite the
+        following sentence" to the val row that does."""
+        common = _member(self.hashes, np.union1d(self.common, reference.common))
+        distinctive = ~_near(common, self.owner, self.n - 1)
+        found = distinctive & _member(self.hashes, np.unique(reference.hashes))
+        hits = np.bincount(self.owner[found], minlength=self.n_docs)
+        total = np.bincount(self.owner[distinctive], minlength=self.n_docs)
+        return np.divide(hits, total, out=np.zeros(self.n_docs), where=total > 0)
 
 
 def decontaminate(
     records: list[dict],
     grams: NgramSet,
     candidates: np.ndarray,
-    reference_hashes: np.ndarray,
+    reference: NgramSet,
     threshold: float,
     reason: str,
     drops: Drops,
 ) -> np.ndarray:
     """The ``candidates`` (indices into ``records``/``grams``) whose n-gram overlap with the
     reference stays below ``threshold``; the others are dropped and counted under ``reason``."""
-    scores = grams.overlap(reference_hashes)[candidates]
+    scores = grams.overlap(reference)[candidates]
     for index in candidates[scores >= threshold].tolist():
         drops.add(records[index]["source"], reason)
     return candidates[scores < threshold]

@@ -8,9 +8,10 @@ Stages, in order (every dropped row is counted by source and reason in manifest.
             is a valid run
   clean     NFC + whitespace normalization; Alpaca "<noinput>"-style inputs emptied; GSM8K calculator
             annotations <<48/2=24>> stripped (the final "#### N" line is kept); empty rows dropped
-  dedup     exact and case/punctuation/whitespace-folded duplicates, across all sources
+  dedup     exact and case/spacing/final-period-folded duplicates, across all sources
   decontam  rows sharing >= --decontam_threshold of their 13-grams with the GSM8K test set dropped;
             then the val split is cut per source and train rows overlapping val rows are dropped
+            (a 13-gram in more than 10 rows, or 10 test documents, is boilerplate and not counted)
   tokenize  prompt and response tokenized apart: the loss covers exactly response + EOS (this runs on
             a worker thread alongside dedup and decontam, and the rows they keep are then taken);
             a conversation trains every assistant turn (--train_on all) or its last (--train_on last)
@@ -48,7 +49,7 @@ import numpy as np
 
 from ds_sft.errors import UserError, as_os_error
 
-FORMAT_VERSION = 2  # bump when the output layout or a cleaning rule changes: old outputs are then redone
+FORMAT_VERSION = 3  # bump when the output layout or a cleaning rule changes: old outputs are then redone
 
 DROP_REASON_TOO_LONG = {1: "longer_than_seq_len", 2: "prompt_fills_seq_len"}
 SHARED_FILES = {
@@ -168,7 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decontam_threshold",
         type=Float(0, 1),
         default=0.1,
-        help="drop a row when this share of its 13-grams occurs in the GSM8K test set or in val rows "
+        help="drop a row when this share of its 13-grams occurs in the GSM8K test set or in val rows; "
+        "13-grams shared by more than 10 rows (a common preamble) are not counted "
         "(default: 0.1; 0 turns decontamination off)",
     )
 
@@ -384,27 +386,25 @@ def load_records(
 def select_rows(records: list[dict], names: list[str], reference: list[str], args, drops):
     """Dedup, decontaminate against the GSM8K test set, split val, decontaminate train against val.
 
-    Every row is split into words once (for its folded dedup key and its 13-grams), and its 13-grams
-    are hashed once and queried against both references.
+    Every row's 13-grams are hashed once and queried against both references.
     Returns (train indices, val indices) into ``records``.
     """
-    from ds_sft.data.clean import NgramSet, decontaminate, record_words, text_ngram_hashes, unique_rows
+    from ds_sft.data.clean import NgramSet, decontaminate, record_words, unique_rows
 
-    fields = record_words(records)
-    unique = np.array(unique_rows(records, fields, drops), dtype=np.int64)
+    unique = np.array(unique_rows(records, drops), dtype=np.int64)
     rows = [records[i] for i in unique.tolist()]  # the indices below are into these, until the return
     candidates = np.arange(len(rows))
     threshold = args.decontam_threshold
     if threshold > 0:
-        grams = NgramSet.of_records([fields[i] for i in unique.tolist()])
-        test_hashes = text_ngram_hashes(reference)
+        grams = NgramSet.of_records(record_words(rows))
+        test_grams = NgramSet.of_texts(reference)
         candidates = decontaminate(
-            rows, grams, candidates, test_hashes, threshold, "overlaps_gsm8k_test", drops
+            rows, grams, candidates, test_grams, threshold, "overlaps_gsm8k_test", drops
         )
     train_index, val_index = split_val(rows, candidates, names, args)
     if threshold > 0 and len(val_index):
-        val_hashes = grams.of(val_index)
-        train_index = decontaminate(rows, grams, train_index, val_hashes, threshold, "overlaps_val", drops)
+        val_grams = grams.of(val_index)
+        train_index = decontaminate(rows, grams, train_index, val_grams, threshold, "overlaps_val", drops)
     return unique[train_index], unique[val_index]
 
 

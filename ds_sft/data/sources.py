@@ -19,7 +19,8 @@ A *schema* maps record fields to a file's columns. The known ones cover Alpaca
 (instruction/input/output), GSM8K (question/answer), Dolly in its own schema
 (instruction/context/response/category) and in the renamed one (which is Alpaca's), prompt/completion
 files and chat ``messages`` lists. ``--source NAME=PATH`` picks the first schema whose required
-columns the file has, or uses an explicit ``--field_map``.
+columns the file has, or uses an explicit ``--field_map``; a file whose rows are of several schemas is
+refused, with the count of each (:func:`choose_schema`).
 
 Local files are read by extension: JSON and JSON Lines with Python's own parser (every refusal names
 the file and the line; ``--skip_bad_rows`` counts and leaves out bad lines instead), parquet with
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from ds_sft.data.clean import Drops
 from ds_sft.errors import UserError, first_line
-from ds_sft.paths import require_regular_file, sha256_file
+from ds_sft.paths import hub_id, require_regular_file, sha256_file
 
 # record field -> column; "instruction" and "response" are required, the rest optional.
 SCHEMAS: dict[str, dict[str, str]] = {
@@ -54,6 +55,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
 }
 REQUIRED = ("instruction", "response")
 REQUIRED_BY_SCHEMA = {name: ("messages",) if "messages" in m else REQUIRED for name, m in SCHEMAS.items()}
+# each schema's required columns: a row that fills them all is of that schema
+REQUIRED_COLUMNS = {name: [SCHEMAS[name][key] for key in keys] for name, keys in REQUIRED_BY_SCHEMA.items()}
 
 # Which schemas each source flag accepts, in the order they are tried. Dolly comes in its own
 # schema and in a renamed one that is Alpaca's (instruction/input/output).
@@ -72,7 +75,9 @@ HUB_IDS = {
 }
 
 EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# Endings of data files, read here or not: a location ending so is a file path, never a hub id.
+DATA_FILE_SUFFIXES = (*EXTENSIONS, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip",
+                      ".tar")  # fmt: skip
 
 
 @dataclass
@@ -86,15 +91,27 @@ class SourceSpec:
 
     @property
     def is_local(self) -> bool:
-        return Path(self.location).expanduser().exists()
+        """Something is at the location on disk: a file, a folder, one ``stat`` may not look at, or a
+        link that leads nowhere (the user's path, refused as such by the reader, not a hub id)."""
+        try:
+            path = Path(self.location).expanduser()
+            return path.exists() or path.is_symlink()
+        except PermissionError:  # there, behind a folder without search permission: its reader says so
+            return True
+        except (OSError, RuntimeError, ValueError):  # a name too long, "~user/" of no user, a NUL byte
+            return False
 
     @property
     def is_hub_id(self) -> bool:
-        """``owner/name`` without a data-file extension, and no such local path."""
+        """A hub dataset id: ``owner/name`` as the hub spells repo ids (letters, digits, ``_.-``, no
+        ``--`` or ``..``, neither part starting or ending with ``.`` or ``-``: so nothing that starts
+        ``./``, ``../``, ``/`` or ``~``), no ``@revision``, not ending like a data file (``.json``,
+        ``.csv``, ...: a mistyped path) and no such local path. Anything else is a missing file."""
+        if self.is_local:
+            return False
+        found = hub_id(self.location)
         return (
-            not self.is_local
-            and HUB_ID.fullmatch(self.location) is not None
-            and Path(self.location).suffix.lower() not in EXTENSIONS
+            found is not None and found[1] is None and not self.location.lower().endswith(DATA_FILE_SUFFIXES)
         )
 
 
@@ -269,29 +286,83 @@ def read_hub(spec: SourceSpec, split: str = "train") -> dict[str, list]:
 # --- columns -> records ----------------------------------------------------------------------------
 
 
-def choose_schema(spec: SourceSpec, columns: list[str]) -> dict[str, str]:
-    """The field -> column mapping for this file, or a UserError naming what is missing."""
+def rows_by_schema(columns: dict[str, list], schemas: list[str]) -> dict[str, list[int]]:
+    """The row indices of each schema: a row is of the first of ``schemas`` whose required columns
+    it fills (present and not null); a row of none is in no list."""
+    filled = [zip(*(columns[col] for col in REQUIRED_COLUMNS[name]), strict=True) for name in schemas]
+    rows_of: dict[str, list[int]] = {}
+    for i, values in enumerate(zip(*filled, strict=True)):
+        schema = next((name for name, row in zip(schemas, values, strict=True) if None not in row), None)
+        if schema is not None:
+            rows_of.setdefault(schema, []).append(i)
+    return rows_of
+
+
+def choose_schema(spec: SourceSpec, columns: dict[str, list]) -> dict[str, str]:
+    """The field -> column mapping of this table, or a UserError saying what is wrong.
+
+    The first schema the source's kind reads (:data:`KIND_SCHEMAS`) whose columns the table has. A
+    table whose rows are of two or more known schemas (say a chat file appended to an Alpaca one) is
+    refused with the count of each: read with one schema, the rows of the others would all be
+    dropped as null fields, and read each with its own, a mistake would pass unseen. Rows of no
+    schema stay, and are dropped later as ``null_<field>``. ``--field_map`` is taken as given.
+    """
+    names = list(columns)
     if spec.field_map:
         mapping = spec.field_map
         missing = [col for col in mapping.values() if col not in columns]
         if missing:
             raise UserError(
-                f"{spec.location}: --field_map names missing column(s) {missing}; columns are {columns}"
+                f"{spec.location}: --field_map names missing column(s) {missing}; columns are {names}"
             )
         if "messages" not in mapping and not all(key in mapping for key in REQUIRED):
             raise UserError(f"--field_map for {spec.name} must map instruction and response (or messages)")
         return mapping
     candidates = KIND_SCHEMAS[spec.kind]
-    needed = {name: [SCHEMAS[name][key] for key in REQUIRED_BY_SCHEMA[name]] for name in candidates}
-    for name in candidates:
-        if all(col in columns for col in needed[name]):
-            return SCHEMAS[name]
+    # every known schema, the kind's own first: rows of a schema the kind does not read are seen too
+    known = candidates + [name for name in SCHEMAS if name not in candidates]
+    present = [name for name in known if all(col in columns for col in REQUIRED_COLUMNS[name])]
+    rows_of = rows_by_schema(columns, present) if len(present) > 1 else {}
+    if len(rows_of) > 1:
+        raise mixed_schemas_error(spec, rows_of)
+    usable = [name for name in candidates if name in (rows_of or present)]
+    if usable:
+        return SCHEMAS[usable[0]]
     expected = " or ".join(f"{name} ({', '.join(SCHEMAS[name].values())})" for name in candidates)
-    closest = max(candidates, key=lambda name: sum(col in columns for col in needed[name]))
-    missing = [col for col in needed[closest] if col not in columns]
+    if rows_of:  # the kind's columns are there but empty; every row is of another schema
+        raise UserError(
+            f"{spec.location}: its rows are of the {next(iter(rows_of))} schema, not the {expected} "
+            f"schema that --{spec.kind} reads; pass the file as --source NAME=PATH"
+        )
+    closest = max(candidates, key=lambda name: sum(col in columns for col in REQUIRED_COLUMNS[name]))
+    missing = [col for col in REQUIRED_COLUMNS[closest] if col not in columns]
+    # --field_map maps the columns of a --source only
+    source = spec.name if spec.kind == "generic" else "NAME"
+    fix = "" if spec.kind == "generic" else f"pass the file as --source {source}=PATH and "
     raise UserError(
         f"{spec.location}: missing required field(s) {missing}; expected the {expected} schema, "
-        f"found columns {columns}; map yours with --field_map {spec.name}:instruction=COL,response=COL"
+        f"found columns {names}; {fix}map yours with --field_map {source}:instruction=COL,response=COL"
+    )
+
+
+def mixed_schemas_error(spec: SourceSpec, rows_of: dict[str, list[int]]) -> UserError:
+    """The one-line refusal of a table whose rows are of several schemas: the count of each, its
+    first row, and the fix."""
+    counts = ", ".join(
+        f"{len(rows)} {name} ({', '.join(REQUIRED_COLUMNS[name])}; first at row {rows[0] + 1})"
+        for name, rows in rows_of.items()
+    )
+    if spec.kind == "generic":
+        most = max(rows_of, key=lambda name: len(rows_of[name]))
+        mapping = ",".join(f"{key}={SCHEMAS[most][key]}" for key in REQUIRED_BY_SCHEMA[most])
+        fix = (
+            f"split the file into one per schema (each its own --source), or read one schema with "
+            f"e.g. --field_map {spec.name}:{mapping} (the other rows are then dropped)"
+        )
+    else:
+        fix = f"split the file into one per schema: --{spec.kind} for its own, --source NAME=PATH for others"
+    return UserError(
+        f"{spec.location}: rows of {len(rows_of)} schemas: {counts}; a source has one schema: {fix}"
     )
 
 
@@ -330,7 +401,7 @@ def conversation_problem(messages) -> tuple[list[dict], str | None]:
 
 def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list[dict]:
     """Map a table to records; rows with nulls or non-string fields are dropped and counted."""
-    schema = choose_schema(spec, list(columns))
+    schema = choose_schema(spec, columns)
     n_rows = len(next(iter(columns.values())))
     default_category = DEFAULT_CATEGORY.get(spec.name, DEFAULT_CATEGORY.get(spec.kind, "general"))
     records = []

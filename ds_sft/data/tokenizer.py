@@ -13,7 +13,8 @@
 
 and returns a fast ``transformers`` tokenizer with an EOS token: training appends EOS to every
 response, so a tokenizer without one is refused. A bare ``tokenizer.json`` carries no special-token
-roles, so EOS is taken from the well-known end-of-text tokens it contains.
+roles, so EOS is taken from the well-known end-of-text tokens it contains. A folder whose config
+names a special token its vocabulary lacks is refused too: transformers would add it as a new id.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _from_pretrained(directory: Path, **kwargs):
     if not kwargs:
         paths.refuse_remote_code(directory)
     try:
-        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         if (directory / "tokenizer.json").is_file() and not kwargs:
             print(
@@ -60,6 +61,49 @@ def _from_pretrained(directory: Path, **kwargs):
             )
             return _from_file(directory / "tokenizer.json")
         raise UserError(f"could not load a tokenizer from {directory}: {first_line(err)}") from None
+    if not kwargs:
+        refuse_special_tokens_outside_vocab(tokenizer, directory)
+    return tokenizer
+
+
+def vocabulary_of_files(tokenizer, directory: Path) -> set[str]:
+    """The tokens a tokenizer folder's files define, before transformers adds the special tokens its
+    config names: ``tokenizer.json``'s vocabulary with its added tokens (or, from slow files such as
+    ``vocab.json`` or ``tokenizer.model``, the base vocabulary), and the added tokens
+    ``tokenizer_config.json`` and ``added_tokens.json`` list with their ids."""
+    if (directory / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokens = set(Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab(with_added_tokens=True))
+    else:
+        tokens = {token for token, i in tokenizer.get_vocab().items() if i < tokenizer.vocab_size}
+    if (directory / "tokenizer_config.json").is_file():
+        config = paths.read_json_object(directory / "tokenizer_config.json", "tokenizer config")
+        listed = config.get("added_tokens_decoder") or {}
+        tokens |= {entry.get("content") for entry in listed.values() if isinstance(entry, dict)}
+    if (directory / "added_tokens.json").is_file():
+        tokens |= set(paths.read_json_object(directory / "added_tokens.json", "added_tokens.json"))
+    return tokens
+
+
+def refuse_special_tokens_outside_vocab(tokenizer, directory: Path) -> None:
+    """Refuse a tokenizer folder whose config names special tokens its files do not define.
+
+    transformers adds such a token as a new id past the vocabulary, silently: an EOS the model never
+    saw (it would not learn to stop), a pad id past its embedding table. A typo in the config, not a
+    choice, so the user fixes the config or passes the model's own tokenizer.
+    """
+    vocab = vocabulary_of_files(tokenizer, directory)
+    named = [(role, token) for role, token in tokenizer.special_tokens_map.items() if isinstance(token, str)]
+    with_role = {token for _, token in named}
+    named += [("special token", token) for token in tokenizer.all_special_tokens if token not in with_role]
+    outside = ", ".join(f"{role} {token!r}" for role, token in named if token not in vocab)
+    if outside:
+        raise UserError(
+            f"{directory}: its tokenizer config names {outside}, which its vocabulary of {len(vocab)} "
+            "tokens does not hold, so each would become a new id the model never saw; correct the "
+            "name in tokenizer_config.json (or special_tokens_map.json), or pass the model's own tokenizer"
+        )
 
 
 def gguf_special_token_ids(fields) -> dict[str, int]:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import string
+from collections import Counter
 
 import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ds_sft.data.clean import (
     Drops,
@@ -14,7 +20,6 @@ from ds_sft.data.clean import (
     dedup,
     normalize_text,
     record_words,
-    text_ngram_hashes,
     unique_rows,
     words,
 )
@@ -89,6 +94,74 @@ def test_dedup_exact_and_normalized_across_sources():
     assert drops.by_source() == {"b": {"duplicate_exact": 1, "duplicate_normalized": 1}}
 
 
+# Pairs of texts that differ only where the meaning does not: case, spacing, closing marks.
+MUST_COLLIDE = [
+    ("What is 2+2?", "what is 2 + 2"),
+    ("Paris.", "Paris"),
+    ("It is 4.", "it is 4"),
+    ("Why?", "why"),
+    ("Wow!!", "wow"),
+    ("Hello   world", "hello world"),
+    ("Line one\nLine two", "line one line two"),
+    ("f( x )", "f(x)"),
+    ("a , b", "a, b"),
+    ("x = 1", "x=1"),
+    ("Done...", "done"),
+]
+# Pairs whose punctuation carries the meaning (math, code, units, a factorial): never duplicates.
+MUST_NOT_COLLIDE = [
+    ("2+2", "2*2"), ("2+2", "2-2"), ("2+2", "2/2"), ("2^2", "2*2"), ("a < b", "a > b"),
+    ("x = 1", "x == 1"), ("f(x)", "f[x]"), ("i++", "i--"), ("5!", "5"), ("What is 5!", "What is 5"),
+    ("$5", "5"), ("50%", "50"), ("3.14", "314"), ("a.b", "ab"), ("a.b", "a b"), ("-5", "5"),
+    ("a && b", "a || b"), ("C++", "C"), ("C#", "C"), ("#include", "include"), ("x.y()", "x.y"),
+    ("a_b", "ab"), ("a - -b", "a --b"), ("x == 1", "x = = 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("a", "b"), MUST_COLLIDE + MUST_NOT_COLLIDE)
+def test_dedup_folds_only_what_leaves_the_meaning(a, b):
+    """Each pair as instructions of otherwise equal rows, and as their responses."""
+    for rows in ([record(a, "same"), record(b, "same")], [record("same", a), record("same", b)]):
+        drops = Drops()
+        assert len(dedup(rows, drops)) == (1 if (a, b) in MUST_COLLIDE else 2)
+
+
+PUNCTUATION = [mark for mark in string.punctuation if mark != "_"]  # "_" is a word character
+word = st.text(alphabet=string.ascii_letters + string.digits, min_size=1, max_size=6)
+mark = st.text(alphabet=PUNCTUATION, min_size=1, max_size=3)
+
+
+@given(
+    parts=st.lists(st.tuples(word, st.one_of(st.just(" "), mark)), min_size=1, max_size=8),
+    last=word,
+    spacing=st.lists(st.sampled_from(["", " ", "  ", "\n", "\t "]), min_size=20, max_size=20),
+    closing=st.sampled_from(["", ".", "?", "!", "...", "?!"]),
+    swap=st.tuples(st.integers(0, 7), mark),
+    data=st.data(),
+)
+def test_generated_texts_fold_case_spacing_and_closing_marks_only(parts, last, spacing, closing, swap, data):
+    """Texts of words and punctuation runs: a variant with other case, spacing around the marks and
+    a closing mark is a duplicate; one with a mark changed, added or removed between words is not."""
+    canonical = "".join(w + m for w, m in parts) + last
+    pieces = []
+    for k, (w, m) in enumerate(parts):
+        w = w.upper() if data.draw(st.booleans()) else w.lower()
+        pieces.append(f"{w}{spacing[k]}{m}{spacing[k + 8]}" if m != " " else f"{w} {spacing[k].strip()}")
+    if last[-1].isdigit() and closing.startswith("!"):
+        closing = "."  # "5!" is a factorial, not a closing mark
+    variant = "".join(pieces) + last.swapcase() + closing
+    rows = [record(canonical, "r"), record(variant, "r")]
+    assert len(dedup(rows, Drops())) == 1, (canonical, variant)
+    k, other = swap
+    k %= len(parts)
+    if parts[k][1] == other:
+        return
+    changed = list(parts)
+    changed[k] = (parts[k][0], other)
+    text = "".join(w + m for w, m in changed) + last
+    assert len(dedup([record(canonical, "r"), record(text, "r")], Drops())) == 2, (canonical, text)
+
+
 def test_folded_key_keeps_field_boundaries_and_chat_roles():
     rows = [
         record("Name a colour", "blue green"),
@@ -98,7 +171,7 @@ def test_folded_key_keeps_field_boundaries_and_chat_roles():
         {**record("AND NOW", "red!"), "history": [{"role": "user", "content": "hi."}]},  # folded copy of 3rd
     ]
     drops = Drops()
-    assert unique_rows(rows, record_words(rows), drops) == [0, 1, 2, 3]
+    assert unique_rows(rows, drops) == [0, 1, 2, 3]
     assert drops.by_source() == {"s": {"duplicate_normalized": 1}}
 
 
@@ -113,8 +186,8 @@ def test_record_ngrams_are_those_of_the_joined_text():
     joined = ["\n".join(filter(None, [*(t["content"] for t in r["history"]), r["instruction"], r["input"],
                                        r["response"]])) for r in rows]  # fmt: skip
     grams = NgramSet.of_records(record_words(rows))
-    np.testing.assert_array_equal(grams.hashes, text_ngram_hashes(joined))
-    np.testing.assert_array_equal(grams.counts, [4 + 9 + 2 + 30 - 12, 0])
+    np.testing.assert_array_equal(grams.hashes, NgramSet.of_texts(joined).hashes)
+    np.testing.assert_array_equal(np.bincount(grams.owner, minlength=2), [4 + 9 + 2 + 30 - 12, 0])
 
 
 def test_ngram_overlap_matches_hand_count():
@@ -122,9 +195,9 @@ def test_ngram_overlap_matches_hand_count():
     reference = [" ".join(vocabulary[:15])]  # 3 thirteen-grams: starting at w0, w1, w2
     text = " ".join(vocabulary[2:20])  # 6 thirteen-grams starting at w2..w7; only the one at w2 is shared
     short = "too few words"
-    grams = NgramSet([words(text), words(short), words(reference[0])])
-    np.testing.assert_array_equal(grams.counts, [6, 0, 3])
-    np.testing.assert_allclose(grams.overlap(text_ngram_hashes(reference)), [1 / 6, 0.0, 1.0])
+    grams = NgramSet.of_docs([words(text), words(short), words(reference[0])])
+    np.testing.assert_array_equal(np.bincount(grams.owner, minlength=3), [6, 0, 3])
+    np.testing.assert_allclose(grams.overlap(NgramSet.of_texts(reference)), [1 / 6, 0.0, 1.0])
     np.testing.assert_allclose(grams.overlap(grams.of(np.array([0]))), [1.0, 0.0, 1 / 3])
 
 
@@ -139,7 +212,158 @@ def test_decontamination_catches_planted_test_questions(shared):
     drops = Drops()
     grams = NgramSet.of_records(record_words(rows))
     kept = decontaminate(
-        rows, grams, np.arange(len(rows)), text_ngram_hashes(reference), 0.1, "overlaps_gsm8k_test", drops
+        rows, grams, np.arange(len(rows)), NgramSet.of_texts(reference), 0.1, "overlaps_gsm8k_test", drops
     )
     np.testing.assert_array_equal(kept, np.arange(50))
     assert drops.by_source() == {"alpaca": {"overlaps_gsm8k_test": 3}}
+
+
+# --- boilerplate is not contamination ------------------------------------------------------------
+
+
+def reference_overlap(docs: list[str], reference: list[str], n: int = 13, common: int = 10) -> list[float]:
+    """An independent plain-Python overlap: word tuples, sets and counters, no hashing.
+
+    An n-gram in more than ``common`` distinct documents of ``docs`` or of ``reference`` is
+    boilerplate, and so is each word of it in a document; a document's score is the share of its
+    n-grams free of boilerplate words that occur in ``reference``."""
+    punctuation = re.compile(f"[{re.escape(string.punctuation)}]")
+
+    def grams(text):
+        tokens = punctuation.sub(" ", text.lower()).split()
+        return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+    doc_grams, ref_grams = [grams(d) for d in docs], [grams(r) for r in reference]
+
+    def frequent(gram_lists):
+        held_by = Counter(g for gram_list in gram_lists for g in set(gram_list))
+        return {g for g, k in held_by.items() if k > common}
+
+    boilerplate = frequent(doc_grams) | frequent(ref_grams)
+    in_reference = {g for gram_list in ref_grams for g in gram_list}
+    scores = []
+    for gram_list in doc_grams:
+        boilerplate_words = {i + k for i, g in enumerate(gram_list) if g in boilerplate for k in range(n)}
+        mine = [g for i, g in enumerate(gram_list) if not boilerplate_words & set(range(i, i + n))]
+        scores.append(sum(g in in_reference for g in mine) / len(mine) if mine else 0.0)
+    return scores
+
+
+def joined(row: dict) -> str:
+    return "\n".join(filter(None, [row["instruction"], row["input"], row["response"]]))
+
+
+# Openings many instructions share ("Rewrite the following sentence ...").
+OPENINGS = [["rewrite", "the", "following", "sentence", "using"], ["what", "is", "the", "capital", "of"], []]
+
+
+@st.composite
+def preamble_datasets(draw):
+    """Rows of distinct questions behind one shared preamble (0-40 words), some opening with the same
+    few words, the first ``n_val`` held out as val, then planted copies of val questions (with or
+    without the preamble), each with its own answer. Returns (rows, val indices, the planted copies'
+    question lengths).
+
+    A preamble of 1-12 words holds no 13-gram of its own, so it cannot be told from copied text;
+    its rows get no shared openings (a 13-gram of it and an opening would tie them together)."""
+    preamble = [f"p{k}" for k in range(draw(st.integers(0, 40)))]
+    openings = OPENINGS if len(preamble) in (0, *range(13, 41)) else [[]]
+    n_rows = draw(st.integers(12, 40))
+    questions = [
+        draw(st.sampled_from(openings)) + [f"q{i}x{k}" for k in range(draw(st.integers(4, 30)))]
+        for i in range(n_rows)
+    ]
+    rows = [
+        record(" ".join(preamble + question), " ".join(f"a{i}x{k}" for k in range(draw(st.integers(1, 30)))))
+        for i, question in enumerate(questions)
+    ]
+    n_val = draw(st.integers(2, n_rows // 2))
+    copies = draw(st.lists(st.tuples(st.integers(0, n_val - 1), st.booleans()), max_size=6))
+    for j, (copied, with_preamble) in enumerate(copies):
+        rows.append(
+            record(" ".join((preamble if with_preamble else []) + questions[copied]), f"c{j} d{j} e{j}")
+        )
+    return rows, np.arange(n_val), [len(questions[copied]) for copied, _ in copies]
+
+
+@given(preamble_datasets())
+@settings(max_examples=60)
+def test_shared_preamble_is_not_contamination_but_copied_questions_are(dataset):
+    """The val split's class: every row repeats one preamble. Scores equal the plain reference's;
+    rows of distinct questions all stay; val questions copied into train go (those of 20+ words:
+    a shorter one holds few or no 13-grams of its own)."""
+    rows, val, copy_lengths = dataset
+    grams = NgramSet.of_records(record_words(rows))
+    texts = [joined(row) for row in rows]
+    np.testing.assert_allclose(
+        grams.overlap(grams.of(val)), reference_overlap(texts, [texts[i] for i in val.tolist()]), atol=1e-12
+    )
+    drops = Drops()
+    train = np.arange(len(val), len(rows))
+    kept = decontaminate(rows, grams, train, grams.of(val), 0.1, "overlaps_val", drops)
+    originals = len(rows) - len(copy_lengths)
+    assert kept[kept < originals].tolist() == list(range(len(val), originals))  # nothing distinct lost
+    long_copies = {originals + j for j, length in enumerate(copy_lengths) if length >= 20}
+    assert not long_copies & set(kept.tolist())
+    assert drops.by_source().get("s", {}).get("overlaps_val", 0) == len(train) - len(kept)
+
+
+@pytest.mark.parametrize("preamble_words", [0, 8, 13, 20, 60])
+def test_gsm8k_test_questions_are_caught_behind_a_shared_preamble(shared, preamble_words):
+    """The GSM8K test-set decontamination of the shared data: planted test questions go, with or
+    without the preamble every row carries, and the 60 clean rows behind it all stay."""
+    test_rows = [json.loads(line) for line in (shared / "data/gsm8k/test.jsonl").open()]
+    reference = [f"{r['question']}\n{r['answer']}" for r in test_rows]
+    preamble = " ".join(f"Follow rule {k} carefully." for k in range(preamble_words // 4)) + " "
+    clean = [
+        record(f"{preamble}Write a haiku about autumn, number {i} of sixty.", f"Leaves fall {i}.")
+        for i in range(60)
+    ]
+    planted = [
+        record(preamble + test_rows[i]["question"], "I think the answer is 12.", source="p")
+        for i in (0, 7, 99, 512)
+    ]
+    rows = clean + planted
+    grams = NgramSet.of_records(record_words(rows))
+    test_grams = NgramSet.of_texts(reference)
+    np.testing.assert_allclose(
+        grams.overlap(test_grams), reference_overlap([joined(r) for r in rows], reference)
+    )
+    drops = Drops()
+    kept = decontaminate(rows, grams, np.arange(len(rows)), test_grams, 0.1, "overlaps_gsm8k_test", drops)
+    np.testing.assert_array_equal(kept, np.arange(60))
+    assert drops.by_source() == {"p": {"overlaps_gsm8k_test": 4}}
+
+
+def test_text_shared_by_few_rows_still_counts_as_copied():
+    """The boilerplate cut counts distinct documents: a 30-word passage held by 10 rows (the val row
+    among them) is copied text, held by 11 it is boilerplate. One of the holders repeats it three
+    times, which must count once (as occurrences, 10 holders would make 12 and pass the cut)."""
+    passage = " ".join(f"w{k}" for k in range(30))
+    for holders, dropped in ((10, 9), (11, 0)):
+        rows = [record(passage, f"answer{i}") for i in range(holders - 1)]
+        rows.append(record(f"{passage} {passage} {passage}", "tripled"))
+        rows += [record(" ".join(f"r{i}x{k}" for k in range(20)), "own") for i in range(20)]
+        grams = NgramSet.of_records(record_words(rows))
+        train = np.arange(1, len(rows))
+        kept = decontaminate(rows, grams, train, grams.of(np.array([0])), 0.1, "overlaps_val", Drops())
+        assert len(train) - len(kept) == dropped
+
+
+@pytest.mark.parametrize("preamble_words", [13, 20, 40])
+def test_prepare_keeps_every_row_behind_a_shared_system_prompt(run_prepare, tmp_path, preamble_words):
+    """End to end, the red team's case: 200 chat rows under one system prompt lost up to 77% as
+    `overlaps_val`; none is dropped now."""
+    system = " ".join(f"Rule {k}: be exact." for k in range(preamble_words // 4))
+    questions = [" ".join(f"q{i}w{k}" for k in range(12)) for i in range(200)]
+    rows = [
+        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question},
+                      {"role": "assistant", "content": f"Answer {i} is {i * 7}."}]}
+        for i, question in enumerate(questions)
+    ]  # fmt: skip
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    manifest = run_prepare(
+        ["--source", f"chat={path}", "--seq_len", "1024", "--output_dir", str(tmp_path / "out")]
+    )
+    assert manifest["counts"]["chat"]["dropped"] == {}

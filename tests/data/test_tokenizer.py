@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ds_sft.data.model_match import tokenizer_identity
 from ds_sft.data.tokenizer import load_tokenizer
@@ -59,3 +64,62 @@ def test_gpt2_and_bare_weights_fall_back_to_gpt2(shared, tmp_path, capsys):
 def test_missing_tokenizer_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found: pass a tokenizer.json"):
         load_tokenizer(str(tmp_path / "nope"))
+
+
+ROLES = ("eos_token", "bos_token", "pad_token", "unk_token")
+
+
+def tokenizer_folder(tiny_tokenizer_file, folder, slow: bool, config: dict):
+    """The tiny tokenizer as a folder: its tokenizer.json, or the slow GPT-2 files (vocab.json,
+    merges.txt) made from it; and ``config`` as its tokenizer_config.json."""
+    if slow:
+        model = json.loads(tiny_tokenizer_file.read_text())["model"]
+        (folder / "vocab.json").write_text(json.dumps(model["vocab"]))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        config = {"tokenizer_class": "GPT2Tokenizer", **config}
+    else:
+        shutil.copy(tiny_tokenizer_file, folder / "tokenizer.json")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **config}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@given(
+    named=st.dictionaries(
+        st.sampled_from(ROLES),
+        st.one_of(
+            st.sampled_from(["<|endoftext|>", "a", "Ġthe"]),
+            st.from_regex(r"<\|no_such_[a-z]{1,6}\|>", fullmatch=True),
+        ),
+        min_size=1,
+    ),
+    extra=st.lists(st.sampled_from(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]), max_size=2, unique=True),
+    slow=st.booleans(),
+)
+@settings(max_examples=30)
+def test_special_tokens_outside_the_vocabulary_are_refused(
+    tiny_tokenizer_file, tmp_path_factory, named, extra, slow
+):
+    """A tokenizer folder (tokenizer.json, or slow vocab.json + merges.txt) whose config names tokens
+    for its roles (eos, bos, pad, unk; extra special tokens): accepted, with not one id added, when
+    its vocabulary holds them all; otherwise one line naming each missing token (transformers used
+    to add each as a new id, an EOS included)."""
+    from tokenizers import Tokenizer
+
+    config = {**named, "extra_special_tokens": extra}
+    folder = tokenizer_folder(tiny_tokenizer_file, tmp_path_factory.mktemp("tok"), slow, config)
+    vocab = Tokenizer.from_file(str(tiny_tokenizer_file)).get_vocab(with_added_tokens=True)
+    outside = {role: token for role, token in named.items() if token not in vocab}
+    outside.update({token: token for token in extra if token not in vocab})
+    if not outside:
+        tokenizer = load_tokenizer(str(folder))
+        assert len(tokenizer) == len(vocab)
+        assert all(getattr(tokenizer, role) == token for role, token in named.items())
+        return
+    with pytest.raises(UserError) as info:
+        load_tokenizer(str(folder))
+    message = str(info.value)
+    assert "\n" not in message and "new id the model never saw" in message
+    for role, token in outside.items():
+        assert repr(token) in message and (role == token or f"{role} {token!r}" in message)
