@@ -44,3 +44,49 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# ds-sft's weight names -> llama.cpp's (``blk.N.`` + these for the layers' own)
+GGUF_NAMES = {"wte": "token_embd", "norm": "output_norm", "lm_head": "output"}
+GGUF_LAYER_NAMES = {
+    "attn_norm": "attn_norm",
+    "attn.q_proj": "attn_q",
+    "attn.k_proj": "attn_k",
+    "attn.v_proj": "attn_v",
+    "attn.o_proj": "attn_output",
+    "mlp_norm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(name: str) -> str:
+    """llama.cpp's name of a ds-sft weight (``layers.0.attn.q_proj.weight`` -> ``blk.0.attn_q.weight``)."""
+    module = name.removesuffix(".weight")
+    if module.startswith("layers."):
+        _, index, rest = module.split(".", 2)
+        return f"blk.{index}.{GGUF_LAYER_NAMES[rest]}.weight"
+    return f"{GGUF_NAMES[module]}.weight"
+
+
+def write_model_gguf(path: Path, config, state: dict) -> Path:
+    """A llama GGUF of a whole ds-sft model (``config`` + its fp32 ``state``), which ``load_model`` reads."""
+    gguf = pytest.importorskip("gguf", reason="GGUF files need the gguf package (pip install -e '.[gguf]')")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.d_model)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.ffn_hidden)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_freq_base(config.rope_theta)
+    for name, tensor in state.items():
+        writer.add_tensor(gguf_name(name), tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

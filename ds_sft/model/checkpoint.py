@@ -42,6 +42,7 @@ writes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import pickle
@@ -142,6 +143,7 @@ def load_model(
         with torch.device("meta"):
             model = LlamaModel(config)
         _check_keys(model, state)
+        _check_finite(state)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     if rope_layout == "interleaved" or (
@@ -293,9 +295,18 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
         raise UserError(f"transformers cannot read {where}: {why}") from None
     config = config_from_hf(hf_cfg, where=f"{directory}: ")
     try:
-        hf_model, loading = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, trust_remote_code=False, output_loading_info=True, **kwargs
-        )
+        # output_loading_info: the key problems come back to be checked below, in one line; transformers'
+        # own report of them (a LOAD REPORT table on stderr, or a RuntimeError pointing at that table for
+        # a wrong shape) and its progress bar stay silent
+        with _transformers_quiet():
+            hf_model, loading = AutoModelForCausalLM.from_pretrained(
+                directory,
+                dtype=torch.float32,
+                trust_remote_code=False,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,
+            )
     except pickle.UnpicklingError as err:
         raise _pickle_refusal(directory, err) from None
     except (OSError, ValueError, ImportError, RuntimeError) as err:
@@ -314,6 +325,22 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
     if problems:
         raise UserError(f"{directory}: its weights do not fit its config.json: " + "; ".join(problems))
     return hf_model.state_dict(), config.to_dict(), bool(hf_cfg.tie_word_embeddings)
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' logging at errors only and its progress bars off, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- key names
@@ -495,6 +522,19 @@ def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor]) -> None:
             if items
         ]
         raise UserError(f"does not fit ds-sft's LLaMA {model.config.to_dict()}: " + "; ".join(problems))
+
+
+def _check_finite(state: dict[str, torch.Tensor]) -> None:
+    """Every weight finite. A NaN or Inf in a base model makes every loss NaN from the first step,
+    which the training loop can only blame on the learning rate; one pass over each tensor at load
+    (a boolean temporary the size of the largest tensor) names the damaged one instead."""
+    for name, tensor in state.items():
+        if not bool(torch.isfinite(tensor).all()):
+            bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+            raise UserError(
+                f"its tensor {name} holds {bad:,} NaN/Inf values of {tensor.numel():,}: the checkpoint is "
+                "damaged; download, copy or export it again (or resume from an earlier checkpoint)"
+            )
 
 
 def _pickle_refusal(path: Path, err: pickle.UnpicklingError) -> UserError:
