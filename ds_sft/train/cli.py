@@ -261,13 +261,7 @@ def run(args: argparse.Namespace) -> int:
     val_set = PackedDataset(s.data_dir, "val")
     model = build_model(s, tokens_per_micro_batch=s.micro_batch_size * train_set.seq_len)
     compatibility.check_fresh(s, model, train_set)
-    check_fits(
-        model.config,
-        train_set.seq_len,
-        s.micro_batch_size,
-        s.precision == "bf16",
-        model.config.activation_checkpointing,
-    )
+    check_fits(model, train_set.seq_len, s.micro_batch_size, s.precision == "bf16")
     sampler = make_sampler(train_set, s.seed)
     summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
     engine = summary["engine"]
