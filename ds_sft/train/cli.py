@@ -218,6 +218,36 @@ def save_final(engine, run_dir: Path, tokenizer_dir) -> Path | None:
     return final
 
 
+def check_batch_fits_split(s, world: int, train_rows: int) -> str | None:
+    """Refuse a micro-step that reads more rows than the train split holds; a note when a step does.
+
+    All ranks' micro-batches together (``micro x ranks`` rows) would hold the same packed row several
+    times: a batch size the data cannot give, not a choice (65,536 rows of a 65-row split would go on
+    to fill the memory). An optimizer step of more rows than the split (``micro x accum x ranks``) reads
+    it several times over, an epoch and more per step: legal (the sampler's stream runs on through the
+    epochs, and small-data recipes do it), so it is said, not refused."""
+    per_micro_step = s.micro_batch_size * world
+    if per_micro_step > train_rows:
+        fix = (
+            f"pass --micro_batch_size {train_rows // world} or less"
+            if train_rows >= world
+            else f"train on {train_rows} rank(s) or fewer"
+        )
+        raise UserError(
+            f"--micro_batch_size {s.micro_batch_size} x {world} rank(s) = {per_micro_step:,} rows per "
+            f"micro-step, but the train split of {s.data_dir} holds {train_rows:,} packed rows: {fix}, "
+            "or prepare more data"
+        )
+    per_step = per_micro_step * s.grad_accum
+    if per_step > train_rows:
+        return (
+            f"note: a step reads {per_step:,} rows ({s.micro_batch_size} micro x {s.grad_accum} accum x "
+            f"{world} rank(s)), the train split holds {train_rows:,}: each step sees every row "
+            f"~{per_step / train_rows:.1f} times (fewer rows per step: a smaller --grad_accum)"
+        )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ds_sft.train import config as config_module
     from ds_sft.train.distributed import use_slurm_environment
@@ -259,6 +289,9 @@ def run(args: argparse.Namespace) -> int:
 
     train_set = PackedDataset(s.data_dir, "train")
     val_set = PackedDataset(s.data_dir, "val")
+    note = check_batch_fits_split(s, world, len(train_set))
+    if note and rank == 0:
+        print(note)
     model = build_model(s, tokens_per_micro_batch=s.micro_batch_size * train_set.seq_len)
     compatibility.check_fresh(s, model, train_set)
     check_fits(model, train_set.seq_len, s.micro_batch_size, s.precision == "bf16")
