@@ -197,11 +197,29 @@ def make_sampler(dataset, seed: int):
     return ResumableSampler(len(dataset), seed=seed, rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
+def write_final(model, final: Path, tokenizer_dir) -> None:
+    """``final/``: the weights (:func:`~ds_sft.model.checkpoint.save_model`), a copy of the data's
+    tokenizer in ``final/tokenizer/``, and the listing of exactly these files, which is what
+    ``--overwrite`` may remove there (a user's file put beside them stays theirs: it is refused)."""
+    from ds_sft.model.checkpoint import CONFIG_FILE, MODEL_FILE, save_model
+    from ds_sft.train.run_dir import write_final_listing
+
+    save_model(model, final)
+    written = [MODEL_FILE, CONFIG_FILE]
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+
+        def copy(source, target):
+            written.append(Path(target).relative_to(final).as_posix())
+            return shutil.copy2(source, target)
+
+        shutil.copytree(tokenizer_dir, final / "tokenizer", dirs_exist_ok=True, copy_function=copy)
+    write_final_listing(final, written)
+
+
 def save_final(engine, run_dir: Path, tokenizer_dir) -> Path | None:
     """Consolidated fp32 weights (every rank takes part; rank 0 writes) -> RUN/final."""
     import torch.distributed as dist
 
-    from ds_sft.model.checkpoint import save_model
     from ds_sft.model.llama import LlamaModel
     from ds_sft.train.checkpointing import consolidated_state_dict
 
@@ -210,9 +228,7 @@ def save_final(engine, run_dir: Path, tokenizer_dir) -> Path | None:
     if dist.get_rank() == 0:
         model = LlamaModel(engine.module.config)
         model.load_state_dict(state, strict=True)
-        save_model(model, final)
-        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-            shutil.copytree(tokenizer_dir, final / "tokenizer", dirs_exist_ok=True)
+        write_final(model, final, tokenizer_dir)
         print(f"final fp32 weights: {final}")
     dist.barrier()
     return final
