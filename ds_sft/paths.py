@@ -278,7 +278,46 @@ def read_gguf(path: Path, what: str = "model"):
 
 @functools.lru_cache(maxsize=2)
 def _parsed_gguf(path: str, stamp: tuple):
-    """The parse of one version (``stamp``: inode, size, change times) of the file at ``path``."""
+    """The parse of one version (``stamp``: inode, size, change times) of the file at ``path``, its
+    tensors' extents checked (:func:`_check_gguf_tensors`)."""
+    import numpy as np
     from gguf import GGUFReader
 
-    return GGUFReader(path)
+    class BoundedReader(GGUFReader):
+        """``GGUFReader`` whose every read past the end of the file is an error. The stock reader
+        returns an empty array there: an array count of 10^9 one-byte items past the end then loops
+        10^9 times appending empty parts (hours, and memory until the OOM killer)."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + int(np.dtype(dtype).itemsize) * int(count)
+            if end > len(self.data):
+                raise ValueError(
+                    f"an item at byte {int(offset):,} reads past the end ({len(self.data):,} bytes)"
+                )
+            return super()._get(offset, dtype, count, override_order)
+
+    reader = BoundedReader(path)
+    _check_gguf_tensors(reader)
+    return reader
+
+
+def _check_gguf_tensors(reader) -> None:
+    """Tensor data laid out as GGUF writers lay it: back to back in offset order, each at the next
+    multiple of the alignment after the previous one, the first at the data section's start, the
+    last ending at the end of the file (up to padding). Overlapping tensors would load one tensor's
+    bytes as another's, and a gap means a tensor's type or shape no longer matches its bytes (an F32
+    tensor marked Q8_0 reads a quarter of its data as blocks): both load wrong weights silently."""
+    alignment = int(reader.alignment)
+    expected = int(reader.data_offset)
+    previous = "the tensor infos"
+    for tensor in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
+        start = int(tensor.data_offset)
+        if start != expected:
+            how = "overlaps" if start < expected else "leaves unused bytes after"
+            raise ValueError(f"tensor {tensor.name}'s data (byte {start:,}) {how} {previous}")
+        end = start + int(tensor.n_bytes)
+        expected, previous = -(-end // alignment) * alignment, f"tensor {tensor.name}'s"
+    if len(reader.data) > expected:
+        raise ValueError(
+            f"{len(reader.data) - expected:,} bytes after the last tensor's data belong to no tensor"
+        )

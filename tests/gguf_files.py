@@ -70,19 +70,31 @@ def gguf_name(name: str) -> str:
     return f"{GGUF_NAMES[module]}.weight"
 
 
-def write_model_gguf(path: Path, config, state: dict) -> Path:
-    """A llama GGUF of a whole ds-sft model (``config`` + its fp32 ``state``), which ``load_model`` reads."""
+def write_model_gguf(path: Path, config, state: dict, metadata: dict | None = None) -> Path:
+    """A llama GGUF of a whole ds-sft model (``config`` + its fp32 ``state``), which ``load_model`` reads.
+
+    ``metadata``: keys to add or replace, each ``(value, gguf.GGUFValueType)`` (``None``: leave it out)."""
     gguf = pytest.importorskip("gguf", reason="GGUF files need the gguf package (pip install -e '.[gguf]')")
+    kind = gguf.GGUFValueType
+    keys = {
+        "llama.context_length": (config.max_seq_len, kind.UINT32),
+        "llama.embedding_length": (config.d_model, kind.UINT32),
+        "llama.block_count": (config.n_layers, kind.UINT32),
+        "llama.feed_forward_length": (config.ffn_hidden, kind.UINT32),
+        "llama.attention.head_count": (config.n_heads, kind.UINT32),
+        "llama.attention.head_count_kv": (config.n_kv_heads, kind.UINT32),
+        "llama.attention.layer_norm_rms_epsilon": (config.norm_eps, kind.FLOAT32),
+        "llama.vocab_size": (config.vocab_size, kind.UINT32),
+        "llama.rope.freq_base": (config.rope_theta, kind.FLOAT32),
+        **(metadata or {}),
+    }
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(config.max_seq_len)
-    writer.add_embedding_length(config.d_model)
-    writer.add_block_count(config.n_layers)
-    writer.add_feed_forward_length(config.ffn_hidden)
-    writer.add_head_count(config.n_heads)
-    writer.add_head_count_kv(config.n_kv_heads)
-    writer.add_layer_norm_rms_eps(config.norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_freq_base(config.rope_theta)
+    for key, (value, value_type) in keys.items():
+        if value is not None:
+            sub_type = None
+            if value_type == kind.ARRAY:
+                sub_type = kind.STRING if isinstance(value[0], str) else kind.INT32
+            writer.add_key_value(key, value, value_type, sub_type=sub_type)
     for name, tensor in state.items():
         writer.add_tensor(gguf_name(name), tensor.float().numpy())
     writer.write_header_to_file()

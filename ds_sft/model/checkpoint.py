@@ -283,17 +283,12 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
             )
     # trust_remote_code=False: never import a folder's own Python, and never ask whether to
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    where = directory / (gguf_file or "")  # the file a GGUF's problems are in, else the folder
     try:
         hf_cfg = AutoConfig.from_pretrained(directory, trust_remote_code=False, **kwargs)
     except Exception as err:  # noqa: BLE001  a hostile config.json makes transformers raise anything
-        where = directory / (gguf_file or "")
-        why = (
-            first_line(err)
-            if isinstance(err, OSError | ValueError)
-            else f"{type(err).__name__}: {first_line(err)}"
-        )
-        raise UserError(f"transformers cannot read {where}: {why}") from None
-    config = config_from_hf(hf_cfg, where=f"{directory}: ")
+        raise UserError(f"transformers cannot read {where}: {_why(err)}") from None
+    config = config_from_hf(hf_cfg, where=f"{where}: ")
     try:
         # output_loading_info: the key problems come back to be checked below, in one line; transformers'
         # own report of them (a LOAD REPORT table on stderr, or a RuntimeError pointing at that table for
@@ -309,8 +304,8 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
             )
     except pickle.UnpicklingError as err:
         raise _pickle_refusal(directory, err) from None
-    except (OSError, ValueError, ImportError, RuntimeError) as err:
-        raise UserError(f"transformers cannot load the weights in {directory}: {first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001  hostile weights or GGUF metadata make transformers raise anything
+        raise UserError(f"transformers cannot load the weights in {where}: {_why(err)}") from None
     # transformers fills a weight the files lack with random values and only logs it: a base model
     # missing one would train from noise, so every weight must come from the files.
     problems = [
@@ -323,7 +318,8 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
         if loading.get(key)
     ]
     if problems:
-        raise UserError(f"{directory}: its weights do not fit its config.json: " + "; ".join(problems))
+        described = "GGUF metadata" if gguf_file else "config.json"
+        raise UserError(f"{where}: its weights do not fit its {described}: " + "; ".join(problems))
     return hf_model.state_dict(), config.to_dict(), bool(hf_cfg.tie_word_embeddings)
 
 
@@ -552,6 +548,13 @@ def _pickle_refusal(path: Path, err: pickle.UnpicklingError) -> UserError:
         f"{path} {what}, and ds-sft only loads checkpoints with torch.load(weights_only=True); "
         "re-save it as a plain state dict or .safetensors"
     )
+
+
+def _why(err: Exception) -> str:
+    """A third-party error in a few words: its first line, after its type where that says more."""
+    if isinstance(err, OSError | ValueError):
+        return first_line(err)
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def _damaged(path: Path, err: Exception) -> UserError:
