@@ -33,7 +33,9 @@ Transformer Engine ``*._extra_state`` entries (fp8 scaling metadata) are set asi
 recomputed from the config (``rope_cache``, nanoGPT's causal ``attn.bias``, ``inv_freq`` ...) are
 dropped and listed in the log. RoPE comes in two feature layouts that no weight shape reveals; see
 ``rope_layout`` of :func:`load_model`. Anything else that does not fit is one :class:`UserError` listing the
-missing keys, unexpected keys and shape mismatches.
+missing keys, unexpected keys and shape mismatches; a weight holding NaN or Inf is one naming the tensor
+(every loss would be NaN from the first step). transformers' own reports of a load ds-sft checks itself
+(its LOAD REPORT table, its loading progress bar) are silenced.
 
 ``save_model`` writes the ds-sft layout; ``to_hf_state_dict`` + ``hf_config`` give the Hugging Face
 layout of the model's family (``LlamaForCausalLM``, ``Qwen3ForCausalLM`` ...) that ``ds-sft export``

@@ -10,8 +10,10 @@ fit start and be OOM-killed (65,536 rows of 32 tokens passed a 13.4 GiB estimate
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,8 @@ from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
 from ds_sft.train import memory
 from tests.train.helpers import write_data_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def packed_batch(config, batch: int, seq_len: int, documents: int) -> dict:
@@ -138,8 +142,14 @@ PEAK_CASES = [
 @pytest.mark.parametrize(("overrides", "batch", "seq_len", "bf16", "checkpointing"), PEAK_CASES)
 def test_the_estimate_is_at_most_the_measured_peak_of_a_step(overrides, batch, seq_len, bf16, checkpointing):
     case = dict(config=overrides, batch=batch, seq_len=seq_len, bf16=bf16, checkpointing=checkpointing)
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     out = subprocess.run(
-        [sys.executable, "-c", PEAK_SCRIPT, json.dumps(case)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", PEAK_SCRIPT, json.dumps(case)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": path},
     )
     peak = int(out.stdout.split()[-1])
     config = ModelConfig.preset("tiny", **overrides)
