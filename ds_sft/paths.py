@@ -297,8 +297,71 @@ def _parsed_gguf(path: str, stamp: tuple):
             return super()._get(offset, dtype, count, override_order)
 
     reader = BoundedReader(path)
+    _check_gguf_metadata(reader)
     _check_gguf_tensors(reader)
     return reader
+
+
+# The value types of the metadata ds-sft and transformers read, by key (``{arch}``: the file's
+# general.architecture; a ``[kind]`` is an array of them). Of another type, transformers' readers
+# fail deep inside with a TypeError or AttributeError ("'int' object is not iterable").
+GGUF_KINDS = {
+    "general.architecture": "string",
+    "tokenizer.ggml.model": "string",
+    "tokenizer.ggml.pre": "string",
+    "tokenizer.chat_template": "string",
+    "tokenizer.ggml.tokens": "[string]",
+    "tokenizer.ggml.merges": "[string]",
+    "tokenizer.ggml.token_type": "[integer]",
+    "tokenizer.ggml.scores": "[number]",
+    **{
+        f"tokenizer.ggml.{role}_token_id": "integer"
+        for role in ("bos", "eos", "unknown", "padding", "sep", "cls", "mask")
+    },
+    **{
+        f"{{arch}}.{name}": "integer"
+        for name in (
+            "context_length",
+            "embedding_length",
+            "block_count",
+            "feed_forward_length",
+            "vocab_size",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "attention.key_length",
+        )
+    },  # fmt: skip
+    "{arch}.attention.layer_norm_rms_epsilon": "number",
+    "{arch}.rope.freq_base": "number",
+}
+
+
+def _check_gguf_metadata(reader) -> None:
+    """Each metadata value of :data:`GGUF_KINDS` of its kind; the per-token arrays as long as the tokens."""
+    from gguf import GGUFValueType as T
+
+    ints = {T.UINT8, T.INT8, T.UINT16, T.INT16, T.UINT32, T.INT32, T.UINT64, T.INT64}
+    kinds = {"string": {T.STRING}, "integer": ints, "number": ints | {T.FLOAT32, T.FLOAT64}}
+    architecture = reader.fields.get("general.architecture")
+    arch = str(bytes(architecture.parts[-1]), "utf-8", "replace") if architecture is not None else ""
+    for pattern, kind in GGUF_KINDS.items():
+        field = reader.fields.get(pattern.replace("{arch}", arch))
+        if field is None:
+            continue
+        item = kind.strip("[]")
+        found = [t.name for t in field.types]
+        if kind.startswith("["):
+            ok = field.types[0] == T.ARRAY and (len(field.types) == 1 or field.types[1] in kinds[item])
+        else:
+            ok = len(field.types) == 1 and field.types[0] in kinds[item]
+        if not ok:
+            wanted = f"an array of {item}s" if kind.startswith("[") else f"a single {item}"
+            raise ValueError(f"metadata {field.name} is {' of '.join(found)}, where {wanted} belongs")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    for name in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        field = reader.fields.get(name)
+        if tokens is not None and field is not None and len(field.data) != len(tokens.data):
+            raise ValueError(f"metadata {name} has {len(field.data):,} items for {len(tokens.data):,} tokens")
 
 
 def _check_gguf_tensors(reader) -> None:

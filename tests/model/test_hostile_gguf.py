@@ -231,3 +231,32 @@ def test_export_of_a_damaged_gguf_prints_one_line(tmp_path, capfd, damage, word_
     )
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and str(path) in err[0], err
+
+
+# Tokenizer metadata of the wrong kind: transformers' GGUF tokenizer reader raised TypeError or
+# AttributeError tracebacks ("'int' object is not iterable") on each.
+TOKENS = ARRAYS["tokenizer.ggml.tokens"][0]
+WRONG_TOKENIZER_METADATA = {
+    "tokens of integers": {"tokenizer.ggml.tokens": (list(range(len(TOKENS))), KIND.ARRAY)},
+    "tokens a string": {"tokenizer.ggml.tokens": ("abc", KIND.STRING)},
+    "merges of integers": {"tokenizer.ggml.merges": ([1, 2], KIND.ARRAY)},
+    "token types of strings": {"tokenizer.ggml.token_type": (["a"] * len(TOKENS), KIND.ARRAY)},
+    "token types shorter than the tokens": {"tokenizer.ggml.token_type": ([1] * 3, KIND.ARRAY)},
+    "model an integer": {"tokenizer.ggml.model": (5, KIND.UINT32)},
+    "eos id a string": {"tokenizer.ggml.eos_token_id": ("2", KIND.STRING)},
+    "bos id an array": {"tokenizer.ggml.bos_token_id": ([1], KIND.ARRAY)},
+    "chat template an integer": {"tokenizer.chat_template": (7, KIND.INT32)},
+}
+
+
+@pytest.mark.parametrize("case", WRONG_TOKENIZER_METADATA)
+def test_tokenizer_metadata_of_the_wrong_kind_is_one_line_for_the_model_and_the_tokenizer(tmp_path, case):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    metadata = {**ARRAYS, "tokenizer.ggml.model": ("gpt2", KIND.STRING), **WRONG_TOKENIZER_METADATA[case]}
+    torch.manual_seed(0)
+    path = write_model_gguf(tmp_path / "tok.gguf", TINY, LlamaModel(TINY).state_dict(), metadata)
+    assert "metadata tokenizer." in assert_one_line(path)
+    with pytest.raises(UserError) as err:
+        load_tokenizer(str(path))
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
