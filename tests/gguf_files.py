@@ -44,3 +44,61 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# ds-sft's weight names -> llama.cpp's (``blk.N.`` + these for the layers' own)
+GGUF_NAMES = {"wte": "token_embd", "norm": "output_norm", "lm_head": "output"}
+GGUF_LAYER_NAMES = {
+    "attn_norm": "attn_norm",
+    "attn.q_proj": "attn_q",
+    "attn.k_proj": "attn_k",
+    "attn.v_proj": "attn_v",
+    "attn.o_proj": "attn_output",
+    "mlp_norm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(name: str) -> str:
+    """llama.cpp's name of a ds-sft weight (``layers.0.attn.q_proj.weight`` -> ``blk.0.attn_q.weight``)."""
+    module = name.removesuffix(".weight")
+    if module.startswith("layers."):
+        _, index, rest = module.split(".", 2)
+        return f"blk.{index}.{GGUF_LAYER_NAMES[rest]}.weight"
+    return f"{GGUF_NAMES[module]}.weight"
+
+
+def write_model_gguf(path: Path, config, state: dict, metadata: dict | None = None) -> Path:
+    """A llama GGUF of a whole ds-sft model (``config`` + its fp32 ``state``), which ``load_model`` reads.
+
+    ``metadata``: keys to add or replace, each ``(value, gguf.GGUFValueType)`` (``None``: leave it out)."""
+    gguf = pytest.importorskip("gguf", reason="GGUF files need the gguf package (pip install -e '.[gguf]')")
+    kind = gguf.GGUFValueType
+    keys = {
+        "llama.context_length": (config.max_seq_len, kind.UINT32),
+        "llama.embedding_length": (config.d_model, kind.UINT32),
+        "llama.block_count": (config.n_layers, kind.UINT32),
+        "llama.feed_forward_length": (config.ffn_hidden, kind.UINT32),
+        "llama.attention.head_count": (config.n_heads, kind.UINT32),
+        "llama.attention.head_count_kv": (config.n_kv_heads, kind.UINT32),
+        "llama.attention.layer_norm_rms_epsilon": (config.norm_eps, kind.FLOAT32),
+        "llama.vocab_size": (config.vocab_size, kind.UINT32),
+        "llama.rope.freq_base": (config.rope_theta, kind.FLOAT32),
+        **(metadata or {}),
+    }
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, (value, value_type) in keys.items():
+        if value is not None:
+            sub_type = None
+            if value_type == kind.ARRAY:
+                sub_type = kind.STRING if isinstance(value[0], str) else kind.INT32
+            writer.add_key_value(key, value, value_type, sub_type=sub_type)
+    for name, tensor in state.items():
+        writer.add_tensor(gguf_name(name), tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -48,6 +48,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+TILE = 64  # tokens per query/key tile (see "Cost model" above)
+
 
 @torch.compiler.disable
 def document_attention(
@@ -55,7 +57,7 @@ def document_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     document_ids: torch.Tensor,
-    tile: int = 64,
+    tile: int = TILE,
     window: int | None = None,
 ) -> torch.Tensor:
     """Attention within documents: ``q, k, v [B, H, T, D]`` (k, v expanded to H heads) -> ``[B, H, T, D]``.

@@ -33,7 +33,9 @@ Transformer Engine ``*._extra_state`` entries (fp8 scaling metadata) are set asi
 recomputed from the config (``rope_cache``, nanoGPT's causal ``attn.bias``, ``inv_freq`` ...) are
 dropped and listed in the log. RoPE comes in two feature layouts that no weight shape reveals; see
 ``rope_layout`` of :func:`load_model`. Anything else that does not fit is one :class:`UserError` listing the
-missing keys, unexpected keys and shape mismatches.
+missing keys, unexpected keys and shape mismatches; a weight holding NaN or Inf is one naming the tensor
+(every loss would be NaN from the first step). transformers' own reports of a load ds-sft checks itself
+(its LOAD REPORT table, its loading progress bar) are silenced.
 
 ``save_model`` writes the ds-sft layout; ``to_hf_state_dict`` + ``hf_config`` give the Hugging Face
 layout of the model's family (``LlamaForCausalLM``, ``Qwen3ForCausalLM`` ...) that ``ds-sft export``
@@ -42,6 +44,7 @@ writes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import pickle
@@ -142,6 +145,7 @@ def load_model(
         with torch.device("meta"):
             model = LlamaModel(config)
         _check_keys(model, state)
+        _check_finite(state)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     if rope_layout == "interleaved" or (
@@ -281,25 +285,29 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
             )
     # trust_remote_code=False: never import a folder's own Python, and never ask whether to
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    where = directory / (gguf_file or "")  # the file a GGUF's problems are in, else the folder
     try:
         hf_cfg = AutoConfig.from_pretrained(directory, trust_remote_code=False, **kwargs)
     except Exception as err:  # noqa: BLE001  a hostile config.json makes transformers raise anything
-        where = directory / (gguf_file or "")
-        why = (
-            first_line(err)
-            if isinstance(err, OSError | ValueError)
-            else f"{type(err).__name__}: {first_line(err)}"
-        )
-        raise UserError(f"transformers cannot read {where}: {why}") from None
-    config = config_from_hf(hf_cfg, where=f"{directory}: ")
+        raise UserError(f"transformers cannot read {where}: {_why(err)}") from None
+    config = config_from_hf(hf_cfg, where=f"{where}: ")
     try:
-        hf_model, loading = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, trust_remote_code=False, output_loading_info=True, **kwargs
-        )
+        # output_loading_info: the key problems come back to be checked below, in one line; transformers'
+        # own report of them (a LOAD REPORT table on stderr, or a RuntimeError pointing at that table for
+        # a wrong shape) and its progress bar stay silent
+        with _transformers_quiet():
+            hf_model, loading = AutoModelForCausalLM.from_pretrained(
+                directory,
+                dtype=torch.float32,
+                trust_remote_code=False,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,
+            )
     except pickle.UnpicklingError as err:
         raise _pickle_refusal(directory, err) from None
-    except (OSError, ValueError, ImportError, RuntimeError) as err:
-        raise UserError(f"transformers cannot load the weights in {directory}: {first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001  hostile weights or GGUF metadata make transformers raise anything
+        raise UserError(f"transformers cannot load the weights in {where}: {_why(err)}") from None
     # transformers fills a weight the files lack with random values and only logs it: a base model
     # missing one would train from noise, so every weight must come from the files.
     problems = [
@@ -312,8 +320,25 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
         if loading.get(key)
     ]
     if problems:
-        raise UserError(f"{directory}: its weights do not fit its config.json: " + "; ".join(problems))
+        described = "GGUF metadata" if gguf_file else "config.json"
+        raise UserError(f"{where}: its weights do not fit its {described}: " + "; ".join(problems))
     return hf_model.state_dict(), config.to_dict(), bool(hf_cfg.tie_word_embeddings)
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' logging at errors only and its progress bars off, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- key names
@@ -497,6 +522,19 @@ def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor]) -> None:
         raise UserError(f"does not fit ds-sft's LLaMA {model.config.to_dict()}: " + "; ".join(problems))
 
 
+def _check_finite(state: dict[str, torch.Tensor]) -> None:
+    """Every weight finite. A NaN or Inf in a base model makes every loss NaN from the first step,
+    which the training loop can only blame on the learning rate; one pass over each tensor at load
+    (a boolean temporary the size of the largest tensor) names the damaged one instead."""
+    for name, tensor in state.items():
+        if not bool(torch.isfinite(tensor).all()):
+            bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+            raise UserError(
+                f"its tensor {name} holds {bad:,} NaN/Inf values of {tensor.numel():,}: the checkpoint is "
+                "damaged; download, copy or export it again (or resume from an earlier checkpoint)"
+            )
+
+
 def _pickle_refusal(path: Path, err: pickle.UnpicklingError) -> UserError:
     """The refusal of a pickle that torch's weights_only unpickler rejected, with its reason only: the
     rest of torch's message advises weights_only=False, which runs whatever the file names."""
@@ -512,6 +550,13 @@ def _pickle_refusal(path: Path, err: pickle.UnpicklingError) -> UserError:
         f"{path} {what}, and ds-sft only loads checkpoints with torch.load(weights_only=True); "
         "re-save it as a plain state dict or .safetensors"
     )
+
+
+def _why(err: Exception) -> str:
+    """A third-party error in a few words: its first line, after its type where that says more."""
+    if isinstance(err, OSError | ValueError):
+        return first_line(err)
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def _damaged(path: Path, err: Exception) -> UserError:

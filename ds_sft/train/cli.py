@@ -197,11 +197,29 @@ def make_sampler(dataset, seed: int):
     return ResumableSampler(len(dataset), seed=seed, rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
+def write_final(model, final: Path, tokenizer_dir) -> None:
+    """``final/``: the weights (:func:`~ds_sft.model.checkpoint.save_model`), a copy of the data's
+    tokenizer in ``final/tokenizer/``, and the listing of exactly these files, which is what
+    ``--overwrite`` may remove there (a user's file put beside them stays theirs: it is refused)."""
+    from ds_sft.model.checkpoint import CONFIG_FILE, MODEL_FILE, save_model
+    from ds_sft.train.run_dir import write_final_listing
+
+    save_model(model, final)
+    written = [MODEL_FILE, CONFIG_FILE]
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+
+        def copy(source, target):
+            written.append(Path(target).relative_to(final).as_posix())
+            return shutil.copy2(source, target)
+
+        shutil.copytree(tokenizer_dir, final / "tokenizer", dirs_exist_ok=True, copy_function=copy)
+    write_final_listing(final, written)
+
+
 def save_final(engine, run_dir: Path, tokenizer_dir) -> Path | None:
     """Consolidated fp32 weights (every rank takes part; rank 0 writes) -> RUN/final."""
     import torch.distributed as dist
 
-    from ds_sft.model.checkpoint import save_model
     from ds_sft.model.llama import LlamaModel
     from ds_sft.train.checkpointing import consolidated_state_dict
 
@@ -210,12 +228,40 @@ def save_final(engine, run_dir: Path, tokenizer_dir) -> Path | None:
     if dist.get_rank() == 0:
         model = LlamaModel(engine.module.config)
         model.load_state_dict(state, strict=True)
-        save_model(model, final)
-        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-            shutil.copytree(tokenizer_dir, final / "tokenizer", dirs_exist_ok=True)
+        write_final(model, final, tokenizer_dir)
         print(f"final fp32 weights: {final}")
     dist.barrier()
     return final
+
+
+def check_batch_fits_split(s, world: int, train_rows: int) -> str | None:
+    """Refuse a micro-step that reads more rows than the train split holds; a note when a step does.
+
+    All ranks' micro-batches together (``micro x ranks`` rows) would hold the same packed row several
+    times: a batch size the data cannot give, not a choice (65,536 rows of a 65-row split would go on
+    to fill the memory). An optimizer step of more rows than the split (``micro x accum x ranks``) reads
+    it several times over, an epoch and more per step: legal (the sampler's stream runs on through the
+    epochs, and small-data recipes do it), so it is said, not refused."""
+    per_micro_step = s.micro_batch_size * world
+    if per_micro_step > train_rows:
+        fix = (
+            f"pass --micro_batch_size {train_rows // world} or less"
+            if train_rows >= world
+            else f"train on {train_rows} rank(s) or fewer"
+        )
+        raise UserError(
+            f"--micro_batch_size {s.micro_batch_size} x {world} rank(s) = {per_micro_step:,} rows per "
+            f"micro-step, but the train split of {s.data_dir} holds {train_rows:,} packed rows: {fix}, "
+            "or prepare more data"
+        )
+    per_step = per_micro_step * s.grad_accum
+    if per_step > train_rows:
+        return (
+            f"note: a step reads {per_step:,} rows ({s.micro_batch_size} micro x {s.grad_accum} accum x "
+            f"{world} rank(s)), the train split holds {train_rows:,}: each step sees every row "
+            f"~{per_step / train_rows:.1f} times (fewer rows per step: a smaller --grad_accum)"
+        )
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -259,15 +305,12 @@ def run(args: argparse.Namespace) -> int:
 
     train_set = PackedDataset(s.data_dir, "train")
     val_set = PackedDataset(s.data_dir, "val")
+    note = check_batch_fits_split(s, world, len(train_set))
+    if note and rank == 0:
+        print(note)
     model = build_model(s, tokens_per_micro_batch=s.micro_batch_size * train_set.seq_len)
     compatibility.check_fresh(s, model, train_set)
-    check_fits(
-        model.config,
-        train_set.seq_len,
-        s.micro_batch_size,
-        s.precision == "bf16",
-        model.config.activation_checkpointing,
-    )
+    check_fits(model, train_set.seq_len, s.micro_batch_size, s.precision == "bf16")
     sampler = make_sampler(train_set, s.seed)
     summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
     engine = summary["engine"]

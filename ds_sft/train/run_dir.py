@@ -22,8 +22,9 @@ there, so before any work (nothing is created, written or deleted before a refus
 4. **A run there stays** unless the user says what to do with it: ``--resume`` continues it (refused
    when it has no checkpoint to continue from, or when the checkpoint comes from another folder),
    ``--overwrite`` replaces it, and without either the run stops in one line saying so. ``--overwrite``
-   removes what a run wrote (:func:`removable`): ``final/`` holding only the weights, config and
-   tokenizer, tags holding only the files their ``trainer_state.json`` lists, ``latest``/``best``,
+   removes what a run wrote (:func:`removable`): ``final/`` holding only the files its
+   :data:`FINAL_LISTING` lists (weights, config, the tokenizer's files), tags holding only the files
+   their ``trainer_state.json`` lists, ``latest``/``best``,
    ``metrics.jsonl``, the report and plots, never through a symlink; it refuses when any of them holds
    anything else. Files with other names (notes, ``eval/``, ``wandb/``) are kept where they are.
 """
@@ -47,6 +48,7 @@ LOCK_FILE = ".lock"
 MARKER = "ds_sft_run.json"  # {"format": RUN_FORMAT, "created": ...}: this folder is a ds-sft run
 RUN_FORMAT = "ds-sft training run"
 CONFIG_FILE = "effective_config.json"
+FINAL_LISTING = "ds_sft_files.json"  # in final/: the files save_final wrote there
 # What a run writes at the top of its folder (wandb/ is wandb's: kept at --overwrite, never checked).
 RUN_FILES = {MARKER, LOCK_FILE, CONFIG_FILE, "metrics.jsonl", "report.md", *PLOT_FILES}
 RUN_FOLDERS = {"final", "checkpoints", "wandb"}
@@ -229,16 +231,44 @@ def tag_problem(tag_dir: Path, run_dir: Path) -> str | None:
     return None
 
 
-def final_problem(final: Path, run_dir: Path) -> str | None:
-    """Why ``final/`` is not as ``save_final`` writes it (weights, their config, tokenizer/), or None."""
+def write_final_listing(final: Path, files: list[str]) -> None:
+    """Record the files ``save_final`` wrote into ``final/`` (paths relative to it): what ``--overwrite``
+    may remove there, as a checkpoint's ``trainer_state.json`` lists its own."""
+    (final / FINAL_LISTING).write_text(json.dumps({"files": sorted(files)}, indent=1) + "\n")
+
+
+def final_listing(final: Path) -> set[str]:
+    """The files ``final/`` records as the run's; without a readable listing (a run of an older ds-sft),
+    the weights and their config alone: a tokenizer file there is then not provably the run's."""
     from ds_sft.model.checkpoint import CONFIG_FILE as MODEL_CONFIG
     from ds_sft.model.checkpoint import MODEL_FILE
 
-    for path in entries(final):
-        expected = {MODEL_FILE: "file", MODEL_CONFIG: "file", "tokenizer": "folder"}.get(path.name)
-        if kind(path) != expected:
-            return f"{relative(path, run_dir)} is not part of the final weights"
-    return plain_tree_problem(final / "tokenizer", run_dir) if (final / "tokenizer").is_dir() else None
+    older = {MODEL_FILE, MODEL_CONFIG}
+    if kind(final / FINAL_LISTING) != "file":
+        return older
+    try:
+        files = json.loads((final / FINAL_LISTING).read_text())["files"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return older
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return older
+    return {*files, FINAL_LISTING}
+
+
+def final_problem(final: Path, run_dir: Path) -> str | None:
+    """Why ``final/`` is not as ``save_final`` writes it (exactly the regular files its listing names,
+    in real folders), or None. Nothing is hashed."""
+    listed = final_listing(final)
+    for root, dirnames, filenames in os.walk(final):  # never follows a symlink
+        for name in sorted(dirnames + filenames):
+            path = Path(root) / name
+            if kind(path) not in ("file", "folder"):
+                return f"{relative(path, run_dir)} is a {kind(path)}"
+            if kind(path) == "file" and path.relative_to(final).as_posix() not in listed:
+                return (
+                    f"{relative(path, run_dir)} is not among the files the run wrote there ({FINAL_LISTING})"
+                )
+    return None
 
 
 def checkpoint_entries(ckpt_dir: Path, run_dir: Path) -> tuple[list[Path], list[str]]:

@@ -89,13 +89,13 @@ def test_one_parse_per_file_version(tmp_path, monkeypatch):
     import gguf
 
     parses = []
-    reader = gguf.GGUFReader
+    parse = gguf.GGUFReader.__init__
 
-    def counting(path, *args, **kwargs):
+    def counting(self, path, *args, **kwargs):  # every parse, ds-sft's bounded subclass's included
         parses.append(path)
-        return reader(path, *args, **kwargs)
+        return parse(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counting)
     path = write_gguf(tmp_path / "model.gguf", {"bos": 1, "eos": 2})
     assert load_tokenizer(str(path)).eos_token == "<|im_end|>"
     after_load = len(parses)

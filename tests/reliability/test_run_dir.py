@@ -522,6 +522,7 @@ ADDITIONS = {
     "checkpoints/step_000002_universal/x.pt": ("file", "kept"),
     "checkpoints/README": ("file", "kept"),
     "final/thesis.tex": ("file", "refused"),
+    "final/tokenizer/notes.txt": ("file", "refused"),  # tokenizer/ too holds only what the run copied
     "checkpoints/step_000002/notes.txt": ("file", "refused"),
     "checkpoints/.partial/step_000003/x.pt": ("file", "removed"),  # a save cut short: ds-sft's
     "checkpoints/best": ("folder", "refused"),

@@ -249,9 +249,8 @@ def test_data_tokenized_for_a_larger_vocabulary_is_refused(tmp_path, capsys, dis
     data = write_data_dir(tmp_path / "data", train_rows=8)
     manifest = json.loads((data / "manifest.json").read_text())
     (data / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": {"vocab_size": 50257}}))
-    assert (
-        main(["train", "--data_dir", str(data), "--model", "tiny", "--out_dir", str(tmp_path / "run")]) == 2
-    )
+    argv = ["train", "--data_dir", str(data), "--model", "tiny", "--out_dir", str(tmp_path / "run")]
+    assert main([*argv, "--micro_batch_size", "2"]) == 2
     assert (
         "tokenized with a 50,257-token vocabulary but the model has 256 embeddings" in capsys.readouterr().err
     )

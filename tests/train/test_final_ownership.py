@@ -1,0 +1,112 @@
+"""``--overwrite`` removes from ``final/`` only the files the run wrote there (its listing says which).
+
+A user's file put into ``final/`` or ``final/tokenizer/`` (a note, a tokenizer file of their own, a
+file named like one of the run's in a subfolder) is not the run's: ``--overwrite`` refuses, naming it,
+and deletes nothing. A ``final/`` of an older ds-sft has no listing: only its weights and their config
+are provably the run's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ds_sft.errors import UserError
+from ds_sft.model.config import ModelConfig
+from ds_sft.model.llama import LlamaModel
+from ds_sft.train.cli import write_final
+from ds_sft.train.run_dir import FINAL_LISTING, removable
+
+NAME = st.text("abcdefgh_.", min_size=1, max_size=6).filter(lambda n: n not in (".", ".."))
+RELATIVE = st.lists(NAME, min_size=1, max_size=3).map("/".join)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    out = {}
+    for folder, _, files in os.walk(root):
+        out[os.path.relpath(folder, root)] = None
+        for name in files:
+            out[os.path.relpath(os.path.join(folder, name), root)] = Path(folder, name).read_bytes()
+    return out
+
+
+def finished_run(root: Path, tokenizer_files: set[str]) -> Path:
+    """A run folder whose final/ is written as train writes it, with a tokenizer of ``tokenizer_files``."""
+    tokenizer = root / "tokenizer_source"
+    for name in tokenizer_files:
+        (tokenizer / name).parent.mkdir(parents=True, exist_ok=True)
+        (tokenizer / name).write_text(f"tokenizer part {name}")
+    run_dir = root / "run"
+    write_final(
+        LlamaModel(ModelConfig.preset("tiny")), run_dir / "final", tokenizer if tokenizer_files else None
+    )
+    return run_dir
+
+
+def _prefix_free(files: set[str]) -> bool:
+    """No path is a folder of another (a file and a folder of one name cannot both exist)."""
+    return not any(a != b and b.startswith(a + "/") for a in files for b in files)
+
+
+@settings(max_examples=30)
+@given(
+    tokenizer_files=st.sets(RELATIVE, max_size=4).filter(_prefix_free),
+    user_file=RELATIVE,
+    under=st.sampled_from(["", "tokenizer/"]),
+)
+def test_a_user_file_in_final_is_refused_and_nothing_is_removed(
+    tmp_path_factory, tokenizer_files, user_file, under
+):
+    root = tmp_path_factory.mktemp("final")
+    run_dir = finished_run(root, tokenizer_files)
+    final = run_dir / "final"
+    assert set(removable(run_dir)) == {final}  # as written, final/ is all the run's
+    path = final / under / user_file
+    listed = {
+        "model.safetensors",
+        "model_config.json",
+        FINAL_LISTING,
+        *(f"tokenizer/{n}" for n in tokenizer_files),
+    }
+    relative = path.relative_to(final).as_posix()
+    clash = any(relative == n or relative.startswith(n + "/") or n.startswith(relative + "/") for n in listed)
+    if clash:  # replacing one of the run's files (or a folder of them) is not a new file: nothing to test
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("the user's own")
+    before = snapshot(run_dir)
+    with pytest.raises(UserError) as err:
+        removable(run_dir)
+    assert "\n" not in str(err.value) and f"final/{relative}" in str(err.value)
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize(
+    "listing", [None, "not json", '{"files": 3}', '["model.safetensors"]', '{"files": [1]}']
+)
+def test_without_a_readable_listing_only_the_weights_are_the_run_s(tmp_path, listing):
+    run_dir = finished_run(tmp_path, {"tokenizer.json", "tokenizer_config.json"})
+    final = run_dir / "final"
+    (final / FINAL_LISTING).unlink()
+    if listing is not None:
+        (final / FINAL_LISTING).write_text(listing)
+    with pytest.raises(UserError, match=r"final/(tokenizer/tokenizer|ds_sft_files)"):
+        removable(run_dir)
+    for part in ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", FINAL_LISTING):
+        (final / part).unlink(missing_ok=True)
+    assert set(removable(run_dir)) == {final}  # weights and config alone: an older run's final/
+
+
+def test_the_listing_names_exactly_what_was_written(tmp_path):
+    import json
+
+    run_dir = finished_run(tmp_path, {"tokenizer.json", "sub/merges.txt"})
+    written = {
+        p.relative_to(run_dir / "final").as_posix() for p in (run_dir / "final").rglob("*") if p.is_file()
+    }
+    listed = set(json.loads((run_dir / "final" / FINAL_LISTING).read_text())["files"])
+    assert listed == written - {FINAL_LISTING}
