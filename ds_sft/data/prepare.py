@@ -503,13 +503,22 @@ def prepare(args: argparse.Namespace) -> int:
     # Rust encoder releases the GIL, so the two overlap (~0.3 s of ~4 on the shared mix, two cores).
     # The rows dropped meanwhile (<1%) are tokenized for nothing, which costs less than waiting.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        tokenized = pool.submit(tokenize_records, records, tokenizer, template, source_index, args.train_on)
+        tokenized = pool.submit(
+            tokenize_records,
+            records,
+            tokenizer,
+            template,
+            source_index,
+            args.train_on,
+            args.seq_len,
+            args.truncate,
+        )
         train_index, val_index = select_rows(records, names, reference, args, drops)
         chosen = np.concatenate([train_index, val_index])
         docs = tokenized.result().select(chosen)
     all_records = [records[i] for i in chosen.tolist()]
     n_train = len(train_index)
-    raw_lengths = docs.lengths
+    raw_lengths = docs.full_lengths  # a row too long to tokenize: its fewest tokens
     docs, reasons = fit_to_length(docs, args.seq_len, args.truncate)
     for record, code in zip(all_records, reasons.tolist(), strict=True):
         if code:

@@ -1,0 +1,130 @@
+"""A row too long for ``--seq_len`` is found before it is tokenized (``LengthFloor``): dropped with
+the same counted reason, or with ``--truncate`` cut first, and the documents are exactly those of
+tokenizing every row whole and then fitting them to ``seq_len``.
+
+The reference is the unbounded path itself (``tokenize_records`` without ``seq_len``), on generated
+rows whose texts reach far past ``seq_len``: runs of one character, long words, unicode, whitespace.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ds_sft.data.tokenize import LengthFloor, fit_to_length, tokenize_records
+from tests.data.test_conversations import CHATML, with_template
+
+# pieces texts are made of: ordinary words, long words and runs (a single pre-token), unicode, digits
+PIECES = st.one_of(
+    st.sampled_from(["the ", "capital ", "of ", "France ", "is ", "Paris. ", "\n", "\n\n", "  ", "#### 72"]),
+    st.builds(lambda c, n: c * n, st.sampled_from("xa -=\n9é☃"), st.integers(1, 400)),
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30),
+)
+texts = st.lists(PIECES, max_size=60).map(lambda parts: "".join(parts).strip())
+
+
+@st.composite
+def rows(draw, conversation: bool = False):
+    history = []
+    if conversation:
+        for _ in range(draw(st.integers(1, 3))):
+            history += [
+                {"role": "user", "content": draw(texts) or "q"},
+                {"role": "assistant", "content": draw(texts) or "a"},
+            ]
+    return {
+        "id": "r",
+        "source": "a",
+        "instruction": draw(texts) or "i",
+        "input": draw(texts),
+        "response": draw(texts) or "r",
+        "history": history,
+    }
+
+
+def same_documents(records, tokenizer, template, seq_len, truncate, train_on="all"):
+    """The bounded path's fitted documents and drop reasons equal the unbounded path's."""
+    bounded = tokenize_records(records, tokenizer, template, {"a": 0}, train_on, seq_len, truncate)
+    whole = tokenize_records(records, tokenizer, template, {"a": 0}, train_on)
+    got, got_reasons = fit_to_length(bounded, seq_len, truncate)
+    want, want_reasons = fit_to_length(whole, seq_len, truncate)
+    np.testing.assert_array_equal(got_reasons, want_reasons)
+    for name in ("tokens", "offsets", "trained", "source_ids"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    return bounded, whole
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("seq_len", [8, 40])
+@given(records=st.lists(rows(), min_size=1, max_size=6))
+def test_fitted_documents_equal_the_unbounded_path_alpaca(tiny_tokenizer, records, seq_len, truncate):
+    same_documents(records, tiny_tokenizer, "alpaca", seq_len, truncate)
+
+
+@pytest.fixture(scope="module")
+def gpt2_chatml(shared):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    return with_template(load_tokenizer(str(shared / "tokenizers" / "gpt2")), CHATML)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+@settings(max_examples=40)
+@given(records=st.lists(rows(conversation=True), min_size=1, max_size=3), train_on=st.sampled_from(["all", "last"]))
+def test_fitted_documents_equal_the_unbounded_path_gpt2_and_conversations(
+    gpt2_chatml, records, template, truncate, train_on
+):
+    same_documents(records, gpt2_chatml, template, 8, truncate, train_on)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_a_huge_row_is_not_tokenized_whole(tiny_tokenizer, monkeypatch, truncate):
+    """A 2 MB row at seq_len 64: the encoder never sees more than a few thousand characters of it."""
+    seen = []
+    backend = tiny_tokenizer.backend_tokenizer
+    encode = backend.encode_batch_fast
+
+    def spy(texts, **kwargs):
+        seen.extend(map(len, texts))
+        return encode(texts, **kwargs)
+
+    monkeypatch.setattr(type(backend), "encode_batch_fast", lambda self, texts, **kw: spy(texts, **kw))
+    record = {"id": "r", "source": "a", "instruction": "What is it?", "input": "", "history": []}
+    record["response"] = "Paris is the capital of France. " * 65_536
+    docs = tokenize_records([record], tiny_tokenizer, "alpaca", {"a": 0}, "all", 64, truncate)
+    floor = LengthFloor(backend, 64)
+    assert max(seen) <= (2 * 64 + floor.MARGIN) * floor.longest
+    kept, reasons = fit_to_length(docs, 64, truncate)
+    assert reasons.tolist() == [0 if truncate else 1]
+    assert len(kept) == truncate and (not truncate or kept.lengths.tolist() == [64])
+    if not truncate:
+        assert docs.full_lengths[0] >= len(record["response"]) // floor.longest
+
+
+def test_floor_is_a_true_lower_bound(tiny_tokenizer, shared):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    for tokenizer in (tiny_tokenizer, load_tokenizer(str(shared / "tokenizers" / "gpt2"))):
+        backend = tokenizer.backend_tokenizer
+        floor = LengthFloor(backend, 64)
+        vocab = backend.get_vocab()
+        # the floor's L is reached: the longest token is one token
+        longest = max(vocab, key=len)
+        assert floor.longest == len(longest)
+        for text in ["", "a", "x" * 5000, "é☃ " * 999, backend.decode([vocab[longest]]) * 30]:
+            assert floor.tokens_at_least(text) <= len(backend.encode(text, add_special_tokens=False).ids)
+
+
+def test_no_floor_for_a_tokenizer_with_unknown_tokens(tmp_path):
+    """A WordPiece-style tokenizer maps a whole unknown word to one [UNK]: no bound holds, nothing is cut."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    floor = LengthFloor(tokenizer, 8)
+    assert floor.longest is None
+    record = {"instruction": "x" * 10_000, "input": "", "response": "y", "history": []}
+    assert not floor.worth_checking(record)
