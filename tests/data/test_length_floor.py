@@ -73,7 +73,10 @@ def gpt2_chatml(shared):
 @pytest.mark.parametrize("truncate", [False, True])
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 @settings(max_examples=40)
-@given(records=st.lists(rows(conversation=True), min_size=1, max_size=3), train_on=st.sampled_from(["all", "last"]))
+@given(
+    records=st.lists(rows(conversation=True), min_size=1, max_size=3),
+    train_on=st.sampled_from(["all", "last"]),
+)
 def test_fitted_documents_equal_the_unbounded_path_gpt2_and_conversations(
     gpt2_chatml, records, template, truncate, train_on
 ):
