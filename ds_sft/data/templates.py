@@ -58,6 +58,8 @@ assistant turn follows the answer convention above and nothing else is ever trai
 from __future__ import annotations
 
 import re
+import threading
+import time
 
 from ds_sft.errors import UserError, first_line
 
@@ -174,11 +176,75 @@ def conversation_segments(record: dict, template: str, tokenizer) -> tuple[list[
     )
 
 
+# A chat template is a program, and a broken or hostile one can run for hours without writing a
+# character (``{% for i in range(100000) %}`` nested twice). Each render may take this long; real
+# templates take well under a millisecond per conversation.
+TEMPLATE_SECONDS = 10.0
+
+
+class TemplateOverTime(Exception):
+    """A chat template ran past :data:`TEMPLATE_SECONDS` in one render."""
+
+
+class _Watchdog:
+    """Stops renders that run past their deadline, from one daemon thread that checks twice a second,
+    by raising :class:`TemplateOverTime` inside the rendering thread (``PyThreadState_SetAsyncExc``:
+    delivered at the thread's next bytecode, so a template's Python loops stop; one long C call, such
+    as building a huge string, finishes first). A render costs two dict updates under a lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.deadlines: dict[int, float] = {}  # thread id -> when its render must have ended
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._watch, name="chat-template-watchdog", daemon=True)
+                self.thread.start()
+            self.deadlines[threading.get_ident()] = time.monotonic() + TEMPLATE_SECONDS
+
+    def stop(self) -> None:
+        with self.lock:
+            fired = self.deadlines.pop(threading.get_ident(), None) is None
+        if fired:  # the render ended as it was stopped: the exception is not delivered after it
+            _async_raise(threading.get_ident(), None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(0.5, TEMPLATE_SECONDS / 4))
+            with self.lock:
+                now = time.monotonic()
+                for ident in [i for i, deadline in self.deadlines.items() if deadline < now]:
+                    del self.deadlines[ident]
+                    _async_raise(ident, TemplateOverTime)
+
+
+def _async_raise(ident: int, exc: type | None) -> None:
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc) if exc else None)
+
+
+_watchdog = _Watchdog()
+
+
 def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    """The chat template's text for ``messages``, within :data:`TEMPLATE_SECONDS`."""
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        _watchdog.start()
+        try:
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        finally:
+            _watchdog.stop()
+    except TemplateOverTime:
+        raise UserError(
+            f"{where}: the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'} ran "
+            f"over {TEMPLATE_SECONDS:g} s rendering one conversation (a runaway loop?); fix its "
+            "chat_template (tokenizer_config.json) or pass --template alpaca"
+        ) from None
     except Exception as err:  # a template's own raise_exception(), or any Jinja error
         raise UserError(
             f"{where}: the chat template refused the conversation ({first_line(err)}); "
