@@ -565,6 +565,12 @@ def prepare(args: argparse.Namespace) -> int:
                 if code
             },
         }
+        if args.truncate:  # kept rows cut to seq_len; tokens_cut is a floor for rows cut before tokenizing
+            cut = kept & mine & (raw_lengths > args.seq_len)
+            counts[name]["truncated"] = {
+                "rows": int(cut.sum()),
+                "tokens_cut": int((raw_lengths[cut] - args.seq_len).sum()),
+            }
         token_lengths[name] = length_stats(raw_lengths[mine & kept])
         raw_by_source[name] = raw_lengths[mine]
     manifest = {
@@ -628,6 +634,8 @@ def print_summary(manifest: dict, output_dir: Path) -> None:
     print(f"{'source':<12}{'rows in':>9}{'kept':>8}{'train':>8}{'val':>6}{'mixed':>8}  dropped")
     for name, c in manifest["counts"].items():
         dropped = ", ".join(f"{reason} {n}" for reason, n in c["dropped"].items()) or "-"
+        if c.get("truncated", {}).get("rows"):
+            dropped += f"; truncated {c['truncated']['rows']:,} ({c['truncated']['tokens_cut']:,} tokens cut)"
         print(
             f"{name:<12}{c['rows_in']:>9,}{c['kept']:>8,}{c['train']:>8,}{c['val']:>6,}"
             f"{c['train_after_mix']:>8,}  {dropped}"

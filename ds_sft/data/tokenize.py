@@ -47,8 +47,8 @@ class Documents:
     trained: np.ndarray  # uint8 [total tokens]: 1 on the trained targets (answers and their EOS)
     source_ids: np.ndarray  # int16 [n]
     routes: np.ndarray | None = None  # int8 [n]: index in ROUTES of how each document's turns were masked
-    # int64 [n]: for a document found longer than seq_len before tokenizing (and left empty), the
-    # fewest tokens it has; 0 for the others (see LengthFloor)
+    # int64 [n]: for a document found longer than seq_len before tokenizing (left empty, or cut with
+    # --truncate), the fewest tokens it has in full; 0 for the others (see LengthFloor)
     floors: np.ndarray | None = None
 
     @classmethod
@@ -68,7 +68,7 @@ class Documents:
 
     @property
     def full_lengths(self) -> np.ndarray:
-        """Per document, its length, or for one left untokenized as too long, the fewest tokens it has."""
+        """Per document, its length, or for one found too long before tokenizing, the fewest it has."""
         return self.lengths if self.floors is None else np.maximum(self.lengths, self.floors)
 
     @property
@@ -219,8 +219,8 @@ class LengthFloor:
         return 4 * chars >= self.seq_len * self.longest
 
     def fit(self, pairs: list[tuple[str, str]], truncate: bool) -> tuple[list[tuple[str, str]], int]:
-        """A document's (untrained text, answer) pairs -> (pairs to tokenize, 0), or ([], its fewest
-        tokens) when it is certainly longer than ``seq_len`` and not truncated.
+        """A document's (untrained text, answer) pairs -> (pairs to tokenize, 0), or when it certainly
+        has more than ``seq_len`` tokens, (pairs, its fewest tokens): no pairs without ``truncate``.
 
         With ``truncate``, a text that reaches past ``seq_len`` is cut, keeping at least twice the tokens
         that can still fit plus :data:`MARGIN`, and the texts after it are left out: the first ``seq_len``
@@ -247,7 +247,7 @@ class LengthFloor:
                 pieces[i] = text = text[:size]
                 floor = self.tokens_at_least(text)
             before += floor + (i % 2)  # an answer is followed by EOS
-        return list(zip(pieces[::2], pieces[1::2], strict=True)), 0
+        return list(zip(pieces[::2], pieces[1::2], strict=True)), total
 
 
 def _pre_types(pre: dict) -> set[str]:
@@ -274,7 +274,8 @@ def tokenize_records(
 
     With ``seq_len``, a record whose text is too long to fit (:class:`LengthFloor`) is not tokenized:
     its document is left empty, with its fewest tokens in ``floors``, for :func:`fit_to_length` (given
-    the same ``truncate``) to drop; with ``truncate``, its texts are cut first to what can matter.
+    the same ``truncate``) to drop; with ``truncate``, its texts are cut first to what can matter (and
+    ``floors`` holds the fewest tokens of the uncut document).
     """
     from tqdm.auto import tqdm
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ds_sft.data.tokenize import LengthFloor, fit_to_length, tokenize_records
@@ -131,3 +131,37 @@ def test_no_floor_for_a_tokenizer_with_unknown_tokens(tmp_path):
     assert floor.longest is None
     record = {"instruction": "x" * 10_000, "input": "", "response": "y", "history": []}
     assert not floor.worth_checking(record)
+
+
+@settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lengths=st.lists(st.integers(1, 120), min_size=2, max_size=12),
+    seq_len=st.sampled_from([80, 120, 300]),
+)
+def test_manifest_counts_truncated_rows_and_tokens_cut(tiny_tokenizer, run_prepare, lengths, seq_len):
+    """--truncate reports per source the rows it cut and the tokens it cut, as the full tokenization says."""
+    import tempfile
+    from pathlib import Path
+
+    from ds_sft.data.clean import Drops, clean_records
+    from ds_sft.data.sources import SourceSpec, load_source
+    from tests.data.helpers import alpaca_rows, write_jsonl
+
+    rows = [
+        dict(row, output=f"{i} " + "Paris is big. " * n)
+        for i, (row, n) in enumerate(zip(alpaca_rows(len(lengths)), lengths, strict=True))
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        data = write_jsonl(Path(folder) / "rows.jsonl", rows)
+        flags = ["--alpaca", str(data), "--seq_len", str(seq_len), "--val_fraction", "0", "--truncate"]
+        manifest = run_prepare([*flags, "--decontam_threshold", "0", "--output_dir", f"{folder}/out"])
+        records, _ = load_source(SourceSpec("alpaca", "alpaca", str(data)), False, Drops())
+    docs = tokenize_records(clean_records(records, Drops()), tiny_tokenizer, "alpaca", {"alpaca": 0})
+    fits = docs.prompt_lens < seq_len
+    cut = fits & (docs.lengths > seq_len)
+    counts = manifest["counts"]["alpaca"]
+    assert counts["truncated"] == {
+        "rows": int(cut.sum()),
+        "tokens_cut": int((docs.lengths[cut] - seq_len).sum()),
+    }
+    assert counts["kept"] == int(fits.sum())
