@@ -210,6 +210,13 @@ class LengthFloor:
         size = len(text) if text.isascii() else len(text.encode())
         return -(-size // self.longest)
 
+    def answers_at_least(self, record: dict) -> int:
+        """The fewest tokens of a conversation trained on every turn, counting only its answers (as the
+        template shows them: the content up to whitespace) and the EOS id after each; no render needed."""
+        answers = [turn["content"] for turn in record["history"] if turn["role"] == "assistant"]
+        answers.append(record["response"])
+        return sum(self.tokens_at_least("".join(answer.split())) + 1 for answer in answers)
+
     def worth_checking(self, record: dict) -> bool:
         """Whether a record's texts are long enough that it may not fit (at most 4 bytes a character)."""
         if self.longest is None:
@@ -290,6 +297,14 @@ def tokenize_records(
     segmented = []
     for i, record in enumerate(records):
         multi_turn = train_on == "all" and record.get("history")
+        if multi_turn and not truncate and floor is not None and floor.longest is not None:
+            # rendering a conversation's turns costs time quadratic in their number: one that cannot
+            # fit is dropped before (with --truncate it is rendered, and its texts cut, as below)
+            least = floor.answers_at_least(record)
+            if least > seq_len:
+                floors[i] = least
+                segmented.append(([("", "")], "prefix"))
+                continue
         if floor is not None and floor.worth_checking(record):
             pairs, route = (
                 conversation_segments(record, template, tokenizer)

@@ -165,3 +165,52 @@ def test_manifest_counts_truncated_rows_and_tokens_cut(tiny_tokenizer, run_prepa
         "tokens_cut": int((docs.lengths[cut] - seq_len).sum()),
     }
     assert counts["kept"] == int(fits.sum())
+
+
+SHORT = st.sampled_from(["ok", "yes", "no way", "answer 7", "x" * 50, "é☃", "Paris is the capital."])
+
+
+@st.composite
+def long_conversations(draw):
+    messages = []
+    for _ in range(draw(st.integers(1, 40))):
+        messages += [{"role": "user", "content": draw(SHORT)}, {"role": "assistant", "content": draw(SHORT)}]
+    history = messages[:-2]
+    return {"id": "c", "source": "a", "instruction": messages[-2]["content"], "input": "",
+            "response": messages[-1]["content"], "history": history}  # fmt: skip
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+@settings(max_examples=30)
+@given(
+    records=st.lists(long_conversations(), min_size=1, max_size=3), seq_len=st.sampled_from([64, 200, 600])
+)
+def test_conversations_of_many_turns_equal_the_unbounded_path(gpt2_chatml, records, template, seq_len):
+    same_documents(records, gpt2_chatml, template, seq_len, truncate=False)
+
+
+def test_a_conversation_of_3000_turns_is_dropped_without_rendering_a_turn(gpt2_chatml, monkeypatch):
+    """The red team's conversation: 3,000 exchanges took 131 s (each turn renders its whole prefix)."""
+    from ds_sft.data import templates
+
+    renders = []
+    render = templates._render
+    monkeypatch.setattr(templates, "_render", lambda *args: renders.append(1) or render(*args))
+    turns = []
+    for k in range(3000):
+        turns += [
+            {"role": "user", "content": f"question number {k}"},
+            {"role": "assistant", "content": f"answer {k}"},
+        ]
+    record = {
+        "id": "c",
+        "source": "a",
+        "instruction": "last?",
+        "input": "",
+        "response": "done",
+        "history": turns,
+    }
+    docs = tokenize_records([record], gpt2_chatml, "chat", {"a": 0}, "all", 1024, False)
+    assert not renders
+    assert fit_to_length(docs, 1024, False)[1].tolist() == [1]
+    assert docs.full_lengths[0] >= 3001 * 2  # each answer has a token and an EOS
