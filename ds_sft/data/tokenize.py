@@ -15,6 +15,16 @@ packing them are numpy gathers rather than Python loops over lists of lists. For
 byte-level tokenizers the Alpaca template's fixed text (~40 tokens a row) is tokenized once and
 spliced around the tokenized fields (:class:`AlpacaPrompts`): the same ids, less work. And the BPE
 word cache is widened (:data:`BPE_CACHE_WORDS`) so that each distinct word is merged about once.
+
+Bounded work: a row that cannot fit ``--seq_len`` is found before it is tokenized, from the length of
+its text alone (:class:`LengthFloor`): a 40 MB field once took 16 GB and two minutes to tokenize only
+to be dropped. It is dropped all the same (``longer_than_seq_len``), or with ``--truncate`` its texts
+are cut first to what can reach into ``seq_len``, which leaves the kept tokens unchanged. A
+conversation trained on every turn is checked before its turns are rendered (each turn renders the
+whole conversation so far, so that costs time quadratic in turns); with ``--truncate`` it is cut to
+the turns that start within ``seq_len``: for a template whose turns take the ``prefix`` route the
+tokens are those of the full conversation; one that rewrites earlier turns (``located``) shows the
+shortened conversation as the template renders it.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ds_sft.data.templates import alpaca_fields, conversation_segments, render_prompt
+from ds_sft.data.templates import alpaca_fields, conversation, conversation_segments, render_prompt
 
 CHUNK = 2048  # rows per encode_batch call: large enough for the Rust threads, small enough for a progress bar
 # A BPE model caches the merges of the words it has seen, 10,000 words by default: fewer than the
@@ -217,6 +227,25 @@ class LengthFloor:
         answers.append(record["response"])
         return sum(self.tokens_at_least("".join(answer.split())) + 1 for answer in answers)
 
+    def first_turns(self, record: dict) -> dict:
+        """A conversation cut after the first assistant turn at which its answers and EOS ids alone
+        reach ``seq_len``: every later turn starts past ``seq_len`` (for ``--truncate``)."""
+        messages, total = conversation(record), 0
+        for last in (i for i, message in enumerate(messages) if message["role"] == "assistant"):
+            total += self.tokens_at_least("".join(messages[last]["content"].split())) + 1
+            if total >= self.seq_len:
+                break
+        if last == len(messages) - 1:
+            return record
+        user, answer = messages[last - 1]["content"], messages[last]["content"]
+        return {
+            **record,
+            "history": messages[: last - 1],
+            "instruction": user,
+            "input": "",
+            "response": answer,
+        }
+
     def worth_checking(self, record: dict) -> bool:
         """Whether a record's texts are long enough that it may not fit (at most 4 bytes a character)."""
         if self.longest is None:
@@ -297,14 +326,17 @@ def tokenize_records(
     segmented = []
     for i, record in enumerate(records):
         multi_turn = train_on == "all" and record.get("history")
-        if multi_turn and not truncate and floor is not None and floor.longest is not None:
+        cut_from = 0  # the fewest tokens of a conversation cut to its first turns
+        if multi_turn and floor is not None and floor.longest is not None:
             # rendering a conversation's turns costs time quadratic in their number: one that cannot
-            # fit is dropped before (with --truncate it is rendered, and its texts cut, as below)
+            # fit is dropped before, or with --truncate, cut to the turns that start within seq_len
             least = floor.answers_at_least(record)
-            if least > seq_len:
+            if least > seq_len and not truncate:
                 floors[i] = least
                 segmented.append(([("", "")], "prefix"))
                 continue
+            if least > seq_len:
+                cut_from, record = least, floor.first_turns(record)
         if floor is not None and floor.worth_checking(record):
             pairs, route = (
                 conversation_segments(record, template, tokenizer)
@@ -317,6 +349,7 @@ def tokenize_records(
             segmented.append(
                 conversation_segments(record, template, tokenizer) if multi_turn else (None, "one_turn")
             )
+        floors[i] = max(floors[i], cut_from)
     turns = [pairs for pairs, _ in segmented]
     routes = np.array([ROUTES.index(route) for _, route in segmented], dtype=np.int8)
     one_turn = [record for record, pairs in zip(records, turns, strict=True) if pairs is None]

@@ -180,22 +180,34 @@ def long_conversations(draw):
             "response": messages[-1]["content"], "history": history}  # fmt: skip
 
 
-@pytest.mark.parametrize("template", ["alpaca", "chat"])
-@settings(max_examples=30)
-@given(
-    records=st.lists(long_conversations(), min_size=1, max_size=3), seq_len=st.sampled_from([64, 200, 600])
-)
-def test_conversations_of_many_turns_equal_the_unbounded_path(gpt2_chatml, records, template, seq_len):
-    same_documents(records, gpt2_chatml, template, seq_len, truncate=False)
+@pytest.fixture(scope="module")
+def prefix_route_tokenizers(gpt2_chatml):
+    """GPT-2 with each test chat template whose turns take the ``prefix`` route."""
+    from tests.data.test_conversations import TEMPLATES
+
+    return {name: with_template(gpt2_chatml, template) for name, template in TEMPLATES.items()}
 
 
-def test_a_conversation_of_3000_turns_is_dropped_without_rendering_a_turn(gpt2_chatml, monkeypatch):
-    """The red team's conversation: 3,000 exchanges took 131 s (each turn renders its whole prefix)."""
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("template", ["alpaca", "chatml", "llama3", "default_system"])
+@settings(max_examples=10)
+@given(records=st.lists(long_conversations(), min_size=1, max_size=3), seq_len=st.sampled_from([24, 64, 200]))
+def test_conversations_of_many_turns_equal_the_unbounded_path(
+    prefix_route_tokenizers, records, template, seq_len, truncate
+):
+    tokenizer = prefix_route_tokenizers["chatml" if template == "alpaca" else template]
+    same_documents(records, tokenizer, "alpaca" if template == "alpaca" else "chat", seq_len, truncate)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_a_conversation_of_3000_turns_is_not_rendered_turn_by_turn(gpt2_chatml, monkeypatch, truncate):
+    """The red team's conversation: 3,000 exchanges took 131 s (each turn renders its whole prefix).
+    Dropped, it renders nothing; truncated, only the turns that start within seq_len."""
     from ds_sft.data import templates
 
     renders = []
     render = templates._render
-    monkeypatch.setattr(templates, "_render", lambda *args: renders.append(1) or render(*args))
+    monkeypatch.setattr(templates, "_render", lambda *args: renders.append(len(args[1])) or render(*args))
     turns = []
     for k in range(3000):
         turns += [
@@ -210,7 +222,11 @@ def test_a_conversation_of_3000_turns_is_dropped_without_rendering_a_turn(gpt2_c
         "response": "done",
         "history": turns,
     }
-    docs = tokenize_records([record], gpt2_chatml, "chat", {"a": 0}, "all", 1024, False)
-    assert not renders
-    assert fit_to_length(docs, 1024, False)[1].tolist() == [1]
+    docs = tokenize_records([record], gpt2_chatml, "chat", {"a": 0}, "all", 1024, truncate)
+    kept, reasons = fit_to_length(docs, 1024, truncate)
     assert docs.full_lengths[0] >= 3001 * 2  # each answer has a token and an EOS
+    if truncate:
+        assert reasons.tolist() == [0] and kept.lengths.tolist() == [1024]
+        assert len(renders) <= 2 * 1024 and max(renders) <= 1024
+    else:
+        assert not renders and reasons.tolist() == [1]
