@@ -1,6 +1,8 @@
 """A chat template is a program: one that runs away (nested loops, loops over huge ranges or strings,
-work that grows with the conversation) is stopped within ``TEMPLATE_SECONDS`` and refused in one line
-naming the template and the fix, through ``prepare`` as well; ordinary templates render unchanged
+work that grows with the conversation) is stopped within ``TEMPLATE_SECONDS``, one that grows the
+process past ``TEMPLATE_GROWTH_BYTES`` is stopped there, and one holding a constant Jinja would fold
+into gigabytes when compiling is refused before it compiles: each in one line naming the template
+and the fix, through ``prepare`` as well; ordinary templates render unchanged
 (``tests/data/test_conversations.py``)."""
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ RUNAWAY = {
 @pytest.fixture(autouse=True)
 def short_limit(monkeypatch):
     monkeypatch.setattr(templates, "TEMPLATE_SECONDS", 0.3, raising=False)
+    monkeypatch.setattr(templates, "TEMPLATE_GROWTH_BYTES", 32 << 20, raising=False)
 
 
 def tokenizer_dir(tmp_path, tiny_tokenizer_file, template: str):
@@ -61,7 +64,8 @@ def test_a_runaway_template_is_stopped_and_refused_in_one_line(tmp_path, tiny_to
     assert time.monotonic() - start < 30  # stopped, not run to its end (hours)
     message = str(info.value)
     assert "\n" not in message and message.startswith("a:0: the chat template of ")
-    assert str(folder) in message and "--template alpaca" in message and "0.3 s" in message
+    assert str(folder) in message and "--template alpaca" in message
+    assert "ran over 0.3 s" in message or "grew the process by over 32 MiB" in message  # what comes first
 
 
 def test_prepare_refuses_a_runaway_template_in_one_line(tmp_path, tiny_tokenizer_file, monkeypatch):
@@ -97,3 +101,61 @@ def test_renders_after_a_stopped_one_are_not_disturbed(tmp_path, tiny_tokenizer_
         )
     time.sleep(0.5)  # past the old deadline: nothing arrives late
     assert templates.render_prompt(record, "chat", fine).startswith("<|im_start|>user")
+
+
+# strings that grow without end: each step copies all of it, so growth is slow enough to watch
+GROWING = {
+    "namespace_concat": "{% set ns = namespace(s='') %}{% for i in range(100000) %}"
+    "{% set ns.s = ns.s ~ ('x' * 100000) %}{% endfor %}{{ ns.s|length }}",
+    "list_append": "{% set ns = namespace(s=[]) %}{% for i in range(100000) %}"
+    "{% set ns.s = ns.s + ['y' * (i * 1000)] %}{% endfor %}{{ ns.s|length }}",
+    "joined_messages": "{% set ns = namespace(s='') %}{% for i in range(100000) %}{% for m in messages %}"
+    "{% set ns.s = ns.s ~ m['content'] * 5000 %}{% endfor %}{% endfor %}{{ ns.s|length }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROWING))
+def test_a_template_that_grows_the_process_is_stopped(tmp_path, tiny_tokenizer_file, monkeypatch, name):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(templates, "TEMPLATE_SECONDS", 60.0)
+    tokenizer = load_tokenizer(str(tokenizer_dir(tmp_path, tiny_tokenizer_file, GROWING[name] + CHATML)))
+    with pytest.raises(UserError) as info:
+        templates.render_prompt({"id": "a:0", "instruction": "hello there", "input": ""}, "chat", tokenizer)
+    message = str(info.value)
+    assert (
+        "\n" not in message
+        and "grew the process by over 32 MiB" in message
+        and "--template alpaca" in message
+    )
+
+
+@pytest.mark.parametrize(
+    "constant",
+    ["'a' * 3000000000", "3000000000 * 'a'", "('ab' * 1000) * 1000", "[1] * 10**7", "10 ** 100000000",
+     "'x' * 2000000", "('a' + 'b') * 600000"],
+)  # fmt: skip
+def test_a_template_with_a_huge_constant_is_refused_before_it_compiles(
+    tmp_path, tiny_tokenizer_file, constant
+):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(
+        str(tokenizer_dir(tmp_path, tiny_tokenizer_file, "{{ " + constant + " }}" + CHATML))
+    )
+    with pytest.raises(UserError, match="builds a constant of over 1,048,576 characters or digits") as info:
+        templates.render_prompt({"instruction": "hi", "input": ""}, "chat", tokenizer)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "constant", ["'-' * 80", "1024 * 1024 * 1024", "2 ** 62", "[0] * 1000", "'ab' + 'cd'"]
+)
+def test_small_constants_render(tmp_path, tiny_tokenizer_file, constant):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(
+        str(tokenizer_dir(tmp_path, tiny_tokenizer_file, "{{ " + constant + " }}" + CHATML))
+    )
+    rendered = templates.render_prompt({"instruction": "hi", "input": ""}, "chat", tokenizer)
+    assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
