@@ -284,8 +284,8 @@ def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> di
         if b"\0" in head:
             line = head[: head.index(b"\0")].count(b"\n") + 1
             raise UserError(
-                f"{path}:{line}: a NUL byte, so this is not a text file (JSON has none); "
-                "pass the JSON or JSON Lines file itself"
+                f"{path}:{line}: a NUL byte, so this is not UTF-8 text (binary data, or UTF-16 without a "
+                "byte-order mark?); pass the JSON or JSON Lines file itself, encoded as UTF-8"
             )
         start = len(UTF8_BOM) if head.startswith(UTF8_BOM) else 0
         if path.suffix.lower() == ".json" and head[start:].lstrip()[:1] == b"[":

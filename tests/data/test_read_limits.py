@@ -65,8 +65,15 @@ def test_a_file_of_nul_bytes_is_refused_as_not_text_without_reading_it(tmp_path,
     finally:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    assert f"{path}:1: a NUL byte" in message and "not a text file" in message
+    assert f"{path}:1: a NUL byte" in message and "not UTF-8 text" in message
     assert peak < 1 << 20
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le"])
+def test_utf16_or_32_without_a_byte_order_mark_is_refused_as_not_utf8(tmp_path, encoding):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(good_lines(3, 0).decode().encode(encoding))
+    assert "not UTF-8 text" in one_line_error(path)
 
 
 def good_lines(n: int, offset: int) -> bytes:
