@@ -23,7 +23,9 @@ columns the file has, or uses an explicit ``--field_map``.
 
 Local files are read by extension: JSON and JSON Lines with Python's own parser (every refusal names
 the file and the line; ``--skip_bad_rows`` counts and leaves out bad lines instead), parquet with
-pyarrow. Only regular files are opened. Hub ids go through HF ``datasets``.
+pyarrow. Only regular files are opened, and reading one takes bounded memory whatever it holds (a
+binary file, no newline, one gigantic line or array: :func:`read_table`). Hub ids go through HF
+``datasets``.
 """
 
 from __future__ import annotations
