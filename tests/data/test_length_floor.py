@@ -8,6 +8,8 @@ rows whose texts reach far past ``seq_len``: runs of one character, long words, 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -107,18 +109,68 @@ def test_a_huge_row_is_not_tokenized_whole(tiny_tokenizer, monkeypatch, truncate
         assert docs.full_lengths[0] >= len(record["response"]) // floor.longest
 
 
-def test_floor_is_a_true_lower_bound(tiny_tokenizer, shared):
-    from ds_sft.data.tokenizer import load_tokenizer
+def sentencepiece_like() -> object:
+    """A Llama-2-style BPE: spaces as "▁" by the normalizer, no pre-tokenizer, byte fallback."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
 
-    for tokenizer in (tiny_tokenizer, load_tokenizer(str(shared / "tokenizers" / "gpt2"))):
-        backend = tokenizer.backend_tokenizer
+    from tests.data.conftest import CORPUS
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.train_from_iterator(
+        CORPUS * 20, trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"])
+    )
+    state = json.loads(tokenizer.to_str())
+    for byte in range(256):
+        state["model"]["vocab"].setdefault(f"<0x{byte:02X}>", len(state["model"]["vocab"]))
+    state["model"].update(byte_fallback=True, fuse_unk=True)
+    return Tokenizer.from_str(json.dumps(state))
+
+
+@pytest.fixture(scope="module")
+def floor_tokenizers(tiny_tokenizer_file, shared):
+    """Backends the floor holds for: byte-level BPE (tiny, GPT-2, and under NFC or NFKC as Qwen's), and
+    a byte-fallback BPE."""
+    from tokenizers import Tokenizer, normalizers
+
+    tiny = str(tiny_tokenizer_file)
+    nfc, nfkc = Tokenizer.from_file(tiny), Tokenizer.from_file(tiny)
+    nfc.normalizer, nfkc.normalizer = normalizers.NFC(), normalizers.NFKC()
+    gpt2 = Tokenizer.from_file(str(shared / "tokenizers" / "gpt2" / "tokenizer.json"))
+    return [Tokenizer.from_file(tiny), nfc, nfkc, gpt2, sentencepiece_like()]
+
+
+@settings(max_examples=200)
+@given(text=st.one_of(texts, st.text(max_size=300)))
+def test_floor_is_a_true_lower_bound(floor_tokenizers, text):
+    for backend in floor_tokenizers:
         floor = LengthFloor(backend, 64)
-        vocab = backend.get_vocab()
-        # the floor's L is reached: the longest token is one token
-        longest = max(vocab, key=len)
-        assert floor.longest == len(longest)
-        for text in ["", "a", "x" * 5000, "é☃ " * 999, backend.decode([vocab[longest]]) * 30]:
-            assert floor.tokens_at_least(text) <= len(backend.encode(text, add_special_tokens=False).ids)
+        assert floor.longest is not None
+        assert floor.tokens_at_least(text) <= len(backend.encode(text, add_special_tokens=False).ids)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+@settings(max_examples=60)
+@given(records=st.lists(rows(), min_size=1, max_size=4), seq_len=st.sampled_from([4, 12]))
+def test_fitted_documents_equal_the_unbounded_path_byte_fallback_bpe(
+    floor_tokenizers, records, seq_len, truncate
+):
+    """A BPE without a pre-tokenizer merges across the whole text: the cut's margin holds there too."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=floor_tokenizers[4], eos_token="<unk>")
+    same_documents(records, tokenizer, "alpaca", seq_len, truncate)
+
+
+def test_floor_is_reached_on_gpt2(floor_tokenizers):
+    """``L`` is not loose: GPT-2's longest token (128 characters, one byte each) repeated is one token
+    a copy, exactly the floor."""
+    backend = floor_tokenizers[3]
+    floor = LengthFloor(backend, 64)
+    longest = max(backend.get_vocab(), key=len)
+    text = backend.decode([backend.token_to_id(longest)]) * 3
+    assert floor.longest == len(longest) == 128
+    assert floor.tokens_at_least(text) == len(backend.encode(text, add_special_tokens=False).ids) == 3
 
 
 def test_no_floor_for_a_tokenizer_with_unknown_tokens(tmp_path):
