@@ -184,6 +184,12 @@ def _keeps_text(pre: dict) -> bool:
     return pre.get("type") in KEEPS_TEXT and pre.get("behavior") != "Removed"
 
 
+def _pre_types(pre: dict) -> set[str]:
+    if pre.get("type") == "Sequence":
+        return {kind for part in pre.get("pretokenizers", []) for kind in _pre_types(part)}
+    return {pre.get("type")}
+
+
 class LengthFloor:
     """The fewest tokens a text can have, found without tokenizing it: ``ceil(B / L)`` for ``B`` bytes
     of normalized text, ``L`` being the most bytes one token of the vocabulary stands for.
@@ -198,13 +204,13 @@ class LengthFloor:
     MARGIN = 64  # tokens beyond a cut that may tokenize differently from the full text (see fit)
 
     def __init__(self, backend, seq_len: int) -> None:
+        from tokenizers.pre_tokenizers import ByteLevel
+
         self.seq_len = seq_len
         self.normalize = backend.normalizer.normalize_str if backend.normalizer is not None else None
         pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
         model = backend.model
         vocab = backend.get_vocab(with_added_tokens=False)
-        from tokenizers.pre_tokenizers import ByteLevel
-
         byte_level = "ByteLevel" in _pre_types(pre) and all(char in vocab for char in ByteLevel.alphabet())
         covered = byte_level or (type(model).__name__ == "BPE" and getattr(model, "byte_fallback", False))
         sound = covered and backend.truncation is None and (not pre or _keeps_text(pre))
@@ -284,12 +290,6 @@ class LengthFloor:
                 floor = self.tokens_at_least(text)
             before += floor + (i % 2)  # an answer is followed by EOS
         return list(zip(pieces[::2], pieces[1::2], strict=True)), total
-
-
-def _pre_types(pre: dict) -> set[str]:
-    if pre.get("type") == "Sequence":
-        return {kind for part in pre.get("pretokenizers", []) for kind in _pre_types(part)}
-    return {pre.get("type")}
 
 
 def tokenize_records(
