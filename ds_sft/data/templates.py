@@ -269,6 +269,7 @@ def _oversized_constant(template: str) -> str | None:
     :data:`TEMPLATE_CONSTANT_SIZE` (Jinja folds constants when it compiles: ``'a' * 3000000000`` is
     built before any render can be stopped), as source-like text, or None."""
     import jinja2
+    import jinja2.ext
     from jinja2 import nodes
 
     def size(node) -> tuple[str, float] | None:
@@ -296,8 +297,20 @@ def _oversized_constant(template: str) -> str | None:
             return "number", left_size + right_size
         return "number", left_size * 10 ** min(right_size, 12)  # digits of a power
 
-    try:
-        tree = jinja2.Environment().parse(template)
+    class Generation(jinja2.ext.Extension):
+        """transformers' ``{% generation %}...{% endgeneration %}`` block, parsed as its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            return nodes.Scope(
+                parser.parse_statements(("name:endgeneration",), drop_needle=True), lineno=lineno
+            )
+
+    try:  # parsed as transformers parses it, without compiling
+        environment = jinja2.Environment(extensions=[Generation, "jinja2.ext.loopcontrols"])
+        tree = environment.parse(template)
     except jinja2.TemplateSyntaxError:
         return None  # transformers reports it when it compiles
     for node in tree.find_all((nodes.Mul, nodes.Pow, nodes.Add)):
