@@ -500,13 +500,22 @@ def prepare(args: argparse.Namespace) -> int:
     # Rust encoder releases the GIL, so the two overlap (~0.3 s of ~4 on the shared mix, two cores).
     # The rows dropped meanwhile (<1%) are tokenized for nothing, which costs less than waiting.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        tokenized = pool.submit(tokenize_records, records, tokenizer, template, source_index, args.train_on)
+        tokenized = pool.submit(
+            tokenize_records,
+            records,
+            tokenizer,
+            template,
+            source_index,
+            args.train_on,
+            args.seq_len,
+            args.truncate,
+        )
         train_index, val_index = select_rows(records, names, reference, args, drops)
         chosen = np.concatenate([train_index, val_index])
         docs = tokenized.result().select(chosen)
     all_records = [records[i] for i in chosen.tolist()]
     n_train = len(train_index)
-    raw_lengths = docs.lengths
+    raw_lengths = docs.full_lengths  # a row too long to tokenize: its fewest tokens
     docs, reasons = fit_to_length(docs, args.seq_len, args.truncate)
     for record, code in zip(all_records, reasons.tolist(), strict=True):
         if code:
@@ -553,6 +562,12 @@ def prepare(args: argparse.Namespace) -> int:
                 if code
             },
         }
+        if args.truncate:  # kept rows cut to seq_len; tokens_cut is a floor for rows cut before tokenizing
+            cut = kept & mine & (raw_lengths > args.seq_len)
+            counts[name]["truncated"] = {
+                "rows": int(cut.sum()),
+                "tokens_cut": int((raw_lengths[cut] - args.seq_len).sum()),
+            }
         token_lengths[name] = length_stats(raw_lengths[mine & kept])
         raw_by_source[name] = raw_lengths[mine]
     manifest = {
@@ -616,6 +631,8 @@ def print_summary(manifest: dict, output_dir: Path) -> None:
     print(f"{'source':<12}{'rows in':>9}{'kept':>8}{'train':>8}{'val':>6}{'mixed':>8}  dropped")
     for name, c in manifest["counts"].items():
         dropped = ", ".join(f"{reason} {n}" for reason, n in c["dropped"].items()) or "-"
+        if c.get("truncated", {}).get("rows"):
+            dropped += f"; truncated {c['truncated']['rows']:,} ({c['truncated']['tokens_cut']:,} tokens cut)"
         print(
             f"{name:<12}{c['rows_in']:>9,}{c['kept']:>8,}{c['train']:>8,}{c['val']:>6,}"
             f"{c['train_after_mix']:>8,}  {dropped}"

@@ -24,14 +24,18 @@ refused, with the count of each (:func:`choose_schema`).
 
 Local files are read by extension: JSON and JSON Lines with Python's own parser (every refusal names
 the file and the line; ``--skip_bad_rows`` counts and leaves out bad lines instead), parquet with
-pyarrow. Only regular files are opened. Hub ids go through HF ``datasets``.
+pyarrow. Only regular files are opened, and reading one takes bounded memory whatever it holds (a
+binary file, no newline, one gigantic line or array: :func:`read_table`). Hub ids go through HF
+``datasets``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +142,12 @@ def parse_field_map(text: str) -> tuple[str, dict[str, str]]:
 # --- reading a file --------------------------------------------------------------------------------
 
 UTF8_BOM = b"\xef\xbb\xbf"
+# Bounds that keep a malformed file from exhausting memory. A JSON Lines line (one row; far above any
+# trainable row: a row of 2**20 tokens, the largest --seq_len, is ~5 MB of text), and a whole JSON
+# array file (parsed at once, ~5x its size in memory; a larger data set belongs in JSON Lines).
+MAX_LINE_BYTES = 64 << 20
+MAX_ARRAY_BYTES = 512 << 20
+HEAD_BYTES = 64 << 10  # the start of a file, checked for a byte-order mark and for NUL bytes (not text)
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 JSON_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
                    str: "a string", list: "an array"}  # fmt: skip
@@ -179,22 +189,52 @@ def row_problem(row: object, may_hold_surrogates: bool) -> tuple[str, str] | Non
     return None
 
 
-def _json_lines(path: Path, text: bytes, skip_bad_rows: bool, drops: Drops, source: str) -> list[dict]:
-    """JSON Lines: one object per non-blank line. A bad line raises ``UserError("file:line: ...")``,
-    or with ``--skip_bad_rows`` is counted as a drop by reason and left out."""
-    rows = []
-    for lineno, raw in enumerate(text.split(b"\n"), start=1):
-        if not raw.strip():
+def _lines(handle, size: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) per line of ``handle``, reading no more than ``size`` bytes in all and no
+    more than :data:`MAX_LINE_BYTES` at once: a longer line is read on to its end in bounded chunks and
+    given as None, so a file without newlines (binary data, one gigantic JSON text) costs no memory."""
+    left = size
+    for lineno in itertools.count(1):
+        line = handle.readline(min(MAX_LINE_BYTES + 1, left))
+        if not line:
+            return
+        left -= len(line)
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield lineno, line
             continue
-        row, reason, detail, _ = parse_json(raw)
-        if reason is None:
-            reason, detail = row_problem(row, SURROGATE_ESCAPE.search(raw) is not None) or (None, "")
+        while line and not line.endswith(b"\n"):  # the rest of the over-long line
+            line = handle.readline(min(MAX_LINE_BYTES, left))
+            left -= len(line)
+        yield lineno, None
+
+
+def _json_lines(path: Path, lines, skip_bad_rows: bool, drops: Drops, source: str) -> list[dict]:
+    """JSON Lines: one object per non-blank line of ``lines`` (see :func:`_lines`). A bad line raises
+    ``UserError("file:line: ...")``, or with ``--skip_bad_rows`` is counted as a drop by reason and
+    left out."""
+    rows, blank = [], True
+    for lineno, raw in lines:
+        if raw is None:
+            reason = "line_too_long"
+            detail = (
+                f"a line longer than {MAX_LINE_BYTES >> 20} MiB (a JSON Lines file holds one row per line; "
+                "is this one JSON text, or not text at all?)"
+            )
+        elif not raw.strip():
+            continue
+        else:
+            row, reason, detail, _ = parse_json(raw)
+            if reason is None:
+                reason, detail = row_problem(row, SURROGATE_ESCAPE.search(raw) is not None) or (None, "")
+        blank = False
         if reason is None:
             rows.append(row)
         elif skip_bad_rows:
             drops.add(source, reason)
         else:
             raise UserError(f"{path}:{lineno}: {detail}; fix the line or pass --skip_bad_rows to drop it")
+    if blank:
+        raise UserError(f"{path}: the file is empty")
     if not rows:
         bad = ", ".join(f"{n} {reason}" for reason, n in drops.by_source().get(source, {}).items())
         raise UserError(f"{path}: no valid JSON rows (dropped: {bad}); check that it is the right file")
@@ -244,7 +284,10 @@ def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> di
     JSON is parsed here, not by Arrow: Arrow's reader crashes the process on a file holding only
     ``null`` (pyarrow 26 segfaults) and its errors name neither the line nor the cause. A ``.json``
     file starting with ``[`` is an array of objects; any other .json or .jsonl file is JSON Lines.
-    Only a regular file is opened, and no more than the size ``stat`` gave is read.
+    Only a regular file is opened, and no more than the size ``stat`` gave is read. Memory is bounded
+    for any file: a NUL byte near the start refuses it as not text, a JSON Lines line is read up to
+    :data:`MAX_LINE_BYTES` (a longer one is refused, or dropped with ``--skip_bad_rows``), and an array
+    file over :data:`MAX_ARRAY_BYTES` is refused before it is read.
     """
     size = require_regular_file(path).st_size
     if path.suffix.lower() not in EXTENSIONS:
@@ -252,16 +295,30 @@ def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> di
     if EXTENSIONS[path.suffix.lower()] == "parquet":
         return _read_parquet(path)
     with path.open("rb") as handle:
-        text = handle.read(size)
-    if text.startswith(UTF16_BOMS):
-        raise UserError(
-            f"{path}: UTF-16 text (it opens with a UTF-16 byte-order mark); re-encode it as UTF-8"
-        )
-    text = text.removeprefix(UTF8_BOM)
-    if not text.strip():
-        raise UserError(f"{path}: the file is empty")
-    is_array = path.suffix.lower() == ".json" and text.lstrip()[:1] == b"["
-    rows = (_json_array if is_array else _json_lines)(path, text, skip_bad_rows, drops, source)
+        head = handle.read(min(size, HEAD_BYTES))
+        if head.startswith(UTF16_BOMS):
+            raise UserError(
+                f"{path}: UTF-16 text (it opens with a UTF-16 byte-order mark); re-encode it as UTF-8"
+            )
+        if b"\0" in head:
+            line = head[: head.index(b"\0")].count(b"\n") + 1
+            raise UserError(
+                f"{path}:{line}: a NUL byte, so this is not UTF-8 text (binary data, or UTF-16 without a "
+                "byte-order mark?); pass the JSON or JSON Lines file itself, encoded as UTF-8"
+            )
+        start = len(UTF8_BOM) if head.startswith(UTF8_BOM) else 0
+        if path.suffix.lower() == ".json" and head[start:].lstrip()[:1] == b"[":
+            if size > MAX_ARRAY_BYTES:
+                raise UserError(
+                    f"{path}: a JSON array of {size / 2**20:,.0f} MiB; one is parsed as a whole, so arrays "
+                    f"over {MAX_ARRAY_BYTES >> 20} MiB are refused: convert it to JSON Lines "
+                    "(one object per line, e.g. jq -c '.[]' FILE.json > FILE.jsonl)"
+                )
+            text = (head + handle.read(size - len(head)))[start:]
+            rows = _json_array(path, text, skip_bad_rows, drops, source)
+        else:
+            handle.seek(start)
+            rows = _json_lines(path, _lines(handle, size - start), skip_bad_rows, drops, source)
     names = dict.fromkeys(name for row in rows for name in row)  # every column, in first-seen order
     return {name: [row.get(name) for row in rows] for name in names}
 

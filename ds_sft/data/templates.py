@@ -57,7 +57,13 @@ assistant turn follows the answer convention above and nothing else is ever trai
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 import re
+import sys
+import threading
+import time
 
 from ds_sft.errors import UserError, first_line
 
@@ -174,11 +180,175 @@ def conversation_segments(record: dict, template: str, tokenizer) -> tuple[list[
     )
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+# A chat template is a program, and a broken or hostile one can run for hours without writing a
+# character (``{% for i in range(100000) %}`` nested twice) or build strings of gigabytes (``{% set s
+# = s ~ s %}`` in a loop; ``{{ 'a' * 3000000000 }}``, which Jinja computes when it compiles). One
+# render may take this long and grow the process by this much; a real template takes well under a
+# millisecond and a few kilobytes per conversation, and writes no constant near this size.
+TEMPLATE_SECONDS = 10.0
+TEMPLATE_GROWTH_BYTES = 1 << 30
+TEMPLATE_CONSTANT_SIZE = 1 << 20  # characters, items or digits of a constant expression
+
+
+class TemplateOverTime(Exception):
+    """A chat template ran past :data:`TEMPLATE_SECONDS` in one render."""
+
+
+class TemplateOverMemory(Exception):
+    """The process grew by over :data:`TEMPLATE_GROWTH_BYTES` during one render."""
+
+
+class _Watchdog:
+    """Stops renders that run too long or grow the process too much, from one daemon thread that looks
+    ten times a second, by raising :class:`TemplateOverTime` or :class:`TemplateOverMemory` inside the
+    rendering thread (``PyThreadState_SetAsyncExc``: delivered at the thread's next bytecode, so a
+    template's Python loops stop; one long C call, such as joining two huge strings, finishes first).
+    A render costs two dict updates under a lock; only the watchdog reads the process's memory."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.renders: dict[int, tuple[int, float]] = {}  # thread id -> (render number, deadline)
+        self.count = 0
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._watch, name="chat-template-watchdog", daemon=True)
+                self.thread.start()
+            self.count += 1
+            self.renders[threading.get_ident()] = (self.count, time.monotonic() + TEMPLATE_SECONDS)
+
+    def stop(self) -> None:
+        with self.lock:
+            fired = self.renders.pop(threading.get_ident(), None) is None
+        if fired:  # the render ended as it was stopped: the exception is not delivered after it
+            _async_raise(threading.get_ident(), None)
+
+    def _watch(self) -> None:
+        seen: dict[int, tuple[int, int]] = {}  # thread id -> (render number, RSS when first seen)
+        while True:
+            time.sleep(0.1)
+            resident = _resident_bytes()
+            with self.lock:
+                now = time.monotonic()
+                for ident, (number, deadline) in list(self.renders.items()):
+                    if seen.get(ident, (None,))[0] != number:  # a render not seen before
+                        seen[ident] = (number, resident)
+                    stop = TemplateOverTime if deadline < now else None
+                    if resident - seen[ident][1] > TEMPLATE_GROWTH_BYTES:
+                        stop = TemplateOverMemory
+                    if stop is not None:
+                        del self.renders[ident]
+                        _async_raise(ident, stop)
+
+
+def _resident_bytes() -> int:
+    """The process's resident memory now (Linux), or its peak where /proc is absent."""
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _async_raise(ident: int, exc: type | None) -> None:
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc) if exc else None)
+
+
+_watchdog = _Watchdog()
+
+
+@functools.lru_cache(maxsize=16)
+def _oversized_constant(template: str) -> str | None:
+    """The first constant expression of ``template`` whose value would exceed
+    :data:`TEMPLATE_CONSTANT_SIZE` (Jinja folds constants when it compiles: ``'a' * 3000000000`` is
+    built before any render can be stopped), as source-like text, or None."""
+    import jinja2
+    import jinja2.ext
+    from jinja2 import nodes
+
+    def size(node) -> tuple[str, float] | None:
+        """("text", length) of a folded string or list, ("number", digits) of a number, or None."""
+        if isinstance(node, nodes.Const) and isinstance(node.value, str):
+            return "text", len(node.value)
+        if isinstance(node, nodes.Const) and isinstance(node.value, (int, float)):
+            return "number", math.log10(abs(node.value) + 1) if abs(node.value) < 1e300 else 300.0
+        if isinstance(node, (nodes.List, nodes.Tuple)):
+            return "text", len(node.items)
+        if not isinstance(node, (nodes.Mul, nodes.Add, nodes.Pow)):
+            return None
+        left, right = size(node.left), size(node.right)
+        if left is None or right is None:
+            return None
+        (left_kind, left_size), (right_kind, right_size) = left, right
+        if isinstance(node, nodes.Add):
+            return left_kind, max(left_size, right_size) + (left_kind == right_kind == "text") * min(
+                left_size, right_size
+            )
+        if isinstance(node, nodes.Mul) and "text" in (left_kind, right_kind):
+            count = 10 ** min(right_size if left_kind == "text" else left_size, 12)
+            return "text", (left_size if left_kind == "text" else right_size) * count
+        if isinstance(node, nodes.Mul):
+            return "number", left_size + right_size
+        return "number", left_size * 10 ** min(right_size, 12)  # digits of a power
+
+    class Generation(jinja2.ext.Extension):
+        """transformers' ``{% generation %}...{% endgeneration %}`` block, parsed as its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            return nodes.Scope(
+                parser.parse_statements(("name:endgeneration",), drop_needle=True), lineno=lineno
+            )
+
+    try:  # parsed as transformers parses it, without compiling
+        environment = jinja2.Environment(extensions=[Generation, "jinja2.ext.loopcontrols"])
+        tree = environment.parse(template)
+    except jinja2.TemplateSyntaxError:
+        return None  # transformers reports it when it compiles
+    for node in tree.find_all((nodes.Mul, nodes.Pow, nodes.Add)):
+        if (size(node) or ("", 0))[1] > TEMPLATE_CONSTANT_SIZE:
+            return f"{node.left!r} {node.operator} {node.right!r}"
+    return None
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    """The chat template's text for ``messages``, within the limits above."""
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    templates = tokenizer.chat_template
+    for template in templates.values() if isinstance(templates, dict) else [templates]:
+        constant = _oversized_constant(template) if isinstance(template, str) else None
+        if constant:
+            raise UserError(
+                f"the chat template of {name} builds a constant of over {TEMPLATE_CONSTANT_SIZE:,} "
+                f"characters or digits ({constant[:200]}); fix its chat_template (tokenizer_config.json) "
+                "or pass --template alpaca"
+            )
+    try:
+        _watchdog.start()
+        try:
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        finally:
+            _watchdog.stop()
+    except (TemplateOverTime, TemplateOverMemory) as err:
+        spent = (
+            f"ran over {TEMPLATE_SECONDS:g} s"
+            if isinstance(err, TemplateOverTime)
+            else f"grew the process by over {TEMPLATE_GROWTH_BYTES >> 20:,} MiB"
         )
+        raise UserError(
+            f"{where}: the chat template of {name} {spent} rendering one conversation (a runaway loop?); "
+            "fix its chat_template (tokenizer_config.json) or pass --template alpaca"
+        ) from None
     except Exception as err:  # a template's own raise_exception(), or any Jinja error
         raise UserError(
             f"{where}: the chat template refused the conversation ({first_line(err)}); "

@@ -15,6 +15,16 @@ packing them are numpy gathers rather than Python loops over lists of lists. For
 byte-level tokenizers the Alpaca template's fixed text (~40 tokens a row) is tokenized once and
 spliced around the tokenized fields (:class:`AlpacaPrompts`): the same ids, less work. And the BPE
 word cache is widened (:data:`BPE_CACHE_WORDS`) so that each distinct word is merged about once.
+
+Bounded work: a row that cannot fit ``--seq_len`` is found before it is tokenized, from the length of
+its text alone (:class:`LengthFloor`): a 40 MB field once took 16 GB and two minutes to tokenize only
+to be dropped. It is dropped all the same (``longer_than_seq_len``), or with ``--truncate`` its texts
+are cut first to what can reach into ``seq_len``, which leaves the kept tokens unchanged. A
+conversation trained on every turn is checked before its turns are rendered (each turn renders the
+whole conversation so far, so that costs time quadratic in turns); with ``--truncate`` it is cut to
+the turns that start within ``seq_len``: for a template whose turns take the ``prefix`` route the
+tokens are those of the full conversation; one that rewrites earlier turns (``located``) shows the
+shortened conversation as the template renders it.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ds_sft.data.templates import alpaca_fields, conversation_segments, render_prompt
+from ds_sft.data.templates import alpaca_fields, conversation, conversation_segments, render_prompt
 
 CHUNK = 2048  # rows per encode_batch call: large enough for the Rust threads, small enough for a progress bar
 # A BPE model caches the merges of the words it has seen, 10,000 words by default: fewer than the
@@ -47,6 +57,9 @@ class Documents:
     trained: np.ndarray  # uint8 [total tokens]: 1 on the trained targets (answers and their EOS)
     source_ids: np.ndarray  # int16 [n]
     routes: np.ndarray | None = None  # int8 [n]: index in ROUTES of how each document's turns were masked
+    # int64 [n]: for a document found longer than seq_len before tokenizing (left empty, or cut with
+    # --truncate), the fewest tokens it has in full; 0 for the others (see LengthFloor)
+    floors: np.ndarray | None = None
 
     @classmethod
     def with_prompts(cls, tokens, offsets, prompt_lens, source_ids) -> Documents:
@@ -62,6 +75,11 @@ class Documents:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    @property
+    def full_lengths(self) -> np.ndarray:
+        """Per document, its length, or for one found too long before tokenizing, the fewest it has."""
+        return self.lengths if self.floors is None else np.maximum(self.lengths, self.floors)
 
     @property
     def prompt_lens(self) -> np.ndarray:
@@ -83,7 +101,10 @@ class Documents:
         within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
         gather = np.repeat(self.offsets[:-1][index], lengths) + within
         routes = None if self.routes is None else self.routes[index]
-        return Documents(self.tokens[gather], offsets, self.trained[gather], self.source_ids[index], routes)
+        floors = None if self.floors is None else self.floors[index]
+        return Documents(
+            self.tokens[gather], offsets, self.trained[gather], self.source_ids[index], routes, floors
+        )
 
     def loss_mask(self) -> np.ndarray:
         """uint8 per token: 1 on answer and EOS tokens (the trained targets), 0 elsewhere."""
@@ -152,8 +173,133 @@ class AlpacaPrompts:
         return prompts
 
 
+# Pre-tokenizers that keep every character of the text (they only split it, or map each byte to a
+# character): with one of these, every byte of the normalized text is in some token.
+KEEPS_TEXT = {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts", "Sequence"}
+
+
+def _keeps_text(pre: dict) -> bool:
+    if pre.get("type") == "Sequence":
+        return all(_keeps_text(part) for part in pre.get("pretokenizers", []))
+    return pre.get("type") in KEEPS_TEXT and pre.get("behavior") != "Removed"
+
+
+def _pre_types(pre: dict) -> set[str]:
+    if pre.get("type") == "Sequence":
+        return {kind for part in pre.get("pretokenizers", []) for kind in _pre_types(part)}
+    return {pre.get("type")}
+
+
+class LengthFloor:
+    """The fewest tokens a text can have, found without tokenizing it: ``ceil(B / L)`` for ``B`` bytes
+    of normalized text, ``L`` being the most bytes one token of the vocabulary stands for.
+
+    That holds when every byte of the text ends up in some token: a byte-level BPE whose vocabulary
+    has every byte, or a BPE with byte fallback, under a normalizer (measured: its output is what is
+    counted) and a pre-tokenizer that drop nothing, without truncation. For any other tokenizer
+    (``unk`` tokens, which may stand for a whole word) there is no floor and :meth:`fit` changes
+    nothing. Measured on GPT-2, ``L`` is 128: a row of 131 KB of text cannot fit 1,024 tokens.
+    """
+
+    MARGIN = 64  # tokens beyond a cut that may tokenize differently from the full text (see fit)
+
+    def __init__(self, backend, seq_len: int) -> None:
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        self.seq_len = seq_len
+        self.normalize = backend.normalizer.normalize_str if backend.normalizer is not None else None
+        pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
+        model = backend.model
+        vocab = backend.get_vocab(with_added_tokens=False)
+        byte_level = "ByteLevel" in _pre_types(pre) and all(char in vocab for char in ByteLevel.alphabet())
+        covered = byte_level or (type(model).__name__ == "BPE" and getattr(model, "byte_fallback", False))
+        sound = covered and backend.truncation is None and (not pre or _keeps_text(pre))
+        # a byte-level token's characters are one byte each; any other token stands for its UTF-8 bytes
+        # (a byte-fallback token <0x41> for one, less than its spelling)
+        longest = max(len(token) if byte_level else len(token.encode()) for token in vocab) if sound else 0
+        added = [token.content for token in backend.get_added_tokens_decoder().values()]
+        self.longest = max([longest, *(len(text.encode()) for text in added)]) if sound else None
+
+    def tokens_at_least(self, text: str) -> int:
+        if self.normalize is not None and not text.isascii():
+            text = self.normalize(text)
+        size = len(text) if text.isascii() else len(text.encode())
+        return -(-size // self.longest)
+
+    def answers_at_least(self, record: dict) -> int:
+        """The fewest tokens of a conversation trained on every turn, counting only its answers (as the
+        template shows them: the content up to whitespace) and the EOS id after each; no render needed."""
+        answers = [turn["content"] for turn in record["history"] if turn["role"] == "assistant"]
+        answers.append(record["response"])
+        return sum(self.tokens_at_least("".join(answer.split())) + 1 for answer in answers)
+
+    def first_turns(self, record: dict) -> dict:
+        """A conversation cut after the first assistant turn at which its answers and EOS ids alone
+        reach ``seq_len``: every later turn starts past ``seq_len`` (for ``--truncate``)."""
+        messages, total = conversation(record), 0
+        for last in (i for i, message in enumerate(messages) if message["role"] == "assistant"):
+            total += self.tokens_at_least("".join(messages[last]["content"].split())) + 1
+            if total >= self.seq_len:
+                break
+        if last == len(messages) - 1:
+            return record
+        user, answer = messages[last - 1]["content"], messages[last]["content"]
+        return {
+            **record,
+            "history": messages[: last - 1],
+            "instruction": user,
+            "input": "",
+            "response": answer,
+        }
+
+    def worth_checking(self, record: dict) -> bool:
+        """Whether a record's texts are long enough that it may not fit (at most 4 bytes a character)."""
+        if self.longest is None:
+            return False
+        texts = [record["instruction"], record.get("input") or "", record["response"]]
+        chars = sum(map(len, texts)) + sum(len(turn["content"]) for turn in record.get("history") or ())
+        return 4 * chars >= self.seq_len * self.longest
+
+    def fit(self, pairs: list[tuple[str, str]], truncate: bool) -> tuple[list[tuple[str, str]], int]:
+        """A document's (untrained text, answer) pairs -> (pairs to tokenize, 0), or when it certainly
+        has more than ``seq_len`` tokens, (pairs, its fewest tokens): no pairs without ``truncate``.
+
+        With ``truncate``, a text that reaches past ``seq_len`` is cut, keeping at least twice the tokens
+        that can still fit plus :data:`MARGIN`, and the texts after it are left out: the first ``seq_len``
+        tokens are those of the full document (a cut changes only the tokens at its end, beyond them).
+        """
+        pieces = [text for pair in pairs for text in pair]
+        floors = [self.tokens_at_least(text) for text in pieces]
+        total = sum(floors) + len(pairs)  # and an EOS id after each answer
+        if total <= self.seq_len:
+            return pairs, 0
+        if not truncate:
+            return [], total
+        before = 0  # tokens certainly in the document before this piece
+        for i, (text, floor) in enumerate(zip(pieces, floors, strict=True)):
+            room = self.seq_len - before
+            if room <= 0:
+                pieces[i] = ""
+                continue
+            keep = 2 * room + self.MARGIN
+            if floor > keep:
+                size = keep * self.longest  # characters: at least as many bytes
+                while size < len(text) and self.tokens_at_least(text[:size]) < keep:
+                    size *= 2  # a normalizer that shortens the text
+                pieces[i] = text = text[:size]
+                floor = self.tokens_at_least(text)
+            before += floor + (i % 2)  # an answer is followed by EOS
+        return list(zip(pieces[::2], pieces[1::2], strict=True)), total
+
+
 def tokenize_records(
-    records: list[dict], tokenizer, template: str, source_index: dict[str, int], train_on: str = "all"
+    records: list[dict],
+    tokenizer,
+    template: str,
+    source_index: dict[str, int],
+    train_on: str = "all",
+    seq_len: int | None = None,
+    truncate: bool = False,
 ) -> Documents:
     """Tokenize every record into a document (prompt, response, EOS); see the module docstring.
 
@@ -161,6 +307,11 @@ def tokenize_records(
     ``"last"``: its earlier turns are prompt only. The first text of a document goes through the
     tokenizer's post-processor for the Alpaca template (which adds BOS for tokenizers that want one);
     a chat template's text already holds its special tokens.
+
+    With ``seq_len``, a record whose text is too long to fit (:class:`LengthFloor`) is not tokenized:
+    its document is left empty, with its fewest tokens in ``floors``, for :func:`fit_to_length` (given
+    the same ``truncate``) to drop; with ``truncate``, its texts are cut first to what can matter (and
+    ``floors`` holds the fewest tokens of the uncut document).
     """
     from tqdm.auto import tqdm
 
@@ -168,13 +319,37 @@ def tokenize_records(
     resize_cache = getattr(backend.model, "_resize_cache", None)  # BPE models; a speed setting, same ids
     if resize_cache is not None:
         resize_cache(BPE_CACHE_WORDS)
-    # per record: (untrained text, answer) per trained turn, and its route; None for all but multi-turn chats
-    segmented = [
-        conversation_segments(record, template, tokenizer)
-        if train_on == "all" and record.get("history")
-        else (None, "one_turn")
-        for record in records
-    ]
+    floor = LengthFloor(backend, seq_len) if seq_len is not None else None
+    floors = np.zeros(len(records), dtype=np.int64)
+    # per record: (untrained text, answer) per trained turn, and its route; None for all but multi-turn
+    # chats and the records too long to tokenize whole (their texts are rendered here to be cut)
+    segmented = []
+    for i, record in enumerate(records):
+        multi_turn = train_on == "all" and record.get("history")
+        cut_from = 0  # the fewest tokens of a conversation cut to its first turns
+        if multi_turn and floor is not None and floor.longest is not None:
+            # rendering a conversation's turns costs time quadratic in their number: one that cannot
+            # fit is dropped before, or with --truncate, cut to the turns that start within seq_len
+            least = floor.answers_at_least(record)
+            if least > seq_len and not truncate:
+                floors[i] = least
+                segmented.append(([("", "")], "prefix"))
+                continue
+            if least > seq_len:
+                cut_from, record = least, floor.first_turns(record)
+        if floor is not None and floor.worth_checking(record):
+            pairs, route = (
+                conversation_segments(record, template, tokenizer)
+                if multi_turn
+                else ([(render_prompt(record, template, tokenizer), record["response"])], "one_turn")
+            )
+            pairs, floors[i] = floor.fit(pairs, truncate)
+            segmented.append((pairs or [("", "")], route))
+        else:
+            segmented.append(
+                conversation_segments(record, template, tokenizer) if multi_turn else (None, "one_turn")
+            )
+        floors[i] = max(floors[i], cut_from)
     turns = [pairs for pairs, _ in segmented]
     routes = np.array([ROUTES.index(route) for _, route in segmented], dtype=np.int8)
     one_turn = [record for record, pairs in zip(records, turns, strict=True) if pairs is None]
@@ -228,7 +403,7 @@ def tokenize_records(
     tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(offsets[-1]))
     mask = np.repeat(np.array(trained, dtype=np.uint8), piece_lens)
     sources = np.array([source_index[record["source"]] for record in records], dtype=np.int16)
-    return Documents(tokens, offsets, mask, sources, routes)
+    return Documents(tokens, offsets, mask, sources, routes, floors if floors.any() else None)
 
 
 def fit_to_length(docs: Documents, seq_len: int, truncate: bool) -> tuple[Documents, np.ndarray]:
@@ -237,9 +412,8 @@ def fit_to_length(docs: Documents, seq_len: int, truncate: bool) -> tuple[Docume
     Returns the kept documents and, per input document, the drop reason code: 0 kept, 1 too long,
     2 prompt alone fills ``seq_len`` (nothing left to train even when truncating).
     """
-    lengths = docs.lengths
     reasons = np.zeros(len(docs), dtype=np.int8)
-    too_long = lengths > seq_len
+    too_long = docs.full_lengths > seq_len
     if not truncate:
         reasons[too_long] = 1
         return docs.select(np.flatnonzero(~too_long)), reasons

@@ -1,0 +1,284 @@
+"""A row too long for ``--seq_len`` is found before it is tokenized (``LengthFloor``): dropped with
+the same counted reason, or with ``--truncate`` cut first, and the documents are exactly those of
+tokenizing every row whole and then fitting them to ``seq_len``.
+
+The reference is the unbounded path itself (``tokenize_records`` without ``seq_len``), on generated
+rows whose texts reach far past ``seq_len``: runs of one character, long words, unicode, whitespace.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ds_sft.data.tokenize import LengthFloor, fit_to_length, tokenize_records
+from tests.data.test_conversations import CHATML, with_template
+
+# pieces texts are made of: ordinary words, long words and runs (a single pre-token), unicode, digits
+PIECES = st.one_of(
+    st.sampled_from(["the ", "capital ", "of ", "France ", "is ", "Paris. ", "\n", "\n\n", "  ", "#### 72"]),
+    st.builds(lambda c, n: c * n, st.sampled_from("xa -=\n9é☃"), st.integers(1, 400)),
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30),
+)
+texts = st.lists(PIECES, max_size=60).map(lambda parts: "".join(parts).strip())
+
+
+@st.composite
+def rows(draw, conversation: bool = False):
+    history = []
+    if conversation:
+        for _ in range(draw(st.integers(1, 3))):
+            history += [
+                {"role": "user", "content": draw(texts) or "q"},
+                {"role": "assistant", "content": draw(texts) or "a"},
+            ]
+    return {
+        "id": "r",
+        "source": "a",
+        "instruction": draw(texts) or "i",
+        "input": draw(texts),
+        "response": draw(texts) or "r",
+        "history": history,
+    }
+
+
+def same_documents(records, tokenizer, template, seq_len, truncate, train_on="all"):
+    """The bounded path's fitted documents and drop reasons equal the unbounded path's."""
+    bounded = tokenize_records(records, tokenizer, template, {"a": 0}, train_on, seq_len, truncate)
+    whole = tokenize_records(records, tokenizer, template, {"a": 0}, train_on)
+    got, got_reasons = fit_to_length(bounded, seq_len, truncate)
+    want, want_reasons = fit_to_length(whole, seq_len, truncate)
+    np.testing.assert_array_equal(got_reasons, want_reasons)
+    for name in ("tokens", "offsets", "trained", "source_ids"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    return bounded, whole
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("seq_len", [8, 40])
+@given(records=st.lists(rows(), min_size=1, max_size=6))
+def test_fitted_documents_equal_the_unbounded_path_alpaca(tiny_tokenizer, records, seq_len, truncate):
+    same_documents(records, tiny_tokenizer, "alpaca", seq_len, truncate)
+
+
+@pytest.fixture(scope="module")
+def gpt2_chatml(shared):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    return with_template(load_tokenizer(str(shared / "tokenizers" / "gpt2")), CHATML)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+@settings(max_examples=40)
+@given(
+    records=st.lists(rows(conversation=True), min_size=1, max_size=3),
+    train_on=st.sampled_from(["all", "last"]),
+)
+def test_fitted_documents_equal_the_unbounded_path_gpt2_and_conversations(
+    gpt2_chatml, records, template, truncate, train_on
+):
+    same_documents(records, gpt2_chatml, template, 8, truncate, train_on)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_a_huge_row_is_not_tokenized_whole(tiny_tokenizer, monkeypatch, truncate):
+    """A 2 MB row at seq_len 64: the encoder never sees more than a few thousand characters of it."""
+    seen = []
+    backend = tiny_tokenizer.backend_tokenizer
+    encode = backend.encode_batch_fast
+
+    def spy(texts, **kwargs):
+        seen.extend(map(len, texts))
+        return encode(texts, **kwargs)
+
+    monkeypatch.setattr(type(backend), "encode_batch_fast", lambda self, texts, **kw: spy(texts, **kw))
+    record = {"id": "r", "source": "a", "instruction": "What is it?", "input": "", "history": []}
+    record["response"] = "Paris is the capital of France. " * 65_536
+    docs = tokenize_records([record], tiny_tokenizer, "alpaca", {"a": 0}, "all", 64, truncate)
+    floor = LengthFloor(backend, 64)
+    assert max(seen) <= (2 * 64 + floor.MARGIN) * floor.longest
+    kept, reasons = fit_to_length(docs, 64, truncate)
+    assert reasons.tolist() == [0 if truncate else 1]
+    assert len(kept) == truncate and (not truncate or kept.lengths.tolist() == [64])
+    if not truncate:
+        assert docs.full_lengths[0] >= len(record["response"]) // floor.longest
+
+
+def sentencepiece_like() -> object:
+    """A Llama-2-style BPE: spaces as "▁" by the normalizer, no pre-tokenizer, byte fallback."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+
+    from tests.data.conftest import CORPUS
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.train_from_iterator(
+        CORPUS * 20, trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"])
+    )
+    state = json.loads(tokenizer.to_str())
+    for byte in range(256):
+        state["model"]["vocab"].setdefault(f"<0x{byte:02X}>", len(state["model"]["vocab"]))
+    state["model"].update(byte_fallback=True, fuse_unk=True)
+    return Tokenizer.from_str(json.dumps(state))
+
+
+@pytest.fixture(scope="module")
+def floor_tokenizers(tiny_tokenizer_file, shared):
+    """Backends the floor holds for: byte-level BPE (tiny, GPT-2, and under NFC or NFKC as Qwen's), and
+    a byte-fallback BPE."""
+    from tokenizers import Tokenizer, normalizers
+
+    tiny = str(tiny_tokenizer_file)
+    nfc, nfkc = Tokenizer.from_file(tiny), Tokenizer.from_file(tiny)
+    nfc.normalizer, nfkc.normalizer = normalizers.NFC(), normalizers.NFKC()
+    gpt2 = Tokenizer.from_file(str(shared / "tokenizers" / "gpt2" / "tokenizer.json"))
+    return [Tokenizer.from_file(tiny), nfc, nfkc, gpt2, sentencepiece_like()]
+
+
+@settings(max_examples=200)
+@given(text=st.one_of(texts, st.text(max_size=300)))
+def test_floor_is_a_true_lower_bound(floor_tokenizers, text):
+    for backend in floor_tokenizers:
+        floor = LengthFloor(backend, 64)
+        assert floor.longest is not None
+        assert floor.tokens_at_least(text) <= len(backend.encode(text, add_special_tokens=False).ids)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+@settings(max_examples=60)
+@given(records=st.lists(rows(), min_size=1, max_size=4), seq_len=st.sampled_from([4, 12]))
+def test_fitted_documents_equal_the_unbounded_path_byte_fallback_bpe(
+    floor_tokenizers, records, seq_len, truncate
+):
+    """A BPE without a pre-tokenizer merges across the whole text: the cut's margin holds there too."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=floor_tokenizers[4], eos_token="<unk>")
+    same_documents(records, tokenizer, "alpaca", seq_len, truncate)
+
+
+def test_floor_is_reached_on_gpt2(floor_tokenizers):
+    """``L`` is not loose: GPT-2's longest token (128 characters, one byte each) repeated is one token
+    a copy, exactly the floor."""
+    backend = floor_tokenizers[3]
+    floor = LengthFloor(backend, 64)
+    longest = max(backend.get_vocab(), key=len)
+    text = backend.decode([backend.token_to_id(longest)]) * 3
+    assert floor.longest == len(longest) == 128
+    assert floor.tokens_at_least(text) == len(backend.encode(text, add_special_tokens=False).ids) == 3
+
+
+def test_no_floor_for_a_tokenizer_with_unknown_tokens(tmp_path):
+    """A WordPiece-style tokenizer maps a whole unknown word to one [UNK]: no bound holds, nothing is cut."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    floor = LengthFloor(tokenizer, 8)
+    assert floor.longest is None
+    record = {"instruction": "x" * 10_000, "input": "", "response": "y", "history": []}
+    assert not floor.worth_checking(record)
+
+
+@settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lengths=st.lists(st.integers(1, 120), min_size=2, max_size=12),
+    seq_len=st.sampled_from([80, 120, 300]),
+)
+def test_manifest_counts_truncated_rows_and_tokens_cut(tiny_tokenizer, run_prepare, lengths, seq_len):
+    """--truncate reports per source the rows it cut and the tokens it cut, as the full tokenization says."""
+    import tempfile
+    from pathlib import Path
+
+    from ds_sft.data.clean import Drops, clean_records
+    from ds_sft.data.sources import SourceSpec, load_source
+    from tests.data.helpers import alpaca_rows, write_jsonl
+
+    rows = [
+        dict(row, output=f"{i} " + "Paris is big. " * n)
+        for i, (row, n) in enumerate(zip(alpaca_rows(len(lengths)), lengths, strict=True))
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        data = write_jsonl(Path(folder) / "rows.jsonl", rows)
+        flags = ["--alpaca", str(data), "--seq_len", str(seq_len), "--val_fraction", "0", "--truncate"]
+        manifest = run_prepare([*flags, "--decontam_threshold", "0", "--output_dir", f"{folder}/out"])
+        records, _ = load_source(SourceSpec("alpaca", "alpaca", str(data)), False, Drops())
+    docs = tokenize_records(clean_records(records, Drops()), tiny_tokenizer, "alpaca", {"alpaca": 0})
+    fits = docs.prompt_lens < seq_len
+    cut = fits & (docs.lengths > seq_len)
+    counts = manifest["counts"]["alpaca"]
+    assert counts["truncated"] == {
+        "rows": int(cut.sum()),
+        "tokens_cut": int((docs.lengths[cut] - seq_len).sum()),
+    }
+    assert counts["kept"] == int(fits.sum())
+
+
+SHORT = st.sampled_from(["ok", "yes", "no way", "answer 7", "x" * 50, "é☃", "Paris is the capital."])
+
+
+@st.composite
+def long_conversations(draw):
+    messages = []
+    for _ in range(draw(st.integers(1, 40))):
+        messages += [{"role": "user", "content": draw(SHORT)}, {"role": "assistant", "content": draw(SHORT)}]
+    history = messages[:-2]
+    return {"id": "c", "source": "a", "instruction": messages[-2]["content"], "input": "",
+            "response": messages[-1]["content"], "history": history}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prefix_route_tokenizers(gpt2_chatml):
+    """GPT-2 with each test chat template whose turns take the ``prefix`` route."""
+    from tests.data.test_conversations import TEMPLATES
+
+    return {name: with_template(gpt2_chatml, template) for name, template in TEMPLATES.items()}
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("template", ["alpaca", "chatml", "llama3", "default_system"])
+@settings(max_examples=10)
+@given(records=st.lists(long_conversations(), min_size=1, max_size=3), seq_len=st.sampled_from([24, 64, 200]))
+def test_conversations_of_many_turns_equal_the_unbounded_path(
+    prefix_route_tokenizers, records, template, seq_len, truncate
+):
+    tokenizer = prefix_route_tokenizers["chatml" if template == "alpaca" else template]
+    same_documents(records, tokenizer, "alpaca" if template == "alpaca" else "chat", seq_len, truncate)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_a_conversation_of_3000_turns_is_not_rendered_turn_by_turn(gpt2_chatml, monkeypatch, truncate):
+    """The red team's conversation: 3,000 exchanges took 131 s (each turn renders its whole prefix).
+    Dropped, it renders nothing; truncated, only the turns that start within seq_len."""
+    from ds_sft.data import templates
+
+    renders = []
+    render = templates._render
+    monkeypatch.setattr(templates, "_render", lambda *args: renders.append(len(args[1])) or render(*args))
+    turns = []
+    for k in range(3000):
+        turns += [
+            {"role": "user", "content": f"question number {k}"},
+            {"role": "assistant", "content": f"answer {k}"},
+        ]
+    record = {
+        "id": "c",
+        "source": "a",
+        "instruction": "last?",
+        "input": "",
+        "response": "done",
+        "history": turns,
+    }
+    docs = tokenize_records([record], gpt2_chatml, "chat", {"a": 0}, "all", 1024, truncate)
+    kept, reasons = fit_to_length(docs, 1024, truncate)
+    assert docs.full_lengths[0] >= 3001 * 2  # each answer has a token and an EOS
+    if truncate:
+        assert reasons.tolist() == [0] and kept.lengths.tolist() == [1024]
+        assert len(renders) <= 2 * 1024 and max(renders) <= 1024
+    else:
+        assert not renders and reasons.tolist() == [1]

@@ -1,0 +1,156 @@
+"""Reading a file needs bounded memory whatever it holds: a file of NUL bytes, a file without a
+newline, one gigantic JSON line or array ends in one line (or a counted drop), never a MemoryError.
+
+Sizes are scaled down by lowering the limits (monkeypatch); the NUL files are sparse (``truncate``),
+so even the 3 GiB one takes no disk and reads in microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ds_sft.data import sources
+from ds_sft.data.clean import Drops
+from ds_sft.data.sources import read_table
+from ds_sft.errors import UserError
+from tests.data.helpers import alpaca_rows
+
+LIMIT = 4096  # MAX_LINE_BYTES in these tests
+
+
+@pytest.fixture(autouse=True)
+def small_limits(monkeypatch):
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", LIMIT, raising=False)
+    monkeypatch.setattr(sources, "MAX_ARRAY_BYTES", 16 * LIMIT, raising=False)
+
+
+def load(path: Path, skip: bool = False):
+    """Read ``path`` -> (its instructions, drops, peak bytes Python allocated while reading)."""
+    drops = Drops()
+    tracemalloc.start()
+    try:
+        columns = read_table(path, skip, drops, "a")
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return columns["instruction"], drops, peak
+
+
+def one_line_error(path: Path, skip: bool = False) -> str:
+    with pytest.raises(UserError) as info:
+        load(path, skip)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+@pytest.mark.parametrize("size", [1, 100_000, 3 << 30])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_file_of_nul_bytes_is_refused_as_not_text_without_reading_it(tmp_path, size, suffix, skip):
+    path = tmp_path / f"zeros{suffix}"
+    path.touch()
+    os.truncate(path, size)  # sparse: no disk
+    tracemalloc.start()
+    try:
+        message = one_line_error(path, skip)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert f"{path}:1: a NUL byte" in message and "not UTF-8 text" in message
+    assert peak < 1 << 20
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le"])
+def test_utf16_or_32_without_a_byte_order_mark_is_refused_as_not_utf8(tmp_path, encoding):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(good_lines(3, 0).decode().encode(encoding))
+    assert "not UTF-8 text" in one_line_error(path)
+
+
+def good_lines(n: int, offset: int) -> bytes:
+    return b"".join(json.dumps(row).encode() + b"\n" for row in alpaca_rows(n, offset))
+
+
+# what a line too long to be a row can hold: no newline at all, a JSON object with a huge field, an
+# array of rows on one line (a .json array misnamed .jsonl), a text of many lines joined by CR
+LONG_LINES = {
+    "letters": lambda n: b"x" * n,
+    "huge_field": lambda n: json.dumps({"instruction": "y " * n, "output": "z"}).encode()[:n],
+    "array_on_one_line": lambda n: json.dumps(alpaca_rows(n // 100 + 1)).encode()[:n],
+    "cr_newlines": lambda n: good_lines(n // 100 + 1, 0).replace(b"\n", b"\r")[:n],
+    "non_utf8": lambda n: b"\xff" * n,
+}
+
+
+@given(
+    kind=st.sampled_from(sorted(LONG_LINES)),
+    excess=st.integers(1, 3 * LIMIT),
+    before=st.integers(0, 3),
+    after=st.integers(0, 3),
+    newline_after=st.booleans(),
+)
+def test_a_line_over_the_limit_is_refused_or_dropped_with_bounded_memory(
+    kind, excess, before, after, newline_after
+):
+    long_line = LONG_LINES[kind](LIMIT + excess)
+    long_line = (long_line * (LIMIT + excess))[: LIMIT + excess]  # exactly this long
+    tail = good_lines(after, 100) if newline_after else b""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "rows.jsonl"
+        path.write_bytes(good_lines(before, 0) + long_line + (b"\n" if newline_after else b"") + tail)
+        message = one_line_error(path)
+        assert f"{path}:{before + 1}: a line longer than" in message and "--skip_bad_rows" in message
+        if not before and not tail:
+            return  # with --skip_bad_rows nothing is left: "no valid JSON rows", tested below
+        records, drops, peak = load(path, skip=True)
+    expected = alpaca_rows(before, 0) + alpaca_rows(after if newline_after else 0, 100)
+    assert records == [row["instruction"] for row in expected]
+    assert drops.by_source() == {"a": {"line_too_long": 1}}
+    assert peak < 8 * LIMIT + (64 << 10) + 8 * len(tail)  # a few lines and the head, not the file
+
+
+def test_a_line_of_exactly_the_limit_is_read(tmp_path):
+    row = json.dumps({"instruction": "", "output": "z"})
+    row = row.replace('""', '"' + "a" * (LIMIT - len(row)) + '"')
+    assert len(row) == LIMIT
+    path = tmp_path / "rows.jsonl"
+    path.write_text(row + "\n" + row)
+    records, drops, _ = load(path)
+    assert len(records) == 2 and not drops.by_source()
+
+
+def test_lines_after_a_skipped_long_line_are_read_as_lines(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(good_lines(2, 0) + b"{}" + b" " * (5 * LIMIT) + b"\n" + good_lines(1, 9) + b"{oops\n")
+    assert f"{path}:3: a line longer than" in one_line_error(path)
+    records, drops, _ = load(path, skip=True)
+    assert len(records) == 3 and drops.by_source() == {"a": {"line_too_long": 1, "malformed_json": 1}}
+
+
+@pytest.mark.parametrize("n_rows", [600, 2000])
+def test_a_json_array_over_the_limit_is_refused_before_it_is_read(tmp_path, n_rows):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(alpaca_rows(n_rows)))
+    assert path.stat().st_size > 16 * LIMIT
+    message = one_line_error(path)
+    assert "arrays over" in message and "convert it to JSON Lines" in message
+
+
+def test_a_json_array_under_the_limit_and_a_bom_still_read(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(alpaca_rows(20)).encode())
+    records, _, _ = load(path)
+    assert len(records) == 20
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good_lines(20, 0))
+    records, _, _ = load(path)
+    assert len(records) == 20

@@ -1,0 +1,161 @@
+"""A chat template is a program: one that runs away (nested loops, loops over huge ranges or strings,
+work that grows with the conversation) is stopped within ``TEMPLATE_SECONDS``, one that grows the
+process past ``TEMPLATE_GROWTH_BYTES`` is stopped there, and one holding a constant Jinja would fold
+into gigabytes when compiling is refused before it compiles: each in one line naming the template
+and the fix, through ``prepare`` as well; ordinary templates render unchanged
+(``tests/data/test_conversations.py``)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from ds_sft.data import templates
+from ds_sft.errors import UserError
+from tests.data.conftest import EOS
+from tests.data.helpers import alpaca_rows, parse_prepare_args, write_jsonl
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+RUNAWAY = {
+    "nested_ranges": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "three_deep": "{% for i in range(1000) %}{% for j in range(1000) %}{% for k in range(1000) %}"
+    "{% endfor %}{% endfor %}{% endfor %}",
+    "per_message": "{% for m in messages %}{% for i in range(100000) %}{% for j in range(100000) %}"
+    "{{ '' }}{% endfor %}{% endfor %}{% endfor %}",
+    "over_a_long_string": "{% for c in 'abcdefghij' * 100000 %}{% for j in range(100000) %}{% endfor %}"
+    "{% endfor %}",
+    "writes_a_lot": "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
+    "macro_loop": "{% macro spin(n) %}{% for i in range(n) %}{% for j in range(n) %}{% endfor %}{% endfor %}"
+    "{% endmacro %}{{ spin(100000) }}",
+}
+
+
+@pytest.fixture(autouse=True)
+def short_limit(monkeypatch):
+    monkeypatch.setattr(templates, "TEMPLATE_SECONDS", 0.3, raising=False)
+    monkeypatch.setattr(templates, "TEMPLATE_GROWTH_BYTES", 32 << 20, raising=False)
+
+
+def tokenizer_dir(tmp_path, tiny_tokenizer_file, template: str):
+    folder = tmp_path / "tok"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_bytes(tiny_tokenizer_file.read_bytes())
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "chat_template": template}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("name", sorted(RUNAWAY))
+def test_a_runaway_template_is_stopped_and_refused_in_one_line(tmp_path, tiny_tokenizer_file, name, where):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    template = RUNAWAY[name] + CHATML if where == "before" else CHATML + RUNAWAY[name]
+    folder = tokenizer_dir(tmp_path, tiny_tokenizer_file, template)
+    tokenizer = load_tokenizer(str(folder))
+    start = time.monotonic()
+    with pytest.raises(UserError) as info:
+        templates.render_prompt({"id": "a:0", "instruction": "hi", "input": ""}, "chat", tokenizer)
+    assert time.monotonic() - start < 30  # stopped, not run to its end (hours)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("a:0: the chat template of ")
+    assert str(folder) in message and "--template alpaca" in message
+    assert "ran over 0.3 s" in message or "grew the process by over 32 MiB" in message  # what comes first
+
+
+def test_prepare_refuses_a_runaway_template_in_one_line(tmp_path, tiny_tokenizer_file, monkeypatch):
+    import ds_sft.paths
+    from ds_sft.data import prepare
+
+    monkeypatch.setattr(ds_sft.paths, "shared_dir", lambda: None)
+    folder = tokenizer_dir(tmp_path, tiny_tokenizer_file, RUNAWAY["nested_ranges"] + CHATML)
+    data = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(30))
+    args = parse_prepare_args(
+        ["--alpaca", str(data), "--tokenizer", str(folder), "--output_dir", str(tmp_path / "out")]
+    )
+    with pytest.raises(UserError, match="ran over 0.3 s rendering one conversation"):
+        prepare.run(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_renders_after_a_stopped_one_are_not_disturbed(tmp_path, tiny_tokenizer_file):
+    """The stop is delivered to the runaway render only: the next renders, on this thread, succeed."""
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    hostile = load_tokenizer(
+        str(tokenizer_dir(tmp_path / "a_dir", tiny_tokenizer_file, RUNAWAY["three_deep"]))
+    )
+    fine = load_tokenizer(str(tokenizer_dir(tmp_path / "b_dir", tiny_tokenizer_file, CHATML)))
+    record = {"instruction": "hi", "input": ""}
+    with pytest.raises(UserError):
+        templates.render_prompt(record, "chat", hostile)
+    for _ in range(2000):
+        assert (
+            templates.render_prompt(record, "chat", fine)
+            == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        )
+    time.sleep(0.5)  # past the old deadline: nothing arrives late
+    assert templates.render_prompt(record, "chat", fine).startswith("<|im_start|>user")
+
+
+# strings that grow without end: each step copies all of it, so growth is slow enough to watch
+GROWING = {
+    "namespace_concat": "{% set ns = namespace(s='') %}{% for i in range(100000) %}"
+    "{% set ns.s = ns.s ~ ('x' * 100000) %}{% endfor %}{{ ns.s|length }}",
+    "list_append": "{% set ns = namespace(s=[]) %}{% for i in range(100000) %}"
+    "{% set ns.s = ns.s + ['y' * (i * 1000)] %}{% endfor %}{{ ns.s|length }}",
+    "joined_messages": "{% set ns = namespace(s='') %}{% for i in range(100000) %}{% for m in messages %}"
+    "{% set ns.s = ns.s ~ m['content'] * 5000 %}{% endfor %}{% endfor %}{{ ns.s|length }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROWING))
+def test_a_template_that_grows_the_process_is_stopped(tmp_path, tiny_tokenizer_file, monkeypatch, name):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(templates, "TEMPLATE_SECONDS", 60.0)
+    tokenizer = load_tokenizer(str(tokenizer_dir(tmp_path, tiny_tokenizer_file, GROWING[name] + CHATML)))
+    with pytest.raises(UserError) as info:
+        templates.render_prompt({"id": "a:0", "instruction": "hello there", "input": ""}, "chat", tokenizer)
+    message = str(info.value)
+    assert (
+        "\n" not in message
+        and "grew the process by over 32 MiB" in message
+        and "--template alpaca" in message
+    )
+
+
+@pytest.mark.parametrize(
+    "constant",
+    ["'a' * 3000000000", "3000000000 * 'a'", "('ab' * 1000) * 1000", "[1] * 10**7", "10 ** 100000000",
+     "'x' * 2000000", "('a' + 'b') * 600000"],
+)  # fmt: skip
+def test_a_template_with_a_huge_constant_is_refused_before_it_compiles(
+    tmp_path, tiny_tokenizer_file, constant
+):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(
+        str(tokenizer_dir(tmp_path, tiny_tokenizer_file, "{{ " + constant + " }}" + CHATML))
+    )
+    with pytest.raises(UserError, match="builds a constant of over 1,048,576 characters or digits") as info:
+        templates.render_prompt({"instruction": "hi", "input": ""}, "chat", tokenizer)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "constant", ["'-' * 80", "1024 * 1024 * 1024", "2 ** 62", "[0] * 1000", "'ab' + 'cd'"]
+)
+def test_small_constants_render(tmp_path, tiny_tokenizer_file, constant):
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(
+        str(tokenizer_dir(tmp_path, tiny_tokenizer_file, "{{ " + constant + " }}" + CHATML))
+    )
+    rendered = templates.render_prompt({"instruction": "hi", "input": ""}, "chat", tokenizer)
+    assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
