@@ -184,7 +184,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--skip_bad_rows",
         action="store_true",
-        help="drop malformed JSON lines (counted in the manifest) instead of stopping at the first one",
+        help="drop malformed JSON lines and lines over 64 MiB (counted in the manifest) instead of "
+        "stopping at the first one",
     )
 
 
