@@ -49,6 +49,19 @@ MARKER = "ds_sft_run.json"  # {"format": RUN_FORMAT, "created": ...}: this folde
 RUN_FORMAT = "ds-sft training run"
 CONFIG_FILE = "effective_config.json"
 FINAL_LISTING = "ds_sft_files.json"  # in final/: the files save_final wrote there
+# The files transformers' save_pretrained writes for a tokenizer, the ones prepare puts in DATA/tokenizer
+# and train copied into final/tokenizer/ before final/ had a listing (a run of an older ds-sft).
+SAVED_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 # What a run writes at the top of its folder (wandb/ is wandb's: kept at --overwrite, never checked).
 RUN_FILES = {MARKER, LOCK_FILE, CONFIG_FILE, "metrics.jsonl", "report.md", *PLOT_FILES}
 RUN_FOLDERS = {"final", "checkpoints", "wandb"}
@@ -239,11 +252,12 @@ def write_final_listing(final: Path, files: list[str]) -> None:
 
 def final_listing(final: Path) -> set[str]:
     """The files ``final/`` records as the run's; without a readable listing (a run of an older ds-sft),
-    the weights and their config alone: a tokenizer file there is then not provably the run's."""
+    the weights, their config and the files a saved tokenizer is made of, by name: anything else there
+    (a note in final/tokenizer/) is not provably the run's."""
     from ds_sft.model.checkpoint import CONFIG_FILE as MODEL_CONFIG
     from ds_sft.model.checkpoint import MODEL_FILE
 
-    older = {MODEL_FILE, MODEL_CONFIG}
+    older = {MODEL_FILE, MODEL_CONFIG, *(f"tokenizer/{name}" for name in SAVED_TOKENIZER_FILES)}
     if kind(final / FINAL_LISTING) != "file":
         return older
     try:

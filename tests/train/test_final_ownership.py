@@ -2,8 +2,8 @@
 
 A user's file put into ``final/`` or ``final/tokenizer/`` (a note, a tokenizer file of their own, a
 file named like one of the run's in a subfolder) is not the run's: ``--overwrite`` refuses, naming it,
-and deletes nothing. A ``final/`` of an older ds-sft has no listing: only its weights and their config
-are provably the run's.
+and deletes nothing. A ``final/`` of an older ds-sft has no listing: its weights, their config and the
+files a saved tokenizer is made of (by name) are the run's, nothing else.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ds_sft.errors import UserError
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
 from ds_sft.train.cli import write_final
-from ds_sft.train.run_dir import FINAL_LISTING, removable
+from ds_sft.train.run_dir import FINAL_LISTING, SAVED_TOKENIZER_FILES, removable
 
 NAME = st.text("abcdefgh_.", min_size=1, max_size=6).filter(lambda n: n not in (".", ".."))
 RELATIVE = st.lists(NAME, min_size=1, max_size=3).map("/".join)
@@ -85,20 +85,33 @@ def test_a_user_file_in_final_is_refused_and_nothing_is_removed(
     assert snapshot(run_dir) == before
 
 
-@pytest.mark.parametrize(
-    "listing", [None, "not json", '{"files": 3}', '["model.safetensors"]', '{"files": [1]}']
-)
-def test_without_a_readable_listing_only_the_weights_are_the_run_s(tmp_path, listing):
+@pytest.mark.parametrize("listing", ["not json", '{"files": 3}', '["model.safetensors"]', '{"files": [1]}'])
+def test_a_damaged_listing_is_not_the_run_s(tmp_path, listing):
     run_dir = finished_run(tmp_path, {"tokenizer.json", "tokenizer_config.json"})
+    (run_dir / "final" / FINAL_LISTING).write_text(listing)
+    with pytest.raises(UserError, match=r"final/ds_sft_files\.json is not among"):
+        removable(run_dir)
+
+
+@pytest.mark.parametrize(
+    "tokenizer_files", [set(), set(SAVED_TOKENIZER_FILES), {"tokenizer.json", "chat_template.jinja"}]
+)
+@pytest.mark.parametrize("user_file", [None, "notes.txt", "tokenizer/notes.txt", "tokenizer/sub/vocab.json"])
+def test_an_older_final_owns_its_weights_and_saved_tokenizer_files(tmp_path, tokenizer_files, user_file):
+    """A final/ of an older ds-sft (no listing; `make demo` run again after an upgrade met one): the
+    tokenizer files train copied there are replaced; a file of the user's beside them is refused."""
+    run_dir = finished_run(tmp_path, tokenizer_files)
     final = run_dir / "final"
     (final / FINAL_LISTING).unlink()
-    if listing is not None:
-        (final / FINAL_LISTING).write_text(listing)
-    with pytest.raises(UserError, match=r"final/(tokenizer/tokenizer|ds_sft_files)"):
+    if user_file is None:
+        assert set(removable(run_dir)) == {final}
+        return
+    (final / user_file).parent.mkdir(parents=True, exist_ok=True)
+    (final / user_file).write_text("the user's own")
+    before = snapshot(run_dir)
+    with pytest.raises(UserError, match=f"final/{user_file} is not among"):
         removable(run_dir)
-    for part in ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", FINAL_LISTING):
-        (final / part).unlink(missing_ok=True)
-    assert set(removable(run_dir)) == {final}  # weights and config alone: an older run's final/
+    assert snapshot(run_dir) == before
 
 
 def test_the_listing_names_exactly_what_was_written(tmp_path):
