@@ -101,3 +101,16 @@ def write_tiny_data_dir(
         manifest["template"] = "alpaca"
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return path
+
+
+def loading_commands(model: Path, tokenizer: Path, data: Path, tmp_path: Path) -> dict[str, list[str]]:
+    """The argv of train, eval and export, each loading ``model`` (with ``data``; export ships
+    ``tokenizer``) and writing under ``tmp_path``: every command a hostile model meets."""
+    return {
+        "train": ["train", "--base_model", str(model), "--data_dir", str(data),
+                  "--out_dir", str(tmp_path / "run")],
+        "eval": ["eval", "--model", str(model), "--data_dir", str(data), "--no_gsm8k", "--no_generate",
+                 "--out", str(tmp_path / "eval")],
+        "export": ["export", "--base_model", str(model), "--tokenizer", str(tokenizer),
+                   "--hf", str(tmp_path / "hf")],
+    }  # fmt: skip

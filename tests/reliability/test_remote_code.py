@@ -20,7 +20,7 @@ import pytest
 from ds_sft.model.checkpoint import hf_config
 from ds_sft.model.config import ModelConfig
 
-from .conftest import write_tiny_data_dir
+from .conftest import loading_commands, write_tiny_data_dir
 
 EVIL_PY = """\
 from pathlib import Path
@@ -93,12 +93,7 @@ def _commands(folder: Path, clean: Path, tmp_path: Path) -> dict[str, list[str]]
     rows.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."}) + "\n")
     prepare = ["prepare", "--alpaca", str(rows), "--output_dir", str(tmp_path / "prepared")]
     return {
-        "train": ["train", "--base_model", str(folder), "--data_dir", str(data),
-                  "--out_dir", str(tmp_path / "run")],
-        "eval": ["eval", "--model", str(folder), "--data_dir", str(data), "--no_gsm8k", "--no_generate",
-                 "--out", str(tmp_path / "eval")],
-        "export": ["export", "--base_model", str(folder), "--tokenizer", str(folder),
-                   "--hf", str(tmp_path / "hf")],
+        **loading_commands(folder, folder, data, tmp_path),
         "export --tokenizer": ["export", "--base_model", str(clean), "--tokenizer", str(folder),
                                "--hf", str(tmp_path / "hf2")],
         "prepare --base_model": [*prepare, "--base_model", str(folder)],

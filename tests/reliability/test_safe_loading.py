@@ -414,21 +414,13 @@ def test_a_base_model_pt_carrying_code_is_one_line_in_every_command(
     """``--base_model`` / ``--model`` of train, eval and export: load_model's weights_only load."""
     from ds_sft.cli import main
 
-    from .conftest import write_tiny_data_dir
+    from .conftest import loading_commands, write_tiny_data_dir
 
     marker = tmp_path / "payload_ran"
     evil = tmp_path / "base.pt"
     torch.save({"model": _tiny_state(), "config": PAYLOADS[payload](marker)}, evil)
     data = write_tiny_data_dir(tmp_path / "data", tokenizer=gpt2_tokenizer_dir)
-    commands = {
-        "train": ["train", "--base_model", str(evil), "--data_dir", str(data),
-                  "--out_dir", str(tmp_path / "run")],
-        "eval": ["eval", "--model", str(evil), "--data_dir", str(data), "--no_gsm8k", "--no_generate",
-                 "--out", str(tmp_path / "eval")],
-        "export": ["export", "--base_model", str(evil), "--tokenizer", str(gpt2_tokenizer_dir),
-                   "--hf", str(tmp_path / "hf")],
-    }  # fmt: skip
-    for name, argv in commands.items():
+    for name, argv in loading_commands(evil, gpt2_tokenizer_dir, data, tmp_path).items():
         assert main(argv) == 2, name
         lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(lines) == 1 and str(evil) in lines[0] and "weights_only" in lines[0], (name, lines)
