@@ -22,8 +22,6 @@ import math
 import re
 from dataclasses import dataclass
 
-from ds_sft.errors import UserError
-
 INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
 
@@ -155,8 +153,8 @@ class Choice(Domain):
 @dataclass(frozen=True, repr=False)
 class Device(Domain):
     """A device ds-sft runs on: ``cpu``, ``cuda`` (the current GPU) or ``cuda:N``. Whether this machine
-    has it is checked when the command starts (:func:`available_device`); torch's own parser takes
-    a dozen other types (``mps``, ``xla``, ``meta``) and answers each with a traceback later."""
+    has it is checked when the command starts (``ds_sft.eval.cli.available_device``); torch's own
+    parser takes a dozen other types (``mps``, ``xla``, ``meta``) and answers each with a traceback."""
 
     def describe(self) -> str:
         return "cpu, cuda or cuda:N"
@@ -168,24 +166,6 @@ class Device(Domain):
         if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:[0-9]{1,4})?", value):
             raise self.refuse(value)
         return value
-
-
-def available_device(name: str | None):
-    """``name`` (a :class:`Device` value) as a torch device this machine has, else one line; None: CUDA
-    when present, else the CPU."""
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if name is None:
-        return torch.device("cuda" if count else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and count == 0:
-        raise UserError(f"--device {name}: torch sees no CUDA device on this machine; pass --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= count:
-        raise UserError(
-            f"--device {name}: this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
-        )
-    return device
 
 
 @dataclass(frozen=True, repr=False)

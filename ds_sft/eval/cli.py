@@ -183,6 +183,24 @@ def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict]
     return out, previous["files"] if previous else {}
 
 
+def available_device(name: str | None):
+    """``name`` (a ``ds_sft.options.Device`` value) as a torch device this machine has, else one
+    line; None: CUDA when present, else the CPU."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name is None:
+        return torch.device("cuda" if count else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and count == 0:
+        raise UserError(f"--device {name}: torch sees no CUDA device on this machine; pass --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise UserError(
+            f"--device {name}: this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+        )
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -191,7 +209,6 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.eval import evaluate, gsm8k
     from ds_sft.eval.report import write_report
     from ds_sft.eval.stats import paired_comparison
-    from ds_sft.options import available_device
 
     specs = list(args.compare) if args.compare else [args.model]
     out, old_files = _check_args(args, specs)

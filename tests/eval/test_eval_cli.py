@@ -253,15 +253,13 @@ def test_the_device_is_one_this_machine_has(monkeypatch, name, gpus, expected):
     """Before, --device cuda on a machine without a GPU ended in torch's AssertionError traceback."""
     import torch
 
-    from ds_sft.options import available_device
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     if expected.startswith(("cpu", "cuda")):
-        assert available_device(name) == torch.device(expected)
+        assert cli.available_device(name) == torch.device(expected)
     else:
         with pytest.raises(UserError, match=re.escape(expected)):
-            available_device(name)
+            cli.available_device(name)
 
 
 def test_labels_name_run_dirs_not_final():
