@@ -121,15 +121,13 @@ def test_the_port_is_listening_when_handed_out_and_each_launch_gets_its_own():
 # gloo group sometimes aborts in teardown ("terminate called without an active exception", FACTS.md),
 # which failed this test by chance.
 RANK = """
-import datetime, os, sys, torch, torch.distributed as dist
+import datetime, torch, torch.distributed as dist
+from ds_sft.train.cli import shutdown_multiprocess
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
 total = torch.tensor([dist.get_rank() + 1.0])
 dist.all_reduce(total)
 print(total.item())
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)
+shutdown_multiprocess()
 """
 
 
