@@ -24,7 +24,9 @@ sha256 (rank 0 hashes them; checkpoints live on a filesystem every rank sees, as
 resume assumes). Before resuming, the files are checked against it: a truncated or corrupted file
 (a disk that filled, a copy cut short, a flipped bit) is named in one line. ``--resume`` alone then
 falls back to the newest intact checkpoint, saying which it skipped and why; ``--resume TAG_DIR``
-asked for that one checkpoint and stops instead. A disk error while saving (full, read-only) stops
+asked for that one checkpoint and stops instead. A state saved with NaN/Inf in it passes the digests;
+the load counts them (:func:`non_finite_values`) and refuses it, naming the newest earlier intact
+tag. A disk error while saving (full, read-only) stops
 the run with one line saying so and that the previous checkpoint, which ``latest`` still names, is
 intact.
 
@@ -559,6 +561,9 @@ def load(engine, tag_dir: Path, universal: bool = False) -> dict:
         remove_universal(source)
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+    weights, moments = non_finite_values(engine)
+    if weights or moments:
+        raise UserError(non_finite_message(tag_dir, int(weights), int(moments)))
     trainer = client_state.get("trainer")
     problem = trainer_state_problem(trainer)
     rng_states = client_state.get("rng")
@@ -578,6 +583,49 @@ def load(engine, tag_dir: Path, universal: bool = False) -> dict:
                 "pass another checkpoint"
             ) from None
     return trainer
+
+
+def non_finite_values(engine) -> list[float]:
+    """[weights, optimizer state]: how many NaN/Inf values the engine holds, summed over ranks (a
+    collective: every rank calls it). Weights are the module's (bf16 copies, or this rank's ZeRO 3
+    partition) and the optimizer's fp32 masters; optimizer state is Adam's moments and step.
+
+    Sha256 digests find a checkpoint damaged after it was written, not one written with NaN in it or
+    rewritten whole. Resumed, such a state makes every loss NaN: each step is skipped, and after
+    ``--max_nan_steps`` the run would stop blaming the learning rate. One pass over the state at load
+    names the checkpoint instead."""
+    import torch
+
+    from ds_sft.train.distributed import all_reduce_sum
+    from ds_sft.train.state_transfer import inner_optimizer
+
+    optimizer = inner_optimizer(engine)
+    weights = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    # the tensors Adam updates: its groups' parameters, or at ZeRO 3 (whose groups are empty between
+    # steps) the keys of its state
+    weights += [p for group in optimizer.param_groups for p in group["params"]] + list(optimizer.state)
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    counts = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    for column, tensors in enumerate((weights, state)):
+        # fp32 stage 0's masters are the module's parameters: each storage counted once
+        for tensor in {(t.data_ptr(), t.numel()): t for t in tensors if t.is_floating_point()}.values():
+            counts[column] += torch.isfinite(tensor.detach()).logical_not_().sum().to(counts)
+    return all_reduce_sum(counts, engine.device).tolist()
+
+
+def non_finite_message(tag_dir: Path, weights: int, moments: int) -> str:
+    """The refusal of a checkpoint holding NaN/Inf values, pointing at the newest earlier intact tag."""
+    tags = (p for p in tag_dir.parent.glob("step_*") if is_tag(p.name) and p.name < tag_dir.name)
+    earlier = next((p for p in sorted(tags, reverse=True) if damage(p) is None), None)
+    where = (
+        f"resume from an earlier one: --resume {earlier}"
+        if earlier
+        else f"no earlier intact checkpoint is left in {tag_dir.parent}"
+    )
+    return (
+        f"the checkpoint {tag_dir} holds NaN/Inf values ({weights:,} in its weights, {moments:,} in its "
+        f"optimizer state): every step from it would be skipped as a non-finite loss; {where}"
+    )
 
 
 def repair_zero3_universal_load(zero3_optimizer, universal_dir: Path) -> None:

@@ -67,7 +67,7 @@ def engine_config(ds_config: dict, stage: int, precision: str) -> dict:
     }
 
 
-def _inner_optimizer(engine):
+def inner_optimizer(engine):
     """The torch optimizer that holds the state: the engine's own at fp32 stage 0, else the one
     DeepSpeed's wrapper steps."""
     optimizer = engine.optimizer
@@ -81,7 +81,7 @@ def _masters(engine) -> dict | None:
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     optimizer = engine.optimizer
-    if _inner_optimizer(engine) is optimizer:
+    if inner_optimizer(engine) is optimizer:
         return {id(p): p for p in engine.module.parameters()}
     if isinstance(optimizer, FP16_UnfusedOptimizer):
         pairs = zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
@@ -110,7 +110,7 @@ def read_state(engine, moments: bool = True) -> dict:
     import torch
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    inner = _inner_optimizer(engine)
+    inner = inner_optimizer(engine)
     steps = {float(state["step"]) for state in inner.state.values() if "step" in state}
     if len(steps) > 1:
         raise RuntimeError(f"the optimizer's parameter groups are at different steps ({sorted(steps)})")
@@ -151,7 +151,7 @@ def write_state(engine, state: dict) -> None:
     saved values."""
     import torch
 
-    inner = _inner_optimizer(engine)
+    inner = inner_optimizer(engine)
     named = dict(engine.module.named_parameters())
     step = state["step"]
     masters = _masters(engine)

@@ -151,6 +151,38 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(clean_run, ds_env, t
     assert len(trajectory(run_dir)) == STEPS and "resumed" not in result.stdout
 
 
+@pytest.mark.parametrize("poisoned", ["single_partition_of_fp32_groups", "exp_avg_sq"])
+def test_a_checkpoint_saved_with_nan_in_it_is_refused_naming_an_earlier_one(
+    clean_run, ds_env, tmp_path, poisoned
+):
+    """Digests cannot catch a state written with NaN in it (or rewritten whole); the load must."""
+    import torch
+
+    data, _ = clean_run
+    run_dir = copy_of(clean_run, tmp_path)
+    tag_dir = run_dir / "checkpoints" / "step_000060"
+    victim = next(tag_dir.glob("*optim_states.pt"))
+    saved = torch.load(victim, weights_only=False)
+    optimizer = saved["optimizer_state_dict"]
+    with torch.no_grad():
+        if poisoned == "exp_avg_sq":
+            optimizer["base_optimizer_state"]["state"][0]["exp_avg_sq"][:3] = float("inf")
+        else:
+            optimizer[poisoned][0][:3] = float("nan")
+    torch.save(saved, victim)
+    state_file = tag_dir / checkpointing.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "files": checkpointing.file_digests(tag_dir)}))
+
+    result = run(train_flags(data, run_dir, STEPS + 10), ds_env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = error_line(result.stderr)
+    part = "3 in its optimizer state" if poisoned == "exp_avg_sq" else "3 in its weights"
+    assert str(tag_dir) in line and "NaN/Inf" in line and part in line, line
+    assert line.endswith(f"--resume {run_dir / 'checkpoints' / 'step_000040'}"), line
+    assert max(trajectory(run_dir)) == STEPS and not (run_dir / "final").exists()
+
+
 def test_read_only_disk_at_save_is_one_line_and_the_run_continues_later(clean_run, ds_env, tmp_path):
     data, clean = clean_run
     run_dir = tmp_path / "run"

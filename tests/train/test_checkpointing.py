@@ -1,5 +1,5 @@
 """Consolidated fp32 weights under bf16, checkpoint discovery and pruning, the state carried to
-another ZeRO stage or precision."""
+another ZeRO stage or precision, the NaN/Inf count of a loaded state."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ds_sft.train.checkpointing import (
     consolidated_state_dict,
     drop_later_tags,
     find_checkpoint,
+    non_finite_values,
     prune,
     replace_tag,
 )
@@ -209,3 +210,38 @@ def test_another_stage_or_precision_gets_the_state_bit_for_bit(before, after, di
     engine.destroy()
     if before[1] == after[1]:
         assert losses == pytest.approx(expected, abs=1e-6, rel=0)
+
+
+# A resumed state with NaN/Inf in it is refused (checkpointing.load): the count must reach every
+# layout's weights and optimizer state. One value is poisoned through write_state (which writes each
+# layout's own masters and moments) or straight into the module's copy; it must be counted once.
+POISONED = ["master", "moment", "module"]
+FAST_POISON = {((0, "fp32"), "master"), ((2, "bf16"), "moment"), ((3, "fp32"), "module")}
+FAST_POISON |= {((0, "bf16"), "module"), ((3, "bf16"), "master"), ((1, "fp32"), "moment")}
+
+
+@pytest.mark.parametrize(
+    "kind,place",
+    [
+        pytest.param(kind, place, id=f"zero{kind[0]}-{kind[1]}-{place}",
+                     marks=[] if (kind, place) in FAST_POISON else pytest.mark.matrix)
+        for kind in KINDS
+        for place in POISONED
+    ],
+)  # fmt: skip
+def test_non_finite_values_counts_each_poisoned_value_once(kind, place, dist_env):
+    engine = engine_of(kind, tiny_model(0))
+    train_steps(engine, range(1))
+    assert non_finite_values(engine) == [0, 0]
+    name, param = next(iter(engine.module.named_parameters()))
+    if place == "module":
+        with torch.no_grad():
+            getattr(param, "ds_tensor", param).view(-1)[0] = float("nan")
+    else:
+        state = read_state(engine)
+        key = "fp32" if place == "master" else "exp_avg_sq"
+        state["params"][name][key].view(-1)[0] = float("inf")
+        write_state(engine, state)
+    counts = non_finite_values(engine)
+    engine.destroy()
+    assert counts == ([0, 1] if place == "moment" else [1, 0])
