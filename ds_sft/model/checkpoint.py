@@ -312,17 +312,40 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
     # missing one would train from noise, so every weight must come from the files.
     problems = [
         f"{label} {_preview(sorted(map(str, loading.get(key) or [])))}"
-        for key, label in (
-            ("missing_keys", "missing"),
-            ("unexpected_keys", "unexpected"),
-            ("mismatched_keys", "wrong shape:"),
-        )
+        for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"))
         if loading.get(key)
     ]
+    # transformers' mismatches are (name, shape in the file, shape by the config)
+    wrong_shapes = [_wrong_shape(*item) for item in loading.get("mismatched_keys") or []]
+    wrong_shapes += _shapes_unlike_config(hf_model, hf_cfg)
+    if wrong_shapes:
+        problems.append(f"wrong shape: {_preview(wrong_shapes)}")
     if problems:
         described = "GGUF metadata" if gguf_file else "config.json"
         raise UserError(f"{where}: its weights do not fit its {described}: " + "; ".join(problems))
     return hf_model.state_dict(), config.to_dict(), bool(hf_cfg.tie_word_embeddings)
+
+
+def _shapes_unlike_config(hf_model, hf_cfg) -> list[str]:
+    """``"name (file shape, config shape)"`` for each loaded weight whose shape is not the one its
+    config gives (its model built on the meta device).
+
+    Transformers' own report is not enough: given ``ignore_mismatched_sizes``, 5.24 reports such a
+    weight as mismatched (and leaves a random one of the config's shape), while 5.17's GGUF path loads
+    the file's tensor in its place and reports nothing, which only this comparison sees."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = AutoModelForCausalLM.from_config(hf_cfg, trust_remote_code=False).state_dict()
+    return [
+        _wrong_shape(name, tensor.shape, expected[name].shape)
+        for name, tensor in hf_model.state_dict().items()
+        if name in expected and tensor.shape != expected[name].shape
+    ]
+
+
+def _wrong_shape(name: str, in_file, by_config) -> str:
+    return f"{name} ({tuple(in_file)} in the file, {tuple(by_config)} by its config)"
 
 
 @contextlib.contextmanager

@@ -363,3 +363,26 @@ def test_an_honest_hf_folder_still_loads_with_its_tied_head(tmp_path):
     saved = load_file(str(folder / "model.safetensors"))
     torch.testing.assert_close(model.norm.weight, saved["model.norm.weight"], rtol=0, atol=0)
     torch.testing.assert_close(model.wte.weight, saved["model.embed_tokens.weight"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("replaced", ["model.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight"])
+def test_a_loaded_weight_unlike_its_config_is_found_whatever_transformers_reported(replaced):
+    """transformers 5.17's GGUF path puts a file's tensor of another shape in place and reports nothing
+    (5.24 reports it): the loader compares every loaded shape with the config's own model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ds_sft.model.checkpoint import _shapes_unlike_config
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = LlamaForCausalLM(config)
+    assert _shapes_unlike_config(model, config) == []
+    module_name, _, attribute = replaced.rpartition(".")
+    old = getattr(model.get_submodule(module_name), attribute)
+    wider = torch.nn.Parameter(torch.zeros(old.shape[0] + 5, old.shape[1]))
+    setattr(model.get_submodule(module_name), attribute, wider)
+    found = _shapes_unlike_config(model, config)
+    # a tied head shares the embedding: both names may show it, nothing else may
+    assert found and all(item.startswith((replaced, "lm_head.weight")) for item in found), found
+    assert f"{replaced} ({tuple(wider.shape)} in the file, {tuple(old.shape)} by its config)" in found
