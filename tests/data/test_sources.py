@@ -281,7 +281,10 @@ def test_hub_ids_go_to_the_hub_and_missing_paths_are_missing_files(hub, location
     assert where_it_goes(location, hub) == ("hub" if location in HUB_DATASETS else "missing")
 
 
-segment = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}", fullmatch=True).filter(lambda s: "--" not in s)
+# the hub's alphabet: a name neither starts nor ends with "-" or "." (huggingface_hub's validate_repo_id)
+segment = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9_-]{0,14}[A-Za-z0-9_])?", fullmatch=True).filter(
+    lambda s: "--" not in s
+)
 
 
 @given(
