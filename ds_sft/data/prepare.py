@@ -381,6 +381,7 @@ def load_records(
         loaded, info = load_source(spec, skip_bad_rows, drops)
         inputs.append(info)
         records += clean_records(loaded, drops, gsm8k=spec.kind == "gsm8k", every_turn=train_on == "all")
+        del loaded  # the raw texts: not held while the next source is read
     return records, inputs
 
 
@@ -465,7 +466,7 @@ def prepare(args: argparse.Namespace) -> int:
     )
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
-    from ds_sft.data.tokenize import ROUTES, fit_to_length, tokenize_records
+    from ds_sft.data.tokenize import ROUTES, bound_records, fit_to_length, tokenize_records
     from ds_sft.data.tokenizer import load_tokenizer
 
     if args.tokenizer and args.base_model:
@@ -482,6 +483,14 @@ def prepare(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.base_model or "gpt2")
     template = resolve_template(args.template, tokenizer)
     records = drop_special_token_text(records, tokenizer.all_special_tokens, drops)
+    # A row that cannot fit --seq_len leaves (or is cut) now: dedup, decontamination and the val split
+    # would otherwise pay for all of its text (a 300 MB row once took 6 GB and two minutes to drop).
+    records, too_long = bound_records(
+        records, tokenizer, template, args.train_on, args.seq_len, args.truncate
+    )
+    for record in too_long:
+        drops.add(record["source"], DROP_REASON_TOO_LONG[1])
+    del too_long
     reference, reference_info = gsm8k_test_reference(args, specs) if args.decontam_threshold > 0 else ([], {})
 
     identity = tokenizer_identity(tokenizer)

@@ -175,6 +175,8 @@ class AlpacaPrompts:
 
 # Pre-tokenizers that keep every character of the text (they only split it, or map each byte to a
 # character): with one of these, every byte of the normalized text is in some token.
+# The ASCII characters str.split() splits at (str.isspace: the C0 separators 0x1C-0x1F too).
+ASCII_WHITESPACE = "".join(c for c in map(chr, range(128)) if c.isspace())
 KEEPS_TEXT = {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts", "Sequence"}
 
 
@@ -231,14 +233,21 @@ class LengthFloor:
         template shows them: the content up to whitespace) and the EOS id after each; no render needed."""
         answers = [turn["content"] for turn in record["history"] if turn["role"] == "assistant"]
         answers.append(record["response"])
-        return sum(self.tokens_at_least("".join(answer.split())) + 1 for answer in answers)
+        return sum(self.shown_tokens_at_least(answer) + 1 for answer in answers)
+
+    def shown_tokens_at_least(self, text: str) -> int:
+        """The fewest tokens of ``text`` as a template may show it: its words, without the whitespace
+        (counted in place for ASCII text: a copy of a huge answer split into words costs ~10x its size)."""
+        if text.isascii():
+            return -(-(len(text) - sum(map(text.count, ASCII_WHITESPACE))) // self.longest)
+        return self.tokens_at_least("".join(text.split()))
 
     def first_turns(self, record: dict) -> dict:
         """A conversation cut after the first assistant turn at which its answers and EOS ids alone
         reach ``seq_len``: every later turn starts past ``seq_len`` (for ``--truncate``)."""
         messages, total = conversation(record), 0
         for last in (i for i, message in enumerate(messages) if message["role"] == "assistant"):
-            total += self.tokens_at_least("".join(messages[last]["content"].split())) + 1
+            total += self.shown_tokens_at_least(messages[last]["content"]) + 1
             if total >= self.seq_len:
                 break
         if last == len(messages) - 1:
@@ -292,6 +301,80 @@ class LengthFloor:
         return list(zip(pieces[::2], pieces[1::2], strict=True)), total
 
 
+def plan_document(
+    record: dict, template: str, tokenizer, train_on: str, floor: LengthFloor | None, truncate: bool
+) -> tuple[list[tuple[str, str]] | None, str, int]:
+    """How a record becomes a document: its (untrained text, answer) pairs, the route that masked
+    them, and for a record certainly longer than ``seq_len``, its fewest tokens (0 for the others).
+
+    The pairs are None for a one-turn record that may fit: :func:`tokenize_records` renders and
+    tokenizes those in bulk. A record too long (:class:`LengthFloor`) gets one empty pair, or with
+    ``truncate`` its texts cut to what can reach into ``seq_len``.
+    """
+    multi_turn = train_on == "all" and record.get("history")
+    cut_from = 0  # the fewest tokens of a conversation cut to its first turns
+    if multi_turn and floor is not None and floor.longest is not None:
+        # rendering a conversation's turns costs time quadratic in their number: one that cannot
+        # fit is dropped before, or with --truncate, cut to the turns that start within seq_len
+        least = floor.answers_at_least(record)
+        if least > floor.seq_len and not truncate:
+            return [("", "")], "prefix", least
+        if least > floor.seq_len:
+            cut_from, record = least, floor.first_turns(record)
+    if floor is not None and floor.worth_checking(record):
+        pairs, route = (
+            conversation_segments(record, template, tokenizer)
+            if multi_turn
+            else ([(render_prompt(record, template, tokenizer), record["response"])], "one_turn")
+        )
+        pairs, least = floor.fit(pairs, truncate)
+        return pairs or [("", "")], route, max(least, cut_from)
+    if multi_turn:
+        return *conversation_segments(record, template, tokenizer), cut_from
+    return None, "one_turn", 0
+
+
+# The key under which bound_records keeps a cut record's plan_document result for tokenize_records.
+FITTED = "fitted"
+
+
+def bound_records(
+    records: list[dict], tokenizer, template: str, train_on: str, seq_len: int, truncate: bool
+) -> tuple[list[dict], list[dict]]:
+    """Split off, before any other stage pays for their text, the records certainly longer than
+    ``seq_len`` -> (records kept, records too long to keep: dropped ``longer_than_seq_len``).
+
+    A record is judged exactly as :func:`tokenize_records` judges it (:func:`plan_document`), so what
+    is dropped here would be dropped there. With ``truncate`` a too-long record is kept cut: its
+    planned pairs travel with it (under :data:`FITTED`), so its tokens are those the full record
+    gives, and each of its texts is cut to the longest planned text, so that dedup and
+    decontamination see no more of it than can be trained. A tokenizer without a floor
+    (:class:`LengthFloor`) changes nothing here.
+    """
+    floor = LengthFloor(tokenizer.backend_tokenizer, seq_len)
+    if floor.longest is None:
+        return records, []
+    kept, too_long = [], []
+    for record in records:
+        if floor.worth_checking(record):
+            plan = plan_document(record, template, tokenizer, train_on, floor, truncate)
+            pairs, _, least = plan
+            if least and not truncate:
+                too_long.append(record)
+                continue
+            if least:
+                size = max(len(text) for pair in pairs for text in pair)
+                history = [{**turn, "content": turn["content"][:size]} for turn in record["history"]]
+                record = {
+                    **record,
+                    **{key: record[key][:size] for key in ("instruction", "input", "response")},
+                    "history": history,
+                    FITTED: plan,
+                }
+        kept.append(record)
+    return kept, too_long
+
+
 def tokenize_records(
     records: list[dict],
     tokenizer,
@@ -325,31 +408,10 @@ def tokenize_records(
     # chats and the records too long to tokenize whole (their texts are rendered here to be cut)
     segmented = []
     for i, record in enumerate(records):
-        multi_turn = train_on == "all" and record.get("history")
-        cut_from = 0  # the fewest tokens of a conversation cut to its first turns
-        if multi_turn and floor is not None and floor.longest is not None:
-            # rendering a conversation's turns costs time quadratic in their number: one that cannot
-            # fit is dropped before, or with --truncate, cut to the turns that start within seq_len
-            least = floor.answers_at_least(record)
-            if least > seq_len and not truncate:
-                floors[i] = least
-                segmented.append(([("", "")], "prefix"))
-                continue
-            if least > seq_len:
-                cut_from, record = least, floor.first_turns(record)
-        if floor is not None and floor.worth_checking(record):
-            pairs, route = (
-                conversation_segments(record, template, tokenizer)
-                if multi_turn
-                else ([(render_prompt(record, template, tokenizer), record["response"])], "one_turn")
-            )
-            pairs, floors[i] = floor.fit(pairs, truncate)
-            segmented.append((pairs or [("", "")], route))
-        else:
-            segmented.append(
-                conversation_segments(record, template, tokenizer) if multi_turn else (None, "one_turn")
-            )
-        floors[i] = max(floors[i], cut_from)
+        pairs, route, floors[i] = record.get(FITTED) or plan_document(
+            record, template, tokenizer, train_on, floor, truncate
+        )
+        segmented.append((pairs, route))
     turns = [pairs for pairs, _ in segmented]
     routes = np.array([ROUTES.index(route) for _, route in segmented], dtype=np.int8)
     one_turn = [record for record, pairs in zip(records, turns, strict=True) if pairs is None]

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ds_sft.data.tokenize import LengthFloor, fit_to_length, tokenize_records
+from ds_sft.data.tokenize import LengthFloor, bound_records, fit_to_length, tokenize_records
 from tests.data.test_conversations import CHATML, with_template
 
 # pieces texts are made of: ordinary words, long words and runs (a single pre-token), unicode, digits
@@ -47,15 +47,30 @@ def rows(draw, conversation: bool = False):
 
 
 def same_documents(records, tokenizer, template, seq_len, truncate, train_on="all"):
-    """The bounded path's fitted documents and drop reasons equal the unbounded path's."""
+    """The bounded path's fitted documents and drop reasons equal the unbounded path's, and so do
+    those of the records ``bound_records`` keeps, which drops only records the unbounded path drops
+    as too long (and none with ``truncate``)."""
     bounded = tokenize_records(records, tokenizer, template, {"a": 0}, train_on, seq_len, truncate)
     whole = tokenize_records(records, tokenizer, template, {"a": 0}, train_on)
     got, got_reasons = fit_to_length(bounded, seq_len, truncate)
     want, want_reasons = fit_to_length(whole, seq_len, truncate)
+    assert_same(got, want)
     np.testing.assert_array_equal(got_reasons, want_reasons)
+    kept, too_long = bound_records(records, tokenizer, template, train_on, seq_len, truncate)
+    dropped = np.array([any(record is gone for gone in too_long) for record in records], dtype=bool)
+    assert len(kept) == (~dropped).sum() and not (truncate and dropped.any())
+    assert (want_reasons[dropped] == 1).all()
+    early = tokenize_records(kept, tokenizer, template, {"a": 0}, train_on, seq_len, truncate)
+    np.testing.assert_array_equal(early.full_lengths, bounded.full_lengths[~dropped])  # tokens_cut
+    got, got_reasons = fit_to_length(early, seq_len, truncate)
+    assert_same(got, want)
+    np.testing.assert_array_equal(got_reasons, want_reasons[~dropped])
+    return bounded, whole
+
+
+def assert_same(got, want):
     for name in ("tokens", "offsets", "trained", "source_ids"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
-    return bounded, whole
 
 
 @pytest.mark.parametrize("truncate", [False, True])
@@ -171,6 +186,41 @@ def test_floor_is_reached_on_gpt2(floor_tokenizers):
     text = backend.decode([backend.token_to_id(longest)]) * 3
     assert floor.longest == len(longest) == 128
     assert floor.tokens_at_least(text) == len(backend.encode(text, add_special_tokens=False).ids) == 3
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    which=st.integers(0, 4),
+    fields=st.lists(
+        st.tuples(st.sampled_from(["instruction", "input", "response"]), st.integers(-48, 3), texts),
+        min_size=1,
+        max_size=4,
+    ),
+    seq_len=st.sampled_from([64, 200]),
+)
+def test_rows_at_the_floor_equal_the_unbounded_path(floor_tokenizers, which, fields, seq_len, truncate):
+    """Rows whose floor is within a few tokens of ``seq_len``, on either side: a text that fills it
+    with the vocabulary's longest token repeated (each copy adds one token to the floor)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ds_sft.data.templates import render_prompt
+    from tests.data.conftest import EOS
+
+    backend = floor_tokenizers[which]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<unk>" if which == 4 else EOS)
+    floor = LengthFloor(backend, seq_len)
+    longest = max(backend.get_vocab(with_added_tokens=False), key=lambda token: len(token.encode()))
+    unit = backend.decode([backend.token_to_id(longest)])
+    records = []
+    for field, d, tail in fields:
+        record = {"id": "r", "source": "a", "instruction": "i", "input": "", "response": "r", "history": []}
+        record[field] = tail or "x"
+        pieces = [render_prompt(record, "alpaca"), record["response"]]
+        least = sum(map(floor.tokens_at_least, pieces)) + 1
+        record[field] = (unit * max(0, seq_len - least + d) + tail).strip() or "x"
+        records.append(record)
+    same_documents(records, tokenizer, "alpaca", seq_len, truncate)
 
 
 def test_no_floor_for_a_tokenizer_with_unknown_tokens(tmp_path):
