@@ -7,14 +7,21 @@ Stages, in order (every dropped row is counted by source and reason in manifest.
   load      json / jsonl (parsed here) / parquet, regular files only (or a hub id); any one source alone
             is a valid run
   clean     NFC + whitespace normalization; Alpaca "<noinput>"-style inputs emptied; GSM8K calculator
-            annotations <<48/2=24>> stripped (the final "#### N" line is kept); empty rows dropped
+            annotations <<48/2=24>> stripped (the final "#### N" line is kept); empty rows dropped;
+            rows spelling a special token of the tokenizer dropped
+  bound     rows that certainly cannot fit --seq_len, found from their text's length alone
+            (tokenize.LengthFloor), dropped as longer_than_seq_len, or with --truncate cut to what can
+            be trained: the stages below never pay for text that cannot be trained (and such rows take
+            no part in dedup or the val split)
   dedup     exact and case/spacing/final-period-folded duplicates, across all sources
   decontam  rows sharing >= --decontam_threshold of their 13-grams with the GSM8K test set dropped;
             then the val split is cut per source and train rows overlapping val rows are dropped
             (a 13-gram in more than 10 rows, or 10 test documents, is boilerplate and not counted)
   tokenize  prompt and response tokenized apart: the loss covers exactly response + EOS (this runs on
             a worker thread alongside dedup and decontam, and the rows they keep are then taken);
-            a conversation trains every assistant turn (--train_on all) or its last (--train_on last)
+            a conversation trains every assistant turn (--train_on all) or its last (--train_on last);
+            rows longer than --seq_len dropped (longer_than_seq_len; with --truncate cut, or dropped as
+            prompt_fills_seq_len when the prompt leaves no room)
   mix       --mix weights upsample sources by whole epochs plus a seeded fraction; --max_examples caps
   pack      best-fit-decreasing into rows of --seq_len (or --no_pack: one padded row per example)
   write     DIR/train, DIR/val (memmap shards), DIR/tokenizer, DIR/manifest.json, DIR/lengths.png, built

@@ -19,12 +19,14 @@ word cache is widened (:data:`BPE_CACHE_WORDS`) so that each distinct word is me
 Bounded work: a row that cannot fit ``--seq_len`` is found before it is tokenized, from the length of
 its text alone (:class:`LengthFloor`): a 40 MB field once took 16 GB and two minutes to tokenize only
 to be dropped. It is dropped all the same (``longer_than_seq_len``), or with ``--truncate`` its texts
-are cut first to what can reach into ``seq_len``, which leaves the kept tokens unchanged. A
-conversation trained on every turn is checked before its turns are rendered (each turn renders the
-whole conversation so far, so that costs time quadratic in turns); with ``--truncate`` it is cut to
-the turns that start within ``seq_len``: for a template whose turns take the ``prefix`` route the
-tokens are those of the full conversation; one that rewrites earlier turns (``located``) shows the
-shortened conversation as the template renders it.
+are cut first to what can reach into ``seq_len``, which leaves the kept tokens unchanged. ``prepare``
+makes that judgement (:func:`plan_document`) right after cleaning (:func:`bound_records`), so that
+dedup and decontamination never pay for text that cannot be trained either. A conversation trained
+on every turn is checked before its turns are rendered (each turn renders the whole conversation so
+far, so that costs time quadratic in turns); with ``--truncate`` it is cut to the turns that start
+within ``seq_len``: for a template whose turns take the ``prefix`` route the tokens are those of the
+full conversation; one that rewrites earlier turns (``located``) shows the shortened conversation as
+the template renders it.
 """
 
 from __future__ import annotations
