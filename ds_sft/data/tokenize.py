@@ -223,10 +223,18 @@ class LengthFloor:
         longest = max(len(token) if byte_level else len(token.encode()) for token in vocab) if sound else 0
         added = [token.content for token in backend.get_added_tokens_decoder().values()]
         self.longest = max([longest, *(len(text.encode()) for text in added)]) if sound else None
+        # Enough characters for a floor past anything fit compares it with (2 * seq_len + MARGIN), for
+        # any normalizer that leaves a byte per 4 characters: so a longer text changes no decision.
+        self.prefix_chars = 8 * (2 * seq_len + self.MARGIN) * (self.longest or 0)
 
     def tokens_at_least(self, text: str) -> int:
-        if self.normalize is not None and not text.isascii():
-            text = self.normalize(text)
+        """The floor of ``text``; of a non-ASCII text, of its first :attr:`prefix_chars` characters
+        (a prefix has no more bytes, normalized, than the whole): normalizing a huge text whole takes
+        ~20x its size, only to learn that it is far too long."""
+        if not text.isascii():
+            text = text[: self.prefix_chars]
+            if self.normalize is not None:
+                text = self.normalize(text)
         size = len(text) if text.isascii() else len(text.encode())
         return -(-size // self.longest)
 

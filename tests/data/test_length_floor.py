@@ -177,6 +177,39 @@ def test_fitted_documents_equal_the_unbounded_path_byte_fallback_bpe(
     same_documents(records, tokenizer, "alpaca", seq_len, truncate)
 
 
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("which", [1, 2, 4])  # under NFC, NFKC, and the Llama-style Prepend + Replace
+def test_a_huge_unicode_row_is_not_normalized_whole(floor_tokenizers, monkeypatch, which, truncate):
+    """A 4 MB non-ASCII answer under a normalizer: the floor normalizes only a prefix of it (normalizing
+    the whole takes ~20x its size), and the row is still dropped, or cut to the same tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ds_sft.data import tokenize
+    from tests.data.conftest import EOS
+
+    seen = []
+
+    class Spied(LengthFloor):
+        def __init__(self, backend, seq_len):
+            super().__init__(backend, seq_len)
+            normalize = self.normalize
+            self.normalize = lambda text: seen.append(len(text)) or normalize(text)
+
+    monkeypatch.setattr(tokenize, "LengthFloor", Spied)
+    backend = floor_tokenizers[which]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<unk>" if which == 4 else EOS)
+    record = {"id": "r", "source": "a", "instruction": "Wie ist Paris?", "input": "", "history": []}
+    record["response"] = "Paris ist schön, café crème. " * 150_000
+    docs = tokenize_records([record], tokenizer, "alpaca", {"a": 0}, "all", 64, truncate)
+    kept, reasons = fit_to_length(docs, 64, truncate)
+    assert reasons.tolist() == [0 if truncate else 1] and kept.lengths.tolist() == [64] * truncate
+    assert max(seen) <= LengthFloor(backend, 64).prefix_chars < len(record["response"]) // 10
+    seen.clear()
+    early, too_long = bound_records([record], tokenizer, "alpaca", "all", 64, truncate)
+    assert (too_long, len(early)) == (([], 1) if truncate else ([record], 0))
+    assert max(seen) <= LengthFloor(backend, 64).prefix_chars
+
+
 def test_floor_is_reached_on_gpt2(floor_tokenizers):
     """``L`` is not loose: GPT-2's longest token (128 characters, one byte each) repeated is one token
     a copy, exactly the floor."""
@@ -235,13 +268,16 @@ def test_no_floor_for_a_tokenizer_with_unknown_tokens(tmp_path):
     assert not floor.worth_checking(record)
 
 
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("longest", [120, 1200])
 @settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    lengths=st.lists(st.integers(1, 120), min_size=2, max_size=12),
-    seq_len=st.sampled_from([80, 120, 300]),
-)
-def test_manifest_counts_truncated_rows_and_tokens_cut(tiny_tokenizer, run_prepare, lengths, seq_len):
-    """--truncate reports per source the rows it cut and the tokens it cut, as the full tokenization says."""
+@given(data=st.data(), seq_len=st.sampled_from([80, 120, 300]))
+def test_manifest_counts_rows_too_long_and_cut(tiny_tokenizer, run_prepare, data, seq_len, longest, truncate):
+    """The manifest counts per source the rows dropped as too long, or with --truncate the rows cut and
+    the tokens cut, as the full tokenization of every row says. Rows of up to 1,200 sentences reach
+    past the floor: they leave (or are cut) before dedup, and the tokens cut of a row cut before it is
+    tokenized are a floor; rows of up to 120 are tokenized whole, and counted exactly."""
+    lengths = data.draw(st.lists(st.integers(1, longest), min_size=2, max_size=12))
     import tempfile
     from pathlib import Path
 
@@ -253,19 +289,28 @@ def test_manifest_counts_truncated_rows_and_tokens_cut(tiny_tokenizer, run_prepa
         dict(row, output=f"{i} " + "Paris is big. " * n)
         for i, (row, n) in enumerate(zip(alpaca_rows(len(lengths)), lengths, strict=True))
     ]
+    rows.append({"instruction": "Hi?", "input": "", "output": "ok"})  # one row that fits
     with tempfile.TemporaryDirectory() as folder:
         data = write_jsonl(Path(folder) / "rows.jsonl", rows)
-        flags = ["--alpaca", str(data), "--seq_len", str(seq_len), "--val_fraction", "0", "--truncate"]
-        manifest = run_prepare([*flags, "--decontam_threshold", "0", "--output_dir", f"{folder}/out"])
+        flags = ["--alpaca", str(data), "--seq_len", str(seq_len), "--val_fraction", "0"]
+        flags += ["--decontam_threshold", "0", "--output_dir", f"{folder}/out"] + ["--truncate"] * truncate
+        manifest = run_prepare(flags)
         records, _ = load_source(SourceSpec("alpaca", "alpaca", str(data)), False, Drops())
     docs = tokenize_records(clean_records(records, Drops()), tiny_tokenizer, "alpaca", {"alpaca": 0})
+    counts = manifest["counts"]["alpaca"]
+    if not truncate:
+        too_long = docs.lengths > seq_len
+        assert counts["dropped"].get("longer_than_seq_len", 0) == int(too_long.sum())
+        assert counts["kept"] == counts["train"] == int((~too_long).sum())
+        return
     fits = docs.prompt_lens < seq_len
     cut = fits & (docs.lengths > seq_len)
-    counts = manifest["counts"]["alpaca"]
-    assert counts["truncated"] == {
-        "rows": int(cut.sum()),
-        "tokens_cut": int((docs.lengths[cut] - seq_len).sum()),
-    }
+    tokens_cut = int((docs.lengths[cut] - seq_len).sum())
+    assert counts["truncated"]["rows"] == int(cut.sum())
+    if longest == 120:
+        assert counts["truncated"]["tokens_cut"] == tokens_cut
+    else:  # a floor: at least one token of each row cut
+        assert cut.sum() <= counts["truncated"]["tokens_cut"] <= tokens_cut
     assert counts["kept"] == int(fits.sum())
 
 
