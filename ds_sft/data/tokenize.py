@@ -272,12 +272,16 @@ class LengthFloor:
         }
 
     def worth_checking(self, record: dict) -> bool:
-        """Whether a record's texts are long enough that it may not fit (at most 4 bytes a character)."""
+        """Whether a record's texts are long enough that it may not fit (at most 4 bytes a character);
+        a conversation's answers each add at least one token and EOS (:meth:`answers_at_least`)."""
         if self.longest is None:
             return False
+        history = record.get("history") or ()
         texts = [record["instruction"], record.get("input") or "", record["response"]]
-        chars = sum(map(len, texts)) + sum(len(turn["content"]) for turn in record.get("history") or ())
-        return 4 * chars >= self.seq_len * self.longest
+        chars = sum(map(len, texts)) + sum(len(turn["content"]) for turn in history)
+        earlier = sum(turn["role"] == "assistant" for turn in history)
+        answers = earlier + 1 if earlier else 0  # a one-turn record is judged on its text alone
+        return 4 * chars >= (self.seq_len - 2 * answers) * self.longest
 
     def fit(self, pairs: list[tuple[str, str]], truncate: bool) -> tuple[list[tuple[str, str]], int]:
         """A document's (untrained text, answer) pairs -> (pairs to tokenize, 0), or when it certainly
@@ -313,8 +317,9 @@ class LengthFloor:
 
 def plan_document(
     record: dict, template: str, tokenizer, train_on: str, floor: LengthFloor | None, truncate: bool
-) -> tuple[list[tuple[str, str]] | None, str, int]:
-    """How a record becomes a document: its (untrained text, answer) pairs, the route that masked
+) -> tuple[dict, list[tuple[str, str]] | None, str, int]:
+    """How a record becomes a document: the record planned (a conversation cut to its first turns
+    with ``truncate``, else ``record``), its (untrained text, answer) pairs, the route that masked
     them, and for a record certainly longer than ``seq_len``, its fewest tokens (0 for the others).
 
     The pairs are None for a one-turn record that may fit: :func:`tokenize_records` renders and
@@ -328,7 +333,7 @@ def plan_document(
         # fit is dropped before, or with --truncate, cut to the turns that start within seq_len
         least = floor.answers_at_least(record)
         if least > floor.seq_len and not truncate:
-            return [("", "")], "prefix", least
+            return record, [("", "")], "prefix", least
         if least > floor.seq_len:
             cut_from, record = least, floor.first_turns(record)
     if floor is not None and floor.worth_checking(record):
@@ -338,10 +343,10 @@ def plan_document(
             else ([(render_prompt(record, template, tokenizer), record["response"])], "one_turn")
         )
         pairs, least = floor.fit(pairs, truncate)
-        return pairs or [("", "")], route, max(least, cut_from)
+        return record, pairs or [("", "")], route, max(least, cut_from)
     if multi_turn:
-        return *conversation_segments(record, template, tokenizer), cut_from
-    return None, "one_turn", 0
+        return record, *conversation_segments(record, template, tokenizer), cut_from
+    return record, None, "one_turn", 0
 
 
 # The key under which bound_records keeps a cut record's plan_document result for tokenize_records.
@@ -367,19 +372,20 @@ def bound_records(
     kept, too_long = [], []
     for record in records:
         if floor.worth_checking(record):
-            plan = plan_document(record, template, tokenizer, train_on, floor, truncate)
-            pairs, _, least = plan
+            planned, pairs, route, least = plan_document(
+                record, template, tokenizer, train_on, floor, truncate
+            )
             if least and not truncate:
                 too_long.append(record)
                 continue
             if least:
                 size = max(len(text) for pair in pairs for text in pair)
-                history = [{**turn, "content": turn["content"][:size]} for turn in record["history"]]
+                history = [{**turn, "content": turn["content"][:size]} for turn in planned["history"]]
                 record = {
-                    **record,
-                    **{key: record[key][:size] for key in ("instruction", "input", "response")},
+                    **planned,
+                    **{key: planned[key][:size] for key in ("instruction", "input", "response")},
                     "history": history,
-                    FITTED: plan,
+                    FITTED: (pairs, route, least),
                 }
         kept.append(record)
     return kept, too_long
@@ -418,9 +424,10 @@ def tokenize_records(
     # chats and the records too long to tokenize whole (their texts are rendered here to be cut)
     segmented = []
     for i, record in enumerate(records):
-        pairs, route, floors[i] = record.get(FITTED) or plan_document(
-            record, template, tokenizer, train_on, floor, truncate
+        fitted = (
+            record.get(FITTED) or plan_document(record, template, tokenizer, train_on, floor, truncate)[1:]
         )
+        pairs, route, floors[i] = fitted
         segmented.append((pairs, route))
     turns = [pairs for pairs, _ in segmented]
     routes = np.array([ROUTES.index(route) for _, route in segmented], dtype=np.int8)

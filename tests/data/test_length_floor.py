@@ -377,3 +377,12 @@ def test_a_conversation_of_3000_turns_is_not_rendered_turn_by_turn(gpt2_chatml, 
         assert len(renders) <= 2 * 1024 and max(renders) <= 1024
     else:
         assert not renders and reasons.tolist() == [1]
+    # prepare judges it the same way before dedup: dropped, or kept cut to its first turns
+    renders.clear()
+    early, too_long = bound_records([record], gpt2_chatml, "chat", "all", 1024, truncate)
+    assert (len(early), len(too_long)) == ((1, 0) if truncate else (0, 1))
+    assert len(renders) <= 2 * 1024 and (truncate or not renders)
+    if truncate:
+        assert len(early[0]["history"]) <= 2 * 1024
+        again = tokenize_records(early, gpt2_chatml, "chat", {"a": 0}, "all", 1024, truncate)
+        assert_same(fit_to_length(again, 1024, truncate)[0], kept)
