@@ -175,10 +175,10 @@ class AlpacaPrompts:
         return prompts
 
 
-# Pre-tokenizers that keep every character of the text (they only split it, or map each byte to a
-# character): with one of these, every byte of the normalized text is in some token.
 # The ASCII characters str.split() splits at (str.isspace: the C0 separators 0x1C-0x1F too).
 ASCII_WHITESPACE = "".join(c for c in map(chr, range(128)) if c.isspace())
+# Pre-tokenizers that keep every character of the text (they only split it, or map each byte to a
+# character): with one of these, every byte of the normalized text is in some token.
 KEEPS_TEXT = {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts", "Sequence"}
 
 
@@ -410,7 +410,8 @@ def tokenize_records(
     With ``seq_len``, a record whose text is too long to fit (:class:`LengthFloor`) is not tokenized:
     its document is left empty, with its fewest tokens in ``floors``, for :func:`fit_to_length` (given
     the same ``truncate``) to drop; with ``truncate``, its texts are cut first to what can matter (and
-    ``floors`` holds the fewest tokens of the uncut document).
+    ``floors`` holds the fewest tokens of the uncut document). A record that :func:`bound_records`
+    cut is tokenized as it planned it from the full record.
     """
     from tqdm.auto import tqdm
 
