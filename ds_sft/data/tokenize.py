@@ -175,6 +175,7 @@ class AlpacaPrompts:
         return prompts
 
 
+SLICE_CHARS = 1 << 20  # a long text's UTF-8 bytes are counted this many characters at a time
 # The ASCII characters str.split() splits at (str.isspace: the C0 separators 0x1C-0x1F too).
 ASCII_WHITESPACE = "".join(c for c in map(chr, range(128)) if c.isspace())
 # Pre-tokenizers that keep every character of the text (they only split it, or map each byte to a
@@ -228,14 +229,15 @@ class LengthFloor:
         self.prefix_chars = 8 * (2 * seq_len + self.MARGIN) * (self.longest or 0)
 
     def tokens_at_least(self, text: str) -> int:
-        """The floor of ``text``; of a non-ASCII text, of its first :attr:`prefix_chars` characters
-        (a prefix has no more bytes, normalized, than the whole): normalizing a huge text whole takes
-        ~20x its size, only to learn that it is far too long."""
-        if not text.isascii():
-            text = text[: self.prefix_chars]
-            if self.normalize is not None:
-                text = self.normalize(text)
-        size = len(text) if text.isascii() else len(text.encode())
+        """The floor of ``text``. Under a normalizer, that of a non-ASCII text's first
+        :attr:`prefix_chars` characters (a prefix has no more bytes, normalized, than the whole):
+        normalizing a huge text whole takes ~20x its size, only to learn that it is far too long."""
+        if text.isascii():  # no normalizer shortens ASCII text
+            size = len(text)
+        elif self.normalize is None:  # its UTF-8 bytes, a slice at a time: no copy of a huge text
+            size = sum(len(text[i : i + SLICE_CHARS].encode()) for i in range(0, len(text), SLICE_CHARS))
+        else:
+            size = len(self.normalize(text[: self.prefix_chars]).encode())
         return -(-size // self.longest)
 
     def answers_at_least(self, record: dict) -> int:

@@ -210,6 +210,14 @@ def test_a_huge_unicode_row_is_not_normalized_whole(floor_tokenizers, monkeypatc
     assert max(seen) <= LengthFloor(backend, 64).prefix_chars
 
 
+def test_floor_of_a_long_text_without_normalizer_counts_every_byte(floor_tokenizers):
+    """Counted a slice at a time, the UTF-8 bytes of a long text are all of them."""
+    text = "é☃ x\U0001f600" * 700_000
+    for backend in (floor_tokenizers[0], floor_tokenizers[3]):
+        floor = LengthFloor(backend, 64)
+        assert floor.tokens_at_least(text) == -(-len(text.encode()) // floor.longest)
+
+
 def test_floor_is_reached_on_gpt2(floor_tokenizers):
     """``L`` is not loose: GPT-2's longest token (128 characters, one byte each) repeated is one token
     a copy, exactly the floor."""
