@@ -7,14 +7,21 @@ Stages, in order (every dropped row is counted by source and reason in manifest.
   load      json / jsonl (parsed here) / parquet, regular files only (or a hub id); any one source alone
             is a valid run
   clean     NFC + whitespace normalization; Alpaca "<noinput>"-style inputs emptied; GSM8K calculator
-            annotations <<48/2=24>> stripped (the final "#### N" line is kept); empty rows dropped
+            annotations <<48/2=24>> stripped (the final "#### N" line is kept); empty rows dropped;
+            rows spelling a special token of the tokenizer dropped
+  bound     rows that certainly cannot fit --seq_len, found from their text's length alone
+            (tokenize.LengthFloor), dropped as longer_than_seq_len, or with --truncate cut to what can
+            be trained: the stages below never pay for text that cannot be trained (and such rows take
+            no part in dedup or the val split)
   dedup     exact and case/spacing/final-period-folded duplicates, across all sources
   decontam  rows sharing >= --decontam_threshold of their 13-grams with the GSM8K test set dropped;
             then the val split is cut per source and train rows overlapping val rows are dropped
             (a 13-gram in more than 10 rows, or 10 test documents, is boilerplate and not counted)
   tokenize  prompt and response tokenized apart: the loss covers exactly response + EOS (this runs on
             a worker thread alongside dedup and decontam, and the rows they keep are then taken);
-            a conversation trains every assistant turn (--train_on all) or its last (--train_on last)
+            a conversation trains every assistant turn (--train_on all) or its last (--train_on last);
+            rows longer than --seq_len dropped (longer_than_seq_len; with --truncate cut, or dropped as
+            prompt_fills_seq_len when the prompt leaves no room)
   mix       --mix weights upsample sources by whole epochs plus a seeded fraction; --max_examples caps
   pack      best-fit-decreasing into rows of --seq_len (or --no_pack: one padded row per example)
   write     DIR/train, DIR/val (memmap shards), DIR/tokenizer, DIR/manifest.json, DIR/lengths.png, built
@@ -381,6 +388,7 @@ def load_records(
         loaded, info = load_source(spec, skip_bad_rows, drops)
         inputs.append(info)
         records += clean_records(loaded, drops, gsm8k=spec.kind == "gsm8k", every_turn=train_on == "all")
+        del loaded  # the raw texts: not held while the next source is read
     return records, inputs
 
 
@@ -465,7 +473,7 @@ def prepare(args: argparse.Namespace) -> int:
     )
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
-    from ds_sft.data.tokenize import ROUTES, fit_to_length, tokenize_records
+    from ds_sft.data.tokenize import ROUTES, bound_records, fit_to_length, tokenize_records
     from ds_sft.data.tokenizer import load_tokenizer
 
     if args.tokenizer and args.base_model:
@@ -482,6 +490,14 @@ def prepare(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.base_model or "gpt2")
     template = resolve_template(args.template, tokenizer)
     records = drop_special_token_text(records, tokenizer.all_special_tokens, drops)
+    # A row that cannot fit --seq_len leaves (or is cut) now: dedup, decontamination and the val split
+    # would otherwise pay for all of its text (a 300 MB row once took 6 GB and two minutes to drop).
+    records, too_long = bound_records(
+        records, tokenizer, template, args.train_on, args.seq_len, args.truncate
+    )
+    for record in too_long:
+        drops.add(record["source"], DROP_REASON_TOO_LONG[1])
+    del too_long
     reference, reference_info = gsm8k_test_reference(args, specs) if args.decontam_threshold > 0 else ([], {})
 
     identity = tokenizer_identity(tokenizer)

@@ -19,12 +19,14 @@ word cache is widened (:data:`BPE_CACHE_WORDS`) so that each distinct word is me
 Bounded work: a row that cannot fit ``--seq_len`` is found before it is tokenized, from the length of
 its text alone (:class:`LengthFloor`): a 40 MB field once took 16 GB and two minutes to tokenize only
 to be dropped. It is dropped all the same (``longer_than_seq_len``), or with ``--truncate`` its texts
-are cut first to what can reach into ``seq_len``, which leaves the kept tokens unchanged. A
-conversation trained on every turn is checked before its turns are rendered (each turn renders the
-whole conversation so far, so that costs time quadratic in turns); with ``--truncate`` it is cut to
-the turns that start within ``seq_len``: for a template whose turns take the ``prefix`` route the
-tokens are those of the full conversation; one that rewrites earlier turns (``located``) shows the
-shortened conversation as the template renders it.
+are cut first to what can reach into ``seq_len``, which leaves the kept tokens unchanged. ``prepare``
+makes that judgement (:func:`plan_document`) right after cleaning (:func:`bound_records`), so that
+dedup and decontamination never pay for text that cannot be trained either. A conversation trained
+on every turn is checked before its turns are rendered (each turn renders the whole conversation so
+far, so that costs time quadratic in turns); with ``--truncate`` it is cut to the turns that start
+within ``seq_len``: for a template whose turns take the ``prefix`` route the tokens are those of the
+full conversation; one that rewrites earlier turns (``located``) shows the shortened conversation as
+the template renders it.
 """
 
 from __future__ import annotations
@@ -173,6 +175,9 @@ class AlpacaPrompts:
         return prompts
 
 
+SLICE_CHARS = 1 << 20  # a long text's UTF-8 bytes are counted this many characters at a time
+# The ASCII characters str.split() splits at (str.isspace: the C0 separators 0x1C-0x1F too).
+ASCII_WHITESPACE = "".join(c for c in map(chr, range(128)) if c.isspace())
 # Pre-tokenizers that keep every character of the text (they only split it, or map each byte to a
 # character): with one of these, every byte of the normalized text is in some token.
 KEEPS_TEXT = {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts", "Sequence"}
@@ -219,11 +224,20 @@ class LengthFloor:
         longest = max(len(token) if byte_level else len(token.encode()) for token in vocab) if sound else 0
         added = [token.content for token in backend.get_added_tokens_decoder().values()]
         self.longest = max([longest, *(len(text.encode()) for text in added)]) if sound else None
+        # Enough characters for a floor past anything fit compares it with (2 * seq_len + MARGIN), for
+        # any normalizer that leaves a byte per 4 characters: so a longer text changes no decision.
+        self.prefix_chars = 8 * (2 * seq_len + self.MARGIN) * (self.longest or 0)
 
     def tokens_at_least(self, text: str) -> int:
-        if self.normalize is not None and not text.isascii():
-            text = self.normalize(text)
-        size = len(text) if text.isascii() else len(text.encode())
+        """The floor of ``text``. Under a normalizer, that of a non-ASCII text's first
+        :attr:`prefix_chars` characters (a prefix has no more bytes, normalized, than the whole):
+        normalizing a huge text whole takes ~20x its size, only to learn that it is far too long."""
+        if text.isascii():  # no normalizer shortens ASCII text
+            size = len(text)
+        elif self.normalize is None:  # its UTF-8 bytes, a slice at a time: no copy of a huge text
+            size = sum(len(text[i : i + SLICE_CHARS].encode()) for i in range(0, len(text), SLICE_CHARS))
+        else:
+            size = len(self.normalize(text[: self.prefix_chars]).encode())
         return -(-size // self.longest)
 
     def answers_at_least(self, record: dict) -> int:
@@ -231,14 +245,21 @@ class LengthFloor:
         template shows them: the content up to whitespace) and the EOS id after each; no render needed."""
         answers = [turn["content"] for turn in record["history"] if turn["role"] == "assistant"]
         answers.append(record["response"])
-        return sum(self.tokens_at_least("".join(answer.split())) + 1 for answer in answers)
+        return sum(self.shown_tokens_at_least(answer) + 1 for answer in answers)
+
+    def shown_tokens_at_least(self, text: str) -> int:
+        """The fewest tokens of ``text`` as a template may show it: its words, without the whitespace
+        (counted in place for ASCII text: a copy of a huge answer split into words costs ~10x its size)."""
+        if text.isascii():
+            return -(-(len(text) - sum(map(text.count, ASCII_WHITESPACE))) // self.longest)
+        return self.tokens_at_least("".join(text.split()))
 
     def first_turns(self, record: dict) -> dict:
         """A conversation cut after the first assistant turn at which its answers and EOS ids alone
         reach ``seq_len``: every later turn starts past ``seq_len`` (for ``--truncate``)."""
         messages, total = conversation(record), 0
         for last in (i for i, message in enumerate(messages) if message["role"] == "assistant"):
-            total += self.tokens_at_least("".join(messages[last]["content"].split())) + 1
+            total += self.shown_tokens_at_least(messages[last]["content"]) + 1
             if total >= self.seq_len:
                 break
         if last == len(messages) - 1:
@@ -253,12 +274,16 @@ class LengthFloor:
         }
 
     def worth_checking(self, record: dict) -> bool:
-        """Whether a record's texts are long enough that it may not fit (at most 4 bytes a character)."""
+        """Whether a record's texts are long enough that it may not fit (at most 4 bytes a character);
+        a conversation's answers each add at least one token and EOS (:meth:`answers_at_least`)."""
         if self.longest is None:
             return False
+        history = record.get("history") or ()
         texts = [record["instruction"], record.get("input") or "", record["response"]]
-        chars = sum(map(len, texts)) + sum(len(turn["content"]) for turn in record.get("history") or ())
-        return 4 * chars >= self.seq_len * self.longest
+        chars = sum(map(len, texts)) + sum(len(turn["content"]) for turn in history)
+        earlier = sum(turn["role"] == "assistant" for turn in history)
+        answers = earlier + 1 if earlier else 0  # a one-turn record is judged on its text alone
+        return 4 * chars >= (self.seq_len - 2 * answers) * self.longest
 
     def fit(self, pairs: list[tuple[str, str]], truncate: bool) -> tuple[list[tuple[str, str]], int]:
         """A document's (untrained text, answer) pairs -> (pairs to tokenize, 0), or when it certainly
@@ -292,6 +317,82 @@ class LengthFloor:
         return list(zip(pieces[::2], pieces[1::2], strict=True)), total
 
 
+def plan_document(
+    record: dict, template: str, tokenizer, train_on: str, floor: LengthFloor | None, truncate: bool
+) -> tuple[dict, list[tuple[str, str]] | None, str, int]:
+    """How a record becomes a document: the record planned (a conversation cut to its first turns
+    with ``truncate``, else ``record``), its (untrained text, answer) pairs, the route that masked
+    them, and for a record certainly longer than ``seq_len``, its fewest tokens (0 for the others).
+
+    The pairs are None for a one-turn record that may fit: :func:`tokenize_records` renders and
+    tokenizes those in bulk. A record too long (:class:`LengthFloor`) gets one empty pair, or with
+    ``truncate`` its texts cut to what can reach into ``seq_len``.
+    """
+    multi_turn = train_on == "all" and record.get("history")
+    cut_from = 0  # the fewest tokens of a conversation cut to its first turns
+    if multi_turn and floor is not None and floor.longest is not None:
+        # rendering a conversation's turns costs time quadratic in their number: one that cannot
+        # fit is dropped before, or with --truncate, cut to the turns that start within seq_len
+        least = floor.answers_at_least(record)
+        if least > floor.seq_len and not truncate:
+            return record, [("", "")], "prefix", least
+        if least > floor.seq_len:
+            cut_from, record = least, floor.first_turns(record)
+    if floor is not None and floor.worth_checking(record):
+        pairs, route = (
+            conversation_segments(record, template, tokenizer)
+            if multi_turn
+            else ([(render_prompt(record, template, tokenizer), record["response"])], "one_turn")
+        )
+        pairs, least = floor.fit(pairs, truncate)
+        return record, pairs or [("", "")], route, max(least, cut_from)
+    if multi_turn:
+        return record, *conversation_segments(record, template, tokenizer), cut_from
+    return record, None, "one_turn", 0
+
+
+# The key under which bound_records keeps a cut record's plan_document result for tokenize_records.
+FITTED = "fitted"
+
+
+def bound_records(
+    records: list[dict], tokenizer, template: str, train_on: str, seq_len: int, truncate: bool
+) -> tuple[list[dict], list[dict]]:
+    """Split off, before any other stage pays for their text, the records certainly longer than
+    ``seq_len`` -> (records kept, records too long to keep: dropped ``longer_than_seq_len``).
+
+    A record is judged exactly as :func:`tokenize_records` judges it (:func:`plan_document`), so what
+    is dropped here would be dropped there. With ``truncate`` a too-long record is kept cut: its
+    planned pairs travel with it (under :data:`FITTED`), so its tokens are those the full record
+    gives, and each of its texts is cut to the longest planned text, so that dedup and
+    decontamination see no more of it than can be trained. A tokenizer without a floor
+    (:class:`LengthFloor`) changes nothing here.
+    """
+    floor = LengthFloor(tokenizer.backend_tokenizer, seq_len)
+    if floor.longest is None:
+        return records, []
+    kept, too_long = [], []
+    for record in records:
+        if floor.worth_checking(record):
+            planned, pairs, route, least = plan_document(
+                record, template, tokenizer, train_on, floor, truncate
+            )
+            if least and not truncate:
+                too_long.append(record)
+                continue
+            if least:
+                size = max(len(text) for pair in pairs for text in pair)
+                history = [{**turn, "content": turn["content"][:size]} for turn in planned["history"]]
+                record = {
+                    **planned,
+                    **{key: planned[key][:size] for key in ("instruction", "input", "response")},
+                    "history": history,
+                    FITTED: (pairs, route, least),
+                }
+        kept.append(record)
+    return kept, too_long
+
+
 def tokenize_records(
     records: list[dict],
     tokenizer,
@@ -311,7 +412,8 @@ def tokenize_records(
     With ``seq_len``, a record whose text is too long to fit (:class:`LengthFloor`) is not tokenized:
     its document is left empty, with its fewest tokens in ``floors``, for :func:`fit_to_length` (given
     the same ``truncate``) to drop; with ``truncate``, its texts are cut first to what can matter (and
-    ``floors`` holds the fewest tokens of the uncut document).
+    ``floors`` holds the fewest tokens of the uncut document). A record that :func:`bound_records`
+    cut is tokenized as it planned it from the full record.
     """
     from tqdm.auto import tqdm
 
@@ -325,31 +427,11 @@ def tokenize_records(
     # chats and the records too long to tokenize whole (their texts are rendered here to be cut)
     segmented = []
     for i, record in enumerate(records):
-        multi_turn = train_on == "all" and record.get("history")
-        cut_from = 0  # the fewest tokens of a conversation cut to its first turns
-        if multi_turn and floor is not None and floor.longest is not None:
-            # rendering a conversation's turns costs time quadratic in their number: one that cannot
-            # fit is dropped before, or with --truncate, cut to the turns that start within seq_len
-            least = floor.answers_at_least(record)
-            if least > seq_len and not truncate:
-                floors[i] = least
-                segmented.append(([("", "")], "prefix"))
-                continue
-            if least > seq_len:
-                cut_from, record = least, floor.first_turns(record)
-        if floor is not None and floor.worth_checking(record):
-            pairs, route = (
-                conversation_segments(record, template, tokenizer)
-                if multi_turn
-                else ([(render_prompt(record, template, tokenizer), record["response"])], "one_turn")
-            )
-            pairs, floors[i] = floor.fit(pairs, truncate)
-            segmented.append((pairs or [("", "")], route))
-        else:
-            segmented.append(
-                conversation_segments(record, template, tokenizer) if multi_turn else (None, "one_turn")
-            )
-        floors[i] = max(floors[i], cut_from)
+        fitted = (
+            record.get(FITTED) or plan_document(record, template, tokenizer, train_on, floor, truncate)[1:]
+        )
+        pairs, route, floors[i] = fitted
+        segmented.append((pairs, route))
     turns = [pairs for pairs, _ in segmented]
     routes = np.array([ROUTES.index(route) for _, route in segmented], dtype=np.int8)
     one_turn = [record for record, pairs in zip(records, turns, strict=True) if pairs is None]

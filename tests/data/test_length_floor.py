@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ds_sft.data.tokenize import LengthFloor, fit_to_length, tokenize_records
+from ds_sft.data.tokenize import LengthFloor, bound_records, fit_to_length, tokenize_records
 from tests.data.test_conversations import CHATML, with_template
 
 # pieces texts are made of: ordinary words, long words and runs (a single pre-token), unicode, digits
@@ -47,15 +47,30 @@ def rows(draw, conversation: bool = False):
 
 
 def same_documents(records, tokenizer, template, seq_len, truncate, train_on="all"):
-    """The bounded path's fitted documents and drop reasons equal the unbounded path's."""
+    """The bounded path's fitted documents and drop reasons equal the unbounded path's, and so do
+    those of the records ``bound_records`` keeps, which drops only records the unbounded path drops
+    as too long (and none with ``truncate``)."""
     bounded = tokenize_records(records, tokenizer, template, {"a": 0}, train_on, seq_len, truncate)
     whole = tokenize_records(records, tokenizer, template, {"a": 0}, train_on)
     got, got_reasons = fit_to_length(bounded, seq_len, truncate)
     want, want_reasons = fit_to_length(whole, seq_len, truncate)
+    assert_same(got, want)
     np.testing.assert_array_equal(got_reasons, want_reasons)
+    kept, too_long = bound_records(records, tokenizer, template, train_on, seq_len, truncate)
+    dropped = np.array([any(record is gone for gone in too_long) for record in records], dtype=bool)
+    assert len(kept) == (~dropped).sum() and not (truncate and dropped.any())
+    assert (want_reasons[dropped] == 1).all()
+    early = tokenize_records(kept, tokenizer, template, {"a": 0}, train_on, seq_len, truncate)
+    np.testing.assert_array_equal(early.full_lengths, bounded.full_lengths[~dropped])  # tokens_cut
+    got, got_reasons = fit_to_length(early, seq_len, truncate)
+    assert_same(got, want)
+    np.testing.assert_array_equal(got_reasons, want_reasons[~dropped])
+    return bounded, whole
+
+
+def assert_same(got, want):
     for name in ("tokens", "offsets", "trained", "source_ids"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
-    return bounded, whole
 
 
 @pytest.mark.parametrize("truncate", [False, True])
@@ -162,6 +177,47 @@ def test_fitted_documents_equal_the_unbounded_path_byte_fallback_bpe(
     same_documents(records, tokenizer, "alpaca", seq_len, truncate)
 
 
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("which", [1, 2, 4])  # under NFC, NFKC, and the Llama-style Prepend + Replace
+def test_a_huge_unicode_row_is_not_normalized_whole(floor_tokenizers, monkeypatch, which, truncate):
+    """A 4 MB non-ASCII answer under a normalizer: the floor normalizes only a prefix of it (normalizing
+    the whole takes ~20x its size), and the row is still dropped, or cut to the same tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ds_sft.data import tokenize
+    from tests.data.conftest import EOS
+
+    seen = []
+
+    class Spied(LengthFloor):
+        def __init__(self, backend, seq_len):
+            super().__init__(backend, seq_len)
+            normalize = self.normalize
+            self.normalize = lambda text: seen.append(len(text)) or normalize(text)
+
+    monkeypatch.setattr(tokenize, "LengthFloor", Spied)
+    backend = floor_tokenizers[which]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<unk>" if which == 4 else EOS)
+    record = {"id": "r", "source": "a", "instruction": "Wie ist Paris?", "input": "", "history": []}
+    record["response"] = "Paris ist schön, café crème. " * 150_000
+    docs = tokenize_records([record], tokenizer, "alpaca", {"a": 0}, "all", 64, truncate)
+    kept, reasons = fit_to_length(docs, 64, truncate)
+    assert reasons.tolist() == [0 if truncate else 1] and kept.lengths.tolist() == [64] * truncate
+    assert max(seen) <= LengthFloor(backend, 64).prefix_chars < len(record["response"]) // 10
+    seen.clear()
+    early, too_long = bound_records([record], tokenizer, "alpaca", "all", 64, truncate)
+    assert (too_long, len(early)) == (([], 1) if truncate else ([record], 0))
+    assert max(seen) <= LengthFloor(backend, 64).prefix_chars
+
+
+def test_floor_of_a_long_text_without_normalizer_counts_every_byte(floor_tokenizers):
+    """Counted a slice at a time, the UTF-8 bytes of a long text are all of them."""
+    text = "é☃ x\U0001f600" * 700_000
+    for backend in (floor_tokenizers[0], floor_tokenizers[3]):
+        floor = LengthFloor(backend, 64)
+        assert floor.tokens_at_least(text) == -(-len(text.encode()) // floor.longest)
+
+
 def test_floor_is_reached_on_gpt2(floor_tokenizers):
     """``L`` is not loose: GPT-2's longest token (128 characters, one byte each) repeated is one token
     a copy, exactly the floor."""
@@ -171,6 +227,41 @@ def test_floor_is_reached_on_gpt2(floor_tokenizers):
     text = backend.decode([backend.token_to_id(longest)]) * 3
     assert floor.longest == len(longest) == 128
     assert floor.tokens_at_least(text) == len(backend.encode(text, add_special_tokens=False).ids) == 3
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    which=st.integers(0, 4),
+    fields=st.lists(
+        st.tuples(st.sampled_from(["instruction", "input", "response"]), st.integers(-48, 3), texts),
+        min_size=1,
+        max_size=4,
+    ),
+    seq_len=st.sampled_from([64, 200]),
+)
+def test_rows_at_the_floor_equal_the_unbounded_path(floor_tokenizers, which, fields, seq_len, truncate):
+    """Rows whose floor is within a few tokens of ``seq_len``, on either side: a text that fills it
+    with the vocabulary's longest token repeated (each copy adds one token to the floor)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ds_sft.data.templates import render_prompt
+    from tests.data.conftest import EOS
+
+    backend = floor_tokenizers[which]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<unk>" if which == 4 else EOS)
+    floor = LengthFloor(backend, seq_len)
+    longest = max(backend.get_vocab(with_added_tokens=False), key=lambda token: len(token.encode()))
+    unit = backend.decode([backend.token_to_id(longest)])
+    records = []
+    for field, d, tail in fields:
+        record = {"id": "r", "source": "a", "instruction": "i", "input": "", "response": "r", "history": []}
+        record[field] = tail or "x"
+        pieces = [render_prompt(record, "alpaca"), record["response"]]
+        least = sum(map(floor.tokens_at_least, pieces)) + 1
+        record[field] = (unit * max(0, seq_len - least + d) + tail).strip() or "x"
+        records.append(record)
+    same_documents(records, tokenizer, "alpaca", seq_len, truncate)
 
 
 def test_no_floor_for_a_tokenizer_with_unknown_tokens(tmp_path):
@@ -185,13 +276,16 @@ def test_no_floor_for_a_tokenizer_with_unknown_tokens(tmp_path):
     assert not floor.worth_checking(record)
 
 
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("longest", [120, 1200])
 @settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    lengths=st.lists(st.integers(1, 120), min_size=2, max_size=12),
-    seq_len=st.sampled_from([80, 120, 300]),
-)
-def test_manifest_counts_truncated_rows_and_tokens_cut(tiny_tokenizer, run_prepare, lengths, seq_len):
-    """--truncate reports per source the rows it cut and the tokens it cut, as the full tokenization says."""
+@given(data=st.data(), seq_len=st.sampled_from([80, 120, 300]))
+def test_manifest_counts_rows_too_long_and_cut(tiny_tokenizer, run_prepare, data, seq_len, longest, truncate):
+    """The manifest counts per source the rows dropped as too long, or with --truncate the rows cut and
+    the tokens cut, as the full tokenization of every row says. Rows of up to 1,200 sentences reach
+    past the floor: they leave (or are cut) before dedup, and the tokens cut of a row cut before it is
+    tokenized are a floor; rows of up to 120 are tokenized whole, and counted exactly."""
+    lengths = data.draw(st.lists(st.integers(1, longest), min_size=2, max_size=12))
     import tempfile
     from pathlib import Path
 
@@ -203,19 +297,28 @@ def test_manifest_counts_truncated_rows_and_tokens_cut(tiny_tokenizer, run_prepa
         dict(row, output=f"{i} " + "Paris is big. " * n)
         for i, (row, n) in enumerate(zip(alpaca_rows(len(lengths)), lengths, strict=True))
     ]
+    rows.append({"instruction": "Hi?", "input": "", "output": "ok"})  # one row that fits
     with tempfile.TemporaryDirectory() as folder:
         data = write_jsonl(Path(folder) / "rows.jsonl", rows)
-        flags = ["--alpaca", str(data), "--seq_len", str(seq_len), "--val_fraction", "0", "--truncate"]
-        manifest = run_prepare([*flags, "--decontam_threshold", "0", "--output_dir", f"{folder}/out"])
+        flags = ["--alpaca", str(data), "--seq_len", str(seq_len), "--val_fraction", "0"]
+        flags += ["--decontam_threshold", "0", "--output_dir", f"{folder}/out"] + ["--truncate"] * truncate
+        manifest = run_prepare(flags)
         records, _ = load_source(SourceSpec("alpaca", "alpaca", str(data)), False, Drops())
     docs = tokenize_records(clean_records(records, Drops()), tiny_tokenizer, "alpaca", {"alpaca": 0})
+    counts = manifest["counts"]["alpaca"]
+    if not truncate:
+        too_long = docs.lengths > seq_len
+        assert counts["dropped"].get("longer_than_seq_len", 0) == int(too_long.sum())
+        assert counts["kept"] == counts["train"] == int((~too_long).sum())
+        return
     fits = docs.prompt_lens < seq_len
     cut = fits & (docs.lengths > seq_len)
-    counts = manifest["counts"]["alpaca"]
-    assert counts["truncated"] == {
-        "rows": int(cut.sum()),
-        "tokens_cut": int((docs.lengths[cut] - seq_len).sum()),
-    }
+    tokens_cut = int((docs.lengths[cut] - seq_len).sum())
+    assert counts["truncated"]["rows"] == int(cut.sum())
+    if longest == 120:
+        assert counts["truncated"]["tokens_cut"] == tokens_cut
+    else:  # a floor: at least one token of each row cut
+        assert cut.sum() <= counts["truncated"]["tokens_cut"] <= tokens_cut
     assert counts["kept"] == int(fits.sum())
 
 
@@ -282,3 +385,12 @@ def test_a_conversation_of_3000_turns_is_not_rendered_turn_by_turn(gpt2_chatml, 
         assert len(renders) <= 2 * 1024 and max(renders) <= 1024
     else:
         assert not renders and reasons.tolist() == [1]
+    # prepare judges it the same way before dedup: dropped, or kept cut to its first turns
+    renders.clear()
+    early, too_long = bound_records([record], gpt2_chatml, "chat", "all", 1024, truncate)
+    assert (len(early), len(too_long)) == ((1, 0) if truncate else (0, 1))
+    assert len(renders) <= 2 * 1024 and (truncate or not renders)
+    if truncate:
+        assert len(early[0]["history"]) <= 2 * 1024
+        again = tokenize_records(early, gpt2_chatml, "chat", {"a": 0}, "all", 1024, truncate)
+        assert_same(fit_to_length(again, 1024, truncate)[0], kept)
