@@ -52,6 +52,13 @@ def patched(data: bytes, at: int, fmt: str, value) -> bytes:
     return bytes(out)
 
 
+def patched_file(folder: Path, at: int, fmt: str, value) -> Path:
+    """The valid file with the one field at ``at`` overwritten, written into ``folder``."""
+    path = folder / "patched.gguf"
+    path.write_bytes(patched(valid_bytes(), at, fmt, value))
+    return path
+
+
 def assert_one_line(path: Path) -> str:
     with pytest.raises(UserError) as err:
         load_model(path)
@@ -116,9 +123,7 @@ def _count_cases():
 
 @pytest.mark.parametrize(("name", "at", "fmt", "value"), _count_cases(), ids=lambda v: str(v)[:40])
 def test_counts_and_lengths_past_the_file_are_one_line(tmp_path, name, at, fmt, value):
-    path = tmp_path / "count.gguf"
-    path.write_bytes(patched(valid_bytes(), at, fmt, value))
-    assert_one_line(path)
+    assert_one_line(patched_file(tmp_path, at, fmt, value))
 
 
 def test_a_billion_one_byte_items_past_the_end_is_one_line_not_a_loop(tmp_path):
@@ -161,17 +166,13 @@ def _tensor_cases():
 @pytest.mark.parametrize(("name", "at", "fmt", "value"), _tensor_cases(), ids=lambda v: str(v)[:40])
 def test_tensor_infos_that_do_not_match_the_data_are_one_line(tmp_path, name, at, fmt, value):
     """Overlapping tensors or a type whose size differs from the bytes loaded wrong weights silently."""
-    path = tmp_path / "tensor.gguf"
-    path.write_bytes(patched(valid_bytes(), at, fmt, value))
-    assert_one_line(path)
+    assert_one_line(patched_file(tmp_path, at, fmt, value))
 
 
 @pytest.mark.parametrize("key", sorted(layout(valid_bytes()).keys))
 @pytest.mark.parametrize("value_type", [13, 99, 2**32 - 1])
 def test_a_value_type_that_does_not_exist_is_one_line(tmp_path, key, value_type):
-    path = tmp_path / "kind.gguf"
-    path.write_bytes(patched(valid_bytes(), layout(valid_bytes()).keys[key]["type"], "<I", value_type))
-    assert_one_line(path)
+    assert_one_line(patched_file(tmp_path, layout(valid_bytes()).keys[key]["type"], "<I", value_type))
 
 
 # Metadata of the wrong type or value, written by the gguf writer (a well-formed file that lies).
