@@ -153,17 +153,23 @@ JSON_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float
                    str: "a string", list: "an array"}  # fmt: skip
 
 
-def parse_json(text: bytes) -> tuple[object, str | None, str, int | None]:
+def parse_json(data: bytes | bytearray) -> tuple[object, str | None, str, int | None]:
     """One JSON text -> (value, None, "", None), or (None, drop reason, what is wrong, line) when bad.
 
     Every way Python's parser can refuse bytes is a reason here: not UTF-8, malformed, nested past
-    the interpreter's recursion limit, an integer of more digits than ``int()`` converts.
+    the interpreter's recursion limit, an integer of more digits than ``int()`` converts. A
+    ``bytearray`` is handed over: it is emptied once decoded, so a large file's bytes are not held
+    beside its text and its parsed value.
     """
     try:
-        return json.loads(text.decode("utf-8")), None, "", None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = text[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         return None, "non_utf8", f"not UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8", line
+    if isinstance(data, bytearray):
+        data.clear()
+    try:
+        return json.loads(text), None, "", None
     except RecursionError:
         return None, "nested_too_deeply", f"JSON nested over ~{sys.getrecursionlimit()} levels deep", None
     except json.JSONDecodeError as err:
@@ -241,14 +247,15 @@ def _json_lines(path: Path, lines, skip_bad_rows: bool, drops: Drops, source: st
     return rows
 
 
-def _json_array(path: Path, text: bytes, skip_bad_rows: bool, drops: Drops, source: str) -> list[dict]:
+def _json_array(path: Path, data: bytearray, skip_bad_rows: bool, drops: Drops, source: str) -> list[dict]:
     """A JSON array of objects (Alpaca's layout). It parses as a whole or not at all; an element that
-    cannot be a row (see :func:`row_problem`) is refused, or with ``--skip_bad_rows`` counted and left out."""
-    rows, reason, detail, line = parse_json(text)
+    cannot be a row (see :func:`row_problem`) is refused, or with ``--skip_bad_rows`` counted and left out.
+    ``data`` is the file's bytes, emptied as they are parsed."""
+    may_hold_surrogates = SURROGATE_ESCAPE.search(data) is not None
+    rows, reason, detail, line = parse_json(data)
     if reason is not None:
         where = f"{path}:{line}" if line else str(path)
         raise UserError(f"{where}: {detail}; a JSON array is read as a whole, so fix the file")
-    may_hold_surrogates = SURROGATE_ESCAPE.search(text) is not None
     objects = []
     for i, row in enumerate(rows):
         problem = row_problem(row, may_hold_surrogates)
@@ -314,8 +321,10 @@ def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> di
                     f"over {MAX_ARRAY_BYTES >> 20} MiB are refused: convert it to JSON Lines "
                     "(one object per line, e.g. jq -c '.[]' FILE.json > FILE.jsonl)"
                 )
-            text = (head + handle.read(size - len(head)))[start:]
-            rows = _json_array(path, text, skip_bad_rows, drops, source)
+            handle.seek(start)
+            data = bytearray(size - start)
+            del data[handle.readinto(data) :]  # a file cut short since stat() reads as what is left
+            rows = _json_array(path, data, skip_bad_rows, drops, source)
         else:
             handle.seek(start)
             rows = _json_lines(path, _lines(handle, size - start), skip_bad_rows, drops, source)

@@ -2,8 +2,8 @@
 
 It is dropped (or cut, with ``--truncate``) right after cleaning (``tokenize.bound_records``), so
 dedup, decontamination and the val split never see its text: a 300 MB row once took 6.3 GB (~21x)
-and 2 min 20 s, only to be dropped as ``longer_than_seq_len``. Reading a file costs ~3x the row (its
-bytes, their decoded text and the parsed value), so the whole run is held to 4x, measured by
+and 2 min 20 s, only to be dropped as ``longer_than_seq_len``. Reading a file costs up to ~3x the row
+(its bytes, their decoded text and the parsed value), so the whole run is held to 4x, measured by
 ``tracemalloc`` over the command run in this process.
 """
 
