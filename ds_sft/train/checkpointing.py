@@ -289,6 +289,19 @@ def is_tag(name) -> bool:
     return isinstance(name, str) and TAG_PATTERN.fullmatch(name) is not None
 
 
+def tag_step(name: str) -> int:
+    """The step a tag names. Tags rank by it, not by name: past 999,999 steps the digits grow, and
+    ``step_1000000`` sorts before ``step_999999`` as text."""
+    return int(name.removeprefix("step_"))
+
+
+def saved_tags(ckpt_dir: Path) -> list[Path]:
+    """The tag folders in ``ckpt_dir`` whose save completed (its trainer state is written last), newest
+    first."""
+    tags = (p for p in ckpt_dir.glob("step_*") if is_tag(p.name) and (p / STATE_FILE).is_file())
+    return sorted(tags, key=lambda p: tag_step(p.name), reverse=True)
+
+
 def pickled_code(tag_dir: Path) -> str | None:
     """Which ``.pt`` file of ``tag_dir`` names Python objects a checkpoint never holds, or None."""
     import pickle
@@ -378,7 +391,7 @@ def drop_later_tags(ckpt_dir: Path, step: int) -> None:
     """Delete the tags of steps after ``step``: saved by a run this one branched from (by resuming one
     of its earlier checkpoints), so not part of this run's history."""
     for path in ckpt_dir.iterdir():
-        if is_tag(path.name) and int(path.name.removeprefix("step_")) > step:
+        if is_tag(path.name) and tag_step(path.name) > step:
             remove(path)
 
 
@@ -394,12 +407,9 @@ def replace_tag(new: Path, tag_dir: Path) -> None:
 
 
 def prune(ckpt_dir: Path, keep_last: int, best_tag: str | None) -> None:
-    tags = sorted(
-        p.name for p in ckpt_dir.iterdir() if p.is_dir() and is_tag(p.name) and (p / STATE_FILE).is_file()
-    )
-    for tag in tags[:-keep_last]:
-        if tag != best_tag:
-            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    for path in saved_tags(ckpt_dir)[keep_last:]:
+        if path.name != best_tag:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
@@ -432,10 +442,8 @@ def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
         return path
     ckpt_dir = out_dir / "checkpoints"
     named = [ckpt_dir / latest_tag(ckpt_dir)] if latest_tag(ckpt_dir) else []
-    older = sorted((p for p in ckpt_dir.glob("step_*") if is_tag(p.name) and (p / STATE_FILE).is_file()),
-                   reverse=True)  # fmt: skip
     skipped = []
-    for path in dict.fromkeys(named + older):  # latest first, then newest to oldest, each once
+    for path in dict.fromkeys(named + saved_tags(ckpt_dir)):  # latest first, then newest to oldest, each once
         problem = damage(path)
         if problem is None:
             for line in skipped:
@@ -615,8 +623,10 @@ def non_finite_values(engine) -> list[float]:
 
 def non_finite_message(tag_dir: Path, weights: int, moments: int) -> str:
     """The refusal of a checkpoint holding NaN/Inf values, pointing at the newest earlier intact tag."""
-    tags = (p for p in tag_dir.parent.glob("step_*") if is_tag(p.name) and p.name < tag_dir.name)
-    earlier = next((p for p in sorted(tags, reverse=True) if damage(p) is None), None)
+    # --resume PATH may name a copied tag folder of any name: then nothing beside it counts as earlier
+    step = tag_step(tag_dir.name) if is_tag(tag_dir.name) else -1
+    older = (p for p in saved_tags(tag_dir.parent) if tag_step(p.name) < step)
+    earlier = next((p for p in older if damage(p) is None), None)
     where = (
         f"resume from an earlier one: --resume {earlier}"
         if earlier

@@ -15,6 +15,7 @@ from ds_sft.train.checkpointing import (
     consolidated_state_dict,
     drop_later_tags,
     find_checkpoint,
+    non_finite_message,
     non_finite_values,
     prune,
     replace_tag,
@@ -136,6 +137,29 @@ def test_find_checkpoint(tmp_path):
     assert find_checkpoint(str(run / "checkpoints" / "step_000005"), tmp_path).name == "step_000005"
     with pytest.raises(UserError, match="no complete checkpoint there"):
         find_checkpoint(str(tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize("first", [8, 999_997, 9_999_997, 99_999_997, 2**31 - 4])
+def test_tags_are_ordered_by_step_across_a_change_of_digit_count(tmp_path, first):
+    """Tags are step_ plus at least six digits, so past 999,999 steps their names no longer sort as
+    their steps do: pruning, the --resume fallback and the NaN refusal's pointer rank them by step."""
+    steps = [first + i for i in range(4)]
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    make_tags(ckpt_dir, steps)
+    (ckpt_dir / "latest").unlink()  # --resume alone then falls back to the newest tag
+    assert find_checkpoint("auto", tmp_path / "run").name == f"step_{steps[-1]:06d}"
+    message = non_finite_message(ckpt_dir / f"step_{steps[-1]:06d}", 1, 0)
+    assert f"--resume {ckpt_dir / f'step_{steps[-2]:06d}'}" in message
+    prune(ckpt_dir, keep_last=2, best_tag=None)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(f"step_{step:06d}" for step in steps[2:])
+
+
+def test_the_nan_refusal_of_a_tag_folder_of_any_name_is_one_line(tmp_path):
+    """--resume PATH takes a copied tag folder whatever its name; no tag beside it counts as earlier."""
+    make_tags(tmp_path, [5, 10])
+    (tmp_path / "step_000010").rename(tmp_path / "my backup")
+    message = non_finite_message(tmp_path / "my backup", 0, 3)
+    assert f"no earlier intact checkpoint is left in {tmp_path}" in message and "\n" not in message
 
 
 # Resuming with another ZeRO stage or precision (ds_sft.train.state_transfer): an engine of one kind
