@@ -351,7 +351,8 @@ def plan_document(
     return record, None, "one_turn", 0
 
 
-# The key under which bound_records keeps a cut record's plan_document result for tokenize_records.
+# The key under which bound_records keeps the plan_document result of a record it judged, so that
+# tokenize_records does not render and measure it a second time.
 FITTED = "fitted"
 
 
@@ -362,10 +363,11 @@ def bound_records(
     ``seq_len`` -> (records kept, records too long to keep: dropped ``longer_than_seq_len``).
 
     A record is judged exactly as :func:`tokenize_records` judges it (:func:`plan_document`), so what
-    is dropped here would be dropped there. With ``truncate`` a too-long record is kept cut: its
-    planned pairs travel with it (under :data:`FITTED`), so its tokens are those the full record
-    gives, and each of its texts is cut to the longest planned text, so that dedup and
-    decontamination see no more of it than can be trained. A tokenizer without a floor
+    is dropped here would be dropped there. The plan of every record judged travels with it (under
+    :data:`FITTED`): a long conversation's turns are rendered once. With ``truncate`` a too-long
+    record is kept cut: its tokens are those its planned pairs, made from the full record, give, and
+    each of its texts is cut to the longest planned text, so that dedup and decontamination see no
+    more of it than can be trained. A tokenizer without a floor
     (:class:`LengthFloor`) changes nothing here.
     """
     floor = LengthFloor(tokenizer.backend_tokenizer, seq_len)
@@ -383,12 +385,9 @@ def bound_records(
             if least:
                 size = max(len(text) for pair in pairs for text in pair)
                 history = [{**turn, "content": turn["content"][:size]} for turn in planned["history"]]
-                record = {
-                    **planned,
-                    **{key: planned[key][:size] for key in ("instruction", "input", "response")},
-                    "history": history,
-                    FITTED: (pairs, route, least),
-                }
+                texts = {key: planned[key][:size] for key in ("instruction", "input", "response")}
+                record = {**planned, **texts, "history": history}
+            record = {**record, FITTED: (pairs, route, least)}
         kept.append(record)
     return kept, too_long
 
@@ -413,7 +412,7 @@ def tokenize_records(
     its document is left empty, with its fewest tokens in ``floors``, for :func:`fit_to_length` (given
     the same ``truncate``) to drop; with ``truncate``, its texts are cut first to what can matter (and
     ``floors`` holds the fewest tokens of the uncut document). A record that :func:`bound_records`
-    cut is tokenized as it planned it from the full record.
+    judged is tokenized as it planned it (from the full record, when it cut one).
     """
     from tqdm.auto import tqdm
 
