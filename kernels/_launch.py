@@ -1,6 +1,8 @@
-"""Launch settings shared by the Triton kernels: block sizes, warps, grid sizes, device checks."""
+"""Launch settings shared by the Triton kernels: block sizes, warps, grid sizes, and the launch itself."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -45,3 +47,15 @@ def check_launchable(kernel, device: torch.device) -> None:
             "backend='triton' on CPU needs TRITON_INTERPRET=1 in the environment before the first "
             "triton kernel is imported (tests/conftest.py sets it); use backend='torch' on CPU"
         )
+
+
+def launch(kernel, grid: tuple[int, ...], device: torch.device, *args, **meta) -> None:
+    """Run ``kernel[grid](*args, **meta)`` on ``device``, the GPU that holds its tensors.
+
+    Triton launches on the *current* CUDA device (it asks the driver, not the arguments), and only
+    the trainer sets that one: ``ds-sft eval --device cuda:1`` would run the kernels on cuda:0 with
+    pointers into cuda:1's memory. Every kernel of this package launches through here.
+    """
+    check_launchable(kernel, device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **meta)

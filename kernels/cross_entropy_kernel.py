@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import MAX_VOCAB_BLOCK, check_launchable, num_warps_for
+from kernels._launch import MAX_VOCAB_BLOCK, launch, num_warps_for
 from kernels.reference import REDUCTIONS
 
 
@@ -112,7 +112,6 @@ def cross_entropy_loss_and_grad(
     The gradient is of the summed loss, or of the mean over ``n_valid`` rows when ``n_valid`` (a
     0-d device tensor) is given. ``inplace=True`` writes it over ``logits``.
     """
-    check_launchable(_cross_entropy_kernel, logits.device)
     n_rows, n_cols = logits.shape
     assert logits.stride(-1) == 1 and labels.is_contiguous()
     block = min(triton.next_power_of_2(n_cols), MAX_VOCAB_BLOCK)
@@ -120,7 +119,8 @@ def cross_entropy_loss_and_grad(
     grad = None
     if compute_grad:
         grad = logits if inplace else torch.empty_like(logits)
-    _cross_entropy_kernel[(n_rows,)](
+    launch(
+        _cross_entropy_kernel, (n_rows,), logits.device,
         logits, grad, labels, loss, n_valid,
         logits.stride(0), grad.stride(0) if grad is not None else 0,
         n_cols, ignore_index, label_smoothing, z_loss,

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import check_launchable, num_warps_for, reduction_programs, row_block
+from kernels._launch import launch, num_warps_for, reduction_programs, row_block
 
 
 @triton.jit
@@ -85,13 +85,13 @@ def _rms_norm_backward_kernel(
 
 def rms_norm_forward(x2d, residual2d, weight, eps):
     """Launch the forward on ``[rows, hidden]`` views: ``(y, s, rstd)``, ``s`` None without residual."""
-    check_launchable(_rms_norm_forward_kernel, x2d.device)
     n_rows, n_cols = x2d.shape
     block = row_block(n_cols)
     y = torch.empty_like(x2d)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
     s = torch.empty_like(x2d) if residual2d is not None else None
-    _rms_norm_forward_kernel[(n_rows,)](
+    launch(
+        _rms_norm_forward_kernel, (n_rows,), x2d.device,
         x2d, residual2d, s, weight, y, rstd,
         x2d.stride(0), residual2d.stride(0) if s is not None else 0, s.stride(0) if s is not None else 0,
         y.stride(0),
@@ -109,7 +109,8 @@ def rms_norm_backward(dy2d, ds2d, x2d, weight, rstd):
     rows_per_program = triton.cdiv(n_rows, programs)
     dx = torch.empty_like(x2d)
     dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x2d.device)
-    _rms_norm_backward_kernel[(programs,)](
+    launch(
+        _rms_norm_backward_kernel, (programs,), x2d.device,
         dy2d, ds2d, x2d, weight, rstd, dx, dw_partial,
         dy2d.stride(0), ds2d.stride(0) if ds2d is not None else 0, x2d.stride(0), dx.stride(0),
         n_rows, n_cols, rows_per_program,

@@ -3,6 +3,7 @@ interpreter, a light import, and every backend of every op agreeing with the ref
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import kernels
+import kernels._launch
 from tests.conftest import REPO_ROOT
 
 
@@ -69,3 +71,82 @@ def test_every_backend_agrees(backend, device):
     torch.testing.assert_close(
         loss, kernels.cross_entropy(logits, labels, backend="eager", **options), **close
     )
+
+
+def kernel_launches(path) -> list[int]:
+    """Lines of ``path`` that launch a Triton kernel the Triton way: ``kernel[grid](...)``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    calls = (node for node in ast.walk(tree) if isinstance(node, ast.Call))
+    return [call.lineno for call in calls if isinstance(call.func, ast.Subscript)]
+
+
+def test_every_kernel_launches_through_launch():
+    """A direct ``kernel[grid](...)`` runs on whichever GPU is current, not on its tensors' GPU."""
+    sources = sorted((REPO_ROOT / "kernels").glob("*.py"))
+    direct = {path.name: kernel_launches(path) for path in sources if path.name != "_launch.py"}
+    assert {name: lines for name, lines in direct.items() if lines} == {}
+    assert kernel_launches(REPO_ROOT / "kernels" / "_launch.py")  # the one launch, so the scan sees them
+
+
+class RecordingDevice:
+    """Stands in for ``torch.cuda.device`` on a machine without CUDA: tracks the current device."""
+
+    current: list = [torch.device("cuda", 0)]
+
+    def __init__(self, device) -> None:
+        self.device = device
+
+    def __enter__(self):
+        RecordingDevice.current.append(self.device)
+
+    def __exit__(self, *exc):
+        RecordingDevice.current.pop()
+
+
+class RecordingKernel:
+    """``kernel[grid](*args)`` that records the grid, the arguments and the device current at launch."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((grid, args, meta, RecordingDevice.current[-1]))
+
+
+@pytest.mark.parametrize("index", [0, 1, 3])
+def test_a_launch_runs_on_the_gpu_of_its_tensors(monkeypatch, index):
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    kernel, device = RecordingKernel(), torch.device("cuda", index)
+    kernels._launch.launch(kernel, (7,), device, "x", "y", BLOCK=64)
+    assert kernel.launches == [((7,), ("x", "y"), {"BLOCK": 64}, device)]
+    assert RecordingDevice.current == [torch.device("cuda", 0)]  # and puts the current one back
+
+
+def test_a_cpu_launch_does_not_touch_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device", None)  # any use of it raises
+    monkeypatch.setattr(kernels._launch, "check_launchable", lambda kernel, device: None)
+    kernel = RecordingKernel()
+    kernels._launch.launch(kernel, (2,), torch.device("cpu"), 1)
+    assert [launch[:3] for launch in kernel.launches] == [((2,), (1,), {})]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DS_SFT_GPU_TESTS") or torch.cuda.device_count() < 2,
+    reason="GPU test: needs DS_SFT_GPU_TESTS=1 and two CUDA devices",
+)
+def test_kernels_run_on_a_gpu_other_than_the_current_one():
+    second = torch.device("cuda", 1)
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(33, 96, generator=gen).to(second), torch.rand(96, generator=gen).to(second)
+    logits, labels = torch.randn(33, 500, generator=gen).to(second), torch.randint(0, 500, (33,)).to(second)
+    x.requires_grad_(True)
+    assert torch.cuda.current_device() == 0
+    y = kernels.rms_norm(x, weight, 1e-6, backend="triton")
+    y.sum().backward()
+    expected = kernels.rms_norm(x.detach().requires_grad_(True), weight, 1e-6, backend="eager")
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        kernels.cross_entropy(logits, labels, backend="triton"),
+        kernels.cross_entropy(logits, labels, backend="eager"),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
