@@ -336,7 +336,7 @@ def _import_te():
         )
     try:
         import transformer_engine.pytorch as te
-    except (ImportError, RuntimeError) as err:  # without CUDA libraries the import raises RuntimeError
+    except Exception as err:  # a broken install: RuntimeError, OSError (a missing .so), AssertionError...
         raise UserError(
             f"--fp8 te needs transformer-engine[pytorch] ({type(err).__name__}: {err}); "
             f"pip install 'ds-sft[gpu]', or {hint}"
@@ -603,5 +603,7 @@ def apply_fp8(
                 layer.set_extra_state(encode_te_extra_state(seeds[name], recipe))
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, layer)
+    if te is not None:
+        model.recompute = te.checkpoint  # replays blocks under the fp8 state of their forward
     log.info("fp8 %s: swapped %d linears (%d seeded from TE state)", mode, len(names), len(seeds))
     return model

@@ -602,6 +602,13 @@ def fake_te_modules() -> dict[str, types.ModuleType]:
         yield
 
     pytorch.fp8_autocast = fake_fp8_autocast
+    pytorch.checkpoint_calls = []
+
+    def fake_checkpoint(function, *args, **kwargs):
+        pytorch.checkpoint_calls.append(function)
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+    pytorch.checkpoint = fake_checkpoint
     common = types.ModuleType("transformer_engine.common")
     common.recipe = recipe
     package = types.ModuleType("transformer_engine")
@@ -764,6 +771,22 @@ def test_te_path_replaces_projections_and_carries_extra_state(fake_te):
     assert isinstance(fp8_autocast("torch", recipe), contextlib.nullcontext)
 
 
+@pytest.mark.parametrize("mode", ["te", "torch", "off"])
+def test_activation_checkpointing_recomputes_te_layers_through_te(fake_te, mode):
+    """The recompute runs in backward, outside ``fp8_autocast``: only TE's checkpoint replays TE's
+    layers in fp8. Every other mode keeps torch's."""
+    te = fake_te["transformer_engine.pytorch"]
+    model = tiny_model()
+    model.config.activation_checkpointing = True
+    apply_fp8(model, mode).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).backward()
+    assert te.checkpoint_calls == (list(model.layers) if mode == "te" else [])
+    te.checkpoint_calls.clear()
+    model.eval()(ids, labels=ids)  # evaluation recomputes nothing
+    assert te.checkpoint_calls == []
+
+
 def test_te_path_passes_the_biases(fake_te):
     te = fake_te["transformer_engine.pytorch"]
     model = qwen2_tiny_model()
@@ -775,19 +798,35 @@ def test_te_path_passes_the_biases(fake_te):
     assert model.layers[0].attn.o_proj.bias is None and model.layers[0].mlp.up_proj.bias is None
 
 
-def test_te_import_failure_gives_one_clear_error(fake_te, monkeypatch):
+# How a Transformer Engine install breaks at import: no CUDA libraries (RuntimeError), its .so or a
+# dependency missing (OSError from ctypes), its own ``assert so_path.exists()``, a half-built package.
+BROKEN_TE_IMPORTS = [
+    RuntimeError("cudnn shared object not found"),
+    OSError("libcudnn.so.9: cannot open shared object file"),
+    AssertionError("libtransformer_engine.so not found"),
+    ValueError("bad version string"),
+    AttributeError("module 'transformer_engine_torch' has no attribute 'cudnn'"),
+]
+
+
+@pytest.mark.parametrize("error", BROKEN_TE_IMPORTS, ids=lambda err: type(err).__name__)
+def test_a_broken_te_install_gives_one_clear_error_and_auto_falls_back(fake_te, monkeypatch, error):
     real_import = builtins.__import__
 
     def failing_import(name, *args, **kwargs):
         if name.startswith("transformer_engine"):
-            raise RuntimeError("cudnn shared object not found")
+            raise error
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", failing_import)
-    with pytest.raises(UserError, match=r"transformer-engine\[pytorch\].*cudnn.*--fp8 torch"):
+    expected = rf"transformer-engine\[pytorch\] \({type(error).__name__}.*--fp8 torch"
+    with pytest.raises(UserError, match=expected):
         apply_fp8(tiny_model(), "te")
+    assert fp8.resolve_fp8_mode("auto", torch.device("cuda", 0)) == "torch"
+
+
+def test_te_not_installed_gives_one_clear_error(fake_te, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # not installed: ImportError
-    monkeypatch.setattr(builtins, "__import__", real_import)
     with pytest.raises(UserError, match="--fp8 torch"):
         fp8_autocast("te", Fp8Recipe())
 
