@@ -243,6 +243,10 @@ class LlamaModel(nn.Module):
         # Transformer Engine fp8 metadata found in a loaded checkpoint (module name -> state); the fp8
         # path restores it into its layers, everything else ignores it.
         self.fp8_extra_state: dict[str, object] = {}
+        # How activation checkpointing recomputes a block. Transformer Engine's fp8 layers need TE's
+        # own checkpoint (``apply_fp8`` swaps it in): the recompute runs in backward, outside
+        # ``fp8_autocast``, and torch's would replay those layers without fp8.
+        self.recompute = checkpoint
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -289,7 +293,7 @@ class LlamaModel(nn.Module):
         for block in self.layers:
             mask = masks[block.attn.window]
             if self.config.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = self.recompute(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, kv_cache)
         return self.norm(x)

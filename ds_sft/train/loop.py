@@ -325,13 +325,17 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
     return engine, state, identity
 
 
-def fp8_forward_context(s):
-    """What every forward runs inside: ``fp8_autocast`` with ``--fp8`` on (mode ``te`` needs it)."""
+def fp8_forward_context(s, device):
+    """What every forward runs inside: ``fp8_autocast`` with ``--fp8`` on (mode ``te`` needs it).
+
+    ``auto`` is resolved here, once: resolving tries to import Transformer Engine, and a failed
+    import is not cached, so resolving per forward would search for it on every micro-batch."""
     if s.fp8 == "off":
         return contextlib.nullcontext
-    from ds_sft.model.fp8 import Fp8Recipe, fp8_autocast
+    from ds_sft.model.fp8 import Fp8Recipe, fp8_autocast, resolve_fp8_mode
 
-    return functools.partial(fp8_autocast, s.fp8, Fp8Recipe.from_dict(s.fp8_recipe or {}))
+    recipe = Fp8Recipe.from_dict(s.fp8_recipe or {})
+    return functools.partial(fp8_autocast, resolve_fp8_mode(s.fp8, device), recipe)
 
 
 class StepMeter:
@@ -486,7 +490,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
 
     # set-up: engine (resumed or fresh), fp8, meters, logs, the val sample
     engine, state, identity = start_engine(s, ds_config, model, train_set, run_dir, sampler, world, say)
-    forward_context = fp8_forward_context(s)
+    forward_context = fp8_forward_context(s, engine.device)
     first_step, last_eval, status = state["step"], None, "finished"
     meter = StepMeter(s, ds_config, model.config, train_set.seq_len, world, first_step, say)
     log = RunLog(s, run_dir, is_main, say)

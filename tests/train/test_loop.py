@@ -163,3 +163,18 @@ def test_activation_checkpointing_flag_recomputes_with_identical_losses(dist_env
     plain, _, _ = run(s, dataset, tmp_path / "plain")
     checkpointed, _, _ = run(s, dataset, tmp_path / "recompute", recomputed)
     assert [r["loss"] for r in checkpointed] == pytest.approx([r["loss"] for r in plain], abs=1e-6)
+
+
+def test_fp8_auto_is_resolved_once_not_per_forward(monkeypatch):
+    from ds_sft.model import fp8
+    from ds_sft.train.loop import fp8_forward_context
+
+    resolved, resolve = [], fp8.resolve_fp8_mode
+    monkeypatch.setattr(
+        fp8, "resolve_fp8_mode", lambda mode, device: resolved.append(mode) or resolve(mode, device)
+    )
+    context = fp8_forward_context(settings(fp8="auto"), torch.device("cpu"))
+    for _ in range(3):
+        with context():
+            pass
+    assert resolved == ["auto"]
