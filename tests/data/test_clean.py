@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import string
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -13,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ds_sft.data.clean import (
+    CALCULATOR_ANNOTATION,
     Drops,
     NgramSet,
     clean_records,
@@ -23,6 +26,7 @@ from ds_sft.data.clean import (
     unique_rows,
     words,
 )
+from tests.conftest import REPO_ROOT
 
 
 def record(instruction, response, source="s", extra=""):
@@ -70,6 +74,50 @@ def test_gsm8k_annotations_stripped_final_line_kept():
     kept = clean_records([record("q", answer), record("q2", "no final line")], drops, gsm8k=True)
     assert kept[0]["response"] == "Natalia sold 48/2 = 24 clips in May.\nIn all 48+24 = 72 clips.\n#### 72"
     assert drops.by_source() == {"s": {"no_final_answer_line": 1}}
+
+
+def test_calculator_annotations_are_stripped_from_gsm8k_only():
+    code = "int x = 1; x <<= 2; y >>= 1;\nprint(a << b == c >> d)"
+    kept = clean_records([record("Shift", code, source="alpaca")], Drops())
+    assert kept[0]["response"] == code  # no "annotation" in code is taken out
+    kept = clean_records([record("q", code + "\n#### 4")], Drops(), gsm8k=True)
+    # GSM8K's own rule takes out what looks like an annotation: "<<= 2; y >>" and "<< b == c >>"
+    assert kept[0]["response"] == "int x = 1; x = 1;\nprint(a  d)\n#### 4"
+
+
+# What the cleaning regexes were before they were made linear: the reference they must still agree with.
+TRAILING_SPACE_REGEX = re.compile(r"[ \t]+$", re.MULTILINE)
+CALCULATOR_REGEX = re.compile(r"<<[^<>\n]*=[^<>\n]*>>")
+
+
+@given(st.text(alphabet=" \tx=<>\n", max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_linear_cleaning_agrees_with_the_regexes_it_replaced(text):
+    spaced = text.replace("x", "x \n")  # every line also ends in spaces now and then
+    assert normalize_text(spaced) == normalize_text(TRAILING_SPACE_REGEX.sub("", spaced))
+    assert CALCULATOR_ANNOTATION.sub("", text) == CALCULATOR_REGEX.sub("", text)
+
+
+@pytest.mark.parametrize(
+    "response",  # built in the child: a megabyte is too long for one command-line argument
+    [
+        "' \\n' + ' ' * 10**6 + 'x'",
+        "'\\t\\n' + ' \\t' * 10**6 + 'x'",
+        "'<<' + '=' * 10**6",
+        "'<<' + '=x' * 10**6",
+    ],
+    ids=["spaces", "tabs", "equals", "equals_and_text"],
+)
+def test_a_megabyte_run_of_one_character_cleans_in_linear_time(response):
+    """A row of a million spaces or "=" took hours through the backtracking regexes (n^2 steps).
+    In a child process with a timeout 100x what linear work takes, so a regression fails, not hangs."""
+    code = (
+        "from ds_sft.data.clean import Drops, clean_records\n"
+        "row = dict(id='x', source='s', category='general', instruction='q', input='', history=[],"
+        f" response={response} + '\\n#### 1')\n"
+        "clean_records([row], Drops(), gsm8k=True)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
 
 
 def test_real_gsm8k_answers_lose_every_annotation(shared):
