@@ -52,7 +52,7 @@ def _from_pretrained(directory: Path, **kwargs):
         paths.refuse_remote_code(directory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # a config of wrong types: TypeError, AttributeError... deep in transformers
         if (directory / "tokenizer.json").is_file() and not kwargs:
             print(
                 f"note: transformers cannot read the tokenizer in {directory} ({first_line(err)}); "

@@ -123,3 +123,52 @@ def test_special_tokens_outside_the_vocabulary_are_refused(
     assert "\n" not in message and "new id the model never saw" in message
     for role, token in outside.items():
         assert repr(token) in message and (role == token or f"{role} {token!r}" in message)
+
+
+CONFIG_KEYS = (
+    "eos_token", "pad_token", "tokenizer_class", "added_tokens_decoder", "additional_special_tokens",
+    "extra_special_tokens", "model_input_names", "model_max_length", "padding_side", "chat_template",
+    "clean_up_tokenization_spaces", "name_or_path",
+)  # fmt: skip
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@given(
+    config=st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON_VALUES, min_size=1, max_size=3),
+    slow=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+@pytest.mark.filterwarnings("ignore")
+def test_a_tokenizer_config_of_any_types_loads_or_is_one_line(
+    tiny_tokenizer_file, tmp_path_factory, config, slow
+):
+    """Values of the wrong JSON type (an EOS that is a number, a decoder that is a list...) made
+    transformers raise TypeError or AttributeError, which came out as a traceback."""
+    folder = tokenizer_folder(tiny_tokenizer_file, tmp_path_factory.mktemp("tok"), slow, {})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    try:
+        tokenizer = load_tokenizer(str(folder))
+    except UserError as err:
+        assert "\n" not in str(err)
+    else:
+        assert tokenizer.eos_token_id is not None
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"eos_token": 5}, {"tokenizer_class": 3}, {"added_tokens_decoder": [1, 2]}, {"model_input_names": 5},
+     {"additional_special_tokens": [{"x": 1}]}],
+    ids=["eos_int", "class_int", "decoder_list", "input_names_int", "additional_dicts"],
+)  # fmt: skip
+def test_an_unreadable_tokenizer_config_falls_back_to_the_tokenizer_json(
+    tiny_tokenizer_file, tmp_path, capsys, config
+):
+    folder = tokenizer_folder(tiny_tokenizer_file, tmp_path, False, {})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(str(folder))
+    assert tokenizer.eos_token_id is not None
+    assert "transformers cannot read the tokenizer" in capsys.readouterr().out
