@@ -17,7 +17,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ds_sft.errors import UserError, os_error_line
+from ds_sft.errors import UserError, one_line, os_error_line
 
 # name -> (module, one-line summary). Modules are imported only when their command is used.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,7 +40,7 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
     try:
         code = module.run(args)
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno is None:  # raised by a library with a message of its own: a bug to look at

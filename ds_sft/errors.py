@@ -46,6 +46,14 @@ def os_error_line(err: OSError) -> str:
     return f"{' -> '.join(names) + ': ' if names else ''}{reason}; {fix}"
 
 
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\n``, ``\\x1b``...): a message quotes
+    names from the user's files and folders, and a newline in one would start a line of its own
+    that reads like a message of ds-sft's (``evil\\nwarning: all good``), an escape would drive the
+    terminal."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _printable(name) -> str:
     text = os.fsdecode(name) if isinstance(name, bytes | os.PathLike) else str(name)
     return text if text.isprintable() else repr(text)  # a newline in a path would break the line

@@ -82,7 +82,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_sft.errors import UserError, first_line
+from ds_sft.errors import UserError, first_line, one_line
 from ds_sft.paths import sha256_file
 
 STATE_FILE = "trainer_state.json"
@@ -212,9 +212,8 @@ def damage(tag_dir: Path) -> str | None:
             return f"{name} is truncated or overwritten ({size:,} bytes, {digest['bytes']:,} when saved)"
         if sha256_file(path) != digest["sha256"]:
             return f"{name} is corrupted (its sha256 differs from the one recorded when saved)"
-    foreign = sorted(
-        p.name for p in tag_dir.iterdir() if p.is_file() and p.name not in {*expected, STATE_FILE}
-    )
+    # any entry, not only files: a FIFO named x.pt would block the pickle check below forever
+    foreign = sorted(p.name for p in tag_dir.iterdir() if p.name not in {*expected, STATE_FILE})
     if foreign:
         return (
             f"{', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not part of it when it was saved"
@@ -232,7 +231,8 @@ def _is_number(value) -> bool:
 
 def _field_problems(state: dict) -> dict[str, bool]:
     """{field: is it wrong} for every field ds-sft reads back from a trainer state."""
-    sampler = state.get("sampler")
+    sampler, run = state.get("sampler"), state.get("run", {})
+    run_seed = run.get("seed") if isinstance(run, dict) else None
     return {
         "step": not _is_int(state.get("step"), 0),
         "world_size": not _is_int(state.get("world_size"), 1, 2**20),
@@ -250,6 +250,16 @@ def _field_problems(state: dict) -> dict[str, bool]:
             and _is_int(sampler.get("epoch"), 0)
             and _is_int(sampler.get("consumed_samples"), 0)
             and _is_int(sampler.get("seed"), -(2**63), 2**64)
+            and (run_seed is None or sampler["seed"] == run_seed)
+        ),
+        # the run's table (compatibility.run_identity): its stage and precision choose the engine a
+        # changed resume loads the checkpoint with, its model config is built to compare weights
+        "run": not (
+            isinstance(run, dict)
+            and run.get("zero_stage", state.get("zero_stage")) == state.get("zero_stage")
+            and run.get("precision", "bf16") in ("bf16", "fp32")
+            and (run_seed is None or _is_int(run_seed, -(2**63), 2**64))
+            and (run.get("model") is None or isinstance(run["model"], dict))
         ),
     }
 
@@ -447,7 +457,7 @@ def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
         problem = damage(path)
         if problem is None:
             for line in skipped:
-                print(f"warning: {line}", file=sys.stderr, flush=True)
+                print(f"warning: {one_line(line)}", file=sys.stderr, flush=True)
             return path
         skipped.append(f"skipping checkpoint {path}: {problem}")
     if skipped:

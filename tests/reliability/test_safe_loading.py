@@ -9,9 +9,13 @@ sentinel file if executed, so "it did not run" is checked, not assumed.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import pickle
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -368,6 +372,15 @@ HOSTILE_STATES = {
     "a digest that is not hex": {"files": {"x.pt": {"bytes": 1, "sha256": "zz"}}},
     "files a list": {"files": ["x.pt"]},
     "not an object": None,
+    "run a string": {"run": "x"},
+    "run null": {"run": None},
+    "run a list": {"run": [1]},
+    "run at another zero stage": {"run": {"zero_stage": 7}},
+    "run at a zero stage the state does not say": {"run": {"zero_stage": 3}},
+    "run in fp16": {"run": {"precision": "fp16"}},
+    "run seed not the sampler's": {"run": {"seed": 5}},
+    "run seed a string": {"run": {"seed": "5"}},
+    "run model a list": {"run": {"model": [1]}},
 }
 
 
@@ -394,6 +407,57 @@ def test_a_genuine_trainer_state_passes_and_an_unlisted_file_does_not(checkpoint
     assert checkpointing.damage(tag_dir) is None
     (tag_dir / "extra_optim_states.pt").write_bytes(b"")
     assert "extra_optim_states.pt was not part of it" in checkpointing.damage(tag_dir)
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+UNLISTED_ENTRIES = {
+    "a FIFO": lambda tag_dir: _fifo(tag_dir / "extra.pt"),
+    "a folder": lambda tag_dir: (tag_dir / "extra.pt").mkdir(),
+    "a link to a device": lambda tag_dir: (tag_dir / "extra.pt").symlink_to("/dev/zero"),
+    "a link to a FIFO": lambda tag_dir: (
+        _fifo(tag_dir.parent / "fifo"),
+        (tag_dir / "extra.pt").symlink_to(tag_dir.parent / "fifo"),
+    ),
+    "a dangling link": lambda tag_dir: (tag_dir / "extra.pt").symlink_to(tag_dir / "nowhere"),
+}
+
+
+@pytest.mark.parametrize("entry", UNLISTED_ENTRIES)
+def test_an_unlisted_entry_of_any_kind_is_refused_without_being_opened(checkpoints, tmp_path, entry):
+    """Only files were compared with the list, so a FIFO named ``*.pt`` reached the pickle check,
+    which opened it and blocked forever. Run in a thread: a regression fails here instead of hanging."""
+    from ds_sft.train import checkpointing
+
+    tag_dir = _copy_tag(checkpoints[3], tmp_path)
+    UNLISTED_ENTRIES[entry](tag_dir)
+    found = []
+    worker = threading.Thread(target=lambda: found.append(checkpointing.damage(tag_dir)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():  # blocked opening the FIFO: a writer lets it go on
+        os.close(os.open(tag_dir.parent / "fifo" if entry == "a link to a FIFO" else tag_dir / "extra.pt",
+                         os.O_WRONLY | os.O_NONBLOCK))  # fmt: skip
+        worker.join(timeout=60)
+        pytest.fail("damage() opened an unlisted FIFO and blocked")
+    assert found == ["extra.pt was not part of it when it was saved"]
+
+
+def test_a_name_with_a_newline_stays_on_one_line(checkpoints, tmp_path):
+    """A file name can hold a newline: quoted in a message, it must not start a line that reads like
+    one of ds-sft's own (``warning: ...``)."""
+    from ds_sft.command import execute
+    from ds_sft.train import checkpointing
+
+    tag_dir = _copy_tag(checkpoints[3], tmp_path)
+    (tag_dir / "evil\nwarning: all good, resuming.pt").write_bytes(b"")
+    module = SimpleNamespace(run=lambda args: checkpointing.find_checkpoint(str(tag_dir), tmp_path))
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert execute("ds-sft train", module, SimpleNamespace()) == 2
+    assert stderr.getvalue().count("\n") == 1 and "evil\\nwarning: all good" in stderr.getvalue()
 
 
 @pytest.mark.parametrize("latest", ["../../elsewhere/step_000001", "/tmp", "step_1; rm", ""])
