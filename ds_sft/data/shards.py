@@ -29,9 +29,10 @@ import numpy as np
 
 from ds_sft.errors import UserError
 from ds_sft.labels import IGNORE_INDEX
-from ds_sft.paths import read_json_object
+from ds_sft.paths import read_json_object, require_regular_file
 
 ROWS_PER_SHARD = 16384  # 16M tokens (32 MB of uint16) per shard at seq_len 1024
+SHARD_PARTS = ("tokens", "loss_mask", "documents", "row_offsets")  # one .npy file each
 SHARD_NAME = re.compile(r"shard_\d{5,}")  # what write_split names them; nothing that leaves the folder
 REPREPARE = "run `ds-sft prepare` again to rebuild it"
 
@@ -145,10 +146,10 @@ class PackedDataset:
         # opened lazily, so a dataset pickled into DataLoader workers carries no open maps
         if number not in self._open:
             name = self.index["shards"][number]["name"]
-            self._open[number] = {
-                part: np.load(self.data_dir / self.split / f"{name}.{part}.npy", mmap_mode="r")
-                for part in ("tokens", "loss_mask", "documents", "row_offsets")
-            }
+            paths = {part: self.data_dir / self.split / f"{name}.{part}.npy" for part in SHARD_PARTS}
+            for path in paths.values():  # a FIFO would block np.load forever, a device never end
+                require_regular_file(path, "prepared shard")
+            self._open[number] = {part: np.load(path, mmap_mode="r") for part, path in paths.items()}
         return self._open[number]
 
     def check_shard(self, number: int) -> None:
@@ -162,9 +163,7 @@ class PackedDataset:
             shard = self._shard(number)
         except ValueError as err:  # truncated, not .npy, or objects (which would need pickle)
             raise UserError(f"{where}: unreadable ({str(err).splitlines()[0]}); {REPREPARE}") from None
-        tokens, mask, documents, offsets = (
-            shard[part] for part in ("tokens", "loss_mask", "documents", "row_offsets")
-        )
+        tokens, mask, documents, offsets = (shard[part] for part in SHARD_PARTS)
         vocab = self.manifest.get("tokenizer", {}).get("vocab_size")
         integer = all(
             np.issubdtype(a.dtype, np.integer) or a.dtype == bool for a in (tokens, mask, documents, offsets)

@@ -8,7 +8,9 @@ garbage offsets without a word.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ds_sft.data.shards import PackedDataset
+from ds_sft.data.shards import SHARD_PARTS, PackedDataset
 from ds_sft.errors import UserError
 from tests.train.helpers import write_data_dir
 
@@ -161,3 +163,38 @@ def test_any_forged_json_field_opens_or_is_one_user_error(pristine, tmp_path_fac
         return
     for i in range(len(dataset)):  # what opened serves every row
         dataset[i]
+
+
+NOT_FILES = {
+    "a FIFO": os.mkfifo,
+    "a folder": os.mkdir,
+    "a link to a device": lambda path: os.symlink("/dev/zero", path),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_FILES)
+@pytest.mark.parametrize("part", SHARD_PARTS)
+def test_a_shard_that_is_not_a_file_is_refused_without_being_opened(pristine, tmp_path, part, kind):
+    """np.load opened a FIFO and blocked forever (train hung after printing its config). Run in a
+    thread: a regression fails here instead of hanging."""
+    data = tmp_path / "data"
+    shutil.copytree(pristine, data)
+    shard(data, part).unlink()
+    NOT_FILES[kind](shard(data, part))
+    outcome = []
+
+    def open_dataset():
+        try:
+            PackedDataset(data, "train")
+        except UserError as err:
+            outcome.append(str(err))
+
+    worker = threading.Thread(target=open_dataset, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():  # blocked opening the FIFO: a writer lets it go on
+        os.close(os.open(shard(data, part), os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=60)
+        pytest.fail("PackedDataset opened a FIFO and blocked")
+    assert len(outcome) == 1 and "\n" not in outcome[0]
+    assert outcome[0].startswith(f"{shard(data, part)}: is ") and "not a regular file" in outcome[0]
