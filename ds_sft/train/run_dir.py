@@ -198,8 +198,8 @@ def checkpoint_entry_kind(name: str) -> str | None:
 
 
 def wrong_kinds(run_dir: Path) -> list[str]:
-    """Paths a run writes (top level, checkpoints/) holding something of another kind (a symlink, a
-    folder where a file goes...): a run would write through it, or fail on it."""
+    """Paths a run writes (top level, checkpoints/, anything in final/) holding something of another
+    kind (a symlink, a folder where a file goes...): a run would write through it, or fail on it."""
     wrong = []
     for path in entries(run_dir):
         expected = "file" if path.name in RUN_FILES else "folder" if path.name in RUN_FOLDERS else None
@@ -211,6 +211,10 @@ def wrong_kinds(run_dir: Path) -> list[str]:
             expected = checkpoint_entry_kind(path.name)
             if expected and kind(path) != expected:
                 wrong.append(f"checkpoints/{path.name} is a {kind(path)}, where a run writes a {expected}")
+    if kind(run_dir / "final") == "folder":  # the final weights, config, listing and tokenizer copy
+        problem = plain_tree_problem(run_dir / "final", run_dir)
+        if problem:
+            wrong.append(f"{problem}, where a run writes only files and folders")
     return wrong
 
 

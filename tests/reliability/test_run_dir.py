@@ -598,6 +598,32 @@ def test_overwrite_removes_only_what_the_run_wrote(
     assert {name for name in after if is_old_run(name)} == {name for name in kept_paths if is_old_run(name)}
 
 
+# Where a run writes inside final/ (weights, config, listing, tokenizer copy): each replaced by a link.
+FINAL_LINKS = ["final/model_config.json", "final/ds_sft_files.json", "final/model.safetensors",
+               "final/tokenizer", "final/tokenizer/tokenizer.json"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FINAL_LINKS)
+@pytest.mark.parametrize("mode", ["--resume", "--overwrite"])
+def test_a_symlink_in_final_is_refused_whatever_the_run_would_do(one_rank, genuine_run, tmp_path, name, mode):
+    """--resume checked final/ for nothing and wrote the new final weights through its symlinks: a
+    file outside the run held the model config afterwards."""
+    out = copy_run(genuine_run, tmp_path / "run")
+    victim = tmp_path / "victim"
+    (victim / "folder").mkdir(parents=True)
+    (victim / "file").write_text("the user's")
+    path = out / name
+    if os.path.lexists(path):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(victim / ("folder" if name == "final/tokenizer" else "file"))
+    before = snapshot(out), snapshot(victim)
+    with pytest.raises(UserError, match=f"{name} is a symlink, where a run writes only files") as err:
+        claim_run_dir(out, "auto" if mode == "--resume" else None, overwrite=mode == "--overwrite")
+    assert "\n" not in str(err.value)
+    assert (snapshot(out), snapshot(victim)) == before
+
+
 def is_old_run(name: str) -> bool:
     """Whether a path of the run folder is (or is inside) one that a finished run leaves."""
     top = name.split("/")[0]
