@@ -71,6 +71,7 @@ DeepSpeed's ``zero_to_fp32`` does not handle stage 0 at all.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -397,12 +398,51 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int)
     return tag
 
 
+def remove_tag(tag_dir: Path, tag: str | None = None) -> None:
+    """Delete the checkpoint tag in ``tag_dir`` (named ``tag``, when it was moved aside), but no file
+    a user put there. Then only the files its trainer state lists go (that file first, so no complete
+    tag is left half deleted), and the folder, holding only theirs, is renamed ``<tag>.kept``: the
+    tag's name is free, and ``--resume`` never takes it for a checkpoint. A folder whose list cannot
+    be read is kept whole (which of its files the run wrote is not known), renamed the same way."""
+    tag = tag or tag_dir.name
+    if tag_dir.is_symlink() or not tag_dir.is_dir():
+        remove(tag_dir, missing_ok=True)  # a link itself, never its target
+        return
+    try:
+        state = read_trainer_state(tag_dir)
+    except (OSError, ValueError, RecursionError):
+        state = None
+    listed = state["files"] if trainer_state_problem(state, with_files=True) is None else None
+    ours = {*listed, STATE_FILE} if listed is not None else set()
+    theirs = sorted(
+        p.name for p in tag_dir.iterdir() if p.name not in ours or p.is_symlink() or not p.is_file()
+    )
+    if not theirs:
+        remove(tag_dir)
+        return
+    for name in sorted(ours - set(theirs), key=lambda name: name != STATE_FILE):
+        (tag_dir / name).unlink(missing_ok=True)
+    kept = tag_dir.with_name(f"{tag}.kept")
+    for n in itertools.count(2):
+        if not os.path.lexists(kept):
+            break
+        kept = tag_dir.with_name(f"{tag}.kept{n}")
+    os.replace(tag_dir, kept)
+    why = "" if listed is not None else f" (its {STATE_FILE} does not say which files the run wrote)"
+    print(
+        f"note: checkpoint {tag}: kept what the run did not write there{why}, "
+        f"now in {one_line(str(kept))}: {one_line(', '.join(theirs))}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def drop_later_tags(ckpt_dir: Path, step: int) -> None:
     """Delete the tags of steps after ``step``: saved by a run this one branched from (by resuming one
     of its earlier checkpoints), so not part of this run's history."""
     for path in ckpt_dir.iterdir():
         if is_tag(path.name) and tag_step(path.name) > step:
-            remove(path)
+            remove_tag(path)
 
 
 def replace_tag(new: Path, tag_dir: Path) -> None:
@@ -413,13 +453,13 @@ def replace_tag(new: Path, tag_dir: Path) -> None:
     if tag_dir.is_symlink() or tag_dir.exists():
         os.replace(tag_dir, replaced)  # renames a symlink itself, never its target
     os.replace(new, tag_dir)
-    remove(replaced, missing_ok=True)
+    remove_tag(replaced, tag_dir.name)
 
 
 def prune(ckpt_dir: Path, keep_last: int, best_tag: str | None) -> None:
     for path in saved_tags(ckpt_dir)[keep_last:]:
         if path.name != best_tag:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tag(path)
 
 
 def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:

@@ -4,6 +4,7 @@ another ZeRO stage or precision, the NaN/Inf count of a loaded state."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 
 import pytest
@@ -103,14 +104,65 @@ def test_replace_tag_swaps_in_the_new_folder_and_never_follows_a_symlink(tmp_pat
     assert not tag_dir.is_symlink() and sorted(p.name for p in tag_dir.iterdir()) == [
         "mp_rank_00_model_states.pt"
     ]
+    # a folder without a trainer state does not say which files are the run's: kept whole, renamed
+    kept = ["step_000006.kept"] if earlier == "folder" else []
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [
         ".partial",
         "latest",
         "step_000002",
         "step_000004",
         "step_000006",
+        *kept,
     ]
     assert (outside / "keep.pt").read_text() == "not ds-sft's"
+
+
+def list_files(tag_dir, files: dict[str, bytes]) -> None:
+    """Write ``files`` into a tag of :func:`make_tags` and list them in its trainer state."""
+    state = json.loads((tag_dir / STATE_FILE).read_text())
+    for name, data in files.items():
+        (tag_dir / name).write_bytes(data)
+        state["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (tag_dir / STATE_FILE).write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("how", ["prune", "drop_later_tags", "replace_tag"])
+def test_a_tag_the_run_deletes_keeps_what_the_run_did_not_write(tmp_path, capsys, how):
+    """Pruning, dropping a branched run's later tags and replacing a tag deleted the whole folder: a
+    user's notes in it went too. Now the run's files go and the user's stay, in ``<tag>.kept``."""
+    ckpt_dir, outside = tmp_path / "checkpoints", tmp_path / "outside"
+    make_tags(ckpt_dir, [2, 4, 6])
+    outside.mkdir()
+    (outside / "target.pt").write_text("not ds-sft's")
+    tag = "step_000002" if how == "prune" else "step_000006"
+    list_files(ckpt_dir / tag, {"mp_rank_00_model_states.pt": b"weights", "optim_states.pt": b"moments"})
+    (ckpt_dir / tag / "notes.txt").write_text("the user's")
+    (ckpt_dir / tag / "link.pt").symlink_to(outside / "target.pt")
+    if how == "prune":
+        prune(ckpt_dir, keep_last=2, best_tag=None)
+    elif how == "drop_later_tags":
+        drop_later_tags(ckpt_dir, 4)
+    else:
+        new = ckpt_dir / ".partial" / tag
+        new.mkdir(parents=True)
+        (new / "mp_rank_00_model_states.pt").write_text("new")
+        replace_tag(new, ckpt_dir / tag)
+        assert sorted(p.name for p in (ckpt_dir / tag).iterdir()) == ["mp_rank_00_model_states.pt"]
+    kept = ckpt_dir / f"{tag}.kept"
+    assert sorted(p.name for p in kept.iterdir()) == ["link.pt", "notes.txt"]
+    assert (kept / "notes.txt").read_text() == "the user's" and (
+        kept / "link.pt"
+    ).read_text() == "not ds-sft's"
+    assert (how == "replace_tag") == (ckpt_dir / tag).exists()
+    assert f"checkpoint {tag}: kept what the run did not write there" in capsys.readouterr().err
+
+
+def test_a_second_kept_folder_of_one_tag_takes_the_next_free_name(tmp_path):
+    make_tags(tmp_path, [2, 4])
+    (tmp_path / "step_000004.kept").mkdir()
+    (tmp_path / "step_000004" / "notes.txt").write_text("the user's")
+    drop_later_tags(tmp_path, 2)
+    assert (tmp_path / "step_000004.kept2" / "notes.txt").read_text() == "the user's"
 
 
 def test_drop_later_tags_removes_only_later_tags(tmp_path):
