@@ -168,3 +168,46 @@ def test_a_json_array_is_held_at_most_twice_while_it_parses(tmp_path, monkeypatc
     records, _, peak = load(path)
     assert len(records) == 8
     assert peak < 2.3 * size, f"peak {peak / size:.2f}x the file"
+
+
+def peak_bytes(call) -> int:
+    tracemalloc.start()
+    try:
+        call()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_rows_of_keys_of_their_own_cost_memory_by_their_size_not_rows_times_keys(
+    tmp_path, suffix, monkeypatch
+):
+    """Every key of any row became a full-length column: 400 rows of 100 keys each their own made
+    40,000 columns of 400 values (16 M values, 128 MB) from a file of 2 MB. Reading a source now holds
+    the parsed rows and the columns its schema uses, a few times the parse itself."""
+    monkeypatch.setattr(sources, "MAX_ARRAY_BYTES", 1 << 30)
+    rows = [
+        {"instruction": f"q{i}", "output": f"a{i}", **{f"k{i}_{j}": j for j in range(100)}}
+        for i in range(400)
+    ]
+    path = tmp_path / f"keys{suffix}"
+    text = json.dumps(rows) if suffix == ".json" else "\n".join(map(json.dumps, rows))
+    path.write_text(text)
+    spec = sources.SourceSpec("mine", "generic", str(path))
+    records = []
+    reading = peak_bytes(lambda: records.extend(sources.load_source(spec, False, Drops())[0]))
+    parsing = peak_bytes(
+        lambda: [json.loads(line) for line in text.splitlines()] if suffix == ".jsonl" else json.loads(text)
+    )
+    assert [r["instruction"] for r in records] == [f"q{i}" for i in range(400)]
+    assert reading < 4 * parsing, (reading, parsing)
+
+
+def test_a_refusal_names_the_first_columns_of_a_file_of_thousands(tmp_path):
+    path = tmp_path / "keys.jsonl"
+    path.write_text("\n".join(json.dumps({f"k{i}_{j}": j for j in range(100)}) for i in range(50)))
+    with pytest.raises(UserError, match=r"found columns \[.*'k0_19', '\.\.\. 4980 more'\]") as info:
+        sources.load_source(sources.SourceSpec("mine", "generic", str(path)), False, Drops())
+    assert len(str(info.value)) < 1000
