@@ -299,7 +299,20 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._given: dict[str, list[str]] = {}  # dest -> the first value of each single-value flag
+        return super().parse_known_args(args, namespace)
+
     def _get_values(self, action, arg_strings):
+        # A flag that holds one value keeps the last one given: `--alpaca a.json --alpaca b.json` read
+        # b.json alone, and a.json's rows were lost without a word.
+        if action.option_strings and type(action) is argparse._StoreAction:
+            first = self._given.setdefault(action.dest, arg_strings)
+            if first is not arg_strings and first != arg_strings:
+                self.error(
+                    f"argument {action.option_strings[0]}: given twice ({' '.join(first)!r}, then "
+                    f"{' '.join(arg_strings)!r}); it takes one value: pass it once"
+                )
         # An empty value is far more often an unset shell variable (--output_dir "$OUT") than a choice,
         # and to a path flag "" means the working directory.
         if action.option_strings and any(not text.strip() for text in arg_strings):

@@ -104,3 +104,48 @@ def test_an_empty_value_stops_in_one_line_naming_the_flag(command, flag, empty, 
     err = capsys.readouterr().err.strip()
     assert exited.value.code == 2 and len(err.splitlines()) == 1, err
     assert f"argument {flag}: the value is empty" in err
+
+
+def error_of(argv: list[str], capsys) -> str:
+    """What parsing ``argv`` says on stderr ("" when it parses)."""
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit:
+        return capsys.readouterr().err
+    return ""
+
+
+def single_value_flags() -> list[tuple[str, str]]:
+    return [
+        (command, action.option_strings[0])
+        for command, parser in sorted(_subparsers(build_parser()).items())
+        for action in parser._actions
+        if type(action) is argparse._StoreAction and action.option_strings
+    ]
+
+
+@pytest.mark.parametrize(("command", "flag"), single_value_flags())
+def test_a_single_value_flag_given_twice_is_refused(command, flag, capsys):
+    """The last of two values won: `prepare --alpaca a.json --alpaca b.json` read b.json alone and
+    dropped a.json's rows without a word. The same value twice is harmless and stays accepted."""
+    action = next(a for a in _subparsers(build_parser())[command]._actions if flag in a.option_strings)
+    candidates = [
+        *map(str, action.choices or ()),
+        "1",
+        "0.5",
+        "512",
+        "auto",
+        "cpu",
+        "x",
+        "a=1",
+        "a,b",
+        "last",
+        "offline",
+    ]
+    count = action.nargs if isinstance(action.nargs, int) else 1  # --compare A B takes two
+    value = next(v for v in candidates if flag not in error_of([command, flag, *[v] * count], capsys))
+    first, then = [value] * count, ["2" if value != "2" else "3"] * count
+    message = error_of([command, flag, *first, flag, *then], capsys)
+    expected = f"argument {flag}: given twice ({' '.join(first)!r}, then {' '.join(then)!r})"
+    assert message.count("\n") == 1 and expected in message
+    assert "given twice" not in error_of([command, flag, *first, flag, *first], capsys)
