@@ -289,6 +289,12 @@ class Weights(Domain):
         return value
 
 
+class StoreOnce(argparse._StoreAction):
+    """``action=StoreOnce``: a flag naming an input, given at most once (or twice with one value).
+    argparse keeps the last of two values: ``--alpaca a.json --alpaca b.json`` read b.json alone, and
+    a.json's rows were lost without a word. Settings keep argparse's rule (a later flag overrides)."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser that reports a bad flag in one line, exit 2 (its subparsers do too).
 
@@ -300,13 +306,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):
-        self._given: dict[str, list[str]] = {}  # dest -> the first value of each single-value flag
+        self._given: dict[str, list[str]] = {}  # dest -> the first value of each StoreOnce flag
         return super().parse_known_args(args, namespace)
 
     def _get_values(self, action, arg_strings):
-        # A flag that holds one value keeps the last one given: `--alpaca a.json --alpaca b.json` read
-        # b.json alone, and a.json's rows were lost without a word.
-        if action.option_strings and type(action) is argparse._StoreAction:
+        if isinstance(action, StoreOnce):
             first = self._given.setdefault(action.dest, arg_strings)
             if first is not arg_strings and first != arg_strings:
                 self.error(

@@ -12,6 +12,7 @@ import pytest
 
 from ds_sft.cli import build_parser
 from ds_sft.command import COMMANDS
+from ds_sft.options import StoreOnce
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -115,17 +116,21 @@ def error_of(argv: list[str], capsys) -> str:
     return ""
 
 
-def single_value_flags() -> list[tuple[str, str]]:
+def input_flags() -> list[tuple[str, str]]:
     return [
         (command, action.option_strings[0])
         for command, parser in sorted(_subparsers(build_parser()).items())
         for action in parser._actions
-        if type(action) is argparse._StoreAction and action.option_strings
+        if isinstance(action, StoreOnce)
     ]
 
 
-@pytest.mark.parametrize(("command", "flag"), single_value_flags())
-def test_a_single_value_flag_given_twice_is_refused(command, flag, capsys):
+def test_every_data_source_flag_is_given_once():
+    assert {"--alpaca", "--gsm8k", "--dolly", "--gsm8k_test"} <= {flag for _, flag in input_flags()}
+
+
+@pytest.mark.parametrize(("command", "flag"), input_flags())
+def test_an_input_flag_given_twice_is_refused(command, flag, capsys):
     """The last of two values won: `prepare --alpaca a.json --alpaca b.json` read b.json alone and
     dropped a.json's rows without a word. The same value twice is harmless and stays accepted."""
     action = next(a for a in _subparsers(build_parser())[command]._actions if flag in a.option_strings)

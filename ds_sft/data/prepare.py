@@ -70,12 +70,13 @@ NOT_IN_CACHE_KEY = {"output_dir", "force", "alpaca", "gsm8k", "dolly", "source",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ds_sft.data.sources import HUB_IDS
-    from ds_sft.options import INT32_MAX, INT64_MAX, Choice, Float, Int, Weights
+    from ds_sft.options import INT32_MAX, INT64_MAX, Choice, Float, Int, StoreOnce, Weights
 
     src = parser.add_argument_group("sources (any one alone is a valid run)")
     for kind, (hub_id, _) in HUB_IDS.items():
         src.add_argument(
             f"--{kind}",
+            action=StoreOnce,
             nargs="?",
             const=hub_id,
             metavar="PATH_OR_HUB_ID",
@@ -106,6 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     src.add_argument(
         "--gsm8k_test",
+        action=StoreOnce,
         metavar="PATH",
         help="the GSM8K test set to decontaminate against (default: ../shared/data/gsm8k/test.jsonl, "
         "a test file beside --gsm8k, or openai/gsm8k's test split when online)",
