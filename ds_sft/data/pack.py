@@ -55,6 +55,10 @@ def one_per_row(n_docs: int) -> list[list[int]]:
     return [[doc] for doc in range(n_docs)]
 
 
+# What pack_rows holds per position of a row: an int64 token id and a uint8 loss-mask byte.
+BYTES_PER_POSITION = 9
+
+
 def pack_rows(docs: Documents, rows: list[list[int]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     """Lay documents out in rows of ``seq_len``.
 

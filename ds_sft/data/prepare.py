@@ -419,12 +419,31 @@ def select_rows(records: list[dict], names: list[str], reference: list[str], arg
     return unique[train_index], unique[val_index]
 
 
+def check_rows_fit(rows: int, seq_len: int, padded: bool) -> None:
+    """One line, before the rows are laid out, when they cannot be held: ``rows x seq_len`` token
+    ids and loss-mask bytes (:func:`~ds_sft.data.pack.pack_rows`). Packed rows are about as long as
+    the data; padded ones (``--no_pack``) each take ``--seq_len`` however short the example, so 5,000
+    examples at ``--seq_len 1048576`` asked numpy for 38 GiB and ended in its MemoryError."""
+    from ds_sft.data.pack import BYTES_PER_POSITION
+    from ds_sft.machine import available_memory
+
+    need, available = rows * seq_len * BYTES_PER_POSITION, available_memory()
+    if available is None or need <= available:
+        return
+    fix = "lower --seq_len, or pack (drop --no_pack)" if padded else "lower --seq_len or --max_examples"
+    raise UserError(
+        f"{rows:,} rows of --seq_len {seq_len:,} take {need / 2**30:,.1f} GiB to lay out, more than the "
+        f"{available / 2**30:,.1f} GiB this machine has available: {fix}"
+    )
+
+
 def write_documents(directory: Path, docs, args, pad_id: int, vocab_size: int, names: list[str]) -> dict:
     """Pack (or pad, with --no_pack) one split's documents into rows, write its shards, describe it."""
     from ds_sft.data.pack import best_fit_decreasing, efficiency, one_per_row, pack_rows
     from ds_sft.data.shards import write_split
 
     layout = one_per_row(len(docs)) if args.no_pack else best_fit_decreasing(docs.lengths, args.seq_len)
+    check_rows_fit(len(layout), args.seq_len, args.no_pack)
     write_split(directory, pack_rows(docs, layout, args.seq_len, pad_id), vocab_size)
     return {
         "rows": len(layout),

@@ -27,9 +27,8 @@ autograd saves and against the peak resident memory of real steps.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ds_sft.errors import UserError
+from ds_sft.machine import available_memory
 
 
 def saved_activation_bytes(
@@ -81,13 +80,8 @@ def available_bytes() -> tuple[int | None, str]:
     if torch.cuda.is_available():
         device = torch.cuda.current_device()
         return torch.cuda.mem_get_info(device)[0], f"free on cuda:{device}"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024, "available on this machine"
-    except OSError:
-        pass
-    return None, "unknown"
+    available = available_memory()
+    return available, "available on this machine" if available is not None else "unknown"
 
 
 def check_fits(model, seq_len: int, micro_batch: int, bf16: bool) -> None:

@@ -280,3 +280,43 @@ def test_text_spelling_a_special_token_is_dropped_and_counted_not_tokenized_as_o
     manifest = run_prepare(["--alpaca", str(data), *FLAGS, "--output_dir", str(tmp_path / "out")])
     counts = manifest["counts"]["alpaca"]
     assert counts["dropped"] == {"special_token_text": 1} and counts["kept"] == 11
+
+
+@pytest.mark.parametrize("no_pack", [True, False])
+def test_rows_that_cannot_be_held_are_one_line_before_they_are_laid_out(
+    run_prepare, tmp_path, monkeypatch, no_pack
+):
+    """--no_pack pads every example to --seq_len: 5,000 examples at --seq_len 1048576 asked numpy for
+    38 GiB and ended in its MemoryError traceback. Here the machine has 64 MiB available."""
+    import ds_sft.machine
+    from ds_sft.data import pack
+
+    monkeypatch.setattr(ds_sft.machine, "available_memory", lambda: 64 << 20)
+    laid_out = []
+    monkeypatch.setattr(pack, "pack_rows", lambda *args: laid_out.append(args) or pytest.fail("laid out"))
+    out = tmp_path / "out"
+    argv = [*prepare_argv(tmp_path, out), "--seq_len", str(1 << 20), *(["--no_pack"] if no_pack else [])]
+    if not no_pack:  # packed, the rows take about the data's size: it goes on to lay them out
+        with pytest.raises(pytest.fail.Exception, match="laid out"):
+            run_prepare(argv)
+        return
+    with pytest.raises(
+        UserError,
+        match=r"^\d+ rows of --seq_len 1,048,576 take [\d.]+ GiB to lay out, more than"
+        r" the 0\.1 GiB this machine has available: lower --seq_len, or pack",
+    ):
+        run_prepare(argv)
+    assert not out.exists() and not staging_left(tmp_path)
+
+
+def test_bytes_per_position_is_what_pack_rows_holds():
+    import numpy as np
+
+    from ds_sft.data.pack import BYTES_PER_POSITION, one_per_row, pack_rows
+    from ds_sft.data.tokenize import Documents
+
+    docs = Documents.with_prompts(
+        np.arange(5, dtype=np.int32), np.array([0, 2, 5]), np.array([1, 1]), np.zeros(2)
+    )
+    rows = pack_rows(docs, one_per_row(2), 8, 0)
+    assert rows["tokens"].itemsize + rows["loss_mask"].itemsize == BYTES_PER_POSITION
