@@ -556,3 +556,35 @@ def test_multi_turn_file_goes_through_prepare_train_and_eval(gpt2, tmp_path, mon
         == trained
         == manifest["splits"]["val"]["trained_tokens"]
     )
+
+
+# --- memory: a long conversation is rendered a prefix at a time ------------------------------------
+
+
+@pytest.mark.parametrize(("name", "route"), [("chatml", "prefix"), ("strips_reasoning", "located")])
+def test_a_long_conversation_holds_one_prefix_render_at_a_time(gpt2, name, route):
+    """All k prefix renders were held at once: a conversation of 400 turns of 50 kB (a 26 MB row)
+    took 5.4 GB. Here 60 exchanges of 20 kB: the peak is a few times the conversation's size, where
+    holding every prefix render took 35 times it."""
+    import tracemalloc
+
+    from ds_sft.data.templates import conversation_segments
+
+    tokenizer = with_template(gpt2, CHATML if name == "chatml" else STRIPS_REASONING)
+    messages = []
+    for i in range(60):
+        answer = f"answer {i}" + ("</think>ok" if route == "located" else "")
+        messages += [
+            {"role": "user", "content": f"question {i} " + "x" * 20_000},
+            {"role": "assistant", "content": answer},
+        ]
+    record = record_of(messages)
+    size = sum(len(m["content"]) for m in messages)
+    tracemalloc.start()
+    try:
+        segments, used = conversation_segments(record, "chat", tokenizer)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert used == route and len(segments) == 60
+    assert peak < 12 * size, (peak, size)  # 5x (prefix) and 8x (located); 35x both, all renders held
