@@ -271,18 +271,65 @@ def _json_array(path: Path, data: bytearray, skip_bad_rows: bool, drops: Drops, 
 
 
 def _read_parquet(path: Path) -> dict[str, list]:
+    """A parquet file's columns, refused in one line when they would not fit :data:`MAX_ARRAY_BYTES`
+    once decoded. Parquet's encodings make a small file a large table: compressed pages (a run of one
+    character), dictionaries (1,000 rows naming one 1 MiB string: 1 GiB from a 1 kB file), and runs
+    of one value (a billion nulls). So the size is checked from the file's metadata before reading,
+    strings are read as dictionaries, and the size they decode to is checked before it is made."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(str(path))
+        parquet = pq.ParquetFile(str(path))
+        meta = parquet.metadata
+        encoded = sum(
+            meta.row_group(group).column(column).total_uncompressed_size
+            for group in range(meta.num_row_groups)
+            for column in range(meta.num_columns)
+        )
+        # each value becomes a Python object: a pointer and a small object at least
+        objects = 16 * meta.num_rows * len(parquet.schema_arrow)
+        _check_parquet_size(path, max(encoded, objects))
+        strings = [leaf.path for leaf in parquet.schema if leaf.physical_type == "BYTE_ARRAY"]
+        table = pq.ParquetFile(str(path), read_dictionary=strings).read()
+    except UserError:
+        raise
     except Exception as err:  # Arrow raises many types; the user needs the file and the cause
         raise UserError(f"{path}: could not be read as parquet: {first_line(err)}") from None
     if table.num_rows == 0:
         raise UserError(f"{path}: the file has no rows")
+    _check_parquet_size(path, sum(map(_decoded_bytes, table.columns)) + objects)
     try:
         return table.to_pydict()
     except Exception as err:  # a value Python cannot hold, e.g. a date32 past year 9999 (OverflowError)
         raise UserError(f"{path}: a column holds values Python cannot read: {first_line(err)}") from None
+
+
+def _check_parquet_size(path: Path, size: int) -> None:
+    if size > MAX_ARRAY_BYTES:
+        raise UserError(
+            f"{path}: its rows take {size / 2**20:,.0f} MiB once decoded; a parquet file is read whole, so "
+            f"files over {MAX_ARRAY_BYTES >> 20} MiB decoded are refused: split it, or convert it to "
+            "JSON Lines (one object per line)"
+        )
+
+
+def _decoded_bytes(values) -> int:
+    """Bytes ``values`` (an Arrow array or chunked array) take with every dictionary expanded: its
+    strings' lengths taken once per index (the dictionaries hold the file's strings, see above)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(values, pa.ChunkedArray):
+        return sum(map(_decoded_bytes, values.chunks))
+    if isinstance(values, pa.DictionaryArray):
+        lengths = pc.take(pc.binary_length(values.dictionary), values.indices)
+        return values.indices.nbytes + (pc.sum(lengths).as_py() or 0)
+    if isinstance(values, pa.StructArray):
+        return sum(_decoded_bytes(values.field(i)) for i in range(values.type.num_fields))
+    if isinstance(values, pa.ListArray | pa.LargeListArray | pa.FixedSizeListArray):  # maps included
+        offsets = values.offsets.nbytes if hasattr(values, "offsets") else 0
+        return offsets + _decoded_bytes(values.values)
+    return values.nbytes
 
 
 def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> Mapping[str, list]:
@@ -294,7 +341,8 @@ def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> Ma
     Only a regular file is opened, and no more than the size ``stat`` gave is read. Memory is bounded
     for any file: a NUL byte near the start refuses it as not text, a JSON Lines line is read up to
     :data:`MAX_LINE_BYTES` (a longer one is refused, or dropped with ``--skip_bad_rows``), and an array
-    file over :data:`MAX_ARRAY_BYTES` is refused before it is read.
+    file over :data:`MAX_ARRAY_BYTES` is refused before it is read, a parquet file decoding past it
+    before it is decoded.
     """
     size = require_regular_file(path).st_size
     if path.suffix.lower() not in EXTENSIONS:

@@ -211,3 +211,59 @@ def test_a_refusal_names_the_first_columns_of_a_file_of_thousands(tmp_path):
     with pytest.raises(UserError, match=r"found columns \[.*'k0_19', '\.\.\. 4980 more'\]") as info:
         sources.load_source(sources.SourceSpec("mine", "generic", str(path)), False, Drops())
     assert len(str(info.value)) < 1000
+
+
+def parquet_bombs() -> dict:
+    """Small parquet files that decode to many times their size (over the 64 KiB array limit of
+    these tests), each through another encoding."""
+    import numpy as np
+    import pyarrow as pa
+
+    def one_string_named_by(rows: int, text: str):
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array([text]))
+
+    return {
+        "dictionary": (
+            pa.table(
+                {"instruction": one_string_named_by(100, "i" * 4096), "output": one_string_named_by(100, "o")}
+            ),
+            {},
+        ),
+        "dictionary in a conversation": (
+            pa.table({"messages": pa.array([[{"role": "user", "content": "u" * 4096}] * 8] * 10)}),
+            {},
+        ),
+        "compressed pages": (
+            pa.table({"instruction": ["a" * 8192] * 20, "output": ["b"] * 20}),
+            {"use_dictionary": False, "compression": "zstd"},
+        ),
+        "a run of nulls": (pa.table({"instruction": pa.nulls(10_000, pa.string())}), {"compression": "zstd"}),
+    }
+
+
+@pytest.mark.parametrize("bomb", sorted(parquet_bombs()))
+def test_a_parquet_file_that_decodes_past_the_limit_is_refused_before_it_is_made(tmp_path, bomb):
+    """A 1 kB parquet file of 1,000 rows naming one 1 MiB string took 2.5 GB (2,000 rows: 4.3 GB,
+    10,000: killed for memory): parquet files were read whole, with no limit."""
+    import pyarrow.parquet as pq
+
+    table, options = parquet_bombs()[bomb]
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(table, path, **options)
+    assert path.stat().st_size < 16 * LIMIT
+    message = one_line_error(path)
+    assert "MiB once decoded" in message and "split it, or convert it to JSON Lines" in message
+
+
+def test_a_parquet_file_within_the_limit_reads_as_it_did(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {
+        "instruction": ["a", "b"],
+        "output": ["c", None],
+        "n": [1, 2],
+        "messages": [[{"role": "user", "content": "x"}], []],
+    }
+    pq.write_table(pa.table(rows), tmp_path / "ok.parquet")
+    assert dict(read_table(tmp_path / "ok.parquet", False, Drops(), "a")) == rows
