@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -158,14 +159,24 @@ def load_model(
     return model.to(device=device, dtype=dtype)
 
 
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``state`` as a safetensors file, readable as any file this process writes. safetensors
+    creates it owner-only (0600) whatever the umask: on a shared cluster nobody else could read
+    the final weights or an export."""
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_model(model: LlamaModel, directory: str | Path) -> Path:
     """Write ``model.safetensors`` + ``model_config.json`` (what :func:`load_model` reads back).
 
     Only the LLaMA weights are written: state that layer swaps add (fp8 scaling buffers, TE extra
     state) belongs to training checkpoints, not to the final weights.
     """
-    from safetensors.torch import save_file
-
     with torch.device("meta"):
         weight_names = set(LlamaModel(model.config).state_dict())
     state = {
@@ -177,7 +188,7 @@ def save_model(model: LlamaModel, directory: str | Path) -> Path:
         raise ValueError(f"save_model: the model lacks {_preview(sorted(weight_names - set(state)))}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(directory / MODEL_FILE), metadata={"format": "pt"})
+    save_weights(state, directory / MODEL_FILE)
     model.config.save(directory / CONFIG_FILE)
     return directory
 

@@ -17,10 +17,9 @@ def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
     """Write ``model`` (+ ``tokenizer``) into ``out``, a new or empty folder, in the Hugging Face layout
     of its family. Never into a folder holding anything: every file here would replace one of the same
     name (replacing a previous export is the command's job: :mod:`ds_sft.export`)."""
-    from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from ds_sft.model.checkpoint import hf_config, to_hf_state_dict
+    from ds_sft.model.checkpoint import hf_config, save_weights, to_hf_state_dict
 
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(
@@ -40,7 +39,7 @@ def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
     config.dtype = dtype
     config.save_pretrained(out)
     state = {name: t.detach().to(dtype).contiguous().cpu() for name, t in to_hf_state_dict(model).items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(state, out / "model.safetensors")
     GenerationConfig(**token_ids, max_length=model.config.max_seq_len).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

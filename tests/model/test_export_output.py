@@ -266,3 +266,22 @@ def test_export_hf_writes_into_a_new_or_empty_folder_only(run_dir, tmp_path):
     with pytest.raises(UserError, match="not empty"):
         export_hf(load_model(run_dir), make_word_tokenizer(), tmp_path)
     assert (tmp_path / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_weights_are_as_readable_as_any_file_written_beside_them(tmp_path, umask):
+    """safetensors creates its file owner-only (0600) whatever the umask: on a shared cluster no one
+    else could read the final weights or an export, though every other file of them was readable."""
+    previous = os.umask(umask)
+    try:
+        save_model(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "run" / "final")
+        (tmp_path / "run" / "final" / "tokenizer").mkdir()
+        make_word_tokenizer().save_pretrained(tmp_path / "run" / "final" / "tokenizer")
+        assert _export(tmp_path / "run", tmp_path / "hf") == 0
+        (tmp_path / "plain").write_text("a file of this process")
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for weights in (tmp_path / "run" / "final" / "model.safetensors", tmp_path / "hf" / "model.safetensors"):
+        assert weights.stat().st_mode & 0o777 == expected, weights
