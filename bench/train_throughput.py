@@ -408,9 +408,14 @@ def time_layouts(runs: dict[str, tuple[Callable, list[dict]]], device) -> dict[s
     the way through. A neighbour that wakes up for a while then slows every layout alike, instead
     of landing on whichever layout happened to be running then.
     """
-    first_batch = next(iter(runs.values()))[1][0]
-    for step in {step for step, _ in runs.values()}:  # warm-up, unmeasured
-        step({k: v.to(device) for k, v in first_batch.items()})
+    # Warm-up, unmeasured: one batch per step function; on CUDA one of each shape, as flex_attention is
+    # compiled for each (B, T), and padding to the longest row gives nearly every batch its own.
+    warm_ups = {}
+    for step, batches in runs.values():
+        for batch in batches if device.type == "cuda" else batches[:1]:
+            warm_ups.setdefault((step, tuple(batch["input_ids"].shape)), batch)
+    for (step, _), batch in warm_ups.items():
+        step({k: v.to(device) for k, v in batch.items()})
     schedule = sorted(
         ((k + 0.5) / len(batches), name, k)
         for name, (_, batches) in runs.items()

@@ -121,3 +121,34 @@ def test_train_throughput_fp8_step_is_measured_in_fp8(tmp_path, parts, select, p
     c = json.loads(out.read_text())["c"]
     assert (c["fp8"], c["fp8_select"], c["fp8_projections"]) == ("torch", select, projections)
     assert c["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("device_type", "warmed"), [("cuda", {(4, 10), (4, 12), (2, 12)}), ("cpu", {(4, 10)})]
+)
+def test_layout_timing_warms_up_every_shape_a_cuda_step_compiles_for(monkeypatch, device_type, warmed):
+    """bench/train_throughput.py (b): on CUDA flex_attention is compiled per (B, T), and padding to
+    the longest row gives nearly every batch its own: warming up one batch left every compile inside
+    the timed steps. Each step function's calls before the first timed one are its warm-ups."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH_DIR / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    monkeypatch.setattr(bench, "_sync", lambda device: calls.append("sync"))
+
+    def step(batch):
+        calls.append(tuple(batch["input_ids"].shape))
+
+    batches = [
+        {"input_ids": torch.zeros(shape, dtype=torch.long)} for shape in [(4, 10), (4, 12), (4, 10), (2, 12)]
+    ]
+    device = SimpleNamespace(type=device_type)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device: self)
+    bench.time_layouts({"padded": (step, batches)}, device)
+    warm_ups = calls[: calls.index("sync")]
+    assert set(warm_ups) == warmed and len(warm_ups) == len(warmed)
