@@ -273,13 +273,19 @@ _watchdog = _Watchdog()
 def _oversized_constant(template: str) -> str | None:
     """The first constant expression of ``template`` whose value would exceed
     :data:`TEMPLATE_CONSTANT_SIZE` (Jinja folds constants when it compiles: ``'a' * 3000000000`` is
-    built before any render can be stopped), as source-like text, or None."""
+    built before any render can be stopped), as source-like text, or None. A name ``{% set %}`` to a
+    constant counts as that constant: ``{% set n = 4000000000 %}{{ 'a' * n }}`` is one C call at
+    render time, which neither watchdog can interrupt (4 GB before the render could be stopped)."""
     import jinja2
     import jinja2.ext
     from jinja2 import nodes
 
+    constants: dict[str, tuple[str, float]] = {}  # names set to constants: the largest value of each
+
     def size(node) -> tuple[str, float] | None:
         """("text", length) of a folded string or list, ("number", digits) of a number, or None."""
+        if isinstance(node, nodes.Name):
+            return constants.get(node.name)
         if isinstance(node, nodes.Const) and isinstance(node.value, str):
             return "text", len(node.value)
         if isinstance(node, nodes.Const) and isinstance(node.value, (int, float)):
@@ -319,6 +325,12 @@ def _oversized_constant(template: str) -> str | None:
         tree = environment.parse(template)
     except jinja2.TemplateSyntaxError:
         return None  # transformers reports it when it compiles
+    assigned = [node for node in tree.find_all(nodes.Assign) if isinstance(node.target, nodes.Name)]
+    for _ in range(len(assigned)):  # each pass resolves one more link of a chain of names
+        for node in assigned:
+            found = size(node.node)
+            if found is not None and found[1] > constants.get(node.target.name, ("", -1.0))[1]:
+                constants[node.target.name] = found
     for node in tree.find_all((nodes.Mul, nodes.Pow, nodes.Add)):
         if (size(node) or ("", 0))[1] > TEMPLATE_CONSTANT_SIZE:
             return f"{node.left!r} {node.operator} {node.right!r}"

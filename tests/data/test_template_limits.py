@@ -159,3 +159,31 @@ def test_small_constants_render(tmp_path, tiny_tokenizer_file, constant):
     )
     rendered = templates.render_prompt({"instruction": "hi", "input": ""}, "chat", tokenizer)
     assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize(
+    ("statements", "refused"),
+    [
+        ("{% set n = 3000000000 %}{{ ('a' * n)|length }}", True),
+        ("{% set n = 40000 %}{% set m = n * n %}{{ 'a' * m }}", True),
+        ("{% set s = 'ab' %}{% set n = 10**9 %}{{ s * n }}", True),
+        ("{% set n = 10 %}{% set n = 3000000000 %}{{ n * 'a' }}", True),  # the largest value a name takes
+        ("{% set n = 80 %}{{ '-' * n }}", False),
+        ("{% set n = 1000 %}{% set line = '-' * n %}{{ line }}", False),
+    ],
+)
+def test_a_name_set_to_a_huge_constant_counts_as_that_constant(
+    tmp_path, tiny_tokenizer_file, statements, refused
+):
+    """{% set n = 4000000000 %}{{ 'a' * n }} built 4 GB in one C call at render time (248 s, 4.2 GB
+    peak; a larger n: killed for memory): only literal constants were checked."""
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir(tmp_path, tiny_tokenizer_file, statements + CHATML)))
+    record = {"instruction": "hi", "input": ""}
+    if not refused:
+        assert "hi" in templates.render_prompt(record, "chat", tokenizer)
+        return
+    with pytest.raises(UserError, match="builds a constant of over 1,048,576 characters or digits") as info:
+        templates.render_prompt(record, "chat", tokenizer)
+    assert "\n" not in str(info.value)
