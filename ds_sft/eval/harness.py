@@ -15,6 +15,11 @@ needed), the chat template applied when the data dir uses it; any other task is 
 config YAML whose ``dataset_path`` / ``dataset_kwargs`` name local files (``dataset_path: json``,
 ``dataset_kwargs: {data_files: {test: /path/test.jsonl}}``). The harness version and every task
 config go into ``eval.json``.
+
+A task config is the user's file, and the harness renders its prompts (``doc_to_text``...) with a
+plain Jinja environment, where ``{{ lipsum.__globals__['os'].system(...) }}`` runs a shell command.
+So ds-sft reads it as data only (YAML without tags, one task, no ``include``/``group``/``class``, no
+remote code) and the harness renders in Jinja's sandbox while ds-sft runs it (:func:`sandboxed_templates`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, first_line
 
 # The harness's gsm8k.yaml (lm-eval 0.4.x) with its data pointed at a local file, zero-shot.
 GSM8K_FILTERS = ("strict-match", "flexible-extract")
@@ -126,7 +131,11 @@ def task_configs(tasks: list[str], gsm8k_test: str | None, max_new_tokens: int) 
                 )
             configs.append(gsm8k_task_config(gsm8k_test, max_new_tokens))
         elif Path(task).suffix in (".yaml", ".yml") and Path(task).is_file():
-            configs.append(yaml.safe_load(Path(task).read_text()))
+            try:
+                config = yaml.safe_load(Path(task).read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError) as err:  # !function tags are refused here too
+                raise UserError(f"--harness {task}: not a task config YAML ({first_line(err)})") from None
+            configs.append(checked_task_config(task, config))
         else:
             raise UserError(
                 f"--harness {task}: pass gsm8k or a task config .yaml whose data are local files "
@@ -134,6 +143,47 @@ def task_configs(tasks: list[str], gsm8k_test: str | None, max_new_tokens: int) 
                 "from the hub"
             )
     return configs
+
+
+# Keys with which a task config reaches beyond itself: other YAML files (read with the harness's own
+# loader, whose !function imports Python), task groups, a task class; and datasets' remote code.
+REFUSED_TASK_KEYS = ("include", "group", "class")
+
+
+def checked_task_config(task: str, config) -> dict:
+    """``config`` (one task config YAML, parsed) when it is plain data for one task, else one line."""
+    if not isinstance(config, dict) or not isinstance(config.get("task"), str):
+        raise UserError(f"--harness {task}: a task config is a mapping with a task name (task: NAME)")
+    reaching = [key for key in REFUSED_TASK_KEYS if key in config]
+    dataset_kwargs = config.get("dataset_kwargs")
+    if isinstance(dataset_kwargs, dict) and dataset_kwargs.get("trust_remote_code"):
+        reaching.append("dataset_kwargs.trust_remote_code")
+    if reaching:
+        raise UserError(
+            f"--harness {task}: {', '.join(reaching)} would read other files or run their code; pass one "
+            "self-contained task whose data are local files"
+        )
+    return config
+
+
+@contextmanager
+def sandboxed_templates():
+    """The harness renders task templates in Jinja's sandbox inside the block (its module-level
+    environment is a plain one, in which a template can call any Python), with the same options and
+    filters; the plain one is back after it."""
+    import lm_eval.utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    plain = lm_eval.utils.env
+    sandbox = ImmutableSandboxedEnvironment(
+        loader=plain.loader, undefined=plain.undefined, keep_trailing_newline=plain.keep_trailing_newline
+    )
+    sandbox.filters.update(plain.filters)
+    lm_eval.utils.env = sandbox
+    try:
+        yield
+    finally:
+        lm_eval.utils.env = plain
 
 
 def version() -> str:
@@ -163,23 +213,31 @@ def run_harness(
     Returns the harness's results (``results``, ``samples`` per task) and its version.
     """
     harness_version = version()
+    from jinja2.exceptions import SecurityError
+
     from ds_sft.model.export import export_hf
 
     # offline: the data are local files by construction
-    with offline(), tempfile.TemporaryDirectory(prefix="ds_sft_harness_") as folder:
+    with offline(), sandboxed_templates(), tempfile.TemporaryDirectory(prefix="ds_sft_harness_") as folder:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
         export_hf(model, tokenizer, Path(folder))
         lm = HFLM(pretrained=folder, device=str(device), batch_size=batch_size, dtype=model.wte.weight.dtype)
-        output = simple_evaluate(
-            model=lm,
-            tasks=configs,
-            samples=samples,
-            apply_chat_template=chat_template,
-            log_samples=True,
-            bootstrap_iters=0,
-        )
+        try:
+            output = simple_evaluate(
+                model=lm,
+                tasks=configs,
+                samples=samples,
+                apply_chat_template=chat_template,
+                log_samples=True,
+                bootstrap_iters=0,
+            )
+        except SecurityError as err:
+            raise UserError(
+                f"--harness: a task config's template reaches outside its data ({first_line(err)}); "
+                "templates render in Jinja's sandbox: fix the task config"
+            ) from None
     return {"version": harness_version, "results": output["results"], "samples": output["samples"]}
 
 

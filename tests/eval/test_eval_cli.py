@@ -553,3 +553,32 @@ def test_a_failed_eval_leaves_the_previous_one_as_it_was(
     monkeypatch.setattr(report, "write_report", write_then_fail)
     _refused(capsys, _eval(["--model", str(model_dir), "--data_dir", str(data_dir[0]), "--out", str(out)]))
     assert snapshot(tmp_path) == before  # the old report, and no staging folder beside it
+
+
+def test_a_harness_task_template_cannot_run_code(data_dir, model_dir, tmp_path):
+    """The harness renders a task config's templates with a plain Jinja environment: this
+    doc_to_text ran `id` through os.system and eval exited 0. Now it renders in the sandbox and the
+    run is refused in one line."""
+    pytest.importorskip(
+        "lm_eval", reason="the harness is the optional extra ds-sft[eval] (pip install lm-eval)"
+    )
+    import yaml
+
+    from ds_sft.eval import harness
+
+    data_path, test = data_dir
+    marker = tmp_path / "PWNED"
+    config = harness.gsm8k_task_config(str(test), 6)
+    config["task"] = "evil"
+    config["doc_to_text"] = (
+        "{{ lipsum.__globals__['os'].system('touch " + str(marker) + "') }}Q: {{question}}"
+    )
+    (tmp_path / "evil.yaml").write_text(yaml.safe_dump(config))
+    argv = ["--model", str(model_dir), "--data_dir", str(data_path), "--gsm8k_test", str(test), "--no_val",
+            "--no_generate", "--no_gsm8k", "--harness", str(tmp_path / "evil.yaml"), "--max_new_tokens", "4",
+            "--dtype", "float32", "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(
+        UserError, match=r"^--harness: a task config's template reaches outside its data"
+    ) as err:
+        cli.run(_parse(argv))
+    assert "\n" not in str(err.value) and not marker.exists()

@@ -158,3 +158,43 @@ def test_the_harness_runs_offline_and_leaves_the_process_setting_alone(
     assert seen["attributes"] == [True, True, True]
     assert {name: os.environ.get(name) for name in OFFLINE_VARIABLES} == before
     assert [getattr(module, name) for module, name in attributes] == [not caller_online] * 3
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("task: [unclosed", "not a task config YAML"),
+        ("task: x\nprocess_docs: !function utils.process", "not a task config YAML"),
+        ("- task: x", "a task config is a mapping with a task name"),
+        ("dataset_path: json", "a task config is a mapping with a task name"),
+        ("task: x\ninclude: other.yaml", "include would read other files or run their code"),
+        ("task: x\ngroup: mine", "group would read other files"),
+        ("task: x\nclass: mine.Task", "class would read other files"),
+        ("task: x\ndataset_kwargs: {trust_remote_code: true}", "dataset_kwargs.trust_remote_code would"),
+    ],
+)
+def test_a_task_config_is_one_self_contained_task_or_one_line(tmp_path, text, message):
+    path = tmp_path / "task.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message) as err:
+        harness.task_configs([str(path)], None, 16)
+    assert "\n" not in str(err.value)
+
+
+def test_harness_templates_render_in_the_sandbox_and_only_inside_the_block(tmp_path):
+    lm_eval_utils = pytest.importorskip(
+        "lm_eval.utils", reason="the harness is the optional extra ds-sft[eval]"
+    )
+    from jinja2.exceptions import SecurityError
+
+    marker = tmp_path / "PWNED"
+    attack = "{{ lipsum.__globals__['os'].system('touch " + str(marker) + "') }}"
+    template = "Question: {{ question | regex_replace('  +', ' ') }}\nAnswer:"
+    doc = {"question": "2  +  2?"}
+    plain = lm_eval_utils.env
+    expected = lm_eval_utils.apply_template(template, doc)
+    with harness.sandboxed_templates():
+        assert lm_eval_utils.apply_template(template, doc) == expected == "Question: 2 + 2?\nAnswer:"
+        with pytest.raises(SecurityError):
+            lm_eval_utils.apply_template(attack, doc)
+    assert lm_eval_utils.env is plain and not marker.exists()
