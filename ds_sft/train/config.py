@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, first_line
 from ds_sft.options import INT32_MAX, INT64_MAX, Bool, Choice, Float, Int, Names, OutOfDomain, Pair, Text
 from ds_sft.train.compatibility import IDENTITY_KEYS
 from ds_sft.train.distributed import launch_environment
@@ -497,6 +497,12 @@ def check_optimizer_params(params: dict) -> None:
 
     known = set(inspect.signature(torch.optim.AdamW).parameters) - {"params"}
     check_keys('"optimizer.params"', params, known | {"torch_adam", "adam_w_mode", "bias_correction"})
+    for name in ("capturable", "differentiable"):  # both fail at the first step under DeepSpeed
+        if params.get(name) is True:
+            raise UserError(
+                f'"optimizer.params.{name}" is true in the DeepSpeed config: ds-sft steps AdamW outside CUDA '
+                "graphs and autograd; remove it"
+            )
 
 
 def check_ds_numbers(ds_config: dict, source: str) -> None:
@@ -552,8 +558,11 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
             f'optimizer type {optimizer_type!r} is not supported: use "AdamW" (the parameter '
             "groups and schedule are built for it)"
         )
-    if ds_config.get("fp16", {}).get("enabled") and ds_config.get("bf16", {}).get("enabled"):
-        raise UserError('both "fp16" and "bf16" are enabled in the DeepSpeed config: enable one')
+    if ds_config.get("fp16", {}).get("enabled"):  # DeepSpeed's loss-scaled fp16: not a precision of ds-sft
+        raise UserError(
+            '"fp16" is enabled in the DeepSpeed config: ds-sft trains in bf16 or fp32 (--precision); '
+            'remove "fp16" or set its "enabled" to false'
+        )
     if not 0 <= s["warmup_iters"] <= s["max_iters"]:
         raise UserError(
             f"--warmup_iters ({s['warmup_iters']}) must be between 0 and --max_iters ({s['max_iters']})"
@@ -563,6 +572,41 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
             f"--min_lr ({s['min_lr']}) must be between 0 and --learning_rate ({s['learning_rate']})"
         )
     resolve_wandb_mode(s["wandb_mode"])  # checks $WANDB_MODE now, not when wandb starts after the model loads
+    check_with_deepspeed(ds_config, source)
+
+
+# Batch keys: ds-sft sets them for the world size the run has (rows_per_step), not this check's.
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def deepspeed_refusal(config: dict) -> str | None:
+    """What DeepSpeed's own config reader says is wrong with ``config`` (batch keys left out), or None."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+
+    config = {key: value for key, value in copy.deepcopy(config).items() if key not in BATCH_KEYS}
+    try:
+        DeepSpeedConfig({**config, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        return f"{where!r}: {first['msg']}" if where else first["msg"]
+    except (DeepSpeedConfigError, ValueError, TypeError, AssertionError, KeyError) as err:
+        return first_line(err)
+    return None
+
+
+def check_with_deepspeed(ds_config: dict, source: str) -> None:
+    """DeepSpeed's own reading of the config, now rather than in ``deepspeed.initialize`` after the
+    model has loaded, where a value of a wrong kind (an ``offload_optimizer`` of ``"cpu"``, a
+    ``communication_data_type`` of ``"garbage"``, a block DeepSpeed has removed such as ``"amp"``)
+    ended in a traceback. The refusal names the section: DeepSpeed's own message may not."""
+    problem = deepspeed_refusal(ds_config)
+    if problem is None:
+        return
+    section = next((key for key, value in ds_config.items() if deepspeed_refusal({key: value})), None)
+    where = f'"{section}"' if section else "it"
+    raise UserError(f"{source}: DeepSpeed refuses {where} ({problem}); fix or remove that value")
 
 
 def check_inputs(s: dict) -> None:
@@ -599,9 +643,13 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
     check_sections(ds_json)
     # A config without an optimizer gets the recipe's AdamW: torch's fused one, because DeepSpeed's
     # FusedAdam JIT-compiles for half a minute, and torch's default per-tensor loop is ~9x slower on CPU.
-    ds_json.setdefault(
-        "optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.95], "torch_adam": True, "fused": True}}
-    )
+    # A config of its own that does not say which AdamW gets torch's too: without torch_adam, DeepSpeed
+    # JIT-compiles FusedAdam (6 minutes on CPU; on a GPU without nvcc, not at all).
+    ds_json.setdefault("optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.95]}})
+    if isinstance(ds_json["optimizer"], dict):
+        params = ds_json["optimizer"].setdefault("params", {})
+        if isinstance(params, dict) and "torch_adam" not in params:
+            params.update(torch_adam=True, fused=params.get("fused", True))
     ds_config, settings, notes = layer(args, ds_json, source)
     notes.insert(0, f"DeepSpeed config: {path}")
     validate(ds_config, settings, source)

@@ -75,6 +75,8 @@ INT32_MAX = 2**31 - 1
 
 # key path -> (is the value valid, everything else as in BASE?, names the message may use). A null
 # setting counts as unset (the default applies); a null section is invalid.
+BF16_FIELDS = {"enabled", "immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
+               "bf16_optimizer_states"}  # fmt: skip
 ORACLE = {
     ("train_micro_batch_size_per_gpu",): (int_in(1, 2**16), ["micro_batch_size"]),  # also in the JSON key
     ("gradient_accumulation_steps",): (int_in(1, 2**16), ["gradient_accumulation_steps", "grad_accum"]),
@@ -127,7 +129,10 @@ ORACLE = {
     ("zero_optimization",): (lambda v: v in ({}, *({"stage": s} for s in range(4))), ["zero_optimization"]),
     ("optimizer",): (lambda v: False, ["optimizer"]),  # no AdamW type in a random value
     ("optimizer", "params"): (lambda v: v == {}, ["params", "optimizer"]),
-    ("bf16",): (lambda v: isinstance(v, dict) and isinstance(v.get("enabled", False), bool), ["bf16"]),
+    ("bf16",): (  # DeepSpeed's own fields only: it refuses others when the engine is built
+        lambda v: isinstance(v, dict) and isinstance(v.get("enabled", False), bool) and set(v) <= BF16_FIELDS,
+        ["bf16"],
+    ),
     ("ds_sft",): (lambda v: v == {}, ["ds_sft"]),
 }
 
@@ -669,3 +674,55 @@ def test_effective_config_records_the_paths_and_passes_back_without_them(capsys,
     code, lines = run_train(capsys, tmp_path, written)
     assert_refused(code, lines, ["data_dir"], "effective config passed back")  # accepted up to the data
     assert MISSING_DATA in lines[0]
+
+
+ZERO = ("zero_optimization",)
+# Values ds-sft's own checks let through and DeepSpeed refused in deepspeed.initialize, after the
+# model had loaded, with a traceback: (the path set, its value, the section the refusal names).
+DEEPSPEED_REFUSES = {
+    "offload as a string": (ZERO, {"stage": 2, "offload_optimizer": "cpu"}, "zero_optimization"),
+    "offload to a gpu": (ZERO, {"stage": 2, "offload_optimizer": {"device": "gpu"}}, "zero_optimization"),
+    "communication dtype": (("communication_data_type",), "garbage", "communication_data_type"),
+    "allreduce op": (("gradient_allreduce_op",), "bogus", "gradient_allreduce_op"),
+    "tag validation": (("checkpoint",), {"tag_validation": "bogus"}, "checkpoint"),
+    "wall clock a string": (("wall_clock_breakdown",), "x", "wall_clock_breakdown"),
+    "timer switch a string": (("timers",), {"throughput": {"enabled": "x"}}, "timers"),
+    "bf16 unknown key": (("bf16",), {"enabled": False, "bogus_key": 1}, "bf16"),
+    "compile backend": (("compile",), {"enabled": True, "backend": 5}, "compile"),
+    "removed amp": (("amp",), {"enabled": True}, "amp"),
+    "removed elasticity": (("elasticity",), {"enabled": True}, "elasticity"),
+    "removed layer drop": (("progressive_layer_drop",), {"enabled": True}, "progressive_layer_drop"),
+    "removed sparse gradients": (("sparse_gradients",), True, "sparse_gradients"),
+    "fp16": (("fp16",), {"enabled": True}, "fp16"),
+    "capturable AdamW": (("optimizer", "params", "capturable"), True, "capturable"),
+    "differentiable AdamW": (("optimizer", "params", "differentiable"), True, "differentiable"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", DEEPSPEED_REFUSES)
+def test_what_deepspeed_refuses_is_one_line_before_the_model_loads(capsys, tmp_path, case):
+    path, value, section = DEEPSPEED_REFUSES[case]
+    code, lines = run_train(capsys, tmp_path, set_path(BASE, path, value))
+    assert_refused(code, lines, [f'"{section}"', section], case)
+
+
+def test_an_optimizer_section_that_does_not_name_its_adamw_gets_torchs(tmp_path):
+    """Without torch_adam DeepSpeed JIT-compiles its FusedAdam: 6 minutes on CPU, and on a GPU
+    machine without nvcc not at all. A section that names neither gets torch's fused AdamW."""
+    from ds_sft.options import OneLineParser
+    from ds_sft.train.cli import add_arguments
+    from ds_sft.train.config import resolve
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")
+    parser = OneLineParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--deepspeed_config", str(tmp_path / "ds.json"), "--model", "tiny",
+                              "--data_dir", str(tmp_path / "data")])  # fmt: skip
+    chosen = {}
+    for choice in ({}, {"torch_adam": False}, {"fused": False}):
+        config = set_path(BASE, ("optimizer",), {"type": "AdamW", "params": {"lr": 1e-3, **choice}})
+        (tmp_path / "ds.json").write_text(json.dumps(config))
+        params = resolve(args)[0]["optimizer"]["params"]
+        chosen[tuple(choice)] = (params.get("torch_adam"), params.get("fused"))
+    assert chosen == {(): (True, True), ("torch_adam",): (False, None), ("fused",): (True, False)}
