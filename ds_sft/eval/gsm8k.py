@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, first_line
 from ds_sft.paths import shared_dir
 
 HUB_ID = "openai/gsm8k"
@@ -90,19 +90,28 @@ def select(problems: Sequence[Problem], limit: int | None, seed: int) -> list[Pr
 
 
 def read_jsonl(path: Path) -> list[Problem]:
+    """The problems of a GSM8K test file, every row checked before any model loads: JSON of two
+    non-empty strings, an answer with a number to score against. A bad row is one line naming it."""
     problems = []
-    with open(path, encoding="utf-8") as file:
+    expected = "expected JSON lines with 'question' and 'answer' strings, the answer ending in '#### N'"
+    with open(path, "rb") as file:
         for line_number, line in enumerate(file, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                problems.append(Problem(question=row["question"], answer=row["answer"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+            except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
                 raise UserError(
-                    f"{path}:{line_number}: not a GSM8K row ({err}); expected JSON lines with "
-                    "'question' and 'answer' fields"
-                ) from err
+                    f"{path}:{line_number}: not a GSM8K row ({first_line(err)}); {expected}"
+                ) from None
+            fields = [row.get(key) for key in ("question", "answer")] if isinstance(row, dict) else []
+            if not (fields and all(isinstance(field, str) and field.strip() for field in fields)):
+                raise UserError(f"{path}:{line_number}: not a GSM8K row; {expected}")
+            if extract_answer(fields[1]) is None:
+                raise UserError(
+                    f"{path}:{line_number}: the answer has no number to score against; {expected}"
+                )
+            problems.append(Problem(question=fields[0], answer=fields[1]))
     if not problems:
         raise UserError(f"{path} holds no GSM8K problems")
     return problems

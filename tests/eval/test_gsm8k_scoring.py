@@ -116,3 +116,29 @@ def test_real_test_set_targets_all_parse(shared):
     assert len(problems) == 1319
     # every reference solution scores as correct against its own target
     assert all(gsm8k.is_correct(p.answer, p.target) for p in problems)
+
+
+BAD_ROWS = {
+    "not UTF-8": b'{"question": "\xff", "answer": "#### 1"}',
+    "nested too deeply": b"[" * 100_000 + b"]" * 100_000,
+    "question a number": b'{"question": 5, "answer": "#### 1"}',
+    "null": b"null",
+    "answer a number": b'{"question": "q", "answer": 3}',
+    "question a list": b'{"question": ["a"], "answer": "#### 1"}',
+    "empty question": b'{"question": " ", "answer": "#### 1"}',
+    "answer without a number": b'{"question": "q", "answer": "three"}',
+    "an array": b'["q", "#### 1"]',
+}
+
+
+@pytest.mark.parametrize("row", BAD_ROWS)
+def test_a_bad_test_row_is_one_line_naming_it_before_any_model_loads(tmp_path, row):
+    """Each of these was a traceback (UnicodeDecodeError, RecursionError, TypeError: some after every
+    answer was generated), scored silently (a list), or refused only after generation (no number)."""
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(
+        json.dumps({"question": "1+1?", "answer": "#### 2"}).encode() + b"\n" + BAD_ROWS[row] + b"\n"
+    )
+    with pytest.raises(UserError, match=r"test\.jsonl:2: ") as err:
+        gsm8k.load_test_set(path)
+    assert "\n" not in str(err.value)
