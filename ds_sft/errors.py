@@ -18,7 +18,15 @@ class UserError(Exception):
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of a third-party exception's message (or its type name), to quote in a UserError."""
+    """The first line of a third-party exception's message (or its type name), to quote in a UserError.
+
+    A pydantic ``ValidationError`` (DeepSpeed's and wandb's config models) only counts its errors on
+    its first line ("1 validation error for Settings"): its first error is quoted, field and message.
+    """
+    if type(err).__name__ == "ValidationError" and callable(getattr(err, "errors", None)):
+        first = err.errors()[0]
+        where = ".".join(map(str, first.get("loc", ())))
+        return f"{where!r}: {first.get('msg', '')}" if where else str(first.get("msg", ""))
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 

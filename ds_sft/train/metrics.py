@@ -96,14 +96,21 @@ def resolve_wandb_mode(flag: str | None, environ=os.environ) -> str:
 def start_wandb(wandb, project: str | None, mode: str, run_dir: Path, config: dict):
     """wandb's run for this training run, or one line saying why wandb refused to start one (a key
     it rejects, no server within its timeout, a name it does not take)."""
+    # --wandb_project, else the user's $WANDB_PROJECT, else ds-sft's own; $WANDB_NAME likewise
+    project = project or os.environ.get("WANDB_PROJECT") or "ds-sft"
+    name = os.environ.get("WANDB_NAME") or run_dir.name
     try:
-        return wandb.init(
-            project=project or "ds-sft", mode=mode, dir=str(run_dir), config=config, name=run_dir.name
-        )
+        return wandb.init(project=project, mode=mode, dir=str(run_dir), config=config, name=name)
     except wandb.errors.Error as err:
         raise UserError(
             f"wandb could not start the run in {mode} mode ({first_line(err)}): fix WANDB_API_KEY or the "
             "network, or pass --wandb_mode offline (sync later with `wandb sync`) or --wandb_mode disabled"
+        ) from None
+    except ValueError as err:  # wandb's settings refuse a value: one of the WANDB_* variables
+        variables = ", ".join(sorted(key for key in os.environ if key.startswith("WANDB_"))) or "none"
+        raise UserError(
+            f"wandb refused its settings ({first_line(err)}): check the WANDB_* variables set here "
+            f"({variables}), or pass --wandb_mode disabled"
         ) from None
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -20,6 +25,7 @@ from ds_sft.train.metrics import (
     start_wandb,
 )
 from ds_sft.train.report import read_records, write_report
+from tests.conftest import REPO_ROOT
 
 
 def test_flops_per_token_counts_weights_and_attention():
@@ -181,3 +187,43 @@ def test_report_has_metrics_table_plots_and_config(tmp_path):
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and train[3]["loss"] == 9.0
     for name in ("loss.png", "perplexity.png", "lr.png", "grad_norm.png", "tokens_per_s.png"):
         assert (tmp_path / name).stat().st_size > 1000 and f"![{name}]({name})" in text
+
+
+@pytest.mark.parametrize(("variable", "value"), [("WANDB_CONSOLE", "bogus"), ("WANDB_INIT_TIMEOUT", "soon")])
+def test_a_wandb_variable_wandb_refuses_is_one_line_naming_it(tmp_path, variable, value):
+    """wandb's settings model refused it with a pydantic ValidationError, which came out as a traceback.
+    In a fresh process: wandb reads the variables once, into a process-wide singleton."""
+    code = (
+        "import sys, wandb\n"
+        "from pathlib import Path\n"
+        "from ds_sft.errors import UserError\n"
+        "from ds_sft.train.metrics import start_wandb\n"
+        "try:\n"
+        f"    start_wandb(wandb, None, 'offline', Path({str(tmp_path)!r}), {{}})\n"
+        "except UserError as err:\n"
+        "    print(err)\n"
+    )
+    env = {**os.environ, variable: value, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    (line,) = result.stdout.splitlines()
+    assert re.match(rf"wandb refused its settings \(.*\): check the WANDB_\* .*{variable}", line), line
+
+
+def test_the_users_wandb_project_and_name_are_kept(tmp_path, monkeypatch):
+    """The project was always ds-sft's and the name the run folder's: $WANDB_PROJECT was overridden."""
+    calls = []
+    fake = SimpleNamespace(
+        init=lambda **kwargs: calls.append(kwargs), errors=SimpleNamespace(Error=RuntimeError)
+    )
+    start_wandb(fake, None, "offline", tmp_path, {})
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    monkeypatch.setenv("WANDB_NAME", "first try")
+    start_wandb(fake, None, "offline", tmp_path, {})
+    start_wandb(fake, "flag", "offline", tmp_path, {})
+    assert [(c["project"], c["name"]) for c in calls] == [
+        ("ds-sft", tmp_path.name),
+        ("mine", "first try"),
+        ("flag", "first try"),
+    ]
