@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 
 from ds_sft.errors import UserError
 
@@ -117,6 +118,26 @@ def master_addr(environ=os.environ) -> str:
     return addr
 
 
+def store_host(environ=os.environ) -> str:
+    """Where this run's ranks meet: for one rank alone, itself (127.0.0.1: a MASTER_ADDR left over in
+    the shell from another job, a name that no longer resolves, hung it for the collective timeout);
+    for several, MASTER_ADDR (checked by :func:`master_addr`) as torch takes it (an IPv6 address
+    without brackets), refused in one line when no resolver here knows it."""
+    addr = master_addr(environ)
+    if launch_environment(environ)[1] == 1:
+        return "127.0.0.1"
+    host = addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise UserError(
+            f"MASTER_ADDR={addr!r} has no address here ({reason}): set it to rank 0's host as the other "
+            "nodes reach it, or let torchrun or the deepspeed launcher set it"
+        ) from None
+    return host
+
+
 def master_port(environ=os.environ) -> str:
     """The port of the store the ranks meet at (rank 0's, or their launcher's): MASTER_PORT, or for
     one rank alone ``"0"``, which lets its store bind a free port itself.
@@ -154,7 +175,7 @@ def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     launch_environment()  # before the imports and the group: a launch mistake fails at once
-    master_addr()
+    os.environ["MASTER_ADDR"] = store_host()
     os.environ["MASTER_PORT"] = master_port()
 
     import deepspeed

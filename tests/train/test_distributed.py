@@ -345,3 +345,29 @@ def test_a_bad_slurm_variable_is_named_with_the_one_it_became(slurm, key):
     with pytest.raises(UserError) as refused:
         launch_environment(env)
     assert str(refused.value).startswith(f"{key}='x1' (srun's {slurm}) is not an integer")
+
+
+@pytest.mark.parametrize("addr", ["nonexistent.invalid", "[::1]", "node-01", "10.0.0.1"])
+def test_one_rank_meets_itself_whatever_master_addr_says(addr):
+    """A MASTER_ADDR left in the shell (a name that no longer resolves, a bracketed IPv6 address
+    torch does not take) hung a one-rank run until the collective timeout, then a traceback."""
+    from ds_sft.train.distributed import store_host
+
+    assert store_host({"MASTER_ADDR": addr}) == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("addr", "host"), [("127.0.0.1", "127.0.0.1"), ("localhost", "localhost"), ("[::1]", "::1")]
+)
+def test_several_ranks_meet_at_master_addr_as_torch_takes_it(addr, host):
+    from ds_sft.train.distributed import store_host
+
+    assert store_host({"MASTER_ADDR": addr, "WORLD_SIZE": "2", "RANK": "1"}) == host
+
+
+def test_several_ranks_are_refused_a_master_addr_no_resolver_here_knows():
+    from ds_sft.train.distributed import store_host
+
+    with pytest.raises(UserError, match=r"^MASTER_ADDR='nonexistent\.invalid' has no address here \(") as err:
+        store_host({"MASTER_ADDR": "nonexistent.invalid", "WORLD_SIZE": "2", "RANK": "0"})
+    assert "\n" not in str(err.value)
