@@ -29,6 +29,8 @@ DEMO_MARK = ".ds-sft-demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ds_sft.options import INT32_MAX, INT64_MAX, Int
+
     parser.add_argument("--out", default="runs/demo", help="folder for the data, the run and the eval")
     parser.add_argument(
         "--base_model", default=BASE_MODEL, help="base model: a path, a hub id (owner/name) or an alias"
@@ -41,10 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use local files instead of ../shared/data, e.g. alpaca=alpaca.json (repeatable; "
         "FLAG is alpaca, gsm8k or dolly)",
     )
-    parser.add_argument("--max_examples", type=int, default=3000, help="rows in the instruction mix")
-    parser.add_argument("--seq_len", type=int, default=512, help="packed row length in tokens")
-    parser.add_argument("--max_iters", type=int, default=10, help="optimizer steps to train")
-    parser.add_argument("--gsm8k_limit", type=int, default=10, help="GSM8K test problems to generate for")
+    # the domains of the commands they are passed to: a bad value is refused before any stage runs
+    parser.add_argument(
+        "--max_examples", type=Int(1, INT64_MAX), default=3000, help="rows in the instruction mix"
+    )
+    parser.add_argument("--seq_len", type=Int(8, 2**20), default=512, help="packed row length in tokens")
+    parser.add_argument("--max_iters", type=Int(1, INT32_MAX), default=10, help="optimizer steps to train")
+    parser.add_argument(
+        "--gsm8k_limit", type=Int(1, INT32_MAX), default=10, help="GSM8K test problems to generate for"
+    )
 
 
 def _stage(title: str, argv: list[str]) -> float:
@@ -58,7 +65,9 @@ def _stage(title: str, argv: list[str]) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    from ds_sft.paths import writable_dir
+
+    out = writable_dir(args.out, "--out")
     data_dir, run_dir, eval_dir = out / "data", out / "run", out / "eval"
     mark = out / DEMO_MARK
     if run_dir.exists() and not mark.is_file():
@@ -171,14 +180,17 @@ def gsm8k_lines(eval_json: Path) -> list[str]:
     return lines
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
+def main(argv: list[str] | None = None) -> int:
+    from ds_sft.command import execute
+    from ds_sft.options import OneLineParser
+
+    parser = OneLineParser(
         prog="python -m ds_sft.demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    return run(parser.parse_args())
+    return execute("ds-sft demo", sys.modules[__name__], parser.parse_args(argv))
 
 
 if __name__ == "__main__":

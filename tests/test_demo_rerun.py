@@ -76,3 +76,27 @@ def test_an_older_ds_sfts_demo_folder_is_refused_with_what_to_do(tmp_path, stage
     with pytest.raises(SystemExit, match="made by an older ds-sft.*rm -r .*DEMO_ARGS='--out"):
         demo.run(demo_args(out))
     assert stages == [] and (out / "run" / "metrics.jsonl").read_text() == "an older run\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max_iters", "0"], "argument --max_iters: must be an integer from 1"),
+        (["--gsm8k_limit", "-5"], "argument --gsm8k_limit: must be an integer from 1"),
+        (["--seq_len", "4"], "argument --seq_len: must be an integer from 8"),
+        (["--max_examples", "x"], "argument --max_examples: must be an integer"),
+        (["--out", "FILE"], "--out FILE: FILE is a file"),
+    ],
+)
+def test_a_bad_demo_flag_is_one_line_before_any_stage(tmp_path, stages, capsys, monkeypatch, argv, message):
+    """--max_iters 0 and --gsm8k_limit -5 were taken, and refused by train or eval only after the
+    stages before them had run; an --out that is a file was a FileExistsError traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("a file")
+    try:
+        code = demo.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not stages  # no stage ran

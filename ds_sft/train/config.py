@@ -432,7 +432,7 @@ def layer(args, ds_json: dict, source: str) -> tuple[dict, dict, list[str]]:
         settings[flag] = value
         if flag in FLAG_TO_DS_KEY and value is not None:
             set_path(ds_config, FLAG_TO_DS_KEY[flag], flag_value_to_ds(flag, value))
-    warmup_given = args.warmup_iters is not None or "warmup_iters" in own
+    warmup_given = args.warmup_iters is not None or own.get("warmup_iters") is not None  # null: not set
     if not warmup_given and settings["warmup_iters"] > settings["max_iters"]:
         # a short run (--max_iters 4) should not fail on a default it never asked for
         settings["warmup_iters"] = settings["max_iters"]

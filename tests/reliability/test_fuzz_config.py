@@ -726,3 +726,11 @@ def test_an_optimizer_section_that_does_not_name_its_adamw_gets_torchs(tmp_path)
         params = resolve(args)[0]["optimizer"]["params"]
         chosen[tuple(choice)] = (params.get("torch_adam"), params.get("fused"))
     assert chosen == {(): (True, True), ("torch_adam",): (False, None), ("fused",): (True, False)}
+
+
+def test_a_null_warmup_is_not_set_so_its_default_is_capped_by_a_short_run(capsys, tmp_path):
+    """\\"warmup_iters\\": null counted as given: --max_iters 4 was refused against the default of 10."""
+    code, lines = run_train(
+        capsys, tmp_path, set_path(BASE, ("ds_sft", "warmup_iters"), None), "--max_iters", "4"
+    )
+    assert code == 2 and len(lines) == 1 and "manifest.json" in lines[0], lines
