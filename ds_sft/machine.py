@@ -1,4 +1,4 @@
-"""What this machine can give a command: the memory it can still allocate."""
+"""What this machine can give a command: the memory it can still allocate, on the host or a GPU."""
 
 from __future__ import annotations
 
@@ -15,3 +15,15 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def free_memory(device) -> tuple[int | None, str]:
+    """(bytes, where) free for new tensors on ``device`` (a torch device): a GPU's free memory, else
+    the host's :func:`available_memory`."""
+    import torch
+
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.mem_get_info(index)[0], f"free on cuda:{index}"
+    available = available_memory()
+    return available, "available on this machine" if available is not None else "unknown"

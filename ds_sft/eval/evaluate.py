@@ -132,6 +132,35 @@ def complete(
     return completions
 
 
+def check_generation_fits(model, data: EvalData, records: list[dict], max_new_tokens: int, batch_size: int):
+    """One line before any measuring when generation cannot run: its longest prompt plus
+    ``max_new_tokens`` past the model's ``max_seq_len`` (the generator refused that only at the
+    batch holding it, after the val pass and every shorter answer: minutes lost), or a batch's KV
+    cache larger than the memory free for it (a traceback from the allocator, or the OOM killer)."""
+    from ds_sft.machine import free_memory
+
+    if not records:
+        return
+    config, width = model.config, max(len(data.prompt_ids(record)) for record in records)
+    if width + max_new_tokens > config.max_seq_len:
+        raise UserError(
+            f"the longest prompt to answer ({width} tokens) + --max_new_tokens {max_new_tokens} exceeds the "
+            f"model's max_seq_len {config.max_seq_len}: lower --max_new_tokens"
+        )
+    rows = min(batch_size, len(records))
+    itemsize = model.wte.weight.element_size()
+    cache = (
+        2 * config.n_layers * rows * config.n_kv_heads * (width + max_new_tokens) * config.head_dim * itemsize
+    )
+    free, where = free_memory(next(model.parameters()).device)
+    if free is not None and cache > free:
+        raise UserError(
+            f"a batch of {rows} answers keeps {cache / 2**30:,.1f} GiB of keys and values ({width} + "
+            f"{max_new_tokens} tokens each), more than the {free / 2**30:,.1f} GiB {where}: lower "
+            "--generate_batch_size or --max_new_tokens"
+        )
+
+
 def evaluate_model(
     spec: str,
     data: EvalData,
@@ -161,6 +190,9 @@ def evaluate_model(
     start = time.perf_counter()
     model = load_model(spec, dtype=dtype, device=device).eval()
     check_model_fits(spec, model.config, data.data_dir, data.val.seq_len if data.val is not None else None)
+    to_answer = [{"instruction": problem.question, "input": ""} for problem in problems]
+    to_answer += [prompt.as_record() for prompt in FIXED_PROMPTS] if run_generations else []
+    check_generation_fits(model, data, to_answer, max_new_tokens, generate_batch_size)
     seconds["load"] = time.perf_counter() - start
     result = {"parameters": model.num_parameters(), "val": None, "gsm8k": None, "generations": None}
 

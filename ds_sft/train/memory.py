@@ -28,7 +28,7 @@ autograd saves and against the peak resident memory of real steps.
 from __future__ import annotations
 
 from ds_sft.errors import UserError
-from ds_sft.machine import available_memory
+from ds_sft.machine import free_memory
 
 
 def saved_activation_bytes(
@@ -77,11 +77,7 @@ def available_bytes() -> tuple[int | None, str]:
     names no device where each rank sees only its own GPU (Slurm's ``--gpus-per-task``)."""
     import torch
 
-    if torch.cuda.is_available():
-        device = torch.cuda.current_device()
-        return torch.cuda.mem_get_info(device)[0], f"free on cuda:{device}"
-    available = available_memory()
-    return available, "available on this machine" if available is not None else "unknown"
+    return free_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def check_fits(model, seq_len: int, micro_batch: int, bf16: bool) -> None:

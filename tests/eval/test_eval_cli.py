@@ -582,3 +582,33 @@ def test_a_harness_task_template_cannot_run_code(data_dir, model_dir, tmp_path):
     ) as err:
         cli.run(_parse(argv))
     assert "\n" not in str(err.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("limit", ["max_seq_len", "memory"])
+def test_a_generation_that_cannot_run_is_refused_before_anything_is_measured(
+    data_dir, model_dir, tmp_path, monkeypatch, limit
+):
+    """--max_new_tokens past max_seq_len was refused at the batch of the longest prompt, after the
+    val pass and every shorter answer (2.5 minutes lost); a KV cache larger than the memory was an
+    allocator traceback."""
+    import ds_sft.machine
+    from ds_sft.eval import evaluate
+
+    monkeypatch.setattr(evaluate, "validation_metrics", lambda *args: pytest.fail("the val pass ran"))
+    monkeypatch.setattr(
+        evaluate, "generate", lambda *args, **kwargs: pytest.fail("generation ran"), raising=False
+    )
+    if limit == "memory":
+        monkeypatch.setattr(ds_sft.machine, "free_memory", lambda device: (1 << 10, "available in this test"))
+    data_path, test = data_dir
+    new_tokens = "500" if limit == "max_seq_len" else "6"
+    argv = ["--model", str(model_dir), "--data_dir", str(data_path), "--gsm8k_test", str(test),
+            "--max_new_tokens", new_tokens, "--dtype", "float32", "--out", str(tmp_path / "out")]  # fmt: skip
+    expected = (
+        r"^the longest prompt to answer \(\d+ tokens\) \+ --max_new_tokens 500 exceeds the model's"
+        if limit == "max_seq_len"
+        else r"^a batch of \d+ answers keeps [\d.]+ GiB of keys and values .* available in this test: lower"
+    )
+    with pytest.raises(UserError, match=expected):
+        cli.run(_parse(argv))
+    assert not (tmp_path / "out").exists()
