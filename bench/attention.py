@@ -39,22 +39,26 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.command import run_script  # noqa: E402
 from ds_sft.model.attention import document_attention  # noqa: E402
+from ds_sft.options import COUNT, SEED, THREADS, Int, OneLineParser  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 HEADS, HEAD_DIM = 12, 64
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per implementation and layout")
-    parser.add_argument("--tile", type=int, default=64, help="query tile of document_attention (tokens)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the document lengths and tensors")
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=f"bench/{Path(__file__).name}", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=COUNT, default=5, help="timed steps per implementation and layout")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+        "--tile", type=Int(1, 2**16), default=64, help="query tile of document_attention (tokens)"
+    )
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the document lengths and tensors")
+    parser.add_argument(
+        "--threads", type=THREADS, default=None, help="torch intra-op threads (default: torch's choice)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat: a smoke test")
-    return parser.parse_args()
+    return parser
 
 
 def document_lengths(rng: random.Random, mu: float, sigma: float, cap: int):
@@ -130,8 +134,7 @@ def measure(document_ids: torch.Tensor, args) -> dict:
     }
 
 
-def main() -> None:
-    args = parse_args()
+def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
@@ -173,4 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(sys.modules[__name__]))

@@ -36,10 +36,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from ds_sft.command import run_script  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
-from ds_sft.model.config import ModelConfig  # noqa: E402
+from ds_sft.model.config import KERNEL_BACKENDS, ModelConfig  # noqa: E402
 from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, apply_fp8, fp8_autocast  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
+from ds_sft.options import COUNT, INT32_MAX, Choice, Int, OneLineParser, Text  # noqa: E402
 
 # name -> (config overrides of the 112m preset, micro-batch); 16 x 1024 tokens = 16,384 per step.
 GPU_MODELS = {
@@ -153,17 +155,31 @@ def cpu_linear(tokens: int, d_in: int, d_out: int, repeats: int) -> dict:
     return {"shape": [tokens, d_in, d_out], **{f"{k}_ms": v * 1e3 for k, v in medians.items()}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=f"bench/{Path(__file__).name}", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and smaller shapes (a smoke test)")
-    parser.add_argument("--seq-len", type=int, default=1024, help="GPU: tokens per row")
-    parser.add_argument("--steps", type=int, default=20, help="GPU: timed steps per mode (median reported)")
-    parser.add_argument("--warmup", type=int, default=5, help="GPU: untimed steps first (TE, cuBLAS warm-up)")
-    parser.add_argument("--kernels", default="auto", help="model kernels: auto | triton | torch | eager")
+    parser.add_argument("--seq-len", type=Int(8, 2**20), default=1024, help="GPU: tokens per row")
+    parser.add_argument("--steps", type=COUNT, default=20, help="GPU: timed steps per mode (median reported)")
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "results" / "fp8.json", help="where the JSON report goes"
+        "--warmup", type=Int(0, INT32_MAX), default=5, help="GPU: untimed steps first (TE, cuBLAS warm-up)"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--kernels",
+        type=Choice(*KERNEL_BACKENDS),
+        default="auto",
+        help="model kernels: auto | triton | torch | eager",
+    )
+    parser.add_argument(
+        "--out",
+        type=Text(),
+        default=str(ROOT / "bench" / "results" / "fp8.json"),
+        help="where the JSON report goes",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    args.out = Path(args.out)
     if args.quick:
         args.steps, args.warmup, args.seq_len = 3, 2, min(args.seq_len, 256)
 
@@ -213,4 +229,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(sys.modules[__name__]))

@@ -29,8 +29,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from ds_sft.command import run_script  # noqa: E402
 from ds_sft.model.fp8 import INPUT, Float8Linear, Fp8Recipe, _import_te  # noqa: E402
 from ds_sft.model.fp8_roofline import TABLE, load_table  # noqa: E402
+from ds_sft.options import OneLineParser  # noqa: E402
 
 
 def cuda_seconds(fn, repeats: int) -> float:
@@ -97,11 +99,14 @@ def torch_overhead_us(repeats: int) -> float:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=f"bench/{Path(__file__).name}", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
     parser.add_argument("--write", action="store_true", help=f"replace this GPU's entry in {TABLE.name}")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     table = load_table()
     out = ROOT / "bench" / "results" / f"fp8_roofline{'.quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(sys.modules[__name__]))

@@ -32,38 +32,66 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_BASELINE = "ff50485"  # the last commit before generation was reworked (issue 8)
+sys.path.insert(0, str(REPO_ROOT))  # the flags are this checkout's; the worker purges it (worker())
+
+from ds_sft.command import run_script  # noqa: E402
+from ds_sft.errors import UserError  # noqa: E402
+from ds_sft.options import COUNT, THREADS, Choice, Int, OneLineParser, Text  # noqa: E402
+
+BATCH = Int(1, 2**16)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="runs/demo/run", help="model spec (default: runs/demo/run)")
-    parser.add_argument(
-        "--data_dir", default="runs/demo/data", help="prepared data dir (default: runs/demo/data)"
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog=f"bench/{Path(__file__).name}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--problems", type=int, default=16, help="GSM8K test problems (seeded subset; default 16)"
+        "--model", type=Text(), default="runs/demo/run", help="model spec (default: runs/demo/run)"
     )
     parser.add_argument(
-        "--max_new_tokens", type=int, default=160, help="longest answer (default: 160, the demo's)"
+        "--data_dir",
+        type=Text(),
+        default="runs/demo/data",
+        help="prepared data dir (default: runs/demo/data)",
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="the baseline's batch size (default: 8)")
     parser.add_argument(
-        "--generate_batch_size", type=int, default=32, help="the current code's batch size (default: 32)"
+        "--problems", type=COUNT, default=16, help="GSM8K test problems (seeded subset; default 16)"
     )
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32 (default: bfloat16)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
-        "--baseline", default=DEFAULT_BASELINE, help=f"git revision (default: {DEFAULT_BASELINE})"
+        "--max_new_tokens", type=Int(1, 2**20), default=160, help="longest answer (default: 160, the demo's)"
     )
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: source tree to time
-    parser.add_argument("--worker_batch", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--batch_size", type=BATCH, default=8, help="the baseline's batch size (default: 8)")
+    parser.add_argument(
+        "--generate_batch_size", type=BATCH, default=32, help="the current code's batch size (default: 32)"
+    )
+    parser.add_argument(
+        "--dtype",
+        type=Choice("bfloat16", "float32"),
+        default="bfloat16",
+        help="bfloat16 or float32 (default: bfloat16)",
+    )
+    parser.add_argument(
+        "--threads", type=THREADS, default=None, help="torch threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Text(),
+        default=DEFAULT_BASELINE,
+        help=f"git revision (default: {DEFAULT_BASELINE})",
+    )
+    parser.add_argument(
+        "--worker", type=Text(), default=None, help=argparse.SUPPRESS
+    )  # internal: source tree to time
+    parser.add_argument("--worker_batch", type=BATCH, default=None, help=argparse.SUPPRESS)
+    return parser
 
 
 def worker(args: argparse.Namespace) -> None:
     """Time ``evaluate_model``'s GSM8K pass with the ``ds_sft`` of ``args.worker``; print JSON."""
+    for name in [name for name in sys.modules if name.partition(".")[0] == "ds_sft"]:
+        del sys.modules[name]  # the flags were read with this checkout's ds_sft, not the tree's
     sys.path.insert(0, args.worker)
     import torch
 
@@ -116,16 +144,20 @@ def time_tree(args: argparse.Namespace, tree: Path, batch: int) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def main() -> int:
-    args = parse_args()
+def run(args: argparse.Namespace) -> int:
     if args.worker:
         worker(args)
         return 0
     with tempfile.TemporaryDirectory(prefix="generate_speed_") as tmp:
         baseline_tree = Path(tmp)
-        archive = subprocess.run(
-            ["git", "archive", args.baseline], cwd=REPO_ROOT, capture_output=True, check=True
-        )
+        if args.baseline.startswith("-"):  # git would read it as an option
+            raise UserError(f"--baseline {args.baseline!r} is not a git revision")
+        archive = subprocess.run(["git", "archive", args.baseline], cwd=REPO_ROOT, capture_output=True)
+        if archive.returncode != 0:
+            why = archive.stderr.decode(errors="replace").strip().splitlines()
+            raise UserError(
+                f"--baseline {args.baseline!r}: git archive failed ({why[0] if why else 'no reason'})"
+            )
         subprocess.run(["tar", "-x", "-C", str(baseline_tree)], input=archive.stdout, check=True)
         contenders = [
             (f"baseline {args.baseline}", baseline_tree, args.batch_size),
@@ -167,4 +199,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_script(sys.modules[__name__]))

@@ -33,7 +33,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.command import run_script  # noqa: E402
 from ds_sft.errors import first_line  # noqa: E402
+from ds_sft.options import Int, OneLineParser, Text  # noqa: E402
 from ds_sft.train.distributed import backend_for  # noqa: E402  (the trainer's choice, checked here)
 
 FP8_TOLERANCE = 0.05  # |end loss fp8 - bf16| / bf16
@@ -385,18 +387,22 @@ def summary(work: Path, out: Path) -> int:
     return 1 if failed else 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=f"bench/{Path(__file__).name}", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     collectives = sub.add_parser("collectives", help="try each collective over gloo and NCCL; JSON")
-    collectives.add_argument("--out", type=Path, required=True)
+    collectives.add_argument("--out", type=Text(), required=True, help="the JSON file to write")
     gemm = sub.add_parser("gemm", help="time a bf16 GEMM and write its FLOP/s as JSON")
-    gemm.add_argument("--n", type=int, default=8192)
-    gemm.add_argument("--out", type=Path, required=True)
+    gemm.add_argument("--n", type=Int(1, 2**16), default=8192, help="n of the n x n x n GEMM")
+    gemm.add_argument("--out", type=Text(), required=True, help="the JSON file to write")
     report = sub.add_parser("summary", help="write SUMMARY.md from a gpu_check work folder")
-    report.add_argument("--work", type=Path, required=True)
-    report.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+    report.add_argument("--work", type=Text(), required=True, help="launch/gpu_check.sh's work folder")
+    report.add_argument("--out", type=Text(), required=True, help="the SUMMARY.md to write")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    args.out = Path(args.out)
     if args.command == "collectives":
         result = try_collectives(args.out.with_suffix(".store"))
         args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -406,8 +412,8 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(result) + "\n")
         print(f"bf16 GEMM {args.n}^3 on {result['device']}: {result['flops'] / 1e12:.2f} TFLOP/s")
         return 0
-    return summary(args.work, args.out)
+    return summary(Path(args.work), args.out)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(sys.modules[__name__]))

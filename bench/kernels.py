@@ -23,6 +23,7 @@ the fused linear cross-entropy vs eager: time and peak ``max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -38,12 +39,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `kernels` is importable
 
 import kernels  # noqa: E402
+from ds_sft.command import run_script  # noqa: E402
+from ds_sft.errors import UserError  # noqa: E402
+from ds_sft.options import COUNT, Int, OneLineParser, Text  # noqa: E402
 from kernels.fused_linear_cross_entropy import default_chunk_size  # noqa: E402
 from kernels.reference import (  # noqa: E402
     cross_entropy_reference,
     linear_cross_entropy_reference,
     rms_norm_reference,
 )
+
+SIZE = Int(1, 2**24)  # tokens, hidden width, vocabulary or chunk
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # What the fused loss must achieve on CPU against eager logits + cross-entropy (issue 17).
@@ -116,6 +122,20 @@ def run_timing_case(dtype: str, tokens: int, hidden: int, vocab: int, chunk_size
             if repeat:  # the first round is the warm-up
                 times[method].append(time.perf_counter() - start)
     return times
+
+
+CASES = {case.__name__: case for case in (run_memory_case, run_timing_case)}  # what --case may run
+
+
+def run_case(text: str) -> dict:
+    """``--case '[name, *args]'``: one of :data:`CASES`, in this (fresh) process."""
+    try:
+        name, *case_args = json.loads(text)
+        case = CASES[name]
+        inspect.signature(case).bind(*case_args)
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"--case takes a JSON list [name, *args], name one of {sorted(CASES)}") from None
+    return case(*case_args)
 
 
 def _in_fresh_process(function: str, *args):
@@ -297,29 +317,36 @@ def gpu_benchmarks(args) -> dict:
 # ---------------------------------------------------------------- main
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=f"bench/{Path(__file__).name}", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and one repeat (CI smoke test)")
-    parser.add_argument("--tokens", type=int, default=16 * 512, help="tokens per batch (default 16 x 512)")
-    parser.add_argument("--hidden", type=int, default=768, help="hidden size of the LM head input")
+    parser.add_argument("--tokens", type=SIZE, default=16 * 512, help="tokens per batch (default 16 x 512)")
+    parser.add_argument("--hidden", type=SIZE, default=768, help="hidden size of the LM head input")
     parser.add_argument(
-        "--vocab", type=int, nargs="+", default=[50304], help="vocabulary sizes (default: GPT-2's, padded)"
+        "--vocab", type=SIZE, nargs="+", default=[50304], help="vocabulary sizes (default: GPT-2's, padded)"
     )
     parser.add_argument(
-        "--chunk-size", type=int, default=None, help="tokens per chunk (default: the kernel's for each vocab)"
+        "--chunk-size",
+        type=SIZE,
+        default=None,
+        help="tokens per chunk (default: the kernel's for each vocab)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward steps per CPU method")
+    parser.add_argument(
+        "--repeats", type=COUNT, default=3, help="timed forward+backward steps per CPU method"
+    )
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU cases (GPU only)")
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "results" / "kernels.json", help="JSON out"
+        "--out", type=Text(), default=str(ROOT / "bench" / "results" / "kernels.json"), help="JSON out"
     )
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: [function, *args] of one CPU case
-    args = parser.parse_args()
+    parser.add_argument("--case", type=Text(), help=argparse.SUPPRESS)  # internal: one CPU case, as JSON
+    return parser
 
+
+def run(args: argparse.Namespace) -> None:
     if args.case:
-        function, *case_args = json.loads(args.case)
-        print(json.dumps(globals()[function](*case_args)))
+        print(json.dumps(run_case(args.case)))
         return
+    args.out = Path(args.out)
     if args.quick:
         args.tokens, args.hidden, args.vocab, args.chunk_size, args.repeats = 1024, 256, [8192], 256, 1
 
@@ -335,4 +362,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(sys.modules[__name__]))

@@ -29,33 +29,53 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.command import run_script  # noqa: E402
+from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.labels import IGNORE_INDEX  # noqa: E402
 from ds_sft.model.checkpoint import hf_config, to_hf_state_dict  # noqa: E402
-from ds_sft.model.config import ModelConfig  # noqa: E402
+from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
+from ds_sft.options import COUNT, INT32_MAX, Choice, Int, Names, OneLineParser  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog=f"bench/{Path(__file__).name}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default="112m", help="ModelConfig preset to time (default: 112m)")
-    parser.add_argument("--seq_len", type=int, default=512, help="tokens per row (default: 512)")
-    parser.add_argument("--batch_size", type=int, default=4, help="rows per step (default: 4)")
     parser.add_argument(
-        "--steps", type=int, default=5, help="timed steps per contender and dtype (default: 5)"
+        "--preset", type=Choice(*PRESETS), default="112m", help="ModelConfig preset to time (default: 112m)"
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (default: both)")
-    parser.add_argument("--kernels", default="auto", help="kernels backend of ds-sft's model (default: auto)")
+    parser.add_argument("--seq_len", type=Int(8, 2**20), default=512, help="tokens per row (default: 512)")
+    parser.add_argument("--batch_size", type=Int(1, 2**16), default=4, help="rows per step (default: 4)")
+    parser.add_argument(
+        "--steps", type=COUNT, default=5, help="timed steps per contender and dtype (default: 5)"
+    )
+    parser.add_argument(
+        "--warmup", type=Int(0, INT32_MAX), default=1, help="untimed steps first (default: 1)"
+    )
+    parser.add_argument(
+        "--dtypes",
+        type=Names("fp32", "bf16"),
+        default=["fp32", "bf16"],
+        help="comma list of fp32, bf16 (default: both)",
+    )
+    parser.add_argument(
+        "--kernels",
+        type=Choice(*KERNEL_BACKENDS),
+        default="auto",
+        help="kernels backend of ds-sft's model (default: auto)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny preset, seq 64 x 2, 2 steps: a smoke test")
-    return parser.parse_args()
+    return parser
 
 
-def main() -> int:
-    args = parse_args()
+def run(args: argparse.Namespace) -> int:
+    if not args.dtypes:
+        raise UserError("--dtypes names no dtype: pass fp32, bf16 or both")
     if args.quick:
         args.preset, args.seq_len, args.batch_size, args.steps, args.warmup = "tiny", 64, 2, 2, 1
     from transformers import LlamaForCausalLM
@@ -81,7 +101,7 @@ def main() -> int:
 
     tokens = args.batch_size * args.seq_len
     rows = []
-    for dtype in args.dtypes.split(","):
+    for dtype in args.dtypes:
         autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
         )
@@ -131,4 +151,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(sys.modules[__name__]))

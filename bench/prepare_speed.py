@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 import types
@@ -35,7 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
+
+from ds_sft.command import run_script  # noqa: E402
+from ds_sft.errors import UserError  # noqa: E402
+from ds_sft.options import COUNT, Int, OneLineParser  # noqa: E402
+
+RESULTS = REPO_ROOT / "bench" / "results"
+COPIES = Int(1, 1024)  # replications of the shared mix (~75k rows each)
 SEQ_LEN = 1024
 
 
@@ -178,19 +187,25 @@ def best_of(runs: list[dict]) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog=f"bench/{Path(__file__).name}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--copies", type=int, nargs="+", default=[1, 2, 4], help="mix replications for ds-sft"
+        "--copies", type=COPIES, nargs="+", default=[1, 2, 4], help="mix replications for ds-sft"
     )
-    parser.add_argument("--trl_copies", type=int, nargs="*", default=[1], help="replications to run TRL on")
     parser.add_argument(
-        "--repeat", type=int, default=3, help="runs of each pipeline, interleaved; the best one counts"
+        "--trl_copies", type=COPIES, nargs="*", default=[1], help="replications to run TRL on"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--repeat", type=COUNT, default=3, help="runs of each pipeline, interleaved; the best one counts"
+    )
+    return parser
 
+
+def run(args: argparse.Namespace) -> None:
     # Imports are excluded from every timing, including the lazy ones each pipeline triggers.
     import datasets
     import datasets.packaged_modules.json  # noqa: F401
@@ -203,7 +218,7 @@ def main() -> None:
     datasets.disable_progress_bars()
     shared = shared_dir()
     if shared is None:
-        raise SystemExit("bench/prepare_speed.py needs ../shared (the real data and GPT-2 tokenizer)")
+        raise UserError("bench/prepare_speed.py needs ../shared (the real data and GPT-2 tokenizer)")
     tokenizer_dir = shared / "tokenizers" / "gpt2"
     try:
         import trl  # noqa: F401
@@ -263,4 +278,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(sys.modules[__name__]))

@@ -57,12 +57,18 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.command import run_script  # noqa: E402
+from ds_sft.errors import UserError  # noqa: E402
+from ds_sft.eval.cli import available_device  # noqa: E402
 from ds_sft.labels import IGNORE_INDEX  # noqa: E402
-from ds_sft.model.config import ModelConfig  # noqa: E402
+from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig  # noqa: E402
+from ds_sft.model.fp8 import MODES as FP8_MODES  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
+from ds_sft.options import COUNT, INT32_MAX, SEED, Choice, Device, Int, Names, OneLineParser, Text  # noqa: E402
 from ds_sft.train.metrics import flops_per_token  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
+SEQ_LEN = Int(8, 2**20)  # tokens per row, as `ds-sft prepare --seq_len`
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, no sparsity).
 GPU_BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -73,27 +79,45 @@ GPU_BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 31
 SYNTHETIC_MEAN_TOKENS, SYNTHETIC_SIGMA, SYNTHETIC_RESPONSE_SHARE = 191, 0.65, 0.54
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog=f"bench/{Path(__file__).name}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes for CI: checks it runs, measures nothing"
     )
-    parser.add_argument("--parts", default="a,b,c", help="comma-separated parts to run: a, b, c")
-    parser.add_argument("--preset", default="112m", help="model preset for (a) and (c) (ds_sft.model.config)")
-    parser.add_argument("--seq_len", type=int, default=512, help="row length for (a) and (c)")
-    parser.add_argument("--micro_batch", type=int, default=4, help="rows per step")
-    parser.add_argument("--steps", type=int, default=5, help="measured steps per contender (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per contender first")
-    parser.add_argument("--b_preset", default=None, help="model preset for (b); default: --preset")
-    parser.add_argument("--b_seq_len", type=int, default=1024, help="row length for (b)")
-    parser.add_argument("--b_rows", type=int, default=8, help="packed rows whose documents (b) trains on")
     parser.add_argument(
-        "--data_dir", default=None, help="a prepared data dir for (b)'s documents (train split)"
+        "--parts",
+        type=Names("a", "b", "c"),
+        default=["a", "b", "c"],
+        help="comma-separated parts to run: a, b, c",
     )
     parser.add_argument(
-        "--gemm_size", type=int, default=None, help="n of the n x n x n bf16 GEMM (default 4096)"
+        "--preset",
+        type=Choice(*PRESETS),
+        default="112m",
+        help="model preset for (a) and (c) (ds_sft.model.config)",
+    )
+    parser.add_argument("--seq_len", type=SEQ_LEN, default=512, help="row length for (a) and (c)")
+    parser.add_argument("--micro_batch", type=Int(1, 2**16), default=4, help="rows per step")
+    parser.add_argument("--steps", type=COUNT, default=5, help="measured steps per contender (after warm-up)")
+    parser.add_argument(
+        "--warmup", type=Int(0, INT32_MAX), default=1, help="unmeasured steps per contender first"
+    )
+    parser.add_argument(
+        "--b_preset", type=Choice(*PRESETS), default=None, help="model preset for (b); default: --preset"
+    )
+    parser.add_argument("--b_seq_len", type=SEQ_LEN, default=1024, help="row length for (b)")
+    parser.add_argument(
+        "--b_rows", type=Int(1, 2**16), default=8, help="packed rows whose documents (b) trains on"
+    )
+    parser.add_argument(
+        "--data_dir", type=Text(), default=None, help="a prepared data dir for (b)'s documents (train split)"
+    )
+    parser.add_argument(
+        "--gemm_size", type=Int(1, 2**16), default=None, help="n of the n x n x n bf16 GEMM (default 4096)"
     )
     parser.add_argument(
         "--compile",
@@ -102,36 +126,55 @@ def parse_args(argv=None) -> argparse.Namespace:
         "steps compile (~30 s on CPU), so raise --warmup",
     )
     parser.add_argument(
-        "--kernels", default="auto", help="ds-sft kernels backend: auto, triton, torch, eager"
+        "--kernels",
+        type=Choice(*KERNEL_BACKENDS),
+        default="auto",
+        help="ds-sft kernels backend: auto, triton, torch, eager",
     )
-    parser.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
     parser.add_argument(
-        "--fp8", default="off", help="fp8 mode of the (c) step, as `ds-sft train --fp8` (default off)"
+        "--device", type=Device(), default=None, help="torch device; default cuda when available, else cpu"
+    )
+    parser.add_argument(
+        "--fp8",
+        type=Choice(*FP8_MODES),
+        default="off",
+        help="fp8 mode of the (c) step, as `ds-sft train --fp8` (default off)",
     )
     parser.add_argument(
         "--fp8_select",
         default="all",
-        choices=("all", "auto"),
+        type=Choice("all", "auto"),
         help='which projections run in fp8, as the recipe\'s "fp8": {"select": ...}: all, or those the '
         "roofline (ds_sft/model/fp8_roofline.json) says are faster at micro_batch x seq_len tokens",
     )
     parser.add_argument(
         "--override",
-        default="",
+        type=Text(),
+        default=None,
         help="model config overrides KEY=VALUE,... e.g. d_model=2048,n_heads=16,ffn_hidden=5504",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, tokens and document order")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed for weights, tokens and document order")
     parser.add_argument(
-        "--out", default=None, help="JSON path; default bench/results/train_throughput[.quick].json"
+        "--out",
+        type=Text(),
+        default=None,
+        help="JSON path; default bench/results/train_throughput[.quick].json",
     )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.preset, args.seq_len, args.micro_batch, args.steps, args.warmup = "tiny", 64, 2, 2, 1
-        args.b_seq_len, args.b_rows, args.gemm_size = 128, 4, args.gemm_size or 256
-    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if unknown := set(args.parts) - {"a", "b", "c"}:
-        parser.error(f"unknown parts {sorted(unknown)}; choose from a, b, c")
-    return args
+    return parser
+
+
+def model_overrides(text: str | None) -> dict:
+    """``--override d_model=2048,n_heads=16``: field -> value, each value JSON (numbers, true, null)."""
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        key, eq, value = item.partition("=")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except ValueError:
+            eq = ""
+        if not eq or not key.strip():
+            raise UserError(f"--override {item!r}: write FIELD=VALUE with a JSON value, e.g. d_model=2048")
+    return overrides
 
 
 # ----------------------------------------------------------------------------- rows of tokens
@@ -692,16 +735,19 @@ def print_tables(result: dict) -> None:
             print(f"    MFU vs {c['device']} bf16 peak {peak:.0f} TFLOP/s: {c['mfu']:.1%}")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.preset, args.seq_len, args.micro_batch, args.steps, args.warmup = "tiny", 64, 2, 2, 1
+        args.b_seq_len, args.b_rows, args.gemm_size = 128, 4, args.gemm_size or 256
+    if not args.parts:
+        raise UserError("--parts names no part: pass some of a, b, c")
+    device = available_device(args.device)
     torch.manual_seed(args.seed)
-    overrides = {}
-    for item in filter(None, args.override.split(",")):
-        key, value = item.split("=", 1)
-        overrides[key] = json.loads(value)  # numbers, true/false, null
     config = ModelConfig.preset(
-        args.preset, max_seq_len=max(args.seq_len, 128), kernels=args.kernels, **overrides
+        args.preset,
+        max_seq_len=max(args.seq_len, 128),
+        kernels=args.kernels,
+        **model_overrides(args.override),
     )
     device_name, _ = gpu_peak(device)
     result = {
@@ -747,4 +793,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(sys.modules[__name__]))

@@ -53,6 +53,13 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
     return int(code or 0)
 
 
+def run_script(module, argv: Sequence[str] | None = None) -> int:
+    """Entry point of a script in ``bench/``: parse ``module.build_parser()``'s flags, run
+    ``module.run(args)``, and end a bad flag, a :class:`UserError` or a system error in one line."""
+    parser = module.build_parser()
+    return execute(parser.prog, module, parser.parse_args(argv))
+
+
 def main_for(name: str, argv: Sequence[str] | None = None) -> int:
     """Entry point for ``python -m <command module>``: parse that command's flags and run it."""
     from ds_sft.options import OneLineParser

@@ -289,6 +289,12 @@ class Weights(Domain):
         return value
 
 
+# Domains several commands and the benchmark scripts share.
+SEED = Int(0, 2**32 - 1)  # torch, numpy and random all take it, and it fits any int64 tensor
+THREADS = Int(1, 4096)  # torch.set_num_threads
+COUNT = Int(1, INT32_MAX)  # how many of something: steps, repeats, problems
+
+
 class StoreOnce(argparse._StoreAction):
     """``action=StoreOnce``: a flag naming an input, given at most once (or twice with one value).
     argparse keeps the last of two values: ``--alpaca a.json --alpaca b.json`` read b.json alone, and

@@ -70,7 +70,7 @@ NOT_IN_CACHE_KEY = {"output_dir", "force", "alpaca", "gsm8k", "dolly", "source",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ds_sft.data.sources import HUB_IDS
-    from ds_sft.options import INT32_MAX, INT64_MAX, Choice, Float, Int, StoreOnce, Weights
+    from ds_sft.options import INT32_MAX, INT64_MAX, SEED, Choice, Float, Int, StoreOnce, Weights
 
     src = parser.add_argument_group("sources (any one alone is a valid run)")
     for kind, (hub_id, _) in HUB_IDS.items():
@@ -171,7 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="at least this many val rows per source, never more than half of it (default: 20)",
     )
     mix.add_argument(
-        "--seed", type=Int(0, 2**32 - 1), default=1234, help="seed of the split, the mix and its fractions"
+        "--seed", type=SEED, default=1234, help="seed of the split, the mix and its fractions"
     )
     mix.add_argument("--no_pack", action="store_true", help="one example per row, padded (for comparison)")
     mix.add_argument(

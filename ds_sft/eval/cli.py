@@ -40,7 +40,7 @@ MANIFEST = "ds_sft_eval.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ds_sft.options import INT32_MAX, INT64_MAX, Device, Float, Int
+    from ds_sft.options import INT32_MAX, INT64_MAX, SEED, THREADS, Device, Float, Int
 
     which = parser.add_argument_group("what to evaluate")
     models = which.add_mutually_exclusive_group(required=True)
@@ -92,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "else the hub's openai/gsm8k",
     )
     gsm8k.add_argument(
-        "--seed", type=Int(0, 2**32 - 1), default=0, help="seed of the GSM8K subset drawn by --gsm8k_limit"
+        "--seed", type=SEED, default=0, help="seed of the GSM8K subset drawn by --gsm8k_limit"
     )
 
     generation = parser.add_argument_group("generation")
@@ -134,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     runtime.add_argument(
         "--threads",
-        type=Int(1, 4096),
+        type=THREADS,
         default=None,
         help="torch CPU threads (default: torch's choice); 1 is often fastest on a machine shared with "
         "other jobs, where multithreaded small ops wait on descheduled threads",

@@ -30,7 +30,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ds_sft.errors import UserError, first_line
-from ds_sft.options import INT32_MAX, INT64_MAX, Bool, Choice, Float, Int, Names, OutOfDomain, Pair, Text
+from ds_sft.model.config import KERNEL_BACKENDS
+from ds_sft.options import (
+    INT32_MAX,
+    INT64_MAX,
+    SEED,
+    Bool,
+    Choice,
+    Float,
+    Int,
+    Names,
+    OutOfDomain,
+    Pair,
+    Text,
+)
 from ds_sft.train.compatibility import IDENTITY_KEYS
 from ds_sft.train.distributed import launch_environment
 from ds_sft.train.metrics import WANDB_MODES, resolve_wandb_mode
@@ -45,7 +58,7 @@ OPTIONS: dict[str, tuple] = {
     "model": (None, Text()),
     "out_dir": ("runs/train", Text()),
     "fp8": ("auto", Choice("off", "auto", "torch", "te")),
-    "kernels": ("auto", Choice("auto", "triton", "torch", "eager")),
+    "kernels": ("auto", Choice(*KERNEL_BACKENDS)),
     "compile": (False, Bool()),
     "activation_checkpointing": (False, Bool()),
     "zero_stage": (2, Int(0, 3)),
@@ -58,7 +71,7 @@ OPTIONS: dict[str, tuple] = {
     "max_iters": (100, Int(1, INT32_MAX)),
     "weight_decay": (0.05, Float(0, 10)),
     "grad_clip": (1.0, Float(0, 1e6)),
-    "seed": (1337, Int(0, 2**32 - 1)),  # torch and numpy both take it, and it fits any int64 tensor
+    "seed": (1337, SEED),
     "dist_timeout": (600, Int(1, 7 * 24 * 3600)),  # a week; timedelta(seconds=1e20) overflows
     "eval_interval": (10, Int(1, INT32_MAX)),
     "eval_iters": (8, Int(1, INT32_MAX)),

@@ -22,6 +22,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 from ds_sft.cli import main
 
 MISSING_DATA = "/nonexistent/ds-sft-fuzz/data"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Tripwire(Exception):
@@ -301,31 +303,71 @@ def test_config_error_wins_over_missing_model_and_data_in_a_real_process(tmp_pat
 #
 # The flags are found by walking the real parsers, so a flag added later is covered without a line
 # here. The oracle is written independently of ds_sft/options.py: an integer flag takes exactly the
-# decimal integers within its bounds, a number flag exactly the finite numbers within them.
+# decimal integers within its bounds, a number flag exactly the finite numbers within them. The
+# scripts in bench/ are commands too: `python bench/attention.py --tile 0` was a ZeroDivisionError.
+
+
+def bench_parsers() -> dict[str, tuple[object, list[str], object]]:
+    """prog -> (parser to call, argv before the flags, parser holding the flags) of every script in
+    bench/, each subcommand of one (``bench/gpu_check.py gemm``) as its own."""
+    import argparse
+    import importlib.util
+
+    parsers = {}
+    for path in sorted((REPO_ROOT / "bench").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        parser = module.build_parser()
+        subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        for name, sub in subparsers[0].choices.items() if subparsers else [(None, parser)]:
+            parsers[sub.prog] = (parser, [name] if name else [], sub)
+    return parsers
+
+
+def command_parsers() -> dict[str, object]:
+    """Command -> the parser holding its flags: ds-sft's commands, then bench/'s scripts."""
+    from ds_sft.cli import build_parser
+
+    commands = dict(next(a for a in build_parser()._actions if a.dest == "command").choices)
+    return {**commands, **{prog: flags for prog, (_, _, flags) in BENCH.items()}}
 
 
 def declared_flags() -> list[tuple[str, str, object]]:
     """(command, --flag, domain) for every flag of every command whose type= is a declared domain."""
-    from ds_sft.cli import build_parser
     from ds_sft.options import Domain
 
     flags = []
-    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
-    for command, parser in commands.items():
+    for command, parser in command_parsers().items():
         for action in parser._actions:
             if action.option_strings and isinstance(action.type, Domain):
                 flags.append((command, action.option_strings[0], action.type))
     return flags
 
 
+def parse_flags(capsys, command: str, argv: list[str]):
+    """(exit code, or the parsed namespace; stderr lines) of ``command``'s parser alone on ``argv``:
+    parsing is where a flag's domain is checked, and running would be real work."""
+    if command not in BENCH:
+        from ds_sft.cli import build_parser
+
+        parser, argv = build_parser(), [command, *argv]
+    else:
+        parser, prefix, _ = BENCH[command]
+        argv = [*prefix, *argv]
+    capsys.readouterr()
+    try:
+        outcome = parser.parse_args(argv)
+    except SystemExit as stop:
+        outcome = stop.code
+    return outcome, capsys.readouterr().err.strip().splitlines()
+
+
 def test_no_flag_takes_a_bare_int_or_float():
     """A numeric flag without a declared domain would accept -5, nan and 2**70 again."""
-    from ds_sft.cli import build_parser
-
-    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
     bare = [
         f"{command} {action.option_strings[0]}"
-        for command, parser in commands.items()
+        for command, parser in command_parsers().items()
         for action in parser._actions
         if action.type in (int, float) and action.dest != "help"
     ]
@@ -333,14 +375,34 @@ def test_no_flag_takes_a_bare_int_or_float():
     names = {(command, flag) for command, flag, _ in declared_flags()}
     for expected in [("prepare", "--max_examples"), ("prepare", "--mix"), ("prepare", "--seq_len"),
                      ("train", "--seed"), ("train", "--dist_timeout"), ("eval", "--max_new_tokens"),
-                     ("bench", "--timeout"), ("prepare", "--decontam_threshold")]:  # fmt: skip
+                     ("bench", "--timeout"), ("prepare", "--decontam_threshold"),
+                     ("bench/attention.py", "--tile"), ("bench/gpu_check.py gemm", "--n"),
+                     ("bench/train_throughput.py", "--parts")]:  # fmt: skip
         assert expected in names
 
 
+def test_every_value_flag_of_a_bench_script_has_a_domain():
+    """A bench script's flag read as a bare string failed later, as a traceback: --preset nope
+    (KeyError), --kernels x, --device mps, --dtypes fp16, --fp8 fp9."""
+    from ds_sft.options import Domain
+
+    untyped = [
+        f"{prog} {action.option_strings[0]}"
+        for prog, (_, _, parser) in BENCH.items()
+        for action in parser._actions
+        if action.option_strings and action.nargs != 0 and not isinstance(action.type, Domain)
+    ]
+    assert untyped == [], f"bench flags without a declared domain: {untyped}"
+
+
+BENCH = bench_parsers()
 FLAGS = declared_flags()
 REQUIRED_ARGS = {  # the least each command needs besides the flag under test, so parsing can finish
     "eval": ["--model", "m", "--data_dir", "d"],
     "export": ["--base_model", "m", "--hf", "out"],
+    "bench/gpu_check.py collectives": ["--out", "o"],
+    "bench/gpu_check.py gemm": ["--out", "o"],
+    "bench/gpu_check.py summary": ["--out", "o", "--work", "w"],
 }
 ODD_TEXT = ["nan", "NaN", "inf", "-inf", "1e400", "", " ", "abc", "1.5", "0x10", "2**70", "1e3", "-0.0"]
 
@@ -437,20 +499,18 @@ def test_every_flag_accepts_exactly_its_domain_in_one_line(capsys, data):
     text = data.draw(texts_for(domain), label="value")
     if text.startswith("-") and not text[1:2].isdigit() and text[1:2] != ".":
         text = " " + text  # argparse would read "-inf" or "-x" as an option, not a value
-    argv = [command, *REQUIRED_ARGS.get(command, []), f"{flag}={text}"]
+    outcome, lines = parse_flags(capsys, command, [*REQUIRED_ARGS.get(command, []), f"{flag}={text}"])
+    context = f"{command} {flag}={text!r}"
     if valid_text(domain, text):
         event("in domain")
-        from ds_sft.cli import build_parser
-
-        args = build_parser().parse_args(argv)  # the real parser takes it (no run: that is real work)
-        assert getattr(args, flag.lstrip("-")) is not None, argv
+        assert not isinstance(outcome, int | None), f"{context}: refused ({lines})"
+        assert getattr(outcome, flag.lstrip("-").replace("-", "_")) is not None, context
     else:
         event("out of domain")
-        code, lines = run_cli(capsys, argv)
-        context = f"{command} {flag}={text!r}"
-        assert code == 2, f"{context}: expected exit 2, got {code!r}; stderr: {lines}"
+        prog = command if command in BENCH else f"ds-sft {command}"
+        assert outcome == 2, f"{context}: expected exit 2, got {outcome!r}; stderr: {lines}"
         assert len(lines) == 1, f"{context}: the error must be one line, got {lines}"
-        assert lines[0].startswith(f"ds-sft {command}: error: argument {flag}"), (context, lines)
+        assert lines[0].startswith(f"{prog}: error: argument {flag}"), (context, lines)
 
 
 @pytest.mark.parametrize(
@@ -459,9 +519,10 @@ def test_every_flag_accepts_exactly_its_domain_in_one_line(capsys, data):
 @pytest.mark.parametrize("text", ["\0", "runs/a\0b"])
 def test_a_nul_byte_in_a_text_flag_is_one_line(capsys, command, flag, text):
     """Found by `make fuzz`: the oracle took "\\0" for a valid path; the validator rightly refuses it."""
-    code, lines = run_cli(capsys, [command, *REQUIRED_ARGS.get(command, []), f"{flag}={text}"])
+    code, lines = parse_flags(capsys, command, [*REQUIRED_ARGS.get(command, []), f"{flag}={text}"])
     assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"ds-sft {command}: error: argument {flag}"), lines
+    prog = command if command in BENCH else f"ds-sft {command}"
+    assert lines[0].startswith(f"{prog}: error: argument {flag}"), lines
 
 
 # --- numbers a JSON can hold that no flag can: NaN, Infinity, integers beyond int64 ------------------
