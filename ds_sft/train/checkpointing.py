@@ -191,6 +191,14 @@ def file_digests(tag_dir: Path) -> dict:
     return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
+def foreign_entries(paths, listed) -> list[str]:
+    """The names among ``paths`` (a tag folder's entries) that are not the run's own files: a name its
+    trainer state does not list (``listed``, the state file aside), or a listed one that is no longer a
+    regular file (a link, a folder, a FIFO: a FIFO named x.pt would block a reader forever)."""
+    ours = {*listed, STATE_FILE}
+    return sorted(p.name for p in paths if p.name not in ours or p.is_symlink() or not p.is_file())
+
+
 def damage(tag_dir: Path) -> str | None:
     """Why ``tag_dir`` cannot be resumed from (malformed state, missing, truncated, corrupted, foreign
     or code-carrying files), or None."""
@@ -213,12 +221,10 @@ def damage(tag_dir: Path) -> str | None:
             return f"{name} is truncated or overwritten ({size:,} bytes, {digest['bytes']:,} when saved)"
         if sha256_file(path) != digest["sha256"]:
             return f"{name} is corrupted (its sha256 differs from the one recorded when saved)"
-    # any entry, not only files: a FIFO named x.pt would block the pickle check below forever
-    foreign = sorted(p.name for p in tag_dir.iterdir() if p.name not in {*expected, STATE_FILE})
+    foreign = foreign_entries(tag_dir.iterdir(), expected)
     if foreign:
-        return (
-            f"{', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not part of it when it was saved"
-        )
+        are = "is" if len(foreign) == 1 else "are"
+        return f"{', '.join(foreign)} {are} not among the regular files it was saved with"
     return pickled_code(tag_dir)
 
 
@@ -413,14 +419,13 @@ def remove_tag(tag_dir: Path, tag: str | None = None) -> None:
     except (OSError, ValueError, RecursionError):
         state = None
     listed = state["files"] if trainer_state_problem(state, with_files=True) is None else None
-    ours = {*listed, STATE_FILE} if listed is not None else set()
-    theirs = sorted(
-        p.name for p in tag_dir.iterdir() if p.name not in ours or p.is_symlink() or not p.is_file()
-    )
+    entries = list(tag_dir.iterdir())
+    theirs = foreign_entries(entries, listed) if listed is not None else sorted(p.name for p in entries)
     if not theirs:
         remove(tag_dir)
         return
-    for name in sorted(ours - set(theirs), key=lambda name: name != STATE_FILE):
+    ours = {p.name for p in entries} - set(theirs)
+    for name in sorted(ours, key=lambda name: name != STATE_FILE):
         (tag_dir / name).unlink(missing_ok=True)
     kept = tag_dir.with_name(f"{tag}.kept")
     for n in itertools.count(2):

@@ -231,7 +231,12 @@ def plain_tree_problem(folder: Path, run_dir: Path) -> str | None:
 def tag_problem(tag_dir: Path, run_dir: Path) -> str | None:
     """Why ``tag_dir`` is not a checkpoint tag as ds-sft writes it (exactly the files its
     ``trainer_state.json`` lists, plus that file, all regular), or None. Nothing is hashed."""
-    from ds_sft.train.checkpointing import STATE_FILE, read_trainer_state, trainer_state_problem
+    from ds_sft.train.checkpointing import (
+        STATE_FILE,
+        foreign_entries,
+        read_trainer_state,
+        trainer_state_problem,
+    )
 
     where = relative(tag_dir, run_dir)
     if kind(tag_dir / STATE_FILE) != "file":
@@ -242,9 +247,9 @@ def tag_problem(tag_dir: Path, run_dir: Path) -> str | None:
         return f"{where}{STATE_FILE} cannot be read"
     if trainer_state_problem(state, with_files=True):
         return f"{where}{STATE_FILE} is not one ds-sft writes"
-    for path in entries(tag_dir):
-        if path.name not in {*state["files"], STATE_FILE} or kind(path) != "file":
-            return f"{relative(path, run_dir)} is not among the files of the checkpoint"
+    foreign = foreign_entries(entries(tag_dir), state["files"])
+    if foreign:
+        return f"{relative(tag_dir / foreign[0], run_dir)} is not among the files of the checkpoint"
     return None
 
 

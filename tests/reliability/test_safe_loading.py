@@ -406,7 +406,8 @@ def test_a_genuine_trainer_state_passes_and_an_unlisted_file_does_not(checkpoint
     tag_dir = _copy_tag(checkpoints[3], tmp_path)
     assert checkpointing.damage(tag_dir) is None
     (tag_dir / "extra_optim_states.pt").write_bytes(b"")
-    assert "extra_optim_states.pt was not part of it" in checkpointing.damage(tag_dir)
+    problem = checkpointing.damage(tag_dir)
+    assert "extra_optim_states.pt is not among the regular files it was saved with" in problem
 
 
 def _fifo(path: Path) -> None:
@@ -442,7 +443,28 @@ def test_an_unlisted_entry_of_any_kind_is_refused_without_being_opened(checkpoin
                          os.O_WRONLY | os.O_NONBLOCK))  # fmt: skip
         worker.join(timeout=60)
         pytest.fail("damage() opened an unlisted FIFO and blocked")
-    assert found == ["extra.pt was not part of it when it was saved"]
+    assert found == ["extra.pt is not among the regular files it was saved with"]
+
+
+def test_a_listed_file_replaced_by_a_link_is_foreign_to_every_reader_of_a_tag(checkpoints, tmp_path):
+    """One rule says which entries of a tag are the run's: resume (damage), --overwrite (tag_problem)
+    and pruning (remove_tag). damage() followed a link put in place of a listed file: a link to an
+    identical copy hashed equal and was resumed from; the other two refused it."""
+    from ds_sft.train import checkpointing, run_dir
+
+    tag_dir = _copy_tag(checkpoints[3], tmp_path)
+    listed = sorted(checkpointing.read_trainer_state(tag_dir)["files"])
+    name = listed[0]
+    copy = tmp_path / "elsewhere" / name
+    copy.parent.mkdir()
+    (tag_dir / name).rename(copy)
+    (tag_dir / name).symlink_to(copy)
+    assert checkpointing.damage(tag_dir) == f"{name} is not among the regular files it was saved with"
+    assert name in run_dir.tag_problem(tag_dir, tmp_path)
+    checkpointing.remove_tag(tag_dir)
+    kept = tag_dir.with_name(f"{tag_dir.name}.kept")
+    assert sorted(p.name for p in kept.iterdir()) == [name] and (kept / name).is_symlink()
+    assert copy.is_file(), "the link's target is not the run's to delete"
 
 
 def test_a_name_with_a_newline_stays_on_one_line(checkpoints, tmp_path):
