@@ -91,9 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="GSM8K test.jsonl (question/answer rows); default: ../shared/data/gsm8k/test.jsonl, "
         "else the hub's openai/gsm8k",
     )
-    gsm8k.add_argument(
-        "--seed", type=SEED, default=0, help="seed of the GSM8K subset drawn by --gsm8k_limit"
-    )
+    gsm8k.add_argument("--seed", type=SEED, default=0, help="seed of the GSM8K subset drawn by --gsm8k_limit")
 
     generation = parser.add_argument_group("generation")
     generation.add_argument(

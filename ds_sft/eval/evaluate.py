@@ -13,8 +13,9 @@ template, until the model starts inventing a new "### Instruction:" turn).
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_sft.errors import UserError
@@ -45,6 +46,9 @@ class EvalData:
     template: str
     tokenizer: object
     val: object | None  # a PackedDataset, or None when the val pass is skipped
+    # record -> its prompt's token ids: each prompt is tokenized once per eval, though
+    # check_generation_fits and then the generation of each model read it
+    _prompt_ids: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, data_dir: Path, need_val: bool) -> EvalData:
@@ -63,11 +67,16 @@ class EvalData:
         """Token ids of ``record``'s prompt, exactly as ``prepare`` tokenized training prompts."""
         from ds_sft.data.templates import render_prompt
 
-        text = render_prompt(record, self.template, self.tokenizer)
-        # An Alpaca prompt takes the tokenizer's post-processor (BOS where it wants one); a chat
-        # template already writes its special tokens into the text (ds_sft.data.tokenize).
-        encoding = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=self.template == "alpaca")
-        return encoding.ids
+        key = json.dumps(record, sort_keys=True)  # every field the template may render
+        if key not in self._prompt_ids:
+            text = render_prompt(record, self.template, self.tokenizer)
+            # An Alpaca prompt takes the tokenizer's post-processor (BOS where it wants one); a chat
+            # template already writes its special tokens into the text (ds_sft.data.tokenize).
+            add_special_tokens = self.template == "alpaca"
+            self._prompt_ids[key] = self.tokenizer.backend_tokenizer.encode(
+                text, add_special_tokens=add_special_tokens
+            ).ids
+        return list(self._prompt_ids[key])
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

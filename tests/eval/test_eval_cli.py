@@ -612,3 +612,23 @@ def test_a_generation_that_cannot_run_is_refused_before_anything_is_measured(
     with pytest.raises(UserError, match=expected):
         cli.run(_parse(argv))
     assert not (tmp_path / "out").exists()
+
+
+def test_each_prompt_is_rendered_and_tokenized_once_per_eval(data_dir, model_dir, tmp_path, monkeypatch):
+    """The generation check, then each model's answers, read the same prompts: they were rendered
+    and tokenized again by every reader (three times per prompt when comparing two models)."""
+    from ds_sft.data import templates
+    from ds_sft.eval.prompts import FIXED_PROMPTS
+
+    rendered = []
+    render = templates.render_prompt
+    monkeypatch.setattr(
+        templates, "render_prompt", lambda record, *a: rendered.append(record) or render(record, *a)
+    )
+    data_path, test = data_dir
+    argv = ["--compare", str(model_dir), str(model_dir), "--data_dir", str(data_path),
+            "--gsm8k_test", str(test), "--gsm8k_limit", "3", "--max_new_tokens", "2", "--no_val",
+            "--dtype", "float32", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert cli.run(_parse(argv)) == 0
+    distinct = {json.dumps(record, sort_keys=True) for record in rendered}
+    assert len(rendered) == len(distinct) == 3 + len(FIXED_PROMPTS)
