@@ -295,9 +295,13 @@ def cli_runs(tmp_path_factory) -> dict:
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
 
+    # made here, not in the threads: mktemp is not thread-safe (two threads creating pytest's base
+    # folder at once made one of them fail, "cli is not a normalized and relative path")
+    roots = {case: tmp_path_factory.mktemp("cli") for case in MATRIX}
+
     def run(case):
         name, skip = case
-        root = tmp_path_factory.mktemp("cli")
+        root = roots[case]
         path = make_input(root, name)
         argv = [sys.executable, "-m", "ds_sft.cli", "prepare", "--source", f"fuzz={path}",
                 "--output_dir", str(root / "out")] + (["--skip_bad_rows"] if skip else [])  # fmt: skip
