@@ -278,19 +278,20 @@ def _read_parquet(path: Path) -> dict[str, list]:
     strings are read as dictionaries, and the size they decode to is checked before it is made."""
     import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(str(path))
-        meta = parquet.metadata
-        encoded = sum(
-            meta.row_group(group).column(column).total_uncompressed_size
-            for group in range(meta.num_row_groups)
-            for column in range(meta.num_columns)
-        )
-        # each value becomes a Python object: a pointer and a small object at least
-        objects = 16 * meta.num_rows * len(parquet.schema_arrow)
-        _check_parquet_size(path, max(encoded, objects))
-        strings = [leaf.path for leaf in parquet.schema if leaf.physical_type == "BYTE_ARRAY"]
-        table = pq.ParquetFile(str(path), read_dictionary=strings).read()
+    try:  # one open file: the footer checked is the footer of the file read
+        with open(path, "rb") as source:
+            parquet = pq.ParquetFile(source)
+            meta = parquet.metadata
+            encoded = sum(
+                meta.row_group(group).column(column).total_uncompressed_size
+                for group in range(meta.num_row_groups)
+                for column in range(meta.num_columns)
+            )
+            # each value becomes a Python object: a pointer and a small object at least
+            objects = 16 * meta.num_rows * len(parquet.schema_arrow)
+            _check_parquet_size(path, max(encoded, objects))
+            strings = [leaf.path for leaf in parquet.schema if leaf.physical_type == "BYTE_ARRAY"]
+            table = pq.ParquetFile(source, metadata=meta, read_dictionary=strings).read()
     except UserError:
         raise
     except Exception as err:  # Arrow raises many types; the user needs the file and the cause
