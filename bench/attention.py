@@ -39,9 +39,10 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
-from ds_sft.command import run_script  # noqa: E402
+from ds_sft.command import main_for_script  # noqa: E402
 from ds_sft.model.attention import document_attention  # noqa: E402
 from ds_sft.options import COUNT, SEED, THREADS, Int, OneLineParser  # noqa: E402
+from ds_sft.paths import write_result_file  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 HEADS, HEAD_DIM = 12, 64
@@ -159,7 +160,6 @@ def run(args: argparse.Namespace) -> None:
             f"{r['ms']['causal_sdpa']:10.1f} {r['max_abs_difference']:9.1e}"
         )
     print("speedup = dense ms / ours ms; causal = SDPA(is_causal) without the document mask (not equal)")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / ("attention.quick.json" if args.quick else "attention.json")
     meta = {
         "heads": HEADS,
@@ -171,9 +171,9 @@ def run(args: argparse.Namespace) -> None:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
-    path.write_text(json.dumps({"config": meta, "layouts": results}, indent=2) + "\n")
+    write_result_file(path, json.dumps({"config": meta, "layouts": results}, indent=2) + "\n")
     print(f"wrote {path.relative_to(REPO_ROOT)}")
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(sys.modules[__name__]))
+    sys.exit(main_for_script(sys.modules[__name__]))

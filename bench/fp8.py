@@ -36,12 +36,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from ds_sft.command import run_script  # noqa: E402
+from ds_sft.command import main_for_script  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.model.config import KERNEL_BACKENDS, ModelConfig  # noqa: E402
 from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, apply_fp8, fp8_autocast  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
 from ds_sft.options import COUNT, INT32_MAX, Choice, Int, OneLineParser, Text  # noqa: E402
+from ds_sft.paths import write_result_file  # noqa: E402
 
 # name -> (config overrides of the 112m preset, micro-batch); 16 x 1024 tokens = 16,384 per step.
 GPU_MODELS = {
@@ -223,10 +224,9 @@ def run(args: argparse.Namespace) -> None:
     else:
         print("GPU: no CUDA device here; the tokens/s comparison runs where one is")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result_file(args.out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(sys.modules[__name__]))
+    sys.exit(main_for_script(sys.modules[__name__]))

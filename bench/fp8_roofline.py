@@ -29,10 +29,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from ds_sft.command import run_script  # noqa: E402
+from ds_sft.command import main_for_script  # noqa: E402
 from ds_sft.model.fp8 import INPUT, Float8Linear, Fp8Recipe, _import_te  # noqa: E402
 from ds_sft.model.fp8_roofline import TABLE, load_table  # noqa: E402
 from ds_sft.options import OneLineParser  # noqa: E402
+from ds_sft.paths import write_result_file  # noqa: E402
 
 
 def cuda_seconds(fn, repeats: int) -> float:
@@ -109,12 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     table = load_table()
     out = ROOT / "bench" / "results" / f"fp8_roofline{'.quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         print(f"no CUDA device: nothing to calibrate; {TABLE} holds:")
         for name, entry in table["devices"].items():
             print(f"  {name}: {json.dumps(entry)}")
-        out.write_text(json.dumps({"device": None, "measured": None, "stored": table}, indent=2) + "\n")
+        write_result_file(
+            out, json.dumps({"device": None, "measured": None, "stored": table}, indent=2) + "\n"
+        )
         return
     device = torch.cuda.get_device_name()
     name = next((key for key in table["devices"] if key in device), device)
@@ -139,12 +141,14 @@ def run(args: argparse.Namespace) -> None:
     entry["source"] = f"measured on {device} with torch {torch.__version__}, {day}; {te_note}"
     print(f"{name}: {json.dumps(entry, indent=2)}")
     print(f"stored: {json.dumps(table['devices'].get(name))}")
-    out.write_text(json.dumps({"device": device, "measured": entry, "stored": table}, indent=2) + "\n")
+    write_result_file(
+        out, json.dumps({"device": device, "measured": entry, "stored": table}, indent=2) + "\n"
+    )
     if args.write and not args.quick:
         table["devices"][name] = entry
-        TABLE.write_text(json.dumps(table, indent=2) + "\n")
+        write_result_file(TABLE, json.dumps(table, indent=2) + "\n")
         print(f"wrote {TABLE}")
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(sys.modules[__name__]))
+    sys.exit(main_for_script(sys.modules[__name__]))

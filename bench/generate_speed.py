@@ -34,9 +34,10 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_BASELINE = "ff50485"  # the last commit before generation was reworked (issue 8)
 sys.path.insert(0, str(REPO_ROOT))  # the flags are this checkout's; the worker purges it (worker())
 
-from ds_sft.command import run_script  # noqa: E402
+from ds_sft.command import main_for_script  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.options import COUNT, THREADS, Choice, Int, OneLineParser, Text  # noqa: E402
+from ds_sft.paths import write_result_file  # noqa: E402
 
 BATCH = Int(1, 2**16)
 
@@ -184,7 +185,6 @@ def run(args: argparse.Namespace) -> int:
         cells = (row["batch"], f"{row['seconds']:.1f}", f"{args.problems / row['seconds']:.3f}")
         cells += (f"{row['speedup']:.2f}x", f"{same}/{args.problems}", row["correct"])
         print(("{:<20}" + " {:>10}" * 6).format(row["name"], *cells))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"generate_speed{'' if args.dtype == 'bfloat16' else '.' + args.dtype}.json"
     config = {k: v for k, v in vars(args).items() if not k.startswith("worker")}
     record = {
@@ -193,10 +193,10 @@ def run(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "results": rows,
     }
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_result_file(path, json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(sys.modules[__name__]))
+    sys.exit(main_for_script(sys.modules[__name__]))

@@ -33,9 +33,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
-from ds_sft.command import run_script  # noqa: E402
+from ds_sft.command import main_for_script  # noqa: E402
 from ds_sft.errors import first_line  # noqa: E402
 from ds_sft.options import Int, OneLineParser, Text  # noqa: E402
+from ds_sft.paths import write_result_file  # noqa: E402
 from ds_sft.train.distributed import backend_for  # noqa: E402  (the trainer's choice, checked here)
 
 FP8_TOLERANCE = 0.05  # |end loss fp8 - bf16| / bf16
@@ -382,7 +383,7 @@ def summary(work: Path, out: Path) -> int:
         "",
     ]
     lines.append(f"failed: {', '.join(failed) if failed else 'none'}")
-    out.write_text("\n".join(lines) + "\n")
+    write_result_file(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if failed else 0
 
@@ -405,15 +406,15 @@ def run(args: argparse.Namespace) -> int:
     args.out = Path(args.out)
     if args.command == "collectives":
         result = try_collectives(args.out.with_suffix(".store"))
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_result_file(args.out, json.dumps(result, indent=1) + "\n")
         return 1 if trainer_backend_failures(result)[1] else 0
     if args.command == "gemm":
         result = time_gemm(args.n)
-        args.out.write_text(json.dumps(result) + "\n")
+        write_result_file(args.out, json.dumps(result) + "\n")
         print(f"bf16 GEMM {args.n}^3 on {result['device']}: {result['flops'] / 1e12:.2f} TFLOP/s")
         return 0
     return summary(Path(args.work), args.out)
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(sys.modules[__name__]))
+    sys.exit(main_for_script(sys.modules[__name__]))

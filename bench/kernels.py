@@ -39,9 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `kernels` is importable
 
 import kernels  # noqa: E402
-from ds_sft.command import run_script  # noqa: E402
+from ds_sft.command import main_for_script  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.options import COUNT, Int, OneLineParser, Text  # noqa: E402
+from ds_sft.paths import write_result_file  # noqa: E402
 from kernels.fused_linear_cross_entropy import default_chunk_size  # noqa: E402
 from kernels.reference import (  # noqa: E402
     cross_entropy_reference,
@@ -356,10 +357,9 @@ def run(args: argparse.Namespace) -> None:
         results["cpu"] = cpu_benchmarks(args)
     if torch.cuda.is_available():
         results["gpu"] = gpu_benchmarks(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_result_file(args.out, json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {os.path.relpath(args.out)}")
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(sys.modules[__name__]))
+    sys.exit(main_for_script(sys.modules[__name__]))

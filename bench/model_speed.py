@@ -29,13 +29,14 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
-from ds_sft.command import run_script  # noqa: E402
+from ds_sft.command import main_for_script  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.labels import IGNORE_INDEX  # noqa: E402
 from ds_sft.model.checkpoint import hf_config, to_hf_state_dict  # noqa: E402
 from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
 from ds_sft.options import COUNT, INT32_MAX, Choice, Int, Names, OneLineParser  # noqa: E402
+from ds_sft.paths import write_result_file  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
@@ -132,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
         ours_rate, theirs_rate = row["ds_sft_tokens_per_s"], row["transformers_tokens_per_s"]
         print(f"{row['dtype']:<6} {ours_rate:>13.0f} {theirs_rate:>19.0f} {row['speedup']:>21.2f}x")
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"model_speed{'.quick' if args.quick else ''}.json"
     result = {
         "preset": args.preset,
@@ -145,10 +145,10 @@ def run(args: argparse.Namespace) -> int:
         "kernels_backend": config.kernels,
         "rows": rows,
     }
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result_file(path, json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(sys.modules[__name__]))
+    sys.exit(main_for_script(sys.modules[__name__]))

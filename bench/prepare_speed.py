@@ -39,9 +39,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
-from ds_sft.command import run_script  # noqa: E402
+from ds_sft.command import main_for_script  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.options import COUNT, Int, OneLineParser  # noqa: E402
+from ds_sft.paths import write_result_file  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
 COPIES = Int(1, 1024)  # replications of the shared mix (~75k rows each)
@@ -271,11 +272,10 @@ def run(args: argparse.Namespace) -> None:
         f"best of {args.repeat} runs each; ds-sft runs cold (fresh files, empty datasets cache); "
         f"load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after (1 min)"
     )
-    RESULTS.mkdir(exist_ok=True)
     summary = {"seq_len": SEQ_LEN, "repeat": args.repeat, "load_average": load, "note": trl_note}
-    (RESULTS / "prepare_speed.json").write_text(json.dumps({**summary, "results": results}, indent=2))
+    write_result_file(RESULTS / "prepare_speed.json", json.dumps({**summary, "results": results}, indent=2))
     print(f"wrote {RESULTS / 'prepare_speed.json'}")
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(sys.modules[__name__]))
+    sys.exit(main_for_script(sys.modules[__name__]))

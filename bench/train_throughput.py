@@ -46,7 +46,6 @@ import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
-from ds_sft.command import run_script  # noqa: E402
+from ds_sft.command import main_for_script  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.eval.cli import available_device  # noqa: E402
 from ds_sft.labels import IGNORE_INDEX  # noqa: E402
@@ -65,6 +64,7 @@ from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig  # noqa: E
 from ds_sft.model.fp8 import MODES as FP8_MODES  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
 from ds_sft.options import COUNT, INT32_MAX, SEED, Choice, Device, Int, Names, OneLineParser, Text  # noqa: E402
+from ds_sft.paths import write_result_file  # noqa: E402
 from ds_sft.train.metrics import flops_per_token  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -784,13 +784,10 @@ def run(args: argparse.Namespace) -> int:
     out = (
         Path(args.out) if args.out else RESULTS_DIR / f"train_throughput{'.quick' if args.quick else ''}.json"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(result, tmp, indent=2)
-    os.replace(tmp.name, out)
+    write_result_file(out, json.dumps(result, indent=2))
     print(f"\nwrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(sys.modules[__name__]))
+    sys.exit(main_for_script(sys.modules[__name__]))

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.paths import REPO_ROOT
+from ds_sft.paths import REPO_ROOT, check_result_path, write_result_file
 
 BENCH_DIR = REPO_ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"  # where every script writes its JSON
@@ -90,6 +90,7 @@ def run_script(script: Path, quick: bool, timeout: float | None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    path = check_result_path(RESULTS_DIR / f"summary{'.quick' if args.quick else ''}.json")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     scripts = available_scripts(args.only)
     if not scripts:
@@ -107,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             summary[script.stem] = run_script(script, args.quick, args.timeout)
 
-    path = RESULTS_DIR / f"summary{'.quick' if args.quick else ''}.json"
-    path.write_text(json.dumps({"quick": args.quick, "scripts": summary}, indent=2) + "\n")
+    write_result_file(path, json.dumps({"quick": args.quick, "scripts": summary}, indent=2) + "\n")
     print("\n=== ds-sft bench" + (" --quick" if args.quick else ""))
     for name, entry in summary.items():
         status = "ok" if entry["returncode"] == 0 else f"FAILED ({entry['returncode']})"

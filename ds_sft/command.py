@@ -53,7 +53,7 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
     return int(code or 0)
 
 
-def run_script(module, argv: Sequence[str] | None = None) -> int:
+def main_for_script(module, argv: Sequence[str] | None = None) -> int:
     """Entry point of a script in ``bench/``: parse ``module.build_parser()``'s flags, run
     ``module.run(args)``, and end a bad flag, a :class:`UserError` or a system error in one line."""
     parser = module.build_parser()

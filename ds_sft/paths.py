@@ -221,6 +221,41 @@ def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
     return info
 
 
+def check_result_path(path: str | Path) -> Path:
+    """``path`` when :func:`write_result_file` may write there (nothing, or a regular file), else one
+    line: to check before the work whose result goes there."""
+    path = Path(path)
+    if path.is_symlink() or (os.path.lexists(path) and not path.is_file()):
+        what = "a link" if path.is_symlink() else "not a regular file"
+        raise UserError(
+            f"{path} is {what}: ds-sft writes a result file there; move it away, or pass another path"
+        )
+    return path
+
+
+def write_result_file(path: str | Path, text: str) -> Path:
+    """Write ``text`` as the file ``path`` (a result ds-sft keeps under a fixed name, such as
+    ``bench/results/kernels.json``), or refuse in one line when something else holds that name: a
+    link there was written through, so its target (a user's notes) was overwritten. The text goes to a
+    new file renamed over the old one, so a reader never sees half of it."""
+    import tempfile
+
+    path = check_result_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's file is owner-only; a result is not secret
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
 # Files of a model folder whose ``auto_map`` would make transformers import the folder's own Python.
 REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
 

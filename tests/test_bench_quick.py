@@ -5,6 +5,7 @@ A smoke test only: it asserts that the scripts run and report what they promise,
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -152,3 +153,74 @@ def test_layout_timing_warms_up_every_shape_a_cuda_step_compiles_for(monkeypatch
     bench.time_layouts({"padded": (step, batches)}, device)
     warm_ups = calls[: calls.index("sync")]
     assert set(warm_ups) == warmed and len(warm_ups) == len(warmed)
+
+
+RESULT_HOLDERS = {
+    "a link to a user's file": lambda path: path.symlink_to(path.parent / "notes.txt"),
+    "a dangling link": lambda path: path.symlink_to(path.parent / "nowhere"),
+    "a folder": lambda path: path.mkdir(),
+    "a FIFO": lambda path: os.mkfifo(path),
+}
+
+
+@pytest.mark.parametrize("holder", RESULT_HOLDERS)
+def test_a_result_name_held_by_anything_but_a_file_is_refused_and_left_as_it_was(tmp_path, holder):
+    """A link at a result's name was written through: `ds-sft bench` overwrote the user's notes it
+    pointed at with its summary. A result replaces only a regular file, and the refusal comes first."""
+    from ds_sft.errors import UserError
+    from ds_sft.paths import write_result_file
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    path = tmp_path / "result.json"
+    RESULT_HOLDERS[holder](path)
+    with pytest.raises(UserError, match=r"result\.json is (a link|not a regular file): .* move it away"):
+        write_result_file(path, "{}")
+    assert notes.read_text() == "my notes" and os.path.lexists(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"notes.txt", "result.json"})
+
+
+def test_a_result_file_is_replaced_whole_and_readable_by_others(tmp_path):
+    from ds_sft.paths import write_result_file
+
+    path = tmp_path / "deeper" / "result.json"
+    write_result_file(path, "old")
+    write_result_file(path, "new")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]  # no temporary file left
+
+
+def test_bench_refuses_a_linked_summary_before_running_anything(tmp_path, monkeypatch):
+    import ds_sft.bench
+    from ds_sft.errors import UserError
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    (tmp_path / "summary.quick.json").symlink_to(notes)
+    monkeypatch.setattr(ds_sft.bench, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(ds_sft.bench, "run_script", lambda *args: pytest.fail("a script ran"))
+    args = argparse.Namespace(quick=True, only=["attention"], timeout=None)
+    with pytest.raises(UserError, match="summary.quick.json is a link"):
+        ds_sft.bench.run(args)
+    assert notes.read_text() == "my notes"
+
+
+def test_a_bench_script_refuses_a_linked_out_in_one_line(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    (tmp_path / "gemm.json").symlink_to(notes)
+    command = [
+        sys.executable,
+        str(BENCH_DIR / "gpu_check.py"),
+        "gemm",
+        "--n",
+        "16",
+        "--out",
+        str(tmp_path / "gemm.json"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("bench/gpu_check.py: error: ")
+    assert "Traceback" not in result.stderr and notes.read_text() == "my notes"

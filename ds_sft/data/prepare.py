@@ -170,9 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=20,
         help="at least this many val rows per source, never more than half of it (default: 20)",
     )
-    mix.add_argument(
-        "--seed", type=SEED, default=1234, help="seed of the split, the mix and its fractions"
-    )
+    mix.add_argument("--seed", type=SEED, default=1234, help="seed of the split, the mix and its fractions")
     mix.add_argument("--no_pack", action="store_true", help="one example per row, padded (for comparison)")
     mix.add_argument(
         "--decontam_threshold",
