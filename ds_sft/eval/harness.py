@@ -120,8 +120,6 @@ def gsm8k_task_config(test_path: str, max_new_tokens: int) -> dict:
 
 def task_configs(tasks: list[str], gsm8k_test: str | None, max_new_tokens: int) -> list[dict]:
     """``--harness`` names -> task config dicts: ``gsm8k`` (local data) or a task config YAML path."""
-    import yaml
-
     configs = []
     for task in tasks:
         if task == "gsm8k":
@@ -131,11 +129,7 @@ def task_configs(tasks: list[str], gsm8k_test: str | None, max_new_tokens: int) 
                 )
             configs.append(gsm8k_task_config(gsm8k_test, max_new_tokens))
         elif Path(task).suffix in (".yaml", ".yml") and Path(task).is_file():
-            try:
-                config = yaml.safe_load(Path(task).read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError) as err:  # !function tags are refused here too
-                raise UserError(f"--harness {task}: not a task config YAML ({first_line(err)})") from None
-            configs.append(checked_task_config(task, config))
+            configs.append(checked_task_config(task, read_task_yaml(Path(task))))
         else:
             raise UserError(
                 f"--harness {task}: pass gsm8k or a task config .yaml whose data are local files "
@@ -145,25 +139,154 @@ def task_configs(tasks: list[str], gsm8k_test: str | None, max_new_tokens: int) 
     return configs
 
 
-# Keys with which a task config reaches beyond itself: other YAML files (read with the harness's own
-# loader, whose !function imports Python), task groups, a task class; and datasets' remote code.
-REFUSED_TASK_KEYS = ("include", "group", "class")
+TASK_FILE_BYTES = 1 << 20  # a task config is a page of YAML
+
+
+def read_task_yaml(path: Path):
+    """The YAML document in ``path`` as plain data: no tags (the harness's ``!function`` imports
+    Python), no aliases (nine nested ``&a [*a, *a, ...]`` lines make 10**10 list items from 1 kB)."""
+    import yaml
+
+    class PlainData(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, "an alias (*name): write the value out", mark)
+            return super().compose_node(parent, index)
+
+    if path.stat().st_size > TASK_FILE_BYTES:
+        raise UserError(f"--harness {path}: over {TASK_FILE_BYTES >> 20} MiB, not a task config")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=PlainData)  # noqa: S506 (a SafeLoader)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise UserError(f"--harness {path}: not a plain task config YAML ({first_line(err)})") from None
+
+
+# What a task config may hold. It is read as data: its prompts are Jinja templates (rendered in the
+# sandbox), its data local files read by a packaged datasets builder, its scoring the harness's
+# registered metrics and filters. Anything that reaches beyond the file is refused: other YAML files
+# (include), groups, a task class, Python (process_docs, process_results, custom_dataset and the
+# custom filter take functions), promptsource's templates (use_prompt), code execution (unsafe_code),
+# and a metric loaded by name through HF evaluate, which imports any local .py file it is given.
+REFUSED_TASK_KEYS = (
+    "include", "group", "class", "custom_dataset", "process_docs", "process_results", "use_prompt",
+    "unsafe_code",
+)  # fmt: skip
+DATASET_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+DATASET_KWARGS = ("data_files", "field")
+RESERVED_TASKS = ("gsm8k",)  # ds-sft's own config of it, cross-checked against ds-sft's scores
 
 
 def checked_task_config(task: str, config) -> dict:
-    """``config`` (one task config YAML, parsed) when it is plain data for one task, else one line."""
+    """``config`` (one task config YAML, parsed) when it is plain data for one task, else one line
+    naming what to change. The data files are resolved to absolute paths of regular files."""
+    from dataclasses import fields
+
+    from lm_eval.api.task import TaskConfig
+
+    def refuse(why: str):
+        raise UserError(f"--harness {task}: {why}")
+
     if not isinstance(config, dict) or not isinstance(config.get("task"), str):
-        raise UserError(f"--harness {task}: a task config is a mapping with a task name (task: NAME)")
-    reaching = [key for key in REFUSED_TASK_KEYS if key in config]
-    dataset_kwargs = config.get("dataset_kwargs")
-    if isinstance(dataset_kwargs, dict) and dataset_kwargs.get("trust_remote_code"):
-        reaching.append("dataset_kwargs.trust_remote_code")
-    if reaching:
-        raise UserError(
-            f"--harness {task}: {', '.join(reaching)} would read other files or run their code; pass one "
-            "self-contained task whose data are local files"
+        refuse("a task config is a mapping with a task name (task: NAME)")
+    if config["task"] in RESERVED_TASKS:
+        refuse(
+            f"the task name {config['task']!r} is ds-sft's own (--harness {config['task']}): rename the task"
         )
-    return config
+    reaching = [key for key in REFUSED_TASK_KEYS if key in config]
+    if reaching:
+        refuse(f"{', '.join(reaching)} would read other files or run code; pass one self-contained task")
+    known = {field.name for field in fields(TaskConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        refuse(f"unknown key {unknown[0]!r}; a task config's keys are lm-eval's TaskConfig fields")
+    _check_scoring(config, refuse)
+    return {**config, "dataset_kwargs": _checked_data(config, refuse)}
+
+
+def _check_scoring(config: dict, refuse) -> None:
+    """Metrics, aggregations and filters are names the harness has registered."""
+    import lm_eval.api.metrics  # noqa: F401  (fills the registries)
+    import lm_eval.filters  # noqa: F401
+    from lm_eval.api.registry import aggregation_registry, filter_registry, metric_registry
+
+    metrics = config.get("metric_list", [])
+    if not isinstance(metrics, list) or not all(isinstance(m, dict) for m in metrics):
+        refuse("metric_list is a list of mappings (- metric: exact_match)")
+    for metric in metrics:
+        name = metric.get("metric")
+        if not isinstance(name, str) or name not in metric_registry or metric.get("hf_evaluate"):
+            refuse(
+                f"metric {name!r} is not one of the harness's own ({', '.join(sorted(metric_registry.keys()))}); "
+                "other metrics load code"
+            )
+        aggregation = metric.get("aggregation", "mean")
+        if not isinstance(aggregation, str) or aggregation not in aggregation_registry:
+            refuse(
+                f"aggregation {aggregation!r}: choose one of {', '.join(sorted(aggregation_registry.keys()))}"
+            )
+    filters = config.get("filter_list", [])
+    if not isinstance(filters, list) or not all(
+        isinstance(item, dict) and isinstance(item.get("filter"), list) for item in filters
+    ):
+        refuse("filter_list is a list of {name: NAME, filter: [{function: NAME, ...}, ...]}")
+    allowed = sorted(name for name in filter_registry.keys() if name != "custom")
+    for step in (step for item in filters for step in item["filter"]):
+        function = step.get("function") if isinstance(step, dict) else None
+        if not isinstance(function, str) or function not in allowed:
+            refuse(f"filter function {function!r}: choose one of {', '.join(allowed)}")
+
+
+def _checked_data(config: dict, refuse) -> dict:
+    """``dataset_kwargs`` with every data file an absolute path of a regular file."""
+    from ds_sft.paths import require_regular_file
+
+    if config.get("dataset_path") not in DATASET_BUILDERS:
+        refuse(
+            f"dataset_path {config.get('dataset_path')!r}: tasks read local files through one of "
+            f"{', '.join(DATASET_BUILDERS)} (dataset_path: json, dataset_kwargs: {{data_files: PATH}})"
+        )
+    kwargs = config.get("dataset_kwargs")
+    if not isinstance(kwargs, dict) or "data_files" not in kwargs or set(kwargs) - set(DATASET_KWARGS):
+        refuse(f"dataset_kwargs holds data_files (and optionally field), nothing else: got {kwargs!r:.200}")
+    files = kwargs["data_files"]
+    by_split = files if isinstance(files, dict) else {"train": files}
+    checked = {}
+    for split, paths in by_split.items():
+        names = [paths] if isinstance(paths, str) else paths
+        if not isinstance(split, str) or not isinstance(names, list) or not names:
+            refuse("data_files is a path, a list of paths, or {split: path(s)}")
+        resolved = []
+        for name in names:
+            if not isinstance(name, str) or not name.strip():
+                refuse(f"data_files: {name!r} is not a path")
+            try:
+                require_regular_file(Path(name), "task data")
+            except UserError as err:
+                refuse(str(err))
+            resolved.append(str(Path(name).resolve()))
+        checked[split] = resolved
+    return {**kwargs, "data_files": checked if isinstance(files, dict) else checked["train"]}
+
+
+def staged_data_files(configs: list[dict], folder: Path) -> list[dict]:
+    """``configs`` with each data file given to the harness as a link of a plain name in ``folder``:
+    ``datasets`` reads a data file's path as a glob pattern, so ``g[1]/test.jsonl`` scored
+    ``g1/test.jsonl`` (another file, silently) and ``gsm8k [clean]/test.jsonl`` matched nothing."""
+    staged = []
+    for index, config in enumerate(configs):
+        files = config["dataset_kwargs"]["data_files"]
+        by_split = files if isinstance(files, dict) else {"train": files}
+        links = {}
+        for split, paths in by_split.items():
+            links[split] = []
+            for number, path in enumerate([paths] if isinstance(paths, str) else paths):
+                link = folder / f"task{index}-{len(links)}-{number}{Path(path).suffix}"
+                link.symlink_to(Path(path).resolve())
+                links[split].append(str(link))
+        data_files = links if isinstance(files, dict) else links["train"]
+        staged.append({**config, "dataset_kwargs": {**config["dataset_kwargs"], "data_files": data_files}})
+    return staged
 
 
 @contextmanager
@@ -222,12 +345,19 @@ def run_harness(
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
-        export_hf(model, tokenizer, Path(folder))
-        lm = HFLM(pretrained=folder, device=str(device), batch_size=batch_size, dtype=model.wte.weight.dtype)
+        export_hf(model, tokenizer, Path(folder) / "model")
+        data = Path(folder) / "data"
+        data.mkdir()
+        lm = HFLM(
+            pretrained=str(Path(folder) / "model"),
+            device=str(device),
+            batch_size=batch_size,
+            dtype=model.wte.weight.dtype,
+        )
         try:
             output = simple_evaluate(
                 model=lm,
-                tasks=configs,
+                tasks=staged_data_files(configs, data),
                 samples=samples,
                 apply_chat_template=chat_template,
                 log_samples=True,
@@ -237,6 +367,11 @@ def run_harness(
             raise UserError(
                 f"--harness: a task config's template reaches outside its data ({first_line(err)}); "
                 "templates render in Jinja's sandbox: fix the task config"
+            ) from None
+        except Exception as err:  # the user's task config, met by the harness's many libraries
+            names = ", ".join(config["task"] for config in configs)
+            raise UserError(
+                f"--harness {names}: the harness failed ({first_line(err)}); fix the task config"
             ) from None
     return {"version": harness_version, "results": output["results"], "samples": output["samples"]}
 
@@ -299,7 +434,19 @@ def cross_check(
         theirs = {s["doc_id"]: s for s in harness_samples if s.get("filter") == filter_name}
         missing = [d for d in doc_ids if d not in theirs]
         if missing:
-            raise ValueError(f"the harness did not score problems {missing[:5]} ({filter_name})")
+            raise UserError(
+                f"--harness gsm8k: the harness did not score problems {missing[:5]} ({filter_name})"
+            )
+        other = [
+            d
+            for d, s in zip(doc_ids, ds_samples, strict=True)
+            if theirs[d].get("doc", {}).get("question") != s["question"]
+        ]
+        if other:
+            raise UserError(
+                f"--harness gsm8k: the harness read other questions than ds-sft for problems {other[:5]}; "
+                "the cross-check would compare different problems"
+            )
         ours_right = [bool(s["correct"]) for s in ds_samples]
         theirs_right = [bool(theirs[d]["exact_match"]) for d in doc_ids]
         ours_acc, theirs_acc = (accuracy_summary(sum(r), len(r)) for r in (ours_right, theirs_right))

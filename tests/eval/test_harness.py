@@ -5,6 +5,7 @@ accuracies agree within their intervals. The task config keeps the harness's gsm
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,14 +15,14 @@ from ds_sft.errors import UserError
 from ds_sft.eval import harness
 
 
-def _ours(completion, predicted, correct, target="18", cut=False):
+def _ours(completion, predicted, correct, target="18", cut=False, question="How many dollars?"):
     return {"completion": completion, "predicted": predicted, "correct": correct, "target": target,
-            "hit_max_new_tokens": cut}  # fmt: skip
+            "hit_max_new_tokens": cut, "question": question}  # fmt: skip
 
 
-def _theirs(doc_id, filter_name, text, answer, right):
+def _theirs(doc_id, filter_name, text, answer, right, question="How many dollars?"):
     return {"doc_id": doc_id, "filter": filter_name, "resps": [[text]], "filtered_resps": [answer],
-            "exact_match": float(right)}  # fmt: skip
+            "exact_match": float(right), "doc": {"question": question, "answer": "#### 18"}}  # fmt: skip
 
 
 def test_cross_check_names_each_difference_and_its_reason():
@@ -65,8 +66,16 @@ def test_intervals_that_do_not_overlap_are_a_disagreement():
 
 def test_a_problem_the_harness_did_not_score_is_an_error():
     samples = [_theirs(0, f, "#### 18", "18", True) for f in harness.GSM8K_FILTERS]
-    with pytest.raises(ValueError, match="did not score"):
+    with pytest.raises(UserError, match="did not score"):
         harness.cross_check("m", [_ours("#### 18", "18", True)] * 2, [0, 1], samples)
+
+
+def test_a_problem_the_harness_read_with_another_question_is_an_error():
+    """Pairing by row number alone compared different problems and called them in agreement when the
+    harness read another file (a --gsm8k_test path datasets took for a glob pattern)."""
+    samples = [_theirs(0, f, "#### 18", "18", True, question="Other problem?") for f in harness.GSM8K_FILTERS]
+    with pytest.raises(UserError, match=r"read other questions than ds-sft for problems \[0\]"):
+        harness.cross_check("m", [_ours("#### 18", "18", True)], [0], samples)
 
 
 def test_gsm8k_task_keeps_the_harness_semantics_on_local_data():
@@ -89,14 +98,19 @@ def test_unknown_harness_task_is_a_user_error():
         harness.task_configs(["hellaswag"], "/data/test.jsonl", 16)
 
 
-def test_other_tasks_come_from_a_local_task_config_yaml(tmp_path):
-    """Any task besides gsm8k is a task config file naming local data; it is passed on as written."""
+def test_other_tasks_come_from_a_local_task_config_yaml(tmp_path, monkeypatch):
+    """Any task besides gsm8k is a task config file naming local data; it is passed on as written,
+    its data files as absolute paths."""
     import yaml
 
-    config = {**harness.gsm8k_task_config(str(tmp_path / "mine.jsonl"), 32), "task": "my_arithmetic"}
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
+    config = {**harness.gsm8k_task_config("mine.jsonl", 32), "task": "my_arithmetic"}
     path = tmp_path / "my_arithmetic.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert harness.task_configs([str(path)], None, 64) == [config]
+    monkeypatch.chdir(tmp_path)  # a relative data file is relative to the working directory, as for datasets
+    expected = {**config, "dataset_kwargs": {"data_files": {"test": [str(data)]}}}
+    assert harness.task_configs([str(path)], None, 64) == [expected]
     with pytest.raises(UserError, match="--gsm8k_test"):
         harness.task_configs(["gsm8k"], None, 64)
 
@@ -150,7 +164,9 @@ def test_the_harness_runs_offline_and_leaves_the_process_setting_alone(
         )
 
     if fails:
-        with pytest.raises(RuntimeError, match="the harness failed"):
+        with pytest.raises(
+            UserError, match=r"the harness failed \(the harness failed\); fix the task config"
+        ):
             run()
     else:
         assert run()["results"] == {}
@@ -160,22 +176,112 @@ def test_the_harness_runs_offline_and_leaves_the_process_setting_alone(
     assert [getattr(module, name) for module, name in attributes] == [not caller_online] * 3
 
 
+def _task(tmp_path, **changes) -> dict:
+    """A valid task config on a local file, with ``changes`` (None deletes a key)."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
+    config = {**harness.gsm8k_task_config(str(data), 32), "task": "mine", **changes}
+    return {key: value for key, value in config.items() if value is not None}
+
+
+ALIAS_BOMB = "task: x\nmetadata:\n  a0: &a0 [lol, lol, lol]\n" + "".join(
+    f"  a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}]\n" for i in range(1, 9)
+)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("task: [unclosed", "not a task config YAML"),
-        ("task: x\nprocess_docs: !function utils.process", "not a task config YAML"),
+        ("task: [unclosed", "not a plain task config YAML"),
+        ("task: x\nprocess_docs: !function utils.process", "not a plain task config YAML"),
+        (ALIAS_BOMB, r"not a plain task config YAML \(an alias \(\*name\): write the value out"),
         ("- task: x", "a task config is a mapping with a task name"),
         ("dataset_path: json", "a task config is a mapping with a task name"),
-        ("task: x\ninclude: other.yaml", "include would read other files or run their code"),
-        ("task: x\ngroup: mine", "group would read other files"),
-        ("task: x\nclass: mine.Task", "class would read other files"),
-        ("task: x\ndataset_kwargs: {trust_remote_code: true}", "dataset_kwargs.trust_remote_code would"),
     ],
 )
-def test_a_task_config_is_one_self_contained_task_or_one_line(tmp_path, text, message):
+def test_a_task_config_file_is_plain_yaml_or_one_line(tmp_path, text, message):
     path = tmp_path / "task.yaml"
     path.write_text(text)
+    with pytest.raises(UserError, match=message) as err:
+        harness.task_configs([str(path)], None, 16)
+    assert "\n" not in str(err.value)
+
+
+def test_a_task_config_over_a_mebibyte_is_refused_unread(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text("task: x\n" + "# padding\n" * (harness.TASK_FILE_BYTES // 10))
+    with pytest.raises(UserError, match="not a task config"):
+        harness.task_configs([str(path)], None, 16)
+
+
+EVIL_METRIC = "/tmp/evil/evil.py"
+TASK_CHANGES = {  # what a task config may not hold, and the words that refuse it
+    "include": ({"include": "other.yaml"}, "include would read other files or run code"),
+    "group": ({"group": "mine"}, "group would read other files"),
+    "class": ({"class": "mine.Task"}, "class would read other files"),
+    "use_prompt": ({"use_prompt": "promptsource:*"}, "use_prompt would read other files or run code"),
+    "unsafe_code": ({"unsafe_code": True}, "unsafe_code would"),
+    "process_results": ({"process_results": "utils.score"}, "process_results would"),
+    "custom_dataset": ({"custom_dataset": "utils.load"}, "custom_dataset would"),
+    "unknown key": ({"doc_to_txet": "{{question}}"}, "unknown key 'doc_to_txet'"),
+    "reserved name": ({"task": "gsm8k"}, "the task name 'gsm8k' is ds-sft's own"),
+    "metric from a .py file": (
+        {"metric_list": [{"metric": EVIL_METRIC, "aggregation": "mean"}]},
+        "metric '/tmp/evil/evil.py' is not one of the harness's own",
+    ),
+    "metric typo": ({"metric_list": [{"metric": "exact_mtach"}]}, "metric 'exact_mtach' is not one"),
+    "metric through HF evaluate": (
+        {"metric_list": [{"metric": "exact_match", "hf_evaluate": True}]},
+        "metric 'exact_match' is not one of the harness's own",
+    ),
+    "metric list of names": ({"metric_list": ["exact_match"]}, "metric_list is a list of mappings"),
+    "aggregation typo": (
+        {"metric_list": [{"metric": "exact_match", "aggregation": "avg"}]},
+        "aggregation 'avg'",
+    ),
+    "custom filter": (
+        {"filter_list": [{"name": "x", "filter": [{"function": "custom", "filter_fn": "os.system"}]}]},
+        "filter function 'custom'",
+    ),
+    "unknown filter": (
+        {"filter_list": [{"name": "x", "filter": [{"function": "rgx"}]}]},
+        "filter function 'rgx'",
+    ),
+    "filter not a list": ({"filter_list": [{"name": "x", "filter": "regex"}]}, "filter_list is a list of"),
+    "dataset from the hub": (
+        {"dataset_path": "openai/gsm8k"},
+        "dataset_path 'openai/gsm8k': tasks read local",
+    ),
+    "dataset from a script": ({"dataset_path": "/tmp/loader.py"}, "dataset_path '/tmp/loader.py'"),
+    "cache_dir": (
+        {"dataset_kwargs": {"data_files": "x.jsonl", "cache_dir": "/home"}},
+        "dataset_kwargs holds",
+    ),
+    "remote code": (
+        {"dataset_kwargs": {"data_files": "x", "trust_remote_code": True}},
+        "dataset_kwargs holds",
+    ),
+    "no data files": ({"dataset_kwargs": {"field": "rows"}}, "dataset_kwargs holds data_files"),
+    "missing data file": (
+        {"dataset_kwargs": {"data_files": {"test": "nope.jsonl"}}},
+        "nope.jsonl: no such file",
+    ),
+    "data file a folder": ({"dataset_kwargs": {"data_files": "/tmp"}}, "is a directory"),
+    "data files a number": ({"dataset_kwargs": {"data_files": {"test": 5}}}, "data_files is a path"),
+}
+
+
+@pytest.mark.parametrize("change", TASK_CHANGES)
+def test_a_task_config_is_one_self_contained_task_or_one_line(tmp_path, change):
+    """Each key through which a task config reached beyond itself (a metric named by a .py path ran
+    that file through HF evaluate; datasets' cache_dir wrote anywhere) or failed only after the whole
+    evaluation (a typo in a metric, a filter, a data file's name) is refused before any model loads."""
+    import yaml
+
+    pytest.importorskip("lm_eval", reason="the harness is the optional extra ds-sft[eval]")
+    changes, message = TASK_CHANGES[change]
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(_task(tmp_path, **changes)))
     with pytest.raises(UserError, match=message) as err:
         harness.task_configs([str(path)], None, 16)
     assert "\n" not in str(err.value)
@@ -198,3 +304,32 @@ def test_harness_templates_render_in_the_sandbox_and_only_inside_the_block(tmp_p
         with pytest.raises(SecurityError):
             lm_eval_utils.apply_template(attack, doc)
     assert lm_eval_utils.env is plain and not marker.exists()
+
+
+def test_data_files_reach_the_harness_under_plain_names(tmp_path):
+    """datasets reads a data file's path as a glob pattern: `g[1]/test.jsonl` loaded `g1/test.jsonl`,
+    another file, and the cross-check compared different problems. Each file is linked in under a
+    name without pattern characters, and datasets loads exactly its rows."""
+    import json
+
+    import datasets
+
+    (tmp_path / "g[1]").mkdir()
+    (tmp_path / "g1").mkdir()
+    (tmp_path / "g[1]" / "test.jsonl").write_text(
+        json.dumps({"question": "mine?", "answer": "#### 1"}) + "\n"
+    )
+    (tmp_path / "g1" / "test.jsonl").write_text(json.dumps({"question": "other?", "answer": "#### 2"}) + "\n")
+    config = harness.gsm8k_task_config(str(tmp_path / "g[1]" / "test.jsonl"), 8)
+    folder = tmp_path / "staged"
+    folder.mkdir()
+    [staged] = harness.staged_data_files([config], folder)
+    [link] = staged["dataset_kwargs"]["data_files"]["test"]
+    assert not set("*?[]{}") & set(link) and Path(link).resolve() == (tmp_path / "g[1]" / "test.jsonl")
+    loaded = datasets.load_dataset(
+        "json", data_files=staged["dataset_kwargs"]["data_files"], cache_dir=str(tmp_path / "c")
+    )
+    assert loaded["test"]["question"] == ["mine?"]
+    assert config["dataset_kwargs"]["data_files"]["test"] == str(
+        tmp_path / "g[1]" / "test.jsonl"
+    )  # unchanged
