@@ -69,17 +69,22 @@ def model_tokenizer_identity(where: Path) -> str:
 
 def data_tokenizer_identity(data_dir: str) -> str | None:
     """:func:`tokenizer_identity` of ``DATA/tokenizer``, computed from the folder, never read from the
-    manifest (None when the data dir holds no tokenizer).
+    manifest (None when the data dir holds no tokenizer and its manifest records none).
 
     The identity ``prepare`` recorded (``tokenizer.identity``) must agree, or the folder is not the
     tokenizer the shards were made with. Manifests written before it was recorded hold another hash
     (``tokenizer.sha256``, of the tokenizer's files as parsed) that nothing compares: the folder decides.
     """
     folder = Path(data_dir) / "tokenizer"
+    recorded = read_manifest(data_dir).get("tokenizer", {}).get("identity")
     if not folder.is_dir():
+        if recorded is not None:  # a copy of the shards without it: nothing says what the ids mean
+            raise UserError(
+                f"{data_dir} has no tokenizer/ folder, though it was prepared with one: copy the data dir "
+                "whole, or run `ds-sft prepare` again"
+            )
         return None
     found = _folder_identity(str(folder.resolve()), _folder_stamp(folder))
-    recorded = read_manifest(data_dir).get("tokenizer", {}).get("identity")
     if recorded is not None and recorded != found:
         raise UserError(
             f"{folder} is not the tokenizer {data_dir} was prepared with (manifest.json records another "

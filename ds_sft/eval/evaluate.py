@@ -52,6 +52,7 @@ class EvalData:
 
     @classmethod
     def open(cls, data_dir: Path, need_val: bool) -> EvalData:
+        from ds_sft.data.model_match import data_tokenizer_identity
         from ds_sft.data.shards import PackedDataset, read_manifest
         from ds_sft.data.tokenizer import load_tokenizer
 
@@ -61,7 +62,13 @@ class EvalData:
             raise UserError(
                 f"{data_dir} has an empty val split: re-run prepare with --val_fraction > 0, or --no_val"
             )
-        return cls(data_dir, manifest["template"], load_tokenizer(str(data_dir)), val)
+        data_tokenizer_identity(str(data_dir))  # the folder is the one the shards were made with
+        if not (data_dir / "tokenizer").is_dir():
+            raise UserError(
+                f"{data_dir} has no tokenizer/ folder: eval tokenizes its prompts with the data's own "
+                "tokenizer; run `ds-sft prepare` again for this folder"
+            )
+        return cls(data_dir, manifest["template"], load_tokenizer(str(data_dir / "tokenizer")), val)
 
     def prompt_ids(self, record: dict) -> list[int]:
         """Token ids of ``record``'s prompt, exactly as ``prepare`` tokenized training prompts."""

@@ -216,21 +216,17 @@ def _check_scoring(config: dict, refuse) -> None:
     for metric in metrics:
         name = metric.get("metric")
         if not isinstance(name, str) or name not in metric_registry or metric.get("hf_evaluate"):
-            refuse(
-                f"metric {name!r} is not one of the harness's own ({', '.join(sorted(metric_registry.keys()))}); "
-                "other metrics load code"
-            )
+            own = ", ".join(sorted(metric_registry))
+            refuse(f"metric {name!r} is not one of the harness's own ({own}); other metrics load code")
         aggregation = metric.get("aggregation", "mean")
         if not isinstance(aggregation, str) or aggregation not in aggregation_registry:
-            refuse(
-                f"aggregation {aggregation!r}: choose one of {', '.join(sorted(aggregation_registry.keys()))}"
-            )
+            refuse(f"aggregation {aggregation!r}: choose one of {', '.join(sorted(aggregation_registry))}")
     filters = config.get("filter_list", [])
     if not isinstance(filters, list) or not all(
         isinstance(item, dict) and isinstance(item.get("filter"), list) for item in filters
     ):
         refuse("filter_list is a list of {name: NAME, filter: [{function: NAME, ...}, ...]}")
-    allowed = sorted(name for name in filter_registry.keys() if name != "custom")
+    allowed = sorted(name for name in filter_registry if name != "custom")
     for step in (step for item in filters for step in item["filter"]):
         function = step.get("function") if isinstance(step, dict) else None
         if not isinstance(function, str) or function not in allowed:

@@ -632,3 +632,34 @@ def test_each_prompt_is_rendered_and_tokenized_once_per_eval(data_dir, model_dir
     assert cli.run(_parse(argv)) == 0
     distinct = {json.dumps(record, sort_keys=True) for record in rendered}
     assert len(rendered) == len(distinct) == 3 + len(FIXED_PROMPTS)
+
+
+@pytest.mark.parametrize("manifest_records_it", [True, False])
+def test_a_data_dir_without_its_tokenizer_is_refused_before_any_model_loads(
+    data_dir, model_dir, tmp_path, monkeypatch, manifest_records_it
+):
+    """A copy of the shards without tokenizer/ was evaluated with GPT-2's tokenizer, whatever the
+    manifest recorded: GSM8K and the generations were silently wrong (or an embedding IndexError)."""
+    import shutil
+
+    import ds_sft.model.checkpoint
+    from ds_sft.data.model_match import data_tokenizer_identity
+
+    data_path, test = data_dir
+    copy = tmp_path / "data"
+    shutil.copytree(data_path, copy)
+    shutil.rmtree(copy / "tokenizer")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if not manifest_records_it:
+        del manifest["tokenizer"]["identity"]
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        assert manifest["tokenizer"]["identity"]
+        with pytest.raises(UserError, match="has no tokenizer/ folder, though it was prepared with one"):
+            data_tokenizer_identity(str(copy))  # what train's checks ask too
+    monkeypatch.setattr(ds_sft.model.checkpoint, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    argv = ["--model", str(model_dir), "--data_dir", str(copy), "--gsm8k_test", str(test),
+            "--dtype", "float32", "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(UserError, match=r"has no tokenizer/ folder") as err:
+        cli.run(_parse(argv))
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
