@@ -190,4 +190,8 @@ def load_tokenizer(spec: str):
 
     specials = [AddedToken(token, special=True, normalized=False) for token in tokenizer.all_special_tokens]
     tokenizer.backend_tokenizer.add_special_tokens(specials)
+    # A tokenizer.json saved with padding or truncation enabled applies them to every encode: pad
+    # tokens were trained as answer text and prompts were cut, silently. Documents are packed here.
+    tokenizer.backend_tokenizer.no_padding()
+    tokenizer.backend_tokenizer.no_truncation()
     return tokenizer

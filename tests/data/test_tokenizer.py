@@ -172,3 +172,41 @@ def test_an_unreadable_tokenizer_config_falls_back_to_the_tokenizer_json(
     tokenizer = load_tokenizer(str(folder))
     assert tokenizer.eos_token_id is not None
     assert "transformers cannot read the tokenizer" in capsys.readouterr().out
+
+
+ENCODE_SETTINGS = {
+    "padding": {"strategy": {"Fixed": 32}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                "pad_type_id": 0, "pad_token": "<|endoftext|>"},
+    "truncation": {"direction": "Right", "max_length": 6, "strategy": "LongestFirst", "stride": 0},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("setting", ENCODE_SETTINGS)
+def test_a_tokenizer_saved_with_padding_or_truncation_prepares_the_same_shards(
+    tiny_tokenizer_file, tmp_path, monkeypatch, setting
+):
+    """tokenizers saves padding and truncation into tokenizer.json once enabled, and applied them to
+    every encode: pad tokens were trained as answer text, prompts cut to a few tokens, silently."""
+    import numpy as np
+
+    import ds_sft.paths
+    from ds_sft.data import prepare
+    from tests.data.helpers import alpaca_rows, parse_prepare_args, write_jsonl
+
+    monkeypatch.setattr(ds_sft.paths, "shared_dir", lambda: None)
+    document = json.loads(tiny_tokenizer_file.read_text())
+    document[setting] = ENCODE_SETTINGS[setting]
+    saved = tmp_path / "tokenizer.json"
+    saved.write_text(json.dumps(document))
+    assert load_tokenizer(str(saved)).backend_tokenizer.padding is None
+    data = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(30))
+    shards = {}
+    for name, tokenizer in (("plain", tiny_tokenizer_file), ("saved", saved)):
+        out = tmp_path / name
+        prepare.run(parse_prepare_args(["--alpaca", str(data), "--tokenizer", str(tokenizer),
+                                        "--output_dir", str(out), "--seq_len", "128"]))  # fmt: skip
+        shards[name] = [
+            np.load(out / "train" / f"shard_00000.{part}.npy") for part in ("tokens", "loss_mask")
+        ]
+    for plain, saved_part in zip(shards["plain"], shards["saved"], strict=True):
+        assert np.array_equal(plain, saved_part)
