@@ -493,7 +493,7 @@ def prepare(args: argparse.Namespace) -> int:
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
     from ds_sft.data.tokenize import ROUTES, bound_records, fit_to_length, tokenize_records
-    from ds_sft.data.tokenizer import load_tokenizer
+    from ds_sft.data.tokenizer import control_tokens, load_tokenizer
 
     if args.tokenizer and args.base_model:
         raise UserError("pass --tokenizer or --base_model, not both")
@@ -508,7 +508,7 @@ def prepare(args: argparse.Namespace) -> int:
     records, inputs = load_records(specs, args.skip_bad_rows, drops, args.train_on)  # a bad file fails here
     tokenizer = load_tokenizer(args.tokenizer or args.base_model or "gpt2")
     template = resolve_template(args.template, tokenizer)
-    records = drop_special_token_text(records, tokenizer.all_special_tokens, drops)
+    records = drop_special_token_text(records, control_tokens(tokenizer), drops)
     # A row that cannot fit --seq_len leaves (or is cut) now: dedup, decontamination and the val split
     # would otherwise pay for all of its text (a 300 MB row once took 6 GB and two minutes to drop).
     records, too_long = bound_records(

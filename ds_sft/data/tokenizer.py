@@ -175,6 +175,21 @@ def _load(spec: str):
     raise UserError(f"{path}: not a tokenizer; pass a tokenizer.json, a directory, a .gguf file or 'gpt2'")
 
 
+def control_tokens(tokenizer) -> list[str]:
+    """The markers the tokenizer turns into one id before its model sees them: its special tokens,
+    and each added token matched on the raw text (``normalized=False``) that is spelled with markup
+    (``<``, ``|``, ``[``...), marked special or not: a chat template's ``<|im_start|>`` is often an
+    added token without the flag, and data spelling it forge a turn. Added words and whitespace runs,
+    which some vocabularies add as tokens, are text."""
+    added = [
+        token.content
+        for token in tokenizer.added_tokens_decoder.values()
+        if token.special
+        or (not token.normalized and any(not (c.isalnum() or c.isspace()) for c in token.content))
+    ]
+    return list(dict.fromkeys([*tokenizer.all_special_tokens, *added]))
+
+
 def load_tokenizer(spec: str):
     """Load the tokenizer named by ``spec`` (see the module docstring) and make sure it has an EOS."""
     tokenizer = _load(str(spec))
