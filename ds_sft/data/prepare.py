@@ -493,7 +493,7 @@ def prepare(args: argparse.Namespace) -> int:
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
     from ds_sft.data.tokenize import ROUTES, bound_records, fit_to_length, tokenize_records
-    from ds_sft.data.tokenizer import control_tokens, load_tokenizer
+    from ds_sft.data.tokenizer import control_tokens, id_bound, load_tokenizer
 
     if args.tokenizer and args.base_model:
         raise UserError("pass --tokenizer or --base_model, not both")
@@ -575,7 +575,7 @@ def prepare(args: argparse.Namespace) -> int:
         print(f"note: {short_note}", file=sys.stderr)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    vocab_size = len(tokenizer)
+    vocab_size = id_bound(tokenizer)
     counts, token_lengths, raw_by_source = {}, {}, {}
     dropped = drops.by_source()
     record_sources = np.array([source_index[r["source"]] for r in all_records], dtype=np.int16)

@@ -32,9 +32,29 @@ WEIGHT_FILES = (".pt", ".bin", ".safetensors")
 GGUF_SPECIAL_TOKENS = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
 
 
+MAX_TOKEN_ID = 2**31 - 1  # token ids are int32 from tokenization to the model
+
+
+def _check_id_range(tokenizer_file: Path) -> None:
+    """Refuse a tokenizer.json holding an id past :data:`MAX_TOKEN_ID`, read by the tokenizers library
+    alone: transformers' wrapper spent 35 s on one id of 3e9 before anything could refuse it."""
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as err:  # the tokenizers library raises plain Exceptions for a malformed file
+        raise UserError(f"{tokenizer_file}: not a tokenizer.json ({first_line(err)})") from None
+    largest = max(backend.get_vocab(with_added_tokens=True).values(), default=0)
+    if largest > MAX_TOKEN_ID:
+        raise UserError(
+            f"{tokenizer_file}: has token id {largest:,}, past 2**31 - 1; no model embeds that many"
+        )
+
+
 def _from_file(tokenizer_file: Path):
     from transformers import PreTrainedTokenizerFast
 
+    _check_id_range(tokenizer_file)
     try:
         return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
     except Exception as err:  # the tokenizers library raises plain Exceptions for a malformed file
@@ -50,6 +70,9 @@ def _from_pretrained(directory: Path, **kwargs):
 
     if not kwargs:
         paths.refuse_remote_code(directory)
+        if (directory / "tokenizer.json").is_file():
+            paths.require_regular_file(directory / "tokenizer.json", "tokenizer")
+            _check_id_range(directory / "tokenizer.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
     except Exception as err:  # a config of wrong types: TypeError, AttributeError... deep in transformers
@@ -190,9 +213,19 @@ def control_tokens(tokenizer) -> list[str]:
     return list(dict.fromkeys([*tokenizer.all_special_tokens, *added]))
 
 
+def id_bound(tokenizer) -> int:
+    """One past the largest id the tokenizer can produce. ``len(tokenizer)`` counts entries: a sparse
+    vocabulary of 29 entries with EOS at id 65,539 was stored in uint16 shards, every EOS and pad
+    wrapped to id 3 (a word), silently."""
+    ids = [*tokenizer.get_vocab().values(), *tokenizer.added_tokens_decoder]
+    return max(len(tokenizer), max(ids, default=-1) + 1)
+
+
 def load_tokenizer(spec: str):
     """Load the tokenizer named by ``spec`` (see the module docstring) and make sure it has an EOS."""
     tokenizer = _load(str(spec))
+    if id_bound(tokenizer) > MAX_TOKEN_ID + 1:  # a GGUF's vocabulary, or a folder without tokenizer.json
+        raise UserError(f"tokenizer {spec!r} has a token id past 2**31 - 1; no model embeds that many")
     if tokenizer.eos_token_id is None:
         vocab = tokenizer.get_vocab()
         found = next((token for token in KNOWN_EOS if token in vocab), None)

@@ -210,3 +210,44 @@ def test_a_tokenizer_saved_with_padding_or_truncation_prepares_the_same_shards(
         ]
     for plain, saved_part in zip(shards["plain"], shards["saved"], strict=True):
         assert np.array_equal(plain, saved_part)
+
+
+@pytest.mark.parametrize("eos_id", [65_539, 3_000_000_000])
+def test_a_sparse_vocabulary_is_stored_by_its_largest_id(tmp_path, monkeypatch, eos_id):
+    """Shards took their dtype from the number of entries: 29 words with EOS at id 65,539 went into
+    uint16, and every EOS and pad was stored as id 3 (a word), silently; an id past int32 was an
+    OverflowError traceback."""
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    import ds_sft.paths
+    from ds_sft.data import prepare
+    from tests.data.helpers import alpaca_rows, parse_prepare_args, write_jsonl
+
+    monkeypatch.setattr(ds_sft.paths, "shared_dir", lambda: None)
+    rows = alpaca_rows(30)
+    words = {w for row in rows for text in row.values() for w in text.replace(".", " . ").split()}
+    prompt = "Below is an instruction that describes a task . Write a response appropriately completes"
+    words |= {*prompt.split(), *["the", "request", "###", "Instruction", ":", "Response", "Input"]}
+    vocab = {word: i for i, word in enumerate(["[UNK]", *sorted(words)])}
+    vocab["</s>"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    saved = tmp_path / "tokenizer.json"
+    backend.save(str(saved))
+    document = json.loads(saved.read_text())  # the id set here: the library's own save takes a minute
+    document["model"]["vocab"]["</s>"] = eos_id
+    saved.write_text(json.dumps(document))
+    argv = ["--alpaca", str(write_jsonl(tmp_path / "rows.jsonl", rows)), "--tokenizer", str(saved),
+            "--output_dir", str(tmp_path / "out"), "--seq_len", "256",
+            "--decontam_threshold", "0"]  # fmt: skip
+    if eos_id > 2**31:
+        with pytest.raises(UserError, match=r"has token id 3,000,000,000, past 2\*\*31 - 1"):
+            prepare.run(parse_prepare_args(argv))
+        return
+    prepare.run(parse_prepare_args(argv))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["vocab_size"] == eos_id + 1
+    tokens = np.load(tmp_path / "out" / "train" / "shard_00000.tokens.npy")
+    length = int(np.load(tmp_path / "out" / "train" / "shard_00000.documents.npy")[0, 0])
+    assert tokens.dtype == np.uint32 and tokens[0, length - 1] == eos_id
