@@ -155,7 +155,8 @@ class PackedDataset:
     def check_shard(self, number: int) -> None:
         """Refuse, in one line, a shard whose arrays do not describe ``rows`` packed rows of this
         split: unreadable, of another shape or dtype, offsets or lengths that do not add up, source
-        ids outside the manifest's, token ids at or past the manifest's vocabulary."""
+        ids outside the manifest's, token ids negative or at or past the manifest's vocabulary, a loss
+        mask set on padding (trained as targets of no document)."""
         name = self.index["shards"][number]["name"]
         rows = self.index["shards"][number]["rows"]
         where = f"{self.data_dir / self.split / name}.*.npy"
@@ -183,15 +184,21 @@ class PackedDataset:
             self.largest_token_id = max(self.largest_token_id, int(tokens.max()))
             lengths, sources = documents[:, 0].astype(np.int64), documents[:, 1].astype(np.int64)
             ends = np.concatenate([[0], np.cumsum(lengths)])
+            indexed = offsets[0] == 0 and offsets[-1] == len(documents) and not (np.diff(offsets) < 0).any()
+            used = ends[offsets[1:]] - ends[offsets[:-1]] if indexed else None  # tokens per row
             fault = (
                 "with row offsets that do not index its documents"
-                if offsets[0] != 0 or offsets[-1] != len(documents) or (np.diff(offsets) < 0).any()
+                if not indexed
                 else "with a document of no tokens, or rows overfull"
-                if (lengths < 1).any() or (ends[offsets[1:]] - ends[offsets[:-1]] > self.seq_len).any()
+                if (lengths < 1).any() or (used > self.seq_len).any()
                 else "with a source id the manifest does not list"
                 if ((sources < 0) | (sources >= len(self.sources))).any()
                 else f"with token ids past the vocabulary of {vocab}"
                 if vocab is not None and self.largest_token_id >= vocab
+                else "with a negative token id"
+                if int(tokens.min()) < 0
+                else "with trained positions in a row's padding"
+                if (mask.astype(bool) & (np.arange(self.seq_len)[None, :] >= used[:, None])).any()
                 else None
             )
         if fault is not None:

@@ -305,6 +305,11 @@ def run(args: argparse.Namespace) -> int:
 
     train_set = PackedDataset(s.data_dir, "train")
     val_set = PackedDataset(s.data_dir, "val")
+    if len(val_set) and val_set.seq_len != train_set.seq_len:  # the model checks read train's
+        raise UserError(
+            f"{s.data_dir}: its val rows hold {val_set.seq_len} tokens, its train rows {train_set.seq_len}: "
+            "the splits come from different runs of `ds-sft prepare`; prepare the data again"
+        )
     note = check_batch_fits_split(s, world, len(train_set))
     if note and rank == 0:
         print(note)

@@ -79,6 +79,10 @@ DAMAGES = {
     "source id unknown": lambda d: resave(
         d, "documents", lambda docs: np.stack([docs[:, 0], docs[:, 1] + 99], 1)
     ),
+    "a negative token id": lambda d: resave(
+        d, "tokens", lambda t: np.where(t == t[0, 0], -3, t).astype(np.int16)
+    ),
+    "loss mask on padding": lambda d: resave(d, "loss_mask", lambda m: np.ones_like(m)),
     "tokens past the recorded vocabulary": lambda d: (
         edit_json(d / "manifest.json", lambda m: {**m, "tokenizer": {"vocab_size": 10}}),
         resave(d, "tokens", lambda t: np.full_like(t, 10)),
@@ -198,3 +202,29 @@ def test_a_shard_that_is_not_a_file_is_refused_without_being_opened(pristine, tm
         pytest.fail("PackedDataset opened a FIFO and blocked")
     assert len(outcome) == 1 and "\n" not in outcome[0]
     assert outcome[0].startswith(f"{shard(data, part)}: is ") and "not a regular file" in outcome[0]
+
+
+def test_train_refuses_val_rows_of_another_length_before_the_first_step(pristine, tmp_path, capsys):
+    """The model checks read the train split's row length: val rows longer than the model's
+    positions were an IndexError at the step-0 eval, after the model and the engine were built."""
+    from ds_sft.command import main_for
+    from ds_sft.data.shards import PackedDataset, write_split
+
+    data = tmp_path / "data"
+    shutil.copytree(pristine, data)
+    seq_len = PackedDataset(pristine, "val").seq_len * 2
+    rows = 4
+    mask = np.zeros((rows, seq_len), np.uint8)
+    mask[:, 1 : seq_len // 2] = 1
+    shutil.rmtree(data / "val")
+    packed = {"tokens": np.ones((rows, seq_len), np.int64), "loss_mask": mask,
+              "doc_lengths": np.full(rows, seq_len // 2), "doc_sources": np.zeros(rows, np.int64),
+              "row_offsets": np.arange(rows + 1)}  # fmt: skip
+    write_split(data / "val", packed, 256)
+    argv = ["--data_dir", str(data), "--model", "tiny", "--max_iters", "1",
+            "--out_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"]  # fmt: skip
+    assert main_for("train", argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"its val rows hold {seq_len} tokens, its train rows {seq_len // 2}" in err[0], (
+        err
+    )
