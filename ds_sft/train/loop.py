@@ -271,6 +271,11 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
     universal, changes, changed, carried = False, [], {}, None
     if tag_dir is not None:
         saved = checkpointing.read_trainer_state(tag_dir)
+        if saved["step"] >= s.max_iters:  # said, not silent: final/ and the report come from it as it is
+            say(
+                f"note: {tag_dir} is at step {saved['step']} and --max_iters is {s.max_iters}: nothing to "
+                "train; final/ and the report are written from it (pass a larger --max_iters to train on)"
+            )
         changes = compatibility.check_resume(tag_dir, saved, identity, s.allow_change or (), model)
         universal = checkpointing.needs_universal(saved, world)
         changed = state_transfer.changes(compatibility.saved_identity(saved), identity)

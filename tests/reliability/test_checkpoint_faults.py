@@ -312,3 +312,15 @@ def test_resuming_an_older_tag_rewrites_the_newer_tags_whole(ds_env, tmp_path):
         train_flags(data, again, 8, "--zero_stage", "2", "--save_interval", "2", "--grad_accum", "1")
     )
     assert [trajectory(again)[step] for step in (7, 8)] == pytest.approx([two[7], two[8]], abs=1e-5)
+
+
+def test_resuming_a_checkpoint_at_max_iters_says_that_nothing_trains(clean_run, ds_env, tmp_path):
+    """A checkpoint at or past --max_iters trained nothing and rewrote final/ and the report without a
+    word, as if the run had trained again."""
+    data, clean = clean_run
+    run_dir = copy_of(clean_run, tmp_path)
+    resumed = run(train_flags(data, run_dir, STEPS - 5), ds_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    note = f"step_{STEPS:06d} is at step {STEPS} and --max_iters is {STEPS - 5}: nothing to train"
+    assert note in resumed.stdout + resumed.stderr
+    assert_same_weights(final_weights(clean), final_weights(run_dir))
