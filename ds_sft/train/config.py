@@ -576,6 +576,12 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
             '"fp16" is enabled in the DeepSpeed config: ds-sft trains in bf16 or fp32 (--precision); '
             'remove "fp16" or set its "enabled" to false'
         )
+    autocast = ds_config.get("torch_autocast", {})
+    if not isinstance(autocast, dict) or autocast.get("enabled"):  # it computed in bf16, recorded as fp32
+        raise UserError(
+            '"torch_autocast" is enabled in the DeepSpeed config: ds-sft sets the compute precision itself '
+            '(--precision bf16 autocasts the forward); remove "torch_autocast"'
+        )
     if not 0 <= s["warmup_iters"] <= s["max_iters"]:
         raise UserError(
             f"--warmup_iters ({s['warmup_iters']}) must be between 0 and --max_iters ({s['max_iters']})"

@@ -755,6 +755,9 @@ DEEPSPEED_REFUSES = {
     "removed layer drop": (("progressive_layer_drop",), {"enabled": True}, "progressive_layer_drop"),
     "removed sparse gradients": (("sparse_gradients",), True, "sparse_gradients"),
     "fp16": (("fp16",), {"enabled": True}, "fp16"),
+    # it computed the forward in bf16 while the run, its report and its checkpoints said fp32
+    "torch_autocast": (("torch_autocast",), {"enabled": True, "dtype": "torch.bfloat16"}, "torch_autocast"),
+    "torch_autocast not a section": (("torch_autocast",), True, "torch_autocast"),
     "capturable AdamW": (("optimizer", "params", "capturable"), True, "capturable"),
     "differentiable AdamW": (("optimizer", "params", "differentiable"), True, "differentiable"),
 }  # fmt: skip
