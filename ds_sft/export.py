@@ -26,6 +26,7 @@ import argparse
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.paths import expand_user
 
 MANIFEST = "ds_sft_export.json"
 
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 def _find_tokenizer(spec: str | None, source: Path) -> tuple[str, Path | None]:
     """(what to load the tokenizer from, the file or folder it is read from; None for a name like gpt2)."""
     if spec is not None:
-        path = Path(spec).expanduser()
+        path = expand_user(spec)
         return spec, path if path.exists() else None
     candidates = [source / "final", source] if source.is_dir() else [source, source.parent]
     for candidate in candidates:

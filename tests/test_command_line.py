@@ -154,3 +154,44 @@ def test_an_input_flag_given_twice_is_refused(command, flag, capsys):
     expected = f"argument {flag}: given twice ({' '.join(first)!r}, then {' '.join(then)!r})"
     assert message.count("\n") == 1 and expected in message
     assert "given twice" not in error_of([command, flag, *first, flag, *first], capsys)
+
+
+TILDE = "~no-such-user-of-ds-sft/x"
+PATH_FLAGS = [  # argv with the hostile path in place of one path flag; "d" is a prepared data dir
+    ["prepare", "--alpaca", TILDE],
+    ["prepare", "--source", f"mine={TILDE}"],
+    ["prepare", "--alpaca", "a.json", "--output_dir", TILDE],
+    ["prepare", "--alpaca", "a.json", "--tokenizer", TILDE],
+    ["prepare", "--alpaca", "a.json", "--gsm8k_test", TILDE],
+    ["train", "--model", "tiny", "--data_dir", TILDE],
+    ["train", "--model", "tiny", "--data_dir", "d", "--out_dir", TILDE],
+    ["train", "--data_dir", "d", "--base_model", TILDE],
+    ["eval", "--model", "m", "--data_dir", TILDE],
+    ["export", "--base_model", TILDE, "--hf", "out"],
+    ["export", "--base_model", "m", "--hf", TILDE],
+]
+
+
+@pytest.mark.parametrize("argv", PATH_FLAGS, ids=lambda argv: " ".join(argv[:1] + argv[-2:-1]))
+def test_a_path_under_an_unknown_users_home_is_one_line(argv, capsys, tmp_path, monkeypatch):
+    """Path.expanduser raises a RuntimeError for ~user of no such user: a traceback from every
+    path flag but --source."""
+    from ds_sft.cli import main
+    from tests.train.helpers import write_data_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.json").write_text('[{"instruction": "a", "input": "", "output": "b"}]')
+    write_data_dir(tmp_path / "d")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ds-sft {argv[0]}: error:"), err
+    assert "~no-such-user-of-ds-sft" in err[0], err  # named: as no home, or as no data dir
+
+
+def test_expand_user_expands_a_home_and_refuses_an_unknown_user():
+    from ds_sft.errors import UserError
+    from ds_sft.paths import expand_user
+
+    assert expand_user("~/x") == Path.home() / "x" and expand_user("a/~b") == Path("a/~b")
+    with pytest.raises(UserError, match="~nobody-here names no home folder"):
+        expand_user("~nobody-here/data")

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.paths import sha256_file, writable_dir
+from ds_sft.paths import expand_user, sha256_file, writable_dir
 
 MANIFEST = "manifest.json"
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
@@ -285,7 +285,7 @@ def refuse_overlap(output_dir: str | Path, option: str, inputs: dict[str, Path])
     model by its own bf16 export) or add files to a folder that belongs to something else (a run, a
     data dir, a tokenizer).
     """
-    out = Path(os.path.realpath(Path(output_dir).expanduser()))
+    out = Path(os.path.realpath(expand_user(output_dir)))
     for what, path in inputs.items():
         real = Path(os.path.realpath(path))
         if real.name == "final" and any(os.path.lexists(real.parent / name) for name in RUN_FILES):

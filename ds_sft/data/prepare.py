@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from ds_sft.errors import UserError, as_os_error
+from ds_sft.paths import expand_user
 
 FORMAT_VERSION = 3  # bump when the output layout or a cleaning rule changes: old outputs are then redone
 
@@ -230,7 +231,7 @@ def collect_sources(args: argparse.Namespace) -> list:
             ]
     for spec in specs:
         if spec.is_local:  # a FIFO, a device or a folder is refused here, before anything opens it
-            require_regular_file(Path(spec.location).expanduser(), f"{spec.name} data")
+            require_regular_file(expand_user(spec.location), f"{spec.name} data")
     if not specs:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise UserError(
@@ -249,15 +250,15 @@ def gsm8k_test_reference(args: argparse.Namespace, specs: list) -> tuple[list[st
 
     candidates = [args.gsm8k_test] if args.gsm8k_test else []
     if args.gsm8k_test:
-        require_regular_file(Path(args.gsm8k_test).expanduser(), "--gsm8k_test")
+        require_regular_file(expand_user(args.gsm8k_test), "--gsm8k_test")
     shared = shared_dir()
     if shared is not None:
         candidates.append(str(shared / "data" / SHARED_GSM8K_TEST))
     for spec in specs:
         if spec.kind == "gsm8k" and spec.is_local:
-            folder = Path(spec.location).expanduser().parent
+            folder = expand_user(spec.location).parent
             candidates += [str(folder / "test.jsonl"), str(folder / "test-00000-of-00001.parquet")]
-    location = next((path for path in candidates if Path(path).expanduser().is_file()), None)
+    location = next((path for path in candidates if expand_user(path).is_file()), None)
     if args.gsm8k_test and location != args.gsm8k_test:
         raise UserError(f"--gsm8k_test {args.gsm8k_test}: no such file")
     if location is None:
@@ -356,7 +357,7 @@ def input_fingerprints(specs: list) -> list[dict]:
     from ds_sft.paths import sha256_file
 
     return [
-        {"name": s.name, "sha256": sha256_file(Path(s.location).expanduser())}
+        {"name": s.name, "sha256": sha256_file(expand_user(s.location))}
         if s.is_local
         else {"name": s.name, "hub_id": s.location}
         for s in specs
@@ -500,9 +501,9 @@ def prepare(args: argparse.Namespace) -> int:
     specs = collect_sources(args)
     names = [spec.name for spec in specs]
     weights = parse_mix(args.mix, names)
-    input_paths = [Path(spec.location).expanduser() for spec in specs if spec.is_local]
+    input_paths = [expand_user(spec.location) for spec in specs if spec.is_local]
     if args.gsm8k_test:
-        input_paths.append(Path(args.gsm8k_test).expanduser())
+        input_paths.append(expand_user(args.gsm8k_test))
     output_dir, previous = check_output_dir(args.output_dir, input_paths)
     drops = Drops()
     records, inputs = load_records(specs, args.skip_bad_rows, drops, args.train_on)  # a bad file fails here

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ds_sft.data.clean import Drops
 from ds_sft.errors import UserError, first_line
-from ds_sft.paths import hub_id, require_regular_file, sha256_file
+from ds_sft.paths import expand_user, hub_id, require_regular_file, sha256_file
 
 # record field -> column; "instruction" and "response" are required, the rest optional.
 SCHEMAS: dict[str, dict[str, str]] = {
@@ -98,7 +98,7 @@ class SourceSpec:
         """Something is at the location on disk: a file, a folder, one ``stat`` may not look at, or a
         link that leads nowhere (the user's path, refused as such by the reader, not a hub id)."""
         try:
-            path = Path(self.location).expanduser()
+            path = expand_user(self.location)
             return path.exists() or path.is_symlink()
         except PermissionError:  # there, behind a folder without search permission: its reader says so
             return True
@@ -598,7 +598,7 @@ def load_source(
     if not spec.is_local and not spec.is_hub_id:
         raise UserError(f"{spec.location}: no such file (source {spec.name!r})")
     if spec.is_local:
-        path = Path(spec.location).expanduser()
+        path = expand_user(spec.location)
         columns = read_table(path, skip_bad_rows, drops, spec.name)
         info = {"path": str(path.resolve()), "sha256": sha256_file(path)}
     else:

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.paths import expand_user
 
 MANIFEST = "ds_sft_eval.json"
 
@@ -174,8 +175,8 @@ def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict]
     inputs = {"the data dir": Path(args.data_dir)}
     names = ["the model"] if len(specs) == 1 else ["model A", "model B"]
     for name, spec in zip(names, specs, strict=True):  # a hub id or an alias lives in a cache, not here
-        if Path(spec).expanduser().exists():
-            inputs[name] = Path(spec).expanduser()
+        if expand_user(spec).exists():
+            inputs[name] = expand_user(spec)
     refuse_overlap(args.out, "--out", inputs)
     out, previous = check_output_dir(args.out, [], "--out", "eval", MANIFEST)
     return out, previous["files"] if previous else {}

@@ -44,6 +44,7 @@ from ds_sft.options import (
     Pair,
     Text,
 )
+from ds_sft.paths import expand_user
 from ds_sft.train.compatibility import IDENTITY_KEYS
 from ds_sft.train.distributed import launch_environment
 from ds_sft.train.metrics import WANDB_MODES, resolve_wandb_mode
@@ -267,7 +268,7 @@ def resolve_config_path(spec: str) -> Path:
     ``ds_configs/zero2.json``): package data, so the default works from any folder, installed or not."""
     from importlib.resources import files
 
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     if path.is_file():
         return path
     shipped = files("ds_configs") / Path(spec).name

@@ -42,6 +42,7 @@ import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.paths import expand_user
 from ds_sft.train.report import PLOT_FILES
 
 LOCK_FILE = ".lock"
@@ -132,14 +133,14 @@ def now() -> str:
 
 
 def real(path) -> Path:
-    return Path(os.path.realpath(Path(path).expanduser()))
+    return Path(os.path.realpath(expand_user(path)))
 
 
 def check_inputs_outside(run_dir: Path, s) -> None:
     """Refuse a run folder that is, holds or lies inside one of the run's inputs (symlinks resolved)."""
     out = real(run_dir)
     inputs = {"--data_dir": s.data_dir, "--deepspeed_config": s.deepspeed_config}
-    if s.base_model is not None and Path(s.base_model).expanduser().exists():  # not an alias or hub id
+    if s.base_model is not None and expand_user(s.base_model).exists():  # not an alias or hub id
         inputs["--base_model"] = s.base_model
     if s.resume not in (None, "auto") and not real(s.resume).is_relative_to(out / "checkpoints"):
         inputs["--resume"] = s.resume  # a checkpoint of another folder (this run's own may be anywhere in it)
