@@ -38,7 +38,9 @@ def write_report(out_dir: Path, results: Sequence[dict], meta: dict) -> dict[str
     taken = [path for path in (*paths.values(), out_dir / CHART_NAME) if os.path.lexists(path)]
     if taken:
         raise UserError(f"{taken[0]} exists: the eval report is written into a new or empty folder only")
-    paths["json"].write_text(json.dumps({**meta, "models": list(results)}, indent=2) + "\n")
+    # default=str: a harness task's documents keep the values its data files decode to (a date
+    # column becomes datetime objects, which ended the eval in a TypeError with nothing written)
+    paths["json"].write_text(json.dumps({**meta, "models": list(results)}, indent=2, default=str) + "\n")
     chart = None
     if any(result.get("val") for result in results):
         chart = paths["chart"] = plot_val_loss(results, out_dir / CHART_NAME)

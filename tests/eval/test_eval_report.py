@@ -93,3 +93,17 @@ def test_report_is_never_written_over_a_file(tmp_path, name):
     with pytest.raises(UserError, match=f"{name} exists"):
         write_report(tmp_path, [result], {})
     assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_text() == "the user's\n"
+
+
+def test_values_json_cannot_hold_are_written_as_text(tmp_path):
+    """A harness task's documents keep what datasets decoded: a date column's datetime values ended
+    the eval in a TypeError after all its work, with nothing written."""
+    import datetime
+    from decimal import Decimal
+
+    doc = {"question": "q", "added": datetime.datetime(2024, 5, 1), "price": Decimal("1.5")}
+    result = {"label": "m", "model": "m", "val": None, "gsm8k": None, "generations": None,
+              "harness": {"samples": {"mine": [{"doc": doc}]}}}  # fmt: skip
+    paths = write_report(tmp_path, [result], {})
+    written = json.loads(paths["json"].read_text())["models"][0]["harness"]["samples"]["mine"][0]["doc"]
+    assert written == {"question": "q", "added": "2024-05-01 00:00:00", "price": "1.5"}
