@@ -102,7 +102,7 @@ class SourceSpec:
             return path.exists() or path.is_symlink()
         except PermissionError:  # there, behind a folder without search permission: its reader says so
             return True
-        except (OSError, RuntimeError, ValueError):  # a name too long, "~user/" of no user, a NUL byte
+        except (OSError, UserError, ValueError):  # a name too long, "~user/" of no user, a NUL byte
             return False
 
     @property
