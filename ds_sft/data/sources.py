@@ -543,6 +543,28 @@ def conversation_problem(messages) -> tuple[list[dict], str | None]:
     return turns, None
 
 
+def turn_weights(messages: list, turns: list[dict]) -> tuple[bool, str | None]:
+    """OpenAI's ``weight`` of each assistant turn of a well-formed conversation (0: not trained, 1 or
+    absent: trained) -> (only the final answer is trained, None), or (False, the drop reason):
+    ``bad_turn_weight`` (not 0 or 1), ``no_trained_turn`` (every answer 0), ``unsupported_turn_weights``
+    (another pattern than every answer, or the final one alone: what ``--train_on all`` and ``last``
+    express). Weight-0 answers were trained all the same."""
+    weights = [
+        message.get("weight", 1) if isinstance(message, dict) else 1
+        for message, turn in zip(messages, turns, strict=True)
+        if turn["role"] == "assistant"
+    ]
+    if any(weight not in (0, 1) or isinstance(weight, float) for weight in weights):
+        return False, "bad_turn_weight"
+    if not any(weights):
+        return False, "no_trained_turn"
+    if all(weights):
+        return False, None
+    if weights[-1] and not any(weights[:-1]):
+        return True, None
+    return False, "unsupported_turn_weights"
+
+
 def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list[dict]:
     """Map a table to records; rows with nulls or non-string fields are dropped and counted."""
     schema = choose_schema(spec, columns)
@@ -552,8 +574,12 @@ def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list
     for i in range(n_rows):
         history: list[dict] = []
         values: dict = {}
+        final_turn_only = False
         if "messages" in schema:
-            turns, reason = conversation_problem(columns[schema["messages"]][i])
+            messages = columns[schema["messages"]][i]
+            turns, reason = conversation_problem(messages)
+            if reason is None:
+                final_turn_only, reason = turn_weights(messages, turns)
             history = turns[:-2]
             instruction, response = (turns[-2]["content"], turns[-1]["content"]) if turns else ("", "")
             extra = ""
@@ -583,6 +609,7 @@ def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list
                 "input": extra,
                 "response": response,
                 "history": history,
+                **({"final_turn_only": True} if final_turn_only else {}),  # earlier answers: weight 0
             }
         )
     return records

@@ -328,7 +328,7 @@ def plan_document(
     tokenizes those in bulk. A record too long (:class:`LengthFloor`) gets one empty pair, or with
     ``truncate`` its texts cut to what can reach into ``seq_len``.
     """
-    multi_turn = train_on == "all" and record.get("history")
+    multi_turn = train_on == "all" and record.get("history") and not record.get("final_turn_only")
     cut_from = 0  # the fewest tokens of a conversation cut to its first turns
     if multi_turn and floor is not None and floor.longest is not None:
         # rendering a conversation's turns costs time quadratic in their number: one that cannot

@@ -588,3 +588,53 @@ def test_a_long_conversation_holds_one_prefix_render_at_a_time(gpt2, name, route
         tracemalloc.stop()
     assert used == route and len(segments) == 60
     assert peak < 12 * size, (peak, size)  # 5x (prefix) and 8x (located); 35x both, all renders held
+
+
+def _weighted(weights: list, tag: str = "ANSWER") -> dict:
+    """A conversation of len(weights) exchanges, the assistant answers carrying those weights
+    (None: no weight key)."""
+    messages = []
+    for i, weight in enumerate(weights):
+        messages.append({"role": "user", "content": f"Question {tag} {i}?"})
+        answer = {"role": "assistant", "content": f"{tag}{i} here."}
+        messages.append(answer if weight is None else {**answer, "weight": weight})
+    return {"messages": messages}
+
+
+@pytest.mark.parametrize(
+    ("weights", "trained", "dropped"),
+    [
+        ([1, 1, 1], [0, 1, 2], None),
+        ([None, None], [0, 1], None),
+        ([0, 0, 1], [2], None),
+        ([0, None], [1], None),
+        ([0, 0], [], "no_trained_turn"),
+        ([1, 0], [], "unsupported_turn_weights"),
+        ([1, 0, 1], [], "unsupported_turn_weights"),
+        ([0.5, 1], [], "bad_turn_weight"),
+        (["0", 1], [], "bad_turn_weight"),
+    ],
+)
+def test_openai_turn_weights_decide_which_answers_train(
+    run_prepare, tiny_tokenizer, tmp_path, weights, trained, dropped
+):
+    """OpenAI's format marks answers not to train with "weight": 0; they were trained all the same.
+    Weights --train_on can express are honoured (an answer of weight 0 stays prompt text), the
+    others dropped by reason, never trained wrongly."""
+    import numpy as np
+
+    rows = [_weighted(weights)] + [_weighted([None], tag=f"filler{k}x") for k in range(3)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    manifest = run_prepare(["--source", f"chat={data}", "--template", "alpaca", "--output_dir", str(out),
+                            "--val_fraction", "0", "--decontam_threshold", "0"])  # fmt: skip
+    counts = manifest["counts"]["chat"]
+    assert counts["dropped"] == ({dropped: 1} if dropped else {})
+    tokens = np.load(out / "train" / "shard_00000.tokens.npy")
+    mask = np.load(out / "train" / "shard_00000.loss_mask.npy").astype(bool)
+    trained_text = "".join(
+        tiny_tokenizer.decode(row[m].tolist()) for row, m in zip(tokens, mask, strict=True)
+    )
+    for i in range(len(weights)):
+        assert (f"ANSWER{i}" in trained_text) == (i in trained), (i, trained_text)
