@@ -73,13 +73,15 @@ class Domain:
 
 @dataclass(frozen=True, repr=False)
 class Int(Domain):
-    """An integer in ``[min, max]`` (booleans and floats are not integers)."""
+    """An integer in ``[min, max]`` (booleans and floats are not integers), a multiple of ``multiple``."""
 
     min: int = 0
     max: int = INT64_MAX
+    multiple: int = 1
 
     def describe(self) -> str:
-        return f"an integer from {_bound(self.min)} to {_bound(self.max)}"
+        kind = "an integer" if self.multiple == 1 else f"a multiple of {self.multiple}"
+        return f"{kind} from {_bound(self.min)} to {_bound(self.max)}"
 
     def parse(self, text: str):
         try:
@@ -89,6 +91,8 @@ class Int(Domain):
 
     def check(self, value):
         if isinstance(value, bool) or not isinstance(value, int) or not self.min <= value <= self.max:
+            raise self.refuse(value)
+        if value % self.multiple:
             raise self.refuse(value)
         return value
 

@@ -106,8 +106,9 @@ DS_DOMAINS: dict[tuple[str, ...], object] = {
     ("gradient_predivide_factor",): Float(0, 1e6, min_open=True),
     ("optimizer", "params", "eps"): Float(0, 1, min_open=True),
     ("optimizer", "params", "betas"): Pair(Float(0, 1, max_open=True)),
-    ("zero_optimization", "reduce_bucket_size"): BUCKET,
-    ("zero_optimization", "allgather_bucket_size"): BUCKET,
+    # ZeRO 1-2 cut buckets at fp16 pairs: an odd size was an AssertionError once the model had loaded
+    ("zero_optimization", "reduce_bucket_size"): Int(2, 2**36, multiple=2),
+    ("zero_optimization", "allgather_bucket_size"): Int(2, 2**36, multiple=2),
     ("zero_optimization", "sub_group_size"): BUCKET,
     ("zero_optimization", "stage3_prefetch_bucket_size"): Int(0, 2**36),
     ("zero_optimization", "prefetch_bucket_size"): Int(0, 2**36),
@@ -577,6 +578,13 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
             '"fp16" is enabled in the DeepSpeed config: ds-sft trains in bf16 or fp32 (--precision); '
             'remove "fp16" or set its "enabled" to false'
         )
+    for offload in ("offload_optimizer", "offload_param"):
+        section = ds_config.get("zero_optimization", {}).get(offload)
+        if isinstance(section, dict) and section.get("device") == "nvme":  # its nvme_path is refused above
+            raise UserError(
+                f'"zero_optimization.{offload}.device" is "nvme": NVMe offload swaps into a folder '
+                'DeepSpeed empties (nvme_path), which ds-sft does not hand out; use "cpu" or "none"'
+            )
     autocast = ds_config.get("torch_autocast", {})
     if not isinstance(autocast, dict) or autocast.get("enabled"):  # it computed in bf16, recorded as fp32
         raise UserError(

@@ -424,7 +424,12 @@ def valid_text(domain, text: str) -> bool:
     if isinstance(domain, Int):
         stripped = text.strip()
         digits = stripped.lstrip("+-")
-        return digits.isdigit() and digits.isascii() and domain.min <= int(stripped) <= domain.max
+        return (
+            digits.isdigit()
+            and digits.isascii()
+            and domain.min <= int(stripped) <= domain.max
+            and int(stripped) % domain.multiple == 0
+        )
     if isinstance(domain, Float):
         try:
             x = float(text)
@@ -758,6 +763,11 @@ DEEPSPEED_REFUSES = {
     # it computed the forward in bf16 while the run, its report and its checkpoints said fp32
     "torch_autocast": (("torch_autocast",), {"enabled": True, "dtype": "torch.bfloat16"}, "torch_autocast"),
     "torch_autocast not a section": (("torch_autocast",), True, "torch_autocast"),
+    # ZeRO cuts its buckets at fp16 pairs: an odd size was an AssertionError after the model loaded
+    "odd allgather bucket": (("zero_optimization", "allgather_bucket_size"), 1, "allgather_bucket_size"),
+    "odd reduce bucket": (("zero_optimization", "reduce_bucket_size"), 500_000_001, "reduce_bucket_size"),
+    # NVMe offload needs an nvme_path (refused: DeepSpeed empties it): an AssertionError after loading
+    "nvme offload": (("zero_optimization", "offload_optimizer"), {"device": "nvme"}, "offload_optimizer"),
     "capturable AdamW": (("optimizer", "params", "capturable"), True, "capturable"),
     "differentiable AdamW": (("optimizer", "params", "differentiable"), True, "differentiable"),
 }  # fmt: skip
