@@ -333,3 +333,49 @@ def test_data_files_reach_the_harness_under_plain_names(tmp_path):
     assert config["dataset_kwargs"]["data_files"]["test"] == str(
         tmp_path / "g[1]" / "test.jsonl"
     )  # unchanged
+
+
+HOSTILE_TEMPLATES = [  # one C call each, which neither the sandbox nor a timer could stop
+    "{{ 'x' * 10**9 }}", "{{ 10**9 * 'x' }}", "{{ ['x'] * 10**9 }}", "{{ 9**999999 }}",
+    "{{ 'x'.ljust(10**10) }}", "{{ 'x'.center(3000000000) }}", "{{ '1'.zfill(10**9) }}",
+    "{{ 'a\\tb'.expandtabs(10**9) }}", "{{ 'x'|center(3000000000) }}", "{{ 'x\\ny'|indent(10**9) }}",
+    "{{ '%999999999d' % 1 }}", "{{ '%*d' % (10**9, 1) }}", "{{ '%999999999s'|format('x') }}",
+    "{{ '{:999999999}'.format(1) }}", "{{ '{:{}}'.format(1, 10**9) }}",
+    "{{ (question * 4000).replace('', question * 4000) }}",
+    "{{ (question * 4000)|replace('', question * 4000) }}",
+]  # fmt: skip
+BENIGN_TEMPLATES = {  # what real task configs write
+    "{{ '-' * 20 }}": "-" * 20,
+    "{{ 2 ** 10 }}": "1024",
+    "{{ 7 % 2 }}": "1",
+    "{{ '%s?' % question }}": "2  +  2??",
+    "{{ question.replace('  ', ' ') }}": "2 + 2?",
+    "{{ question|center(12) }}": "  2  +  2?  ",
+    "{{ '{:>4}'.format(7) }}": "   7",
+}
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES)
+def test_a_task_template_cannot_build_a_huge_value(template):
+    """The sandbox blocked attribute access but not arithmetic: `{{ 'x' * 10**9 }}` in doc_to_text
+    built a 1 GB prompt per document (3.9 GB of memory, 22 s), 10**12 a MemoryError traceback."""
+    lm_eval_utils = pytest.importorskip(
+        "lm_eval.utils", reason="the harness is the optional extra ds-sft[eval]"
+    )
+    import resource
+
+    from jinja2.exceptions import SecurityError
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with harness.sandboxed_templates(), pytest.raises(SecurityError, match="would build more than"):
+        lm_eval_utils.apply_template(template, {"question": "2  +  2?"})
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing was built
+
+
+@pytest.mark.parametrize("template", BENIGN_TEMPLATES)
+def test_ordinary_task_templates_render_as_before(template):
+    lm_eval_utils = pytest.importorskip(
+        "lm_eval.utils", reason="the harness is the optional extra ds-sft[eval]"
+    )
+    with harness.sandboxed_templates():
+        assert lm_eval_utils.apply_template(template, {"question": "2  +  2?"}) == BENIGN_TEMPLATES[template]
