@@ -194,6 +194,8 @@ def conversation_segments(record: dict, template: str, tokenizer) -> tuple[list[
 TEMPLATE_SECONDS = 10.0
 TEMPLATE_GROWTH_BYTES = 1 << 30
 TEMPLATE_CONSTANT_SIZE = 1 << 20  # characters, items or digits of a constant expression
+# Filters and str methods whose numeric argument is the width of the text they build.
+WIDTH_CALLS = ("center", "ljust", "rjust", "zfill", "expandtabs", "indent", "wordwrap")
 
 
 class TemplateOverTime(Exception):
@@ -334,6 +336,13 @@ def _oversized_constant(template: str) -> str | None:
     for node in tree.find_all((nodes.Mul, nodes.Pow, nodes.Add)):
         if (size(node) or ("", 0))[1] > TEMPLATE_CONSTANT_SIZE:
             return f"{node.left!r} {node.operator} {node.right!r}"
+    # a width is a count of characters: {{ 'x'|center(3000000000) }} is 3 GB in one C call
+    for node in tree.find_all((nodes.Filter, nodes.Call)):
+        name = node.name if isinstance(node, nodes.Filter) else getattr(node.node, "attr", None)
+        for arg in node.args if name in WIDTH_CALLS else ():
+            kind, digits = size(arg) or ("", 0.0)
+            if kind == "number" and digits > math.log10(TEMPLATE_CONSTANT_SIZE):
+                return f"{name}({arg!r})"
     return None
 
 

@@ -18,8 +18,9 @@ config go into ``eval.json``.
 
 A task config is the user's file, and the harness renders its prompts (``doc_to_text``...) with a
 plain Jinja environment, where ``{{ lipsum.__globals__['os'].system(...) }}`` runs a shell command.
-So ds-sft reads it as data only (YAML without tags, one task, no ``include``/``group``/``class``, no
-remote code) and the harness renders in Jinja's sandbox while ds-sft runs it (:func:`sandboxed_templates`).
+So ds-sft reads it as data only (YAML without tags or aliases, one task, lm-eval's keys minus those
+that reach beyond the file, registered metrics and filters, local data files: :func:`checked_task_config`)
+and the harness renders in a sandbox that also sizes what a template builds (:func:`sandboxed_templates`).
 """
 
 from __future__ import annotations

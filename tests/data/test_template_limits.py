@@ -169,6 +169,11 @@ def test_small_constants_render(tmp_path, tiny_tokenizer_file, constant):
         ("{% set s = 'ab' %}{% set n = 10**9 %}{{ s * n }}", True),
         ("{% set n = 10 %}{% set n = 3000000000 %}{{ n * 'a' }}", True),  # the largest value a name takes
         ("{% set n = 80 %}{{ '-' * n }}", False),
+        ("{{ 'assistant:'|center(3000000000)|trim }}", True),  # 3.3 GB in one C call, past the watchdog
+        ("{{ 'x'.ljust(10**10) }}", True),
+        ("{% set w = 4000000000 %}{{ 'a\nb'|indent(w) }}", True),
+        ("{{ '7'.zfill(2 ** 40) }}", True),
+        ("{{ 'x'|center(80) }}{{ 'line'|indent(4) }}{{ '7'.zfill(3) }}", False),
         ("{% set n = 1000 %}{% set line = '-' * n %}{{ line }}", False),
     ],
 )
