@@ -39,9 +39,9 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
-from ds_sft.command import main_for_script  # noqa: E402
+from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.model.attention import document_attention  # noqa: E402
-from ds_sft.options import COUNT, SEED, THREADS, Int, OneLineParser  # noqa: E402
+from ds_sft.options import COUNT, SEED, THREADS, Int  # noqa: E402
 from ds_sft.paths import write_result_file  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -49,7 +49,7 @@ HEADS, HEAD_DIM = 12, 64
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=f"bench/{Path(__file__).name}", description=__doc__.split("\n\n")[0])
+    parser = script_parser(__file__, __doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=COUNT, default=5, help="timed steps per implementation and layout")
     parser.add_argument(
         "--tile", type=Int(1, 2**16), default=64, help="query tile of document_attention (tokens)"

@@ -36,12 +36,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from ds_sft.command import main_for_script  # noqa: E402
+from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.model.config import KERNEL_BACKENDS, ModelConfig  # noqa: E402
 from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, apply_fp8, fp8_autocast  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
-from ds_sft.options import COUNT, INT32_MAX, Choice, Int, OneLineParser, Text  # noqa: E402
+from ds_sft.options import COUNT, INT32_MAX, Choice, Int, Text  # noqa: E402
 from ds_sft.paths import write_result_file  # noqa: E402
 
 # name -> (config overrides of the 112m preset, micro-batch); 16 x 1024 tokens = 16,384 per step.
@@ -157,7 +157,7 @@ def cpu_linear(tokens: int, d_in: int, d_out: int, repeats: int) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=f"bench/{Path(__file__).name}", description=__doc__.split("\n")[0])
+    parser = script_parser(__file__, __doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and smaller shapes (a smoke test)")
     parser.add_argument("--seq-len", type=Int(8, 2**20), default=1024, help="GPU: tokens per row")
     parser.add_argument("--steps", type=COUNT, default=20, help="GPU: timed steps per mode (median reported)")

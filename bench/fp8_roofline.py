@@ -29,10 +29,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from ds_sft.command import main_for_script  # noqa: E402
+from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.model.fp8 import INPUT, Float8Linear, Fp8Recipe, _import_te  # noqa: E402
 from ds_sft.model.fp8_roofline import TABLE, load_table  # noqa: E402
-from ds_sft.options import OneLineParser  # noqa: E402
 from ds_sft.paths import write_result_file  # noqa: E402
 
 
@@ -101,7 +100,7 @@ def torch_overhead_us(repeats: int) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=f"bench/{Path(__file__).name}", description=__doc__.split("\n")[0])
+    parser = script_parser(__file__, __doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test)")
     parser.add_argument("--write", action="store_true", help=f"replace this GPU's entry in {TABLE.name}")
     return parser

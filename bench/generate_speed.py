@@ -34,20 +34,16 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_BASELINE = "ff50485"  # the last commit before generation was reworked (issue 8)
 sys.path.insert(0, str(REPO_ROOT))  # the flags are this checkout's; the worker purges it (worker())
 
-from ds_sft.command import main_for_script  # noqa: E402
+from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
-from ds_sft.options import COUNT, THREADS, Choice, Int, OneLineParser, Text  # noqa: E402
+from ds_sft.options import COUNT, THREADS, Choice, Int, Text  # noqa: E402
 from ds_sft.paths import write_result_file  # noqa: E402
 
 BATCH = Int(1, 2**16)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog=f"bench/{Path(__file__).name}",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__file__, __doc__)
     parser.add_argument(
         "--model", type=Text(), default="runs/demo/run", help="model spec (default: runs/demo/run)"
     )

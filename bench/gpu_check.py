@@ -33,9 +33,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
-from ds_sft.command import main_for_script  # noqa: E402
+from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import first_line  # noqa: E402
-from ds_sft.options import Int, OneLineParser, Text  # noqa: E402
+from ds_sft.options import Int, Text  # noqa: E402
 from ds_sft.paths import write_result_file  # noqa: E402
 from ds_sft.train.distributed import backend_for  # noqa: E402  (the trainer's choice, checked here)
 
@@ -389,7 +389,7 @@ def summary(work: Path, out: Path) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=f"bench/{Path(__file__).name}", description=__doc__.splitlines()[0])
+    parser = script_parser(__file__, __doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     collectives = sub.add_parser("collectives", help="try each collective over gloo and NCCL; JSON")
     collectives.add_argument("--out", type=Text(), required=True, help="the JSON file to write")

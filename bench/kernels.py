@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `kernels` is importable
 
 import kernels  # noqa: E402
-from ds_sft.command import main_for_script  # noqa: E402
+from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
-from ds_sft.options import COUNT, Int, OneLineParser, Text  # noqa: E402
+from ds_sft.options import COUNT, Int, Text  # noqa: E402
 from ds_sft.paths import write_result_file  # noqa: E402
 from kernels.fused_linear_cross_entropy import default_chunk_size  # noqa: E402
 from kernels.reference import (  # noqa: E402
@@ -319,7 +319,7 @@ def gpu_benchmarks(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=f"bench/{Path(__file__).name}", description=__doc__.splitlines()[0])
+    parser = script_parser(__file__, __doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and one repeat (CI smoke test)")
     parser.add_argument("--tokens", type=SIZE, default=16 * 512, help="tokens per batch (default 16 x 512)")
     parser.add_argument("--hidden", type=SIZE, default=768, help="hidden size of the LM head input")

@@ -29,24 +29,20 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
-from ds_sft.command import main_for_script  # noqa: E402
+from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.labels import IGNORE_INDEX  # noqa: E402
 from ds_sft.model.checkpoint import hf_config, to_hf_state_dict  # noqa: E402
 from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
-from ds_sft.options import COUNT, INT32_MAX, Choice, Int, Names, OneLineParser  # noqa: E402
+from ds_sft.options import COUNT, INT32_MAX, Choice, Int, Names  # noqa: E402
 from ds_sft.paths import write_result_file  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog=f"bench/{Path(__file__).name}",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__file__, __doc__)
     parser.add_argument(
         "--preset", type=Choice(*PRESETS), default="112m", help="ModelConfig preset to time (default: 112m)"
     )

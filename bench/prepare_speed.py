@@ -39,9 +39,9 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
-from ds_sft.command import main_for_script  # noqa: E402
+from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
-from ds_sft.options import COUNT, Int, OneLineParser  # noqa: E402
+from ds_sft.options import COUNT, Int  # noqa: E402
 from ds_sft.paths import write_result_file  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -189,11 +189,7 @@ def best_of(runs: list[dict]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog=f"bench/{Path(__file__).name}",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__file__, __doc__)
     parser.add_argument(
         "--copies", type=COPIES, nargs="+", default=[1, 2, 4], help="mix replications for ds-sft"
     )

@@ -56,14 +56,14 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
-from ds_sft.command import main_for_script  # noqa: E402
+from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.eval.cli import available_device  # noqa: E402
 from ds_sft.labels import IGNORE_INDEX  # noqa: E402
 from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig  # noqa: E402
 from ds_sft.model.fp8 import MODES as FP8_MODES  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
-from ds_sft.options import COUNT, INT32_MAX, SEED, Choice, Device, Int, Names, OneLineParser, Text  # noqa: E402
+from ds_sft.options import COUNT, INT32_MAX, SEED, Choice, Device, Int, Names, Text  # noqa: E402
 from ds_sft.paths import write_result_file  # noqa: E402
 from ds_sft.train.metrics import flops_per_token  # noqa: E402
 
@@ -80,11 +80,7 @@ SYNTHETIC_MEAN_TOKENS, SYNTHETIC_SIGMA, SYNTHETIC_RESPONSE_SHARE = 191, 0.65, 0.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog=f"bench/{Path(__file__).name}",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser(__file__, __doc__)
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes for CI: checks it runs, measures nothing"
     )

@@ -16,6 +16,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ds_sft.errors import UserError, one_line, os_error_line
 
@@ -51,6 +52,17 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
+
+
+def script_parser(file: str, description: str) -> argparse.ArgumentParser:
+    """The parser of the script ``file`` in ``bench/``: one-line errors, named ``bench/<file>``."""
+    from ds_sft.options import OneLineParser
+
+    return OneLineParser(
+        prog=f"bench/{Path(file).name}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def main_for_script(module, argv: Sequence[str] | None = None) -> int:

@@ -231,6 +231,14 @@ def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
     return info
 
 
+def make_readable(path: Path) -> None:
+    """Give ``path`` the mode a file this process creates with ``open`` gets (0666 less the umask), for
+    writers whose files come out owner-only (safetensors, ``mkstemp``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def check_result_path(path: str | Path) -> Path:
     """``path`` when :func:`write_result_file` may write there (nothing, or a regular file), else one
     line: to check before the work whose result goes there."""
@@ -256,9 +264,7 @@ def write_result_file(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(descriptor, "w") as file:
             file.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's file is owner-only; a result is not secret
+        make_readable(Path(temporary))  # mkstemp's file is owner-only; a result is not secret
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import pickle
 import re
 import zipfile
@@ -60,6 +59,7 @@ from ds_sft.errors import UserError, first_line
 from ds_sft.model.config import FAMILIES, PRESETS, ModelConfig, check_field
 from ds_sft.model.llama import LlamaModel, rope_table
 from ds_sft.paths import (
+    make_readable,
     read_gguf,
     read_json_object,
     refuse_remote_code,
@@ -166,9 +166,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(state, str(path), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    make_readable(Path(path))
 
 
 def save_model(model: LlamaModel, directory: str | Path) -> Path:
