@@ -65,7 +65,7 @@ def _stage(title: str, argv: list[str]) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ds_sft.paths import writable_dir
+    from ds_sft.paths import writable_dir, write_result_file
 
     out = writable_dir(args.out, "--out")
     data_dir, run_dir, eval_dir = out / "data", out / "run", out / "eval"
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             f"(rm -r {out}), or give the demo another folder (make demo DEMO_ARGS='--out runs/demo2')"
         )
     out.mkdir(parents=True, exist_ok=True)
-    mark.write_text("ds-sft demo: run/ here is the demo's own run; the next `make demo` replaces it\n")
+    write_result_file(mark, "ds-sft demo: run/ here is the demo's own; the next `make demo` replaces it\n")
     replace_run = ["--overwrite"] if run_dir.exists() else []
     sources = []
     for item in args.source:

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -251,25 +252,44 @@ def check_result_path(path: str | Path) -> Path:
     return path
 
 
-def write_result_file(path: str | Path, text: str) -> Path:
-    """Write ``text`` as the file ``path`` (a result ds-sft keeps under a fixed name, such as
-    ``bench/results/kernels.json``), or refuse in one line when something else holds that name: a
-    link there was written through, so its target (a user's notes) was overwritten. The text goes to a
-    new file renamed over the old one, so a reader never sees half of it."""
+def replace_file(path: str | Path, fill) -> Path:
+    """Make the file ``path`` anew: ``fill(temporary)`` writes a new file beside it, which is renamed
+    over ``path``. A reader never sees half of it, a crash leaves the old one whole, and a ``path``
+    that is a hard link (a ``cp -al`` copy of a run) is replaced rather than written through, so the
+    other copy keeps its bytes. A link, folder or FIFO at ``path`` is refused in one line
+    (:func:`check_result_path`): writing through a symlink overwrote its target (a user's notes)."""
     import tempfile
 
     path = check_result_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-        make_readable(Path(temporary))  # mkstemp's file is owner-only; a result is not secret
+        fill(Path(temporary))
+        make_readable(Path(temporary))  # mkstemp's file is owner-only; ds-sft's results are not secret
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_result_file(path: str | Path, text: str) -> Path:
+    """Write ``text`` as the file ``path`` (a result ds-sft keeps under a fixed name, such as
+    ``bench/results/kernels.json``, or a run's report) through :func:`replace_file`."""
+    return replace_file(path, lambda temporary: temporary.write_text(text))
+
+
+def unshare(path: Path) -> None:
+    """Give ``path`` bytes of its own when it is a hard link (``cp -al`` copies every file of a run
+    that way), before ds-sft writes into it in place (appends to it, truncates it): such a write
+    changes every name of the file, the other copy's included."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        replace_file(path, lambda temporary: shutil.copyfile(path, temporary))
 
 
 # Files of a model folder whose ``auto_map`` would make transformers import the folder's own Python.

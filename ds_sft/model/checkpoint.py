@@ -59,10 +59,10 @@ from ds_sft.errors import UserError, first_line
 from ds_sft.model.config import FAMILIES, PRESETS, ModelConfig, check_field
 from ds_sft.model.llama import LlamaModel, rope_table
 from ds_sft.paths import (
-    make_readable,
     read_gguf,
     read_json_object,
     refuse_remote_code,
+    replace_file,
     require_regular_file,
     resolve_model_path,
 )
@@ -165,8 +165,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     the final weights or an export."""
     from safetensors.torch import save_file
 
-    save_file(state, str(path), metadata={"format": "pt"})
-    make_readable(Path(path))
+    replace_file(path, lambda temporary: save_file(state, str(temporary), metadata={"format": "pt"}))
 
 
 def save_model(model: LlamaModel, directory: str | Path) -> Path:

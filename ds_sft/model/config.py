@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_sft.errors import UserError
-from ds_sft.paths import read_json_object
+from ds_sft.paths import read_json_object, write_result_file
 
 # kernels.BACKENDS, repeated here so that reading a config does not import torch
 KERNEL_BACKENDS = ("auto", "triton", "torch", "eager")
@@ -243,7 +243,7 @@ class ModelConfig:
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.architecture(), indent=2) + "\n")
+        write_result_file(path, json.dumps(self.architecture(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:

@@ -154,6 +154,7 @@ def tag_for(step: int) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a new file: one left hard-linked (cp -al) would be written through
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ds_sft.errors import UserError
 from ds_sft.options import Int
-from ds_sft.paths import writable_dir
+from ds_sft.paths import replace_file, writable_dir, write_result_file
 from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 from ds_sft.train.run_dir import check_inputs_outside
 
@@ -208,9 +208,9 @@ def write_final(model, final: Path, tokenizer_dir) -> None:
     written = [MODEL_FILE, CONFIG_FILE]
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
 
-        def copy(source, target):
+        def copy(source, target):  # replaced, never written through: a resumed final/ may be a cp -al copy
             written.append(Path(target).relative_to(final).as_posix())
-            return shutil.copy2(source, target)
+            return replace_file(target, lambda temporary: shutil.copyfile(source, temporary))
 
         shutil.copytree(tokenizer_dir, final / "tokenizer", dirs_exist_ok=True, copy_function=copy)
     write_final_listing(final, written)
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         for line in overrides:
             print(line)
         print("effective config:\n" + json.dumps(effective, indent=2))
-        (run_dir / "effective_config.json").write_text(json.dumps(effective, indent=2) + "\n")
+        write_result_file(run_dir / "effective_config.json", json.dumps(effective, indent=2) + "\n")
     dist.barrier()
 
     train_set = PackedDataset(s.data_dir, "train")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError, first_line
+from ds_sft.paths import unshare
 
 # Dense peak FLOP/s per GPU (no sparsity) by name fragment: (bf16, fp32 via TF32).
 GPU_PEAK_FLOPS = {
@@ -125,6 +126,7 @@ class MetricsSink:
         self.wandb = None
         if not enabled:
             return
+        unshare(run_dir / "metrics.jsonl")  # appended to: a cp -al copy's records stay the original's alone
         self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives as long as the run
         mode = resolve_wandb_mode(wandb_mode)
         if mode != "disabled":

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from ds_sft.paths import replace_file, write_result_file
+
 # Every plot :func:`plot` may write (run_dir.py removes the earlier run's at --overwrite).
 PLOT_FILES = ("loss.png", "perplexity.png", "lr.png", "grad_norm.png", "tokens_per_s.png")
 
@@ -61,7 +63,10 @@ def plot(records: list[dict], run_dir: Path) -> list[str]:
         if len(lines) > 1:
             ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(run_dir / filename, dpi=100)
+        # savefig names its format: the temporary file's suffix is .tmp
+        replace_file(
+            run_dir / filename, lambda temporary, fig=fig: fig.savefig(temporary, format="png", dpi=100)
+        )
         plt.close(fig)
         written.append(filename)
     return written
@@ -131,6 +136,4 @@ def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
     lines += [f"- step {a['step']}: {a['message']}" for a in alarms] or ["None."]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
     lines += ["", "## Effective config", "", "```json", json.dumps(effective_config, indent=2), "```", ""]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_result_file(run_dir / "report.md", "\n".join(lines))

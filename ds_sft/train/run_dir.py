@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.paths import expand_user
+from ds_sft.paths import expand_user, unshare, write_result_file
 from ds_sft.train.report import PLOT_FILES
 
 LOCK_FILE = ".lock"
@@ -118,6 +118,11 @@ def lock(run_dir: Path) -> RunLock:
     except OSError as err:  # a filesystem without locks (some FUSE mounts): run, but say it is unguarded
         print(f"warning: cannot lock {lock_path} ({err.strerror}): nothing stops a second run from "
               "writing into this folder", file=sys.stderr)  # fmt: skip
+    if os.fstat(fd).st_nlink > 1:  # a hard link (a cp -al copy of a run): the holder line would go in both
+        unshare(lock_path)  # while the shared lock is held, so no run of this folder slips in between
+        held = lock(run_dir)  # the copy of its own
+        handle.close()
+        return held
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now()}) + "\n")
@@ -257,7 +262,7 @@ def tag_problem(tag_dir: Path, run_dir: Path) -> str | None:
 def write_final_listing(final: Path, files: list[str]) -> None:
     """Record the files ``save_final`` wrote into ``final/`` (paths relative to it): what ``--overwrite``
     may remove there, as a checkpoint's ``trainer_state.json`` lists its own."""
-    (final / FINAL_LISTING).write_text(json.dumps({"files": sorted(files)}, indent=1) + "\n")
+    write_result_file(final / FINAL_LISTING, json.dumps({"files": sorted(files)}, indent=1) + "\n")
 
 
 def final_listing(final: Path) -> set[str]:

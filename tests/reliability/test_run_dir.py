@@ -80,6 +80,54 @@ def test_a_second_lock_on_a_live_run_is_refused_naming_the_holder(tmp_path):
     lock(tmp_path).release()  # free again once released
 
 
+def test_a_hard_linked_lock_is_taken_on_a_copy_of_its_own_and_still_guards_the_folder(tmp_path):
+    """The holder line went through a hard-linked lock (a cp -al copy of a run) into the other file."""
+    other = tmp_path / "notes.txt"
+    other.write_text("the other copy's bytes")
+    (tmp_path / "run").mkdir()
+    os.link(other, tmp_path / "run" / LOCK_FILE)
+    held = lock(tmp_path / "run")
+    assert other.read_text() == "the other copy's bytes"
+    assert os.stat(tmp_path / "run" / LOCK_FILE).st_nlink == 1
+    assert f'"pid": {os.getpid()}' in (tmp_path / "run" / LOCK_FILE).read_text()
+    with pytest.raises(UserError, match="in use by another training run"):
+        lock(tmp_path / "run")
+    held.release()
+
+
+def test_unshare_gives_a_hard_linked_file_its_own_bytes_and_leaves_others_alone(tmp_path):
+    from ds_sft.paths import unshare
+
+    first, second, alone = tmp_path / "first", tmp_path / "second", tmp_path / "alone"
+    first.write_text("shared")
+    os.link(first, second)
+    alone.write_text("alone")
+    inode = os.stat(alone).st_ino
+    unshare(second)
+    unshare(alone)
+    unshare(tmp_path / "missing")
+    with second.open("a") as handle:
+        handle.write(" and more")
+    assert first.read_text() == "shared" and second.read_text() == "shared and more"
+    assert os.stat(alone).st_ino == inode  # a file with one name is written in place, not copied
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone", "first", "second"]
+
+
+def test_a_replaced_file_whose_writer_fails_keeps_its_old_bytes_and_no_temporary(tmp_path):
+    from ds_sft.paths import replace_file
+
+    path = tmp_path / "model.safetensors"
+    path.write_text("old")
+
+    def fails(temporary):
+        temporary.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_file(path, fails)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_a_filesystem_without_locks_runs_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
     import errno
     import fcntl
@@ -711,3 +759,34 @@ def test_resume_of_a_finished_run_without_checkpoints_is_refused_end_to_end(
     (line,) = error_lines(done.stderr)
     assert done.returncode == 2 and "no checkpoint to continue it from" in line and "--overwrite" in line
     assert snapshot(out) == before
+
+
+def every_byte(root: Path) -> dict[str, bytes | str]:
+    """Every file under ``root`` with its bytes (the lock file's too) and every folder, never following."""
+    found = {}
+    for folder, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            found[(Path(folder) / name).relative_to(root).as_posix()] = "folder"
+        for name in filenames:
+            path = Path(folder) / name
+            found[path.relative_to(root).as_posix()] = path.read_bytes()
+    return found
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("how", ["--resume", "--overwrite"])
+def test_a_hard_linked_copy_of_a_run_is_continued_or_replaced_without_touching_the_original(
+    data, genuine_run, tmp_path, ds_env, how
+):
+    """``cp -al`` (every file a hard link: how rsnapshot and a quick backup copy a run) shares each file
+    with the original: a run that wrote in place (appended metrics.jsonl, truncated the lock, rewrote
+    effective_config.json, report.md, the plots and final/) wrote into the original as well."""
+    original = copy_run(genuine_run, tmp_path / "original")
+    linked = Path(shutil.copytree(original, tmp_path / "linked", copy_function=os.link))
+    assert os.stat(linked / "metrics.jsonl").st_ino == os.stat(original / "metrics.jsonl").st_ino
+    before = every_byte(original)
+    done = run(train_flags(data, linked, 4, how), ds_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = every_byte(original)
+    assert sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name)) == []
+    assert max(record["step"] for record in train_records(linked)) == 4  # the copy did go on
