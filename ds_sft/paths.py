@@ -276,7 +276,7 @@ def replace_file(path: str | Path, fill) -> Path:
 
 def write_result_file(path: str | Path, text: str) -> Path:
     """Write ``text`` as the file ``path`` (a result ds-sft keeps under a fixed name, such as
-    ``bench/results/kernels.json``, or a run's report) through :func:`replace_file`."""
+    ``bench/results/kernel_speed.json``, or a run's report) through :func:`replace_file`."""
     return replace_file(path, lambda temporary: temporary.write_text(text))
 
 

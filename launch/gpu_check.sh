@@ -21,7 +21,7 @@
 #   train fp8    the same with --fp8 $FP8_MODE (default torch: torch._scaled_mm on Hopper)
 #   gemm         a bf16 GEMM timed in this run: the ceiling MFU is measured against
 #   fp8 roofline bench/fp8_roofline.py --write: select: "auto"'s table calibrated here (copied to OUT)
-#   kernels      bench/kernels.py: Triton vs eager vs torch.compile vs Liger (time, peak memory)
+#   kernels      bench/kernel_speed.py: Triton vs eager vs torch.compile vs Liger (time, peak memory)
 #   step d2048 / d768   bench/train_throughput.py part c at d_model 2048 and at the 112m preset, bf16
 #                and fp8 with select: "auto"
 #   train bf16 compile   the bf16 training again with --compile (torch.compile on the GPU)
@@ -238,12 +238,12 @@ fi
 
 # --- benchmarks side by side
 if [ "$has_cuda" = 1 ]; then
-    step "kernels" 90 "$PY" bench/kernels.py --no-cpu --out "$WORK/kernels.json"
+    step "kernels" 90 "$PY" bench/kernel_speed.py --no-cpu --out "$WORK/kernels.json"
     d2048=(--parts c --preset 112m --override d_model=2048,n_heads=16,ffn_hidden=5504,n_layers=8
            --seq_len 1024 --micro_batch 8 --steps 6 --warmup 2 --gemm_size 8192)
     d768=(--parts c --preset 112m --seq_len 1024 --micro_batch 16 --steps 6 --warmup 2 --gemm_size 8192)
 else
-    step "kernels" 60 "$PY" bench/kernels.py --quick --out "$WORK/kernels.json"
+    step "kernels" 60 "$PY" bench/kernel_speed.py --quick --out "$WORK/kernels.json"
     d2048=(--parts c --quick)
     d768=(--parts c --quick)
 fi

@@ -74,7 +74,7 @@ def test_scripts_run_in_order_and_unknown_names_are_refused():
 
     names = [script.stem for script in available_scripts([])]
     assert names[-1] == "train_throughput"  # the longest runs last
-    known_first = [name for name in ("prepare_speed", "kernels", "fp8") if name in names]
+    known_first = [name for name in ("prepare_speed", "kernel_speed", "fp8") if name in names]
     assert names[: len(known_first)] == known_first
     assert [s.stem for s in available_scripts(["train_throughput"])] == ["train_throughput"]
     with pytest.raises(UserError, match="no benchmark 'nope'"):

@@ -70,3 +70,36 @@ def test_the_wheel_installs_and_trains_outside_the_checkout(tmp_path):
     assert effective["gradient_clipping"] == 1.0 and effective["train_batch_size"] == 4
     assert (work / "run" / "final" / "model.safetensors").is_file()
     assert data.is_relative_to(work)
+
+
+def top_level_names() -> set[str]:
+    """The import names ds-sft puts at the top level: the packages its wheel installs (pyproject's
+    ``packages.find``), and what a checkout makes importable when it is the working directory or on
+    ``PYTHONPATH`` (folders with an ``__init__.py``, ``*.py`` files at its root), and the scripts of
+    ``bench/`` and ``launch/``: ``python bench/NAME.py`` puts its own folder first on ``sys.path``."""
+    import tomllib
+    from setuptools import find_packages
+
+    include = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    installed = {
+        name.split(".")[0] for name in find_packages(str(REPO_ROOT), include=include["find"]["include"])
+    }
+    checkout = {path.stem for path in REPO_ROOT.glob("*.py")}
+    checkout |= {path.parent.name for path in REPO_ROOT.glob("*/__init__.py")}
+    checkout |= {path.stem for folder in ("bench", "launch") for path in (REPO_ROOT / folder).glob("*.py")}
+    return installed | checkout
+
+
+def test_no_top_level_name_of_ds_sft_is_another_installed_distributions():
+    """ds-sft's Triton kernels were the top-level package ``kernels``, the import name of Hugging Face's
+    kernels library, which transformers >= 5.25 depends on: transformers imported ds-sft's package in its
+    place and every model import failed (ImportError: cannot import name 'CUDAProperties' from
+    'kernels'), and a wheel install would have written over that library's files. ``bench/kernels.py``
+    did the same to every bench script that loads a transformers model."""
+    import importlib.metadata
+
+    owners = importlib.metadata.packages_distributions()
+    names = top_level_names()
+    assert {"ds_sft", "ds_configs", "train_throughput"} <= names
+    clashes = {name: owners[name] for name in names if set(owners.get(name, [])) - {"ds-sft"}}
+    assert clashes == {}

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+from ds_sft import kernels
 from ds_sft.labels import IGNORE_INDEX
 from ds_sft.model.attention import document_attention
 from ds_sft.model.config import ModelConfig

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cross_entropy_kernel import CrossEntropyFunction
-from kernels.reference import cross_entropy_reference
+from ds_sft.kernels.cross_entropy_kernel import CrossEntropyFunction
+from ds_sft.kernels.reference import cross_entropy_reference
 
 IGNORE = -100
 

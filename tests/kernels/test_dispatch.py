@@ -1,4 +1,4 @@
-"""The public API of ``kernels``: backend resolution, the error for Triton on CPU without the
+"""The public API of ``ds_sft.kernels``: backend resolution, the error for Triton on CPU without the
 interpreter, a light import, and every backend of every op agreeing with the reference."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import sys
 import pytest
 import torch
 
-import kernels
-import kernels._launch
+import ds_sft.kernels._launch as launching
+from ds_sft import kernels
 from tests.conftest import REPO_ROOT
+
+KERNELS = REPO_ROOT / "ds_sft" / "kernels"
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -24,13 +26,16 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_import_does_not_load_triton():
-    result = _python("import sys, kernels; print('triton' in sys.modules)")
+    result = _python("import sys, ds_sft.kernels; print('triton' in sys.modules)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
-    code = "import torch, kernels; kernels.rms_norm(torch.ones(2, 8), torch.ones(8), backend='triton')"
+    code = (
+        "import torch; from ds_sft import kernels; "
+        "kernels.rms_norm(torch.ones(2, 8), torch.ones(8), backend='triton')"
+    )
     result = _python(code, TRITON_INTERPRET="0")
     assert result.returncode != 0
     assert "RuntimeError: backend='triton' on CPU needs TRITON_INTERPRET=1" in result.stderr
@@ -82,10 +87,12 @@ def kernel_launches(path) -> list[int]:
 
 def test_every_kernel_launches_through_launch():
     """A direct ``kernel[grid](...)`` runs on whichever GPU is current, not on its tensors' GPU."""
-    sources = sorted((REPO_ROOT / "kernels").glob("*.py"))
+    sources = sorted(KERNELS.glob("*.py"))
     direct = {path.name: kernel_launches(path) for path in sources if path.name != "_launch.py"}
     assert {name: lines for name, lines in direct.items() if lines} == {}
-    assert kernel_launches(REPO_ROOT / "kernels" / "_launch.py")  # the one launch, so the scan sees them
+    assert kernel_launches(
+        REPO_ROOT / "ds_sft" / "kernels" / "_launch.py"
+    )  # the one launch, so the scan sees them
 
 
 class RecordingDevice:
@@ -117,16 +124,16 @@ class RecordingKernel:
 def test_a_launch_runs_on_the_gpu_of_its_tensors(monkeypatch, index):
     monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
     kernel, device = RecordingKernel(), torch.device("cuda", index)
-    kernels._launch.launch(kernel, (7,), device, "x", "y", BLOCK=64)
+    launching.launch(kernel, (7,), device, "x", "y", BLOCK=64)
     assert kernel.launches == [((7,), ("x", "y"), {"BLOCK": 64}, device)]
     assert RecordingDevice.current == [torch.device("cuda", 0)]  # and puts the current one back
 
 
 def test_a_cpu_launch_does_not_touch_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", None)  # any use of it raises
-    monkeypatch.setattr(kernels._launch, "check_launchable", lambda kernel, device: None)
+    monkeypatch.setattr(launching, "check_launchable", lambda kernel, device: None)
     kernel = RecordingKernel()
-    kernels._launch.launch(kernel, (2,), torch.device("cpu"), 1)
+    launching.launch(kernel, (2,), torch.device("cpu"), 1)
     assert [launch[:3] for launch in kernel.launches] == [((2,), (1,), {})]
 
 

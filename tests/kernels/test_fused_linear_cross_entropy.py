@@ -12,9 +12,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kernels
-from kernels.fused_linear_cross_entropy import default_chunk_size
-from kernels.reference import linear_cross_entropy_reference
+from ds_sft import kernels
+from ds_sft.kernels.fused_linear_cross_entropy import default_chunk_size
+from ds_sft.kernels.reference import linear_cross_entropy_reference
 
 IGNORE = -100
 
@@ -159,7 +159,7 @@ def test_head_runs_only_on_trained_tokens(reduction, monkeypatch):
     """Ignored tokens never reach the LM head: the per-chunk loss sees 40 rows of logits when 40 of
     100 tokens are trained (twice for "none", whose backward recomputes them), and the result is
     still the reference's."""
-    import kernels.fused_linear_cross_entropy as flce
+    import ds_sft.kernels.fused_linear_cross_entropy as flce
 
     rows_seen, loss_and_grad = [], flce.cross_entropy_loss_and_grad_torch
 
@@ -176,7 +176,7 @@ def test_head_runs_only_on_trained_tokens(reduction, monkeypatch):
 
 def _spy_gradient_work(monkeypatch):
     """Record, per chunk-loop call, whether it computed grad_hidden / grad_weight."""
-    import kernels.fused_linear_cross_entropy as fused
+    import ds_sft.kernels.fused_linear_cross_entropy as fused
 
     calls, loop = [], fused._chunked_loss_and_grads
 
@@ -228,7 +228,7 @@ def test_one_chunk_of_logits_alive_at_a_time(dtype, reduction, monkeypatch):
     chunk, whatever the path. The result is still the reference's."""
     import weakref
 
-    import kernels.fused_linear_cross_entropy as fused
+    import ds_sft.kernels.fused_linear_cross_entropy as fused
 
     vocab, product = 1000, fused._matmul_transposed
     alive_at_each_chunk, earlier = [], []
@@ -251,7 +251,7 @@ def test_one_chunk_of_logits_alive_at_a_time(dtype, reduction, monkeypatch):
 def test_logits_chunks_share_one_buffer_off_onednn():
     """bf16 (and anything not on oneDNN) writes every chunk's logits into one buffer: one allocation,
     not one per chunk; each chunk's values are still ``h_c @ W.T``."""
-    import kernels.fused_linear_cross_entropy as fused
+    import ds_sft.kernels.fused_linear_cross_entropy as fused
 
     h, w, _ = _inputs(50, 64, 300, "cpu", dtype=torch.bfloat16, seed=13)
     storages, chunks = set(), 0
@@ -273,7 +273,7 @@ def test_cpu_fp32_products_run_on_onednn(rows, inner, cols, transposed_b):
     """fp32 products on CPU go through oneDNN's linear (the private op must exist in this torch, or the
     CPU loss loses its speed silently) and are exact to fp32 rounding: odd shapes, no rows, and ``b``
     given as a transposed view (``dlogits @ W`` is ``dlogits @ (W.T).T``); bf16 takes torch's matmul."""
-    import kernels.fused_linear_cross_entropy as fused
+    import ds_sft.kernels.fused_linear_cross_entropy as fused
 
     gen = torch.Generator().manual_seed(rows + cols)
     a = torch.randn(rows, inner, generator=gen)
@@ -293,7 +293,7 @@ def test_cpu_fp32_products_run_on_onednn(rows, inner, cols, transposed_b):
 @given(vocab=st.integers(min_value=1, max_value=4_000_000))
 def test_default_chunks_are_the_most_whole_row_blocks_that_fit(vocab):
     """A whole number of row blocks, as many as fit the logits budget (the minimum where none fit)."""
-    import kernels.fused_linear_cross_entropy as fused
+    import ds_sft.kernels.fused_linear_cross_entropy as fused
 
     chunk, multiple = default_chunk_size(vocab), fused.CHUNK_TOKEN_MULTIPLE
     assert chunk % multiple == 0 and chunk >= fused.MIN_CHUNK_TOKENS

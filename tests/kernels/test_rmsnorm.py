@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.reference import rms_norm_reference, rms_norm_residual_reference
-from kernels.rmsnorm import RMSNormFunction
+from ds_sft.kernels.reference import rms_norm_reference, rms_norm_residual_reference
+from ds_sft.kernels.rmsnorm import RMSNormFunction
 
 SHAPES = [(1, 64), (5, 576), (123, 768), (2, 3, 5, 64)]
 # fp32 only rounds differently; bf16 outputs are one rounding apart (the interpreter truncates where

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
+from ds_sft import kernels
 from tests.conftest import REPO_ROOT
 
 HIDDEN, VOCAB, TOKENS = 16, 96, 24

@@ -204,7 +204,7 @@ def test_a_new_batchs_document_mask_reuses_the_compiled_flex_attention():
 
 
 def test_config_errors_name_the_problem():
-    import kernels
+    from ds_sft import kernels
 
     assert kernels.BACKENDS == KERNEL_BACKENDS
     with pytest.raises(UserError, match="n_kv_heads"):

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import launch, num_warps_for, reduction_programs, row_block
+from ds_sft.kernels._launch import launch, num_warps_for, reduction_programs, row_block
 
 
 @triton.jit

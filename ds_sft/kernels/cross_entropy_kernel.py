@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import MAX_VOCAB_BLOCK, launch, num_warps_for
-from kernels.reference import REDUCTIONS
+from ds_sft.kernels._launch import MAX_VOCAB_BLOCK, launch, num_warps_for
+from ds_sft.kernels.reference import REDUCTIONS
 
 
 @triton.jit

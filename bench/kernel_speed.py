@@ -1,11 +1,11 @@
-"""Benchmark the kernels against their eager references; prints ratios, writes bench/results/kernels.json.
+"""The kernels against their eager references: prints ratios, writes bench/results/kernel_speed.json.
 
-    python bench/kernels.py            # CPU: 16 x 512 tokens, hidden 768, vocab 50,304 (about 2 minutes)
-    python bench/kernels.py --quick    # small shapes: a smoke test for CI
-    python bench/kernels.py --tokens 4096 --vocab 151936 128256   # Qwen's and Llama 3's vocabularies
+    python bench/kernel_speed.py            # CPU: 16 x 512 tokens, hidden 768, vocab 50,304 (about 2 minutes)
+    python bench/kernel_speed.py --quick    # small shapes: a smoke test for CI
+    python bench/kernel_speed.py --tokens 4096 --vocab 151936 128256   # Qwen's and Llama 3's vocabularies
 
 CPU: peak memory and time of the loss (forward + backward) — the chunked ``linear_cross_entropy``
-(``backend="torch"``) against eager logits + cross-entropy (``kernels.reference``), fp32 and bf16, for
+(``backend="torch"``) against eager logits + cross-entropy (``ds_sft.kernels.reference``), fp32 and bf16, for
 each ``--vocab``; the chunked / eager ratios of every vocabulary end the run side by side, against the
 targets (memory <= 0.1x, time <= 1.0x). Memory: each case runs in a fresh process: peak RSS is a
 per-process high-water mark, and torch's CPU allocator keeps nothing cached, so the growth of
@@ -36,19 +36,19 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `kernels` is importable
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `ds_sft` is importable
 
-import kernels  # noqa: E402
+from ds_sft import kernels  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
-from ds_sft.options import COUNT, Int, Text  # noqa: E402
-from ds_sft.paths import write_result_file  # noqa: E402
-from kernels.fused_linear_cross_entropy import default_chunk_size  # noqa: E402
-from kernels.reference import (  # noqa: E402
+from ds_sft.kernels.fused_linear_cross_entropy import default_chunk_size  # noqa: E402
+from ds_sft.kernels.reference import (  # noqa: E402
     cross_entropy_reference,
     linear_cross_entropy_reference,
     rms_norm_reference,
 )
+from ds_sft.options import COUNT, Int, Text  # noqa: E402
+from ds_sft.paths import write_result_file  # noqa: E402
 
 SIZE = Int(1, 2**24)  # tokens, hidden width, vocabulary or chunk
 
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU cases (GPU only)")
     parser.add_argument(
-        "--out", type=Text(), default=str(ROOT / "bench" / "results" / "kernels.json"), help="JSON out"
+        "--out", type=Text(), default=str(ROOT / "bench" / "results" / "kernel_speed.json"), help="JSON out"
     )
     parser.add_argument("--case", type=Text(), help=argparse.SUPPRESS)  # internal: one CPU case, as JSON
     return parser

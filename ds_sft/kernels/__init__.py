@@ -35,8 +35,8 @@ import importlib.util
 
 import torch
 
-from kernels.fused_linear_cross_entropy import linear_cross_entropy_chunked
-from kernels.reference import (
+from ds_sft.kernels.fused_linear_cross_entropy import linear_cross_entropy_chunked
+from ds_sft.kernels.reference import (
     cross_entropy_reference,
     linear_cross_entropy_reference,
     rms_norm_reference,
@@ -74,7 +74,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
     """``y = x / sqrt(mean(x^2) + eps) * weight``, statistics in fp32, result in ``x.dtype``."""
     if resolve_backend(backend, x.device) == "triton":
-        from kernels.rmsnorm import RMSNormFunction
+        from ds_sft.kernels.rmsnorm import RMSNormFunction
 
         return RMSNormFunction.apply(x, None, weight, eps)
     return rms_norm_reference(x, weight, eps)
@@ -85,7 +85,7 @@ def rms_norm_residual(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + residual; return rms_norm(s, weight), s`` — one pass over the row with Triton."""
     if resolve_backend(backend, x.device) == "triton":
-        from kernels.rmsnorm import RMSNormFunction
+        from ds_sft.kernels.rmsnorm import RMSNormFunction
 
         return RMSNormFunction.apply(x, residual, weight, eps)
     return rms_norm_residual_reference(x, residual, weight, eps)
@@ -102,7 +102,7 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Token cross-entropy of ``logits [..., V]`` vs ``labels [...]`` (definition: ``reference.py``)."""
     if resolve_backend(backend, logits.device) == "triton":
-        from kernels.cross_entropy_kernel import CrossEntropyFunction
+        from ds_sft.kernels.cross_entropy_kernel import CrossEntropyFunction
 
         return CrossEntropyFunction.apply(logits, labels, ignore_index, reduction, label_smoothing, z_loss)
     return cross_entropy_reference(logits, labels, ignore_index, reduction, label_smoothing, z_loss)

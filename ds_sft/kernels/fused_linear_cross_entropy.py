@@ -21,7 +21,7 @@ accumulated in fp32.
 
 Time: the chunks do the eager loss's three matmuls at a few hundred rows each instead of all ``N``,
 which costs efficiency, and win it back by touching the logits fewer times. On CPU three things keep
-the chunked loss under eager's time (``bench/kernels.py``; figures in BENCHMARKS.md): every chunk's
+the chunked loss under eager's time (``bench/kernel_speed.py``; figures in BENCHMARKS.md): every chunk's
 logits go into one reused buffer, fp32 products run on oneDNN (:func:`_matmul_transposed`), and a
 bf16 product is added into the fp32 ``grad_W`` in cache-sized blocks (:func:`_weight_block_rows`).
 
@@ -50,16 +50,16 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import REDUCTIONS
+from ds_sft.kernels.reference import REDUCTIONS
 
 # The fp32 logits of one chunk. The chunk is what the loss adds to the gradients it must hold anyway
 # (grad_W alone is V x H x 4 bytes: 467 MB at V 151,936, H 768), so it is kept well under them; but
 # each chunk re-reads W and grad_W, so chunks of ~100 tokens are memory-bound (1.5x eager's time at
-# V 151,936 on 2 CPU cores, 110 tokens) where ~250 keep up. Figures: BENCHMARKS.md, bench/kernels.py.
+# V 151,936 on 2 CPU cores, 110 tokens) where ~250 keep up. Figures: BENCHMARKS.md, bench/kernel_speed.py.
 CHUNK_LOGITS_BYTES = 128 * 2**20
 # Chunks are a whole number of matmul row blocks: a ragged last block costs far more than its share.
 # On 2 CPU cores (oneDNN), 4,096 tokens: fp32 at V 151,936 took 0.98x eager's time in 220-token
-# chunks, 0.89x in 192 or 224; bf16 at 128,256 1.01x in 261, 0.81x in 256 (bench/kernels.py).
+# chunks, 0.89x in 192 or 224; bf16 at 128,256 1.01x in 261, 0.81x in 256 (bench/kernel_speed.py).
 CHUNK_TOKEN_MULTIPLE = 32
 MIN_CHUNK_TOKENS = 32  # below this the per-chunk passes over W and grad_W dominate the time
 
@@ -123,7 +123,7 @@ def cross_entropy_loss_and_grad_torch(
 
 def _loss_and_grad_for(backend: str):
     if backend == "triton":
-        from kernels.cross_entropy_kernel import cross_entropy_loss_and_grad
+        from ds_sft.kernels.cross_entropy_kernel import cross_entropy_loss_and_grad
 
         return cross_entropy_loss_and_grad
     return cross_entropy_loss_and_grad_torch
