@@ -252,6 +252,18 @@ def check_result_path(path: str | Path) -> Path:
     return path
 
 
+def temporary_name_prefix(path: Path, tag: str, room: int) -> str:
+    """A hidden name beside ``path`` to build its replacement under: ``.NAME`` + ``tag``, NAME cut so
+    that ``room`` more bytes (``mkdtemp``'s random part, a suffix) stay within the folder's name limit.
+    Uncut, a name near the limit (a 242-byte ``--out``) failed only after the work, at the rename."""
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255  # Linux filesystems' limit
+    keep = max(limit - len(os.fsencode(tag)) - 1 - room, 1)
+    return "." + os.fsdecode(os.fsencode(path.name)[:keep]) + tag
+
+
 def replace_file(path: str | Path, fill) -> Path:
     """Make the file ``path`` anew: ``fill(temporary)`` writes a new file beside it, which is renamed
     over ``path``. A reader never sees half of it, a crash leaves the old one whole, and a ``path``
@@ -262,7 +274,8 @@ def replace_file(path: str | Path, fill) -> Path:
 
     path = check_result_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix = temporary_name_prefix(path, ".", room=8 + len(".tmp"))  # mkstemp's 8 random characters
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     os.close(descriptor)
     try:
         fill(Path(temporary))

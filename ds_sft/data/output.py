@@ -30,9 +30,10 @@ import tempfile
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.paths import expand_user, sha256_file, writable_dir
+from ds_sft.paths import expand_user, sha256_file, temporary_name_prefix, writable_dir
 
 MANIFEST = "manifest.json"
+SWAP_SUFFIX = "-swap"  # _exchange's name for the old output while it renames twice
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
 # What `ds-sft train` writes beside RUN/final/: a final/ next to one of them is a run's (train/cli.py)
 RUN_FILES = ("effective_config.json", "metrics.jsonl", "checkpoints")
@@ -201,7 +202,9 @@ def staging_dir(out: Path, option: str = "--output_dir") -> Path:
     """A fresh, empty sibling of ``out`` to build the new output in (same filesystem: renames are atomic)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+        # room: mkdtemp's 8 random characters, and _exchange's "-swap" where it renames twice
+        prefix = temporary_name_prefix(out, ".new-", room=8 + len(SWAP_SUFFIX))
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
     except OSError as err:
         raise UserError(f"{option} {out}: cannot write there ({err.strerror})") from None
     if out.is_dir():  # it is swapped for the staging folder: keep the mode and ACLs the user gave it
@@ -222,7 +225,7 @@ def _exchange(a: Path, b: Path) -> None:
         and renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
     ):
         return
-    aside = a.with_name(a.name + "-swap")
+    aside = a.with_name(a.name + SWAP_SUFFIX)
     os.rename(b, aside)
     try:
         os.rename(a, b)

@@ -289,3 +289,42 @@ def test_manifest_lists_every_file_with_size_and_hash(run_prepare, world):
     for name, record in manifest["files"].items():
         path = world["out"] / name
         assert record == {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+# Output names whose hidden staging name (".NAME.new-" + 8 random characters, "-swap" when renamed
+# twice) would pass the 255-byte name limit: ASCII, two-byte and three-byte characters, up to the limit.
+LONG_NAMES = [
+    char * (length // len(char.encode())) for char in ("a", "é", "日") for length in (241, 242, 250, 255)
+]
+
+
+@pytest.mark.parametrize("name", LONG_NAMES, ids=lambda name: f"{len(name.encode())}B")
+@pytest.mark.parametrize("exchange", ["renameat2", "two renames"])
+def test_an_output_name_near_the_limit_is_built_and_swapped_in(tmp_path, monkeypatch, name, exchange):
+    """A 242-byte --out was refused only after the whole eval: its staging folder's name was too long."""
+    import ds_sft.data.output as output
+
+    if exchange == "two renames":
+        monkeypatch.setattr(output.ctypes, "CDLL", lambda *args, **kwargs: object())  # no renameat2
+    out = tmp_path / name
+    for round_ in ("new", "replacing"):
+        staging = output.staging_dir(out)
+        (staging / "result.txt").write_text(round_)
+        assert output.replace_output(staging, out, {}) == (["result.txt"] if round_ == "replacing" else [])
+        assert (out / "result.txt").read_text() == round_
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(f".{name[:10]}")) == [name]
+
+
+@pytest.mark.parametrize("name", LONG_NAMES, ids=lambda name: f"{len(name.encode())}B")
+def test_a_result_file_named_near_the_limit_is_written_and_replaced(tmp_path, name):
+    from ds_sft.paths import write_result_file
+
+    write_result_file(tmp_path / name, "old")
+    write_result_file(tmp_path / name, "new")
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_text() == "new"
+
+
+def test_prepare_into_a_folder_named_at_the_limit(run_prepare, world):
+    out = world["root"] / ("d" * 255)
+    manifest = prepare_into(run_prepare, world, out=out)
+    assert manifest["files"] and (out / "manifest.json").is_file() and not staging_left(world["root"])
