@@ -169,6 +169,13 @@ DS_WRITERS = {
     "autotuning": "ds-sft does not run DeepSpeed's autotuner",
 }
 
+# ZeRO++'s quantized communication (DeepSpeed's zero/config.py): CUDA kernels only.
+ZERO_PLUS_PLUS_QUANTIZED = (
+    "zero_quantized_weights",
+    "zero_quantized_nontrainable_weights",
+    "zero_quantized_gradients",
+)
+
 # DeepSpeed's top-level keys (deepspeed/runtime/constants.py and the config docs) that a run may set.
 KNOWN_DS_KEYS = {
     "train_batch_size",
@@ -585,6 +592,14 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
                 f'"zero_optimization.{offload}.device" is "nvme": NVMe offload swaps into a folder '
                 'DeepSpeed empties (nvme_path), which ds-sft does not hand out; use "cpu" or "none"'
             )
+    import torch
+
+    quantized = [key for key in ZERO_PLUS_PLUS_QUANTIZED if get_path(ds_config, ("zero_optimization", key))]
+    if quantized and not torch.cuda.is_available():  # DeepSpeed's CPU backend has no quantizer kernels
+        raise UserError(
+            f'"zero_optimization.{quantized[0]}" needs a CUDA GPU: ZeRO++ quantizes with DeepSpeed\'s CUDA '
+            "kernels (QuantizerBuilder), which its CPU backend lacks; set it to false on this machine"
+        )
     autocast = ds_config.get("torch_autocast", {})
     if not isinstance(autocast, dict) or autocast.get("enabled"):  # it computed in bf16, recorded as fp32
         raise UserError(

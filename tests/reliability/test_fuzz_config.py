@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -808,3 +809,24 @@ def test_a_null_warmup_is_not_set_so_its_default_is_capped_by_a_short_run(capsys
         capsys, tmp_path, set_path(BASE, ("ds_sft", "warmup_iters"), None), "--max_iters", "4"
     )
     assert code == 2 and len(lines) == 1 and "manifest.json" in lines[0], lines
+
+
+@pytest.mark.parametrize("key", ["zero_quantized_weights", "zero_quantized_nontrainable_weights",
+                                 "zero_quantized_gradients"])  # fmt: skip
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_plus_plus_quantization_without_cuda_is_one_line_before_the_model_loads(
+    capsys, tmp_path, monkeypatch, key, stage
+):
+    """Each passed every check, and a CPU run ended in a traceback once the model had loaded: DeepSpeed's
+    CPU backend has no quantizer (checked here against DeepSpeed itself)."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    with pytest.raises(ValueError, match="not been implemented on CPU"):
+        CPU_Accelerator().create_op_builder("QuantizerBuilder").load()
+    monkeypatch.setattr(
+        torch.cuda, "is_available", lambda: False
+    )  # a machine without CUDA, wherever this runs
+    config = set_path(BASE, ("zero_optimization",), {"stage": stage, key: True})
+    code, lines = run_train(capsys, tmp_path, config)
+    assert_refused(code, lines, [f'"zero_optimization.{key}"'], key)
+    assert "needs a CUDA GPU" in lines[0] and "set it to false" in lines[0]
