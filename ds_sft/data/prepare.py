@@ -494,7 +494,8 @@ def prepare(args: argparse.Namespace) -> int:
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
     from ds_sft.data.tokenize import ROUTES, bound_records, fit_to_length, tokenize_records
-    from ds_sft.data.tokenizer import control_tokens, id_bound, load_tokenizer
+    from ds_sft.data.tokenizer import control_tokens, load_tokenizer
+    from ds_sft.vocab import id_bound
 
     if args.tokenizer and args.base_model:
         raise UserError("pass --tokenizer or --base_model, not both")

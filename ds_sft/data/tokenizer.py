@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ds_sft import paths
 from ds_sft.errors import UserError, first_line
+from ds_sft.vocab import id_bound
 
 # End-of-text tokens of common vocabularies, tried in order when a tokenizer does not name its EOS.
 KNOWN_EOS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>", "<eos>")
@@ -211,14 +212,6 @@ def control_tokens(tokenizer) -> list[str]:
         or (not token.normalized and any(not (c.isalnum() or c.isspace()) for c in token.content))
     ]
     return list(dict.fromkeys([*tokenizer.all_special_tokens, *added]))
-
-
-def id_bound(tokenizer) -> int:
-    """One past the largest id the tokenizer can produce. ``len(tokenizer)`` counts entries: a sparse
-    vocabulary of 29 entries with EOS at id 65,539 was stored in uint16 shards, every EOS and pad
-    wrapped to id 3 (a word), silently."""
-    ids = [*tokenizer.get_vocab().values(), *tokenizer.added_tokens_decoder]
-    return max(len(tokenizer), max(ids, default=-1) + 1)
 
 
 def load_tokenizer(spec: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.vocab import id_bound
 
 
 def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
@@ -21,10 +22,11 @@ def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
 
     from ds_sft.model.checkpoint import hf_config, save_weights, to_hf_state_dict
 
-    if len(tokenizer) > model.config.vocab_size:
+    if id_bound(tokenizer) > model.config.vocab_size:  # len() would miss ids past a hole in the vocabulary
         raise UserError(
-            f"the tokenizer has {len(tokenizer):,} tokens but the model only {model.config.vocab_size:,} "
-            "embeddings: pass the tokenizer the model was trained with (--tokenizer)"
+            f"the tokenizer has token ids up to {id_bound(tokenizer) - 1:,} but the model only "
+            f"{model.config.vocab_size:,} embeddings: pass the tokenizer the model was trained with "
+            "(--tokenizer)"
         )
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):

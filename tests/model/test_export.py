@@ -56,7 +56,7 @@ def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, capsys,
         str(tmp_path / "hf"),
     ]
     assert main_for("export", args) == 2
-    assert "50,257 tokens but the model only 256" in capsys.readouterr().err
+    assert "token ids up to 50,256 but the model only 256" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -69,3 +69,24 @@ def test_export_smollm2_gguf(tmp_path, smollm2_gguf):
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     ours = load_model(tmp_path / "hf")
     assert ours.config.n_kv_heads == 3 and ours.wte.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("eos_id", [255, 256, 4_000])
+def test_export_checks_the_largest_token_id_not_the_count(tmp_path, capsys, eos_id):
+    """A vocabulary with a hole (10 words, EOS at id 4,000) passed the check on len(tokenizer) against
+    the tiny model's 256 embeddings, and the export could not embed its own EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {word: i for i, word in enumerate(["[UNK]", *"abcdefghi"])}
+    vocab["</s>"] = eos_id
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    save_model(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "ckpt")
+    args = ["--base_model", str(tmp_path / "ckpt"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+            "--hf", str(tmp_path / "hf")]  # fmt: skip
+    fits = eos_id < ModelConfig.preset("tiny").vocab_size
+    assert main_for("export", args) == (0 if fits else 2)
+    if not fits:
+        assert f"token ids up to {eos_id:,} but the model only 256" in capsys.readouterr().err
+        assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
