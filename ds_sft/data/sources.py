@@ -147,6 +147,10 @@ UTF8_BOM = b"\xef\xbb\xbf"
 # array file (parsed at once, ~5x its size in memory; a larger data set belongs in JSON Lines).
 MAX_LINE_BYTES = 64 << 20
 MAX_ARRAY_BYTES = 512 << 20
+# What each value read from a parquet file costs once it is a Python object, at least: a pointer in its
+# list and a small object (a boolean is 1/8 of a byte in Arrow). The metadata's count is checked with it
+# before reading; what was read is sized by kind (_python_bytes).
+PY_VALUE_BYTES = 16
 HEAD_BYTES = 64 << 10  # the start of a file, checked for a byte-order mark and for NUL bytes (not text)
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 JSON_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
@@ -287,9 +291,13 @@ def _read_parquet(path: Path) -> dict[str, list]:
                 for group in range(meta.num_row_groups)
                 for column in range(meta.num_columns)
             )
-            # each value becomes a Python object: a pointer and a small object at least
-            objects = 16 * meta.num_rows * len(parquet.schema_arrow)
-            _check_parquet_size(path, max(encoded, objects))
+            # every value, each item of a list counted (a leaf column's num_values), becomes a Python object
+            values = sum(
+                meta.row_group(group).column(column).num_values
+                for group in range(meta.num_row_groups)
+                for column in range(meta.num_columns)
+            )
+            _check_parquet_size(path, max(encoded, PY_VALUE_BYTES * values))
             strings = [leaf.path for leaf in parquet.schema if leaf.physical_type == "BYTE_ARRAY"]
             table = pq.ParquetFile(source, metadata=meta, read_dictionary=strings).read()
     except UserError:
@@ -298,7 +306,7 @@ def _read_parquet(path: Path) -> dict[str, list]:
         raise UserError(f"{path}: could not be read as parquet: {first_line(err)}") from None
     if table.num_rows == 0:
         raise UserError(f"{path}: the file has no rows")
-    _check_parquet_size(path, sum(map(_decoded_bytes, table.columns)) + objects)
+    _check_parquet_size(path, sum(map(_decoded_bytes, table.columns)))
     try:
         return table.to_pydict()
     except Exception as err:  # a value Python cannot hold, e.g. a date32 past year 9999 (OverflowError)
@@ -314,23 +322,43 @@ def _check_parquet_size(path: Path, size: int) -> None:
         )
 
 
+def _python_bytes(kind) -> int:
+    """What one value of Arrow type ``kind`` becomes in Python: its object (CPython's own sizes: a
+    dict per struct, a list per list, a str per string; 32 bytes for a number) and its list slot."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind):
+        size = sys.getsizeof(dict.fromkeys(range(kind.num_fields)))
+    elif pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        size = sys.getsizeof([])
+    elif pa.types.is_dictionary(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        size = sys.getsizeof("")
+    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        size = sys.getsizeof(b"")
+    else:
+        size = 32  # a float (24 bytes), an int past CPython's cached small ones (28), a date...
+    return size + 8
+
+
 def _decoded_bytes(values) -> int:
-    """Bytes ``values`` (an Arrow array or chunked array) take with every dictionary expanded: its
-    strings' lengths taken once per index (the dictionaries hold the file's strings, see above)."""
+    """Bytes ``values`` (an Arrow array or chunked array) take in Python once read: every dictionary
+    expanded (its strings' lengths taken once per index: the dictionaries hold the file's strings,
+    see above), and the object each value, list and struct becomes (:func:`_python_bytes`)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if isinstance(values, pa.ChunkedArray):
         return sum(map(_decoded_bytes, values.chunks))
+    objects = _python_bytes(values.type) * len(values)
     if isinstance(values, pa.DictionaryArray):
         lengths = pc.take(pc.binary_length(values.dictionary), values.indices)
-        return values.indices.nbytes + (pc.sum(lengths).as_py() or 0)
+        return values.indices.nbytes + (pc.sum(lengths).as_py() or 0) + objects
     if isinstance(values, pa.StructArray):
-        return sum(_decoded_bytes(values.field(i)) for i in range(values.type.num_fields))
+        return objects + sum(_decoded_bytes(values.field(i)) for i in range(values.type.num_fields))
     if isinstance(values, pa.ListArray | pa.LargeListArray | pa.FixedSizeListArray):  # maps included
         offsets = values.offsets.nbytes if hasattr(values, "offsets") else 0
-        return offsets + _decoded_bytes(values.values)
-    return values.nbytes
+        return objects + offsets + _decoded_bytes(values.values)
+    return objects + values.nbytes
 
 
 def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> Mapping[str, list]:

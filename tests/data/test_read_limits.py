@@ -267,3 +267,51 @@ def test_a_parquet_file_within_the_limit_reads_as_it_did(tmp_path):
     }
     pq.write_table(pa.table(rows), tmp_path / "ok.parquet")
     assert dict(read_table(tmp_path / "ok.parquet", False, Drops(), "a")) == rows
+
+
+def parquet_shapes() -> dict:
+    """A parquet file per kind of value and count: long lists in one row (booleans are bits in
+    Arrow, each a pointer and more in Python), conversations (a dict per message), plain rows."""
+    import pyarrow as pa
+
+    def text(n: int) -> list[str]:
+        return [f"t{i}" for i in range(n)]  # distinct strings: CPython shares one-character ones
+
+    shapes = {
+        "booleans in a list": lambda n: {"instruction": [[True] * n], "output": ["x"]},
+        "int8 in a list": lambda n: {
+            "instruction": pa.array([[0] * n], pa.list_(pa.int8())),
+            "output": ["x"],
+        },
+        "floats in a list": lambda n: {"instruction": [[i / 3 for i in range(n)]], "output": ["x"]},
+        "strings in a list": lambda n: {"instruction": [text(n)], "output": ["x"]},
+        "messages": lambda n: {"messages": [[{"role": "user", "content": t} for t in text(n)]]},
+        "rows of strings": lambda n: {"instruction": text(n), "output": text(n)},
+        "rows of floats": lambda n: {"instruction": [i / 3 for i in range(n)]},
+    }
+    return {
+        f"{name}, {n:,}": (shape, n) for name, shape in shapes.items() for n in (100, 1_000, 4_000, 100_000)
+    }
+
+
+@pytest.mark.parametrize("case", sorted(parquet_shapes()))
+def test_a_parquet_file_read_takes_no_more_python_memory_than_the_limit(tmp_path, case):
+    """Values were counted by rows, not by the items of their lists, and at 16 bytes each: one row of
+    100,000 booleans (a 786-byte file) took 12x the limit in Python, 4,000 messages in one row 15x.
+    Whatever the shape, a file is refused or it is read within the limit (tracemalloc, the reference)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shape, n = parquet_shapes()[case]
+    path = tmp_path / "shape.parquet"
+    pq.write_table(pa.table(shape(n)), path, compression="zstd")
+    tracemalloc.start()
+    try:
+        sources._read_parquet(path)
+    except UserError as err:
+        assert "MiB once decoded" in str(err)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # + a read buffer: pyarrow reads a Python file object in chunks, as Python bytes
+    assert peak <= sources.MAX_ARRAY_BYTES + (64 << 10), f"{peak / sources.MAX_ARRAY_BYTES:.2f}x the limit"
