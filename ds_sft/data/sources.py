@@ -147,6 +147,10 @@ UTF8_BOM = b"\xef\xbb\xbf"
 # array file (parsed at once, ~5x its size in memory; a larger data set belongs in JSON Lines).
 MAX_LINE_BYTES = 64 << 20
 MAX_ARRAY_BYTES = 512 << 20
+# A JSON array is parsed whole: what its parse may make in Python, estimated from its bytes first
+# (_parsed_bytes), may be this many times MAX_ARRAY_BYTES. Text parses to ~2-5x its size; an array of
+# tiny objects to ~25x.
+MAX_PARSE_EXPANSION = 5
 # What each value read from a parquet file costs once it is a Python object, at least: a pointer in its
 # list and a small object (a boolean is 1/8 of a byte in Arrow). The metadata's count is checked with it
 # before reading; what was read is sized by kind (_python_bytes).
@@ -251,11 +255,29 @@ def _json_lines(path: Path, lines, skip_bad_rows: bool, drops: Drops, source: st
     return rows
 
 
+def _parsed_bytes(data: bytearray) -> int:
+    """What parsing the JSON ``data`` makes in Python, at least, counted from its bytes (a brace, a
+    quote or a comma inside a string counts too: the estimate errs high): its text, a dict per ``{``
+    (CPython's size of a small one), a str per pair of ``"``, a list slot and a number per ``,``."""
+    dicts = data.count(b"{") * (sys.getsizeof({"": None}) + 8)
+    strings = data.count(b'"') // 2 * (sys.getsizeof("") + 8)
+    values = data.count(b",") * (sys.getsizeof(2**40) + 8)
+    return len(data) + dicts + strings + values
+
+
 def _json_array(path: Path, data: bytearray, skip_bad_rows: bool, drops: Drops, source: str) -> list[dict]:
     """A JSON array of objects (Alpaca's layout). It parses as a whole or not at all; an element that
     cannot be a row (see :func:`row_problem`) is refused, or with ``--skip_bad_rows`` counted and left out.
     ``data`` is the file's bytes, emptied as they are parsed."""
     may_hold_surrogates = SURROGATE_ESCAPE.search(data) is not None
+    parsed, limit = _parsed_bytes(data), MAX_PARSE_EXPANSION * MAX_ARRAY_BYTES
+    if parsed > limit:
+        raise UserError(
+            f"{path}: a JSON array of {len(data) / 2**20:,.1f} MiB whose values would take "
+            f"~{parsed / 2**20:,.0f} MiB once parsed (it is parsed as a whole; over "
+            f"{limit >> 20} MiB is refused): convert it to JSON Lines "
+            "(one object per line, e.g. jq -c '.[]' FILE.json > FILE.jsonl)"
+        )
     rows, reason, detail, line = parse_json(data)
     if reason is not None:
         where = f"{path}:{line}" if line else str(path)

@@ -315,3 +315,43 @@ def test_a_parquet_file_read_takes_no_more_python_memory_than_the_limit(tmp_path
         tracemalloc.stop()
     # + a read buffer: pyarrow reads a Python file object in chunks, as Python bytes
     assert peak <= sources.MAX_ARRAY_BYTES + (64 << 10), f"{peak / sources.MAX_ARRAY_BYTES:.2f}x the limit"
+
+
+JSON_ARRAY_SHAPES = {
+    "empty objects": lambda n: [{}] * n,
+    "one-key objects": lambda n: [{"instruction": 1}] * n,
+    "numbers in a row": lambda n: [{"instruction": "q", "output": "a", "n": list(range(1000, 1000 + n))}],
+    "alpaca rows": lambda n: [
+        {"instruction": f"question {i} " * 5, "input": "", "output": f"answer {i} " * 20} for i in range(n)
+    ],
+    "long text": lambda n: [{"instruction": "x" * (100 * n), "output": "y"}],
+    "strings in a list": lambda n: [{"instruction": "q", "output": "a", "t": [f"s{i}" for i in range(n)]}],
+}
+
+
+# every shape and size whose file is within the array limit of these tests (larger ones are refused unread)
+ARRAYS_WITHIN_THE_LIMIT = [
+    (shape, n)
+    for shape, make in sorted(JSON_ARRAY_SHAPES.items())
+    for n in (10, 100, 1_000, 5_000)
+    if len(json.dumps(make(n))) <= 16 * LIMIT
+]
+
+
+@pytest.mark.parametrize(("shape", "n"), ARRAYS_WITHIN_THE_LIMIT)
+def test_a_json_array_under_the_size_limit_parses_within_its_memory_limit(tmp_path, shape, n):
+    """The array limit weighed the file's bytes, assuming its parse ~5x that: an array of empty objects
+    parses to ~21x its size, 5,000 short strings in a list to 9x (6.5x the limit in these tests). Any
+    array is refused, or parsed within MAX_PARSE_EXPANSION x that limit (tracemalloc, the reference)."""
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(JSON_ARRAY_SHAPES[shape](n)))
+    tracemalloc.start()
+    try:
+        read_table(path, True, Drops(), "a")
+    except UserError as err:
+        assert "once parsed" in str(err) and "convert it to JSON Lines" in str(err)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    limit = sources.MAX_PARSE_EXPANSION * sources.MAX_ARRAY_BYTES
+    assert peak <= limit, f"{peak / sources.MAX_ARRAY_BYTES:.2f}x the array limit"
