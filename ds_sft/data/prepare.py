@@ -316,6 +316,36 @@ def split_val(
     return np.concatenate(train), np.concatenate(val)
 
 
+# Bytes a mixed training example costs while the mix is made (its index tiled, drawn and permuted:
+# three int64 arrays), and bytes a token of the kept examples costs while they are gathered
+# (Documents.select: int64 positions, offsets and sources, the int32 token and its mask byte).
+MIX_BYTES_PER_EXAMPLE = 24
+SELECT_BYTES_PER_TOKEN = 37
+
+
+def check_mix_fits(lengths: np.ndarray, source_ids: np.ndarray, names: list[str], weights, args) -> float:
+    """The bytes making the mix takes (returned), or one line, before it is made, when they are more than
+    the machine has: ``--mix alpaca=1000`` (the flag's bound) on Alpaca's 52k rows asked numpy for ~0.5 TB
+    to gather 13 G tokens, a MemoryError traceback after tokenizing."""
+    from ds_sft.machine import available_memory
+
+    members = np.bincount(source_ids, minlength=len(names))
+    tokens = np.bincount(source_ids, weights=lengths, minlength=len(names))
+    total = sum(weights[name] * members[sid] for sid, name in enumerate(names))
+    kept = min(1.0, args.max_examples / total) if args.max_examples and total else 1.0
+    kept_tokens = kept * sum(weights[name] * tokens[sid] for sid, name in enumerate(names))
+    need = total * MIX_BYTES_PER_EXAMPLE + kept_tokens * SELECT_BYTES_PER_TOKEN
+    available = available_memory()
+    if available is not None and need > available:
+        raise UserError(
+            f"--mix {args.mix!r} makes {total:,.0f} training examples ({kept_tokens:,.0f} tokens kept), "
+            f"{need / 2**30:,.1f} GiB to mix, more than the {available / 2**30:,.1f} GiB this machine has "
+            "available: lower the --mix weights"
+            + ("" if args.max_examples else " or cap the examples with --max_examples")
+        )
+    return need
+
+
 def mix_indices(
     source_ids: np.ndarray, names: list[str], weights: dict[str, float], args
 ) -> tuple[np.ndarray, int]:
@@ -564,6 +594,7 @@ def prepare(args: argparse.Namespace) -> int:
     n_train_kept = int(kept[:n_train].sum())
     train_docs = docs.select(np.arange(n_train_kept))
     val_docs = docs.select(np.arange(n_train_kept, len(docs)))
+    check_mix_fits(train_docs.lengths, train_docs.source_ids, names, weights, args)
     mixed, n_mixed = mix_indices(train_docs.source_ids, names, weights, args)
     train_docs = train_docs.select(mixed)
     if not len(train_docs):

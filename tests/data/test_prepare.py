@@ -244,3 +244,53 @@ def test_runs_as_python_module():
         [sys.executable, "-m", "ds_sft.data.prepare", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and "--skip_bad_rows" in result.stdout
+
+
+@pytest.mark.parametrize("max_examples", [None, 50])
+def test_a_mix_too_large_to_make_is_refused_before_it_is_made(
+    run_prepare, sources, tmp_path, monkeypatch, max_examples
+):
+    """--mix alpaca=1000 on Alpaca's 52k rows asked numpy for ~0.5 TB: a MemoryError traceback after
+    tokenizing. Here the machine has 256 KiB available, and a mix of 56,000 examples needs more (its
+    indices alone: 1.3 MiB, however few --max_examples keeps)."""
+    import ds_sft.machine
+
+    monkeypatch.setattr(ds_sft.machine, "available_memory", lambda: 256 << 10)
+    cap = [] if max_examples is None else ["--max_examples", str(max_examples)]
+    with pytest.raises(UserError) as refused:
+        run_prepare([*base_flags(sources, tmp_path / "p"), "--mix", "alpaca=1000", *cap])
+    message = str(refused.value)
+    assert "\n" not in message and "GiB to mix" in message and "lower the --mix weights" in message
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("weights", ["alpaca=1,gsm8k=1", "alpaca=40,gsm8k=0.5", "alpaca=0,gsm8k=300"])
+@pytest.mark.parametrize("max_examples", [None, 500])
+def test_the_mix_memory_estimate_covers_what_making_the_mix_takes(weights, max_examples):
+    """The refusal above compares an estimate with the memory available: it must not be below what
+    mix_indices and Documents.select really allocate (tracemalloc sees numpy's arrays)."""
+    import argparse
+    import tracemalloc
+
+    from ds_sft.data.prepare import check_mix_fits, mix_indices, parse_mix
+    from ds_sft.data.tokenize import Documents
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 400, size=300)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    source_ids = (np.arange(300) >= 200).astype(np.int16)  # 200 alpaca, 100 gsm8k
+    docs = Documents(
+        rng.integers(0, 50_000, offsets[-1]).astype(np.int32), offsets, np.ones(offsets[-1], np.uint8),
+        source_ids, None, None,
+    )  # fmt: skip
+    names = ["alpaca", "gsm8k"]
+    args = argparse.Namespace(mix=weights, max_examples=max_examples, seed=7)
+    need = check_mix_fits(docs.lengths, docs.source_ids, names, parse_mix(weights, names), args)
+    tracemalloc.start()
+    try:
+        mixed, _ = mix_indices(docs.source_ids, names, parse_mix(weights, names), args)
+        docs.select(mixed)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= need, f"made the mix in {peak:,} bytes, estimated {need:,.0f}"
