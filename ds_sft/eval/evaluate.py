@@ -24,13 +24,18 @@ from ds_sft.errors import UserError
 def validation_metrics(model, dataset, batch_size: int, max_rows: int | None = None) -> dict:
     """Per-source and overall loss / perplexity / accuracy of ``model`` on a ``PackedDataset``:
     every row, or the stratified sample of ``max_rows``."""
+    import torch
+
     from ds_sft.data.val_sample import stratified_rows, trained_tokens_by_source
+    from ds_sft.model.generate import non_finite_logits
     from ds_sft.model.scoring import score_rows, summarize
 
     device = next(model.parameters()).device
     rows = stratified_rows(trained_tokens_by_source(dataset), max_rows)
     model.eval()
     totals = score_rows(model, dataset, rows, batch_size, device)
+    if not bool(torch.isfinite(totals).all()):  # a NaN loss and perplexity reported with exit 0
+        raise UserError(non_finite_logits(model))
     return {**summarize(totals, list(dataset.sources)), "rows": len(rows)}
 
 

@@ -40,6 +40,16 @@ SHRINK_AT = 0.75
 
 
 @torch.inference_mode()
+def non_finite_logits(model) -> str:
+    """Why a model whose forward gave NaN or inf cannot be scored or generate (one line)."""
+    dtype = str(model.wte.weight.dtype).removeprefix("torch.")
+    instead = "" if dtype == "float32" else ", or evaluate in float32 (--dtype float32)"
+    return (
+        f"the model's logits are not finite (NaN or inf): its activations overflow in {dtype} or its "
+        f"weights are damaged; check the checkpoint{instead}"
+    )
+
+
 def generate(
     model: LlamaModel,
     prompts_ids: Sequence[Sequence[int]],
@@ -97,6 +107,8 @@ def generate(
         for step in range(max_new_tokens):
             hidden = model.hidden_states(step_ids, step_positions, step_documents, kv_cache=cache)
             logits = model.logits(hidden[:, -1]).float()
+            if step == 0 and not bool(torch.isfinite(logits).all()):  # argmax of NaN is still a token
+                raise UserError(non_finite_logits(model))
             if seen is not None:
                 logits = penalize_repetitions(logits, seen, repetition_penalty)
             next_ids = sample(logits, temperature, top_p, generator)

@@ -663,3 +663,26 @@ def test_a_data_dir_without_its_tokenizer_is_refused_before_any_model_loads(
     with pytest.raises(UserError, match=r"has no tokenizer/ folder") as err:
         cli.run(_parse(argv))
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("measure", ["val", "gsm8k"])
+def test_a_model_whose_logits_are_not_finite_is_refused_not_reported(data_dir, tmp_path, capsys, measure):
+    """Finite weights whose attention scores pass float32 (NaN weights are refused at load) were
+    reported as val loss nan, ppl nan (exit 0, a bare NaN in eval.json that strict JSON readers
+    refuse), and their argmax-of-NaN answers were scored as GSM8K completions."""
+    from ds_sft.command import main_for
+
+    data_path, test = data_dir
+    torch.manual_seed(0)
+    model = LlamaModel(ModelConfig.preset("tiny", vocab_size=50304, max_seq_len=512))
+    with torch.no_grad():
+        model.layers[0].attn.q_proj.weight.mul_(1e20)
+        model.layers[0].attn.k_proj.weight.mul_(1e20)
+    path = save_model(model, tmp_path / "broken")
+    only = ["--no_gsm8k", "--val_rows", "2"] if measure == "val" else ["--no_val", "--gsm8k_test", str(test)]
+    code = main_for("eval", ["--model", str(path), "--data_dir", str(data_path), "--no_generate", *only,
+                             "--gsm8k_limit", "2", "--max_new_tokens", "2", "--dtype", "float32",
+                             "--out", str(tmp_path / "eval")])  # fmt: skip
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines
+    assert code == 2 and last.startswith("ds-sft eval: error: the model's logits are not finite"), last
+    assert "overflow in float32" in last and not (tmp_path / "eval").exists()
