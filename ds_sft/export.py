@@ -23,6 +23,7 @@ tokenizer it reads, is refused before any work (:mod:`ds_sft.data.output`).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ds_sft.errors import UserError
@@ -89,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
     if args.verify:
         diff = max_logit_difference(model, out)
         print(f"verify: transformers' logits differ from ds-sft's by at most {diff:.2e}")
+        if not math.isfinite(diff):
+            raise UserError(
+                f"the export's logits differ from ds-sft's by {diff}: it does not reproduce the model"
+            )
         if args.dtype == "float32" and diff > 1e-4:
             raise UserError(f"the export's logits differ by {diff:.2e} (> 1e-4); please report this as a bug")
     return 0

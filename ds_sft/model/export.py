@@ -37,14 +37,31 @@ def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    state = {name: cast_within_range(name, t.detach(), dtype) for name, t in to_hf_state_dict(model).items()}
     config = hf_config(model.config, **token_ids)
     config.dtype = dtype
     config.save_pretrained(out)
-    state = {name: t.detach().to(dtype).contiguous().cpu() for name, t in to_hf_state_dict(model).items()}
     save_weights(state, out / "model.safetensors")
     GenerationConfig(**token_ids, max_length=model.config.max_seq_len).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def cast_within_range(name: str, tensor, dtype):
+    """``tensor`` in ``dtype`` on the CPU, or one line when a finite value becomes inf there (float16
+    tops out at 65,504): the export held inf, and --verify passed it."""
+    import torch
+
+    cast = tensor.to(dtype).contiguous().cpu()
+    overflowed = torch.isfinite(tensor.cpu()) & ~torch.isfinite(cast)
+    if bool(overflowed.any()):
+        largest = tensor.cpu()[overflowed].abs().max().item()
+        kind = str(dtype).removeprefix("torch.")
+        raise UserError(
+            f"--dtype {kind}: {name} holds {largest:.3g}, past {kind}'s range "
+            f"({torch.finfo(dtype).max:,.0f}); export in bfloat16 or float32"
+        )
+    return cast
 
 
 def max_logit_difference(model, hf_dir: Path) -> float:

@@ -90,3 +90,33 @@ def test_export_checks_the_largest_token_id_not_the_count(tmp_path, capsys, eos_
     if not fits:
         assert f"token ids up to {eos_id:,} but the model only 256" in capsys.readouterr().err
         assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "refused"),
+    [("float16", 1e6, True), ("float16", 6e4, False), ("bfloat16", 1e6, False), ("float32", 1e30, False)],
+)
+def test_an_export_never_holds_inf_where_the_model_is_finite(
+    tmp_path, capsys, gpt2_tokenizer_dir, dtype, value, refused
+):
+    """--dtype float16 wrote an embedding of 1e6 as inf, and --verify passed it ('differ by at most
+    inf', exit 0)."""
+    from safetensors.torch import load_file
+
+    model = LlamaModel(ModelConfig.preset("tiny", vocab_size=50304))
+    with torch.no_grad():
+        model.wte.weight[5, 0] = value
+    save_model(model, tmp_path / "ckpt")
+    args = ["--base_model", str(tmp_path / "ckpt"), "--tokenizer", str(gpt2_tokenizer_dir),
+            "--hf", str(tmp_path / "hf"), "--dtype", dtype]  # fmt: skip
+    code = main_for("export", args)
+    if refused:
+        assert (
+            code == 2 and f"embed_tokens.weight holds 1e+06, past {dtype}'s range" in capsys.readouterr().err
+        )
+        assert not (tmp_path / "hf").exists()
+        return
+    assert code == 0
+    assert all(
+        bool(torch.isfinite(t).all()) for t in load_file(tmp_path / "hf" / "model.safetensors").values()
+    )
