@@ -19,7 +19,6 @@ near-tie the other way), in the baseline as well: its second row measures that f
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -32,7 +31,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_BASELINE = "ff50485"  # the last commit before generation was reworked (issue 8)
-sys.path.insert(0, str(REPO_ROOT))  # the flags are this checkout's; the worker purges it (worker())
+sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
@@ -78,73 +77,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BASELINE,
         help=f"git revision (default: {DEFAULT_BASELINE})",
     )
-    parser.add_argument(
-        "--worker", type=Text(), default=None, help=argparse.SUPPRESS
-    )  # internal: source tree to time
-    parser.add_argument("--worker_batch", type=BATCH, default=None, help=argparse.SUPPRESS)
     return parser
 
 
-def worker(args: argparse.Namespace) -> None:
-    """Time ``evaluate_model``'s GSM8K pass with the ``ds_sft`` of ``args.worker``; print JSON."""
-    for name in [name for name in sys.modules if name.partition(".")[0] == "ds_sft"]:
-        del sys.modules[name]  # the flags were read with this checkout's ds_sft, not the tree's
-    sys.path.insert(0, args.worker)
-    import torch
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    import ds_sft
-    from ds_sft.eval import evaluate, gsm8k
-
-    if not Path(ds_sft.__file__).resolve().is_relative_to(Path(args.worker).resolve()):
-        raise SystemExit(f"imported {ds_sft.__file__}, not the tree under test {args.worker}")
-    data = evaluate.EvalData.open(Path(args.data_dir), need_val=False)
-    problems = gsm8k.select(gsm8k.load_test_set()[0], args.problems, seed=0)
-    options = dict(batch_size=args.worker_batch, max_new_tokens=args.max_new_tokens, val_rows=None)
-    if "generate_batch_size" in inspect.signature(evaluate.evaluate_model).parameters:
-        options["generate_batch_size"] = args.worker_batch
-    result = evaluate.evaluate_model(
-        args.model,
-        data,
-        problems,
-        device=torch.device("cpu"),
-        dtype=getattr(torch, args.dtype),
-        run_val=False,
-        run_generations=False,
-        **options,
-    )
-    score = result["gsm8k"]
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "seconds": result["seconds"]["gsm8k"],
-                "correct": score["correct"],
-                "completions": [s["completion"] for s in score["samples"]],
-                "threads": torch.get_num_threads(),
-            }
-        )
-    )
+# Times are kept to 0.1 s (evaluate_model rounds them, in the baseline too): below this a ratio is noise
+SHORTEST_PASS_S = 2.0
+WORKER = Path(__file__).with_name("_generate_speed_worker.py")
 
 
 def time_tree(args: argparse.Namespace, tree: Path, batch: int) -> dict:
-    command = [sys.executable, __file__, "--worker", str(tree), "--worker_batch", str(batch)]
-    for flag in ("model", "data_dir", "problems", "max_new_tokens", "dtype", "threads"):
-        if getattr(args, flag) is not None:
-            command += [f"--{flag}", str(getattr(args, flag))]
+    """The GSM8K pass of ``tree``'s ds_sft in a process of its own (:data:`WORKER`)."""
+    settings = {flag: getattr(args, flag) for flag in ("model", "data_dir", "problems", "max_new_tokens",
+                                                       "dtype", "threads")}  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, str(WORKER)], input=json.dumps({**settings, "batch": batch}),
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)  # fmt: skip
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"worker for {tree} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    if not Path(result["ds_sft"]).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"the worker imported {result['ds_sft']}, not the tree under test {tree}")
+    if result["seconds"] < SHORTEST_PASS_S:  # a ratio of rounded times, or a division by 0.0
+        raise UserError(
+            f"a GSM8K pass took {result['seconds']:.1f} s, under the {SHORTEST_PASS_S:.0f} s its 0.1 s "
+            "timing can compare: raise --problems or --max_new_tokens"
+        )
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.worker:
-        worker(args)
-        return 0
     with tempfile.TemporaryDirectory(prefix="generate_speed_") as tmp:
         baseline_tree = Path(tmp)
         if args.baseline.startswith("-"):  # git would read it as an option
@@ -182,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         cells += (f"{row['speedup']:.2f}x", f"{same}/{args.problems}", row["correct"])
         print(("{:<20}" + " {:>10}" * 6).format(row["name"], *cells))
     path = RESULTS_DIR / f"generate_speed{'' if args.dtype == 'bfloat16' else '.' + args.dtype}.json"
-    config = {k: v for k, v in vars(args).items() if not k.startswith("worker")}
+    config = vars(args)
     record = {
         "config": config,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()},

@@ -224,3 +224,17 @@ def test_a_bench_script_refuses_a_linked_out_in_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("bench/gpu_check.py: error: ")
     assert "Traceback" not in result.stderr and notes.read_text() == "my notes"
+
+
+def test_no_flag_of_a_bench_script_names_code_to_run(tmp_path):
+    """`generate_speed.py --worker DIR` imported the `ds_sft` package found in DIR (a hidden flag for
+    its own worker processes): any folder's code ran. The worker now takes its tree from PYTHONPATH,
+    set by the parent, and its settings on stdin."""
+    planted = tmp_path / "elsewhere" / "ds_sft"
+    planted.mkdir(parents=True)
+    (planted / "__init__.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
+    command = [sys.executable, str(BENCH_DIR / "generate_speed.py"), "--worker", str(planted.parent),
+               "--worker_batch", "1", "--problems", "1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "unrecognized arguments: --worker" in result.stderr, result.stderr
+    assert not (tmp_path / "ran").exists()
