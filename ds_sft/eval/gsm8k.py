@@ -39,7 +39,7 @@ class Problem:
 
     @property
     def target(self) -> Decimal:
-        number = extract_answer(self.answer)
+        number = reference_answer(self.answer)
         if number is None:
             raise UserError(f"GSM8K reference answer has no number after '####': {self.answer[-80:]!r}")
         return number
@@ -56,6 +56,17 @@ def parse_number(text: str) -> Decimal | None:
 def find_numbers(text: str) -> list[str]:
     """Every number in ``text`` in order, as written (commas kept)."""
     return _NUMBER.findall(text)
+
+
+def reference_answer(answer: str) -> Decimal | None:
+    """The number a reference solution gives: the one right after its last ``####``, and nothing else.
+    A completion is read leniently (:func:`extract_answer`); a reference was too, so "#### none" was
+    scored against the 5 of "Tom had 5 apples"."""
+    if _ANSWER_MARK not in answer:
+        return None
+    after_mark = answer.rsplit(_ANSWER_MARK, 1)[1].strip()
+    match = _NUMBER.match(after_mark)
+    return parse_number(match.group()) if match else None
 
 
 def extract_answer(completion: str) -> Decimal | None:
@@ -107,9 +118,9 @@ def read_jsonl(path: Path) -> list[Problem]:
             fields = [row.get(key) for key in ("question", "answer")] if isinstance(row, dict) else []
             if not (fields and all(isinstance(field, str) and field.strip() for field in fields)):
                 raise UserError(f"{path}:{line_number}: not a GSM8K row; {expected}")
-            if extract_answer(fields[1]) is None:
+            if reference_answer(fields[1]) is None:
                 raise UserError(
-                    f"{path}:{line_number}: the answer has no number to score against; {expected}"
+                    f"{path}:{line_number}: the answer has no number right after its last '####'; {expected}"
                 )
             problems.append(Problem(question=fields[0], answer=fields[1]))
     if not problems:

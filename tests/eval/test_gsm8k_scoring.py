@@ -128,6 +128,11 @@ BAD_ROWS = {
     "empty question": b'{"question": " ", "answer": "#### 1"}',
     "answer without a number": b'{"question": "q", "answer": "three"}',
     "an array": b'["q", "#### 1"]',
+    # read as a completion is, these scored against another number: the 5 of the working, the last 6
+    "a word after the mark": b'{"question": "q", "answer": "Tom had 5 apples.\\n#### none"}',
+    "no mark": b'{"question": "q", "answer": "3 * 2 = 6 dollars, 1 receipt"}',
+    "the number before the mark": b'{"question": "q", "answer": "so 4 left ####"}',
+    "the number later after the mark": b'{"question": "q", "answer": "#### about 7"}',
 }
 
 
@@ -142,3 +147,14 @@ def test_a_bad_test_row_is_one_line_naming_it_before_any_model_loads(tmp_path, r
     with pytest.raises(UserError, match=r"test\.jsonl:2: ") as err:
         gsm8k.load_test_set(path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("answer", "number"),
+    [("#### 18", "18"), ("so 2 + 3 = 5\n#### 5", "5"), ("#### 1,234", "1234"), ("#### -3", "-3"),
+     ("#### 3.5 dollars", "3.5"), ("a #### 1 then\n#### 2", "2")],
+)  # fmt: skip
+def test_a_reference_answer_is_the_number_right_after_its_last_mark(answer, number):
+    from decimal import Decimal
+
+    assert gsm8k.Problem("q", answer).target == Decimal(number)
