@@ -289,6 +289,8 @@ def _harness_configs(args: argparse.Namespace, gsm8k_origin: str | None) -> list
     if not args.harness:
         return []
     tasks = [task.strip() for task in args.harness.split(",") if task.strip()]
+    if not tasks:
+        raise UserError(f"--harness {args.harness!r} names no task: pass gsm8k or task config .yaml paths")
     if "gsm8k" in tasks and (args.no_gsm8k or gsm8k_origin is None or gsm8k_origin.startswith("hub:")):
         raise UserError(
             "--harness gsm8k scores the same problems as ds-sft's GSM8K: drop --no_gsm8k and give the "

@@ -138,6 +138,10 @@ def task_configs(tasks: list[str], gsm8k_test: str | None, max_new_tokens: int) 
                 "(dataset_path: json, dataset_kwargs: {data_files: {test: PATH}}); tasks are not fetched "
                 "from the hub"
             )
+    names = [config["task"] for config in configs]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:  # the harness would keep one of them
+        raise UserError(f"--harness: the task {twice!r} is given twice; name each task once")
     return configs
 
 
@@ -203,7 +207,35 @@ def checked_task_config(task: str, config) -> dict:
     if unknown:
         refuse(f"unknown key {unknown[0]!r}; a task config's keys are lm-eval's TaskConfig fields")
     _check_scoring(config, refuse)
+    _check_generation(config, refuse)
     return {**config, "dataset_kwargs": _checked_data(config, refuse)}
+
+
+# What a task may ask of generation: greedy or sampled answers up to max_gen_toks tokens (the harness
+# keeps those within the model's length), stopped at ``until``. max_length and max_new_tokens went
+# to generate() unchecked (1,490 tokens from a 512-token model), and repeats and num_fewshot multiply
+# the work of every document.
+GENERATION_KEYS = ("until", "do_sample", "temperature", "max_gen_toks")
+MAX_GEN_TOKS = 1 << 16
+MAX_REPEATS = 16
+MAX_FEWSHOT = 64
+
+
+def _check_generation(config: dict, refuse) -> None:
+    kwargs = config.get("generation_kwargs", {})
+    if not isinstance(kwargs, dict) or set(kwargs) - set(GENERATION_KEYS):
+        refuse(f"generation_kwargs may hold {', '.join(GENERATION_KEYS)} only: got {kwargs!r:.200}")
+    until = kwargs.get("until", [])
+    if not (isinstance(until, str) or (isinstance(until, list) and all(isinstance(s, str) for s in until))):
+        refuse("generation_kwargs.until is a string or a list of strings")
+    bounds = {
+        ("generation_kwargs", "max_gen_toks"): (kwargs.get("max_gen_toks", 1), 1, MAX_GEN_TOKS),
+        ("repeats",): (config.get("repeats", 1), 1, MAX_REPEATS),
+        ("num_fewshot",): (config.get("num_fewshot", 0), 0, MAX_FEWSHOT),
+    }
+    for path, (value, low, high) in bounds.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            refuse(f"{'.'.join(path)} must be a whole number from {low} to {high:,}, got {value!r:.40}")
 
 
 def _check_scoring(config: dict, refuse) -> None:
@@ -233,6 +265,60 @@ def _check_scoring(config: dict, refuse) -> None:
         function = step.get("function") if isinstance(step, dict) else None
         if not isinstance(function, str) or function not in allowed:
             refuse(f"filter function {function!r}: choose one of {', '.join(allowed)}")
+    for where in [*metrics, *(step for item in filters for step in item["filter"])]:
+        for key, value in where.items():
+            if "regex" in key:  # regexes_to_ignore, regex_pattern...: run on data and on model output
+                for pattern in (
+                    [value] if isinstance(value, str) else value if isinstance(value, list) else []
+                ):
+                    problem = regex_problem(pattern)
+                    if problem:
+                        refuse(f"{key} {pattern!r:.80}: {problem}")
+
+
+MAX_PATTERN_CHARS = 512
+
+
+def regex_problem(pattern) -> str | None:
+    """Why the harness should not run ``pattern`` (Python's backtracking ``re``) on text it does not
+    control, or None. Refused: what does not compile, and the shapes whose time grows exponentially
+    with the text: a repeat inside a repeat (``(a+)+$``, ``(x*)*``) and alternatives inside one
+    (``(a|a)*``). ``(a+)+$`` against 31 characters took 80 s; each more character doubles it."""
+    import re
+    from re import _constants as constants
+    from re import _parser as parser
+
+    if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_CHARS:
+        return f"a regex is a string of at most {MAX_PATTERN_CHARS} characters"
+    try:
+        parsed = parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        return f"not a regular expression ({first_line(err)})"
+    repeats = (constants.MAX_REPEAT, constants.MIN_REPEAT, constants.POSSESSIVE_REPEAT)
+
+    def inside(items, in_repeat: bool) -> str | None:
+        for op, argument in items:
+            if op in repeats:
+                low, high, sub = argument
+                repeating = high > 1
+                if in_repeat and repeating:
+                    return "a repeat inside a repeat backtracks exponentially: write it with one quantifier"
+                found = inside(sub, in_repeat or repeating)
+            elif op is constants.BRANCH:
+                if in_repeat:
+                    return "alternatives inside a repeat backtrack exponentially: use a character class"
+                found = next(filter(None, (inside(branch, in_repeat) for branch in argument[1])), None)
+            elif op is constants.SUBPATTERN:
+                found = inside(argument[-1], in_repeat)
+            elif op in (constants.ASSERT, constants.ASSERT_NOT):
+                found = inside(argument[1], in_repeat)
+            else:
+                found = None
+            if found:
+                return found
+        return None
+
+    return inside(parsed, False)
 
 
 def _checked_data(config: dict, refuse) -> dict:

@@ -343,10 +343,12 @@ def test_harness_gsm8k_runs_offline_on_the_same_problems_and_cross_checks(data_d
     [
         (["--harness", "gsm8k", "--no_gsm8k"], "--harness gsm8k scores the same problems"),
         (["--harness", "hellaswag"], "tasks are not fetched from the hub"),
+        (["--harness", " , "], "--harness ' , ' names no task"),  # ran no harness, without a word
+        (["--harness", "gsm8k,gsm8k"], "the task 'gsm8k' is given twice"),
     ],
 )
 def test_bad_eval_options_are_user_errors(data_dir, argv, message):
-    if "hellaswag" in argv:
+    if "hellaswag" in argv or "gsm8k,gsm8k" in argv:
         pytest.importorskip("lm_eval", reason="the harness is the optional extra ds-sft[eval]")
     data_path, test = data_dir
     base = ["--model", "x", "--data_dir", str(data_path), "--gsm8k_test", str(test)]

@@ -268,6 +268,31 @@ TASK_CHANGES = {  # what a task config may not hold, and the words that refuse i
     ),
     "data file a folder": ({"dataset_kwargs": {"data_files": "/tmp"}}, "is a directory"),
     "data files a number": ({"dataset_kwargs": {"data_files": {"test": 5}}}, "data_files is a path"),
+    # scoring that ran for hours on one short row: `(a+)+$` against 31 characters took 80 s
+    "nested repeat to ignore": (
+        {"metric_list": [{"metric": "exact_match", "regexes_to_ignore": [",", "(a+)+$"]}]},
+        r"regexes_to_ignore '\(a\+\)\+\$': a repeat inside a repeat",
+    ),
+    "alternatives in a repeated filter pattern": (
+        {"filter_list": [{"name": "x", "filter": [{"function": "regex", "regex_pattern": "(a|a)*b"}]}]},
+        "regex_pattern '\\(a\\|a\\)\\*b': alternatives inside a repeat",
+    ),
+    "broken regex": (
+        {"filter_list": [{"name": "x", "filter": [{"function": "regex", "regex_pattern": "(unclosed"}]}]},
+        "not a regular expression",
+    ),
+    # generation past the model's length, and work multiplied per document
+    "max_length": (
+        {"generation_kwargs": {"until": ["Q:"], "max_length": 1500}},
+        "generation_kwargs may hold",
+    ),
+    "max_gen_toks past the bound": (
+        {"generation_kwargs": {"max_gen_toks": 10**9}},
+        "generation_kwargs.max_gen_toks must be a whole number from 1 to 65,536",
+    ),
+    "repeats": ({"repeats": 10**6}, "repeats must be a whole number from 1 to 16"),
+    "few-shot": ({"num_fewshot": 10**9}, "num_fewshot must be a whole number from 0 to 64"),
+    "until a number": ({"generation_kwargs": {"until": 5}}, "until is a string or a list of strings"),
 }
 
 
@@ -379,3 +404,36 @@ def test_ordinary_task_templates_render_as_before(template):
     )
     with harness.sandboxed_templates():
         assert lm_eval_utils.apply_template(template, {"question": "2  +  2?"}) == BENIGN_TEMPLATES[template]
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["(a+)+$", "(x*)*", "(?:a+){2,}", "((ab)+c)+", "(a|a)*", "(?:\\d+\\s?)+$", "(?=(a+)+)b"],
+)
+def test_regexes_that_backtrack_exponentially_are_named(pattern):
+    assert harness.regex_problem(pattern) is not None
+
+
+def test_the_stock_gsm8k_regexes_and_plain_ones_pass():
+    config = harness.gsm8k_task_config("test.jsonl", 16)
+    patterns = [*config["metric_list"][0]["regexes_to_ignore"]]
+    patterns += [
+        step["regex_pattern"]
+        for item in config["filter_list"]
+        for step in item["filter"]
+        if "regex_pattern" in step
+    ]
+    patterns += ["The answer is (\\-?[0-9\\.\\,]+)", "\\b[A-D]\\b", "(?i)yes|no", "a{2,5}b+"]
+    assert {pattern: harness.regex_problem(pattern) for pattern in patterns} == dict.fromkeys(patterns)
+
+
+def test_a_task_named_twice_or_no_task_is_one_line(tmp_path):
+    import yaml
+
+    pytest.importorskip("lm_eval", reason="the harness is the optional extra ds-sft[eval]")
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(_task(tmp_path)))
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(path.read_text())
+    with pytest.raises(UserError, match="the task 'mine' is given twice"):
+        harness.task_configs([str(path), str(copy)], None, 16)
