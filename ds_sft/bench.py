@@ -14,7 +14,11 @@ the exit code, the wall time and the JSON files it wrote. It fails when any scri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import stat
 import subprocess
 import sys
 import time
@@ -76,17 +80,25 @@ def run_script(script: Path, quick: bool, timeout: float | None) -> dict:
     command = [sys.executable, str(script), *(["--quick"] if quick else [])]
     print(f"\n=== {script.stem}: {' '.join(command[1:])}", flush=True)
     started = time.time()
+    # a session of its own: a timeout (or Ctrl-C here) stops the script's workers with it, which a
+    # kill of the script alone left running
+    process = subprocess.Popen(command, cwd=REPO_ROOT, start_new_session=True)
     try:
-        code = subprocess.run(command, cwd=REPO_ROOT, timeout=timeout).returncode
+        code = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         code = None
-        print(f"=== {script.stem}: stopped after {timeout:.0f} s", flush=True)
-    written = sorted(
-        str(path)
-        for path in RESULTS_DIR.glob("*.json")
-        if path.stat().st_mtime >= started and not path.name.startswith("summary")
-    )
-    return {"returncode": code, "seconds": round(time.time() - started, 1), "results": written}
+        print(f"=== {script.stem}: stopped after {timeout:g} s", flush=True)
+    finally:
+        if process.poll() is None or code is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    written = []
+    for path in RESULTS_DIR.glob("*.json"):
+        info = os.lstat(path)  # a link there (a stale one too) is not a result of this run
+        if stat.S_ISREG(info.st_mode) and info.st_mtime >= started and not path.name.startswith("summary"):
+            written.append(str(path))
+    return {"returncode": code, "seconds": round(time.time() - started, 1), "results": sorted(written)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +240,33 @@ def test_no_flag_of_a_bench_script_names_code_to_run(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "unrecognized arguments: --worker" in result.stderr, result.stderr
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_timed_out_script_is_stopped_with_its_workers_and_links_are_no_results(tmp_path, monkeypatch):
+    """A timeout killed the script alone (its worker processes ran on), and a stale link in
+    bench/results/ failed `ds-sft bench` after every script had run, with no summary written."""
+    import ds_sft.bench
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "stale.json").symlink_to(tmp_path / "gone.json")
+    monkeypatch.setattr(ds_sft.bench, "RESULTS_DIR", results)
+    pid_file = tmp_path / "worker.pid"
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        f"worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(worker.pid))\n"
+        f"open({str(results / 'slow.json')!r}, 'w').write('{{}}')\n"
+        "time.sleep(300)\n"
+    )
+    entry = ds_sft.bench.run_script(script, quick=False, timeout=5)
+    assert entry["returncode"] is None and entry["results"] == [str(results / "slow.json")]
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{worker}").exists():
+        time.sleep(0.1)  # killed; its parent (gone) no longer reaps it, init does
+    state = (
+        Path(f"/proc/{worker}/stat").read_text().split()[2] if Path(f"/proc/{worker}").exists() else "gone"
+    )
+    assert state in ("gone", "Z"), f"the worker is still running (state {state})"
