@@ -47,7 +47,7 @@ from ds_sft.kernels.reference import (  # noqa: E402
     linear_cross_entropy_reference,
     rms_norm_reference,
 )
-from ds_sft.options import COUNT, Int, Text  # noqa: E402
+from ds_sft.options import COUNT, Choice, Int, OutOfDomain, Text  # noqa: E402
 from ds_sft.paths import write_result_file  # noqa: E402
 
 SIZE = Int(1, 2**24)  # tokens, hidden width, vocabulary or chunk
@@ -126,16 +126,25 @@ def run_timing_case(dtype: str, tokens: int, hidden: int, vocab: int, chunk_size
 
 
 CASES = {case.__name__: case for case in (run_memory_case, run_timing_case)}  # what --case may run
+# Each argument of a case in the domain of the public flag it comes from
+CASE_DOMAINS = {"method": Choice(*METHODS), "dtype": Choice(*DTYPES), "tokens": SIZE, "hidden": SIZE,
+                "vocab": SIZE, "chunk_size": SIZE, "repeats": COUNT}  # fmt: skip
 
 
 def run_case(text: str) -> dict:
-    """``--case '[name, *args]'``: one of :data:`CASES`, in this (fresh) process."""
+    """``--case '[name, *args]'``: one of :data:`CASES`, in this (fresh) process, every argument in
+    its flag's domain (a wrong one was a KeyError or a negative-size traceback)."""
     try:
         name, *case_args = json.loads(text)
         case = CASES[name]
-        inspect.signature(case).bind(*case_args)
+        bound = inspect.signature(case).bind(*case_args)
     except (ValueError, TypeError, KeyError):
         raise UserError(f"--case takes a JSON list [name, *args], name one of {sorted(CASES)}") from None
+    for parameter, value in bound.arguments.items():
+        try:
+            CASE_DOMAINS[parameter].check(value)
+        except OutOfDomain as err:
+            raise UserError(f"--case {name}: {parameter} {err}") from None
     return case(*case_args)
 
 

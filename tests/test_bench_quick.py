@@ -270,3 +270,22 @@ def test_a_timed_out_script_is_stopped_with_its_workers_and_links_are_no_results
         Path(f"/proc/{worker}/stat").read_text().split()[2] if Path(f"/proc/{worker}").exists() else "gone"
     )
     assert state in ("gone", "Z"), f"the worker is still running (state {state})"
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [('["run_memory_case", "eager", "nope", 1, 1, 1, 1]', "dtype must be one of float32, bfloat16"),
+     ('["run_timing_case", "float32", -5, 4, 4, 1, 1]', "tokens must be an integer from 1"),
+     ('["run_timing_case", "float32", 4, 4, 4, 1, 0]', "repeats must be an integer from 1"),
+     ('["run_memory_case", "fast", "float32", 4, 4, 4, 1]', "method must be one of eager, chunked"),
+     ('["print", 1]', "name one of")],
+)  # fmt: skip
+def test_a_kernel_case_outside_its_flags_domains_is_one_line(case, words):
+    """--case checked the case's name and arity only: a wrong value was a KeyError or a
+    negative-dimension traceback, and a huge size went straight to torch.randn."""
+    command = [sys.executable, str(BENCH_DIR / "kernel_speed.py"), "--case", case]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    last = result.stderr.strip().splitlines()[-1]
+    assert (
+        result.returncode == 2 and last.startswith("bench/kernel_speed.py: error: --case") and words in last
+    )
