@@ -19,6 +19,7 @@ names a special token its vocabulary lacks is refused too: transformers would ad
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ds_sft import paths
@@ -214,6 +215,10 @@ def control_tokens(tokenizer) -> list[str]:
     return list(dict.fromkeys([*tokenizer.all_special_tokens, *added]))
 
 
+# A chat template's name becomes a file name (chat_templates/NAME.jinja) when the tokenizer is saved
+TEMPLATE_NAME = r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}"
+
+
 def load_tokenizer(spec: str):
     """Load the tokenizer named by ``spec`` (see the module docstring) and make sure it has an EOS."""
     tokenizer = _load(str(spec))
@@ -225,6 +230,13 @@ def load_tokenizer(spec: str):
         if found is None:
             raise UserError(f"tokenizer {spec!r} has no EOS token and none of {KNOWN_EOS}; use one that does")
         tokenizer.eos_token = found
+    templates = tokenizer.chat_template if isinstance(tokenizer.chat_template, dict) else {}
+    odd = next((name for name in templates if not re.fullmatch(TEMPLATE_NAME, str(name))), None)
+    if odd is not None:  # transformers refuses it only when it saves the tokenizer, in a traceback
+        raise UserError(
+            f"tokenizer {spec!r}: chat template name {str(odd)!r:.60} is not a plain name "
+            "(letters, digits, _ . -, not starting with a dot); rename it in tokenizer_config.json"
+        )
     # Register the special tokens in the backend as save_pretrained does; without this a tokenizer and
     # its saved copy (DATA/tokenizer, RUN/final) split a literal "<|endoftext|>" in text differently.
     from tokenizers import AddedToken

@@ -251,3 +251,29 @@ def test_a_sparse_vocabulary_is_stored_by_its_largest_id(tmp_path, monkeypatch, 
     tokens = np.load(tmp_path / "out" / "train" / "shard_00000.tokens.npy")
     length = int(np.load(tmp_path / "out" / "train" / "shard_00000.documents.npy")[0, 0])
     assert tokens.dtype == np.uint32 and tokens[0, length - 1] == eos_id
+
+
+@pytest.mark.parametrize(
+    ("name", "plain"),
+    [("../../../escaped", False), ("tool/use", False), (".hidden", False), ("a\x00b", False), ("", False),
+     ("default", True), ("tool_use", True), ("rag-v2.1", True)],
+)  # fmt: skip
+def test_a_chat_template_name_that_cannot_be_a_file_name_is_refused_at_load(tmp_path, name, plain):
+    """transformers refused '../../../escaped' only when export (or eval --harness) saved the
+    tokenizer, after the model had loaded, in a ValueError traceback. Plain names load and save."""
+    from tests.model.conftest import make_word_tokenizer
+
+    make_word_tokenizer().save_pretrained(tmp_path / "tok")
+    config_path = tmp_path / "tok" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = [
+        {"name": "default", "template": "{{ messages }}"},
+        {"name": name, "template": "x"},
+    ]
+    config_path.write_text(json.dumps(config))
+    if not plain:
+        with pytest.raises(UserError, match="is not a plain name"):
+            load_tokenizer(str(tmp_path / "tok"))
+        return
+    load_tokenizer(str(tmp_path / "tok")).save_pretrained(tmp_path / "saved")  # transformers' own check
+    assert (tmp_path / "saved" / "tokenizer_config.json").is_file()
