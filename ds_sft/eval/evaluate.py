@@ -157,8 +157,10 @@ def check_generation_fits(model, data: EvalData, records: list[dict], max_new_to
     """One line before any measuring when generation cannot run: its longest prompt plus
     ``max_new_tokens`` past the model's ``max_seq_len`` (the generator refused that only at the
     batch holding it, after the val pass and every shorter answer: minutes lost), or a batch's KV
-    cache larger than the memory free for it (a traceback from the allocator, or the OOM killer)."""
+    cache and prefill larger than the memory free for them (a traceback from the allocator, or the
+    OOM killer)."""
     from ds_sft.machine import free_memory
+    from ds_sft.model.generate import PREFILL_CHUNK
 
     if not records:
         return
@@ -168,17 +170,17 @@ def check_generation_fits(model, data: EvalData, records: list[dict], max_new_to
             f"the longest prompt to answer ({width} tokens) + --max_new_tokens {max_new_tokens} exceeds the "
             f"model's max_seq_len {config.max_seq_len}: lower --max_new_tokens"
         )
-    rows = min(batch_size, len(records))
+    rows, length = min(batch_size, len(records)), width + max_new_tokens
     itemsize = model.wte.weight.element_size()
-    cache = (
-        2 * config.n_layers * rows * config.n_kv_heads * (width + max_new_tokens) * config.head_dim * itemsize
-    )
+    cache = 2 * config.n_layers * rows * config.n_kv_heads * length * config.head_dim * itemsize
+    # a prefill forward's mask and fp32 attention scores: a chunk of queries against every key
+    prefill = rows * min(PREFILL_CHUNK, width) * length * (1 + 4 * config.n_heads)
     free, where = free_memory(next(model.parameters()).device)
-    if free is not None and cache > free:
+    if free is not None and cache + prefill > free:
         raise UserError(
-            f"a batch of {rows} answers keeps {cache / 2**30:,.1f} GiB of keys and values ({width} + "
-            f"{max_new_tokens} tokens each), more than the {free / 2**30:,.1f} GiB {where}: lower "
-            "--generate_batch_size or --max_new_tokens"
+            f"a batch of {rows} answers keeps {cache / 2**30:,.1f} GiB of keys and values and fills them "
+            f"with {prefill / 2**30:,.1f} GiB of attention scores ({width} + {max_new_tokens} tokens each), "
+            f"more than the {free / 2**30:,.1f} GiB {where}: lower --generate_batch_size or --max_new_tokens"
         )
 
 

@@ -188,3 +188,26 @@ def test_repetition_penalty_formula():
 def test_nonpositive_repetition_penalty_is_refused(model):
     with pytest.raises(UserError, match="repetition penalty"):
         generate(model, PROMPTS, max_new_tokens=2, repetition_penalty=0.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 512])
+def test_prompts_filled_into_the_cache_in_chunks_generate_what_one_forward_does(model, monkeypatch, chunk):
+    """The cache is filled PREFILL_CHUNK prompt tokens per forward: eight 7,000-token prompts in one
+    forward built a [8, 1, 7000, 7000] mask and its scores (2.5 GB). Chunks change no token, each
+    forward holds at most a chunk, and generation runs in inference mode (no autograd graph kept)."""
+    import ds_sft.model.generate
+
+    monkeypatch.setattr(ds_sft.model.generate, "PREFILL_CHUNK", chunk)
+    widths, modes = [], []
+    real = model.hidden_states
+
+    def recording(ids, *args, **kwargs):
+        widths.append(ids.shape[1])
+        modes.append(torch.is_inference_mode_enabled())
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", recording)
+    chunked = generate(model, PROMPTS, max_new_tokens=6)
+    monkeypatch.setattr(model, "hidden_states", real)
+    assert chunked == generate(model, PROMPTS, max_new_tokens=6, use_cache=False)
+    assert max(widths) == min(chunk, max(map(len, PROMPTS))) and all(modes)
