@@ -380,6 +380,36 @@ WIDTH_FILTERS = ("center", "indent", "wordwrap")  # Jinja filters taking one
 PRINTF_WIDTH = re.compile(r"%[-+ #0]*(\*|\d+)")
 
 
+# A render a template may take: a prompt renders in microseconds, and two nested loops over Jinja's
+# largest range (100,000 each) ran for hours per document.
+TEMPLATE_SECONDS = 2.0
+
+
+@contextmanager
+def render_deadline(seconds: float):
+    """Stop what runs inside after ``seconds`` with a SecurityError (SIGALRM: the main thread only,
+    where the harness renders; elsewhere it runs unbounded)."""
+    import signal
+    import threading
+
+    from jinja2.exceptions import SecurityError
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SecurityError(f"a template rendered for over {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    outer = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, *outer)  # an enclosing deadline (0: none) runs on
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _bounded_sandbox():
     """Jinja's immutable sandbox, which stops a template from reaching Python, made to size what it
     builds before it builds it: the sandbox left arithmetic alone, and ``{{ 'x' * 10**9 }}`` in a
@@ -415,8 +445,14 @@ def _bounded_sandbox():
             return right > 0 and right * left.bit_length() > TEMPLATE_NUMBER_BITS
         return False
 
+    class TimedTemplate(ImmutableSandboxedEnvironment.template_class):
+        def render(self, *args, **kwargs):
+            with render_deadline(TEMPLATE_SECONDS):
+                return super().render(*args, **kwargs)
+
     class BoundedSandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "**", "%"})
+        template_class = TimedTemplate
 
         def call_binop(self, context, operator, left, right):
             if oversized(operator, left, right):

@@ -437,3 +437,29 @@ def test_a_task_named_twice_or_no_task_is_one_line(tmp_path):
     copy.write_text(path.read_text())
     with pytest.raises(UserError, match="the task 'mine' is given twice"):
         harness.task_configs([str(path), str(copy)], None, 16)
+
+
+SLOW_TEMPLATES = [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ question }}",
+    "{% for i in range(100000) %}{{ range(100000) | sum }}{% endfor %}",
+]
+
+
+@pytest.mark.parametrize("template", SLOW_TEMPLATES)
+def test_a_task_template_that_renders_for_hours_is_stopped(monkeypatch, template):
+    """Two nested loops over Jinja's largest range (100,000 each) rendered for hours per document:
+    the size checks see no large value. A render has a deadline; an ordinary one is unaffected."""
+    import time
+
+    lm_eval_utils = pytest.importorskip(
+        "lm_eval.utils", reason="the harness is the optional extra ds-sft[eval]"
+    )
+    from jinja2.exceptions import SecurityError
+
+    monkeypatch.setattr(harness, "TEMPLATE_SECONDS", 0.5)
+    start = time.monotonic()
+    with harness.sandboxed_templates(), pytest.raises(SecurityError, match="rendered for over 0.5 s"):
+        lm_eval_utils.apply_template(template, {"question": "2 + 2?"})
+    assert time.monotonic() - start < 10
+    with harness.sandboxed_templates():
+        assert lm_eval_utils.apply_template("Q: {{ question }}", {"question": "2 + 2?"}) == "Q: 2 + 2?"
