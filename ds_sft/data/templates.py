@@ -57,6 +57,7 @@ assistant turn follows the answer convention above and nothing else is ever trai
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -271,6 +272,24 @@ def _async_raise(ident: int, exc: type | None) -> None:
 _watchdog = _Watchdog()
 
 
+@contextlib.contextmanager
+def watched_render():
+    """Run one template render under the watchdog: :class:`TemplateOverTime` or
+    :class:`TemplateOverMemory` is raised inside it when it runs too long or grows too much."""
+    _watchdog.start()
+    try:
+        yield
+    finally:
+        _watchdog.stop()
+
+
+def over_budget(err: Exception) -> str:
+    """What a render stopped by the watchdog spent, for a one-line error."""
+    if isinstance(err, TemplateOverTime):
+        return f"ran over {TEMPLATE_SECONDS:g} s"
+    return f"grew the process by over {TEMPLATE_GROWTH_BYTES >> 20:,} MiB"
+
+
 @functools.lru_cache(maxsize=16)
 def _oversized_constant(template: str) -> str | None:
     """The first constant expression of ``template`` whose value would exceed
@@ -359,22 +378,14 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str
                 "or pass --template alpaca"
             )
     try:
-        _watchdog.start()
-        try:
+        with watched_render():
             return tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation_prompt
             )
-        finally:
-            _watchdog.stop()
     except (TemplateOverTime, TemplateOverMemory) as err:
-        spent = (
-            f"ran over {TEMPLATE_SECONDS:g} s"
-            if isinstance(err, TemplateOverTime)
-            else f"grew the process by over {TEMPLATE_GROWTH_BYTES >> 20:,} MiB"
-        )
         raise UserError(
-            f"{where}: the chat template of {name} {spent} rendering one conversation (a runaway loop?); "
-            "fix its chat_template (tokenizer_config.json) or pass --template alpaca"
+            f"{where}: the chat template of {name} {over_budget(err)} rendering one conversation (a "
+            "runaway loop?); fix its chat_template (tokenizer_config.json) or pass --template alpaca"
         ) from None
     except Exception as err:  # a template's own raise_exception(), or any Jinja error
         raise UserError(

@@ -380,36 +380,6 @@ WIDTH_FILTERS = ("center", "indent", "wordwrap")  # Jinja filters taking one
 PRINTF_WIDTH = re.compile(r"%[-+ #0]*(\*|\d+)")
 
 
-# A render a template may take: a prompt renders in microseconds, and two nested loops over Jinja's
-# largest range (100,000 each) ran for hours per document.
-TEMPLATE_SECONDS = 2.0
-
-
-@contextmanager
-def render_deadline(seconds: float):
-    """Stop what runs inside after ``seconds`` with a SecurityError (SIGALRM: the main thread only,
-    where the harness renders; elsewhere it runs unbounded)."""
-    import signal
-    import threading
-
-    from jinja2.exceptions import SecurityError
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise SecurityError(f"a template rendered for over {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    outer = signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, *outer)  # an enclosing deadline (0: none) runs on
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _bounded_sandbox():
     """Jinja's immutable sandbox, which stops a template from reaching Python, made to size what it
     builds before it builds it: the sandbox left arithmetic alone, and ``{{ 'x' * 10**9 }}`` in a
@@ -418,6 +388,8 @@ def _bounded_sandbox():
     ``ljust``..., ``indent``, ``wordwrap`` and ``format``, and ``replace`` are checked."""
     from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from ds_sft.data.templates import watched_render
 
     def refuse(what: str):
         raise SecurityError(f"{what} would build more than {TEMPLATE_VALUE_SIZE:,} characters or items")
@@ -445,14 +417,14 @@ def _bounded_sandbox():
             return right > 0 and right * left.bit_length() > TEMPLATE_NUMBER_BITS
         return False
 
-    class TimedTemplate(ImmutableSandboxedEnvironment.template_class):
-        def render(self, *args, **kwargs):
-            with render_deadline(TEMPLATE_SECONDS):
+    class WatchedTemplate(ImmutableSandboxedEnvironment.template_class):
+        def render(self, *args, **kwargs):  # the size checks miss loops: 10**10 steps build nothing large
+            with watched_render():
                 return super().render(*args, **kwargs)
 
     class BoundedSandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "**", "%"})
-        template_class = TimedTemplate
+        template_class = WatchedTemplate
 
         def call_binop(self, context, operator, left, right):
             if oversized(operator, left, right):
@@ -551,6 +523,7 @@ def run_harness(
     harness_version = version()
     from jinja2.exceptions import SecurityError
 
+    from ds_sft.data.templates import TemplateOverMemory, TemplateOverTime, over_budget
     from ds_sft.model.export import export_hf
 
     # offline: the data are local files by construction
@@ -580,6 +553,11 @@ def run_harness(
             raise UserError(
                 f"--harness: a task config's template reaches outside its data ({first_line(err)}); "
                 "templates render in Jinja's sandbox: fix the task config"
+            ) from None
+        except (TemplateOverTime, TemplateOverMemory) as err:
+            raise UserError(
+                f"--harness: a task config's template {over_budget(err)} rendering one document (a "
+                "runaway loop?): fix the task config"
             ) from None
         except Exception as err:  # the user's task config, met by the harness's many libraries
             names = ", ".join(config["task"] for config in configs)
