@@ -464,3 +464,24 @@ def test_a_task_template_that_renders_for_hours_is_stopped(monkeypatch, template
     assert time.monotonic() - start < 10
     with harness.sandboxed_templates():
         assert lm_eval_utils.apply_template("Q: {{ question }}", {"question": "2 + 2?"}) == "Q: 2 + 2?"
+
+
+@pytest.mark.parametrize("stopped", ["TemplateOverTime", "TemplateOverMemory"])
+def test_a_render_the_watchdog_stopped_is_one_line_naming_the_task_config(monkeypatch, stopped):
+    pytest.importorskip("lm_eval", reason="the harness is the optional extra ds-sft[eval]")
+    import lm_eval
+    import lm_eval.models.huggingface
+
+    import ds_sft.model.export
+    from ds_sft.data import templates
+
+    def simple_evaluate(**kwargs):
+        raise getattr(templates, stopped)()
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    monkeypatch.setattr(lm_eval.models.huggingface, "HFLM", lambda **kwargs: None)
+    monkeypatch.setattr(ds_sft.model.export, "export_hf", lambda model, tokenizer, folder: None)
+    model = SimpleNamespace(wte=SimpleNamespace(weight=torch.zeros(1)))
+    spent = "ran over" if stopped == "TemplateOverTime" else "grew the process by over"
+    with pytest.raises(UserError, match=rf"a task config's template {spent} .* rendering one document"):
+        harness.run_harness(model, None, [], samples=None, chat_template=False, batch_size=1, device="cpu")
