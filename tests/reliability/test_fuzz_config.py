@@ -314,8 +314,10 @@ def bench_parsers() -> dict[str, tuple[object, list[str], object]]:
     import argparse
     import importlib.util
 
+    from ds_sft.bench import available_scripts
+
     parsers = {}
-    for path in sorted((REPO_ROOT / "bench").glob("*.py")):
+    for path in available_scripts([]):  # the scripts `ds-sft bench` runs, not their _helpers
         spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
