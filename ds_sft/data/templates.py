@@ -57,15 +57,15 @@ assistant turn follows the answer convention above and nothing else is ever trai
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
-import os
 import re
-import sys
-import threading
-import time
 
+from ds_sft.data.template_sandbox import (
+    TemplateOverMemory,
+    TemplateOverSize,
+    TemplateOverTime,
+    over_budget,
+    render_chat,
+)
 from ds_sft.errors import UserError, first_line
 
 TEMPLATES = ("alpaca", "chat", "auto")
@@ -111,7 +111,7 @@ def render_prompt(record: dict, template: str, tokenizer=None) -> str:
     """
     if template == "chat":
         messages = [*(record.get("history") or []), {"role": "user", "content": _user_turn(record)}]
-        return _render(tokenizer, messages, True, record.get("id", "a row"))
+        return render_messages(tokenizer, messages, True, record.get("id", "a row"))
     if template != "alpaca":
         raise UserError(f"unknown template {template!r}; choose alpaca or chat")
     fmt, values = alpaca_fields(record)
@@ -173,7 +173,7 @@ def conversation_segments(record: dict, template: str, tokenizer) -> tuple[list[
         """P_k, the render up to assistant message ``i`` with the generation prompt. Rendered when
         needed, not all kept: each is about as long as the conversation up to it, so k of them held
         together took k times its size (400 turns of 50 kB: 5.4 GB for a 26 MB row)."""
-        return _render(tokenizer, messages[:i], True, where)
+        return render_messages(tokenizer, messages[:i], True, where)
 
     segments, problem = _prefix_segments(messages, answers, prompt, tokenizer, where)
     if segments is not None:
@@ -187,205 +187,17 @@ def conversation_segments(record: dict, template: str, tokenizer) -> tuple[list[
     )
 
 
-# A chat template is a program, and a broken or hostile one can run for hours without writing a
-# character (``{% for i in range(100000) %}`` nested twice) or build strings of gigabytes (``{% set s
-# = s ~ s %}`` in a loop; ``{{ 'a' * 3000000000 }}``, which Jinja computes when it compiles). One
-# render may take this long and grow the process by this much; a real template takes well under a
-# millisecond and a few kilobytes per conversation, and writes no constant near this size.
-TEMPLATE_SECONDS = 10.0
-TEMPLATE_GROWTH_BYTES = 1 << 30
-TEMPLATE_CONSTANT_SIZE = 1 << 20  # characters, items or digits of a constant expression
-# Filters and str methods whose numeric argument is the width of the text they build.
-WIDTH_CALLS = ("center", "ljust", "rjust", "zfill", "expandtabs", "indent", "wordwrap")
-
-
-class TemplateOverTime(Exception):
-    """A chat template ran past :data:`TEMPLATE_SECONDS` in one render."""
-
-
-class TemplateOverMemory(Exception):
-    """The process grew by over :data:`TEMPLATE_GROWTH_BYTES` during one render."""
-
-
-class _Watchdog:
-    """Stops renders that run too long or grow the process too much, from one daemon thread that looks
-    ten times a second, by raising :class:`TemplateOverTime` or :class:`TemplateOverMemory` inside the
-    rendering thread (``PyThreadState_SetAsyncExc``: delivered at the thread's next bytecode, so a
-    template's Python loops stop; one long C call, such as joining two huge strings, finishes first).
-    A render costs two dict updates under a lock; only the watchdog reads the process's memory."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.renders: dict[int, tuple[int, float]] = {}  # thread id -> (render number, deadline)
-        self.count = 0
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        with self.lock:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._watch, name="chat-template-watchdog", daemon=True)
-                self.thread.start()
-            self.count += 1
-            self.renders[threading.get_ident()] = (self.count, time.monotonic() + TEMPLATE_SECONDS)
-
-    def stop(self) -> None:
-        with self.lock:
-            fired = self.renders.pop(threading.get_ident(), None) is None
-        if fired:  # the render ended as it was stopped: the exception is not delivered after it
-            _async_raise(threading.get_ident(), None)
-
-    def _watch(self) -> None:
-        seen: dict[int, tuple[int, int]] = {}  # thread id -> (render number, RSS when first seen)
-        while True:
-            time.sleep(0.1)
-            resident = _resident_bytes()
-            with self.lock:
-                now = time.monotonic()
-                for ident, (number, deadline) in list(self.renders.items()):
-                    if seen.get(ident, (None,))[0] != number:  # a render not seen before
-                        seen[ident] = (number, resident)
-                    stop = TemplateOverTime if deadline < now else None
-                    if resident - seen[ident][1] > TEMPLATE_GROWTH_BYTES:
-                        stop = TemplateOverMemory
-                    if stop is not None:
-                        del self.renders[ident]
-                        _async_raise(ident, stop)
-
-
-def _resident_bytes() -> int:
-    """The process's resident memory now (Linux), or its peak where /proc is absent."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def _async_raise(ident: int, exc: type | None) -> None:
-    import ctypes
-
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc) if exc else None)
-
-
-_watchdog = _Watchdog()
-
-
-@contextlib.contextmanager
-def watched_render():
-    """Run one template render under the watchdog: :class:`TemplateOverTime` or
-    :class:`TemplateOverMemory` is raised inside it when it runs too long or grows too much."""
-    _watchdog.start()
-    try:
-        yield
-    finally:
-        _watchdog.stop()
-
-
-def over_budget(err: Exception) -> str:
-    """What a render stopped by the watchdog spent, for a one-line error."""
-    if isinstance(err, TemplateOverTime):
-        return f"ran over {TEMPLATE_SECONDS:g} s"
-    return f"grew the process by over {TEMPLATE_GROWTH_BYTES >> 20:,} MiB"
-
-
-@functools.lru_cache(maxsize=16)
-def _oversized_constant(template: str) -> str | None:
-    """The first constant expression of ``template`` whose value would exceed
-    :data:`TEMPLATE_CONSTANT_SIZE` (Jinja folds constants when it compiles: ``'a' * 3000000000`` is
-    built before any render can be stopped), as source-like text, or None. A name ``{% set %}`` to a
-    constant counts as that constant: ``{% set n = 4000000000 %}{{ 'a' * n }}`` is one C call at
-    render time, which neither watchdog can interrupt (4 GB before the render could be stopped)."""
-    import jinja2
-    import jinja2.ext
-    from jinja2 import nodes
-
-    constants: dict[str, tuple[str, float]] = {}  # names set to constants: the largest value of each
-
-    def size(node) -> tuple[str, float] | None:
-        """("text", length) of a folded string or list, ("number", digits) of a number, or None."""
-        if isinstance(node, nodes.Name):
-            return constants.get(node.name)
-        if isinstance(node, nodes.Const) and isinstance(node.value, str):
-            return "text", len(node.value)
-        if isinstance(node, nodes.Const) and isinstance(node.value, (int, float)):
-            return "number", math.log10(abs(node.value) + 1) if abs(node.value) < 1e300 else 300.0
-        if isinstance(node, (nodes.List, nodes.Tuple)):
-            return "text", len(node.items)
-        if not isinstance(node, (nodes.Mul, nodes.Add, nodes.Pow)):
-            return None
-        left, right = size(node.left), size(node.right)
-        if left is None or right is None:
-            return None
-        (left_kind, left_size), (right_kind, right_size) = left, right
-        if isinstance(node, nodes.Add):
-            return left_kind, max(left_size, right_size) + (left_kind == right_kind == "text") * min(
-                left_size, right_size
-            )
-        if isinstance(node, nodes.Mul) and "text" in (left_kind, right_kind):
-            count = 10 ** min(right_size if left_kind == "text" else left_size, 12)
-            return "text", (left_size if left_kind == "text" else right_size) * count
-        if isinstance(node, nodes.Mul):
-            return "number", left_size + right_size
-        return "number", left_size * 10 ** min(right_size, 12)  # digits of a power
-
-    class Generation(jinja2.ext.Extension):
-        """transformers' ``{% generation %}...{% endgeneration %}`` block, parsed as its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            return nodes.Scope(
-                parser.parse_statements(("name:endgeneration",), drop_needle=True), lineno=lineno
-            )
-
-    try:  # parsed as transformers parses it, without compiling
-        environment = jinja2.Environment(extensions=[Generation, "jinja2.ext.loopcontrols"])
-        tree = environment.parse(template)
-    except jinja2.TemplateSyntaxError:
-        return None  # transformers reports it when it compiles
-    assigned = [node for node in tree.find_all(nodes.Assign) if isinstance(node.target, nodes.Name)]
-    for _ in range(len(assigned)):  # each pass resolves one more link of a chain of names
-        for node in assigned:
-            found = size(node.node)
-            if found is not None and found[1] > constants.get(node.target.name, ("", -1.0))[1]:
-                constants[node.target.name] = found
-    for node in tree.find_all((nodes.Mul, nodes.Pow, nodes.Add)):
-        if (size(node) or ("", 0))[1] > TEMPLATE_CONSTANT_SIZE:
-            return f"{node.left!r} {node.operator} {node.right!r}"
-    # a width is a count of characters: {{ 'x'|center(3000000000) }} is 3 GB in one C call
-    for node in tree.find_all((nodes.Filter, nodes.Call)):
-        name = node.name if isinstance(node, nodes.Filter) else getattr(node.node, "attr", None)
-        for arg in node.args if name in WIDTH_CALLS else ():
-            kind, digits = size(arg) or ("", 0.0)
-            if kind == "number" and digits > math.log10(TEMPLATE_CONSTANT_SIZE):
-                return f"{name}({arg!r})"
-    return None
-
-
-def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
-    """The chat template's text for ``messages``, within the limits above."""
+def render_messages(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    """The chat template's text for ``messages``, rendered within the bounds of
+    :mod:`ds_sft.data.template_sandbox` (sizes, time, memory); a refusal or error is one line naming
+    ``where``."""
     name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-    templates = tokenizer.chat_template
-    for template in templates.values() if isinstance(templates, dict) else [templates]:
-        constant = _oversized_constant(template) if isinstance(template, str) else None
-        if constant:
-            raise UserError(
-                f"the chat template of {name} builds a constant of over {TEMPLATE_CONSTANT_SIZE:,} "
-                f"characters or digits ({constant[:200]}); fix its chat_template (tokenizer_config.json) "
-                "or pass --template alpaca"
-            )
     try:
-        with watched_render():
-            return tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt
-            )
-    except (TemplateOverTime, TemplateOverMemory) as err:
+        return render_chat(tokenizer, messages, generation_prompt)
+    except (TemplateOverTime, TemplateOverMemory, TemplateOverSize) as err:
         raise UserError(
-            f"{where}: the chat template of {name} {over_budget(err)} rendering one conversation (a "
-            "runaway loop?); fix its chat_template (tokenizer_config.json) or pass --template alpaca"
+            f"{where}: the chat template of {name} {over_budget(err)} rendering one conversation; fix "
+            "its chat_template (tokenizer_config.json) or pass --template alpaca"
         ) from None
     except Exception as err:  # a template's own raise_exception(), or any Jinja error
         raise UserError(
@@ -401,7 +213,7 @@ def _prefix_segments(messages, answers, prompt_at, tokenizer, where) -> tuple[li
     previous_full, emitted = "", 0  # the last F_k, and how much of it the segments so far hold
     for turn, i in enumerate(answers, start=1):
         prompt, content = prompt_at(i), messages[i]["content"]
-        full = _render(tokenizer, messages[: i + 1], False, where)
+        full = render_messages(tokenizer, messages[: i + 1], False, where)
         if not prompt.startswith(previous_full):
             return None, f"renders the earlier turns differently once the conversation goes on (turn {turn})"
         if not full.startswith(prompt + content):
@@ -426,13 +238,15 @@ def _located_segments(messages, answers, prompt_at, tokenizer, where) -> tuple[l
     after its last ``</think>`` up to whitespace (templates that drop the reasoning of past turns).
     """
     eos_text = tokenizer.eos_token
-    whole = _render(tokenizer, messages, False, where)
+    whole = render_messages(tokenizer, messages, False, where)
     # a probe answer no template rewrites (a private-use character the conversation does not hold:
     # no letters, whitespace or markup); what follows it is the turn end
     probe = next((chr(code) for code in range(0xE000, 0xF900) if chr(code) not in whole), None)
     if probe is None:
         return None, "the conversation holds every private-use character, so no probe answer is free"
-    probed = _render(tokenizer, [*messages[:-1], {"role": "assistant", "content": probe}], False, where)
+    probed = render_messages(
+        tokenizer, [*messages[:-1], {"role": "assistant", "content": probe}], False, where
+    )
     if probed.count(probe) != 1:
         return None, "it does not show a probe answer once as given"
     end_of_turn = probed[probed.index(probe) + 1 :]

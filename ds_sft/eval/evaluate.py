@@ -107,9 +107,11 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     """The special token(s) the chat template writes right after an assistant message
     (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...): where a chat model ends its answer,
     whether or not the tokenizer's EOS is that token."""
+    from ds_sft.data.templates import render_messages
+
     marker = "\u2063answer\u2063"  # text no template rewrites
     messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = render_messages(tokenizer, messages, False, "the end-of-turn probe")
     if marker not in text:
         return []
     after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]

@@ -26,7 +26,6 @@ and the harness renders in a sandbox that also sizes what a template builds (:fu
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -373,120 +372,21 @@ def staged_data_files(configs: list[dict], folder: Path) -> list[dict]:
     return staged
 
 
-TEMPLATE_VALUE_SIZE = 1 << 24  # characters or items one template operation may build (16 Mi)
-TEMPLATE_NUMBER_BITS = 1 << 16  # bits of a number one template operation may build
-WIDTH_METHODS = ("center", "ljust", "rjust", "zfill", "expandtabs")  # str methods taking a width
-WIDTH_FILTERS = ("center", "indent", "wordwrap")  # Jinja filters taking one
-PRINTF_WIDTH = re.compile(r"%[-+ #0]*(\*|\d+)")
-
-
-def _bounded_sandbox():
-    """Jinja's immutable sandbox, which stops a template from reaching Python, made to size what it
-    builds before it builds it: the sandbox left arithmetic alone, and ``{{ 'x' * 10**9 }}`` in a
-    ``doc_to_text`` built a 1 GB prompt per document in one C call (``10**12``: a MemoryError
-    traceback; in between, the OOM killer). ``*``, ``**`` and ``%``, the width of ``center``,
-    ``ljust``..., ``indent``, ``wordwrap`` and ``format``, and ``replace`` are checked."""
-    from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    from ds_sft.data.templates import watched_render
-
-    def refuse(what: str):
-        raise SecurityError(f"{what} would build more than {TEMPLATE_VALUE_SIZE:,} characters or items")
-
-    def check_printf(text) -> None:
-        for width in PRINTF_WIDTH.findall(text) if isinstance(text, str) else ():
-            if width == "*" or int(width) > TEMPLATE_VALUE_SIZE:
-                refuse(f"a format width of {width}")
-
-    def check_width(name: str, args) -> None:
-        if any(isinstance(a, int) and a > TEMPLATE_VALUE_SIZE for a in args):
-            refuse(f"{name}({', '.join(map(repr, args))})")
-
-    def oversized(operator: str, left, right) -> bool:
-        if operator == "*" and isinstance(left, int) and isinstance(right, int):
-            return left.bit_length() + right.bit_length() > TEMPLATE_NUMBER_BITS
-        if operator == "*":
-            pairs = ((left, right), (right, left))
-            return any(
-                isinstance(items, str | list | tuple) and isinstance(count, int)
-                and len(items) * count > TEMPLATE_VALUE_SIZE
-                for items, count in pairs
-            )  # fmt: skip
-        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
-            return right > 0 and right * left.bit_length() > TEMPLATE_NUMBER_BITS
-        return False
-
-    class WatchedTemplate(ImmutableSandboxedEnvironment.template_class):
-        def render(self, *args, **kwargs):  # the size checks miss loops: 10**10 steps build nothing large
-            with watched_render():
-                return super().render(*args, **kwargs)
-
-    class BoundedSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**", "%"})
-        template_class = WatchedTemplate
-
-        def call_binop(self, context, operator, left, right):
-            if oversized(operator, left, right):
-                refuse(f"{operator!r} of those operands")
-            if operator == "%":
-                check_printf(left)
-            return super().call_binop(context, operator, left, right)
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
-            owner, name = getattr(__obj, "__self__", None), getattr(__obj, "__name__", "")
-            if isinstance(owner, str) and name in WIDTH_METHODS:
-                check_width(name, args)
-            replacing = name == "replace" and len(args) >= 2 and isinstance(args[1], str)
-            if isinstance(owner, str) and replacing and len(owner) * (len(args[1]) + 1) > TEMPLATE_VALUE_SIZE:
-                refuse("replace() of that size")
-            return super().call(__context, __obj, *args, **kwargs)
-
-        def wrap_str_format(self, value):  # str.format / format_map, which the sandbox wraps on access
-            owner = getattr(value, "__self__", None)
-            if isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map"):
-                if re.search(r"\{[^{}]*:[^{}]*\{", owner):
-                    refuse("a format width taken from an argument ({:{}})")
-                for width in re.findall(r"\{[^{}]*:[^{}]*?(\d+)[^{}]*\}", owner):
-                    if int(width) > TEMPLATE_VALUE_SIZE:
-                        refuse(f"a format width of {width}")
-            return super().wrap_str_format(value)
-
-    sandbox = BoundedSandbox()
-
-    def bounded(name, filter_function):
-        def checked(value, *args, **kwargs):
-            if name in WIDTH_FILTERS:
-                check_width(name, args)
-            if name == "format":
-                check_printf(value)
-            if (
-                name == "replace"
-                and len(args) >= 2
-                and len(str(value)) * (len(str(args[1])) + 1) > TEMPLATE_VALUE_SIZE
-            ):
-                refuse("replace of that size")
-            return filter_function(value, *args, **kwargs)
-
-        return checked
-
-    checked_filters = (*WIDTH_FILTERS, "format", "replace")
-    return sandbox, {name: bounded(name, sandbox.filters[name]) for name in checked_filters}
-
-
 @contextmanager
 def sandboxed_templates():
     """The harness renders task templates in Jinja's sandbox inside the block (its module-level
     environment is a plain one, in which a template can call any Python), with the same options and
-    filters, sizes checked (:func:`_bounded_sandbox`); the plain one is back after it."""
+    filters, what it builds sized first (:mod:`ds_sft.data.template_sandbox`); the plain one is back
+    after it."""
     import lm_eval.utils
 
+    from ds_sft.data.template_sandbox import bounded_sandbox_class
+
     plain = lm_eval.utils.env
-    sandbox, bounded_filters = _bounded_sandbox()
-    sandbox.loader, sandbox.undefined = plain.loader, plain.undefined
+    sandbox = bounded_sandbox_class()(loader=plain.loader, undefined=plain.undefined)
     sandbox.keep_trailing_newline = plain.keep_trailing_newline
     sandbox.filters.update(plain.filters)
-    sandbox.filters.update(bounded_filters)
+    sandbox.filters.update(sandbox.sized_filters(plain.filters))
     lm_eval.utils.env = sandbox
     try:
         yield
@@ -523,7 +423,12 @@ def run_harness(
     harness_version = version()
     from jinja2.exceptions import SecurityError
 
-    from ds_sft.data.templates import TemplateOverMemory, TemplateOverTime, over_budget
+    from ds_sft.data.template_sandbox import (
+        TemplateOverMemory,
+        TemplateOverSize,
+        TemplateOverTime,
+        over_budget,
+    )
     from ds_sft.model.export import export_hf
 
     # offline: the data are local files by construction
@@ -554,10 +459,10 @@ def run_harness(
                 f"--harness: a task config's template reaches outside its data ({first_line(err)}); "
                 "templates render in Jinja's sandbox: fix the task config"
             ) from None
-        except (TemplateOverTime, TemplateOverMemory) as err:
+        except (TemplateOverTime, TemplateOverMemory, TemplateOverSize) as err:
             raise UserError(
-                f"--harness: a task config's template {over_budget(err)} rendering one document (a "
-                "runaway loop?): fix the task config"
+                f"--harness: a task config's template {over_budget(err)} rendering one document: fix "
+                "the task config"
             ) from None
         except Exception as err:  # the user's task config, met by the harness's many libraries
             names = ", ".join(config["task"] for config in configs)

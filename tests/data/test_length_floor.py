@@ -361,8 +361,10 @@ def test_a_conversation_of_3000_turns_is_not_rendered_turn_by_turn(gpt2_chatml, 
     from ds_sft.data import templates
 
     renders = []
-    render = templates._render
-    monkeypatch.setattr(templates, "_render", lambda *args: renders.append(len(args[1])) or render(*args))
+    render = templates.render_messages
+    monkeypatch.setattr(
+        templates, "render_messages", lambda *args: renders.append(len(args[1])) or render(*args)
+    )
     turns = []
     for k in range(3000):
         turns += [

@@ -389,10 +389,10 @@ def test_a_task_template_cannot_build_a_huge_value(template):
     )
     import resource
 
-    from jinja2.exceptions import SecurityError
+    from ds_sft.data.template_sandbox import TemplateOverSize
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with harness.sandboxed_templates(), pytest.raises(SecurityError, match="would build more than"):
+    with harness.sandboxed_templates(), pytest.raises(TemplateOverSize, match="would build"):
         lm_eval_utils.apply_template(template, {"question": "2  +  2?"})
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing was built
 
@@ -455,11 +455,11 @@ def test_a_task_template_that_renders_for_hours_is_stopped(monkeypatch, template
     lm_eval_utils = pytest.importorskip(
         "lm_eval.utils", reason="the harness is the optional extra ds-sft[eval]"
     )
-    from ds_sft.data import templates
+    from ds_sft.data import template_sandbox
 
-    monkeypatch.setattr(templates, "TEMPLATE_SECONDS", 0.5)
+    monkeypatch.setattr(template_sandbox, "TEMPLATE_SECONDS", 0.5)
     start = time.monotonic()
-    with harness.sandboxed_templates(), pytest.raises(templates.TemplateOverTime):
+    with harness.sandboxed_templates(), pytest.raises(template_sandbox.TemplateOverTime):
         lm_eval_utils.apply_template(template, {"question": "2 + 2?"})
     assert time.monotonic() - start < 10
     with harness.sandboxed_templates():
@@ -473,10 +473,10 @@ def test_a_render_the_watchdog_stopped_is_one_line_naming_the_task_config(monkey
     import lm_eval.models.huggingface
 
     import ds_sft.model.export
-    from ds_sft.data import templates
+    from ds_sft.data import template_sandbox
 
     def simple_evaluate(**kwargs):
-        raise getattr(templates, stopped)()
+        raise getattr(template_sandbox, stopped)()
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
     monkeypatch.setattr(lm_eval.models.huggingface, "HFLM", lambda **kwargs: None)
