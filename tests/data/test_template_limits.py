@@ -193,3 +193,66 @@ def test_a_name_set_to_a_huge_constant_counts_as_that_constant(
     with pytest.raises(UserError, match="would build (over 1,0|a number of over 65,536 bits)") as info:
         templates.render_prompt(record, "chat", tokenizer)
     assert "\n" not in str(info.value)
+
+
+# Values a template computes from its data at render time, each of which would take over 1 GiB in
+# one C call (the review's 3-row input: 'x' * (messages|length * 4000000000), 8 GB and 87 s, past
+# both watchdogs). HUGE is worked out from the conversation, so no check of constants can see it.
+HUGE = "(messages|length * 4000000000)"
+MEGA = "{% set mega = '-' * (messages|length * 1000000) %}"  # within the limit itself
+COMPUTED_SIZES = {
+    "str_times_int": "{{ 'x' * " + HUGE + " }}",
+    "int_times_str": "{{ " + HUGE + " * messages[0].content }}",
+    "int_power": "{{ 7 ** " + HUGE + " }}",
+    "list_times_int": "{{ ([messages[0]] * " + HUGE + ")|length }}",
+    "printf_star": "{{ '%*s' % (" + HUGE + ", 'x') }}",
+    "printf_width": "{{ ('%' ~ " + HUGE + " ~ 's') % 'x' }}",
+    "printf_precision": "{{ ('%.' ~ " + HUGE + " ~ 'f') % 1.5 }}",
+    "format_width": "{{ ('{:>' ~ " + HUGE + " ~ '}').format('x') }}",
+    "format_nested_width": "{{ '{:>{}}'.format('x', " + HUGE + ") }}",
+    "format_filter": "{{ ('%' ~ " + HUGE + " ~ 's')|format('x') }}",
+    "center_filter": "{{ 'x'|center(" + HUGE + ") }}",
+    "center_method": "{{ 'x'.center(" + HUGE + ") }}",
+    "ljust_method": "{{ messages[0].content.ljust(" + HUGE + ") }}",
+    "zfill_method": "{{ '7'.zfill(" + HUGE + ") }}",
+    "expandtabs": "{{ ('\t' * 1000).expandtabs(" + HUGE + ") }}",
+    "indent_width": "{{ 'a\nb'|indent(" + HUGE + ") }}",
+    "indent_lines": MEGA + "{{ ('\n' * 2000)|indent(mega) }}",
+    "wordwrap": MEGA + "{{ ('a ' * 2000)|wordwrap(1, wrapstring=mega) }}",
+    "range": "{{ range(" + HUGE + ")|length }}",
+    "join_filter": MEGA + "{{ range(4000)|join(mega) }}",
+    "join_method": MEGA + "{{ mega.join(range(4000)|map('string')) }}",
+    "concat_tilde": MEGA + "{% set ns = namespace(s=mega) %}{% for i in range(12) %}"
+    "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    "concat_plus": MEGA + "{% set ns = namespace(s=mega) %}{% for i in range(12) %}"
+    "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
+    "nested_lists": "{{ [[[0] * 2000] * 2000] * (messages|length * 1000) }}",
+    "replace": "{{ ('x' * 100000).replace('', '-' * (messages|length * 100000)) }}",
+    "batch_fill": "{{ messages|batch(" + HUGE + ", 'x')|list|length }}",
+    "sum_lists": "{{ ([['x'] * 1000000] * (messages|length * 2000))|sum(start=[])|length }}",
+    "tojson_indent": "{{ messages|tojson(indent=" + HUGE + ") }}",
+    "output": MEGA + "{% for i in range(4000) %}{{ mega }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPUTED_SIZES))
+def test_a_value_computed_from_the_data_is_sized_before_it_is_built(tmp_path, tiny_tokenizer_file, name):
+    """Each is refused in one line naming the template and the fix, having allocated next to
+    nothing: the size is checked before the value exists."""
+    import tracemalloc
+
+    from ds_sft.data.tokenizer import load_tokenizer
+
+    template = COMPUTED_SIZES[name] + CHATML
+    tokenizer = load_tokenizer(str(tokenizer_dir(tmp_path, tiny_tokenizer_file, template)))
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError) as info:
+            templates.render_prompt({"id": "a:0", "instruction": "hi", "input": ""}, "chat", tokenizer)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("a:0: the chat template of ")
+    assert "would build" in message and "--template alpaca" in message
+    assert peak < 64 << 20  # bytes: the 1 GiB value was never built
