@@ -174,27 +174,41 @@ def _weight(value, memo: dict | None = None) -> int:
     return memo[id(value)]
 
 
-def _check_printf(text, what: str) -> None:
-    """Widths and precisions of the printf conversions in ``text`` (``'%999999999d' % 1``)."""
-    for number in (
-        (n for spec in PRINTF_SPEC.findall(text) for n in spec if n) if isinstance(text, str) else ()
-    ):
+def _check_printf(text, arguments, what: str) -> None:
+    """``text % arguments``: the widths and precisions of its conversions (``'%999999999d' % 1``),
+    and what its conversions write (``('%(a)s' * 300000) % {'a': s}`` writes ``s`` 300,000 times)."""
+    if not isinstance(text, str):
+        return
+    conversions = PRINTF_SPEC.findall(text)
+    for number in (n for spec in conversions for n in spec if n):
         if number == "*":
             _refuse(f"a {what} width taken from an argument (%*)")
         _check(int(number), f"a {what} width of {number}")
+    values = arguments if isinstance(arguments, tuple) else (arguments,)
+    if isinstance(arguments, dict):  # %(name)s conversions
+        values = tuple(arguments.values())
+    _check_fields(text, len(conversions), values, what)
 
 
-def _check_format(text: str) -> None:
-    """Widths and precisions of the ``str.format`` fields in ``text`` (``'{:>999999999}'``)."""
+def _check_format(text: str, args: tuple, kwargs: dict) -> None:
+    """``text.format(*args, **kwargs)``: the widths and precisions of its fields (``'{:>999999999}'``)
+    and what its fields write."""
     try:
-        specs = [spec for _, _, spec, _ in string.Formatter().parse(text) if spec]
+        fields = [spec for _, name, spec, _ in string.Formatter().parse(text) if name is not None]
     except ValueError:
         return  # str.format itself reports it
-    for spec in specs:
+    for spec in fields:
         if "{" in spec:
             _refuse("a format width taken from an argument ({:{}})")
         for number in re.findall(r"\d+", spec):
             _check(int(number), f"a format width of {number}")
+    _check_fields(text, len(fields), (*args, *kwargs.values()), "str.format")
+
+
+def _check_fields(text: str, fields: int, values: tuple, what: str) -> None:
+    """A format string writes at most its own text and, per field, its largest argument."""
+    largest = max((_weight(value) for value in values), default=0)
+    _check(len(text) + fields * largest, f"{what} of {fields} fields")
 
 
 def _replaced_size(text: str, old: str, new: str, count=-1) -> int:
@@ -224,7 +238,7 @@ def _check_binop(operator: str, left, right) -> None:
     elif operator == "+" and sequence(left) and sequence(right):
         _check(_weight(left) + _weight(right), f"{type(left).__name__} + {type(right).__name__}")
     elif operator == "%":
-        _check_printf(left, "printf")
+        _check_printf(left, right, "printf")
 
 
 def _check_bits(bits: int, what: str) -> None:
@@ -256,8 +270,8 @@ def _filter_size(name: str, value, arguments: dict) -> int:
             text, str(arguments["old"]), str(arguments["new"]), arguments.get("count") or -1
         )
     if name == "format":
-        _check_printf(text, "format")
-        return len(text) + _weight(arguments.get("args", ())) + _weight(arguments.get("kwargs", {}))
+        _check_printf(text, arguments.get("kwargs") or tuple(arguments.get("args", ())), "format")
+        return len(text)
     if name == "join":
         items = _materialized(value)
         return _weight(items) + len(items) * len(str(arguments.get("d", "")))
@@ -289,7 +303,7 @@ def _sized_filter(name: str, function):
         if name in ("join", "sum") and len(args) > value_at:
             args[value_at] = _materialized(args[value_at])  # a generator is read once: size the list
         bound = signature.bind(*args, **kwargs)
-        arguments = {key: value for key, value in bound.arguments.items()}
+        arguments = dict(bound.arguments)
         value = args[value_at] if len(args) > value_at else None
         _check(_filter_size(name, value, arguments), f"the {name} filter of those arguments")
         return function(*args, **kwargs)
@@ -381,10 +395,17 @@ def bounded_sandbox_class():
             return super().call(__context, __obj, *args, **kwargs)
 
         def wrap_str_format(self, value):  # str.format / format_map, which the sandbox wraps on access
-            owner = getattr(value, "__self__", None)
-            if isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map"):
-                _check_format(owner)
-            return super().wrap_str_format(value)
+            formatting = super().wrap_str_format(value)
+            owner, name = getattr(value, "__self__", None), getattr(value, "__name__", "")
+            if not isinstance(owner, str) or formatting is None:
+                return formatting
+
+            def sized(*args, **kwargs):
+                mapping = args[0] if name == "format_map" and args and isinstance(args[0], dict) else {}
+                _check_format(owner, () if name == "format_map" else args, {**mapping, **kwargs})
+                return formatting(*args, **kwargs)
+
+            return sized
 
     return BoundedSandbox
 
