@@ -50,3 +50,22 @@ def test_end_of_turn_token_comes_from_the_template(gpt2, end):
 def test_a_template_that_ends_turns_with_plain_text_adds_no_stop_token(gpt2):
     gpt2.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
     assert end_of_turn_ids(gpt2) == []
+
+
+def test_the_end_of_turn_probe_renders_in_the_bounded_sandbox(gpt2):
+    """eval rendered its probe with apply_chat_template, outside every bound: a value computed from
+    the conversation (4 GB per message here) was built in one C call. It is refused before it is
+    built, in one line."""
+    import tracemalloc
+
+    from ds_sft.errors import UserError
+
+    gpt2.chat_template = TEMPLATES["<|im_end|>"] + "{{ 'x' * (messages|length * 4000000000) }}"
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match="chat template of .* would build over") as info:
+            end_of_turn_ids(gpt2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(info.value) and peak < 64 << 20
