@@ -356,7 +356,8 @@ def bounded_sandbox_class():
                 _value_limit.reset(token)
 
     class BoundedSandbox(ImmutableSandboxedEnvironment):
-        """See the module docstring; ``range`` is Jinja's sandboxed one."""
+        """See the module docstring. The intercepted operators are not folded when a template
+        compiles either (Jinja folds constants then: ``'a' * 3000000000`` was built by compiling)."""
 
         intercepted_binops = frozenset({"*", "**", "%", "+"})
         template_class = BoundedTemplate

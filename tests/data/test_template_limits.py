@@ -1,9 +1,9 @@
 """A chat template is a program: one that runs away (nested loops, loops over huge ranges or strings,
 work that grows with the conversation) is stopped within ``TEMPLATE_SECONDS``, one that grows the
-process past ``TEMPLATE_GROWTH_BYTES`` is stopped there, and one holding a constant Jinja would fold
-into gigabytes when compiling is refused before it compiles: each in one line naming the template
-and the fix, through ``prepare`` as well; ordinary templates render unchanged
-(``tests/data/test_conversations.py``)."""
+process past ``TEMPLATE_GROWTH_BYTES`` is stopped there, and one that would build a large value
+(a constant, or a size computed from the data) is refused before the value exists: each in one line
+naming the template and the fix, through ``prepare`` as well; ordinary templates render unchanged
+(``tests/data/test_conversations.py``, ``tests/data/test_template_sandbox.py``)."""
 
 from __future__ import annotations
 
