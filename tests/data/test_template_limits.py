@@ -41,6 +41,13 @@ def short_limit(monkeypatch):
     monkeypatch.setattr(template_sandbox, "TEMPLATE_GROWTH_BYTES", 32 << 20)
 
 
+@pytest.fixture
+def sizes_only(monkeypatch):
+    """The watchdog out of the way (a busy machine renders slowly): only a size check may refuse."""
+    monkeypatch.setattr(template_sandbox, "TEMPLATE_SECONDS", 600.0)
+    monkeypatch.setattr(template_sandbox, "TEMPLATE_GROWTH_BYTES", 1 << 40)
+
+
 def tokenizer_dir(tmp_path, tiny_tokenizer_file, template: str):
     folder = tmp_path / "tok"
     folder.mkdir(parents=True, exist_ok=True)
@@ -137,7 +144,7 @@ def test_a_template_that_grows_the_process_is_stopped(tmp_path, tiny_tokenizer_f
      "'x' * 2000000", "('a' + 'b') * 600000"],
 )  # fmt: skip
 def test_a_template_with_a_huge_constant_is_refused_before_it_compiles(
-    tmp_path, tiny_tokenizer_file, constant
+    tmp_path, tiny_tokenizer_file, constant, sizes_only
 ):
     from ds_sft.data.tokenizer import load_tokenizer
 
@@ -179,7 +186,7 @@ def test_small_constants_render(tmp_path, tiny_tokenizer_file, constant):
     ],
 )
 def test_a_name_set_to_a_huge_constant_counts_as_that_constant(
-    tmp_path, tiny_tokenizer_file, statements, refused
+    tmp_path, tiny_tokenizer_file, statements, refused, sizes_only
 ):
     """{% set n = 4000000000 %}{{ 'a' * n }} built 4 GB in one C call at render time (248 s, 4.2 GB
     peak; a larger n: killed for memory): only literal constants were checked."""
@@ -240,7 +247,9 @@ COMPUTED_SIZES = {
 
 
 @pytest.mark.parametrize("name", sorted(COMPUTED_SIZES))
-def test_a_value_computed_from_the_data_is_sized_before_it_is_built(tmp_path, tiny_tokenizer_file, name):
+def test_a_value_computed_from_the_data_is_sized_before_it_is_built(
+    tmp_path, tiny_tokenizer_file, name, sizes_only
+):
     """Each is refused in one line naming the template and the fix, having allocated next to
     nothing: the size is checked before the value exists."""
     import tracemalloc
