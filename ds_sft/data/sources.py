@@ -84,6 +84,12 @@ DATA_FILE_SUFFIXES = (*EXTENSIONS, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".bz
                       ".tar")  # fmt: skip
 
 
+# What a --source NAME may be: the name is written into row ids (NAME:LINE), the manifest and the
+# summary table, and read back out of --mix NAME=W,... and --field_map NAME:..., so it holds none of
+# their separators, no spaces or control characters, and only what every encoding can write
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
 @dataclass
 class SourceSpec:
     """One source to read: a name (``alpaca``, ``gsm8k``, ``dolly`` or the user's), a kind, a location."""
