@@ -262,7 +262,7 @@ def _json_lines(
             if held > limit:
                 raise UserError(
                     f"{path}:{lineno}: the rows up to this line would take ~{held / 2**20:,.0f} MiB once "
-                    f"parsed (a source is held whole; over {limit >> 20} MiB is refused): keep fewer rows, "
+                    f"parsed (a source is held whole; over {limit >> 20:,} MiB is refused): keep fewer rows, "
                     "e.g. head -n N FILE > SMALLER.jsonl"
                 )
             rows.append(row)
