@@ -202,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def collect_sources(args: argparse.Namespace) -> list:
     """The sources to read, in order: --alpaca, --gsm8k, --dolly, each --source, then shared ones."""
-    from ds_sft.data.sources import HUB_IDS, SourceSpec, parse_field_map
+    from ds_sft.data.sources import HUB_IDS, SOURCE_NAME, SourceSpec, parse_field_map
     from ds_sft.paths import require_regular_file, shared_dir
 
     field_maps = dict(parse_field_map(text) for text in args.field_map)
@@ -211,6 +211,11 @@ def collect_sources(args: argparse.Namespace) -> list:
         name, eq, location = item.partition("=")
         if not eq or not name or not location:
             raise UserError(f"--source {item!r}: expected NAME=PATH, e.g. --source mydata=rows.jsonl")
+        if not SOURCE_NAME.fullmatch(name):
+            raise UserError(
+                f"--source {item!r}: NAME must be 1-64 ASCII letters, digits, '_', '.' or '-' "
+                f"(not starting with '.' or '-'), e.g. --source mydata=rows.jsonl"
+            )
         specs.append(SourceSpec(name, "generic", location, field_maps.pop(name, {})))
     if field_maps:
         raise UserError(f"--field_map given for {sorted(field_maps)} but no --source with that name")
@@ -280,7 +285,8 @@ def gsm8k_test_reference(args: argparse.Namespace, specs: list) -> tuple[list[st
 
 def source_rng(seed: int, name: str) -> np.random.Generator:
     """A generator per (seed, source name): one source's draws do not shift when another changes."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+    # surrogatepass: a name holding lone surrogates (argv bytes that are not UTF-8) still hashes
+    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8", "surrogatepass"))])
 
 
 def parse_mix(text: str, names: list[str]) -> dict[str, float]:

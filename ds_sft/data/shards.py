@@ -8,13 +8,15 @@ Layout of one split (``DATA/train`` or ``DATA/val``)::
     shard_00000.documents.npy  [docs, 2] int32: (length, source id) of each document, in row order
     shard_00000.row_offsets.npy [rows + 1] int64: row r holds documents row_offsets[r]:row_offsets[r+1]
 
-All ``.npy`` files open with ``np.load(mmap_mode="r")``: a reader touches only the rows it serves.
+All ``.npy`` files open memory-mapped (``open_memmap``, the ``.npy`` format alone: no zip, no pickle),
+so a reader touches only the rows it serves.
 Everything a training step needs (shifted labels, per-document position ids, document ids, source
 ids) is derived from these in :meth:`PackedDataset.__getitem__`, so the files hold each fact once.
 
 A data dir may come from anyone, damaged or forged, so the reader trusts none of it: the manifest
 and index are checked key by key (:func:`read_checked_json`), and every shard once, when the dataset
-opens (:meth:`PackedDataset.check_shard`): shapes, dtypes, document offsets and lengths, source ids,
+opens (:meth:`PackedDataset.check_shard`): shapes, the exact dtype of each part (the one
+:func:`write_split` writes), document lengths before they are summed, offsets, source ids,
 and token ids below the recorded vocabulary (an id past the embedding is a device-side assert on a
 GPU). A bad file is one line naming it, before the first step rather than in the middle of a run.
 """
@@ -35,6 +37,14 @@ ROWS_PER_SHARD = 16384  # 16M tokens (32 MB of uint16) per shard at seq_len 1024
 SHARD_PARTS = ("tokens", "loss_mask", "documents", "row_offsets")  # one .npy file each
 SHARD_NAME = re.compile(r"shard_\d{5,}")  # what write_split names them; nothing that leaves the folder
 REPREPARE = "run `ds-sft prepare` again to rebuild it"
+TOKEN_DTYPES = ("uint16", "uint32")  # the index's "dtype": what token_dtype picks for the vocabulary
+# The dtype of every other part, written so and required so: a bool or float array passes integer
+# checks in ways an index must not (a bool row_offsets indexes as a mask)
+PART_DTYPES = {
+    "loss_mask": np.dtype(np.uint8),
+    "documents": np.dtype(np.int32),
+    "row_offsets": np.dtype(np.int64),
+}
 
 
 def read_checked_json(path: Path, required: dict[str, type | tuple[type, ...]]) -> dict:
@@ -86,9 +96,13 @@ def write_split(directory: Path, packed: dict[str, np.ndarray], vocab_size: int)
         name = f"shard_{number:05d}"
         doc_first, doc_last = row_offsets[first], row_offsets[last]
         np.save(directory / f"{name}.tokens.npy", tokens[first:last].astype(dtype))
-        np.save(directory / f"{name}.loss_mask.npy", packed["loss_mask"][first:last])
-        np.save(directory / f"{name}.documents.npy", documents[doc_first:doc_last])
-        np.save(directory / f"{name}.row_offsets.npy", row_offsets[first : last + 1] - doc_first)
+        parts = {
+            "loss_mask": packed["loss_mask"][first:last],
+            "documents": documents[doc_first:doc_last],
+            "row_offsets": row_offsets[first : last + 1] - doc_first,
+        }
+        for part, array in parts.items():
+            np.save(directory / f"{name}.{part}.npy", array.astype(PART_DTYPES[part], copy=False))
         shards.append({"name": name, "rows": int(last - first)})
     index = {"seq_len": int(seq_len), "dtype": dtype.name, "rows": int(n_rows), "shards": shards}
     (directory / "index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -113,7 +127,9 @@ class PackedDataset:
                 f"{self.data_dir}: no prepared {split!r} split here; run `ds-sft prepare --output_dir DIR`"
             )
         self.manifest = read_manifest(self.data_dir)
-        self.index = read_checked_json(index_path, {"seq_len": int, "rows": int, "shards": list})
+        self.index = read_checked_json(
+            index_path, {"seq_len": int, "rows": int, "dtype": str, "shards": list}
+        )
         self.split = split
         self.seq_len: int = self.index["seq_len"]
         self.sources: list[str] = self.manifest["sources"]
@@ -121,6 +137,7 @@ class PackedDataset:
         shards = self.index["shards"]
         if (
             self.seq_len < 2
+            or self.index["dtype"] not in TOKEN_DTYPES
             or not all(
                 isinstance(shard, dict)
                 and isinstance(shard.get("name"), str)
@@ -131,7 +148,7 @@ class PackedDataset:
             )
             or sum(shard["rows"] for shard in shards) != self.index["rows"]
         ):
-            raise UserError(f"{index_path}: its seq_len, rows or shard list is malformed; {REPREPARE}")
+            raise UserError(f"{index_path}: its seq_len, dtype, rows or shard list is malformed; {REPREPARE}")
         self._first_rows = np.cumsum([0] + [shard["rows"] for shard in shards])
         self._open: dict[int, dict[str, np.ndarray]] = {}
         self.largest_token_id = -1  # over every row; set by the checks
@@ -147,16 +164,21 @@ class PackedDataset:
         if number not in self._open:
             name = self.index["shards"][number]["name"]
             paths = {part: self.data_dir / self.split / f"{name}.{part}.npy" for part in SHARD_PARTS}
-            for path in paths.values():  # a FIFO would block np.load forever, a device never end
+            for path in paths.values():  # a FIFO would block the read forever, a device never end
                 require_regular_file(path, "prepared shard")
-            self._open[number] = {part: np.load(path, mmap_mode="r") for part, path in paths.items()}
+            # open_memmap reads the .npy format and nothing else: np.load would hand back an NpzFile
+            # for a zip under the same name
+            self._open[number] = {
+                part: np.lib.format.open_memmap(path, mode="r") for part, path in paths.items()
+            }
         return self._open[number]
 
     def check_shard(self, number: int) -> None:
         """Refuse, in one line, a shard whose arrays do not describe ``rows`` packed rows of this
-        split: unreadable, of another shape or dtype, offsets or lengths that do not add up, source
-        ids outside the manifest's, token ids negative or at or past the manifest's vocabulary, a loss
-        mask set on padding (trained as targets of no document)."""
+        split: unreadable, of another shape or dtype than :func:`write_split` writes, document lengths
+        outside 1..seq_len (checked before they are summed, so no sum overflows), offsets that do not
+        index the documents, rows overfull, source ids outside the manifest's, token ids at or past the
+        manifest's vocabulary, a loss mask set on padding (trained as targets of no document)."""
         name = self.index["shards"][number]["name"]
         rows = self.index["shards"][number]["rows"]
         where = f"{self.data_dir / self.split / name}.*.npy"
@@ -166,12 +188,10 @@ class PackedDataset:
             raise UserError(f"{where}: unreadable ({str(err).splitlines()[0]}); {REPREPARE}") from None
         tokens, mask, documents, offsets = (shard[part] for part in SHARD_PARTS)
         vocab = self.manifest.get("tokenizer", {}).get("vocab_size")
-        integer = all(
-            np.issubdtype(a.dtype, np.integer) or a.dtype == bool for a in (tokens, mask, documents, offsets)
-        )
+        expected = {**PART_DTYPES, "tokens": np.dtype(self.index["dtype"])}
         fault = (
             "of another dtype"
-            if not integer
+            if any(shard[part].dtype != expected[part] for part in SHARD_PARTS)
             else "of another shape"
             if tokens.shape != (rows, self.seq_len)
             or mask.shape != tokens.shape
@@ -183,20 +203,21 @@ class PackedDataset:
         if fault is None and rows:
             self.largest_token_id = max(self.largest_token_id, int(tokens.max()))
             lengths, sources = documents[:, 0].astype(np.int64), documents[:, 1].astype(np.int64)
-            ends = np.concatenate([[0], np.cumsum(lengths)])
+            sized = not ((lengths < 1) | (lengths > self.seq_len)).any()
             indexed = offsets[0] == 0 and offsets[-1] == len(documents) and not (np.diff(offsets) < 0).any()
-            used = ends[offsets[1:]] - ends[offsets[:-1]] if indexed else None  # tokens per row
+            ends = np.concatenate([[0], np.cumsum(lengths)]) if sized else None
+            used = ends[offsets[1:]] - ends[offsets[:-1]] if sized and indexed else None  # tokens per row
             fault = (
-                "with row offsets that do not index its documents"
+                "with a document of no tokens, or longer than a row"
+                if not sized
+                else "with row offsets that do not index its documents"
                 if not indexed
-                else "with a document of no tokens, or rows overfull"
-                if (lengths < 1).any() or (used > self.seq_len).any()
+                else "with rows overfull"
+                if (used > self.seq_len).any()
                 else "with a source id the manifest does not list"
                 if ((sources < 0) | (sources >= len(self.sources))).any()
                 else f"with token ids past the vocabulary of {vocab}"
                 if vocab is not None and self.largest_token_id >= vocab
-                else "with a negative token id"
-                if int(tokens.min()) < 0
                 else "with trained positions in a row's padding"
                 if (mask.astype(bool) & (np.arange(self.seq_len)[None, :] >= used[:, None])).any()
                 else None

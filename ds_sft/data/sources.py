@@ -5,6 +5,9 @@ Every dataset ds-sft reads, whatever its columns, becomes a list of plain dicts 
     {"id": "gsm8k:41", "source": "gsm8k", "category": "math",
      "instruction": "...", "input": "...", "response": "...", "history": []}
 
+The id is the source's name and where the row is in its file, counted from 1: its line (JSON Lines),
+its element (a JSON array) or its row (parquet, a hub split), so an error about it names what to fix.
+
 A conversation (a ``messages`` row) becomes the same shape: ``instruction`` is its last user turn,
 ``response`` its final assistant turn, ``history`` the turns before them (``{"role", "content"}``:
 the system prompt, earlier user/assistant turns). ``prepare --train_on all`` (the default) trains
@@ -35,6 +38,7 @@ import itertools
 import json
 import re
 import sys
+from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +86,12 @@ EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # Endings of data files, read here or not: a location ending so is a file path, never a hub id.
 DATA_FILE_SUFFIXES = (*EXTENSIONS, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip",
                       ".tar")  # fmt: skip
+
+
+# What a --source NAME may be: the name is written into row ids (NAME:LINE), the manifest and the
+# summary table, and read back out of --mix NAME=W,... and --field_map NAME:..., so it holds none of
+# their separators, no spaces or control characters, and only what every encoding can write
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass
@@ -147,9 +157,10 @@ UTF8_BOM = b"\xef\xbb\xbf"
 # array file (parsed at once, ~5x its size in memory; a larger data set belongs in JSON Lines).
 MAX_LINE_BYTES = 64 << 20
 MAX_ARRAY_BYTES = 512 << 20
-# A JSON array is parsed whole: what its parse may make in Python, estimated from its bytes first
-# (_parsed_bytes), may be this many times MAX_ARRAY_BYTES. Text parses to ~2-5x its size; an array of
-# tiny objects to ~25x.
+# What one file's rows may take in Python once parsed, estimated from their bytes (_parsed_bytes): this
+# many times MAX_ARRAY_BYTES. A JSON array is checked before it is parsed (it parses whole), JSON Lines
+# as its rows are kept (one line at a time: a file of small rows was unbounded). Text parses to ~2-5x
+# its size; tiny objects to ~25x.
 MAX_PARSE_EXPANSION = 5
 # What each value read from a parquet file costs once it is a Python object, at least: a pointer in its
 # list and a small object (a boolean is 1/8 of a byte in Arrow). The metadata's count is checked with it
@@ -222,11 +233,16 @@ def _lines(handle, size: int) -> Iterator[tuple[int, bytes | None]]:
         yield lineno, None
 
 
-def _json_lines(path: Path, lines, skip_bad_rows: bool, drops: Drops, source: str) -> list[dict]:
-    """JSON Lines: one object per non-blank line of ``lines`` (see :func:`_lines`). A bad line raises
-    ``UserError("file:line: ...")``, or with ``--skip_bad_rows`` is counted as a drop by reason and
-    left out."""
-    rows, blank = [], True
+def _json_lines(
+    path: Path, lines, skip_bad_rows: bool, drops: Drops, source: str
+) -> tuple[list[dict], array]:
+    """JSON Lines: one object per non-blank line of ``lines`` (see :func:`_lines`) -> (the rows, the
+    line of each). A bad line raises ``UserError("file:line: ...")``, or with ``--skip_bad_rows`` is
+    counted as a drop by reason and left out. The rows kept are refused once they would take more than
+    the parse budget (``MAX_PARSE_EXPANSION * MAX_ARRAY_BYTES``), as an array is."""
+    # numbers: 8 bytes a row, where a list of ints took 36 (45 MB for 1.25 M small rows)
+    rows, numbers, blank = [], array("q"), True
+    held, limit = 0, MAX_PARSE_EXPANSION * MAX_ARRAY_BYTES
     for lineno, raw in lines:
         if raw is None:
             reason = "line_too_long"
@@ -242,7 +258,15 @@ def _json_lines(path: Path, lines, skip_bad_rows: bool, drops: Drops, source: st
                 reason, detail = row_problem(row, SURROGATE_ESCAPE.search(raw) is not None) or (None, "")
         blank = False
         if reason is None:
+            held += _parsed_bytes(raw)
+            if held > limit:
+                raise UserError(
+                    f"{path}:{lineno}: the rows up to this line would take ~{held / 2**20:,.0f} MiB once "
+                    f"parsed (a source is held whole; over {limit >> 20:,} MiB is refused): keep fewer rows, "
+                    "e.g. head -n N FILE > SMALLER.jsonl"
+                )
             rows.append(row)
+            numbers.append(lineno)
         elif skip_bad_rows:
             drops.add(source, reason)
         else:
@@ -252,10 +276,10 @@ def _json_lines(path: Path, lines, skip_bad_rows: bool, drops: Drops, source: st
     if not rows:
         bad = ", ".join(f"{n} {reason}" for reason, n in drops.by_source().get(source, {}).items())
         raise UserError(f"{path}: no valid JSON rows (dropped: {bad}); check that it is the right file")
-    return rows
+    return rows, numbers
 
 
-def _parsed_bytes(data: bytearray) -> int:
+def _parsed_bytes(data: bytes | bytearray) -> int:
     """What parsing the JSON ``data`` makes in Python, at least, counted from its bytes (a brace, a
     quote or a comma inside a string counts too: the estimate errs high): its text, a dict per ``{``
     (CPython's size of a small one), a str per pair of ``"``, a list slot and a number per ``,``."""
@@ -265,10 +289,13 @@ def _parsed_bytes(data: bytearray) -> int:
     return len(data) + dicts + strings + values
 
 
-def _json_array(path: Path, data: bytearray, skip_bad_rows: bool, drops: Drops, source: str) -> list[dict]:
-    """A JSON array of objects (Alpaca's layout). It parses as a whole or not at all; an element that
-    cannot be a row (see :func:`row_problem`) is refused, or with ``--skip_bad_rows`` counted and left out.
-    ``data`` is the file's bytes, emptied as they are parsed."""
+def _json_array(
+    path: Path, data: bytearray, skip_bad_rows: bool, drops: Drops, source: str
+) -> tuple[list[dict], array]:
+    """A JSON array of objects (Alpaca's layout) -> (the rows, the element number of each, from 1). It
+    parses as a whole or not at all; an element that cannot be a row (see :func:`row_problem`) is
+    refused, or with ``--skip_bad_rows`` counted and left out. ``data`` is the file's bytes, emptied as
+    they are parsed."""
     may_hold_surrogates = SURROGATE_ESCAPE.search(data) is not None
     parsed, limit = _parsed_bytes(data), MAX_PARSE_EXPANSION * MAX_ARRAY_BYTES
     if parsed > limit:
@@ -282,18 +309,22 @@ def _json_array(path: Path, data: bytearray, skip_bad_rows: bool, drops: Drops, 
     if reason is not None:
         where = f"{path}:{line}" if line else str(path)
         raise UserError(f"{where}: {detail}; a JSON array is read as a whole, so fix the file")
-    objects = []
-    for i, row in enumerate(rows):
+    objects, numbers = [], array("q")
+    for number, row in enumerate(rows, 1):
         problem = row_problem(row, may_hold_surrogates)
         if problem is None:
             objects.append(row)
+            numbers.append(number)
         elif skip_bad_rows:
             drops.add(source, problem[0])
         else:
-            raise UserError(f"{path}: element {i} of the array: {problem[1]}; fix it or pass --skip_bad_rows")
+            raise UserError(
+                f"{path}: element {number} of the array (from 1): {problem[1]}; "
+                "fix it or pass --skip_bad_rows"
+            )
     if not objects:
         raise UserError(f"{path}: no JSON objects in the array; check that it is the right file")
-    return objects
+    return objects, numbers
 
 
 def _read_parquet(path: Path) -> dict[str, list]:
@@ -393,7 +424,7 @@ def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> Ma
     for any file: a NUL byte near the start refuses it as not text, a JSON Lines line is read up to
     :data:`MAX_LINE_BYTES` (a longer one is refused, or dropped with ``--skip_bad_rows``), and an array
     file over :data:`MAX_ARRAY_BYTES` is refused before it is read, a parquet file decoding past it
-    before it is decoded.
+    before it is decoded, JSON Lines rows once they would parse past :data:`MAX_PARSE_EXPANSION` times it.
     """
     size = require_regular_file(path).st_size
     if path.suffix.lower() not in EXTENSIONS:
@@ -423,21 +454,23 @@ def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> Ma
             handle.seek(start)
             data = bytearray(size - start)
             del data[handle.readinto(data) :]  # a file cut short since stat() reads as what is left
-            rows = _json_array(path, data, skip_bad_rows, drops, source)
+            rows, numbers = _json_array(path, data, skip_bad_rows, drops, source)
         else:
             handle.seek(start)
-            rows = _json_lines(path, _lines(handle, size - start), skip_bad_rows, drops, source)
-    return RowColumns(rows)
+            rows, numbers = _json_lines(path, _lines(handle, size - start), skip_bad_rows, drops, source)
+    return RowColumns(rows, numbers)
 
 
 class RowColumns(Mapping):
     """JSON rows seen as columns (name -> list of values, None where a row lacks it), every key of
     any row a column, in first-seen order. A column is built when it is first read: a file whose
     rows each hold their own keys (1,000 rows of 200 keys, 2 MB) made rows x keys values when all
-    were built at once (1.8 GB), where a schema reads a few."""
+    were built at once (1.8 GB), where a schema reads a few. ``numbers`` holds each row's place in its
+    file, from 1 (its line, or its element of an array): rows left out before do not shift it."""
 
-    def __init__(self, rows: list[dict]) -> None:
+    def __init__(self, rows: list[dict], numbers: array) -> None:
         self.rows = rows
+        self.numbers = numbers
         self.names = dict.fromkeys(name for row in rows for name in row)
         self.built: dict[str, list] = {}
 
@@ -619,6 +652,9 @@ def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list
     """Map a table to records; rows with nulls or non-string fields are dropped and counted."""
     schema = choose_schema(spec, columns)
     n_rows = len(next(iter(columns.values())))
+    # a row's id names it as the user finds it: its line or element in the file (RowColumns), else its
+    # row of the table, counted from 1
+    numbers = columns.numbers if isinstance(columns, RowColumns) else range(1, n_rows + 1)
     default_category = DEFAULT_CATEGORY.get(spec.name, DEFAULT_CATEGORY.get(spec.kind, "general"))
     records = []
     for i in range(n_rows):
@@ -652,7 +688,7 @@ def to_records(spec: SourceSpec, columns: dict[str, list], drops: Drops) -> list
         category = values.get("category") or default_category
         records.append(
             {
-                "id": f"{spec.name}:{i}",
+                "id": f"{spec.name}:{numbers[i]}",
                 "source": spec.name,
                 "category": category,
                 "instruction": instruction,

@@ -41,6 +41,19 @@ def resave(data: Path, part: str, change) -> None:
     np.save(shard(data, part), change(np.load(shard(data, part))))
 
 
+def one_row_split(data: Path, row_offsets: np.ndarray) -> None:
+    """Replace the train split by one hand-made row of one document, indexed by ``row_offsets``."""
+    seq_len = json.loads((data / "train" / "index.json").read_text())["seq_len"]
+    for path in (data / "train").glob("shard_*"):
+        path.unlink()
+    np.save(shard(data, "tokens"), np.full((1, seq_len), 5, np.uint16))
+    np.save(shard(data, "loss_mask"), np.zeros((1, seq_len), np.uint8))
+    np.save(shard(data, "documents"), np.array([[10, 0]], np.int32))
+    np.save(shard(data, "row_offsets"), row_offsets)
+    index = {"seq_len": seq_len, "dtype": "uint16", "rows": 1, "shards": [{"name": "shard_00000", "rows": 1}]}
+    (data / "train" / "index.json").write_text(json.dumps(index))
+
+
 DAMAGES = {
     "manifest not json": lambda d: (d / "manifest.json").write_text("{oops"),
     "manifest not utf-8": lambda d: (d / "manifest.json").write_bytes(b'{"sources": ["\xff"]}'),
@@ -83,11 +96,48 @@ DAMAGES = {
         d, "tokens", lambda t: np.where(t == t[0, 0], -3, t).astype(np.int16)
     ),
     "loss mask on padding": lambda d: resave(d, "loss_mask", lambda m: np.ones_like(m)),
+    "a document longer than a row": lambda d: resave(
+        d, "documents", lambda docs: np.stack([docs[:, 0] + 10**6, docs[:, 1]], 1)
+    ),
+    "index dtype unknown": lambda d: edit_json(
+        d / "train" / "index.json", lambda i: {**i, "dtype": "float64"}
+    ),
+    "index without dtype": lambda d: edit_json(
+        d / "train" / "index.json", lambda i: {k: v for k, v in i.items() if k != "dtype"}
+    ),
+    "a one-row split indexed by booleans": lambda d: one_row_split(d, np.array([False, True])),
     "tokens past the recorded vocabulary": lambda d: (
         edit_json(d / "manifest.json", lambda m: {**m, "tokenizer": {"vocab_size": 10}}),
         resave(d, "tokens", lambda t: np.full_like(t, 10)),
     ),
 }
+
+
+def save_zip(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as file:  # np.savez would add .npz to a path given as a name
+        np.savez(file, array)
+
+
+# What each part of a shard may be instead of a .npy array of the dtype write_split gives it: np.load
+# handed back an NpzFile for a zip (AttributeError), bool passed as an integer type (a bool row_offsets
+# indexed as a mask: IndexError), and any integer dtype passed
+WRONG_FORMS = {
+    "a zip": lambda path, array: save_zip(path, array),
+    "booleans": lambda path, array: np.save(path, array.astype(bool)),
+    "floats": lambda path, array: np.save(path, array.astype(np.float32)),
+    "signed 64-bit": lambda path, array: np.save(
+        path, array.astype(np.int64 if array.dtype != np.int64 else np.int32)
+    ),
+    "unsigned 32-bit": lambda path, array: np.save(
+        path, array.astype(np.uint32 if array.dtype != np.uint32 else np.uint16)
+    ),
+    "pickled objects": lambda path, array: np.save(path, array.astype(object), allow_pickle=True),
+}
+for _part in SHARD_PARTS:
+    for _form, _write in WRONG_FORMS.items():
+        DAMAGES[f"{_part} {_form}"] = lambda d, part=_part, write=_write: write(
+            shard(d, part), np.load(shard(d, part))
+        )
 
 
 @pytest.fixture
@@ -110,7 +160,17 @@ def test_the_pristine_data_dir_opens(pristine):
     assert len(PackedDataset(pristine, "train")) == 48
 
 
-@pytest.mark.parametrize("damaged", ["tokens past the recorded vocabulary", "shard truncated"], indirect=True)
+def test_the_hand_made_one_row_split_opens_with_integer_offsets(pristine, tmp_path):
+    """The control for 'a one-row split indexed by booleans': the same split, offsets as written."""
+    data = tmp_path / "data"
+    shutil.copytree(pristine, data)
+    one_row_split(data, np.array([0, 1], np.int64))
+    assert PackedDataset(data, "train").row_arrays(0)["position_ids"][:10].tolist() == list(range(10))
+
+
+@pytest.mark.parametrize(
+    "damaged", ["tokens past the recorded vocabulary", "shard truncated", "tokens a zip"], indirect=True
+)
 def test_train_refuses_a_damaged_data_dir_before_the_first_step(damaged, tmp_path, capsys):
     from ds_sft.command import main_for
 

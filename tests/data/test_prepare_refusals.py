@@ -13,6 +13,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from ds_sft.data.templates import conversation_segments, render_prompt
 from ds_sft.errors import UserError
@@ -348,3 +350,46 @@ def test_text_spelling_an_added_marker_without_the_special_flag_is_dropped(
     counts = manifest["counts"]["alpaca"]
     assert counts["dropped"] == ({"special_token_text": 1} if dropped else {})
     assert counts["kept"] == (11 if dropped else 12)
+
+
+@settings(max_examples=200)
+@given(name=st.text(st.characters(blacklist_categories=()), min_size=1, max_size=70))
+@example(name="\udcff")  # argv bytes that are not UTF-8 (a UnicodeEncodeError after tokenizing)
+@example(name="a:b")  # --field_map a:b:instruction=q would map source 'a'
+@example(name="a,b")  # --mix a,b=2 would be two pairs
+@example(name=" a")  # --mix and --field_map strip it
+@example(name="a" * 65)
+@example(name="my-data_2.v1")
+def test_a_source_name_is_refused_in_one_line_or_round_trips(name, tmp_path_factory):
+    """A --source NAME is written into row ids, the manifest and the summary, and read back from
+    --mix and --field_map: whatever collect_sources accepts comes back out of each unchanged."""
+    import ds_sft.paths
+    from ds_sft.data.prepare import collect_sources, parse_mix, source_rng
+    from ds_sft.data.sources import parse_field_map
+    from tests.data.helpers import parse_prepare_args
+
+    rows = tmp_path_factory.mktemp("name") / "rows.jsonl"
+    write_jsonl(rows, alpaca_rows(1))
+    args = parse_prepare_args([f"--source={name}={rows}"])  # one argument, whatever the name starts with
+    shared_dir, ds_sft.paths.shared_dir = ds_sft.paths.shared_dir, lambda: None  # no ../shared sources
+    try:
+        specs = collect_sources(args)
+    except UserError as err:
+        assert "\n" not in str(err) and "NAME must be" in str(err)
+        return
+    finally:
+        ds_sft.paths.shared_dir = shared_dir
+    assert [spec.name for spec in specs] == [name]
+    assert parse_mix(f"{name}=2", [name]) == {name: 2.0}
+    assert parse_field_map(f"{name}:instruction=q") == (name, {"instruction": "q"})
+    source_rng(0, name)
+    assert f"{name}:1".encode("ascii").decode().partition(":")[0] == name
+
+
+def test_a_source_name_of_bytes_that_are_not_utf8_is_refused_before_any_reading(run_prepare, tmp_path):
+    write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(4))
+    with pytest.raises(UserError, match=r"^--source '\\udcff=.*NAME must be"):
+        run_prepare(
+            ["--source", f"\udcff={tmp_path / 'rows.jsonl'}", *FLAGS, "--output_dir", str(tmp_path / "out")]
+        )
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import tracemalloc
 from pathlib import Path
@@ -205,7 +206,8 @@ def test_rows_of_keys_of_their_own_cost_memory_by_their_size_not_rows_times_keys
     assert reading < 4 * parsing, (reading, parsing)
 
 
-def test_a_refusal_names_the_first_columns_of_a_file_of_thousands(tmp_path):
+def test_a_refusal_names_the_first_columns_of_a_file_of_thousands(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_ARRAY_BYTES", 1 << 30)  # its 5,000 keys parse past the test's budget
     path = tmp_path / "keys.jsonl"
     path.write_text("\n".join(json.dumps({f"k{i}_{j}": j for j in range(100)}) for i in range(50)))
     with pytest.raises(UserError, match=r"found columns \[.*'k0_19', '\.\.\. 4980 more'\]") as info:
@@ -355,3 +357,30 @@ def test_a_json_array_under_the_size_limit_parses_within_its_memory_limit(tmp_pa
         tracemalloc.stop()
     limit = sources.MAX_PARSE_EXPANSION * sources.MAX_ARRAY_BYTES
     assert peak <= limit, f"{peak / sources.MAX_ARRAY_BYTES:.2f}x the array limit"
+
+
+@pytest.mark.parametrize("line", ["{}", '{"a":0}', '{"a":[1,2,3],"b":"c"}'])
+def test_json_lines_rows_are_refused_once_they_would_parse_past_the_array_budget(tmp_path, line):
+    """Each line was bounded, the whole file not: 10 MB of '{"a":0}' lines held 256 MB of dicts before
+    the schema refused them. The rows kept are summed as they are read, against the budget a JSON
+    array has, and refused at the line that passes it, with the memory held below it."""
+    budget = sources.MAX_PARSE_EXPANSION * sources.MAX_ARRAY_BYTES
+    lines = budget // len(line)  # a file of the budget's size in bytes, ~25x that once parsed
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f"{line}\n" * lines)
+    tracemalloc.start()
+    try:
+        message = one_line_error(path)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    refused_at = int(re.search(r"rows\.jsonl:(\d+): the rows up to this line would take", message)[1])
+    assert refused_at < lines and peak < budget
+
+
+def test_json_lines_within_the_budget_still_read(tmp_path):
+    rows = alpaca_rows(40)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert sources._parsed_bytes(path.read_bytes()) < sources.MAX_PARSE_EXPANSION * sources.MAX_ARRAY_BYTES
+    assert load(path)[0] == [row["instruction"] for row in rows]

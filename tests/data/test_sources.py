@@ -34,7 +34,7 @@ def test_alpaca_json_array(tmp_path):
     assert info["rows"] == 3 and len(info["sha256"]) == 64
     first = records[0]
     assert first == {
-        "id": "alpaca:0",
+        "id": "alpaca:1",
         "source": "alpaca",
         "category": "general",
         "instruction": "Describe item number 0 in one sentence.",
@@ -352,3 +352,50 @@ def test_the_fix_a_missing_field_refusal_suggests_works(run_prepare, tmp_path, k
         ["--source", f"{name}={path}", "--field_map", f"{name}:instruction=q,response=a", *out]
     )
     assert manifest["counts"][name]["rows_in"] == 30 and manifest["counts"][name]["dropped"] == {}
+
+
+def _rows_file(tmp_path, layout: str):
+    """Three good Alpaca rows among rows left out (bad lines or elements, skipped; a null
+    instruction, dropped), and the id each good row must get: where it is in the file, from 1."""
+    good = alpaca_rows(3)
+    null = {**good[0], "instruction": None}
+    if layout == "jsonl":  # lines: bad, blank, good, bad, good, null, good
+        path = tmp_path / "rows.jsonl"
+        lines = [
+            "{oops",
+            "",
+            json.dumps(good[0]),
+            "[1]",
+            json.dumps(good[1]),
+            json.dumps(null),
+            json.dumps(good[2]),
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        return path, ["a:3", "a:5", "a:7"]
+    if layout == "json array":  # elements: not an object, good, not an object, good, null, good
+        path = tmp_path / "rows.json"
+        path.write_text(json.dumps(["x", good[0], 5, good[1], null, good[2]]))
+        return path, ["a:2", "a:4", "a:6"]
+    import datasets  # parquet rows: good, null, good, good
+
+    path = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list([good[0], null, good[1], good[2]]).to_parquet(str(path))
+    return path, ["a:1", "a:3", "a:4"]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json array", "parquet"])
+def test_a_row_id_is_where_the_row_is_in_its_file_from_1(tmp_path, layout):
+    """An error about a row names it by its id: it was the row's index among the rows kept, from 0,
+    so after skipped lines a template refusal of line 4 said 'x:0'."""
+    path, ids = _rows_file(tmp_path, layout)
+    records, _ = load_source(SourceSpec("a", "alpaca", str(path)), True, Drops())
+    assert [record["id"] for record in records] == ids
+
+
+def test_a_refused_array_element_is_counted_from_1_as_ids_are(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([alpaca_rows(1)[0], "x"]))
+    with pytest.raises(
+        UserError, match=r"rows\.json: element 2 of the array \(from 1\): expected a JSON object"
+    ):
+        load_source(SourceSpec("a", "alpaca", str(path)), False, Drops())
