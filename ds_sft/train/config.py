@@ -317,6 +317,7 @@ def find_duplicate(tree, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
 
 
 def read_json(path: Path) -> dict:
+    """The DeepSpeed config's JSON object; any file that is not one is one UserError naming it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=refuse_duplicates)
     except UnicodeDecodeError as err:
@@ -325,6 +326,8 @@ def read_json(path: Path) -> dict:
         raise UserError(
             f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
         ) from None
+    except ValueError as err:  # the reader's own limits, e.g. an integer of more than 4,300 digits
+        raise UserError(f"{path} is not valid JSON ({first_line(err)})") from None
     except RecursionError:
         raise UserError(f"{path} is nested too deeply to be a DeepSpeed config") from None
     if not isinstance(data, dict):

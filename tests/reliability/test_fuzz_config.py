@@ -275,6 +275,10 @@ BROKEN_FILES = {
     "empty": b"",
     "invalid UTF-8": b'{"_comment": "caf\xe9"}',  # Latin-1 from an old editor
     "NaN literal": b'{"train_micro_batch_size_per_gpu": NaN}',
+    # Python's int() refuses more than 4,300 digits with a ValueError that is not a JSONDecodeError
+    "a 5,000-digit integer": b'{"steps_per_print": ' + b"1" * 5000 + b"}",
+    "a 5,000-digit integer in ds_sft": b'{"ds_sft": {"seed": -' + b"9" * 5000 + b"}}",
+    "a 5,000-digit integer in a list": b'{"optimizer": {"params": {"betas": [' + b"1" * 5000 + b", 0]}}}",
 }
 
 
