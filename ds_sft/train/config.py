@@ -26,6 +26,7 @@ import copy
 import difflib
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -602,6 +603,13 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
         raise UserError(
             f'"zero_optimization.{quantized[0]}" needs a CUDA GPU: ZeRO++ quantizes with DeepSpeed\'s CUDA '
             "kernels (QuantizerBuilder), which its CPU backend lacks; set it to false on this machine"
+        )
+    # Triton runs on CPU only through its interpreter (ds_sft.kernels._launch.check_launchable), which it
+    # chooses when the kernels are imported: without it the first forward, after the model loaded, failed.
+    if s["kernels"] == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(
+            "--kernels triton needs a CUDA GPU (or TRITON_INTERPRET=1 in the environment, tests only: ~1000x "
+            "slower); use --kernels torch or auto on this machine"
         )
     autocast = ds_config.get("torch_autocast", {})
     if not isinstance(autocast, dict) or autocast.get("enabled"):  # it computed in bf16, recorded as fp32

@@ -836,3 +836,25 @@ def test_zero_plus_plus_quantization_without_cuda_is_one_line_before_the_model_l
     code, lines = run_train(capsys, tmp_path, config)
     assert_refused(code, lines, [f'"zero_optimization.{key}"'], key)
     assert "needs a CUDA GPU" in lines[0] and "set it to false" in lines[0]
+
+
+@pytest.mark.parametrize("source", ["flag", "json"])
+@pytest.mark.parametrize("interpret", [None, "0", "1"])
+def test_triton_kernels_without_cuda_are_one_line_before_the_model_loads(
+    capsys, tmp_path, monkeypatch, source, interpret
+):
+    """--kernels triton on a CPU-only machine was a traceback at the step-0 eval, after the model loaded
+    and metrics.jsonl was created: Triton runs on CPU only through TRITON_INTERPRET=1."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if interpret is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    config, flags = BASE, ["--kernels", "triton"]
+    if source == "json":
+        config, flags = set_path(BASE, ("ds_sft", "kernels"), "triton"), []
+    code, lines = run_train(capsys, tmp_path, config, *flags)
+    if interpret == "1":  # the interpreter runs the kernels: accepted up to the missing data dir
+        assert_refused(code, lines, ["data_dir"], "TRITON_INTERPRET=1")
+    else:
+        assert_refused(code, lines, ["--kernels triton needs a CUDA GPU"], interpret)
