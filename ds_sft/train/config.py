@@ -127,8 +127,8 @@ FLAG_TO_DS_KEY: dict[str, tuple[str, ...]] = {
     "precision": ("bf16", "enabled"),  # "bf16" <-> true
 }
 
-# "run" is where the run that wrote an effective_config.json read and wrote (its path flags): a record,
-# never applied when the file is passed back (see PATH_FLAGS).
+# "run" is where the run that wrote an effective_config.json read and wrote, and sent its metrics (its
+# COMMAND_LINE_FLAGS): a record, never applied when the file is passed back.
 OWN_SECTIONS = ("ds_sft", "fp8", "run")
 SECTIONS = ("optimizer", "zero_optimization", "bf16", "fp16", *OWN_SECTIONS)  # must be JSON objects
 
@@ -137,6 +137,11 @@ SECTIONS = ("optimizer", "zero_optimization", "bf16", "fp16", *OWN_SECTIONS)  # 
 # would send a run into someone else's folder (or resume it from there) without a word on the command
 # line, so the "ds_sft" section refuses them.
 PATH_FLAGS = ("data_dir", "base_model", "out_dir", "resume")
+# Where a run's metrics go is the user's choice too: a recipe that set these decided whether the run's
+# config, paths and metrics leave the machine, and to which wandb project, over the user's $WANDB_MODE.
+# They come from the command line, else the environment ($WANDB_MODE, $WANDB_PROJECT; metrics.py).
+DESTINATION_FLAGS = ("wandb_mode", "wandb_project")
+COMMAND_LINE_FLAGS = (*PATH_FLAGS, *DESTINATION_FLAGS)
 
 # DeepSpeed keys that name a place DeepSpeed itself writes (read from DeepSpeed 0.19.8's
 # monitor/config.py, profiling/config.py, autotuning/config.py, runtime/zero/offload_config.py and
@@ -417,11 +422,11 @@ def layer(args, ds_json: dict, source: str) -> tuple[dict, dict, list[str]]:
     if not isinstance(own, dict):
         raise UserError('the "ds_sft" section of the DeepSpeed config must be a JSON object of flag: value')
     check_keys('the "ds_sft" section', own, set(DEFAULTS))
-    for flag in PATH_FLAGS:
+    for flag in COMMAND_LINE_FLAGS:
         if own.get(flag) is not None:  # null is unset, as for every setting
             raise UserError(
                 f'remove "ds_sft.{flag}" from {source} and pass --{flag} on the command line: a shared '
-                "config does not choose what a run reads or where it writes"
+                "config does not choose what a run reads, where it writes or where its metrics go"
             )
     settings, notes = {}, []
     if "run" in ds_json:
@@ -606,7 +611,8 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
         )
     # Triton runs on CPU only through its interpreter (ds_sft.kernels._launch.check_launchable), which it
     # chooses when the kernels are imported: without it the first forward, after the model loaded, failed.
-    if s["kernels"] == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if s["kernels"] == "triton" and not torch.cuda.is_available() and not interpreted:
         raise UserError(
             "--kernels triton needs a CUDA GPU (or TRITON_INTERPRET=1 in the environment, tests only: ~1000x "
             "slower); use --kernels torch or auto on this machine"
@@ -719,8 +725,9 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
 
 
 def effective_config(ds_config: dict, settings: SimpleNamespace) -> dict:
-    """What ``RUN/effective_config.json`` holds: the engine config plus ds-sft's own sections; the path
-    flags go to "run", a record that passing the file back does not apply (:data:`PATH_FLAGS`)."""
-    own = {k: v for k, v in vars(settings).items() if k in DEFAULTS and k not in PATH_FLAGS}
-    run = {k: getattr(settings, k) for k in PATH_FLAGS}
+    """What ``RUN/effective_config.json`` holds: the engine config plus ds-sft's own sections; the
+    command-line-only flags go to "run", a record that passing the file back does not apply
+    (:data:`COMMAND_LINE_FLAGS`)."""
+    own = {k: v for k, v in vars(settings).items() if k in DEFAULTS and k not in COMMAND_LINE_FLAGS}
+    run = {k: getattr(settings, k) for k in COMMAND_LINE_FLAGS}
     return {**ds_config, "ds_sft": own, "fp8": settings.fp8_recipe, "run": run}

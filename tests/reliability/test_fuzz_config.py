@@ -127,7 +127,7 @@ ORACLE = {
     ("ds_sft", "fp8"): (lambda v: v in ("off", "auto", "torch", "te"), ["fp8"]),
     ("ds_sft", "kernels"): (lambda v: v in ("auto", "triton", "torch", "eager"), ["kernels"]),
     ("ds_sft", "compile"): (lambda v: isinstance(v, bool), ["compile"]),
-    ("ds_sft", "wandb_mode"): (lambda v: v is None or v in ("offline", "online", "disabled"), ["wandb_mode"]),
+    ("ds_sft", "wandb_mode"): (lambda v: v is None, ["wandb_mode"]),  # where metrics go: flags and env only
     # whole sections: random dicts hold unknown keys, so only these few are valid
     ("zero_optimization",): (lambda v: v in ({}, *({"stage": s} for s in range(4))), ["zero_optimization"]),
     ("optimizer",): (lambda v: False, ["optimizer"]),  # no AdamW type in a random value
@@ -696,6 +696,22 @@ def test_the_json_does_not_choose_what_a_run_reads_or_where_it_writes(capsys, tm
     assert f'"ds_sft.{flag}"' in lines[0] and f"--{flag}" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("wandb_mode", "offline"), ("wandb_mode", "online"), ("wandb_mode", "disabled"),
+     ("wandb_project", "attacker"), ("wandb_project", "ds-sft")],
+)  # fmt: skip
+def test_the_json_does_not_choose_where_a_runs_metrics_go(capsys, tmp_path, monkeypatch, flag, value):
+    """A shared recipe's "ds_sft": {"wandb_mode": "offline", "wandb_project": "attacker"} started wandb
+    under that project although the user's environment said WANDB_MODE=disabled."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    code, lines = run_train(capsys, tmp_path, merged(BASE, {"ds_sft": {flag: value}}))
+    assert_refused(code, lines, [f'"ds_sft.{flag}"'], flag)
+    assert f"--{flag}" in lines[0]
+    code, lines = run_train(capsys, tmp_path, BASE, f"--{flag}", value)  # the flag itself is the user's
+    assert_refused(code, lines, ["data_dir"], f"--{flag}")
+
+
 DUPLICATES = {
     "top level": ('{"gradient_clipping": 1.0, "gradient_clipping": 0}', "gradient_clipping"),
     "optimizer params": (
@@ -739,7 +755,8 @@ def test_effective_config_records_the_paths_and_passes_back_without_them(capsys,
 
     own = {"micro_batch_size": 2, "grad_accum": 1, "grad_clip": 1.0, "learning_rate": 1e-3, "zero_stage": 2,
            "precision": "fp32", **BASE["ds_sft"]}  # fmt: skip
-    paths = {"out_dir": str(tmp_path / "first"), "resume": "auto", "data_dir": "/d", "base_model": None}
+    paths = {"out_dir": str(tmp_path / "first"), "resume": "auto", "data_dir": "/d", "base_model": None,
+             "wandb_mode": "offline", "wandb_project": "mine"}  # fmt: skip
     settings = SimpleNamespace(**{**DEFAULTS, **own, **paths, "model": "tiny", "fp8_recipe": {}})
     engine = {k: v for k, v in BASE.items() if k != "ds_sft"}
     written = json.loads(json.dumps(effective_config(engine, settings)))
