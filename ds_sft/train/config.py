@@ -175,6 +175,23 @@ DS_WRITERS = {
     "autotuning": "ds-sft does not run DeepSpeed's autotuner",
 }
 
+# DeepSpeed keys that pass DeepSpeed's config reader yet conflict with what ds-sft sets, or that ds-sft's
+# loop never drives (so a recipe would believe they act): path -> why, for the one-line refusal. Each was
+# a traceback in deepspeed.initialize after the model had loaded, or a silent change of the run. A key
+# counts as set unless it is null, false, {} or a section with "enabled": false (:func:`is_set`).
+REFUSED_DS_KEYS: dict[tuple[str, ...], str] = {
+    ("optimizer", "params", "foreach"): "ds-sft steps torch's fused AdamW, which torch refuses with foreach",
+    ("optimizer", "params", "maximize"): "AdamW would ascend the loss ds-sft trains down",
+    ("prescale_gradients",): "DeepSpeed's ZeRO reduce-scatter refuses it, once the model has loaded",
+    ("checkpoint", "writer"): (
+        "ds-sft hashes a checkpoint's files as soon as save_checkpoint returns, before a decoupled writer "
+        "has written them"
+    ),
+    ("data_types", "grad_accum_dtype"): "--precision and ZeRO choose the gradient dtype, not the recipe",
+    ("data_efficiency",): "ds-sft batches its own data; DeepSpeed's sampler and random-LTD never run",
+    ("hybrid_engine",): "ds-sft has no generation loop for DeepSpeed's RLHF hybrid engine to drive",
+}
+
 # ZeRO++'s quantized communication (DeepSpeed's zero/config.py): CUDA kernels only.
 ZERO_PLUS_PLUS_QUANTIZED = (
     "zero_quantized_weights",
@@ -565,6 +582,20 @@ def check_writers(ds_config: dict, source: str) -> None:
             )
 
 
+def is_set(value) -> bool:
+    """Whether a DeepSpeed key asks for something: not null, false, {} or a section switched off."""
+    if value is None or value is False or value == {}:
+        return False
+    return not (isinstance(value, dict) and value.get("enabled") is False)
+
+
+def check_refused_keys(ds_config: dict, source: str) -> None:
+    """No key of :data:`REFUSED_DS_KEYS` may be set."""
+    for path, why in REFUSED_DS_KEYS.items():
+        if is_set(get_path(ds_config, path)):
+            raise UserError(f'remove "{".".join(path)}" from {source}: {why}')
+
+
 def validate(ds_config: dict, s: dict, source: str) -> None:
     """Every contradiction a run could trip over later, caught before anything heavy is loaded."""
     check_keys("the DeepSpeed config", ds_config, KNOWN_DS_KEYS)
@@ -573,6 +604,14 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
     check_keys('"optimizer"', ds_config.get("optimizer", {}), KNOWN_OPTIMIZER_KEYS)
     check_optimizer_params(ds_config.get("optimizer", {}).get("params", {}))
     check_ds_numbers(ds_config, source)
+    check_refused_keys(ds_config, source)
+    zero = ds_config.get("zero_optimization", {})
+    predivide = ds_config.get("gradient_predivide_factor", 1)
+    if predivide != 1 and zero.get("stage", 0) >= 1 and zero.get("reduce_scatter", True):
+        raise UserError(  # the same assert as prescale_gradients in ZeRO's reduce-scatter, after loading
+            f'"gradient_predivide_factor" is {predivide} in {source}: DeepSpeed\'s ZeRO reduce-scatter '
+            "supports only 1; remove it"
+        )
     if get_path(ds_config, ("checkpoint", "load_universal")):
         raise UserError(
             'remove "checkpoint.load_universal" from the DeepSpeed config: ds-sft loads a checkpoint saved '

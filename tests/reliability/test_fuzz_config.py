@@ -875,3 +875,57 @@ def test_triton_kernels_without_cuda_are_one_line_before_the_model_loads(
         assert_refused(code, lines, ["data_dir"], "TRITON_INTERPRET=1")
     else:
         assert_refused(code, lines, ["--kernels triton needs a CUDA GPU"], interpret)
+
+
+# Each key of REFUSED_DS_KEYS: (a value that asks for it, one that does not). Each set value passed every
+# check and then was a traceback in deepspeed.initialize after the model loaded (foreach: torch refused it
+# with the fused AdamW ds-sft adds; prescale_gradients: ZeRO-2's assert; checkpoint.writer: KeyError
+# 'CROSS_SIZE'), or was accepted and changed the run silently or not at all (the rest).
+REFUSED_VALUES = {
+    ("optimizer", "params", "foreach"): (True, False),
+    ("optimizer", "params", "maximize"): (True, False),
+    ("prescale_gradients",): (True, False),
+    ("checkpoint", "writer"): ({"type": "fast", "io_buffer_size": 1048576}, None),
+    ("data_types", "grad_accum_dtype"): ("fp16", None),
+    ("data_efficiency",): (
+        {"enabled": True, "data_routing": {"enabled": True, "random_ltd": {"enabled": True}}},
+        {"enabled": False},
+    ),
+    ("hybrid_engine",): ({"enabled": True}, {"enabled": False}),
+}
+
+
+def test_every_refused_deepspeed_key_is_tested():
+    from ds_sft.train.config import REFUSED_DS_KEYS
+
+    assert set(REFUSED_VALUES) == set(REFUSED_DS_KEYS)
+
+
+@pytest.mark.parametrize("path", REFUSED_VALUES, ids=".".join)
+@pytest.mark.parametrize("asks", [True, False], ids=["set", "unset"])
+def test_a_deepspeed_key_ds_sft_does_not_drive_is_one_line_before_the_model_loads(
+    capsys, tmp_path, path, asks
+):
+    from ds_sft.train.config import REFUSED_DS_KEYS
+
+    config = merged(BASE, nested(path, REFUSED_VALUES[path][0 if asks else 1]))
+    code, lines = run_train(capsys, tmp_path, config)
+    if asks:
+        assert_refused(code, lines, [f'remove "{".".join(path)}"'], path)
+        assert REFUSED_DS_KEYS[path] in lines[0]
+    else:  # switched off, it asks for nothing: accepted up to the missing data dir
+        assert_refused(code, lines, ["data_dir"], path)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_gradient_predivide_factor_zero_refuses_is_one_line_before_the_model_loads(capsys, tmp_path, stage):
+    """ZeRO's reduce-scatter asserts gradient_predivide_factor == 1 in deepspeed.initialize."""
+    config = set_path(
+        set_path(BASE, ("zero_optimization",), {"stage": stage}), ("gradient_predivide_factor",), 2.0
+    )
+    code, lines = run_train(capsys, tmp_path, config)
+    assert_refused(code, lines, ['"gradient_predivide_factor"'], stage)
+    accepted = set_path(config, ("zero_optimization",), {"stage": stage, "reduce_scatter": False})
+    assert_refused(
+        *run_train(capsys, tmp_path, accepted), ["data_dir"], f"stage {stage} without reduce_scatter"
+    )
