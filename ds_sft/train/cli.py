@@ -118,12 +118,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(ev, "--eval_interval", "evaluate every N steps (and at the last step)")
     flag(ev, "--eval_iters", "val sample of eval_iters x micro_batch_size rows (stratified; any world size)")
     flag(ev, "--log_interval", "print a log line every N steps")
-    flag(ev, "--wandb_project", "wandb project name (default: ds-sft)")
+    # command line and environment only: a shared DeepSpeed JSON does not choose (config.DESTINATION_FLAGS)
+    flag(
+        ev, "--wandb_project", "wandb project name (default: $WANDB_PROJECT, else ds-sft; not from the JSON)"
+    )
     flag(
         ev,
         "--wandb_mode",
         "offline, online or disabled (default: $WANDB_MODE, else online when "
-        "WANDB_API_KEY is set, else offline)",
+        "WANDB_API_KEY is set, else offline; not from the JSON)",
     )
     flag(ev, "--alarm_rising_evals", "warn when val loss rises for this many evals in a row")
     flag(ev, "--alarm_gap", "warn when val loss exceeds the recent train loss by more than this")

@@ -26,6 +26,7 @@ import copy
 import difflib
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -126,8 +127,8 @@ FLAG_TO_DS_KEY: dict[str, tuple[str, ...]] = {
     "precision": ("bf16", "enabled"),  # "bf16" <-> true
 }
 
-# "run" is where the run that wrote an effective_config.json read and wrote (its path flags): a record,
-# never applied when the file is passed back (see PATH_FLAGS).
+# "run" is where the run that wrote an effective_config.json read and wrote, and sent its metrics (its
+# COMMAND_LINE_FLAGS): a record, never applied when the file is passed back.
 OWN_SECTIONS = ("ds_sft", "fp8", "run")
 SECTIONS = ("optimizer", "zero_optimization", "bf16", "fp16", *OWN_SECTIONS)  # must be JSON objects
 
@@ -136,6 +137,11 @@ SECTIONS = ("optimizer", "zero_optimization", "bf16", "fp16", *OWN_SECTIONS)  # 
 # would send a run into someone else's folder (or resume it from there) without a word on the command
 # line, so the "ds_sft" section refuses them.
 PATH_FLAGS = ("data_dir", "base_model", "out_dir", "resume")
+# Where a run's metrics go is the user's choice too: a recipe that set these decided whether the run's
+# config, paths and metrics leave the machine, and to which wandb project, over the user's $WANDB_MODE.
+# They come from the command line, else the environment ($WANDB_MODE, $WANDB_PROJECT; metrics.py).
+DESTINATION_FLAGS = ("wandb_mode", "wandb_project")
+COMMAND_LINE_FLAGS = (*PATH_FLAGS, *DESTINATION_FLAGS)
 
 # DeepSpeed keys that name a place DeepSpeed itself writes (read from DeepSpeed 0.19.8's
 # monitor/config.py, profiling/config.py, autotuning/config.py, runtime/zero/offload_config.py and
@@ -167,6 +173,23 @@ DS_WRITERS = {
     "wandb": "use --wandb_project (ds-sft's own wandb run)",
     "comet": "ds-sft logs to metrics.jsonl and --wandb_project",
     "autotuning": "ds-sft does not run DeepSpeed's autotuner",
+}
+
+# DeepSpeed keys that pass DeepSpeed's config reader yet conflict with what ds-sft sets, or that ds-sft's
+# loop never drives (so a recipe would believe they act): path -> why, for the one-line refusal. Each was
+# a traceback in deepspeed.initialize after the model had loaded, or a silent change of the run. A key
+# counts as set unless it is null, false, {} or a section with "enabled": false (:func:`is_set`).
+REFUSED_DS_KEYS: dict[tuple[str, ...], str] = {
+    ("optimizer", "params", "foreach"): "ds-sft steps torch's fused AdamW, which torch refuses with foreach",
+    ("optimizer", "params", "maximize"): "AdamW would ascend the loss ds-sft trains down",
+    ("prescale_gradients",): "DeepSpeed's ZeRO reduce-scatter refuses it, once the model has loaded",
+    ("checkpoint", "writer"): (
+        "ds-sft hashes a checkpoint's files as soon as save_checkpoint returns, before a decoupled writer "
+        "has written them"
+    ),
+    ("data_types", "grad_accum_dtype"): "--precision and ZeRO choose the gradient dtype, not the recipe",
+    ("data_efficiency",): "ds-sft batches its own data; DeepSpeed's sampler and random-LTD never run",
+    ("hybrid_engine",): "ds-sft has no generation loop for DeepSpeed's RLHF hybrid engine to drive",
 }
 
 # ZeRO++'s quantized communication (DeepSpeed's zero/config.py): CUDA kernels only.
@@ -317,6 +340,7 @@ def find_duplicate(tree, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
 
 
 def read_json(path: Path) -> dict:
+    """The DeepSpeed config's JSON object; any file that is not one is one UserError naming it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=refuse_duplicates)
     except UnicodeDecodeError as err:
@@ -325,6 +349,8 @@ def read_json(path: Path) -> dict:
         raise UserError(
             f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
         ) from None
+    except ValueError as err:  # the reader's own limits, e.g. an integer of more than 4,300 digits
+        raise UserError(f"{path} is not valid JSON ({first_line(err)})") from None
     except RecursionError:
         raise UserError(f"{path} is nested too deeply to be a DeepSpeed config") from None
     if not isinstance(data, dict):
@@ -413,11 +439,11 @@ def layer(args, ds_json: dict, source: str) -> tuple[dict, dict, list[str]]:
     if not isinstance(own, dict):
         raise UserError('the "ds_sft" section of the DeepSpeed config must be a JSON object of flag: value')
     check_keys('the "ds_sft" section', own, set(DEFAULTS))
-    for flag in PATH_FLAGS:
+    for flag in COMMAND_LINE_FLAGS:
         if own.get(flag) is not None:  # null is unset, as for every setting
             raise UserError(
                 f'remove "ds_sft.{flag}" from {source} and pass --{flag} on the command line: a shared '
-                "config does not choose what a run reads or where it writes"
+                "config does not choose what a run reads, where it writes or where its metrics go"
             )
     settings, notes = {}, []
     if "run" in ds_json:
@@ -556,6 +582,20 @@ def check_writers(ds_config: dict, source: str) -> None:
             )
 
 
+def is_set(value) -> bool:
+    """Whether a DeepSpeed key asks for something: not null, false, {} or a section switched off."""
+    if value is None or value is False or value == {}:
+        return False
+    return not (isinstance(value, dict) and value.get("enabled") is False)
+
+
+def check_refused_keys(ds_config: dict, source: str) -> None:
+    """No key of :data:`REFUSED_DS_KEYS` may be set."""
+    for path, why in REFUSED_DS_KEYS.items():
+        if is_set(get_path(ds_config, path)):
+            raise UserError(f'remove "{".".join(path)}" from {source}: {why}')
+
+
 def validate(ds_config: dict, s: dict, source: str) -> None:
     """Every contradiction a run could trip over later, caught before anything heavy is loaded."""
     check_keys("the DeepSpeed config", ds_config, KNOWN_DS_KEYS)
@@ -564,6 +604,14 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
     check_keys('"optimizer"', ds_config.get("optimizer", {}), KNOWN_OPTIMIZER_KEYS)
     check_optimizer_params(ds_config.get("optimizer", {}).get("params", {}))
     check_ds_numbers(ds_config, source)
+    check_refused_keys(ds_config, source)
+    zero = ds_config.get("zero_optimization", {})
+    predivide = ds_config.get("gradient_predivide_factor", 1)
+    if predivide != 1 and zero.get("stage", 0) >= 1 and zero.get("reduce_scatter", True):
+        raise UserError(  # the same assert as prescale_gradients in ZeRO's reduce-scatter, after loading
+            f'"gradient_predivide_factor" is {predivide} in {source}: DeepSpeed\'s ZeRO reduce-scatter '
+            "supports only 1; remove it"
+        )
     if get_path(ds_config, ("checkpoint", "load_universal")):
         raise UserError(
             'remove "checkpoint.load_universal" from the DeepSpeed config: ds-sft loads a checkpoint saved '
@@ -599,6 +647,14 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
         raise UserError(
             f'"zero_optimization.{quantized[0]}" needs a CUDA GPU: ZeRO++ quantizes with DeepSpeed\'s CUDA '
             "kernels (QuantizerBuilder), which its CPU backend lacks; set it to false on this machine"
+        )
+    # Triton runs on CPU only through its interpreter (ds_sft.kernels._launch.check_launchable), which it
+    # chooses when the kernels are imported: without it the first forward, after the model loaded, failed.
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if s["kernels"] == "triton" and not torch.cuda.is_available() and not interpreted:
+        raise UserError(
+            "--kernels triton needs a CUDA GPU (or TRITON_INTERPRET=1 in the environment, tests only: ~1000x "
+            "slower); use --kernels torch or auto on this machine"
         )
     autocast = ds_config.get("torch_autocast", {})
     if not isinstance(autocast, dict) or autocast.get("enabled"):  # it computed in bf16, recorded as fp32
@@ -708,8 +764,9 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
 
 
 def effective_config(ds_config: dict, settings: SimpleNamespace) -> dict:
-    """What ``RUN/effective_config.json`` holds: the engine config plus ds-sft's own sections; the path
-    flags go to "run", a record that passing the file back does not apply (:data:`PATH_FLAGS`)."""
-    own = {k: v for k, v in vars(settings).items() if k in DEFAULTS and k not in PATH_FLAGS}
-    run = {k: getattr(settings, k) for k in PATH_FLAGS}
+    """What ``RUN/effective_config.json`` holds: the engine config plus ds-sft's own sections; the
+    command-line-only flags go to "run", a record that passing the file back does not apply
+    (:data:`COMMAND_LINE_FLAGS`)."""
+    own = {k: v for k, v in vars(settings).items() if k in DEFAULTS and k not in COMMAND_LINE_FLAGS}
+    run = {k: getattr(settings, k) for k in COMMAND_LINE_FLAGS}
     return {**ds_config, "ds_sft": own, "fp8": settings.fp8_recipe, "run": run}

@@ -127,7 +127,7 @@ ORACLE = {
     ("ds_sft", "fp8"): (lambda v: v in ("off", "auto", "torch", "te"), ["fp8"]),
     ("ds_sft", "kernels"): (lambda v: v in ("auto", "triton", "torch", "eager"), ["kernels"]),
     ("ds_sft", "compile"): (lambda v: isinstance(v, bool), ["compile"]),
-    ("ds_sft", "wandb_mode"): (lambda v: v is None or v in ("offline", "online", "disabled"), ["wandb_mode"]),
+    ("ds_sft", "wandb_mode"): (lambda v: v is None, ["wandb_mode"]),  # where metrics go: flags and env only
     # whole sections: random dicts hold unknown keys, so only these few are valid
     ("zero_optimization",): (lambda v: v in ({}, *({"stage": s} for s in range(4))), ["zero_optimization"]),
     ("optimizer",): (lambda v: False, ["optimizer"]),  # no AdamW type in a random value
@@ -275,6 +275,10 @@ BROKEN_FILES = {
     "empty": b"",
     "invalid UTF-8": b'{"_comment": "caf\xe9"}',  # Latin-1 from an old editor
     "NaN literal": b'{"train_micro_batch_size_per_gpu": NaN}',
+    # Python's int() refuses more than 4,300 digits with a ValueError that is not a JSONDecodeError
+    "a 5,000-digit integer": b'{"steps_per_print": ' + b"1" * 5000 + b"}",
+    "a 5,000-digit integer in ds_sft": b'{"ds_sft": {"seed": -' + b"9" * 5000 + b"}}",
+    "a 5,000-digit integer in a list": b'{"optimizer": {"params": {"betas": [' + b"1" * 5000 + b", 0]}}}",
 }
 
 
@@ -692,6 +696,22 @@ def test_the_json_does_not_choose_what_a_run_reads_or_where_it_writes(capsys, tm
     assert f'"ds_sft.{flag}"' in lines[0] and f"--{flag}" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("wandb_mode", "offline"), ("wandb_mode", "online"), ("wandb_mode", "disabled"),
+     ("wandb_project", "attacker"), ("wandb_project", "ds-sft")],
+)  # fmt: skip
+def test_the_json_does_not_choose_where_a_runs_metrics_go(capsys, tmp_path, monkeypatch, flag, value):
+    """A shared recipe's "ds_sft": {"wandb_mode": "offline", "wandb_project": "attacker"} started wandb
+    under that project although the user's environment said WANDB_MODE=disabled."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    code, lines = run_train(capsys, tmp_path, merged(BASE, {"ds_sft": {flag: value}}))
+    assert_refused(code, lines, [f'"ds_sft.{flag}"'], flag)
+    assert f"--{flag}" in lines[0]
+    code, lines = run_train(capsys, tmp_path, BASE, f"--{flag}", value)  # the flag itself is the user's
+    assert_refused(code, lines, ["data_dir"], f"--{flag}")
+
+
 DUPLICATES = {
     "top level": ('{"gradient_clipping": 1.0, "gradient_clipping": 0}', "gradient_clipping"),
     "optimizer params": (
@@ -735,7 +755,8 @@ def test_effective_config_records_the_paths_and_passes_back_without_them(capsys,
 
     own = {"micro_batch_size": 2, "grad_accum": 1, "grad_clip": 1.0, "learning_rate": 1e-3, "zero_stage": 2,
            "precision": "fp32", **BASE["ds_sft"]}  # fmt: skip
-    paths = {"out_dir": str(tmp_path / "first"), "resume": "auto", "data_dir": "/d", "base_model": None}
+    paths = {"out_dir": str(tmp_path / "first"), "resume": "auto", "data_dir": "/d", "base_model": None,
+             "wandb_mode": "offline", "wandb_project": "mine"}  # fmt: skip
     settings = SimpleNamespace(**{**DEFAULTS, **own, **paths, "model": "tiny", "fp8_recipe": {}})
     engine = {k: v for k, v in BASE.items() if k != "ds_sft"}
     written = json.loads(json.dumps(effective_config(engine, settings)))
@@ -832,3 +853,79 @@ def test_zero_plus_plus_quantization_without_cuda_is_one_line_before_the_model_l
     code, lines = run_train(capsys, tmp_path, config)
     assert_refused(code, lines, [f'"zero_optimization.{key}"'], key)
     assert "needs a CUDA GPU" in lines[0] and "set it to false" in lines[0]
+
+
+@pytest.mark.parametrize("source", ["flag", "json"])
+@pytest.mark.parametrize("interpret", [None, "0", "1"])
+def test_triton_kernels_without_cuda_are_one_line_before_the_model_loads(
+    capsys, tmp_path, monkeypatch, source, interpret
+):
+    """--kernels triton on a CPU-only machine was a traceback at the step-0 eval, after the model loaded
+    and metrics.jsonl was created: Triton runs on CPU only through TRITON_INTERPRET=1."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if interpret is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    config, flags = BASE, ["--kernels", "triton"]
+    if source == "json":
+        config, flags = set_path(BASE, ("ds_sft", "kernels"), "triton"), []
+    code, lines = run_train(capsys, tmp_path, config, *flags)
+    if interpret == "1":  # the interpreter runs the kernels: accepted up to the missing data dir
+        assert_refused(code, lines, ["data_dir"], "TRITON_INTERPRET=1")
+    else:
+        assert_refused(code, lines, ["--kernels triton needs a CUDA GPU"], interpret)
+
+
+# Each key of REFUSED_DS_KEYS: (a value that asks for it, one that does not). Each set value passed every
+# check and then was a traceback in deepspeed.initialize after the model loaded (foreach: torch refused it
+# with the fused AdamW ds-sft adds; prescale_gradients: ZeRO-2's assert; checkpoint.writer: KeyError
+# 'CROSS_SIZE'), or was accepted and changed the run silently or not at all (the rest).
+REFUSED_VALUES = {
+    ("optimizer", "params", "foreach"): (True, False),
+    ("optimizer", "params", "maximize"): (True, False),
+    ("prescale_gradients",): (True, False),
+    ("checkpoint", "writer"): ({"type": "fast", "io_buffer_size": 1048576}, None),
+    ("data_types", "grad_accum_dtype"): ("fp16", None),
+    ("data_efficiency",): (
+        {"enabled": True, "data_routing": {"enabled": True, "random_ltd": {"enabled": True}}},
+        {"enabled": False},
+    ),
+    ("hybrid_engine",): ({"enabled": True}, {"enabled": False}),
+}
+
+
+def test_every_refused_deepspeed_key_is_tested():
+    from ds_sft.train.config import REFUSED_DS_KEYS
+
+    assert set(REFUSED_VALUES) == set(REFUSED_DS_KEYS)
+
+
+@pytest.mark.parametrize("path", REFUSED_VALUES, ids=".".join)
+@pytest.mark.parametrize("asks", [True, False], ids=["set", "unset"])
+def test_a_deepspeed_key_ds_sft_does_not_drive_is_one_line_before_the_model_loads(
+    capsys, tmp_path, path, asks
+):
+    from ds_sft.train.config import REFUSED_DS_KEYS
+
+    config = merged(BASE, nested(path, REFUSED_VALUES[path][0 if asks else 1]))
+    code, lines = run_train(capsys, tmp_path, config)
+    if asks:
+        assert_refused(code, lines, [f'remove "{".".join(path)}"'], path)
+        assert REFUSED_DS_KEYS[path] in lines[0]
+    else:  # switched off, it asks for nothing: accepted up to the missing data dir
+        assert_refused(code, lines, ["data_dir"], path)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_gradient_predivide_factor_zero_refuses_is_one_line_before_the_model_loads(capsys, tmp_path, stage):
+    """ZeRO's reduce-scatter asserts gradient_predivide_factor == 1 in deepspeed.initialize."""
+    config = set_path(
+        set_path(BASE, ("zero_optimization",), {"stage": stage}), ("gradient_predivide_factor",), 2.0
+    )
+    code, lines = run_train(capsys, tmp_path, config)
+    assert_refused(code, lines, ['"gradient_predivide_factor"'], stage)
+    accepted = set_path(config, ("zero_optimization",), {"stage": stage, "reduce_scatter": False})
+    assert_refused(
+        *run_train(capsys, tmp_path, accepted), ["data_dir"], f"stage {stage} without reduce_scatter"
+    )
