@@ -207,7 +207,9 @@ def damage(tag_dir: Path) -> str | None:
         return f"it has no {STATE_FILE} (the save never completed)"
     try:
         state = read_trainer_state(tag_dir)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except OSError as err:
+        return f"its {STATE_FILE} cannot be read ({err.strerror})"
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer of over 4,300 digits, too deep
         return f"its {STATE_FILE} is corrupted"
     problem = trainer_state_problem(state, with_files=True)
     if problem:
@@ -226,7 +228,33 @@ def damage(tag_dir: Path) -> str | None:
     if foreign:
         are = "is" if len(foreign) == 1 else "are"
         return f"{', '.join(foreign)} {are} not among the regular files it was saved with"
-    return pickled_code(tag_dir)
+    return kind_problem(state, expected) or pickled_code(tag_dir)
+
+
+# DeepSpeed names a tag's files by the engine that saved them: ZeRO 1-3 write one optimizer file per
+# rank, prefixed bf16_ in bf16 (stage 0 keeps its optimizer in the model states), and ZeRO 3 one
+# model-states file per rank.
+OPTIM_STATES = re.compile(r"(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt")
+ZERO3_MODEL_STATES = re.compile(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt")
+
+
+def kind_problem(state: dict, names) -> str | None:
+    """Why the ZeRO stage and precision ``state`` records are not those of the engine that wrote the
+    files ``names`` (their names tell), or None. A resume builds its engine from the recorded kind, and
+    DeepSpeed fails deep in its load on another kind's files."""
+    stage = state["zero_stage"]
+    optim = [match for match in map(OPTIM_STATES.fullmatch, names) if match]
+    if (stage > 0) != bool(optim):
+        written_by = "ZeRO 1-3 (optimizer files)" if optim else "ZeRO 0 (no optimizer files)"
+        return f"its files were written by {written_by}, but its {STATE_FILE} says ZeRO {stage}"
+    if (stage == 3) != any(map(ZERO3_MODEL_STATES.fullmatch, names)):
+        written_by = "ZeRO 1-2" if stage == 3 else "ZeRO 3"
+        return f"its model-states files were written by {written_by}, but its {STATE_FILE} says ZeRO {stage}"
+    precision = state.get("run", {}).get("precision")  # older states do not record it
+    if precision is not None and any(bool(match.group(1)) != (precision == "bf16") for match in optim):
+        other = "fp32" if precision == "bf16" else "bf16"
+        return f"its optimizer files were written in {other}, but its {STATE_FILE} says {precision}"
+    return None
 
 
 def _is_int(value, low: int, high: int = 2**62) -> bool:
@@ -598,6 +626,16 @@ def unsafe_pickle_message(tag_dir: Path, err: BaseException) -> str | None:
     )
 
 
+def load_failure(tag_dir: Path, err) -> str:
+    """The one line for a checkpoint DeepSpeed's load failed on (files that do not match the saved
+    kind or shapes, an edited state...): the tag, DeepSpeed's reason, what to do."""
+    reason = f"{type(err).__name__}: {first_line(err)}" if isinstance(err, BaseException) else err
+    return (
+        f"could not load the checkpoint {tag_dir} ({one_line(reason)}): pass another checkpoint with "
+        "--resume PATH, or --overwrite to start again"
+    )
+
+
 def load(engine, tag_dir: Path, universal: bool = False) -> dict:
     """Load weights, optimizer and client state, never unpickling code (:func:`weights_only_unpickling`);
     restore this rank's RNG. Returns the trainer state."""
@@ -617,14 +655,13 @@ def load(engine, tag_dir: Path, universal: bool = False) -> dict:
         except Exception as err:
             if universal and dist.get_rank() == 0:
                 shutil.rmtree(source.parent, ignore_errors=True)
-            message = unsafe_pickle_message(tag_dir, err)
-            if message is None:
+            if isinstance(err, UserError):
                 raise
-            raise UserError(message) from None
+            raise UserError(unsafe_pickle_message(tag_dir, err) or load_failure(tag_dir, err)) from None
     if universal:
         remove_universal(source)
     if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+        raise UserError(load_failure(tag_dir, "DeepSpeed found no checkpoint there"))
     weights, moments = non_finite_values(engine)
     if weights or moments:
         raise UserError(non_finite_message(tag_dir, int(weights), int(moments)))

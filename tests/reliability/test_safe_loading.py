@@ -313,6 +313,17 @@ def test_the_engine_load_never_unpickles_code(checkpoints, tmp_path, stage, posi
     assert not list(tag_dir.parent.glob(".universal-*")), "the conversion's folder was left behind"
 
 
+@pytest.mark.parametrize(("saved", "engine_stage"), [(2, 0), (3, 1), (1, 3)])
+def test_a_checkpoint_deepspeed_cannot_load_is_one_line_naming_it(checkpoints, tmp_path, saved, engine_stage):
+    """F3: files of another ZeRO stage than the engine's (a trainer state edited to say so) made
+    DeepSpeed's load raise deep inside (TypeError, KeyError...): now one line naming the tag."""
+    tag_dir = _copy_tag(checkpoints[saved], tmp_path)
+    outcome = _try_load(engine_stage, tag_dir, universal=False)
+    assert isinstance(outcome, UserError), repr(outcome)
+    message = str(outcome)
+    assert "\n" not in message and f"could not load the checkpoint {tag_dir}" in message, message
+
+
 def _plant_universal_folder(tag_dir: Path, marker: Path) -> Path:
     """A ``<tag>_universal/`` beside the tag, as old ds-sft versions kept it, every file booby-trapped."""
     planted = tag_dir.with_name(tag_dir.name + "_universal")
