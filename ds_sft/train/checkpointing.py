@@ -51,8 +51,9 @@ Resuming on a different world size: ZeRO 1-3 shard the optimizer state by rank a
 refuses to re-partition it, so the checkpoint is converted to DeepSpeed's *universal* format
 (``ds_to_universal``: one fp32 file per parameter, optimizer moments included) and loaded with
 ``checkpoint.load_universal``; the continuation keeps the optimizer state, not just the weights. The
-conversion is rebuilt at every such resume into a fresh folder that ds-sft creates
-(``checkpoints/.universal-XXXX/``) and removes once loaded: a ``<tag>_universal/`` folder
+conversion is rebuilt at every such resume into a fresh folder that ds-sft creates in the resuming
+run's own folder (``OUT_DIR/checkpoints/.universal-XXXX/``, never beside a ``--resume`` checkpoint
+of another folder) and removes once loaded: a ``<tag>_universal/`` folder
 found beside a checkpoint is never loaded, and never deleted (ds-sft did not write it).
 At ZeRO 3, DeepSpeed 0.19.8's universal load shares one Adam step counter among the parameter
 groups and gives every group the first group's weight decay: :func:`repair_zero3_universal_load`
@@ -106,6 +107,7 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by torch.load at ev
 TAG_PATTERN = re.compile(r"step_\d{6,}")
 PARTIAL = ".partial"  # where every rank writes a checkpoint before it takes its tag's place
 REPLACED = ".replaced"  # where an earlier run's folder of the same tag waits to be deleted
+UNIVERSAL_PREFIX = ".universal-"  # + tempfile's suffix: a universal conversion while it is loaded
 
 
 def allowed_globals() -> list[tuple[object, str]]:
@@ -562,19 +564,22 @@ def with_universal_load(ds_config: dict) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def convert_to_universal(tag_dir: Path, device) -> Path:
-    """Rank 0 converts ``tag_dir`` to DeepSpeed's universal format in a fresh folder of its own making
-    beside it (never one that already exists: ``.universal-XXXX/<tag>/``, where DeepSpeed's
-    ``latest_universal`` lands too); every rank gets the path. :func:`remove_universal` removes it."""
+def convert_to_universal(tag_dir: Path, ckpt_dir: Path, device) -> Path:
+    """Rank 0 converts ``tag_dir`` to DeepSpeed's universal format in a fresh folder of its own making in
+    this run's ``ckpt_dir`` (locked by this run: never the folder of the run ``--resume`` names, which
+    may be live, read-only or shared), ``.universal-XXXX/<tag>/``, where DeepSpeed's ``latest_universal``
+    lands too; every rank gets the path, or every rank the error. :func:`remove_universal` removes it."""
     import tempfile
 
     import torch.distributed as dist
 
     verdict = [None, None]  # [folder, error]
     if dist.get_rank() == 0:
-        out = Path(tempfile.mkdtemp(prefix=".universal-", dir=tag_dir.parent)) / tag_dir.name
-        verdict[0] = str(out)
-        try:
+        out = None
+        try:  # every failure, making the folder included, must reach every rank, not leave them waiting
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            out = Path(tempfile.mkdtemp(prefix=UNIVERSAL_PREFIX, dir=ckpt_dir)) / tag_dir.name
+            verdict[0] = str(out)
             from argparse import Namespace
 
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
@@ -595,11 +600,12 @@ def convert_to_universal(tag_dir: Path, device) -> Path:
                 if name.endswith("model_states.pt"):
                     shutil.copy2(tag_dir / name, out / name)
         except Exception as err:  # every rank must hear of it, not wait at a collective for rank 0
-            shutil.rmtree(out.parent, ignore_errors=True)
+            if out is not None:
+                shutil.rmtree(out.parent, ignore_errors=True)
             verdict[1] = unsafe_pickle_message(tag_dir, err) or f"{type(err).__name__}: {first_line(err)}"
     dist.broadcast_object_list(verdict, src=0, device=device)
     if verdict[1] is not None:
-        raise UserError(f"could not convert {tag_dir} to a universal checkpoint: {verdict[1]}")
+        raise UserError(f"could not convert {tag_dir} to a universal checkpoint: {one_line(verdict[1])}")
     return Path(verdict[0])
 
 
@@ -636,13 +642,15 @@ def load_failure(tag_dir: Path, err) -> str:
     )
 
 
-def load(engine, tag_dir: Path, universal: bool = False) -> dict:
+def load(engine, tag_dir: Path, universal_in: Path | None = None) -> dict:
     """Load weights, optimizer and client state, never unpickling code (:func:`weights_only_unpickling`);
-    restore this rank's RNG. Returns the trainer state."""
+    restore this rank's RNG. Returns the trainer state. ``universal_in``: on another world size, the
+    run's own checkpoints folder, where ``tag_dir`` is converted to the universal format first."""
     import torch.distributed as dist
 
+    universal = universal_in is not None
     with weights_only_unpickling():
-        source = convert_to_universal(tag_dir, engine.device) if universal else tag_dir
+        source = convert_to_universal(tag_dir, universal_in, engine.device) if universal else tag_dir
         try:
             _, client_state = engine.load_checkpoint(
                 str(source.parent),
