@@ -11,18 +11,23 @@ Layout::
 Every rank writes into ``RUN/checkpoints/.partial/<tag>/``; once all have returned from
 ``save_checkpoint`` and passed a barrier, rank 0 writes the manifest, moves the folder to its tag,
 and only then rewrites ``latest`` (atomically), so a run killed mid-save resumes from the previous
-checkpoint and a tag folder is only ever a complete save. A run resumed from an older checkpoint
-saves steps the first run saved too: the new tag *replaces* the old one whole (the old folder is
-moved aside, then deleted; a symlink is unlinked, never followed), so no file of the first run (such
-as another world size's ZeRO partitions) stays beside the new ones. Tags later than the one just
-saved belong to the run this one branched from: they are deleted before the new tag takes its place
-(a crash then falls back to this run's own checkpoints, never the other run's), then older tags
-beyond ``--keep_last``, except the best.
+checkpoint and a tag folder is only ever a complete save. The next save deletes what such a save
+left in ``.partial/`` (or ``.replaced/``) only when every file there is named as a save names its
+files (:func:`remove_scratch`; no marker is needed, so an older ds-sft's leftovers qualify too); a
+folder holding anything else is moved whole to ``.partial.kept`` and named, never deleted. A run
+resumed from an older checkpoint saves steps the first run saved too: the new tag *replaces* the old
+one whole (the old folder is moved aside, then deleted; a symlink is unlinked, never followed), so
+no file of the first run (such as another world size's ZeRO partitions) stays beside the new ones.
+Tags later than the one just saved belong to the run this one branched from: they are deleted before
+the new tag takes its place (a crash then falls back to this run's own checkpoints, never the other
+run's), then older tags beyond ``--keep_last``, except the best.
 
 Integrity: ``trainer_state.json`` is written last and lists every file of the tag with its size and
 sha256 (rank 0 hashes them; checkpoints live on a filesystem every rank sees, as DeepSpeed's own
 resume assumes). Before resuming, the files are checked against it: a truncated or corrupted file
-(a disk that filled, a copy cut short, a flipped bit) is named in one line. ``--resume`` alone then
+(a disk that filled, a copy cut short, a flipped bit) is named in one line, and so is a state whose
+ZeRO stage or precision the files' names contradict (:func:`kind_problem`: DeepSpeed would fail deep
+in its load); any other failure of DeepSpeed's load is one line naming the tag. ``--resume`` alone then
 falls back to the newest intact checkpoint, saying which it skipped and why; ``--resume TAG_DIR``
 asked for that one checkpoint and stops instead. A state saved with NaN/Inf in it passes the digests;
 the load counts them (:func:`non_finite_values`) and refuses it, naming the newest earlier intact
@@ -72,7 +77,6 @@ DeepSpeed's ``zero_to_fp32`` does not handle stage 0 at all.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -108,6 +112,13 @@ TAG_PATTERN = re.compile(r"step_\d{6,}")
 PARTIAL = ".partial"  # where every rank writes a checkpoint before it takes its tag's place
 REPLACED = ".replaced"  # where an earlier run's folder of the same tag waits to be deleted
 UNIVERSAL_PREFIX = ".universal-"  # + tempfile's suffix: a universal conversion while it is loaded
+# The names of the files a save (.partial), a replaced tag (.replaced) and a universal conversion
+# (.universal-XXXX, with ds_to_universal's temporary shards "exp_avg.00") hold: DeepSpeed's pickles and
+# scripts, the trainer state (+ write_atomic's .tmp). A scratch folder holding any other file is not
+# ds-sft's alone, whichever ds-sft version left it.
+SCRATCH_FILES = re.compile(
+    rf"[^/]+\.pt|\w+\.\d+|{re.escape(STATE_FILE)}(\.tmp)?|latest_universal|zero_to_\w+\.py"
+)
 
 
 def allowed_globals() -> list[tuple[object, str]]:
@@ -378,7 +389,7 @@ def disk_errors(ckpt_dir: Path, tag: str):
         # torch's zip writer reports a full disk as a RuntimeError from inline_container.cc
         if isinstance(err, RuntimeError) and "inline_container" not in str(err):
             raise
-        remove(ckpt_dir / PARTIAL, missing_ok=True)
+        remove_scratch(ckpt_dir / PARTIAL)
         reason = str(err).strip().splitlines()[0]
         free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else 0.0
         latest = ckpt_dir / "latest"
@@ -402,6 +413,48 @@ def remove(path: Path, missing_ok: bool = False) -> None:
             raise
 
 
+def scratch_problem(folder: Path) -> str | None:
+    """What in the scratch folder ``folder`` (:data:`PARTIAL`, :data:`REPLACED`, a universal
+    conversion) ds-sft did not write, named from ``folder``'s parent: a link or special file, or a file
+    not named as a save or conversion names its files (:data:`SCRATCH_FILES`); None when all is its own."""
+    if folder.is_symlink() or not folder.is_dir():
+        return f"{folder.name} is not a folder"
+    for root, dirnames, filenames in os.walk(folder):  # never follows a symlink
+        for name in sorted(dirnames + filenames):
+            path = Path(root) / name
+            where = path.relative_to(folder.parent).as_posix()
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                return f"{where} is not a regular file or folder"
+            if path.is_file() and not SCRATCH_FILES.fullmatch(name):
+                return f"{where} is not a file a checkpoint save writes"
+    return None
+
+
+def kept_path(path: Path, name: str) -> Path:
+    """The first free ``<name>.kept``, ``<name>.kept2``... beside ``path``: where what the run did not
+    write goes instead of being deleted (no ds-sft name, so nothing reads or deletes it again)."""
+    kept, n = path.with_name(f"{name}.kept"), 2
+    while os.path.lexists(kept):
+        kept, n = path.with_name(f"{name}.kept{n}"), n + 1
+    return kept
+
+
+def remove_scratch(folder: Path) -> None:
+    """Delete the scratch folder ``folder`` an earlier save left (cut short, or killed before it deleted
+    a replaced tag), when it holds only what ds-sft writes there (:func:`scratch_problem`); else move it
+    whole to ``<name>.kept`` and say so: a file put there by someone else is never deleted."""
+    if not os.path.lexists(folder):
+        return
+    problem = scratch_problem(folder)
+    if problem is None:
+        remove(folder, missing_ok=True)
+        return
+    kept = kept_path(folder, folder.name)
+    os.replace(folder, kept)
+    print(f"note: kept {one_line(str(folder))} ({one_line(problem)}), now in {one_line(str(kept))}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
 def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int) -> str:
     """Save a complete checkpoint for ``step`` on every rank, replacing any earlier folder of its tag;
     move ``latest`` once all are done (see the module docstring)."""
@@ -411,7 +464,7 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int)
     partial = ckpt_dir / PARTIAL
     client_state = {"trainer": trainer_state, "rng": gather_rng_states()}
     if dist.get_rank() == 0:
-        remove(partial, missing_ok=True)  # what a save killed mid-way left
+        remove_scratch(partial)  # what a save killed mid-way left
     dist.barrier()
     with disk_errors(ckpt_dir, tag):
         engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
@@ -458,11 +511,7 @@ def remove_tag(tag_dir: Path, tag: str | None = None) -> None:
     ours = {p.name for p in entries} - set(theirs)
     for name in sorted(ours, key=lambda name: name != STATE_FILE):
         (tag_dir / name).unlink(missing_ok=True)
-    kept = tag_dir.with_name(f"{tag}.kept")
-    for n in itertools.count(2):
-        if not os.path.lexists(kept):
-            break
-        kept = tag_dir.with_name(f"{tag}.kept{n}")
+    kept = kept_path(tag_dir, tag)
     os.replace(tag_dir, kept)
     why = "" if listed is not None else f" (its {STATE_FILE} does not say which files the run wrote)"
     print(
@@ -485,7 +534,7 @@ def replace_tag(new: Path, tag_dir: Path) -> None:
     """Move the complete checkpoint ``new`` to ``tag_dir``; an earlier run's folder there is moved
     aside first and deleted once the new one is in place (a rename cannot replace a folder)."""
     replaced = tag_dir.with_name(REPLACED)
-    remove(replaced, missing_ok=True)
+    remove_scratch(replaced)
     if tag_dir.is_symlink() or tag_dir.exists():
         os.replace(tag_dir, replaced)  # renames a symlink itself, never its target
     os.replace(new, tag_dir)

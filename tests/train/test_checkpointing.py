@@ -22,6 +22,7 @@ from ds_sft.train.checkpointing import (
     non_finite_values,
     prune,
     replace_tag,
+    save,
 )
 from ds_sft.train.engine import build_engine
 from ds_sft.train.state_transfer import load_weights, read_state, write_state
@@ -158,6 +159,43 @@ def test_a_tag_the_run_deletes_keeps_what_the_run_did_not_write(tmp_path, capsys
     ).read_text() == "not ds-sft's"
     assert (how == "replace_tag") == (ckpt_dir / tag).exists()
     assert f"checkpoint {tag}: kept what the run did not write there" in capsys.readouterr().err
+
+
+# What an earlier save may have left in checkpoints/.partial or .replaced: (file, is it ds-sft's).
+LEFT_BEFORE_A_SAVE = {
+    ".partial/step_000001/mp_rank_00_model_states.pt": True,  # a save cut short
+    ".partial/zero_to_fp32.py": True,
+    ".replaced/mp_rank_00_model_states.pt": True,  # a save killed before it deleted the replaced tag
+    ".partial/notes.txt": False,
+    ".partial/step_000001/notes.txt": False,
+    ".replaced/thesis.tex": False,
+}
+
+
+@pytest.mark.parametrize("name", LEFT_BEFORE_A_SAVE)
+def test_a_save_deletes_what_an_earlier_save_left_but_keeps_anything_else(tmp_path, capsys, dist_env, name):
+    """F11: every save deleted checkpoints/.partial (and replace_tag .replaced) whatever they held. Now
+    only ds-sft's files go; a folder holding anything else is moved whole to <name>.kept and named."""
+    ckpt_dir = tmp_path / "checkpoints"
+    make_tags(ckpt_dir, [2])  # step 2 is saved again: its old folder goes through .replaced
+    (ckpt_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / name).write_text("someone's")
+    s = settings(zero_stage=0)
+    engine, _ = build_engine(tiny_model(), ds_config(s), s.weight_decay)
+    state = json.loads((ckpt_dir / "step_000002" / STATE_FILE).read_text())
+    try:
+        save(engine, ckpt_dir, 2, {key: state[key] for key in state if key != "files"}, keep_last=2)
+    finally:
+        engine.destroy()
+    scratch = name.split("/")[0]
+    assert damage(ckpt_dir / "step_000002") is None
+    assert not (ckpt_dir / scratch).exists()
+    kept = ckpt_dir / f"{scratch}.kept" / name.split("/", 1)[1]
+    if LEFT_BEFORE_A_SAVE[name]:
+        assert not kept.exists()
+    else:
+        assert kept.read_text() == "someone's"
+        assert f"note: kept {ckpt_dir / scratch}" in capsys.readouterr().err
 
 
 def test_a_second_kept_folder_of_one_tag_takes_the_next_free_name(tmp_path):
