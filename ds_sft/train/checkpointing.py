@@ -11,18 +11,23 @@ Layout::
 Every rank writes into ``RUN/checkpoints/.partial/<tag>/``; once all have returned from
 ``save_checkpoint`` and passed a barrier, rank 0 writes the manifest, moves the folder to its tag,
 and only then rewrites ``latest`` (atomically), so a run killed mid-save resumes from the previous
-checkpoint and a tag folder is only ever a complete save. A run resumed from an older checkpoint
-saves steps the first run saved too: the new tag *replaces* the old one whole (the old folder is
-moved aside, then deleted; a symlink is unlinked, never followed), so no file of the first run (such
-as another world size's ZeRO partitions) stays beside the new ones. Tags later than the one just
-saved belong to the run this one branched from: they are deleted before the new tag takes its place
-(a crash then falls back to this run's own checkpoints, never the other run's), then older tags
-beyond ``--keep_last``, except the best.
+checkpoint and a tag folder is only ever a complete save. The next save deletes what such a save
+left in ``.partial/`` (or ``.replaced/``) only when every file there is named as a save names its
+files (:func:`remove_scratch`; no marker is needed, so an older ds-sft's leftovers qualify too); a
+folder holding anything else is moved whole to ``.partial.kept`` and named, never deleted. A run
+resumed from an older checkpoint saves steps the first run saved too: the new tag *replaces* the old
+one whole (the old folder is moved aside, then deleted; a symlink is unlinked, never followed), so
+no file of the first run (such as another world size's ZeRO partitions) stays beside the new ones.
+Tags later than the one just saved belong to the run this one branched from: they are deleted before
+the new tag takes its place (a crash then falls back to this run's own checkpoints, never the other
+run's), then older tags beyond ``--keep_last``, except the best.
 
 Integrity: ``trainer_state.json`` is written last and lists every file of the tag with its size and
 sha256 (rank 0 hashes them; checkpoints live on a filesystem every rank sees, as DeepSpeed's own
 resume assumes). Before resuming, the files are checked against it: a truncated or corrupted file
-(a disk that filled, a copy cut short, a flipped bit) is named in one line. ``--resume`` alone then
+(a disk that filled, a copy cut short, a flipped bit) is named in one line, and so is a state whose
+ZeRO stage or precision the files' names contradict (:func:`kind_problem`: DeepSpeed would fail deep
+in its load); any other failure of DeepSpeed's load is one line naming the tag. ``--resume`` alone then
 falls back to the newest intact checkpoint, saying which it skipped and why; ``--resume TAG_DIR``
 asked for that one checkpoint and stops instead. A state saved with NaN/Inf in it passes the digests;
 the load counts them (:func:`non_finite_values`) and refuses it, naming the newest earlier intact
@@ -51,8 +56,9 @@ Resuming on a different world size: ZeRO 1-3 shard the optimizer state by rank a
 refuses to re-partition it, so the checkpoint is converted to DeepSpeed's *universal* format
 (``ds_to_universal``: one fp32 file per parameter, optimizer moments included) and loaded with
 ``checkpoint.load_universal``; the continuation keeps the optimizer state, not just the weights. The
-conversion is rebuilt at every such resume into a fresh folder that ds-sft creates
-(``checkpoints/.universal-XXXX/``) and removes once loaded: a ``<tag>_universal/`` folder
+conversion is rebuilt at every such resume into a fresh folder that ds-sft creates in the resuming
+run's own folder (``OUT_DIR/checkpoints/.universal-XXXX/``, never beside a ``--resume`` checkpoint
+of another folder) and removes once loaded: a ``<tag>_universal/`` folder
 found beside a checkpoint is never loaded, and never deleted (ds-sft did not write it).
 At ZeRO 3, DeepSpeed 0.19.8's universal load shares one Adam step counter among the parameter
 groups and gives every group the first group's weight decay: :func:`repair_zero3_universal_load`
@@ -71,7 +77,6 @@ DeepSpeed's ``zero_to_fp32`` does not handle stage 0 at all.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -106,6 +111,14 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by torch.load at ev
 TAG_PATTERN = re.compile(r"step_\d{6,}")
 PARTIAL = ".partial"  # where every rank writes a checkpoint before it takes its tag's place
 REPLACED = ".replaced"  # where an earlier run's folder of the same tag waits to be deleted
+UNIVERSAL_PREFIX = ".universal-"  # + tempfile's suffix: a universal conversion while it is loaded
+# The names of the files a save (.partial), a replaced tag (.replaced) and a universal conversion
+# (.universal-XXXX, with ds_to_universal's temporary shards "exp_avg.00") hold: DeepSpeed's pickles and
+# scripts, the trainer state (+ write_atomic's .tmp). A scratch folder holding any other file is not
+# ds-sft's alone, whichever ds-sft version left it.
+SCRATCH_FILES = re.compile(
+    rf"[^/]+\.pt|\w+\.\d+|{re.escape(STATE_FILE)}(\.tmp)?|latest_universal|zero_to_\w+\.py"
+)
 
 
 def allowed_globals() -> list[tuple[object, str]]:
@@ -207,7 +220,9 @@ def damage(tag_dir: Path) -> str | None:
         return f"it has no {STATE_FILE} (the save never completed)"
     try:
         state = read_trainer_state(tag_dir)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except OSError as err:
+        return f"its {STATE_FILE} cannot be read ({err.strerror})"
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer of over 4,300 digits, too deep
         return f"its {STATE_FILE} is corrupted"
     problem = trainer_state_problem(state, with_files=True)
     if problem:
@@ -226,7 +241,33 @@ def damage(tag_dir: Path) -> str | None:
     if foreign:
         are = "is" if len(foreign) == 1 else "are"
         return f"{', '.join(foreign)} {are} not among the regular files it was saved with"
-    return pickled_code(tag_dir)
+    return kind_problem(state, expected) or pickled_code(tag_dir)
+
+
+# DeepSpeed names a tag's files by the engine that saved them: ZeRO 1-3 write one optimizer file per
+# rank, prefixed bf16_ in bf16 (stage 0 keeps its optimizer in the model states), and ZeRO 3 one
+# model-states file per rank.
+OPTIM_STATES = re.compile(r"(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt")
+ZERO3_MODEL_STATES = re.compile(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt")
+
+
+def kind_problem(state: dict, names) -> str | None:
+    """Why the ZeRO stage and precision ``state`` records are not those of the engine that wrote the
+    files ``names`` (their names tell), or None. A resume builds its engine from the recorded kind, and
+    DeepSpeed fails deep in its load on another kind's files."""
+    stage = state["zero_stage"]
+    optim = [match for match in map(OPTIM_STATES.fullmatch, names) if match]
+    if (stage > 0) != bool(optim):
+        written_by = "ZeRO 1-3 (optimizer files)" if optim else "ZeRO 0 (no optimizer files)"
+        return f"its files were written by {written_by}, but its {STATE_FILE} says ZeRO {stage}"
+    if (stage == 3) != any(map(ZERO3_MODEL_STATES.fullmatch, names)):
+        written_by = "ZeRO 1-2" if stage == 3 else "ZeRO 3"
+        return f"its model-states files were written by {written_by}, but its {STATE_FILE} says ZeRO {stage}"
+    precision = state.get("run", {}).get("precision")  # older states do not record it
+    if precision is not None and any(bool(match.group(1)) != (precision == "bf16") for match in optim):
+        other = "fp32" if precision == "bf16" else "bf16"
+        return f"its optimizer files were written in {other}, but its {STATE_FILE} says {precision}"
+    return None
 
 
 def _is_int(value, low: int, high: int = 2**62) -> bool:
@@ -348,7 +389,7 @@ def disk_errors(ckpt_dir: Path, tag: str):
         # torch's zip writer reports a full disk as a RuntimeError from inline_container.cc
         if isinstance(err, RuntimeError) and "inline_container" not in str(err):
             raise
-        remove(ckpt_dir / PARTIAL, missing_ok=True)
+        remove_scratch(ckpt_dir / PARTIAL)
         reason = str(err).strip().splitlines()[0]
         free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else 0.0
         latest = ckpt_dir / "latest"
@@ -372,6 +413,48 @@ def remove(path: Path, missing_ok: bool = False) -> None:
             raise
 
 
+def scratch_problem(folder: Path) -> str | None:
+    """What in the scratch folder ``folder`` (:data:`PARTIAL`, :data:`REPLACED`, a universal
+    conversion) ds-sft did not write, named from ``folder``'s parent: a link or special file, or a file
+    not named as a save or conversion names its files (:data:`SCRATCH_FILES`); None when all is its own."""
+    if folder.is_symlink() or not folder.is_dir():
+        return f"{folder.name} is not a folder"
+    for root, dirnames, filenames in os.walk(folder):  # never follows a symlink
+        for name in sorted(dirnames + filenames):
+            path = Path(root) / name
+            where = path.relative_to(folder.parent).as_posix()
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                return f"{where} is not a regular file or folder"
+            if path.is_file() and not SCRATCH_FILES.fullmatch(name):
+                return f"{where} is not a file a checkpoint save writes"
+    return None
+
+
+def kept_path(path: Path, name: str) -> Path:
+    """The first free ``<name>.kept``, ``<name>.kept2``... beside ``path``: where what the run did not
+    write goes instead of being deleted (no ds-sft name, so nothing reads or deletes it again)."""
+    kept, n = path.with_name(f"{name}.kept"), 2
+    while os.path.lexists(kept):
+        kept, n = path.with_name(f"{name}.kept{n}"), n + 1
+    return kept
+
+
+def remove_scratch(folder: Path) -> None:
+    """Delete the scratch folder ``folder`` an earlier save left (cut short, or killed before it deleted
+    a replaced tag), when it holds only what ds-sft writes there (:func:`scratch_problem`); else move it
+    whole to ``<name>.kept`` and say so: a file put there by someone else is never deleted."""
+    if not os.path.lexists(folder):
+        return
+    problem = scratch_problem(folder)
+    if problem is None:
+        remove(folder, missing_ok=True)
+        return
+    kept = kept_path(folder, folder.name)
+    os.replace(folder, kept)
+    print(f"note: kept {one_line(str(folder))} ({one_line(problem)}), now in {one_line(str(kept))}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
 def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int) -> str:
     """Save a complete checkpoint for ``step`` on every rank, replacing any earlier folder of its tag;
     move ``latest`` once all are done (see the module docstring)."""
@@ -381,7 +464,7 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int)
     partial = ckpt_dir / PARTIAL
     client_state = {"trainer": trainer_state, "rng": gather_rng_states()}
     if dist.get_rank() == 0:
-        remove(partial, missing_ok=True)  # what a save killed mid-way left
+        remove_scratch(partial)  # what a save killed mid-way left
     dist.barrier()
     with disk_errors(ckpt_dir, tag):
         engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
@@ -428,11 +511,7 @@ def remove_tag(tag_dir: Path, tag: str | None = None) -> None:
     ours = {p.name for p in entries} - set(theirs)
     for name in sorted(ours, key=lambda name: name != STATE_FILE):
         (tag_dir / name).unlink(missing_ok=True)
-    kept = tag_dir.with_name(f"{tag}.kept")
-    for n in itertools.count(2):
-        if not os.path.lexists(kept):
-            break
-        kept = tag_dir.with_name(f"{tag}.kept{n}")
+    kept = kept_path(tag_dir, tag)
     os.replace(tag_dir, kept)
     why = "" if listed is not None else f" (its {STATE_FILE} does not say which files the run wrote)"
     print(
@@ -455,7 +534,7 @@ def replace_tag(new: Path, tag_dir: Path) -> None:
     """Move the complete checkpoint ``new`` to ``tag_dir``; an earlier run's folder there is moved
     aside first and deleted once the new one is in place (a rename cannot replace a folder)."""
     replaced = tag_dir.with_name(REPLACED)
-    remove(replaced, missing_ok=True)
+    remove_scratch(replaced)
     if tag_dir.is_symlink() or tag_dir.exists():
         os.replace(tag_dir, replaced)  # renames a symlink itself, never its target
     os.replace(new, tag_dir)
@@ -534,19 +613,22 @@ def with_universal_load(ds_config: dict) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def convert_to_universal(tag_dir: Path, device) -> Path:
-    """Rank 0 converts ``tag_dir`` to DeepSpeed's universal format in a fresh folder of its own making
-    beside it (never one that already exists: ``.universal-XXXX/<tag>/``, where DeepSpeed's
-    ``latest_universal`` lands too); every rank gets the path. :func:`remove_universal` removes it."""
+def convert_to_universal(tag_dir: Path, ckpt_dir: Path, device) -> Path:
+    """Rank 0 converts ``tag_dir`` to DeepSpeed's universal format in a fresh folder of its own making in
+    this run's ``ckpt_dir`` (locked by this run: never the folder of the run ``--resume`` names, which
+    may be live, read-only or shared), ``.universal-XXXX/<tag>/``, where DeepSpeed's ``latest_universal``
+    lands too; every rank gets the path, or every rank the error. :func:`remove_universal` removes it."""
     import tempfile
 
     import torch.distributed as dist
 
     verdict = [None, None]  # [folder, error]
     if dist.get_rank() == 0:
-        out = Path(tempfile.mkdtemp(prefix=".universal-", dir=tag_dir.parent)) / tag_dir.name
-        verdict[0] = str(out)
-        try:
+        out = None
+        try:  # every failure, making the folder included, must reach every rank, not leave them waiting
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            out = Path(tempfile.mkdtemp(prefix=UNIVERSAL_PREFIX, dir=ckpt_dir)) / tag_dir.name
+            verdict[0] = str(out)
             from argparse import Namespace
 
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
@@ -567,11 +649,12 @@ def convert_to_universal(tag_dir: Path, device) -> Path:
                 if name.endswith("model_states.pt"):
                     shutil.copy2(tag_dir / name, out / name)
         except Exception as err:  # every rank must hear of it, not wait at a collective for rank 0
-            shutil.rmtree(out.parent, ignore_errors=True)
+            if out is not None:
+                shutil.rmtree(out.parent, ignore_errors=True)
             verdict[1] = unsafe_pickle_message(tag_dir, err) or f"{type(err).__name__}: {first_line(err)}"
     dist.broadcast_object_list(verdict, src=0, device=device)
     if verdict[1] is not None:
-        raise UserError(f"could not convert {tag_dir} to a universal checkpoint: {verdict[1]}")
+        raise UserError(f"could not convert {tag_dir} to a universal checkpoint: {one_line(verdict[1])}")
     return Path(verdict[0])
 
 
@@ -598,13 +681,25 @@ def unsafe_pickle_message(tag_dir: Path, err: BaseException) -> str | None:
     )
 
 
-def load(engine, tag_dir: Path, universal: bool = False) -> dict:
+def load_failure(tag_dir: Path, err) -> str:
+    """The one line for a checkpoint DeepSpeed's load failed on (files that do not match the saved
+    kind or shapes, an edited state...): the tag, DeepSpeed's reason, what to do."""
+    reason = f"{type(err).__name__}: {first_line(err)}" if isinstance(err, BaseException) else err
+    return (
+        f"could not load the checkpoint {tag_dir} ({one_line(reason)}): pass another checkpoint with "
+        "--resume PATH, or --overwrite to start again"
+    )
+
+
+def load(engine, tag_dir: Path, universal_in: Path | None = None) -> dict:
     """Load weights, optimizer and client state, never unpickling code (:func:`weights_only_unpickling`);
-    restore this rank's RNG. Returns the trainer state."""
+    restore this rank's RNG. Returns the trainer state. ``universal_in``: on another world size, the
+    run's own checkpoints folder, where ``tag_dir`` is converted to the universal format first."""
     import torch.distributed as dist
 
+    universal = universal_in is not None
     with weights_only_unpickling():
-        source = convert_to_universal(tag_dir, engine.device) if universal else tag_dir
+        source = convert_to_universal(tag_dir, universal_in, engine.device) if universal else tag_dir
         try:
             _, client_state = engine.load_checkpoint(
                 str(source.parent),
@@ -617,14 +712,13 @@ def load(engine, tag_dir: Path, universal: bool = False) -> dict:
         except Exception as err:
             if universal and dist.get_rank() == 0:
                 shutil.rmtree(source.parent, ignore_errors=True)
-            message = unsafe_pickle_message(tag_dir, err)
-            if message is None:
+            if isinstance(err, UserError):
                 raise
-            raise UserError(message) from None
+            raise UserError(unsafe_pickle_message(tag_dir, err) or load_failure(tag_dir, err)) from None
     if universal:
         remove_universal(source)
     if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+        raise UserError(load_failure(tag_dir, "DeepSpeed found no checkpoint there"))
     weights, moments = non_finite_values(engine)
     if weights or moments:
         raise UserError(non_finite_message(tag_dir, int(weights), int(moments)))

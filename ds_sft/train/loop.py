@@ -278,12 +278,13 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
             )
         changes = compatibility.check_resume(tag_dir, saved, identity, s.allow_change or (), model)
         universal = checkpointing.needs_universal(saved, world)
+        universal_in = run_dir / "checkpoints" if universal else None  # this run's, which it has locked
         changed = state_transfer.changes(compatibility.saved_identity(saved), identity)
         if changed:  # another ZeRO stage or precision: loaded by an engine of the checkpoint's kind
             kind = {"zero_stage": s.zero_stage, "precision": s.precision}
             kind.update({key: old for key, (old, _) in changed.items()})
             carried, state, rng = state_transfer.load_saved_kind(
-                model, ds_config, s.weight_decay, tag_dir, kind, universal
+                model, ds_config, s.weight_decay, tag_dir, kind, universal_in
             )
             state_transfer.load_weights(model, carried)
         elif universal:
@@ -303,7 +304,7 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
             changes += compatibility.optimizer_changes(tag_dir, recorded, requested)
     elif tag_dir is not None:
         requested = compatibility.optimizer_settings(optimizer_groups(engine))
-        state = checkpointing.load(engine, tag_dir, universal=universal)
+        state = checkpointing.load(engine, tag_dir, universal_in)
         # load_checkpoint put the saved param_groups (new dicts) over this run's: train with this run's
         loaded = optimizer_groups(engine)
         changes += compatibility.optimizer_changes(

@@ -25,8 +25,10 @@ there, so before any work (nothing is created, written or deleted before a refus
    removes what a run wrote (:func:`removable`): ``final/`` holding only the files its
    :data:`FINAL_LISTING` lists (weights, config, the tokenizer's files), tags holding only the files
    their ``trainer_state.json`` lists, ``latest``/``best``,
-   ``metrics.jsonl``, the report and plots, never through a symlink; it refuses when any of them holds
-   anything else. Files with other names (notes, ``eval/``, ``wandb/``) are kept where they are.
+   ``metrics.jsonl``, the report and plots, the scratch folders of a save or a universal conversion
+   cut short (``checkpoints/.partial``, ``.replaced``, ``.universal-*``) holding only files named as
+   those write them, never through a symlink; it refuses when any of them holds anything else. Files
+   with other names (notes, ``eval/``, ``wandb/``) are kept where they are.
 """
 
 from __future__ import annotations
@@ -194,11 +196,11 @@ def relative(path: Path, run_dir: Path) -> str:
 
 def checkpoint_entry_kind(name: str) -> str | None:
     """The kind a ds-sft checkpoint folder's entry ``name`` has, or None when it is not one of its names."""
-    from ds_sft.train.checkpointing import PARTIAL, REPLACED, is_tag
+    from ds_sft.train.checkpointing import PARTIAL, REPLACED, UNIVERSAL_PREFIX, is_tag
 
     if name in CHECKPOINT_FILES:
         return "file"
-    if is_tag(name) or name in (PARTIAL, REPLACED) or name.startswith(".universal-"):
+    if is_tag(name) or name in (PARTIAL, REPLACED) or name.startswith(UNIVERSAL_PREFIX):
         return "folder"
     return None
 
@@ -302,8 +304,10 @@ def final_problem(final: Path, run_dir: Path) -> str | None:
 
 def checkpoint_entries(ckpt_dir: Path, run_dir: Path) -> tuple[list[Path], list[str]]:
     """(the entries of ``checkpoints/`` that ds-sft wrote, why others bearing its names are not as it
-    writes them); entries with other names are in neither list."""
-    from ds_sft.train.checkpointing import is_tag
+    writes them); entries with other names are in neither list. A scratch folder (``.partial``,
+    ``.replaced``, ``.universal-*``) is ds-sft's when it holds only the files a save or a conversion
+    writes (:func:`checkpointing.scratch_problem`), as one an older ds-sft left does too."""
+    from ds_sft.train.checkpointing import is_tag, scratch_problem
 
     ours, problems = [], []
     for path in entries(ckpt_dir):
@@ -314,8 +318,11 @@ def checkpoint_entries(ckpt_dir: Path, run_dir: Path) -> tuple[list[Path], list[
             problem = f"{relative(path, run_dir)} is a {kind(path)}"
         elif is_tag(path.name):
             problem = tag_problem(path, run_dir)
+        elif expected == "folder":
+            scratch = scratch_problem(path)
+            problem = scratch and f"checkpoints/{scratch}"
         else:
-            problem = plain_tree_problem(path, run_dir) if expected == "folder" else None
+            problem = None
         (problems.append(problem) if problem else ours.append(path))
     return ours, problems
 

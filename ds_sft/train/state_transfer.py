@@ -192,19 +192,20 @@ def _flat_partitions(optimizer) -> list:
     raise RuntimeError(f"{type(optimizer).__name__} keeps its fp32 partitions where ds-sft does not look")
 
 
-def load_saved_kind(model, ds_config: dict, weight_decay: float, tag_dir, kind: dict, universal: bool):
+def load_saved_kind(model, ds_config: dict, weight_decay: float, tag_dir, kind: dict, universal_in):
     """Load ``tag_dir`` into a throwaway engine of the checkpoint's own ``kind`` ({"zero_stage",
-    "precision"}) built on a copy of ``model``; returns (state, trainer state, restored RNG state)."""
+    "precision"}) built on a copy of ``model``, converted to the universal format in ``universal_in``
+    first when not None (:func:`checkpointing.load`); returns (state, trainer state, restored RNG state)."""
     import copy
 
     from ds_sft.train import checkpointing
     from ds_sft.train.engine import build_engine
 
     config = engine_config(ds_config, kind["zero_stage"], kind["precision"])
-    if universal:
+    if universal_in is not None:
         config = checkpointing.with_universal_load(config)
     engine, _ = build_engine(copy.deepcopy(model), config, weight_decay)
-    trainer = checkpointing.load(engine, tag_dir, universal=universal)
+    trainer = checkpointing.load(engine, tag_dir, universal_in)
     rng = checkpointing.rng_state()  # restored by load; set again once the new engine exists
     state = read_state(engine)
     engine.destroy()

@@ -194,7 +194,7 @@ def test_the_conversion_never_unpickles_code(data_dir, tmp_path, process_group):
     s = settings(zero_stage=0, precision="fp32")
     with pytest.raises(UserError) as refused:
         load_saved_kind(tiny_model(), ds_config(s), s.weight_decay, tag_dir, {"zero_stage": 3,
-                        "precision": "fp32"}, universal=True)  # fmt: skip
+                        "precision": "fp32"}, tag_dir.parent)  # fmt: skip
     assert not marker.exists(), "the planted payload ran"
     assert "\n" not in str(refused.value) and "weights_only" in str(refused.value)
     assert sorted(p.name for p in tag_dir.parent.iterdir()) == [tag_dir.name]

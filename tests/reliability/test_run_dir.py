@@ -646,6 +646,45 @@ def test_overwrite_removes_only_what_the_run_wrote(
     assert {name for name in after if is_old_run(name)} == {name for name in kept_paths if is_old_run(name)}
 
 
+# Files in checkpoints/'s scratch folders: (path, whether --overwrite may delete it). ds-sft's own are
+# named as a save or a universal conversion names its files, whichever ds-sft version left them.
+SCRATCH_FILES = {
+    "checkpoints/.partial/step_000003/mp_rank_00_model_states.pt": True,  # a save cut short
+    "checkpoints/.partial/step_000003/trainer_state.json.tmp": True,
+    "checkpoints/.partial/zero_to_fp32.py": True,
+    "checkpoints/.replaced/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": True,  # killed mid-replace
+    "checkpoints/.universal-ab12/latest_universal": True,  # a conversion killed before its removal
+    "checkpoints/.universal-ab12/step_000002/zero/wte.weight/exp_avg.pt": True,
+    "checkpoints/.universal-ab12/step_000002/tmp/wte.weight/0/exp_avg.00": True,
+    "checkpoints/.partial/notes.txt": False,
+    "checkpoints/.partial/step_000003/notes.txt": False,
+    "checkpoints/.replaced/thesis.tex": False,
+    "checkpoints/.universal-backup/thesis.txt": False,
+    "checkpoints/.universal-backup/step_000002/README": False,
+}
+
+
+@pytest.mark.parametrize("name", SCRATCH_FILES)
+def test_overwrite_deletes_a_scratch_folder_only_when_it_holds_ds_sfts_files(
+    one_rank, genuine_run, tmp_path, name
+):
+    """F11: --overwrite deleted checkpoints/.partial, .replaced and .universal-* whatever they held (a
+    user's thesis in .universal-backup/ went without a word). Now a file of another name refuses it."""
+    out = copy_run(genuine_run, tmp_path / "run")
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text("someone's")
+    before = snapshot(out)
+    if SCRATCH_FILES[name]:
+        claim_run_dir(out, None, overwrite=True).release()
+        assert not (out / "checkpoints").exists()  # the old run's checkpoints/ went whole
+        return
+    with pytest.raises(UserError) as refused:
+        claim_run_dir(out, None, overwrite=True)
+    message = str(refused.value)
+    assert "\n" not in message and name.split("/", 1)[1] in message and "--out_dir" in message, message
+    assert snapshot(out) == before
+
+
 # Where a run writes inside final/ (weights, config, listing, tokenizer copy): each replaced by a link.
 FINAL_LINKS = ["final/model_config.json", "final/ds_sft_files.json", "final/model.safetensors",
                "final/tokenizer", "final/tokenizer/tokenizer.json"]  # fmt: skip

@@ -249,7 +249,7 @@ def _try_load(stage: int, tag_dir: Path, universal: bool):
 
     engine = _engine(stage, universal=universal)
     try:
-        return checkpointing.load(engine, tag_dir, universal=universal)
+        return checkpointing.load(engine, tag_dir, tag_dir.parent if universal else None)
     except Exception as err:  # the caller checks the marker first, then what was raised
         return err
     finally:
@@ -311,6 +311,49 @@ def test_the_engine_load_never_unpickles_code(checkpoints, tmp_path, stage, posi
     message = str(outcome)
     assert "\n" not in message and str(tag_dir) in message and "weights_only" in message, message
     assert not list(tag_dir.parent.glob(".universal-*")), "the conversion's folder was left behind"
+
+
+@pytest.mark.parametrize(("saved", "engine_stage"), [(2, 0), (3, 1), (1, 3)])
+def test_a_checkpoint_deepspeed_cannot_load_is_one_line_naming_it(checkpoints, tmp_path, saved, engine_stage):
+    """F3: files of another ZeRO stage than the engine's (a trainer state edited to say so) made
+    DeepSpeed's load raise deep inside (TypeError, KeyError...): now one line naming the tag."""
+    tag_dir = _copy_tag(checkpoints[saved], tmp_path)
+    outcome = _try_load(engine_stage, tag_dir, universal=False)
+    assert isinstance(outcome, UserError), repr(outcome)
+    message = str(outcome)
+    assert "\n" not in message and f"could not load the checkpoint {tag_dir}" in message, message
+
+
+def test_the_universal_conversion_is_written_into_the_resuming_runs_folder(
+    checkpoints, tmp_path, monkeypatch
+):
+    """F12: a resume on another world size converted the --resume checkpoint beside it, into another
+    run's folder (live, read-only or shared, and not locked by this run). Now into this run's own
+    checkpoints/; a folder that cannot be made there is one line (it was a traceback outside the try,
+    leaving the other ranks waiting at the broadcast)."""
+    from ds_sft.train import checkpointing
+
+    source = _copy_tag(checkpoints[2], tmp_path / "other_run")
+    before = sorted(p.name for p in source.parent.iterdir())
+    converted = []
+    remove = checkpointing.remove_universal
+    monkeypatch.setattr(
+        checkpointing, "remove_universal", lambda folder: (converted.append(folder), remove(folder))
+    )
+    own = tmp_path / "this_run" / "checkpoints"
+    engine = _engine(2, universal=True)
+    try:
+        assert checkpointing.load(engine, source, own)["step"] == 1
+        (folder,) = converted
+        assert folder.parent.parent == own and folder.parent.name.startswith(checkpointing.UNIVERSAL_PREFIX)
+        assert sorted(p.name for p in source.parent.iterdir()) == before and not list(own.iterdir())
+        blocked = tmp_path / "a_file"
+        blocked.write_text("not a folder")
+        with pytest.raises(UserError) as refused:
+            checkpointing.load(engine, source, blocked / "checkpoints")
+        assert "\n" not in str(refused.value) and "could not convert" in str(refused.value)
+    finally:
+        engine.destroy()
 
 
 def _plant_universal_folder(tag_dir: Path, marker: Path) -> Path:

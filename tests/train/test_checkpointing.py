@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 
 import pytest
@@ -14,12 +15,14 @@ from ds_sft.errors import UserError
 from ds_sft.train.checkpointing import (
     STATE_FILE,
     consolidated_state_dict,
+    damage,
     drop_later_tags,
     find_checkpoint,
     non_finite_message,
     non_finite_values,
     prune,
     replace_tag,
+    save,
 )
 from ds_sft.train.engine import build_engine
 from ds_sft.train.state_transfer import load_weights, read_state, write_state
@@ -51,12 +54,13 @@ def test_bf16_consolidation_returns_the_fp32_master_weights(stage, dist_env):
 
 
 def make_tags(ckpt_dir, steps):
-    """Tags holding only a well-formed trainer state (an empty file manifest)."""
+    """Tags holding only a well-formed trainer state (an empty file manifest: ZeRO 0's files are all in
+    the model states, which :func:`list_files` may add)."""
     for step in steps:
         state = {
             "step": step,
             "world_size": 1,
-            "zero_stage": 2,
+            "zero_stage": 0,
             "nan_streak": 0,
             "train_tokens": 0,
             "elapsed_s": 0.0,
@@ -157,6 +161,43 @@ def test_a_tag_the_run_deletes_keeps_what_the_run_did_not_write(tmp_path, capsys
     assert f"checkpoint {tag}: kept what the run did not write there" in capsys.readouterr().err
 
 
+# What an earlier save may have left in checkpoints/.partial or .replaced: (file, is it ds-sft's).
+LEFT_BEFORE_A_SAVE = {
+    ".partial/step_000001/mp_rank_00_model_states.pt": True,  # a save cut short
+    ".partial/zero_to_fp32.py": True,
+    ".replaced/mp_rank_00_model_states.pt": True,  # a save killed before it deleted the replaced tag
+    ".partial/notes.txt": False,
+    ".partial/step_000001/notes.txt": False,
+    ".replaced/thesis.tex": False,
+}
+
+
+@pytest.mark.parametrize("name", LEFT_BEFORE_A_SAVE)
+def test_a_save_deletes_what_an_earlier_save_left_but_keeps_anything_else(tmp_path, capsys, dist_env, name):
+    """F11: every save deleted checkpoints/.partial (and replace_tag .replaced) whatever they held. Now
+    only ds-sft's files go; a folder holding anything else is moved whole to <name>.kept and named."""
+    ckpt_dir = tmp_path / "checkpoints"
+    make_tags(ckpt_dir, [2])  # step 2 is saved again: its old folder goes through .replaced
+    (ckpt_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / name).write_text("someone's")
+    s = settings(zero_stage=0)
+    engine, _ = build_engine(tiny_model(), ds_config(s), s.weight_decay)
+    state = json.loads((ckpt_dir / "step_000002" / STATE_FILE).read_text())
+    try:
+        save(engine, ckpt_dir, 2, {key: state[key] for key in state if key != "files"}, keep_last=2)
+    finally:
+        engine.destroy()
+    scratch = name.split("/")[0]
+    assert damage(ckpt_dir / "step_000002") is None
+    assert not (ckpt_dir / scratch).exists()
+    kept = ckpt_dir / f"{scratch}.kept" / name.split("/", 1)[1]
+    if LEFT_BEFORE_A_SAVE[name]:
+        assert not kept.exists()
+    else:
+        assert kept.read_text() == "someone's"
+        assert f"note: kept {ckpt_dir / scratch}" in capsys.readouterr().err
+
+
 def test_a_second_kept_folder_of_one_tag_takes_the_next_free_name(tmp_path):
     make_tags(tmp_path, [2, 4])
     (tmp_path / "step_000004.kept").mkdir()
@@ -189,6 +230,82 @@ def test_find_checkpoint(tmp_path):
     assert find_checkpoint(str(run / "checkpoints" / "step_000005"), tmp_path).name == "step_000005"
     with pytest.raises(UserError, match="no complete checkpoint there"):
         find_checkpoint(str(tmp_path), tmp_path)
+
+
+def pickled(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+ZERO2_BF16_FILES = {"mp_rank_00_model_states.pt": {}, "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": {}}
+ZERO0_FILES = {"mp_rank_00_model_states.pt": {}}
+ZERO3_FP32_FILES = {
+    "zero_pp_rank_0_mp_rank_00_model_states.pt": {},
+    "zero_pp_rank_0_mp_rank_00_optim_states.pt": {},
+}
+HUGE = "1" * 5000  # past Python's 4,300-digit limit on int(str): json.loads raises ValueError
+
+
+def replaced(old: str, new: str):
+    """An edit of the trainer state's text."""
+    return lambda text: text.replace(old, new, 1)
+
+
+def stated(**fields):
+    """An edit setting ``fields`` in the trainer state."""
+    return lambda text: json.dumps({**json.loads(text), **fields})
+
+
+# (the files a tag holds, an edit of its trainer_state.json text, what damage() then says)
+EDITED_STATES = {
+    "oversized nan_streak": (
+        ZERO2_BF16_FILES,
+        replaced('"nan_streak": 0', f'"nan_streak": {HUGE}'),
+        "corrupted",
+    ),
+    "oversized step": (ZERO2_BF16_FILES, replaced('"step": 4', f'"step": {HUGE}'), "corrupted"),
+    "oversized sampler seed": (ZERO0_FILES, replaced('"seed": 0', f'"seed": -{HUGE}'), "corrupted"),
+    "zero 0 over zero 2 files": (ZERO2_BF16_FILES, stated(zero_stage=0, run={"zero_stage": 0}), "ZeRO 1-3"),
+    "zero 3 over zero 2 files": (ZERO2_BF16_FILES, stated(zero_stage=3, run={"zero_stage": 3}), "ZeRO 1-2"),
+    "zero 2 over zero 0 files": (ZERO0_FILES, stated(zero_stage=2, run={"zero_stage": 2}), "ZeRO 0"),
+    "zero 2 over zero 3 files": (ZERO3_FP32_FILES, stated(zero_stage=2, run={"zero_stage": 2}), "ZeRO 3"),
+    "fp32 over bf16 files": (ZERO2_BF16_FILES, stated(run={"zero_stage": 2, "precision": "fp32"}), "bf16"),
+    "bf16 over fp32 files": (ZERO3_FP32_FILES, stated(run={"zero_stage": 3, "precision": "bf16"}), "fp32"),
+    "a float step count": (ZERO0_FILES, stated(nan_streak=1.5), "malformed"),
+}
+
+
+def genuine_kind(files: dict) -> dict:
+    """The trainer-state fields of the engine that writes ``files`` (the inverse of the edits)."""
+    stage = 3 if "zero_pp_rank_0_mp_rank_00_model_states.pt" in files else 2 if len(files) > 1 else 0
+    precision = "bf16" if any(name.startswith("bf16_") for name in files) else "fp32"
+    return {"zero_stage": stage, "run": {"zero_stage": stage, "precision": precision}}
+
+
+@pytest.mark.parametrize("edit", EDITED_STATES)
+def test_an_edited_trainer_state_is_skipped_by_resume_and_named_for_an_explicit_tag(tmp_path, capsys, edit):
+    """F3: an oversized integer (a ValueError of json.loads) or a ZeRO stage / precision the files do
+    not have was a traceback at --resume (in damage(), or deep in DeepSpeed's load): now damage() names
+    it, --resume alone falls back to the intact tag, --resume TAG stops in one line."""
+    files, rewrite, said = EDITED_STATES[edit]
+    run = tmp_path / "run"
+    ckpt_dir = run / "checkpoints"
+    make_tags(ckpt_dir, [2, 4])
+    for tag in ("step_000002", "step_000004"):
+        state_file = ckpt_dir / tag / STATE_FILE
+        state_file.write_text(json.dumps({**json.loads(state_file.read_text()), **genuine_kind(files)}))
+        list_files(ckpt_dir / tag, {name: pickled(obj) for name, obj in files.items()})
+        assert damage(ckpt_dir / tag) is None
+    edited = ckpt_dir / "step_000004" / STATE_FILE
+    edited.write_text(rewrite(edited.read_text()))
+    problem = damage(ckpt_dir / "step_000004")
+    assert problem is not None and said in problem, problem
+    assert find_checkpoint("auto", run) == ckpt_dir / "step_000002"
+    assert f"skipping checkpoint {ckpt_dir / 'step_000004'}" in capsys.readouterr().err
+    with pytest.raises(UserError) as refused:
+        find_checkpoint(str(ckpt_dir / "step_000004"), tmp_path)
+    assert "\n" not in str(refused.value) and "step_000004" in str(refused.value)
 
 
 @pytest.mark.parametrize("first", [8, 999_997, 9_999_997, 99_999_997, 2**31 - 4])
