@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -200,22 +201,68 @@ def make_sampler(dataset, seed: int):
     return ResumableSampler(len(dataset), seed=seed, rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
+def tokenizer_files(tokenizer_dir) -> tuple[list[str], list[str]]:
+    """The files of ``DATA/tokenizer`` that ``final/tokenizer/`` gets, and the entries it leaves out.
+
+    Only the regular files a saved tokenizer consists of (``SAVED_TOKENIZER_FILES``) are copied: a
+    copy of the whole folder followed its symlinks (``/etc/passwd``, all of ``/work/shared``, ``/``)
+    into the run's own files and stopped at a FIFO in a traceback after training. One of those names
+    that is not a regular file (a link, a folder, a FIFO) is refused in one line, since the copied
+    tokenizer would lack it; any other entry is not part of a tokenizer and is left out with a note.
+    Checked at start (:func:`main`, before the model exists) and again at the copy.
+    """
+    from ds_sft.train.run_dir import SAVED_TOKENIZER_FILES
+
+    if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
+        return [], []
+    copied, skipped = [], []
+    for entry in sorted(os.scandir(tokenizer_dir), key=lambda e: e.name):
+        regular = entry.is_file(follow_symlinks=False)
+        if entry.name not in SAVED_TOKENIZER_FILES:
+            skipped.append(entry.name)
+        elif regular:
+            copied.append(entry.name)
+        else:
+            kind = "a symlink" if entry.is_symlink() else "a folder" if entry.is_dir() else "a special file"
+            raise UserError(
+                f"{entry.path} is {kind}, not a regular file: final/tokenizer/ gets a copy of the "
+                "tokenizer's own files; put the file itself there (or run `ds-sft prepare` again)"
+            )
+    return copied, skipped
+
+
+def copy_regular_file(source: Path, target: Path) -> None:
+    """Copy the bytes of the regular file ``source`` to ``target`` (a new file), never through a symlink:
+    ``O_NOFOLLOW`` and ``O_NONBLOCK`` open a link or FIFO put there since the check without following
+    it or waiting for a writer, and ``fstat`` refuses what is not a regular file."""
+    try:
+        descriptor = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        raise UserError(f"{source}: cannot be copied ({err.strerror}); it must be a regular file") from None
+    with os.fdopen(descriptor, "rb") as reader:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise UserError(f"{source}: is not a regular file; put the tokenizer file itself there")
+        with open(target, "wb") as writer:
+            shutil.copyfileobj(reader, writer)
+
+
 def write_final(model, final: Path, tokenizer_dir) -> None:
     """``final/``: the weights (:func:`~ds_sft.model.checkpoint.save_model`), a copy of the data's
-    tokenizer in ``final/tokenizer/``, and the listing of exactly these files, which is what
-    ``--overwrite`` may remove there (a user's file put beside them stays theirs: it is refused)."""
+    tokenizer files (:func:`tokenizer_files`) in ``final/tokenizer/``, and the listing of exactly these
+    files, which is what ``--overwrite`` may remove there (a user's file put beside them stays theirs:
+    it is refused)."""
     from ds_sft.model.checkpoint import CONFIG_FILE, MODEL_FILE, save_model
     from ds_sft.train.run_dir import write_final_listing
 
     save_model(model, final)
     written = [MODEL_FILE, CONFIG_FILE]
-    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-
-        def copy(source, target):  # replaced, never written through: a resumed final/ may be a cp -al copy
-            written.append(Path(target).relative_to(final).as_posix())
-            return replace_file(target, lambda temporary: shutil.copyfile(source, temporary))
-
-        shutil.copytree(tokenizer_dir, final / "tokenizer", dirs_exist_ok=True, copy_function=copy)
+    for name in tokenizer_files(tokenizer_dir)[0]:
+        # replaced, never written through: a resumed final/ may be a cp -al copy
+        source = Path(tokenizer_dir) / name
+        replace_file(
+            final / "tokenizer" / name, lambda temporary, source=source: copy_regular_file(source, temporary)
+        )
+        written.append(f"tokenizer/{name}")
     write_final_listing(final, written)
 
 
@@ -312,6 +359,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"{s.data_dir}: its val rows hold {val_set.seq_len} tokens, its train rows {train_set.seq_len}: "
             "the splits come from different runs of `ds-sft prepare`; prepare the data again"
+        )
+    skipped = tokenizer_files(train_set.tokenizer_dir)[1]
+    if skipped and rank == 0:
+        print(
+            f"{train_set.tokenizer_dir}: not a saved tokenizer's file, left out of final/tokenizer/: "
+            + ", ".join(skipped)
         )
     note = check_batch_fits_split(s, world, len(train_set))
     if note and rank == 0:

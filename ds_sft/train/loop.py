@@ -584,4 +584,5 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
         "best_val": state["best_val"],
         "best_tag": state["best_tag"],
         "peak_flops_source": meter.peak_source,
+        "elapsed_s": state["elapsed_s"],  # the trainer state's: every segment's steps, not the last one's
     }

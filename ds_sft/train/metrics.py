@@ -115,6 +115,20 @@ def start_wandb(wandb, project: str | None, mode: str, run_dir: Path, config: di
         ) from None
 
 
+def cut_partial_last_line(path: Path) -> None:
+    """Drop what follows the last newline of ``path``: a record a killed run was writing. Appended to,
+    the next record was glued onto it and lost with it. The cut part cannot be read as a
+    record, so nothing readable goes (called after :func:`~ds_sft.paths.unshare`, so a ``cp -al``
+    copy keeps its bytes)."""
+    try:
+        with open(path, "rb+") as file:
+            data = file.read()
+            if data and not data.endswith(b"\n"):
+                file.truncate(data.rfind(b"\n") + 1)  # rfind is -1 with no newline at all: truncated to 0
+    except FileNotFoundError:
+        return
+
+
 class MetricsSink:
     """Rank 0's console lines, ``metrics.jsonl`` and (optional) wandb run. Other ranks: no-ops."""
 
@@ -127,6 +141,7 @@ class MetricsSink:
         if not enabled:
             return
         unshare(run_dir / "metrics.jsonl")  # appended to: a cp -al copy's records stay the original's alone
+        cut_partial_last_line(run_dir / "metrics.jsonl")
         self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives as long as the run
         mode = resolve_wandb_mode(wandb_mode)
         if mode != "disabled":

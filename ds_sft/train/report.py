@@ -72,17 +72,32 @@ def plot(records: list[dict], run_dir: Path) -> list[str]:
     return written
 
 
-def read_records(run_dir: Path) -> list[dict]:
-    """Every record of ``metrics.jsonl`` across resumed segments; a step redone after a crash keeps
-    its last record."""
+def parse_record(line: str) -> dict | None:
+    """One line of ``metrics.jsonl`` as a record, or None when it is not one: a line cut off by a run
+    killed mid-write, or edited, is a JSON error, and a record without its ``type`` or ``step`` cannot
+    be placed. Either once ended the run in a traceback after all its training."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError, and an integer too long to convert
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("type"), str)):
+        return None
+    step = record.get("step")
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def read_records(run_dir: Path) -> tuple[list[dict], int]:
+    """Every record of ``metrics.jsonl`` across resumed segments, and how many lines were not a record
+    (:func:`parse_record`, skipped); a step redone after a crash keeps its last record."""
     path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    records = [record for record in map(parse_record, lines) if record is not None]
     latest = {(r["type"], r["step"], r.get("message")): r for r in records}
-    return sorted(latest.values(), key=lambda r: r["step"])
+    return sorted(latest.values(), key=lambda r: r["step"]), len(lines) - len(records)
 
 
 def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
-    records = read_records(run_dir)
+    records, unreadable = read_records(run_dir)
     alarms = [r for r in records if r["type"] == "alarm"]
     train = [r for r in records if r["type"] == "train"]
     finite = [r for r in train if r.get("loss") is not None and math.isfinite(r["loss"])]
@@ -93,6 +108,8 @@ def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
         f"Status: **{summary['status']}** at step {summary['step']}.",
         "",
     ]
+    if unreadable:
+        lines += [f"{unreadable} line(s) of metrics.jsonl are not readable records and were skipped.", ""]
     if finite:
         tps = sorted(r["tokens_per_s"] for r in train)
         lines += [
@@ -104,7 +121,7 @@ def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
             f"| train loss (first step) | {finite[0]['loss']:.4f} |",
             f"| tokens/s (median) | {tps[len(tps) // 2]:,.0f} |",
             f"| MFU (last step; peak: {summary['peak_flops_source']}) | {train[-1]['mfu']:.1%} |",
-            f"| wall time | {train[-1]['elapsed_s']:.0f} s |",
+            f"| time in train steps (all segments) | {summary['elapsed_s']:.0f} s |",
         ]
         if summary.get("best_val") is not None:
             lines.append(f"| best val loss | {summary['best_val']:.4f} ({summary['best_tag']}) |")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from ds_sft.errors import UserError
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
-from ds_sft.train.cli import write_final
+from ds_sft.train.cli import copy_regular_file, tokenizer_files, write_final
 from ds_sft.train.run_dir import FINAL_LISTING, SAVED_TOKENIZER_FILES, removable
 
 NAME = st.text("abcdefgh_.", min_size=1, max_size=6).filter(lambda n: n not in (".", ".."))
@@ -54,7 +54,9 @@ def _prefix_free(files: set[str]) -> bool:
 
 @settings(max_examples=30)
 @given(
-    tokenizer_files=st.sets(RELATIVE, max_size=4).filter(_prefix_free),
+    tokenizer_files=st.sets(st.sampled_from(SAVED_TOKENIZER_FILES) | RELATIVE, max_size=4).filter(
+        _prefix_free
+    ),
     user_file=RELATIVE,
     under=st.sampled_from(["", "tokenizer/"]),
 )
@@ -117,9 +119,77 @@ def test_an_older_final_owns_its_weights_and_saved_tokenizer_files(tmp_path, tok
 def test_the_listing_names_exactly_what_was_written(tmp_path):
     import json
 
-    run_dir = finished_run(tmp_path, {"tokenizer.json", "sub/merges.txt"})
+    run_dir = finished_run(tmp_path, {"tokenizer.json", "merges.txt", "sub/vocab.json", "notes.txt"})
     written = {
         p.relative_to(run_dir / "final").as_posix() for p in (run_dir / "final").rglob("*") if p.is_file()
     }
     listed = set(json.loads((run_dir / "final" / FINAL_LISTING).read_text())["files"])
     assert listed == written - {FINAL_LISTING}
+
+
+def tokenizer_source(root: Path) -> Path:
+    """A DATA/tokenizer with two regular saved files, and a secret file and folder outside it."""
+    tokenizer = root / "data" / "tokenizer"
+    tokenizer.mkdir(parents=True)
+    (tokenizer / "tokenizer.json").write_text("{}")
+    (tokenizer / "tokenizer_config.json").write_text("{}")
+    (root / "outside").mkdir()
+    (root / "outside" / "secret.txt").write_text("not the run's")
+    return tokenizer
+
+
+# Entries that are not a regular file: (kind, how to make one at path, given the outside folder).
+NOT_REGULAR = {
+    "symlink to a file": lambda path, outside: path.symlink_to(outside / "secret.txt"),
+    "symlink to a folder": lambda path, outside: path.symlink_to(outside, target_is_directory=True),
+    "symlink to the parent": lambda path, outside: path.symlink_to(".."),
+    "fifo": lambda path, outside: os.mkfifo(path),
+    "subfolder": lambda path, outside: (path.mkdir(), (path / "secret.txt").write_text("nested")),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_REGULAR)
+def test_a_saved_tokenizer_name_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path, kind):
+    """DATA/tokenizer/vocab.json as a link, FIFO or folder: the copy once followed the link (all of
+    /work/shared, /etc/passwd) or stopped at the FIFO in a traceback after training."""
+    tokenizer = tokenizer_source(tmp_path)
+    NOT_REGULAR[kind](tokenizer / "vocab.json", tmp_path / "outside")
+    with pytest.raises(UserError) as start:
+        tokenizer_files(tokenizer)  # what main checks before the model exists
+    with pytest.raises(UserError) as final:
+        write_final(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "run" / "final", tokenizer)
+    for err in (start, final):
+        assert "\n" not in str(err.value) and "vocab.json" in str(err.value)
+    assert not (tmp_path / "run" / "final" / "tokenizer" / "vocab.json").exists()
+
+
+@pytest.mark.parametrize("kind", NOT_REGULAR)
+def test_entries_that_are_no_tokenizer_file_are_left_out(tmp_path, kind):
+    tokenizer = tokenizer_source(tmp_path)
+    NOT_REGULAR[kind](tokenizer / "extra", tmp_path / "outside")
+    (tokenizer / "notes.txt").write_text("a regular file, but not a tokenizer's")
+    assert tokenizer_files(tokenizer) == (["tokenizer.json", "tokenizer_config.json"], ["extra", "notes.txt"])
+    run_dir = tmp_path / "run"
+    write_final(LlamaModel(ModelConfig.preset("tiny")), run_dir / "final", tokenizer)
+    copied = snapshot(run_dir / "final" / "tokenizer")
+    assert copied == {".": None, "tokenizer.json": b"{}", "tokenizer_config.json": b"{}"}
+    assert set(removable(run_dir)) == {run_dir / "final"}
+
+
+def test_a_hard_linked_tokenizer_file_is_copied_as_bytes_of_its_own(tmp_path):
+    tokenizer = tokenizer_source(tmp_path)
+    os.link(tmp_path / "outside" / "secret.txt", tokenizer / "merges.txt")
+    write_final(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "final", tokenizer)
+    copy = tmp_path / "final" / "tokenizer" / "merges.txt"
+    assert copy.read_text() == "not the run's" and copy.stat().st_nlink == 1
+    assert not copy.samefile(tokenizer / "merges.txt")
+
+
+@pytest.mark.parametrize("kind", ["symlink to a file", "fifo"])
+def test_the_copy_never_goes_through_a_link_or_waits_on_a_fifo(tmp_path, kind):
+    """A link or FIFO put in place of a checked file (between the check at start and the copy)."""
+    tokenizer = tokenizer_source(tmp_path)
+    NOT_REGULAR[kind](tokenizer / "vocab.json", tmp_path / "outside")
+    with pytest.raises(UserError, match="vocab.json"):
+        copy_regular_file(tokenizer / "vocab.json", tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()

@@ -24,7 +24,7 @@ from ds_sft.train.metrics import (
     resolve_wandb_mode,
     start_wandb,
 )
-from ds_sft.train.report import read_records, write_report
+from ds_sft.train.report import parse_record, read_records, write_report
 from tests.conftest import REPO_ROOT
 
 
@@ -179,11 +179,12 @@ def test_report_has_metrics_table_plots_and_config(tmp_path):
         "best_val": 2.44,
         "best_tag": "step_000006",
         "peak_flops_source": "test",
+        "elapsed_s": 12.0,
     }
     text = write_report(tmp_path, {"zero_optimization": {"stage": 2}}, summary).read_text()
     assert "| gsm8k | 2.2000 | 9.00 | 0.500 | 80 |" in text and "- step 3: x" in text
     assert '"stage": 2' in text and "| train loss (first step) | 2.9000 |" in text
-    train = [r for r in read_records(tmp_path) if r["type"] == "train"]
+    train = [r for r in read_records(tmp_path)[0] if r["type"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and train[3]["loss"] == 9.0
     for name in ("loss.png", "perplexity.png", "lr.png", "grad_norm.png", "tokens_per_s.png"):
         assert (tmp_path / name).stat().st_size > 1000 and f"![{name}]({name})" in text
@@ -227,3 +228,66 @@ def test_the_users_wandb_project_and_name_are_kept(tmp_path, monkeypatch):
         ("mine", "first try"),
         ("flag", "first try"),
     ]
+
+
+SUMMARY = {
+    "status": "finished",
+    "step": 6,
+    "last_eval": None,
+    "peak_flops_source": "test",
+    "elapsed_s": 1234.0,
+}
+# Lines of metrics.jsonl that are no record: cut off by a killed run, edited, or damaged.
+NOT_RECORDS = [
+    '{"type": "train", "step": 5, "lo',
+    '{"step": 5, "loss": 1.0}',
+    '{"type": "train", "loss": 1.0}',
+    '{"type": "train", "step": "5"}',
+    '{"type": "train", "step": true}',
+    '{"type": 3, "step": 5}',
+    "[1, 2]",
+    '{"type": "train", "step": ' + "1" * 5000 + "}",
+    "",
+]
+
+
+@pytest.mark.parametrize("line", NOT_RECORDS)
+def test_a_line_that_is_no_record_is_skipped_and_counted_in_the_report(tmp_path, line):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(
+        b"".join(json.dumps(r).encode() + b"\n" for r in records()) + line.encode() + b"\n\xff\n"
+    )
+    assert parse_record(line) is None
+    read, unreadable = read_records(tmp_path)
+    assert unreadable == 2  # the line, and one that is not UTF-8
+    assert [(r["type"], r["step"]) for r in read] == sorted(
+        ((r["type"], r["step"]) for r in records()), key=lambda k: k[1]
+    )
+    text = write_report(tmp_path, {}, SUMMARY).read_text()
+    assert "2 line(s) of metrics.jsonl are not readable records and were skipped" in text
+
+
+def test_the_report_s_time_covers_every_segment(tmp_path):
+    """The last record's elapsed_s is the last segment's (0 s after a resume at the end); the
+    trainer state's elapsed_s, which the summary carries, sums all segments."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records()))
+    assert (
+        "| time in train steps (all segments) | 1234 s |" in write_report(tmp_path, {}, SUMMARY).read_text()
+    )
+
+
+@pytest.mark.parametrize("tail", ['{"type": "train", "step": 7, "lo', "{", "x" * 10000])
+@pytest.mark.parametrize("earlier", [0, 3])
+def test_a_resumed_sink_cuts_the_record_a_killed_run_was_writing(tmp_path, tail, earlier):
+    """Appended after a cut-off line, the resumed run's first record was glued onto it and both lost;
+    the original of a cp -al copy keeps its bytes."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records()[:earlier]) + tail)
+    original = tmp_path / "original.jsonl"
+    os.link(path, original)
+    sink = MetricsSink(tmp_path, enabled=True, wandb_project=None, wandb_mode="disabled", config={})
+    for record in records()[earlier:]:
+        sink.log(record)
+    sink.close()
+    assert path.read_text().splitlines() == [json.dumps(r) for r in records()]
+    assert original.read_text().endswith(tail)
