@@ -33,8 +33,18 @@ def trained_tokens_by_source(dataset) -> np.ndarray:
 
 
 def stratified_rows(counts: np.ndarray, count: int | None, seed: int = 0) -> list[int]:
-    """``count`` row indices (sorted) drawn from rows with per-source trained tokens ``counts``
-    (:func:`trained_tokens_by_source`); every row when ``count`` is None or not smaller."""
+    """``count`` row indices (sorted) drawn from the rows with trained tokens, given the per-source
+    trained tokens ``counts`` of every row (:func:`trained_tokens_by_source`); all of those rows when
+    ``count`` is None or not smaller, none when no row has a trained token.
+
+    A row without trained tokens adds nothing to a token-weighted loss, but drawn into a small sample
+    it takes the place of one that does: a sample of such rows alone had no loss at all."""
+    scored = np.flatnonzero(counts.sum(axis=1) > 0)
+    return scored[_draw(counts[scored], count, seed)].tolist()
+
+
+def _draw(counts: np.ndarray, count: int | None, seed: int) -> list[int]:
+    """:func:`stratified_rows` over rows that all hold trained tokens."""
     rows = counts.shape[0]
     if count is None or count >= rows:
         return list(range(rows))

@@ -32,6 +32,11 @@ def validation_metrics(model, dataset, batch_size: int, max_rows: int | None = N
 
     device = next(model.parameters()).device
     rows = stratified_rows(trained_tokens_by_source(dataset), max_rows)
+    if not rows:
+        raise UserError(
+            f"{dataset.data_dir}: no val row has a trained token (every label is masked): prepare the "
+            "data again, or pass --no_val"
+        )
     model.eval()
     totals = score_rows(model, dataset, rows, batch_size, device)
     if not bool(torch.isfinite(totals).all()):  # a NaN loss and perplexity reported with exit 0

@@ -25,13 +25,16 @@ def _distance(counts, rows):
 
 @given(counts=counts_matrices, fraction=st.floats(0.01, 1.2), seed=st.integers(0, 3))
 def test_sample_is_stratified_deterministic_and_locally_balanced(counts, fraction, seed):
-    rows = counts.shape[0]
-    count = max(1, int(fraction * rows))
+    scored = [row for row in range(counts.shape[0]) if counts[row].sum() > 0]
+    count = max(1, int(fraction * counts.shape[0]))
     picked = stratified_rows(counts, count, seed)
     assert picked == stratified_rows(counts, count, seed)  # a fixed sample
-    if count >= rows:
-        assert picked == list(range(rows))
+    assert set(picked) <= set(scored)  # a row without trained tokens is never drawn
+    if count >= len(scored):
+        assert picked == scored
         return
+    picked = [scored.index(row) for row in picked]  # positions among the scored rows, as below
+    counts, rows = counts[scored], len(scored)
     assert len(picked) == count and picked == sorted(set(picked)) and picked[0] >= 0 and picked[-1] < rows
     # each stratum (a row's dominant source) holds its proportional share of the rows, to within one
     stratum = counts.argmax(axis=1)
@@ -45,6 +48,16 @@ def test_sample_is_stratified_deterministic_and_locally_balanced(counts, fractio
             if stratum[out] == stratum[into]:
                 trial = sorted(set(picked) - {out} | {into})
                 assert _distance(counts, trial) >= best - 1e-9
+
+
+@pytest.mark.parametrize("count", [1, 3, 8, None])
+def test_rows_without_trained_tokens_are_never_drawn(count):
+    """One scored row among 40 masked ones: a sample of 3 was three masked rows, and every eval of
+    the run a ValueError (no trained tokens in the evaluated rows)."""
+    counts = np.zeros((41, 2), dtype=np.int64)
+    counts[17] = (0, 5)
+    assert stratified_rows(counts, count) == [17]
+    assert stratified_rows(np.zeros((6, 2), dtype=np.int64), count) == []
 
 
 def test_the_sample_does_not_depend_on_the_world_size():

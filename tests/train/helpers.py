@@ -130,8 +130,11 @@ def tiny_model(seed: int = 0):
     return LlamaModel(ModelConfig.preset("tiny", kernels="torch"))
 
 
-def write_data_dir(directory: Path, train_rows: int = 48, val_rows: int = 8, seed: int = 1) -> Path:
-    """A prepared data directory (manifest + train/val shards) holding TinyPacked rows, for the CLI."""
+def write_data_dir(
+    directory: Path, train_rows: int = 48, val_rows: int = 8, seed: int = 1, val_trained_rows=None
+) -> Path:
+    """A prepared data directory (manifest + train/val shards) holding TinyPacked rows, for the CLI.
+    ``val_trained_rows``: the val rows that keep their trained tokens (every other one is all prompt)."""
     import json
 
     import numpy as np
@@ -151,6 +154,8 @@ def write_data_dir(directory: Path, train_rows: int = 48, val_rows: int = 8, see
                 lengths.append(len(where))
                 sources.append(int(item["source_ids"][where[0]]))
             offsets.append(len(lengths))
+        if split == "val" and val_trained_rows is not None:
+            loss_mask[[r for r in range(rows) if r not in val_trained_rows]] = 0
         packed = {
             "tokens": tokens,
             "loss_mask": loss_mask,

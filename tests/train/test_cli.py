@@ -300,3 +300,26 @@ def test_the_seed_train_command_runs_the_recipe_with_no_config_flag(data_dir, tm
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and train[0]["lr"] == pytest.approx(7e-5 / 2)
+
+
+@pytest.mark.parametrize("trained", [(), (5,)])
+def test_val_rows_without_trained_tokens_are_never_the_val_sample(trained, tmp_path, capsys, dist_env):
+    """A val split whose rows are all prompt has no val loss: one line before the first step (it was a
+    ValueError traceback at the step-0 eval). With one row of 8 trained, the sample of 2 drew two
+    all-prompt rows (0 and 2), the same traceback; rows without trained tokens are never drawn now."""
+    data = write_data_dir(tmp_path / "data", train_rows=8, val_trained_rows=trained)
+    out = tmp_path / "run"
+    argv = ["train", "--data_dir", str(data), "--model", "tiny", "--out_dir", str(out), "--max_iters", "1"]
+    argv += ["--micro_batch_size", "2", "--grad_accum", "1", "--eval_iters", "1", "--wandb_mode", "disabled"]
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    if not trained:
+        assert code == 2 and f"{data}: no val row has a trained token" in captured.err
+        assert not (out / "checkpoints").exists()
+        return
+    assert code == 0 and "val sample: 1 of 8 val rows" in captured.out
+    evals = [
+        r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"
+    ]
+    assert len(evals) == 2 and all(r["val_tokens"] > 0 for r in evals)

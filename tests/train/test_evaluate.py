@@ -49,3 +49,17 @@ def test_evals_from_step_zero_match_the_reference(stage, dist_env, tmp_path):
             assert record["per_source"][name]["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
             assert record["per_source"][name]["tokens"] == metrics["tokens"]
     assert evals[-1]["val_loss"] != evals[0]["val_loss"]  # the step-0 eval saw the weights before the update
+
+
+def test_ds_sft_eval_refuses_a_val_split_without_trained_tokens_in_one_line(tmp_path):
+    """``ds-sft eval``'s val pass on rows that are all prompt: summarize's ValueError was a traceback."""
+    from ds_sft.data.shards import PackedDataset
+    from ds_sft.errors import UserError
+    from ds_sft.eval.evaluate import validation_metrics
+    from tests.train.helpers import write_data_dir
+
+    data = write_data_dir(tmp_path / "data", train_rows=2, val_trained_rows=())
+    with pytest.raises(
+        UserError, match="no val row has a trained token .*: prepare the data again, or pass --no_val"
+    ):
+        validation_metrics(tiny_model(), PackedDataset(data, "val"), batch_size=2)
