@@ -77,6 +77,7 @@ DeepSpeed's ``zero_to_fp32`` does not handle stage 0 at all.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -282,6 +283,8 @@ def _field_problems(state: dict) -> dict[str, bool]:
     """{field: is it wrong} for every field ds-sft reads back from a trainer state."""
     sampler, run = state.get("sampler"), state.get("run", {})
     run_seed = run.get("seed") if isinstance(run, dict) else None
+    sample = state.get("val_sample")  # older states hold none
+    rows = sample.get("rows") if isinstance(sample, dict) else None
     return {
         "step": not _is_int(state.get("step"), 0),
         "world_size": not _is_int(state.get("world_size"), 1, 2**20),
@@ -293,6 +296,14 @@ def _field_problems(state: dict) -> dict[str, bool]:
         "best_tag": not (state.get("best_tag") is None or is_tag(state["best_tag"])),
         "val_history": not (
             isinstance(state.get("val_history"), list) and all(map(_is_number, state["val_history"]))
+        ),
+        "max_iters": not ("max_iters" not in state or _is_int(state["max_iters"], 1)),
+        "val_sample": not (
+            sample is None
+            or isinstance(rows, list)
+            and rows
+            and all(_is_int(row, 0) for row in rows)
+            and all(a < b for a, b in itertools.pairwise(rows))  # sorted, each row once
         ),
         "sampler": not (
             isinstance(sampler, dict)

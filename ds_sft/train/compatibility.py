@@ -4,7 +4,8 @@ A fresh run: the data's tokenizer must be the base model's own (when the base mo
 its ids must fit the embedding and its rows the model's positions (:mod:`ds_sft.data.model_match`).
 
 A resume: every checkpoint records :func:`run_identity`, the settings that fix what the next step
-computes (seed, ZeRO stage, precision, fp8, micro-batch, global batch, data, tokenizer, model). On
+computes (seed, ZeRO stage, precision, fp8, micro-batch, global batch, lr schedule and clipping,
+data, tokenizer, model). On
 ``--resume`` the saved table is compared key by key with the one this run would write. A key in
 :data:`RESUMABLE` may change and the run continues as if uninterrupted (exactly, up to summation
 order, or within a stated tolerance where the arithmetic itself changes); a key the user names with
@@ -39,12 +40,18 @@ HOW_TO_RESUME = {
     "fp8": "pass --fp8 {saved}",
     "micro_batch_size": "pass --micro_batch_size {saved}",
     "global_batch": "keep micro_batch_size x grad_accum x ranks = {saved} rows",
+    "schedule": "pass {saved}",
     "data": "pass the --data_dir the run was started with",
     "seq_len": "pass the --data_dir the run was started with",
     "tokenizer": "pass data prepared with the run's tokenizer",
     "model": "pass the --model or --base_model the run was started with",
     "base_weights": "pass the --base_model the run was started with",
 }
+
+# The flags of the "schedule" key: they set the lr and the clipping of every later step, as the
+# optimizer's settings do, so a resume that changes them is not the run it continues. --max_iters is not
+# one: training on past the end is what a resume is for (the cosine then ends later; said at resume).
+SCHEDULE_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "grad_clip")
 
 # The keys of run_identity, in its order: what --allow_change accepts.
 IDENTITY_KEYS = tuple(HOW_TO_RESUME)
@@ -104,6 +111,7 @@ def run_identity(s, model, train_set, world_size: int) -> dict:
         "fp8": s.fp8,
         "micro_batch_size": s.micro_batch_size,
         "global_batch": s.micro_batch_size * s.grad_accum * world_size,
+        "schedule": {flag: getattr(s, flag) for flag in SCHEDULE_FLAGS},
         "data": manifest.get("key"),
         "seq_len": train_set.seq_len,
         "tokenizer": data_tokenizer_identity(str(s.data_dir)) if s.data_dir is not None else None,
@@ -135,6 +143,14 @@ def show(key: str, saved, now) -> str:
     return f"{key} {short[0]} -> {short[1]}"
 
 
+def flags_of(key: str, saved, now) -> object:
+    """What puts ``key`` back as :data:`HOW_TO_RESUME` says: the saved value, or for the schedule
+    the flags that differ with their saved values (``--warmup_iters 4``)."""
+    if key == "schedule" and isinstance(saved, dict) and isinstance(now, dict):
+        return " ".join(f"--{flag} {saved.get(flag)}" for flag in now if saved.get(flag) != now[flag])
+    return saved
+
+
 def check_resume(tag_dir, trainer_state: dict, now: dict, allow=(), model=None) -> list[dict]:
     """Refuse to resume ``tag_dir`` when the run differs from the one that saved it (one line), except
     in :data:`RESUMABLE` keys and the keys of ``allow`` (``--allow_change``).
@@ -146,7 +162,7 @@ def check_resume(tag_dir, trainer_state: dict, now: dict, allow=(), model=None) 
     changed = differences(saved, now, RESUMABLE | set(allow))
     if changed:
         what = "; ".join(show(key, *values) for key, values in changed.items())
-        fixes = (HOW_TO_RESUME[key].format(saved=saved) for key, (saved, _) in changed.items())
+        fixes = (HOW_TO_RESUME[key].format(saved=flags_of(key, *values)) for key, values in changed.items())
         how = "; ".join(dict.fromkeys(fixes))  # data and seq_len share a fix: say it once
         raise UserError(
             f"--resume {tag_dir}: this run differs from the checkpoint's (saved -> now: {what}); to resume, "

@@ -252,6 +252,7 @@ def fresh_state() -> dict:
         "train_tokens": 0,
         "elapsed_s": 0.0,
         "changes": [],  # what resumes changed ({"step", "key", "saved", "now", "how"}: compatibility)
+        "val_sample": None,  # {"data": the data's key, "rows": [...]}: what every eval scores (val_sample)
     }
 
 
@@ -324,11 +325,50 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
         )
         for change in changes:
             say(f"resume changes {compatibility.describe(change)}")
+        if saved.get("max_iters", s.max_iters) != s.max_iters and state["step"] < s.max_iters:
+            say(
+                f"note: --max_iters {saved['max_iters']} -> {s.max_iters}: the cosine now ends at step "
+                f"{s.max_iters}, so from step {state['step']} on the lr is not the saved run's"
+            )
         earlier = compatibility.recorded_changes(state, tag_dir)
         state["changes"] = earlier + [{"step": state["step"], **change} for change in changes]
     elif s.resume == "auto":
         say(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
     return engine, state, identity
+
+
+def val_sample(s, val_set, state: dict, data_key, say) -> list[int]:
+    """The val rows every eval of the run scores, drawn once (``stratified_rows``) and kept in the
+    trainer state: a resume with another --micro_batch_size or --eval_iters scores the same rows, so
+    ``best_val`` and the alarms go on comparing like with like. Drawn again only for other data."""
+    if not len(val_set):
+        raise UserError(f"{s.data_dir} has an empty val split: prepare it with --val_fraction > 0")
+    wanted = s.eval_iters * s.micro_batch_size
+    kept = state.get("val_sample")  # checked sorted and non-negative (checkpointing.trainer_state_problem)
+    if kept is not None and kept.get("data") == data_key:
+        rows = kept["rows"]
+        if rows[-1] >= len(val_set):  # the same data's key, so the same split: only an edited state
+            raise UserError(
+                f"the resumed checkpoint's val sample names row {rows[-1]}, but the val split of "
+                f"{s.data_dir} holds {len(val_set)}: pass another checkpoint"
+            )
+        if len(rows) != min(wanted, len(val_set)):
+            say(
+                f"note: the val sample stays the run's {len(rows)} rows (--eval_iters x --micro_batch_size "
+                f"asks for {wanted} now): evals stay comparable; start a new run for another sample"
+            )
+    else:
+        rows = stratified_rows(trained_tokens_by_source(val_set), wanted)
+        if not rows:
+            raise UserError(
+                f"{s.data_dir}: no val row has a trained token (every label is masked), so there is "
+                "no val loss to watch: prepare the data again"
+            )
+        if kept is not None:
+            say("note: the data changed at this resume: a new val sample, not comparable with earlier evals")
+        state["val_sample"] = {"data": data_key, "rows": rows}
+    say(f"val sample: {len(rows)} of {len(val_set)} val rows, stratified by source (any world size)")
+    return rows
 
 
 def fp8_forward_context(s, device):
@@ -506,10 +546,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
     meter.start()
     eta_context = announce_eta(forward_context, s.max_iters - first_step, s.grad_accum, say)
     progress = log.open_progress(first_step)
-    val_rows = stratified_rows(trained_tokens_by_source(val_set), s.eval_iters * s.micro_batch_size)
-    if not val_rows:
-        raise UserError(f"{s.data_dir} has an empty val split: prepare it with --val_fraction > 0")
-    say(f"val sample: {len(val_rows)} of {len(val_set)} val rows, stratified by source (any world size)")
+    val_rows = val_sample(s, val_set, state, identity["data"], say)
 
     def evaluate_and_alarm(done: int) -> dict:
         """Evaluate the val sample, then log, print and check the alarms; step 0 = before any update."""
@@ -525,6 +562,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             "world_size": world,
             "zero_stage": engine.zero_optimization_stage(),
             "run": identity,
+            "max_iters": s.max_iters,  # where this segment's cosine ends: a resume says when it moves
             # what a resume compares when it carries the state into an engine of another kind
             "optimizer": compatibility.optimizer_settings(optimizer_groups(engine)),
         }

@@ -424,6 +424,14 @@ HOSTILE_STATES = {
     "run seed not the sampler's": {"run": {"seed": 5}},
     "run seed a string": {"run": {"seed": "5"}},
     "run model a list": {"run": {"model": [1]}},
+    "val sample a list": {"val_sample": [0, 1]},
+    "val sample rows unsorted": {"val_sample": {"data": None, "rows": [3, 1]}},
+    "val sample rows repeated": {"val_sample": {"data": None, "rows": [1, 1]}},
+    "val sample rows negative": {"val_sample": {"data": None, "rows": [-1, 0]}},
+    "val sample rows empty": {"val_sample": {"data": None, "rows": []}},
+    "val sample rows strings": {"val_sample": {"data": None, "rows": ["0"]}},
+    "max iters 0": {"max_iters": 0},
+    "max iters a float": {"max_iters": 4.0},
 }
 
 

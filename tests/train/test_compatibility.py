@@ -120,6 +120,7 @@ def changes(parts) -> dict[str, tuple[list[str], dict]]:
         "fp8": (["--fp8", "torch"], {}),  # runs on CPU (dequantized)
         "micro_batch_size": (["--micro_batch_size", "4", "--grad_accum", "1"], {}),  # same global batch
         "global_batch": (["--grad_accum", "4"], {}),
+        "schedule": (["--learning_rate", "2e-3"], {}),
         "data": ([], {"data": parts.data_a_other_rows}),
         "seq_len": ([], {"data": parts.data_a_128}),
         "tokenizer": ([], {"data": parts.data_b}),
@@ -129,7 +130,7 @@ def changes(parts) -> dict[str, tuple[list[str], dict]]:
 
 
 CELLS = ["seed", "zero_stage to 0", "zero_stage to 3", "precision", "fp8"]
-CELLS += ["global_batch", "data", "seq_len", "tokenizer", "model", "base_weights"]
+CELLS += ["global_batch", "schedule", "data", "seq_len", "tokenizer", "model", "base_weights"]
 CELLS = [cell for cell in CELLS if cell.split(" to ")[0] not in compatibility.RESUMABLE]
 
 
@@ -161,8 +162,65 @@ def test_resume_with_nothing_changed_continues(parts, saved_run, tmp_path, capsy
     run = tmp_path / "run"
     shutil.copytree(saved_run, run)
     assert train(parts.data_a, parts.bare, run, "--resume", max_iters=3) == 0
-    assert "resumed from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resumed from" in out
+    assert "note: --max_iters 2 -> 3: the cosine now ends at step 3, so from step 2 on the lr" in out
     assert (run / "checkpoints" / "latest").read_text() == "step_000003"
+
+
+def test_a_schedule_change_is_refused_with_the_flags_that_put_it_back(
+    parts, saved_run, tmp_path, capsys, dist_env
+):
+    """The lr and the clipping of every later step: changed at resume, the run went on with an lr 5
+    times higher and no clipping, and the only line was the override a fresh run prints too."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    capsys.readouterr()
+    assert train(parts.data_a, parts.bare, run, "--resume", "--learning_rate", "5e-3", "--grad_clip", "0",
+                 max_iters=3) == 2  # fmt: skip
+    line = one_line_error(capsys)
+    assert "schedule grad_clip 1.0 -> 0.0, learning_rate 0.001 -> 0.005" in line
+    assert "to resume, pass --learning_rate 0.001 --grad_clip 1.0;" in line
+    assert not (run / "checkpoints" / "step_000003").exists()
+
+
+def test_the_default_warmup_capped_by_a_short_run_is_not_capped_again_silently(
+    parts, tmp_path, capsys, dist_env
+):
+    """--warmup_iters left at its default 10 is capped at --max_iters 2; resumed to --max_iters 3 the cap
+    is 3, and the lr warmed up a second time without a word. Now the resume names the saved warmup."""
+    at = FLAGS.index("--warmup_iters")
+    flags = FLAGS[:at] + FLAGS[at + 2 :]
+    run = tmp_path / "run"
+
+    def train_default_warmup(max_iters, *extra):
+        paths = ["--data_dir", str(parts.data_a), "--base_model", str(parts.bare), "--out_dir", str(run)]
+        return main(["train", *paths, *flags, "--max_iters", str(max_iters), *extra])
+
+    assert train_default_warmup(2) == 0
+    capsys.readouterr()
+    assert train_default_warmup(3, "--resume") == 2
+    line = one_line_error(capsys)
+    assert "schedule warmup_iters 2 -> 3" in line and "to resume, pass --warmup_iters 2;" in line
+    assert train_default_warmup(3, "--resume", "--warmup_iters", "2") == 0
+
+
+def test_the_val_sample_is_the_runs_across_a_resumable_micro_batch_change(
+    parts, saved_run, tmp_path, capsys, dist_env
+):
+    """--eval_iters x --micro_batch_size rows: 1 x 2 when saved, 1 x 4 after a resumable micro-batch
+    change. The evals after the resume scored other rows than the ones best_val was measured on."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    capsys.readouterr()
+    assert train(parts.data_a, parts.bare, run, "--resume", "--micro_batch_size", "4", "--grad_accum", "1",
+                 "--eval_interval", "1", max_iters=3) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    saved = json.loads((saved_run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    now = json.loads((run / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert len(saved["val_sample"]["rows"]) == 2 and now["val_sample"] == saved["val_sample"]
+    assert "note: the val sample stays the run's 2 rows (--eval_iters x --micro_batch_size asks for 4" in out
+    assert "val sample: 2 of" in out
 
 
 def test_a_new_world_size_at_the_same_global_batch_is_no_difference():
@@ -208,6 +266,7 @@ def test_a_new_micro_batch_at_the_same_global_batch_resumes_without_a_flag(
 ALLOWED = {
     "seed": {"seed"},
     "global_batch": {"global_batch"},
+    "schedule": {"schedule"},
     "data": {"data"},
     "seq_len": {"seq_len", "data"},
     "tokenizer": {"tokenizer", "data"},
@@ -462,7 +521,7 @@ def test_a_resumed_step_decays_by_this_runs_weight_decay(parts, saved_runs, tmp_
     for wd in ("0.05", "5"):
         run = tmp_path / wd
         shutil.copytree(saved_runs(2), run)
-        flags = ["--resume", "--weight_decay", wd, "--min_lr", "1e-3"]
+        flags = ["--resume", "--weight_decay", wd, "--min_lr", "1e-3", "--allow_change", "schedule"]
         assert train(parts.data_a, parts.bare, run, *flags, max_iters=3) == 0
         finals[wd] = load_file(str(run / "final" / "model.safetensors"))
     lr = next(r["lr"] for r in records(tmp_path / "5", "train") if r["step"] == 3)
