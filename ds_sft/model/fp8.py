@@ -448,6 +448,29 @@ def fp8_linear_names(model: nn.Module) -> list[str]:
     ]
 
 
+def fp8_layout(model: nn.Module, recipe: dict | None) -> dict | None:
+    """What the fp8 swap made of ``model`` (None: every projection in bf16/fp32): ``{"mode": "torch" |
+    "te", "layers": how many, "names": a digest of their names, "recipe": the JSON section with TE's
+    defaults filled in}``. ``--fp8 auto`` and ``select: "auto"`` resolve by machine, so the flag alone
+    does not say what a step computes; a resume compares this."""
+    import hashlib
+
+    swapped = sorted(
+        name
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in FP8_LINEARS and not isinstance(module, nn.Linear)
+    )
+    if not swapped:
+        return None
+    kind = "torch" if isinstance(model.get_submodule(swapped[0]), Float8Linear) else "te"
+    return {
+        "mode": kind,
+        "layers": len(swapped),
+        "names": hashlib.sha256("\n".join(swapped).encode()).hexdigest(),
+        "recipe": dataclasses.asdict(Fp8Recipe.from_dict(recipe or {})),
+    }
+
+
 def _seed_targets(extra_state: dict[str, Any], swapped: set[str]) -> dict[str, dict[str, torch.Tensor]]:
     """Module name -> decoded TE state, for every swapped linear the checkpoint has state for."""
     targets, unused = {}, []

@@ -38,6 +38,7 @@ HOW_TO_RESUME = {
     "zero_stage": "pass --zero_stage {saved}",
     "precision": "pass --precision {saved}",
     "fp8": "pass --fp8 {saved}",
+    "fp8_layout": 'resume where --fp8 and the JSON\'s "fp8" recipe give what they gave ({saved})',
     "micro_batch_size": "pass --micro_batch_size {saved}",
     "global_batch": "keep micro_batch_size x grad_accum x ranks = {saved} rows",
     "schedule": "pass {saved}",
@@ -102,6 +103,8 @@ def weights_fingerprint(model) -> str:
 def run_identity(s, model, train_set, world_size: int) -> dict:
     """What a checkpoint records about the run that wrote it (compared on resume). ``base_weights``:
     :func:`weights_fingerprint` of a --base_model (a preset's random init is not compared)."""
+    from ds_sft.model.fp8 import fp8_layout
+
     manifest = getattr(train_set, "manifest", {})
     config = {k: v for k, v in model.config.architecture().items() if k not in NOT_COMPARED_FIELDS}
     return {
@@ -109,6 +112,7 @@ def run_identity(s, model, train_set, world_size: int) -> dict:
         "zero_stage": s.zero_stage,
         "precision": s.precision,
         "fp8": s.fp8,
+        "fp8_layout": fp8_layout(model, s.fp8_recipe),
         "micro_batch_size": s.micro_batch_size,
         "global_batch": s.micro_batch_size * s.grad_accum * world_size,
         "schedule": {flag: getattr(s, flag) for flag in SCHEDULE_FLAGS},
@@ -136,11 +140,15 @@ def differences(saved: dict, now: dict, allowed=RESUMABLE) -> dict:
 
 def show(key: str, saved, now) -> str:
     """One difference as text: model configs by the fields that differ, hashes shortened."""
-    if isinstance(saved, dict) and isinstance(now, dict):
+
+    def short(value):
+        return value[:12] if isinstance(value, str) and len(value) == 64 else value
+
+    if isinstance(saved, dict) or isinstance(now, dict):  # None: a table not recorded, e.g. fp8 off
+        saved, now = (v if isinstance(v, dict) else {} for v in (saved, now))
         fields = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-        return f"{key} " + ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in fields)
-    short = [v[:12] if isinstance(v, str) and len(v) == 64 else v for v in (saved, now)]
-    return f"{key} {short[0]} -> {short[1]}"
+        return f"{key} " + ", ".join(f"{k} {short(saved.get(k))} -> {short(now.get(k))}" for k in fields)
+    return f"{key} {short(saved)} -> {short(now)}"
 
 
 def flags_of(key: str, saved, now) -> object:
@@ -148,6 +156,10 @@ def flags_of(key: str, saved, now) -> object:
     the flags that differ with their saved values (``--warmup_iters 4``)."""
     if key == "schedule" and isinstance(saved, dict) and isinstance(now, dict):
         return " ".join(f"--{flag} {saved.get(flag)}" for flag in now if saved.get(flag) != now[flag])
+    if key == "fp8_layout":
+        if not isinstance(saved, dict):
+            return "no projection in fp8"
+        return f"{saved.get('layers')} projections in fp8 {saved.get('mode')}, recipe {saved.get('recipe')}"
     return saved
 
 

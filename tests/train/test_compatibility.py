@@ -136,7 +136,8 @@ CELLS = [cell for cell in CELLS if cell.split(" to ")[0] not in compatibility.RE
 
 def test_the_matrix_changes_every_key_of_the_table(saved_run):
     state = json.loads((saved_run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
-    keys = {cell.split(" to ")[0] for cell in CELLS} | compatibility.RESUMABLE
+    # fp8_layout: what --fp8 auto resolves to on another machine (test_fp8_that_resolves_otherwise_...)
+    keys = {cell.split(" to ")[0] for cell in CELLS} | compatibility.RESUMABLE | {"fp8_layout"}
     assert keys == set(state["run"]) == set(compatibility.HOW_TO_RESUME) == set(compatibility.IDENTITY_KEYS)
 
 
@@ -271,7 +272,7 @@ ALLOWED = {
     "seq_len": {"seq_len", "data"},
     "tokenizer": {"tokenizer", "data"},
     "model": {"model"},
-    "fp8": {"fp8"},
+    "fp8": {"fp8", "fp8_layout"},
     "base_weights": {"base_weights"},
 }
 
@@ -569,3 +570,48 @@ def test_the_base_weights_fingerprint_sees_the_weights_not_their_precision():
         assert compatibility.weights_fingerprint(as_bf16) == same
         model.layers[0].attn.q_proj.weight[0, 0] += 1.0  # the first value of a tensor is in the sample
     assert compatibility.weights_fingerprint(model) != same
+
+
+def test_the_fp8_layout_records_what_the_swap_made():
+    """--fp8 auto and the recipe's select: "auto" resolve by machine; the flag stays "auto" while the
+    projections that run in fp8 and their scaling change. The identity holds what a step computes."""
+    from ds_sft.model.fp8 import apply_fp8, fp8_layout
+
+    def layout(mode="torch", **recipe):
+        from ds_sft.model.fp8 import Fp8Recipe
+
+        model = apply_fp8(tiny_model(), mode, Fp8Recipe.from_dict(recipe), say=lambda line: None)
+        return fp8_layout(model, recipe)
+
+    assert fp8_layout(tiny_model(), {}) is None
+    torch_all = layout()
+    assert torch_all["mode"] == "torch" and torch_all["layers"] == 7 * tiny_model().config.n_layers
+    assert torch_all["recipe"]["amax_history_len"] == 1024  # TE's default filled in: {} == that
+    assert layout(amax_history_len=1024) == torch_all
+    assert layout(margin=1) != torch_all and layout(format="E4M3") != torch_all
+    line = compatibility.show("fp8_layout", None, torch_all)
+    assert line.startswith("fp8_layout layers None -> 14, mode None -> torch, names None -> ")
+    assert len(line.split("names None -> ")[1].split(",")[0]) == 12  # the digest shortened
+
+
+def test_fp8_that_resolves_otherwise_at_resume_is_refused(
+    parts, saved_run, tmp_path, capsys, monkeypatch, dist_env
+):
+    """The saved run trained its projections in fp32 (--fp8 auto on a CPU). Resumed where auto finds
+    fp8 tensor cores, the same flag swapped every projection to fp8 and went on without a word."""
+    import torch
+
+    from ds_sft.model import fp8
+
+    monkeypatch.setattr(fp8, "has_fp8_tensor_cores", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU with fp8 tensor cores")
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    capsys.readouterr()
+    assert train(parts.data_a, parts.bare, run, "--resume", max_iters=3) == 2
+    line = one_line_error(capsys)
+    assert "fp8_layout layers None -> 14, mode None -> torch" in line
+    assert (
+        'resume where --fp8 and the JSON\'s "fp8" recipe give what they gave (no projection in fp8)' in line
+    )
+    assert not (run / "checkpoints" / "step_000003").exists()
