@@ -284,7 +284,7 @@ def _field_problems(state: dict) -> dict[str, bool]:
     sampler, run = state.get("sampler"), state.get("run", {})
     run_seed = run.get("seed") if isinstance(run, dict) else None
     sample = state.get("val_sample")  # older states hold none
-    rows = sample.get("rows") if isinstance(sample, dict) else None
+    count, rows = (sample.get("count"), sample.get("rows")) if isinstance(sample, dict) else (None, None)
     return {
         "step": not _is_int(state.get("step"), 0),
         "world_size": not _is_int(state.get("world_size"), 1, 2**20),
@@ -300,7 +300,8 @@ def _field_problems(state: dict) -> dict[str, bool]:
         "max_iters": not ("max_iters" not in state or _is_int(state["max_iters"], 1)),
         "val_sample": not (
             sample is None
-            or isinstance(rows, list)
+            or _is_int(count, 1)
+            and isinstance(rows, list)
             and rows
             and all(_is_int(row, 0) for row in rows)
             and all(a < b for a, b in itertools.pairwise(rows))  # sorted, each row once

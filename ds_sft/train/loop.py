@@ -252,7 +252,7 @@ def fresh_state() -> dict:
         "train_tokens": 0,
         "elapsed_s": 0.0,
         "changes": [],  # what resumes changed ({"step", "key", "saved", "now", "how"}: compatibility)
-        "val_sample": None,  # {"data": the data's key, "rows": [...]}: what every eval scores (val_sample)
+        "val_sample": None,  # {"data": its key, "count": asked, "rows": [...]}: what every eval scores
     }
 
 
@@ -352,10 +352,11 @@ def val_sample(s, val_set, state: dict, data_key, say) -> list[int]:
                 f"the resumed checkpoint's val sample names row {rows[-1]}, but the val split of "
                 f"{s.data_dir} holds {len(val_set)}: pass another checkpoint"
             )
-        if len(rows) != min(wanted, len(val_set)):
+        if kept["count"] != wanted:
             say(
                 f"note: the val sample stays the run's {len(rows)} rows (--eval_iters x --micro_batch_size "
-                f"asks for {wanted} now): evals stay comparable; start a new run for another sample"
+                f"asks for {wanted} now, {kept['count']} then): evals stay comparable; start a new run for "
+                "another sample"
             )
     else:
         rows = stratified_rows(trained_tokens_by_source(val_set), wanted)
@@ -366,7 +367,7 @@ def val_sample(s, val_set, state: dict, data_key, say) -> list[int]:
             )
         if kept is not None:
             say("note: the data changed at this resume: a new val sample, not comparable with earlier evals")
-        state["val_sample"] = {"data": data_key, "rows": rows}
+        state["val_sample"] = {"data": data_key, "count": wanted, "rows": rows}
     say(f"val sample: {len(rows)} of {len(val_set)} val rows, stratified by source (any world size)")
     return rows
 

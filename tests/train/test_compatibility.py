@@ -220,7 +220,10 @@ def test_the_val_sample_is_the_runs_across_a_resumable_micro_batch_change(
     saved = json.loads((saved_run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
     now = json.loads((run / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert len(saved["val_sample"]["rows"]) == 2 and now["val_sample"] == saved["val_sample"]
-    assert "note: the val sample stays the run's 2 rows (--eval_iters x --micro_batch_size asks for 4" in out
+    assert (
+        "note: the val sample stays the run's 2 rows (--eval_iters x --micro_batch_size asks for 4 "
+        "now, 2 then)" in out
+    )
     assert "val sample: 2 of" in out
 
 
