@@ -95,3 +95,25 @@ def torch_functional_linear_restored():
     linear = torch.nn.functional.linear
     yield
     torch.nn.functional.linear = linear
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Refuse a test whose own ``@settings`` undoes what makes the ``ci`` profile's verdict repeatable.
+
+    ``@settings(suppress_health_check=[...])`` replaces the profile's list rather than adding to it, so
+    a test that suppressed only ``function_scoped_fixture`` had its too-slow health check back: red
+    whenever a busy machine drew its examples slowly. Spell such a list as
+    ``[*settings.default.suppress_health_check, HealthCheck.X]``.
+    """
+    profile = settings.default
+    wrong = []
+    for item in items:
+        chosen = getattr(getattr(item, "obj", None), "_hypothesis_internal_use_settings", None)
+        if chosen is None:
+            continue
+        lost = set(profile.suppress_health_check) - set(chosen.suppress_health_check)
+        if lost or chosen.deadline != profile.deadline or chosen.derandomize != profile.derandomize:
+            wrong.append(f"{item.nodeid} (health checks back on: {sorted(check.name for check in lost)},"
+                         f" deadline {chosen.deadline}, derandomize {chosen.derandomize})")  # fmt: skip
+    if wrong:
+        raise pytest.UsageError("these tests' @settings undo the ci profile:\n" + "\n".join(wrong))

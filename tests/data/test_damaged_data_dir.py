@@ -210,7 +210,10 @@ JSON_VALUES = st.recursive(
 )
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(
     file=st.sampled_from(["manifest.json", "train/index.json"]),
     key=st.sampled_from(["sources", "tokenizer", "template", "seq_len", "rows", "shards", "dtype", "new"]),

@@ -24,7 +24,10 @@ def roles_of(tokenizer, ids):
 special_ids = st.integers(0, SPECIAL - 1)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12, deadline=None,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(ids=st.fixed_dictionaries({"bos": special_ids, "eos": special_ids}, optional={"pad": special_ids}))
 def test_special_tokens_are_the_ones_the_metadata_names(tmp_path, ids):
     path = write_gguf(tmp_path / "model.gguf", ids)

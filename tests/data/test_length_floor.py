@@ -230,7 +230,10 @@ def test_floor_is_reached_on_gpt2(floor_tokenizers):
 
 
 @pytest.mark.parametrize("truncate", [False, True])
-@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=40,
+    suppress_health_check=settings.default.suppress_health_check,
+)
 @given(
     which=st.integers(0, 4),
     fields=st.lists(
@@ -278,7 +281,10 @@ def test_no_floor_for_a_tokenizer_with_unknown_tokens(tmp_path):
 
 @pytest.mark.parametrize("truncate", [False, True])
 @pytest.mark.parametrize("longest", [120, 1200])
-@settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=6,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data(), seq_len=st.sampled_from([80, 120, 300]))
 def test_manifest_counts_rows_too_long_and_cut(tiny_tokenizer, run_prepare, data, seq_len, longest, truncate):
     """The manifest counts per source the rows dropped as too long, or with --truncate the rows cut and

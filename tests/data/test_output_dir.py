@@ -192,7 +192,8 @@ def user_entries(draw) -> list[tuple[str, bytes]]:
 
 
 @settings(
-    max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=25,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
 )  # run_prepare: stateless
 @given(
     entries=user_entries(),

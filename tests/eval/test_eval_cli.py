@@ -375,7 +375,10 @@ def _refused(capsys, code: int) -> str:
     return err
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(files=st.dictionaries(st.sampled_from(OUT_NAMES), st.binary(max_size=64), min_size=1))
 def test_a_folder_of_the_users_is_refused_and_left_as_it_was(data_dir, model_dir, capsys, files):
     """F8: a folder holding the user's eval.md and eval.json (or anything else) is not eval's to replace."""

@@ -68,7 +68,10 @@ def _write_tree(root: Path, files: dict[str, bytes]) -> None:
         (root / name).write_bytes(data)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(
     files=st.dictionaries(st.sampled_from(USER_NAMES), st.binary(max_size=64), min_size=1),
     nested=st.booleans(),

@@ -205,7 +205,10 @@ def test_dequantized_gemm_matches_scaled_mm(fmt, dtypes, shape):
     assert_scaled_mm_matches_dequantized(fmt, dtypes, shape)
 
 
-@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(
     tokens=st.integers(1, 70),
     k=st.sampled_from([16, 48, 96]),

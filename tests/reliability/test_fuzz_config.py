@@ -201,7 +201,10 @@ def test_the_base_config_is_valid_and_the_missing_data_dir_is_what_stops_it(caps
     assert "manifest.json" in lines[0]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(path=st.sampled_from(sorted(ORACLE)), value=json_values)
 # found by `make fuzz` (the oracle had no upper bounds), and the other bounds beside them
 @example(path=("gradient_accumulation_steps",), value=65537)
@@ -504,7 +507,10 @@ def texts_for(domain):
     )
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=400,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_every_flag_accepts_exactly_its_domain_in_one_line(capsys, data):
     command, flag, domain = data.draw(st.sampled_from(FLAGS), label="flag")
@@ -555,7 +561,10 @@ def numeric_json_keys() -> dict[tuple[str, ...], object]:
 NUMERIC_KEYS = numeric_json_keys()
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(
     path=st.sampled_from(sorted(NUMERIC_KEYS)),
     literal=st.sampled_from(
@@ -735,7 +744,10 @@ def test_a_key_given_twice_is_refused_naming_it(capsys, tmp_path, case):
 KEYS = st.sampled_from(["a", "b", "ds_sft", "bf16"])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None,
+    suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
 @given(path=st.lists(KEYS, min_size=1, max_size=4), value=json_values)
 def test_a_repeated_key_at_any_depth_is_refused(capsys, tmp_path, path, value):
     inner = json.dumps(value)

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from ds_sft.data.clean import Drops, clean_records, dedup, normalize_text
@@ -40,7 +40,10 @@ from ds_sft.data.templates import render_prompt
 from ds_sft.data.tokenize import tokenize_records
 from ds_sft.errors import UserError
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60, deadline=None,
+    suppress_health_check=settings.default.suppress_health_check,
+)
 
 COLUMNS = ["instruction", "input", "output", "context", "response", "category", "question", "answer",
            "prompt", "completion", "messages", "extra"]  # fmt: skip
@@ -212,7 +215,10 @@ def test_alpaca_template_keeps_every_character(instruction, extra, history):
     assert all(content in prompt for _, content in history)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=20, deadline=None,
+    suppress_health_check=settings.default.suppress_health_check,
+)
 @example(file=NULL_FILE, skip_bad_rows=False)  # killed the whole command with SIGSEGV
 @example(file=LONE_SURROGATE, skip_bad_rows=False)  # UnicodeEncodeError in dedup, once JSON was parsed here
 @given(file=instruction_files(), skip_bad_rows=st.booleans())
