@@ -36,16 +36,18 @@ RUNAWAY = {
 
 
 @pytest.fixture(autouse=True)
-def short_limit(monkeypatch):
-    monkeypatch.setattr(template_sandbox, "TEMPLATE_SECONDS", 0.3)
-    monkeypatch.setattr(template_sandbox, "TEMPLATE_GROWTH_BYTES", 32 << 20)
+def sizes_only(monkeypatch):
+    """The watchdog out of the way (a busy machine renders slowly): only a size check may refuse, and
+    a render that must succeed is never stopped by time, however long the machine holds it up."""
+    monkeypatch.setattr(template_sandbox, "TEMPLATE_SECONDS", 600.0)
+    monkeypatch.setattr(template_sandbox, "TEMPLATE_GROWTH_BYTES", 1 << 40)
 
 
 @pytest.fixture
-def sizes_only(monkeypatch):
-    """The watchdog out of the way (a busy machine renders slowly): only a size check may refuse."""
-    monkeypatch.setattr(template_sandbox, "TEMPLATE_SECONDS", 600.0)
-    monkeypatch.setattr(template_sandbox, "TEMPLATE_GROWTH_BYTES", 1 << 40)
+def short_limit(monkeypatch):
+    """Limits a runaway (hours of work, or gigabytes) passes at once, for the tests of the watchdog."""
+    monkeypatch.setattr(template_sandbox, "TEMPLATE_SECONDS", 0.3)
+    monkeypatch.setattr(template_sandbox, "TEMPLATE_GROWTH_BYTES", 32 << 20)
 
 
 def tokenizer_dir(tmp_path, tiny_tokenizer_file, template: str):
@@ -59,7 +61,9 @@ def tokenizer_dir(tmp_path, tiny_tokenizer_file, template: str):
 
 @pytest.mark.parametrize("where", ["before", "after"])
 @pytest.mark.parametrize("name", sorted(RUNAWAY))
-def test_a_runaway_template_is_stopped_and_refused_in_one_line(tmp_path, tiny_tokenizer_file, name, where):
+def test_a_runaway_template_is_stopped_and_refused_in_one_line(
+    tmp_path, tiny_tokenizer_file, name, where, short_limit
+):
     from ds_sft.data.tokenizer import load_tokenizer
 
     template = RUNAWAY[name] + CHATML if where == "before" else CHATML + RUNAWAY[name]
@@ -76,7 +80,9 @@ def test_a_runaway_template_is_stopped_and_refused_in_one_line(tmp_path, tiny_to
     assert any(what in message for what in spent)
 
 
-def test_prepare_refuses_a_runaway_template_in_one_line(tmp_path, tiny_tokenizer_file, monkeypatch):
+def test_prepare_refuses_a_runaway_template_in_one_line(
+    tmp_path, tiny_tokenizer_file, monkeypatch, short_limit
+):
     import ds_sft.paths
     from ds_sft.data import prepare
 
@@ -91,7 +97,9 @@ def test_prepare_refuses_a_runaway_template_in_one_line(tmp_path, tiny_tokenizer
     assert not (tmp_path / "out").exists()
 
 
-def test_renders_after_a_stopped_one_are_not_disturbed(tmp_path, tiny_tokenizer_file):
+def test_renders_after_a_stopped_one_are_not_disturbed(
+    tmp_path, tiny_tokenizer_file, monkeypatch, short_limit
+):
     """The stop is delivered to the runaway render only: the next renders, on this thread, succeed."""
     from ds_sft.data.tokenizer import load_tokenizer
 
@@ -102,6 +110,8 @@ def test_renders_after_a_stopped_one_are_not_disturbed(tmp_path, tiny_tokenizer_
     record = {"instruction": "hi", "input": ""}
     with pytest.raises(UserError):
         templates.render_prompt(record, "chat", hostile)
+    # a stop the runaway left pending would still arrive; a busy machine's slow render must not
+    monkeypatch.setattr(template_sandbox, "TEMPLATE_SECONDS", 600.0)
     for _ in range(2000):
         assert (
             templates.render_prompt(record, "chat", fine)
@@ -125,7 +135,9 @@ GROWING = {
 
 
 @pytest.mark.parametrize("name", sorted(GROWING))
-def test_a_template_that_grows_the_process_is_stopped(tmp_path, tiny_tokenizer_file, monkeypatch, name):
+def test_a_template_that_grows_the_process_is_stopped(
+    tmp_path, tiny_tokenizer_file, monkeypatch, name, short_limit
+):
     from ds_sft.data.tokenizer import load_tokenizer
 
     monkeypatch.setattr(template_sandbox, "TEMPLATE_SECONDS", 60.0)
@@ -144,7 +156,7 @@ def test_a_template_that_grows_the_process_is_stopped(tmp_path, tiny_tokenizer_f
      "'x' * 2000000", "('a' + 'b') * 600000"],
 )  # fmt: skip
 def test_a_template_with_a_huge_constant_is_refused_before_it_compiles(
-    tmp_path, tiny_tokenizer_file, constant, sizes_only
+    tmp_path, tiny_tokenizer_file, constant
 ):
     from ds_sft.data.tokenizer import load_tokenizer
 
@@ -186,7 +198,7 @@ def test_small_constants_render(tmp_path, tiny_tokenizer_file, constant):
     ],
 )
 def test_a_name_set_to_a_huge_constant_counts_as_that_constant(
-    tmp_path, tiny_tokenizer_file, statements, refused, sizes_only
+    tmp_path, tiny_tokenizer_file, statements, refused
 ):
     """{% set n = 4000000000 %}{{ 'a' * n }} built 4 GB in one C call at render time (248 s, 4.2 GB
     peak; a larger n: killed for memory): only literal constants were checked."""
@@ -248,7 +260,7 @@ COMPUTED_SIZES = {
 
 @pytest.mark.parametrize("name", sorted(COMPUTED_SIZES))
 def test_a_value_computed_from_the_data_is_sized_before_it_is_built(
-    tmp_path, tiny_tokenizer_file, name, sizes_only
+    tmp_path, tiny_tokenizer_file, name
 ):
     """Each is refused in one line naming the template and the fix, having allocated next to
     nothing: the size is checked before the value exists."""
