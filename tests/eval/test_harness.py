@@ -461,7 +461,9 @@ def test_a_task_template_that_renders_for_hours_is_stopped(monkeypatch, template
     start = time.monotonic()
     with harness.sandboxed_templates(), pytest.raises(template_sandbox.TemplateOverTime):
         lm_eval_utils.apply_template(template, {"question": "2 + 2?"})
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # stopped, not run to its end (hours)
+    # the ordinary render must not race a limit a busy machine reaches
+    monkeypatch.setattr(template_sandbox, "TEMPLATE_SECONDS", 600.0)
     with harness.sandboxed_templates():
         assert lm_eval_utils.apply_template("Q: {{ question }}", {"question": "2 + 2?"}) == "Q: 2 + 2?"
 
