@@ -10,7 +10,9 @@ an OOM kill or a power cut looks like. Where the kill lands is chosen with the e
 - ``before_latest@N``: after every file of step N's checkpoint is on disk, before ``latest`` moves;
 - ``latest_tmp@N``: after the new ``latest`` was written to its temporary name, before the rename;
 - ``prune@N``: half-way through deleting an old checkpoint after step N's save;
-- ``read_only@N``: not a kill: step N's save finds its directory read-only (``EROFS``).
+- ``read_only@N``: not a kill: step N's save finds its directory read-only (``EROFS``);
+- ``hold@N``: not a kill: in optimizer step N, before the update, the process waits to be killed from
+  outside (a test's external kill that a busy machine delays still finds the run alive, not ended).
 
 The hooks wrap DeepSpeed's and ds-sft's functions from outside (nothing in the trainer knows about
 them). Run it as the trainer module is run::
@@ -28,13 +30,20 @@ import signal
 import sys
 from pathlib import Path
 
-POINTS = ("step", "save", "before_latest", "latest_tmp", "prune", "read_only")
+POINTS = ("step", "save", "before_latest", "latest_tmp", "prune", "read_only", "hold")
 
 
 def die() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_to_be_killed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    while True:
+        signal.pause()
 
 
 def install(point: str, at_step: int) -> None:
@@ -45,12 +54,13 @@ def install(point: str, at_step: int) -> None:
 
     saving = {"step": None}  # the step whose checkpoint is being written, while it is
 
-    if point == "step":
+    if point in ("step", "hold"):
         original_step = DeepSpeedEngine.step
+        stop = die if point == "step" else wait_to_be_killed
 
         def step(self, *args, **kwargs):
             if self.is_gradient_accumulation_boundary() and self.global_steps + 1 == at_step:
-                die()
+                stop()
             return original_step(self, *args, **kwargs)
 
         DeepSpeedEngine.step = step

@@ -90,7 +90,9 @@ def test_sigkilled_and_resumed_run_equals_the_uninterrupted_run(tmp_path, ds_env
     chaos, log = tmp_path / "chaos", []
     for point, step in kill_schedule(random.Random(SEED)):
         resumed_from = latest_step(chaos)
-        fault = None if point == "external" else f"{point}@{step}"
+        # the external kill lands wherever the run is once the log shows its step; held before the last
+        # update, the run cannot end first when a busy machine delays the kill (it was "did not fire")
+        fault = f"hold@{MAX_STEPS}" if point == "external" else f"{point}@{step}"
         proc = launch(train_flags(data, chaos, MAX_STEPS), ds_env, fault)
         if point == "external":
             kill_when_logged(proc, chaos, step, timeout=900)
