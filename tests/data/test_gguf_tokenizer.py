@@ -25,7 +25,8 @@ special_ids = st.integers(0, SPECIAL - 1)
 
 
 @settings(
-    max_examples=12, deadline=None,
+    max_examples=12,
+    deadline=None,
     suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
 )
 @given(ids=st.fixed_dictionaries({"bos": special_ids, "eos": special_ids}, optional={"pad": special_ids}))

@@ -259,9 +259,7 @@ COMPUTED_SIZES = {
 
 
 @pytest.mark.parametrize("name", sorted(COMPUTED_SIZES))
-def test_a_value_computed_from_the_data_is_sized_before_it_is_built(
-    tmp_path, tiny_tokenizer_file, name
-):
+def test_a_value_computed_from_the_data_is_sized_before_it_is_built(tmp_path, tiny_tokenizer_file, name):
     """Each is refused in one line naming the template and the fix, having allocated next to
     nothing: the size is checked before the value exists."""
     import tracemalloc

@@ -376,7 +376,8 @@ def _refused(capsys, code: int) -> str:
 
 
 @settings(
-    max_examples=25, deadline=None,
+    max_examples=25,
+    deadline=None,
     suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
 )
 @given(files=st.dictionaries(st.sampled_from(OUT_NAMES), st.binary(max_size=64), min_size=1))

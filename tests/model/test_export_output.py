@@ -69,7 +69,8 @@ def _write_tree(root: Path, files: dict[str, bytes]) -> None:
 
 
 @settings(
-    max_examples=25, deadline=None,
+    max_examples=25,
+    deadline=None,
     suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
 )
 @given(

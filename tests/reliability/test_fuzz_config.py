@@ -202,7 +202,8 @@ def test_the_base_config_is_valid_and_the_missing_data_dir_is_what_stops_it(caps
 
 
 @settings(
-    max_examples=150, deadline=None,
+    max_examples=150,
+    deadline=None,
     suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
 )
 @given(path=st.sampled_from(sorted(ORACLE)), value=json_values)
@@ -745,7 +746,8 @@ KEYS = st.sampled_from(["a", "b", "ds_sft", "bf16"])
 
 
 @settings(
-    max_examples=60, deadline=None,
+    max_examples=60,
+    deadline=None,
     suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
 )
 @given(path=st.lists(KEYS, min_size=1, max_size=4), value=json_values)

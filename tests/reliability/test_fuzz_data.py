@@ -41,7 +41,8 @@ from ds_sft.data.tokenize import tokenize_records
 from ds_sft.errors import UserError
 
 FUZZ = settings(
-    max_examples=60, deadline=None,
+    max_examples=60,
+    deadline=None,
     suppress_health_check=settings.default.suppress_health_check,
 )
 
@@ -216,7 +217,8 @@ def test_alpaca_template_keeps_every_character(instruction, extra, history):
 
 
 @settings(
-    max_examples=20, deadline=None,
+    max_examples=20,
+    deadline=None,
     suppress_health_check=settings.default.suppress_health_check,
 )
 @example(file=NULL_FILE, skip_bad_rows=False)  # killed the whole command with SIGSEGV
