@@ -22,6 +22,7 @@ sandbox.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import contextvars
 import functools
@@ -277,6 +278,9 @@ def _filter_size(name: str, value, arguments: dict) -> int:
         return _weight(items) + len(items) * len(str(arguments.get("d", "")))
     if name == "batch":
         return max(arguments["linecount"], 0) if arguments.get("fill_with") is not None else 0
+    if name == "slice":  # one list per slice, however few items: 'x'|slice(10**8) made 10**8 lists
+        slices = arguments["slices"]
+        return (max(slices, 0) if isinstance(slices, int) else 0) + len(_materialized(value))
     if name == "sum":
         return sum(_weight(item) for item in _materialized(value) if not isinstance(item, int | float))
     if name == "tojson":
@@ -285,7 +289,18 @@ def _filter_size(name: str, value, arguments: dict) -> int:
     raise AssertionError(name)
 
 
-SIZED_FILTERS = ("center", "indent", "wordwrap", "replace", "format", "join", "batch", "sum", "tojson")
+SIZED_FILTERS = (
+    "center",
+    "indent",
+    "wordwrap",
+    "replace",
+    "format",
+    "join",
+    "batch",
+    "slice",
+    "sum",
+    "tojson",
+)
 WIDTH_METHODS = ("center", "ljust", "rjust", "zfill")  # str methods whose first argument is a width
 
 
@@ -295,14 +310,17 @@ def _sized_filter(name: str, function):
 
     signature = inspect.signature(function)
     passes = getattr(function, "jinja_pass_arg", None)  # an environment or context comes first
+    # Jinja's async-ready filters (slice, map, ...) pass an eval context that the function they wrap,
+    # whose signature this is, does not take: bind from the value on, or 'slices' binds the value.
+    signature_skips = 1 if passes and not getattr(inspect.unwrap(function), "jinja_pass_arg", None) else 0
 
     @functools.wraps(function)
     def sized(*args, **kwargs):
         args = list(args)
         value_at = 1 if passes else 0
-        if name in ("join", "sum") and len(args) > value_at:
+        if name in ("join", "sum", "slice") and len(args) > value_at:
             args[value_at] = _materialized(args[value_at])  # a generator is read once: size the list
-        bound = signature.bind(*args, **kwargs)
+        bound = signature.bind(*args[signature_skips:], **kwargs)
         arguments = dict(bound.arguments)
         value = args[value_at] if len(args) > value_at else None
         _check(_filter_size(name, value, arguments), f"the {name} filter of those arguments")
@@ -367,6 +385,7 @@ def bounded_sandbox_class():
             super().__init__(*args, **kwargs)
             self.filters.update(self.sized_filters(self.filters))
             self.globals["range"] = self.sized_range
+            self.globals["lipsum"] = self.sized_lipsum
 
         @staticmethod
         def sized_filters(filters: dict) -> dict:
@@ -378,6 +397,16 @@ def bounded_sandbox_class():
             if len(range(*args)) > JINJA_MAX_RANGE:
                 _refuse(f"range{args}")
             return range(*args)
+
+        @staticmethod
+        def sized_lipsum(n=5, html=True, min=20, max=100):  # noqa: A002 (Jinja's names)
+            """Jinja's ``lipsum``, its paragraphs times their most words sized first (``lipsum(10**6)``
+            wrote words in a Python loop until the watchdog stopped it)."""
+            from jinja2.utils import generate_lorem_ipsum
+
+            sized = isinstance(n, int) and isinstance(max, int)
+            _check(builtins.max(n, 0) * builtins.max(max, 1) if sized else 0, f"lipsum({n}, max={max})")
+            return generate_lorem_ipsum(n=n, html=html, min=min, max=max)
 
         def sized_concat(self, context, pieces):
             texts = [str(piece) for piece in pieces]

@@ -254,6 +254,14 @@ COMPUTED_SIZES = {
     "batch_fill": "{{ messages|batch(" + HUGE + ", 'x')|list|length }}",
     "sum_lists": "{{ ([['x'] * 1000000] * (messages|length * 2000))|sum(start=[])|length }}",
     "tojson_indent": "{{ messages|tojson(indent=" + HUGE + ") }}",
+    # 3,000,000 lists from one message, 2,000,000 words from one call (the review: 20 s and 2 GB for
+    # 'x'|slice(30000000); lipsum(200000) ran until the watchdog stopped it)
+    "slice_filter": "{{ messages|slice(messages|length * 3000000)|list|length }}",
+    "slice_filter_fill": "{{ messages|slice(messages|length * 3000000, 'x')|list|length }}",
+    "slice_filter_string": "{{ messages[0].content|slice(messages|length * 3000000)|list|length }}",
+    "slice_filter_map": "{{ messages|map(attribute='role')|slice(messages|length * 3000000)|list|length }}",
+    "lipsum_paragraphs": "{{ lipsum(messages|length * 20000)|length }}",
+    "lipsum_words": "{{ lipsum(messages|length * 2, min=1, max=messages|length * 1000000)|length }}",
     "output": MEGA + "{% for i in range(4000) %}{{ mega }}{% endfor %}",
 }
 
