@@ -108,3 +108,42 @@ def test_a_template_that_raises_raises_in_the_sandbox_too(gpt2):
         tokenizer.apply_chat_template(messages, tokenize=False)
     with pytest.raises(TemplateError, match="unknown role tool"):
         render_chat(tokenizer, messages, False)
+
+
+# Each sized filter with its arguments given as a template gives them: positionally, by name, and
+# on a lazy value. The sizing binds them to the filter's own names; a wrong binding (Jinja's
+# async-ready filters take an eval context their signature does not name) sized the wrong argument.
+ORDINARY_FILTER_CALLS = [
+    "{{ 'ab'|center(9) }}",
+    "{{ 'a\nb'|indent(3, first=true) }}",
+    "{{ 'aa bb cc'|wordwrap(3, wrapstring='|') }}",
+    "{{ 'aXbX'|replace('X', '--', 1) }}",
+    "{{ '%s-%s'|format(1, 2) }}",
+    "{{ range(4)|join(', ') }}",
+    "{{ range(4)|map('string')|join('+') }}",
+    "{{ range(7)|batch(3, 'x')|list }}",
+    "{{ range(7)|slice(3)|list }}",
+    "{{ range(7)|slice(3, fill_with=0)|list }}",
+    "{{ range(7)|map('string')|slice(2)|list }}",
+    "{{ 'abcde'|slice(2)|list }}",
+    "{{ [[1], [2]]|sum(start=[]) }}",
+    "{{ range(5)|sum }}",
+    "{{ {'a': [1, 2]}|tojson(indent=2) }}",
+]
+
+
+@pytest.mark.parametrize("template", ORDINARY_FILTER_CALLS)
+def test_sized_filters_render_as_jinjas_own(template):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from ds_sft.data.template_sandbox import bounded_sandbox_class
+
+    expected = ImmutableSandboxedEnvironment().from_string(template).render()
+    assert bounded_sandbox_class()().from_string(template).render() == expected
+
+
+def test_lipsum_renders_within_bounds():
+    from ds_sft.data.template_sandbox import bounded_sandbox_class
+
+    text = bounded_sandbox_class()().from_string("{{ lipsum(2, html=false, min=3, max=5) }}").render()
+    assert 6 <= len(text.split()) <= 10
