@@ -165,7 +165,7 @@ def _weight(value, memo: dict | None = None) -> int:
     items plus theirs, a container held several times counted each time (``[[x] * 1000] * 1000``
     writes a million items), without walking it more than once; anything else 1."""
     memo = {} if memo is None else memo
-    if isinstance(value, str):
+    if isinstance(value, str | bytes):  # bytes: 'x'.encode() repeats and pads as a string does
         return len(value)
     if not isinstance(value, list | tuple | dict):
         return 1
@@ -223,7 +223,7 @@ def _check_binop(operator: str, left, right) -> None:
     """Refuses ``left operator right`` when the value it would build is over the limits."""
 
     def sequence(value) -> bool:
-        return isinstance(value, str | list | tuple)
+        return isinstance(value, str | bytes | list | tuple)
 
     if operator == "*" and isinstance(left, int) and isinstance(right, int):
         _check_bits(left.bit_length() + right.bit_length(), "a product")
@@ -419,9 +419,9 @@ def bounded_sandbox_class():
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
             owner, name = getattr(__obj, "__self__", None), getattr(__obj, "__name__", "")
-            if isinstance(owner, str):
+            if isinstance(owner, str | bytes):
                 args = (_materialized(args[0]), *args[1:]) if name == "join" and args else args
-                _check(_method_size(owner, name, args), f"str.{name} of those arguments")
+                _check(_method_size(owner, name, args), f"{type(owner).__name__}.{name} of those arguments")
             return super().call(__context, __obj, *args, **kwargs)
 
         def wrap_str_format(self, value):  # str.format / format_map, which the sandbox wraps on access
@@ -440,14 +440,17 @@ def bounded_sandbox_class():
     return BoundedSandbox
 
 
-def _method_size(text: str, name: str, args) -> int:
-    """The size of what ``text.name(*args)`` would build, for the ``str`` methods that can grow it."""
+def _method_size(text: str | bytes, name: str, args) -> int:
+    """The size of what ``text.name(*args)`` would build, for the ``str`` and ``bytes`` methods that
+    can grow it."""
     numbers = [a for a in args if isinstance(a, int)]
     if name in WIDTH_METHODS and numbers:
         return len(text) + max(numbers[0], 0)
     if name == "expandtabs":
-        return len(text) + text.count("\t") * max(numbers[0] if numbers else 8, 0)
-    if name == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+        return len(text) + text.count(b"\t" if isinstance(text, bytes) else "\t") * max(
+            numbers[0] if numbers else 8, 0
+        )
+    if name == "replace" and len(args) >= 2 and all(isinstance(a, type(text)) for a in args[:2]):
         return _replaced_size(text, args[0], args[1], *args[2:3])
     if name == "join" and args:
         return _weight(args[0]) + len(args[0]) * len(text) if hasattr(args[0], "__len__") else 0

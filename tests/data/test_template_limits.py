@@ -262,6 +262,15 @@ COMPUTED_SIZES = {
     "slice_filter_map": "{{ messages|map(attribute='role')|slice(messages|length * 3000000)|list|length }}",
     "lipsum_paragraphs": "{{ lipsum(messages|length * 20000)|length }}",
     "lipsum_words": "{{ lipsum(messages|length * 2, min=1, max=messages|length * 1000000)|length }}",
+    # bytes repeat, pad and join as strings do ('x'.encode() * 300000000: 300 MB, unsized)
+    "bytes_times_int": "{{ ('x'.encode() * " + HUGE + ")|length }}",
+    "int_times_bytes": "{{ (" + HUGE + " * 'x'.encode())|length }}",
+    "bytes_ljust": "{{ 'x'.encode().ljust(" + HUGE + ")|length }}",
+    "bytes_zfill": "{{ '7'.encode().zfill(" + HUGE + ")|length }}",
+    "bytes_expandtabs": "{{ ('\t' * 1000).encode().expandtabs(" + HUGE + ")|length }}",
+    "bytes_join": MEGA + "{{ mega.encode().join(['a'.encode()] * 4000)|length }}",
+    "bytes_concat": MEGA + "{% set ns = namespace(s=mega.encode()) %}{% for i in range(12) %}"
+    "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
     "output": MEGA + "{% for i in range(4000) %}{{ mega }}{% endfor %}",
 }
 
