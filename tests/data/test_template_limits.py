@@ -271,6 +271,10 @@ COMPUTED_SIZES = {
     "bytes_join": MEGA + "{{ mega.encode().join(['a'.encode()] * 4000)|length }}",
     "bytes_concat": MEGA + "{% set ns = namespace(s=mega.encode()) %}{% for i in range(12) %}"
     "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
+    # one string held 3,000 times by a dict, written out in one C call (16 s, 2.9 GB)
+    "dict_fromkeys_string": MEGA + "{% set d = dict.fromkeys(range(3000), mega) %}{{ (d|string)|length }}",
+    "dict_fromkeys_output": MEGA + "{% set d = dict.fromkeys(range(3000), mega) %}{{ d }}",
+    "dict_fromkeys_concat": MEGA + "{% set d = dict.fromkeys(range(3000), mega) %}{{ (d ~ '')|length }}",
     "output": MEGA + "{% for i in range(4000) %}{{ mega }}{% endfor %}",
 }
 
