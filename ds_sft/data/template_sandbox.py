@@ -6,8 +6,9 @@ two more bounds keep it from taking the machine:
 
 - sizes, checked BEFORE a value is built (:class:`BoundedSandbox`): ``*`` and ``**`` of strings,
   lists and numbers, ``+`` and ``~`` concatenation, printf and ``str.format`` widths and precisions,
-  the filters and ``str`` methods that pad, indent, wrap, join, batch, sum or indent JSON, and
-  ``range``. One such operation is a single C call: ``{{ 'x' * (messages|length * 4000000000) }}``
+  the filters and ``str`` (and ``bytes``) methods that pad, indent, wrap, join, batch, slice, sum or
+  indent JSON, ``range``, ``lipsum`` and ``dict``. One such operation is a single C call: ``{{ 'x' *
+  (messages|length * 4000000000) }}``
   built 4 GB, twice, before anything could stop it. An operation may build
   :data:`TEMPLATE_VALUE_SIZE` characters or items plus :data:`TEMPLATE_INPUT_FACTOR` times what the
   render was given (a real template builds about its conversation), a number
