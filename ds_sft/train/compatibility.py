@@ -32,27 +32,55 @@ from ds_sft.errors import UserError, first_line
 # unless --allow_change names it.
 RESUMABLE: frozenset[str] = frozenset({"micro_batch_size", "zero_stage", "precision"})
 
-# How to resume when a key differs: the flag that puts it back, formatted with the saved value.
-HOW_TO_RESUME = {
-    "seed": "pass --seed {saved}",
-    "zero_stage": "pass --zero_stage {saved}",
-    "precision": "pass --precision {saved}",
-    "fp8": "pass --fp8 {saved}",
-    "fp8_layout": 'resume where --fp8 and the JSON\'s "fp8" recipe give what they gave ({saved})',
-    "micro_batch_size": "pass --micro_batch_size {saved}",
-    "global_batch": "keep micro_batch_size x grad_accum x ranks = {saved} rows",
-    "schedule": "pass {saved}",
-    "data": "pass the --data_dir the run was started with",
-    "seq_len": "pass the --data_dir the run was started with",
-    "tokenizer": "pass data prepared with the run's tokenizer",
-    "model": "pass the --model or --base_model the run was started with",
-    "base_weights": "pass the --base_model the run was started with",
-}
-
 # The flags of the "schedule" key: they set the lr and the clipping of every later step, as the
 # optimizer's settings do, so a resume that changes them is not the run it continues. --max_iters is not
 # one: training on past the end is what a resume is for (the cosine then ends later; said at resume).
 SCHEDULE_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "grad_clip")
+
+
+def _pass_saved(flag: str):
+    """The fix for a key set by one flag: pass the flag with the checkpoint's value."""
+    return lambda saved, now: f"pass --{flag} {saved}"
+
+
+def _pass_schedule(saved, now) -> str:
+    """The schedule's flags that differ, with their saved values (``pass --warmup_iters 4``)."""
+    saved, now = (v if isinstance(v, dict) else {} for v in (saved, now))
+    differing = (flag for flag in SCHEDULE_FLAGS if saved.get(flag) != now.get(flag))
+    return "pass " + " ".join(f"--{flag} {saved.get(flag)}" for flag in differing)
+
+
+def _same_fp8_layout(saved, now) -> str:
+    """``--fp8 auto`` resolves per machine and the JSON's recipe changes the numerics: say what was saved."""
+    made = (
+        f"{saved.get('layers')} projections in fp8 {saved.get('mode')}, recipe {saved.get('recipe')}"
+        if isinstance(saved, dict)
+        else "no projection in fp8"
+    )
+    return f'resume where --fp8 and the JSON\'s "fp8" recipe give what they gave ({made})'
+
+
+def _say(text: str):
+    """The fix for a key no single flag sets."""
+    return lambda saved, now: text
+
+
+# How to resume when a key differs: (saved value, this run's value) -> what puts the saved one back.
+HOW_TO_RESUME = {
+    "seed": _pass_saved("seed"),
+    "zero_stage": _pass_saved("zero_stage"),
+    "precision": _pass_saved("precision"),
+    "fp8": _pass_saved("fp8"),
+    "fp8_layout": _same_fp8_layout,
+    "micro_batch_size": _pass_saved("micro_batch_size"),
+    "global_batch": lambda saved, now: f"keep micro_batch_size x grad_accum x ranks = {saved} rows",
+    "schedule": _pass_schedule,
+    "data": _say("pass the --data_dir the run was started with"),
+    "seq_len": _say("pass the --data_dir the run was started with"),
+    "tokenizer": _say("pass data prepared with the run's tokenizer"),
+    "model": _say("pass the --model or --base_model the run was started with"),
+    "base_weights": _say("pass the --base_model the run was started with"),
+}
 
 # The keys of run_identity, in its order: what --allow_change accepts.
 IDENTITY_KEYS = tuple(HOW_TO_RESUME)
@@ -151,18 +179,6 @@ def show(key: str, saved, now) -> str:
     return f"{key} {short(saved)} -> {short(now)}"
 
 
-def flags_of(key: str, saved, now) -> object:
-    """What puts ``key`` back as :data:`HOW_TO_RESUME` says: the saved value, or for the schedule
-    the flags that differ with their saved values (``--warmup_iters 4``)."""
-    if key == "schedule" and isinstance(saved, dict) and isinstance(now, dict):
-        return " ".join(f"--{flag} {saved.get(flag)}" for flag in now if saved.get(flag) != now[flag])
-    if key == "fp8_layout":
-        if not isinstance(saved, dict):
-            return "no projection in fp8"
-        return f"{saved.get('layers')} projections in fp8 {saved.get('mode')}, recipe {saved.get('recipe')}"
-    return saved
-
-
 def check_resume(tag_dir, trainer_state: dict, now: dict, allow=(), model=None) -> list[dict]:
     """Refuse to resume ``tag_dir`` when the run differs from the one that saved it (one line), except
     in :data:`RESUMABLE` keys and the keys of ``allow`` (``--allow_change``).
@@ -174,7 +190,7 @@ def check_resume(tag_dir, trainer_state: dict, now: dict, allow=(), model=None) 
     changed = differences(saved, now, RESUMABLE | set(allow))
     if changed:
         what = "; ".join(show(key, *values) for key, values in changed.items())
-        fixes = (HOW_TO_RESUME[key].format(saved=flags_of(key, *values)) for key, values in changed.items())
+        fixes = (HOW_TO_RESUME[key](*values) for key, values in changed.items())
         how = "; ".join(dict.fromkeys(fixes))  # data and seq_len share a fix: say it once
         raise UserError(
             f"--resume {tag_dir}: this run differs from the checkpoint's (saved -> now: {what}); to resume, "

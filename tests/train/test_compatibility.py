@@ -141,6 +141,17 @@ def test_the_matrix_changes_every_key_of_the_table(saved_run):
     assert keys == set(state["run"]) == set(compatibility.HOW_TO_RESUME) == set(compatibility.IDENTITY_KEYS)
 
 
+@pytest.mark.parametrize("key", compatibility.IDENTITY_KEYS)
+def test_every_key_says_how_to_put_it_back_whatever_was_recorded(saved_run, key):
+    """The fix is one line of text for the saved value as recorded, and for a table one side lacks
+    (a checkpoint from before fp8 or the schedule was recorded: None)."""
+    state = json.loads((saved_run / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    recorded = state["run"][key]
+    for saved, now in ((recorded, recorded), (None, recorded), (recorded, None)):
+        fix = compatibility.HOW_TO_RESUME[key](saved, now)
+        assert isinstance(fix, str) and fix and "\n" not in fix
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_resume_refuses_each_difference_in_one_line(parts, saved_run, cell, tmp_path, capsys, dist_env):
     key = cell.split(" to ")[0]
