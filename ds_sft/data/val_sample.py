@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ds_sft.errors import UserError
 from ds_sft.labels import IGNORE_INDEX
 
 
@@ -41,6 +42,18 @@ def stratified_rows(counts: np.ndarray, count: int | None, seed: int = 0) -> lis
     it takes the place of one that does: a sample of such rows alone had no loss at all."""
     scored = np.flatnonzero(counts.sum(axis=1) > 0)
     return scored[_draw(counts[scored], count, seed)].tolist()
+
+
+def scored_val_rows(dataset, count: int | None, where: str, remedy: str) -> list[int]:
+    """:func:`stratified_rows` of ``dataset`` (the train's evals and ``eval`` alike); a split with no
+    trained token at all is refused in one line naming ``where`` it is and the ``remedy``."""
+    rows = stratified_rows(trained_tokens_by_source(dataset), count)
+    if not rows:
+        raise UserError(
+            f"{where}: no val row has a trained token (every label is masked), so there is no val loss: "
+            + remedy
+        )
+    return rows
 
 
 def _draw(counts: np.ndarray, count: int | None, seed: int) -> list[int]:

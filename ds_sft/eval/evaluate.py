@@ -26,17 +26,13 @@ def validation_metrics(model, dataset, batch_size: int, max_rows: int | None = N
     every row, or the stratified sample of ``max_rows``."""
     import torch
 
-    from ds_sft.data.val_sample import stratified_rows, trained_tokens_by_source
+    from ds_sft.data.val_sample import scored_val_rows
     from ds_sft.model.generate import non_finite_logits
     from ds_sft.model.scoring import score_rows, summarize
 
     device = next(model.parameters()).device
-    rows = stratified_rows(trained_tokens_by_source(dataset), max_rows)
-    if not rows:
-        raise UserError(
-            f"{dataset.data_dir}: no val row has a trained token (every label is masked): prepare the "
-            "data again, or pass --no_val"
-        )
+    remedy = "prepare the data again, or pass --no_val"
+    rows = scored_val_rows(dataset, max_rows, str(dataset.data_dir), remedy)
     model.eval()
     totals = score_rows(model, dataset, rows, batch_size, device)
     if not bool(torch.isfinite(totals).all()):  # a NaN loss and perplexity reported with exit 0

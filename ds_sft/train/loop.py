@@ -36,7 +36,7 @@ import signal
 import time
 from pathlib import Path
 
-from ds_sft.data.val_sample import stratified_rows, trained_tokens_by_source
+from ds_sft.data.val_sample import scored_val_rows
 from ds_sft.errors import UserError
 from ds_sft.labels import IGNORE_INDEX
 from ds_sft.train import checkpointing, compatibility, state_transfer
@@ -359,12 +359,7 @@ def val_sample(s, val_set, state: dict, data_key, say) -> list[int]:
                 "another sample"
             )
     else:
-        rows = stratified_rows(trained_tokens_by_source(val_set), wanted)
-        if not rows:
-            raise UserError(
-                f"{s.data_dir}: no val row has a trained token (every label is masked), so there is "
-                "no val loss to watch: prepare the data again"
-            )
+        rows = scored_val_rows(val_set, wanted, str(s.data_dir), "prepare the data again")
         if kept is not None:
             say("note: the data changed at this resume: a new val sample, not comparable with earlier evals")
         state["val_sample"] = {"data": data_key, "count": wanted, "rows": rows}
