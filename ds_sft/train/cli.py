@@ -336,53 +336,54 @@ def run(args: argparse.Namespace) -> int:
 
     from ds_sft.data.shards import PackedDataset
     from ds_sft.train import compatibility
-    from ds_sft.train.distributed import init_distributed
+    from ds_sft.train.distributed import process_group
     from ds_sft.train.loop import train
     from ds_sft.train.memory import check_fits
     from ds_sft.train.report import write_report
     from ds_sft.train.run_dir import claim_run_dir
 
-    rank, world = init_distributed(timeout_s=s.dist_timeout)
-    run_lock = claim_run_dir(run_dir, s.resume, args.overwrite)  # before any work, on every rank
-    effective = config_module.effective_config(ds_config, s)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for line in overrides:
-            print(line)
-        print("effective config:\n" + json.dumps(effective, indent=2))
-        write_result_file(run_dir / "effective_config.json", json.dumps(effective, indent=2) + "\n")
-    dist.barrier()
+    with process_group(timeout_s=s.dist_timeout) as (rank, world):
+        run_lock = claim_run_dir(run_dir, s.resume, args.overwrite)  # before any work, on every rank
+        effective = config_module.effective_config(ds_config, s)
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for line in overrides:
+                print(line)
+            print("effective config:\n" + json.dumps(effective, indent=2))
+            write_result_file(run_dir / "effective_config.json", json.dumps(effective, indent=2) + "\n")
+        dist.barrier()
 
-    train_set = PackedDataset(s.data_dir, "train")
-    val_set = PackedDataset(s.data_dir, "val")
-    if len(val_set) and val_set.seq_len != train_set.seq_len:  # the model checks read train's
-        raise UserError(
-            f"{s.data_dir}: its val rows hold {val_set.seq_len} tokens, its train rows {train_set.seq_len}: "
-            "the splits come from different runs of `ds-sft prepare`; prepare the data again"
-        )
-    skipped = tokenizer_files(train_set.tokenizer_dir)[1]
-    if skipped and rank == 0:
-        print(
-            f"{train_set.tokenizer_dir}: not a saved tokenizer's file, left out of final/tokenizer/: "
-            + ", ".join(skipped)
-        )
-    note = check_batch_fits_split(s, world, len(train_set))
-    if note and rank == 0:
-        print(note)
-    model = build_model(s, tokens_per_micro_batch=s.micro_batch_size * train_set.seq_len)
-    compatibility.check_fresh(s, model, train_set)
-    check_fits(model, train_set.seq_len, s.micro_batch_size, s.precision == "bf16")
-    sampler = make_sampler(train_set, s.seed)
-    summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
-    engine = summary["engine"]
-    if summary["status"] == "finished":
-        save_final(engine, run_dir, train_set.tokenizer_dir)
-    if rank == 0:
-        print(f"report: {write_report(run_dir, effective, summary)}")
-    engine.destroy()
-    run_lock.release()
-    if world > 1:
-        shutdown_multiprocess()
+        train_set = PackedDataset(s.data_dir, "train")
+        val_set = PackedDataset(s.data_dir, "val")
+        if len(val_set) and val_set.seq_len != train_set.seq_len:  # the model checks read train's
+            raise UserError(
+                f"{s.data_dir}: its val rows hold {val_set.seq_len} tokens, its train rows "
+                f"{train_set.seq_len}: the splits come from different runs of `ds-sft prepare`; prepare the "
+                "data again"
+            )
+        skipped = tokenizer_files(train_set.tokenizer_dir)[1]
+        if skipped and rank == 0:
+            print(
+                f"{train_set.tokenizer_dir}: not a saved tokenizer's file, left out of final/tokenizer/: "
+                + ", ".join(skipped)
+            )
+        note = check_batch_fits_split(s, world, len(train_set))
+        if note and rank == 0:
+            print(note)
+        model = build_model(s, tokens_per_micro_batch=s.micro_batch_size * train_set.seq_len)
+        compatibility.check_fresh(s, model, train_set)
+        check_fits(model, train_set.seq_len, s.micro_batch_size, s.precision == "bf16")
+        sampler = make_sampler(train_set, s.seed)
+        summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
+        engine = summary["engine"]
+        if summary["status"] == "finished":
+            save_final(engine, run_dir, train_set.tokenizer_dir)
+        if rank == 0:
+            print(f"report: {write_report(run_dir, effective, summary)}")
+        engine.destroy()
+        run_lock.release()
+        if world > 1:
+            shutdown_multiprocess()
     return 0
 
 

@@ -20,6 +20,7 @@ a one-rank group whose store binds a free local port itself. Several ranks must 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -197,6 +198,30 @@ def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         deepspeed.init_distributed(dist_backend=backend_for(device_type), **timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def process_group(timeout_s: int | None = None):
+    """:func:`init_distributed` for the length of one run; yields (rank, world size).
+
+    A one-rank group the run created is destroyed when the run ends, however it ends: a second run in
+    the same process (a notebook, a test) then starts its own group with its own ``--dist_timeout``
+    rather than inheriting the first run's, and torch's default timeout (which init_distributed set to
+    the run's) is put back. A group the caller made is left to the caller; several ranks leave the
+    process itself (``train.cli.shutdown_multiprocess``)."""
+    import deepspeed.comm
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    created, module_timeout = not dist.is_initialized(), c10d.default_pg_timeout
+    rank, world = init_distributed(timeout_s)
+    try:
+        yield rank, world
+    finally:
+        if created and world == 1:
+            if dist.is_initialized():
+                deepspeed.comm.destroy_process_group()  # also DeepSpeed's own references to the group
+            c10d.default_pg_timeout = module_timeout
 
 
 def all_reduce_sum(values, device):

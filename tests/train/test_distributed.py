@@ -125,6 +125,62 @@ def test_one_rank_lets_the_store_pick_its_port():
     assert done.stdout.split()[-1] == "0" and "(0, 1)" in done.stdout
 
 
+# Runs `ds-sft train` three times in one interpreter (as a notebook or a script calling main does) and
+# prints, for each, the timeout of the group it trained in and whether a group is left after it.
+SEQUENTIAL_RUNS = """
+import sys
+import torch
+import torch.distributed as dist
+import ds_sft.train.loop as loop
+from ds_sft.cli import main
+
+data, out = sys.argv[1], sys.argv[2]
+real_train = loop.train
+
+def train(*args, **kwargs):
+    group = dist.distributed_c10d._get_default_group()
+    print("group timeout", int(group._get_backend(torch.device("cpu")).options._timeout.total_seconds()))
+    return real_train(*args, **kwargs)
+
+loop.train = train
+flags = ["--data_dir", data, "--model", "tiny", "--max_iters", "1", "--micro_batch_size", "2", "--wandb_mode",
+         "disabled", "--eval_iters", "1"]
+for n, timeout in enumerate(["40", "900"]):
+    code = main(["train", *flags, "--out_dir", f"{out}/run{n}", "--dist_timeout", timeout])
+    print("exit", code, "group left", dist.is_initialized())
+# a run that fails after joining the group (the run folder is taken by run0) leaves none either
+code = main(["train", *flags, "--out_dir", f"{out}/run0", "--dist_timeout", "60"])
+print("exit", code, "group left", dist.is_initialized())
+# a group the caller made is the caller's
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+code = main(["train", *flags, "--out_dir", f"{out}/run3"])
+print("exit", code, "group left", dist.is_initialized())
+"""
+
+
+def test_each_run_in_one_process_trains_in_its_own_group(tmp_path):
+    """A one-rank run destroys the group it created when it ends: the second of two runs in one process
+    trained in the first one's group, with the first one's --dist_timeout (40 s where it asked 900)."""
+    data = write_data_dir(tmp_path / "data")
+    env = {k: v for k, v in without_launcher_variables(os.environ).items() if not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", SEQUENTIAL_RUNS, str(data), str(tmp_path)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stdout.splitlines() if line.startswith(("group timeout", "exit"))]
+    assert said == [
+        "group timeout 40",
+        "exit 0 group left False",
+        "group timeout 900",
+        "exit 0 group left False",
+        "exit 2 group left False",
+        "group timeout 1800",  # the caller's group, as the caller made it
+        "exit 0 group left True",
+    ], done.stdout[-3000:]
+
+
 @pytest.mark.parametrize(
     ("world", "port", "expected"),
     [
