@@ -421,6 +421,37 @@ class StepMeter:
         }
 
 
+class LinesAboveBar:
+    """Standard output while a progress bar is open: each whole line is written above the bar (the bar
+    is cleared, the line written, the bar redrawn). A plain print on a terminal lands at the end of the
+    bar's line, as the bar (on stderr) ends without a newline. tqdm's own ``DummyTqdmFile`` clears only
+    bars on ``sys.stdout`` or ``sys.stderr`` as they are when it writes, and with stdout redirected to
+    it, that no longer names the stream the bar shares the terminal with."""
+
+    def __init__(self, out, bar) -> None:
+        self.out, self.bar, self.partial = out, bar, ""
+
+    def write(self, text: str) -> int:
+        lines, newline, self.partial = (self.partial + text).rpartition("\n")
+        if newline:
+            with self.bar.external_write_mode(file=self.bar.fp):
+                self.out.write(lines + newline)
+                self.out.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close(self) -> None:
+        """Write out the end of a line left without its newline."""
+        if self.partial:
+            self.out.write(self.partial)
+            self.partial = ""
+
+    def __getattr__(self, name):  # encoding, isatty, fileno: the stream's own
+        return getattr(self.out, name)
+
+
 class RunLog:
     """Where the run's numbers go: metrics.jsonl (+ wandb), the progress bar and console, the alarms."""
 
@@ -432,7 +463,13 @@ class RunLog:
         self.recent_train: list[float] = []  # train losses since the last evaluation
         self.progress = None
 
-    def open_progress(self, first_step: int):
+    @contextlib.contextmanager
+    def progress_bar(self, first_step: int):
+        """The run's progress bar, open for the block and closed however it ends (so an error's message
+        gets a line of its own). Whatever is printed meanwhile (saves, evals, alarms, notes, DeepSpeed's
+        own prints) goes above the bar (:class:`LinesAboveBar`)."""
+        import sys
+
         from tqdm import tqdm
 
         self.progress = tqdm(
@@ -443,7 +480,12 @@ class RunLog:
             unit="step",
             dynamic_ncols=True,
         )
-        return self.progress
+        above = LinesAboveBar(sys.stdout, self.progress)
+        with self.progress, contextlib.redirect_stdout(above):
+            try:
+                yield self.progress
+            finally:
+                above.close()
 
     def alarm(self, step: int, message: str, line: str) -> None:
         """Print ``line``, and keep ``message`` in the run's alarms and metrics.jsonl."""
@@ -461,7 +503,7 @@ class RunLog:
         self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         if self.is_main and (done % s.log_interval == 0 or done == s.max_iters):
             norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
-            self.progress.write(
+            self.say(
                 f"step {done:>6}/{s.max_iters} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
                 f"grad norm {norm} | {record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.1%} | "
                 f"{format_duration(record['elapsed_s'])} elapsed, ETA {format_duration(record['eta_s'])}"
@@ -475,7 +517,7 @@ class RunLog:
         self.sink.log({"type": "eval", "step": done, **result, "train_loss": train_mean})
         per_source = ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["per_source"].items())
         if self.is_main:
-            self.progress.write(
+            self.say(
                 f"eval step {done}: val loss {result['val_loss']:.4f} | ppl "
                 f"{result['val_ppl']:.2f} | acc {result['val_acc']:.3f} | {per_source}"
             )
@@ -484,7 +526,6 @@ class RunLog:
         self.recent_train = []
 
     def close(self) -> None:
-        self.progress.close()
         self.sink.close()
 
 
@@ -502,7 +543,6 @@ def count_skipped_step(s, state: dict, record: dict, log: RunLog, engine, ckpt_d
     if state["nan_streak"] >= s.max_nan_steps:
         log.sink.log(record)
         log.sink.close()
-        log.progress.close()
         engine.destroy()
         raise UserError(
             f"loss was NaN/inf for {state['nan_streak']} steps in a row (last at step "
@@ -541,7 +581,6 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             log.sink.log({"type": "change", **change, "message": compatibility.describe(change)})
     meter.start()
     eta_context = announce_eta(forward_context, s.max_iters - first_step, s.grad_accum, say)
-    progress = log.open_progress(first_step)
     val_rows = val_sample(s, val_set, state, identity["data"], say)
 
     def evaluate_and_alarm(done: int) -> dict:
@@ -565,8 +604,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
         tag = checkpointing.save(engine, ckpt_dir, done, trainer_state, s.keep_last)
         say(f"saved checkpoint {ckpt_dir / tag}")
 
-    # `progress` as a context: an error closes the bar first, so its message gets a line of its own
-    with preemption_flag() as flag, progress:
+    with preemption_flag() as flag, log.progress_bar(first_step):
         if first_step == 0:
             last_eval = evaluate_and_alarm(0)  # the baseline every later "val loss fell" is measured against
         for step in range(first_step, s.max_iters):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import torch
 from ds_sft.cli import main
 from ds_sft.train import config
 from ds_sft.train.cli import add_arguments
+from tests.rendezvous import without_launcher_variables
 from tests.train.helpers import REPO_ROOT, write_data_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -323,3 +327,23 @@ def test_val_rows_without_trained_tokens_are_never_the_val_sample(trained, tmp_p
         r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"
     ]
     assert len(evals) == 2 and all(r["val_tokens"] > 0 for r in evals)
+
+
+def test_every_line_printed_under_the_progress_bar_gets_a_line_of_its_own(data_dir, tmp_path):
+    """Saves, evals and notes printed while the bar is open start a line of their own on a terminal
+    (stdout and stderr interleaved unbuffered, as a terminal shows them); a plain print used to land
+    at the end of the bar's line ("train: 50%|...| 1/2 [...]saved checkpoint ...")."""
+    env = {**without_launcher_variables(), "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    argv = ["--data_dir", str(data_dir), "--model", "tiny", "--max_iters", "3", "--micro_batch_size", "2",
+            "--grad_accum", "1", "--eval_interval", "1", "--eval_iters", "1", "--save_interval", "1",
+            "--log_interval", "1", "--wandb_mode", "disabled", "--out_dir", str(tmp_path / "r")]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "ds_sft.train", *argv],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    segments = re.split(r"[\r\n]", done.stdout)
+    said = [seg for seg in segments if re.search(r"saved checkpoint|eval step \d|step +\d+/3 \|", seg)]
+    assert len(said) >= 9, done.stdout[-3000:]  # 3 saves, 4 evals, 3 step lines
+    for segment in said:
+        assert re.match(r"(saved checkpoint|eval step \d|step +\d+/3 \|)", segment), segment
