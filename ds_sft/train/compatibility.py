@@ -5,7 +5,7 @@ its ids must fit the embedding and its rows the model's positions (:mod:`ds_sft.
 
 A resume: every checkpoint records :func:`run_identity`, the settings that fix what the next step
 computes (seed, ZeRO stage, precision, fp8, micro-batch, global batch, lr schedule and clipping,
-data, tokenizer, model). On
+data, tokenizer, model, the gradients' communication dtype). On
 ``--resume`` the saved table is compared key by key with the one this run would write. A key in
 :data:`RESUMABLE` may change and the run continues as if uninterrupted (exactly, up to summation
 order, or within a stated tolerance where the arithmetic itself changes); a key the user names with
@@ -80,6 +80,11 @@ HOW_TO_RESUME = {
     "tokenizer": _say("pass data prepared with the run's tokenizer"),
     "model": _say("pass the --model or --base_model the run was started with"),
     "base_weights": _say("pass the --base_model the run was started with"),
+    "communication_data_type": lambda saved, now: (
+        f'set "communication_data_type": "{saved}" in the DeepSpeed JSON'
+        if saved is not None
+        else 'leave "communication_data_type" out of the DeepSpeed JSON'
+    ),
 }
 
 # The keys of run_identity, in its order: what --allow_change accepts.
@@ -128,9 +133,11 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def run_identity(s, model, train_set, world_size: int) -> dict:
+def run_identity(s, model, train_set, world_size: int, ds_config: dict) -> dict:
     """What a checkpoint records about the run that wrote it (compared on resume). ``base_weights``:
-    :func:`weights_fingerprint` of a --base_model (a preset's random init is not compared)."""
+    :func:`weights_fingerprint` of a --base_model (a preset's random init is not compared).
+    ``communication_data_type``: the dtype the JSON has DeepSpeed reduce gradients in across ranks
+    (None: the gradients' own); bf16 sums lose bits that fp32 sums keep."""
     from ds_sft.model.fp8 import fp8_layout
 
     manifest = getattr(train_set, "manifest", {})
@@ -149,6 +156,7 @@ def run_identity(s, model, train_set, world_size: int) -> dict:
         "tokenizer": data_tokenizer_identity(str(s.data_dir)) if s.data_dir is not None else None,
         "model": config,
         "base_weights": weights_fingerprint(model) if s.base_model is not None else None,
+        "communication_data_type": ds_config.get("communication_data_type"),
     }
 
 

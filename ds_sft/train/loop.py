@@ -267,7 +267,7 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
     Returns (engine, trainer state, run identity). The identity (``compatibility.run_identity``) is
     checked against the checkpoint's before the engine exists and saved with every checkpoint."""
     tag_dir = checkpointing.find_checkpoint(s.resume, run_dir)
-    identity = compatibility.run_identity(s, model, train_set, world)
+    identity = compatibility.run_identity(s, model, train_set, world, ds_config)
     state = fresh_state()
     universal, changes, changed, carried = False, [], {}, None
     if tag_dir is not None:

@@ -51,7 +51,17 @@ def parts(tmp_path_factory):
         bare_theta=tiny_model_dir(root / "bare_theta", rope_theta=5e5),  # the same weights' shapes
         short=tiny_model_dir(root / "short", a, max_seq_len=32),
         bare_other_weights=other_weights(root / "bare", root / "bare_other_weights"),
+        fp32_reductions=recipe_file(root / "fp32_reductions.json", communication_data_type="fp32"),
     )
+
+
+def recipe_file(path, **entries):
+    """The shipped recipe JSON with ``entries`` set at its top level."""
+    from importlib.resources import files
+
+    config = json.loads((files("ds_configs") / "sft_recipe.json").read_text())
+    path.write_text(json.dumps({**config, **entries}))
+    return path
 
 
 def other_weights(model_dir, out):
@@ -126,11 +136,13 @@ def changes(parts) -> dict[str, tuple[list[str], dict]]:
         "tokenizer": ([], {"data": parts.data_b}),
         "model": ([], {"base": parts.bare_one_layer}),
         "base_weights": ([], {"base": parts.bare_other_weights}),
+        "communication_data_type": (["--deepspeed_config", str(parts.fp32_reductions)], {}),
     }
 
 
 CELLS = ["seed", "zero_stage to 0", "zero_stage to 3", "precision", "fp8"]
 CELLS += ["global_batch", "schedule", "data", "seq_len", "tokenizer", "model", "base_weights"]
+CELLS += ["communication_data_type"]
 CELLS = [cell for cell in CELLS if cell.split(" to ")[0] not in compatibility.RESUMABLE]
 
 
@@ -240,15 +252,15 @@ def test_the_val_sample_is_the_runs_across_a_resumable_micro_batch_change(
 
 def test_a_new_world_size_at_the_same_global_batch_is_no_difference():
     model = tiny_model()
-    saved = compatibility.run_identity(settings(grad_accum=2), model, TinyPacked(2, 0), world_size=2)
-    same_batch = compatibility.run_identity(settings(grad_accum=4), model, TinyPacked(2, 0), world_size=1)
-    half_batch = compatibility.run_identity(settings(grad_accum=2), model, TinyPacked(2, 0), world_size=1)
+    saved = compatibility.run_identity(settings(grad_accum=2), model, TinyPacked(2, 0), 2, {})
+    same_batch = compatibility.run_identity(settings(grad_accum=4), model, TinyPacked(2, 0), 1, {})
+    half_batch = compatibility.run_identity(settings(grad_accum=2), model, TinyPacked(2, 0), 1, {})
     assert compatibility.differences(saved, same_batch) == {}
     assert compatibility.differences(saved, half_batch) == {"global_batch": (8, 4)}
 
 
 def test_only_recorded_keys_are_compared_and_allowed_keys_may_change():
-    now = compatibility.run_identity(settings(), tiny_model(), TinyPacked(2, 0), world_size=1)
+    now = compatibility.run_identity(settings(), tiny_model(), TinyPacked(2, 0), 1, {})
     older_checkpoint = {"step": 4, "world_size": 1, "zero_stage": 3}  # saved before the table existed
     assert compatibility.differences(compatibility.saved_identity(older_checkpoint), now, set()) == {
         "zero_stage": (3, 2)
@@ -288,6 +300,7 @@ ALLOWED = {
     "model": {"model"},
     "fp8": {"fp8", "fp8_layout"},
     "base_weights": {"base_weights"},
+    "communication_data_type": {"communication_data_type"},
 }
 
 
@@ -370,7 +383,7 @@ def test_allow_change_without_resume_is_refused_before_any_work(parts, keys, tmp
 
 
 def test_check_resume_lets_through_resumable_and_allowed_keys_and_names_the_rest():
-    now = compatibility.run_identity(settings(), tiny_model(), TinyPacked(2, 0), world_size=1)
+    now = compatibility.run_identity(settings(), tiny_model(), TinyPacked(2, 0), 1, {})
     saved = {**now, "micro_batch_size": 1, "seed": 5, "global_batch": 2}
     state = {"zero_stage": now["zero_stage"], "run": saved}
     with pytest.raises(UserError) as refused:
