@@ -23,9 +23,10 @@ count() {
         || refuse "$1 must be a whole number from $3 to $4, got '$2'"
 }
 
-# host OPTION VALUE: a host name or address, optionally [IPv6]; no spaces or shell metacharacters.
+# host OPTION VALUE: a host name or address, optionally [IPv6]; no spaces or shell metacharacters, and
+# not starting with '-' (ssh would take it for one of its options).
 host() {
-    [[ $2 =~ ^([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])$ ]] \
+    [[ $2 =~ ^([A-Za-z0-9][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])$ ]] \
         || refuse "$1 must be a host name or address (node-01, 10.0.0.1, [fd00::1]), got '$2'"
 }
 

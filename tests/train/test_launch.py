@@ -150,3 +150,90 @@ def test_the_readme_launcher_commands_are_accepted(line):
 def test_the_readme_shows_every_launcher():
     shown = {shlex.split(line)[0] for line in _readme_launcher_lines()}
     assert shown == {"launch/torchrun.sh", "launch/deepspeed_multinode.sh"}
+
+
+# Through ssh the deepspeed launcher (pdsh) hands the train flags to each node's shell as one line,
+# wrapping only a word with a space in double quotes: these ran as code, or reached the trainer changed.
+REREAD_WORDS = ["runs/$(touch pwned)", "runs/`id`", "a;b", "it's", 'say "x"', "runs/*", "$HOME/runs", "a\nb",
+                "", "runs/50%h", "~/runs", "a|b", "x{1,2}", "a b $(id)", "a\\b"]  # fmt: skip
+INTACT_WORDS = ["my data", "runs/sft-1", "alpaca=0.5,gsm8k=1", "node:1", "a@b+c", "/abs/path/x.json"]
+DEEPSPEED_SH = str(REPO_ROOT / "launch" / "deepspeed_multinode.sh")
+
+
+def _deepspeed_sh(*words: str, cwd=REPO_ROOT, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", DEEPSPEED_SH, *words], capture_output=True, text=True, timeout=60, cwd=cwd, env=env
+    )
+
+
+@pytest.mark.parametrize("word", REREAD_WORDS)
+def test_a_train_flag_a_nodes_shell_would_read_again_is_refused_through_ssh(word, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-01 slots=8\nnode-02 slots=8\n")
+    flags = ["--hostfile", str(hostfile), "--", "--out_dir", word, "--model", "tiny"]
+    done = _deepspeed_sh("--dry-run", *flags, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "each node's shell" in lines[0] and "--no_ssh" in lines[0], done.stderr
+    assert not (tmp_path / "pwned").exists()
+    # without ssh no shell reads them: the launcher passes each word as it is
+    done = _deepspeed_sh("--dry-run", "--no_ssh", "--node_rank", "0", *flags)
+    assert done.returncode == 0, done.stderr
+    words = subprocess.run(["bash", "-c", f"printf '%s\\0' {done.stdout}"], capture_output=True, text=True)
+    assert words.stdout.split("\0")[-5:-1] == ["--out_dir", word, "--model", "tiny"]  # bash reads its %q
+
+
+def test_the_words_let_through_reach_every_node_unchanged():
+    """What the check accepts, put through the launcher's own pdsh quoting and a shell, is unchanged."""
+    import argparse
+
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    runner = PDSHRunner.__new__(PDSHRunner)
+    runner.args = argparse.Namespace(user_args=INTACT_WORDS)
+    line = " ".join(runner.parse_user_args())
+    done = subprocess.run(["bash", "-c", f"printf '%s\\0' {line}"], capture_output=True, text=True)
+    assert done.stdout.split("\0")[:-1] == INTACT_WORDS
+    for word in INTACT_WORDS:
+        done = _deepspeed_sh("--dry-run", "--hostfile", "launch/hostfile.example", "--", "--out_dir", word)
+        assert done.returncode == 0, done.stderr
+
+
+BAD_HOSTFILES = {
+    "a host twice": "node-01 slots=8\nnode-01 slots=4\n",
+    "no host": "# nodes go here\n\n",
+    "an ssh option as host": "-oProxyCommand=touch_x slots=8\n",
+    "a host with a shell character": "node;01 slots=8\n",
+    "no slots": "node-01\n",
+    "zero slots": "node-01 slots=0\n",
+    "slots not a number": "node-01 slots=eight\n",
+    "text after the slots": "node-01 slots=8 gpus=8\n",
+    "a folder": None,
+}
+
+
+@pytest.mark.parametrize("case", BAD_HOSTFILES)
+def test_a_hostfile_the_launcher_cannot_use_is_one_line(case, tmp_path):
+    """DeepSpeed's own parser answered these with a ValueError traceback, or took an ssh option for a host."""
+    hostfile = tmp_path / "hostfile"
+    if BAD_HOSTFILES[case] is None:
+        hostfile.mkdir()
+    else:
+        hostfile.write_text(BAD_HOSTFILES[case])
+    (tmp_path / "deepspeed").write_text("#!/bin/sh\nexit 99\n")  # never reached
+    (tmp_path / "deepspeed").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    for dry_run in (["--dry-run"], []):
+        done = _deepspeed_sh(*dry_run, "--hostfile", str(hostfile), "--", "--model", "tiny", env=env)
+        assert done.returncode == 2 and done.stdout == "", (dry_run, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"hostfile {hostfile}" in lines[0], done.stderr
+
+
+def test_a_hostfile_with_comments_tabs_and_crlf_is_accepted(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(
+        "# two nodes\r\nnode-01 slots=8  # the first\r\n\n \tnode-02\tslots=2\r\n10.0.0.3 slots=1"
+    )
+    done = _deepspeed_sh("--dry-run", "--hostfile", str(hostfile), "--", "--model", "tiny")
+    assert done.returncode == 0, done.stderr
