@@ -13,8 +13,11 @@ and keeps heavy imports (torch, deepspeed, datasets, transformers) inside ``run`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,11 +38,48 @@ def load_command(name: str):
     return importlib.import_module(COMMANDS[name][0])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command is. A KeyboardInterrupt, so that every cleanup
+    written for Ctrl-C runs for them too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# kill, a scheduler's timeout, a closed terminal: by default each ended the process on the spot, so
+# no `finally` ran: a benchmark script in its own session ran on, a demo stage was left orphaned.
+UNWINDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_unwind():
+    """Inside the block, SIGTERM and SIGHUP raise :class:`Terminated`, as Ctrl-C raises
+    KeyboardInterrupt. A signal the process was started with ignored stays ignored (``nohup``), and
+    a handler already set is kept; the training loop sets its own (save a checkpoint, then stop)."""
+
+    def unwind(signum, frame):
+        raise Terminated(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in UNWINDING_SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, unwind)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def execute(prog: str, module, args: argparse.Namespace) -> int:
     """Run ``module.run(args)``, turning a :class:`UserError`, or an ``OSError`` the system raised
-    for a path (permissions, disk full...), into one line on stderr and exit 2."""
+    for a path (permissions, disk full...), into one line on stderr and exit 2. Ctrl-C, SIGTERM and
+    SIGHUP unwind the command (its cleanup runs) and end in one line, exit 128 + the signal."""
     try:
-        code = module.run(args)
+        with signals_unwind():
+            code = module.run(args)
     except UserError as err:
         print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
@@ -48,9 +88,12 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
             raise
         print(f"{prog}: error: {os_error_line(err)}", file=sys.stderr)
         return 2
+    except Terminated as err:
+        print(f"{prog}: stopped by {signal.Signals(err.signum).name}", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
     return int(code or 0)
 
 

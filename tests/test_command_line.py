@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,46 @@ def test_expand_user_expands_a_home_and_refuses_an_unknown_user():
     assert expand_user("~/x") == Path.home() / "x" and expand_user("a/~b") == Path("a/~b")
     with pytest.raises(UserError, match="~nobody-here names no home folder"):
         expand_user("~nobody-here/data")
+
+
+A_COMMAND_WITH_CLEANUP = """import sys, time
+from ds_sft.command import execute
+
+class Command:
+    def run(args):
+        try:
+            open(sys.argv[1] + "/started", "w").close()
+            time.sleep(300)
+        finally:
+            open(sys.argv[1] + "/cleaned", "w").close()
+
+sys.exit(execute("ds-sft x", Command, None))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+@pytest.mark.parametrize("nohup", [False, True], ids=["", "nohup"])
+def test_sigterm_and_sighup_unwind_a_command_like_ctrl_c(tmp_path, signum, nohup):
+    """They ended a command on the spot: no `finally` ran (a half-written folder stayed, a benchmark's
+    own session ran on). A SIGHUP the command was started without (nohup) stays ignored."""
+    ignore_hup = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None
+    command = subprocess.Popen(
+        [sys.executable, "-c", A_COMMAND_WITH_CLEANUP, str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"), preexec_fn=ignore_hup,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        command.send_signal(signum)
+        if nohup and signum == signal.SIGHUP:
+            with pytest.raises(subprocess.TimeoutExpired):
+                command.wait(timeout=1)
+            signum = signal.SIGTERM
+            command.send_signal(signum)
+        assert command.wait(timeout=60) == 128 + signum
+        assert (tmp_path / "stderr").read_text() == f"ds-sft x: stopped by {signum.name}\n"
+        assert (tmp_path / "cleaned").exists()
+    finally:
+        command.kill()
+        command.wait()

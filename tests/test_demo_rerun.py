@@ -7,6 +7,13 @@ an existing run without ``--overwrite``), so the demo's own choice of flags is w
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +107,63 @@ def test_a_bad_demo_flag_is_one_line_before_any_stage(tmp_path, stages, capsys, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not stages  # no stage ran
+
+
+# A stage that, told to stop, takes a while to finish cleanly (train saving its checkpoint).
+SLOW_TO_STOP = """#!/usr/bin/env bash
+trap 'sleep 1; echo saved > "$DIR/saved"; exit 0' INT TERM HUP
+echo $$ > "$DIR/started"
+while true; do sleep 0.1; done
+"""
+DEMO_WITH_A_SLOW_STAGE = """import sys
+from ds_sft import demo
+from ds_sft.command import execute
+
+class OneStage:
+    def run(args):
+        demo._stage("train", ["train"])
+
+sys.executable = sys.argv[1]  # what the stage runs: the slow-to-stop script
+sys.exit(execute("ds-sft demo", OneStage, None))
+"""
+
+
+@pytest.mark.parametrize(
+    ("signum", "to_group", "code"),
+    [
+        (signal.SIGINT, True, 130),  # Ctrl-C in a terminal: the demo's whole process group
+        (signal.SIGINT, False, 130),
+        (signal.SIGTERM, False, 143),  # kill, timeout make demo
+        (signal.SIGHUP, False, 129),
+    ],
+    ids=["ctrl-c", "sigint", "sigterm", "sighup"],
+)
+def test_a_stopped_demo_lets_its_stage_finish_stopping(tmp_path, signum, to_group, code):
+    """subprocess.call killed the stage 0.25 s after Ctrl-C, while train saved its checkpoint, and a
+    SIGTERM or SIGHUP ended the demo alone: its stage trained on with nobody waiting for it."""
+    stage = tmp_path / "stage.sh"
+    stage.write_text(SLOW_TO_STOP)
+    stage.chmod(0o755)
+    env = {**os.environ, "DIR": str(tmp_path), "PYTHONPATH": str(Path(demo.__file__).parents[1])}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DEMO_WITH_A_SLOW_STAGE, str(stage)],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "started").exists(), (tmp_path / "stderr").read_text()
+        time.sleep(0.2)  # the stage's trap is set
+        (os.killpg if to_group else os.kill)(driver.pid, signum)
+        driver.wait(timeout=60)  # stderr in a file: an orphaned child would hold a pipe open
+        err = (tmp_path / "stderr").read_text()
+        assert (tmp_path / "saved").exists(), "the stage was not let finish stopping"
+        assert driver.returncode == code and err.strip().splitlines() == [
+            f"ds-sft demo: {'interrupted' if signum == signal.SIGINT else f'stopped by {signum.name}'}"
+        ], err
+    finally:
+        with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
+            os.kill(int((tmp_path / "started").read_text()), signal.SIGKILL)
+        driver.kill()
+        driver.wait()

@@ -45,9 +45,7 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -496,23 +494,11 @@ def run(args: argparse.Namespace) -> int:
     # of CPU on the shared mix. Reference counting still frees everything; the GC is back on after.
     was_enabled = gc.isenabled()
     gc.disable()
-    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the half-written staging folder
-    # is removed on the way out instead of staying beside the output.
-    terminate = signal.getsignal(signal.SIGTERM)
-    main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:
-        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return prepare(args)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, terminate)
         if was_enabled:
             gc.enable()
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def prepare(args: argparse.Namespace) -> int:

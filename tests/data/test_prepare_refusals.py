@@ -136,7 +136,9 @@ def test_the_output_folder_keeps_the_mode_the_user_gave_it(mode, run_prepare, tm
 
 
 def test_a_sigterm_while_writing_leaves_no_staging_folder(run_prepare, tmp_path, monkeypatch):
-    """A scheduler's kill unwinds like Ctrl-C: the half-written folder goes, the old output stays."""
+    """A scheduler's kill unwinds like Ctrl-C (every command, ``signals_unwind``): the half-written
+    folder goes, the old output stays."""
+    from ds_sft.command import Terminated, signals_unwind
     from ds_sft.data import prepare
 
     real_write = prepare.write_documents
@@ -147,7 +149,7 @@ def test_a_sigterm_while_writing_leaves_no_staging_folder(run_prepare, tmp_path,
         return result
 
     monkeypatch.setattr(prepare, "write_documents", write_then_get_killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Terminated), signals_unwind():
         run_prepare(prepare_argv(tmp_path, tmp_path / "out"))
     assert not staging_left(tmp_path) and not (tmp_path / "out").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
