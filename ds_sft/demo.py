@@ -27,6 +27,20 @@ BASE_MODEL = "smollm2-135m-instruct"
 # Left in OUT when the demo makes its run folder: a rerun replaces that run (train --overwrite), and
 # only that one; a run folder the demo did not make is refused before any stage runs.
 DEMO_MARK = ".ds-sft-demo"
+# prepare's flags for the three sources of the mix, the FLAGs of --source FLAG=PATH
+SOURCE_FLAGS = ("alpaca", "gsm8k", "dolly")
+
+
+def source_file(text: str) -> tuple[str, str]:
+    """``--source FLAG=PATH`` as (FLAG, PATH). FLAG is checked here: it becomes prepare's ``--FLAG``,
+    and any other name passed any prepare flag (``template=chatml``, ``decontam_threshold=1``
+    changed the mix without a word) or failed only once the demo had started."""
+    flag, eq, path = text.partition("=")
+    if not eq or flag not in SOURCE_FLAGS or not path.strip():
+        raise argparse.ArgumentTypeError(
+            f"must be FLAG=PATH with FLAG one of {', '.join(SOURCE_FLAGS)} and PATH a file, got {text!r}"
+        )
+    return flag, path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--source",
         action="append",
         default=[],
+        type=source_file,
         metavar="FLAG=PATH",
-        help="use local files instead of ../shared/data, e.g. alpaca=alpaca.json (repeatable; "
-        "FLAG is alpaca, gsm8k or dolly)",
+        help="use local files instead of ../shared/data, e.g. alpaca=alpaca.json (repeatable, once per "
+        f"FLAG; FLAG is {', '.join(SOURCE_FLAGS)})",
     )
     # the domains of the commands they are passed to: a bad value is refused before any stage runs
     parser.add_argument(
@@ -90,9 +105,21 @@ def run_to_its_end(command: list[str]) -> int:
     return code
 
 
+def _path_word(path: str | Path) -> str:
+    """``path`` as a word the stages' parsers cannot take for a flag: ``./-x`` for ``-x``. Passed as
+    it was, a path ``--force`` after prepare's ``--alpaca`` (whose value is optional) turned on --force."""
+    text = str(path)
+    return f"./{text}" if text.startswith("-") else text
+
+
 def run(args: argparse.Namespace) -> int:
+    from ds_sft.errors import UserError
     from ds_sft.paths import writable_dir, write_result_file
 
+    flags = [flag for flag, _ in args.source]
+    twice = next((flag for flag in SOURCE_FLAGS if flags.count(flag) > 1), None)
+    if twice:
+        raise UserError(f"--source {twice}=... is given twice; prepare reads one {twice} file: pass it once")
     out = writable_dir(args.out, "--out")
     data_dir, run_dir, eval_dir = out / "data", out / "run", out / "eval"
     mark = out / DEMO_MARK
@@ -112,10 +139,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_result_file(mark, "ds-sft demo: run/ here is the demo's own; the next `make demo` replaces it\n")
     replace_run = ["--overwrite"] if run_dir.exists() else []
-    sources = []
-    for item in args.source:
-        flag, _, path = item.partition("=")
-        sources += [f"--{flag}", path]
+    sources = [word for flag, path in args.source for word in (f"--{flag}", _path_word(path))]
+    # the base model is a path, an alias or a hub id; only a path can start with "-"
+    model_word, data_word, run_word, eval_word = map(
+        _path_word, (args.base_model, data_dir, run_dir, eval_dir)
+    )
     timings = {
         "prepare": _stage(
             "prepare the instruction mix",
@@ -123,9 +151,9 @@ def run(args: argparse.Namespace) -> int:
                 "prepare",
                 *sources,
                 "--base_model",
-                args.base_model,
+                model_word,
                 "--output_dir",
-                str(data_dir),
+                data_word,
                 "--max_examples",
                 str(args.max_examples),
                 "--seq_len",
@@ -137,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
             [
                 "train",
                 "--data_dir",
-                str(data_dir),
+                data_word,
                 "--base_model",
-                args.base_model,
+                model_word,
                 "--deepspeed_config",
                 "ds_configs/zero2.json",
                 "--micro_batch_size",
@@ -159,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
                 "--learning_rate",
                 "7e-5",
                 "--out_dir",
-                str(run_dir),
+                run_word,
                 *replace_run,
             ],
         ),
@@ -168,10 +196,10 @@ def run(args: argparse.Namespace) -> int:
             [
                 "eval",
                 "--compare",
-                args.base_model,
-                str(run_dir),
+                model_word,
+                run_word,
                 "--data_dir",
-                str(data_dir),
+                data_word,
                 "--val_rows",
                 "32",
                 "--gsm8k_limit",
@@ -179,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
                 "--max_new_tokens",
                 "160",
                 "--out",
-                str(eval_dir),
+                eval_word,
             ],
         ),
     }

@@ -85,6 +85,40 @@ def test_an_older_ds_sfts_demo_folder_is_refused_with_what_to_do(tmp_path, stage
     assert stages == [] and (out / "run" / "metrics.jsonl").read_text() == "an older run\n"
 
 
+def test_local_sources_reach_prepare_as_its_flags(tmp_path, stages):
+    argv = ["--out", str(tmp_path / "demo"), "--source", "alpaca=my a=b.json", "--source", "dolly=d.jsonl"]
+    assert demo.main(argv) == 0
+    prepare = stages[0]
+    assert prepare[: prepare.index("--base_model")] == [
+        "prepare",
+        "--alpaca",
+        "my a=b.json",
+        "--dolly",
+        "d.jsonl",
+    ]
+
+
+def test_a_path_starting_with_a_dash_reaches_every_stage_as_a_path(tmp_path, stages, monkeypatch):
+    """A source file named --force followed prepare's --alpaca (its value is optional): prepare read
+    two flags and replaced its output with --force; -o as --out or base model was a stage's error."""
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(["--out=-o", "--base_model=-m", "--source=alpaca=--force"]) == 0
+    words = [word for argv in stages for word in argv[1:]]
+    assert {word for word in words if word.startswith("-")} <= {
+        f"--{action.dest}" for argv in stages for action in subcommand_parser(argv[0])._actions
+    }
+    prepare = stages[0]
+    assert prepare[1:3] == ["--alpaca", "./--force"] and "./-o/data" in prepare and "./-m" in prepare
+    assert (tmp_path / "-o" / "run" / MARKER).exists()
+
+
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    from ds_sft.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -93,6 +127,14 @@ def test_an_older_ds_sfts_demo_folder_is_refused_with_what_to_do(tmp_path, stage
         (["--seq_len", "4"], "argument --seq_len: must be an integer from 8"),
         (["--max_examples", "x"], "argument --max_examples: must be an integer"),
         (["--out", "FILE"], "--out FILE: FILE is a file"),
+        # --source FLAG=PATH became prepare's --FLAG PATH, whatever FLAG was
+        (["--source", "template=chatml"], "argument --source: must be FLAG=PATH with FLAG one of alpaca"),
+        (["--source", "decontam_threshold=1"], "argument --source: must be FLAG=PATH"),
+        (["--source", "force=x"], "argument --source: must be FLAG=PATH"),
+        (["--source", "alpaca"], "argument --source: must be FLAG=PATH"),
+        (["--source", "alpaca= "], "argument --source: must be FLAG=PATH"),
+        (["--source", "=a.json"], "argument --source: must be FLAG=PATH"),
+        (["--source", "alpaca=a.json", "--source", "alpaca=b.json"], "--source alpaca=... is given twice"),
     ],
 )
 def test_a_bad_demo_flag_is_one_line_before_any_stage(tmp_path, stages, capsys, monkeypatch, argv, message):
