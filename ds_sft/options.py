@@ -300,9 +300,11 @@ COUNT = Int(1, INT32_MAX)  # how many of something: steps, repeats, problems
 
 
 class StoreOnce(argparse._StoreAction):
-    """``action=StoreOnce``: a flag naming an input, given at most once (or twice with one value).
-    argparse keeps the last of two values: ``--alpaca a.json --alpaca b.json`` read b.json alone, and
-    a.json's rows were lost without a word. Settings keep argparse's rule (a later flag overrides)."""
+    """``action=StoreOnce``: a flag naming an input (data, a model, a tokenizer, a config), given at
+    most once (or twice with one value). argparse keeps the last of two values: ``--alpaca a.json
+    --alpaca b.json`` read b.json alone, and a.json's rows were lost without a word; ``train
+    --data_dir a --data_dir b`` trained on b. Settings and output folders keep argparse's rule (a
+    later flag overrides: ``make demo DEMO_ARGS='--out runs/demo2'`` relies on it)."""
 
 
 class OneLineParser(argparse.ArgumentParser):

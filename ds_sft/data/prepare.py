@@ -115,10 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tok = parser.add_argument_group("tokenization")
     tok.add_argument(
         "--tokenizer",
+        action=StoreOnce,
         help="tokenizer.json, a tokenizer directory, a .gguf file, 'gpt2' or a model alias (default: gpt2)",
     )
     tok.add_argument(
         "--base_model",
+        action=StoreOnce,
         help="use this model's tokenizer (a path, a Hugging Face id owner/name[@revision], or an "
         "alias, e.g. smollm2-135m-instruct)",
     )
