@@ -235,16 +235,18 @@ def gsm8k_lines(eval_json: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ds_sft.command import execute
+    from ds_sft.command import execute, reading_the_command_line
     from ds_sft.options import OneLineParser
 
-    parser = OneLineParser(
-        prog="python -m ds_sft.demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return execute("ds-sft demo", sys.modules[__name__], parser.parse_args(argv))
+    with reading_the_command_line("ds-sft demo"):
+        parser = OneLineParser(
+            prog="python -m ds_sft.demo",
+            description=__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+    return execute("ds-sft demo", sys.modules[__name__], args)
 
 
 if __name__ == "__main__":

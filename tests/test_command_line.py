@@ -249,3 +249,58 @@ def test_sigterm_and_sighup_unwind_a_command_like_ctrl_c(tmp_path, signum, nohup
     finally:
         command.kill()
         command.wait()
+
+
+def _stopped_while_reading(*args, **kwargs):
+    raise KeyboardInterrupt  # Ctrl-C while the parser is built (it imports every command module)
+
+
+def _cli(monkeypatch):
+    import ds_sft.cli
+
+    monkeypatch.setattr(ds_sft.cli, "build_parser", _stopped_while_reading)
+    return ds_sft.cli.main(["train", "--help"])
+
+
+def _module_entry(monkeypatch):
+    import ds_sft.command
+
+    monkeypatch.setattr(ds_sft.command, "load_command", _stopped_while_reading)
+    return ds_sft.command.main_for("bench", ["--quick"])
+
+
+def _demo(monkeypatch):
+    from ds_sft import demo
+
+    monkeypatch.setattr(demo, "add_arguments", _stopped_while_reading)
+    return demo.main([])
+
+
+def _bench_script(monkeypatch):
+    import types
+
+    from ds_sft.command import main_for_script
+
+    script = types.SimpleNamespace(__file__="bench/x.py", build_parser=_stopped_while_reading)
+    return main_for_script(script, [])
+
+
+@pytest.mark.parametrize(
+    ("entry", "prog"),
+    [
+        (_cli, "ds-sft"),
+        (_module_entry, "ds-sft bench"),
+        (_demo, "ds-sft demo"),
+        (_bench_script, "bench/x.py"),
+    ],
+    ids=["ds-sft", "python -m", "demo", "bench script"],
+)
+def test_ctrl_c_while_reading_the_command_line_is_one_line(entry, prog, monkeypatch, capsys):
+    """Building the parser is most of a command's 0.4 s start: a Ctrl-C there was a traceback."""
+    try:
+        entry(monkeypatch)
+    except SystemExit as exited:
+        code = exited.code
+    except KeyboardInterrupt:  # let out, it would stop pytest itself
+        pytest.fail("Ctrl-C escaped as a KeyboardInterrupt: a traceback")
+    assert code == 130 and capsys.readouterr().err == f"{prog}: interrupted\n"
