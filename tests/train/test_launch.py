@@ -237,3 +237,44 @@ def test_a_hostfile_with_comments_tabs_and_crlf_is_accepted(tmp_path):
     )
     done = _deepspeed_sh("--dry-run", "--hostfile", str(hostfile), "--", "--model", "tiny")
     assert done.returncode == 0, done.stderr
+
+
+def _slurm_dry_run(tmp_path, environment: dict, scontrol: str) -> subprocess.CompletedProcess:
+    """slurm.sbatch --dry-run in a job described by ``environment``, with ``scontrol`` printing
+    ``scontrol`` as the job's host names ("" : scontrol fails)."""
+    fake = tmp_path / "scontrol"
+    fake.write_text(f"#!/bin/sh\nprintf '{scontrol}'\n" if scontrol else "#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | environment
+    env["PATH"] = f"{tmp_path}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
+    return subprocess.run(
+        ["bash", str(REPO_ROOT / "launch" / "slurm.sbatch"), "--dry-run", "--model", "tiny"],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("environment", "scontrol", "named"),
+    [
+        ({"SLURM_NNODES": "two"}, "", "SLURM_NNODES"),
+        ({"SLURM_NNODES": "0"}, "", "SLURM_NNODES"),
+        ({"SLURM_GPUS_ON_NODE": "0"}, "", "SLURM_GPUS_ON_NODE"),
+        ({"SLURM_GPUS_ON_NODE": "a100:4"}, "", "SLURM_GPUS_ON_NODE"),
+        ({"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]"}, "", "SLURM_JOB_NODELIST"),
+        ({"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "x"}, "-oProxyCommand=x\\n", "SLURM_JOB_NODELIST"),
+    ],
+)
+def test_slurm_job_values_torchrun_cannot_use_stop_in_one_line(tmp_path, environment, scontrol, named):
+    """torchrun met a count it cannot use with a traceback, and a node list scontrol could not read
+    sent every node of a two-node job to its own localhost, where it waited for the other forever."""
+    done = _slurm_dry_run(tmp_path, environment, scontrol)
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch/slurm.sbatch: ") and named in lines[0], done.stderr
+
+
+def test_slurm_nodes_meet_at_the_first_host_scontrol_names(tmp_path):
+    environment = {"SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    done = _slurm_dry_run(tmp_path, environment, "gpu07\\ngpu08\\n")
+    assert done.returncode == 0, done.stderr
+    assert "torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint gpu07:" in done.stdout
