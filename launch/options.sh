@@ -9,10 +9,12 @@ refuse() {
     exit 2
 }
 
-# value_of OPTION [NEXT...]: OPTION's value, the next word, which must be there and not be an option
-# (a negative number is a value, for count to refuse by name).
+# value_of OPTION [NEXT...]: OPTION's value, the next word, which must be there, not be an option (a
+# negative number is a value, for count to refuse by name) and not be blank (--out "$DIR" with DIR
+# unset chose the default folder without a word).
 value_of() {
     [[ $# -ge 2 && ( $2 != -* || $2 =~ ^-[0-9] ) ]] || refuse "$1 needs a value (see the usage at the top of $launcher)"
+    [[ $2 =~ [^[:space:]] ]] || refuse "$1: the value is empty (an unset shell variable?): pass a value, or leave $1 out"
     printf '%s' "$2"
 }
 

@@ -70,6 +70,8 @@ BAD_OPTIONS = [
     ("torchrun.sh", ["--nproc", "2.5"]),
     ("torchrun.sh", ["--nproc", "99999999999999999999"]),
     ("torchrun.sh", ["--nproc", ""]),
+    ("torchrun.sh", ["--rdzv", " "]),
+    ("deepspeed_multinode.sh", ["--hostfile", ""]),  # an unset variable
     ("torchrun.sh", ["--nproc"]),
     ("torchrun.sh", ["--nproc", "--"]),
     ("torchrun.sh", ["--nnodes", "x"]),
