@@ -336,4 +336,21 @@ class OneLineParser(argparse.ArgumentParser):
                 f"argument {action.option_strings[0]}: the value is empty (an unset shell variable?): "
                 "pass a value, or leave the flag out"
             )
+        # Bytes that are not UTF-8 (a Latin-1 name) reach Python as lone surrogates, which no UTF-8
+        # file can hold: ds-sft records its paths and names in JSON and reports, so a run into
+        # --out_dir $'caf\xe9' trained to its end and then failed writing its report, a traceback.
+        undecodable = next((text for text in arg_strings if not text.isascii() and not _is_utf8(text)), None)
+        if action.option_strings and undecodable is not None:
+            self.error(
+                f"argument {action.option_strings[0]}: {undecodable!r} is not UTF-8 (each \\udcXX is a byte "
+                "that is not): ds-sft writes its paths and names into UTF-8 files; rename it, or pass another"
+            )
         return super()._get_values(action, arg_strings)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

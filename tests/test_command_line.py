@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import subprocess
@@ -107,6 +108,22 @@ def test_an_empty_value_stops_in_one_line_naming_the_flag(command, flag, empty, 
     err = capsys.readouterr().err.strip()
     assert exited.value.code == 2 and len(err.splitlines()) == 1, err
     assert f"argument {flag}: the value is empty" in err
+
+
+@pytest.mark.parametrize(("command", "flag"), _value_flags())
+def test_a_value_that_is_not_utf8_stops_in_one_line_naming_the_flag(command, flag, capsys):
+    """Every flag that takes a value, of every command: a Latin-1 name ('caf\\xe9' as bytes) reached the
+    command, and train ran to its end before its report failed to be written, a UnicodeEncodeError."""
+    not_utf8 = os.fsdecode(b"runs/caf\xe9")  # as Python receives such an argument: runs/caf\udce9
+    parser = build_parser()
+    action = next(a for a in _subparsers(parser)[command]._actions if a.option_strings[:1] == [flag])
+    values = [not_utf8] * (action.nargs if isinstance(action.nargs, int) else 1)
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args([command, flag, *values])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"argument {flag}: 'runs/caf\\udce9' is not UTF-8" in err
+    assert build_parser().parse_args(["export", "--base_model", "café", "--hf", "runs/é"]).hf == "runs/é"
 
 
 def error_of(argv: list[str], capsys) -> str:
