@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from ds_sft.errors import UserError
+
 BASE_MODEL = "smollm2-135m-instruct"
 # Left in OUT when the demo makes its run folder: a rerun replaces that run (train --overwrite), and
 # only that one; a run folder the demo did not make is refused before any stage runs.
@@ -76,7 +78,7 @@ def _stage(title: str, argv: list[str]) -> float:
     start = time.perf_counter()
     code = run_to_its_end([sys.executable, "-m", "ds_sft.cli", *argv])
     if code != 0:
-        raise SystemExit(f"demo: stage '{title}' failed with exit code {code}")
+        raise UserError(f"stage '{title}' failed with exit code {code} (its own message is above)")
     return time.perf_counter() - start
 
 
@@ -113,7 +115,6 @@ def _path_word(path: str | Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ds_sft.errors import UserError
     from ds_sft.paths import writable_dir, write_result_file
 
     flags = [flag for flag, _ in args.source]
@@ -124,16 +125,16 @@ def run(args: argparse.Namespace) -> int:
     data_dir, run_dir, eval_dir = out / "data", out / "run", out / "eval"
     mark = out / DEMO_MARK
     if run_dir.exists() and not mark.is_file():
-        raise SystemExit(
-            f"demo: {run_dir} exists and the demo did not make it: move it away, or give the demo "
+        raise UserError(
+            f"{run_dir} exists and the demo did not make it: move it away, or give the demo "
             "another folder (make demo DEMO_ARGS='--out runs/demo2', or python -m ds_sft.demo --out ...)"
         )
     from ds_sft.train.run_dir import MARKER
 
     if run_dir.exists() and not (run_dir / MARKER).exists():
         # an older ds-sft's demo: its run and eval folders carry no record train and eval could trust
-        raise SystemExit(
-            f"demo: {out} was made by an older ds-sft, whose run folder has no {MARKER}: remove it "
+        raise UserError(
+            f"{out} was made by an older ds-sft, whose run folder has no {MARKER}: remove it "
             f"(rm -r {out}), or give the demo another folder (make demo DEMO_ARGS='--out runs/demo2')"
         )
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ds_sft import demo
+from ds_sft.errors import UserError
 from ds_sft.train.run_dir import MARKER
 
 
@@ -67,7 +68,7 @@ def test_a_run_the_demo_did_not_make_is_left_alone(tmp_path, stages, made_by):
     out = tmp_path / "demo"
     (out / "run").mkdir(parents=True)
     (out / "run" / "metrics.jsonl").write_text(f"made by {made_by}\n")
-    with pytest.raises(SystemExit, match="the demo did not make it.*DEMO_ARGS='--out"):
+    with pytest.raises(UserError, match="the demo did not make it.*DEMO_ARGS='--out"):
         demo.run(demo_args(out))
     assert stages == [], "refused before any stage ran"
     assert (out / "run" / "metrics.jsonl").read_text() == f"made by {made_by}\n"
@@ -80,7 +81,7 @@ def test_an_older_ds_sfts_demo_folder_is_refused_with_what_to_do(tmp_path, stage
     (out / "run").mkdir(parents=True)
     (out / "run" / "metrics.jsonl").write_text("an older run\n")
     (out / demo.DEMO_MARK).write_text("made by an older demo\n")
-    with pytest.raises(SystemExit, match="made by an older ds-sft.*rm -r .*DEMO_ARGS='--out"):
+    with pytest.raises(UserError, match="made by an older ds-sft.*rm -r .*DEMO_ARGS='--out"):
         demo.run(demo_args(out))
     assert stages == [] and (out / "run" / "metrics.jsonl").read_text() == "an older run\n"
 
@@ -209,3 +210,18 @@ def test_a_stopped_demo_lets_its_stage_finish_stopping(tmp_path, signum, to_grou
             os.kill(int((tmp_path / "started").read_text()), signal.SIGKILL)
         driver.kill()
         driver.wait()
+
+
+@pytest.mark.parametrize("case", ["a run it did not make", "an older demo", "a stage failed"])
+def test_the_demos_own_refusals_are_one_ds_sft_line_exit_2(tmp_path, monkeypatch, capsys, case):
+    """They were SystemExit("demo: ..."): exit 1, in a form of their own (no `ds-sft demo: error:`)."""
+    out = tmp_path / "demo"
+    if case == "a stage failed":
+        monkeypatch.setattr(sys, "executable", "/bin/false")  # the stage: `false -m ds_sft.cli prepare ...`
+    else:
+        (out / "run").mkdir(parents=True)
+        if case == "an older demo":
+            (out / demo.DEMO_MARK).write_text("made by an older demo\n")
+    assert demo.main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ds-sft demo: error: "), err
