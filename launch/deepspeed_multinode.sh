@@ -25,13 +25,15 @@ hostfile=launch/hostfile
 master_addr=$(hostname)
 master_port=29500
 launcher_extra=()
+ssh=1
+node_rank=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) dry_run=1; shift ;;
         --hostfile) hostfile=$(value_of "$@"); shift 2 ;;
         --master_addr) master_addr=$(value_of "$@"); host --master_addr "$master_addr"; shift 2 ;;
         --master_port) master_port=$(value_of "$@"); count --master_port "$master_port" 1 65535; shift 2 ;;
-        --no_ssh) launcher_extra+=(--no_ssh); shift ;;
+        --no_ssh) ssh=0; launcher_extra+=(--no_ssh); shift ;;
         --node_rank) node_rank=$(value_of "$@"); count --node_rank "$node_rank" 0 65535
                      launcher_extra+=(--node_rank "$node_rank"); shift 2 ;;
         --) shift; break ;;
@@ -55,6 +57,7 @@ remote_word() {
 check_hostfile() {
     [[ -f $hostfile ]] || refuse "hostfile $hostfile not found: copy launch/hostfile.example and list your nodes"
     local line name slots rest hosts=" "
+    host_count=0
     while IFS= read -r line || [[ -n $line ]]; do
         read -r name slots rest <<< "${line%$'\r'}"
         [[ -z $name || $name == \#* ]] && continue
@@ -64,11 +67,18 @@ check_hostfile() {
         count "hostfile $hostfile: $name's slots" "${slots#slots=}" 1 65535
         [[ $hosts != *" $name "* ]] || refuse "hostfile $hostfile lists $name twice: one line per node"
         hosts+="$name "
+        host_count=$((host_count + 1))
     done < "$hostfile"
     [[ $hosts != " " ]] || refuse "hostfile $hostfile lists no node: one line per node, HOST slots=N"
 }
 
-if [[ ! " ${launcher_extra[*]} " == *" --no_ssh "* ]]; then
+# The launcher asserts on a missing or too large --node_rank (a traceback) and ignores one given with ssh.
+if [[ $ssh -eq 0 && -z $node_rank ]]; then
+    refuse "--no_ssh needs --node_rank R: this node's line in the hostfile, counting from 0"
+elif [[ $ssh -eq 1 && -n $node_rank ]]; then
+    refuse "--node_rank is for --no_ssh (run on every node, each with its rank); with ssh the launcher numbers the nodes itself"
+fi
+if [[ $ssh -eq 1 ]]; then
     # each node first changes into this folder, its path unquoted (cd <folder>;): no space either
     [[ $PWD != *" "* ]] || refuse "the ds-sft folder $(printf %q "$PWD") holds a space, which each node's" \
         "shell splits (the launcher's ssh runs 'cd FOLDER' unquoted): move it, or run with --no_ssh on every node"
@@ -77,6 +87,8 @@ if [[ ! " ${launcher_extra[*]} " == *" --no_ssh "* ]]; then
 fi
 if [[ -e $hostfile || $dry_run -eq 0 ]]; then
     check_hostfile
+    [[ $ssh -eq 1 ]] || (( 10#$node_rank < host_count )) \
+        || refuse "--node_rank $node_rank is not a node of hostfile $hostfile, which lists $host_count (ranks 0 to $((host_count - 1)))"
 fi
 command=(deepspeed --hostfile "$hostfile" --master_addr "$master_addr" --master_port "$master_port"
          "${launcher_extra[@]}" --module ds_sft.train "$@")

@@ -91,6 +91,9 @@ BAD_OPTIONS = [
     ("deepspeed_multinode.sh", ["--master_addr", "$(reboot)"]),
     ("deepspeed_multinode.sh", ["--node_rank", "-1"]),
     ("deepspeed_multinode.sh", ["--node_rank", "one"]),
+    ("deepspeed_multinode.sh", ["--node_rank", "1"]),  # without --no_ssh the launcher ignored it
+    ("deepspeed_multinode.sh", ["--no_ssh"]),  # the launcher's AssertionError traceback
+    ("deepspeed_multinode.sh", ["--node_rank", "2", "--no_ssh", "--hostfile", "launch/hostfile.example"]),
     ("deepspeed_multinode.sh", ["--hostfile"]),
     ("deepspeed_multinode.sh", ["--bogus"]),
 ]
@@ -125,8 +128,9 @@ def test_a_wrong_launcher_option_stops_in_one_line_before_any_launcher(script, o
     ],
 )
 def test_launcher_counts_are_accepted_exactly_inside_their_range(script, option, low, high):
+    ssh = ["--no_ssh"] if option == "--node_rank" else []  # a node's rank is for runs without ssh
     for value in (low - 1, low, low + 1, high - 1, high, high + 1, 10 * high):
-        done = _dry_run(script, [option, str(value)])
+        done = _dry_run(script, [*ssh, option, str(value)])
         inside = low <= value <= high
         assert (done.returncode == 0) == inside, (value, done.stderr)
         if inside and (option, value) != ("--nnodes", 1):  # one node runs --standalone
