@@ -83,6 +83,8 @@ BAD_OPTIONS = [
     ("torchrun.sh", ["--rdzv", "a;touch x:29400"]),
     ("torchrun.sh", ["--rdzv", ":29400"]),
     ("torchrun.sh", ["--bogus"]),
+    ("torchrun.sh", ["--rdzv", "node-01:29400"]),  # without --nnodes each node trained alone
+    ("torchrun.sh", ["--nnodes", "2"]),  # without --rdzv each node waited at its own 127.0.0.1
     ("deepspeed_multinode.sh", ["--master_port", "0"]),
     ("deepspeed_multinode.sh", ["--master_port", "70000"]),
     ("deepspeed_multinode.sh", ["--master_port", "port"]),
@@ -130,7 +132,8 @@ def test_a_wrong_launcher_option_stops_in_one_line_before_any_launcher(script, o
 def test_launcher_counts_are_accepted_exactly_inside_their_range(script, option, low, high):
     ssh = ["--no_ssh"] if option == "--node_rank" else []  # a node's rank is for runs without ssh
     for value in (low - 1, low, low + 1, high - 1, high, high + 1, 10 * high):
-        done = _dry_run(script, [*ssh, option, str(value)])
+        rdzv = ["--rdzv", "node-01:29400"] if option == "--nnodes" and value > 1 else []  # several nodes meet
+        done = _dry_run(script, [*ssh, *rdzv, option, str(value)])
         inside = low <= value <= high
         assert (done.returncode == 0) == inside, (value, done.stderr)
         if inside and (option, value) != ("--nnodes", 1):  # one node runs --standalone
