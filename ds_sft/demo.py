@@ -16,6 +16,7 @@ proves the commands. The sizes are chosen to finish in a few minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import signal
 import subprocess
@@ -26,9 +27,11 @@ from pathlib import Path
 from ds_sft.errors import UserError
 
 BASE_MODEL = "smollm2-135m-instruct"
-# Left in OUT when the demo makes its run folder: a rerun replaces that run (train --overwrite), and
-# only that one; a run folder the demo did not make is refused before any stage runs.
+# Left in OUT by the demo: it records the run folder's ds_sft_run.json as train wrote it for the
+# demo. A rerun replaces that run (train --overwrite), and only that one: a run folder the demo did
+# not make, or a run trained into OUT/run since (a marker of its own), is refused before any stage.
 DEMO_MARK = ".ds-sft-demo"
+DEMO_MARK_FORMAT = "ds-sft demo"
 # prepare's flags for the three sources of the mix, the FLAGs of --source FLAG=PATH
 SOURCE_FLAGS = ("alpaca", "gsm8k", "dolly")
 
@@ -114,8 +117,20 @@ def _path_word(path: str | Path) -> str:
     return f"./{text}" if text.startswith("-") else text
 
 
+def recorded_run(mark: Path) -> str | None:
+    """The run marker the demo recorded in ``mark`` (None: none, or a mark an older demo wrote)."""
+    try:
+        record = json.loads(mark.read_text())
+    except (OSError, ValueError):
+        return None
+    return (
+        record.get("run") if isinstance(record, dict) and record.get("format") == DEMO_MARK_FORMAT else None
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from ds_sft.paths import writable_dir, write_result_file
+    from ds_sft.train.run_dir import MARKER
 
     flags = [flag for flag, _ in args.source]
     twice = next((flag for flag in SOURCE_FLAGS if flags.count(flag) > 1), None)
@@ -124,22 +139,27 @@ def run(args: argparse.Namespace) -> int:
     out = writable_dir(args.out, "--out")
     data_dir, run_dir, eval_dir = out / "data", out / "run", out / "eval"
     mark = out / DEMO_MARK
+    another_folder = (
+        "give the demo another folder (make demo DEMO_ARGS='--out runs/demo2', "
+        "or python -m ds_sft.demo --out ...)"
+    )
     if run_dir.exists() and not mark.is_file():
-        raise UserError(
-            f"{run_dir} exists and the demo did not make it: move it away, or give the demo "
-            "another folder (make demo DEMO_ARGS='--out runs/demo2', or python -m ds_sft.demo --out ...)"
-        )
-    from ds_sft.train.run_dir import MARKER
-
+        raise UserError(f"{run_dir} exists and the demo did not make it: move it away, or {another_folder}")
     if run_dir.exists() and not (run_dir / MARKER).exists():
         # an older ds-sft's demo: its run and eval folders carry no record train and eval could trust
         raise UserError(
             f"{out} was made by an older ds-sft, whose run folder has no {MARKER}: remove it "
-            f"(rm -r {out}), or give the demo another folder (make demo DEMO_ARGS='--out runs/demo2')"
+            f"(rm -r {out}), or {another_folder}"
+        )
+    if run_dir.exists() and recorded_run(mark) != (run_dir / MARKER).read_text():
+        raise UserError(
+            f"{run_dir} holds a run the demo did not train (its {MARKER} is not the one the demo "
+            f"recorded, or an older demo recorded none): move it away, or {another_folder}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    write_result_file(mark, "ds-sft demo: run/ here is the demo's own; the next `make demo` replaces it\n")
     replace_run = ["--overwrite"] if run_dir.exists() else []
+    if not replace_run:
+        write_result_file(mark, json.dumps({"format": DEMO_MARK_FORMAT, "run": None}) + "\n")
     sources = [word for flag, path in args.source for word in (f"--{flag}", _path_word(path))]
     # the base model is a path, an alias or a hub id; only a path can start with "-"
     model_word, data_word, run_word, eval_word = map(
@@ -161,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
                 str(args.seq_len),
             ],
         ),
-        "train": _stage(
+    }
+    try:
+        timings["train"] = _stage(
             "fine-tune with DeepSpeed ZeRO-2 on CPU",
             [
                 "train",
@@ -191,27 +213,30 @@ def run(args: argparse.Namespace) -> int:
                 run_word,
                 *replace_run,
             ],
-        ),
-        "eval": _stage(
-            "evaluate base vs fine-tuned",
-            [
-                "eval",
-                "--compare",
-                model_word,
-                run_word,
-                "--data_dir",
-                data_word,
-                "--val_rows",
-                "32",
-                "--gsm8k_limit",
-                str(args.gsm8k_limit),
-                "--max_new_tokens",
-                "160",
-                "--out",
-                eval_word,
-            ],
-        ),
-    }
+        )
+    finally:  # the run train made here, even a stopped one, is the demo's own to replace
+        if (run_dir / MARKER).is_file():
+            record = {"format": DEMO_MARK_FORMAT, "run": (run_dir / MARKER).read_text()}
+            write_result_file(mark, json.dumps(record) + "\n")
+    timings["eval"] = _stage(
+        "evaluate base vs fine-tuned",
+        [
+            "eval",
+            "--compare",
+            model_word,
+            run_word,
+            "--data_dir",
+            data_word,
+            "--val_rows",
+            "32",
+            "--gsm8k_limit",
+            str(args.gsm8k_limit),
+            "--max_new_tokens",
+            "160",
+            "--out",
+            eval_word,
+        ],
+    )
     print("\n=== demo finished: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     for line in gsm8k_lines(eval_dir / "eval.json"):
         print(f"  {line}")
@@ -224,8 +249,6 @@ def run(args: argparse.Namespace) -> int:
 
 def gsm8k_lines(eval_json: Path) -> list[str]:
     """GSM8K per model with n and 95% interval, then the paired verdict, from ``ds-sft eval``'s eval.json."""
-    import json
-
     from ds_sft.eval.stats import format_accuracy
 
     report = json.loads(eval_json.read_text())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,3 +226,36 @@ def test_the_demos_own_refusals_are_one_ds_sft_line_exit_2(tmp_path, monkeypatch
     assert demo.main(["--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ds-sft demo: error: "), err
+
+
+def test_a_run_trained_into_the_demos_folder_since_is_not_replaced(tmp_path, stages):
+    """The mark said "run/ here is the demo's own" for the folder, not for a run: a run the user
+    trained into OUT/run after the demo's (its own ds_sft_run.json) was deleted by the next demo."""
+    out = tmp_path / "demo"
+    assert demo.run(demo_args(out)) == 0
+    shutil.rmtree(out / "run")
+    (out / "run").mkdir()
+    (out / "run" / MARKER).write_text('{"format": "ds-sft training run", "created": "later"}\n')
+    (out / "run" / "metrics.jsonl").write_text("the user's own run\n")
+    stages.clear()
+    with pytest.raises(UserError, match="holds a run the demo did not train"):
+        demo.run(demo_args(out))
+    assert stages == [] and (out / "run" / "metrics.jsonl").read_text() == "the user's own run\n"
+
+
+def test_a_run_stopped_in_training_is_still_the_demos_to_replace(tmp_path, stages, monkeypatch):
+    """The demo records its run's marker even when stopped in the train stage (Ctrl-C, SIGTERM)."""
+    out = tmp_path / "demo"
+    recording_stage = demo._stage  # makes the run as train does; then the demo is stopped
+
+    def stopped_in_train(title, argv):
+        recording_stage(title, argv)
+        if argv[0] == "train":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_stage", stopped_in_train)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run(demo_args(out))
+    monkeypatch.setattr(demo, "_stage", recording_stage)
+    assert demo.run(demo_args(out)) == 0
+    assert "--overwrite" in train_argv(stages)
