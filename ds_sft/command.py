@@ -93,9 +93,12 @@ def reading_the_command_line(prog: str):
 def execute(prog: str, module, args: argparse.Namespace) -> int:
     """Run ``module.run(args)``, turning a :class:`UserError`, or an ``OSError`` the system raised
     for a path (permissions, disk full...), into one line on stderr and exit 2. Ctrl-C, SIGTERM and
-    SIGHUP unwind the command (its cleanup runs) and end in one line, exit 128 + the signal."""
+    SIGHUP unwind the command (its cleanup runs) and end in one line, exit 128 + the signal, unless
+    the module sets ``UNWINDS_ON_SIGTERM = False``: a Python handler runs only between bytecodes, so a
+    process waiting in C code (a rank in its rendezvous) would outlive a SIGTERM until the wait ends."""
+    unwinding = signals_unwind() if getattr(module, "UNWINDS_ON_SIGTERM", True) else contextlib.nullcontext()
     try:
-        with signals_unwind():
+        with unwinding:
             code = module.run(args)
     except UserError as err:
         print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)

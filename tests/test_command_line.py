@@ -321,3 +321,19 @@ def test_ctrl_c_while_reading_the_command_line_is_one_line(entry, prog, monkeypa
     except KeyboardInterrupt:  # let out, it would stop pytest itself
         pytest.fail("Ctrl-C escaped as a KeyboardInterrupt: a traceback")
     assert code == 130 and capsys.readouterr().err == f"{prog}: interrupted\n"
+
+
+def test_train_keeps_the_default_sigterm_outside_its_loop(monkeypatch):
+    """A rank waiting in its rendezvous is in C code, where no Python handler runs: with SIGTERM
+    unwinding there, `kill` left it waiting (measured: init_process_group for a missing second rank
+    still alive 13 s after SIGTERM). The training loop catches SIGTERM between steps itself."""
+    import ds_sft.train.cli as train_cli
+    from ds_sft.command import execute
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    seen = {}
+    monkeypatch.setattr(
+        train_cli, "run", lambda args: seen.update({sig: signal.getsignal(sig) for sig in before})
+    )
+    assert execute("ds-sft train", train_cli, None) == 0
+    assert seen == before

@@ -28,6 +28,11 @@ from ds_sft.paths import replace_file, writable_dir, write_result_file
 from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 from ds_sft.train.run_dir import check_inputs_outside
 
+# SIGTERM and SIGHUP keep their default outside the training loop, which catches them between steps
+# itself (save a checkpoint, then stop): a rank waiting in its rendezvous or a collective is in C code,
+# where a Python handler never runs, and a SIGTERM (torchrun's, Slurm's, kill's) must end it there.
+UNWINDS_ON_SIGTERM = False
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     def flag(group, name, help, **kwargs):
