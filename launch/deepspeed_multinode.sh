@@ -84,6 +84,13 @@ if [[ $ssh -eq 1 ]]; then
         "shell splits (the launcher's ssh runs 'cd FOLDER' unquoted): move it, or run with --no_ssh on every node"
     remote_word "the ds-sft folder" "$PWD"
     for word in "$@"; do remote_word "train flag" "$word"; done
+    # The variables the launcher exports to every node (PYTHON*, NCCL*, MLFLOW*, UCX*, MV2*) go in
+    # double quotes, where $, backticks, \ and " still act (and pdsh replaces %n): refused too.
+    for name in $(compgen -e | grep -E '^(PYTHON|NCCL|MLFLOW|UCX|MV2)'); do
+        [[ ! ${!name} =~ [\$\`\\\"%[:cntrl:]] ]] \
+            || refuse "\$$name=$(printf %q "${!name}") would be read again by each node's shell (the launcher's" \
+                "ssh exports it in one line of text): unset it, set it without \$ \` \\ \" %, or run with --no_ssh"
+    done
 fi
 if [[ -e $hostfile || $dry_run -eq 0 ]]; then
     check_hostfile

@@ -287,3 +287,24 @@ def test_slurm_nodes_meet_at_the_first_host_scontrol_names(tmp_path):
     done = _slurm_dry_run(tmp_path, environment, "gpu07\\ngpu08\\n")
     assert done.returncode == 0, done.stderr
     assert "torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint gpu07:" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("PYTHONWARNINGS", "$(touch pwned)"), ("NCCL_SOCKET_IFNAME", "eth`id`"), ("MLFLOW_RUN", 'a"b'),
+     ("PYTHONSTARTUP", "/x/50%h.py"), ("UCX_TLS", "a\\b")],
+)  # fmt: skip
+def test_a_variable_the_launcher_exports_to_every_node_is_checked_like_a_flag(name, value, tmp_path):
+    """The launcher exports PYTHON*, NCCL*, ... to each node as `export NAME="VALUE";` in one line of
+    text: $(...) and backticks ran there, a quote broke the line, %h became a host name."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-01 slots=8\nnode-02 slots=8\n")
+    env = {**os.environ, name: value}
+    done = _deepspeed_sh(
+        "--dry-run", "--hostfile", str(hostfile), "--", "--model", "tiny", cwd=tmp_path, env=env
+    )
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert done.stderr.startswith(f"launch/deepspeed_multinode.sh: ${name}=") and done.stderr.count("\n") == 1
+    done = _deepspeed_sh("--dry-run", "--hostfile", str(hostfile), "--", "--model", "tiny",
+                         env={**os.environ, name: "/a b:/c,d=e"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
