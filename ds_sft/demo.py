@@ -16,16 +16,36 @@ proves the commands. The sizes are chosen to finish in a few minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ds_sft.errors import UserError
+
 BASE_MODEL = "smollm2-135m-instruct"
-# Left in OUT when the demo makes its run folder: a rerun replaces that run (train --overwrite), and
-# only that one; a run folder the demo did not make is refused before any stage runs.
+# Left in OUT by the demo: it records the run folder's ds_sft_run.json as train wrote it for the
+# demo. A rerun replaces that run (train --overwrite), and only that one: a run folder the demo did
+# not make, or a run trained into OUT/run since (a marker of its own), is refused before any stage.
 DEMO_MARK = ".ds-sft-demo"
+DEMO_MARK_FORMAT = "ds-sft demo"
+# prepare's flags for the three sources of the mix, the FLAGs of --source FLAG=PATH
+SOURCE_FLAGS = ("alpaca", "gsm8k", "dolly")
+
+
+def source_file(text: str) -> tuple[str, str]:
+    """``--source FLAG=PATH`` as (FLAG, PATH). FLAG is checked here: it becomes prepare's ``--FLAG``,
+    and any other name passed any prepare flag (``template=chatml``, ``decontam_threshold=1``
+    changed the mix without a word) or failed only once the demo had started."""
+    flag, eq, path = text.partition("=")
+    if not eq or flag not in SOURCE_FLAGS or not path.strip():
+        raise argparse.ArgumentTypeError(
+            f"must be FLAG=PATH with FLAG one of {', '.join(SOURCE_FLAGS)} and PATH a file, got {text!r}"
+        )
+    return flag, path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,9 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--source",
         action="append",
         default=[],
+        type=source_file,
         metavar="FLAG=PATH",
-        help="use local files instead of ../shared/data, e.g. alpaca=alpaca.json (repeatable; "
-        "FLAG is alpaca, gsm8k or dolly)",
+        help="use local files instead of ../shared/data, e.g. alpaca=alpaca.json (repeatable, once per "
+        f"FLAG; FLAG is {', '.join(SOURCE_FLAGS)})",
     )
     # the domains of the commands they are passed to: a bad value is refused before any stage runs
     parser.add_argument(
@@ -58,38 +79,92 @@ def _stage(title: str, argv: list[str]) -> float:
     """Run one ``ds-sft`` command as its own process; stop the demo on failure."""
     print(f"\n=== {title}\n$ ds-sft {shlex.join(argv)}", flush=True)
     start = time.perf_counter()
-    code = subprocess.call([sys.executable, "-m", "ds_sft.cli", *argv])
+    code = run_to_its_end([sys.executable, "-m", "ds_sft.cli", *argv])
     if code != 0:
-        raise SystemExit(f"demo: stage '{title}' failed with exit code {code}")
+        raise UserError(f"stage '{title}' failed with exit code {code} (its own message is above)")
     return time.perf_counter() - start
+
+
+def run_to_its_end(command: list[str]) -> int:
+    """Run ``command`` and wait until it ends, even when the demo is stopped; return its exit code.
+
+    Ctrl-C, SIGTERM or SIGHUP given to the demo is passed on to the stage, and the stage is waited
+    for before the demo stops: ``train`` saves a checkpoint after its step, ``prepare`` removes its
+    staging folder. (``subprocess.call`` killed the stage 0.25 s after a Ctrl-C, mid-save, and a
+    SIGTERM left it running alone.) The stage has a process group of its own, so that a Ctrl-C in
+    the terminal reaches it once, through the demo, and not twice."""
+    from ds_sft.command import Terminated
+
+    stage = subprocess.Popen(command, process_group=0)
+    stopped = None
+    while True:
+        try:
+            code = stage.wait()
+            break
+        except KeyboardInterrupt as err:  # Terminated too
+            stopped = err
+            if stage.poll() is None:
+                stage.send_signal(signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+    if stopped is not None:
+        raise stopped
+    return code
+
+
+def _path_word(path: str | Path) -> str:
+    """``path`` as a word the stages' parsers cannot take for a flag: ``./-x`` for ``-x``. Passed as
+    it was, a path ``--force`` after prepare's ``--alpaca`` (whose value is optional) turned on --force."""
+    text = str(path)
+    return f"./{text}" if text.startswith("-") else text
+
+
+def recorded_run(mark: Path) -> str | None:
+    """The run marker the demo recorded in ``mark`` (None: none, or a mark an older demo wrote)."""
+    try:
+        record = json.loads(mark.read_text())
+    except (OSError, ValueError):
+        return None
+    return (
+        record.get("run") if isinstance(record, dict) and record.get("format") == DEMO_MARK_FORMAT else None
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from ds_sft.paths import writable_dir, write_result_file
+    from ds_sft.train.run_dir import MARKER
 
+    flags = [flag for flag, _ in args.source]
+    twice = next((flag for flag in SOURCE_FLAGS if flags.count(flag) > 1), None)
+    if twice:
+        raise UserError(f"--source {twice}=... is given twice; prepare reads one {twice} file: pass it once")
     out = writable_dir(args.out, "--out")
     data_dir, run_dir, eval_dir = out / "data", out / "run", out / "eval"
     mark = out / DEMO_MARK
+    another_folder = (
+        "give the demo another folder (make demo DEMO_ARGS='--out runs/demo2', "
+        "or python -m ds_sft.demo --out ...)"
+    )
     if run_dir.exists() and not mark.is_file():
-        raise SystemExit(
-            f"demo: {run_dir} exists and the demo did not make it: move it away, or give the demo "
-            "another folder (make demo DEMO_ARGS='--out runs/demo2', or python -m ds_sft.demo --out ...)"
-        )
-    from ds_sft.train.run_dir import MARKER
-
+        raise UserError(f"{run_dir} exists and the demo did not make it: move it away, or {another_folder}")
     if run_dir.exists() and not (run_dir / MARKER).exists():
         # an older ds-sft's demo: its run and eval folders carry no record train and eval could trust
-        raise SystemExit(
-            f"demo: {out} was made by an older ds-sft, whose run folder has no {MARKER}: remove it "
-            f"(rm -r {out}), or give the demo another folder (make demo DEMO_ARGS='--out runs/demo2')"
+        raise UserError(
+            f"{out} was made by an older ds-sft, whose run folder has no {MARKER}: remove it "
+            f"(rm -r {out}), or {another_folder}"
+        )
+    if run_dir.exists() and recorded_run(mark) != (run_dir / MARKER).read_text():
+        raise UserError(
+            f"{run_dir} holds a run the demo did not train (its {MARKER} is not the one the demo "
+            f"recorded, or an older demo recorded none): move it away, or {another_folder}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    write_result_file(mark, "ds-sft demo: run/ here is the demo's own; the next `make demo` replaces it\n")
     replace_run = ["--overwrite"] if run_dir.exists() else []
-    sources = []
-    for item in args.source:
-        flag, _, path = item.partition("=")
-        sources += [f"--{flag}", path]
+    if not replace_run:
+        write_result_file(mark, json.dumps({"format": DEMO_MARK_FORMAT, "run": None}) + "\n")
+    sources = [word for flag, path in args.source for word in (f"--{flag}", _path_word(path))]
+    # the base model is a path, an alias or a hub id; only a path can start with "-"
+    model_word, data_word, run_word, eval_word = map(
+        _path_word, (args.base_model, data_dir, run_dir, eval_dir)
+    )
     timings = {
         "prepare": _stage(
             "prepare the instruction mix",
@@ -97,23 +172,25 @@ def run(args: argparse.Namespace) -> int:
                 "prepare",
                 *sources,
                 "--base_model",
-                args.base_model,
+                model_word,
                 "--output_dir",
-                str(data_dir),
+                data_word,
                 "--max_examples",
                 str(args.max_examples),
                 "--seq_len",
                 str(args.seq_len),
             ],
         ),
-        "train": _stage(
+    }
+    try:
+        timings["train"] = _stage(
             "fine-tune with DeepSpeed ZeRO-2 on CPU",
             [
                 "train",
                 "--data_dir",
-                str(data_dir),
+                data_word,
                 "--base_model",
-                args.base_model,
+                model_word,
                 "--deepspeed_config",
                 "ds_configs/zero2.json",
                 "--micro_batch_size",
@@ -133,30 +210,33 @@ def run(args: argparse.Namespace) -> int:
                 "--learning_rate",
                 "7e-5",
                 "--out_dir",
-                str(run_dir),
+                run_word,
                 *replace_run,
             ],
-        ),
-        "eval": _stage(
-            "evaluate base vs fine-tuned",
-            [
-                "eval",
-                "--compare",
-                args.base_model,
-                str(run_dir),
-                "--data_dir",
-                str(data_dir),
-                "--val_rows",
-                "32",
-                "--gsm8k_limit",
-                str(args.gsm8k_limit),
-                "--max_new_tokens",
-                "160",
-                "--out",
-                str(eval_dir),
-            ],
-        ),
-    }
+        )
+    finally:  # the run train made here, even a stopped one, is the demo's own to replace
+        if (run_dir / MARKER).is_file():
+            record = {"format": DEMO_MARK_FORMAT, "run": (run_dir / MARKER).read_text()}
+            write_result_file(mark, json.dumps(record) + "\n")
+    timings["eval"] = _stage(
+        "evaluate base vs fine-tuned",
+        [
+            "eval",
+            "--compare",
+            model_word,
+            run_word,
+            "--data_dir",
+            data_word,
+            "--val_rows",
+            "32",
+            "--gsm8k_limit",
+            str(args.gsm8k_limit),
+            "--max_new_tokens",
+            "160",
+            "--out",
+            eval_word,
+        ],
+    )
     print("\n=== demo finished: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     for line in gsm8k_lines(eval_dir / "eval.json"):
         print(f"  {line}")
@@ -169,8 +249,6 @@ def run(args: argparse.Namespace) -> int:
 
 def gsm8k_lines(eval_json: Path) -> list[str]:
     """GSM8K per model with n and 95% interval, then the paired verdict, from ``ds-sft eval``'s eval.json."""
-    import json
-
     from ds_sft.eval.stats import format_accuracy
 
     report = json.loads(eval_json.read_text())
@@ -181,16 +259,18 @@ def gsm8k_lines(eval_json: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ds_sft.command import execute
+    from ds_sft.command import execute, reading_the_command_line
     from ds_sft.options import OneLineParser
 
-    parser = OneLineParser(
-        prog="python -m ds_sft.demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return execute("ds-sft demo", sys.modules[__name__], parser.parse_args(argv))
+    with reading_the_command_line("ds-sft demo"):
+        parser = OneLineParser(
+            prog="python -m ds_sft.demo",
+            description=__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+    return execute("ds-sft demo", sys.modules[__name__], args)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ MANIFEST = "ds_sft_export.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ds_sft.options import StoreOnce
+
     parser.add_argument(
         "--base_model",
+        action=StoreOnce,
         required=True,
         help="checkpoint to export: run dir, ds-sft checkpoint dir, .pt, .safetensors, HF dir, "
         ".gguf, a Hugging Face id (owner/name[@revision]), or an alias such as smollm2-135m-instruct",
@@ -48,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tokenizer",
+        action=StoreOnce,
         default=None,
         help="tokenizer to ship with the model (tokenizer.json, directory, .gguf, 'gpt2', alias); "
         "default: the one found with the checkpoint",

@@ -300,9 +300,11 @@ COUNT = Int(1, INT32_MAX)  # how many of something: steps, repeats, problems
 
 
 class StoreOnce(argparse._StoreAction):
-    """``action=StoreOnce``: a flag naming an input, given at most once (or twice with one value).
-    argparse keeps the last of two values: ``--alpaca a.json --alpaca b.json`` read b.json alone, and
-    a.json's rows were lost without a word. Settings keep argparse's rule (a later flag overrides)."""
+    """``action=StoreOnce``: a flag naming an input (data, a model, a tokenizer, a config), given at
+    most once (or twice with one value). argparse keeps the last of two values: ``--alpaca a.json
+    --alpaca b.json`` read b.json alone, and a.json's rows were lost without a word; ``train
+    --data_dir a --data_dir b`` trained on b. Settings and output folders keep argparse's rule (a
+    later flag overrides: ``make demo DEMO_ARGS='--out runs/demo2'`` relies on it)."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -334,4 +336,21 @@ class OneLineParser(argparse.ArgumentParser):
                 f"argument {action.option_strings[0]}: the value is empty (an unset shell variable?): "
                 "pass a value, or leave the flag out"
             )
+        # Bytes that are not UTF-8 (a Latin-1 name) reach Python as lone surrogates, which no UTF-8
+        # file can hold: ds-sft records its paths and names in JSON and reports, so a run into
+        # --out_dir $'caf\xe9' trained to its end and then failed writing its report, a traceback.
+        undecodable = next((text for text in arg_strings if not text.isascii() and not _is_utf8(text)), None)
+        if action.option_strings and undecodable is not None:
+            self.error(
+                f"argument {action.option_strings[0]}: {undecodable!r} is not UTF-8 (each \\udcXX is a byte "
+                "that is not): ds-sft writes its paths and names into UTF-8 files; rename it, or pass another"
+            )
         return super()._get_values(action, arg_strings)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -9,6 +9,10 @@
 # node's --node_rank and the same --master_addr. Resume after a crash by running it again with
 # --resume among the train flags. --dry-run prints the exact command and exits.
 #
+# With ssh, the launcher (pdsh) hands the train flags to each node's shell as one line of text: a
+# flag value is refused here unless that shell reads it back unchanged (letters, digits, spaces and
+# _ @ + = : , . / -). Other paths run with --no_ssh, where no shell reads them.
+#
 # Example: launch/deepspeed_multinode.sh --hostfile launch/hostfile -- --data_dir data_sft \
 #              --base_model smollm2-135m-instruct --deepspeed_config ds_configs/sft_recipe.json
 set -euo pipefail
@@ -21,13 +25,15 @@ hostfile=launch/hostfile
 master_addr=$(hostname)
 master_port=29500
 launcher_extra=()
+ssh=1
+node_rank=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) dry_run=1; shift ;;
         --hostfile) hostfile=$(value_of "$@"); shift 2 ;;
         --master_addr) master_addr=$(value_of "$@"); host --master_addr "$master_addr"; shift 2 ;;
         --master_port) master_port=$(value_of "$@"); count --master_port "$master_port" 1 65535; shift 2 ;;
-        --no_ssh) launcher_extra+=(--no_ssh); shift ;;
+        --no_ssh) ssh=0; launcher_extra+=(--no_ssh); shift ;;
         --node_rank) node_rank=$(value_of "$@"); count --node_rank "$node_rank" 0 65535
                      launcher_extra+=(--node_rank "$node_rank"); shift 2 ;;
         --) shift; break ;;
@@ -35,14 +41,67 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
+# remote_word WHAT WORD: WORD reaches each node's shell intact. The launcher's pdsh runner joins the
+# words with spaces, wraps only those holding a space in double quotes and replaces %n and %h, so a
+# $(...), backtick, quote, ;, glob or $VAR in a path ran as code on every node or changed the value,
+# and an empty word vanished. Refused, not quoted: an added quote would reach the trainer as text.
+remote_word() {
+    [[ $2 =~ ^[A-Za-z0-9\ _@+=:,./-]+$ ]] \
+        || refuse "$1 $(printf %q "$2") would be read again by each node's shell (the launcher's ssh" \
+            "runs the train flags as one line of text): use only letters, digits, spaces and" \
+            "_ @ + = : , . / - in it, or run with --no_ssh on every node"
+}
+
+# check_hostfile: the hostfile as the launcher reads it (HOST slots=N per line, # comments), checked
+# here: its own parser answers a bad line, a host listed twice or no host with a traceback.
+check_hostfile() {
+    [[ -f $hostfile ]] || refuse "hostfile $hostfile not found: copy launch/hostfile.example and list your nodes"
+    local line name slots rest hosts=" "
+    host_count=0
+    while IFS= read -r line || [[ -n $line ]]; do
+        read -r name slots rest <<< "${line%$'\r'}"
+        [[ -z $name || $name == \#* ]] && continue
+        [[ $slots == slots=* && ( -z $rest || $rest == \#* ) ]] \
+            || refuse "hostfile $hostfile: '$line' is not 'HOST slots=N' (see launch/hostfile.example)"
+        host "hostfile $hostfile: host" "$name"
+        count "hostfile $hostfile: $name's slots" "${slots#slots=}" 1 65535
+        [[ $hosts != *" $name "* ]] || refuse "hostfile $hostfile lists $name twice: one line per node"
+        hosts+="$name "
+        host_count=$((host_count + 1))
+    done < "$hostfile"
+    [[ $hosts != " " ]] || refuse "hostfile $hostfile lists no node: one line per node, HOST slots=N"
+}
+
+# The launcher asserts on a missing or too large --node_rank (a traceback) and ignores one given with ssh.
+if [[ $ssh -eq 0 && -z $node_rank ]]; then
+    refuse "--no_ssh needs --node_rank R: this node's line in the hostfile, counting from 0"
+elif [[ $ssh -eq 1 && -n $node_rank ]]; then
+    refuse "--node_rank is for --no_ssh (run on every node, each with its rank); with ssh the launcher numbers the nodes itself"
+fi
+if [[ $ssh -eq 1 ]]; then
+    # each node first changes into this folder, its path unquoted (cd <folder>;): no space either
+    [[ $PWD != *" "* ]] || refuse "the ds-sft folder $(printf %q "$PWD") holds a space, which each node's" \
+        "shell splits (the launcher's ssh runs 'cd FOLDER' unquoted): move it, or run with --no_ssh on every node"
+    remote_word "the ds-sft folder" "$PWD"
+    for word in "$@"; do remote_word "train flag" "$word"; done
+    # The variables the launcher exports to every node (PYTHON*, NCCL*, MLFLOW*, UCX*, MV2*) go in
+    # double quotes, where $, backticks, \ and " still act (and pdsh replaces %n): refused too.
+    for name in $(compgen -e | grep -E '^(PYTHON|NCCL|MLFLOW|UCX|MV2)'); do
+        [[ ! ${!name} =~ [\$\`\\\"%[:cntrl:]] ]] \
+            || refuse "\$$name=$(printf %q "${!name}") would be read again by each node's shell (the launcher's" \
+                "ssh exports it in one line of text): unset it, set it without \$ \` \\ \" %, or run with --no_ssh"
+    done
+fi
+if [[ -e $hostfile || $dry_run -eq 0 ]]; then
+    check_hostfile
+    [[ $ssh -eq 1 ]] || (( 10#$node_rank < host_count )) \
+        || refuse "--node_rank $node_rank is not a node of hostfile $hostfile, which lists $host_count (ranks 0 to $((host_count - 1)))"
+fi
 command=(deepspeed --hostfile "$hostfile" --master_addr "$master_addr" --master_port "$master_port"
          "${launcher_extra[@]}" --module ds_sft.train "$@")
 if [[ $dry_run -eq 1 ]]; then
     printf '%q ' "${command[@]}"; echo
     exit 0
-fi
-if [[ ! -f $hostfile ]]; then
-    refuse "hostfile $hostfile not found: copy launch/hostfile.example and list your nodes"
 fi
 # DeepSpeed JIT-builds its ops once into this cache; keep it where every node sees the same path.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}

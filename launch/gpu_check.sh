@@ -30,8 +30,10 @@
 # OUT/fp8_roofline.json. Exit 1 when a step or a check failed (a missed speed target is reported,
 # not a failure).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
+launcher=launch/gpu_check.sh
+source launch/options.sh
 
 # The GPU tests: the kernel tests on CUDA (not the Triton interpreter), flex_attention, fp8 GEMMs.
 # Found by pattern, so a new test needs no edit here: every CUDA-only file (tests/**/test_gpu_*.py,
@@ -61,7 +63,7 @@ out=""
 while [ $# -gt 0 ]; do
     case $1 in
         --cpu) mode=cpu ;;
-        --out) out=$2; shift ;;
+        --out) out=$(value_of "$@") || exit 2; shift ;;  # no set -e here: the subshell's exit is passed on
         --list-tests) printf '%s\n' "${gpu_tests[@]}" "${fp8_tests[0]}"; exit 0 ;;  # the files
         --image-python) image_python; exit ;;  # for `make test-image`
         *) echo "usage: bash launch/gpu_check.sh [--cpu] [--out DIR] [--list-tests] [--image-python]" >&2; exit 2 ;;

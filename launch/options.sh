@@ -9,10 +9,12 @@ refuse() {
     exit 2
 }
 
-# value_of OPTION [NEXT...]: OPTION's value, the next word, which must be there and not be an option
-# (a negative number is a value, for count to refuse by name).
+# value_of OPTION [NEXT...]: OPTION's value, the next word, which must be there, not be an option (a
+# negative number is a value, for count to refuse by name) and not be blank (--out "$DIR" with DIR
+# unset chose the default folder without a word).
 value_of() {
     [[ $# -ge 2 && ( $2 != -* || $2 =~ ^-[0-9] ) ]] || refuse "$1 needs a value (see the usage at the top of $launcher)"
+    [[ $2 =~ [^[:space:]] ]] || refuse "$1: the value is empty (an unset shell variable?): pass a value, or leave $1 out"
     printf '%s' "$2"
 }
 
@@ -23,9 +25,10 @@ count() {
         || refuse "$1 must be a whole number from $3 to $4, got '$2'"
 }
 
-# host OPTION VALUE: a host name or address, optionally [IPv6]; no spaces or shell metacharacters.
+# host OPTION VALUE: a host name or address, optionally [IPv6]; no spaces or shell metacharacters, and
+# not starting with '-' (ssh would take it for one of its options).
 host() {
-    [[ $2 =~ ^([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])$ ]] \
+    [[ $2 =~ ^([A-Za-z0-9][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])$ ]] \
         || refuse "$1 must be a host name or address (node-01, 10.0.0.1, [fd00::1]), got '$2'"
 }
 

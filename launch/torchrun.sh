@@ -15,7 +15,7 @@ source launch/options.sh
 dry_run=0
 procs=""
 nnodes=1
-rdzv=127.0.0.1:29500
+rdzv=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) dry_run=1; shift ;;
@@ -26,6 +26,15 @@ while [[ $# -gt 0 ]]; do
         *) refuse "unknown option $1 (train flags go after --)" ;;
     esac
 done
+
+# Several nodes meet at one rendezvous every node names; one node needs none. Either alone was silent:
+# --rdzv without --nnodes trained each node on its own, --nnodes without --rdzv had each wait at its
+# own 127.0.0.1 for nodes that never came.
+if (( 10#$nnodes > 1 )) && [[ -z $rdzv ]]; then
+    refuse "--nnodes $nnodes needs --rdzv HOST:PORT, the same on every node (any node's address)"
+elif (( 10#$nnodes == 1 )) && [[ -n $rdzv ]]; then
+    refuse "--rdzv $rdzv is for several nodes: add --nnodes N (the same on every node), or leave --rdzv out"
+fi
 
 if [[ -z $procs ]]; then  # one process per GPU; 2 on a CPU-only machine
     procs=$(python3 -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)

@@ -6,8 +6,10 @@ A smoke test only: it asserts that the scripts run and report what they promise,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -289,3 +291,51 @@ def test_a_kernel_case_outside_its_flags_domains_is_one_line(case, words):
     assert (
         result.returncode == 2 and last.startswith("bench/kernel_speed.py: error: --case") and words in last
     )
+
+
+BENCH_WITH_A_SLOW_SCRIPT = """import argparse, sys
+from pathlib import Path
+import ds_sft.bench as bench
+from ds_sft.command import execute
+
+bench.available_scripts = lambda only: [Path(sys.argv[1])]
+bench.RESULTS_DIR = Path(sys.argv[2])
+sys.exit(execute("ds-sft bench", bench, argparse.Namespace(quick=False, only=[], timeout=None)))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_a_stopped_bench_stops_the_script_it_runs(tmp_path, signum):
+    """The script runs in a session of its own: SIGTERM (kill, a timeout) or SIGHUP (the terminal
+    closed) ended `ds-sft bench` alone, and the benchmark ran on, writing its results."""
+    script = tmp_path / "slow.py"
+    script.write_text(
+        f"import os, time\nopen({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\ntime.sleep(300)\n"
+    )
+    (tmp_path / "results").mkdir()
+    driver = subprocess.Popen(
+        [sys.executable, "-c", BENCH_WITH_A_SLOW_SCRIPT, str(script), str(tmp_path / "results")],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        script_pid = int((tmp_path / "pid").read_text())
+        driver.send_signal(signum)
+        driver.wait(timeout=60)  # stderr in a file: an orphaned child would hold a pipe open
+        err = (tmp_path / "stderr").read_text()
+        assert driver.returncode == 128 + signum and err.strip().splitlines() == [
+            f"ds-sft bench: stopped by {signum.name}"
+        ], err
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Path(f"/proc/{script_pid}").exists():
+            time.sleep(0.1)
+        stat_file = Path(f"/proc/{script_pid}/stat")
+        state = stat_file.read_text().split()[2] if stat_file.exists() else "gone"
+        assert state in ("gone", "Z"), f"the benchmark script is still running (state {state})"
+    finally:
+        with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
+            os.kill(int((tmp_path / "pid").read_text()), signal.SIGKILL)
+        driver.kill()
+        driver.wait()

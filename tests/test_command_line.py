@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +110,22 @@ def test_an_empty_value_stops_in_one_line_naming_the_flag(command, flag, empty, 
     assert f"argument {flag}: the value is empty" in err
 
 
+@pytest.mark.parametrize(("command", "flag"), _value_flags())
+def test_a_value_that_is_not_utf8_stops_in_one_line_naming_the_flag(command, flag, capsys):
+    """Every flag that takes a value, of every command: a Latin-1 name ('caf\\xe9' as bytes) reached the
+    command, and train ran to its end before its report failed to be written, a UnicodeEncodeError."""
+    not_utf8 = os.fsdecode(b"runs/caf\xe9")  # as Python receives such an argument: runs/caf\udce9
+    parser = build_parser()
+    action = next(a for a in _subparsers(parser)[command]._actions if a.option_strings[:1] == [flag])
+    values = [not_utf8] * (action.nargs if isinstance(action.nargs, int) else 1)
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args([command, flag, *values])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"argument {flag}: 'runs/caf\\udce9' is not UTF-8" in err
+    assert build_parser().parse_args(["export", "--base_model", "café", "--hf", "runs/é"]).hf == "runs/é"
+
+
 def error_of(argv: list[str], capsys) -> str:
     """What parsing ``argv`` says on stderr ("" when it parses)."""
     try:
@@ -125,8 +144,17 @@ def input_flags() -> list[tuple[str, str]]:
     ]
 
 
-def test_every_data_source_flag_is_given_once():
-    assert {"--alpaca", "--gsm8k", "--dolly", "--gsm8k_test"} <= {flag for _, flag in input_flags()}
+# Every flag that names an input, by command: given twice, the last value was used without a word.
+PREPARE_INPUTS = ("--alpaca", "--gsm8k", "--dolly", "--gsm8k_test", "--tokenizer", "--base_model")
+INPUT_FLAGS = {("prepare", flag) for flag in PREPARE_INPUTS} | {
+    ("train", "--data_dir"), ("train", "--base_model"), ("train", "--model"), ("train", "--deepspeed_config"),
+    ("eval", "--model"), ("eval", "--compare"), ("eval", "--data_dir"), ("eval", "--gsm8k_test"),
+    ("export", "--base_model"), ("export", "--tokenizer"),
+}  # fmt: skip
+
+
+def test_every_input_flag_is_given_once():
+    assert set(input_flags()) >= INPUT_FLAGS
 
 
 @pytest.mark.parametrize(("command", "flag"), input_flags())
@@ -195,3 +223,117 @@ def test_expand_user_expands_a_home_and_refuses_an_unknown_user():
     assert expand_user("~/x") == Path.home() / "x" and expand_user("a/~b") == Path("a/~b")
     with pytest.raises(UserError, match="~nobody-here names no home folder"):
         expand_user("~nobody-here/data")
+
+
+A_COMMAND_WITH_CLEANUP = """import sys, time
+from ds_sft.command import execute
+
+class Command:
+    def run(args):
+        try:
+            open(sys.argv[1] + "/started", "w").close()
+            time.sleep(300)
+        finally:
+            open(sys.argv[1] + "/cleaned", "w").close()
+
+sys.exit(execute("ds-sft x", Command, None))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+@pytest.mark.parametrize("nohup", [False, True], ids=["", "nohup"])
+def test_sigterm_and_sighup_unwind_a_command_like_ctrl_c(tmp_path, signum, nohup):
+    """They ended a command on the spot: no `finally` ran (a half-written folder stayed, a benchmark's
+    own session ran on). A SIGHUP the command was started without (nohup) stays ignored."""
+    ignore_hup = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None
+    command = subprocess.Popen(
+        [sys.executable, "-c", A_COMMAND_WITH_CLEANUP, str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"), preexec_fn=ignore_hup,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        command.send_signal(signum)
+        if nohup and signum == signal.SIGHUP:
+            with pytest.raises(subprocess.TimeoutExpired):
+                command.wait(timeout=1)
+            signum = signal.SIGTERM
+            command.send_signal(signum)
+        assert command.wait(timeout=60) == 128 + signum
+        assert (tmp_path / "stderr").read_text() == f"ds-sft x: stopped by {signum.name}\n"
+        assert (tmp_path / "cleaned").exists()
+    finally:
+        command.kill()
+        command.wait()
+
+
+def _stopped_while_reading(*args, **kwargs):
+    raise KeyboardInterrupt  # Ctrl-C while the parser is built (it imports every command module)
+
+
+def _cli(monkeypatch):
+    import ds_sft.cli
+
+    monkeypatch.setattr(ds_sft.cli, "build_parser", _stopped_while_reading)
+    return ds_sft.cli.main(["train", "--help"])
+
+
+def _module_entry(monkeypatch):
+    import ds_sft.command
+
+    monkeypatch.setattr(ds_sft.command, "load_command", _stopped_while_reading)
+    return ds_sft.command.main_for("bench", ["--quick"])
+
+
+def _demo(monkeypatch):
+    from ds_sft import demo
+
+    monkeypatch.setattr(demo, "add_arguments", _stopped_while_reading)
+    return demo.main([])
+
+
+def _bench_script(monkeypatch):
+    import types
+
+    from ds_sft.command import main_for_script
+
+    script = types.SimpleNamespace(__file__="bench/x.py", build_parser=_stopped_while_reading)
+    return main_for_script(script, [])
+
+
+@pytest.mark.parametrize(
+    ("entry", "prog"),
+    [
+        (_cli, "ds-sft"),
+        (_module_entry, "ds-sft bench"),
+        (_demo, "ds-sft demo"),
+        (_bench_script, "bench/x.py"),
+    ],
+    ids=["ds-sft", "python -m", "demo", "bench script"],
+)
+def test_ctrl_c_while_reading_the_command_line_is_one_line(entry, prog, monkeypatch, capsys):
+    """Building the parser is most of a command's 0.4 s start: a Ctrl-C there was a traceback."""
+    try:
+        entry(monkeypatch)
+    except SystemExit as exited:
+        code = exited.code
+    except KeyboardInterrupt:  # let out, it would stop pytest itself
+        pytest.fail("Ctrl-C escaped as a KeyboardInterrupt: a traceback")
+    assert code == 130 and capsys.readouterr().err == f"{prog}: interrupted\n"
+
+
+def test_train_keeps_the_default_sigterm_outside_its_loop(monkeypatch):
+    """A rank waiting in its rendezvous is in C code, where no Python handler runs: with SIGTERM
+    unwinding there, `kill` left it waiting (measured: init_process_group for a missing second rank
+    still alive 13 s after SIGTERM). The training loop catches SIGTERM between steps itself."""
+    import ds_sft.train.cli as train_cli
+    from ds_sft.command import execute
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    seen = {}
+    monkeypatch.setattr(
+        train_cli, "run", lambda args: seen.update({sig: signal.getsignal(sig) for sig in before})
+    )
+    assert execute("ds-sft train", train_cli, None) == 0
+    assert seen == before

@@ -106,3 +106,13 @@ def test_its_own_work_folder_is_replaced(tmp_path):
     result = run_gpu_check(tmp_path, GPU_CHECK_WORK=str(work), GPU_CHECK_VENV=str(venv))
     assert result.returncode == 2 and "GPU_CHECK_VENV" in result.stderr
     assert not (work / "old.log").exists() and (work / ".gpu_check_work").exists()
+
+
+@pytest.mark.parametrize("options", [["--out"], ["--out", "--cpu"], ["--out", ""], ["--out", " "]])
+def test_an_option_without_its_value_is_one_line(options):
+    """`--out` last was bash's "$2: unbound variable"; `--out "$DIR"` with DIR unset wrote to the default."""
+    done = subprocess.run(
+        ["bash", "launch/gpu_check.sh", *options], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    assert done.stderr.startswith("launch/gpu_check.sh: --out") and done.stderr.count("\n") == 1, done.stderr

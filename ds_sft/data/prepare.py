@@ -45,9 +45,7 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -117,10 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tok = parser.add_argument_group("tokenization")
     tok.add_argument(
         "--tokenizer",
+        action=StoreOnce,
         help="tokenizer.json, a tokenizer directory, a .gguf file, 'gpt2' or a model alias (default: gpt2)",
     )
     tok.add_argument(
         "--base_model",
+        action=StoreOnce,
         help="use this model's tokenizer (a path, a Hugging Face id owner/name[@revision], or an "
         "alias, e.g. smollm2-135m-instruct)",
     )
@@ -496,23 +496,11 @@ def run(args: argparse.Namespace) -> int:
     # of CPU on the shared mix. Reference counting still frees everything; the GC is back on after.
     was_enabled = gc.isenabled()
     gc.disable()
-    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the half-written staging folder
-    # is removed on the way out instead of staying beside the output.
-    terminate = signal.getsignal(signal.SIGTERM)
-    main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:
-        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return prepare(args)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, terminate)
         if was_enabled:
             gc.enable()
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def prepare(args: argparse.Namespace) -> int:

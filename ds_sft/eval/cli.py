@@ -41,23 +41,26 @@ MANIFEST = "ds_sft_eval.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ds_sft.options import INT32_MAX, INT64_MAX, SEED, THREADS, Device, Float, Int
+    from ds_sft.options import INT32_MAX, INT64_MAX, SEED, THREADS, Device, Float, Int, StoreOnce
 
     which = parser.add_argument_group("what to evaluate")
     models = which.add_mutually_exclusive_group(required=True)
     models.add_argument(
         "--model",
+        action=StoreOnce,
         help="a training run dir, ds-sft/HF model dir, .safetensors/.pt/.gguf file, a Hugging Face id "
         "(owner/name[@revision]), or an alias (smollm2-135m-instruct)",
     )
     models.add_argument(
         "--compare",
+        action=StoreOnce,
         nargs=2,
         metavar=("A", "B"),
         help="evaluate two models (same forms as --model) and put them side by side, e.g. base then SFT",
     )
     which.add_argument(
         "--data_dir",
+        action=StoreOnce,
         required=True,
         help="a prepared data dir (ds-sft prepare): its val split, tokenizer and prompt template are used",
     )
@@ -88,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     gsm8k.add_argument(
         "--gsm8k_test",
+        action=StoreOnce,
         default=None,
         help="GSM8K test.jsonl (question/answer rows); default: ../shared/data/gsm8k/test.jsonl, "
         "else the hub's openai/gsm8k",

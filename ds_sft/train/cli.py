@@ -23,10 +23,15 @@ import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.options import Int
+from ds_sft.options import Int, StoreOnce
 from ds_sft.paths import replace_file, writable_dir, write_result_file
 from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 from ds_sft.train.run_dir import check_inputs_outside
+
+# SIGTERM and SIGHUP keep their default outside the training loop, which catches them between steps
+# itself (save a checkpoint, then stop): a rank waiting in its rendezvous or a collective is in C code,
+# where a Python handler never runs, and a SIGTERM (torchrun's, Slurm's, kill's) must end it there.
+UNWINDS_ON_SIGTERM = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,21 +39,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         """A setting of OPTIONS: its domain checks the value (one line, exit 2), unset means "not given"."""
         default, domain = OPTIONS[name.lstrip("-")]
         suffix = "" if default is None else f" (default: {default})"
-        if kwargs.get("action") is None:
+        if kwargs.get("action") in (None, StoreOnce):  # a value: a setting, or an input given once
             kwargs["type"] = domain
             if hasattr(domain, "values"):
                 kwargs["metavar"] = "{" + ",".join(map(str, domain.values)) + "}"
         group.add_argument(name, default=None, help=help + suffix, **kwargs)
 
     io = parser.add_argument_group("data, model and output")
-    flag(io, "--data_dir", "prepared data directory (written by `ds-sft prepare`)")
+    flag(io, "--data_dir", "prepared data directory (written by `ds-sft prepare`)", action=StoreOnce)
     flag(
         io,
         "--base_model",
         "weights to start from: a checkpoint file or directory, GGUF, a Hugging Face id "
         "(owner/name[@revision], e.g. Qwen/Qwen3-0.6B), or an alias such as smollm2-135m-instruct",
+        action=StoreOnce,
     )
-    flag(io, "--model", "random init from a preset instead (tiny, 112m, smollm2-135m)")
+    flag(io, "--model", "random init from a preset instead (tiny, 112m, smollm2-135m)", action=StoreOnce)
     flag(io, "--out_dir", "run directory for checkpoints, metrics, final weights and the report")
     flag(
         io,
@@ -75,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng = parser.add_argument_group("engine")
     eng.add_argument(
         "--deepspeed_config",
+        action=StoreOnce,
         default=None,
         help=f"DeepSpeed JSON (default: ds_configs/{DEFAULT_CONFIG}, the seed recipe; see ds_configs/ "
         "for zero0-3, offload and bf16)",

@@ -18,7 +18,7 @@ inf/NaN and skips the update by itself; the plain torch AdamW of fp32 stage 0 wo
 there the gradients are dropped (``grad = None``, which torch optimizers skip) before the step.
 After ``--max_nan_steps`` non-finite steps in a row the run stops with a clear message.
 
-Preemption: SIGTERM/SIGINT set a flag; at the end of the step every rank agrees (all-reduce) to
+Preemption: SIGTERM/SIGINT/SIGHUP set a flag; at the end of the step every rank agrees (all-reduce) to
 save a checkpoint and leave, so no rank is caught half-way through a collective.
 
 Top to bottom: one step (:func:`train_step`), evaluation, alarms; then the run's phases, each in its
@@ -218,7 +218,8 @@ def announce_eta(forward_context, steps: int, micro_steps: int, say):
 
 @contextlib.contextmanager
 def preemption_flag():
-    """SIGTERM / SIGINT set ``flag['stop']`` instead of killing the process mid-step."""
+    """SIGTERM / SIGINT / SIGHUP (a closed terminal) set ``flag['stop']`` instead of stopping the
+    process mid-step."""
     import threading
 
     flag = {"stop": False}
@@ -233,7 +234,10 @@ def preemption_flag():
             flush=True,
         )
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    caught = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # under nohup the run outlives its terminal
+        caught.append(signal.SIGHUP)
+    previous = {sig: signal.signal(sig, request_stop) for sig in caught}
     try:
         yield flag
     finally:

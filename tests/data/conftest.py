@@ -57,7 +57,8 @@ def run_prepare(tiny_tokenizer_file, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     def run(argv: list[str]) -> dict:
-        args = parse_prepare_args(["--tokenizer", str(tiny_tokenizer_file), "--seq_len", "256", *argv])
+        tokenizer = [] if "--tokenizer" in argv else ["--tokenizer", str(tiny_tokenizer_file)]  # given once
+        args = parse_prepare_args([*tokenizer, "--seq_len", "256", *argv])
         prepare.run(args)
         return json.loads((Path(args.output_dir) / "manifest.json").read_text())
 

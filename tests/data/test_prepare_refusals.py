@@ -136,7 +136,9 @@ def test_the_output_folder_keeps_the_mode_the_user_gave_it(mode, run_prepare, tm
 
 
 def test_a_sigterm_while_writing_leaves_no_staging_folder(run_prepare, tmp_path, monkeypatch):
-    """A scheduler's kill unwinds like Ctrl-C: the half-written folder goes, the old output stays."""
+    """A scheduler's kill unwinds like Ctrl-C (every command, ``signals_unwind``): the half-written
+    folder goes, the old output stays."""
+    from ds_sft.command import Terminated, signals_unwind
     from ds_sft.data import prepare
 
     real_write = prepare.write_documents
@@ -147,7 +149,7 @@ def test_a_sigterm_while_writing_leaves_no_staging_folder(run_prepare, tmp_path,
         return result
 
     monkeypatch.setattr(prepare, "write_documents", write_then_get_killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Terminated), signals_unwind():
         run_prepare(prepare_argv(tmp_path, tmp_path / "out"))
     assert not staging_left(tmp_path) and not (tmp_path / "out").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -370,7 +372,13 @@ def test_a_source_name_is_refused_in_one_line_or_round_trips(name, tmp_path_fact
 
     rows = tmp_path_factory.mktemp("name") / "rows.jsonl"
     write_jsonl(rows, alpaca_rows(1))
-    args = parse_prepare_args([f"--source={name}={rows}"])  # one argument, whatever the name starts with
+    try:
+        args = parse_prepare_args([f"--source={name}={rows}"])  # one argument, whatever the name starts with
+    except SystemExit as exited:  # the parser refuses a value that is not UTF-8 (tests/test_command_line.py)
+        assert exited.code == 2
+        with pytest.raises(UnicodeEncodeError):  # and nothing else
+            name.encode("utf-8")
+        return
     shared_dir, ds_sft.paths.shared_dir = ds_sft.paths.shared_dir, lambda: None  # no ../shared sources
     try:
         specs = collect_sources(args)
@@ -386,10 +394,13 @@ def test_a_source_name_is_refused_in_one_line_or_round_trips(name, tmp_path_fact
     assert f"{name}:1".encode("ascii").decode().partition(":")[0] == name
 
 
-def test_a_source_name_of_bytes_that_are_not_utf8_is_refused_before_any_reading(run_prepare, tmp_path):
+def test_a_source_name_of_bytes_that_are_not_utf8_is_refused_before_any_reading(
+    run_prepare, tmp_path, capsys
+):
     write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(4))
-    with pytest.raises(UserError, match=r"^--source '\\udcff=.*NAME must be"):
+    with pytest.raises(SystemExit) as exited:  # by the parser, as every flag value that is not UTF-8
         run_prepare(
             ["--source", f"\udcff={tmp_path / 'rows.jsonl'}", *FLAGS, "--output_dir", str(tmp_path / "out")]
         )
+    assert exited.value.code == 2 and "argument --source: '\\udcff=" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

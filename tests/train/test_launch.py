@@ -70,6 +70,8 @@ BAD_OPTIONS = [
     ("torchrun.sh", ["--nproc", "2.5"]),
     ("torchrun.sh", ["--nproc", "99999999999999999999"]),
     ("torchrun.sh", ["--nproc", ""]),
+    ("torchrun.sh", ["--rdzv", " "]),
+    ("deepspeed_multinode.sh", ["--hostfile", ""]),  # an unset variable
     ("torchrun.sh", ["--nproc"]),
     ("torchrun.sh", ["--nproc", "--"]),
     ("torchrun.sh", ["--nnodes", "x"]),
@@ -81,6 +83,8 @@ BAD_OPTIONS = [
     ("torchrun.sh", ["--rdzv", "a;touch x:29400"]),
     ("torchrun.sh", ["--rdzv", ":29400"]),
     ("torchrun.sh", ["--bogus"]),
+    ("torchrun.sh", ["--rdzv", "node-01:29400"]),  # without --nnodes each node trained alone
+    ("torchrun.sh", ["--nnodes", "2"]),  # without --rdzv each node waited at its own 127.0.0.1
     ("deepspeed_multinode.sh", ["--master_port", "0"]),
     ("deepspeed_multinode.sh", ["--master_port", "70000"]),
     ("deepspeed_multinode.sh", ["--master_port", "port"]),
@@ -89,6 +93,9 @@ BAD_OPTIONS = [
     ("deepspeed_multinode.sh", ["--master_addr", "$(reboot)"]),
     ("deepspeed_multinode.sh", ["--node_rank", "-1"]),
     ("deepspeed_multinode.sh", ["--node_rank", "one"]),
+    ("deepspeed_multinode.sh", ["--node_rank", "1"]),  # without --no_ssh the launcher ignored it
+    ("deepspeed_multinode.sh", ["--no_ssh"]),  # the launcher's AssertionError traceback
+    ("deepspeed_multinode.sh", ["--node_rank", "2", "--no_ssh", "--hostfile", "launch/hostfile.example"]),
     ("deepspeed_multinode.sh", ["--hostfile"]),
     ("deepspeed_multinode.sh", ["--bogus"]),
 ]
@@ -123,8 +130,10 @@ def test_a_wrong_launcher_option_stops_in_one_line_before_any_launcher(script, o
     ],
 )
 def test_launcher_counts_are_accepted_exactly_inside_their_range(script, option, low, high):
+    ssh = ["--no_ssh"] if option == "--node_rank" else []  # a node's rank is for runs without ssh
     for value in (low - 1, low, low + 1, high - 1, high, high + 1, 10 * high):
-        done = _dry_run(script, [option, str(value)])
+        rdzv = ["--rdzv", "node-01:29400"] if option == "--nnodes" and value > 1 else []  # several nodes meet
+        done = _dry_run(script, [*ssh, *rdzv, option, str(value)])
         inside = low <= value <= high
         assert (done.returncode == 0) == inside, (value, done.stderr)
         if inside and (option, value) != ("--nnodes", 1):  # one node runs --standalone
@@ -150,3 +159,152 @@ def test_the_readme_launcher_commands_are_accepted(line):
 def test_the_readme_shows_every_launcher():
     shown = {shlex.split(line)[0] for line in _readme_launcher_lines()}
     assert shown == {"launch/torchrun.sh", "launch/deepspeed_multinode.sh"}
+
+
+# Through ssh the deepspeed launcher (pdsh) hands the train flags to each node's shell as one line,
+# wrapping only a word with a space in double quotes: these ran as code, or reached the trainer changed.
+REREAD_WORDS = ["runs/$(touch pwned)", "runs/`id`", "a;b", "it's", 'say "x"', "runs/*", "$HOME/runs", "a\nb",
+                "", "runs/50%h", "~/runs", "a|b", "x{1,2}", "a b $(id)", "a\\b"]  # fmt: skip
+INTACT_WORDS = ["my data", "runs/sft-1", "alpaca=0.5,gsm8k=1", "node:1", "a@b+c", "/abs/path/x.json"]
+DEEPSPEED_SH = str(REPO_ROOT / "launch" / "deepspeed_multinode.sh")
+
+
+def _deepspeed_sh(*words: str, cwd=REPO_ROOT, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", DEEPSPEED_SH, *words], capture_output=True, text=True, timeout=60, cwd=cwd, env=env
+    )
+
+
+@pytest.mark.parametrize("word", REREAD_WORDS)
+def test_a_train_flag_a_nodes_shell_would_read_again_is_refused_through_ssh(word, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-01 slots=8\nnode-02 slots=8\n")
+    flags = ["--hostfile", str(hostfile), "--", "--out_dir", word, "--model", "tiny"]
+    done = _deepspeed_sh("--dry-run", *flags, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "each node's shell" in lines[0] and "--no_ssh" in lines[0], done.stderr
+    assert not (tmp_path / "pwned").exists()
+    # without ssh no shell reads them: the launcher passes each word as it is
+    done = _deepspeed_sh("--dry-run", "--no_ssh", "--node_rank", "0", *flags)
+    assert done.returncode == 0, done.stderr
+    words = subprocess.run(["bash", "-c", f"printf '%s\\0' {done.stdout}"], capture_output=True, text=True)
+    assert words.stdout.split("\0")[-5:-1] == ["--out_dir", word, "--model", "tiny"]  # bash reads its %q
+
+
+def test_the_words_let_through_reach_every_node_unchanged():
+    """What the check accepts, put through the launcher's own pdsh quoting and a shell, is unchanged."""
+    import argparse
+
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    runner = PDSHRunner.__new__(PDSHRunner)
+    runner.args = argparse.Namespace(user_args=INTACT_WORDS)
+    line = " ".join(runner.parse_user_args())
+    done = subprocess.run(["bash", "-c", f"printf '%s\\0' {line}"], capture_output=True, text=True)
+    assert done.stdout.split("\0")[:-1] == INTACT_WORDS
+    for word in INTACT_WORDS:
+        done = _deepspeed_sh("--dry-run", "--hostfile", "launch/hostfile.example", "--", "--out_dir", word)
+        assert done.returncode == 0, done.stderr
+
+
+BAD_HOSTFILES = {
+    "a host twice": "node-01 slots=8\nnode-01 slots=4\n",
+    "no host": "# nodes go here\n\n",
+    "an ssh option as host": "-oProxyCommand=touch_x slots=8\n",
+    "a host with a shell character": "node;01 slots=8\n",
+    "no slots": "node-01\n",
+    "zero slots": "node-01 slots=0\n",
+    "slots not a number": "node-01 slots=eight\n",
+    "text after the slots": "node-01 slots=8 gpus=8\n",
+    "a folder": None,
+}
+
+
+@pytest.mark.parametrize("case", BAD_HOSTFILES)
+def test_a_hostfile_the_launcher_cannot_use_is_one_line(case, tmp_path):
+    """DeepSpeed's own parser answered these with a ValueError traceback, or took an ssh option for a host."""
+    hostfile = tmp_path / "hostfile"
+    if BAD_HOSTFILES[case] is None:
+        hostfile.mkdir()
+    else:
+        hostfile.write_text(BAD_HOSTFILES[case])
+    (tmp_path / "deepspeed").write_text("#!/bin/sh\nexit 99\n")  # never reached
+    (tmp_path / "deepspeed").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    for dry_run in (["--dry-run"], []):
+        done = _deepspeed_sh(*dry_run, "--hostfile", str(hostfile), "--", "--model", "tiny", env=env)
+        assert done.returncode == 2 and done.stdout == "", (dry_run, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"hostfile {hostfile}" in lines[0], done.stderr
+
+
+def test_a_hostfile_with_comments_tabs_and_crlf_is_accepted(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(
+        "# two nodes\r\nnode-01 slots=8  # the first\r\n\n \tnode-02\tslots=2\r\n10.0.0.3 slots=1"
+    )
+    done = _deepspeed_sh("--dry-run", "--hostfile", str(hostfile), "--", "--model", "tiny")
+    assert done.returncode == 0, done.stderr
+
+
+def _slurm_dry_run(tmp_path, environment: dict, scontrol: str) -> subprocess.CompletedProcess:
+    """slurm.sbatch --dry-run in a job described by ``environment``, with ``scontrol`` printing
+    ``scontrol`` as the job's host names ("" : scontrol fails)."""
+    fake = tmp_path / "scontrol"
+    fake.write_text(f"#!/bin/sh\nprintf '{scontrol}'\n" if scontrol else "#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | environment
+    env["PATH"] = f"{tmp_path}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
+    return subprocess.run(
+        ["bash", str(REPO_ROOT / "launch" / "slurm.sbatch"), "--dry-run", "--model", "tiny"],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("environment", "scontrol", "named"),
+    [
+        ({"SLURM_NNODES": "two"}, "", "SLURM_NNODES"),
+        ({"SLURM_NNODES": "0"}, "", "SLURM_NNODES"),
+        ({"SLURM_GPUS_ON_NODE": "0"}, "", "SLURM_GPUS_ON_NODE"),
+        ({"SLURM_GPUS_ON_NODE": "a100:4"}, "", "SLURM_GPUS_ON_NODE"),
+        ({"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]"}, "", "SLURM_JOB_NODELIST"),
+        ({"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "x"}, "-oProxyCommand=x\\n", "SLURM_JOB_NODELIST"),
+    ],
+)
+def test_slurm_job_values_torchrun_cannot_use_stop_in_one_line(tmp_path, environment, scontrol, named):
+    """torchrun met a count it cannot use with a traceback, and a node list scontrol could not read
+    sent every node of a two-node job to its own localhost, where it waited for the other forever."""
+    done = _slurm_dry_run(tmp_path, environment, scontrol)
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch/slurm.sbatch: ") and named in lines[0], done.stderr
+
+
+def test_slurm_nodes_meet_at_the_first_host_scontrol_names(tmp_path):
+    environment = {"SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    done = _slurm_dry_run(tmp_path, environment, "gpu07\\ngpu08\\n")
+    assert done.returncode == 0, done.stderr
+    assert "torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint gpu07:" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("PYTHONWARNINGS", "$(touch pwned)"), ("NCCL_SOCKET_IFNAME", "eth`id`"), ("MLFLOW_RUN", 'a"b'),
+     ("PYTHONSTARTUP", "/x/50%h.py"), ("UCX_TLS", "a\\b")],
+)  # fmt: skip
+def test_a_variable_the_launcher_exports_to_every_node_is_checked_like_a_flag(name, value, tmp_path):
+    """The launcher exports PYTHON*, NCCL*, ... to each node as `export NAME="VALUE";` in one line of
+    text: $(...) and backticks ran there, a quote broke the line, %h became a host name."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-01 slots=8\nnode-02 slots=8\n")
+    env = {**os.environ, name: value}
+    done = _deepspeed_sh(
+        "--dry-run", "--hostfile", str(hostfile), "--", "--model", "tiny", cwd=tmp_path, env=env
+    )
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert done.stderr.startswith(f"launch/deepspeed_multinode.sh: ${name}=") and done.stderr.count("\n") == 1
+    done = _deepspeed_sh("--dry-run", "--hostfile", str(hostfile), "--", "--model", "tiny",
+                         env={**os.environ, name: "/a b:/c,d=e"})  # fmt: skip
+    assert done.returncode == 0, done.stderr

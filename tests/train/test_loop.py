@@ -178,3 +178,24 @@ def test_fp8_auto_is_resolved_once_not_per_forward(monkeypatch):
         with context():
             pass
     assert resolved == ["auto"]
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["terminal", "nohup"])
+def test_a_closed_terminal_stops_training_after_a_checkpoint_like_sigterm(nohup):
+    """SIGHUP (the terminal closed) stopped the run mid-step, or mid-collective on one rank of many,
+    with no checkpoint; started under nohup, the run keeps ignoring it."""
+    from ds_sft.train.loop import preemption_flag
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL)
+    try:
+        with preemption_flag() as flag:
+            handler = signal.getsignal(signal.SIGHUP)
+            if nohup:
+                assert handler == signal.SIG_IGN
+            else:
+                assert handler == signal.getsignal(signal.SIGTERM)  # the same: save, then stop
+                handler(signal.SIGHUP, None)
+                assert flag["stop"]
+        assert signal.getsignal(signal.SIGHUP) == (signal.SIG_IGN if nohup else signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGHUP, before)
