@@ -623,6 +623,9 @@ def to_hf_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
     return out
 
 
+# transformers' names of the activation in ds-sft's SwiGLU MLP (ACT2FN maps both to SiLU).
+SWIGLU_ACTIVATIONS = ("silu", "swish")
+
 # Each family's transformers config and model class.
 HF_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -653,7 +656,7 @@ def hf_config(config: ModelConfig, **token_ids: Any):
         rms_norm_eps=config.norm_eps,
         tie_word_embeddings=config.tie_embeddings,
         initializer_range=config.init_std,
-        hidden_act="silu",
+        hidden_act=SWIGLU_ACTIVATIONS[0],
         architectures=[model_class],
         **token_ids,
     )
@@ -692,6 +695,14 @@ def config_from_hf(hf_cfg, where: str = "") -> ModelConfig:
     if getattr(hf_cfg, "mlp_bias", False) or (family != "qwen2" and getattr(hf_cfg, "attention_bias", False)):
         raise UserError(
             f"{where}the model has MLP or output-projection biases; ds-sft supports q/k/v biases only"
+        )
+    # every family's transformers class computes the MLP with the config's activation: a config that
+    # names GELU loaded as SiLU gave logits 0.01 (gelu) to 0.1 (relu) away from transformers' own
+    activation = getattr(hf_cfg, "hidden_act", SWIGLU_ACTIVATIONS[0])
+    if activation not in SWIGLU_ACTIVATIONS:
+        raise UserError(
+            f"{where}hidden_act {activation!r}: ds-sft's MLP computes SwiGLU with silu only, so it cannot "
+            "reproduce this model"
         )
     window = getattr(hf_cfg, "sliding_window", None)
     if family in ("qwen2", "qwen3", "smollm3") and not getattr(hf_cfg, "use_sliding_window", False):
