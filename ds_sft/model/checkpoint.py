@@ -197,7 +197,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             path = path / "final"
         if (path / CONFIG_FILE).exists():
             hints = read_json_object(path / CONFIG_FILE, "ds-sft model config")
-            return _read_safetensors(path / MODEL_FILE), hints, None
+            return _read_safetensors(path / MODEL_FILE), _config_hints(hints, path / CONFIG_FILE), None
         if (path / "config.json").exists():
             return _read_transformers(path)
         if (path / "checkpoints").is_dir():
@@ -242,16 +242,25 @@ def _config_beside(path: Path) -> dict[str, Any]:
             values = read_json_object(path.parent / name, "model config")
             if "auto_map" in values:
                 refuse_remote_code(path.parent)
-            if values.get("model_type") in FAMILIES:  # a transformers config: read as transformers does
-                from transformers import AutoConfig
-
-                try:
-                    hf_cfg = AutoConfig.for_model(**values)
-                except Exception as err:  # noqa: BLE001  transformers' validators raise anything
-                    raise UserError(f"{path.parent / name}: not a valid config ({first_line(err)})") from None
-                return config_from_hf(hf_cfg, where=f"{path.parent / name}: ").architecture()
-            return values
+            return _config_hints(values, path.parent / name)
     return {}
+
+
+def _config_hints(values: dict[str, Any], source: Path) -> dict[str, Any]:
+    """The config fields a checkpoint carries (a config file beside its weights, a torch file's
+    ``config``), for :func:`infer_config`. One naming a transformers ``model_type`` is read as
+    transformers reads it (``rope_parameters``, ``hidden_act`` ...) and refused unless its family is
+    one ds-sft computes: a Gemma's or Granite's weights have LLaMA's names and shapes, and loaded as
+    a LLaMA they gave other logits (1.5 and 0.5 away) with exit 0."""
+    if "model_type" not in values:
+        return values
+    from transformers import AutoConfig
+
+    try:
+        hf_cfg = AutoConfig.for_model(**values)
+    except Exception as err:  # noqa: BLE001  transformers' validators raise anything
+        raise UserError(f"{source}: not a valid config ({first_line(err)})") from None
+    return config_from_hf(hf_cfg, where=f"{source}: ").architecture()
 
 
 def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool | None]:
@@ -276,7 +285,7 @@ def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             for config_key in ("config", "model_config", "model_args"):  # later ones take precedence
                 if isinstance(checkpoint.get(config_key), dict):
                     hints.update(checkpoint[config_key])
-            return checkpoint[key], hints, None
+            return checkpoint[key], _config_hints(hints, path), None
     return checkpoint, {}, None
 
 

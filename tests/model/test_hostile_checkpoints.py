@@ -386,3 +386,63 @@ def test_a_loaded_weight_unlike_its_config_is_found_whatever_transformers_report
     # a tied head shares the embedding: both names may show it, nothing else may
     assert found and all(item.startswith((replaced, "lm_head.weight")) for item in found), found
     assert f"{replaced} ({tuple(wider.shape)} in the file, {tuple(old.shape)} by its config)" in found
+
+
+# ----------------------------------------------------------------------------- configs naming an architecture
+
+# transformers architectures whose weights have LLaMA's names and shapes but another forward (Gemma:
+# (1 + gain) norms, a scaled embedding, GELU; Granite: multipliers; Phi-3: fused layouts): their config
+# arguments beyond the common tiny shape
+OTHER_ARCHITECTURES = {
+    "GemmaConfig": {},
+    "GraniteConfig": {"embedding_multiplier": 12.0, "logits_scaling": 8.0},
+    "Phi3Config": {"pad_token_id": 0},
+}
+
+
+@pytest.mark.parametrize("config_class", OTHER_ARCHITECTURES)
+def test_weights_of_another_architecture_are_refused_by_every_path_to_them(tmp_path, config_class):
+    """The folder, its weights file alone (config.json beside it) and a torch file carrying the
+    config: all name the model_type, none loads the weights as a LLaMA."""
+    import transformers
+    from safetensors.torch import load_file
+
+    shape = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    config = getattr(transformers, config_class)(**shape, **heads, **OTHER_ARCHITECTURES[config_class])
+    torch.manual_seed(0)
+    folder = tmp_path / "hf"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    torch.save({"model": weights, "config": config.to_dict()}, tmp_path / "base.pt")
+    for spec in (folder, folder / "model.safetensors", tmp_path / "base.pt"):
+        with pytest.raises(UserError, match=f"model_type '{config.model_type}' is not supported") as err:
+            load_model(spec)
+        _assert_one_line(err)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(rope_theta=500000.0, norm_eps=1e-6, max_seq_len=512),
+        dict(
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            )
+        ),  # fmt: skip
+        dict(family="qwen3", qk_norm=True, rope_theta=1e6),
+        dict(family="mistral", sliding_window=5),
+    ],
+    ids=["theta", "llama3", "qwen3", "mistral"],
+)
+def test_a_transformers_config_in_a_torch_file_is_read_as_transformers_reads_it(tmp_path, fields):
+    """transformers 5 keeps RoPE's theta and scaling in ``rope_parameters``: a torch file saved with
+    ``config.to_dict()`` loaded with theta 10,000 and no scaling, a silently different model."""
+    config = ModelConfig.preset("tiny", **fields)
+    weights = LlamaModel(config).state_dict()
+    torch.save({"model": weights, "config": hf_config(config).to_dict()}, tmp_path / "b.pt")
+    assert load_model(tmp_path / "b.pt").config == config
