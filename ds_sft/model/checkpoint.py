@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -308,6 +309,15 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
     except Exception as err:  # noqa: BLE001  a hostile config.json makes transformers raise anything
         raise UserError(f"transformers cannot read {where}: {_why(err)}") from None
     config = config_from_hf(hf_cfg, where=f"{where}: ")
+    stored = _stored_numbers(directory, gguf_file)
+    if (
+        stored is not None and config.num_parameters() > stored
+    ):  # before transformers builds the config's model in memory
+        described = "GGUF metadata describes" if gguf_file else "config.json describes"
+        raise UserError(
+            f"{where}: its {described} {config.num_parameters():,} weights but its weight files hold at "
+            f"most {stored:,}: the config is not these weights'"
+        )
     try:
         # output_loading_info: the key problems come back to be checked below, in one line; transformers'
         # own report of them (a LOAD REPORT table on stderr, or a RuntimeError pointing at that table for
@@ -341,6 +351,49 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
         described = "GGUF metadata" if gguf_file else "config.json"
         raise UserError(f"{where}: its weights do not fit its {described}: " + "; ".join(problems))
     return hf_model.state_dict(), config.to_dict(), bool(hf_cfg.tie_word_embeddings)
+
+
+# The files transformers reads a folder's weights from, in its order of preference: one file, or the
+# shards its index names.
+HF_WEIGHTS = [
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+]
+
+
+def _stored_numbers(directory: Path, gguf_file: str | None) -> int | None:
+    """At most how many weights the files transformers will read hold, each required to be a regular
+    file in the folder (a FIFO shard hung the load forever); None when there are none (transformers'
+    own error names the files it looked for).
+
+    transformers builds the model its config describes and fills what the files lack at random: a
+    400 KB folder whose config.json claimed 800M weights took 3.6 GB before any check could refuse it.
+    A GGUF's tensor infos count its weights; the other formats store at least a byte for each
+    (quantized folders are refused before)."""
+    if gguf_file is not None:
+        return sum(int(tensor.n_elements) for tensor in read_gguf(directory / gguf_file).tensors)
+    for single, index in HF_WEIGHTS:
+        if (directory / single).exists() or (directory / single).is_symlink():
+            files = [directory / single]
+        elif (directory / index).exists() or (directory / index).is_symlink():
+            files = [directory / shard for shard in _shards(directory / index)]
+        else:
+            continue
+        return sum(require_regular_file(file, "weights").st_size for file in files)
+    return None
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a weights index names, each a name inside its folder (as transformers requires;
+    a hub cache's shards are links out of it, which is fine: the names stay inside)."""
+    weight_map = read_json_object(index, index.name).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index}: its weight_map does not map weight names to shard files")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not Path(os.path.normpath(index.parent / shard)).is_relative_to(os.path.normpath(index.parent)):
+            raise UserError(f"{index}: names the shard {shard!r}, outside its folder")
+    return shards
 
 
 def _shapes_unlike_config(hf_model, hf_cfg) -> list[str]:

@@ -238,6 +238,32 @@ def _safetensors_beside(root: Path, config_text: str) -> Path:
     return folder / "model.safetensors"
 
 
+def _sharded(folder: Path, shard, weight_map=None) -> Path:
+    """``folder``'s weights in one shard named by a model.safetensors.index.json, the shard made by
+    ``shard(path)`` (None: the weights themselves); ``weight_map`` replaces the index's map."""
+    from safetensors import safe_open
+
+    weights = folder / "model.safetensors"
+    with safe_open(str(weights), "pt") as opened:
+        names = list(opened.keys())
+    if shard is None:
+        weights.rename(folder / "shard.safetensors")
+    else:
+        weights.unlink()
+        shard(folder / "shard.safetensors")
+    if weight_map is None:
+        weight_map = dict.fromkeys(names, "shard.safetensors")
+    index = {"metadata": {}, "weight_map": weight_map}  # as transformers writes it
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _replaced_weights(folder: Path, make) -> Path:
+    (folder / "model.safetensors").unlink()
+    make(folder / "model.safetensors")
+    return folder
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -324,6 +350,36 @@ HOSTILE_FILES = {
     "HF missing a layer weight": (
         lambda r: _drop_weight(_hf_folder(r, "hf"), "model.layers.1.mlp.down_proj.weight"),
         "down_proj",
+    ),
+    "HF model.safetensors a FIFO": (lambda r: _replaced_weights(_hf_folder(r, "hf"), os.mkfifo), "FIFO"),
+    "HF model.safetensors a link to /dev/zero": (
+        lambda r: _replaced_weights(_hf_folder(r, "hf"), lambda p: p.symlink_to("/dev/zero")),
+        "character device",
+    ),
+    "HF model.safetensors a directory": (
+        lambda r: _replaced_weights(_hf_folder(r, "hf"), Path.mkdir),
+        "a directory",
+    ),
+    "HF index naming a FIFO shard": (lambda r: _sharded(_hf_folder(r, "hf"), os.mkfifo), "FIFO"),
+    "HF index naming /dev/zero": (
+        lambda r: _sharded(_hf_folder(r, "hf"), None, {"model.norm.weight": "/dev/zero"}),
+        "outside its folder",
+    ),
+    "HF index naming a shard in ..": (
+        lambda r: _sharded(_hf_folder(r, "hf"), None, {"model.norm.weight": "../x.safetensors"}),
+        "outside its folder",
+    ),
+    "HF index naming a link to /dev/zero": (
+        lambda r: _sharded(_hf_folder(r, "hf"), lambda p: p.symlink_to("/dev/zero")),
+        "character device",
+    ),
+    "HF index weight_map a list": (lambda r: _sharded(_hf_folder(r, "hf"), None, ["shard"]), "weight_map"),
+    # sizes within ds-sft's bounds, each of which transformers allocated (0.5-1 GB) before refusing
+    "HF vocab_size 4M": (lambda r: _edit_config(_hf_folder(r, "hf"), vocab_size=4_000_000), "describes"),
+    "HF 1000 layers": (lambda r: _edit_config(_hf_folder(r, "hf"), num_hidden_layers=1000), "describes"),
+    "HF intermediate_size 262144": (
+        lambda r: _edit_config(_hf_folder(r, "hf"), intermediate_size=262_144),
+        "describes",
     ),
     "HF pickled pytorch_model.bin": (
         lambda r: _pickled_bin(_hf_folder(r, "hf"), r / "ran"),
