@@ -34,8 +34,9 @@ recomputed from the config (``rope_cache``, nanoGPT's causal ``attn.bias``, ``in
 dropped and listed in the log. RoPE comes in two feature layouts that no weight shape reveals; see
 ``rope_layout`` of :func:`load_model`. Anything else that does not fit is one :class:`UserError` listing the
 missing keys, unexpected keys and shape mismatches; a weight holding NaN or Inf is one naming the tensor
-(every loss would be NaN from the first step). transformers' own reports of a load ds-sft checks itself
-(its LOAD REPORT table, its loading progress bar) are silenced.
+(every loss would be NaN from the first step), and so is one that is not a dense float16, bfloat16,
+float32 or float64 tensor, or one found under two names with different values. transformers' own
+reports of a load ds-sft checks itself (its LOAD REPORT table, its loading progress bar) are silenced.
 
 ``save_model`` writes the ds-sft layout; ``to_hf_state_dict`` + ``hf_config`` give the Hugging Face
 layout of the model's family (``LlamaForCausalLM``, ``Qwen3ForCausalLM`` ...) that ``ds-sft export``
@@ -460,25 +461,62 @@ def canonical_state_dict(
     out: dict[str, torch.Tensor] = {}
     extra_state: dict[str, Any] = {}
     buffers: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # canonical name -> the entry it came from
     for raw_key, value in state.items():
         key = canonical_key(str(raw_key))
-        if not key.endswith("_extra_state") and not isinstance(value, torch.Tensor):
-            raise UserError(f"its entry {raw_key!r} is a {type(value).__name__}, not a tensor")
         if key.endswith("_extra_state"):
             extra_state[key.rsplit(".", 1)[0]] = value
-        elif RECOMPUTED_BUFFERS.search(key):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"its entry {raw_key!r} is a {type(value).__name__}, not a tensor")
+        if RECOMPUTED_BUFFERS.search(key):
             buffers[key] = value
-        elif key.endswith("mlp.gate_up_proj.weight"):
+            continue
+        problem = _unreadable_weight(value)
+        if problem:
+            raise UserError(f"its entry {raw_key!r} is {problem}")
+        if key.endswith("mlp.gate_up_proj.weight"):
             gate, up = value.chunk(2, dim=0)
-            out[key.replace("gate_up_proj", "gate_proj")] = gate
-            out[key.replace("gate_up_proj", "up_proj")] = up
+            _put(out, sources, key.replace("gate_up_proj", "gate_proj"), gate, str(raw_key))
+            _put(out, sources, key.replace("gate_up_proj", "up_proj"), up, str(raw_key))
         else:
-            out[key] = value
+            _put(out, sources, key, value, str(raw_key))
     if buffers:
         log.info("ignored %d buffers recomputed from the config: %s", len(buffers), _preview(sorted(buffers)))
     if extra_state:
         log.info("kept Transformer Engine _extra_state of %d modules for the fp8 path", len(extra_state))
     return out, extra_state, buffers
+
+
+# The dtypes a weight is read in (and cast from to the dtype asked for).
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _unreadable_weight(tensor: torch.Tensor) -> str | None:
+    """Why ``tensor`` cannot be a weight as it is, or None. Sparse and meta tensors, and fp8 ones (which
+    need scales ds-sft does not read), failed deep inside torch with a traceback; integer ones would
+    be cast to meaningless floats."""
+    if tensor.layout != torch.strided:
+        return f"a {str(tensor.layout).removeprefix('torch.')} tensor, not a dense one"
+    if tensor.is_meta:
+        return "a meta tensor, which holds no values: save the model's real weights"
+    if tensor.dtype not in WEIGHT_DTYPES:
+        kinds = ", ".join(str(dtype).removeprefix("torch.") for dtype in WEIGHT_DTYPES)
+        return f"of dtype {str(tensor.dtype).removeprefix('torch.')}: ds-sft reads {kinds} weights"
+    return None
+
+
+def _put(state: dict[str, torch.Tensor], sources: dict[str, str], key: str, tensor, source: str) -> None:
+    """``state[key] = tensor``, refused when another entry already gave ``key`` a different value:
+    a checkpoint holding a weight under two names (``wte`` and ``model.embed_tokens``, a fused qkv
+    beside its q) loaded whichever came last, silently."""
+    same = key in state and state[key].dtype == tensor.dtype and state[key].shape == tensor.shape
+    if key in state and not (same and torch.equal(state[key], tensor)):
+        raise UserError(
+            f"its entries {sources[key]!r} and {source!r} are two different values of the weight {key}: "
+            "keep one of them"
+        )
+    state[key], sources[key] = tensor, source
 
 
 def _split_fused_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
@@ -489,8 +527,9 @@ def _split_fused_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> Non
         if state[key].ndim != 2 or state[key].shape[0] != sum(rows):
             raise UserError(f"{key} {tuple(state[key].shape)} is not q, k and v of {rows} rows fused")
         q, k, v = state.pop(key).split(rows, dim=0)
+        sources = {name: name for name in state}
         for name, tensor in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-            state[key.replace("qkv_proj", name)] = tensor
+            _put(state, sources, key.replace("qkv_proj", name), tensor, key)
 
 
 def _interleaved_to_half_rope(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
@@ -587,7 +626,7 @@ def _guess_heads(fields: dict[str, Any]) -> int:
 
 
 def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor]) -> None:
-    """Every weight of ``model`` present in ``state`` as a floating tensor of its shape, and no other."""
+    """Every weight of ``model`` present in ``state`` in its shape, and no other."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -596,19 +635,13 @@ def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor]) -> None:
         for k in sorted(set(expected) & set(state))
         if tuple(state[k].shape) != expected[k]
     ]
-    dtypes = [
-        f"{k} {state[k].dtype}"
-        for k in sorted(set(expected) & set(state))
-        if not state[k].is_floating_point()
-    ]
-    if missing or unexpected or shapes or dtypes:
+    if missing or unexpected or shapes:
         problems = [
             f"{label} ({len(items)}): {_preview(items)}"
             for label, items in (
                 ("missing", missing),
                 ("unexpected", unexpected),
                 ("shape mismatches", shapes),
-                ("not floating point", dtypes),
             )
             if items
         ]

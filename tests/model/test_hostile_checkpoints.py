@@ -128,6 +128,19 @@ def _without(key: str):
     return lambda s: {k: v for k, v in s.items() if k != key}
 
 
+def _two_names() -> dict:
+    """name -> a change adding a second, different value of one weight under another of its names."""
+    q, k, v = (f"layers.0.attn.{p}_proj.weight" for p in "qkv")
+    gate, up = "layers.1.mlp.gate_proj.weight", "layers.1.mlp.up_proj.weight"
+    return {
+        "HF embedding": lambda s: {**s, "model.embed_tokens.weight": s["wte.weight"] + 1},
+        "Meta q": lambda s: {**s, "layers.0.attention.wq.weight": s[q] + 1},
+        "DDP prefix": lambda s: {**s, "module.norm.weight": s["norm.weight"] * 2},
+        "fused qkv": lambda s: {**s, "layers.0.attn.qkv_proj.weight": torch.cat([s[q], s[k], s[v]]) * 2},
+        "fused gate-up": lambda s: {**s, "layers.1.mlp.gate_up_proj.weight": torch.cat([s[gate], s[up]]) + 1},
+    }
+
+
 # name -> a change to the tiny model's state dict that no LLaMA of any config fits
 STATE_CHANGES = {
     "a weight that is an int": lambda s: {**s, "wte.weight": 5},
@@ -158,16 +171,29 @@ STATE_CHANGES = {
         "layers.0.attn.q_proj.weight": torch.zeros(2, 64),
     },
     "an empty embedding": lambda s: {**s, "wte.weight": torch.zeros(0, 64)},
+    # weights that torch holds but that are not values to load as they are
+    "fp8 weights": lambda s: {k: v.to(torch.float8_e4m3fn) for k, v in s.items()},
+    "one fp8 e5m2 weight": lambda s: {**s, "norm.weight": s["norm.weight"].to(torch.float8_e5m2)},
+    "a complex weight": lambda s: {**s, "norm.weight": s["norm.weight"].to(torch.complex64)},
+    "an int8 weight": lambda s: {
+        **s,
+        "layers.1.mlp.up_proj.weight": s["layers.1.mlp.up_proj.weight"].to(torch.int8),
+    },
+    "a sparse weight": lambda s: {**s, "norm.weight": s["norm.weight"].to_sparse()},
+    "a meta weight": lambda s: {**s, "norm.weight": torch.empty(64, device="meta")},
+    # one weight under two names with different values: either would load, silently
+    **{f"two values of one weight: {name}": change for name, change in _two_names().items()},
 }
 
 
 NOT_TENSORS = {"a weight that is an int", "a weight that is a string", "a weight that is a list"}
+TORCH_ONLY = NOT_TENSORS | {"a sparse weight", "a meta weight"}  # what safetensors cannot hold
 
 
 @pytest.mark.parametrize(
     "change, suffix",
     [(change, ".pt") for change in STATE_CHANGES]
-    + [(change, ".safetensors") for change in STATE_CHANGES if change not in NOT_TENSORS],  # tensors only
+    + [(change, ".safetensors") for change in STATE_CHANGES if change not in TORCH_ONLY],
 )
 def test_every_malformed_state_dict_is_one_line_naming_the_file(tmp_path, change, suffix):
     state = STATE_CHANGES[change](_tiny_state())
@@ -180,7 +206,15 @@ def test_every_malformed_state_dict_is_one_line_naming_the_file(tmp_path, change
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     with pytest.raises(UserError) as err:
         load_model(path, config_overrides={} if suffix == ".pt" else {"n_heads": 4, "n_kv_heads": 2})
-    _assert_one_line(err, str(path))
+    _assert_one_line(err, str(path), *(["two different values"] if change.startswith("two values") else []))
+
+
+def test_one_weight_under_two_names_with_the_same_value_loads(tmp_path):
+    """The positive control of the two-values refusal: a copy of a weight under another name is harmless."""
+    state = _tiny_state()
+    torch.save({**state, "model.embed_tokens.weight": state["wte.weight"].clone()}, tmp_path / "b.pt")
+    model = load_model(tmp_path / "b.pt", config_overrides={"n_heads": 4, "n_kv_heads": 2})
+    assert torch.equal(model.wte.weight, state["wte.weight"])
 
 
 # ----------------------------------------------------------------------------- files and folders
