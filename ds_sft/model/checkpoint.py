@@ -255,6 +255,7 @@ def _config_hints(values: dict[str, Any], source: Path) -> dict[str, Any]:
     one ds-sft computes: a Gemma's or Granite's weights have LLaMA's names and shapes, and loaded as
     a LLaMA they gave other logits (1.5 and 0.5 away) with exit 0."""
     if "model_type" not in values:
+        _check_activation(values.get("hidden_act", SWIGLU_ACTIVATIONS[0]), f"{source}: ")
         return values
     from transformers import AutoConfig
 
@@ -773,6 +774,16 @@ def hf_config(config: ModelConfig, **token_ids: Any):
     return getattr(transformers, config_class)(**fields)
 
 
+def _check_activation(activation: Any, where: str) -> None:
+    """Every family's transformers class computes its MLP with the config's ``hidden_act``: a config
+    naming GELU loaded as SwiGLU-silu gave logits 0.01 (gelu) to 0.1 (relu) away from transformers'."""
+    if activation not in SWIGLU_ACTIVATIONS:
+        raise UserError(
+            f"{where}hidden_act {activation!r}: ds-sft's MLP computes SwiGLU with silu only, so it cannot "
+            "reproduce this model"
+        )
+
+
 def config_from_hf(hf_cfg, where: str = "") -> ModelConfig:
     """The :class:`ModelConfig` of a transformers config of a supported family (one line if not)."""
     family = hf_cfg.model_type
@@ -791,14 +802,7 @@ def config_from_hf(hf_cfg, where: str = "") -> ModelConfig:
         raise UserError(
             f"{where}the model has MLP or output-projection biases; ds-sft supports q/k/v biases only"
         )
-    # every family's transformers class computes the MLP with the config's activation: a config that
-    # names GELU loaded as SiLU gave logits 0.01 (gelu) to 0.1 (relu) away from transformers' own
-    activation = getattr(hf_cfg, "hidden_act", SWIGLU_ACTIVATIONS[0])
-    if activation not in SWIGLU_ACTIVATIONS:
-        raise UserError(
-            f"{where}hidden_act {activation!r}: ds-sft's MLP computes SwiGLU with silu only, so it cannot "
-            "reproduce this model"
-        )
+    _check_activation(getattr(hf_cfg, "hidden_act", SWIGLU_ACTIVATIONS[0]), where)
     window = getattr(hf_cfg, "sliding_window", None)
     if family in ("qwen2", "qwen3", "smollm3") and not getattr(hf_cfg, "use_sliding_window", False):
         window = None

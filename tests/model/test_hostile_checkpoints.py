@@ -511,6 +511,17 @@ def test_weights_of_another_architecture_are_refused_by_every_path_to_them(tmp_p
         _assert_one_line(err)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu", ["silu"], None])
+def test_a_torch_files_config_naming_another_activation_is_refused(tmp_path, activation):
+    """A config without a model_type (nanoGPT-style fields) says hidden_act too: ds-sft computes silu."""
+    torch.save(
+        {"model": _tiny_state(), "config": {"n_heads": 4, "hidden_act": activation}}, tmp_path / "b.pt"
+    )
+    with pytest.raises(UserError, match=re.escape(f"hidden_act {activation!r}")) as err:
+        load_model(tmp_path / "b.pt")
+    _assert_one_line(err, str(tmp_path / "b.pt"))
+
+
 @pytest.mark.parametrize(
     "fields",
     [
