@@ -352,7 +352,10 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
     if problems:
         described = "GGUF metadata" if gguf_file else "config.json"
         raise UserError(f"{where}: its weights do not fit its {described}: " + "; ".join(problems))
-    return hf_model.state_dict(), config.to_dict(), bool(hf_cfg.tie_word_embeddings)
+    # tied as transformers loaded it, not as the config says: transformers unties a head whose own
+    # weight the files hold (a config claiming tied over an untied model lost that head, 1.2 logits off)
+    head, embedding = hf_model.get_output_embeddings().weight, hf_model.get_input_embeddings().weight
+    return hf_model.state_dict(), config.to_dict(), head is embedding
 
 
 # The files transformers reads a folder's weights from, in its order of preference: one file, or the

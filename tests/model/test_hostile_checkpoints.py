@@ -455,6 +455,26 @@ def test_an_honest_hf_folder_still_loads_with_its_tied_head(tmp_path):
     torch.testing.assert_close(model.wte.weight, saved["model.embed_tokens.weight"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_a_config_claiming_tied_embeddings_over_an_untied_head_computes_what_transformers_does(
+    tmp_path, family
+):
+    """transformers keeps a head whose own weight the files hold, whatever tie_word_embeddings says;
+    ds-sft took the config's word and dropped the head (logits 1.2 away from transformers')."""
+    from transformers import AutoModelForCausalLM
+
+    config = ModelConfig.preset("tiny", family=family, attention_bias=family == "qwen2", tie_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(hf_config(config)).save_pretrained(tmp_path / "hf")
+    _edit_config(tmp_path / "hf", tie_word_embeddings=True)
+    ours = load_model(tmp_path / "hf").eval()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert not ours.config.tie_embeddings
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("replaced", ["model.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight"])
 def test_a_loaded_weight_unlike_its_config_is_found_whatever_transformers_reported(replaced):
     """transformers 5.17's GGUF path puts a file's tensor of another shape in place and reports nothing
