@@ -34,8 +34,9 @@ recomputed from the config (``rope_cache``, nanoGPT's causal ``attn.bias``, ``in
 dropped and listed in the log. RoPE comes in two feature layouts that no weight shape reveals; see
 ``rope_layout`` of :func:`load_model`. Anything else that does not fit is one :class:`UserError` listing the
 missing keys, unexpected keys and shape mismatches; a weight holding NaN or Inf is one naming the tensor
-(every loss would be NaN from the first step). transformers' own reports of a load ds-sft checks itself
-(its LOAD REPORT table, its loading progress bar) are silenced.
+(every loss would be NaN from the first step), and so is one that is not a dense float16, bfloat16,
+float32 or float64 tensor, or one found under two names with different values. transformers' own
+reports of a load ds-sft checks itself (its LOAD REPORT table, its loading progress bar) are silenced.
 
 ``save_model`` writes the ds-sft layout; ``to_hf_state_dict`` + ``hf_config`` give the Hugging Face
 layout of the model's family (``LlamaForCausalLM``, ``Qwen3ForCausalLM`` ...) that ``ds-sft export``
@@ -47,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -197,7 +199,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             path = path / "final"
         if (path / CONFIG_FILE).exists():
             hints = read_json_object(path / CONFIG_FILE, "ds-sft model config")
-            return _read_safetensors(path / MODEL_FILE), hints, None
+            return _read_safetensors(path / MODEL_FILE), _config_hints(hints, path / CONFIG_FILE), None
         if (path / "config.json").exists():
             return _read_transformers(path)
         if (path / "checkpoints").is_dir():
@@ -242,16 +244,26 @@ def _config_beside(path: Path) -> dict[str, Any]:
             values = read_json_object(path.parent / name, "model config")
             if "auto_map" in values:
                 refuse_remote_code(path.parent)
-            if values.get("model_type") in FAMILIES:  # a transformers config: read as transformers does
-                from transformers import AutoConfig
-
-                try:
-                    hf_cfg = AutoConfig.for_model(**values)
-                except Exception as err:  # noqa: BLE001  transformers' validators raise anything
-                    raise UserError(f"{path.parent / name}: not a valid config ({first_line(err)})") from None
-                return config_from_hf(hf_cfg, where=f"{path.parent / name}: ").architecture()
-            return values
+            return _config_hints(values, path.parent / name)
     return {}
+
+
+def _config_hints(values: dict[str, Any], source: Path) -> dict[str, Any]:
+    """The config fields a checkpoint carries (a config file beside its weights, a torch file's
+    ``config``), for :func:`infer_config`. One naming a transformers ``model_type`` is read as
+    transformers reads it (``rope_parameters``, ``hidden_act`` ...) and refused unless its family is
+    one ds-sft computes: a Gemma's or Granite's weights have LLaMA's names and shapes, and loaded as
+    a LLaMA they gave other logits (1.5 and 0.5 away) with exit 0."""
+    if "model_type" not in values:
+        _check_activation(values.get("hidden_act", SWIGLU_ACTIVATIONS[0]), f"{source}: ")
+        return values
+    from transformers import AutoConfig
+
+    try:
+        hf_cfg = AutoConfig.for_model(**values)
+    except Exception as err:  # noqa: BLE001  transformers' validators raise anything
+        raise UserError(f"{source}: not a valid config ({first_line(err)})") from None
+    return config_from_hf(hf_cfg, where=f"{source}: ").architecture()
 
 
 def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool | None]:
@@ -276,7 +288,7 @@ def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             for config_key in ("config", "model_config", "model_args"):  # later ones take precedence
                 if isinstance(checkpoint.get(config_key), dict):
                     hints.update(checkpoint[config_key])
-            return checkpoint[key], hints, None
+            return checkpoint[key], _config_hints(hints, path), None
     return checkpoint, {}, None
 
 
@@ -299,6 +311,15 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
     except Exception as err:  # noqa: BLE001  a hostile config.json makes transformers raise anything
         raise UserError(f"transformers cannot read {where}: {_why(err)}") from None
     config = config_from_hf(hf_cfg, where=f"{where}: ")
+    stored = _stored_numbers(directory, gguf_file)
+    if (
+        stored is not None and config.num_parameters() > stored
+    ):  # before transformers builds the config's model in memory
+        described = "GGUF metadata describes" if gguf_file else "config.json describes"
+        raise UserError(
+            f"{where}: its {described} {config.num_parameters():,} weights but its weight files hold at "
+            f"most {stored:,}: the config is not these weights'"
+        )
     try:
         # output_loading_info: the key problems come back to be checked below, in one line; transformers'
         # own report of them (a LOAD REPORT table on stderr, or a RuntimeError pointing at that table for
@@ -331,7 +352,53 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
     if problems:
         described = "GGUF metadata" if gguf_file else "config.json"
         raise UserError(f"{where}: its weights do not fit its {described}: " + "; ".join(problems))
-    return hf_model.state_dict(), config.to_dict(), bool(hf_cfg.tie_word_embeddings)
+    # tied as transformers loaded it, not as the config says: transformers unties a head whose own
+    # weight the files hold (a config claiming tied over an untied model lost that head, 1.2 logits off)
+    head, embedding = hf_model.get_output_embeddings().weight, hf_model.get_input_embeddings().weight
+    return hf_model.state_dict(), config.to_dict(), head is embedding
+
+
+# The files transformers reads a folder's weights from, in its order of preference: one file, or the
+# shards its index names.
+HF_WEIGHTS = [
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+]
+
+
+def _stored_numbers(directory: Path, gguf_file: str | None) -> int | None:
+    """At most how many weights the files transformers will read hold, each required to be a regular
+    file in the folder (a FIFO shard hung the load forever); None when there are none (transformers'
+    own error names the files it looked for).
+
+    transformers builds the model its config describes and fills what the files lack at random: a
+    400 KB folder whose config.json claimed 800M weights took 3.6 GB before any check could refuse it.
+    A GGUF's tensor infos count its weights; the other formats store at least a byte for each
+    (quantized folders are refused before)."""
+    if gguf_file is not None:
+        return sum(int(tensor.n_elements) for tensor in read_gguf(directory / gguf_file).tensors)
+    for single, index in HF_WEIGHTS:
+        if (directory / single).exists() or (directory / single).is_symlink():
+            files = [directory / single]
+        elif (directory / index).exists() or (directory / index).is_symlink():
+            files = [directory / shard for shard in _shards(directory / index)]
+        else:
+            continue
+        return sum(require_regular_file(file, "weights").st_size for file in files)
+    return None
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a weights index names, each a name inside its folder (as transformers requires;
+    a hub cache's shards are links out of it, which is fine: the names stay inside)."""
+    weight_map = read_json_object(index, index.name).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index}: its weight_map does not map weight names to shard files")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not Path(os.path.normpath(index.parent / shard)).is_relative_to(os.path.normpath(index.parent)):
+            raise UserError(f"{index}: names the shard {shard!r}, outside its folder")
+    return shards
 
 
 def _shapes_unlike_config(hf_model, hf_cfg) -> list[str]:
@@ -398,25 +465,62 @@ def canonical_state_dict(
     out: dict[str, torch.Tensor] = {}
     extra_state: dict[str, Any] = {}
     buffers: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # canonical name -> the entry it came from
     for raw_key, value in state.items():
         key = canonical_key(str(raw_key))
-        if not key.endswith("_extra_state") and not isinstance(value, torch.Tensor):
-            raise UserError(f"its entry {raw_key!r} is a {type(value).__name__}, not a tensor")
         if key.endswith("_extra_state"):
             extra_state[key.rsplit(".", 1)[0]] = value
-        elif RECOMPUTED_BUFFERS.search(key):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"its entry {raw_key!r} is a {type(value).__name__}, not a tensor")
+        if RECOMPUTED_BUFFERS.search(key):
             buffers[key] = value
-        elif key.endswith("mlp.gate_up_proj.weight"):
+            continue
+        problem = _unreadable_weight(value)
+        if problem:
+            raise UserError(f"its entry {raw_key!r} is {problem}")
+        if key.endswith("mlp.gate_up_proj.weight"):
             gate, up = value.chunk(2, dim=0)
-            out[key.replace("gate_up_proj", "gate_proj")] = gate
-            out[key.replace("gate_up_proj", "up_proj")] = up
+            _put(out, sources, key.replace("gate_up_proj", "gate_proj"), gate, str(raw_key))
+            _put(out, sources, key.replace("gate_up_proj", "up_proj"), up, str(raw_key))
         else:
-            out[key] = value
+            _put(out, sources, key, value, str(raw_key))
     if buffers:
         log.info("ignored %d buffers recomputed from the config: %s", len(buffers), _preview(sorted(buffers)))
     if extra_state:
         log.info("kept Transformer Engine _extra_state of %d modules for the fp8 path", len(extra_state))
     return out, extra_state, buffers
+
+
+# The dtypes a weight is read in (and cast from to the dtype asked for).
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _unreadable_weight(tensor: torch.Tensor) -> str | None:
+    """Why ``tensor`` cannot be a weight as it is, or None. Sparse and meta tensors, and fp8 ones (which
+    need scales ds-sft does not read), failed deep inside torch with a traceback; integer ones would
+    be cast to meaningless floats."""
+    if tensor.layout != torch.strided:
+        return f"a {str(tensor.layout).removeprefix('torch.')} tensor, not a dense one"
+    if tensor.is_meta:
+        return "a meta tensor, which holds no values: save the model's real weights"
+    if tensor.dtype not in WEIGHT_DTYPES:
+        kinds = ", ".join(str(dtype).removeprefix("torch.") for dtype in WEIGHT_DTYPES)
+        return f"of dtype {str(tensor.dtype).removeprefix('torch.')}: ds-sft reads {kinds} weights"
+    return None
+
+
+def _put(state: dict[str, torch.Tensor], sources: dict[str, str], key: str, tensor, source: str) -> None:
+    """``state[key] = tensor``, refused when another entry already gave ``key`` a different value:
+    a checkpoint holding a weight under two names (``wte`` and ``model.embed_tokens``, a fused qkv
+    beside its q) loaded whichever came last, silently."""
+    same = key in state and state[key].dtype == tensor.dtype and state[key].shape == tensor.shape
+    if key in state and not (same and torch.equal(state[key], tensor)):
+        raise UserError(
+            f"its entries {sources[key]!r} and {source!r} are two different values of the weight {key}: "
+            "keep one of them"
+        )
+    state[key], sources[key] = tensor, source
 
 
 def _split_fused_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
@@ -427,8 +531,9 @@ def _split_fused_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> Non
         if state[key].ndim != 2 or state[key].shape[0] != sum(rows):
             raise UserError(f"{key} {tuple(state[key].shape)} is not q, k and v of {rows} rows fused")
         q, k, v = state.pop(key).split(rows, dim=0)
+        sources = {name: name for name in state}
         for name, tensor in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-            state[key.replace("qkv_proj", name)] = tensor
+            _put(state, sources, key.replace("qkv_proj", name), tensor, key)
 
 
 def _interleaved_to_half_rope(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
@@ -525,7 +630,7 @@ def _guess_heads(fields: dict[str, Any]) -> int:
 
 
 def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor]) -> None:
-    """Every weight of ``model`` present in ``state`` as a floating tensor of its shape, and no other."""
+    """Every weight of ``model`` present in ``state`` in its shape, and no other."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -534,19 +639,13 @@ def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor]) -> None:
         for k in sorted(set(expected) & set(state))
         if tuple(state[k].shape) != expected[k]
     ]
-    dtypes = [
-        f"{k} {state[k].dtype}"
-        for k in sorted(set(expected) & set(state))
-        if not state[k].is_floating_point()
-    ]
-    if missing or unexpected or shapes or dtypes:
+    if missing or unexpected or shapes:
         problems = [
             f"{label} ({len(items)}): {_preview(items)}"
             for label, items in (
                 ("missing", missing),
                 ("unexpected", unexpected),
                 ("shape mismatches", shapes),
-                ("not floating point", dtypes),
             )
             if items
         ]
@@ -623,6 +722,9 @@ def to_hf_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
     return out
 
 
+# transformers' names of the activation in ds-sft's SwiGLU MLP (ACT2FN maps both to SiLU).
+SWIGLU_ACTIVATIONS = ("silu", "swish")
+
 # Each family's transformers config and model class.
 HF_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -653,7 +755,7 @@ def hf_config(config: ModelConfig, **token_ids: Any):
         rms_norm_eps=config.norm_eps,
         tie_word_embeddings=config.tie_embeddings,
         initializer_range=config.init_std,
-        hidden_act="silu",
+        hidden_act=SWIGLU_ACTIVATIONS[0],
         architectures=[model_class],
         **token_ids,
     )
@@ -675,6 +777,16 @@ def hf_config(config: ModelConfig, **token_ids: Any):
     return getattr(transformers, config_class)(**fields)
 
 
+def _check_activation(activation: Any, where: str) -> None:
+    """Every family's transformers class computes its MLP with the config's ``hidden_act``: a config
+    naming GELU loaded as SwiGLU-silu gave logits 0.01 (gelu) to 0.1 (relu) away from transformers'."""
+    if activation not in SWIGLU_ACTIVATIONS:
+        raise UserError(
+            f"{where}hidden_act {activation!r}: ds-sft's MLP computes SwiGLU with silu only, so it cannot "
+            "reproduce this model"
+        )
+
+
 def config_from_hf(hf_cfg, where: str = "") -> ModelConfig:
     """The :class:`ModelConfig` of a transformers config of a supported family (one line if not)."""
     family = hf_cfg.model_type
@@ -693,6 +805,7 @@ def config_from_hf(hf_cfg, where: str = "") -> ModelConfig:
         raise UserError(
             f"{where}the model has MLP or output-projection biases; ds-sft supports q/k/v biases only"
         )
+    _check_activation(getattr(hf_cfg, "hidden_act", SWIGLU_ACTIVATIONS[0]), where)
     window = getattr(hf_cfg, "sliding_window", None)
     if family in ("qwen2", "qwen3", "smollm3") and not getattr(hf_cfg, "use_sliding_window", False):
         window = None

@@ -13,6 +13,8 @@ from pathlib import Path
 from ds_sft.errors import UserError
 from ds_sft.vocab import id_bound
 
+VERIFY_TOKENS = 32  # tokens per row that export --verify compares the logits of
+
 
 def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
     """Write ``model`` (+ ``tokenizer``) into ``out``, a new or empty folder, in the Hugging Face layout
@@ -70,6 +72,8 @@ def max_logit_difference(model, hf_dir: Path) -> float:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False).eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    # no longer than the model's positions (its RoPE table): a model of 8 positions was an IndexError
+    length = min(VERIFY_TOKENS, model.config.max_seq_len)
+    ids = torch.randint(0, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return (model.float().eval()(ids) - hf(ids).logits).abs().max().item()

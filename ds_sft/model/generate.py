@@ -28,6 +28,7 @@ tokens do not depend on its neighbours, so the answers are the same either way.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -87,10 +88,12 @@ def generate(
     """
     if stop_strings and decode is None:
         raise UserError("stop strings need a decode function (token ids -> text)")
-    if repetition_penalty <= 0:
-        raise UserError(f"the repetition penalty must be positive (1.0 = off), got {repetition_penalty}")
+    _check_settings(max_new_tokens, temperature, top_p, repetition_penalty)
     if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
         raise UserError("generate needs at least one prompt, and every prompt at least one token")
+    vocab = model.config.vocab_size
+    if any(not 0 <= token < vocab for prompt in prompts_ids for token in prompt):
+        raise UserError(f"a prompt holds a token id outside the model's vocabulary (0 to {vocab - 1:,})")
     device = next(model.parameters()).device
     batch, width = len(prompts_ids), max(len(p) for p in prompts_ids)
     if width + max_new_tokens > model.config.max_seq_len:
@@ -163,6 +166,20 @@ def generate(
                 step_positions = torch.cat([step_positions, new_positions], dim=1)
                 step_documents = torch.cat([step_documents, new_documents], dim=1)
         return completions
+
+
+def _check_settings(max_new_tokens, temperature, top_p, repetition_penalty) -> None:
+    """One line for a setting out of its range. Past them torch failed deep inside (a negative
+    max_new_tokens sized the cache below zero, a NaN temperature or top_p 0 left multinomial no
+    probabilities) or generated as if the setting were sane (a NaN penalty or top_p)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be a whole number of 0 or more, got {max_new_tokens!r}")
+    if not 0 <= temperature < math.inf:
+        raise UserError(f"the temperature must be 0 (greedy) or a positive number, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be above 0 and at most 1 (1 = off), got {top_p}")
+    if not 0 < repetition_penalty < math.inf:
+        raise UserError(f"the repetition penalty must be positive (1.0 = off), got {repetition_penalty}")
 
 
 def left_pad(prompts_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:

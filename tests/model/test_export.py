@@ -39,6 +39,15 @@ def test_export_run_directory_loads_in_transformers_with_the_same_logits(tmp_pat
     torch.testing.assert_close(load_model(tmp_path / "hf")(ids), model(ids), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("positions", [1, 8, 31])
+def test_export_verifies_a_model_of_fewer_positions_than_it_compares(tmp_path, positions, word_tokenizer):
+    torch.manual_seed(0)
+    save_model(LlamaModel(ModelConfig.preset("tiny", max_seq_len=positions)), tmp_path / "ckpt")
+    word_tokenizer.save_pretrained(tmp_path / "ckpt" / "tokenizer")
+    args = ["--base_model", str(tmp_path / "ckpt"), "--hf", str(tmp_path / "hf"), "--verify"]
+    assert main_for("export", args) == 0
+
+
 def test_export_without_a_tokenizer_asks_for_one(tmp_path, capsys):
     save_model(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "ckpt")
     assert main_for("export", ["--base_model", str(tmp_path / "ckpt"), "--hf", str(tmp_path / "hf")]) == 2

@@ -17,6 +17,7 @@ isolation) and per-layer patterns of sliding and no-RoPE layers.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -149,6 +150,33 @@ def test_logits_match_transformers(pair):
     ids = random_ids(2, SEQ, 1)  # longer than every sliding window
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def _with_activation(pair, folder, activation: str):
+    """A copy of the pair's saved folder whose config.json names ``activation``."""
+    folder = shutil.copytree(pair[2].source, folder)
+    values = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**values, "hidden_act": activation}))
+    return folder
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_pytorch_tanh", "relu", "sigmoid"])
+def test_an_mlp_activation_other_than_silu_is_refused(pair, tmp_path, activation):
+    """Every family's transformers class computes its MLP with config.json's hidden_act; ds-sft's is
+    silu, so a model of another activation is refused (read from the folder, or from its weights file
+    with the config beside it), never loaded as a different network."""
+    folder = _with_activation(pair, tmp_path / "model", activation)
+    for spec in (folder, folder / "model.safetensors"):
+        with pytest.raises(UserError, match=f"hidden_act '{activation}'"):
+            load_model(spec)
+
+
+def test_swish_is_silu(pair, tmp_path):
+    family, hf, ours = pair
+    folder = _with_activation(pair, tmp_path / "model", "swish")
+    ids = random_ids(2, SEQ, 1)
+    with torch.no_grad():
+        assert (load_model(folder).eval()(ids) - hf(ids).logits).abs().max().item() <= 1e-4
 
 
 def assert_packed_equals_alone(packed_model, alone_model, ids, lengths: list[int], atol: float) -> None:

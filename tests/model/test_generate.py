@@ -185,9 +185,35 @@ def test_repetition_penalty_formula():
     assert penalize_repetitions(logits, seen, 2.0).tolist() == [[1.0, -4.0, 3.0, -1.0]]
 
 
-def test_nonpositive_repetition_penalty_is_refused(model):
-    with pytest.raises(UserError, match="repetition penalty"):
-        generate(model, PROMPTS, max_new_tokens=2, repetition_penalty=0.0)
+NAN, INF = float("nan"), float("inf")
+# (arguments, words of the refusal): each setting out of its range, and prompts the model cannot read
+BAD_ARGUMENTS = [
+    (dict(repetition_penalty=0.0), "repetition penalty"),
+    (dict(repetition_penalty=-1.5), "repetition penalty"),
+    (dict(repetition_penalty=NAN), "repetition penalty"),
+    (dict(repetition_penalty=INF), "repetition penalty"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(max_new_tokens=-100), "max_new_tokens"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(temperature=NAN), "temperature"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=INF), "temperature"),
+    (dict(temperature=1.0, top_p=0.0), "top_p"),
+    (dict(temperature=1.0, top_p=NAN), "top_p"),
+    (dict(temperature=1.0, top_p=1.5), "top_p"),
+    (dict(prompts_ids=[[1, 256]]), "outside the model's vocabulary"),
+    (dict(prompts_ids=[[3], [-1, 2]]), "outside the model's vocabulary"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "words"), BAD_ARGUMENTS, ids=lambda v: str(v)[:40])
+def test_settings_out_of_range_are_one_line(model, arguments, words):
+    with pytest.raises(UserError, match=words):
+        generate(model, **{"prompts_ids": PROMPTS, "max_new_tokens": 2, **arguments})
+
+
+def test_no_new_tokens_is_an_empty_completion_per_prompt(model):
+    assert generate(model, PROMPTS, max_new_tokens=0) == [[], [], []]
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 5, 512])

@@ -128,6 +128,19 @@ def _without(key: str):
     return lambda s: {k: v for k, v in s.items() if k != key}
 
 
+def _two_names() -> dict:
+    """name -> a change adding a second, different value of one weight under another of its names."""
+    q, k, v = (f"layers.0.attn.{p}_proj.weight" for p in "qkv")
+    gate, up = "layers.1.mlp.gate_proj.weight", "layers.1.mlp.up_proj.weight"
+    return {
+        "HF embedding": lambda s: {**s, "model.embed_tokens.weight": s["wte.weight"] + 1},
+        "Meta q": lambda s: {**s, "layers.0.attention.wq.weight": s[q] + 1},
+        "DDP prefix": lambda s: {**s, "module.norm.weight": s["norm.weight"] * 2},
+        "fused qkv": lambda s: {**s, "layers.0.attn.qkv_proj.weight": torch.cat([s[q], s[k], s[v]]) * 2},
+        "fused gate-up": lambda s: {**s, "layers.1.mlp.gate_up_proj.weight": torch.cat([s[gate], s[up]]) + 1},
+    }
+
+
 # name -> a change to the tiny model's state dict that no LLaMA of any config fits
 STATE_CHANGES = {
     "a weight that is an int": lambda s: {**s, "wte.weight": 5},
@@ -158,16 +171,29 @@ STATE_CHANGES = {
         "layers.0.attn.q_proj.weight": torch.zeros(2, 64),
     },
     "an empty embedding": lambda s: {**s, "wte.weight": torch.zeros(0, 64)},
+    # weights that torch holds but that are not values to load as they are
+    "fp8 weights": lambda s: {k: v.to(torch.float8_e4m3fn) for k, v in s.items()},
+    "one fp8 e5m2 weight": lambda s: {**s, "norm.weight": s["norm.weight"].to(torch.float8_e5m2)},
+    "a complex weight": lambda s: {**s, "norm.weight": s["norm.weight"].to(torch.complex64)},
+    "an int8 weight": lambda s: {
+        **s,
+        "layers.1.mlp.up_proj.weight": s["layers.1.mlp.up_proj.weight"].to(torch.int8),
+    },
+    "a sparse weight": lambda s: {**s, "norm.weight": s["norm.weight"].to_sparse()},
+    "a meta weight": lambda s: {**s, "norm.weight": torch.empty(64, device="meta")},
+    # one weight under two names with different values: either would load, silently
+    **{f"two values of one weight: {name}": change for name, change in _two_names().items()},
 }
 
 
 NOT_TENSORS = {"a weight that is an int", "a weight that is a string", "a weight that is a list"}
+TORCH_ONLY = NOT_TENSORS | {"a sparse weight", "a meta weight"}  # what safetensors cannot hold
 
 
 @pytest.mark.parametrize(
     "change, suffix",
     [(change, ".pt") for change in STATE_CHANGES]
-    + [(change, ".safetensors") for change in STATE_CHANGES if change not in NOT_TENSORS],  # tensors only
+    + [(change, ".safetensors") for change in STATE_CHANGES if change not in TORCH_ONLY],
 )
 def test_every_malformed_state_dict_is_one_line_naming_the_file(tmp_path, change, suffix):
     state = STATE_CHANGES[change](_tiny_state())
@@ -180,7 +206,15 @@ def test_every_malformed_state_dict_is_one_line_naming_the_file(tmp_path, change
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     with pytest.raises(UserError) as err:
         load_model(path, config_overrides={} if suffix == ".pt" else {"n_heads": 4, "n_kv_heads": 2})
-    _assert_one_line(err, str(path))
+    _assert_one_line(err, str(path), *(["two different values"] if change.startswith("two values") else []))
+
+
+def test_one_weight_under_two_names_with_the_same_value_loads(tmp_path):
+    """The positive control of the two-values refusal: a copy of a weight under another name is harmless."""
+    state = _tiny_state()
+    torch.save({**state, "model.embed_tokens.weight": state["wte.weight"].clone()}, tmp_path / "b.pt")
+    model = load_model(tmp_path / "b.pt", config_overrides={"n_heads": 4, "n_kv_heads": 2})
+    assert torch.equal(model.wte.weight, state["wte.weight"])
 
 
 # ----------------------------------------------------------------------------- files and folders
@@ -236,6 +270,32 @@ def _safetensors_beside(root: Path, config_text: str) -> Path:
     (folder / "model_config.json").unlink()
     (folder / "config.json").write_text(config_text)
     return folder / "model.safetensors"
+
+
+def _sharded(folder: Path, shard, weight_map=None) -> Path:
+    """``folder``'s weights in one shard named by a model.safetensors.index.json, the shard made by
+    ``shard(path)`` (None: the weights themselves); ``weight_map`` replaces the index's map."""
+    from safetensors import safe_open
+
+    weights = folder / "model.safetensors"
+    with safe_open(str(weights), "pt") as opened:
+        names = list(opened.keys())
+    if shard is None:
+        weights.rename(folder / "shard.safetensors")
+    else:
+        weights.unlink()
+        shard(folder / "shard.safetensors")
+    if weight_map is None:
+        weight_map = dict.fromkeys(names, "shard.safetensors")
+    index = {"metadata": {}, "weight_map": weight_map}  # as transformers writes it
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _replaced_weights(folder: Path, make) -> Path:
+    (folder / "model.safetensors").unlink()
+    make(folder / "model.safetensors")
+    return folder
 
 
 def _write(path: Path, text: str) -> Path:
@@ -325,6 +385,36 @@ HOSTILE_FILES = {
         lambda r: _drop_weight(_hf_folder(r, "hf"), "model.layers.1.mlp.down_proj.weight"),
         "down_proj",
     ),
+    "HF model.safetensors a FIFO": (lambda r: _replaced_weights(_hf_folder(r, "hf"), os.mkfifo), "FIFO"),
+    "HF model.safetensors a link to /dev/zero": (
+        lambda r: _replaced_weights(_hf_folder(r, "hf"), lambda p: p.symlink_to("/dev/zero")),
+        "character device",
+    ),
+    "HF model.safetensors a directory": (
+        lambda r: _replaced_weights(_hf_folder(r, "hf"), Path.mkdir),
+        "a directory",
+    ),
+    "HF index naming a FIFO shard": (lambda r: _sharded(_hf_folder(r, "hf"), os.mkfifo), "FIFO"),
+    "HF index naming /dev/zero": (
+        lambda r: _sharded(_hf_folder(r, "hf"), None, {"model.norm.weight": "/dev/zero"}),
+        "outside its folder",
+    ),
+    "HF index naming a shard in ..": (
+        lambda r: _sharded(_hf_folder(r, "hf"), None, {"model.norm.weight": "../x.safetensors"}),
+        "outside its folder",
+    ),
+    "HF index naming a link to /dev/zero": (
+        lambda r: _sharded(_hf_folder(r, "hf"), lambda p: p.symlink_to("/dev/zero")),
+        "character device",
+    ),
+    "HF index weight_map a list": (lambda r: _sharded(_hf_folder(r, "hf"), None, ["shard"]), "weight_map"),
+    # sizes within ds-sft's bounds, each of which transformers allocated (0.5-1 GB) before refusing
+    "HF vocab_size 4M": (lambda r: _edit_config(_hf_folder(r, "hf"), vocab_size=4_000_000), "describes"),
+    "HF 1000 layers": (lambda r: _edit_config(_hf_folder(r, "hf"), num_hidden_layers=1000), "describes"),
+    "HF intermediate_size 262144": (
+        lambda r: _edit_config(_hf_folder(r, "hf"), intermediate_size=262_144),
+        "describes",
+    ),
     "HF pickled pytorch_model.bin": (
         lambda r: _pickled_bin(_hf_folder(r, "hf"), r / "ran"),
         "weights_only=True",
@@ -365,6 +455,26 @@ def test_an_honest_hf_folder_still_loads_with_its_tied_head(tmp_path):
     torch.testing.assert_close(model.wte.weight, saved["model.embed_tokens.weight"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_a_config_claiming_tied_embeddings_over_an_untied_head_computes_what_transformers_does(
+    tmp_path, family
+):
+    """transformers keeps a head whose own weight the files hold, whatever tie_word_embeddings says;
+    ds-sft took the config's word and dropped the head (logits 1.2 away from transformers')."""
+    from transformers import AutoModelForCausalLM
+
+    config = ModelConfig.preset("tiny", family=family, attention_bias=family == "qwen2", tie_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(hf_config(config)).save_pretrained(tmp_path / "hf")
+    _edit_config(tmp_path / "hf", tie_word_embeddings=True)
+    ours = load_model(tmp_path / "hf").eval()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert not ours.config.tie_embeddings
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("replaced", ["model.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight"])
 def test_a_loaded_weight_unlike_its_config_is_found_whatever_transformers_reported(replaced):
     """transformers 5.17's GGUF path puts a file's tensor of another shape in place and reports nothing
@@ -386,3 +496,74 @@ def test_a_loaded_weight_unlike_its_config_is_found_whatever_transformers_report
     # a tied head shares the embedding: both names may show it, nothing else may
     assert found and all(item.startswith((replaced, "lm_head.weight")) for item in found), found
     assert f"{replaced} ({tuple(wider.shape)} in the file, {tuple(old.shape)} by its config)" in found
+
+
+# ----------------------------------------------------------------------------- configs naming an architecture
+
+# transformers architectures whose weights have LLaMA's names and shapes but another forward (Gemma:
+# (1 + gain) norms, a scaled embedding, GELU; Granite: multipliers; Phi-3: fused layouts): their config
+# arguments beyond the common tiny shape
+OTHER_ARCHITECTURES = {
+    "GemmaConfig": {},
+    "GraniteConfig": {"embedding_multiplier": 12.0, "logits_scaling": 8.0},
+    "Phi3Config": {"pad_token_id": 0},
+}
+
+
+@pytest.mark.parametrize("config_class", OTHER_ARCHITECTURES)
+def test_weights_of_another_architecture_are_refused_by_every_path_to_them(tmp_path, config_class):
+    """The folder, its weights file alone (config.json beside it) and a torch file carrying the
+    config: all name the model_type, none loads the weights as a LLaMA."""
+    import transformers
+    from safetensors.torch import load_file
+
+    shape = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    config = getattr(transformers, config_class)(**shape, **heads, **OTHER_ARCHITECTURES[config_class])
+    torch.manual_seed(0)
+    folder = tmp_path / "hf"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    torch.save({"model": weights, "config": config.to_dict()}, tmp_path / "base.pt")
+    for spec in (folder, folder / "model.safetensors", tmp_path / "base.pt"):
+        with pytest.raises(UserError, match=f"model_type '{config.model_type}' is not supported") as err:
+            load_model(spec)
+        _assert_one_line(err)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", ["silu"], None])
+def test_a_torch_files_config_naming_another_activation_is_refused(tmp_path, activation):
+    """A config without a model_type (nanoGPT-style fields) says hidden_act too: ds-sft computes silu."""
+    torch.save(
+        {"model": _tiny_state(), "config": {"n_heads": 4, "hidden_act": activation}}, tmp_path / "b.pt"
+    )
+    with pytest.raises(UserError, match=re.escape(f"hidden_act {activation!r}")) as err:
+        load_model(tmp_path / "b.pt")
+    _assert_one_line(err, str(tmp_path / "b.pt"))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(rope_theta=500000.0, norm_eps=1e-6, max_seq_len=512),
+        dict(
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            )
+        ),  # fmt: skip
+        dict(family="qwen3", qk_norm=True, rope_theta=1e6),
+        dict(family="mistral", sliding_window=5),
+    ],
+    ids=["theta", "llama3", "qwen3", "mistral"],
+)
+def test_a_transformers_config_in_a_torch_file_is_read_as_transformers_reads_it(tmp_path, fields):
+    """transformers 5 keeps RoPE's theta and scaling in ``rope_parameters``: a torch file saved with
+    ``config.to_dict()`` loaded with theta 10,000 and no scaling, a silently different model."""
+    config = ModelConfig.preset("tiny", **fields)
+    weights = LlamaModel(config).state_dict()
+    torch.save({"model": weights, "config": hf_config(config).to_dict()}, tmp_path / "b.pt")
+    assert load_model(tmp_path / "b.pt").config == config

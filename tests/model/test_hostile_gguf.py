@@ -201,6 +201,27 @@ def test_metadata_of_the_wrong_type_or_value_is_one_line(tmp_path, key, value, v
     assert_one_line(path)
 
 
+# metadata within ds-sft's bounds that describes a model far larger than the file's tensors
+OVERSIZED_METADATA = {
+    "llama.block_count": 1000,
+    "llama.feed_forward_length": 262_144,
+    "llama.embedding_length": 4096,
+}
+
+
+@pytest.mark.parametrize(("key", "value"), OVERSIZED_METADATA.items())
+def test_metadata_describing_more_weights_than_the_tensors_is_refused_before_building_it(
+    tmp_path, key, value
+):
+    """transformers builds the model the metadata describes and fills what the tensors lack at random
+    (0.5-1 GB here), so the count of the metadata's weights is checked against the tensors' first."""
+    torch.manual_seed(0)
+    path = write_model_gguf(
+        tmp_path / "big.gguf", TINY, LlamaModel(TINY).state_dict(), {key: (value, KIND.UINT32)}
+    )
+    assert "GGUF metadata describes" in assert_one_line(path)
+
+
 @pytest.mark.parametrize("damage", ["overlap", "cut", "bytes"])
 def test_export_of_a_damaged_gguf_prints_one_line(tmp_path, capfd, damage, word_tokenizer):
     from ds_sft.cli import main
