@@ -155,10 +155,25 @@ def load_model(
         rope_layout == "auto" and any(b.is_complex() for b in buffers.values())
     ):
         _interleaved_to_half_rope(state, config)
+    mapped = {tensor.untyped_storage().data_ptr() for tensor in state.values()}
     model.load_state_dict(state, strict=True, assign=True)
     model.fp8_extra_state = extra_state
     model.rope_cache = rope_table(config)  # was on meta
-    return model.to(device=device, dtype=dtype)
+    return _owning_its_weights(model.to(device=device, dtype=dtype), mapped)
+
+
+def _owning_its_weights(model: LlamaModel, mapped: set[int]) -> LlamaModel:
+    """``model`` with a copy of every tensor still in the storage it was read into (``mapped``).
+
+    torch.load(mmap=True) and safetensors map the file: a tensor that ``.to()`` did not convert (fp32
+    on the CPU) is the file's pages, and a file cut short under it, as ``torch.save`` over the same
+    path does while a pretraining run keeps saving its best model, kills the process with SIGBUS at
+    the next read. A copy costs one pass over the weights; the mapping's pages are the page cache's."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:  # a tied weight is one parameter
+            if tensor.untyped_storage().data_ptr() in mapped:
+                tensor.data = tensor.data.clone()
+    return model
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -212,3 +213,54 @@ def test_unfinished_run_directory_says_so(tmp_path):
     (tmp_path / "checkpoints" / "step_10").mkdir(parents=True)
     with pytest.raises(UserError, match="training run without final/"):
         load_model(tmp_path)
+
+
+# Loads a checkpoint in fp32 on the CPU (no conversion copies it), cuts the file to nothing in place as
+# `torch.save` over the same path does, and runs the model again.
+CUT_UNDER_THE_MODEL = """
+import sys
+from pathlib import Path
+import torch
+from ds_sft.model.checkpoint import load_model
+
+spec, weights = sys.argv[1], Path(sys.argv[2])
+model = load_model(spec).eval()
+ids = torch.arange(12).reshape(2, 6) % model.config.vocab_size
+with torch.no_grad():
+    before = model(ids)
+    weights.open("wb").close()
+    after = model(ids)
+print("same logits", torch.equal(before, after))
+"""
+
+
+@pytest.mark.parametrize("layout", ["ds-sft folder", "safetensors file", "base .pt", "bare .pt", "tied .pt"])
+def test_a_checkpoint_rewritten_under_a_loaded_model_does_not_kill_it(tmp_path, layout):
+    """The loaded weights are the process's own: a mapped file cut short under them was SIGBUS at the
+    next forward (exit -7) - a pretraining run saving its best model again while ds-sft trains on the
+    CPU from it, or evaluates it."""
+    import subprocess
+    import sys
+
+    from tests.train.helpers import REPO_ROOT
+
+    model = tiny(tie_embeddings=layout in ("tied .pt", "ds-sft folder"))
+    if layout == "ds-sft folder":
+        spec = save_model(model, tmp_path / "final")
+        weights = spec / "model.safetensors"
+    elif layout == "safetensors file":
+        from safetensors.torch import save_file
+
+        spec = weights = tmp_path / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in to_hf_state_dict(model).items()}, weights)
+        (tmp_path / "config.json").write_text(json.dumps(hf_config(model.config).to_dict()))
+    else:
+        spec = weights = tmp_path / "base.pt"
+        torch.save(nanogpt_style_checkpoint(model) if layout == "base .pt" else model.state_dict(), weights)
+    done = subprocess.run(
+        [sys.executable, "-c", CUT_UNDER_THE_MODEL, str(spec), str(weights)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip().endswith("same logits True")
