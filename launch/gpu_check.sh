@@ -78,9 +78,11 @@ WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_$mode}
 SLOW=$([ $mode = cpu ] && echo 4 || echo 1)
 BUDGET_S=${BUDGET_S:-$((470 * SLOW))}
 FP8_MODE=${FP8_MODE:-torch}
-# The folders this script replaces (the work dir; the --cpu venv) are removed only when gpu_check
-# made them (they hold its mark) or they are empty: pointed at anything else, it refuses.
-replaceable() {  # replaceable DIR MARK VARIABLE
+# The folders this script replaces (the work dir; the --cpu venv) are removed, and the one it writes
+# its pages into (--out: SUMMARY.md, logs.tar.gz, fp8_roofline.json) is written over, only when
+# gpu_check made them (they hold its mark) or they are empty: pointed at anything else (--out ~, a
+# project), it refuses before any work.
+replaceable() {  # replaceable DIR MARK SETTING
     if [ -e "$1" ] && [ ! -e "$1/$2" ] && [ -n "$(ls -A "$1" 2> /dev/null)" ]; then
         echo "gpu_check: $1 is not empty and gpu_check did not make it (no $2 in it): leaving it;" \
             "set $3 to a new or empty folder" >&2
@@ -88,7 +90,8 @@ replaceable() {  # replaceable DIR MARK VARIABLE
     fi
 }
 replaceable "$WORK" .gpu_check_work GPU_CHECK_WORK || exit 2
-rm -rf "$WORK" && mkdir -p "$WORK" "$out" && touch "$WORK/.gpu_check_work"
+replaceable "$out" .gpu_check_out --out || exit 2
+rm -rf "$WORK" && mkdir -p "$WORK" "$out" && touch "$WORK/.gpu_check_work" "$out/.gpu_check_out"
 # The carried wheels go here (step "install"), ahead of the interpreter's own packages.
 SITE=$WORK/site
 export PYTHONPATH=$SITE:$REPO PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

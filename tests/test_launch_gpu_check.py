@@ -55,7 +55,7 @@ def test_every_gpu_test_file_is_run_and_nothing_else():
     assert "tests/model/test_gpu_paths.py" in listed and "tests/kernels/test_rmsnorm.py" in listed
 
 
-def run_gpu_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+def run_gpu_check(tmp_path: Path, out: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     """``gpu_check.sh --cpu`` with a stand-in carry (one empty wheel, a manifest): enough to reach its
     folders, never its steps (each case below stops at a folder). Should a case not stop, it still
     touches nothing outside ``tmp_path``: its own venv folder, and pip without an index."""
@@ -73,7 +73,7 @@ def run_gpu_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
         "PIP_NO_INDEX": "1",
         **env,
     }
-    command = ["bash", "launch/gpu_check.sh", "--cpu", "--out", str(tmp_path / "out")]
+    command = ["bash", "launch/gpu_check.sh", "--cpu", "--out", str(out or tmp_path / "out")]
     return subprocess.run(
         command, cwd=REPO_ROOT, env={**os.environ, **variables}, capture_output=True, text=True, timeout=60
     )
@@ -106,6 +106,40 @@ def test_its_own_work_folder_is_replaced(tmp_path):
     result = run_gpu_check(tmp_path, GPU_CHECK_WORK=str(work), GPU_CHECK_VENV=str(venv))
     assert result.returncode == 2 and "GPU_CHECK_VENV" in result.stderr
     assert not (work / "old.log").exists() and (work / ".gpu_check_work").exists()
+
+
+@pytest.mark.parametrize(
+    "theirs", [["SUMMARY.md"], ["logs.tar.gz", "notes.txt"], ["fp8_roofline.json"], ["project/setup.py"]]
+)
+def test_an_out_folder_gpu_check_did_not_make_is_never_written_over(tmp_path, theirs):
+    """`--out ~` (or any folder of someone's files) had its SUMMARY.md, logs.tar.gz and
+    fp8_roofline.json written over: it refuses in one line, before the work folder is made."""
+    out = tmp_path / "home"
+    for name in theirs:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("keep me")
+    result = run_gpu_check(tmp_path, out=out)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{out} is not empty and gpu_check did not make it" in result.stderr
+    assert "set --out to a new or empty folder" in result.stderr
+    assert {f.relative_to(out).as_posix() for f in out.rglob("*") if f.is_file()} == set(theirs)
+    assert all((out / name).read_text() == "keep me" for name in theirs)
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("earlier", [None, [], [".gpu_check_out", "SUMMARY.md", "logs.tar.gz"]])
+def test_a_new_empty_or_earlier_out_folder_is_taken_and_marked(tmp_path, earlier):
+    """A new folder, an empty one, or one an earlier gpu_check wrote (its mark) is written into."""
+    out = tmp_path / "out"
+    if earlier is not None:
+        out.mkdir()
+        for name in earlier:
+            (out / name).write_text("an earlier check")
+    venv = tmp_path / "venv"  # stops at the venv, after the folders: a folder it did not make
+    (venv / "keep").mkdir(parents=True)
+    result = run_gpu_check(tmp_path, out=out, GPU_CHECK_VENV=str(venv))
+    assert result.returncode == 2 and "GPU_CHECK_VENV" in result.stderr and "--out" not in result.stderr
+    assert (out / ".gpu_check_out").exists()
 
 
 @pytest.mark.parametrize("options", [["--out"], ["--out", "--cpu"], ["--out", ""], ["--out", " "]])
