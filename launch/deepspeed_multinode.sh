@@ -52,6 +52,38 @@ remote_word() {
             "_ @ + = : , . / - in it, or run with --no_ssh on every node"
 }
 
+# exported WHERE VALUE HOW: a variable's value the launcher exports to every node. It goes in double
+# quotes (when it holds more than letters, digits and _ @ % + = : , . / -), where $, backticks, \ and
+# " still act, and pdsh replaces %n and %h: refused, with HOW to change it.
+exported() {
+    [[ ! $2 =~ [\$\`\\\"%[:cntrl:]] ]] \
+        || refuse "$1=$(printf %q "$2") would be read again by each node's shell (the launcher's ssh" \
+            "exports it in one line of text): $3 without \$ \` \\ \" %, or run with --no_ssh"
+}
+
+# check_deepspeed_env: the launcher also exports every KEY=VALUE line of ~/.deepspeed_env and
+# ./.deepspeed_env (the name: $DS_ENV_FILE) to each node, as it does the variables above, and answers
+# a line without = with a traceback. Read here as it reads them: the key and value trimmed, CRLF too.
+check_deepspeed_env() {
+    local name=${DS_ENV_FILE:-.deepspeed_env} file line key value
+    local files=(~/"$name" "$PWD/$name")
+    [[ $name == /* ]] && files=("$name")  # os.path.join keeps an absolute name as it is
+    for file in "${files[@]}"; do
+        [[ -f $file ]] || continue
+        while IFS= read -r line || [[ -n $line ]]; do
+            line=${line%$'\r'}
+            [[ $line == *=* ]] || refuse "$file: line $(printf %q "$line") is not KEY=VALUE, which the" \
+                "launcher exports to every node: fix or remove that line"
+            read -r key <<< "${line%%=*}"
+            value=${line#*=}
+            value=${value#"${value%%[![:space:]]*}"} value=${value%"${value##*[![:space:]]}"}
+            [[ $key =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || refuse "$file: $(printf %q "$key") is not a variable name," \
+                "and the launcher's ssh runs 'export KEY=VALUE' on every node: fix or remove that line"
+            exported "$file: $key" "$value" "remove that line, or write its value"
+        done < "$file"
+    done
+}
+
 # check_hostfile: the hostfile as the launcher reads it (HOST slots=N per line, # comments), checked
 # here: its own parser answers a bad line, a host listed twice or no host with a traceback.
 check_hostfile() {
@@ -84,13 +116,11 @@ if [[ $ssh -eq 1 ]]; then
         "shell splits (the launcher's ssh runs 'cd FOLDER' unquoted): move it, or run with --no_ssh on every node"
     remote_word "the ds-sft folder" "$PWD"
     for word in "$@"; do remote_word "train flag" "$word"; done
-    # The variables the launcher exports to every node (PYTHON*, NCCL*, MLFLOW*, UCX*, MV2*) go in
-    # double quotes, where $, backticks, \ and " still act (and pdsh replaces %n): refused too.
+    # the variables the launcher exports to every node: PYTHON*, NCCL*, MLFLOW*, UCX*, MV2*
     for name in $(compgen -e | grep -E '^(PYTHON|NCCL|MLFLOW|UCX|MV2)'); do
-        [[ ! ${!name} =~ [\$\`\\\"%[:cntrl:]] ]] \
-            || refuse "\$$name=$(printf %q "${!name}") would be read again by each node's shell (the launcher's" \
-                "ssh exports it in one line of text): unset it, set it without \$ \` \\ \" %, or run with --no_ssh"
+        exported "\$$name" "${!name}" "unset it, or set it"
     done
+    check_deepspeed_env
 fi
 if [[ -e $hostfile || $dry_run -eq 0 ]]; then
     check_hostfile

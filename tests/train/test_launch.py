@@ -308,3 +308,65 @@ def test_a_variable_the_launcher_exports_to_every_node_is_checked_like_a_flag(na
     done = _deepspeed_sh("--dry-run", "--hostfile", str(hostfile), "--", "--model", "tiny",
                          env={**os.environ, name: "/a b:/c,d=e"})  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+# Lines of .deepspeed_env, which the launcher exports to every node as `export KEY=VALUE;` in one line
+# of text, the value in double quotes when it holds more than [\w@%+=:,./-]: these ran as code there,
+# broke the line, or (no =, a blank line) were the launcher's ValueError traceback.
+BAD_DEEPSPEED_ENV_LINES = ["A=$(touch pwned)", "NCCL_IFNAME=eth`touch pwned`", 'A=a"b', "A=/x/50%h", "A=a\\b",
+                           "$(touch pwned)=1", "A B=1", "#A=1", "=1", "no equals sign", ""]  # fmt: skip
+GOOD_DEEPSPEED_ENV_LINES = ["A=/a b:/c,d=e", "  NCCL_SOCKET_IFNAME = eth0 ", "B=x;y|z&'q'", "C=a=b", "D="]
+
+
+def _deepspeed_env_dry_run(tmp_path, where: str, text: str, *options: str) -> subprocess.CompletedProcess:
+    """deepspeed_multinode.sh --dry-run through ssh, with ``text`` as the .deepspeed_env ``where`` the
+    launcher reads it: "home" (~/), "here" (./, the ds-sft folder: a copy of launch/ in tmp_path) or
+    "named" (the absolute path in $DS_ENV_FILE)."""
+    (tmp_path / "launch").mkdir(parents=True)
+    for script in ("deepspeed_multinode.sh", "options.sh"):
+        (tmp_path / "launch" / script).write_text((REPO_ROOT / "launch" / script).read_text())
+    (tmp_path / "home").mkdir()
+    (tmp_path / "hostfile").write_text("node-01 slots=8\nnode-02 slots=8\n")
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    env.pop("DS_ENV_FILE", None)
+    file = {"home": tmp_path / "home", "here": tmp_path, "named": tmp_path / "elsewhere"}[where] / ".deepspeed_env"
+    file.parent.mkdir(exist_ok=True)
+    file.write_text(text)
+    if where == "named":
+        env["DS_ENV_FILE"] = str(file)
+    script = str(tmp_path / "launch" / "deepspeed_multinode.sh")
+    return subprocess.run(
+        ["bash", script, "--dry-run", "--hostfile", str(tmp_path / "hostfile"), *options, "--", "--model", "tiny"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["home", "here", "named"])
+@pytest.mark.parametrize("line", BAD_DEEPSPEED_ENV_LINES)
+def test_a_deepspeed_env_line_a_nodes_shell_would_read_again_is_refused(tmp_path, where, line):
+    done = _deepspeed_env_dry_run(tmp_path, where, f"OK=1\n{line}\nLAST=2")
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert done.stderr.startswith("launch/deepspeed_multinode.sh: ") and done.stderr.count("\n") == 1, done.stderr
+    assert ".deepspeed_env" in done.stderr and "line" in done.stderr
+    assert not (tmp_path / "pwned").exists()
+    # without ssh the launcher reads no .deepspeed_env: nothing to refuse
+    done = _deepspeed_env_dry_run(tmp_path / "no_ssh", where, line, "--no_ssh", "--node_rank", "0")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("where", ["home", "here", "named"])
+def test_deepspeed_env_lines_let_through_reach_every_node_unchanged(tmp_path, where):
+    """Accepted lines (CRLF endings too), put through the launcher's own export quoting and a shell,
+    give the value the launcher meant: the line after its first =, trimmed."""
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    done = _deepspeed_env_dry_run(tmp_path, where, "\r\n".join(GOOD_DEEPSPEED_ENV_LINES) + "\r\n")
+    assert done.returncode == 0, done.stderr
+    runner = PDSHRunner.__new__(PDSHRunner)
+    runner.exports = {}
+    for line in GOOD_DEEPSPEED_ENV_LINES:
+        runner.add_export(*line.split("=", maxsplit=1))
+    exports = "".join(f"export {key}={value}; " for key, value in runner.exports.items())
+    shown = subprocess.run(["bash", "-c", exports + 'printf "%s\\0" "$A" "$NCCL_SOCKET_IFNAME" "$B" "$C" "$D"'],
+                           capture_output=True, text=True)  # fmt: skip
+    assert shown.stdout.split("\0")[:-1] == [line.split("=", 1)[1].strip() for line in GOOD_DEEPSPEED_ENV_LINES]
