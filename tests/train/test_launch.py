@@ -329,14 +329,16 @@ def _deepspeed_env_dry_run(tmp_path, where: str, text: str, *options: str) -> su
     (tmp_path / "hostfile").write_text("node-01 slots=8\nnode-02 slots=8\n")
     env = {**os.environ, "HOME": str(tmp_path / "home")}
     env.pop("DS_ENV_FILE", None)
-    file = {"home": tmp_path / "home", "here": tmp_path, "named": tmp_path / "elsewhere"}[where] / ".deepspeed_env"
+    folder = {"home": tmp_path / "home", "here": tmp_path, "named": tmp_path / "elsewhere"}[where]
+    file = folder / ".deepspeed_env"
     file.parent.mkdir(exist_ok=True)
     file.write_text(text)
     if where == "named":
         env["DS_ENV_FILE"] = str(file)
     script = str(tmp_path / "launch" / "deepspeed_multinode.sh")
+    hostfile = str(tmp_path / "hostfile")
     return subprocess.run(
-        ["bash", script, "--dry-run", "--hostfile", str(tmp_path / "hostfile"), *options, "--", "--model", "tiny"],
+        ["bash", script, "--dry-run", "--hostfile", hostfile, *options, "--", "--model", "tiny"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
     )  # fmt: skip
 
@@ -346,8 +348,8 @@ def _deepspeed_env_dry_run(tmp_path, where: str, text: str, *options: str) -> su
 def test_a_deepspeed_env_line_a_nodes_shell_would_read_again_is_refused(tmp_path, where, line):
     done = _deepspeed_env_dry_run(tmp_path, where, f"OK=1\n{line}\nLAST=2")
     assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
-    assert done.stderr.startswith("launch/deepspeed_multinode.sh: ") and done.stderr.count("\n") == 1, done.stderr
-    assert ".deepspeed_env" in done.stderr and "line" in done.stderr
+    assert done.stderr.startswith("launch/deepspeed_multinode.sh: ") and done.stderr.count("\n") == 1
+    assert ".deepspeed_env" in done.stderr and "line" in done.stderr, done.stderr
     assert not (tmp_path / "pwned").exists()
     # without ssh the launcher reads no .deepspeed_env: nothing to refuse
     done = _deepspeed_env_dry_run(tmp_path / "no_ssh", where, line, "--no_ssh", "--node_rank", "0")
@@ -367,6 +369,7 @@ def test_deepspeed_env_lines_let_through_reach_every_node_unchanged(tmp_path, wh
     for line in GOOD_DEEPSPEED_ENV_LINES:
         runner.add_export(*line.split("=", maxsplit=1))
     exports = "".join(f"export {key}={value}; " for key, value in runner.exports.items())
-    shown = subprocess.run(["bash", "-c", exports + 'printf "%s\\0" "$A" "$NCCL_SOCKET_IFNAME" "$B" "$C" "$D"'],
-                           capture_output=True, text=True)  # fmt: skip
-    assert shown.stdout.split("\0")[:-1] == [line.split("=", 1)[1].strip() for line in GOOD_DEEPSPEED_ENV_LINES]
+    shell = f'{exports}printf "%s\\0" "$A" "$NCCL_SOCKET_IFNAME" "$B" "$C" "$D"'
+    shown = subprocess.run(["bash", "-c", shell], capture_output=True, text=True)
+    meant = [line.split("=", 1)[1].strip() for line in GOOD_DEEPSPEED_ENV_LINES]
+    assert shown.stdout.split("\0")[:-1] == meant
