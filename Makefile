@@ -20,6 +20,18 @@ export TOKENIZERS_PARALLELISM ?= true
 
 DEMO_OUT = runs/demo
 
+# The paths make writes, replaces or removes (set on the command line) go into the recipes unquoted
+# and, VENV, into target names, which make itself splits at spaces and ends at ;: `make demo
+# DEMO_OUT="a b"` wrote to a and gave the demo b as another word. A space or a shell character in one
+# is refused here, before make reads a rule.
+PATH_VARIABLES := VENV GPU_CARRY CONSTRAINTS IMAGE_VENV DEMO_OUT
+SHELL_CHARACTERS := ' " ` $$ ; & | < > ( ) * ? [ ] { } ! \# \ ^
+$(foreach variable,$(PATH_VARIABLES),$(if $(filter command line,$(origin $(variable))),\
+	$(if $(or $(if $(strip $($(variable))),,empty),$(word 2,$($(variable))),\
+	$(strip $(foreach character,$(SHELL_CHARACTERS),$(findstring $(character),$($(variable)))))),\
+	$(error $(variable)='$($(variable))' is not a path the recipes' shell reads back as one word:\
+	use letters, digits and _ - . / + @ : , = ~ (a folder without spaces)))))
+
 .PHONY: demo test test-matrix test-image fuzz venv lint lock bench clean wheelhouse gpu-data gpu-carry gpu-check-cpu
 
 # constraints.txt pins every other package to the versions the suite last passed with (`make lock`
@@ -137,3 +149,4 @@ gpu-check-cpu: gpu-carry
 ## and a trained checkpoint is the user's, not a build product.
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
