@@ -132,7 +132,9 @@ def time_ds_sft(rows: dict[str, list[dict]], shared: Path, workdir: Path) -> dic
         str(out),
     ]
     with Clock() as clock:
-        assert main_for("prepare", [*argv, "--force", "--seq_len", str(SEQ_LEN)]) == 0
+        code = main_for("prepare", [*argv, "--force", "--seq_len", str(SEQ_LEN)])
+    if code != 0:  # prepare has said why in its own line above; no timing of a failed run
+        raise UserError(f"the timed `ds-sft prepare` failed (exit {code}; its error is above): fix it, rerun")
     manifest = json.loads((out / "manifest.json").read_text())
     return clock.result(manifest["splits"]["train"]["efficiency"]["real_tokens"])
 

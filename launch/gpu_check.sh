@@ -169,7 +169,7 @@ step "imports" 60 "$PY" -c "
 import sys, deepspeed, datasets, liger_kernel.transformers.functional, importlib.metadata as m
 print(', '.join(f'{n} {m.version(n)}' for n in ('deepspeed', 'datasets', 'liger-kernel', 'torch', 'triton', 'transformers')))
 outside = [p.__name__ for p in (deepspeed, datasets, liger_kernel) if not p.__file__.startswith(sys.argv[1])]
-assert not outside, f'{outside} imported from outside the carried folder {sys.argv[1]}'" "$SITE"
+if outside: sys.exit(f'{outside} imported from outside the carried folder {sys.argv[1]}')" "$SITE"
 
 # NCCL explains its own failures in the logs (a sandboxed machine may lack what it needs)
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
@@ -200,7 +200,8 @@ import sys; from ds_sft.data.shards import PackedDataset; from ds_sft.model.conf
 train = PackedDataset(sys.argv[1], 'train')
 vocab = train.manifest['tokenizer']['vocab_size']
 print(f'{len(train)} rows of {train.seq_len} tokens, vocab {vocab}, sources {train.sources}')
-assert train.seq_len == 1024 and vocab <= ModelConfig.preset('112m').vocab_size" "$CARRY/data"
+if train.seq_len != 1024 or vocab > ModelConfig.preset('112m').vocab_size:
+    sys.exit('the carried data is not 1024-token rows of a vocab the 112m preset holds: make gpu-carry')" "$CARRY/data"
 if [ "$has_cuda" = 0 ]; then  # once, and outside the train steps' timeouts (a killed build leaves a lock)
     step "deepspeed cpu op" 150 "$PY" -c "
 from deepspeed.accelerator import get_accelerator

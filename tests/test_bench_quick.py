@@ -339,3 +339,35 @@ def test_a_stopped_bench_stops_the_script_it_runs(tmp_path, signum):
             os.kill(int((tmp_path / "pid").read_text()), signal.SIGKILL)
         driver.kill()
         driver.wait()
+
+
+def test_a_failed_prepare_in_prepare_speed_is_one_line_not_an_assert(tmp_path, monkeypatch):
+    """`assert main_for("prepare", ...) == 0` was a bare AssertionError traceback, and under python -O
+    no check at all: the bench went on to time a run that had failed."""
+    import importlib.util
+
+    import ds_sft.command
+    from ds_sft.errors import UserError
+
+    spec = importlib.util.spec_from_file_location("prepare_speed", BENCH_DIR / "prepare_speed.py")
+    prepare_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare_speed)
+    for code in (1, 2, 130):
+        monkeypatch.setattr(ds_sft.command, "main_for", lambda name, argv, code=code: code)
+        with pytest.raises(UserError, match=rf"`ds-sft prepare` failed \(exit {code}; its error is above\)"):
+            prepare_speed.time_ds_sft({"alpaca": [{"instruction": "hi"}]}, tmp_path, tmp_path)
+
+
+@pytest.mark.parametrize("folder", ["bench", "launch"])
+def test_no_bench_or_launch_check_is_an_assert(folder):
+    """An assert is a traceback when it fails and nothing under python -O or PYTHONOPTIMIZE: the
+    scripts' checks of what they ran (bench/*.py, the Python that launch/*.sh runs) say why in a line."""
+    import ast
+
+    root = BENCH_DIR.parent / folder
+    asserts = [f"{path.name}:{node.lineno}" for path in sorted(root.glob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assert)]  # fmt: skip
+    asserts += [f"{path.name}:{number}" for path in sorted(root.glob("*.sh"))
+                for number, line in enumerate(path.read_text().splitlines(), 1)
+                if line.lstrip().startswith("assert ")]  # fmt: skip
+    assert asserts == []
