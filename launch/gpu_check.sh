@@ -27,8 +27,8 @@
 #   train bf16 compile   the bf16 training again with --compile (torch.compile on the GPU)
 # Writes OUT/SUMMARY.md (tables, pass/fail per step, issue 14's targets met or missed, the machine
 # line), OUT/logs.tar.gz (every log and JSON; checkpoints stay in the work folder) and, on a GPU,
-# OUT/fp8_roofline.json. Exit 1 when a step or a check failed (a missed speed target is reported,
-# not a failure).
+# OUT/fp8_roofline.json: OUT is a new or empty folder, or one an earlier check wrote. Exit 1 when a
+# step or a check failed (a missed speed target is reported, not a failure).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
@@ -71,7 +71,8 @@ while [ $# -gt 0 ]; do
     shift
 done
 CARRY=${GPU_CARRY:-$REPO/gpu_carry}
-out=${out:-$REPO/bench/results/gpu_check_$mode}
+default_out=$REPO/bench/results/gpu_check_$mode  # ds-sft's own results folder: always its to write
+out=${out:-$default_out}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_$mode}
 # Every step's timeout is cut to what is left of the budget. The CPU rehearsal runs tiny sizes on
 # a slow, shared machine: its timeouts are SLOW times the GPU ones.
@@ -90,7 +91,7 @@ replaceable() {  # replaceable DIR MARK SETTING
     fi
 }
 replaceable "$WORK" .gpu_check_work GPU_CHECK_WORK || exit 2
-replaceable "$out" .gpu_check_out --out || exit 2
+[ "$out" = "$default_out" ] || replaceable "$out" .gpu_check_out --out || exit 2
 rm -rf "$WORK" && mkdir -p "$WORK" "$out" && touch "$WORK/.gpu_check_work" "$out/.gpu_check_out"
 # The carried wheels go here (step "install"), ahead of the interpreter's own packages.
 SITE=$WORK/site
