@@ -187,7 +187,7 @@ def train_run(run_dir: Path) -> dict | None:
         "loss_end": statistics.mean(losses[-head:]),
         "tokens_per_s": statistics.median(speeds),
         "flops_per_token": flops_per_token(
-            config.num_parameters(), config.n_layers, config.n_heads * config.head_dim, seq_len
+            config.matmul_parameters(), config.n_layers, config.n_heads * config.head_dim, seq_len
         ),
     }
 

@@ -391,7 +391,7 @@ class StepMeter:
         bf16 = ds_config.get("bf16", {}).get("enabled", False)
         self.peak, self.peak_source = peak_flops(bf16)
         self.flops_token = flops_per_token(
-            model_config.num_parameters(),
+            model_config.matmul_parameters(),
             model_config.n_layers,
             model_config.n_heads * model_config.head_dim,
             seq_len,

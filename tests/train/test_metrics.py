@@ -34,6 +34,38 @@ def test_flops_per_token_counts_weights_and_attention():
 
 
 @pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_embeddings": False},
+        {"tie_embeddings": False, "family": "qwen2", "attention_bias": True},
+        {"family": "qwen3", "qk_norm": True},
+        {"n_kv_heads": 4, "head_dim": 32},
+    ],
+)
+def test_mfu_counts_the_weights_each_token_is_multiplied_by(overrides):
+    """N of 6 N is every nn.Linear weight plus the LM head (the embedding when tied), counted off
+    the built model; an untied input embedding (a lookup), norm gains and biases do no matmul work."""
+    import torch
+
+    from ds_sft.model.config import ModelConfig
+    from ds_sft.model.llama import LlamaModel
+    from ds_sft.train.loop import StepMeter
+
+    config = ModelConfig.preset("tiny", **overrides)
+    model = LlamaModel(config)
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if config.tie_embeddings:
+        matmul_weights += model.wte.weight.numel()
+    seq_len = 32
+    settings = SimpleNamespace(micro_batch_size=1, grad_accum=1, max_iters=1)
+    meter = StepMeter(settings, {}, config, seq_len, world=1, first_step=0, say=lambda _: None)
+    width = config.n_heads * config.head_dim
+    assert meter.flops_token == 6 * matmul_weights + 12 * config.n_layers * width * seq_len
+    assert config.matmul_parameters() == matmul_weights
+
+
+@pytest.mark.parametrize(
     ("history", "train_loss", "expected"),
     [
         ([2.0, 1.9, 1.8, 1.7], 1.6, []),
