@@ -464,7 +464,8 @@ class RunLog:
         self.sink = MetricsSink(run_dir, is_main, s.wandb_project, s.wandb_mode, config=vars(s))
         self.alarms = Alarms(s.alarm_rising_evals, s.alarm_gap)
         self.alarm_log: list[dict] = []
-        self.recent_train: list[float] = []  # train losses since the last evaluation
+        # (loss, trained tokens) of each step since the last evaluation
+        self.recent_train: list[tuple[float, int]] = []
         self.progress = None
 
     @contextlib.contextmanager
@@ -501,7 +502,7 @@ class RunLog:
         """Log one optimizer step; print its line every ``--log_interval`` steps and at the last."""
         s, done = self.s, record["step"]
         if not record.get("skipped"):
-            self.recent_train.append(record["loss"])
+            self.recent_train.append((record["loss"], record["trained_tokens"]))
         self.sink.log(record)
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
@@ -514,10 +515,13 @@ class RunLog:
             )
 
     def evaluation(self, done: int, result: dict, val_history: list[float]) -> None:
-        """Log and print an evaluation against the mean train loss since the last one, then check
-        the alarms."""
-        recent = self.recent_train
-        train_mean = sum(recent) / len(recent) if recent else None
+        """Log and print an evaluation against the train loss since the last one, then check the alarms.
+
+        That train loss pools the steps' trained tokens, as the val loss pools its rows': a mean of
+        the step means would weigh a step of 10 trained tokens like one of 10,000, and count a step
+        with none (loss 0) as a perfect one."""
+        tokens = sum(count for _, count in self.recent_train)
+        train_mean = sum(loss * count for loss, count in self.recent_train) / tokens if tokens else None
         self.sink.log({"type": "eval", "step": done, **result, "train_loss": train_mean})
         per_source = ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["per_source"].items())
         if self.is_main:

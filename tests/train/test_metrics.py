@@ -323,3 +323,37 @@ def test_a_resumed_sink_cuts_the_record_a_killed_run_was_writing(tmp_path, tail,
     sink.close()
     assert path.read_text().splitlines() == [json.dumps(r) for r in records()]
     assert original.read_text().endswith(tail)
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        ([(2.0, 10), (4.0, 30)], 3.5),  # a mean of the step means would say 3.0
+        ([(2.0, 10), (0.0, 0)], 2.0),  # a step without trained tokens is no perfect step (1.0)
+        ([(2.0, 10), (9.0, 5, "skipped"), (5.0, 20)], 4.0),
+        ([(0.0, 0)], None),
+    ],
+)
+def test_the_eval_s_train_loss_pools_trained_tokens_like_the_val_loss(steps, expected, tmp_path):
+    from ds_sft.train.loop import RunLog
+
+    s = SimpleNamespace(
+        wandb_project=None,
+        wandb_mode="disabled",
+        alarm_rising_evals=3,
+        alarm_gap=0.5,
+        log_interval=100,
+        max_iters=100,
+    )
+    log = RunLog(s, tmp_path, is_main=True, say=lambda _: None)
+    with log.progress_bar(0):
+        for number, (loss, tokens, *skipped) in enumerate(steps, start=1):
+            log.step(
+                {"step": number, "loss": loss, "trained_tokens": tokens, "lr": 1e-3, "skipped": bool(skipped)}
+            )
+        log.evaluation(
+            len(steps), {"val_loss": 3.0, "val_ppl": 20.0, "val_acc": 0.5, "per_source": {}}, [3.0]
+        )
+    log.close()
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [record["train_loss"] for record in evals if record.get("type") == "eval"] == [expected]
