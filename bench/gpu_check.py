@@ -178,7 +178,7 @@ def train_run(run_dir: Path) -> dict | None:
     settings = {**effective.get("ds_sft", {}), **effective.get("run", {})}  # "run": the path flags
     seq_len = json.loads((Path(settings["data_dir"]) / "train" / "index.json").read_text())["seq_len"]
     config = ModelConfig.preset(settings.get("model") or "112m")
-    losses = [r["loss"] for r in train]
+    losses = [r["loss"] for r in train if r["loss"] is not None]  # None: a step without trained tokens
     speeds = [r["tokens_per_s"] for r in train[WARMUP_STEPS:]] or [r["tokens_per_s"] for r in train]
     head = min(5, len(losses))
     return {

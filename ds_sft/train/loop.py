@@ -88,7 +88,8 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
     """Forward/backward every micro-batch of one optimizer step and let the engine update.
     ``forward_context``: what each forward runs inside (Transformer Engine's fp8 autocast for --fp8 te).
 
-    Returns the global token-normalized loss, the trained-token count and the pre-clip grad norm.
+    Returns the global token-normalized loss (None when no rank had a trained token: there is no
+    loss to report, not a loss of 0), the trained-token count and the pre-clip grad norm.
     """
     import torch
 
@@ -119,7 +120,7 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
     grad_norm = engine.get_global_grad_norm()
     grad_norm = own_norm if grad_norm is None else float(grad_norm)
     return {
-        "loss": global_loss_sum / max(trained_tokens, 1.0),
+        "loss": global_loss_sum / trained_tokens if trained_tokens else None,
         "trained_tokens": int(trained_tokens),
         "grad_norm": grad_norm if finite else None,
         "finite": finite,
@@ -501,15 +502,16 @@ class RunLog:
     def step(self, record: dict) -> None:
         """Log one optimizer step; print its line every ``--log_interval`` steps and at the last."""
         s, done = self.s, record["step"]
-        if not record.get("skipped"):
+        if not record.get("skipped") and record["trained_tokens"]:
             self.recent_train.append((record["loss"], record["trained_tokens"]))
         self.sink.log(record)
         self.progress.update(1)
-        self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        loss = "n/a (no trained tokens)" if record["loss"] is None else f"{record['loss']:.4f}"
+        self.progress.set_postfix(loss=loss, lr=f"{record['lr']:.2e}")
         if self.is_main and (done % s.log_interval == 0 or done == s.max_iters):
             norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
             self.say(
-                f"step {done:>6}/{s.max_iters} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                f"step {done:>6}/{s.max_iters} | loss {loss} | lr {record['lr']:.3e} | "
                 f"grad norm {norm} | {record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.1%} | "
                 f"{format_duration(record['elapsed_s'])} elapsed, ETA {format_duration(record['eta_s'])}"
             )

@@ -330,8 +330,9 @@ def test_a_resumed_sink_cuts_the_record_a_killed_run_was_writing(tmp_path, tail,
     [
         ([(2.0, 10), (4.0, 30)], 3.5),  # a mean of the step means would say 3.0
         ([(2.0, 10), (0.0, 0)], 2.0),  # a step without trained tokens is no perfect step (1.0)
+        ([(2.0, 10), (None, 0)], 2.0),
         ([(2.0, 10), (9.0, 5, "skipped"), (5.0, 20)], 4.0),
-        ([(0.0, 0)], None),
+        ([(None, 0)], None),
     ],
 )
 def test_the_eval_s_train_loss_pools_trained_tokens_like_the_val_loss(steps, expected, tmp_path):
