@@ -178,7 +178,7 @@ def train_run(run_dir: Path) -> dict | None:
     settings = {**effective.get("ds_sft", {}), **effective.get("run", {})}  # "run": the path flags
     seq_len = json.loads((Path(settings["data_dir"]) / "train" / "index.json").read_text())["seq_len"]
     config = ModelConfig.preset(settings.get("model") or "112m")
-    losses = [r["loss"] for r in train]
+    losses = [r["loss"] for r in train if r["loss"] is not None]  # None: a step without trained tokens
     speeds = [r["tokens_per_s"] for r in train[WARMUP_STEPS:]] or [r["tokens_per_s"] for r in train]
     head = min(5, len(losses))
     return {
@@ -187,7 +187,7 @@ def train_run(run_dir: Path) -> dict | None:
         "loss_end": statistics.mean(losses[-head:]),
         "tokens_per_s": statistics.median(speeds),
         "flops_per_token": flops_per_token(
-            config.num_parameters(), config.n_layers, config.n_heads * config.head_dim, seq_len
+            config.matmul_parameters(), config.n_layers, config.n_heads * config.head_dim, seq_len
         ),
     }
 

@@ -491,7 +491,7 @@ def useful_flops(config: ModelConfig, batch: dict) -> float:
     for row in documents:
         lengths = torch.bincount(row[row >= 0])
         pairs += int((lengths * (lengths + 1) // 2).sum())
-    weights = 6 * (config.num_parameters() - head) * real_tokens + 6 * head * trained_tokens
+    weights = 6 * (config.matmul_parameters() - head) * real_tokens + 6 * head * trained_tokens
     return weights + 12 * config.n_layers * config.n_heads * config.head_dim * pairs
 
 
@@ -659,7 +659,7 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
         tokens_per_s, gemm_s = a_result["rows"][name]["tokens_per_s"], a_result["gemm_s"]
     gemm = 2 * gemm_n**3 / gemm_s
     width = config.n_heads * config.head_dim  # attention's: d_model unless head_dim is set apart
-    per_token = flops_per_token(config.num_parameters(), config.n_layers, width, args.seq_len)
+    per_token = flops_per_token(config.matmul_parameters(), config.n_layers, width, args.seq_len)
     achieved = tokens_per_s * per_token
     tokens_per_step = args.micro_batch * args.seq_len
     useful = statistics.mean(useful_flops(config, b) for b in batches) * tokens_per_s / tokens_per_step

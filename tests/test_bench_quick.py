@@ -105,7 +105,7 @@ def test_useful_flops_counts_real_tokens_trained_logits_and_in_document_pairs():
     head = config.vocab_size * config.d_model
     causal_pairs = 3 * 4 // 2 + 2 * 3 // 2
     expected = (
-        6 * (config.num_parameters() - head) * 5
+        6 * (config.matmul_parameters() - head) * 5
         + 6 * head * 3
         + 12 * config.n_layers * config.d_model * causal_pairs
     )

@@ -212,11 +212,19 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Trainable parameters, counting a tied embedding once."""
         d, q, kv = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        attention = d * q * 2 + d * kv * 2  # q, o and k, v
-        attention += (q + 2 * kv) * self.attention_bias + 2 * self.head_dim * self.qk_norm
-        block = attention + 3 * d * self.ffn_hidden + 2 * d  # + SwiGLU + two norms
-        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return embeddings + self.n_layers * block + d
+        attention = (q + 2 * kv) * self.attention_bias + 2 * self.head_dim * self.qk_norm
+        block = attention + 2 * d  # + two norms
+        input_embedding = 0 if self.tie_embeddings else self.vocab_size * d  # a tied one is the head
+        return self.matmul_parameters() + input_embedding + self.n_layers * block + d
+
+    def matmul_parameters(self) -> int:
+        """The weights every token is multiplied by: the projections and the LM head, the ``N`` of
+        the ``6 N`` FLOPs a trained token costs. An untied input embedding is a table lookup, and norm
+        gains and biases are elementwise: counting them overstates MFU (untied, the 112m shape would
+        count 150.7M weights for 112.1M, a third too many)."""
+        d, q, kv = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        block = d * q * 2 + d * kv * 2 + 3 * d * self.ffn_hidden  # q, o, k, v and SwiGLU's three
+        return self.n_layers * block + self.vocab_size * d
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

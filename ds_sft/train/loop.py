@@ -88,7 +88,8 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
     """Forward/backward every micro-batch of one optimizer step and let the engine update.
     ``forward_context``: what each forward runs inside (Transformer Engine's fp8 autocast for --fp8 te).
 
-    Returns the global token-normalized loss, the trained-token count and the pre-clip grad norm.
+    Returns the global token-normalized loss (None when no rank had a trained token: there is no
+    loss to report, not a loss of 0), the trained-token count and the pre-clip grad norm.
     """
     import torch
 
@@ -119,7 +120,7 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
     grad_norm = engine.get_global_grad_norm()
     grad_norm = own_norm if grad_norm is None else float(grad_norm)
     return {
-        "loss": global_loss_sum / max(trained_tokens, 1.0),
+        "loss": global_loss_sum / trained_tokens if trained_tokens else None,
         "trained_tokens": int(trained_tokens),
         "grad_norm": grad_norm if finite else None,
         "finite": finite,
@@ -391,7 +392,7 @@ class StepMeter:
         bf16 = ds_config.get("bf16", {}).get("enabled", False)
         self.peak, self.peak_source = peak_flops(bf16)
         self.flops_token = flops_per_token(
-            model_config.num_parameters(),
+            model_config.matmul_parameters(),
             model_config.n_layers,
             model_config.n_heads * model_config.head_dim,
             seq_len,
@@ -464,7 +465,8 @@ class RunLog:
         self.sink = MetricsSink(run_dir, is_main, s.wandb_project, s.wandb_mode, config=vars(s))
         self.alarms = Alarms(s.alarm_rising_evals, s.alarm_gap)
         self.alarm_log: list[dict] = []
-        self.recent_train: list[float] = []  # train losses since the last evaluation
+        # (loss, trained tokens) of each step since the last evaluation
+        self.recent_train: list[tuple[float, int]] = []
         self.progress = None
 
     @contextlib.contextmanager
@@ -500,24 +502,28 @@ class RunLog:
     def step(self, record: dict) -> None:
         """Log one optimizer step; print its line every ``--log_interval`` steps and at the last."""
         s, done = self.s, record["step"]
-        if not record.get("skipped"):
-            self.recent_train.append(record["loss"])
+        if not record.get("skipped") and record["trained_tokens"]:
+            self.recent_train.append((record["loss"], record["trained_tokens"]))
         self.sink.log(record)
         self.progress.update(1)
-        self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        loss = "n/a (no trained tokens)" if record["loss"] is None else f"{record['loss']:.4f}"
+        self.progress.set_postfix(loss=loss, lr=f"{record['lr']:.2e}")
         if self.is_main and (done % s.log_interval == 0 or done == s.max_iters):
             norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
             self.say(
-                f"step {done:>6}/{s.max_iters} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                f"step {done:>6}/{s.max_iters} | loss {loss} | lr {record['lr']:.3e} | "
                 f"grad norm {norm} | {record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.1%} | "
                 f"{format_duration(record['elapsed_s'])} elapsed, ETA {format_duration(record['eta_s'])}"
             )
 
     def evaluation(self, done: int, result: dict, val_history: list[float]) -> None:
-        """Log and print an evaluation against the mean train loss since the last one, then check
-        the alarms."""
-        recent = self.recent_train
-        train_mean = sum(recent) / len(recent) if recent else None
+        """Log and print an evaluation against the train loss since the last one, then check the alarms.
+
+        That train loss pools the steps' trained tokens, as the val loss pools its rows': a mean of
+        the step means would weigh a step of 10 trained tokens like one of 10,000, and count a step
+        with none (loss 0) as a perfect one."""
+        tokens = sum(count for _, count in self.recent_train)
+        train_mean = sum(loss * count for loss, count in self.recent_train) / tokens if tokens else None
         self.sink.log({"type": "eval", "step": done, **result, "train_loss": train_mean})
         per_source = ", ".join(f"{k} {v['loss']:.4f}" for k, v in result["per_source"].items())
         if self.is_main:

@@ -2,7 +2,8 @@
 
 MFU (model FLOPs utilization) = achieved model FLOP/s / peak FLOP/s. Training a decoder costs
 ``6 N`` FLOPs per token for the weight matmuls (2 forward + 4 backward per parameter) plus
-``12 L d T`` for attention scores and values (PaLM, appendix B), with N parameters, L layers,
+``12 L d T`` for attention scores and values (PaLM, appendix B), with N the weights a token is
+multiplied by (``ModelConfig.matmul_parameters``: no input-embedding lookup, no norms), L layers,
 attention width d (n_heads x head_dim: d_model in LLaMA, twice it in Qwen3-0.6B) and sequence
 length T. Peak: the datasheet dense number for known GPUs; on a CPU, what a
 large matmul in the run's dtype actually reaches here (measured once at start), so CPU MFU reads

@@ -199,3 +199,17 @@ def test_a_closed_terminal_stops_training_after_a_checkpoint_like_sigterm(nohup)
         assert signal.getsignal(signal.SIGHUP) == (signal.SIG_IGN if nohup else signal.SIG_DFL)
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_a_step_without_trained_tokens_reports_no_loss_rather_than_zero(dist_env, tmp_path):
+    """Its loss is 0 / 0: recorded as None (console "n/a"), kept out of the eval's train loss, not as a
+    perfect 0.0 in metrics.jsonl, the plots and the report."""
+    dataset = TinyPacked(8, seed=3)
+    s = settings(zero_stage=0, max_iters=2, micro_batch_size=2, grad_accum=2, eval_interval=2)
+    for row in ResumableSampler(len(dataset), seed=s.seed).step_indices(2, 2).flatten():  # step 1's rows
+        dataset.items[row]["labels"][:] = -100
+    records, _, summary = run(s, dataset, tmp_path)
+    assert [r["trained_tokens"] == 0 for r in records] == [True, False]
+    assert records[0]["loss"] is None and records[1]["loss"] > 0
+    evals = [r for r in summary["records"] if r["type"] == "eval"]
+    assert evals[-1]["train_loss"] == records[1]["loss"]

@@ -34,6 +34,38 @@ def test_flops_per_token_counts_weights_and_attention():
 
 
 @pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_embeddings": False},
+        {"tie_embeddings": False, "family": "qwen2", "attention_bias": True},
+        {"family": "qwen3", "qk_norm": True},
+        {"n_kv_heads": 4, "head_dim": 32},
+    ],
+)
+def test_mfu_counts_the_weights_each_token_is_multiplied_by(overrides):
+    """N of 6 N is every nn.Linear weight plus the LM head (the embedding when tied), counted off
+    the built model; an untied input embedding (a lookup), norm gains and biases do no matmul work."""
+    import torch
+
+    from ds_sft.model.config import ModelConfig
+    from ds_sft.model.llama import LlamaModel
+    from ds_sft.train.loop import StepMeter
+
+    config = ModelConfig.preset("tiny", **overrides)
+    model = LlamaModel(config)
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if config.tie_embeddings:
+        matmul_weights += model.wte.weight.numel()
+    seq_len = 32
+    settings = SimpleNamespace(micro_batch_size=1, grad_accum=1, max_iters=1)
+    meter = StepMeter(settings, {}, config, seq_len, world=1, first_step=0, say=lambda _: None)
+    width = config.n_heads * config.head_dim
+    assert meter.flops_token == 6 * matmul_weights + 12 * config.n_layers * width * seq_len
+    assert config.matmul_parameters() == matmul_weights
+
+
+@pytest.mark.parametrize(
     ("history", "train_loss", "expected"),
     [
         ([2.0, 1.9, 1.8, 1.7], 1.6, []),
@@ -291,3 +323,38 @@ def test_a_resumed_sink_cuts_the_record_a_killed_run_was_writing(tmp_path, tail,
     sink.close()
     assert path.read_text().splitlines() == [json.dumps(r) for r in records()]
     assert original.read_text().endswith(tail)
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        ([(2.0, 10), (4.0, 30)], 3.5),  # a mean of the step means would say 3.0
+        ([(2.0, 10), (0.0, 0)], 2.0),  # a step without trained tokens is no perfect step (1.0)
+        ([(2.0, 10), (None, 0)], 2.0),
+        ([(2.0, 10), (9.0, 5, "skipped"), (5.0, 20)], 4.0),
+        ([(None, 0)], None),
+    ],
+)
+def test_the_eval_s_train_loss_pools_trained_tokens_like_the_val_loss(steps, expected, tmp_path):
+    from ds_sft.train.loop import RunLog
+
+    s = SimpleNamespace(
+        wandb_project=None,
+        wandb_mode="disabled",
+        alarm_rising_evals=3,
+        alarm_gap=0.5,
+        log_interval=100,
+        max_iters=100,
+    )
+    log = RunLog(s, tmp_path, is_main=True, say=lambda _: None)
+    with log.progress_bar(0):
+        for number, (loss, tokens, *skipped) in enumerate(steps, start=1):
+            log.step(
+                {"step": number, "loss": loss, "trained_tokens": tokens, "lr": 1e-3, "skipped": bool(skipped)}
+            )
+        log.evaluation(
+            len(steps), {"val_loss": 3.0, "val_ppl": 20.0, "val_acc": 0.5, "per_source": {}}, [3.0]
+        )
+    log.close()
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [record["train_loss"] for record in evals if record.get("type") == "eval"] == [expected]
