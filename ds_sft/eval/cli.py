@@ -229,6 +229,15 @@ def run(args: argparse.Namespace) -> int:
     harness_configs = _harness_configs(args, gsm8k_origin)
     for spec in specs:  # before any weights load: a model with another tokenizer is refused in one line
         check_tokenizer(spec, args.data_dir)
+    # --compare: model B's refusals (its positions, vocabulary, the memory its answers need) came
+    # after model A's whole eval, an hour at the default GSM8K; the first model is checked as it loads
+    for spec in specs[1:]:
+        evaluate.load_checked_model(
+            spec, data, problems, device=device, dtype=dtype, generate_batch_size=args.generate_batch_size,
+            max_new_tokens=args.max_new_tokens, run_generations=not args.no_generate,
+        )  # fmt: skip
+        if device.type == "cuda":  # the first model's memory check must see this one's memory free
+            torch.cuda.empty_cache()
 
     results = []
     for spec, label in zip(specs, _labels(specs), strict=True):
