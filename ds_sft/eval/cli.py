@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     data = evaluate.EvalData.open(Path(args.data_dir), need_val=not args.no_val)
-    problems, gsm8k_origin, doc_ids = [], None, []
+    all_problems, problems, gsm8k_origin, doc_ids = [], [], None, []
     if not args.no_gsm8k:
         all_problems, gsm8k_origin = gsm8k.load_test_set(args.gsm8k_test)
         doc_ids = gsm8k.select_indices(len(all_problems), args.gsm8k_limit, args.seed)
@@ -264,10 +264,12 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "data_dir": str(args.data_dir),
         "template": data.template,
-        "val_rows": "all" if args.val_rows is None else args.val_rows,
+        # what was measured, not what was asked: --val_rows 1000000 on a 12-row split, or
+        # --gsm8k_limit 5000 of 1,319 problems, were reported as 1000000 rows and a 5000 subset
+        "val_rows": results[0]["val"]["rows"] if results[0]["val"] else None,
         "gsm8k_test": gsm8k_origin,
         "gsm8k_seed": args.seed,
-        "gsm8k_limit": args.gsm8k_limit,
+        "gsm8k_limit": len(problems) if problems and len(problems) < len(all_problems) else None,
         "max_new_tokens": args.max_new_tokens,
         "repetition_penalty": args.repetition_penalty,
         "dtype": args.dtype,

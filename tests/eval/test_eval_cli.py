@@ -721,3 +721,21 @@ def test_a_model_whose_logits_are_not_finite_is_refused_not_reported(data_dir, t
     assert code == 2 and last.startswith("ds-sft eval: error: the model's logits are not finite"), last
     assert "overflow in float32" in last and not (tmp_path / "eval").exists()
 
+
+def test_the_report_records_the_rows_and_problems_measured_not_the_ones_asked_for(
+    data_dir, model_dir, tmp_path
+):
+    """--val_rows and --gsm8k_limit past the split's rows and the test file's problems measured all
+    of them, and the report said 1000000 val rows and a 5000-problem subset."""
+    data_path, test = data_dir
+    out = tmp_path / "out"
+    argv = ["--model", str(model_dir), "--data_dir", str(data_path), "--gsm8k_test", str(test),
+            "--val_rows", "1000000", "--gsm8k_limit", "5000", "--max_new_tokens", "1", "--no_generate",
+            "--dtype", "float32", "--out", str(out)]  # fmt: skip
+    assert cli.run(_parse(argv)) == 0
+    report = json.loads((out / "eval.json").read_text())
+    (result,) = report["models"]
+    assert report["val_rows"] == result["val"]["rows"] < 1000000
+    assert report["gsm8k_limit"] is None and result["gsm8k"]["total"] == 6
+    md = (out / "eval.md").read_text()
+    assert f"- val_rows: `{result['val']['rows']}`" in md and "5000" not in md
