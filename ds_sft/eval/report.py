@@ -210,6 +210,12 @@ def _quote(text: str) -> str:
     return "\n".join("> " + line if line else ">" for line in text.strip().splitlines())
 
 
+def _chart_text(value) -> str:
+    """``value`` as matplotlib shows it literally: text between two '$' is mathtext to it (a label
+    'a$\\frac{$b' ended the eval in a ValueError traceback after every measure, nothing written)."""
+    return _text(value).replace("$", r"\$")
+
+
 def plot_val_loss(results: Sequence[dict], path: Path) -> Path:
     """Grouped bars: validation loss per source (and overall), one bar per model."""
     import matplotlib
@@ -219,17 +225,24 @@ def plot_val_loss(results: Sequence[dict], path: Path) -> Path:
 
     sources = _source_rows(results)
     width = 0.8 / len(results)
+    handles = []
     figure, axes = plt.subplots(figsize=(max(5.0, 1.3 * len(sources) + 2), 4.0))
     for offset, result in enumerate(results):
         xs = [i + (offset - (len(results) - 1) / 2) * width for i in range(len(sources))]
         losses = [(m["loss"] if (m := _val_metrics(result, s)) else float("nan")) for s in sources]
-        bars = axes.bar(xs, losses, width, label=result["label"])
+        bars = axes.bar(xs, losses, width)
         axes.bar_label(bars, fmt="%.2f", fontsize=7)
-    axes.set_xticks(range(len(sources)), sources)
+        handles.append(bars)
+    axes.set_xticks(range(len(sources)), [_chart_text(source) for source in sources])
     axes.set_ylabel("validation loss (nats/token)")
     axes.set_title("Validation loss by source")
     axes.margins(y=0.12)  # room for the value labels
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(results), frameon=False)
+    # handles and labels given together: a label passed with its bars and starting with '_' is one
+    # matplotlib leaves out of the legend (a model in runs/_base had bars and no name)
+    labels = [_chart_text(result["label"]) for result in results]
+    axes.legend(
+        handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(results), frameon=False
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -142,3 +142,22 @@ def test_names_from_outside_cannot_reshape_the_markdown(odd):
         value = line.split(": ", 1)[1]
         fence = re.match("`+", value).group()
         assert value.endswith(fence) and fence not in value[len(fence) : -len(fence)], line
+
+
+@pytest.mark.parametrize("label", ["_base", "a$\\frac{$b", "x$y$"])
+def test_the_chart_names_every_model_as_written(tmp_path, monkeypatch, label):
+    """matplotlib reads its text: a label starting with '_' was left out of the legend (a model's
+    bars with no name), and one with two '$' was mathtext ('a$\\frac{$b' a ValueError traceback
+    after every measure, nothing written; 'x$y$' shown as math)."""
+    from matplotlib.figure import Figure
+
+    from ds_sft.eval.report import plot_val_loss
+
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda self, *a, **k: (figures.append(self), savefig(self, *a, **k))
+    )
+    plot_val_loss([_result(label, 0.0, 1), _result("sft", 0.5, 2)], tmp_path / CHART_NAME)
+    (figure,) = figures
+    shown = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert shown == [label.replace("$", "\\$"), "sft"] and (tmp_path / CHART_NAME).stat().st_size > 0
