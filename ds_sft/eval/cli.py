@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     data = evaluate.EvalData.open(Path(args.data_dir), need_val=not args.no_val)
-    problems, gsm8k_origin, doc_ids = [], None, []
+    all_problems, problems, gsm8k_origin, doc_ids = [], [], None, []
     if not args.no_gsm8k:
         all_problems, gsm8k_origin = gsm8k.load_test_set(args.gsm8k_test)
         doc_ids = gsm8k.select_indices(len(all_problems), args.gsm8k_limit, args.seed)
@@ -229,6 +229,15 @@ def run(args: argparse.Namespace) -> int:
     harness_configs = _harness_configs(args, gsm8k_origin)
     for spec in specs:  # before any weights load: a model with another tokenizer is refused in one line
         check_tokenizer(spec, args.data_dir)
+    # --compare: model B's refusals (its positions, vocabulary, the memory its answers need) came
+    # after model A's whole eval, an hour at the default GSM8K; the first model is checked as it loads
+    for spec in specs[1:]:
+        evaluate.load_checked_model(
+            spec, data, problems, device=device, dtype=dtype, generate_batch_size=args.generate_batch_size,
+            max_new_tokens=args.max_new_tokens, run_generations=not args.no_generate,
+        )  # fmt: skip
+        if device.type == "cuda":  # the first model's memory check must see this one's memory free
+            torch.cuda.empty_cache()
 
     results = []
     for spec, label in zip(specs, _labels(specs), strict=True):
@@ -255,10 +264,12 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "data_dir": str(args.data_dir),
         "template": data.template,
-        "val_rows": "all" if args.val_rows is None else args.val_rows,
+        # what was measured, not what was asked: --val_rows 1000000 on a 12-row split, or
+        # --gsm8k_limit 5000 of 1,319 problems, were reported as 1000000 rows and a 5000 subset
+        "val_rows": results[0]["val"]["rows"] if results[0]["val"] else None,
         "gsm8k_test": gsm8k_origin,
         "gsm8k_seed": args.seed,
-        "gsm8k_limit": args.gsm8k_limit,
+        "gsm8k_limit": len(problems) if problems and len(problems) < len(all_problems) else None,
         "max_new_tokens": args.max_new_tokens,
         "repetition_penalty": args.repetition_penalty,
         "dtype": args.dtype,

@@ -187,6 +187,32 @@ def check_generation_fits(model, data: EvalData, records: list[dict], max_new_to
         )
 
 
+def load_checked_model(
+    spec: str,
+    data: EvalData,
+    problems: list,
+    *,
+    device,
+    dtype,
+    generate_batch_size: int,
+    max_new_tokens: int,
+    run_generations: bool,
+):
+    """``spec`` loaded, once it is known to take the data dir's rows and every prompt to answer
+    (:func:`ds_sft.data.model_match.check_model_fits`, :func:`check_generation_fits`): a refusal
+    comes before anything is measured."""
+    from ds_sft.data.model_match import check_model_fits
+    from ds_sft.eval.prompts import FIXED_PROMPTS
+    from ds_sft.model.checkpoint import load_model
+
+    model = load_model(spec, dtype=dtype, device=device).eval()
+    check_model_fits(spec, model.config, data.data_dir, data.val.seq_len if data.val is not None else None)
+    to_answer = [{"instruction": problem.question, "input": ""} for problem in problems]
+    to_answer += [prompt.as_record() for prompt in FIXED_PROMPTS] if run_generations else []
+    check_generation_fits(model, data, to_answer, max_new_tokens, generate_batch_size)
+    return model
+
+
 def evaluate_model(
     spec: str,
     data: EvalData,
@@ -206,19 +232,16 @@ def evaluate_model(
     """Everything ``ds-sft eval`` measures for one model: val metrics, GSM8K, fixed-prompt answers,
     and with ``harness`` (``{"label", "configs", "doc_ids"}``: task configs and the test-file rows of
     ``problems``) the lm-evaluation-harness on the same model and its cross-check against GSM8K."""
-    from ds_sft.data.model_match import check_model_fits
     from ds_sft.eval import gsm8k
     from ds_sft.eval.prompts import FIXED_PROMPTS
     from ds_sft.eval.stats import accuracy_summary
-    from ds_sft.model.checkpoint import load_model
 
     seconds = {}
     start = time.perf_counter()
-    model = load_model(spec, dtype=dtype, device=device).eval()
-    check_model_fits(spec, model.config, data.data_dir, data.val.seq_len if data.val is not None else None)
-    to_answer = [{"instruction": problem.question, "input": ""} for problem in problems]
-    to_answer += [prompt.as_record() for prompt in FIXED_PROMPTS] if run_generations else []
-    check_generation_fits(model, data, to_answer, max_new_tokens, generate_batch_size)
+    model = load_checked_model(
+        spec, data, problems, device=device, dtype=dtype, generate_batch_size=generate_batch_size,
+        max_new_tokens=max_new_tokens, run_generations=run_generations,
+    )  # fmt: skip
     seconds["load"] = time.perf_counter() - start
     result = {"parameters": model.num_parameters(), "val": None, "gsm8k": None, "generations": None}
 

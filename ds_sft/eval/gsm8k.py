@@ -41,7 +41,7 @@ class Problem:
     def target(self) -> Decimal:
         number = reference_answer(self.answer)
         if number is None:
-            raise UserError(f"GSM8K reference answer has no number after '####': {self.answer[-80:]!r}")
+            raise UserError(f"GSM8K reference answer is not one number after '####': {self.answer[-80:]!r}")
         return number
 
 
@@ -59,14 +59,17 @@ def find_numbers(text: str) -> list[str]:
 
 
 def reference_answer(answer: str) -> Decimal | None:
-    """The number a reference solution gives: the one right after its last ``####``, and nothing else.
-    A completion is read leniently (:func:`extract_answer`); a reference was too, so "#### none" was
-    scored against the 5 of "Tom had 5 apples"."""
+    """The number a reference solution gives: right after its last ``####``, the only number there
+    (words may follow: "#### 3.5 dollars"); None for anything else. A completion is read leniently
+    (:func:`extract_answer`); a reference was too, so "#### none" was scored against the 5 of "Tom
+    had 5 apples", and "#### 3/4", "#### 1 000" or "#### 1e3" against the 3, 1 and 1 they start with."""
     if _ANSWER_MARK not in answer:
         return None
     after_mark = answer.rsplit(_ANSWER_MARK, 1)[1].strip()
-    match = _NUMBER.match(after_mark)
-    return parse_number(match.group()) if match else None
+    numbers = find_numbers(after_mark)
+    if len(numbers) != 1 or not after_mark.startswith(numbers[0]):
+        return None
+    return parse_number(numbers[0])
 
 
 def extract_answer(completion: str) -> Decimal | None:
@@ -120,7 +123,8 @@ def read_jsonl(path: Path) -> list[Problem]:
                 raise UserError(f"{path}:{line_number}: not a GSM8K row; {expected}")
             if reference_answer(fields[1]) is None:
                 raise UserError(
-                    f"{path}:{line_number}: the answer has no number right after its last '####'; {expected}"
+                    f"{path}:{line_number}: the text after the answer's last '####' is not one number "
+                    f"({fields[1].rsplit(_ANSWER_MARK, 1)[-1].strip()[:40]!r}); {expected}"
                 )
             problems.append(Problem(question=fields[0], answer=fields[1]))
     if not problems:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,16 +68,43 @@ def _cell(metrics: dict | None, key: str, fmt: str) -> str:
     return "—" if metrics is None else format(metrics[key], fmt)
 
 
+# Every value from outside (model paths and labels, data-dir paths, harness task names, answers)
+# reaches eval.md through _text, _cell_text or _code: a path holding '|' shifted a table's cells
+# under other headers (a loss read as a perplexity), a newline or backtick ended a line or a code
+# span and began markdown of its own.
+
+
+def _text(value) -> str:
+    """``value`` on one line: characters that are not printable (newlines, tabs, escapes) as '?'."""
+    return "".join(char if char.isprintable() else "?" for char in str(value))
+
+
+def _cell_text(value) -> str:
+    """``value`` as the text of one table cell: one line, its '|' escaped (GitHub's table syntax)."""
+    return _text(value).replace("|", "\\|")
+
+
+def _code(value) -> str:
+    """``value`` as one inline code span, whatever backticks it holds (CommonMark: a longer fence)."""
+    text = _text(value)
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+    lines = [
+        "| " + " | ".join(map(_cell_text, header)) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    return lines + ["| " + " | ".join(map(_cell_text, row)) + " |" for row in rows]
 
 
 def render_markdown(results: Sequence[dict], meta: dict, chart_name: str | None = None) -> str:
     labels = [result["label"] for result in results]
     lines = ["# Evaluation", ""]
-    lines += [f"- {key}: `{value}`" for key, value in meta.items() if not isinstance(value, dict | list)]
-    lines += [f"- {result['label']}: `{result['model']}`" for result in results]
+    lines += [f"- {key}: {_code(value)}" for key, value in meta.items() if not isinstance(value, dict | list)]
+    lines += [f"- {_text(result['label'])}: {_code(result['model'])}" for result in results]
 
     if any(result.get("val") for result in results):
         lines += ["", "## Validation loss, perplexity and next-token accuracy", ""]
@@ -120,13 +148,13 @@ def render_markdown(results: Sequence[dict], meta: dict, chart_name: str | None 
                 )
         lines += _table(["model", "accuracy", "correct", "95% CI (Wilson)", "hit max_new_tokens"], rows)
         if meta.get("gsm8k_paired"):
-            lines += ["", f"Paired on the same problems: {meta['gsm8k_paired']['summary']}."]
+            lines += ["", f"Paired on the same problems: {_text(meta['gsm8k_paired']['summary'])}."]
         harness = meta.get("harness")
         if harness:
             lines += harness_lines(harness)
     warnings = truncation_warnings(results, meta.get("max_new_tokens"))
     if warnings:
-        lines += ["", *(f"**Warning:** {line}" for line in warnings)]
+        lines += ["", *(f"**Warning:** {_text(line)}" for line in warnings)]
 
     generated = [result for result in results if result.get("generations")]
     if generated:
@@ -135,7 +163,7 @@ def render_markdown(results: Sequence[dict], meta: dict, chart_name: str | None 
             lines += ["", f"### {first['name']} ({first['category']})", "", _quote(first["prompt"])]
             for result in generated:
                 completion = result["generations"][index]["completion"]
-                lines += ["", f"**{result['label']}**:", "", _quote(completion or "(empty)")]
+                lines += ["", f"**{_text(result['label'])}**:", "", _quote(completion or "(empty)")]
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +187,7 @@ def truncation_warnings(results: Sequence[dict], max_new_tokens) -> list[str]:
 
 def harness_lines(harness: dict) -> list[str]:
     """The lm-evaluation-harness section: its scores with intervals and the cross-check."""
-    lines = ["", f"### lm-evaluation-harness {harness['version']} (same model, same problems)", ""]
+    lines = ["", f"### lm-evaluation-harness {_text(harness['version'])} (same model, same problems)", ""]
     rows = []
     for row in harness["scores"]:
         low, high = row["ci95"]
@@ -169,7 +197,7 @@ def harness_lines(harness: dict) -> list[str]:
         )  # fmt: skip
     lines += _table(["model", "task", "metric", "accuracy", "correct", "95% CI (Wilson)"], rows)
     for check in harness.get("cross_check", []):
-        lines += ["", f"Cross-check ({check['label']}): {check['summary']}"]
+        lines += ["", f"Cross-check ({_text(check['label'])}): {_text(check['summary'])}"]
         if check["differences"]:
             lines += [""] + _table(
                 ["problem", "ds-sft", "harness", "why"],
@@ -182,6 +210,12 @@ def _quote(text: str) -> str:
     return "\n".join("> " + line if line else ">" for line in text.strip().splitlines())
 
 
+def _chart_text(value) -> str:
+    """``value`` as matplotlib shows it literally: text between two '$' is mathtext to it (a label
+    'a$\\frac{$b' ended the eval in a ValueError traceback after every measure, nothing written)."""
+    return _text(value).replace("$", r"\$")
+
+
 def plot_val_loss(results: Sequence[dict], path: Path) -> Path:
     """Grouped bars: validation loss per source (and overall), one bar per model."""
     import matplotlib
@@ -191,17 +225,24 @@ def plot_val_loss(results: Sequence[dict], path: Path) -> Path:
 
     sources = _source_rows(results)
     width = 0.8 / len(results)
+    handles = []
     figure, axes = plt.subplots(figsize=(max(5.0, 1.3 * len(sources) + 2), 4.0))
     for offset, result in enumerate(results):
         xs = [i + (offset - (len(results) - 1) / 2) * width for i in range(len(sources))]
         losses = [(m["loss"] if (m := _val_metrics(result, s)) else float("nan")) for s in sources]
-        bars = axes.bar(xs, losses, width, label=result["label"])
+        bars = axes.bar(xs, losses, width)
         axes.bar_label(bars, fmt="%.2f", fontsize=7)
-    axes.set_xticks(range(len(sources)), sources)
+        handles.append(bars)
+    axes.set_xticks(range(len(sources)), [_chart_text(source) for source in sources])
     axes.set_ylabel("validation loss (nats/token)")
     axes.set_title("Validation loss by source")
     axes.margins(y=0.12)  # room for the value labels
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(results), frameon=False)
+    # handles and labels given together: a label passed with its bars and starting with '_' is one
+    # matplotlib leaves out of the legend (a model in runs/_base had bars and no name)
+    labels = [_chart_text(result["label"]) for result in results]
+    axes.legend(
+        handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(results), frameon=False
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

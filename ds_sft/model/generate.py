@@ -94,6 +94,11 @@ def generate(
     vocab = model.config.vocab_size
     if any(not 0 <= token < vocab for prompt in prompts_ids for token in prompt):
         raise UserError(f"a prompt holds a token id outside the model's vocabulary (0 to {vocab - 1:,})")
+    if not 0 <= pad_id < vocab:  # padding is never attended to, but it is looked up in the embedding
+        raise UserError(
+            f"the padding token id {pad_id} is outside the model's vocabulary (0 to {vocab - 1:,}): the "
+            "tokenizer's pad token is not one of the model's tokens"
+        )
     device = next(model.parameters()).device
     batch, width = len(prompts_ids), max(len(p) for p in prompts_ids)
     if width + max_new_tokens > model.config.max_seq_len:

@@ -281,7 +281,8 @@ def test_compare_says_whether_the_gsm8k_difference_is_significant(data_dir, tmp_
         return {"parameters": 1, "val": None, "gsm8k": gsm8k, "generations": None, "seconds": {}}
 
     monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate_model)
-    monkeypatch.setattr(model_match, "check_tokenizer", lambda spec, data_dir: None)  # no model files
+    monkeypatch.setattr(evaluate, "load_checked_model", lambda spec, *args, **kwargs: None)  # no model files
+    monkeypatch.setattr(model_match, "check_tokenizer", lambda spec, data_dir: None)
     data_path, test = data_dir
     out = tmp_path / "compare"
     argv = ["--compare", "base", "sft", "--data_dir", str(data_path), "--gsm8k_test", str(test)]
@@ -620,6 +621,33 @@ def test_a_generation_that_cannot_run_is_refused_before_anything_is_measured(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "model_b, refusal",
+    [
+        ({"max_seq_len": 64}, r"holds rows of 128 tokens but .* has 64 positions"),
+        ({"vocab_size": 256, "max_seq_len": 512}, r"vocabulary but the model has 256 embeddings"),
+        ({"max_seq_len": 128}, r"^the longest prompt to answer .* --max_new_tokens 100 exceeds"),
+    ],
+    ids=["positions", "vocabulary", "answer_length"],
+)
+def test_compare_refuses_model_b_before_model_a_is_measured(
+    data_dir, model_dir, tmp_path, monkeypatch, model_b, refusal
+):
+    """Model B's refusals came only after model A's whole eval (val, GSM8K, generations): an hour
+    of work at the default 1,319 problems, then one line about B."""
+    from ds_sft.eval import evaluate
+
+    monkeypatch.setattr(evaluate, "validation_metrics", lambda *args: pytest.fail("model A was measured"))
+    torch.manual_seed(0)
+    b = save_model(LlamaModel(ModelConfig.preset("tiny", **{"vocab_size": 50304, **model_b})), tmp_path / "b")
+    data_path, test = data_dir
+    argv = ["--compare", str(model_dir), str(b), "--data_dir", str(data_path), "--gsm8k_test", str(test),
+            "--max_new_tokens", "100", "--dtype", "float32", "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(UserError, match=refusal):
+        cli.run(_parse(argv))
+    assert not (tmp_path / "out").exists()
+
+
 def test_each_prompt_is_rendered_and_tokenized_once_per_eval(data_dir, model_dir, tmp_path, monkeypatch):
     """The generation check, then each model's answers, read the same prompts: they were rendered
     and tokenized again by every reader (three times per prompt when comparing two models)."""
@@ -692,3 +720,22 @@ def test_a_model_whose_logits_are_not_finite_is_refused_not_reported(data_dir, t
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines
     assert code == 2 and last.startswith("ds-sft eval: error: the model's logits are not finite"), last
     assert "overflow in float32" in last and not (tmp_path / "eval").exists()
+
+
+def test_the_report_records_the_rows_and_problems_measured_not_the_ones_asked_for(
+    data_dir, model_dir, tmp_path
+):
+    """--val_rows and --gsm8k_limit past the split's rows and the test file's problems measured all
+    of them, and the report said 1000000 val rows and a 5000-problem subset."""
+    data_path, test = data_dir
+    out = tmp_path / "out"
+    argv = ["--model", str(model_dir), "--data_dir", str(data_path), "--gsm8k_test", str(test),
+            "--val_rows", "1000000", "--gsm8k_limit", "5000", "--max_new_tokens", "1", "--no_generate",
+            "--dtype", "float32", "--out", str(out)]  # fmt: skip
+    assert cli.run(_parse(argv)) == 0
+    report = json.loads((out / "eval.json").read_text())
+    (result,) = report["models"]
+    assert report["val_rows"] == result["val"]["rows"] < 1000000
+    assert report["gsm8k_limit"] is None and result["gsm8k"]["total"] == 6
+    md = (out / "eval.md").read_text()
+    assert f"- val_rows: `{result['val']['rows']}`" in md and "5000" not in md

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -107,3 +108,56 @@ def test_values_json_cannot_hold_are_written_as_text(tmp_path):
     paths = write_report(tmp_path, [result], {})
     written = json.loads(paths["json"].read_text())["models"][0]["harness"]["samples"]["mine"][0]["doc"]
     assert written == {"question": "q", "added": "2024-05-01 00:00:00", "price": "1.5"}
+
+
+@pytest.mark.parametrize("odd", ["a|b", "x\ny", "t`ick", "``", "cr\rlf\r\n- injected\n# heading", "|\t|"])
+def test_names_from_outside_cannot_reshape_the_markdown(odd):
+    """A model path, a label, a source or a data dir holding '|' shifted a table's cells under other
+    headers (a loss read as a perplexity); a newline began a list item or heading of its own, a
+    backtick ended its code span early."""
+    from ds_sft.eval.report import render_markdown
+
+    first, second = _result(f"A:{odd}", 0.0, 5, sources=("alpaca", odd)), _result(f"B:{odd}", 0.5, 7)
+    first["model"] = f"/models/{odd}"
+    meta = {"data_dir": f"/data/{odd}", "gsm8k_test": odd, "max_new_tokens": 4}
+    meta["gsm8k_paired"] = paired_comparison(
+        [s["correct"] for s in first["gsm8k"]["samples"]],
+        [s["correct"] for s in second["gsm8k"]["samples"]],
+        labels=(first["label"], second["label"]),
+    )
+    lines = render_markdown([first, second], meta).splitlines()
+    tables, table = [], []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            tables, table = [*tables, table], []
+    assert len(tables) == 2  # val, GSM8K
+    for table in tables:  # every row has as many cells as its header: no '|' of a name splits one
+        assert len({len(re.findall(r"(?<!\\)\|", line)) for line in table}) == 1, table
+    listed = [line for line in lines if line.startswith("- ")]
+    assert len(listed) == 5  # data_dir, gsm8k_test, max_new_tokens, and one line per model
+    assert not any(line.startswith(("# heading", "- injected")) for line in lines)
+    for line in listed:  # one code span per value: the same fence each side, not inside it
+        value = line.split(": ", 1)[1]
+        fence = re.match("`+", value).group()
+        assert value.endswith(fence) and fence not in value[len(fence) : -len(fence)], line
+
+
+@pytest.mark.parametrize("label", ["_base", "a$\\frac{$b", "x$y$"])
+def test_the_chart_names_every_model_as_written(tmp_path, monkeypatch, label):
+    """matplotlib reads its text: a label starting with '_' was left out of the legend (a model's
+    bars with no name), and one with two '$' was mathtext ('a$\\frac{$b' a ValueError traceback
+    after every measure, nothing written; 'x$y$' shown as math)."""
+    from matplotlib.figure import Figure
+
+    from ds_sft.eval.report import plot_val_loss
+
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda self, *a, **k: (figures.append(self), savefig(self, *a, **k))
+    )
+    plot_val_loss([_result(label, 0.0, 1), _result("sft", 0.5, 2)], tmp_path / CHART_NAME)
+    (figure,) = figures
+    shown = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert shown == [label.replace("$", "\\$"), "sft"] and (tmp_path / CHART_NAME).stat().st_size > 0

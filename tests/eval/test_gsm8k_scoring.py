@@ -133,6 +133,14 @@ BAD_ROWS = {
     "no mark": b'{"question": "q", "answer": "3 * 2 = 6 dollars, 1 receipt"}',
     "the number before the mark": b'{"question": "q", "answer": "so 4 left ####"}',
     "the number later after the mark": b'{"question": "q", "answer": "#### about 7"}',
+    # read up to the first character that is not a number, these scored against 3, 1, 1, 1, 0 and 10
+    "a fraction": b'{"question": "q", "answer": "#### 3/4"}',
+    "a thousand spaced": b'{"question": "q", "answer": "#### 1 000"}',
+    "a comma not of thousands": b'{"question": "q", "answer": "#### 1,00"}',
+    "an exponent": b'{"question": "q", "answer": "#### 1e3"}',
+    "hexadecimal": b'{"question": "q", "answer": "#### 0x10"}',
+    "a range": b'{"question": "q", "answer": "#### 10-12"}',
+    "two numbers": b'{"question": "q", "answer": "#### 12 apples and 3 pears"}',
 }
 
 
@@ -152,7 +160,8 @@ def test_a_bad_test_row_is_one_line_naming_it_before_any_model_loads(tmp_path, r
 @pytest.mark.parametrize(
     ("answer", "number"),
     [("#### 18", "18"), ("so 2 + 3 = 5\n#### 5", "5"), ("#### 1,234", "1234"), ("#### -3", "-3"),
-     ("#### 3.5 dollars", "3.5"), ("a #### 1 then\n#### 2", "2")],
+     ("#### 3.5 dollars", "3.5"), ("a #### 1 then\n#### 2", "2"), ("#### 18.", "18"), ("#### 5%", "5"),
+     ("#### 1,234,567.5", "1234567.5")],
 )  # fmt: skip
 def test_a_reference_answer_is_the_number_right_after_its_last_mark(answer, number):
     from decimal import Decimal

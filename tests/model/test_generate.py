@@ -203,6 +203,9 @@ BAD_ARGUMENTS = [
     (dict(temperature=1.0, top_p=1.5), "top_p"),
     (dict(prompts_ids=[[1, 256]]), "outside the model's vocabulary"),
     (dict(prompts_ids=[[3], [-1, 2]]), "outside the model's vocabulary"),
+    # an IndexError from the embedding once prompts of different lengths were padded
+    (dict(prompts_ids=[[3], [1, 2]], pad_id=256), "padding token id 256 is outside"),
+    (dict(prompts_ids=[[3], [1, 2]], pad_id=-1), "padding token id -1 is outside"),
 ]
 
 
