@@ -352,7 +352,9 @@ def _read_parquet(path: Path) -> dict[str, list]:
             )
             _check_parquet_size(path, max(encoded, PY_VALUE_BYTES * values))
             strings = [leaf.path for leaf in parquet.schema if leaf.physical_type == "BYTE_ARRAY"]
-            table = pq.ParquetFile(source, metadata=meta, read_dictionary=strings).read()
+            # on this thread: Arrow's pool threads would read the Python file object, each taking the
+            # GIL with a thread state of its own (a CPython 3.11 tracemalloc session crashed on them)
+            table = pq.ParquetFile(source, metadata=meta, read_dictionary=strings).read(use_threads=False)
     except UserError:
         raise
     except Exception as err:  # Arrow raises many types; the user needs the file and the cause
