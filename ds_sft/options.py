@@ -312,7 +312,15 @@ class OneLineParser(argparse.ArgumentParser):
 
     argparse prints its usage block first; a user who mistyped one number needs the one line that
     names the flag and its domain (``--help`` shows the usage).
+
+    Flags are taken whole, never by a unique prefix (argparse's default): ``--base`` would mean
+    ``--base_model`` until a release adds ``--baseline``, and a command in a script or a Slurm file
+    would then change its meaning or stop working.
     """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # subparsers are built by this class, so they inherit it
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -337,3 +337,40 @@ def test_train_keeps_the_default_sigterm_outside_its_loop(monkeypatch):
     )
     assert execute("ds-sft train", train_cli, None) == 0
     assert seen == before
+
+
+def _every_parser() -> list[tuple[str, argparse.ArgumentParser]]:
+    """Each command's parser, and each bench script's."""
+    import importlib.util
+
+    parsers = sorted(_subparsers(build_parser()).items())
+    for script in sorted(Path(__file__).parents[1].glob("bench/*.py")):
+        spec = importlib.util.spec_from_file_location(f"bench_{script.stem}", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, "build_parser"):
+            parsers.append((f"bench/{script.name}", module.build_parser()))
+    return parsers
+
+
+def test_a_flag_is_taken_whole_never_by_its_prefix(capsys):
+    """argparse takes any unique prefix: `train --base m` meant --base_model, so a command in a script
+    changed meaning, or stopped, the day a flag sharing that prefix was added. Every proper prefix of every
+    flag of every parser (commands and bench scripts) is now refused in one line."""
+    tried = 0
+    for name, parser in _every_parser():
+        # A missing required flag is reported before an unknown one: these parsers are this test's own.
+        for action in parser._actions:
+            action.required = False
+        for group in parser._mutually_exclusive_groups:
+            group.required = False
+        flags = {flag for action in parser._actions for flag in action.option_strings}
+        for flag in sorted(f for f in flags if f.startswith("--")):
+            for prefix in {flag[:n] for n in range(3, len(flag))} - flags:
+                with pytest.raises(SystemExit) as exited:
+                    parser.parse_args([prefix, "1"])
+                err = capsys.readouterr().err.strip()
+                assert exited.value.code == 2 and len(err.splitlines()) == 1, (name, prefix, err)
+                assert prefix in err, (name, prefix, err)
+                tried += 1
+    assert tried > 1000

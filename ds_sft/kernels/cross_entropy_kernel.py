@@ -113,7 +113,9 @@ def cross_entropy_loss_and_grad(
     0-d device tensor) is given. ``inplace=True`` writes it over ``logits``.
     """
     n_rows, n_cols = logits.shape
-    assert logits.stride(-1) == 1 and labels.is_contiguous()
+    # The kernel walks each row by its first stride alone and reads labels as a flat array.
+    if logits.stride(-1) != 1 or not labels.is_contiguous():
+        raise ValueError("cross_entropy_loss_and_grad needs rows of contiguous logits and contiguous labels")
     block = min(triton.next_power_of_2(n_cols), MAX_VOCAB_BLOCK)
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     grad = None

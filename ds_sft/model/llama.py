@@ -98,7 +98,8 @@ def llama3_frequencies(
     ``factor``; one shorter than ``original / high_freq_factor`` stays; in between the two are blended
     linearly in ``original / wavelength`` (transformers' ``_compute_llama3_parameters``).
     """
-    assert rope_type == "llama3"
+    if rope_type != "llama3":  # ModelConfig admits no other scaling; a hand-built dict could hold one
+        raise ValueError(f"rope_scaling: rope_type {rope_type!r} is not 'llama3' (the one ds-sft knows)")
     wavelength = 2 * math.pi / inv_freq
     smooth = (original_max_position_embeddings / wavelength - low_freq_factor) / (
         high_freq_factor - low_freq_factor

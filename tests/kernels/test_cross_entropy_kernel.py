@@ -94,3 +94,18 @@ def test_bf16_logits(device):
 def test_leading_dimensions(device):
     logits, labels = _inputs(6, 1000, device, seed=5)
     _check(logits.view(2, 3, 1000), labels.view(2, 3), "none")
+
+
+@pytest.mark.parametrize("layout", ["transposed logits", "strided labels"])
+def test_a_layout_the_kernel_cannot_walk_is_refused(layout, device):
+    """The launcher's precondition was an ``assert``, gone under ``python -O``, when the kernel would read
+    the wrong elements (it walks a row by its first stride, labels as a flat array)."""
+    from ds_sft.kernels.cross_entropy_kernel import cross_entropy_loss_and_grad
+
+    logits, labels = _inputs(8, 8, device)
+    if layout == "transposed logits":
+        logits = logits.t()
+    else:
+        labels = torch.stack([labels, labels], dim=1)[:, 0]
+    with pytest.raises(ValueError, match="contiguous logits and contiguous labels"):
+        cross_entropy_loss_and_grad(logits, labels)

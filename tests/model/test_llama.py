@@ -215,3 +215,14 @@ def test_config_errors_name_the_problem():
         ModelConfig.from_dict({"n_layer": 2})
     with pytest.raises(UserError, match="unknown model preset"):
         ModelConfig.preset("7b")
+
+
+def test_llama3_frequencies_refuse_another_scaling_without_assert():
+    """The check was an ``assert`` (gone under ``python -O``, when a 'yarn' dict was rescaled as llama3)."""
+    from ds_sft.model.llama import llama3_frequencies
+
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)
+    assert llama3_frequencies(inv_freq, "llama3", **scaling).shape == inv_freq.shape
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not 'llama3'"):
+        llama3_frequencies(inv_freq, "yarn", **scaling)
