@@ -398,7 +398,7 @@ class StepMeter:
             seq_len,
         )
         say(
-            f"MFU peak: {self.peak / 1e12:.2f} TFLOP/s per rank ({self.peak_source}); "
+            f"MFU peak: {self.peak / 1e12:.3g} TFLOP/s per rank ({self.peak_source}); "
             f"{self.flops_token / 1e6:.1f} MFLOP/token"
         )
         self.tokens_per_step = s.micro_batch_size * s.grad_accum * world * seq_len

@@ -358,3 +358,17 @@ def test_the_eval_s_train_loss_pools_trained_tokens_like_the_val_loss(steps, exp
     log.close()
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [record["train_loss"] for record in evals if record.get("type") == "eval"] == [expected]
+
+
+@pytest.mark.parametrize("peak", [4.2e9, 3.1e11, 989e12])
+def test_the_mfu_peak_line_shows_a_slow_peak_in_significant_digits(peak, monkeypatch):
+    """A CPU's bf16 peak (a few GFLOP/s) was printed as "0.00 TFLOP/s", which says nothing."""
+    from ds_sft.model.config import ModelConfig
+    from ds_sft.train import loop
+
+    monkeypatch.setattr(loop, "peak_flops", lambda bf16: (peak, "measured"))
+    said = []
+    settings = SimpleNamespace(micro_batch_size=1, grad_accum=1, max_iters=1)
+    loop.StepMeter(settings, {}, ModelConfig.preset("tiny"), 32, world=1, first_step=0, say=said.append)
+    shown = float(said[0].split("MFU peak: ")[1].split(" TFLOP/s")[0])
+    assert shown == pytest.approx(peak / 1e12, rel=5e-3)
