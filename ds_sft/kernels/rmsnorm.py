@@ -127,7 +127,10 @@ class RMSNormFunction(torch.autograd.Function):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1]).contiguous()
         residual2d = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
-        y, s, rstd = rms_norm_forward(x2d, residual2d, weight.contiguous(), eps)
+        # The kernels index every row as PTR + cols: what they read, the backward's saved tensors
+        # included, is contiguous (a strided weight was read at the wrong addresses in the backward)
+        weight = weight.contiguous()
+        y, s, rstd = rms_norm_forward(x2d, residual2d, weight, eps)
         ctx.has_residual = residual is not None
         ctx.save_for_backward(s if s is not None else x2d, weight, rstd)
         return (y.view(shape), s.view(shape)) if s is not None else y.view(shape)
