@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.options import Ignored, refuse_ignored
 from ds_sft.paths import expand_user
 
 MANIFEST = "ds_sft_eval.json"
@@ -154,6 +155,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cpu, cuda or cuda:N (default: cuda when available, else cpu)",
     )
+    refuse_ignored(parser, *IGNORED)
+
+
+def _answers_nothing(args: argparse.Namespace) -> bool:
+    return args.no_gsm8k and args.no_generate and not args.harness
+
+
+_NO_VAL = "with --no_val, which skips the val pass: drop one of the two"
+_NO_GSM8K = "with --no_gsm8k, which skips GSM8K: drop one of the two"
+_NO_ANSWERS = "with --no_gsm8k and --no_generate and no --harness: nothing is generated; drop it"
+# Each flag that a choice of another makes do nothing (ds_sft.options.Ignored).
+IGNORED = (
+    Ignored("--val_rows", lambda a: a.no_val, _NO_VAL),
+    Ignored("--batch_size", lambda a: a.no_val, _NO_VAL + " (it sizes the val pass's forwards only)"),
+    Ignored("--gsm8k_limit", lambda a: a.no_gsm8k, _NO_GSM8K),
+    Ignored("--gsm8k_test", lambda a: a.no_gsm8k, _NO_GSM8K),
+    Ignored("--seed", lambda a: a.no_gsm8k, _NO_GSM8K),
+    Ignored(
+        "--seed",
+        lambda a: a.gsm8k_limit is None,
+        "without --gsm8k_limit: it draws that subset, and without one every problem is scored",
+    ),
+    Ignored("--max_new_tokens", _answers_nothing, _NO_ANSWERS),
+    Ignored("--generate_batch_size", _answers_nothing, _NO_ANSWERS),
+    Ignored(
+        "--repetition_penalty",
+        lambda a: a.no_gsm8k and a.no_generate,
+        "with --no_gsm8k and --no_generate: it applies to ds-sft's own answers only (the harness "
+        "does not use it); drop it",
+    ),
+)
 
 
 def _labels(specs: list[str]) -> list[str]:
@@ -173,6 +205,11 @@ def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict]
     from ds_sft.paths import writable_dir
 
     # numbers are checked by their declared domains in add_arguments (ds_sft/options.py)
+    if args.no_val and args.no_gsm8k and args.no_generate and not args.harness:
+        raise UserError(
+            "--no_val, --no_gsm8k and --no_generate leave nothing to evaluate: drop one of them (or add "
+            "--harness TASKS)"
+        )
     if not Path(args.data_dir).is_dir():
         raise UserError(f"--data_dir {args.data_dir} does not exist: run `ds-sft prepare` first")
     writable_dir(args.out, "--out")
