@@ -39,7 +39,7 @@ def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    state = {name: cast_within_range(name, t.detach(), dtype) for name, t in to_hf_state_dict(model).items()}
+    state = cast_within_range(to_hf_state_dict(model), dtype)
     config = hf_config(model.config, **token_ids)
     config.dtype = dtype
     config.save_pretrained(out)
@@ -49,21 +49,22 @@ def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
     return out
 
 
-def cast_within_range(name: str, tensor, dtype):
-    """``tensor`` in ``dtype`` on the CPU, or one line when a finite value becomes inf there (float16
+def cast_within_range(state: dict, dtype) -> dict:
+    """``state`` in ``dtype`` on the CPU, or one line when a finite value becomes inf there (float16
     tops out at 65,504): the export held inf, and --verify passed it."""
     import torch
 
-    cast = tensor.to(dtype).contiguous().cpu()
-    overflowed = torch.isfinite(tensor.cpu()) & ~torch.isfinite(cast)
-    if bool(overflowed.any()):
-        largest = tensor.cpu()[overflowed].abs().max().item()
+    from ds_sft.model.checkpoint import out_of_range
+
+    found = out_of_range(state, dtype)
+    if found is not None:
+        name, largest = found
         kind = str(dtype).removeprefix("torch.")
         raise UserError(
             f"--dtype {kind}: {name} holds {largest:.3g}, past {kind}'s range "
             f"({torch.finfo(dtype).max:,.0f}); export in bfloat16 or float32"
         )
-    return cast
+    return {name: tensor.detach().to(dtype).contiguous().cpu() for name, tensor in state.items()}
 
 
 def max_logit_difference(model, hf_dir: Path) -> float:
