@@ -272,6 +272,7 @@ def run(args: argparse.Namespace) -> int:
         evaluate.load_checked_model(
             spec, data, problems, device=device, dtype=dtype, generate_batch_size=args.generate_batch_size,
             max_new_tokens=args.max_new_tokens, run_generations=not args.no_generate,
+            batch_size=args.batch_size, val_rows=args.val_rows,
         )  # fmt: skip
         if device.type == "cuda":  # the first model's memory check must see this one's memory free
             torch.cuda.empty_cache()
