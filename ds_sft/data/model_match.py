@@ -123,6 +123,53 @@ def model_tokenizer_dir(spec: str) -> Path | None:
     return path if any(path.glob("tokenizer*.json")) else None
 
 
+# In a model folder train wrote (RUN/final): the prompt format of the data it was trained on.
+TRAINED_ON = "trained_on.json"
+
+
+def trained_on(manifest: dict) -> str:
+    """The :data:`TRAINED_ON` record of a run on the data dir of ``manifest``: its ``template``
+    (alpaca or chat: how prompts were rendered) and the data's key."""
+    return (
+        json.dumps({"template": manifest.get("template"), "data_key": manifest.get("key")}, indent=1) + "\n"
+    )
+
+
+def trained_template(spec: str) -> str | None:
+    """The template model ``spec`` was fine-tuned on, when ds-sft's train recorded it (a run dir or its
+    ``final/``); None for any other model (a base model, a run of an older ds-sft)."""
+    path = paths.resolve_model_path(spec)
+    if path.is_dir() and (path / "final").is_dir():  # a training run directory
+        path = path / "final"
+    record = path / TRAINED_ON
+    if not path.is_dir() or not record.is_file():
+        return None
+    try:
+        template = json.loads(record.read_text(encoding="utf-8"))["template"]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
+        raise UserError(
+            f"{record} is not as train writes it: restore it, or delete it to skip the check"
+        ) from None
+    if not isinstance(template, str):
+        raise UserError(f"{record} is not as train writes it: restore it, or delete it to skip the check")
+    return template
+
+
+def check_template(spec: str, data_dir: str | Path) -> None:
+    """Refuse data whose prompts are rendered in another template than the one model ``spec`` was
+    fine-tuned on: the eval asked an Alpaca-trained model in its chat template (or the reverse) and
+    reported the scores of a format it never saw, without a word."""
+    trained = trained_template(spec)
+    rendered = read_manifest(data_dir).get("template")
+    if trained is None or rendered is None or trained == rendered:
+        return
+    raise UserError(
+        f"{spec} was fine-tuned on {trained!r}-template prompts but {data_dir} renders {rendered!r} ones: "
+        f"prepare the eval data with --template {trained}, or pass --allow_other_template to measure "
+        "it in a format it was not trained on"
+    )
+
+
 def gpt2_identity() -> str | None:
     """:func:`identity` of GPT-2's tokenizer, the one bare weights are assumed to use (None offline)."""
     from ds_sft.data.tokenizer import load_tokenizer

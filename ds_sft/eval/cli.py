@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a prepared data dir (ds-sft prepare): its val split, tokenizer and prompt template are used",
     )
     which.add_argument(
+        "--allow_other_template",
+        action="store_true",
+        help="evaluate a ds-sft run on data whose prompt template (alpaca or chat) differs from the one "
+        "it was fine-tuned on (refused otherwise: the scores would be of a format it never saw)",
+    )
+    which.add_argument(
         "--out",
         default="runs/eval",
         help="folder for eval.json, eval.md and the chart: a new or empty one, or a previous eval's (only "
@@ -244,7 +250,7 @@ def available_device(name: str | None):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ds_sft.data.model_match import check_tokenizer
+    from ds_sft.data.model_match import check_template, check_tokenizer
     from ds_sft.data.output import building_output
     from ds_sft.eval import evaluate, gsm8k
     from ds_sft.eval.report import write_report
@@ -266,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
     harness_configs = _harness_configs(args, gsm8k_origin)
     for spec in specs:  # before any weights load: a model with another tokenizer is refused in one line
         check_tokenizer(spec, args.data_dir)
+        if not args.allow_other_template:
+            check_template(spec, args.data_dir)
     # --compare: model B's refusals (its positions, vocabulary, the memory its answers need) came
     # after model A's whole eval, an hour at the default GSM8K; the first model is checked as it loads
     for spec in specs[1:]:

@@ -253,16 +253,21 @@ def copy_regular_file(source: Path, target: Path) -> None:
             shutil.copyfileobj(reader, writer)
 
 
-def write_final(model, final: Path, tokenizer_dir) -> None:
+def write_final(model, final: Path, tokenizer_dir, manifest: dict | None = None) -> None:
     """``final/``: the weights (:func:`~ds_sft.model.checkpoint.save_model`), a copy of the data's
-    tokenizer files (:func:`tokenizer_files`) in ``final/tokenizer/``, and the listing of exactly these
-    files, which is what ``--overwrite`` may remove there (a user's file put beside them stays theirs:
-    it is refused)."""
+    tokenizer files (:func:`tokenizer_files`) in ``final/tokenizer/``, the template of the data
+    (``manifest``, :data:`~ds_sft.data.model_match.TRAINED_ON`: what eval asks the model in), and the
+    listing of exactly these files, which is what ``--overwrite`` may remove there (a user's file put
+    beside them stays theirs: it is refused)."""
+    from ds_sft.data.model_match import TRAINED_ON, trained_on
     from ds_sft.model.checkpoint import CONFIG_FILE, MODEL_FILE, save_model
     from ds_sft.train.run_dir import write_final_listing
 
     save_model(model, final)
     written = [MODEL_FILE, CONFIG_FILE]
+    if manifest is not None:
+        write_result_file(final / TRAINED_ON, trained_on(manifest))
+        written.append(TRAINED_ON)
     for name in tokenizer_files(tokenizer_dir)[0]:
         # replaced, never written through: a resumed final/ may be a cp -al copy
         source = Path(tokenizer_dir) / name
@@ -273,7 +278,7 @@ def write_final(model, final: Path, tokenizer_dir) -> None:
     write_final_listing(final, written)
 
 
-def save_final(engine, run_dir: Path, tokenizer_dir) -> Path | None:
+def save_final(engine, run_dir: Path, tokenizer_dir, manifest: dict) -> Path | None:
     """Consolidated fp32 weights (every rank takes part; rank 0 writes) -> RUN/final."""
     import torch.distributed as dist
 
@@ -285,7 +290,7 @@ def save_final(engine, run_dir: Path, tokenizer_dir) -> Path | None:
     if dist.get_rank() == 0:
         model = LlamaModel(engine.module.config)
         model.load_state_dict(state, strict=True)
-        write_final(model, final, tokenizer_dir)
+        write_final(model, final, tokenizer_dir, manifest)
         print(f"final fp32 weights: {final}")
     dist.barrier()
     return final
@@ -384,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
         summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
         engine = summary["engine"]
         if summary["status"] == "finished":
-            save_final(engine, run_dir, train_set.tokenizer_dir)
+            save_final(engine, run_dir, train_set.tokenizer_dir, train_set.manifest)
         if rank == 0:
             print(f"report: {write_report(run_dir, effective, summary)}")
         engine.destroy()
