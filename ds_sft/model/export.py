@@ -67,14 +67,26 @@ def cast_within_range(state: dict, dtype) -> dict:
     return {name: tensor.detach().to(dtype).contiguous().cpu() for name, tensor in state.items()}
 
 
-def max_logit_difference(model, hf_dir: Path) -> float:
-    """Largest |logit| difference between ``model`` and transformers' load of ``hf_dir`` (fp32)."""
+def max_logit_difference(model, hf_dir: Path, dtype=None) -> float:
+    """Largest |logit| difference between ``model`` and transformers' load of ``hf_dir``, both in fp32.
+
+    ``dtype``: the dtype the export's weights were written in. ds-sft's side then computes with its
+    weights rounded to it, so the two sides hold the same numbers and any difference is the export's:
+    against the unrounded model a bfloat16 export differed by ~0.5 whether or not it was right (a
+    transposed projection differed by as much), and no bound could tell them apart."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False).eval()
+    reference = copy.deepcopy(model).float().eval()
+    if dtype is not None:
+        with torch.no_grad():
+            for weight in reference.parameters():  # a tied weight is one parameter
+                weight.copy_(weight.to(dtype).float())
     # no longer than the model's positions (its RoPE table): a model of 8 positions was an IndexError
     length = min(VERIFY_TOKENS, model.config.max_seq_len)
     ids = torch.randint(0, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return (model.float().eval()(ids) - hf(ids).logits).abs().max().item()
+        return (reference(ids) - hf(ids).logits).abs().max().item()
