@@ -341,7 +341,7 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
         # output_loading_info: the key problems come back to be checked below, in one line; transformers'
         # own report of them (a LOAD REPORT table on stderr, or a RuntimeError pointing at that table for
         # a wrong shape) and its progress bar stay silent
-        with _transformers_quiet():
+        with transformers_quiet():
             hf_model, loading = AutoModelForCausalLM.from_pretrained(
                 directory,
                 dtype=torch.float32,
@@ -441,7 +441,7 @@ def _wrong_shape(name: str, in_file, by_config) -> str:
 
 
 @contextlib.contextmanager
-def _transformers_quiet():
+def transformers_quiet():
     """transformers' logging at errors only and its progress bars off, restored afterwards."""
     from transformers.utils import logging as hf_logging
 

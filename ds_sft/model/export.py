@@ -79,7 +79,10 @@ def max_logit_difference(model, hf_dir: Path, dtype=None) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False).eval()
+    from ds_sft.model.checkpoint import transformers_quiet
+
+    with transformers_quiet():  # its loading bar on stderr, around ds-sft's one-line refusal
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False).eval()
     reference = copy.deepcopy(model).float().eval()
     if dtype is not None:
         with torch.no_grad():
