@@ -119,6 +119,17 @@ def test_a_prepare_flag_nothing_reads_is_refused(flag, on, capsys):
         assert error.startswith(f"ds-sft prepare: error: argument {flag}: has no effect ")
 
 
+@pytest.mark.parametrize("mode", ["offline", "online", "disabled", None])
+def test_a_train_wandb_project_without_a_wandb_run_is_refused(mode, capsys):
+    argv = ["train", "--model", "tiny", "--data_dir", "d", "--wandb_project", "p"]
+    error = _error(argv + (["--wandb_mode", mode] if mode else []), capsys)
+    if mode == "disabled":  # wandb starts no run: the project names nothing
+        assert error is not None and error.count("\n") == 1
+        assert error.startswith("ds-sft train: error: argument --wandb_project: has no effect ")
+    else:
+        assert error is None
+
+
 @pytest.mark.parametrize(
     "argv",
     [

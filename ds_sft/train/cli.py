@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.options import Int, StoreOnce
+from ds_sft.options import Ignored, Int, StoreOnce, refuse_ignored
 from ds_sft.paths import replace_file, writable_dir, write_result_file
 from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 from ds_sft.train.run_dir import check_inputs_outside
@@ -170,6 +170,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replace the run already in OUT_DIR (its checkpoints, final/, metrics.jsonl, report and plots "
         "are removed; other files are kept, and anything else inside what it removes is refused); "
         "without it or --resume, a run directory that holds a run is refused",
+    )
+    refuse_ignored(
+        parser,
+        Ignored(
+            "--wandb_project",
+            lambda args: args.wandb_mode == "disabled",
+            "with --wandb_mode disabled, which starts no wandb run: drop one of the two",
+        ),
     )
 
 
