@@ -125,6 +125,7 @@ def model_tokenizer_dir(spec: str) -> Path | None:
 
 # In a model folder train wrote (RUN/final): the prompt format of the data it was trained on.
 TRAINED_ON = "trained_on.json"
+TRAINED_ON_BYTES = 1 << 16  # read no more of it: a record is a few dozen bytes
 
 
 def trained_on(manifest: dict) -> str:
@@ -144,14 +145,15 @@ def trained_template(spec: str) -> str | None:
     record = path / TRAINED_ON
     if not path.is_dir() or not record.is_file():
         return None
+    damaged = UserError(f"{record} is not as train writes it: restore it, or delete it to skip the check")
     try:
-        template = json.loads(record.read_text(encoding="utf-8"))["template"]
+        with record.open("rb") as file:
+            text = file.read(TRAINED_ON_BYTES + 1)  # a few dozen bytes as train writes it
+        template = None if len(text) > TRAINED_ON_BYTES else json.loads(text.decode("utf-8"))["template"]
     except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
-        raise UserError(
-            f"{record} is not as train writes it: restore it, or delete it to skip the check"
-        ) from None
+        raise damaged from None
     if not isinstance(template, str):
-        raise UserError(f"{record} is not as train writes it: restore it, or delete it to skip the check")
+        raise damaged
     return template
 
 

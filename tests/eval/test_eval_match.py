@@ -140,7 +140,9 @@ def test_a_run_that_recorded_no_template_is_evaluated(templated, tmp_path):
     assert evaluate(templated.data["chat"], tmp_path / "out", str(older)) == 0
 
 
-@pytest.mark.parametrize("content", ["{", "[]", '{"template": 3}', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "content", ["{", "[]", '{"template": 3}', b"\xff\xfe", '{"template": "alpaca"}' + " " * (1 << 16)]
+)
 def test_a_damaged_template_record_is_one_line(templated, tmp_path, capsys, content):
     damaged = tmp_path / "damaged"
     shutil.copytree(templated.runs["alpaca"], damaged)
