@@ -19,8 +19,11 @@ paired (McNemar) test on the problems both models answered: at n = 10, 1/10 agai
 significant" (ds_sft.eval.stats).
 
 Prompts are rendered with the template recorded in the data dir's ``manifest.json`` and tokenized
-with the data dir's tokenizer: the model is asked in exactly the format it was trained on. The
-results go to ``OUT/eval.json`` (everything, including every GSM8K completion), ``OUT/eval.md``
+with the data dir's tokenizer: the model is asked in exactly the format it was trained on. A ds-sft
+run records the template of its data (``RUN/final/trained_on.json``): a data dir of the other one is
+refused before any model loads, unless ``--allow_other_template``.
+
+The results go to ``OUT/eval.json`` (everything, including every GSM8K completion), ``OUT/eval.md``
 (tables) and ``OUT/val_loss_by_source.png``, listed with their size and sha256 in
 ``OUT/ds_sft_eval.json``. ``--out`` must be a new or empty folder or a previous eval's, of which only
 those listed files are replaced (the new report is built beside it and swapped in); a folder holding
