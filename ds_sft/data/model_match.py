@@ -137,9 +137,12 @@ def trained_on(manifest: dict) -> str:
 
 
 def trained_template(spec: str) -> str | None:
-    """The template model ``spec`` was fine-tuned on, when ds-sft's train recorded it (a run dir or its
-    ``final/``); None for any other model (a base model, a run of an older ds-sft)."""
+    """The template model ``spec`` was fine-tuned on, when ds-sft's train recorded it (a run dir, its
+    ``final/`` or the weights file there); None for any other model (a base model, a run of an older
+    ds-sft)."""
     path = paths.resolve_model_path(spec)
+    if path.is_file():  # final/model.safetensors: its config and this record lie beside it
+        path = path.parent
     if path.is_dir() and (path / "final").is_dir():  # a training run directory
         path = path / "final"
     record = path / TRAINED_ON

@@ -96,12 +96,13 @@ def templated(tmp_path_factory):
     return SimpleNamespace(data=data, runs=runs)
 
 
-@pytest.mark.parametrize("where", ["run", "final"])
+@pytest.mark.parametrize("where", ["", "final", "final/model.safetensors"])
 @pytest.mark.parametrize(("trained", "asked"), [("alpaca", "chat"), ("chat", "alpaca")])
 def test_a_run_asked_in_another_template_is_refused(templated, tmp_path, capsys, trained, asked, where):
     """A run fine-tuned on Alpaca prompts was evaluated with a chat-template data dir (or the
-    reverse) without a word: the scores of a format it never saw."""
-    run = templated.runs[trained] / ("final" if where == "final" else "")
+    reverse) without a word: the scores of a format it never saw. Every spec that loads the run's
+    weights: the run, its final/, the weights file there."""
+    run = templated.runs[trained] / where
     assert evaluate(templated.data[asked], tmp_path / "out", str(run)) == 2
     line = one_line_error(capsys)
     assert f"fine-tuned on '{trained}'-template prompts but" in line and f"renders '{asked}' ones" in line
