@@ -114,8 +114,10 @@ def model_tokenizer_dir(spec: str) -> Path | None:
     """Where the tokenizer stored with model ``spec`` lives, or None when it carries none (a
     nanoGPT-style ``.pt``, a bare ``.safetensors``, a ds-sft weights folder without ``tokenizer/``)."""
     path = paths.resolve_model_path(spec)
-    if path.is_file():
-        return path if path.suffix.lower() == ".gguf" else None
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_file():  # final/model.safetensors: the folder it lies in holds its config and tokenizer
+        path = path.parent
     if (path / "final").is_dir():  # a training run directory
         path = path / "final"
     if (path / "tokenizer").is_dir():

@@ -41,9 +41,14 @@ def one_line_error(capsys) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("layout", ["folder", "root", "run"])
+@pytest.mark.parametrize("layout", ["folder", "root", "run", "run weights file", "folder weights file"])
 def test_a_model_with_another_tokenizer_is_refused_before_loading(parts, layout, tmp_path, capsys):
-    model_b = parts.model_b[layout]
+    """Every spec of model B, down to its weights file (its config and tokenizer/ beside it), which
+    was evaluated on data of another tokenizer with a note that it 'carries no tokenizer'."""
+    model_b = {
+        "run weights file": parts.model_b["run"] / "final" / "model.safetensors",
+        "folder weights file": parts.model_b["folder"] / "model.safetensors",
+    }.get(layout) or parts.model_b[layout]
     assert evaluate(parts.data_a, tmp_path / "out", parts.model_a, model_b) == 2
     line = one_line_error(capsys)
     assert f"{parts.data_a} was tokenized with" in line and f"but {model_b} uses another tokenizer" in line
