@@ -283,6 +283,7 @@ def test_compare_says_whether_the_gsm8k_difference_is_significant(data_dir, tmp_
     monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate_model)
     monkeypatch.setattr(evaluate, "load_checked_model", lambda spec, *args, **kwargs: None)  # no model files
     monkeypatch.setattr(model_match, "check_tokenizer", lambda spec, data_dir: None)
+    monkeypatch.setattr(model_match, "check_template", lambda spec, data_dir: None)
     data_path, test = data_dir
     out = tmp_path / "compare"
     argv = ["--compare", "base", "sft", "--data_dir", str(data_path), "--gsm8k_test", str(test)]
