@@ -688,8 +688,8 @@ def out_of_range(state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[st
     float32 near 3.4e38: a cast to a narrower range gives inf, without an error from torch."""
     limit = torch.finfo(dtype).max
     for name, tensor in state.items():
-        if not tensor.is_floating_point() or torch.finfo(tensor.dtype).max <= limit:
-            continue  # a cast to a range as wide or wider
+        if not tensor.is_floating_point() or not tensor.numel() or torch.finfo(tensor.dtype).max <= limit:
+            continue  # nothing to lose: no values, or a cast to a range as wide or wider
         low, high = torch.aminmax(tensor.detach())  # no temporary the size of the tensor
         largest = max(-low.item(), high.item())
         if math.isfinite(largest) and torch.tensor(largest).to(dtype).isinf():

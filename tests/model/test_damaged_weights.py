@@ -229,3 +229,12 @@ def test_a_weight_past_the_loaded_dtype_s_range_is_refused(tmp_path, stored, loa
         loaded_model = load_model(tmp_path / "m.pt", dtype=loaded)
         weight = loaded_model.layers[1].mlp.up_proj.weight
         assert weight.dtype == loaded and weight[3, 2].item() == held.to(loaded).item()
+
+
+def test_the_range_check_passes_over_tensors_without_values():
+    """torch.aminmax of an empty tensor is a RuntimeError: a traceback in place of the check."""
+    from ds_sft.model.checkpoint import out_of_range
+
+    state = {"empty": torch.zeros(0, 4), "large": torch.tensor([1e5]), "fits": torch.tensor([1.0])}
+    assert out_of_range(state, torch.float16) == ("large", 1e5)
+    assert out_of_range({"empty": torch.zeros(0)}, torch.float16) is None
