@@ -9,7 +9,8 @@
 tokenizer files. The tokenizer comes from ``--tokenizer`` if given, else from the source: the
 ``tokenizer/`` folder of a checkpoint directory (``RUN/final/tokenizer``) or beside a ``.pt``, the
 GGUF metadata, or the HF directory. ``--verify`` reloads the export with transformers and compares
-its logits with ds-sft's on a few random tokens. The writing itself is
+its logits with ds-sft's on a few random tokens, both in fp32 from the weights the export holds
+(rounded to ``--dtype``), within 1e-4. The writing itself is
 :func:`ds_sft.model.export.export_hf`; this module finds the model and its tokenizer, and guards the
 output folder.
 
@@ -30,6 +31,8 @@ from ds_sft.errors import UserError
 from ds_sft.paths import expand_user
 
 MANIFEST = "ds_sft_export.json"
+# fp32 logits of the same weights, computed by transformers and by ds-sft (kernels sum in other orders)
+VERIFY_TOLERANCE = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.data.output import building_output, check_output_dir, refuse_overlap
     from ds_sft.data.tokenizer import load_tokenizer
     from ds_sft.model.checkpoint import load_model
-    from ds_sft.model.export import export_hf, max_logit_difference
+    from ds_sft.model.export import export_hf
     from ds_sft.paths import resolve_model_path, writable_dir
 
     writable_dir(args.hf, "--hf")
@@ -88,19 +91,34 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(source, dtype=torch.float32)
     old_files = previous["files"] if previous else {}
     manifest = {"written_by": "ds-sft export", "base_model": args.base_model, "dtype": args.dtype}
+    dtype = getattr(torch, args.dtype)
     with building_output(out, old_files, "--hf", manifest, MANIFEST) as staging:
-        export_hf(model, tokenizer, staging, dtype=getattr(torch, args.dtype))
+        export_hf(model, tokenizer, staging, dtype=dtype)
+        if args.verify:  # before it is swapped in: an export that fails leaves the previous one as it was
+            _verify(model, staging, dtype)
     print(f"wrote {out} ({model.num_parameters():,} parameters, {args.dtype})")
-    if args.verify:
-        diff = max_logit_difference(model, out)
-        print(f"verify: transformers' logits differ from ds-sft's by at most {diff:.2e}")
-        if not math.isfinite(diff):
-            raise UserError(
-                f"the export's logits differ from ds-sft's by {diff}: it does not reproduce the model"
-            )
-        if args.dtype == "float32" and diff > 1e-4:
-            raise UserError(f"the export's logits differ by {diff:.2e} (> 1e-4); please report this as a bug")
     return 0
+
+
+def _verify(model, folder: Path, dtype) -> None:
+    """Refuse the export in ``folder`` unless transformers' logits match ds-sft's within
+    :data:`VERIFY_TOLERANCE` (:func:`~ds_sft.model.export.max_logit_difference`)."""
+    from ds_sft.model.export import max_logit_difference
+
+    kind = str(dtype).removeprefix("torch.")
+    diff = max_logit_difference(model, folder, dtype)
+    rounded = "" if kind == "float32" else f" (its weights rounded to {kind})"
+    print(f"verify: transformers' logits differ from ds-sft's{rounded} by at most {diff:.2e}")
+    if not math.isfinite(diff):
+        raise UserError(
+            f"the export's logits differ from ds-sft's by {diff}: it does not reproduce the model, so it was "
+            "not written"
+        )
+    if diff > VERIFY_TOLERANCE:
+        raise UserError(
+            f"the export's logits differ by {diff:.2e} (> {VERIFY_TOLERANCE:.0e}), so it was not written; "
+            "please report this as a bug"
+        )
 
 
 def _find_tokenizer(spec: str | None, source: Path) -> tuple[str, Path | None]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 INT64_MAX = 2**63 - 1
@@ -307,6 +308,31 @@ class StoreOnce(argparse._StoreAction):
     later flag overrides: ``make demo DEMO_ARGS='--out runs/demo2'`` relies on it)."""
 
 
+@dataclass(frozen=True)
+class Ignored:
+    """``flag`` does nothing when ``when(args)`` holds; ``because`` says why and what to do (``"with
+    --no_val, which skips the val pass: drop one of the two"``).
+
+    ``ds-sft eval --no_val --val_rows 5`` measured no val rows without a word, and the user took the
+    report for the 5-row eval asked for. Each such pair is declared once beside the flags
+    (:func:`refuse_ignored`) and refused by :class:`OneLineParser`, in one line, exit 2, when the flag
+    was given on the command line (its default is never an objection)."""
+
+    flag: str
+    when: Callable[[argparse.Namespace], bool]
+    because: str
+
+
+def refuse_ignored(parser: argparse.ArgumentParser, *rules: Ignored) -> None:
+    """Declare ``rules`` for ``parser`` (checked when it is a :class:`OneLineParser`, as every
+    command line's is). A rule naming a flag the parser lacks is a bug, caught here."""
+    known = parser._option_string_actions
+    for rule in rules:
+        if rule.flag not in known:
+            raise ValueError(f"{rule.flag} is not a flag of {parser.prog}")
+    parser.ignored_rules = (*getattr(parser, "ignored_rules", ()), *rules)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser that reports a bad flag in one line, exit 2 (its subparsers do too).
 
@@ -327,9 +353,15 @@ class OneLineParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         self._given: dict[str, list[str]] = {}  # dest -> the first value of each StoreOnce flag
-        return super().parse_known_args(args, namespace)
+        self._seen: set[str] = set()  # the option strings given on the command line
+        namespace, extras = super().parse_known_args(args, namespace)
+        for rule in getattr(self, "ignored_rules", ()):
+            if self._option_string_actions[rule.flag].dest in self._seen and rule.when(namespace):
+                self.error(f"argument {rule.flag}: has no effect {rule.because}")
+        return namespace, extras
 
     def _get_values(self, action, arg_strings):
+        self._seen.add(action.dest)
         if isinstance(action, StoreOnce):
             first = self._given.setdefault(action.dest, arg_strings)
             if first is not arg_strings and first != arg_strings:

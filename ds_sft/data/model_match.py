@@ -114,13 +114,67 @@ def model_tokenizer_dir(spec: str) -> Path | None:
     """Where the tokenizer stored with model ``spec`` lives, or None when it carries none (a
     nanoGPT-style ``.pt``, a bare ``.safetensors``, a ds-sft weights folder without ``tokenizer/``)."""
     path = paths.resolve_model_path(spec)
-    if path.is_file():
-        return path if path.suffix.lower() == ".gguf" else None
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_file():  # final/model.safetensors: the folder it lies in holds its config and tokenizer
+        path = path.parent
     if (path / "final").is_dir():  # a training run directory
         path = path / "final"
     if (path / "tokenizer").is_dir():
         return path / "tokenizer"
     return path if any(path.glob("tokenizer*.json")) else None
+
+
+# In a model folder train wrote (RUN/final): the prompt format of the data it was trained on.
+TRAINED_ON = "trained_on.json"
+TRAINED_ON_BYTES = 1 << 16  # read no more of it: a record is a few dozen bytes
+
+
+def trained_on(manifest: dict) -> str:
+    """The :data:`TRAINED_ON` record of a run on the data dir of ``manifest``: its ``template``
+    (alpaca or chat: how prompts were rendered) and the data's key."""
+    return (
+        json.dumps({"template": manifest.get("template"), "data_key": manifest.get("key")}, indent=1) + "\n"
+    )
+
+
+def trained_template(spec: str) -> str | None:
+    """The template model ``spec`` was fine-tuned on, when ds-sft's train recorded it (a run dir, its
+    ``final/`` or the weights file there); None for any other model (a base model, a run of an older
+    ds-sft)."""
+    path = paths.resolve_model_path(spec)
+    if path.is_file():  # final/model.safetensors: its config and this record lie beside it
+        path = path.parent
+    if path.is_dir() and (path / "final").is_dir():  # a training run directory
+        path = path / "final"
+    record = path / TRAINED_ON
+    if not path.is_dir() or not record.is_file():
+        return None
+    damaged = UserError(f"{record} is not as train writes it: restore it, or delete it to skip the check")
+    try:
+        with record.open("rb") as file:
+            text = file.read(TRAINED_ON_BYTES + 1)  # a few dozen bytes as train writes it
+        template = None if len(text) > TRAINED_ON_BYTES else json.loads(text.decode("utf-8"))["template"]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
+        raise damaged from None
+    if not isinstance(template, str):
+        raise damaged
+    return template
+
+
+def check_template(spec: str, data_dir: str | Path) -> None:
+    """Refuse data whose prompts are rendered in another template than the one model ``spec`` was
+    fine-tuned on: the eval asked an Alpaca-trained model in its chat template (or the reverse) and
+    reported the scores of a format it never saw, without a word."""
+    trained = trained_template(spec)
+    rendered = read_manifest(data_dir).get("template")
+    if trained is None or rendered is None or trained == rendered:
+        return
+    raise UserError(
+        f"{spec} was fine-tuned on {trained!r}-template prompts but {data_dir} renders {rendered!r} ones: "
+        f"prepare the eval data with --template {trained}, or pass --allow_other_template to measure "
+        "it in a format it was not trained on"
+    )
 
 
 def gpt2_identity() -> str | None:

@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from ds_sft.errors import UserError, as_os_error
+from ds_sft.options import Ignored, refuse_ignored
 from ds_sft.paths import expand_user
 
 FORMAT_VERSION = 3  # bump when the output layout or a cleaning rule changes: old outputs are then redone
@@ -194,6 +195,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="drop malformed JSON lines and lines over 64 MiB (counted in the manifest) instead of "
         "stopping at the first one",
+    )
+    refuse_ignored(
+        parser,
+        Ignored(
+            "--min_val_rows",
+            lambda a: a.val_fraction == 0,
+            "with --val_fraction 0, which holds out no val rows: drop one of the two",
+        ),
+        Ignored(
+            "--gsm8k_test",
+            lambda a: a.decontam_threshold == 0,
+            "with --decontam_threshold 0: the test set is read only to decontaminate against; drop one "
+            "of the two",
+        ),
     )
 
 

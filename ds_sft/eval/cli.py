@@ -19,8 +19,11 @@ paired (McNemar) test on the problems both models answered: at n = 10, 1/10 agai
 significant" (ds_sft.eval.stats).
 
 Prompts are rendered with the template recorded in the data dir's ``manifest.json`` and tokenized
-with the data dir's tokenizer: the model is asked in exactly the format it was trained on. The
-results go to ``OUT/eval.json`` (everything, including every GSM8K completion), ``OUT/eval.md``
+with the data dir's tokenizer: the model is asked in exactly the format it was trained on. A ds-sft
+run records the template of its data (``RUN/final/trained_on.json``): a data dir of the other one is
+refused before any model loads, unless ``--allow_other_template``.
+
+The results go to ``OUT/eval.json`` (everything, including every GSM8K completion), ``OUT/eval.md``
 (tables) and ``OUT/val_loss_by_source.png``, listed with their size and sha256 in
 ``OUT/ds_sft_eval.json``. ``--out`` must be a new or empty folder or a previous eval's, of which only
 those listed files are replaced (the new report is built beside it and swapped in); a folder holding
@@ -35,6 +38,7 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.options import Ignored, refuse_ignored
 from ds_sft.paths import expand_user
 
 MANIFEST = "ds_sft_eval.json"
@@ -63,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=StoreOnce,
         required=True,
         help="a prepared data dir (ds-sft prepare): its val split, tokenizer and prompt template are used",
+    )
+    which.add_argument(
+        "--allow_other_template",
+        action="store_true",
+        help="evaluate a ds-sft run on data whose prompt template (alpaca or chat) differs from the one "
+        "it was fine-tuned on (refused otherwise: the scores would be of a format it never saw)",
     )
     which.add_argument(
         "--out",
@@ -154,6 +164,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cpu, cuda or cuda:N (default: cuda when available, else cpu)",
     )
+    refuse_ignored(parser, *IGNORED)
+
+
+def _answers_nothing(args: argparse.Namespace) -> bool:
+    return args.no_gsm8k and args.no_generate and not args.harness
+
+
+_NO_VAL = "with --no_val, which skips the val pass: drop one of the two"
+_NO_GSM8K = "with --no_gsm8k, which skips GSM8K: drop one of the two"
+_NO_ANSWERS = "with --no_gsm8k and --no_generate and no --harness: nothing is generated; drop it"
+# Each flag that a choice of another makes do nothing (ds_sft.options.Ignored).
+IGNORED = (
+    Ignored("--val_rows", lambda a: a.no_val, _NO_VAL),
+    Ignored("--batch_size", lambda a: a.no_val, _NO_VAL + " (it sizes the val pass's forwards only)"),
+    Ignored("--gsm8k_limit", lambda a: a.no_gsm8k, _NO_GSM8K),
+    Ignored("--gsm8k_test", lambda a: a.no_gsm8k, _NO_GSM8K),
+    Ignored("--seed", lambda a: a.no_gsm8k, _NO_GSM8K),
+    Ignored(
+        "--seed",
+        lambda a: a.gsm8k_limit is None,
+        "without --gsm8k_limit: it draws that subset, and without one every problem is scored",
+    ),
+    Ignored("--max_new_tokens", _answers_nothing, _NO_ANSWERS),
+    Ignored("--generate_batch_size", _answers_nothing, _NO_ANSWERS),
+    Ignored(
+        "--repetition_penalty",
+        lambda a: a.no_gsm8k and a.no_generate,
+        "with --no_gsm8k and --no_generate: it applies to ds-sft's own answers only (the harness "
+        "does not use it); drop it",
+    ),
+)
 
 
 def _labels(specs: list[str]) -> list[str]:
@@ -173,6 +214,11 @@ def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict]
     from ds_sft.paths import writable_dir
 
     # numbers are checked by their declared domains in add_arguments (ds_sft/options.py)
+    if args.no_val and args.no_gsm8k and args.no_generate and not args.harness:
+        raise UserError(
+            "--no_val, --no_gsm8k and --no_generate leave nothing to evaluate: drop one of them (or add "
+            "--harness TASKS)"
+        )
     if not Path(args.data_dir).is_dir():
         raise UserError(f"--data_dir {args.data_dir} does not exist: run `ds-sft prepare` first")
     writable_dir(args.out, "--out")
@@ -207,7 +253,7 @@ def available_device(name: str | None):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ds_sft.data.model_match import check_tokenizer
+    from ds_sft.data.model_match import check_template, check_tokenizer
     from ds_sft.data.output import building_output
     from ds_sft.eval import evaluate, gsm8k
     from ds_sft.eval.report import write_report
@@ -229,12 +275,15 @@ def run(args: argparse.Namespace) -> int:
     harness_configs = _harness_configs(args, gsm8k_origin)
     for spec in specs:  # before any weights load: a model with another tokenizer is refused in one line
         check_tokenizer(spec, args.data_dir)
+        if not args.allow_other_template:
+            check_template(spec, args.data_dir)
     # --compare: model B's refusals (its positions, vocabulary, the memory its answers need) came
     # after model A's whole eval, an hour at the default GSM8K; the first model is checked as it loads
     for spec in specs[1:]:
         evaluate.load_checked_model(
             spec, data, problems, device=device, dtype=dtype, generate_batch_size=args.generate_batch_size,
             max_new_tokens=args.max_new_tokens, run_generations=not args.no_generate,
+            batch_size=args.batch_size, val_rows=args.val_rows,
         )  # fmt: skip
         if device.type == "cuda":  # the first model's memory check must see this one's memory free
             torch.cuda.empty_cache()

@@ -187,6 +187,51 @@ def check_generation_fits(model, data: EvalData, records: list[dict], max_new_to
         )
 
 
+def val_forward_bytes(config, seq_len: int, itemsize: int, device) -> tuple[int, int]:
+    """(bytes per val row, bytes whatever the batch) of a val forward's peak, an upper bound: one
+    layer's activations live at a time (the residual and its norm, q/k/v and k/v widened to every
+    head, the MLP's gate, up and product); on the CPU the attention's tiles
+    (:mod:`ds_sft.model.attention`, at their largest for a row of one document: every query tile's
+    key/value window gathered at once, their masks, one bucket's scores and probabilities; on CUDA
+    flex_attention keeps none of these); and the fp32 logits of one chunk of trained positions
+    (:data:`ds_sft.model.scoring.SCORE_CHUNK_TOKENS`)."""
+    from ds_sft.model.attention import TILE
+    from ds_sft.model.scoring import SCORE_CHUNK_TOKENS
+
+    heads, kv_heads, head_dim, tokens = config.n_heads, config.n_kv_heads, config.head_dim, seq_len
+    widths = 4 * config.d_model + (heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim
+    per_row = tokens * (widths + 3 * config.ffn_hidden) * itemsize
+    if device.type == "cpu":
+        windows = heads * head_dim * tokens * (tokens // TILE + 2) * itemsize  # keys and values
+        masks = tokens * (tokens + 2 * TILE) // 2
+        tiles = heads * tokens * (4 * TILE + 5 * head_dim) * itemsize  # scores, probs; q/k/v tiles, output
+        per_row += windows + masks + tiles
+    # the chunk's logits in the model's dtype, in fp32, and cross-entropy's softmax and argmax
+    return per_row, SCORE_CHUNK_TOKENS * config.vocab_size * (itemsize + 3 * 4)
+
+
+def check_val_fits(model, val, batch_size: int, val_rows: int | None) -> None:
+    """One line before any measuring when a val forward of ``batch_size`` rows needs more memory than
+    is free for it (:func:`val_forward_bytes`), as generation is checked (:func:`check_generation_fits`):
+    --batch_size 4096 of 1,024-token rows was the OOM killer or an allocator traceback after the
+    model had loaded. Names the largest batch that fits."""
+    from ds_sft.machine import free_memory
+
+    rows = min(batch_size, len(val), val_rows or batch_size)
+    device = next(model.parameters()).device
+    per_row, fixed = val_forward_bytes(model.config, val.seq_len, model.wte.weight.element_size(), device)
+    free, where = free_memory(device)
+    if free is None or rows * per_row + fixed <= free:
+        return
+    fits = max(0, (free - fixed) // per_row)
+    fix = f"pass --batch_size {fits} or less" if fits else "free memory, or evaluate with --no_val"
+    need = (rows * per_row + fixed) / 2**30
+    raise UserError(
+        f"a val forward of {rows} rows of {val.seq_len} tokens needs about {need:,.1f} GiB, more than the "
+        f"{free / 2**30:,.1f} GiB {where}: {fix}"
+    )
+
+
 def load_checked_model(
     spec: str,
     data: EvalData,
@@ -197,16 +242,20 @@ def load_checked_model(
     generate_batch_size: int,
     max_new_tokens: int,
     run_generations: bool,
+    batch_size: int = 1,
+    val_rows: int | None = None,
 ):
-    """``spec`` loaded, once it is known to take the data dir's rows and every prompt to answer
-    (:func:`ds_sft.data.model_match.check_model_fits`, :func:`check_generation_fits`): a refusal
-    comes before anything is measured."""
+    """``spec`` loaded, once it is known to take the data dir's rows, its val batches and every prompt
+    to answer (:func:`ds_sft.data.model_match.check_model_fits`, :func:`check_val_fits`,
+    :func:`check_generation_fits`): a refusal comes before anything is measured."""
     from ds_sft.data.model_match import check_model_fits
     from ds_sft.eval.prompts import FIXED_PROMPTS
     from ds_sft.model.checkpoint import load_model
 
     model = load_model(spec, dtype=dtype, device=device).eval()
     check_model_fits(spec, model.config, data.data_dir, data.val.seq_len if data.val is not None else None)
+    if data.val is not None:
+        check_val_fits(model, data.val, batch_size, val_rows)
     to_answer = [{"instruction": problem.question, "input": ""} for problem in problems]
     to_answer += [prompt.as_record() for prompt in FIXED_PROMPTS] if run_generations else []
     check_generation_fits(model, data, to_answer, max_new_tokens, generate_batch_size)
@@ -240,7 +289,8 @@ def evaluate_model(
     start = time.perf_counter()
     model = load_checked_model(
         spec, data, problems, device=device, dtype=dtype, generate_batch_size=generate_batch_size,
-        max_new_tokens=max_new_tokens, run_generations=run_generations,
+        max_new_tokens=max_new_tokens, run_generations=run_generations, batch_size=batch_size,
+        val_rows=val_rows,
     )  # fmt: skip
     seconds["load"] = time.perf_counter() - start
     result = {"parameters": model.num_parameters(), "val": None, "gsm8k": None, "generations": None}

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import pickle
 import re
@@ -149,6 +150,7 @@ def load_model(
             model = LlamaModel(config)
         _check_keys(model, state)
         _check_finite(state)
+        _check_fits(state, dtype)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     if rope_layout == "interleaved" or (
@@ -339,7 +341,7 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
         # output_loading_info: the key problems come back to be checked below, in one line; transformers'
         # own report of them (a LOAD REPORT table on stderr, or a RuntimeError pointing at that table for
         # a wrong shape) and its progress bar stay silent
-        with _transformers_quiet():
+        with transformers_quiet():
             hf_model, loading = AutoModelForCausalLM.from_pretrained(
                 directory,
                 dtype=torch.float32,
@@ -439,7 +441,7 @@ def _wrong_shape(name: str, in_file, by_config) -> str:
 
 
 @contextlib.contextmanager
-def _transformers_quiet():
+def transformers_quiet():
     """transformers' logging at errors only and its progress bars off, restored afterwards."""
     from transformers.utils import logging as hf_logging
 
@@ -678,6 +680,40 @@ def _check_finite(state: dict[str, torch.Tensor]) -> None:
                 f"its tensor {name} holds {bad:,} NaN/Inf values of {tensor.numel():,}: the checkpoint is "
                 "damaged; download, copy or export it again (or resume from an earlier checkpoint)"
             )
+
+
+def out_of_range(state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[str, float] | None:
+    """The first tensor of ``state`` holding a finite value that becomes inf in ``dtype``, with its
+    largest magnitude there; None when every value fits. float16 tops out at 65,504, bfloat16 and
+    float32 near 3.4e38: a cast to a narrower range gives inf, without an error from torch."""
+    limit = torch.finfo(dtype).max
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() or not tensor.numel() or torch.finfo(tensor.dtype).max <= limit:
+            continue  # nothing to lose: no values, or a cast to a range as wide or wider
+        low, high = torch.aminmax(tensor.detach())  # no temporary the size of the tensor
+        largest = max(-low.item(), high.item())
+        if math.isfinite(largest) and torch.tensor(largest).to(dtype).isinf():
+            return name, largest
+    return None
+
+
+def _check_fits(state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Every weight within the range of the dtype asked for: fp32 weights past 65,504 loaded as
+    float16 were inf, and every forward NaN, without a word (fp64 ones past 3.4e38, as float32)."""
+    found = out_of_range(state, dtype)
+    if found is None:
+        return
+    name, largest = found
+    kind = str(dtype).removeprefix("torch.")
+    fix = (
+        "load it in float32"
+        if largest <= torch.finfo(torch.float32).max
+        else "no dtype ds-sft computes in holds it: the checkpoint is damaged"
+    )
+    raise UserError(
+        f"its tensor {name} holds {largest:.4g}, past {kind}'s largest value "
+        f"({torch.finfo(dtype).max:.5g}): in {kind} it would be inf; {fix}"
+    )
 
 
 def _pickle_refusal(path: Path, err: pickle.UnpicklingError) -> UserError:

@@ -39,7 +39,7 @@ def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    state = {name: cast_within_range(name, t.detach(), dtype) for name, t in to_hf_state_dict(model).items()}
+    state = cast_within_range(to_hf_state_dict(model), dtype)
     config = hf_config(model.config, **token_ids)
     config.dtype = dtype
     config.save_pretrained(out)
@@ -49,31 +49,47 @@ def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
     return out
 
 
-def cast_within_range(name: str, tensor, dtype):
-    """``tensor`` in ``dtype`` on the CPU, or one line when a finite value becomes inf there (float16
+def cast_within_range(state: dict, dtype) -> dict:
+    """``state`` in ``dtype`` on the CPU, or one line when a finite value becomes inf there (float16
     tops out at 65,504): the export held inf, and --verify passed it."""
     import torch
 
-    cast = tensor.to(dtype).contiguous().cpu()
-    overflowed = torch.isfinite(tensor.cpu()) & ~torch.isfinite(cast)
-    if bool(overflowed.any()):
-        largest = tensor.cpu()[overflowed].abs().max().item()
+    from ds_sft.model.checkpoint import out_of_range
+
+    found = out_of_range(state, dtype)
+    if found is not None:
+        name, largest = found
         kind = str(dtype).removeprefix("torch.")
         raise UserError(
             f"--dtype {kind}: {name} holds {largest:.3g}, past {kind}'s range "
             f"({torch.finfo(dtype).max:,.0f}); export in bfloat16 or float32"
         )
-    return cast
+    return {name: tensor.detach().to(dtype).contiguous().cpu() for name, tensor in state.items()}
 
 
-def max_logit_difference(model, hf_dir: Path) -> float:
-    """Largest |logit| difference between ``model`` and transformers' load of ``hf_dir`` (fp32)."""
+def max_logit_difference(model, hf_dir: Path, dtype=None) -> float:
+    """Largest |logit| difference between ``model`` and transformers' load of ``hf_dir``, both in fp32.
+
+    ``dtype``: the dtype the export's weights were written in. ds-sft's side then computes with its
+    weights rounded to it, so the two sides hold the same numbers and any difference is the export's:
+    against the unrounded model a bfloat16 export differed by ~0.5 whether or not it was right (a
+    transposed projection differed by as much), and no bound could tell them apart."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False).eval()
+    from ds_sft.model.checkpoint import transformers_quiet
+
+    with transformers_quiet():  # its loading bar on stderr, around ds-sft's one-line refusal
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=False).eval()
+    reference = copy.deepcopy(model).float().eval()
+    if dtype is not None:
+        with torch.no_grad():
+            for weight in reference.parameters():  # a tied weight is one parameter
+                weight.copy_(weight.to(dtype).float())
     # no longer than the model's positions (its RoPE table): a model of 8 positions was an IndexError
     length = min(VERIFY_TOKENS, model.config.max_seq_len)
     ids = torch.randint(0, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return (model.float().eval()(ids) - hf(ids).logits).abs().max().item()
+        return (reference(ids) - hf(ids).logits).abs().max().item()

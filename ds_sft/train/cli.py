@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.options import Int, StoreOnce
+from ds_sft.options import Ignored, Int, StoreOnce, refuse_ignored
 from ds_sft.paths import replace_file, writable_dir, write_result_file
 from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 from ds_sft.train.run_dir import check_inputs_outside
@@ -171,6 +171,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "are removed; other files are kept, and anything else inside what it removes is refused); "
         "without it or --resume, a run directory that holds a run is refused",
     )
+    refuse_ignored(
+        parser,
+        Ignored(
+            "--wandb_project",
+            lambda args: args.wandb_mode == "disabled",
+            "with --wandb_mode disabled, which starts no wandb run: drop one of the two",
+        ),
+    )
 
 
 def build_model(s, tokens_per_micro_batch: int | None = None):
@@ -253,16 +261,21 @@ def copy_regular_file(source: Path, target: Path) -> None:
             shutil.copyfileobj(reader, writer)
 
 
-def write_final(model, final: Path, tokenizer_dir) -> None:
+def write_final(model, final: Path, tokenizer_dir, manifest: dict | None = None) -> None:
     """``final/``: the weights (:func:`~ds_sft.model.checkpoint.save_model`), a copy of the data's
-    tokenizer files (:func:`tokenizer_files`) in ``final/tokenizer/``, and the listing of exactly these
-    files, which is what ``--overwrite`` may remove there (a user's file put beside them stays theirs:
-    it is refused)."""
+    tokenizer files (:func:`tokenizer_files`) in ``final/tokenizer/``, the template of the data
+    (``manifest``, :data:`~ds_sft.data.model_match.TRAINED_ON`: what eval asks the model in), and the
+    listing of exactly these files, which is what ``--overwrite`` may remove there (a user's file put
+    beside them stays theirs: it is refused)."""
+    from ds_sft.data.model_match import TRAINED_ON, trained_on
     from ds_sft.model.checkpoint import CONFIG_FILE, MODEL_FILE, save_model
     from ds_sft.train.run_dir import write_final_listing
 
     save_model(model, final)
     written = [MODEL_FILE, CONFIG_FILE]
+    if manifest is not None:
+        write_result_file(final / TRAINED_ON, trained_on(manifest))
+        written.append(TRAINED_ON)
     for name in tokenizer_files(tokenizer_dir)[0]:
         # replaced, never written through: a resumed final/ may be a cp -al copy
         source = Path(tokenizer_dir) / name
@@ -273,7 +286,7 @@ def write_final(model, final: Path, tokenizer_dir) -> None:
     write_final_listing(final, written)
 
 
-def save_final(engine, run_dir: Path, tokenizer_dir) -> Path | None:
+def save_final(engine, run_dir: Path, tokenizer_dir, manifest: dict) -> Path | None:
     """Consolidated fp32 weights (every rank takes part; rank 0 writes) -> RUN/final."""
     import torch.distributed as dist
 
@@ -285,7 +298,7 @@ def save_final(engine, run_dir: Path, tokenizer_dir) -> Path | None:
     if dist.get_rank() == 0:
         model = LlamaModel(engine.module.config)
         model.load_state_dict(state, strict=True)
-        write_final(model, final, tokenizer_dir)
+        write_final(model, final, tokenizer_dir, manifest)
         print(f"final fp32 weights: {final}")
     dist.barrier()
     return final
@@ -384,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
         summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
         engine = summary["engine"]
         if summary["status"] == "finished":
-            save_final(engine, run_dir, train_set.tokenizer_dir)
+            save_final(engine, run_dir, train_set.tokenizer_dir, train_set.manifest)
         if rank == 0:
             print(f"report: {write_report(run_dir, effective, summary)}")
         engine.destroy()

@@ -45,8 +45,11 @@ def two_tokenizers(root: Path) -> tuple[Path, Path]:
     )
 
 
-def prepare(out: Path, tokenizer: Path, seq_len: int = SEQ_LEN, rows: int = 40, offset: int = 0) -> Path:
-    """``ds-sft prepare`` on small Alpaca + GSM8K files (``offset`` shifts the rows: other data)."""
+def prepare(
+    out: Path, tokenizer: Path, seq_len: int = SEQ_LEN, rows: int = 40, offset: int = 0, extra: tuple = ()
+) -> Path:
+    """``ds-sft prepare`` on small Alpaca + GSM8K files (``offset`` shifts the rows: other data;
+    ``extra``: more flags)."""
     from ds_sft.data import prepare as prepare_command
 
     src = out.with_name(out.name + "_src")
@@ -66,6 +69,7 @@ def prepare(out: Path, tokenizer: Path, seq_len: int = SEQ_LEN, rows: int = 40, 
         "4",
         "--output_dir",
         str(out),
+        *extra,
     ]
     parser = argparse.ArgumentParser()
     prepare_command.add_arguments(parser)

@@ -283,6 +283,7 @@ def test_compare_says_whether_the_gsm8k_difference_is_significant(data_dir, tmp_
     monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate_model)
     monkeypatch.setattr(evaluate, "load_checked_model", lambda spec, *args, **kwargs: None)  # no model files
     monkeypatch.setattr(model_match, "check_tokenizer", lambda spec, data_dir: None)
+    monkeypatch.setattr(model_match, "check_template", lambda spec, data_dir: None)
     data_path, test = data_dir
     out = tmp_path / "compare"
     argv = ["--compare", "base", "sft", "--data_dir", str(data_path), "--gsm8k_test", str(test)]
@@ -611,6 +612,7 @@ def test_a_generation_that_cannot_run_is_refused_before_anything_is_measured(
     new_tokens = "500" if limit == "max_seq_len" else "6"
     argv = ["--model", str(model_dir), "--data_dir", str(data_path), "--gsm8k_test", str(test),
             "--max_new_tokens", new_tokens, "--dtype", "float32", "--out", str(tmp_path / "out")]  # fmt: skip
+    argv += ["--no_val"] if limit == "memory" else []  # the val pass's own bound would answer first
     expected = (
         r"^the longest prompt to answer \(\d+ tokens\) \+ --max_new_tokens 500 exceeds the model's"
         if limit == "max_seq_len"
@@ -619,6 +621,38 @@ def test_a_generation_that_cannot_run_is_refused_before_anything_is_measured(
     with pytest.raises(UserError, match=expected):
         cli.run(_parse(argv))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_val_batch_larger_than_the_memory_is_refused_naming_one_that_fits(
+    data_dir, model_dir, tmp_path, monkeypatch
+):
+    """--batch_size had no bound (generation's was checked): 4,096 rows of 1,024 tokens went to the
+    forward and ended in the OOM killer or an allocator traceback, after the model had loaded."""
+    import ds_sft.machine
+    from ds_sft.data.shards import PackedDataset
+    from ds_sft.eval import evaluate
+
+    data_path, _ = data_dir
+    config = ModelConfig.load(model_dir / "model_config.json")
+    seq_len = PackedDataset(data_path, "val").seq_len
+    per_row, fixed = evaluate.val_forward_bytes(config, seq_len, 4, torch.device("cpu"))
+    free = fixed + 2 * per_row + per_row // 2  # two rows fit, three do not
+    monkeypatch.setattr(ds_sft.machine, "free_memory", lambda device: (free, "available in this test"))
+    real_metrics = evaluate.validation_metrics
+    monkeypatch.setattr(evaluate, "validation_metrics", lambda *args: pytest.fail("the val pass ran"))
+    argv = ["--model", str(model_dir), "--data_dir", str(data_path), "--no_gsm8k", "--no_generate",
+            "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(UserError) as refusal:
+        cli.run(_parse([*argv, "--batch_size", "3"]))
+    message = str(refusal.value)
+    assert "\n" not in message and message.startswith(
+        f"a val forward of 3 rows of {seq_len} tokens needs about"
+    )
+    assert message.endswith("available in this test: pass --batch_size 2 or less")
+    assert not (tmp_path / "out").exists()
+
+    monkeypatch.setattr(evaluate, "validation_metrics", real_metrics)
+    assert cli.run(_parse([*argv, "--batch_size", "2", "--val_rows", "4"])) == 0
 
 
 @pytest.mark.parametrize(
@@ -713,10 +747,13 @@ def test_a_model_whose_logits_are_not_finite_is_refused_not_reported(data_dir, t
         model.layers[0].attn.q_proj.weight.mul_(1e20)
         model.layers[0].attn.k_proj.weight.mul_(1e20)
     path = save_model(model, tmp_path / "broken")
-    only = ["--no_gsm8k", "--val_rows", "2"] if measure == "val" else ["--no_val", "--gsm8k_test", str(test)]
+    only = (
+        ["--no_gsm8k", "--val_rows", "2"]
+        if measure == "val"
+        else ["--no_val", "--gsm8k_test", str(test), "--gsm8k_limit", "2", "--max_new_tokens", "2"]
+    )
     code = main_for("eval", ["--model", str(path), "--data_dir", str(data_path), "--no_generate", *only,
-                             "--gsm8k_limit", "2", "--max_new_tokens", "2", "--dtype", "float32",
-                             "--out", str(tmp_path / "eval")])  # fmt: skip
+                             "--dtype", "float32", "--out", str(tmp_path / "eval")])  # fmt: skip
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines
     assert code == 2 and last.startswith("ds-sft eval: error: the model's logits are not finite"), last
     assert "overflow in float32" in last and not (tmp_path / "eval").exists()

@@ -193,3 +193,48 @@ def test_transformers_logging_is_restored_after_a_load(tmp_path):
         assert hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.set_verbosity_warning()
+
+
+NARROWING_VALUES = (65504.0, 65519.0, 65520.0, 7e4, 3.38e38, 3.4e38, 1e39, 1e300)
+NARROWING = [
+    (stored, loaded, value)
+    for stored in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+    for loaded in (torch.float32, torch.bfloat16, torch.float16)
+    for value in NARROWING_VALUES
+    # a value the file can hold (finite, and not rounded to another in its dtype)
+    if math.isfinite(torch.tensor(value, dtype=torch.float64).to(stored).item())
+]
+
+
+@pytest.mark.parametrize(
+    ("stored", "loaded", "value"),
+    NARROWING,
+    ids=[f"{s}-{d}-{v:g}".replace("torch.", "") for s, d, v in NARROWING],
+)
+def test_a_weight_past_the_loaded_dtype_s_range_is_refused(tmp_path, stored, loaded, value):
+    """load_model(dtype=float16) of fp32 weights past 65,504 gave inf without a word (every forward
+    NaN); fp64 weights past 3.4e38 did at the default float32. The oracle is torch's own cast."""
+    model = _tiny_model()
+    state = {name: tensor.to(stored) for name, tensor in model.state_dict().items()}
+    state["layers.1.mlp.up_proj.weight"][3, 2] = -value
+    torch.save({"model": state, "config": HEADS}, tmp_path / "m.pt")
+    held = torch.tensor(-value, dtype=torch.float64).to(stored)
+    if bool(held.to(loaded).isinf()):
+        with pytest.raises(UserError) as refusal:
+            load_model(tmp_path / "m.pt", dtype=loaded)
+        message = str(refusal.value)
+        assert "\n" not in message and "layers.1.mlp.up_proj.weight" in message
+        assert f"past {str(loaded).removeprefix('torch.')}'s largest value" in message
+    else:
+        loaded_model = load_model(tmp_path / "m.pt", dtype=loaded)
+        weight = loaded_model.layers[1].mlp.up_proj.weight
+        assert weight.dtype == loaded and weight[3, 2].item() == held.to(loaded).item()
+
+
+def test_the_range_check_passes_over_tensors_without_values():
+    """torch.aminmax of an empty tensor is a RuntimeError: a traceback in place of the check."""
+    from ds_sft.model.checkpoint import out_of_range
+
+    state = {"empty": torch.zeros(0, 4), "large": torch.tensor([1e5]), "fits": torch.tensor([1.0])}
+    assert out_of_range(state, torch.float16) == ("large", 1e5)
+    assert out_of_range({"empty": torch.zeros(0)}, torch.float16) is None

@@ -129,3 +129,41 @@ def test_an_export_never_holds_inf_where_the_model_is_finite(
     assert all(
         bool(torch.isfinite(t).all()) for t in load_file(tmp_path / "hf" / "model.safetensors").values()
     )
+
+
+def _transposed_o_proj(real):
+    def broken(model):
+        state = dict(real(model))
+        key = "model.layers.0.self_attn.o_proj.weight"
+        state[key] = state[key].t().contiguous()
+        return state
+
+    return broken
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("export", ["right", "wrong"])
+def test_verify_holds_every_dtype_to_the_weights_it_wrote(
+    tmp_path, capsys, monkeypatch, gpt2_tokenizer_dir, tied, dtype, export
+):
+    """--verify compared a bfloat16 or float16 export with the unrounded fp32 model and bounded only
+    float32's difference: an export with a transposed projection passed ('differ by at most 4.6e-01',
+    exit 0). Against the same weights rounded to --dtype a right export is within 1e-4 in every dtype."""
+    import ds_sft.model.checkpoint
+
+    torch.manual_seed(0)
+    save_model(
+        LlamaModel(ModelConfig.preset("tiny", vocab_size=50304, tie_embeddings=tied)), tmp_path / "ckpt"
+    )
+    if export == "wrong":
+        real = ds_sft.model.checkpoint.to_hf_state_dict
+        monkeypatch.setattr(ds_sft.model.checkpoint, "to_hf_state_dict", _transposed_o_proj(real))
+    args = ["--base_model", str(tmp_path / "ckpt"), "--tokenizer", str(gpt2_tokenizer_dir),
+            "--hf", str(tmp_path / "hf"), "--dtype", dtype, "--verify"]  # fmt: skip
+    code = main_for("export", args)
+    err = capsys.readouterr().err
+    if export == "right":
+        assert code == 0, err
+    else:
+        assert code == 2 and "ds-sft export: error: the export's logits differ by" in err

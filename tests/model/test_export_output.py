@@ -261,6 +261,25 @@ def test_a_failed_export_leaves_the_previous_one_as_it_was(run_dir, exported, tm
     assert snapshot(tmp_path) == before  # the old export, and no staging folder beside it
 
 
+@pytest.mark.parametrize("previous", [True, False])
+def test_an_export_that_fails_verify_is_not_written(
+    run_dir, exported, tmp_path, monkeypatch, capsys, previous
+):
+    """--verify read the export after it had replaced the previous one: a failed verify (exit 2) left
+    the wrong export in place, its manifest claiming it as ds-sft's, and the right one gone."""
+    import ds_sft.model.checkpoint
+    from tests.model.test_export import _transposed_o_proj
+
+    out = tmp_path / "hf"
+    if previous:
+        shutil.copytree(exported, out)
+    before = snapshot(tmp_path)
+    real = ds_sft.model.checkpoint.to_hf_state_dict
+    monkeypatch.setattr(ds_sft.model.checkpoint, "to_hf_state_dict", _transposed_o_proj(real))
+    assert "so it was not written" in _refused(capsys, _export(run_dir, out, "--verify"))
+    assert snapshot(tmp_path) == before  # the old export or nothing, and no staging folder beside it
+
+
 def test_export_hf_writes_into_a_new_or_empty_folder_only(run_dir, tmp_path):
     from ds_sft.errors import UserError
     from ds_sft.model.checkpoint import load_model

@@ -80,3 +80,29 @@ def test_a_replaced_tokenizer_folder_is_refused(parts, base, tmp_path, capsys, d
     assert evaluate(parts.swapped, model, tmp_path / "eval") == 2
     assert "is not the tokenizer" in one_line_error(capsys, "eval")
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_run_records_its_template_and_eval_holds_it_to_it(tmp_path, dist_env, capsys):
+    """train wrote nothing about the prompt format into final/: eval asked an Alpaca-trained run in
+    the chat template without a word."""
+    from ds_sft.data.tokenizer import load_tokenizer
+    from tests.eval.test_eval_match import CHATML
+
+    a, _ = two_tokenizers(tmp_path / "tokenizers")
+    tokenizer = load_tokenizer(str(a))
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(str(tmp_path / "chat_tokenizer"))
+    data = {
+        template: prepare(
+            tmp_path / f"data_{template}", tmp_path / "chat_tokenizer", extra=("--template", template)
+        )
+        for template in ("alpaca", "chat")
+    }
+    base = tiny_model_dir(tmp_path / "base", tmp_path / "chat_tokenizer", "run")
+    assert train(data["alpaca"], base, tmp_path / "run") == 0
+    record = json.loads((tmp_path / "run" / "final" / "trained_on.json").read_text())
+    manifest = json.loads((data["alpaca"] / "manifest.json").read_text())
+    assert record == {"template": "alpaca", "data_key": manifest["key"]}
+    assert evaluate(data["chat"], tmp_path / "run", tmp_path / "eval_chat") == 2
+    assert "fine-tuned on 'alpaca'-template prompts" in one_line_error(capsys, "eval")
+    assert evaluate(data["alpaca"], tmp_path / "run", tmp_path / "eval_alpaca") == 0
