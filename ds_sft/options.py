@@ -353,7 +353,7 @@ class OneLineParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         self._given: dict[str, list[str]] = {}  # dest -> the first value of each StoreOnce flag
-        self._seen: set[str] = set()  # the option strings given on the command line
+        self._seen: set[str] = set()  # the dest of each flag given on the command line
         namespace, extras = super().parse_known_args(args, namespace)
         for rule in getattr(self, "ignored_rules", ()):
             if self._option_string_actions[rule.flag].dest in self._seen and rule.when(namespace):
