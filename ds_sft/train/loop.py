@@ -655,10 +655,10 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             state["train_tokens"] += result["trained_tokens"]
             state["elapsed_s"] += step_time
             record = meter.record(done, lr, result, step_time)
-            if result["finite"]:
-                state["nan_streak"] = 0
-            else:
+            if not result["finite"]:
                 count_skipped_step(s, state, record, log, engine, ckpt_dir)
+            elif result["trained_tokens"]:  # a step without tokens ran nothing: no sign of recovery
+                state["nan_streak"] = 0
             log.step(record)
 
             # evaluate, and keep the best weights even between save intervals

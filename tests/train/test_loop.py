@@ -95,6 +95,19 @@ def test_nan_streak_aborts_with_a_clear_message(dist_env, tmp_path):
         run(s, TinyPacked(32, seed=5), tmp_path, poisoned(tiny_model(), set(range(3, 100))))
 
 
+def test_a_step_without_trained_tokens_does_not_break_a_nan_streak(dist_env, tmp_path):
+    """It runs nothing, so it is no sign that the losses are finite again: NaN steps with empty ones
+    between them still stop the run (they reset the streak, and it trained on NaN after NaN)."""
+    dataset = TinyPacked(32, seed=5)
+    s = settings(zero_stage=0, max_iters=6, max_nan_steps=2)
+    sampler = ResumableSampler(len(dataset), seed=s.seed)
+    for step in (2, 4):  # steps 3 and 5 (1-based) hold no trained token
+        for row in sampler.step_indices(2, 2, step=step).flatten():
+            dataset.items[row]["labels"][:] = -100
+    with pytest.raises(UserError, match=r"NaN/inf for 2 steps in a row \(last at step 4\)"):
+        run(s, dataset, tmp_path, poisoned(tiny_model(), set(range(3, 100))))  # every step from 2 on
+
+
 class SigtermAfter:
     """The dataset, sending this process SIGTERM when its ``rows``-th row is read (mid-step)."""
 
