@@ -19,8 +19,8 @@ from ds_sft.train.loop import train
 from tests.train.helpers import TinyPacked, ds_config, reference_losses, settings, tiny_model
 
 
-def ds_sft_run(s, dataset, run_dir) -> tuple[list[float], list[float], dict]:
-    """(per-step losses, grad norms, final fp32 weights) of a ds-sft run over ``dataset`` in order."""
+def trained_engine(s, dataset, run_dir) -> tuple[object, list[dict]]:
+    """(the engine, the per-step train records) of a ds-sft run over ``dataset`` in order."""
     summary = train(
         s,
         ds_config(s),
@@ -30,12 +30,16 @@ def ds_sft_run(s, dataset, run_dir) -> tuple[list[float], list[float], dict]:
         run_dir,
         ResumableSampler(len(dataset), shuffle=False),
     )
-    engine = summary["engine"]
+    return summary["engine"], [r for r in summary["records"] if r["type"] == "train"]
+
+
+def ds_sft_run(s, dataset, run_dir) -> tuple[list[float], list[float], dict]:
+    """(per-step losses, grad norms, final fp32 weights) of a ds-sft run over ``dataset`` in order."""
+    engine, steps = trained_engine(s, dataset, run_dir)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's AdamW
     assert isinstance(inner, torch.optim.AdamW) and inner.defaults["fused"]  # what the configs ship
     weights = consolidated_state_dict(engine)
     engine.destroy()
-    steps = [r for r in summary["records"] if r["type"] == "train"]
     return [r["loss"] for r in steps], [r["grad_norm"] for r in steps], weights
 
 
@@ -71,3 +75,30 @@ def test_zero_stage_matches_plain_pytorch(stage, dist_env, tmp_path):
     for name, value in weights.items():  # Adam's 1/sqrt(v): fp32 summation order moves ~1e-6 of lr
         torch.testing.assert_close(value, expected_weights[name], atol=1e-5, rtol=0, msg=name)
     assert expected_losses[-1] < expected_losses[0] - 0.05  # the comparison covers real learning
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_adamw_starts_fresh_and_counts_only_the_updates(stage, precision, dist_env, tmp_path):
+    """A fresh AdamW: no state before the first update, fp32 masters equal to the model's weights,
+    and after N updates a step count of N. DeepSpeed's bf16 stage-0 wrapper stepped AdamW on zero
+    gradients while it was built: the count ran one ahead (the first update was 0.735 x lr) and weight
+    decay shrank the masters once before training."""
+    from ds_sft.train.engine import build_engine
+
+    s = settings(zero_stage=stage, precision=precision, max_iters=2, eval_interval=2)
+    engine, _ = build_engine(tiny_model(), ds_config(s), s.weight_decay)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    counts = [state.get("step") for state in inner.state.values()]
+    masters = consolidated_state_dict(engine)
+    engine.destroy()
+    assert counts == []
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # what the engine made of them
+    for name, value in tiny_model().named_parameters():
+        torch.testing.assert_close(masters[name], value.detach().to(dtype).float(), atol=0, rtol=0, msg=name)
+
+    engine, _ = trained_engine(s, TinyPacked(16, seed=1), tmp_path)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    counts = {float(state["step"]) for state in inner.state.values()}
+    engine.destroy()
+    assert counts == {2.0}
