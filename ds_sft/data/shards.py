@@ -152,6 +152,7 @@ class PackedDataset:
         self._first_rows = np.cumsum([0] + [shard["rows"] for shard in shards])
         self._open: dict[int, dict[str, np.ndarray]] = {}
         self.largest_token_id = -1  # over every row; set by the checks
+        self.trained_tokens = 0  # labels other than -100 over every row; set by the checks
         for number in range(len(shards)):
             self.check_shard(number)
         self._open.clear()  # the checks read every shard; serving opens them again, lazily
@@ -224,6 +225,12 @@ class PackedDataset:
             )
         if fault is not None:
             raise UserError(f"{where}: arrays {fault}; {REPREPARE}")
+        if rows:
+            # a trained token is a label unless it opens its document (no token of it comes before)
+            row_of_document = np.repeat(np.arange(rows), np.diff(offsets))
+            opening = ends[:-1] - ends[offsets[row_of_document]]
+            trained = int(mask.sum(dtype=np.int64)) - int(mask[row_of_document, opening].sum(dtype=np.int64))
+            self.trained_tokens += trained
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}}

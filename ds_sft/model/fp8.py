@@ -530,7 +530,9 @@ def _why_auto(resolved: str, device: torch.device) -> str:
         what = "a CPU"
         if device.type == "cuda":
             what = "compute capability {}.{}".format(*torch.cuda.get_device_capability(device))
-        return f"--fp8 auto: off ({what} has no fp8 tensor cores); the projections train in bf16"
+        return (
+            f"--fp8 auto: off ({what} has no fp8 tensor cores); the projections train in the run's precision"
+        )
     engine = (
         "Transformer Engine" if resolved == "te" else "torch._scaled_mm; Transformer Engine does not import"
     )

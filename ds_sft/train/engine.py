@@ -19,9 +19,25 @@ def build_engine(model, ds_config: dict, weight_decay: float):
 
     groups, table = parameter_groups(model, weight_decay)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    undo_construction_step(engine.optimizer)
     if engine.zero_optimization_stage() == 3:
         register_lm_head(engine.module)
     return engine, table
+
+
+def undo_construction_step(optimizer) -> None:
+    """Start AdamW fresh: no state, fp32 masters equal to the model's weights.
+
+    DeepSpeed's bf16 wrapper at ZeRO 0 (``FP16_UnfusedOptimizer``) makes AdamW's state by calling its
+    ``step()`` on zero gradients while it is built. For AdamW that is an update: its step count ran one
+    ahead of the updates, so every bias correction was a step off (the first update 0.735 x lr), and
+    its decoupled weight decay shrank the decayed masters once. Torch's AdamW makes its state at the
+    first real step by itself, so the state is dropped and the masters copied back from the weights
+    (every DeepSpeed wrapper has ``refresh_fp32_params``). A resume loads both afterwards."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if any(float(state.get("step", 0)) for state in inner.state.values()):
+        inner.state.clear()
+        optimizer.refresh_fp32_params()
 
 
 def register_lm_head(model) -> None:

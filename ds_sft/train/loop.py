@@ -13,6 +13,15 @@ micro-batch means would weight a token in a short micro-batch more than one in a
 
 The engine still owns accumulation (it steps only at the boundary), clipping and the update.
 
+A step without trained tokens (every label of its rows on every rank is -100) has nothing to learn
+from, yet an AdamW step on its zero gradients would still move every weight: the momentum carries
+the earlier steps' direction, decoupled weight decay shrinks the decayed weights, and the step count
+advances the bias correction. An lr of 0 would not help either: the moments would still decay. So
+the step is skipped whole, before its first forward, on the all-reduced count that every rank
+shares: the engine sees no micro-step (its accumulation boundary stays in phase) and AdamW nothing,
+as a plain loop that skips ``optimizer.step()`` would. The step still counts for the schedule and
+the sampler.
+
 Non-finite loss. A ZeRO optimizer (and DeepSpeed's bf16 stage-0 wrapper) checks the gradients for
 inf/NaN and skips the update by itself; the plain torch AdamW of fp32 stage 0 would apply it, so
 there the gradients are dropped (``grad = None``, which torch optimizers skip) before the step.
@@ -88,15 +97,18 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
     """Forward/backward every micro-batch of one optimizer step and let the engine update.
     ``forward_context``: what each forward runs inside (Transformer Engine's fp8 autocast for --fp8 te).
 
-    Returns the global token-normalized loss (None when no rank had a trained token: there is no
-    loss to report, not a loss of 0), the trained-token count and the pre-clip grad norm.
+    Returns the global token-normalized loss, the trained-token count and the pre-clip grad norm.
+    When no rank has a trained token nothing runs (see the module's docstring): loss and norm are
+    None (there is no loss to report, not a loss of 0), and the engine and optimizer are untouched.
     """
     import torch
 
     device = engine.device
     local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)  # labels are on the host
     trained_tokens = all_reduce_sum([local_tokens], device)
-    scale = (world_size / trained_tokens.clamp(min=1.0)).float()
+    if trained_tokens.item() == 0:  # the same answer on every rank, so all of them skip
+        return {"loss": None, "trained_tokens": 0, "grad_norm": None, "finite": True}
+    scale = (world_size / trained_tokens).float()
     # the loss sum stays on the device: no host sync per micro-batch, one read at the boundary
     local_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
@@ -120,7 +132,7 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
     grad_norm = engine.get_global_grad_norm()
     grad_norm = own_norm if grad_norm is None else float(grad_norm)
     return {
-        "loss": global_loss_sum / trained_tokens if trained_tokens else None,
+        "loss": global_loss_sum / trained_tokens,
         "trained_tokens": int(trained_tokens),
         "grad_norm": grad_norm if finite else None,
         "finite": finite,
@@ -409,8 +421,11 @@ class StepMeter:
         self.run_start = time.perf_counter()
 
     def record(self, done: int, lr: float, result: dict, step_time: float) -> dict:
-        """The ``train`` record of step ``done`` (metrics.jsonl), from ``train_step``'s result."""
-        tokens_per_s = self.tokens_per_step / step_time
+        """The ``train`` record of step ``done`` (metrics.jsonl), from ``train_step``'s result. A step
+        without trained tokens ran nothing: no throughput to measure (None), not a near-zero time
+        read as millions of tokens/s."""
+        ran = result["trained_tokens"] > 0
+        tokens_per_s = self.tokens_per_step / step_time if ran else None
         elapsed = time.perf_counter() - self.run_start
         return {
             "type": "train",
@@ -420,7 +435,7 @@ class StepMeter:
             "grad_norm": result["grad_norm"],
             "tokens_per_s": tokens_per_s,
             "trained_tokens": result["trained_tokens"],
-            "mfu": self.flops_token * tokens_per_s / (self.peak * self.world),
+            "mfu": self.flops_token * tokens_per_s / (self.peak * self.world) if ran else None,
             "elapsed_s": elapsed,
             "eta_s": elapsed / (done - self.first_step) * (self.max_iters - done),
         }
@@ -510,9 +525,14 @@ class RunLog:
         self.progress.set_postfix(loss=loss, lr=f"{record['lr']:.2e}")
         if self.is_main and (done % s.log_interval == 0 or done == s.max_iters):
             norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
+            speed = (
+                "no update"
+                if record["tokens_per_s"] is None
+                else f"{record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.1%}"
+            )
             self.say(
                 f"step {done:>6}/{s.max_iters} | loss {loss} | lr {record['lr']:.3e} | "
-                f"grad norm {norm} | {record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.1%} | "
+                f"grad norm {norm} | {speed} | "
                 f"{format_duration(record['elapsed_s'])} elapsed, ETA {format_duration(record['eta_s'])}"
             )
 
@@ -635,10 +655,10 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             state["train_tokens"] += result["trained_tokens"]
             state["elapsed_s"] += step_time
             record = meter.record(done, lr, result, step_time)
-            if result["finite"]:
-                state["nan_streak"] = 0
-            else:
+            if not result["finite"]:
                 count_skipped_step(s, state, record, log, engine, ckpt_dir)
+            elif result["trained_tokens"]:  # a step without tokens ran nothing: no sign of recovery
+                state["nan_streak"] = 0
             log.step(record)
 
             # evaluate, and keep the best weights even between save intervals

@@ -110,8 +110,9 @@ def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
     ]
     if unreadable:
         lines += [f"{unreadable} line(s) of metrics.jsonl are not readable records and were skipped.", ""]
+    measured = [r for r in train if r.get("tokens_per_s") is not None]  # not a step without tokens
     if finite:
-        tps = sorted(r["tokens_per_s"] for r in train)
+        tps = sorted(r["tokens_per_s"] for r in measured)
         lines += [
             "## Final metrics",
             "",
@@ -120,7 +121,8 @@ def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
             f"| train loss (last step) | {finite[-1]['loss']:.4f} |",
             f"| train loss (first step) | {finite[0]['loss']:.4f} |",
             f"| tokens/s (median) | {tps[len(tps) // 2]:,.0f} |",
-            f"| MFU (last step; peak: {summary['peak_flops_source']}) | {train[-1]['mfu']:.1%} |",
+            f"| MFU (step {measured[-1]['step']}; peak: {summary['peak_flops_source']}) | "
+            f"{measured[-1]['mfu']:.1%} |",
             f"| time in train steps (all segments) | {summary['elapsed_s']:.0f} s |",
         ]
         if summary.get("best_val") is not None:

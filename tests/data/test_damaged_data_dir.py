@@ -291,3 +291,51 @@ def test_train_refuses_val_rows_of_another_length_before_the_first_step(pristine
     assert len(err) == 1 and f"its val rows hold {seq_len} tokens, its train rows {seq_len // 2}" in err[0], (
         err
     )
+
+
+def masked(pristine: Path, data: Path, which: str) -> PackedDataset:
+    """A copy of ``pristine`` whose train loss mask is ``which``: seeded random bits over the rows'
+    document tokens, every document token, or only the token that opens each document (which has no
+    token before it to be the target of: a mask there trains nothing)."""
+    shutil.copytree(pristine, data)
+    split = PackedDataset(pristine, "train")
+    documents = np.stack([split.row_arrays(i)["document_ids"] for i in range(len(split))])
+    in_document = documents >= 0
+    opening = in_document & np.concatenate(
+        [np.ones((len(split), 1), bool), documents[:, 1:] != documents[:, :-1]], 1
+    )
+    rng = np.random.default_rng(sum(map(ord, which)))
+    masks = {
+        "sparse": in_document & (rng.random(documents.shape) < 0.02),
+        "half": in_document & (rng.random(documents.shape) < 0.5),
+        "all": in_document,
+        "openings only": opening,
+        "none": np.zeros_like(in_document),
+    }
+    resave(data, "loss_mask", lambda old: masks[which].astype(old.dtype))
+    return PackedDataset(data, "train")
+
+
+@pytest.mark.parametrize("which", ["sparse", "half", "all", "openings only", "none"])
+def test_trained_tokens_are_the_labels_of_every_row(pristine, tmp_path, which):
+    split = masked(pristine, tmp_path / "data", which)
+    labels = sum(int((split.row_arrays(i)["labels"] != -100).sum()) for i in range(len(split)))
+    assert split.trained_tokens == labels
+    assert (labels == 0) == (which in ("openings only", "none"))
+    assert np.load(shard(tmp_path / "data", "loss_mask")).any() == (which != "none")  # as meant
+
+
+@pytest.mark.parametrize("which", ["openings only", "none"])
+def test_train_refuses_a_train_split_without_trained_tokens(pristine, tmp_path, capsys, which):
+    """Every step of it would be skipped (nothing to learn from): the run trained nothing for
+    --max_iters steps and said it had finished."""
+    from ds_sft.command import main_for
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    masked(pristine, data, which)
+    argv = ["--data_dir", str(data), "--model", "tiny", "--max_iters", "1", "--micro_batch_size", "2",
+            "--grad_accum", "1", "--out_dir", str(run), "--wandb_mode", "disabled"]  # fmt: skip
+    assert main_for("train", argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{data}: no train row has a trained token" in err[0], err
+    assert not (run / "checkpoints").exists()

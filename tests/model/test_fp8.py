@@ -855,7 +855,10 @@ def test_auto_is_off_on_cpu_and_says_so():
     lines = []
     model = apply_fp8(tiny_model(), "auto", say=lines.append)
     assert not fp8_layers(model)
-    assert lines == ["--fp8 auto: off (a CPU has no fp8 tensor cores); the projections train in bf16"]
+    # not "in bf16": an fp32 run (a CPU without bf16) was told its projections trained in bf16
+    assert lines == [
+        "--fp8 auto: off (a CPU has no fp8 tensor cores); the projections train in the run's precision"
+    ]
     assert isinstance(fp8_autocast("auto", Fp8Recipe()), contextlib.nullcontext)
     for mode in ("off", "torch", "te"):
         assert fp8.resolve_fp8_mode(mode, torch.device("cpu")) == mode  # explicit modes are kept

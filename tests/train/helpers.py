@@ -170,11 +170,13 @@ def write_data_dir(
 
 def reference_losses(
     s, dataset, order, world_size: int = 1, seed: int = 0
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float | None], list[float | None], dict]:
     """A plain-PyTorch AdamW loop written from the definitions (not from ds-sft's code): decay only on
     ``*_proj.weight``, loss = sum of token losses over the global batch / its trained tokens,
     ``clip_grad_norm_``. Step k trains rows ``order[k * G : (k + 1) * G]``, G = micro x accum x
-    ``world_size``. Returns (losses, pre-clip grad norms) per step."""
+    ``world_size``; a step whose rows hold no trained token has nothing to learn from and does not
+    step AdamW (loss and norm None). Returns (losses, pre-clip grad norms) per step and the final
+    weights."""
     from ds_sft.train.schedule import lr_at
 
     model = tiny_model(seed)
@@ -193,6 +195,10 @@ def reference_losses(
             group["lr"] = lr_at(step, s.learning_rate, s.min_lr, s.warmup_iters, s.max_iters)
         rows = [dataset[int(i)] for i in order[step * rows_per_step : (step + 1) * rows_per_step]]
         trained = sum(int((r["labels"] != -100).sum()) for r in rows)
+        if trained == 0:
+            losses.append(None)
+            norms.append(None)
+            continue
         total = 0.0
         for start in range(0, rows_per_step, s.micro_batch_size):
             batch = {
@@ -207,4 +213,4 @@ def reference_losses(
         optimizer.step()
         optimizer.zero_grad()
         losses.append(total / trained)
-    return losses, norms
+    return losses, norms, model.state_dict()

@@ -82,9 +82,10 @@ def test_train_step_collectives_run_on_the_engine_device(shapes, ignore_every):
     assert result["trained_tokens"] == trained
     if trained:
         assert result["loss"] == pytest.approx(loss_sum / trained, rel=1e-6)
-    else:  # nothing trained: no loss to report, not a loss of 0
-        assert result["loss"] is None
-    assert result["finite"] and engine.steps == len(batches)
+        assert engine.steps == len(batches)
+    else:  # nothing trained: no loss to report, not a loss of 0, and nothing run or updated
+        assert result["loss"] is None and engine.steps == 0 and not engine.backward_losses
+    assert result["finite"]
     assert all(loss.device == DEVICE for loss in engine.backward_losses)
 
 

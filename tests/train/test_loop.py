@@ -13,6 +13,7 @@ from ds_sft.data.sampler import ResumableSampler
 from ds_sft.errors import UserError
 from ds_sft.train.checkpointing import consolidated_state_dict
 from ds_sft.train.loop import train
+from ds_sft.train.report import write_report
 from tests.train.helpers import TinyPacked, ds_config, settings, tiny_model
 
 pytestmark = pytest.mark.filterwarnings(
@@ -92,6 +93,19 @@ def test_nan_streak_aborts_with_a_clear_message(dist_env, tmp_path):
     s = settings(zero_stage=0, max_iters=8, max_nan_steps=3)
     with pytest.raises(UserError, match="NaN/inf for 3 steps in a row"):
         run(s, TinyPacked(32, seed=5), tmp_path, poisoned(tiny_model(), set(range(3, 100))))
+
+
+def test_a_step_without_trained_tokens_does_not_break_a_nan_streak(dist_env, tmp_path):
+    """It runs nothing, so it is no sign that the losses are finite again: NaN steps with empty ones
+    between them still stop the run (they reset the streak, and it trained on NaN after NaN)."""
+    dataset = TinyPacked(32, seed=5)
+    s = settings(zero_stage=0, max_iters=6, max_nan_steps=2)
+    sampler = ResumableSampler(len(dataset), seed=s.seed)
+    for step in (2, 4):  # steps 3 and 5 (1-based) hold no trained token
+        for row in sampler.step_indices(2, 2, step=step).flatten():
+            dataset.items[row]["labels"][:] = -100
+    with pytest.raises(UserError, match=r"NaN/inf for 2 steps in a row \(last at step 4\)"):
+        run(s, dataset, tmp_path, poisoned(tiny_model(), set(range(3, 100))))  # every step from 2 on
 
 
 class SigtermAfter:
@@ -203,13 +217,21 @@ def test_a_closed_terminal_stops_training_after_a_checkpoint_like_sigterm(nohup)
 
 def test_a_step_without_trained_tokens_reports_no_loss_rather_than_zero(dist_env, tmp_path):
     """Its loss is 0 / 0: recorded as None (console "n/a"), kept out of the eval's train loss, not as a
-    perfect 0.0 in metrics.jsonl, the plots and the report."""
-    dataset = TinyPacked(8, seed=3)
-    s = settings(zero_stage=0, max_iters=2, micro_batch_size=2, grad_accum=2, eval_interval=2)
-    for row in ResumableSampler(len(dataset), seed=s.seed).step_indices(2, 2).flatten():  # step 1's rows
-        dataset.items[row]["labels"][:] = -100
+    perfect 0.0 in metrics.jsonl, the plots and the report. It runs nothing (no update), so it has no
+    throughput either: not millions of tokens/s from a step that took no time, nor the report's MFU."""
+    dataset = TinyPacked(12, seed=3)
+    s = settings(zero_stage=0, max_iters=3, micro_batch_size=2, grad_accum=2, eval_interval=3)
+    sampler = ResumableSampler(len(dataset), seed=s.seed)
+    for step in (0, 2):  # the first and the last step
+        for row in sampler.step_indices(2, 2, step=step).flatten():
+            dataset.items[row]["labels"][:] = -100
     records, _, summary = run(s, dataset, tmp_path)
-    assert [r["trained_tokens"] == 0 for r in records] == [True, False]
-    assert records[0]["loss"] is None and records[1]["loss"] > 0
+    assert [r["trained_tokens"] == 0 for r in records] == [True, False, True]
+    assert records[1]["loss"] > 0 and records[1]["tokens_per_s"] > 0 and records[1]["mfu"] > 0
+    for empty in (records[0], records[2]):
+        assert empty["loss"] is None and empty["grad_norm"] is None
+        assert empty["tokens_per_s"] is None and empty["mfu"] is None
     evals = [r for r in summary["records"] if r["type"] == "eval"]
     assert evals[-1]["train_loss"] == records[1]["loss"]
+    report = write_report(tmp_path, {}, summary).read_text()
+    assert f"| MFU (step 2; peak: {summary['peak_flops_source']}) | {records[1]['mfu']:.1%} |" in report
