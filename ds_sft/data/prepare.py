@@ -357,23 +357,26 @@ def mix_indices(
 ) -> tuple[np.ndarray, int]:
     """Document indices of the training mix: ``w`` copies of a source = floor(w) epochs + a seeded share.
 
+    ``--max_examples`` scales every source's count by the same factor (the remainder going to the
+    largest fractional shares) before any row is drawn, and each count is drawn as above: whole epochs
+    and a share of distinct rows, so no row is repeated while another of its source is left out.
     Returns (the indices, capped to ``--max_examples``; how many the mix held before the cap).
     """
-    chosen = []
-    for sid, name in enumerate(names):
-        members = np.flatnonzero(source_ids == sid)
-        rng = source_rng(args.seed, name)
-        whole, frac = divmod(weights[name], 1.0)
-        extra = rng.choice(members, size=round(frac * len(members)), replace=False)
-        picked = np.concatenate([np.tile(members, int(whole)), np.sort(extra)])
-        chosen.append(picked[rng.permutation(len(picked))])
-    total = sum(map(len, chosen))
+    members = [np.flatnonzero(source_ids == sid) for sid in range(len(names))]
+    counts = np.array([int(weights[name]) * len(mine) + round(weights[name] % 1.0 * len(mine))
+                       for name, mine in zip(names, members, strict=True)], dtype=np.int64)  # fmt: skip
+    total = int(counts.sum())
     if args.max_examples is not None and total > args.max_examples:
-        # the same scale for every source; the remainder goes to the largest fractional shares
-        exact = np.array([len(c) for c in chosen]) * args.max_examples / total
-        counts = np.floor(exact).astype(int)
+        exact = counts * args.max_examples / total
+        counts = np.floor(exact).astype(np.int64)
         counts[np.argsort(counts - exact, kind="stable")[: args.max_examples - counts.sum()]] += 1
-        chosen = [c[:n] for c, n in zip(chosen, counts, strict=True)]
+    chosen = []
+    for name, mine, count in zip(names, members, counts.tolist(), strict=True):
+        rng = source_rng(args.seed, name)
+        whole, share = divmod(count, len(mine)) if len(mine) else (0, 0)
+        extra = rng.choice(mine, size=share, replace=False)
+        picked = np.concatenate([np.tile(mine, whole), np.sort(extra)])
+        chosen.append(picked[rng.permutation(len(picked))])
     return (np.concatenate(chosen) if chosen else np.zeros(0, np.int64)), total
 
 

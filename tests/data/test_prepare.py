@@ -294,3 +294,31 @@ def test_the_mix_memory_estimate_covers_what_making_the_mix_takes(weights, max_e
     finally:
         tracemalloc.stop()
     assert peak <= need, f"made the mix in {peak:,} bytes, estimated {need:,.0f}"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_capped_mix_draws_whole_epochs_and_distinct_rows(seed):
+    """--mix alpaca=2,gsm8k=2 --max_examples N (one epoch of each) used 75% of the rows, a quarter of
+    them twice: the cap took the first N of the two epochs shuffled together. Every source's count is
+    its share of the cap, and within a source no row is drawn twice while another is left out."""
+    import argparse
+
+    from ds_sft.data.prepare import mix_indices
+
+    rng = np.random.default_rng(seed)
+    names = ["alpaca", "gsm8k", "dolly"]
+    sizes = rng.integers(1, 400, size=3)
+    weights = dict(zip(names, rng.choice([0, 0.3, 1, 1.5, 2, 3.7], size=3).tolist(), strict=True))
+    source_ids = np.repeat(np.arange(3, dtype=np.int16), sizes)
+    # floor(w) epochs + round(frac(w) x rows) of a share, per source
+    full = sum(int(w) * size + round(w % 1 * size) for w, size in zip(weights.values(), sizes, strict=True))
+    cap = int(rng.integers(1, max(full, 2)))
+    args = argparse.Namespace(seed=seed, max_examples=cap)
+    mixed, total = mix_indices(source_ids, names, weights, args)
+    assert total == full and len(mixed) == min(cap, full)
+    copies = np.bincount(mixed, minlength=len(source_ids))
+    for sid, name in enumerate(names):
+        mine = copies[source_ids == sid]
+        share = weights[name] * sizes[sid] * min(1, cap / full)  # this source's part of the cap
+        assert abs(mine.sum() - share) < 1 + 1e-9, (name, mine.sum(), share)
+        assert mine.max() - mine.min() <= 1, (name, np.bincount(mine))
