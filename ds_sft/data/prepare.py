@@ -393,12 +393,13 @@ def cache_key(args: argparse.Namespace, inputs: list[dict], tokenizer_parts: lis
 
 
 def input_fingerprints(specs: list) -> list[dict]:
+    """What each source is for the reuse key: its name, how it is read (its kind: --gsm8k F strips
+    calculator annotations that --source NAME=F keeps) and its bytes, or its hub id."""
     from ds_sft.paths import sha256_file
 
     return [
-        {"name": s.name, "sha256": sha256_file(expand_user(s.location))}
-        if s.is_local
-        else {"name": s.name, "hub_id": s.location}
+        {"name": s.name, "kind": s.kind}
+        | ({"sha256": sha256_file(expand_user(s.location))} if s.is_local else {"hub_id": s.location})
         for s in specs
     ]
 

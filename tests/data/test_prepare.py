@@ -100,6 +100,35 @@ def test_rerun_reuses_output_and_force_redoes_it(run_prepare, sources, tmp_path,
     assert (out / "manifest.json").stat().st_mtime_ns != stamp
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (["--gsm8k", "{gsm8k}"], ["--source", "gsm8k={gsm8k}"]),  # GSM8K's cleaning, or none
+        (["--source", "gsm8k={gsm8k}"], ["--gsm8k", "{gsm8k}"]),
+        (["--alpaca", "{alpaca}"], ["--source", "alpaca={alpaca}"]),
+        (["--source", "d={alpaca}"],
+         ["--source", "d={alpaca}", "--field_map", "d:instruction=output,response=instruction"]),
+    ],
+)  # fmt: skip
+def test_a_rerun_is_reused_only_when_it_would_write_the_same(run_prepare, sources, tmp_path, first, second):
+    """The same file under the same name read as another kind of source (--gsm8k F, then --source
+    gsm8k=F, which keeps the calculator annotations) reused the first output as up to date: the key
+    held each input's name and bytes, not how it was read. Whatever a rerun reuses equals a fresh run."""
+    test = ["--gsm8k_test", str(sources["test"]), "--min_val_rows", "4"]
+
+    def flags(argv: list[str], out: Path) -> list[str]:
+        return [*(arg.format(**sources) for arg in argv), *test, "--output_dir", str(out)]
+
+    run_prepare(flags(first, tmp_path / "out"))
+    rerun = run_prepare(flags(second, tmp_path / "out"))
+    fresh = run_prepare(flags(second, tmp_path / "fresh"))
+    assert rerun["splits"] == fresh["splits"] and rerun["counts"] == fresh["counts"]
+    files = sorted(p.relative_to(tmp_path / "fresh") for p in (tmp_path / "fresh").rglob("*.npy"))
+    assert files and all(
+        (tmp_path / "out" / f).read_bytes() == (tmp_path / "fresh" / f).read_bytes() for f in files
+    )
+
+
 def test_no_pack_mix_and_max_examples(run_prepare, sources, tmp_path):
     manifest = run_prepare([*base_flags(sources, tmp_path / "p"), "--no_pack", "--mix", "gsm8k=2.5"])
     train = manifest["splits"]["train"]
