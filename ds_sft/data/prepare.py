@@ -290,7 +290,9 @@ def source_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def parse_mix(text: str, names: list[str]) -> dict[str, float]:
+    """``--mix NAME=W,...`` -> every source's weight (1 where not given); a name given twice is refused."""
     weights = dict.fromkeys(names, 1.0)
+    given: set[str] = set()
     for pair in filter(None, text.split(",")):
         name, eq, value = pair.partition("=")
         try:
@@ -299,6 +301,11 @@ def parse_mix(text: str, names: list[str]) -> dict[str, float]:
             weight = -1.0
         if not eq or name.strip() not in weights or weight < 0:
             raise UserError(f"--mix {text!r}: expected NAME=WEIGHT pairs (weights >= 0) over sources {names}")
+        if name.strip() in given:
+            raise UserError(
+                f"--mix {text!r}: {name.strip()} is given more than once; give each source one weight"
+            )
+        given.add(name.strip())
         weights[name.strip()] = weight
     return weights
 
