@@ -55,7 +55,7 @@ import numpy as np
 from ds_sft.errors import UserError, as_os_error
 from ds_sft.paths import expand_user
 
-FORMAT_VERSION = 3  # bump when the output layout or a cleaning rule changes: old outputs are then redone
+FORMAT_VERSION = 4  # bump when the output layout, a cleaning or tokenizing rule changes: old outputs redone
 
 DROP_REASON_TOO_LONG = {1: "longer_than_seq_len", 2: "prompt_fills_seq_len"}
 SHARED_FILES = {
