@@ -184,15 +184,17 @@ def folded(text: str) -> str:
 def unique_rows(records: list[dict], drops: Drops) -> list[int]:
     """Indices of the first of each exact duplicate, then of each folded duplicate (across sources).
 
-    The folded key is each field's :func:`folded` form, then the chat turns' roles, joined by 0x1F:
-    a whitespace character to ``\\s``, so no folded text holds one and no two keys run together.
+    The exact key is the fields as they are. The folded key is each field's :func:`folded` form, then
+    the chat turns' roles, joined by 0x1F: a whitespace character to ``\\s``, so no folded text holds
+    one and no two keys run together.
     """
-    exact: set[str] = set()
+    exact: set[tuple] = set()
     folded_keys: set[str] = set()
     kept = []
     for index, record in enumerate(records):
         history = record.get("history", [])
-        exact_key = "\x00".join((record["instruction"], record["input"], record["response"], repr(history)))
+        # a tuple, not a joined string: a field may hold any separator (NUL included)
+        exact_key = (record["instruction"], record["input"], record["response"], repr(history))
         if exact_key in exact:
             drops.add(record["source"], "duplicate_exact")
             continue

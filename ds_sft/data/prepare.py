@@ -56,7 +56,7 @@ from ds_sft.errors import UserError, as_os_error
 from ds_sft.options import Ignored, refuse_ignored
 from ds_sft.paths import expand_user
 
-FORMAT_VERSION = 3  # bump when the output layout or a cleaning rule changes: old outputs are then redone
+FORMAT_VERSION = 4  # bump when the output layout, a cleaning or tokenizing rule changes: old outputs redone
 
 DROP_REASON_TOO_LONG = {1: "longer_than_seq_len", 2: "prompt_fills_seq_len"}
 SHARED_FILES = {
@@ -305,7 +305,9 @@ def source_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def parse_mix(text: str, names: list[str]) -> dict[str, float]:
+    """``--mix NAME=W,...`` -> every source's weight (1 where not given); a name given twice is refused."""
     weights = dict.fromkeys(names, 1.0)
+    given: set[str] = set()
     for pair in filter(None, text.split(",")):
         name, eq, value = pair.partition("=")
         try:
@@ -314,6 +316,11 @@ def parse_mix(text: str, names: list[str]) -> dict[str, float]:
             weight = -1.0
         if not eq or name.strip() not in weights or weight < 0:
             raise UserError(f"--mix {text!r}: expected NAME=WEIGHT pairs (weights >= 0) over sources {names}")
+        if name.strip() in given:
+            raise UserError(
+                f"--mix {text!r}: {name.strip()} is given more than once; give each source one weight"
+            )
+        given.add(name.strip())
         weights[name.strip()] = weight
     return weights
 
@@ -372,23 +379,26 @@ def mix_indices(
 ) -> tuple[np.ndarray, int]:
     """Document indices of the training mix: ``w`` copies of a source = floor(w) epochs + a seeded share.
 
+    ``--max_examples`` scales every source's count by the same factor (the remainder going to the
+    largest fractional shares) before any row is drawn, and each count is drawn as above: whole epochs
+    and a share of distinct rows, so no row is repeated while another of its source is left out.
     Returns (the indices, capped to ``--max_examples``; how many the mix held before the cap).
     """
-    chosen = []
-    for sid, name in enumerate(names):
-        members = np.flatnonzero(source_ids == sid)
-        rng = source_rng(args.seed, name)
-        whole, frac = divmod(weights[name], 1.0)
-        extra = rng.choice(members, size=round(frac * len(members)), replace=False)
-        picked = np.concatenate([np.tile(members, int(whole)), np.sort(extra)])
-        chosen.append(picked[rng.permutation(len(picked))])
-    total = sum(map(len, chosen))
+    members = [np.flatnonzero(source_ids == sid) for sid in range(len(names))]
+    counts = np.array([int(weights[name]) * len(mine) + round(weights[name] % 1.0 * len(mine))
+                       for name, mine in zip(names, members, strict=True)], dtype=np.int64)  # fmt: skip
+    total = int(counts.sum())
     if args.max_examples is not None and total > args.max_examples:
-        # the same scale for every source; the remainder goes to the largest fractional shares
-        exact = np.array([len(c) for c in chosen]) * args.max_examples / total
-        counts = np.floor(exact).astype(int)
+        exact = counts * args.max_examples / total
+        counts = np.floor(exact).astype(np.int64)
         counts[np.argsort(counts - exact, kind="stable")[: args.max_examples - counts.sum()]] += 1
-        chosen = [c[:n] for c, n in zip(chosen, counts, strict=True)]
+    chosen = []
+    for name, mine, count in zip(names, members, counts.tolist(), strict=True):
+        rng = source_rng(args.seed, name)
+        whole, share = divmod(count, len(mine)) if len(mine) else (0, 0)
+        extra = rng.choice(mine, size=share, replace=False)
+        picked = np.concatenate([np.tile(mine, whole), np.sort(extra)])
+        chosen.append(picked[rng.permutation(len(picked))])
     return (np.concatenate(chosen) if chosen else np.zeros(0, np.int64)), total
 
 
@@ -405,12 +415,13 @@ def cache_key(args: argparse.Namespace, inputs: list[dict], tokenizer_parts: lis
 
 
 def input_fingerprints(specs: list) -> list[dict]:
+    """What each source is for the reuse key: its name, how it is read (its kind: --gsm8k F strips
+    calculator annotations that --source NAME=F keeps) and its bytes, or its hub id."""
     from ds_sft.paths import sha256_file
 
     return [
-        {"name": s.name, "sha256": sha256_file(expand_user(s.location))}
-        if s.is_local
-        else {"name": s.name, "hub_id": s.location}
+        {"name": s.name, "kind": s.kind}
+        | ({"sha256": sha256_file(expand_user(s.location))} if s.is_local else {"hub_id": s.location})
         for s in specs
     ]
 

@@ -132,10 +132,12 @@ def alpaca_fields(record: dict) -> tuple[str, dict[str, str]]:
 
 
 def answer_ids(tokenizer, response: str) -> list[int]:
-    """The trained answer: the response tokenized on its own, then EOS (as an id)."""
-    return tokenizer.backend_tokenizer.encode(response, add_special_tokens=False).ids + [
-        tokenizer.eos_token_id
-    ]
+    """The trained answer: the response tokenized on its own as the prompt's continuation (no
+    start-of-text mark, :func:`~ds_sft.data.tokenizer.continuation_backend`), then EOS (as an id)."""
+    from ds_sft.data.tokenizer import continuation_backend
+
+    following = continuation_backend(tokenizer.backend_tokenizer)
+    return following.encode(response, add_special_tokens=False).ids + [tokenizer.eos_token_id]
 
 
 def conversation(record: dict) -> list[dict]:

@@ -5,6 +5,9 @@ Each document is ``prompt_ids + response_ids + [EOS]``, the prompt and the respo
 searching the token stream for a "### Response:" marker, which silently masks everything when the
 marker tokenizes differently in context. (With byte-level BPE, tokenizing apart gives the same ids
 as tokenizing the joined text for these templates, since the prompt ends in a newline.)
+Every piece after a document's first is tokenized as a continuation: SentencePiece-style tokenizers
+(LLaMA-2, Mistral) mark a text's start with "▁", a space the document does not hold
+(:func:`ds_sft.data.tokenizer.continuation_backend`).
 A conversation trained on every assistant turn (``train_on="all"``) is the same thing repeated:
 ``text_1 + answer_1 + [EOS] + text_2 + answer_2 + [EOS] ...``, each piece tokenized apart
 (:func:`ds_sft.data.templates.conversation_segments`), the answers and EOS ids trained, the texts not.
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ds_sft.data.templates import alpaca_fields, conversation, conversation_segments, render_prompt
+from ds_sft.data.tokenizer import continuation_backend
 
 CHUNK = 2048  # rows per encode_batch call: large enough for the Rust threads, small enough for a progress bar
 # A BPE model caches the merges of the words it has seen, 10,000 words by default: fewer than the
@@ -212,7 +216,10 @@ class LengthFloor:
         from tokenizers.pre_tokenizers import ByteLevel
 
         self.seq_len = seq_len
-        self.normalize = backend.normalizer.normalize_str if backend.normalizer is not None else None
+        # the normalizer of a text that continues another (no start-of-text mark): a piece is never
+        # shorter than that, whether it starts the document or not
+        normalizer = continuation_backend(backend).normalizer
+        self.normalize = normalizer.normalize_str if normalizer is not None else None
         pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
         model = backend.model
         vocab = backend.get_vocab(with_added_tokens=False)
@@ -457,8 +464,10 @@ def tokenize_records(
             if full != prompt_ids[: len(check)]:
                 raise RuntimeError("spliced Alpaca prompts differ from whole-prompt tokenization")
         head_ids = _encode(backend, chat_heads, template == "alpaca", progress)
-        later_ids = _encode(backend, later_texts, False, progress)
-        answer_ids = _encode(backend, answers, False, progress)
+        # what follows a document's first text continues it: no start-of-text mark
+        following = continuation_backend(backend)
+        later_ids = _encode(following, later_texts, False, progress)
+        answer_ids = _encode(following, answers, False, progress)
     # lay each document out as pieces: head, answer, EOS, [text, answer, EOS]...
     eos = [tokenizer.eos_token_id]
     one_turns, heads, laters, answers_it = iter(prompt_ids), iter(head_ids), iter(later_ids), iter(answer_ids)

@@ -19,6 +19,7 @@ names a special token its vocabulary lacks is refused too: transformers would ad
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -248,3 +249,37 @@ def load_tokenizer(spec: str):
     tokenizer.backend_tokenizer.no_padding()
     tokenizer.backend_tokenizer.no_truncation()
     return tokenizer
+
+
+def continuation_backend(backend):
+    """``backend``, or a copy of it that tokenizes a text as the continuation of another: without the
+    word mark SentencePiece-style tokenizers put at the start of a text (a Metaspace pre-tokenizer's
+    ``prepend_scheme``, or a ``Prepend`` normalizer: LLaMA-2, TinyLlama, Mistral). Each answer and
+    each later turn is tokenized apart, and with the mark every answer began with a space token the
+    document's text does not hold ("### Response:\\n Hello"), trained into every answer."""
+    from tokenizers import Tokenizer
+
+    state = json.loads(backend.to_str())
+    changed = False
+
+    def unmarked(part: dict | None) -> dict | None:
+        nonlocal changed
+        if part is None:
+            return None
+        if part.get("type") == "Sequence":
+            key = "pretokenizers" if "pretokenizers" in part else "normalizers"
+            kept = [unmarked(item) for item in part[key]]
+            return {**part, key: [item for item in kept if item is not None]}
+        if part.get("type") == "Prepend":
+            changed = True
+            return None
+        if part.get("type") == "Metaspace" and (
+            part.get("prepend_scheme", "never") != "never" or part.get("add_prefix_space")
+        ):
+            changed = True
+            return {**part, "prepend_scheme": "never", "add_prefix_space": False}
+        return part
+
+    state["normalizer"] = unmarked(state.get("normalizer"))
+    state["pre_tokenizer"] = unmarked(state.get("pre_tokenizer"))
+    return Tokenizer.from_str(json.dumps(state)) if changed else backend

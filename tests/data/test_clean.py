@@ -415,3 +415,19 @@ def test_prepare_keeps_every_row_behind_a_shared_system_prompt(run_prepare, tmp_
         ["--source", f"chat={path}", "--seq_len", "1024", "--output_dir", str(tmp_path / "out")]
     )
     assert manifest["counts"]["chat"]["dropped"] == {}
+
+
+@pytest.mark.parametrize("separator", ["\x00", "\x1f", "\n", "|"])
+def test_exact_key_keeps_field_boundaries_whatever_the_fields_hold(separator):
+    """The exact key joined the fields with NUL, which a field may hold: ("a\\0b", "c") and
+    ("a", "b\\0c") were one key, the second row dropped as an exact duplicate of a different row.
+    Rows equal as joined text but split differently into fields (and turns) are all kept."""
+    s = separator
+    rows = [
+        record(f"Name{s}a", "colour", extra="blue"),
+        record("Name", "colour", extra=f"a{s}blue"),
+        {**record("x", "y"), "history": [{"role": "user", "content": f"hi{s}there"}]},
+        {**record(f"there{s}x", "y"), "history": [{"role": "user", "content": "hi"}]},
+    ]
+    drops = Drops()
+    assert unique_rows(rows, drops) == [0, 1, 2, 3], drops.by_source()

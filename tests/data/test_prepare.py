@@ -100,6 +100,35 @@ def test_rerun_reuses_output_and_force_redoes_it(run_prepare, sources, tmp_path,
     assert (out / "manifest.json").stat().st_mtime_ns != stamp
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (["--gsm8k", "{gsm8k}"], ["--source", "gsm8k={gsm8k}"]),  # GSM8K's cleaning, or none
+        (["--source", "gsm8k={gsm8k}"], ["--gsm8k", "{gsm8k}"]),
+        (["--alpaca", "{alpaca}"], ["--source", "alpaca={alpaca}"]),
+        (["--source", "d={alpaca}"],
+         ["--source", "d={alpaca}", "--field_map", "d:instruction=output,response=instruction"]),
+    ],
+)  # fmt: skip
+def test_a_rerun_is_reused_only_when_it_would_write_the_same(run_prepare, sources, tmp_path, first, second):
+    """The same file under the same name read as another kind of source (--gsm8k F, then --source
+    gsm8k=F, which keeps the calculator annotations) reused the first output as up to date: the key
+    held each input's name and bytes, not how it was read. Whatever a rerun reuses equals a fresh run."""
+    test = ["--gsm8k_test", str(sources["test"]), "--min_val_rows", "4"]
+
+    def flags(argv: list[str], out: Path) -> list[str]:
+        return [*(arg.format(**sources) for arg in argv), *test, "--output_dir", str(out)]
+
+    run_prepare(flags(first, tmp_path / "out"))
+    rerun = run_prepare(flags(second, tmp_path / "out"))
+    fresh = run_prepare(flags(second, tmp_path / "fresh"))
+    assert rerun["splits"] == fresh["splits"] and rerun["counts"] == fresh["counts"]
+    files = sorted(p.relative_to(tmp_path / "fresh") for p in (tmp_path / "fresh").rglob("*.npy"))
+    assert files and all(
+        (tmp_path / "out" / f).read_bytes() == (tmp_path / "fresh" / f).read_bytes() for f in files
+    )
+
+
 def test_no_pack_mix_and_max_examples(run_prepare, sources, tmp_path):
     manifest = run_prepare([*base_flags(sources, tmp_path / "p"), "--no_pack", "--mix", "gsm8k=2.5"])
     train = manifest["splits"]["train"]
@@ -294,3 +323,31 @@ def test_the_mix_memory_estimate_covers_what_making_the_mix_takes(weights, max_e
     finally:
         tracemalloc.stop()
     assert peak <= need, f"made the mix in {peak:,} bytes, estimated {need:,.0f}"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_capped_mix_draws_whole_epochs_and_distinct_rows(seed):
+    """--mix alpaca=2,gsm8k=2 --max_examples N (one epoch of each) used 75% of the rows, a quarter of
+    them twice: the cap took the first N of the two epochs shuffled together. Every source's count is
+    its share of the cap, and within a source no row is drawn twice while another is left out."""
+    import argparse
+
+    from ds_sft.data.prepare import mix_indices
+
+    rng = np.random.default_rng(seed)
+    names = ["alpaca", "gsm8k", "dolly"]
+    sizes = rng.integers(1, 400, size=3)
+    weights = dict(zip(names, rng.choice([0, 0.3, 1, 1.5, 2, 3.7], size=3).tolist(), strict=True))
+    source_ids = np.repeat(np.arange(3, dtype=np.int16), sizes)
+    # floor(w) epochs + round(frac(w) x rows) of a share, per source
+    full = sum(int(w) * size + round(w % 1 * size) for w, size in zip(weights.values(), sizes, strict=True))
+    cap = int(rng.integers(1, max(full, 2)))
+    args = argparse.Namespace(seed=seed, max_examples=cap)
+    mixed, total = mix_indices(source_ids, names, weights, args)
+    assert total == full and len(mixed) == min(cap, full)
+    copies = np.bincount(mixed, minlength=len(source_ids))
+    for sid, name in enumerate(names):
+        mine = copies[source_ids == sid]
+        share = weights[name] * sizes[sid] * min(1, cap / full)  # this source's part of the cap
+        assert abs(mine.sum() - share) < 1 + 1e-9, (name, mine.sum(), share)
+        assert mine.max() - mine.min() <= 1, (name, np.bincount(mine))

@@ -404,3 +404,15 @@ def test_a_source_name_of_bytes_that_are_not_utf8_is_refused_before_any_reading(
         )
     assert exited.value.code == 2 and "argument --source: '\\udcff=" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mix", ["alpaca=1,alpaca=3", "alpaca=2, alpaca =2", "gsm8k=1,alpaca=0.5,gsm8k=0"])
+def test_a_mix_naming_a_source_twice_is_one_line(mix):
+    """--mix alpaca=1,...,alpaca=3 (a long mix edited in place) took the last weight without a word,
+    as a repeated input flag once read the last file."""
+    from ds_sft.data.prepare import parse_mix
+
+    with pytest.raises(UserError) as refused:
+        parse_mix(mix, ["alpaca", "gsm8k"])
+    message = str(refused.value)
+    assert "\n" not in message and "more than once" in message and "--mix" in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import string
 
 import numpy as np
 import pytest
@@ -108,3 +109,57 @@ def test_spliced_alpaca_prompts_equal_whole_prompt_tokenization(shared):
     spliced = splice.assemble([e.ids for e in backend.encode_batch(splice.fields, add_special_tokens=False)])
     whole = [e.ids for e in backend.encode_batch([render_prompt(r, "alpaca") for r in records])]
     assert spliced == whole
+
+
+def sentencepiece_style_tokenizer(folder, legacy: bool):
+    """A BPE that marks a text's start with "▁", as SentencePiece tokenizers do:
+    by a Metaspace pre-tokenizer (prepend_scheme "first", tokenizers' LLaMA/Mistral conversion) or,
+    ``legacy``, by a Prepend normalizer (transformers' legacy LLaMA-2/TinyLlama tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    if legacy:
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tokenizer.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
+    alphabet = [*string.printable, "▁"]  # every character the tests write
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=alphabet)
+    words = "Below is an instruction that describes a task Hello world Paris answer the question again"
+    tokenizer.train_from_iterator([words] * 50, trainer=trainer)
+    path = folder / ("legacy.json" if legacy else "metaspace.json")
+    tokenizer.save(str(path))
+    return load_tokenizer(str(path))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pieces_after_the_first_carry_no_start_of_text_mark(tmp_path, legacy):
+    """Answers and later turns are tokenized apart; a SentencePiece-style tokenizer marks the start of
+    each text with "▁", so every answer began with a space the document does not hold: the decoded
+    document read "### Response:\\n Hello", and the model was trained to open each answer with it.
+    Reference: the template applied by hand, the document decoded whole."""
+    from ds_sft.data.templates import ALPACA_NEXT_TURN, ALPACA_PREAMBLE, ALPACA_PROMPT_NO_INPUT
+
+    tokenizer = sentencepiece_style_tokenizer(tmp_path, legacy)
+    eos = tokenizer.eos_token
+    chat = {
+        **make_record("Answer again", "Paris world"),
+        "history": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello world"}],
+    }
+    records = [make_record("Answer the question", "Hello world"), chat]
+    expected = [
+        ALPACA_PROMPT_NO_INPUT.format(instruction="Answer the question") + "Hello world" + eos,
+        ALPACA_PREAMBLE
+        + "### Instruction:\nHello\n\n### Response:\nHello world"
+        + eos
+        + ALPACA_NEXT_TURN.format(instruction="Answer again")
+        + "Paris world"
+        + eos,
+    ]
+    docs = tokenize_records(records, tokenizer, "alpaca", {"a": 0})
+    for i, text in enumerate(expected):
+        ids = docs.tokens[docs.offsets[i] : docs.offsets[i + 1]].tolist()
+        assert tokenizer.decode(ids, skip_special_tokens=False).removeprefix("<s>").lstrip() == text
