@@ -44,7 +44,6 @@ import gc
 import hashlib
 import json
 import os
-import shutil
 import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -535,11 +534,9 @@ def prepare(args: argparse.Namespace) -> int:
     from ds_sft.data.model_match import tokenizer_identity
     from ds_sft.data.output import (
         MANIFEST,
+        building_output,
         check_output_dir,
-        list_files,
         missing_files,
-        replace_output,
-        staging_dir,
     )
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
@@ -688,8 +685,9 @@ def prepare(args: argparse.Namespace) -> int:
         "config": {k: v for k, v in sorted(vars(args).items()) if k != "command"},
     }
 
-    tmp = staging_dir(output_dir)
-    try:
+    with building_output(
+        output_dir, previous["files"] if previous else {}, "--output_dir", manifest, MANIFEST
+    ) as tmp:
         manifest["splits"] = {
             split: write_documents(tmp / split, split_docs, args, pad_id, vocab_size, names)
             for split, split_docs in (("train", train_docs), ("val", val_docs))
@@ -699,19 +697,7 @@ def prepare(args: argparse.Namespace) -> int:
         except Exception as err:  # disk full: tokenizers says so in a plain Exception
             raise as_os_error(err, output_dir) from err
         plot_lengths(tmp / "lengths.png", raw_by_source, args.seq_len)
-        manifest["files"] = list_files(tmp)  # what a later run may delete, and checks before reusing
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a fresh folder of ours: nothing else is in it
-        raise
-    left = replace_output(tmp, output_dir, previous["files"] if previous else {})
     print_summary(manifest, Path(args.output_dir))
-    if left:
-        print(
-            f"note: kept {len(left)} file(s) of the old output that changed since ds-sft wrote them or "
-            f"that it did not write (first: {left[0]}), in {tmp}",
-            file=sys.stderr,
-        )
     return 0
 
 
