@@ -29,6 +29,12 @@
 # line), OUT/logs.tar.gz (every log and JSON; checkpoints stay in the work folder) and, on a GPU,
 # OUT/fp8_roofline.json: OUT is a new or empty folder, or one an earlier check wrote. Exit 1 when a
 # step or a check failed (a missed speed target is reported, not a failure).
+#
+# --continue: run only the steps an earlier check in the same work folder did not reach ("skipped:
+# out of time"; a cold first run on a fresh GPU spends much of the budget compiling), on a budget of
+# its own, and summarise both. On the lent GPU, while the machine is still warm (seconds after the
+# first call: it keeps its /tmp, where the work folder is):
+#     run(command="bash launch/gpu_check.sh --continue --out $OUT", carry=["gpu_carry"], timeout_s=540)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
@@ -60,13 +66,15 @@ image_python() {
 
 mode=gpu
 out=""
+continue_earlier=0
 while [ $# -gt 0 ]; do
     case $1 in
         --cpu) mode=cpu ;;
+        --continue) continue_earlier=1 ;;
         --out) out=$(value_of "$@") || exit 2; shift ;;  # no set -e here: the subshell's exit is passed on
         --list-tests) printf '%s\n' "${gpu_tests[@]}" "${fp8_tests[0]}"; exit 0 ;;  # the files
         --image-python) image_python; exit ;;  # for `make test-image`
-        *) echo "usage: bash launch/gpu_check.sh [--cpu] [--out DIR] [--list-tests] [--image-python]" >&2; exit 2 ;;
+        *) echo "usage: bash launch/gpu_check.sh [--cpu] [--continue] [--out DIR] [--list-tests] [--image-python]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -92,7 +100,18 @@ replaceable() {  # replaceable DIR MARK SETTING
 }
 replaceable "$WORK" .gpu_check_work GPU_CHECK_WORK || exit 2
 [ "$out" = "$default_out" ] || replaceable "$out" .gpu_check_out --out || exit 2
-rm -rf "$WORK" && mkdir -p "$WORK" "$out" && touch "$WORK/.gpu_check_work" "$out/.gpu_check_out"
+if [ "$continue_earlier" = 1 ]; then
+    if [ ! -e "$WORK/.gpu_check_work" ] || [ ! -s "$WORK/steps.tsv" ]; then
+        echo "gpu_check: --continue: no earlier check in $WORK to continue; run without --continue" >&2
+        exit 2
+    fi
+    # the steps the earlier run had no time for run now; everything else it recorded stands
+    grep -vF $'\tskipped: out of time' "$WORK/steps.tsv" > "$WORK/steps.tsv.kept"
+    mv "$WORK/steps.tsv.kept" "$WORK/steps.tsv"
+    mkdir -p "$out" && touch "$out/.gpu_check_out"
+else
+    rm -rf "$WORK" && mkdir -p "$WORK" "$out" && touch "$WORK/.gpu_check_work" "$out/.gpu_check_out"
+fi
 # The carried wheels go here (step "install"), ahead of the interpreter's own packages.
 SITE=$WORK/site
 export PYTHONPATH=$SITE:$REPO PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -108,27 +127,35 @@ for need in "$CARRY/wheelhouse" "$CARRY/data/manifest.json"; do
 done
 
 start=$SECONDS
+recorded() {  # recorded NAME: true when the work folder's record holds the step (--continue: done)
+    cut -f1 "$WORK/steps.tsv" 2> /dev/null | grep -qxF "$1" && echo "=== $1: recorded by the earlier run"
+}
 step() {  # step NAME TIMEOUT_S COMMAND...: run with a timeout, log to WORK/NAME.log, record the result
     local name=$1 limit=$(($2 * SLOW)) left=$((BUDGET_S - (SECONDS - start)))
     shift 2
+    recorded "$name" && return
     local log="$WORK/${name// /_}.log" began=$SECONDS rc
     if [ "$left" -lt 10 ]; then
         echo "=== $name: skipped: out of time"
         printf '%s\tskipped: out of time\t0\n' "$name" >> "$WORK/steps.tsv"
         return
     fi
-    [ "$limit" -gt "$left" ] && limit=$left
+    local cut=0
+    [ "$limit" -gt "$left" ] && limit=$left && cut=1
     echo "=== $name (timeout ${limit}s): $*"
     timeout -k 10 "$limit" "$@" > "$log" 2>&1
     rc=$?
     tail -n 15 "$log"
     local status=pass
-    [ $rc -eq 124 ] && status="FAIL" && echo "--- $name: timed out after ${limit}s"
     [ $rc -ne 0 ] && status="FAIL"
+    [ $rc -eq 124 ] && echo "--- $name: timed out after ${limit}s"
+    # stopped by the budget, not by its own limit: for --continue to run again
+    [ $rc -eq 124 ] && [ $cut = 1 ] && status="skipped: out of time (stopped after ${limit}s)"
     echo "--- $name: $status (exit $rc, $((SECONDS - began)) s)"
     printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - began))" >> "$WORK/steps.tsv"
 }
 skip() {  # skip NAME REASON
+    recorded "$1" && return
     echo "=== $1: skipped: $2"
     printf '%s\tskipped: %s\t0\n' "$1" "$2" >> "$WORK/steps.tsv"
 }
@@ -218,7 +245,7 @@ else
     # The 112m preset on the carried GPT-2 data is minutes per step on CPU (fp8 emulated far more):
     # the rehearsal wires the same command to the tiny preset on the test suite's rows (vocab 256).
     data=$WORK/data_tiny
-    "$PY" -c "import sys; from pathlib import Path; from tests.train.helpers import write_data_dir
+    [ -e "$data" ] || "$PY" -c "import sys; from pathlib import Path; from tests.train.helpers import write_data_dir
 write_data_dir(Path(sys.argv[1]), train_rows=48, val_rows=8)" "$data" || exit 2
     size=(--data_dir "$data" --model tiny --micro_batch_size 2 --max_iters 6 --learning_rate 3e-3
           --warmup_iters 2 --min_lr 3e-4)
@@ -279,4 +306,7 @@ fi
 tar -czf "$out/logs.tar.gz" -C "$WORK" --exclude='checkpoints' --exclude='final' --exclude='./site' --exclude='./cache' .
 cat "$out/SUMMARY.md"
 echo "gpu_check ($mode): $((SECONDS - start)) s; wrote $out/SUMMARY.md and $out/logs.tar.gz"
+untimed=$(grep -cF $'\tskipped: out of time' "$WORK/steps.tsv")
+[ "$untimed" -gt 0 ] && echo "gpu_check: $untimed step(s) had no time left: run it again with --continue" \
+    "(same machine, same GPU_CHECK_WORK) to run them and summarise both runs"
 exit $status

@@ -55,7 +55,9 @@ def test_every_gpu_test_file_is_run_and_nothing_else():
     assert "tests/model/test_gpu_paths.py" in listed and "tests/kernels/test_rmsnorm.py" in listed
 
 
-def run_gpu_check(tmp_path: Path, out: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+def run_gpu_check(
+    tmp_path: Path, *options: str, out: Path | None = None, **env: str
+) -> subprocess.CompletedProcess:
     """``gpu_check.sh --cpu`` with a stand-in carry (one empty wheel, a manifest): enough to reach its
     folders, never its steps (each case below stops at a folder). Should a case not stop, it still
     touches nothing outside ``tmp_path``: its own venv folder, and pip without an index."""
@@ -73,7 +75,7 @@ def run_gpu_check(tmp_path: Path, out: Path | None = None, **env: str) -> subpro
         "PIP_NO_INDEX": "1",
         **env,
     }
-    command = ["bash", "launch/gpu_check.sh", "--cpu", "--out", str(out or tmp_path / "out")]
+    command = ["bash", "launch/gpu_check.sh", "--cpu", *options, "--out", str(out or tmp_path / "out")]
     return subprocess.run(
         command, cwd=REPO_ROOT, env={**os.environ, **variables}, capture_output=True, text=True, timeout=60
     )
@@ -150,3 +152,32 @@ def test_an_option_without_its_value_is_one_line(options):
     )
     assert done.returncode == 2 and done.stdout == "", done.stdout
     assert done.stderr.startswith("launch/gpu_check.sh: --out") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_continue_needs_an_earlier_check_in_its_work_folder(tmp_path):
+    result = run_gpu_check(tmp_path, "--continue")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--continue: no earlier check in" in result.stderr and "run without --continue" in result.stderr
+
+
+def test_continue_keeps_the_earlier_work_and_forgets_only_the_steps_that_had_no_time(tmp_path):
+    """A cold first run on a fresh GPU can spend its budget before the benchmarks; --continue runs
+    what it did not reach, so the work folder (installed wheels, logs, results) must survive."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".gpu_check_work").touch()
+    (work / "gemm.json").write_text("{}")
+    earlier = [
+        "install\tpass\t12",
+        "gpu tests\tFAIL\t150",
+        "gpu tests: collect\tskipped: no CUDA\t0",
+        "kernels\tskipped: out of time\t0",
+        "step d2048 bf16\tskipped: out of time (stopped after 8s)\t8",
+    ]
+    (work / "steps.tsv").write_text("\n".join(earlier) + "\n")
+    venv = tmp_path / "venv"  # stops at the venv, after the folders: a folder it did not make
+    (venv / "keep").mkdir(parents=True)
+    result = run_gpu_check(tmp_path, "--continue", GPU_CHECK_WORK=str(work), GPU_CHECK_VENV=str(venv))
+    assert result.returncode == 2 and "GPU_CHECK_VENV" in result.stderr, result.stderr
+    assert (work / "gemm.json").exists()
+    assert (work / "steps.tsv").read_text().splitlines() == earlier[:3]
