@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ds_sft.bench import BENCH_DIR, RESULTS_DIR, available_scripts, has_quick_mode
+from tests.signals import as_from_a_terminal
 
 # Keys each script's quick JSON must hold (scripts not listed are only required to exit 0).
 EXPECTED_KEYS = {
@@ -315,7 +316,7 @@ def test_a_stopped_bench_stops_the_script_it_runs(tmp_path, signum):
     (tmp_path / "results").mkdir()
     driver = subprocess.Popen(
         [sys.executable, "-c", BENCH_WITH_A_SLOW_SCRIPT, str(script), str(tmp_path / "results")],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"),
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"), preexec_fn=as_from_a_terminal(),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120

@@ -16,6 +16,7 @@ import pytest
 from ds_sft.cli import build_parser
 from ds_sft.command import COMMANDS
 from ds_sft.options import StoreOnce
+from tests.signals import as_from_a_terminal
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -245,10 +246,10 @@ sys.exit(execute("ds-sft x", Command, None))
 def test_sigterm_and_sighup_unwind_a_command_like_ctrl_c(tmp_path, signum, nohup):
     """They ended a command on the spot: no `finally` ran (a half-written folder stayed, a benchmark's
     own session ran on). A SIGHUP the command was started without (nohup) stays ignored."""
-    ignore_hup = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None
     command = subprocess.Popen(
         [sys.executable, "-c", A_COMMAND_WITH_CLEANUP, str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"), preexec_fn=ignore_hup,
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"),
+        preexec_fn=as_from_a_terminal(ignoring=(signal.SIGHUP,) if nohup else ()),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60

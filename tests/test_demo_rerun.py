@@ -21,6 +21,7 @@ import pytest
 from ds_sft import demo
 from ds_sft.errors import UserError
 from ds_sft.train.run_dir import MARKER
+from tests.signals import as_from_a_terminal
 
 
 @pytest.fixture
@@ -192,6 +193,7 @@ def test_a_stopped_demo_lets_its_stage_finish_stopping(tmp_path, signum, to_grou
     driver = subprocess.Popen(
         [sys.executable, "-c", DEMO_WITH_A_SLOW_STAGE, str(stage)],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"),
+        preexec_fn=as_from_a_terminal(),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
