@@ -116,13 +116,18 @@ def model_tokenizer_dir(spec: str) -> Path | None:
     path = paths.resolve_model_path(spec)
     if path.is_file() and path.suffix.lower() == ".gguf":
         return path
-    if path.is_file():  # final/model.safetensors: the folder it lies in holds its config and tokenizer
-        path = path.parent
-    if (path / "final").is_dir():  # a training run directory
-        path = path / "final"
+    path = _model_folder(path)
     if (path / "tokenizer").is_dir():
         return path / "tokenizer"
     return path if any(path.glob("tokenizer*.json")) else None
+
+
+def _model_folder(path: Path) -> Path:
+    """The folder holding what is stored with the model at ``path``: a weights file's folder
+    (final/model.safetensors: its config, tokenizer and records lie beside it), a run's ``final/``."""
+    if path.is_file():
+        path = path.parent
+    return path / "final" if (path / "final").is_dir() else path
 
 
 # In a model folder train wrote (RUN/final): the prompt format of the data it was trained on.
@@ -142,11 +147,7 @@ def trained_template(spec: str) -> str | None:
     """The template model ``spec`` was fine-tuned on, when ds-sft's train recorded it (a run dir, its
     ``final/`` or the weights file there); None for any other model (a base model, a run of an older
     ds-sft)."""
-    path = paths.resolve_model_path(spec)
-    if path.is_file():  # final/model.safetensors: its config and this record lie beside it
-        path = path.parent
-    if path.is_dir() and (path / "final").is_dir():  # a training run directory
-        path = path / "final"
+    path = _model_folder(paths.resolve_model_path(spec))
     record = path / TRAINED_ON
     if not path.is_dir() or not record.is_file():
         return None

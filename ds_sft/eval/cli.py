@@ -214,7 +214,7 @@ def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict]
     from ds_sft.paths import writable_dir
 
     # numbers are checked by their declared domains in add_arguments (ds_sft/options.py)
-    if args.no_val and args.no_gsm8k and args.no_generate and not args.harness:
+    if args.no_val and _answers_nothing(args):
         raise UserError(
             "--no_val, --no_gsm8k and --no_generate leave nothing to evaluate: drop one of them (or add "
             "--harness TASKS)"
