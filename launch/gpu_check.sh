@@ -135,6 +135,9 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a timeout, log to WORK/NAME
     shift 2
     recorded "$name" && return
     local log="$WORK/${name// /_}.log" began=$SECONDS rc
+    # a step's own folder is named after it (WORK/train_fp8): what one the budget stopped left there
+    # (a run without its end, which train would refuse to write over) goes before it runs again
+    rm -rf "${log%.log}"
     if [ "$left" -lt 10 ]; then
         echo "=== $name: skipped: out of time"
         printf '%s\tskipped: out of time\t0\n' "$name" >> "$WORK/steps.tsv"
