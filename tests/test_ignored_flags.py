@@ -85,12 +85,17 @@ def _error(argv: list[str], capsys) -> str | None:
 def test_an_eval_flag_nothing_reads_is_refused(flag, on, capsys):
     argv = ["eval", "--model", "m", "--data_dir", "d", flag, EVAL_FLAGS[flag]]
     argv += [word for name in sorted(on) for word in EVAL_SWITCHES[name]]
+    _refused_unless_read(argv, flag, eval_reads(flag, on), capsys)
+
+
+def _refused_unless_read(argv: list[str], flag: str, read: bool, capsys) -> None:
+    """``argv`` parses when its command reads ``flag``; else it stops in one line naming the flag."""
     error = _error(argv, capsys)
-    if eval_reads(flag, on):
+    if read:
         assert error is None
     else:
         assert error is not None and error.count("\n") == 1, error
-        assert error.startswith(f"ds-sft eval: error: argument {flag}: has no effect ")
+        assert error.startswith(f"ds-sft {argv[0]}: error: argument {flag}: has no effect ")
 
 
 PREPARE_FLAGS = {"--min_val_rows": "3", "--gsm8k_test": "t.jsonl", "--seed": "2", "--seq_len": "64"}
@@ -111,12 +116,7 @@ PREPARE_CASES = [(flag, on) for flag in PREPARE_FLAGS for on in _subsets(PREPARE
 def test_a_prepare_flag_nothing_reads_is_refused(flag, on, capsys):
     argv = ["prepare", "--alpaca", "a.json", flag, PREPARE_FLAGS[flag]]
     argv += [word for name in sorted(on) for word in PREPARE_SWITCHES[name]]
-    error = _error(argv, capsys)
-    if prepare_reads(flag, on):
-        assert error is None
-    else:
-        assert error is not None and error.count("\n") == 1, error
-        assert error.startswith(f"ds-sft prepare: error: argument {flag}: has no effect ")
+    _refused_unless_read(argv, flag, prepare_reads(flag, on), capsys)
 
 
 @pytest.mark.parametrize("mode", ["offline", "online", "disabled", None])
