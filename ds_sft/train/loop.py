@@ -686,5 +686,6 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
         "best_val": state["best_val"],
         "best_tag": state["best_tag"],
         "peak_flops_source": meter.peak_source,
+        "identity": identity,  # what the steps computed in (precision, fp8 layout): for the report
         "elapsed_s": state["elapsed_s"],  # the trainer state's: every segment's steps, not the last one's
     }

@@ -96,6 +96,18 @@ def read_records(run_dir: Path) -> tuple[list[dict], int]:
     return sorted(latest.values(), key=lambda r: r["step"]), len(lines) - len(records)
 
 
+def computed_in(identity: dict) -> str:
+    """What the steps computed in, from the run's identity (``compatibility.run_identity``): ``--fp8
+    auto`` and ``select: "auto"`` resolve by machine, so the flags alone do not say."""
+    layout = identity.get("fp8_layout")
+    fp8 = (
+        f"{layout['layers']} projections in fp8 ({layout['mode']}, select {layout['recipe'].get('select')})"
+        if layout
+        else "no projection in fp8"
+    )
+    return f"Computed in {identity.get('precision')}, {fp8} (--fp8 {identity.get('fp8')})."
+
+
 def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
     records, unreadable = read_records(run_dir)
     alarms = [r for r in records if r["type"] == "alarm"]
@@ -108,6 +120,8 @@ def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
         f"Status: **{summary['status']}** at step {summary['step']}.",
         "",
     ]
+    if summary.get("identity"):
+        lines += [computed_in(summary["identity"]), ""]
     if unreadable:
         lines += [f"{unreadable} line(s) of metrics.jsonl are not readable records and were skipped.", ""]
     measured = [r for r in train if r.get("tokens_per_s") is not None]  # not a step without tokens

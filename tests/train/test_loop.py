@@ -162,9 +162,14 @@ def test_torch_fp8_trains_through_the_engine(dist_env, tmp_path):
     model = apply_fp8(tiny_model(), "torch", Fp8Recipe())
     assert isinstance(model.layers[0].attn.q_proj, Float8Linear)
     s = settings(zero_stage=2, max_iters=4, fp8="torch")
-    records, weights, _ = run(s, TinyPacked(16, seed=8), tmp_path, model)
+    records, weights, summary = run(s, TinyPacked(16, seed=8), tmp_path, model)
     assert all(math.isfinite(r["loss"]) for r in records) and records[-1]["loss"] < records[0]["loss"]
     assert "layers.0.attn.q_proj.weight" in weights  # the final weights keep plain-linear names
+    # the report says what the steps computed in, which --fp8 auto would have decided by machine
+    report = write_report(tmp_path, {}, summary).read_text()
+    assert f"Computed in {s.precision}, 14 projections in fp8 (torch, select all) (--fp8 torch)." in report
+    _, _, plain = run(settings(zero_stage=2, max_iters=1, fp8="auto"), TinyPacked(16, seed=8), tmp_path / "p")
+    assert "no projection in fp8 (--fp8 auto)." in write_report(tmp_path / "p", {}, plain).read_text()
 
 
 def test_activation_checkpointing_flag_recomputes_with_identical_losses(dist_env, tmp_path):
