@@ -17,7 +17,8 @@ WORK/machine.txt, the runs' metrics.jsonl and the benchmarks' JSON, and writes t
 - training (112m, ZeRO-2, bf16 and fp8): the loss at the start and the end (mean of the first and
   last 5 steps), median tokens/s after the warm-up steps, and MFU as the fraction of the bf16 GEMM's
   FLOP/s achieved by the step (``6 N + 12 L d T`` FLOPs per token, the trainer's count); checks that
-  the loss falls and that fp8 ends within ``FP8_TOLERANCE`` of bf16;
+  each run computed in what its name says (its checkpoint's record: bf16, with or without fp8
+  projections), that the loss falls and that fp8 ends within ``FP8_TOLERANCE`` of bf16;
 - kernels (bench/kernel_speed.py) and the train step at other sizes (bench/train_throughput.py).
 """
 
@@ -182,6 +183,7 @@ def train_run(run_dir: Path) -> dict | None:
     speeds = [r["tokens_per_s"] for r in train[WARMUP_STEPS:]] or [r["tokens_per_s"] for r in train]
     head = min(5, len(losses))
     return {
+        "computed": computed_in(run_dir),
         "steps": len(train),
         "loss_start": statistics.mean(losses[:head]),
         "loss_end": statistics.mean(losses[-head:]),
@@ -190,6 +192,28 @@ def train_run(run_dir: Path) -> dict | None:
             config.matmul_parameters(), config.n_layers, config.n_heads * config.head_dim, seq_len
         ),
     }
+
+
+def computed_in(run_dir: Path) -> dict | None:
+    """``{"precision", "fp8_layout"}`` as the run's newest checkpoint recorded them (its identity,
+    ``compatibility.run_identity``): what the steps computed in, which ``--fp8 auto`` decides by
+    machine (on an H200 it is fp8), so the flags in effective_config.json do not say. None: no
+    readable record."""
+    checkpoints = run_dir / "checkpoints"
+    try:
+        tag = (checkpoints / "latest").read_text().strip()
+        run = json.loads((checkpoints / tag / "trainer_state.json").read_text())["run"]
+        return {"precision": run["precision"], "fp8_layout": run["fp8_layout"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def describe_computed(computed: dict | None) -> str:
+    if computed is None:
+        return "no checkpoint record"
+    layout = computed["fp8_layout"]
+    fp8 = f" + fp8 {layout.get('mode')} x{layout.get('layers')}" if isinstance(layout, dict) else ""
+    return f"{computed['precision']}{fp8}"
 
 
 def read_json(path: Path) -> dict | None:
@@ -201,16 +225,33 @@ def read_json(path: Path) -> dict | None:
 
 def training_section(work: Path, gemm: dict | None) -> tuple[list[str], list[tuple[str, bool, str]]]:
     lines, checks = ["## Training: `ds-sft train`, ZeRO-2, one device", ""], []
-    lines += ["| run | steps | loss start -> end | tokens/s | MFU vs bf16 GEMM |", "|---|---:|---|---:|---:|"]
+    lines += [
+        "| run | computed in | steps | loss start -> end | tokens/s | MFU vs bf16 GEMM |",
+        "|---|---|---:|---|---:|---:|",
+    ]
     runs = {name: train_run(work / f"train_{name}") for name in ("bf16", "fp8", "bf16_compile")}
     for name, run in runs.items():
         if run is None:
-            lines.append(f"| {name} | - | no metrics | - | - |")
+            lines.append(f"| {name} | - | - | no metrics | - | - |")
             continue
         mfu = run["tokens_per_s"] * run["flops_per_token"] / gemm["flops"] if gemm else None
         lines.append(
-            f"| {name} | {run['steps']} | {run['loss_start']:.3f} -> {run['loss_end']:.3f} | "
+            f"| {name} | {describe_computed(run['computed'])} | {run['steps']} | "
+            f"{run['loss_start']:.3f} -> {run['loss_end']:.3f} | "
             f"{run['tokens_per_s']:,.0f} | {'-' if mfu is None else f'{mfu:.1%}'} |"
+        )
+        # each run is what its name says, or every comparison below compares something else (on the
+        # first H200 the "bf16" runs left --fp8 at auto and all three trained in fp8)
+        wants_fp8 = name == "fp8"
+        layout = (run["computed"] or {}).get("fp8_layout")
+        checks.append(
+            (
+                f"{name}: computed in bf16 {'with' if wants_fp8 else 'without'} fp8",
+                run["computed"] is not None
+                and run["computed"]["precision"] == "bf16"
+                and isinstance(layout, dict) == wants_fp8,
+                describe_computed(run["computed"]),
+            )
         )
         checks.append(
             (

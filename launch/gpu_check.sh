@@ -257,7 +257,8 @@ fi
 train=("$PY" -m ds_sft.cli train "${size[@]}" --zero_stage 2 --precision bf16
        --grad_accum 1 --eval_interval 1000 --eval_iters 2 --save_interval 1000 --log_interval 5
        --wandb_mode disabled --seed 0)
-step "train bf16" "$train_s" "${train[@]}" --out_dir "$WORK/train_bf16"
+# --fp8 off said, not left to auto: auto is fp8 on an H200 (the first run's "bf16" baseline was fp8)
+step "train bf16" "$train_s" "${train[@]}" --out_dir "$WORK/train_bf16" --fp8 off
 step "train fp8" "$train_s" "${train[@]}" --out_dir "$WORK/train_fp8" --fp8 "$FP8_MODE"
 step "gemm" 30 "$PY" bench/gpu_check.py gemm --n "$([ "$has_cuda" = 1 ] && echo 8192 || echo 512)" --out "$WORK/gemm.json"
 
@@ -296,7 +297,8 @@ done
 
 # --- ds-sft train --compile (torch.compile of the engine's module; half again the time for the
 # cold compile): last, on the time left
-step "train bf16 compile" "$((train_s * 3 / 2))" "${train[@]}" --out_dir "$WORK/train_bf16_compile" --compile
+step "train bf16 compile" "$((train_s * 3 / 2))" "${train[@]}" --out_dir "$WORK/train_bf16_compile" --fp8 off \
+    --compile
 
 # --- one page, and the logs in one file (the device tool returns at most 8 files)
 "$PY" bench/gpu_check.py summary --work "$WORK" --out "$out/SUMMARY.md" > "$WORK/summary.log" 2>&1

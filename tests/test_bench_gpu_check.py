@@ -73,7 +73,14 @@ def test_the_check_follows_the_trainers_backend(tmp_path, result, passes):
     assert ok == passes
 
 
-def write_run(work: Path, name: str, losses: list[float], data_dir: Path) -> None:
+FP8_LAYOUT = {"mode": "torch", "layers": 14, "names": "0" * 64, "recipe": {"select": "all"}}
+
+
+def write_run(
+    work: Path, name: str, losses: list[float], data_dir: Path, computed: dict | None = None
+) -> None:
+    """A training's folder as `ds-sft train` leaves it; ``computed``: its checkpoint's record of
+    precision and fp8 layout (default: what the run's name says; {}: no checkpoint)."""
     run = work / f"train_{name}"
     run.mkdir(parents=True)
     settings = {"data_dir": str(data_dir), "model": "tiny"}
@@ -82,13 +89,22 @@ def write_run(work: Path, name: str, losses: list[float], data_dir: Path) -> Non
         {"type": "train", "step": i, "loss": loss, "tokens_per_s": 1000.0} for i, loss in enumerate(losses)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if computed is None:
+        computed = {"precision": "bf16", "fp8_layout": FP8_LAYOUT if name == "fp8" else None}
+    if computed:
+        tag = run / "checkpoints" / f"step_{len(losses):06d}"
+        tag.mkdir(parents=True)
+        (tag / "trainer_state.json").write_text(json.dumps({"step": len(losses), "run": computed}))
+        (run / "checkpoints" / "latest").write_text(tag.name)
 
 
 def falling(start: float, end: float, steps: int = 12) -> list[float]:
     return [start + (end - start) * i / (steps - 1) for i in range(steps)]
 
 
-def work_folder(tmp_path: Path, steps: list[tuple[str, str]], bf16: list[float], fp8: list[float]) -> Path:
+def work_folder(
+    tmp_path: Path, steps: list[tuple[str, str]], bf16: list[float], fp8: list[float], computed=(None, None)
+) -> Path:
     work, data = tmp_path / "work", tmp_path / "data"
     (data / "train").mkdir(parents=True)
     (data / "train" / "index.json").write_text(json.dumps({"seq_len": 64}))
@@ -97,8 +113,8 @@ def work_folder(tmp_path: Path, steps: list[tuple[str, str]], bf16: list[float],
     (work / "machine.txt").write_text("test machine\n")
     (work / "collectives.json").write_text(json.dumps(collectives("cpu", gloo={})))
     (work / "gemm.json").write_text(json.dumps({"device": "cpu", "n": 64, "seconds": 1.0, "flops": 1e12}))
-    write_run(work, "bf16", bf16, data)
-    write_run(work, "fp8", fp8, data)
+    write_run(work, "bf16", bf16, data, computed[0])
+    write_run(work, "fp8", fp8, data, computed[1])
     return work
 
 
@@ -124,6 +140,35 @@ def test_the_page_fails_exactly_when_a_step_or_check_fails(tmp_path, steps, bf16
     last = text.strip().splitlines()[-1]
     assert last == "failed: none" if failed is None else failed in last
     assert "machine: test machine" in text and "| all_reduce | ok |" in text
+
+
+BF16 = {"precision": "bf16", "fp8_layout": None}
+FP8 = {"precision": "bf16", "fp8_layout": FP8_LAYOUT}
+
+
+@pytest.mark.parametrize(
+    "computed,failed",
+    [
+        ((BF16, FP8), []),
+        # the first H200 run: --fp8 auto resolved to torch in the "bf16" run too
+        ((FP8, FP8), ["bf16: computed in bf16 without fp8"]),
+        ((BF16, BF16), ["fp8: computed in bf16 with fp8"]),
+        (({**BF16, "precision": "fp32"}, FP8), ["bf16: computed in bf16 without fp8"]),
+        (({}, FP8), ["bf16: computed in bf16 without fp8"]),  # no checkpoint: nothing says what ran
+        ((BF16, {"precision": "bf16"}), ["fp8: computed in bf16 with fp8"]),  # a record without the key
+    ],
+)
+def test_each_training_computed_in_what_its_name_says(tmp_path, computed, failed):
+    """The losses and speeds of two runs compare precisions only when each ran in its own: read from
+    the run's checkpoint record, not from the flags (``--fp8 auto`` decides by machine)."""
+    work = work_folder(tmp_path, PASSED, falling(5.0, 3.0), falling(5.0, 3.0), computed)
+    page = tmp_path / "SUMMARY.md"
+    status = gpu_check.summary(work, page)
+    text = page.read_text()
+    assert status == (1 if failed else 0)
+    assert text.strip().splitlines()[-1] == f"failed: {', '.join(failed) if failed else 'none'}"
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| b")}
+    assert rows["bf16"].split(" | ")[1] == gpu_check.describe_computed(computed[0] or None)
 
 
 def write_targets_inputs(work: Path, tmp_path: Path, **figures) -> None:
