@@ -625,12 +625,15 @@ def test_fp8_that_resolves_otherwise_at_resume_is_refused(
     parts, saved_run, tmp_path, capsys, monkeypatch, dist_env
 ):
     """The saved run trained its projections in fp32 (--fp8 auto on a CPU). Resumed where auto finds
-    fp8 tensor cores, the same flag swapped every projection to fp8 and went on without a word."""
+    fp8 tensor cores (and, here, a roofline by which every projection pays), the same flag swapped
+    every projection to fp8 and went on without a word."""
     import torch
 
     from ds_sft.model import fp8
+    from ds_sft.model.fp8_roofline import Roofline
 
     monkeypatch.setattr(fp8, "has_fp8_tensor_cores", lambda device: True)
+    monkeypatch.setattr(Roofline, "speedup", lambda self, m, k, n, mode: 2.0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU with fp8 tensor cores")
     run = tmp_path / "run"
     shutil.copytree(saved_run, run)
