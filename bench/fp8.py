@@ -9,8 +9,10 @@ weights) of the whole model with the projections in bf16 (``--fp8 off``), in Tra
 on the fp8 tensor cores), each with every projection in fp8 (``select all``) and with the roofline's
 choice (``select auto``). Two widths: the ``112m`` preset (d_model 768) and ``wide`` (d_model 2048,
 8 layers): fp8 halves the GEMM time but adds casts and amax reductions per tensor, so it pays only
-once the GEMMs dominate, which at d_model 768 they barely do. The ratio column says which way it
-went on this card.
+once the GEMMs dominate, which at d_model 768 they barely do. The modes of one width live side by
+side and take turns step by step, so the ratio column (which way it went on this card) is measured
+under the same clocks and neighbours; a select-auto row that chose no projection runs the bf16 model,
+and its distance from 1.00x is the measurement's spread. ``--no-cpu`` skips the CPU part.
 
 CPU: there is no fp8 arithmetic, so ``--fp8 torch`` runs its numerics dequantized (the same
 roundings and scales, bf16 GEMMs). (1) One training step of the 112m preset (``tiny`` with
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.model.config import KERNEL_BACKENDS, ModelConfig  # noqa: E402
-from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, apply_fp8, fp8_autocast  # noqa: E402
+from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, apply_fp8, fp8_autocast, fp8_layout  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
 from ds_sft.options import COUNT, INT32_MAX, Choice, Int, Text  # noqa: E402
 from ds_sft.paths import write_result_file  # noqa: E402
@@ -61,73 +63,104 @@ GPU_MODES = [
 ]
 
 
-def gpu_tokens_per_s(name: str, label: str, mode: str, select: str, args) -> dict:
-    overrides, micro_batch = GPU_MODELS[name]
-    config = ModelConfig.preset("112m", kernels=args.kernels, **overrides)
-    model = LlamaModel(config).cuda().train()
-    recipe = Fp8Recipe(select=select)
-    try:
-        apply_fp8(model, mode, recipe, tokens=micro_batch * args.seq_len, say=print)
-    except UserError as err:
-        return {"model": name, "mode": label, "skipped": str(err)}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, config.vocab_size, (micro_batch, args.seq_len + 1), device="cuda")
-    inputs, labels = ids[:, :-1], ids[:, 1:]
-    times = []
-    torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16), fp8_autocast(mode, recipe):
-            loss = model(inputs, labels=labels) / labels.numel()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    step_time = statistics.median(times)
-    tokens = labels.numel()
-    result = {
-        "model": name,
-        "mode": label,
-        "d_model": config.d_model,
-        "parameters": config.num_parameters(),
-        "tokens_per_step": tokens,
-        "step_s": step_time,
-        "tokens_per_s": tokens / step_time,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "loss": loss.item(),
+def alternating_step_times(models: dict[str, tuple], inputs, labels, warmup: int, steps: int) -> dict:
+    """Median seconds of one training step (forward, backward, fused AdamW; bf16 autocast over fp32
+    master weights) of each ``label: (model, mode, recipe)``, the models taking turns step by step
+    (A B C A B C ...) so that a busy neighbour or a clock change hits all of them alike. On CUDA each
+    step is synchronized before and after, and also reports the memory it took beyond what was
+    resident (activations, gradients): the models live side by side, so a global peak says nothing."""
+    device = inputs.device
+    cuda = device.type == "cuda"
+    optimizers = {
+        label: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for label, (m, _, _) in models.items()
     }
-    del model, optimizer, loss
+    times = {label: [] for label in models}
+    step_memory = dict.fromkeys(models, 0)
+    for step in range(warmup + steps):
+        for label, (model, mode, recipe) in models.items():
+            if cuda:
+                torch.cuda.synchronize()
+                resident = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16), fp8_autocast(mode, recipe):
+                loss = model(inputs, labels=labels) / labels.numel()
+            loss.backward()
+            optimizers[label].step()
+            optimizers[label].zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            if step >= warmup:  # after the first step, whose AdamW allocates its moments
+                times[label].append(time.perf_counter() - start)
+                if cuda:
+                    step_memory[label] = max(step_memory[label], torch.cuda.max_memory_allocated() - resident)
+    return {
+        label: {"step_s": statistics.median(times[label]), "step_gib": step_memory[label] / 2**30}
+        for label in models
+    }
+
+
+def width_comparison(
+    name: str,
+    config: ModelConfig,
+    micro_batch: int,
+    device: torch.device,
+    seq_len: int,
+    warmup: int,
+    steps: int,
+) -> list[dict]:
+    """Training tokens/s of one model in every mode of :data:`GPU_MODES`, side by side (one process,
+    alternating steps, the same initial weights and tokens); a mode that cannot run here (TE absent)
+    is a row with the reason."""
+    tokens = micro_batch * seq_len
+    models, rows = {}, {}
+    for label, mode, select in GPU_MODES:
+        torch.manual_seed(0)
+        model = LlamaModel(config).to(device).train()
+        recipe = Fp8Recipe(select=select)
+        try:
+            apply_fp8(model, mode, recipe, tokens=tokens, device=device, say=print)
+        except UserError as err:
+            rows[label] = {"model": name, "mode": label, "skipped": str(err)}
+            continue
+        models[label] = (model, mode, recipe)
+        rows[label] = {
+            "model": name,
+            "mode": label,
+            "d_model": config.d_model,
+            "parameters": config.num_parameters(),
+            "fp8_projections": (fp8_layout(model, None) or {}).get("layers", 0),
+            "tokens_per_step": tokens,
+        }
+    ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len + 1), device=device)
+    for label, timing in alternating_step_times(models, ids[:, :-1], ids[:, 1:], warmup, steps).items():
+        rows[label].update(timing, tokens_per_s=tokens / timing["step_s"])
+        rows[label]["vs_bf16"] = rows[label]["tokens_per_s"] / rows["bf16"]["tokens_per_s"]
+    del models
     gc.collect()
-    torch.cuda.empty_cache()
-    return result
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return list(rows.values())
 
 
 def cpu_step_ratio(preset: str, micro_batch: int, seq_len: int, repeats: int) -> dict:
-    """Median seconds of one training step (forward, backward, AdamW; bf16 autocast over fp32 master
-    weights) with the projections in bf16 and in ``--fp8 torch``, the two alternating."""
+    """Median seconds of one training step of ``preset`` with the projections in bf16 and in
+    ``--fp8 torch`` (its numerics dequantized on CPU), the two alternating."""
     models = {}
     for label, mode in (("bf16", "off"), ("fp8_torch", "torch")):
         torch.manual_seed(0)
-        model = apply_fp8(LlamaModel(ModelConfig.preset(preset)), mode, Fp8Recipe()).train()
-        models[label] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        models[label] = (
+            apply_fp8(LlamaModel(ModelConfig.preset(preset)), mode, Fp8Recipe()).train(),
+            mode,
+            None,
+        )
     vocab = models["bf16"][0].config.vocab_size
     ids = torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
-    inputs, labels = ids[:, :-1], ids[:, 1:]
-    times = {label: [] for label in models}
-    for step in range(repeats + 1):  # the first round warms both up
-        for label, (model, optimizer) in models.items():
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(inputs, labels=labels) / labels.numel()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step:
-                times[label].append(time.perf_counter() - start)
-    medians = {label: statistics.median(t) for label, t in times.items()}
+    # the first round warms both up
+    medians = {
+        label: timing["step_s"]
+        for label, timing in alternating_step_times(models, ids[:, :-1], ids[:, 1:], 1, repeats).items()
+    }
     return {
         "preset": preset,
         "tokens_per_step": micro_batch * seq_len,
@@ -156,9 +189,31 @@ def cpu_linear(tokens: int, d_in: int, d_out: int, repeats: int) -> dict:
     return {"shape": [tokens, d_in, d_out], **{f"{k}_ms": v * 1e3 for k, v in medians.items()}}
 
 
+def cpu_report(report: dict, quick: bool) -> None:
+    """The CPU measurements: the training step ratio and one linear in each implementation."""
+    preset, micro_batch, seq_len = ("tiny", 2, 64) if quick else ("112m", 2, 256)
+    step = report["cpu_step"] = cpu_step_ratio(preset, micro_batch, seq_len, repeats=1 if quick else 3)
+    print(
+        f"CPU, one training step of {preset} ({micro_batch} x {seq_len} tokens, bf16 autocast): "
+        f"bf16 {step['bf16_step_s']:.2f} s, fp8 torch {step['fp8_torch_step_s']:.2f} s "
+        f"-> fp8 takes {step['ratio']:.2f}x the bf16 step (target <= 2x)"
+    )
+    cpu_shapes = [(256, 256, 256)] if quick else [(256, 256, 256), (512, 768, 768), (512, 768, 2048)]
+    report["cpu_linear"] = [cpu_linear(*shape, repeats=3 if quick else 10) for shape in cpu_shapes]
+    print(
+        "CPU, forward + backward of one linear (bf16 autocast), ms: nn.Linear | fp8 dequantized | _scaled_mm"
+    )
+    for row in report["cpu_linear"]:
+        print(
+            f"  tokens x in x out {row['shape']}: {row['bf16_ms']:8.2f} | {row['fp8_dequantized_ms']:8.2f} | "
+            f"{row['fp8_scaled_mm_ms']:8.2f}"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__file__, __doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and smaller shapes (a smoke test)")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU measurements (on a GPU machine)")
     parser.add_argument("--seq-len", type=Int(8, 2**20), default=1024, help="GPU: tokens per row")
     parser.add_argument("--steps", type=COUNT, default=20, help="GPU: timed steps per mode (median reported)")
     parser.add_argument(
@@ -185,41 +240,28 @@ def run(args: argparse.Namespace) -> None:
         args.steps, args.warmup, args.seq_len = 3, 2, min(args.seq_len, 256)
 
     report = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()}
-    preset, micro_batch, seq_len = ("tiny", 2, 64) if args.quick else ("112m", 2, 256)
-    step = report["cpu_step"] = cpu_step_ratio(preset, micro_batch, seq_len, repeats=1 if args.quick else 3)
-    print(
-        f"CPU, one training step of {preset} ({micro_batch} x {seq_len} tokens, bf16 autocast): "
-        f"bf16 {step['bf16_step_s']:.2f} s, fp8 torch {step['fp8_torch_step_s']:.2f} s "
-        f"-> fp8 takes {step['ratio']:.2f}x the bf16 step (target <= 2x)"
-    )
-    cpu_shapes = [(256, 256, 256)] if args.quick else [(256, 256, 256), (512, 768, 768), (512, 768, 2048)]
-    report["cpu_linear"] = [cpu_linear(*shape, repeats=3 if args.quick else 10) for shape in cpu_shapes]
-    print(
-        "CPU, forward + backward of one linear (bf16 autocast), ms: nn.Linear | fp8 dequantized | _scaled_mm"
-    )
-    for row in report["cpu_linear"]:
-        print(
-            f"  tokens x in x out {row['shape']}: {row['bf16_ms']:8.2f} | {row['fp8_dequantized_ms']:8.2f} | "
-            f"{row['fp8_scaled_mm_ms']:8.2f}"
-        )
-
+    if not args.no_cpu:
+        cpu_report(report, args.quick)
     if torch.cuda.is_available():
         report["device"] = torch.cuda.get_device_name()
         report["gpu"] = []
-        print(f"GPU {report['device']}: training tokens/s, seq {args.seq_len}")
-        for name in GPU_MODELS:
-            baseline = None
-            for label, mode, select in GPU_MODES:
-                row = gpu_tokens_per_s(name, label, mode, select, args)
+        print(
+            f"GPU {report['device']}: training tokens/s, seq {args.seq_len}, modes taking turns step by step"
+        )
+        for name, (overrides, micro_batch) in GPU_MODELS.items():
+            config = ModelConfig.preset("112m", kernels=args.kernels, **overrides)
+            device = torch.device("cuda", torch.cuda.current_device())
+            for row in width_comparison(
+                name, config, micro_batch, device, args.seq_len, args.warmup, args.steps
+            ):
                 report["gpu"].append(row)
                 if "skipped" in row:
-                    print(f"  {name:5s} {label:10s} skipped: {row['skipped']}")
+                    print(f"  {name:5s} {row['mode']:10s} skipped: {row['skipped']}")
                     continue
-                baseline = baseline or row["tokens_per_s"]
-                row["vs_bf16"] = row["tokens_per_s"] / baseline
                 print(
-                    f"  {name:5s} {label:10s} {row['tokens_per_s']:10.0f} tok/s  {row['vs_bf16']:.2f}x bf16"
-                    f"  peak {row['peak_gib']:.1f} GiB  loss {row['loss']:.3f}"
+                    f"  {name:5s} {row['mode']:10s} {row['tokens_per_s']:10.0f} tok/s  "
+                    f"{row['vs_bf16']:.2f}x bf16  fp8 in {row['fp8_projections']} projections  "
+                    f"step +{row['step_gib']:.1f} GiB"
                 )
     else:
         print("GPU: no CUDA device here; the tokens/s comparison runs where one is")

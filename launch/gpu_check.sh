@@ -22,8 +22,10 @@
 #   gemm         a bf16 GEMM timed in this run: the ceiling MFU is measured against
 #   fp8 roofline bench/fp8_roofline.py --write: select: "auto"'s table calibrated here (copied to OUT)
 #   kernels      bench/kernel_speed.py: Triton vs eager vs torch.compile vs Liger (time, peak memory)
-#   step d2048 / d768   bench/train_throughput.py part c at d_model 2048 and at the 112m preset, bf16
-#                and fp8 with select: "auto"
+#   fp8 vs bf16  bench/fp8.py: the training step in bf16, fp8 everywhere and fp8 select: "auto" (torch,
+#                and TE where it imports), side by side, at the 112m preset and at d_model 2048
+#   step d2048 / d768   bench/train_throughput.py part c at d_model 2048 and at the 112m preset, bf16:
+#                the DeepSpeed step against the GEMM
 #   train bf16 compile   the bf16 training again with --compile (torch.compile on the GPU)
 # Writes OUT/SUMMARY.md (tables, pass/fail per step, issue 14's targets met or missed, the machine
 # line), OUT/logs.tar.gz (every log and JSON; checkpoints stay in the work folder) and, on a GPU,
@@ -285,14 +287,19 @@ else
     d2048=(--parts c --quick)
     d768=(--parts c --quick)
 fi
-# The train step, bf16 against fp8 where the roofline says it pays (select: "auto"), at the 112m
-# preset (d_model 768, the training above) and at d_model 2048
+# fp8 against bf16, side by side in one process (the modes take turns step by step): every
+# projection in fp8 and the roofline's choice (select: "auto"), at the 112m preset and d_model 2048
+if [ "$has_cuda" = 1 ]; then
+    step "fp8 vs bf16" 90 "$PY" bench/fp8.py --no-cpu --out "$WORK/fp8.json"
+else
+    step "fp8 vs bf16" 60 "$PY" bench/fp8.py --quick --out "$WORK/fp8.json"
+fi
+# The DeepSpeed train step in bf16 against the GEMM, at the 112m preset (d_model 768, the training
+# above) and at d_model 2048
 for size in d2048 d768; do
     declare -n size_flags=$size
     step "step $size bf16" 60 "$PY" bench/train_throughput.py "${size_flags[@]}" --fp8 off \
         --out "$WORK/throughput_${size}_bf16.json"
-    step "step $size fp8 auto" 60 "$PY" bench/train_throughput.py "${size_flags[@]}" --fp8 "$FP8_MODE" \
-        --fp8_select auto --out "$WORK/throughput_${size}_fp8_auto.json"
 done
 
 # --- ds-sft train --compile (torch.compile of the engine's module; half again the time for the

@@ -171,6 +171,17 @@ def test_each_training_computed_in_what_its_name_says(tmp_path, computed, failed
     assert rows["bf16"].split(" | ")[1] == gpu_check.describe_computed(computed[0] or None)
 
 
+def measured(mode: str, projections: int, vs_bf16: float) -> dict:
+    """A measured row of bench/fp8.py (bf16 at 1000 tokens/s)."""
+    return {
+        "mode": mode,
+        "fp8_projections": projections,
+        "vs_bf16": vs_bf16,
+        "tokens_per_s": 1000.0 * vs_bf16,
+        "step_gib": 1.0,
+    }
+
+
 def write_targets_inputs(work: Path, tmp_path: Path, **figures) -> None:
     """A GPU run's files holding the given figures: mfu, memory_ratio, time_ratio, liger_speed (Liger
     ms / Triton ms), fp8 speed-ups d768 and d2048."""
@@ -187,9 +198,16 @@ def write_targets_inputs(work: Path, tmp_path: Path, **figures) -> None:
     ]
     fused = {"memory_ratio": figures["memory_ratio"], "time_ratio": figures["time_ratio"]}
     (work / "kernels.json").write_text(json.dumps({"gpu": {"ops": ops, "linear_cross_entropy": fused}}))
-    for size in ("d768", "d2048"):
-        for run, speed in (("bf16", 1000.0), ("fp8_auto", 1000.0 * figures[size])):
-            (work / f"throughput_{size}_{run}.json").write_text(json.dumps({"c": {"tokens_per_s": speed}}))
+    rows = []  # bench/fp8.py's: TE did not run, so the target reads torch's select-auto row
+    for model, size in (("112m", "d768"), ("wide", "d2048")):
+        width = [
+            measured("bf16", 0, 1.0),
+            {"mode": "te auto", "skipped": "--fp8 te needs transformer-engine"},
+            measured("torch", 84, 0.5),
+            measured("torch auto", 12, figures[size]),
+        ]
+        rows += [{"model": model, **row} for row in width]
+    (work / "fp8.json").write_text(json.dumps({"gpu": rows}))
 
 
 MET = {"mfu": 0.5, "memory_ratio": 0.05, "time_ratio": 0.9, "liger_speed": 1.2, "d768": 1.05, "d2048": 1.2}
@@ -216,8 +234,28 @@ def test_each_target_is_met_or_missed_by_its_own_figure(tmp_path, missed):
     for key, words in TARGET_ROWS.items():
         [row] = [r for r in rows if words in r]
         assert row.endswith("| MISSED |" if key == missed else "| met |"), row
+        if key in ("d768", "d2048"):
+            assert "(torch auto: 12 projections in fp8)" in row
 
 
 def test_targets_without_their_files_are_not_measured(tmp_path):
     rows = [line for line in gpu_check.targets_section(tmp_path) if line.endswith("|")][2:]
     assert rows and all(row.endswith("| - | not measured |") for row in rows)
+
+
+@pytest.mark.parametrize("te_ran,expected", [(False, "torch auto"), (True, "te auto")])
+def test_the_fp8_target_reads_the_path_auto_takes_and_the_page_lists_every_mode(tmp_path, te_ran, expected):
+    """--fp8 auto is TE where it imports, else torch: the target reads that path's select-auto row."""
+    write_targets_inputs(tmp_path, tmp_path, **MET)
+    result = json.loads((tmp_path / "fp8.json").read_text())
+    if te_ran:
+        for row in result["gpu"]:
+            if row["mode"] == "te auto":
+                row.pop("skipped")
+                row.update(measured("te auto", 56, 1.3))
+        (tmp_path / "fp8.json").write_text(json.dumps(result))
+    assert gpu_check.auto_row(result["gpu"], "wide")["mode"] == expected
+    page = "\n".join(gpu_check.fp8_section(tmp_path))
+    assert "| wide | torch auto | 12 |" in page and "| 112m | torch | 84 |" in page
+    assert ("| wide | te auto | 56 |" in page) == te_ran
+    assert ("skipped: --fp8 te needs transformer-engine" in page) != te_ran
