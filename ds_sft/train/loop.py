@@ -209,19 +209,22 @@ class Alarms:
 
 
 def announce_eta(forward_context, steps: int, micro_steps: int, say):
-    """``forward_context`` that, entered for the second micro-batch of a step, prints the run's ETA
-    from the first micro-step's time: on CPU a step of 16 micro-batches takes minutes, and the user
-    should know the run's length before the first step line."""
+    """``forward_context`` that, entered for the third micro-batch of a step, prints the run's ETA
+    from the second micro-step's time: on CPU a step of 16 micro-batches takes minutes, and the user
+    should know the run's length before the first step line. Not from the first: it carries the
+    one-time costs (on an H200 the flex_attention and Triton compiles took 23-40 s of it, against
+    ~0.1 s for a later micro-step), which would announce hours for a run of minutes."""
     starts = []
 
     @contextlib.contextmanager
     def context():
         starts.append(time.perf_counter())
-        if len(starts) == 2:
-            micro = starts[1] - starts[0]
+        if len(starts) == 3:
+            micro = starts[2] - starts[1]
             say(
-                f"ETA {format_duration(micro * micro_steps * steps)}: the first micro-step took "
-                f"{micro:.2f} s, {micro_steps} per step x {steps} steps (the step lines refine it)"
+                f"ETA {format_duration(micro * micro_steps * steps)}: the second micro-step took "
+                f"{micro:.2f} s (the first, {starts[1] - starts[0]:.2f} s, warmed up), {micro_steps} per "
+                f"step x {steps} steps (the step lines refine it)"
             )
         with forward_context():
             yield

@@ -323,7 +323,7 @@ def test_the_seed_train_command_runs_the_recipe_with_no_config_flag(data_dir, tm
     assert (own["min_lr"], own["learning_rate"], own["weight_decay"]) == (1e-5, 7e-5, 0.05)
     # the recipe's warmup is 10 steps; a two-step run caps it and says so
     assert own["warmup_iters"] == 2 and "--warmup_iters default 10 capped at --max_iters 2" in log
-    assert "ETA " in log.split("step      1/2")[0]  # measured on the first micro-step, before step 1 ends
+    assert "ETA " in log.split("step      1/2")[0]  # measured on the second micro-step, before step 1 ends
     table = log.split("parameter groups:\n")[1].split("\n")
     decay = next(row for row in table if row.startswith("decay "))
     no_decay = next(row for row in table if row.startswith("no_decay "))

@@ -240,3 +240,22 @@ def test_a_step_without_trained_tokens_reports_no_loss_rather_than_zero(dist_env
     assert evals[-1]["train_loss"] == records[1]["loss"]
     report = write_report(tmp_path, {}, summary).read_text()
     assert f"| MFU (step 2; peak: {summary['peak_flops_source']}) | {records[1]['mfu']:.1%} |" in report
+
+
+def test_the_eta_is_measured_after_the_first_micro_step_which_warms_up(monkeypatch):
+    """On an H200 the first micro-step compiled for 40 s and the next took 0.1 s: 16 micro-steps x
+    100 steps of 0.1 s is under 3 minutes, not the 18 hours the first one would announce."""
+    import contextlib
+
+    from ds_sft.train import loop
+
+    clock = iter([0.0, 40.0, 40.1, 40.2])
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    lines = []
+    context = loop.announce_eta(contextlib.nullcontext, steps=100, micro_steps=16, say=lines.append)
+    for _ in range(4):
+        with context():
+            pass
+    [line] = lines
+    assert line.startswith(f"ETA {loop.format_duration(0.1 * 16 * 100)}: the second micro-step took 0.10 s")
+    assert "(the first, 40.00 s, warmed up)" in line
