@@ -77,7 +77,7 @@ def torch_cast_bytes(tokens: int, width: int, hbm: float, repeats: int) -> float
     x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
 
     def cast():
-        x8, _ = layer.cast(x, INPUT, record=True)
+        (x8,), _ = layer.cast((x,), INPUT, record=True)
         x8.t().contiguous()  # the transposed copy the weight gradient's GEMM needs
 
     return cuda_seconds(cast, repeats) * hbm * 1e12 / x.numel()
