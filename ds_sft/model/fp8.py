@@ -267,7 +267,13 @@ class Float8Linear(nn.Module):
         fp8_max = torch.finfo(dtype).max
         # Activation checkpointing re-runs the forward inside backward: that replay must cast with
         # the same scales as the original forward and record nothing (gradients are never replayed).
-        replay = first != GRAD and torch._C._current_graph_task_id() != -1
+        # Under torch.compile there is no replay to see (the compiled backward recomputes from the
+        # graph, never by running this again), and asking for the graph task breaks the graph in
+        # every cast: with --compile --fp8 torch on an H200 each cast fell out of the compiled graph
+        # and hit the recompile limit.
+        replay = (
+            first != GRAD and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+        )
         record = record and not replay
         if record:
             self._step_scaling(first, tensors, fp8_max)
@@ -301,8 +307,8 @@ class Float8Linear(nn.Module):
         # An overflowed tensor keeps the old scale (where recorded, amax > 0: finite is < inf).
         usable = recorded & (amax < math.inf)
         torch.where(usable, new_scale, scale, out=scale)
-        if len(history) > 1:  # the oldest amax falls out
-            torch.where(recorded, history.roll(-1, 0), history, out=history)
+        if len(history) > 1:  # the oldest amax falls out (copied: torch.compile refuses a strided out=)
+            history.copy_(torch.where(recorded, history.roll(-1, 0), history))
         for t, latest in zip(tensors, history[0].unbind(), strict=True):
             torch.linalg.vector_norm(t, math.inf, dtype=torch.float32, out=latest)  # max |t|
 
