@@ -333,6 +333,31 @@ def throughput_section(work: Path) -> list[str]:
     return lines
 
 
+def profile_section(work: Path) -> list[str]:
+    """Where the 112m DeepSpeed step's time goes (train_throughput --profile_steps): the MFU target's
+    diagnosis. Busy time far under the wall time means the device waited on the host."""
+    profile = ((read_json(work / "throughput_d768_bf16.json") or {}).get("c") or {}).get("profile")
+    lines = ["## Where the 112m step's time goes (torch.profiler, bench/train_throughput.py part c)", ""]
+    if not profile:
+        return lines + ["not profiled"]
+    lines += [
+        f"{profile['wall_ms_per_step']:.1f} ms per step, {profile['busy_ms_per_step']:.1f} ms of it in the "
+        f"{profile['clock']} time of its {'kernels' if profile['clock'] == 'device' else 'ops'} "
+        f"({profile['steps']} step{'s' if profile['steps'] != 1 else ''} profiled in a row, after the "
+        "timed ones)",
+        "",
+        "| share | ms per step | calls per step | kernel or op |",
+        "|---:|---:|---:|---|",
+    ]
+    for row in profile["top"]:
+        name = row["op"].replace("|", "/")[:120]
+        lines.append(
+            f"| {row['share']:.1%} | {row['ms_per_step']:.3f} | {row['calls_per_step']:.1f} | `{name}` |"
+        )
+    lines.append(f"| | {profile['other_ms_per_step']:.3f} | | the rest |")
+    return lines
+
+
 # Issue 14's GPU targets, read off this run's files. A missed target is reported on the page, not
 # counted as a failure: the steps and checks say whether the paths work, these how fast.
 MFU_TARGET = 0.45  # ds-sft train 112m bf16 (16 x 1024) against the bf16 GEMM of the same run
@@ -456,6 +481,8 @@ def summary(work: Path, out: Path) -> int:
         *fp8_section(work),
         "",
         *throughput_section(work),
+        "",
+        *profile_section(work),
         "",
     ]
     lines.append(f"failed: {', '.join(failed) if failed else 'none'}")

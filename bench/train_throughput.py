@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="model config overrides KEY=VALUE,... e.g. d_model=2048,n_heads=16,ffn_hidden=5504",
     )
+    parser.add_argument(
+        "--profile_steps",
+        type=Int(0, 1000),
+        default=0,
+        help="after timing (c), run this many more ds-sft steps under torch.profiler and report where "
+        "their time goes: the top kernels by their own device time (on CPU, ops by own CPU time)",
+    )
     parser.add_argument("--seed", type=SEED, default=0, help="seed for weights, tokens and document order")
     parser.add_argument(
         "--out",
@@ -421,6 +428,53 @@ def deepspeed_step(
     return step
 
 
+PROFILE_ROWS = 15  # kernels listed by --profile_steps; the rest are summed in "other"
+
+
+def profile_steps(step: Callable, batches: list[dict], device, steps: int) -> dict:
+    """Where ``steps`` steps spend their time, from torch.profiler: the ops (on a GPU, the kernels)
+    with the most time of their own per step, each with its share of all such time, and that total
+    against the wall time per step. On a GPU the two differ by the time the device sat idle waiting
+    for the host: a step far longer than its kernels is bound by launches, not by arithmetic."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            step({k: v.to(device) for k, v in batches[i % len(batches)].items()})
+        _sync(device)
+        wall = time.perf_counter() - start
+    events = [e for e in profiler.key_averages() if e.device_type.name == ("CUDA" if cuda else "CPU")]
+    own_us = {e.key: 0.0 for e in events}
+    calls = dict.fromkeys(own_us, 0)
+    for e in events:
+        own_us[e.key] += e.self_device_time_total if cuda else e.self_cpu_time_total
+        calls[e.key] += e.count
+    total = sum(own_us.values())
+    ranked = sorted(own_us, key=own_us.get, reverse=True)
+    rows = [
+        {
+            "op": name,
+            "calls_per_step": calls[name] / steps,
+            "ms_per_step": own_us[name] / 1e3 / steps,
+            "share": own_us[name] / total if total else 0.0,
+        }
+        for name in ranked[:PROFILE_ROWS]
+    ]
+    other = sum(own_us[name] for name in ranked[PROFILE_ROWS:])
+    return {
+        "steps": steps,
+        "clock": "device" if cuda else "cpu",
+        "wall_ms_per_step": wall * 1e3 / steps,
+        "busy_ms_per_step": total / 1e3 / steps,
+        "top": rows,
+        "other_ms_per_step": other / 1e3 / steps,
+    }
+
+
 def measure_round_robin(
     contenders: dict[str, Callable], batches: list[dict], device, warmup: int, steps: int
 ):
@@ -641,7 +695,8 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
     gemm_n = gemm_size(args, device)
     fp8_projections = "none"
     # (a) measured the bf16 step: (c) reuses it unless it was asked for another (fp8)
-    if a_result is None or args.fp8 != "off":  # the ds-sft step and the GEMM take turns
+    profile = None
+    if a_result is None or args.fp8 != "off" or args.profile_steps:  # the step and the GEMM take turns
         step = deepspeed_step(
             config,
             args.micro_batch,
@@ -652,6 +707,8 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
         )
         contenders = {name: step, GEMM: gemm_step(gemm_n, device)}
         seconds, _ = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
+        if args.profile_steps:
+            profile = profile_steps(step, batches, device, args.profile_steps)
         step.engine.destroy()
         tokens_per_s, gemm_s = args.micro_batch * args.seq_len / seconds[name], seconds[GEMM]
         fp8_projections = step.fp8_projections
@@ -681,6 +738,7 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
         "mfu": achieved / peak if peak else None,
         "device": device_name,
         "targets": {"fraction_of_gemm": 0.75, "mfu_gpu": 0.45},
+        "profile": profile,
     }
 
 
@@ -729,6 +787,18 @@ def print_tables(result: dict) -> None:
         if c["mfu"] is not None:
             peak = c["device_bf16_peak"] / 1e12
             print(f"    MFU vs {c['device']} bf16 peak {peak:.0f} TFLOP/s: {c['mfu']:.1%}")
+        profile = c.get("profile")
+        if profile:
+            print(
+                f"    where a step's time goes ({profile['steps']} profiled steps): "
+                f"{profile['wall_ms_per_step']:.1f} ms per step, {profile['busy_ms_per_step']:.1f} ms of it "
+                f"in {profile['clock']} time of the ops' own; share, ms per step, calls per step:"
+            )
+            for row in profile["top"]:
+                print(
+                    f"      {row['share']:6.1%} {row['ms_per_step']:9.3f} {row['calls_per_step']:7.1f}  "
+                    f"{row['op'][:100]}"
+                )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,7 +25,8 @@
 #   fp8 vs bf16  bench/fp8.py: the training step in bf16, fp8 everywhere and fp8 select: "auto" (torch,
 #                and TE where it imports), side by side, at the 112m preset and at d_model 2048
 #   step d2048 / d768   bench/train_throughput.py part c at d_model 2048 and at the 112m preset, bf16:
-#                the DeepSpeed step against the GEMM
+#                the DeepSpeed step against the GEMM; at 112m also where its time goes (torch.profiler:
+#                the top kernels, and their busy time against the wall time of a step)
 #   train bf16 compile   the bf16 training again with --compile (torch.compile on the GPU)
 # Writes OUT/SUMMARY.md (tables, pass/fail per step, issue 14's targets met or missed, the machine
 # line), OUT/logs.tar.gz (every log and JSON; checkpoints stay in the work folder) and, on a GPU,
@@ -281,11 +282,12 @@ if [ "$has_cuda" = 1 ]; then
     step "kernels" 90 "$PY" bench/kernel_speed.py --no-cpu --out "$WORK/kernels.json"
     d2048=(--parts c --preset 112m --override d_model=2048,n_heads=16,ffn_hidden=5504,n_layers=8
            --seq_len 1024 --micro_batch 8 --steps 6 --warmup 2 --gemm_size 8192)
-    d768=(--parts c --preset 112m --seq_len 1024 --micro_batch 16 --steps 6 --warmup 2 --gemm_size 8192)
+    d768=(--parts c --preset 112m --seq_len 1024 --micro_batch 16 --steps 6 --warmup 2 --gemm_size 8192
+          --profile_steps 3)
 else
     step "kernels" 60 "$PY" bench/kernel_speed.py --quick --out "$WORK/kernels.json"
     d2048=(--parts c --quick)
-    d768=(--parts c --quick)
+    d768=(--parts c --quick --profile_steps 1)
 fi
 # fp8 against bf16, side by side in one process (the modes take turns step by step): every
 # projection in fp8 and the roofline's choice (select: "auto"), at the 112m preset and d_model 2048

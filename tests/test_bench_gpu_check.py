@@ -259,3 +259,19 @@ def test_the_fp8_target_reads_the_path_auto_takes_and_the_page_lists_every_mode(
     assert "| wide | torch auto | 12 |" in page and "| 112m | torch | 84 |" in page
     assert ("| wide | te auto | 56 |" in page) == te_ran
     assert ("skipped: --fp8 te needs transformer-engine" in page) != te_ran
+
+
+def test_the_page_says_where_the_112m_steps_time_goes(tmp_path):
+    assert gpu_check.profile_section(tmp_path)[-1] == "not profiled"
+    top = [
+        {"op": "sm90_xmma_gemm_bf16bf16_bf16f32", "calls_per_step": 252.0, "ms_per_step": 30.0, "share": 0.6},
+        {"op": "triton_rms|norm", "calls_per_step": 50.0, "ms_per_step": 5.0, "share": 0.1},
+    ]
+    profile = {"steps": 3, "clock": "device", "wall_ms_per_step": 80.0, "busy_ms_per_step": 50.0}
+    profile.update(top=top, other_ms_per_step=15.0)
+    (tmp_path / "throughput_d768_bf16.json").write_text(json.dumps({"c": {"profile": profile}}))
+    page = gpu_check.profile_section(tmp_path)
+    assert "80.0 ms per step, 50.0 ms of it in the device time of its kernels" in page[2]
+    assert "| 60.0% | 30.000 | 252.0 | `sm90_xmma_gemm_bf16bf16_bf16f32` |" in page
+    assert "| 10.0% | 5.000 | 50.0 | `triton_rms/norm` |" in page  # a | would split the table's row
+    assert page[-1] == "| | 15.000 | | the rest |"
