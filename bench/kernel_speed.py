@@ -15,8 +15,9 @@ so load from other work hits both alike. The chunk size defaults to the kernel's
 vocabulary (``default_chunk_size``: whole 32-token blocks within 128 MB of fp32 logits).
 
 GPU (only where CUDA is present): RMSNorm and cross-entropy, forward + backward, Triton kernels vs
-torch eager, ``torch.compile`` and Liger-Kernel when installed; achieved bandwidth as a fraction of
-the device's peak (compulsory traffic only: each input read once, each output written once). Then
+torch eager, ``torch.compile`` and Liger-Kernel when installed, each case timed in turn over rounds
+(median; :func:`time_in_rounds`); achieved bandwidth as a fraction of the device's peak (compulsory
+traffic only: each input read once, each output written once). Then
 the fused linear cross-entropy vs eager: time and peak ``max_memory_allocated``.
 """
 
@@ -219,7 +220,7 @@ def _peak_bandwidth(name: str) -> float | None:
     return next((peak for fragment, peak in PEAK_BANDWIDTH if fragment in name), None)
 
 
-def _rms_norm_cases(record, rows, hidden, device, dtype, compiled_norm, liger):
+def _rms_norm_cases(rows, hidden, device, dtype, compiled_norm, liger) -> list[tuple]:
     x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
     w = torch.ones(hidden, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn_like(x)
@@ -231,12 +232,41 @@ def _rms_norm_cases(record, rows, hidden, device, dtype, compiled_norm, liger):
     if liger:
         providers["liger"] = lambda: liger["rms_norm"](x, w, 1e-6)
     size = rows * hidden * x.element_size()
+    cases = []
     for provider, fn in providers.items():
-        record(f"rms_norm fwd {rows}x{hidden}", provider, fn, 2 * size)  # read x, write y
+        cases.append((f"rms_norm fwd {rows}x{hidden}", provider, fn, 2 * size, None))  # read x, write y
         # + backward: read dy and x, write dx
-        record(
-            f"rms_norm fwd+bwd {rows}x{hidden}", provider, lambda fn=fn: fn().backward(dy), 5 * size, [x, w]
-        )
+        backward = lambda fn=fn: fn().backward(dy)  # noqa: E731
+        cases.append((f"rms_norm fwd+bwd {rows}x{hidden}", provider, backward, 5 * size, [x, w]))
+    return cases
+
+
+TIMING_ROUNDS = 3  # timed rounds over every case, after one untimed round
+
+
+def time_in_rounds(cases: list[tuple], bench, rounds: int = TIMING_ROUNDS) -> dict[tuple, float | Exception]:
+    """(op, provider) -> the median of ``rounds`` timings of its ``fn`` by ``bench(fn, grad_to_none)``
+    (milliseconds), or the exception that stopped it. Every case is timed once per round, in turn (A B
+    C A B C ...), after a first round that is not counted: that round compiles (torch.compile, Triton)
+    and brings the GPU's clocks up. On the first H200 run, timed one after another, every provider ran
+    its first shape (hidden 768) slower than a shape 5x larger, Liger included."""
+    times: dict[tuple, list[float] | Exception] = {}
+    for round_index in range(rounds + 1):
+        for op, provider, fn, _, grad_to_none in cases:
+            key = (op, provider)
+            if isinstance(times.get(key), Exception):
+                continue
+            try:
+                ms = bench(fn, grad_to_none=grad_to_none)
+            except Exception as error:  # e.g. an installed Liger with another signature: report, go on
+                times[key] = error
+                continue
+            if round_index:
+                times.setdefault(key, []).append(ms)
+    return {
+        key: value if isinstance(value, Exception) else statistics.median(value)
+        for key, value in times.items()
+    }
 
 
 def gpu_benchmarks(args) -> dict:
@@ -251,24 +281,16 @@ def gpu_benchmarks(args) -> dict:
     vocab = args.vocab[0]  # the GPU cases run at the first vocabulary
     peak_tbs = peak / 1e12 if peak else float("nan")
     print(f"\nGPU {name}: peak bandwidth {peak_tbs:.2f} TB/s; Liger-Kernel installed: {liger is not None}")
-    print(f"{'op':<28} {'provider':<9} {'ms':>8} {'GB/s':>8} {'of peak':>8}")
-    table = []
-
-    def record(op, provider, fn, nbytes, grad_to_none=None):
-        try:
-            ms = do_bench(fn, grad_to_none=grad_to_none)
-        except Exception as error:  # e.g. an installed Liger with another signature: report, go on
-            table.append({"op": op, "provider": provider, "error": repr(error)})
-            print(f"{op:<28} {provider:<9} failed: {error!r}")
-            return
-        gbs = nbytes / (ms * 1e-3) / 1e9
-        frac = gbs * 1e9 / peak if peak else float("nan")
-        table.append({"op": op, "provider": provider, "ms": ms, "GB/s": gbs, "fraction_of_peak": frac})
-        print(f"{op:<28} {provider:<9} {ms:>8.3f} {gbs:>8.0f} {frac:>8.1%}")
+    print(
+        f"{'op':<28} {'provider':<9} {'ms':>8} {'GB/s':>8} {'of peak':>8}  (median of {TIMING_ROUNDS} rounds)"
+    )
 
     compiled_norm = torch.compile(rms_norm_reference)
-    for hidden in (768, 4096):
-        _rms_norm_cases(record, rows, hidden, device, dtype, compiled_norm, liger)
+    cases = [
+        case
+        for hidden in (768, 4096)
+        for case in _rms_norm_cases(rows, hidden, device, dtype, compiled_norm, liger)
+    ]
 
     compiled_ce = torch.compile(cross_entropy_reference)
     logits = torch.randn(rows, vocab, device=device, dtype=dtype, requires_grad=True)
@@ -284,8 +306,23 @@ def gpu_benchmarks(args) -> dict:
     for provider, fn in providers.items():
         # compulsory traffic: read the logits once, write their gradient once
         nbytes = 2 * logits.numel() * logits.element_size()
-        record(f"cross_entropy fwd+bwd {rows}x{vocab}", provider, lambda fn=fn: fn().backward(), nbytes,
-               [logits, liger_logits])  # fmt: skip
+        backward = lambda fn=fn: fn().backward()  # noqa: E731
+        cases.append(
+            (f"cross_entropy fwd+bwd {rows}x{vocab}", provider, backward, nbytes, [logits, liger_logits])
+        )
+
+    table = []
+    timings = time_in_rounds(cases, do_bench)
+    for op, provider, _, nbytes, _ in cases:
+        ms = timings[(op, provider)]
+        if isinstance(ms, Exception):
+            table.append({"op": op, "provider": provider, "error": repr(ms)})
+            print(f"{op:<28} {provider:<9} failed: {ms!r}")
+            continue
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        frac = gbs * 1e9 / peak if peak else float("nan")
+        table.append({"op": op, "provider": provider, "ms": ms, "GB/s": gbs, "fraction_of_peak": frac})
+        print(f"{op:<28} {provider:<9} {ms:>8.3f} {gbs:>8.0f} {frac:>8.1%}")
 
     hidden = torch.randn(rows, args.hidden, device=device, dtype=dtype, requires_grad=True)
     weight = (torch.randn(vocab, args.hidden, device=device) / args.hidden**0.5).to(dtype).requires_grad_()

@@ -1,0 +1,44 @@
+"""bench/kernel_speed.py's GPU timing, whose order is the part that runs without a GPU: every case is
+timed once per round, in turn, after an untimed round, and reported as its median."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+
+from tests.conftest import REPO_ROOT
+
+spec = importlib.util.spec_from_file_location("kernel_speed", REPO_ROOT / "bench" / "kernel_speed.py")
+kernel_speed = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kernel_speed)
+
+
+def test_cases_take_turns_and_the_first_round_is_not_counted():
+    """A device whose clocks ramp up (each call faster than the last) slows whichever case runs first;
+    in turns over rounds, after an untimed one, every case sees the same ramp, a few calls apart."""
+    calls: list[str] = []
+    clock = iter(range(100, 0, -1))  # each call 1 ms faster than the one before
+
+    def bench(fn, grad_to_none=None):
+        calls.append(fn())
+        return float(next(clock))
+
+    cases = [(f"op {name}", name, lambda name=name: name, 1, None) for name in ("a", "b", "c")]
+    timings = kernel_speed.time_in_rounds(cases, bench, rounds=3)
+    assert calls == ["a", "b", "c"] * 4
+    # a's timed calls were the 4th, 7th and 10th: 97, 94, 91 ms (the untimed first round: 100)
+    assert timings == {
+        (f"op {n}", n): statistics.median([97 - i, 94 - i, 91 - i]) for i, n in enumerate("abc")
+    }
+
+
+def test_a_case_that_fails_is_reported_and_the_others_still_run():
+    def bench(fn, grad_to_none=None):
+        return fn()
+
+    def broken():
+        raise TypeError("another signature")
+
+    cases = [("op", "liger", broken, 1, None), ("op", "triton", lambda: 2.0, 1, None)]
+    timings = kernel_speed.time_in_rounds(cases, bench, rounds=2)
+    assert isinstance(timings[("op", "liger")], TypeError) and timings[("op", "triton")] == 2.0
