@@ -33,6 +33,9 @@
 # OUT/fp8_roofline.json: OUT is a new or empty folder, or one an earlier check wrote. Exit 1 when a
 # step or a check failed (a missed speed target is reported, not a failure).
 #
+# --only STEP,...: run just those steps (and install and imports, which every step needs), e.g. after a
+# fix, on a fresh machine: bash launch/gpu_check.sh --only "gpu tests,fp8 vs bf16" --out $OUT
+#
 # --continue: run only the steps an earlier check in the same work folder did not reach ("skipped:
 # out of time"; a cold first run on a fresh GPU spends much of the budget compiling), on a budget of
 # its own, and summarise both. On the lent GPU, while the machine is still warm (seconds after the
@@ -69,18 +72,34 @@ image_python() {
 
 mode=gpu
 out=""
+only=""
 continue_earlier=0
+# Every step's name, in order (--only takes a comma-separated list of them)
+STEPS=(install imports collectives "gpu tests" "gpu tests: collect" "carried data" "deepspeed cpu op"
+       "train bf16" "train fp8" gemm "fp8 roofline" kernels "fp8 vs bf16" "step d2048 bf16" "step d768 bf16"
+       "train bf16 compile")
 while [ $# -gt 0 ]; do
     case $1 in
         --cpu) mode=cpu ;;
         --continue) continue_earlier=1 ;;
         --out) out=$(value_of "$@") || exit 2; shift ;;  # no set -e here: the subshell's exit is passed on
+        --only) only=$(value_of "$@") || exit 2; shift ;;
         --list-tests) printf '%s\n' "${gpu_tests[@]}" "${fp8_tests[0]}"; exit 0 ;;  # the files
         --image-python) image_python; exit ;;  # for `make test-image`
-        *) echo "usage: bash launch/gpu_check.sh [--cpu] [--continue] [--out DIR] [--list-tests] [--image-python]" >&2; exit 2 ;;
+        *) echo "usage: bash launch/gpu_check.sh [--cpu] [--continue] [--only STEP,...] [--out DIR] [--list-tests] [--image-python]" >&2; exit 2 ;;
     esac
     shift
 done
+if [ -n "$only" ]; then  # every name is a step's, before any work: a typo would run nothing
+    [ "$continue_earlier" = 1 ] && { echo "gpu_check: --only and --continue do not go together: --continue runs what an earlier check had no time for" >&2; exit 2; }
+    while IFS= read -r name; do  # one name per comma-separated field, an empty one too ("gemm,")
+        printf '%s\n' "${STEPS[@]}" | grep -qxF -- "$name" || {
+            echo "gpu_check: --only: no step is named '$name'; steps: $(IFS=,; echo "${STEPS[*]}")" >&2; exit 2; }
+    done <<< "${only//,/$'\n'}"
+fi
+selected() {  # selected NAME: true unless --only leaves it out (install and imports always run: all need them)
+    [ -z "$only" ] || [ "$1" = install ] || [ "$1" = imports ] || [[ ",$only," == *",$1,"* ]]
+}
 CARRY=${GPU_CARRY:-$REPO/gpu_carry}
 default_out=$REPO/bench/results/gpu_check_$mode  # ds-sft's own results folder: always its to write
 out=${out:-$default_out}
@@ -137,6 +156,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a timeout, log to WORK/NAME
     local name=$1 limit=$(($2 * SLOW)) left=$((BUDGET_S - (SECONDS - start)))
     shift 2
     recorded "$name" && return
+    selected "$name" || { skip "$name" "not selected (--only)"; return; }
     local log="$WORK/${name// /_}.log" began=$SECONDS rc
     # a step's own folder is named after it (WORK/train_fp8): what one the budget stopped left there
     # (a run without its end, which train would refuse to write over) goes before it runs again

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,42 @@ def test_continue_keeps_the_earlier_work_and_forgets_only_the_steps_that_had_no_
     assert result.returncode == 2 and "GPU_CHECK_VENV" in result.stderr, result.stderr
     assert (work / "gemm.json").exists()
     assert (work / "steps.tsv").read_text().splitlines() == earlier[:3]
+
+
+def gpu_check_steps() -> list[str]:
+    """The step names the script knows (it lists them when --only names another)."""
+    done = subprocess.run(
+        ["bash", "launch/gpu_check.sh", "--only", "no such step"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--only: no step is named 'no such step'; steps: " in done.stderr
+    return done.stderr.strip().split("; steps: ")[1].split(",")
+
+
+def test_only_knows_every_step_the_script_runs_and_no_other():
+    """A step added to the script without its name in the list could not be chosen by --only; a name
+    left in the list after its step went would be accepted and run nothing."""
+    script = (REPO_ROOT / "launch" / "gpu_check.sh").read_text()
+    literal = set(re.findall(r'^\s*(?:step|skip) "([^"$]+)"', script, flags=re.MULTILINE))
+    sizes = re.search(r"^for size in ([\w ]+); do$", script, flags=re.MULTILINE).group(1).split()
+    in_loop = {f"step {size} bf16" for size in sizes}  # the loop's `step "step $size bf16"`
+    steps = gpu_check_steps()
+    assert len(steps) == len(set(steps)) and set(steps) == literal | in_loop
+
+
+@pytest.mark.parametrize("only", ["kernals", "gemm,kernals", "gemm,", ""])
+def test_only_refuses_a_name_that_is_no_step_before_any_work(tmp_path, only):
+    result = run_gpu_check(tmp_path, "--only", only)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(("gpu_check: --only: no step is named", "launch/gpu_check.sh: --only"))
+    assert not (tmp_path / "work").exists()
+
+
+def test_only_and_continue_do_not_go_together(tmp_path):
+    result = run_gpu_check(tmp_path, "--only", "kernels", "--continue")
+    assert result.returncode == 2 and "--only and --continue do not go together" in result.stderr
+    assert not (tmp_path / "work").exists()
