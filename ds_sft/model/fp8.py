@@ -286,7 +286,9 @@ class Float8Linear(nn.Module):
             scaled = (t if t.dtype.itemsize <= 4 else t.float()) * scale
             scaled.clamp_(-fp8_max, fp8_max)
             cast.append(scaled.to(dtype) if held_in is None else fp8_grid(scaled, dtype).to(held_in))
-        return tuple(cast), scales.reciprocal().unbind()
+        # each inverse scale in its own allocation: cuBLASLt refused (NOT_SUPPORTED) a scale pointer at
+        # a 4-byte offset, the second element of one tensor, on the H200
+        return tuple(cast), tuple(scale.reciprocal() for scale in scales.split(1))
 
     @torch.no_grad()
     def _step_scaling(self, first: int, tensors: tuple[torch.Tensor, ...], fp8_max: float) -> None:
