@@ -199,11 +199,13 @@ def computed_in(run_dir: Path) -> dict | None:
     ``compatibility.run_identity``): what the steps computed in, which ``--fp8 auto`` decides by
     machine (on an H200 it is fp8), so the flags in effective_config.json do not say. None: no
     readable record."""
+    from ds_sft.train.checkpointing import latest_tag, read_trainer_state
+
     checkpoints = run_dir / "checkpoints"
+    tag = latest_tag(checkpoints)
     try:
-        tag = (checkpoints / "latest").read_text().strip()
-        run = json.loads((checkpoints / tag / "trainer_state.json").read_text())["run"]
-        return {"precision": run["precision"], "fp8_layout": run["fp8_layout"]}
+        run = read_trainer_state(checkpoints / tag)["run"] if tag else None
+        return {"precision": run["precision"], "fp8_layout": run["fp8_layout"]} if run else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
