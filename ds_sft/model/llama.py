@@ -377,4 +377,15 @@ def _document_block_mask(document_ids: torch.Tensor, window: int | None = None):
         return same_document_causal(b, h, q_idx, kv_idx) & (q_idx - kv_idx < window)
 
     mask_mod = same_document_causal if window is None else same_document_window
-    return create_block_mask(mask_mod, B, None, T, T, device=document_ids.device)
+    # inside a compiled model dynamo compiles the mask's creation with the rest of the graph
+    create = create_block_mask if torch.compiler.is_compiling() else _compiled_create_block_mask()
+    return create(mask_mod, B, None, T, T, device=document_ids.device)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    """create_block_mask, compiled once, on first use. Eager, it evaluates the mask_mod through four
+    nested vmaps: 8 ms of host time per 16 x 1024 micro-batch on an H200, a tenth of the 112m step,
+    while the GPU waits. Compiled, a few fused kernels. A new batch's mask_mod closes over new
+    document ids and reuses the compiled code (dynamo guards on the tensor's shape, not its values)."""
+    return torch.compile(create_block_mask, dynamic=False)

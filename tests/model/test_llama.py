@@ -170,11 +170,20 @@ def test_flex_attention_path_equals_the_dense_mask(monkeypatch):
     torch.testing.assert_close(flex, dense, rtol=0, atol=1e-5)
 
 
+def random_documents(generator: torch.Generator, rows: int, length: int) -> torch.Tensor:
+    """Document ids of packed rows: up to 5 documents at random cuts, then a padded tail (-1)."""
+    starts = torch.randint(1, length, (rows, 4), generator=generator)
+    documents = (torch.arange(length)[None, :, None] >= starts[:, None, :]).sum(-1)
+    documents[:, length - int(torch.randint(0, 30, (), generator=generator)) :] = -1
+    return documents
+
+
 def test_a_new_batchs_document_mask_reuses_the_compiled_flex_attention():
     """Every batch packs its documents differently, so every step builds a new BlockMask whose
     mask_mod closes over new document ids. Were dynamo to guard on that closure, each step would
-    recompile, and after its recompile limit (8) fall back to eager flex_attention for good: correct,
-    silent, and many times slower on the GPU. One compile per mask kind (causal, sliding window)."""
+    recompile (flex_attention, and the mask's creation, compiled too), and after its recompile limit
+    (8) fall back to eager for good: correct, silent, and many times slower on the GPU. One compile
+    per mask kind (causal, sliding window)."""
     import torch._dynamo
 
     import ds_sft.model.llama as llama
@@ -183,16 +192,14 @@ def test_a_new_batchs_document_mask_reuses_the_compiled_flex_attention():
         pytest.skip("this torch has no flex_attention")
     torch._dynamo.reset()
     llama._compiled_flex_attention.cache_clear()
+    llama._compiled_create_block_mask.cache_clear()
     attend = llama._compiled_flex_attention()
     generator = torch.Generator().manual_seed(0)
     B, H, T, D = 2, 2, 256, 16
     q, k, v = (torch.randn(B, H, T, D, generator=generator) for _ in range(3))
 
     def batch_documents():
-        starts = torch.randint(1, T, (B, 4), generator=generator)
-        documents = (torch.arange(T)[None, :, None] >= starts[:, None, :]).sum(-1)
-        documents[:, T - int(torch.randint(0, 30, (), generator=generator)) :] = -1  # padding
-        return documents
+        return random_documents(generator, B, T)
 
     with torch.no_grad():
         for window in (None, 64):  # the first batch of each kind compiles
@@ -201,6 +208,24 @@ def test_a_new_batchs_document_mask_reuses_the_compiled_flex_attention():
             for _ in range(3):
                 for window in (None, 64):
                     attend(q, k, v, block_mask=llama._document_block_mask(batch_documents(), window))
+    assert llama._compiled_create_block_mask.cache_info().currsize == 1  # the masks were made compiled
+
+
+@pytest.mark.parametrize("window", [None, 64])
+def test_the_compiled_document_block_mask_is_the_eager_one(window):
+    """The compiled mask creation (what every step uses) against create_block_mask run eagerly on the
+    same mask_mod: the same blocks, partial and full, for rows of random documents and padding."""
+    import ds_sft.model.llama as llama
+
+    if llama.create_block_mask is None:
+        pytest.skip("this torch has no flex_attention")
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        documents = random_documents(generator, 3, 384)
+        compiled = llama._document_block_mask(documents, window)
+        eager = llama.create_block_mask(compiled.mask_mod, 3, None, 384, 384, device=documents.device)
+        for field in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+            assert torch.equal(getattr(compiled, field), getattr(eager, field)), field
 
 
 def test_config_errors_name_the_problem():
