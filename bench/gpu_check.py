@@ -357,6 +357,20 @@ def profile_section(work: Path) -> list[str]:
             f"| {row['share']:.1%} | {row['ms_per_step']:.3f} | {row['calls_per_step']:.1f} | `{name}` |"
         )
     lines.append(f"| | {profile['other_ms_per_step']:.3f} | | the rest |")
+    phases = profile.get("phases")  # older results have none
+    if phases:
+        lines += [
+            "",
+            "Each phase of a step, until the host had queued it and until the device had run it (where "
+            "the two agree, the device waited on the host):",
+            "",
+            "| phase | host ms | done ms | per update |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {phase} | {row['host_ms']:.2f} | {row['done_ms']:.2f} | {row['per_update']} |"
+            for phase, row in phases.items()
+        ]
     return lines
 
 

@@ -144,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
         "roofline (ds_sft/model/fp8_roofline.json) says are faster at micro_batch x seq_len tokens",
     )
     parser.add_argument(
+        "--grad_accum",
+        type=Int(1, 1024),
+        default=1,
+        help="micro-batches per update of the (c) step, as `ds-sft train --grad_accum` (the recipe: 16): "
+        "the engine's per-update work (gradient norm, overflow scan, AdamW) is paid once per this many",
+    )
+    parser.add_argument(
+        "--no_overflow_check",
+        action="store_true",
+        help="the (c) step with DeepSpeed's bf16 check_grad_overflow off: what its scan of every gradient "
+        "before each update costs (ds-sft keeps it on: it is what skips an update that is not finite)",
+    )
+    parser.add_argument(
         "--override",
         type=Text(),
         default=None,
@@ -154,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Int(0, 1000),
         default=0,
         help="after timing (c), run this many more ds-sft steps under torch.profiler and report where "
-        "their time goes: the top kernels by their own device time (on CPU, ops by own CPU time)",
+        "their time goes: the top kernels by their own device time (on CPU, ops by own CPU time), and "
+        "per phase of a step (inputs, attention mask, forward, backward, update) its host and wall time",
     )
     parser.add_argument("--seed", type=SEED, default=0, help="seed for weights, tokens and document order")
     parser.add_argument(
@@ -386,12 +400,16 @@ def deepspeed_step(
     fp8: str = "off",
     fp8_select: str = "all",
     tokens: int | None = None,
+    accumulation: int = 1,
+    overflow_check: bool = True,
 ):
     """The ds-sft training step itself: ``ds_configs/zero2.json`` with bf16 on, the trainer's engine
     (parameter groups, ``deepspeed.initialize``) and its token-normalized ``train_step``; with
     ``compile`` the engine's module goes through ``torch.compile`` as ``ds-sft train --compile`` does,
     with ``fp8`` other than off its projections (``fp8_select``: all, or those the roofline picks
-    for ``tokens`` rows per micro-batch) run the fp8 matmuls of ``ds-sft train --fp8``."""
+    for ``tokens`` rows per micro-batch) run the fp8 matmuls of ``ds-sft train --fp8``. One step is
+    one update of ``accumulation`` micro-batches (the batch it is given, that many times);
+    ``overflow_check`` is DeepSpeed's bf16 ``check_grad_overflow``."""
     import contextlib
 
     from ds_sft.train.config import read_json
@@ -404,8 +422,12 @@ def deepspeed_step(
     ds_config = {
         k: v for k, v in read_json(REPO_ROOT / "ds_configs" / "zero2.json").items() if k != "_comment"
     }
-    ds_config.update(train_micro_batch_size_per_gpu=micro_batch, steps_per_print=10**9)
-    ds_config["bf16"] = {"enabled": True}
+    ds_config.update(
+        train_micro_batch_size_per_gpu=micro_batch,
+        gradient_accumulation_steps=accumulation,
+        steps_per_print=10**9,
+    )
+    ds_config["bf16"] = {"enabled": True, "check_grad_overflow": overflow_check}
     model, forward_context = LlamaModel(config), contextlib.nullcontext
     fp8_projections = "none"
     if fp8 != "off":
@@ -422,9 +444,9 @@ def deepspeed_step(
         engine.compile()
 
     def step(batch: dict) -> float:
-        return train_step(engine, [batch], world_size, forward_context)["loss"]
+        return train_step(engine, [batch] * accumulation, world_size, forward_context)["loss"]
 
-    step.engine, step.fp8_projections = engine, fp8_projections
+    step.engine, step.fp8_projections, step.forward_context = engine, fp8_projections, forward_context
     return step
 
 
@@ -472,6 +494,53 @@ def profile_steps(step: Callable, batches: list[dict], device, steps: int) -> di
         "busy_ms_per_step": total / 1e3 / steps,
         "top": rows,
         "other_ms_per_step": other / 1e3 / steps,
+    }
+
+
+def step_phases(step: Callable, batch: dict, device, steps: int) -> dict:
+    """Each phase of ``steps`` ds-sft updates (a :func:`deepspeed_step`), timed twice: ``host_ms``,
+    until the host has queued it (the call returns), and ``done_ms``, until the device has also run
+    it. Where the two agree the host is the bottleneck: the device ran the kernels as fast as they
+    came. ``attention mask`` is built once more on its own (the forward builds it inside: on a GPU
+    the flex_attention BlockMask). Per micro-batch for all but ``update``, the engine's step at the
+    end of each update; medians, after one unmeasured update."""
+    from ds_sft.train.loop import model_inputs
+
+    engine = step.engine
+    model = engine.module
+    accumulation = engine.gradient_accumulation_steps()
+    times: dict[str, list[tuple[float, float]]] = {}
+
+    def timed(phase: str, fn: Callable, *args, **kwargs):
+        _sync(device)
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        queued = time.perf_counter() - start
+        _sync(device)
+        times.setdefault(phase, []).append((queued, time.perf_counter() - start))
+        return out
+
+    scale = 1.0 / max(1, int((batch["labels"] != IGNORE_INDEX).sum()) * accumulation)
+    for update in range(steps + 1):
+        for i in range(accumulation):
+            inputs = timed("inputs", model_inputs, batch, device)
+            documents = inputs.get("document_ids")
+            timed("attention mask", model._attention_mask, inputs["input_ids"], documents, None, None)
+            with step.forward_context():
+                loss = timed("forward", engine, **inputs)
+            timed("backward", engine.backward, loss * scale, scale_wrt_gas=False)
+            if i < accumulation - 1:
+                engine.step()  # not a boundary: the engine only counts the micro-step
+        timed("update", engine.step)
+        if update == 0:  # unmeasured: the first one warms up
+            times.clear()
+    return {
+        phase: {
+            "host_ms": statistics.median(queued for queued, _ in pairs) * 1e3,
+            "done_ms": statistics.median(done for _, done in pairs) * 1e3,
+            "per_update": 1 if phase == "update" else accumulation,
+        }
+        for phase, pairs in times.items()
     }
 
 
@@ -694,9 +763,10 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
     name = "dssft_deepspeed_zero2_compiled" if args.compile else "dssft_deepspeed_zero2"
     gemm_n = gemm_size(args, device)
     fp8_projections = "none"
-    # (a) measured the bf16 step: (c) reuses it unless it was asked for another (fp8)
     profile = None
-    if a_result is None or args.fp8 != "off" or args.profile_steps:  # the step and the GEMM take turns
+    # (a) measured the default bf16 step: (c) reuses it unless it was asked for another or a profile
+    as_in_a = args.fp8 == "off" and args.grad_accum == 1 and not args.no_overflow_check
+    if a_result is None or not as_in_a or args.profile_steps:  # the step and the GEMM take turns
         step = deepspeed_step(
             config,
             args.micro_batch,
@@ -704,13 +774,18 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
             fp8=args.fp8,
             fp8_select=args.fp8_select,
             tokens=args.micro_batch * args.seq_len,
+            accumulation=args.grad_accum,
+            overflow_check=not args.no_overflow_check,
         )
         contenders = {name: step, GEMM: gemm_step(gemm_n, device)}
         seconds, _ = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
         if args.profile_steps:
             profile = profile_steps(step, batches, device, args.profile_steps)
+            batch = {k: v.to(device) for k, v in batches[0].items()}
+            profile["phases"] = step_phases(step, batch, device, args.profile_steps)
         step.engine.destroy()
-        tokens_per_s, gemm_s = args.micro_batch * args.seq_len / seconds[name], seconds[GEMM]
+        tokens_per_update = args.micro_batch * args.seq_len * args.grad_accum
+        tokens_per_s, gemm_s = tokens_per_update / seconds[name], seconds[GEMM]
         fp8_projections = step.fp8_projections
     else:
         tokens_per_s, gemm_s = a_result["rows"][name]["tokens_per_s"], a_result["gemm_s"]
@@ -726,6 +801,8 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
         "fp8": args.fp8,
         "fp8_select": args.fp8_select,
         "fp8_projections": fp8_projections,  # how many of the projections ran in fp8
+        "grad_accum": args.grad_accum,
+        "overflow_check": not args.no_overflow_check,
         "flops_per_token": per_token,
         "tokens_per_s": tokens_per_s,
         "achieved_flops": achieved,
@@ -799,6 +876,9 @@ def print_tables(result: dict) -> None:
                     f"      {row['share']:6.1%} {row['ms_per_step']:9.3f} {row['calls_per_step']:7.1f}  "
                     f"{row['op'][:100]}"
                 )
+            print("    each phase: host ms (until queued), ms until the device ran it, times per update:")
+            for phase, row in profile["phases"].items():
+                print(f"      {phase:<16}{row['host_ms']:9.2f}{row['done_ms']:9.2f}{row['per_update']:6d}")
 
 
 def run(args: argparse.Namespace) -> int:

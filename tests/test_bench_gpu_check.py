@@ -275,3 +275,10 @@ def test_the_page_says_where_the_112m_steps_time_goes(tmp_path):
     assert "| 60.0% | 30.000 | 252.0 | `sm90_xmma_gemm_bf16bf16_bf16f32` |" in page
     assert "| 10.0% | 5.000 | 50.0 | `triton_rms/norm` |" in page  # a | would split the table's row
     assert page[-1] == "| | 15.000 | | the rest |"
+    profile["phases"] = {
+        "attention mask": {"host_ms": 8.04, "done_ms": 8.11, "per_update": 1},
+        "forward": {"host_ms": 28.83, "done_ms": 31.23, "per_update": 1},
+    }
+    (tmp_path / "throughput_d768_bf16.json").write_text(json.dumps({"c": {"profile": profile}}))
+    page = gpu_check.profile_section(tmp_path)
+    assert page[-2:] == ["| attention mask | 8.04 | 8.11 | 1 |", "| forward | 28.83 | 31.23 | 1 |"]
