@@ -138,7 +138,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     flag(ev, "--alarm_rising_evals", "warn when val loss rises for this many evals in a row")
     flag(ev, "--alarm_gap", "warn when val loss exceeds the recent train loss by more than this")
-    flag(ev, "--max_nan_steps", "stop after this many non-finite-loss steps in a row (each is skipped)")
+    flag(
+        ev,
+        "--max_nan_steps",
+        "stop after this many steps in a row whose loss or gradients are not finite (each is skipped)",
+    )
 
     ck = parser.add_argument_group("checkpoints")
     flag(ck, "--save_interval", "save a checkpoint every N steps (and at the end, and on SIGTERM)")

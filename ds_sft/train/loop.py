@@ -27,7 +27,10 @@ inf/NaN and skips the update by itself (ZeRO-1/2 in bf16 only while ``check_grad
 with it off, the check runs for the non-finite update alone); the plain torch AdamW of fp32 stage 0
 would apply it, so there the gradients are dropped (``grad = None``, which torch optimizers skip)
 before the step.
-After ``--max_nan_steps`` non-finite steps in a row the run stops with a clear message.
+Non-finite gradients under a finite loss (a backward that overflowed where the forward did not) are
+skipped the same way: the engines find them, torch's AdamW by ds-sft's own gradient norm; either
+cause is an alarm, and after ``--max_nan_steps`` non-finite steps in a row the run stops with a
+clear message.
 
 Preemption: SIGTERM/SIGINT/SIGHUP set a flag; at the end of the step every rank agrees (all-reduce) to
 save a checkpoint and leave, so no rank is caught half-way through a collective.
@@ -109,7 +112,7 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
     local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)  # labels are on the host
     trained_tokens = all_reduce_sum([local_tokens], device)
     if trained_tokens.item() == 0:  # the same answer on every rank, so all of them skip
-        return {"loss": None, "trained_tokens": 0, "grad_norm": None, "finite": True}
+        return {"loss": None, "trained_tokens": 0, "grad_norm": None, "finite": True, "skipped": False}
     scale = (world_size / trained_tokens).float()
     # the loss sum stays on the device: no host sync per micro-batch, one read at the boundary
     local_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -126,19 +129,23 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
     finite = math.isfinite(global_loss_sum)
     own_norm = None
     if not hasattr(engine.optimizer, "overflow"):  # torch's AdamW itself (stage 0, fp32)
-        if finite:
-            own_norm = local_grad_norm(engine)
-        else:
+        own_norm = local_grad_norm(engine) if finite else math.nan
+        if not math.isfinite(own_norm):  # AdamW would apply it: NaN weights from here on
             skip_next_update(engine.optimizer)
     with overflow_check_for(engine.optimizer, not finite):
         engine.step()
     grad_norm = engine.get_global_grad_norm()
     grad_norm = own_norm if grad_norm is None else float(grad_norm)
+    # DeepSpeed reports a norm it found not finite as inf, or (ZeRO-1/2) as the -1 it masks it with
+    gradients_finite = grad_norm is None or (math.isfinite(grad_norm) and grad_norm >= 0)
     return {
         "loss": global_loss_sum / trained_tokens,
         "trained_tokens": int(trained_tokens),
-        "grad_norm": grad_norm if finite else None,
-        "finite": finite,
+        "grad_norm": grad_norm if finite and gradients_finite else None,
+        "finite": finite and gradients_finite,
+        "finite_loss": finite,
+        # did the engine leave the weights alone? (ZeRO and the bf16 wrapper say so themselves)
+        "skipped": bool(getattr(engine.optimizer, "overflow", not gradients_finite)),
     }
 
 
@@ -581,23 +588,31 @@ class RunLog:
         self.sink.close()
 
 
-def count_skipped_step(s, state: dict, record: dict, log: RunLog, engine, ckpt_dir: Path) -> None:
-    """A non-finite loss: the engine skipped the update. Alarm, and stop after ``--max_nan_steps``
-    in a row."""
+def count_non_finite_step(s, state: dict, record: dict, result: dict, log, engine, ckpt_dir: Path) -> None:
+    """A non-finite loss, or non-finite gradients under a finite one: the engine skipped the update
+    (it lands only where the DeepSpeed config turned bf16's check_grad_overflow off, and the alarm
+    says so). Alarm, and stop after ``--max_nan_steps`` in a row."""
     done = record["step"]
     state["nan_streak"] += 1
-    record["skipped"] = True
-    message = (
-        f"step {done}: non-finite loss ({record['loss']}), update skipped "
-        f"({state['nan_streak']}/{s.max_nan_steps} in a row)"
+    record["skipped"] = result["skipped"]
+    cause = (
+        f"non-finite loss ({record['loss']})"
+        if not result["finite_loss"]
+        else f"non-finite gradients under a finite loss ({record['loss']:.4f})"
     )
+    outcome = (
+        "update skipped"
+        if result["skipped"]
+        else 'update applied (the DeepSpeed config sets "bf16": {"check_grad_overflow": false})'
+    )
+    message = f"step {done}: {cause}, {outcome} ({state['nan_streak']}/{s.max_nan_steps} in a row)"
     log.alarm(done, message, message)
     if state["nan_streak"] >= s.max_nan_steps:
         log.sink.log(record)
         log.sink.close()
         engine.destroy()
         raise UserError(
-            f"loss was NaN/inf for {state['nan_streak']} steps in a row (last at step "
+            f"loss or gradients were NaN/inf for {state['nan_streak']} steps in a row (last at step "
             f"{done}): lower --learning_rate, check the data, or resume from "
             f"{ckpt_dir / 'latest'}"
         )
@@ -678,7 +693,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             state["elapsed_s"] += step_time
             record = meter.record(done, lr, result, step_time)
             if not result["finite"]:
-                count_skipped_step(s, state, record, log, engine, ckpt_dir)
+                count_non_finite_step(s, state, record, result, log, engine, ckpt_dir)
             elif result["trained_tokens"]:  # a step without tokens ran nothing: no sign of recovery
                 state["nan_streak"] = 0
             log.step(record)

@@ -108,6 +108,74 @@ def test_a_nan_step_is_skipped_with_deepspeeds_bf16_overflow_check_off(stage, di
         assert torch.equal(w_skipped[name], w_clean[name]), name
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity forward whose backward makes every gradient through it non-finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf  # inf, and NaN where the gradient was 0
+
+
+def poisoned_gradients(model, calls_to_poison):
+    """Make the gradients of every block non-finite on the given (1-based) training forward calls,
+    while their losses stay finite (the LM head reads the hidden states before the poison's backward)."""
+    original_forward, original_hidden, count = model.forward, model.hidden_states, {"n": 0}
+
+    def hidden_states(*args, **kwargs):
+        return _InfiniteGradient.apply(original_hidden(*args, **kwargs))
+
+    def forward(*args, **kwargs):
+        if kwargs.get("scores"):  # an eval forward
+            return original_forward(*args, **kwargs)
+        count["n"] += 1
+        model.hidden_states = hidden_states if count["n"] in calls_to_poison else original_hidden
+        return original_forward(*args, **kwargs)
+
+    model.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_an_update_with_non_finite_gradients_under_a_finite_loss_is_skipped_and_said(
+    stage, precision, dist_env, tmp_path
+):
+    """A backward can overflow where the forward did not: the loss is finite, some gradients are not.
+    At every stage and precision that update must not land (the weights are those of the clean steps
+    before it) and must not pass unsaid (the step is marked skipped, with an alarm naming the cause)."""
+    dataset = TinyPacked(32, seed=4)
+    s3 = settings(zero_stage=stage, precision=precision, max_iters=3, warmup_iters=10)
+    records, w_skipped, summary = run(s3, dataset, tmp_path / "inf", poisoned_gradients(tiny_model(), {5}))
+    s2 = settings(zero_stage=stage, precision=precision, max_iters=2, warmup_iters=10)
+    _, w_clean, _ = run(s2, dataset, tmp_path / "clean")
+    for name in w_clean:
+        assert torch.equal(w_skipped[name], w_clean[name]), name
+    assert math.isfinite(records[2]["loss"]) and records[2].get("skipped")
+    assert "gradients" in summary["alarms"][0]["message"]
+
+
+def test_non_finite_gradients_that_land_with_the_overflow_check_off_are_said_to_have_landed(
+    dist_env, tmp_path
+):
+    """The one case ds-sft cannot stop: bf16.check_grad_overflow off, a finite loss, non-finite
+    gradients (nothing scans them; ZeRO-2 masks their norm to -1 and applies them). The alarm says the
+    update was applied and why, the record is not marked skipped, and the streak counts it (the next
+    steps are NaN: the run stops after --max_nan_steps, pointing at the last checkpoint)."""
+    unchecked = {"bf16": {"enabled": True, "check_grad_overflow": False}}
+    s = settings(zero_stage=2, precision="bf16", max_iters=3, warmup_iters=10, max_nan_steps=5)
+    records, _, summary = run(
+        s, TinyPacked(32, seed=4), tmp_path, poisoned_gradients(tiny_model(), {5}), **unchecked
+    )
+    assert math.isfinite(records[2]["loss"]) and not records[2]["skipped"]
+    message = summary["alarms"][0]["message"]
+    assert "non-finite gradients under a finite loss" in message and "check_grad_overflow" in message
+    assert "update applied" in message and "(1/5 in a row)" in message
+
+
 def test_nan_streak_aborts_with_a_clear_message(dist_env, tmp_path):
     s = settings(zero_stage=0, max_iters=8, max_nan_steps=3)
     with pytest.raises(UserError, match="NaN/inf for 3 steps in a row"):
