@@ -26,11 +26,10 @@ Non-finite loss. A ZeRO optimizer (and DeepSpeed's bf16 stage-0 wrapper) checks 
 inf/NaN and skips the update by itself (ZeRO-1/2 in bf16 only while ``check_grad_overflow`` is on:
 with it off, the check runs for the non-finite update alone); the plain torch AdamW of fp32 stage 0
 would apply it, so there the gradients are dropped (``grad = None``, which torch optimizers skip)
-before the step.
-Non-finite gradients under a finite loss (a backward that overflowed where the forward did not) are
-skipped the same way: the engines find them, torch's AdamW by ds-sft's own gradient norm; either
-cause is an alarm, and after ``--max_nan_steps`` non-finite steps in a row the run stops with a
-clear message.
+before the step. Non-finite gradients under a finite loss (a backward that overflowed where the
+forward did not) are skipped the same way: the engines find them, torch's AdamW by ds-sft's own
+gradient norm; either cause is an alarm, and after ``--max_nan_steps`` non-finite steps in a row the
+run stops with a clear message.
 
 Preemption: SIGTERM/SIGINT/SIGHUP set a flag; at the end of the step every rank agrees (all-reduce) to
 save a checkpoint and leave, so no rank is caught half-way through a collective.
@@ -102,9 +101,11 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
     """Forward/backward every micro-batch of one optimizer step and let the engine update.
     ``forward_context``: what each forward runs inside (Transformer Engine's fp8 autocast for --fp8 te).
 
-    Returns the global token-normalized loss, the trained-token count and the pre-clip grad norm.
-    When no rank has a trained token nothing runs (see the module's docstring): loss and norm are
-    None (there is no loss to report, not a loss of 0), and the engine and optimizer are untouched.
+    Returns the global token-normalized loss, the trained-token count, the pre-clip grad norm,
+    whether loss and gradients were finite (``finite``; ``finite_loss`` for the loss alone) and
+    whether the engine left the weights alone (``skipped``). When no rank has a trained token nothing
+    runs (see the module's docstring): loss and norm are None (there is no loss to report, not a
+    loss of 0), and the engine and optimizer are untouched.
     """
     import torch
 
@@ -112,7 +113,14 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
     local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)  # labels are on the host
     trained_tokens = all_reduce_sum([local_tokens], device)
     if trained_tokens.item() == 0:  # the same answer on every rank, so all of them skip
-        return {"loss": None, "trained_tokens": 0, "grad_norm": None, "finite": True, "skipped": False}
+        return {
+            "loss": None,
+            "trained_tokens": 0,
+            "grad_norm": None,
+            "finite": True,
+            "finite_loss": True,
+            "skipped": False,
+        }
     scale = (world_size / trained_tokens).float()
     # the loss sum stays on the device: no host sync per micro-batch, one read at the boundary
     local_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -600,11 +608,9 @@ def count_non_finite_step(s, state: dict, record: dict, result: dict, log, engin
         if not result["finite_loss"]
         else f"non-finite gradients under a finite loss ({record['loss']:.4f})"
     )
-    outcome = (
-        "update skipped"
-        if result["skipped"]
-        else 'update applied (the DeepSpeed config sets "bf16": {"check_grad_overflow": false})'
-    )
+    outcome = "update skipped" if result["skipped"] else "update applied"
+    if not result["skipped"] and getattr(engine.optimizer, "check_grad_overflow", True) is False:
+        outcome += ' (the DeepSpeed config sets "bf16": {"check_grad_overflow": false})'
     message = f"step {done}: {cause}, {outcome} ({state['nan_streak']}/{s.max_nan_steps} in a row)"
     log.alarm(done, message, message)
     if state["nan_streak"] >= s.max_nan_steps:
