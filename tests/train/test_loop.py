@@ -60,19 +60,26 @@ def test_micro2_accum4_equals_micro8_accum1(stage, dist_env, tmp_path):
         torch.testing.assert_close(w_acc[name], w_single[name], atol=1e-5, rtol=0)
 
 
-def poisoned(model, calls_to_poison):
-    """Make the model's summed loss NaN on the given (1-based) training forward calls."""
+def on_training_forwards(model, calls, poisoned_forward):
+    """Run ``poisoned_forward(forward, *args, **kwargs)`` in place of the model's forward on the given
+    (1-based) training forward calls; eval forwards (``scores=True``: step 0 and every eval_interval)
+    are not counted."""
     original, count = model.forward, {"n": 0}
 
     def forward(*args, **kwargs):
-        out = original(*args, **kwargs)
-        if kwargs.get("scores"):  # an eval forward (step 0 and every eval_interval)
-            return out
-        count["n"] += 1
-        return out * math.nan if count["n"] in calls_to_poison else out
+        if not kwargs.get("scores"):
+            count["n"] += 1
+            if count["n"] in calls:
+                return poisoned_forward(original, *args, **kwargs)
+        return original(*args, **kwargs)
 
     model.forward = forward
     return model
+
+
+def poisoned(model, calls_to_poison):
+    """Make the model's summed loss NaN on the given (1-based) training forward calls."""
+    return on_training_forwards(model, calls_to_poison, lambda forward, *a, **k: forward(*a, **k) * math.nan)
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -123,20 +130,16 @@ class _InfiniteGradient(torch.autograd.Function):
 def poisoned_gradients(model, calls_to_poison):
     """Make the gradients of every block non-finite on the given (1-based) training forward calls,
     while their losses stay finite (the LM head reads the hidden states before the poison's backward)."""
-    original_forward, original_hidden, count = model.forward, model.hidden_states, {"n": 0}
+    original_hidden = model.hidden_states
 
-    def hidden_states(*args, **kwargs):
-        return _InfiniteGradient.apply(original_hidden(*args, **kwargs))
+    def forward_with_poison(forward, *args, **kwargs):
+        model.hidden_states = lambda *a, **k: _InfiniteGradient.apply(original_hidden(*a, **k))
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            del model.hidden_states  # the class's method again
 
-    def forward(*args, **kwargs):
-        if kwargs.get("scores"):  # an eval forward
-            return original_forward(*args, **kwargs)
-        count["n"] += 1
-        model.hidden_states = hidden_states if count["n"] in calls_to_poison else original_hidden
-        return original_forward(*args, **kwargs)
-
-    model.forward = forward
-    return model
+    return on_training_forwards(model, calls_to_poison, forward_with_poison)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
