@@ -148,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Int(1, 1024),
         default=1,
         help="micro-batches per update of the (c) step, as `ds-sft train --grad_accum` (the recipe: 16): "
-        "the engine's per-update work (gradient norm, overflow scan, AdamW) is paid once per this many",
+        "the engine's per-update work (gradient norm and its inf/NaN test, AdamW) is paid once per this many",
     )
     parser.add_argument(
         "--no_overflow_check",
         action="store_true",
-        help="the (c) step with DeepSpeed's bf16 check_grad_overflow off: what its scan of every gradient "
-        "before each update costs (ds-sft keeps it on: it is what skips an update that is not finite)",
+        help="the (c) step with DeepSpeed's bf16 check_grad_overflow off: what testing the gradient norm for "
+        "inf/NaN costs (ds-sft keeps it on: it is what skips an update that is not finite)",
     )
     parser.add_argument(
         "--override",

@@ -22,14 +22,14 @@ shares: the engine sees no micro-step (its accumulation boundary stays in phase)
 as a plain loop that skips ``optimizer.step()`` would. The step still counts for the schedule and
 the sampler.
 
-Non-finite loss. A ZeRO optimizer (and DeepSpeed's bf16 stage-0 wrapper) checks the gradients for
-inf/NaN and skips the update by itself (ZeRO-1/2 in bf16 only while ``check_grad_overflow`` is on:
-with it off, the check runs for the non-finite update alone); the plain torch AdamW of fp32 stage 0
-would apply it, so there the gradients are dropped (``grad = None``, which torch optimizers skip)
-before the step. Non-finite gradients under a finite loss (a backward that overflowed where the
-forward did not) are skipped the same way: the engines find them, torch's AdamW by ds-sft's own
-gradient norm; either cause is an alarm, and after ``--max_nan_steps`` non-finite steps in a row the
-run stops with a clear message.
+Non-finite loss. A ZeRO optimizer (and DeepSpeed's bf16 stage-0 wrapper) checks the gradients for inf/NaN
+and skips the update by itself (ZeRO-1/2 by their norm, :mod:`ds_sft.train.engine`; in bf16 only while
+``check_grad_overflow`` is on: with it off, the check runs for the non-finite update alone); the plain
+torch AdamW of fp32 stage 0 would apply it, so there the gradients are dropped (``grad = None``, which
+torch optimizers skip) before the step. Non-finite gradients under a finite loss (a backward that
+overflowed where the forward did not) are skipped the same way: the engines find them, torch's AdamW by
+ds-sft's own gradient norm; either cause is an alarm, and after ``--max_nan_steps`` non-finite steps in a
+row the run stops with a clear message.
 
 Preemption: SIGTERM/SIGINT/SIGHUP set a flag; at the end of the step every rank agrees (all-reduce) to
 save a checkpoint and leave, so no rank is caught half-way through a collective.
@@ -160,9 +160,9 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
 @contextlib.contextmanager
 def overflow_check_for(optimizer, needed: bool):
     """ZeRO-1/2 in bf16 with the JSON's ``"bf16": {"check_grad_overflow": false}`` skips no update,
-    not even a non-finite one (the setting saves its scan of every gradient, a third of a small
-    model's step at one micro-batch per update). When this update's loss is not finite the scan runs
-    for it alone, so the engine skips it as it does by default; otherwise nothing changes."""
+    not even a non-finite one (the setting saves the host sync that tests the gradient norm). When
+    this update's loss is not finite the check runs for it alone, so the engine skips it as it does
+    by default; otherwise nothing changes."""
     turned_on = needed and getattr(optimizer, "check_grad_overflow", True) is False
     if turned_on:
         optimizer.check_grad_overflow = True
