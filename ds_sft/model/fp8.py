@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import math
@@ -230,6 +231,8 @@ class Float8Linear(nn.Module):
     with fresh scaling state; a history of another length is cut or zero-padded, as TE does.
     ``scaled_mm``: None runs ``torch._scaled_mm`` where there are fp8 tensor cores and the
     dequantized GEMM elsewhere; True or False forces one (tests compare the two on CPU).
+    ``compiled_casts``: None compiles the training casts on fp8 tensor cores and keeps them eager
+    elsewhere; True or False forces it (tests compare compiled and eager casts on CPU).
     """
 
     def __init__(self, linear: nn.Linear, recipe: Fp8Recipe) -> None:
@@ -237,6 +240,7 @@ class Float8Linear(nn.Module):
         self.in_features, self.out_features, self.recipe = linear.in_features, linear.out_features, recipe
         self.weight, self.bias = linear.weight, linear.bias
         self.scaled_mm: bool | None = None
+        self.compiled_casts: bool | None = None
         device = linear.weight.device
         self.register_buffer("fp8_amax_history", torch.zeros(recipe.amax_history_len, 3, device=device))
         self.register_buffer("fp8_scale", torch.ones(3, device=device))
@@ -260,59 +264,35 @@ class Float8Linear(nn.Module):
         exact -- and the inverse scales they were cast with; ``record``: step those columns' scaling
         state and keep each tensor's amax for later steps (training steps only).
 
-        A small layer's fp8 step costs what it launches, not what it computes: the columns step
-        together and every op is one kernel (about 40 per forward + backward where the column-at-a-time
-        version took 80; tests/model/test_fp8.py counts them)."""
-        dtype = self.recipe.grad_dtype if first == GRAD else E4M3
-        fp8_max = torch.finfo(dtype).max
+        Eager, a cast is about a dozen small kernels, each a pass over memory, and a layer's forward +
+        backward about 40 (tests/model/test_fp8.py counts them): on an H200 1.7 ms of host time per
+        layer and ~80 bytes of memory traffic per element cast, more than any projection's fp8 GEMM
+        wins back. Compiled (``compiled_casts``; by default on fp8 tensor cores), inductor
+        fuses each training cast into a few kernels, bit for bit the eager result (NaN payloads aside).
+        Casts that record nothing (evaluation, activation checkpointing's replay) stay eager: they are
+        rare, and graphs of their own would crowd dynamo's limit of 8 per function."""
         # Activation checkpointing re-runs the forward inside backward: that replay must cast with
         # the same scales as the original forward and record nothing (gradients are never replayed).
         # Under torch.compile there is no replay to see (the compiled backward recomputes from the
         # graph, never by running this again), and asking for the graph task breaks the graph in
         # every cast: with --compile --fp8 torch on an H200 each cast fell out of the compiled graph
         # and hit the recompile limit.
-        replay = (
-            first != GRAD and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-        )
+        compiling = torch.compiler.is_compiling()
+        replay = first != GRAD and not compiling and torch._C._current_graph_task_id() != -1
         record = record and not replay
-        if record:
-            self._step_scaling(first, tensors, fp8_max)
-        scales = self.fp8_scale[first : first + len(tensors)]
-        cast = []
-        for t, scale in zip(tensors, scales.split(1), strict=True):
-            # Scaled in fp32 (one rounding, to fp8: the [1]-shaped scale promotes a bf16 t to fp32
-            # without a copy), saturated in place (out-of-range values would become NaN in e4m3fn,
-            # which has no inf, or inf in e5m2), then rounded to fp8.
-            scaled = (t if t.dtype.itemsize <= 4 else t.float()) * scale
-            scaled.clamp_(-fp8_max, fp8_max)
-            cast.append(scaled.to(dtype) if held_in is None else fp8_grid(scaled, dtype).to(held_in))
-        # each inverse scale in its own allocation: cuBLASLt refused (NOT_SUPPORTED) a scale pointer at
-        # a 4-byte offset, the second element of one tensor, on the H200
-        return tuple(cast), tuple(scale.reciprocal() for scale in scales.split(1))
-
-    @torch.no_grad()
-    def _step_scaling(self, first: int, tensors: tuple[torch.Tensor, ...], fp8_max: float) -> None:
-        """TE's update after a cast, deferred to just before the next one (same scales, replay-safe),
-        for the columns from ``first`` on at once; then the amaxes of ``tensors``, about to be cast,
-        take row 0.
-
-        Row 0 holds the amax recorded by the previous cast (0 when none was: a fresh or TE-seeded
-        layer, or an all-zero tensor, leaves the state as it is).
-        """
-        columns = slice(first, first + len(tensors))
-        history, scale = self.fp8_amax_history[:, columns], self.fp8_scale[columns]
-        recorded = history[0] > 0
-        amax = history.amax(0) if self.recipe.amax_compute_algo == "max" else history[0]
-        new_scale = amax.reciprocal() * fp8_max  # fp8_max / amax as Tensor.__rtruediv__ computes it
-        if self.recipe.margin:
-            new_scale /= 2**self.recipe.margin
-        # An overflowed tensor keeps the old scale (where recorded, amax > 0: finite is < inf).
-        usable = recorded & (amax < math.inf)
-        torch.where(usable, new_scale, scale, out=scale)
-        if len(history) > 1:  # the oldest amax falls out (copied: torch.compile refuses a strided out=)
-            history.copy_(torch.where(recorded, history.roll(-1, 0), history))
-        for t, latest in zip(tensors, history[0].unbind(), strict=True):
-            torch.linalg.vector_norm(t, math.inf, dtype=torch.float32, out=latest)  # max |t|
+        compiled = self.compiled_casts
+        if compiled is None:
+            compiled = has_fp8_tensor_cores(tensors[0].device)
+        dtype = self.recipe.grad_dtype if first == GRAD else E4M3
+        history_max = self.recipe.amax_compute_algo == "max"
+        scaling = (self.fp8_amax_history, self.fp8_scale, first, record, dtype, held_in, self.recipe.margin)
+        # inside a compiled model dynamo traces the plain function with the rest of the graph
+        if compiled and record and not compiling and _COMPILE_FAILURE is None:
+            try:
+                return _compiled_scale_and_cast()(tuple(map(_dynamic_shape, tensors)), *scaling, history_max)
+            except torch._dynamo.exc.TorchDynamoException as error:  # raised before anything ran
+                _give_up_compiling(error)
+        return _scale_and_cast(tuple(tensors), *scaling, history_max)
 
     @torch.no_grad()
     def seed(self, state: dict[str, torch.Tensor]) -> None:
@@ -335,6 +315,103 @@ class Float8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe}"
+
+
+@torch.no_grad()
+def _scale_and_cast(
+    tensors: tuple[torch.Tensor, ...],
+    history: torch.Tensor,
+    scale: torch.Tensor,
+    first: int,
+    record: bool,
+    dtype: torch.dtype,
+    held_in: torch.dtype | None,
+    margin: int,
+    history_max: bool,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """:meth:`Float8Linear.cast` on a layer's scaling state ``history [len, 3]`` and ``scale [3]``,
+    updated in place for the columns from ``first`` on when ``record``; ``history_max``: the scale
+    comes from the history's max (else from its latest amax). A function of tensors and constants,
+    not of the layer, so one compiled graph serves every layer (see :func:`_compiled_scale_and_cast`).
+    """
+    fp8_max = torch.finfo(dtype).max
+    columns = slice(first, first + len(tensors))
+    if record:
+        _step_scaling(tensors, history[:, columns], scale[columns], fp8_max, margin, history_max)
+    cast = []
+    for t, column_scale in zip(tensors, scale[columns].split(1), strict=True):
+        # Scaled in fp32 (one rounding, to fp8: the [1]-shaped scale promotes a bf16 t to fp32
+        # without a copy), saturated in place (out-of-range values would become NaN in e4m3fn,
+        # which has no inf, or inf in e5m2), then rounded to fp8.
+        scaled = (t if t.dtype.itemsize <= 4 else t.float()) * column_scale
+        scaled.clamp_(-fp8_max, fp8_max)
+        cast.append(scaled.to(dtype) if held_in is None else fp8_grid(scaled, dtype).to(held_in))
+    # each inverse scale in its own allocation: cuBLASLt refused (NOT_SUPPORTED) a scale pointer at
+    # a 4-byte offset, the second element of one tensor, on the H200
+    return tuple(cast), tuple(column_scale.reciprocal() for column_scale in scale[columns].split(1))
+
+
+def _step_scaling(
+    tensors: tuple[torch.Tensor, ...],
+    history: torch.Tensor,
+    scale: torch.Tensor,
+    fp8_max: float,
+    margin: int,
+    history_max: bool,
+) -> None:
+    """TE's update after a cast, deferred to just before the next one (same scales, replay-safe),
+    for the columns of ``tensors`` at once (``history`` and ``scale`` are views of them); then the
+    amaxes of ``tensors``, about to be cast, take row 0.
+
+    Row 0 holds the amax recorded by the previous cast (0 when none was: a fresh or TE-seeded layer,
+    or an all-zero tensor, leaves the state as it is).
+    """
+    recorded = history[0] > 0
+    amax = history.amax(0) if history_max else history[0]
+    new_scale = amax.reciprocal() * fp8_max  # fp8_max / amax as Tensor.__rtruediv__ computes it
+    if margin:
+        new_scale /= 2**margin
+    # An overflowed tensor keeps the old scale (where recorded, amax > 0: finite is < inf).
+    usable = recorded & (amax < math.inf)
+    torch.where(usable, new_scale, scale, out=scale)
+    if len(history) > 1:  # the oldest amax falls out (copied: torch.compile refuses a strided out=)
+        history.copy_(torch.where(recorded, history.roll(-1, 0), history))
+    for t, latest in zip(tensors, history[0].unbind(), strict=True):
+        torch.linalg.vector_norm(t, math.inf, dtype=torch.float32, out=latest)  # max |t|
+
+
+# Why compiling the casts failed in this process (they all run eager from then on), or None.
+_COMPILE_FAILURE: str | None = None
+
+
+def _give_up_compiling(error: Exception) -> None:
+    global _COMPILE_FAILURE
+    _COMPILE_FAILURE = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+    log.warning(
+        "fp8: compiling the casts failed (%s); they run eager from here on: the same numbers, slower "
+        "(on an H200 eager casts cost more than fp8 GEMMs save). torch.compile needs a working Triton "
+        "on the GPU (and a C compiler for its launcher)",
+        _COMPILE_FAILURE,
+    )
+
+
+@functools.cache
+def _compiled_scale_and_cast():
+    """:func:`_scale_and_cast` compiled once per process, on first use, with dynamic shapes: every
+    layer's training casts share its graphs (one for the input and weight, one for the output
+    gradient; another where a token count first equals a width, or the input's dtype differs between
+    layers), whatever their widths and token counts."""
+    return torch.compile(_scale_and_cast, fullgraph=True)
+
+
+def _dynamic_shape(t: torch.Tensor) -> torch.Tensor:
+    """``t`` marked for a graph of any shape: every width and token count casts through one graph,
+    where the scaling state (as long as the amax history, fixed for a run) stays static. Detached:
+    dynamo keeps a Parameter's shape static, so each width would compile again."""
+    t = t.detach()
+    for dim in range(t.dim()):
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+    return t
 
 
 def _fit_rows(history: torch.Tensor, rows: int) -> torch.Tensor:

@@ -430,6 +430,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, where a NaN equals any NaN (its sign and payload mean nothing: compiled code
+    propagates another one than eager does)."""
+    nan = a.isnan()
+    return a.dtype == b.dtype and torch.equal(nan, b.isnan()) and torch.equal(bits(a)[~nan], bits(b)[~nan])
+
+
 def steps_of_inputs(k: int, n: int, dtype: torch.dtype):
     """Six steps' (input, output gradient): magnitudes that move the scales, an all-zero input and
     gradient (nothing recorded), an input that overflows (amax inf) and a gradient with a NaN."""
@@ -441,6 +448,42 @@ def steps_of_inputs(k: int, n: int, dtype: torch.dtype):
         yield step, x.to(dtype), grad_y
 
 
+def assert_trains_bit_for_bit_like_one_column_at_a_time(layer: Float8Linear, dtypes) -> None:
+    """Six training steps of ``layer`` (``steps_of_inputs``) against :class:`OneColumnAtATime` on
+    copies of its state: outputs, both gradients, scales and amax histories equal bit for bit after
+    every step -- except row 0's amax of an all-zero or NaN tensor, which aminmax made -0.0 or -NaN
+    and the cast records as +0.0 or NaN: a value no step reads as an amax (row 0 not > 0: nothing was
+    recorded) and the next cast overwrites."""
+    _, input_dtype, autocast = dtypes
+    reference = OneColumnAtATime(layer)
+    weight = layer.weight.detach().clone()
+    compute = autocast or input_dtype
+    for step, x, grad_y in steps_of_inputs(layer.in_features, layer.out_features, input_dtype):
+        x.requires_grad_()
+        layer.weight.grad = None
+        with torch.autocast("cpu", dtype=compute, enabled=autocast is not None):
+            y = layer(x)
+        y.backward(grad_y.to(y.dtype))
+        want = reference.train_step(x.detach(), weight, grad_y.to(compute), compute, layer.scaled_mm)
+        got = (y, x.grad, layer.weight.grad)
+        for name, have, expected in zip(("y", "grad x", "grad w"), got, want, strict=True):
+            assert same_bits(have, expected), (step, name)
+        assert same_bits(layer.fp8_scale, reference.scale), step
+        history, expected_history = layer.fp8_amax_history, reference.history
+        assert same_bits(history[1:], expected_history[1:]), step
+        torch.testing.assert_close(history[0], expected_history[0], rtol=0, atol=0, equal_nan=True)
+        with torch.no_grad():  # an optimizer step: the weight's amax moves too
+            layer.weight.mul_(1.5 - step % 2)
+            weight.mul_(1.5 - step % 2)
+
+
+def fp8_layer(k: int, n: int, recipe: Fp8Recipe, param_dtype: torch.dtype, scaled_mm: bool, seed: int):
+    torch.manual_seed(seed)
+    layer = Float8Linear(nn.Linear(k, n, bias=False, dtype=param_dtype), recipe).train()
+    layer.scaled_mm = scaled_mm
+    return layer
+
+
 @pytest.mark.parametrize("scaled_mm", [True, False], ids=["scaled_mm", "dequantized"])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=["fp32", "autocast-bf16", "bf16"])
 @pytest.mark.parametrize("fmt", ["HYBRID", "E4M3"])
@@ -450,35 +493,228 @@ def steps_of_inputs(k: int, n: int, dtype: torch.dtype):
 def test_columns_stepped_together_train_bit_for_bit_like_one_at_a_time(
     scaled_mm, dtypes, fmt, history_len, algo, margin
 ):
-    """Outputs, both gradients, scales and amax histories equal the one-column-at-a-time reference's
-    bit for bit after every step -- except row 0's amax of an all-zero or NaN tensor, which aminmax
-    made -0.0 or -NaN and the new cast records as +0.0 or NaN: a value no step reads as an amax (row 0
-    not > 0: nothing was recorded) and the next cast overwrites."""
-    param_dtype, input_dtype, autocast = dtypes
-    torch.manual_seed(history_len + margin)
     recipe = Fp8Recipe(format=fmt, amax_history_len=history_len, amax_compute_algo=algo, margin=margin)
-    layer = Float8Linear(nn.Linear(32, 16, bias=False, dtype=param_dtype), recipe).train()
-    layer.scaled_mm = scaled_mm
-    reference = OneColumnAtATime(layer)
-    weight = layer.weight.detach().clone()
-    compute = autocast or input_dtype
-    for step, x, grad_y in steps_of_inputs(32, 16, input_dtype):
-        x.requires_grad_()
-        layer.weight.grad = None
-        with torch.autocast("cpu", dtype=compute, enabled=autocast is not None):
-            y = layer(x)
-        y.backward(grad_y.to(y.dtype))
-        want = reference.train_step(x.detach(), weight, grad_y.to(compute), compute, scaled_mm)
-        got = (y, x.grad, layer.weight.grad)
-        for name, have, expected in zip(("y", "grad x", "grad w"), got, want, strict=True):
-            assert have.dtype == expected.dtype and torch.equal(bits(have), bits(expected)), (step, name)
-        assert torch.equal(bits(layer.fp8_scale), bits(reference.scale)), step
-        history, expected_history = layer.fp8_amax_history, reference.history
-        assert torch.equal(bits(history[1:]), bits(expected_history[1:])), step
-        torch.testing.assert_close(history[0], expected_history[0], rtol=0, atol=0, equal_nan=True)
-        with torch.no_grad():  # an optimizer step: the weight's amax moves too
-            layer.weight.mul_(1.5 - step % 2)
-            weight.mul_(1.5 - step % 2)
+    layer = fp8_layer(32, 16, recipe, dtypes[0], scaled_mm, seed=history_len + margin)
+    assert_trains_bit_for_bit_like_one_column_at_a_time(layer, dtypes)  # eager casts: the CPU default
+
+
+# ----------------------------------------------------------------------------- compiled casts
+
+
+@pytest.fixture
+def compile_counters(monkeypatch):
+    """Dynamo from scratch, failing loudly where the casts would fall back to eager (the recompile
+    limit; a failed compile); yields its counters (``stats/unique_graphs``: graphs compiled)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(fp8, "_COMPILE_FAILURE", None)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield torch._dynamo.utils.counters
+    assert fp8._COMPILE_FAILURE is None, f"the casts did not compile: {fp8._COMPILE_FAILURE}"
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "dtypes, fmt, history_len, algo, margin",
+    [
+        (DTYPES[0], "HYBRID", 4, "max", 0),
+        (DTYPES[1], "HYBRID", 1024, "max", 0),
+        (DTYPES[2], "HYBRID", 4, "most_recent", 2),
+        (DTYPES[2], "E4M3", 1, "max", 0),
+    ],
+    ids=["fp32", "autocast-bf16", "bf16-most_recent-margin", "bf16-E4M3-history_1"],
+)
+def test_compiled_casts_train_bit_for_bit_like_one_column_at_a_time(
+    dtypes, fmt, history_len, algo, margin, compile_counters
+):
+    """The casts inductor compiles (as on a GPU with fp8 tensor cores) give the eager reference's
+    outputs, gradients and scaling state bit for bit, through zeros, an inf input and a NaN
+    gradient (fullgraph: a graph break raises; so would a fallback to eager at the recompile limit)."""
+    recipe = Fp8Recipe(format=fmt, amax_history_len=history_len, amax_compute_algo=algo, margin=margin)
+    layer = fp8_layer(48, 32, recipe, dtypes[0], scaled_mm=True, seed=history_len + margin)
+    layer.compiled_casts = True
+    assert_trains_bit_for_bit_like_one_column_at_a_time(layer, dtypes)
+    assert compile_counters["stats"]["unique_graphs"] == 2  # the forward's casts, the gradient's
+
+
+def test_training_casts_compile_by_default_on_fp8_tensor_cores_only(monkeypatch):
+    """``compiled_casts`` None: compiled where there are fp8 tensor cores (a GPU, faked here), eager
+    elsewhere even where ``torch._scaled_mm`` is forced (CPU tests count its kernels, under dispatch
+    modes dynamo refuses); True or False wins; evaluation casts stay eager."""
+    used = []
+
+    def spy():
+        return lambda *args: used.append(args[4]) or fp8._scale_and_cast(*args)
+
+    monkeypatch.setattr(fp8, "_compiled_scale_and_cast", spy)
+    x = torch.randn(16, 32)
+    cases = [  # (fp8 tensor cores, scaled_mm, compiled_casts): compiled
+        ((False, None, None), False),
+        ((False, True, None), False),
+        ((True, True, None), True),
+        ((True, True, False), False),
+        ((False, None, True), True),
+    ]
+    for (tensor_cores, scaled_mm, compiled_casts), compiled in cases:
+        monkeypatch.setattr(fp8, "has_fp8_tensor_cores", lambda device, answer=tensor_cores: answer)
+        layer = fp8_layer(32, 16, Fp8Recipe(amax_history_len=4), torch.float32, scaled_mm, seed=0)
+        layer.compiled_casts = compiled_casts
+        used.clear()
+        layer(x.requires_grad_()).sum().backward()
+        assert used == ([True, True] if compiled else []), (tensor_cores, scaled_mm, compiled_casts)
+        used.clear()
+        with torch.no_grad():
+            layer.eval()(x)
+        assert used == [], "an evaluation cast records nothing: eager"
+
+
+def test_a_cast_that_fails_to_compile_runs_eager_and_says_so_once(monkeypatch, caplog):
+    """A GPU without a working Triton, or a torch whose inductor miscompiles (torch 2.11's C++
+    backend did, for an earlier version of these casts): the casts run eager -- the same numbers as
+    an eager twin, not a crashed run -- after one warning; compiling is not tried again."""
+
+    class CompileFailed(torch._dynamo.exc.TorchDynamoException):
+        pass
+
+    attempts = []
+
+    def failing_compile():
+        def compiled(*args):
+            attempts.append(1)
+            raise CompileFailed("CppCompileError: C++ compile error\n(the compiler's output)")
+
+        return compiled
+
+    monkeypatch.setattr(fp8, "_compiled_scale_and_cast", failing_compile)
+    monkeypatch.setattr(fp8, "_COMPILE_FAILURE", None)
+    layers = {}
+    for compiled in (True, False):
+        layers[compiled] = fp8_layer(32, 16, Fp8Recipe(amax_history_len=4), torch.float32, True, seed=0)
+        layers[compiled].compiled_casts = compiled
+    for step in range(3):
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(step)) * 3**step
+        outputs = []
+        for layer in layers.values():
+            with caplog.at_level("WARNING", logger="ds_sft.model.fp8"):
+                y = layer(x.requires_grad_())
+            y.sum().backward()
+            outputs.append((y, layer.weight.grad, layer.fp8_scale, layer.fp8_amax_history))
+        for a, b in zip(*outputs, strict=True):
+            assert torch.equal(a, b), step
+    assert len(attempts) == 1
+    warnings = [r.getMessage() for r in caplog.records if "compiling the casts failed" in r.getMessage()]
+    assert len(warnings) == 1 and "CompileFailed: CppCompileError: C++ compile error" in warnings[0]
+    assert "(the compiler's output)" not in warnings[0]  # one line
+
+
+def test_one_set_of_compiled_casts_serves_every_layer_and_batch_shape(compile_counters):
+    """A model's projections differ in width, its batches in tokens: compiled with dynamic shapes, a
+    handful of graphs serve them all (the forward's casts and the gradient's; a token count equal to a
+    width at first adds one, as does an input dtype that differs between layers: fp32 after the
+    norms, bf16 into down_proj under autocast), no later batch shape compiles again, and training and
+    evaluation (eager casts) are bit for bit the eager model's."""
+    models = {}
+    for compiled in (False, True):
+        models[compiled] = apply_fp8(tiny_model(), "torch", Fp8Recipe(amax_history_len=4))
+        for layer in fp8_layers(models[compiled]):
+            layer.scaled_mm, layer.compiled_casts = True, compiled
+    optimizers = {key: torch.optim.AdamW(m.parameters(), lr=1e-3) for key, m in models.items()}
+    shapes = [(2, 16), (3, 24), (1, 40), (4, 12), (2, 33)]  # 32 tokens first: the k/v width
+    for step, (batch, seq) in enumerate(shapes):
+        ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(step))
+        losses = {}
+        # after the first step and evaluation every later shape must reuse what was compiled
+        no_recompile = torch._dynamo.config.patch(error_on_recompile=step > 0)
+        with no_recompile, torch.autocast("cpu", dtype=torch.bfloat16):
+            for key, model in models.items():
+                model.train()
+                loss = model(ids, labels=ids)
+                loss.backward()
+                optimizers[key].step()
+                optimizers[key].zero_grad()
+                with torch.no_grad():
+                    losses[key] = (loss, model.eval()(ids, labels=ids))
+        assert torch.equal(torch.stack(losses[True]), torch.stack(losses[False])), step
+        if step == 0:
+            graphs = compile_counters["stats"]["unique_graphs"]
+    assert 2 <= graphs <= 6, graphs
+    for (name, eager), compiled in zip(
+        models[False].state_dict().items(), models[True].state_dict().values(), strict=True
+    ):
+        assert torch.equal(eager, compiled), name
+
+
+CUDA_FP8 = pytest.param(
+    "cuda",
+    marks=pytest.mark.skipif(
+        not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+        reason="needs a GPU with fp8 tensor cores (compute capability >= 8.9)",
+    ),
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_FP8])
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("scale", [1.0, 0.125, 37.5, 4096.0])
+def test_compiled_cast_rounds_every_value_like_the_eager_cast(device, dtype, scale, compile_counters):
+    """Every finite bf16 value and 200k fp32 values over 20 binades (``grid_inputs``), scaled into
+    fp8's subnormals, normals and past its maximum (saturated): the compiled cast (inductor's C++ on
+    CPU, Triton on CUDA) rounds each as the eager cast does, and records the same amax."""
+    values = (grid_inputs(dtype) / torch.finfo(dtype).max * 448.0).to(device)
+    for t in (values, values.bfloat16()):
+        casts = []
+        for scale_and_cast in (fp8._scale_and_cast, fp8._compiled_scale_and_cast()):
+            history = torch.zeros(4, 3, device=device)
+            history[0, fp8.GRAD] = 448.0 / scale  # the scale steps to fp8_max / 448 * scale
+            scales = torch.ones(3, device=device)
+            (t8,), (inverse,) = scale_and_cast((t,), history, scales, fp8.GRAD, True, dtype, None, 0, True)
+            casts.append((t8.view(torch.uint8), inverse, history, scales))
+        for eager, compiled in zip(*casts, strict=True):
+            assert torch.equal(eager, compiled)
+    assert compile_counters["stats"]["unique_graphs"] >= 1
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_FP8])
+def test_compiled_casts_train_a_layer_on_its_device_like_eager_casts(device, compile_counters):
+    """On its device's GEMM path (``torch._scaled_mm`` on CUDA): the layer with compiled casts and its
+    eager twin give the same outputs, gradients and scaling state step after step, bit for bit (NaN
+    payloads aside), in bf16 as DeepSpeed runs it."""
+    eager = fp8_layer(48, 32, Fp8Recipe(amax_history_len=4), torch.bfloat16, scaled_mm=True, seed=0)
+    eager = eager.to(device)
+    compiled = copy.deepcopy(eager)
+    eager.compiled_casts, compiled.compiled_casts = False, None if device == "cuda" else True
+    for step, x, grad_y in steps_of_inputs(48, 32, torch.bfloat16):
+        outcome = []
+        for layer in (eager, compiled):
+            x_layer = x.to(device).requires_grad_()
+            layer.weight.grad = None
+            y = layer(x_layer)
+            y.backward(grad_y.to(device, y.dtype))
+            outcome.append((y, x_layer.grad, layer.weight.grad, layer.fp8_scale, layer.fp8_amax_history))
+        for name, a, b in zip(("y", "grad x", "grad w", "scale", "history"), *outcome, strict=True):
+            assert same_bits(a, b), (step, name)
+    assert compile_counters["stats"]["unique_graphs"] >= 2  # the compiled twin did compile
+
+
+def test_compiled_casts_hand_each_inverse_scale_its_own_allocation(compile_counters):
+    """cuBLASLt refused a scale 4 bytes into its storage (see the eager test above): the compiled
+    casts' inverse scales start their own storage too."""
+    layer = fp8_layer(64, 32, Fp8Recipe(amax_history_len=4), torch.float32, scaled_mm=True, seed=0)
+    for record in (True, False):
+        _, inverse = fp8._compiled_scale_and_cast()(
+            (torch.randn(16, 64), layer.weight.detach()),
+            layer.fp8_amax_history,
+            layer.fp8_scale,
+            fp8.INPUT,
+            record,
+            E4M3,
+            None,
+            0,
+            True,
+        )
+        for scale in inverse:
+            assert scale.storage_offset() == 0 and scale.data_ptr() % 16 == 0
+        assert inverse[0].untyped_storage().data_ptr() != inverse[1].untyped_storage().data_ptr()
 
 
 class KernelLaunches(TorchDispatchMode):
