@@ -53,13 +53,15 @@ GPU_MODELS = {
 }
 
 
-# (row label, --fp8 mode, recipe select)
+# (row label, --fp8 mode, recipe select, Float8Linear.compiled_casts): "torch eager casts" is the
+# torch path as it ran before its casts were compiled, to show what compiling them is worth
 GPU_MODES = [
-    ("bf16", "off", "all"),
-    ("te", "te", "all"),
-    ("te auto", "te", "auto"),
-    ("torch", "torch", "all"),
-    ("torch auto", "torch", "auto"),
+    ("bf16", "off", "all", None),
+    ("te", "te", "all", None),
+    ("te auto", "te", "auto", None),
+    ("torch", "torch", "all", None),
+    ("torch auto", "torch", "auto", None),
+    ("torch eager casts", "torch", "all", False),
 ]
 
 
@@ -114,7 +116,7 @@ def width_comparison(
     is a row with the reason."""
     tokens = micro_batch * seq_len
     models, rows = {}, {}
-    for label, mode, select in GPU_MODES:
+    for label, mode, select, compiled_casts in GPU_MODES:
         torch.manual_seed(0)
         model = LlamaModel(config).to(device).train()
         recipe = Fp8Recipe(select=select)
@@ -123,6 +125,9 @@ def width_comparison(
         except UserError as err:
             rows[label] = {"model": name, "mode": label, "skipped": str(err)}
             continue
+        layers = [layer for layer in model.modules() if isinstance(layer, Float8Linear)]
+        for layer in layers:
+            layer.compiled_casts = compiled_casts
         models[label] = (model, mode, recipe)
         rows[label] = {
             "model": name,
@@ -130,6 +135,11 @@ def width_comparison(
             "d_model": config.d_model,
             "parameters": config.num_parameters(),
             "fp8_projections": (fp8_layout(model, None) or {}).get("layers", 0),
+            "casts": "-"
+            if not layers
+            else "eager"
+            if compiled_casts is False
+            else "compiled on fp8 tensor cores",
             "tokens_per_step": tokens,
         }
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len + 1), device=device)

@@ -27,19 +27,21 @@ def rows():
 
 
 def test_every_mode_has_a_row_and_te_says_why_it_did_not_run(rows):
-    assert list(rows) == [label for label, _, _ in bench_fp8.GPU_MODES]
+    assert list(rows) == [label for label, *_ in bench_fp8.GPU_MODES]
     for label in ("te", "te auto"):  # Transformer Engine needs a GPU with fp8 tensor cores
         assert set(rows[label]) == {"model", "mode", "skipped"} and "--fp8 te needs" in rows[label]["skipped"]
 
 
 def test_each_row_is_measured_and_counts_its_fp8_projections(rows):
-    """select all swaps the tiny preset's 14 projections; select auto, none (too small to pay); the
-    bf16 row is the 1.00x every ratio is against."""
+    """select all swaps the tiny preset's 14 projections (with casts compiled on fp8 tensor cores, or
+    eager: what compiling them is worth); select auto, none (too small to pay); the bf16 row is the
+    1.00x every ratio is against."""
     measured = {label: row for label, row in rows.items() if "skipped" not in row}
-    assert {label: row["fp8_projections"] for label, row in measured.items()} == {
-        "bf16": 0,
-        "torch": 14,
-        "torch auto": 0,
+    assert {label: (row["fp8_projections"], row["casts"]) for label, row in measured.items()} == {
+        "bf16": (0, "-"),
+        "torch": (14, "compiled on fp8 tensor cores"),
+        "torch auto": (0, "-"),
+        "torch eager casts": (14, "eager"),
     }
     assert rows["bf16"]["vs_bf16"] == 1.0
     for row in measured.values():
