@@ -431,13 +431,12 @@ def deepspeed_step(
     model, forward_context = LlamaModel(config), contextlib.nullcontext
     fp8_projections = "none"
     if fp8 != "off":
-        from ds_sft.model.fp8 import Fp8Recipe, apply_fp8, fp8_autocast, fp8_linear_names
+        from ds_sft.model.fp8 import Fp8Recipe, apply_fp8, fp8_autocast, fp8_layout, fp8_linear_names
 
         recipe = Fp8Recipe(select=fp8_select)
-        projections = fp8_linear_names(model)
+        projections = len(fp8_linear_names(model))
         apply_fp8(model, fp8, recipe, tokens=tokens, say=print)  # prints which projections run in fp8
-        swapped = sum(not isinstance(model.get_submodule(name), torch.nn.Linear) for name in projections)
-        fp8_projections = f"{swapped} of {len(projections)}"
+        fp8_projections = f"{(fp8_layout(model, None) or {}).get('layers', 0)} of {projections}"
         forward_context = functools.partial(fp8_autocast, fp8, recipe)
     engine, _ = build_engine(model, ds_config, weight_decay=0.05)
     if compile:
