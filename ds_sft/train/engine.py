@@ -59,8 +59,9 @@ def leave_overflow_to_the_gradient_norm(optimizer) -> None:
     offload, whose scan is a flag set while gradients are copied anyway)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    norm_is_computed = getattr(optimizer, "compute_grad_norm", False) and not optimizer.cpu_offload
-    if isinstance(optimizer, DeepSpeedZeroOptimizer) and norm_is_computed:
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+        return
+    if optimizer.compute_grad_norm and not optimizer.cpu_offload:
         # an instance attribute shadows the method the optimizer's step() calls; overflow stays False
         optimizer.check_overflow = lambda partition_gradients=True: None
 
