@@ -397,10 +397,10 @@ def _give_up_compiling(error: Exception) -> None:
 
 @functools.cache
 def _compiled_scale_and_cast():
-    """:func:`_scale_and_cast` compiled once per process, on first use, with dynamic shapes: every
-    layer's training casts share its graphs (one for the input and weight, one for the output
-    gradient; another where a token count first equals a width, or the input's dtype differs between
-    layers), whatever their widths and token counts."""
+    """:func:`_scale_and_cast` compiled once per process, on first use. The tensors it is handed have
+    dynamic shapes (:func:`_dynamic_shape`), so every layer's training casts share its graphs (one for
+    the input and weight, one for the output gradient; another where a token count first equals a
+    width, or the input's dtype differs between layers), whatever their widths and token counts."""
     return torch.compile(_scale_and_cast, fullgraph=True)
 
 
