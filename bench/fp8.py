@@ -63,6 +63,7 @@ GPU_MODES = [
     ("torch auto", "torch", "auto", None),
     ("torch eager casts", "torch", "all", False),
 ]
+CASTS = {None: "compiled on fp8 tensor cores", False: "eager"}  # a row's compiled_casts, in words
 
 
 def alternating_step_times(models: dict[str, tuple], inputs, labels, warmup: int, steps: int) -> dict:
@@ -135,11 +136,7 @@ def width_comparison(
             "d_model": config.d_model,
             "parameters": config.num_parameters(),
             "fp8_projections": (fp8_layout(model, None) or {}).get("layers", 0),
-            "casts": "-"
-            if not layers
-            else "eager"
-            if compiled_casts is False
-            else "compiled on fp8 tensor cores",
+            "casts": CASTS[compiled_casts] if layers else "-",
             "tokens_per_step": tokens,
         }
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len + 1), device=device)
