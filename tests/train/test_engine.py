@@ -1,13 +1,16 @@
-"""The engine ds-sft builds skips exactly the updates DeepSpeed's own ZeRO-1/2 skips, without scanning
-each gradient for inf/NaN (the gradient norm decides; ds_sft/train/engine.py says why)."""
+"""The engine ds-sft builds updates exactly like DeepSpeed's own ZeRO-1/2 (same gradient norms, same
+skipped updates, same weights), without scanning each gradient for inf/NaN (the gradient norm decides)
+and without norming each gradient on its own (one multi-tensor pass): ds_sft/train/engine.py says why."""
 
 from __future__ import annotations
 
+import collections
 import math
 
 import pytest
 import torch
 from deepspeed.runtime.zero import stage_1_and_2
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ds_sft.train.engine import build_engine
 from ds_sft.train.loop import model_inputs
@@ -29,14 +32,27 @@ POISONS = [
 ]
 
 
-def engine_for(stage: int, precision: str, deepspeeds_scan: bool):
-    """ds-sft's engine for the tiny model; ``deepspeeds_scan``: with DeepSpeed's own per-gradient
-    overflow scan put back (the reference)."""
+def engine_for(stage: int, precision: str, deepspeeds_own: bool):
+    """ds-sft's engine for the tiny model; ``deepspeeds_own``: with DeepSpeed's own per-gradient
+    overflow scan and per-gradient norm put back (the reference)."""
     s = settings(zero_stage=stage, precision=precision, micro_batch_size=2, grad_accum=1)
     engine, _ = build_engine(tiny_model(), ds_config(s), s.weight_decay)
-    if deepspeeds_scan:
-        vars(engine.optimizer).pop("check_overflow", None)  # the class's method again
+    if deepspeeds_own:
+        for method in ("check_overflow", "get_grad_norm_direct"):
+            vars(engine.optimizer).pop(method)  # the class's method again
     return engine
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run inside it, by name (on a GPU each non-view op is a kernel launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def poison_hook(param, slot: dict):
@@ -54,7 +70,7 @@ def poison_hook(param, slot: dict):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("stage", [1, 2])
-def test_the_gradient_norm_skips_exactly_the_updates_deepspeeds_scan_skips(
+def test_the_update_skips_clips_and_steps_exactly_like_deepspeeds_own(
     stage, precision, dist_env, monkeypatch
 ):
     scans = {"n": 0}
@@ -67,6 +83,7 @@ def test_the_gradient_norm_skips_exactly_the_updates_deepspeeds_scan_skips(
     monkeypatch.setattr(stage_1_and_2, "has_inf_or_nan", counted_scan)
     dataset = TinyPacked(2 * len(POISONS), seed=5)
     engines = {name: engine_for(stage, precision, name == "deepspeed") for name in ("ds-sft", "deepspeed")}
+    n_tensors = len(list(engines["ds-sft"].module.parameters()))
     slot = {"value": None}
     for engine in engines.values():
         params = list(engine.module.parameters())
@@ -82,8 +99,10 @@ def test_the_gradient_norm_skips_exactly_the_updates_deepspeeds_scan_skips(
             scans["n"] = 0
             loss = engine(**model_inputs(batch, "cpu"))
             engine.backward(loss / 100, scale_wrt_gas=False)
-            engine.step()
-            outcome[name] = (engine.optimizer.overflow, engine.get_global_grad_norm(), scans["n"])
+            with OpCounter() as ops:
+                engine.step()
+            norms = ops.counts["linalg_vector_norm"]
+            outcome[name] = (engine.optimizer.overflow, engine.get_global_grad_norm(), scans["n"], norms)
         ours, theirs = outcome["ds-sft"], outcome["deepspeed"]
         assert ours[0] == theirs[0] == skipped, (step, value, outcome)
         assert ours[2] == 0  # never scanned
@@ -91,6 +110,8 @@ def test_the_gradient_norm_skips_exactly_the_updates_deepspeeds_scan_skips(
         assert (theirs[2] > 0) == (precision == "bf16"), outcome
         if not skipped:
             assert ours[1] == theirs[1] and math.isfinite(ours[1])
+            # one norm per gradient tensor in DeepSpeed's; in ours only the groups' norms are combined
+            assert theirs[3] >= n_tensors and ours[3] <= 1, outcome
 
     theirs = engines["deepspeed"].module.state_dict()
     for name, mine in engines["ds-sft"].module.state_dict().items():

@@ -3,7 +3,8 @@
 Each launch runs the ``python -m ds_sft.train`` entry point as a user would and must exit 0 (DeepSpeed
 on CPU sometimes aborts at interpreter exit after a multi-process run; ds-sft leaves through
 ``os._exit(0)`` once everything is flushed). The losses must equal a plain-PyTorch loop over the same
-global batches: the sampler's global order, each step's rows split over the two ranks.
+global batches: the sampler's global order, each step's rows split over the two ranks; under torchrun
+the gradient norms too (each rank norms its own partition at ZeRO 1/2: the global norm needs them all).
 """
 
 from __future__ import annotations
@@ -63,10 +64,16 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(data_dir):
+def reference(data_dir):
+    """The plain loop's (losses, pre-clip gradient norms) per step."""
     dataset = PackedDataset(data_dir, "train")
     order = ResumableSampler(len(dataset), seed=0).global_indices(0, len(dataset))
-    return reference_losses(S, dataset, order, world_size=2, seed=0)[0]
+    return reference_losses(S, dataset, order, world_size=2, seed=0)[:2]
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    return reference[0]
 
 
 def launch(command: list[str], store: dict[str, str] | None = None) -> None:
@@ -86,13 +93,14 @@ def train_args(data_dir: Path, run_dir: Path, zero_stage: int, grad_accum: int) 
     ]  # fmt: skip
 
 
-def train_losses(run_dir: Path) -> dict[int, float]:
+def train_losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """``key`` (the loss, or ``grad_norm``) of each training step in the run's metrics.jsonl."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+    return {r["step"]: r[key] for r in records if r["type"] == "train"}
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_torchrun_two_ranks_then_resume_on_one(zero_stage, data_dir, expected, tmp_path, dist_env):
+def test_torchrun_two_ranks_then_resume_on_one(zero_stage, data_dir, reference, tmp_path, dist_env):
     from ds_sft.cli import main
 
     run_dir = tmp_path / "two"
@@ -110,7 +118,9 @@ def test_torchrun_two_ranks_then_resume_on_one(zero_stage, data_dir, expected, t
         ]
     )
     two = train_losses(run_dir)
-    assert list(two.values()) == pytest.approx(expected, abs=1e-5)
+    expected_losses, expected_norms = reference
+    assert list(two.values()) == pytest.approx(expected_losses, abs=1e-5)
+    assert list(train_losses(run_dir, "grad_norm").values()) == pytest.approx(expected_norms, rel=1e-5)
     assert (run_dir / "final" / "model.safetensors").is_file()
 
     # The 2-rank run "crashed" after step 3; continue it in this single process. ZeRO 1-3 shard the
