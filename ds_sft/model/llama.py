@@ -46,6 +46,7 @@ from ds_sft import kernels
 from ds_sft.labels import IGNORE_INDEX
 from ds_sft.model.attention import document_attention
 from ds_sft.model.config import ModelConfig
+from ds_sft.model.fused import FusedOnCuda
 from ds_sft.model.scoring import token_scores
 
 try:  # flex_attention (torch >= 2.5) runs block-sparse document masks on CUDA without a dense mask.
@@ -117,6 +118,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.to(x.dtype)
 
 
+@FusedOnCuda
+def rope_queries_and_keys(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rope` on a layer's queries and keys, one region (fused on CUDA: :mod:`.fused`)."""
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+@FusedOnCuda
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating, ``silu(gate) * up`` (fused on CUDA: :mod:`.fused`)."""
+    return F.silu(gate) * up
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, plus each key's document id.
 
@@ -176,7 +189,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = rope_queries_and_keys(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
@@ -211,7 +224,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

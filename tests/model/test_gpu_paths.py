@@ -143,3 +143,45 @@ def assert_packed_matches_dense(config, dtype, seq_len, seed, device, monkeypatc
     for name, ref in dense_grads.items():
         error = (flex_grads[name] - ref).norm() / ref.norm().clamp(min=1e-12)
         assert error <= tolerance * 5, f"{name}: relative gradient error {error:.2e}"
+
+
+def cuda_kernels(run) -> int:
+    """The CUDA kernels one call of ``run()`` launches (torch.profiler), after an untimed call that
+    compiles."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        run()
+        torch.cuda.synchronize()
+    return sum(event.device_type == torch.autograd.DeviceType.CUDA for event in profile.events())
+
+
+@gpu
+@pytest.mark.parametrize("name", ["rope_queries_and_keys", "swiglu"])
+def test_the_fused_chains_launch_a_few_kernels_and_compute_the_eager_values(name, cuda):
+    """ds_sft/model/fused.py on CUDA: the compiled RoPE and SwiGLU, forward and backward, in a few
+    kernels where eager launches a chain of them, with the eager results (to rounding)."""
+    g = torch.Generator().manual_seed(7)
+    if name == "swiglu":  # the 112m preset's MLP width over 256 tokens
+        inputs = [torch.randn(2, 128, 1632, generator=g).to(cuda, torch.bfloat16) for _ in "gu"]
+    else:  # its 12 heads of 64 over 256 tokens, seen [B, H, T, D] as the attention does
+        inputs = [
+            torch.randn(2, 128, 12, 64, generator=g).to(cuda, torch.bfloat16).transpose(1, 2) for _ in "qk"
+        ]
+        rope = llama.rope_table(ModelConfig.preset("112m"))[torch.randint(0, 1024, (2, 128), generator=g)]
+        inputs += [rope[:, None, :, 0].to(cuda), rope[:, None, :, 1].to(cuda)]
+    leaves = [x.requires_grad_() for x in inputs[:2]]
+    upstream = [torch.ones_like(x) for x in (leaves if name != "swiglu" else leaves[:1])]  # outputs' shapes
+    function = getattr(llama, name)
+
+    def forward_backward(fn):
+        outputs = fn(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return outputs, torch.autograd.grad(outputs, leaves, upstream)
+
+    eager, fused = forward_backward(function.eager), forward_backward(function)
+    for mine, reference in zip([*fused[0], *fused[1]], [*eager[0], *eager[1]], strict=True):
+        torch.testing.assert_close(mine, reference, rtol=2**-6, atol=1e-5)
+    eager_kernels = cuda_kernels(lambda: forward_backward(function.eager))
+    fused_kernels = cuda_kernels(lambda: forward_backward(function))
+    assert fused_kernels <= 4 < eager_kernels, (fused_kernels, eager_kernels)
