@@ -184,4 +184,5 @@ def test_the_fused_chains_launch_a_few_kernels_and_compute_the_eager_values(name
         torch.testing.assert_close(mine, reference, rtol=2**-6, atol=1e-5)
     eager_kernels = cuda_kernels(lambda: forward_backward(function.eager))
     fused_kernels = cuda_kernels(lambda: forward_backward(function))
-    assert fused_kernels <= 4 < eager_kernels, (fused_kernels, eager_kernels)
+    # eager: ~30 for RoPE's pair, 5 for SwiGLU; fused: one or two a direction
+    assert 2 * fused_kernels <= eager_kernels, (fused_kernels, eager_kernels)
