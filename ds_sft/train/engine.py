@@ -90,6 +90,8 @@ def norm_the_gradients_together(optimizer) -> None:
         return
     if optimizer.cpu_offload or optimizer.model_parallel_group is not None:
         return
+    if any(getattr(p, "ds_pipe_replicated", False) for group in optimizer.bit16_groups for p in group):
+        return  # a pipeline's tied copies: DeepSpeed counts each once
     deepspeeds_norm = optimizer.get_grad_norm_direct
 
     def gradient_norm(gradients, params, norm_type=2):

@@ -118,3 +118,17 @@ def test_the_update_skips_clips_and_steps_exactly_like_deepspeeds_own(
         assert torch.equal(mine, theirs[name]), name
     for engine in engines.values():
         engine.destroy()
+
+
+def test_deepspeeds_own_norm_stays_where_a_pipeline_shares_parameters(dist_env):
+    """A pipeline's tied copies (``ds_pipe_replicated``) are counted once by DeepSpeed's own norm,
+    which ds-sft's multi-tensor pass does not know how to do: that engine keeps DeepSpeed's."""
+    s = settings(zero_stage=2, precision="fp32", micro_batch_size=2, grad_accum=1)
+    model = tiny_model()
+    next(model.parameters()).ds_pipe_replicated = True
+    engine, _ = build_engine(model, ds_config(s), s.weight_decay)
+    try:
+        assert "get_grad_norm_direct" not in vars(engine.optimizer)
+        assert "check_overflow" in vars(engine.optimizer)  # the scan is left out all the same
+    finally:
+        engine.destroy()
