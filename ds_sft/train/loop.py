@@ -11,7 +11,9 @@ micro-batch means would weight a token in a short micro-batch more than one in a
    ``world``) cancels the ``world``. The gradient left in the engine is exactly
    ``d(sum of token losses) / d(theta) / N``, whatever the accumulation or world size.
 
-The engine still owns accumulation (it steps only at the boundary), clipping and the update.
+The engine still owns accumulation (it steps only at the boundary), clipping and the update. At ZeRO 2
+an update's micro-batches sum their gradients on the parameters and the engine reduces them once, after
+the last (:func:`~ds_sft.train.engine.reduces_gradients_once_per_update`).
 
 A step without trained tokens (every label of its rows on every rank is -100) has nothing to learn
 from, yet an AdamW step on its zero gradients would still move every weight: the momentum carries
@@ -54,7 +56,7 @@ from ds_sft.errors import UserError
 from ds_sft.labels import IGNORE_INDEX
 from ds_sft.train import checkpointing, compatibility, state_transfer
 from ds_sft.train.distributed import all_reduce_sum, any_rank
-from ds_sft.train.engine import build_engine
+from ds_sft.train.engine import build_engine, reduces_gradients_once_per_update
 from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration, peak_flops
 from ds_sft.train.param_groups import format_group_table
 from ds_sft.train.schedule import lr_at, set_lr
@@ -124,13 +126,14 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
     scale = (world_size / trained_tokens).float()
     # the loss sum stays on the device: no host sync per micro-batch, one read at the boundary
     local_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for i, batch in enumerate(batches):
-        with forward_context():
-            loss_sum = engine(**model_inputs(batch, device))
-        engine.backward(loss_sum * scale, scale_wrt_gas=False)
-        local_loss_sum += loss_sum.detach().double()
-        if i < len(batches) - 1:
-            engine.step()  # not a boundary: the engine only counts the micro-step
+    with micro_batches_of_one_update(engine, len(batches)) as micro_batch_done:
+        for i, batch in enumerate(batches):
+            with forward_context():
+                loss_sum = engine(**model_inputs(batch, device))
+            engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            local_loss_sum += loss_sum.detach().double()
+            if i < len(batches) - 1:
+                micro_batch_done()
     # The boundary: gradients are complete (and averaged over ranks) until engine.step() updates.
     global_loss_sum = all_reduce_sum(local_loss_sum.reshape(1), device)
     global_loss_sum, trained_tokens = torch.cat([global_loss_sum, trained_tokens]).tolist()
@@ -155,6 +158,24 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
         # did the engine leave the weights alone? (ZeRO and the bf16 wrapper say so themselves)
         "skipped": bool(getattr(engine.optimizer, "overflow", not gradients_finite)),
     }
+
+
+@contextlib.contextmanager
+def micro_batches_of_one_update(engine, count: int):
+    """What the ``count`` micro-batches of one update run inside: yields the function to call after
+    each micro-batch's backward but the last's. After the block, ``engine.step()`` updates.
+
+    Where the engine reduces the gradients once per update
+    (:func:`~ds_sft.train.engine.reduces_gradients_once_per_update`) the block is DeepSpeed's
+    ``coalesce_grad_reduction``, which reduces as it ends and refuses ``step()`` inside: the engine
+    counts the micro-steps after it. Otherwise each ``step()`` between micro-batches counts one."""
+    if not reduces_gradients_once_per_update(engine, count):
+        yield engine.step  # not a boundary: the engine only counts the micro-step
+        return
+    with engine.coalesce_grad_reduction():
+        yield lambda: None
+    for _ in range(count - 1):
+        engine.step()
 
 
 @contextlib.contextmanager

@@ -53,6 +53,12 @@ class FakeEngine:
     def get_global_grad_norm(self):
         return 1.0
 
+    def zero_optimization_stage(self):
+        return 1  # steps between micro-batches (ZeRO 2 would coalesce them: tests/train/test_engine.py)
+
+    def zero_cpu_offload(self):
+        return False
+
 
 def make_batches(shapes: list[tuple[int, int]], ignore_every: int) -> list[dict]:
     batches, offset = [], 0

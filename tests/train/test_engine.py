@@ -1,6 +1,7 @@
 """The engine ds-sft builds updates exactly like DeepSpeed's own ZeRO-1/2 (same gradient norms, same
-skipped updates, same weights), without scanning each gradient for inf/NaN (the gradient norm decides)
-and without norming each gradient on its own (one multi-tensor pass): ds_sft/train/engine.py says why."""
+skipped updates, same weights), without scanning each gradient for inf/NaN (the gradient norm decides),
+without norming each gradient on its own (one multi-tensor pass) and, at ZeRO 2, reducing the
+gradients once per update instead of once per micro-batch: ds_sft/train/engine.py says why."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from deepspeed.runtime.zero import stage_1_and_2
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ds_sft.train.engine import build_engine
-from ds_sft.train.loop import model_inputs
+from ds_sft.train import loop
+from ds_sft.train.engine import build_engine, reduces_gradients_once_per_update
+from ds_sft.train.loop import collate, model_inputs
 from tests.train.helpers import TinyPacked, ds_config, settings, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.distributed deprecations
@@ -130,5 +132,87 @@ def test_deepspeeds_own_norm_stays_where_a_pipeline_shares_parameters(dist_env):
     try:
         assert "get_grad_norm_direct" not in vars(engine.optimizer)
         assert "check_overflow" in vars(engine.optimizer)  # the scan is left out all the same
+    finally:
+        engine.destroy()
+
+
+def ds_sft_engine(stage: int, precision: str, grad_accum: int, overlap_comm: bool = False):
+    s = settings(zero_stage=stage, precision=precision, micro_batch_size=2, grad_accum=grad_accum)
+    zero = {"stage": stage, "overlap_comm": overlap_comm}
+    engine, _ = build_engine(tiny_model(), ds_config(s, zero_optimization=zero), s.weight_decay)
+    return engine
+
+
+@pytest.mark.parametrize("overlap_comm", [True, False])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_zero2_reduces_the_gradients_once_per_update_with_the_same_result(
+    precision, overlap_comm, dist_env, monkeypatch
+):
+    """ds-sft's ZeRO-2 step against DeepSpeed's own per-micro-batch reduction (the same engine with
+    coalescing turned off): the same losses, norms, skipped updates and weights bit for bit, the
+    engine's step counters in step, and each gradient handed to the reducer once per update instead
+    of once per micro-batch. One update's gradient is poisoned with inf: both skip it."""
+    grad_accum, steps, poisoned_step = 3, 4, 2
+    reductions = collections.Counter()
+    reduce = stage_1_and_2.DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads
+
+    def counted_reduce(self, param, i):
+        reductions[id(self)] += 1
+        return reduce(self, param, i)
+
+    optimizer_class = stage_1_and_2.DeepSpeedZeroOptimizer
+    monkeypatch.setattr(optimizer_class, "reduce_independent_p_g_buckets_and_remove_grads", counted_reduce)
+    dataset = TinyPacked(2 * grad_accum * steps, seed=7)
+    batches = [
+        [collate([dataset[2 * (grad_accum * step + m)], dataset[2 * (grad_accum * step + m) + 1]])
+         for m in range(grad_accum)]
+        for step in range(steps)
+    ]  # fmt: skip
+    results, engines = {}, {}
+    for name in ("ds-sft", "deepspeed"):
+        if name == "deepspeed":
+            monkeypatch.setattr(loop, "reduces_gradients_once_per_update", lambda engine, count: False)
+        engine = engines[name] = ds_sft_engine(2, precision, grad_accum, overlap_comm)
+        slot = {"value": None}
+        poison_hook(list(engine.module.parameters())[-2], slot)
+        outcomes = []
+        for step, step_batches in enumerate(batches):
+            slot["value"] = math.inf if step == poisoned_step else None
+            before = reductions[id(engine.optimizer)]
+            result = loop.train_step(engine, step_batches, world_size=1)
+            calls = reductions[id(engine.optimizer)] - before
+            outcomes.append((result["loss"], result["grad_norm"], result["skipped"], calls))
+        results[name] = (outcomes, engine.global_steps, engine.micro_steps, engine.skipped_steps)
+
+    n_params = len(list(engines["ds-sft"].module.parameters()))
+    ours, theirs = results["ds-sft"], results["deepspeed"]
+    assert [o[:3] for o in ours[0]] == [t[:3] for t in theirs[0]], (ours, theirs)
+    assert [o[2] for o in ours[0]] == [step == poisoned_step for step in range(steps)]
+    assert ours[1:] == theirs[1:] == (steps, steps * grad_accum, 1)
+    assert [t[3] for t in theirs[0]] == [grad_accum * n_params] * steps  # DeepSpeed: every micro-batch
+    assert [o[3] for o in ours[0]] == [n_params] * steps  # ds-sft: once per update
+    theirs_weights = engines["deepspeed"].module.state_dict()
+    for name, mine in engines["ds-sft"].module.state_dict().items():
+        assert torch.equal(mine, theirs_weights[name]), name
+    for engine in engines.values():
+        engine.destroy()
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_only_zero2_with_several_micro_batches_coalesces(stage, grad_accum, dist_env):
+    engine = ds_sft_engine(stage, "bf16", grad_accum)
+    try:
+        assert reduces_gradients_once_per_update(engine, grad_accum) == (stage == 2 and grad_accum > 1)
+    finally:
+        engine.destroy()
+
+
+def test_cpu_offload_keeps_deepspeeds_reduction_per_micro_batch(dist_env):
+    """With the optimizer on the host ZeRO-2 sums the micro-batches in fp32 there: left as it is."""
+    engine = ds_sft_engine(2, "bf16", 3)
+    try:
+        engine.zero_cpu_offload = lambda: True  # building DeepSpeed's CPU Adam takes minutes
+        assert not reduces_gradients_once_per_update(engine, 3)
     finally:
         engine.destroy()
