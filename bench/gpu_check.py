@@ -317,20 +317,23 @@ def kernels_section(work: Path) -> list[str]:
 def throughput_section(work: Path) -> list[str]:
     lines = ["## The DeepSpeed train step against the GEMM (bench/train_throughput.py part c)", ""]
     lines += [
-        "| run | parameters | fp8 projections | tokens/s | of bf16 GEMM | MFU vs peak |",
-        "|---|---:|---|---:|---:|---:|",
+        "| run | parameters | fp8 projections | micro-batches per update | tokens/s | of bf16 GEMM | "
+        "MFU vs peak | vs reducing in every micro-batch |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for path in sorted(work.glob("throughput_*.json")):
         result = read_json(path)
         c = (result or {}).get("c")
         if not c:
-            lines.append(f"| {path.stem} | - | - | no result | - | - |")
+            lines.append(f"| {path.stem} | - | - | - | no result | - | - | - |")
             continue
         mfu = "-" if c.get("mfu") is None else f"{c['mfu']:.1%}"
+        # ds-sft's ZeRO 2 reduces once per update; the same step reducing per micro-batch, side by side
+        speedup = c.get("speedup_vs_reduction_per_micro_batch")
         lines.append(
             f"| {path.stem.removeprefix('throughput_')} | {result['model_parameters']:,} | "
-            f"{c.get('fp8_projections', '-')} | {c['tokens_per_s']:,.0f} | "
-            f"{c['fraction_of_gemm']:.1%} | {mfu} |"
+            f"{c.get('fp8_projections', '-')} | {c.get('grad_accum', 1)} | {c['tokens_per_s']:,.0f} | "
+            f"{c['fraction_of_gemm']:.1%} | {mfu} | {'-' if speedup is None else f'{speedup:.2f}x'} |"
         )
     return lines
 
@@ -348,15 +351,16 @@ def profile_section(work: Path) -> list[str]:
         f"({profile['steps']} step{'s' if profile['steps'] != 1 else ''} profiled in a row, after the "
         "timed ones)",
         "",
-        "| share | ms per step | calls per step | kernel or op |",
-        "|---:|---:|---:|---|",
+        *ranked_table(profile["top"], profile["other_ms_per_step"], "kernel or op"),
     ]
-    for row in profile["top"]:
-        name = row["op"].replace("|", "/")[:120]
-        lines.append(
-            f"| {row['share']:.1%} | {row['ms_per_step']:.3f} | {row['calls_per_step']:.1f} | `{name}` |"
-        )
-    lines.append(f"| | {profile['other_ms_per_step']:.3f} | | the rest |")
+    if "host_top" in profile:  # older results have none
+        lines += [
+            "",
+            f"The host's side: {profile['host_busy_ms_per_step']:.1f} ms per step of the ops' own CPU time "
+            "(aten ops, autograd nodes, CUDA runtime calls):",
+            "",
+            *ranked_table(profile["host_top"], profile["host_other_ms_per_step"], "host op"),
+        ]
     phases = profile.get("phases")  # older results have none
     if phases:
         lines += [
@@ -372,6 +376,16 @@ def profile_section(work: Path) -> list[str]:
             for phase, row in phases.items()
         ]
     return lines
+
+
+def ranked_table(rows: list[dict], other_ms: float, what: str) -> list[str]:
+    lines = [f"| share | ms per step | calls per step | {what} |", "|---:|---:|---:|---|"]
+    for row in rows:
+        name = row["op"].replace("|", "/")[:120]
+        lines.append(
+            f"| {row['share']:.1%} | {row['ms_per_step']:.3f} | {row['calls_per_step']:.1f} | `{name}` |"
+        )
+    return [*lines, f"| | {other_ms:.3f} | | the rest |"]
 
 
 # Issue 14's GPU targets, read off this run's files. A missed target is reported on the page, not

@@ -38,6 +38,7 @@ Prints a table and writes ``bench/results/train_throughput[.quick].json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -402,6 +403,7 @@ def deepspeed_step(
     tokens: int | None = None,
     accumulation: int = 1,
     overflow_check: bool = True,
+    reduce_every_micro_batch: bool = False,
 ):
     """The ds-sft training step itself: ``ds_configs/zero2.json`` with bf16 on, the trainer's engine
     (parameter groups, ``deepspeed.initialize``) and its token-normalized ``train_step``; with
@@ -409,9 +411,9 @@ def deepspeed_step(
     with ``fp8`` other than off its projections (``fp8_select``: all, or those the roofline picks
     for ``tokens`` rows per micro-batch) run the fp8 matmuls of ``ds-sft train --fp8``. One step is
     one update of ``accumulation`` micro-batches (the batch it is given, that many times);
-    ``overflow_check`` is DeepSpeed's bf16 ``check_grad_overflow``."""
-    import contextlib
-
+    ``overflow_check`` is DeepSpeed's bf16 ``check_grad_overflow``; ``reduce_every_micro_batch``
+    steps as DeepSpeed alone would, reducing the gradients in every micro-batch (ds-sft's ZeRO 2
+    reduces them once per update: ds_sft/train/engine.py)."""
     from ds_sft.train.config import read_json
     from ds_sft.train.distributed import init_distributed
     from ds_sft.train.engine import build_engine
@@ -443,10 +445,24 @@ def deepspeed_step(
         engine.compile()
 
     def step(batch: dict) -> float:
-        return train_step(engine, [batch] * accumulation, world_size, forward_context)["loss"]
+        with reduction_per_micro_batch() if reduce_every_micro_batch else contextlib.nullcontext():
+            return train_step(engine, [batch] * accumulation, world_size, forward_context)["loss"]
 
     step.engine, step.fp8_projections, step.forward_context = engine, fp8_projections, forward_context
     return step
+
+
+@contextlib.contextmanager
+def reduction_per_micro_batch():
+    """train_step as DeepSpeed alone steps: ZeRO 2 reduces the gradients in every micro-batch."""
+    from ds_sft.train import loop
+
+    once_per_update = loop.reduces_gradients_once_per_update
+    loop.reduces_gradients_once_per_update = lambda engine, count: False
+    try:
+        yield
+    finally:
+        loop.reduces_gradients_once_per_update = once_per_update
 
 
 PROFILE_ROWS = 15  # kernels listed by --profile_steps; the rest are summed in "other"
@@ -456,7 +472,9 @@ def profile_steps(step: Callable, batches: list[dict], device, steps: int) -> di
     """Where ``steps`` steps spend their time, from torch.profiler: the ops (on a GPU, the kernels)
     with the most time of their own per step, each with its share of all such time, and that total
     against the wall time per step. On a GPU the two differ by the time the device sat idle waiting
-    for the host: a step far longer than its kernels is bound by launches, not by arithmetic."""
+    for the host: a step far longer than its kernels is bound by launches, not by arithmetic. So on
+    a GPU the host's side is ranked too (``host_top``: ops, autograd nodes and CUDA runtime calls by
+    their own CPU time), to say what the device waited for."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -468,11 +486,33 @@ def profile_steps(step: Callable, batches: list[dict], device, steps: int) -> di
             step({k: v.to(device) for k, v in batches[i % len(batches)].items()})
         _sync(device)
         wall = time.perf_counter() - start
-    events = [e for e in profiler.key_averages() if e.device_type.name == ("CUDA" if cuda else "CPU")]
+    events = profiler.key_averages()
+    if cuda:
+        top, other, busy = ranked_own_time(events, "CUDA", "self_device_time_total", steps)
+    else:
+        top, other, busy = ranked_own_time(events, "CPU", "self_cpu_time_total", steps)
+    result = {
+        "steps": steps,
+        "clock": "device" if cuda else "cpu",
+        "wall_ms_per_step": wall * 1e3 / steps,
+        "busy_ms_per_step": busy,
+        "top": top,
+        "other_ms_per_step": other,
+    }
+    if cuda:
+        host_top, host_other, host_busy = ranked_own_time(events, "CPU", "self_cpu_time_total", steps)
+        result.update(host_top=host_top, host_other_ms_per_step=host_other, host_busy_ms_per_step=host_busy)
+    return result
+
+
+def ranked_own_time(events, device_type: str, own_time: str, steps: int) -> tuple[list[dict], float, float]:
+    """The :data:`PROFILE_ROWS` events of ``device_type`` with the most ``own_time`` (microseconds) per
+    step, each with its calls per step and share of all; then the ms per step of the rest and of all."""
+    events = [e for e in events if e.device_type.name == device_type]
     own_us = {e.key: 0.0 for e in events}
     calls = dict.fromkeys(own_us, 0)
     for e in events:
-        own_us[e.key] += e.self_device_time_total if cuda else e.self_cpu_time_total
+        own_us[e.key] += getattr(e, own_time)
         calls[e.key] += e.count
     total = sum(own_us.values())
     ranked = sorted(own_us, key=own_us.get, reverse=True)
@@ -486,14 +526,13 @@ def profile_steps(step: Callable, batches: list[dict], device, steps: int) -> di
         for name in ranked[:PROFILE_ROWS]
     ]
     other = sum(own_us[name] for name in ranked[PROFILE_ROWS:])
-    return {
-        "steps": steps,
-        "clock": "device" if cuda else "cpu",
-        "wall_ms_per_step": wall * 1e3 / steps,
-        "busy_ms_per_step": total / 1e3 / steps,
-        "top": rows,
-        "other_ms_per_step": other / 1e3 / steps,
-    }
+    return rows, other / 1e3 / steps, total / 1e3 / steps
+
+
+def update_after(micro_batches: contextlib.ExitStack, engine) -> None:
+    """Leave the block of an update's micro-batches, then update."""
+    micro_batches.close()
+    engine.step()
 
 
 def step_phases(step: Callable, batch: dict, device, steps: int) -> dict:
@@ -502,8 +541,9 @@ def step_phases(step: Callable, batch: dict, device, steps: int) -> dict:
     it. Where the two agree the host is the bottleneck: the device ran the kernels as fast as they
     came. ``attention mask`` is built once more on its own (the forward builds it inside: on a GPU
     the flex_attention BlockMask). Per micro-batch for all but ``update``, the engine's step at the
-    end of each update; medians, after one unmeasured update."""
-    from ds_sft.train.loop import model_inputs
+    end of each update (with, at ZeRO 2 over several micro-batches, the update's one gradient
+    reduction); medians, after one unmeasured update."""
+    from ds_sft.train.loop import micro_batches_of_one_update, model_inputs
 
     engine = step.engine
     model = engine.module
@@ -521,16 +561,19 @@ def step_phases(step: Callable, batch: dict, device, steps: int) -> dict:
 
     scale = 1.0 / max(1, int((batch["labels"] != IGNORE_INDEX).sum()) * accumulation)
     for update in range(steps + 1):
-        for i in range(accumulation):
-            inputs = timed("inputs", model_inputs, batch, device)
-            documents = inputs.get("document_ids")
-            timed("attention mask", model._attention_mask, inputs["input_ids"], documents, None, None)
-            with step.forward_context():
-                loss = timed("forward", engine, **inputs)
-            timed("backward", engine.backward, loss * scale, scale_wrt_gas=False)
-            if i < accumulation - 1:
-                engine.step()  # not a boundary: the engine only counts the micro-step
-        timed("update", engine.step)
+        with contextlib.ExitStack() as stack:
+            micro_batch_done = stack.enter_context(micro_batches_of_one_update(engine, accumulation))
+            for i in range(accumulation):
+                inputs = timed("inputs", model_inputs, batch, device)
+                documents = inputs.get("document_ids")
+                timed("attention mask", model._attention_mask, inputs["input_ids"], documents, None, None)
+                with step.forward_context():
+                    loss = timed("forward", engine, **inputs)
+                timed("backward", engine.backward, loss * scale, scale_wrt_gas=False)
+                if i < accumulation - 1:
+                    micro_batch_done()
+            end_of_micro_batches = stack.pop_all()  # at ZeRO 2 the update's gradient reduction
+        timed("update", update_after, end_of_micro_batches, engine)
         if update == 0:  # unmeasured: the first one warms up
             times.clear()
     return {
@@ -618,6 +661,7 @@ def useful_flops(config: ModelConfig, batch: dict) -> float:
 
 
 GEMM = "gemm"  # the round robin's entry for the reference matrix multiply of (c)
+PER_MICRO_BATCH = "reduction_per_micro_batch"  # (c)'s step as DeepSpeed alone runs it, when accumulating
 
 
 def gemm_step(n: int, device: torch.device) -> Callable[[dict], float]:
@@ -765,10 +809,9 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
     profile = None
     # (a) measured the default bf16 step: (c) reuses it unless it was asked for another or a profile
     as_in_a = args.fp8 == "off" and args.grad_accum == 1 and not args.no_overflow_check
+    vs_per_micro_batch = None  # DeepSpeed's reduction in every micro-batch, when there are several
     if a_result is None or not as_in_a or args.profile_steps:  # the step and the GEMM take turns
-        step = deepspeed_step(
-            config,
-            args.micro_batch,
+        options = dict(
             compile=args.compile,
             fp8=args.fp8,
             fp8_select=args.fp8_select,
@@ -776,8 +819,16 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
             accumulation=args.grad_accum,
             overflow_check=not args.no_overflow_check,
         )
+        step = deepspeed_step(config, args.micro_batch, **options)
         contenders = {name: step, GEMM: gemm_step(gemm_n, device)}
+        if args.grad_accum > 1:  # what reducing once per update saves, side by side
+            contenders[PER_MICRO_BATCH] = deepspeed_step(
+                config, args.micro_batch, **options, reduce_every_micro_batch=True
+            )
         seconds, _ = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
+        if PER_MICRO_BATCH in contenders:
+            contenders[PER_MICRO_BATCH].engine.destroy()
+            vs_per_micro_batch = seconds[PER_MICRO_BATCH] / seconds[name]
         if args.profile_steps:
             profile = profile_steps(step, batches, device, args.profile_steps)
             batch = {k: v.to(device) for k, v in batches[0].items()}
@@ -802,6 +853,7 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
         "fp8_projections": fp8_projections,  # how many of the projections ran in fp8
         "grad_accum": args.grad_accum,
         "overflow_check": not args.no_overflow_check,
+        "speedup_vs_reduction_per_micro_batch": vs_per_micro_batch,
         "flops_per_token": per_token,
         "tokens_per_s": tokens_per_s,
         "achieved_flops": achieved,
@@ -860,6 +912,12 @@ def print_tables(result: dict) -> None:
             f"    useful work only (real tokens, LM head on trained tokens, causal in-document attention):"
             f" {c['useful_flops'] / giga:.1f} GFLOP/s -> {c['useful_fraction_of_gemm']:.1%} of GEMM"
         )
+        if c.get("speedup_vs_reduction_per_micro_batch"):
+            print(
+                f"    {c['grad_accum']} micro-batches per update, gradients reduced once per update:"
+                f" {c['speedup_vs_reduction_per_micro_batch']:.2f}x the step reducing them in every one"
+                " (DeepSpeed's ZeRO 2 alone), side by side"
+            )
         if c["mfu"] is not None:
             peak = c["device_bf16_peak"] / 1e12
             print(f"    MFU vs {c['device']} bf16 peak {peak:.0f} TFLOP/s: {c['mfu']:.1%}")
@@ -870,14 +928,22 @@ def print_tables(result: dict) -> None:
                 f"{profile['wall_ms_per_step']:.1f} ms per step, {profile['busy_ms_per_step']:.1f} ms of it "
                 f"in {profile['clock']} time of the ops' own; share, ms per step, calls per step:"
             )
-            for row in profile["top"]:
+            print_ranked(profile["top"])
+            if "host_top" in profile:
                 print(
-                    f"      {row['share']:6.1%} {row['ms_per_step']:9.3f} {row['calls_per_step']:7.1f}  "
-                    f"{row['op'][:100]}"
+                    f"    the host's side: {profile['host_busy_ms_per_step']:.1f} ms per step of the ops' own"
+                    " CPU time; share, ms per step, calls per step:"
                 )
+                print_ranked(profile["host_top"])
             print("    each phase: host ms (until queued), ms until the device ran it, times per update:")
             for phase, row in profile["phases"].items():
                 print(f"      {phase:<16}{row['host_ms']:9.2f}{row['done_ms']:9.2f}{row['per_update']:6d}")
+
+
+def print_ranked(rows: list[dict]) -> None:
+    for row in rows:
+        share, ms, calls = row["share"], row["ms_per_step"], row["calls_per_step"]
+        print(f"      {share:6.1%} {ms:9.3f} {calls:7.1f}  {row['op'][:100]}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,6 +27,8 @@
 #   step d2048 / d768   bench/train_throughput.py part c at d_model 2048 and at the 112m preset, bf16:
 #                the DeepSpeed step against the GEMM; at 112m also where its time goes (torch.profiler:
 #                the top kernels, and their busy time against the wall time of a step)
+#   step d768_accum16   the same at the recipe's 16 micro-batches per update (ZeRO-2 reduces once per
+#                update: ds_sft/train/engine.py, reduces_gradients_once_per_update)
 #   train bf16 compile   the bf16 training again with --compile (torch.compile on the GPU)
 # Writes OUT/SUMMARY.md (tables, pass/fail per step, issue 14's targets met or missed, the machine
 # line), OUT/logs.tar.gz (every log and JSON; checkpoints stay in the work folder) and, on a GPU,
@@ -77,7 +79,7 @@ continue_earlier=0
 # Every step's name, in order (--only takes a comma-separated list of them)
 STEPS=(install imports collectives "gpu tests" "gpu tests: collect" "carried data" "deepspeed cpu op"
        "train bf16" "train fp8" gemm "fp8 roofline" kernels "fp8 vs bf16" "step d2048 bf16" "step d768 bf16"
-       "train bf16 compile")
+       "step d768_accum16 bf16" "train bf16 compile")
 while [ $# -gt 0 ]; do
     case $1 in
         --cpu) mode=cpu ;;
@@ -306,10 +308,13 @@ if [ "$has_cuda" = 1 ]; then
            --seq_len 1024 --micro_batch 8 --steps 6 --warmup 2 --gemm_size 8192)
     d768=(--parts c --preset 112m --seq_len 1024 --micro_batch 16 --steps 6 --warmup 2 --gemm_size 8192
           --profile_steps 3)
+    d768_accum16=(--parts c --preset 112m --seq_len 1024 --micro_batch 16 --grad_accum 16 --steps 3
+                  --warmup 1 --gemm_size 8192)
 else
     step "kernels" 60 "$PY" bench/kernel_speed.py --quick --out "$WORK/kernels.json"
     d2048=(--parts c --quick)
     d768=(--parts c --quick --profile_steps 1)
+    d768_accum16=(--parts c --quick --grad_accum 4)
 fi
 # fp8 against bf16, side by side in one process (the modes take turns step by step): every
 # projection in fp8 and the roofline's choice (select: "auto"), at the 112m preset and d_model 2048
@@ -321,8 +326,8 @@ else
     step "fp8 vs bf16" 60 "$PY" bench/fp8.py --quick --out "$WORK/fp8.json"
 fi
 # The DeepSpeed train step in bf16 against the GEMM, at the 112m preset (d_model 768, the training
-# above) and at d_model 2048
-for size in d2048 d768; do
+# above; one micro-batch per update, and the recipe's 16) and at d_model 2048
+for size in d2048 d768 d768_accum16; do
     declare -n size_flags=$size
     step "step $size bf16" 60 "$PY" bench/train_throughput.py "${size_flags[@]}" --fp8 off \
         --out "$WORK/throughput_${size}_bf16.json"

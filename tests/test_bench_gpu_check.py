@@ -282,3 +282,28 @@ def test_the_page_says_where_the_112m_steps_time_goes(tmp_path):
     (tmp_path / "throughput_d768_bf16.json").write_text(json.dumps({"c": {"profile": profile}}))
     page = gpu_check.profile_section(tmp_path)
     assert page[-2:] == ["| attention mask | 8.04 | 8.11 | 1 |", "| forward | 28.83 | 31.23 | 1 |"]
+    assert not any("host's side" in line for line in page)  # results from before the host's ranking
+    host = [{"op": "cudaLaunchKernel", "calls_per_step": 900.0, "ms_per_step": 22.0, "share": 0.4}]
+    profile.update(host_top=host, host_other_ms_per_step=33.0, host_busy_ms_per_step=55.0)
+    (tmp_path / "throughput_d768_bf16.json").write_text(json.dumps({"c": {"profile": profile}}))
+    page = gpu_check.profile_section(tmp_path)
+    start = next(i for i, line in enumerate(page) if line.startswith("The host's side: 55.0 ms per step"))
+    assert page[start + 4] == "| 40.0% | 22.000 | 900.0 | `cudaLaunchKernel` |"
+    assert page[start + 5] == "| | 33.000 | | the rest |"
+
+
+def test_the_throughput_table_shows_the_accumulation_and_what_one_reduction_per_update_saved(tmp_path):
+    row = {"fp8_projections": "none", "tokens_per_s": 200000.0, "fraction_of_gemm": 0.25, "mfu": None}
+    runs = {
+        "d768_bf16": {**row, "grad_accum": 1, "speedup_vs_reduction_per_micro_batch": None},
+        "d768_accum16_bf16": {**row, "grad_accum": 16, "speedup_vs_reduction_per_micro_batch": 1.3},
+    }
+    for name, c in runs.items():
+        (tmp_path / f"throughput_{name}.json").write_text(json.dumps({"model_parameters": 112085760, "c": c}))
+    (tmp_path / "throughput_d2048_bf16.json").write_text("{}")  # a step that wrote no result
+    page = gpu_check.throughput_section(tmp_path)
+    assert "| d768_bf16 | 112,085,760 | none | 1 | 200,000 | 25.0% | - | - |" in page
+    assert "| d768_accum16_bf16 | 112,085,760 | none | 16 | 200,000 | 25.0% | - | 1.30x |" in page
+    assert "| throughput_d2048_bf16 | - | - | - | no result | - | - | - |" in page
+    widths = {line.count("|") for line in page if line.startswith("|")}
+    assert widths == {9}  # every row as wide as the header

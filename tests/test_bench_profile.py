@@ -4,6 +4,7 @@ here: ops by their own CPU time; on a GPU the same code ranks kernels by their o
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -49,15 +50,26 @@ def tiny_batch():
     return config, train_throughput.batches_of(train_throughput.pack_rows(docs, 64), 2)[0]
 
 
-def test_each_phase_is_timed_per_micro_batch_and_the_update_once_per_update(tiny_batch):
+def test_each_phase_is_timed_per_micro_batch_and_the_update_once_per_update(tiny_batch, monkeypatch):
     """step_phases on an engine that accumulates 3 micro-batches: the four micro-batch phases run 3
     times per update and the update once (the engine counts 3 updates: the unmeasured one and 2),
-    and no phase is queued later than it is done."""
+    and no phase is queued later than it is done. It steps as train_step does: ZeRO 2 reduces each
+    gradient once per update."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    reductions = []
+    reduce = DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads
+    monkeypatch.setattr(
+        DeepSpeedZeroOptimizer,
+        "reduce_independent_p_g_buckets_and_remove_grads",
+        lambda self, param, i: (reductions.append(param), reduce(self, param, i))[1],
+    )
     config, batch = tiny_batch
     step = train_throughput.deepspeed_step(config, 2, accumulation=3)
     try:
         phases = train_throughput.step_phases(step, batch, torch.device("cpu"), steps=2)
         assert (step.engine.global_steps, step.engine.micro_steps) == (3, 9)
+        assert len(reductions) == 3 * len(list(step.engine.module.parameters()))
     finally:
         step.engine.destroy()
     assert list(phases) == ["inputs", "attention mask", "forward", "backward", "update"]
@@ -78,3 +90,76 @@ def test_the_step_updates_once_per_accumulation_and_passes_the_overflow_check_on
         assert (step.engine.global_steps, step.engine.micro_steps) == (1, 2)
     finally:
         step.engine.destroy()
+
+
+def test_the_reference_step_reduces_in_every_micro_batch_and_trains_the_same(tiny_batch, monkeypatch):
+    """deepspeed_step(reduce_every_micro_batch=True) is DeepSpeed's own ZeRO-2 accumulation, the
+    side-by-side reference of part (c): each gradient reduced in every micro-batch instead of once
+    per update, to the same loss, and ds-sft's rule in force again after each of its steps."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from ds_sft.train import loop
+
+    reductions = []
+    reduce = DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads
+    monkeypatch.setattr(
+        DeepSpeedZeroOptimizer,
+        "reduce_independent_p_g_buckets_and_remove_grads",
+        lambda self, param, i: (reductions.append(param), reduce(self, param, i))[1],
+    )
+    config, batch = tiny_batch
+    rule = loop.reduces_gradients_once_per_update
+    losses, calls = {}, {}
+    for reference in (False, True):
+        torch.manual_seed(0)
+        step = train_throughput.deepspeed_step(config, 2, accumulation=3, reduce_every_micro_batch=reference)
+        try:
+            reductions.clear()
+            losses[reference] = [step(batch) for _ in range(2)]
+            calls[reference] = len(reductions) / 2 / len(list(step.engine.module.parameters()))
+        finally:
+            step.engine.destroy()
+        assert loop.reduces_gradients_once_per_update is rule
+    assert calls == {False: 1, True: 3}
+    assert losses[False] == losses[True]
+
+
+def test_part_c_reports_the_step_against_the_reduction_in_every_micro_batch(tmp_path):
+    out = tmp_path / "c.json"
+    args = train_throughput.build_parser().parse_args(
+        ["--quick", "--parts", "c", "--grad_accum", "2", "--out", str(out)]
+    )
+    assert train_throughput.run(args) == 0
+    c = json.loads(out.read_text())["c"]
+    assert c["grad_accum"] == 2 and c["speedup_vs_reduction_per_micro_batch"] > 0
+
+
+def test_own_time_is_ranked_per_device_type_and_clock():
+    """ranked_own_time: on a GPU the kernels by their device time, and the host's ops by their CPU
+    time (what the device waited for), each from its own events only, equal keys summed."""
+    from types import SimpleNamespace
+
+    def event(key, kind, cpu_us, device_us, count):
+        return SimpleNamespace(
+            key=key,
+            device_type=SimpleNamespace(name=kind),
+            self_cpu_time_total=cpu_us,
+            self_device_time_total=device_us,
+            count=count,
+        )
+
+    events = [
+        event("nvjet_gemm", "CUDA", 0.0, 6000.0, 40),
+        event("triton_rmsnorm", "CUDA", 0.0, 1000.0, 20),
+        event("triton_rmsnorm", "CUDA", 0.0, 1000.0, 20),
+        event("cudaLaunchKernel", "CPU", 8000.0, 0.0, 400),
+        event("AccumulateGrad", "CPU", 4000.0, 0.0, 100),
+    ]
+    kernels, other, busy = train_throughput.ranked_own_time(events, "CUDA", "self_device_time_total", steps=2)
+    assert [(r["op"], r["calls_per_step"], r["ms_per_step"]) for r in kernels] == [
+        ("nvjet_gemm", 20.0, 3.0),
+        ("triton_rmsnorm", 20.0, 1.0),
+    ]
+    assert (other, busy) == (0.0, 4.0) and kernels[0]["share"] == pytest.approx(0.75)
+    host, _, host_busy = train_throughput.ranked_own_time(events, "CPU", "self_cpu_time_total", steps=2)
+    assert [r["op"] for r in host] == ["cudaLaunchKernel", "AccumulateGrad"] and host_busy == 6.0
