@@ -123,7 +123,8 @@ def linear_cross_entropy(
 
     ``"triton"`` and ``"torch"`` compute logits only for the trained tokens (label != ``ignore_index``),
     never more than ``chunk_size`` of them at a time (default: as many whole 32-token blocks as fit
-    128 MB of fp32 logits, ``fused_linear_cross_entropy.default_chunk_size``).
+    128 MB of logits, fp32 in ``"torch"``'s copy, the matmul's dtype in ``"triton"``'s in-place pass:
+    ``fused_linear_cross_entropy.default_chunk_size``).
     """
     resolved = resolve_backend(backend, hidden.device)
     if resolved == "eager":

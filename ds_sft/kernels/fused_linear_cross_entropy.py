@@ -16,8 +16,10 @@ row's prompt and padding have no loss, and skipping their logits saves their sha
 Peak extra memory is one logits chunk plus ``grad_W`` instead of ``O(N x V)``. The chunk is sized in
 bytes, not tokens (:func:`default_chunk_size`): a fixed token count would grow the chunk with the
 vocabulary (1,024 tokens are 206 MB of fp32 logits at GPT-2's 50,304 entries, 622 MB at Qwen's
-151,936), while the default keeps it at :data:`CHUNK_LOGITS_BYTES` whatever ``V``. The loss is
-accumulated in fp32.
+151,936), while the default keeps it at :data:`CHUNK_LOGITS_BYTES` whatever ``V``, counted in the
+bytes the chunk's loss works in (:func:`bytes_per_logit`): the Triton kernel's bf16 chunk holds twice
+the tokens of an fp32 one, and each chunk fewer is one pass less over ``W`` and ``grad_W``. The loss
+is accumulated in fp32.
 
 Time: the chunks do the eager loss's three matmuls at a few hundred rows each instead of all ``N``,
 which costs efficiency, and win it back by touching the logits fewer times. On CPU three things keep
@@ -52,10 +54,12 @@ import torch
 
 from ds_sft.kernels.reference import REDUCTIONS
 
-# The fp32 logits of one chunk. The chunk is what the loss adds to the gradients it must hold anyway
-# (grad_W alone is V x H x 4 bytes: 467 MB at V 151,936, H 768), so it is kept well under them; but
-# each chunk re-reads W and grad_W, so chunks of ~100 tokens are memory-bound (1.5x eager's time at
-# V 151,936 on 2 CPU cores, 110 tokens) where ~250 keep up. Figures: BENCHMARKS.md, bench/kernel_speed.py.
+# The logits of one chunk, in the bytes its loss works in (:func:`bytes_per_logit`: fp32 in the
+# PyTorch twin, the matmul's dtype in the Triton kernel). The chunk is what the loss adds to the
+# gradients it must hold anyway (grad_W alone is V x H x 4 bytes: 467 MB at V 151,936, H 768), so it
+# is kept well under them; but each chunk re-reads W and grad_W, so chunks of ~100 tokens are
+# memory-bound (1.5x eager's time at V 151,936 on 2 CPU cores, 110 tokens) where ~250 keep up.
+# Figures: BENCHMARKS.md, bench/kernel_speed.py.
 CHUNK_LOGITS_BYTES = 128 * 2**20
 # Chunks are a whole number of matmul row blocks: a ragged last block costs far more than its share.
 # On 2 CPU cores (oneDNN), 4,096 tokens: fp32 at V 151,936 took 0.98x eager's time in 220-token
@@ -64,12 +68,21 @@ CHUNK_TOKEN_MULTIPLE = 32
 MIN_CHUNK_TOKENS = 32  # below this the per-chunk passes over W and grad_W dominate the time
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """The most tokens, in multiples of :data:`CHUNK_TOKEN_MULTIPLE`, whose fp32 logits fit in
-    :data:`CHUNK_LOGITS_BYTES` (at least ``MIN_CHUNK_TOKENS``): 640 at V = 50,304, 256 at 128,256,
-    192 at 151,936."""
-    fitting = CHUNK_LOGITS_BYTES // (4 * max(vocab_size, 1))
+def default_chunk_size(vocab_size: int, logit_bytes: int = 4) -> int:
+    """The most tokens, in multiples of :data:`CHUNK_TOKEN_MULTIPLE`, whose logits of ``logit_bytes``
+    each fit in :data:`CHUNK_LOGITS_BYTES` (at least ``MIN_CHUNK_TOKENS``). In fp32: 640 at V = 50,304,
+    256 at 128,256, 192 at 151,936; in bf16 (the Triton kernel on bf16 logits) 1,312, 512 and 416."""
+    fitting = CHUNK_LOGITS_BYTES // (logit_bytes * max(vocab_size, 1))
     return max(MIN_CHUNK_TOKENS, fitting // CHUNK_TOKEN_MULTIPLE * CHUNK_TOKEN_MULTIPLE)
+
+
+def bytes_per_logit(hidden: torch.Tensor, weight: torch.Tensor, backend: str) -> int:
+    """Bytes per logit of a chunk's largest buffer: the Triton kernel works in place on the logits, in
+    the dtype of their matmul; the PyTorch twin (:func:`cross_entropy_loss_and_grad_torch`) on an fp32
+    copy of them."""
+    if backend != "triton":
+        return 4
+    return (_autocast_dtype(hidden.device) or hidden.dtype).itemsize
 
 
 def cross_entropy_loss_and_grad_torch(
@@ -230,14 +243,18 @@ def _on_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     return _ONEDNN_LINEAR is not None and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on ``device``'s type, None where it is off."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def _in_matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``hidden`` and ``weight`` in the dtype their matmul has here: autocast's when it is on (as the
     eager ``hidden @ weight.T`` would run), else their own. Cast once per call, not per chunk, and
     explicit, because ``mm(out=)`` is outside autocast's reach."""
-    device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type):
+    dtype = _autocast_dtype(hidden.device)
+    if dtype is None:
         return hidden, weight
-    dtype = torch.get_autocast_dtype(device_type)
     return hidden.to(dtype), weight.to(dtype)
 
 
@@ -268,9 +285,10 @@ def linear_cross_entropy_chunked(
 ):
     """The chunked loss, with its gradients precomputed only when a backward can follow.
 
-    ``chunk_size=None``: :func:`default_chunk_size` of the vocabulary (``weight``'s rows).
+    ``chunk_size=None``: :func:`default_chunk_size` of the vocabulary (``weight``'s rows), in the
+    bytes the backend's loss works in.
     """
-    chunk_size = chunk_size or default_chunk_size(weight.shape[0])
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0], bytes_per_logit(hidden, weight, backend))
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return LinearCrossEntropyFunction.apply(
         hidden,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from ds_sft import kernels
@@ -290,12 +290,44 @@ def test_cpu_fp32_products_run_on_onednn(rows, inner, cols, transposed_b):
     assert bool(((result.double() - a.double().mm(b.double().t())).abs() <= bound).all())
 
 
-@given(vocab=st.integers(min_value=1, max_value=4_000_000))
-def test_default_chunks_are_the_most_whole_row_blocks_that_fit(vocab):
+@given(vocab=st.integers(min_value=1, max_value=4_000_000), logit_bytes=st.sampled_from([2, 4]))
+@example(vocab=50304, logit_bytes=4).via("GPT-2's padded vocabulary in fp32: 640 tokens")
+@example(vocab=50304, logit_bytes=2).via("and in bf16: 1,312")
+def test_default_chunks_are_the_most_whole_row_blocks_that_fit(vocab, logit_bytes):
     """A whole number of row blocks, as many as fit the logits budget (the minimum where none fit)."""
     import ds_sft.kernels.fused_linear_cross_entropy as fused
 
-    chunk, multiple = default_chunk_size(vocab), fused.CHUNK_TOKEN_MULTIPLE
+    chunk, multiple = default_chunk_size(vocab, logit_bytes), fused.CHUNK_TOKEN_MULTIPLE
     assert chunk % multiple == 0 and chunk >= fused.MIN_CHUNK_TOKENS
-    assert chunk == fused.MIN_CHUNK_TOKENS or 4 * vocab * chunk <= fused.CHUNK_LOGITS_BYTES
-    assert 4 * vocab * (chunk + multiple) > fused.CHUNK_LOGITS_BYTES
+    assert chunk == fused.MIN_CHUNK_TOKENS or logit_bytes * vocab * chunk <= fused.CHUNK_LOGITS_BYTES
+    assert logit_bytes * vocab * (chunk + multiple) > fused.CHUNK_LOGITS_BYTES
+    if vocab == 50304:
+        assert chunk == {4: 640, 2: 1312}[logit_bytes]
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype", "autocast", "logit_bytes"),
+    [
+        ("triton", torch.bfloat16, False, 2),  # the kernel works in place on bf16 logits
+        ("triton", torch.float32, True, 2),  # autocast makes them bf16
+        ("triton", torch.float32, False, 4),
+        ("torch", torch.bfloat16, False, 4),  # the PyTorch twin computes in an fp32 copy
+        ("torch", torch.float32, True, 4),
+    ],
+)
+def test_the_default_chunk_is_sized_in_the_bytes_its_loss_works_in(
+    backend, dtype, autocast, logit_bytes, monkeypatch
+):
+    """linear_cross_entropy_chunked hands the autograd function the default chunk of the bytes per
+    logit its backend's loss holds: twice the tokens for the Triton kernel on bf16 logits."""
+    import ds_sft.kernels.fused_linear_cross_entropy as fused
+
+    vocab = 50304
+    hidden, weight = torch.zeros(4, 8, dtype=dtype), torch.zeros(vocab, 8, dtype=dtype)
+    chunks = []
+    monkeypatch.setattr(fused.LinearCrossEntropyFunction, "apply", lambda *args: chunks.append(args[7]))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert fused.bytes_per_logit(hidden, weight, backend) == logit_bytes
+        fused.linear_cross_entropy_chunked(hidden, weight, torch.zeros(4, dtype=torch.long),
+                                           -100, "sum", 0.0, 0.0, None, backend)  # fmt: skip
+    assert chunks == [default_chunk_size(vocab, logit_bytes)]
