@@ -77,16 +77,23 @@ FP8_LAYOUT = {"mode": "torch", "layers": 14, "names": "0" * 64, "recipe": {"sele
 
 
 def write_run(
-    work: Path, name: str, losses: list[float], data_dir: Path, computed: dict | None = None
+    work: Path,
+    name: str,
+    losses: list[float],
+    data_dir: Path,
+    computed: dict | None = None,
+    grad_accum: int = 1,
+    tokens_per_s: float = 1000.0,
 ) -> None:
     """A training's folder as `ds-sft train` leaves it; ``computed``: its checkpoint's record of
     precision and fp8 layout (default: what the run's name says; {}: no checkpoint)."""
     run = work / f"train_{name}"
     run.mkdir(parents=True)
-    settings = {"data_dir": str(data_dir), "model": "tiny"}
+    settings = {"data_dir": str(data_dir), "model": "tiny", "grad_accum": grad_accum}
     (run / "effective_config.json").write_text(json.dumps({"ds_sft": settings}))
     records = [
-        {"type": "train", "step": i, "loss": loss, "tokens_per_s": 1000.0} for i, loss in enumerate(losses)
+        {"type": "train", "step": i, "loss": loss, "tokens_per_s": tokens_per_s}
+        for i, loss in enumerate(losses)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if computed is None:
@@ -315,3 +322,17 @@ def test_the_throughput_table_shows_the_accumulation_and_what_one_reduction_per_
     assert "| throughput_d2048_bf16 | - | - | - | no result | - | - | - |" in page
     widths = {line.count("|") for line in page if line.startswith("|")}
     assert widths == {9}  # every row as wide as the header
+
+
+def test_the_training_table_says_how_many_micro_batches_each_run_updated_on(tmp_path):
+    """The compiled run accumulates 2 micro-batches (ZeRO 2's one reduction per update under
+    --compile), the eager ones 1: the table and the speed line say so."""
+    work, data = tmp_path / "work", tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "index.json").write_text(json.dumps({"seq_len": 64}))
+    write_run(work, "bf16", falling(5.0, 3.0), data)
+    write_run(work, "bf16_compile", falling(5.0, 3.0), data, grad_accum=2, tokens_per_s=1500.0)
+    lines, _ = gpu_check.training_section(work, None)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines if line.startswith("| bf16")}
+    assert rows["bf16"][3] == "1" and rows["bf16_compile"][3] == "2"
+    assert "\n--compile / eager bf16 tokens/s: 1.50x (2 and 1 micro-batches per update)" in lines
