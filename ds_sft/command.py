@@ -21,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from ds_sft.errors import UserError, one_line, os_error_line
+from ds_sft.errors import MORE_MEMORY, UserError, one_line, os_error_line, out_of_memory_line
 
 # name -> (module, one-line summary). Modules are imported only when their command is used.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -91,8 +91,9 @@ def reading_the_command_line(prog: str):
 
 
 def execute(prog: str, module, args: argparse.Namespace) -> int:
-    """Run ``module.run(args)``, turning a :class:`UserError`, or an ``OSError`` the system raised
-    for a path (permissions, disk full...), into one line on stderr and exit 2. Ctrl-C, SIGTERM and
+    """Run ``module.run(args)``, turning a :class:`UserError`, an ``OSError`` the system raised
+    for a path (permissions, disk full...), or memory running out (with the module's
+    ``OUT_OF_MEMORY_FIXES``: the flags that need less) into one line on stderr and exit 2. Ctrl-C, SIGTERM and
     SIGHUP unwind the command (its cleanup runs) and end in one line, exit 128 + the signal, unless
     the module sets ``UNWINDS_ON_SIGTERM = False``: a Python handler runs only between bytecodes, so a
     process waiting in C code (a rank in its rendezvous) would outlive a SIGTERM until the wait ends."""
@@ -107,6 +108,12 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
         if err.errno is None:  # raised by a library with a message of its own: a bug to look at
             raise
         print(f"{prog}: error: {os_error_line(err)}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        line = out_of_memory_line(err, getattr(module, "OUT_OF_MEMORY_FIXES", MORE_MEMORY))
+        if line is None:  # a bug to look at
+            raise
+        print(f"{prog}: error: {one_line(line)}", file=sys.stderr)
         return 2
     except Terminated as err:
         print(f"{prog}: stopped by {signal.Signals(err.signum).name}", file=sys.stderr)

@@ -5,7 +5,9 @@ malformed row). The message says what is wrong and how to fix it, in one line. C
 points catch it and print ``ds-sft <command>: error: <message>``. They treat an ``OSError`` that
 carries an errno the same way (:func:`os_error_line`): the system refused a file operation (no
 permission, disk full, a name too long), which any read or write can meet and only the user can
-mend. Anything else is a bug in ds-sft and keeps its traceback.
+mend. Memory running out in a step is the third (:func:`out_of_memory_line`): the sizes the user
+chose do not fit, and the command says which of its flags shrink them. Anything else is a bug in
+ds-sft and keeps its traceback.
 """
 
 import errno
@@ -78,3 +80,41 @@ def as_os_error(err: Exception, path) -> Exception:
         return err
     code = int(found.group(1))
     return OSError(code, os.strerror(code), os.fspath(path))
+
+
+# What torch's CPU allocator says when the system refuses it memory (a RuntimeError, not torch's
+# OutOfMemoryError, as of torch 2.13); the GPU's allocator raises ``torch.OutOfMemoryError``.
+CPU_ALLOCATOR_REFUSAL = re.compile(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+)")
+# The figures that open torch's CUDA message; advice on the allocator's settings follows them
+CUDA_OUT_OF_MEMORY = re.compile(
+    r"CUDA out of memory\. Tried to allocate (\S+ \S+)\. GPU (\d+) has a total capacity of (\S+ \S+) "
+    r"of which (\S+ \S+) is free\."
+)
+# A CUDA call outside torch's caching allocator that failed for memory (a library's workspace, a
+# context): a plain RuntimeError
+CUDA_DRIVER_OUT_OF_MEMORY = "CUDA error: out of memory"
+MORE_MEMORY = "close what else holds memory there, or run on a machine with more"
+
+
+def out_of_memory_line(err: BaseException, fixes: str = MORE_MEMORY) -> str | None:
+    """One line for memory running out (torch's ``OutOfMemoryError`` on a GPU, the CUDA driver's
+    "out of memory", torch's CPU allocator refused): where, how much was asked for and free, and
+    ``fixes`` (the command's flags that need less). None for any other error."""
+    if not isinstance(err, RuntimeError):  # torch.OutOfMemoryError is one
+        return None
+    text = str(err).strip()
+    refused = CPU_ALLOCATOR_REFUSAL.search(text)
+    if refused:
+        where = f"on the CPU (asked for {int(refused.group(1)) / 2**30:,.2f} GiB more)"
+    elif text.startswith(CUDA_DRIVER_OUT_OF_MEMORY):
+        where = "on the GPU (the CUDA driver could not allocate)"
+    elif type(err).__name__ == "OutOfMemoryError":
+        figures = CUDA_OUT_OF_MEMORY.search(text)
+        if figures:
+            asked, gpu, total, free = figures.groups()
+            where = f"on the GPU (asked for {asked} more with {free} of GPU {gpu}'s {total} free)"
+        else:  # another wording: its first line, cut short
+            where = f"on the GPU ({first_line(err)[:200]})"
+    else:
+        return None
+    return f"out of memory {where}; {fixes}"

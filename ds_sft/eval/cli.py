@@ -42,6 +42,8 @@ from ds_sft.options import Ignored, refuse_ignored
 from ds_sft.paths import expand_user
 
 MANIFEST = "ds_sft_eval.json"
+# When a forward runs out of memory (ds_sft.command.execute says so in one line): what needs less of it
+OUT_OF_MEMORY_FIXES = "pass a smaller --batch_size (the val pass) or --generate_batch_size (the answers)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,6 +32,12 @@ from ds_sft.train.run_dir import check_inputs_outside
 # itself (save a checkpoint, then stop): a rank waiting in its rendezvous or a collective is in C code,
 # where a Python handler never runs, and a SIGTERM (torchrun's, Slurm's, kill's) must end it there.
 UNWINDS_ON_SIGTERM = False
+# When a step runs out of memory (ds_sft.command.execute says so in one line): what needs less of it
+OUT_OF_MEMORY_FIXES = (
+    "pass a smaller --micro_batch_size (a larger --grad_accum keeps the global batch), add "
+    "--activation_checkpointing, or spread the weights and optimizer state over the GPUs with "
+    "--zero_stage 3; --resume continues from the last checkpoint"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

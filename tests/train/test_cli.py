@@ -376,3 +376,35 @@ def test_every_line_printed_under_the_progress_bar_gets_a_line_of_its_own(data_d
     assert len(said) >= 9, done.stdout[-3000:]  # 3 saves, 4 evals, 3 step lines
     for segment in said:
         assert re.match(r"(saved checkpoint|eval step \d|step +\d+/3 \|)", segment), segment
+
+
+@pytest.mark.parametrize("where", ["GPU", "CPU"])
+def test_a_step_that_runs_out_of_memory_ends_in_one_line(
+    where, data_dir, tmp_path, dist_env, monkeypatch, capsys
+):
+    """The second micro-batch's forward runs out of memory (on the GPU: torch's OutOfMemoryError; on
+    the CPU: its allocator refuses for real): `ds-sft train` ends in one line naming the flags that
+    need less, exit 2, no traceback."""
+    from ds_sft.model.llama import LlamaModel
+
+    forward, calls = LlamaModel.forward, []
+
+    def running_out(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            if where == "GPU":
+                raise torch.OutOfMemoryError(
+                    "CUDA out of memory. Tried to allocate 3.07 GiB. GPU 0 has a total capacity of 79.10 GiB "
+                    "of which 1.25 GiB is free. Of the allocated memory 75.00 GiB is allocated by PyTorch"
+                )
+            torch.empty(2**60, dtype=torch.uint8)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaModel, "forward", running_out)
+    argv = ["train", "--data_dir", str(data_dir), "--model", "tiny", "--out_dir", str(tmp_path / "run")]
+    assert main([*argv, "--micro_batch_size", "2", "--grad_accum", "2", "--max_iters", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"ds-sft train: error: out of memory on the {where} (asked for ")
+    assert last.endswith("--resume continues from the last checkpoint") and "--micro_batch_size" in last
