@@ -50,20 +50,26 @@ def tiny_batch():
     return config, train_throughput.batches_of(train_throughput.pack_rows(docs, 64), 2)[0]
 
 
-def test_each_phase_is_timed_per_micro_batch_and_the_update_once_per_update(tiny_batch, monkeypatch):
+@pytest.fixture
+def reductions(monkeypatch) -> list:
+    """The parameters ZeRO 1/2 hands to its gradient reducer, one entry per hand-over."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    handed, reduce = [], DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads
+
+    def counted(self, param, i):
+        handed.append(param)
+        return reduce(self, param, i)
+
+    monkeypatch.setattr(DeepSpeedZeroOptimizer, "reduce_independent_p_g_buckets_and_remove_grads", counted)
+    return handed
+
+
+def test_each_phase_is_timed_per_micro_batch_and_the_update_once_per_update(tiny_batch, reductions):
     """step_phases on an engine that accumulates 3 micro-batches: the four micro-batch phases run 3
     times per update and the update once (the engine counts 3 updates: the unmeasured one and 2),
     and no phase is queued later than it is done. It steps as train_step does: ZeRO 2 reduces each
     gradient once per update."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    reductions = []
-    reduce = DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads
-    monkeypatch.setattr(
-        DeepSpeedZeroOptimizer,
-        "reduce_independent_p_g_buckets_and_remove_grads",
-        lambda self, param, i: (reductions.append(param), reduce(self, param, i))[1],
-    )
     config, batch = tiny_batch
     step = train_throughput.deepspeed_step(config, 2, accumulation=3)
     try:
@@ -92,21 +98,12 @@ def test_the_step_updates_once_per_accumulation_and_passes_the_overflow_check_on
         step.engine.destroy()
 
 
-def test_the_reference_step_reduces_in_every_micro_batch_and_trains_the_same(tiny_batch, monkeypatch):
+def test_the_reference_step_reduces_in_every_micro_batch_and_trains_the_same(tiny_batch, reductions):
     """deepspeed_step(reduce_every_micro_batch=True) is DeepSpeed's own ZeRO-2 accumulation, the
     side-by-side reference of part (c): each gradient reduced in every micro-batch instead of once
     per update, to the same loss, and ds-sft's rule in force again after each of its steps."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
     from ds_sft.train import loop
 
-    reductions = []
-    reduce = DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads
-    monkeypatch.setattr(
-        DeepSpeedZeroOptimizer,
-        "reduce_independent_p_g_buckets_and_remove_grads",
-        lambda self, param, i: (reductions.append(param), reduce(self, param, i))[1],
-    )
     config, batch = tiny_batch
     rule = loop.reduces_gradients_once_per_update
     losses, calls = {}, {}
