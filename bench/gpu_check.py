@@ -490,12 +490,26 @@ def collectives_section(work: Path) -> tuple[list[str], list[tuple[str, bool, st
     return lines, [(f"collectives over {used}", not failed, detail)]
 
 
+COALESCED_LOSS_TOLERANCE = 0.01  # bit for bit on one CPU rank; a GPU's atomics reorder some sums
+
+
+def coalescing_checks(work: Path) -> list[tuple[str, bool, str]]:
+    """ZeRO 2's one reduction per update trains as DeepSpeed's reduction in every micro-batch: part c
+    ran both from the same weights on the same batches (bench/train_throughput.py)."""
+    c = (read_json(work / "throughput_d768_accum16_bf16.json") or {}).get("c") or {}
+    gap = c.get("loss_gap_vs_reduction_per_micro_batch")
+    if gap is None:
+        return []
+    name = f"one reduction per update: loss within {COALESCED_LOSS_TOLERANCE:.0%} of one per micro-batch"
+    return [(name, gap <= COALESCED_LOSS_TOLERANCE, f"{gap:.2e} apart")]
+
+
 def summary(work: Path, out: Path) -> int:
     steps = [line.split("\t") for line in (work / "steps.tsv").read_text().splitlines() if line.strip()]
     gemm = read_json(work / "gemm.json")
     collective_lines, checks = collectives_section(work)
     train_lines, train_checks = training_section(work, gemm)
-    checks += train_checks
+    checks += train_checks + coalescing_checks(work)
     failed = [name for name, status, *_ in steps if status == "FAIL"]
     failed += [name for name, ok, _ in checks if not ok]
     machine = (work / "machine.txt").read_text().strip() if (work / "machine.txt").is_file() else "unknown"

@@ -809,7 +809,7 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
     profile = None
     # (a) measured the default bf16 step: (c) reuses it unless it was asked for another or a profile
     as_in_a = args.fp8 == "off" and args.grad_accum == 1 and not args.no_overflow_check
-    vs_per_micro_batch = None  # DeepSpeed's reduction in every micro-batch, when there are several
+    vs_per_micro_batch = loss_gap = None  # against DeepSpeed's reduction in every micro-batch, if several
     if a_result is None or not as_in_a or args.profile_steps:  # the step and the GEMM take turns
         options = dict(
             compile=args.compile,
@@ -819,16 +819,20 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
             accumulation=args.grad_accum,
             overflow_check=not args.no_overflow_check,
         )
+        torch.manual_seed(args.seed)  # a reference below starts from the same weights
         step = deepspeed_step(config, args.micro_batch, **options)
         contenders = {name: step, GEMM: gemm_step(gemm_n, device)}
         if args.grad_accum > 1:  # what reducing once per update saves, side by side
+            torch.manual_seed(args.seed)
             contenders[PER_MICRO_BATCH] = deepspeed_step(
                 config, args.micro_batch, **options, reduce_every_micro_batch=True
             )
-        seconds, _ = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
+        seconds, losses = measure_round_robin(contenders, batches, device, args.warmup, args.steps)
         if PER_MICRO_BATCH in contenders:
             contenders[PER_MICRO_BATCH].engine.destroy()
             vs_per_micro_batch = seconds[PER_MICRO_BATCH] / seconds[name]
+            # the same weights and batches: the two must train alike (bit for bit on one CPU rank)
+            loss_gap = abs(losses[name] - losses[PER_MICRO_BATCH]) / abs(losses[PER_MICRO_BATCH])
         if args.profile_steps:
             profile = profile_steps(step, batches, device, args.profile_steps)
             batch = {k: v.to(device) for k, v in batches[0].items()}
@@ -854,6 +858,7 @@ def part_c(args, config: ModelConfig, device, a_result: dict | None, batches) ->
         "grad_accum": args.grad_accum,
         "overflow_check": not args.no_overflow_check,
         "speedup_vs_reduction_per_micro_batch": vs_per_micro_batch,
+        "loss_gap_vs_reduction_per_micro_batch": loss_gap,  # relative, after the last step
         "flops_per_token": per_token,
         "tokens_per_s": tokens_per_s,
         "achieved_flops": achieved,
@@ -916,7 +921,8 @@ def print_tables(result: dict) -> None:
             print(
                 f"    {c['grad_accum']} micro-batches per update, gradients reduced once per update:"
                 f" {c['speedup_vs_reduction_per_micro_batch']:.2f}x the step reducing them in every one"
-                " (DeepSpeed's ZeRO 2 alone), side by side"
+                " (DeepSpeed's ZeRO 2 alone), side by side; last losses"
+                f" {c['loss_gap_vs_reduction_per_micro_batch']:.2e} apart"
             )
         if c["mfu"] is not None:
             peak = c["device_bf16_peak"] / 1e12

@@ -336,3 +336,13 @@ def test_the_training_table_says_how_many_micro_batches_each_run_updated_on(tmp_
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines if line.startswith("| bf16")}
     assert rows["bf16"][3] == "1" and rows["bf16_compile"][3] == "2"
     assert "\n--compile / eager bf16 tokens/s: 1.50x (2 and 1 micro-batches per update)" in lines
+
+
+@pytest.mark.parametrize(("gap", "ok"), [(None, None), (0.0, True), (3e-3, True), (0.05, False)])
+def test_one_reduction_per_update_must_train_as_one_per_micro_batch(tmp_path, gap, ok):
+    """Part c at 16 micro-batches ran both reductions from the same weights: a loss gap past 1% fails
+    the check (a missed speed target would not); no figure, no check."""
+    c = {"loss_gap_vs_reduction_per_micro_batch": gap}
+    (tmp_path / "throughput_d768_accum16_bf16.json").write_text(json.dumps({"c": c}))
+    checks = gpu_check.coalescing_checks(tmp_path)
+    assert [check[1] for check in checks] == ([] if ok is None else [ok])

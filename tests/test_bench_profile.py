@@ -129,6 +129,7 @@ def test_part_c_reports_the_step_against_the_reduction_in_every_micro_batch(tmp_
     assert train_throughput.run(args) == 0
     c = json.loads(out.read_text())["c"]
     assert c["grad_accum"] == 2 and c["speedup_vs_reduction_per_micro_batch"] > 0
+    assert c["loss_gap_vs_reduction_per_micro_batch"] == 0.0  # same weights and batches, one CPU rank
 
 
 def test_own_time_is_ranked_per_device_type_and_clock():
