@@ -237,11 +237,14 @@ def test_train_and_export_refuse_an_uncached_hub_id_in_one_line(tmp_path):
         "HF_HUB_CACHE": str(tmp_path / "empty-cache"),
         "HF_HUB_OFFLINE": "1",
     }
+    # prepare's own source: without one it reads ../shared/data, which a clone elsewhere lacks
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add 2 and 3.", "input": "", "output": "5"}]))
     repo = "Qwen/Qwen3-0.6B"
     for argv in (
         ["export", "--base_model", repo, "--hf", str(tmp_path / "out")],
         ["train", "--base_model", repo, "--data_dir", str(data), "--out_dir", str(tmp_path / "run")],
-        ["prepare", "--tokenizer", repo, "--output_dir", str(tmp_path / "prepared")],
+        ["prepare", "--tokenizer", repo, "--alpaca", str(alpaca), "--output_dir", str(tmp_path / "prepared")],
     ):
         out = subprocess.run(
             [sys.executable, "-m", "ds_sft.cli", *argv], capture_output=True, text=True, env=env, timeout=300
