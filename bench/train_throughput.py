@@ -487,10 +487,8 @@ def profile_steps(step: Callable, batches: list[dict], device, steps: int) -> di
         _sync(device)
         wall = time.perf_counter() - start
     events = profiler.key_averages()
-    if cuda:
-        top, other, busy = ranked_own_time(events, "CUDA", "self_device_time_total", steps)
-    else:
-        top, other, busy = ranked_own_time(events, "CPU", "self_cpu_time_total", steps)
+    clock = ("CUDA", "self_device_time_total") if cuda else ("CPU", "self_cpu_time_total")
+    top, other, busy = ranked_own_time(events, *clock, steps)
     result = {
         "steps": steps,
         "clock": "device" if cuda else "cpu",
