@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 from ds_sft.errors import UserError, first_line
-from ds_sft.model.config import FAMILIES, PRESETS, ModelConfig, check_field
+from ds_sft.model.config import FAMILIES, PRESETS, RUN_SETTINGS, ModelConfig, check_field
 from ds_sft.model.llama import LlamaModel, rope_table
 from ds_sft.paths import (
     read_gguf,
@@ -581,7 +581,13 @@ def infer_config(
     Splits fused qkv weights in ``state`` once the head layout is known.
     """
     known = ModelConfig.__dataclass_fields__
-    fields = {name: value for name, value in hints.items() if name in known and value is not None}
+    # How a run computes (RUN_SETTINGS) is the command's choice, never the file's: a hand-written
+    # "kernels": "triton" made eval and export launch Triton on a CPU.
+    fields = {
+        name: value
+        for name, value in hints.items()
+        if name in known and name not in RUN_SETTINGS and value is not None
+    }
     for name, aliases in CONFIG_ALIASES.items():
         found = [hints[alias] for alias in aliases if hints.get(alias) is not None]
         if name not in fields and found:

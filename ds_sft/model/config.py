@@ -60,6 +60,14 @@ FAMILY_FIELDS = (
     "no_rope_layers",
 )
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# Their largest values: Llama 3.x uses 8 and 32, 1 and 4, 8192. Past these the frequencies overflow
+# (a 300-digit position count does not fit the float64 the table is computed in).
+LLAMA3_ROPE_LIMITS = {
+    "factor": 1e6,
+    "low_freq_factor": 1e6,
+    "high_freq_factor": 1e6,
+    "original_max_position_embeddings": 1 << 20,
+}
 # The range of each number in a config: far beyond any model ds-sft trains, near enough that a typo or
 # a hostile file cannot make it allocate the machine (the RoPE table alone is max_seq_len x head_dim).
 WHOLE_NUMBERS = {
@@ -292,10 +300,11 @@ def _llama3_rope_scaling(values: Any) -> dict[str, Any]:
         for k in LLAMA3_ROPE_KEYS
         if isinstance(values.get(k), bool)
         or not isinstance(values.get(k), int | float)
-        or not 0 < values[k] < float("inf")
+        or not 0 < values[k] <= LLAMA3_ROPE_LIMITS[k]
     ]
     if missing:
-        raise UserError(f"rope_scaling 'llama3' needs positive {', '.join(missing)}, got {values!r}")
+        limits = ", ".join(f"{k} at most {LLAMA3_ROPE_LIMITS[k]:g}" for k in missing)
+        raise UserError(f"rope_scaling 'llama3' needs positive {limits}; got {values!r}")
     if values["high_freq_factor"] <= values["low_freq_factor"]:
         raise UserError(f"rope_scaling: high_freq_factor must exceed low_freq_factor, got {values!r}")
     scaling = {"rope_type": "llama3", **{k: values[k] for k in LLAMA3_ROPE_KEYS}}

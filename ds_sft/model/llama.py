@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ds_sft import kernels
+from ds_sft.errors import UserError
 from ds_sft.labels import IGNORE_INDEX
 from ds_sft.model.attention import document_attention
 from ds_sft.model.config import ModelConfig
@@ -82,6 +83,13 @@ def rope_table(config: ModelConfig) -> torch.Tensor:
     if config.rope_scaling is not None:
         inv_freq = llama3_frequencies(inv_freq, **config.rope_scaling)
     angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64), inv_freq)
+    # e.g. a rope_scaling factor so small that dividing by it overflows (a table built on the meta
+    # device has no values: load_model computes the real one, through here, once the weights are read)
+    if angles.device.type != "meta" and not torch.isfinite(angles).all():
+        raise UserError(
+            f"the config's RoPE (rope_theta {config.rope_theta!r}, rope_scaling {config.rope_scaling!r})"
+            " gives non-finite angles; fix those fields of the model's config"
+        )
     return torch.stack([angles.cos(), angles.sin()], dim=1).float()
 
 

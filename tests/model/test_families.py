@@ -372,3 +372,25 @@ def test_unsupported_model_type_names_the_supported_ones():
         UserError, match="model_type 'gpt2' is not supported; ds-sft reads llama, qwen2, qwen3"
     ):
         config_from_hf(GPT2Config())
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", sorted(LLAMA3_SCALING.keys() - {"rope_type"}))
+@pytest.mark.parametrize("value", [1e308, 1e300, 2e6, (1 << 20) + 1, float("inf"), float("nan"), 0, -1.0])
+def test_rope_scaling_out_of_range_is_one_line(key, value):
+    """A hand-edited rope_scaling past its range: one line naming the key (a 1e300 position count once
+    became a 300-digit integer that the RoPE table's float64 could not hold: OverflowError)."""
+    scaling = {**LLAMA3_SCALING, key: value}
+    with pytest.raises(UserError, match=f"needs positive .*{key} at most"):
+        ModelConfig.preset("tiny", rope_scaling=scaling)
+
+
+@pytest.mark.parametrize("factor", [1e-320, 5e-324])
+def test_rope_scaling_whose_angles_overflow_is_one_line(factor):
+    """A factor so small that dividing by it overflows: the RoPE table would be NaN; refused by name."""
+    config = ModelConfig.preset("tiny", rope_scaling={**LLAMA3_SCALING, "factor": factor})
+    with pytest.raises(UserError, match="non-finite angles"):
+        LlamaModel(config)

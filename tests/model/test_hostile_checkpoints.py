@@ -567,3 +567,29 @@ def test_a_transformers_config_in_a_torch_file_is_read_as_transformers_reads_it(
     weights = LlamaModel(config).state_dict()
     torch.save({"model": weights, "config": hf_config(config).to_dict()}, tmp_path / "b.pt")
     assert load_model(tmp_path / "b.pt").config == config
+
+
+@pytest.mark.parametrize("container", ["folder", "pt"])
+@pytest.mark.parametrize(
+    "setting", [{"kernels": "triton"}, {"kernels": "eager"}, {"activation_checkpointing": True}]
+)
+def test_run_settings_written_beside_the_weights_are_not_taken_from_them(tmp_path, container, setting):
+    """How a run computes is the command's choice: a config that names a kernel backend (a Triton
+    backend on a CPU machine ended eval and export in a RuntimeError) or activation checkpointing
+    loads with the defaults, and an explicit override still wins."""
+    model = LlamaModel(ModelConfig.preset("tiny"))
+    if container == "folder":
+        path = save_model(model, tmp_path / "base")
+        config = json.loads((path / "model_config.json").read_text())
+        (path / "model_config.json").write_text(json.dumps({**config, **setting}))
+    else:
+        path = tmp_path / "base.pt"
+        config = {**model.config.architecture(), **setting}
+        torch.save({"model": model.state_dict(), "config": config}, path)
+    loaded = load_model(path)
+    defaults = ModelConfig.preset("tiny")
+    assert (loaded.config.kernels, loaded.config.activation_checkpointing) == (
+        defaults.kernels,
+        defaults.activation_checkpointing,
+    )
+    assert load_model(path, config_overrides={"kernels": "torch"}).config.kernels == "torch"
