@@ -545,6 +545,19 @@ def check_optimizer_params(params: dict) -> None:
 
     known = set(inspect.signature(torch.optim.AdamW).parameters) - {"params"}
     check_keys('"optimizer.params"', params, known | {"torch_adam", "adam_w_mode", "bias_correction"})
+    # DeepSpeed hands these params to the optimizer's constructor as keyword arguments, so a
+    # "_comment" (fine in every other section) ends in a TypeError once the model is loaded.
+    comments = [key for key in params if key.startswith("_")]
+    if comments:
+        raise UserError(
+            f'remove "optimizer.params.{comments[0]}" from the DeepSpeed config: DeepSpeed passes every '
+            "optimizer param to AdamW, which takes no such argument (comment elsewhere in the file)"
+        )
+    if params.get("torch_adam") and "bias_correction" in params:
+        raise UserError(
+            '"optimizer.params.bias_correction" is DeepSpeed\'s FusedAdam\'s, and "torch_adam" is true: '
+            "torch's AdamW always corrects its bias; remove bias_correction (or set torch_adam false)"
+        )
     for name in ("capturable", "differentiable"):  # both fail at the first step under DeepSpeed
         if params.get(name) is True:
             raise UserError(
@@ -627,6 +640,11 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
         raise UserError(
             f'optimizer type {optimizer_type!r} is not supported: use "AdamW" (the parameter '
             "groups and schedule are built for it)"
+        )
+    if optimizer_type == "adamw" and get_path(ds_config, ("optimizer", "params", "adam_w_mode")) is False:
+        raise UserError(  # DeepSpeed runs "AdamW" decoupled whatever adam_w_mode says
+            '"optimizer.params.adam_w_mode" is false but the type is "AdamW", which DeepSpeed runs with '
+            'decoupled weight decay anyway; remove adam_w_mode, or use "type": "Adam" for L2 decay'
         )
     if ds_config.get("fp16", {}).get("enabled"):  # DeepSpeed's loss-scaled fp16: not a precision of ds-sft
         raise UserError(

@@ -15,6 +15,7 @@ configured by the JSON.
 
 from __future__ import annotations
 
+from ds_sft.errors import UserError, first_line
 from ds_sft.train.param_groups import parameter_groups
 
 
@@ -23,7 +24,16 @@ def build_engine(model, ds_config: dict, weight_decay: float):
     import deepspeed
 
     groups, table = parameter_groups(model, weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    try:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    except (AssertionError, ValueError, TypeError, NotImplementedError) as err:
+        # DeepSpeed checks some combinations only here (master weights without offload, a ZeRO
+        # feature another requires, an optimizer argument): each is a setting of the JSON.
+        reason = first_line(err) or "no reason given"
+        raise UserError(
+            f"DeepSpeed refused the configuration ({type(err).__name__}: {reason}); "
+            "change that setting in the DeepSpeed JSON (--deepspeed_config) or the flag that sets it"
+        ) from None
     undo_construction_step(engine.optimizer)
     leave_overflow_to_the_gradient_norm(engine.optimizer)
     norm_the_gradients_together(engine.optimizer)

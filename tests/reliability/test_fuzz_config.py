@@ -248,6 +248,22 @@ CONTRADICTIONS = {
         [],
         ["betas"],
     ),  # fmt: skip
+    # DeepSpeed hands the optimizer params to AdamW as keyword arguments: a TypeError after loading
+    "a comment among the optimizer params": (
+        {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "_comment": "x"}}},
+        [],
+        ["optimizer.params._comment"],
+    ),  # fmt: skip
+    "FusedAdam's bias_correction for torch's AdamW": (
+        {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "bias_correction": False}}},
+        [],
+        ["bias_correction"],
+    ),  # fmt: skip
+    "adam_w_mode false under AdamW (silently decoupled)": (
+        {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "adam_w_mode": False}}},
+        [],
+        ["adam_w_mode"],
+    ),  # fmt: skip
     "warmup longer than the run": ({}, ["--warmup_iters", "50", "--max_iters", "10"], ["warmup_iters"]),
     "min_lr above the peak": ({}, ["--min_lr", "1", "--learning_rate", "0.1"], ["min_lr"]),
     "zero micro-batch": ({}, ["--micro_batch_size", "0"], ["micro_batch_size"]),

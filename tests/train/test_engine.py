@@ -13,6 +13,7 @@ import torch
 from deepspeed.runtime.zero import stage_1_and_2
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ds_sft.errors import UserError
 from ds_sft.train import loop
 from ds_sft.train.engine import build_engine, reduces_gradients_once_per_update
 from ds_sft.train.loop import collate, model_inputs
@@ -216,3 +217,34 @@ def test_cpu_offload_keeps_deepspeeds_reduction_per_micro_batch(dist_env):
         assert not reduces_gradients_once_per_update(engine, 3)
     finally:
         engine.destroy()
+
+
+# Combinations DeepSpeed checks only inside deepspeed.initialize, after the model is loaded (its
+# config reader accepts each): they ended `ds-sft train` in an AssertionError, ValueError or TypeError.
+REFUSED_AT_INITIALIZE = {
+    "bf16 master weights without offload": (
+        {"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}},
+        "Master weights",
+    ),
+    "no gradient norm while clipping": (
+        {"zero_optimization": {"stage": 2, "compute_grad_norm": False}},
+        "clipping",
+    ),
+    "ZenFlow without offload": (
+        {"zero_optimization": {"stage": 2, "zenflow": {"topk_ratio": 0.1}}},
+        "Zenflow",
+    ),
+    "an argument AdamW does not take": (
+        {"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "bias_correction": False}}},
+        "bias_correction",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_AT_INITIALIZE))
+def test_settings_deepspeed_refuses_while_initializing_are_one_line(case, dist_env):
+    extra, reason = REFUSED_AT_INITIALIZE[case]
+    s = settings(zero_stage=2, precision="bf16", micro_batch_size=2, grad_accum=1)
+    with pytest.raises(UserError, match=f"DeepSpeed refused the configuration .*{reason}") as err:
+        build_engine(tiny_model(), ds_config(s, **extra), s.weight_decay)
+    assert "\n" not in str(err.value)
