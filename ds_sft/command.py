@@ -21,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from ds_sft.errors import MORE_MEMORY, UserError, one_line, os_error_line, out_of_memory_line
+from ds_sft.errors import MORE_MEMORY, UserError, first_line, one_line, os_error_line, out_of_memory_line
 
 # name -> (module, one-line summary). Modules are imported only when their command is used.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -120,7 +120,23 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
         return 128 + err.signum
     except KeyboardInterrupt:
         return interrupted(prog)
+    except BaseException as err:
+        # A Rust panic inside a library (the tokenizers' regexes on hostile input) reaches Python as
+        # pyo3's PanicException, a BaseException that no `except Exception` above or in the command sees.
+        if type(err).__name__ != "PanicException":
+            raise
+        print(f"{prog}: error: {one_line(native_panic_line(err))}", file=sys.stderr)
+        return 2
     return int(code or 0)
+
+
+def native_panic_line(err: BaseException) -> str:
+    """What to say when a library's native code panicked (the tokenizer is the usual suspect)."""
+    return (
+        f"a library's native code failed ({first_line(err) or 'a Rust panic'}); most often the "
+        "tokenizer: a normalizer or pre-tokenizer regex that cannot run on this text (too much "
+        "backtracking). Use another tokenizer, or simplify that regex in its tokenizer.json"
+    )
 
 
 def script_parser(file: str, description: str) -> argparse.ArgumentParser:

@@ -375,3 +375,23 @@ def test_a_flag_is_taken_whole_never_by_its_prefix(capsys):
                 assert prefix in err, (name, prefix, err)
                 tried += 1
     assert tried > 1000
+
+
+class _Stop(BaseException):
+    """A BaseException of no library: execute must let it through."""
+
+
+def test_only_a_native_panic_among_base_exceptions_becomes_one_line(capsys):
+    from types import SimpleNamespace
+
+    from tokenizers import Regex, Tokenizer, models, normalizers
+
+    from ds_sft.command import execute
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Replace(Regex("(a|aa)+b"), "x")
+    panics = SimpleNamespace(run=lambda args: tokenizer.encode("a" * 60))
+    assert execute("ds-sft prepare", panics, argparse.Namespace()) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(_Stop):
+        execute("ds-sft prepare", SimpleNamespace(run=lambda args: (_ for _ in ()).throw(_Stop())), None)

@@ -416,3 +416,43 @@ def test_a_mix_naming_a_source_twice_is_one_line(mix):
         parse_mix(mix, ["alpaca", "gsm8k"])
     message = str(refused.value)
     assert "\n" not in message and "more than once" in message and "--mix" in message
+
+
+def backtracking_tokenizer(folder: Path) -> Path:
+    """A tokenizer whose normalizer regex backtracks past Oniguruma's retry limit on a run of a's:
+    the tokenizers library then panics in Rust (pyo3's PanicException, a BaseException)."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {
+        "<|endoftext|>": 0,
+        "[UNK]": 1,
+        **{c: i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz0123456789")},
+    }
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Replace(Regex("(a|aa)+b"), "x")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.mark.parametrize("length", [40, 200])
+def test_a_tokenizer_that_panics_in_rust_is_one_line(length, tmp_path, capfd, monkeypatch):
+    """It was a PanicException traceback (exit 1): no ``except Exception`` catches it."""
+    from ds_sft.cli import main
+
+    monkeypatch.setenv("RUST_BACKTRACE", "0")
+    rows = [{"instruction": f"question {i}", "output": "a" * length} for i in range(4)]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "out"
+    argv = [
+        "prepare",
+        "--source",
+        f"s={tmp_path / 'rows.jsonl'}",
+        "--tokenizer",
+        str(backtracking_tokenizer(tmp_path / "tok")),
+    ]
+    assert main([*argv, "--seq_len", "256", *FLAGS, "--output_dir", str(out)]) == 2
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("ds-sft prepare: error: a library's native code failed (Onig"), last
+    assert "tokenizer" in last and not out.exists()
