@@ -96,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME:FIELD=COL,...",
         help="column mapping for --source NAME, e.g. mydata:instruction=q,input=ctx,response=a "
-        "or mydata:messages=conversation (fields: instruction, input, response, category, messages)",
+        "or mydata:messages=conversation (fields: instruction, input, response, category, messages); "
+        "one per source, repeatable for several sources",
     )
     src.add_argument(
         "--from_shared",
@@ -219,7 +220,15 @@ def collect_sources(args: argparse.Namespace) -> list:
     from ds_sft.data.sources import HUB_IDS, SOURCE_NAME, SourceSpec, parse_field_map
     from ds_sft.paths import require_regular_file, shared_dir
 
-    field_maps = dict(parse_field_map(text) for text in args.field_map)
+    field_maps: dict[str, dict[str, str]] = {}
+    for text in args.field_map:
+        name, mapping = parse_field_map(text)
+        if name in field_maps:  # the later one silently replaced the earlier
+            raise UserError(
+                f"--field_map names {name!r} twice; give all of its fields in one, e.g. "
+                f"{name}:instruction=question,response=answer"
+            )
+        field_maps[name] = mapping
     specs = [SourceSpec(kind, kind, getattr(args, kind)) for kind in HUB_IDS if getattr(args, kind)]
     for item in args.source:
         name, eq, location = item.partition("=")

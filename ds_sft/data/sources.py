@@ -141,10 +141,18 @@ def parse_field_map(text: str) -> tuple[str, dict[str, str]]:
                 f"--field_map {text!r}: expected NAME:field=column[,field=column...] with fields from "
                 f"{sorted(allowed)}, e.g. mydata:instruction=question,response=answer"
             )
+        if key.strip() in mapping:
+            raise UserError(f"--field_map {text!r} maps {key.strip()!r} twice; keep one")
         mapping[key.strip()] = column.strip()
     if not mapping:
         raise UserError(
             f"--field_map {text!r} maps no field; e.g. mydata:instruction=question,response=answer"
+        )
+    if "messages" in mapping and len(mapping) > 1:  # a conversation's turns are all its text
+        others = sorted(mapping.keys() - {"messages"})
+        raise UserError(
+            f"--field_map {text!r}: messages= reads whole conversations, so {others} would be ignored; "
+            "map either messages or instruction/response"
         )
     return name.strip(), mapping
 

@@ -351,3 +351,20 @@ def test_a_capped_mix_draws_whole_epochs_and_distinct_rows(seed):
         share = weights[name] * sizes[sid] * min(1, cap / full)  # this source's part of the cap
         assert abs(mine.sum() - share) < 1 + 1e-9, (name, mine.sum(), share)
         assert mine.max() - mine.min() <= 1, (name, np.bincount(mine))
+
+
+@pytest.mark.parametrize(
+    "maps",
+    [
+        ["mine:instruction=q,response=a", "mine:instruction=q2,response=a2"],
+        ["mine:instruction=q", "mine:response=a"],
+    ],
+)
+def test_two_field_maps_for_one_source_are_refused(maps, run_prepare, tmp_path):
+    """The second silently replaced the first (a split map was refused as 'must map instruction')."""
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, [{"q": f"Q{i}", "a": f"A{i}", "q2": f"R{i}", "a2": f"B{i}"} for i in range(8)])
+    flags = ["--source", f"mine={path}"] + [arg for m in maps for arg in ("--field_map", m)]
+    with pytest.raises(UserError, match="--field_map names 'mine' twice"):
+        run_prepare([*flags, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -399,3 +399,23 @@ def test_a_refused_array_element_is_counted_from_1_as_ids_are(tmp_path):
         UserError, match=r"rows\.json: element 2 of the array \(from 1\): expected a JSON object"
     ):
         load_source(SourceSpec("a", "alpaca", str(path)), False, Drops())
+
+
+FIELDS = ["instruction", "input", "response", "category", "messages"]
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_a_field_mapped_twice_in_one_field_map_is_refused(field):
+    """The last column silently won."""
+    with pytest.raises(UserError, match=f"maps '{field}' twice"):
+        parse_field_map(f"mine:{field}=a,{field}=b")
+
+
+@pytest.mark.parametrize("other", [f for f in FIELDS if f != "messages"])
+def test_messages_with_another_field_is_refused(other):
+    """A conversation's turns are its whole text: the other field was silently ignored."""
+    for text in (f"mine:messages=conv,{other}=x", f"mine:{other}=x,messages=conv"):
+        with pytest.raises(
+            UserError, match=rf"would be ignored.*\['{other}'\]|\['{other}'\] would be ignored"
+        ):
+            parse_field_map(text)
