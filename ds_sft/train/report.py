@@ -72,18 +72,53 @@ def plot(records: list[dict], run_dir: Path) -> list[str]:
     return written
 
 
+# What the report and the plots read of each record type: numbers (or null, "not measured"), and
+# texts. Fields the trainer writes beside these are carried along unread.
+NUMBER_FIELDS = {
+    "train": ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"),
+    "eval": ("val_loss", "val_ppl", "val_acc", "val_tokens"),
+}
+TEXT_FIELDS = {"alarm": ("message",), "change": ("message",)}
+SOURCE_FIELDS = ("loss", "ppl", "acc", "tokens")  # each of an eval's per_source values
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def parse_record(line: str) -> dict | None:
     """One line of ``metrics.jsonl`` as a record, or None when it is not one: a line cut off by a run
-    killed mid-write, or edited, is a JSON error, and a record without its ``type`` or ``step`` cannot
-    be placed. Either once ended the run in a traceback after all its training."""
+    killed mid-write, or edited, is a JSON error, a record without its ``type`` or ``step`` cannot
+    be placed, and one whose fields the report reads hold the wrong kind of value (a loss of "n/a",
+    an alarm without its message) cannot be shown. Each once ended the run in a traceback after all
+    its training."""
     try:
         record = json.loads(line)
     except ValueError:  # JSONDecodeError, and an integer too long to convert
         return None
     if not (isinstance(record, dict) and isinstance(record.get("type"), str)):
         return None
-    step = record.get("step")
-    return record if isinstance(step, int) and not isinstance(step, bool) else None
+    if not (isinstance(record.get("step"), int) and not isinstance(record["step"], bool)):
+        return None
+    kind = record["type"]
+    numbers = NUMBER_FIELDS.get(kind, ())
+    if not all(record.get(name) is None or _is_number(record[name]) for name in numbers):
+        return None
+    if kind == "train" and record.get("tokens_per_s") is not None and not _is_number(record.get("mfu")):
+        return None  # a measured step has both
+    if not all(isinstance(record.get(name), str) for name in TEXT_FIELDS.get(kind, ())):
+        return None
+    if "message" in record and not isinstance(record["message"], str):
+        return None  # part of the key a redone step's record is found by
+    if kind == "eval":
+        sources = record.get("per_source")
+        if not isinstance(sources, dict) or not all(
+            isinstance(values, dict)
+            and all(values.get(name) is None or _is_number(values[name]) for name in SOURCE_FIELDS)
+            for values in sources.values()
+        ):
+            return None
+    return record
 
 
 def read_records(run_dir: Path) -> tuple[list[dict], int]:

@@ -372,3 +372,54 @@ def test_the_mfu_peak_line_shows_a_slow_peak_in_significant_digits(peak, monkeyp
     loop.StepMeter(settings, {}, ModelConfig.preset("tiny"), 32, world=1, first_step=0, say=said.append)
     shown = float(said[0].split("MFU peak: ")[1].split(" TFLOP/s")[0])
     assert shown == pytest.approx(peak / 1e12, rel=5e-3)
+
+
+def _edited_records() -> list[tuple[str, dict]]:
+    """A well-formed record of each kind with one field the report reads given the wrong kind of
+    value, or taken out where the report needs it."""
+    train, evaluation = records()[0], next(r for r in records() if r["type"] == "eval")
+    alarm = {"type": "alarm", "step": 3, "message": "val loss rose"}
+    change = {"type": "change", "step": 3, "message": "lr 1e-4 -> 2e-4"}
+    wrong = ["n/a", [1.0], {"v": 1.0}, True]
+    cases = []
+    for name in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+        cases += [(f"train {name}={v!r}", {**train, name: v}) for v in wrong]
+    cases.append(("train measured without mfu", {k: v for k, v in train.items() if k != "mfu"}))
+    for name in ("val_loss", "val_ppl", "val_acc", "val_tokens"):
+        cases += [(f"eval {name}={v!r}", {**evaluation, name: v}) for v in wrong]
+    cases += [(f"eval per_source={v!r}", {**evaluation, "per_source": v}) for v in [*wrong[:2], None]]
+    cases.append(("eval without per_source", {k: v for k, v in evaluation.items() if k != "per_source"}))
+    for name in ("loss", "ppl", "acc", "tokens"):
+        alpaca = evaluation["per_source"]["alpaca"]
+        cases += [
+            (f"eval alpaca {name}={v!r}", {**evaluation, "per_source": {"alpaca": {**alpaca, name: v}}})
+            for v in wrong
+        ]  # fmt: skip
+    for record in (alarm, change):
+        cases += [(f"{record['type']} message={v!r}", {**record, "message": v}) for v in [*wrong[1:], None]]
+        cases.append(
+            (f"{record['type']} without message", {k: v for k, v in record.items() if k != "message"})
+        )
+    return cases
+
+
+EDITED = _edited_records()
+
+
+@pytest.mark.parametrize("edited", [record for _, record in EDITED], ids=[name for name, _ in EDITED])
+def test_an_edited_record_whose_fields_the_report_reads_is_skipped_and_counted(tmp_path, edited):
+    """Valid JSON with a type and a step, but a loss of "n/a" or an alarm without its message: the
+    run trained to the end and then died in write_report (TypeError, KeyError)."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*records(), edited]))
+    assert parse_record(json.dumps(edited)) is None
+    text = write_report(tmp_path, {}, SUMMARY).read_text()
+    assert "1 line(s) of metrics.jsonl are not readable records and were skipped" in text
+    assert "| train loss (first step) |" in text  # the good records still make the report
+
+
+def test_the_records_the_trainer_writes_parse_as_records():
+    alarm = {"type": "alarm", "step": 3, "message": "val loss rose"}
+    unmeasured = {**records()[0], "loss": None, "tokens_per_s": None, "mfu": None}  # a step without tokens
+    for record in [*records(), alarm, unmeasured]:
+        line = json.dumps(record)
+        assert json.dumps(parse_record(line)) == line  # compared as text: a skipped step's loss is NaN
