@@ -21,7 +21,9 @@ Stages, in order (every dropped row is counted by source and reason in manifest.
             a worker thread alongside dedup and decontam, and the rows they keep are then taken);
             a conversation trains every assistant turn (--train_on all) or its last (--train_on last);
             rows longer than --seq_len dropped (longer_than_seq_len; with --truncate cut, or dropped as
-            prompt_fills_seq_len when the prompt leaves no room)
+            prompt_fills_seq_len when the prompt leaves no room); rows whose answers encode to no
+            token (a tokenizer without the characters, no unknown token, no byte fallback) dropped as
+            answer_has_no_tokens, since they would train on the end-of-text token alone
   mix       --mix weights upsample sources by whole epochs plus a seeded fraction; --max_examples caps
   pack      best-fit-decreasing into rows of --seq_len (or --no_pack: one padded row per example)
   write     DIR/train, DIR/val (memmap shards), DIR/tokenizer, DIR/manifest.json, DIR/lengths.png, built
@@ -42,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -549,7 +552,13 @@ def prepare(args: argparse.Namespace) -> int:
     )
     from ds_sft.data.shards import plot_lengths
     from ds_sft.data.templates import resolve_template
-    from ds_sft.data.tokenize import ROUTES, bound_records, fit_to_length, tokenize_records
+    from ds_sft.data.tokenize import (
+        ROUTES,
+        answers_without_tokens,
+        bound_records,
+        fit_to_length,
+        tokenize_records,
+    )
     from ds_sft.data.tokenizer import control_tokens, load_tokenizer
     from ds_sft.vocab import id_bound
 
@@ -608,7 +617,12 @@ def prepare(args: argparse.Namespace) -> int:
         chosen = np.concatenate([train_index, val_index])
         docs = tokenized.result().select(chosen)
     all_records = [records[i] for i in chosen.tolist()]
-    n_train = len(train_index)
+    lost = answers_without_tokens(docs, tokenizer.eos_token_id)
+    for record in itertools.compress(all_records, lost):
+        drops.add(record["source"], "answer_has_no_tokens")
+    docs = docs.select(np.flatnonzero(~lost))
+    all_records = list(itertools.compress(all_records, ~lost))
+    n_train = len(train_index) - int(lost[: len(train_index)].sum())
     raw_lengths = docs.full_lengths  # a row too long to tokenize: its fewest tokens
     docs, reasons = fit_to_length(docs, args.seq_len, args.truncate)
     for record, code in zip(all_records, reasons.tolist(), strict=True):

@@ -496,6 +496,17 @@ def tokenize_records(
     return Documents(tokens, offsets, mask, sources, routes, floors if floors.any() else None)
 
 
+def answers_without_tokens(docs: Documents, eos_id: int) -> np.ndarray:
+    """Per document, whether every token it trains is the end-of-text mark: its answers encoded to
+    nothing (a tokenizer that drops characters it has no token for). A document left empty for being
+    too long (its length is its floor) is not one of them."""
+    ids = np.repeat(np.arange(len(docs)), docs.lengths)
+    answer_tokens = np.bincount(
+        ids, weights=(docs.trained == 1) & (docs.tokens != eos_id), minlength=len(docs)
+    )
+    return (docs.lengths > 0) & (answer_tokens == 0)
+
+
 def fit_to_length(docs: Documents, seq_len: int, truncate: bool) -> tuple[Documents, np.ndarray]:
     """Handle documents longer than ``seq_len``: drop them, or cut their response end (``truncate``).
 

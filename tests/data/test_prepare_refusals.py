@@ -456,3 +456,32 @@ def test_a_tokenizer_that_panics_in_rust_is_one_line(length, tmp_path, capfd, mo
     last = capfd.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("ds-sft prepare: error: a library's native code failed (Onig"), last
     assert "tokenizer" in last and not out.exists()
+
+
+def lossy_tokenizer(folder: Path) -> Path:
+    """Lower-case letters and a few marks only, no unknown token, no byte fallback: every other
+    character encodes to nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz#:")}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+@pytest.mark.parametrize("lost", [1, 5, 9])
+def test_rows_whose_answers_encode_to_no_token_are_dropped_and_counted(lost, run_prepare, tmp_path):
+    """They were kept as examples training on the end-of-text token alone, with exit 0 and no count."""
+    rows = [
+        {"instruction": f"question {'abcdefghij'[i]}", "output": "1234" if i < lost else "yes"}
+        for i in range(10)
+    ]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    tokenizer = lossy_tokenizer(tmp_path / "tok")
+    flags = ["--source", f"mine={tmp_path / 'rows.jsonl'}", "--tokenizer", str(tokenizer), *FLAGS]
+    manifest = run_prepare([*flags, "--output_dir", str(tmp_path / "out")])
+    counts = manifest["counts"]["mine"]
+    assert counts["dropped"] == {"answer_has_no_tokens": lost}
+    assert counts["kept"] == 10 - lost
