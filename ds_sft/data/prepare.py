@@ -636,6 +636,11 @@ def prepare(args: argparse.Namespace) -> int:
     val_docs = docs.select(np.arange(n_train_kept, len(docs)))
     check_mix_fits(train_docs.lengths, train_docs.source_ids, names, weights, args)
     mixed, n_mixed = mix_indices(train_docs.source_ids, names, weights, args)
+    if len(train_docs) and not len(mixed):  # every source with rows weighted (near) 0
+        raise UserError(
+            f"--mix {args.mix!r} keeps none of the {len(train_docs):,} training examples (a weight of 0, "
+            "or one too small for a single row, takes none of a source): raise a weight"
+        )
     train_docs = train_docs.select(mixed)
     if not len(train_docs):
         raise UserError(f"no training examples left; rows dropped by reason: {drops.by_source()}")

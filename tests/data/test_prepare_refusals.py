@@ -485,3 +485,17 @@ def test_rows_whose_answers_encode_to_no_token_are_dropped_and_counted(lost, run
     counts = manifest["counts"]["mine"]
     assert counts["dropped"] == {"answer_has_no_tokens": lost}
     assert counts["kept"] == 10 - lost
+
+
+@pytest.mark.parametrize("mix", ["mine=0", "mine=1e-300", "mine=0.001", "mine=0,other=0"])
+def test_a_mix_that_keeps_no_row_says_so(mix, run_prepare, tmp_path):
+    """It said "no training examples left; rows dropped by reason: {}", naming neither cause nor fix."""
+    for offset, name in enumerate(("mine", "other")):
+        write_jsonl(tmp_path / f"{name}.jsonl", alpaca_rows(6, offset=100 * offset))
+    sources = [arg for name in ("mine", "other") for arg in ("--source", f"{name}={tmp_path / name}.jsonl")]
+    if "other" not in mix:
+        sources = sources[:2]
+    with pytest.raises(
+        UserError, match=r"--mix .* keeps none of the 1?[0-9] training examples .*raise a weight"
+    ):
+        run_prepare([*sources, *FLAGS, "--mix", mix, "--output_dir", str(tmp_path / "out")])
