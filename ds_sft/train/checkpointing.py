@@ -109,7 +109,7 @@ CHECKPOINT_GLOBALS = {
     "deepspeed.utils.tensor_fragment.fragment_address",
 }
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by torch.load at every call
-TAG_PATTERN = re.compile(r"step_\d{6,}")
+TAG_PATTERN = re.compile(r"step_\d{6,10}")  # tag_for's zero-padded step; steps stay below 2^31
 PARTIAL = ".partial"  # where every rank writes a checkpoint before it takes its tag's place
 REPLACED = ".replaced"  # where an earlier run's folder of the same tag waits to be deleted
 UNIVERSAL_PREFIX = ".universal-"  # + tempfile's suffix: a universal conversion while it is loaded

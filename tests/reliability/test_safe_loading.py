@@ -534,7 +534,12 @@ def test_a_name_with_a_newline_stays_on_one_line(checkpoints, tmp_path):
     assert stderr.getvalue().count("\n") == 1 and "evil\\nwarning: all good" in stderr.getvalue()
 
 
-@pytest.mark.parametrize("latest", ["../../elsewhere/step_000001", "/tmp", "step_1; rm", ""])
+@pytest.mark.parametrize(
+    "latest",
+    # the last two: more digits than any step (2^31 - 1 at most) -- a name past the file system's limit
+    # stopped the resume on ENAMETOOLONG instead of falling back to the tags themselves
+    ["../../elsewhere/step_000001", "/tmp", "step_1; rm", "", "step_" + "9" * 300, "step_" + "1" * 11],
+)
 def test_latest_names_a_tag_or_nothing(checkpoints, tmp_path, latest):
     from ds_sft.train import checkpointing
 
