@@ -48,8 +48,9 @@ import itertools
 import json
 import os
 import sys
+import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +314,24 @@ def source_rng(seed: int, name: str) -> np.random.Generator:
     """A generator per (seed, source name): one source's draws do not shift when another changes."""
     # surrogatepass: a name holding lone surrogates (argv bytes that are not UTF-8) still hashes
     return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8", "surrogatepass"))])
+
+
+def in_background(function, *args) -> Future:
+    """``function(*args)`` on a daemon thread; its result (or what it raised) in the future returned.
+
+    Not a ThreadPoolExecutor: leaving one joins its thread, so Ctrl-C or SIGTERM while the rows were
+    being tokenized waited for all of them (minutes on a large mix) before prepare could stop. The
+    work only computes in memory, so a stopped prepare may leave it unfinished."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as err:  # noqa: BLE001  (a Rust panic too) handed to whoever waits
+            future.set_exception(err)
+
+    threading.Thread(target=work, name=getattr(function, "__name__", "work"), daemon=True).start()
+    return future
 
 
 def parse_mix(text: str, names: list[str]) -> dict[str, float]:
@@ -602,20 +621,19 @@ def prepare(args: argparse.Namespace) -> int:
     # Every cleaned row is tokenized on a worker thread while this one dedups and decontaminates: the
     # Rust encoder releases the GIL, so the two overlap (~0.3 s of ~4 on the shared mix, two cores).
     # The rows dropped meanwhile (<1%) are tokenized for nothing, which costs less than waiting.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        tokenized = pool.submit(
-            tokenize_records,
-            records,
-            tokenizer,
-            template,
-            source_index,
-            args.train_on,
-            args.seq_len,
-            args.truncate,
-        )
-        train_index, val_index = select_rows(records, names, reference, args, drops)
-        chosen = np.concatenate([train_index, val_index])
-        docs = tokenized.result().select(chosen)
+    tokenized = in_background(
+        tokenize_records,
+        records,
+        tokenizer,
+        template,
+        source_index,
+        args.train_on,
+        args.seq_len,
+        args.truncate,
+    )
+    train_index, val_index = select_rows(records, names, reference, args, drops)
+    chosen = np.concatenate([train_index, val_index])
+    docs = tokenized.result().select(chosen)
     all_records = [records[i] for i in chosen.tolist()]
     lost = answers_without_tokens(docs, tokenizer.eos_token_id)
     for record in itertools.compress(all_records, lost):

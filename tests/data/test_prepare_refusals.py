@@ -499,3 +499,35 @@ def test_a_mix_that_keeps_no_row_says_so(mix, run_prepare, tmp_path):
         UserError, match=r"--mix .* keeps none of the 1?[0-9] training examples .*raise a weight"
     ):
         run_prepare([*sources, *FLAGS, "--mix", mix, "--output_dir", str(tmp_path / "out")])
+
+
+def test_ctrl_c_while_the_rows_are_tokenized_does_not_wait_for_them(run_prepare, tmp_path, monkeypatch):
+    """The tokenizing thread was a ThreadPoolExecutor's, joined on the way out: Ctrl-C during dedup
+    waited until every row was tokenized (minutes on a large mix, on a chat template's renders)."""
+    import threading
+
+    from ds_sft.data import prepare, tokenize
+
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def tokenizing_for_long(*args):
+        started.set()
+        release.wait(60)
+        finished.set()
+
+    def interrupted_meanwhile(*args):
+        started.wait(60)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenize, "tokenize_records", tokenizing_for_long)
+    monkeypatch.setattr(prepare, "select_rows", interrupted_meanwhile)
+    write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(8))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_prepare(
+                ["--source", f"mine={tmp_path / 'rows.jsonl'}", *FLAGS, "--output_dir", str(tmp_path / "out")]
+            )
+        assert not finished.is_set()  # prepare stopped while the tokenizing was still under way
+    finally:
+        release.set()
+    assert not (tmp_path / "out").exists()
