@@ -57,8 +57,7 @@ assistant turn follows the answer convention above and nothing else is ever trai
 
 from __future__ import annotations
 
-import re
-
+from ds_sft.data.shown_text import find_shown
 from ds_sft.data.template_sandbox import (
     TemplateOverMemory,
     TemplateOverSize,
@@ -262,15 +261,11 @@ def _located_segments(messages, answers, prompt_at, tokenizer, where) -> tuple[l
         content = messages[i]["content"]
         forms = [content] + ([content.rsplit("</think>", 1)[-1]] if "</think>" in content else [])
         limit = len(whole) if final else len(following)
-        for form in forms:
-            shown = r"\s*".join(re.escape(char) for char in form if not char.isspace())
-            pattern = f"({shown}){re.escape(end_of_turn)}" + (r"\Z" if final else "")
-            found = re.compile(pattern).search(whole, len(prompt), limit)
-            if found:
-                break
-        else:
+        spans = (find_shown(whole, form, end_of_turn, len(prompt), limit, final) for form in forms)
+        found = next(filter(None, spans), None)
+        if found is None:
             return None, f"assistant turn {turn}'s content is not in the whole render before its turn end"
-        start, end = found.span(1)
+        start, end = found
         segments.append((whole[emitted:start], whole[start:end]))
         emitted = end + (len(eos_text) if whole.startswith(eos_text, end) else 0)
     return segments, None
