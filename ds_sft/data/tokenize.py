@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ds_sft.data.normalizer_bounds import normalizer_change
 from ds_sft.data.templates import alpaca_fields, conversation, conversation_segments, render_prompt
 from ds_sft.data.tokenizer import continuation_backend
 
@@ -218,8 +219,11 @@ class LengthFloor:
         self.seq_len = seq_len
         # the normalizer of a text that continues another (no start-of-text mark): a piece is never
         # shorter than that, whether it starts the document or not
-        normalizer = continuation_backend(backend).normalizer
+        continued = continuation_backend(backend)
+        normalizer = continued.normalizer
         self.normalize = normalizer.normalize_str if normalizer is not None else None
+        # whether an ASCII text has at least its length in normalized bytes (not under Strip, Nmt...)
+        self.ascii_by_length = normalizer_change(continued).keeps_ascii
         pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
         model = backend.model
         vocab = backend.get_vocab(with_added_tokens=False)
@@ -236,10 +240,11 @@ class LengthFloor:
         self.prefix_chars = 8 * (2 * seq_len + self.MARGIN) * (self.longest or 0)
 
     def tokens_at_least(self, text: str) -> int:
-        """The floor of ``text``. Under a normalizer, that of a non-ASCII text's first
-        :attr:`prefix_chars` characters (a prefix has no more bytes, normalized, than the whole):
-        normalizing a huge text whole takes ~20x its size, only to learn that it is far too long."""
-        if text.isascii():  # no normalizer shortens ASCII text
+        """The floor of ``text``. Under a normalizer, that of its first :attr:`prefix_chars` characters
+        normalized (a prefix has no more bytes, normalized, than the whole): normalizing a huge text
+        whole takes ~20x its size, only to learn that it is far too long. An ASCII text counts by its
+        length, unless the normalizer can shorten it (:mod:`ds_sft.data.normalizer_bounds`)."""
+        if text.isascii() and self.ascii_by_length:
             size = len(text)
         elif self.normalize is None:  # its UTF-8 bytes, a slice at a time: no copy of a huge text
             size = sum(len(text[i : i + SLICE_CHARS].encode()) for i in range(0, len(text), SLICE_CHARS))
@@ -257,7 +262,7 @@ class LengthFloor:
     def shown_tokens_at_least(self, text: str) -> int:
         """The fewest tokens of ``text`` as a template may show it: its words, without the whitespace
         (counted in place for ASCII text: a copy of a huge answer split into words costs ~10x its size)."""
-        if text.isascii():
+        if text.isascii() and self.ascii_by_length:
             return -(-(len(text) - sum(map(text.count, ASCII_WHITESPACE))) // self.longest)
         return self.tokens_at_least("".join(text.split()))
 

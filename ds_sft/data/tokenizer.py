@@ -14,7 +14,8 @@
 and returns a fast ``transformers`` tokenizer with an EOS token: training appends EOS to every
 response, so a tokenizer without one is refused. A bare ``tokenizer.json`` carries no special-token
 roles, so EOS is taken from the well-known end-of-text tokens it contains. A folder whose config
-names a special token its vocabulary lacks is refused too: transformers would add it as a new id.
+names a special token its vocabulary lacks is refused too: transformers would add it as a new id;
+so is one whose normalizer can grow a text without bound (:mod:`ds_sft.data.normalizer_bounds`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import re
 from pathlib import Path
 
 from ds_sft import paths
+from ds_sft.data.normalizer_bounds import refuse_growing_normalizer
 from ds_sft.errors import UserError, first_line
 from ds_sft.vocab import id_bound
 
@@ -223,6 +225,7 @@ TEMPLATE_NAME = r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}"
 def load_tokenizer(spec: str):
     """Load the tokenizer named by ``spec`` (see the module docstring) and make sure it has an EOS."""
     tokenizer = _load(str(spec))
+    refuse_growing_normalizer(tokenizer.backend_tokenizer, repr(str(spec)))
     if id_bound(tokenizer) > MAX_TOKEN_ID + 1:  # a GGUF's vocabulary, or a folder without tokenizer.json
         raise UserError(f"tokenizer {spec!r} has a token id past 2**31 - 1; no model embeds that many")
     if tokenizer.eos_token_id is None:
