@@ -437,7 +437,10 @@ def tokenize_records(
     # per record: (untrained text, answer) per trained turn, and its route; None for all but multi-turn
     # chats and the records too long to tokenize whole (their texts are rendered here to be cut)
     segmented = []
-    for i, record in enumerate(records):
+    # a chat template renders every conversation here, up to twice per answer (the long part of
+    # tokenizing a multi-turn mix, so it has its own bar); an Alpaca prompt is a format string
+    chat = template == "chat"
+    for i, record in enumerate(tqdm(records, desc="render turns", unit="row", leave=False, disable=not chat)):
         fitted = (
             record.get(FITTED) or plan_document(record, template, tokenizer, train_on, floor, truncate)[1:]
         )
@@ -451,7 +454,8 @@ def tokenize_records(
         splice = AlpacaPrompts(one_turn, backend)
         if not all(text and text == text.strip() for text in splice.fields):
             splice = None  # uncleaned fields (edge whitespace) could merge with the template's newlines
-    prompts = [render_prompt(record, template, tokenizer) for record in one_turn] if splice is None else []
+    rendering = tqdm(one_turn, desc="render prompts", unit="row", leave=False, disable=not chat)
+    prompts = [render_prompt(record, template, tokenizer) for record in rendering] if splice is None else []
     chat_heads = [pairs[0][0] for pairs in turns if pairs is not None]
     later_texts = [text for pairs in turns if pairs is not None for text, _ in pairs[1:]]
     answers = [

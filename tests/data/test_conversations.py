@@ -638,3 +638,18 @@ def test_openai_turn_weights_decide_which_answers_train(
     )
     for i in range(len(weights)):
         assert (f"ANSWER{i}" in trained_text) == (i in trained), (i, trained_text)
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_rendering_with_a_chat_template_shows_its_progress(chat_tokenizers, template, capsys):
+    """A chat template's renders ran before the tokenize bar, with nothing on screen (minutes, for a
+    large multi-turn mix and an elaborate template); an Alpaca prompt is too quick to need a bar."""
+    records = [
+        record_of(
+            [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] * (1 + i % 2)
+        )
+        for i in range(6)
+    ]
+    tokenize_records(records, chat_tokenizers["chatml"], template, {"chat": 0})
+    err = capsys.readouterr().err
+    assert ("render turns" in err and "render prompts" in err) == (template == "chat"), err
