@@ -431,6 +431,9 @@ REQUIRED_ARGS = {  # the least each command needs besides the flag under test, s
     "bench/gpu_check.py gemm": ["--out", "o"],
     "bench/gpu_check.py summary": ["--out", "o", "--work", "w"],
 }
+# Flags that take effect only beside another (their ds_sft.options.Ignored rules): fuzzed with it, so
+# that a value in their domain is accepted (test_every_fuzzed_flag_takes_effect checks the list).
+FLAG_CONTEXT = {("eval", "--seed"): ["--gsm8k_limit", "5"]}
 ODD_TEXT = ["nan", "NaN", "inf", "-inf", "1e400", "", " ", "abc", "1.5", "0x10", "2**70", "1e3", "-0.0"]
 
 
@@ -524,6 +527,23 @@ def texts_for(domain):
     )
 
 
+def context_for(command: str, flag: str) -> list[str]:
+    return [*REQUIRED_ARGS.get(command, []), *FLAG_CONTEXT.get((command, flag), [])]
+
+
+@pytest.mark.parametrize(("command", "flag"), sorted({(c, f) for c, f, _ in FLAGS}), ids=str)
+def test_every_fuzzed_flag_takes_effect(capsys, command, flag):
+    """No Ignored rule of the flag holds on the arguments it is fuzzed with. Otherwise every value in
+    its domain is refused ("has no effect") and the fuzz test below passes only while its draws miss
+    the flag: ``eval --seed`` (which needs --gsm8k_limit) did, until a new bench script's flags shifted
+    the derandomized draws onto it."""
+    outcome, lines = parse_flags(capsys, command, context_for(command, flag))
+    assert not isinstance(outcome, int | None), lines
+    rules = getattr(command_parsers()[command], "ignored_rules", ())
+    holding = [rule.because for rule in rules if rule.flag == flag and rule.when(outcome)]
+    assert holding == [], f"{command} {flag} has no effect {holding[0] if holding else ''}"
+
+
 @settings(
     max_examples=400,
     suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
@@ -534,7 +554,7 @@ def test_every_flag_accepts_exactly_its_domain_in_one_line(capsys, data):
     text = data.draw(texts_for(domain), label="value")
     if text.startswith("-") and not text[1:2].isdigit() and text[1:2] != ".":
         text = " " + text  # argparse would read "-inf" or "-x" as an option, not a value
-    outcome, lines = parse_flags(capsys, command, [*REQUIRED_ARGS.get(command, []), f"{flag}={text}"])
+    outcome, lines = parse_flags(capsys, command, [*context_for(command, flag), f"{flag}={text}"])
     context = f"{command} {flag}={text!r}"
     if valid_text(domain, text):
         event("in domain")
@@ -554,7 +574,7 @@ def test_every_flag_accepts_exactly_its_domain_in_one_line(capsys, data):
 @pytest.mark.parametrize("text", ["\0", "runs/a\0b"])
 def test_a_nul_byte_in_a_text_flag_is_one_line(capsys, command, flag, text):
     """Found by `make fuzz`: the oracle took "\\0" for a valid path; the validator rightly refuses it."""
-    code, lines = parse_flags(capsys, command, [*REQUIRED_ARGS.get(command, []), f"{flag}={text}"])
+    code, lines = parse_flags(capsys, command, [*context_for(command, flag), f"{flag}={text}"])
     assert code == 2 and len(lines) == 1, lines
     prog = command if command in BENCH else f"ds-sft {command}"
     assert lines[0].startswith(f"{prog}: error: argument {flag}"), lines
