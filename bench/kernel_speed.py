@@ -229,14 +229,18 @@ def _rms_norm_cases(rows, hidden, device, dtype, compiled_norm, liger) -> list[t
         "compile": lambda: compiled_norm(x, w, 1e-6),
         "triton": lambda: kernels.rms_norm(x, w, 1e-6, backend="triton"),
     }
+    gradients = dict.fromkeys(providers, dy)
     if liger:
         providers["liger"] = lambda: liger["rms_norm"](x, w, 1e-6)
+        # Liger's backward writes dx over the dy it is given (in_place=True, its default and its users'):
+        # a dy of its own, or the other providers would time theirs on Liger's dx
+        gradients["liger"] = dy.clone()
     size = rows * hidden * x.element_size()
     cases = []
     for provider, fn in providers.items():
         cases.append((f"rms_norm fwd {rows}x{hidden}", provider, fn, 2 * size, None))  # read x, write y
         # + backward: read dy and x, write dx
-        backward = lambda fn=fn: fn().backward(dy)  # noqa: E731
+        backward = lambda fn=fn, dy=gradients[provider]: fn().backward(dy)  # noqa: E731
         cases.append((f"rms_norm fwd+bwd {rows}x{hidden}", provider, backward, 5 * size, [x, w]))
     return cases
 

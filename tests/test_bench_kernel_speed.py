@@ -42,3 +42,42 @@ def test_a_case_that_fails_is_reported_and_the_others_still_run():
     cases = [("op", "liger", broken, 1, None), ("op", "triton", lambda: 2.0, 1, None)]
     timings = kernel_speed.time_in_rounds(cases, bench, rounds=2)
     assert isinstance(timings[("op", "liger")], TypeError) and timings[("op", "triton")] == 2.0
+
+
+def test_liger_rms_norm_writing_over_its_dy_leaves_the_others_dy_alone():
+    """Liger's RMSNorm backward writes dx into the dy it is given (``in_place=True``, its default):
+    sharing one dy, every provider timed after Liger's first round ran its backward on Liger's dx."""
+    import torch
+
+    from ds_sft.kernels.reference import rms_norm_reference
+
+    class OverwritesDy(torch.autograd.Function):  # Liger's in-place backward, on CPU
+        @staticmethod
+        def forward(ctx, x, w, eps):
+            ctx.save_for_backward(x, w)
+            return rms_norm_reference(x, w, eps)
+
+        @staticmethod
+        def backward(ctx, dy):
+            dy.mul_(-3.0)  # dx written where dy was
+            return dy, None, None
+
+    seen = []
+    liger = {"rms_norm": lambda x, w, eps: OverwritesDy.apply(x, w, eps)}
+    cases = kernel_speed._rms_norm_cases(4, 8, "cpu", torch.float32, rms_norm_reference, liger)
+    backward = {provider: fn for op, provider, fn, *_ in cases if "bwd" in op}
+    backward["liger"]()  # Liger's first round
+    hooked = torch.Tensor.backward
+
+    def spy(tensor, gradient=None, *args, **kwargs):
+        seen.append(gradient.clone())
+        return hooked(tensor, gradient, *args, **kwargs)
+
+    torch.Tensor.backward = spy
+    try:
+        backward["eager"]()
+        backward["liger"]()
+        backward["eager"]()
+    finally:
+        torch.Tensor.backward = hooked
+    assert torch.equal(seen[0], seen[2])
