@@ -226,6 +226,7 @@ def load_tokenizer(spec: str):
     """Load the tokenizer named by ``spec`` (see the module docstring) and make sure it has an EOS."""
     tokenizer = _load(str(spec))
     refuse_growing_normalizer(tokenizer.backend_tokenizer, repr(str(spec)))
+    refuse_panicking_pipeline(tokenizer.backend_tokenizer, repr(str(spec)))
     if id_bound(tokenizer) > MAX_TOKEN_ID + 1:  # a GGUF's vocabulary, or a folder without tokenizer.json
         raise UserError(f"tokenizer {spec!r} has a token id past 2**31 - 1; no model embeds that many")
     if tokenizer.eos_token_id is None:
@@ -252,6 +253,28 @@ def load_tokenizer(spec: str):
     tokenizer.backend_tokenizer.no_padding()
     tokenizer.backend_tokenizer.no_truncation()
     return tokenizer
+
+
+# A sentence every tokenizer meets in its data: words, punctuation, digits, a newline, accents, CJK.
+PROBE_TEXT = "Hello, world! 12 + 30 = 42.\nÉté à Paris, 東京で."
+
+
+def refuse_panicking_pipeline(backend, name: str) -> None:
+    """Encode and decode :data:`PROBE_TEXT` once. A damaged part (a SentencePiece charsmap whose trie
+    is empty, ...) panics in Rust on any text: refused here, naming the tokenizer, rather than after
+    the data has been read. An ordinary error (a word-level vocabulary without an unknown token) is
+    left to the data that meets it."""
+    try:
+        backend.decode(backend.encode(PROBE_TEXT).ids)
+    except Exception:  # an ordinary error: see the docstring
+        pass
+    except BaseException as err:
+        if type(err).__name__ != "PanicException":  # pyo3's, a BaseException; Ctrl-C goes through
+            raise
+        raise UserError(
+            f"tokenizer {name}: it fails on a plain sentence ({first_line(err)}): its tokenizer.json "
+            "is damaged; pass the model's own tokenizer"
+        ) from None
 
 
 def continuation_backend(backend):

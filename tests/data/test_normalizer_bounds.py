@@ -1,6 +1,7 @@
 """The length bounds of tokenizer normalizers: sound on generated texts for every type the tokenizers
 library has, a tokenizer whose normalizer grows text past them refused in one line, and the length
-floor a true lower bound under normalizers that shorten ASCII text."""
+floor a true lower bound under normalizers that shorten ASCII text; and a tokenizer whose pipeline
+panics on a plain sentence refused when it is loaded."""
 
 from __future__ import annotations
 
@@ -188,3 +189,32 @@ def test_the_floor_holds_under_normalizers_that_shorten_ascii(name, tiny_tokeniz
     floor = LengthFloor(backend, 64)
     assert floor.tokens_at_least(text) <= len(backend.encode(text, add_special_tokens=False).ids)
     assert floor.shown_tokens_at_least(text) <= len(backend.encode(text, add_special_tokens=False).ids)
+
+
+def test_a_tokenizer_that_panics_on_any_text_is_refused_when_loaded(tmp_path, tiny_tokenizer_file, capsys):
+    """A charsmap with an empty trie panics in Rust on the first text it normalizes: prepare read every
+    row, then stopped in one line blaming the tokenizer in general. Now it stops at the load, naming it."""
+    from ds_sft.cli import main
+    from tests.data.helpers import write_jsonl
+
+    damaged = N.Precompiled(struct.pack("<I", 0) + b"x\0")
+    path = tokenizer_file(tmp_path / "tok", damaged, tiny_tokenizer_file)
+    with pytest.raises(UserError, match="fails on a plain sentence .*damaged"):
+        load_tokenizer(path)
+    write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "hi", "output": "yes"}] * 3)
+    argv = ["prepare", "--source", f"s={tmp_path / 'rows.jsonl'}", "--tokenizer", path]
+    assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "fails on a plain sentence" in last and path in last and not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_with_an_ordinary_error_on_the_probe_still_loads(tmp_path):
+    """A word-level vocabulary without an unknown token raises (an Exception) on words it lacks: its
+    data may hold none of them, so the probe leaves it to the data."""
+    from tokenizers import models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "hi": 1}))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tok").mkdir()
+    backend.save(str(tmp_path / "tok" / "tokenizer.json"))
+    assert load_tokenizer(str(tmp_path / "tok" / "tokenizer.json")).eos_token == "<|endoftext|>"
