@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import first_line  # noqa: E402
 from ds_sft.options import Int, Text  # noqa: E402
-from ds_sft.paths import write_result_file  # noqa: E402
+from ds_sft.paths import check_result_path, write_result_file  # noqa: E402
 from ds_sft.train.distributed import backend_for  # noqa: E402  (the trainer's choice, checked here)
 
 FP8_TOLERANCE = 0.05  # |end loss fp8 - bf16| / bf16
@@ -82,15 +82,30 @@ COLLECTIVES = (
 )
 
 
-def try_collectives(store_path: Path) -> dict:
+def try_collectives() -> dict:
     """{backend: {operation: "ok" or the error's first line}}; the backends the trainer may use."""
+    import tempfile
+
     import torch
     import torch.distributed as dist
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    store_path.unlink(missing_ok=True)  # a store left by an earlier run would hold its keys
-    store = dist.FileStore(str(store_path), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    # the rendezvous file in a folder of its own: beside --out it was unlinked first (a user's file of
+    # that name was lost), and in a missing folder the store retried for 5 minutes
+    with tempfile.TemporaryDirectory(prefix="ds_sft_collectives_") as folder:
+        store = dist.FileStore(str(Path(folder) / "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        try:
+            return _each_collective(device)
+        finally:
+            dist.destroy_process_group()
+
+
+def _each_collective(device) -> dict:
+    """Each of :data:`COLLECTIVES` on each backend, in the process group just started."""
+    import torch
+    import torch.distributed as dist
+
     groups = {"gloo": None}
     results: dict = {"device": str(device)}
     if device.type == "cuda":
@@ -108,7 +123,6 @@ def try_collectives(store_path: Path) -> dict:
             except Exception as error:
                 outcome[operation] = describe(error)
             print(f"{backend} {operation} on {device}: {outcome[operation]}", flush=True)
-    dist.destroy_process_group()
     return results
 
 
@@ -563,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     args.out = Path(args.out)
     if args.command == "collectives":
-        result = try_collectives(args.out.with_suffix(".store"))
+        check_result_path(args.out)
+        result = try_collectives()
         write_result_file(args.out, json.dumps(result, indent=1) + "\n")
         return 1 if trainer_backend_failures(result)[1] else 0
     if args.command == "gemm":

@@ -22,19 +22,27 @@ gpu_check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)
 
 
-def test_every_collective_runs_over_gloo_on_cpu(tmp_path):
-    out = tmp_path / "collectives.json"
-    run = subprocess.run(
+def run_collectives(out) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "bench/gpu_check.py", "collectives", "--out", str(out)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert run.returncode == 0, run.stdout + run.stderr
-    result = json.loads(out.read_text())
-    assert result["device"] == "cpu" and "nccl" not in result
-    assert result["gloo"] == dict.fromkeys(gpu_check.COLLECTIVES, "ok")
+
+
+def test_every_collective_runs_over_gloo_on_cpu(tmp_path):
+    """Into a folder that does not exist yet (its rendezvous file there retried for 5 minutes, then a
+    traceback), beside a user's file named like that file was (``--out`` with ``.store``: deleted)."""
+    (tmp_path / "notes.store").write_text("mine")
+    for out in (tmp_path / "later" / "collectives.json", tmp_path / "notes.json"):
+        run = run_collectives(out)
+        assert run.returncode == 0, run.stdout + run.stderr
+        result = json.loads(out.read_text())
+        assert result["device"] == "cpu" and "nccl" not in result
+        assert result["gloo"] == dict.fromkeys(gpu_check.COLLECTIVES, "ok")
+    assert (tmp_path / "notes.store").read_text() == "mine"
 
 
 def collectives(device: str, **outcomes: dict) -> dict:
