@@ -110,6 +110,9 @@ WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_$mode}
 # a slow, shared machine: its timeouts are SLOW times the GPU ones.
 SLOW=$([ $mode = cpu ] && echo 4 || echo 1)
 BUDGET_S=${BUDGET_S:-$((470 * SLOW))}
+# checked before any $((...)) reads it: bash evaluates a variable's text there as an expression, so
+# BUDGET_S='x[$(cmd)]' ran cmd, and BUDGET_S=8m printed a screen of arithmetic errors
+count BUDGET_S "$BUDGET_S" 1 86400
 FP8_MODE=${FP8_MODE:-torch}
 # The folders this script replaces (the work dir; the --cpu venv) are removed, and the one it writes
 # its pages into (--out: SUMMARY.md, logs.tar.gz, fp8_roofline.json) is written over, only when

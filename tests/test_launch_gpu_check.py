@@ -221,3 +221,16 @@ def test_only_and_continue_do_not_go_together(tmp_path):
     result = run_gpu_check(tmp_path, "--only", "kernels", "--continue")
     assert result.returncode == 2 and "--only and --continue do not go together" in result.stderr
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(
+    "budget", ["x[$(touch {pwned})]", "HOME[$(touch {pwned})]", "8m", "0", "-5", "1e3", "99999999999"]
+)
+def test_a_budget_that_is_not_a_number_of_seconds_is_one_line_and_runs_nothing(tmp_path, budget):
+    """BUDGET_S was read by bash arithmetic, which evaluates a variable's text: an array index ran the
+    command inside it, and "8m" printed a screen of errors before a failing summary."""
+    pwned = tmp_path / "pwned"
+    result = run_gpu_check(tmp_path, BUDGET_S=budget.format(pwned=pwned))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "BUDGET_S must be a whole number from 1 to 86400" in result.stderr
+    assert not pwned.exists() and not (tmp_path / "work").exists()
