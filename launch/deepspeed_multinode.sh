@@ -116,10 +116,16 @@ if [[ $ssh -eq 1 ]]; then
         "shell splits (the launcher's ssh runs 'cd FOLDER' unquoted): move it, or run with --no_ssh on every node"
     remote_word "the ds-sft folder" "$PWD"
     for word in "$@"; do remote_word "train flag" "$word"; done
-    # the variables the launcher exports to every node: PYTHON*, NCCL*, MLFLOW*, UCX*, MV2*
-    for name in $(compgen -e | grep -E '^(PYTHON|NCCL|MLFLOW|UCX|MV2)'); do
-        exported "\$$name" "${!name}" "unset it, or set it"
-    done
+    # the variables the launcher exports to every node: PYTHON*, NCCL*, MLFLOW*, UCX*, MV2*. All of
+    # them, from env -0: compgen -e lists only names bash can hold, and the launcher also exported a
+    # name such as 'PYTHONX;touch x;:', which each node's shell ran as a command.
+    while IFS= read -r -d '' entry; do
+        name=${entry%%=*}
+        [[ $name =~ ^(PYTHON|NCCL|MLFLOW|UCX|MV2) ]] || continue
+        [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || refuse "the environment holds $(printf %q "$name"), not" \
+            "a variable name, and the launcher's ssh runs 'export NAME=VALUE' on every node: unset it (env -u)"
+        exported "\$$name" "${entry#*=}" "unset it, or set it"
+    done < <(env -0)
     check_deepspeed_env
 fi
 if [[ -e $hostfile || $dry_run -eq 0 ]]; then

@@ -310,6 +310,23 @@ def test_a_variable_the_launcher_exports_to_every_node_is_checked_like_a_flag(na
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize(
+    "name", ["PYTHONX;touch pwned;:", "NCCL X", "UCX$(touch pwned)", "MV2-A", "PYTHON\tB"]
+)
+def test_a_variable_name_the_launcher_would_export_as_a_command_is_refused(name, tmp_path):
+    """Names bash cannot hold were skipped by the check (compgen -e lists none of them) and exported
+    by the launcher all the same, `export PYTHONX;touch pwned;:=1;`: a command on every node."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-01 slots=8\nnode-02 slots=8\n")
+    env = {**os.environ, name: "1"}
+    done = _deepspeed_sh(
+        "--dry-run", "--hostfile", str(hostfile), "--", "--model", "tiny", cwd=tmp_path, env=env
+    )
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert "not a variable name" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
 # Lines of .deepspeed_env, which the launcher exports to every node as `export KEY=VALUE;` in one line
 # of text, the value in double quotes when it holds more than [\w@%+=:,./-]: these ran as code there,
 # broke the line, or (no =, a blank line) were the launcher's ValueError traceback.
