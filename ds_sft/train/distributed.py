@@ -44,7 +44,9 @@ def first_host(nodelist: str) -> str:
 
 def slurm_master_port(job_id: str) -> int:
     """The port every rank of Slurm job ``job_id`` derives alike (29500 when the id is not a number)."""
-    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN if job_id.isdigit() else 29500
+    # ASCII digits only: str.isdigit() also holds for "²", which int() refuses (a ValueError traceback)
+    numeric = job_id.isascii() and job_id.isdigit()
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN if numeric else 29500
 
 
 def use_slurm_environment(environ=os.environ) -> bool:

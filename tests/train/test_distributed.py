@@ -427,3 +427,15 @@ def test_several_ranks_are_refused_a_master_addr_no_resolver_here_knows():
     with pytest.raises(UserError, match=r"^MASTER_ADDR='nonexistent\.invalid' has no address here \(") as err:
         store_host({"MASTER_ADDR": "nonexistent.invalid", "WORLD_SIZE": "2", "RANK": "0"})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("job_id", ["²", "12³", "٣٤", "", "12a", "-5", " 7", "1_000"])
+def test_a_slurm_job_id_that_is_not_ascii_digits_gets_the_default_port(job_id):
+    """ "²" passed str.isdigit() and failed int(): a ValueError traceback on every rank."""
+    assert slurm_master_port(job_id) == 29500
+
+
+def test_a_numeric_slurm_job_id_gets_a_port_of_its_own():
+    assert {slurm_master_port(str(i)) for i in range(100)} == set(
+        range(slurm_master_port("0"), slurm_master_port("0") + 100)
+    )
