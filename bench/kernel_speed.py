@@ -152,6 +152,8 @@ def run_case(text: str) -> dict:
 def _in_fresh_process(function: str, *args):
     command = [sys.executable, __file__, "--case", json.dumps([function, *args])]
     out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode == 2 and out.stderr.strip():  # the case's own one-line error (out of memory...)
+        raise UserError(out.stderr.strip().splitlines()[-1].partition(": error: ")[2] or out.stderr.strip())
     if out.returncode != 0:
         raise RuntimeError(f"{function}{args} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -81,3 +81,25 @@ def test_liger_rms_norm_writing_over_its_dy_leaves_the_others_dy_alone():
     finally:
         torch.Tensor.backward = hooked
     assert torch.equal(seen[0], seen[2])
+
+
+def test_a_case_that_ends_in_its_own_one_line_error_is_that_line(monkeypatch):
+    """A size too large for memory: the case's process said so in one line (exit 2), and the parent
+    wrapped its whole stderr in a RuntimeError, a traceback."""
+    import subprocess
+
+    import pytest
+
+    from ds_sft.errors import UserError
+
+    said = "bench/kernel_speed.py: error: out of memory (8.0 GiB asked): pass a smaller --tokens (see --help)"
+    for code, stderr, expected in [
+        (2, f"warning: x\n{said}\n", UserError),
+        (1, "Traceback ...\n", RuntimeError),
+    ]:
+        done = subprocess.CompletedProcess([], code, stdout="", stderr=stderr)
+        monkeypatch.setattr(kernel_speed.subprocess, "run", lambda *a, done=done, **k: done)
+        with pytest.raises(expected) as raised:
+            kernel_speed._in_fresh_process("run_timing_case", "float32", 1, 1, 1, 1, 1)
+        if expected is UserError:
+            assert str(raised.value) == said.partition(": error: ")[2]
