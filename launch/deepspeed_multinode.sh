@@ -6,8 +6,9 @@
 #
 # With ssh (default) run it on the first node: the launcher reads the hostfile and starts
 # `python -m ds_sft.train` on every node. Without ssh (--no_ssh), run it on every node with that
-# node's --node_rank and the same --master_addr. Resume after a crash by running it again with
-# --resume among the train flags. --dry-run prints the exact command and exits.
+# node's --node_rank. Either way the nodes meet at the hostfile's first node unless --master_addr
+# names another. Resume after a crash by running it again with --resume among the train flags.
+# --dry-run prints the exact command and exits.
 #
 # With ssh, the launcher (pdsh) hands the train flags to each node's shell as one line of text: a
 # flag value is refused here unless that shell reads it back unchanged (letters, digits, spaces and
@@ -22,7 +23,7 @@ source launch/options.sh
 
 dry_run=0
 hostfile=launch/hostfile
-master_addr=$(hostname)
+master_addr=""  # default: the hostfile's first node (below)
 master_port=29500
 launcher_extra=()
 ssh=1
@@ -99,6 +100,7 @@ check_hostfile() {
         count "hostfile $hostfile: $name's slots" "${slots#slots=}" 1 65535
         [[ $hosts != *" $name "* ]] || refuse "hostfile $hostfile lists $name twice: one line per node"
         hosts+="$name "
+        [[ $host_count -gt 0 ]] || first_host=$name
         host_count=$((host_count + 1))
     done < "$hostfile"
     [[ $hosts != " " ]] || refuse "hostfile $hostfile lists no node: one line per node, HOST slots=N"
@@ -132,6 +134,11 @@ if [[ -e $hostfile || $dry_run -eq 0 ]]; then
     check_hostfile
     [[ $ssh -eq 1 ]] || (( 10#$node_rank < host_count )) \
         || refuse "--node_rank $node_rank is not a node of hostfile $hostfile, which lists $host_count (ranks 0 to $((host_count - 1)))"
+fi
+if [[ -z $master_addr ]]; then
+    # the hostfile's first node: rank 0, with ssh or without (on every node alike: with its own name,
+    # each node but the first waited for itself); this machine's name when there is no hostfile yet
+    master_addr=${first_host:-$(hostname 2>/dev/null || uname -n)}
 fi
 command=(deepspeed --hostfile "$hostfile" --master_addr "$master_addr" --master_port "$master_port"
          "${launcher_extra[@]}" --module ds_sft.train "$@")

@@ -390,3 +390,29 @@ def test_deepspeed_env_lines_let_through_reach_every_node_unchanged(tmp_path, wh
     shown = subprocess.run(["bash", "-c", shell], capture_output=True, text=True)
     meant = [line.split("=", 1)[1].strip() for line in GOOD_DEEPSPEED_ENV_LINES]
     assert shown.stdout.split("\0")[:-1] == meant
+
+
+@pytest.mark.parametrize("ssh", [[], ["--no_ssh", "--node_rank", "1"]])
+def test_every_node_meets_at_the_hostfiles_first_node_by_default(ssh, tmp_path):
+    """Without --master_addr each node took its own name: under --no_ssh every node but the first
+    waited for itself until DeepSpeed's timeout, in silence."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# nodes\nnode-07 slots=8\nnode-02 slots=8\n")
+    done = _deepspeed_sh(
+        "--dry-run", *ssh, "--hostfile", str(hostfile), "--", "--model", "tiny", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert " --master_addr node-07 " in done.stdout, done.stdout
+
+
+def test_a_given_master_addr_needs_no_hostname_command(tmp_path):
+    """The default was `$(hostname)`, run before the flags were read: on an image without hostname
+    the script stopped (exit 127) even with --master_addr given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "hostname").write_text("#!/bin/sh\necho 'hostname: command not found' >&2; exit 127\n")
+    (bin_dir / "hostname").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    flags = ["--dry-run", "--master_addr", "node-01", "--hostfile", str(tmp_path / "absent"), "--"]
+    done = _deepspeed_sh(*flags, "--model", "tiny", cwd=tmp_path, env=env)
+    assert done.returncode == 0 and " --master_addr node-01 " in done.stdout, done.stderr
