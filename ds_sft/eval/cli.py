@@ -34,6 +34,7 @@ model loads (:mod:`ds_sft.data.output`).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -222,7 +223,8 @@ def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict]
             "--harness TASKS)"
         )
     if not Path(args.data_dir).is_dir():
-        raise UserError(f"--data_dir {args.data_dir} does not exist: run `ds-sft prepare` first")
+        what = "is not a folder" if os.path.lexists(args.data_dir) else "does not exist"
+        raise UserError(f"--data_dir {args.data_dir} {what}: pass the folder `ds-sft prepare` wrote")
     writable_dir(args.out, "--out")
     inputs = {"the data dir": Path(args.data_dir)}
     names = ["the model"] if len(specs) == 1 else ["model A", "model B"]

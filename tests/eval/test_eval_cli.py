@@ -219,6 +219,19 @@ def test_bad_arguments_are_user_errors(argv, message):
         cli.run(_parse(["--model", "x", *argv]))
 
 
+@pytest.mark.parametrize("kind", ["file", "fifo", "link to a file"])
+def test_a_data_dir_that_is_not_a_folder_is_called_that(tmp_path, kind):
+    """It was "does not exist", of a path that plainly does."""
+    path = tmp_path / "data"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        (tmp_path / "file").write_text("{}")
+        path.symlink_to(tmp_path / "file") if kind.startswith("link") else path.write_text("{}")
+    with pytest.raises(UserError, match=f"--data_dir {re.escape(str(path))} is not a folder"):
+        cli.run(_parse(["--model", "x", "--data_dir", str(path)]))
+
+
 NOT_DEVICES = ["mps", "xla", "meta", "bogus", "cuda:", "cuda:-1", "cpu:3", "CUDA", "cuda:1a"]
 NOT_DEVICES += ["cuda:12345", "cuda 0", "cuda:0,1"]
 
