@@ -156,6 +156,29 @@ def complete(
     return completions
 
 
+def refuse_prompts_too_long_to_tokenize(data: EvalData, records: list[dict], max_seq_len: int) -> None:
+    """One line for a problem whose text alone is certainly longer than ``max_seq_len`` tokens
+    (:class:`ds_sft.data.tokenize.LengthFloor`), found without tokenizing it: a 200 MB question in
+    --gsm8k_test was tokenized whole (228 s, 14 GB) only to be refused for its length."""
+    from ds_sft.data.templates import render_prompt
+    from ds_sft.data.tokenize import LengthFloor
+
+    floor = LengthFloor(data.tokenizer.backend_tokenizer, max_seq_len)
+    if floor.longest is None:  # no floor for this tokenizer (unknown tokens may stand for a word)
+        return
+    for record in records:
+        chars = sum(len(value) for value in record.values() if isinstance(value, str))
+        if 4 * chars < max_seq_len * floor.longest:  # at most 4 bytes a character: it may fit
+            continue
+        least = floor.tokens_at_least(render_prompt(record, data.template, data.tokenizer))
+        if least >= max_seq_len:
+            raise UserError(
+                f"a problem to answer has at least {least:,} tokens (from the length of its text), past the "
+                f"model's max_seq_len {max_seq_len}: shorten or remove it (it starts "
+                f"{str(record.get('instruction', ''))[:60]!r})"
+            )
+
+
 def check_generation_fits(model, data: EvalData, records: list[dict], max_new_tokens: int, batch_size: int):
     """One line before any measuring when generation cannot run: its longest prompt plus
     ``max_new_tokens`` past the model's ``max_seq_len`` (the generator refused that only at the
@@ -167,7 +190,14 @@ def check_generation_fits(model, data: EvalData, records: list[dict], max_new_to
 
     if not records:
         return
-    config, width = model.config, max(len(data.prompt_ids(record)) for record in records)
+    config = model.config
+    refuse_prompts_too_long_to_tokenize(data, records, config.max_seq_len)
+    width = max(len(data.prompt_ids(record)) for record in records)
+    if width >= config.max_seq_len:
+        raise UserError(
+            f"a prompt to answer has {width:,} tokens, as many as the model's max_seq_len "
+            f"{config.max_seq_len} or more, leaving no room for an answer: shorten that problem"
+        )
     if width + max_new_tokens > config.max_seq_len:
         raise UserError(
             f"the longest prompt to answer ({width} tokens) + --max_new_tokens {max_new_tokens} exceeds the "

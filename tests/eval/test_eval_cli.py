@@ -636,6 +636,39 @@ def test_a_generation_that_cannot_run_is_refused_before_anything_is_measured(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("question", "expected"),
+    [
+        (
+            "Paris is the capital of France. " * 70_000,
+            r"^a problem to answer has at least [\d,]+ tokens \(from the",
+        ),
+        ("a " * 600, r"^a prompt to answer has [\d,]+ tokens, as many as the model's max_seq_len 512"),
+    ],
+)
+def test_a_problem_too_long_for_the_model_is_refused_naming_it(
+    data_dir, model_dir, tmp_path, monkeypatch, question, expected
+):
+    """A 200 MB question was tokenized whole (228 s, 14 GB) and then refused with "lower
+    --max_new_tokens", which cannot help: a text certainly too long is refused from its length, and a
+    prompt that fills max_seq_len by itself says so."""
+    from ds_sft.eval import evaluate
+
+    encoded = []
+    prompt_ids = evaluate.EvalData.prompt_ids
+    monkeypatch.setattr(
+        evaluate.EvalData, "prompt_ids", lambda self, r: encoded.append(r) or prompt_ids(self, r)
+    )
+    test = _write_jsonl(tmp_path / "test.jsonl", [{"question": question, "answer": "so #### 3"}])
+    argv = ["--model", str(model_dir), "--data_dir", str(data_dir[0]), "--gsm8k_test", str(test),
+            "--no_val", "--no_generate", "--max_new_tokens", "2", "--dtype", "float32",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(UserError, match=expected):
+        cli.run(_parse(argv))
+    assert not (tmp_path / "out").exists()
+    assert all(len(record["instruction"]) < 10_000 for record in encoded)
+
+
 def test_a_val_batch_larger_than_the_memory_is_refused_naming_one_that_fits(
     data_dir, model_dir, tmp_path, monkeypatch
 ):
