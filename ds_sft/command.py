@@ -21,7 +21,15 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from ds_sft.errors import MORE_MEMORY, UserError, first_line, one_line, os_error_line, out_of_memory_line
+from ds_sft.errors import (
+    MORE_MEMORY,
+    UserError,
+    first_line,
+    is_native_panic,
+    one_line,
+    os_error_line,
+    out_of_memory_line,
+)
 
 # name -> (module, one-line summary). Modules are imported only when their command is used.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -121,9 +129,7 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return interrupted(prog)
     except BaseException as err:
-        # A Rust panic inside a library (the tokenizers' regexes on hostile input) reaches Python as
-        # pyo3's PanicException, a BaseException that no `except Exception` above or in the command sees.
-        if type(err).__name__ != "PanicException":
+        if not is_native_panic(err):
             raise
         print(f"{prog}: error: {one_line(native_panic_line(err))}", file=sys.stderr)
         return 2

@@ -19,6 +19,12 @@ class UserError(Exception):
     """A problem with the user's input, config or environment, reported as one line."""
 
 
+def is_native_panic(err: BaseException) -> bool:
+    """A Rust panic inside a library (the tokenizers' regexes on hostile input, a damaged charsmap):
+    pyo3's PanicException, a BaseException that no ``except Exception`` sees."""
+    return type(err).__name__ == "PanicException"
+
+
 def first_line(err: BaseException) -> str:
     """The first line of a third-party exception's message (or its type name), to quote in a UserError.
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ds_sft import paths
 from ds_sft.data.normalizer_bounds import refuse_growing_normalizer
-from ds_sft.errors import UserError, first_line
+from ds_sft.errors import UserError, first_line, is_native_panic
 from ds_sft.vocab import id_bound
 
 # End-of-text tokens of common vocabularies, tried in order when a tokenizer does not name its EOS.
@@ -269,7 +269,7 @@ def refuse_panicking_pipeline(backend, name: str) -> None:
     except Exception:  # an ordinary error: see the docstring
         pass
     except BaseException as err:
-        if type(err).__name__ != "PanicException":  # pyo3's, a BaseException; Ctrl-C goes through
+        if not is_native_panic(err):  # Ctrl-C goes through
             raise
         raise UserError(
             f"tokenizer {name}: it fails on a plain sentence ({first_line(err)}): its tokenizer.json "
