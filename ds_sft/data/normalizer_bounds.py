@@ -134,9 +134,9 @@ def normalizer_change(backend) -> LengthChange:
     return length_change(json.loads(normalizer.__getstate__()) if normalizer is not None else None)
 
 
-def refuse_growing_normalizer(backend, name: str) -> LengthChange:
-    """The normalizer's :class:`LengthChange`, or a one-line refusal of one that can grow a text past
-    :data:`MOST_PER_CHARACTER` times or add more than :data:`MOST_ADDED` characters to it."""
+def refuse_growing_normalizer(backend, name: str) -> None:
+    """Refuse in one line a normalizer that can grow a text past :data:`MOST_PER_CHARACTER` times or
+    add more than :data:`MOST_ADDED` characters to it."""
     try:
         change = normalizer_change(backend)
     except UserError as err:
@@ -148,4 +148,3 @@ def refuse_growing_normalizer(backend, name: str) -> LengthChange:
             f"{MOST_ADDED:,}: no real vocabulary comes near, and every row is held normalized in memory); "
             'fix the "normalizer" of its tokenizer.json'
         )
-    return change

@@ -295,7 +295,13 @@ class LengthFloor:
         chars = sum(map(len, texts)) + sum(len(turn["content"]) for turn in history)
         earlier = sum(turn["role"] == "assistant" for turn in history)
         answers = earlier + 1 if earlier else 0  # a one-turn record is judged on its text alone
-        return 4 * chars >= (self.seq_len - 2 * answers) * self.longest
+        return self.may_not_fit(chars, answers)
+
+    def may_not_fit(self, chars: int, answers: int = 0) -> bool:
+        """Whether ``chars`` characters of text (at most 4 bytes each), plus ``answers`` answers of at
+        least one token and EOS each, can be too many for ``seq_len``; never for a tokenizer without a
+        floor."""
+        return self.longest is not None and 4 * chars >= (self.seq_len - 2 * answers) * self.longest
 
     def fit(self, pairs: list[tuple[str, str]], truncate: bool) -> tuple[list[tuple[str, str]], int]:
         """A document's (untrained text, answer) pairs -> (pairs to tokenize, 0), or when it certainly

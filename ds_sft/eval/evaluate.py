@@ -164,11 +164,8 @@ def refuse_prompts_too_long_to_tokenize(data: EvalData, records: list[dict], max
     from ds_sft.data.tokenize import LengthFloor
 
     floor = LengthFloor(data.tokenizer.backend_tokenizer, max_seq_len)
-    if floor.longest is None:  # no floor for this tokenizer (unknown tokens may stand for a word)
-        return
     for record in records:
-        chars = sum(len(value) for value in record.values() if isinstance(value, str))
-        if 4 * chars < max_seq_len * floor.longest:  # at most 4 bytes a character: it may fit
+        if not floor.may_not_fit(sum(len(value) for value in record.values() if isinstance(value, str))):
             continue
         least = floor.tokens_at_least(render_prompt(record, data.template, data.tokenizer))
         if least >= max_seq_len:
