@@ -21,6 +21,7 @@ plain Jinja environment, where ``{{ lipsum.__globals__['os'].system(...) }}`` ru
 So ds-sft reads it as data only (YAML without tags or aliases, one task, lm-eval's keys minus those
 that reach beyond the file, registered metrics and filters, local data files: :func:`checked_task_config`)
 and the harness renders in a sandbox that also sizes what a template builds (:func:`sandboxed_templates`).
+Its regexes run on a clock (:func:`bounded_regexes`): a pattern can backtrack for hours on a long text.
 """
 
 from __future__ import annotations
@@ -394,6 +395,37 @@ def sandboxed_templates():
         lm_eval.utils.env = plain
 
 
+@contextmanager
+def bounded_regexes():
+    """Every module of the harness matches with one :class:`~ds_sft.eval.bounded_re.BoundedRe` (a
+    clock on each match) inside the block, and with ``re`` after it. The modules that take a task
+    config's patterns (filters, metrics, the template filter ``regex_replace``) are imported first,
+    since a module imported inside the block would bind ``re`` itself."""
+    import re
+    import sys
+
+    import lm_eval.api.metrics  # noqa: F401  (regexes_to_ignore)
+    import lm_eval.evaluator  # noqa: F401
+    import lm_eval.filters  # noqa: F401  (regex filters)
+    import lm_eval.utils  # noqa: F401  (regex_replace)
+
+    from ds_sft.eval.bounded_re import BoundedRe
+
+    bounded = BoundedRe()
+    modules = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.split(".")[0] == "lm_eval" and getattr(module, "re", None) is re
+    ]
+    for module in modules:
+        module.re = bounded
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.re = re
+
+
 def version() -> str:
     try:
         from importlib.metadata import version as installed
@@ -429,10 +461,17 @@ def run_harness(
         TemplateOverTime,
         over_budget,
     )
+    from ds_sft.eval.bounded_re import RegexOverTime
     from ds_sft.model.export import export_hf
 
+    names = ", ".join(config["task"] for config in configs)
     # offline: the data are local files by construction
-    with offline(), sandboxed_templates(), tempfile.TemporaryDirectory(prefix="ds_sft_harness_") as folder:
+    with (
+        offline(),
+        sandboxed_templates(),
+        bounded_regexes(),
+        tempfile.TemporaryDirectory(prefix="ds_sft_harness_") as folder,
+    ):
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
@@ -464,8 +503,9 @@ def run_harness(
                 f"--harness: a task config's template {over_budget(err)} rendering one document: fix "
                 "the task config"
             ) from None
+        except RegexOverTime as err:
+            raise UserError(f"--harness {names}: {err}") from None
         except Exception as err:  # the user's task config, met by the harness's many libraries
-            names = ", ".join(config["task"] for config in configs)
             raise UserError(
                 f"--harness {names}: the harness failed ({first_line(err)}); fix the task config"
             ) from None

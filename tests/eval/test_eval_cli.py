@@ -605,6 +605,40 @@ def test_a_harness_task_template_cannot_run_code(data_dir, model_dir, tmp_path):
     assert "\n" not in str(err.value) and not marker.exists()
 
 
+def test_a_harness_task_regex_that_backtracks_for_hours_is_one_line(
+    data_dir, model_dir, tmp_path, monkeypatch
+):
+    """``a*a*a*a*a*a*a*a*a*b`` passes the shape check (no repeat inside a repeat) and takes hours on a
+    reference of 300 a's: the harness matched it with ``re`` until stopped by hand. Each match runs on
+    a clock now, and the run is refused in one line naming the pattern."""
+    pytest.importorskip(
+        "lm_eval", reason="the harness is the optional extra ds-sft[eval] (pip install lm-eval)"
+    )
+    import yaml
+
+    from ds_sft.eval import bounded_re, harness
+
+    monkeypatch.setattr(bounded_re, "REGEX_SECONDS", 1.0)
+    data_path, test = data_dir
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "1 + 1?", "answer": "a" * 300}) + "\n")
+    config = harness.gsm8k_task_config(str(rows), 4)
+    config["task"] = "slow"
+    endless = "a*" * 9 + "b"
+    assert harness.regex_problem(endless) is None  # the shape check lets it through
+    config["metric_list"][0]["regexes_to_ignore"] = [endless]
+    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(config))
+    argv = ["--model", str(model_dir), "--data_dir", str(data_path), "--no_val", "--no_generate",
+            "--no_gsm8k", "--harness", str(tmp_path / "slow.yaml"), "--max_new_tokens", "4",
+            "--dtype", "float32", "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=rf"^--harness slow: the regex {re.escape(repr(endless))} ran over 1 s on a text of 300",
+    ) as err:
+        cli.run(_parse(argv))
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("limit", ["max_seq_len", "memory"])
 def test_a_generation_that_cannot_run_is_refused_before_anything_is_measured(
     data_dir, model_dir, tmp_path, monkeypatch, limit
