@@ -25,7 +25,6 @@ non-padding positions (bf16 rounding, ~1e-2). Writes ``bench/results/attention.j
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -39,10 +38,10 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.model.attention import document_attention  # noqa: E402
 from ds_sft.options import COUNT, SEED, THREADS, Int  # noqa: E402
-from ds_sft.paths import write_result_file  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 HEADS, HEAD_DIM = 12, 64
@@ -136,6 +135,7 @@ def measure(document_ids: torch.Tensor, args) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
+    path = check_bench_out(RESULTS_DIR / ("attention.quick.json" if args.quick else "attention.json"))
     if args.threads:
         torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
@@ -160,7 +160,6 @@ def run(args: argparse.Namespace) -> None:
             f"{r['ms']['causal_sdpa']:10.1f} {r['max_abs_difference']:9.1e}"
         )
     print("speedup = dense ms / ours ms; causal = SDPA(is_causal) without the document mask (not equal)")
-    path = RESULTS_DIR / ("attention.quick.json" if args.quick else "attention.json")
     meta = {
         "heads": HEADS,
         "head_dim": HEAD_DIM,
@@ -171,7 +170,7 @@ def run(args: argparse.Namespace) -> None:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
-    write_result_file(path, json.dumps({"config": meta, "layouts": results}, indent=2) + "\n")
+    write_bench_json(path, {"config": meta, "layouts": results}, __file__)
     print(f"wrote {path.relative_to(REPO_ROOT)}")
 
 

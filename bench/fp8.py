@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -38,13 +37,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.model.config import KERNEL_BACKENDS, ModelConfig  # noqa: E402
 from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, apply_fp8, fp8_autocast, fp8_layout  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
 from ds_sft.options import COUNT, INT32_MAX, Choice, Int, Text  # noqa: E402
-from ds_sft.paths import write_result_file  # noqa: E402
 
 # name -> (config overrides of the 112m preset, micro-batch); 16 x 1024 tokens = 16,384 per step.
 GPU_MODELS = {
@@ -242,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    args.out = Path(args.out)
+    args.out = check_bench_out(args.out)
     if args.quick:
         args.steps, args.warmup, args.seq_len = 3, 2, min(args.seq_len, 256)
 
@@ -273,7 +272,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         print("GPU: no CUDA device here; the tokens/s comparison runs where one is")
 
-    write_result_file(args.out, json.dumps(report, indent=2) + "\n")
+    write_bench_json(args.out, report, __file__)
     print(f"wrote {args.out}")
 
 

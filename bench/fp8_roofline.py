@@ -29,6 +29,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.model.fp8 import INPUT, Float8Linear, Fp8Recipe, _import_te  # noqa: E402
 from ds_sft.model.fp8_roofline import TABLE, load_table  # noqa: E402
@@ -108,14 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     table = load_table()
-    out = ROOT / "bench" / "results" / f"fp8_roofline{'.quick' if args.quick else ''}.json"
+    out = check_bench_out(ROOT / "bench" / "results" / f"fp8_roofline{'.quick' if args.quick else ''}.json")
     if not torch.cuda.is_available():
         print(f"no CUDA device: nothing to calibrate; {TABLE} holds:")
         for name, entry in table["devices"].items():
             print(f"  {name}: {json.dumps(entry)}")
-        write_result_file(
-            out, json.dumps({"device": None, "measured": None, "stored": table}, indent=2) + "\n"
-        )
+        write_bench_json(out, {"device": None, "measured": None, "stored": table}, __file__)
         return
     device = torch.cuda.get_device_name()
     name = next((key for key in table["devices"] if key in device), device)
@@ -140,9 +139,7 @@ def run(args: argparse.Namespace) -> None:
     entry["source"] = f"measured on {device} with torch {torch.__version__}, {day}; {te_note}"
     print(f"{name}: {json.dumps(entry, indent=2)}")
     print(f"stored: {json.dumps(table['devices'].get(name))}")
-    write_result_file(
-        out, json.dumps({"device": device, "measured": entry, "stored": table}, indent=2) + "\n"
-    )
+    write_bench_json(out, {"device": device, "measured": entry, "stored": table}, __file__)
     if args.write and not args.quick:
         table["devices"][name] = entry
         write_result_file(TABLE, json.dumps(table, indent=2) + "\n")

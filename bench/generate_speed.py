@@ -33,10 +33,10 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_BASELINE = "ff50485"  # the last commit before generation was reworked (issue 8)
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.options import COUNT, THREADS, Choice, Int, Text  # noqa: E402
-from ds_sft.paths import write_result_file  # noqa: E402
 
 BATCH = Int(1, 2**16)
 
@@ -107,6 +107,9 @@ def time_tree(args: argparse.Namespace, tree: Path, batch: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    path = check_bench_out(
+        RESULTS_DIR / f"generate_speed{'' if args.dtype == 'bfloat16' else '.' + args.dtype}.json"
+    )
     with tempfile.TemporaryDirectory(prefix="generate_speed_") as tmp:
         baseline_tree = Path(tmp)
         if args.baseline.startswith("-"):  # git would read it as an option
@@ -143,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
         cells = (row["batch"], f"{row['seconds']:.1f}", f"{args.problems / row['seconds']:.3f}")
         cells += (f"{row['speedup']:.2f}x", f"{same}/{args.problems}", row["correct"])
         print(("{:<20}" + " {:>10}" * 6).format(row["name"], *cells))
-    path = RESULTS_DIR / f"generate_speed{'' if args.dtype == 'bfloat16' else '.' + args.dtype}.json"
     config = vars(args)
     record = {
         "config": config,
@@ -151,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "results": rows,
     }
-    write_result_file(path, json.dumps(record, indent=2) + "\n")
+    write_bench_json(path, record, __file__)
     print(f"wrote {path}")
     return 0
 

@@ -34,10 +34,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.bench_result import check_bench_out, write_bench_json, write_bench_page  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import first_line  # noqa: E402
 from ds_sft.options import Int, Text  # noqa: E402
-from ds_sft.paths import check_result_path, write_result_file  # noqa: E402
 from ds_sft.train.distributed import backend_for  # noqa: E402  (the trainer's choice, checked here)
 
 FP8_TOLERANCE = 0.05  # |end loss fp8 - bf16| / bf16
@@ -555,7 +555,7 @@ def summary(work: Path, out: Path) -> int:
         "",
     ]
     lines.append(f"failed: {', '.join(failed) if failed else 'none'}")
-    write_result_file(out, "\n".join(lines) + "\n")
+    write_bench_page(out, "\n".join(lines) + "\n", __file__)
     print("\n".join(lines))
     return 1 if failed else 0
 
@@ -575,15 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    args.out = Path(args.out)
+    args.out = check_bench_out(args.out)
     if args.command == "collectives":
-        check_result_path(args.out)
         result = try_collectives()
-        write_result_file(args.out, json.dumps(result, indent=1) + "\n")
+        write_bench_json(args.out, result, __file__, indent=1)
         return 1 if trainer_backend_failures(result)[1] else 0
     if args.command == "gemm":
         result = time_gemm(args.n)
-        write_result_file(args.out, json.dumps(result) + "\n")
+        write_bench_json(args.out, result, __file__, indent=None)
         print(f"bf16 GEMM {args.n}^3 on {result['device']}: {result['flops'] / 1e12:.2f} TFLOP/s")
         return 0
     return summary(Path(args.work), args.out)

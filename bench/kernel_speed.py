@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `ds_sft` is importable
 
 from ds_sft import kernels  # noqa: E402
+from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.kernels.fused_linear_cross_entropy import default_chunk_size  # noqa: E402
@@ -49,7 +50,6 @@ from ds_sft.kernels.reference import (  # noqa: E402
     rms_norm_reference,
 )
 from ds_sft.options import COUNT, Choice, Int, OutOfDomain, Text  # noqa: E402
-from ds_sft.paths import write_result_file  # noqa: E402
 
 SIZE = Int(1, 2**24)  # tokens, hidden width, vocabulary or chunk
 
@@ -399,7 +399,7 @@ def run(args: argparse.Namespace) -> None:
     if args.case:
         print(json.dumps(run_case(args.case)))
         return
-    args.out = Path(args.out)
+    args.out = check_bench_out(args.out)
     if args.quick:
         args.tokens, args.hidden, args.vocab, args.chunk_size, args.repeats = 1024, 256, [8192], 256, 1
 
@@ -409,7 +409,7 @@ def run(args: argparse.Namespace) -> None:
         results["cpu"] = cpu_benchmarks(args)
     if torch.cuda.is_available():
         results["gpu"] = gpu_benchmarks(args)
-    write_result_file(args.out, json.dumps(results, indent=2) + "\n")
+    write_bench_json(args.out, results, __file__)
     print(f"\nwrote {os.path.relpath(args.out)}")
 
 

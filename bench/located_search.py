@@ -14,7 +14,6 @@ Writes bench/results/located_search[.quick].json.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -23,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.data.shown_text import find_shown  # noqa: E402
 from ds_sft.options import Int  # noqa: E402
-from ds_sft.paths import write_result_file  # noqa: E402
 
 END = "<|im_end|>\n"
 
@@ -68,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
+    out = check_bench_out(ROOT / "bench" / "results" / f"located_search{'.quick' if args.quick else ''}.json")
     sizes, repeats = ([2000, 4000], 1) if args.quick else (args.sizes, args.repeats)
     rows = []
     print(f"{'case':12} {'chars':>7} {'regex s':>9} {'find_shown s':>13} {'regex / find_shown':>19}")
@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> None:
             fast = best_of(repeats, lambda: find_shown(text, shown, END, 0, len(text), False))  # noqa: B023
             rows.append({"case": name, "chars": len(text), "regex_s": slow, "find_shown_s": fast})
             print(f"{name:12} {len(text):7,} {slow:9.4f} {fast:13.4f} {slow / fast:19.1f}")
-    out = ROOT / "bench" / "results" / f"located_search{'.quick' if args.quick else ''}.json"
-    write_result_file(out, json.dumps({"rows": rows}, indent=2) + "\n")
+    write_bench_json(out, {"rows": rows}, __file__)
 
 
 if __name__ == "__main__":

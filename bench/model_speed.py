@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.labels import IGNORE_INDEX  # noqa: E402
@@ -36,7 +36,6 @@ from ds_sft.model.checkpoint import hf_config, to_hf_state_dict  # noqa: E402
 from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
 from ds_sft.options import COUNT, INT32_MAX, Choice, Int, Names  # noqa: E402
-from ds_sft.paths import write_result_file  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
@@ -71,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    path = check_bench_out(RESULTS_DIR / f"model_speed{'.quick' if args.quick else ''}.json")
     if not args.dtypes:
         raise UserError("--dtypes names no dtype: pass fp32, bf16 or both")
     if args.quick:
@@ -129,7 +129,6 @@ def run(args: argparse.Namespace) -> int:
         ours_rate, theirs_rate = row["ds_sft_tokens_per_s"], row["transformers_tokens_per_s"]
         print(f"{row['dtype']:<6} {ours_rate:>13.0f} {theirs_rate:>19.0f} {row['speedup']:>21.2f}x")
 
-    path = RESULTS_DIR / f"model_speed{'.quick' if args.quick else ''}.json"
     result = {
         "preset": args.preset,
         "parameters": ours.num_parameters(),
@@ -141,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         "kernels_backend": config.kernels,
         "rows": rows,
     }
-    write_result_file(path, json.dumps(result, indent=2) + "\n")
+    write_bench_json(path, result, __file__)
     print(f"wrote {path}")
     return 0
 

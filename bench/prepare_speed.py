@@ -39,10 +39,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.options import COUNT, Int  # noqa: E402
-from ds_sft.paths import write_result_file  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
 COPIES = Int(1, 1024)  # replications of the shared mix (~75k rows each)
@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
+    out = check_bench_out(RESULTS / "prepare_speed.json")
     # Imports are excluded from every timing, including the lazy ones each pipeline triggers.
     import datasets
     import datasets.packaged_modules.json  # noqa: F401
@@ -271,7 +272,7 @@ def run(args: argparse.Namespace) -> None:
         f"load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after (1 min)"
     )
     summary = {"seq_len": SEQ_LEN, "repeat": args.repeat, "load_average": load, "note": trl_note}
-    write_result_file(RESULTS / "prepare_speed.json", json.dumps({**summary, "results": results}, indent=2))
+    write_bench_json(out, {**summary, "results": results}, __file__)
     print(f"wrote {RESULTS / 'prepare_speed.json'}")
 
 

@@ -57,6 +57,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
+from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.eval.cli import available_device  # noqa: E402
@@ -65,7 +66,6 @@ from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig  # noqa: E
 from ds_sft.model.fp8 import MODES as FP8_MODES  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
 from ds_sft.options import COUNT, INT32_MAX, SEED, Choice, Device, Int, Names, Text  # noqa: E402
-from ds_sft.paths import write_result_file  # noqa: E402
 from ds_sft.train.metrics import flops_per_token  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -951,6 +951,7 @@ def print_ranked(rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = check_bench_out(args.out or RESULTS_DIR / f"train_throughput{'.quick' if args.quick else ''}.json")
     if args.quick:
         args.preset, args.seq_len, args.micro_batch, args.steps, args.warmup = "tiny", 64, 2, 2, 1
         args.b_seq_len, args.b_rows, args.gemm_size = 128, 4, args.gemm_size or 256
@@ -996,10 +997,7 @@ def run(args: argparse.Namespace) -> int:
     machine = result["machine"]
     start_load, end_load = machine["load_average_1min_at_start"], machine["load_average_1min_at_end"]
     print(f"\n{machine['device']}, {machine['threads']} threads, load {start_load:.1f} -> {end_load:.1f}")
-    out = (
-        Path(args.out) if args.out else RESULTS_DIR / f"train_throughput{'.quick' if args.quick else ''}.json"
-    )
-    write_result_file(out, json.dumps(result, indent=2))
+    write_bench_json(out, result, __file__)
     print(f"\nwrote {out}")
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import stat
@@ -24,8 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from ds_sft.bench_result import check_bench_out, write_bench_json
 from ds_sft.errors import UserError
-from ds_sft.paths import REPO_ROOT, check_result_path, write_result_file
+from ds_sft.paths import REPO_ROOT
 
 BENCH_DIR = REPO_ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"  # where every script writes its JSON
@@ -102,7 +102,7 @@ def run_script(script: Path, quick: bool, timeout: float | None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = check_result_path(RESULTS_DIR / f"summary{'.quick' if args.quick else ''}.json")
+    path = check_bench_out(RESULTS_DIR / f"summary{'.quick' if args.quick else ''}.json")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     scripts = available_scripts(args.only)
     if not scripts:
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             summary[script.stem] = run_script(script, args.quick, args.timeout)
 
-    write_result_file(path, json.dumps({"quick": args.quick, "scripts": summary}, indent=2) + "\n")
+    write_bench_json(path, {"quick": args.quick, "scripts": summary}, "bench")
     print("\n=== ds-sft bench" + (" --quick" if args.quick else ""))
     for name, entry in summary.items():
         status = "ok" if entry["returncode"] == 0 else f"FAILED ({entry['returncode']})"

@@ -343,6 +343,7 @@ step "train bf16 compile" "$((train_s * 3 / 2))" "${train[@]}" --grad_accum 2 --
     --fp8 off --compile
 
 # --- one page, and the logs in one file (the device tool returns at most 8 files)
+rm -f "$out/SUMMARY.md"  # this run's page or none: an earlier one must not pass for it
 "$PY" bench/gpu_check.py summary --work "$WORK" --out "$out/SUMMARY.md" > "$WORK/summary.log" 2>&1
 status=$?
 if [ ! -s "$out/SUMMARY.md" ]; then  # the summary itself broke: still leave a page
