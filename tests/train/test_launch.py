@@ -15,7 +15,11 @@ from tests.train.helpers import REPO_ROOT
 @pytest.mark.parametrize(
     ("script", "options", "expected"),
     [
-        ("torchrun.sh", ["--nproc", "2", "--"], "torchrun --standalone --nproc_per_node 2 -m ds_sft.train"),
+        (
+            "torchrun.sh",
+            ["--nproc", "2", "--"],
+            "python3 -m ds_sft.torchrun --standalone --nproc_per_node 2 -m ds_sft.train",
+        ),
         (
             "torchrun.sh",
             ["--nproc", "8", "--nnodes", "2", "--rdzv", "10.0.0.1:29400", "--"],
@@ -28,7 +32,7 @@ from tests.train.helpers import REPO_ROOT
             "ds_sft.train",
         ),
         ("deepspeed_multinode.sh", ["--no_ssh", "--node_rank", "1", "--"], "--no_ssh --node_rank 1 --module"),
-        ("slurm.sbatch", [], "srun --kill-on-bad-exit=1 torchrun --nnodes 1"),
+        ("slurm.sbatch", [], "srun --kill-on-bad-exit=1 python3 -m ds_sft.torchrun --nnodes 1"),
     ],
 )
 def test_dry_run_prints_the_command(script, options, expected):
