@@ -17,12 +17,17 @@
 # Example: launch/deepspeed_multinode.sh --hostfile launch/hostfile -- --data_dir data_sft \
 #              --base_model smollm2-135m-instruct --deepspeed_config ds_configs/sft_recipe.json
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# It runs in the caller's folder, so that a relative path among the train flags (--data_dir data_sft)
+# or --hostfile names what it names to the person typing it (it once ran in the checkout, resolving
+# them there); each node changes into this same folder, and finds the checkout's ds_sft through
+# PYTHONPATH, which the launcher exports to every node.
+repo=$(cd "$(dirname "$0")/.." && pwd)
 launcher=launch/deepspeed_multinode.sh
-source launch/options.sh
+source "$repo/launch/options.sh"
+export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
 
 dry_run=0
-hostfile=launch/hostfile
+hostfile=$repo/launch/hostfile
 master_addr=""  # default: the hostfile's first node (below)
 master_port=29500
 launcher_extra=()
@@ -114,9 +119,10 @@ elif [[ $ssh -eq 1 && -n $node_rank ]]; then
 fi
 if [[ $ssh -eq 1 ]]; then
     # each node first changes into this folder, its path unquoted (cd <folder>;): no space either
-    [[ $PWD != *" "* ]] || refuse "the ds-sft folder $(printf %q "$PWD") holds a space, which each node's" \
-        "shell splits (the launcher's ssh runs 'cd FOLDER' unquoted): move it, or run with --no_ssh on every node"
-    remote_word "the ds-sft folder" "$PWD"
+    [[ $PWD != *" "* ]] || refuse "the folder it runs in, $(printf %q "$PWD"), holds a space, which each" \
+        "node's shell splits (the launcher's ssh runs 'cd FOLDER' unquoted): run it from another folder," \
+        "or with --no_ssh on every node"
+    remote_word "the folder it runs in," "$PWD"
     for word in "$@"; do remote_word "train flag" "$word"; done
     # the variables the launcher exports to every node: PYTHON*, NCCL*, MLFLOW*, UCX*, MV2*. All of
     # them, from env -0: compgen -e lists only names bash can hold, and the launcher also exported a
@@ -147,5 +153,5 @@ if [[ $dry_run -eq 1 ]]; then
     exit 0
 fi
 # DeepSpeed JIT-builds its ops once into this cache; keep it where every node sees the same path.
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$repo/.cache/torch_extensions}
 exec "${command[@]}"

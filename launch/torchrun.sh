@@ -8,9 +8,12 @@
 # --nnodes and the same --rdzv (any node's address). torchrun forwards SIGTERM to the ranks, which
 # save a checkpoint and exit; rerun with --resume. --dry-run prints the exact command and exits.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# It runs in the caller's folder, so that a relative path among the train flags (--data_dir data_sft)
+# names what it names to the person typing it (it once ran in the checkout, resolving them there);
+# the checkout's ds_sft is found through PYTHONPATH.
+repo=$(cd "$(dirname "$0")/.." && pwd)
 launcher=launch/torchrun.sh
-source launch/options.sh
+source "$repo/launch/options.sh"
 
 dry_run=0
 procs=""
@@ -50,7 +53,8 @@ if [[ $dry_run -eq 1 ]]; then
     printf '%q ' "${command[@]}"; echo
     exit 0
 fi
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$repo/.cache/torch_extensions}
 # Each rank gets its share of the cores, not all of them (torchrun's default of 1 is too few on CPU).
 cores=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / procs > 0 ? cores / procs : 1 ))}

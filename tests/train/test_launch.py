@@ -6,6 +6,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -341,7 +342,7 @@ GOOD_DEEPSPEED_ENV_LINES = ["A=/a b:/c,d=e", "  NCCL_SOCKET_IFNAME = eth0 ", "B=
 
 def _deepspeed_env_dry_run(tmp_path, where: str, text: str, *options: str) -> subprocess.CompletedProcess:
     """deepspeed_multinode.sh --dry-run through ssh, with ``text`` as the .deepspeed_env ``where`` the
-    launcher reads it: "home" (~/), "here" (./, the ds-sft folder: a copy of launch/ in tmp_path) or
+    launcher reads it: "home" (~/), "here" (./, the folder it runs in: tmp_path, beside a copy of launch/) or
     "named" (the absolute path in $DS_ENV_FILE)."""
     (tmp_path / "launch").mkdir(parents=True)
     for script in ("deepspeed_multinode.sh", "options.sh"):
@@ -420,3 +421,57 @@ def test_a_given_master_addr_needs_no_hostname_command(tmp_path):
     flags = ["--dry-run", "--master_addr", "node-01", "--hostfile", str(tmp_path / "absent"), "--"]
     done = _deepspeed_sh(*flags, "--model", "tiny", cwd=tmp_path, env=env)
     assert done.returncode == 0 and " --master_addr node-01 " in done.stdout, done.stderr
+
+
+def test_torchrun_sh_reads_relative_train_paths_in_the_callers_folder(tmp_path):
+    """The script changed into the checkout first: `--data_dir data --out_dir run`, typed in a project
+    folder, read the checkout's data (or none) and wrote the run there. It runs where it is called."""
+    from tests.reliability.conftest import write_tiny_data_dir
+    from tests.reliability.runs import train_flags
+
+    project = tmp_path / "project"
+    write_tiny_data_dir(project / "data")
+    flags = train_flags(Path("data"), Path("run"), 6)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("PYTHONPATH", None)  # the script itself makes the checkout importable from anywhere
+    done = subprocess.run(
+        ["bash", str(REPO_ROOT / "launch" / "torchrun.sh"), "--nproc", "1", "--", *flags],
+        capture_output=True, text=True, timeout=600, cwd=project, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (project / "run" / "final" / "model.safetensors").is_file()
+    assert not (REPO_ROOT / "run").exists() and not (REPO_ROOT / "data").exists()
+
+
+@pytest.mark.parametrize("ssh", [True, False])
+def test_deepspeed_multinode_sh_reads_a_relative_hostfile_in_the_callers_folder(tmp_path, ssh):
+    (tmp_path / "hostfile").write_text("node-07 slots=2\nnode-08 slots=2\n")
+    options = [] if ssh else ["--no_ssh", "--node_rank", "1"]
+    done = _deepspeed_sh(
+        "--dry-run", "--hostfile", "hostfile", *options, "--", "--model", "tiny", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--hostfile hostfile --master_addr node-07 " in done.stdout  # the caller's file, read
+    (tmp_path / "hostfile").write_text("node-07 slots=two\n")
+    done = _deepspeed_sh(
+        "--dry-run", "--hostfile", "hostfile", *options, "--", "--model", "tiny", cwd=tmp_path
+    )
+    assert done.returncode == 2 and "hostfile hostfile: node-07's slots must be a whole number" in done.stderr
+
+
+def test_through_ssh_the_callers_folder_must_survive_each_nodes_shell(tmp_path):
+    """Each node runs `cd FOLDER` unquoted, FOLDER being the folder the launcher was called in."""
+    folder = tmp_path / "my project"
+    folder.mkdir()
+    (folder / "hostfile").write_text("node-07 slots=2\n")
+    done = _deepspeed_sh("--dry-run", "--hostfile", "hostfile", "--", "--model", "tiny", cwd=folder)
+    assert done.returncode == 2 and "the folder it runs in," in done.stderr and "holds a space" in done.stderr
+    without_ssh = ["--no_ssh", "--node_rank", "0"]
+    done = _deepspeed_sh(
+        "--dry-run", "--hostfile", "hostfile", *without_ssh, "--", "--model", "tiny", cwd=folder
+    )
+    assert done.returncode == 0, done.stderr
