@@ -3,7 +3,8 @@
 
 The settings arrive as JSON on stdin, already checked by the parent's flags; no flag names a tree,
 so nothing on a command line decides which code runs. Prints one ``RESULT {json}`` line, with the
-file ``ds_sft`` was imported from for the parent to check.
+file ``ds_sft`` was imported from for the parent to check, or one ``ERROR`` line when the tree
+refuses the model or data (its one-line error) or fails.
 """
 
 from __future__ import annotations
@@ -50,4 +51,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as err:  # the tree's one-line refusal, or its failure: the parent says which
+        print(f"ERROR {type(err).__name__}: {(str(err).splitlines() or [''])[0]}", flush=True)
+        raise

@@ -7,9 +7,10 @@
 Both contenders run the same entry point, ``ds_sft.eval.evaluate.evaluate_model`` with only GSM8K
 switched on, on the same model, data dir and problems; each in its own process, importing ``ds_sft``
 from its own source tree (the baseline's is ``git archive``'d into a temporary folder), one after
-the other. Both run at ``--batch_size`` (the baseline's default; it had one batch size for
-everything) and at ``--generate_batch_size``, which separates the gain of the batch size from the
-rest. Greedy answers should not change: the table counts the completions equal to the first row's.
+the other, the current code first: its checks read the model and data before the older code does.
+Both run at ``--batch_size`` (the baseline's default; it had one batch size for everything) and at
+``--generate_batch_size``, which separates the gain of the batch size from the rest. Greedy answers
+should not change: the table counts the completions equal to the baseline's first row's.
 In bf16 they do change with the *batch composition* (other rows, other padding widths round a
 near-tie the other way), in the baseline as well: its second row measures that floor, so compare
 "same text" in float32 (``--dtype float32``). Prints a table with the ratios and writes
@@ -85,8 +86,10 @@ SHORTEST_PASS_S = 2.0
 WORKER = Path(__file__).with_name("_generate_speed_worker.py")
 
 
-def time_tree(args: argparse.Namespace, tree: Path, batch: int) -> dict:
-    """The GSM8K pass of ``tree``'s ds_sft in a process of its own (:data:`WORKER`)."""
+def time_tree(args: argparse.Namespace, name: str, tree: Path, batch: int) -> dict:
+    """The GSM8K pass of ``tree``'s ds_sft (the contender ``name``) in a process of its own
+    (:data:`WORKER`)."""
+    print(f"timing {name}, batch {batch} ...", flush=True)
     settings = {flag: getattr(args, flag) for flag in ("model", "data_dir", "problems", "max_new_tokens",
                                                        "dtype", "threads")}  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -94,7 +97,9 @@ def time_tree(args: argparse.Namespace, tree: Path, batch: int) -> dict:
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)  # fmt: skip
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
-        raise SystemExit(f"worker for {tree} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+        said = [line.removeprefix("ERROR ") for line in out.stdout.splitlines() if line.startswith("ERROR ")]
+        last = (said or out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        raise UserError(f"{name}, batch {batch}: the GSM8K pass stopped: {last}")
     result = json.loads(lines[-1].removeprefix("RESULT "))
     if not Path(result["ds_sft"]).resolve().is_relative_to(tree.resolve()):
         raise SystemExit(f"the worker imported {result['ds_sft']}, not the tree under test {tree}")
@@ -110,27 +115,21 @@ def run(args: argparse.Namespace) -> int:
     path = check_bench_out(
         RESULTS_DIR / f"generate_speed{'' if args.dtype == 'bfloat16' else '.' + args.dtype}.json"
     )
+    if args.baseline.startswith("-"):  # git would read it as an option
+        raise UserError(f"--baseline {args.baseline!r} is not a git revision")
+    archive = subprocess.run(["git", "archive", args.baseline], cwd=REPO_ROOT, capture_output=True)
+    if archive.returncode != 0:
+        why = archive.stderr.decode(errors="replace").strip().splitlines()
+        raise UserError(f"--baseline {args.baseline!r}: git archive failed ({(why or ['no reason'])[0]})")
+    batches = (args.batch_size, args.generate_batch_size)
+    # The current code first: its checks (remote code, templates in a sandbox, sizes) read the model and
+    # data before the baseline's older code, which lacks the later ones, is given them.
+    current = [{"name": "current", "batch": b, **time_tree(args, "current", REPO_ROOT, b)} for b in batches]
     with tempfile.TemporaryDirectory(prefix="generate_speed_") as tmp:
-        baseline_tree = Path(tmp)
-        if args.baseline.startswith("-"):  # git would read it as an option
-            raise UserError(f"--baseline {args.baseline!r} is not a git revision")
-        archive = subprocess.run(["git", "archive", args.baseline], cwd=REPO_ROOT, capture_output=True)
-        if archive.returncode != 0:
-            why = archive.stderr.decode(errors="replace").strip().splitlines()
-            raise UserError(
-                f"--baseline {args.baseline!r}: git archive failed ({why[0] if why else 'no reason'})"
-            )
-        subprocess.run(["tar", "-x", "-C", str(baseline_tree)], input=archive.stdout, check=True)
-        contenders = [
-            (f"baseline {args.baseline}", baseline_tree, args.batch_size),
-            (f"baseline {args.baseline}", baseline_tree, args.generate_batch_size),
-            ("current", REPO_ROOT, args.batch_size),
-            ("current", REPO_ROOT, args.generate_batch_size),
-        ]
-        rows = []
-        for name, tree, batch in contenders:
-            print(f"timing {name}, batch {batch} ...", flush=True)
-            rows.append({"name": name, "batch": batch, **time_tree(args, tree, batch)})
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        name = f"baseline {args.baseline}"
+        baseline = [{"name": name, "batch": b, **time_tree(args, name, Path(tmp), b)} for b in batches]
+    rows = baseline + current  # each compared with the baseline's first row
 
     base = rows[0]
     print(

@@ -245,6 +245,27 @@ def test_no_flag_of_a_bench_script_names_code_to_run(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
+def test_generate_speed_gives_the_inputs_to_the_current_code_before_the_baseline(tmp_path):
+    """The baseline revision's ds_sft (600 commits old, before later checks) read the user's model and
+    data first, and a refusal in either tree ended in both trees' output pasted whole. The current code
+    reads them first, and a refusal is its one line."""
+    command = [
+        sys.executable,
+        str(BENCH_DIR / "generate_speed.py"),
+        "--data_dir",
+        str(tmp_path),
+        "--problems",
+        "1",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        "bench/generate_speed.py: error: current, batch 8: the GSM8K pass stopped: UserError: "
+    )
+    assert str(tmp_path) in line and result.stdout == "timing current, batch 8 ...\n"
+
+
 def test_a_timed_out_script_is_stopped_with_its_workers_and_links_are_no_results(tmp_path, monkeypatch):
     """A timeout killed the script alone (its worker processes ran on), and a stale link in
     bench/results/ failed `ds-sft bench` after every script had run, with no summary written."""
