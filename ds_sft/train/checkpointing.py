@@ -534,12 +534,21 @@ def remove_tag(tag_dir: Path, tag: str | None = None) -> None:
     )
 
 
+def later_tags(ckpt_dir: Path, step: int) -> list[Path]:
+    """The tags in ``ckpt_dir`` of steps after ``step``, oldest first: after a resume from ``step``,
+    those of the run this one branched from (by resuming one of its earlier checkpoints)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(
+        (p for p in ckpt_dir.iterdir() if is_tag(p.name) and tag_step(p.name) > step),
+        key=lambda p: tag_step(p.name),
+    )
+
+
 def drop_later_tags(ckpt_dir: Path, step: int) -> None:
-    """Delete the tags of steps after ``step``: saved by a run this one branched from (by resuming one
-    of its earlier checkpoints), so not part of this run's history."""
-    for path in ckpt_dir.iterdir():
-        if is_tag(path.name) and tag_step(path.name) > step:
-            remove_tag(path)
+    """Delete :func:`later_tags`: not part of this run's history (said at the resume)."""
+    for path in later_tags(ckpt_dir, step):
+        remove_tag(path)
 
 
 def replace_tag(new: Path, tag_dir: Path) -> None:

@@ -400,6 +400,13 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
         )
         for change in changes:
             say(f"resume changes {compatibility.describe(change)}")
+        later = checkpointing.later_tags(run_dir / "checkpoints", state["step"])
+        if later:
+            say(
+                f"note: {run_dir / 'checkpoints'} also holds {', '.join(p.name for p in later)}, saved after "
+                f"step {state['step']} by the run this one branches from: this run's first save deletes "
+                "them; to keep them, copy them now, or resume into another --out_dir"
+            )
         if saved.get("max_iters", s.max_iters) != s.max_iters and state["step"] < s.max_iters:
             say(
                 f"note: --max_iters {saved['max_iters']} -> {s.max_iters}: the cosine now ends at step "

@@ -830,3 +830,22 @@ def test_a_hard_linked_copy_of_a_run_is_continued_or_replaced_without_touching_t
     after = every_byte(original)
     assert sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name)) == []
     assert max(record["step"] for record in train_records(linked)) == 4  # the copy did go on
+
+
+def test_resuming_an_earlier_checkpoint_names_the_later_ones_its_first_save_deletes(data, tmp_path, ds_env):
+    """Resuming step 2 of a run that saved steps 2 and 4 deleted step 4 at the first save without a
+    word (it is the other branch's). The resume now names it, before any step runs."""
+    out = tmp_path / "run"
+    first = run(train_flags(data, out, 4, "--save_interval", "2"), ds_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoints = out / "checkpoints"
+    branched = run(train_flags(data, out, 3, "--resume", str(checkpoints / "step_000002")), ds_env)
+    assert branched.returncode == 0, branched.stderr[-3000:]
+    (note,) = [line for line in branched.stdout.splitlines() if "this run's first save deletes" in line]
+    assert f"{checkpoints} also holds step_000004, saved after step 2" in note
+    lines = branched.stdout.splitlines()
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step "))
+    assert lines.index(note) < first_step  # said before any step, so before the save that deletes
+    assert not (checkpoints / "step_000004").exists() and (checkpoints / "step_000003").is_dir()
+    again = run(train_flags(data, out, 4, "--resume"), ds_env)  # the latest: nothing later to name
+    assert again.returncode == 0 and "first save deletes" not in again.stdout, again.stderr[-3000:]
