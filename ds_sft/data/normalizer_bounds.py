@@ -10,7 +10,9 @@ comes near: Unicode's NFKC, the most of any, is 18) or add more than :data:`MOST
 The bound also tells :class:`ds_sft.data.tokenize.LengthFloor` whether an ASCII text can be measured
 by its length alone (:attr:`LengthChange.keeps_ascii`): ``Strip``, ``Nmt``, a shrinking ``Replace``
 or a SentencePiece charsmap can make it shorter, and a floor from its raw length would then drop a
-row that fits.
+row that fits; and whether a huge text can be measured by a prefix (:attr:`LengthChange.prefix_bounded`):
+a regex ``Replace`` can match across any length (``a[^b]*b`` removes a megabyte once its ``b`` comes),
+so a prefix may normalize to more than the whole.
 """
 
 from __future__ import annotations
@@ -51,13 +53,16 @@ ASCII_UNCHANGED = UNICODE_FORMS | {"Lowercase", "StripAccents"}
 class LengthChange:
     """A normalized text has at most ``per_character * len(text) + added`` characters; whether it can
     have fewer UTF-8 bytes than it went in with, for an ASCII text and for any; whether an ASCII text
-    comes out ASCII (what a later part of a sequence then sees)."""
+    comes out ASCII (what a later part of a sequence then sees); whether a prefix of a text normalizes
+    to at most the whole's bytes, give or take a few where the prefix ends (every type but a regex
+    ``Replace``: each changes a character, or a run of a bounded length, at a time)."""
 
     per_character: float = 1.0
     added: int = 0
     keeps_ascii: bool = True
     keeps_any: bool = True
     ascii_out: bool = True
+    prefix_bounded: bool = True
 
     def then(self, later: LengthChange) -> LengthChange:
         """This change followed by ``later``."""
@@ -67,6 +72,7 @@ class LengthChange:
             self.keeps_ascii and (later.keeps_ascii if self.ascii_out else later.keeps_any),
             self.keeps_any and later.keeps_any,
             self.ascii_out and later.ascii_out,
+            self.prefix_bounded and later.prefix_bounded,
         )
 
 
@@ -112,8 +118,9 @@ def _replace(part: dict) -> LengthChange:
     if isinstance(literal, str) and literal:
         grows = len(content.encode()) >= len(literal.encode())
         return LengthChange(max(1.0, len(content) / len(literal)), 0, grows, grows, content.isascii())
-    # a regular expression (or an empty string) may match a single character or none, between any two
-    return LengthChange(1 + len(content), len(content), False, False, content.isascii())
+    # a regular expression (or an empty string) may match a single character or none, between any two,
+    # or a run of any length
+    return LengthChange(1 + len(content), len(content), False, False, content.isascii(), prefix_bounded=False)
 
 
 def _longest_charsmap_text(part: dict) -> int:

@@ -222,8 +222,10 @@ class LengthFloor:
         continued = continuation_backend(backend)
         normalizer = continued.normalizer
         self.normalize = normalizer.normalize_str if normalizer is not None else None
-        # whether an ASCII text has at least its length in normalized bytes (not under Strip, Nmt...)
-        self.ascii_by_length = normalizer_change(continued).keeps_ascii
+        # whether an ASCII text has at least its length in normalized bytes (not under Strip, Nmt...),
+        # and whether a prefix stands for the whole (not under a regex Replace)
+        change = normalizer_change(continued)
+        self.ascii_by_length = change.keeps_ascii
         pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
         model = backend.model
         vocab = backend.get_vocab(with_added_tokens=False)
@@ -237,19 +239,23 @@ class LengthFloor:
         self.longest = max([longest, *(len(text.encode()) for text in added)]) if sound else None
         # Enough characters for a floor past anything fit compares it with (2 * seq_len + MARGIN), for
         # any normalizer that leaves a byte per 4 characters: so a longer text changes no decision.
-        self.prefix_chars = 8 * (2 * seq_len + self.MARGIN) * (self.longest or 0)
+        # None: the whole text is normalized.
+        prefix_chars = 8 * (2 * seq_len + self.MARGIN) * (self.longest or 0)
+        self.prefix_chars = prefix_chars if change.prefix_bounded else None
 
     def tokens_at_least(self, text: str) -> int:
         """The floor of ``text``. Under a normalizer, that of its first :attr:`prefix_chars` characters
-        normalized (a prefix has no more bytes, normalized, than the whole): normalizing a huge text
-        whole takes ~20x its size, only to learn that it is far too long. An ASCII text counts by its
-        length, unless the normalizer can shorten it (:mod:`ds_sft.data.normalizer_bounds`)."""
+        normalized (a prefix has no more bytes, normalized, than the whole, where
+        :attr:`~ds_sft.data.normalizer_bounds.LengthChange.prefix_bounded`; else the whole text):
+        normalizing a huge text whole takes ~20x its size, only to learn that it is far too long. An
+        ASCII text counts by its length, unless the normalizer can shorten it
+        (:mod:`ds_sft.data.normalizer_bounds`)."""
         if text.isascii() and self.ascii_by_length:
             size = len(text)
         elif self.normalize is None:  # its UTF-8 bytes, a slice at a time: no copy of a huge text
             size = sum(len(text[i : i + SLICE_CHARS].encode()) for i in range(0, len(text), SLICE_CHARS))
         else:
-            size = len(self.normalize(text[: self.prefix_chars]).encode())
+            size = len(self.normalize(text[: self.prefix_chars]).encode())  # [:None]: the whole text
         return -(-size // self.longest)
 
     def answers_at_least(self, record: dict) -> int:

@@ -218,3 +218,29 @@ def test_a_tokenizer_with_an_ordinary_error_on_the_probe_still_loads(tmp_path):
     (tmp_path / "tok").mkdir()
     backend.save(str(tmp_path / "tok" / "tokenizer.json"))
     assert load_tokenizer(str(tmp_path / "tok" / "tokenizer.json")).eos_token == "<|endoftext|>"
+
+
+# Normalizers whose match can span any length of text: a prefix of a text can normalize to more bytes
+# than the whole ("a" and 10**5 x's: nothing matches; add the "b" and it all goes)
+SPANNING = {
+    "Replace, regex a[^b]*b": N.Replace(Regex("a[^b]*b"), ""),
+    "Replace, regex in a sequence": N.Sequence([N.Lowercase(), N.Replace(Regex("<!--[\\s\\S]*-->"), "")]),
+}
+
+
+@pytest.mark.parametrize("name", SPANNING)
+def test_the_floor_of_a_huge_text_holds_under_a_regex_that_spans_it(name, tiny_tokenizer_file):
+    """The floor of a text past LengthFloor.prefix_chars was that of its prefix, assuming a prefix
+    normalizes to no more bytes than the whole: a regex Replace breaks that without bound, and a row
+    whose normalized text is empty was dropped as too long."""
+    backend = Tokenizer.from_file(str(tiny_tokenizer_file))
+    backend.normalizer = None
+    past_a_prefix = LengthFloor(backend, 64).prefix_chars + 1000
+    backend.normalizer = SPANNING[name]
+    floor = LengthFloor(backend, 64)
+    opening, closing = ("a", "b") if "a[^b]" in name else ("<!--", "-->")
+    text = opening + "x" * past_a_prefix + closing
+    assert backend.normalizer.normalize_str(text) == ""
+    assert floor.tokens_at_least(text) == 0 == len(backend.encode(text, add_special_tokens=False).ids)
+    assert length_change(json.loads(backend.normalizer.__getstate__())).prefix_bounded is False
+    assert length_change(json.loads(ALL["Replace, shrinking"].__getstate__())).prefix_bounded is True
