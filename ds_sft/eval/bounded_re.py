@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -110,20 +111,34 @@ class BoundedRe:
         def stop(signum, frame):
             raise over
 
-        previous_handler = signal.signal(signal.SIGALRM, stop)
-        previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+        # Armed inside the try, and undone in a loop: an alarm due at once (the last microseconds of the
+        # run's budget) or one that lands during the clean-up would otherwise leave the handler armed.
+        previous_handler = signal.getsignal(signal.SIGALRM)
+        previous_delay, previous_interval = signal.getitimer(signal.ITIMER_REAL)
+        start, failed, late = time.monotonic(), False, None
         self._timing = True
-        start = time.monotonic()
         try:
+            signal.signal(signal.SIGALRM, stop)
+            signal.setitimer(signal.ITIMER_REAL, seconds)
             yield
+        except BaseException:
+            failed = True
+            raise
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            while True:
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    signal.signal(signal.SIGALRM, previous_handler)
+                    break
+                except RegexOverTime as err:  # due as the block ended: its time had run out
+                    late = err
             elapsed = time.monotonic() - start
             self.spent += elapsed
             self._timing = False
-            signal.signal(signal.SIGALRM, previous_handler)
             if previous_delay:  # someone else's timer: it goes on, firing at once if it came due
                 signal.setitimer(signal.ITIMER_REAL, max(previous_delay - elapsed, 1e-6), previous_interval)
+            if late is not None and not failed:
+                raise late
 
 
 class BoundedPattern:
@@ -137,30 +152,41 @@ class BoundedPattern:
     def __repr__(self) -> str:
         return repr(self.compiled)
 
-    def _timed(self, method: str, string, *args):
+    def __eq__(self, other) -> bool:
+        return isinstance(other, BoundedPattern) and self.compiled == other.compiled
+
+    def __hash__(self) -> int:
+        return hash(self.compiled)
+
+    def __copy__(self) -> BoundedPattern:
+        return self  # as re's patterns: immutable, and a copy keeps its owner's clock
+
+    def __deepcopy__(self, memo) -> BoundedPattern:
+        return self
+
+    def _timed(self, method: str, string, *args, **kwargs):
         with self.owner.clock(self.pattern, string):
-            return getattr(self.compiled, method)(string, *args)
+            result = getattr(self.compiled, method)(string, *args, **kwargs)
+            # finditer's matches are found as it is read: all of them here, on the clock
+            return iter(list(result)) if method == "finditer" else result
 
-    def search(self, string, *span):
-        return self._timed("search", string, *span)
+    def search(self, string, pos=0, endpos=sys.maxsize):
+        return self._timed("search", string, pos, endpos)
 
-    def match(self, string, *span):
-        return self._timed("match", string, *span)
+    def match(self, string, pos=0, endpos=sys.maxsize):
+        return self._timed("match", string, pos, endpos)
 
-    def fullmatch(self, string, *span):
-        return self._timed("fullmatch", string, *span)
+    def fullmatch(self, string, pos=0, endpos=sys.maxsize):
+        return self._timed("fullmatch", string, pos, endpos)
 
-    def findall(self, string, *span):
-        return self._timed("findall", string, *span)
+    def findall(self, string, pos=0, endpos=sys.maxsize):
+        return self._timed("findall", string, pos, endpos)
 
-    def finditer(self, string, *span):
-        """All matches found under one clock, then handed out one by one."""
-        with self.owner.clock(self.pattern, string):
-            return iter(list(self.compiled.finditer(string, *span)))
+    def finditer(self, string, pos=0, endpos=sys.maxsize):
+        return self._timed("finditer", string, pos, endpos)
 
     def split(self, string, maxsplit=0):
-        with self.owner.clock(self.pattern, string):
-            return self.compiled.split(string, maxsplit=maxsplit)
+        return self._timed("split", string, maxsplit=maxsplit)
 
     def sub(self, repl, string, count=0):
         with self.owner.clock(self.pattern, string):
