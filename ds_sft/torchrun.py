@@ -8,28 +8,33 @@
 - A signal to torchrun (Slurm's preemption, Ctrl-C): torchrun passes it to the ranks, which save a
   checkpoint and exit, then ends in the same traceback; here in one line and 128 + the signal. Where
   torchrun can wait longer for that checkpoint (``--shutdown_timeout``, 30 s by default, after which
-  it kills the ranks), it waits :data:`SHUTDOWN_SECONDS` unless the command line says otherwise.
+  it kills the ranks: torch 2.13 has it, 2.11 not), it waits :data:`SHUTDOWN_SECONDS` unless the
+  command line or the environment says otherwise; an older torchrun kills them after 30 s.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 # A checkpoint of a 2B model with its optimizer state on a slow shared file system; Slurm's own grace
 # period (KillWait) and the job's --signal lead time bound the wait from outside anyway.
 SHUTDOWN_SECONDS = 300
+# where torchrun reads a shutdown timeout from the environment (its flag's variable; LaunchConfig's)
+SHUTDOWN_VARIABLES = ("PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
 SIGNALS = {int(number) for number in signal.Signals}
 
 
 def torchrun_argv(argv: list[str]) -> list[str]:
-    """``argv`` with ``--shutdown_timeout`` where this torchrun has the flag and torchrun's own part
-    of ``argv`` (before ``-m MODULE``; the rest is the module's) does not set it."""
+    """``argv`` with ``--shutdown_timeout`` where this torchrun has the flag and neither torchrun's own
+    part of ``argv`` (before ``-m MODULE``; the rest is the module's) nor the environment sets it."""
     from torch.distributed.run import get_args_parser
 
     knows = any("--shutdown_timeout" in action.option_strings for action in get_args_parser()._actions)
     own = argv[: argv.index("-m")] if "-m" in argv else argv
-    if not knows or any(word.split("=")[0] in ("--shutdown_timeout", "--shutdown-timeout") for word in own):
+    given = any(word.split("=")[0] in ("--shutdown_timeout", "--shutdown-timeout") for word in own)
+    if not knows or given or any(os.environ.get(name) for name in SHUTDOWN_VARIABLES):
         return argv
     return ["--shutdown_timeout", str(SHUTDOWN_SECONDS), *argv]
 

@@ -332,7 +332,9 @@ def test_a_stopped_bench_stops_the_script_it_runs(tmp_path, signum):
     closed) ended `ds-sft bench` alone, and the benchmark ran on, writing its results."""
     script = tmp_path / "slow.py"
     script.write_text(
-        f"import os, time\nopen({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\ntime.sleep(300)\n"
+        # written whole, then renamed: an open-then-write file can be read empty
+        f"import os, time\nopen({str(tmp_path / 'pid.tmp')!r}, 'w').write(str(os.getpid()))\n"
+        f"os.replace({str(tmp_path / 'pid.tmp')!r}, {str(tmp_path / 'pid')!r})\ntime.sleep(300)\n"
     )
     (tmp_path / "results").mkdir()
     driver = subprocess.Popen(

@@ -61,7 +61,8 @@ def train_records(out_dir: Path) -> list[dict]:
     path = out_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = map(json.loads, filter(None, path.read_text().splitlines()))
+    # a line without its newline is a record the trainer is still writing
+    records = map(json.loads, filter(None, path.read_text().split("\n")[:-1]))
     return [r for r in records if r.get("type") == "train"]
 
 

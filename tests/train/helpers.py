@@ -214,3 +214,17 @@ def reference_losses(
         optimizer.zero_grad()
         losses.append(total / trained)
     return losses, norms, model.state_dict()
+
+
+def this_python_first(folder: Path, env: dict) -> dict:
+    """``env`` in which ``python3`` is this test's interpreter (the launch scripts call ``python3``),
+    the rest of PATH as it was. Not the venv's bin first: that also brings the venv's ninja, and
+    DeepSpeed rebuilds its CPU op (~50 s under load) each time the ninja binary changes."""
+    import shlex
+    import sys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shim = folder / "python3"
+    shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    shim.chmod(0o755)
+    return {**env, "PATH": f"{folder}{os.pathsep}{env.get('PATH', '')}"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import REPO_ROOT
+from tests.train.helpers import REPO_ROOT, this_python_first
 
 
 @pytest.mark.parametrize(
@@ -425,26 +425,35 @@ def test_a_given_master_addr_needs_no_hostname_command(tmp_path):
 
 def test_torchrun_sh_reads_relative_train_paths_in_the_callers_folder(tmp_path):
     """The script changed into the checkout first: `--data_dir data --out_dir run`, typed in a project
-    folder, read the checkout's data (or none) and wrote the run there. It runs where it is called."""
+    folder, read the checkout's data (or none) and wrote the run there. It runs where it is called,
+    and its ranks import the ds_sft of the checkout the script is in (a copy here, which says so),
+    not another one installed in the environment."""
+    import shutil
+
     from tests.reliability.conftest import write_tiny_data_dir
     from tests.reliability.runs import train_flags
 
+    checkout = tmp_path / "checkout"
+    for part in ("ds_sft", "launch"):
+        shutil.copytree(REPO_ROOT / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+    imported = tmp_path / "imported"
+    with open(checkout / "ds_sft" / "__init__.py", "a") as init:
+        init.write(f"\nopen({str(imported)!r}, 'a').write(__file__ + '\\n')\n")
     project = tmp_path / "project"
     write_tiny_data_dir(project / "data")
     flags = train_flags(Path("data"), Path("run"), 6)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("PYTHONPATH", None)  # the script itself makes the checkout importable from anywhere
+    env = this_python_first(tmp_path / "bin", {**os.environ, "OMP_NUM_THREADS": "1"})
+    env.pop("PYTHONPATH", None)  # the script itself makes its checkout importable from anywhere
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))  # built once
     done = subprocess.run(
-        ["bash", str(REPO_ROOT / "launch" / "torchrun.sh"), "--nproc", "1", "--", *flags],
+        ["bash", str(checkout / "launch" / "torchrun.sh"), "--nproc", "1", "--", *flags],
         capture_output=True, text=True, timeout=600, cwd=project, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert (project / "run" / "final" / "model.safetensors").is_file()
-    assert not (REPO_ROOT / "run").exists() and not (REPO_ROOT / "data").exists()
+    assert not (checkout / "run").exists() and not (REPO_ROOT / "run").exists()
+    # torchrun's wrapper and the rank, each from the copy
+    assert set(imported.read_text().splitlines()) == {str(checkout / "ds_sft" / "__init__.py")}
 
 
 @pytest.mark.parametrize("ssh", [True, False])

@@ -10,22 +10,25 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from ds_sft.torchrun import SHUTDOWN_SECONDS, exit_code, torchrun_argv
-from tests.train.helpers import REPO_ROOT
+from ds_sft.torchrun import SHUTDOWN_SECONDS, SHUTDOWN_VARIABLES, exit_code, torchrun_argv
+from tests.train.helpers import REPO_ROOT, this_python_first
 
 # each rank: say it started, then end as told (an exit code, a signal of its own, or wait for SIGTERM)
 RANK = """
 import os, signal, sys, time
 from pathlib import Path
-Path(sys.argv[1], os.environ["RANK"]).touch()
 how = sys.argv[2]
+def stop(signum, frame):  # as ds-sft train: checkpoint, exit 0
+    Path(sys.argv[1], "stopped-" + os.environ["RANK"]).touch()
+    sys.exit(0)
+if how == "wait":  # the handlers before the "started" file: the test signals once it sees it
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+Path(sys.argv[1], os.environ["RANK"]).touch()
 if how == "wait":
-    for signum in (signal.SIGTERM, signal.SIGINT):  # as ds-sft train: checkpoint, exit 0
-        signal.signal(signum, lambda *_: sys.exit(0))
     time.sleep(600)
 elif how.startswith("kill"):
     if os.environ["RANK"] == "1":
@@ -90,6 +93,7 @@ def test_a_signal_to_torchrun_reaches_the_ranks_and_ends_in_one_line(tmp_path, s
         128 + signum,
         f"torchrun: stopped by {signum.name}; the ranks were told to stop",
     )
+    assert (tmp_path / "stopped-0").exists() and (tmp_path / "stopped-1").exists()  # each rank saw it
 
 
 @pytest.mark.parametrize(
@@ -101,8 +105,11 @@ def test_a_signal_to_torchrun_reaches_the_ranks_and_ends_in_one_line(tmp_path, s
         (["--standalone", "-m", "my.module", "--shutdown_timeout", "9"], True),  # the module's own flag
     ],
 )
-def test_torchrun_waits_for_the_ranks_checkpoint_unless_told_otherwise(argv, added):
+def test_torchrun_waits_for_the_ranks_checkpoint_unless_told_otherwise(argv, added, monkeypatch):
     from torch.distributed.run import get_args_parser
+
+    for name in SHUTDOWN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
 
     if not any("--shutdown_timeout" in action.option_strings for action in get_args_parser()._actions):
         pytest.skip(
@@ -114,6 +121,14 @@ def test_torchrun_waits_for_the_ranks_checkpoint_unless_told_otherwise(argv, add
         SHUTDOWN_SECONDS,
         5,
     )
+
+
+@pytest.mark.parametrize("name", SHUTDOWN_VARIABLES)
+def test_a_shutdown_timeout_from_the_environment_is_kept(name, monkeypatch):
+    """torchrun reads its timeout from these too: the injected flag overrode the user's 45 s."""
+    monkeypatch.setenv(name, "45")
+    argv = ["--standalone", "-m", "ds_sft.train"]
+    assert torchrun_argv(argv) == argv
 
 
 def test_exit_codes_read_as_a_shell_reads_them():
@@ -134,7 +149,7 @@ def test_the_launcher_ends_a_refused_train_flag_in_exit_2_without_a_traceback(tm
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},  # activated
+        env=this_python_first(tmp_path / "bin", dict(os.environ)),  # as in an activated environment
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
