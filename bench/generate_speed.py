@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,8 +99,11 @@ def time_tree(args: argparse.Namespace, name: str, tree: Path, batch: int) -> di
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         said = [line.removeprefix("ERROR ") for line in out.stdout.splitlines() if line.startswith("ERROR ")]
-        last = (said or out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
-        raise UserError(f"{name}, batch {batch}: the GSM8K pass stopped: {last}")
+        if not said:  # killed (out of memory...) or ended without a word: its code, and its last line
+            code = out.returncode
+            ended = f"killed by signal {-code} ({signal.strsignal(-code)})" if code < 0 else f"exit {code}"
+            said = [f"{ended}; its last line: {(out.stderr.strip().splitlines() or ['(none)'])[-1]}"]
+        raise UserError(f"{name}, batch {batch}: the GSM8K pass stopped: {said[-1]}")
     result = json.loads(lines[-1].removeprefix("RESULT "))
     if not Path(result["ds_sft"]).resolve().is_relative_to(tree.resolve()):
         raise SystemExit(f"the worker imported {result['ds_sft']}, not the tree under test {tree}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ds_sft.bench import BENCH_DIR, RESULTS_DIR, available_scripts, has_quick_mode
+from ds_sft.errors import UserError
 from tests.signals import as_from_a_terminal
 
 # Keys each script's quick JSON must hold (scripts not listed are only required to exit 0).
@@ -264,6 +265,26 @@ def test_generate_speed_gives_the_inputs_to_the_current_code_before_the_baseline
         "bench/generate_speed.py: error: current, batch 8: the GSM8K pass stopped: UserError: "
     )
     assert str(tmp_path) in line and result.stdout == "timing current, batch 8 ...\n"
+
+
+def test_generate_speed_names_a_worker_killed_without_a_word(tmp_path, monkeypatch):
+    """A worker killed by the kernel (out of memory) left no ERROR line: the message was its last,
+    unrelated stderr line ("  warnings.warn("), without the kill."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_generate_speed", BENCH_DIR / "generate_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, sys\nprint('  warnings.warn(', file=sys.stderr, flush=True)\nos.kill(os.getpid(), 9)\n"
+    )
+    monkeypatch.setattr(module, "WORKER", worker)
+    args = module.build_parser().parse_args([])
+    with pytest.raises(UserError) as err:
+        module.time_tree(args, "current", tmp_path, 8)
+    stopped = "current, batch 8: the GSM8K pass stopped: killed by signal 9 (Killed)"
+    assert str(err.value) == f"{stopped}; its last line: warnings.warn("
 
 
 def test_a_timed_out_script_is_stopped_with_its_workers_and_links_are_no_results(tmp_path, monkeypatch):
