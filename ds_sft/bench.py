@@ -23,12 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-from ds_sft.bench_result import check_bench_out, write_bench_json
+from ds_sft.bench_result import RESULTS_DIR, check_bench_out, write_bench_json
 from ds_sft.errors import UserError
 from ds_sft.paths import REPO_ROOT
 
 BENCH_DIR = REPO_ROOT / "bench"
-RESULTS_DIR = BENCH_DIR / "results"  # where every script writes its JSON
 # The order they run in: the cheap data and kernel figures first, the long training steps last;
 # scripts not named here run in between, alphabetically.
 FIRST = ("prepare_speed", "kernel_speed", "fp8")

@@ -4,7 +4,8 @@ A bench script's ``--out`` is a path the user types, and writing the result ther
 file had that name: ``bench/gpu_check.py gemm --out README.md`` put a GEMM's timing where the README
 was. So every result names its writer (a JSON result's first key, ``"written_by": "ds-sft
 bench/gpu_check.py"``; a Markdown page's first line, an HTML comment that renders as nothing), and
-an existing file is written over only when it names one: a result of an earlier run.
+an existing file is written over only when it names one (a result of an earlier run), is empty, or lies
+in ``bench/results/``, the benches' own folder (git ignores it; results from before the mark are there).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.paths import check_result_path, write_result_file
+from ds_sft.paths import REPO_ROOT, check_result_path, write_result_file
+
+RESULTS_DIR = REPO_ROOT / "bench" / "results"  # where every script writes by default
 
 WRITER_KEY = "written_by"
 PAGE_MARK = "<!-- written by ds-sft "
@@ -47,7 +50,8 @@ def check_bench_out(path: str | Path) -> Path:
     """``path`` when a bench may write its result there: nothing yet, or an earlier result. Else one
     line, to say before the work whose result would go there."""
     path = check_result_path(path)
-    if path.exists() and not written_by_a_bench(path):
+    ours = path.resolve().is_relative_to(RESULTS_DIR.resolve())
+    if path.exists() and path.stat().st_size and not ours and not written_by_a_bench(path):
         raise UserError(
             f"{path} exists and is not a result a ds-sft bench wrote (it names no writer): ds-sft writes "
             "over its own results only; pass another --out, or move the file away"

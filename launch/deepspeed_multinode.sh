@@ -19,8 +19,9 @@
 set -euo pipefail
 # It runs in the caller's folder, so that a relative path among the train flags (--data_dir data_sft)
 # or --hostfile names what it names to the person typing it (it once ran in the checkout, resolving
-# them there); each node changes into this same folder, and finds the checkout's ds_sft through
-# PYTHONPATH, which the launcher exports to every node.
+# them there); each node changes into this same folder (it must exist there, as on a shared file
+# system: the launcher's `cd FOLDER;` leaves a node without it in its home folder), and finds the
+# checkout's ds_sft through PYTHONPATH, which the launcher exports to every node.
 repo=$(cd "$(dirname "$0")/.." && pwd)
 launcher=launch/deepspeed_multinode.sh
 source "$repo/launch/options.sh"

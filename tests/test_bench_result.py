@@ -42,7 +42,6 @@ THEIRS = {
     "another program's writer": b'{"written_by": "my-tool", "x": 1}\n',
     "a writer that is not a string": b'{"written_by": ["ds-sft bench"]}\n',
     "a JSON list": b'[{"written_by": "ds-sft bench/x.py"}]\n',
-    "an empty file": b"",
     "bytes": bytes(range(256)),
     "the mark below the first line": b"# notes\n<!-- written by ds-sft bench/gpu_check.py -->\n",
     "the mark inside a JSON string": b'{"note": "written_by: ds-sft bench"}\n',
@@ -66,14 +65,38 @@ def test_a_file_no_bench_wrote_is_refused_and_kept(tmp_path, theirs, write):
     max_examples=300,
     suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
 )
-@given(content=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)))
+@given(
+    content=st.one_of(st.binary(min_size=1, max_size=200), st.text(min_size=1, max_size=200).map(str.encode))
+)
 @example(content=b'{"written_by": "ds-sft"}')  # the writer's name, not "ds-sft " and a script
 def test_any_content_without_a_writer_is_kept(tmp_path, content):
+    """Any non-empty file (an empty one holds nothing to lose)."""
     out = tmp_path / "result"
     out.write_bytes(content)
     with pytest.raises(UserError, match=REFUSED):
         check_bench_out(out)
     assert out.read_bytes() == content
+
+
+def test_an_empty_file_or_one_in_the_benches_own_folder_is_replaced(tmp_path, monkeypatch):
+    """`--out "$(mktemp)"` holds nothing to lose; bench/results/ (git ignores it) holds the benches'
+    results, those from before the mark too. A folder linked from there to elsewhere is elsewhere."""
+    empty = tmp_path / "empty.json"
+    empty.touch()
+    write_bench_json(empty, {"flops": 1.0}, "bench")
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(bench_result, "RESULTS_DIR", results)
+    earlier = results / "kernel_speed.json"
+    earlier.write_text('{"config": {}, "cpu": []}\n')  # a result from before the mark
+    write_bench_json(earlier, {"cpu": [1]}, BENCH_DIR / "kernel_speed.py")
+    assert json.loads(earlier.read_text())["written_by"] == "ds-sft bench/kernel_speed.py"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "plan.json").write_text("my plan")
+    (results / "linked").symlink_to(tmp_path / "notes")
+    with pytest.raises(UserError, match=REFUSED):
+        write_bench_json(results / "linked" / "plan.json", {"cpu": [1]}, "bench")
+    assert (tmp_path / "notes" / "plan.json").read_text() == "my plan"
 
 
 def test_a_result_too_large_to_be_one_is_not_read_through(tmp_path, monkeypatch):
