@@ -59,6 +59,26 @@ remote_word() {
             "_ @ + = : , . / - in it, or run with --no_ssh on every node"
 }
 
+# deepspeed_python: the interpreter the deepspeed launcher runs in (its sys.executable, which the pdsh
+# runner also puts on each node's line unquoted), from the first line of its script; in pip's /bin/sh
+# form (a path with a space, or past 127 bytes) from the second: '''exec' PATH "$0" "$@".
+deepspeed_python() {
+    local script line
+    script=$(command -v deepspeed) && IFS= read -r line < "$script" && [[ $line == \#!* ]] || return 1
+    line=${line#\#!}
+    if [[ $line == /bin/sh ]]; then
+        line=$(sed -n 2p "$script")
+        [[ $line == "'''exec' "* ]] || return 1  # another kind of wrapper: its Python is not known here
+        line=${line#"'''exec' "}
+        line=${line%' "$0" "$@"'}
+        line=${line#\"}
+        line=${line%\"}
+    elif [[ $line == */env\ * ]]; then
+        line=$(command -v "${line##* }") || return 1
+    fi
+    printf '%s' "$line"
+}
+
 # exported WHERE VALUE HOW: a variable's value the launcher exports to every node. It goes in double
 # quotes (when it holds more than letters, digits and _ @ % + = : , . / -), where $, backticks, \ and
 # " still act, and pdsh replaces %n and %h: refused, with HOW to change it.
@@ -124,6 +144,12 @@ if [[ $ssh -eq 1 ]]; then
         "node's shell splits (the launcher's ssh runs 'cd FOLDER' unquoted): run it from another folder," \
         "or with --no_ssh on every node"
     remote_word "the folder it runs in," "$PWD"
+    if python_path=$(deepspeed_python); then  # on each node's line unquoted too: no space either
+        [[ $python_path != *" "* ]] || refuse "the deepspeed launcher's Python, $(printf %q "$python_path")," \
+            "holds a space, which each node's shell splits (its ssh line names it unquoted): use an" \
+            "environment at a path without one, or run with --no_ssh on every node"
+        remote_word "the deepspeed launcher's Python" "$python_path"
+    fi
     for word in "$@"; do remote_word "train flag" "$word"; done
     # the variables the launcher exports to every node: PYTHON*, NCCL*, MLFLOW*, UCX*, MV2*. All of
     # them, from env -0: compgen -e lists only names bash can hold, and the launcher also exported a

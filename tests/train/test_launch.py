@@ -484,3 +484,42 @@ def test_through_ssh_the_callers_folder_must_survive_each_nodes_shell(tmp_path):
         "--dry-run", "--hostfile", "hostfile", *without_ssh, "--", "--model", "tiny", cwd=folder
     )
     assert done.returncode == 0, done.stderr
+
+
+# The deepspeed launcher's script as pip writes it: its interpreter on the first line, or, for a path
+# with a space or past 127 bytes, pip's /bin/sh form with the path on the second.
+LAUNCHER_SCRIPTS = {
+    "plain": ("#!{python}\nfrom deepspeed.launcher.runner import main\n", True),
+    "env": ("#!/usr/bin/env python3\nfrom deepspeed.launcher.runner import main\n", True),
+    "pip's sh form, long": ("#!/bin/sh\n'''exec' {python} \"$0\" \"$@\"\n' '''\nimport sys\n", True),
+    "pip's sh form, a space": (
+        "#!/bin/sh\n'''exec' \"/opt/my env/bin/python3\" \"$0\" \"$@\"\n' '''\n",
+        False,
+    ),
+    "a dollar": ("#!/opt/$HOME/bin/python3\n", False),
+    "a shell wrapper": ('#!/bin/sh\nexec /opt/x/bin/deepspeed "$@"\n', True),  # its Python is not known
+    "not a script": ("\x7fELF\x02\x01 $(x)\n", True),
+}
+
+
+@pytest.mark.parametrize("kind", LAUNCHER_SCRIPTS)
+def test_the_launchers_own_python_must_survive_each_nodes_shell(kind, tmp_path):
+    """The pdsh runner starts each node with the launcher's sys.executable on the line, unquoted: a venv
+    whose path holds a space failed on every node after the launch."""
+    text, accepted = LAUNCHER_SCRIPTS[kind]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "deepspeed").write_text(text.format(python="/usr/bin/python3"))
+    (bin_dir / "deepspeed").chmod(0o755)
+    (tmp_path / "hostfile").write_text("node-07 slots=2\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = _deepspeed_sh(
+        "--dry-run", "--hostfile", "hostfile", "--", "--model", "tiny", cwd=tmp_path, env=env
+    )
+    assert done.returncode == (0 if accepted else 2), done.stderr
+    if not accepted:
+        assert "the deepspeed launcher's Python" in done.stderr and done.stderr.count("\n") == 1
+    without_ssh = ["--no_ssh", "--node_rank", "0"]  # no node's shell reads it
+    flags = ["--hostfile", "hostfile", *without_ssh, "--", "--model", "tiny"]
+    done = _deepspeed_sh("--dry-run", *flags, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
