@@ -55,7 +55,7 @@ from ds_sft.data.val_sample import scored_val_rows
 from ds_sft.errors import UserError
 from ds_sft.labels import IGNORE_INDEX
 from ds_sft.train import checkpointing, compatibility, state_transfer
-from ds_sft.train.distributed import all_reduce_sum, any_rank
+from ds_sft.train.distributed import all_reduce_sum, stop_signal
 from ds_sft.train.engine import build_engine, reduces_gradients_once_per_update
 from ds_sft.train.metrics import MetricsSink, flops_per_token, format_duration, peak_flops
 from ds_sft.train.param_groups import format_group_table
@@ -289,17 +289,17 @@ def announce_eta(forward_context, steps: int, micro_steps: int, say):
 
 @contextlib.contextmanager
 def preemption_flag():
-    """SIGTERM / SIGINT / SIGHUP (a closed terminal) set ``flag['stop']`` instead of stopping the
-    process mid-step."""
+    """SIGTERM / SIGINT / SIGHUP (a closed terminal) set ``flag['stop']`` to the signal's number
+    instead of stopping the process mid-step (0: none came)."""
     import threading
 
-    flag = {"stop": False}
+    flag = {"stop": 0}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def request_stop(signum, frame):
-        flag["stop"] = True
+        flag["stop"] = int(signum)
         print(
             f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting",
             flush=True,
@@ -511,7 +511,9 @@ class LinesAboveBar:
     is cleared, the line written, the bar redrawn). A plain print on a terminal lands at the end of the
     bar's line, as the bar (on stderr) ends without a newline. tqdm's own ``DummyTqdmFile`` clears only
     bars on ``sys.stdout`` or ``sys.stderr`` as they are when it writes, and with stdout redirected to
-    it, that no longer names the stream the bar shares the terminal with."""
+    it, that no longer names the stream the bar shares the terminal with. A disabled bar (every rank but
+    the first) has no stream to clear: lines go straight out (a SIGTERM's line on rank 1 was an
+    AttributeError that stopped that rank mid-step, and the job without its checkpoint)."""
 
     def __init__(self, out, bar) -> None:
         self.out, self.bar, self.partial = out, bar, ""
@@ -519,7 +521,12 @@ class LinesAboveBar:
     def write(self, text: str) -> int:
         lines, newline, self.partial = (self.partial + text).rpartition("\n")
         if newline:
-            with self.bar.external_write_mode(file=self.bar.fp):
+            clearing = (
+                contextlib.nullcontext()
+                if self.bar.disable
+                else self.bar.external_write_mode(file=self.bar.fp)
+            )
+            with clearing:
                 self.out.write(lines + newline)
                 self.out.flush()
         return len(text)
@@ -661,7 +668,8 @@ def keep_if_best(state: dict, done: int, val_loss: float) -> bool:
 
 def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler) -> dict:
     """Build the engine, resume if asked, run to ``s.max_iters`` (or preemption). Returns a summary:
-    {"engine", "status": "finished" | "preempted", "step", "last_eval", "alarms", "records", ...}
+    {"engine", "status": "finished" | "preempted", "stop_signal" (the signal's number, 0 when finished),
+    "step", "last_eval", "alarms", "records", ...}
     (alarms and records of this process's segment; the report reads metrics.jsonl for the whole run)."""
     import torch.distributed as dist
 
@@ -674,7 +682,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
     # set-up: engine (resumed or fresh), fp8, meters, logs, the val sample
     engine, state, identity = start_engine(s, ds_config, model, train_set, run_dir, sampler, world, say)
     forward_context = fp8_forward_context(s, engine.device)
-    first_step, last_eval, status = state["step"], None, "finished"
+    first_step, last_eval, status, stopped_by = state["step"], None, "finished", 0
     meter = StepMeter(s, ds_config, model.config, train_set.seq_len, world, first_step, say)
     log = RunLog(s, run_dir, is_main, say)
     for change in state["changes"]:
@@ -740,7 +748,8 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
                     save(done)
 
             # save: on preemption (then stop), every --save_interval steps and at the end
-            if any_rank(flag["stop"], engine.device):
+            stopped_by = stop_signal(flag["stop"], engine.device)
+            if stopped_by:
                 save(done)
                 status = "preempted"
                 break
@@ -750,6 +759,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
     return {
         "engine": engine,
         "status": status,
+        "stop_signal": stopped_by,
         "step": state["step"],
         "last_eval": last_eval,
         "alarms": log.alarm_log,

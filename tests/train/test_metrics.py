@@ -423,3 +423,19 @@ def test_the_records_the_trainer_writes_parse_as_records():
     for record in [*records(), alarm, unmeasured]:
         line = json.dumps(record)
         assert json.dumps(parse_record(line)) == line  # compared as text: a skipped step's loss is NaN
+
+
+@pytest.mark.parametrize("is_main", [True, False], ids=["rank 0", "another rank"])
+def test_a_line_printed_under_the_progress_bar_reaches_the_console_on_every_rank(is_main, tmp_path, capsys):
+    """Every rank but the first has a disabled bar, without a stream: a print there (the SIGTERM
+    handler's line, a library's own) raised AttributeError mid-step, which stopped that rank and, in a
+    collective, the job, without the checkpoint the signal asked for."""
+    from ds_sft.train.loop import RunLog
+
+    s = SimpleNamespace(wandb_project=None, wandb_mode="disabled", alarm_rising_evals=3, alarm_gap=0.5,
+                        log_interval=100, max_iters=100)  # fmt: skip
+    log = RunLog(s, tmp_path, is_main=is_main, say=print)
+    with log.progress_bar(0):
+        print("received SIGTERM: saving a checkpoint after this step, then exiting")
+    log.close()
+    assert "received SIGTERM: saving a checkpoint" in capsys.readouterr().out
