@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -417,19 +418,27 @@ def run(args: argparse.Namespace) -> int:
             print(f"report: {write_report(run_dir, effective, summary)}")
         engine.destroy()
         run_lock.release()
+        # stopped by a signal: its checkpoint is saved, but the run did not finish (`train && eval` must
+        # not go on), so 128 + the signal, as a shell reports a process the signal ended
+        code = 128 + summary["stop_signal"] if summary["status"] == "preempted" else 0
+        if code and rank == 0:
+            name = signal.Signals(summary["stop_signal"]).name
+            print(f"stopped by {name} at step {summary['step']}: continue with --resume", file=sys.stderr)
         if world > 1:
-            shutdown_multiprocess()
-    return 0
+            shutdown_multiprocess(code)
+    return code
 
 
-def shutdown_multiprocess() -> None:
+def shutdown_multiprocess(code: int) -> None:
     """Leave without running interpreter teardown: with several ranks, DeepSpeed 0.19.8 on CPU sometimes
     aborts in it ("terminate called without an active exception") after the work is done; flushing and
-    ``os._exit(0)`` after the process group is gone made 16/16 runs exit 0 (shared/FACTS.md)."""
+    ``os._exit(0)`` after the process group is gone made 16/16 runs exit 0 (shared/FACTS.md). Every
+    rank is past the last barrier, its part of the last checkpoint written, before any exits with
+    ``code``: ``srun --kill-on-bad-exit`` ends the others when one exits non-zero."""
     import torch.distributed as dist
 
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

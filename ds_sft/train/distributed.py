@@ -241,6 +241,12 @@ def all_reduce_sum(values, device):
     return tensor
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (e.g. a SIGTERM that reached one rank)."""
-    return all_reduce_sum([1.0 if flag else 0.0], device).item() > 0
+def stop_signal(signum: int, device) -> int:
+    """The signal that stops every rank: the largest number any rank caught, 0 for none. A SIGTERM that
+    reached one rank stops them all, and each exits with the same code (128 + that number)."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(signum)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())

@@ -97,3 +97,27 @@ def test_survivor_fails_within_60s_and_the_job_resumes(tmp_path, ds_env, how):
     assert [proc.returncode for proc in resumed] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert f"resumed from {out_dir / 'checkpoints' / last}" in outputs[0]
     assert max(r["step"] for r in train_records(out_dir)) == STEPS
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_after_a_checkpoint_with_its_code(tmp_path, ds_env):
+    """Preemption that reached one rank: every rank saves the same step and stops, and each exits 143
+    (128 + SIGTERM), after the last barrier. They exited 0, so `ds-sft train ... && ds-sft eval ...`
+    went on to evaluate a run stopped half-way."""
+    from ds_sft.train import checkpointing
+
+    data = write_tiny_data_dir(tmp_path / "data")
+    out_dir = tmp_path / "run"
+    env = without_launcher_variables(ds_env)
+    with rendezvous() as store:
+        procs = start_ranks(data, out_dir, env, store)
+        try:
+            wait_for_step(out_dir, 3, procs)
+            procs[1].send_signal(signal.SIGTERM)
+            outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+        finally:
+            kill_all(procs)
+    assert [proc.returncode for proc in procs] == [143, 143], outputs[0][-3000:] + outputs[1][-3000:]
+    step = max(r["step"] for r in train_records(out_dir))
+    assert step < STEPS
+    assert (out_dir / "checkpoints" / "latest").read_text().strip() == checkpointing.tag_for(step)
+    assert f"stopped by SIGTERM at step {step}: continue with --resume" in outputs[0]

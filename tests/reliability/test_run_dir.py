@@ -170,7 +170,7 @@ def test_two_concurrent_trainers_into_one_folder(data, ds_env, tmp_path):
     assert second.returncode == 2, second.stderr[-3000:]
     (line,) = error_lines(second.stderr)
     assert f"pid {first.pid} on " in line and str(out) in line and "another --out_dir" in line
-    assert first.returncode == 0, first_err[-3000:]
+    assert first.returncode == 143, first_err[-3000:]  # saved, then stopped as SIGTERM asked
     steps = [r["step"] for r in train_records(out)]
     assert steps == sorted(set(steps)), "two writers interleaved their metrics"
 

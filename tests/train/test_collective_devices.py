@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from ds_sft.labels import IGNORE_INDEX
 from ds_sft.model.scoring import MODEL_INPUTS
 from ds_sft.train import checkpointing
-from ds_sft.train.distributed import all_reduce_sum, any_rank
+from ds_sft.train.distributed import all_reduce_sum, stop_signal
 from ds_sft.train.loop import model_inputs, train_step
 from tests.train.fake_accelerator import DEVICE, FakeAccelerator
 
@@ -95,10 +95,10 @@ def test_train_step_collectives_run_on_the_engine_device(shapes, ignore_every):
     assert all(loss.device == DEVICE for loss in engine.backward_losses)
 
 
-@pytest.mark.parametrize("flag", [False, True])
-def test_stop_flag_agreement_runs_on_the_engine_device(flag):
+@pytest.mark.parametrize("signum", [0, 15])
+def test_stop_signal_agreement_runs_on_the_engine_device(signum):
     with FakeAccelerator():
-        assert any_rank(flag, DEVICE) is flag
+        assert stop_signal(signum, DEVICE) == signum
 
 
 VALUES = [[0.0], [1.5, -2.0, 3.25], torch.arange(6, dtype=torch.float64).view(2, 3)]

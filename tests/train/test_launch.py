@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -523,3 +524,30 @@ def test_the_launchers_own_python_must_survive_each_nodes_shell(kind, tmp_path):
     flags = ["--hostfile", "hostfile", *without_ssh, "--", "--model", "tiny"]
     done = _deepspeed_sh("--dry-run", *flags, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(("ranks_exit", "job_exit"), [(143, 0), (1, 1)], ids=["saved and stopped", "crashed"])
+def test_slurm_requeues_a_stopped_job_and_ends_in_0_unless_the_ranks_failed(tmp_path, ranks_exit, job_exit):
+    """Ranks stopped by SIGTERM now exit 143 after their checkpoint: the job script requeues and
+    ends in 0 (its part done); a rank that failed instead still shows in the job's exit code."""
+    import time
+
+    (tmp_path / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\necho node01\n')
+    (tmp_path / "srun").write_text(f"#!/bin/sh\ntrap 'exit {ranks_exit}' TERM\ntouch {tmp_path / 'running'}\n"
+                                   "while :; do sleep 0.1; done\n")  # fmt: skip
+    for fake in ("scontrol", "srun"):
+        (tmp_path / fake).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"SLURM_JOB_ID": "77"}
+    env = this_python_first(tmp_path / "bin", {**env, "PATH": f"{tmp_path}{os.pathsep}{env['PATH']}"})
+    script = str(REPO_ROOT / "launch" / "slurm.sbatch")
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    job = subprocess.Popen(["bash", script, "--model", "tiny"], cwd=REPO_ROOT, env=env, **pipes)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "running").exists():
+        assert time.monotonic() < deadline and job.poll() is None, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # Slurm's notice before the time limit
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == job_exit, out + err
+    assert f"stopped for preemption or the time limit (exit {ranks_exit}); requeueing job 77" in out
+    assert "requeue 77" in (tmp_path / "scontrol.log").read_text()

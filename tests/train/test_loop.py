@@ -232,7 +232,7 @@ def test_sigterm_then_resume_is_bitwise_identical(stage, precision, dist_env, tm
 
     # SIGTERM arrives while step 3 reads its rows: step 3 finishes, is saved, and the run stops.
     first, _, summary = run(s, SigtermAfter(dataset, rows=2 * 4 + 2), tmp_path / "cut")
-    assert summary["status"] == "preempted" and len(first) == 3
+    assert summary["status"] == "preempted" and summary["stop_signal"] == signal.SIGTERM and len(first) == 3
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step_000003"
     resumed, w_resumed, _ = run(
         settings(zero_stage=stage, max_iters=8, eval_interval=4, precision=precision, resume="auto"),
