@@ -19,7 +19,8 @@ LAYERS = {  # a layer -> the layers it may use, besides itself and the shared mo
     "train": {"data", "model", "kernels"},
     "eval": {"data", "model"},
 }
-FRONT = {"cli", "demo", "export", "bench", "__init__", "__main__"}  # the commands: anything
+# the commands and what only they use (a bench's result file; the launchers' torchrun): anything
+FRONT = {"cli", "demo", "export", "bench", "bench_result", "torchrun", "__init__", "__main__"}
 
 
 def unit(module: str) -> str:

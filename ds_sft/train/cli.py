@@ -429,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def shutdown_multiprocess(code: int) -> None:
+def shutdown_multiprocess(code: int = 0) -> None:
     """Leave without running interpreter teardown: with several ranks, DeepSpeed 0.19.8 on CPU sometimes
     aborts in it ("terminate called without an active exception") after the work is done; flushing and
     ``os._exit(0)`` after the process group is gone made 16/16 runs exit 0 (shared/FACTS.md). Every
