@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
 from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
-from ds_sft.errors import UserError  # noqa: E402
+from ds_sft.errors import UserError, process_ending  # noqa: E402
 from ds_sft.options import COUNT, THREADS, Choice, Int, Text  # noqa: E402
 
 BATCH = Int(1, 2**16)
@@ -100,9 +99,8 @@ def time_tree(args: argparse.Namespace, name: str, tree: Path, batch: int) -> di
     if out.returncode != 0 or not lines:
         said = [line.removeprefix("ERROR ") for line in out.stdout.splitlines() if line.startswith("ERROR ")]
         if not said:  # killed (out of memory...) or ended without a word: its code, and its last line
-            code = out.returncode
-            ended = f"killed by signal {-code} ({signal.strsignal(-code)})" if code < 0 else f"exit {code}"
-            said = [f"{ended}; its last line: {(out.stderr.strip().splitlines() or ['(none)'])[-1]}"]
+            last = (out.stderr.strip().splitlines() or ["(none)"])[-1]
+            said = [f"{process_ending(out.returncode)}; its last line: {last}"]
         raise UserError(f"{name}, batch {batch}: the GSM8K pass stopped: {said[-1]}")
     result = json.loads(lines[-1].removeprefix("RESULT "))
     if not Path(result["ds_sft"]).resolve().is_relative_to(tree.resolve()):

@@ -13,6 +13,7 @@ ds-sft and keeps its traceback.
 import errno
 import os
 import re
+import signal
 
 
 class UserError(Exception):
@@ -23,6 +24,30 @@ def is_native_panic(err: BaseException) -> bool:
     """A Rust panic inside a library (the tokenizers' regexes on hostile input, a damaged charsmap):
     pyo3's PanicException, a BaseException that no ``except Exception`` sees."""
     return type(err).__name__ == "PanicException"
+
+
+def process_ending(returncode: int) -> str:
+    """How a child process ended, in words, for a line that names it: ``exit 2``; ``killed by SIGKILL``
+    (a negative code: the signal's default action ended it, e.g. the kernel's out-of-memory killer); or
+    ``exit 143, on SIGTERM``: a process that caught the signal, cleaned up and exited as a shell reports
+    a process the signal ended (128 + N; ds-sft's own commands do this)."""
+
+    def name(number: int) -> str:
+        try:
+            return signal.Signals(number).name
+        except ValueError:
+            return f"signal {number}"
+
+    if returncode < 0:
+        return f"killed by {name(-returncode)}"
+    if stopped_on_signal(returncode):
+        return f"exit {returncode}, on {name(returncode - 128)}"
+    return f"exit {returncode}"
+
+
+def stopped_on_signal(returncode: int) -> bool:
+    """An exit code of 128 + N for a signal N: the process stopped on that signal, not on a failure."""
+    return returncode > 128 and returncode - 128 in set(signal.Signals)
 
 
 def first_line(err: BaseException) -> str:

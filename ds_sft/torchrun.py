@@ -4,7 +4,8 @@
 - A rank that fails: torchrun raises ``ChildFailedError`` out of its main, a 40-line traceback and
   report below the rank's own one-line error, and exits 1 whatever the rank's code was, so a refused
   flag (2), a signal (128 + N) and a crash (1) looked alike to a script or a scheduler. Here it ends
-  in the first failing rank's code and one line that points at that rank's own message.
+  in the first failing rank's code and one line that points at that rank's own message; a rank that
+  got a signal itself (srun's, scancel's), saved and exited 128 + N is said to have stopped, not failed.
 - A signal to torchrun (Slurm's preemption, Ctrl-C): torchrun passes it to the ranks, which save a
   checkpoint and exit, then ends in the same traceback; here in one line and 128 + the signal. Where
   torchrun can wait longer for that checkpoint (``--shutdown_timeout``, 30 s by default, after which
@@ -15,15 +16,15 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
+
+from ds_sft.errors import process_ending, stopped_on_signal
 
 # A checkpoint of a 2B model with its optimizer state on a slow shared file system; Slurm's own grace
 # period (KillWait) and the job's --signal lead time bound the wait from outside anyway.
 SHUTDOWN_SECONDS = 300
 # where torchrun reads a shutdown timeout from the environment (its flag's variable; LaunchConfig's)
 SHUTDOWN_VARIABLES = ("PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
-SIGNALS = {int(number) for number in signal.Signals}
 
 
 def torchrun_argv(argv: list[str]) -> list[str]:
@@ -61,12 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         run(torchrun_argv(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        code = exit_code(failure.exitcode)
-        how = f"exit {code}"
-        if failure.exitcode < 0:
-            how = f"signal {signal.Signals(-failure.exitcode).name}" if -failure.exitcode in SIGNALS else how
-        print(f"torchrun: {err.name} failed on rank {rank} ({how}); its own error is above", file=sys.stderr)
-        return code
+        ending = process_ending(failure.exitcode)
+        if failure.exitcode < 0:  # no word of its own: the kernel's out-of-memory killer, a crash
+            line = f"{err.name} on rank {rank} was {ending}"
+        elif stopped_on_signal(failure.exitcode):  # a rank that got the signal itself (srun, scancel)
+            line = f"{err.name} stopped on rank {rank} ({ending}); its own line is above"
+        else:
+            line = f"{err.name} failed on rank {rank} ({ending}); its own error is above"
+        print(f"torchrun: {line}", file=sys.stderr)
+        return exit_code(failure.exitcode)
     except SignalException as err:
         print(f"torchrun: stopped by {err.sigval.name}; the ranks were told to stop", file=sys.stderr)
         return 128 + int(err.sigval)

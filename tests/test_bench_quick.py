@@ -283,7 +283,7 @@ def test_generate_speed_names_a_worker_killed_without_a_word(tmp_path, monkeypat
     args = module.build_parser().parse_args([])
     with pytest.raises(UserError) as err:
         module.time_tree(args, "current", tmp_path, 8)
-    stopped = "current, batch 8: the GSM8K pass stopped: killed by signal 9 (Killed)"
+    stopped = "current, batch 8: the GSM8K pass stopped: killed by SIGKILL"
     assert str(err.value) == f"{stopped}; its last line: warnings.warn("
 
 

@@ -60,18 +60,18 @@ def _ended(process: subprocess.Popen) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("how", "code", "ended"),
     [
-        ("2", 2, "exit 2"),  # ds-sft's one-line refusal
-        ("1", 1, "exit 1"),
-        ("kill9", 137, "signal SIGKILL"),  # the kernel's out-of-memory killer
-        ("kill11", 139, "signal SIGSEGV"),
+        ("2", 2, "failed on rank 1 (exit 2); its own error is above"),  # ds-sft's one-line refusal
+        ("1", 1, "failed on rank 1 (exit 1); its own error is above"),
+        ("kill9", 137, "on rank 1 was killed by SIGKILL"),  # the kernel's out-of-memory killer
+        ("kill11", 139, "on rank 1 was killed by SIGSEGV"),
+        # the rank caught SIGTERM itself (srun --signal, scancel): a stop, not a failure
+        ("143", 143, "stopped on rank 1 (exit 143, on SIGTERM); its own line is above"),
+        ("130", 130, "stopped on rank 1 (exit 130, on SIGINT); its own line is above"),
     ],
 )
-def test_a_failed_rank_ends_torchrun_in_its_code_and_one_line(tmp_path, how, code, ended):
+def test_a_failed_or_stopped_rank_ends_torchrun_in_its_code_and_one_line(tmp_path, how, code, ended):
     returncode, last = _ended(_torchrun(tmp_path, how))
-    assert (returncode, last) == (
-        code,
-        f"torchrun: {tmp_path / 'rank.py'} failed on rank 1 ({ended}); its own error is above",
-    )
+    assert (returncode, last) == (code, f"torchrun: {tmp_path / 'rank.py'} {ended}")
 
 
 def test_a_run_whose_ranks_succeed_ends_in_zero(tmp_path):
