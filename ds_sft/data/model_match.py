@@ -113,21 +113,9 @@ def _folder_identity(folder: str, stamp: tuple) -> str:
 def model_tokenizer_dir(spec: str) -> Path | None:
     """Where the tokenizer stored with model ``spec`` lives, or None when it carries none (a
     nanoGPT-style ``.pt``, a bare ``.safetensors``, a ds-sft weights folder without ``tokenizer/``)."""
-    path = paths.resolve_model_path(spec)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return path
-    path = _model_folder(path)
-    if (path / "tokenizer").is_dir():
-        return path / "tokenizer"
-    return path if any(path.glob("tokenizer*.json")) else None
+    from ds_sft.data.tokenizer import stored_tokenizer
 
-
-def _model_folder(path: Path) -> Path:
-    """The folder holding what is stored with the model at ``path``: a weights file's folder
-    (final/model.safetensors: its config, tokenizer and records lie beside it), a run's ``final/``."""
-    if path.is_file():
-        path = path.parent
-    return path / "final" if (path / "final").is_dir() else path
+    return stored_tokenizer(paths.resolve_model_path(spec))
 
 
 # In a model folder train wrote (RUN/final): the prompt format of the data it was trained on.
@@ -147,7 +135,9 @@ def trained_template(spec: str) -> str | None:
     """The template model ``spec`` was fine-tuned on, when ds-sft's train recorded it (a run dir, its
     ``final/`` or the weights file there); None for any other model (a base model, a run of an older
     ds-sft)."""
-    path = _model_folder(paths.resolve_model_path(spec))
+    from ds_sft.data.tokenizer import model_folder
+
+    path = model_folder(paths.resolve_model_path(spec))
     record = path / TRAINED_ON
     if not path.is_dir() or not record.is_file():
         return None

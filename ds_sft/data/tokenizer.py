@@ -182,17 +182,53 @@ def _gpt2():
         ) from None
 
 
+def model_folder(path: Path) -> Path:
+    """The folder holding what is stored with the model at ``path``: a weights file's folder
+    (final/model.safetensors: its config, tokenizer and records lie beside it), a run's ``final/``."""
+    if path.is_file():
+        path = path.parent
+    return path / "final" if (path / "final").is_dir() else path
+
+
+def stored_tokenizer(path: Path) -> Path | None:
+    """The tokenizer stored with the model at ``path`` (a model or run folder, a weights file, a GGUF):
+    its ``tokenizer/`` folder, the folder holding its ``tokenizer*.json``, or the GGUF itself; None when
+    it carries none (a nanoGPT-style ``.pt``, a ds-sft weights folder without ``tokenizer/``)."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    folder = model_folder(path)
+    if (folder / "tokenizer").is_dir():
+        return folder / "tokenizer"
+    return folder if any(folder.glob("tokenizer*")) else None
+
+
+def holds_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds a model's weights, or the config they are read with."""
+    weights = (path for suffix in WEIGHT_FILES for path in folder.glob(f"*{suffix}"))
+    return any(weights) or any((folder / name).is_file() for name in ("model_config.json", "config.json"))
+
+
 def _load(spec: str):
     if spec.lower() == "gpt2":
         return _gpt2()
     forms = "a tokenizer.json, a tokenizer directory, a .gguf file, 'gpt2'"
     path = paths.resolve_model_path(spec, what="tokenizer", forms=forms)
-    if path.is_dir() and (path / "tokenizer").is_dir():
-        path = path / "tokenizer"
-    if path.suffix in WEIGHT_FILES or (path.is_dir() and not any(path.glob("tokenizer*"))):
-        # the note cannot know which flag named the path: it says what happens, not which flag to change
-        print(f"note: no tokenizer files in {path}; using GPT-2's, the one bare nanoGPT-style weights use")
-        return _gpt2()
+    if path.is_dir() or path.suffix in WEIGHT_FILES:
+        stored = stored_tokenizer(path)
+        if stored is None and not holds_weights(model_folder(path)):
+            raise UserError(
+                f"{path} holds no tokenizer and no model weights (a training run has them in final/ once it "
+                "has finished): pass the model's folder or weights file, or the tokenizer itself"
+            )
+        if stored is None:
+            # the note cannot know which flag named the path: it says what happens, not which flag to change
+            print(
+                f"note: no tokenizer files in {path}; using GPT-2's, the one bare nanoGPT-style weights use"
+            )
+            return _gpt2()
+        if stored.is_file():  # a GGUF
+            return _from_gguf(stored)
+        path = stored
     if path.is_dir():
         return _from_pretrained(path)
     if path.suffix == ".gguf":

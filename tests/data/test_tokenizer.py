@@ -277,3 +277,57 @@ def test_a_chat_template_name_that_cannot_be_a_file_name_is_refused_at_load(tmp_
         return
     load_tokenizer(str(tmp_path / "tok")).save_pretrained(tmp_path / "saved")  # transformers' own check
     assert (tmp_path / "saved" / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "named",
+    [
+        "RUN",
+        "RUN/final",
+        "RUN/final/model.safetensors",
+        "RUN/final/tokenizer",
+        "MODEL",
+        "MODEL/model.safetensors",
+        "PT/base.pt",
+    ],  # fmt: skip
+)
+def test_a_model_is_read_with_the_tokenizer_stored_with_it(tiny_tokenizer, tmp_path, capsys, named):
+    """A run folder, its final/ or its weights file, a model folder with its tokenizer files beside the
+    weights, a .pt beside a tokenizer/ folder: the tokenizer stored there. A run's folder fell back to
+    GPT-2 with a note (its tokenizer is in final/tokenizer/), and prepare wrote data no eval of that run
+    could read."""
+    for folder in ("RUN/final", "MODEL", "PT"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "RUN/checkpoints").mkdir()
+    for weights in ("RUN/final/model.safetensors", "MODEL/model.safetensors", "PT/base.pt"):
+        (tmp_path / weights).write_bytes(b"")
+    tiny_tokenizer.save_pretrained(str(tmp_path / "RUN/final/tokenizer"))
+    tiny_tokenizer.save_pretrained(str(tmp_path / "MODEL"))
+    tiny_tokenizer.save_pretrained(str(tmp_path / "PT/tokenizer"))
+    loaded = load_tokenizer(str(tmp_path / named))
+    assert tokenizer_identity(loaded) == tokenizer_identity(tiny_tokenizer)
+    assert "GPT-2" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout", ["unfinished run", "empty folder", "only a report"])
+def test_a_folder_without_tokenizer_or_weights_is_refused_not_read_as_gpt2(tmp_path, capsys, layout):
+    """A run that has not finished (no final/ yet) has neither: GPT-2 was a guess, said in a note only."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    if layout == "unfinished run":
+        (folder / "checkpoints" / "step_000002").mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("{}\n")
+    elif layout == "only a report":
+        (folder / "report.md").write_text("# a report\n")
+    with pytest.raises(UserError, match="holds no tokenizer and no model weights"):
+        load_tokenizer(str(folder))
+    assert "GPT-2" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin", "model_config.json"])
+def test_a_weights_folder_without_a_tokenizer_is_read_with_gpt2_as_bare_weights_are(
+    shared, tmp_path, capsys, weights
+):
+    (tmp_path / weights).write_bytes(b"")
+    assert load_tokenizer(str(tmp_path)).eos_token_id == 50256
+    assert "using GPT-2's" in capsys.readouterr().out
