@@ -24,8 +24,10 @@ from pathlib import Path
 from ds_sft.errors import (
     MORE_MEMORY,
     UserError,
+    as_os_error,
     first_line,
     is_native_panic,
+    lost_rank_line,
     one_line,
     os_error_line,
     out_of_memory_line,
@@ -115,10 +117,16 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
     except OSError as err:
         if err.errno is None:  # raised by a library with a message of its own: a bug to look at
             raise
-        print(f"{prog}: error: {os_error_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {os_error_line(err, output_of(module, args))}", file=sys.stderr)
         return 2
     except RuntimeError as err:
         line = out_of_memory_line(err, getattr(module, "OUT_OF_MEMORY_FIXES", MORE_MEMORY))
+        disguised = as_os_error(err)
+        if isinstance(disguised, OSError):  # a library's writer reporting a full disk in its own type
+            line = os_error_line(disguised, output_of(module, args))
+        if line is None and lost_rank_line(err) is not None:  # not this rank's fault: exit 1, not 2
+            print(f"{prog}: error: {lost_rank_line(err)}", file=sys.stderr)
+            return 1
         if line is None:  # a bug to look at
             raise
         print(f"{prog}: error: {one_line(line)}", file=sys.stderr)
@@ -129,11 +137,23 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return interrupted(prog)
     except BaseException as err:
+        disguised = as_os_error(err) if isinstance(err, Exception) else err
+        if isinstance(disguised, OSError):  # the same, in a plain Exception (the tokenizers library)
+            print(f"{prog}: error: {os_error_line(disguised, output_of(module, args))}", file=sys.stderr)
+            return 2
         if not is_native_panic(err):
             raise
         print(f"{prog}: error: {one_line(native_panic_line(err))}", file=sys.stderr)
         return 2
     return int(code or 0)
+
+
+def output_of(module, args: argparse.Namespace) -> str | None:
+    """The folder the command writes to (its ``OUTPUT_FLAG``'s value), named in a refusal that names no
+    file: "No space left on device" alone did not say where."""
+    flag = getattr(module, "OUTPUT_FLAG", None)
+    value = getattr(args, flag, None) if flag else None
+    return str(value) if value is not None else None
 
 
 def native_panic_line(err: BaseException) -> str:

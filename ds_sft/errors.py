@@ -70,6 +70,7 @@ OS_ERROR_FIXES = {
     errno.EPERM: "check its permissions, or use another path",
     errno.ENOSPC: "free some space there, or write somewhere else",
     errno.EDQUOT: "the disk quota is used up: free some, or write somewhere else",
+    errno.EFBIG: "a file-size limit (ulimit -f, or the filesystem's) is reached: raise it or write elsewhere",
     errno.ENAMETOOLONG: "use a shorter path",
     errno.EROFS: "the filesystem is read-only: write somewhere else",
     errno.ELOOP: "a symbolic link on the path loops: fix the link",
@@ -79,9 +80,17 @@ OS_ERROR_FIXES = {
 }
 
 
-def os_error_line(err: OSError) -> str:
-    """One line for a refused file operation: the path(s), the system's reason, and what to do."""
+# Refusals that only a write meets: when the system names no file (a write through an open handle, a
+# library's own writer), the command's output is where the space or the quota ran out.
+WRITE_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def os_error_line(err: OSError, output: str | None = None) -> str:
+    """One line for a refused file operation: the path(s), the system's reason, and what to do. An
+    ``err`` that names no path says ``output`` (the command's output folder) for a refused write."""
     names = [_printable(name) for name in (err.filename, err.filename2) if name is not None]
+    if not names and output is not None and err.errno in WRITE_REFUSALS:
+        names = [f"writing to {_printable(output)}"]
     reason = err.strerror or os.strerror(err.errno)
     fix = OS_ERROR_FIXES.get(err.errno, "check the path and the machine, then run again")
     return f"{' -> '.join(names) + ': ' if names else ''}{reason}; {fix}"
@@ -103,14 +112,38 @@ def _printable(name) -> str:
 RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
-def as_os_error(err: Exception, path) -> Exception:
-    """``err`` as the ``OSError`` it reports, when it is one in disguise: the Rust ``tokenizers``
-    library raises plain ``Exception("No space left on device (os error 28)")``. Else ``err``."""
+def as_os_error(err: Exception, path=None) -> Exception:
+    """``err`` as the ``OSError`` it reports (about ``path``, when known), when it is one in disguise:
+    the Rust ``tokenizers`` library raises plain ``Exception("No space left on device (os error 28)")``,
+    safetensors a ``SafetensorError`` with the same words. Else ``err``."""
     found = RUST_IO_ERROR.search(str(err))
     if isinstance(err, OSError) or found is None:
         return err
     code = int(found.group(1))
-    return OSError(code, os.strerror(code), os.fspath(path))
+    return OSError(code, os.strerror(code), *([] if path is None else [os.fspath(path)]))
+
+
+# How gloo and NCCL report, on the ranks still running, that another rank left mid-collective (it
+# failed, or was killed), and that one stopped answering (frozen, or a node gone) until the timeout
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
+PEER_SILENT = ("Timed out waiting", "Watchdog caught collective operation timeout")
+
+
+def lost_rank_line(err: BaseException) -> str | None:
+    """One line for a collective that failed because another rank left or froze, or None. That rank's
+    own message says why; the traceback every other rank printed (gloo's "Connection closed by peer",
+    40 lines each) buried it."""
+    text = str(err)
+    rank = os.environ.get("RANK")
+    this = f"rank {rank}" if rank and rank.isascii() and rank.isdigit() else "this rank"
+    if any(words in text for words in PEER_GONE):
+        return f"{this} stops: another rank ended in the middle of a collective; its own error says why"
+    if any(words in text for words in PEER_SILENT):
+        return (
+            f"{this} stops: another rank did not answer a collective within --dist_timeout (frozen, "
+            "or its node is gone); its log says why"
+        )
+    return None
 
 
 # What torch's CPU allocator says when the system refuses it memory (a RuntimeError, not torch's

@@ -30,6 +30,9 @@ from pathlib import Path
 from ds_sft.errors import UserError
 from ds_sft.paths import expand_user
 
+# the output a refusal that names no file is about (command.execute): where a full disk ran out
+OUTPUT_FLAG = "hf"
+
 MANIFEST = "ds_sft_export.json"
 # fp32 logits of the same weights, computed by transformers and by ds-sft (kernels sum in other orders)
 VERIFY_TOLERANCE = 1e-4

@@ -20,7 +20,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from ds_sft.errors import UserError, first_line
+from ds_sft.errors import UserError, as_os_error, first_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,6 +252,22 @@ def check_result_path(path: str | Path) -> Path:
     return path
 
 
+def own_folder(path: str | Path) -> Path:
+    """Make (or enter) ``path``, a folder of ds-sft's own inside an output it made (a run's ``final/``
+    and ``final/tokenizer/``): refused in one line if a link or a file stands there. The output was
+    checked when the command began, but a run lasts hours, and a link put there meanwhile (``ln -s
+    ~/models RUN/final``) had the final weights written over the files it pointed to."""
+    path = Path(path)
+    if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
+        what = "a link" if path.is_symlink() else "not a folder"
+        raise UserError(
+            f"{path} is {what}, made after the command checked its output: ds-sft writes its own folder "
+            "there and nothing through a link; remove it, then run the command again"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def temporary_name_prefix(path: Path, tag: str, room: int) -> str:
     """A hidden name beside ``path`` to build its replacement under: ``.NAME`` + ``tag``, NAME cut so
     that ``room`` more bytes (``mkdtemp``'s random part, a suffix) stay within the folder's name limit.
@@ -278,7 +294,13 @@ def replace_file(path: str | Path, fill) -> Path:
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     os.close(descriptor)
     try:
-        fill(Path(temporary))
+        try:
+            fill(Path(temporary))
+        except Exception as err:  # a library's writer reporting a full disk in a plain Exception
+            disguised = as_os_error(err, path)
+            if disguised is err:
+                raise
+            raise disguised from None
         make_readable(Path(temporary))  # mkstemp's file is owner-only; ds-sft's results are not secret
         os.replace(temporary, path)
     except BaseException:

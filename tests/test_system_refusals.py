@@ -158,3 +158,49 @@ def test_an_unreadable_input_file_is_one_line_through_the_console_command(tmp_pa
     assert result.returncode == 2 and len(err) == 1, result.stderr[-2000:]
     assert str(rows) in err[0] and "Permission denied" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+# What a command runs, under a 4 KiB file-size limit (the kernel refuses a write past it, EFBIG, as it
+# refuses one to a full disk, ENOSPC): a library writer's refusal, and a write through an open handle.
+LIMITED = """
+import io, json, resource, signal, sys, types, contextlib
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+import torch
+from ds_sft.command import execute
+how, out = sys.argv[1], Path(sys.argv[2])
+
+def run(args):
+    if how == "safetensors":  # through replace_file, as final/ and export write their weights
+        from ds_sft.model.checkpoint import save_weights
+        save_weights({"w": torch.zeros(10_000)}, out / "model.safetensors")
+    elif how == "tokenizers":  # a library's own save, as export's tokenizer
+        from tokenizers import Tokenizer, models
+        vocab = {chr(97 + i % 26) * (1 + i // 26): i for i in range(2000)}
+        Tokenizer(models.BPE(vocab=vocab, merges=[])).save(str(out / "tokenizer.json"))
+    else:  # a handle opened before the disk filled: metrics.jsonl, a report
+        with open(out / "metrics.jsonl", "w") as handle:
+            handle.write("x" * 10_000)
+            handle.flush()
+
+sys.exit(execute("ds-sft test", types.SimpleNamespace(run=run, OUTPUT_FLAG="out_dir"),
+                 types.SimpleNamespace(out_dir=str(out))))
+"""
+
+
+@pytest.mark.parametrize("how", ["safetensors", "tokenizers", "open handle"])
+def test_a_write_the_system_refuses_is_one_line_naming_the_file_or_the_output(tmp_path, how):
+    """safetensors and tokenizers report a full disk in their own exception types ("(os error 28)"):
+    final/'s weights and an export ended in a traceback. A write through an open handle names no file:
+    the line said "No space left on device; free some space there", and not where."""
+    out = tmp_path / "out"
+    out.mkdir()
+    said = subprocess.run([sys.executable, "-c", LIMITED, how, str(out)], capture_output=True, text=True,
+                          cwd=REPO_ROOT, check=False)  # fmt: skip
+    lines = said.stderr.strip().splitlines()
+    assert (said.returncode, len(lines)) == (2, 1), said.stderr[-3000:]
+    named = out / "model.safetensors" if how == "safetensors" else f"writing to {out}"
+    fix = OS_ERROR_FIXES[errno.EFBIG]
+    assert lines[0] == f"ds-sft test: error: {named}: {os.strerror(errno.EFBIG)}; {fix}"
+    assert not list(out.glob(".*.tmp")), "replace_file's temporary file was left behind"

@@ -59,6 +59,9 @@ from ds_sft.errors import UserError, as_os_error
 from ds_sft.options import Ignored, refuse_ignored
 from ds_sft.paths import expand_user
 
+# the output a refusal that names no file is about (command.execute): where a full disk ran out
+OUTPUT_FLAG = "output_dir"
+
 FORMAT_VERSION = 4  # bump when the output layout, a cleaning or tokenizing rule changes: old outputs redone
 
 DROP_REASON_TOO_LONG = {1: "longer_than_seq_len", 2: "prompt_fills_seq_len"}

@@ -42,6 +42,9 @@ from ds_sft.errors import UserError
 from ds_sft.options import Ignored, refuse_ignored
 from ds_sft.paths import expand_user
 
+# the output a refusal that names no file is about (command.execute): where a full disk ran out
+OUTPUT_FLAG = "out"
+
 MANIFEST = "ds_sft_eval.json"
 # When a forward runs out of memory (ds_sft.command.execute says so in one line): what needs less of it
 OUT_OF_MEMORY_FIXES = "pass a smaller --batch_size (the val pass) or --generate_batch_size (the answers)"

@@ -62,6 +62,7 @@ from ds_sft.errors import UserError, first_line
 from ds_sft.model.config import FAMILIES, PRESETS, RUN_SETTINGS, ModelConfig, check_field
 from ds_sft.model.llama import LlamaModel, rope_table
 from ds_sft.paths import (
+    own_folder,
     read_gguf,
     read_json_object,
     refuse_remote_code,
@@ -202,8 +203,7 @@ def save_model(model: LlamaModel, directory: str | Path) -> Path:
     }
     if set(state) != weight_names:
         raise ValueError(f"save_model: the model lacks {_preview(sorted(weight_names - set(state)))}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = own_folder(directory)
     save_weights(state, directory / MODEL_FILE)
     model.config.save(directory / CONFIG_FILE)
     return directory

@@ -472,16 +472,18 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int)
     move ``latest`` once all are done (see the module docstring)."""
     import torch.distributed as dist
 
+    from ds_sft.train.distributed import on_rank_zero
+
     tag = tag_for(step)
     partial = ckpt_dir / PARTIAL
     client_state = {"trainer": trainer_state, "rng": gather_rng_states()}
-    if dist.get_rank() == 0:
-        remove_scratch(partial)  # what a save killed mid-way left
-    dist.barrier()
+    # rank 0's parts are told to every rank (on_rank_zero): a full disk there must not leave them waiting
+    on_rank_zero(lambda: remove_scratch(partial), engine.device)  # what a save killed mid-way left
     with disk_errors(ckpt_dir, tag):
         engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
-    if dist.get_rank() == 0:
+
+    def publish() -> None:
         with disk_errors(ckpt_dir, tag):
             state = {**trainer_state, "files": file_digests(partial / tag)}
             write_atomic(partial / tag / STATE_FILE, json.dumps(state, indent=2))
@@ -496,7 +498,8 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int)
         else:  # an earlier run's, which this one (resumed from before that run's best) never had
             remove(ckpt_dir / "best", missing_ok=True)
         prune(ckpt_dir, keep_last, trainer_state.get("best_tag"))
-    dist.barrier()
+
+    on_rank_zero(publish, engine.device)
     return tag
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ds_sft.errors import UserError
 from ds_sft.options import Ignored, Int, StoreOnce, refuse_ignored
-from ds_sft.paths import replace_file, writable_dir, write_result_file
+from ds_sft.paths import own_folder, replace_file, writable_dir, write_result_file
 from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 from ds_sft.train.run_dir import check_inputs_outside
 
@@ -33,6 +33,8 @@ from ds_sft.train.run_dir import check_inputs_outside
 # itself (save a checkpoint, then stop): a rank waiting in its rendezvous or a collective is in C code,
 # where a Python handler never runs, and a SIGTERM (torchrun's, Slurm's, kill's) must end it there.
 UNWINDS_ON_SIGTERM = False
+# the output a refusal that names no file is about (command.execute): where a full disk ran out
+OUTPUT_FLAG = "out_dir"
 # When a step runs out of memory (ds_sft.command.execute says so in one line): what needs less of it
 OUT_OF_MEMORY_FIXES = (
     "pass a smaller --micro_batch_size (a larger --grad_accum keeps the global batch), add "
@@ -287,7 +289,10 @@ def write_final(model, final: Path, tokenizer_dir, manifest: dict | None = None)
     if manifest is not None:
         write_result_file(final / TRAINED_ON, trained_on(manifest))
         written.append(TRAINED_ON)
-    for name in tokenizer_files(tokenizer_dir)[0]:
+    names = tokenizer_files(tokenizer_dir)[0]
+    if names:
+        own_folder(final / "tokenizer")
+    for name in names:
         # replaced, never written through: a resumed final/ may be a cp -al copy
         source = Path(tokenizer_dir) / name
         replace_file(
@@ -299,19 +304,20 @@ def write_final(model, final: Path, tokenizer_dir, manifest: dict | None = None)
 
 def save_final(engine, run_dir: Path, tokenizer_dir, manifest: dict) -> Path | None:
     """Consolidated fp32 weights (every rank takes part; rank 0 writes) -> RUN/final."""
-    import torch.distributed as dist
-
     from ds_sft.model.llama import LlamaModel
     from ds_sft.train.checkpointing import consolidated_state_dict
+    from ds_sft.train.distributed import on_rank_zero
 
     state = consolidated_state_dict(engine)
     final = run_dir / "final"
-    if dist.get_rank() == 0:
+
+    def write() -> None:
         model = LlamaModel(engine.module.config)
         model.load_state_dict(state, strict=True)
         write_final(model, final, tokenizer_dir, manifest)
         print(f"final fp32 weights: {final}")
-    dist.barrier()
+
+    on_rank_zero(write, engine.device)
     return final
 
 
@@ -427,6 +433,20 @@ def run(args: argparse.Namespace) -> int:
         if world > 1:
             shutdown_multiprocess(code)
     return code
+
+
+def leave_rank(code) -> None:
+    """End this process with ``code``. A rank of several that ends in an error (its one line printed,
+    or told to stop by rank 0) leaves without interpreter teardown, as :func:`shutdown_multiprocess`
+    does and for its reason: DeepSpeed on CPU aborted in it ("terminate called without an active
+    exception"), and SIGABRT replaced the exit code the launcher and Slurm go by."""
+    import torch.distributed as dist
+
+    if isinstance(code, int) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def shutdown_multiprocess(code: int = 0) -> None:

@@ -250,3 +250,27 @@ def stop_signal(signum: int, device) -> int:
     tensor = torch.tensor([float(signum)], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
+
+
+def on_rank_zero(work, device):
+    """``work()`` on rank 0 alone, whose outcome every rank hears; its value on rank 0, None on the
+    others. If it failed, rank 0 raises its error (a UserError, or a file operation the system refused:
+    disk full, no permission, which the command prints as one line) and every other rank exits 2
+    without a word; for any other exception (a bug, whose traceback rank 0 keeps) they exit 1. Untold,
+    an error of rank 0 left the others waiting at their next collective, to end in gloo's "Connection
+    closed by peer" traceback. The telling is a collective, so it is also the barrier after the work."""
+    import torch.distributed as dist
+
+    value, raised, told = None, None, [0]  # told: the exit code every other rank ends with, 0 for none
+    if dist.get_rank() == 0:
+        try:
+            value = work()
+        except Exception as err:
+            refused = isinstance(err, UserError) or (isinstance(err, OSError) and err.errno is not None)
+            told[0], raised = (2 if refused else 1), err
+    dist.broadcast_object_list(told, src=0, device=device)
+    if raised is not None:
+        raise raised
+    if told[0]:
+        raise SystemExit(told[0])  # rank 0 says why, once
+    return value

@@ -41,6 +41,7 @@ import shutil
 import socket
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 from ds_sft.errors import UserError
@@ -377,9 +378,14 @@ def mark(run_dir: Path) -> None:
     """Write :data:`MARKER` into a folder this run claims (once; a copied run keeps its own)."""
     if is_marked(run_dir):
         return
-    fd = os.open(run_dir / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as handle:
+    # written whole beside it, then linked into place: a write cut short (a full disk) left a partial
+    # marker that no later run took for one ("not empty and not a ds-sft run folder"); linking, unlike
+    # a rename, never replaces a file of that name
+    with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".marker-", suffix=".tmp") as handle:
         handle.write(json.dumps({"format": RUN_FORMAT, "created": now()}) + "\n")
+        handle.flush()
+        os.chmod(handle.name, 0o644)
+        os.link(handle.name, run_dir / MARKER)
 
 
 # ----------------------------------------------------------------------------- an earlier run
@@ -493,22 +499,12 @@ def claim(run_dir: Path, resume, overwrite: bool) -> RunLock:
 
 
 def claim_run_dir(run_dir: Path, resume, overwrite: bool) -> RunLock:
-    """Rank 0 claims ``run_dir`` (:func:`claim`); every rank gets the verdict before any work. If it is
-    no, rank 0 raises the UserError and the others exit with 2."""
+    """Rank 0 claims ``run_dir`` (:func:`claim`); every rank hears the verdict before any work
+    (:func:`~ds_sft.train.distributed.on_rank_zero`): if it is no, rank 0 raises its error and the
+    others exit with 2."""
     import torch
-    import torch.distributed as dist
 
-    verdict = [None]
-    held = RunLock()
-    if dist.get_rank() == 0:
-        try:
-            held = claim(run_dir, resume, overwrite)
-        except UserError as err:
-            verdict[0] = str(err)
+    from ds_sft.train.distributed import on_rank_zero
+
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    dist.broadcast_object_list(verdict, src=0, device=device)
-    if verdict[0] is not None:
-        if dist.get_rank() > 0:
-            raise SystemExit(2)  # rank 0 prints the one line; the others stop with the same exit status
-        raise UserError(verdict[0])
-    return held
+    return on_rank_zero(lambda: claim(run_dir, resume, overwrite), device) or RunLock()

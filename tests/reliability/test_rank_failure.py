@@ -15,6 +15,7 @@ continues from the last checkpoint to the end.
 
 from __future__ import annotations
 
+import functools
 import signal
 import subprocess
 import sys
@@ -34,16 +35,37 @@ STEPS = 100
 TIMEOUT_S = 15  # --dist_timeout of the run a rank fails in: well under the 60 s the survivor is allowed
 
 
-def start_ranks(data: Path, out_dir: Path, env: dict, store: dict, *extra: str) -> list[subprocess.Popen]:
-    """The two ranks, meeting at the held ``store`` (the variables :func:`rendezvous` yields)."""
-    flags = train_flags(data, out_dir, STEPS, "--micro_batch_size", "1", *extra)
+def start_ranks(
+    data: Path,
+    out_dir: Path,
+    env: dict,
+    store: dict,
+    *extra: str,
+    steps: int = STEPS,
+    rank0_file_limit: int = 0,
+) -> list[subprocess.Popen]:
+    """The two ranks, meeting at the held ``store`` (the variables :func:`rendezvous` yields). With
+    ``rank0_file_limit``, rank 0's writes past that many bytes are refused (EFBIG), as by a full disk."""
+    flags = train_flags(data, out_dir, steps, "--micro_batch_size", "1", *extra)
     procs = []
     for rank in range(2):
         rank_env = {**env, **store, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                     "OMP_NUM_THREADS": "1"}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-m", "ds_sft.train", *flags], env=rank_env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+        limit = (
+            functools.partial(_limit_file_size, rank0_file_limit) if rank == 0 and rank0_file_limit else None
+        )
+        procs.append(subprocess.Popen([sys.executable, "-m", "ds_sft.train", *flags], env=rank_env,
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      preexec_fn=limit))  # fmt: skip
     return procs
+
+
+def _limit_file_size(size: int) -> None:
+    """In a rank's process before exec: its writes past ``size`` bytes are refused (EFBIG)."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write rather than a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 def wait_for_step(out_dir: Path, step: int, procs: list[subprocess.Popen], timeout: float = 600) -> None:
@@ -81,7 +103,19 @@ def test_survivor_fails_within_60s_and_the_job_resumes(tmp_path, ds_env, how):
                 procs[0].wait(timeout=60)
             except subprocess.TimeoutExpired:
                 pytest.fail(f"rank 0 runs 60 s after rank 1 got {how.name}: it hangs in a collective")
-            assert procs[0].returncode != 0
+            said = procs[0].stdout.read()
+            # one line, not gloo's traceback: rank 1's own end is what to read
+            why = (
+                "ended in the middle of a collective"
+                if how == signal.SIGKILL
+                else "did not answer a collective"
+            )
+            assert (procs[0].returncode, "Traceback" in said) == (1, False), said[-3000:]
+            assert (
+                said.strip()
+                .splitlines()[-1]
+                .startswith(f"ds-sft train: error: rank 0 stops: another rank {why}")
+            )
         finally:
             kill_all(procs)
     last = (out_dir / "checkpoints" / "latest").read_text().strip()
@@ -121,3 +155,42 @@ def test_a_sigterm_to_one_rank_stops_every_rank_after_a_checkpoint_with_its_code
     assert step < STEPS
     assert (out_dir / "checkpoints" / "latest").read_text().strip() == checkpointing.tag_for(step)
     assert f"stopped by SIGTERM at step {step}: continue with --resume" in outputs[0]
+
+
+def _ended_limited(tmp_path, ds_env, steps: int, limit: int) -> tuple[list[int], list[str]]:
+    data = write_tiny_data_dir(tmp_path / "data")
+    with rendezvous() as store:
+        procs = start_ranks(data, tmp_path / "run", without_launcher_variables(ds_env), store, steps=steps,
+                            rank0_file_limit=limit)  # fmt: skip
+        try:
+            said = [proc.communicate(timeout=300)[0] for proc in procs]
+        finally:
+            kill_all(procs)
+    assert "Traceback" not in said[0] + said[1], said
+    return [proc.returncode for proc in procs], [(text.strip().splitlines() or [""])[-1] for text in said]
+
+
+def test_a_write_refused_to_rank_0_ends_every_rank_in_its_one_line(tmp_path, ds_env):
+    """Rank 0 alone claims the run folder; a write the system refused it there (a full disk, here a
+    16-byte file-size limit: its lock file) was one line on rank 0, while rank 1, waiting for the
+    verdict, ended in gloo's "Connection closed by peer" traceback. Rank 1 hears it now and exits 2
+    without a word (and neither aborts in interpreter teardown: -6)."""
+    codes, last = _ended_limited(tmp_path, ds_env, 8, 16)
+    assert codes == [2, 2], last
+    assert last[0].startswith("ds-sft train: error: ") and "File too large" in last[0], last
+    assert not last[1].startswith("ds-sft train: error: "), last
+
+
+def test_a_checkpoint_rank_0_cannot_write_ends_the_others_in_one_line(tmp_path, ds_env):
+    """Rank 0's part of a checkpoint refused (past a 64 KiB file-size limit: as a full disk): rank 0 says
+    what is intact; rank 1, inside DeepSpeed's barrier of the save, ended in a traceback of its own."""
+    codes, last = _ended_limited(tmp_path, ds_env, 30, 1 << 16)
+    assert codes == [2, 1], last
+    assert last[0].startswith(
+        f"ds-sft train: error: could not write checkpoint {tmp_path / 'run' / 'checkpoints'}"
+    )
+    assert last[
+        1
+    ] == "ds-sft train: error: rank 1 stops: another rank ended in the middle of a collective; " + (
+        "its own error says why"
+    )

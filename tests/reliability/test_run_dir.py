@@ -128,6 +128,39 @@ def test_a_replaced_file_whose_writer_fails_keeps_its_old_bytes_and_no_temporary
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+# mark() in a process whose writes past 16 bytes the kernel refuses (EFBIG), as a disk that fills
+MARK_LIMITED = """
+import resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))
+from ds_sft.train.run_dir import mark
+try:
+    mark(Path(sys.argv[1]))
+except OSError as err:
+    sys.exit(err.errno)
+"""
+
+
+def test_a_run_marker_whose_write_fails_leaves_nothing_that_blocks_the_next_run(tmp_path):
+    """A disk that filled while the marker was written left a partial marker, and every later run
+    into the folder was refused: "not empty and not a ds-sft run folder (it holds .lock,
+    ds_sft_run.json)". The marker appears whole or not at all."""
+    import errno
+
+    from ds_sft.train.run_dir import LOCK_FILE, MARKER, check_is_run_folder, is_marked, mark
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK_FILE).write_text("")  # as claim leaves it: the lock is taken before the marker
+    said = subprocess.run([sys.executable, "-c", MARK_LIMITED, str(run_dir)], cwd=REPO_ROOT, check=False)
+    assert said.returncode == errno.EFBIG
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
+    check_is_run_folder(run_dir)  # a fresh folder still
+    mark(run_dir)
+    assert is_marked(run_dir) and sorted(p.name for p in run_dir.iterdir()) == sorted([LOCK_FILE, MARKER])
+
+
 def test_a_filesystem_without_locks_runs_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
     import errno
     import fcntl

@@ -193,3 +193,28 @@ def test_the_copy_never_goes_through_a_link_or_waits_on_a_fifo(tmp_path, kind):
     with pytest.raises(UserError, match="vocab.json"):
         copy_regular_file(tokenizer / "vocab.json", tmp_path / "copy")
     assert not (tmp_path / "copy").exists()
+
+
+@pytest.mark.parametrize("where", ["final", "final/tokenizer"])
+@pytest.mark.parametrize("kind", ["link to a user's folder", "link to nowhere", "file"])
+def test_a_link_put_at_finals_folders_during_the_run_is_refused_and_nothing_written_through_it(
+    tmp_path, where, kind
+):
+    """The run folder is checked when train starts; a link made at final/ while it ran (ln -s ~/models
+    RUN/final) had the final weights and config written over the user's files there."""
+    tokenizer = tokenizer_source(tmp_path)
+    user = tmp_path / "models"
+    user.mkdir()
+    for name in ("model.safetensors", "model_config.json", "tokenizer.json"):
+        (user / name).write_text(f"the user's {name}")
+    before = snapshot(user)
+    run_dir = tmp_path / "run"
+    (run_dir / where).parent.mkdir(parents=True)
+    if kind == "file":
+        (run_dir / where).write_text("a file")
+    else:
+        (run_dir / where).symlink_to(user if kind.endswith("folder") else tmp_path / "nowhere")
+    with pytest.raises(UserError) as err:
+        write_final(LlamaModel(ModelConfig.preset("tiny")), run_dir / "final", tokenizer)
+    assert str(run_dir / where) in str(err.value) and "\n" not in str(err.value)
+    assert snapshot(user) == before and not (tmp_path / "nowhere").exists()
