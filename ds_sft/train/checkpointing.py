@@ -405,10 +405,14 @@ def disk_errors(ckpt_dir: Path, tag: str):
         reason = str(err).strip().splitlines()[0]
         free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else 0.0
         latest = ckpt_dir / "latest"
-        kept = f"{latest.read_text().strip()} (named by {latest})" if latest.is_file() else "nothing earlier"
+        kept = (
+            f"{latest.read_text().strip()} (named by {latest}) is intact"
+            if latest.is_file()
+            else "no earlier checkpoint was saved"
+        )
         raise UserError(
             f"could not write checkpoint {ckpt_dir / tag} ({reason}; {free:.0f} MiB free there): "
-            f"{kept} is intact; free space or fix permissions, then rerun with --resume"
+            f"{kept}; free space or fix permissions, then rerun with --resume"
         ) from None
 
 
