@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import stat
 import sys
@@ -237,7 +236,7 @@ def tokenizer_files(tokenizer_dir) -> tuple[list[str], list[str]]:
     into the run's own files and stopped at a FIFO in a traceback after training. One of those names
     that is not a regular file (a link, a folder, a FIFO) is refused in one line, since the copied
     tokenizer would lack it; any other entry is not part of a tokenizer and is left out with a note.
-    Checked at start (:func:`main`, before the model exists) and again at the copy.
+    Checked at start (:func:`main`, before the model exists), where :func:`read_tokenizer` reads them.
     """
     from ds_sft.train.run_dir import SAVED_TOKENIZER_FILES
 
@@ -259,27 +258,33 @@ def tokenizer_files(tokenizer_dir) -> tuple[list[str], list[str]]:
     return copied, skipped
 
 
-def copy_regular_file(source: Path, target: Path) -> None:
-    """Copy the bytes of the regular file ``source`` to ``target`` (a new file), never through a symlink:
-    ``O_NOFOLLOW`` and ``O_NONBLOCK`` open a link or FIFO put there since the check without following
-    it or waiting for a writer, and ``fstat`` refuses what is not a regular file."""
+def read_tokenizer(tokenizer_dir) -> dict[str, bytes]:
+    """The bytes of the files :func:`tokenizer_files` names, read when the run starts: what
+    ``final/tokenizer/`` gets at its end. Copied at the end, a ``ds-sft prepare`` run again into the
+    data folder meanwhile (another tokenizer) put its files beside weights trained on the old ids."""
+    return {name: read_regular_file(Path(tokenizer_dir) / name) for name in tokenizer_files(tokenizer_dir)[0]}
+
+
+def read_regular_file(source: Path) -> bytes:
+    """The bytes of the regular file ``source``, never through a symlink: ``O_NOFOLLOW`` and
+    ``O_NONBLOCK`` open a link or FIFO put there since the check without following it or waiting for a
+    writer, and ``fstat`` refuses what is not a regular file."""
     try:
         descriptor = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as err:
-        raise UserError(f"{source}: cannot be copied ({err.strerror}); it must be a regular file") from None
+        raise UserError(f"{source}: cannot be read ({err.strerror}); it must be a regular file") from None
     with os.fdopen(descriptor, "rb") as reader:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise UserError(f"{source}: is not a regular file; put the tokenizer file itself there")
-        with open(target, "wb") as writer:
-            shutil.copyfileobj(reader, writer)
+        return reader.read()
 
 
-def write_final(model, final: Path, tokenizer_dir, manifest: dict | None = None) -> None:
-    """``final/``: the weights (:func:`~ds_sft.model.checkpoint.save_model`), a copy of the data's
-    tokenizer files (:func:`tokenizer_files`) in ``final/tokenizer/``, the template of the data
-    (``manifest``, :data:`~ds_sft.data.model_match.TRAINED_ON`: what eval asks the model in), and the
-    listing of exactly these files, which is what ``--overwrite`` may remove there (a user's file put
-    beside them stays theirs: it is refused)."""
+def write_final(model, final: Path, tokenizer: dict[str, bytes], manifest: dict | None = None) -> None:
+    """``final/``: the weights (:func:`~ds_sft.model.checkpoint.save_model`), the data's tokenizer files
+    as the run read them at its start (:func:`read_tokenizer`) in ``final/tokenizer/``, the template of
+    the data (``manifest``, :data:`~ds_sft.data.model_match.TRAINED_ON`: what eval asks the model in),
+    and the listing of exactly these files, which is what ``--overwrite`` may remove there (a user's
+    file put beside them stays theirs: it is refused)."""
     from ds_sft.data.model_match import TRAINED_ON, trained_on
     from ds_sft.model.checkpoint import CONFIG_FILE, MODEL_FILE, save_model
     from ds_sft.train.run_dir import write_final_listing
@@ -289,20 +294,16 @@ def write_final(model, final: Path, tokenizer_dir, manifest: dict | None = None)
     if manifest is not None:
         write_result_file(final / TRAINED_ON, trained_on(manifest))
         written.append(TRAINED_ON)
-    names = tokenizer_files(tokenizer_dir)[0]
-    if names:
+    if tokenizer:
         own_folder(final / "tokenizer")
-    for name in names:
+    for name, data in tokenizer.items():
         # replaced, never written through: a resumed final/ may be a cp -al copy
-        source = Path(tokenizer_dir) / name
-        replace_file(
-            final / "tokenizer" / name, lambda temporary, source=source: copy_regular_file(source, temporary)
-        )
+        replace_file(final / "tokenizer" / name, lambda temporary, data=data: temporary.write_bytes(data))
         written.append(f"tokenizer/{name}")
     write_final_listing(final, written)
 
 
-def save_final(engine, run_dir: Path, tokenizer_dir, manifest: dict) -> Path | None:
+def save_final(engine, run_dir: Path, tokenizer: dict[str, bytes], manifest: dict) -> Path | None:
     """Consolidated fp32 weights (every rank takes part; rank 0 writes) -> RUN/final."""
     from ds_sft.model.llama import LlamaModel
     from ds_sft.train.checkpointing import consolidated_state_dict
@@ -314,7 +315,7 @@ def save_final(engine, run_dir: Path, tokenizer_dir, manifest: dict) -> Path | N
     def write() -> None:
         model = LlamaModel(engine.module.config)
         model.load_state_dict(state, strict=True)
-        write_final(model, final, tokenizer_dir, manifest)
+        write_final(model, final, tokenizer, manifest)
         print(f"final fp32 weights: {final}")
 
     on_rank_zero(write, engine.device)
@@ -404,6 +405,7 @@ def run(args: argparse.Namespace) -> int:
                 "nothing to learn: prepare the data again"
             )
         skipped = tokenizer_files(train_set.tokenizer_dir)[1]
+        tokenizer = read_tokenizer(train_set.tokenizer_dir) if rank == 0 else {}  # rank 0 writes final/
         if skipped and rank == 0:
             print(
                 f"{train_set.tokenizer_dir}: not a saved tokenizer's file, left out of final/tokenizer/: "
@@ -419,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
         summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
         engine = summary["engine"]
         if summary["status"] == "finished":
-            save_final(engine, run_dir, train_set.tokenizer_dir, train_set.manifest)
+            save_final(engine, run_dir, tokenizer, train_set.manifest)
         if rank == 0:
             print(f"report: {write_report(run_dir, effective, summary)}")
         engine.destroy()

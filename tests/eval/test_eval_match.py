@@ -80,7 +80,7 @@ def templated(tmp_path_factory):
     from ds_sft.data.tokenizer import load_tokenizer
     from ds_sft.model.config import ModelConfig
     from ds_sft.model.llama import LlamaModel
-    from ds_sft.train.cli import write_final
+    from ds_sft.train.cli import read_tokenizer, write_final
     from tests.data.match_helpers import SEQ_LEN
 
     root = tmp_path_factory.mktemp("eval_template")
@@ -95,9 +95,8 @@ def templated(tmp_path_factory):
         )
         model = LlamaModel(ModelConfig.preset("tiny", vocab_size=512, max_seq_len=SEQ_LEN))
         runs[template] = root / f"run_{template}"
-        write_final(
-            model, runs[template] / "final", data[template] / "tokenizer", read_manifest(data[template])
-        )
+        tokenizer = read_tokenizer(data[template] / "tokenizer")
+        write_final(model, runs[template] / "final", tokenizer, read_manifest(data[template]))
     return SimpleNamespace(data=data, runs=runs)
 
 

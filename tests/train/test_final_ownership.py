@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from ds_sft.errors import UserError
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
-from ds_sft.train.cli import copy_regular_file, tokenizer_files, write_final
+from ds_sft.train.cli import read_regular_file, read_tokenizer, tokenizer_files, write_final
 from ds_sft.train.run_dir import FINAL_LISTING, SAVED_TOKENIZER_FILES, removable
 
 NAME = st.text("abcdefgh_.", min_size=1, max_size=6).filter(lambda n: n not in (".", ".."))
@@ -42,7 +42,9 @@ def finished_run(root: Path, tokenizer_files: set[str]) -> Path:
         (tokenizer / name).write_text(f"tokenizer part {name}")
     run_dir = root / "run"
     write_final(
-        LlamaModel(ModelConfig.preset("tiny")), run_dir / "final", tokenizer if tokenizer_files else None
+        LlamaModel(ModelConfig.preset("tiny")),
+        run_dir / "final",
+        read_tokenizer(tokenizer) if tokenizer_files else {},
     )
     return run_dir
 
@@ -157,7 +159,7 @@ def test_a_saved_tokenizer_name_that_is_not_a_regular_file_is_refused_in_one_lin
     with pytest.raises(UserError) as start:
         tokenizer_files(tokenizer)  # what main checks before the model exists
     with pytest.raises(UserError) as final:
-        write_final(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "run" / "final", tokenizer)
+        read_tokenizer(tokenizer)  # what final/ gets
     for err in (start, final):
         assert "\n" not in str(err.value) and "vocab.json" in str(err.value)
     assert not (tmp_path / "run" / "final" / "tokenizer" / "vocab.json").exists()
@@ -170,7 +172,7 @@ def test_entries_that_are_no_tokenizer_file_are_left_out(tmp_path, kind):
     (tokenizer / "notes.txt").write_text("a regular file, but not a tokenizer's")
     assert tokenizer_files(tokenizer) == (["tokenizer.json", "tokenizer_config.json"], ["extra", "notes.txt"])
     run_dir = tmp_path / "run"
-    write_final(LlamaModel(ModelConfig.preset("tiny")), run_dir / "final", tokenizer)
+    write_final(LlamaModel(ModelConfig.preset("tiny")), run_dir / "final", read_tokenizer(tokenizer))
     copied = snapshot(run_dir / "final" / "tokenizer")
     assert copied == {".": None, "tokenizer.json": b"{}", "tokenizer_config.json": b"{}"}
     assert set(removable(run_dir)) == {run_dir / "final"}
@@ -179,7 +181,7 @@ def test_entries_that_are_no_tokenizer_file_are_left_out(tmp_path, kind):
 def test_a_hard_linked_tokenizer_file_is_copied_as_bytes_of_its_own(tmp_path):
     tokenizer = tokenizer_source(tmp_path)
     os.link(tmp_path / "outside" / "secret.txt", tokenizer / "merges.txt")
-    write_final(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "final", tokenizer)
+    write_final(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "final", read_tokenizer(tokenizer))
     copy = tmp_path / "final" / "tokenizer" / "merges.txt"
     assert copy.read_text() == "not the run's" and copy.stat().st_nlink == 1
     assert not copy.samefile(tokenizer / "merges.txt")
@@ -191,8 +193,7 @@ def test_the_copy_never_goes_through_a_link_or_waits_on_a_fifo(tmp_path, kind):
     tokenizer = tokenizer_source(tmp_path)
     NOT_REGULAR[kind](tokenizer / "vocab.json", tmp_path / "outside")
     with pytest.raises(UserError, match="vocab.json"):
-        copy_regular_file(tokenizer / "vocab.json", tmp_path / "copy")
-    assert not (tmp_path / "copy").exists()
+        read_regular_file(tokenizer / "vocab.json")
 
 
 @pytest.mark.parametrize("where", ["final", "final/tokenizer"])
@@ -215,6 +216,6 @@ def test_a_link_put_at_finals_folders_during_the_run_is_refused_and_nothing_writ
     else:
         (run_dir / where).symlink_to(user if kind.endswith("folder") else tmp_path / "nowhere")
     with pytest.raises(UserError) as err:
-        write_final(LlamaModel(ModelConfig.preset("tiny")), run_dir / "final", tokenizer)
+        write_final(LlamaModel(ModelConfig.preset("tiny")), run_dir / "final", read_tokenizer(tokenizer))
     assert str(run_dir / where) in str(err.value) and "\n" not in str(err.value)
     assert snapshot(user) == before and not (tmp_path / "nowhere").exists()
