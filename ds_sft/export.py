@@ -78,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ds_sft.data.model_match import final_behind
     from ds_sft.data.output import building_output, check_output_dir, refuse_overlap
     from ds_sft.data.tokenizer import load_tokenizer
     from ds_sft.model.checkpoint import load_model
@@ -91,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     refuse_overlap(args.hf, "--hf", inputs)
     out, previous = check_output_dir(args.hf, [], "--hf", "export", MANIFEST)
     tokenizer = load_tokenizer(tokenizer_spec)
+    said = final_behind(str(source))
+    if said:
+        print(said)
     model = load_model(source, dtype=torch.float32)
     old_files = previous["files"] if previous else {}
     manifest = {"written_by": "ds-sft export", "base_model": args.base_model, "dtype": args.dtype}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from ds_sft import paths
@@ -123,18 +124,17 @@ TRAINED_ON = "trained_on.json"
 TRAINED_ON_BYTES = 1 << 16  # read no more of it: a record is a few dozen bytes
 
 
-def trained_on(manifest: dict) -> str:
+def trained_on(manifest: dict, step: int | None = None) -> str:
     """The :data:`TRAINED_ON` record of a run on the data dir of ``manifest``: its ``template``
-    (alpaca or chat: how prompts were rendered) and the data's key."""
-    return (
-        json.dumps({"template": manifest.get("template"), "data_key": manifest.get("key")}, indent=1) + "\n"
-    )
+    (alpaca or chat: how prompts were rendered), the data's key, and the step whose weights final/
+    holds."""
+    record = {"template": manifest.get("template"), "data_key": manifest.get("key"), "step": step}
+    return json.dumps(record, indent=1) + "\n"
 
 
-def trained_template(spec: str) -> str | None:
-    """The template model ``spec`` was fine-tuned on, when ds-sft's train recorded it (a run dir, its
-    ``final/`` or the weights file there); None for any other model (a base model, a run of an older
-    ds-sft)."""
+def _trained_record(spec: str) -> tuple[Path, dict] | None:
+    """(the record's path, the record) when ds-sft's train wrote one with model ``spec`` (a run dir,
+    its ``final/`` or the weights file there); None for any other model."""
     from ds_sft.data.tokenizer import model_folder
 
     path = model_folder(paths.resolve_model_path(spec))
@@ -145,12 +145,49 @@ def trained_template(spec: str) -> str | None:
     try:
         with record.open("rb") as file:
             text = file.read(TRAINED_ON_BYTES + 1)  # a few dozen bytes as train writes it
-        template = None if len(text) > TRAINED_ON_BYTES else json.loads(text.decode("utf-8"))["template"]
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
+        fields = None if len(text) > TRAINED_ON_BYTES else json.loads(text.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raise damaged from None
-    if not isinstance(template, str):
+    if not isinstance(fields, dict) or not isinstance(fields.get("template"), str):
         raise damaged
-    return template
+    return record, fields
+
+
+def trained_template(spec: str) -> str | None:
+    """The template model ``spec`` was fine-tuned on, when ds-sft's train recorded it; None for any
+    other model (a base model, a run of an older ds-sft)."""
+    found = _trained_record(spec)
+    return found[1]["template"] if found else None
+
+
+# checkpoints/latest names a tag such as step_000320 (train.checkpointing.tag_for)
+LATEST_TAG = re.compile(r"step_(\d{1,12})")
+
+
+def final_behind(spec: str) -> str | None:
+    """A note when model ``spec`` is a run's ``final/`` whose step is not where the run's checkpoints
+    are: a run resumed after it finished writes final/ anew only at its end, so while it trains, and
+    after it stopped early, the run folder held the old final/ and eval, export and ``--base_model``
+    read it without a word. None when they agree, or when either is not recorded."""
+    found = _trained_record(spec)
+    if found is None or not isinstance(found[1].get("step"), int):
+        return None
+    final, step = found[0].parent, found[1]["step"]
+    latest = final.parent / "checkpoints" / "latest"
+    try:
+        with latest.open("rb") as file:
+            tag = LATEST_TAG.fullmatch(file.read(64).decode("ascii", "replace").strip())
+    except OSError:
+        return None
+    if tag is None or int(tag.group(1)) == step:
+        return None
+    where = int(tag.group(1))
+    since = "reach" if where > step else "went back to"
+    return (
+        f"note: {final} holds the weights of step {step}, but the run's checkpoints {since} step {where} "
+        "(it was resumed, and has not finished since): reading step "
+        f"{step}'s; the run writes final/ anew when it ends"
+    )
 
 
 def check_template(spec: str, data_dir: str | Path) -> None:

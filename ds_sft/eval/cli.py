@@ -260,7 +260,7 @@ def available_device(name: str | None):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ds_sft.data.model_match import check_template, check_tokenizer
+    from ds_sft.data.model_match import check_template, check_tokenizer, final_behind
     from ds_sft.data.output import building_output
     from ds_sft.eval import evaluate, gsm8k
     from ds_sft.eval.report import write_report
@@ -282,6 +282,9 @@ def run(args: argparse.Namespace) -> int:
     harness_configs = _harness_configs(args, gsm8k_origin)
     for spec in specs:  # before any weights load: a model with another tokenizer is refused in one line
         check_tokenizer(spec, args.data_dir)
+        said = final_behind(spec)
+        if said:
+            print(said)
         if not args.allow_other_template:
             check_template(spec, args.data_dir)
     # --compare: model B's refusals (its positions, vocabulary, the memory its answers need) came

@@ -1,6 +1,5 @@
 """``python -m ds_sft.train``: how the deepspeed launcher, torchrun and Slurm start the trainer."""
 
-
 from ds_sft.command import main_for
 from ds_sft.train.cli import leave_rank
 

@@ -279,12 +279,14 @@ def read_regular_file(source: Path) -> bytes:
         return reader.read()
 
 
-def write_final(model, final: Path, tokenizer: dict[str, bytes], manifest: dict | None = None) -> None:
+def write_final(
+    model, final: Path, tokenizer: dict[str, bytes], manifest: dict | None = None, step: int | None = None
+) -> None:
     """``final/``: the weights (:func:`~ds_sft.model.checkpoint.save_model`), the data's tokenizer files
-    as the run read them at its start (:func:`read_tokenizer`) in ``final/tokenizer/``, the template of
-    the data (``manifest``, :data:`~ds_sft.data.model_match.TRAINED_ON`: what eval asks the model in),
-    and the listing of exactly these files, which is what ``--overwrite`` may remove there (a user's
-    file put beside them stays theirs: it is refused)."""
+    as the run read them at its start (:func:`read_tokenizer`) in ``final/tokenizer/``, the data's
+    template and the ``step`` (:data:`~ds_sft.data.model_match.TRAINED_ON`: what eval asks the model in,
+    and whether the run's checkpoints went on since), and the listing of exactly these files, which is
+    what ``--overwrite`` may remove there (a user's file put beside them stays theirs: it is refused)."""
     from ds_sft.data.model_match import TRAINED_ON, trained_on
     from ds_sft.model.checkpoint import CONFIG_FILE, MODEL_FILE, save_model
     from ds_sft.train.run_dir import write_final_listing
@@ -292,7 +294,7 @@ def write_final(model, final: Path, tokenizer: dict[str, bytes], manifest: dict 
     save_model(model, final)
     written = [MODEL_FILE, CONFIG_FILE]
     if manifest is not None:
-        write_result_file(final / TRAINED_ON, trained_on(manifest))
+        write_result_file(final / TRAINED_ON, trained_on(manifest, step))
         written.append(TRAINED_ON)
     if tokenizer:
         own_folder(final / "tokenizer")
@@ -303,7 +305,7 @@ def write_final(model, final: Path, tokenizer: dict[str, bytes], manifest: dict 
     write_final_listing(final, written)
 
 
-def save_final(engine, run_dir: Path, tokenizer: dict[str, bytes], manifest: dict) -> Path | None:
+def save_final(engine, run_dir: Path, tokenizer: dict[str, bytes], manifest: dict, step: int) -> Path | None:
     """Consolidated fp32 weights (every rank takes part; rank 0 writes) -> RUN/final."""
     from ds_sft.model.llama import LlamaModel
     from ds_sft.train.checkpointing import consolidated_state_dict
@@ -315,7 +317,7 @@ def save_final(engine, run_dir: Path, tokenizer: dict[str, bytes], manifest: dic
     def write() -> None:
         model = LlamaModel(engine.module.config)
         model.load_state_dict(state, strict=True)
-        write_final(model, final, tokenizer, manifest)
+        write_final(model, final, tokenizer, manifest, step)
         print(f"final fp32 weights: {final}")
 
     on_rank_zero(write, engine.device)
@@ -421,7 +423,7 @@ def run(args: argparse.Namespace) -> int:
         summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
         engine = summary["engine"]
         if summary["status"] == "finished":
-            save_final(engine, run_dir, tokenizer, train_set.manifest)
+            save_final(engine, run_dir, tokenizer, train_set.manifest, summary["step"])
         if rank == 0:
             print(f"report: {write_report(run_dir, effective, summary)}")
         engine.destroy()

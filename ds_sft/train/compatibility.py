@@ -24,7 +24,7 @@ trained tokens over all ranks, however they are split into micro-batches.
 
 from __future__ import annotations
 
-from ds_sft.data.model_match import check_model_fits, check_tokenizer, data_tokenizer_identity
+from ds_sft.data.model_match import check_model_fits, check_tokenizer, data_tokenizer_identity, final_behind
 from ds_sft.errors import UserError, first_line
 
 # Keys that may differ between the checkpoint and the resumed run and still continue the uninterrupted
@@ -105,11 +105,17 @@ NOT_COMPARED_FIELDS = ("init_std",)
 
 
 def check_fresh(s, model, train_set) -> None:
-    """The data belongs with the model: same tokenizer, ids within the embedding, rows within positions."""
+    """The data belongs with the model: same tokenizer, ids within the embedding, rows within positions;
+    a note when the base model is a run's final/ that its checkpoints went past (or back from)."""
+    import torch.distributed as dist
+
     spec = s.base_model if s.base_model is not None else f"the {s.model} preset"
     check_model_fits(spec, model.config, s.data_dir, train_set.seq_len)
     if s.base_model is not None:
         check_tokenizer(s.base_model, s.data_dir)
+        said = final_behind(s.base_model)
+        if said and dist.get_rank() == 0:
+            print(said)
 
 
 def weights_fingerprint(model) -> str:

@@ -114,3 +114,15 @@ def loading_commands(model: Path, tokenizer: Path, data: Path, tmp_path: Path) -
         "export": ["export", "--base_model", str(model), "--tokenizer", str(tokenizer),
                    "--hf", str(tmp_path / "hf")],
     }  # fmt: skip
+
+
+def word_tokenizer(folder: Path, words: str) -> Path:
+    """A saved tokenizer of 255 words and an EOS (ids below the tiny preset's 256)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"{words}{i}": i for i in range(255)} | {"<|endoftext|>": 255}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=f"{words}0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(str(folder))
+    return folder

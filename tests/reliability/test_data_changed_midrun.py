@@ -5,24 +5,11 @@ copied at the end, it was the new one, and eval and export then read the model w
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from .conftest import single_rank_env, write_tiny_data_dir
+from .conftest import single_rank_env, word_tokenizer, write_tiny_data_dir
 from .runs import launch, train_flags, train_records
 
 STEPS = 300  # far more than the few steps before the tokenizer is replaced
-
-
-def word_tokenizer(folder: Path, words: str) -> Path:
-    """A saved tokenizer of 255 words and an EOS (ids below the tiny preset's 256)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"{words}{i}": i for i in range(255)} | {"<|endoftext|>": 255}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=f"{words}0"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(str(folder))
-    return folder
 
 
 def test_final_ships_the_tokenizer_the_run_read_at_its_start(tmp_path):
