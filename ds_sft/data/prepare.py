@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_sft.errors import UserError, as_os_error
+from ds_sft.errors import UserError, as_os_error, one_line
 from ds_sft.options import Ignored, refuse_ignored
 from ds_sft.paths import expand_user
 
@@ -177,7 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min_val_rows",
         type=Int(0, INT32_MAX),
         default=20,
-        help="at least this many val rows per source, never more than half of it (default: 20)",
+        help="hold out at least this many rows per source for val, never more than half of it; rows "
+        "dropped later as too long leave fewer, which prepare warns of (default: 20)",
     )
     mix.add_argument("--seed", type=SEED, default=1234, help="seed of the split, the mix and its fractions")
     mix.add_argument("--no_pack", action="store_true", help="one example per row, padded (for comparison)")
@@ -733,6 +734,7 @@ def prepare(args: argparse.Namespace) -> int:
         },
         "config": {k: v for k, v in sorted(vars(args).items()) if k != "command"},
     }
+    manifest["warnings"] = source_warnings(counts, args)
 
     with building_output(
         output_dir, previous["files"] if previous else {}, "--output_dir", manifest, MANIFEST
@@ -748,6 +750,26 @@ def prepare(args: argparse.Namespace) -> int:
         plot_lengths(tmp / "lengths.png", raw_by_source, args.seq_len)
     print_summary(manifest, Path(args.output_dir))
     return 0
+
+
+def source_warnings(counts: dict, args: argparse.Namespace) -> list[str]:
+    """What the summary table shows but a user skimming it misses: a source the mix wanted that kept no
+    training example, and a val split left under ``--min_val_rows`` by the drops after the split (the
+    split is cut before tokenizing; rows too long for ``--seq_len`` leave it later), whose val loss is
+    then a figure of a few rows."""
+    said = []
+    for name, c in counts.items():
+        reasons = ", ".join(f"{reason} {n:,}" for reason, n in c["dropped"].items()) or "none dropped"
+        too_long = any(reason in c["dropped"] for reason in DROP_REASON_TOO_LONG.values())
+        fix = "raise --seq_len or pass --truncate" if too_long else "see the dropped column above"
+        if c["rows_in"] and c["weight"] > 0 and not c["train_after_mix"]:
+            said.append(f"{name}: no training example left of its {c['rows_in']:,} rows ({reasons}): {fix}")
+        elif args.val_fraction > 0 and c["val"] < min(args.min_val_rows, c["kept"] // 2):  # not the cap
+            said.append(
+                f"{name}: {c['val']:,} val row(s), under --min_val_rows {args.min_val_rows} ({reasons}): "
+                f"its val loss is a figure of few rows; {fix}"
+            )
+    return said
 
 
 def print_summary(manifest: dict, output_dir: Path) -> None:
@@ -769,6 +791,8 @@ def print_summary(manifest: dict, output_dir: Path) -> None:
         )
     if manifest["decontamination"].get("note"):
         print(f"note: {manifest['decontamination']['note']}", file=sys.stderr)
+    for line in manifest.get("warnings", []):
+        print(f"warning: {one_line(line)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -368,3 +368,35 @@ def test_two_field_maps_for_one_source_are_refused(maps, run_prepare, tmp_path):
     with pytest.raises(UserError, match="--field_map names 'mine' twice"):
         run_prepare([*flags, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_source_left_without_training_rows_or_val_rows_is_warned_of(run_prepare, tmp_path, capsys):
+    """A source whose rows were all too long for --seq_len, and one whose val split lost most rows to
+    that after the split was cut, were only numbers in the summary table: exit 0 and no word, and
+    eval then reported a val loss of a few tokens."""
+    long_answer = " ".join(["word"] * 400)
+    gsm8k = [{"question": f"What is {i} + 1?", "answer": f"{long_answer}\n#### {i + 1}"} for i in range(30)]
+    alpaca = alpaca_rows(60)
+    for row in alpaca[::2]:  # half too long, which only tokenizing shows (their length floor fits)
+        row["output"] = "zqxj" * 120  # 480 characters, a token or two each
+    flags = ["--alpaca", str(write_jsonl(tmp_path / "a.jsonl", alpaca)),
+             "--gsm8k", str(write_jsonl(tmp_path / "g.jsonl", gsm8k)),
+             "--output_dir", str(tmp_path / "out"), "--min_val_rows", "4", "--seq_len", "128"]  # fmt: skip
+    manifest = run_prepare(flags)
+    counts = manifest["counts"]
+    assert (
+        counts["gsm8k"]["train_after_mix"] == 0
+        and counts["alpaca"]["val"] < 4 <= counts["alpaca"]["kept"] // 2
+    )
+    warned = manifest["warnings"]
+    assert len(warned) == 2
+    assert warned[0].startswith("alpaca: ") and "under --min_val_rows 4" in warned[0]
+    assert warned[1].startswith("gsm8k: no training example left of its 30 rows (longer_than_seq_len 30)")
+    assert all(line.endswith("raise --seq_len or pass --truncate") for line in warned)
+    err = capsys.readouterr().err
+    assert all(f"warning: {line}" in err for line in warned)
+
+
+def test_a_prepare_that_keeps_its_sources_whole_warns_of_nothing(run_prepare, sources, tmp_path, capsys):
+    manifest = run_prepare(base_flags(sources, tmp_path / "out"))
+    assert manifest["warnings"] == [] and "warning:" not in capsys.readouterr().err
