@@ -83,8 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument(
         "--out",
         default="runs/eval",
-        help="folder for eval.json, eval.md and the chart: a new or empty one, or a previous eval's (only "
-        "the files eval wrote there are replaced); never inside a model or the data dir",
+        help="folder for eval.json, eval.md and the chart: a new or empty one, or a previous eval of the "
+        "same model(s) and data (only the files eval wrote there are replaced); never inside a model or "
+        "the data dir (default: runs/eval)",
+    )
+    which.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous eval in --out of other models or data (refused otherwise: its results "
+        "would be lost without a word)",
     )
 
     val = parser.add_argument_group("validation loss")
@@ -236,7 +243,26 @@ def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict]
             inputs[name] = expand_user(spec)
     refuse_overlap(args.out, "--out", inputs)
     out, previous = check_output_dir(args.out, [], "--out", "eval", MANIFEST)
+    if previous is not None and not args.overwrite:
+        before = {key: previous.get(key) for key in ("models", "data_dir")}
+        if before != evaluated(args, specs):
+            models = before["models"] if isinstance(before["models"], list) else ["models it did not record"]
+            data = before["data_dir"] if isinstance(before["data_dir"], str) else "data it did not record"
+            raise UserError(
+                f"--out {args.out} holds the eval of {', '.join(map(str, models))} on {data}: pass another "
+                "--out (e.g. --out runs/eval-NAME), or --overwrite to replace it"
+            )
     return out, previous["files"] if previous else {}
+
+
+def evaluated(args: argparse.Namespace, specs: list[str]) -> dict:
+    """What an eval's output is of, as its manifest records it: the models (a path resolved, a hub id
+    as given) and the data dir. A later eval replaces only an eval of the same."""
+
+    def named(spec: str) -> str:
+        return os.path.realpath(expand_user(spec)) if expand_user(spec).exists() else spec
+
+    return {"models": [named(spec) for spec in specs], "data_dir": os.path.realpath(args.data_dir)}
 
 
 def available_device(name: str | None):
@@ -349,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
             "scores": [row for result in results for row in result["harness"]["scores"]],
             "cross_check": [check for result in results for check in result["harness"]["cross_check"]],
         }
-    with building_output(out, old_files, "--out", {"written_by": "ds-sft eval"}, MANIFEST) as staging:
+    record = {"written_by": "ds-sft eval", **evaluated(args, specs)}
+    with building_output(out, old_files, "--out", record, MANIFEST) as staging:
         written = write_report(staging, results, meta)
     _print_summary(results, meta)
     print("wrote " + ", ".join(str(Path(args.out) / path.name) for path in written.values()))

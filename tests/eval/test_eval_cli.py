@@ -543,18 +543,44 @@ def test_eval_writes_a_new_or_empty_folder_and_replaces_a_previous_eval(
         shutil.copytree(previous_eval, out)
     (tmp_path / "beside.txt").write_text("not eval's\n")
 
-    assert (
-        _eval(
-            ["--compare", str(model_dir), str(model_dir), "--data_dir", str(data_dir[0]), "--out", str(out)]
-        )
-        == 0
-    )
+    overwrite = ["--overwrite"] if state == "previous eval" else []  # an eval of one model, this of two
+    argv = ["--compare", str(model_dir), str(model_dir), "--data_dir", str(data_dir[0]), "--out", str(out)]
+    assert _eval([*argv, *overwrite]) == 0
 
     manifest = _manifest_matches(out)
     assert set(manifest["files"]) == {"eval.json", "eval.md", CHART_NAME}
     assert len(json.loads((out / "eval.json").read_text())["models"]) == 2  # the new report, not the old
     assert (tmp_path / "beside.txt").read_text() == "not eval's\n"
     assert sorted(os.listdir(tmp_path)) == ["beside.txt", "eval"]  # no staging folder left
+
+
+@pytest.mark.parametrize("other", ["models", "data"])
+def test_a_previous_eval_of_other_models_or_data_is_replaced_only_with_overwrite(
+    data_dir, model_dir, previous_eval, tmp_path, capsys, other
+):
+    """The default --out (runs/eval) of an eval of model B replaced the eval of model A without a word.
+    An eval of the same model and data replaces its own; another's needs --overwrite."""
+    out = tmp_path / "eval"
+    shutil.copytree(previous_eval, out)
+    models = (
+        ["--compare", str(model_dir), str(model_dir)] if other == "models" else ["--model", str(model_dir)]
+    )
+    data = str(shutil.copytree(data_dir[0], tmp_path / "copy" / "data") if other == "data" else data_dir[0])
+    before = snapshot(out)
+    err = _refused(capsys, _eval([*models, "--data_dir", data, "--out", str(out)]))
+    assert err.startswith(
+        f"ds-sft eval: error: --out {out} holds the eval of {os.path.realpath(model_dir)} on "
+    )
+    assert err.endswith("or --overwrite to replace it") and snapshot(out) == before
+    assert _eval([*models, "--data_dir", data, "--out", str(out), "--overwrite"]) == 0
+    assert _manifest_matches(out)["data_dir"] == os.path.realpath(data)
+
+
+def test_an_eval_of_the_same_model_and_data_replaces_its_own(data_dir, model_dir, previous_eval, tmp_path):
+    out = tmp_path / "eval"
+    shutil.copytree(previous_eval, out)
+    assert _eval(["--model", str(model_dir), "--data_dir", str(data_dir[0]), "--out", str(out)]) == 0
+    assert _manifest_matches(out)["models"] == [os.path.realpath(model_dir)]
 
 
 def test_a_failed_eval_leaves_the_previous_one_as_it_was(
