@@ -239,11 +239,12 @@ def remove_listed(folder: Path, files: dict[str, dict], manifest_name: str = MAN
     """Delete the listed files that still hold their recorded bytes, the manifest, then the folders
     left empty. Returns the files that remain under ``folder`` (the folder is gone when none do)."""
     manifest = _plain_file(folder, manifest_name)
+    listing = _read_manifest(folder, manifest_name) if manifest is not None else None
     for name, record in files.items():
         path = _plain_file(folder, name) if is_safe_name(name, manifest_name) else None
         if path is not None and _holds(path, record):
             path.unlink()
-    if manifest is not None:
+    if listing is not None and listing.get("files") == files:  # only the manifest of what was removed
         manifest.unlink()
     for root, _, _ in os.walk(folder, topdown=False):
         with contextlib.suppress(OSError):  # not empty: something there is not ours to delete
@@ -266,7 +267,17 @@ def replace_output(
 
     Returns what was left of the old output (now under ``new``'s path): files that changed since
     prepare wrote them, or that someone added meanwhile. Nothing there is deleted.
+
+    Another ds-sft command that wrote ``out`` while this one ran (two prepares into one folder) is
+    refused here, before the swap: the output now there is not the one ``old_files`` lists, and it
+    was moved aside with its manifest deleted, its folder left unusable.
     """
+    now = _read_manifest(out, manifest_name) if out.is_dir() else None
+    if now is not None and now.get("files") != old_files:
+        raise UserError(
+            f"{option} {out} was written by another ds-sft command while this one ran; this output is in "
+            f"{new}: move it where you want it, or run again with another {option}"
+        )
     try:
         if not os.path.lexists(out):
             os.rename(new, out)

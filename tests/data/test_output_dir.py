@@ -329,3 +329,39 @@ def test_prepare_into_a_folder_named_at_the_limit(run_prepare, world):
     out = world["root"] / ("d" * 255)
     manifest = prepare_into(run_prepare, world, out=out)
     assert manifest["files"] and (out / "manifest.json").is_file() and not staging_left(world["root"])
+
+
+@pytest.mark.parametrize("before", ["missing", "a previous output"])
+def test_an_output_written_by_another_command_meanwhile_is_not_swapped_over(tmp_path, before):
+    """Two prepares into one folder at once: the second to finish swapped its output in and moved the
+    first's aside with its manifest deleted (unusable as data), saying only that it "kept files of the
+    old output". Now the later one is refused before its swap, and the earlier one's stays whole."""
+    from ds_sft.data.output import MANIFEST, building_output, check_output_dir
+
+    out = tmp_path / "out"
+    if before == "a previous output":
+        with building_output(out, {}, "--output_dir", {"who": "previous"}, MANIFEST) as staging:
+            (staging / "x.txt").write_text("previous")
+    _, previous = check_output_dir(out, [])
+    old_files = previous["files"] if previous else {}
+    refused = pytest.raises(UserError, match="was written by another ds-sft command while this one ran")
+    with refused as err, building_output(out, old_files, "--output_dir", {"who": "A"}, MANIFEST) as first:
+        (first / "x.txt").write_text("A")
+        with building_output(out, old_files, "--output_dir", {"who": "B"}, MANIFEST) as second:
+            (second / "x.txt").write_text("B")
+    assert json.loads((out / MANIFEST).read_text())["who"] == "B" and (out / "x.txt").read_text() == "B"
+    assert str(first) in str(err.value) and (first / "x.txt").read_text() == "A"
+    assert json.loads((first / MANIFEST).read_text())["who"] == "A"  # whole, where the message says
+
+
+def test_the_manifest_of_an_output_other_than_the_listed_one_is_kept(tmp_path):
+    from ds_sft.data.output import MANIFEST
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "x.txt").write_text("theirs")
+    theirs = {"files": list_files(folder, MANIFEST)}
+    (folder / MANIFEST).write_text(json.dumps(theirs))
+    ours = {"x.txt": {"bytes": 2, "sha256": "0" * 64}}
+    assert remove_listed(folder, ours) == [MANIFEST, "x.txt"]
+    assert json.loads((folder / MANIFEST).read_text()) == theirs
