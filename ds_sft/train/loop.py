@@ -685,6 +685,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
     first_step, last_eval, status, stopped_by = state["step"], None, "finished", 0
     meter = StepMeter(s, ds_config, model.config, train_set.seq_len, world, first_step, say)
     log = RunLog(s, run_dir, is_main, say)
+    log.sink.log({"type": "start", "step": first_step})  # what metrics.jsonl held past it is left behind
     for change in state["changes"]:
         if change["step"] == first_step:  # this resume's (earlier ones are in metrics.jsonl already)
             log.sink.log({"type": "change", **change, "message": compatibility.describe(change)})

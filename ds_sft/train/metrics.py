@@ -159,7 +159,7 @@ class MetricsSink:
         self.records.append(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None:
+        if self.wandb is not None and record["type"] != "start":  # a segment's start holds no metric
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             for source, values in record.get("per_source", {}).items():
                 flat.update({f"{source}/{k}": v for k, v in values.items()})

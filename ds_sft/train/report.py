@@ -123,11 +123,19 @@ def parse_record(line: str) -> dict | None:
 
 def read_records(run_dir: Path) -> tuple[list[dict], int]:
     """Every record of ``metrics.jsonl`` across resumed segments, and how many lines were not a record
-    (:func:`parse_record`, skipped); a step redone after a crash keeps its last record."""
+    (:func:`parse_record`, skipped); a step redone after a crash keeps its last record. Each segment
+    opens with a ``start`` record of the step it starts from: the records past that step that came
+    before it are of a branch the run left (``--resume`` of an earlier checkpoint), and are dropped;
+    kept, the report of a run branched at step 2 gave step 6's loss and MFU of the branch it left."""
     path = run_dir / "metrics.jsonl"
     lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
     records = [record for record in map(parse_record, lines) if record is not None]
-    latest = {(r["type"], r["step"], r.get("message")): r for r in records}
+    latest: dict[tuple, dict] = {}
+    for record in records:
+        if record["type"] == "start":
+            latest = {key: kept for key, kept in latest.items() if kept["step"] <= record["step"]}
+        else:
+            latest[(record["type"], record["step"], record.get("message"))] = record
     return sorted(latest.values(), key=lambda r: r["step"]), len(lines) - len(records)
 
 

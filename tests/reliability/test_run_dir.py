@@ -882,3 +882,24 @@ def test_resuming_an_earlier_checkpoint_names_the_later_ones_its_first_save_dele
     assert not (checkpoints / "step_000004").exists() and (checkpoints / "step_000003").is_dir()
     again = run(train_flags(data, out, 4, "--resume"), ds_env)  # the latest: nothing later to name
     assert again.returncode == 0 and "first save deletes" not in again.stdout, again.stderr[-3000:]
+
+
+def test_the_report_of_a_branched_run_reads_only_its_own_branch(data, tmp_path, ds_env):
+    """A run of 4 steps resumed from its step 2 to end at step 3: the report said "finished at step 3"
+    beside step 4's loss and MFU, and drew steps 3-4 of the branch it left."""
+    from ds_sft.train.report import read_records
+
+    out = tmp_path / "run"
+    first = run(train_flags(data, out, 4, "--save_interval", "2"), ds_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    branched = run(train_flags(data, out, 3, "--resume", str(out / "checkpoints" / "step_000002")), ds_env)
+    assert branched.returncode == 0, branched.stderr[-3000:]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["type"] == "train"] == [1, 2, 3, 4, 3]  # both branches are there
+    records = read_records(out)[0]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3] and train[-1] == [
+        r for r in logged if r["type"] == "train"
+    ][-1]
+    assert max(r["step"] for r in records) == 3
+    assert f"| train loss (last step) | {train[-1]['loss']:.4f} |" in (out / "report.md").read_text()
