@@ -13,25 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from ds_sft.cli import build_parser
+from ds_sft.cli import build_parser, command_parsers, main
 from ds_sft.command import COMMANDS
 from ds_sft.options import StoreOnce
 from tests.signals import as_from_a_terminal
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
-
-
 def test_every_command_is_registered():
     expected = {"prepare", "train", "eval", "export", "bench"}
-    assert set(_subparsers(build_parser())) == set(COMMANDS) == expected
+    assert set(command_parsers(build_parser())) == set(COMMANDS) == expected
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_flag_has_help(command):
-    parser = _subparsers(build_parser())[command]
+    parser = command_parsers(build_parser())[command]
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert flags, f"{command} defines no flags"
     missing = [a.option_strings[0] for a in flags if not (a.help or "").strip()]
@@ -90,7 +85,7 @@ def test_documented_python_m_entry_points_run(command, module):
 def _value_flags() -> list[tuple[str, str]]:
     return [
         (command, action.option_strings[0])
-        for command, parser in sorted(_subparsers(build_parser()).items())
+        for command, parser in sorted(command_parsers(build_parser()).items())
         for action in parser._actions
         if action.option_strings and action.nargs != 0 and action.dest != "help"
     ]
@@ -102,7 +97,7 @@ def test_an_empty_value_stops_in_one_line_naming_the_flag(command, flag, empty, 
     """Every flag that takes a value, of every command: "" (an unset shell variable) named the working
     directory to a path flag (export --hf "" wrote to ".", its refusal blamed the tokenizer folder)."""
     parser = build_parser()
-    action = next(a for a in _subparsers(parser)[command]._actions if a.option_strings[:1] == [flag])
+    action = next(a for a in command_parsers(parser)[command]._actions if a.option_strings[:1] == [flag])
     values = [empty] * (action.nargs if isinstance(action.nargs, int) else 1)
     with pytest.raises(SystemExit) as exited:
         parser.parse_args([command, flag, *values])
@@ -117,7 +112,7 @@ def test_a_value_that_is_not_utf8_stops_in_one_line_naming_the_flag(command, fla
     command, and train ran to its end before its report failed to be written, a UnicodeEncodeError."""
     not_utf8 = os.fsdecode(b"runs/caf\xe9")  # as Python receives such an argument: runs/caf\udce9
     parser = build_parser()
-    action = next(a for a in _subparsers(parser)[command]._actions if a.option_strings[:1] == [flag])
+    action = next(a for a in command_parsers(parser)[command]._actions if a.option_strings[:1] == [flag])
     values = [not_utf8] * (action.nargs if isinstance(action.nargs, int) else 1)
     with pytest.raises(SystemExit) as exited:
         parser.parse_args([command, flag, *values])
@@ -139,7 +134,7 @@ def error_of(argv: list[str], capsys) -> str:
 def input_flags() -> list[tuple[str, str]]:
     return [
         (command, action.option_strings[0])
-        for command, parser in sorted(_subparsers(build_parser()).items())
+        for command, parser in sorted(command_parsers(build_parser()).items())
         for action in parser._actions
         if isinstance(action, StoreOnce)
     ]
@@ -162,7 +157,7 @@ def test_every_input_flag_is_given_once():
 def test_an_input_flag_given_twice_is_refused(command, flag, capsys):
     """The last of two values won: `prepare --alpaca a.json --alpaca b.json` read b.json alone and
     dropped a.json's rows without a word. The same value twice is harmless and stays accepted."""
-    action = next(a for a in _subparsers(build_parser())[command]._actions if flag in a.option_strings)
+    action = next(a for a in command_parsers(build_parser())[command]._actions if flag in a.option_strings)
     candidates = [
         *map(str, action.choices or ()),
         "1",
@@ -344,7 +339,7 @@ def _every_parser() -> list[tuple[str, argparse.ArgumentParser]]:
     """Each command's parser, and each bench script's."""
     import importlib.util
 
-    parsers = sorted(_subparsers(build_parser()).items())
+    parsers = sorted(command_parsers(build_parser()).items())
     for script in sorted(Path(__file__).parents[1].glob("bench/*.py")):
         spec = importlib.util.spec_from_file_location(f"bench_{script.stem}", script)
         module = importlib.util.module_from_spec(spec)
@@ -395,3 +390,30 @@ def test_only_a_native_panic_among_base_exceptions_becomes_one_line(capsys):
     assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(_Stop):
         execute("ds-sft prepare", SimpleNamespace(run=lambda args: (_ for _ in ()).throw(_Stop())), None)
+
+
+def _misplaced_flags() -> list[tuple[str, str, str]]:
+    """(command, a flag it lacks, the other command that has it), for every such pair."""
+    parsers = command_parsers(build_parser())
+    return [
+        (command, flag, other)
+        for command, parser in parsers.items()
+        for other, elsewhere in parsers.items()
+        for flag in elsewhere._option_string_actions
+        if other != command and flag.startswith("--") and flag not in parser._option_string_actions
+    ]
+
+
+@pytest.mark.parametrize(("command", "flag", "other"), _misplaced_flags())
+def test_a_flag_given_to_the_wrong_command_names_the_command_that_has_it(capsys, command, flag, other):
+    """`ds-sft train --max_examples 10` said "ds-sft: error: unrecognized arguments: --max_examples 10"."""
+    parser = command_parsers(build_parser())[command]
+    needed = [a for a in parser._actions if a.required and a.option_strings]
+    needed += [group._group_actions[0] for group in parser._mutually_exclusive_groups if group.required]
+    required = [word for action in needed for word in (action.option_strings[0], "x")]
+    with pytest.raises(SystemExit) as stop:
+        main([command, *required, flag, "1"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"ds-sft {command}: error: unrecognized arguments: {flag} 1")
+    assert f"{flag} is a flag of " in err and f"ds-sft {other}" in err.split(f"{flag} is a flag of ", 1)[1]

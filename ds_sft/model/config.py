@@ -272,7 +272,10 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
-            raise UserError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise UserError(
+                f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} (a model to start from, "
+                "a folder or a weights file, goes to --base_model)"
+            )
         return cls.from_dict({**PRESETS[name], **overrides})
 
 
