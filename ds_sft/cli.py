@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from ds_sft import __version__
 from ds_sft.command import COMMANDS, execute, load_command, reading_the_command_line
-from ds_sft.options import OneLineParser
+from ds_sft.options import HelpFormatter, OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=summary,
             description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(command_parser)
     return parser

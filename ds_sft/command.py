@@ -167,12 +167,12 @@ def native_panic_line(err: BaseException) -> str:
 
 def script_parser(file: str, description: str) -> argparse.ArgumentParser:
     """The parser of the script ``file`` in ``bench/``: one-line errors, named ``bench/<file>``."""
-    from ds_sft.options import OneLineParser
+    from ds_sft.options import HelpFormatter, OneLineParser
 
     return OneLineParser(
         prog=f"bench/{Path(file).name}",
         description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
 
@@ -187,14 +187,14 @@ def main_for_script(module, argv: Sequence[str] | None = None) -> int:
 
 def main_for(name: str, argv: Sequence[str] | None = None) -> int:
     """Entry point for ``python -m <command module>``: parse that command's flags and run it."""
-    from ds_sft.options import OneLineParser
+    from ds_sft.options import HelpFormatter, OneLineParser
 
     with reading_the_command_line(f"ds-sft {name}"):
         module = load_command(name)
         parser = OneLineParser(
             prog=f"python -m {COMMANDS[name][0]}",
             description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(parser)
         args = parser.parse_args(argv)

@@ -260,13 +260,13 @@ def gsm8k_lines(eval_json: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from ds_sft.command import execute, reading_the_command_line
-    from ds_sft.options import OneLineParser
+    from ds_sft.options import HelpFormatter, OneLineParser
 
     with reading_the_command_line("ds-sft demo"):
         parser = OneLineParser(
             prog="python -m ds_sft.demo",
             description=__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         add_arguments(parser)
         args = parser.parse_args(argv)

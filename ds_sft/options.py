@@ -333,6 +333,21 @@ def refuse_ignored(parser: argparse.ArgumentParser, *rules: Ignored) -> None:
     parser.ignored_rules = (*getattr(parser, "ignored_rules", ()), *rules)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with every flag's default: a help text that does not say its default gets
+    ``(default: X)``, so no default is known only to the code (eval's --out runs/eval, --dtype
+    bfloat16 were). Switches, and flags unset by default (None, an empty list: their help says what
+    happens then), get none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default  # by identity: a default of 0 equals False, and is one to show
+        unset = default is None or default is False or default is argparse.SUPPRESS or default in ([], ())
+        if unset or not action.option_strings or "default" in text or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser that reports a bad flag in one line, exit 2 (its subparsers do too).
 

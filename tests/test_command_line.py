@@ -417,3 +417,16 @@ def test_a_flag_given_to_the_wrong_command_names_the_command_that_has_it(capsys,
     assert stop.value.code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"ds-sft {command}: error: unrecognized arguments: {flag} 1")
     assert f"{flag} is a flag of " in err and f"ds-sft {other}" in err.split(f"{flag} is a flag of ", 1)[1]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_flag_with_a_default_shows_it_in_help(command):
+    """eval's --out runs/eval and --dtype bfloat16 were defaults --help did not say."""
+    parser = command_parsers(build_parser())[command]
+    text = " ".join(parser.format_help().split())  # argparse wraps lines: compare words
+    for action in parser._actions:
+        default = action.default
+        if not action.option_strings or action.nargs == 0 or default is None or default == []:
+            continue
+        helped = " ".join((action.help or "").split())
+        assert "default" in helped or f"{helped} (default: {default})" in text, (action.option_strings, text)
