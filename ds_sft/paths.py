@@ -106,6 +106,13 @@ def hub_id(spec: str) -> tuple[str, str | None] | None:
     return match["repo"], match["revision"]
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` rules out the hub, read as huggingface_hub reads it (1, ON, YES or
+    TRUE in any case) and when asked: prepare took only "1", so ``HF_HUB_OFFLINE=true`` meant offline
+    to the model download and online to prepare's."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def hub_snapshot(repo_id: str, revision: str | None = None, what: str = "model") -> Path:
     """The local snapshot folder of ``repo_id`` at ``revision`` (default: main) in the hub cache.
 
@@ -117,7 +124,7 @@ def hub_snapshot(repo_id: str, revision: str | None = None, what: str = "model")
 
     spec = repo_id + (f"@{revision}" if revision else "")
     download = f"`hf download {repo_id}{f' --revision {revision}' if revision else ''}`"
-    offline = constants.HF_HUB_OFFLINE
+    offline = hub_offline()
     try:
         folder = snapshot_download(
             repo_id, revision=revision, allow_patterns=HUB_FILES, local_files_only=offline

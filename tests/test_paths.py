@@ -254,3 +254,28 @@ def test_train_and_export_refuse_an_uncached_hub_id_in_one_line(tmp_path):
         assert len(lines) == 1, (argv, out.stderr)
         assert "'Qwen/Qwen3-0.6B' is not a local path and is not in the Hugging Face cache" in lines[0]
         assert str(tmp_path / "empty-cache") in lines[0] and "hf download Qwen/Qwen3-0.6B" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "offline"),
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("on", True),
+        (" True ", True),
+        ("0", False),
+        ("", False),
+        ("false", False),
+        ("no", False),
+    ],  # fmt: skip
+)
+def test_hf_hub_offline_reads_as_huggingface_hub_reads_it(monkeypatch, value, offline):
+    """prepare took only "1": HF_HUB_OFFLINE=true meant offline to the model download, online to it."""
+    import huggingface_hub.constants
+
+    from ds_sft.paths import hub_offline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() is offline
+    assert huggingface_hub.constants._is_true(value.strip() or None) is offline  # the library's own reading

@@ -46,7 +46,6 @@ import gc
 import hashlib
 import itertools
 import json
-import os
 import sys
 import threading
 import zlib
@@ -57,7 +56,7 @@ import numpy as np
 
 from ds_sft.errors import UserError, as_os_error, one_line
 from ds_sft.options import Ignored, refuse_ignored
-from ds_sft.paths import expand_user
+from ds_sft.paths import expand_user, hub_offline
 
 # the output a refusal that names no file is about (command.execute): where a full disk ran out
 OUTPUT_FLAG = "output_dir"
@@ -269,7 +268,7 @@ def collect_sources(args: argparse.Namespace) -> list:
         if spec.is_local:  # a FIFO, a device or a folder is refused here, before anything opens it
             require_regular_file(expand_user(spec.location), f"{spec.name} data")
     if not specs:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
+        if hub_offline():
             raise UserError(
                 "no data source: pass --alpaca/--gsm8k/--dolly PATH or --source NAME=PATH "
                 "(../shared/data is absent and HF_HUB_OFFLINE=1 rules out the hub)"
@@ -298,7 +297,7 @@ def gsm8k_test_reference(args: argparse.Namespace, specs: list) -> tuple[list[st
     if args.gsm8k_test and location != args.gsm8k_test:
         raise UserError(f"--gsm8k_test {args.gsm8k_test}: no such file")
     if location is None:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
+        if hub_offline():
             return [], {"reference": None, "note": "no GSM8K test set found offline; pass --gsm8k_test PATH"}
         location = "openai/gsm8k"
     try:
