@@ -45,10 +45,13 @@ def expand_user(path: str | Path) -> Path:
 
 
 def shared_dir() -> Path | None:
-    """The read-only ``shared/`` folder beside the project (``$DS_SFT_SHARED`` overrides), if present."""
-    candidates = [os.environ.get("DS_SFT_SHARED"), REPO_ROOT.parent / "shared", Path.cwd().parent / "shared"]
+    """The read-only ``shared/`` folder beside the project, if present. ``$DS_SFT_SHARED``, when set,
+    names it and nothing else is tried: one without ``data/`` means none (a mistyped path fell back to
+    ``../shared`` without a word, and the run read data the user had pointed away from)."""
+    chosen = os.environ.get("DS_SFT_SHARED", "").strip()
+    candidates = [chosen] if chosen else [REPO_ROOT.parent / "shared", Path.cwd().parent / "shared"]
     for candidate in candidates:
-        if candidate and (Path(candidate) / "data").is_dir():
+        if (Path(candidate) / "data").is_dir():
             return Path(candidate)
     return None
 

@@ -279,3 +279,18 @@ def test_hf_hub_offline_reads_as_huggingface_hub_reads_it(monkeypatch, value, of
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     assert hub_offline() is offline
     assert huggingface_hub.constants._is_true(value.strip() or None) is offline  # the library's own reading
+
+
+def test_ds_sft_shared_names_the_shared_folder_and_nothing_else(monkeypatch, tmp_path):
+    """A DS_SFT_SHARED without data/ (a typo) fell back to ../shared without a word."""
+    from ds_sft.paths import REPO_ROOT, shared_dir
+
+    (tmp_path / "mine" / "data").mkdir(parents=True)
+    monkeypatch.setenv("DS_SFT_SHARED", str(tmp_path / "mine"))
+    assert shared_dir() == tmp_path / "mine"
+    monkeypatch.setenv("DS_SFT_SHARED", str(tmp_path / "typo"))
+    assert shared_dir() is None
+    monkeypatch.chdir(tmp_path / "mine" / "data")  # unset: beside the checkout, then beside the folder
+    monkeypatch.setenv("DS_SFT_SHARED", "")
+    beside = REPO_ROOT.parent / "shared"
+    assert shared_dir() == (beside if (beside / "data").is_dir() else None)
