@@ -193,7 +193,8 @@ def check_generation_fits(model, data: EvalData, records: list[dict], max_new_to
     if width >= config.max_seq_len:
         raise UserError(
             f"a prompt to answer has {width:,} tokens, as many as the model's max_seq_len "
-            f"{config.max_seq_len} or more, leaving no room for an answer: shorten that problem"
+            f"{config.max_seq_len} or more, leaving no room for an answer: pass --no_gsm8k and --no_generate "
+            "(the GSM8K problems and the fixed prompts), or shorten the problems of --gsm8k_test"
         )
     if width + max_new_tokens > config.max_seq_len:
         raise UserError(

@@ -696,6 +696,23 @@ def test_a_generation_that_cannot_run_is_refused_before_anything_is_measured(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_prompt_that_fills_the_models_positions_names_the_flags_that_skip_it(data_dir, tmp_path):
+    """It said "shorten that problem" of GSM8K's test set or of the built-in prompts, which the user
+    cannot edit; the flags that skip those answers are what to pass."""
+    torch.manual_seed(0)
+    short = save_model(
+        LlamaModel(ModelConfig.preset("tiny", vocab_size=50304, max_seq_len=32)), tmp_path / "m"
+    )
+    data_path, test = data_dir
+    argv = ["--model", str(short), "--data_dir", str(data_path), "--gsm8k_test", str(test), "--no_val",
+            "--dtype", "float32", "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(
+        UserError, match=r"^a prompt to answer has \d+ tokens, as many as the model's max_seq_len 32"
+    ) as err:
+        cli.run(_parse(argv))
+    assert "pass --no_gsm8k and --no_generate" in str(err.value) and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("question", "expected"),
     [
