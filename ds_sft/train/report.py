@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from ds_sft.paths import replace_file, write_result_file
@@ -169,7 +170,6 @@ def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
         lines += [f"{unreadable} line(s) of metrics.jsonl are not readable records and were skipped.", ""]
     measured = [r for r in train if r.get("tokens_per_s") is not None]  # not a step without tokens
     if finite:
-        tps = sorted(r["tokens_per_s"] for r in measured)
         lines += [
             "## Final metrics",
             "",
@@ -177,7 +177,7 @@ def write_report(run_dir: Path, effective_config: dict, summary: dict) -> Path:
             "|---|---|",
             f"| train loss (last step) | {finite[-1]['loss']:.4f} |",
             f"| train loss (first step) | {finite[0]['loss']:.4f} |",
-            f"| tokens/s (median) | {tps[len(tps) // 2]:,.0f} |",
+            f"| tokens/s (median) | {statistics.median(r['tokens_per_s'] for r in measured):,.0f} |",
             f"| MFU (step {measured[-1]['step']}; peak: {summary['peak_flops_source']}) | "
             f"{measured[-1]['mfu']:.1%} |",
             f"| time in train steps (all segments) | {summary['elapsed_s']:.0f} s |",

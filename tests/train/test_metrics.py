@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -202,6 +203,8 @@ def test_other_ranks_write_nothing(tmp_path):
 def test_report_has_metrics_table_plots_and_config(tmp_path):
     # a crash after step 4 and a resume from step 3: step 4 was logged twice, the report keeps the last
     lines = records()[:4] + [{**records()[3], "loss": 9.0}] + records()[4:]
+    for k, record in enumerate(lines):  # speeds far apart: the upper middle was reported as the median
+        record["tokens_per_s"] = 1000.0 * (k + 1) if record["type"] == "train" else record.get("tokens_per_s")
     lines.append({"type": "alarm", "step": 3, "message": "x"})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     summary = {
@@ -216,6 +219,9 @@ def test_report_has_metrics_table_plots_and_config(tmp_path):
     text = write_report(tmp_path, {"zero_optimization": {"stage": 2}}, summary).read_text()
     assert "| gsm8k | 2.2000 | 9.00 | 0.500 | 80 |" in text and "- step 3: x" in text
     assert '"stage": 2' in text and "| train loss (first step) | 2.9000 |" in text
+    speeds = [r["tokens_per_s"] for r in read_records(tmp_path)[0] if r.get("tokens_per_s") is not None]
+    assert len(speeds) % 2 == 0  # the median of an even count is the mean of the middle two
+    assert f"| tokens/s (median) | {statistics.median(speeds):,.0f} |" in text
     train = [r for r in read_records(tmp_path)[0] if r["type"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and train[3]["loss"] == 9.0
     for name in ("loss.png", "perplexity.png", "lr.png", "grad_norm.png", "tokens_per_s.png"):
