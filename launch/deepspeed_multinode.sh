@@ -173,6 +173,7 @@ if [[ -z $master_addr ]]; then
     # each node but the first waited for itself); this machine's name when there is no hostfile yet
     master_addr=${first_host:-$(hostname 2>/dev/null || uname -n)}
 fi
+check_train_flags "$@"
 command=(deepspeed --hostfile "$hostfile" --master_addr "$master_addr" --master_port "$master_port"
          "${launcher_extra[@]}" --module ds_sft.train "$@")
 if [[ $dry_run -eq 1 ]]; then

@@ -38,3 +38,15 @@ endpoint() {
     host "$1" "${2%:*}"
     count "$1's port" "${2##*:}" 1 65535
 }
+
+# check_train_flags FLAG...: the train flags read by train's own parser before any launcher starts (one
+# line and exit 2 for a mistyped flag or value, here, not once per rank on every node). --dry-run among
+# them is the script's own option put after --, where it was passed to train and the job launched.
+check_train_flags() {
+    local word
+    for word in "$@"; do
+        [[ $word == --dry-run ]] && refuse "--dry-run is an option of $launcher: put it before --"
+    done
+    PYTHONPATH=${repo:-$PWD}${PYTHONPATH:+:$PYTHONPATH} python3 -m ds_sft.train --check_flags "$@" >/dev/null \
+        || exit 2
+}

@@ -47,6 +47,7 @@ if [[ $nnodes -eq 1 ]]; then
 else
     rendezvous=(--nnodes "$nnodes" --rdzv_backend c10d --rdzv_endpoint "$rdzv" --rdzv_id ds-sft)
 fi
+check_train_flags "$@"
 # ds_sft.torchrun: torchrun ending in the failing rank's exit code and one line, not a traceback
 command=(python3 -m ds_sft.torchrun "${rendezvous[@]}" --nproc_per_node "$procs" -m ds_sft.train "$@")
 if [[ $dry_run -eq 1 ]]; then

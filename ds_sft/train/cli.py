@@ -183,6 +183,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "are removed; other files are kept, and anything else inside what it removes is refused); "
         "without it or --resume, a run directory that holds a run is refused",
     )
+    parser.add_argument(
+        "--check_flags",
+        action="store_true",
+        help="read the flags, check each value, and exit without training: what the launch scripts run "
+        "before they start any rank, so a mistyped flag stops there in one line, not on every node",
+    )
     refuse_ignored(
         parser,
         Ignored(
@@ -358,6 +364,8 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.train import config as config_module
     from ds_sft.train.distributed import use_slurm_environment
 
+    if args.check_flags:  # the launch node: the ranks' environment (world size, devices) is not here yet
+        return 0
     use_slurm_environment()  # srun without torchrun: WORLD_SIZE & co. before the config checks read them
     ds_config, s, overrides = config_module.resolve(args)  # every check before anything heavy
     run_dir = writable_dir(s.out_dir, "--out_dir")
@@ -444,9 +452,14 @@ def leave_rank(code) -> None:
     or told to stop by rank 0) leaves without interpreter teardown, as :func:`shutdown_multiprocess`
     does and for its reason: DeepSpeed on CPU aborted in it ("terminate called without an active
     exception"), and SIGABRT replaced the exit code the launcher and Slurm go by."""
-    import torch.distributed as dist
-
-    if isinstance(code, int) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    dist = sys.modules.get("torch.distributed")  # not imported: no group (--check_flags, a refused flag)
+    if (
+        isinstance(code, int)
+        and dist is not None
+        and dist.is_available()
+        and dist.is_initialized()
+        and (dist.get_world_size() > 1)
+    ):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -191,8 +191,11 @@ def test_a_train_flag_a_nodes_shell_would_read_again_is_refused_through_ssh(word
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "each node's shell" in lines[0] and "--no_ssh" in lines[0], done.stderr
     assert not (tmp_path / "pwned").exists()
-    # without ssh no shell reads them: the launcher passes each word as it is
+    # without ssh no shell reads them: the launcher passes each word as it is, train's parser permitting
     done = _deepspeed_sh("--dry-run", "--no_ssh", "--node_rank", "0", *flags)
+    if word == "":  # an empty value is train's own refusal, now made before any launcher starts
+        assert done.returncode == 2 and "--out_dir: the value is empty" in done.stderr, done.stderr
+        return
     assert done.returncode == 0, done.stderr
     words = subprocess.run(["bash", "-c", f"printf '%s\\0' {done.stdout}"], capture_output=True, text=True)
     assert words.stdout.split("\0")[-5:-1] == ["--out_dir", word, "--model", "tiny"]  # bash reads its %q
@@ -551,3 +554,24 @@ def test_slurm_requeues_a_stopped_job_and_ends_in_0_unless_the_ranks_failed(tmp_
     assert job.returncode == job_exit, out + err
     assert f"stopped for preemption or the time limit (exit {ranks_exit}); requeueing job 77" in out
     assert "requeue 77" in (tmp_path / "scontrol.log").read_text()
+
+
+TRAIN_FLAG_MISTAKES = [
+    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["--max_examples", "10"], "unrecognized arguments: --max_examples 10"),  # prepare's
+    (["--micro_batch_size", "0"], "--micro_batch_size"),
+    (["--dry-run"], "--dry-run is an option of launch/"),  # the script's own option, after --
+]
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed_multinode.sh", "slurm.sbatch"])
+@pytest.mark.parametrize(("flags", "said"), TRAIN_FLAG_MISTAKES)
+def test_a_mistyped_train_flag_stops_the_launch_script_before_any_launcher(script, flags, said):
+    """The train flags were first read by each rank, after the launcher had started every node (and
+    --dry-run put after -- launched the job for real)."""
+    separator = [] if script == "slurm.sbatch" else ["--"]
+    command = ["bash", str(REPO_ROOT / "launch" / script), "--dry-run", *separator, "--model", "tiny", *flags]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    lines = done.stderr.strip().splitlines()
+    assert (done.returncode, done.stdout, len(lines)) == (2, "", 1), (done.stdout, done.stderr)
+    assert said in lines[0]
