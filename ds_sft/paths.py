@@ -185,10 +185,16 @@ def writable_dir(path: str | Path, flag: str) -> Path:
     For an output flag (``--out_dir``, ``--out``, ``--hf``, ``--output_dir``), checked before any work,
     so a refusal costs nothing and leaves nothing behind: nothing is created here. Refused: a file (or
     FIFO, device, broken symlink) where the folder should be or anywhere above it, and a folder that
-    cannot be written (permissions, read-only filesystem).
+    cannot be written (permissions, read-only filesystem), and a name with a control character (ds-sft
+    makes the folder, so it makes no name that breaks the lines naming it).
     """
     if not isinstance(path, str | os.PathLike) or str(path).strip() == "":
         raise UserError(f"{flag} {path!r}: pass the path of a folder")
+    if not os.fspath(path).isprintable():  # a newline in it broke every line that names the output
+        raise UserError(
+            f"{flag} {os.fspath(path)!r}: the name holds a control character (a newline, an escape), which "
+            "breaks every line that names what is written there: pass a printable name"
+        )
     path = expand_user(path)
     existing = path
     while not (existing.exists() or existing.is_symlink()):

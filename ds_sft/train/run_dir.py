@@ -353,12 +353,26 @@ def only_copied_checkpoints(run_dir: Path, found: list[Path]) -> bool:
     return bool(tags) and not problems and len(ours) == len(entries(ckpt_dir))
 
 
+def is_lock_file(path: Path) -> bool:
+    """Whether ``path`` is a lock file as :func:`lock` leaves it: empty, or its holder line (whole, or
+    cut short by a full disk). A folder holding only a ``.lock`` of the user's (their notes, another
+    tool's lock) was taken for a fresh run's, and the claim wrote over it."""
+    if kind(path) != "file":
+        return False
+    try:
+        with path.open("rb") as file:
+            text = file.read(4097)
+    except OSError:
+        return False
+    return len(text) <= 4096 and (not text or text.startswith(b'{"pid": '))  # lock()'s json.dumps
+
+
 def check_is_run_folder(run_dir: Path) -> None:
     """Refuse, before anything is written there, a folder that is not (and cannot become) a ds-sft run's."""
     if kind(run_dir) == "missing":
         return
     found = entries(run_dir)
-    fresh = all(path.name == LOCK_FILE and kind(path) == "file" for path in found)
+    fresh = all(path.name == LOCK_FILE and is_lock_file(path) for path in found)
     if not (fresh or is_marked(run_dir) or only_copied_checkpoints(run_dir, found)):
         names = [relative(path, run_dir) for path in found]
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -412,6 +412,22 @@ def test_each_command_refuses_a_bad_output_folder_before_any_work(
     assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("character", ["\n", "\r", "\x1b", "\t", "\x7f", "\u2028"])
+@pytest.mark.parametrize("flag", ["--out_dir", "--out", "--hf", "--output_dir"])
+def test_an_output_name_with_a_control_character_is_refused_before_any_work(
+    data, tmp_path, capsys, flag, character
+):
+    """--out_dir $'runs/nl\\nwarning: ok' made that folder, and every line naming it ("final fp32
+    weights:", "report:", "saved checkpoint") printed a second line that read as ds-sft's own."""
+    out = tmp_path / f"runs{character}warning: all good"
+    code = main([*_commands(data, tmp_path)[flag], flag, str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
+    assert f"error: {flag} {str(out)!r}: the name holds a control character" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- whose folder it is
 
 
@@ -903,3 +919,30 @@ def test_the_report_of_a_branched_run_reads_only_its_own_branch(data, tmp_path, 
     ][-1]
     assert max(r["step"] for r in records) == 3
     assert f"| train loss (last step) | {train[-1]['loss']:.4f} |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("content", "taken"),
+    [
+        (b"", True),
+        (b'{"pid": 12, "host": "node", "started": "2026-12-05 20:00:00"}\n', True),
+        (b'{"pid": 12, "ho', True),  # cut short by a full disk
+        (b"my notes about this folder\n", False),
+        (b'{"owner": "another tool"}', False),
+        (b"[1, 2]", False),
+        (b"\xff\xfe", False),
+    ],  # fmt: skip
+)
+def test_a_folder_holding_only_a_lock_file_is_fresh_only_if_the_lock_is_ds_sfts(tmp_path, content, taken):
+    """A user's own .lock (notes, another tool's lock) alone in --out_dir was taken for a fresh run's,
+    and the claim wrote its holder line over it."""
+    from ds_sft.train.run_dir import check_is_run_folder
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).write_bytes(content)
+    if taken:
+        check_is_run_folder(tmp_path / "run")
+    else:
+        with pytest.raises(UserError, match="is not empty and not a ds-sft run folder"):
+            check_is_run_folder(tmp_path / "run")
+    assert (tmp_path / "run" / LOCK_FILE).read_bytes() == content
