@@ -145,7 +145,9 @@ def real(path) -> Path:
 
 
 def check_inputs_outside(run_dir: Path, s) -> None:
-    """Refuse a run folder that is, holds or lies inside one of the run's inputs (symlinks resolved)."""
+    """Refuse a run folder that is, holds or lies inside one of the run's inputs (symlinks resolved),
+    or lies inside another run's own ``checkpoints/`` or ``final/``: that run's resume, pruning and
+    ``--overwrite`` rewrite those (a resume moved a run made at ``A/checkpoints/step_000099`` aside)."""
     out = real(run_dir)
     inputs = {"--data_dir": s.data_dir, "--deepspeed_config": s.deepspeed_config}
     if s.base_model is not None and expand_user(s.base_model).exists():  # not an alias or hub id
@@ -168,6 +170,12 @@ def check_inputs_outside(run_dir: Path, s) -> None:
             f"--out_dir {run_dir} {how} {flag} {path}: a run writes into its folder (and --overwrite "
             "deletes there), so it would change its own input; pass an --out_dir apart from every input"
         )
+    for own in (out, *out.parents):
+        if own.name in ("checkpoints", "final") and is_marked(own.parent):
+            raise UserError(
+                f"--out_dir {run_dir} lies inside {own}, the {own.name}/ folder of the run in {own.parent}, "
+                "which that run rewrites: pass an --out_dir outside it"
+            )
 
 
 # ----------------------------------------------------------------------------- what is in the folder

@@ -946,3 +946,19 @@ def test_a_folder_holding_only_a_lock_file_is_fresh_only_if_the_lock_is_ds_sfts(
         with pytest.raises(UserError, match="is not empty and not a ds-sft run folder"):
             check_is_run_folder(tmp_path / "run")
     assert (tmp_path / "run" / LOCK_FILE).read_bytes() == content
+
+
+@pytest.mark.parametrize(
+    "inside", ["checkpoints/step_000099", "checkpoints", "final/mine", "checkpoints/a/b"]
+)
+def test_an_out_dir_inside_another_runs_own_folders_is_refused(data, genuine_run, tmp_path, capsys, inside):
+    """A run made at A/checkpoints/step_000099 was moved aside (step_000099.kept) by A's next resume,
+    whose first save clears the tags after its own; final/ is rewritten whole by A's end."""
+    other = copy_run(genuine_run, tmp_path / "A")
+    before = snapshot(other)
+    out = other / inside
+    assert main(["train", "--data_dir", str(data), "--model", "tiny", "--out_dir", str(out)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    own = inside.split("/")[0]
+    assert f"--out_dir {out} lies inside {other / own}, the {own}/ folder of the run in {other}" in line
+    assert snapshot(other) == before
