@@ -81,12 +81,13 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.data.model_match import final_behind
     from ds_sft.data.output import building_output, check_output_dir, refuse_overlap
     from ds_sft.data.tokenizer import load_tokenizer
-    from ds_sft.model.checkpoint import load_model
+    from ds_sft.model.checkpoint import load_model, refuse_training_state
     from ds_sft.model.export import export_hf
     from ds_sft.paths import resolve_model_path, writable_dir
 
     writable_dir(args.hf, "--hf")
     source = resolve_model_path(args.base_model)
+    refuse_training_state(source)  # what the model is decides before its tokenizer is looked for
     tokenizer_spec, tokenizer_path = _find_tokenizer(args.tokenizer, source)
     inputs = {"the model": source} | ({"the tokenizer": tokenizer_path} if tokenizer_path else {})
     refuse_overlap(args.hf, "--hf", inputs)

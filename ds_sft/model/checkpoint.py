@@ -209,8 +209,52 @@ def save_model(model: LlamaModel, directory: str | Path) -> Path:
     return directory
 
 
+# A ds-sft training checkpoint (``RUN/checkpoints/step_N``, the train package's layout) holds DeepSpeed's
+# shards and this file; ``RUN/checkpoints`` names the newest in ``latest``.
+TRAINING_CHECKPOINT_STATE = "trainer_state.json"
+
+
+def refuse_training_state(path: Path) -> None:
+    """One line for a model path that is a run's training state rather than weights: a run without
+    ``final/`` yet, a checkpoint tag, the ``checkpoints/`` folder, its ``latest`` or one of a tag's
+    shards. Checked before anything else is looked for beside the model (export asked for a tokenizer
+    first, then said the run had no weights)."""
+    if path.is_file() and ((path.parent / TRAINING_CHECKPOINT_STATE).is_file() or path.name == "latest"):
+        raise training_checkpoint(path.parent)  # one of its shards, or checkpoints/latest
+    if not path.is_dir() or (path / "final" / CONFIG_FILE).exists() or (path / CONFIG_FILE).exists():
+        return
+    if (path / "checkpoints").is_dir():
+        raise UserError(
+            f"{path} is a training run without final/ weights yet: let it finish (or resume it to the end), "
+            "which writes final/"
+        )
+    if (path / TRAINING_CHECKPOINT_STATE).is_file() or (path / "latest").is_file():
+        raise training_checkpoint(path)
+
+
+def training_checkpoint(path: Path) -> UserError:
+    """What to do with a training checkpoint given as a model: its weights are DeepSpeed's shards (ZeRO
+    partitions, optimizer state), which train consolidates into ``final/`` when a run ends, and a run
+    resumed from the checkpoint to its own step ends at once. It was refused as "neither a ds-sft
+    checkpoint nor a Hugging Face model", with no way named to evaluate the best checkpoint."""
+    tag = re.fullmatch(r"step_(\d+)", path.name)
+    if tag is None and (path / "latest").is_file():  # the checkpoints/ folder: its newest tag
+        with (path / "latest").open("rb") as file:
+            named = file.read(64).decode("ascii", "replace").strip()
+        path, tag = path / named, re.fullmatch(r"step_(\d+)", named)
+    step = str(int(tag.group(1))) if tag else "ITS_STEP"
+    settings = path.parent.parent / "effective_config.json"  # the run's: every setting its resume compares
+    settings_flag = f" --deepspeed_config {settings}" if settings.is_file() else ""
+    return UserError(
+        f"{path} is a training checkpoint (DeepSpeed's shards, not a model's weights): write its weights "
+        f"with `ds-sft train --resume {path} --max_iters {step}{settings_flag} --data_dir DATA --out_dir "
+        "NEW` (a run that ends where it starts, writing NEW/final), then pass NEW"
+    )
+
+
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool | None]:
     """(raw state dict, config fields found beside it, tie_embeddings if the source says so)."""
+    refuse_training_state(path)
     if path.is_dir():
         if (path / "final" / CONFIG_FILE).exists():  # a training run directory
             path = path / "final"
@@ -219,11 +263,6 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             return _read_safetensors(path / MODEL_FILE), _config_hints(hints, path / CONFIG_FILE), None
         if (path / "config.json").exists():
             return _read_transformers(path)
-        if (path / "checkpoints").is_dir():
-            raise UserError(
-                f"{path} is a training run without final/ weights yet: let it finish (or resume it to "
-                "the end), which writes final/"
-            )
         raise UserError(
             f"{path} is neither a ds-sft checkpoint ({CONFIG_FILE}) nor a Hugging Face model (config.json)"
         )

@@ -57,3 +57,25 @@ def test_a_run_whose_final_is_its_last_checkpoint_gets_no_note(tmp_path, capsys)
     assert done.returncode == 0, done.stderr[-3000:]
     assert final_behind(str(tmp_path / "run")) is None
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000002"
+
+
+@pytest.mark.parametrize("named", ["checkpoints/step_000004", "checkpoints", "checkpoints/latest"])
+def test_a_training_checkpoint_given_as_a_model_names_the_command_that_writes_its_weights(
+    resumed_run, tmp_path, capsys, named
+):
+    """eval/export/--base_model of RUN/checkpoints/step_N said it was "neither a ds-sft checkpoint nor a
+    Hugging Face model", and no way to evaluate a checkpoint (the best one, a stopped run's) was named.
+    The command the line names is run here as written, and its final/ is then evaluated."""
+    import shlex
+
+    data, out = resumed_run
+    assert main(["export", "--base_model", str(out / named), "--hf", str(tmp_path / "hf")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert f"{out / 'checkpoints' / 'step_000004'} is a training checkpoint" in line, line
+    command = shlex.split(line.split("`")[1].replace("DATA", str(data)).replace("NEW", str(tmp_path / "new")))
+    assert command[:2] == ["ds-sft", "train"]
+    done = run([*command[2:], "--wandb_mode", "disabled"], single_rank_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluated = ["eval", "--model", str(tmp_path / "new"), "--data_dir", str(data), "--no_gsm8k",
+                 "--no_generate", "--out", str(tmp_path / "eval")]  # fmt: skip
+    assert main(evaluated) == 0
