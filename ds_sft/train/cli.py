@@ -424,6 +424,7 @@ def run(args: argparse.Namespace) -> int:
         note = check_batch_fits_split(s, world, len(train_set))
         if note and rank == 0:
             print(note)
+        compatibility.check_base_model(s)
         model = build_model(s, tokens_per_micro_batch=s.micro_batch_size * train_set.seq_len)
         compatibility.check_fresh(s, model, train_set)
         check_fits(model, train_set.seq_len, s.micro_batch_size, s.precision == "bf16")

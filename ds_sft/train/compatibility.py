@@ -1,7 +1,8 @@
 """Refuse, before the engine is built, a run whose parts don't belong together.
 
-A fresh run: the data's tokenizer must be the base model's own (when the base model carries one),
-its ids must fit the embedding and its rows the model's positions (:mod:`ds_sft.data.model_match`).
+A fresh run: the data's tokenizer must be the base model's own (when the base model carries one;
+checked before its weights load), its ids must fit the embedding and its rows the model's positions
+(:mod:`ds_sft.data.model_match`).
 
 A resume: every checkpoint records :func:`run_identity`, the settings that fix what the next step
 computes (seed, ZeRO stage, precision, fp8, micro-batch, global batch, lr schedule and clipping,
@@ -104,18 +105,23 @@ FIXED_OPTIMIZER_KEYS = ("amsgrad", "maximize")
 NOT_COMPARED_FIELDS = ("init_std",)
 
 
-def check_fresh(s, model, train_set) -> None:
-    """The data belongs with the model: same tokenizer, ids within the embedding, rows within positions;
-    a note when the base model is a run's final/ that its checkpoints went past (or back from)."""
+def check_base_model(s) -> None:
+    """Before the base model's weights load (seconds to minutes): the data's tokenizer is the model's
+    own, and a note when the model is a run's final/ that its checkpoints went past (or back from)."""
     import torch.distributed as dist
 
+    if s.base_model is None:
+        return
+    check_tokenizer(s.base_model, s.data_dir)
+    said = final_behind(s.base_model)
+    if said and dist.get_rank() == 0:
+        print(said)
+
+
+def check_fresh(s, model, train_set) -> None:
+    """The data fits the built model: ids within the embedding, rows within its positions."""
     spec = s.base_model if s.base_model is not None else f"the {s.model} preset"
     check_model_fits(spec, model.config, s.data_dir, train_set.seq_len)
-    if s.base_model is not None:
-        check_tokenizer(s.base_model, s.data_dir)
-        said = final_behind(s.base_model)
-        if said and dist.get_rank() == 0:
-            print(said)
 
 
 def weights_fingerprint(model) -> str:

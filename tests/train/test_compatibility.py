@@ -88,7 +88,13 @@ def one_line_error(capsys) -> str:
 
 
 @pytest.mark.parametrize("layout", ["folder", "root", "run"])
-def test_data_from_another_tokenizer_of_the_same_size_is_refused(parts, layout, tmp_path, capsys, dist_env):
+def test_data_from_another_tokenizer_of_the_same_size_is_refused(
+    parts, layout, tmp_path, capsys, dist_env, monkeypatch
+):
+    """Refused before the base model's weights load (the refusal came after a 135M model's load, 23 s)."""
+    import ds_sft.train.cli
+
+    monkeypatch.setattr(ds_sft.train.cli, "build_model", lambda *a, **k: pytest.fail("the weights loaded"))
     model_b = parts.model_b[layout]
     assert train(parts.data_a, model_b, tmp_path / "run") == 2
     line = one_line_error(capsys)

@@ -102,7 +102,8 @@ def test_a_run_records_its_template_and_eval_holds_it_to_it(tmp_path, dist_env, 
     assert train(data["alpaca"], base, tmp_path / "run") == 0
     record = json.loads((tmp_path / "run" / "final" / "trained_on.json").read_text())
     manifest = json.loads((data["alpaca"] / "manifest.json").read_text())
-    assert record == {"template": "alpaca", "data_key": manifest["key"]}
+    last = int((tmp_path / "run" / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert record == {"template": "alpaca", "data_key": manifest["key"], "step": last}
     assert evaluate(data["chat"], tmp_path / "run", tmp_path / "eval_chat") == 2
     assert "fine-tuned on 'alpaca'-template prompts" in one_line_error(capsys, "eval")
     assert evaluate(data["alpaca"], tmp_path / "run", tmp_path / "eval_alpaca") == 0
