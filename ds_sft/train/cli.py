@@ -5,6 +5,7 @@ The same command runs in one process (``ds-sft train ...``) or several
 Slurm: see launch/). Settings layer as built-in defaults <- --deepspeed_config JSON <- flags; the
 flags below left unset take the JSON's value (printed as an override when a flag changes it).
 
+    ds-sft prepare --base_model smollm2-135m-instruct --output_dir data_sft   # the model's tokenizer
     ds-sft train --data_dir data_sft --base_model smollm2-135m-instruct \\
         --deepspeed_config ds_configs/zero2.json --micro_batch_size 2 --grad_accum 2 --max_iters 10
 
