@@ -235,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
             "160",
             "--out",
             eval_word,
+            "--overwrite",  # the demo's own eval (of another --base_model, or of an older ds-sft's demo)
         ],
     )
     print("\n=== demo finished: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))

@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import signal
+import sys
 
 
 class UserError(Exception):
@@ -133,6 +134,9 @@ def lost_rank_line(err: BaseException) -> str | None:
     """One line for a collective that failed because another rank left or froze, or None. That rank's
     own message says why; the traceback every other rank printed (gloo's "Connection closed by peer",
     40 lines each) buried it."""
+    dist = sys.modules.get("torch.distributed")  # only a rank of several has other ranks to lose
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
     text = str(err)
     rank = os.environ.get("RANK")
     this = f"rank {rank}" if rank and rank.isascii() and rank.isdigit() else "this rank"

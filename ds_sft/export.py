@@ -130,20 +130,20 @@ def _verify(model, folder: Path, dtype) -> None:
 
 
 def _find_tokenizer(spec: str | None, source: Path) -> tuple[str, Path | None]:
-    """(what to load the tokenizer from, the file or folder it is read from; None for a name like gpt2)."""
+    """(what to load the tokenizer from, the file or folder it is read from; None for a name like gpt2):
+    ``--tokenizer``, else the one stored with the model (:func:`~ds_sft.data.tokenizer.stored_tokenizer`,
+    the lookup prepare and eval use)."""
+    from ds_sft.data.tokenizer import stored_tokenizer
+
     if spec is not None:
         path = expand_user(spec)
         return spec, path if path.exists() else None
-    candidates = [source / "final", source] if source.is_dir() else [source, source.parent]
-    for candidate in candidates:
-        if candidate.suffix == ".gguf":
-            return str(candidate), candidate
-        for found in (candidate / "tokenizer", candidate / "tokenizer.json"):
-            if found.exists():
-                return str(candidate), found
-    raise UserError(
-        f"no tokenizer found with {source}: pass --tokenizer (e.g. gpt2 for the GPT-2 vocabulary)"
-    )
+    found = stored_tokenizer(source)
+    if found is None:
+        raise UserError(
+            f"no tokenizer found with {source}: pass --tokenizer (e.g. gpt2 for the GPT-2 vocabulary)"
+        )
+    return str(found), found
 
 
 if __name__ == "__main__":

@@ -34,6 +34,13 @@ MODEL_ALIASES: dict[str, tuple[str, str, str]] = {
 }
 
 
+# A training checkpoint as ds-sft's train writes it: RUN/checkpoints/<tag>, the tag the zero-padded
+# step (train.checkpointing.tag_for; steps stay below 2^31), its trainer state beside DeepSpeed's shards.
+# Here, for every layer that meets one: train owns them, the model and data layers tell them apart.
+CHECKPOINT_TAG = re.compile(r"step_(\d{6,10})")
+TRAINER_STATE = "trainer_state.json"
+
+
 def expand_user(path: str | Path) -> Path:
     """``path`` with a leading ``~`` or ``~user`` expanded, or one line when that user does not exist
     (``Path.expanduser`` raises a RuntimeError, which ended every path flag in a traceback)."""

@@ -18,10 +18,12 @@ ENDING = [signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.S
 
 @pytest.mark.parametrize("sig", ENDING, ids=lambda sig: sig.name)
 def test_a_process_a_signal_ended_is_named_by_the_signal(sig):
-    # the default action (Python handles SIGINT and ignores SIGPIPE), then the signal
+    # the default action (Python handles SIGINT and ignores SIGPIPE), then the signal; no core file
+    no_core = "import resource; resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); "
     code = f"import os, signal; signal.signal({int(sig)}, signal.SIG_DFL); os.kill(os.getpid(), {int(sig)})"
     if sig is signal.SIGKILL:  # no action to set
         code = f"import os; os.kill(os.getpid(), {int(sig)})"
+    code = no_core + code
     returncode = subprocess.run([sys.executable, "-c", code], check=False).returncode
     assert (returncode, process_ending(returncode)) == (-sig, f"killed by {sig.name}")
     assert not stopped_on_signal(returncode)
@@ -31,7 +33,7 @@ def test_a_process_a_signal_ended_is_named_by_the_signal(sig):
 def test_a_shells_code_for_a_signal_is_a_stop_on_it(sig):
     """A shell reports a child the signal ended as 128 + N; a process that caught the signal and exits
     with that code (ds-sft's commands do) is described the same way."""
-    shell = f"sh -c 'kill -{int(sig)} $$'; echo $?"
+    shell = f"ulimit -c 0; sh -c 'kill -{int(sig)} $$'; echo $?"  # no core file
     said = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True)
     code = int(said.stdout.split()[-1])
     assert (code, process_ending(code)) == (128 + sig, f"exit {128 + sig}, on {sig.name}")
@@ -45,3 +47,11 @@ def test_other_codes_are_plain_exits(code):
 
 def test_a_number_that_is_no_signal_is_still_named():
     assert process_ending(-99) == "killed by signal 99"
+
+
+def test_a_peer_lost_message_is_read_as_such_only_in_a_group_of_several_ranks():
+    """A single process whose library said "Broken pipe" was told another rank had ended."""
+    from ds_sft.errors import lost_rank_line
+
+    for words in ("Connection closed by peer", "Broken pipe", "Timed out waiting 15000ms"):
+        assert lost_rank_line(RuntimeError(f"[pair.cc:553] {words}")) is None

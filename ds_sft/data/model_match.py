@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from pathlib import Path
 
 from ds_sft import paths
@@ -160,10 +159,6 @@ def trained_template(spec: str) -> str | None:
     return found[1]["template"] if found else None
 
 
-# checkpoints/latest names a tag such as step_000320 (train.checkpointing.tag_for)
-LATEST_TAG = re.compile(r"step_(\d{1,12})")
-
-
 def final_behind(spec: str) -> str | None:
     """A note when model ``spec`` is a run's ``final/`` whose step is not where the run's checkpoints
     are: a run resumed after it finished writes final/ anew only at its end, so while it trains, and
@@ -176,7 +171,7 @@ def final_behind(spec: str) -> str | None:
     latest = final.parent / "checkpoints" / "latest"
     try:
         with latest.open("rb") as file:
-            tag = LATEST_TAG.fullmatch(file.read(64).decode("ascii", "replace").strip())
+            tag = paths.CHECKPOINT_TAG.fullmatch(file.read(64).decode("ascii", "replace").strip())
     except OSError:
         return None
     if tag is None or int(tag.group(1)) == step:

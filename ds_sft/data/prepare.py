@@ -271,7 +271,7 @@ def collect_sources(args: argparse.Namespace) -> list:
         if hub_offline():
             raise UserError(
                 "no data source: pass --alpaca/--gsm8k/--dolly PATH or --source NAME=PATH "
-                "(../shared/data is absent and HF_HUB_OFFLINE=1 rules out the hub)"
+                "(no shared data folder, ../shared or $DS_SFT_SHARED, and HF_HUB_OFFLINE rules out the hub)"
             )
         specs = [SourceSpec(kind, kind, hub_id) for kind, (hub_id, _) in HUB_IDS.items()]
     return specs

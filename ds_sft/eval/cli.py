@@ -260,7 +260,10 @@ def evaluated(args: argparse.Namespace, specs: list[str]) -> dict:
     as given) and the data dir. A later eval replaces only an eval of the same."""
 
     def named(spec: str) -> str:
-        return os.path.realpath(expand_user(spec)) if expand_user(spec).exists() else spec
+        path = expand_user(spec)
+        if not path.exists():
+            return spec
+        return os.path.realpath(path / "final" if (path / "final").is_dir() else path)  # RUN is RUN/final
 
     return {"models": [named(spec) for spec in specs], "data_dir": os.path.realpath(args.data_dir)}
 

@@ -52,6 +52,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ from ds_sft.errors import UserError, first_line
 from ds_sft.model.config import FAMILIES, PRESETS, RUN_SETTINGS, ModelConfig, check_field
 from ds_sft.model.llama import LlamaModel, rope_table
 from ds_sft.paths import (
+    CHECKPOINT_TAG,
+    TRAINER_STATE,
     own_folder,
     read_gguf,
     read_json_object,
@@ -209,26 +212,24 @@ def save_model(model: LlamaModel, directory: str | Path) -> Path:
     return directory
 
 
-# A ds-sft training checkpoint (``RUN/checkpoints/step_N``, the train package's layout) holds DeepSpeed's
-# shards and this file; ``RUN/checkpoints`` names the newest in ``latest``.
-TRAINING_CHECKPOINT_STATE = "trainer_state.json"
-
-
 def refuse_training_state(path: Path) -> None:
     """One line for a model path that is a run's training state rather than weights: a run without
     ``final/`` yet, a checkpoint tag, the ``checkpoints/`` folder, its ``latest`` or one of a tag's
     shards. Checked before anything else is looked for beside the model (export asked for a tokenizer
     first, then said the run had no weights)."""
-    if path.is_file() and ((path.parent / TRAINING_CHECKPOINT_STATE).is_file() or path.name == "latest"):
-        raise training_checkpoint(path.parent)  # one of its shards, or checkpoints/latest
-    if not path.is_dir() or (path / "final" / CONFIG_FILE).exists() or (path / CONFIG_FILE).exists():
+    folder = path.parent if path.is_file() else path
+    if any((folder / name).exists() for name in (CONFIG_FILE, "config.json", f"final/{CONFIG_FILE}")):
+        return  # a model's weights (a Hugging Face Trainer's checkpoint-N holds a trainer_state.json too)
+    if path.is_file() and ((folder / TRAINER_STATE).is_file() or path.name == "latest"):
+        raise training_checkpoint(folder)  # one of its shards, or checkpoints/latest
+    if not path.is_dir():
         return
     if (path / "checkpoints").is_dir():
         raise UserError(
             f"{path} is a training run without final/ weights yet: let it finish (or resume it to the end), "
             "which writes final/"
         )
-    if (path / TRAINING_CHECKPOINT_STATE).is_file() or (path / "latest").is_file():
+    if (path / TRAINER_STATE).is_file() or (path / "latest").is_file():
         raise training_checkpoint(path)
 
 
@@ -237,18 +238,18 @@ def training_checkpoint(path: Path) -> UserError:
     partitions, optimizer state), which train consolidates into ``final/`` when a run ends, and a run
     resumed from the checkpoint to its own step ends at once. It was refused as "neither a ds-sft
     checkpoint nor a Hugging Face model", with no way named to evaluate the best checkpoint."""
-    tag = re.fullmatch(r"step_(\d+)", path.name)
+    tag = CHECKPOINT_TAG.fullmatch(path.name)
     if tag is None and (path / "latest").is_file():  # the checkpoints/ folder: its newest tag
         with (path / "latest").open("rb") as file:
             named = file.read(64).decode("ascii", "replace").strip()
-        path, tag = path / named, re.fullmatch(r"step_(\d+)", named)
+        path, tag = path / named, CHECKPOINT_TAG.fullmatch(named)
     step = str(int(tag.group(1))) if tag else "ITS_STEP"
     settings = path.parent.parent / "effective_config.json"  # the run's: every setting its resume compares
-    settings_flag = f" --deepspeed_config {settings}" if settings.is_file() else ""
+    settings_flag = f" --deepspeed_config {shlex.quote(str(settings))}" if settings.is_file() else ""
     return UserError(
         f"{path} is a training checkpoint (DeepSpeed's shards, not a model's weights): write its weights "
-        f"with `ds-sft train --resume {path} --max_iters {step}{settings_flag} --data_dir DATA --out_dir "
-        "NEW` (a run that ends where it starts, writing NEW/final), then pass NEW"
+        f"with `ds-sft train --resume {shlex.quote(str(path))} --max_iters {step}{settings_flag} --data_dir "
+        "DATA --out_dir NEW` (a run that ends where it starts, writing NEW/final), then pass NEW"
     )
 
 

@@ -90,9 +90,9 @@ from pathlib import Path
 import numpy as np
 
 from ds_sft.errors import UserError, first_line, one_line
-from ds_sft.paths import sha256_file
+from ds_sft.paths import CHECKPOINT_TAG, TRAINER_STATE, sha256_file
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = TRAINER_STATE
 
 # Everything a ds-sft checkpoint pickles beyond tensors and plain containers, as the pickle names it
 # (collected from ZeRO 0-3 checkpoints in fp32 and bf16; numpy's _reconstruct moved to numpy._core in
@@ -109,7 +109,6 @@ CHECKPOINT_GLOBALS = {
     "deepspeed.utils.tensor_fragment.fragment_address",
 }
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by torch.load at every call
-TAG_PATTERN = re.compile(r"step_\d{6,10}")  # tag_for's zero-padded step; steps stay below 2^31
 PARTIAL = ".partial"  # where every rank writes a checkpoint before it takes its tag's place
 REPLACED = ".replaced"  # where an earlier run's folder of the same tag waits to be deleted
 UNIVERSAL_PREFIX = ".universal-"  # + tempfile's suffix: a universal conversion while it is loaded
@@ -357,7 +356,7 @@ def trainer_state_problem(state, with_files: bool = False) -> str | None:
 
 def is_tag(name) -> bool:
     """True for a checkpoint tag as :func:`tag_for` writes it (so it names a folder beside ``latest``)."""
-    return isinstance(name, str) and TAG_PATTERN.fullmatch(name) is not None
+    return isinstance(name, str) and CHECKPOINT_TAG.fullmatch(name) is not None
 
 
 def tag_step(name: str) -> int:

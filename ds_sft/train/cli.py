@@ -187,8 +187,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check_flags",
         action="store_true",
-        help="read the flags, check each value, and exit without training: what the launch scripts run "
-        "before they start any rank, so a mistyped flag stops there in one line, not on every node",
+        help="read the flags, check each one's value against its domain, and exit without training: what "
+        "the launch scripts run before they start any rank, so a mistyped flag stops there in one line, "
+        "not on every node (the checks that need the ranks' environment, the data or the JSON run there)",
     )
     refuse_ignored(
         parser,
@@ -385,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ds_sft.data.shards import PackedDataset
     from ds_sft.train import compatibility
-    from ds_sft.train.distributed import process_group
+    from ds_sft.train.distributed import collective_device, on_rank_zero, process_group
     from ds_sft.train.loop import train
     from ds_sft.train.memory import check_fits
     from ds_sft.train.report import write_report
@@ -416,7 +417,8 @@ def run(args: argparse.Namespace) -> int:
                 "nothing to learn: prepare the data again"
             )
         skipped = tokenizer_files(train_set.tokenizer_dir)[1]
-        tokenizer = read_tokenizer(train_set.tokenizer_dir) if rank == 0 else {}  # rank 0 writes final/
+        # read by rank 0, which writes final/; a file it cannot read stops every rank
+        tokenizer = on_rank_zero(lambda: read_tokenizer(train_set.tokenizer_dir), collective_device()) or {}
         if skipped and rank == 0:
             print(
                 f"{train_set.tokenizer_dir}: not a saved tokenizer's file, left out of final/tokenizer/: "

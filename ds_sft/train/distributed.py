@@ -24,9 +24,11 @@ import contextlib
 import datetime
 import os
 import re
+import signal
 import socket
+import sys
 
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, one_line, os_error_line
 
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 15000  # below Linux's ephemeral range (32768-60999)
 
@@ -252,25 +254,46 @@ def stop_signal(signum: int, device) -> int:
     return int(tensor.item())
 
 
-def on_rank_zero(work, device):
+def collective_device():
+    """Where a collective's tensors live before the engine exists: NCCL serves CUDA tensors only."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+
+
+def on_rank_zero(work, device, prog: str = "ds-sft train"):
     """``work()`` on rank 0 alone, whose outcome every rank hears; its value on rank 0, None on the
-    others. If it failed, rank 0 raises its error (a UserError, or a file operation the system refused:
-    disk full, no permission, which the command prints as one line) and every other rank exits 2
-    without a word; for any other exception (a bug, whose traceback rank 0 keeps) they exit 1. Untold,
-    an error of rank 0 left the others waiting at their next collective, to end in gloo's "Connection
-    closed by peer" traceback. The telling is a collective, so it is also the barrier after the work."""
+    others. Untold, an error of rank 0 left the others waiting at their next collective, to end in
+    gloo's "Connection closed by peer" traceback. The telling is a collective, so it is also the barrier
+    after the work.
+
+    A refusal (a UserError, or a file operation the system refused: disk full, no permission): with
+    several ranks, rank 0 prints its one line *before* the others hear of it and every rank exits 2; a
+    launcher that stops the job at the first rank to exit (torchrun, srun --kill-on-bad-exit) could
+    otherwise stop rank 0 before it said why. One rank raises it for the command to print. Ctrl-C on
+    rank 0 ends the others with 130; any other exception is a bug, whose traceback rank 0 keeps, and the
+    others exit 1."""
     import torch.distributed as dist
 
     value, raised, told = None, None, [0]  # told: the exit code every other rank ends with, 0 for none
     if dist.get_rank() == 0:
         try:
             value = work()
-        except Exception as err:
-            refused = isinstance(err, UserError) or (isinstance(err, OSError) and err.errno is not None)
-            told[0], raised = (2 if refused else 1), err
+        except BaseException as err:
+            raised = err
+            told[0] = 2 if refusal(err) else 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else 1
+            if told[0] == 2 and dist.get_world_size() > 1:
+                said = one_line(str(err)) if isinstance(err, UserError) else os_error_line(err)
+                print(f"{prog}: error: {said}", file=sys.stderr, flush=True)
     dist.broadcast_object_list(told, src=0, device=device)
-    if raised is not None:
+    if raised is not None and not (told[0] == 2 and dist.get_world_size() > 1):
         raise raised
     if told[0]:
-        raise SystemExit(told[0])  # rank 0 says why, once
+        raise SystemExit(told[0])  # rank 0 has said why, once
     return value
+
+
+def refusal(err: BaseException) -> bool:
+    """An error the user can mend, which a command ends in one line: a UserError, or an OSError the
+    system raised for a file (``command.execute`` prints both)."""
+    return isinstance(err, UserError) or (isinstance(err, OSError) and err.errno is not None)

@@ -34,6 +34,7 @@ there, so before any work (nothing is created, written or deleted before a refus
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -403,11 +404,20 @@ def mark(run_dir: Path) -> None:
     # written whole beside it, then linked into place: a write cut short (a full disk) left a partial
     # marker that no later run took for one ("not empty and not a ds-sft run folder"); linking, unlike
     # a rename, never replaces a file of that name
+    text = json.dumps({"format": RUN_FORMAT, "created": now()}) + "\n"
     with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".marker-", suffix=".tmp") as handle:
-        handle.write(json.dumps({"format": RUN_FORMAT, "created": now()}) + "\n")
+        handle.write(text)
         handle.flush()
         os.chmod(handle.name, 0o644)
-        os.link(handle.name, run_dir / MARKER)
+        try:
+            os.link(handle.name, run_dir / MARKER)
+            return
+        except OSError as err:  # a filesystem without hard links (vfat, many FUSE mounts): written in place
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                raise
+    fd = os.open(run_dir / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as marker:
+        marker.write(text)
 
 
 # ----------------------------------------------------------------------------- an earlier run
@@ -524,9 +534,6 @@ def claim_run_dir(run_dir: Path, resume, overwrite: bool) -> RunLock:
     """Rank 0 claims ``run_dir`` (:func:`claim`); every rank hears the verdict before any work
     (:func:`~ds_sft.train.distributed.on_rank_zero`): if it is no, rank 0 raises its error and the
     others exit with 2."""
-    import torch
+    from ds_sft.train.distributed import collective_device, on_rank_zero
 
-    from ds_sft.train.distributed import on_rank_zero
-
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    return on_rank_zero(lambda: claim(run_dir, resume, overwrite), device) or RunLock()
+    return on_rank_zero(lambda: claim(run_dir, resume, overwrite), collective_device()) or RunLock()

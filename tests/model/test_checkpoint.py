@@ -264,3 +264,39 @@ def test_a_checkpoint_rewritten_under_a_loaded_model_does_not_kill_it(tmp_path, 
     )  # fmt: skip
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.strip().endswith("same logits True")
+
+
+@pytest.mark.parametrize("given", ["folder", "weights file"])
+def test_a_hugging_face_trainer_checkpoint_is_a_model_not_a_training_checkpoint(tmp_path, given):
+    """The HF Trainer writes a trainer_state.json into output_dir and every checkpoint-N, beside
+    config.json and the weights: its name alone had such a folder refused as DeepSpeed's shards."""
+    from transformers import LlamaForCausalLM
+
+    from ds_sft.model.checkpoint import refuse_training_state
+
+    model = LlamaModel(ModelConfig.preset("tiny"))
+    folder = tmp_path / "checkpoint-500"
+    hf = LlamaForCausalLM(hf_config(model.config))
+    hf.load_state_dict(to_hf_state_dict(model), strict=False)  # a tied head: no lm_head
+    hf.save_pretrained(str(folder))
+    (folder / "trainer_state.json").write_text('{"global_step": 500}')
+    refuse_training_state(folder if given == "folder" else folder / "model.safetensors")  # no refusal
+    loaded = load_model(
+        str(folder if given == "folder" else folder / "model.safetensors"), dtype=torch.float32
+    )
+    assert torch.equal(loaded.wte.weight, model.wte.weight)
+
+
+@pytest.mark.parametrize("name", ["step_000002", "a folder with spaces; and $(code)"])
+def test_a_training_checkpoint_is_refused_with_a_command_the_shell_reads_back_whole(tmp_path, name):
+    import shlex
+
+    tag = tmp_path / "run" / "checkpoints" / name
+    tag.mkdir(parents=True)
+    (tag / "trainer_state.json").write_text("{}")
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    for given in (tag, tag / "mp_rank_00_model_states.pt"):
+        with pytest.raises(UserError, match="is a training checkpoint") as err:
+            load_model(str(given))
+        words = shlex.split(str(err.value).split("`")[1])
+        assert words[words.index("--resume") + 1] == str(tag)

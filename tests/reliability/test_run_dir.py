@@ -962,3 +962,19 @@ def test_an_out_dir_inside_another_runs_own_folders_is_refused(data, genuine_run
     own = inside.split("/")[0]
     assert f"--out_dir {out} lies inside {other / own}, the {own}/ folder of the run in {other}" in line
     assert snapshot(other) == before
+
+
+def test_a_run_marker_is_written_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
+    """The marker is linked into place; vfat and many FUSE mounts refuse links (EPERM), and every new
+    run there failed with "Operation not permitted"."""
+    import errno
+
+    from ds_sft.train.run_dir import MARKER, is_marked, mark
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", refused)
+    (tmp_path / "run").mkdir()
+    mark(tmp_path / "run")
+    assert is_marked(tmp_path / "run") and [p.name for p in (tmp_path / "run").iterdir()] == [MARKER]
