@@ -345,6 +345,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         unset = default is None or default is False or default is argparse.SUPPRESS or default in ([], ())
         if unset or not action.option_strings or "default" in text or action.nargs == 0:
             return text
+        if isinstance(default, list | tuple):  # as it is typed: a,b,c (not Python's ['a', 'b', 'c'])
+            return f"{text} (default: {','.join(map(str, default)).replace('%', '%%')})"
         return f"{text} (default: %(default)s)"
 
 
