@@ -164,6 +164,8 @@ def final_behind(spec: str) -> str | None:
     are: a run resumed after it finished writes final/ anew only at its end, so while it trains, and
     after it stopped early, the run folder held the old final/ and eval, export and ``--base_model``
     read it without a word. None when they agree, or when either is not recorded."""
+    if not paths.expand_user(spec).exists():  # a hub id or an alias: no run of ours, nothing to resolve
+        return None
     found = _trained_record(spec)
     if found is None or not isinstance(found[1].get("step"), int):
         return None
