@@ -41,12 +41,18 @@ endpoint() {
 
 # check_train_flags FLAG...: the train flags read by train's own parser before any launcher starts (one
 # line and exit 2 for a mistyped flag or value, here, not once per rank on every node). --dry-run among
-# them is the script's own option put after --, where it was passed to train and the job launched.
+# them is the script's own option put after --, where it was passed to train and the job launched. Only
+# train's refusal (exit 2) stops the script: a python3 here that cannot run ds-sft (the ranks run in
+# another environment) leaves the flags to the ranks.
 check_train_flags() {
-    local word
+    local word said code=0
     for word in "$@"; do
         [[ $word == --dry-run ]] && refuse "--dry-run is an option of $launcher: put it before --"
     done
-    PYTHONPATH=${repo:-$PWD}${PYTHONPATH:+:$PYTHONPATH} python3 -m ds_sft.train --check_flags "$@" >/dev/null \
-        || exit 2
+    said=$(PYTHONPATH=${repo:-$PWD}${PYTHONPATH:+:$PYTHONPATH} python3 -m ds_sft.train --check_flags "$@" \
+        2>&1 >/dev/null) || code=$?
+    if [[ $code -eq 2 ]]; then
+        printf '%s\n' "$said" >&2
+        exit 2
+    fi
 }

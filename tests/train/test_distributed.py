@@ -104,7 +104,7 @@ def test_train_translates_slurm_before_the_config_reads_world_size(monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(config_module, "resolve", resolve)
     with pytest.raises(Stop):
-        cli.run(argparse.Namespace())
+        cli.run(argparse.Namespace(check_flags=False))
     assert seen == {"world": "2", "rank": "1"}
 
 
