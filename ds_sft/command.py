@@ -124,8 +124,9 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
         disguised = as_os_error(err)
         if isinstance(disguised, OSError):  # a library's writer reporting a full disk in its own type
             line = os_error_line(disguised, output_of(module, args))
-        if line is None and lost_rank_line(err) is not None:  # not this rank's fault: exit 1, not 2
-            print(f"{prog}: error: {lost_rank_line(err)}", file=sys.stderr)
+        lost = lost_rank_line(err) if line is None else None
+        if lost is not None:  # not this rank's fault: exit 1, not 2
+            print(f"{prog}: error: {lost}", file=sys.stderr)
             return 1
         if line is None:  # a bug to look at
             raise

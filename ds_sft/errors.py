@@ -130,12 +130,17 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 PEER_SILENT = ("Timed out waiting", "Watchdog caught collective operation timeout")
 
 
+def several_ranks() -> bool:
+    """Whether this process is a rank of a process group of several (never importing torch for it)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def lost_rank_line(err: BaseException) -> str | None:
     """One line for a collective that failed because another rank left or froze, or None. That rank's
     own message says why; the traceback every other rank printed (gloo's "Connection closed by peer",
     40 lines each) buried it."""
-    dist = sys.modules.get("torch.distributed")  # only a rank of several has other ranks to lose
-    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+    if not several_ranks():  # only a rank of several has other ranks to lose
         return None
     text = str(err)
     rank = os.environ.get("RANK")

@@ -170,15 +170,10 @@ def final_behind(spec: str) -> str | None:
     if found is None or not isinstance(found[1].get("step"), int):
         return None
     final, step = found[0].parent, found[1]["step"]
-    latest = final.parent / "checkpoints" / "latest"
-    try:
-        with latest.open("rb") as file:
-            tag = paths.CHECKPOINT_TAG.fullmatch(file.read(64).decode("ascii", "replace").strip())
-    except OSError:
+    tag = paths.latest_tag(final.parent / "checkpoints")
+    if tag is None or paths.tag_step(tag) == step:
         return None
-    if tag is None or int(tag.group(1)) == step:
-        return None
-    where = int(tag.group(1))
+    where = paths.tag_step(tag)
     since = "reach" if where > step else "went back to"
     return (
         f"note: {final} holds the weights of step {step}, but the run's checkpoints {since} step {where} "

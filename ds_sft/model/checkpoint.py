@@ -65,6 +65,7 @@ from ds_sft.model.llama import LlamaModel, rope_table
 from ds_sft.paths import (
     CHECKPOINT_TAG,
     TRAINER_STATE,
+    latest_tag,
     own_folder,
     read_gguf,
     read_json_object,
@@ -72,6 +73,7 @@ from ds_sft.paths import (
     replace_file,
     require_regular_file,
     resolve_model_path,
+    tag_step,
 )
 
 log = logging.getLogger(__name__)
@@ -238,12 +240,9 @@ def training_checkpoint(path: Path) -> UserError:
     partitions, optimizer state), which train consolidates into ``final/`` when a run ends, and a run
     resumed from the checkpoint to its own step ends at once. It was refused as "neither a ds-sft
     checkpoint nor a Hugging Face model", with no way named to evaluate the best checkpoint."""
-    tag = CHECKPOINT_TAG.fullmatch(path.name)
-    if tag is None and (path / "latest").is_file():  # the checkpoints/ folder: its newest tag
-        with (path / "latest").open("rb") as file:
-            named = file.read(64).decode("ascii", "replace").strip()
-        path, tag = path / named, CHECKPOINT_TAG.fullmatch(named)
-    step = str(int(tag.group(1))) if tag else "ITS_STEP"
+    if not CHECKPOINT_TAG.fullmatch(path.name) and latest_tag(path):  # the checkpoints/ folder: its newest
+        path = path / latest_tag(path)
+    step = str(tag_step(path.name)) if CHECKPOINT_TAG.fullmatch(path.name) else "ITS_STEP"
     settings = path.parent.parent / "effective_config.json"  # the run's: every setting its resume compares
     settings_flag = f" --deepspeed_config {shlex.quote(str(settings))}" if settings.is_file() else ""
     return UserError(

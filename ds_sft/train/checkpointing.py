@@ -90,7 +90,7 @@ from pathlib import Path
 import numpy as np
 
 from ds_sft.errors import UserError, first_line, one_line
-from ds_sft.paths import CHECKPOINT_TAG, TRAINER_STATE, sha256_file
+from ds_sft.paths import CHECKPOINT_TAG, TRAINER_STATE, latest_tag, sha256_file, tag_step
 
 STATE_FILE = TRAINER_STATE
 
@@ -359,12 +359,6 @@ def is_tag(name) -> bool:
     return isinstance(name, str) and CHECKPOINT_TAG.fullmatch(name) is not None
 
 
-def tag_step(name: str) -> int:
-    """The step a tag names. Tags rank by it, not by name: past 999,999 steps the digits grow, and
-    ``step_1000000`` sorts before ``step_999999`` as text."""
-    return int(name.removeprefix("step_"))
-
-
 def saved_tags(ckpt_dir: Path) -> list[Path]:
     """The tag folders in ``ckpt_dir`` whose save completed (its trainer state is written last), newest
     first."""
@@ -615,15 +609,6 @@ def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
     if skipped:
         raise UserError(f"no intact checkpoint in {ckpt_dir} to resume from ({'; '.join(skipped)})")
     return None
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag ``ckpt_dir/latest`` names, if it is one (never a path that leads elsewhere)."""
-    try:
-        tag = (ckpt_dir / "latest").read_text(errors="replace").strip()
-    except OSError:
-        return None
-    return tag if is_tag(tag) else None
 
 
 def read_trainer_state(tag_dir: Path) -> dict:

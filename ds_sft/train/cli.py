@@ -23,7 +23,7 @@ import stat
 import sys
 from pathlib import Path
 
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, several_ranks
 from ds_sft.options import Ignored, Int, StoreOnce, refuse_ignored
 from ds_sft.paths import own_folder, replace_file, writable_dir, write_result_file
 from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
@@ -456,14 +456,7 @@ def leave_rank(code) -> None:
     or told to stop by rank 0) leaves without interpreter teardown, as :func:`shutdown_multiprocess`
     does and for its reason: DeepSpeed on CPU aborted in it ("terminate called without an active
     exception"), and SIGABRT replaced the exit code the launcher and Slurm go by."""
-    dist = sys.modules.get("torch.distributed")  # not imported: no group (--check_flags, a refused flag)
-    if (
-        isinstance(code, int)
-        and dist is not None
-        and dist.is_available()
-        and dist.is_initialized()
-        and (dist.get_world_size() > 1)
-    ):
+    if isinstance(code, int) and several_ranks():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
