@@ -21,17 +21,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from ds_sft.errors import (
-    MORE_MEMORY,
-    UserError,
-    as_os_error,
-    first_line,
-    is_native_panic,
-    lost_rank_line,
-    one_line,
-    os_error_line,
-    out_of_memory_line,
-)
+from ds_sft.errors import MORE_MEMORY, lost_rank_line, refusal_line
 
 # name -> (module, one-line summary). Modules are imported only when their command is used.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -111,41 +101,21 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
     try:
         with unwinding:
             code = module.run(args)
-    except UserError as err:
-        print(f"{prog}: error: {one_line(str(err))}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        if err.errno is None:  # raised by a library with a message of its own: a bug to look at
-            raise
-        print(f"{prog}: error: {os_error_line(err, output_of(module, args))}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        line = out_of_memory_line(err, getattr(module, "OUT_OF_MEMORY_FIXES", MORE_MEMORY))
-        disguised = as_os_error(err)
-        if isinstance(disguised, OSError):  # a library's writer reporting a full disk in its own type
-            line = os_error_line(disguised, output_of(module, args))
-        lost = lost_rank_line(err) if line is None else None
-        if lost is not None:  # not this rank's fault: exit 1, not 2
-            print(f"{prog}: error: {lost}", file=sys.stderr)
-            return 1
-        if line is None:  # a bug to look at
-            raise
-        print(f"{prog}: error: {one_line(line)}", file=sys.stderr)
-        return 2
     except Terminated as err:
         print(f"{prog}: stopped by {signal.Signals(err.signum).name}", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
         return interrupted(prog)
     except BaseException as err:
-        disguised = as_os_error(err) if isinstance(err, Exception) else err
-        if isinstance(disguised, OSError):  # the same, in a plain Exception (the tokenizers library)
-            print(f"{prog}: error: {os_error_line(disguised, output_of(module, args))}", file=sys.stderr)
+        line = refusal_line(err, output_of(module, args), getattr(module, "OUT_OF_MEMORY_FIXES", MORE_MEMORY))
+        if line is not None:
+            print(f"{prog}: error: {line}", file=sys.stderr)
             return 2
-        if not is_native_panic(err):
+        lost = lost_rank_line(err)
+        if lost is None:  # a bug to look at
             raise
-        print(f"{prog}: error: {one_line(native_panic_line(err))}", file=sys.stderr)
-        return 2
+        print(f"{prog}: error: {lost}", file=sys.stderr)  # not this rank's fault: exit 1, not 2
+        return 1
     return int(code or 0)
 
 
@@ -155,15 +125,6 @@ def output_of(module, args: argparse.Namespace) -> str | None:
     flag = getattr(module, "OUTPUT_FLAG", None)
     value = getattr(args, flag, None) if flag else None
     return str(value) if value is not None else None
-
-
-def native_panic_line(err: BaseException) -> str:
-    """What to say when a library's native code panicked (the tokenizer is the usual suspect)."""
-    return (
-        f"a library's native code failed ({first_line(err) or 'a Rust panic'}); most often the "
-        "tokenizer: a normalizer or pre-tokenizer regex that cannot run on this text (too much "
-        "backtracking). Use another tokenizer, or simplify that regex in its tokenizer.json"
-    )
 
 
 def script_parser(file: str, description: str) -> argparse.ArgumentParser:

@@ -6,8 +6,8 @@ points catch it and print ``ds-sft <command>: error: <message>``. They treat an 
 carries an errno the same way (:func:`os_error_line`): the system refused a file operation (no
 permission, disk full, a name too long), which any read or write can meet and only the user can
 mend. Memory running out in a step is the third (:func:`out_of_memory_line`): the sizes the user
-chose do not fit, and the command says which of its flags shrink them. Anything else is a bug in
-ds-sft and keeps its traceback.
+chose do not fit, and the command says which of its flags shrink them. :func:`refusal_line` is the one
+place that tells these from the rest: anything else is a bug in ds-sft and keeps its traceback.
 """
 
 import errno
@@ -191,3 +191,32 @@ def out_of_memory_line(err: BaseException, fixes: str = MORE_MEMORY) -> str | No
     else:
         return None
     return f"out of memory {where}; {fixes}"
+
+
+def native_panic_line(err: BaseException) -> str:
+    """What to say when a library's native code panicked (the tokenizer is the usual suspect)."""
+    return (
+        f"a library's native code failed ({first_line(err) or 'a Rust panic'}); most often the "
+        "tokenizer: a normalizer or pre-tokenizer regex that cannot run on this text (too much "
+        "backtracking). Use another tokenizer, or simplify that regex in its tokenizer.json"
+    )
+
+
+def refusal_line(
+    err: BaseException, output: str | None = None, memory_fixes: str = MORE_MEMORY
+) -> str | None:
+    """The one line a command ends in (exit 2) when ``err`` is something the user can mend, else None
+    (a bug, which keeps its traceback; a signal; a lost rank). Mendable: a :class:`UserError`; a file
+    operation the system refused (an ``OSError`` with an errno, or a library's in disguise, named by
+    ``output`` when it names no file); memory running out (``memory_fixes``: the command's flags that
+    need less); a library's native panic. Both the command's end and rank 0's share of a collective
+    section (``train.distributed.on_rank_zero``) ask this, so every rank agrees on the exit code."""
+    if isinstance(err, UserError):
+        return one_line(str(err))
+    refused = as_os_error(err) if isinstance(err, Exception) else err
+    if isinstance(refused, OSError):
+        return os_error_line(refused, output) if refused.errno is not None else None
+    line = out_of_memory_line(err, memory_fixes)
+    if line is None and is_native_panic(err):
+        line = native_panic_line(err)
+    return None if line is None else one_line(line)

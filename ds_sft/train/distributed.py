@@ -28,7 +28,7 @@ import signal
 import socket
 import sys
 
-from ds_sft.errors import UserError, one_line, os_error_line
+from ds_sft.errors import UserError, refusal_line
 
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 15000  # below Linux's ephemeral range (32768-60999)
 
@@ -267,8 +267,8 @@ def on_rank_zero(work, device, prog: str = "ds-sft train"):
     gloo's "Connection closed by peer" traceback. The telling is a collective, so it is also the barrier
     after the work.
 
-    A refusal (a UserError, or a file operation the system refused: disk full, no permission): with
-    several ranks, rank 0 prints its one line *before* the others hear of it and every rank exits 2; a
+    A refusal (what ``command.execute`` ends in one line, exit 2: :func:`~ds_sft.errors.refusal_line`):
+    with several ranks, rank 0 prints its one line *before* the others hear of it and every rank exits 2; a
     launcher that stops the job at the first rank to exit (torchrun, srun --kill-on-bad-exit) could
     otherwise stop rank 0 before it said why. One rank raises it for the command to print. Ctrl-C on
     rank 0 ends the others with 130; any other exception is a bug, whose traceback rank 0 keeps, and the
@@ -281,19 +281,14 @@ def on_rank_zero(work, device, prog: str = "ds-sft train"):
             value = work()
         except BaseException as err:
             raised = err
-            told[0] = 2 if refusal(err) else 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else 1
-            if told[0] == 2 and dist.get_world_size() > 1:
-                said = one_line(str(err)) if isinstance(err, UserError) else os_error_line(err)
-                print(f"{prog}: error: {said}", file=sys.stderr, flush=True)
+            line = refusal_line(err)  # None for Ctrl-C and for a bug
+            interrupted = isinstance(err, KeyboardInterrupt)
+            told[0] = 2 if line is not None else 128 + signal.SIGINT if interrupted else 1
+            if line is not None and dist.get_world_size() > 1:
+                print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
     dist.broadcast_object_list(told, src=0, device=device)
     if raised is not None and not (told[0] == 2 and dist.get_world_size() > 1):
         raise raised
     if told[0]:
         raise SystemExit(told[0])  # rank 0 has said why, once
     return value
-
-
-def refusal(err: BaseException) -> bool:
-    """An error the user can mend, which a command ends in one line: a UserError, or an OSError the
-    system raised for a file (``command.execute`` prints both)."""
-    return isinstance(err, UserError) or (isinstance(err, OSError) and err.errno is not None)
