@@ -396,6 +396,8 @@ def disk_errors(ckpt_dir: Path, tag: str):
             raise
         remove_scratch(ckpt_dir / PARTIAL)
         reason = str(err).strip().splitlines()[0]
+        if isinstance(err, RuntimeError):  # its words ("unexpected pos 704 vs 598") name no cause
+            reason = f"a file was cut short: a full disk or quota, or a file-size limit ({reason})"
         free = shutil.disk_usage(ckpt_dir).free / 2**20 if ckpt_dir.exists() else 0.0
         latest = ckpt_dir / "latest"
         kept = (

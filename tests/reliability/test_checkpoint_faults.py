@@ -220,6 +220,7 @@ def test_full_disk_at_save_is_one_line_and_the_run_goes_on_once_there_is_room(cl
     assert failed.returncode == 2, failed.stderr[-3000:]
     line = error_line(failed.stderr)
     assert f"step_{2 * SAVE_EVERY:06d}" in line and "MiB free" in line and "step_000020" in line, line
+    assert "No space left on device" in line or "a full disk" in line, line
     assert checkpointing.find_checkpoint("auto", run_dir).name == "step_000020"
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)

@@ -190,5 +190,6 @@ def test_a_checkpoint_rank_0_cannot_write_ends_the_others_in_one_line(tmp_path, 
         f"ds-sft train: error: could not write checkpoint {tmp_path / 'run' / 'checkpoints' / 'step_000020'}"
     )
     assert last[0].startswith(saving) and "no earlier checkpoint was saved;" in last[0], last
+    assert "a full disk or quota, or a file-size limit" in last[0], last  # not torch's "unexpected pos" alone
     lost = "ds-sft train: error: rank 1 stops: another rank ended in the middle of a collective"
     assert last[1] == f"{lost}; its own error says why", last
