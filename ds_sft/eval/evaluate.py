@@ -25,6 +25,7 @@ def validation_metrics(model, dataset, batch_size: int, max_rows: int | None = N
     """Per-source and overall loss / perplexity / accuracy of ``model`` on a ``PackedDataset``:
     every row, or the stratified sample of ``max_rows``."""
     import torch
+    from tqdm import tqdm
 
     from ds_sft.data.val_sample import scored_val_rows
     from ds_sft.model.generate import non_finite_logits
@@ -34,7 +35,8 @@ def validation_metrics(model, dataset, batch_size: int, max_rows: int | None = N
     remedy = "prepare the data again, or pass --no_val"
     rows = scored_val_rows(dataset, max_rows, str(dataset.data_dir), remedy)
     model.eval()
-    totals = score_rows(model, dataset, rows, batch_size, device)
+    with tqdm(total=len(rows), desc="val", unit="row") as progress:
+        totals = score_rows(model, dataset, rows, batch_size, device, scored=progress.update)
     if not bool(torch.isfinite(totals).all()):  # a NaN loss and perplexity reported with exit 0
         raise UserError(non_finite_logits(model))
     return {**summarize(totals, list(dataset.sources)), "rows": len(rows)}
@@ -309,6 +311,8 @@ def evaluate_model(
     """Everything ``ds-sft eval`` measures for one model: val metrics, GSM8K, fixed-prompt answers,
     and with ``harness`` (``{"label", "configs", "doc_ids"}``: task configs and the test-file rows of
     ``problems``) the lm-evaluation-harness on the same model and its cross-check against GSM8K."""
+    from tqdm import tqdm
+
     from ds_sft.eval import gsm8k
     from ds_sft.eval.prompts import FIXED_PROMPTS
     from ds_sft.eval.stats import accuracy_summary
@@ -350,9 +354,11 @@ def evaluate_model(
         start = time.perf_counter()
         records = [prompt.as_record() for prompt in FIXED_PROMPTS]
         completions = []
-        for first in range(0, len(records), generate_batch_size):
-            batch = records[first : first + generate_batch_size]
-            completions += complete(model, data, batch, max_new_tokens, repetition_penalty)
+        with tqdm(total=len(records), desc="fixed prompts", unit="prompt") as progress:
+            for first in range(0, len(records), generate_batch_size):
+                batch = records[first : first + generate_batch_size]
+                completions += complete(model, data, batch, max_new_tokens, repetition_penalty)
+                progress.update(len(batch))
         result["generations"] = [
             {
                 "name": p.name,

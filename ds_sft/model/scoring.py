@@ -95,13 +95,15 @@ def score_rows(
     device,
     forward_context=contextlib.nullcontext,
     forwards: int | None = None,
+    scored=None,
 ) -> torch.Tensor:
     """The :func:`source_totals` table of ``rows`` of a ``PackedDataset``, ``batch_size`` rows per forward.
 
     ``model`` is a ``LlamaModel`` or a DeepSpeed engine around one (called as ``model(...,
     scores=True)``, so ZeRO-3 gathers the weights inside its forward as usual). ``forwards``: run
     at least this many forwards; the extra ones read the split's row 0 and are not counted, so
-    ranks holding different numbers of rows still run the same collectives (ZeRO-3).
+    ranks holding different numbers of rows still run the same collectives (ZeRO-3). ``scored``: called
+    with the number of rows after each counted forward (a progress bar's ``update``).
     """
     batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
     totals = torch.zeros(len(dataset.sources), 3, dtype=torch.float64, device=device)
@@ -114,4 +116,6 @@ def score_rows(
         if counted:
             trained = batch["labels"] != IGNORE_INDEX
             totals += source_totals(losses, hits, batch["source_ids"][trained], len(dataset.sources))
+            if scored is not None:
+                scored(len(items))
     return totals

@@ -124,7 +124,7 @@ def _independent_val_loss(model_path, data_path):
     return total / tokens, tokens
 
 
-def test_eval_writes_every_measure(data_dir, model_dir, tmp_path):
+def test_eval_writes_every_measure(data_dir, model_dir, tmp_path, capsys):
     data_path, test = data_dir
     out = tmp_path / "eval"
     args = _parse(
@@ -166,6 +166,11 @@ def test_eval_writes_every_measure(data_dir, model_dir, tmp_path):
     assert report["template"] == "alpaca" and report["gsm8k_test"] == str(test)
     md = (out / "eval.md").read_text()
     assert "| overall |" in md and "GSM8K" in md and (out / "val_loss_by_source.png").is_file()
+
+    # each measure shows its progress on stderr, to its last row, problem or prompt
+    bars = capsys.readouterr().err
+    for name, total in (("val", val["rows"]), ("gsm8k", 4), ("fixed prompts", len(FIXED_PROMPTS))):
+        assert re.search(rf"{name}: 100%\|[^\r\n]*\| {total}/{total} ", bars), (name, bars)
 
 
 def test_compare_puts_a_model_and_a_run_dir_side_by_side(data_dir, model_dir, tmp_path):
@@ -384,9 +389,14 @@ def _eval(argv: list[str]) -> int:
     return main_for("eval", [*argv, "--no_gsm8k", "--no_generate", "--val_rows", "2", "--dtype", "float32"])
 
 
+# a progress bar's frames on stderr ("val:  50%|#####     | 1/2 [...]"), each after a carriage return
+PROGRESS_BAR = re.compile(r"(^|\r)[\w ]+: +\d+%\|")
+
+
 def _refused(capsys, code: int) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    said = capsys.readouterr().err.strip().splitlines()
+    err = "\n".join(line for line in said if not PROGRESS_BAR.search(line))
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, said
     return err
 
 
