@@ -63,6 +63,28 @@ def test_trainer_runs_as_a_module_for_launchers():
     assert "--local_rank" in result.stdout
 
 
+# what the ds-sft console script runs (pyproject.toml: ds-sft = "ds_sft.cli:main")
+CONSOLE_SCRIPT = "import sys; from ds_sft.cli import main; sys.exit(main())"
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["train", "--help"], ["prepare", "--no_such_flag"], ["nonsense"]]
+)
+def test_python_m_ds_sft_is_the_ds_sft_command(argv):
+    """Where the venv is not activated, users type ``python -m ds_sft``: it was "No module named
+    ds_sft.__main__". Same output and exit code as the console script."""
+    module, script = (
+        subprocess.run([sys.executable, *how, *argv], capture_output=True, text=True, timeout=60)
+        for how in (["-m", "ds_sft"], ["-c", CONSOLE_SCRIPT])
+    )
+    assert (module.returncode, module.stdout, module.stderr) == (
+        script.returncode,
+        script.stdout,
+        script.stderr,
+    )
+    assert "Traceback" not in module.stderr
+
+
 def _documented_module_entry_points() -> list[tuple[str, str]]:
     """(command, module) for each `python -m MODULE` in docs/ARCHITECTURE.md's command table."""
     doc = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text()
