@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ds_sft.model.config import ModelConfig
 from tests.conftest import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location("gpu_check", REPO_ROOT / "bench" / "gpu_check.py")
@@ -344,6 +345,32 @@ def test_the_training_table_says_how_many_micro_batches_each_run_updated_on(tmp_
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines if line.startswith("| bf16")}
     assert rows["bf16"][3] == "1" and rows["bf16_compile"][3] == "2"
     assert "\n--compile / eager bf16 tokens/s: 1.50x (2 and 1 micro-batches per update)" in lines
+
+
+@pytest.mark.parametrize("trained_share", [0.25, 0.5, 1.0])
+def test_the_training_table_also_charges_the_lm_head_to_trained_tokens_only(tmp_path, trained_share):
+    """MFU by PaLM's count charges the head's 6 V d to every position; the fused loss runs it on the
+    trained tokens only: the last column counts those FLOPs (equal to MFU when every token trains)."""
+    work, data = tmp_path / "work", tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "index.json").write_text(json.dumps({"seq_len": 64}))
+    write_run(work, "bf16", falling(5.0, 3.0), data)
+    run = work / "train_bf16"
+    settings = {"data_dir": str(data), "model": "tiny", "grad_accum": 2, "micro_batch_size": 4}
+    (run / "effective_config.json").write_text(json.dumps({"ds_sft": settings}))
+    trained = int(trained_share * 4 * 2 * 64)
+    records = [json.loads(line) | {"trained_tokens": trained} for line in (run / "metrics.jsonl").open()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    gemm = {"flops": 1e9, "n": 1, "device": "test"}
+    lines, _ = gpu_check.training_section(work, gemm)
+    (row,) = [line.split(" | ") for line in lines if line.startswith("| bf16 ")]
+
+    config = ModelConfig.preset("tiny")
+    attention = 12 * config.n_layers * config.n_heads * config.head_dim * 64
+    body = 6 * (config.matmul_parameters() - config.vocab_size * config.d_model)
+    head = 6 * config.vocab_size * config.d_model
+    palm, ran = body + head + attention, body + head * trained_share + attention
+    assert row[6] == f"{1000.0 * palm / 1e9:.1%}" and row[7] == f"{1000.0 * ran / 1e9:.1%} |"
 
 
 @pytest.mark.parametrize(("gap", "ok"), [(None, None), (0.0, True), (3e-3, True), (0.05, False)])
