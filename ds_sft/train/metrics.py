@@ -5,7 +5,10 @@ MFU (model FLOPs utilization) = achieved model FLOP/s / peak FLOP/s. Training a 
 ``12 L d T`` for attention scores and values (PaLM, appendix B), with N the weights a token is
 multiplied by (``ModelConfig.matmul_parameters``: no input-embedding lookup, no norms), L layers,
 attention width d (n_heads x head_dim: d_model in LLaMA, twice it in Qwen3-0.6B) and sequence
-length T. Peak: the datasheet dense number for known GPUs; on a CPU, what a
+length T. N includes the LM head at every position, as PaLM counts it (comparable with other
+trainers), though ds-sft's fused loss runs the head on trained tokens only: MFU reads above the FLOPs
+the step ran (``bench/train_throughput.py``'s ``useful_flops`` counts those). Tokens per second count
+positions, padding included. Peak: the datasheet dense number for known GPUs; on a CPU, what a
 large matmul in the run's dtype actually reaches here (measured once at start), so CPU MFU reads
 as "fraction of this machine's GEMM rate".
 
