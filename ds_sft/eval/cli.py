@@ -40,7 +40,7 @@ from pathlib import Path
 
 from ds_sft.errors import UserError
 from ds_sft.options import Ignored, refuse_ignored
-from ds_sft.paths import expand_user
+from ds_sft.paths import expand_user, resolve_model_path
 
 # the output a refusal that names no file is about (command.execute): where a full disk ran out
 OUTPUT_FLAG = "out"
@@ -256,12 +256,15 @@ def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict]
 
 
 def evaluated(args: argparse.Namespace, specs: list[str]) -> dict:
-    """What an eval's output is of, as its manifest records it: the models (a path resolved, a hub id
-    as given) and the data dir. A later eval replaces only an eval of the same."""
+    """What an eval's output is of, as its manifest records it: the models and the data dir, each as
+    the files read (a hub id or an alias resolved to its snapshot or file: ``owner/name`` and
+    ``owner/name@main`` are one model, and a ``main`` that moved to another commit is another). A later
+    eval replaces only an eval of the same."""
 
     def named(spec: str) -> str:
-        path = expand_user(spec)
-        if not path.exists():
+        try:
+            path = resolve_model_path(spec)
+        except UserError:  # said when the model is loaded, after the checks of the flags
             return spec
         return os.path.realpath(path / "final" if (path / "final").is_dir() else path)  # RUN is RUN/final
 

@@ -909,3 +909,32 @@ def test_the_report_records_the_rows_and_problems_measured_not_the_ones_asked_fo
     assert report["gsm8k_limit"] is None and result["gsm8k"]["total"] == 6
     md = (out / "eval.md").read_text()
     assert f"- val_rows: `{result['val']['rows']}`" in md and "5000" not in md
+
+
+def test_an_eval_of_a_hub_model_is_an_eval_of_the_snapshot_it_read(tmp_path, monkeypatch):
+    """--out's record names what was read: ``org/model``, ``org/model@main`` and its commit are one
+    model (the second was refused as another's eval without --overwrite), and ``org/model`` once main
+    moved to a new commit is another (its eval was replaced without a word)."""
+    from huggingface_hub import constants
+
+    from tests.hub_cache import publish
+
+    cache, first, second = tmp_path / "hub", "a" * 40, "b" * 40
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for commit in (first, second):
+        folder = tmp_path / commit[0]
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"commit": commit}))
+        (folder / "model.safetensors").write_bytes(commit.encode())
+    publish(cache, "org/model", tmp_path / "a", first)
+    args = argparse.Namespace(data_dir=str(tmp_path))
+    spellings = ["org/model", "org/model@main", f"org/model@{first}"]
+    records = [cli.evaluated(args, [spec])["models"] for spec in spellings]
+    assert records[0] == records[1] == records[2], records
+
+    publish(cache, "org/model", tmp_path / "b", second)  # main moves on
+    assert cli.evaluated(args, ["org/model"])["models"] != records[0]
+    assert cli.evaluated(args, [f"org/model@{first}"])["models"] == records[0]
+    assert cli.evaluated(args, ["no-such/model"])["models"] == ["no-such/model"]  # refused when loaded
