@@ -192,6 +192,19 @@ REFUSED_DS_KEYS: dict[tuple[str, ...], str] = {
     ("hybrid_engine",): "ds-sft has no generation loop for DeepSpeed's RLHF hybrid engine to drive",
 }
 
+# DeepSpeed keys whose other values break an assumption of ds-sft's own loop: path -> (the one value ds-sft
+# runs with, why). loop.train_step backpropagates loss_sum x ranks / tokens because DeepSpeed *averages*
+# the gradients over ranks; any other reduction leaves a gradient that is not the token-weighted mean over
+# the global batch, and clipping then acts on the wrong norm. (gradient_predivide_factor is not here:
+# DeepSpeed divides by it before the reduction and multiplies it back after, so the mean stays a mean.)
+PINNED_DS_VALUES: dict[tuple[str, ...], tuple[object, str]] = {
+    ("gradient_allreduce_op",): (
+        "mean",
+        "ds-sft's loss is a token-weighted mean over the global batch, which needs DeepSpeed to average the "
+        "gradients over ranks; any other op scales every gradient by the number of ranks",
+    ),
+}
+
 # ZeRO++'s quantized communication (DeepSpeed's zero/config.py): CUDA kernels only.
 ZERO_PLUS_PLUS_QUANTIZED = (
     "zero_quantized_weights",
@@ -603,10 +616,18 @@ def is_set(value) -> bool:
 
 
 def check_refused_keys(ds_config: dict, source: str) -> None:
-    """No key of :data:`REFUSED_DS_KEYS` may be set."""
+    """No key of :data:`REFUSED_DS_KEYS` may be set, and each of :data:`PINNED_DS_VALUES` is absent or
+    has its one value."""
     for path, why in REFUSED_DS_KEYS.items():
         if is_set(get_path(ds_config, path)):
             raise UserError(f'remove "{".".join(path)}" from {source}: {why}')
+    for path, (pinned, why) in PINNED_DS_VALUES.items():
+        value = get_path(ds_config, path)
+        if value is not None and value != pinned:
+            raise UserError(
+                f'"{".".join(path)}" is {json.dumps(value)} in {source}: {why}; remove it or set '
+                f"{json.dumps(pinned)}"
+            )
 
 
 def validate(ds_config: dict, s: dict, source: str) -> None:

@@ -967,6 +967,30 @@ def test_a_deepspeed_key_ds_sft_does_not_drive_is_one_line_before_the_model_load
         assert_refused(code, lines, ["data_dir"], path)
 
 
+# Each key of PINNED_DS_VALUES: values DeepSpeed honours and ds-sft's loop cannot. gradient_allreduce_op
+# "sum" ran on 2 ranks with every gradient doubled (grad norm 1.209 -> 2.418, clipping changed), no word.
+PINNED_OTHER_VALUES = {("gradient_allreduce_op",): ["sum", "bogus"]}
+
+
+def test_every_pinned_deepspeed_key_is_tested():
+    from ds_sft.train.config import PINNED_DS_VALUES
+
+    assert set(PINNED_OTHER_VALUES) == set(PINNED_DS_VALUES)
+
+
+@pytest.mark.parametrize("path", PINNED_OTHER_VALUES, ids=".".join)
+def test_a_deepspeed_key_that_breaks_the_loops_gradient_mean_is_one_line(capsys, tmp_path, path):
+    from ds_sft.train.config import PINNED_DS_VALUES
+
+    pinned, why = PINNED_DS_VALUES[path]
+    for value in PINNED_OTHER_VALUES[path]:
+        code, lines = run_train(capsys, tmp_path, merged(BASE, nested(path, value)))
+        assert_refused(code, lines, [f'"{".".join(path)}" is {json.dumps(value)}'], value)
+        assert why in lines[0] and f"set {json.dumps(pinned)}" in lines[0]
+    code, lines = run_train(capsys, tmp_path, merged(BASE, nested(path, pinned)))
+    assert_refused(code, lines, ["data_dir"], pinned)  # its one value: accepted up to the missing data dir
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_gradient_predivide_factor_zero_refuses_is_one_line_before_the_model_loads(capsys, tmp_path, stage):
     """ZeRO's reduce-scatter asserts gradient_predivide_factor == 1 in deepspeed.initialize."""
