@@ -190,6 +190,18 @@ REFUSED_DS_KEYS: dict[tuple[str, ...], str] = {
     ("data_types", "grad_accum_dtype"): "--precision and ZeRO choose the gradient dtype, not the recipe",
     ("data_efficiency",): "ds-sft batches its own data; DeepSpeed's sampler and random-LTD never run",
     ("hybrid_engine",): "ds-sft has no generation loop for DeepSpeed's RLHF hybrid engine to drive",
+    ("activation_checkpointing",): (
+        "it configures deepspeed.checkpointing, which the model never calls; pass --activation_checkpointing "
+        "(the model's layers then recompute through torch.utils.checkpoint)"
+    ),
+    ("dataloader_drop_last",): (
+        "DeepSpeed's dataloader is not used: ds-sft reads every step's rows from one stream that runs on "
+        "across epochs, so no batch is ever short and there is nothing to drop"
+    ),
+    ("compile",): (
+        "it configures DeepSpeed's engine.compile, which runs only with --compile and then as torch.compile "
+        "of the model; pass --compile"
+    ),
 }
 
 # DeepSpeed keys whose other values break an assumption of ds-sft's own loop: path -> (the one value ds-sft

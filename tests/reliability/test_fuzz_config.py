@@ -930,7 +930,8 @@ def test_triton_kernels_without_cuda_are_one_line_before_the_model_loads(
 # Each key of REFUSED_DS_KEYS: (a value that asks for it, one that does not). Each set value passed every
 # check and then was a traceback in deepspeed.initialize after the model loaded (foreach: torch refused it
 # with the fused AdamW ds-sft adds; prescale_gradients: ZeRO-2's assert; checkpoint.writer: KeyError
-# 'CROSS_SIZE'), or was accepted and changed the run silently or not at all (the rest).
+# 'CROSS_SIZE'), or was accepted and changed the run silently or not at all (the rest; of them
+# activation_checkpointing, dataloader_drop_last and compile ran as if absent, compile unless --compile).
 REFUSED_VALUES = {
     ("optimizer", "params", "foreach"): (True, False),
     ("optimizer", "params", "maximize"): (True, False),
@@ -942,6 +943,9 @@ REFUSED_VALUES = {
         {"enabled": False},
     ),
     ("hybrid_engine",): ({"enabled": True}, {"enabled": False}),
+    ("activation_checkpointing",): ({"partition_activations": True}, {}),
+    ("dataloader_drop_last",): (True, False),
+    ("compile",): ({"deepcompile": True}, {}),
 }
 
 
