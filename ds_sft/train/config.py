@@ -644,6 +644,14 @@ def check_refused_keys(ds_config: dict, source: str) -> None:
 
 def validate(ds_config: dict, s: dict, source: str) -> None:
     """Every contradiction a run could trip over later, caught before anything heavy is loaded."""
+    misplaced = next((key for key in ds_config if key in DEFAULTS and key not in KNOWN_DS_KEYS), None)
+    if misplaced in COMMAND_LINE_FLAGS:
+        raise UserError(f"unknown key {misplaced!r} in {source}: it is a ds-sft flag; pass --{misplaced}")
+    if misplaced:
+        raise UserError(
+            f'unknown key {misplaced!r} in {source}: it is a ds-sft setting; put it in the "ds_sft" section '
+            f'({{"ds_sft": {{"{misplaced}": ...}}}}) or pass --{misplaced}'
+        )
     check_keys("the DeepSpeed config", ds_config, KNOWN_DS_KEYS)
     check_writers(ds_config, source)
     check_keys('"zero_optimization"', ds_config.get("zero_optimization", {}), set(zero_fields()))
@@ -729,13 +737,44 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-def deepspeed_refusal(config: dict) -> str | None:
-    """What DeepSpeed's own config reader says is wrong with ``config`` (batch keys left out), or None."""
-    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+class AskedKeys(dict):
+    """A section of the config that records which keys DeepSpeed's reader asks it for."""
+
+    def __init__(self, items: dict):
+        super().__init__(items)
+        self.asked: set[str] = set()
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.asked.add(key)
+        return super().__contains__(key)
+
+
+def read_with_deepspeed(config: dict) -> dict[str, set[str]]:
+    """Run DeepSpeed's own config reader over ``config`` (batch keys left out) and return, for each
+    section (a JSON object), the keys the reader asked it for by name. Raises what the reader raises."""
+    from deepspeed.runtime.config import DeepSpeedConfig
 
     config = {key: value for key, value in copy.deepcopy(config).items() if key not in BATCH_KEYS}
+    sections = {key: AskedKeys(value) for key, value in config.items() if isinstance(value, dict)}
+    batch = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+    DeepSpeedConfig({**config, **sections, **batch})
+    return {key: section.asked for key, section in sections.items()}
+
+
+def deepspeed_refusal(config: dict) -> str | None:
+    """What DeepSpeed's own config reader says is wrong with ``config`` (batch keys left out), or None."""
+    from deepspeed.runtime.config import DeepSpeedConfigError
+
     try:
-        DeepSpeedConfig({**config, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+        read_with_deepspeed(config)
     except (DeepSpeedConfigError, ValueError, TypeError, AssertionError, KeyError) as err:
         return first_line(err)  # pydantic's ValidationError is a ValueError
     return None
@@ -745,13 +784,24 @@ def check_with_deepspeed(ds_config: dict, source: str) -> None:
     """DeepSpeed's own reading of the config, now rather than in ``deepspeed.initialize`` after the
     model has loaded, where a value of a wrong kind (an ``offload_optimizer`` of ``"cpu"``, a
     ``communication_data_type`` of ``"garbage"``, a block DeepSpeed has removed such as ``"amp"``)
-    ended in a traceback. The refusal names the section: DeepSpeed's own message may not."""
+    ended in a traceback. The refusal names the section: DeepSpeed's own message may not.
+
+    A section DeepSpeed reads key by key (``checkpoint``, ``data_types``, ``flops_profiler``, ``aio``,
+    ``torch_autocast``...) ignores a key it never asks for, so a typo there (``"tag_validaton"``) ran as
+    if absent: such a section may hold only the keys the reader asked for. A section whose pydantic
+    model refuses an unknown key itself (``zero_optimization``, ``bf16``, the monitors) is left to it:
+    the reader may ask it for a few keys by name before the model reads the rest."""
     problem = deepspeed_refusal(ds_config)
-    if problem is None:
-        return
-    section = next((key for key, value in ds_config.items() if deepspeed_refusal({key: value})), None)
-    where = f'"{section}"' if section else "it"
-    raise UserError(f"{source}: DeepSpeed refuses {where} ({problem}); fix or remove that value")
+    if problem is not None:
+        section = next((key for key, value in ds_config.items() if deepspeed_refusal({key: value})), None)
+        where = f'"{section}"' if section else "it"
+        raise UserError(f"{source}: DeepSpeed refuses {where} ({problem}); fix or remove that value")
+    for section, asked in read_with_deepspeed(ds_config).items():
+        value = ds_config[section]
+        if not asked or not set(value) - asked:  # read whole (as "pipeline" is), or every key asked for
+            continue
+        if deepspeed_refusal({section: {**value, "ds_sft_unknown_key": None}}) is None:
+            check_keys(f'"{section}" of {source}', value, asked)
 
 
 def check_inputs(s: dict) -> None:

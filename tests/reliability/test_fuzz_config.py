@@ -231,6 +231,22 @@ CONTRADICTIONS = {
     "unknown ZeRO key": ({"zero_optimization": {"stage": 2, "overlap_com": True}}, [], ["overlap_com"]),
     "unknown optimizer key": ({"optimizer": {"type": "AdamW", "param": {}}}, [], ["param"]),
     "unknown ds_sft flag": ({"ds_sft": {"max_iter": 5}}, [], ["max_iter"]),
+    # sections DeepSpeed reads key by key ignored a typo: each ran as if the key were absent
+    "unknown checkpoint key": (
+        {"checkpoint": {"tag_validaton": "FAIL"}},
+        [],
+        ["'tag_validaton' in \"checkpoint\"", "'tag_validation'?"],
+    ),
+    "unknown flops_profiler key": ({"flops_profiler": {"enabeld": True}}, [], ["(did you mean 'enabled'?)"]),
+    "unknown data_types key": ({"data_types": {"grad_acum_dtype": "fp32"}}, [], ["'grad_accum_dtype'?"]),
+    "unknown aio key": ({"aio": {"block_sise": 1048576}}, [], ["(did you mean 'block_size'?)"]),
+    "unknown torch_autocast key": ({"torch_autocast": {"enabeld": False}}, [], ["'enabled'?"]),
+    "a ds-sft setting at the top level": ({"seed": 42}, [], ['put it in the "ds_sft" section']),
+    "a ds-sft path flag at the top level": (
+        {"out_dir": "runs/x"},
+        [],
+        ["it is a ds-sft flag; pass --out_dir"],
+    ),
     # ds-sft converts a checkpoint to DeepSpeed's universal format itself, on a new world size; asked
     # for in the JSON, DeepSpeed looked for a universal checkpoint that was never made (AssertionError)
     "load_universal": ({"checkpoint": {"load_universal": True}}, [], ["checkpoint.load_universal"]),
