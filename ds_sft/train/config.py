@@ -865,6 +865,11 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
 
         check_numbers(settings["fp8_recipe"], source, ("fp8",))
         Fp8Recipe.from_dict(settings["fp8_recipe"])  # its own one-line errors for unknown keys
+    if settings["fp8"] == "off" and settings["fp8_recipe"]:
+        # nothing runs in fp8, so effective_config.json records no recipe: what ran, not what was switched off
+        via = "--fp8 off" if args.fp8 is not None else '"ds_sft.fp8": "off"'
+        notes.append(f"override fp8: {json.dumps(settings['fp8_recipe'])} -> off ({via})")
+        settings["fp8_recipe"] = {}
     # ds-sft prints its own progress; DeepSpeed's every-10-steps line would interleave with the bar.
     ds_config.setdefault("steps_per_print", 2**31 - 1)
     return ds_config, SimpleNamespace(**settings), notes

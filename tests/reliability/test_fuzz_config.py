@@ -870,26 +870,51 @@ def test_what_deepspeed_refuses_is_one_line_before_the_model_loads(capsys, tmp_p
     assert_refused(code, lines, [f'"{section}"', section], case)
 
 
-def test_an_optimizer_section_that_does_not_name_its_adamw_gets_torchs(tmp_path):
-    """Without torch_adam DeepSpeed JIT-compiles its FusedAdam: 6 minutes on CPU, and on a GPU
-    machine without nvcc not at all. A section that names neither gets torch's fused AdamW."""
+def resolved(tmp_path, config: dict, *flags: str):
+    """``config.resolve`` of ``config`` and ``flags`` (with data that exists): (DeepSpeed config,
+    settings, notes)."""
     from ds_sft.options import OneLineParser
     from ds_sft.train.cli import add_arguments
     from ds_sft.train.config import resolve
 
-    (tmp_path / "data").mkdir()
+    (tmp_path / "data").mkdir(exist_ok=True)
     (tmp_path / "data" / "manifest.json").write_text("{}")
+    (tmp_path / "ds.json").write_text(json.dumps(config))
     parser = OneLineParser()
     add_arguments(parser)
-    args = parser.parse_args(["--deepspeed_config", str(tmp_path / "ds.json"), "--model", "tiny",
-                              "--data_dir", str(tmp_path / "data")])  # fmt: skip
+    return resolve(parser.parse_args(["--deepspeed_config", str(tmp_path / "ds.json"), "--model", "tiny",
+                                      "--data_dir", str(tmp_path / "data"), *flags]))  # fmt: skip
+
+
+def test_an_optimizer_section_that_does_not_name_its_adamw_gets_torchs(tmp_path):
+    """Without torch_adam DeepSpeed JIT-compiles its FusedAdam: 6 minutes on CPU, and on a GPU
+    machine without nvcc not at all. A section that names neither gets torch's fused AdamW."""
     chosen = {}
     for choice in ({}, {"torch_adam": False}, {"fused": False}):
         config = set_path(BASE, ("optimizer",), {"type": "AdamW", "params": {"lr": 1e-3, **choice}})
-        (tmp_path / "ds.json").write_text(json.dumps(config))
-        params = resolve(args)[0]["optimizer"]["params"]
+        params = resolved(tmp_path, config)[0]["optimizer"]["params"]
         chosen[tuple(choice)] = (params.get("torch_adam"), params.get("fused"))
     assert chosen == {(): (True, True), ("torch_adam",): (False, None), ("fused",): (True, False)}
+
+
+@pytest.mark.parametrize("where", ["flag", "json"])
+def test_fp8_off_over_a_json_recipe_is_printed_and_records_no_recipe(tmp_path, where):
+    """--fp8 off dropped the JSON's "fp8" recipe without an override line, and effective_config.json
+    still recorded it as if it had run."""
+    from ds_sft.train.config import effective_config
+
+    recipe = {"select": "all", "margin": 0}
+    config = {**BASE, "fp8": recipe}
+    if where == "json":
+        config = set_path(config, ("ds_sft", "fp8"), "off")
+    flags = ["--fp8", "off"] if where == "flag" else []
+    ds_config, settings, notes = resolved(tmp_path, config, *flags)
+    via = "--fp8 off" if where == "flag" else '"ds_sft.fp8": "off"'
+    assert f"override fp8: {json.dumps(recipe)} -> off ({via})" in notes
+    assert effective_config(ds_config, settings)["fp8"] == {}
+    ds_config, settings, notes = resolved(tmp_path, {**BASE, "fp8": recipe}, "--fp8", "torch")
+    assert effective_config(ds_config, settings)["fp8"] == recipe  # it runs: recorded, no override
+    assert not any(note.startswith("override fp8") for note in notes)
 
 
 def test_a_null_warmup_is_not_set_so_its_default_is_capped_by_a_short_run(capsys, tmp_path):
