@@ -12,9 +12,9 @@ data, tokenizer, model, the gradients' communication dtype). On
 order, or within a stated tolerance where the arithmetic itself changes); a key the user names with
 ``--allow_change`` may change and the run goes on from the same step and the same position of the
 data stream, but it is another run from there on; any other difference is refused in one line
-naming the saved and the new value. The optimizer's settings (weight decay, betas, eps) are this
-run's, applied over the checkpoint's (:data:`OPTIMIZER_KEYS`). Every change let through is printed and
-kept in the trainer state, ``metrics.jsonl`` and the report: nothing silent.
+naming the saved and the new value. The optimizer's settings (weight decay, betas, eps, decoupled or L2
+decay, fused) are this run's, applied over the checkpoint's (:data:`OPTIMIZER_KEYS`). Every change let
+through is printed and kept in the trainer state, ``metrics.jsonl`` and the report: nothing silent.
 
 World size is not a key: at the same global batch it resumes exactly (the sampler's cursor counts
 global samples, and ``checkpointing.needs_universal`` re-partitions the optimizer), so ``grad_accum``
@@ -92,11 +92,13 @@ HOW_TO_RESUME = {
 IDENTITY_KEYS = tuple(HOW_TO_RESUME)
 
 # AdamW's settings per parameter group that this run's flags and JSON decide (--weight_decay, the
-# JSON's betas and eps). A resume trains with this run's: DeepSpeed's load_checkpoint puts the saved
-# param_groups back over the ones the engine was built with, so the loop puts these back after it
-# (:func:`optimizer_changes`) and records each change like an allowed one. The moments carry over as
-# they are. The lr is not among them: the schedule sets it before every step.
-OPTIMIZER_KEYS = ("weight_decay", "betas", "eps")
+# JSON's betas and eps; decoupled_weight_decay, what "type" and adam_w_mode choose: AdamW's decay or
+# Adam's L2; fused, which kernel steps). A resume trains with this run's: DeepSpeed's load_checkpoint
+# puts the saved param_groups back over the ones the engine was built with (a resume with L2 decay kept
+# the saved run's decoupled decay), so the loop puts these back after it (:func:`optimizer_changes`)
+# and records each change like an allowed one. torch's Adam and AdamW keep the same moments, which
+# carry over as they are. The lr is not among them: the schedule sets it before every step.
+OPTIMIZER_KEYS = ("weight_decay", "betas", "eps", "decoupled_weight_decay", "fused")
 # Settings whose change AdamW's saved state cannot follow (amsgrad keeps a third moment): refused.
 FIXED_OPTIMIZER_KEYS = ("amsgrad", "maximize")
 

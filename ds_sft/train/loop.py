@@ -383,9 +383,10 @@ def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, w
         state = checkpointing.load(engine, tag_dir, universal_in)
         # load_checkpoint put the saved param_groups (new dicts) over this run's: train with this run's
         loaded = optimizer_groups(engine)
-        changes += compatibility.optimizer_changes(
-            tag_dir, compatibility.optimizer_settings(loaded), requested
-        )
+        trained = compatibility.optimizer_settings(loaded)
+        if isinstance(saved.get("optimizer"), dict):  # what it trained with: torch's AdamW loads any
+            trained.update(saved["optimizer"])  # saved group as decoupled, an Adam run's L2 groups too
+        changes += compatibility.optimizer_changes(tag_dir, trained, requested)
         compatibility.apply_optimizer_settings(loaded, requested)
     if tag_dir is not None:
         reseed = any(change["key"] == "seed" for change in changes)  # allowed: the new seed's order

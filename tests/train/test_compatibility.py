@@ -440,7 +440,8 @@ def test_recorded_changes_are_checked_before_they_are_carried_on(changes):
 # records each change. DeepSpeed's load_checkpoint used to put the checkpoint's param_groups back over
 # them while the log and effective_config.json showed the new values.
 
-SAVED = {"weight_decay": [0.05, 0.0], "betas": [[0.9, 0.95]] * 2, "eps": [1e-8] * 2}  # the recipe's
+SAVED = {"weight_decay": [0.05, 0.0], "betas": [[0.9, 0.95]] * 2, "eps": [1e-8] * 2,  # the recipe's
+         "decoupled_weight_decay": [True] * 2, "fused": [True] * 2}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -473,10 +474,11 @@ def capture_engine(monkeypatch) -> dict:
 
 
 def recipe_with(tmp_path, **params) -> str:
-    """The shipped recipe with other AdamW params (a JSON the user would pass on resume)."""
+    """The shipped recipe with other optimizer params, and "type" (a JSON the user would pass on resume)."""
     from importlib.resources import files
 
     config = json.loads((files("ds_configs") / "sft_recipe.json").read_text())
+    config["optimizer"]["type"] = params.pop("type", config["optimizer"]["type"])
     config["optimizer"]["params"].update(params)
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(config))
@@ -489,6 +491,9 @@ OPTIMIZER_CASES = {  # flags, JSON params -> the settings the resumed optimizer 
     "eps": ([], {"eps": 1e-3}, {"eps": [1e-3] * 2}),
     "all three": (["--weight_decay", "0.2"], {"betas": [0.8, 0.9], "eps": 1e-6},
                   {"weight_decay": [0.2, 0.0], "betas": [[0.8, 0.9]] * 2, "eps": [1e-6] * 2}),
+    # the saved param_groups came back whole: the resumed run kept AdamW's decoupled decay, fused
+    "L2 decay": ([], {"type": "Adam", "adam_w_mode": False}, {"decoupled_weight_decay": [False] * 2}),
+    "unfused": ([], {"fused": False}, {"fused": [False] * 2}),
 }  # fmt: skip
 
 
@@ -568,6 +573,25 @@ def test_a_resumed_step_decays_by_this_runs_weight_decay(parts, saved_runs, tmp_
             decayed.add(name)
             assert torch.allclose(difference, -lr * 4.95 * p, rtol=1e-3, atol=1e-8), name
     assert decayed and decayed == {name for name in before if name.endswith("_proj.weight")}
+
+
+def test_a_resume_of_an_l2_run_with_adamw_trains_and_records_decoupled_decay(
+    parts, tmp_path, capsys, monkeypatch, dist_env
+):
+    """The other direction of "L2 decay" above: torch's AdamW reads the saved Adam's groups as decoupled,
+    so the change is known only from what the checkpoint recorded it trained with."""
+    run = tmp_path / "run"
+    l2 = recipe_with(tmp_path, type="Adam", adam_w_mode=False)
+    assert train(parts.data_a, parts.bare, run, "--deepspeed_config", l2) == 0
+    seen = capture_engine(monkeypatch)
+    assert train(parts.data_a, parts.bare, run, "--resume", max_iters=3) == 0
+    inner = seen["engine"].optimizer
+    assert [g["decoupled_weight_decay"] for g in getattr(inner, "optimizer", inner).param_groups] == [
+        True
+    ] * 2
+    state = json.loads((run / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert state["changes"] == [{"step": 2, "key": "decoupled_weight_decay", "saved": [False] * 2,
+                                 "now": [True] * 2, "how": "optimizer"}]  # fmt: skip
 
 
 @pytest.mark.parametrize("key", compatibility.FIXED_OPTIMIZER_KEYS)
