@@ -43,7 +43,7 @@ import numpy as np
 
 from ds_sft.data.normalizer_bounds import normalizer_change
 from ds_sft.data.templates import alpaca_fields, conversation, conversation_segments, render_prompt
-from ds_sft.data.tokenizer import continuation_backend
+from ds_sft.data.tokenizer import continuation_backend, start_ids
 
 CHUNK = 2048  # rows per encode_batch call: large enough for the Rust threads, small enough for a progress bar
 # A BPE model caches the merges of the words it has seen, 10,000 words by default: fewer than the
@@ -118,15 +118,27 @@ class Documents:
         return self.trained
 
 
-def _encode(backend, texts: list[str], add_special_tokens: bool, progress) -> list[list[int]]:
+def _encode(backend, texts: list[str], progress=None) -> list[list[int]]:
+    """Each text's ids alone, without what the post-processor adds (see :func:`first_text_ids`)."""
     # encode_batch_fast (tokenizers >= 0.21) skips the character offsets nobody here reads
     encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
     ids: list[list[int]] = []
     for start in range(0, len(texts), CHUNK):
-        batch = encode_batch(texts[start : start + CHUNK], add_special_tokens=add_special_tokens)
+        batch = encode_batch(texts[start : start + CHUNK], add_special_tokens=False)
         ids.extend(encoding.ids for encoding in batch)
-        progress.update(len(batch))
+        if progress is not None:
+            progress.update(len(batch))
     return ids
+
+
+def first_text_ids(tokenizer, texts: list[str], template: str, progress=None) -> list[list[int]]:
+    """The ids of texts that start a document (prompts, a conversation's first text), the same in
+    ``prepare`` and ``eval``. Under the Alpaca template each starts with what the tokenizer's
+    post-processor prepends (a BOS: :func:`~ds_sft.data.tokenizer.start_ids`), never with what it
+    appends: an EOS after the prompt would sit between it and the answer. A chat template writes
+    its special tokens into the text itself."""
+    start = start_ids(tokenizer) if template == "alpaca" else []
+    return [start + ids for ids in _encode(tokenizer.backend_tokenizer, texts, progress)]
 
 
 def splits_cleanly_at_newlines(backend) -> bool:
@@ -151,9 +163,9 @@ class AlpacaPrompts:
     prompt (checked on the first rows as well), while ~40 template tokens per row are not re-encoded.
     """
 
-    def __init__(self, records: list[dict], backend) -> None:
+    def __init__(self, records: list[dict], backend, start: list[int]) -> None:
         self.backend = backend
-        self.bos = backend.encode("", add_special_tokens=True).ids  # what the post-processor prepends
+        self.start = start  # what starts every prompt (first_text_ids)
         self.plans: list[list[tuple[list[int], str | None]]] = []
         self.fields: list[str] = []  # every field value, in plan order: the texts left to encode
         literal_ids: dict[str, list[tuple[list[int], str | None]]] = {}
@@ -171,7 +183,7 @@ class AlpacaPrompts:
         fields = iter(field_ids)
         prompts = []
         for plan in self.plans:
-            ids = list(self.bos)
+            ids = list(self.start)
             for literal, name in plan:
                 ids += literal
                 if name:
@@ -428,9 +440,9 @@ def tokenize_records(
     """Tokenize every record into a document (prompt, response, EOS); see the module docstring.
 
     ``train_on="all"``: a ``messages`` record with earlier turns trains every assistant turn;
-    ``"last"``: its earlier turns are prompt only. The first text of a document goes through the
-    tokenizer's post-processor for the Alpaca template (which adds BOS for tokenizers that want one);
-    a chat template's text already holds its special tokens.
+    ``"last"``: its earlier turns are prompt only. The first text of a document starts with what the
+    tokenizer's post-processor prepends under the Alpaca template (a BOS for tokenizers that want one,
+    :func:`first_text_ids`); a chat template's text already holds its special tokens.
 
     With ``seq_len``, a record whose text is too long to fit (:class:`LengthFloor`) is not tokenized:
     its document is left empty, with its fewest tokens in ``floors``, for :func:`fit_to_length` (given
@@ -463,7 +475,7 @@ def tokenize_records(
     one_turn = [record for record, pairs in zip(records, turns, strict=True) if pairs is None]
     splice = None
     if template == "alpaca" and splits_cleanly_at_newlines(backend):
-        splice = AlpacaPrompts(one_turn, backend)
+        splice = AlpacaPrompts(one_turn, backend, start_ids(tokenizer))
         if not all(text and text == text.strip() for text in splice.fields):
             splice = None  # uncleaned fields (edge whitespace) could merge with the template's newlines
     rendering = tqdm(one_turn, desc="render prompts", unit="row", leave=False, disable=not chat)
@@ -477,18 +489,18 @@ def tokenize_records(
     texts = (len(splice.fields) if splice else len(prompts)) + len(chat_heads) + len(later_texts)
     with tqdm(total=texts + len(answers), desc="tokenize", unit="text", leave=False) as progress:
         if splice is None:
-            prompt_ids = _encode(backend, prompts, template == "alpaca", progress)
+            prompt_ids = first_text_ids(tokenizer, prompts, template, progress)
         else:
-            prompt_ids = splice.assemble(_encode(backend, splice.fields, False, progress))
+            prompt_ids = splice.assemble(_encode(backend, splice.fields, progress))
             check = one_turn[:64]
-            full = [e.ids for e in backend.encode_batch([render_prompt(r, "alpaca") for r in check])]
+            full = first_text_ids(tokenizer, [render_prompt(r, "alpaca") for r in check], template)
             if full != prompt_ids[: len(check)]:
                 raise RuntimeError("spliced Alpaca prompts differ from whole-prompt tokenization")
-        head_ids = _encode(backend, chat_heads, template == "alpaca", progress)
+        head_ids = first_text_ids(tokenizer, chat_heads, template, progress)
         # what follows a document's first text continues it: no start-of-text mark
         following = continuation_backend(backend)
-        later_ids = _encode(following, later_texts, False, progress)
-        answer_ids = _encode(following, answers, False, progress)
+        later_ids = _encode(following, later_texts, progress)
+        answer_ids = _encode(following, answers, progress)
     # lay each document out as pieces: head, answer, EOS, [text, answer, EOS]...
     eos = [tokenizer.eos_token_id]
     one_turns, heads, laters, answers_it = iter(prompt_ids), iter(head_ids), iter(later_ids), iter(answer_ids)

@@ -313,6 +313,27 @@ def refuse_panicking_pipeline(backend, name: str) -> None:
         ) from None
 
 
+def start_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer's post-processor puts before a text (a BOS), without any it puts after
+    (an EOS, a ``[SEP]``): a prompt starts a document but its answer follows it, so only the start
+    belongs there. Read from where :data:`PROBE_TEXT` sits in its own encoding with special tokens;
+    a post-processor that does not keep the text whole between a start and an end is refused."""
+    backend = tokenizer.backend_tokenizer
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    try:
+        whole = backend.encode(PROBE_TEXT, add_special_tokens=True)
+        plain = backend.encode(PROBE_TEXT, add_special_tokens=False).ids
+    except Exception as err:  # a word-level vocabulary without an unknown token, ...
+        raise UserError(f"tokenizer {name}: cannot encode a plain sentence ({first_line(err)})") from None
+    text_at = [i for i, sequence in enumerate(whole.sequence_ids) if sequence is not None]
+    if not text_at or whole.ids[text_at[0] : text_at[-1] + 1] != plain:
+        raise UserError(
+            f"tokenizer {name}: its post-processor does not keep a text whole between the tokens it "
+            "adds, so no start-of-text ids can be told apart; fix post_processor in its tokenizer.json"
+        )
+    return whole.ids[: text_at[0]]
+
+
 def continuation_backend(backend):
     """``backend``, or a copy of it that tokenizes a text as the continuation of another: without the
     word mark SentencePiece-style tokenizers put at the start of a text (a Metaspace pre-tokenizer's

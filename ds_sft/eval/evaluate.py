@@ -81,16 +81,12 @@ class EvalData:
     def prompt_ids(self, record: dict) -> list[int]:
         """Token ids of ``record``'s prompt, exactly as ``prepare`` tokenized training prompts."""
         from ds_sft.data.templates import render_prompt
+        from ds_sft.data.tokenize import first_text_ids
 
         key = json.dumps(record, sort_keys=True)  # every field the template may render
         if key not in self._prompt_ids:
             text = render_prompt(record, self.template, self.tokenizer)
-            # An Alpaca prompt takes the tokenizer's post-processor (BOS where it wants one); a chat
-            # template already writes its special tokens into the text (ds_sft.data.tokenize).
-            add_special_tokens = self.template == "alpaca"
-            self._prompt_ids[key] = self.tokenizer.backend_tokenizer.encode(
-                text, add_special_tokens=add_special_tokens
-            ).ids
+            self._prompt_ids[key] = first_text_ids(self.tokenizer, [text], self.template)[0]
         return list(self._prompt_ids[key])
 
     @property

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from ds_sft.data.templates import ALPACA_PROMPT, answer_ids, render_prompt, resolve_template
-from ds_sft.data.tokenize import AlpacaPrompts, fit_to_length, splits_cleanly_at_newlines, tokenize_records
-from ds_sft.data.tokenizer import load_tokenizer
+from ds_sft.data.tokenize import (
+    AlpacaPrompts,
+    first_text_ids,
+    fit_to_length,
+    splits_cleanly_at_newlines,
+    tokenize_records,
+)
+from ds_sft.data.tokenizer import load_tokenizer, start_ids
 from ds_sft.errors import UserError
 
 
@@ -105,9 +111,9 @@ def test_spliced_alpaca_prompts_equal_whole_prompt_tokenization(shared):
     ]:
         loaded, _ = load_source(SourceSpec(name, name, str(shared / "data" / rel)), False, Drops())
         records += clean_records(loaded, Drops())[:1500]
-    splice = AlpacaPrompts(records, backend)
+    splice = AlpacaPrompts(records, backend, start_ids(tokenizer))
     spliced = splice.assemble([e.ids for e in backend.encode_batch(splice.fields, add_special_tokens=False)])
-    whole = [e.ids for e in backend.encode_batch([render_prompt(r, "alpaca") for r in records])]
+    whole = first_text_ids(tokenizer, [render_prompt(r, "alpaca") for r in records], "alpaca")
     assert spliced == whole
 
 
@@ -163,3 +169,86 @@ def test_pieces_after_the_first_carry_no_start_of_text_mark(tmp_path, legacy):
     for i, text in enumerate(expected):
         ids = docs.tokens[docs.offsets[i] : docs.offsets[i + 1]].tolist()
         assert tokenizer.decode(ids, skip_special_tokens=False).removeprefix("<s>").lstrip() == text
+
+
+# Post-processor layouts (tokenizers' TemplateProcessing): (single, pair, tokens it puts before a text).
+LAYOUTS = {
+    "none": (None, None, []),
+    "bos": ("<s> $A", None, ["<s>"]),
+    "bos_eos": ("<s> $A </s>", None, ["<s>"]),
+    "suffix": ("$A </s>", None, []),
+    "template_with_pair": ("<s> $A </s>", "<s> $A </s> $B:1 </s>:1", ["<s>"]),
+}
+
+
+def layout_tokenizer(folder, single, pair, normalized: bool):
+    """A byte-level BPE with the post-processor ``single``/``pair``; ``normalized`` gives it an NFC
+    normalizer, which takes it off the spliced Alpaca path (splits_cleanly_at_newlines)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from tests.data.conftest import CORPUS
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    if normalized:
+        tokenizer.normalizer = normalizers.NFC()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS * 20, trainer=trainer)
+    if single is not None:
+        specials = [(token, tokenizer.token_to_id(token)) for token in ("<s>", "</s>")]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=specials
+        )
+    path = folder / "tokenizer.json"
+    tokenizer.save(str(path))
+    return load_tokenizer(str(path))
+
+
+@pytest.mark.parametrize("normalized", [False, True], ids=["spliced", "whole"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_alpaca_prompts_take_only_what_the_post_processor_prepends(tmp_path, layout, normalized):
+    """An Alpaca prompt starts with what the post-processor puts before a text (a BOS) and never holds
+    what it puts after (an EOS): encoded with special tokens, every prompt carried an EOS before its
+    answer, and on the spliced path BOS + EOS were taken as the "BOS" and a traceback followed.
+    Training documents and eval's prompts agree. Reference: the layout's own leading tokens, then
+    the text encoded without special tokens."""
+    from pathlib import Path
+
+    from ds_sft.eval.evaluate import EvalData
+
+    single, pair, before = LAYOUTS[layout]
+    tokenizer = layout_tokenizer(tmp_path, single, pair, normalized)
+    backend = tokenizer.backend_tokenizer
+    start = [tokenizer.convert_tokens_to_ids(token) for token in before]
+    chat = {
+        **make_record("Give three tips", "Eat well."),
+        "history": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Paris"}],
+    }
+    records = [make_record("Say hi", "Hi there!"), make_record("Add", "#### 4", extra="2 and 2"), chat]
+    docs = tokenize_records(records, tokenizer, "alpaca", {"a": 0})
+    eval_data = EvalData(Path(tmp_path), "alpaca", tokenizer, None)
+    for i, record in enumerate(records):
+        ids = docs.tokens[docs.offsets[i] : docs.offsets[i + 1]].tolist()
+        assert ids[: len(start)] == start
+        eos = tokenizer.eos_token
+        text = tokenizer.decode(ids[len(start) :], skip_special_tokens=False)
+        if record["history"]:  # the transcript; its texts are tokenized apart, so compare text
+            assert text.count(eos) == 2 and text.endswith("Eat well." + eos)
+            continue
+        prompt = render_prompt(record, "alpaca")
+        plain = backend.encode(prompt + record["response"], add_special_tokens=False).ids
+        assert ids == start + plain + [tokenizer.eos_token_id]
+        assert docs.prompt_lens[i] == len(start) + len(backend.encode(prompt, add_special_tokens=False).ids)
+        assert eval_data.prompt_ids(record) == ids[: docs.prompt_lens[i]]
+
+
+@pytest.mark.parametrize("single", ["<s>", "$A </s> $A"], ids=["no_text", "text_twice"])
+def test_a_post_processor_that_splits_the_text_is_refused_in_one_line(tmp_path, single):
+    """A layout whose leading tokens cannot be told apart from the text is refused, naming the fix."""
+    tokenizer = layout_tokenizer(tmp_path, single, None, False)
+    with pytest.raises(UserError, match="post_processor") as err:
+        tokenize_records([make_record("Say hi", "Hi there!")], tokenizer, "alpaca", {"a": 0})
+    assert "\n" not in str(err.value)
