@@ -573,7 +573,7 @@ def prepare(args: argparse.Namespace) -> int:
         missing_files,
     )
     from ds_sft.data.shards import plot_lengths
-    from ds_sft.data.templates import resolve_template
+    from ds_sft.data.templates import answer_end_id, resolve_template
     from ds_sft.data.tokenize import (
         ROUTES,
         answers_without_tokens,
@@ -638,7 +638,7 @@ def prepare(args: argparse.Namespace) -> int:
     chosen = np.concatenate([train_index, val_index])
     docs = tokenized.result().select(chosen)
     all_records = [records[i] for i in chosen.tolist()]
-    lost = answers_without_tokens(docs, tokenizer.eos_token_id)
+    lost = answers_without_tokens(docs, answer_end_id(tokenizer, template))
     for record in itertools.compress(all_records, lost):
         drops.add(record["source"], "answer_has_no_tokens")
     docs = docs.select(np.flatnonzero(~lost))

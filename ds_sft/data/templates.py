@@ -6,10 +6,13 @@ A record ``{instruction, input, response}`` is trained as ``prompt_ids + respons
   the generation prompt of the assistant turn appended);
 - the **answer** is the response text exactly as cleaned (for GSM8K: the reasoning, then the final
   ``#### N`` line), tokenized on its own, followed by the tokenizer's EOS token id. EOS is appended
-  as an id, never as text, so it is trained even when the tokenizer's pad token is EOS.
+  as an id, never as text, so it is trained even when the tokenizer's pad token is EOS. Under a
+  chat template whose turn ends with a special token other than EOS (Qwen2.5's ``<|im_end|>``,
+  Llama 3's ``<|eot_id|>``) that token takes EOS's place (:func:`answer_end_id`), as the template
+  renders it.
 
 Evaluation builds its prompts with the same :func:`render_prompt` (e.g. a GSM8K question is
-``{"instruction": question, "input": ""}``) and generates until EOS.
+``{"instruction": question, "input": ""}``) and generates until EOS (or that end-of-turn token).
 
 A **conversation** (a ``messages`` row: optional system turn, then user/assistant turns, ending with
 an assistant turn) trained on every assistant turn is :func:`conversation_segments`: one pair
@@ -21,7 +24,7 @@ assistant turn follows the answer convention above and nothing else is ever trai
   assistant turn, with the generation prompt (``P_k``) and with the turn itself (``F_k``). They must
   grow by appending: ``F_k`` starts with ``P_k + content_k``, and ``P_{k+1}`` starts with ``F_k``.
   ``text_k`` is what ``P_k`` adds to what came before; the template's end-of-turn text after a
-  content is kept (untrained) except a leading EOS token text, which the EOS id replaces. This is
+  content is kept (untrained) except a leading :func:`answer_end_id` text, which its id replaces. This is
   the ``prefix`` route, taken wherever it holds: every trained answer follows exactly the text the
   template renders for that point of the conversation.
   A template that rewrites earlier turns once the conversation goes on (Qwen3's strips the reasoning
@@ -130,13 +133,38 @@ def alpaca_fields(record: dict) -> tuple[str, dict[str, str]]:
     return ALPACA_PROMPT_NO_INPUT, {"instruction": record["instruction"]}
 
 
-def answer_ids(tokenizer, response: str) -> list[int]:
+def answer_ids(tokenizer, response: str, template: str = "alpaca") -> list[int]:
     """The trained answer: the response tokenized on its own as the prompt's continuation (no
-    start-of-text mark, :func:`~ds_sft.data.tokenizer.continuation_backend`), then EOS (as an id)."""
+    start-of-text mark, :func:`~ds_sft.data.tokenizer.continuation_backend`), then
+    :func:`answer_end_id` (as an id)."""
     from ds_sft.data.tokenizer import continuation_backend
 
     following = continuation_backend(tokenizer.backend_tokenizer)
-    return following.encode(response, add_special_tokens=False).ids + [tokenizer.eos_token_id]
+    return following.encode(response, add_special_tokens=False).ids + [answer_end_id(tokenizer, template)]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token the chat template writes right after an assistant message (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``, ...), as a list of at most one id: where a chat model ends its
+    answer, whether or not the tokenizer's EOS is that token. Empty for a turn end in plain text."""
+    marker = "\u2063answer\u2063"  # text no template rewrites
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
+    text = render_messages(tokenizer, messages, False, "the end-of-turn probe")
+    if marker not in text:
+        return []
+    after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return after[:1] if after and after[0] in special else []
+
+
+def answer_end_id(tokenizer, template: str) -> int:
+    """The id that ends every trained answer, trained with it: under a chat template that ends an
+    assistant turn with a special token (:func:`end_of_turn_ids`), that token, as the template renders
+    it, so the document is the template's own text and the model learns to end its turn as chat
+    inference expects (Qwen2.5's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, not their EOS). Otherwise
+    (the Alpaca template, a turn end in plain text) the EOS id, added after the answer."""
+    ends = end_of_turn_ids(tokenizer) if template == "chat" else []
+    return ends[0] if ends else tokenizer.eos_token_id
 
 
 def conversation(record: dict) -> list[dict]:
@@ -169,6 +197,7 @@ def conversation_segments(record: dict, template: str, tokenizer) -> tuple[list[
         raise UserError(f"unknown template {template!r}; choose alpaca or chat")
     where = record.get("id", "a conversation")
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    end_text = tokenizer.convert_ids_to_tokens(answer_end_id(tokenizer, template))
 
     def prompt(i: int) -> str:
         """P_k, the render up to assistant message ``i`` with the generation prompt. Rendered when
@@ -176,10 +205,10 @@ def conversation_segments(record: dict, template: str, tokenizer) -> tuple[list[
         together took k times its size (400 turns of 50 kB: 5.4 GB for a 26 MB row)."""
         return render_messages(tokenizer, messages[:i], True, where)
 
-    segments, problem = _prefix_segments(messages, answers, prompt, tokenizer, where)
+    segments, problem = _prefix_segments(messages, answers, prompt, tokenizer, where, end_text)
     if segments is not None:
         return segments, "prefix"
-    segments, located_problem = _located_segments(messages, answers, prompt, tokenizer, where)
+    segments, located_problem = _located_segments(messages, answers, prompt, tokenizer, where, end_text)
     if segments is not None:
         return segments, "located"
     raise UserError(
@@ -207,9 +236,12 @@ def render_messages(tokenizer, messages: list[dict], generation_prompt: bool, wh
         ) from None
 
 
-def _prefix_segments(messages, answers, prompt_at, tokenizer, where) -> tuple[list | None, str | None]:
-    """The ``prefix`` route: (segments, None), or (None, what breaks the chain of prefix renders)."""
-    eos_text = tokenizer.eos_token
+def _prefix_segments(
+    messages, answers, prompt_at, tokenizer, where, end_text
+) -> tuple[list | None, str | None]:
+    """The ``prefix`` route: (segments, None), or (None, what breaks the chain of prefix renders).
+    ``end_text`` is the text of :func:`answer_end_id`, which stands for it where the turn end starts
+    with it."""
     segments = []
     previous_full, emitted = "", 0  # the last F_k, and how much of it the segments so far hold
     for turn, i in enumerate(answers, start=1):
@@ -221,12 +253,14 @@ def _prefix_segments(messages, answers, prompt_at, tokenizer, where) -> tuple[li
             return None, f"does not render assistant turn {turn} verbatim right after the generation prompt"
         segments.append((prompt[emitted:], content))
         end_of_turn = full[len(prompt) + len(content) :]
-        emitted = len(prompt) + len(content) + (len(eos_text) if end_of_turn.startswith(eos_text) else 0)
+        emitted = len(prompt) + len(content) + (len(end_text) if end_of_turn.startswith(end_text) else 0)
         previous_full = full
     return segments, None
 
 
-def _located_segments(messages, answers, prompt_at, tokenizer, where) -> tuple[list | None, str | None]:
+def _located_segments(
+    messages, answers, prompt_at, tokenizer, where, end_text
+) -> tuple[list | None, str | None]:
     """The ``located`` route: (segments, None), or (None, why an answer cannot be located).
 
     The whole conversation ``W`` is rendered once. Each ``P_k`` must be a prefix of ``W`` (so the
@@ -238,7 +272,6 @@ def _located_segments(messages, answers, prompt_at, tokenizer, where) -> tuple[l
     whitespace between them: trimmed, reflowed ``<think>`` blocks), or else the content's answer
     after its last ``</think>`` up to whitespace (templates that drop the reasoning of past turns).
     """
-    eos_text = tokenizer.eos_token
     whole = render_messages(tokenizer, messages, False, where)
     # a probe answer no template rewrites (a private-use character the conversation does not hold:
     # no letters, whitespace or markup); what follows it is the turn end
@@ -267,5 +300,5 @@ def _located_segments(messages, answers, prompt_at, tokenizer, where) -> tuple[l
             return None, f"assistant turn {turn}'s content is not in the whole render before its turn end"
         start, end = found
         segments.append((whole[emitted:start], whole[start:end]))
-        emitted = end + (len(eos_text) if whole.startswith(eos_text, end) else 0)
+        emitted = end + (len(end_text) if whole.startswith(end_text, end) else 0)
     return segments, None

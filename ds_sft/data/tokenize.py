@@ -42,7 +42,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ds_sft.data.normalizer_bounds import normalizer_change
-from ds_sft.data.templates import alpaca_fields, conversation, conversation_segments, render_prompt
+from ds_sft.data.templates import (
+    alpaca_fields,
+    answer_end_id,
+    conversation,
+    conversation_segments,
+    render_prompt,
+)
 from ds_sft.data.tokenizer import continuation_backend, start_ids
 
 CHUNK = 2048  # rows per encode_batch call: large enough for the Rust threads, small enough for a progress bar
@@ -501,15 +507,15 @@ def tokenize_records(
         following = continuation_backend(backend)
         later_ids = _encode(following, later_texts, progress)
         answer_ids = _encode(following, answers, progress)
-    # lay each document out as pieces: head, answer, EOS, [text, answer, EOS]...
-    eos = [tokenizer.eos_token_id]
+    # lay each document out as pieces: head, answer, end, [text, answer, end]...
+    end = [answer_end_id(tokenizer, template)]
     one_turns, heads, laters, answers_it = iter(prompt_ids), iter(head_ids), iter(later_ids), iter(answer_ids)
     pieces: list[list[int]] = []
     trained: list[int] = []
     first_piece = np.zeros(len(records) + 1, dtype=np.int64)
     for i, pairs in enumerate(turns):
         if pairs is None:
-            pieces += [next(one_turns), next(answers_it), eos]
+            pieces += [next(one_turns), next(answers_it), end]
             trained += [0, 1, 1]
         else:
             pieces.append(next(heads))
@@ -518,7 +524,7 @@ def tokenize_records(
                 if turn:
                     pieces.append(next(laters))
                     trained.append(0)
-                pieces += [next(answers_it), eos]
+                pieces += [next(answers_it), end]
                 trained += [1, 1]
         first_piece[i + 1] = len(pieces)
     piece_lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
@@ -529,13 +535,13 @@ def tokenize_records(
     return Documents(tokens, offsets, mask, sources, routes, floors if floors.any() else None)
 
 
-def answers_without_tokens(docs: Documents, eos_id: int) -> np.ndarray:
-    """Per document, whether every token it trains is the end-of-text mark: its answers encoded to
-    nothing (a tokenizer that drops characters it has no token for). A document left empty for being
-    too long (its length is its floor) is not one of them."""
+def answers_without_tokens(docs: Documents, end_id: int) -> np.ndarray:
+    """Per document, whether every token it trains is the id that ends an answer (``answer_end_id``):
+    its answers encoded to nothing (a tokenizer that drops characters it has no token for). A document
+    left empty for being too long (its length is its floor) is not one of them."""
     ids = np.repeat(np.arange(len(docs)), docs.lengths)
     answer_tokens = np.bincount(
-        ids, weights=(docs.trained == 1) & (docs.tokens != eos_id), minlength=len(docs)
+        ids, weights=(docs.trained == 1) & (docs.tokens != end_id), minlength=len(docs)
     )
     return (docs.lengths > 0) & (answer_tokens == 0)
 

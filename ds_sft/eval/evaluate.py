@@ -95,27 +95,12 @@ class EvalData:
 
     @property
     def stop_ids(self) -> list[int]:
-        """The tokens that end an answer: EOS, and with the chat template its end-of-turn token."""
-        ids = [self.tokenizer.eos_token_id]
-        if self.template == "chat":
-            ids += [i for i in end_of_turn_ids(self.tokenizer) if i not in ids]
-        return ids
+        """The tokens that end an answer: EOS, and the token training ended answers with
+        (``ds_sft.data.templates.answer_end_id``: with a chat template, its end-of-turn token)."""
+        from ds_sft.data.templates import answer_end_id
 
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The special token(s) the chat template writes right after an assistant message
-    (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...): where a chat model ends its answer,
-    whether or not the tokenizer's EOS is that token."""
-    from ds_sft.data.templates import render_messages
-
-    marker = "\u2063answer\u2063"  # text no template rewrites
-    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
-    text = render_messages(tokenizer, messages, False, "the end-of-turn probe")
-    if marker not in text:
-        return []
-    after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    return after[:1] if after and after[0] in special else []
+        eos, end = self.tokenizer.eos_token_id, answer_end_id(self.tokenizer, self.template)
+        return [eos] if end == eos else [eos, end]
 
 
 @dataclass(frozen=True)

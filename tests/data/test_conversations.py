@@ -653,3 +653,86 @@ def test_rendering_with_a_chat_template_shows_its_progress(chat_tokenizers, temp
     tokenize_records(records, chat_tokenizers["chatml"], template, {"chat": 0})
     err = capsys.readouterr().err
     assert ("render turns" in err and "render prompts" in err) == (template == "chat"), err
+
+
+# --- the template's own end of turn ---------------------------------------------------------------
+
+CHATML_SPECIAL = (  # ChatML as SmolLM2 and Qwen2.5 write it: <|im_end|> is a special token there
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3_SPECIAL = (  # Llama 3's shape: BOS first, headers, each turn ended by <|eot_id|>
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+    " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+# name: (template, eos, bos, the special token the template writes after an answer)
+END_OF_TURN_LAYOUTS = {
+    "smollm2_like": (CHATML_SPECIAL, "<|im_end|>", None, "<|im_end|>"),
+    "qwen25_like": (CHATML_SPECIAL, "<|endoftext|>", None, "<|im_end|>"),
+    "llama3_like": (LLAMA3_SPECIAL, "<|end_of_text|>", "<|begin_of_text|>", "<|eot_id|>"),
+}
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|end_of_text|>",
+                 "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]  # fmt: skip
+FIXED_CONVERSATIONS = {
+    "one_turn": [{"role": "user", "content": "What is the capital of France?"},
+                 {"role": "assistant", "content": "The capital of France is Paris."}],
+    "multi_turn": [{"role": "system", "content": "Be kind."},
+                   {"role": "user", "content": "Give three tips."},
+                   {"role": "assistant", "content": "Eat well, sleep, exercise."},
+                   {"role": "user", "content": "How many clips?"},
+                   {"role": "assistant", "content": "48/2 = 24 clips.\n#### 72"}],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def special_chat_tokenizers(tmp_path_factory):
+    """Byte-level BPEs whose chat markup is special tokens, one per END_OF_TURN_LAYOUTS entry."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from ds_sft.data.tokenizer import load_tokenizer
+    from tests.data.conftest import CORPUS
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=CHAT_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS * 20, trainer=trainer)
+    made = {}
+    for name, (template, eos, bos, _) in END_OF_TURN_LAYOUTS.items():
+        folder = tmp_path_factory.mktemp(name)
+        tokenizer.save(str(folder / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "chat_template": template}
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": bos}))
+        made[name] = load_tokenizer(str(folder))
+    return made
+
+
+@pytest.mark.parametrize("conversation", list(FIXED_CONVERSATIONS))
+@pytest.mark.parametrize("layout", list(END_OF_TURN_LAYOUTS))
+def test_answers_end_with_the_templates_own_end_of_turn(special_chat_tokenizers, layout, conversation):
+    """Each answer is followed by the template's end-of-turn token, trained with it, and by no EOS the
+    template does not write: where that token is not EOS (Qwen2.5, Llama 3 base) every answer ended
+    in a trained EOS and the template's turn end followed it untrained (``answer<|endoftext|><|im_end|>``).
+    Reference: apply_chat_template's render of the conversation, tokenized whole; the document is that
+    render up to the last answer's end of turn (after it the template writes only whitespace), and
+    its trained runs are exactly each answer and that token. eval stops generating at that token."""
+    from ds_sft.eval.evaluate import EvalData
+
+    tokenizer = special_chat_tokenizers[layout]
+    end = END_OF_TURN_LAYOUTS[layout][3]
+    messages = FIXED_CONVERSATIONS[conversation]
+    docs = tokenize_records([record_of(messages)], tokenizer, "chat", {"chat": 0})
+    tokens, mask = docs.tokens.tolist(), docs.loss_mask()
+    render = tokenizer.apply_chat_template(messages, tokenize=False)
+    reference = tokenizer(render, add_special_tokens=False)["input_ids"]
+    decode = tokenizer.backend_tokenizer.decode
+    assert tokens == reference[: len(tokens)]
+    assert decode(reference[len(tokens) :], skip_special_tokens=False).strip() == ""
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    runs = [decode(tokens[start:stop], skip_special_tokens=False) for start, stop in trained_runs(mask)]
+    assert runs == [answer + end for answer in answers]
+    data = EvalData(data_dir=None, template="chat", tokenizer=tokenizer, val=None)
+    assert tokenizer.convert_tokens_to_ids(end) in data.stop_ids

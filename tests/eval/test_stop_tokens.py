@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from ds_sft.eval.evaluate import EvalData, end_of_turn_ids
+from ds_sft.data.templates import end_of_turn_ids
+from ds_sft.eval.evaluate import EvalData
 
 TEMPLATES = {
     "<|im_end|>": (
