@@ -638,7 +638,7 @@ def prepare(args: argparse.Namespace) -> int:
     chosen = np.concatenate([train_index, val_index])
     docs = tokenized.result().select(chosen)
     all_records = [records[i] for i in chosen.tolist()]
-    lost = answers_without_tokens(docs, answer_end_id(tokenizer, template))
+    lost = answers_without_tokens(docs, answer_end_id(tokenizer, template), args.seq_len)
     for record in itertools.compress(all_records, lost):
         drops.add(record["source"], "answer_has_no_tokens")
     docs = docs.select(np.flatnonzero(~lost))

@@ -535,15 +535,17 @@ def tokenize_records(
     return Documents(tokens, offsets, mask, sources, routes, floors if floors.any() else None)
 
 
-def answers_without_tokens(docs: Documents, end_id: int) -> np.ndarray:
+def answers_without_tokens(docs: Documents, end_id: int, seq_len: int) -> np.ndarray:
     """Per document, whether every token it trains is the id that ends an answer (``answer_end_id``):
-    its answers encoded to nothing (a tokenizer that drops characters it has no token for). A document
-    left empty for being too long (its length is its floor) is not one of them."""
+    its answers encoded to nothing (a tokenizer that drops characters it has no token for). Length
+    is judged first (:func:`fit_to_length`), so neither a document left empty for being too long (its
+    length is its floor) nor one whose prompt alone fills ``seq_len`` is one of them: the answer of
+    the latter is left out untokenized when its text is cut (:meth:`LengthFloor.fit`)."""
     ids = np.repeat(np.arange(len(docs)), docs.lengths)
     answer_tokens = np.bincount(
         ids, weights=(docs.trained == 1) & (docs.tokens != end_id), minlength=len(docs)
     )
-    return (docs.lengths > 0) & (answer_tokens == 0)
+    return (docs.lengths > 0) & (docs.prompt_lens < seq_len) & (answer_tokens == 0)
 
 
 def fit_to_length(docs: Documents, seq_len: int, truncate: bool) -> tuple[Documents, np.ndarray]:

@@ -366,10 +366,12 @@ def test_a_conversation_of_3000_turns_is_not_rendered_turn_by_turn(gpt2_chatml, 
     Dropped, it renders nothing; truncated, only the turns that start within seq_len."""
     from ds_sft.data import templates
 
-    renders = []
+    renders = []  # the conversation's renders (not the template's end-of-turn probe: 2 fixed messages)
     render = templates.render_messages
     monkeypatch.setattr(
-        templates, "render_messages", lambda *args: renders.append(len(args[1])) or render(*args)
+        templates,
+        "render_messages",
+        lambda *args: (args[3] != "the end-of-turn probe" and renders.append(len(args[1]))) or render(*args),
     )
     turns = []
     for k in range(3000):
@@ -402,3 +404,44 @@ def test_a_conversation_of_3000_turns_is_not_rendered_turn_by_turn(gpt2_chatml, 
         assert len(early[0]["history"]) <= 2 * 1024
         again = tokenize_records(early, gpt2_chatml, "chat", {"a": 0}, "all", 1024, truncate)
         assert_same(fit_to_length(again, 1024, truncate)[0], kept)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_a_prompt_that_fills_seq_len_is_dropped_for_that(tiny_tokenizer, run_prepare, tmp_path, truncate):
+    """Prompts of seq_len - 2 .. seq_len + 2 tokens, and one far past the floor: with --truncate a
+    prompt that alone fills seq_len is dropped as ``prompt_fills_seq_len`` whichever path judged it;
+    the floor's cut left its answer untokenized, and it was counted as ``answer_has_no_tokens``.
+    Reference: each row's prompt and answer tokenized whole."""
+    from ds_sft.data.templates import render_prompt
+    from ds_sft.data.tokenize import first_text_ids
+    from tests.data.helpers import write_jsonl
+
+    seq_len, answer = 64, "Paris is big."
+
+    def lengths(instruction: str) -> tuple[int, int]:
+        row = {"instruction": instruction, "input": ""}
+        (prompt,) = first_text_ids(tiny_tokenizer, [render_prompt(row, "alpaca")], "alpaca")
+        return len(prompt), len(tiny_tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1
+
+    instructions = {}
+    for words in range(1, seq_len):
+        instruction = " ".join(["Paris"] * words)
+        prompt_len = lengths(instruction)[0]
+        if abs(prompt_len - seq_len) <= 2:
+            instructions.setdefault(prompt_len, instruction)
+    instructions["floor"] = "Paris " * 20_000  # found too long from its text, before tokenizing
+    assert len(instructions) >= 4
+    flags = ["--seq_len", str(seq_len), "--val_fraction", "0", "--decontam_threshold", "0", "--no_pack"]
+    fits = [{"instruction": "Hi?", "input": "", "output": "ok"}]  # so that some row is left to train
+    flags += ["--source", f"fits={write_jsonl(tmp_path / 'fits.jsonl', fits)}"]
+    for i, instruction in enumerate(instructions.values()):
+        rows = [{"instruction": instruction, "input": "", "output": answer}]
+        flags += ["--source", f"r{i}={write_jsonl(tmp_path / f'r{i}.jsonl', rows)}"]
+    manifest = run_prepare([*flags, "--output_dir", str(tmp_path / "out")] + ["--truncate"] * truncate)
+    for i, instruction in enumerate(instructions.values()):
+        prompt_len, answer_len = lengths(instruction)
+        if truncate:
+            expected = {"prompt_fills_seq_len": 1} if prompt_len >= seq_len else {}
+        else:
+            expected = {"longer_than_seq_len": 1} if prompt_len + answer_len > seq_len else {}
+        assert manifest["counts"][f"r{i}"]["dropped"] == expected, (prompt_len, truncate)
