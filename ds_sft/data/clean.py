@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import re
 import string
 import unicodedata
@@ -76,7 +77,8 @@ class Drops:
 
 
 def normalize_text(text: str) -> str:
-    """NFC, one kind of newline and of space, no trailing spaces, at most one blank line, stripped.
+    """NFC, one kind of newline and of space, no trailing spaces, at most one blank line, no blank
+    lines first, nothing blank last, and no indentation that every line shares (:func:`dedent`).
 
     Runs of spaces inside a line are kept: they are code indentation in many responses.
     """
@@ -93,7 +95,23 @@ def normalize_text(text: str) -> str:
         text = "\n".join(line.rstrip(" \t") for line in text.split("\n"))
     if "\n\n\n" in text:
         text = _BLANK_LINES.sub("\n\n", text)
-    return text.strip()
+    return dedent(text.rstrip()) if "\n" in text else text.strip()
+
+
+def dedent(text: str) -> str:
+    """``text`` from its first line that is not blank, less the indentation all its lines share
+    (``textwrap.dedent``'s rule); a first line still indented where no other line is loses it, as
+    a stray space before prose does. A ``strip()`` took the first line's indentation alone: a code
+    answer indented as a whole (``"    x = 1\n    y = 2"``) lost its shape. Lines carry no trailing
+    spaces by now, so a blank line is empty."""
+    lines = text.split("\n")
+    lines = lines[next((i for i, line in enumerate(lines) if line.strip(" \t")), len(lines)) :]
+    margins = [line[: len(line) - len(line.lstrip(" \t"))] for line in lines if line]
+    margin = len(os.path.commonprefix(margins))
+    lines = [line[margin:] for line in lines]
+    if lines and lines[0][:1] in (" ", "\t") and not any(line[:1] in (" ", "\t") for line in lines[1:]):
+        lines[0] = lines[0].lstrip(" \t")
+    return "\n".join(lines)
 
 
 def clean_records(

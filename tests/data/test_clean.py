@@ -7,6 +7,7 @@ import re
 import string
 import subprocess
 import sys
+import textwrap
 from collections import Counter
 
 import numpy as np
@@ -41,6 +42,40 @@ def test_normalize_text():
     )
     code = "def f():\n    return 1\n"
     assert normalize_text(code) == "def f():\n    return 1"  # indentation is kept
+
+
+# a code answer's lines: (indentation level, text), the text without edge whitespace
+code_lines = st.lists(
+    st.tuples(st.integers(0, 4), st.text("abcxyz=():_0123 ", min_size=1, max_size=12).map(str.strip)).filter(
+        lambda line: line[1]
+    ),
+    min_size=2,
+    max_size=8,
+)
+
+
+@given(
+    lines=code_lines,
+    margin=st.sampled_from(["", "  ", "    ", "\t"]),
+    unit=st.sampled_from(["  ", "    ", "\t"]),
+)
+def test_normalize_text_keeps_each_lines_indentation_relative_to_the_others(lines, margin, unit):
+    """A code answer indented as a whole comes out with the shared margin gone and every line's
+    indentation relative to the others kept (``strip()`` took the first line's alone:
+    ``"    x()\n    y()"`` became ``"x()\n    y()"``); the reference is textwrap.dedent."""
+    levels = [level for level, _ in lines]
+    if levels[0] > min(levels) == max(levels[1:]):
+        levels[0] = min(levels)  # a first line indented alone: prose's stray margin, which goes (see dedent)
+    text = "\n".join(
+        margin + unit * level + words for (level, words), level in zip(lines, levels, strict=True)
+    )
+    assert normalize_text(text) == textwrap.dedent(text).strip("\n")
+
+
+@given(st.text(" \t\nab\r\u00a0", max_size=30))
+def test_normalize_text_is_idempotent(text):
+    once = normalize_text(text)
+    assert normalize_text(once) == once
 
 
 def test_normalize_text_trailing_space_and_blank_line_edges():
