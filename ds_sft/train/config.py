@@ -757,26 +757,35 @@ class AskedKeys(dict):
         return super().__contains__(key)
 
 
-def read_with_deepspeed(config: dict) -> dict[str, set[str]]:
+def read_with_deepspeed(config: dict, track: bool = True) -> dict[str, set[str]]:
     """Run DeepSpeed's own config reader over ``config`` (batch keys left out) and return, for each
-    section (a JSON object), the keys the reader asked it for by name. Raises what the reader raises."""
+    section (a JSON object), the keys the reader asked it for by name (``track``; else nothing is
+    tracked and the reader sees plain dicts, as its messages then show). Raises what the reader raises."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
     config = {key: value for key, value in copy.deepcopy(config).items() if key not in BATCH_KEYS}
-    sections = {key: AskedKeys(value) for key, value in config.items() if isinstance(value, dict)}
+    objects = {key: value for key, value in config.items() if isinstance(value, dict)}
+    sections = {key: AskedKeys(value) for key, value in objects.items()} if track else {}
     batch = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
     DeepSpeedConfig({**config, **sections, **batch})
     return {key: section.asked for key, section in sections.items()}
 
 
 def deepspeed_refusal(config: dict) -> str | None:
-    """What DeepSpeed's own config reader says is wrong with ``config`` (batch keys left out), or None."""
+    """What DeepSpeed's own config reader says is wrong with ``config`` (batch keys left out), or None.
+
+    Whatever the reader raises is a refusal of the user's config, not only its own config errors: it
+    reads many keys without checking their kind, so an object where it expects a string ends in an
+    AttributeError (``val.lower()``), a string where it expects an object in another. Those carry their
+    exception's name, since their message alone ("no attribute 'lower'") does not say it is a refusal."""
     from deepspeed.runtime.config import DeepSpeedConfigError
 
     try:
-        read_with_deepspeed(config)
-    except (DeepSpeedConfigError, ValueError, TypeError, AssertionError, KeyError) as err:
+        read_with_deepspeed(config, track=False)
+    except (DeepSpeedConfigError, ValueError, AssertionError) as err:
         return first_line(err)  # pydantic's ValidationError is a ValueError
+    except Exception as err:  # any failure of the reader on this config is its refusal
+        return f"{type(err).__name__}: {first_line(err)}"
     return None
 
 

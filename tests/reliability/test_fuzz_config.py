@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from ds_sft.cli import main
+from ds_sft.train.config import KNOWN_DS_KEYS
 
 MISSING_DATA = "/nonexistent/ds-sft-fuzz/data"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -1048,3 +1049,18 @@ def test_a_gradient_predivide_factor_zero_refuses_is_one_line_before_the_model_l
     assert_refused(
         *run_train(capsys, tmp_path, accepted), ["data_dir"], f"stage {stage} without reduce_scatter"
     )
+
+
+# One value of each JSON kind. A value of the wrong kind for a top-level DeepSpeed key could get past
+# every check and make DeepSpeed's reader raise something other than its own config errors (an object
+# as "communication_data_type": AttributeError 'dict' object has no attribute 'lower'), a traceback.
+WRONG_KINDS = [{"ds_sft_probe": 1}, [1], "x", 3, 2.5, True, None]
+
+
+@pytest.mark.parametrize("key", sorted(KNOWN_DS_KEYS))
+def test_a_value_of_any_kind_for_any_deepspeed_key_is_one_line(capsys, tmp_path, key):
+    for value in WRONG_KINDS:
+        code, lines = run_train(capsys, tmp_path, {**BASE, key: value})
+        if code == 2 and len(lines) == 1 and "manifest.json" in lines[0]:
+            continue  # accepted up to the missing data dir
+        assert_refused(code, lines, [key], f"{key} = {value!r}")
