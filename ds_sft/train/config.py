@@ -202,6 +202,10 @@ REFUSED_DS_KEYS: dict[tuple[str, ...], str] = {
         "it configures DeepSpeed's engine.compile, which runs only with --compile and then as torch.compile "
         "of the model; pass --compile"
     ),
+    ("pipeline",): (
+        "ds-sft has no pipeline parallelism: DeepSpeed reads this section only for a PipelineModule's "
+        "engine, and every rank here holds the whole model (ZeRO shards it; --zero_stage 3)"
+    ),
 }
 
 # DeepSpeed keys whose other values break an assumption of ds-sft's own loop: path -> (the one value ds-sft
@@ -807,7 +811,7 @@ def check_with_deepspeed(ds_config: dict, source: str) -> None:
         raise UserError(f"{source}: DeepSpeed refuses {where} ({problem}); fix or remove that value")
     for section, asked in read_with_deepspeed(ds_config).items():
         value = ds_config[section]
-        if not asked or not set(value) - asked:  # read whole (as "pipeline" is), or every key asked for
+        if not asked or not set(value) - asked:  # read whole (pydantic reads "bf16"), or each key asked
             continue
         if deepspeed_refusal({section: {**value, "ds_sft_unknown_key": None}}) is None:
             check_keys(f'"{section}" of {source}', value, asked)

@@ -973,7 +973,8 @@ def test_triton_kernels_without_cuda_are_one_line_before_the_model_loads(
 # check and then was a traceback in deepspeed.initialize after the model loaded (foreach: torch refused it
 # with the fused AdamW ds-sft adds; prescale_gradients: ZeRO-2's assert; checkpoint.writer: KeyError
 # 'CROSS_SIZE'), or was accepted and changed the run silently or not at all (the rest; of them
-# activation_checkpointing, dataloader_drop_last and compile ran as if absent, compile unless --compile).
+# activation_checkpointing, dataloader_drop_last, compile and pipeline ran as if absent, compile unless
+# --compile).
 REFUSED_VALUES = {
     ("optimizer", "params", "foreach"): (True, False),
     ("optimizer", "params", "maximize"): (True, False),
@@ -988,6 +989,7 @@ REFUSED_VALUES = {
     ("activation_checkpointing",): ({"partition_activations": True}, {}),
     ("dataloader_drop_last",): (True, False),
     ("compile",): ({"deepcompile": True}, {}),
+    ("pipeline",): ({"stages": 2, "activation_checkpoint_interval": 1}, {}),
 }
 
 
