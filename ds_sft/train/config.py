@@ -852,14 +852,24 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
     # A config without an optimizer gets the recipe's AdamW: torch's fused one, because DeepSpeed's
     # FusedAdam JIT-compiles for half a minute, and torch's default per-tensor loop is ~9x slower on CPU.
     # A config of its own that does not say which AdamW gets torch's too: without torch_adam, DeepSpeed
-    # JIT-compiles FusedAdam (6 minutes on CPU; on a GPU without nvcc, not at all).
+    # JIT-compiles FusedAdam (6 minutes on CPU; on a GPU without nvcc, not at all), or with the optimizer
+    # offloaded its CPUAdam (2.7 minutes on 2 busy cores, 2026-12), whose groups lack the settings a
+    # resume puts back (compatibility.OPTIMIZER_KEYS: decoupled_weight_decay, fused).
     ds_json.setdefault("optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.95]}})
+    chose_torch_adam = False
     if isinstance(ds_json["optimizer"], dict):
         params = ds_json["optimizer"].setdefault("params", {})
         if isinstance(params, dict) and "torch_adam" not in params:
             params.update(torch_adam=True, fused=params.get("fused", True))
+            chose_torch_adam = True
     ds_config, settings, notes = layer(args, ds_json, source)
     notes.insert(0, f"DeepSpeed config: {path}")
+    offloaded = get_path(ds_config, ("zero_optimization", "offload_optimizer", "device")) == "cpu"
+    if chose_torch_adam and offloaded:
+        notes.append(
+            "note: offload_optimizer steps torch's fused AdamW on the CPU, not DeepSpeed's CPUAdam "
+            '(set "optimizer.params.torch_adam": false for CPUAdam, JIT-built for minutes on first use)'
+        )
     validate(ds_config, settings, source)
     world = launch_environment()[1]
     batch_from_cli = args.grad_accum is not None or args.micro_batch_size is not None

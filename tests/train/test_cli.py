@@ -49,10 +49,33 @@ def test_every_shipped_config_validates_and_explains_itself(name, data_dir):
     assert ds_config["train_batch_size"] == s.micro_batch_size * s.grad_accum
     assert "ds_sft" not in ds_config and "fp8" not in ds_config  # ds-sft's own sections stay out
     params = ds_config["optimizer"]["params"]
-    # torch's fused AdamW, or DeepSpeed's CPU Adam when the optimizer is offloaded
-    assert (params.get("torch_adam") and params.get("fused")) or "offload_optimizer" in ds_config[
-        "zero_optimization"
-    ]
+    assert params.get("torch_adam") and params.get("fused")  # torch's fused AdamW, offloaded or not
+
+
+SHIPPED = sorted(p.stem for p in (REPO_ROOT / "ds_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_builds_torchs_fused_adamw_and_says_so_under_offload(name, data_dir, dist_env):
+    """The offload configs said DeepSpeed's CPUAdam steps them while ds-sft's torch_adam made DeepSpeed
+    build torch's AdamW: the optimizer the engine builds, and the note printed where it is offloaded."""
+    from ds_sft.train.engine import build_engine
+    from tests.train.helpers import tiny_model
+
+    path = REPO_ROOT / "ds_configs" / f"{name}.json"
+    small = ("--micro_batch_size", "1", "--grad_accum", "1")
+    ds_config, s, notes = config.resolve(
+        parse("--data_dir", str(data_dir), "--model", "tiny", "--deepspeed_config", str(path), *small)
+    )
+    engine, _ = build_engine(tiny_model(), ds_config, s.weight_decay)
+    try:
+        assert type(engine.basic_optimizer) is torch.optim.AdamW and engine.basic_optimizer.defaults["fused"]
+    finally:
+        engine.destroy()
+    offloaded = "offload_optimizer" in ds_config["zero_optimization"]
+    said = [note for note in notes if "torch's fused AdamW on the CPU, not DeepSpeed's CPUAdam" in note]
+    assert len(said) == offloaded, notes
+    assert ("steps torch's fused AdamW on the CPU" in json.loads(path.read_text())["_comment"]) == offloaded
 
 
 SEED_TRAIN = "train --data_dir {data} --model tiny --learning_rate 7e-5 --max_iters 100 --eval_interval 10"
