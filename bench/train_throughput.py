@@ -425,6 +425,7 @@ def deepspeed_step(
         k: v for k, v in read_json(REPO_ROOT / "ds_configs" / "zero2.json").items() if k != "_comment"
     }
     ds_config.update(
+        train_batch_size=micro_batch * accumulation * world_size,  # the file's is the recipe's 256
         train_micro_batch_size_per_gpu=micro_batch,
         gradient_accumulation_steps=accumulation,
         steps_per_print=10**9,
