@@ -91,6 +91,12 @@ OPTIONS: dict[str, tuple] = {
 DEFAULTS: dict = {flag: default for flag, (default, _) in OPTIONS.items()}
 DOMAINS = {flag: domain for flag, (_, domain) in OPTIONS.items()}
 
+# The recipe's AdamW moments, for an optimizer section that leaves them out. Filled, not left to torch's
+# defaults (betas 0.9, 0.999): every other setting a DeepSpeed JSON leaves out is the recipe's (lr and
+# weight_decay come from OPTIONS), so a section written to change the lr meant the recipe with another lr,
+# not a second-moment horizon 20x as long. Not refused either: a short section is a valid DeepSpeed one.
+RECIPE_ADAM_PARAMS = {"betas": [0.9, 0.95], "eps": 1e-8}
+
 # The recipe's global batch: rows per optimizer step over all ranks together. Accumulation is
 # derived from it (ROWS_PER_STEP / (micro x ranks)) unless --grad_accum or the JSON sets it.
 ROWS_PER_STEP = 256
@@ -855,15 +861,33 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
     # JIT-compiles FusedAdam (6 minutes on CPU; on a GPU without nvcc, not at all), or with the optimizer
     # offloaded its CPUAdam (2.7 minutes on 2 busy cores, 2026-12), whose groups lack the settings a
     # resume puts back (compatibility.OPTIMIZER_KEYS: decoupled_weight_decay, fused).
-    ds_json.setdefault("optimizer", {"type": "AdamW", "params": {"betas": [0.9, 0.95]}})
-    chose_torch_adam = False
+    given = isinstance(ds_json.get("optimizer"), dict)
+    ds_json.setdefault("optimizer", {"type": "AdamW"})
+    chose_torch_adam, filled = False, {}
     if isinstance(ds_json["optimizer"], dict):
         params = ds_json["optimizer"].setdefault("params", {})
         if isinstance(params, dict) and "torch_adam" not in params:
             params.update(torch_adam=True, fused=params.get("fused", True))
             chose_torch_adam = True
+        if isinstance(params, dict):
+            filled = {key: value for key, value in RECIPE_ADAM_PARAMS.items() if params.get(key) is None}
+            params.update(filled)
     ds_config, settings, notes = layer(args, ds_json, source)
     notes.insert(0, f"DeepSpeed config: {path}")
+    if given and filled:
+        import inspect
+
+        import torch
+
+        torch_defaults = inspect.signature(torch.optim.AdamW).parameters
+        ours, torchs = (
+            ", ".join(f"{key} {json.dumps(value)}" for key, value in values.items())
+            for values in (filled, {key: torch_defaults[key].default for key in filled})
+        )
+        notes.append(
+            f'note: "optimizer.params" of {source} sets no {" or ".join(filled)}: the recipe\'s {ours} '
+            f"apply (torch's AdamW defaults: {torchs}); set them there to choose"
+        )
     offloaded = get_path(ds_config, ("zero_optimization", "offload_optimizer", "device")) == "cpu"
     if chose_torch_adam and offloaded:
         notes.append(

@@ -898,6 +898,31 @@ def test_an_optimizer_section_that_does_not_name_its_adamw_gets_torchs(tmp_path)
     assert chosen == {(): (True, True), ("torch_adam",): (False, None), ("fused",): (True, False)}
 
 
+@pytest.mark.parametrize("betas", [None, "absent", [0.8, 0.9]])
+@pytest.mark.parametrize("eps", [None, "absent", 1e-6])
+def test_an_optimizer_section_without_betas_or_eps_trains_with_the_recipes_and_says_so(tmp_path, betas, eps):
+    """{"params": {"lr": 7e-5}} trained with torch's betas (0.9, 0.999): the recipe's (0.9, 0.95) applied
+    only when the whole optimizer section was missing. Null is unset, as for every setting."""
+    given = {key: value for key, value in (("betas", betas), ("eps", eps)) if value != "absent"}
+    config = set_path(BASE, ("optimizer", "params"), {"lr": 7e-5, **given})
+    ds_config, _, notes = resolved(tmp_path, config)
+    params = ds_config["optimizer"]["params"]
+    missing = [key for key in ("betas", "eps") if given.get(key) is None]
+    recipe = {"betas": [0.9, 0.95], "eps": 1e-8}
+    assert (params["betas"], params["eps"]) == tuple(
+        given.get(key) or recipe[key] for key in ("betas", "eps")
+    )
+    said = [note for note in notes if note.startswith('note: "optimizer.params"')]
+    assert len(said) == bool(missing), notes
+    if missing:
+        assert f"sets no {' or '.join(missing)}: the recipe's " in said[0]
+        assert all(f"{key} {json.dumps(recipe[key])}" in said[0] for key in missing)
+    without_section = {key: value for key, value in BASE.items() if key != "optimizer"}
+    ds_config, _, notes = resolved(tmp_path, without_section)  # the recipe's whole: nothing to say
+    assert ds_config["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert not any(note.startswith('note: "optimizer.params"') for note in notes)
+
+
 @pytest.mark.parametrize("where", ["flag", "json"])
 def test_fp8_off_over_a_json_recipe_is_printed_and_records_no_recipe(tmp_path, where):
     """--fp8 off dropped the JSON's "fp8" recipe without an override line, and effective_config.json
