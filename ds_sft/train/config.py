@@ -526,16 +526,41 @@ def layer(args, ds_json: dict, source: str) -> tuple[dict, dict, list[str]]:
     return ds_config, settings, notes
 
 
-def rows_per_step(ds_config: dict, s: dict, world: int, batch_from_cli: bool) -> str:
-    """Settle micro x accumulation x ranks = rows per optimizer step (all ranks together), write it into
-    ``ds_config`` and return the rule as the line printed at start.
+def rows_per_step(ds_config: dict, s: dict, world: int, given: dict[str, str]) -> list[str]:
+    """Settle micro x accumulation x ranks = rows per optimizer step (all ranks together) by DeepSpeed's
+    rule, write it into ``ds_config`` and ``s`` and return the lines to print at start.
 
-    Accumulation unset: derived from the rows per step (the JSON's ``train_batch_size``, else the
-    recipe's 256), so a run keeps its global batch on any number of ranks. Set: rows = micro x accum x
-    ranks, and a ``train_batch_size`` in the same JSON must agree (a flag replaces it)."""
-    micro, declared = s["micro_batch_size"], ds_config.get("train_batch_size")
-    if s["grad_accum"] is None:
-        rows = ROWS_PER_STEP if declared is None else declared
+    ``given``: each of ``train_batch_size``, ``micro_batch_size``, ``grad_accum`` the user set, -> "json"
+    or "flag". DeepSpeed's rule (``DeepSpeedConfig._set_batch_related_parameters``): any two determine the
+    third, all three must agree, train_batch_size alone means accumulation 1. A flag replaces its key, and
+    where the three are then over-determined the JSON's train_batch_size stays: --micro_batch_size alone
+    makes the accumulation follow; --grad_accum sets rows = micro x accum x ranks. ds-sft's recipe fills
+    what DeepSpeed would refuse or derive otherwise: with no train_batch_size and no accumulation, rows
+    are the recipe's 256 (so they stay 256 on any number of ranks), and the micro-batch is 16 unless set."""
+    rows = ds_config.get("train_batch_size") if "train_batch_size" in given else None
+    micro = s["micro_batch_size"] if "micro_batch_size" in given else None
+    accum = s["grad_accum"] if "grad_accum" in given else None
+    if None not in (rows, micro, accum) and "flag" in given.values():  # over-determined by a flag
+        if given["grad_accum"] == "flag":
+            rows = None  # the accumulation asked for is kept: rows follow
+        else:
+            accum = None  # --micro_batch_size alone: the JSON's rows stay
+    if rows is None and accum is None:  # the recipe's rows: DeepSpeed would take accumulation 1
+        rows, micro = ROWS_PER_STEP, micro or DEFAULTS["micro_batch_size"]
+    elif micro is None and accum is None:  # train_batch_size alone: DeepSpeed's accumulation 1
+        accum = 1
+    elif rows is None and micro is None:  # accumulation alone, which DeepSpeed refuses
+        micro = DEFAULTS["micro_batch_size"]
+    if rows is None:
+        rows = micro * accum * world
+    elif micro is None:
+        micro, rest = divmod(rows, accum * world)
+        if rest or micro == 0:
+            raise UserError(
+                f"train_batch_size {rows} does not divide into {accum} accumulation step(s) on {world} "
+                "rank(s): pass --micro_batch_size N, or a train_batch_size that is micro x accum x ranks"
+            )
+    elif accum is None:
         accum, rest = divmod(rows, micro * world)
         if rest or accum == 0:
             raise UserError(
@@ -543,18 +568,39 @@ def rows_per_step(ds_config: dict, s: dict, world: int, batch_from_cli: bool) ->
                 "pass --grad_accum N (rows per step = micro x accum x ranks) or a --micro_batch_size "
                 f"that divides {rows // world if rows % world == 0 else rows}"
             )
-        s["grad_accum"] = accum
-        ds_config["gradient_accumulation_steps"] = accum
-    expected = micro * s["grad_accum"] * world
-    if declared is not None and declared != expected and not batch_from_cli:
+    elif rows != micro * accum * world:
         raise UserError(
-            f"train_batch_size {declared} != micro_batch_size {micro} x grad_accum {s['grad_accum']} x "
-            f"world size {world} = {expected}: drop train_batch_size from the DeepSpeed config or make "
-            "the three agree"
+            f"train_batch_size {rows} != micro_batch_size {micro} x grad_accum {accum} x world size {world} "
+            f"= {micro * accum * world}: drop one of the three from the DeepSpeed config or make them agree"
         )
-    ds_config["train_batch_size"] = expected
+    lines = []
+    for key, flag, value in (
+        ("train_batch_size", None, rows),
+        ("train_micro_batch_size_per_gpu", "micro_batch_size", micro),
+        ("gradient_accumulation_steps", "grad_accum", accum),
+    ):
+        before = ds_config.get(key) if given.get(flag or key) == "json" else None
+        if before is not None and before != value:  # a flag's own override is printed by layer()
+            lines.append(f"override {key}: {before} -> {value} (micro x accum x ranks)")
+        ds_config[key] = value
+    s["micro_batch_size"], s["grad_accum"] = micro, accum
     ranks = "rank" if world == 1 else "ranks"
-    return f"{expected} rows per step = {micro} micro x {s['grad_accum']} accum x {world} {ranks}"
+    return [*lines, f"{rows} rows per step = {micro} micro x {accum} accum x {world} {ranks}"]
+
+
+def batch_keys_given(args, ds_json: dict) -> dict[str, str]:
+    """Which batch keys the user set (:func:`rows_per_step`): -> "flag", else "json" (the DeepSpeed key,
+    or the flag's name in "ds_sft" as effective_config.json repeats it); null is unset."""
+    given = {"train_batch_size": "json"} if ds_json.get("train_batch_size") is not None else {}
+    for flag in ("micro_batch_size", "grad_accum"):
+        if getattr(args, flag) is not None:
+            given[flag] = "flag"
+        elif (
+            get_path(ds_json, FLAG_TO_DS_KEY[flag]) is not None
+            or get_path(ds_json, ("ds_sft", flag)) is not None
+        ):
+            given[flag] = "json"
+    return given
 
 
 def check_sections(ds_json: dict) -> None:
@@ -896,8 +942,7 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
         )
     validate(ds_config, settings, source)
     world = launch_environment()[1]
-    batch_from_cli = args.grad_accum is not None or args.micro_batch_size is not None
-    notes.append(rows_per_step(ds_config, settings, world, batch_from_cli))
+    notes.extend(rows_per_step(ds_config, settings, world, batch_keys_given(args, ds_json)))
     check_inputs(settings)
     settings["deepspeed_config"] = str(path)
     settings["fp8_recipe"] = ds_json.get("fp8", {})

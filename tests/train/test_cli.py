@@ -129,6 +129,79 @@ def test_the_recipe_is_256_rows_per_step_globally(world, flags, rule, data_dir, 
     assert ds_config["train_batch_size"] == micro * accum * world == int(rule.split()[0])
 
 
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+JSON_BATCH = dict(zip(BATCH_KEYS, (64, 8, 4), strict=True))  # agree on 2 ranks only
+FLAG_BATCH = {"micro_batch_size": 4, "grad_accum": 2}
+
+
+def deepspeeds_rule(rows, micro, accum, world: int) -> tuple[int, int, int]:
+    """DeepSpeed's own batch rule (DeepSpeedConfig._configure_train_batch_size), on the keys given;
+    AssertionError where DeepSpeed refuses them."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = object.__new__(DeepSpeedConfig)
+    ds.train_batch_size, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps = (
+        rows,
+        micro,
+        accum,
+    )
+    ds.world_size = world
+    ds._configure_train_batch_size()
+    return ds.train_batch_size, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("flags", [(), ("micro_batch_size",), ("grad_accum",), tuple(FLAG_BATCH)], ids=str)
+@pytest.mark.parametrize(
+    "keys", [tuple(k for i, k in enumerate(BATCH_KEYS) if mask >> i & 1) for mask in range(8)], ids=str
+)
+def test_batch_keys_follow_deepspeeds_rule(keys, flags, world, data_dir, tmp_path, monkeypatch):
+    """Any two of train_batch_size, micro-batch and accumulation determine the third, as in DeepSpeed; a
+    flag replaces its key and the JSON's train_batch_size stays where it can (--micro_batch_size: the
+    accumulation follows; --grad_accum sets the rows). The recipe fills only what DeepSpeed cannot derive
+    (no train_batch_size and no accumulation: 256 rows; a micro-batch of 16 unless set). A flag skipped
+    the train_batch_size check, so 256/16/16 with --micro_batch_size 8 ran 128 rows; {train_batch_size
+    32, accumulation 4} was refused naming a micro-batch of 16 nobody set; {train_batch_size 64} ran
+    16 x 4."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    (tmp_path / "ds.json").write_text(json.dumps({key: JSON_BATCH[key] for key in keys}))
+    argv = [arg for flag in flags for arg in (f"--{flag}", str(FLAG_BATCH[flag]))]
+    rows, micro, accum = (JSON_BATCH[key] if key in keys else None for key in BATCH_KEYS)
+    micro = FLAG_BATCH["micro_batch_size"] if "micro_batch_size" in flags else micro
+    accum = FLAG_BATCH["grad_accum"] if "grad_accum" in flags else accum
+    if None not in (rows, micro, accum) and flags:
+        rows, accum = (None, accum) if "grad_accum" in flags else (rows, None)
+    if rows is None and accum is None:
+        rows, micro = 256, micro or 16
+    elif rows is None and micro is None:
+        micro = 16
+    try:
+        expected = deepspeeds_rule(rows, micro, accum, world)
+    except AssertionError:
+        expected = None
+    try:
+        ds_config, _, notes = config.resolve(
+            parse(
+                "--data_dir",
+                str(data_dir),
+                "--model",
+                "tiny",
+                "--deepspeed_config",
+                str(tmp_path / "ds.json"),
+                *argv,
+            )
+        )
+    except config.UserError as err:
+        assert expected is None, f"refused ({err}) where DeepSpeed runs {expected}"
+        assert "\n" not in str(err) and ("train_batch_size" in str(err) or "rows per step" in str(err))
+        return
+    assert tuple(ds_config[key] for key in BATCH_KEYS) == expected
+    declared = JSON_BATCH["train_batch_size"] if "train_batch_size" in keys else expected[0]
+    changed = [note for note in notes if note.startswith("override train_batch_size:")]
+    assert changed == ([f"override train_batch_size: {declared} -> {expected[0]} (micro x accum x ranks)"]
+                       if declared != expected[0] else [])  # fmt: skip
+
+
 def test_the_seed_command_as_written_resolves_to_the_recipe(data_dir):
     ds_config, s, notes = config.resolve(parse(*SEED_TRAIN.format(data=data_dir).split()[1:]))
     assert s.deepspeed_config.endswith("sft_recipe.json")
@@ -213,7 +286,8 @@ def test_flags_override_the_json_and_say_so(data_dir):
     assert ds_config["train_batch_size"] == 4 and s.warmup_iters == 3 and s.min_lr == 1e-5
     assert "override train_micro_batch_size_per_gpu: 16 -> 2 (--micro_batch_size)" in overrides
     assert "4 rows per step = 2 micro x 2 accum x 1 rank" in overrides  # the recipe's 256 gives way
-    assert len(overrides) == 4 and overrides[0].endswith("sft_recipe.json")
+    assert "override train_batch_size: 256 -> 4 (micro x accum x ranks)" in overrides
+    assert len(overrides) == 5 and overrides[0].endswith("sft_recipe.json")
 
 
 @pytest.mark.parametrize(
