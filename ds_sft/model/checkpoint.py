@@ -890,7 +890,8 @@ def config_from_hf(hf_cfg, where: str = "") -> ModelConfig:
         raise UserError(
             f"{where}model_type {family!r} is not supported; ds-sft reads {', '.join(FAMILIES)} models"
         )
-    # transformers >= 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta / rope_scaling.
+    # transformers 5 keeps theta and scaling in rope_parameters (from a 4.x-era config.json too);
+    # rope_theta / rope_scaling are read where a config object of another make carries them
     rope = getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
