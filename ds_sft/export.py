@@ -8,9 +8,11 @@
 ``config.json`` (a ``LlamaConfig``), ``model.safetensors``, ``generation_config.json`` and the
 tokenizer files. The tokenizer comes from ``--tokenizer`` if given, else from the source: the
 ``tokenizer/`` folder of a checkpoint directory (``RUN/final/tokenizer``) or beside a ``.pt``, the
-GGUF metadata, or the HF directory. ``--verify`` reloads the export with transformers and compares
-its logits with ds-sft's on a few random tokens, both in fp32 from the weights the export holds
-(rounded to ``--dtype``), within 1e-4. The writing itself is
+GGUF metadata, or the HF directory. A run fine-tuned on Alpaca-format data exports with a chat template
+that renders that format (``data.templates.alpaca_chat_template``), not the base model's, which
+``apply_chat_template`` and serving stacks would otherwise prompt it in. ``--verify`` reloads the
+export with transformers and compares its logits with ds-sft's on a few random tokens, both in fp32
+from the weights the export holds (rounded to ``--dtype``), within 1e-4. The writing itself is
 :func:`ds_sft.model.export.export_hf`; this module finds the model and its tokenizer, and guards the
 output folder.
 
@@ -78,9 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ds_sft.data.model_match import final_behind
+    from ds_sft.data.model_match import final_behind, trained_template
     from ds_sft.data.output import building_output, check_output_dir, refuse_overlap
-    from ds_sft.data.tokenizer import load_tokenizer
+    from ds_sft.data.templates import alpaca_chat_template
+    from ds_sft.data.tokenizer import load_tokenizer, start_ids
     from ds_sft.model.checkpoint import load_model, refuse_training_state
     from ds_sft.model.export import export_hf
     from ds_sft.paths import resolve_model_path, writable_dir
@@ -96,9 +99,14 @@ def run(args: argparse.Namespace) -> int:
     said = final_behind(str(source))
     if said:
         print(said)
+    trained_format = trained_template(str(source))
+    if trained_format == "alpaca":  # its chat template (the base model's) is a format it was not tuned on
+        tokenizer.chat_template = alpaca_chat_template(tokenizer.decode(start_ids(tokenizer)))
+        print("chat template: the Alpaca format the model was fine-tuned on (### Instruction / ### Response)")
     model = load_model(source, dtype=torch.float32)
     old_files = previous["files"] if previous else {}
     manifest = {"written_by": "ds-sft export", "base_model": args.base_model, "dtype": args.dtype}
+    manifest["trained_on_template"] = trained_format
     dtype = getattr(torch, args.dtype)
     with building_output(out, old_files, "--hf", manifest, MANIFEST) as staging:
         export_hf(model, tokenizer, staging, dtype=dtype)

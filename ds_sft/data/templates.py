@@ -82,7 +82,8 @@ ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
 )
-ALPACA_TURN = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_INSTRUCTION, ALPACA_RESPONSE = "### Instruction:\n", "### Response:\n"
+ALPACA_TURN = ALPACA_INSTRUCTION + "{instruction}\n\n" + ALPACA_RESPONSE
 ALPACA_PROMPT_NO_INPUT = ALPACA_PREAMBLE + ALPACA_TURN
 # The plain-text conversation transcript (module docstring): a system turn, and what follows an answer.
 ALPACA_SYSTEM = "### System:\n{system}\n\n"
@@ -141,6 +142,37 @@ def answer_ids(tokenizer, response: str, template: str = "alpaca") -> list[int]:
 
     following = continuation_backend(tokenizer.backend_tokenizer)
     return following.encode(response, add_special_tokens=False).ids + [answer_end_id(tokenizer, template)]
+
+
+def alpaca_chat_template(start: str = "") -> str:
+    """A Jinja chat template that renders messages as the Alpaca transcript above (the preamble, an
+    optional system turn, ``### Instruction:`` / ``### Response:`` turns, EOS after each answer), so
+    that a model fine-tuned on Alpaca-format data is prompted as it was trained where a chat template
+    is asked for (``apply_chat_template``, serving stacks). ``start``: the text of what the tokenizer's
+    post-processor puts first (a BOS), which the template writes as the prompt's first ids. A message
+    holds one text, so a row's ``### Input:`` section has no place here: its input is part of the
+    instruction."""
+    import json
+
+    def text(value: str) -> str:  # a Jinja string literal (JSON's escapes are Jinja's)
+        return json.dumps(value)
+
+    system_head, system_tail = ALPACA_SYSTEM.split("{system}")
+    return (
+        "{%- set ns = namespace(answered=false) -%}"
+        f"{{{{ {text(start + ALPACA_PREAMBLE)} }}}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}"
+        f"{{{{ {text(system_head)} + message['content'] + {text(system_tail)} }}}}"
+        "{%- elif message['role'] == 'user' -%}"
+        f"{{{{ ({text(chr(10) * 2)} if ns.answered else '') + {text(ALPACA_INSTRUCTION)} + message['content']"
+        f" + {text(chr(10) * 2)} }}}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        f"{{{{ {text(ALPACA_RESPONSE)} + message['content'] + eos_token }}}}{{%- set ns.answered = true -%}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {text(ALPACA_RESPONSE)} }}}}{{%- endif -%}}"
+    )
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

@@ -252,3 +252,33 @@ def test_a_post_processor_that_splits_the_text_is_refused_in_one_line(tmp_path, 
     with pytest.raises(UserError, match="post_processor") as err:
         tokenize_records([make_record("Say hi", "Hi there!")], tokenizer, "alpaca", {"a": 0})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("normalized", [False, True], ids=["spliced", "whole"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_alpaca_chat_template_renders_the_documents_alpaca_training_made(tmp_path, layout, normalized):
+    """``export`` gives an Alpaca-tuned model this chat template: transformers' apply_chat_template of
+    a conversation is, token for token, the document prepare made of it (system turn, two exchanges,
+    EOS after each answer), and a question with the generation prompt is the prompt prepare trains and
+    eval asks with; whatever the tokenizer's post-processor puts first (a BOS) is the template's start."""
+    from ds_sft.data.templates import alpaca_chat_template
+    from ds_sft.data.tokenizer import start_ids
+
+    single, pair, _ = LAYOUTS[layout]
+    tokenizer = layout_tokenizer(tmp_path, single, pair, normalized)
+    tokenizer.chat_template = alpaca_chat_template(tokenizer.decode(start_ids(tokenizer)))
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Paris"},
+        {"role": "user", "content": "Give three tips"},
+        {"role": "assistant", "content": "Eat well."},
+    ]
+    conversation = {**make_record("Give three tips", "Eat well."), "history": messages[:3]}
+    question = make_record("Say hi", "Hi there!")
+    docs = tokenize_records([conversation, question], tokenizer, "alpaca", {"a": 0})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert rendered == docs.tokens[docs.offsets[0] : docs.offsets[1]].tolist()
+    asked = [{"role": "user", "content": question["instruction"]}]
+    prompt = tokenizer.apply_chat_template(asked, add_generation_prompt=True, return_dict=False)
+    assert prompt == docs.tokens[docs.offsets[1] : docs.offsets[1] + docs.prompt_lens[1]].tolist()

@@ -308,3 +308,31 @@ def test_weights_are_as_readable_as_any_file_written_beside_them(tmp_path, umask
     assert expected == 0o666 & ~umask
     for weights in (tmp_path / "run" / "final" / "model.safetensors", tmp_path / "hf" / "model.safetensors"):
         assert weights.stat().st_mode & 0o777 == expected, weights
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat", None])
+def test_an_alpaca_tuned_run_exports_with_the_alpaca_chat_template(run_dir, tmp_path, template):
+    """A run tuned on Alpaca-format data (its final/trained_on.json) was exported with its tokenizer's
+    chat template, a format it never saw: transformers' apply_chat_template now prompts it as prepare
+    did. A run tuned on the chat template, and a model no run of ours made, keep theirs."""
+    from transformers import AutoTokenizer
+
+    from ds_sft.data.model_match import TRAINED_ON
+    from ds_sft.data.templates import render_prompt
+
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    if template is not None:
+        record = {"template": template, "data_key": "k", "step": 1}
+        (run / "final" / TRAINED_ON).write_text(json.dumps(record))
+    assert _export(run, tmp_path / "hf") == 0
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    original = AutoTokenizer.from_pretrained(run / "final" / "tokenizer")
+    if template != "alpaca":
+        assert exported.chat_template == original.chat_template
+        return
+    question = {"instruction": "Name a colour", "input": ""}
+    asked = [{"role": "user", "content": question["instruction"]}]
+    text = exported.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
+    assert text == render_prompt(question, "alpaca")
+    manifest = json.loads((tmp_path / "hf" / MANIFEST).read_text())
+    assert manifest["trained_on_template"] == "alpaca"
