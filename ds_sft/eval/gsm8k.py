@@ -27,8 +27,11 @@ from ds_sft.paths import shared_dir
 HUB_ID = "openai/gsm8k"
 
 # A number as people write it: digits, or digits grouped in threes by commas ("1,234"), with optional
-# decimals. A minus sign is a sign only where it cannot be a subtraction ("-3" yes, "16-3" no).
-_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+# decimals. A minus sign is a sign only where it cannot be a subtraction ("-3" yes, "16-3" no), also
+# before a currency sign ("-$5": a loss of 5, which a match from the digits read as 5).
+_NUMBER = re.compile(r"(?:(?<![\w)])-\$?)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+# Unicode's minus sign (U+2212, what typeset text and some tokenizers' merges give), read as "-"
+_MINUS_SIGN = "\u2212"
 _ANSWER_MARK = "####"
 
 
@@ -46,16 +49,17 @@ class Problem:
 
 
 def parse_number(text: str) -> Decimal | None:
-    """``"1,234.50"`` -> ``Decimal("1234.50")``; ``None`` when ``text`` is not a number."""
+    """``"1,234.50"`` -> ``Decimal("1234.50")``, ``"-$5"`` -> ``Decimal("-5")``; ``None`` when ``text``
+    is not a number."""
     try:
-        return Decimal(text.replace(",", ""))
+        return Decimal(text.replace(",", "").replace("$", ""))
     except InvalidOperation:
         return None
 
 
 def find_numbers(text: str) -> list[str]:
-    """Every number in ``text`` in order, as written (commas kept)."""
-    return _NUMBER.findall(text)
+    """Every number in ``text`` in order, as written (commas kept; a Unicode minus as "-")."""
+    return _NUMBER.findall(text.replace(_MINUS_SIGN, "-"))
 
 
 def reference_answer(answer: str) -> Decimal | None:

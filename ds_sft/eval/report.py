@@ -14,7 +14,7 @@ Every accuracy is shown with its sample size and 95% Wilson interval; with two m
 GSM8K problems, ``meta["gsm8k_paired"]`` (:func:`ds_sft.eval.stats.paired_comparison`) says whether
 their difference is significant. A model that ran out of ``max_new_tokens`` on more than
 :data:`TRUNCATION_WARNING_SHARE` of its completions gets a one-line warning: its answers loop or
-ramble, and its accuracy counts cut-off answers as wrong.
+ramble, and a cut-off answer is scored by the last number it reached, right only by chance.
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ A finished row would otherwise keep costing a full share of every step (its cach
 attention like any other row's) while the slowest row is still writing. So once a quarter of the
 rows still computed have finished, those rows leave the batch: their cache rows are dropped and the
 step shrinks. Shrinking in quarters copies the cache only a logarithmic number of times. Each row's
-tokens do not depend on its neighbours, so the answers are the same either way.
+tokens do not depend on its neighbours, so in float32 the answers are the same either way (and the
+same for any batch size). In bfloat16 the batch's shape changes how the matmuls round, and where two
+tokens nearly tie the choice can flip: answers may differ with the batch size (``eval --dtype
+float32`` holds them fixed).
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ from ds_sft.eval import gsm8k
         ("#### \nso it is 12", "12"),  # a marker without a number falls back to the last number
         ("It costs 0.5 each", "0.5"),
         ("lists 1,2,3", "3"),  # commas not in thousands groups separate numbers
+        ("She loses -$5 on it.", "-5"),  # a sign before the currency sign: read as 5
+        ("#### -$12", "-12"),
+        ("The change is \u22123 degrees.", "-3"),  # Unicode's minus sign: read as 3
+        ("It falls 10 - $4 = $6", "6"),  # a subtraction before a currency sign stays one
     ],
 )
 def test_extract_answer(completion, expected):
