@@ -11,6 +11,8 @@ it in the manifest (``tokenizer.identity``) and a run's checkpoints in their run
 
 Rows longer than the model's positions (its RoPE table, ``max_seq_len``) would index past the table
 at the first step; :func:`check_model_fits` refuses them, and token ids past the embedding, first.
+``prepare --base_model`` refuses such rows before it makes them, reading the positions from the
+model's files (:func:`model_positions`), with the same line (:func:`refuse_rows_past_positions`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from ds_sft import paths
 from ds_sft.data.shards import PackedDataset, read_manifest
 from ds_sft.errors import UserError
+from ds_sft.positions import DEFAULT_POSITIONS, POSITION_FIELDS
 
 
 def identity(model_type: str | None, vocab: list[str], merges: list, eos_token_id: int | None) -> str:
@@ -256,8 +259,96 @@ def check_model_fits(spec: str, config, data_dir: str | Path, seq_len: int | Non
             f"{config.vocab_size:,} embeddings ({spec}: a {config.vocab_size:,}-token vocabulary): prepare "
             "the data with the model's tokenizer (`ds-sft prepare --base_model ...`)"
         )
-    if seq_len is not None and seq_len > config.max_seq_len:
+    if seq_len is not None:
+        refuse_rows_past_positions(f"{data_dir} holds rows", seq_len, spec, config.max_seq_len)
+
+
+def refuse_rows_past_positions(rows: str, seq_len: int, spec: str, positions: int) -> None:
+    """The one refusal of rows longer than model ``spec``'s ``positions`` (its RoPE table): past them
+    a row indexes beyond the table. ``rows`` says whose rows they are (a data dir's, ``--seq_len``'s)."""
+    if seq_len > positions:
         raise UserError(
-            f"{data_dir} holds rows of {seq_len:,} tokens but {spec} has {config.max_seq_len:,} positions "
-            f"(max_seq_len): prepare the data with --seq_len {config.max_seq_len} or less"
+            f"{rows} of {seq_len:,} tokens but {spec} has {positions:,} positions (the longest row it can "
+            f"attend over): prepare the data with --seq_len {positions} or less"
         )
+
+
+# The torch files load_model reads (nanoGPT-style checkpoints, bare state dicts)
+TORCH_FILES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def model_positions(spec: str) -> int | None:
+    """The positions model ``spec`` is built with, read from its files without its weights, as the
+    model layer reads them: a GGUF's ``context_length``; a torch file's ``config`` / ``model_config`` /
+    ``model_args`` (later ones win); else the ``model_config.json`` or ``config.json`` beside the
+    weights (a run's ``final/``, a Hugging Face folder); the first of :data:`POSITION_FIELDS`, or what
+    transformers gives a config naming a ``model_type``; :data:`DEFAULT_POSITIONS` when none says.
+    None when the files do not say and the model layer would not either: a folder without a model
+    config (a tokenizer's), a GGUF without ``context_length``, a file torch cannot read (loading it as
+    a model says why)."""
+    from ds_sft.data.tokenizer import model_folder
+
+    path = paths.resolve_model_path(spec)
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix == ".gguf":
+        return _gguf_positions(path)
+    if path.is_file() and suffix in TORCH_FILES:
+        hints = _torch_file_config(path)
+        return None if hints is None else _declared_positions(hints)
+    folder = model_folder(path)
+    paths.refuse_remote_code(folder)  # as loading its tokenizer or its weights would, first
+    for name in ("model_config.json", "config.json"):
+        if (folder / name).is_file():
+            return _declared_positions(paths.read_json_object(folder / name, "model config"))
+    return DEFAULT_POSITIONS if path.is_file() and suffix == ".safetensors" else None
+
+
+def _declared_positions(values: dict) -> int | None:
+    """The positions a model config declares (see :func:`model_positions`); None when it is not
+    one transformers reads, or its value is not a whole number: loading the model refuses it, naming
+    the field, and prepare needs no more of the model than its tokenizer."""
+    if "model_type" in values:
+        from transformers import AutoConfig
+
+        try:
+            found = getattr(AutoConfig.for_model(**values), "max_position_embeddings", None)
+        except Exception:  # noqa: BLE001  transformers' validators raise anything
+            return None
+    else:
+        named = [values[name] for name in POSITION_FIELDS if values.get(name) is not None]
+        found = named[0] if named else DEFAULT_POSITIONS
+    return found if isinstance(found, int) and not isinstance(found, bool) else None
+
+
+def _torch_file_config(path: Path) -> dict | None:
+    """The config fields a torch file carries beside its state dict, as the model layer reads them
+    (nothing for a bare state dict); None for a file torch cannot read: loading it says why."""
+    import io
+    import zipfile
+
+    import torch
+
+    paths.require_regular_file(path, "checkpoint")  # a FIFO would hang torch.load
+    try:  # weights only, mapped: the tensors are not read
+        with torch.serialization.safe_globals([io.BytesIO]):
+            checkpoint = torch.load(
+                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+            )
+    except Exception:  # noqa: BLE001  a damaged or hostile file: the weights' load refuses it in one line
+        return None
+    if not isinstance(checkpoint, dict):
+        return None
+    hints = {}
+    for key in ("config", "model_config", "model_args"):  # later ones win
+        if isinstance(checkpoint.get(key), dict):
+            hints.update(checkpoint[key])
+    return hints
+
+
+def _gguf_positions(path: Path) -> int | None:
+    """A GGUF's ``{architecture}.context_length`` (transformers' ``max_position_embeddings``)."""
+    fields = paths.read_gguf(path).fields
+    arch = fields.get("general.architecture")
+    name = f"{bytes(arch.parts[-1]).decode('utf-8', 'replace')}.context_length" if arch else None
+    field = fields.get(name) if name else None
+    return int(field.parts[field.data[0]][0]) if field is not None else None

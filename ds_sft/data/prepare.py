@@ -129,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--base_model",
         action=StoreOnce,
         help="use this model's tokenizer (a path, a Hugging Face id owner/name[@revision], or an "
-        "alias, e.g. smollm2-135m-instruct)",
+        "alias, e.g. smollm2-135m-instruct); --seq_len may not exceed the model's positions",
     )
     tok.add_argument(
         "--template",
@@ -565,7 +565,7 @@ def run(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace) -> int:
     """The command's work (see the module docstring); :func:`run` calls it with the cyclic GC paused."""
     from ds_sft.data.clean import NGRAM, Drops, drop_special_token_text
-    from ds_sft.data.model_match import tokenizer_identity
+    from ds_sft.data.model_match import model_positions, refuse_rows_past_positions, tokenizer_identity
     from ds_sft.data.output import (
         MANIFEST,
         building_output,
@@ -586,6 +586,9 @@ def prepare(args: argparse.Namespace) -> int:
 
     if args.tokenizer and args.base_model:
         raise UserError("pass --tokenizer or --base_model, not both")
+    positions = model_positions(args.base_model) if args.base_model else None
+    if positions is not None:  # rows the model cannot attend over were found only when train built it
+        refuse_rows_past_positions("--seq_len asks for rows", args.seq_len, args.base_model, positions)
     specs = collect_sources(args)
     names = [spec.name for spec in specs]
     weights = parse_mix(args.mix, names)

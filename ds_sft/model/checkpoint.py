@@ -75,6 +75,7 @@ from ds_sft.paths import (
     resolve_model_path,
     tag_step,
 )
+from ds_sft.positions import POSITION_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "n_kv_heads": ("n_kv_heads", "n_kv_head", "num_key_value_heads", "n_query_groups"),
     "head_dim": ("head_dim", "head_size"),
     "ffn_hidden": ("ffn_hidden", "intermediate_size", "hidden_dim", "ffn_dim", "mlp_hidden"),
-    "max_seq_len": ("max_seq_len", "block_size", "max_position_embeddings", "seq_len"),
+    "max_seq_len": POSITION_FIELDS,
     "rope_theta": ("rope_theta", "rope_base", "theta"),
     "norm_eps": ("norm_eps", "rms_norm_eps", "layer_norm_eps"),
     "tie_embeddings": ("tie_embeddings", "tie_word_embeddings", "tie_weights"),

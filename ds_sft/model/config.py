@@ -40,6 +40,7 @@ from typing import Any
 
 from ds_sft.errors import UserError
 from ds_sft.paths import read_json_object, write_result_file
+from ds_sft.positions import DEFAULT_POSITIONS
 
 # kernels.BACKENDS, repeated here so that reading a config does not import torch
 KERNEL_BACKENDS = ("auto", "triton", "torch", "eager")
@@ -114,7 +115,7 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention); fewer = GQA
     head_dim: int | None = None  # width of each head; None = d_model // n_heads (Qwen3 sets 128)
     ffn_hidden: int = 1632  # SwiGLU inner width
-    max_seq_len: int = 2048  # length of the precomputed RoPE table
+    max_seq_len: int = DEFAULT_POSITIONS  # length of the precomputed RoPE table
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # lm_head shares wte's weight

@@ -19,10 +19,12 @@ import pytest
 import torch
 
 from ds_sft.cli import main
+from ds_sft.data.model_match import refuse_rows_past_positions
 from ds_sft.errors import UserError
+from ds_sft.model.config import PRESETS, ModelConfig
 from ds_sft.train import compatibility
 from tests.data.match_helpers import prepare, tiny_model_dir, two_tokenizers
-from tests.train.helpers import TinyPacked, settings, tiny_model
+from tests.train.helpers import TinyPacked, settings, tiny_model, write_data_dir
 
 FLAGS = [
     "--micro_batch_size", "2", "--grad_accum", "2", "--zero_stage", "2", "--precision", "fp32",
@@ -113,6 +115,27 @@ def test_rows_longer_than_the_model_positions_are_refused(parts, tmp_path, capsy
     line = one_line_error(capsys)
     assert "rows of 256 tokens" in line and "32 positions" in line and "--seq_len 32" in line
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("past", [0, 1, 1000])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_rows_past_a_preset_positions_are_refused_by_the_one_check(preset, past, tmp_path):
+    """``train --model PRESET``: rows up to the preset's positions pass, one more or many more are refused
+    in one line, by the refusal ``prepare --base_model`` gives (model_match.refuse_rows_past_positions)."""
+    config = ModelConfig.preset(preset)
+    s = SimpleNamespace(base_model=None, model=preset, data_dir=write_data_dir(tmp_path / "data"))
+    seq_len = config.max_seq_len + past
+    if not past:
+        compatibility.check_fresh(s, SimpleNamespace(config=config), SimpleNamespace(seq_len=seq_len))
+        return
+    with pytest.raises(UserError) as refused:
+        compatibility.check_fresh(s, SimpleNamespace(config=config), SimpleNamespace(seq_len=seq_len))
+    said, positions = str(refused.value), config.max_seq_len
+    assert f"holds rows of {seq_len:,} tokens but the {preset} preset has {positions:,} positions" in said
+    assert f"--seq_len {positions} or less" in said and "\n" not in said
+    with pytest.raises(UserError) as prepare_says:
+        refuse_rows_past_positions(f"{s.data_dir} holds rows", seq_len, f"the {preset} preset", positions)
+    assert said == str(prepare_says.value)
 
 
 # ----------------------------------------------------------------------------- resume
