@@ -4,8 +4,8 @@ A GSM8K reference answer is a worked solution ending in ``#### 18``. A model tra
 writes the same marker; a model that was not (the instruct base) usually ends with a sentence such
 as "... so she makes $18." So the predicted answer is the number after the *last* ``####`` when the
 completion has one, else the last number anywhere in it. Both sides are parsed to exact decimals
-("1,000" == "1000", "18.00" == "18", "-3" stays negative) and compared for equality; a completion
-without any number counts as wrong.
+("1,000" == "1000", "18.00" == "18", "$.50" == "0.5", "-3" stays negative) and compared for
+equality; a completion without any number counts as wrong.
 
 Which problems: the whole test split (1,319), or ``limit`` of them drawn with a seeded shuffle so
 that two models compared with the same seed answer the same problems.
@@ -27,9 +27,15 @@ from ds_sft.paths import shared_dir
 HUB_ID = "openai/gsm8k"
 
 # A number as people write it: digits, or digits grouped in threes by commas ("1,234"), with optional
-# decimals. A minus sign is a sign only where it cannot be a subtraction ("-3" yes, "16-3" no), also
-# before a currency sign ("-$5": a loss of 5, which a match from the digits read as 5).
-_NUMBER = re.compile(r"(?:(?<![\w)])-\$?)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+# decimals, or decimals alone (".5", "$.50": read from the digits they were 5 and 50). A dot is a
+# decimal point only before digits ("is 5." ends a sentence), and opens a number only where no word
+# or dot precedes it ("apples.5", "wait...5": punctuation before a 5). A minus sign is a sign only
+# where it cannot be a subtraction ("-3" yes, "16-3" no), also before a currency sign ("-$5": a loss
+# of 5, which a match from the digits read as 5) or after one ("$-5"). The currency sign is part of
+# the number, so that a reference's "#### $12" starts with it.
+_NUMBER = re.compile(
+    r"(?:(?<![\w)])-\$?|\$-?)?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\w.])\.\d+)"
+)
 # Unicode's minus sign (U+2212, what typeset text and some tokenizers' merges give), read as "-"
 _MINUS_SIGN = "\u2212"
 _ANSWER_MARK = "####"
@@ -49,8 +55,8 @@ class Problem:
 
 
 def parse_number(text: str) -> Decimal | None:
-    """``"1,234.50"`` -> ``Decimal("1234.50")``, ``"-$5"`` -> ``Decimal("-5")``; ``None`` when ``text``
-    is not a number."""
+    """``"1,234.50"`` -> ``Decimal("1234.50")``, ``"-$.5"`` -> ``Decimal("-0.5")``; ``None`` when
+    ``text`` is not a number."""
     try:
         return Decimal(text.replace(",", "").replace("$", ""))
     except InvalidOperation:
@@ -69,7 +75,8 @@ def reference_answer(answer: str) -> Decimal | None:
     had 5 apples", and "#### 3/4", "#### 1 000" or "#### 1e3" against the 3, 1 and 1 they start with."""
     if _ANSWER_MARK not in answer:
         return None
-    after_mark = answer.rsplit(_ANSWER_MARK, 1)[1].strip()
+    # its minus signs as find_numbers reads them, so that "#### \u22123" starts with the "-3" found
+    after_mark = answer.rsplit(_ANSWER_MARK, 1)[1].strip().replace(_MINUS_SIGN, "-")
     numbers = find_numbers(after_mark)
     if len(numbers) != 1 or not after_mark.startswith(numbers[0]):
         return None

@@ -7,6 +7,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from ds_sft.errors import UserError
 from ds_sft.eval import gsm8k
@@ -29,10 +31,50 @@ from ds_sft.eval import gsm8k
         ("#### -$12", "-12"),
         ("The change is \u22123 degrees.", "-3"),  # Unicode's minus sign: read as 3
         ("It falls 10 - $4 = $6", "6"),  # a subtraction before a currency sign stays one
+        ("Each costs $.50", "0.50"),  # decimals alone: read as 50
+        ("It is .5 of the cake", "0.5"),  # read as 5
+        ("It moves -.5 each step", "-0.5"),
+        ("The balance is $-.5", "-0.5"),
+        ("She has 5 apples.5 more come", "5"),  # a word before the dot: punctuation, not a decimal point
+        ("So wait...5", "5"),  # an ellipsis before a number
+        ("It falls 16-.5 = 15.5 degrees", "15.5"),
     ],
 )
 def test_extract_answer(completion, expected):
     assert gsm8k.extract_answer(completion) == Decimal(expected)
+
+
+# How a number is written around its value (what the reference below builds from its parts)
+SIGNS = {"": 1, "$": 1, "-": -1, "-$": -1, "$-": -1, "\u2212": -1, "\u2212$": -1}
+BEFORE = ["", "The answer is ", "She had 3 apples, so ", "x = ", "(", "#### ", "total:"]
+AFTER = ["", ".", " dollars.", "?", ".\n", " each.", ")", "%"]
+DECIMALS = st.text("0123456789", min_size=1, max_size=4)
+
+
+@st.composite
+def written_numbers(draw) -> tuple[str, str, str, Decimal]:
+    """(words before, a number, punctuation or words after, its value): the number written with a sign
+    or a currency sign or both, thousands commas or plain digits or no integer part at all (".5"),
+    any decimals; its value from Decimal on its parts, not from the parser's reading of it."""
+    sign = draw(st.sampled_from(sorted(SIGNS)))
+    whole = draw(st.none() | st.integers(0, 10**13))
+    grouped = whole is not None and whole >= 1000 and draw(st.booleans())
+    decimals = draw(DECIMALS if whole is None else st.none() | DECIMALS)
+    digits = "" if whole is None else f"{whole:,}" if grouped else str(whole)
+    written = sign + digits + ("" if decimals is None else "." + decimals)
+    value = Decimal(f"{'-' if SIGNS[sign] < 0 else ''}{whole or 0}.{decimals or 0}")
+    return draw(st.sampled_from(BEFORE)), written, draw(st.sampled_from(AFTER)), value
+
+
+@given(written_numbers())
+@example(("Each costs ", "$.50", ".", Decimal("0.5")))
+@example(("It is ", "5", ".", Decimal(5)))
+def test_every_way_of_writing_a_number_reads_as_its_value(case):
+    """The class ".5", "-.5", "$.50", "$-.5", "0.50", "1,000.5" and "is 5." belong to: the last number
+    of a completion and a reference's number after its mark read as the value their parts spell."""
+    before, written, after, value = case
+    assert gsm8k.extract_answer(before + written + after) == value
+    assert gsm8k.Problem("q", f"work\n#### {written}{after}").target == value
 
 
 def test_no_number_is_none_and_wrong():
@@ -165,7 +207,7 @@ def test_a_bad_test_row_is_one_line_naming_it_before_any_model_loads(tmp_path, r
     ("answer", "number"),
     [("#### 18", "18"), ("so 2 + 3 = 5\n#### 5", "5"), ("#### 1,234", "1234"), ("#### -3", "-3"),
      ("#### 3.5 dollars", "3.5"), ("a #### 1 then\n#### 2", "2"), ("#### 18.", "18"), ("#### 5%", "5"),
-     ("#### 1,234,567.5", "1234567.5")],
+     ("#### 1,234,567.5", "1234567.5"), ("#### $12", "12"), ("#### \u22123", "-3"), ("#### $-.5", "-0.5")],
 )  # fmt: skip
 def test_a_reference_answer_is_the_number_right_after_its_last_mark(answer, number):
     from decimal import Decimal
