@@ -44,7 +44,9 @@ def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
     config.dtype = dtype
     config.save_pretrained(out)
     save_weights(state, out / "model.safetensors")
-    GenerationConfig(**token_ids, max_length=model.config.max_seq_len).save_pretrained(out)
+    # token ids only: a max_length here (the model's positions) made every generate(max_new_tokens=...)
+    # warn that both were set; transformers' default length is capped at max_position_embeddings anyway
+    GenerationConfig(**token_ids).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

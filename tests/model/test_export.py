@@ -39,6 +39,42 @@ def test_export_run_directory_loads_in_transformers_with_the_same_logits(tmp_pat
     torch.testing.assert_close(load_model(tmp_path / "hf")(ids), model(ids), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_new_tokens", [1, 5])
+def test_generate_with_max_new_tokens_on_an_export_says_nothing_of_max_length(
+    tmp_path, word_tokenizer, max_new_tokens
+):
+    """The export's generation_config.json named max_length (the model's positions): every
+    ``generate(max_new_tokens=...)``, the usual call, warned that both were set. transformers' own
+    default applies, capped at the config's max_position_embeddings."""
+    import logging
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    save_model(LlamaModel(ModelConfig.preset("tiny")), tmp_path / "ckpt")
+    word_tokenizer.save_pretrained(tmp_path / "ckpt" / "tokenizer")
+    assert main_for("export", ["--base_model", str(tmp_path / "ckpt"), "--hf", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 3, 4]])
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    library, verbosity = logging.getLogger("transformers"), hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # as a user's session has it
+    library.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens)
+    finally:
+        library.removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
+    said += [str(warning.message) for warning in warned]
+    assert not [line for line in said if "max_length" in line], said
+    assert ids.shape[1] < out.shape[1] <= ids.shape[1] + max_new_tokens
+
+
 @pytest.mark.parametrize("positions", [1, 8, 31])
 def test_export_verifies_a_model_of_fewer_positions_than_it_compares(tmp_path, positions, word_tokenizer):
     torch.manual_seed(0)
