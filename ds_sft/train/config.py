@@ -794,10 +794,11 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 
 class AskedKeys(dict):
-    """A section of the config that records which keys DeepSpeed's reader asks it for."""
+    """A JSON object of the config that records which keys DeepSpeed's reader asks it for by name. The
+    objects it holds are AskedKeys too, so that a subsection the reader walks key by key records its own."""
 
     def __init__(self, items: dict):
-        super().__init__(items)
+        super().__init__({key: AskedKeys(v) if isinstance(v, dict) else v for key, v in items.items()})
         self.asked: set[str] = set()
 
     def get(self, key, default=None):
@@ -812,11 +813,20 @@ class AskedKeys(dict):
         self.asked.add(key)
         return super().__contains__(key)
 
+    def asked_by_path(self, path: tuple[str, ...]) -> dict[tuple[str, ...], set[str]]:
+        """The keys asked of this object (at ``path``) and of each object inside it, by their paths."""
+        found = {path: self.asked}
+        for key, value in dict.items(self):
+            if isinstance(value, AskedKeys):
+                found.update(value.asked_by_path((*path, key)))
+        return found
 
-def read_with_deepspeed(config: dict, track: bool = True) -> dict[str, set[str]]:
-    """Run DeepSpeed's own config reader over ``config`` (batch keys left out) and return, for each
-    section (a JSON object), the keys the reader asked it for by name (``track``; else nothing is
-    tracked and the reader sees plain dicts, as its messages then show). Raises what the reader raises."""
+
+def read_with_deepspeed(config: dict, track: bool = True) -> dict[tuple[str, ...], set[str]]:
+    """Run DeepSpeed's own config reader over ``config`` (batch keys left out) and return, for each JSON
+    object in it (a section, and the objects inside sections, by path), the keys the reader asked it for
+    by name (``track``; else nothing is tracked and the reader sees plain dicts, as its messages then
+    show). Raises what the reader raises."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
     config = {key: value for key, value in copy.deepcopy(config).items() if key not in BATCH_KEYS}
@@ -824,7 +834,11 @@ def read_with_deepspeed(config: dict, track: bool = True) -> dict[str, set[str]]
     sections = {key: AskedKeys(value) for key, value in objects.items()} if track else {}
     batch = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
     DeepSpeedConfig({**config, **sections, **batch})
-    return {key: section.asked for key, section in sections.items()}
+    return {
+        path: asked
+        for key, section in sections.items()
+        for path, asked in section.asked_by_path((key,)).items()
+    }
 
 
 def deepspeed_refusal(config: dict) -> str | None:
@@ -853,20 +867,26 @@ def check_with_deepspeed(ds_config: dict, source: str) -> None:
 
     A section DeepSpeed reads key by key (``checkpoint``, ``data_types``, ``flops_profiler``, ``aio``,
     ``torch_autocast``...) ignores a key it never asks for, so a typo there (``"tag_validaton"``) ran as
-    if absent: such a section may hold only the keys the reader asked for. A section whose pydantic
-    model refuses an unknown key itself (``zero_optimization``, ``bf16``, the monitors) is left to it:
-    the reader may ask it for a few keys by name before the model reads the rest."""
+    if absent: such a section may hold only the keys the reader asked for. So may an object inside a
+    section that the reader walks key by key (``checkpoint.parallel_write``, ``autotuning.model_info``
+    in DeepSpeed 0.19.8). An object whose pydantic model refuses an unknown key itself
+    (``zero_optimization`` and its offload sections, ``bf16``, the monitors, ``timers.throughput``) is
+    left to it: the reader may ask it for a few keys by name before the model reads the rest. One the
+    reader never asks by name is passed on whole (``autotuning.arg_mappings``, whose keys are the
+    user's; ``optimizer.params``, which ds-sft checks against AdamW's arguments) and is not checked here."""
     problem = deepspeed_refusal(ds_config)
     if problem is not None:
         section = next((key for key, value in ds_config.items() if deepspeed_refusal({key: value})), None)
         where = f'"{section}"' if section else "it"
         raise UserError(f"{source}: DeepSpeed refuses {where} ({problem}); fix or remove that value")
-    for section, asked in read_with_deepspeed(ds_config).items():
-        value = ds_config[section]
+    for path, asked in read_with_deepspeed(ds_config).items():
+        value = get_path(ds_config, path)
         if not asked or not set(value) - asked:  # read whole (pydantic reads "bf16"), or each key asked
             continue
-        if deepspeed_refusal({section: {**value, "ds_sft_unknown_key": None}}) is None:
-            check_keys(f'"{section}" of {source}', value, asked)
+        probe = copy.deepcopy(ds_config[path[0]])  # the section, an unknown key added where the object is
+        set_path(probe, (*path[1:], "ds_sft_unknown_key"), None)
+        if deepspeed_refusal({path[0]: probe}) is None:  # the reader ignores a key it does not ask for
+            check_keys(f'"{".".join(path)}" of {source}', value, asked)
 
 
 def check_inputs(s: dict) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ds_sft.cli import main
+from ds_sft.errors import UserError
 from ds_sft.train import config
 from ds_sft.train.cli import add_arguments
 from tests.rendezvous import without_launcher_variables
@@ -325,6 +326,64 @@ def test_contradictions_are_one_line_errors(entries, flags, message, data_dir, t
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+# A DeepSpeed section of each kind that holds JSON objects, set as a run may set it: read key by key
+# (checkpoint, autotuning), by a pydantic model (timers, zero_optimization), checked by ds-sft (optimizer)
+NESTED = {
+    "checkpoint": {"tag_validation": "WARN", "parallel_write": {"pipeline_stage": False}},
+    "autotuning": {
+        "enabled": False,
+        "arg_mappings": {"train_micro_batch_size_per_gpu": "--mbs"},
+        "model_info": {"num_params": 10, "hidden_size": 64, "num_layers": 2, "profile": False},
+    },
+    "timers": {"throughput": {"enabled": True, "synchronized": False}},
+    "zero_optimization": {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "cpu"},
+    },
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True, "fused": True}},
+}
+# objects whose keys are the user's own names, which no reader can check
+USERS_NAMES = {("autotuning", "arg_mappings")}
+DEPTH_2 = [
+    (section, inner, key)
+    for section, value in NESTED.items()
+    for inner, held in value.items()
+    if isinstance(held, dict) and (section, inner) not in USERS_NAMES
+    for key in held
+]
+
+
+def misspelt(section: str, inner: str, key: str) -> dict:
+    """:data:`NESTED` with ``section.inner.key`` misspelt (its last letter doubled)."""
+    entries = json.loads(json.dumps(NESTED))
+    held = entries[section][inner]
+    held[key + key[-1]] = held.pop(key)
+    return entries
+
+
+def test_every_nested_object_holds_keys_some_reader_checks(data_dir, tmp_path):
+    """The sections of NESTED load as they are, and DeepSpeed's reader walks some of their objects key by
+    key: those ignored a misspelt key (the cells of the matrix below that ds-sft refuses itself)."""
+    path = write_config(tmp_path, **NESTED)
+    config.resolve(parse("--data_dir", str(data_dir), "--model", "tiny", "--deepspeed_config", path))
+    walked = {path for path, asked in config.read_with_deepspeed(NESTED).items() if len(path) == 2 and asked}
+    assert {("checkpoint", "parallel_write"), ("autotuning", "model_info")} <= walked
+
+
+@pytest.mark.parametrize(("section", "inner", "key"), DEPTH_2, ids=[".".join(cell) for cell in DEPTH_2])
+def test_a_misspelt_key_inside_a_section_is_one_line_error(section, inner, key, data_dir, tmp_path):
+    """``"checkpoint": {"parallel_write": {"pipeline_stagee": true}}`` ran as if absent: DeepSpeed reads
+    that object key by key and ignores a key it never asks for."""
+    path = write_config(tmp_path, **misspelt(section, inner, key))
+    with pytest.raises(UserError) as refused:
+        config.resolve(parse("--data_dir", str(data_dir), "--model", "tiny", "--deepspeed_config", path))
+    said = str(refused.value)
+    assert key + key[-1] in said and "\n" not in said, said
+    if (section, inner) in {p for p, asked in config.read_with_deepspeed(NESTED).items() if asked}:
+        assert f'in "{section}.{inner}" of' in said and f"did you mean {key!r}?" in said
 
 
 def test_missing_files_are_one_line_errors(data_dir, tmp_path, capsys):
