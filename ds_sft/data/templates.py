@@ -208,10 +208,13 @@ def conversation(record: dict) -> list[dict]:
     ]
 
 
-def conversation_segments(record: dict, template: str, tokenizer) -> tuple[list[tuple[str, str]], str]:
+def conversation_segments(
+    record: dict, template: str, tokenizer, end_id: int
+) -> tuple[list[tuple[str, str]], str]:
     """(text not trained, trained answer text) per assistant turn of ``record``, and the route that
     masked them (``prefix`` or ``located``; the alpaca transcript is ``prefix`` by construction); see
-    the module docstring.
+    the module docstring. ``end_id`` is :func:`answer_end_id` of ``tokenizer`` and ``template``,
+    found once by the caller for all its conversations: finding it renders the template.
 
     The conversation is well formed (``ds_sft.data.sources`` checked it): an optional system turn,
     then user and assistant turns alternating, ending with an assistant turn.
@@ -229,7 +232,7 @@ def conversation_segments(record: dict, template: str, tokenizer) -> tuple[list[
         raise UserError(f"unknown template {template!r}; choose alpaca or chat")
     where = record.get("id", "a conversation")
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    end_text = tokenizer.convert_ids_to_tokens(answer_end_id(tokenizer, template))
+    end_text = tokenizer.convert_ids_to_tokens(end_id)
 
     def prompt(i: int) -> str:
         """P_k, the render up to assistant message ``i`` with the generation prompt. Rendered when

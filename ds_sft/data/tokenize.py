@@ -360,11 +360,18 @@ class LengthFloor:
 
 
 def plan_document(
-    record: dict, template: str, tokenizer, train_on: str, floor: LengthFloor | None, truncate: bool
+    record: dict,
+    template: str,
+    tokenizer,
+    end_id: int,
+    train_on: str,
+    floor: LengthFloor | None,
+    truncate: bool,
 ) -> tuple[dict, list[tuple[str, str]] | None, str, int]:
     """How a record becomes a document: the record planned (a conversation cut to its first turns
     with ``truncate``, else ``record``), its (untrained text, answer) pairs, the route that masked
     them, and for a record certainly longer than ``seq_len``, its fewest tokens (0 for the others).
+    ``end_id``: :func:`~ds_sft.data.templates.answer_end_id`, which the caller finds once.
 
     The pairs are None for a one-turn record that may fit: :func:`tokenize_records` renders and
     tokenizes those in bulk. A record too long (:class:`LengthFloor`) gets one empty pair, or with
@@ -382,14 +389,14 @@ def plan_document(
             cut_from, record = least, floor.first_turns(record)
     if floor is not None and floor.worth_checking(record):
         pairs, route = (
-            conversation_segments(record, template, tokenizer)
+            conversation_segments(record, template, tokenizer, end_id)
             if multi_turn
             else ([(render_prompt(record, template, tokenizer), record["response"])], "one_turn")
         )
         pairs, least = floor.fit(pairs, truncate)
         return record, pairs or [("", "")], route, max(least, cut_from)
     if multi_turn:
-        return record, *conversation_segments(record, template, tokenizer), cut_from
+        return record, *conversation_segments(record, template, tokenizer, end_id), cut_from
     return record, None, "one_turn", 0
 
 
@@ -415,11 +422,12 @@ def bound_records(
     floor = LengthFloor(tokenizer.backend_tokenizer, seq_len)
     if floor.longest is None:
         return records, []
+    end_id = answer_end_id(tokenizer, template)  # once: under a chat template it renders a probe
     kept, too_long = [], []
     for record in records:
         if floor.worth_checking(record):
             planned, pairs, route, least = plan_document(
-                record, template, tokenizer, train_on, floor, truncate
+                record, template, tokenizer, end_id, train_on, floor, truncate
             )
             if least and not truncate:
                 too_long.append(record)
@@ -463,6 +471,9 @@ def tokenize_records(
     if resize_cache is not None:
         resize_cache(BPE_CACHE_WORDS)
     floor = LengthFloor(backend, seq_len) if seq_len is not None else None
+    # the id after each answer, found once per call: under a chat template it renders a probe
+    # conversation (0.1 ms; found per conversation, 5 s over 50k)
+    end_id = answer_end_id(tokenizer, template)
     floors = np.zeros(len(records), dtype=np.int64)
     # per record: (untrained text, answer) per trained turn, and its route; None for all but multi-turn
     # chats and the records too long to tokenize whole (their texts are rendered here to be cut)
@@ -472,7 +483,8 @@ def tokenize_records(
     chat = template == "chat"
     for i, record in enumerate(tqdm(records, desc="render turns", unit="row", leave=False, disable=not chat)):
         fitted = (
-            record.get(FITTED) or plan_document(record, template, tokenizer, train_on, floor, truncate)[1:]
+            record.get(FITTED)
+            or plan_document(record, template, tokenizer, end_id, train_on, floor, truncate)[1:]
         )
         pairs, route, floors[i] = fitted
         segmented.append((pairs, route))
@@ -508,7 +520,7 @@ def tokenize_records(
         later_ids = _encode(following, later_texts, progress)
         answer_ids = _encode(following, answers, progress)
     # lay each document out as pieces: head, answer, end, [text, answer, end]...
-    end = [answer_end_id(tokenizer, template)]
+    end = [end_id]
     one_turns, heads, laters, answers_it = iter(prompt_ids), iter(head_ids), iter(later_ids), iter(answer_ids)
     pieces: list[list[int]] = []
     trained: list[int] = []

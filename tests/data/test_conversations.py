@@ -568,7 +568,7 @@ def test_a_long_conversation_holds_one_prefix_render_at_a_time(gpt2, name, route
     holding every prefix render took 35 times it."""
     import tracemalloc
 
-    from ds_sft.data.templates import conversation_segments
+    from ds_sft.data.templates import answer_end_id, conversation_segments
 
     tokenizer = with_template(gpt2, CHATML if name == "chatml" else STRIPS_REASONING)
     messages = []
@@ -580,9 +580,10 @@ def test_a_long_conversation_holds_one_prefix_render_at_a_time(gpt2, name, route
         ]
     record = record_of(messages)
     size = sum(len(m["content"]) for m in messages)
+    end_id = answer_end_id(tokenizer, "chat")
     tracemalloc.start()
     try:
-        segments, used = conversation_segments(record, "chat", tokenizer)
+        segments, used = conversation_segments(record, "chat", tokenizer, end_id)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -736,3 +737,23 @@ def test_answers_end_with_the_templates_own_end_of_turn(special_chat_tokenizers,
     assert runs == [answer + end for answer in answers]
     data = EvalData(data_dir=None, template="chat", tokenizer=tokenizer, val=None)
     assert tokenizer.convert_tokens_to_ids(end) in data.stop_ids
+
+
+def test_the_end_of_turn_probe_renders_once_per_call(special_chat_tokenizers, monkeypatch):
+    """The id that ends each answer (``templates.answer_end_id``) rendered the template's end-of-turn
+    probe for every conversation (0.1 ms each: 5 s over 50k); each call finds it once and hands it
+    down, whatever its rows, the long ones judged before they are rendered included."""
+    from ds_sft.data import templates
+    from ds_sft.data.tokenize import FITTED, bound_records
+
+    probes = []
+    probe = templates.end_of_turn_ids
+    monkeypatch.setattr(templates, "end_of_turn_ids", lambda tokenizer: probes.append(1) or probe(tokenizer))
+    tokenizer = special_chat_tokenizers["qwen25_like"]
+    records = [record_of(messages) for messages in FIXED_CONVERSATIONS.values()] * 3
+    kept, _ = bound_records(records, tokenizer, "chat", "all", 16, truncate=True)
+    assert len(probes) == 1 and sum(FITTED in record for record in kept) > 1
+    for seq_len in (None, 16):
+        probes.clear()
+        tokenize_records(records, tokenizer, "chat", {"chat": 0}, seq_len=seq_len, truncate=True)
+        assert len(probes) == 1

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ds_sft.data.templates import conversation_segments, render_prompt
+from ds_sft.data.templates import answer_end_id, conversation_segments, render_prompt
 from ds_sft.errors import UserError
 from tests.data.helpers import alpaca_rows, gsm8k_rows, write_jsonl
 
@@ -48,8 +48,8 @@ def test_a_failing_chat_template_is_one_line_for_one_turn_prompts(failing_templa
 def test_a_failing_chat_template_is_one_line_for_conversations(failing_template):
     record = {"history": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
               "instruction": "and now?", "response": "bye"}  # fmt: skip
-    with pytest.raises(UserError, match="the chat template refused the conversation"):
-        conversation_segments(record, "chat", failing_template)
+    with pytest.raises(UserError, match="the chat template refused the conversation"):  # not its probe's
+        conversation_segments(record, "chat", failing_template, failing_template.eos_token_id)
 
 
 # Renders one turn as written (so the prefix route works) except that it drops the reasoning of an
@@ -69,8 +69,10 @@ def test_a_conversation_holding_every_private_use_character_is_refused_in_one_li
         {"role": "user", "content": every_probe},
         {"role": "assistant", "content": "<think>a</think>b"},
     ]
+    record = {"history": history, "instruction": "more", "response": "c"}
+    end_id = answer_end_id(tokenizer, "chat")
     with pytest.raises(UserError, match="every private-use character"):
-        conversation_segments({"history": history, "instruction": "more", "response": "c"}, "chat", tokenizer)
+        conversation_segments(record, "chat", tokenizer, end_id)
 
 
 def test_parquet_values_python_cannot_hold_are_one_line(run_prepare, tmp_path):
