@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ds_sft.data.model_match import final_behind, trained_template
+    from ds_sft.data.model_match import behind_note, trained_record
     from ds_sft.data.output import building_output, check_output_dir, refuse_overlap
     from ds_sft.data.templates import alpaca_chat_template
     from ds_sft.data.tokenizer import load_tokenizer, start_ids
@@ -96,10 +96,11 @@ def run(args: argparse.Namespace) -> int:
     refuse_overlap(args.hf, "--hf", inputs)
     out, previous = check_output_dir(args.hf, [], "--hf", "export", MANIFEST)
     tokenizer = load_tokenizer(tokenizer_spec)
-    said = final_behind(str(source))
+    trained = trained_record(str(source))  # final/trained_on.json, read once for the note and the template
+    said = behind_note(trained)
     if said:
         print(said)
-    trained_format = trained_template(str(source))
+    trained_format = trained[1]["template"] if trained else None
     if trained_format == "alpaca":  # its chat template (the base model's) is a format it was not tuned on
         tokenizer.chat_template = alpaca_chat_template(tokenizer.decode(start_ids(tokenizer)))
         print("chat template: the Alpaca format the model was fine-tuned on (### Instruction / ### Response)")

@@ -134,7 +134,7 @@ def trained_on(manifest: dict, step: int | None = None) -> str:
     return json.dumps(record, indent=1) + "\n"
 
 
-def _trained_record(spec: str) -> tuple[Path, dict] | None:
+def trained_record(spec: str) -> tuple[Path, dict] | None:
     """(the record's path, the record) when ds-sft's train wrote one with model ``spec`` (a run dir,
     its ``final/`` or the weights file there); None for any other model."""
     from ds_sft.data.tokenizer import model_folder
@@ -158,7 +158,7 @@ def _trained_record(spec: str) -> tuple[Path, dict] | None:
 def trained_template(spec: str) -> str | None:
     """The template model ``spec`` was fine-tuned on, when ds-sft's train recorded it; None for any
     other model (a base model, a run of an older ds-sft)."""
-    found = _trained_record(spec)
+    found = trained_record(spec)
     return found[1]["template"] if found else None
 
 
@@ -169,7 +169,11 @@ def final_behind(spec: str) -> str | None:
     read it without a word. None when they agree, or when either is not recorded."""
     if not paths.expand_user(spec).exists():  # a hub id or an alias: no run of ours, nothing to resolve
         return None
-    found = _trained_record(spec)
+    return behind_note(trained_record(spec))
+
+
+def behind_note(found: tuple[Path, dict] | None) -> str | None:
+    """:func:`final_behind`'s note for a record :func:`trained_record` read."""
     if found is None or not isinstance(found[1].get("step"), int):
         return None
     final, step = found[0].parent, found[1]["step"]

@@ -336,3 +336,27 @@ def test_an_alpaca_tuned_run_exports_with_the_alpaca_chat_template(run_dir, tmp_
     assert text == render_prompt(question, "alpaca")
     manifest = json.loads((tmp_path / "hf" / MANIFEST).read_text())
     assert manifest["trained_on_template"] == "alpaca"
+
+
+def test_export_reads_the_runs_training_record_once(run_dir, tmp_path, monkeypatch, capsys):
+    """final/trained_on.json was read twice: for the note that final/ is behind the run's checkpoints,
+    then for the template the run was tuned on. One read serves both."""
+    from ds_sft.data.model_match import TRAINED_ON
+
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    (run / "final" / TRAINED_ON).write_text(json.dumps({"template": "alpaca", "data_key": "k", "step": 1}))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step_000004")
+    reads = []
+    real_open = Path.open
+
+    def counted_open(path, *args, **kwargs):
+        if path.name == TRAINED_ON:
+            reads.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counted_open)
+    assert _export(run, tmp_path / "hf") == 0
+    assert "holds the weights of step 1, but the run's checkpoints reach step 4" in capsys.readouterr().out
+    assert json.loads((tmp_path / "hf" / MANIFEST).read_text())["trained_on_template"] == "alpaca"
+    assert len(reads) == 1
