@@ -221,8 +221,9 @@ def _labels(specs: list[str]) -> list[str]:
     return names
 
 
-def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict]:
-    """Refuse bad folders before any work; returns (--out resolved, the previous eval's listed files)."""
+def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict, dict]:
+    """Refuse bad folders before any work; returns (--out resolved, the previous eval's listed files,
+    what this eval is of: :func:`evaluated`, for its record)."""
     from ds_sft.data.output import check_output_dir, refuse_overlap
     from ds_sft.paths import writable_dir
 
@@ -243,16 +244,17 @@ def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict]
             inputs[name] = expand_user(spec)
     refuse_overlap(args.out, "--out", inputs)
     out, previous = check_output_dir(args.out, [], "--out", "eval", MANIFEST)
+    subject = evaluated(args, specs)  # resolved once: online, each resolve of a hub id asks the hub
     if previous is not None and not args.overwrite:
         before = {key: previous.get(key) for key in ("models", "data_dir")}
-        if before != evaluated(args, specs):
+        if before != subject:
             models = before["models"] if isinstance(before["models"], list) else ["models it did not record"]
             data = before["data_dir"] if isinstance(before["data_dir"], str) else "data it did not record"
             raise UserError(
                 f"--out {args.out} holds the eval of {', '.join(map(str, models))} on {data}: pass another "
                 "--out (e.g. --out runs/eval-NAME), or --overwrite to replace it"
             )
-    return out, previous["files"] if previous else {}
+    return out, previous["files"] if previous else {}, subject
 
 
 def evaluated(args: argparse.Namespace, specs: list[str]) -> dict:
@@ -299,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.eval.stats import paired_comparison
 
     specs = list(args.compare) if args.compare else [args.model]
-    out, old_files = _check_args(args, specs)
+    out, old_files, subject = _check_args(args, specs)
     device = available_device(args.device)
     dtype = getattr(torch, args.dtype)
     if args.threads is not None:
@@ -381,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
             "scores": [row for result in results for row in result["harness"]["scores"]],
             "cross_check": [check for result in results for check in result["harness"]["cross_check"]],
         }
-    record = {"written_by": "ds-sft eval", **evaluated(args, specs)}
+    record = {"written_by": "ds-sft eval", **subject}
     with building_output(out, old_files, "--out", record, MANIFEST) as staging:
         written = write_report(staging, results, meta)
     _print_summary(results, meta)

@@ -938,3 +938,23 @@ def test_an_eval_of_a_hub_model_is_an_eval_of_the_snapshot_it_read(tmp_path, mon
     assert cli.evaluated(args, ["org/model"])["models"] != records[0]
     assert cli.evaluated(args, [f"org/model@{first}"])["models"] == records[0]
     assert cli.evaluated(args, ["no-such/model"])["models"] == ["no-such/model"]  # refused when loaded
+
+
+def test_each_model_is_resolved_once_for_the_out_check_and_the_record(
+    data_dir, model_dir, tmp_path, monkeypatch
+):
+    """The --out check (is the previous eval one of the same model?) and the record of what was
+    evaluated each resolved the model spec: online, a hub id asked the hub twice. One resolve serves
+    both. The hub is a fake here that serves the local model for ``org/tiny``."""
+    import ds_sft.paths
+
+    monkeypatch.setattr(ds_sft.paths, "hub_snapshot", lambda repo_id, revision=None, what="model": model_dir)
+    out = tmp_path / "eval"
+    argv = ["--model", "org/tiny", "--data_dir", str(data_dir[0]), "--out", str(out)]
+    assert _eval(argv) == 0  # the previous eval, of the same model: the next one replaces it
+    resolved = []
+    resolve = cli.resolve_model_path
+    monkeypatch.setattr(cli, "resolve_model_path", lambda spec: resolved.append(spec) or resolve(spec))
+    assert _eval(argv) == 0
+    assert resolved == ["org/tiny"]
+    assert _manifest_matches(out)["models"] == [os.path.realpath(model_dir)]
