@@ -526,6 +526,15 @@ def layer(args, ds_json: dict, source: str) -> tuple[dict, dict, list[str]]:
     return ds_config, settings, notes
 
 
+def _whole_part(rows: int, parts: int, refusal: str) -> int:
+    """``rows // parts``: the factor of rows = micro x accum x ranks that was not given; refused with
+    ``refusal`` (one line) unless ``parts`` divides ``rows``, at least once."""
+    part, rest = divmod(rows, parts)
+    if rest or part == 0:
+        raise UserError(refusal)
+    return part
+
+
 def rows_per_step(ds_config: dict, s: dict, world: int, given: dict[str, str]) -> list[str]:
     """Settle micro x accumulation x ranks = rows per optimizer step (all ranks together) by DeepSpeed's
     rule, write it into ``ds_config`` and ``s`` and return the lines to print at start.
@@ -554,20 +563,20 @@ def rows_per_step(ds_config: dict, s: dict, world: int, given: dict[str, str]) -
     if rows is None:
         rows = micro * accum * world
     elif micro is None:
-        micro, rest = divmod(rows, accum * world)
-        if rest or micro == 0:
-            raise UserError(
-                f"train_batch_size {rows} does not divide into {accum} accumulation step(s) on {world} "
-                "rank(s): pass --micro_batch_size N, or a train_batch_size that is micro x accum x ranks"
-            )
+        micro = _whole_part(
+            rows,
+            accum * world,
+            f"train_batch_size {rows} does not divide into {accum} accumulation step(s) on {world} "
+            "rank(s): pass --micro_batch_size N, or a train_batch_size that is micro x accum x ranks",
+        )
     elif accum is None:
-        accum, rest = divmod(rows, micro * world)
-        if rest or accum == 0:
-            raise UserError(
-                f"{rows} rows per step do not divide into micro-batches of {micro} on {world} rank(s): "
-                "pass --grad_accum N (rows per step = micro x accum x ranks) or a --micro_batch_size "
-                f"that divides {rows // world if rows % world == 0 else rows}"
-            )
+        accum = _whole_part(
+            rows,
+            micro * world,
+            f"{rows} rows per step do not divide into micro-batches of {micro} on {world} rank(s): "
+            "pass --grad_accum N (rows per step = micro x accum x ranks) or a --micro_batch_size "
+            f"that divides {rows // world if rows % world == 0 else rows}",
+        )
     elif rows != micro * accum * world:
         raise UserError(
             f"train_batch_size {rows} != micro_batch_size {micro} x grad_accum {accum} x world size {world} "
