@@ -417,7 +417,7 @@ def deepspeed_step(
     from ds_sft.train.config import read_json
     from ds_sft.train.distributed import init_distributed
     from ds_sft.train.engine import build_engine
-    from ds_sft.train.loop import train_step
+    from ds_sft.train.step import train_step
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
     _, world_size = init_distributed()
@@ -456,14 +456,14 @@ def deepspeed_step(
 @contextlib.contextmanager
 def reduction_per_micro_batch():
     """train_step as DeepSpeed alone steps: ZeRO 2 reduces the gradients in every micro-batch."""
-    from ds_sft.train import loop
+    from ds_sft.train import step as ds_sft_step
 
-    once_per_update = loop.reduces_gradients_once_per_update
-    loop.reduces_gradients_once_per_update = lambda engine, count: False
+    once_per_update = ds_sft_step.reduces_gradients_once_per_update
+    ds_sft_step.reduces_gradients_once_per_update = lambda engine, count: False
     try:
         yield
     finally:
-        loop.reduces_gradients_once_per_update = once_per_update
+        ds_sft_step.reduces_gradients_once_per_update = once_per_update
 
 
 PROFILE_ROWS = 15  # kernels listed by --profile_steps; the rest are summed in "other"
@@ -542,7 +542,7 @@ def step_phases(step: Callable, batch: dict, device, steps: int) -> dict:
     the flex_attention BlockMask). Per micro-batch for all but ``update``, the engine's step at the
     end of each update (with, at ZeRO 2 over several micro-batches, the update's one gradient
     reduction); medians, after one unmeasured update."""
-    from ds_sft.train.loop import micro_batches_of_one_update, model_inputs
+    from ds_sft.train.step import micro_batches_of_one_update, model_inputs
 
     engine = step.engine
     model = engine.module

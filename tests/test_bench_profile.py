@@ -102,10 +102,10 @@ def test_the_reference_step_reduces_in_every_micro_batch_and_trains_the_same(tin
     """deepspeed_step(reduce_every_micro_batch=True) is DeepSpeed's own ZeRO-2 accumulation, the
     side-by-side reference of part (c): each gradient reduced in every micro-batch instead of once
     per update, to the same loss, and ds-sft's rule in force again after each of its steps."""
-    from ds_sft.train import loop
+    from ds_sft.train import step as ds_sft_step
 
     config, batch = tiny_batch
-    rule = loop.reduces_gradients_once_per_update
+    rule = ds_sft_step.reduces_gradients_once_per_update
     losses, calls = {}, {}
     for reference in (False, True):
         torch.manual_seed(0)
@@ -116,7 +116,7 @@ def test_the_reference_step_reduces_in_every_micro_batch_and_trains_the_same(tin
             calls[reference] = len(reductions) / 2 / len(list(step.engine.module.parameters()))
         finally:
             step.engine.destroy()
-        assert loop.reduces_gradients_once_per_update is rule
+        assert ds_sft_step.reduces_gradients_once_per_update is rule
     assert calls == {False: 1, True: 3}
     assert losses[False] == losses[True]
 

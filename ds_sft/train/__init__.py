@@ -12,7 +12,8 @@ the learning-rate schedule, which parameters get weight decay, evaluation per so
     param_groups.py   which parameters AdamW decays, and the table that shows it
     schedule.py       the learning rate at every step (warmup, cosine to min_lr)
     engine.py         deepspeed.initialize with those groups (+ the ZeRO-3 LM-head registration)
-    loop.py           the training step, evaluation, alarms, preemption
+    step.py           one optimizer step: the token-normalized loss over micro-batches and ranks
+    loop.py           the run: each step's bookkeeping, evaluation, alarms, preemption, saves
     checkpointing.py  save / resume / consolidate final fp32 weights
     metrics.py        tokens/s, MFU, console + metrics.jsonl + wandb
     report.py         report.md and PNG plots

@@ -411,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{train_set.seq_len}: the splits come from different runs of `ds-sft prepare`; prepare the "
                 "data again"
             )
-        if not train_set.trained_tokens:  # every step would be skipped (loop.train_step): nothing to learn
+        if not train_set.trained_tokens:  # every step would be skipped (step.train_step): nothing to learn
             raise UserError(
                 f"{s.data_dir}: no train row has a trained token (every label is masked), so there is "
                 "nothing to learn: prepare the data again"

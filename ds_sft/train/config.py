@@ -215,7 +215,7 @@ REFUSED_DS_KEYS: dict[tuple[str, ...], str] = {
 }
 
 # DeepSpeed keys whose other values break an assumption of ds-sft's own loop: path -> (the one value ds-sft
-# runs with, why). loop.train_step backpropagates loss_sum x ranks / tokens because DeepSpeed *averages*
+# runs with, why). step.train_step backpropagates loss_sum x ranks / tokens because DeepSpeed *averages*
 # the gradients over ranks; any other reduction leaves a gradient that is not the token-weighted mean over
 # the global batch, and clipping then acts on the wrong norm. (gradient_predivide_factor is not here:
 # DeepSpeed divides by it before the reduction and multiplies it back after, so the mean stays a mean.)

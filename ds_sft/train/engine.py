@@ -2,11 +2,11 @@
 
 :func:`build_engine` hands ``deepspeed.initialize`` the AdamW groups of
 :mod:`ds_sft.train.param_groups`; the learning rate is :mod:`ds_sft.train.schedule`'s, how gradients
-are scaled :mod:`ds_sft.train.loop`'s, the process group :mod:`ds_sft.train.distributed`'s. At ZeRO 3
+are scaled :mod:`ds_sft.train.step`'s, the process group :mod:`ds_sft.train.distributed`'s. At ZeRO 3
 it also tells the engine that the model's own forward reads the LM-head weight
 (:func:`register_lm_head`), which ``--compile`` needs; at ZeRO 1/2 it leaves the search for
 non-finite gradients to the gradient norm (:func:`leave_overflow_to_the_gradient_norm`) and computes
-that norm over all gradients at once (:func:`norm_the_gradients_together`); at ZeRO 2 the loop
+that norm over all gradients at once (:func:`norm_the_gradients_together`); at ZeRO 2 the step
 reduces the gradients once per update, not once per micro-batch
 (:func:`reduces_gradients_once_per_update`). Everything
 else (ZeRO partitioning, accumulation, clipping, the optimizer step, checkpoints) is the engine's job,

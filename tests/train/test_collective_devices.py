@@ -21,7 +21,7 @@ from ds_sft.labels import IGNORE_INDEX
 from ds_sft.model.scoring import MODEL_INPUTS
 from ds_sft.train import checkpointing
 from ds_sft.train.distributed import all_reduce_sum, stop_signal
-from ds_sft.train.loop import model_inputs, train_step
+from ds_sft.train.step import model_inputs, train_step
 from tests.train.fake_accelerator import DEVICE, FakeAccelerator
 
 pytestmark = pytest.mark.usefixtures("dist_env")

@@ -14,9 +14,9 @@ from deepspeed.runtime.zero import stage_1_and_2
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ds_sft.errors import UserError
-from ds_sft.train import loop
+from ds_sft.train import step as ds_sft_step
 from ds_sft.train.engine import build_engine, reduces_gradients_once_per_update
-from ds_sft.train.loop import collate, model_inputs
+from ds_sft.train.step import collate, model_inputs
 from tests.train.helpers import TinyPacked, ds_config, settings, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.distributed deprecations
@@ -172,7 +172,7 @@ def test_zero2_reduces_the_gradients_once_per_update_with_the_same_result(
     results, engines = {}, {}
     for name in ("ds-sft", "deepspeed"):
         if name == "deepspeed":
-            monkeypatch.setattr(loop, "reduces_gradients_once_per_update", lambda engine, count: False)
+            monkeypatch.setattr(ds_sft_step, "reduces_gradients_once_per_update", lambda engine, count: False)
         engine = engines[name] = ds_sft_engine(2, precision, grad_accum, overlap_comm)
         slot = {"value": None}
         poison_hook(list(engine.module.parameters())[-2], slot)
@@ -180,7 +180,7 @@ def test_zero2_reduces_the_gradients_once_per_update_with_the_same_result(
         for step, step_batches in enumerate(batches):
             slot["value"] = math.inf if step == poisoned_step else None
             before = reductions[id(engine.optimizer)]
-            result = loop.train_step(engine, step_batches, world_size=1)
+            result = ds_sft_step.train_step(engine, step_batches, world_size=1)
             calls = reductions[id(engine.optimizer)] - before
             outcomes.append((result["loss"], result["grad_norm"], result["skipped"], calls))
         results[name] = (outcomes, engine.global_steps, engine.micro_steps, engine.skipped_steps)
