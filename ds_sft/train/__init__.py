@@ -13,9 +13,10 @@ the learning-rate schedule, which parameters get weight decay, evaluation per so
     schedule.py       the learning rate at every step (warmup, cosine to min_lr)
     engine.py         deepspeed.initialize with those groups (+ the ZeRO-3 LM-head registration)
     step.py           one optimizer step: the token-normalized loss over micro-batches and ranks
-    loop.py           the run: each step's bookkeeping, evaluation, alarms, preemption, saves
+    loop.py           the run: each step's bookkeeping, evaluation, preemption, saves
     checkpointing.py  save / resume / consolidate final fp32 weights
-    metrics.py        tokens/s, MFU, console + metrics.jsonl + wandb
+    metrics.py        FLOPs per token, peak FLOP/s, the metrics.jsonl + wandb sink
+    run_log.py        each step's record (tokens/s, MFU, ETA), the console lines, alarms
     report.py         report.md and PNG plots
     cli.py            the command (``ds-sft train`` and ``python -m ds_sft.train``)
 """

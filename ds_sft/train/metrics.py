@@ -1,4 +1,4 @@
-"""Throughput, MFU and where metrics go (console, ``metrics.jsonl``, wandb).
+"""MFU's arithmetic (FLOPs per token, peak FLOP/s) and the sink of the run's records (metrics.jsonl, wandb).
 
 MFU (model FLOPs utilization) = achieved model FLOP/s / peak FLOP/s. Training a decoder costs
 ``6 N`` FLOPs per token for the weight matmuls (2 forward + 4 backward per parameter) plus
@@ -12,7 +12,8 @@ positions, padding included. Peak: the datasheet dense number for known GPUs; on
 large matmul in the run's dtype actually reaches here (measured once at start), so CPU MFU reads
 as "fraction of this machine's GEMM rate".
 
-Only rank 0 writes; other ranks get a sink that does nothing.
+Only rank 0 writes; other ranks get a sink that does nothing. The console's lines (steps, evals,
+alarms) and each step's record are :mod:`ds_sft.train.run_log`'s.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def cut_partial_last_line(path: Path) -> None:
 
 
 class MetricsSink:
-    """Rank 0's console lines, ``metrics.jsonl`` and (optional) wandb run. Other ranks: no-ops."""
+    """Rank 0's ``metrics.jsonl`` and (optional) wandb run. Other ranks: no-ops."""
 
     def __init__(
         self, run_dir: Path, enabled: bool, wandb_project: str | None, wandb_mode: str | None, config: dict

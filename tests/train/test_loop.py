@@ -337,15 +337,16 @@ def test_the_eta_is_measured_after_the_first_micro_step_which_warms_up(monkeypat
     100 steps of 0.1 s is under 3 minutes, not the 18 hours the first one would announce."""
     import contextlib
 
-    from ds_sft.train import loop
+    from ds_sft.train import run_log
 
     clock = iter([0.0, 40.0, 40.1, 40.2])
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(run_log.time, "perf_counter", lambda: next(clock))
     lines = []
-    context = loop.announce_eta(contextlib.nullcontext, steps=100, micro_steps=16, say=lines.append)
+    context = run_log.announce_eta(contextlib.nullcontext, steps=100, micro_steps=16, say=lines.append)
     for _ in range(4):
         with context():
             pass
     [line] = lines
-    assert line.startswith(f"ETA {loop.format_duration(0.1 * 16 * 100)}: the second micro-step took 0.10 s")
+    duration = run_log.format_duration(0.1 * 16 * 100)
+    assert line.startswith(f"ETA {duration}: the second micro-step took 0.10 s")
     assert "(the first, 40.00 s, warmed up)" in line

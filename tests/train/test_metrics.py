@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from ds_sft.errors import UserError
 from ds_sft.train.config import OPTIONS
-from ds_sft.train.loop import Alarms
 from ds_sft.train.metrics import (
     MetricsSink,
     flops_per_token,
@@ -26,6 +25,7 @@ from ds_sft.train.metrics import (
     start_wandb,
 )
 from ds_sft.train.report import parse_record, read_records, write_report
+from ds_sft.train.run_log import Alarms
 from tests.conftest import REPO_ROOT
 
 
@@ -51,7 +51,7 @@ def test_mfu_counts_the_weights_each_token_is_multiplied_by(overrides):
 
     from ds_sft.model.config import ModelConfig
     from ds_sft.model.llama import LlamaModel
-    from ds_sft.train.loop import StepMeter
+    from ds_sft.train.run_log import StepMeter
 
     config = ModelConfig.preset("tiny", **overrides)
     model = LlamaModel(config)
@@ -342,7 +342,7 @@ def test_a_resumed_sink_cuts_the_record_a_killed_run_was_writing(tmp_path, tail,
     ],
 )
 def test_the_eval_s_train_loss_pools_trained_tokens_like_the_val_loss(steps, expected, tmp_path):
-    from ds_sft.train.loop import RunLog
+    from ds_sft.train.run_log import RunLog
 
     s = SimpleNamespace(
         wandb_project=None,
@@ -370,12 +370,12 @@ def test_the_eval_s_train_loss_pools_trained_tokens_like_the_val_loss(steps, exp
 def test_the_mfu_peak_line_shows_a_slow_peak_in_significant_digits(peak, monkeypatch):
     """A CPU's bf16 peak (a few GFLOP/s) was printed as "0.00 TFLOP/s", which says nothing."""
     from ds_sft.model.config import ModelConfig
-    from ds_sft.train import loop
+    from ds_sft.train import run_log
 
-    monkeypatch.setattr(loop, "peak_flops", lambda bf16: (peak, "measured"))
+    monkeypatch.setattr(run_log, "peak_flops", lambda bf16: (peak, "measured"))
     said = []
     settings = SimpleNamespace(micro_batch_size=1, grad_accum=1, max_iters=1)
-    loop.StepMeter(settings, {}, ModelConfig.preset("tiny"), 32, world=1, first_step=0, say=said.append)
+    run_log.StepMeter(settings, {}, ModelConfig.preset("tiny"), 32, world=1, first_step=0, say=said.append)
     shown = float(said[0].split("MFU peak: ")[1].split(" TFLOP/s")[0])
     assert shown == pytest.approx(peak / 1e12, rel=5e-3)
 
@@ -436,7 +436,7 @@ def test_a_line_printed_under_the_progress_bar_reaches_the_console_on_every_rank
     """Every rank but the first has a disabled bar, without a stream: a print there (the SIGTERM
     handler's line, a library's own) raised AttributeError mid-step, which stopped that rank and, in a
     collective, the job, without the checkpoint the signal asked for."""
-    from ds_sft.train.loop import RunLog
+    from ds_sft.train.run_log import RunLog
 
     s = SimpleNamespace(wandb_project=None, wandb_mode="disabled", alarm_rising_evals=3, alarm_gap=0.5,
                         log_interval=100, max_iters=100)  # fmt: skip
