@@ -8,11 +8,16 @@ the learning-rate schedule, which parameters get weight decay, evaluation per so
     memory.py         will a micro-batch fit? checked before anything is allocated
     run_dir.py        the run directory: ds-sft's own, apart from its inputs, one writer, --overwrite
     compatibility.py  refuse a data/model/checkpoint mix that does not belong together
-    distributed.py    the process group (torchrun, deepspeed launcher, Slurm) and its collectives
+    distributed.py    the process group (torchrun, deepspeed, Slurm), its collectives, the preemption flag
     param_groups.py   which parameters AdamW decays, and the table that shows it
     schedule.py       the learning rate at every step (warmup, cosine to min_lr)
-    engine.py         deepspeed.initialize with those groups (+ the ZeRO-3 LM-head registration)
+    engine.py         deepspeed.initialize with those groups, then ds-sft's changes to the engine: the
+                      bf16 wrapper's AdamW step at construction undone; at ZeRO 1/2 overflow found by
+                      the gradient norm, computed in one pass; at ZeRO 2 one reduction per update; at
+                      ZeRO 3 the LM-head registration
     step.py           one optimizer step: the token-normalized loss over micro-batches and ranks
+    resume.py         where a run starts: a fresh state, or a checkpoint loaded into engine and sampler
+    state_transfer.py resume into another ZeRO stage or precision: the state carried by parameter name
     loop.py           the run: each step's bookkeeping, evaluation, preemption, saves
     checkpointing.py  save / resume / consolidate final fp32 weights
     metrics.py        FLOPs per token, peak FLOP/s, the metrics.jsonl + wandb sink

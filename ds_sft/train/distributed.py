@@ -1,4 +1,4 @@
-"""The process group, and the few collectives the training loop makes itself.
+"""The process group, the few collectives the training loop makes itself, and its preemption flag.
 
 **Every tensor handed to torch.distributed lives on the engine's device.** On GPUs the process group
 runs NCCL, and NCCL serves CUDA tensors only: an all-reduce of a CPU tensor raises ("No backend type
@@ -252,6 +252,35 @@ def stop_signal(signum: int, device) -> int:
     tensor = torch.tensor([float(signum)], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
+
+
+@contextlib.contextmanager
+def preemption_flag():
+    """SIGTERM / SIGINT / SIGHUP (a closed terminal) set ``flag['stop']`` to the signal's number
+    instead of stopping the process mid-step (0: none came)."""
+    import threading
+
+    flag = {"stop": 0}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def request_stop(signum, frame):
+        flag["stop"] = int(signum)
+        print(
+            f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting",
+            flush=True,
+        )
+
+    caught = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # under nohup the run outlives its terminal
+        caught.append(signal.SIGHUP)
+    previous = {sig: signal.signal(sig, request_stop) for sig in caught}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def collective_device():

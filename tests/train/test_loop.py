@@ -293,7 +293,7 @@ def test_fp8_auto_is_resolved_once_not_per_forward(monkeypatch):
 def test_a_closed_terminal_stops_training_after_a_checkpoint_like_sigterm(nohup):
     """SIGHUP (the terminal closed) stopped the run mid-step, or mid-collective on one rank of many,
     with no checkpoint; started under nohup, the run keeps ignoring it."""
-    from ds_sft.train.loop import preemption_flag
+    from ds_sft.train.distributed import preemption_flag
 
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL)
     try:
