@@ -1,13 +1,13 @@
 """Fused kernels for the training hot path, each with its PyTorch reference.
 
-Public API (what ``ds_sft.model`` calls)::
+Public API::
 
-    rms_norm(x, weight, eps, backend="auto")                          -> y
-    rms_norm_residual(x, residual, weight, eps, backend="auto")       -> (y, x + residual)
-    cross_entropy(logits, labels, ignore_index=-100, reduction="sum",
-                  label_smoothing=0.0, z_loss=0.0, backend="auto")    -> fp32 loss
-    linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="sum",
-                         label_smoothing=0.0, z_loss=0.0, chunk_size=None, backend="auto")
+    rms_norm(x, weight, eps, backend="auto")
+    cross_entropy(logits, labels, ignore_index=-100, reduction="sum", backend="auto")
+    linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=None, backend="auto")
+
+The model calls ``rms_norm`` and ``linear_cross_entropy`` (the summed loss); ``cross_entropy``, whose
+Triton kernel the chunked loss runs on each chunk, is benchmarked and tested on its own.
 
 ``backend``:
 
@@ -40,7 +40,6 @@ from ds_sft.kernels.reference import (
     cross_entropy_reference,
     linear_cross_entropy_reference,
     rms_norm_reference,
-    rms_norm_residual_reference,
 )
 
 BACKENDS = ("auto", "triton", "torch", "eager")
@@ -54,7 +53,6 @@ __all__ = [
     "linear_cross_entropy",
     "resolve_backend",
     "rms_norm",
-    "rms_norm_residual",
 ]
 
 
@@ -76,19 +74,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: 
     if resolve_backend(backend, x.device) == "triton":
         from ds_sft.kernels.rmsnorm import RMSNormFunction
 
-        return RMSNormFunction.apply(x, None, weight, eps)
+        return RMSNormFunction.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
-
-
-def rms_norm_residual(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s = x + residual; return rms_norm(s, weight), s`` — one pass over the row with Triton."""
-    if resolve_backend(backend, x.device) == "triton":
-        from ds_sft.kernels.rmsnorm import RMSNormFunction
-
-        return RMSNormFunction.apply(x, residual, weight, eps)
-    return rms_norm_residual_reference(x, residual, weight, eps)
 
 
 def cross_entropy(
@@ -96,16 +83,14 @@ def cross_entropy(
     labels: torch.Tensor,
     ignore_index: int = -100,
     reduction: str = "sum",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Token cross-entropy of ``logits [..., V]`` vs ``labels [...]`` (definition: ``reference.py``)."""
     if resolve_backend(backend, logits.device) == "triton":
         from ds_sft.kernels.cross_entropy_kernel import CrossEntropyFunction
 
-        return CrossEntropyFunction.apply(logits, labels, ignore_index, reduction, label_smoothing, z_loss)
-    return cross_entropy_reference(logits, labels, ignore_index, reduction, label_smoothing, z_loss)
+        return CrossEntropyFunction.apply(logits, labels, ignore_index, reduction)
+    return cross_entropy_reference(logits, labels, ignore_index, reduction)
 
 
 def linear_cross_entropy(
@@ -113,13 +98,10 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int = -100,
-    reduction: str = "sum",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Cross-entropy of ``hidden [..., H] @ weight[V, H].T`` against ``labels [...]``, fp32 result.
+    """Summed cross-entropy of ``hidden [..., H] @ weight[V, H].T`` against ``labels [...]``, fp32.
 
     ``"triton"`` and ``"torch"`` compute logits only for the trained tokens (label != ``ignore_index``),
     never more than ``chunk_size`` of them at a time (default: as many whole 32-token blocks as fit
@@ -128,14 +110,10 @@ def linear_cross_entropy(
     """
     resolved = resolve_backend(backend, hidden.device)
     if resolved == "eager":
-        return linear_cross_entropy_reference(
-            hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss
-        )
+        return linear_cross_entropy_reference(hidden, weight, labels, ignore_index)
     chunked = linear_cross_entropy_chunked
     if torch.compiler.is_compiling():
         # The chunk loop keeps only the trained rows, a data-dependent shape: under torch.compile it
         # runs eagerly after the model's graph instead of breaking the graph half-way through.
         chunked = torch.compiler.disable(chunked, reason="the LM-head loss selects the trained rows")
-    return chunked(
-        hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, resolved
-    )
+    return chunked(hidden, weight, labels, ignore_index, chunk_size, resolved)

@@ -6,11 +6,11 @@ One program per row ``x`` (``V`` logits, label ``y``), two passes over the row i
    max, rescale ``d`` by ``exp(m_old - m_new)``. Then ``lse = m + log d``, and the loss (see
    ``kernels/reference.py``)::
 
-       loss = lse - (1 - s) * x[y] - (s / V) * sum_j x[j] + z * lse^2
+       loss = lse - x[y]
 
 2. gradient — with ``p = exp(x - lse)`` (the softmax, recomputed block by block, never stored)::
 
-       dloss/dx[j] = p[j] * (1 + 2 z lse) - s / V - (1 - s) * [j == y]
+       dloss/dx[j] = p[j] - [j == y]
 
 The gradient is the only ``[rows, V]`` buffer; it may alias the logits (the fused linear
 cross-entropy owns its logits chunk and overwrites it), because each block is read before it is
@@ -36,9 +36,7 @@ from ds_sft.kernels.reference import REDUCTIONS
 def _cross_entropy_kernel(
     LOGITS, GRAD, LABELS, LOSS, N_VALID,
     stride_logits, stride_grad,
-    n_cols, ignore_index, label_smoothing, z_loss,
-    HAS_SMOOTHING: tl.constexpr,
-    HAS_Z_LOSS: tl.constexpr,
+    n_cols, ignore_index,
     MEAN: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -56,27 +54,17 @@ def _cross_entropy_kernel(
                 tl.store(grad_row + cols, tl.zeros((BLOCK,), GRAD.dtype.element_ty), mask=cols < n_cols)
         return
 
-    # Pass 1: online logsumexp (and the row sum, for label smoothing).
+    # Pass 1: online logsumexp.
     m = -float("inf")
     d = 0.0
-    row_sum = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(logits_row + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-        if HAS_SMOOTHING:
-            row_sum += tl.sum(tl.where(cols < n_cols, x, 0.0), axis=0)
     lse = m + tl.log(d)
-
-    x_label = tl.load(logits_row + label).to(tl.float32)
-    loss = lse - (1.0 - label_smoothing) * x_label
-    if HAS_SMOOTHING:
-        loss -= label_smoothing * row_sum / n_cols
-    if HAS_Z_LOSS:
-        loss += z_loss * lse * lse
-    tl.store(LOSS + row, loss)
+    tl.store(LOSS + row, lse - tl.load(logits_row + label).to(tl.float32))
 
     # Pass 2: the gradient, block by block (reads each block before overwriting it).
     if COMPUTE_GRAD:
@@ -84,16 +72,11 @@ def _cross_entropy_kernel(
         scale = 1.0
         if MEAN:
             scale = 1.0 / tl.maximum(tl.load(N_VALID), 1).to(tl.float32)
-        p_scale = 1.0
-        if HAS_Z_LOSS:
-            p_scale += 2.0 * z_loss * lse
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(logits_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) * p_scale
-            if HAS_SMOOTHING:
-                g -= label_smoothing / n_cols
-            g = tl.where(cols == label, g - (1.0 - label_smoothing), g)
+            g = tl.exp(x - lse)
+            g = tl.where(cols == label, g - 1.0, g)
             tl.store(grad_row + cols, (g * scale).to(GRAD.dtype.element_ty), mask=cols < n_cols)
 
 
@@ -101,8 +84,6 @@ def cross_entropy_loss_and_grad(
     logits: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
     n_valid: torch.Tensor | None = None,
     compute_grad: bool = True,
     inplace: bool = False,
@@ -125,31 +106,24 @@ def cross_entropy_loss_and_grad(
         _cross_entropy_kernel, (n_rows,), logits.device,
         logits, grad, labels, loss, n_valid,
         logits.stride(0), grad.stride(0) if grad is not None else 0,
-        n_cols, ignore_index, label_smoothing, z_loss,
-        HAS_SMOOTHING=label_smoothing > 0, HAS_Z_LOSS=z_loss > 0, MEAN=n_valid is not None,
-        COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps_for(block),
+        n_cols, ignore_index,
+        MEAN=n_valid is not None, COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps_for(block),
     )  # fmt: skip
     return loss, grad
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """``CrossEntropyFunction.apply(logits, labels, ignore_index, reduction, label_smoothing, z_loss)``."""
+    """``CrossEntropyFunction.apply(logits, labels, ignore_index, reduction)``."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, reduction, label_smoothing, z_loss):
+    def forward(ctx, logits, labels, ignore_index, reduction):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         logits2d = logits.reshape(-1, logits.shape[-1]).contiguous()
         labels1d = labels.reshape(-1).contiguous()
         n_valid = (labels1d != ignore_index).sum() if reduction == "mean" else None
         loss, grad = cross_entropy_loss_and_grad(
-            logits2d,
-            labels1d,
-            ignore_index,
-            label_smoothing,
-            z_loss,
-            n_valid,
-            compute_grad=logits.requires_grad,
+            logits2d, labels1d, ignore_index, n_valid, compute_grad=logits.requires_grad
         )
         ctx.reduction = reduction
         ctx.logits_shape = logits.shape
@@ -164,4 +138,4 @@ class CrossEntropyFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # A scalar upstream gradient for sum/mean; one per row for "none".
         scale = grad_output.reshape(-1, 1) if ctx.reduction == "none" else grad_output
-        return (grad * scale).view(ctx.logits_shape), None, None, None, None, None
+        return (grad * scale).view(ctx.logits_shape), None, None, None

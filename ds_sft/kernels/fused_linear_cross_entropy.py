@@ -32,10 +32,6 @@ No gradient is wanted under ``torch.no_grad`` / ``inference_mode`` (an evaluatio
 cannot see that by itself (its forward always runs with grad disabled, and ``needs_input_grad``
 follows ``requires_grad`` alone), so :func:`linear_cross_entropy_chunked` tells it.
 
-``reduction="none"`` is different: each token's upstream gradient is unknown until the backward, and
-``grad_W`` sums over tokens, so it cannot be precomputed. The forward then computes losses only and
-the backward runs the chunk loop again with each row scaled by its own upstream gradient.
-
 ZeRO-3: the lm_head weight is partitioned (``numel() == 0``) except while a forward that uses it
 runs. Fetch it by attribute inside the model's forward under the engine, e.g.
 ``linear_cross_entropy(hidden, self.lm_head.weight, labels)`` in the forward of the module that owns
@@ -44,15 +40,12 @@ parameter on attribute access during a forward and registers it as an external p
 running module (``tests/kernels/test_zero3.py`` checks both). Outside the engine's forward (a loss
 computed after ``engine(...)`` returns, or a weight reference cached earlier) it arrives empty: wrap
 such a call in ``deepspeed.zero.GatheredParameters(weight)``. The weight is an argument of the
-autograd function, so its gradient flows through DeepSpeed's usual reduce-scatter hooks. Use
-``reduction="sum"`` or ``"mean"`` there: ``"none"`` re-reads the weight in the backward.
+autograd function, so its gradient flows through DeepSpeed's usual reduce-scatter hooks.
 """
 
 from __future__ import annotations
 
 import torch
-
-from ds_sft.kernels.reference import REDUCTIONS
 
 # The logits of one chunk, in the bytes its loss works in (:func:`bytes_per_logit`: fp32 in the
 # PyTorch twin, the matmul's dtype in the Triton kernel). The chunk is what the loss adds to the
@@ -89,13 +82,11 @@ def cross_entropy_loss_and_grad_torch(
     logits: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    n_valid: torch.Tensor | None = None,
     compute_grad: bool = True,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Plain-PyTorch twin of ``kernels.cross_entropy_kernel.cross_entropy_loss_and_grad`` (same contract).
+    """Plain-PyTorch twin of ``kernels.cross_entropy_kernel.cross_entropy_loss_and_grad`` (same contract,
+    less its ``n_valid``: the chunked loss is a sum).
 
     Works in place over one fp32 buffer (the logits themselves when they are fp32 and ``inplace``):
     ``x -> exp(x - max)``, then scaled into the gradient. Five passes over the chunk and no
@@ -104,31 +95,20 @@ def cross_entropy_loss_and_grad_torch(
     x = logits.to(torch.float32, copy=not inplace)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, 0).unsqueeze(1)
-    loss = -(1.0 - label_smoothing) * x.gather(1, safe_labels).squeeze(1)
-    if label_smoothing:
-        loss -= label_smoothing * x.mean(dim=-1)
+    loss = -x.gather(1, safe_labels).squeeze(1)
     row_max = x.amax(dim=-1, keepdim=True)
     x.sub_(row_max).exp_()
     sum_exp = x.sum(dim=-1)
     lse = row_max.squeeze(1) + sum_exp.log()
     loss += lse
-    if z_loss:
-        loss += z_loss * lse.square()
     loss = torch.where(valid, loss, 0.0)
     if not compute_grad:
         return loss, None
 
-    # dloss/dx = softmax * (1 + 2 z lse) - s / V - (1 - s) [j == label], times the row's scale.
+    # dloss/dx = softmax - [j == label] on a trained row, 0 on an ignored one.
     row_scale = valid.to(torch.float32)
-    if n_valid is not None:
-        row_scale /= n_valid.clamp(min=1)
-    softmax_scale = row_scale / sum_exp
-    if z_loss:
-        softmax_scale *= 1.0 + 2.0 * z_loss * lse
-    grad = x.mul_(softmax_scale.unsqueeze(1))
-    if label_smoothing:
-        grad.sub_((label_smoothing / x.shape[-1] * row_scale).unsqueeze(1))
-    grad.scatter_add_(1, safe_labels, (-(1.0 - label_smoothing) * row_scale).unsqueeze(1))
+    grad = x.mul_((row_scale / sum_exp).unsqueeze(1))
+    grad.scatter_add_(1, safe_labels, (-row_scale).unsqueeze(1))
     if inplace and grad is not logits:  # bf16 logits: round the gradient back into their buffer
         return loss, logits.copy_(grad)
     return loss, grad.to(logits.dtype)
@@ -143,21 +123,9 @@ def _loss_and_grad_for(backend: str):
 
 
 def _chunked_loss_and_grads(
-    hidden,
-    weight,
-    labels,
-    loss_and_grad,
-    options,
-    chunk_size,
-    need_hidden,
-    need_weight,
-    n_valid=None,
-    row_scale=None,
+    hidden, weight, labels, loss_and_grad, ignore_index, chunk_size, need_hidden, need_weight
 ):
-    """The chunk loop: summed fp32 loss, ``grad_hidden`` and fp32 ``grad_weight`` (None where not needed).
-
-    ``row_scale`` (one value per token) multiplies each token's gradient: the backward of ``"none"``.
-    """
+    """The chunk loop: summed fp32 loss, ``grad_hidden`` and fp32 ``grad_weight`` (None where not needed)."""
     compute_grad = need_hidden or need_weight
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = (
@@ -168,13 +136,11 @@ def _chunked_loss_and_grads(
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for rows, h, logits in _logits_chunks(hidden, weight, chunk_size):
         loss, dlogits = loss_and_grad(
-            logits, labels[rows], n_valid=n_valid, compute_grad=compute_grad, inplace=True, **options
+            logits, labels[rows], ignore_index=ignore_index, compute_grad=compute_grad, inplace=True
         )
         del logits  # (dlogits is the same buffer) gone before the next chunk's: one chunk alive at a time
         total += loss.sum()
         if compute_grad:
-            if row_scale is not None:
-                dlogits.mul_(row_scale[rows].unsqueeze(1))
             if need_hidden:
                 grad_hidden[rows] = _matmul_transposed(dlogits, weight.t())
             if need_weight:
@@ -258,16 +224,6 @@ def _in_matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.
     return hidden.to(dtype), weight.to(dtype)
 
 
-def _chunked_losses(hidden, weight, labels, loss_and_grad, options, chunk_size):
-    """Per-token fp32 losses, chunk by chunk, no gradients (the forward of ``"none"``)."""
-    hidden, weight = _in_matmul_dtype(hidden, weight)
-    losses = []
-    for rows, _, logits in _logits_chunks(hidden, weight, chunk_size):
-        losses.append(loss_and_grad(logits, labels[rows], compute_grad=False, inplace=True, **options)[0])
-        del logits  # before the next chunk's logits exist
-    return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
-
-
 def _gather_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """``x[rows]``; ``rows=None`` means every row."""
     return x if rows is None else x[rows]
@@ -280,10 +236,8 @@ def _scatter_rows(x: torch.Tensor, rows: torch.Tensor | None, total: int) -> tor
     return x.new_zeros((total, *x.shape[1:])).index_copy_(0, rows, x)
 
 
-def linear_cross_entropy_chunked(
-    hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss, chunk_size, backend
-):
-    """The chunked loss, with its gradients precomputed only when a backward can follow.
+def linear_cross_entropy_chunked(hidden, weight, labels, ignore_index, chunk_size, backend):
+    """The summed chunked loss, with its gradients precomputed only when a backward can follow.
 
     ``chunk_size=None``: :func:`default_chunk_size` of the vocabulary (``weight``'s rows), in the
     bytes the backend's loss works in.
@@ -291,47 +245,21 @@ def linear_cross_entropy_chunked(
     chunk_size = chunk_size or default_chunk_size(weight.shape[0], bytes_per_logit(hidden, weight, backend))
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return LinearCrossEntropyFunction.apply(
-        hidden,
-        weight,
-        labels,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        z_loss,
-        chunk_size,
-        backend,
-        wants_grad,
+        hidden, weight, labels, ignore_index, chunk_size, backend, wants_grad
     )
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """The chunked loss; ``apply(hidden, weight, labels, ignore_index, reduction, label_smoothing, z_loss,
-    chunk_size, backend, wants_grad)`` (call it through :func:`linear_cross_entropy_chunked`).
+    """The summed chunked loss; ``apply(hidden, weight, labels, ignore_index, chunk_size, backend,
+    wants_grad)`` (call it through :func:`linear_cross_entropy_chunked`).
 
     ``backend`` is ``"triton"`` (the CE kernel per chunk) or ``"torch"`` (its PyTorch twin).
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        labels,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        z_loss,
-        chunk_size,
-        backend,
-        wants_grad,
-    ):
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        loss_and_grad = _loss_and_grad_for(backend)
-        options = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss}
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, backend, wants_grad):
         ctx.hidden_shape = hidden.shape
         ctx.weight_dtype = weight.dtype
-        ctx.reduction = reduction
         # Only trained tokens reach the LM head. An ignored token (prompt, padding: about half of an
         # SFT row) has no loss and no gradient, yet its logits cost as much as a trained token's, and
         # the head is a third of a small model's FLOPs. The chunk loop runs on the trained rows;
@@ -341,47 +269,29 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         trained = labels1d != ignore_index
         ctx.trained_rows = rows = None if bool(trained.all()) else trained.nonzero().squeeze(1)
         hidden2d, labels1d = _gather_rows(hidden2d, rows), _gather_rows(labels1d, rows).contiguous()
-
-        if reduction == "none":
-            ctx.recompute = (loss_and_grad, options, chunk_size)
-            if wants_grad:
-                ctx.save_for_backward(hidden2d, weight, labels1d)
-            losses = _chunked_losses(hidden2d, weight, labels1d, loss_and_grad, options, chunk_size)
-            return _scatter_rows(losses, ctx.trained_rows, labels.numel()).view(labels.shape)
-
-        n_valid = trained.sum() if reduction == "mean" else None
         total, grad_hidden, grad_weight = _chunked_loss_and_grads(
-            hidden2d, weight, labels1d, loss_and_grad, options, chunk_size,
-            wants_grad and ctx.needs_input_grad[0], wants_grad and ctx.needs_input_grad[1], n_valid=n_valid,
+            hidden2d, weight, labels1d, _loss_and_grad_for(backend), ignore_index, chunk_size,
+            wants_grad and ctx.needs_input_grad[0], wants_grad and ctx.needs_input_grad[1],
         )  # fmt: skip
         # Kept on ctx rather than saved: the backward scales them in place and hands them over, so
         # no second weight-sized buffer appears (a second backward through this graph is refused).
         ctx.grads = (grad_hidden, grad_weight)
-        return total / n_valid.clamp(min=1) if reduction == "mean" else total
+        return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.reduction == "none":
-            hidden2d, weight, labels1d = ctx.saved_tensors
-            loss_and_grad, options, chunk_size = ctx.recompute
-            _, grad_hidden, grad_weight = _chunked_loss_and_grads(
-                hidden2d, weight, labels1d, loss_and_grad, options, chunk_size,
-                ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                row_scale=_gather_rows(grad_output.reshape(-1).float(), ctx.trained_rows),
-            )  # fmt: skip
-        else:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "linear_cross_entropy computes its gradients in the forward: backward runs once"
-                )
-            grad_hidden, grad_weight = ctx.grads
-            ctx.grads = None
-            for grad in (grad_hidden, grad_weight):
-                if grad is not None:
-                    grad.mul_(grad_output)
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy computes its gradients in the forward: backward runs once"
+            )
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        for grad in (grad_hidden, grad_weight):
+            if grad is not None:
+                grad.mul_(grad_output)
         if grad_hidden is not None:
             rows = ctx.hidden_shape.numel() // ctx.hidden_shape[-1]
             grad_hidden = _scatter_rows(grad_hidden, ctx.trained_rows, rows).view(ctx.hidden_shape)
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None

@@ -4,12 +4,10 @@ Tests compare each kernel against these functions and the benchmark uses them as
 baseline, so there is exactly one definition of what the kernels must compute. They are written
 for clarity, not memory: ``linear_cross_entropy_reference`` materialises the full logits.
 
-Conventions shared by all cross-entropy variants:
+Conventions shared by the cross-entropies:
 
 - statistics in fp32 whatever the input dtype;
-- ``loss_i = (1 - s) * (lse_i - x_i[y_i]) + s * (lse_i - mean_j x_i[j]) + z * lse_i**2`` with
-  ``s`` the label smoothing (PyTorch's definition: a uniform share ``s / V`` on every class) and
-  ``z`` the z-loss scale (PaLM's auxiliary loss that keeps ``log Z`` near 0);
+- ``loss_i = lse_i - x_i[y_i]``;
 - rows whose label is ``ignore_index`` contribute 0 to the loss and get a zero gradient;
 - ``reduction="mean"`` divides by the number of non-ignored rows, and by 1 when there are none, so
   an all-ignored batch gives 0 instead of ``F.cross_entropy``'s NaN.
@@ -30,21 +28,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     return (y * weight.float()).to(x.dtype)
 
 
-def rms_norm_residual_reference(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s = x + residual`` (in the input dtype), then ``(rms_norm(s), s)``."""
-    s = x + residual
-    return rms_norm_reference(s, weight, eps), s
-
-
 def cross_entropy_reference(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    reduction: str = "sum",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "sum"
 ) -> torch.Tensor:
     """Token cross-entropy of ``logits [..., V]`` against ``labels [...]``; fp32 result.
 
@@ -54,25 +39,16 @@ def cross_entropy_reference(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     x = logits.reshape(-1, logits.shape[-1]).float()
     y = labels.reshape(-1)
-    valid = y != ignore_index
-    loss = F.cross_entropy(x, y, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
-    if z_loss:
-        loss = loss + z_loss * torch.logsumexp(x, dim=-1).pow(2) * valid
+    loss = F.cross_entropy(x, y, ignore_index=ignore_index, reduction="none")
     if reduction == "none":
         return loss.view(labels.shape)
     total = loss.sum()
-    return total / valid.sum().clamp(min=1) if reduction == "mean" else total
+    return total / (y != ignore_index).sum().clamp(min=1) if reduction == "mean" else total
 
 
 def linear_cross_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    reduction: str = "sum",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
-    """``cross_entropy_reference(hidden @ weight.T, labels)``: the eager LM-head loss (full logits)."""
-    logits = hidden @ weight.t()
-    return cross_entropy_reference(logits, labels, ignore_index, reduction, label_smoothing, z_loss)
+    """``cross_entropy_reference(hidden @ weight.T, labels)``, summed: the eager LM-head loss (full
+    logits)."""
+    return cross_entropy_reference(hidden @ weight.t(), labels, ignore_index)

@@ -1,23 +1,19 @@
-"""Fused RMSNorm in Triton, optionally fused with the residual add that precedes it.
+"""Fused RMSNorm in Triton.
 
 Forward, one program per row (the row fits in one block up to hidden 64k)::
 
-    s    = x + residual                      (only in the residual variant; stored, it is the new stream)
-    rstd = 1 / sqrt(mean(s^2) + eps)         (fp32, saved for the backward: one float per row)
-    y    = s * rstd * w
+    rstd = 1 / sqrt(mean(x^2) + eps)         (fp32, saved for the backward: one float per row)
+    y    = x * rstd * w
 
-Backward, with ``s_hat = s * rstd`` and ``g = dy * w``::
+Backward, with ``x_hat = x * rstd`` and ``g = dy * w``::
 
-    ds = rstd * (g - s_hat * mean(g * s_hat))   (+ the gradient flowing into the stream output)
-    dw = sum over rows of dy * s_hat
+    dx = rstd * (g - x_hat * mean(g * x_hat))
+    dw = sum over rows of dy * x_hat
 
 ``dw`` is a reduction over all rows. Float atomics would make it depend on the order programs
 finish in; instead each program owns a contiguous slice of rows, sums its slice in registers and
 writes one partial row, and ``torch.sum`` over the ``[programs, hidden]`` partials finishes the job.
 Two runs give bitwise-equal ``dw``.
-
-The residual variant saves reading ``x`` and ``residual`` twice and writing ``s`` separately: the
-add, the statistics and the normalisation happen in one pass over the row.
 """
 
 from __future__ import annotations
@@ -31,23 +27,15 @@ from ds_sft.kernels._launch import launch, num_warps_for, reduction_programs, ro
 
 @triton.jit
 def _rms_norm_forward_kernel(
-    X, R, S, W, Y, RSTD,
-    stride_x, stride_r, stride_s, stride_y,
+    X, W, Y, RSTD,
+    stride_x, stride_y,
     n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        # Round the sum to the stream dtype, exactly as `x + residual` in PyTorch does, and
-        # normalise that rounded value, so the fused model matches the unfused one.
-        x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        x = x.to(S.dtype.element_ty)
-        tl.store(S + row * stride_s + cols, x, mask=mask)
-        x = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     tl.store(RSTD + row, rstd)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -56,10 +44,9 @@ def _rms_norm_forward_kernel(
 
 @triton.jit
 def _rms_norm_backward_kernel(
-    DY, DS, X, W, RSTD, DX, DW_PARTIAL,
-    stride_dy, stride_ds, stride_x, stride_dx,
+    DY, X, W, RSTD, DX, DW_PARTIAL,
+    stride_dy, stride_x, stride_dx,
     n_rows, n_cols, rows_per_program,
-    HAS_DS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -76,32 +63,28 @@ def _rms_norm_backward_kernel(
         x_hat = x * rstd
         g = dy * w
         dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
-        if HAS_DS:
-            dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * x_hat
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
 
 
-def rms_norm_forward(x2d, residual2d, weight, eps):
-    """Launch the forward on ``[rows, hidden]`` views: ``(y, s, rstd)``, ``s`` None without residual."""
+def rms_norm_forward(x2d, weight, eps):
+    """Launch the forward on a ``[rows, hidden]`` view: ``(y, rstd)``."""
     n_rows, n_cols = x2d.shape
     block = row_block(n_cols)
     y = torch.empty_like(x2d)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
-    s = torch.empty_like(x2d) if residual2d is not None else None
     launch(
         _rms_norm_forward_kernel, (n_rows,), x2d.device,
-        x2d, residual2d, s, weight, y, rstd,
-        x2d.stride(0), residual2d.stride(0) if s is not None else 0, s.stride(0) if s is not None else 0,
-        y.stride(0),
+        x2d, weight, y, rstd,
+        x2d.stride(0), y.stride(0),
         n_cols, eps,
-        HAS_RESIDUAL=s is not None, BLOCK=block, num_warps=num_warps_for(block),
+        BLOCK=block, num_warps=num_warps_for(block),
     )  # fmt: skip
-    return y, s, rstd
+    return y, rstd
 
 
-def rms_norm_backward(dy2d, ds2d, x2d, weight, rstd):
+def rms_norm_backward(dy2d, x2d, weight, rstd):
     """Launch the backward; returns ``(dx, dweight)`` with ``dweight`` reduced deterministically."""
     n_rows, n_cols = x2d.shape
     block = row_block(n_cols)
@@ -111,36 +94,30 @@ def rms_norm_backward(dy2d, ds2d, x2d, weight, rstd):
     dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x2d.device)
     launch(
         _rms_norm_backward_kernel, (programs,), x2d.device,
-        dy2d, ds2d, x2d, weight, rstd, dx, dw_partial,
-        dy2d.stride(0), ds2d.stride(0) if ds2d is not None else 0, x2d.stride(0), dx.stride(0),
+        dy2d, x2d, weight, rstd, dx, dw_partial,
+        dy2d.stride(0), x2d.stride(0), dx.stride(0),
         n_rows, n_cols, rows_per_program,
-        HAS_DS=ds2d is not None, BLOCK=block, num_warps=num_warps_for(block),
+        BLOCK=block, num_warps=num_warps_for(block),
     )  # fmt: skip
     return dx, dw_partial.sum(dim=0).to(weight.dtype)
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """``apply(x, residual, weight, eps)``: ``y``, or ``(y, x + residual)`` when ``residual`` is given."""
+    """``apply(x, weight, eps)`` -> ``y``."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, eps):
+    def forward(ctx, x, weight, eps):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1]).contiguous()
-        residual2d = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
         # The kernels index every row as PTR + cols: what they read, the backward's saved tensors
         # included, is contiguous (a strided weight was read at the wrong addresses in the backward)
         weight = weight.contiguous()
-        y, s, rstd = rms_norm_forward(x2d, residual2d, weight, eps)
-        ctx.has_residual = residual is not None
-        ctx.save_for_backward(s if s is not None else x2d, weight, rstd)
-        return (y.view(shape), s.view(shape)) if s is not None else y.view(shape)
+        y, rstd = rms_norm_forward(x2d, weight, eps)
+        ctx.save_for_backward(x2d, weight, rstd)
+        return y.view(shape)
 
     @staticmethod
-    def backward(ctx, dy, ds=None):
+    def backward(ctx, dy):
         x2d, weight, rstd = ctx.saved_tensors
-        n_cols = x2d.shape[-1]
-        ds2d = ds.reshape(-1, n_cols).contiguous() if ds is not None else None
-        dx, dw = rms_norm_backward(dy.reshape(-1, n_cols).contiguous(), ds2d, x2d, weight, rstd)
-        dx = dx.view(dy.shape)
-        # d(x + residual)/dx = d(x + residual)/dresidual = 1: both inputs receive the same gradient.
-        return dx, (dx if ctx.has_residual else None), dw, None
+        dx, dw = rms_norm_backward(dy.reshape(-1, x2d.shape[-1]).contiguous(), x2d, weight, rstd)
+        return dx.view(dy.shape), dw, None

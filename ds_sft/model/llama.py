@@ -370,7 +370,6 @@ class LlamaModel(nn.Module):
             self.lm_head_weight,
             labels,
             ignore_index=IGNORE_INDEX,
-            reduction="sum",
             backend=self.config.kernels,
         )
 

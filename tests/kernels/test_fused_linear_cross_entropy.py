@@ -1,8 +1,8 @@
 """The chunked linear cross-entropy (Triton CE kernel per chunk, and its plain-PyTorch twin)
-against the eager reference that materialises the full logits: loss, ``grad_hidden`` and
-``grad_weight`` for every reduction, chunk sizes that do not divide the token count, label
-smoothing and z-loss, ignored tokens, bf16; the PyTorch path at full model size and at Qwen's and
-Llama 3's vocabularies with the default (vocabulary-sized) chunks.
+against the eager reference that materialises the full logits: the summed loss, ``grad_hidden`` and
+``grad_weight``, chunk sizes that do not divide the token count, ignored tokens, bf16; the PyTorch
+path at full model size and at Qwen's and Llama 3's vocabularies with the default (vocabulary-sized)
+chunks.
 """
 
 from __future__ import annotations
@@ -35,19 +35,16 @@ def _run(fn, hidden, weight, labels, upstream, **options):
     return loss, h.grad, w.grad
 
 
-def _check(hidden, weight, labels, backend, reduction="sum", chunk_size=16, tol=None, **options):
+def _check(hidden, weight, labels, backend, chunk_size=16, tol=None):
     tol = tol or {"atol": 1e-5, "rtol": 1e-4}
-    gen = torch.Generator().manual_seed(1)
-    upstream = torch.randn(labels.shape if reduction == "none" else (), generator=gen).to(hidden.device)
+    upstream = torch.randn((), generator=torch.Generator().manual_seed(1)).to(hidden.device)
     loss, gh, gw = _run(
-        kernels.linear_cross_entropy, hidden, weight, labels, upstream,
-        reduction=reduction, chunk_size=chunk_size, backend=backend, **options,
-    )  # fmt: skip
+        kernels.linear_cross_entropy, hidden, weight, labels, upstream, chunk_size=chunk_size, backend=backend
+    )
     # The reference in fp32 whatever the inputs: the chunked loss accumulates in fp32 too.
     loss_ref, gh_ref, gw_ref = _run(
-        linear_cross_entropy_reference, hidden.float(), weight.float(), labels, upstream,
-        reduction=reduction, **options,
-    )  # fmt: skip
+        linear_cross_entropy_reference, hidden.float(), weight.float(), labels, upstream
+    )
     assert loss.dtype == torch.float32 and loss.shape == loss_ref.shape
     assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
     torch.testing.assert_close(loss, loss_ref, **tol)
@@ -56,50 +53,40 @@ def _check(hidden, weight, labels, backend, reduction="sum", chunk_size=16, tol=
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize(("tokens", "hidden"), [(1, 64), (5, 576), (123, 64)])
-def test_matches_reference(tokens, hidden, reduction, backend, device):
+def test_matches_reference(tokens, hidden, backend, device):
     h, w, labels = _inputs(tokens, hidden, 1000, device, seed=tokens)
-    _check(h, w, labels, backend, reduction, chunk_size=16)
+    _check(h, w, labels, backend, chunk_size=16)
 
 
 def test_triton_full_vocabulary(device):
     h, w, labels = _inputs(4, 768, 50304, device, ignored=0.0)
-    _check(h, w, labels, "triton", "mean", chunk_size=3, label_smoothing=0.1, z_loss=1e-4)
+    _check(h, w, labels, "triton", chunk_size=3)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_label_smoothing_and_z_loss(backend, reduction, device):
-    h, w, labels = _inputs(37, 64, 1000, device, seed=3)
-    _check(h, w, labels, backend, reduction, chunk_size=16, label_smoothing=0.1, z_loss=1e-3)
-
-
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-def test_all_ignored_gives_zero_loss_and_gradients(backend, reduction, device):
+def test_all_ignored_gives_zero_loss_and_gradients(backend, device):
     h, w, labels = _inputs(7, 64, 1000, device)
     labels[:] = IGNORE
-    upstream = torch.ones(labels.shape if reduction == "none" else (), device=device)
     loss, gh, gw = _run(
-        kernels.linear_cross_entropy, h, w, labels, upstream, reduction=reduction, backend=backend
+        kernels.linear_cross_entropy, h, w, labels, torch.ones((), device=device), backend=backend
     )
-    assert torch.all(loss == 0) and torch.all(gh == 0) and torch.all(gw == 0)
+    assert loss == 0 and torch.all(gh == 0) and torch.all(gw == 0)
 
 
 def test_triton_bf16(device):
     h, w, labels = _inputs(37, 64, 1000, device, dtype=torch.bfloat16, seed=5)
-    _check(h, w, labels, "triton", "sum", chunk_size=16, tol={"atol": 5e-2, "rtol": 2e-2})
+    _check(h, w, labels, "triton", chunk_size=16, tol={"atol": 5e-2, "rtol": 2e-2})
 
 
 def test_leading_dimensions_and_hidden_only_gradient(device):
     """[B, T, H] hidden with [B, T] labels; a frozen weight gets no gradient computed."""
     h, w, labels = _inputs(12, 64, 1000, device, seed=6)
     hb, lb = h.view(3, 4, 64).requires_grad_(), labels.view(3, 4)
-    loss = kernels.linear_cross_entropy(hb, w, lb, reduction="mean", chunk_size=5, backend="torch")
+    loss = kernels.linear_cross_entropy(hb, w, lb, chunk_size=5, backend="torch")
     loss.backward()
     h_ref = h.detach().clone().view(3, 4, 64).requires_grad_()
-    linear_cross_entropy_reference(h_ref, w, lb, reduction="mean").backward()
+    linear_cross_entropy_reference(h_ref, w, lb).backward()
     assert w.grad is None and hb.grad.shape == (3, 4, 64)
     torch.testing.assert_close(hb.grad, h_ref.grad, atol=1e-6, rtol=1e-5)
 
@@ -109,19 +96,18 @@ def test_torch_path_full_size_fp32():
     """The CPU path at the model's size: 2,048 tokens, hidden 768, vocabulary 50,304; the last of the
     1,000-token chunks is partial."""
     h, w, labels = _inputs(2048, 768, 50304, "cpu", seed=8)
-    _check(h, w, labels, "torch", "sum", chunk_size=1000, tol={"atol": 1e-4, "rtol": 1e-4})
+    _check(h, w, labels, "torch", chunk_size=1000, tol={"atol": 1e-4, "rtol": 1e-4})
 
 
 @pytest.mark.slow  # ~25 s
 def test_torch_path_full_size_bf16():
     h, w, labels = _inputs(2048, 768, 50304, "cpu", dtype=torch.bfloat16, seed=9)
-    _check(h, w, labels, "torch", "sum", chunk_size=1024, tol={"atol": 2e-2, "rtol": 2e-2})
+    _check(h, w, labels, "torch", chunk_size=1024, tol={"atol": 2e-2, "rtol": 2e-2})
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize(("vocab", "dtype"), [(151936, torch.float32), (128256, torch.float32),
                                               (151936, torch.bfloat16)])  # fmt: skip
-def test_torch_path_large_vocabularies_default_chunks(vocab, dtype, reduction):
+def test_torch_path_large_vocabularies_default_chunks(vocab, dtype):
     """Qwen's and Llama 3's vocabularies with the default chunking (sized by the vocabulary), forward and
     backward: 600 tokens make three chunks at these sizes, the last one partial."""
     chunk = default_chunk_size(vocab)
@@ -129,7 +115,7 @@ def test_torch_path_large_vocabularies_default_chunks(vocab, dtype, reduction):
     h, w, labels = _inputs(600, 64, vocab, "cpu", dtype=dtype, seed=vocab % 97)
     # sums over 10^5 logits in another order: the full-size tests' tolerances
     tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
-    _check(h, w, labels, "torch", reduction, chunk_size=None, tol=tol)
+    _check(h, w, labels, "torch", chunk_size=None, tol=tol)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -154,11 +140,9 @@ def test_second_backward_is_refused():
         loss.backward()
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-def test_head_runs_only_on_trained_tokens(reduction, monkeypatch):
+def test_head_runs_only_on_trained_tokens(monkeypatch):
     """Ignored tokens never reach the LM head: the per-chunk loss sees 40 rows of logits when 40 of
-    100 tokens are trained (twice for "none", whose backward recomputes them), and the result is
-    still the reference's."""
+    100 tokens are trained, and the result is still the reference's."""
     import ds_sft.kernels.fused_linear_cross_entropy as flce
 
     rows_seen, loss_and_grad = [], flce.cross_entropy_loss_and_grad_torch
@@ -170,8 +154,8 @@ def test_head_runs_only_on_trained_tokens(reduction, monkeypatch):
     monkeypatch.setattr(flce, "cross_entropy_loss_and_grad_torch", counting)
     h, w, labels = _inputs(100, 64, 1000, "cpu", ignored=0.0)
     labels[torch.randperm(100, generator=torch.Generator().manual_seed(0))[:60]] = IGNORE
-    _check(h, w, labels, "torch", reduction, chunk_size=16)
-    assert sum(rows_seen) == 40 * (2 if reduction == "none" else 1)
+    _check(h, w, labels, "torch", chunk_size=16)
+    assert sum(rows_seen) == 40
 
 
 def _spy_gradient_work(monkeypatch):
@@ -190,9 +174,8 @@ def _spy_gradient_work(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_requires_grad"])
-def test_no_gradient_work_without_grad(mode, reduction, backend, device, monkeypatch):
+def test_no_gradient_work_without_grad(mode, backend, device, monkeypatch):
     """An evaluation forward (no_grad, inference_mode, or inputs that need no gradient) allocates no
     grad_hidden / fp32 grad_weight and keeps nothing for a backward; the loss still equals the
     reference's."""
@@ -202,27 +185,25 @@ def test_no_gradient_work_without_grad(mode, reduction, backend, device, monkeyp
         h, w = h.requires_grad_(), w.requires_grad_()
     context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, torch.enable_grad)
     with context():
-        loss = kernels.linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=16, backend=backend)
+        loss = kernels.linear_cross_entropy(h, w, labels, chunk_size=16, backend=backend)
     assert not loss.requires_grad and loss.grad_fn is None
     assert all(call == (False, False) for call in calls)
-    reference = linear_cross_entropy_reference(h.detach(), w.detach(), labels, reduction=reduction)
+    reference = linear_cross_entropy_reference(h.detach(), w.detach(), labels)
     torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_gradient_work_when_grad_is_wanted(reduction, device, monkeypatch):
+def test_gradient_work_when_grad_is_wanted(device, monkeypatch):
     """The control of the test above: with grad enabled the forward precomputes both gradients."""
     h, w, labels = _inputs(37, 64, 1000, device, seed=3)
     calls = _spy_gradient_work(monkeypatch)
     loss = kernels.linear_cross_entropy(
-        h.requires_grad_(), w.requires_grad_(), labels, reduction=reduction, chunk_size=16, backend="torch"
+        h.requires_grad_(), w.requires_grad_(), labels, chunk_size=16, backend="torch"
     )
     assert loss.requires_grad and calls == [(True, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_one_chunk_of_logits_alive_at_a_time(dtype, reduction, monkeypatch):
+def test_one_chunk_of_logits_alive_at_a_time(dtype, monkeypatch):
     """When a chunk's logits are computed, no earlier chunk's logits are still referenced (fp32 on CPU
     gets a fresh oneDNN product per chunk, bf16 a view of one reused buffer): the peak holds one
     chunk, whatever the path. The result is still the reference's."""
@@ -243,9 +224,8 @@ def test_one_chunk_of_logits_alive_at_a_time(dtype, reduction, monkeypatch):
     monkeypatch.setattr(fused, "_matmul_transposed", tracking)
     h, w, labels = _inputs(100, 64, vocab, "cpu", dtype=dtype, ignored=0.0, seed=12)
     tol = None if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
-    _check(h, w, labels, "torch", reduction, chunk_size=16, tol=tol)
-    chunks = 7 * (2 if reduction == "none" else 1)  # "none" recomputes them in the backward
-    assert alive_at_each_chunk == [0] * chunks
+    _check(h, w, labels, "torch", chunk_size=16, tol=tol)
+    assert alive_at_each_chunk == [0] * 7
 
 
 def test_logits_chunks_share_one_buffer_off_onednn():
@@ -325,9 +305,10 @@ def test_the_default_chunk_is_sized_in_the_bytes_its_loss_works_in(
     vocab = 50304
     hidden, weight = torch.zeros(4, 8, dtype=dtype), torch.zeros(vocab, 8, dtype=dtype)
     chunks = []
-    monkeypatch.setattr(fused.LinearCrossEntropyFunction, "apply", lambda *args: chunks.append(args[7]))
+    monkeypatch.setattr(fused.LinearCrossEntropyFunction, "apply", lambda *args: chunks.append(args[4]))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         assert fused.bytes_per_logit(hidden, weight, backend) == logit_bytes
-        fused.linear_cross_entropy_chunked(hidden, weight, torch.zeros(4, dtype=torch.long),
-                                           -100, "sum", 0.0, 0.0, None, backend)  # fmt: skip
+        fused.linear_cross_entropy_chunked(
+            hidden, weight, torch.zeros(4, dtype=torch.long), -100, None, backend
+        )
     assert chunks == [default_chunk_size(vocab, logit_bytes)]

@@ -1,5 +1,5 @@
-"""The Triton RMSNorm (plain and fused with the residual add) against ``kernels.reference``, run
-through the Triton interpreter on CPU: forward, input and weight gradients, odd shapes, fp32 and bf16.
+"""The Triton RMSNorm against ``kernels.reference``, run through the Triton interpreter on CPU:
+forward, input and weight gradients, odd shapes, fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_sft.kernels.reference import rms_norm_reference, rms_norm_residual_reference
+from ds_sft.kernels.reference import rms_norm_reference
 from ds_sft.kernels.rmsnorm import RMSNormFunction
 
 SHAPES = [(1, 64), (5, 576), (123, 768), (2, 3, 5, 64)]
@@ -17,11 +17,10 @@ TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"ato
 
 
 def _inputs(shape, dtype, device, seed=0):
-    """x, residual, weight, and upstream gradients for y and for the stream s."""
+    """x, weight, and the upstream gradient of y."""
     gen = torch.Generator().manual_seed(seed)
     weight = 1 + 0.1 * torch.randn(shape[-1], generator=gen)
-    tensors = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), weight]
-    tensors += [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)]
+    tensors = [torch.randn(shape, generator=gen), weight, torch.randn(shape, generator=gen)]
     return [t.to(device=device, dtype=dtype) for t in tensors]
 
 
@@ -32,10 +31,10 @@ def _leaves(*tensors):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rms_norm_matches_reference(shape, dtype, device):
-    x, _, weight, grad_y, _ = _inputs(shape, dtype, device)
+    x, weight, grad_y = _inputs(shape, dtype, device)
     (x1, w1), (x2, w2) = _leaves(x, weight), _leaves(x, weight)
 
-    y = RMSNormFunction.apply(x1, None, w1, 1e-6)
+    y = RMSNormFunction.apply(x1, w1, 1e-6)
     y.backward(grad_y)
     y_ref = rms_norm_reference(x2, w2, 1e-6)
     y_ref.backward(grad_y)
@@ -48,51 +47,22 @@ def test_rms_norm_matches_reference(shape, dtype, device):
     torch.testing.assert_close(w1.grad.float(), w2.grad.float(), atol=tol["atol"] * 4, rtol=tol["rtol"])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 64), (123, 768), (2, 3, 5, 64)])
-def test_rms_norm_residual_matches_reference(shape, dtype, device):
-    x, residual, weight, grad_y, grad_s = _inputs(shape, dtype, device, seed=1)
-    (x1, r1, w1), (x2, r2, w2) = _leaves(x, residual, weight), _leaves(x, residual, weight)
-
-    y, s = RMSNormFunction.apply(x1, r1, w1, 1e-6)
-    torch.autograd.backward([y, s], [grad_y, grad_s])
-    y_ref, s_ref = rms_norm_residual_reference(x2, r2, w2, 1e-6)
-    torch.autograd.backward([y_ref, s_ref], [grad_y, grad_s])
-
-    tol = TOLERANCES[dtype]
-    torch.testing.assert_close(s, s_ref, **tol)
-    torch.testing.assert_close(y, y_ref, **tol)
-    torch.testing.assert_close(x1.grad, x2.grad, **tol)
-    torch.testing.assert_close(r1.grad, r2.grad, **tol)
-    torch.testing.assert_close(w1.grad.float(), w2.grad.float(), atol=tol["atol"] * 4, rtol=tol["rtol"])
-
-
-def test_rms_norm_residual_when_only_normed_output_is_used(device):
-    """The stream output unused: its gradient arrives as zeros, the rest must still be right."""
-    x, residual, weight, grad_y, _ = _inputs((5, 64), torch.float32, device, seed=2)
-    (x1, r1, w1), (x2, r2, w2) = _leaves(x, residual, weight), _leaves(x, residual, weight)
-    RMSNormFunction.apply(x1, r1, w1, 1e-6)[0].backward(grad_y)
-    rms_norm_residual_reference(x2, r2, w2, 1e-6)[0].backward(grad_y)
-    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-5, rtol=1e-5)
-
-
 def test_weight_gradient_is_bitwise_deterministic(device):
     """dweight is reduced from per-program partial sums, never with float atomics (the interpreter
     runs programs in order, so this test bites on a GPU run: DS_SFT_GPU_TESTS=1)."""
-    x, _, weight, grad_y, _ = _inputs((123, 576), torch.float32, device, seed=3)
+    x, weight, grad_y = _inputs((123, 576), torch.float32, device, seed=3)
     grads = []
     for _ in range(2):
         (x1, w1) = _leaves(x, weight)
-        RMSNormFunction.apply(x1, None, w1, 1e-6).backward(grad_y)
+        RMSNormFunction.apply(x1, w1, 1e-6).backward(grad_y)
         grads.append((x1.grad, w1.grad))
     assert torch.equal(grads[0][1], grads[1][1])
     assert torch.equal(grads[0][0], grads[1][0])
 
 
 def test_non_contiguous_input(device):
-    x, _, _, _, _ = _inputs((64, 10), torch.float32, device, seed=4)
-    weight = _inputs((64,), torch.float32, device, seed=5)[2]
+    x = _inputs((64, 10), torch.float32, device, seed=4)[0]
+    weight = _inputs((64,), torch.float32, device, seed=5)[1]
     x_t = x.t()  # [10, 64] with strides (1, 10)
-    y = RMSNormFunction.apply(x_t, None, weight, 1e-6)
+    y = RMSNormFunction.apply(x_t, weight, 1e-6)
     torch.testing.assert_close(y, rms_norm_reference(x_t, weight, 1e-6), atol=1e-5, rtol=1e-5)
