@@ -16,10 +16,6 @@ The gradient is the only ``[rows, V]`` buffer; it may alias the logits (the fuse
 cross-entropy owns its logits chunk and overwrites it), because each block is read before it is
 written. Ignored rows get loss 0 and a zero gradient. For ``reduction="mean"`` the gradient is
 scaled by ``1 / n_valid`` read from a device tensor, so nothing waits for the host.
-
-``reduction="none"`` is where fused cross-entropies have gone wrong before: the upstream gradient
-is then one value per row, so the backward scales each row by its own value instead of assuming a
-scalar.
 """
 
 from __future__ import annotations
@@ -125,17 +121,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         loss, grad = cross_entropy_loss_and_grad(
             logits2d, labels1d, ignore_index, n_valid, compute_grad=logits.requires_grad
         )
-        ctx.reduction = reduction
         ctx.logits_shape = logits.shape
         ctx.save_for_backward(grad)
-        if reduction == "none":
-            return loss.view(labels.shape)
         total = loss.sum()
         return total / n_valid.clamp(min=1) if reduction == "mean" else total
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        # A scalar upstream gradient for sum/mean; one per row for "none".
-        scale = grad_output.reshape(-1, 1) if ctx.reduction == "none" else grad_output
-        return (grad * scale).view(ctx.logits_shape), None, None, None
+        return (grad * grad_output).view(ctx.logits_shape), None, None, None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-REDUCTIONS = ("sum", "mean", "none")
+REDUCTIONS = ("sum", "mean")
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -31,18 +31,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
 def cross_entropy_reference(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "sum"
 ) -> torch.Tensor:
-    """Token cross-entropy of ``logits [..., V]`` against ``labels [...]``; fp32 result.
-
-    ``reduction="none"`` returns one loss per label (``labels.shape``), 0 where ignored.
-    """
+    """Token cross-entropy of ``logits [..., V]`` against ``labels [...]``, summed or averaged; fp32."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     x = logits.reshape(-1, logits.shape[-1]).float()
     y = labels.reshape(-1)
-    loss = F.cross_entropy(x, y, ignore_index=ignore_index, reduction="none")
-    if reduction == "none":
-        return loss.view(labels.shape)
-    total = loss.sum()
+    total = F.cross_entropy(x, y, ignore_index=ignore_index, reduction="none").sum()
     return total / (y != ignore_index).sum().clamp(min=1) if reduction == "mean" else total
 
 
