@@ -227,11 +227,6 @@ def unique_rows(records: list[dict], drops: Drops) -> list[int]:
     return kept
 
 
-def dedup(records: list[dict], drops: Drops) -> list[dict]:
-    """The records left by :func:`unique_rows`."""
-    return [records[i] for i in unique_rows(records, drops)]
-
-
 _HASH_BASE = np.uint64(0x100000001B3)  # an odd 64-bit multiplier; arithmetic wraps modulo 2**64
 
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ds_sft.data.clean import Drops, unique_rows
 from ds_sft.data.prepare import add_arguments
 from ds_sft.options import OneLineParser
+
+
+def dedup(records: list[dict], drops: Drops) -> list[dict]:
+    """The records :func:`ds_sft.data.clean.unique_rows` keeps (prepare keeps their indices)."""
+    return [records[i] for i in unique_rows(records, drops)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -21,13 +21,13 @@ from ds_sft.data.clean import (
     NgramSet,
     clean_records,
     decontaminate,
-    dedup,
     normalize_text,
     record_words,
     unique_rows,
     words,
 )
 from tests.conftest import REPO_ROOT
+from tests.data.helpers import dedup
 
 
 def record(instruction, response, source="s", extra=""):

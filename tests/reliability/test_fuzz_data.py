@@ -34,11 +34,12 @@ import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from ds_sft.data.clean import Drops, clean_records, dedup, normalize_text
+from ds_sft.data.clean import Drops, clean_records, normalize_text
 from ds_sft.data.sources import SourceSpec, load_source
 from ds_sft.data.templates import render_prompt
 from ds_sft.data.tokenize import tokenize_records
 from ds_sft.errors import UserError
+from tests.data.helpers import dedup
 
 FUZZ = settings(
     max_examples=60,
