@@ -74,14 +74,6 @@ class Documents:
     # --truncate), the fewest tokens it has in full; 0 for the others (see LengthFloor)
     floors: np.ndarray | None = None
 
-    @classmethod
-    def with_prompts(cls, tokens, offsets, prompt_lens, source_ids) -> Documents:
-        """Documents whose first ``prompt_lens[i]`` tokens are not trained and the rest are."""
-        lengths = np.diff(offsets)
-        within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
-        trained = (within >= np.repeat(prompt_lens, lengths)).astype(np.uint8)
-        return cls(tokens, offsets, trained, source_ids)
-
     def __len__(self) -> int:
         return len(self.source_ids)
 

@@ -5,14 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ds_sft.data.clean import Drops, unique_rows
 from ds_sft.data.prepare import add_arguments
+from ds_sft.data.tokenize import Documents
 from ds_sft.options import OneLineParser
 
 
 def dedup(records: list[dict], drops: Drops) -> list[dict]:
     """The records :func:`ds_sft.data.clean.unique_rows` keeps (prepare keeps their indices)."""
     return [records[i] for i in unique_rows(records, drops)]
+
+
+def documents_with_prompts(tokens, offsets, prompt_lens, source_ids) -> Documents:
+    """Documents whose first ``prompt_lens[i]`` tokens are not trained and the rest are."""
+    lengths = np.diff(offsets)
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    trained = (within >= np.repeat(prompt_lens, lengths)).astype(np.uint8)
+    return Documents(tokens, offsets, trained, source_ids)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ds_sft.data.pack import best_fit_decreasing, efficiency, one_per_row, pack_rows
-from ds_sft.data.tokenize import Documents
+from tests.data.helpers import documents_with_prompts
 
 
 def reference_bfd(lengths, capacity):
@@ -54,7 +54,7 @@ def test_bfd_rejects_documents_longer_than_a_row():
 def make_docs(lengths, prompt_lens, sources):
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = np.arange(offsets[-1], dtype=np.int32) + 1  # token value = flat position + 1
-    return Documents.with_prompts(
+    return documents_with_prompts(
         tokens, offsets, np.array(prompt_lens, np.int32), np.array(sources, np.int16)
     )
 

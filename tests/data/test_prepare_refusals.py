@@ -319,9 +319,9 @@ def test_bytes_per_position_is_what_pack_rows_holds():
     import numpy as np
 
     from ds_sft.data.pack import BYTES_PER_POSITION, one_per_row, pack_rows
-    from ds_sft.data.tokenize import Documents
+    from tests.data.helpers import documents_with_prompts
 
-    docs = Documents.with_prompts(
+    docs = documents_with_prompts(
         np.arange(5, dtype=np.int32), np.array([0, 2, 5]), np.array([1, 1]), np.zeros(2)
     )
     rows = pack_rows(docs, one_per_row(2), 8, 0)

@@ -78,7 +78,7 @@ def write_tiny_data_dir(
 
     from ds_sft.data.pack import best_fit_decreasing, pack_rows
     from ds_sft.data.shards import write_split
-    from ds_sft.data.tokenize import Documents
+    from tests.data.helpers import documents_with_prompts
 
     rng = np.random.default_rng(seed)
     sources = ["alpaca", "dolly", "gsm8k"]
@@ -86,7 +86,7 @@ def write_tiny_data_dir(
     for split, rows in (("train", train_rows), ("val", val_rows)):
         lengths = rng.integers(6, seq_len + 1, size=rows * 2)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        docs = Documents.with_prompts(
+        docs = documents_with_prompts(
             tokens=rng.integers(1, 256, size=int(offsets[-1])).astype(np.int32),
             offsets=offsets,
             prompt_lens=(lengths // 3).astype(np.int32),
