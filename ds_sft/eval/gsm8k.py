@@ -94,6 +94,7 @@ def extract_answer(completion: str) -> Decimal | None:
 
 
 def is_correct(completion: str, target: Decimal) -> bool:
+    """Whether the number ``completion`` commits to (:func:`extract_answer`) is ``target``."""
     predicted = extract_answer(completion)
     return predicted is not None and predicted == target
 
@@ -177,10 +178,6 @@ class Score:
     total: int
     samples: list[dict]  # question, target, completion, predicted, correct, hit_max_new_tokens: per problem
 
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else 0.0
-
 
 def score(
     problems: Sequence[Problem], answer_fn: Callable[[list[str]], list[tuple[str, bool]]], batch_size: int
@@ -211,7 +208,7 @@ def score(
                 "target": str(problem.target),
                 "completion": completion,
                 "predicted": None if predicted is None else str(predicted),
-                "correct": predicted is not None and predicted == problem.target,
+                "correct": is_correct(completion, problem.target),
                 "hit_max_new_tokens": hit_limit,
             }
         )

@@ -129,7 +129,6 @@ def test_score_counts_exact_matches_per_batch():
     # asked shortest first (ties in file order), so a batch pads little
     assert batches == [["q1?", "q3?"], ["q4???", "q0?????"], ["q2?????"]]
     assert (result.correct, result.total) == (3, 5)
-    assert result.accuracy == pytest.approx(0.6)
     # the samples come back in the problems' own order
     assert [s["question"] for s in result.samples] == [p.question for p in problems]
     assert [s["correct"] for s in result.samples] == [True, False, True, False, True]
