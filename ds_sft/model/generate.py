@@ -1,4 +1,4 @@
-"""Batched text generation with a KV cache: greedy, or temperature + nucleus (top-p) sampling.
+"""Batched greedy text generation with a KV cache: each step takes every row's most likely token.
 
 Prompts of different lengths share one batch by *left* padding, so every row's next token sits in
 the last column. The padding must not change the answer, which takes two things:
@@ -72,26 +72,23 @@ def generate(
     model: LlamaModel,
     prompts_ids: Sequence[Sequence[int]],
     max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
     eos_ids: Sequence[int] = (),
     stop_strings: Sequence[str] = (),
     decode: Callable[[list[int]], str] | None = None,
     pad_id: int = 0,
-    generator: torch.Generator | None = None,
     use_cache: bool = True,
     repetition_penalty: float = 1.0,
 ) -> list[list[int]]:
     """Complete each prompt; return the new token ids of each (without the EOS that ended it).
 
-    ``temperature == 0`` is greedy (after the repetition penalty, when one is set). ``stop_strings``
-    need ``decode`` (token ids -> text); a completion stopped by one ends with the token that
+    Each new token is the argmax of its logits (after the repetition penalty, when one is set).
+    ``stop_strings`` need ``decode`` (token ids -> text); a completion stopped by one ends with the token that
     completed it (cut the text with :func:`cut_at_stop_string`). ``use_cache=False`` recomputes the
     whole sequence at every step (the reference the cache is tested against).
     """
     if stop_strings and decode is None:
         raise UserError("stop strings need a decode function (token ids -> text)")
-    _check_settings(max_new_tokens, temperature, top_p, repetition_penalty)
+    _check_settings(max_new_tokens, repetition_penalty)
     if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
         raise UserError("generate needs at least one prompt, and every prompt at least one token")
     vocab = model.config.vocab_size
@@ -139,7 +136,7 @@ def generate(
                 raise UserError(non_finite_logits(model))
             if seen is not None:
                 logits = penalize_repetitions(logits, seen, repetition_penalty)
-            next_ids = sample(logits, temperature, top_p, generator)
+            next_ids = logits.argmax(dim=-1)
             if seen is not None:
                 seen[torch.arange(len(next_ids), device=device), next_ids] = True
             is_eos = torch.isin(next_ids, eos).tolist()
@@ -176,16 +173,12 @@ def generate(
         return completions
 
 
-def _check_settings(max_new_tokens, temperature, top_p, repetition_penalty) -> None:
+def _check_settings(max_new_tokens, repetition_penalty) -> None:
     """One line for a setting out of its range. Past them torch failed deep inside (a negative
-    max_new_tokens sized the cache below zero, a NaN temperature or top_p 0 left multinomial no
-    probabilities) or generated as if the setting were sane (a NaN penalty or top_p)."""
+    max_new_tokens sized the cache below zero) or generated as if the setting were sane (a NaN
+    penalty)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be a whole number of 0 or more, got {max_new_tokens!r}")
-    if not 0 <= temperature < math.inf:
-        raise UserError(f"the temperature must be 0 (greedy) or a positive number, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be above 0 and at most 1 (1 = off), got {top_p}")
     if not 0 < repetition_penalty < math.inf:
         raise UserError(f"the repetition penalty must be positive (1.0 = off), got {repetition_penalty}")
 
@@ -219,20 +212,6 @@ def penalize_repetitions(logits: torch.Tensor, seen: torch.Tensor, penalty: floa
     a positive logit divided by ``penalty``, a negative one multiplied (both move it down for > 1)."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """One token per row of ``logits [B, V]``: argmax, or a draw from the top-p nucleus at ``temperature``."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _ends_with_stop(tokens: list[int], stop_strings: Sequence[str], decode) -> bool:
