@@ -26,11 +26,6 @@ Trainer API (see :meth:`ResumableSampler.step_indices`)::
             ...
         sampler.advance(micro_batch * grad_accum * W)          # after the optimizer step
     ckpt["sampler"] = sampler.state_dict()
-
-It is also an ordinary ``torch.utils.data.Sampler``-compatible iterable: ``iter(sampler)`` yields this
-rank's indices from ``consumed_samples`` to the end of the current epoch (a ``DataLoader`` with
-``batch_size=micro_batch`` over it gives the same batches as :meth:`step_indices`); the caller still
-calls :meth:`advance` after each step, since a DataLoader prefetches ahead of what was trained.
 """
 
 from __future__ import annotations
@@ -41,9 +36,7 @@ import numpy as np
 class ResumableSampler:
     """Deterministic, resumable, distributed sampler over ``num_samples`` rows (see module docstring)."""
 
-    def __init__(
-        self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True
-    ) -> None:
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
         if num_samples <= 0:
             raise ValueError("ResumableSampler needs at least one sample")
         if not 0 <= rank < world_size:
@@ -52,7 +45,6 @@ class ResumableSampler:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self.shuffle = shuffle
         self.consumed_samples = 0  # global stream positions consumed by all ranks together
         self._cached_epoch: tuple[int, np.ndarray] | None = None
 
@@ -63,11 +55,7 @@ class ResumableSampler:
     def permutation(self, epoch: int) -> np.ndarray:
         """The global order of epoch ``epoch`` (cached: one epoch is reused by many steps)."""
         if self._cached_epoch is None or self._cached_epoch[0] != epoch:
-            order = (
-                np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-                if self.shuffle
-                else np.arange(self.num_samples)
-            )
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
             self._cached_epoch = (epoch, order)
         return self._cached_epoch[1]
 
@@ -96,16 +84,6 @@ class ResumableSampler:
     def advance(self, num_global_samples: int) -> None:
         """Record that all ranks together trained ``num_global_samples`` more stream positions."""
         self.consumed_samples += int(num_global_samples)
-
-    def __iter__(self):
-        end_of_epoch = (self.epoch + 1) * self.num_samples
-        yield from self.global_indices(self.consumed_samples, end_of_epoch)[
-            self.rank :: self.world_size
-        ].tolist()
-
-    def __len__(self) -> int:
-        remaining = (self.epoch + 1) * self.num_samples - self.consumed_samples
-        return max(0, -(-(remaining - self.rank) // self.world_size))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed_samples": self.consumed_samples, "seed": self.seed}
