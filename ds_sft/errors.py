@@ -113,6 +113,13 @@ def _printable(name) -> str:
 RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
+def refused_global(err: BaseException) -> str | None:
+    """The global (``os.system``, ``numpy.dtype``...) that torch's weights_only unpickler refused to
+    load, as its error names it ("GLOBAL os.system"); None when it names none (a damaged file)."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return named.group(1) if named else None
+
+
 def as_os_error(err: Exception, path=None) -> Exception:
     """``err`` as the ``OSError`` it reports (about ``path``, when known), when it is one in disguise:
     the Rust ``tokenizers`` library raises plain ``Exception("No space left on device (os error 28)")``,

@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from ds_sft.errors import UserError, first_line
+from ds_sft.errors import UserError, first_line, refused_global
 from ds_sft.model.config import FAMILIES, PRESETS, RUN_SETTINGS, ModelConfig, check_field
 from ds_sft.model.llama import LlamaModel, rope_table
 from ds_sft.paths import (
@@ -765,10 +765,10 @@ def _check_fits(state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
 def _pickle_refusal(path: Path, err: pickle.UnpicklingError) -> UserError:
     """The refusal of a pickle that torch's weights_only unpickler rejected, with its reason only: the
     rest of torch's message advises weights_only=False, which runs whatever the file names."""
-    named = re.search(r"GLOBAL ([\w.]+)", str(err))
+    named = refused_global(err)
     reason = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
     what = (
-        f"holds Python objects other than tensors and plain containers (it names {named.group(1)})"
+        f"holds Python objects other than tensors and plain containers (it names {named})"
         if named
         else "is truncated, corrupted or a pickle of Python objects"
         + (f" ({reason.group(1).strip()})" if reason and reason.group(1).strip() else "")

@@ -89,7 +89,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_sft.errors import UserError, first_line, one_line
+from ds_sft.errors import UserError, first_line, one_line, refused_global
 from ds_sft.paths import CHECKPOINT_TAG, TRAINER_STATE, latest_tag, sha256_file, tag_step
 
 STATE_FILE = TRAINER_STATE
@@ -687,8 +687,8 @@ def unsafe_pickle_message(tag_dir: Path, err: BaseException) -> str | None:
 
     if not isinstance(err, pickle.UnpicklingError):
         return None
-    named = re.search(r"GLOBAL ([\w.]+)", str(err))
-    what = f"names {named.group(1)}" if named else f"is not a plain checkpoint ({first_line(err)})"
+    named = refused_global(err)
+    what = f"names {named}" if named else f"is not a plain checkpoint ({first_line(err)})"
     return (
         f"a file of {tag_dir} {what}, which no checkpoint holds; ds-sft loads checkpoints only with torch's "
         "weights_only unpickler and ran nothing from it: pass another checkpoint"
