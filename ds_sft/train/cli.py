@@ -453,26 +453,29 @@ def run(args: argparse.Namespace) -> int:
 
 def leave_rank(code) -> None:
     """End this process with ``code``. A rank of several that ends in an error (its one line printed,
-    or told to stop by rank 0) leaves without interpreter teardown, as :func:`shutdown_multiprocess`
-    does and for its reason: DeepSpeed on CPU aborted in it ("terminate called without an active
-    exception"), and SIGABRT replaced the exit code the launcher and Slurm go by."""
+    or told to stop by rank 0) leaves by :func:`_exit_without_teardown`: else SIGABRT in the teardown
+    replaced the exit code the launcher and Slurm go by."""
     if isinstance(code, int) and several_ranks():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _exit_without_teardown(code)
     sys.exit(code)
 
 
 def shutdown_multiprocess(code: int = 0) -> None:
-    """Leave without running interpreter teardown: with several ranks, DeepSpeed 0.19.8 on CPU sometimes
-    aborts in it ("terminate called without an active exception") after the work is done; flushing and
-    ``os._exit(0)`` after the process group is gone made 16/16 runs exit 0 (shared/FACTS.md). Every
-    rank is past the last barrier, its part of the last checkpoint written, before any exits with
-    ``code``: ``srun --kill-on-bad-exit`` ends the others when one exits non-zero."""
+    """A rank of several at the end of its run: every rank is past the last barrier, its part of the last
+    checkpoint written, before any exits with ``code`` (``srun --kill-on-bad-exit`` ends the others when
+    one exits non-zero); then the process group goes and the rank leaves by :func:`_exit_without_teardown`."""
     import torch.distributed as dist
 
     dist.barrier()
     dist.destroy_process_group()
+    _exit_without_teardown(code)
+
+
+def _exit_without_teardown(code: int) -> None:
+    """Flush the output and ``os._exit(code)``: with several ranks, DeepSpeed 0.19.8 on CPU sometimes
+    aborts in the interpreter's teardown ("terminate called without an active exception") after the
+    work is done; leaving this way after the process group is gone made 16/16 runs exit 0
+    (shared/FACTS.md)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
