@@ -105,6 +105,13 @@ def one_line(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def preview(items: list[str], limit: int = 6) -> str:
+    """The first ``limit`` of ``items`` and how many more, for a message that names them in one line:
+    ``a, b, c, ... 4 more``."""
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... {len(items) - limit} more" if len(items) > limit else "")
+
+
 def _printable(name) -> str:
     text = os.fsdecode(name) if isinstance(name, bytes | os.PathLike) else str(name)
     return text if text.isprintable() else repr(text)  # a newline in a path would break the line

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_sft.data.clean import Drops
-from ds_sft.errors import UserError, first_line
+from ds_sft.errors import UserError, first_line, preview
 from ds_sft.paths import expand_user, hub_id, require_regular_file, sha256_file
 
 # record field -> column; "instruction" and "response" are required, the rest optional.
@@ -542,9 +542,8 @@ def choose_schema(spec: SourceSpec, columns: dict[str, list]) -> dict[str, str]:
     dropped as null fields, and read each with its own, a mistake would pass unseen. Rows of no
     schema stay, and are dropped later as ``null_<field>``. ``--field_map`` is taken as given.
     """
-    names = list(columns)
-    if len(names) > 20:  # quoted in one line: a file of a thousand keys names the first ones
-        names = [*names[:20], f"... {len(names) - 20} more"]
+    # quoted in one line: a file of a thousand keys names the first ones
+    names = f"[{preview([repr(name) for name in columns], 20)}]"
     if spec.field_map:
         mapping = spec.field_map
         missing = [col for col in mapping.values() if col not in columns]

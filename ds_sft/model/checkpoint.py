@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from ds_sft.errors import UserError, first_line, refused_global
+from ds_sft.errors import UserError, first_line, preview, refused_global
 from ds_sft.model.config import FAMILIES, PRESETS, RUN_SETTINGS, ModelConfig, check_field
 from ds_sft.model.llama import LlamaModel, rope_table
 from ds_sft.paths import (
@@ -208,7 +208,7 @@ def save_model(model: LlamaModel, directory: str | Path) -> Path:
         if name in weight_names
     }
     if set(state) != weight_names:
-        raise ValueError(f"save_model: the model lacks {_preview(sorted(weight_names - set(state)))}")
+        raise ValueError(f"save_model: the model lacks {preview(sorted(weight_names - set(state)))}")
     directory = own_folder(directory)
     save_weights(state, directory / MODEL_FILE)
     model.config.save(directory / CONFIG_FILE)
@@ -397,7 +397,7 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
     # transformers fills a weight the files lack with random values and only logs it: a base model
     # missing one would train from noise, so every weight must come from the files.
     problems = [
-        f"{label} {_preview(sorted(map(str, loading.get(key) or [])))}"
+        f"{label} {preview(sorted(map(str, loading.get(key) or [])))}"
         for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"))
         if loading.get(key)
     ]
@@ -405,7 +405,7 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
     wrong_shapes = [_wrong_shape(*item) for item in loading.get("mismatched_keys") or []]
     wrong_shapes += _shapes_unlike_config(hf_model, hf_cfg)
     if wrong_shapes:
-        problems.append(f"wrong shape: {_preview(wrong_shapes)}")
+        problems.append(f"wrong shape: {preview(wrong_shapes)}")
     if problems:
         described = "GGUF metadata" if gguf_file else "config.json"
         raise UserError(f"{where}: its weights do not fit its {described}: " + "; ".join(problems))
@@ -543,7 +543,7 @@ def canonical_state_dict(
         else:
             _put(out, sources, key, value, str(raw_key))
     if buffers:
-        log.info("ignored %d buffers recomputed from the config: %s", len(buffers), _preview(sorted(buffers)))
+        log.info("ignored %d buffers recomputed from the config: %s", len(buffers), preview(sorted(buffers)))
     if extra_state:
         log.info("kept Transformer Engine _extra_state of %d modules for the fp8 path", len(extra_state))
     return out, extra_state, buffers
@@ -634,7 +634,7 @@ def infer_config(
             fields[name] = found[0]
     if "wte.weight" not in state:
         raise UserError(
-            f"no token embedding among the checkpoint's keys ({_preview(sorted(state))}); see "
+            f"no token embedding among the checkpoint's keys ({preview(sorted(state))}); see "
             "ds_sft.model.checkpoint for the key names it accepts"
         )
     if state["wte.weight"].ndim != 2:
@@ -704,7 +704,7 @@ def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor]) -> None:
     ]
     if missing or unexpected or shapes:
         problems = [
-            f"{label} ({len(items)}): {_preview(items)}"
+            f"{label} ({len(items)}): {preview(items)}"
             for label, items in (
                 ("missing", missing),
                 ("unexpected", unexpected),
@@ -788,11 +788,6 @@ def _why(err: Exception) -> str:
 
 def _damaged(path: Path, err: Exception) -> UserError:
     return UserError(f"{path} is truncated or corrupted ({first_line(err)}); write or copy it again")
-
-
-def _preview(items: list[str], limit: int = 6) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... {len(items) - limit} more" if len(items) > limit else "")
 
 
 # ----------------------------------------------------------------------------- Hugging Face layout

@@ -45,7 +45,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, preview
 from ds_sft.paths import expand_user, unshare, write_result_file
 from ds_sft.train.report import PLOT_FILES
 
@@ -383,8 +383,7 @@ def check_is_run_folder(run_dir: Path) -> None:
     found = entries(run_dir)
     fresh = all(path.name == LOCK_FILE and is_lock_file(path) for path in found)
     if not (fresh or is_marked(run_dir) or only_copied_checkpoints(run_dir, found)):
-        names = [relative(path, run_dir) for path in found]
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        shown = preview([relative(path, run_dir) for path in found], 5)
         raise UserError(
             f"--out_dir {run_dir} is not empty and not a ds-sft run folder (it holds {shown}; a run "
             f"folder has {MARKER}): pass a new or empty --out_dir, e.g. --out_dir runs/NAME"

@@ -210,7 +210,7 @@ def test_a_refusal_names_the_first_columns_of_a_file_of_thousands(tmp_path, monk
     monkeypatch.setattr(sources, "MAX_ARRAY_BYTES", 1 << 30)  # its 5,000 keys parse past the test's budget
     path = tmp_path / "keys.jsonl"
     path.write_text("\n".join(json.dumps({f"k{i}_{j}": j for j in range(100)}) for i in range(50)))
-    with pytest.raises(UserError, match=r"found columns \[.*'k0_19', '\.\.\. 4980 more'\]") as info:
+    with pytest.raises(UserError, match=r"found columns \[.*'k0_19', \.\.\. 4980 more\]") as info:
         sources.load_source(sources.SourceSpec("mine", "generic", str(path)), False, Drops())
     assert len(str(info.value)) < 1000
 
