@@ -31,6 +31,11 @@ class OutOfDomain(ValueError):
     """A value outside its option's domain; the message says what the domain is."""
 
 
+def is_number(value) -> bool:
+    """Whether ``value`` is an int or a float (a number read from JSON), not a bool (an int to Python)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _show(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -120,7 +125,7 @@ class Float(Domain):
             raise self.refuse(text) from None
 
     def check(self, value):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = is_number(value)
         if ok:
             try:
                 number = float(value)

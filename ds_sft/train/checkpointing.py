@@ -90,6 +90,7 @@ from pathlib import Path
 import numpy as np
 
 from ds_sft.errors import UserError, first_line, one_line, refused_global
+from ds_sft.options import is_number
 from ds_sft.paths import CHECKPOINT_TAG, TRAINER_STATE, latest_tag, sha256_file, tag_step
 
 STATE_FILE = TRAINER_STATE
@@ -274,10 +275,6 @@ def _is_int(value, low: int, high: int = 2**62) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _field_problems(state: dict) -> dict[str, bool]:
     """{field: is it wrong} for every field ds-sft reads back from a trainer state."""
     sampler, run = state.get("sampler"), state.get("run", {})
@@ -290,11 +287,11 @@ def _field_problems(state: dict) -> dict[str, bool]:
         "zero_stage": not _is_int(state.get("zero_stage"), 0, 3),
         "nan_streak": not _is_int(state.get("nan_streak"), 0),
         "train_tokens": not _is_int(state.get("train_tokens"), 0),
-        "elapsed_s": not (_is_number(state.get("elapsed_s")) and 0 <= state["elapsed_s"] < float("inf")),
-        "best_val": not (state.get("best_val") is None or _is_number(state["best_val"])),
+        "elapsed_s": not (is_number(state.get("elapsed_s")) and 0 <= state["elapsed_s"] < float("inf")),
+        "best_val": not (state.get("best_val") is None or is_number(state["best_val"])),
         "best_tag": not (state.get("best_tag") is None or is_tag(state["best_tag"])),
         "val_history": not (
-            isinstance(state.get("val_history"), list) and all(map(_is_number, state["val_history"]))
+            isinstance(state.get("val_history"), list) and all(map(is_number, state["val_history"]))
         ),
         "max_iters": not ("max_iters" not in state or _is_int(state["max_iters"], 1)),
         "val_sample": not (

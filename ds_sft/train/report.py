@@ -7,6 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
+from ds_sft.options import is_number
 from ds_sft.paths import replace_file, write_result_file
 
 # Every plot :func:`plot` may write (run_dir.py removes the earlier run's at --overwrite).
@@ -83,10 +84,6 @@ TEXT_FIELDS = {"alarm": ("message",), "change": ("message",)}
 SOURCE_FIELDS = ("loss", "ppl", "acc", "tokens")  # each of an eval's per_source values
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def parse_record(line: str) -> dict | None:
     """One line of ``metrics.jsonl`` as a record, or None when it is not one: a line cut off by a run
     killed mid-write, or edited, is a JSON error, a record without its ``type`` or ``step`` cannot
@@ -103,9 +100,9 @@ def parse_record(line: str) -> dict | None:
         return None
     kind = record["type"]
     numbers = NUMBER_FIELDS.get(kind, ())
-    if not all(record.get(name) is None or _is_number(record[name]) for name in numbers):
+    if not all(record.get(name) is None or is_number(record[name]) for name in numbers):
         return None
-    if kind == "train" and record.get("tokens_per_s") is not None and not _is_number(record.get("mfu")):
+    if kind == "train" and record.get("tokens_per_s") is not None and not is_number(record.get("mfu")):
         return None  # a measured step has both
     if not all(isinstance(record.get(name), str) for name in TEXT_FIELDS.get(kind, ())):
         return None
@@ -115,7 +112,7 @@ def parse_record(line: str) -> dict | None:
         sources = record.get("per_source")
         if not isinstance(sources, dict) or not all(
             isinstance(values, dict)
-            and all(values.get(name) is None or _is_number(values[name]) for name in SOURCE_FIELDS)
+            and all(values.get(name) is None or is_number(values[name]) for name in SOURCE_FIELDS)
             for values in sources.values()
         ):
             return None
