@@ -59,6 +59,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
 from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
+from ds_sft.data.pack import best_fit_decreasing  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.eval.cli import available_device  # noqa: E402
 from ds_sft.labels import IGNORE_INDEX  # noqa: E402
@@ -236,19 +237,10 @@ def documents_from_rows(rows: list[dict]) -> list[Document]:
 
 
 def pack_rows(docs: list[Document], seq_len: int) -> list[dict]:
-    """Best-fit decreasing into rows of ``seq_len`` (for synthetic documents; real ones come packed)."""
-    rows: list[list[Document]] = []
-    space: list[int] = []
-    for doc in sorted(docs, key=lambda d: -len(d.input_ids)):
-        fits = [i for i, free in enumerate(space) if free >= len(doc.input_ids)]
-        if fits:
-            best = min(fits, key=lambda i: space[i])
-            rows[best].append(doc)
-            space[best] -= len(doc.input_ids)
-        else:
-            rows.append([doc])
-            space.append(seq_len - len(doc.input_ids))
-    return [layout_row(row, seq_len) for row in rows]
+    """Rows of ``seq_len`` packed as ``prepare`` packs (best-fit decreasing), for synthetic documents
+    (real ones come packed)."""
+    rows = best_fit_decreasing([len(doc.input_ids) for doc in docs], seq_len)
+    return [layout_row([docs[i] for i in row], seq_len) for row in rows]
 
 
 def layout_row(docs: list[Document], length: int) -> dict:
