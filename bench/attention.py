@@ -25,7 +25,6 @@ non-padding positions (bf16 rounding, ~1e-2). Writes ``bench/results/attention.j
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import sys
@@ -166,9 +165,6 @@ def run(args: argparse.Namespace) -> None:
         "dtype": "bfloat16",
         "tile": args.tile,
         "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
     }
     write_bench_json(path, {"config": meta, "layouts": results}, __file__)
     print(f"wrote {path.relative_to(REPO_ROOT)}")

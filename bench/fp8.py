@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import statistics
 import sys
 import time
@@ -245,7 +244,7 @@ def run(args: argparse.Namespace) -> None:
     if args.quick:
         args.steps, args.warmup, args.seq_len = 3, 2, min(args.seq_len, 256)
 
-    report = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()}
+    report = {}
     if not args.no_cpu:
         cpu_report(report, args.quick)
     if torch.cuda.is_available():

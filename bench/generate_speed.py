@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -150,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
     config = vars(args)
     record = {
         "config": config,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "results": rows,
     }

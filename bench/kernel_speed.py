@@ -404,7 +404,7 @@ def run(args: argparse.Namespace) -> None:
         args.tokens, args.hidden, args.vocab, args.chunk_size, args.repeats = 1024, 256, [8192], 256, 1
 
     config = {k: v for k, v in vars(args).items() if k not in ("case", "out")}
-    results = {"config": config, "host": platform.node(), "torch": torch.__version__, "time": time.time()}
+    results = {"config": config, "host": platform.node(), "time": time.time()}
     if not args.no_cpu:
         results["cpu"] = cpu_benchmarks(args)
     if torch.cuda.is_available():

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import platform
 import statistics
 import sys
 import time
@@ -135,8 +133,6 @@ def run(args: argparse.Namespace) -> int:
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
         "steps": args.steps,
-        "threads": torch.get_num_threads(),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "kernels_backend": config.kernels,
         "rows": rows,
     }

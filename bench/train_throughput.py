@@ -43,7 +43,6 @@ import functools
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -57,7 +56,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from a checkout
 
-from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
+from ds_sft.bench_result import check_bench_out, processor_name, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.data.pack import best_fit_decreasing  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
@@ -669,18 +668,10 @@ def gemm_step(n: int, device: torch.device) -> Callable[[dict], float]:
     return step
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def gpu_peak(device: torch.device) -> tuple[str, float | None]:
     """The device's name and its datasheet bf16 peak (None on CPU or an unknown GPU)."""
     if device.type != "cuda":
-        return cpu_name(), None
+        return processor_name(), None
     name = torch.cuda.get_device_name(device)
     peak = next((flops for key, flops in GPU_BF16_PEAK.items() if key in name), None)
     return name, peak
@@ -962,14 +953,8 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "benchmark": "train_throughput",
         "quick": args.quick,
-        "machine": {
-            "device": device_name,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cpu_count": os.cpu_count(),
-            # these machines are shared: a busy neighbour shows here, and scales every absolute figure
-            "load_average_1min_at_start": os.getloadavg()[0],
-        },
+        # the machine record (bench_result.machine) has the load as the result is written: this is before
+        "load_average_1min_at_start": os.getloadavg()[0],
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "model_parameters": config.num_parameters(),
     }
@@ -985,11 +970,9 @@ def run(args: argparse.Namespace) -> int:
         result["c"] = part_c(args, config, device, result.get("a"), batches)
     if "b" in args.parts:
         result["b"] = part_b(args, device)
-    result["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
     print_tables(result)
-    machine = result["machine"]
-    start_load, end_load = machine["load_average_1min_at_start"], machine["load_average_1min_at_end"]
-    print(f"\n{machine['device']}, {machine['threads']} threads, load {start_load:.1f} -> {end_load:.1f}")
+    start_load, end_load = result["load_average_1min_at_start"], os.getloadavg()[0]
+    print(f"\n{device_name}, {torch.get_num_threads()} threads, load {start_load:.1f} -> {end_load:.1f}")
     write_bench_json(out, result, __file__)
     print(f"\nwrote {out}")
     return 0

@@ -6,11 +6,15 @@ was. So every result names its writer (a JSON result's first key, ``"written_by"
 bench/gpu_check.py"``; a Markdown page's first line, an HTML comment that renders as nothing), and
 an existing file is written over only when it names one (a result of an earlier run), is empty, or lies
 in ``bench/results/``, the benches' own folder (git ignores it; results from before the mark are there).
+A JSON result also says what it was measured on (:func:`machine`), its second key.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError
@@ -59,10 +63,36 @@ def check_bench_out(path: str | Path) -> Path:
     return path
 
 
+def processor_name() -> str:
+    """The CPU's model name ("AMD EPYC 9454 48-Core Processor"), or what ``platform`` knows of it."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What a result was measured on: the OS, the processor and its CPU count; torch's version, its
+    threads and the GPU it used, where the bench used torch (None where not); and the 1-minute load
+    average as the result is written (these machines are shared: a busy neighbour scales every
+    absolute figure)."""
+    torch = sys.modules.get("torch")  # not imported for it: a bench that never used torch has none
+    return {
+        "platform": platform.platform(),
+        "processor": processor_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__ if torch else None,
+        "threads": torch.get_num_threads() if torch else None,
+        "gpu": torch.cuda.get_device_name() if torch and torch.cuda.is_initialized() else None,
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
 def write_bench_json(path: str | Path, result: dict, script: str | Path, indent: int | None = 2) -> Path:
-    """Write ``result`` as JSON at ``path``, its writer first (:func:`check_bench_out` decides
-    whether a file there may be replaced)."""
-    text = json.dumps({WRITER_KEY: writer_name(script), **result}, indent=indent) + "\n"
+    """Write ``result`` as JSON at ``path``, its writer first and :func:`machine` second
+    (:func:`check_bench_out` decides whether a file there may be replaced)."""
+    text = json.dumps({WRITER_KEY: writer_name(script), "machine": machine(), **result}, indent=indent) + "\n"
     return write_result_file(check_bench_out(path), text)
 
 

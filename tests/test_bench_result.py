@@ -5,6 +5,7 @@ is refused in one line, before the work, and left as it was."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,15 +25,34 @@ REFUSED = "is not a result a ds-sft bench wrote"
 def test_a_result_names_its_writer_and_is_written_over_by_the_next_run(tmp_path):
     out = tmp_path / "gemm.json"
     write_bench_json(out, {"flops": 1.0}, BENCH_DIR / "gpu_check.py", indent=None)
-    assert out.read_text().startswith('{"written_by": "ds-sft bench/gpu_check.py", "flops": 1.0}')
+    assert out.read_text().startswith('{"written_by": "ds-sft bench/gpu_check.py", "machine": {')
     write_bench_json(out, {"flops": 2.0}, BENCH_DIR / "kernel_speed.py")
-    assert json.loads(out.read_text()) == {"written_by": "ds-sft bench/kernel_speed.py", "flops": 2.0}
+    written = json.loads(out.read_text())
+    assert written.pop("machine") and written == {"written_by": "ds-sft bench/kernel_speed.py", "flops": 2.0}
     page = tmp_path / "SUMMARY.md"
     write_bench_page(page, "# gpu_check\n", BENCH_DIR / "gpu_check.py")
     write_bench_page(page, "# gpu_check again\n", BENCH_DIR / "gpu_check.py")
     assert page.read_text() == "<!-- written by ds-sft bench/gpu_check.py -->\n# gpu_check again\n"
     write_bench_json(tmp_path / "summary.json", {"quick": True}, "bench")  # the ds-sft bench command
     assert check_bench_out(tmp_path / "summary.json") == tmp_path / "summary.json"
+
+
+def test_every_result_says_what_it_was_measured_on(tmp_path):
+    """One machine record, stamped on every JSON result (five benches wrote five shapes of it, and
+    most benches none): a bench that used torch gets its version and threads."""
+    import torch
+
+    out = tmp_path / "result.json"
+    write_bench_json(out, {"flops": 1.0}, BENCH_DIR / "model_speed.py")
+    machine = json.loads(out.read_text())["machine"]
+    assert machine == {
+        **machine,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_initialized() else None,  # the GPU it used
+    }
+    assert {"platform", "processor", "load_average_1min"} <= machine.keys()
 
 
 # what a user keeps where a result could go; none of them names a ds-sft writer
