@@ -189,8 +189,12 @@ def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
 
     if torch.cuda.is_available():
         # before the group: NCCL's communicator and all_gather_object use the current device. Modulo
-        # the visible count: Slurm's --gpus-per-task shows each task its one GPU as device 0.
-        torch.cuda.set_device(launch_environment()[2] % torch.cuda.device_count())
+        # the visible count: Slurm's --gpus-per-task shows each task its one GPU as device 0. DeepSpeed
+        # takes LOCAL_RANK itself for the device (the group's device_id, the engine's set_device,
+        # ZeRO-3's partitions), so it is told the same index, not rank 1's invalid device ordinal 1.
+        device = launch_environment()[2] % torch.cuda.device_count()
+        os.environ["LOCAL_RANK"] = str(device)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         if timeout:

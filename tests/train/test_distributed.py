@@ -108,6 +108,40 @@ def test_train_translates_slurm_before_the_config_reads_world_size(monkeypatch):
     assert seen == {"world": "2", "rank": "1"}
 
 
+@pytest.mark.parametrize(("local_rank", "visible"), [(1, 1), (3, 1), (3, 2), (2, 4)])
+def test_deepspeed_is_told_the_gpu_the_rank_trains_on(local_rank, visible, monkeypatch):
+    """Under ``srun --gpus-per-task=1`` each task sees its one GPU as device 0 while LOCAL_RANK counts
+    the tasks on the node; DeepSpeed reads LOCAL_RANK as the device (the group's device_id, the
+    engine's set_device), so rank 1 asked for device 1: "invalid device ordinal". The device and the
+    LOCAL_RANK DeepSpeed reads are one. No GPU here: the CUDA calls are stand-ins."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.comm.utils import get_local_rank_from_launcher
+
+    from ds_sft.train.distributed import init_distributed
+
+    class Formed(Exception):
+        pass
+
+    def deepspeed_init(dist_backend, **kwargs):
+        raise Formed(dist_backend, get_local_rank_from_launcher())
+
+    launch = {"RANK": local_rank, "WORLD_SIZE": 4, "LOCAL_RANK": local_rank, "MASTER_PORT": 29500}
+    for key, value in {**launch, "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, str(value))
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", deepspeed_init)
+    with pytest.raises(Formed) as formed:
+        init_distributed()
+    assert current == [local_rank % visible]
+    assert formed.value.args == ("nccl", local_rank % visible)
+
+
 def test_one_rank_lets_the_store_pick_its_port():
     """A plain ``python`` run is one rank: the store binds a free port itself (MASTER_PORT 0), so no
     other process can take a port picked in advance before the store listens on it (EADDRINUSE)."""
