@@ -329,8 +329,6 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, run_generations=not args.no_generate,
             batch_size=args.batch_size, val_rows=args.val_rows,
         )  # fmt: skip
-        if device.type == "cuda":  # the first model's memory check must see this one's memory free
-            torch.cuda.empty_cache()
 
     results = []
     for spec, label in zip(specs, _labels(specs), strict=True):
