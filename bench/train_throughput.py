@@ -16,7 +16,9 @@
 (b) Packing against padding, in *trained* tokens per second (tokens whose loss counts). The same
     documents are laid out three ways and trained on with the ds-sft model: packed rows (what
     ``prepare`` writes), one document per row padded to ``seq_len`` (DeepSpeed-Chat), and micro-
-    batches padded to their longest document (Hugging Face's collator). The ds-sft model skips most
+    batches padded to their longest document (Hugging Face's collator; for the ds-sft model on CUDA
+    rounded up to flex_attention's 128-token block, so that it compiles for a few shapes, which the
+    warm-up compiles before any step is timed). The ds-sft model skips most
     of padding's cost (no LM head on untrained tokens, no attention tiles made only of padding), so
     within ds-sft padding costs less than the token efficiency says; the two padded layouts are also
     trained by ``transformers.LlamaForCausalLM``, as the frameworks that pad run them (logits and
@@ -64,12 +66,13 @@ from ds_sft.eval.cli import available_device  # noqa: E402
 from ds_sft.labels import IGNORE_INDEX  # noqa: E402
 from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig  # noqa: E402
 from ds_sft.model.fp8 import MODES as FP8_MODES  # noqa: E402
-from ds_sft.model.llama import LlamaModel  # noqa: E402
+from ds_sft.model.llama import LlamaModel, use_flex_attention  # noqa: E402
 from ds_sft.options import COUNT, INT32_MAX, SEED, Choice, Device, Int, Names, Text  # noqa: E402
 from ds_sft.train.metrics import flops_per_token  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 SEQ_LEN = Int(8, 2**20)  # tokens per row, as `ds-sft prepare --seq_len`
+FLEX_BLOCK = 128  # flex_attention's block of queries and keys (its BlockMask's default BLOCK_SIZE)
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, no sparsity).
 GPU_BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -269,15 +272,18 @@ def batches_of(rows: list[dict], size: int) -> list[dict]:
     return [stack(rows[i : i + size]) for i in range(0, len(rows), size)]
 
 
-def padded_layouts(docs: list[Document], seq_len: int, micro_batch: int, seed: int) -> dict[str, list[dict]]:
-    """The same documents as micro-batches: one per row padded to seq_len, or to the batch's longest."""
+def padded_layouts(
+    docs: list[Document], seq_len: int, micro_batch: int, seed: int, multiple: int = 1
+) -> dict[str, list[dict]]:
+    """The same documents as micro-batches: one per row padded to seq_len, or to the batch's longest
+    rounded up to a ``multiple`` (at most seq_len)."""
     shuffled = docs[:]
     random.Random(seed).shuffle(shuffled)
     pad_to_seq = batches_of([layout_row([d], seq_len) for d in shuffled], micro_batch)
     pad_to_longest = []
     for i in range(0, len(shuffled), micro_batch):
         group = shuffled[i : i + micro_batch]
-        longest = max(len(d.input_ids) for d in group)
+        longest = min(seq_len, -(-max(len(d.input_ids) for d in group) // multiple) * multiple)
         pad_to_longest.append(stack([layout_row([d], longest) for d in group]))
     return {"pad_to_seq_len": pad_to_seq, "pad_to_longest": pad_to_longest}
 
@@ -603,27 +609,32 @@ def time_layouts(runs: dict[str, tuple[Callable, list[dict]]], device) -> dict[s
     of landing on whichever layout happened to be running then.
     """
     # Warm-up, unmeasured: one batch per step function; on CUDA one of each shape, as flex_attention is
-    # compiled for each (B, T), and padding to the longest row gives nearly every batch its own.
+    # compiled for each (B, T) (padding to the longest row gives many). Past dynamo's recompile limit
+    # (8 shapes) the rest would run uncompiled, timing the padded layouts on slow code: the limit is
+    # raised to the shapes warmed, and a compile in a timed step is an error, not a slow step.
     warm_ups = {}
     for step, batches in runs.values():
         for batch in batches if device.type == "cuda" else batches[:1]:
             warm_ups.setdefault((step, tuple(batch["input_ids"].shape)), batch)
-    for (step, _), batch in warm_ups.items():
-        step({k: v.to(device) for k, v in batch.items()})
+    limit = max(torch._dynamo.config.recompile_limit, len(warm_ups))
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        for (step, _), batch in warm_ups.items():
+            step({k: v.to(device) for k, v in batch.items()})
     schedule = sorted(
         ((k + 0.5) / len(batches), name, k)
         for name, (_, batches) in runs.items()
         for k in range(len(batches))
     )
     totals = dict.fromkeys(runs, 0.0)
-    for _, name, k in schedule:
-        step, batches = runs[name]
-        batch = {key: value.to(device) for key, value in batches[k].items()}
-        _sync(device)
-        start = time.perf_counter()
-        step(batch)
-        _sync(device)
-        totals[name] += time.perf_counter() - start
+    with torch._dynamo.config.patch(recompile_limit=limit, error_on_recompile=device.type == "cuda"):
+        for _, name, k in schedule:
+            step, batches = runs[name]
+            batch = {key: value.to(device) for key, value in batches[k].items()}
+            _sync(device)
+            start = time.perf_counter()
+            step(batch)
+            _sync(device)
+            totals[name] += time.perf_counter() - start
     return totals
 
 
@@ -746,18 +757,21 @@ def part_b(args, device) -> dict:
         packed_rows = pack_rows(docs, seq_len)
         origin = "synthetic (no --data_dir): lognormal lengths like the shared mix"
     config = ModelConfig.from_dict({**preset, "max_seq_len": max(seq_len, preset["max_seq_len"])})
+    # flex_attention compiles for each (B, T): rows a multiple of its block (computed whole anyway)
+    multiple = FLEX_BLOCK if use_flex_attention(device) else 1
     layouts = {
         "packed": batches_of(packed_rows, args.micro_batch),
-        **padded_layouts(docs, seq_len, args.micro_batch, args.seed),
+        **padded_layouts(docs, seq_len, args.micro_batch, args.seed, multiple),
     }
 
     torch.manual_seed(args.seed)
     dssft = plain_dssft_step(config, device)
     runs = {name: (dssft, batches) for name, batches in layouts.items()}
     # The padded layouts as the frameworks that use them train: Hugging Face's model computes logits
-    # and attention for padding too, where the ds-sft model skips both.
+    # and attention for padding too, where the ds-sft model skips both; its collator pads to the longest.
     hf = hf_step(config, device, rows_per_pass=4)
-    runs.update({f"{name}{HF_SUFFIX}": (hf, layouts[name]) for name in layouts if name != "packed"})
+    hf_layouts = padded_layouts(docs, seq_len, args.micro_batch, args.seed)
+    runs.update({f"{name}{HF_SUFFIX}": (hf, batches) for name, batches in hf_layouts.items()})
     seconds = time_layouts(runs, device)
     results = {}
     for name, (_, batches) in runs.items():

@@ -161,6 +161,67 @@ def test_layout_timing_warms_up_every_shape_a_cuda_step_compiles_for(monkeypatch
     assert set(warm_ups) == warmed and len(warm_ups) == len(warmed)
 
 
+def test_layout_timing_compiles_every_shape_in_the_warm_up(monkeypatch):
+    """bench/train_throughput.py (b): past dynamo's recompile limit (8 shapes) a function compiled
+    per shape runs uncompiled (flex_attention: the whole score matrix), so the padded layouts were
+    timed on slow code. Here a stand-in compiled per shape sees 10 shapes: each is compiled once,
+    all before the first timed step (the first ``_sync``)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH_DIR / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    compiled, calls = [], []
+    monkeypatch.setattr(bench, "_sync", lambda device: calls.append("sync"))
+
+    def backend(graph, inputs):
+        compiled.append(tuple(inputs[0].shape))
+        return graph.forward
+
+    double_sum = torch.compile(lambda ids: (ids * 2).sum(), backend=backend, dynamic=False)
+
+    def step(batch):
+        double_sum(batch["input_ids"])
+        calls.append(len(compiled))
+
+    shapes = [(4, 128 * (1 + i % 8)) for i in range(12)] + [(1 + i % 3, 1024) for i in range(5)]  # 11 shapes
+    batches = [{"input_ids": torch.zeros(shape, dtype=torch.long)} for shape in shapes]
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device: self)
+    bench.time_layouts({"padded": (step, batches)}, SimpleNamespace(type="cuda"))
+    assert sorted(compiled) == sorted(set(shapes)) and len(compiled) > 8
+    assert calls[calls.index("sync") - 1] == len(compiled)  # every compile came before the timing
+
+
+def test_padding_to_the_longest_rounds_up_to_a_multiple_within_seq_len():
+    """bench/train_throughput.py (b): the ds-sft model's padded rows on CUDA are a multiple of
+    flex_attention's block (a few shapes to compile), at most seq_len; the documents and their
+    order are those of padding to the longest exactly, and only padding is added."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH_DIR / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lengths = [5, 130, 300, 7, 129, 256, 450, 9, 12, 128, 400]
+    docs = [bench.Document(torch.arange(1, n + 1), torch.arange(2, n + 2)) for n in lengths]
+    exact = bench.padded_layouts(docs, 450, 2, seed=0)["pad_to_longest"]
+    rounded = bench.padded_layouts(docs, 450, 2, seed=0, multiple=128)["pad_to_longest"]
+    assert [b["input_ids"].shape[1] for b in rounded] == [
+        min(450, -(-b["input_ids"].shape[1] // 128) * 128) for b in exact
+    ]
+    assert {b["input_ids"].shape[1] for b in rounded} <= {128, 256, 384, 450}
+    for short, long in zip(exact, rounded, strict=True):
+        width = short["input_ids"].shape[1]
+        for key in short:
+            assert torch.equal(long[key][:, :width], short[key])
+        assert (long["document_ids"][:, width:] == -1).all()
+        assert (long["labels"][:, width:] == -100).all()
+
+
 RESULT_HOLDERS = {
     "a link to a user's file": lambda path: path.symlink_to(path.parent / "notes.txt"),
     "a dangling link": lambda path: path.symlink_to(path.parent / "nowhere"),
