@@ -16,7 +16,9 @@ value just recorded (``"most_recent"``), and the history rolls one slot (the old
 Here that update runs just before the next cast rather than right after this one: the same scales,
 but a forward replayed by activation checkpointing casts exactly as the original did. Only training
 steps record (``module.training`` and grad mode on): an evaluation casts with the current scales and
-leaves the history as it found it.
+leaves the history as it found it. With several ranks each records its own tensors' amaxes, and after
+every optimizer step :func:`reduce_scaling_state` makes the state every rank's (TE's DelayedScaling
+reduces its amaxes over the group too).
 A fresh layer starts at scale 1, which is why seeding the history from the fp8-pretrained base
 checkpoint's Transformer Engine ``_extra_state`` matters.
 
@@ -419,6 +421,29 @@ def _fit_rows(history: torch.Tensor, rows: int) -> torch.Tensor:
     if len(history) >= rows:
         return history[:rows]
     return torch.cat([history, history.new_zeros(rows - len(history), *history.shape[1:])])
+
+
+@torch.no_grad()
+def reduce_scaling_state(model: nn.Module) -> None:
+    """Every rank's :class:`Float8Linear` scaling state made the same, in one all-reduce (MAX): each
+    amax history the elementwise max over the ranks, each scale the min (the scale that max gives: a
+    larger amax is a smaller scale). The trainer calls it on every rank after each optimizer step;
+    within a step each rank records its own micro-batches' amaxes. Unreduced, each rank scaled by
+    its own activations and gradients, and a resume gave every rank rank 0's state (the one a
+    checkpoint keeps). Nothing to do with one rank or no such layer."""
+    import torch.distributed as dist
+
+    layers = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    if not layers or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    # on the buffers' device, the engine's; the scales negated, so that the MAX of theirs is the min
+    state = [t for layer in layers for t in (layer.fp8_amax_history.flatten(), -layer.fp8_scale)]
+    reduced = torch.cat(state)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    parts = reduced.split([t.numel() for t in state])
+    for layer, history, negated in zip(layers, parts[::2], parts[1::2], strict=True):
+        layer.fp8_amax_history.copy_(history.view_as(layer.fp8_amax_history))
+        torch.neg(negated, out=layer.fp8_scale)
 
 
 # ----------------------------------------------------------------------------- Transformer Engine

@@ -120,6 +120,8 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
     (alarms and records of this process's segment; the report reads metrics.jsonl for the whole run)."""
     import torch.distributed as dist
 
+    from ds_sft.model.fp8 import reduce_scaling_state
+
     world, is_main = dist.get_world_size(), dist.get_rank() == 0
     say = print if is_main else (lambda *a, **k: None)
     ckpt_dir = run_dir / "checkpoints"
@@ -173,6 +175,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
             batches = [collate([train_set[int(i)] for i in micro]) for micro in rows]
             context = eta_context if step == first_step else forward_context
             result = train_step(engine, batches, world, context)
+            reduce_scaling_state(engine.module)  # --fp8 torch: every rank's amaxes
             sampler.advance(s.micro_batch_size * s.grad_accum * world)
             step_time = time.perf_counter() - start
 

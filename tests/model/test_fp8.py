@@ -1426,3 +1426,54 @@ def test_torch_fp8_under_deepspeed_zero_saves_and_resumes_fp8_state(stage, tmp_p
         if "fp8" in name:
             assert torch.equal(buffer, saved[name]), name
     second.destroy()  # the process group stays: DeepSpeed caches it, later engines in this process reuse it
+
+
+# Each rank: two fp8 layers whose scaling state is its own (drawn from its rank), reduced once.
+REDUCE_ON_TWO_RANKS = """
+import sys
+import torch
+import torch.distributed as dist
+from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, reduce_scaling_state
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+layers = [Float8Linear(torch.nn.Linear(16, 16), Fp8Recipe(amax_history_len=4)) for _ in range(2)]
+model = torch.nn.Sequential(*layers, torch.nn.Linear(16, 16))
+drawn = torch.Generator().manual_seed(rank)
+for layer in model[:2]:
+    layer.fp8_amax_history.copy_(torch.rand(4, 3, generator=drawn))
+    layer.fp8_scale.copy_(torch.rand(3, generator=drawn) + 0.5)
+before = {name: b.clone() for name, b in model.named_buffers()}
+reduce_scaling_state(model)
+torch.save({"before": before, "after": dict(model.named_buffers())}, f"{sys.argv[1]}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.multiproc
+def test_the_scaling_state_of_two_ranks_becomes_one(tmp_path):
+    """--fp8 torch on several ranks: each records its own tensors' amaxes, and TE's DelayedScaling
+    reduces them over the group; one all-reduce makes every history the elementwise max over the ranks
+    and every scale the min (the scale of that max), the same on both ranks (two gloo ranks)."""
+    import subprocess
+
+    from tests.rendezvous import without_launcher_variables
+
+    script = tmp_path / "reduce.py"
+    script.write_text(REDUCE_ON_TWO_RANKS)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**without_launcher_variables(), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    before = [r["before"] for r in ranks]
+    assert len(before[0]) == 4  # two layers' history and scale
+    for name in before[0]:
+        assert not torch.equal(before[0][name], before[1][name]), name  # the ranks' own, unreduced
+        pick = torch.minimum if name.endswith("fp8_scale") else torch.maximum
+        expected = pick(before[0][name], before[1][name])
+        for rank in ranks:
+            assert torch.equal(rank["after"][name], expected), name

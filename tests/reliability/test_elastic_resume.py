@@ -56,6 +56,7 @@ class Shape:
     zero_stage: int
     precision: str
     micro: int  # rows per rank per micro-step; accumulation = GLOBAL_BATCH / (micro x ranks)
+    fp8: str = "off"
 
     @property
     def accum(self) -> int:
@@ -65,10 +66,12 @@ class Shape:
 
     def flags(self) -> list[str]:
         return ["--zero_stage", str(self.zero_stage), "--precision", self.precision,
-                "--micro_batch_size", str(self.micro), "--grad_accum", str(self.accum)]  # fmt: skip
+                "--micro_batch_size", str(self.micro), "--grad_accum", str(self.accum),
+                "--fp8", self.fp8]  # fmt: skip
 
     def __str__(self) -> str:
-        return f"{self.ranks}r-z{self.zero_stage}-{self.precision}-{self.micro}x{self.accum}"
+        fp8 = "" if self.fp8 == "off" else f"-fp8{self.fp8}"
+        return f"{self.ranks}r-z{self.zero_stage}-{self.precision}-{self.micro}x{self.accum}{fp8}"
 
 
 def common_flags(data_dir: Path, out_dir: Path, save_interval: int) -> list[str]:
@@ -76,8 +79,7 @@ def common_flags(data_dir: Path, out_dir: Path, save_interval: int) -> list[str]
         "--model", "tiny", "--data_dir", str(data_dir), "--out_dir", str(out_dir),
         "--max_iters", str(STEPS), "--save_interval", str(save_interval), "--keep_last", "100",
         "--eval_interval", str(STEPS), "--eval_iters", "1", "--log_interval", "100", "--seed", "0",
-        "--learning_rate", "1e-3", "--min_lr", "1e-4", "--warmup_iters", "2", "--fp8", "off",
-        "--wandb_mode", "disabled",
+        "--learning_rate", "1e-3", "--min_lr", "1e-4", "--warmup_iters", "2", "--wandb_mode", "disabled",
     ]  # fmt: skip
 
 
@@ -187,8 +189,8 @@ def check_resumed(
     return loss, weight
 
 
-def S(ranks, stage, precision="fp32", micro=1) -> Shape:
-    return Shape(ranks, stage, precision, micro)
+def S(ranks, stage, precision="fp32", micro=1, fp8="off") -> Shape:
+    return Shape(ranks, stage, precision, micro, fp8)
 
 
 matrix = pytest.mark.matrix
@@ -234,6 +236,17 @@ CELLS = [
 @pytest.mark.parametrize(("first", "then"), CELLS, ids=lambda shape: str(shape))
 def test_resume_on_another_shape_continues_the_uninterrupted_run(first, then, reference, data_dir, tmp_path):
     check_resumed(reference(first), first, then, tmp_path / "resumed", data_dir)
+
+
+def test_a_two_rank_fp8_resume_is_exact(reference, data_dir, tmp_path):
+    """--fp8 torch on two ranks: each rank records its own amaxes, and a checkpoint keeps rank 0's
+    scaling state, which every rank resumed with (rank 1 then scaled otherwise than it would have).
+    Reduced over the ranks after every step, the state is every rank's, and a resume on the same
+    shape continues the uninterrupted run bit for bit (accumulating 3 micro-batches a step)."""
+    shape = S(2, 2, micro=2, fp8="torch")
+    run, out = reference(shape), tmp_path / "resumed"
+    train(shape, data_dir, out, run / "checkpoints" / tag(CHANGE_AT), save_interval=STEPS)
+    assert max_differences(run, out, range(CHANGE_AT + 1, STEPS + 1)) == (0.0, 0.0)
 
 
 # 4 -> 2 -> 1 -> 3 ranks: a resume at steps 3, 5 and 7, each from the checkpoint the previous shape wrote.
