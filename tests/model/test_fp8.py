@@ -93,8 +93,9 @@ def assert_matmul_of(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: 
 
 
 # Hopper's fp8 tensor cores add their products in a narrower accumulator than fp32, about 13 bits
-# after the point, truncating (DeepSeek-V3 report, section 3.3.2, measured ~14 bits on H800). cuBLAS
-# moves partial sums into fp32 as it goes, which only tightens this. Errors of the kind the check is
+# after the point, truncating (DeepSeek-V3 report, section 3.3.2, measured ~14 bits on H800). Without
+# fast accumulation (the gradients' GEMMs) cuBLAS moves partial sums into fp32 as it goes, which only
+# tightens this. Errors of the kind the check is
 # for stay far outside it: for these operands the gradient cast to e4m3 instead of e5m2, the input's
 # scale doubled, or the weight left unquantized, each give 15 to 33 times the bound (CPU, float64).
 HOPPER_FP8_ACCUMULATOR_BITS = 13
@@ -152,6 +153,26 @@ def test_scaled_mm_gets_each_scale_in_an_allocation_of_its_own(monkeypatch):
         for name, tensor in call.items():
             assert tensor.storage_offset() == 0, (name, tensor.storage_offset())
             assert tensor.data_ptr() % 16 == 0, name
+
+
+def test_only_the_forward_gemm_accumulates_fast(monkeypatch):
+    """The forward GEMM sums a layer's width of e4m3 products in the tensor cores' fast accumulator;
+    the gradients' GEMMs (the weight gradient's sums the token count's e5m2 products) move their
+    partial sums into fp32 (Transformer Engine's and torchao's choice). CPU's _scaled_mm takes the
+    flag and ignores it."""
+    handed = []
+    scaled_mm = torch._scaled_mm
+
+    def recording(*args, use_fast_accum=False, **kwargs):
+        handed.append(use_fast_accum)
+        return scaled_mm(*args, use_fast_accum=use_fast_accum, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    layer = Float8Linear(nn.Linear(64, 32, bias=False), Fp8Recipe(amax_history_len=4))
+    layer.scaled_mm = True
+    x = torch.randn(16, 64, requires_grad=True)
+    layer(x).backward(torch.randn(16, 32))
+    assert handed == [True, False, False]  # forward, input gradient, weight gradient
 
 
 def grid_inputs(dtype: torch.dtype) -> torch.Tensor:
