@@ -73,6 +73,7 @@ def time_gemm(n: int, repeats: int = 20) -> dict:
 # ds-sft's own (ds_sft/train) and the tensor collectives of DeepSpeed's ZeRO stages
 COLLECTIVES = (
     "all_reduce",
+    "all_reduce_max",  # stop_signal's: the largest signal any rank caught
     "broadcast",
     "all_gather_into_tensor",
     "reduce_scatter_tensor",
@@ -150,6 +151,9 @@ def run_collective(operation: str, group, device) -> None:
     if operation == "all_reduce":
         out = values.clone()
         dist.all_reduce(out, group=group)
+    elif operation == "all_reduce_max":
+        out = values.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
     elif operation == "broadcast":
         out = values.clone()
         dist.broadcast(out, src=0, group=group)
@@ -208,15 +212,20 @@ def train_run(run_dir: Path) -> dict | None:
         "tokens_per_s": statistics.median(speeds),
         "grad_accum": settings.get("grad_accum", 1),
         "flops_per_token": per_token,
-        "flops_per_token_head_trained": head_on_trained_tokens(per_token, config, train, settings, seq_len),
+        "flops_per_token_head_trained": head_on_trained_tokens(
+            per_token, config, train, effective.get("train_batch_size", 0), seq_len
+        ),
     }
 
 
-def head_on_trained_tokens(per_token: float, config, train: list[dict], settings: dict, seq_len: int):
+def head_on_trained_tokens(per_token: float, config, train: list[dict], rows_per_step: int, seq_len: int):
     """``per_token`` (PaLM's count: the LM head's ``6 V d`` for every position) with the head charged
     only to the trained tokens, the only ones the fused loss sends through it (about half of the
-    recipe's positions): the FLOPs the step did run. None where the records do not say."""
-    positions = settings.get("micro_batch_size", 0) * settings.get("grad_accum", 1) * seq_len  # one rank
+    recipe's positions): the FLOPs the step did run. None where the records do not say.
+
+    A record's ``trained_tokens`` counts every rank's, so the positions are every rank's too: the
+    step's rows (``train_batch_size``, micro x accum x ranks) times ``seq_len``."""
+    positions = rows_per_step * seq_len
     trained = [r["trained_tokens"] for r in train if r.get("trained_tokens")]
     if not positions or not trained:
         return None

@@ -7,6 +7,7 @@ run too far from bf16 must each turn the page to FAIL, and nothing else may.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ds_sft.model.config import ModelConfig
 from tests.conftest import REPO_ROOT
@@ -44,6 +46,62 @@ def test_every_collective_runs_over_gloo_on_cpu(tmp_path):
         assert result["device"] == "cpu" and "nccl" not in result
         assert result["gloo"] == dict.fromkeys(gpu_check.COLLECTIVES, "ok")
     assert (tmp_path / "notes.store").read_text() == "mine"
+
+
+@contextlib.contextmanager
+def one_rank_group(folder: Path):
+    """The default process group: the session's where a test made one, else a one-rank gloo group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.FileStore(str(folder / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def collectives_called(work, monkeypatch) -> set[tuple]:
+    """(operation, reduction, dtype) of each tensor collective ``work()`` calls through torch.distributed."""
+    import torch.distributed as dist
+
+    called = set()
+    with monkeypatch.context() as patch:
+        for name in gpu_check.COLLECTIVES:
+            real = getattr(dist, name, None)
+            if real is None:  # a variant of another (all_reduce_max)
+                continue
+
+            def call(*args, _name=name, _real=real, **kwargs):
+                tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                reduction = kwargs.get("op", dist.ReduceOp.SUM) if _name == "all_reduce" else None
+                called.add((_name, str(reduction), None if tensor is None else tensor.dtype))
+                return _real(*args, **kwargs)
+
+            patch.setattr(dist, name, call)
+        work()
+    return called
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch 2.13 renames two of DeepSpeed's collectives
+def test_the_probe_tries_every_collective_the_trainer_makes(tmp_path, monkeypatch):
+    """Each collective of ds_sft.train.distributed (its operation, reduction and dtype) is one that
+    ``collectives`` tries: stop_signal's all-reduce MAX of a float64 was not, and a NCCL without it
+    would have failed at the end of the first step instead of in the check."""
+    from ds_sft.train import distributed
+
+    def trainer():
+        distributed.all_reduce_sum([1.0, 2.0], "cpu")
+        distributed.stop_signal(0, "cpu")
+        distributed.on_rank_zero(lambda: None, "cpu")
+
+    with one_rank_group(tmp_path):
+        made = collectives_called(trainer, monkeypatch)
+        tried = collectives_called(lambda: gpu_check._each_collective(torch.device("cpu")), monkeypatch)
+    assert ("all_reduce", str(torch.distributed.ReduceOp.MAX), torch.float64) in made
+    assert made <= tried, made - tried
 
 
 def collectives(device: str, **outcomes: dict) -> dict:
@@ -347,18 +405,21 @@ def test_the_training_table_says_how_many_micro_batches_each_run_updated_on(tmp_
     assert "\n--compile / eager bf16 tokens/s: 1.50x (2 and 1 micro-batches per update)" in lines
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("trained_share", [0.25, 0.5, 1.0])
-def test_the_training_table_also_charges_the_lm_head_to_trained_tokens_only(tmp_path, trained_share):
+def test_the_training_table_also_charges_the_lm_head_to_trained_tokens_only(tmp_path, trained_share, ranks):
     """MFU by PaLM's count charges the head's 6 V d to every position; the fused loss runs it on the
-    trained tokens only: the last column counts those FLOPs (equal to MFU when every token trains)."""
+    trained tokens only: the last column counts those FLOPs (equal to MFU when every token trains).
+    A record's trained tokens are every rank's, and so are the positions they are a share of."""
     work, data = tmp_path / "work", tmp_path / "data"
     (data / "train").mkdir(parents=True)
     (data / "train" / "index.json").write_text(json.dumps({"seq_len": 64}))
     write_run(work, "bf16", falling(5.0, 3.0), data)
     run = work / "train_bf16"
     settings = {"data_dir": str(data), "model": "tiny", "grad_accum": 2, "micro_batch_size": 4}
-    (run / "effective_config.json").write_text(json.dumps({"ds_sft": settings}))
-    trained = int(trained_share * 4 * 2 * 64)
+    effective = {"train_batch_size": 4 * 2 * ranks, "ds_sft": settings}
+    (run / "effective_config.json").write_text(json.dumps(effective))
+    trained = int(trained_share * 4 * 2 * ranks * 64)
     records = [json.loads(line) | {"trained_tokens": trained} for line in (run / "metrics.jsonl").open()]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     gemm = {"flops": 1e9, "n": 1, "device": "test"}
