@@ -325,6 +325,17 @@ class Float8Linear(nn.Module):
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the scaling state; ``.to(dtype)``, ``.bfloat16()`` leave it fp32 (a
+        whole-model cast made it bf16: the next training cast's ``vector_norm(out=)`` refused the
+        bf16 history, and bf16 would round its amaxes)."""
+        state = {name: self._buffers[name] for name in ("fp8_amax_history", "fp8_scale")}
+        super()._apply(fn, recurse)
+        for name, kept in state.items():
+            if self._buffers[name].dtype != kept.dtype:
+                self._buffers[name] = kept.to(self._buffers[name].device)
+        return self
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe}"
 

@@ -922,6 +922,28 @@ def test_state_dict_round_trip_resumes_fp8_state():
     assert torch.equal(resumed(ids), model(ids))
 
 
+def test_a_whole_model_cast_leaves_the_scaling_state_fp32():
+    """``model.to(torch.bfloat16)`` after the swap cast the fp32 scaling buffers too, and the next
+    training step's cast failed ("Expected out tensor to have dtype torch.float32 but got
+    torch.bfloat16", vector_norm's out=). The weights follow the cast, the scaling state keeps its
+    dtype and values, and still follows the device."""
+    torch.manual_seed(0)
+    model = apply_fp8(tiny_model(), "torch", Fp8Recipe(amax_history_len=4))
+    ids = torch.randint(0, 256, (2, 16))
+    model(ids, labels=ids).backward()  # amaxes recorded: values bf16 would round
+    state = {name: b.clone() for name, b in model.named_buffers() if "fp8" in name}
+    model.to(torch.bfloat16)
+    assert model.layers[0].attn.q_proj.weight.dtype == torch.bfloat16
+    for name, buffer in model.named_buffers():
+        if "fp8" in name:
+            assert buffer.dtype == torch.float32 and torch.equal(buffer, state[name]), name
+    model(ids, labels=ids).backward()  # a training step in bf16
+    assert (model.layers[0].attn.q_proj.fp8_amax_history[0] > 0).all()
+    model.to("meta")
+    moved = {(b.device.type, b.dtype) for name, b in model.named_buffers() if "fp8" in name}
+    assert moved == {("meta", torch.float32)}
+
+
 def test_non_fp8_checkpoint_loads_into_fp8_model_with_fresh_state():
     base = tiny_model()
     model = apply_fp8(tiny_model(seed=1), "torch", Fp8Recipe(amax_history_len=8))
