@@ -3,12 +3,17 @@ two training runs checked against each other, and SUMMARY.md.
 
     python bench/gpu_check.py collectives --out WORK/collectives.json
     python bench/gpu_check.py gemm --out WORK/gemm.json
+    python bench/gpu_check.py train --out WORK/graph_breaks.json -- TRAIN FLAGS... --compile
     python bench/gpu_check.py summary --work WORK --out OUT/SUMMARY.md
 
 ``collectives`` tries, in one process of a one-rank world, every collective that ds-sft and
 DeepSpeed's ZeRO call, on the device the trainer would use, over gloo and (with CUDA) NCCL: the
 first training step depends on it, and a sandboxed GPU machine may lack what NCCL needs. Each
 result is ``ok`` or the error's first line, so a failure names its operation and backend.
+
+``train`` runs ``ds-sft train`` in the same process and then writes what dynamo met compiling it: each
+graph break's reason and how often, and the graphs it compiled. Each break leaves the code after it to
+run eager up to the next graph; a break at every Triton RMSNorm launch would be 25 per 112m forward.
 
 ``summary`` reads WORK/steps.tsv (name, status, seconds, log per line, written by the shell script),
 WORK/machine.txt, the runs' metrics.jsonl and the benchmarks' JSON, and writes tables:
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -180,6 +186,49 @@ def trainer_backend_failures(result: dict) -> tuple[str, list[str]]:
     return used, [op for op, outcome in result[used].items() if outcome != "ok"]
 
 
+def train_counting_graph_breaks(argv: list[str], out: Path) -> int:
+    """``ds-sft train ARGV`` in this process; then what dynamo's counters gained meanwhile, as JSON at
+    ``out``, however the run ended: ``{"graph_breaks": total, "reasons": {first line: count},
+    "graphs": compiled}``."""
+    import collections
+
+    from torch._dynamo.utils import counters
+
+    from ds_sft.cli import main
+
+    breaks, graphs = collections.Counter(counters["graph_break"]), counters["stats"]["unique_graphs"]
+    try:
+        return main(["train", *argv])
+    finally:
+        reasons: collections.Counter = collections.Counter()
+        for reason, count in (counters["graph_break"] - breaks).most_common():
+            reasons[break_reason(reason)] += count
+        result = {
+            "graph_breaks": reasons.total(),
+            "reasons": dict(reasons.most_common()),
+            "graphs": counters["stats"]["unique_graphs"] - graphs,
+        }
+        write_bench_json(out, result, __file__, indent=1)
+
+
+def break_reason(message: str) -> str:
+    """One line for a graph break's message: its explanation where it has one (dynamo's first line
+    says what kind of break, the explanation which function), without the objects' addresses."""
+    lines = [line.strip() for line in message.strip().splitlines()] or ["(no reason)"]
+    explained = [line.removeprefix("Explanation: ") for line in lines if line.startswith("Explanation: ")]
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", (explained or lines)[0])[:200]
+
+
+def graph_breaks_lines(work: Path) -> list[str]:
+    """The compiled training's graph breaks (``train``'s JSON), for the training section."""
+    result = read_json(work / "graph_breaks.json")
+    if result is None:
+        return ["", "--compile graph breaks: not counted"]
+    lines = ["", f"--compile: {result['graph_breaks']} graph breaks, {result['graphs']} graphs compiled"]
+    lines += [f"- {count} x {reason}" for reason, count in list(result["reasons"].items())[:5]]
+    return lines
+
+
 def train_run(run_dir: Path) -> dict | None:
     """Loss at the start and end, median tokens/s after warm-up, micro-batches per update, and the
     model's FLOPs per token."""
@@ -317,6 +366,8 @@ def training_section(work: Path, gemm: dict | None) -> tuple[list[str], list[tup
         speedup = compiled["tokens_per_s"] / eager["tokens_per_s"]
         per_update = f"{compiled['grad_accum']} and {eager['grad_accum']} micro-batches per update"
         lines.append(f"\n--compile / eager bf16 tokens/s: {speedup:.2f}x ({per_update})")
+    if runs["bf16_compile"]:
+        lines += graph_breaks_lines(work)
     if gemm:
         lines.append(
             f"\nbf16 GEMM {gemm['n']}^3 on {gemm['device']}: {gemm['flops'] / 1e12:.3g} TFLOP/s (same run)"
@@ -599,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     gemm = sub.add_parser("gemm", help="time a bf16 GEMM and write its FLOP/s as JSON")
     gemm.add_argument("--n", type=Int(1, 2**16), default=8192, help="n of the n x n x n GEMM")
     gemm.add_argument("--out", type=Text(), required=True, help="the JSON file to write")
+    train = sub.add_parser("train", help="ds-sft train in this process; then its graph breaks as JSON")
+    train.add_argument("--out", type=Text(), required=True, help="the JSON file to write")
+    train.add_argument("argv", nargs=argparse.REMAINDER, help="-- and ds-sft train's flags")
     report = sub.add_parser("summary", help="write SUMMARY.md from a gpu_check work folder")
     report.add_argument("--work", type=Text(), required=True, help="launch/gpu_check.sh's work folder")
     report.add_argument("--out", type=Text(), required=True, help="the SUMMARY.md to write")
@@ -616,6 +670,9 @@ def run(args: argparse.Namespace) -> int:
         write_bench_json(args.out, result, __file__, indent=None)
         print(f"bf16 GEMM {args.n}^3 on {result['device']}: {result['flops'] / 1e12:.2f} TFLOP/s")
         return 0
+    if args.command == "train":
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        return train_counting_graph_breaks(argv, args.out)
     return summary(Path(args.work), args.out)
 
 

@@ -29,7 +29,8 @@
 #                the top kernels, and their busy time against the wall time of a step)
 #   step d768_accum16   the same at the recipe's 16 micro-batches per update (ZeRO-2 reduces once per
 #                update: ds_sft/train/engine.py, reduces_gradients_once_per_update)
-#   train bf16 compile   the bf16 training again with --compile (torch.compile on the GPU)
+#   train bf16 compile   the bf16 training again with --compile (torch.compile on the GPU), and
+#                its graph breaks counted (bench/gpu_check.py train)
 # Writes OUT/SUMMARY.md (tables, pass/fail per step, issue 14's targets met or missed, the machine
 # line), OUT/logs.tar.gz (every log and JSON; checkpoints stay in the work folder) and, on a GPU,
 # OUT/fp8_roofline.json: OUT is a new or empty folder, or one an earlier check wrote. Exit 1 when a
@@ -283,9 +284,9 @@ write_data_dir(Path(sys.argv[1]), train_rows=48, val_rows=8)" "$data" || exit 2
           --warmup_iters 2 --min_lr 3e-4)
     train_s=60
 fi
-train=("$PY" -m ds_sft.cli train "${size[@]}" --zero_stage 2 --precision bf16
-       --eval_interval 1000 --eval_iters 2 --save_interval 1000 --log_interval 5
-       --wandb_mode disabled --seed 0)
+train_flags=("${size[@]}" --zero_stage 2 --precision bf16 --eval_interval 1000 --eval_iters 2
+             --save_interval 1000 --log_interval 5 --wandb_mode disabled --seed 0)
+train=("$PY" -m ds_sft.cli train "${train_flags[@]}")
 # --fp8 off said, not left to auto: auto is fp8 on an H200 (the first run's "bf16" baseline was fp8)
 step "train bf16" "$train_s" "${train[@]}" --grad_accum 1 --out_dir "$WORK/train_bf16" --fp8 off
 step "train fp8" "$train_s" "${train[@]}" --grad_accum 1 --out_dir "$WORK/train_fp8" --fp8 "$FP8_MODE"
@@ -338,9 +339,10 @@ done
 
 # --- ds-sft train --compile (torch.compile of the engine's module; half again the time for the
 # cold compile): last, on the time left. Two micro-batches per update: ZeRO 2's one reduction per
-# update (DeepSpeed's coalesce_grad_reduction) under the compiled module, through the CLI
-step "train bf16 compile" "$((train_s * 3 / 2))" "${train[@]}" --grad_accum 2 --out_dir "$WORK/train_bf16_compile" \
-    --fp8 off --compile
+# update (DeepSpeed's coalesce_grad_reduction) under the compiled module, through the CLI, in a process
+# that then counts dynamo's graph breaks (WORK/graph_breaks.json, on the page)
+step "train bf16 compile" "$((train_s * 3 / 2))" "$PY" bench/gpu_check.py train --out "$WORK/graph_breaks.json" \
+    -- "${train_flags[@]}" --grad_accum 2 --out_dir "$WORK/train_bf16_compile" --fp8 off --compile
 
 # --- one page, and the logs in one file (the device tool returns at most 8 files)
 rm -f "$out/SUMMARY.md"  # this run's page or none: an earlier one must not pass for it

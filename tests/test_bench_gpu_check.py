@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ds_sft.command import main_for_script
 from ds_sft.model.config import ModelConfig
 from tests.conftest import REPO_ROOT
 
@@ -432,6 +434,43 @@ def test_the_training_table_also_charges_the_lm_head_to_trained_tokens_only(tmp_
     head = 6 * config.vocab_size * config.d_model
     palm, ran = body + head + attention, body + head * trained_share + attention
     assert row[6] == f"{1000.0 * palm / 1e9:.1%}" and row[7] == f"{1000.0 * ran / 1e9:.1%} |"
+
+
+def test_the_compiled_trainings_graph_breaks_are_counted_and_on_the_page(tmp_path, monkeypatch):
+    """``train`` runs ds-sft train in its process (here a stand-in whose compiled step breaks its
+    graph) and counts the graph breaks dynamo met, each with its reason: a break leaves the compiled
+    step in pieces run eager between them (one at every Triton RMSNorm launch would be 25 per 112m
+    forward). The page says how many, and why."""
+    import ds_sft.cli
+
+    def step(x):
+        x = x * 2
+        torch._dynamo.graph_break()
+        return x + 1
+
+    compiled = torch.compile(step, backend="eager")
+
+    def train(argv):
+        assert argv == ["train", "--data_dir", "d", "--compile"]
+        for _ in range(3):
+            compiled(torch.ones(4))
+        return 0
+
+    monkeypatch.setattr(ds_sft.cli, "main", train)
+    work, data = tmp_path / "work", tmp_path / "data"
+    flags = ["train", "--out", str(work / "graph_breaks.json"), "--", "--data_dir", "d", "--compile"]
+    assert main_for_script(gpu_check, flags) == 0
+    counted = json.loads((work / "graph_breaks.json").read_text())
+    assert counted["graph_breaks"] == sum(counted["reasons"].values()) >= 1
+    assert counted["graphs"] >= 2 and any(re.search("graph.break", r, re.I) for r in counted["reasons"])
+    assert not any(" at 0x" in reason for reason in counted["reasons"])  # the same break, one line
+
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "index.json").write_text(json.dumps({"seq_len": 64}))
+    write_run(work, "bf16_compile", falling(5.0, 3.0), data)
+    lines, _ = gpu_check.training_section(work, None)
+    said = f"--compile: {counted['graph_breaks']} graph breaks, {counted['graphs']} graphs compiled"
+    assert said in lines
 
 
 @pytest.mark.parametrize(("gap", "ok"), [(None, None), (0.0, True), (3e-3, True), (0.05, False)])
