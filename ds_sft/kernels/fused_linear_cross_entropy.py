@@ -266,8 +266,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # their hidden gradients are scattered back into a zero gradient for the whole input.
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
         labels1d = labels.reshape(-1)
-        trained = labels1d != ignore_index
-        ctx.trained_rows = rows = None if bool(trained.all()) else trained.nonzero().squeeze(1)
+        # nonzero is the one host sync here (its length decides the loop); all rows trained, no gather.
+        rows = (labels1d != ignore_index).nonzero().squeeze(1)
+        ctx.trained_rows = rows = None if rows.numel() == labels1d.numel() else rows
         hidden2d, labels1d = _gather_rows(hidden2d, rows), _gather_rows(labels1d, rows).contiguous()
         total, grad_hidden, grad_weight = _chunked_loss_and_grads(
             hidden2d, weight, labels1d, _loss_and_grad_for(backend), ignore_index, chunk_size,

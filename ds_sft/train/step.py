@@ -106,7 +106,8 @@ def train_step(engine, batches: list[dict], world_size: int, forward_context=con
             "skipped": False,
         }
     scale = (world_size / trained_tokens).float()
-    # the loss sum stays on the device: no host sync per micro-batch, one read at the boundary
+    # the loss sum stays on the device, read once at the boundary (the fused loss's count of trained
+    # rows is the one host sync a micro-batch makes: its length sizes the LM head's loop)
     local_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     with micro_batches_of_one_update(engine, len(batches)) as micro_batch_done:
         for i, batch in enumerate(batches):
