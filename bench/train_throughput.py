@@ -68,14 +68,11 @@ from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig  # noqa: E
 from ds_sft.model.fp8 import MODES as FP8_MODES  # noqa: E402
 from ds_sft.model.llama import LlamaModel, use_flex_attention  # noqa: E402
 from ds_sft.options import COUNT, INT32_MAX, SEED, Choice, Device, Int, Names, Text  # noqa: E402
-from ds_sft.train.metrics import flops_per_token  # noqa: E402
+from ds_sft.train.metrics import datasheet_peak, flops_per_token  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 SEQ_LEN = Int(8, 2**20)  # tokens per row, as `ds-sft prepare --seq_len`
 FLEX_BLOCK = 128  # flex_attention's block of queries and keys (its BlockMask's default BLOCK_SIZE)
-
-# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, no sparsity).
-GPU_BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 # Document lengths of the shared mix with the GPT-2 tokenizer (FACTS.md: mean 191, p95 410, max
 # 3,078 tokens, 54% of them response tokens), for when no prepared data dir is given. Lengths are
@@ -684,8 +681,7 @@ def gpu_peak(device: torch.device) -> tuple[str, float | None]:
     if device.type != "cuda":
         return processor_name(), None
     name = torch.cuda.get_device_name(device)
-    peak = next((flops for key, flops in GPU_BF16_PEAK.items() if key in name), None)
-    return name, peak
+    return name, datasheet_peak(name)
 
 
 # ----------------------------------------------------------------------------- parts

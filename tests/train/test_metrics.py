@@ -380,6 +380,76 @@ def test_the_mfu_peak_line_shows_a_slow_peak_in_significant_digits(peak, monkeyp
     assert shown == pytest.approx(peak / 1e12, rel=5e-3)
 
 
+# torch.cuda.get_device_name() of each card -> its dense bf16 peak on NVIDIA's datasheet (TFLOP/s)
+DEVICE_BF16_PEAKS = {
+    "NVIDIA H100 80GB HBM3": 989,  # SXM
+    "NVIDIA H100 PCIe": 756,
+    "NVIDIA H100 NVL": 835,
+    "NVIDIA H200": 989,
+    "NVIDIA H200 NVL": 835,
+    "NVIDIA H800": 989,
+    "NVIDIA H800 PCIe": 756,
+    "NVIDIA A100-SXM4-80GB": 312,
+    "NVIDIA A100 80GB PCIe": 312,
+    "NVIDIA L40S": 362,
+    "NVIDIA L40": 181,
+    "NVIDIA L4": 121,
+}
+
+
+@pytest.fixture
+def cuda_named(monkeypatch):
+    """Makes torch report one CUDA device of the given name; the trainer's cached peak is forgotten
+    before and after."""
+    import torch
+
+    from ds_sft.train.metrics import peak_flops
+
+    def name_it(name: str) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        peak_flops.cache_clear()
+
+    yield name_it
+    peak_flops.cache_clear()
+
+
+@pytest.mark.parametrize(("name", "tflops"), DEVICE_BF16_PEAKS.items())
+def test_the_trainer_and_the_bench_read_one_datasheet_peak_for_each_gpu(cuda_named, name, tflops):
+    """The trainer matched "H100" in "NVIDIA H100 PCIe" and divided by 989 TFLOP/s, reporting MFU
+    24% low; the bench kept a table of its own that knew the PCIe card. The more specific name wins,
+    and both read the one table."""
+    import importlib.util
+
+    import torch
+
+    from ds_sft.bench import BENCH_DIR
+    from ds_sft.train.metrics import peak_flops
+
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH_DIR / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cuda_named(name)
+    assert peak_flops(bf16=True) == (tflops * 1e12, f"{name} datasheet")
+    assert bench.gpu_peak(torch.device("cuda")) == (name, tflops * 1e12)
+
+
+@pytest.mark.parametrize("order", [1, -1], ids=["as written", "reversed"])
+def test_each_datasheet_entry_is_read_for_its_name_whatever_the_table_s_order(cuda_named, monkeypatch, order):
+    """A device named by an entry gets that entry's peaks, though a shorter entry ("H100" in
+    "H100 PCIe", "L4" in "L40S") is in its name too: no order of the table can hide one."""
+    from ds_sft.train import metrics
+
+    table = dict(list(metrics.GPU_PEAK_FLOPS.items())[::order])
+    monkeypatch.setattr(metrics, "GPU_PEAK_FLOPS", table)
+    for fragment, peaks in table.items():
+        read = []
+        for bf16 in (True, False):
+            cuda_named(f"NVIDIA {fragment}")
+            read.append(metrics.peak_flops(bf16)[0])
+        assert tuple(read) == peaks, fragment
+
+
 def _edited_records() -> list[tuple[str, dict]]:
     """A well-formed record of each kind with one field the report reads given the wrong kind of
     value, or taken out where the report needs it."""
