@@ -45,35 +45,21 @@ from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import first_line  # noqa: E402
 from ds_sft.options import Int, Text  # noqa: E402
 from ds_sft.train.distributed import backend_for  # noqa: E402  (the trainer's choice, checked here)
+from ds_sft.train.metrics import measure_matmul_flops  # noqa: E402
 
 FP8_TOLERANCE = 0.05  # |end loss fp8 - bf16| / bf16
 WARMUP_STEPS = 3  # the first steps compile and allocate: left out of tokens/s
 
 
 def time_gemm(n: int, repeats: int = 20) -> dict:
-    """FLOP/s of an n x n x n bf16 matrix product on random data (CUDA events; CPU: wall clock)."""
+    """FLOP/s of an n x n x n bf16 matrix product on random data, best of ``repeats``, timed as the
+    trainer times its CPU peak (:func:`~ds_sft.train.metrics.measure_matmul_flops`)."""
     import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            a @ b
-        end.record()
-        torch.cuda.synchronize()
-        seconds = start.elapsed_time(end) / 1e3 / repeats
-    else:
-        begin = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        seconds = (time.perf_counter() - begin) / repeats
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    return {"device": name, "n": n, "seconds": seconds, "flops": 2 * n**3 / seconds}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    flops = measure_matmul_flops(torch.bfloat16, n, repeats, device)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {"device": name, "n": n, "seconds": 2 * n**3 / flops, "flops": flops}
 
 
 # ds-sft's own (ds_sft/train) and the tensor collectives of DeepSpeed's ZeRO stages

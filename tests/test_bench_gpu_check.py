@@ -113,6 +113,26 @@ def collectives(device: str, **outcomes: dict) -> dict:
     }
 
 
+def test_the_gemm_ceiling_is_timed_as_the_trainer_times_its_cpu_peak(monkeypatch):
+    """The check's GEMM had a timer of its own (the mean of its repeats, where the trainer takes the
+    best): the two ceilings MFU is divided by read one clock the same way."""
+    import itertools
+    import time
+
+    import torch
+
+    from ds_sft.train.metrics import measure_matmul_flops
+
+    def scripted_clock():
+        ticks = itertools.accumulate(itertools.cycle([1.0, 0.5, 2.0]))  # repeats of unequal length
+        monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+
+    scripted_clock()
+    trainer = measure_matmul_flops(torch.bfloat16, 8, 4)
+    scripted_clock()
+    assert gpu_check.time_gemm(8, 4)["flops"] == trainer
+
+
 @pytest.mark.parametrize("operation", gpu_check.COLLECTIVES)
 def test_a_failed_collective_of_the_trainers_backend_fails_the_check(tmp_path, operation):
     error = "DistBackendError: NCCL error: unhandled system error"

@@ -64,18 +64,29 @@ def flops_per_token(n_params: int, n_layers: int, attention_width: int, seq_len:
     return 6 * n_params + 12 * n_layers * attention_width * seq_len
 
 
-def measure_matmul_flops(dtype, size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a ``size``-cube matmul on the CPU, best of ``repeats``."""
+def measure_matmul_flops(dtype, size: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
+    """FLOP/s of a ``size``-cube matmul on ``device``, best of ``repeats``: the ceiling the trainer's
+    MFU divides by on a CPU, and ``bench/gpu_check.py gemm``'s. Each repeat is timed alone (CUDA
+    events on a GPU, the wall clock on a CPU), so one slowed by a neighbour does not count."""
     import torch
 
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up: first call pays for allocation and thread start
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    a @ b  # warm-up: first call pays for allocation, thread start and (CUDA) picking the kernel
+    if torch.device(device).type == "cuda":
+        events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            a @ b
+            end.record()
+        torch.cuda.synchronize()
+        best = min(start.elapsed_time(end) for start, end in events) / 1e3  # elapsed_time is in ms
+    else:
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
 
