@@ -66,13 +66,13 @@ from torch import nn
 
 from ds_sft.errors import UserError
 from ds_sft.model.fp8_roofline import Roofline, roofline_for
+from ds_sft.model.llama import PROJECTIONS
 
 log = logging.getLogger(__name__)
 
 MODES = ("off", "auto", "torch", "te")
 RENAMED_MODES = {"emulated": "torch"}  # the torch path's old name, refused with a pointer to the new one
 SELECT = ("all", "auto")
-FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Checkpoints of other trainers fuse projections; their TE state seeds each part (same input).
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 INPUT, WEIGHT, GRAD = 0, 1, 2  # columns of Float8Linear's scaling state
@@ -590,7 +590,7 @@ def fp8_linear_names(model: nn.Module) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in FP8_LINEARS
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS
     ]
 
 
@@ -604,7 +604,7 @@ def fp8_layout(model: nn.Module, recipe: dict | None) -> dict | None:
     swapped = sorted(
         name
         for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in FP8_LINEARS and not isinstance(module, nn.Linear)
+        if name.rsplit(".", 1)[-1] in PROJECTIONS and not isinstance(module, nn.Linear)
     )
     if not swapped:
         return None

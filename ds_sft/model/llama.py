@@ -170,6 +170,11 @@ class KVCache:
         return self.keys[layer, :, :, : self.length], self.values[layer, :, :, : self.length]
 
 
+# The attribute names of a block's projections, every nn.Linear in it (attention's four, then the
+# MLP's three): the fp8 path swaps these by name and AdamW decays their weights.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()

@@ -84,11 +84,12 @@ def check_fits(model, seq_len: int, micro_batch: int, bf16: bool) -> None:
     """One UserError line when a micro-batch of ``model`` cannot fit, before the engine allocates anything."""
     import torch
 
-    from ds_sft.model.fp8 import FP8_LINEARS, fp8_linear_names
+    from ds_sft.model.fp8 import fp8_linear_names
+    from ds_sft.model.llama import PROJECTIONS
 
     config = model.config
     checkpointing = bool(config.activation_checkpointing)
-    fp8 = len(fp8_linear_names(model)) < len(FP8_LINEARS) * config.n_layers  # some were swapped
+    fp8 = len(fp8_linear_names(model)) < len(PROJECTIONS) * config.n_layers  # some were swapped
     need = activation_bytes(config, seq_len, micro_batch, bf16, checkpointing, torch.cuda.is_available(), fp8)
     free, where = available_bytes()
     if free is not None and need > free:

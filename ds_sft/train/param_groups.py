@@ -10,13 +10,13 @@ Buffers such as a RoPE cache are not parameters at all.
 
 from __future__ import annotations
 
-DECAYED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from ds_sft.model.llama import PROJECTIONS
 
 
 def is_decayed(name: str) -> bool:
     """True for the weight matrix of an attention or MLP projection (``layers.3.attn.q_proj.weight``)."""
     parts = name.split(".")
-    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in DECAYED_PROJECTIONS
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in PROJECTIONS
 
 
 def parameter_groups(model, weight_decay: float) -> tuple[list[dict], list[dict]]:

@@ -33,15 +33,6 @@ from ds_sft.model.fp8 import Float8Linear, Fp8Recipe, apply_fp8, decode_te_extra
 from ds_sft.model.llama import LlamaModel
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-PROJECTIONS = (
-    "attn.q_proj",
-    "attn.k_proj",
-    "attn.v_proj",
-    "attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
 
 def quantize_dequantize(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -816,12 +807,18 @@ def test_the_scaled_mm_path_compiles_whole_and_steps_as_eager():
 # ----------------------------------------------------------------------------- replacement and state
 
 
+def block_linears(model: LlamaModel) -> set[str]:
+    """Names of every nn.Linear in the blocks: the projections fp8 swaps (not the LM head)."""
+    linears = (name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    return {name for name in linears if name.startswith("layers.")}
+
+
 def test_apply_fp8_swaps_the_projections_and_keeps_parameters():
     model = tiny_model()
     weights = {name: p for name, p in model.named_parameters()}
     apply_fp8(model, "torch")
     swapped = {name for name, m in model.named_modules() if isinstance(m, Float8Linear)}
-    assert swapped == {f"layers.{i}.{p}" for i in range(2) for p in PROJECTIONS}
+    assert swapped == block_linears(tiny_model())
     # The very same Parameter objects: DeepSpeed shards them and optimizers keep their state.
     assert {name: p for name, p in model.named_parameters()} == weights
     assert apply_fp8(tiny_model(), "off").layers[0].attn.q_proj.__class__ is nn.Linear
@@ -1269,7 +1266,7 @@ def test_te_path_replaces_projections_and_carries_extra_state(fake_te):
     apply_fp8(model, "te", recipe)
 
     swapped = {name for name, m in model.named_modules() if isinstance(m, te.Linear)}
-    assert swapped == {f"layers.{i}.{p}" for i in range(2) for p in PROJECTIONS}
+    assert swapped == block_linears(tiny_model())
     assert {m.requested_device for m in model.modules() if isinstance(m, te.Linear)} == {"cuda"}
     assert model.lm_head is None and isinstance(model.wte, nn.Embedding)  # stays high precision
     after = dict(model.named_parameters())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ds_sft.errors import UserError
 from ds_sft.model.checkpoint import hf_config, to_hf_state_dict
 from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig
-from ds_sft.model.llama import LlamaModel
+from ds_sft.model.llama import PROJECTIONS, LlamaModel
 
 TINY_VARIANTS = {
     "gqa-tied": {},
@@ -27,6 +27,14 @@ def tiny_model(seed: int = 0, **overrides) -> LlamaModel:
             if name.endswith("norm.weight"):
                 param.add_(0.1 * torch.randn_like(param))
     return model
+
+
+def test_projections_name_every_linear_of_a_block():
+    """fp8 swaps and AdamW decays the modules named in PROJECTIONS: a projection renamed or added
+    without its name there would stay in bf16 and go undecayed, without a word."""
+    for block in tiny_model().layers:
+        linears = [name for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+        assert tuple(name.rsplit(".", 1)[-1] for name in linears) == PROJECTIONS
 
 
 def hf_twin(model: LlamaModel):
