@@ -44,6 +44,7 @@ from ds_sft.bench_result import check_bench_out, write_bench_json, write_bench_p
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import first_line  # noqa: E402
 from ds_sft.options import Int, Text  # noqa: E402
+from ds_sft.run_layout import EFFECTIVE_CONFIG, METRICS_FILE, latest_tag  # noqa: E402
 from ds_sft.train.distributed import backend_for  # noqa: E402  (the trainer's choice, checked here)
 from ds_sft.train.metrics import measure_matmul_flops  # noqa: E402
 
@@ -221,8 +222,8 @@ def train_run(run_dir: Path) -> dict | None:
     from ds_sft.model.config import ModelConfig
     from ds_sft.train.metrics import flops_per_token
 
-    metrics = run_dir / "metrics.jsonl"
-    config_file = run_dir / "effective_config.json"
+    metrics = run_dir / METRICS_FILE
+    config_file = run_dir / EFFECTIVE_CONFIG
     if not metrics.is_file() or not config_file.is_file():
         return None
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -273,7 +274,7 @@ def computed_in(run_dir: Path) -> dict | None:
     ``compatibility.run_identity``): what the steps computed in, which ``--fp8 auto`` decides by
     machine (on an H200 it is fp8), so the flags in effective_config.json do not say. None: no
     readable record."""
-    from ds_sft.train.checkpointing import latest_tag, read_trainer_state
+    from ds_sft.train.checkpointing import read_trainer_state
 
     checkpoints = run_dir / "checkpoints"
     tag = latest_tag(checkpoints)

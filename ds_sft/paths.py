@@ -34,30 +34,6 @@ MODEL_ALIASES: dict[str, tuple[str, str, str]] = {
 }
 
 
-# A training checkpoint as ds-sft's train writes it: RUN/checkpoints/<tag>, the tag the zero-padded
-# step (train.checkpointing.tag_for; steps stay below 2^31), its trainer state beside DeepSpeed's shards.
-# Here, for every layer that meets one: train owns them, the model and data layers tell them apart.
-CHECKPOINT_TAG = re.compile(r"step_(\d{6,10})")
-TRAINER_STATE = "trainer_state.json"
-
-
-def tag_step(name: str) -> int:
-    """The step a tag names. Tags rank by it, not by name: past 999,999 steps the digits grow, and
-    ``step_1000000`` sorts before ``step_999999`` as text."""
-    return int(name.removeprefix("step_"))
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag ``ckpt_dir/latest`` names, if it is one (never a path that leads elsewhere; a few bytes
-    read, whatever the file holds)."""
-    try:
-        with (ckpt_dir / "latest").open("rb") as file:
-            tag = file.read(64).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    return tag if CHECKPOINT_TAG.fullmatch(tag) else None
-
-
 def expand_user(path: str | Path) -> Path:
     """``path`` with a leading ``~`` or ``~user`` expanded, or one line when that user does not exist
     (``Path.expanduser`` raises a RuntimeError, which ended every path flag in a traceback)."""

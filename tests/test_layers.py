@@ -11,7 +11,18 @@ import ast
 from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "ds_sft"
-SHARED = {"errors", "labels", "vocab", "positions", "paths", "options", "machine", "command", "__version__"}
+SHARED = {
+    "errors",
+    "labels",
+    "vocab",
+    "positions",
+    "paths",
+    "run_layout",
+    "options",
+    "machine",
+    "command",
+    "__version__",
+}
 LAYERS = {  # a layer -> the layers it may use, besides itself and the shared modules
     "kernels": set(),
     "model": {"kernels"},

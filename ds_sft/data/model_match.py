@@ -22,7 +22,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ds_sft import paths
+from ds_sft import paths, run_layout
 from ds_sft.data.shards import PackedDataset, read_manifest
 from ds_sft.errors import UserError
 from ds_sft.positions import DEFAULT_POSITIONS, POSITION_FIELDS
@@ -177,10 +177,10 @@ def behind_note(found: tuple[Path, dict] | None) -> str | None:
     if found is None or not isinstance(found[1].get("step"), int):
         return None
     final, step = found[0].parent, found[1]["step"]
-    tag = paths.latest_tag(final.parent / "checkpoints")
-    if tag is None or paths.tag_step(tag) == step:
+    tag = run_layout.latest_tag(final.parent / "checkpoints")
+    if tag is None or run_layout.tag_step(tag) == step:
         return None
-    where = paths.tag_step(tag)
+    where = run_layout.tag_step(tag)
     since = "reach" if where > step else "went back to"
     return (
         f"note: {final} holds the weights of step {step}, but the run's checkpoints {since} step {where} "

@@ -31,12 +31,13 @@ from pathlib import Path
 
 from ds_sft.errors import UserError
 from ds_sft.paths import expand_user, sha256_file, temporary_name_prefix, writable_dir
+from ds_sft.run_layout import EFFECTIVE_CONFIG, METRICS_FILE
 
 MANIFEST = "manifest.json"
 SWAP_SUFFIX = "-swap"  # _exchange's name for the old output while it renames twice
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
-# What `ds-sft train` writes beside RUN/final/: a final/ next to one of them is a run's (train/cli.py)
-RUN_FILES = ("effective_config.json", "metrics.jsonl", "checkpoints")
+# What `ds-sft train` writes beside RUN/final/: a final/ next to one of them is a run's, whole
+RUN_SIGNS = (EFFECTIVE_CONFIG, METRICS_FILE, "checkpoints")
 
 
 def file_record(path: Path) -> dict:
@@ -302,7 +303,7 @@ def refuse_overlap(output_dir: str | Path, option: str, inputs: dict[str, Path])
     out = Path(os.path.realpath(expand_user(output_dir)))
     for what, path in inputs.items():
         real = Path(os.path.realpath(path))
-        if real.name == "final" and any(os.path.lexists(real.parent / name) for name in RUN_FILES):
+        if real.name == "final" and any(os.path.lexists(real.parent / name) for name in RUN_SIGNS):
             what, path, real = f"the run of {what} {path}:", real.parent, real.parent
         if real.is_relative_to(out) or (real.is_dir() and out.is_relative_to(real)):
             where = "is" if real == out else "holds" if real.is_relative_to(out) else "lies inside"

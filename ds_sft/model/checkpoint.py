@@ -63,9 +63,6 @@ from ds_sft.errors import UserError, first_line, preview, refused_global
 from ds_sft.model.config import FAMILIES, PRESETS, RUN_SETTINGS, ModelConfig, check_field
 from ds_sft.model.llama import LlamaModel, rope_table
 from ds_sft.paths import (
-    CHECKPOINT_TAG,
-    TRAINER_STATE,
-    latest_tag,
     own_folder,
     read_gguf,
     read_json_object,
@@ -73,9 +70,9 @@ from ds_sft.paths import (
     replace_file,
     require_regular_file,
     resolve_model_path,
-    tag_step,
 )
 from ds_sft.positions import POSITION_FIELDS
+from ds_sft.run_layout import EFFECTIVE_CONFIG, TRAINER_STATE, is_tag, latest_tag, tag_step
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +238,10 @@ def training_checkpoint(path: Path) -> UserError:
     partitions, optimizer state), which train consolidates into ``final/`` when a run ends, and a run
     resumed from the checkpoint to its own step ends at once. It was refused as "neither a ds-sft
     checkpoint nor a Hugging Face model", with no way named to evaluate the best checkpoint."""
-    if not CHECKPOINT_TAG.fullmatch(path.name) and latest_tag(path):  # the checkpoints/ folder: its newest
+    if not is_tag(path.name) and latest_tag(path):  # the checkpoints/ folder: its newest
         path = path / latest_tag(path)
-    step = str(tag_step(path.name)) if CHECKPOINT_TAG.fullmatch(path.name) else "ITS_STEP"
-    settings = path.parent.parent / "effective_config.json"  # the run's: every setting its resume compares
+    step = str(tag_step(path.name)) if is_tag(path.name) else "ITS_STEP"
+    settings = path.parent.parent / EFFECTIVE_CONFIG  # the run's: every setting its resume compares
     settings_flag = f" --deepspeed_config {shlex.quote(str(settings))}" if settings.is_file() else ""
     return UserError(
         f"{path} is a training checkpoint (DeepSpeed's shards, not a model's weights): write its weights "

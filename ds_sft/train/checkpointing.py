@@ -91,9 +91,8 @@ import numpy as np
 
 from ds_sft.errors import UserError, first_line, one_line, refused_global
 from ds_sft.options import is_number
-from ds_sft.paths import CHECKPOINT_TAG, TRAINER_STATE, latest_tag, sha256_file, tag_step
-
-STATE_FILE = TRAINER_STATE
+from ds_sft.paths import sha256_file
+from ds_sft.run_layout import TRAINER_STATE, is_tag, latest_tag, tag_for, tag_step
 
 # Everything a ds-sft checkpoint pickles beyond tensors and plain containers, as the pickle names it
 # (collected from ZeRO 0-3 checkpoints in fp32 and bf16; numpy's _reconstruct moved to numpy._core in
@@ -118,7 +117,7 @@ UNIVERSAL_PREFIX = ".universal-"  # + tempfile's suffix: a universal conversion 
 # scripts, the trainer state (+ write_atomic's .tmp). A scratch folder holding any other file is not
 # ds-sft's alone, whichever ds-sft version left it.
 SCRATCH_FILES = re.compile(
-    rf"[^/]+\.pt|\w+\.\d+|{re.escape(STATE_FILE)}(\.tmp)?|latest_universal|zero_to_\w+\.py"
+    rf"[^/]+\.pt|\w+\.\d+|{re.escape(TRAINER_STATE)}(\.tmp)?|latest_universal|zero_to_\w+\.py"
 )
 
 
@@ -162,10 +161,6 @@ def weights_only_unpickling():
                 os.environ[key] = value
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:06d}"
-
-
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)  # a new file: one left hard-linked (cp -al) would be written through
@@ -202,7 +197,7 @@ def gather_rng_states() -> list[dict]:
 
 def file_digests(tag_dir: Path) -> dict:
     """{file name: {"bytes", "sha256"}} for every file DeepSpeed wrote into ``tag_dir``."""
-    files = sorted(p for p in tag_dir.iterdir() if p.is_file() and p.name != STATE_FILE)
+    files = sorted(p for p in tag_dir.iterdir() if p.is_file() and p.name != TRAINER_STATE)
     return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
@@ -210,24 +205,24 @@ def foreign_entries(paths, listed) -> list[str]:
     """The names among ``paths`` (a tag folder's entries) that are not the run's own files: a name its
     trainer state does not list (``listed``, the state file aside), or a listed one that is no longer a
     regular file (a link, a folder, a FIFO: a FIFO named x.pt would block a reader forever)."""
-    ours = {*listed, STATE_FILE}
+    ours = {*listed, TRAINER_STATE}
     return sorted(p.name for p in paths if p.name not in ours or p.is_symlink() or not p.is_file())
 
 
 def damage(tag_dir: Path) -> str | None:
     """Why ``tag_dir`` cannot be resumed from (malformed state, missing, truncated, corrupted, foreign
     or code-carrying files), or None."""
-    if not (tag_dir / STATE_FILE).is_file():
-        return f"it has no {STATE_FILE} (the save never completed)"
+    if not (tag_dir / TRAINER_STATE).is_file():
+        return f"it has no {TRAINER_STATE} (the save never completed)"
     try:
         state = read_trainer_state(tag_dir)
     except OSError as err:
-        return f"its {STATE_FILE} cannot be read ({err.strerror})"
+        return f"its {TRAINER_STATE} cannot be read ({err.strerror})"
     except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer of over 4,300 digits, too deep
-        return f"its {STATE_FILE} is corrupted"
+        return f"its {TRAINER_STATE} is corrupted"
     problem = trainer_state_problem(state, with_files=True)
     if problem:
-        return f"its {STATE_FILE} is malformed ({problem})"
+        return f"its {TRAINER_STATE} is malformed ({problem})"
     expected = state["files"]
     for name, digest in expected.items():
         path = tag_dir / name
@@ -260,14 +255,16 @@ def kind_problem(state: dict, names) -> str | None:
     optim = [match for match in map(OPTIM_STATES.fullmatch, names) if match]
     if (stage > 0) != bool(optim):
         written_by = "ZeRO 1-3 (optimizer files)" if optim else "ZeRO 0 (no optimizer files)"
-        return f"its files were written by {written_by}, but its {STATE_FILE} says ZeRO {stage}"
+        return f"its files were written by {written_by}, but its {TRAINER_STATE} says ZeRO {stage}"
     if (stage == 3) != any(map(ZERO3_MODEL_STATES.fullmatch, names)):
         written_by = "ZeRO 1-2" if stage == 3 else "ZeRO 3"
-        return f"its model-states files were written by {written_by}, but its {STATE_FILE} says ZeRO {stage}"
+        return (
+            f"its model-states files were written by {written_by}, but its {TRAINER_STATE} says ZeRO {stage}"
+        )
     precision = state.get("run", {}).get("precision")  # older states do not record it
     if precision is not None and any(bool(match.group(1)) != (precision == "bf16") for match in optim):
         other = "fp32" if precision == "bf16" else "bf16"
-        return f"its optimizer files were written in {other}, but its {STATE_FILE} says {precision}"
+        return f"its optimizer files were written in {other}, but its {TRAINER_STATE} says {precision}"
     return None
 
 
@@ -337,7 +334,7 @@ def trainer_state_problem(state, with_files: bool = False) -> str | None:
             isinstance(files, dict)
             and all(
                 isinstance(name, str)
-                and name not in ("", ".", "..", STATE_FILE)
+                and name not in ("", ".", "..", TRAINER_STATE)
                 and "/" not in name
                 and "\\" not in name
                 and isinstance(digest, dict)
@@ -351,15 +348,10 @@ def trainer_state_problem(state, with_files: bool = False) -> str | None:
     return f"bad or missing {', '.join(wrong)}" if wrong else None
 
 
-def is_tag(name) -> bool:
-    """True for a checkpoint tag as :func:`tag_for` writes it (so it names a folder beside ``latest``)."""
-    return isinstance(name, str) and CHECKPOINT_TAG.fullmatch(name) is not None
-
-
 def saved_tags(ckpt_dir: Path) -> list[Path]:
     """The tag folders in ``ckpt_dir`` whose save completed (its trainer state is written last), newest
     first."""
-    tags = (p for p in ckpt_dir.glob("step_*") if is_tag(p.name) and (p / STATE_FILE).is_file())
+    tags = (p for p in ckpt_dir.glob("step_*") if is_tag(p.name) and (p / TRAINER_STATE).is_file())
     return sorted(tags, key=lambda p: tag_step(p.name), reverse=True)
 
 
@@ -482,7 +474,7 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int)
     def publish() -> None:
         with disk_errors(ckpt_dir, tag):
             state = {**trainer_state, "files": file_digests(partial / tag)}
-            write_atomic(partial / tag / STATE_FILE, json.dumps(state, indent=2))
+            write_atomic(partial / tag / TRAINER_STATE, json.dumps(state, indent=2))
             drop_later_tags(ckpt_dir, step)
             replace_tag(partial / tag, ckpt_dir / tag)
             write_atomic(ckpt_dir / "latest", tag)
@@ -520,11 +512,11 @@ def remove_tag(tag_dir: Path, tag: str | None = None) -> None:
         remove(tag_dir)
         return
     ours = {p.name for p in entries} - set(theirs)
-    for name in sorted(ours, key=lambda name: name != STATE_FILE):
+    for name in sorted(ours, key=lambda name: name != TRAINER_STATE):
         (tag_dir / name).unlink(missing_ok=True)
     kept = kept_path(tag_dir, tag)
     os.replace(tag_dir, kept)
-    why = "" if listed is not None else f" (its {STATE_FILE} does not say which files the run wrote)"
+    why = "" if listed is not None else f" (its {TRAINER_STATE} does not say which files the run wrote)"
     print(
         f"note: checkpoint {tag}: kept what the run did not write there{why}, "
         f"now in {one_line(str(kept))}: {one_line(', '.join(theirs))}",
@@ -585,10 +577,10 @@ def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
                     f"--resume {resume}: its 'latest' file does not name a checkpoint tag (step_N)"
                 )
             path = path / named
-        if not (path / STATE_FILE).is_file():
+        if not (path / TRAINER_STATE).is_file():
             raise UserError(
                 f"--resume {resume}: no complete checkpoint there (expected a tag directory with "
-                f"{STATE_FILE}, or a checkpoints directory with a 'latest' file)"
+                f"{TRAINER_STATE}, or a checkpoints directory with a 'latest' file)"
             )
         problem = damage(path)
         if problem:
@@ -612,7 +604,7 @@ def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
 
 def read_trainer_state(tag_dir: Path) -> dict:
     """``trainer_state.json`` as saved; :func:`damage` has checked it before a resume reads it."""
-    return json.loads((tag_dir / STATE_FILE).read_text())
+    return json.loads((tag_dir / TRAINER_STATE).read_text())
 
 
 def needs_universal(trainer_state: dict, world_size: int) -> bool:

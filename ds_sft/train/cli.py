@@ -26,6 +26,7 @@ from pathlib import Path
 from ds_sft.errors import UserError, several_ranks
 from ds_sft.options import Ignored, Int, StoreOnce, refuse_ignored
 from ds_sft.paths import own_folder, replace_file, writable_dir, write_result_file
+from ds_sft.run_layout import EFFECTIVE_CONFIG
 from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 from ds_sft.train.run_dir import check_inputs_outside
 
@@ -400,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
             for line in overrides:
                 print(line)
             print("effective config:\n" + json.dumps(effective, indent=2))
-            write_result_file(run_dir / "effective_config.json", json.dumps(effective, indent=2) + "\n")
+            write_result_file(run_dir / EFFECTIVE_CONFIG, json.dumps(effective, indent=2) + "\n")
         dist.barrier()
 
         train_set = PackedDataset(s.data_dir, "train")

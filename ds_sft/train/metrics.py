@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ds_sft.errors import UserError, first_line
 from ds_sft.paths import unshare
+from ds_sft.run_layout import METRICS_FILE
 
 # Dense peak FLOP/s of one GPU (no sparsity) from NVIDIA's datasheets, (bf16, fp32 via TF32), by a
 # fragment of torch.cuda.get_device_name(): "NVIDIA H100 80GB HBM3" is the SXM card, the others say
@@ -176,9 +177,10 @@ class MetricsSink:
         self.wandb = None
         if not enabled:
             return
-        unshare(run_dir / "metrics.jsonl")  # appended to: a cp -al copy's records stay the original's alone
-        cut_partial_last_line(run_dir / "metrics.jsonl")
-        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives as long as the run
+        path = run_dir / METRICS_FILE
+        unshare(path)  # appended to: a cp -al copy's records stay the original's alone
+        cut_partial_last_line(path)
+        self.file = open(path, "a")  # noqa: SIM115 - lives as long as the run
         mode = resolve_wandb_mode(wandb_mode)
         if mode != "disabled":
             try:

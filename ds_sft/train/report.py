@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ds_sft.options import is_number
 from ds_sft.paths import replace_file, write_result_file
+from ds_sft.run_layout import METRICS_FILE
 
 # Every plot :func:`plot` may write (run_dir.py removes the earlier run's at --overwrite).
 PLOT_FILES = ("loss.png", "perplexity.png", "lr.png", "grad_norm.png", "tokens_per_s.png")
@@ -125,7 +126,7 @@ def read_records(run_dir: Path) -> tuple[list[dict], int]:
     opens with a ``start`` record of the step it starts from: the records past that step that came
     before it are of a branch the run left (``--resume`` of an earlier checkpoint), and are dropped;
     kept, the report of a run branched at step 2 gave step 6's loss and MFU of the branch it left."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
     records = [record for record in map(parse_record, lines) if record is not None]
     latest: dict[tuple, dict] = {}

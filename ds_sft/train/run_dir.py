@@ -47,12 +47,12 @@ from pathlib import Path
 
 from ds_sft.errors import UserError, preview
 from ds_sft.paths import expand_user, unshare, write_result_file
+from ds_sft.run_layout import EFFECTIVE_CONFIG, METRICS_FILE, TRAINER_STATE, is_tag, latest_tag
 from ds_sft.train.report import PLOT_FILES
 
 LOCK_FILE = ".lock"
 MARKER = "ds_sft_run.json"  # {"format": RUN_FORMAT, "created": ...}: this folder is a ds-sft run
 RUN_FORMAT = "ds-sft training run"
-CONFIG_FILE = "effective_config.json"
 FINAL_LISTING = "ds_sft_files.json"  # in final/: the files save_final wrote there
 # The files transformers' save_pretrained writes for a tokenizer, the ones prepare puts in DATA/tokenizer
 # and train copied into final/tokenizer/ before final/ had a listing (a run of an older ds-sft).
@@ -68,11 +68,11 @@ SAVED_TOKENIZER_FILES = (
     "tokenizer.model",
 )
 # What a run writes at the top of its folder (wandb/ is wandb's: kept at --overwrite, never checked).
-RUN_FILES = {MARKER, LOCK_FILE, CONFIG_FILE, "metrics.jsonl", "report.md", *PLOT_FILES}
+RUN_FILES = {MARKER, LOCK_FILE, EFFECTIVE_CONFIG, METRICS_FILE, "report.md", *PLOT_FILES}
 RUN_FOLDERS = {"final", "checkpoints", "wandb"}
 # What an earlier run leaves that a new one would mix with, removed by --overwrite (the marker, the lock
 # and effective_config.json stay: the new run holds, keeps and rewrites them).
-OVERWRITTEN = ("final", "checkpoints", "metrics.jsonl", "report.md", *PLOT_FILES)
+OVERWRITTEN = ("final", "checkpoints", METRICS_FILE, "report.md", *PLOT_FILES)
 # Files beside the tags in RUN/checkpoints/: latest, best (+ write_atomic's .tmp), and DeepSpeed's.
 CHECKPOINT_FILES = ("latest", "best", "latest.tmp", "best.tmp", "latest_universal", "zero_to_fp32.py",
                     "zero_to_torch.py")  # fmt: skip
@@ -155,7 +155,7 @@ def check_inputs_outside(run_dir: Path, s) -> None:
         inputs["--base_model"] = s.base_model
     if s.resume not in (None, "auto") and not real(s.resume).is_relative_to(out / "checkpoints"):
         inputs["--resume"] = s.resume  # a checkpoint of another folder (this run's own may be anywhere in it)
-    if real(s.deepspeed_config) == out / CONFIG_FILE:  # passed back: the run reads it, then rewrites it
+    if real(s.deepspeed_config) == out / EFFECTIVE_CONFIG:  # passed back: the run reads it, then rewrites it
         del inputs["--deepspeed_config"]
     for flag, path in inputs.items():
         where = real(path)
@@ -206,7 +206,7 @@ def relative(path: Path, run_dir: Path) -> str:
 
 def checkpoint_entry_kind(name: str) -> str | None:
     """The kind a ds-sft checkpoint folder's entry ``name`` has, or None when it is not one of its names."""
-    from ds_sft.train.checkpointing import PARTIAL, REPLACED, UNIVERSAL_PREFIX, is_tag
+    from ds_sft.train.checkpointing import PARTIAL, REPLACED, UNIVERSAL_PREFIX
 
     if name in CHECKPOINT_FILES:
         return "file"
@@ -249,22 +249,17 @@ def plain_tree_problem(folder: Path, run_dir: Path) -> str | None:
 def tag_problem(tag_dir: Path, run_dir: Path) -> str | None:
     """Why ``tag_dir`` is not a checkpoint tag as ds-sft writes it (exactly the files its
     ``trainer_state.json`` lists, plus that file, all regular), or None. Nothing is hashed."""
-    from ds_sft.train.checkpointing import (
-        STATE_FILE,
-        foreign_entries,
-        read_trainer_state,
-        trainer_state_problem,
-    )
+    from ds_sft.train.checkpointing import foreign_entries, read_trainer_state, trainer_state_problem
 
     where = relative(tag_dir, run_dir)
-    if kind(tag_dir / STATE_FILE) != "file":
-        return f"{where} has no {STATE_FILE} listing its files"
+    if kind(tag_dir / TRAINER_STATE) != "file":
+        return f"{where} has no {TRAINER_STATE} listing its files"
     try:
         state = read_trainer_state(tag_dir)
     except (OSError, ValueError, RecursionError):
-        return f"{where}{STATE_FILE} cannot be read"
+        return f"{where}{TRAINER_STATE} cannot be read"
     if trainer_state_problem(state, with_files=True):
-        return f"{where}{STATE_FILE} is not one ds-sft writes"
+        return f"{where}{TRAINER_STATE} is not one ds-sft writes"
     foreign = foreign_entries(entries(tag_dir), state["files"])
     if foreign:
         return f"{relative(tag_dir / foreign[0], run_dir)} is not among the files of the checkpoint"
@@ -317,7 +312,7 @@ def checkpoint_entries(ckpt_dir: Path, run_dir: Path) -> tuple[list[Path], list[
     writes them); entries with other names are in neither list. A scratch folder (``.partial``,
     ``.replaced``, ``.universal-*``) is ds-sft's when it holds only the files a save or a conversion
     writes (:func:`checkpointing.scratch_problem`), as one an older ds-sft left does too."""
-    from ds_sft.train.checkpointing import is_tag, scratch_problem
+    from ds_sft.train.checkpointing import scratch_problem
 
     ours, problems = [], []
     for path in entries(ckpt_dir):
@@ -351,8 +346,6 @@ def is_marked(run_dir: Path) -> bool:
 def only_copied_checkpoints(run_dir: Path, found: list[Path]) -> bool:
     """Whether ``found`` (the folder's entries) is a ``checkpoints/`` of ds-sft's alone (and a lock),
     with at least one tag, the files of each exactly those its ``trainer_state.json`` lists."""
-    from ds_sft.train.checkpointing import is_tag
-
     names = {path.name for path in found} - {LOCK_FILE}
     if names != {"checkpoints"} or kind(run_dir / "checkpoints") != "folder":
         return False
@@ -430,20 +423,18 @@ def previous_run(run_dir: Path) -> list[str]:
     ckpt_dir = run_dir / "checkpoints"
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         found.append("checkpoints")
-    if os.path.lexists(run_dir / "metrics.jsonl"):
-        found.append("metrics.jsonl")
+    if os.path.lexists(run_dir / METRICS_FILE):
+        found.append(METRICS_FILE)
     return found
 
 
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether ``RUN/checkpoints`` has a tag ``--resume`` would try (``latest``'s, or any complete one)."""
-    from ds_sft.train.checkpointing import STATE_FILE, is_tag, latest_tag
-
     ckpt_dir = run_dir / "checkpoints"
     if not ckpt_dir.is_dir():
         return False
     return latest_tag(ckpt_dir) is not None or any(
-        is_tag(path.name) and (path / STATE_FILE).is_file() for path in ckpt_dir.iterdir()
+        is_tag(path.name) and (path / TRAINER_STATE).is_file() for path in ckpt_dir.iterdir()
     )
 
 

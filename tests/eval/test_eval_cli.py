@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ds_sft.data.output import RUN_FILES
+from ds_sft.data.output import RUN_SIGNS
 from ds_sft.errors import UserError
 from ds_sft.eval import cli
 from ds_sft.eval.prompts import FIXED_PROMPTS
@@ -518,7 +518,7 @@ def test_an_out_that_is_holds_or_lies_inside_a_model_or_the_data_dir_is_refused(
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("run_file", RUN_FILES)
+@pytest.mark.parametrize("run_file", RUN_SIGNS)
 @pytest.mark.parametrize("where", ["run", "run/eval"])
 def test_a_runs_final_stands_for_the_whole_run(data_dir, model_dir, tmp_path, capsys, run_file, where):
     """``--model RUN/final --out RUN/eval`` would put the report among the run's own files."""

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ds_sft.command import main_for
-from ds_sft.data.output import RUN_FILES
+from ds_sft.data.output import RUN_SIGNS
 from ds_sft.export import MANIFEST
 from ds_sft.model.checkpoint import save_model
 from ds_sft.model.config import ModelConfig
@@ -179,7 +179,7 @@ def test_an_output_that_is_holds_or_lies_inside_an_input_is_refused(
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("run_file", RUN_FILES)
+@pytest.mark.parametrize("run_file", RUN_SIGNS)
 @pytest.mark.parametrize("where", ["run", "run/hf", "run/checkpoints/hf"])
 def test_a_runs_final_stands_for_the_whole_run(run_dir, tmp_path, capsys, run_file, where):
     """``--base_model RUN/final --hf RUN/hf`` would put the export among the run's own files."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ds_sft.run_layout import TRAINER_STATE
 from ds_sft.train import checkpointing
 
 from .conftest import Payload, write_tiny_data_dir
@@ -112,7 +113,7 @@ def test_checkpoint_carrying_pickled_code_is_never_unpickled(clean_run, ds_env, 
     sentinel = tmp_path / "payload_ran"
     torch.save({**torch.load(victim, weights_only=False), "hook": Payload(sentinel)}, victim)
     # the attacker rewrites the recorded digests too, so only the pickle scan stands in the way
-    state_file = tag_dir / checkpointing.STATE_FILE
+    state_file = tag_dir / TRAINER_STATE
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "files": checkpointing.file_digests(tag_dir)}))
 
@@ -170,7 +171,7 @@ def test_a_checkpoint_saved_with_nan_in_it_is_refused_naming_an_earlier_one(
         else:
             optimizer[poisoned][0][:3] = float("nan")
     torch.save(saved, victim)
-    state_file = tag_dir / checkpointing.STATE_FILE
+    state_file = tag_dir / TRAINER_STATE
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "files": checkpointing.file_digests(tag_dir)}))
 
@@ -244,7 +245,7 @@ def test_a_planted_universal_folder_never_runs_on_resume(clean_run, ds_env, tmp_
     for path in [planted / "zero" / "optimizer_state.pt", planted / "zero" / "wte.weight" / "fp32.pt",
                  *(planted / p.name for p in tag_dir.glob("*model_states.pt"))]:  # fmt: skip
         torch.save({"hook": Payload(sentinel)}, path)
-    state_file = tag_dir / checkpointing.STATE_FILE
+    state_file = tag_dir / TRAINER_STATE
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
     planted_files = sorted(planted.rglob("*"))
 

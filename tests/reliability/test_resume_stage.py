@@ -177,7 +177,7 @@ def test_the_conversion_never_unpickles_code(data_dir, tmp_path, process_group):
     import torch
 
     from ds_sft.errors import UserError
-    from ds_sft.train.checkpointing import STATE_FILE
+    from ds_sft.run_layout import TRAINER_STATE
     from ds_sft.train.state_transfer import load_saved_kind
     from tests.train.helpers import ds_config, settings, tiny_model
 
@@ -198,4 +198,4 @@ def test_the_conversion_never_unpickles_code(data_dir, tmp_path, process_group):
     assert not marker.exists(), "the planted payload ran"
     assert "\n" not in str(refused.value) and "weights_only" in str(refused.value)
     assert sorted(p.name for p in tag_dir.parent.iterdir()) == [tag_dir.name]
-    assert (tag_dir / STATE_FILE).is_file()
+    assert (tag_dir / TRAINER_STATE).is_file()

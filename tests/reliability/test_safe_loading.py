@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from ds_sft import run_layout
 from ds_sft.errors import UserError
 from ds_sft.model.checkpoint import load_model, save_model
 from ds_sft.model.config import ModelConfig
@@ -268,7 +269,7 @@ def _bless(tag_dir: Path) -> None:
 
     state = checkpointing.read_trainer_state(tag_dir)
     state["files"] = checkpointing.file_digests(tag_dir)
-    (tag_dir / checkpointing.STATE_FILE).write_text(json.dumps(state))
+    (tag_dir / run_layout.TRAINER_STATE).write_text(json.dumps(state))
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
@@ -441,7 +442,7 @@ def test_a_hostile_trainer_state_is_refused_as_malformed(checkpoints, tmp_path, 
     from ds_sft.train import checkpointing
 
     tag_dir = _copy_tag(checkpoints[2], tmp_path)
-    state_file = tag_dir / checkpointing.STATE_FILE
+    state_file = tag_dir / run_layout.TRAINER_STATE
     state = json.loads(state_file.read_text())
     hostile = None if HOSTILE_STATES[change] is None else {**state, **HOSTILE_STATES[change]}
     state_file.write_text(json.dumps(hostile))

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ds_sft.errors import UserError
+from ds_sft.run_layout import TRAINER_STATE
 from ds_sft.train.checkpointing import (
-    STATE_FILE,
     consolidated_state_dict,
     damage,
     drop_later_tags,
@@ -69,7 +69,7 @@ def make_tags(ckpt_dir, steps):
             "files": {},
         }
         (ckpt_dir / f"step_{step:06d}").mkdir(parents=True)
-        (ckpt_dir / f"step_{step:06d}" / STATE_FILE).write_text(json.dumps(state))
+        (ckpt_dir / f"step_{step:06d}" / TRAINER_STATE).write_text(json.dumps(state))
     (ckpt_dir / "latest").write_text(f"step_{steps[-1]:06d}")
 
 
@@ -123,11 +123,11 @@ def test_replace_tag_swaps_in_the_new_folder_and_never_follows_a_symlink(tmp_pat
 
 def list_files(tag_dir, files: dict[str, bytes]) -> None:
     """Write ``files`` into a tag of :func:`make_tags` and list them in its trainer state."""
-    state = json.loads((tag_dir / STATE_FILE).read_text())
+    state = json.loads((tag_dir / TRAINER_STATE).read_text())
     for name, data in files.items():
         (tag_dir / name).write_bytes(data)
         state["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (tag_dir / STATE_FILE).write_text(json.dumps(state))
+    (tag_dir / TRAINER_STATE).write_text(json.dumps(state))
 
 
 @pytest.mark.parametrize("how", ["prune", "drop_later_tags", "replace_tag"])
@@ -182,7 +182,7 @@ def test_a_save_deletes_what_an_earlier_save_left_but_keeps_anything_else(tmp_pa
     (ckpt_dir / name).write_text("someone's")
     s = settings(zero_stage=0)
     engine, _ = build_engine(tiny_model(), ds_config(s), s.weight_decay)
-    state = json.loads((ckpt_dir / "step_000002" / STATE_FILE).read_text())
+    state = json.loads((ckpt_dir / "step_000002" / TRAINER_STATE).read_text())
     try:
         save(engine, ckpt_dir, 2, {key: state[key] for key in state if key != "files"}, keep_last=2)
     finally:
@@ -293,11 +293,11 @@ def test_an_edited_trainer_state_is_skipped_by_resume_and_named_for_an_explicit_
     ckpt_dir = run / "checkpoints"
     make_tags(ckpt_dir, [2, 4])
     for tag in ("step_000002", "step_000004"):
-        state_file = ckpt_dir / tag / STATE_FILE
+        state_file = ckpt_dir / tag / TRAINER_STATE
         state_file.write_text(json.dumps({**json.loads(state_file.read_text()), **genuine_kind(files)}))
         list_files(ckpt_dir / tag, {name: pickled(obj) for name, obj in files.items()})
         assert damage(ckpt_dir / tag) is None
-    edited = ckpt_dir / "step_000004" / STATE_FILE
+    edited = ckpt_dir / "step_000004" / TRAINER_STATE
     edited.write_text(rewrite(edited.read_text()))
     problem = damage(ckpt_dir / "step_000004")
     assert problem is not None and said in problem, problem
