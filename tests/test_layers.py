@@ -2,11 +2,16 @@
 uses ``data``, ``model`` and ``kernels``; ``eval`` uses ``data`` and ``model``; ``model`` uses
 ``kernels``; ``kernels`` use nothing of ours; ``data`` and ``model`` never import each other (what both
 need lives in the shared modules: ``labels``, ``vocab``, ``errors``, ``paths``...). DeepSpeed is
-imported only under ``ds_sft/train/``. Every import is read, including those inside functions."""
+imported only under ``ds_sft/train/``. Every import is read, including those inside functions.
+
+Each package's docstring is its map: one indented ``name.py`` line for every module in it."""
 
 from __future__ import annotations
 
 import ast
+import re
+
+import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -91,3 +96,18 @@ def test_the_check_sees_a_wrong_import_wherever_it_is():
     assert violations("paths", "from ds_sft.train import loop") == ["paths imports ds_sft.train"]
     assert violations("eval", "import deepspeed") == ["eval imports deepspeed: DeepSpeed belongs to train"]
     assert violations("train", "import deepspeed\nfrom ds_sft.data import sources") == []
+
+
+MAP_LINE = re.compile(r"^\s+(\w+)\.py\b", re.MULTILINE)  # "    loop.py   the training step"
+
+
+@pytest.mark.parametrize(
+    "package", sorted(path.parent for path in PACKAGE.rglob("__init__.py")), ids=lambda path: path.name
+)
+def test_each_package_s_docstring_maps_every_module_in_it(package):
+    """A module added without a line in its package's map, or a line left for a module that is gone,
+    makes the map a newcomer reads wrong. ``__init__`` and ``__main__`` need no line."""
+    listed = set(MAP_LINE.findall(ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""))
+    modules = {path.stem for path in package.glob("*.py")}
+    assert sorted(modules - {"__init__", "__main__"} - listed) == []  # modules the map leaves out
+    assert sorted(listed - modules) == []  # lines for modules that are not there

@@ -1,5 +1,11 @@
 """Fused kernels for the training hot path, each with its PyTorch reference.
 
+    reference.py                   plain PyTorch: the definition of every op here, for tests and "eager"
+    rmsnorm.py                     RMSNorm in Triton
+    cross_entropy_kernel.py        cross-entropy in Triton: online logsumexp, gradient in the forward
+    fused_linear_cross_entropy.py  LM head + cross-entropy in chunks, never the full logits
+    _launch.py                     block sizes, warps and grids the Triton launchers share
+
 Public API::
 
     rms_norm(x, weight, eps, backend="auto")

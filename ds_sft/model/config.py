@@ -1,4 +1,6 @@
-"""The shape of a LLaMA-style decoder, as one JSON-serialisable dataclass.
+"""A LLaMA-style decoder as one JSON-serialisable dataclass: its shape and family switches, saved with
+the weights, and two run settings (:data:`RUN_SETTINGS`: the kernels backend, activation
+checkpointing), which say how a run computes it and are never saved.
 
 Presets (parameter counts are exact; see ``ModelConfig.num_parameters``):
 
