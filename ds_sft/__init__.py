@@ -16,6 +16,7 @@ Package arrows point one way too: ``train`` uses ``data``, ``model`` and ``kerne
     run_layout.py    the names in a training run's folder, and the checkpoint tag format
     labels.py        the label that marks a position with nothing to train
     vocab.py         how many embeddings a tokenizer needs
+    positions.py     how many positions a model has, by the names trainers give them
     machine.py       the memory this machine can still give a command
     export.py        ``ds-sft export``: a checkpoint as a Hugging Face model
     bench.py         ``ds-sft bench``: run the scripts in ``bench/`` and collect their tables
