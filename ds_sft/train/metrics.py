@@ -29,36 +29,37 @@ from ds_sft.errors import UserError, first_line
 from ds_sft.paths import unshare
 from ds_sft.run_layout import METRICS_FILE
 
-# Dense peak FLOP/s of one GPU (no sparsity) from NVIDIA's datasheets, (bf16, fp32 via TF32), by a
+# Dense peak FLOP/s of one GPU (no sparsity) from NVIDIA's datasheets, (bf16, fp32), by a
 # fragment of torch.cuda.get_device_name(): "NVIDIA H100 80GB HBM3" is the SXM card, the others say
 # "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200". The longest fragment in the name wins, so
 # "H100 PCIe" is read before "H100" and "L40S" before "L4" (:func:`datasheet_peak`).
 GPU_PEAK_FLOPS = {
-    "H200 NVL": (835e12, 417e12),
-    "H200": (989e12, 494e12),
-    "H100 NVL": (835e12, 417e12),
-    "H100 PCIe": (756e12, 378e12),
-    "H100": (989e12, 494e12),
-    "H800 PCIe": (756e12, 378e12),
-    "H800": (989e12, 494e12),
-    "A100": (312e12, 156e12),
-    "L40S": (362e12, 183e12),
-    "L40": (181e12, 90e12),
-    "A10G": (70e12, 35e12),
-    "L4": (121e12, 60e12),
+    "H200 NVL": (835e12, 60e12),
+    "H200": (989e12, 67e12),
+    "H100 NVL": (835e12, 60e12),
+    "H100 PCIe": (756e12, 51e12),
+    "H100": (989e12, 67e12),
+    "H800 PCIe": (756e12, 51e12),
+    "H800": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12),
+    "L40": (181e12, 90.5e12),
+    "A10G": (70e12, 31.2e12),
+    "L4": (121e12, 30.3e12),
     "V100": (125e12, 15.7e12),
 }
-UNKNOWN_GPU_PEAK = GPU_PEAK_FLOPS["A100"][0]  # what the trainer assumes for a GPU not in the table
+UNKNOWN_GPU = "A100"  # what the trainer assumes a GPU not in the table is
 
 
 def datasheet_peak(device_name: str, bf16: bool = True) -> float | None:
     """The datasheet peak FLOP/s of the GPU ``torch.cuda.get_device_name()`` calls ``device_name``
-    (bf16, else TF32); None for a GPU not in :data:`GPU_PEAK_FLOPS`."""
+    (bf16, else fp32 without tensor cores: ds-sft leaves TF32 off, torch's default); None for a GPU
+    not in :data:`GPU_PEAK_FLOPS`."""
     fragments = [fragment for fragment in GPU_PEAK_FLOPS if fragment in device_name]
     if not fragments:
         return None
-    peak_bf16, peak_tf32 = GPU_PEAK_FLOPS[max(fragments, key=len)]
-    return peak_bf16 if bf16 else peak_tf32
+    peak_bf16, peak_fp32 = GPU_PEAK_FLOPS[max(fragments, key=len)]
+    return peak_bf16 if bf16 else peak_fp32
 
 
 def flops_per_token(n_params: int, n_layers: int, attention_width: int, seq_len: int) -> float:
@@ -100,7 +101,8 @@ def peak_flops(bf16: bool) -> tuple[float, str]:
         name = torch.cuda.get_device_name()
         peak = datasheet_peak(name, bf16)
         if peak is None:
-            return UNKNOWN_GPU_PEAK, f"{name} unknown: assumed A100 bf16 peak"
+            assumed = f"{UNKNOWN_GPU} {'bf16' if bf16 else 'fp32'} peak"
+            return datasheet_peak(UNKNOWN_GPU, bf16), f"{name} unknown: assumed {assumed}"
         return peak, f"{name} datasheet"
     dtype = torch.bfloat16 if bf16 else torch.float32
     return measure_matmul_flops(dtype), f"CPU {dtype} 1024^3 matmul measured"

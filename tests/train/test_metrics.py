@@ -434,6 +434,37 @@ def test_the_trainer_and_the_bench_read_one_datasheet_peak_for_each_gpu(cuda_nam
     assert bench.gpu_peak(torch.device("cuda")) == (name, tflops * 1e12)
 
 
+# fp32 without tensor cores (TF32 is off: torch's default, and ds-sft never turns it on), TFLOP/s
+DEVICE_FP32_PEAKS = {
+    "NVIDIA H100 80GB HBM3": 67,
+    "NVIDIA H100 PCIe": 51,
+    "NVIDIA H200": 67,
+    "NVIDIA A100-SXM4-80GB": 19.5,
+    "NVIDIA L40S": 91.6,
+    "NVIDIA L4": 30.3,
+}
+
+
+@pytest.mark.parametrize(("name", "tflops"), DEVICE_FP32_PEAKS.items())
+def test_an_fp32_run_s_mfu_divides_by_the_fp32_peak_not_tf32_s(cuda_named, name, tflops):
+    """An fp32 run's matmuls run without TF32, so its MFU divides by the fp32 peak; the table held the
+    TF32 tensor-core figures (494 TFLOP/s on an H100), 7x too high."""
+    from ds_sft.train.metrics import peak_flops
+
+    cuda_named(name)
+    assert peak_flops(bf16=False) == (tflops * 1e12, f"{name} datasheet")
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_gpu_not_in_the_table_is_assumed_an_a100_of_the_run_s_precision(cuda_named, bf16):
+    from ds_sft.train.metrics import datasheet_peak, peak_flops
+
+    cuda_named("NVIDIA Hypothetical X9")
+    peak, source = peak_flops(bf16=bf16)
+    assert peak == datasheet_peak("NVIDIA A100", bf16)
+    assert source == f"NVIDIA Hypothetical X9 unknown: assumed A100 {'bf16' if bf16 else 'fp32'} peak"
+
+
 @pytest.mark.parametrize("order", [1, -1], ids=["as written", "reversed"])
 def test_each_datasheet_entry_is_read_for_its_name_whatever_the_table_s_order(cuda_named, monkeypatch, order):
     """A device named by an entry gets that entry's peaks, though a shorter entry ("H100" in
