@@ -9,7 +9,7 @@
     fp8_roofline.py  which projections fp8 pays for, by GEMM shape (rates in fp8_roofline.json)
     checkpoint.py    weights in (ds-sft, safetensors, Hugging Face, GGUF, torch files), ds-sft's out
     export.py        the Hugging Face layout of the model's family, as AutoModelForCausalLM loads it
-    generate.py      batched generation with a KV cache: greedy, or temperature + top-p
+    generate.py      batched greedy generation with a KV cache
 
 Import from the submodules: this package stays import-light so ``ds-sft --help`` does not load torch.
 """
