@@ -447,6 +447,7 @@ REQUIRED_ARGS = {  # the least each command needs besides the flag under test, s
     "bench/gpu_check.py collectives": ["--out", "o"],
     "bench/gpu_check.py gemm": ["--out", "o"],
     "bench/gpu_check.py summary": ["--out", "o", "--work", "w"],
+    "bench/gpu_check.py train": ["--out", "o"],
 }
 # Flags that take effect only beside another (their ds_sft.options.Ignored rules): fuzzed with it, so
 # that a value in their domain is accepted (test_every_fuzzed_flag_takes_effect checks the list).
