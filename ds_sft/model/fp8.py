@@ -454,8 +454,10 @@ def reduce_scaling_state(model: nn.Module) -> None:
     checkpoint keeps). Nothing to do with one rank or no such layer."""
     import torch.distributed as dist
 
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return  # before the walk over the modules: the trainer calls this every step
     layers = [m for m in model.modules() if isinstance(m, Float8Linear)]
-    if not layers or not dist.is_initialized() or dist.get_world_size() == 1:
+    if not layers:
         return
     # on the buffers' device, the engine's; the scales negated, so that the MAX of theirs is the min
     state = [t for layer in layers for t in (layer.fp8_amax_history.flatten(), -layer.fp8_scale)]
