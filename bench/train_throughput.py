@@ -408,7 +408,7 @@ def deepspeed_step(
     ``overflow_check`` is DeepSpeed's bf16 ``check_grad_overflow``; ``reduce_every_micro_batch``
     steps as DeepSpeed alone would, reducing the gradients in every micro-batch (ds-sft's ZeRO 2
     reduces them once per update: ds_sft/train/engine.py)."""
-    from ds_sft.train.config import read_json
+    from ds_sft.paths import read_json_object
     from ds_sft.train.distributed import init_distributed
     from ds_sft.train.engine import build_engine
     from ds_sft.train.step import train_step
@@ -416,7 +416,7 @@ def deepspeed_step(
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
     _, world_size = init_distributed()
     ds_config = {
-        k: v for k, v in read_json(REPO_ROOT / "ds_configs" / "zero2.json").items() if k != "_comment"
+        k: v for k, v in read_json_object(REPO_ROOT / "ds_configs" / "zero2.json").items() if k != "_comment"
     }
     ds_config.update(
         train_batch_size=micro_batch * accumulation * world_size,  # the file's is the recipe's 256

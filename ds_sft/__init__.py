@@ -13,6 +13,7 @@ Package arrows point one way too: ``train`` uses ``data``, ``model`` and ``kerne
     options.py       the domain of every number, choice and name a user can pass
     errors.py        UserError: one line for the user instead of a traceback
     paths.py         where things are found, and files read and written without harm
+    json_input.py    the one reader of a user's JSON: repeated keys, NaN, depth refused in one line
     run_layout.py    the names in a training run's folder, and the checkpoint tag format
     labels.py        the label that marks a position with nothing to train
     vocab.py         how many embeddings a tokenizer needs

@@ -23,7 +23,6 @@ import errno
 import functools
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ import stat
 from pathlib import Path
 
 from ds_sft.errors import UserError, as_os_error, first_line
+from ds_sft.json_input import JsonRefused, parse_json_object
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -358,15 +358,13 @@ REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
 
 
 def read_json_object(path: Path, what: str = "config") -> dict:
-    """The JSON object in ``path``; anything else (a FIFO, invalid JSON, a list) is one UserError."""
+    """The JSON object in ``path``; anything else (a FIFO, invalid JSON, a list, a repeated key, NaN:
+    :func:`ds_sft.json_input.parse_json_object`) is one UserError naming the file."""
     require_regular_file(path, what)
     try:
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({first_line(err)}); repair or replace the {what}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: holds a JSON {type(values).__name__}, not the object a {what} is")
-    return values
+        return parse_json_object(Path(path).read_bytes())
+    except JsonRefused as err:
+        raise UserError(f"{path}: {err}; repair or replace the {what}") from None
 
 
 def refuse_remote_code(directory: Path) -> None:

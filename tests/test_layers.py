@@ -22,6 +22,7 @@ SHARED = {
     "vocab",
     "positions",
     "paths",
+    "json_input",
     "run_layout",
     "options",
     "machine",

@@ -25,6 +25,7 @@ from pathlib import Path
 from ds_sft import paths, run_layout
 from ds_sft.data.shards import PackedDataset, read_manifest
 from ds_sft.errors import UserError
+from ds_sft.json_input import parse_json_object
 from ds_sft.positions import DEFAULT_POSITIONS, POSITION_FIELDS
 
 
@@ -147,8 +148,8 @@ def trained_record(spec: str) -> tuple[Path, dict] | None:
     try:
         with record.open("rb") as file:
             text = file.read(TRAINED_ON_BYTES + 1)  # a few dozen bytes as train writes it
-        fields = None if len(text) > TRAINED_ON_BYTES else json.loads(text.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        fields = None if len(text) > TRAINED_ON_BYTES else parse_json_object(text)
+    except (OSError, ValueError):
         raise damaged from None
     if not isinstance(fields, dict) or not isinstance(fields.get("template"), str):
         raise damaged

@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.json_input import parse_json_object
 from ds_sft.paths import expand_user, sha256_file, temporary_name_prefix, writable_dir
 from ds_sft.run_layout import EFFECTIVE_CONFIG, METRICS_FILE
 
@@ -104,10 +105,9 @@ def _read_manifest(folder: Path, manifest_name: str = MANIFEST) -> dict | None:
     if path is None:
         return None
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError):
+        return parse_json_object(path.read_bytes())
+    except ValueError:
         return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def _foreign_entries(folder: Path, files: dict[str, dict], manifest_name: str = MANIFEST) -> list[str]:

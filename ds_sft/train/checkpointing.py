@@ -90,6 +90,7 @@ from pathlib import Path
 import numpy as np
 
 from ds_sft.errors import UserError, first_line, one_line, refused_global
+from ds_sft.json_input import parse_json_object
 from ds_sft.options import is_number
 from ds_sft.paths import sha256_file
 from ds_sft.run_layout import TRAINER_STATE, is_tag, latest_tag, tag_for, tag_step
@@ -604,7 +605,7 @@ def find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
 
 def read_trainer_state(tag_dir: Path) -> dict:
     """``trainer_state.json`` as saved; :func:`damage` has checked it before a resume reads it."""
-    return json.loads((tag_dir / TRAINER_STATE).read_text())
+    return parse_json_object((tag_dir / TRAINER_STATE).read_bytes())
 
 
 def needs_universal(trainer_state: dict, world_size: int) -> bool:

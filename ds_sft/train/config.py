@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,7 +44,7 @@ from ds_sft.options import (
     Pair,
     Text,
 )
-from ds_sft.paths import expand_user
+from ds_sft.paths import expand_user, read_json_object
 from ds_sft.train.compatibility import IDENTITY_KEYS
 from ds_sft.train.distributed import launch_environment
 from ds_sft.train.metrics import WANDB_MODES, resolve_wandb_mode
@@ -343,59 +342,6 @@ def resolve_config_path(spec: str) -> Path:
     raise UserError(f"DeepSpeed config {spec!r} not found: pass an existing JSON file (see ds_configs/)")
 
 
-class KeyedTwice(dict):
-    """A JSON object that held ``key`` more than once (Python's reader would keep the last value)."""
-
-    def __init__(self, pairs, key):
-        super().__init__(pairs)
-        self.key = key
-
-
-def refuse_duplicates(pairs: list) -> dict:
-    """``object_pairs_hook`` of :func:`read_json`: mark an object with a repeated key. JSON allows the
-    repeat, and readers disagree on which value wins; a recipe that says two things says neither."""
-    seen = set()
-    for key, _ in pairs:
-        if key in seen:
-            return KeyedTwice(pairs, key)
-        seen.add(key)
-    return dict(pairs)
-
-
-def find_duplicate(tree, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
-    """The full key path of the first repeated key in ``tree`` (the hook sees one object at a time)."""
-    if isinstance(tree, KeyedTwice):
-        return (*path, tree.key)
-    children = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
-    for key, value in children:
-        found = find_duplicate(value, (*path, str(key)))
-        if found:
-            return found
-    return None
-
-
-def read_json(path: Path) -> dict:
-    """The DeepSpeed config's JSON object; any file that is not one is one UserError naming it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=refuse_duplicates)
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}): save it as UTF-8") from None
-    except json.JSONDecodeError as err:
-        raise UserError(
-            f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
-        ) from None
-    except ValueError as err:  # the reader's own limits, e.g. an integer of more than 4,300 digits
-        raise UserError(f"{path} is not valid JSON ({first_line(err)})") from None
-    except RecursionError:
-        raise UserError(f"{path} is nested too deeply to be a DeepSpeed config") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object at the top level")
-    repeated = find_duplicate(data)
-    if repeated:
-        raise UserError(f'{path} sets "{".".join(repeated)}" twice: keep one')
-    return data
-
-
 def get_path(tree: dict, keys: tuple[str, ...]):
     for key in keys:
         if not isinstance(tree, dict) or key not in tree:
@@ -451,19 +397,16 @@ def check_domain(flag_or_path, value, domain, source: str):
 
 
 def check_numbers(tree, source: str, path: tuple[str, ...] = ()) -> None:
-    """The floor for every number of the JSON, declared or not: finite, and within an int64
-    (Python's JSON reader accepts NaN, Infinity and integers of any length; DeepSpeed does not)."""
+    """The floor for every integer of the JSON, declared or not: within an int64 (Python's JSON reader
+    takes integers of any length; DeepSpeed and torch do not). Every number is finite already: the
+    reader (:mod:`ds_sft.json_input`) refuses NaN and Infinity, and flags are checked by their domains."""
     if isinstance(tree, dict):
         for key, value in tree.items():
             check_numbers(value, source, (*path, str(key)))
     elif isinstance(tree, list):
         for i, value in enumerate(tree):
             check_numbers(value, source, (*path, str(i)))
-    elif (
-        isinstance(tree, float)
-        and not math.isfinite(tree)
-        or (isinstance(tree, int) and not isinstance(tree, bool) and abs(tree) > INT64_MAX)
-    ):
+    elif isinstance(tree, int) and not isinstance(tree, bool) and abs(tree) > INT64_MAX:
         raise UserError(f'"{".".join(path)}" in {source} must be a finite number within int64, got {tree!r}')
 
 
@@ -928,7 +871,7 @@ def resolve(args) -> tuple[dict, SimpleNamespace, list[str]]:
     """Read, layer and validate. Returns (DeepSpeed config, settings, lines to print at start)."""
     path = resolve_config_path(args.deepspeed_config or DEFAULT_CONFIG)
     source = f"the DeepSpeed config {path.name}"
-    ds_json = read_json(path)
+    ds_json = read_json_object(path, "DeepSpeed config")
     check_sections(ds_json)
     # A config without an optimizer gets the recipe's AdamW: torch's fused one, because DeepSpeed's
     # FusedAdam JIT-compiles for half a minute, and torch's default per-tensor loop is ~9x slower on CPU.
