@@ -4,7 +4,10 @@ The engine does what it is built for (ZeRO partitioning, gradient accumulation, 
 optimizer step, checkpoints); ds-sft owns what DeepSpeed cannot know: the token-normalized loss,
 the learning-rate schedule, which parameters get weight decay, evaluation per source, and resume.
 
-    config.py         DeepSpeed JSON <- CLI flags, validated before anything heavy is loaded
+    config.py         defaults <- DeepSpeed JSON <- CLI flags: the one effective config of a run
+    config_keys.py    its keys as data: each flag's default and domain, DeepSpeed's keys ds-sft
+                      knows, refuses, pins or keeps from writing outside the run folder
+    config_checks.py  every check of it, before anything heavy is loaded (DeepSpeed's reader too)
     memory.py         will a micro-batch fit? checked before anything is allocated
     run_dir.py        the run directory: ds-sft's own, apart from its inputs, one writer, --overwrite
     compatibility.py  refuse a data/model/checkpoint mix that does not belong together

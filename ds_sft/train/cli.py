@@ -27,7 +27,7 @@ from ds_sft.errors import UserError, several_ranks
 from ds_sft.options import Ignored, Int, StoreOnce, refuse_ignored
 from ds_sft.paths import own_folder, replace_file, writable_dir, write_result_file
 from ds_sft.run_layout import EFFECTIVE_CONFIG
-from ds_sft.train.config import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
+from ds_sft.train.config_keys import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 from ds_sft.train.run_dir import check_inputs_outside
 
 # SIGTERM and SIGHUP keep their default outside the training loop, which catches them between steps

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from ds_sft.cli import main
-from ds_sft.train.config import KNOWN_DS_KEYS
+from ds_sft.train.config_keys import KNOWN_DS_KEYS
 
 MISSING_DATA = "/nonexistent/ds-sft-fuzz/data"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -604,7 +604,8 @@ def test_a_nul_byte_in_a_text_flag_is_one_line(capsys, command, flag, text):
 def numeric_json_keys() -> dict[tuple[str, ...], object]:
     """Every numeric key the train config declares, DeepSpeed's and the "ds_sft" section's: its domain."""
     from ds_sft.options import Float, Int
-    from ds_sft.train.config import DS_DOMAINS, FLAG_TO_DS_KEY, OPTIONS, zero_domains
+    from ds_sft.train.config_checks import zero_domains
+    from ds_sft.train.config_keys import DS_DOMAINS, FLAG_TO_DS_KEY, OPTIONS
 
     keys = {k: d for k, d in {**DS_DOMAINS, **zero_domains()}.items() if isinstance(d, Int | Float)}
     for flag, (_, domain) in OPTIONS.items():
@@ -819,7 +820,8 @@ def test_effective_config_records_the_paths_and_passes_back_without_them(capsys,
     another run's --deepspeed_config and does not send that run into the first run's folder."""
     from types import SimpleNamespace
 
-    from ds_sft.train.config import DEFAULTS, effective_config
+    from ds_sft.train.config import effective_config
+    from ds_sft.train.config_keys import DEFAULTS
 
     own = {"micro_batch_size": 2, "grad_accum": 1, "grad_clip": 1.0, "learning_rate": 1e-3, "zero_stage": 2,
            "precision": "fp32", **BASE["ds_sft"]}  # fmt: skip
@@ -1020,7 +1022,7 @@ REFUSED_VALUES = {
 
 
 def test_every_refused_deepspeed_key_is_tested():
-    from ds_sft.train.config import REFUSED_DS_KEYS
+    from ds_sft.train.config_keys import REFUSED_DS_KEYS
 
     assert set(REFUSED_VALUES) == set(REFUSED_DS_KEYS)
 
@@ -1030,7 +1032,7 @@ def test_every_refused_deepspeed_key_is_tested():
 def test_a_deepspeed_key_ds_sft_does_not_drive_is_one_line_before_the_model_loads(
     capsys, tmp_path, path, asks
 ):
-    from ds_sft.train.config import REFUSED_DS_KEYS
+    from ds_sft.train.config_keys import REFUSED_DS_KEYS
 
     config = merged(BASE, nested(path, REFUSED_VALUES[path][0 if asks else 1]))
     code, lines = run_train(capsys, tmp_path, config)
@@ -1047,14 +1049,14 @@ PINNED_OTHER_VALUES = {("gradient_allreduce_op",): ["sum", "bogus"]}
 
 
 def test_every_pinned_deepspeed_key_is_tested():
-    from ds_sft.train.config import PINNED_DS_VALUES
+    from ds_sft.train.config_keys import PINNED_DS_VALUES
 
     assert set(PINNED_OTHER_VALUES) == set(PINNED_DS_VALUES)
 
 
 @pytest.mark.parametrize("path", PINNED_OTHER_VALUES, ids=".".join)
 def test_a_deepspeed_key_that_breaks_the_loops_gradient_mean_is_one_line(capsys, tmp_path, path):
-    from ds_sft.train.config import PINNED_DS_VALUES
+    from ds_sft.train.config_keys import PINNED_DS_VALUES
 
     pinned, why = PINNED_DS_VALUES[path]
     for value in PINNED_OTHER_VALUES[path]:

@@ -74,7 +74,7 @@ class TinyPacked:
 
 def settings(**overrides) -> SimpleNamespace:
     """Trainer settings as `ds-sft train` would resolve them, for the tiny model on TinyPacked."""
-    from ds_sft.train.config import DEFAULTS
+    from ds_sft.train.config_keys import DEFAULTS
 
     values = {
         **DEFAULTS,

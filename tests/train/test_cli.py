@@ -13,7 +13,7 @@ import torch
 
 from ds_sft.cli import main
 from ds_sft.errors import UserError
-from ds_sft.train import config
+from ds_sft.train import config, config_checks
 from ds_sft.train.cli import add_arguments
 from tests.rendezvous import without_launcher_variables
 from tests.train.helpers import REPO_ROOT, write_data_dir
@@ -369,7 +369,8 @@ def test_every_nested_object_holds_keys_some_reader_checks(data_dir, tmp_path):
     key: those ignored a misspelt key (the cells of the matrix below that ds-sft refuses itself)."""
     path = write_config(tmp_path, **NESTED)
     config.resolve(parse("--data_dir", str(data_dir), "--model", "tiny", "--deepspeed_config", path))
-    walked = {path for path, asked in config.read_with_deepspeed(NESTED).items() if len(path) == 2 and asked}
+    asked_by_path = config_checks.read_with_deepspeed(NESTED)
+    walked = {path for path, asked in asked_by_path.items() if len(path) == 2 and asked}
     assert {("checkpoint", "parallel_write"), ("autotuning", "model_info")} <= walked
 
 
@@ -382,7 +383,7 @@ def test_a_misspelt_key_inside_a_section_is_one_line_error(section, inner, key, 
         config.resolve(parse("--data_dir", str(data_dir), "--model", "tiny", "--deepspeed_config", path))
     said = str(refused.value)
     assert key + key[-1] in said and "\n" not in said, said
-    if (section, inner) in {p for p, asked in config.read_with_deepspeed(NESTED).items() if asked}:
+    if (section, inner) in {p for p, asked in config_checks.read_with_deepspeed(NESTED).items() if asked}:
         assert f'in "{section}.{inner}" of' in said and f"did you mean {key!r}?" in said
 
 

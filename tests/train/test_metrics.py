@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ds_sft.errors import UserError
-from ds_sft.train.config import OPTIONS
+from ds_sft.train.config_keys import OPTIONS
 from ds_sft.train.metrics import (
     MetricsSink,
     flops_per_token,
