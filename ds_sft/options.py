@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 INT64_MAX = 2**63 - 1
@@ -251,10 +251,32 @@ class Bool(Domain):
 
 
 @dataclass(frozen=True, repr=False)
-class Pair(Domain):
-    """Two values of one domain, e.g. AdamW's betas ``[0.9, 0.95]``."""
+class Each(Domain):
+    """Several values in one, each in ``item``'s domain. A subclass says how :meth:`parts` splits a
+    value into (label, part) pairs (raising :class:`OutOfDomain` when it cannot) and how
+    :meth:`value_of` reads a part; a part outside the domain refuses the whole value, by its label
+    when it has one."""
 
     item: Domain
+
+    def parts(self, value) -> Iterable[tuple[str | None, object]]:
+        raise NotImplementedError
+
+    def value_of(self, part):
+        return part
+
+    def check(self, value):
+        for label, part in self.parts(value):
+            try:
+                self.item.check(self.value_of(part))
+            except OutOfDomain as err:
+                raise (OutOfDomain(f"{label}: {err}") if label else self.refuse(value)) from None
+        return value
+
+
+@dataclass(frozen=True, repr=False)
+class Pair(Each):
+    """Two values of one domain, e.g. AdamW's betas ``[0.9, 0.95]``."""
 
     def describe(self) -> str:
         return f"two values, each {self.item.describe()}"
@@ -262,41 +284,36 @@ class Pair(Domain):
     def parse(self, text: str):
         return [self.item.parse(part) for part in text.split(",")]
 
-    def check(self, value):
+    def parts(self, value):
         if not isinstance(value, list | tuple) or len(value) != 2:
             raise self.refuse(value)
-        try:
-            for item in value:
-                self.item.check(item)
-        except OutOfDomain:
-            raise self.refuse(value) from None
-        return value
+        return [(None, item) for item in value]
 
 
 @dataclass(frozen=True, repr=False)
-class Weights(Domain):
-    """``NAME=W,NAME=W`` with each weight in ``weight``'s domain (the names are checked by the command)."""
-
-    weight: Domain
+class Weights(Each):
+    """``NAME=W,NAME=W`` with each weight in ``item``'s domain (the names are checked by the command)."""
 
     def describe(self) -> str:
-        return f"NAME=WEIGHT pairs separated by commas, each weight {self.weight.describe()}"
+        return f"NAME=WEIGHT pairs separated by commas, each weight {self.item.describe()}"
 
     def parse(self, text: str):
         return text
 
-    def check(self, value):
+    def parts(self, value):
         if not isinstance(value, str):
             raise self.refuse(value)
+        return self._pairs(value)
+
+    def _pairs(self, value: str):  # lazily: a pair is refused in order, after the weights before it
         for pair in filter(None, value.split(",")):
             name, eq, weight = pair.partition("=")
             if not eq or not name.strip():
                 raise self.refuse(value)
-            try:
-                self.weight.check(self.weight.parse(weight))
-            except OutOfDomain as err:
-                raise OutOfDomain(f"{name.strip()}: {err}") from None
-        return value
+            yield name.strip(), weight
+
+    def value_of(self, part):
+        return self.item.parse(part)
 
 
 # Domains several commands and the benchmark scripts share.
