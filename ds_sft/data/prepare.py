@@ -44,19 +44,23 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import itertools
 import json
 import sys
 import threading
 import zlib
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ds_sft.errors import UserError, as_os_error, one_line
 from ds_sft.options import Ignored, refuse_ignored
 from ds_sft.paths import expand_user, hub_offline
+
+if TYPE_CHECKING:
+    from ds_sft.data.tokenize import Documents
 
 # the output a refusal that names no file is about (command.execute): where a full disk ran out
 OUTPUT_FLAG = "output_dir"
@@ -278,11 +282,14 @@ def collect_sources(args: argparse.Namespace) -> list:
 
 
 def gsm8k_test_reference(args: argparse.Namespace, specs: list) -> tuple[list[str], dict]:
-    """GSM8K test texts (question + cleaned answer) to decontaminate against, and where they came from."""
+    """GSM8K test texts (question + cleaned answer) to decontaminate against, and where they came from
+    (none with --decontam_threshold 0)."""
     from ds_sft.data.clean import Drops, clean_records
     from ds_sft.data.sources import SourceSpec, load_source
     from ds_sft.paths import require_regular_file, shared_dir
 
+    if args.decontam_threshold == 0:
+        return [], {}
     candidates = [args.gsm8k_test] if args.gsm8k_test else []
     if args.gsm8k_test:
         require_regular_file(expand_user(args.gsm8k_test), "--gsm8k_test")
@@ -317,24 +324,6 @@ def source_rng(seed: int, name: str) -> np.random.Generator:
     """A generator per (seed, source name): one source's draws do not shift when another changes."""
     # surrogatepass: a name holding lone surrogates (argv bytes that are not UTF-8) still hashes
     return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8", "surrogatepass"))])
-
-
-def in_background(function, *args) -> Future:
-    """``function(*args)`` on a daemon thread; its result (or what it raised) in the future returned.
-
-    Not a ThreadPoolExecutor: leaving one joins its thread, so Ctrl-C or SIGTERM while the rows were
-    being tokenized waited for all of them (minutes on a large mix) before prepare could stop. The
-    work only computes in memory, so a stopped prepare may leave it unfinished."""
-    future: Future = Future()
-
-    def work() -> None:
-        try:
-            future.set_result(function(*args))
-        except BaseException as err:  # noqa: BLE001  (a Rust panic too) handed to whoever waits
-            future.set_exception(err)
-
-    threading.Thread(target=work, name=getattr(function, "__name__", "work"), daemon=True).start()
-    return future
 
 
 def parse_mix(text: str, names: list[str]) -> dict[str, float]:
@@ -435,41 +424,113 @@ def mix_indices(
     return (np.concatenate(chosen) if chosen else np.zeros(0, np.int64)), total
 
 
-# --- the command -----------------------------------------------------------------------------------
+# --- the command: the recipe, then its steps in order -----------------------------------------------
 
 
-def cache_key(args: argparse.Namespace, inputs: list[dict], tokenizer_parts: list, reference: dict) -> str:
-    # source locations enter through their content hashes (``inputs``), not their paths
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_CACHE_KEY}
-    blob = json.dumps(
-        [FORMAT_VERSION, config, inputs, tokenizer_parts, reference], sort_keys=True, default=str
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
+def run(args: argparse.Namespace) -> int:
+    # The pipeline holds ~10^5 containers to its end (records, per-field word lists, token id lists)
+    # and makes no reference cycles, so the cyclic GC's repeated scans of them find nothing: ~0.5 s
+    # of CPU on the shared mix. Reference counting still frees everything; the GC is back on after.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return prepare(args)
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
-def input_fingerprints(specs: list) -> list[dict]:
-    """What each source is for the reuse key: its name, how it is read (its kind: --gsm8k F strips
-    calculator annotations that --source NAME=F keeps) and its bytes, or its hub id."""
-    from ds_sft.paths import sha256_file
+def prepare(args: argparse.Namespace) -> int:
+    """The command's work, step by step (the module docstring says what each stage does);
+    :func:`run` calls it with the cyclic GC paused.
 
-    return [
-        {"name": s.name, "kind": s.kind}
-        | ({"sha256": sha256_file(expand_user(s.location))} if s.is_local else {"hub_id": s.location})
-        for s in specs
-    ]
+    Every flag is checked before a row is read, every row dropped is counted by source and reason in
+    ``drops``, and the output folder is only touched at the end, built aside and swapped in whole."""
+    from ds_sft.data.clean import NGRAM, Drops
+    from ds_sft.data.model_match import tokenizer_identity
+    from ds_sft.data.templates import resolve_template
+    from ds_sft.data.tokenizer import load_tokenizer
 
-
-def length_stats(lengths: np.ndarray) -> dict:
-    if not len(lengths):
-        return {"count": 0}
-    p50, p95 = np.percentile(lengths, [50, 95])
-    return {
-        "count": int(len(lengths)),
-        "mean": round(float(lengths.mean()), 1),
-        "p50": round(float(p50), 1),
-        "p95": round(float(p95), 1),
-        "max": int(lengths.max()),
+    inputs = resolve_inputs(args)
+    # read and clean the sources (a bad file fails here), then drop what the tokenizer can never train
+    drops = Drops()
+    records, read = load_records(inputs.specs, args.skip_bad_rows, drops, args.train_on)
+    tokenizer = load_tokenizer(tokenizer_spec(args))
+    template = resolve_template(args.template, tokenizer)
+    records = drop_unfit_rows(records, tokenizer, template, args, drops)
+    reference, reference_info = gsm8k_test_reference(args, inputs.specs)
+    # an output made from the same inputs, flags and tokenizer is reused
+    identity = tokenizer_identity(tokenizer)
+    key = cache_key(args, inputs.specs, tokenizer, identity, reference_info)
+    if output_is_current(args, inputs, key):
+        return 0
+    # dedup, decontaminate and split while the rows are tokenized; then drop what only tokens show
+    docs, n_train = select_and_tokenize(records, inputs.names, reference, tokenizer, template, args, drops)
+    chosen = drop_untrainable_documents(docs, n_train, inputs.names, tokenizer, template, args, drops)
+    train_docs, max_examples = mix_training(chosen, inputs, args, drops)
+    # write the output, and report what it holds and what was dropped
+    counts = count_rows(chosen, train_docs, inputs, read, drops, args)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "sources": inputs.names,
+        "seq_len": args.seq_len,
+        "template": template,
+        "packing": "none (--no_pack)" if args.no_pack else "best-fit-decreasing",
+        "tokenizer": describe_tokenizer(args, tokenizer, identity),
+        "inputs": read,
+        "decontamination": {"ngram": NGRAM, "threshold": args.decontam_threshold, **reference_info},
+        "counts": counts,
+        "token_lengths": {
+            name: length_stats(lengths)
+            for name, lengths in chosen.lengths_by_source(inputs.names, kept_only=True).items()
+        },
+        "max_examples": max_examples,
+        "config": {k: v for k, v in sorted(vars(args).items()) if k != "command"},
+        "warnings": source_warnings(counts, args),
     }
+    splits = {"train": train_docs, "val": chosen.val_docs()}
+    write_output(
+        inputs, manifest, tokenizer, splits, chosen.lengths_by_source(inputs.names, kept_only=False), args
+    )
+    print_summary(manifest, Path(args.output_dir))
+    return 0
+
+
+@dataclass
+class Inputs:
+    """What the flags name, resolved and checked before any row is read."""
+
+    specs: list  # the sources to read, in order (sources.SourceSpec)
+    weights: dict[str, float]  # each source's --mix weight, by name
+    output_dir: Path  # --output_dir, symlinks resolved
+    previous: dict | None  # the manifest of the ds-sft output already there, if any
+
+    @property
+    def names(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+
+def resolve_inputs(args: argparse.Namespace) -> Inputs:
+    """Refuse what the flags get wrong before any file is read: both --tokenizer and --base_model, a
+    --seq_len past the base model's positions, the sources (:func:`collect_sources`), --mix, and an
+    output folder prepare may not replace (``output.check_output_dir``, which also refuses one
+    holding an input)."""
+    from ds_sft.data.model_match import model_positions, refuse_rows_past_positions
+    from ds_sft.data.output import check_output_dir
+
+    if args.tokenizer and args.base_model:
+        raise UserError("pass --tokenizer or --base_model, not both")
+    positions = model_positions(args.base_model) if args.base_model else None
+    if positions is not None:  # rows the model cannot attend over were found only when train built it
+        refuse_rows_past_positions("--seq_len asks for rows", args.seq_len, args.base_model, positions)
+    specs = collect_sources(args)
+    weights = parse_mix(args.mix, [spec.name for spec in specs])
+    input_paths = [expand_user(spec.location) for spec in specs if spec.is_local]
+    if args.gsm8k_test:
+        input_paths.append(expand_user(args.gsm8k_test))
+    output_dir, previous = check_output_dir(args.output_dir, input_paths)
+    return Inputs(specs, weights, output_dir, previous)
 
 
 def load_records(
@@ -486,6 +547,117 @@ def load_records(
         records += clean_records(loaded, drops, gsm8k=spec.kind == "gsm8k", every_turn=train_on == "all")
         del loaded  # the raw texts: not held while the next source is read
     return records, inputs
+
+
+def tokenizer_spec(args: argparse.Namespace) -> str:
+    """The tokenizer the flags name: --tokenizer, else --base_model's, else GPT-2's."""
+    return args.tokenizer or args.base_model or "gpt2"
+
+
+def drop_unfit_rows(records: list[dict], tokenizer, template: str, args, drops) -> list[dict]:
+    """The rows left once those no tokenizing could train are dropped: rows spelling one of the
+    tokenizer's special tokens, and rows certainly longer than --seq_len, or with --truncate those
+    rows cut to what can be trained (``tokenize.bound_records``)."""
+    from ds_sft.data.clean import drop_special_token_text
+    from ds_sft.data.tokenize import bound_records
+    from ds_sft.data.tokenizer import control_tokens
+
+    records = drop_special_token_text(records, control_tokens(tokenizer), drops)
+    # A row that cannot fit --seq_len leaves (or is cut) now: dedup, decontamination and the val split
+    # would otherwise pay for all of its text (a 300 MB row once took 6 GB and two minutes to drop).
+    records, too_long = bound_records(
+        records, tokenizer, template, args.train_on, args.seq_len, args.truncate
+    )
+    for record in too_long:
+        drops.add(record["source"], DROP_REASON_TOO_LONG[1])
+    return records
+
+
+def cache_key(args: argparse.Namespace, specs: list, tokenizer, identity: str, reference: dict) -> str:
+    """A hash of everything the output is made from: the flags that shape it, each source's content
+    (:func:`input_fingerprints`), the tokenizer and the GSM8K test set decontaminated against."""
+    # source locations enter through their content hashes, not their paths
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_CACHE_KEY}
+    # the whole tokenizer: what its ids mean, and its text pipeline and chat template (which ids a row gets)
+    tokenizer_parts = [identity, tokenizer.backend_tokenizer.to_str(), tokenizer.chat_template]
+    blob = json.dumps(
+        [FORMAT_VERSION, config, input_fingerprints(specs), tokenizer_parts, reference],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def input_fingerprints(specs: list) -> list[dict]:
+    """What each source is for the reuse key: its name, how it is read (its kind: --gsm8k F strips
+    calculator annotations that --source NAME=F keeps) and its bytes, or its hub id."""
+    from ds_sft.paths import sha256_file
+
+    return [
+        {"name": s.name, "kind": s.kind}
+        | ({"sha256": sha256_file(expand_user(s.location))} if s.is_local else {"hub_id": s.location})
+        for s in specs
+    ]
+
+
+def output_is_current(args: argparse.Namespace, inputs: Inputs, key: str) -> bool:
+    """Whether the output already there is reused: it was made with the same ``key`` and still holds
+    every file its manifest lists (``check_output_dir`` found the present ones intact), and no
+    --force asks to redo it."""
+    from ds_sft.data.output import missing_files
+
+    previous = inputs.previous
+    if previous is None or previous.get("key") != key or args.force:
+        return False
+    missing = missing_files(inputs.output_dir, previous["files"])
+    if not missing:
+        print(f"{args.output_dir}: up to date (same inputs and flags); reusing it. Pass --force to redo.")
+        return True
+    print(f"{args.output_dir}: {len(missing)} file(s) missing (first: {missing[0]}); redoing it")
+    return False
+
+
+def in_background(function, *args) -> Future:
+    """``function(*args)`` on a daemon thread; its result (or what it raised) in the future returned.
+
+    Not a ThreadPoolExecutor: leaving one joins its thread, so Ctrl-C or SIGTERM while the rows were
+    being tokenized waited for all of them (minutes on a large mix) before prepare could stop. The
+    work only computes in memory, so a stopped prepare may leave it unfinished."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as err:  # noqa: BLE001  (a Rust panic too) handed to whoever waits
+            future.set_exception(err)
+
+    threading.Thread(target=work, name=getattr(function, "__name__", "work"), daemon=True).start()
+    return future
+
+
+def select_and_tokenize(
+    records: list[dict], names: list[str], reference: list[str], tokenizer, template: str, args, drops
+) -> tuple[Documents, int]:
+    """Choose the train and val rows (:func:`select_rows`) while every row is tokenized -> (the chosen
+    rows' documents, train ones first, then val, each in record order; how many are train)."""
+    from ds_sft.data.tokenize import tokenize_records
+
+    source_index = {name: i for i, name in enumerate(names)}
+    # Every cleaned row is tokenized on a worker thread while this one dedups and decontaminates: the
+    # Rust encoder releases the GIL, so the two overlap (~0.3 s of ~4 on the shared mix, two cores).
+    # The rows dropped meanwhile (<1%) are tokenized for nothing, which costs less than waiting.
+    tokenized = in_background(
+        tokenize_records,
+        records,
+        tokenizer,
+        template,
+        source_index,
+        args.train_on,
+        args.seq_len,
+        args.truncate,
+    )
+    train_index, val_index = select_rows(records, names, reference, args, drops)
+    return tokenized.result().select(np.concatenate([train_index, val_index])), len(train_index)
 
 
 def select_rows(records: list[dict], names: list[str], reference: list[str], args, drops):
@@ -513,22 +685,181 @@ def select_rows(records: list[dict], names: list[str], reference: list[str], arg
     return unique[train_index], unique[val_index]
 
 
-def check_rows_fit(rows: int, seq_len: int, padded: bool) -> None:
-    """One line, before the rows are laid out, when they cannot be held: ``rows x seq_len`` token
-    ids and loss-mask bytes (:func:`~ds_sft.data.pack.pack_rows`). Packed rows are about as long as
-    the data; padded ones (``--no_pack``) each take ``--seq_len`` however short the example, so 5,000
-    examples at ``--seq_len 1048576`` asked numpy for 38 GiB and ended in its MemoryError."""
-    from ds_sft.data.pack import BYTES_PER_POSITION
-    from ds_sft.machine import available_memory
+@dataclass
+class Chosen:
+    """The chosen rows as their tokens judge them: which are kept, and the documents of those.
 
-    need, available = rows * seq_len * BYTES_PER_POSITION, available_memory()
-    if available is None or need <= available:
-        return
-    fix = "lower --seq_len, or pack (drop --no_pack)" if padded else "lower --seq_len or --max_examples"
-    raise UserError(
-        f"{rows:,} rows of --seq_len {seq_len:,} take {need / 2**30:,.1f} GiB to lay out, more than the "
-        f"{available / 2**30:,.1f} GiB this machine has available: {fix}"
-    )
+    The per-row arrays follow the chosen rows that have a trainable answer: train rows first, then
+    val, each in record order."""
+
+    docs: Documents  # the kept rows' documents, in that order
+    n_train: int  # the first ``n_train`` of ``docs`` are train documents, the rest val
+    sources: np.ndarray  # per row: its source's index
+    is_val: np.ndarray  # per row: held out for val
+    kept: np.ndarray  # per row: it fits --seq_len (or was cut to it), so its document is in ``docs``
+    full_lengths: np.ndarray  # per row: its tokens before any cut (for one too long to tokenize, a floor)
+
+    def val_docs(self) -> Documents:
+        return self.docs.select(np.arange(self.n_train, len(self.docs)))
+
+    def lengths_by_source(self, names: list[str], kept_only: bool) -> dict[str, np.ndarray]:
+        """Per source name, the full lengths of its rows (``kept_only``: of its kept rows)."""
+        return {
+            name: self.full_lengths[(self.sources == i) & (self.kept if kept_only else True)]
+            for i, name in enumerate(names)
+        }
+
+
+def drop_untrainable_documents(
+    docs: Documents, n_train: int, names: list[str], tokenizer, template: str, args, drops
+) -> Chosen:
+    """Drop what only tokens show: rows whose answers encode to no token, then rows longer than
+    --seq_len (with --truncate: cut to it, and dropped only when the prompt alone fills it)."""
+    from ds_sft.data.templates import answer_end_id
+    from ds_sft.data.tokenize import answers_without_tokens, fit_to_length
+
+    lost = answers_without_tokens(docs, answer_end_id(tokenizer, template), args.seq_len)
+    count_drops(drops, names, docs.source_ids[lost], "answer_has_no_tokens")
+    docs = docs.select(np.flatnonzero(~lost))
+    n_train -= int(lost[:n_train].sum())
+    sources, full_lengths = docs.source_ids, docs.full_lengths  # a row too long to tokenize: its fewest
+    docs, reasons = fit_to_length(docs, args.seq_len, args.truncate)
+    for code, reason in DROP_REASON_TOO_LONG.items():
+        count_drops(drops, names, sources[reasons == code], reason)
+    kept = reasons == 0
+    is_val = np.arange(len(sources)) >= n_train
+    return Chosen(docs, int(kept[:n_train].sum()), sources, is_val, kept, full_lengths)
+
+
+def count_drops(drops, names: list[str], source_ids: np.ndarray, reason: str) -> None:
+    """Count rows (given by their source ids) as dropped for ``reason``."""
+    for name, n in zip(names, np.bincount(source_ids, minlength=len(names)).tolist(), strict=True):
+        drops.add(name, reason, n)
+
+
+def mix_training(chosen: Chosen, inputs: Inputs, args, drops) -> tuple[Documents, dict]:
+    """The training documents as --mix weights them and --max_examples caps them (:func:`mix_indices`),
+    and the manifest's ``max_examples`` record. Refused in one line when making the mix would not fit
+    in memory (:func:`check_mix_fits`) or when it leaves no training example."""
+    n_train, names, weights = chosen.n_train, inputs.names, inputs.weights
+    lengths, source_ids = chosen.docs.lengths[:n_train], chosen.docs.source_ids[:n_train]
+    check_mix_fits(lengths, source_ids, names, weights, args)
+    mixed, n_mixed = mix_indices(source_ids, names, weights, args)  # indices into the train documents
+    if n_train and not len(mixed):  # every source with rows weighted (near) 0
+        raise UserError(
+            f"--mix {args.mix!r} keeps none of the {n_train:,} training examples (a weight of 0, "
+            "or one too small for a single row, takes none of a source): raise a weight"
+        )
+    train_docs = chosen.docs.select(mixed)  # the train documents come first in chosen.docs
+    if not len(train_docs):
+        raise UserError(f"no training examples left; rows dropped by reason: {drops.by_source()}")
+    short_note = None
+    if args.max_examples is not None and n_mixed < args.max_examples:
+        short_note = (
+            f"--max_examples {args.max_examples:,} is more than the {n_mixed:,} training examples left after "
+            "cleaning, dedup, decontamination, the val split and --mix: all of them are used"
+        )
+        print(f"note: {short_note}", file=sys.stderr)
+    record = {
+        "requested": args.max_examples,
+        "available": n_mixed,
+        "used": len(train_docs),
+        "note": short_note,
+    }
+    return train_docs, record
+
+
+def count_rows(chosen: Chosen, train_docs: Documents, inputs: Inputs, read: list[dict], drops, args) -> dict:
+    """The manifest's ``counts``: per source, its rows read, kept, in train and val, in the training mix,
+    and dropped by reason (rows_in = kept + the sum of dropped), its conversations by how their turns
+    were masked, and with --truncate the rows cut."""
+    from ds_sft.data.tokenize import ROUTES
+
+    rows_in = {info["name"]: info["rows"] for info in read}
+    dropped = drops.by_source()
+    kept, is_val = chosen.kept, chosen.is_val
+    train_after_mix = np.bincount(train_docs.source_ids, minlength=len(inputs.names))
+    kept_routes, kept_sources = chosen.docs.routes, chosen.sources[kept]  # docs: the kept rows, in order
+    counts = {}
+    for i, name in enumerate(inputs.names):
+        mine = chosen.sources == i
+        counts[name] = {
+            "rows_in": rows_in[name],
+            "kept": int((kept & mine).sum()),
+            "train": int((kept & mine & ~is_val).sum()),
+            "val": int((kept & mine & is_val).sum()),
+            "train_after_mix": int(train_after_mix[i]),
+            "weight": inputs.weights[name],
+            "dropped": dropped.get(name, {}),
+            # kept conversations trained on every turn, by how their turns were masked (tokenize.ROUTES)
+            "turns_masked_by": {
+                route: int((kept_routes[kept_sources == i] == code).sum())
+                for code, route in enumerate(ROUTES)
+                if code
+            },
+        }
+        if args.truncate:  # kept rows cut to seq_len; tokens_cut is a floor for rows cut before tokenizing
+            cut = kept & mine & (chosen.full_lengths > args.seq_len)
+            counts[name]["truncated"] = {
+                "rows": int(cut.sum()),
+                "tokens_cut": int((chosen.full_lengths[cut] - args.seq_len).sum()),
+            }
+    return counts
+
+
+def length_stats(lengths: np.ndarray) -> dict:
+    if not len(lengths):
+        return {"count": 0}
+    p50, p95 = np.percentile(lengths, [50, 95])
+    return {
+        "count": int(len(lengths)),
+        "mean": round(float(lengths.mean()), 1),
+        "p50": round(float(p50), 1),
+        "p95": round(float(p95), 1),
+        "max": int(lengths.max()),
+    }
+
+
+def describe_tokenizer(args: argparse.Namespace, tokenizer, identity: str) -> dict:
+    """The manifest's ``tokenizer``: how it was named, what it is (``identity``), its id bound, and the
+    ids train needs (padding is the EOS when the tokenizer has no pad token)."""
+    from ds_sft.vocab import id_bound
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {
+        "spec": tokenizer_spec(args),
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "identity": identity,
+        "vocab_size": id_bound(tokenizer),
+        "eos_token": tokenizer.eos_token,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": pad_id,
+    }
+
+
+def write_output(
+    inputs: Inputs, manifest: dict, tokenizer, splits: dict[str, Documents], lengths: dict, args
+) -> None:
+    """Build the output in a staging sibling and swap it in whole (``output.building_output``): each
+    split's shards (:func:`write_documents`, recorded in ``manifest["splits"]``), the tokenizer, the
+    histograms of ``lengths`` (per source, its rows' token counts) and the manifest, which lists every
+    file written."""
+    from ds_sft.data.output import MANIFEST, building_output
+    from ds_sft.data.shards import plot_lengths
+
+    names, vocab_size = manifest["sources"], manifest["tokenizer"]["vocab_size"]
+    pad_id = manifest["tokenizer"]["pad_token_id"]
+    old_files = inputs.previous["files"] if inputs.previous else {}
+    with building_output(inputs.output_dir, old_files, "--output_dir", manifest, MANIFEST) as tmp:
+        manifest["splits"] = {
+            split: write_documents(tmp / split, split_docs, args, pad_id, vocab_size, names)
+            for split, split_docs in splits.items()
+        }
+        try:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        except Exception as err:  # disk full: tokenizers says so in a plain Exception
+            raise as_os_error(err, inputs.output_dir) from err
+        plot_lengths(tmp / "lengths.png", lengths, args.seq_len)
 
 
 def write_documents(directory: Path, docs, args, pad_id: int, vocab_size: int, names: list[str]) -> dict:
@@ -549,209 +880,22 @@ def write_documents(directory: Path, docs, args, pad_id: int, vocab_size: int, n
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    # The pipeline holds ~10^5 containers to its end (records, per-field word lists, token id lists)
-    # and makes no reference cycles, so the cyclic GC's repeated scans of them find nothing: ~0.5 s
-    # of CPU on the shared mix. Reference counting still frees everything; the GC is back on after.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return prepare(args)
-    finally:
-        if was_enabled:
-            gc.enable()
+def check_rows_fit(rows: int, seq_len: int, padded: bool) -> None:
+    """One line, before the rows are laid out, when they cannot be held: ``rows x seq_len`` token
+    ids and loss-mask bytes (:func:`~ds_sft.data.pack.pack_rows`). Packed rows are about as long as
+    the data; padded ones (``--no_pack``) each take ``--seq_len`` however short the example, so 5,000
+    examples at ``--seq_len 1048576`` asked numpy for 38 GiB and ended in its MemoryError."""
+    from ds_sft.data.pack import BYTES_PER_POSITION
+    from ds_sft.machine import available_memory
 
-
-def prepare(args: argparse.Namespace) -> int:
-    """The command's work (see the module docstring); :func:`run` calls it with the cyclic GC paused."""
-    from ds_sft.data.clean import NGRAM, Drops, drop_special_token_text
-    from ds_sft.data.model_match import model_positions, refuse_rows_past_positions, tokenizer_identity
-    from ds_sft.data.output import (
-        MANIFEST,
-        building_output,
-        check_output_dir,
-        missing_files,
+    need, available = rows * seq_len * BYTES_PER_POSITION, available_memory()
+    if available is None or need <= available:
+        return
+    fix = "lower --seq_len, or pack (drop --no_pack)" if padded else "lower --seq_len or --max_examples"
+    raise UserError(
+        f"{rows:,} rows of --seq_len {seq_len:,} take {need / 2**30:,.1f} GiB to lay out, more than the "
+        f"{available / 2**30:,.1f} GiB this machine has available: {fix}"
     )
-    from ds_sft.data.shards import plot_lengths
-    from ds_sft.data.templates import answer_end_id, resolve_template
-    from ds_sft.data.tokenize import (
-        ROUTES,
-        answers_without_tokens,
-        bound_records,
-        fit_to_length,
-        tokenize_records,
-    )
-    from ds_sft.data.tokenizer import control_tokens, load_tokenizer
-    from ds_sft.vocab import id_bound
-
-    if args.tokenizer and args.base_model:
-        raise UserError("pass --tokenizer or --base_model, not both")
-    positions = model_positions(args.base_model) if args.base_model else None
-    if positions is not None:  # rows the model cannot attend over were found only when train built it
-        refuse_rows_past_positions("--seq_len asks for rows", args.seq_len, args.base_model, positions)
-    specs = collect_sources(args)
-    names = [spec.name for spec in specs]
-    weights = parse_mix(args.mix, names)
-    input_paths = [expand_user(spec.location) for spec in specs if spec.is_local]
-    if args.gsm8k_test:
-        input_paths.append(expand_user(args.gsm8k_test))
-    output_dir, previous = check_output_dir(args.output_dir, input_paths)
-    drops = Drops()
-    records, inputs = load_records(specs, args.skip_bad_rows, drops, args.train_on)  # a bad file fails here
-    tokenizer = load_tokenizer(args.tokenizer or args.base_model or "gpt2")
-    template = resolve_template(args.template, tokenizer)
-    records = drop_special_token_text(records, control_tokens(tokenizer), drops)
-    # A row that cannot fit --seq_len leaves (or is cut) now: dedup, decontamination and the val split
-    # would otherwise pay for all of its text (a 300 MB row once took 6 GB and two minutes to drop).
-    records, too_long = bound_records(
-        records, tokenizer, template, args.train_on, args.seq_len, args.truncate
-    )
-    for record in too_long:
-        drops.add(record["source"], DROP_REASON_TOO_LONG[1])
-    del too_long
-    reference, reference_info = gsm8k_test_reference(args, specs) if args.decontam_threshold > 0 else ([], {})
-
-    identity = tokenizer_identity(tokenizer)
-    # the key takes the whole tokenizer: what its ids mean, and its text pipeline and chat template
-    # (which ids a row gets)
-    tokenizer_parts = [identity, tokenizer.backend_tokenizer.to_str(), tokenizer.chat_template]
-    key = cache_key(args, input_fingerprints(specs), tokenizer_parts, reference_info)
-    if previous is not None and previous.get("key") == key and not args.force:
-        missing = missing_files(output_dir, previous["files"])
-        if not missing:  # check_output_dir found every present listed file intact
-            print(f"{args.output_dir}: up to date (same inputs and flags); reusing it. Pass --force to redo.")
-            return 0
-        print(f"{args.output_dir}: {len(missing)} file(s) missing (first: {missing[0]}); redoing it")
-    rows_in = {info["name"]: info["rows"] for info in inputs}
-    source_index = {name: i for i, name in enumerate(names)}
-    # Every cleaned row is tokenized on a worker thread while this one dedups and decontaminates: the
-    # Rust encoder releases the GIL, so the two overlap (~0.3 s of ~4 on the shared mix, two cores).
-    # The rows dropped meanwhile (<1%) are tokenized for nothing, which costs less than waiting.
-    tokenized = in_background(
-        tokenize_records,
-        records,
-        tokenizer,
-        template,
-        source_index,
-        args.train_on,
-        args.seq_len,
-        args.truncate,
-    )
-    train_index, val_index = select_rows(records, names, reference, args, drops)
-    chosen = np.concatenate([train_index, val_index])
-    docs = tokenized.result().select(chosen)
-    all_records = [records[i] for i in chosen.tolist()]
-    lost = answers_without_tokens(docs, answer_end_id(tokenizer, template), args.seq_len)
-    for record in itertools.compress(all_records, lost):
-        drops.add(record["source"], "answer_has_no_tokens")
-    docs = docs.select(np.flatnonzero(~lost))
-    all_records = list(itertools.compress(all_records, ~lost))
-    n_train = len(train_index) - int(lost[: len(train_index)].sum())
-    raw_lengths = docs.full_lengths  # a row too long to tokenize: its fewest tokens
-    docs, reasons = fit_to_length(docs, args.seq_len, args.truncate)
-    for record, code in zip(all_records, reasons.tolist(), strict=True):
-        if code:
-            drops.add(record["source"], DROP_REASON_TOO_LONG[code])
-    kept = reasons == 0
-    is_val = np.zeros(len(all_records), dtype=bool)
-    is_val[n_train:] = True
-    n_train_kept = int(kept[:n_train].sum())
-    train_docs = docs.select(np.arange(n_train_kept))
-    val_docs = docs.select(np.arange(n_train_kept, len(docs)))
-    check_mix_fits(train_docs.lengths, train_docs.source_ids, names, weights, args)
-    mixed, n_mixed = mix_indices(train_docs.source_ids, names, weights, args)
-    if len(train_docs) and not len(mixed):  # every source with rows weighted (near) 0
-        raise UserError(
-            f"--mix {args.mix!r} keeps none of the {len(train_docs):,} training examples (a weight of 0, "
-            "or one too small for a single row, takes none of a source): raise a weight"
-        )
-    train_docs = train_docs.select(mixed)
-    if not len(train_docs):
-        raise UserError(f"no training examples left; rows dropped by reason: {drops.by_source()}")
-    short_note = None
-    if args.max_examples is not None and n_mixed < args.max_examples:
-        short_note = (
-            f"--max_examples {args.max_examples:,} is more than the {n_mixed:,} training examples left after "
-            "cleaning, dedup, decontamination, the val split and --mix: all of them are used"
-        )
-        print(f"note: {short_note}", file=sys.stderr)
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    vocab_size = id_bound(tokenizer)
-    counts, token_lengths, raw_by_source = {}, {}, {}
-    dropped = drops.by_source()
-    record_sources = np.array([source_index[r["source"]] for r in all_records], dtype=np.int16)
-    train_after_mix = np.bincount(train_docs.source_ids, minlength=len(names))
-    kept_routes, kept_sources = docs.routes, record_sources[kept]  # docs: the kept ones, in record order
-    for i, name in enumerate(names):
-        mine = record_sources == i
-        counts[name] = {
-            "rows_in": rows_in[name],
-            "kept": int((kept & mine).sum()),
-            "train": int((kept & mine & ~is_val).sum()),
-            "val": int((kept & mine & is_val).sum()),
-            "train_after_mix": int(train_after_mix[i]),
-            "weight": weights[name],
-            "dropped": dropped.get(name, {}),
-            # kept conversations trained on every turn, by how their turns were masked (tokenize.ROUTES)
-            "turns_masked_by": {
-                route: int((kept_routes[kept_sources == i] == code).sum())
-                for code, route in enumerate(ROUTES)
-                if code
-            },
-        }
-        if args.truncate:  # kept rows cut to seq_len; tokens_cut is a floor for rows cut before tokenizing
-            cut = kept & mine & (raw_lengths > args.seq_len)
-            counts[name]["truncated"] = {
-                "rows": int(cut.sum()),
-                "tokens_cut": int((raw_lengths[cut] - args.seq_len).sum()),
-            }
-        token_lengths[name] = length_stats(raw_lengths[mine & kept])
-        raw_by_source[name] = raw_lengths[mine]
-    manifest = {
-        "format": FORMAT_VERSION,
-        "key": key,
-        "sources": names,
-        "seq_len": args.seq_len,
-        "template": template,
-        "packing": "none (--no_pack)" if args.no_pack else "best-fit-decreasing",
-        "tokenizer": {
-            "spec": args.tokenizer or args.base_model or "gpt2",
-            "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
-            "identity": identity,
-            "vocab_size": vocab_size,
-            "eos_token": tokenizer.eos_token,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": pad_id,
-        },
-        "inputs": inputs,
-        "decontamination": {"ngram": NGRAM, "threshold": args.decontam_threshold, **reference_info},
-        "counts": counts,
-        "token_lengths": token_lengths,
-        "max_examples": {
-            "requested": args.max_examples,
-            "available": n_mixed,
-            "used": len(train_docs),
-            "note": short_note,
-        },
-        "config": {k: v for k, v in sorted(vars(args).items()) if k != "command"},
-    }
-    manifest["warnings"] = source_warnings(counts, args)
-
-    with building_output(
-        output_dir, previous["files"] if previous else {}, "--output_dir", manifest, MANIFEST
-    ) as tmp:
-        manifest["splits"] = {
-            split: write_documents(tmp / split, split_docs, args, pad_id, vocab_size, names)
-            for split, split_docs in (("train", train_docs), ("val", val_docs))
-        }
-        try:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        except Exception as err:  # disk full: tokenizers says so in a plain Exception
-            raise as_os_error(err, output_dir) from err
-        plot_lengths(tmp / "lengths.png", raw_by_source, args.seq_len)
-    print_summary(manifest, Path(args.output_dir))
-    return 0
 
 
 def source_warnings(counts: dict, args: argparse.Namespace) -> list[str]:
