@@ -56,7 +56,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ds_sft.errors import UserError, as_os_error, one_line
-from ds_sft.options import Ignored, refuse_ignored
+from ds_sft.options import (
+    INT32_MAX,
+    INT64_MAX,
+    SEED,
+    Choice,
+    Float,
+    Ignored,
+    Int,
+    StoreOnce,
+    Weights,
+    refuse_ignored,
+)
 from ds_sft.paths import expand_user, hub_offline
 
 if TYPE_CHECKING:
@@ -78,10 +89,30 @@ NOT_IN_CACHE_KEY = {"output_dir", "force", "alpaca", "gsm8k", "dolly", "source",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ds_sft.data.sources import HUB_IDS
-    from ds_sft.options import INT32_MAX, INT64_MAX, SEED, Choice, Float, Int, StoreOnce, Weights
+    """prepare's flags, in the groups --help shows, and the pairs of them where one does nothing."""
+    add_source_flags(parser.add_argument_group("sources (any one alone is a valid run)"))
+    add_tokenization_flags(parser.add_argument_group("tokenization"))
+    add_mix_flags(parser.add_argument_group("mixing, split and packing"))
+    add_output_flags(parser.add_argument_group("output"))
+    refuse_ignored(
+        parser,
+        Ignored(
+            "--min_val_rows",
+            lambda a: a.val_fraction == 0,
+            "with --val_fraction 0, which holds out no val rows: drop one of the two",
+        ),
+        Ignored(
+            "--gsm8k_test",
+            lambda a: a.decontam_threshold == 0,
+            "with --decontam_threshold 0: the test set is read only to decontaminate against; drop one "
+            "of the two",
+        ),
+    )
 
-    src = parser.add_argument_group("sources (any one alone is a valid run)")
+
+def add_source_flags(src) -> None:
+    from ds_sft.data.sources import HUB_IDS
+
     for kind, (hub_id, _) in HUB_IDS.items():
         src.add_argument(
             f"--{kind}",
@@ -123,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a test file beside --gsm8k, or openai/gsm8k's test split when online)",
     )
 
-    tok = parser.add_argument_group("tokenization")
+
+def add_tokenization_flags(tok) -> None:
     tok.add_argument(
         "--tokenizer",
         action=StoreOnce,
@@ -157,7 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cut examples longer than --seq_len at the end of their response instead of dropping them",
     )
 
-    mix = parser.add_argument_group("mixing, split and packing")
+
+def add_mix_flags(mix) -> None:
     mix.add_argument(
         "--mix",
         type=Weights(Float(0, 1000)),
@@ -194,7 +227,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: 0.1; 0 turns decontamination off)",
     )
 
-    out = parser.add_argument_group("output")
+
+def add_output_flags(out) -> None:
     out.add_argument(
         "--output_dir", default="data_sft", help="where to write the prepared data (default: data_sft)"
     )
@@ -206,20 +240,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="drop malformed JSON lines and lines over 64 MiB (counted in the manifest) instead of "
         "stopping at the first one",
-    )
-    refuse_ignored(
-        parser,
-        Ignored(
-            "--min_val_rows",
-            lambda a: a.val_fraction == 0,
-            "with --val_fraction 0, which holds out no val rows: drop one of the two",
-        ),
-        Ignored(
-            "--gsm8k_test",
-            lambda a: a.decontam_threshold == 0,
-            "with --decontam_threshold 0: the test set is read only to decontaminate against; drop one "
-            "of the two",
-        ),
     )
 
 
