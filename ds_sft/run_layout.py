@@ -7,7 +7,9 @@ them, and ``model``, ``data``, ``eval`` and the benchmarks read them back.
     RUN/checkpoints/step_000100/                a tag: :func:`tag_for` writes it, :func:`tag_step` reads it
     RUN/checkpoints/<tag>/trainer_state.json    TRAINER_STATE, beside DeepSpeed's shards
 
-A tag is the step zero-padded to six digits; steps stay below 2^31, so ten digits at most.
+A tag is the step zero-padded to six digits; steps stay below 2^31, so ten digits at most. Each step has
+one tag and each tag one step: a name is a tag only when :func:`tag_for` writes it for the step it names
+(ASCII digits, no zero beyond the six-digit padding), so ``step_0000001`` is no second tag of step 1.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 EFFECTIVE_CONFIG = "effective_config.json"
 METRICS_FILE = "metrics.jsonl"
 TRAINER_STATE = "trainer_state.json"
-TAG = re.compile(r"step_(\d{6,10})")
+# six digits, or seven to ten without a leading zero; [0-9], not \d, which matches other scripts' digits too
+TAG = re.compile(r"step_(?:[0-9]{6}|[1-9][0-9]{6,9})")
 
 
 def tag_for(step: int) -> str:
