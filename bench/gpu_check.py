@@ -66,7 +66,7 @@ def time_gemm(n: int, repeats: int = 20) -> dict:
 # ds-sft's own (ds_sft/train) and the tensor collectives of DeepSpeed's ZeRO stages
 COLLECTIVES = (
     "all_reduce",
-    "all_reduce_max",  # stop_signal's: the largest signal any rank caught
+    "all_reduce_max",  # StopSignal's: the largest signal any rank caught
     "broadcast",
     "all_gather_into_tensor",
     "reduce_scatter_tensor",

@@ -90,13 +90,13 @@ def collectives_called(work, monkeypatch) -> set[tuple]:
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch 2.13 renames two of DeepSpeed's collectives
 def test_the_probe_tries_every_collective_the_trainer_makes(tmp_path, monkeypatch):
     """Each collective of ds_sft.train.distributed (its operation, reduction and dtype) is one that
-    ``collectives`` tries: stop_signal's all-reduce MAX of a float64 was not, and a NCCL without it
+    ``collectives`` tries: StopSignal's all-reduce MAX of a float64 was not, and a NCCL without it
     would have failed at the end of the first step instead of in the check."""
     from ds_sft.train import distributed
 
     def trainer():
         distributed.all_reduce_sum([1.0, 2.0], "cpu")
-        distributed.stop_signal(0, "cpu")
+        distributed.StopSignal("cpu").agreed(0)
         distributed.on_rank_zero(lambda: None, "cpu")
 
     with one_rank_group(tmp_path):

@@ -247,15 +247,27 @@ def all_reduce_sum(values, device):
     return tensor
 
 
-def stop_signal(signum: int, device) -> int:
-    """The signal that stops every rank: the largest number any rank caught, 0 for none. A SIGTERM that
-    reached one rank stops them all, and each exits with the same code (128 + that number)."""
-    import torch
-    import torch.distributed as dist
+class StopSignal:
+    """The signal that stops every rank, agreed on after each step: the largest number any rank caught,
+    0 for none. A SIGTERM that reached one rank stops them all, and each exits with the same code (128 +
+    that number).
 
-    tensor = torch.tensor([float(signum)], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    Asked every step, so its one value lives in a tensor made once on the engine's ``device``: the
+    vote writes the number into it (``fill_``, no host tensor built and copied over) and all-reduces it
+    in place."""
+
+    def __init__(self, device):
+        import torch
+
+        self.vote = torch.zeros(1, dtype=torch.float64, device=device)
+
+    def agreed(self, signum: int) -> int:
+        """This rank's caught ``signum`` (0: none) in, every rank's agreed signal out (a collective)."""
+        import torch.distributed as dist
+
+        self.vote.fill_(signum)
+        dist.all_reduce(self.vote, op=dist.ReduceOp.MAX)
+        return int(self.vote.item())
 
 
 @contextlib.contextmanager

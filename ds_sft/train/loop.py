@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ds_sft.errors import UserError
 from ds_sft.train import checkpointing, compatibility
-from ds_sft.train.distributed import preemption_flag, stop_signal
+from ds_sft.train.distributed import StopSignal, preemption_flag
 from ds_sft.train.resume import optimizer_groups, start_engine, val_sample
 from ds_sft.train.run_log import RunLog, StepMeter, announce_eta
 from ds_sft.train.schedule import lr_at, set_lr
@@ -163,6 +163,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
         tag = checkpointing.save(engine, ckpt_dir, done, trainer_state, s.keep_last)
         say(f"saved checkpoint {ckpt_dir / tag}")
 
+    stop = StopSignal(engine.device)
     with preemption_flag() as flag, log.progress_bar(first_step):
         if first_step == 0:
             last_eval = evaluate_and_alarm(0)  # the baseline every later "val loss fell" is measured against
@@ -199,7 +200,7 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
                     save(done)
 
             # save: on preemption (then stop), every --save_interval steps and at the end
-            stopped_by = stop_signal(flag["stop"], engine.device)
+            stopped_by = stop.agreed(flag["stop"])
             if stopped_by:
                 save(done)
                 status = "preempted"

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from ds_sft.labels import IGNORE_INDEX
 from ds_sft.model.scoring import MODEL_INPUTS
 from ds_sft.train import checkpointing
-from ds_sft.train.distributed import all_reduce_sum, stop_signal
+from ds_sft.train.distributed import StopSignal, all_reduce_sum
 from ds_sft.train.step import model_inputs, train_step
 from tests.train.fake_accelerator import DEVICE, FakeAccelerator
 
@@ -95,10 +95,17 @@ def test_train_step_collectives_run_on_the_engine_device(shapes, ignore_every):
     assert all(loss.device == DEVICE for loss in engine.backward_losses)
 
 
-@pytest.mark.parametrize("signum", [0, 15])
-def test_stop_signal_agreement_runs_on_the_engine_device(signum):
+def test_stop_signal_agreement_runs_on_the_engine_device_in_one_tensor_made_once(monkeypatch):
+    """Each step's vote answers the signal caught (0: none), whatever came before, on the engine's
+    device, in the tensor made when the loop began: no host list or new tensor per step."""
     with FakeAccelerator():
-        assert stop_signal(signum, DEVICE) == signum
+        stop = StopSignal(DEVICE)
+        vote = stop.vote
+        for name in ("tensor", "as_tensor", "zeros", "full", "empty"):  # what would build a new one
+            monkeypatch.setattr(torch, name, lambda *a, **k: pytest.fail("a tensor built per step"))
+        for signum in (0, 15, 0, 2, 1, 0, 15):
+            assert stop.agreed(signum) == signum
+            assert stop.vote is vote and vote.device == DEVICE and vote.dtype == torch.float64
 
 
 VALUES = [[0.0], [1.5, -2.0, 3.25], torch.arange(6, dtype=torch.float64).view(2, 3)]
