@@ -22,7 +22,8 @@ the learning-rate schedule, which parameters get weight decay, evaluation per so
     resume.py         where a run starts: a fresh state, or a checkpoint loaded into engine and sampler
     state_transfer.py resume into another ZeRO stage or precision: the state carried by parameter name
     loop.py           the run: each step's bookkeeping, evaluation, preemption, saves
-    checkpointing.py  save / resume / consolidate final fp32 weights
+    checkpointing.py  save / resume
+    final.py          RUN/final/: the consolidated fp32 weights and the run's tokenizer
     metrics.py        FLOPs per token, peak FLOP/s, the metrics.jsonl + wandb sink
     run_log.py        each step's record (tokens/s, MFU, ETA), the console lines, alarms
     report.py         report.md and PNG plots

@@ -1,4 +1,4 @@
-"""Save, resume and consolidate, on top of ``engine.save_checkpoint`` / ``engine.load_checkpoint``.
+"""Save and resume, on top of ``engine.save_checkpoint`` / ``engine.load_checkpoint``.
 
 Layout::
 
@@ -68,11 +68,6 @@ Resuming with another ZeRO stage or precision: DeepSpeed loads a checkpoint only
 its own kind, so the checkpoint is loaded into one (by :func:`load`, universal included) and its fp32
 master weights, Adam moments and step are carried by parameter name into the new engine
 (:mod:`ds_sft.train.state_transfer`), bit for bit.
-
-Final weights: :func:`consolidated_state_dict` asks each parameter for its fp32 master copy
-(``safe_get_full_fp32_param``, which gathers ZeRO partitions), taking the bf16 optimizer's
-fp32 copies at stage 0 and the parameter itself in fp32 stage 0, where no master copy exists;
-DeepSpeed's ``zero_to_fp32`` does not handle stage 0 at all.
 """
 
 from __future__ import annotations
@@ -818,11 +813,3 @@ def repair_zero3_universal_load(zero3_optimizer, universal_dir: Path) -> None:
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     for group, saved_group in zip(inner.param_groups, saved_groups, strict=True):
         group.update({key: value for key, value in saved_group.items() if key != "params"})
-
-
-def consolidated_state_dict(engine) -> dict:
-    """Full fp32 weights by parameter name, on every rank (a collective at ZeRO 3): the fp32 masters,
-    read as a change of ZeRO stage or precision reads them (:func:`state_transfer.read_state`)."""
-    from ds_sft.train.state_transfer import read_state
-
-    return {name: entry["fp32"] for name, entry in read_state(engine, moments=False)["params"].items()}

@@ -80,7 +80,7 @@ def templated(tmp_path_factory):
     from ds_sft.data.tokenizer import load_tokenizer
     from ds_sft.model.config import ModelConfig
     from ds_sft.model.llama import LlamaModel
-    from ds_sft.train.cli import read_tokenizer, write_final
+    from ds_sft.train.final import read_tokenizer, write_final
     from tests.data.match_helpers import SEQ_LEN
 
     root = tmp_path_factory.mktemp("eval_template")

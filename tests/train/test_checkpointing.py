@@ -14,7 +14,6 @@ import torch
 from ds_sft.errors import UserError
 from ds_sft.run_layout import TRAINER_STATE
 from ds_sft.train.checkpointing import (
-    consolidated_state_dict,
     damage,
     drop_later_tags,
     find_checkpoint,
@@ -25,6 +24,7 @@ from ds_sft.train.checkpointing import (
     save,
 )
 from ds_sft.train.engine import build_engine
+from ds_sft.train.final import consolidated_state_dict
 from ds_sft.train.state_transfer import load_weights, read_state, write_state
 from tests.train.helpers import TinyPacked, ds_config, settings, tiny_model
 

@@ -8,7 +8,7 @@ import torch
 
 from ds_sft.data.sampler import ResumableSampler
 from ds_sft.data.val_sample import stratified_rows, trained_tokens_by_source
-from ds_sft.train.checkpointing import consolidated_state_dict
+from ds_sft.train.final import consolidated_state_dict
 from ds_sft.train.loop import train
 from tests.model.test_scoring import reference
 from tests.train.helpers import TinyPacked, ds_config, settings, tiny_model

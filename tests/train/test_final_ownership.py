@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from ds_sft.errors import UserError
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
-from ds_sft.train.cli import read_regular_file, read_tokenizer, tokenizer_files, write_final
+from ds_sft.train.final import read_regular_file, read_tokenizer, tokenizer_files, write_final
 from ds_sft.train.run_dir import FINAL_LISTING, SAVED_TOKENIZER_FILES, removable
 
 NAME = st.text("abcdefgh_.", min_size=1, max_size=6).filter(lambda n: n not in (".", ".."))

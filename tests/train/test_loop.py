@@ -11,7 +11,7 @@ import torch
 
 from ds_sft.data.sampler import ResumableSampler
 from ds_sft.errors import UserError
-from ds_sft.train.checkpointing import consolidated_state_dict
+from ds_sft.train.final import consolidated_state_dict
 from ds_sft.train.loop import train
 from ds_sft.train.report import write_report
 from tests.train.helpers import TinyPacked, ds_config, settings, tiny_model

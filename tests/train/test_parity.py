@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ds_sft.data.sampler import ResumableSampler
-from ds_sft.train.checkpointing import consolidated_state_dict
+from ds_sft.train.final import consolidated_state_dict
 from ds_sft.train.loop import train
 from tests.train.helpers import TinyPacked, ds_config, reference_losses, settings, tiny_model
 
