@@ -9,6 +9,7 @@ the learning-rate schedule, which parameters get weight decay, evaluation per so
                       knows, refuses, pins or keeps from writing outside the run folder
     config_checks.py  every check of it, before anything heavy is loaded (DeepSpeed's reader too)
     memory.py         will a micro-batch fit? checked before anything is allocated
+    preflight.py      what the flags and files alone refuse, before the group, the weights and the engine
     run_dir.py        the run directory: ds-sft's own, apart from its inputs, one writer, --overwrite
     compatibility.py  refuse a data/model/checkpoint mix that does not belong together
     distributed.py    the process group (torchrun, deepspeed, Slurm), its collectives, the preemption flag

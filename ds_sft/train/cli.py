@@ -235,39 +235,10 @@ def make_sampler(dataset, seed: int):
     return ResumableSampler(len(dataset), seed=seed, rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
-def check_batch_fits_split(s, world: int, train_rows: int) -> str | None:
-    """Refuse a micro-step that reads more rows than the train split holds; a note when a step does.
-
-    All ranks' micro-batches together (``micro x ranks`` rows) would hold the same packed row several
-    times: a batch size the data cannot give, not a choice (65,536 rows of a 65-row split would go on
-    to fill the memory). An optimizer step of more rows than the split (``micro x accum x ranks``) reads
-    it several times over, an epoch and more per step: legal (the sampler's stream runs on through the
-    epochs, and small-data recipes do it), so it is said, not refused."""
-    per_micro_step = s.micro_batch_size * world
-    if per_micro_step > train_rows:
-        fix = (
-            f"pass --micro_batch_size {train_rows // world} or less"
-            if train_rows >= world
-            else f"train on {train_rows} rank(s) or fewer"
-        )
-        raise UserError(
-            f"--micro_batch_size {s.micro_batch_size} x {world} rank(s) = {per_micro_step:,} rows per "
-            f"micro-step, but the train split of {s.data_dir} holds {train_rows:,} packed rows: {fix}, "
-            "or prepare more data"
-        )
-    per_step = per_micro_step * s.grad_accum
-    if per_step > train_rows:
-        return (
-            f"note: a step reads {per_step:,} rows ({s.micro_batch_size} micro x {s.grad_accum} accum x "
-            f"{world} rank(s)), the train split holds {train_rows:,}: each step sees every row "
-            f"~{per_step / train_rows:.1f} times (fewer rows per step: a smaller --grad_accum)"
-        )
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     from ds_sft.train import config as config_module
-    from ds_sft.train.distributed import use_slurm_environment
+    from ds_sft.train.distributed import launch_environment, use_slurm_environment
+    from ds_sft.train.preflight import check_run
 
     if args.check_flags:  # the launch node: the ranks' environment (world size, devices) is not here yet
         return 0
@@ -285,12 +256,15 @@ def run(args: argparse.Namespace) -> int:
             "starts fresh: add --resume (or drop --allow_change)"
         )
 
+    # the data, the model's files and the batch, before the process group and the weights load
+    train_set, val_set, notes = check_run(s, launch_environment()[1])
+
     import torch.distributed as dist
 
-    from ds_sft.data.shards import PackedDataset
     from ds_sft.train import compatibility
+    from ds_sft.train.checkpointing import find_checkpoint
     from ds_sft.train.distributed import collective_device, on_rank_zero, process_group
-    from ds_sft.train.final import read_tokenizer, save_final, tokenizer_files
+    from ds_sft.train.final import read_tokenizer, save_final
     from ds_sft.train.loop import train
     from ds_sft.train.memory import check_fits
     from ds_sft.train.report import write_report
@@ -305,38 +279,20 @@ def run(args: argparse.Namespace) -> int:
                 print(line)
             print("effective config:\n" + json.dumps(effective, indent=2))
             write_result_file(run_dir / EFFECTIVE_CONFIG, json.dumps(effective, indent=2) + "\n")
+            for note in notes:
+                print(note)
         dist.barrier()
 
-        train_set = PackedDataset(s.data_dir, "train")
-        val_set = PackedDataset(s.data_dir, "val")
-        if len(val_set) and val_set.seq_len != train_set.seq_len:  # the model checks read train's
-            raise UserError(
-                f"{s.data_dir}: its val rows hold {val_set.seq_len} tokens, its train rows "
-                f"{train_set.seq_len}: the splits come from different runs of `ds-sft prepare`; prepare the "
-                "data again"
-            )
-        if not train_set.trained_tokens:  # every step would be skipped (step.train_step): nothing to learn
-            raise UserError(
-                f"{s.data_dir}: no train row has a trained token (every label is masked), so there is "
-                "nothing to learn: prepare the data again"
-            )
-        skipped = tokenizer_files(train_set.tokenizer_dir)[1]
+        checkpoint = find_checkpoint(
+            s.resume, run_dir
+        )  # an intact one, in the claimed folder: no weights yet
         # read by rank 0, which writes final/; a file it cannot read stops every rank
         tokenizer = on_rank_zero(lambda: read_tokenizer(train_set.tokenizer_dir), collective_device()) or {}
-        if skipped and rank == 0:
-            print(
-                f"{train_set.tokenizer_dir}: not a saved tokenizer's file, left out of final/tokenizer/: "
-                + ", ".join(skipped)
-            )
-        note = check_batch_fits_split(s, world, len(train_set))
-        if note and rank == 0:
-            print(note)
-        compatibility.check_base_model(s)
         model = build_model(s, tokens_per_micro_batch=s.micro_batch_size * train_set.seq_len)
-        compatibility.check_fresh(s, model, train_set)
+        compatibility.check_fresh(s, model, train_set)  # what the files did not say: the built model's
         check_fits(model, train_set.seq_len, s.micro_batch_size, s.precision == "bf16")
         sampler = make_sampler(train_set, s.seed)
-        summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler)
+        summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler, checkpoint)
         engine = summary["engine"]
         if summary["status"] == "finished":
             save_final(engine, run_dir, tokenizer, train_set.manifest, summary["step"])

@@ -107,17 +107,14 @@ FIXED_OPTIMIZER_KEYS = ("amsgrad", "maximize")
 NOT_COMPARED_FIELDS = ("init_std",)
 
 
-def check_base_model(s) -> None:
+def check_base_model(s) -> str | None:
     """Before the base model's weights load (seconds to minutes): the data's tokenizer is the model's
-    own, and a note when the model is a run's final/ that its checkpoints went past (or back from)."""
-    import torch.distributed as dist
-
+    own. Returns a note for rank 0 to print when the model is a run's final/ that its checkpoints went
+    past (or back from), else None."""
     if s.base_model is None:
-        return
+        return None
     check_tokenizer(s.base_model, s.data_dir)
-    said = final_behind(s.base_model)
-    if said and dist.get_rank() == 0:
-        print(said)
+    return final_behind(s.base_model)
 
 
 def check_fresh(s, model, train_set) -> None:

@@ -113,8 +113,12 @@ def keep_if_best(state: dict, done: int, val_loss: float) -> bool:
     return state["best_tag"] == checkpointing.tag_for(done)
 
 
-def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler) -> dict:
-    """Build the engine, resume if asked, run to ``s.max_iters`` (or preemption). Returns a summary:
+def train(
+    s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler, checkpoint: Path | None
+) -> dict:
+    """Build the engine, resume from the tag folder ``checkpoint`` if given (what
+    :func:`~ds_sft.train.checkpointing.find_checkpoint` found), run to ``s.max_iters`` (or
+    preemption). Returns a summary:
     {"engine", "status": "finished" | "preempted", "stop_signal" (the signal's number, 0 when finished),
     "step", "last_eval", "alarms", "records", ...}
     (alarms and records of this process's segment; the report reads metrics.jsonl for the whole run)."""
@@ -129,7 +133,9 @@ def train(s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler)
         run_dir.mkdir(parents=True, exist_ok=True)
 
     # set-up: engine (resumed or fresh), fp8, meters, logs, the val sample
-    engine, state, identity = start_engine(s, ds_config, model, train_set, run_dir, sampler, world, say)
+    engine, state, identity = start_engine(
+        s, ds_config, model, train_set, run_dir, checkpoint, sampler, world, say
+    )
     forward_context = fp8_forward_context(s, engine.device)
     first_step, last_eval, status, stopped_by = state["step"], None, "finished", 0
     meter = StepMeter(s, ds_config, model.config, train_set.seq_len, world, first_step, say)

@@ -40,12 +40,15 @@ def optimizer_groups(engine) -> list[dict]:
     return getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
 
 
-def start_engine(s, ds_config: dict, model, train_set, run_dir: Path, sampler, world: int, say):
-    """Build the engine and, with ``--resume``, load the checkpoint into it and into ``sampler``.
+def start_engine(
+    s, ds_config: dict, model, train_set, run_dir: Path, tag_dir: Path | None, sampler, world: int, say
+):
+    """Build the engine and, given the checkpoint ``tag_dir`` (``--resume``'s, found by
+    :func:`~ds_sft.train.checkpointing.find_checkpoint` before the weights loaded), load it into the
+    engine and into ``sampler``.
 
     Returns (engine, trainer state, run identity). The identity (``compatibility.run_identity``) is
     checked against the checkpoint's before the engine exists and saved with every checkpoint."""
-    tag_dir = checkpointing.find_checkpoint(s.resume, run_dir)
     identity = compatibility.run_identity(s, model, train_set, world, ds_config)
     if tag_dir is None:
         engine = new_engine(s, model, ds_config, say)
@@ -158,9 +161,8 @@ def announce_resume(
 def val_sample(s, val_set, state: dict, data_key, say) -> list[int]:
     """The val rows every eval of the run scores, drawn once (``stratified_rows``) and kept in the
     trainer state: a resume with another --micro_batch_size or --eval_iters scores the same rows, so
-    ``best_val`` and the alarms go on comparing like with like. Drawn again only for other data."""
-    if not len(val_set):
-        raise UserError(f"{s.data_dir} has an empty val split: prepare it with --val_fraction > 0")
+    ``best_val`` and the alarms go on comparing like with like. Drawn again only for other data. (An empty
+    val split, or one without trained tokens, was refused before the run began: ``preflight``.)"""
     wanted = s.eval_iters * s.micro_batch_size
     kept = state.get("val_sample")  # checked sorted and non-negative (checkpointing.trainer_state_problem)
     if kept is not None and kept.get("data") == data_key:

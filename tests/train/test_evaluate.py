@@ -31,7 +31,9 @@ def test_evals_from_step_zero_match_the_reference(stage, dist_env, tmp_path):
     rows = stratified_rows(trained_tokens_by_source(val_set), 6)
     assert rows != list(range(6))  # not the first rows
 
-    summary = train(s, ds_config(s), tiny_model(), train_set, val_set, tmp_path, ResumableSampler(24, seed=0))
+    summary = train(
+        s, ds_config(s), tiny_model(), train_set, val_set, tmp_path, ResumableSampler(24, seed=0), None
+    )
     final = tiny_model()
     final.load_state_dict(consolidated_state_dict(summary["engine"]))
     summary["engine"].destroy()

@@ -16,7 +16,7 @@ from ds_sft.cli import main
 from ds_sft.errors import UserError
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
-from ds_sft.train.cli import check_batch_fits_split
+from ds_sft.train.preflight import check_batch_fits_split
 from tests.train.helpers import write_data_dir
 
 

@@ -11,6 +11,7 @@ import torch
 
 from ds_sft.data.sampler import ResumableSampler
 from ds_sft.errors import UserError
+from ds_sft.train.checkpointing import find_checkpoint
 from ds_sft.train.final import consolidated_state_dict
 from ds_sft.train.loop import train
 from ds_sft.train.report import write_report
@@ -33,6 +34,7 @@ def run(s, dataset, run_dir, model=None, **ds_extra):
         VAL,
         run_dir,
         ResumableSampler(len(dataset), seed=s.seed),
+        find_checkpoint(s.resume, run_dir),
     )
     weights = consolidated_state_dict(summary["engine"])
     summary["engine"].destroy()

@@ -37,6 +37,7 @@ def trained_engine(s, dataset, run_dir) -> tuple[object, list[dict]]:
         TinyPacked(8, seed=99),
         run_dir,
         InOrder(len(dataset)),
+        None,
     )
     return summary["engine"], [r for r in summary["records"] if r["type"] == "train"]
 
