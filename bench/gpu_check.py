@@ -274,7 +274,7 @@ def computed_in(run_dir: Path) -> dict | None:
     ``compatibility.run_identity``): what the steps computed in, which ``--fp8 auto`` decides by
     machine (on an H200 it is fp8), so the flags in effective_config.json do not say. None: no
     readable record."""
-    from ds_sft.train.checkpointing import read_trainer_state
+    from ds_sft.train.trainer_state import read_trainer_state
 
     checkpoints = run_dir / "checkpoints"
     tag = latest_tag(checkpoints)

@@ -23,7 +23,10 @@ the learning-rate schedule, which parameters get weight decay, evaluation per so
     resume.py         where a run starts: a fresh state, or a checkpoint loaded into engine and sampler
     state_transfer.py resume into another ZeRO stage or precision: the state carried by parameter name
     loop.py           the run: each step's bookkeeping, evaluation, preemption, saves
-    checkpointing.py  save / resume
+    trainer_state.py  trainer_state.json: each field once (a fresh run's value, the check a saved one passes)
+    checkpointing.py  save a checkpoint tag (every rank, then rank 0 publishes), replace, prune
+    checkpoint_check.py is a tag intact and free of pickled code? which tag --resume takes
+    checkpoint_load.py  load a tag into the engine: weights-only unpickling, universal format, NaN check
     final.py          RUN/final/: the consolidated fp32 weights and the run's tokenizer
     metrics.py        FLOPs per token, peak FLOP/s, the metrics.jsonl + wandb sink
     run_log.py        each step's record (tokens/s, MFU, ETA), the console lines, alarms

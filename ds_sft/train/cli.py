@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from ds_sft.train import compatibility
-    from ds_sft.train.checkpointing import find_checkpoint
+    from ds_sft.train.checkpoint_check import find_checkpoint
     from ds_sft.train.distributed import collective_device, on_rank_zero, process_group
     from ds_sft.train.final import read_tokenizer, save_final
     from ds_sft.train.loop import train

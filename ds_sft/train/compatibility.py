@@ -17,7 +17,7 @@ decay, fused) are this run's, applied over the checkpoint's (:data:`OPTIMIZER_KE
 through is printed and kept in the trainer state, ``metrics.jsonl`` and the report: nothing silent.
 
 World size is not a key: at the same global batch it resumes exactly (the sampler's cursor counts
-global samples, and ``checkpointing.needs_universal`` re-partitions the optimizer), so ``grad_accum``
+global samples, and ``checkpoint_load.needs_universal`` re-partitions the optimizer), so ``grad_accum``
 is not one either, only the global batch it makes. For the same reason the micro-batch may change
 when the global batch stays: each step reads the same rows, and the loss is normalized by the step's
 trained tokens over all ranks, however they are split into micro-batches.

@@ -20,12 +20,14 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.run_layout import tag_for
 from ds_sft.train import checkpointing, compatibility
 from ds_sft.train.distributed import StopSignal, preemption_flag
 from ds_sft.train.resume import optimizer_groups, start_engine, val_sample
 from ds_sft.train.run_log import RunLog, StepMeter, announce_eta
 from ds_sft.train.schedule import lr_at, set_lr
 from ds_sft.train.step import collate, train_step
+from ds_sft.train.trainer_state import snapshot
 
 
 def evaluate(
@@ -109,15 +111,15 @@ def count_non_finite_step(s, state: dict, record: dict, result: dict, log, engin
 def keep_if_best(state: dict, done: int, val_loss: float) -> bool:
     """Record step ``done``'s val loss as the best when it is lower; True when it is the best."""
     if state["best_val"] is None or val_loss < state["best_val"]:
-        state["best_val"], state["best_tag"] = val_loss, checkpointing.tag_for(done)
-    return state["best_tag"] == checkpointing.tag_for(done)
+        state["best_val"], state["best_tag"] = val_loss, tag_for(done)
+    return state["best_tag"] == tag_for(done)
 
 
 def train(
     s, ds_config: dict, model, train_set, val_set, run_dir: Path, sampler, checkpoint: Path | None
 ) -> dict:
     """Build the engine, resume from the tag folder ``checkpoint`` if given (what
-    :func:`~ds_sft.train.checkpointing.find_checkpoint` found), run to ``s.max_iters`` (or
+    :func:`~ds_sft.train.checkpoint_check.find_checkpoint` found), run to ``s.max_iters`` (or
     preemption). Returns a summary:
     {"engine", "status": "finished" | "preempted", "stop_signal" (the signal's number, 0 when finished),
     "step", "last_eval", "alarms", "records", ...}
@@ -156,16 +158,15 @@ def train(
         return result
 
     def save(done: int) -> None:
-        trainer_state = {
-            **state,
-            "sampler": sampler.state_dict(),
-            "world_size": world,
-            "zero_stage": engine.zero_optimization_stage(),
-            "run": identity,
-            "max_iters": s.max_iters,  # where this segment's cosine ends: a resume says when it moves
-            # what a resume compares when it carries the state into an engine of another kind
-            "optimizer": compatibility.optimizer_settings(optimizer_groups(engine)),
-        }
+        trainer_state = snapshot(
+            state,
+            sampler=sampler.state_dict(),
+            world_size=world,
+            zero_stage=engine.zero_optimization_stage(),
+            run=identity,
+            max_iters=s.max_iters,
+            optimizer=compatibility.optimizer_settings(optimizer_groups(engine)),
+        )
         tag = checkpointing.save(engine, ckpt_dir, done, trainer_state, s.keep_last)
         say(f"saved checkpoint {ckpt_dir / tag}")
 

@@ -12,7 +12,7 @@ runs them (as it resolves the flags), before any rank waits for another.
 
 What needs more than files waits for it: the base model's vocabulary and the memory a micro-batch
 takes (the built model, :func:`~ds_sft.train.compatibility.check_fresh`, ``memory.check_fits``), a
-checkpoint to resume (the claimed folder, :func:`~ds_sft.train.checkpointing.find_checkpoint`, still
+checkpoint to resume (the claimed folder, :func:`~ds_sft.train.checkpoint_check.find_checkpoint`, still
 before the weights load) and whether the checkpoint's run is this one (its identity holds the weights'
 digest).
 """

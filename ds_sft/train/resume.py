@@ -1,6 +1,6 @@
 """Where a run starts: a fresh trainer state, or a checkpoint loaded into the engine and the sampler.
 
-``--resume`` finds a checkpoint (:func:`~ds_sft.train.checkpointing.find_checkpoint`) whose run identity
+``--resume`` finds a checkpoint (:func:`~ds_sft.train.checkpoint_check.find_checkpoint`) whose run identity
 is checked against this run's before the engine exists (:mod:`ds_sft.train.compatibility`). DeepSpeed
 loads a checkpoint of this run's ZeRO stage and precision (:func:`resume_same_kind`); one of another
 is loaded by an engine of its own kind, whose state is written into this run's
@@ -15,24 +15,9 @@ from pathlib import Path
 
 from ds_sft.data.val_sample import scored_val_rows
 from ds_sft.errors import UserError
-from ds_sft.train import checkpointing, compatibility, state_transfer
+from ds_sft.train import checkpoint_load, checkpointing, compatibility, state_transfer, trainer_state
 from ds_sft.train.engine import build_engine
 from ds_sft.train.param_groups import format_group_table
-
-
-def fresh_state() -> dict:
-    """The trainer state of a run at step 0 (a resume reads it back from the checkpoint)."""
-    return {
-        "step": 0,
-        "best_val": None,
-        "best_tag": None,
-        "val_history": [],
-        "nan_streak": 0,
-        "train_tokens": 0,
-        "elapsed_s": 0.0,
-        "changes": [],  # what resumes changed ({"step", "key", "saved", "now", "how"}: compatibility)
-        "val_sample": None,  # {"data": its key, "count": asked, "rows": [...]}: what every eval scores
-    }
 
 
 def optimizer_groups(engine) -> list[dict]:
@@ -44,7 +29,7 @@ def start_engine(
     s, ds_config: dict, model, train_set, run_dir: Path, tag_dir: Path | None, sampler, world: int, say
 ):
     """Build the engine and, given the checkpoint ``tag_dir`` (``--resume``'s, found by
-    :func:`~ds_sft.train.checkpointing.find_checkpoint` before the weights loaded), load it into the
+    :func:`~ds_sft.train.checkpoint_check.find_checkpoint` before the weights loaded), load it into the
     engine and into ``sampler``.
 
     Returns (engine, trainer state, run identity). The identity (``compatibility.run_identity``) is
@@ -54,16 +39,16 @@ def start_engine(
         engine = new_engine(s, model, ds_config, say)
         if s.resume == "auto":
             say(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
-        return engine, fresh_state(), identity
+        return engine, trainer_state.fresh_state(), identity
 
-    saved = checkpointing.read_trainer_state(tag_dir)
+    saved = trainer_state.read_trainer_state(tag_dir)
     if saved["step"] >= s.max_iters:  # said, not silent: final/ and the report come from it as it is
         say(
             f"note: {tag_dir} is at step {saved['step']} and --max_iters is {s.max_iters}: nothing to "
             "train; final/ and the report are written from it (pass a larger --max_iters to train on)"
         )
     changes = compatibility.check_resume(tag_dir, saved, identity, s.allow_change or (), model)
-    universal = checkpointing.needs_universal(saved, world)
+    universal = checkpoint_load.needs_universal(saved, world)
     universal_in = run_dir / "checkpoints" if universal else None  # this run's, which it has locked
     changed = state_transfer.changes(compatibility.saved_identity(saved), identity)
     if changed:
@@ -94,10 +79,10 @@ def resume_same_kind(s, ds_config: dict, model, tag_dir: Path, saved: dict, univ
     to the universal format in ``universal_in`` first when the world size changed), then this run's
     optimizer settings go back over the loaded ones. Returns (engine, trainer state, optimizer changes)."""
     if universal_in is not None:
-        ds_config = checkpointing.with_universal_load(ds_config)
+        ds_config = checkpoint_load.with_universal_load(ds_config)
     engine = new_engine(s, model, ds_config, say)
     requested = compatibility.optimizer_settings(optimizer_groups(engine))
-    state = checkpointing.load(engine, tag_dir, universal_in)
+    state = checkpoint_load.load(engine, tag_dir, universal_in)
     # load_checkpoint put the saved param_groups (new dicts) over this run's: train with this run's
     loaded = optimizer_groups(engine)
     trained = compatibility.optimizer_settings(loaded)
@@ -124,7 +109,7 @@ def resume_another_kind(
     engine = new_engine(s, model, ds_config, say)
     # an engine of this run's settings given the saved state: nothing to put back
     state_transfer.write_state(engine, carried)
-    checkpointing.set_rng_state(rng)
+    checkpoint_load.set_rng_state(rng)
     say(f"resuming {state_transfer.describe(changed)}")
     recorded = saved.get("optimizer")  # the settings the checkpoint trained with (older ones: none)
     if not isinstance(recorded, dict):
@@ -164,7 +149,7 @@ def val_sample(s, val_set, state: dict, data_key, say) -> list[int]:
     ``best_val`` and the alarms go on comparing like with like. Drawn again only for other data. (An empty
     val split, or one without trained tokens, was refused before the run began: ``preflight``.)"""
     wanted = s.eval_iters * s.micro_batch_size
-    kept = state.get("val_sample")  # checked sorted and non-negative (checkpointing.trainer_state_problem)
+    kept = state.get("val_sample")  # checked sorted and non-negative (trainer_state.trainer_state_problem)
     if kept is not None and kept.get("data") == data_key:
         rows = kept["rows"]
         if rows[-1] >= len(val_set):  # the same data's key, so the same split: only an edited state

@@ -249,7 +249,8 @@ def plain_tree_problem(folder: Path, run_dir: Path) -> str | None:
 def tag_problem(tag_dir: Path, run_dir: Path) -> str | None:
     """Why ``tag_dir`` is not a checkpoint tag as ds-sft writes it (exactly the files its
     ``trainer_state.json`` lists, plus that file, all regular), or None. Nothing is hashed."""
-    from ds_sft.train.checkpointing import foreign_entries, read_trainer_state, trainer_state_problem
+    from ds_sft.train.checkpoint_check import foreign_entries
+    from ds_sft.train.trainer_state import read_trainer_state, trainer_state_problem
 
     where = relative(tag_dir, run_dir)
     if kind(tag_dir / TRAINER_STATE) != "file":

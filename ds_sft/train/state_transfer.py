@@ -8,7 +8,7 @@ kind (another stage: AttributeError or AssertionError; another precision: FileNo
 bf16 files carry a ``bf16_`` prefix).
 
 So the conversion never parses a layout. An engine of the checkpoint's own kind loads it, the way
-every resume does (:func:`ds_sft.train.checkpointing.load`: same files, same weights-only unpickling,
+every resume does (:func:`ds_sft.train.checkpoint_load.load`: same files, same weights-only unpickling,
 the universal path when the world size changed too); :func:`read_state` asks it, parameter by
 parameter, for the full fp32 master weight and Adam moments (DeepSpeed's ``safe_get_full_*``, which
 gather the partitions) and for the step count; that engine is destroyed, and the new one is built
@@ -195,17 +195,17 @@ def _flat_partitions(optimizer) -> list:
 def load_saved_kind(model, ds_config: dict, weight_decay: float, tag_dir, kind: dict, universal_in):
     """Load ``tag_dir`` into a throwaway engine of the checkpoint's own ``kind`` ({"zero_stage",
     "precision"}) built on a copy of ``model``, converted to the universal format in ``universal_in``
-    first when not None (:func:`checkpointing.load`); returns (state, trainer state, restored RNG state)."""
+    first when not None (:func:`checkpoint_load.load`); returns (state, trainer state, restored RNG state)."""
     import copy
 
-    from ds_sft.train import checkpointing
+    from ds_sft.train import checkpoint_load, checkpointing
     from ds_sft.train.engine import build_engine
 
     config = engine_config(ds_config, kind["zero_stage"], kind["precision"])
     if universal_in is not None:
-        config = checkpointing.with_universal_load(config)
+        config = checkpoint_load.with_universal_load(config)
     engine, _ = build_engine(copy.deepcopy(model), config, weight_decay)
-    trainer = checkpointing.load(engine, tag_dir, universal_in)
+    trainer = checkpoint_load.load(engine, tag_dir, universal_in)
     rng = checkpointing.rng_state()  # restored by load; set again once the new engine exists
     state = read_state(engine)
     engine.destroy()

@@ -44,13 +44,13 @@ SEED = 20261125
 
 def latest_step(out_dir: Path) -> int:
     """The step of the checkpoint ``latest`` names, checking that it is complete (0 when none)."""
-    from ds_sft.train import checkpointing
+    from ds_sft.train import checkpoint_check, trainer_state
 
-    tag_dir = checkpointing.find_checkpoint("auto", out_dir)
+    tag_dir = checkpoint_check.find_checkpoint("auto", out_dir)
     if tag_dir is None:
         return 0
     assert any(tag_dir.glob("*model_states.pt")) and any(tag_dir.glob("*optim_states.pt")), tag_dir
-    return checkpointing.read_trainer_state(tag_dir)["step"]
+    return trainer_state.read_trainer_state(tag_dir)["step"]
 
 
 def kill_schedule(rng: random.Random) -> list[tuple[str, int]]:

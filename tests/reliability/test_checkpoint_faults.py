@@ -4,7 +4,7 @@ Each case runs the real trainer as a subprocess (:mod:`runs`) on the tiny model 
 checkpoint every 20, breaks something, and checks three things: the failure is named in one line,
 ``latest`` (or the fallback) names a checkpoint that is intact, and continuing from it ends with the
 very weights of the clean 60-step run, bit for bit. What counts as intact is decided by
-``ds_sft.train.checkpointing.damage`` (sizes and sha256 recorded at save time).
+``ds_sft.train.checkpoint_check.damage`` (sizes and sha256 recorded at save time).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ds_sft.run_layout import TRAINER_STATE
-from ds_sft.train import checkpointing
+from ds_sft.train import checkpoint_check, checkpointing, trainer_state
 
 from .conftest import Payload, write_tiny_data_dir
 from .runs import (
@@ -67,8 +67,8 @@ def test_crash_mid_save_leaves_latest_on_the_previous_complete_checkpoint(clean_
     assert killed.returncode == -9, killed.stderr[-3000:]
     ckpt_dir = run_dir / "checkpoints"
     assert (ckpt_dir / "latest").read_text().strip() == "step_000020"
-    assert checkpointing.damage(ckpt_dir / "step_000020") is None
-    assert checkpointing.damage(ckpt_dir / "step_000040") is not None  # the torn one is recognisably so
+    assert checkpoint_check.damage(ckpt_dir / "step_000020") is None
+    assert checkpoint_check.damage(ckpt_dir / "step_000040") is not None  # the torn one is recognisably so
 
     resumed = run(train_flags(data, run_dir, STEPS), ds_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -115,7 +115,7 @@ def test_checkpoint_carrying_pickled_code_is_never_unpickled(clean_run, ds_env, 
     # the attacker rewrites the recorded digests too, so only the pickle scan stands in the way
     state_file = tag_dir / TRAINER_STATE
     state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({**state, "files": checkpointing.file_digests(tag_dir)}))
+    state_file.write_text(json.dumps({**state, "files": checkpoint_check.file_digests(tag_dir)}))
 
     resumed = run(train_flags(data, run_dir, STEPS), ds_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -173,7 +173,7 @@ def test_a_checkpoint_saved_with_nan_in_it_is_refused_naming_an_earlier_one(
     torch.save(saved, victim)
     state_file = tag_dir / TRAINER_STATE
     state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({**state, "files": checkpointing.file_digests(tag_dir)}))
+    state_file.write_text(json.dumps({**state, "files": checkpoint_check.file_digests(tag_dir)}))
 
     result = run(train_flags(data, run_dir, STEPS + 10), ds_env)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -222,7 +222,7 @@ def test_full_disk_at_save_is_one_line_and_the_run_goes_on_once_there_is_room(cl
     line = error_line(failed.stderr)
     assert f"step_{2 * SAVE_EVERY:06d}" in line and "MiB free" in line and "step_000020" in line, line
     assert "No space left on device" in line or "a full disk" in line, line
-    assert checkpointing.find_checkpoint("auto", run_dir).name == "step_000020"
+    assert checkpoint_check.find_checkpoint("auto", run_dir).name == "step_000020"
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     resumed = run(train_flags(data, run_dir, STEPS), ds_env)
@@ -295,8 +295,8 @@ def test_resuming_an_older_tag_rewrites_the_newer_tags_whole(ds_env, tmp_path):
     one = trajectory(run_dir)
     assert [one[step] for step in (7, 8)] == pytest.approx([two[step] for step in (7, 8)], abs=1e-5)
     for tag in ("step_000006", "step_000008"):
-        assert checkpointing.damage(ckpt_dir / tag) is None
-        state = checkpointing.read_trainer_state(ckpt_dir / tag)
+        assert checkpoint_check.damage(ckpt_dir / tag) is None
+        state = trainer_state.read_trainer_state(ckpt_dir / tag)
         assert state["world_size"] == 1
         assert not [name for name in state["files"] if "rank_1" in name], f"{tag} holds rank 1's files"
     assert (ckpt_dir / "latest").read_text().strip() == "step_000008"

@@ -245,12 +245,12 @@ def checkpoints(tmp_path_factory, dist_env):
 
 
 def _try_load(stage: int, tag_dir: Path, universal: bool):
-    """What ``checkpointing.load`` gives on a fresh engine: the trainer state, or the exception it raised."""
-    from ds_sft.train import checkpointing
+    """What ``checkpoint_load.load`` gives a fresh engine: the trainer state, or the exception it raised."""
+    from ds_sft.train import checkpoint_load
 
     engine = _engine(stage, universal=universal)
     try:
-        return checkpointing.load(engine, tag_dir, tag_dir.parent if universal else None)
+        return checkpoint_load.load(engine, tag_dir, tag_dir.parent if universal else None)
     except Exception as err:  # the caller checks the marker first, then what was raised
         return err
     finally:
@@ -265,10 +265,10 @@ def _copy_tag(tag_dir: Path, tmp_path: Path) -> Path:
 
 def _bless(tag_dir: Path) -> None:
     """Rewrite the sha256 manifest over planted files, as an attacker with write access would."""
-    from ds_sft.train import checkpointing
+    from ds_sft.train import checkpoint_check, trainer_state
 
-    state = checkpointing.read_trainer_state(tag_dir)
-    state["files"] = checkpointing.file_digests(tag_dir)
+    state = trainer_state.read_trainer_state(tag_dir)
+    state["files"] = checkpoint_check.file_digests(tag_dir)
     (tag_dir / run_layout.TRAINER_STATE).write_text(json.dumps(state))
 
 
@@ -278,7 +278,7 @@ def test_no_payload_in_any_checkpoint_file_runs_under_the_resume_unpickler(
     checkpoints, tmp_path, stage, payload
 ):
     """Every file of a ZeRO 1/2/3 tag x every payload: the opcode scan names it, the loader refuses it."""
-    from ds_sft.train import checkpointing
+    from ds_sft.train import checkpoint_check, checkpoint_load
 
     marker = tmp_path / "payload_ran"
     for genuine in sorted(checkpoints[stage].glob("*.pt")):
@@ -286,9 +286,9 @@ def test_no_payload_in_any_checkpoint_file_runs_under_the_resume_unpickler(
         victim = tag_dir / genuine.name
         _plant(victim, PAYLOADS[payload](marker))
         _bless(tag_dir)
-        problem = checkpointing.damage(tag_dir)
+        problem = checkpoint_check.damage(tag_dir)
         assert problem is not None and victim.name in problem and "no checkpoint holds" in problem, problem
-        with checkpointing.weights_only_unpickling(), pytest.raises(pickle.UnpicklingError):
+        with checkpoint_load.weights_only_unpickling(), pytest.raises(pickle.UnpicklingError):
             torch.load(victim, weights_only=False)  # what DeepSpeed passes
         assert not marker.exists(), f"{payload} in {victim.name} ran"
 
@@ -300,7 +300,7 @@ POSITIONS = ["model_states", "optim_states", "optim_states via ds_to_universal"]
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_the_engine_load_never_unpickles_code(checkpoints, tmp_path, stage, position, payload):
-    """checkpointing.load itself, without the opcode scan in front: DeepSpeed's loads are weights_only."""
+    """checkpoint_load.load itself, without the opcode scan in front: DeepSpeed's loads are weights_only."""
 
     marker = tmp_path / "payload_ran"
     tag_dir = _copy_tag(checkpoints[stage], tmp_path)
@@ -332,26 +332,27 @@ def test_the_universal_conversion_is_written_into_the_resuming_runs_folder(
     run's folder (live, read-only or shared, and not locked by this run). Now into this run's own
     checkpoints/; a folder that cannot be made there is one line (it was a traceback outside the try,
     leaving the other ranks waiting at the broadcast)."""
-    from ds_sft.train import checkpointing
+    from ds_sft.train import checkpoint_load
+    from ds_sft.train.checkpointing import UNIVERSAL_PREFIX
 
     source = _copy_tag(checkpoints[2], tmp_path / "other_run")
     before = sorted(p.name for p in source.parent.iterdir())
     converted = []
-    remove = checkpointing.remove_universal
+    remove = checkpoint_load.remove_universal
     monkeypatch.setattr(
-        checkpointing, "remove_universal", lambda folder: (converted.append(folder), remove(folder))
+        checkpoint_load, "remove_universal", lambda folder: (converted.append(folder), remove(folder))
     )
     own = tmp_path / "this_run" / "checkpoints"
     engine = _engine(2, universal=True)
     try:
-        assert checkpointing.load(engine, source, own)["step"] == 1
+        assert checkpoint_load.load(engine, source, own)["step"] == 1
         (folder,) = converted
-        assert folder.parent.parent == own and folder.parent.name.startswith(checkpointing.UNIVERSAL_PREFIX)
+        assert folder.parent.parent == own and folder.parent.name.startswith(UNIVERSAL_PREFIX)
         assert sorted(p.name for p in source.parent.iterdir()) == before and not list(own.iterdir())
         blocked = tmp_path / "a_file"
         blocked.write_text("not a folder")
         with pytest.raises(UserError) as refused:
-            checkpointing.load(engine, source, blocked / "checkpoints")
+            checkpoint_load.load(engine, source, blocked / "checkpoints")
         assert "\n" not in str(refused.value) and "could not convert" in str(refused.value)
     finally:
         engine.destroy()
@@ -388,15 +389,15 @@ def test_a_planted_universal_folder_is_neither_loaded_nor_deleted(checkpoints, t
 
 
 def test_the_zero3_repair_file_is_read_with_the_weights_only_unpickler(tmp_path):
-    from ds_sft.train import checkpointing
+    from ds_sft.train import checkpoint_load
 
     marker = tmp_path / "payload_ran"
     for payload in PAYLOADS.values():
         (tmp_path / "zero").mkdir(exist_ok=True)
         torch.save({"optimizer_state_dict": payload(marker)}, tmp_path / "zero" / "optimizer_state.pt")
         optimizer = SimpleNamespace(optimizer=SimpleNamespace(state={}, param_groups=[]))
-        with checkpointing.weights_only_unpickling(), pytest.raises(pickle.UnpicklingError):
-            checkpointing.repair_zero3_universal_load(optimizer, tmp_path)
+        with checkpoint_load.weights_only_unpickling(), pytest.raises(pickle.UnpicklingError):
+            checkpoint_load.repair_zero3_universal_load(optimizer, tmp_path)
         assert not marker.exists()
 
 
@@ -439,27 +440,27 @@ HOSTILE_STATES = {
 
 @pytest.mark.parametrize("change", HOSTILE_STATES)
 def test_a_hostile_trainer_state_is_refused_as_malformed(checkpoints, tmp_path, change):
-    from ds_sft.train import checkpointing
+    from ds_sft.train import checkpoint_check
 
     tag_dir = _copy_tag(checkpoints[2], tmp_path)
     state_file = tag_dir / run_layout.TRAINER_STATE
     state = json.loads(state_file.read_text())
     hostile = None if HOSTILE_STATES[change] is None else {**state, **HOSTILE_STATES[change]}
     state_file.write_text(json.dumps(hostile))
-    problem = checkpointing.damage(tag_dir)
+    problem = checkpoint_check.damage(tag_dir)
     assert problem is not None and "malformed" in problem, (change, problem)
     with pytest.raises(UserError, match="malformed") as err:
-        checkpointing.find_checkpoint(str(tag_dir), tmp_path)
+        checkpoint_check.find_checkpoint(str(tag_dir), tmp_path)
     assert "\n" not in str(err.value)
 
 
 def test_a_genuine_trainer_state_passes_and_an_unlisted_file_does_not(checkpoints, tmp_path):
-    from ds_sft.train import checkpointing
+    from ds_sft.train import checkpoint_check
 
     tag_dir = _copy_tag(checkpoints[3], tmp_path)
-    assert checkpointing.damage(tag_dir) is None
+    assert checkpoint_check.damage(tag_dir) is None
     (tag_dir / "extra_optim_states.pt").write_bytes(b"")
-    problem = checkpointing.damage(tag_dir)
+    problem = checkpoint_check.damage(tag_dir)
     assert "extra_optim_states.pt is not among the regular files it was saved with" in problem
 
 
@@ -483,12 +484,12 @@ UNLISTED_ENTRIES = {
 def test_an_unlisted_entry_of_any_kind_is_refused_without_being_opened(checkpoints, tmp_path, entry):
     """Only files were compared with the list, so a FIFO named ``*.pt`` reached the pickle check,
     which opened it and blocked forever. Run in a thread: a regression fails here instead of hanging."""
-    from ds_sft.train import checkpointing
+    from ds_sft.train import checkpoint_check
 
     tag_dir = _copy_tag(checkpoints[3], tmp_path)
     UNLISTED_ENTRIES[entry](tag_dir)
     found = []
-    worker = threading.Thread(target=lambda: found.append(checkpointing.damage(tag_dir)), daemon=True)
+    worker = threading.Thread(target=lambda: found.append(checkpoint_check.damage(tag_dir)), daemon=True)
     worker.start()
     worker.join(timeout=60)
     if worker.is_alive():  # blocked opening the FIFO: a writer lets it go on
@@ -503,16 +504,16 @@ def test_a_listed_file_replaced_by_a_link_is_foreign_to_every_reader_of_a_tag(ch
     """One rule says which entries of a tag are the run's: resume (damage), --overwrite (tag_problem)
     and pruning (remove_tag). damage() followed a link put in place of a listed file: a link to an
     identical copy hashed equal and was resumed from; the other two refused it."""
-    from ds_sft.train import checkpointing, run_dir
+    from ds_sft.train import checkpoint_check, checkpointing, run_dir, trainer_state
 
     tag_dir = _copy_tag(checkpoints[3], tmp_path)
-    listed = sorted(checkpointing.read_trainer_state(tag_dir)["files"])
+    listed = sorted(trainer_state.read_trainer_state(tag_dir)["files"])
     name = listed[0]
     copy = tmp_path / "elsewhere" / name
     copy.parent.mkdir()
     (tag_dir / name).rename(copy)
     (tag_dir / name).symlink_to(copy)
-    assert checkpointing.damage(tag_dir) == f"{name} is not among the regular files it was saved with"
+    assert checkpoint_check.damage(tag_dir) == f"{name} is not among the regular files it was saved with"
     assert name in run_dir.tag_problem(tag_dir, tmp_path)
     checkpointing.remove_tag(tag_dir)
     kept = tag_dir.with_name(f"{tag_dir.name}.kept")
@@ -524,11 +525,11 @@ def test_a_name_with_a_newline_stays_on_one_line(checkpoints, tmp_path):
     """A file name can hold a newline: quoted in a message, it must not start a line that reads like
     one of ds-sft's own (``warning: ...``)."""
     from ds_sft.command import execute
-    from ds_sft.train import checkpointing
+    from ds_sft.train import checkpoint_check
 
     tag_dir = _copy_tag(checkpoints[3], tmp_path)
     (tag_dir / "evil\nwarning: all good, resuming.pt").write_bytes(b"")
-    module = SimpleNamespace(run=lambda args: checkpointing.find_checkpoint(str(tag_dir), tmp_path))
+    module = SimpleNamespace(run=lambda args: checkpoint_check.find_checkpoint(str(tag_dir), tmp_path))
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         assert execute("ds-sft train", module, SimpleNamespace()) == 2
@@ -542,13 +543,13 @@ def test_a_name_with_a_newline_stays_on_one_line(checkpoints, tmp_path):
     ["../../elsewhere/step_000001", "/tmp", "step_1; rm", "", "step_" + "9" * 300, "step_" + "1" * 11],
 )
 def test_latest_names_a_tag_or_nothing(checkpoints, tmp_path, latest):
-    from ds_sft.train import checkpointing
+    from ds_sft.train import checkpoint_check
 
     tag_dir = _copy_tag(checkpoints[1], tmp_path)
     (tag_dir.parent / "latest").write_text(latest)
-    assert checkpointing.find_checkpoint("auto", tmp_path) == tag_dir  # the tags themselves are scanned
+    assert checkpoint_check.find_checkpoint("auto", tmp_path) == tag_dir  # the tags themselves are scanned
     with pytest.raises(UserError, match="does not name a checkpoint tag"):
-        checkpointing.find_checkpoint(str(tag_dir.parent), tmp_path)
+        checkpoint_check.find_checkpoint(str(tag_dir.parent), tmp_path)
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)

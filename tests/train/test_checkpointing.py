@@ -13,16 +13,9 @@ import torch
 
 from ds_sft.errors import UserError
 from ds_sft.run_layout import TRAINER_STATE
-from ds_sft.train.checkpointing import (
-    damage,
-    drop_later_tags,
-    find_checkpoint,
-    non_finite_message,
-    non_finite_values,
-    prune,
-    replace_tag,
-    save,
-)
+from ds_sft.train.checkpoint_check import damage, find_checkpoint
+from ds_sft.train.checkpoint_load import non_finite_message, non_finite_values
+from ds_sft.train.checkpointing import drop_later_tags, prune, replace_tag, save
 from ds_sft.train.engine import build_engine
 from ds_sft.train.final import consolidated_state_dict
 from ds_sft.train.state_transfer import load_weights, read_state, write_state
@@ -405,7 +398,7 @@ def test_another_stage_or_precision_gets_the_state_bit_for_bit(before, after, di
         assert losses == pytest.approx(expected, abs=1e-6, rel=0)
 
 
-# A resumed state with NaN/Inf in it is refused (checkpointing.load): the count must reach every
+# A resumed state with NaN/Inf in it is refused (checkpoint_load.load): the count must reach every
 # layout's weights and optimizer state. One value is poisoned through write_state (which writes each
 # layout's own masters and moments) or straight into the module's copy; it must be counted once.
 POISONED = ["master", "moment", "module"]

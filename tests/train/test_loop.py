@@ -11,7 +11,7 @@ import torch
 
 from ds_sft.data.sampler import ResumableSampler
 from ds_sft.errors import UserError
-from ds_sft.train.checkpointing import find_checkpoint
+from ds_sft.train.checkpoint_check import find_checkpoint
 from ds_sft.train.final import consolidated_state_dict
 from ds_sft.train.loop import train
 from ds_sft.train.report import write_report
