@@ -27,7 +27,8 @@ def tokenizer_files(tokenizer_dir) -> tuple[list[str], list[str]]:
     into the run's own files and stopped at a FIFO in a traceback after training. One of those names
     that is not a regular file (a link, a folder, a FIFO) is refused in one line, since the copied
     tokenizer would lack it; any other entry is not part of a tokenizer and is left out with a note.
-    Checked at start (:func:`main`, before the model exists), where :func:`read_tokenizer` reads them.
+    Checked before the run starts (:mod:`~ds_sft.train.preflight`), and read once its folder is claimed
+    (:func:`read_tokenizer`), both before the model exists.
     """
     from ds_sft.train.run_dir import SAVED_TOKENIZER_FILES
 
