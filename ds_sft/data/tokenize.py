@@ -456,8 +456,6 @@ def tokenize_records(
     ``floors`` holds the fewest tokens of the uncut document). A record that :func:`bound_records`
     judged is tokenized as it planned it (from the full record, when it cut one).
     """
-    from tqdm.auto import tqdm
-
     backend = tokenizer.backend_tokenizer
     resize_cache = getattr(backend.model, "_resize_cache", None)  # BPE models; a speed setting, same ids
     if resize_cache is not None:
@@ -466,10 +464,24 @@ def tokenize_records(
     # the id after each answer, found once per call: under a chat template it renders a probe
     # conversation (0.1 ms; found per conversation, 5 s over 50k)
     end_id = answer_end_id(tokenizer, template)
+    turns, routes, floors = _plan_documents(records, tokenizer, template, end_id, train_on, floor, truncate)
+    tokens, offsets, mask = _lay_out(turns, *_encode_pieces(records, turns, tokenizer, template), end_id)
+    sources = np.array([source_index[record["source"]] for record in records], dtype=np.int16)
+    return Documents(tokens, offsets, mask, sources, routes, floors if floors.any() else None)
+
+
+def _plan_documents(
+    records: list[dict], tokenizer, template: str, end_id: int, train_on: str, floor, truncate: bool
+) -> tuple[list, np.ndarray, np.ndarray]:
+    """Plan every record's document (:func:`plan_document`, or the plan :func:`bound_records` left
+    under :data:`FITTED`) -> per record: its (untrained text, answer) pairs, or None for a one-turn
+    record that is tokenized whole (its prompt is rendered later; a record too long for that has its
+    texts rendered here, to be cut); its route (index into :data:`ROUTES`); its fewest tokens when it
+    is too long to tokenize (else 0)."""
+    from tqdm.auto import tqdm
+
     floors = np.zeros(len(records), dtype=np.int64)
-    # per record: (untrained text, answer) per trained turn, and its route; None for all but multi-turn
-    # chats and the records too long to tokenize whole (their texts are rendered here to be cut)
-    segmented = []
+    turns, routes = [], []
     # a chat template renders every conversation here, up to twice per answer (the long part of
     # tokenizing a multi-turn mix, so it has its own bar); an Alpaca prompt is a format string
     chat = template == "chat"
@@ -479,9 +491,24 @@ def tokenize_records(
             or plan_document(record, template, tokenizer, end_id, train_on, floor, truncate)[1:]
         )
         pairs, route, floors[i] = fitted
-        segmented.append((pairs, route))
-    turns = [pairs for pairs, _ in segmented]
-    routes = np.array([ROUTES.index(route) for _, route in segmented], dtype=np.int8)
+        turns.append(pairs)
+        routes.append(ROUTES.index(route))
+    return turns, np.array(routes, dtype=np.int8), floors
+
+
+def _encode_pieces(
+    records: list[dict], turns: list, tokenizer, template: str
+) -> tuple[list[list[int]], list[list[int]], list[list[int]], list[list[int]]]:
+    """The ids of every text of the documents, by kind, each kind in document order: the one-turn
+    records' prompts, the multi-turn ones' first texts, their later texts, and every answer.
+
+    A document's first text is encoded as a text's start (:func:`first_text_ids`), the rest as its
+    continuation; Alpaca prompts are spliced from their tokenized fields where that gives the same
+    ids (:class:`AlpacaPrompts`, checked on the first 64)."""
+    from tqdm.auto import tqdm
+
+    backend = tokenizer.backend_tokenizer
+    chat = template == "chat"
     one_turn = [record for record, pairs in zip(records, turns, strict=True) if pairs is None]
     splice = None
     if template == "alpaca" and splits_cleanly_at_newlines(backend):
@@ -511,12 +538,20 @@ def tokenize_records(
         following = continuation_backend(backend)
         later_ids = _encode(following, later_texts, progress)
         answer_ids = _encode(following, answers, progress)
-    # lay each document out as pieces: head, answer, end, [text, answer, end]...
+    return prompt_ids, head_ids, later_ids, answer_ids
+
+
+def _lay_out(
+    turns: list, prompt_ids: list, head_ids: list, later_ids: list, answer_ids: list, end_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each document as its pieces in order -> (tokens, offsets, loss mask): a one-turn record is its
+    prompt, answer, end; a multi-turn one its first text, answer, end, then [text, answer, end] per
+    later turn. The answers and ends are trained."""
     end = [end_id]
     one_turns, heads, laters, answers_it = iter(prompt_ids), iter(head_ids), iter(later_ids), iter(answer_ids)
     pieces: list[list[int]] = []
     trained: list[int] = []
-    first_piece = np.zeros(len(records) + 1, dtype=np.int64)
+    first_piece = np.zeros(len(turns) + 1, dtype=np.int64)
     for i, pairs in enumerate(turns):
         if pairs is None:
             pieces += [next(one_turns), next(answers_it), end]
@@ -535,8 +570,7 @@ def tokenize_records(
     offsets = np.concatenate([[0], np.cumsum(piece_lens)])[first_piece]
     tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(offsets[-1]))
     mask = np.repeat(np.array(trained, dtype=np.uint8), piece_lens)
-    sources = np.array([source_index[record["source"]] for record in records], dtype=np.int16)
-    return Documents(tokens, offsets, mask, sources, routes, floors if floors.any() else None)
+    return tokens, offsets, mask
 
 
 def answers_without_tokens(docs: Documents, end_id: int, seq_len: int) -> np.ndarray:
