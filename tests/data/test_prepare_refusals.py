@@ -489,6 +489,39 @@ def test_rows_whose_answers_encode_to_no_token_are_dropped_and_counted(lost, run
     assert counts["kept"] == 10 - lost
 
 
+# per source: (rows whose answer encodes to no token, rows whose prompt alone is longer than --seq_len)
+PLANTED = {"a": (1, 2), "b": (3, 0), "c": (0, 4), "d": (2, 1)}
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_rows_dropped_for_their_tokens_are_counted_against_their_own_source(truncate, run_prepare, tmp_path):
+    """The drops that need tokens (an answer of no token; a row too long for --seq_len, or with
+    --truncate one whose prompt fills it) are counted against the row's own source, in train and val
+    alike (seed 1234 puts planted rows of a, b and d in val): each source loses its planted number,
+    however many the others lose, and its counts still balance. One source alone cannot show a row
+    counted against another source."""
+    rows_per_source = 15
+    flags = ["--tokenizer", str(lossy_tokenizer(tmp_path / "tok")), "--decontam_threshold", "0"]
+    for name, (lost, long) in PLANTED.items():
+        rows = [
+            {
+                "instruction": ("q" * 400 if i < long else "question") + f" {i} of {name}",
+                "output": "1234" if long <= i < long + lost else "yes",
+            }
+            for i in range(rows_per_source)
+        ]
+        flags += ["--source", f"{name}={write_jsonl(tmp_path / f'{name}.jsonl', rows)}"]
+    flags += ["--val_fraction", "0.4", "--min_val_rows", "2", "--output_dir", str(tmp_path / "out")]
+    manifest = run_prepare(flags + ["--truncate"] * truncate)
+    too_long = "prompt_fills_seq_len" if truncate else "longer_than_seq_len"
+    for name, (lost, long) in PLANTED.items():
+        counts = manifest["counts"][name]
+        planted = {"answer_has_no_tokens": lost, too_long: long}
+        assert counts["dropped"] == {reason: n for reason, n in planted.items() if n}, name
+        assert counts["rows_in"] == rows_per_source and counts["kept"] == rows_per_source - lost - long
+        assert counts["train"] + counts["val"] == counts["kept"]
+
+
 @pytest.mark.parametrize("mix", ["mine=0", "mine=1e-300", "mine=0.001", "mine=0,other=0"])
 def test_a_mix_that_keeps_no_row_says_so(mix, run_prepare, tmp_path):
     """It said "no training examples left; rows dropped by reason: {}", naming neither cause nor fix."""
