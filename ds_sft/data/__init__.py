@@ -7,6 +7,7 @@
     tokenizer.py          the base model's tokenizer from tokenizer.json / HF dir / GGUF / "gpt2" / an alias
     templates.py          a record -> prompt text (Alpaca-style or the tokenizer's chat template)
     tokenize.py           prompt and response tokenized apart -> ids + loss mask by construction
+    mix.py                the val split per source and the weighted, capped, seeded training mix
     pack.py               best-fit-decreasing packing of documents into rows of seq_len
     shards.py             memory-mapped shards + manifest.json writer, and the training-side PackedDataset
     output.py             the output folder (prepare's, export's, eval's): replaced whole, nothing else lost

@@ -301,7 +301,7 @@ def test_the_mix_memory_estimate_covers_what_making_the_mix_takes(weights, max_e
     import argparse
     import tracemalloc
 
-    from ds_sft.data.prepare import check_mix_fits, mix_indices, parse_mix
+    from ds_sft.data.mix import check_mix_fits, mix_indices, parse_mix
     from ds_sft.data.tokenize import Documents
 
     rng = np.random.default_rng(0)
@@ -332,7 +332,7 @@ def test_a_capped_mix_draws_whole_epochs_and_distinct_rows(seed):
     its share of the cap, and within a source no row is drawn twice while another is left out."""
     import argparse
 
-    from ds_sft.data.prepare import mix_indices
+    from ds_sft.data.mix import mix_indices
 
     rng = np.random.default_rng(seed)
     names = ["alpaca", "gsm8k", "dolly"]

@@ -368,7 +368,8 @@ def test_a_source_name_is_refused_in_one_line_or_round_trips(name, tmp_path_fact
     """A --source NAME is written into row ids, the manifest and the summary, and read back from
     --mix and --field_map: whatever collect_sources accepts comes back out of each unchanged."""
     import ds_sft.paths
-    from ds_sft.data.prepare import collect_sources, parse_mix, source_rng
+    from ds_sft.data.mix import parse_mix, source_rng
+    from ds_sft.data.prepare import collect_sources
     from ds_sft.data.sources import parse_field_map
     from tests.data.helpers import parse_prepare_args
 
@@ -412,7 +413,7 @@ def test_a_source_name_of_bytes_that_are_not_utf8_is_refused_before_any_reading(
 def test_a_mix_naming_a_source_twice_is_one_line(mix):
     """--mix alpaca=1,...,alpaca=3 (a long mix edited in place) took the last weight without a word,
     as a repeated input flag once read the last file."""
-    from ds_sft.data.prepare import parse_mix
+    from ds_sft.data.mix import parse_mix
 
     with pytest.raises(UserError) as refused:
         parse_mix(mix, ["alpaca", "gsm8k"])
