@@ -535,15 +535,14 @@ def _normalized(text: str) -> str:
 
 def _why(ds_sample: dict, harness_text: str, harness_answer: str, harness_right: bool) -> str:
     """Why ds-sft and the harness disagree on one problem: extraction, stops/length, or the prompt."""
-    from decimal import Decimal
-
-    from ds_sft.eval.gsm8k import extract_answer
+    from ds_sft.eval.gsm8k import extract_answer, number_text, parse_number
 
     ours_on_theirs = extract_answer(harness_text)
-    ours_right_on_theirs = ours_on_theirs is not None and ours_on_theirs == Decimal(ds_sample["target"])
+    ours_right_on_theirs = ours_on_theirs is not None and ours_on_theirs == parse_number(ds_sample["target"])
     if ours_right_on_theirs != harness_right:
+        read = None if ours_on_theirs is None else number_text(ours_on_theirs)
         return (
-            f"extraction: on the harness's completion ds-sft reads {ours_on_theirs}, the harness's filter "
+            f"extraction: on the harness's completion ds-sft reads {read}, the harness's filter "
             f"{harness_answer!r}"
         )
     ours, theirs = _normalized(ds_sample["completion"]), _normalized(harness_text)
