@@ -114,12 +114,14 @@ def _folder_identity(folder: str, stamp: tuple) -> str:
     return tokenizer_identity(load_tokenizer(folder))
 
 
-def model_tokenizer_dir(spec: str) -> Path | None:
+def model_tokenizer_dir(spec: str, path: Path | None = None) -> Path | None:
     """Where the tokenizer stored with model ``spec`` lives, or None when it carries none (a
-    nanoGPT-style ``.pt``, a bare ``.safetensors``, a ds-sft weights folder without ``tokenizer/``)."""
+    nanoGPT-style ``.pt``, a bare ``.safetensors``, a ds-sft weights folder without ``tokenizer/``).
+    ``path``: ``spec`` resolved already (:func:`ds_sft.paths.resolve_model_path`), as each function
+    here that reads a model's files takes it: online, every resolve of a hub id asks the hub."""
     from ds_sft.data.tokenizer import stored_tokenizer
 
-    return stored_tokenizer(paths.resolve_model_path(spec))
+    return stored_tokenizer(path or paths.resolve_model_path(spec))
 
 
 # In a model folder train wrote (RUN/final): the prompt format of the data it was trained on.
@@ -135,12 +137,13 @@ def trained_on(manifest: dict, step: int | None = None) -> str:
     return json.dumps(record, indent=1) + "\n"
 
 
-def trained_record(spec: str) -> tuple[Path, dict] | None:
+def trained_record(spec: str, path: Path | None = None) -> tuple[Path, dict] | None:
     """(the record's path, the record) when ds-sft's train wrote one with model ``spec`` (a run dir,
-    its ``final/`` or the weights file there); None for any other model."""
+    its ``final/`` or the weights file there); None for any other model. ``path``: as for
+    :func:`model_tokenizer_dir`."""
     from ds_sft.data.tokenizer import model_folder
 
-    path = model_folder(paths.resolve_model_path(spec))
+    path = model_folder(path or paths.resolve_model_path(spec))
     record = path / TRAINED_ON
     if not path.is_dir() or not record.is_file():
         return None
@@ -156,21 +159,21 @@ def trained_record(spec: str) -> tuple[Path, dict] | None:
     return record, fields
 
 
-def trained_template(spec: str) -> str | None:
+def trained_template(spec: str, path: Path | None = None) -> str | None:
     """The template model ``spec`` was fine-tuned on, when ds-sft's train recorded it; None for any
     other model (a base model, a run of an older ds-sft)."""
-    found = trained_record(spec)
+    found = trained_record(spec, path)
     return found[1]["template"] if found else None
 
 
-def final_behind(spec: str) -> str | None:
+def final_behind(spec: str, path: Path | None = None) -> str | None:
     """A note when model ``spec`` is a run's ``final/`` whose step is not where the run's checkpoints
     are: a run resumed after it finished writes final/ anew only at its end, so while it trains, and
     after it stopped early, the run folder held the old final/ and eval, export and ``--base_model``
     read it without a word. None when they agree, or when either is not recorded."""
     if not paths.expand_user(spec).exists():  # a hub id or an alias: no run of ours, nothing to resolve
         return None
-    return behind_note(trained_record(spec))
+    return behind_note(trained_record(spec, path))
 
 
 def behind_note(found: tuple[Path, dict] | None) -> str | None:
@@ -190,11 +193,11 @@ def behind_note(found: tuple[Path, dict] | None) -> str | None:
     )
 
 
-def check_template(spec: str, data_dir: str | Path) -> None:
+def check_template(spec: str, data_dir: str | Path, path: Path | None = None) -> None:
     """Refuse data whose prompts are rendered in another template than the one model ``spec`` was
     fine-tuned on: the eval asked an Alpaca-trained model in its chat template (or the reverse) and
     reported the scores of a format it never saw, without a word."""
-    trained = trained_template(spec)
+    trained = trained_template(spec, path)
     rendered = read_manifest(data_dir).get("template")
     if trained is None or rendered is None or trained == rendered:
         return
@@ -222,7 +225,7 @@ def describe(manifest: dict) -> str:
     return f"{name} ({size:,} tokens)" if size else name
 
 
-def check_tokenizer(spec: str, data_dir: str | Path) -> None:
+def check_tokenizer(spec: str, data_dir: str | Path, path: Path | None = None) -> None:
     """Refuse a model whose own tokenizer differs from the one ``data_dir`` was tokenized with.
     Nothing to compare when either side has none; a note then, if the data's is not GPT-2's (the one
     bare nanoGPT-style weights assume)."""
@@ -230,7 +233,7 @@ def check_tokenizer(spec: str, data_dir: str | Path) -> None:
     if data_identity is None:
         return
     manifest = read_manifest(data_dir)
-    where = model_tokenizer_dir(spec)
+    where = model_tokenizer_dir(spec, path)
     if where is None:
         if data_identity != gpt2_identity():
             print(

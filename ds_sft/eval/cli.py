@@ -221,9 +221,9 @@ def _labels(specs: list[str]) -> list[str]:
     return names
 
 
-def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict, dict]:
-    """Refuse bad folders before any work; returns (--out resolved, the previous eval's listed files,
-    what this eval is of: :func:`evaluated`, for its record)."""
+def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict | None]:
+    """Refuse bad folders before any work; returns (--out resolved, the manifest of the previous eval
+    there, if any)."""
     from ds_sft.data.output import check_output_dir, refuse_overlap
     from ds_sft.paths import writable_dir
 
@@ -243,34 +243,34 @@ def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict,
         if expand_user(spec).exists():
             inputs[name] = expand_user(spec)
     refuse_overlap(args.out, "--out", inputs)
-    out, previous = check_output_dir(args.out, [], "--out", "eval", MANIFEST)
-    subject = evaluated(args, specs)  # resolved once: online, each resolve of a hub id asks the hub
-    if previous is not None and not args.overwrite:
-        before = {key: previous.get(key) for key in ("models", "data_dir")}
-        if before != subject:
-            models = before["models"] if isinstance(before["models"], list) else ["models it did not record"]
-            data = before["data_dir"] if isinstance(before["data_dir"], str) else "data it did not record"
-            raise UserError(
-                f"--out {args.out} holds the eval of {', '.join(map(str, models))} on {data}: pass another "
-                "--out (e.g. --out runs/eval-NAME), or --overwrite to replace it"
-            )
-    return out, previous["files"] if previous else {}, subject
+    return check_output_dir(args.out, [], "--out", "eval", MANIFEST)
 
 
-def evaluated(args: argparse.Namespace, specs: list[str]) -> dict:
+def _refuse_another_eval(args: argparse.Namespace, previous: dict | None, subject: dict) -> None:
+    """Refuse to replace the previous eval in --out when it is of other models or data
+    (:func:`evaluated`), unless --overwrite."""
+    if previous is None or args.overwrite:
+        return
+    before = {key: previous.get(key) for key in ("models", "data_dir")}
+    if before != subject:
+        models = before["models"] if isinstance(before["models"], list) else ["models it did not record"]
+        data = before["data_dir"] if isinstance(before["data_dir"], str) else "data it did not record"
+        raise UserError(
+            f"--out {args.out} holds the eval of {', '.join(map(str, models))} on {data}: pass another "
+            "--out (e.g. --out runs/eval-NAME), or --overwrite to replace it"
+        )
+
+
+def evaluated(args: argparse.Namespace, models: list[Path]) -> dict:
     """What an eval's output is of, as its manifest records it: the models and the data dir, each as
-    the files read (a hub id or an alias resolved to its snapshot or file: ``owner/name`` and
-    ``owner/name@main`` are one model, and a ``main`` that moved to another commit is another). A later
-    eval replaces only an eval of the same."""
+    the files read (``models``: the specs resolved, a hub id or an alias to its snapshot or file:
+    ``owner/name`` and ``owner/name@main`` are one model, and a ``main`` that moved to another commit
+    is another). A later eval replaces only an eval of the same."""
 
-    def named(spec: str) -> str:
-        try:
-            path = resolve_model_path(spec)
-        except UserError:  # said when the model is loaded, after the checks of the flags
-            return spec
+    def named(path: Path) -> str:
         return os.path.realpath(path / "final" if (path / "final").is_dir() else path)  # RUN is RUN/final
 
-    return {"models": [named(spec) for spec in specs], "data_dir": os.path.realpath(args.data_dir)}
+    return {"models": [named(path) for path in models], "data_dir": os.path.realpath(args.data_dir)}
 
 
 def available_device(name: str | None):
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.eval.stats import paired_comparison
 
     specs = list(args.compare) if args.compare else [args.model]
-    out, old_files, subject = _check_args(args, specs)
+    out, previous = _check_args(args, specs)
     device = available_device(args.device)
     dtype = getattr(torch, args.dtype)
     if args.threads is not None:
@@ -314,29 +314,35 @@ def run(args: argparse.Namespace) -> int:
         doc_ids = gsm8k.select_indices(len(all_problems), args.gsm8k_limit, args.seed)
         problems = [all_problems[i] for i in doc_ids]
     harness_configs = _harness_configs(args, gsm8k_origin)
-    for spec in specs:  # before any weights load: a model with another tokenizer is refused in one line
-        check_tokenizer(spec, args.data_dir)
-        said = final_behind(spec)
+    # each spec resolved once, after the checks of the flags, and its path passed along: each resolve
+    # of a hub id asks the hub (online), and each of a folder or a file looks it up again
+    models = [resolve_model_path(spec) for spec in specs]
+    subject = evaluated(args, models)
+    _refuse_another_eval(args, previous, subject)
+    for spec, path in zip(specs, models, strict=True):  # before any weights load: one line for a model
+        check_tokenizer(spec, args.data_dir, path)  # with another tokenizer
+        said = final_behind(spec, path)
         if said:
             print(said)
         if not args.allow_other_template:
-            check_template(spec, args.data_dir)
+            check_template(spec, args.data_dir, path)
     # --compare: model B's refusals (its positions, vocabulary, the memory its answers need) came
     # after model A's whole eval, an hour at the default GSM8K; the first model is checked as it loads
-    for spec in specs[1:]:
+    for spec, path in zip(specs[1:], models[1:], strict=True):
         evaluate.load_checked_model(
             spec, data, problems, device=device, dtype=dtype, generate_batch_size=args.generate_batch_size,
             max_new_tokens=args.max_new_tokens, run_generations=not args.no_generate,
-            batch_size=args.batch_size, val_rows=args.val_rows,
+            batch_size=args.batch_size, val_rows=args.val_rows, path=path,
         )  # fmt: skip
 
     results = []
-    for spec, label in zip(specs, _labels(specs), strict=True):
+    for spec, path, label in zip(specs, models, _labels(specs), strict=True):
         print(f"== {label}: {spec}", flush=True)
         result = evaluate.evaluate_model(
             spec,
             data,
             problems,
+            path=path,
             device=device,
             dtype=dtype,
             batch_size=args.batch_size,
@@ -382,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
             "cross_check": [check for result in results for check in result["harness"]["cross_check"]],
         }
     record = {"written_by": "ds-sft eval", **subject}
+    old_files = previous["files"] if previous else {}
     with building_output(out, old_files, "--out", record, MANIFEST) as staging:
         written = write_report(staging, results, meta)
     _print_summary(results, meta)

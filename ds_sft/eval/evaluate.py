@@ -255,15 +255,17 @@ def load_checked_model(
     run_generations: bool,
     batch_size: int = 1,
     val_rows: int | None = None,
+    path: Path | None = None,
 ):
     """``spec`` loaded, once it is known to take the data dir's rows, its val batches and every prompt
     to answer (:func:`ds_sft.data.model_match.check_model_fits`, :func:`check_val_fits`,
-    :func:`check_generation_fits`): a refusal comes before anything is measured."""
+    :func:`check_generation_fits`): a refusal comes before anything is measured. ``path``: ``spec``
+    resolved already (:func:`ds_sft.paths.resolve_model_path`), else resolved here."""
     from ds_sft.data.model_match import check_model_fits
     from ds_sft.eval.prompts import FIXED_PROMPTS
     from ds_sft.model.checkpoint import load_model
 
-    model = load_model(spec, dtype=dtype, device=device).eval()
+    model = load_model(spec, dtype=dtype, device=device, path=path).eval()
     check_model_fits(spec, model.config, data.data_dir, data.val.seq_len if data.val is not None else None)
     if data.val is not None:
         check_val_fits(model, data.val, batch_size, val_rows)
@@ -288,10 +290,12 @@ def evaluate_model(
     run_generations: bool,
     repetition_penalty: float = 1.0,
     harness: dict | None = None,
+    path: Path | None = None,
 ) -> dict:
     """Everything ``ds-sft eval`` measures for one model: val metrics, GSM8K, fixed-prompt answers,
     and with ``harness`` (``{"label", "configs", "doc_ids"}``: task configs and the test-file rows of
-    ``problems``) the lm-evaluation-harness on the same model and its cross-check against GSM8K."""
+    ``problems``) the lm-evaluation-harness on the same model and its cross-check against GSM8K.
+    ``path``: as for :func:`load_checked_model`."""
     from tqdm import tqdm
 
     from ds_sft.eval import gsm8k
@@ -303,7 +307,7 @@ def evaluate_model(
     model = load_checked_model(
         spec, data, problems, device=device, dtype=dtype, generate_batch_size=generate_batch_size,
         max_new_tokens=max_new_tokens, run_generations=run_generations, batch_size=batch_size,
-        val_rows=val_rows,
+        val_rows=val_rows, path=path,
     )  # fmt: skip
     seconds["load"] = time.perf_counter() - start
     result = {"parameters": model.num_parameters(), "val": None, "gsm8k": None, "generations": None}

@@ -133,8 +133,11 @@ def load_model(
     device: str | torch.device = "cpu",
     config_overrides: dict[str, Any] | None = None,
     rope_layout: str = "auto",
+    path: Path | None = None,
 ) -> LlamaModel:
     """Build a :class:`LlamaModel` from any supported checkpoint (see the module docstring).
+    ``path``: ``spec`` resolved already (:func:`resolve_model_path`; online a hub id's resolve asks
+    the hub), else resolved here.
 
     ``rope_layout``: how the checkpoint's trainer paired the rotary features. ``"half"`` (Hugging
     Face, this model: feature i with i + head_dim/2) or ``"interleaved"`` (Meta's original code:
@@ -145,7 +148,7 @@ def load_model(
     """
     if rope_layout not in ("auto", "half", "interleaved"):
         raise UserError(f"rope_layout {rope_layout!r}: choose auto, half or interleaved")
-    path = resolve_model_path(str(spec))
+    path = path or resolve_model_path(str(spec))
     state, config_hints, tie_hint = _read_checkpoint(path)
     try:  # every refusal below is about this file: name it
         state, extra_state, buffers = canonical_state_dict(state)

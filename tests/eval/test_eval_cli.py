@@ -300,8 +300,9 @@ def test_compare_says_whether_the_gsm8k_difference_is_significant(data_dir, tmp_
 
     monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate_model)
     monkeypatch.setattr(evaluate, "load_checked_model", lambda spec, *args, **kwargs: None)  # no model files
-    monkeypatch.setattr(model_match, "check_tokenizer", lambda spec, data_dir: None)
-    monkeypatch.setattr(model_match, "check_template", lambda spec, data_dir: None)
+    monkeypatch.setattr(cli, "resolve_model_path", lambda spec: tmp_path / spec)
+    monkeypatch.setattr(model_match, "check_tokenizer", lambda spec, data_dir, path: None)
+    monkeypatch.setattr(model_match, "check_template", lambda spec, data_dir, path: None)
     data_path, test = data_dir
     out = tmp_path / "compare"
     argv = ["--compare", "base", "sft", "--data_dir", str(data_path), "--gsm8k_test", str(test)]
@@ -930,31 +931,115 @@ def test_an_eval_of_a_hub_model_is_an_eval_of_the_snapshot_it_read(tmp_path, mon
         (folder / "model.safetensors").write_bytes(commit.encode())
     publish(cache, "org/model", tmp_path / "a", first)
     args = argparse.Namespace(data_dir=str(tmp_path))
+
+    def record(spec: str) -> list[str]:
+        return cli.evaluated(args, [cli.resolve_model_path(spec)])["models"]
+
     spellings = ["org/model", "org/model@main", f"org/model@{first}"]
-    records = [cli.evaluated(args, [spec])["models"] for spec in spellings]
+    records = [record(spec) for spec in spellings]
     assert records[0] == records[1] == records[2], records
 
     publish(cache, "org/model", tmp_path / "b", second)  # main moves on
-    assert cli.evaluated(args, ["org/model"])["models"] != records[0]
-    assert cli.evaluated(args, [f"org/model@{first}"])["models"] == records[0]
-    assert cli.evaluated(args, ["no-such/model"])["models"] == ["no-such/model"]  # refused when loaded
+    assert record("org/model") != records[0]
+    assert record(f"org/model@{first}") == records[0]
 
 
-def test_each_model_is_resolved_once_for_the_out_check_and_the_record(
-    data_dir, model_dir, tmp_path, monkeypatch
-):
-    """The --out check (is the previous eval one of the same model?) and the record of what was
-    evaluated each resolved the model spec: online, a hub id asked the hub twice. One resolve serves
-    both. The hub is a fake here that serves the local model for ``org/tiny``."""
+@pytest.fixture(scope="module")
+def model_specs(tmp_path_factory, model_dir, gpt2_tokenizer_dir) -> dict:
+    """The tiny model in every form ``--model`` takes, each a spec with what it resolves to (a hub
+    id is served from a hub cache made here, offline; the alias from a package made here):
+    {kind: (spec, the cache it needs or None)}."""
+    from huggingface_hub import constants
+
+    from ds_sft.data.tokenizer import load_tokenizer
+    from ds_sft.model.checkpoint import load_model
+    from ds_sft.model.export import export_hf
+    from tests.gguf_files import write_model_gguf
+    from tests.hub_cache import publish
+
+    root = tmp_path_factory.mktemp("specs")
+    model = load_model(str(model_dir))
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    run = root / "run"
+    save_model(model, run / "final")
+    (run / "final" / "trained_on.json").write_text(json.dumps({"template": "alpaca", "step": 3}))
+    torch.save({"model": state, "model_args": model.config.to_dict()}, root / "nanogpt.pt")
+    write_model_gguf(root / "tiny.gguf", model.config, state)
+    hf = export_hf(model, load_tokenizer(str(gpt2_tokenizer_dir)), root / "hf")
+    cache = root / "hub"
+    publish(cache, "org/tiny", hf, "c" * 40)
+    package = root / "packages" / "tiny_alias_weights"
+    shutil.copytree(model_dir, package)
+    (package / "__init__.py").write_text("")
+    assert constants.HF_HUB_CACHE  # the cache the fake hub replaces
+    return {
+        "run dir": str(run),
+        "run final": str(run / "final"),
+        "run weights file": str(run / "final" / "model.safetensors"),
+        "ds-sft folder": str(model_dir),
+        "safetensors file": str(model_dir / "model.safetensors"),
+        "torch file": str(root / "nanogpt.pt"),
+        "gguf file": str(root / "tiny.gguf"),
+        "hf folder": str(hf),
+        "hub id": "org/tiny",
+        "hub id at a revision": f"org/tiny@{'c' * 40}",
+        "alias": "tiny-alias",
+        "_hub cache": cache,
+        "_packages": root / "packages",
+    }
+
+
+MODEL_KINDS = ["run dir", "run final", "run weights file", "ds-sft folder", "safetensors file", "torch file",
+               "gguf file", "hf folder", "hub id", "hub id at a revision", "alias"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kinds", [[kind] for kind in MODEL_KINDS] + [["hub id", "run dir"]], ids=[*MODEL_KINDS, "compare"]
+)
+def test_each_model_spec_is_resolved_once(data_dir, model_specs, tmp_path, monkeypatch, kinds):
+    """The --out check, the tokenizer and template checks and the load (twice for --compare's model B)
+    each resolved the model spec again: a folder or a file up to four times, and online a hub id
+    asked the hub each time. One resolve serves them all; its path is passed along."""
+    import sys
+
+    from huggingface_hub import constants
+
     import ds_sft.paths
+    from ds_sft.data import model_match
 
-    monkeypatch.setattr(ds_sft.paths, "hub_snapshot", lambda repo_id, revision=None, what="model": model_dir)
-    out = tmp_path / "eval"
-    argv = ["--model", "org/tiny", "--data_dir", str(data_dir[0]), "--out", str(out)]
-    assert _eval(argv) == 0  # the previous eval, of the same model: the next one replaces it
-    resolved = []
-    resolve = cli.resolve_model_path
-    monkeypatch.setattr(cli, "resolve_model_path", lambda spec: resolved.append(spec) or resolve(spec))
-    assert _eval(argv) == 0
-    assert resolved == ["org/tiny"]
-    assert _manifest_matches(out)["models"] == [os.path.realpath(model_dir)]
+    pytest.importorskip("gguf", reason="the GGUF form needs the gguf package (pip install 'ds-sft[gguf]')")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(model_specs["_hub cache"]))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.syspath_prepend(str(model_specs["_packages"]))
+    aliases = {**ds_sft.paths.MODEL_ALIASES, "tiny-alias": ("tiny_alias_weights", "model.safetensors", "-")}
+    monkeypatch.setattr(ds_sft.paths, "MODEL_ALIASES", aliases)
+    identity = model_match.model_tokenizer_identity
+    data_identity = model_match.data_tokenizer_identity(str(data_dir[0]))
+    monkeypatch.setattr(  # the test's GGUF carries no tokenizer: take it for the data's (read, not resolved)
+        model_match,
+        "model_tokenizer_identity",
+        lambda where: data_identity if where.suffix == ".gguf" else identity(where),
+    )
+
+    resolved, asked_hub = [], []
+    resolve, snapshot = ds_sft.paths.resolve_model_path, ds_sft.paths.hub_snapshot
+
+    def counted(spec, what="model", forms="an existing path"):
+        resolved.append((str(spec), what))
+        return resolve(spec, what, forms)
+
+    for module in [
+        m for m in list(sys.modules.values()) if getattr(m, "resolve_model_path", None) is resolve
+    ]:
+        monkeypatch.setattr(module, "resolve_model_path", counted)
+    monkeypatch.setattr(
+        ds_sft.paths, "hub_snapshot", lambda *a, **k: asked_hub.append(a) or snapshot(*a, **k)
+    )
+    specs = [model_specs[kind] for kind in kinds]
+    which = ["--model", *specs] if len(specs) == 1 else ["--compare", *specs]
+    assert _eval([*which, "--data_dir", str(data_dir[0]), "--out", str(tmp_path / "out")]) == 0
+    # each spec once as a model; the paths they resolved to are read as they are (a tokenizer folder
+    # is loaded by its path: resolved as a tokenizer, never through the hub)
+    assert sorted(spec for spec, what in resolved if what == "model") == sorted(specs)
+    assert len(asked_hub) == sum(kind.startswith("hub id") for kind in kinds)
