@@ -51,7 +51,7 @@ OUT_OF_MEMORY_FIXES = "pass a smaller --batch_size (the val pass) or --generate_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ds_sft.options import INT32_MAX, INT64_MAX, SEED, THREADS, Device, Float, Int, StoreOnce
+    from ds_sft.options import COUNT, INT64_MAX, SEED, THREADS, Device, Float, Int, StoreOnce
 
     which = parser.add_argument_group("what to evaluate")
     models = which.add_mutually_exclusive_group(required=True)
@@ -99,7 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument(
         "--val_rows",
         type=Int(1, INT64_MAX),
-        default=None,
         help="evaluate N packed val rows spread evenly over the split (default: all)",
     )
 
@@ -107,15 +106,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gsm8k.add_argument("--no_gsm8k", action="store_true", help="skip GSM8K accuracy")
     gsm8k.add_argument(
         "--gsm8k_limit",
-        type=Int(1, INT32_MAX),
-        default=None,
+        type=COUNT,
         help="score a seeded subset of N test problems instead of all 1,319 (a 135M model on 2 busy CPU "
         "cores answers ~0.35 problems per second at --max_new_tokens 256)",
     )
     gsm8k.add_argument(
         "--gsm8k_test",
         action=StoreOnce,
-        default=None,
         help="GSM8K test.jsonl (question/answer rows); default: ../shared/data/gsm8k/test.jsonl, "
         "else the hub's openai/gsm8k",
     )
@@ -142,7 +139,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     harness = parser.add_argument_group("lm-evaluation-harness (pip install 'ds-sft[eval]')")
     harness.add_argument(
         "--harness",
-        default=None,
         metavar="TASKS",
         help="comma-separated harness tasks run offline on the same model: gsm8k (the GSM8K test file "
         "above, same problems, cross-checked against ds-sft's score) or task config .yaml paths with "
@@ -161,7 +157,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument(
         "--threads",
         type=THREADS,
-        default=None,
         help="torch CPU threads (default: torch's choice); 1 is often fastest on a machine shared with "
         "other jobs, where multithreaded small ops wait on descheduled threads",
     )
@@ -174,7 +169,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument(
         "--device",
         type=Device(),
-        default=None,
         help="cpu, cuda or cuda:N (default: cuda when available, else cpu)",
     )
     refuse_ignored(parser, *IGNORED)
