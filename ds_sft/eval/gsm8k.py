@@ -176,6 +176,8 @@ def select(problems: Sequence[Problem], limit: int | None, seed: int) -> list[Pr
 def read_jsonl(path: Path) -> list[Problem]:
     """The problems of a GSM8K test file, every row checked before any model loads: JSON of two
     non-empty strings, an answer with a number to score against. A bad row is one line naming it."""
+    from ds_sft.data.sources import SURROGATE_ESCAPE, row_problem
+
     problems = []
     expected = "expected JSON lines with 'question' and 'answer' strings, the answer ending in '#### N'"
     with open(path, "rb") as file:
@@ -188,8 +190,13 @@ def read_jsonl(path: Path) -> list[Problem]:
                 raise UserError(
                     f"{path}:{line_number}: not a GSM8K row ({first_line(err)}); {expected}"
                 ) from None
-            fields = [row.get(key) for key in ("question", "answer")] if isinstance(row, dict) else []
-            if not (fields and all(isinstance(field, str) and field.strip() for field in fields)):
+            # not an object, or a lone surrogate (a \ud800 escape: no text, and a TypeError from the
+            # tokenizer once the model had loaded)
+            problem = row_problem(row, SURROGATE_ESCAPE.search(line) is not None)
+            if problem is not None:
+                raise UserError(f"{path}:{line_number}: not a GSM8K row ({problem[1]}); {expected}")
+            fields = [row.get(key) for key in ("question", "answer")]
+            if not all(isinstance(field, str) and field.strip() for field in fields):
                 raise UserError(f"{path}:{line_number}: not a GSM8K row; {expected}")
             if reference_answer(fields[1]) is None:
                 raise UserError(

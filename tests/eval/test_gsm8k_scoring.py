@@ -266,6 +266,7 @@ BAD_ROWS = {
     "empty question": b'{"question": " ", "answer": "#### 1"}',
     "answer without a number": b'{"question": "q", "answer": "three"}',
     "an array": b'["q", "#### 1"]',
+    "a lone surrogate": b'{"question": "\\ud800 how many?", "answer": "#### 1"}',  # the tokenizer's TypeError
     # read as a completion is, these scored against another number: the 5 of the working, the last 6
     "a word after the mark": b'{"question": "q", "answer": "Tom had 5 apples.\\n#### none"}',
     "no mark": b'{"question": "q", "answer": "3 * 2 = 6 dollars, 1 receipt"}',
