@@ -127,13 +127,19 @@ def model_tokenizer_dir(spec: str, path: Path | None = None) -> Path | None:
 # In a model folder train wrote (RUN/final): the prompt format of the data it was trained on.
 TRAINED_ON = "trained_on.json"
 TRAINED_ON_BYTES = 1 << 16  # read no more of it: a record is a few dozen bytes
+# A record's template: the prompt format its data were rendered in, or None where the data dir names
+# none (one made by hand, or by an older prepare). train writes only these and its readers take only
+# these: a run whose manifest said nothing was written as null and then refused by eval and export.
+RECORDED_TEMPLATES = ("alpaca", "chat", None)
 
 
 def trained_on(manifest: dict, step: int | None = None) -> str:
     """The :data:`TRAINED_ON` record of a run on the data dir of ``manifest``: its ``template``
-    (alpaca or chat: how prompts were rendered), the data's key, and the step whose weights final/
-    holds."""
-    record = {"template": manifest.get("template"), "data_key": manifest.get("key"), "step": step}
+    (alpaca or chat: how prompts were rendered; None when the manifest names neither), the data's
+    key, and the step whose weights final/ holds."""
+    template = manifest.get("template")
+    template = template if template in RECORDED_TEMPLATES else None
+    record = {"template": template, "data_key": manifest.get("key"), "step": step}
     return json.dumps(record, indent=1) + "\n"
 
 
@@ -154,7 +160,7 @@ def trained_record(spec: str, path: Path | None = None) -> tuple[Path, dict] | N
         fields = None if len(text) > TRAINED_ON_BYTES else parse_json_object(text)
     except (OSError, ValueError):
         raise damaged from None
-    if not isinstance(fields, dict) or not isinstance(fields.get("template"), str):
+    if not isinstance(fields, dict) or fields.get("template", ...) not in RECORDED_TEMPLATES:
         raise damaged
     return record, fields
 
