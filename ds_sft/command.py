@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from ds_sft.errors import MORE_MEMORY, lost_rank_line, refusal_line
+from ds_sft.errors import MORE_MEMORY, ConsoleError, lost_rank_line, refusal_line
 
 # name -> (module, one-line summary). Modules are imported only when their command is used.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,6 +74,66 @@ def signals_unwind():
             signal.signal(signum, handler)
 
 
+class NamedConsole:
+    """``sys.stdout`` or ``sys.stderr`` while a command runs: the same stream, whose refused writes
+    raise :class:`~ds_sft.errors.ConsoleError` naming it. Refused, a console write was an ``OSError``
+    naming no file, which the command's one line blamed on its output folder ("writing to runs/x: No
+    space left on device" with stdout on /dev/full and the disk half empty)."""
+
+    def __init__(self, stream, name: str):
+        self._stream = stream
+        self._name = name
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as err:
+            raise ConsoleError(self._name, err) from None
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except OSError as err:
+            raise ConsoleError(self._name, err) from None
+
+    def __getattr__(self, attribute):  # fileno, isatty, encoding...: the stream's own
+        return getattr(self._stream, attribute)
+
+
+CONSOLE = (("stdout", "the standard output"), ("stderr", "the standard error"))
+
+
+@contextlib.contextmanager
+def console_named():
+    """Inside the block, the console streams are :class:`NamedConsole` s, and a log record that cannot
+    be written is dropped (``logging.raiseExceptions`` off): a handler on a refused stream printed a
+    20-line traceback per record, while the command's own next write ends it in one line. A stdout
+    found refused is pointed at /dev/null as the block ends, so that the interpreter's last flush of
+    it does not print a traceback of its own."""
+    import logging
+
+    saved = {attribute: getattr(sys, attribute) for attribute, _ in CONSOLE}
+    raising, logging.raiseExceptions = logging.raiseExceptions, False
+    for attribute, name in CONSOLE:
+        if saved[attribute] is not None:  # None: the process was started with it closed
+            setattr(sys, attribute, NamedConsole(saved[attribute], name))
+    try:
+        yield
+    except ConsoleError as err:
+        if err.filename == "the standard output":
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), saved["stdout"].fileno())
+        raise
+    finally:
+        for attribute, stream in saved.items():
+            setattr(sys, attribute, stream)
+        logging.raiseExceptions = raising
+
+
 def interrupted(prog: str) -> int:
     """Say that Ctrl-C stopped ``prog``; the exit code a shell gives a process SIGINT ended."""
     print(f"{prog}: interrupted", file=sys.stderr)
@@ -99,7 +160,7 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
     process waiting in C code (a rank in its rendezvous) would outlive a SIGTERM until the wait ends."""
     unwinding = signals_unwind() if getattr(module, "UNWINDS_ON_SIGTERM", True) else contextlib.nullcontext()
     try:
-        with unwinding:
+        with console_named(), unwinding:
             code = module.run(args)
     except Terminated as err:
         print(f"{prog}: stopped by {signal.Signals(err.signum).name}", file=sys.stderr)
@@ -109,7 +170,8 @@ def execute(prog: str, module, args: argparse.Namespace) -> int:
     except BaseException as err:
         line = refusal_line(err, output_of(module, args), getattr(module, "OUT_OF_MEMORY_FIXES", MORE_MEMORY))
         if line is not None:
-            print(f"{prog}: error: {line}", file=sys.stderr)
+            with contextlib.suppress(OSError):  # a refused stderr is the refusal itself: nowhere to say it
+                print(f"{prog}: error: {line}", file=sys.stderr)
             return 2
         lost = lost_rank_line(err)
         if lost is None:  # a bug to look at

@@ -21,6 +21,24 @@ class UserError(Exception):
     """A problem with the user's input, config or environment, reported as one line."""
 
 
+class ConsoleError(OSError):
+    """A write to the console (standard output or error) that the system refused: a full device behind
+    it (``> /dev/full``), a pipe whose reader is gone (``| head``), a terminal that went away. Its
+    ``filename`` names the stream, so that it is never taken for the command's output: "No space left
+    on device" was reported as the output folder's, whose disk had room."""
+
+    def __init__(self, stream: str, err: OSError):
+        super().__init__(err.errno, err.strerror or os.strerror(err.errno or 0), stream)
+
+
+def console_line(err: ConsoleError) -> str:
+    """The one line for :class:`ConsoleError`: which stream, the system's reason, what to do."""
+    return (
+        f"{err.filename} cannot be written ({err.strerror}), so the command stopped: send it to a file "
+        "that can be written (> log.txt), or keep open the pipe it goes into"
+    )
+
+
 def is_native_panic(err: BaseException) -> bool:
     """A Rust panic inside a library (the tokenizers' regexes on hostile input, a damaged charsmap):
     pyo3's PanicException, a BaseException that no ``except Exception`` sees."""
@@ -222,11 +240,14 @@ def refusal_line(
     """The one line a command ends in (exit 2) when ``err`` is something the user can mend, else None
     (a bug, which keeps its traceback; a signal; a lost rank). Mendable: a :class:`UserError`; a file
     operation the system refused (an ``OSError`` with an errno, or a library's in disguise, named by
-    ``output`` when it names no file); memory running out (``memory_fixes``: the command's flags that
-    need less); a library's native panic. Both the command's end and rank 0's share of a collective
-    section (``train.distributed.on_rank_zero``) ask this, so every rank agrees on the exit code."""
+    ``output`` when it names no file; a console write, :class:`ConsoleError`, by its stream); memory
+    running out (``memory_fixes``: the command's flags that need less); a library's native panic. Both
+    the command's end and rank 0's share of a collective section (``train.distributed.on_rank_zero``)
+    ask this, so every rank agrees on the exit code."""
     if isinstance(err, UserError):
         return one_line(str(err))
+    if isinstance(err, ConsoleError):
+        return console_line(err)
     refused = as_os_error(err) if isinstance(err, Exception) else err
     if isinstance(refused, OSError):
         return os_error_line(refused, output) if refused.errno is not None else None
