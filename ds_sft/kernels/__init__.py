@@ -78,9 +78,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
     """``y = x / sqrt(mean(x^2) + eps) * weight``, statistics in fp32, result in ``x.dtype``."""
     if resolve_backend(backend, x.device) == "triton":
-        from ds_sft.kernels.rmsnorm import RMSNormFunction
+        from ds_sft.kernels.rmsnorm import triton_rms_norm
 
-        return RMSNormFunction.apply(x, weight, eps)
+        return triton_rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
@@ -93,9 +93,9 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Token cross-entropy of ``logits [..., V]`` vs ``labels [...]`` (definition: ``reference.py``)."""
     if resolve_backend(backend, logits.device) == "triton":
-        from ds_sft.kernels.cross_entropy_kernel import CrossEntropyFunction
+        from ds_sft.kernels.cross_entropy_kernel import triton_cross_entropy
 
-        return CrossEntropyFunction.apply(logits, labels, ignore_index, reduction)
+        return triton_cross_entropy(logits, labels, ignore_index, reduction)
     return cross_entropy_reference(logits, labels, ignore_index, reduction)
 
 

@@ -16,6 +16,10 @@ The gradient is the only ``[rows, V]`` buffer; it may alias the logits (the fuse
 cross-entropy owns its logits chunk and overwrites it), because each block is read before it is
 written. Ignored rows get loss 0 and a zero gradient. For ``reduction="mean"`` the gradient is
 scaled by ``1 / n_valid`` read from a device tensor, so nothing waits for the host.
+
+The standalone loss (:func:`triton_cross_entropy`) is a torch custom op, ``ds_sft::cross_entropy``,
+with a fake (shape-only) implementation and its autograd formula: ``torch.compile`` records it as one
+call instead of breaking its graph at the Triton launch (see ``rmsnorm.py``).
 """
 
 from __future__ import annotations
@@ -108,25 +112,51 @@ def cross_entropy_loss_and_grad(
     return loss, grad
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """``CrossEntropyFunction.apply(logits, labels, ignore_index, reduction)``."""
+@torch.library.custom_op("ds_sft::cross_entropy", mutates_args=())
+def cross_entropy_op(
+    logits2d: torch.Tensor, labels1d: torch.Tensor, ignore_index: int, mean: bool, compute_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, dloss/dlogits)`` of contiguous ``[rows, V]`` logits: the summed loss, or its mean over
+    the trained rows; the gradient empty when ``compute_grad`` is off."""
+    n_valid = (labels1d != ignore_index).sum() if mean else None
+    loss, grad = cross_entropy_loss_and_grad(logits2d, labels1d, ignore_index, n_valid, compute_grad)
+    total = loss.sum()
+    if mean:
+        total = total / n_valid.clamp(min=1)
+    return total, grad if compute_grad else logits2d.new_empty(0)
 
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, reduction):
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        logits2d = logits.reshape(-1, logits.shape[-1]).contiguous()
-        labels1d = labels.reshape(-1).contiguous()
-        n_valid = (labels1d != ignore_index).sum() if reduction == "mean" else None
-        loss, grad = cross_entropy_loss_and_grad(
-            logits2d, labels1d, ignore_index, n_valid, compute_grad=logits.requires_grad
-        )
-        ctx.logits_shape = logits.shape
-        ctx.save_for_backward(grad)
-        total = loss.sum()
-        return total / n_valid.clamp(min=1) if reduction == "mean" else total
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_output).view(ctx.logits_shape), None, None, None
+@cross_entropy_op.register_fake
+def _(logits2d, labels1d, ignore_index, mean, compute_grad):
+    grad = torch.empty_like(logits2d) if compute_grad else logits2d.new_empty(0)
+    return logits2d.new_empty((), dtype=torch.float32), grad
+
+
+def _save_for_backward(ctx, inputs, output):
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    # the gradient output gets no upstream gradient: left None, not a zero tensor of the logits' size
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad)
+
+
+def _backward(ctx, grad_output, _):
+    (grad,) = ctx.saved_tensors
+    return grad * grad_output, None, None, None, None
+
+
+cross_entropy_op.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def triton_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "sum"
+) -> torch.Tensor:
+    """The fp32 cross-entropy of ``logits [..., V]`` against ``labels [...]``, differentiable in logits."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    logits2d = logits.reshape(-1, logits.shape[-1]).contiguous()
+    loss, _ = cross_entropy_op(
+        logits2d, labels.reshape(-1).contiguous(), ignore_index, reduction == "mean", compute_grad
+    )
+    return loss

@@ -14,6 +14,11 @@ Backward, with ``x_hat = x * rstd`` and ``g = dy * w``::
 finish in; instead each program owns a contiguous slice of rows, sums its slice in registers and
 writes one partial row, and ``torch.sum`` over the ``[programs, hidden]`` partials finishes the job.
 Two runs give bitwise-equal ``dw``.
+
+The two launchers are torch custom ops (``ds_sft::rms_norm_forward`` / ``_backward``) with a fake
+(shape-only) implementation and the forward's autograd formula registered beside them: under
+``torch.compile`` dynamo records each as one opaque call in its graph instead of stepping into the
+Triton launch, which it cannot trace (a graph break at every norm, an error with ``fullgraph=True``).
 """
 
 from __future__ import annotations
@@ -68,8 +73,11 @@ def _rms_norm_backward_kernel(
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
 
 
-def rms_norm_forward(x2d, weight, eps):
-    """Launch the forward on a ``[rows, hidden]`` view: ``(y, rstd)``."""
+@torch.library.custom_op("ds_sft::rms_norm_forward", mutates_args=())
+def rms_norm_forward(
+    x2d: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward on a contiguous ``[rows, hidden]`` input: ``(y, rstd)``."""
     n_rows, n_cols = x2d.shape
     block = row_block(n_cols)
     y = torch.empty_like(x2d)
@@ -84,8 +92,17 @@ def rms_norm_forward(x2d, weight, eps):
     return y, rstd
 
 
-def rms_norm_backward(dy2d, x2d, weight, rstd):
+@rms_norm_forward.register_fake
+def _(x2d, weight, eps):
+    return torch.empty_like(x2d), x2d.new_empty(x2d.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("ds_sft::rms_norm_backward", mutates_args=())
+def rms_norm_backward(
+    dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward; returns ``(dx, dweight)`` with ``dweight`` reduced deterministically."""
+    dy2d = dy2d.contiguous()  # the upstream gradient may come strided (a transposed consumer)
     n_rows, n_cols = x2d.shape
     block = row_block(n_cols)
     programs = reduction_programs(n_rows, x2d.device)
@@ -102,22 +119,30 @@ def rms_norm_backward(dy2d, x2d, weight, rstd):
     return dx, dw_partial.sum(dim=0).to(weight.dtype)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """``apply(x, weight, eps)`` -> ``y``."""
+@rms_norm_backward.register_fake
+def _(dy2d, x2d, weight, rstd):
+    return torch.empty_like(x2d), torch.empty_like(weight)
 
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1]).contiguous()
-        # The kernels index every row as PTR + cols: what they read, the backward's saved tensors
-        # included, is contiguous (a strided weight was read at the wrong addresses in the backward)
-        weight = weight.contiguous()
-        y, rstd = rms_norm_forward(x2d, weight, eps)
-        ctx.save_for_backward(x2d, weight, rstd)
-        return y.view(shape)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy.reshape(-1, x2d.shape[-1]).contiguous(), x2d, weight, rstd)
-        return dx.view(dy.shape), dw, None
+def _save_for_backward(ctx, inputs, output):
+    x2d, weight, _ = inputs
+    y, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(x2d, weight, rstd)
+
+
+def _backward(ctx, dy, _):
+    x2d, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_backward(dy, x2d, weight, rstd)
+    return dx, dw, None
+
+
+rms_norm_forward.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``y`` of ``x [..., hidden]``, differentiable in ``x`` and ``weight``."""
+    # The kernels index every row as PTR + cols: what they read, the backward's saved tensors
+    # included, is contiguous (a strided weight was read at the wrong addresses in the backward)
+    y, _ = rms_norm_forward(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), eps)
+    return y.view(x.shape)
