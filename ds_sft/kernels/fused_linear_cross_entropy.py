@@ -7,7 +7,7 @@ go through in chunks of ``chunk_size``; for each chunk::
     logits  = h_c @ W.T                           (chunk x V, the only large buffer)
     loss_c, dlogits = CE loss and gradient        (Triton kernel or plain PyTorch, written over logits)
     grad_h[c]   = dlogits @ W
-    grad_W     += dlogits.T @ h_c                 (fp32 accumulator, whatever the weight dtype)
+    grad_W     += dlogits.T @ h_c                 (product and accumulator in fp32, whatever the weight dtype)
 
 so the gradients are complete when the forward returns and the backward only scales them by the
 upstream gradient. Only the trained tokens (label != ``ignore_index``) go through the loop: an SFT
@@ -25,7 +25,8 @@ Time: the chunks do the eager loss's three matmuls at a few hundred rows each in
 which costs efficiency, and win it back by touching the logits fewer times. On CPU three things keep
 the chunked loss under eager's time (``bench/kernel_speed.py``; figures in BENCHMARKS.md): every chunk's
 logits go into one reused buffer, fp32 products run on oneDNN (:func:`_matmul_transposed`), and a
-bf16 product is added into the fp32 ``grad_W`` in cache-sized blocks (:func:`_weight_block_rows`).
+bf16 chunk's ``grad_W`` product is added into the fp32 ``grad_W`` in cache-sized blocks
+(:func:`_weight_block_rows`).
 
 No gradient is wanted under ``torch.no_grad`` / ``inference_mode`` (an evaluation) or when neither
 ``hidden`` nor ``weight`` requires one: then the loop computes losses only. The autograd function
@@ -144,22 +145,45 @@ def _chunked_loss_and_grads(
             if need_hidden:
                 grad_hidden[rows] = _matmul_transposed(dlogits, weight.t())
             if need_weight:
-                if dlogits.dtype == grad_weight.dtype:
-                    grad_weight.addmm_(dlogits.t(), h)
-                else:  # bf16 matmul, fp32 accumulation across chunks, by blocks of vocabulary rows: the
-                    # product of the whole chunk would be one more weight-sized (V x H) buffer
-                    for v in range(0, grad_weight.shape[0], block_rows):
-                        grad_weight[v : v + block_rows] += dlogits[:, v : v + block_rows].t() @ h
+                _add_weight_gradient(grad_weight, dlogits, h, block_rows)
         del dlogits
     return total, grad_hidden, grad_weight
 
 
-def _weight_block_rows(device: torch.device) -> int:
-    """Rows of ``grad_W`` updated at a time when the chunk's product is not fp32 (bf16 product, fp32 sum).
+def _add_weight_gradient(grad_weight, dlogits, h, block_rows):
+    """``grad_weight += dlogits.T @ h`` with the chunk's product in fp32 whatever the operands' dtype.
 
-    CPU: a block whose bf16 product and fp32 rows stay in cache (2,048 x 768: 3 + 6 MB) takes half the
-    time of 16,384-row blocks (3.4 s against 7.0 s over 4,096 tokens at V 151,936 on 2 cores). GPU:
-    fewer, larger GEMMs (16,384 rows, not yet measured on one).
+    A bf16 product would be rounded to bf16 once per chunk before the fp32 sum: one rounding error per
+    chunk where the eager loss's single ``dlogits.T @ h`` over all tokens rounds once, so the error
+    grew with the number of chunks (tests/kernels/test_fused_linear_cross_entropy.py). A bf16 or fp16
+    product goes by blocks of vocabulary rows, since the whole chunk's would be one more weight-sized
+    (V x H) buffer: on CUDA cuBLAS writes it in fp32 from the bf16 operands (``out_dtype``, torch >= 2.8),
+    elsewhere the operands are widened to fp32 (exactly) and the product added in place.
+    """
+    if dlogits.dtype == grad_weight.dtype:
+        grad_weight.addmm_(dlogits.t(), h)
+        return
+    fp32_product = dlogits.device.type == "cuda" and _MM_HAS_OUT_DTYPE
+    if not fp32_product:
+        h = h.float()
+    for v in range(0, grad_weight.shape[0], block_rows):
+        block = dlogits[:, v : v + block_rows].t()
+        if fp32_product:
+            grad_weight[v : v + block_rows] += torch.mm(block, h, out_dtype=torch.float32)
+        else:
+            grad_weight[v : v + block_rows].addmm_(block.float(), h)
+
+
+# torch.mm(bf16, bf16, out_dtype=torch.float32): CUDA only, from torch 2.8
+_MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def _weight_block_rows(device: torch.device) -> int:
+    """Rows of ``grad_W`` updated at a time when the chunk's operands are not fp32 (fp32 product and sum).
+
+    CPU: a block whose product and fp32 rows stay in cache (2,048 x 768) took half the time of
+    16,384-row blocks (3.4 s against 7.0 s over 4,096 tokens at V 151,936 on 2 cores, then with a bf16
+    product). GPU: fewer, larger GEMMs (16,384 rows, not yet measured on one).
     """
     return 2048 if device.type == "cpu" else 16384
 

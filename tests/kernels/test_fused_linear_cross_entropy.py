@@ -118,6 +118,47 @@ def test_torch_path_large_vocabularies_default_chunks(vocab, dtype):
     _check(h, w, labels, "torch", chunk_size=None, tol=tol)
 
 
+def _bf16_ulps(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``|value - reference|`` in units of the last place of each reference element in bf16."""
+    finfo = torch.finfo(torch.bfloat16)
+    magnitude = reference.float().abs().clamp(min=finfo.smallest_normal)
+    ulp = finfo.eps * torch.exp2(torch.floor(torch.log2(magnitude)))
+    return (value.float() - reference.float()).abs() / ulp
+
+
+@pytest.mark.parametrize("chunks", [1, 4, 16, 64, 256])
+def test_bf16_weight_gradient_stays_the_reference_s_however_many_chunks(chunks):
+    """The eager loss rounds ``grad_W = dlogits.T @ h`` to bf16 once; the chunked loss rounded each
+    chunk's product to bf16 before its fp32 sum, one rounding error more per chunk: an element whose
+    chunk products cancel ended 205 bf16 ulps off the reference's in 4 chunks, 2,467 in 256. Summed in
+    fp32 and rounded once, every element is within one ulp of the reference's at every chunk count."""
+    h, w, labels = _inputs(2048, 32, 64, "cpu", dtype=torch.bfloat16, seed=14, ignored=0.0)
+    gw = _run(kernels.linear_cross_entropy, h, w, labels, None, chunk_size=2048 // chunks, backend="torch")[2]
+    gw_ref = _run(linear_cross_entropy_reference, h, w, labels, None)[2]
+    assert gw.dtype == torch.bfloat16
+    assert _bf16_ulps(gw, gw_ref).max() <= 1
+
+
+def test_weight_gradient_adds_each_chunk_s_product_in_fp32(device):
+    """``_add_weight_gradient`` over 64 chunks of bf16 ``dlogits`` and ``h`` (on CUDA cuBLAS's fp32
+    output, elsewhere operands widened to fp32), in vocabulary blocks, the last one partial: the sum is
+    within fp32's error bound for 16-term products summed 64 times, where a product rounded to bf16
+    misses by up to 2^-9 of itself."""
+    import ds_sft.kernels.fused_linear_cross_entropy as fused
+
+    chunks, chunk, vocab, hidden = 64, 16, 300, 48
+    gen = torch.Generator().manual_seed(15)
+    dlogits = torch.randn(chunks * chunk, vocab, generator=gen).to(device, torch.bfloat16)
+    h = torch.randn(chunks * chunk, hidden, generator=gen).to(device, torch.bfloat16)
+    grad_weight = torch.zeros(vocab, hidden, device=device)
+    for start in range(0, chunks * chunk, chunk):
+        rows = slice(start, start + chunk)
+        fused._add_weight_gradient(grad_weight, dlogits[rows], h[rows], block_rows=128)
+    exact = dlogits.double().t() @ h.double()
+    bound = (chunk + chunks) * 2.0**-24 * (dlogits.double().abs().t() @ h.double().abs())
+    assert bool(((grad_weight.double() - exact).abs() <= bound).all())
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_under_autocast(backend, device):
     """fp32 parameters under bf16 autocast: the chunk matmuls run in bf16 like the eager logits do,
