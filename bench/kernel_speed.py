@@ -16,8 +16,9 @@ vocabulary (``default_chunk_size``: whole 32-token blocks within 128 MB of fp32 
 
 GPU (only where CUDA is present): RMSNorm and cross-entropy, forward + backward, Triton kernels vs
 torch eager, ``torch.compile`` and Liger-Kernel when installed, each case timed in turn over rounds
-(median; :func:`time_in_rounds`); achieved bandwidth as a fraction of the device's peak (compulsory
-traffic only: each input read once, each output written once). Then
+(median; :func:`time_in_rounds`); achieved bandwidth as a fraction of the device's datasheet peak
+(``ds_sft.train.metrics.GPU_PEAK_BANDWIDTH``; compulsory traffic only: each input read once, each
+output written once). Then
 the fused linear cross-entropy vs eager: time and peak ``max_memory_allocated``.
 """
 
@@ -50,20 +51,13 @@ from ds_sft.kernels.reference import (  # noqa: E402
     rms_norm_reference,
 )
 from ds_sft.options import COUNT, Choice, Int, OutOfDomain, Text  # noqa: E402
+from ds_sft.train.metrics import datasheet_bandwidth  # noqa: E402
 
 SIZE = Int(1, 2**24)  # tokens, hidden width, vocabulary or chunk
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # What the fused loss must achieve on CPU against eager logits + cross-entropy (issue 17).
 MEMORY_TARGET, TIME_TARGET = 0.1, 1.0
-# Peak HBM bandwidth in bytes/s by device-name fragment, most specific first (vendor datasheets).
-PEAK_BANDWIDTH = [
-    ("H200", 4.8e12),
-    ("H100 PCIe", 2.0e12),
-    ("H100", 3.35e12),  # SXM5, HBM3
-    ("A100-SXM4-80GB", 2.039e12),
-    ("A100", 1.555e12),
-]
 
 
 # ---------------------------------------------------------------- CPU: one case per fresh process
@@ -218,10 +212,6 @@ def _liger():
     }
 
 
-def _peak_bandwidth(name: str) -> float | None:
-    return next((peak for fragment, peak in PEAK_BANDWIDTH if fragment in name), None)
-
-
 def _rms_norm_cases(rows, hidden, device, dtype, compiled_norm, liger) -> list[tuple]:
     x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
     w = torch.ones(hidden, device=device, dtype=dtype, requires_grad=True)
@@ -275,12 +265,17 @@ def time_in_rounds(cases: list[tuple], bench, rounds: int = TIMING_ROUNDS) -> di
     }
 
 
+def gpu_bandwidth(device: torch.device) -> tuple[str, float | None]:
+    """The GPU's name and its datasheet memory bandwidth in bytes/s (None for a GPU not in the table)."""
+    name = torch.cuda.get_device_name(device)
+    return name, datasheet_bandwidth(name)
+
+
 def gpu_benchmarks(args) -> dict:
     from triton.testing import do_bench
 
     device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
-    peak = _peak_bandwidth(name)
+    name, peak = gpu_bandwidth(device)
     liger = _liger()
     dtype = torch.bfloat16
     rows = args.tokens

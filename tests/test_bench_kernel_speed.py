@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import statistics
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location("kernel_speed", REPO_ROOT / "bench" / "kernel_speed.py")
@@ -103,3 +105,45 @@ def test_a_case_that_ends_in_its_own_one_line_error_is_that_line(monkeypatch):
             kernel_speed._in_fresh_process("run_timing_case", "float32", 1, 1, 1, 1, 1)
         if expected is UserError:
             assert str(raised.value) == said.partition(": error: ")[2]
+
+
+# torch.cuda.get_device_name() of each card -> its datasheet memory bandwidth, GB/s (None: not known)
+DEVICE_BANDWIDTHS = {
+    "NVIDIA H100 80GB HBM3": 3350,  # the SXM card
+    "NVIDIA H100 PCIe": 2000,
+    "NVIDIA H100 NVL": 3900,
+    "NVIDIA H200": 4800,
+    "NVIDIA H200 NVL": 4800,
+    "NVIDIA GH200 480GB": 4000,  # holds "H200", but is not an H200
+    "NVIDIA A100-SXM4-80GB": 2039,
+    "NVIDIA A100 80GB PCIe": 1935,
+    "NVIDIA A100-SXM4-40GB": 1555,
+    "NVIDIA A100-PCIE-40GB": 1555,
+    "NVIDIA L40S": 864,
+    "NVIDIA L4": 300,
+    "NVIDIA RTX A1000": None,  # holds "A100"
+    "NVIDIA Hypothetical X9": None,
+}
+
+
+@pytest.mark.parametrize(("name", "gbs"), DEVICE_BANDWIDTHS.items())
+def test_the_gpu_benchmark_reads_each_card_s_own_bandwidth(monkeypatch, name, gbs):
+    """The bench matched its own table's fragments in the order written, first hit wins: an H100 NVL
+    (3.9 TB/s) was read as an H100 SXM (3.35) and a GH200 as an H200; now it reads the trainer's
+    datasheet lookup, the longest fragment standing as whole words in the name."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert kernel_speed.gpu_bandwidth(torch.device("cuda")) == (name, gbs and gbs * 1e9)
+
+
+@pytest.mark.parametrize("order", [1, -1], ids=["as written", "reversed"])
+def test_each_bandwidth_entry_is_read_for_its_name_whatever_the_table_s_order(monkeypatch, order):
+    """A card named by an entry gets that entry's bandwidth though a shorter entry is in its name too
+    ("H100" in "H100 NVL", "A100" in "A100-SXM4-80GB", "L4" in "L40S")."""
+    from ds_sft.train import metrics
+
+    table = dict(list(metrics.GPU_PEAK_BANDWIDTH.items())[::order])
+    monkeypatch.setattr(metrics, "GPU_PEAK_BANDWIDTH", table)
+    for fragment, bandwidth in table.items():
+        assert metrics.datasheet_bandwidth(f"NVIDIA {fragment}") == bandwidth, fragment

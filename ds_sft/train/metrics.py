@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -32,10 +33,11 @@ from ds_sft.run_layout import METRICS_FILE
 # Dense peak FLOP/s of one GPU (no sparsity) from NVIDIA's datasheets, (bf16, fp32), by a
 # fragment of torch.cuda.get_device_name(): "NVIDIA H100 80GB HBM3" is the SXM card, the others say
 # "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200". The longest fragment in the name wins, so
-# "H100 PCIe" is read before "H100" and "L40S" before "L4" (:func:`datasheet_peak`).
+# "H100 PCIe" is read before "H100" and "L40S" before "L4" (:func:`datasheet_entry`).
 GPU_PEAK_FLOPS = {
     "H200 NVL": (835e12, 60e12),
     "H200": (989e12, 67e12),
+    "GH200": (989e12, 67e12),
     "H100 NVL": (835e12, 60e12),
     "H100 PCIe": (756e12, 51e12),
     "H100": (989e12, 67e12),
@@ -49,17 +51,57 @@ GPU_PEAK_FLOPS = {
     "V100": (125e12, 15.7e12),
 }
 UNKNOWN_GPU = "A100"  # what the trainer assumes a GPU not in the table is
+# Peak memory bandwidth in bytes/s from the same datasheets, by the same kind of fragment: the
+# fraction of it a memory-bound kernel reaches (bench/kernel_speed.py). A100s differ by memory
+# ("NVIDIA A100-SXM4-80GB" and "NVIDIA A100 80GB PCIe" against the 40 GB cards' "A100-SXM4-40GB",
+# "A100-PCIE-40GB"); GH200 by the 96 GB HBM3 part.
+GPU_PEAK_BANDWIDTH = {
+    "H200 NVL": 4.8e12,
+    "H200": 4.8e12,
+    "GH200": 4.0e12,
+    "H100 NVL": 3.9e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "H800 PCIe": 2.0e12,
+    "H800": 3.35e12,
+    "A100-SXM4-80GB": 2.039e12,
+    "A100 80GB PCIe": 1.935e12,
+    "A100": 1.555e12,
+    "L40S": 864e9,
+    "L40": 864e9,
+    "A10G": 600e9,
+    "L4": 300e9,
+    "V100": 900e9,
+}
+
+
+def datasheet_entry(table: dict, device_name: str):
+    """The value of ``table`` whose fragment names the GPU ``torch.cuda.get_device_name()`` calls
+    ``device_name``, None for a GPU not in it. A fragment counts as whole words of the name, case
+    aside ("A100-PCIE-40GB" and "H100 PCIe" both say PCIe): "H200" is not read in "GH200", nor "A100"
+    in "RTX A1000". Of those found the longest wins: "H100 PCIe" over "H100", whatever the order."""
+    found = [
+        fragment
+        for fragment in table
+        if re.search(rf"(?<![a-z0-9]){re.escape(fragment)}(?![a-z0-9])", device_name, flags=re.IGNORECASE)
+    ]
+    return table[max(found, key=len)] if found else None
 
 
 def datasheet_peak(device_name: str, bf16: bool = True) -> float | None:
-    """The datasheet peak FLOP/s of the GPU ``torch.cuda.get_device_name()`` calls ``device_name``
-    (bf16, else fp32 without tensor cores: ds-sft leaves TF32 off, torch's default); None for a GPU
-    not in :data:`GPU_PEAK_FLOPS`."""
-    fragments = [fragment for fragment in GPU_PEAK_FLOPS if fragment in device_name]
-    if not fragments:
+    """The datasheet peak FLOP/s of the GPU named ``device_name`` (bf16, else fp32 without tensor
+    cores: ds-sft leaves TF32 off, torch's default); None for a GPU not in :data:`GPU_PEAK_FLOPS`."""
+    peaks = datasheet_entry(GPU_PEAK_FLOPS, device_name)
+    if peaks is None:
         return None
-    peak_bf16, peak_fp32 = GPU_PEAK_FLOPS[max(fragments, key=len)]
+    peak_bf16, peak_fp32 = peaks
     return peak_bf16 if bf16 else peak_fp32
+
+
+def datasheet_bandwidth(device_name: str) -> float | None:
+    """The datasheet peak memory bandwidth (bytes/s) of the GPU named ``device_name``; None for a GPU
+    not in :data:`GPU_PEAK_BANDWIDTH`."""
+    return datasheet_entry(GPU_PEAK_BANDWIDTH, device_name)
 
 
 def flops_per_token(n_params: int, n_layers: int, attention_width: int, seq_len: int) -> float:

@@ -387,6 +387,7 @@ DEVICE_BF16_PEAKS = {
     "NVIDIA H100 NVL": 835,
     "NVIDIA H200": 989,
     "NVIDIA H200 NVL": 835,
+    "NVIDIA GH200 480GB": 989,  # holds "H200": read as a word, that fragment is not in it
     "NVIDIA H800": 989,
     "NVIDIA H800 PCIe": 756,
     "NVIDIA A100-SXM4-80GB": 312,
