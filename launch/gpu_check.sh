@@ -197,13 +197,16 @@ wheel_names=$(ls "$CARRY"/wheelhouse/*.whl | xargs -n1 basename | sed 's/-.*//' 
 if [ "$mode" = cpu ]; then
     VENV=${GPU_CHECK_VENV:-$REPO/.cache/gpu_check_venv}
     base=$(image_python) || exit 2
-    want=$("$base" -c "import platform; print(platform.python_version())")
-    if [ ! -x "$VENV/bin/python" ] || [ launch/gpu_image.txt -nt "$VENV/.image" ] \
-        || [ "$(cat "$VENV/.image" 2> /dev/null)" != "$want" ]; then
+    # The venv's mark (.image) names what it was built from: the Python version and the sha256 of
+    # launch/gpu_image.txt. Compared by content, not by the files' times: a fresh clone's files are
+    # all newer than a venv kept outside it (GPU_CHECK_VENV), which was rebuilt (4.6 GB) every time.
+    version=$("$base" -c "import platform; print(platform.python_version())")
+    want="$version $(sha256sum < launch/gpu_image.txt | cut -d' ' -f1)"
+    if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.image" 2> /dev/null)" != "$want" ]; then
         # The image: launch/gpu_image.txt from the index (network; once), torch and Triton at the
         # image's versions. No ds-sft dependency that the wheelhouse carries is in this list.
         replaceable "$VENV" .image GPU_CHECK_VENV || exit 2
-        rm -rf "$VENV" && "$base" -m venv "$VENV" && touch "$VENV/.image" || exit 2  # .image: mark now, version later
+        rm -rf "$VENV" && "$base" -m venv "$VENV" && touch "$VENV/.image" || exit 2  # .image: mark now, content once built
         "$VENV/bin/pip" install -q -r launch/gpu_image.txt 2>&1 | grep -v "is ignored" || true
         "$VENV/bin/python" -c "import torch, transformers" || exit 2
         echo "$want" > "$VENV/.image"

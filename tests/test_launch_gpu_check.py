@@ -234,3 +234,52 @@ def test_a_budget_that_is_not_a_number_of_seconds_is_one_line_and_runs_nothing(t
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "BUDGET_S must be a whole number from 1 to 86400" in result.stderr
     assert not pwned.exists() and not (tmp_path / "work").exists()
+
+
+def stand_in_venv(venv: Path, mark: str) -> Path:
+    """A rehearsal venv whose python records each call and fails (the check goes no further than its
+    first step that needs the interpreter), marked ``mark``, the mark written long ago."""
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\necho called >> "{venv}/calls"\nexit 1\n')
+    python.chmod(0o755)
+    (venv / ".image").write_text(mark + "\n")
+    os.utime(venv / ".image", (0, 0))  # older than every file of the checkout, as in a fresh clone
+    return venv
+
+
+def image_mark(python_version: str | None = None, requirements: bytes | None = None) -> str:
+    """The mark of a venv built from ``requirements`` (default: launch/gpu_image.txt as it is) with this
+    Python (default: the interpreter the tests give gpu_check as the image's)."""
+    import hashlib
+    import platform
+
+    if requirements is None:
+        requirements = (REPO_ROOT / "launch" / "gpu_image.txt").read_bytes()
+    return f"{python_version or platform.python_version()} {hashlib.sha256(requirements).hexdigest()}"
+
+
+def test_a_venv_built_from_the_same_image_list_is_kept_however_old_its_mark(tmp_path):
+    """The venv was stale when launch/gpu_image.txt was newer than its mark: in a fresh clone every file
+    is new, so a venv kept outside the checkout (GPU_CHECK_VENV) was rebuilt, 4.6 GB, on every run."""
+    venv = stand_in_venv(tmp_path / "venv", image_mark())
+    result = run_gpu_check(tmp_path, GPU_CHECK_VENV=str(venv))
+    assert (venv / "calls").exists(), result.stdout + result.stderr  # its python ran the check's steps
+    assert (venv / ".image").read_text() == image_mark() + "\n"
+
+
+@pytest.mark.parametrize(
+    "mark",
+    [
+        image_mark(requirements=b"torch==2.10.0\n"),  # launch/gpu_image.txt changed since
+        image_mark(python_version="3.9.0"),  # another Python
+        "3.12.1",  # a mark of the earlier format: the Python version alone
+        "",  # marked before its install finished (interrupted)
+    ],
+)
+def test_a_venv_built_from_another_image_list_or_python_is_rebuilt(tmp_path, mark):
+    venv = stand_in_venv(tmp_path / "venv", mark)
+    result = run_gpu_check(tmp_path, GPU_CHECK_VENV=str(venv))
+    # rebuilt: a new venv replaced the stand-in (then, offline, its install found no index and stopped)
+    assert result.returncode == 2 and not (venv / "calls").exists(), result.stdout + result.stderr
+    assert (venv / "pyvenv.cfg").exists()
