@@ -53,12 +53,14 @@ def test_the_kernels_compile_into_one_graph_with_eager_s_numbers(dtype, device):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     eager = _run(model, x, labels)
+    # the same kernels; inductor (CUDA) may order the head's bf16 products another way
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     for _ in range(2):  # the second call reuses the graph: no recompile
         got = _run(compiled, x, labels)
         assert counter.frame_count == 1
-        torch.testing.assert_close(got[0], eager[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[0], eager[0], **tol)
         for grad, expected in zip([got[1], *got[2]], [eager[1], *eager[2]], strict=True):
-            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(grad, expected, **tol)
 
 
 def _leaf(*shape, dtype=torch.float32, device="cpu"):
