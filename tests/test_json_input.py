@@ -127,7 +127,7 @@ def data_manifest(tmp_path, data):
 
 def trainer_state(tmp_path, data):
     from ds_sft.run_layout import TRAINER_STATE
-    from ds_sft.train.checkpointing import damage
+    from ds_sft.train.checkpoint_check import damage
 
     (tmp_path / TRAINER_STATE).write_bytes(data)
     found = damage(tmp_path)
