@@ -491,7 +491,7 @@ def valid_text(domain, text: str) -> bool:
     if isinstance(domain, Weights):
         pairs = [p for p in text.split(",") if p]
         return all(
-            "=" in p and p.partition("=")[0].strip() and valid_text(domain.weight, p.partition("=")[2])
+            "=" in p and p.partition("=")[0].strip() and valid_text(domain.item, p.partition("=")[2])
             for p in pairs
         )
     if isinstance(domain, Text):
