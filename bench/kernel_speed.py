@@ -50,7 +50,7 @@ from ds_sft.kernels.reference import (  # noqa: E402
     linear_cross_entropy_reference,
     rms_norm_reference,
 )
-from ds_sft.options import COUNT, Choice, Int, OutOfDomain, Text  # noqa: E402
+from ds_sft.options import COUNT, Choice, Int, Text, checked  # noqa: E402
 from ds_sft.train.metrics import datasheet_bandwidth  # noqa: E402
 
 SIZE = Int(1, 2**24)  # tokens, hidden width, vocabulary or chunk
@@ -136,10 +136,7 @@ def run_case(text: str) -> dict:
     except (ValueError, TypeError, KeyError):
         raise UserError(f"--case takes a JSON list [name, *args], name one of {sorted(CASES)}") from None
     for parameter, value in bound.arguments.items():
-        try:
-            CASE_DOMAINS[parameter].check(value)
-        except OutOfDomain as err:
-            raise UserError(f"--case {name}: {parameter} {err}") from None
+        checked(f"--case {name}: {parameter}", value, CASE_DOMAINS[parameter])
     return case(*case_args)
 
 

@@ -5,9 +5,9 @@ and the same object checks it wherever the value comes from:
 
 * as argparse's ``type=``: ``--max_examples -5`` stops in the parser, one line, exit 2
   (``ds-sft prepare: error: argument --max_examples: must be an integer from 1 to ...``);
-* as a JSON value (``ds-sft train``'s DeepSpeed config and its ``"ds_sft"`` section):
-  :meth:`Domain.check` returns the value or raises :class:`OutOfDomain` with the same words, which the
-  caller turns into a :class:`~ds_sft.errors.UserError` naming the key.
+* anywhere else (a key of ``ds-sft train``'s DeepSpeed config, a field of a model's config, a task
+  config of the harness, an argument of ``generate``): :func:`checked` returns the value or raises a
+  :class:`~ds_sft.errors.UserError` of one line in the same words, ``NAME must be ..., got ...``.
 
 A domain is the set of values the program can actually run with, not a style rule: the bounds are
 where a value stops making sense (a threshold outside [0, 1]), where a later library rejects it with a
@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from ds_sft.errors import UserError
+
 INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
 
@@ -37,6 +39,8 @@ def is_number(value) -> bool:
 
 
 def _show(value) -> str:
+    if isinstance(value, int) and value.bit_length() > 128:  # repr() refuses past 4,300 digits
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1:,} digits"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -45,6 +49,9 @@ def _bound(x) -> str:
     if isinstance(x, float) and not x.is_integer():
         return f"{x:g}"
     x = int(x)
+    if x < 0:
+        magnitude = _bound(-x)
+        return f"-({magnitude})" if "*" in magnitude else f"-{magnitude}"
     for power in (63, 31):
         if x == 2**power - 1:
             return f"2**{power}-1"
@@ -316,10 +323,21 @@ class Weights(Each):
         return self.item.parse(part)
 
 
+def checked(name: str, value, domain: Domain):
+    """``value`` when it lies in ``domain``, else one :class:`~ds_sft.errors.UserError` line naming it:
+    ``NAME must be <the domain>, got <value>``. Every check of a number, switch or choice that argparse
+    does not make goes through here, so each says the same thing in the same words as its flag."""
+    try:
+        return domain.check(value)
+    except OutOfDomain as err:
+        raise UserError(f"{name} {err}") from None
+
+
 # Domains several commands and the benchmark scripts share.
 SEED = Int(0, 2**32 - 1)  # torch, numpy and random all take it, and it fits any int64 tensor
 THREADS = Int(1, 4096)  # torch.set_num_threads
 COUNT = Int(1, INT32_MAX)  # how many of something: steps, repeats, problems
+REPETITION_PENALTY = Float(0, 100, min_open=True)  # eval's flag and generate(): 1.0 is off
 
 
 class StoreOnce(argparse._StoreAction):

@@ -51,7 +51,7 @@ OUT_OF_MEMORY_FIXES = "pass a smaller --batch_size (the val pass) or --generate_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ds_sft.options import COUNT, INT64_MAX, SEED, THREADS, Device, Float, Int, StoreOnce
+    from ds_sft.options import COUNT, INT64_MAX, REPETITION_PENALTY, SEED, THREADS, Device, Int, StoreOnce
 
     which = parser.add_argument_group("what to evaluate")
     models = which.add_mutually_exclusive_group(required=True)
@@ -130,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     generation.add_argument(
         "--repetition_penalty",
-        type=Float(0.0, 100.0, min_open=True),
+        type=REPETITION_PENALTY,
         default=1.0,
         help="divide the logits of tokens already in the prompt or answer by this (1.0 = off; 1.2 breaks "
         "loops)",

@@ -25,6 +25,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from ds_sft.errors import UserError, first_line
+from ds_sft.options import COUNT, checked
 from ds_sft.paths import shared_dir
 
 HUB_ID = "openai/gsm8k"
@@ -159,10 +160,8 @@ def extract_answer(completion: str) -> Fraction | None:
 
 def select_indices(count: int, limit: int | None, seed: int) -> list[int]:
     """Positions in the test file: all in order, or ``limit`` of them from a seeded shuffle (sorted)."""
-    if limit is None or limit >= count:
+    if limit is None or checked("--gsm8k_limit", limit, COUNT) >= count:
         return list(range(count))
-    if limit <= 0:
-        raise UserError(f"--gsm8k_limit must be positive, got {limit}")
     order = list(range(count))
     random.Random(seed).shuffle(order)
     return sorted(order[:limit])

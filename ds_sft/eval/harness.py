@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ds_sft.errors import UserError, first_line
+from ds_sft.options import Int, checked
 
 # The harness's gsm8k.yaml (lm-eval 0.4.x) with its data pointed at a local file, zero-shot.
 GSM8K_FILTERS = ("strict-match", "flexible-extract")
@@ -190,8 +191,10 @@ def checked_task_config(task: str, config) -> dict:
 
     from lm_eval.api.task import TaskConfig
 
+    where = f"--harness {task}"
+
     def refuse(why: str):
-        raise UserError(f"--harness {task}: {why}")
+        raise UserError(f"{where}: {why}")
 
     if not isinstance(config, dict) or not isinstance(config.get("task"), str):
         refuse("a task config is a mapping with a task name (task: NAME)")
@@ -207,7 +210,7 @@ def checked_task_config(task: str, config) -> dict:
     if unknown:
         refuse(f"unknown key {unknown[0]!r}; a task config's keys are lm-eval's TaskConfig fields")
     _check_scoring(config, refuse)
-    _check_generation(config, refuse)
+    _check_generation(config, where, refuse)
     return {**config, "dataset_kwargs": _checked_data(config, refuse)}
 
 
@@ -216,26 +219,21 @@ def checked_task_config(task: str, config) -> dict:
 # to generate() unchecked (1,490 tokens from a 512-token model), and repeats and num_fewshot multiply
 # the work of every document.
 GENERATION_KEYS = ("until", "do_sample", "temperature", "max_gen_toks")
-MAX_GEN_TOKS = 1 << 16
-MAX_REPEATS = 16
-MAX_FEWSHOT = 64
+MAX_GEN_TOKS = Int(1, 1 << 16)
+REPEATS = Int(1, 16)
+FEWSHOT = Int(0, 64)
 
 
-def _check_generation(config: dict, refuse) -> None:
+def _check_generation(config: dict, where: str, refuse) -> None:
     kwargs = config.get("generation_kwargs", {})
     if not isinstance(kwargs, dict) or set(kwargs) - set(GENERATION_KEYS):
         refuse(f"generation_kwargs may hold {', '.join(GENERATION_KEYS)} only: got {kwargs!r:.200}")
     until = kwargs.get("until", [])
     if not (isinstance(until, str) or (isinstance(until, list) and all(isinstance(s, str) for s in until))):
         refuse("generation_kwargs.until is a string or a list of strings")
-    bounds = {
-        ("generation_kwargs", "max_gen_toks"): (kwargs.get("max_gen_toks", 1), 1, MAX_GEN_TOKS),
-        ("repeats",): (config.get("repeats", 1), 1, MAX_REPEATS),
-        ("num_fewshot",): (config.get("num_fewshot", 0), 0, MAX_FEWSHOT),
-    }
-    for path, (value, low, high) in bounds.items():
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            refuse(f"{'.'.join(path)} must be a whole number from {low} to {high:,}, got {value!r:.40}")
+    checked(f"{where}: generation_kwargs.max_gen_toks", kwargs.get("max_gen_toks", 1), MAX_GEN_TOKS)
+    checked(f"{where}: repeats", config.get("repeats", 1), REPEATS)
+    checked(f"{where}: num_fewshot", config.get("num_fewshot", 0), FEWSHOT)
 
 
 def _check_scoring(config: dict, refuse) -> None:

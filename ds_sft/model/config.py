@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_sft.errors import UserError
+from ds_sft.options import Bool, Domain, Float, Int, checked
 from ds_sft.paths import read_json_object, write_result_file
 from ds_sft.positions import DEFAULT_POSITIONS
 
@@ -62,30 +63,33 @@ FAMILY_FIELDS = (
     "layer_types",
     "no_rope_layers",
 )
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-# Their largest values: Llama 3.x uses 8 and 32, 1 and 4, 8192. Past these the frequencies overflow
+# Each key's range: Llama 3.x uses 8 and 32, 1 and 4, 8192. Past these bounds the frequencies overflow
 # (a 300-digit position count does not fit the float64 the table is computed in).
-LLAMA3_ROPE_LIMITS = {
-    "factor": 1e6,
-    "low_freq_factor": 1e6,
-    "high_freq_factor": 1e6,
-    "original_max_position_embeddings": 1 << 20,
+LLAMA3_ROPE_DOMAINS = {
+    "factor": Float(0, 1e6, min_open=True),
+    "low_freq_factor": Float(0, 1e6, min_open=True),
+    "high_freq_factor": Float(0, 1e6, min_open=True),
+    "original_max_position_embeddings": Float(0, 1 << 20, min_open=True),
 }
+LLAMA3_ROPE_KEYS = tuple(LLAMA3_ROPE_DOMAINS)
+
 # The range of each number in a config: far beyond any model ds-sft trains, near enough that a typo or
 # a hostile file cannot make it allocate the machine (the RoPE table alone is max_seq_len x head_dim).
-WHOLE_NUMBERS = {
-    "vocab_size": (1, 1 << 22),
-    "d_model": (1, 1 << 16),
-    "n_layers": (1, 1024),
-    "n_heads": (1, 1024),
-    "n_kv_heads": (1, 1024),
-    "head_dim": (2, 1024),
-    "ffn_hidden": (1, 1 << 18),
-    "max_seq_len": (1, 1 << 20),
-    "sliding_window": (1, 1 << 20),
+FIELD_DOMAINS: dict[str, Domain] = {
+    "vocab_size": Int(1, 1 << 22),
+    "d_model": Int(1, 1 << 16),
+    "n_layers": Int(1, 1024),
+    "n_heads": Int(1, 1024),
+    "n_kv_heads": Int(1, 1024),
+    "head_dim": Int(2, 1024),
+    "ffn_hidden": Int(1, 1 << 18),
+    "max_seq_len": Int(1, 1 << 20),
+    "sliding_window": Int(1, 1 << 20),
+    "rope_theta": Float(0, 1e12, min_open=True),
+    "norm_eps": Float(0, 0.5, min_open=True),
+    "init_std": Float(0, 1, min_open=True),
+    **{name: Bool() for name in ("tie_embeddings", "activation_checkpointing", "attention_bias", "qk_norm")},
 }
-POSITIVE_NUMBERS = {"rope_theta": 1e12, "norm_eps": 0.5, "init_std": 1.0}  # (0, largest]
-SWITCHES = ("tie_embeddings", "activation_checkpointing", "attention_bias", "qk_norm")
 ROPE_TABLE_LIMIT = 1 << 27  # max_seq_len x head_dim: Qwen2.5-1M's 1M positions x 128
 
 
@@ -93,19 +97,9 @@ OPTIONAL_NUMBERS = ("n_kv_heads", "head_dim", "sliding_window")  # None = derive
 
 
 def check_field(name: str, value: Any) -> None:
-    """One UserError naming ``name`` unless ``value`` has its type and lies in its range."""
-    if value is None and name in OPTIONAL_NUMBERS:
-        return
-    if name in WHOLE_NUMBERS:
-        low, high = WHOLE_NUMBERS[name]
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise UserError(f"{name} {value!r} must be a whole number from {low} to {high}")
-    elif name in POSITIVE_NUMBERS:
-        high = POSITIVE_NUMBERS[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= high:
-            raise UserError(f"{name} {value!r} must be a number above 0 and at most {high:g}")
-    elif name in SWITCHES and not isinstance(value, bool):
-        raise UserError(f"{name} {value!r} must be true or false")
+    """One UserError naming ``name`` unless ``value`` lies in its domain (:data:`FIELD_DOMAINS`)."""
+    if name in FIELD_DOMAINS and not (value is None and name in OPTIONAL_NUMBERS):
+        checked(name, value, FIELD_DOMAINS[name])
 
 
 @dataclass
@@ -301,16 +295,8 @@ def _llama3_rope_scaling(values: Any) -> dict[str, Any]:
         raise UserError(
             f"rope_scaling type {kind!r} is not supported: ds-sft knows Llama 3's 'llama3' rule only"
         )
-    missing = [
-        k
-        for k in LLAMA3_ROPE_KEYS
-        if isinstance(values.get(k), bool)
-        or not isinstance(values.get(k), int | float)
-        or not 0 < values[k] <= LLAMA3_ROPE_LIMITS[k]
-    ]
-    if missing:
-        limits = ", ".join(f"{k} at most {LLAMA3_ROPE_LIMITS[k]:g}" for k in missing)
-        raise UserError(f"rope_scaling 'llama3' needs positive {limits}; got {values!r}")
+    for key in LLAMA3_ROPE_KEYS:
+        checked(f"rope_scaling.{key}", values.get(key), LLAMA3_ROPE_DOMAINS[key])
     if values["high_freq_factor"] <= values["low_freq_factor"]:
         raise UserError(f"rope_scaling: high_freq_factor must exceed low_freq_factor, got {values!r}")
     scaling = {"rope_type": "llama3", **{k: values[k] for k in LLAMA3_ROPE_KEYS}}

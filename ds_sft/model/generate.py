@@ -31,13 +31,15 @@ float32`` holds them fixed).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ds_sft.errors import UserError
 from ds_sft.model.llama import KVCache, LlamaModel
+from ds_sft.options import INT64_MAX, REPETITION_PENALTY, Int, checked
+
+NEW_TOKENS = Int(0, INT64_MAX)  # max_new_tokens: 0 answers nothing; the model's max_seq_len bounds it later
 
 # Drop the finished rows from the batch once at most this share of it is still writing.
 SHRINK_AT = 0.75
@@ -174,13 +176,11 @@ def generate(
 
 
 def _check_settings(max_new_tokens, repetition_penalty) -> None:
-    """One line for a setting out of its range. Past them torch failed deep inside (a negative
+    """One line for a setting out of its domain. Past them torch failed deep inside (a negative
     max_new_tokens sized the cache below zero) or generated as if the setting were sane (a NaN
     penalty)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be a whole number of 0 or more, got {max_new_tokens!r}")
-    if not 0 < repetition_penalty < math.inf:
-        raise UserError(f"the repetition penalty must be positive (1.0 = off), got {repetition_penalty}")
+    checked("max_new_tokens", max_new_tokens, NEW_TOKENS)
+    checked("repetition_penalty", repetition_penalty, REPETITION_PENALTY)
 
 
 def left_pad(prompts_ids: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from ds_sft.errors import UserError, first_line
-from ds_sft.options import INT64_MAX, Bool, Int, OutOfDomain
+from ds_sft.options import INT64_MAX, Bool, Float, Int, checked
 from ds_sft.train.config_keys import (
     COMMAND_LINE_FLAGS,
     DEFAULTS,
@@ -90,13 +90,13 @@ def set_path(tree: dict, keys: tuple[str, ...], value) -> None:
 
 def check_domain(flag_or_path, value, domain, source: str):
     """``value`` if it lies in ``domain``, else one UserError line naming the key (and its flag)."""
-    try:
-        return domain.check(value)
-    except OutOfDomain as err:
-        if isinstance(flag_or_path, str):
-            where = ".".join(FLAG_TO_DS_KEY.get(flag_or_path, ("ds_sft", flag_or_path)))
-            raise UserError(f"--{flag_or_path} ({where} in {source}) {err}") from None
-        raise UserError(f'"{".".join(flag_or_path)}" in {source} {err}') from None
+    if isinstance(flag_or_path, str):
+        where = ".".join(FLAG_TO_DS_KEY.get(flag_or_path, ("ds_sft", flag_or_path)))
+        return checked(f"--{flag_or_path} ({where} in {source})", value, domain)
+    return checked(f'"{".".join(flag_or_path)}" in {source}', value, domain)
+
+
+ANY_INT64 = Int(-INT64_MAX, INT64_MAX)  # what DeepSpeed and torch can hold of an integer JSON reads
 
 
 def check_numbers(tree, source: str, path: tuple[str, ...] = ()) -> None:
@@ -109,8 +109,8 @@ def check_numbers(tree, source: str, path: tuple[str, ...] = ()) -> None:
     elif isinstance(tree, list):
         for i, value in enumerate(tree):
             check_numbers(value, source, (*path, str(i)))
-    elif isinstance(tree, int) and not isinstance(tree, bool) and abs(tree) > INT64_MAX:
-        raise UserError(f'"{".".join(path)}" in {source} must be a finite number within int64, got {tree!r}')
+    elif isinstance(tree, int) and not isinstance(tree, bool):
+        checked(f'"{".".join(path)}" in {source}', tree, ANY_INT64)
 
 
 def check_sections(ds_json: dict) -> None:
@@ -124,8 +124,8 @@ def check_sections(ds_json: dict) -> None:
             raise UserError(f'"{where}" in the DeepSpeed config must be a JSON object, not {shown}')
     for key in ("bf16", "fp16"):
         enabled = get_path(ds_json, (key, "enabled"))
-        if enabled is not None and not isinstance(enabled, bool):
-            raise UserError(f'"{key}.enabled" in the DeepSpeed config must be true or false, got {enabled!r}')
+        if enabled is not None:
+            checked(f'"{key}.enabled" in the DeepSpeed config', enabled, Bool())
 
 
 def check_optimizer_params(params: dict) -> None:
@@ -287,14 +287,8 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
             '"torch_autocast" is enabled in the DeepSpeed config: ds-sft sets the compute precision itself '
             '(--precision bf16 autocasts the forward); remove "torch_autocast"'
         )
-    if not 0 <= s["warmup_iters"] <= s["max_iters"]:
-        raise UserError(
-            f"--warmup_iters ({s['warmup_iters']}) must be between 0 and --max_iters ({s['max_iters']})"
-        )
-    if not 0 <= s["min_lr"] <= s["learning_rate"]:
-        raise UserError(
-            f"--min_lr ({s['min_lr']}) must be between 0 and --learning_rate ({s['learning_rate']})"
-        )
+    checked("--warmup_iters (at most --max_iters)", s["warmup_iters"], Int(0, s["max_iters"]))
+    checked("--min_lr (at most --learning_rate)", s["min_lr"], Float(0, s["learning_rate"]))
     resolve_wandb_mode(s["wandb_mode"])  # checks $WANDB_MODE now, not when wandb starts after the model loads
     check_with_deepspeed(ds_config, source)
 

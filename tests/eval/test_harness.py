@@ -288,10 +288,10 @@ TASK_CHANGES = {  # what a task config may not hold, and the words that refuse i
     ),
     "max_gen_toks past the bound": (
         {"generation_kwargs": {"max_gen_toks": 10**9}},
-        "generation_kwargs.max_gen_toks must be a whole number from 1 to 65,536",
+        "generation_kwargs.max_gen_toks must be an integer from 1 to 65,536, got 1000000000",
     ),
-    "repeats": ({"repeats": 10**6}, "repeats must be a whole number from 1 to 16"),
-    "few-shot": ({"num_fewshot": 10**9}, "num_fewshot must be a whole number from 0 to 64"),
+    "repeats": ({"repeats": 10**6}, "repeats must be an integer from 1 to 16, got 1000000"),
+    "few-shot": ({"num_fewshot": 10**9}, "num_fewshot must be an integer from 0 to 64, got 1000000000"),
     "until a number": ({"generation_kwargs": {"until": 5}}, "until is a string or a list of strings"),
 }
 

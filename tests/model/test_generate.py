@@ -168,11 +168,11 @@ def test_repetition_penalty_formula():
 NAN, INF = float("nan"), float("inf")
 # (arguments, words of the refusal): each setting out of its range, and prompts the model cannot read
 BAD_ARGUMENTS = [
-    (dict(repetition_penalty=0.0), "repetition penalty"),
-    (dict(repetition_penalty=-1.5), "repetition penalty"),
-    (dict(repetition_penalty=NAN), "repetition penalty"),
-    (dict(repetition_penalty=INF), "repetition penalty"),
-    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0 and <= 100"),
+    (dict(repetition_penalty=-1.5), "repetition_penalty must be a finite number > 0 and <= 100"),
+    (dict(repetition_penalty=NAN), "repetition_penalty must be a finite number > 0 and <= 100"),
+    (dict(repetition_penalty=INF), "repetition_penalty must be a finite number > 0 and <= 100"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer from 0 to"),
     (dict(max_new_tokens=-100), "max_new_tokens"),
     (dict(max_new_tokens=2.5), "max_new_tokens"),
     (dict(prompts_ids=[[1, 256]]), "outside the model's vocabulary"),

@@ -346,7 +346,7 @@ HOSTILE_FILES = {
     "model_config.json a directory": (lambda r: _ds_dir(r, None), "is a directory"),
     "model_config.json n_heads 0": (
         lambda r: _ds_dir(r, json.dumps({**TINY.architecture(), "n_heads": 0})),
-        "n_heads 0",
+        "n_heads must be an integer from 1 to 1,024, got 0",
     ),
     "config.json beside .safetensors invalid": (lambda r: _safetensors_beside(r, "{oops"), "not valid JSON"),
     "config.json beside .safetensors a list": (lambda r: _safetensors_beside(r, "[1]"), "JSON list"),
@@ -370,7 +370,7 @@ HOSTILE_FILES = {
     "HF vocab_size 0": (lambda r: _edit_config(_hf_folder(r, "hf"), vocab_size=0), "vocab_size"),
     "HF num_hidden_layers -1": (
         lambda r: _edit_config(_hf_folder(r, "hf"), num_hidden_layers=-1),
-        "n_layers -1",
+        "n_layers must be an integer from 1 to 1,024, got -1",
     ),
     "HF max_position_embeddings huge": (
         lambda r: _edit_config(_hf_folder(r, "hf"), max_position_embeddings=10**10),

@@ -303,7 +303,11 @@ def test_flags_override_the_json_and_say_so(data_dir):
         ({"zero_optimization": {"stage": 2, "overlap_com": True}}, [], "did you mean 'overlap_comm'"),
         ({"ds_sft": {"warmup_iter": 5}}, [], "did you mean 'warmup_iters'"),
         ({"scheduler": {"type": "WarmupLR"}}, [], "ds-sft owns the lr schedule"),
-        ({}, ["--warmup_iters", "500"], "--warmup_iters (500) must be between 0 and --max_iters (100)"),
+        (
+            {},
+            ["--warmup_iters", "500"],
+            "--warmup_iters (at most --max_iters) must be an integer from 0 to 100, got 500",
+        ),
         ({}, ["--base_model", "smollm2-135m-instruct"], "pass exactly one of --base_model"),
         ({}, ["--resume", "/nonexistent/ckpt"], "--resume /nonexistent/ckpt does not exist"),
     ],

@@ -439,7 +439,7 @@ def test_an_allowed_model_change_must_keep_every_weight_shape():
     for change in ({"n_layers": config["n_layers"] + 1}, {"ffn_hidden": 8}, {"tie_embeddings": False}):
         with pytest.raises(UserError, match="do not fit this model"):
             compatibility.check_same_weights("CKPT", {**config, **change}, model)
-    with pytest.raises(UserError, match="n_heads 'four' must be a whole number"):
+    with pytest.raises(UserError, match="n_heads must be an integer from 1 to 1,024, got 'four'"):
         compatibility.check_same_weights("CKPT", {**config, "n_heads": "four"}, model)
 
 
