@@ -28,6 +28,11 @@ class JsonRefused(ValueError):
     """Why a text is not a JSON object ds-sft reads: one line, without the file's name."""
 
 
+class NotJson(JsonRefused):
+    """The text is no JSON at all (not UTF-8, a syntax error): a torn or damaged file, where a plain
+    :class:`JsonRefused` is JSON holding what ds-sft refuses (a repeated key, NaN, not an object)."""
+
+
 class _Repeated(dict):
     """A JSON object that held ``key`` more than once (marked by the reader, found with its path)."""
 
@@ -95,13 +100,13 @@ def parse_json_object(data: bytes | str) -> dict:
         try:
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError as err:
-            raise JsonRefused(f"not UTF-8 ({err.reason} at byte {err.start}): save it as UTF-8") from None
+            raise NotJson(f"not UTF-8 ({err.reason} at byte {err.start}): save it as UTF-8") from None
     try:
         tree = json.loads(
             data, object_pairs_hook=_object, parse_float=_float, parse_int=_int, parse_constant=_constant
         )
     except json.JSONDecodeError as err:
-        raise JsonRefused(f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+        raise NotJson(f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
     except RecursionError:
         raise JsonRefused(f"nested more than {MAX_DEPTH} levels deep") from None
     problem = _first_problem(tree)

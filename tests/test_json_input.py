@@ -131,7 +131,8 @@ def trainer_state(tmp_path, data):
 
     (tmp_path / TRAINER_STATE).write_bytes(data)
     found = damage(tmp_path)
-    return found if found and "is corrupted" in found else None
+    # torn bytes are "corrupted"; JSON holding what a state cannot (NaN, a repeat, a list) "malformed"
+    return found if found and ("is corrupted" in found or "is malformed JSON" in found) else None
 
 
 def output_manifest(tmp_path, data):

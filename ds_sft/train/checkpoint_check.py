@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError, one_line
+from ds_sft.json_input import JsonRefused, NotJson
 from ds_sft.paths import sha256_file
 from ds_sft.run_layout import TRAINER_STATE, is_tag, latest_tag, tag_step
 from ds_sft.train.trainer_state import FILES, read_trainer_state, trainer_state_problem
@@ -69,8 +70,10 @@ def damage(tag_dir: Path) -> str | None:
         state = read_trainer_state(tag_dir)
     except OSError as err:
         return f"its {TRAINER_STATE} cannot be read ({err.strerror})"
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer of over 4,300 digits, too deep
+    except NotJson:  # torn or damaged bytes
         return f"its {TRAINER_STATE} is corrupted"
+    except JsonRefused as err:  # JSON, but not a state: NaN, a repeated key, a list, nested too deep
+        return f"its {TRAINER_STATE} is malformed JSON ({err})"
     problem = trainer_state_problem(state, with_files=True)
     if problem:
         return f"its {TRAINER_STATE} is malformed ({problem})"

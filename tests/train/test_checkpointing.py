@@ -237,7 +237,7 @@ ZERO3_FP32_FILES = {
     "zero_pp_rank_0_mp_rank_00_model_states.pt": {},
     "zero_pp_rank_0_mp_rank_00_optim_states.pt": {},
 }
-HUGE = "1" * 5000  # past Python's 4,300-digit limit on int(str): json.loads raises ValueError
+HUGE = "1" * 5000  # past Python's 4,300-digit limit on int(str): JSON, but no number ds-sft reads
 
 
 def replaced(old: str, new: str):
@@ -255,10 +255,10 @@ EDITED_STATES = {
     "oversized nan_streak": (
         ZERO2_BF16_FILES,
         replaced('"nan_streak": 0', f'"nan_streak": {HUGE}'),
-        "corrupted",
+        "malformed",
     ),
-    "oversized step": (ZERO2_BF16_FILES, replaced('"step": 4', f'"step": {HUGE}'), "corrupted"),
-    "oversized sampler seed": (ZERO0_FILES, replaced('"seed": 0', f'"seed": -{HUGE}'), "corrupted"),
+    "oversized step": (ZERO2_BF16_FILES, replaced('"step": 4', f'"step": {HUGE}'), "malformed"),
+    "oversized sampler seed": (ZERO0_FILES, replaced('"seed": 0', f'"seed": -{HUGE}'), "malformed"),
     "zero 0 over zero 2 files": (ZERO2_BF16_FILES, stated(zero_stage=0, run={"zero_stage": 0}), "ZeRO 1-3"),
     "zero 3 over zero 2 files": (ZERO2_BF16_FILES, stated(zero_stage=3, run={"zero_stage": 3}), "ZeRO 1-2"),
     "zero 2 over zero 0 files": (ZERO0_FILES, stated(zero_stage=2, run={"zero_stage": 2}), "ZeRO 0"),
