@@ -283,9 +283,8 @@ def run(args: argparse.Namespace) -> int:
                 print(note)
         dist.barrier()
 
-        checkpoint = find_checkpoint(
-            s.resume, run_dir
-        )  # an intact one, in the claimed folder: no weights yet
+        # an intact checkpoint, in the claimed folder: found before any weights load
+        checkpoint = find_checkpoint(s.resume, run_dir)
         # read by rank 0, which writes final/; a file it cannot read stops every rank
         tokenizer = on_rank_zero(lambda: read_tokenizer(train_set.tokenizer_dir), collective_device()) or {}
         model = build_model(s, tokens_per_micro_batch=s.micro_batch_size * train_set.seq_len)

@@ -118,9 +118,11 @@ def check_base_model(s) -> str | None:
 
 
 def check_fresh(s, model, train_set) -> None:
-    """The data fits the built model: ids within the embedding, rows within its positions."""
-    spec = s.base_model if s.base_model is not None else f"the {s.model} preset"
-    check_model_fits(spec, model.config, s.data_dir, train_set.seq_len)
+    """The data fits the built base model: ids within its embedding, rows within its positions. A
+    preset's config was checked whole before it was built (``preflight.check_rows_fit_model``): checked
+    again, a data dir without a recorded vocabulary was read through a second time."""
+    if s.base_model is not None:
+        check_model_fits(s.base_model, model.config, s.data_dir, train_set.seq_len)
 
 
 def weights_fingerprint(model) -> str:

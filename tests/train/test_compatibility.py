@@ -23,6 +23,7 @@ from ds_sft.data.model_match import refuse_rows_past_positions
 from ds_sft.errors import UserError
 from ds_sft.model.config import PRESETS, ModelConfig
 from ds_sft.train import compatibility
+from ds_sft.train.preflight import check_rows_fit_model
 from tests.data.match_helpers import prepare, tiny_model_dir, two_tokenizers
 from tests.train.helpers import TinyPacked, settings, tiny_model, write_data_dir
 
@@ -121,15 +122,16 @@ def test_rows_longer_than_the_model_positions_are_refused(parts, tmp_path, capsy
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_rows_past_a_preset_positions_are_refused_by_the_one_check(preset, past, tmp_path):
     """``train --model PRESET``: rows up to the preset's positions pass, one more or many more are refused
-    in one line, by the refusal ``prepare --base_model`` gives (model_match.refuse_rows_past_positions)."""
+    in one line (before the preset is built: preflight), by the refusal ``prepare --base_model`` gives
+    (model_match.refuse_rows_past_positions)."""
     config = ModelConfig.preset(preset)
     s = SimpleNamespace(base_model=None, model=preset, data_dir=write_data_dir(tmp_path / "data"))
     seq_len = config.max_seq_len + past
     if not past:
-        compatibility.check_fresh(s, SimpleNamespace(config=config), SimpleNamespace(seq_len=seq_len))
+        check_rows_fit_model(s, seq_len)
         return
     with pytest.raises(UserError) as refused:
-        compatibility.check_fresh(s, SimpleNamespace(config=config), SimpleNamespace(seq_len=seq_len))
+        check_rows_fit_model(s, seq_len)
     said, positions = str(refused.value), config.max_seq_len
     assert f"holds rows of {seq_len:,} tokens but the {preset} preset has {positions:,} positions" in said
     assert f"--seq_len {positions} or less" in said and "\n" not in said
