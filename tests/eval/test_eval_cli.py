@@ -1043,3 +1043,20 @@ def test_each_model_spec_is_resolved_once(data_dir, model_specs, tmp_path, monke
     # is loaded by its path: resolved as a tokenizer, never through the hub)
     assert sorted(spec for spec, what in resolved if what == "model") == sorted(specs)
     assert len(asked_hub) == sum(kind.startswith("hub id") for kind in kinds)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_auto_takes_bf16_only_where_the_device_computes_in_it(
+    data_dir, model_dir, tmp_path, monkeypatch, native
+):
+    """``--dtype`` left out is auto: bfloat16 where ``machine.hardware_bf16`` says the device computes in
+    it, else float32 (emulated bf16 ran the demo's eval ~100x slower than fp32); eval.json records which."""
+    from ds_sft.command import main_for
+
+    asked = []
+    monkeypatch.setattr(cli, "hardware_bf16", lambda device: asked.append(device) or (native, "said so"))
+    out = tmp_path / "out"
+    argv = ["--model", str(model_dir), "--data_dir", str(data_dir[0]), "--out", str(out)]
+    assert main_for("eval", [*argv, "--no_gsm8k", "--no_generate", "--val_rows", "2"]) == 0
+    assert [str(device) for device in asked] == ["cpu"]
+    assert json.loads((out / "eval.json").read_text())["dtype"] == ("bfloat16" if native else "float32")
