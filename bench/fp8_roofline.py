@@ -33,7 +33,7 @@ from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.model.fp8 import INPUT, Float8Linear, Fp8Recipe, _import_te  # noqa: E402
 from ds_sft.model.fp8_roofline import TABLE, load_table  # noqa: E402
-from ds_sft.paths import write_result_file  # noqa: E402
+from ds_sft.safe_write import write_result_file  # noqa: E402
 
 
 def cuda_seconds(fn, repeats: int) -> float:

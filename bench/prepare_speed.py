@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> None:
     import torch  # noqa: F401
     from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
 
-    from ds_sft.paths import shared_dir
+    from ds_sft.locations import shared_dir
 
     datasets.disable_progress_bars()
     shared = shared_dir()

@@ -408,7 +408,7 @@ def deepspeed_step(
     ``overflow_check`` is DeepSpeed's bf16 ``check_grad_overflow``; ``reduce_every_micro_batch``
     steps as DeepSpeed alone would, reducing the gradients in every micro-batch (ds-sft's ZeRO 2
     reduces them once per update: ds_sft/train/engine.py)."""
-    from ds_sft.paths import read_json_object
+    from ds_sft.safe_read import read_json_object
     from ds_sft.train.distributed import init_distributed
     from ds_sft.train.engine import build_engine
     from ds_sft.train.step import train_step

@@ -12,7 +12,11 @@ Package arrows point one way too: ``train`` uses ``data``, ``model`` and ``kerne
     command.py       how a subcommand is wired (``add_arguments``, ``run``), and a bench script's main
     options.py       the domain of every number, choice and name a user can pass
     errors.py        UserError: one line for the user instead of a traceback
-    paths.py         where things are found, and files read and written without harm
+    locations.py     where ds-sft's own folders are (the repository, shared/), and a path's ``~``
+    model_source.py  a model or tokenizer spec (alias, path, hub id) -> a local path
+    safe_read.py     reading what someone else made: regular files only, JSON objects, no remote code
+    safe_write.py    writing without harm: output folders checked, results replaced whole, no links
+    gguf_file.py     a GGUF file read with its metadata and tensor layout checked
     json_input.py    the one reader of a user's JSON: repeated keys, NaN, depth refused in one line
     run_layout.py    the names in a training run's folder, and the checkpoint tag format
     labels.py        the label that marks a position with nothing to train

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ds_sft.bench_result import RESULTS_DIR, check_bench_out, write_bench_json
 from ds_sft.errors import UserError
-from ds_sft.paths import REPO_ROOT
+from ds_sft.locations import REPO_ROOT
 
 BENCH_DIR = REPO_ROOT / "bench"
 # The order they run in: the cheap data and kernel figures first, the long training steps last;

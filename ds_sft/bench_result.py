@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.paths import REPO_ROOT, check_result_path, write_result_file
+from ds_sft.locations import REPO_ROOT
+from ds_sft.safe_write import check_result_path, write_result_file
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"  # where every script writes by default
 

@@ -130,7 +130,7 @@ def recorded_run(mark: Path) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ds_sft.paths import writable_dir, write_result_file
+    from ds_sft.safe_write import writable_dir, write_result_file
     from ds_sft.train.run_dir import MARKER
 
     flags = [flag for flag, _ in args.source]

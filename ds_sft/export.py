@@ -30,7 +30,7 @@ import math
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.paths import expand_user
+from ds_sft.locations import expand_user
 
 # the output a refusal that names no file is about (command.execute): where a full disk ran out
 OUTPUT_FLAG = "hf"
@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from ds_sft.data.tokenizer import load_tokenizer, start_ids
     from ds_sft.model.checkpoint import load_model, refuse_training_state
     from ds_sft.model.export import export_hf
-    from ds_sft.paths import resolve_model_path, writable_dir
+    from ds_sft.model_source import resolve_model_path
+    from ds_sft.safe_write import writable_dir
 
     writable_dir(args.hf, "--hf")
     source = resolve_model_path(args.base_model)

@@ -8,7 +8,7 @@ ValueError that names a Python setting; and a value nested hundreds deep reads, 
 recursive walk of it (``copy.deepcopy``, DeepSpeed's config reader) with a RecursionError.
 :func:`parse_json_object` refuses each of these, and a top level that is not an object, with one
 line naming the key (``"optimizer.params.eps" is NaN, not a finite number``). The file is named by
-the caller: :func:`ds_sft.paths.read_json_object`.
+the caller: :func:`ds_sft.safe_read.read_json_object`.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
 
-from ds_sft.paths import shared_dir  # noqa: E402
+from ds_sft.locations import shared_dir  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def smollm2_gguf() -> Path:
     """
     pytest.importorskip("gguf", reason="reading GGUF needs the gguf package (pip install 'ds-sft[gguf]')")
     from ds_sft.errors import UserError
-    from ds_sft.paths import resolve_model_path
+    from ds_sft.model_source import resolve_model_path
 
     try:
         path = resolve_model_path("smollm2-135m-instruct")

@@ -235,7 +235,7 @@ def test_a_result_name_held_by_anything_but_a_file_is_refused_and_left_as_it_was
     """A link at a result's name was written through: `ds-sft bench` overwrote the user's notes it
     pointed at with its summary. A result replaces only a regular file, and the refusal comes first."""
     from ds_sft.errors import UserError
-    from ds_sft.paths import write_result_file
+    from ds_sft.safe_write import write_result_file
 
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
@@ -248,7 +248,7 @@ def test_a_result_name_held_by_anything_but_a_file_is_refused_and_left_as_it_was
 
 
 def test_a_result_file_is_replaced_whole_and_readable_by_others(tmp_path):
-    from ds_sft.paths import write_result_file
+    from ds_sft.safe_write import write_result_file
 
     path = tmp_path / "deeper" / "result.json"
     write_result_file(path, "old")

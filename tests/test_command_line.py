@@ -236,7 +236,7 @@ def test_a_path_under_an_unknown_users_home_is_one_line(argv, capsys, tmp_path, 
 
 def test_expand_user_expands_a_home_and_refuses_an_unknown_user():
     from ds_sft.errors import UserError
-    from ds_sft.paths import expand_user
+    from ds_sft.locations import expand_user
 
     assert expand_user("~/x") == Path.home() / "x" and expand_user("a/~b") == Path("a/~b")
     with pytest.raises(UserError, match="~nobody-here names no home folder"):

@@ -4,7 +4,7 @@ Each hostile file (a repeated key, NaN, Infinity, 1e400, an integer past ``int()
 past the limit or past the interpreter's recursion limit, a top level that is not an object, bytes
 that are not UTF-8 or not JSON) is refused by each reader entry point in one line, or counted as
 damage where the entry point has its own answer for an unreadable file; a valid file passes each.
-Before the one reader, ``ds_sft.paths.read_json_object`` (model configs, data manifests, tokenizer
+Before the one reader, ``ds_sft.safe_read.read_json_object`` (model configs, data manifests, tokenizer
 configs) kept the last of two keys, read NaN, and ended in a RecursionError traceback.
 """
 
@@ -91,7 +91,7 @@ def _refusal(call) -> str | None:
 
 
 def read_json_object(tmp_path, data):
-    from ds_sft.paths import read_json_object
+    from ds_sft.safe_read import read_json_object
 
     (tmp_path / "any.json").write_bytes(data)
     return _refusal(lambda: read_json_object(tmp_path / "any.json"))

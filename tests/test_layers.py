@@ -1,7 +1,7 @@
 """Imports point one way (docs/ARCHITECTURE.md): the commands at the front use everything; ``train``
 uses ``data``, ``model`` and ``kernels``; ``eval`` uses ``data`` and ``model``; ``model`` uses
 ``kernels``; ``kernels`` use nothing of ours; ``data`` and ``model`` never import each other (what both
-need lives in the shared modules: ``labels``, ``vocab``, ``errors``, ``paths``...). DeepSpeed is
+need lives in the shared modules: ``labels``, ``vocab``, ``errors``, ``safe_write``...). DeepSpeed is
 imported only under ``ds_sft/train/``. Every import is read, including those inside functions.
 
 Each package's docstring is its map: one indented ``name.py`` line for every module in it."""
@@ -21,7 +21,11 @@ SHARED = {
     "labels",
     "vocab",
     "positions",
-    "paths",
+    "locations",
+    "model_source",
+    "safe_read",
+    "safe_write",
+    "gguf_file",
     "json_input",
     "run_layout",
     "options",
@@ -41,7 +45,7 @@ FRONT = {"cli", "demo", "export", "bench", "bench_result", "torchrun", "__init__
 
 
 def unit(module: str) -> str:
-    """``ds_sft.train.loop`` -> ``train``; ``ds_sft.paths`` -> ``paths``."""
+    """``ds_sft.train.loop`` -> ``train``; ``ds_sft.safe_write`` -> ``safe_write``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
 
@@ -60,7 +64,7 @@ def imports(source: str) -> list[str]:
 
 
 def allowed(owner: str) -> set[str]:
-    """What module ``owner`` (``train``, ``paths``...) may import of ours."""
+    """What module ``owner`` (``train``, ``safe_write``...) may import of ours."""
     if owner == "kernels":
         return {"kernels"}
     if owner in SHARED:
@@ -94,7 +98,7 @@ def test_the_check_sees_a_wrong_import_wherever_it_is():
     assert violations("data", inside_a_function) == ["data imports ds_sft.model.llama"]
     assert violations("model", "from ds_sft import data") == ["model imports ds_sft.data"]
     assert violations("kernels", "import ds_sft.errors") == ["kernels imports ds_sft.errors"]
-    assert violations("paths", "from ds_sft.train import loop") == ["paths imports ds_sft.train"]
+    assert violations("safe_write", "from ds_sft.train import loop") == ["safe_write imports ds_sft.train"]
     assert violations("eval", "import deepspeed") == ["eval imports deepspeed: DeepSpeed belongs to train"]
     assert violations("train", "import deepspeed\nfrom ds_sft.data import sources") == []
 

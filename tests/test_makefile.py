@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from ds_sft.paths import REPO_ROOT
+from ds_sft.locations import REPO_ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
 

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ds_sft.errors import UserError
-from ds_sft.paths import hub_id, resolve_model_path
+from ds_sft.model_source import hub_id, resolve_model_path
 from tests.conftest import REPO_ROOT
 from tests.hub_cache import has_tree_cache, publish
 
@@ -274,7 +274,7 @@ def test_hf_hub_offline_reads_as_huggingface_hub_reads_it(monkeypatch, value, of
     """prepare took only "1": HF_HUB_OFFLINE=true meant offline to the model download, online to it."""
     import huggingface_hub.constants
 
-    from ds_sft.paths import hub_offline
+    from ds_sft.model_source import hub_offline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     assert hub_offline() is offline
@@ -283,7 +283,7 @@ def test_hf_hub_offline_reads_as_huggingface_hub_reads_it(monkeypatch, value, of
 
 def test_ds_sft_shared_names_the_shared_folder_and_nothing_else(monkeypatch, tmp_path):
     """A DS_SFT_SHARED without data/ (a typo) fell back to ../shared without a word."""
-    from ds_sft.paths import REPO_ROOT, shared_dir
+    from ds_sft.locations import REPO_ROOT, shared_dir
 
     (tmp_path / "mine" / "data").mkdir(parents=True)
     monkeypatch.setenv("DS_SFT_SHARED", str(tmp_path / "mine"))

@@ -22,7 +22,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ds_sft import paths, run_layout
+from ds_sft import gguf_file, locations, model_source, run_layout, safe_read
 from ds_sft.data.shards import PackedDataset, read_manifest
 from ds_sft.errors import UserError
 from ds_sft.json_input import parse_json_object
@@ -51,7 +51,7 @@ def gguf_identity(path: Path) -> str | None:
     ~1/5 of the time transformers takes to build the tokenizer; None for other kinds."""
     from ds_sft.data.tokenizer import gguf_special_token_ids
 
-    fields = paths.read_gguf(path, "tokenizer").fields
+    fields = gguf_file.read_gguf(path, "tokenizer").fields
 
     def strings(name: str) -> list[str]:
         field = fields[name]
@@ -117,11 +117,11 @@ def _folder_identity(folder: str, stamp: tuple) -> str:
 def model_tokenizer_dir(spec: str, path: Path | None = None) -> Path | None:
     """Where the tokenizer stored with model ``spec`` lives, or None when it carries none (a
     nanoGPT-style ``.pt``, a bare ``.safetensors``, a ds-sft weights folder without ``tokenizer/``).
-    ``path``: ``spec`` resolved already (:func:`ds_sft.paths.resolve_model_path`), as each function
+    ``path``: ``spec`` resolved already (:func:`ds_sft.model_source.resolve_model_path`), as each function
     here that reads a model's files takes it: online, every resolve of a hub id asks the hub."""
     from ds_sft.data.tokenizer import stored_tokenizer
 
-    return stored_tokenizer(path or paths.resolve_model_path(spec))
+    return stored_tokenizer(path or model_source.resolve_model_path(spec))
 
 
 # In a model folder train wrote (RUN/final): the prompt format of the data it was trained on.
@@ -149,7 +149,7 @@ def trained_record(spec: str, path: Path | None = None) -> tuple[Path, dict] | N
     :func:`model_tokenizer_dir`."""
     from ds_sft.data.tokenizer import model_folder
 
-    path = model_folder(path or paths.resolve_model_path(spec))
+    path = model_folder(path or model_source.resolve_model_path(spec))
     record = path / TRAINED_ON
     if not path.is_dir() or not record.is_file():
         return None
@@ -177,7 +177,7 @@ def final_behind(spec: str, path: Path | None = None) -> str | None:
     are: a run resumed after it finished writes final/ anew only at its end, so while it trains, and
     after it stopped early, the run folder held the old final/ and eval, export and ``--base_model``
     read it without a word. None when they agree, or when either is not recorded."""
-    if not paths.expand_user(spec).exists():  # a hub id or an alias: no run of ours, nothing to resolve
+    if not locations.expand_user(spec).exists():  # a hub id or an alias: no run of ours, nothing to resolve
         return None
     return behind_note(trained_record(spec, path))
 
@@ -302,7 +302,7 @@ def model_positions(spec: str) -> int | None:
     a model says why)."""
     from ds_sft.data.tokenizer import model_folder
 
-    path = paths.resolve_model_path(spec)
+    path = model_source.resolve_model_path(spec)
     suffix = path.suffix.lower()
     if path.is_file() and suffix == ".gguf":
         return _gguf_positions(path)
@@ -310,10 +310,10 @@ def model_positions(spec: str) -> int | None:
         hints = _torch_file_config(path)
         return None if hints is None else _declared_positions(hints)
     folder = model_folder(path)
-    paths.refuse_remote_code(folder)  # as loading its tokenizer or its weights would, first
+    safe_read.refuse_remote_code(folder)  # as loading its tokenizer or its weights would, first
     for name in ("model_config.json", "config.json"):
         if (folder / name).is_file():
-            return _declared_positions(paths.read_json_object(folder / name, "model config"))
+            return _declared_positions(safe_read.read_json_object(folder / name, "model config"))
     return DEFAULT_POSITIONS if path.is_file() and suffix == ".safetensors" else None
 
 
@@ -342,7 +342,7 @@ def _torch_file_config(path: Path) -> dict | None:
 
     import torch
 
-    paths.require_regular_file(path, "checkpoint")  # a FIFO would hang torch.load
+    safe_read.require_regular_file(path, "checkpoint")  # a FIFO would hang torch.load
     try:  # weights only, mapped: the tensors are not read
         with torch.serialization.safe_globals([io.BytesIO]):
             checkpoint = torch.load(
@@ -361,7 +361,7 @@ def _torch_file_config(path: Path) -> dict | None:
 
 def _gguf_positions(path: Path) -> int | None:
     """A GGUF's ``{architecture}.context_length`` (transformers' ``max_position_embeddings``)."""
-    fields = paths.read_gguf(path).fields
+    fields = gguf_file.read_gguf(path).fields
     arch = fields.get("general.architecture")
     name = f"{bytes(arch.parts[-1]).decode('utf-8', 'replace')}.context_length" if arch else None
     field = fields.get(name) if name else None

@@ -6,7 +6,7 @@ manifest lists every other file in it with size and sha256 (``files``). That lis
 ds-sft ever deletes:
 
 - :func:`check_output_dir`, before any work, refuses what no output flag takes
-  (:func:`ds_sft.paths.writable_dir`: a file or a path under one, a folder that cannot be written), the
+  (:func:`ds_sft.safe_write.writable_dir`: a file or a path under one, a folder that cannot be written), the
   current folder or a folder above it, a folder holding an input, a folder holding anything its
   manifest does not list (a README, a ``src/`` tree, a symlink) or a listed file whose bytes changed
   (ds-sft cannot tell it from a user's), and a folder with no ds-sft manifest at all;
@@ -31,8 +31,10 @@ from pathlib import Path
 
 from ds_sft.errors import UserError
 from ds_sft.json_input import parse_json_object
-from ds_sft.paths import expand_user, sha256_file, temporary_name_prefix, writable_dir
+from ds_sft.locations import expand_user
 from ds_sft.run_layout import EFFECTIVE_CONFIG, METRICS_FILE
+from ds_sft.safe_read import sha256_file
+from ds_sft.safe_write import temporary_name_prefix, writable_dir
 
 MANIFEST = "manifest.json"
 SWAP_SUFFIX = "-swap"  # _exchange's name for the old output while it renames twice

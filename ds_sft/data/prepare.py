@@ -57,6 +57,8 @@ import numpy as np
 
 from ds_sft.data.mix import check_mix_fits, mix_indices, parse_mix, split_val
 from ds_sft.errors import UserError, as_os_error, one_line
+from ds_sft.locations import expand_user
+from ds_sft.model_source import hub_offline
 from ds_sft.options import (
     INT32_MAX,
     INT64_MAX,
@@ -69,7 +71,6 @@ from ds_sft.options import (
     Weights,
     refuse_ignored,
 )
-from ds_sft.paths import expand_user, hub_offline
 
 if TYPE_CHECKING:
     from ds_sft.data.tokenize import Documents
@@ -250,7 +251,8 @@ def add_output_flags(out) -> None:
 def collect_sources(args: argparse.Namespace) -> list:
     """The sources to read, in order: --alpaca, --gsm8k, --dolly, each --source, then shared ones."""
     from ds_sft.data.sources import HUB_IDS, SOURCE_NAME, SourceSpec, parse_field_map
-    from ds_sft.paths import require_regular_file, shared_dir
+    from ds_sft.locations import shared_dir
+    from ds_sft.safe_read import require_regular_file
 
     field_maps: dict[str, dict[str, str]] = {}
     for text in args.field_map:
@@ -307,7 +309,8 @@ def gsm8k_test_reference(args: argparse.Namespace, specs: list) -> tuple[list[st
     (none with --decontam_threshold 0)."""
     from ds_sft.data.clean import Drops, clean_records
     from ds_sft.data.sources import SourceSpec, load_source
-    from ds_sft.paths import require_regular_file, shared_dir
+    from ds_sft.locations import shared_dir
+    from ds_sft.safe_read import require_regular_file
 
     if args.decontam_threshold == 0:
         return [], {}
@@ -505,7 +508,7 @@ def cache_key(args: argparse.Namespace, specs: list, tokenizer, identity: str, r
 def input_fingerprints(specs: list) -> list[dict]:
     """What each source is for the reuse key: its name, how it is read (its kind: --gsm8k F strips
     calculator annotations that --source NAME=F keeps) and its bytes, or its hub id."""
-    from ds_sft.paths import sha256_file
+    from ds_sft.safe_read import sha256_file
 
     return [
         {"name": s.name, "kind": s.kind}

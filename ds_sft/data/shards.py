@@ -31,7 +31,7 @@ import numpy as np
 
 from ds_sft.errors import UserError
 from ds_sft.labels import IGNORE_INDEX
-from ds_sft.paths import read_json_object, require_regular_file
+from ds_sft.safe_read import read_json_object, require_regular_file
 
 ROWS_PER_SHARD = 16384  # 16M tokens (32 MB of uint16) per shard at seq_len 1024
 SHARD_PARTS = ("tokens", "loss_mask", "documents", "row_offsets")  # one .npy file each
@@ -48,7 +48,7 @@ PART_DTYPES = {
 
 
 def read_checked_json(path: Path, required: dict[str, type | tuple[type, ...]]) -> dict:
-    """The JSON object in ``path`` (:func:`ds_sft.paths.read_json_object`) with each ``required`` key
+    """The JSON object in ``path`` (:func:`ds_sft.safe_read.read_json_object`) with each ``required`` key
     present and of its type; else one UserError naming the file and the key (a bool is no int)."""
     value = read_json_object(path, "prepared data file")
     for key, kind in required.items():

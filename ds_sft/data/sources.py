@@ -45,7 +45,9 @@ from pathlib import Path
 
 from ds_sft.data.clean import Drops
 from ds_sft.errors import UserError, first_line, preview
-from ds_sft.paths import expand_user, hub_id, require_regular_file, sha256_file
+from ds_sft.locations import expand_user
+from ds_sft.model_source import hub_id
+from ds_sft.safe_read import require_regular_file, sha256_file
 
 # record field -> column; "instruction" and "response" are required, the rest optional.
 SCHEMAS: dict[str, dict[str, str]] = {

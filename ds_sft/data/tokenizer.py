@@ -8,7 +8,7 @@
   (a prepared data dir, a training run's ``final/``),
 - a ``.gguf`` file (the tokenizer and chat template live in its metadata),
 - a model alias such as ``smollm2-135m-instruct`` or a Hugging Face id such as ``Qwen/Qwen3-0.6B``
-  (see :func:`ds_sft.paths.resolve_model_path`),
+  (see :func:`ds_sft.model_source.resolve_model_path`),
 - bare weights without a tokenizer (a nanoGPT-style ``.pt``, a checkpoint dir): GPT-2's, with a note,
 
 and returns a fast ``transformers`` tokenizer with an EOS token: training appends EOS to every
@@ -24,7 +24,7 @@ import json
 import re
 from pathlib import Path
 
-from ds_sft import paths
+from ds_sft import gguf_file, locations, model_source, safe_read
 from ds_sft.data.normalizer_bounds import refuse_growing_normalizer
 from ds_sft.errors import UserError, first_line, is_native_panic
 from ds_sft.vocab import id_bound
@@ -74,9 +74,9 @@ def _from_pretrained(directory: Path, **kwargs):
     from transformers import AutoTokenizer
 
     if not kwargs:
-        paths.refuse_remote_code(directory)
+        safe_read.refuse_remote_code(directory)
         if (directory / "tokenizer.json").is_file():
-            paths.require_regular_file(directory / "tokenizer.json", "tokenizer")
+            safe_read.require_regular_file(directory / "tokenizer.json", "tokenizer")
             _check_id_range(directory / "tokenizer.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
@@ -106,11 +106,11 @@ def vocabulary_of_files(tokenizer, directory: Path) -> set[str]:
     else:
         tokens = {token for token, i in tokenizer.get_vocab().items() if i < tokenizer.vocab_size}
     if (directory / "tokenizer_config.json").is_file():
-        config = paths.read_json_object(directory / "tokenizer_config.json", "tokenizer config")
+        config = safe_read.read_json_object(directory / "tokenizer_config.json", "tokenizer config")
         listed = config.get("added_tokens_decoder") or {}
         tokens |= {entry.get("content") for entry in listed.values() if isinstance(entry, dict)}
     if (directory / "added_tokens.json").is_file():
-        tokens |= set(paths.read_json_object(directory / "added_tokens.json", "added_tokens.json"))
+        tokens |= set(safe_read.read_json_object(directory / "added_tokens.json", "added_tokens.json"))
     return tokens
 
 
@@ -151,7 +151,7 @@ def _from_gguf(path: Path):
     The ids win over transformers' converter because some releases get them wrong: 5.17's llama
     converter swaps BOS and EOS, which would train ``<|im_start|>`` as the end of every response.
     They are checked first, as transformers indexes its token list with them unchecked."""
-    fields = paths.read_gguf(path, "tokenizer").fields
+    fields = gguf_file.read_gguf(path, "tokenizer").fields
     tokens = fields.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise UserError(f"{path}: this GGUF holds no tokenizer; pass --tokenizer with the model's own")
@@ -169,7 +169,7 @@ def _from_gguf(path: Path):
 
 
 def _gpt2():
-    shared = paths.shared_dir()
+    shared = locations.shared_dir()
     if shared is not None and (shared / "tokenizers" / "gpt2" / "tokenizer.json").is_file():
         return _from_pretrained(shared / "tokenizers" / "gpt2")
     from transformers import AutoTokenizer
@@ -212,7 +212,7 @@ def _load(spec: str):
     if spec.lower() == "gpt2":
         return _gpt2()
     forms = "a tokenizer.json, a tokenizer directory, a .gguf file, 'gpt2'"
-    path = paths.resolve_model_path(spec, what="tokenizer", forms=forms)
+    path = model_source.resolve_model_path(spec, what="tokenizer", forms=forms)
     if path.is_dir() or path.suffix in WEIGHT_FILES:
         stored = stored_tokenizer(path)
         if stored is None and not holds_weights(model_folder(path)):
@@ -232,9 +232,9 @@ def _load(spec: str):
     if path.is_dir():
         return _from_pretrained(path)
     if path.suffix == ".gguf":
-        return _from_gguf(path)  # paths.read_gguf refuses anything but a regular file
+        return _from_gguf(path)  # gguf_file.read_gguf refuses anything but a regular file
     if path.suffix == ".json":
-        paths.require_regular_file(path, "tokenizer")  # a FIFO or a device would hang the reader
+        safe_read.require_regular_file(path, "tokenizer")  # a FIFO or a device would hang the reader
         return _from_file(path)
     raise UserError(f"{path}: not a tokenizer; pass a tokenizer.json, a directory, a .gguf file or 'gpt2'")
 

@@ -39,9 +39,10 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.locations import expand_user
 from ds_sft.machine import hardware_bf16
+from ds_sft.model_source import resolve_model_path
 from ds_sft.options import Ignored, refuse_ignored
-from ds_sft.paths import expand_user, resolve_model_path
 
 # the output a refusal that names no file is about (command.execute): where a full disk ran out
 OUTPUT_FLAG = "out"
@@ -222,7 +223,7 @@ def _check_args(args: argparse.Namespace, specs: list[str]) -> tuple[Path, dict 
     """Refuse bad folders before any work; returns (--out resolved, the manifest of the previous eval
     there, if any)."""
     from ds_sft.data.output import check_output_dir, refuse_overlap
-    from ds_sft.paths import writable_dir
+    from ds_sft.safe_write import writable_dir
 
     # numbers are checked by their declared domains in add_arguments (ds_sft/options.py)
     if args.no_val and _answers_nothing(args):

@@ -260,7 +260,7 @@ def load_checked_model(
     """``spec`` loaded, once it is known to take the data dir's rows, its val batches and every prompt
     to answer (:func:`ds_sft.data.model_match.check_model_fits`, :func:`check_val_fits`,
     :func:`check_generation_fits`): a refusal comes before anything is measured. ``path``: ``spec``
-    resolved already (:func:`ds_sft.paths.resolve_model_path`), else resolved here."""
+    resolved already (:func:`ds_sft.model_source.resolve_model_path`), else resolved here."""
     from ds_sft.data.model_match import check_model_fits
     from ds_sft.eval.prompts import FIXED_PROMPTS
     from ds_sft.model.checkpoint import load_model

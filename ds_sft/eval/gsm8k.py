@@ -25,8 +25,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from ds_sft.errors import UserError, first_line
+from ds_sft.locations import shared_dir
 from ds_sft.options import COUNT, checked
-from ds_sft.paths import shared_dir
 
 HUB_ID = "openai/gsm8k"
 

@@ -321,7 +321,7 @@ def regex_problem(pattern) -> str | None:
 
 def _checked_data(config: dict, refuse) -> dict:
     """``dataset_kwargs`` with every data file an absolute path of a regular file."""
-    from ds_sft.paths import require_regular_file
+    from ds_sft.safe_read import require_regular_file
 
     if config.get("dataset_path") not in DATASET_BUILDERS:
         refuse(

@@ -2,7 +2,7 @@
 
 ``load_model(spec)`` accepts, in the order it tries them:
 
-- a model alias (``smollm2-135m-instruct``, see :mod:`ds_sft.paths`), resolved to its file;
+- a model alias (``smollm2-135m-instruct``, see :mod:`ds_sft.model_source`), resolved to its file;
 - a ds-sft directory written by :func:`save_model` (``model.safetensors`` + ``model_config.json``),
   or a training run directory (its ``final/``);
 - a Hugging Face directory (``config.json`` + weights) of a supported family (``model_type`` llama,
@@ -60,19 +60,14 @@ from typing import Any
 import torch
 
 from ds_sft.errors import UserError, first_line, preview, refused_global
+from ds_sft.gguf_file import read_gguf
 from ds_sft.model.config import FAMILIES, PRESETS, RUN_SETTINGS, ModelConfig, check_field
 from ds_sft.model.llama import LlamaModel, rope_table
-from ds_sft.paths import (
-    own_folder,
-    read_gguf,
-    read_json_object,
-    refuse_remote_code,
-    replace_file,
-    require_regular_file,
-    resolve_model_path,
-)
+from ds_sft.model_source import resolve_model_path
 from ds_sft.positions import POSITION_FIELDS
 from ds_sft.run_layout import EFFECTIVE_CONFIG, TRAINER_STATE, is_tag, latest_tag, tag_step
+from ds_sft.safe_read import read_json_object, refuse_remote_code, require_regular_file
+from ds_sft.safe_write import own_folder, replace_file
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,9 @@ from typing import Any
 
 from ds_sft.errors import UserError
 from ds_sft.options import Bool, Domain, Float, Int, checked
-from ds_sft.paths import read_json_object, write_result_file
 from ds_sft.positions import DEFAULT_POSITIONS
+from ds_sft.safe_read import read_json_object
+from ds_sft.safe_write import write_result_file
 
 # kernels.BACKENDS, repeated here so that reading a config does not import torch
 KERNEL_BACKENDS = ("auto", "triton", "torch", "eager")

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from ds_sft.errors import UserError, one_line
 from ds_sft.json_input import JsonRefused, NotJson
-from ds_sft.paths import sha256_file
 from ds_sft.run_layout import TRAINER_STATE, is_tag, latest_tag, tag_step
+from ds_sft.safe_read import sha256_file
 from ds_sft.train.trainer_state import FILES, read_trainer_state, trainer_state_problem
 
 # Everything a ds-sft checkpoint pickles beyond tensors and plain containers, as the pickle names it

@@ -23,8 +23,8 @@ import sys
 
 from ds_sft.errors import UserError, several_ranks
 from ds_sft.options import Ignored, Int, StoreOnce, refuse_ignored
-from ds_sft.paths import writable_dir, write_result_file
 from ds_sft.run_layout import EFFECTIVE_CONFIG
+from ds_sft.safe_write import writable_dir, write_result_file
 from ds_sft.train.config_keys import DEFAULT_CONFIG, OPTIONS, ROWS_PER_STEP
 from ds_sft.train.run_dir import check_inputs_outside
 

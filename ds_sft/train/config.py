@@ -28,8 +28,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ds_sft.errors import UserError
+from ds_sft.locations import expand_user
 from ds_sft.machine import hardware_bf16
-from ds_sft.paths import expand_user, read_json_object
+from ds_sft.safe_read import read_json_object
 from ds_sft.train.config_checks import (
     check_domain,
     check_inputs,

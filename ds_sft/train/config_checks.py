@@ -402,7 +402,7 @@ def check_inputs(s: dict) -> None:
     if not (Path(s["data_dir"]) / "manifest.json").is_file():
         raise UserError(f"--data_dir {s['data_dir']} has no manifest.json: run `ds-sft prepare` to make one")
     if s["base_model"] is not None:
-        from ds_sft.paths import resolve_model_path
+        from ds_sft.model_source import resolve_model_path
 
         resolve_model_path(s["base_model"])
     if s["model"] is not None:

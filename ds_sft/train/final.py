@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.paths import own_folder, replace_file, write_result_file
+from ds_sft.safe_write import own_folder, replace_file, write_result_file
 
 
 def tokenizer_files(tokenizer_dir) -> tuple[list[str], list[str]]:

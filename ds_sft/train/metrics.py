@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError, first_line
-from ds_sft.paths import unshare
 from ds_sft.run_layout import METRICS_FILE
+from ds_sft.safe_write import unshare
 
 # Dense peak FLOP/s of one GPU (no sparsity) from NVIDIA's datasheets, (bf16, fp32), by a
 # fragment of torch.cuda.get_device_name(): "NVIDIA H100 80GB HBM3" is the SXM card, the others say
@@ -199,7 +199,7 @@ def start_wandb(wandb, project: str | None, mode: str, run_dir: Path, config: di
 def cut_partial_last_line(path: Path) -> None:
     """Drop what follows the last newline of ``path``: a record a killed run was writing. Appended to,
     the next record was glued onto it and lost with it. The cut part cannot be read as a
-    record, so nothing readable goes (called after :func:`~ds_sft.paths.unshare`, so a ``cp -al``
+    record, so nothing readable goes (called after :func:`~ds_sft.safe_write.unshare`, so a ``cp -al``
     copy keeps its bytes)."""
     try:
         with open(path, "rb+") as file:

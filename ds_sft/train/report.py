@@ -8,8 +8,8 @@ import statistics
 from pathlib import Path
 
 from ds_sft.options import is_number
-from ds_sft.paths import replace_file, write_result_file
 from ds_sft.run_layout import METRICS_FILE
+from ds_sft.safe_write import replace_file, write_result_file
 
 # Every plot :func:`plot` may write (run_dir.py removes the earlier run's at --overwrite).
 PLOT_FILES = ("loss.png", "perplexity.png", "lr.png", "grad_norm.png", "tokens_per_s.png")

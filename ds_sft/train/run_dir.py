@@ -46,8 +46,9 @@ import tempfile
 from pathlib import Path
 
 from ds_sft.errors import UserError, preview
-from ds_sft.paths import expand_user, unshare, write_result_file
+from ds_sft.locations import expand_user
 from ds_sft.run_layout import EFFECTIVE_CONFIG, METRICS_FILE, TRAINER_STATE, is_tag, latest_tag
+from ds_sft.safe_write import unshare, write_result_file
 from ds_sft.train.report import PLOT_FILES
 
 LOCK_FILE = ".lock"

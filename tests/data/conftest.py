@@ -50,10 +50,10 @@ def tiny_tokenizer(tiny_tokenizer_file):
 @pytest.fixture
 def run_prepare(tiny_tokenizer_file, monkeypatch):
     """Run ``prepare`` in-process on the given flags with the tiny tokenizer and no ../shared."""
-    import ds_sft.paths
+    import ds_sft.locations
     from ds_sft.data import prepare
 
-    monkeypatch.setattr(ds_sft.paths, "shared_dir", lambda: None)
+    monkeypatch.setattr(ds_sft.locations, "shared_dir", lambda: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     def run(argv: list[str]) -> dict:

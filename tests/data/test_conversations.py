@@ -465,10 +465,10 @@ def split_files_hash(directory) -> str:
 
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 def test_train_on_last_is_todays_output_byte_for_byte(gpt2, template, tmp_path, monkeypatch):
-    import ds_sft.paths
+    import ds_sft.locations
     from ds_sft.data import prepare
 
-    monkeypatch.setattr(ds_sft.paths, "shared_dir", lambda: None)
+    monkeypatch.setattr(ds_sft.locations, "shared_dir", lambda: None)
     path = write_jsonl(tmp_path / "chat.jsonl", fixture_rows())
     tokenizer_dir = tmp_path / "tokenizer"
     with_template(gpt2, CHATML).save_pretrained(str(tokenizer_dir))
@@ -488,10 +488,10 @@ def test_train_on_last_is_todays_output_byte_for_byte(gpt2, template, tmp_path, 
 
 
 def test_manifest_counts_how_each_conversation_was_masked(gpt2, qwen3, tmp_path, monkeypatch):
-    import ds_sft.paths
+    import ds_sft.locations
     from ds_sft.data import prepare
 
-    monkeypatch.setattr(ds_sft.paths, "shared_dir", lambda: None)
+    monkeypatch.setattr(ds_sft.locations, "shared_dir", lambda: None)
     rows = fixture_rows()
     # conversations with turns before the last exchange (a system turn counts); a lone user + assistant
     # pair is a one-turn record (prompt, answer), whatever --train_on says
@@ -516,14 +516,14 @@ def test_manifest_counts_how_each_conversation_was_masked(gpt2, qwen3, tmp_path,
 def test_multi_turn_file_goes_through_prepare_train_and_eval(gpt2, tmp_path, monkeypatch):
     import torch
 
-    import ds_sft.paths
+    import ds_sft.locations
     from ds_sft.cli import main
     from ds_sft.data.shards import PackedDataset
     from ds_sft.model.checkpoint import save_model
     from ds_sft.model.config import ModelConfig
     from ds_sft.model.llama import LlamaModel
 
-    monkeypatch.setattr(ds_sft.paths, "shared_dir", lambda: None)
+    monkeypatch.setattr(ds_sft.locations, "shared_dir", lambda: None)
     monkeypatch.chdir(tmp_path)
     tokenizer_dir = tmp_path / "tokenizer"
     with_template(gpt2, CHATML).save_pretrained(str(tokenizer_dir))

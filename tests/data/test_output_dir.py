@@ -282,7 +282,7 @@ def test_missing_shard_is_not_up_to_date_and_changed_shard_is_refused(run_prepar
 
 
 def test_manifest_lists_every_file_with_size_and_hash(run_prepare, world):
-    from ds_sft.paths import sha256_file
+    from ds_sft.safe_read import sha256_file
 
     manifest = prepare_into(run_prepare, world)
     on_disk = sorted(p.relative_to(world["out"]).as_posix() for p in world["out"].rglob("*") if p.is_file())
@@ -318,7 +318,7 @@ def test_an_output_name_near_the_limit_is_built_and_swapped_in(tmp_path, monkeyp
 
 @pytest.mark.parametrize("name", LONG_NAMES, ids=lambda name: f"{len(name.encode())}B")
 def test_a_result_file_named_near_the_limit_is_written_and_replaced(tmp_path, name):
-    from ds_sft.paths import write_result_file
+    from ds_sft.safe_write import write_result_file
 
     write_result_file(tmp_path / name, "old")
     write_result_file(tmp_path / name, "new")

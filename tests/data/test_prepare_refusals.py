@@ -367,7 +367,7 @@ def test_text_spelling_an_added_marker_without_the_special_flag_is_dropped(
 def test_a_source_name_is_refused_in_one_line_or_round_trips(name, tmp_path_factory):
     """A --source NAME is written into row ids, the manifest and the summary, and read back from
     --mix and --field_map: whatever collect_sources accepts comes back out of each unchanged."""
-    import ds_sft.paths
+    import ds_sft.locations
     from ds_sft.data.mix import parse_mix, source_rng
     from ds_sft.data.prepare import collect_sources
     from ds_sft.data.sources import parse_field_map
@@ -382,14 +382,15 @@ def test_a_source_name_is_refused_in_one_line_or_round_trips(name, tmp_path_fact
         with pytest.raises(UnicodeEncodeError):  # and nothing else
             name.encode("utf-8")
         return
-    shared_dir, ds_sft.paths.shared_dir = ds_sft.paths.shared_dir, lambda: None  # no ../shared sources
+    shared_dir = ds_sft.locations.shared_dir
+    ds_sft.locations.shared_dir = lambda: None  # no ../shared sources
     try:
         specs = collect_sources(args)
     except UserError as err:
         assert "\n" not in str(err) and "NAME must be" in str(err)
         return
     finally:
-        ds_sft.paths.shared_dir = shared_dir
+        ds_sft.locations.shared_dir = shared_dir
     assert [spec.name for spec in specs] == [name]
     assert parse_mix(f"{name}=2", [name]) == {name: 2.0}
     assert parse_field_map(f"{name}:instruction=q") == (name, {"instruction": "q"})

@@ -83,10 +83,10 @@ def test_a_runaway_template_is_stopped_and_refused_in_one_line(
 def test_prepare_refuses_a_runaway_template_in_one_line(
     tmp_path, tiny_tokenizer_file, monkeypatch, short_limit
 ):
-    import ds_sft.paths
+    import ds_sft.locations
     from ds_sft.data import prepare
 
-    monkeypatch.setattr(ds_sft.paths, "shared_dir", lambda: None)
+    monkeypatch.setattr(ds_sft.locations, "shared_dir", lambda: None)
     folder = tokenizer_dir(tmp_path, tiny_tokenizer_file, RUNAWAY["nested_ranges"] + CHATML)
     data = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(30))
     args = parse_prepare_args(

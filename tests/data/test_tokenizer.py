@@ -189,11 +189,11 @@ def test_a_tokenizer_saved_with_padding_or_truncation_prepares_the_same_shards(
     every encode: pad tokens were trained as answer text, prompts cut to a few tokens, silently."""
     import numpy as np
 
-    import ds_sft.paths
+    import ds_sft.locations
     from ds_sft.data import prepare
     from tests.data.helpers import alpaca_rows, parse_prepare_args, write_jsonl
 
-    monkeypatch.setattr(ds_sft.paths, "shared_dir", lambda: None)
+    monkeypatch.setattr(ds_sft.locations, "shared_dir", lambda: None)
     document = json.loads(tiny_tokenizer_file.read_text())
     document[setting] = ENCODE_SETTINGS[setting]
     saved = tmp_path / "tokenizer.json"
@@ -220,11 +220,11 @@ def test_a_sparse_vocabulary_is_stored_by_its_largest_id(tmp_path, monkeypatch, 
     import numpy as np
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    import ds_sft.paths
+    import ds_sft.locations
     from ds_sft.data import prepare
     from tests.data.helpers import alpaca_rows, parse_prepare_args, write_jsonl
 
-    monkeypatch.setattr(ds_sft.paths, "shared_dir", lambda: None)
+    monkeypatch.setattr(ds_sft.locations, "shared_dir", lambda: None)
     rows = alpaca_rows(30)
     words = {w for row in rows for text in row.values() for w in text.replace(".", " . ").split()}
     prompt = "Below is an instruction that describes a task . Write a response appropriately completes"

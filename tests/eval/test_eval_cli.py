@@ -533,7 +533,7 @@ def test_a_runs_final_stands_for_the_whole_run(data_dir, model_dir, tmp_path, ca
 
 
 def _manifest_matches(out) -> dict:
-    from ds_sft.paths import sha256_file
+    from ds_sft.safe_read import sha256_file
 
     manifest = json.loads((out / cli.MANIFEST).read_text())
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
@@ -1004,7 +1004,7 @@ def test_each_model_spec_is_resolved_once(data_dir, model_specs, tmp_path, monke
 
     from huggingface_hub import constants
 
-    import ds_sft.paths
+    import ds_sft.model_source
     from ds_sft.data import model_match
 
     pytest.importorskip("gguf", reason="the GGUF form needs the gguf package (pip install 'ds-sft[gguf]')")
@@ -1012,8 +1012,11 @@ def test_each_model_spec_is_resolved_once(data_dir, model_specs, tmp_path, monke
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.syspath_prepend(str(model_specs["_packages"]))
-    aliases = {**ds_sft.paths.MODEL_ALIASES, "tiny-alias": ("tiny_alias_weights", "model.safetensors", "-")}
-    monkeypatch.setattr(ds_sft.paths, "MODEL_ALIASES", aliases)
+    aliases = {
+        **ds_sft.model_source.MODEL_ALIASES,
+        "tiny-alias": ("tiny_alias_weights", "model.safetensors", "-"),
+    }
+    monkeypatch.setattr(ds_sft.model_source, "MODEL_ALIASES", aliases)
     identity = model_match.model_tokenizer_identity
     data_identity = model_match.data_tokenizer_identity(str(data_dir[0]))
     monkeypatch.setattr(  # the test's GGUF carries no tokenizer: take it for the data's (read, not resolved)
@@ -1023,7 +1026,7 @@ def test_each_model_spec_is_resolved_once(data_dir, model_specs, tmp_path, monke
     )
 
     resolved, asked_hub = [], []
-    resolve, snapshot = ds_sft.paths.resolve_model_path, ds_sft.paths.hub_snapshot
+    resolve, snapshot = ds_sft.model_source.resolve_model_path, ds_sft.model_source.hub_snapshot
 
     def counted(spec, what="model", forms="an existing path"):
         resolved.append((str(spec), what))
@@ -1034,7 +1037,7 @@ def test_each_model_spec_is_resolved_once(data_dir, model_specs, tmp_path, monke
     ]:
         monkeypatch.setattr(module, "resolve_model_path", counted)
     monkeypatch.setattr(
-        ds_sft.paths, "hub_snapshot", lambda *a, **k: asked_hub.append(a) or snapshot(*a, **k)
+        ds_sft.model_source, "hub_snapshot", lambda *a, **k: asked_hub.append(a) or snapshot(*a, **k)
     )
     specs = [model_specs[kind] for kind in kinds]
     which = ["--model", *specs] if len(specs) == 1 else ["--compare", *specs]

@@ -25,7 +25,7 @@ from ds_sft.export import MANIFEST
 from ds_sft.model.checkpoint import save_model
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
-from ds_sft.paths import sha256_file
+from ds_sft.safe_read import sha256_file
 from tests.data.test_output_dir import snapshot
 from tests.model.conftest import make_word_tokenizer
 

@@ -2,7 +2,7 @@
 
 Every model command reads a ``.gguf`` ``--base_model`` through ``load_model``, which parses it first
 with a reader that refuses any read past the end of the file and checks that the tensors' data lie
-back to back (:func:`ds_sft.paths.read_gguf`), then lets transformers build the model. The files
+back to back (:func:`ds_sft.gguf_file.read_gguf`), then lets transformers build the model. The files
 below start from one valid tiny llama GGUF and damage one item each, at byte offsets found by
 :mod:`tests.model.gguf_layout`: cut at every item boundary, wrong magic, counts, lengths and dims
 too large, tensor offsets out of range, overlapping or leaving gaps, tensor types that do not match

@@ -8,7 +8,7 @@
   run wrote, never through a symlink; ``--resume`` never restarts over a run it cannot continue. Each
   refusal leaves every byte of every folder as it was (compared against a snapshot taken before).
 - ``--out_dir`` / ``--out`` / ``--hf`` that cannot become a writable folder: one line, before any work,
-  nothing created. :func:`ds_sft.paths.writable_dir` is checked against an independent reference:
+  nothing created. :func:`ds_sft.safe_write.writable_dir` is checked against an independent reference:
   actually creating the folder and a file in it, in a twin of the same layout.
 """
 
@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from ds_sft.cli import main
 from ds_sft.errors import UserError
-from ds_sft.paths import writable_dir
+from ds_sft.safe_write import writable_dir
 from ds_sft.train.run_dir import LOCK_FILE, claim_run_dir, lock
 from tests.rendezvous import without_launcher_variables
 
@@ -96,7 +96,7 @@ def test_a_hard_linked_lock_is_taken_on_a_copy_of_its_own_and_still_guards_the_f
 
 
 def test_unshare_gives_a_hard_linked_file_its_own_bytes_and_leaves_others_alone(tmp_path):
-    from ds_sft.paths import unshare
+    from ds_sft.safe_write import unshare
 
     first, second, alone = tmp_path / "first", tmp_path / "second", tmp_path / "alone"
     first.write_text("shared")
@@ -114,7 +114,7 @@ def test_unshare_gives_a_hard_linked_file_its_own_bytes_and_leaves_others_alone(
 
 
 def test_a_replaced_file_whose_writer_fails_keeps_its_old_bytes_and_no_temporary(tmp_path):
-    from ds_sft.paths import replace_file
+    from ds_sft.safe_write import replace_file
 
     path = tmp_path / "model.safetensors"
     path.write_text("old")

@@ -1,0 +1,37 @@
+"""Where ds-sft's own folders are, and a user's path as they meant it.
+
+The repository (:data:`REPO_ROOT`), the read-only ``shared/`` folder beside it that holds the offline
+data and tokenizer (:func:`shared_dir`), and a path flag's ``~`` expanded, or one line when it names
+no user (:func:`expand_user`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ds_sft.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def expand_user(path: str | Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded, or one line when that user does not exist
+    (``Path.expanduser`` raises a RuntimeError, which ended every path flag in a traceback)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = str(path).split("/", 1)[0]
+        raise UserError(f"{path}: {user} names no home folder on this machine; write the full path") from None
+
+
+def shared_dir() -> Path | None:
+    """The read-only ``shared/`` folder beside the project, if present. ``$DS_SFT_SHARED``, when set,
+    names it and nothing else is tried: one without ``data/`` means none (a mistyped path fell back to
+    ``../shared`` without a word, and the run read data the user had pointed away from)."""
+    chosen = os.environ.get("DS_SFT_SHARED", "").strip()
+    candidates = [chosen] if chosen else [REPO_ROOT.parent / "shared", Path.cwd().parent / "shared"]
+    for candidate in candidates:
+        if (Path(candidate) / "data").is_dir():
+            return Path(candidate)
+    return None
