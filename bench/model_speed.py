@@ -30,9 +30,10 @@ from ds_sft.bench_result import check_bench_out, write_bench_json  # noqa: E402
 from ds_sft.command import main_for_script, script_parser  # noqa: E402
 from ds_sft.errors import UserError  # noqa: E402
 from ds_sft.labels import IGNORE_INDEX  # noqa: E402
-from ds_sft.model.checkpoint import hf_config, to_hf_state_dict  # noqa: E402
 from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig  # noqa: E402
+from ds_sft.model.hf_families import hf_config  # noqa: E402
 from ds_sft.model.llama import LlamaModel  # noqa: E402
+from ds_sft.model.param_names import to_hf_state_dict  # noqa: E402
 from ds_sft.options import COUNT, INT32_MAX, Choice, Int, Names  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"

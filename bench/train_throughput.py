@@ -360,7 +360,7 @@ def hf_step(
     """
     from transformers import LlamaForCausalLM
 
-    from ds_sft.model.checkpoint import hf_config
+    from ds_sft.model.hf_families import hf_config
 
     hf_cfg = hf_config(config)
     hf_cfg._attn_implementation = "sdpa"

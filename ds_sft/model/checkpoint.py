@@ -15,39 +15,27 @@
   "model_args": {...}, "config": {...}, ...}`` or a bare state dict. It is always opened with
   ``torch.load(weights_only=True)``: a pickle naming arbitrary Python objects is refused.
 
-Every state dict goes through :func:`canonical_state_dict`, which accepts the key names of the
-common LLaMA codebases (prefixes and renames are listed in :data:`PREFIXES` and :data:`RENAMES`):
+Every state dict is renamed to ds-sft's parameter names first (:mod:`ds_sft.model.param_names`: the
+names of the common LLaMA codebases, fused layouts split, Transformer Engine ``*._extra_state`` set
+aside on ``model.fp8_extra_state`` for the fp8 path, buffers recomputed from the config dropped and
+listed in the log), and its config is read from what the checkpoint says of itself, corrected by the
+tensor shapes (:mod:`ds_sft.model.config_inference`). RoPE comes in two feature layouts that no weight
+shape reveals; see ``rope_layout`` of :func:`load_model`. Anything else that does not fit is one
+:class:`UserError` listing the missing keys, unexpected keys and shape mismatches; a weight holding NaN
+or Inf is one naming the tensor (every loss would be NaN from the first step), and so is one that is not
+a dense float16, bfloat16, float32 or float64 tensor, or one found under two names with different
+values. transformers' own reports of a load ds-sft checks itself (its LOAD REPORT table, its loading
+progress bar) are silenced.
 
-    ds-sft / this project     wte  layers.N.attn.{q,k,v,o}_proj  layers.N.mlp.{gate,up,down}_proj
-                              layers.N.{attn_norm,mlp_norm}  norm  lm_head
-    Hugging Face              model.embed_tokens  model.layers.N.self_attn.*  input_layernorm
-                              post_attention_layernorm  model.norm
-    Meta / torchtune style    tok_embeddings  layers.N.attention.{wq,wk,wv,wo}
-                              feed_forward.{w1 (gate), w3 (up), w2 (down)}  attention_norm  ffn_norm  output
-    nanoGPT style             transformer.h.N.  ln_1  ln_2  ln_f  attn.c_attn (fused qkv)  attn.c_proj
-    wrappers                  _orig_mod. (torch.compile)  module. (DDP / DeepSpeed)
-    fused layouts             attn.{qkv,c_attn,wqkv} rows [q; k; v]; mlp.{gate_up_proj,w12,fc1} [gate; up]
-
-Transformer Engine ``*._extra_state`` entries (fp8 scaling metadata) are set aside on
-``model.fp8_extra_state`` (canonical module name -> state) for the fp8 path. Buffers that are
-recomputed from the config (``rope_cache``, nanoGPT's causal ``attn.bias``, ``inv_freq`` ...) are
-dropped and listed in the log. RoPE comes in two feature layouts that no weight shape reveals; see
-``rope_layout`` of :func:`load_model`. Anything else that does not fit is one :class:`UserError` listing the
-missing keys, unexpected keys and shape mismatches; a weight holding NaN or Inf is one naming the tensor
-(every loss would be NaN from the first step), and so is one that is not a dense float16, bfloat16,
-float32 or float64 tensor, or one found under two names with different values. transformers' own
-reports of a load ds-sft checks itself (its LOAD REPORT table, its loading progress bar) are silenced.
-
-``save_model`` writes the ds-sft layout; ``to_hf_state_dict`` + ``hf_config`` give the Hugging Face
-layout of the model's family (``LlamaForCausalLM``, ``Qwen3ForCausalLM`` ...) that ``ds-sft export``
-writes.
+``save_model`` writes the ds-sft layout; the Hugging Face layout of the model's family that ``ds-sft
+export`` writes comes from :func:`~ds_sft.model.param_names.to_hf_state_dict` and
+:func:`~ds_sft.model.hf_families.hf_config`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import math
 import os
 import pickle
@@ -61,62 +49,17 @@ import torch
 
 from ds_sft.errors import UserError, first_line, preview, refused_global
 from ds_sft.gguf_file import read_gguf
-from ds_sft.model.config import FAMILIES, PRESETS, RUN_SETTINGS, ModelConfig, check_field
+from ds_sft.model.config_inference import carried_config, infer_config
+from ds_sft.model.hf_families import config_from_hf
 from ds_sft.model.llama import LlamaModel, rope_table
+from ds_sft.model.param_names import canonical_state_dict, interleaved_to_half_rope
 from ds_sft.model_source import resolve_model_path
-from ds_sft.positions import POSITION_FIELDS
 from ds_sft.run_layout import EFFECTIVE_CONFIG, TRAINER_STATE, is_tag, latest_tag, tag_step
 from ds_sft.safe_read import read_json_object, refuse_remote_code, require_regular_file
 from ds_sft.safe_write import own_folder, replace_file
 
-log = logging.getLogger(__name__)
-
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
-
-PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "model.", "transformer.")
-
-# (pattern, replacement), applied in order to each prefix-stripped key.
-RENAMES: list[tuple[str, str]] = [
-    (r"^(?:embed_tokens|tok_embeddings|token_embedding|embedding)\.", "wte."),
-    (r"^(?:h|blocks|layer)\.(\d+)\.", r"layers.\1."),
-    (r"\.(?:self_attn|attention)\.", ".attn."),
-    (r"\.(?:feed_forward|ffn)\.", ".mlp."),
-    (r"\.(?:input_layernorm|attention_norm|ln_1)\.", ".attn_norm."),
-    (r"\.(?:post_attention_layernorm|ffn_norm|ln_2)\.", ".mlp_norm."),
-    (r"\.attn\.(?:wq|q)\.", ".attn.q_proj."),
-    (r"\.attn\.(?:wk|k)\.", ".attn.k_proj."),
-    (r"\.attn\.(?:wv|v)\.", ".attn.v_proj."),
-    (r"\.attn\.(?:wo|c_proj|out_proj)\.", ".attn.o_proj."),
-    (r"\.attn\.(?:c_attn|qkv|wqkv|Wqkv)\.", ".attn.qkv_proj."),
-    (r"\.mlp\.w1\.", ".mlp.gate_proj."),
-    (r"\.mlp\.w3\.", ".mlp.up_proj."),
-    (r"\.mlp\.(?:w2|c_proj)\.", ".mlp.down_proj."),
-    (r"\.mlp\.(?:w12|fc1)\.", ".mlp.gate_up_proj."),
-    (r"^(?:ln_f|norm_f|final_norm|final_layernorm)\.", "norm."),
-    (r"^output\.", "lm_head."),
-    (r"norm\.scale$", "norm.weight"),
-]
-
-# Buffers that the model recomputes from its config.
-RECOMPUTED_BUFFERS = re.compile(
-    r"(?:^|\.)(?:rope_cache|freqs_cis|inv_freq|cos_cached|sin_cached|attn\.bias|masked_bias)$"
-)
-
-# Names that other trainers give to the fields of ModelConfig (model_args, config.json, ...).
-CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
-    "vocab_size": ("vocab_size", "padded_vocab_size", "n_vocab"),
-    "d_model": ("d_model", "n_embd", "dim", "hidden_size"),
-    "n_layers": ("n_layers", "n_layer", "num_hidden_layers"),
-    "n_heads": ("n_heads", "n_head", "num_attention_heads"),
-    "n_kv_heads": ("n_kv_heads", "n_kv_head", "num_key_value_heads", "n_query_groups"),
-    "head_dim": ("head_dim", "head_size"),
-    "ffn_hidden": ("ffn_hidden", "intermediate_size", "hidden_dim", "ffn_dim", "mlp_hidden"),
-    "max_seq_len": POSITION_FIELDS,
-    "rope_theta": ("rope_theta", "rope_base", "theta"),
-    "norm_eps": ("norm_eps", "rms_norm_eps", "layer_norm_eps"),
-    "tie_embeddings": ("tie_embeddings", "tie_word_embeddings", "tie_weights"),
-}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -158,7 +101,7 @@ def load_model(
     if rope_layout == "interleaved" or (
         rope_layout == "auto" and any(b.is_complex() for b in buffers.values())
     ):
-        _interleaved_to_half_rope(state, config)
+        interleaved_to_half_rope(state, config)
     mapped = {tensor.untyped_storage().data_ptr() for tensor in state.values()}
     model.load_state_dict(state, strict=True, assign=True)
     model.fp8_extra_state = extra_state
@@ -256,7 +199,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             path = path / "final"
         if (path / CONFIG_FILE).exists():
             hints = read_json_object(path / CONFIG_FILE, "ds-sft model config")
-            return _read_safetensors(path / MODEL_FILE), _config_hints(hints, path / CONFIG_FILE), None
+            return _read_safetensors(path / MODEL_FILE), carried_config(hints, path / CONFIG_FILE), None
         if (path / "config.json").exists():
             return _read_transformers(path)
         raise UserError(
@@ -296,26 +239,8 @@ def _config_beside(path: Path) -> dict[str, Any]:
             values = read_json_object(path.parent / name, "model config")
             if "auto_map" in values:
                 refuse_remote_code(path.parent)
-            return _config_hints(values, path.parent / name)
+            return carried_config(values, path.parent / name)
     return {}
-
-
-def _config_hints(values: dict[str, Any], source: Path) -> dict[str, Any]:
-    """The config fields a checkpoint carries (a config file beside its weights, a torch file's
-    ``config``), for :func:`infer_config`. One naming a transformers ``model_type`` is read as
-    transformers reads it (``rope_parameters``, ``hidden_act`` ...) and refused unless its family is
-    one ds-sft computes: a Gemma's or Granite's weights have LLaMA's names and shapes, and loaded as
-    a LLaMA they gave other logits (1.5 and 0.5 away) with exit 0."""
-    if "model_type" not in values:
-        _check_activation(values.get("hidden_act", SWIGLU_ACTIVATIONS[0]), f"{source}: ")
-        return values
-    from transformers import AutoConfig
-
-    try:
-        hf_cfg = AutoConfig.for_model(**values)
-    except Exception as err:  # noqa: BLE001  transformers' validators raise anything
-        raise UserError(f"{source}: not a valid config ({first_line(err)})") from None
-    return config_from_hf(hf_cfg, where=f"{source}: ").architecture()
 
 
 def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool | None]:
@@ -340,7 +265,7 @@ def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             for config_key in ("config", "model_config", "model_args"):  # later ones take precedence
                 if isinstance(checkpoint.get(config_key), dict):
                     hints.update(checkpoint[config_key])
-            return checkpoint[key], _config_hints(hints, path), None
+            return checkpoint[key], carried_config(hints, path), None
     return checkpoint, {}, None
 
 
@@ -491,200 +416,7 @@ def transformers_quiet():
             hf_logging.enable_progress_bar()
 
 
-# ----------------------------------------------------------------------------- key names
-
-
-def canonical_key(key: str) -> str:
-    """The ds-sft name of a parameter from any of the supported layouts."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    for pattern, replacement in RENAMES:
-        key = re.sub(pattern, replacement, key)
-    return key
-
-
-def canonical_state_dict(
-    state: dict[str, Any],
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Rename keys, split fused gate-up weights, set aside fp8 extra state and recomputed buffers.
-
-    Returns (weights, TE extra state by module name, buffers the model recomputes).
-    """
-    out: dict[str, torch.Tensor] = {}
-    extra_state: dict[str, Any] = {}
-    buffers: dict[str, Any] = {}
-    sources: dict[str, str] = {}  # canonical name -> the entry it came from
-    for raw_key, value in state.items():
-        key = canonical_key(str(raw_key))
-        if key.endswith("_extra_state"):
-            extra_state[key.rsplit(".", 1)[0]] = value
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise UserError(f"its entry {raw_key!r} is a {type(value).__name__}, not a tensor")
-        if RECOMPUTED_BUFFERS.search(key):
-            buffers[key] = value
-            continue
-        problem = _unreadable_weight(value)
-        if problem:
-            raise UserError(f"its entry {raw_key!r} is {problem}")
-        if key.endswith("mlp.gate_up_proj.weight"):
-            gate, up = value.chunk(2, dim=0)
-            _put(out, sources, key.replace("gate_up_proj", "gate_proj"), gate, str(raw_key))
-            _put(out, sources, key.replace("gate_up_proj", "up_proj"), up, str(raw_key))
-        else:
-            _put(out, sources, key, value, str(raw_key))
-    if buffers:
-        log.info("ignored %d buffers recomputed from the config: %s", len(buffers), preview(sorted(buffers)))
-    if extra_state:
-        log.info("kept Transformer Engine _extra_state of %d modules for the fp8 path", len(extra_state))
-    return out, extra_state, buffers
-
-
-# The dtypes a weight is read in (and cast from to the dtype asked for).
-WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _unreadable_weight(tensor: torch.Tensor) -> str | None:
-    """Why ``tensor`` cannot be a weight as it is, or None. Sparse and meta tensors, and fp8 ones (which
-    need scales ds-sft does not read), failed deep inside torch with a traceback; integer ones would
-    be cast to meaningless floats."""
-    if tensor.layout != torch.strided:
-        return f"a {str(tensor.layout).removeprefix('torch.')} tensor, not a dense one"
-    if tensor.is_meta:
-        return "a meta tensor, which holds no values: save the model's real weights"
-    if tensor.dtype not in WEIGHT_DTYPES:
-        kinds = ", ".join(str(dtype).removeprefix("torch.") for dtype in WEIGHT_DTYPES)
-        return f"of dtype {str(tensor.dtype).removeprefix('torch.')}: ds-sft reads {kinds} weights"
-    return None
-
-
-def _put(state: dict[str, torch.Tensor], sources: dict[str, str], key: str, tensor, source: str) -> None:
-    """``state[key] = tensor``, refused when another entry already gave ``key`` a different value:
-    a checkpoint holding a weight under two names (``wte`` and ``model.embed_tokens``, a fused qkv
-    beside its q) loaded whichever came last, silently."""
-    same = key in state and state[key].dtype == tensor.dtype and state[key].shape == tensor.shape
-    if key in state and not (same and torch.equal(state[key], tensor)):
-        raise UserError(
-            f"its entries {sources[key]!r} and {source!r} are two different values of the weight {key}: "
-            "keep one of them"
-        )
-    state[key], sources[key] = tensor, source
-
-
-def _split_fused_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
-    """Split each ``attn.qkv_proj.weight`` (rows ordered q, k, v) into the three projections."""
-    kv = config.n_kv_heads * config.head_dim
-    rows = [config.n_heads * config.head_dim, kv, kv]
-    for key in [k for k in state if k.endswith("attn.qkv_proj.weight")]:
-        if state[key].ndim != 2 or state[key].shape[0] != sum(rows):
-            raise UserError(f"{key} {tuple(state[key].shape)} is not q, k and v of {rows} rows fused")
-        q, k, v = state.pop(key).split(rows, dim=0)
-        sources = {name: name for name in state}
-        for name, tensor in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-            _put(state, sources, key.replace("qkv_proj", name), tensor, key)
-
-
-def _interleaved_to_half_rope(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
-    """Reorder each head's Q and K rows from (0, 1), (2, 3) ... pairs to (i, i + head_dim/2) pairs.
-
-    New row i is old row 2i and new row head_dim/2 + i old row 2i + 1: the same rotation, with the
-    features laid out the way :func:`ds_sft.model.llama.apply_rope` pairs them. Q and K move alike,
-    so every q.k product (and the attention) is unchanged.
-    """
-    kinds = [("q_proj", config.n_heads), ("k_proj", config.n_kv_heads), ("q_norm", 1), ("k_norm", 1)]
-    for name, heads in kinds:  # weights, biases, and the per-feature gains of the q/k norms
-        for key in [k for k in state if re.search(rf"attn\.{name}\.(?:weight|bias)$", k)]:
-            tensor = state[key]
-            rows = tensor.reshape(heads, config.head_dim // 2, 2, -1)
-            state[key] = rows.transpose(1, 2).reshape(tensor.shape)
-    log.info("permuted Q/K rows from the interleaved RoPE layout to the half layout")
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def infer_config(
-    state: dict[str, torch.Tensor], hints: dict[str, Any], tie_hint: bool | None, overrides: dict[str, Any]
-) -> ModelConfig:
-    """Config from the checkpoint's own fields, corrected by the tensor shapes, then ``overrides``.
-
-    Shapes decide the sizes; the fields decide what shapes cannot tell (heads, RoPE theta, eps).
-    Splits fused qkv weights in ``state`` once the head layout is known.
-    """
-    known = ModelConfig.__dataclass_fields__
-    # How a run computes (RUN_SETTINGS) is the command's choice, never the file's: a hand-written
-    # "kernels": "triton" made eval and export launch Triton on a CPU.
-    fields = {
-        name: value
-        for name, value in hints.items()
-        if name in known and name not in RUN_SETTINGS and value is not None
-    }
-    for name, aliases in CONFIG_ALIASES.items():
-        found = [hints[alias] for alias in aliases if hints.get(alias) is not None]
-        if name not in fields and found:
-            fields[name] = found[0]
-    if "wte.weight" not in state:
-        raise UserError(
-            f"no token embedding among the checkpoint's keys ({preview(sorted(state))}); see "
-            "ds_sft.model.checkpoint for the key names it accepts"
-        )
-    if state["wte.weight"].ndim != 2:
-        raise UserError(
-            f"its token embedding has shape {tuple(state['wte.weight'].shape)}, not (vocab_size, d_model)"
-        )
-    fields["vocab_size"], fields["d_model"] = state["wte.weight"].shape
-    layers = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
-    fields["n_layers"] = max(layers) + 1 if layers else 0
-    if "layers.0.mlp.gate_proj.weight" in state:
-        fields["ffn_hidden"] = state["layers.0.mlp.gate_proj.weight"].shape[0]
-    fields["tie_embeddings"] = "lm_head.weight" not in state if tie_hint is None else tie_hint
-    # the family switches that weights reveal (a bare state dict says nothing else)
-    fields.setdefault("attention_bias", "layers.0.attn.q_proj.bias" in state)
-    fields.setdefault("qk_norm", "layers.0.attn.q_norm.weight" in state)
-    if "family" not in fields:
-        fields["family"] = "qwen3" if fields["qk_norm"] else "qwen2" if fields["attention_bias"] else "llama"
-    fields.update(overrides)
-    for name, value in fields.items():  # before the sizes below are computed from them
-        check_field(name, value)
-    if "n_heads" not in fields:
-        fields["n_heads"] = _guess_heads(fields)
-    if "head_dim" not in fields:
-        fields["head_dim"] = _head_dim_from_weights(state, fields)
-    head_dim = fields.get("head_dim") or fields["d_model"] // fields["n_heads"]
-    k_proj = state.get("layers.0.attn.k_proj.weight")
-    if "n_kv_heads" not in fields and k_proj is not None and k_proj.ndim == 2 and head_dim:
-        fields["n_kv_heads"] = k_proj.shape[0] // head_dim
-    config = ModelConfig(**fields)
-    _split_fused_qkv(state, config)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)  # a tied model saved with both names (HF's state_dict)
-    return config
-
-
-def _head_dim_from_weights(state: dict[str, torch.Tensor], fields: dict[str, Any]) -> int | None:
-    """The head width that q's rows reveal (q alone, or q, k and v fused when the key/value heads are
-    known); None = d_model // n_heads."""
-    q, qkv = state.get("layers.0.attn.q_proj.weight"), state.get("layers.0.attn.qkv_proj.weight")
-    if q is not None and q.ndim == 2:
-        return q.shape[0] // fields["n_heads"] or None
-    if qkv is not None and qkv.ndim == 2 and "n_kv_heads" in fields:
-        return qkv.shape[0] // (fields["n_heads"] + 2 * fields["n_kv_heads"]) or None
-    return None
-
-
-def _guess_heads(fields: dict[str, Any]) -> int:
-    for preset in PRESETS.values():
-        if (preset["d_model"], preset["n_layers"]) == (fields["d_model"], fields["n_layers"]):
-            return preset["n_heads"]
-    log.warning(
-        "the checkpoint does not say its number of heads: assuming head_dim 64 "
-        "(pass config_overrides={'n_heads': ...} if that is wrong)"
-    )
-    return max(1, fields["d_model"] // 64)
+# ------------------------------------------------------------------------------ checks
 
 
 def _check_keys(model: LlamaModel, state: dict[str, torch.Tensor]) -> None:
@@ -783,144 +515,3 @@ def _why(err: Exception) -> str:
 
 def _damaged(path: Path, err: Exception) -> UserError:
     return UserError(f"{path} is truncated or corrupted ({first_line(err)}); write or copy it again")
-
-
-# ----------------------------------------------------------------------------- Hugging Face layout
-
-
-HF_RENAMES: list[tuple[str, str]] = [
-    (r"^wte\.", "model.embed_tokens."),
-    (r"^layers\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
-    (r"^layers\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
-    (r"^norm\.", "model.norm."),
-]
-
-
-def to_hf_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
-    """The model's weights under transformers' names (every family's, ``LlamaForCausalLM``'s; tied
-    head omitted)."""
-    out = {}
-    for key, tensor in model.state_dict().items():
-        for pattern, replacement in HF_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        out[key] = tensor
-    return out
-
-
-# transformers' names of the activation in ds-sft's SwiGLU MLP (ACT2FN maps both to SiLU).
-SWIGLU_ACTIVATIONS = ("silu", "swish")
-
-# Each family's transformers config and model class.
-HF_CLASSES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"),
-}
-
-
-def hf_config(config: ModelConfig, **token_ids: Any):
-    """The transformers config of the model's family describing the same network (``LlamaConfig``,
-    ``Qwen3Config`` ...; ``bos_token_id=...`` etc. passed on)."""
-    import transformers
-
-    config_class, model_class = HF_CLASSES[config.family]
-    rope = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
-    fields = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.ffn_hidden,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_seq_len,
-        rope_parameters=rope,
-        rms_norm_eps=config.norm_eps,
-        tie_word_embeddings=config.tie_embeddings,
-        initializer_range=config.init_std,
-        hidden_act=SWIGLU_ACTIVATIONS[0],
-        architectures=[model_class],
-        **token_ids,
-    )
-    window = config.sliding_window
-    layer_types = [
-        ("full_attention", "sliding_attention")[config.layer_window(i) is not None]
-        for i in range(config.n_layers)
-    ]
-    if config.family in ("llama", "qwen3", "smollm3"):
-        fields.update(attention_bias=False, mlp_bias=False)
-    if config.family == "mistral":
-        fields.update(sliding_window=window)
-    elif config.family in ("qwen2", "qwen3", "smollm3"):
-        fields.update(use_sliding_window=window is not None, sliding_window=window, layer_types=layer_types)
-    if config.family == "smollm3":
-        fields.update(no_rope_layers=[int(config.layer_uses_rope(i)) for i in range(config.n_layers)])
-    if config.family in ("qwen2", "qwen3"):
-        fields.update(max_window_layers=config.n_layers)  # layer_types decides; this only documents
-    return getattr(transformers, config_class)(**fields)
-
-
-def _check_activation(activation: Any, where: str) -> None:
-    """Every family's transformers class computes its MLP with the config's ``hidden_act``: a config
-    naming GELU loaded as SwiGLU-silu gave logits 0.01 (gelu) to 0.1 (relu) away from transformers'."""
-    if activation not in SWIGLU_ACTIVATIONS:
-        raise UserError(
-            f"{where}hidden_act {activation!r}: ds-sft's MLP computes SwiGLU with silu only, so it cannot "
-            "reproduce this model"
-        )
-
-
-def config_from_hf(hf_cfg, where: str = "") -> ModelConfig:
-    """The :class:`ModelConfig` of a transformers config of a supported family (one line if not)."""
-    family = hf_cfg.model_type
-    if family not in FAMILIES:
-        raise UserError(
-            f"{where}model_type {family!r} is not supported; ds-sft reads {', '.join(FAMILIES)} models"
-        )
-    # transformers 5 keeps theta and scaling in rope_parameters (from a 4.x-era config.json too);
-    # rope_theta / rope_scaling are read where a config object of another make carries them
-    rope = getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise UserError(
-            f"{where}RoPE scaling {rope_type!r} is not supported (ds-sft knows plain RoPE and 'llama3')"
-        )
-    if getattr(hf_cfg, "mlp_bias", False) or (family != "qwen2" and getattr(hf_cfg, "attention_bias", False)):
-        raise UserError(
-            f"{where}the model has MLP or output-projection biases; ds-sft supports q/k/v biases only"
-        )
-    _check_activation(getattr(hf_cfg, "hidden_act", SWIGLU_ACTIVATIONS[0]), where)
-    window = getattr(hf_cfg, "sliding_window", None)
-    if family in ("qwen2", "qwen3", "smollm3") and not getattr(hf_cfg, "use_sliding_window", False):
-        window = None
-    layer_types = getattr(hf_cfg, "layer_types", None) if family != "mistral" else None
-    try:
-        return ModelConfig(
-            vocab_size=hf_cfg.vocab_size,
-            d_model=hf_cfg.hidden_size,
-            n_layers=hf_cfg.num_hidden_layers,
-            n_heads=hf_cfg.num_attention_heads,
-            n_kv_heads=hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads,
-            head_dim=getattr(hf_cfg, "head_dim", None) or None,
-            ffn_hidden=hf_cfg.intermediate_size,
-            max_seq_len=hf_cfg.max_position_embeddings,
-            rope_theta=float(rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))),
-            norm_eps=hf_cfg.rms_norm_eps,
-            tie_embeddings=bool(hf_cfg.tie_word_embeddings),
-            init_std=hf_cfg.initializer_range,
-            family=family,
-            attention_bias=family == "qwen2",
-            qk_norm=family == "qwen3",
-            rope_scaling=dict(rope) if rope_type == "llama3" else None,
-            sliding_window=window,
-            layer_types=list(layer_types) if window is not None and layer_types is not None else None,
-            no_rope_layers=list(hf_cfg.no_rope_layers) if family == "smollm3" else None,
-        )
-    except UserError as err:
-        raise UserError(f"{where}{err}") from None
-    except (TypeError, ValueError, AttributeError) as err:  # fields of the wrong type in config.json
-        raise UserError(f"{where}config.json is not a valid {family} config ({first_line(err)})") from None

@@ -22,7 +22,9 @@ def export_hf(model, tokenizer, out: Path, dtype=None) -> Path:
     name (replacing a previous export is the command's job: :mod:`ds_sft.export`)."""
     from transformers import GenerationConfig
 
-    from ds_sft.model.checkpoint import hf_config, save_weights, to_hf_state_dict
+    from ds_sft.model.checkpoint import save_weights
+    from ds_sft.model.hf_families import hf_config
+    from ds_sft.model.param_names import to_hf_state_dict
 
     if id_bound(tokenizer) > model.config.vocab_size:  # len() would miss ids past a hole in the vocabulary
         raise UserError(

@@ -17,9 +17,11 @@ import torch
 
 from ds_sft.cli import main
 from ds_sft.data.model_match import model_positions
-from ds_sft.model.checkpoint import hf_config, load_model, to_hf_state_dict
+from ds_sft.model.checkpoint import load_model
 from ds_sft.model.config import ModelConfig
+from ds_sft.model.hf_families import hf_config
 from ds_sft.model.llama import LlamaModel
+from ds_sft.model.param_names import to_hf_state_dict
 from tests.data.helpers import alpaca_rows, write_jsonl
 from tests.data.match_helpers import CORPUS, tiny_model_dir, train_bpe
 

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from ds_sft.errors import UserError
-from ds_sft.model.checkpoint import hf_config, load_model, save_model, to_hf_state_dict
+from ds_sft.model.checkpoint import load_model, save_model
 from ds_sft.model.config import ModelConfig
+from ds_sft.model.hf_families import hf_config
 from ds_sft.model.llama import LlamaModel
+from ds_sft.model.param_names import to_hf_state_dict
 from tests.gguf_files import write_model_gguf
 
 TINY = ModelConfig.preset("tiny")

@@ -186,15 +186,15 @@ def test_verify_holds_every_dtype_to_the_weights_it_wrote(
     """--verify compared a bfloat16 or float16 export with the unrounded fp32 model and bounded only
     float32's difference: an export with a transposed projection passed ('differ by at most 4.6e-01',
     exit 0). Against the same weights rounded to --dtype a right export is within 1e-4 in every dtype."""
-    import ds_sft.model.checkpoint
+    import ds_sft.model.param_names
 
     torch.manual_seed(0)
     save_model(
         LlamaModel(ModelConfig.preset("tiny", vocab_size=50304, tie_embeddings=tied)), tmp_path / "ckpt"
     )
     if export == "wrong":
-        real = ds_sft.model.checkpoint.to_hf_state_dict
-        monkeypatch.setattr(ds_sft.model.checkpoint, "to_hf_state_dict", _transposed_o_proj(real))
+        real = ds_sft.model.param_names.to_hf_state_dict
+        monkeypatch.setattr(ds_sft.model.param_names, "to_hf_state_dict", _transposed_o_proj(real))
     args = ["--base_model", str(tmp_path / "ckpt"), "--tokenizer", str(gpt2_tokenizer_dir),
             "--hf", str(tmp_path / "hf"), "--dtype", dtype, "--verify"]  # fmt: skip
     code = main_for("export", args)

@@ -267,15 +267,15 @@ def test_an_export_that_fails_verify_is_not_written(
 ):
     """--verify read the export after it had replaced the previous one: a failed verify (exit 2) left
     the wrong export in place, its manifest claiming it as ds-sft's, and the right one gone."""
-    import ds_sft.model.checkpoint
+    import ds_sft.model.param_names
     from tests.model.test_export import _transposed_o_proj
 
     out = tmp_path / "hf"
     if previous:
         shutil.copytree(exported, out)
     before = snapshot(tmp_path)
-    real = ds_sft.model.checkpoint.to_hf_state_dict
-    monkeypatch.setattr(ds_sft.model.checkpoint, "to_hf_state_dict", _transposed_o_proj(real))
+    real = ds_sft.model.param_names.to_hf_state_dict
+    monkeypatch.setattr(ds_sft.model.param_names, "to_hf_state_dict", _transposed_o_proj(real))
     assert "so it was not written" in _refused(capsys, _export(run_dir, out, "--verify"))
     assert snapshot(tmp_path) == before  # the old export or nothing, and no staging folder beside it
 

@@ -25,10 +25,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ds_sft.errors import UserError
-from ds_sft.model.checkpoint import config_from_hf, hf_config, load_model
+from ds_sft.model.checkpoint import load_model
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.export import export_hf
 from ds_sft.model.generate import generate
+from ds_sft.model.hf_families import config_from_hf, hf_config
 from ds_sft.model.llama import LlamaModel
 
 VOCAB, SEQ = 256, 40

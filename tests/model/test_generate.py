@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from ds_sft.errors import UserError
-from ds_sft.model.checkpoint import hf_config, to_hf_state_dict
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.generate import cut_at_stop_string, generate
+from ds_sft.model.hf_families import hf_config
 from ds_sft.model.llama import LlamaModel
+from ds_sft.model.param_names import to_hf_state_dict
 
 PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 2], [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211]]
 

@@ -22,8 +22,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ds_sft.errors import UserError
-from ds_sft.model.checkpoint import hf_config, load_model, save_model
+from ds_sft.model.checkpoint import load_model, save_model
 from ds_sft.model.config import RUN_SETTINGS, ModelConfig
+from ds_sft.model.hf_families import hf_config
 from ds_sft.model.llama import LlamaModel
 
 TINY = ModelConfig.preset("tiny")

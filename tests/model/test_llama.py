@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from ds_sft.errors import UserError
-from ds_sft.model.checkpoint import hf_config, to_hf_state_dict
 from ds_sft.model.config import KERNEL_BACKENDS, PRESETS, ModelConfig
+from ds_sft.model.hf_families import hf_config
 from ds_sft.model.llama import PROJECTIONS, LlamaModel
+from ds_sft.model.param_names import to_hf_state_dict
 
 TINY_VARIANTS = {
     "gqa-tied": {},

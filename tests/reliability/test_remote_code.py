@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from ds_sft.model.checkpoint import hf_config
 from ds_sft.model.config import ModelConfig
+from ds_sft.model.hf_families import hf_config
 
 from .conftest import loading_commands, write_tiny_data_dir
 
