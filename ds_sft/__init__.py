@@ -18,6 +18,7 @@ Package arrows point one way too: ``train`` uses ``data``, ``model`` and ``kerne
     safe_write.py    writing without harm: output folders checked, results replaced whole, no links
     gguf_file.py     a GGUF file read with its metadata and tensor layout checked
     json_input.py    the one reader of a user's JSON: repeated keys, NaN, depth refused in one line
+    written_files.py the record of the files ds-sft wrote into a folder: it removes only those
     run_layout.py    the names in a training run's folder, and the checkpoint tag format
     labels.py        the label that marks a position with nothing to train
     vocab.py         how many embeddings a tokenizer needs

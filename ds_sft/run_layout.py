@@ -22,6 +22,10 @@ METRICS_FILE = "metrics.jsonl"
 TRAINER_STATE = "trainer_state.json"
 # six digits, or seven to ten without a leading zero; [0-9], not \d, which matches other scripts' digits too
 TAG = re.compile(r"step_(?:[0-9]{6}|[1-9][0-9]{6,9})")
+# What train writes beside RUN/final/: a final/ next to one of them is a run's, and stands for the
+# whole run when another command asks whether its output would overlap it (data, eval and export
+# cannot ask train's run_dir: the arrows point the other way)
+RUN_SIGNS = (EFFECTIVE_CONFIG, METRICS_FILE, "checkpoints")
 
 
 def tag_for(step: int) -> str:

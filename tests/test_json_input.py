@@ -136,10 +136,10 @@ def trainer_state(tmp_path, data):
 
 
 def output_manifest(tmp_path, data):
-    from ds_sft.data import output
+    from ds_sft.written_files import read_listing
 
     (tmp_path / "manifest.json").write_bytes(data)
-    return None if output._read_manifest(tmp_path) is not None else "unreadable"
+    return None if read_listing(tmp_path, "manifest.json") is not None else "unreadable"
 
 
 def trained_on_record(tmp_path, data):

@@ -27,6 +27,7 @@ SHARED = {
     "safe_write",
     "gguf_file",
     "json_input",
+    "written_files",
     "run_layout",
     "options",
     "machine",

@@ -12,7 +12,8 @@ ds-sft ever deletes:
   (ds-sft cannot tell it from a user's), and a folder with no ds-sft manifest at all;
 - the new output is written into a fresh temporary sibling and swapped in by one atomic rename
   (:func:`replace_output`; Linux ``renameat2(RENAME_EXCHANGE)``, two renames where that is missing);
-- the old output is then removed file by file (:func:`remove_listed`): only paths its manifest
+- the old output is then removed file by file (:func:`ds_sft.written_files.remove_listed`, the one
+  record of what ds-sft wrote, shared with checkpoint tags and a run's ``final/``): only paths its manifest
   lists, only while they still hold the recorded bytes, never through a symlink or outside the
   folder. Anything else (say, a file someone added meanwhile) is left where it is, and reported.
 """
@@ -24,112 +25,26 @@ import ctypes
 import json
 import os
 import shutil
-import stat
 import sys
 import tempfile
 from pathlib import Path
 
 from ds_sft.errors import UserError
-from ds_sft.json_input import parse_json_object
 from ds_sft.locations import expand_user
-from ds_sft.run_layout import EFFECTIVE_CONFIG, METRICS_FILE
-from ds_sft.safe_read import sha256_file
+from ds_sft.run_layout import RUN_SIGNS
 from ds_sft.safe_write import temporary_name_prefix, writable_dir
+from ds_sft.written_files import (
+    altered_files,
+    foreign_entries,
+    is_safe_name,
+    list_files,
+    read_listing,
+    remove_listed,
+)
 
 MANIFEST = "manifest.json"
 SWAP_SUFFIX = "-swap"  # _exchange's name for the old output while it renames twice
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
-# What `ds-sft train` writes beside RUN/final/: a final/ next to one of them is a run's, whole
-RUN_SIGNS = (EFFECTIVE_CONFIG, METRICS_FILE, "checkpoints")
-
-
-def file_record(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def list_files(folder: Path, manifest_name: str = MANIFEST) -> dict[str, dict]:
-    """``{relative path: {bytes, sha256}}`` of every file under ``folder`` but its manifest."""
-    files = (path for path in sorted(folder.rglob("*")) if path.is_file())
-    return {p.relative_to(folder).as_posix(): file_record(p) for p in files if p != folder / manifest_name}
-
-
-def is_safe_name(name: object, manifest_name: str = MANIFEST) -> bool:
-    """A listed name is a plain relative path that stays inside the folder: no ``..``, no ``/x``."""
-    return (
-        isinstance(name, str)
-        and name != manifest_name
-        and "\x00" not in name
-        and not name.startswith("/")
-        and all(part not in ("", ".", "..") for part in name.split("/"))
-    )
-
-
-def _plain_file(folder: Path, name: str) -> Path | None:
-    """``folder/name`` when it is a regular file reached through real folders only, else None."""
-    path = folder
-    for part in name.split("/"):
-        path = path / part
-        try:
-            mode = os.lstat(path).st_mode
-        except OSError:
-            return None
-        if stat.S_ISLNK(mode):
-            return None
-    return path if stat.S_ISREG(mode) else None
-
-
-def missing_files(folder: Path, files: dict[str, dict]) -> list[str]:
-    """The listed files that are gone (a deleted shard: the output is then not up to date)."""
-    return [name for name in files if _plain_file(folder, name) is None]
-
-
-def altered_files(folder: Path, files: dict[str, dict]) -> list[str]:
-    """The listed files present with other bytes than recorded: ds-sft cannot tell them from a user's."""
-    altered = []
-    for name, record in files.items():
-        path = _plain_file(folder, name)
-        if path is not None and not _holds(path, record):
-            altered.append(name)
-    return altered
-
-
-def _holds(path: Path, record: dict) -> bool:
-    """Whether ``path`` still holds the recorded bytes (a file it cannot read does not prove it)."""
-    try:
-        return path.stat().st_size == record.get("bytes") and file_record(path) == record
-    except OSError:
-        return False
-
-
-def _read_manifest(folder: Path, manifest_name: str = MANIFEST) -> dict | None:
-    """The folder's manifest when it is a regular file holding a JSON object, else None."""
-    path = _plain_file(folder, manifest_name)
-    if path is None:
-        return None
-    try:
-        return parse_json_object(path.read_bytes())
-    except ValueError:
-        return None
-
-
-def _foreign_entries(folder: Path, files: dict[str, dict], manifest_name: str = MANIFEST) -> list[str]:
-    """Everything under ``folder`` that is not a listed regular file, its manifest or a folder of them."""
-    listed_dirs = {"/".join(name.split("/")[:i]) for name in files for i in range(1, name.count("/") + 1)}
-    foreign = []
-
-    def unreadable(err: OSError) -> None:  # its contents cannot be checked, so it cannot be replaced
-        foreign.append(Path(err.filename).relative_to(folder).as_posix())
-
-    for root, dirnames, filenames in os.walk(folder, onerror=unreadable):  # never follows a symlink
-        for entry in sorted(dirnames + filenames):
-            path = Path(root) / entry
-            name = path.relative_to(folder).as_posix()
-            mode = os.lstat(path).st_mode
-            expected = listed_dirs if stat.S_ISDIR(mode) else {*files, manifest_name}
-            if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)) or name not in expected:
-                foreign.append(name)
-        dirnames[:] = [d for d in dirnames if (Path(root) / d).relative_to(folder).as_posix() in listed_dirs]
-    return foreign
 
 
 def check_output_dir(
@@ -172,7 +87,7 @@ def check_output_dir(
             return out, None
     except OSError as err:
         raise UserError(f"{flag} cannot be listed ({err.strerror}); pass a folder you can read") from None
-    manifest = _read_manifest(out, manifest_name)
+    manifest = read_listing(out, manifest_name)
     if manifest is None or "files" not in manifest:
         if manifest is None:
             why = f"no ds-sft {manifest_name}"
@@ -192,7 +107,7 @@ def check_output_dir(
             f"{flag}: its {manifest_name} lists paths outside the folder or malformed entries, so it is not "
             f"one ds-sft wrote; choose another {option}"
         )
-    foreign = _foreign_entries(out, files, manifest_name) or altered_files(out, files)
+    foreign = foreign_entries(out, files, manifest_name) or altered_files(out, files)
     if foreign:
         raise UserError(
             f"{flag} holds {len(foreign)} file(s) not as ds-sft wrote them (first: {foreign[0]}); "
@@ -238,27 +153,6 @@ def _exchange(a: Path, b: Path) -> None:
     os.rename(aside, a)
 
 
-def remove_listed(folder: Path, files: dict[str, dict], manifest_name: str = MANIFEST) -> list[str]:
-    """Delete the listed files that still hold their recorded bytes, the manifest, then the folders
-    left empty. Returns the files that remain under ``folder`` (the folder is gone when none do)."""
-    manifest = _plain_file(folder, manifest_name)
-    listing = _read_manifest(folder, manifest_name) if manifest is not None else None
-    for name, record in files.items():
-        path = _plain_file(folder, name) if is_safe_name(name, manifest_name) else None
-        if path is not None and _holds(path, record):
-            path.unlink()
-    if listing is not None and listing.get("files") == files:  # only the manifest of what was removed
-        manifest.unlink()
-    for root, _, _ in os.walk(folder, topdown=False):
-        with contextlib.suppress(OSError):  # not empty: something there is not ours to delete
-            os.rmdir(root)
-    if not folder.exists():
-        return []
-    return sorted(
-        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink() or not p.is_dir()
-    )
-
-
 def replace_output(
     new: Path,
     out: Path,
@@ -275,7 +169,7 @@ def replace_output(
     refused here, before the swap: the output now there is not the one ``old_files`` lists, and it
     was moved aside with its manifest deleted, its folder left unusable.
     """
-    now = _read_manifest(out, manifest_name) if out.is_dir() else None
+    now = read_listing(out, manifest_name) if out.is_dir() else None
     if now is not None and now.get("files") != old_files:
         raise UserError(
             f"{option} {out} was written by another ds-sft command while this one ran; this output is in "

@@ -521,7 +521,7 @@ def output_is_current(args: argparse.Namespace, inputs: Inputs, key: str) -> boo
     """Whether the output already there is reused: it was made with the same ``key`` and still holds
     every file its manifest lists (``check_output_dir`` found the present ones intact), and no
     --force asks to redo it."""
-    from ds_sft.data.output import missing_files
+    from ds_sft.written_files import missing_files
 
     previous = inputs.previous
     if previous is None or previous.get("key") != key or args.force:

@@ -50,6 +50,7 @@ from ds_sft.locations import expand_user
 from ds_sft.run_layout import EFFECTIVE_CONFIG, METRICS_FILE, TRAINER_STATE, is_tag, latest_tag
 from ds_sft.safe_write import unshare, write_result_file
 from ds_sft.train.report import PLOT_FILES
+from ds_sft.written_files import foreign_entries
 
 LOCK_FILE = ".lock"
 MARKER = "ds_sft_run.json"  # {"format": RUN_FORMAT, "created": ...}: this folder is a ds-sft run
@@ -295,18 +296,26 @@ def final_listing(final: Path) -> set[str]:
 
 def final_problem(final: Path, run_dir: Path) -> str | None:
     """Why ``final/`` is not as ``save_final`` writes it (exactly the regular files its listing names,
-    in real folders), or None. Nothing is hashed."""
-    listed = final_listing(final)
-    for root, dirnames, filenames in os.walk(final):  # never follows a symlink
-        for name in sorted(dirnames + filenames):
-            path = Path(root) / name
-            if kind(path) not in ("file", "folder"):
-                return f"{relative(path, run_dir)} is a {kind(path)}"
-            if kind(path) == "file" and path.relative_to(final).as_posix() not in listed:
-                return (
-                    f"{relative(path, run_dir)} is not among the files the run wrote there ({FINAL_LISTING})"
-                )
-    return None
+    in the folders they make), or None. Nothing is hashed: the run owns these names in the folder it
+    claimed (``ds_sft.written_files``). A folder the run did not make is not its own, even empty."""
+    foreign = foreign_entries(final, final_listing(final), None)  # the listing is among them when read
+    if not foreign:
+        return None
+    path = first_entry(final / foreign[0])
+    if kind(path) not in ("file", "folder"):
+        return f"{relative(path, run_dir)} is a {kind(path)}"
+    return f"{relative(path, run_dir)} is not among the files the run wrote there ({FINAL_LISTING})"
+
+
+def first_entry(path: Path) -> Path:
+    """The first thing that is not a folder under the folder ``path`` (walked in name order, never
+    through a link), to name what it holds; ``path`` itself when it is not a folder or holds none."""
+    for root, dirnames, filenames in os.walk(path) if kind(path) == "folder" else ():
+        dirnames.sort()
+        beside = [name for name in sorted(filenames + dirnames) if kind(Path(root) / name) != "folder"]
+        if beside:
+            return Path(root) / beside[0]
+    return path
 
 
 def checkpoint_entries(ckpt_dir: Path, run_dir: Path) -> tuple[list[Path], list[str]]:

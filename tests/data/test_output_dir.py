@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ds_sft.data.output import list_files, remove_listed
+from ds_sft.data.output import MANIFEST
 from ds_sft.errors import UserError
+from ds_sft.written_files import list_files, remove_listed
 from tests.data.helpers import alpaca_rows, write_jsonl
 
 FLAGS = ["--val_fraction", "0", "--decontam_threshold", "0"]
@@ -150,7 +151,7 @@ def test_forged_manifest_deletes_nothing(name, run_prepare, world, prepared):
     shutil.copytree(prepared, out)
     manifest = json.loads((out / "manifest.json").read_text())
     forged = name.format(victim=world["victim"])
-    record = list_files(world["victim"])["secret.txt"]
+    record = list_files(world["victim"], MANIFEST)["secret.txt"]
     manifest["files"][forged] = record
     (out / "manifest.json").write_text(json.dumps(manifest))
     if "link" in name:
@@ -160,7 +161,7 @@ def test_forged_manifest_deletes_nothing(name, run_prepare, world, prepared):
         prepare_into(run_prepare, world, extra=["--force"])
     assert snapshot(world["root"]) == before
     # and were the check bypassed, deleting by that listing still touches nothing outside
-    remove_listed(out, {forged: record})
+    remove_listed(out, {forged: record}, MANIFEST)
     assert (world["victim"] / "secret.txt").read_text() == "the user's only copy\n"
 
 
@@ -235,7 +236,7 @@ def test_no_user_byte_is_lost(tmp_path_factory, prepared, run_prepare, entries, 
     else:
         assert not user and not alter and not input_inside, "replaced a folder holding user bytes"
         written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-        assert written == {*list_files(out), "manifest.json"}
+        assert written == {*list_files(out, MANIFEST), "manifest.json"}
     assert snapshot(root, skip=out) == outside and not staging_left(root)
 
 
@@ -336,7 +337,7 @@ def test_an_output_written_by_another_command_meanwhile_is_not_swapped_over(tmp_
     """Two prepares into one folder at once: the second to finish swapped its output in and moved the
     first's aside with its manifest deleted (unusable as data), saying only that it "kept files of the
     old output". Now the later one is refused before its swap, and the earlier one's stays whole."""
-    from ds_sft.data.output import MANIFEST, building_output, check_output_dir
+    from ds_sft.data.output import building_output, check_output_dir
 
     out = tmp_path / "out"
     if before == "a previous output":
@@ -355,13 +356,11 @@ def test_an_output_written_by_another_command_meanwhile_is_not_swapped_over(tmp_
 
 
 def test_the_manifest_of_an_output_other_than_the_listed_one_is_kept(tmp_path):
-    from ds_sft.data.output import MANIFEST
-
     folder = tmp_path / "old"
     folder.mkdir()
     (folder / "x.txt").write_text("theirs")
     theirs = {"files": list_files(folder, MANIFEST)}
     (folder / MANIFEST).write_text(json.dumps(theirs))
     ours = {"x.txt": {"bytes": 2, "sha256": "0" * 64}}
-    assert remove_listed(folder, ours) == [MANIFEST, "x.txt"]
+    assert remove_listed(folder, ours, MANIFEST) == [MANIFEST, "x.txt"]
     assert json.loads((folder / MANIFEST).read_text()) == theirs

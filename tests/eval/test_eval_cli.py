@@ -19,7 +19,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ds_sft.data.output import RUN_SIGNS
 from ds_sft.errors import UserError
 from ds_sft.eval import cli
 from ds_sft.eval.prompts import FIXED_PROMPTS
@@ -27,6 +26,7 @@ from ds_sft.eval.report import CHART_NAME
 from ds_sft.model.checkpoint import save_model
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
+from ds_sft.run_layout import RUN_SIGNS
 from tests.data.test_output_dir import snapshot
 
 

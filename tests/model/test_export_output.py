@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ds_sft.command import main_for
-from ds_sft.data.output import RUN_SIGNS
 from ds_sft.export import MANIFEST
 from ds_sft.model.checkpoint import save_model
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.llama import LlamaModel
+from ds_sft.run_layout import RUN_SIGNS
 from ds_sft.safe_read import sha256_file
 from tests.data.test_output_dir import snapshot
 from tests.model.conftest import make_word_tokenizer
