@@ -30,6 +30,7 @@ from ds_sft.json_input import JsonRefused, NotJson
 from ds_sft.run_layout import TRAINER_STATE, is_tag, latest_tag, tag_step
 from ds_sft.safe_read import sha256_file
 from ds_sft.train.trainer_state import FILES, read_trainer_state, trainer_state_problem
+from ds_sft.written_files import file_record, foreign_entries
 
 # Everything a ds-sft checkpoint pickles beyond tensors and plain containers, as the pickle names it
 # (collected from ZeRO 0-3 checkpoints in fp32 and bf16; numpy's _reconstruct moved to numpy._core in
@@ -48,17 +49,10 @@ CHECKPOINT_GLOBALS = {
 
 
 def file_digests(tag_dir: Path) -> dict:
-    """{file name: {"bytes", "sha256"}} for every file DeepSpeed wrote into ``tag_dir``."""
+    """{file name: {"bytes", "sha256"}} for every file DeepSpeed wrote into ``tag_dir``: the listing of
+    ``ds_sft.written_files``, flat (DeepSpeed writes no folders into a tag), kept in its trainer state."""
     files = sorted(p for p in tag_dir.iterdir() if p.is_file() and p.name != TRAINER_STATE)
-    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-
-
-def foreign_entries(paths, listed) -> list[str]:
-    """The names among ``paths`` (a tag folder's entries) that are not the run's own files: a name its
-    trainer state does not list (``listed``, the state file aside), or a listed one that is no longer a
-    regular file (a link, a folder, a FIFO: a FIFO named x.pt would block a reader forever)."""
-    ours = {*listed, TRAINER_STATE}
-    return sorted(p.name for p in paths if p.name not in ours or p.is_symlink() or not p.is_file())
+    return {p.name: file_record(p) for p in files}
 
 
 def damage(tag_dir: Path) -> str | None:
@@ -87,7 +81,7 @@ def damage(tag_dir: Path) -> str | None:
             return f"{name} is truncated or overwritten ({size:,} bytes, {digest['bytes']:,} when saved)"
         if sha256_file(path) != digest["sha256"]:
             return f"{name} is corrupted (its sha256 differs from the one recorded when saved)"
-    foreign = foreign_entries(tag_dir.iterdir(), expected)
+    foreign = foreign_entries(tag_dir, expected, TRAINER_STATE)  # a link, a folder, a FIFO named x.pt...
     if foreign:
         are = "is" if len(foreign) == 1 else "are"
         return f"{', '.join(foreign)} {are} not among the regular files it was saved with"

@@ -48,8 +48,9 @@ import numpy as np
 
 from ds_sft.errors import UserError, one_line
 from ds_sft.run_layout import TRAINER_STATE, is_tag, tag_for, tag_step
-from ds_sft.train.checkpoint_check import file_digests, foreign_entries, saved_tags
+from ds_sft.train.checkpoint_check import file_digests, saved_tags
 from ds_sft.train.trainer_state import FILES, read_trainer_state, trainer_state_problem
+from ds_sft.written_files import foreign_entries
 
 PARTIAL = ".partial"  # where every rank writes a checkpoint before it takes its tag's place
 REPLACED = ".replaced"  # where an earlier run's folder of the same tag waits to be deleted
@@ -221,12 +222,14 @@ def remove_tag(tag_dir: Path, tag: str | None = None) -> None:
     except (OSError, ValueError, RecursionError):
         state = None
     listed = state[FILES] if trainer_state_problem(state, with_files=True) is None else None
-    entries = list(tag_dir.iterdir())
-    theirs = foreign_entries(entries, listed) if listed is not None else sorted(p.name for p in entries)
+    # the listed names, not their bytes: rehashing gigabytes at every prune would stall training, and
+    # the tag lies in a run folder the run claimed (ds_sft.written_files says who checks what)
+    entries = sorted(p.name for p in tag_dir.iterdir())
+    theirs = foreign_entries(tag_dir, listed, TRAINER_STATE) if listed is not None else entries
     if not theirs:
         remove(tag_dir)
         return
-    ours = {p.name for p in entries} - set(theirs)
+    ours = set(entries) - set(theirs)
     for name in sorted(ours, key=lambda name: name != TRAINER_STATE):
         (tag_dir / name).unlink(missing_ok=True)
     kept = kept_path(tag_dir, tag)

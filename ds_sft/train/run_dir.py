@@ -251,7 +251,6 @@ def plain_tree_problem(folder: Path, run_dir: Path) -> str | None:
 def tag_problem(tag_dir: Path, run_dir: Path) -> str | None:
     """Why ``tag_dir`` is not a checkpoint tag as ds-sft writes it (exactly the files its
     ``trainer_state.json`` lists, plus that file, all regular), or None. Nothing is hashed."""
-    from ds_sft.train.checkpoint_check import foreign_entries
     from ds_sft.train.trainer_state import read_trainer_state, trainer_state_problem
 
     where = relative(tag_dir, run_dir)
@@ -263,7 +262,8 @@ def tag_problem(tag_dir: Path, run_dir: Path) -> str | None:
         return f"{where}{TRAINER_STATE} cannot be read"
     if trainer_state_problem(state, with_files=True):
         return f"{where}{TRAINER_STATE} is not one ds-sft writes"
-    foreign = foreign_entries(entries(tag_dir), state["files"])
+    entries(tag_dir)  # one that cannot be listed is refused as such
+    foreign = foreign_entries(tag_dir, state["files"], TRAINER_STATE)
     if foreign:
         return f"{relative(tag_dir / foreign[0], run_dir)} is not among the files of the checkpoint"
     return None
