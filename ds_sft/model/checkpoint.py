@@ -27,6 +27,10 @@ a dense float16, bfloat16, float32 or float64 tensor, or one found under two nam
 values. transformers' own reports of a load ds-sft checks itself (its LOAD REPORT table, its loading
 progress bar) are silenced.
 
+:func:`read_config` gives the config ``load_model`` builds, with the same key and shape checks, from the
+files' config and headers alone (no weight read; a torch file's shapes need its unpickling: None), for
+what must be refused before a large model's load.
+
 ``save_model`` writes the ds-sft layout; the Hugging Face layout of the model's family that ``ds-sft
 export`` writes comes from :func:`~ds_sft.model.param_names.to_hf_state_dict` and
 :func:`~ds_sft.model.hf_families.hf_config`.
@@ -49,6 +53,7 @@ import torch
 
 from ds_sft.errors import UserError, first_line, preview, refused_global
 from ds_sft.gguf_file import read_gguf
+from ds_sft.model.config import ModelConfig
 from ds_sft.model.config_inference import carried_config, infer_config
 from ds_sft.model.hf_families import config_from_hf
 from ds_sft.model.llama import LlamaModel, rope_table
@@ -87,13 +92,9 @@ def load_model(
     if rope_layout not in ("auto", "half", "interleaved"):
         raise UserError(f"rope_layout {rope_layout!r}: choose auto, half or interleaved")
     path = path or resolve_model_path(str(spec))
-    state, config_hints, tie_hint = _read_checkpoint(path)
+    state, extra_state, buffers, model = _fitted(path, *_read_checkpoint(path), config_overrides)
+    config = model.config
     try:  # every refusal below is about this file: name it
-        state, extra_state, buffers = canonical_state_dict(state)
-        config = infer_config(state, config_hints, tie_hint, config_overrides or {})
-        with torch.device("meta"):
-            model = LlamaModel(config)
-        _check_keys(model, state)
         _check_finite(state)
         _check_fits(state, dtype)
     except UserError as err:
@@ -107,6 +108,40 @@ def load_model(
     model.fp8_extra_state = extra_state
     model.rope_cache = rope_table(config)  # was on meta
     return _owning_its_weights(model.to(device=device, dtype=dtype), mapped)
+
+
+def read_config(
+    spec: str | Path, config_overrides: dict[str, Any] | None = None, path: Path | None = None
+) -> ModelConfig | None:
+    """The config :func:`load_model` builds for checkpoint ``spec``, read without a weight: from its
+    config files, a safetensors file's header (each tensor's name, dtype and shape) or what
+    transformers reads of a Hugging Face folder's ``config.json`` or a GGUF's metadata. The names and
+    shapes are checked as the load checks them, so a checkpoint whose weights do not fit is refused
+    here as there. ``ds-sft train`` reads it before its process group and the weights' load (seconds
+    to minutes for a large model).
+
+    None for a torch file (``.pt``, ``.bin`` ...): its shapes lie inside a pickle, which only the load
+    unpickles (weights only); the built model is all that says them."""
+    path = path or resolve_model_path(str(spec))
+    read = _read_checkpoint(path, weights=False)
+    return None if read is None else _fitted(path, *read, config_overrides)[3].config
+
+
+def _fitted(
+    path: Path, state: dict[str, torch.Tensor], hints: dict[str, Any], tie: bool | None, overrides
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any], LlamaModel]:
+    """(``state`` under ds-sft's names, its TE extra state, the buffers the model recomputes, the model
+    on the meta device that it fits), its config inferred from ``hints`` and the shapes; a state that
+    does not fit is refused naming ``path``."""
+    try:
+        state, extra_state, buffers = canonical_state_dict(state)
+        config = infer_config(state, hints, tie, overrides or {})
+        with torch.device("meta"):
+            model = LlamaModel(config)
+        _check_keys(model, state)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    return state, extra_state, buffers, model
 
 
 def _owning_its_weights(model: LlamaModel, mapped: set[int]) -> LlamaModel:
@@ -191,35 +226,43 @@ def training_checkpoint(path: Path) -> UserError:
     )
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool | None]:
-    """(raw state dict, config fields found beside it, tie_embeddings if the source says so)."""
+def _read_checkpoint(
+    path: Path, weights: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool | None] | None:
+    """(raw state dict, config fields found beside it, tie_embeddings if the source says so).
+
+    ``weights`` False: no weight is read; each tensor of the state is a stand-in of its dtype and
+    shape (:func:`_stand_in`), from a safetensors header or, through transformers, from a config; None
+    for a torch file, whose shapes only unpickling it gives."""
     refuse_training_state(path)
     if path.is_dir():
         if (path / "final" / CONFIG_FILE).exists():  # a training run directory
             path = path / "final"
         if (path / CONFIG_FILE).exists():
             hints = read_json_object(path / CONFIG_FILE, "ds-sft model config")
-            return _read_safetensors(path / MODEL_FILE), carried_config(hints, path / CONFIG_FILE), None
+            state = _read_safetensors(path / MODEL_FILE, weights)
+            return state, carried_config(hints, path / CONFIG_FILE), None
         if (path / "config.json").exists():
-            return _read_transformers(path)
+            return _read_transformers(path, weights=weights)
         raise UserError(
             f"{path} is neither a ds-sft checkpoint ({CONFIG_FILE}) nor a Hugging Face model (config.json)"
         )
     suffix = path.suffix.lower()
     if suffix == ".gguf":
         read_gguf(path)
-        return _read_transformers(path.parent, gguf_file=path.name)
+        return _read_transformers(path.parent, gguf_file=path.name, weights=weights)
     if suffix == ".safetensors":
-        return _read_safetensors(path), _config_beside(path), None
+        return _read_safetensors(path, weights), _config_beside(path), None
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        return _read_torch_file(path)
+        return _read_torch_file(path) if weights else None
     raise UserError(
         f"unknown checkpoint type {path.name!r}: expected a directory, .pt/.pth/.bin, .safetensors or .gguf"
     )
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+def _read_safetensors(path: Path, weights: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ``weights`` False: stand-ins (:func:`_stand_in`) from its header."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     if not path.exists():
@@ -228,9 +271,35 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         )
     require_regular_file(path, "checkpoint")
     try:
-        return load_file(str(path))
+        if weights:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as file:  # parses the header, checks every extent
+            slices = {name: file.get_slice(name) for name in file.keys()}  # noqa: SIM118  (no iterator)
+            return {
+                name: _stand_in(SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8), part.get_shape())
+                for name, part in slices.items()
+            }
     except SafetensorError as err:
         raise _damaged(path, err) from None
+
+
+# torch's dtype of each name a safetensors header gives one (the format's spelling). A name not here (a
+# packed 4- or 6-bit float) stands in as bytes: no weight is of either kind, and the load refuses both.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "C64": torch.complex64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E8M0": torch.float8_e8m0fnu, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+    "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _stand_in(dtype: torch.dtype, shape) -> torch.Tensor:
+    """A tensor of ``dtype`` and ``shape`` that holds one zero (every element is that one, by stride
+    0): what renaming, config inference and the key check read of a weight is its kind and shape, and
+    a meta tensor would be refused as holding no values."""
+    return torch.zeros((), dtype=dtype).expand(tuple(shape))
 
 
 def _config_beside(path: Path) -> dict[str, Any]:
@@ -269,8 +338,10 @@ def _read_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return checkpoint, {}, None
 
 
-def _read_transformers(directory: Path, gguf_file: str | None = None):
-    """Load through transformers (HF directory or GGUF) and return its state dict and config."""
+def _read_transformers(directory: Path, gguf_file: str | None = None, weights: bool = True):
+    """Load through transformers (HF directory or GGUF) and return its state dict and config.
+    ``weights`` False: the config alone, its model's weights as stand-ins (:func:`_stand_in`; the load
+    refuses files whose weights are not of the config's shapes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if gguf_file is None:
@@ -297,6 +368,11 @@ def _read_transformers(directory: Path, gguf_file: str | None = None):
             f"{where}: its {described} {config.num_parameters():,} weights but its weight files hold at "
             f"most {stored:,}: the config is not these weights'"
         )
+    if not weights:
+        with torch.device("meta"):
+            shapes = LlamaModel(config).state_dict()
+        stand_ins = {name: _stand_in(torch.float32, tensor.shape) for name, tensor in shapes.items()}
+        return stand_ins, config.to_dict(), config.tie_embeddings
     try:
         # output_loading_info: the key problems come back to be checked below, in one line; transformers'
         # own report of them (a LOAD REPORT table on stderr, or a RuntimeError pointing at that table for

@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     # the data, the model's files and the batch, before the process group and the weights load
-    train_set, val_set, notes = check_run(s, launch_environment()[1])
+    train_set, val_set, notes, checked_config = check_run(s, launch_environment()[1])
 
     import torch.distributed as dist
 
@@ -288,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
         # read by rank 0, which writes final/; a file it cannot read stops every rank
         tokenizer = on_rank_zero(lambda: read_tokenizer(train_set.tokenizer_dir), collective_device()) or {}
         model = build_model(s, tokens_per_micro_batch=s.micro_batch_size * train_set.seq_len)
-        compatibility.check_fresh(s, model, train_set)  # what the files did not say: the built model's
+        if checked_config is None:  # the files did not say the model's config: the built model's
+            compatibility.check_fresh(s, model, train_set)
         check_fits(model, train_set.seq_len, s.micro_batch_size, s.precision == "bf16")
         sampler = make_sampler(train_set, s.seed)
         summary = train(s, ds_config, model, train_set, val_set, run_dir, sampler, checkpoint)

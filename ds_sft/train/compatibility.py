@@ -2,7 +2,7 @@
 
 A fresh run: the data's tokenizer must be the base model's own (when the base model carries one;
 checked before its weights load), its ids must fit the embedding and its rows the model's positions
-(:mod:`ds_sft.data.model_match`).
+(:mod:`ds_sft.data.model_match`; before the weights load where the model's files say its config).
 
 A resume: every checkpoint records :func:`run_identity`, the settings that fix what the next step
 computes (seed, ZeRO stage, precision, fp8, micro-batch, global batch, lr schedule and clipping,
@@ -118,9 +118,10 @@ def check_base_model(s) -> str | None:
 
 
 def check_fresh(s, model, train_set) -> None:
-    """The data fits the built base model: ids within its embedding, rows within its positions. A
-    preset's config was checked whole before it was built (``preflight.check_rows_fit_model``): checked
-    again, a data dir without a recorded vocabulary was read through a second time."""
+    """The data fits the built base model: ids within its embedding, rows within its positions. For a
+    base model whose files do not say its config without unpickling them (a torch file): every other
+    model's config, as the load builds it, was checked before the weights loaded
+    (``preflight.check_data_fits_model``, by the same check)."""
     if s.base_model is not None:
         check_model_fits(s.base_model, model.config, s.data_dir, train_set.seq_len)
 

@@ -6,15 +6,18 @@ A run that one look at its data and its model's files would refuse must not pay 
 the splits are opened and checked here (rows of one length, trained tokens in both, a tokenizer
 folder that is the one the data was made with and holds only a tokenizer's files), the batch is
 checked against the split, and the data against the model as its files describe it, without its
-weights: the base model's own tokenizer, the model's positions
-(:func:`~ds_sft.data.model_match.model_positions`), and for a preset its vocabulary too. Each rank
-runs them (as it resolves the flags), before any rank waits for another.
+weights: the base model's own tokenizer, and its config as the load will build it
+(:func:`~ds_sft.model.checkpoint.read_config`: config files, safetensors headers, GGUF metadata; its
+names and shapes checked there too), whose vocabulary the data's ids and whose positions its rows must
+fit; a preset's config likewise. Each rank runs them (as it resolves the flags), before any rank waits
+for another.
 
-What needs more than files waits for it: the base model's vocabulary and the memory a micro-batch
-takes (the built model, :func:`~ds_sft.train.compatibility.check_fresh`, ``memory.check_fits``), a
-checkpoint to resume (the claimed folder, :func:`~ds_sft.train.checkpoint_check.find_checkpoint`, still
-before the weights load) and whether the checkpoint's run is this one (its identity holds the weights'
-digest).
+What needs more than files waits for it: the vocabulary of a base model in a torch file (its shapes
+lie inside a pickle that only the load unpickles: :func:`~ds_sft.train.compatibility.check_fresh` on
+the built model; its positions are read here), the memory a micro-batch takes (``memory.check_fits``),
+a checkpoint to resume (the claimed folder, :func:`~ds_sft.train.checkpoint_check.find_checkpoint`,
+still before the weights load) and whether the checkpoint's run is this one (its identity holds the
+weights' digest).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from ds_sft.errors import UserError
 
 def check_run(s, world: int):
     """The splits of ``s.data_dir`` once nothing the flags or files say refuses the run: (train set, val
-    set, the notes rank 0 prints); else the UserError of the first refusal. ``world``: the launch's ranks."""
+    set, the notes rank 0 prints, the model config the data was checked against: None when the files do
+    not say it, and the built model must be checked); else the UserError of the first refusal.
+    ``world``: the launch's ranks."""
     from ds_sft.data.model_match import data_tokenizer_identity
     from ds_sft.data.shards import PackedDataset
     from ds_sft.train.compatibility import check_base_model
@@ -43,8 +48,8 @@ def check_run(s, world: int):
     data_tokenizer_identity(str(s.data_dir))  # its tokenizer/ folder is the one its shards were made with
     notes.append(check_batch_fits_split(s, world, len(train_set)))
     notes.append(check_base_model(s))
-    check_rows_fit_model(s, train_set.seq_len)
-    return train_set, val_set, [note for note in notes if note]
+    checked = check_data_fits_model(s, train_set.seq_len)
+    return train_set, val_set, [note for note in notes if note], checked
 
 
 def check_splits(s, train_set, val_set) -> None:
@@ -70,19 +75,29 @@ def check_splits(s, train_set, val_set) -> None:
         )
 
 
-def check_rows_fit_model(s, seq_len: int) -> None:
-    """The data's rows fit the model's positions, read from its files (a preset: its config, which
-    also sets the vocabulary the data's ids must fit), before any weight is loaded or initialised."""
+def check_data_fits_model(s, seq_len: int):
+    """The data's ids fit the model's vocabulary and its rows the model's positions, before any weight
+    is loaded or initialised (:func:`~ds_sft.data.model_match.check_model_fits`, the one check). The
+    model's config: a preset's, or the one the load builds for the base model, read from its files
+    (:func:`~ds_sft.model.checkpoint.read_config`). Returns that config; None for a base model whose
+    files hold their shapes in a pickle (a torch file), of which only the positions its config
+    declares are checked here."""
     from ds_sft.data.model_match import check_model_fits, model_positions, refuse_rows_past_positions
+    from ds_sft.model.checkpoint import read_config
+    from ds_sft.model.config import ModelConfig
 
     if s.base_model is None:
-        from ds_sft.model.config import ModelConfig
-
-        check_model_fits(f"the {s.model} preset", ModelConfig.preset(s.model), s.data_dir, seq_len)
-        return
+        config = ModelConfig.preset(s.model)
+        check_model_fits(f"the {s.model} preset", config, s.data_dir, seq_len)
+        return config
+    config = read_config(s.base_model, config_overrides={"kernels": s.kernels})  # as build_model loads it
+    if config is not None:
+        check_model_fits(s.base_model, config, s.data_dir, seq_len)
+        return config
     positions = model_positions(s.base_model)  # None: the files do not say; checked once it is built
     if positions is not None:
         refuse_rows_past_positions(f"{s.data_dir} holds rows", seq_len, s.base_model, positions)
+    return None
 
 
 def check_batch_fits_split(s, world: int, train_rows: int) -> str | None:

@@ -23,7 +23,7 @@ from ds_sft.data.model_match import refuse_rows_past_positions
 from ds_sft.errors import UserError
 from ds_sft.model.config import PRESETS, ModelConfig
 from ds_sft.train import compatibility
-from ds_sft.train.preflight import check_rows_fit_model
+from ds_sft.train.preflight import check_data_fits_model
 from tests.data.match_helpers import prepare, tiny_model_dir, two_tokenizers
 from tests.train.helpers import TinyPacked, settings, tiny_model, write_data_dir
 
@@ -118,6 +118,24 @@ def test_rows_longer_than_the_model_positions_are_refused(parts, tmp_path, capsy
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_ids_past_a_torch_files_embeddings_are_refused_once_it_is_built(
+    tmp_path, capsys, dist_env, monkeypatch
+):
+    """A torch file's shapes lie inside its pickle: the data is checked against the model it builds, by
+    the check the other layouts get before their weights load (tests/train/test_preflight.py)."""
+    import ds_sft.train.loop
+    from tests.data.test_model_positions import torch_file
+
+    monkeypatch.setattr(ds_sft.train.loop, "train", lambda *a, **k: pytest.fail("the engine was built"))
+    data = write_data_dir(tmp_path / "data", train_rows=8)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": {"vocab_size": 513}}))
+    spec = torch_file(tmp_path / "base.pt", 256)  # 512 embeddings
+    assert train(data, spec, tmp_path / "run") == 2
+    line = one_line_error(capsys)
+    assert f"513-token vocabulary but the model has 512 embeddings ({spec}" in line, line
+
+
 @pytest.mark.parametrize("past", [0, 1, 1000])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_rows_past_a_preset_positions_are_refused_by_the_one_check(preset, past, tmp_path):
@@ -128,10 +146,10 @@ def test_rows_past_a_preset_positions_are_refused_by_the_one_check(preset, past,
     s = SimpleNamespace(base_model=None, model=preset, data_dir=write_data_dir(tmp_path / "data"))
     seq_len = config.max_seq_len + past
     if not past:
-        check_rows_fit_model(s, seq_len)
+        check_data_fits_model(s, seq_len)
         return
     with pytest.raises(UserError) as refused:
-        check_rows_fit_model(s, seq_len)
+        check_data_fits_model(s, seq_len)
     said, positions = str(refused.value), config.max_seq_len
     assert f"holds rows of {seq_len:,} tokens but the {preset} preset has {positions:,} positions" in said
     assert f"--seq_len {positions} or less" in said and "\n" not in said

@@ -20,7 +20,8 @@ import pytest
 
 from ds_sft.cli import main
 from tests.data.match_helpers import CORPUS, prepare, tiny_model_dir, train_bpe, two_tokenizers
-from tests.data.test_model_positions import hf_folder, torch_file
+from tests.data.test_model_positions import bare_safetensors, hf_folder, tiny, torch_file
+from tests.gguf_files import write_model_gguf
 from tests.train.helpers import write_data_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -47,7 +48,23 @@ def files(tmp_path_factory):
             "hf folder": hf_folder(root / "hf", tokenizer, 56),
             "nanogpt .pt": torch_file(root / "nanogpt" / "base.pt", 60),
         },
+        # a model of each layout with 512 embeddings and positions enough for write_data_dir's rows
+        "vocabulary": {
+            "ds-sft folder": tiny_model_dir(root / "v_folder"),
+            "run dir": tiny_model_dir(root / "v_run_dir", layout="run"),
+            "weights file": tiny_model_dir(root / "v_file") / "model.safetensors",
+            "bare .safetensors": bare_safetensors(root / "v_bare" / "bare.safetensors"),
+            "hf folder": hf_folder(root / "v_hf", tokenizer, 256),
+            "gguf": gguf_of_tiny(root / "v_gguf" / "tiny.gguf"),
+            "nanogpt .pt": torch_file(root / "v_nanogpt" / "base.pt", 256),
+        },
     }
+
+
+def gguf_of_tiny(path: Path) -> Path:
+    path.parent.mkdir(parents=True)
+    model = tiny(max_seq_len=256)
+    return write_model_gguf(path, model.config, model.state_dict())
 
 
 class Trapped(Exception):
@@ -193,6 +210,68 @@ def test_rows_past_the_positions_of_every_model_layout_are_refused_before_its_we
     line = refused_line(capsys)
     assert f"holds rows of 64 tokens but {spec} has" in line and "positions" in line, line
     assert traps == [] and not out.exists()
+
+
+@pytest.fixture
+def weight_readers_trapped(traps, monkeypatch) -> list[str]:
+    """:func:`traps`, and every reader of a checkpoint's tensors (safetensors' load, transformers' model
+    load, which a GGUF's tensors go through too, and torch's unpickler) a trap as well."""
+    import safetensors.torch
+    import torch
+    import transformers
+
+    def trap(name):
+        def reach(*args, **kwargs):
+            traps.append(name)
+            raise Trapped(name)
+
+        return reach
+
+    monkeypatch.setattr(safetensors.torch, "load_file", trap("safetensors load_file"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", trap("from_pretrained"))
+    monkeypatch.setattr(torch, "load", trap("torch.load"))
+    return traps
+
+
+HEADER_LAYOUTS = ["ds-sft folder", "run dir", "weights file", "bare .safetensors", "hf folder", "gguf"]
+
+
+@pytest.mark.parametrize("kind", HEADER_LAYOUTS)
+def test_a_vocabulary_past_the_base_models_is_refused_before_any_weight_is_read(
+    kind, files, weight_readers_trapped, tmp_path, capsys
+):
+    """The base model's embeddings, read from its config and headers, refuse data of one token more
+    (the refusal came once the weights had loaded, after the process group formed)."""
+    spec = files["vocabulary"][kind]
+    out = tmp_path / "run"
+    assert main(train_argv(with_vocabulary(tmp_path, 513), ["--base_model", str(spec)], [], out)) == 2
+    line = refused_line(capsys)
+    assert f"513-token vocabulary but the model has 512 embeddings ({spec}" in line, line
+    assert weight_readers_trapped == [] and not out.exists()
+
+
+@pytest.mark.parametrize("kind", HEADER_LAYOUTS)
+def test_a_vocabulary_the_base_model_has_passes_its_files_checks(
+    kind, files, weight_readers_trapped, tmp_path
+):
+    out = tmp_path / "run"
+    with pytest.raises(Trapped):
+        main(
+            train_argv(
+                with_vocabulary(tmp_path, 512), ["--base_model", str(files["vocabulary"][kind])], [], out
+            )
+        )
+    assert weight_readers_trapped == ["process_group"]
+
+
+def test_a_torch_files_vocabulary_is_left_to_its_built_model(files, traps, tmp_path):
+    """Its shapes lie inside its pickle, which only the load unpickles: the built model is checked
+    (tests/train/test_compatibility.py); its files' checks let it through."""
+    out = tmp_path / "run"
+    spec = files["vocabulary"]["nanogpt .pt"]
+    with pytest.raises(Trapped):
+        main(train_argv(with_vocabulary(tmp_path, 513), ["--base_model", str(spec)], [], out))
+    assert traps == ["process_group"]
 
 
 def damaged_checkpoint(ckpt_dir: Path) -> Path:
