@@ -175,18 +175,24 @@ def trainer_backend_failures(result: dict) -> tuple[str, list[str]]:
 
 def train_counting_graph_breaks(argv: list[str], out: Path) -> int:
     """``ds-sft train ARGV`` in this process; then what dynamo's counters gained meanwhile, as JSON at
-    ``out``, however the run ended: ``{"graph_breaks": total, "reasons": {first line: count},
-    "graphs": compiled}``."""
+    ``out``: ``{"graph_breaks": total, "reasons": {first line: count}, "graphs": compiled, "until":
+    "the end" | "the last compile"}``.
+
+    Written when the run ends, however it ends (a return, an error, a stop signal the trainer or the
+    command unwinds), and also after every compile, whose end is where the counts change: a process
+    that cannot write at its end (``timeout -k``'s SIGKILL, which followed the SIGTERM of a time limit
+    while a compiled step and the checkpoint were still running; the kernel's OOM killer) leaves the
+    counts of its last compile ("until": "the last compile")."""
     import collections
 
+    from torch._dynamo.callback import callback_handler
     from torch._dynamo.utils import counters
 
     from ds_sft.cli import main
 
     breaks, graphs = collections.Counter(counters["graph_break"]), counters["stats"]["unique_graphs"]
-    try:
-        return main(["train", *argv])
-    finally:
+
+    def write(until: str) -> None:
         reasons: collections.Counter = collections.Counter()
         for reason, count in (counters["graph_break"] - breaks).most_common():
             reasons[break_reason(reason)] += count
@@ -194,8 +200,22 @@ def train_counting_graph_breaks(argv: list[str], out: Path) -> int:
             "graph_breaks": reasons.total(),
             "reasons": dict(reasons.most_common()),
             "graphs": counters["stats"]["unique_graphs"] - graphs,
+            "until": until,
         }
         write_bench_json(out, result, __file__, indent=1)
+
+    def after_compile(_) -> None:
+        try:
+            write("the last compile")
+        except Exception as err:  # noqa: BLE001  raised here, it would fail the compile, and the run
+            print(f"graph breaks not written after a compile: {describe(err)}", file=sys.stderr)
+
+    callback_handler.register_end_callback(after_compile)
+    try:
+        return main(["train", *argv])
+    finally:
+        callback_handler.remove_end_callback(after_compile)
+        write("the end")
 
 
 def break_reason(message: str) -> str:
@@ -212,6 +232,8 @@ def graph_breaks_lines(work: Path) -> list[str]:
     if result is None:
         return ["", "--compile graph breaks: not counted"]
     lines = ["", f"--compile: {result['graph_breaks']} graph breaks, {result['graphs']} graphs compiled"]
+    if result.get("until", "the end") != "the end":  # the process was killed: the counts of its last compile
+        lines[-1] += f" (counted until {result['until']}: the run was killed before its end)"
     lines += [f"- {count} x {reason}" for reason, count in list(result["reasons"].items())[:5]]
     return lines
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -491,6 +492,61 @@ def test_the_compiled_trainings_graph_breaks_are_counted_and_on_the_page(tmp_pat
     lines, _ = gpu_check.training_section(work, None)
     said = f"--compile: {counted['graph_breaks']} graph breaks, {counted['graphs']} graphs compiled"
     assert said in lines
+
+
+# A child running ``gpu_check.py train`` with a stand-in trainer that compiles a step with a graph break
+# and is then killed: by SIGKILL alone (the OOM killer), or as ``timeout -k 10`` ends a run over its
+# time limit: SIGTERM, which the trainer's loop takes as "stop after this step and save", then SIGKILL
+# while the compiled step and the checkpoint are still running.
+KILLED_TRAINER = """
+import os, signal, sys
+import torch
+import ds_sft.cli
+from ds_sft.command import main_for_script
+from ds_sft.train.distributed import preemption_flag
+sys.path.insert(0, "bench")
+import gpu_check
+
+def step(x):
+    x = x * 2
+    torch._dynamo.graph_break()
+    return x + 1
+
+def train(argv):
+    with preemption_flag() as flag:
+        torch.compile(step, backend="eager")(torch.ones(4))
+        if ENDING == "time limit":
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert flag["stop"] == signal.SIGTERM  # heard: the loop would save after its step
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ds_sft.cli.main = train
+main_for_script(gpu_check, ["train", "--out", OUT, "--", "--compile"])
+"""
+
+
+@pytest.mark.parametrize("ending", ["time limit", "SIGKILL"])
+def test_the_graph_breaks_outlive_a_run_killed_before_its_end(ending, tmp_path):
+    """graph_breaks.json was written when the trainer returned: a run over gpu_check.sh's time limit
+    (SIGTERM, then SIGKILL 10 s later while the compiled step and its checkpoint ran on) left none, and
+    the page said "not counted". The counts are written after each compile too."""
+    from tests.signals import as_from_a_terminal
+
+    out = tmp_path / "work" / "graph_breaks.json"
+    code = f"ENDING = {ending!r}; OUT = {str(out)!r}\n" + KILLED_TRAINER
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    child = subprocess.run(  # noqa: PLW1509  (preexec_fn: the signals at a terminal's defaults)
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        timeout=300, preexec_fn=as_from_a_terminal(),
+    )  # fmt: skip
+    assert child.returncode == -9, child.stderr[-3000:]
+    assert out.is_file(), child.stderr[-3000:]
+    counted = json.loads(out.read_text())
+    assert counted["until"] == "the last compile" and counted["graphs"] >= 2
+    assert counted["graph_breaks"] == sum(counted["reasons"].values()) >= 1
+    assert any(re.search("graph.break", reason, re.I) for reason in counted["reasons"])
+    said = gpu_check.graph_breaks_lines(out.parent)[1]
+    assert said.startswith(f"--compile: {counted['graph_breaks']} graph breaks") and "killed" in said
 
 
 @pytest.mark.parametrize(("gap", "ok"), [(None, None), (0.0, True), (3e-3, True), (0.05, False)])
