@@ -19,6 +19,7 @@ from ds_sft.model.checkpoint import load_model, read_config
 from tests.data.match_helpers import CORPUS, train_bpe
 from tests.data.test_model_positions import KINDS, tiny
 from tests.gguf_files import write_model_gguf
+from tests.model.test_hostile_checkpoints import HOSTILE_FILES, STATE_CHANGES, TORCH_ONLY, _tiny_state
 
 
 def gguf_model(path: Path) -> Path:
@@ -81,3 +82,42 @@ def test_safetensors_whose_names_do_not_fit_are_refused_as_the_load_refuses_them
     with pytest.raises(UserError) as read:
         read_config(tmp_path / "cut.safetensors")
     assert str(read.value) == str(loaded.value) and "layers.0.mlp.down_proj.weight" in str(read.value)
+
+
+# Every malformed state dict safetensors can hold (tests/model/test_hostile_checkpoints.py) but those
+# whose fault is in the values: two names of one weight with different values (stand-ins hold no values
+# to compare; the load refuses them).
+SHAPE_FAULTS = [c for c in STATE_CHANGES if c not in TORCH_ONLY and not c.startswith("two values")]
+
+
+@pytest.mark.parametrize("change", SHAPE_FAULTS)
+def test_a_malformed_safetensors_is_refused_by_its_header_in_the_loads_line(change, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in STATE_CHANGES[change](_tiny_state()).items()}, str(path))
+    heads = {"n_heads": 4, "n_kv_heads": 2}
+    with pytest.raises(UserError) as loaded:
+        load_model(path, config_overrides=heads)
+    weights_never_read(monkeypatch)
+    with pytest.raises(UserError) as read:
+        read_config(path, config_overrides=heads)
+    assert str(read.value) == str(loaded.value)
+
+
+@pytest.mark.parametrize("name", HOSTILE_FILES)
+def test_a_hostile_base_model_read_without_weights_is_one_line_or_left_to_the_load(
+    name, tmp_path, monkeypatch
+):
+    """Every hostile file the load refuses in one line: read without its weights, it is refused in one
+    line naming it, or (what only its weights show) left to the load; nothing runs, nothing hangs."""
+    root = tmp_path / "in"
+    root.mkdir()
+    path = HOSTILE_FILES[name][0](root)
+    weights_never_read(monkeypatch)
+    try:
+        read_config(path)
+    except UserError as err:
+        line = str(err)
+        assert "\n" not in line and (str(path) in line or str(path.with_name("config.json")) in line), line
+    assert not (root / "ran").exists()

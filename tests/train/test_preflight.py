@@ -264,6 +264,50 @@ def test_a_vocabulary_the_base_model_has_passes_its_files_checks(
     assert weight_readers_trapped == ["process_group"]
 
 
+def another_family(root: Path, files) -> Path:
+    """The Hugging Face folder, its config.json naming a family ds-sft does not compute (Gemma's weights
+    have LLaMA's names and shapes)."""
+    folder = root / "gemma"
+    shutil.copytree(files["vocabulary"]["hf folder"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
+    return folder
+
+
+def a_weight_short(root: Path, files) -> Path:
+    """The ds-sft folder without one of its weights."""
+    from safetensors import safe_open  # not load_file, a trap in the test
+    from safetensors.torch import save_file
+
+    folder = root / "short"
+    shutil.copytree(files["vocabulary"]["ds-sft folder"], folder)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as saved:
+        weights = {name: saved.get_tensor(name) for name in saved.keys()}  # noqa: SIM118
+    del weights["layers.0.mlp.up_proj.weight"]
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder
+
+
+# what a base model's config and headers refuse -> (its spec, given tmp_path and files; a piece of its line)
+HEADER_REFUSALS = {
+    "a family ds-sft does not compute": (another_family, "gemma"),
+    "a weight missing from the header": (a_weight_short, "missing (1): layers.0.mlp.up_proj.weight"),
+}
+
+
+@pytest.mark.parametrize("refusal", HEADER_REFUSALS)
+def test_what_a_base_models_headers_refuse_is_refused_before_any_weight_is_read(
+    refusal, files, weight_readers_trapped, tmp_path, capsys
+):
+    make, said = HEADER_REFUSALS[refusal]
+    spec = make(tmp_path, files)
+    out = tmp_path / "run"
+    assert main(train_argv(with_vocabulary(tmp_path, 512), ["--base_model", str(spec)], [], out)) == 2
+    line = refused_line(capsys)
+    assert said in line and str(spec) in line, line
+    assert weight_readers_trapped == [] and not out.exists()
+
+
 def test_a_torch_files_vocabulary_is_left_to_its_built_model(files, traps, tmp_path):
     """Its shapes lie inside its pickle, which only the load unpickles: the built model is checked
     (tests/train/test_compatibility.py); its files' checks let it through."""
