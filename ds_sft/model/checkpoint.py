@@ -117,8 +117,10 @@ def read_config(
     config files, a safetensors file's header (each tensor's name, dtype and shape) or what
     transformers reads of a Hugging Face folder's ``config.json`` or a GGUF's metadata. The names and
     shapes are checked as the load checks them, so a checkpoint whose weights do not fit is refused
-    here as there. ``ds-sft train`` reads it before its process group and the weights' load (seconds
-    to minutes for a large model).
+    here as there (but for what only values show: two names of one weight with different values; and
+    a Hugging Face head tied as its config says, which transformers unties where the files hold it).
+    ``ds-sft train`` reads it before its process group and the weights' load (seconds to minutes for
+    a large model).
 
     None for a torch file (``.pt``, ``.bin`` ...): its shapes lie inside a pickle, which only the load
     unpickles (weights only); the built model is all that says them."""

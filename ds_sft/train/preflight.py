@@ -90,7 +90,7 @@ def check_data_fits_model(s, seq_len: int):
         config = ModelConfig.preset(s.model)
         check_model_fits(f"the {s.model} preset", config, s.data_dir, seq_len)
         return config
-    config = read_config(s.base_model, config_overrides={"kernels": s.kernels})  # as build_model loads it
+    config = read_config(s.base_model)
     if config is not None:
         check_model_fits(s.base_model, config, s.data_dir, seq_len)
         return config
