@@ -4,8 +4,23 @@
 #
 # Sourced by launch/torchrun.sh and launch/deepspeed_multinode.sh, which set $launcher first.
 
+# refuse MESSAGE...: the message as one line on stderr, exit 2. It quotes what the user passed (an
+# option's value, a hostfile line, a path), so every character that is not printable is shown as its
+# code (\x1b, \x0a, \u202e): a value holding an escape sequence drove the terminal (retitled it,
+# cleared it), and one holding a newline forged a line of its own under the launcher's name.
 refuse() {
-    echo "$launcher: $*" >&2
+    local message="$launcher: $*" shown="" char code i
+    for (( i = 0; i < ${#message}; i++ )); do
+        char=${message:i:1}
+        if [[ $char == [[:print:]] ]]; then
+            shown+=$char
+        else  # the code point in a UTF-8 locale, the byte in the C locale
+            printf -v code '%x' "'$char"
+            (( 0x$code <= 0xff )) && printf -v code '\\x%02x' "0x$code" || printf -v code '\\u%04x' "0x$code"
+            shown+=$code
+        fi
+    done
+    printf '%s\n' "$shown" >&2
     exit 2
 }
 

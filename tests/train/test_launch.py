@@ -575,3 +575,72 @@ def test_a_mistyped_train_flag_stops_the_launch_script_before_any_launcher(scrip
     lines = done.stderr.strip().splitlines()
     assert (done.returncode, done.stdout, len(lines)) == (2, "", 1), (done.stdout, done.stderr)
     assert said in lines[0]
+
+
+# Values a user (or a hostfile, a job environment) can hand the launch scripts that would drive a
+# terminal if printed as they are: a title-setting OSC and a screen-clearing CSI, a newline forging a
+# line of the launcher's own, a carriage return overwriting the line, C1's one-byte CSI (U+009B), DEL,
+# a backspace, a byte that is not UTF-8.
+TERMINAL_DRIVING = [
+    b"\x1b]0;pwned\x07",
+    b"\x1b[2J\x1b[31m",
+    b"1\nlaunch/torchrun.sh: all good",
+    b"1\rall good",
+    "\u009b2J".encode(),
+    b"\x7f\x08\x08",
+    b"\xff\xfe",
+]
+
+
+def _refusal_sites(tmp_path: Path, value: bytes) -> dict:
+    """Each place a launch script refuses what it was handed, quoting it: id -> (script, words, env, cwd)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_bytes(b"node-01 slots=8\n" + value + b"\n")
+    not_ds_sft = os.path.join(os.fsencode(tmp_path), b"job" + value)
+    os.makedirs(not_ds_sft, exist_ok=True)
+    torchrun, deepspeed, slurm, here = "torchrun.sh", "deepspeed_multinode.sh", "slurm.sbatch", REPO_ROOT
+    return {
+        "--nproc": (torchrun, [b"--nproc", value], {}, here),
+        "--nnodes": (torchrun, [b"--nnodes", value], {}, here),
+        "--rdzv host": (torchrun, [b"--nnodes", b"2", b"--rdzv", b"n" + value + b":29400"], {}, here),
+        "--rdzv port": (torchrun, [b"--nnodes", b"2", b"--rdzv", b"node-01:" + value], {}, here),
+        "unknown option": (torchrun, [b"--x" + value], {}, here),
+        "--master_addr": (deepspeed, [b"--master_addr", b"n" + value], {}, here),
+        "--master_port": (deepspeed, [b"--master_port", value], {}, here),
+        "--node_rank": (deepspeed, [b"--no_ssh", b"--node_rank", value], {}, here),
+        # --dry-run prints the command without a hostfile yet; a launch checks it first
+        "missing hostfile": (deepspeed, [b"--hostfile", os.fsencode(tmp_path) + b"/no" + value], {}, here),
+        "hostfile line": (deepspeed, [b"--hostfile", os.fsencode(hostfile)], {}, here),
+        "SLURM_NNODES": (slurm, [], {b"SLURM_NNODES": value}, here),
+        "SLURM_GPUS_ON_NODE": (slurm, [], {b"SLURM_GPUS_ON_NODE": value}, here),
+        "submit folder": (slurm, [], {b"SLURM_SUBMIT_DIR": not_ds_sft}, not_ds_sft),
+    }  # fmt: skip
+
+
+REFUSAL_SITES = [
+    "--nproc", "--nnodes", "--rdzv host", "--rdzv port", "unknown option", "--master_addr", "--master_port",
+    "--node_rank", "missing hostfile", "hostfile line", "SLURM_NNODES", "SLURM_GPUS_ON_NODE", "submit folder",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("locale", ["C", "C.UTF-8"])
+@pytest.mark.parametrize("value", TERMINAL_DRIVING, ids=repr)
+@pytest.mark.parametrize("site", REFUSAL_SITES)
+def test_a_launch_refusal_shows_what_it_quotes_escaped(tmp_path, site, value, locale):
+    """Every refusal of the launch scripts quotes what it was handed; each character of it that is not
+    printable must reach the terminal as its code, on the one line, so a hostile option value, hostfile
+    line or folder name neither drives the terminal nor forges a line. They were printed raw."""
+    sites = _refusal_sites(tmp_path, value)
+    assert sites.keys() == set(REFUSAL_SITES)
+    script, words, extra, cwd = sites[site]
+    env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({b"LC_ALL": locale.encode(), **extra})
+    done = subprocess.run(
+        [b"bash", os.path.join(os.fsencode(REPO_ROOT), b"launch", script.encode()),
+         *([] if site == "missing hostfile" else [b"--dry-run"]), *words, b"--", b"--model", b"tiny"],
+        capture_output=True, timeout=60, cwd=cwd, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == b"", (site, done.stdout, done.stderr)
+    line = done.stderr.removesuffix(b"\n")
+    assert line.startswith(f"launch/{script}: ".encode()), (site, done.stderr)
+    assert all(0x20 <= byte < 0x7F for byte in line), (site, done.stderr)  # one line, printable
