@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ds_sft.safe_read import read_regular_file
+
 EFFECTIVE_CONFIG = "effective_config.json"
 METRICS_FILE = "metrics.jsonl"
 TRAINER_STATE = "trainer_state.json"
@@ -46,10 +48,9 @@ def tag_step(name: str) -> int:
 
 def latest_tag(ckpt_dir: Path) -> str | None:
     """The tag ``ckpt_dir/latest`` names, if it is one (never a path that leads elsewhere; a few bytes
-    read, whatever the file holds)."""
+    read, whatever the file holds; a FIFO or device there names none)."""
     try:
-        with (ckpt_dir / "latest").open("rb") as file:
-            tag = file.read(64).decode("ascii", "replace").strip()
+        tag = read_regular_file(ckpt_dir / "latest", 64).decode("ascii", "replace").strip()
     except OSError:
         return None
     return tag if is_tag(tag) else None

@@ -1,7 +1,8 @@
 """Reading a file someone else made without harm: refuse what would hang, run code or crash a reader.
 
 Anything but a regular file is refused before it is opened (:func:`require_regular_file`: a FIFO
-blocks, ``/dev/zero`` never ends); a JSON object is read or refused in one line
+blocks, ``/dev/zero`` never ends), or, for a file read by name inside a folder ds-sft made, on the
+file opened without blocking (:func:`read_regular_file`); a JSON object is read or refused in one line
 (:func:`read_json_object`); a model folder whose configs would make transformers import its own
 Python is refused (:func:`refuse_remote_code`); a file's sha256 is read in blocks
 (:func:`sha256_file`).
@@ -9,6 +10,7 @@ Python is refused (:func:`refuse_remote_code`); a file's sha256 is read in block
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -55,6 +57,19 @@ def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
         target = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
         raise UserError(f"{path}: is {kind}{target}, not a regular file; pass the {what} file itself")
     return info
+
+
+def read_regular_file(path: Path, limit: int = -1) -> bytes:
+    """The bytes of ``path`` (at most ``limit``), or an OSError, like a missing file's, when it is not a
+    regular file. For the files ds-sft reads back by name from a folder it wrote (a checkpoint's
+    ``latest``, a tag's ``trainer_state.json``), where a FIFO put in a file's place blocked the open
+    forever (SIGTERM too: the handler returns into the open): it is opened without blocking and checked
+    on the open file, so nothing can be swapped in between the check and the read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return file.read(limit)
 
 
 # Files of a model folder whose ``auto_map`` would make transformers import the folder's own Python.

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from ds_sft.json_input import parse_json_object
 from ds_sft.options import is_number
 from ds_sft.run_layout import TRAINER_STATE, is_tag
+from ds_sft.safe_read import read_regular_file
 
 FILES = "files"  # {file name: {"bytes", "sha256"}}, added when the tag is published
 
@@ -150,4 +151,4 @@ def _files_fine(files) -> bool:
 def read_trainer_state(tag_dir: Path) -> dict:
     """``trainer_state.json`` as saved; ``checkpoint_check.damage`` has checked it before a resume
     reads it."""
-    return parse_json_object((tag_dir / TRAINER_STATE).read_bytes())
+    return parse_json_object(read_regular_file(tag_dir / TRAINER_STATE))

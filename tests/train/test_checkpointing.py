@@ -7,6 +7,8 @@ import functools
 import hashlib
 import io
 import json
+import os
+import threading
 
 import pytest
 import torch
@@ -431,3 +433,90 @@ def test_non_finite_values_counts_each_poisoned_value_once(kind, place, dist_env
     counts = non_finite_values(engine)
     engine.destroy()
     assert counts == ([0, 1] if place == "moment" else [1, 0])
+
+
+# What a user (or a copy gone wrong) may leave where a run reads a file back by name. A FIFO blocked
+# the open until a writer came, forever in a run folder no one writes into, and SIGTERM could not end
+# it (its handler returns into the open): at the first save after a resume (replacing the old tag), in
+# `ds-sft export/eval --base_model RUN` (final/'s "checkpoints went on since" note), at `--resume`.
+NOT_FILES = ["fifo", "symlink to a fifo", "folder", "device"]
+
+
+def put_not_a_file(path, kind: str, tmp_path) -> list:
+    """Replace ``path`` with a thing of ``kind``; the FIFOs made, for :func:`without_blocking`."""
+    path.unlink(missing_ok=True)
+    fifo = tmp_path / "elsewhere.fifo" if kind == "symlink to a fifo" else path
+    if "fifo" in kind:
+        os.mkfifo(fifo)
+    if kind == "symlink to a fifo":
+        path.symlink_to(fifo)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "device":
+        path.symlink_to("/dev/null")
+    return [fifo] if "fifo" in kind else []
+
+
+def without_blocking(call, fifos: list, seconds: float = 20):
+    """``call()``'s result; a call still blocked after ``seconds`` (an open of a FIFO) is released, by
+    opening the FIFOs' writing ends, and fails the test."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as err:  # handed to the test's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for fifo in fifos:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(seconds)
+        pytest.fail(f"blocked reading {fifos}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@pytest.mark.parametrize("kind", NOT_FILES)
+def test_a_latest_that_is_not_a_file_names_no_tag_and_never_blocks(tmp_path, kind):
+    from ds_sft.data.model_match import behind_note
+    from ds_sft.run_layout import latest_tag
+
+    run = tmp_path / "run"
+    make_tags(run / "checkpoints", [2, 4])
+    fifos = put_not_a_file(run / "checkpoints" / "latest", kind, tmp_path)
+    assert without_blocking(lambda: latest_tag(run / "checkpoints"), fifos) is None
+    resumed = without_blocking(lambda: find_checkpoint("auto", run), fifos)
+    assert resumed == run / "checkpoints" / "step_000004"  # the newest intact tag
+    note = without_blocking(lambda: behind_note((run / "final" / "trained_on.json", {"step": 2})), fifos)
+    assert note is None  # no step to compare with
+
+
+@pytest.mark.parametrize("kind", NOT_FILES)
+@pytest.mark.parametrize("how", ["drop_later_tags", "replace_tag"])
+def test_a_tag_whose_trainer_state_is_not_a_file_is_kept_whole_without_blocking(tmp_path, kind, how):
+    """A resumed run's first save replaces (or drops) the old tags after it: each is deleted by the
+    list in its trainer_state.json, which was opened whatever it was."""
+    from ds_sft.train.trainer_state import read_trainer_state
+
+    ckpt_dir = tmp_path / "checkpoints"
+    make_tags(ckpt_dir, [2, 4, 6])
+    tag = ckpt_dir / "step_000006"
+    fifos = put_not_a_file(tag / TRAINER_STATE, kind, tmp_path)
+    with pytest.raises(OSError):
+        without_blocking(lambda: read_trainer_state(tag), fifos)
+    if how == "drop_later_tags":
+        without_blocking(lambda: drop_later_tags(ckpt_dir, 4), fifos)
+        assert not os.path.lexists(tag)
+    else:
+        new = ckpt_dir / ".partial" / tag.name
+        new.mkdir(parents=True)
+        (new / "mp_rank_00_model_states.pt").write_text("new")
+        without_blocking(lambda: replace_tag(new, tag), fifos)
+        assert sorted(p.name for p in tag.iterdir()) == ["mp_rank_00_model_states.pt"]
+    kept = ckpt_dir / "step_000006.kept" / TRAINER_STATE  # which files were the run's is not known
+    assert os.path.lexists(kept) and kept.is_symlink() == ("symlink" in kind or kind == "device")  # as left
