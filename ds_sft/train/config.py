@@ -30,7 +30,7 @@ from types import SimpleNamespace
 from ds_sft.errors import UserError
 from ds_sft.locations import expand_user
 from ds_sft.machine import hardware_bf16
-from ds_sft.safe_read import read_json_object
+from ds_sft.safe_read import read_json_object, require_regular_file
 from ds_sft.train.config_checks import (
     check_domain,
     check_inputs,
@@ -65,6 +65,8 @@ def resolve_config_path(spec: str) -> Path:
     shipped = files("ds_configs") / Path(spec).name
     if Path(spec).parent in (Path("."), Path("ds_configs")) and shipped.is_file():
         return Path(str(shipped))
+    if path.is_symlink() or path.exists():  # there, but no file: say what it is (a FIFO, a folder...)
+        require_regular_file(path, "DeepSpeed config")
     raise UserError(f"DeepSpeed config {spec!r} not found: pass an existing JSON file (see ds_configs/)")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -399,6 +400,38 @@ def test_missing_files_are_one_line_errors(data_dir, tmp_path, capsys):
         == 2
     )
     assert "DeepSpeed config 'nope.json' not found" in capsys.readouterr().err
+
+
+# What may stand at a --deepspeed_config path without being a file: each was "not found", which sent
+# the user looking for a typo in a path that exists.
+NOT_A_CONFIG_FILE = {
+    "a FIFO": "a FIFO (named pipe)",
+    "a folder": "a directory",
+    "a device": "a character device",
+    "a symlink to a FIFO": "a FIFO (named pipe)",
+    "a dangling symlink": "a symlink to a missing file",
+}
+
+
+@pytest.mark.parametrize("kind", NOT_A_CONFIG_FILE)
+def test_a_config_path_that_is_not_a_file_is_named_for_what_it_is(kind, data_dir, tmp_path, capsys):
+    config_path = tmp_path / "zero2.json"  # a shipped config's name: the one in the folder is meant
+    if kind in ("a FIFO", "a symlink to a FIFO"):
+        os.mkfifo(tmp_path / "pipe")
+    if kind == "a FIFO":
+        config_path = tmp_path / "pipe"
+    elif kind == "a folder":
+        config_path.mkdir()
+    else:
+        target = {"a device": "/dev/zero", "a symlink to a FIFO": tmp_path / "pipe"}.get(
+            kind, tmp_path / "gone"
+        )
+        config_path.symlink_to(target)
+    argv = ["train", "--data_dir", str(data_dir), "--model", "tiny", "--deepspeed_config", str(config_path)]
+    assert main(argv) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.count("\n") == 0 and f"{config_path}: " in said and NOT_A_CONFIG_FILE[kind] in said, said
+    assert "not found" not in said
 
 
 def test_whole_run_writes_every_artifact(data_dir, tmp_path, dist_env):
