@@ -34,7 +34,7 @@ from ds_sft.train.config_keys import (
     SUPPORTED_OPTIMIZERS,
     ZERO_PLUS_PLUS_QUANTIZED,
 )
-from ds_sft.train.metrics import resolve_wandb_mode
+from ds_sft.train.metrics import resolve_wandb_mode, resolve_wandb_project
 
 
 def did_you_mean(key: str, known) -> str:
@@ -289,7 +289,9 @@ def validate(ds_config: dict, s: dict, source: str) -> None:
         )
     checked("--warmup_iters (at most --max_iters)", s["warmup_iters"], Int(0, s["max_iters"]))
     checked("--min_lr (at most --learning_rate)", s["min_lr"], Float(0, s["learning_rate"]))
-    resolve_wandb_mode(s["wandb_mode"])  # checks $WANDB_MODE now, not when wandb starts after the model loads
+    # $WANDB_MODE and $WANDB_PROJECT checked now, not when wandb starts after the model has loaded
+    if resolve_wandb_mode(s["wandb_mode"]) != "disabled":
+        resolve_wandb_project(s["wandb_project"])
     check_with_deepspeed(ds_config, source)
 
 

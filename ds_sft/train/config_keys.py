@@ -11,7 +11,7 @@ from __future__ import annotations
 from ds_sft.model.config import KERNEL_BACKENDS
 from ds_sft.options import INT32_MAX, INT64_MAX, SEED, Bool, Choice, Float, Int, Names, Pair, Text
 from ds_sft.train.compatibility import IDENTITY_KEYS
-from ds_sft.train.metrics import WANDB_MODES
+from ds_sft.train.metrics import WANDB_MODES, WANDB_PROJECT_NAME
 
 # Every `ds-sft train` setting: (built-in default, domain). The defaults are the seed recipe: AdamW 7e-5
 # betas 0.9/0.95, wd 0.05 on linear weights, clip 1.0, warmup 10, cosine to 1e-5, micro-batch 16 and
@@ -45,7 +45,7 @@ OPTIONS: dict[str, tuple] = {
     "keep_last": (2, Int(1, 10**6)),
     "resume": (None, Text()),
     "allow_change": (None, Names(*IDENTITY_KEYS)),  # run identity keys a resume may change
-    "wandb_project": (None, Text(forbidden="/\\#?%:", max_length=128)),  # wandb's rule for project names
+    "wandb_project": (None, WANDB_PROJECT_NAME),
     "wandb_mode": (None, Choice(*WANDB_MODES)),
     "alarm_rising_evals": (3, Int(1, INT32_MAX)),
     "alarm_gap": (0.5, Float(0, 1e6)),

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from ds_sft.errors import UserError, first_line
+from ds_sft.options import OutOfDomain, Text
 from ds_sft.run_layout import METRICS_FILE
 from ds_sft.safe_write import unshare
 
@@ -175,11 +176,32 @@ def resolve_wandb_mode(flag: str | None, environ=os.environ) -> str:
     return mode
 
 
+# wandb's rule for a project name, which it checks only when the run starts, after the model has loaded.
+WANDB_PROJECT_NAME = Text(forbidden="/\\#?%:", max_length=128)
+
+
+def resolve_wandb_project(flag: str | None, environ=os.environ) -> str:
+    """The wandb project of a run: --wandb_project (checked by its parser), else $WANDB_PROJECT, else
+    ds-sft's own. The variable is checked by the flag's rule before any work: a name wandb refuses
+    stopped the run once the model had loaded, blaming the key or the network."""
+    if flag is not None:
+        return flag
+    project = environ.get("WANDB_PROJECT", "")
+    if not project.strip():
+        return "ds-sft"
+    try:
+        return WANDB_PROJECT_NAME.check(project)
+    except OutOfDomain as err:
+        raise UserError(
+            f"WANDB_PROJECT {err}: set it to a name wandb takes, unset it, or pass --wandb_project"
+        ) from None
+
+
 def start_wandb(wandb, project: str | None, mode: str, run_dir: Path, config: dict):
     """wandb's run for this training run, or one line saying why wandb refused to start one (a key
     it rejects, no server within its timeout, a name it does not take)."""
     # --wandb_project, else the user's $WANDB_PROJECT, else ds-sft's own; $WANDB_NAME likewise
-    project = project or os.environ.get("WANDB_PROJECT") or "ds-sft"
+    project = resolve_wandb_project(project)
     name = os.environ.get("WANDB_NAME") or run_dir.name
     try:
         return wandb.init(project=project, mode=mode, dir=str(run_dir), config=config, name=name)

@@ -434,6 +434,21 @@ def test_a_config_path_that_is_not_a_file_is_named_for_what_it_is(kind, data_dir
     assert "not found" not in said
 
 
+@pytest.mark.parametrize("project", ["team/project", "a:b", "x#1", "100%", "p" * 129])
+def test_a_wandb_project_variable_wandb_refuses_stops_before_any_work(project, data_dir, tmp_path, capsys):
+    """wandb refused it when the run started: after the folder was claimed and the model loaded."""
+    run_dir = tmp_path / "run"
+    argv = ["train", "--data_dir", str(data_dir), "--model", "tiny", "--out_dir", str(run_dir),
+            "--wandb_mode", "offline", "--max_iters", "1", "--micro_batch_size", "1"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_PROJECT", project)
+        code = main(argv)
+    assert code == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith("ds-sft train: error: WANDB_PROJECT must be"), said
+    assert not run_dir.exists()  # refused before the folder was claimed or the model loaded
+
+
 def test_whole_run_writes_every_artifact(data_dir, tmp_path, dist_env):
     from ds_sft.model.checkpoint import load_model
 

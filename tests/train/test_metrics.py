@@ -11,6 +11,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import hypothesis
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from ds_sft.train.metrics import (
     flops_per_token,
     format_duration,
     resolve_wandb_mode,
+    resolve_wandb_project,
     start_wandb,
 )
 from ds_sft.train.report import parse_record, read_records, write_report
@@ -174,6 +176,28 @@ def test_the_project_name_domain_is_wandbs_own_rule(name):
     except ValueError:
         ours = False
     assert ours == wandb_takes_it
+
+
+@hypothesis.settings(derandomize=True, max_examples=200)
+@given(st.text(min_size=1, max_size=140).filter(lambda name: name.strip() and "\0" not in name))
+def test_a_wandb_project_variable_is_refused_exactly_when_wandb_would(name):
+    """$WANDB_PROJECT went to wandb unchecked: one it refuses stopped the run after the model loaded."""
+    from wandb.errors import UsageError
+    from wandb.sdk.wandb_settings import Settings
+
+    try:
+        Settings(project=name)
+        wandb_takes_it = True
+    except UsageError:
+        wandb_takes_it = False
+    try:
+        assert resolve_wandb_project(None, {"WANDB_PROJECT": name}) == name
+        ours = True
+    except UserError as refused:
+        assert str(refused).startswith("WANDB_PROJECT must be") and "\n" not in str(refused)
+        ours = False
+    assert ours == wandb_takes_it
+    assert resolve_wandb_project("flag", {"WANDB_PROJECT": name}) == "flag"  # the flag wins, unread
 
 
 @pytest.mark.parametrize(
