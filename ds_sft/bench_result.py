@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.json_input import JsonRefused, parse_json_object
 from ds_sft.locations import REPO_ROOT
 from ds_sft.safe_write import check_result_path, write_result_file
 
@@ -44,11 +45,11 @@ def written_by_a_bench(path: Path) -> bool:
     text = head.decode("utf-8", errors="replace")
     if text.startswith(PAGE_MARK):
         return True
-    try:
-        value = json.loads(text)
-    except ValueError:
+    try:  # NaN is read: json.dumps writes a measured NaN as one
+        value = parse_json_object(text, finite=False)
+    except JsonRefused:  # not JSON, or JSON no bench writes (a repeated key, deep nesting)
         return False
-    return isinstance(value, dict) and str(value.get(WRITER_KEY, "")).startswith("ds-sft ")
+    return str(value.get(WRITER_KEY, "")).startswith("ds-sft ")
 
 
 def check_bench_out(path: str | Path) -> Path:

@@ -120,13 +120,10 @@ def _path_word(path: str | Path) -> str:
 
 def recorded_run(mark: Path) -> str | None:
     """The run marker the demo recorded in ``mark`` (None: none, or a mark an older demo wrote)."""
-    try:
-        record = json.loads(mark.read_text())
-    except (OSError, ValueError):
-        return None
-    return (
-        record.get("run") if isinstance(record, dict) and record.get("format") == DEMO_MARK_FORMAT else None
-    )
+    from ds_sft.written_files import read_listing
+
+    record = read_listing(mark.parent, mark.name) or {}
+    return record.get("run") if record.get("format") == DEMO_MARK_FORMAT else None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ import stat
 from collections.abc import Collection
 from pathlib import Path
 
-from ds_sft.json_input import parse_json_object
+from ds_sft.json_input import JsonRefused, parse_json_object
 from ds_sft.safe_read import sha256_file
 
 
@@ -100,13 +100,14 @@ def holds(path: Path, record: dict) -> bool:
 
 
 def read_listing(folder: Path, listing_name: str) -> dict | None:
-    """The listing file ``listing_name`` when it is a regular file holding a JSON object, else None."""
+    """The listing file ``listing_name`` when it is a readable regular file holding a JSON object that
+    :func:`ds_sft.json_input.parse_json_object` reads, else None."""
     path = plain_file(folder, listing_name)
     if path is None:
         return None
     try:
         return parse_json_object(path.read_bytes())
-    except ValueError:
+    except (OSError, JsonRefused):
         return None
 
 

@@ -25,17 +25,17 @@ files and chat ``messages`` lists. ``--source NAME=PATH`` picks the first schema
 columns the file has, or uses an explicit ``--field_map``; a file whose rows are of several schemas is
 refused, with the count of each (:func:`choose_schema`).
 
-Local files are read by extension: JSON and JSON Lines with Python's own parser (every refusal names
-the file and the line; ``--skip_bad_rows`` counts and leaves out bad lines instead), parquet with
-pyarrow. Only regular files are opened, and reading one takes bounded memory whatever it holds (a
-binary file, no newline, one gigantic line or array: :func:`read_table`). Hub ids go through HF
-``datasets``.
+Local files are read by extension: JSON and JSON Lines by ds-sft's one JSON reader
+(:mod:`ds_sft.json_input`: a repeated key, NaN, a huge integer, deep nesting, a lone surrogate are
+refused; every refusal names the file and the line; ``--skip_bad_rows`` counts and leaves out bad
+lines instead, by reason), parquet with pyarrow. Only regular files are opened, and reading one
+takes bounded memory whatever it holds (a binary file, no newline, one gigantic line or array:
+:func:`read_table`). Hub ids go through HF ``datasets``.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import sys
 from array import array
@@ -45,6 +45,7 @@ from pathlib import Path
 
 from ds_sft.data.clean import Drops
 from ds_sft.errors import UserError, first_line, preview
+from ds_sft.json_input import JsonRefused, json_kind, parse_json_object, parse_json_value
 from ds_sft.locations import expand_user
 from ds_sft.model_source import hub_id
 from ds_sft.safe_read import require_regular_file, sha256_file
@@ -178,50 +179,6 @@ MAX_PARSE_EXPANSION = 5
 PY_VALUE_BYTES = 16
 HEAD_BYTES = 64 << 10  # the start of a file, checked for a byte-order mark and for NUL bytes (not text)
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
-JSON_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
-                   str: "a string", list: "an array"}  # fmt: skip
-
-
-def parse_json(data: bytes | bytearray) -> tuple[object, str | None, str, int | None]:
-    """One JSON text -> (value, None, "", None), or (None, drop reason, what is wrong, line) when bad.
-
-    Every way Python's parser can refuse bytes is a reason here: not UTF-8, malformed, nested past
-    the interpreter's recursion limit, an integer of more digits than ``int()`` converts. A
-    ``bytearray`` is handed over: it is emptied once decoded, so a large file's bytes are not held
-    beside its text and its parsed value.
-    """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        return None, "non_utf8", f"not UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8", line
-    if isinstance(data, bytearray):
-        data.clear()
-    try:
-        return json.loads(text), None, "", None
-    except RecursionError:
-        return None, "nested_too_deeply", f"JSON nested over ~{sys.getrecursionlimit()} levels deep", None
-    except json.JSONDecodeError as err:
-        return None, "malformed_json", f"malformed JSON ({err.msg}, column {err.colno})", err.lineno
-    except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
-        return None, "malformed_json", f"unreadable JSON ({first_line(err)})", None
-
-
-# A \u escape of a UTF-16 surrogate: json.loads pairs them up, and leaves a lone one in the string,
-# where it is no text (UTF-8 cannot encode it). Only rows whose bytes hold one are checked for it.
-SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def row_problem(row: object, may_hold_surrogates: bool) -> tuple[str, str] | None:
-    """Why a parsed JSON value cannot be a row: (drop reason, what is wrong), or None when it can."""
-    if not isinstance(row, dict):
-        return "not_an_object", f"expected a JSON object, got {JSON_TYPE_NAMES[type(row)]}"
-    if may_hold_surrogates:
-        try:
-            json.dumps(row, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            return "lone_surrogate", "a \\u escape holds half a UTF-16 surrogate pair, which is not text"
-    return None
 
 
 def _lines(handle, size: int) -> Iterator[tuple[int, bytes | None]]:
@@ -243,44 +200,51 @@ def _lines(handle, size: int) -> Iterator[tuple[int, bytes | None]]:
         yield lineno, None
 
 
+def read_json_lines(handle, size: int) -> Iterator[tuple[int, bytes, dict | JsonRefused]]:
+    """Each non-blank line of a JSON Lines file, as (its number from 1, its bytes, its object or why it
+    is none): every line read by :func:`ds_sft.json_input.parse_json_object`'s rules, no more than
+    ``size`` bytes in all and :data:`MAX_LINE_BYTES` a line (see :func:`_lines`). The caller names
+    the file and the line: ``rows.jsonl:3: sets "input" twice: keep one``."""
+    for lineno, raw in _lines(handle, size):
+        if raw is None:
+            too_long = (
+                f"a line longer than {MAX_LINE_BYTES >> 20} MiB (a JSON Lines file holds one row per line; "
+                "is this one JSON text, or not text at all?)"
+            )
+            yield lineno, b"", JsonRefused(too_long, "line_too_long")
+        elif raw.strip():
+            try:
+                yield lineno, raw, parse_json_object(raw)
+            except JsonRefused as err:
+                yield lineno, raw, err
+
+
 def _json_lines(
     path: Path, lines, skip_bad_rows: bool, drops: Drops, source: str
 ) -> tuple[list[dict], array]:
-    """JSON Lines: one object per non-blank line of ``lines`` (see :func:`_lines`) -> (the rows, the
+    """JSON Lines: one object per non-blank line of ``lines`` (:func:`read_json_lines`) -> (the rows, the
     line of each). A bad line raises ``UserError("file:line: ...")``, or with ``--skip_bad_rows`` is
     counted as a drop by reason and left out. The rows kept are refused once they would take more than
     the parse budget (``MAX_PARSE_EXPANSION * MAX_ARRAY_BYTES``), as an array is."""
     # numbers: 8 bytes a row, where a list of ints took 36 (45 MB for 1.25 M small rows)
     rows, numbers, blank = [], array("q"), True
     held, limit = 0, MAX_PARSE_EXPANSION * MAX_ARRAY_BYTES
-    for lineno, raw in lines:
-        if raw is None:
-            reason = "line_too_long"
-            detail = (
-                f"a line longer than {MAX_LINE_BYTES >> 20} MiB (a JSON Lines file holds one row per line; "
-                "is this one JSON text, or not text at all?)"
-            )
-        elif not raw.strip():
-            continue
-        else:
-            row, reason, detail, _ = parse_json(raw)
-            if reason is None:
-                reason, detail = row_problem(row, SURROGATE_ESCAPE.search(raw) is not None) or (None, "")
+    for lineno, raw, row in lines:
         blank = False
-        if reason is None:
-            held += _parsed_bytes(raw)
-            if held > limit:
-                raise UserError(
-                    f"{path}:{lineno}: the rows up to this line would take ~{held / 2**20:,.0f} MiB once "
-                    f"parsed (a source is held whole; over {limit >> 20:,} MiB is refused): keep fewer rows, "
-                    "e.g. head -n N FILE > SMALLER.jsonl"
-                )
-            rows.append(row)
-            numbers.append(lineno)
-        elif skip_bad_rows:
-            drops.add(source, reason)
-        else:
-            raise UserError(f"{path}:{lineno}: {detail}; fix the line or pass --skip_bad_rows to drop it")
+        if isinstance(row, JsonRefused):
+            if not skip_bad_rows:
+                raise UserError(f"{path}:{lineno}: {row}; fix the line or pass --skip_bad_rows to drop it")
+            drops.add(source, row.reason)
+            continue
+        held += _parsed_bytes(raw)
+        if held > limit:
+            raise UserError(
+                f"{path}:{lineno}: the rows up to this line would take ~{held / 2**20:,.0f} MiB once "
+                f"parsed (a source is held whole; over {limit >> 20:,} MiB is refused): keep fewer rows, "
+                "e.g. head -n N FILE > SMALLER.jsonl"
+            )
+        rows.append(row)
+        numbers.append(lineno)
     if blank:
         raise UserError(f"{path}: the file is empty")
     if not rows:
@@ -306,7 +270,6 @@ def _json_array(
     parses as a whole or not at all; an element that cannot be a row (see :func:`row_problem`) is
     refused, or with ``--skip_bad_rows`` counted and left out. ``data`` is the file's bytes, emptied as
     they are parsed."""
-    may_hold_surrogates = SURROGATE_ESCAPE.search(data) is not None
     parsed, limit = _parsed_bytes(data), MAX_PARSE_EXPANSION * MAX_ARRAY_BYTES
     if parsed > limit:
         raise UserError(
@@ -315,22 +278,22 @@ def _json_array(
             f"{limit >> 20} MiB is refused): convert it to JSON Lines "
             "(one object per line, e.g. jq -c '.[]' FILE.json > FILE.jsonl)"
         )
-    rows, reason, detail, line = parse_json(data)
-    if reason is not None:
-        where = f"{path}:{line}" if line else str(path)
-        raise UserError(f"{where}: {detail}; a JSON array is read as a whole, so fix the file")
+    try:
+        rows = parse_json_value(data)
+    except JsonRefused as err:
+        where = f"{path}:{err.line}" if err.line else str(path)
+        raise UserError(f"{where}: {err}; a JSON array is read as a whole, so fix the file") from None
     objects, numbers = [], array("q")
     for number, row in enumerate(rows, 1):
-        problem = row_problem(row, may_hold_surrogates)
-        if problem is None:
+        if isinstance(row, dict):
             objects.append(row)
             numbers.append(number)
         elif skip_bad_rows:
-            drops.add(source, problem[0])
+            drops.add(source, "not_an_object")
         else:
             raise UserError(
-                f"{path}: element {number} of the array (from 1): {problem[1]}; "
-                "fix it or pass --skip_bad_rows"
+                f"{path}: element {number} of the array (from 1): expected a JSON object, got "
+                f"{json_kind(row)}; fix it or pass --skip_bad_rows"
             )
     if not objects:
         raise UserError(f"{path}: no JSON objects in the array; check that it is the right file")
@@ -349,17 +312,14 @@ def _read_parquet(path: Path) -> dict[str, list]:
         with open(path, "rb") as source:
             parquet = pq.ParquetFile(source)
             meta = parquet.metadata
-            encoded = sum(
-                meta.row_group(group).column(column).total_uncompressed_size
+            chunks = [
+                meta.row_group(group).column(column)
                 for group in range(meta.num_row_groups)
                 for column in range(meta.num_columns)
-            )
+            ]
+            encoded = sum(chunk.total_uncompressed_size for chunk in chunks)
             # every value, each item of a list counted (a leaf column's num_values), becomes a Python object
-            values = sum(
-                meta.row_group(group).column(column).num_values
-                for group in range(meta.num_row_groups)
-                for column in range(meta.num_columns)
-            )
+            values = sum(chunk.num_values for chunk in chunks)
             _check_parquet_size(path, max(encoded, PY_VALUE_BYTES * values))
             strings = [leaf.path for leaf in parquet.schema if leaf.physical_type == "BYTE_ARRAY"]
             # on this thread: Arrow's pool threads would read the Python file object, each taking the
@@ -469,7 +429,9 @@ def read_table(path: Path, skip_bad_rows: bool, drops: Drops, source: str) -> Ma
             rows, numbers = _json_array(path, data, skip_bad_rows, drops, source)
         else:
             handle.seek(start)
-            rows, numbers = _json_lines(path, _lines(handle, size - start), skip_bad_rows, drops, source)
+            rows, numbers = _json_lines(
+                path, read_json_lines(handle, size - start), skip_bad_rows, drops, source
+            )
     return RowColumns(rows, numbers)
 
 

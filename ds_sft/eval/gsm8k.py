@@ -15,7 +15,6 @@ that two models compared with the same seed answer the same problems.
 from __future__ import annotations
 
 import functools
-import json
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -24,7 +23,8 @@ from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
-from ds_sft.errors import UserError, first_line
+from ds_sft.errors import UserError
+from ds_sft.json_input import JsonRefused
 from ds_sft.locations import shared_dir
 from ds_sft.options import COUNT, checked
 
@@ -175,25 +175,16 @@ def select(problems: Sequence[Problem], limit: int | None, seed: int) -> list[Pr
 def read_jsonl(path: Path) -> list[Problem]:
     """The problems of a GSM8K test file, every row checked before any model loads: JSON of two
     non-empty strings, an answer with a number to score against. A bad row is one line naming it."""
-    from ds_sft.data.sources import SURROGATE_ESCAPE, row_problem
+    from ds_sft.data.sources import read_json_lines
 
     problems = []
     expected = "expected JSON lines with 'question' and 'answer' strings, the answer ending in '#### N'"
     with open(path, "rb") as file:
-        for line_number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
-                raise UserError(
-                    f"{path}:{line_number}: not a GSM8K row ({first_line(err)}); {expected}"
-                ) from None
-            # not an object, or a lone surrogate (a \ud800 escape: no text, and a TypeError from the
-            # tokenizer once the model had loaded)
-            problem = row_problem(row, SURROGATE_ESCAPE.search(line) is not None)
-            if problem is not None:
-                raise UserError(f"{path}:{line_number}: not a GSM8K row ({problem[1]}); {expected}")
+        # each line by the one JSON reader, bounded in length: not UTF-8, nested past the recursion
+        # limit, a lone surrogate (a TypeError from the tokenizer once the model had loaded), a NaN
+        for line_number, _, row in read_json_lines(file, path.stat().st_size):
+            if isinstance(row, JsonRefused):
+                raise UserError(f"{path}:{line_number}: not a GSM8K row ({row}); {expected}")
             fields = [row.get(key) for key in ("question", "answer")]
             if not all(isinstance(field, str) and field.strip() for field in fields):
                 raise UserError(f"{path}:{line_number}: not a GSM8K row; {expected}")

@@ -7,6 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
+from ds_sft.json_input import JsonRefused, parse_json_object
 from ds_sft.options import is_number
 from ds_sft.run_layout import METRICS_FILE
 from ds_sft.safe_write import replace_file, write_result_file
@@ -90,12 +91,12 @@ def parse_record(line: str) -> dict | None:
     killed mid-write, or edited, is a JSON error, a record without its ``type`` or ``step`` cannot
     be placed, and one whose fields the report reads hold the wrong kind of value (a loss of "n/a",
     an alarm without its message) cannot be shown. Each once ended the run in a traceback after all
-    its training."""
-    try:
-        record = json.loads(line)
-    except ValueError:  # JSONDecodeError, and an integer too long to convert
+    its training. The line is read by ds-sft's one JSON reader (:mod:`ds_sft.json_input`)."""
+    try:  # NaN is read: the run writes a skipped step's loss as NaN
+        record = parse_json_object(line, finite=False)
+    except JsonRefused:  # cut off, a repeated key, nested past the recursion limit, a lone surrogate
         return None
-    if not (isinstance(record, dict) and isinstance(record.get("type"), str)):
+    if not isinstance(record.get("type"), str):
         return None
     if not (isinstance(record.get("step"), int) and not isinstance(record["step"], bool)):
         return None

@@ -50,7 +50,7 @@ from ds_sft.locations import expand_user
 from ds_sft.run_layout import EFFECTIVE_CONFIG, METRICS_FILE, TRAINER_STATE, is_tag, latest_tag
 from ds_sft.safe_write import unshare, write_result_file
 from ds_sft.train.report import PLOT_FILES
-from ds_sft.written_files import foreign_entries
+from ds_sft.written_files import foreign_entries, read_listing
 
 LOCK_FILE = ".lock"
 MARKER = "ds_sft_run.json"  # {"format": RUN_FORMAT, "created": ...}: this folder is a ds-sft run
@@ -95,11 +95,10 @@ class RunLock:
 
 def holder(lock_path: Path) -> str:
     """Who holds ``lock_path``, as its holder wrote it."""
-    try:
-        info = json.loads(lock_path.read_text())
-        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    info = read_listing(lock_path.parent, lock_path.name) or {}
+    if not all(isinstance(info.get(key), str | int) for key in ("pid", "host", "started")):
         return "a process that has not written its name yet"
+    return f"pid {info['pid']} on {info['host']}, started {info['started']}"
 
 
 def lock(run_dir: Path) -> RunLock:
@@ -283,12 +282,7 @@ def final_listing(final: Path) -> set[str]:
     from ds_sft.model.checkpoint import MODEL_FILE
 
     older = {MODEL_FILE, MODEL_CONFIG, *(f"tokenizer/{name}" for name in SAVED_TOKENIZER_FILES)}
-    if kind(final / FINAL_LISTING) != "file":
-        return older
-    try:
-        files = json.loads((final / FINAL_LISTING).read_text())["files"]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError):
-        return older
+    files = (read_listing(final, FINAL_LISTING) or {}).get("files")
     if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
         return older
     return {*files, FINAL_LISTING}
@@ -345,13 +339,8 @@ def checkpoint_entries(ckpt_dir: Path, run_dir: Path) -> tuple[list[Path], list[
 
 def is_marked(run_dir: Path) -> bool:
     """Whether ``run_dir`` carries ds-sft's run marker (a regular file holding :data:`RUN_FORMAT`)."""
-    if kind(run_dir / MARKER) != "file":
-        return False
-    try:
-        marker = json.loads((run_dir / MARKER).read_text())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(marker, dict) and marker.get("format") == RUN_FORMAT
+    marker = read_listing(run_dir, MARKER)
+    return marker is not None and marker.get("format") == RUN_FORMAT
 
 
 def only_copied_checkpoints(run_dir: Path, found: list[Path]) -> bool:

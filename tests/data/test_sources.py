@@ -98,7 +98,7 @@ def test_messages_keep_history_and_train_last_turn(tmp_path):
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
     text = json.dumps(alpaca_rows(1)[0]) + "\n{not json\n"
-    with pytest.raises(UserError, match=r"rows\.jsonl:2: malformed JSON.*--skip_bad_rows"):
+    with pytest.raises(UserError, match=r"rows\.jsonl:2: not valid JSON.*--skip_bad_rows"):
         load(tmp_path, "alpaca", "alpaca", text=text)
 
 
@@ -136,7 +136,7 @@ def test_nulls_and_wrong_types_are_counted_drops(tmp_path):
         ("empty.jsonl", "", "is empty"),
         ("blank.json", "  \n", "is empty"),
         ("rows.csv", "a,b\n", "unknown extension '.csv'"),
-        ("broken.json", '[{"instruction": "x",\n  "output": }]', r"broken\.json:2: malformed JSON"),
+        ("broken.json", '[{"instruction": "x",\n  "output": }]', r"broken\.json:2: not valid JSON"),
         ("latin1.json", b'[{"instruction": "caf\xe9"}]', r"latin1\.json:1: not UTF-8"),
     ],
 )
