@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ds_sft.errors import UserError
+from ds_sft.json_input import long_integer
 
 INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
@@ -40,9 +41,17 @@ def is_number(value) -> bool:
 
 def _show(value) -> str:
     if isinstance(value, int) and value.bit_length() > 128:  # repr() refuses past 4,300 digits
-        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1:,} digits"
+        return long_integer(decimal_digits(value))
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def decimal_digits(value: int) -> int:
+    """How many decimal digits ``value`` has, without ``str()`` (which refuses past 4,300): ``log10``
+    from its bit length gives the count or one more, and one power of ten tells which."""
+    magnitude = abs(value)
+    upper = int(magnitude.bit_length() * math.log10(2)) + 1
+    return upper if magnitude >= 10 ** (upper - 1) else max(upper - 1, 1)
 
 
 def _bound(x) -> str:
@@ -69,6 +78,14 @@ class Domain:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def holds(self, value) -> bool:
+        """Whether ``value`` (read from JSON) is in the domain: :meth:`check` without the message."""
+        try:
+            self.check(value)
+        except OutOfDomain:
+            return False
+        return True
 
     def refuse(self, value) -> OutOfDomain:
         return OutOfDomain(f"must be {self.describe()}, got {_show(value)}")

@@ -380,3 +380,15 @@ def test_the_matrix_covers_every_numeric_flag_of_train():
     assert sorted(flag for flag, domain in DOMAINS.items() if isinstance(domain, Int | Float)) == sorted(
         TRAIN_NUMBERS
     )
+
+
+@pytest.mark.parametrize("digits", [40, 41, 100, 308, 309, 1000, 4300, 4301, 5001, 20_000])
+def test_an_integer_too_long_to_show_is_named_by_its_exact_count_of_digits(digits):
+    """A domain shows an integer past 128 bits by its digits, in json_input's words for one past
+    ``int()``'s limit (one wording): exactly, for the largest and the smallest of that many digits,
+    where a count from the bit length alone is one off at some of them."""
+    from ds_sft.json_input import long_integer
+
+    for value in (10 ** (digits - 1), 10**digits - 1, -(10**digits - 1)):
+        said = str(Int(0, 10).refuse(value))
+        assert said == f"must be an integer from 0 to 10, got {long_integer(digits)}", said

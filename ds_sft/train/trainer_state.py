@@ -21,15 +21,17 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ds_sft.json_input import parse_json_object
-from ds_sft.options import is_number
+from ds_sft.options import Int, is_number
 from ds_sft.run_layout import TRAINER_STATE, is_tag
 from ds_sft.safe_read import read_regular_file
 
 FILES = "files"  # {file name: {"bytes", "sha256"}}, added when the tag is published
 
 
-def _is_int(value, low: int, high: int = 2**62) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+# The integers a state holds, each as ds-sft may have written it (options' domains: no bool, no float).
+TALLY = Int(0, 2**62)  # steps, tokens, samples, rows, bytes
+POSITIVE = Int(1, 2**62)
+STATE_SEED = Int(-(2**63), 2**64)  # a seed as the sampler keeps it: whatever int64/uint64 a run was given
 
 
 def _sampler_fine(sampler, state: dict) -> bool:
@@ -37,9 +39,9 @@ def _sampler_fine(sampler, state: dict) -> bool:
     run_seed = run.get("seed") if isinstance(run, dict) else None
     return (
         isinstance(sampler, dict)
-        and _is_int(sampler.get("epoch"), 0)
-        and _is_int(sampler.get("consumed_samples"), 0)
-        and _is_int(sampler.get("seed"), -(2**63), 2**64)
+        and TALLY.holds(sampler.get("epoch"))
+        and TALLY.holds(sampler.get("consumed_samples"))
+        and STATE_SEED.holds(sampler.get("seed"))
         and (run_seed is None or sampler["seed"] == run_seed)
     )
 
@@ -52,7 +54,7 @@ def _run_fine(value, state: dict) -> bool:
         isinstance(run, dict)
         and run.get("zero_stage", state.get("zero_stage")) == state.get("zero_stage")
         and run.get("precision", "bf16") in ("bf16", "fp32")
-        and (run.get("seed") is None or _is_int(run["seed"], -(2**63), 2**64))
+        and (run.get("seed") is None or STATE_SEED.holds(run["seed"]))
         and (run.get("model") is None or isinstance(run["model"], dict))
     )
 
@@ -63,10 +65,10 @@ def _val_sample_fine(sample, state: dict) -> bool:
         return True
     count, rows = (sample.get("count"), sample.get("rows")) if isinstance(sample, dict) else (None, None)
     return bool(
-        _is_int(count, 1)
+        POSITIVE.holds(count)
         and isinstance(rows, list)
         and rows
-        and all(_is_int(row, 0) for row in rows)
+        and all(TALLY.holds(row) for row in rows)
         and all(a < b for a, b in itertools.pairwise(rows))
     )
 
@@ -87,17 +89,17 @@ def _anything(value, state: dict) -> bool:
 
 # Every field of a trainer state, in the order a malformed state names them.
 FIELDS: dict[str, Field] = {
-    "step": Field(0, lambda v, state: _is_int(v, 0)),  # optimizer steps done
-    "world_size": Field(AT_SAVE, lambda v, state: _is_int(v, 1, 2**20)),  # ranks that saved it
-    "zero_stage": Field(AT_SAVE, lambda v, state: _is_int(v, 0, 3)),  # the engine's that saved it
-    "nan_streak": Field(0, lambda v, state: _is_int(v, 0)),  # non-finite steps in a row
-    "train_tokens": Field(0, lambda v, state: _is_int(v, 0)),  # trained tokens, every segment's
+    "step": Field(0, lambda v, state: TALLY.holds(v)),  # optimizer steps done
+    "world_size": Field(AT_SAVE, lambda v, state: Int(1, 2**20).holds(v)),  # ranks that saved it
+    "zero_stage": Field(AT_SAVE, lambda v, state: Int(0, 3).holds(v)),  # the engine's that saved it
+    "nan_streak": Field(0, lambda v, state: TALLY.holds(v)),  # non-finite steps in a row
+    "train_tokens": Field(0, lambda v, state: TALLY.holds(v)),  # trained tokens, every segment's
     "elapsed_s": Field(0.0, lambda v, state: is_number(v) and 0 <= v < float("inf")),  # steps' seconds
     "best_val": Field(None, lambda v, state: v is None or is_number(v)),  # the lowest val loss
     "best_tag": Field(None, lambda v, state: v is None or is_tag(v)),  # the tag that holds it
     "val_history": Field([], lambda v, state: isinstance(v, list) and all(map(is_number, v))),
     # where this segment's cosine ends (older states hold none): a resume says when it moves
-    "max_iters": Field(AT_SAVE, lambda v, state: "max_iters" not in state or _is_int(v, 1)),
+    "max_iters": Field(AT_SAVE, lambda v, state: "max_iters" not in state or POSITIVE.holds(v)),
     "val_sample": Field(None, _val_sample_fine),  # {"data": its key, "count": asked, "rows"}: every eval's
     "sampler": Field(AT_SAVE, _sampler_fine),  # the data stream's position (ResumableSampler.state_dict)
     "run": Field(AT_SAVE, _run_fine),  # the run's identity, compared at resume (compatibility)
@@ -141,7 +143,7 @@ def _files_fine(files) -> bool:
         and "/" not in name
         and "\\" not in name
         and isinstance(digest, dict)
-        and _is_int(digest.get("bytes"), 0)
+        and TALLY.holds(digest.get("bytes"))
         and isinstance(digest.get("sha256"), str)
         and re.fullmatch(r"[0-9a-f]{64}", digest["sha256"]) is not None
         for name, digest in files.items()
