@@ -157,13 +157,13 @@ def _add_weight_gradient(grad_weight, dlogits, h, block_rows):
     chunk where the eager loss's single ``dlogits.T @ h`` over all tokens rounds once, so the error
     grew with the number of chunks (tests/kernels/test_fused_linear_cross_entropy.py). A bf16 or fp16
     product goes by blocks of vocabulary rows, since the whole chunk's would be one more weight-sized
-    (V x H) buffer: on CUDA cuBLAS writes it in fp32 from the bf16 operands (``out_dtype``, torch >= 2.8),
+    (V x H) buffer: on CUDA cuBLAS writes it in fp32 from the bf16 operands (``out_dtype``),
     elsewhere the operands are widened to fp32 (exactly) and the product added in place.
     """
     if dlogits.dtype == grad_weight.dtype:
         grad_weight.addmm_(dlogits.t(), h)
         return
-    fp32_product = dlogits.device.type == "cuda" and _MM_HAS_OUT_DTYPE
+    fp32_product = dlogits.device.type == "cuda"  # torch.mm's out_dtype runs on CUDA only
     if not fp32_product:
         h = h.float()
     for v in range(0, grad_weight.shape[0], block_rows):
@@ -172,10 +172,6 @@ def _add_weight_gradient(grad_weight, dlogits, h, block_rows):
             grad_weight[v : v + block_rows] += torch.mm(block, h, out_dtype=torch.float32)
         else:
             grad_weight[v : v + block_rows].addmm_(block.float(), h)
-
-
-# torch.mm(bf16, bf16, out_dtype=torch.float32): CUDA only, from torch 2.8
-_MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
 def _weight_block_rows(device: torch.device) -> int:
