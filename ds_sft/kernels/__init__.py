@@ -117,9 +117,13 @@ def linear_cross_entropy(
     resolved = resolve_backend(backend, hidden.device)
     if resolved == "eager":
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index)
-    chunked = linear_cross_entropy_chunked
-    if torch.compiler.is_compiling():
-        # The chunk loop keeps only the trained rows, a data-dependent shape: under torch.compile it
-        # runs eagerly after the model's graph instead of breaking the graph half-way through.
-        chunked = torch.compiler.disable(chunked, reason="the LM-head loss selects the trained rows")
+    chunked = _chunked_outside_graph if torch.compiler.is_compiling() else linear_cross_entropy_chunked
     return chunked(hidden, weight, labels, ignore_index, chunk_size, resolved)
+
+
+# The chunk loop keeps only the trained rows, a data-dependent shape: under torch.compile it runs
+# eagerly after the model's graph instead of breaking the graph half-way through. Wrapped once here:
+# calling torch.compiler.disable inside the traced forward was itself a graph break.
+_chunked_outside_graph = torch.compiler.disable(
+    linear_cross_entropy_chunked, reason="the LM-head loss selects the trained rows"
+)

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from ds_sft import kernels
@@ -49,11 +50,6 @@ from ds_sft.model.attention import document_attention
 from ds_sft.model.config import ModelConfig
 from ds_sft.model.fused import FusedOnCuda
 from ds_sft.model.scoring import token_scores
-
-try:  # flex_attention (torch >= 2.5) runs block-sparse document masks on CUDA without a dense mask.
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-except ImportError:  # pragma: no cover - old torch: the dense-mask path is used everywhere
-    BlockMask = create_block_mask = flex_attention = None
 
 
 class PackedDocuments(NamedTuple):
@@ -207,7 +203,7 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer, k, v)
         # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
         groups = self.n_heads // self.n_kv_heads
-        if BlockMask is not None and isinstance(mask, BlockMask):
+        if isinstance(mask, BlockMask):
             # inside a compiled model dynamo compiles flex_attention with the rest of the graph
             attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
             y = attend(q, k, v, block_mask=mask, enable_gqa=groups > 1)
@@ -381,7 +377,7 @@ class LlamaModel(nn.Module):
 
 def use_flex_attention(device: torch.device) -> bool:
     """flex_attention for packed rows on CUDA (on CPU it has no backward)."""
-    return device.type == "cuda" and create_block_mask is not None
+    return device.type == "cuda"
 
 
 @functools.cache

@@ -165,8 +165,6 @@ def test_flex_attention_path_equals_the_dense_mask(monkeypatch):
     """The CUDA path for packed rows (a flex_attention BlockMask), run here with eager flex_attention."""
     import ds_sft.model.llama as llama
 
-    if llama.flex_attention is None:
-        pytest.skip("this torch has no flex_attention")
     model = tiny_model()
     ids = torch.randint(0, 256, (2, 40))
     documents = torch.tensor([[0] * 10 + [1] * 25 + [-1] * 5, [0] * 40])
@@ -197,8 +195,6 @@ def test_a_new_batchs_document_mask_reuses_the_compiled_flex_attention():
 
     import ds_sft.model.llama as llama
 
-    if llama.flex_attention is None:
-        pytest.skip("this torch has no flex_attention")
     torch._dynamo.reset()
     llama._compiled_flex_attention.cache_clear()
     llama._compiled_create_block_mask.cache_clear()
@@ -226,8 +222,6 @@ def test_the_compiled_document_block_mask_is_the_eager_one(window):
     same mask_mod: the same blocks, partial and full, for rows of random documents and padding."""
     import ds_sft.model.llama as llama
 
-    if llama.create_block_mask is None:
-        pytest.skip("this torch has no flex_attention")
     generator = torch.Generator().manual_seed(1)
     for _ in range(4):
         documents = random_documents(generator, 3, 384)
