@@ -13,6 +13,7 @@ the learning-rate schedule, which parameters get weight decay, evaluation per so
     run_dir.py        the run directory: ds-sft's own, apart from its inputs, one writer, --overwrite
     compatibility.py  refuse a data/model/checkpoint mix that does not belong together
     distributed.py    the process group (torchrun, deepspeed, Slurm), its collectives, the preemption flag
+    build_lock.py     DeepSpeed's JIT builds of its ops, in turns: a lock a killed build left is cleared
     param_groups.py   which parameters AdamW decays, and the table that shows it
     schedule.py       the learning rate at every step (warmup, cosine to min_lr)
     engine.py         deepspeed.initialize with those groups, then ds-sft's changes to the engine: the

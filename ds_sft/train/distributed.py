@@ -187,6 +187,8 @@ def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
     import torch
     import torch.distributed as dist
 
+    from ds_sft.train.build_lock import owned_batons
+
     if torch.cuda.is_available():
         # before the group: NCCL's communicator and all_gather_object use the current device. Modulo
         # the visible count: Slurm's --gpus-per-task shows each task its one GPU as device 0. DeepSpeed
@@ -204,7 +206,8 @@ def init_distributed(timeout_s: int | None = None) -> tuple[int, int]:
 
             c10d.default_pg_timeout = timeout["timeout"]
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        deepspeed.init_distributed(dist_backend=backend_for(device_type), **timeout)
+        with owned_batons():  # DeepSpeed's comm JIT-builds its shared-memory op on CPU
+            deepspeed.init_distributed(dist_backend=backend_for(device_type), **timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -23,9 +23,12 @@ def build_engine(model, ds_config: dict, weight_decay: float):
     """``deepspeed.initialize`` with ds-sft's parameter groups. Returns (engine, group table)."""
     import deepspeed
 
+    from ds_sft.train.build_lock import owned_batons
+
     groups, table = parameter_groups(model, weight_decay)
     try:
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+        with owned_batons():  # the ops a config asks for JIT-build here (CPU Adam, fused Adam, async I/O)
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     except (AssertionError, ValueError, TypeError, NotImplementedError) as err:
         # DeepSpeed checks some combinations only here (master weights without offload, a ZeRO
         # feature another requires, an optimizer argument): each is a setting of the JSON.
