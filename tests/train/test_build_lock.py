@@ -142,7 +142,7 @@ def test_a_lock_ds_sft_did_not_write_is_kept_and_named_in_one_line(data_dir, ext
     baton = extensions / SHM_OP / "lock"
     baton.parent.mkdir(exist_ok=True)
     baton.touch()
-    limit = build_lock.OTHER_BATON_NOTICE_S + 240  # the notice, after the imports and the data checks
+    limit = build_lock.OTHER_BATON_NOTICE_S + 120  # the notice, after the imports and the data checks
     output, shown = output_until(train(data_dir, tmp_path / "run", extensions), limit, wanted=f"rm '{baton}'")
     assert shown, f"no line naming the lock within {limit} s:\n{output[-2000:]}"
     line = next(line for line in output.splitlines() if f"rm '{baton}'" in line)
