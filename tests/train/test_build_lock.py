@@ -150,6 +150,31 @@ def test_a_lock_ds_sft_did_not_write_is_kept_and_named_in_one_line(data_dir, ext
     assert baton.is_file() and baton.read_text() == ""
 
 
+def test_the_engine_is_built_with_owned_batons(monkeypatch):
+    """deepspeed.initialize JIT-builds the ops a config asks for (CPU Adam under offload without
+    torch_adam, fused Adam, async I/O): their batons are ds-sft's too. (init_distributed's are the
+    killed run's above.)"""
+    import deepspeed
+    from torch.utils import cpp_extension
+
+    from ds_sft.train.engine import build_engine
+    from tests.train.helpers import tiny_model
+
+    class Built(Exception):
+        pass
+
+    batons = []
+
+    def initialize(**kwargs):
+        batons.append(cpp_extension.FileBaton)
+        raise Built
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    with pytest.raises(Built):
+        build_engine(tiny_model(), {}, 0.0)
+    assert batons == [OwnedBaton]
+
+
 # ------------------------------------------------------------------------------------------ the baton
 
 
