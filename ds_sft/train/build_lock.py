@@ -104,8 +104,12 @@ def take_turn(folder: str) -> int | None:
         except OSError:  # a filesystem without flock (some FUSE and Lustre mounts)
             os.close(fd)
             return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, record().encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record().encode(), 0)
+    except BaseException:
+        os.close(fd)  # a turn left held would stop every later build in this process and the others
+        raise
     return fd
 
 
@@ -129,7 +133,11 @@ class OwnedBaton(FileBaton):
         except BaseException:
             self.end_turn()
             raise
-        os.write(self.fd, record().encode())
+        try:  # (killed before this write, it reads as torch's baton: named after a wait, not removed)
+            os.write(self.fd, record().encode())
+        except BaseException:
+            self.release()
+            raise
         return True
 
     def remove_if_orphaned(self) -> None:

@@ -10,6 +10,7 @@ for its compile.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import queue
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ds_sft.train import build_lock
-from ds_sft.train.build_lock import BUILD_LOCK, OwnedBaton, owned_batons, take_turn, this_kernel
+from ds_sft.train.build_lock import BUILD_LOCK, OwnedBaton, owned_batons, record, take_turn, this_kernel
 from tests.rendezvous import without_launcher_variables
 from tests.train.helpers import REPO_ROOT, write_data_dir
 
@@ -225,6 +226,39 @@ def test_a_baton_ds_sft_cannot_judge_is_waited_for_and_kept(contents, tmp_path, 
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"warning: waiting for {baton}, a torch extension build lock ")
     assert line.endswith(f"remove it: rm '{baton}'")
+
+
+def turn_is_free(folder: Path) -> bool:
+    fd = os.open(folder / BUILD_LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("failing_write", ["the turn's record", "the baton's record"])
+def test_a_record_that_cannot_be_written_leaves_no_baton_and_no_turn_held(
+    failing_write, tmp_path, monkeypatch
+):
+    """A full disk: a turn left held stops every later build; a baton made but not named hangs the next
+    run (an empty baton is never removed)."""
+    writes = []
+
+    def full_disk_at_last():
+        writes.append(1)
+        if len(writes) == ["the turn's record", "the baton's record"].index(failing_write) + 1:
+            raise OSError(28, "No space left on device")
+        return record()
+
+    monkeypatch.setattr(build_lock, "record", full_disk_at_last)
+    baton = tmp_path / "lock"
+    with pytest.raises(OSError, match="No space left"):
+        OwnedBaton(str(baton)).try_acquire()
+    assert not baton.exists()
+    assert turn_is_free(tmp_path)
 
 
 def test_a_symlink_named_lock_is_neither_followed_nor_removed(tmp_path):
