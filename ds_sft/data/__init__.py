@@ -14,7 +14,13 @@
 
 What the stages lean on, and what reads the shards::
 
-    prepare.py            the command, wiring the stages above in order
+    prepare.py            the command, wiring the stages above in order, from its parts:
+    prepare_flags.py      its flags, in the groups --help shows
+    prepare_inputs.py     the sources the flags name, checked before any row is read; read and cleaned
+    prepare_reuse.py      the reuse key, and whether an output already there is current
+    prepare_selection.py  which rows train and which validate: drops, dedup, decontam, split, mix
+    prepare_write.py      the shards, tokenizer and histograms, built aside and swapped in
+    prepare_report.py     the manifest's counts and warnings, and the summary printed
     template_sandbox.py   Jinja templates (a tokenizer's chat template, eval's task templates) within bounds
     shown_text.py         find a text in a render "up to whitespace", in time linear in the render
     normalizer_bounds.py  how much a tokenizer's normalizer can change a text's length, from its config

@@ -141,16 +141,16 @@ def test_a_sigterm_while_writing_leaves_no_staging_folder(run_prepare, tmp_path,
     """A scheduler's kill unwinds like Ctrl-C (every command, ``signals_unwind``): the half-written
     folder goes, the old output stays."""
     from ds_sft.command import Terminated, signals_unwind
-    from ds_sft.data import prepare
+    from ds_sft.data import prepare_write
 
-    real_write = prepare.write_documents
+    real_write = prepare_write.write_documents
 
     def write_then_get_killed(directory, *args):
         result = real_write(directory, *args)
         os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    monkeypatch.setattr(prepare, "write_documents", write_then_get_killed)
+    monkeypatch.setattr(prepare_write, "write_documents", write_then_get_killed)
     with pytest.raises(Terminated), signals_unwind():
         run_prepare(prepare_argv(tmp_path, tmp_path / "out"))
     assert not staging_left(tmp_path) and not (tmp_path / "out").exists()
@@ -369,7 +369,7 @@ def test_a_source_name_is_refused_in_one_line_or_round_trips(name, tmp_path_fact
     --mix and --field_map: whatever collect_sources accepts comes back out of each unchanged."""
     import ds_sft.locations
     from ds_sft.data.mix import parse_mix, source_rng
-    from ds_sft.data.prepare import collect_sources
+    from ds_sft.data.prepare_inputs import collect_sources
     from ds_sft.data.sources import parse_field_map
     from tests.data.helpers import parse_prepare_args
 
@@ -543,7 +543,7 @@ def test_ctrl_c_while_the_rows_are_tokenized_does_not_wait_for_them(run_prepare,
     waited until every row was tokenized (minutes on a large mix, on a chat template's renders)."""
     import threading
 
-    from ds_sft.data import prepare, tokenize
+    from ds_sft.data import prepare_selection, tokenize
 
     started, release, finished = threading.Event(), threading.Event(), threading.Event()
 
@@ -557,7 +557,7 @@ def test_ctrl_c_while_the_rows_are_tokenized_does_not_wait_for_them(run_prepare,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tokenize, "tokenize_records", tokenizing_for_long)
-    monkeypatch.setattr(prepare, "select_rows", interrupted_meanwhile)
+    monkeypatch.setattr(prepare_selection, "select_rows", interrupted_meanwhile)
     write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(8))
     try:
         with pytest.raises(KeyboardInterrupt):
