@@ -77,6 +77,7 @@ from ds_sft.data.prepare_selection import (
 from ds_sft.data.prepare_write import write_output
 from ds_sft.options import Ignored, refuse_ignored
 
+# the output a refusal that names no file is about (command.execute): where a full disk ran out
 OUTPUT_FLAG = "output_dir"
 
 
