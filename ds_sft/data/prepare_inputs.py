@@ -22,8 +22,6 @@ SHARED_FILES = {
     "gsm8k": "gsm8k/train.jsonl",
     "dolly": "dolly/dolly_5k_instruction_input_output.jsonl",
 }
-
-
 SHARED_GSM8K_TEST = "gsm8k/test.jsonl"
 
 
@@ -124,9 +122,7 @@ def tokenizer_spec(args: argparse.Namespace) -> str:
     return args.tokenizer or args.base_model or "gpt2"
 
 
-def load_records(
-    specs: list, skip_bad_rows: bool, drops, train_on: str = "all"
-) -> tuple[list[dict], list[dict]]:
+def load_records(specs: list, skip_bad_rows: bool, drops, train_on: str) -> tuple[list[dict], list[dict]]:
     """Read and clean every source -> (records in source order, input descriptions for the manifest)."""
     from ds_sft.data.clean import clean_records
     from ds_sft.data.sources import load_source

@@ -18,8 +18,6 @@ if TYPE_CHECKING:
     from ds_sft.data.prepare_inputs import Inputs
 
 FORMAT_VERSION = 4  # bump when the output layout, a cleaning or tokenizing rule changes: old outputs redone
-
-
 NOT_IN_CACHE_KEY = {"output_dir", "force", "alpaca", "gsm8k", "dolly", "source", "from_shared", "command"}
 
 

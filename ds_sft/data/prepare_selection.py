@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ds_sft.data.prepare_inputs import Inputs
     from ds_sft.data.tokenize import Documents
 
+# tokenize.fit_to_length's codes -> the reasons counted (1 is also bound_records' drop, before tokens)
 DROP_REASON_TOO_LONG = {1: "longer_than_seq_len", 2: "prompt_fills_seq_len"}
 
 
