@@ -38,13 +38,14 @@ Generic sources: --source NAME=PATH reads instruction/input/output, Dolly, GSM8K
 chat `messages` (OpenAI role/content) / `conversations` (ShareGPT from/value) columns, found
 automatically, or mapped explicitly with
 --field_map NAME:instruction=COL,input=COL,response=COL (or NAME:messages=COL).
-
-This module is the command: its flags (the groups in prepare_flags.py) and the recipe, which calls the
-steps in order: prepare_inputs.py (the sources, every flag checked before a row is read), prepare_reuse.py
-(an output already made from the same inputs is kept), prepare_selection.py (which rows train and which
-validate), prepare_write.py (the shards, built aside and swapped in) and prepare_report.py (the manifest's
-counts and the summary printed).
 """
+
+# (The docstring above is the epilog of `ds-sft prepare --help`, so the map of this command's parts is
+# here.) This module is the command: its flags (the groups in prepare_flags.py) and the recipe, which
+# calls the steps in order: prepare_inputs.py (the sources, every flag checked before a row is read),
+# prepare_reuse.py (an output already made from the same inputs is kept), prepare_selection.py (which
+# rows train and which validate), prepare_write.py (the shards, built aside and swapped in) and
+# prepare_report.py (the manifest's counts and the summary printed).
 
 from __future__ import annotations
 
