@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_sft.data.sources import SOURCE_NAME, SOURCE_NAME_RULE
 from ds_sft.errors import UserError
 from ds_sft.labels import IGNORE_INDEX
 from ds_sft.safe_read import read_json_object, require_regular_file
@@ -73,6 +74,11 @@ def read_manifest(data_dir: str | Path, required: dict[str, type | tuple[type, .
     manifest = read_checked_json(path, {"sources": list, **(required or {})})
     if not manifest["sources"] or not all(isinstance(name, str) for name in manifest["sources"]):
         raise UserError(f"{path}: 'sources' must name each source; {REPREPARE}")
+    # prepare writes only names of its --source rule; another one (an escape sequence, a newline) came
+    # from an edited manifest, and the eval lines and the report would print it
+    misnamed = next((name for name in manifest["sources"] if not SOURCE_NAME.fullmatch(name)), None)
+    if misnamed is not None:
+        raise UserError(f"{path}: source name {misnamed!r} is not {SOURCE_NAME_RULE}; {REPREPARE}")
     tokenizer = manifest.get("tokenizer", {})
     if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("vocab_size", 1), int):
         raise UserError(f"{path}: 'tokenizer' must be an object with an integer vocab_size; {REPREPARE}")

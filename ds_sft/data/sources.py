@@ -95,6 +95,8 @@ DATA_FILE_SUFFIXES = (*EXTENSIONS, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".bz
 # summary table, and read back out of --mix NAME=W,... and --field_map NAME:..., so it holds none of
 # their separators, no spaces or control characters, and only what every encoding can write
 SOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+# The rule in words, for the lines that refuse a name
+SOURCE_NAME_RULE = "1-64 ASCII letters, digits, '_', '.' or '-' (not starting with '.' or '-')"
 
 
 @dataclass
