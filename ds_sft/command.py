@@ -22,7 +22,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from ds_sft.errors import MORE_MEMORY, ConsoleError, lost_rank_line, refusal_line
+from ds_sft.errors import MORE_MEMORY, ConsoleError, lost_rank_line, refusal_line, terminal_safe
 
 # name -> (module, one-line summary). Modules are imported only when their command is used.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -76,9 +76,12 @@ def signals_unwind():
 
 class NamedConsole:
     """``sys.stdout`` or ``sys.stderr`` while a command runs: the same stream, whose refused writes
-    raise :class:`~ds_sft.errors.ConsoleError` naming it. Refused, a console write was an ``OSError``
+    raise :class:`~ds_sft.errors.ConsoleError` naming it, and which shows the characters that drive a
+    terminal escaped (:func:`~ds_sft.errors.terminal_safe`). Refused, a console write was an ``OSError``
     naming no file, which the command's one line blamed on its output folder ("writing to runs/x: No
-    space left on device" with stdout on /dev/full and the disk half empty)."""
+    space left on device" with stdout on /dev/full and the disk half empty). Every line a command
+    prints passes here, and many quote a name from the user's files (a data dir's source names, a
+    model's path): one holding an escape sequence retitled or redrew the terminal."""
 
     def __init__(self, stream, name: str):
         self._stream = stream
@@ -86,9 +89,10 @@ class NamedConsole:
 
     def write(self, text):
         try:
-            return self._stream.write(text)
+            self._stream.write(terminal_safe(text))
         except OSError as err:
             raise ConsoleError(self._name, err) from None
+        return len(text)  # all of the caller's text is written, some of it as escapes
 
     def writelines(self, lines):
         for line in lines:

@@ -120,7 +120,25 @@ def one_line(text: str) -> str:
     names from the user's files and folders, and a newline in one would start a line of its own
     that reads like a message of ds-sft's (``evil\\nwarning: all good``), an escape would drive the
     terminal."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+# What drives a terminal instead of showing on it: the C0 controls but the tab, newline and carriage
+# return that lay lines out (a progress bar redraws its line with \r), DEL, the C1 controls (\x9b is a
+# one-character CSI to some terminals), and lone surrogates (a file name's bytes that are not UTF-8,
+# which a strict standard output refuses with a traceback)
+TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every character of :data:`TERMINAL_CONTROLS` escaped (``\\x1b``, ``\\udcff``), its
+    lines left as they are: what a command writes to its console (``command.NamedConsole``) quotes
+    names from the user's files, whose escape sequences would retitle or redraw the terminal."""
+    return TERMINAL_CONTROLS.sub(lambda found: _escaped(found.group()), text)
+
+
+def _escaped(char: str) -> str:
+    return repr(char)[1:-1]
 
 
 def preview(items: list[str], limit: int = 6) -> str:

@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ds_sft.errors import UserError
+from ds_sft.errors import UserError, one_line
 from ds_sft.json_input import long_integer
 
 INT64_MAX = 2**63 - 1
@@ -229,8 +230,9 @@ class Names(Domain):
 
 @dataclass(frozen=True, repr=False)
 class Text(Domain):
-    """A non-empty string without NUL bytes (a path or a name: whether it exists is checked where it
-    is used; no path can hold a NUL). ``forbidden`` characters and ``max_length`` narrow it for a name
+    """A non-empty string without control characters (a path or a name: whether it exists is checked
+    where it is used; no path can hold a NUL, and ds-sft prints the others in its lines: see
+    :func:`control_character`). ``forbidden`` characters and ``max_length`` narrow it for a name
     another library checks only later (wandb refuses a project name with ``/`` when the run starts,
     after the model has loaded)."""
 
@@ -238,7 +240,7 @@ class Text(Domain):
     max_length: int | None = None
 
     def describe(self) -> str:
-        text = "a non-empty string without NUL bytes"
+        text = "a non-empty string without control characters"
         if self.forbidden:
             text += " or any of " + " ".join(self.forbidden)
         if self.max_length is not None:
@@ -249,7 +251,7 @@ class Text(Domain):
         return text
 
     def check(self, value):
-        if not isinstance(value, str) or not value.strip() or "\0" in value:
+        if not isinstance(value, str) or not value.strip() or control_character(value) is not None:
             raise self.refuse(value)
         if any(char in value for char in self.forbidden):
             raise self.refuse(value)
@@ -423,7 +425,9 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        # argparse quotes some values raw ("unrecognized arguments: ..."): one holding a newline or an
+        # escape would forge a line of its own or drive the terminal
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):
         self._given: dict[str, list[str]] = {}  # dest -> the first value of each StoreOnce flag
@@ -459,7 +463,24 @@ class OneLineParser(argparse.ArgumentParser):
                 f"argument {action.option_strings[0]}: {undecodable!r} is not UTF-8 (each \\udcXX is a byte "
                 "that is not): ds-sft writes its paths and names into UTF-8 files; rename it, or pass another"
             )
+        # A newline or an escape in a value (a folder's name) would forge or drive every line that
+        # quotes it: a model's path heads its eval results and names it in notes
+        controlled = next((text for text in arg_strings if control_character(text) is not None), None)
+        if action.option_strings and controlled is not None:
+            self.error(
+                f"argument {action.option_strings[0]}: {controlled!r} holds a control character "
+                f"({control_character(controlled)!r}), which would break the lines that quote it: "
+                "rename it, or pass another"
+            )
         return super()._get_values(action, arg_strings)
+
+
+def control_character(text: str) -> str | None:
+    """The first control character in ``text`` (a C0 one, a newline or a tab among them, DEL or a C1
+    one), or None. No flag value or config setting of ds-sft is text of several lines, and each may
+    be quoted in a line ds-sft prints: a newline there starts a line that reads as ds-sft's own
+    (``x\\nwarning: all good``), a carriage return overwrites it, an escape drives the terminal."""
+    return next((char for char in text if unicodedata.category(char) == "Cc"), None)
 
 
 def _is_utf8(text: str) -> bool:
