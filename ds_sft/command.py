@@ -104,7 +104,12 @@ class NamedConsole:
         except OSError as err:
             raise ConsoleError(self._name, err) from None
 
-    def __getattr__(self, attribute):  # fileno, isatty, encoding...: the stream's own
+    def isatty(self):
+        """False, even on a terminal: libraries that colour or redraw their lines on one (wandb, click)
+        then print them plain, where their escapes would show as ``\\x1b[34m``."""
+        return False
+
+    def __getattr__(self, attribute):  # fileno, encoding...: the stream's own
         return getattr(self._stream, attribute)
 
 

@@ -35,16 +35,25 @@ class Printing:
         self.text = text
 
     def run(self, args):
+        import click
         from tqdm import tqdm
 
+        click.echo(click.style("wandb", fg="blue") + ": syncing", err=True)  # coloured on a terminal
         print(f"eval step 1: {self.text}")
         sys.stderr.write(f"note: {self.text}\n")
         for _ in tqdm(range(2), desc=self.text):
             pass
 
 
-def console() -> io.TextIOWrapper:
-    return io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+class Terminal(io.TextIOWrapper):
+    """A strict UTF-8 stream that says it is a terminal, as a user's console does."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def console() -> Terminal:
+    return Terminal(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
@@ -67,3 +76,4 @@ def test_what_a_command_prints_holds_no_terminal_control(text):
                       for c in text)  # fmt: skip
     assert f"eval step 1: {escaped}\n" in printed
     assert f"note: {escaped}\n" in printed
+    assert "wandb: syncing\n" in printed  # a library's colours left out, not shown as codes
