@@ -196,6 +196,9 @@ def test_a_train_flag_a_nodes_shell_would_read_again_is_refused_through_ssh(word
     if word == "":  # an empty value is train's own refusal, now made before any launcher starts
         assert done.returncode == 2 and "--out_dir: the value is empty" in done.stderr, done.stderr
         return
+    if "\n" in word:  # as is a control character (options.control_character)
+        assert done.returncode == 2 and "holds a control character" in done.stderr, done.stderr
+        return
     assert done.returncode == 0, done.stderr
     words = subprocess.run(["bash", "-c", f"printf '%s\\0' {done.stdout}"], capture_output=True, text=True)
     assert words.stdout.split("\0")[-5:-1] == ["--out_dir", word, "--model", "tiny"]  # bash reads its %q
