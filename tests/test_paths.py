@@ -294,3 +294,40 @@ def test_ds_sft_shared_names_the_shared_folder_and_nothing_else(monkeypatch, tmp
     monkeypatch.setenv("DS_SFT_SHARED", "")
     beside = REPO_ROOT.parent / "shared"
     assert shared_dir() == (beside if (beside / "data").is_dir() else None)
+
+
+def _loop(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    return str(tmp_path / "loop")
+
+
+def _data_is_a_file(tmp_path):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "data").write_text("")
+    return str(tmp_path / "flat")
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [
+        lambda tmp_path: str(tmp_path / "typo"),
+        lambda tmp_path: str(tmp_path / ("x" * 100_000)),  # ENAMETOOLONG from is_dir
+        lambda tmp_path: "/".join([str(tmp_path)] + ["d" * 250] * 30),  # PATH_MAX
+        _loop,
+        _data_is_a_file,
+    ],
+    ids=["typo", "name_too_long", "path_too_long", "link_loop", "data_is_a_file"],
+)
+def test_prepare_from_shared_names_the_ds_sft_shared_it_could_not_use(shared, monkeypatch, tmp_path, capsys):
+    """``prepare --from_shared`` with a DS_SFT_SHARED that holds no data/ said "../shared/data is
+    absent", a folder the user had not named, and a 100k-character value ended in "File name too
+    long" with the whole path and no word of the variable."""
+    from ds_sft.cli import main
+
+    value = shared(tmp_path)
+    monkeypatch.setenv("DS_SFT_SHARED", value)
+    assert main(["prepare", "--from_shared", "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert "$DS_SFT_SHARED" in err and len(err) < 600, err
+    assert not (tmp_path / "out").exists()

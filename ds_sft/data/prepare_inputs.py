@@ -64,7 +64,7 @@ def resolve_inputs(args: argparse.Namespace) -> Inputs:
 def collect_sources(args: argparse.Namespace) -> list:
     """The sources to read, in order: --alpaca, --gsm8k, --dolly, each --source, then shared ones."""
     from ds_sft.data.sources import HUB_IDS, SOURCE_NAME, SourceSpec, parse_field_map
-    from ds_sft.locations import shared_dir
+    from ds_sft.locations import shared_dir, shared_dir_sought
     from ds_sft.safe_read import require_regular_file
 
     field_maps: dict[str, dict[str, str]] = {}
@@ -95,9 +95,8 @@ def collect_sources(args: argparse.Namespace) -> list:
     shared = shared_dir()
     if args.from_shared or not specs:
         if shared is None and args.from_shared:
-            raise UserError(
-                "--from_shared: ../shared/data is absent; pass --alpaca/--gsm8k/--dolly PATH instead"
-            )
+            sought = shared_dir_sought()
+            raise UserError(f"--from_shared: {sought}; pass --alpaca/--gsm8k/--dolly PATH instead")
         if shared is not None:
             specs += [
                 SourceSpec(kind, kind, str(shared / "data" / rel))
