@@ -30,12 +30,19 @@ def sha256_file(path: Path) -> str:
 
 
 _FILE_KINDS = [
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISLNK, "a symlink"),
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
 ]
+
+
+def describe_mode(mode: int) -> str:
+    """What a ``stat``/``lstat`` mode is, as a line names it: 'a FIFO (named pipe)', 'a directory'..."""
+    return next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
 
 
 def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
@@ -53,7 +60,7 @@ def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
     except OSError as err:
         raise UserError(f"{path}: cannot be read ({err.strerror}); pass a readable {what} file") from None
     if not stat.S_ISREG(info.st_mode):
-        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "a special file")
+        kind = describe_mode(info.st_mode)
         target = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
         raise UserError(f"{path}: is {kind}{target}, not a regular file; pass the {what} file itself")
     return info

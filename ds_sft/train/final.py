@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 from ds_sft.errors import UserError
+from ds_sft.safe_read import describe_mode
 from ds_sft.safe_write import own_folder, replace_file, write_result_file
 
 
@@ -42,7 +43,7 @@ def tokenizer_files(tokenizer_dir) -> tuple[list[str], list[str]]:
         elif regular:
             copied.append(entry.name)
         else:
-            kind = "a symlink" if entry.is_symlink() else "a folder" if entry.is_dir() else "a special file"
+            kind = describe_mode(entry.stat(follow_symlinks=False).st_mode)
             raise UserError(
                 f"{entry.path} is {kind}, not a regular file: final/tokenizer/ gets a copy of the "
                 "tokenizer's own files; put the file itself there (or run `ds-sft prepare` again)"

@@ -48,6 +48,7 @@ from pathlib import Path
 from ds_sft.errors import UserError, preview
 from ds_sft.locations import expand_user
 from ds_sft.run_layout import EFFECTIVE_CONFIG, METRICS_FILE, TRAINER_STATE, is_tag, latest_tag
+from ds_sft.safe_read import describe_mode
 from ds_sft.safe_write import unshare, write_result_file
 from ds_sft.train.report import PLOT_FILES
 from ds_sft.written_files import foreign_entries, read_listing
@@ -184,14 +185,17 @@ def check_inputs_outside(run_dir: Path, s) -> None:
 
 
 def kind(path: Path) -> str:
-    """'file', 'folder', 'symlink', 'missing' or 'special' (a FIFO, socket, device), never following."""
+    """'file', 'folder', 'symlink', 'missing', or what else is there ('FIFO (named pipe)', 'socket'...),
+    never following."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return "missing"
     if stat.S_ISLNK(mode):
         return "symlink"
-    return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "special"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return "file" if stat.S_ISREG(mode) else "folder"
+    return describe_mode(mode).removeprefix("a ")
 
 
 def entries(folder: Path) -> list[Path]:

@@ -984,3 +984,26 @@ def test_a_run_marker_is_written_on_a_filesystem_without_hard_links(tmp_path, mo
     (tmp_path / "run").mkdir()
     mark(tmp_path / "run")
     assert is_marked(tmp_path / "run") and [p.name for p in (tmp_path / "run").iterdir()] == [MARKER]
+
+
+def _socket(path: Path):
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [(os.mkfifo, "a FIFO (named pipe)"), (_socket, "a socket"), (lambda p: p.mkdir(), "a folder")],
+    ids=["fifo", "socket", "folder"],
+)
+@pytest.mark.parametrize("entry", ["metrics.jsonl", "checkpoints/latest"])
+def test_what_is_where_a_run_writes_a_file_is_named_for_what_it_is(tmp_path, entry, make, named):
+    """A FIFO or socket where a run writes a file was named 'a special' ("metrics.jsonl is a special,
+    where a run writes a file"); it is named by the one table of file kinds (safe_read.describe_mode)."""
+    from ds_sft.train.run_dir import wrong_kinds
+
+    (tmp_path / "checkpoints").mkdir()
+    make(tmp_path / entry)
+    assert wrong_kinds(tmp_path) == [f"{entry} is {named}, where a run writes a file"]
