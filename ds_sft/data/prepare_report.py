@@ -75,9 +75,9 @@ def length_stats(lengths: np.ndarray) -> dict:
 def describe_tokenizer(args: argparse.Namespace, tokenizer, identity: str) -> dict:
     """The manifest's ``tokenizer``: how it was named, what it is (``identity``), its id bound, and the
     ids train needs (padding is the EOS when the tokenizer has no pad token)."""
+    from ds_sft.data.tokenizer import pad_id
     from ds_sft.vocab import id_bound
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return {
         "spec": tokenizer_spec(args),
         "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
@@ -85,7 +85,7 @@ def describe_tokenizer(args: argparse.Namespace, tokenizer, identity: str) -> di
         "vocab_size": id_bound(tokenizer),
         "eos_token": tokenizer.eos_token,
         "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": pad_id,
+        "pad_token_id": pad_id(tokenizer),
     }
 
 

@@ -313,6 +313,12 @@ def refuse_panicking_pipeline(backend, name: str) -> None:
         ) from None
 
 
+def pad_id(tokenizer) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else its EOS (GPT-2's and LLaMA's
+    tokenizers have no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def start_ids(tokenizer) -> list[int]:
     """The ids the tokenizer's post-processor puts before a text (a BOS), without any it puts after
     (an EOS, a ``[SEP]``): a prompt starts a document but its answer follows it, so only the start

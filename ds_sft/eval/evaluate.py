@@ -113,6 +113,7 @@ def complete(
     model, data: EvalData, records: list[dict], max_new_tokens: int, repetition_penalty: float = 1.0
 ) -> list[Completion]:
     """Greedy completions of ``records`` (one batch), as text cut at any stop string."""
+    from ds_sft.data.tokenizer import pad_id
     from ds_sft.model.generate import cut_at_stop_string, generate
 
     tokenizer = data.tokenizer
@@ -127,7 +128,7 @@ def complete(
         eos_ids=data.stop_ids,
         stop_strings=data.stop_strings,
         decode=decode,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_id=pad_id(tokenizer),
         repetition_penalty=repetition_penalty,
     )
     completions = []
