@@ -37,6 +37,7 @@ from pathlib import Path
 
 from torch.utils.file_baton import FileBaton
 
+from ds_sft.json_input import JsonRefused, parse_json_object
 from ds_sft.train.run_dir import holder, now
 
 BUILD_LOCK = "ds_sft_build.lock"  # beside torch's baton, in the op's build folder
@@ -70,12 +71,12 @@ def read_record(path: str) -> dict | None:
     except OSError:
         return None
     try:
-        found = json.loads(os.read(fd, RECORD_BYTES))
-    except (OSError, ValueError):
+        found = parse_json_object(os.read(fd, RECORD_BYTES))
+    except (OSError, JsonRefused):  # JsonRefused: not JSON, or nested past what json.loads survives
         return None
     finally:
         os.close(fd)
-    return found if isinstance(found, dict) and found.get("maker") == MAKER else None
+    return found if found.get("maker") == MAKER else None
 
 
 def say(line: str) -> None:

@@ -195,6 +195,8 @@ NOT_JUDGED = {
     "a list": json.dumps([ORPHANED]),
     "bytes that are not text": "\udcff",
     "a record cut short": ORPHANED[:40],
+    "nested past json.loads' recursion": "[" * 3000,
+    "a record with its key twice": ORPHANED.replace("{", '{"maker": "other", ', 1),
 }
 
 
