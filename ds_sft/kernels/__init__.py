@@ -117,13 +117,11 @@ def linear_cross_entropy(
     resolved = resolve_backend(backend, hidden.device)
     if resolved == "eager":
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index)
-    chunked = _chunked_outside_graph if torch.compiler.is_compiling() else linear_cross_entropy_chunked
+    chunked = linear_cross_entropy_chunked
+    if torch.compiler.is_compiling():
+        # The chunk loop keeps only the trained rows, a data-dependent shape: under torch.compile it
+        # runs eagerly after the model's graph instead of breaking the graph half-way through. Wrapped
+        # here, not at import: disable imports dynamo and with it Triton, which importing the kernels
+        # must not (test_dispatch); the call to disable costs one more graph break under compile.
+        chunked = torch.compiler.disable(chunked, reason="the LM-head loss selects the trained rows")
     return chunked(hidden, weight, labels, ignore_index, chunk_size, resolved)
-
-
-# The chunk loop keeps only the trained rows, a data-dependent shape: under torch.compile it runs
-# eagerly after the model's graph instead of breaking the graph half-way through. Wrapped once here:
-# calling torch.compiler.disable inside the traced forward was itself a graph break.
-_chunked_outside_graph = torch.compiler.disable(
-    linear_cross_entropy_chunked, reason="the LM-head loss selects the trained rows"
-)

@@ -91,25 +91,3 @@ def test_each_op_s_fake_implementation_and_autograd_agree_with_its_kernel(device
     from), and the registered autograd runs in eager and under AOTAutograd."""
     for op, args in _op_cases(device):
         torch.library.opcheck(op, args)
-
-
-def test_the_fused_loss_breaks_the_graph_only_where_it_is_disabled():
-    """``linear_cross_entropy`` under ``torch.compile``: its chunk loop (a data-dependent row
-    selection) runs outside the graph, and that skipped call is the only break. Wrapping it with
-    ``torch.compiler.disable`` at call time inside the traced forward broke the graph once more, on
-    the call to ``disable`` itself."""
-    from torch._dynamo.utils import counters
-
-    def loss(hidden, weight, labels):
-        return kernels.linear_cross_entropy(hidden * 2, weight, labels, backend="torch") + 1
-
-    torch._dynamo.reset()
-    counters.clear()
-    hidden = torch.randn(2, 8, 16, requires_grad=True)
-    weight = torch.randn(32, 16, requires_grad=True)
-    labels = torch.randint(0, 32, (2, 8))
-    compiled = torch.compile(loss, backend="eager")(hidden, weight, labels)
-    torch.testing.assert_close(compiled, loss(hidden, weight, labels))
-    reasons = dict(counters["graph_break"])
-    assert reasons, "the chunk loop was traced into the graph"
-    assert all("linear_cross_entropy_chunked" in reason for reason in reasons), reasons
