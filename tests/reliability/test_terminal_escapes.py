@@ -87,18 +87,24 @@ def eval_argv(model: Path, data: Path, out: Path) -> list[str]:
             "--val_rows", "2", "--out", str(out)]  # fmt: skip
 
 
+def refused_name(printed: str) -> bool:
+    """The manifest's name refused by the source-name rule, or, for a lone surrogate (the not-UTF-8
+    payload as JSON holds it), by the JSON reader before any rule is asked."""
+    return "source name 'alpaca" in printed or '"sources.0" holds a \\u escape of half' in printed
+
+
 @pytest.mark.parametrize("payload", PAYLOADS.values(), ids=PAYLOADS.keys())
 def test_a_source_name_in_the_manifest_is_refused_escaped_by_train(payload, tiny, tmp_path, capsys):
     code, printed = run(train_argv(data_named(tiny, tmp_path, payload), tmp_path / "run"), capsys)
     assert_terminal_safe(printed)
-    assert code == 2 and "source name 'alpaca" in printed
+    assert code == 2 and refused_name(printed)
 
 
 @pytest.mark.parametrize("payload", PAYLOADS.values(), ids=PAYLOADS.keys())
 def test_a_source_name_in_the_manifest_is_refused_escaped_by_eval(payload, tiny, tmp_path, capsys):
     code, printed = run(eval_argv(tiny[1], data_named(tiny, tmp_path, payload), tmp_path / "eval"), capsys)
     assert_terminal_safe(printed)
-    assert code == 2 and "source name 'alpaca" in printed
+    assert code == 2 and refused_name(printed)
 
 
 @pytest.mark.parametrize("payload", PAYLOADS.values(), ids=PAYLOADS.keys())
