@@ -159,47 +159,42 @@ def test_a_wandb_mode_variable_wandb_would_refuse_stops_in_one_line(mode):
     assert "\n" not in str(refused.value)
 
 
-@given(st.text(min_size=1, max_size=140).filter(lambda name: name.strip() and "\0" not in name))
-def test_the_project_name_domain_is_wandbs_own_rule(name):
-    """--wandb_project is refused in the parser exactly when wandb would refuse it at the first step."""
+def wandb_would_take(name: str) -> bool:
+    """Whether a project name passes wandb's own check (its Settings) and ds-sft's rule for every flag
+    and setting: no control character (options.control_character), which wandb would take."""
     from wandb.errors import UsageError
     from wandb.sdk.wandb_settings import Settings
 
     try:
         Settings(project=name)
-        wandb_takes_it = True
     except UsageError:
-        wandb_takes_it = False
+        return False
+    return control_character(name) is None
+
+
+@given(st.text(min_size=1, max_size=140).filter(lambda name: name.strip() and "\0" not in name))
+def test_the_project_name_domain_is_wandbs_own_rule(name):
+    """--wandb_project is refused in the parser exactly when wandb would refuse it at the first step."""
     domain = OPTIONS["wandb_project"][1]
     try:
         domain.check(name)
         ours = True
     except ValueError:
         ours = False
-    # ds-sft refuses a control character in any flag or setting (options.control_character) too
-    assert ours == (wandb_takes_it and control_character(name) is None)
+    assert ours == wandb_would_take(name)
 
 
 @hypothesis.settings(derandomize=True, max_examples=200)
 @given(st.text(min_size=1, max_size=140).filter(lambda name: name.strip() and "\0" not in name))
 def test_a_wandb_project_variable_is_refused_exactly_when_wandb_would(name):
     """$WANDB_PROJECT went to wandb unchecked: one it refuses stopped the run after the model loaded."""
-    from wandb.errors import UsageError
-    from wandb.sdk.wandb_settings import Settings
-
-    try:
-        Settings(project=name)
-        wandb_takes_it = True
-    except UsageError:
-        wandb_takes_it = False
     try:
         assert resolve_wandb_project(None, {"WANDB_PROJECT": name}) == name
         ours = True
     except UserError as refused:
         assert str(refused).startswith("WANDB_PROJECT must be") and "\n" not in str(refused)
         ours = False
-    # ds-sft refuses a control character in any flag or setting (options.control_character) too
-    assert ours == (wandb_takes_it and control_character(name) is None)
+    assert ours == wandb_would_take(name)
     assert resolve_wandb_project("flag", {"WANDB_PROJECT": name}) == "flag"  # the flag wins, unread
 
 
